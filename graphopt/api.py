@@ -1,0 +1,92 @@
+"""The Python front door: trace / load a model, optimize it with a pipeline, compile it, load the artifact."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+from graphopt.errors import GraphoptError, ModelFileError
+from graphopt.frontends.torch_export import trace
+from graphopt.ir.graph import Graph
+
+log = logging.getLogger("graphopt")
+
+__all__ = ["trace", "load_onnx", "load_model", "optimize", "compile", "load"]
+
+
+def load_onnx(path: str | Path) -> Graph:
+    """Import an ONNX file (from either torch exporter or elsewhere) into graphopt's Graph."""
+    from graphopt.frontends.onnx_import import load_onnx as _load
+    return _load(path)
+
+
+def load_model(spec: str | Path) -> Graph:
+    """A model given on the command line: an .onnx file, a saved graph (.gopt), or `zoo:<name>` (shipped models)."""
+    spec = str(spec)
+    if spec.startswith("zoo:"):
+        from graphopt.zoo import zoo_graph
+        return zoo_graph(spec[4:])
+    path = Path(spec)
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        return load_onnx(path)
+    if suffix == ".gopt":
+        return Graph.load(path)
+    if suffix in (".pth", ".pt", ".bin", ".ckpt", ".pkl"):
+        raise ModelFileError(f"'{path}' is a PyTorch weights/pickle file: it holds no graph, and graphopt never "
+                             "unpickles files. Trace the model in Python (graphopt.trace(model, inputs).save('m.gopt')) "
+                             "or export it to ONNX, then pass that file")
+    if not path.exists():
+        raise ModelFileError(f"model '{path}' does not exist")
+    raise ModelFileError(f"'{path}': unknown model file type '{suffix}' (expected .onnx, .gopt or zoo:<name>)")
+
+
+def optimize(graph: Graph, pipeline: str, *, data: Sequence[Any] | None = None, verify: bool = False,
+             dump_dir: str | Path | None = None, strict: bool = False, print_ir_after_all: bool = False,
+             print_ir_after_change: bool = False, seed: int = 0, **extras: Any) -> Graph:
+    """Run the pipeline text (or a .yaml recipe path) over a clone of `graph` and return the new Graph."""
+    from graphopt.pm import PassContext, PassManager
+    if not isinstance(graph, Graph):
+        raise GraphoptError(f"optimize() needs a graphopt Graph (see graphopt.trace / load_onnx), got "
+                            f"{type(graph).__name__}")
+    pm = PassManager(pipeline, verify=verify, strict=strict, dump_dir=str(dump_dir) if dump_dir else None,
+                     print_ir_after_all=print_ir_after_all, print_ir_after_change=print_ir_after_change)
+    batches = None
+    if data is not None:
+        batches = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in data]
+        for b in batches:
+            graph.check_inputs(b)
+    ctx = PassContext(data=batches, reference=graph, seed=seed, strict=strict, extras=dict(extras))
+    return pm.run(graph, ctx)
+
+
+def compile(graph: Graph, target: str = "llvm", tuning: Any = None, output: str | Path = "graphopt-out") -> Path:  # noqa: A001
+    """Compile to an artifact folder: `llvm` (TVM, model.so), `onnx` (model.onnx) or `pt2` (model.pt2).
+
+    `tuning` is None (no tuning) or `graphopt.Tuning(trials=..., db=...)`. Returns the folder.
+    """
+    if not isinstance(graph, Graph):
+        raise GraphoptError(f"compile() needs a graphopt Graph, got {type(graph).__name__}")
+    if target == "llvm":
+        from graphopt.targets.tvm.build import compile_to_dir
+        return compile_to_dir(graph, output, target, tuning)
+    if target in ("onnx", "pt2"):
+        from graphopt.ir.files import atomic_dir
+        from graphopt.targets.artifact import build_manifest, write_manifest
+        with atomic_dir(output) as tmp:
+            if target == "onnx":
+                from graphopt.targets.onnx.export import export_onnx
+                export_onnx(graph, tmp / "model.onnx")
+            else:
+                from graphopt.targets.torch.export import export_pt2
+                export_pt2(graph, tmp / "model.pt2")
+            write_manifest(tmp, build_manifest(graph, target, {"kind": target}, tuning=None, build_seconds=0.0,
+                                               folder=tmp))
+        return Path(output)
+    raise GraphoptError(f"unknown target '{target}' (choose llvm, onnx or pt2)")
+
+
+def load(folder: str | Path):
+    """Load a compiled llvm artifact folder as a callable (numpy in, tuple of numpy out)."""
+    from graphopt.runtime import load as _load
+    return _load(folder)

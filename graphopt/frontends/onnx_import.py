@@ -1,0 +1,754 @@
+"""ONNX frontend: our own importer from ONNX to the Graph IR (ATen level, through torch.export).
+
+Shapes are static, so every value computed only from shapes and constants (Shape -> Gather -> Concat -> Reshape,
+dynamic Pad, ConstantOfShape, Range, ...) is evaluated at import time. That is why files from torch's classic
+exporter, which TVM's own `from_onnx` rejects, import here. Each ONNX op is written once in torch terms; `emit`
+either computes it (all inputs constant) or records it as a node of an fx graph (some input depends on data).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from graphopt.errors import ModelFileError, UnsupportedOpError
+from graphopt.ir.graph import Graph
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Const:
+    """A value known at import time."""
+    t: torch.Tensor
+
+
+@dataclass
+class Dyn:
+    """A value that depends on the model's inputs: an fx node plus an example tensor for its shape."""
+    node: fx.Node
+    example: torch.Tensor
+
+
+Value = Const | Dyn
+
+
+def _onnx_dtype(elem_type: int) -> torch.dtype:
+    from onnx import TensorProto as T
+    table = {T.FLOAT: torch.float32, T.DOUBLE: torch.float64, T.FLOAT16: torch.float16, T.BFLOAT16: torch.bfloat16,
+             T.INT64: torch.int64, T.INT32: torch.int32, T.INT16: torch.int16, T.INT8: torch.int8,
+             T.UINT8: torch.uint8, T.BOOL: torch.bool}
+    if elem_type not in table:
+        raise UnsupportedOpError("<tensor>", f"dtype {elem_type}", "only float, int and bool tensors are supported")
+    return table[elem_type]
+
+
+class Importer:
+    """Walks the ONNX graph in order, keeping a Value per tensor name."""
+
+    def __init__(self, model, input_shapes: dict[str, Sequence[int]] | None):
+        self.model = model
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+        self.g = fx.Graph()
+        self.root = torch.nn.Module()
+        self.env: dict[str, Value] = {}
+        self.param_nodes: dict[int, fx.Node] = {}
+        self.param_names: set[str] = set()
+        self.input_shapes = dict(input_shapes or {})
+        self.example_inputs: list[torch.Tensor] = []
+        self.input_names: list[str] = []
+        self.node_name = ""
+
+    # ---- values -------------------------------------------------------------------------------------------
+    def _param_node(self, t: torch.Tensor, hint: str) -> fx.Node:
+        key = id(t)
+        if key not in self.param_nodes:
+            base = "".join(c if c.isalnum() else "_" for c in hint) or "const"
+            base = base if not base[0].isdigit() else "c_" + base
+            name, k = base, 1
+            while name in self.param_names:
+                name, k = f"{base}_{k}", k + 1
+            self.param_names.add(name)
+            self.root.register_buffer(name, t)
+            self.param_nodes[key] = self.g.get_attr(name)
+            self.param_nodes[key].meta["source_fqn"] = hint
+        return self.param_nodes[key]
+
+    def emit(self, fn: Callable, *args: Any, **kwargs: Any) -> Value:
+        """Compute fn now if every tensor argument is constant, else add a node calling fn."""
+        flat = list(args) + list(kwargs.values())
+        if not any(isinstance(a, Dyn) or (isinstance(a, (list, tuple)) and any(isinstance(x, Dyn) for x in a))
+                   for a in flat):
+            def unwrap(a):
+                if isinstance(a, Const):
+                    return a.t
+                if isinstance(a, (list, tuple)):
+                    return type(a)(unwrap(x) for x in a)
+                return a
+            with torch.no_grad():
+                return Const(fn(*[unwrap(a) for a in args], **{k: unwrap(v) for k, v in kwargs.items()}))
+
+        def as_node(a):
+            if isinstance(a, Dyn):
+                return a.node
+            if isinstance(a, Const):
+                return self._param_node(a.t, self.node_name)
+            if isinstance(a, (list, tuple)):
+                return type(a)(as_node(x) for x in a)
+            return a
+
+        def as_example(a):
+            if isinstance(a, Dyn):
+                return a.example
+            if isinstance(a, Const):
+                return a.t
+            if isinstance(a, (list, tuple)):
+                return type(a)(as_example(x) for x in a)
+            return a
+        with torch.no_grad():
+            example = fn(*[as_example(a) for a in args], **{k: as_example(v) for k, v in kwargs.items()})
+        node = self.g.call_function(fn, tuple(as_node(a) for a in args), {k: as_node(v) for k, v in kwargs.items()})
+        return Dyn(node, example)
+
+    def const(self, v: Value | None, what: str) -> torch.Tensor:
+        """The value of an input that must be known at import time (shapes, axes, pads...)."""
+        if v is None:
+            raise UnsupportedOpError(self.node_name, self.op, f"missing {what}")
+        if isinstance(v, Dyn):
+            raise UnsupportedOpError(self.node_name, self.op, f"its {what} depends on the input data; only shapes "
+                                     "computable at import time are supported (static shapes)")
+        return v.t
+
+    def ints(self, v: Value | None, what: str) -> list[int]:
+        return [int(x) for x in self.const(v, what).reshape(-1).tolist()]
+
+    @staticmethod
+    def shape(v: Value) -> tuple[int, ...]:
+        return tuple((v.t if isinstance(v, Const) else v.example).shape)
+
+    @staticmethod
+    def example(v: Value) -> torch.Tensor:
+        return v.t if isinstance(v, Const) else v.example
+
+    # ---- driver -------------------------------------------------------------------------------------------
+    def run(self) -> Graph:
+        import onnx.numpy_helper as nh
+        graph = self.model.graph
+        inits = {i.name for i in graph.initializer}
+        for init in graph.initializer:
+            arr = nh.to_array(init)
+            self.env[init.name] = Const(torch.from_numpy(np.array(arr, copy=True)))
+        for inp in graph.input:
+            if inp.name in inits:
+                continue
+            tt = inp.type.tensor_type
+            dims = []
+            given = self.input_shapes.get(inp.name)
+            for k, d in enumerate(tt.shape.dim):
+                if given is not None:
+                    dims = [int(x) for x in given]
+                    break
+                if d.HasField("dim_value") and d.dim_value > 0:
+                    dims.append(int(d.dim_value))
+                elif k == 0:
+                    log.warning("input '%s' has a dynamic batch dim '%s'; importing with batch 1 (pass input_shapes "
+                                "to choose)", inp.name, d.dim_param)
+                    dims.append(1)
+                else:
+                    raise UnsupportedOpError(inp.name, "dynamic shape", f"dim {k} of input '{inp.name}' is "
+                                             f"'{d.dim_param or '?'}'; give static shapes with input_shapes=")
+            dt = _onnx_dtype(tt.elem_type)
+            ex = torch.randn(dims).to(dt) if dt.is_floating_point else torch.zeros(dims, dtype=dt)
+            safe = "".join(c if c.isalnum() else "_" for c in inp.name)
+            safe = safe if safe and not safe[0].isdigit() else "input_" + safe
+            node = self.g.placeholder(safe)
+            self.env[inp.name] = Dyn(node, ex)
+            self.example_inputs.append(ex)
+            self.input_names.append(safe)
+        for node in graph.node:
+            self.node_name = node.name or (node.output[0] if node.output else node.op_type)
+            self.op = node.op_type
+            self.n_outputs = len(node.output)
+            if node.domain not in ("", "ai.onnx"):
+                raise UnsupportedOpError(self.node_name, f"{node.domain}.{node.op_type}",
+                                         "custom-domain ops are not supported; export with standard ONNX ops")
+            handler = HANDLERS.get(node.op_type)
+            if handler is None:
+                raise UnsupportedOpError(self.node_name, node.op_type,
+                                         f"no importer for this ONNX op (supported: {', '.join(sorted(HANDLERS))})")
+            ins = [self.env[n] if n else None for n in node.input]
+            for n, v in zip(node.input, ins):
+                if n and v is None:
+                    raise ModelFileError(f"node '{self.node_name}' reads '{n}', which nothing produces")
+            attrs = {a.name: _attr(a) for a in node.attribute}
+            try:
+                outs = handler(self, ins, attrs)
+            except (UnsupportedOpError, ModelFileError):
+                raise
+            except Exception as e:
+                raise UnsupportedOpError(self.node_name, node.op_type, f"import failed: {type(e).__name__}: {e}") from e
+            outs = outs if isinstance(outs, (list, tuple)) else [outs]
+            for name, v in zip(node.output, outs):
+                if name:
+                    self.env[name] = v
+        outputs, out_names = [], []
+        for o in graph.output:
+            v = self.env[o.name]
+            if isinstance(v, Const):  # an output that does not depend on the inputs
+                v = Dyn(self.g.call_function(torch.clone, (self._param_node(v.t, o.name),)), v.t.clone())
+            outputs.append(v.node)
+            out_names.append(o.name)
+        self.g.output(tuple(outputs))
+        gm = fx.GraphModule(self.root, self.g)
+        try:
+            ep = torch.export.export(gm, tuple(self.example_inputs), strict=False)
+        except Exception as e:
+            raise ModelFileError(f"the imported ONNX graph could not be exported to ATen: {e}") from e
+        return Graph.from_exported_program(ep, self.input_names, out_names, source="onnx")
+
+
+def _attr(a):
+    import onnx.helper as oh
+    v = oh.get_attribute_value(a)
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, list) and v and isinstance(v[0], bytes):
+        return [x.decode() for x in v]
+    return v
+
+
+# ---- helpers that become fx call targets (module level, so generated code can name them) ----------------------
+def _slice(x, axes, starts, ends, steps):
+    index = [slice(None)] * x.dim()
+    for a, s, e, st in zip(axes, starts, ends, steps):
+        index[a] = slice(s, e, st)
+    return x[tuple(index)]
+
+
+def _gather(x, idx, axis):
+    idx = torch.where(idx < 0, idx + x.shape[axis], idx)
+    out = torch.index_select(x, axis, idx.reshape(-1))
+    return out.reshape(tuple(x.shape[:axis]) + tuple(idx.shape) + tuple(x.shape[axis + 1:]))
+
+
+def _softmax_2d(x, axis, log):
+    shape = x.shape
+    flat = x.reshape(math.prod(shape[:axis]), -1)
+    y = torch.log_softmax(flat, 1) if log else torch.softmax(flat, 1)
+    return y.reshape(shape)
+
+
+def _hard_sigmoid(x, alpha, beta):
+    return torch.clamp(x * alpha + beta, 0.0, 1.0)
+
+
+def _conv(x, w, b, stride, padding, dilation, groups):
+    fn = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[w.dim()]
+    return fn(x, w, b, stride, padding, dilation, groups)
+
+
+def _flatten(x, axis):
+    return x.reshape(math.prod(x.shape[:axis]), -1)
+
+
+# ---- op handlers -------------------------------------------------------------------------------------------------
+HANDLERS: dict[str, Callable] = {}
+
+
+def op(*names):
+    def deco(fn):
+        for n in names:
+            HANDLERS[n] = fn
+        return fn
+    return deco
+
+
+def _binary(fn):
+    return lambda im, ins, at: im.emit(fn, ins[0], ins[1])
+
+
+for _name, _fn in {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Pow": torch.pow, "Equal": torch.eq,
+                   "Less": torch.lt, "Greater": torch.gt, "LessOrEqual": torch.le, "GreaterOrEqual": torch.ge,
+                   "And": torch.logical_and, "Or": torch.logical_or, "Xor": torch.logical_xor,
+                   "BitShift": None}.items():
+    if _fn is not None:
+        HANDLERS[_name] = _binary(_fn)
+
+
+@op("Div")
+def _div(im, ins, at):
+    a = im.example(ins[0])
+    if not a.is_floating_point():
+        return im.emit(torch.div, ins[0], ins[1], rounding_mode="trunc")
+    return im.emit(torch.div, ins[0], ins[1])
+
+
+@op("Mod")
+def _mod(im, ins, at):
+    return im.emit(torch.fmod if at.get("fmod", 0) else torch.remainder, ins[0], ins[1])
+
+
+for _name, _fn in {"Relu": torch.relu, "Sigmoid": torch.sigmoid, "Tanh": torch.tanh, "Erf": torch.erf,
+                   "Exp": torch.exp, "Log": torch.log, "Sqrt": torch.sqrt, "Neg": torch.neg, "Abs": torch.abs,
+                   "Reciprocal": torch.reciprocal, "Not": torch.logical_not, "Floor": torch.floor,
+                   "Ceil": torch.ceil, "Sin": torch.sin, "Cos": torch.cos, "Sign": torch.sign,
+                   "Softplus": F.softplus, "HardSwish": F.hardswish, "Round": torch.round}.items():
+    HANDLERS[_name] = (lambda f: (lambda im, ins, at: im.emit(f, ins[0])))(_fn)
+
+
+@op("Identity", "Dropout")
+def _identity(im, ins, at):
+    return [ins[0]]
+
+
+@op("Constant")
+def _constant(im, ins, at):
+    import onnx.numpy_helper as nh
+    if "value" in at:
+        return Const(torch.from_numpy(np.array(nh.to_array(at["value"]), copy=True)))
+    for k, dt in (("value_float", torch.float32), ("value_int", torch.int64)):
+        if k in at:
+            return Const(torch.tensor(at[k], dtype=dt))
+    for k, dt in (("value_floats", torch.float32), ("value_ints", torch.int64)):
+        if k in at:
+            return Const(torch.tensor(list(at[k]), dtype=dt))
+    raise UnsupportedOpError(im.node_name, "Constant", f"attribute {sorted(at)} not supported")
+
+
+@op("LeakyRelu")
+def _leaky(im, ins, at):
+    return im.emit(F.leaky_relu, ins[0], float(at.get("alpha", 0.01)))
+
+
+@op("Elu")
+def _elu(im, ins, at):
+    return im.emit(F.elu, ins[0], float(at.get("alpha", 1.0)))
+
+
+@op("HardSigmoid")
+def _hsig(im, ins, at):
+    return im.emit(_hard_sigmoid, ins[0], float(at.get("alpha", 0.2)), float(at.get("beta", 0.5)))
+
+
+@op("Gelu")
+def _gelu(im, ins, at):
+    return im.emit(F.gelu, ins[0], approximate=at.get("approximate", "none"))
+
+
+@op("Clip")
+def _clip(im, ins, at):
+    lo = at.get("min") if im.opset < 11 else (float(im.const(ins[1], "min")) if len(ins) > 1 and ins[1] else None)
+    hi = at.get("max") if im.opset < 11 else (float(im.const(ins[2], "max")) if len(ins) > 2 and ins[2] else None)
+    return im.emit(torch.clamp, ins[0], lo, hi)
+
+
+@op("Softmax", "LogSoftmax")
+def _softmax(im, ins, at):
+    rank = len(im.shape(ins[0]))
+    log_ = im.op == "LogSoftmax"
+    axis = int(at.get("axis", -1 if im.opset >= 13 else 1))
+    axis = axis + rank if axis < 0 else axis
+    if im.opset >= 13 or axis == rank - 1:
+        return im.emit(torch.log_softmax if log_ else torch.softmax, ins[0], axis)
+    return im.emit(_softmax_2d, ins[0], axis, log_)
+
+
+@op("MatMul")
+def _matmul(im, ins, at):
+    a, b = ins
+    if isinstance(a, Dyn) and isinstance(b, Const) and b.t.dim() == 2:
+        # a constant right operand is a linear layer's weight: keep it as one for the passes
+        return im.emit(F.linear, a, Const(b.t.t().contiguous()))
+    return im.emit(torch.matmul, a, b)
+
+
+@op("Gemm")
+def _gemm(im, ins, at):
+    a, b = ins[0], ins[1]
+    c = ins[2] if len(ins) > 2 else None
+    alpha, beta = float(at.get("alpha", 1.0)), float(at.get("beta", 1.0))
+    if at.get("transA", 0):
+        a = im.emit(torch.transpose, a, 0, 1)
+    if isinstance(b, Const) and alpha == 1.0:
+        w = b.t if at.get("transB", 0) else b.t.t().contiguous()
+        bias = None
+        if c is not None and isinstance(c, Const) and c.t.numel() == w.shape[0]:
+            bias = Const((c.t.reshape(-1) * beta).contiguous())
+            c = None
+        y = im.emit(F.linear, a, Const(w), bias)
+    else:
+        if at.get("transB", 0):
+            b = im.emit(torch.transpose, b, 0, 1)
+        y = im.emit(torch.matmul, a, b)
+        if alpha != 1.0:
+            y = im.emit(torch.mul, y, alpha)
+    if c is not None:
+        y = im.emit(torch.add, y, im.emit(torch.mul, c, beta) if beta != 1.0 else c)
+    return y
+
+
+def _pads_same(in_sizes, kernel, strides, dilations, upper):
+    pads_b, pads_e = [], []
+    for size, k, s, d in zip(in_sizes, kernel, strides, dilations):
+        out = -(-size // s)
+        total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
+        small, big = total // 2, total - total // 2
+        pads_b.append(small if upper else big)
+        pads_e.append(big if upper else small)
+    return pads_b + pads_e
+
+
+def _spatial_pads(im, at, x_shape, kernel, strides, dilations):
+    nd = len(kernel)
+    auto = at.get("auto_pad", "NOTSET")
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        return _pads_same(x_shape[2:], kernel, strides, dilations, auto == "SAME_UPPER")
+    if auto == "VALID":
+        return [0] * (2 * nd)
+    return list(at.get("pads", [0] * (2 * nd)))
+
+
+def _torch_pad_order(begins, ends):
+    out = []
+    for b, e in zip(reversed(begins), reversed(ends)):
+        out += [b, e]
+    return out
+
+
+@op("Conv")
+def _conv_op(im, ins, at):
+    x, w = ins[0], ins[1]
+    b = ins[2] if len(ins) > 2 else None
+    wshape = im.shape(w)
+    nd = len(wshape) - 2
+    kernel = list(at.get("kernel_shape", wshape[2:]))
+    strides = list(at.get("strides", [1] * nd))
+    dil = list(at.get("dilations", [1] * nd))
+    pads = _spatial_pads(im, at, im.shape(x), kernel, strides, dil)
+    begins, ends = pads[:nd], pads[nd:]
+    if begins != ends:
+        x = im.emit(F.pad, x, _torch_pad_order(begins, ends))
+        begins = [0] * nd
+    return im.emit(_conv, x, w, b, strides, begins, dil, int(at.get("group", 1)))
+
+
+@op("BatchNormalization")
+def _bn(im, ins, at):
+    if at.get("training_mode", 0):
+        raise UnsupportedOpError(im.node_name, "BatchNormalization", "training_mode=1 is not supported; export in eval")
+    x, scale, bias, mean, var = ins[:5]
+    return [im.emit(F.batch_norm, x, mean, var, scale, bias, False, 0.0, float(at.get("epsilon", 1e-5)))]
+
+
+@op("LayerNormalization")
+def _ln(im, ins, at):
+    x, scale = ins[0], ins[1]
+    bias = ins[2] if len(ins) > 2 else None
+    shape = im.shape(x)
+    axis = int(at.get("axis", -1))
+    axis = axis + len(shape) if axis < 0 else axis
+    return [im.emit(F.layer_norm, x, list(shape[axis:]), scale, bias, float(at.get("epsilon", 1e-5)))]
+
+
+@op("GlobalAveragePool", "GlobalMaxPool")
+def _gpool(im, ins, at):
+    dims = list(range(2, len(im.shape(ins[0]))))
+    fn = torch.mean if im.op == "GlobalAveragePool" else torch.amax
+    return im.emit(fn, ins[0], dims, True)
+
+
+@op("MaxPool", "AveragePool")
+def _pool(im, ins, at):
+    x = ins[0]
+    kernel = list(at["kernel_shape"])
+    nd = len(kernel)
+    strides = list(at.get("strides", [1] * nd))
+    dil = list(at.get("dilations", [1] * nd))
+    pads = _spatial_pads(im, at, im.shape(x), kernel, strides, dil)
+    begins, ends = pads[:nd], pads[nd:]
+    ceil = bool(at.get("ceil_mode", 0))
+    is_max = im.op == "MaxPool"
+    if begins != ends:  # torch pools pad symmetrically: pad explicitly first
+        x = im.emit(F.pad, x, _torch_pad_order(begins, ends), "constant", -math.inf if is_max else 0.0)
+        begins = [0] * nd
+    if is_max:
+        fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[nd]
+        return [im.emit(fn, x, kernel, strides, begins, dil, ceil)]
+    fn = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[nd]
+    return [im.emit(fn, x, kernel, strides, begins, ceil, bool(at.get("count_include_pad", 0)))]
+
+
+@op("Flatten")
+def _flatten_op(im, ins, at):
+    rank = len(im.shape(ins[0]))
+    axis = int(at.get("axis", 1))
+    return im.emit(_flatten, ins[0], axis + rank if axis < 0 else axis)
+
+
+@op("Reshape")
+def _reshape(im, ins, at):
+    shape = im.ints(ins[1], "shape")
+    src = im.shape(ins[0])
+    if not at.get("allowzero", 0):
+        shape = [src[i] if s == 0 else s for i, s in enumerate(shape)]
+    return im.emit(torch.reshape, ins[0], shape)
+
+
+@op("Transpose")
+def _transpose(im, ins, at):
+    rank = len(im.shape(ins[0]))
+    perm = list(at.get("perm", list(reversed(range(rank)))))
+    return im.emit(torch.permute, ins[0], perm)
+
+
+def _axes(im, ins, at, idx=1):
+    if "axes" in at:
+        return list(at["axes"])
+    if len(ins) > idx and ins[idx] is not None:
+        return im.ints(ins[idx], "axes")
+    return None
+
+
+@op("Squeeze")
+def _squeeze(im, ins, at):
+    shape = im.shape(ins[0])
+    axes = _axes(im, ins, at)
+    axes = [i for i, s in enumerate(shape) if s == 1] if axes is None else [a % len(shape) for a in axes]
+    new = [s for i, s in enumerate(shape) if i not in axes]
+    return im.emit(torch.reshape, ins[0], new)
+
+
+@op("Unsqueeze")
+def _unsqueeze(im, ins, at):
+    shape = list(im.shape(ins[0]))
+    given = _axes(im, ins, at) or []
+    axes = sorted(a % (len(shape) + len(given)) for a in given)
+    for a in axes:
+        shape.insert(a, 1)
+    return im.emit(torch.reshape, ins[0], shape)
+
+
+@op("Concat")
+def _concat(im, ins, at):
+    vals = [v for v in ins if v is not None]
+    nonempty = [v for v in vals if math.prod(im.shape(v)) > 0]
+    return im.emit(torch.cat, nonempty or vals[:1], int(at["axis"]))
+
+
+@op("Split")
+def _split(im, ins, at):
+    shape = im.shape(ins[0])
+    axis = int(at.get("axis", 0)) % len(shape)
+    if "split" in at:
+        sizes = list(at["split"])
+    elif len(ins) > 1 and ins[1] is not None:
+        sizes = im.ints(ins[1], "split")
+    else:
+        n = int(at.get("num_outputs", 0)) or im.n_outputs
+        step = -(-shape[axis] // n)
+        sizes = [min(step, shape[axis] - i * step) for i in range(n)]
+    out = im.emit(torch.split, ins[0], sizes, axis)
+    if isinstance(out, Const):
+        return [Const(t) for t in out.t]
+    return [im.emit(_getitem, out, i) for i in range(len(sizes))]
+
+
+def _getitem(x, i):
+    return x[i]
+
+
+@op("Slice")
+def _slice_op(im, ins, at):
+    shape = im.shape(ins[0])
+    if im.opset < 10:
+        starts, ends = list(at["starts"]), list(at["ends"])
+        axes = list(at.get("axes", range(len(starts))))
+        steps = [1] * len(starts)
+    else:
+        starts, ends = im.ints(ins[1], "starts"), im.ints(ins[2], "ends")
+        axes = im.ints(ins[3], "axes") if len(ins) > 3 and ins[3] is not None else list(range(len(starts)))
+        steps = im.ints(ins[4], "steps") if len(ins) > 4 and ins[4] is not None else [1] * len(starts)
+    axes = [a % len(shape) for a in axes]
+    if any(s <= 0 for s in steps):
+        if isinstance(ins[0], Const):
+            arr = ins[0].t.numpy()
+            idx = [slice(None)] * arr.ndim
+            for a, s, e, st in zip(axes, starts, ends, steps):
+                idx[a] = slice(s, e if abs(e) < 2**62 else None, st)
+            return Const(torch.from_numpy(np.ascontiguousarray(arr[tuple(idx)])))
+        raise UnsupportedOpError(im.node_name, "Slice", "negative steps are supported only on constants")
+    clamp = lambda v, n: max(-n, min(v, n))  # noqa: E731
+    starts = [clamp(s, shape[a]) for s, a in zip(starts, axes)]
+    ends = [clamp(e, shape[a]) for e, a in zip(ends, axes)]
+    return im.emit(_slice, ins[0], axes, starts, ends, steps)
+
+
+@op("Gather")
+def _gather_op(im, ins, at):
+    data, idx = ins
+    axis = int(at.get("axis", 0)) % len(im.shape(data))
+    if axis == 0 and isinstance(data, Const) and isinstance(idx, Dyn) and data.t.dim() == 2:
+        return im.emit(F.embedding, idx, data)
+    if isinstance(idx, Const) and idx.t.dim() == 0:
+        i = int(idx.t)
+        i = i + im.shape(data)[axis] if i < 0 else i
+        return im.emit(torch.select, data, axis, i)
+    return im.emit(_gather, data, idx, axis)
+
+
+@op("Shape")
+def _shape_op(im, ins, at):
+    shape = list(im.shape(ins[0]))
+    start, end = at.get("start", 0), at.get("end", len(shape))
+    return Const(torch.tensor(shape[start:end], dtype=torch.int64))
+
+
+@op("Size")
+def _size(im, ins, at):
+    return Const(torch.tensor(math.prod(im.shape(ins[0])), dtype=torch.int64))
+
+
+@op("ConstantOfShape")
+def _cos(im, ins, at):
+    import onnx.numpy_helper as nh
+    shape = im.ints(ins[0], "shape")
+    value = torch.from_numpy(np.array(nh.to_array(at["value"]), copy=True)).reshape(-1) if "value" in at else \
+        torch.zeros(1)
+    return Const(torch.full(shape, value[0].item(), dtype=value.dtype))
+
+
+@op("Expand")
+def _expand(im, ins, at):
+    shape = im.ints(ins[1], "shape")
+    target = list(np.broadcast_shapes(im.shape(ins[0]), tuple(shape)))
+    return im.emit(torch.Tensor.expand, ins[0], target)
+
+
+@op("Range")
+def _range(im, ins, at):
+    s, e, d = (im.const(v, "range bound") for v in ins)
+    return Const(torch.arange(s.item(), e.item(), d.item(), dtype=s.dtype))
+
+
+@op("Cast")
+def _cast(im, ins, at):
+    return im.emit(torch.Tensor.to, ins[0], _onnx_dtype(int(at["to"])))
+
+
+@op("CastLike")
+def _castlike(im, ins, at):
+    return im.emit(torch.Tensor.to, ins[0], im.example(ins[1]).dtype)
+
+
+@op("Where")
+def _where(im, ins, at):
+    return im.emit(torch.where, ins[0], ins[1], ins[2])
+
+
+@op("Min", "Max", "Sum", "Mean")
+def _variadic(im, ins, at):
+    fn = {"Min": torch.minimum, "Max": torch.maximum, "Sum": torch.add, "Mean": torch.add}[im.op]
+    acc = ins[0]
+    for v in ins[1:]:
+        acc = im.emit(fn, acc, v)
+    if im.op == "Mean":
+        acc = im.emit(torch.div, acc, float(len(ins)))
+    return acc
+
+
+@op("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL2", "ReduceSumSquare")
+def _reduce(im, ins, at):
+    rank = len(im.shape(ins[0]))
+    axes = list(at["axes"]) if "axes" in at else (im.ints(ins[1], "axes") if len(ins) > 1 and ins[1] is not None
+                                                  else None)
+    keep = bool(at.get("keepdims", 1))
+    if not axes:
+        if at.get("noop_with_empty_axes", 0):
+            return ins[0]
+        axes = list(range(rank))
+    axes = [a % rank for a in axes]
+    x = ins[0]
+    if im.op == "ReduceMean":
+        return im.emit(torch.mean, x, axes, keep)
+    if im.op == "ReduceSum":
+        return im.emit(torch.sum, x, axes, keep)
+    if im.op == "ReduceSumSquare":
+        return im.emit(torch.sum, im.emit(torch.mul, x, x), axes, keep)
+    if im.op == "ReduceL2":
+        return im.emit(torch.sqrt, im.emit(torch.sum, im.emit(torch.mul, x, x), axes, keep))
+    if im.op == "ReduceMax":
+        return im.emit(torch.amax, x, axes, keep)
+    if im.op == "ReduceMin":
+        return im.emit(torch.amin, x, axes, keep)
+    for a in sorted(axes, reverse=True):
+        x = im.emit(torch.prod, x, a, keep)
+    return x
+
+
+@op("Pad")
+def _pad(im, ins, at):
+    rank = len(im.shape(ins[0]))
+    mode = at.get("mode", "constant")
+    if im.opset < 11:
+        pads, value = list(at["pads"]), float(at.get("value", 0.0))
+    else:
+        pads = im.ints(ins[1], "pads")
+        value = float(im.const(ins[2], "constant value").reshape(-1)[0]) if len(ins) > 2 and ins[2] is not None \
+            else 0.0
+    axes = im.ints(ins[3], "axes") if len(ins) > 3 and ins[3] is not None else list(range(rank))
+    begins, ends = [0] * rank, [0] * rank
+    n = len(axes)
+    for k, a in enumerate(axes):
+        begins[a % rank], ends[a % rank] = pads[k], pads[k + n]
+    torch_pads = _torch_pad_order(begins, ends)
+    while len(torch_pads) > 2 and torch_pads[-1] == 0 and torch_pads[-2] == 0:
+        torch_pads = torch_pads[:-2]
+    tmode = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}[mode]
+    if tmode == "constant":
+        return im.emit(F.pad, ins[0], torch_pads, "constant", value)
+    return im.emit(F.pad, ins[0], torch_pads, tmode)
+
+
+@op("Tile")
+def _tile(im, ins, at):
+    return im.emit(torch.Tensor.repeat, ins[0], im.ints(ins[1], "repeats"))
+
+
+@op("Einsum")
+def _einsum(im, ins, at):
+    return im.emit(torch.einsum, at["equation"], *ins)
+
+
+@op("Trilu")
+def _trilu(im, ins, at):
+    k = int(im.const(ins[1], "k")) if len(ins) > 1 and ins[1] is not None else 0
+    return im.emit(torch.triu if at.get("upper", 1) else torch.tril, ins[0], k)
+
+
+def load_onnx(path: str | Path, input_shapes: dict[str, Sequence[int]] | None = None) -> Graph:
+    """Read an ONNX file and import it. Corrupt files are ModelFileError; unknown ops are UnsupportedOpError."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    path = Path(path)
+    if not path.exists():
+        raise ModelFileError(f"ONNX file '{path}' does not exist")
+    try:
+        model = onnx.load(str(path))
+    except (DecodeError, ValueError, RuntimeError, OSError) as e:
+        raise ModelFileError(f"'{path}' is not a readable ONNX model (corrupt or truncated?): "
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if not model.graph.node:
+        raise ModelFileError(f"'{path}' holds no ONNX graph nodes (corrupt, truncated, or not an ONNX model)")
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        raise ModelFileError(f"'{path}' is not a valid ONNX model: {str(e).splitlines()[0]}") from None
+    return Importer(model, input_shapes).run()

@@ -1,0 +1,276 @@
+"""The one IR: an ATen-level torch.fx GraphModule with its parameters as attributes, plus metadata."""
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from graphopt.errors import InputMismatchError
+
+DTYPE_NAMES = {
+    torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64",
+    torch.int64: "int64", torch.int32: "int32", torch.int16: "int16", torch.int8: "int8", torch.uint8: "uint8",
+    torch.bool: "bool",
+}
+DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """'float32' for torch.float32; the name used in text, manifests and serialized graphs."""
+    return DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, static shape and dtype of a graph input or output."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @staticmethod
+    def from_json(d: dict) -> "TensorSpec":
+        return TensorSpec(str(d["name"]), tuple(int(s) for s in d["shape"]), str(d["dtype"]))
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.dtype}[{','.join(map(str, self.shape))}]"
+
+
+def _attr_name(fqn: str, taken: set[str]) -> str:
+    base = re.sub(r"[^0-9a-zA-Z_]", "_", fqn) or "param"
+    if base[0].isdigit():
+        base = "p_" + base
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    taken.add(name)
+    return name
+
+
+@dataclass
+class Graph:
+    """A runnable, printable, serializable model: fx graph at ATen level + parameters + metadata.
+
+    `meta` holds provenance: `source` (where the model came from) and `history` (one record per pass run).
+    """
+
+    gm: fx.GraphModule
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # ---- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def from_exported_program(cls, ep: torch.export.ExportedProgram, input_names: Sequence[str] | None = None,
+                              output_names: Sequence[str] | None = None, source: str = "") -> "Graph":
+        """Turn an ExportedProgram into graphopt's canonical form: flat inputs, params as get_attr attributes."""
+        from torch.export.graph_signature import InputKind, OutputKind
+
+        sig = ep.graph_signature
+        state = dict(ep.state_dict)
+        state.update(ep.constants)
+        lifted = {}
+        for spec in sig.input_specs:
+            if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+                lifted[spec.arg.name] = (spec.target, spec.kind)
+        root = torch.nn.Module()
+        new = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        taken: set[str] = set()
+        user_inputs = []
+        for node in ep.graph.nodes:
+            if node.op == "placeholder":
+                if node.name in lifted:
+                    fqn, kind = lifted[node.name]
+                    value = state[fqn].detach().clone()
+                    attr = _attr_name(fqn, taken)
+                    if kind == InputKind.PARAMETER and value.is_floating_point():
+                        root.register_parameter(attr, torch.nn.Parameter(value, requires_grad=False))
+                    else:
+                        root.register_buffer(attr, value)
+                    env[node] = new.get_attr(attr)
+                    env[node].meta["source_fqn"] = fqn
+                else:
+                    user_inputs.append(node)
+                    env[node] = new.placeholder(node.name)
+                env[node].meta["val"] = node.meta.get("val")
+            elif node.op == "output":
+                outs = [a for a, s in zip(node.args[0], sig.output_specs) if s.kind == OutputKind.USER_OUTPUT]
+                new.output(tuple(env[a] for a in outs))
+            else:
+                env[node] = new.node_copy(node, lambda n: env[n])
+        taken_inputs = set()
+        if input_names:
+            for node, name in zip(user_inputs, input_names):
+                node_new = env[node]
+                node_new.name = node_new.target = _attr_name(name, taken_inputs)
+        gm = fx.GraphModule(root, new)
+        inputs = [TensorSpec(env[n].name, tuple(int(s) for s in n.meta["val"].shape), dtype_name(n.meta["val"].dtype))
+                  for n in user_inputs]
+        graph = cls(gm, inputs, [], {"source": source, "history": []})
+        graph.refresh()
+        if output_names:
+            graph.outputs = [TensorSpec(nm, o.shape, o.dtype) for nm, o in zip(output_names, graph.outputs)]
+        return graph
+
+    # ---- structure ----------------------------------------------------------------------------------------
+    @property
+    def graph(self) -> fx.Graph:
+        return self.gm.graph
+
+    def nodes(self, op: str | None = None, target: Any = None) -> list[fx.Node]:
+        """Nodes in order, optionally only those of one fx op kind and/or one call target."""
+        out = []
+        for n in self.gm.graph.nodes:
+            if op is not None and n.op != op:
+                continue
+            if target is not None and n.target is not target and n.target not in (target if isinstance(target, tuple) else ()):
+                continue
+            out.append(n)
+        return out
+
+    def params(self) -> dict[str, torch.Tensor]:
+        """Every tensor a get_attr node reads, by attribute name."""
+        return {n.target: self.get_param(n.target) for n in self.gm.graph.nodes if n.op == "get_attr"}
+
+    def get_param(self, name: str) -> torch.Tensor:
+        t = getattr(self.gm, name)
+        return t.data if isinstance(t, torch.nn.Parameter) else t
+
+    def set_param(self, name: str, value: torch.Tensor) -> None:
+        """Replace a parameter's tensor (shape may change: call refresh() afterwards)."""
+        old = getattr(self.gm, name)
+        if isinstance(old, torch.nn.Parameter):
+            setattr(self.gm, name, torch.nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad))
+        else:
+            self.gm.register_buffer(name, value.detach().clone())
+
+    def add_param(self, base: str, value: torch.Tensor, before: fx.Node | None = None) -> fx.Node:
+        """Register a new parameter under a fresh name and return a get_attr node for it."""
+        taken = set(dict(self.gm.named_parameters()).keys()) | set(dict(self.gm.named_buffers()).keys())
+        taken |= {n.name for n in self.gm.graph.nodes}
+        name = _attr_name(base, taken)
+        if value.is_floating_point():
+            self.gm.register_parameter(name, torch.nn.Parameter(value.detach().clone(), requires_grad=False))
+        else:
+            self.gm.register_buffer(name, value.detach().clone())
+        anchor = before if before is not None else next(n for n in self.gm.graph.nodes if n.op != "placeholder")
+        with self.gm.graph.inserting_before(anchor):
+            node = self.gm.graph.get_attr(name)
+        node.meta["val"] = value
+        return node
+
+    def remove_unused_params(self) -> int:
+        """Delete attributes that no get_attr node reads any more; returns how many."""
+        used = {n.target for n in self.gm.graph.nodes if n.op == "get_attr"}
+        names = [k for k, _ in self.gm.named_parameters(recurse=False)] + [k for k, _ in self.gm.named_buffers(recurse=False)]
+        removed = 0
+        for name in names:
+            if name not in used:
+                delattr(self.gm, name)
+                removed += 1
+        return removed
+
+    def refresh(self) -> None:
+        """Recompile the module and recompute every node's shape/dtype (meta['val']) with fake tensors."""
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+        self.gm.graph.lint()
+        self.gm.recompile()
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        fakes = [mode.from_tensor(torch.empty(s.shape, dtype=DTYPES[s.dtype])) for s in self.inputs]
+        FakeTensorProp(self.gm, mode).propagate(*fakes)
+        out_node = self.output_node()
+        names = [s.name for s in self.outputs]
+        specs = []
+        for i, arg in enumerate(out_node.args[0]):
+            val = arg.meta["val"]
+            name = names[i] if i < len(names) else (arg.name if isinstance(arg, fx.Node) else f"output{i}")
+            specs.append(TensorSpec(name, tuple(int(s) for s in val.shape), dtype_name(val.dtype)))
+        self.outputs = specs
+
+    def output_node(self) -> fx.Node:
+        return next(n for n in reversed(self.gm.graph.nodes) if n.op == "output")
+
+    def clone(self) -> "Graph":
+        """A deep copy: passes work on clones, so the caller's graph is never mutated."""
+        return Graph(copy.deepcopy(self.gm), list(self.inputs), list(self.outputs), copy.deepcopy(self.meta))
+
+    # ---- running ------------------------------------------------------------------------------------------
+    def check_inputs(self, inputs: Sequence[Any]) -> list[torch.Tensor]:
+        """Convert numpy/torch inputs to tensors and check count, shape and dtype against the input specs."""
+        if len(inputs) != len(self.inputs):
+            raise InputMismatchError(f"expected {len(self.inputs)} input(s) ({', '.join(map(str, self.inputs))}), "
+                                     f"got {len(inputs)}")
+        out = []
+        for spec, x in zip(self.inputs, inputs):
+            t = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
+            if not isinstance(t, torch.Tensor):
+                raise InputMismatchError(f"input '{spec.name}' must be a tensor or numpy array, got {type(x).__name__}")
+            if tuple(t.shape) != spec.shape:
+                raise InputMismatchError(f"input '{spec.name}' has shape {list(t.shape)}, expected {list(spec.shape)}")
+            if dtype_name(t.dtype) != spec.dtype:
+                raise InputMismatchError(f"input '{spec.name}' has dtype {dtype_name(t.dtype)}, expected {spec.dtype}")
+            out.append(t)
+        return out
+
+    @torch.no_grad()
+    def run(self, *inputs: Any) -> tuple[torch.Tensor, ...]:
+        """Run the graph eagerly (reference kernels) and return its outputs as a tuple."""
+        outs = self.gm(*self.check_inputs(inputs))
+        return tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
+
+    def example_inputs(self, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        """Random inputs of the right shapes and dtypes (integers in [0, 2): valid ids and masks)."""
+        g = torch.Generator().manual_seed(seed)
+        out = []
+        for s in self.inputs:
+            dt = DTYPES[s.dtype]
+            if dt.is_floating_point:
+                out.append(torch.randn(s.shape, generator=g).to(dt))
+            elif dt == torch.bool:
+                out.append(torch.randint(0, 2, s.shape, generator=g).bool())
+            else:
+                out.append(torch.randint(0, 2, s.shape, generator=g).to(dt))
+        return tuple(out)
+
+    def to_exported_program(self) -> torch.export.ExportedProgram:
+        """Re-export (parameters lifted again) for consumers that take an ExportedProgram: TVM, ONNX, .pt2."""
+        example = tuple(torch.zeros(s.shape, dtype=DTYPES[s.dtype]) for s in self.inputs)
+        return torch.export.export(self.gm, example, strict=False)
+
+    # ---- views --------------------------------------------------------------------------------------------
+    def text(self) -> str:
+        from graphopt.ir.printer import graph_text
+        return graph_text(self)
+
+    def stats(self):
+        from graphopt.ir.stats import graph_stats
+        return graph_stats(self)
+
+    def save(self, path) -> None:
+        from graphopt.ir.serialize import save_graph
+        save_graph(self, path)
+
+    @staticmethod
+    def load(path) -> "Graph":
+        from graphopt.ir.serialize import load_graph
+        return load_graph(path)
+
+    def __str__(self) -> str:
+        return self.text()
+
+
+def iter_tensors(args: Iterable[Any]) -> Iterable[torch.Tensor]:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            yield a

@@ -1,0 +1,90 @@
+"""Size and work of a graph: parameters, multiply-accumulates, bytes of weights."""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from graphopt.ir.graph import Graph
+
+aten = torch.ops.aten
+
+
+@dataclass
+class GraphStats:
+    """params: weight values; macs: multiply-accumulates for one run; bytes: weight storage."""
+
+    params: int
+    macs: int
+    bytes: int
+    nodes: int
+    ops: Counter = field(default_factory=Counter)
+
+    def to_json(self) -> dict:
+        return {"params": self.params, "macs": self.macs, "bytes": self.bytes, "nodes": self.nodes}
+
+    def delta(self, before: "GraphStats") -> dict:
+        return {k: getattr(self, k) - getattr(before, k) for k in ("params", "macs", "bytes", "nodes")}
+
+
+def _shape(n) -> tuple[int, ...] | None:
+    val = n.meta.get("val") if isinstance(n, fx.Node) else None
+    return tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def node_macs(n: fx.Node) -> int:
+    """Multiply-accumulates of one node from its recorded shapes (0 for ops that do no dot products)."""
+    if n.op != "call_function":
+        return 0
+    out = _shape(n)
+    if out is None:
+        return 0
+    t = n.target
+    numel = math.prod(out)
+    if t in (aten.conv2d.default, aten.conv1d.default, aten.conv3d.default, aten.convolution.default):
+        w = _shape(n.args[1])
+        return numel * math.prod(w[1:]) if w else 0
+    if t in (aten.conv_transpose2d.input, aten.conv_transpose1d.default):
+        w, x = _shape(n.args[1]), _shape(n.args[0])
+        return math.prod(x) * math.prod(w[1:]) if w and x else 0
+    if t is aten.linear.default:
+        w = _shape(n.args[1])
+        return numel * w[1] if w else 0
+    if t in (aten.mm.default, aten.bmm.default, aten.matmul.default):
+        a = _shape(n.args[0])
+        return numel * a[-1] if a else 0
+    if t is aten.addmm.default:
+        a = _shape(n.args[1])
+        return numel * a[-1] if a else 0
+    if t is aten.baddbmm.default:
+        a = _shape(n.args[1])
+        return numel * a[-1] if a else 0
+    return 0
+
+
+def graph_stats(g: Graph) -> GraphStats:
+    params = g.params()
+    ops = Counter()
+    macs = 0
+    for n in g.gm.graph.nodes:
+        if n.op == "call_function":
+            ops[getattr(n.target, "__name__", str(n.target))] += 1
+            macs += node_macs(n)
+    return GraphStats(
+        params=sum(t.numel() for t in params.values()),
+        macs=macs,
+        bytes=sum(t.numel() * t.element_size() for t in params.values()),
+        nodes=sum(1 for n in g.gm.graph.nodes if n.op == "call_function"),
+        ops=ops,
+    )
+
+
+def human(n: float, unit: str = "") -> str:
+    """1234567 -> '1.23M'."""
+    for div, suf in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{suf}{unit}"
+    return f"{n:.0f}{unit}"

@@ -1,0 +1,96 @@
+"""Instruments the pass manager switches on: IR printing, numbered dumps, reproducers."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence, TextIO
+
+import numpy as np
+import torch
+
+from graphopt.ir.files import atomic_write_bytes
+from graphopt.ir.graph import Graph
+from graphopt.ir.printer import graph_diff
+
+log = logging.getLogger(__name__)
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+class IRPrinter:
+    """--print-ir-after-all / --print-ir-after-change: the IR (or its diff) after passes, to a stream."""
+
+    def __init__(self, stream: TextIO, after_all: bool, after_change: bool, diff: bool = False):
+        self.stream, self.after_all, self.after_change, self.diff = stream, after_all, after_change, diff
+
+    def after_pass(self, index: int, name: str, before: Graph, after: Graph, changed: bool) -> None:
+        if not (self.after_all or (self.after_change and changed)):
+            return
+        self.stream.write(f"// ----- IR after #{index} {name}{'' if changed else ' (unchanged)'} -----\n")
+        self.stream.write(graph_diff(before, after, "before", name) if self.diff else after.text())
+        self.stream.flush()
+
+
+class DumpDir:
+    """--dump-dir: one numbered text file per pass (00-input.ir, 01-fold-bn.ir, ...), plus the run record."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def dump(self, index: int, name: str, graph: Graph, diff_from: Graph | None = None) -> Path:
+        path = self.root / f"{index:02d}-{slug(name)}.ir"
+        body = graph.text()
+        if diff_from is not None:
+            d = graph_diff(diff_from, graph, "before", name)
+            body += "\n// ----- diff against the previous IR -----\n" + (d or "// (no change)\n")
+        atomic_write_bytes(path, body.encode())
+        return path
+
+    def record(self, records: list[dict]) -> None:
+        atomic_write_bytes(self.root / "passes.json", json.dumps(records, indent=1, default=str).encode())
+
+
+def write_reproducer(root: str | os.PathLike | None, index: int, pass_text: str, graph: Graph,
+                     inputs: Sequence[Sequence[torch.Tensor]], why: str) -> Path:
+    """Write input graph + one-pass pipeline + inputs so the failure replays with one command; return the folder."""
+    base = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="graphopt-"))
+    name = pass_text.split("{")[0]
+    folder = base / f"reproducer-{index:02d}-{slug(name)}"
+    folder.mkdir(parents=True, exist_ok=True)
+    graph.save(folder / "input.gopt")
+    arrays = {f"b{b}_{i}": t.detach().cpu().numpy() for b, batch in enumerate(inputs) for i, t in enumerate(batch)}
+    with tempfile.NamedTemporaryFile(dir=folder, suffix=".npz", delete=False) as f:
+        np.savez(f, **arrays)
+    os.replace(f.name, folder / "inputs.npz")
+    atomic_write_bytes(folder / "pipeline.txt", (pass_text + "\n").encode())
+    cmd = (f"graphopt opt {folder / 'input.gopt'} --pipeline '{pass_text}' --verify-each "
+           f"--inputs {folder / 'inputs.npz'} -o {folder / 'output.gopt'}")
+    atomic_write_bytes(folder / "README.txt", f"{why}\n\nReplay:\n  {cmd}\n".encode())
+    return folder
+
+
+def load_inputs_npz(path: str | os.PathLike, graph: Graph) -> list[tuple[torch.Tensor, ...]]:
+    """Batches from an .npz written by write_reproducer (b<batch>_<input>) or with one array per input."""
+    from graphopt.errors import InputMismatchError
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise InputMismatchError(f"cannot read inputs file '{path}': {e}") from None
+    keys = list(data.keys())
+    n_in = len(graph.inputs)
+    if all(k.startswith("b") and "_" in k for k in keys):
+        n_b = len(keys) // max(n_in, 1)
+        batches = [tuple(torch.from_numpy(data[f"b{b}_{i}"]) for i in range(n_in)) for b in range(n_b)]
+    else:
+        names = [s.name for s in graph.inputs]
+        order = names if all(n in keys for n in names) else keys
+        batches = [tuple(torch.from_numpy(data[k]) for k in order[:n_in])]
+    for b in batches:
+        graph.check_inputs(b)
+    return batches

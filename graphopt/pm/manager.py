@@ -1,0 +1,150 @@
+"""The pass manager: runs a pipeline over a Graph with verification, dumps, timing and stats per pass."""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from graphopt.errors import GraphoptError, PassFailedError
+from graphopt.ir.graph import Graph
+from graphopt.ir.stats import graph_stats
+from graphopt.pm.instruments import DumpDir, IRPrinter, write_reproducer
+from graphopt.pm.numerics import Comparison, compare, within_exact
+from graphopt.pm.options import build_options
+from graphopt.pm.pipeline import PassSpec, format_pipeline, load_pipeline
+from graphopt.pm.registry import Contract, Pass, PassContext, get_pass
+
+log = logging.getLogger("graphopt.pm")
+
+
+@dataclass
+class PassRecord:
+    """What one pass did: for reports, the manifest and `passes.json` in the dump dir."""
+
+    index: int
+    name: str
+    pipeline: str
+    changed: bool
+    seconds: float
+    stats: dict[str, Any] = field(default_factory=dict)
+    reason: str = ""
+    before: dict[str, int] = field(default_factory=dict)
+    after: dict[str, int] = field(default_factory=dict)
+    verify: dict[str, Any] | None = None
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def build_passes(specs: list[PassSpec]) -> list[Pass]:
+    """Instantiate each pass with validated options; errors name the pass and option before anything runs."""
+    out = []
+    for spec in specs:
+        cls = get_pass(spec.name)
+        out.append(cls(build_options(spec.name, cls.Options, spec.options)))
+    return out
+
+
+class PassManager:
+    """Runs passes in order; each gets a clone, so the caller's graph is never mutated."""
+
+    def __init__(self, pipeline: str | list[PassSpec] | list[Pass], *, verify: bool = False, strict: bool = False,
+                 dump_dir: str | None = None, print_ir_after_all: bool = False, print_ir_after_change: bool = False,
+                 print_diff: bool = False, stream: TextIO | None = None):
+        if isinstance(pipeline, str):
+            pipeline = load_pipeline(pipeline)
+        self.passes: list[Pass] = [p if isinstance(p, Pass) else build_passes([p])[0] for p in pipeline]
+        self.verify, self.strict = verify, strict
+        self.dump = DumpDir(dump_dir) if dump_dir else None
+        self.dump_root = dump_dir
+        self.printer = IRPrinter(stream or sys.stderr, print_ir_after_all, print_ir_after_change, print_diff)
+        self.records: list[PassRecord] = []
+
+    @property
+    def text(self) -> str:
+        return ",".join(p.spec_text() for p in self.passes)
+
+    def run(self, graph: Graph, ctx: PassContext | None = None) -> Graph:
+        ctx = ctx or PassContext()
+        ctx.strict = ctx.strict or self.strict
+        if ctx.reference is None:
+            ctx.reference = graph
+        inputs = ctx.batches(graph) if self.verify else []
+        prev_outputs = [graph.run(*b) for b in inputs]
+        ref_outputs = prev_outputs
+        current = graph
+        if self.dump:
+            self.dump.dump(0, "input", current)
+        for i, p in enumerate(self.passes, start=1):
+            before_stats = graph_stats(current)
+            work = current.clone()
+            t0 = time.perf_counter()
+            try:
+                res = p.run(work, ctx)
+                res.graph.refresh()
+            except GraphoptError as e:
+                repro = write_reproducer(self.dump_root, i, p.spec_text(), current, inputs or [current.example_inputs()],
+                                         f"pass '{p.name}' raised: {e}")
+                raise PassFailedError(f"pass #{i} '{p.name}' failed: {e}", str(repro)) from e
+            except Exception as e:
+                repro = write_reproducer(self.dump_root, i, p.spec_text(), current, inputs or [current.example_inputs()],
+                                         f"pass '{p.name}' crashed:\n{traceback.format_exc()}")
+                log.debug("pass %s crashed", p.name, exc_info=True)
+                raise PassFailedError(f"pass #{i} '{p.name}' crashed ({type(e).__name__}: {e})", str(repro)) from e
+            seconds = time.perf_counter() - t0
+            after = res.graph
+            after_stats = graph_stats(after)
+            rec = PassRecord(i, p.name, p.spec_text(), res.changed, round(seconds, 4), dict(res.stats), res.reason,
+                             before_stats.to_json(), after_stats.to_json())
+            if not res.changed:
+                msg = f"pass '{p.name}' changed nothing" + (f": {res.reason}" if res.reason else "")
+                if ctx.strict:
+                    raise PassFailedError(msg + " (--strict)")
+                log.warning(msg)
+            if self.verify:
+                outs = [after.run(*b) for b in inputs]
+                step = compare(prev_outputs, outs)
+                total = compare(ref_outputs, outs)
+                ok = self._within_contract(p, step)
+                rec.verify = {"step": step.to_json(), "vs_reference": total.to_json(), "contract": p.contract.value,
+                              "ok": ok}
+                log.info("verify #%d %s: %s (vs reference: %s)", i, p.name, step, total)
+                if not ok:
+                    repro = write_reproducer(self.dump_root, i, p.spec_text(), current, inputs,
+                                             f"pass '{p.name}' broke its {p.contract.value} contract: {step}")
+                    raise PassFailedError(f"pass #{i} '{p.name}' broke its {p.contract.value} numerical contract: "
+                                          f"{step}", str(repro))
+                prev_outputs = outs
+            self.printer.after_pass(i, p.name, current, after, res.changed)
+            if self.dump:
+                self.dump.dump(i, p.name, after, diff_from=current)
+            after.meta.setdefault("history", []).append(rec.to_json())
+            self.records.append(rec)
+            current = after
+        if self.dump:
+            self.dump.record([r.to_json() for r in self.records])
+        current.meta["pipeline"] = ",".join(
+            filter(None, [current.meta.get("pipeline_prefix", "")] + [r.pipeline for r in self.records]))
+        return current
+
+    @staticmethod
+    def _within_contract(p: Pass, c: Comparison) -> bool:
+        if p.contract == Contract.EXACT:
+            return within_exact(c, p.rtol)
+        if p.contract == Contract.BOUNDED:
+            return c.sqnr_db >= p.min_sqnr_db
+        return True
+
+    def timing_table(self) -> str:
+        rows = [f"{'#':>2}  {'pass':<24} {'changed':<8} {'seconds':>8}  {'params':>10} {'MACs':>12}"]
+        for r in self.records:
+            rows.append(f"{r.index:>2}  {r.name:<24} {str(r.changed):<8} {r.seconds:>8.3f}  "
+                        f"{r.after['params'] - r.before['params']:>+10d} {r.after['macs'] - r.before['macs']:>+12d}")
+        return "\n".join(rows)
+
+
+def pipeline_text(pipeline: str | list[PassSpec]) -> str:
+    return format_pipeline(load_pipeline(pipeline) if isinstance(pipeline, str) else pipeline)

@@ -1,0 +1,57 @@
+"""Output comparison used by --verify-each and reports: max error, SQNR, and the per-contract verdict."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+@dataclass
+class Comparison:
+    """How far `actual` is from `expected` over all outputs and batches."""
+
+    max_abs_err: float
+    max_ref: float
+    sqnr_db: float
+
+    def to_json(self) -> dict:
+        return {"max_abs_err": self.max_abs_err, "max_ref": self.max_ref,
+                "sqnr_db": None if math.isinf(self.sqnr_db) else self.sqnr_db}
+
+    def __str__(self) -> str:
+        sq = "inf" if math.isinf(self.sqnr_db) else f"{self.sqnr_db:.1f}"
+        return f"max|err|={self.max_abs_err:.3g} (max|ref|={self.max_ref:.3g}), SQNR={sq} dB"
+
+
+def compare(expected: Sequence[Sequence[torch.Tensor]], actual: Sequence[Sequence[torch.Tensor]]) -> Comparison:
+    """Compare lists (batches) of output tuples; shapes must match."""
+    max_err, max_ref, sig, noise = 0.0, 0.0, 0.0, 0.0
+    for exp_outs, act_outs in zip(expected, actual):
+        for e, a in zip(exp_outs, act_outs):
+            e = torch.as_tensor(e).detach().double()
+            a = torch.as_tensor(a).detach().double()
+            if e.shape != a.shape:
+                return Comparison(math.inf, float(e.abs().max()) if e.numel() else 0.0, -math.inf)
+            if e.numel() == 0:
+                continue
+            d = (e - a)
+            if not torch.isfinite(a).all():
+                return Comparison(math.inf, float(e.abs().max()), -math.inf)
+            max_err = max(max_err, float(d.abs().max()))
+            max_ref = max(max_ref, float(e.abs().max()))
+            sig += float((e * e).sum())
+            noise += float((d * d).sum())
+    if noise == 0.0:
+        sqnr = math.inf
+    elif sig == 0.0:
+        sqnr = -math.inf
+    else:
+        sqnr = 10.0 * math.log10(sig / noise)
+    return Comparison(max_err, max_ref, sqnr)
+
+
+def within_exact(c: Comparison, rtol: float, atol: float = 1e-6) -> bool:
+    """Exact contract: error no larger than float rounding relative to the output's magnitude."""
+    return c.max_abs_err <= atol + rtol * max(c.max_ref, 1.0)

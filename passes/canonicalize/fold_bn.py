@@ -1,0 +1,145 @@
+"""fold-bn: fold inference batch norm into the preceding conv or linear (exact up to float rounding).
+
+A rewrite rule in three parts (onnxscript's habit): `match` finds the pattern, `check` says why it may not
+apply, `rewrite` replaces it. Every batch norm that is left alone gets a reason in the pass stats.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from graphopt.ir.graph import Graph
+from graphopt.passes.canonicalize.dce import eliminate_dead_code
+from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, register_pass
+
+aten = torch.ops.aten
+CONVS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default)
+BN_OPS = (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default)
+
+
+@dataclass
+class Match:
+    bn: fx.Node
+    producer: fx.Node
+    outputs: list[fx.Node]          # the nodes whose uses become the producer's (bn, or getitem 0 of bn)
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    mean: torch.Tensor
+    var: torch.Tensor
+    eps: float
+
+
+def _param(graph: Graph, node) -> torch.Tensor | None:
+    if node is None:
+        return None
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        return graph.get_param(node.target)
+    raise ValueError("not a parameter")
+
+
+def match(graph: Graph, bn: fx.Node) -> Match | str:
+    """The pattern at `bn`, or the reason it does not fit."""
+    if bn.target is aten.batch_norm.default:
+        x, w, b, mean, var, training, _momentum, eps = bn.args[:8]
+        if training:
+            return "batch norm runs in training mode"
+        outputs = [bn]
+    else:
+        x, w, b, mean, var, _momentum, eps = bn.args[:7]
+        outputs = list(bn.users)
+        if any(u.target is not operator.getitem or u.args[1] != 0 for u in outputs):
+            return "batch norm's saved statistics are used"
+    if not isinstance(x, fx.Node) or x.op != "call_function" or (x.target not in CONVS and x.target is not aten.linear.default):
+        return f"input '{getattr(x, 'name', x)}' is not a conv or linear"
+    try:
+        tensors = [_param(graph, a) for a in (w, b, mean, var)]
+    except ValueError:
+        return "batch norm statistics are computed, not parameters"
+    return Match(bn, x, outputs, *tensors, float(eps))
+
+
+def check(graph: Graph, m: Match) -> str:
+    """Empty when the rewrite is safe, else why not."""
+    p = m.producer
+    if len(p.users) != 1:
+        return f"'{p.name}' has other users besides the batch norm"
+    if p.target is aten.convolution.default and p.args[6]:
+        return f"'{p.name}' is a transposed convolution"
+    w_node = p.args[1]
+    if not isinstance(w_node, fx.Node) or w_node.op != "get_attr":
+        return f"'{p.name}' has a computed weight"
+    readers = [n for n in graph.gm.graph.nodes if n.op == "get_attr" and n.target == w_node.target]
+    if len(readers) != 1 or len(w_node.users) != 1:
+        return f"weight '{w_node.target}' of '{p.name}' is shared with other ops"
+    bias = p.args[2] if len(p.args) > 2 else p.kwargs.get("bias")
+    if bias is not None and (not isinstance(bias, fx.Node) or bias.op != "get_attr" or len(bias.users) != 1):
+        return f"bias of '{p.name}' is computed or shared"
+    if p.target is aten.linear.default:
+        out = p.meta.get("val")
+        if out is None or out.dim() != 2:
+            return f"'{p.name}' output is not 2-D, so the batch norm's channel dim is not the linear's features"
+    channels = graph.get_param(w_node.target).shape[0]
+    if m.mean.numel() != channels:
+        return f"batch norm has {m.mean.numel()} channels but '{p.name}' has {channels} outputs"
+    return ""
+
+
+def rewrite(graph: Graph, m: Match) -> None:
+    p = m.producer
+    w_node = p.args[1]
+    w = graph.get_param(w_node.target).double()
+    inv = torch.rsqrt(m.var.double() + m.eps)
+    scale = inv * (m.weight.double() if m.weight is not None else 1.0)
+    shift = (m.bias.double() if m.bias is not None else 0.0) - m.mean.double() * scale
+    bias_node = p.args[2] if len(p.args) > 2 else p.kwargs.get("bias")
+    old_bias = graph.get_param(bias_node.target).double() if bias_node is not None else torch.zeros_like(scale)
+    dtype = graph.get_param(w_node.target).dtype
+    graph.set_param(w_node.target, (w * scale.reshape(-1, *([1] * (w.dim() - 1)))).to(dtype))
+    new_bias = (old_bias * scale + shift).to(dtype)
+    if bias_node is not None:
+        graph.set_param(bias_node.target, new_bias)
+    else:
+        node = graph.add_param(f"{w_node.target}_folded_bias", new_bias, before=p)
+        args = list(p.args)
+        if "bias" in p.kwargs:
+            kwargs = dict(p.kwargs)
+            kwargs["bias"] = node
+            p.kwargs = kwargs
+        else:
+            while len(args) < 3:
+                args.append(None)
+            args[2] = node
+            p.args = tuple(args)
+    for out in m.outputs:
+        out.replace_all_uses_with(p)
+
+
+@register_pass
+class FoldBatchNorm(Pass):
+    name = "fold-bn"
+    summary = "Fold inference batch norm into the preceding conv/linear weights and bias (exact)."
+    contract = Contract.EXACT
+
+    @dataclass
+    class Options:
+        pass
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        folded, skipped = [], {}
+        for bn in [n for n in graph.gm.graph.nodes if n.op == "call_function" and n.target in BN_OPS]:
+            m = match(graph, bn)
+            reason = m if isinstance(m, str) else check(graph, m)
+            if reason:
+                skipped[bn.name] = reason
+                continue
+            rewrite(graph, m)
+            folded.append(f"{bn.name} -> {m.producer.name}")
+        if folded:
+            eliminate_dead_code(graph)
+        reason = ""
+        if not folded:
+            reason = "no batch norm found" if not skipped else "; ".join(f"{k}: {v}" for k, v in skipped.items())
+        return PassResult(graph, bool(folded), {"folded": len(folded), "skipped": skipped, "pairs": folded}, reason)

@@ -1,0 +1,79 @@
+"""fold-constants: evaluate ops whose inputs are all parameters or constants, and store the result as a parameter."""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from graphopt.ir.graph import Graph
+from graphopt.passes.canonicalize.dce import eliminate_dead_code
+from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, register_pass
+
+NONDETERMINISTIC = ("rand", "dropout", "bernoulli", "normal", "uniform", "empty", "multinomial")
+
+
+def _is_const(a, consts: dict[fx.Node, torch.Tensor]) -> bool:
+    if isinstance(a, fx.Node):
+        return a in consts
+    if isinstance(a, (list, tuple)):
+        return all(_is_const(x, consts) for x in a)
+    return True
+
+
+def _value(a, consts):
+    if isinstance(a, fx.Node):
+        return consts[a]
+    if isinstance(a, (list, tuple)):
+        return type(a)(_value(x, consts) for x in a)
+    return a
+
+
+@register_pass
+class FoldConstants(Pass):
+    name = "fold-constants"
+    summary = "Precompute ops that depend only on parameters and constants (exact)."
+    contract = Contract.EXACT
+
+    @dataclass
+    class Options:
+        max_growth: float = field(default=4.0, metadata={
+            "help": "skip a fold whose result has more than this many times the values of its inputs (e.g. expand)"})
+
+        def validate(self) -> str:
+            return "option 'max-growth' must be >= 1" if self.max_growth < 1 else ""
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        consts: dict[fx.Node, torch.Tensor] = {}
+        folded, skipped = [], {}
+        for n in list(graph.gm.graph.nodes):
+            if n.op == "get_attr":
+                consts[n] = graph.get_param(n.target)
+                continue
+            if n.op != "call_function" or not _is_const(list(n.args) + list(n.kwargs.values()), consts):
+                continue
+            name = getattr(n.target, "__name__", str(n.target))
+            if any(k in name for k in NONDETERMINISTIC):
+                continue
+            with torch.no_grad():
+                value = n.target(*_value(n.args, consts), **_value(n.kwargs, consts))
+            if n.target is operator.getitem or not isinstance(value, torch.Tensor):
+                if isinstance(value, torch.Tensor):
+                    consts[n] = value
+                continue
+            in_numel = sum(consts[a].numel() for a in n.all_input_nodes)
+            if value.numel() > self.options.max_growth * max(in_numel, 1):
+                skipped[n.name] = f"result has {value.numel()} values from {in_numel} (max-growth)"
+                continue
+            consts[n] = value
+            if not n.users:
+                continue
+            node = graph.add_param(f"{n.name}_folded", value.contiguous(), before=n)
+            n.replace_all_uses_with(node)
+            consts[node] = value
+            folded.append(n.name)
+        if folded:
+            eliminate_dead_code(graph)
+        return PassResult(graph, bool(folded), {"folded": len(folded), "ops": folded, "skipped": skipped},
+                          "" if folded else "no op has only constant inputs")

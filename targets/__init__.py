@@ -1,0 +1,1 @@
+"""Layer 5: compile targets. `tvm` (llvm CPU), `onnx` export, `torch` (.pt2) export."""

@@ -1,0 +1,76 @@
+"""The artifact manifest: what a deployed model.so takes and returns, and how it was made."""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from graphopt.ir.files import atomic_write_bytes
+from graphopt.ir.graph import Graph
+
+MANIFEST_FORMAT = "graphopt-artifact"
+MANIFEST_VERSION = 1
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("graphopt", "torch", "apache-tvm", "apache-tvm-ffi", "onnx", "onnxruntime", "numpy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def build_manifest(graph: Graph, target: str, target_info: dict[str, Any], *, tuning: dict | None,
+                   build_seconds: float, folder: Path) -> dict[str, Any]:
+    stats = graph.stats()
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(folder.iterdir()) if p.is_file()}
+    return {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "inputs": [s.to_json() for s in graph.inputs],
+        "outputs": [s.to_json() for s in graph.outputs],
+        "pipeline": graph.meta.get("pipeline", ""),
+        "passes": graph.meta.get("history", []),
+        "source": graph.meta.get("source", ""),
+        "stats": stats.to_json(),
+        "target": target,
+        "target_info": target_info,
+        "tuning": tuning,
+        "build_seconds": build_seconds,
+        "versions": versions(),
+        "files": files,
+        "entry": "main",
+    }
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    atomic_write_bytes(folder / "manifest.json", json.dumps(manifest, indent=1, default=str).encode())
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    from graphopt.errors import ArtifactError
+    path = Path(folder) / "manifest.json"
+    if not path.exists():
+        raise ArtifactError(f"'{folder}' is not a graphopt artifact (no manifest.json); build one with graphopt compile")
+    try:
+        m = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"'{path}' is corrupt: {e}") from None
+    if m.get("format") != MANIFEST_FORMAT:
+        raise ArtifactError(f"'{path}' is not a graphopt manifest")
+    return m

@@ -1,0 +1,46 @@
+"""ONNX export of a Graph (for ONNX Runtime pipelines), written atomically."""
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from pathlib import Path
+
+from graphopt.errors import TargetError
+from graphopt.ir.files import atomic_file
+from graphopt.ir.graph import Graph
+
+log = logging.getLogger(__name__)
+
+
+def export_onnx(graph: Graph, path: str | Path, opset: int = 18) -> Path:
+    """Write `graph` as an ONNX model (torch's dynamo exporter over the re-exported program)."""
+    import onnx
+    import torch
+
+    ep = graph.to_exported_program()
+    try:
+        with warnings.catch_warnings(), _quiet():
+            warnings.simplefilter("ignore")
+            prog = torch.onnx.export(ep, (), dynamo=True, opset_version=opset, verbose=False,
+                                     input_names=[s.name for s in graph.inputs],
+                                     output_names=[s.name for s in graph.outputs], optimize=True)
+    except Exception as e:
+        raise TargetError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    model = prog.model_proto
+    onnx.checker.check_model(model)
+    with atomic_file(path) as tmp:
+        onnx.save(model, str(tmp))
+    return Path(path)
+
+
+class _quiet:
+    """Silence the exporter's progress prints on stdout."""
+
+    def __enter__(self):
+        import contextlib
+        self._ctx = contextlib.redirect_stdout(io.StringIO())
+        return self._ctx.__enter__()
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)

@@ -1,0 +1,61 @@
+"""Build a Graph for the host CPU with TVM and write the artifact: model.so + manifest.json, atomically."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from graphopt.errors import TargetError
+from graphopt.ir.files import atomic_dir
+from graphopt.ir.graph import Graph
+from graphopt.targets.artifact import build_manifest, write_manifest
+from graphopt.targets.tvm.host import cpu_target
+from graphopt.targets.tvm.lower import lower_to_relax
+from graphopt.targets.tvm.tuning import Tuning, TuningSummary, tune
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("llvm",)
+
+
+def build_executable(graph: Graph, target: str = "llvm", tuning: Tuning | None = None):
+    """Lower and build; returns (executable, tvm Target, TuningSummary or None, seconds to build)."""
+    import tvm
+    from tvm import relax
+
+    if target not in TARGETS:
+        raise TargetError(f"unknown target '{target}' (choose one of: {', '.join(TARGETS)})")
+    if tuning is not None:
+        tuning.validate()
+    tgt = cpu_target()
+    mod = lower_to_relax(graph)
+    t0 = time.perf_counter()
+    summary = None
+    try:
+        if tuning is not None:
+            from tvm.s_tir.meta_schedule.relax_integration import compile_relax
+            database, summary = tune(mod, tgt, tuning)
+            # compile_relax fuses the original module itself, so the workload keys match those tuned above
+            ex = compile_relax(database, mod, tgt, None)
+        else:
+            with tvm.transform.PassContext(opt_level=3):
+                ex = relax.build(mod, target=tgt)
+    except TargetError:
+        raise
+    except Exception as e:
+        raise TargetError(f"TVM build for {tgt} failed: {type(e).__name__}: {e}") from None
+    return ex, tgt, summary, time.perf_counter() - t0
+
+
+def compile_to_dir(graph: Graph, output: str | Path, target: str = "llvm", tuning: Tuning | None = None) -> Path:
+    """Build and write the artifact folder `output` (replaced atomically; a foreign folder is never overwritten)."""
+    ex, tgt, summary, seconds = build_executable(graph, target, tuning)
+    with atomic_dir(output) as tmp:
+        ex.export_library(str(tmp / "model.so"))
+        (tmp / "graph.ir").write_text(graph.text())
+        manifest = build_manifest(graph, str(tgt), {"kind": target, "mcpu": str(tgt.attrs.get("mcpu", "")),
+                                                    "num_cores": int(tgt.attrs.get("num-cores", 0))},
+                                  tuning=(summary or TuningSummary()).to_json() if tuning else None,
+                                  build_seconds=round(seconds, 2), folder=tmp)
+        write_manifest(tmp, manifest)
+    return Path(output)

@@ -1,0 +1,201 @@
+"""MetaSchedule tuning that works on a small machine: in-process builder and runner, a persistent database,
+a progress bar, and reuse of workloads already tuned in an earlier run.
+
+TVM's LocalBuilder starts worker processes that take ~35 s each to import TVM and then time out; building and
+measuring in this process avoids that entirely.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from graphopt.errors import TargetError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Tuning:
+    """Tuning budget and database. `db` is a folder reused across runs and models (it must exist)."""
+
+    trials: int = 64
+    db: str | None = None
+    trials_per_iter: int = 16
+    seed: int = 0
+    retune: bool = False          # tune workloads again even if the database already has records for them
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.trials < 1:
+            raise TargetError(f"tuning trials must be >= 1, got {self.trials}")
+        if self.db is not None and not Path(self.db).is_dir():
+            raise TargetError(f"tuning database folder '{self.db}' does not exist; create it (mkdir -p {self.db}) "
+                              "or leave --tune-db out to tune into a fresh temporary database")
+
+
+@dataclass
+class TuningSummary:
+    trials: int = 0
+    tasks: int = 0
+    tasks_tuned: int = 0
+    tasks_reused: int = 0
+    seconds: float = 0.0
+    db: str | None = None
+    per_task: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _ms():
+    from tvm.s_tir import meta_schedule as ms
+    return ms
+
+
+def _make_builder():
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+    from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export
+
+    @derived_object
+    class InProcessBuilder(PyBuilder):
+        """Builds candidates in this process (no worker start-up cost)."""
+
+        def build(self, build_inputs):
+            results = []
+            for bi in build_inputs:
+                try:
+                    results.append(BuilderResult(default_export(default_build(bi.mod, bi.target, None)), None))
+                except Exception as e:  # a candidate that fails to build is recorded as such, not fatal
+                    results.append(BuilderResult(None, f"InProcessBuilder: {type(e).__name__}: {e}"))
+            return results
+
+    return InProcessBuilder()
+
+
+def _make_runner(number: int = 3, repeat: int = 1, min_repeat_ms: int = 20):
+    import tvm
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.runner import PyRunner
+    from tvm.s_tir.meta_schedule.runner.config import EvaluatorConfig
+    from tvm.s_tir.meta_schedule.runner.local_runner import LocalRunnerFuture
+    from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common, run_evaluator_common
+
+    cfg = EvaluatorConfig._normalized(EvaluatorConfig(number=number, repeat=repeat, min_repeat_ms=min_repeat_ms,
+                                                      enable_cpu_cache_flush=False))
+    fill = tvm.get_global_func("tvm.contrib.random.random_fill_for_measure")
+
+    @derived_object
+    class InProcessRunner(PyRunner):
+        """Measures built candidates in this process with TVM's time evaluator."""
+
+        def run(self, runner_inputs):
+            out = []
+            for ri in runner_inputs:
+                try:
+                    rt = tvm.runtime.load_module(str(ri.artifact_path))
+                    dev = tvm.runtime.device(str(ri.device_type), 0)
+                    args = alloc_argument_common(fill, dev, tuple(a.as_json() for a in ri.args_info), 1)
+                    out.append(LocalRunnerFuture(res=run_evaluator_common(rt, dev, cfg, args), error_message=None))
+                except Exception as e:
+                    out.append(LocalRunnerFuture(res=None, error_message=f"InProcessRunner: {e}"))
+                finally:
+                    try:
+                        os.remove(str(ri.artifact_path))
+                    except OSError:
+                        pass
+            return out
+
+    return InProcessRunner()
+
+
+def _make_progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
+    bar = tqdm(total=total, desc="tuning", unit="trial", disable=not enabled, leave=True)
+
+    @derived_object
+    class ProgressCallback(PyMeasureCallback):
+        """Advances the progress bar by each measured batch and shows the best time per task."""
+
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            bar.update(len(measure_candidates))
+            ok = [float(sum(float(x) for x in r.run_secs) / len(r.run_secs)) for r in runner_results
+                  if r.run_secs is not None and len(r.run_secs)]
+            if ok:
+                bar.set_postfix_str(f"task {task_id}: best {min(ok) * 1e6:.0f} us")
+
+    return ProgressCallback(), bar
+
+
+def fuse_for_tuning(mod, target):
+    """The same preparation compile_relax applies before looking up the database, so workload keys match."""
+    import tvm
+    from tvm import relax
+    from tvm.relax import pipeline as relax_pipeline
+
+    try:
+        dispatch = list(relax_pipeline.library_dispatch_passes(target))
+    except (ValueError, AttributeError):
+        dispatch = []
+    seq = tvm.transform.Sequential([*dispatch, relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                                    relax.transform.FoldConstant(), relax.transform.FuseOps(),
+                                    relax.transform.FuseTIR()])
+    with target, tvm.transform.PassContext(opt_level=3):
+        return seq(mod)
+
+
+def tune(mod, target, tuning: Tuning):
+    """Tune the Relax module's kernels; return (database, TuningSummary). The database may be a temporary one."""
+    import tvm
+    ms = _ms()
+    tuning.validate()
+    t0 = time.perf_counter()
+    work_dir = tuning.db or tempfile.mkdtemp(prefix="graphopt-tune-")
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+    database = ms.database.JSONDatabase(work_dir=work_dir)
+    fused = fuse_for_tuning(mod, target)
+    with target, tvm.transform.PassContext(opt_level=3):
+        tasks = ms.relax_integration.extract_tasks(fused, target)
+    summary = TuningSummary(tasks=len(tasks), db=tuning.db)
+    todo = []
+    for task in tasks:
+        seen = (not tuning.retune) and any(database.has_workload(m) and
+                                          database.get_top_k(database.commit_workload(m), 1) for m in task.dispatched)
+        if seen:
+            summary.tasks_reused += 1
+        else:
+            todo.append(task)
+    if todo:
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            todo, work_dir, seed=tuning.seed, num_threads=1)
+        callback, bar = _make_progress(tuning.trials, tuning.progress)
+        try:
+            ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir,
+                               max_trials_global=tuning.trials, num_trials_per_iter=tuning.trials_per_iter,
+                               builder=_make_builder(), runner=_make_runner(), database=database,
+                               measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), callback])
+        except Exception as e:
+            raise TargetError(f"tuning failed: {type(e).__name__}: {e}") from None
+        finally:
+            summary.trials = bar.n
+            bar.close()
+        summary.tasks_tuned = len(todo)
+    for task in tasks:
+        best = None
+        for m in task.dispatched:
+            if database.has_workload(m):
+                recs = database.get_top_k(database.commit_workload(m), 1)
+                if recs and recs[0].run_secs:
+                    best = float(sum(float(x) for x in recs[0].run_secs) / len(recs[0].run_secs))
+        summary.per_task.append({"task": task.task_name, "weight": int(task.weight),
+                                 "best_us": None if best is None else round(best * 1e6, 2)})
+    summary.seconds = round(time.perf_counter() - t0, 2)
+    return database, summary
