@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -203,7 +204,10 @@ class Graph:
 
     def clone(self) -> "Graph":
         """A deep copy: passes work on clones, so the caller's graph is never mutated."""
-        return Graph(copy.deepcopy(self.gm), list(self.inputs), list(self.outputs), copy.deepcopy(self.meta))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's pytree specs warn when deep-copied
+            gm = copy.deepcopy(self.gm)
+        return Graph(gm, list(self.inputs), list(self.outputs), copy.deepcopy(self.meta))
 
     # ---- running ------------------------------------------------------------------------------------------
     def check_inputs(self, inputs: Sequence[Any]) -> list[torch.Tensor]:

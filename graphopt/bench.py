@@ -1,0 +1,135 @@
+"""Measure an artifact against ONNX Runtime and PyTorch in one process with one thread count; fidelity metrics."""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from graphopt.ir.graph import Graph
+
+
+def set_threads(n: int) -> None:
+    """Same thread count for every runtime: torch, TVM (env read at pool start) and ORT (per session)."""
+    torch.set_num_threads(n)
+    os.environ["TVM_NUM_THREADS"] = str(n)
+    os.environ["OMP_NUM_THREADS"] = str(n)
+
+
+def median_seconds(fn: Callable[[], Any], warmup: int = 3, runs: int = 20, max_seconds: float = 20.0) -> float:
+    """Median wall time of fn() after warm-up; stops early (keeping >= 3 runs) if it would take too long."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+        if len(times) >= 3 and time.perf_counter() - start > max_seconds:
+            break
+    return float(np.median(times))
+
+
+def ort_session(onnx_path: str | Path, threads: int):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+
+
+def _np(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+@dataclass
+class Fidelity:
+    """How close a compressed/compiled model's outputs are to the fp32 reference, over real inputs."""
+
+    samples: int
+    sqnr_db: float
+    max_abs_err: float
+    cosine: float
+    top1: float | None = None
+    top5: float | None = None
+    kl: float | None = None
+
+    def to_json(self) -> dict:
+        return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in self.__dict__.items()}
+
+
+def fidelity(refs: Sequence[np.ndarray], outs: Sequence[np.ndarray]) -> Fidelity:
+    """Compare first outputs batch by batch; classification metrics when outputs look like logits [N, C>=10]."""
+    refs = [np.asarray(r, dtype=np.float64) for r in refs]
+    outs = [np.asarray(o, dtype=np.float64) for o in outs]
+    sig = sum(float((r ** 2).sum()) for r in refs)
+    noise = sum(float(((r - o) ** 2).sum()) for r, o in zip(refs, outs))
+    sqnr = math.inf if noise == 0 else 10 * math.log10(max(sig, 1e-30) / noise)
+    cos = [float((r * o).sum() / (np.linalg.norm(r) * np.linalg.norm(o) + 1e-30)) for r, o in zip(refs, outs)]
+    f = Fidelity(len(refs), sqnr, max(float(np.abs(r - o).max()) for r, o in zip(refs, outs)), float(np.mean(cos)))
+    if refs[0].ndim == 2 and refs[0].shape[1] >= 10:
+        r, o = np.concatenate(refs), np.concatenate(outs)
+        f.top1 = float((r.argmax(1) == o.argmax(1)).mean())
+        top5 = np.argsort(-o, 1)[:, :5]
+        f.top5 = float(np.mean([a in b for a, b in zip(r.argmax(1), top5)]))
+        pr = np.exp(r - r.max(1, keepdims=True))
+        pr /= pr.sum(1, keepdims=True)
+        lo = o - o.max(1, keepdims=True)
+        lo = lo - np.log(np.exp(lo).sum(1, keepdims=True))
+        lr = np.log(np.clip(pr, 1e-30, None))
+        f.kl = float(np.mean((pr * (lr - lo)).sum(1)))
+    return f
+
+
+@dataclass
+class Comparison:
+    """Latencies (median seconds, batch as given) of graphopt vs ONNX Runtime and PyTorch eager."""
+
+    threads: int
+    graphopt_s: float
+    ort_s: float | None = None
+    torch_s: float | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def ratios(self) -> dict[str, float | None]:
+        return {"vs_ort": None if self.ort_s is None else self.graphopt_s / self.ort_s,
+                "vs_torch": None if self.torch_s is None else self.graphopt_s / self.torch_s}
+
+    def to_json(self) -> dict:
+        return {"threads": self.threads, "graphopt_ms": self.graphopt_s * 1e3,
+                "ort_ms": None if self.ort_s is None else self.ort_s * 1e3,
+                "torch_ms": None if self.torch_s is None else self.torch_s * 1e3,
+                **{f"{k}_ms": v * 1e3 for k, v in self.extra.items()},
+                **{f"ratio_{k}": v for k, v in self.ratios().items()}}
+
+
+def reference_onnx(graph: Graph, folder: str | None = None) -> Path:
+    """An fp32 ONNX file of the reference graph for the ORT baseline (exported by graphopt's ONNX target)."""
+    from graphopt.targets.onnx.export import export_onnx
+    folder = folder or tempfile.mkdtemp(prefix="graphopt-ref-")
+    return export_onnx(graph, Path(folder) / "reference.onnx")
+
+
+def compare_latency(artifact, inputs: Sequence[Any], *, threads: int, onnx_path: str | Path | None = None,
+                    torch_fn: Callable[..., Any] | None = None, runs: int = 20) -> Comparison:
+    """Time the compiled artifact, ORT on `onnx_path` and `torch_fn`, on the same inputs, same thread count."""
+    set_threads(threads)
+    np_inputs = [_np(x) for x in inputs]
+    res = Comparison(threads, artifact.latency(*np_inputs, runs=runs))
+    if onnx_path is not None:
+        sess = ort_session(onnx_path, threads)
+        feed = {i.name: a for i, a in zip(sess.get_inputs(), np_inputs)}
+        res.ort_s = median_seconds(lambda: sess.run(None, feed), runs=runs)
+    if torch_fn is not None:
+        t_inputs = [torch.from_numpy(a) for a in np_inputs]
+        with torch.inference_mode():
+            res.torch_s = median_seconds(lambda: torch_fn(*t_inputs), runs=runs)
+    return res

@@ -1,0 +1,313 @@
+"""`graphopt` command line: compile, opt, inspect, run, bench, passes. Errors are one line; -v for more."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+DEFAULT_PIPELINE = "fold-bn,fold-constants,dce"
+
+MODEL_HELP = ("the model: an .onnx file (from either torch exporter), a saved graph (.gopt), or a shipped model "
+              "zoo:mobilenet_v2 | zoo:efficientnet_lite0 | zoo:minilm (needs the [models] extra)")
+
+
+def _add_pm_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pipeline", default=DEFAULT_PIPELINE,
+                   help=f"pass pipeline text, e.g. 'fold-bn,fold-constants', or a .yaml recipe (default: {DEFAULT_PIPELINE})")
+    p.add_argument("--verify-each", action="store_true",
+                   help="after each pass, run the graph against the previous one on the inputs and check the pass's "
+                        "numerical contract; a violation writes a reproducer")
+    p.add_argument("--dump-dir", metavar="DIR", help="write the IR after every pass (numbered files) and reproducers here")
+    p.add_argument("--print-ir-after-all", action="store_true", help="print the IR after every pass (stderr)")
+    p.add_argument("--print-ir-after-change", action="store_true", help="print the IR after passes that changed it")
+    p.add_argument("--strict", action="store_true", help="a pass that changes nothing is an error, not a warning")
+    p.add_argument("--inputs", metavar="NPZ", help="inputs for --verify-each and calibration (.npz, one array per "
+                   "graph input, or b<batch>_<input> keys); default: seeded random inputs")
+    p.add_argument("--seed", type=int, default=0, help="seed for generated inputs and randomized passes (default 0)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="graphopt", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="graphopt: compile compressed neural networks. One IR from pruning and quantization to TVM kernels.",
+        epilog=textwrap.dedent("""\
+            examples:
+              graphopt compile zoo:mobilenet_v2 -o out/mnv2            # trace, optimize, build, report
+              graphopt opt model.onnx --pipeline fold-bn --print-ir-after-change -o model.gopt
+              graphopt inspect model.gopt
+              graphopt run out/mnv2 --input x.npy
+              graphopt passes
+            """))
+    ap.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+    ap.add_argument("--traceback", action="store_true", help="show the full Python traceback on errors")
+    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
+
+    c = sub.add_parser("compile", help="optimize and build a deployable artifact", description=(
+        "Optimize MODEL with the pipeline and build an artifact folder: model.so + manifest.json for llvm "
+        "(loadable with graphopt.load or the TVM runtime), model.onnx or model.pt2 for the export targets. "
+        "Then print a report: per-pass changes, size, fidelity against fp32 and latency against ONNX Runtime and "
+        "PyTorch."))
+    c.add_argument("model", help=MODEL_HELP)
+    c.add_argument("-o", "--output", required=True, help="artifact folder (replaced atomically if it is an earlier "
+                   "graphopt artifact; any other existing non-empty folder is refused)")
+    c.add_argument("--target", default="llvm", choices=["llvm", "onnx", "pt2"],
+                   help="llvm: TVM build for this CPU (default); onnx: ONNX export; pt2: torch.export archive")
+    c.add_argument("--tune-trials", type=int, metavar="N", help="MetaSchedule trials in total (default: no tuning)")
+    c.add_argument("--tune-db", metavar="DIR", help="existing folder for the tuning database, reused across runs")
+    c.add_argument("--no-report", action="store_true", help="skip fidelity and latency measurement")
+    c.add_argument("--threads", type=int, default=None, help="threads for every runtime in the report (default: cores)")
+    _add_pm_options(c)
+
+    o = sub.add_parser("opt", help="run a pass pipeline: model in, model out (like mlir-opt)", description=(
+        "Run the pipeline over MODEL and write the result (.gopt graph, or .onnx). Use the instruments to see what "
+        "each pass did and which pass broke the numerics."))
+    o.add_argument("model", help=MODEL_HELP)
+    o.add_argument("-o", "--output", required=True, help="output file: .gopt (graphopt graph) or .onnx")
+    _add_pm_options(o)
+
+    i = sub.add_parser("inspect", help="print a model's inputs, outputs, statistics and IR")
+    i.add_argument("model", help=MODEL_HELP + "; or an artifact folder (prints its manifest)")
+    i.add_argument("--ir", action="store_true", help="print the whole IR")
+
+    r = sub.add_parser("run", help="run a compiled artifact on .npy inputs")
+    r.add_argument("artifact", help="artifact folder written by graphopt compile")
+    r.add_argument("--input", action="append", default=[], metavar="NPY", help="one .npy per model input, in order")
+    r.add_argument("-o", "--output", help="write the outputs to this .npz (default: print a summary)")
+
+    b = sub.add_parser("bench", help="time an artifact against ONNX Runtime and PyTorch on the same inputs")
+    b.add_argument("artifact", help="artifact folder written by graphopt compile --target llvm")
+    b.add_argument("--model", help="the original model (" + MODEL_HELP + ") for the ORT and PyTorch baselines")
+    b.add_argument("--threads", type=int, default=None, help="threads for every runtime (default: cores)")
+    b.add_argument("--runs", type=int, default=20, help="timed runs after warm-up; the median is reported")
+    b.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+
+    sub.add_parser("passes", help="list every pass with its options and defaults")
+    return ap
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("graphopt: %(levelname)s: %(message)s"))
+    root = logging.getLogger("graphopt")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+    logging.getLogger("tvm").setLevel(logging.WARNING if verbose < 2 else logging.DEBUG)
+
+
+def _data(args, graph):
+    if not getattr(args, "inputs", None):
+        return None
+    from graphopt.pm.instruments import load_inputs_npz
+    return load_inputs_npz(args.inputs, graph)
+
+
+def _optimize(args, graph):
+    from graphopt.api import optimize
+    return optimize(graph, args.pipeline, data=_data(args, graph), verify=args.verify_each, dump_dir=args.dump_dir,
+                    strict=args.strict, print_ir_after_all=args.print_ir_after_all,
+                    print_ir_after_change=args.print_ir_after_change, seed=args.seed)
+
+
+def cmd_compile(args) -> int:
+    from graphopt.api import compile as compile_graph
+    from graphopt.api import load_model
+    from graphopt.targets.tvm.host import host_cores
+    from graphopt.targets.tvm.tuning import Tuning
+
+    threads = args.threads or host_cores()
+    os.environ.setdefault("TVM_NUM_THREADS", str(threads))
+    tuning = None
+    if args.tune_trials is not None or args.tune_db:
+        tuning = Tuning(trials=args.tune_trials or 64, db=args.tune_db)
+        tuning.validate()
+    graph = load_model(args.model)
+    optimized = _optimize(args, graph)
+    out = compile_graph(optimized, args.target, tuning, args.output)
+    if args.target != "llvm" or args.no_report:
+        print(f"wrote {out}")
+        return 0
+    from graphopt.report import compile_report, write_report
+    from graphopt.runtime import load
+    art = load(out)
+    fid, lat, source = _measure(args.model, graph, art, threads)
+    text = compile_report(graph, optimized, Path(out), art.manifest, fid, lat, source)
+    write_report(Path(out), {"fidelity": fid, "latency": lat, "manifest": art.manifest}, text)
+    print(text, end="")
+    return 0
+
+
+def _measure(model: str, graph, art, threads: int):
+    """Fidelity on real inputs (shipped photos/sentences for zoo models) and latency vs ORT and PyTorch."""
+    from graphopt.bench import compare_latency, fidelity, reference_onnx, set_threads
+    set_threads(threads)
+    torch_fn = None
+    if model.startswith("zoo:"):
+        from graphopt.zoo import eval_inputs, zoo_entry
+        name = model[4:]
+        inputs = eval_inputs(name)
+        source = "shipped photo crops" if zoo_entry(name).kind == "image" else "sentences"
+        torch_fn = zoo_entry(name).build()
+    else:
+        inputs = [graph.example_inputs(seed=s) for s in range(3)]
+        source = "random inputs"
+        torch_fn = graph.gm
+    refs = [graph.run(*b)[0].numpy() for b in inputs]
+    outs = [art(*[x.numpy() for x in b])[0] for b in inputs]
+    fid = fidelity(refs, outs).to_json()
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = model if model.endswith(".onnx") else reference_onnx(graph, tmp)
+        lat = compare_latency(art, inputs[0], threads=threads, onnx_path=onnx_path, torch_fn=torch_fn).to_json()
+    return fid, lat, source
+
+
+def cmd_opt(args) -> int:
+    from graphopt.api import load_model
+    graph = load_model(args.model)
+    out = _optimize(args, graph)
+    dest = Path(args.output)
+    if dest.suffix == ".onnx":
+        from graphopt.targets.onnx.export import export_onnx
+        export_onnx(out, dest)
+    elif dest.suffix == ".gopt":
+        out.save(dest)
+    else:
+        from graphopt.errors import GraphoptError
+        raise GraphoptError(f"output '{dest}' must end in .gopt or .onnx")
+    s0, s1 = graph.stats(), out.stats()
+    print(f"wrote {dest}: {s0.nodes} -> {s1.nodes} ops, params {s0.params} -> {s1.params}, "
+          f"MACs {s0.macs} -> {s1.macs}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from graphopt.ir.stats import human
+    if Path(args.model).is_dir():
+        from graphopt.targets.artifact import read_manifest
+        print(json.dumps(read_manifest(args.model), indent=1))
+        return 0
+    from graphopt.api import load_model
+    g = load_model(args.model)
+    s = g.stats()
+    print(f"model    {args.model}")
+    for spec in g.inputs:
+        print(f"input    {spec}")
+    for spec in g.outputs:
+        print(f"output   {spec}")
+    print(f"params   {human(s.params)} ({human(s.bytes, 'B')})   MACs {human(s.macs)}   ops {s.nodes}")
+    print("op counts: " + ", ".join(f"{k} x{v}" for k, v in s.ops.most_common()))
+    if g.meta.get("pipeline"):
+        print(f"pipeline {g.meta['pipeline']}")
+    if args.ir:
+        print(g.text(), end="")
+    return 0
+
+
+def cmd_run(args) -> int:
+    import numpy as np
+
+    from graphopt.errors import InputMismatchError
+    from graphopt.runtime import load
+    art = load(args.artifact)
+    arrays = []
+    for p in args.input:
+        try:
+            arrays.append(np.load(p, allow_pickle=False))
+        except Exception as e:
+            raise InputMismatchError(f"cannot read input '{p}': {e}") from None
+    outs = art(*arrays)
+    if args.output:
+        from graphopt.ir.files import atomic_file
+        with atomic_file(args.output) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **{spec["name"]: o for spec, o in zip(art.outputs, outs)})
+        print(f"wrote {args.output}")
+    else:
+        for spec, o in zip(art.outputs, outs):
+            flat = o.reshape(-1)
+            extra = f" argmax={int(o.reshape(o.shape[0], -1)[0].argmax())}" if o.ndim == 2 else ""
+            print(f"{spec['name']}: {o.dtype}{list(o.shape)} first={flat[:5].tolist()}{extra}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from graphopt.bench import compare_latency, reference_onnx, set_threads
+    from graphopt.runtime import load
+    from graphopt.targets.tvm.host import host_cores
+    threads = args.threads or host_cores()
+    set_threads(threads)
+    art = load(args.artifact)
+    import torch
+
+    from graphopt.ir.graph import DTYPES
+    inputs = [torch.zeros(s["shape"], dtype=DTYPES[s["dtype"]]) if not DTYPES[s["dtype"]].is_floating_point
+              else torch.randn(s["shape"]) for s in art.inputs]
+    onnx_path, torch_fn, tmp = None, None, tempfile.mkdtemp(prefix="graphopt-bench-")
+    if args.model:
+        from graphopt.api import load_model
+        graph = load_model(args.model)
+        onnx_path = args.model if args.model.endswith(".onnx") else reference_onnx(graph, tmp)
+        torch_fn = graph.gm
+        if args.model.startswith("zoo:"):
+            from graphopt.zoo import zoo_entry
+            torch_fn = zoo_entry(args.model[4:]).build()
+    res = compare_latency(art, inputs, threads=threads, onnx_path=onnx_path, torch_fn=torch_fn, runs=args.runs)
+    d = res.to_json()
+    print(f"{'runtime':<14} {'median ms':>10} {'graphopt / it':>14}   ({threads} threads, {args.runs} runs)")
+    print(f"{'graphopt':<14} {d['graphopt_ms']:>10.3f} {1.0:>14.2f}")
+    if d["ort_ms"] is not None:
+        print(f"{'ONNX Runtime':<14} {d['ort_ms']:>10.3f} {d['ratio_vs_ort']:>14.2f}")
+    if d["torch_ms"] is not None:
+        print(f"{'PyTorch eager':<14} {d['torch_ms']:>10.3f} {d['ratio_vs_torch']:>14.2f}")
+    if args.json:
+        from graphopt.ir.files import atomic_write_bytes
+        atomic_write_bytes(args.json, json.dumps(d, indent=1).encode())
+    return 0
+
+
+def cmd_passes(args) -> int:
+    from graphopt.pm.registry import describe_options, registered_passes
+    for name, cls in registered_passes().items():
+        print(f"{name}  [{cls.contract.value}]")
+        print(f"    {cls.summary}")
+        opts = describe_options(cls.Options)
+        if not opts:
+            print("    options: none")
+        for oname, otype, default, help_ in opts:
+            print(f"    {oname}: {otype} = {default}" + (f"  -- {help_}" if help_ else ""))
+    return 0
+
+
+COMMANDS = {"compile": cmd_compile, "opt": cmd_opt, "inspect": cmd_inspect, "run": cmd_run, "bench": cmd_bench,
+            "passes": cmd_passes}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = _parser()
+    args = ap.parse_args(argv)
+    if not args.cmd:
+        ap.print_help()
+        return 2
+    _setup_logging(args.verbose)
+    from graphopt.errors import GraphoptError
+    try:
+        return COMMANDS[args.cmd](args)
+    except GraphoptError as e:
+        if args.traceback or os.environ.get("GRAPHOPT_TRACEBACK"):
+            raise
+        msg = str(e).rstrip()
+        print(f"graphopt: error: {msg}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("graphopt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

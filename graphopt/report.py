@@ -1,0 +1,79 @@
+"""The readable report printed after every compile: what each pass did, size, fidelity and speed vs baselines."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from graphopt.ir.files import atomic_write_bytes
+from graphopt.ir.graph import Graph
+from graphopt.ir.stats import human
+
+
+def _fmt_ms(s: float | None) -> str:
+    return "n/a" if s is None else f"{s * 1e3:.2f} ms"
+
+
+def pass_table(history: Sequence[dict[str, Any]]) -> str:
+    rows = [f"  {'#':>2}  {'pass':<22} {'changed':<7} {'time':>7}  {'Δparams':>9} {'ΔMACs':>9}  note"]
+    for r in history:
+        d_params = r["after"]["params"] - r["before"]["params"]
+        d_macs = r["after"]["macs"] - r["before"]["macs"]
+        note = r.get("reason") or ", ".join(f"{k}={v}" for k, v in r.get("stats", {}).items()
+                                            if isinstance(v, (int, float)))
+        if r.get("verify"):
+            v = r["verify"]["step"]
+            note += f"; verify: max|err| {v['max_abs_err']:.2g}"
+        rows.append(f"  {r['index']:>2}  {r['pipeline'][:22]:<22} {'yes' if r['changed'] else 'no':<7} "
+                    f"{r['seconds']:>6.2f}s  {human(d_params):>9} {human(d_macs):>9}  {note}")
+    return "\n".join(rows)
+
+
+def compile_report(reference: Graph, optimized: Graph, artifact: Path, manifest: dict[str, Any],
+                   fidelity: dict | None, latency: dict | None, fidelity_source: str = "") -> str:
+    """The text report; also written as report.json beside the artifact."""
+    before, after = reference.stats(), optimized.stats()
+    size = sum(p.stat().st_size for p in Path(artifact).iterdir() if p.is_file())
+    tinfo = manifest.get("target_info", {})
+    lines = [
+        f"graphopt compile report: {reference.meta.get('source') or 'model'} -> {artifact}",
+        f"  target     {tinfo.get('kind', manifest.get('target'))} (mcpu={tinfo.get('mcpu', '-')}, "
+        f"cores={tinfo.get('num_cores', '-')})",
+        f"  pipeline   {optimized.meta.get('pipeline') or '(none)'}",
+    ]
+    if optimized.meta.get("history"):
+        lines += ["  passes", pass_table(optimized.meta["history"])]
+    lines += [
+        f"  params     {human(before.params)} -> {human(after.params)}",
+        f"  MACs       {human(before.macs)} -> {human(after.macs)}",
+        f"  weights    {human(before.bytes, 'B')} -> {human(after.bytes, 'B')}",
+        f"  artifact   {human(size, 'B')} in {artifact} (build {manifest.get('build_seconds', 0):.1f} s)",
+    ]
+    tuning = manifest.get("tuning")
+    if tuning:
+        lines.append(f"  tuning     {tuning.get('trials', 0)} trials over {tuning.get('tasks_tuned', 0)} task(s), "
+                     f"{tuning.get('tasks_reused', 0)} reused from the database, {tuning.get('seconds', 0):.0f} s")
+    else:
+        lines.append("  tuning     none (use --tune-trials N [--tune-db DIR] for faster kernels)")
+    if fidelity:
+        parts = []
+        if fidelity.get("top1") is not None:
+            parts += [f"top-1 {fidelity['top1'] * 100:.1f}%", f"top-5 {fidelity['top5'] * 100:.1f}%",
+                      f"KL {fidelity['kl']:.2g}"]
+        sq = fidelity.get("sqnr_db")
+        parts += [f"cosine {fidelity['cosine']:.5f}", f"SQNR {'inf' if sq is None else f'{sq:.1f}'} dB"]
+        lines.append(f"  fidelity   vs fp32 on {fidelity['samples']} {fidelity_source or 'inputs'}: "
+                     + ", ".join(parts))
+    if latency:
+        g = latency["graphopt_ms"] / 1e3
+        parts = [f"graphopt {_fmt_ms(g)}"]
+        for key, label in (("ort_ms", "ONNX Runtime"), ("torch_ms", "PyTorch")):
+            if latency.get(key):
+                parts.append(f"{label} {_fmt_ms(latency[key] / 1e3)} (graphopt is {g / (latency[key] / 1e3):.2f}x its time)")
+        lines.append(f"  latency    median, {latency['threads']} thread(s): " + " | ".join(parts))
+    return "\n".join(lines) + "\n"
+
+
+def write_report(artifact: Path, data: dict[str, Any], text: str) -> None:
+    atomic_write_bytes(Path(artifact) / "report.json", json.dumps(data, indent=1, default=str).encode())
+    atomic_write_bytes(Path(artifact) / "report.txt", text.encode())
