@@ -250,7 +250,9 @@ class Graph:
     def to_exported_program(self) -> torch.export.ExportedProgram:
         """Re-export (parameters lifted again) for consumers that take an ExportedProgram: TVM, ONNX, .pt2."""
         example = tuple(torch.zeros(s.shape, dtype=DTYPES[s.dtype]) for s in self.inputs)
-        return torch.export.export(self.gm, example, strict=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's pytree specs warn when deep-copied
+            return torch.export.export(self.gm, example, strict=False)
 
     # ---- views --------------------------------------------------------------------------------------------
     def text(self) -> str:

@@ -120,19 +120,21 @@ def _make_progress(total: int, enabled: bool):
     from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 
     bar = tqdm(total=total, desc="tuning", unit="trial", disable=not enabled, leave=True)
+    counts = {"trials": 0}
 
     @derived_object
     class ProgressCallback(PyMeasureCallback):
         """Advances the progress bar by each measured batch and shows the best time per task."""
 
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            counts["trials"] += len(measure_candidates)
             bar.update(len(measure_candidates))
             ok = [float(sum(float(x) for x in r.run_secs) / len(r.run_secs)) for r in runner_results
                   if r.run_secs is not None and len(r.run_secs)]
             if ok:
                 bar.set_postfix_str(f"task {task_id}: best {min(ok) * 1e6:.0f} us")
 
-    return ProgressCallback(), bar
+    return ProgressCallback(), bar, counts
 
 
 def fuse_for_tuning(mod, target):
@@ -155,6 +157,9 @@ def fuse_for_tuning(mod, target):
 def tune(mod, target, tuning: Tuning):
     """Tune the Relax module's kernels; return (database, TuningSummary). The database may be a temporary one."""
     import tvm
+
+    from graphopt.targets.tvm.fast_import import import_tensor_intrinsics
+    import_tensor_intrinsics()
     ms = _ms()
     tuning.validate()
     t0 = time.perf_counter()
@@ -174,9 +179,13 @@ def tune(mod, target, tuning: Tuning):
         else:
             todo.append(task)
     if todo:
+        # a population sized to the budget: the default 512 spends minutes evolving candidates never measured
+        population = int(min(512, max(32, 4 * tuning.trials_per_iter)))
+        strategy = ms.search_strategy.EvolutionarySearch(population_size=population,
+                                                         init_min_unmeasured=min(50, population // 2))
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-            todo, work_dir, seed=tuning.seed, num_threads=1)
-        callback, bar = _make_progress(tuning.trials, tuning.progress)
+            todo, work_dir, strategy=strategy, seed=tuning.seed, num_threads=1)
+        callback, bar, counts = _make_progress(tuning.trials, tuning.progress)
         try:
             ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir,
                                max_trials_global=tuning.trials, num_trials_per_iter=tuning.trials_per_iter,
@@ -185,7 +194,7 @@ def tune(mod, target, tuning: Tuning):
         except Exception as e:
             raise TargetError(f"tuning failed: {type(e).__name__}: {e}") from None
         finally:
-            summary.trials = bar.n
+            summary.trials = counts["trials"]
             bar.close()
         summary.tasks_tuned = len(todo)
     for task in tasks:

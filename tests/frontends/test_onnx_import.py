@@ -1,0 +1,105 @@
+"""ONNX import: files from both torch exporters (incl. dynamic Pad/ConstantOfShape), bad files, unknown ops."""
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto, helper
+from torch import nn
+
+import graphopt
+from graphopt.errors import ModelFileError, UnsupportedOpError
+
+
+class ShapeDependent(nn.Module):
+    """Padding computed from the input's shape: the classic exporter emits Shape/Gather/ConstantOfShape/dynamic Pad."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+        self.ln = nn.LayerNorm(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        w = x.shape[-1]
+        x = F.pad(x, (0, (4 - w % 4) % 4 + 1, 1, 0))
+        y = torch.relu(self.bn(self.conv(x)))
+        y = F.max_pool2d(y, 2)
+        z = self.ln(y.flatten(2).transpose(1, 2))
+        att = torch.softmax(z @ z.transpose(1, 2) / 8 ** 0.5, -1) @ z
+        return self.fc(att.mean(1)), torch.sigmoid(y[:, :4]).sum((2, 3))
+
+
+def export(model, x, path, dynamo: bool):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        if dynamo:
+            torch.onnx.export(model, (x,), str(path), dynamo=True, input_names=["x"])
+        else:
+            torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["x"], opset_version=13)
+    return path
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["classic-exporter", "dynamo-exporter"])
+def test_import_matches_onnxruntime(tmp_path, dynamo):
+    torch.manual_seed(0)
+    model = ShapeDependent().eval()
+    x = torch.randn(2, 3, 15, 15)
+    path = export(model, x, tmp_path / "m.onnx", dynamo)
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    if not dynamo:
+        assert {"Shape", "Pad"} <= ops  # the file really has shape-dependent padding
+    g = graphopt.load_onnx(path)
+    ref = ort.InferenceSession(str(path)).run(None, {"x": x.numpy()})
+    outs = g.run(x)
+    assert len(outs) == 2
+    for o, r in zip(outs, ref):
+        np.testing.assert_allclose(o.numpy(), r, rtol=1e-4, atol=1e-5)
+    # the imported graph is ATen-level and compiles like a traced one
+    assert any("conv2d" in str(n.target) for n in g.graph.nodes)
+
+
+def test_corrupt_and_truncated_files(tmp_path):
+    model = ShapeDependent().eval()
+    path = export(model, torch.randn(1, 3, 8, 8), tmp_path / "ok.onnx", dynamo=False)
+    data = path.read_bytes()
+    (tmp_path / "trunc.onnx").write_bytes(data[: len(data) // 3])
+    with pytest.raises(ModelFileError, match="trunc.onnx"):
+        graphopt.load_onnx(tmp_path / "trunc.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"\x00\xff" * 100)
+    with pytest.raises(ModelFileError, match="junk.onnx"):
+        graphopt.load_onnx(tmp_path / "junk.onnx")
+    with pytest.raises(ModelFileError, match="does not exist"):
+        graphopt.load_onnx(tmp_path / "nope.onnx")
+
+
+def _single_op_model(op_type: str, domain: str = "", **attrs) -> onnx.ModelProto:
+    node = helper.make_node(op_type, ["x"], ["y"], name="mystery_node", domain=domain, **attrs)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+def test_unknown_op_names_node_and_op(tmp_path):
+    path = tmp_path / "u.onnx"
+    onnx.save(_single_op_model("Hardmax"), str(path))
+    with pytest.raises(UnsupportedOpError) as e:
+        graphopt.load_onnx(path)
+    assert e.value.node == "mystery_node" and e.value.op == "Hardmax"
+    assert "supported:" in str(e.value)
+
+
+def test_custom_domain_op_is_unsupported(tmp_path):
+    path = tmp_path / "c.onnx"
+    onnx.save(_single_op_model("FusedThing", domain="com.example"), str(path))
+    with pytest.raises(UnsupportedOpError, match="com.example.FusedThing"):
+        graphopt.load_onnx(path)

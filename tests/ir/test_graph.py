@@ -1,0 +1,140 @@
+"""The Graph IR: tracing, text, diff, running, statistics, and safe save/load."""
+from __future__ import annotations
+
+import io
+import zipfile
+
+import pytest
+import torch
+from torch import nn
+
+import graphopt
+from graphopt.errors import InputMismatchError, ModelFileError
+from graphopt.ir import Graph, graph_diff
+
+
+def test_trace_runs_like_eager_and_keeps_params_as_attributes(cnn_graph):
+    g, model, x = cnn_graph
+    assert g.inputs[0].shape == (1, 3, 16, 16) and g.inputs[0].dtype == "float32"
+    assert g.outputs[0].shape == (1, 10)
+    torch.testing.assert_close(g.run(x)[0], model(x), rtol=0, atol=0)
+    params = g.params()
+    assert any(t.shape == (8, 3, 3, 3) for t in params.values())
+    assert all(n.op != "placeholder" or n.name == "x" for n in g.graph.nodes)
+
+
+def test_model_is_not_modified_by_trace(cnn):
+    model, x = cnn
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    graphopt.trace(model, (x,))
+    assert model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_text_is_stable_and_readable(cnn_graph):
+    g, _, _ = cnn_graph
+    t1, t2 = g.text(), g.clone().text()
+    assert t1 == t2
+    assert "aten.conv2d.default(%x" in t1
+    assert "float32[1,10]" in t1.splitlines()[0]
+
+
+def test_diff_shows_only_the_change(cnn_graph):
+    g, _, _ = cnn_graph
+    assert graph_diff(g, g.clone()) == ""
+    g2 = graphopt.optimize(g, "fold-bn")
+    d = graph_diff(g, g2)
+    assert "-  %batch_norm" in d and "+" in d
+
+
+def test_stats_counts_macs_exactly():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(4, 6, 3, padding=1, groups=2)
+            self.l = nn.Linear(6, 5)
+
+        def forward(self, x):
+            return self.l(self.c(x).mean((2, 3)))
+
+    g = graphopt.trace(M().eval(), (torch.randn(2, 4, 7, 7),))
+    s = g.stats()
+    conv_macs = 2 * 6 * 7 * 7 * (4 // 2) * 3 * 3
+    assert s.macs == conv_macs + 2 * 5 * 6
+    assert s.params == 6 * 2 * 9 + 6 + 5 * 6 + 5
+    assert s.bytes == 4 * s.params
+
+
+def test_input_checks_name_the_input(cnn_graph):
+    g, _, x = cnn_graph
+    with pytest.raises(InputMismatchError, match="input 'x' has shape"):
+        g.run(torch.randn(1, 3, 8, 8))
+    with pytest.raises(InputMismatchError, match="dtype"):
+        g.run(x.double())
+    with pytest.raises(InputMismatchError, match="expected 1 input"):
+        g.run(x, x)
+
+
+def test_save_load_roundtrip(tmp_path, cnn_graph):
+    g, model, x = cnn_graph
+    g.meta["note"] = "kept"
+    path = tmp_path / "m.gopt"
+    g.save(path)
+    g2 = Graph.load(path)
+    assert g2.text() == g.text()
+    assert g2.meta["note"] == "kept"
+    torch.testing.assert_close(g2.run(x)[0], model(x), rtol=0, atol=0)
+
+
+def test_load_rejects_corrupt_and_truncated(tmp_path, cnn_graph):
+    g, _, _ = cnn_graph
+    path = tmp_path / "m.gopt"
+    g.save(path)
+    data = path.read_bytes()
+    (tmp_path / "trunc.gopt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFileError, match="trunc.gopt"):
+        Graph.load(tmp_path / "trunc.gopt")
+    (tmp_path / "junk.gopt").write_bytes(b"not a zip at all")
+    with pytest.raises(ModelFileError, match="junk.gopt"):
+        Graph.load(tmp_path / "junk.gopt")
+    with pytest.raises(ModelFileError, match="does not exist"):
+        Graph.load(tmp_path / "missing.gopt")
+
+
+def test_load_refuses_ops_outside_torch_ops(tmp_path, cnn_graph):
+    """A hostile file cannot name an arbitrary Python callable (e.g. os.system) as an op."""
+    import json
+    g, _, _ = cnn_graph
+    path = tmp_path / "m.gopt"
+    g.save(path)
+    with zipfile.ZipFile(path) as z:
+        files = {n: z.read(n) for n in z.namelist()}
+    doc = json.loads(files["graph.json"])
+    for n in doc["nodes"]:
+        if n["op"] == "call_function":
+            n["target"] = "os.system"
+            break
+    files["graph.json"] = json.dumps(doc).encode()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for k, v in files.items():
+            z.writestr(k, v)
+    (tmp_path / "evil.gopt").write_bytes(buf.getvalue())
+    with pytest.raises(ModelFileError, match="not an allowed torch op"):
+        Graph.load(tmp_path / "evil.gopt")
+
+
+def test_failed_save_leaves_existing_file(tmp_path, cnn_graph, monkeypatch):
+    g, _, _ = cnn_graph
+    path = tmp_path / "m.gopt"
+    path.write_bytes(b"precious")
+    import graphopt.ir.serialize as ser
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(ser, "_enc", boom)
+    with pytest.raises(RuntimeError):
+        g.save(path)
+    assert path.read_bytes() == b"precious"

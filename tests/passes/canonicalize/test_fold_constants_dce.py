@@ -1,0 +1,67 @@
+"""fold-constants and dce: change the graph, keep outputs exact."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import graphopt
+
+
+class ParamMath(nn.Module):
+    """Weight preprocessing inside forward: a constant subgraph that fold-constants precomputes."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 4))
+        self.scale = nn.Parameter(torch.rand(6) + 0.5)
+
+    def forward(self, x):
+        w = (self.w * self.scale[:, None]).t()  # depends only on parameters
+        return x @ w
+
+
+def test_fold_constants_precomputes_parameter_math():
+    torch.manual_seed(0)
+    m = ParamMath().eval()
+    x = torch.randn(2, 4)
+    g = graphopt.trace(m, (x,))
+    n_before = g.stats().nodes
+    out = graphopt.optimize(g, "fold-constants", verify=True)
+    assert out.stats().nodes < n_before
+    ops = {str(n.target) for n in out.graph.nodes if n.op == "call_function"}
+    assert ops == {"aten.matmul.default"}, ops
+    torch.testing.assert_close(out.run(x)[0], m(x), rtol=1e-6, atol=1e-6)
+    assert out.meta["history"][0]["stats"]["folded"] >= 2
+
+
+def test_fold_constants_skips_growing_results():
+    class Expand(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.b = nn.Parameter(torch.randn(1, 8))
+
+        def forward(self, x):
+            return x + self.b.expand(64, 8)
+
+    m = Expand().eval()
+    x = torch.randn(64, 8)
+    out = graphopt.optimize(graphopt.trace(m, (x,)), "fold-constants{max-growth=4}")
+    assert not out.meta["history"][0]["changed"]
+    assert out.meta["history"][0]["stats"]["skipped"]
+    torch.testing.assert_close(out.run(x)[0], m(x))
+
+
+def test_dce_removes_dead_ops_and_unused_params(cnn_graph):
+    g, model, x = cnn_graph
+    # a dead op plus an unread parameter (BN's num_batches_tracked is read by nobody after export)
+    work = g.clone()
+    node = next(n for n in work.graph.nodes if n.op == "placeholder")
+    with work.graph.inserting_after(node):
+        work.graph.call_function(torch.ops.aten.relu.default, (node,))
+    work.refresh()
+    n_params, n_nodes = len(work.params()), work.stats().nodes
+    out = graphopt.optimize(work, "dce", verify=True)
+    assert out.stats().nodes == n_nodes - 1
+    assert len(out.params()) < n_params
+    assert not any("num_batches_tracked" in k for k in out.params())
+    torch.testing.assert_close(out.run(x)[0], model(x), rtol=0, atol=0)

@@ -1,0 +1,121 @@
+"""The pass manager's contract: clones, no-op warnings/--strict, instruments, verify-each and reproducers."""
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import graphopt
+from graphopt.errors import PassFailedError
+from graphopt.pm import Contract, Pass, PassResult, register_pass
+
+
+@register_pass
+class _BreakNumerics(Pass):
+    """Test-only pass: claims to be exact but scales the first weight."""
+    name = "test-break-numerics"
+    summary = "test only"
+    contract = Contract.EXACT
+
+    @dataclass
+    class Options:
+        factor: float = 1.5
+
+    def run(self, graph, ctx):
+        name = next(iter(graph.params()))
+        graph.set_param(name, graph.get_param(name) * self.options.factor)
+        return PassResult(graph, True)
+
+
+@register_pass
+class _Crash(Pass):
+    name = "test-crash"
+    summary = "test only"
+
+    def run(self, graph, ctx):
+        raise ZeroDivisionError("boom")
+
+
+def test_caller_graph_is_never_mutated(cnn_graph):
+    g, _, _ = cnn_graph
+    text = g.text()
+    params = {k: v.clone() for k, v in g.params().items()}
+    out = graphopt.optimize(g, "fold-bn,test-break-numerics{factor=3},dce")
+    assert g.text() == text
+    assert all(torch.equal(params[k], v) for k, v in g.params().items())
+    assert out.text() != text
+
+
+def test_noop_warns_and_strict_fails(cnn_graph, caplog):
+    g, _, _ = cnn_graph
+    g1 = graphopt.optimize(g, "fold-bn")
+    with caplog.at_level(logging.WARNING, logger="graphopt"):
+        graphopt.optimize(g1, "fold-bn")
+    assert "pass 'fold-bn' changed nothing: no batch norm found" in caplog.text
+    with pytest.raises(PassFailedError, match="changed nothing.*--strict"):
+        graphopt.optimize(g1, "fold-bn", strict=True)
+
+
+def test_history_and_pipeline_recorded(cnn_graph):
+    g, _, _ = cnn_graph
+    out = graphopt.optimize(g, "fold-bn,dce", verify=True)
+    assert out.meta["pipeline"] == "fold-bn,dce"
+    rec = out.meta["history"][0]
+    assert rec["name"] == "fold-bn" and rec["changed"] and rec["stats"]["folded"] == 2
+    assert rec["after"]["params"] < rec["before"]["params"]
+    assert rec["verify"]["ok"] and rec["verify"]["step"]["max_abs_err"] < 1e-4
+
+
+def test_dump_dir_one_numbered_file_per_pass(tmp_path, cnn_graph):
+    g, _, _ = cnn_graph
+    graphopt.optimize(g, "fold-bn,fold-constants,dce", dump_dir=tmp_path)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["00-input.ir", "01-fold-bn.ir", "02-fold-constants.ir", "03-dce.ir", "passes.json"]
+    assert "batch_norm" in (tmp_path / "00-input.ir").read_text()
+    assert "-  %batch_norm" in (tmp_path / "01-fold-bn.ir").read_text()
+
+
+def test_print_ir_after_change_only_prints_changed(cnn_graph, capsys):
+    g, _, _ = cnn_graph
+    graphopt.optimize(g, "fold-bn,fold-constants", print_ir_after_change=True)
+    err = capsys.readouterr().err
+    assert "IR after #1 fold-bn" in err and "IR after #2" not in err
+    graphopt.optimize(g, "fold-bn,fold-constants", print_ir_after_all=True)
+    assert "IR after #2 fold-constants (unchanged)" in capsys.readouterr().err
+
+
+def test_verify_each_catches_broken_contract_and_writes_reproducer(tmp_path, cnn_graph):
+    g, _, x = cnn_graph
+    with pytest.raises(PassFailedError, match="#2 'test-break-numerics' broke its exact numerical contract") as e:
+        graphopt.optimize(g, "fold-bn,test-break-numerics", verify=True, dump_dir=tmp_path, data=[(x,)])
+    repro = tmp_path / "reproducer-02-test-break-numerics"
+    assert e.value.reproducer == str(repro)
+    assert {p.name for p in repro.iterdir()} >= {"input.gopt", "pipeline.txt", "inputs.npz", "README.txt"}
+    assert (repro / "pipeline.txt").read_text().strip() == "test-break-numerics"
+    # the reproducer's input is the graph *before* the failing pass (fold-bn already applied)
+    assert "batch_norm" not in graphopt.Graph.load(repro / "input.gopt").text()
+    # and it replays with one command (the registered test pass lives in this process only, so replay in-process)
+    from graphopt.pm.instruments import load_inputs_npz
+    rg = graphopt.Graph.load(repro / "input.gopt")
+    with pytest.raises(PassFailedError, match="broke its exact"):
+        graphopt.optimize(rg, (repro / "pipeline.txt").read_text().strip(), verify=True,
+                          data=load_inputs_npz(repro / "inputs.npz", rg), dump_dir=tmp_path / "again")
+
+
+def test_crash_writes_reproducer(tmp_path, cnn_graph):
+    g, _, _ = cnn_graph
+    with pytest.raises(PassFailedError, match="crashed .ZeroDivisionError: boom") as e:
+        graphopt.optimize(g, "fold-bn,test-crash", dump_dir=tmp_path)
+    assert "Traceback" in (tmp_path / "reproducer-02-test-crash" / "README.txt").read_text()
+    assert e.value.reproducer
+
+
+def test_verify_each_passes_for_exact_passes_on_random_inputs(cnn_graph):
+    g, model, x = cnn_graph
+    out = graphopt.optimize(g, "fold-bn,fold-constants,dce", verify=True)
+    assert all(r["verify"]["ok"] for r in out.meta["history"])
+    torch.testing.assert_close(out.run(x)[0], model(x), rtol=1e-4, atol=1e-5)

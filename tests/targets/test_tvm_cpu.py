@@ -1,0 +1,106 @@
+"""TVM CPU target: build, artifact layout and manifest, load and call, input checks, overwrite rules, tuning."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import graphopt
+from graphopt.errors import ArtifactError, InputMismatchError, TargetError
+from graphopt.targets.tvm.host import cpu_target, host_cpu
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    from conftest import small_cnn
+    model, x = small_cnn()
+    g = graphopt.optimize(graphopt.trace(model, (x,)), "fold-bn,dce")
+    out = graphopt.compile(g, "llvm", output=tmp_path_factory.mktemp("a") / "art")
+    return g, model, x, out
+
+
+def test_target_uses_detected_cpu():
+    t = cpu_target()
+    assert str(t.attrs["mcpu"]) == host_cpu() and int(t.attrs["num-cores"]) >= 1
+
+
+def test_artifact_runs_and_matches_reference(built):
+    g, model, x, out = built
+    assert {p.name for p in out.iterdir()} == {"model.so", "manifest.json", "graph.ir"}
+    m = graphopt.load(out)
+    y = m(x.numpy())
+    assert isinstance(y, tuple) and y[0].shape == (1, 10)
+    np.testing.assert_allclose(y[0], model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+    assert m.latency(x.numpy(), warmup=1, runs=3) > 0
+
+
+def test_manifest_records_what_a_deployer_needs(built):
+    g, _, _, out = built
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["inputs"] == [{"name": "x", "shape": [1, 3, 16, 16], "dtype": "float32"}]
+    assert man["outputs"][0]["shape"] == [1, 10]
+    assert man["pipeline"] == "fold-bn,dce"
+    assert [p["name"] for p in man["passes"]] == ["fold-bn", "dce"]
+    assert man["target_info"]["mcpu"] == host_cpu()
+    assert man["versions"]["apache-tvm"].startswith("0.27")
+    assert man["files"]["model.so"]["bytes"] > 1000 and len(man["files"]["model.so"]["sha256"]) == 64
+    assert man["stats"]["params"] == g.stats().params
+
+
+def test_wrong_inputs_are_clear_errors(built):
+    _, _, x, out = built
+    m = graphopt.load(out)
+    with pytest.raises(InputMismatchError, match="input 'x' has shape \\[1, 3, 8, 8\\], expected \\[1, 3, 16, 16\\]"):
+        m(np.zeros((1, 3, 8, 8), np.float32))
+    with pytest.raises(InputMismatchError, match="dtype float64, expected float32"):
+        m(np.zeros((1, 3, 16, 16)))
+    with pytest.raises(InputMismatchError, match="expected 1 input"):
+        m()
+
+
+def test_output_overwrite_rules(tmp_path, built):
+    g, _, _, out = built
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(ArtifactError, match="refusing to overwrite"):
+        graphopt.compile(g, "llvm", output=foreign)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    # an earlier artifact is replaced as a whole
+    again = graphopt.compile(g, "llvm", output=tmp_path / "art")
+    again = graphopt.compile(g, "llvm", output=again)
+    assert (again / "model.so").exists() and not list(tmp_path.glob(".art*"))
+
+
+def test_load_rejects_non_artifact(tmp_path):
+    with pytest.raises(ArtifactError, match="no manifest.json"):
+        graphopt.load(tmp_path)
+
+
+def test_missing_tuning_db_is_an_error(tmp_path, built):
+    g, _, _, _ = built
+    with pytest.raises(TargetError, match="does not exist; create it"):
+        graphopt.compile(g, "llvm", tuning=graphopt.Tuning(trials=2, db=str(tmp_path / "nope")), output=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.tuning
+def test_tuning_with_database_reuse(tmp_path):
+    """A handful of trials: tuned artifact is correct; a second run reuses every tuned workload."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).eval()
+    x = torch.randn(4, 32)
+    g = graphopt.trace(model, (x,))
+    db = tmp_path / "db"
+    db.mkdir()
+    tuning = graphopt.Tuning(trials=4, trials_per_iter=2, db=str(db), progress=False)
+    out = graphopt.compile(g, "llvm", tuning=tuning, output=tmp_path / "t1")
+    np.testing.assert_allclose(graphopt.load(out)(x.numpy())[0], model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+    first = json.loads((out / "manifest.json").read_text())["tuning"]
+    assert first["trials"] >= 1 and first["tasks_tuned"] >= 1
+    assert (db / "database_tuning_record.json").stat().st_size > 0
+    out2 = graphopt.compile(g, "llvm", tuning=tuning, output=tmp_path / "t2")
+    second = json.loads((out2 / "manifest.json").read_text())["tuning"]
+    assert second["tasks_reused"] >= 1 and second["trials"] <= first["trials"]
