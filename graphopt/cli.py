@@ -108,6 +108,14 @@ def _data(args, graph):
     return load_inputs_npz(args.inputs, graph)
 
 
+def _refuse_overwriting_model(args) -> None:
+    from graphopt.errors import GraphoptError
+    model, out = Path(args.model), Path(args.output)
+    if not args.model.startswith("zoo:") and model.exists() and out.exists() and out.resolve() == model.resolve():
+        raise GraphoptError(f"output '{out}' is the input model; graphopt never overwrites what you gave it: "
+                            "choose another -o")
+
+
 def _optimize(args, graph):
     from graphopt.api import optimize
     return optimize(graph, args.pipeline, data=_data(args, graph), verify=args.verify_each, dump_dir=args.dump_dir,
@@ -127,6 +135,7 @@ def cmd_compile(args) -> int:
     if args.tune_trials is not None or args.tune_db:
         tuning = Tuning(trials=args.tune_trials or 64, db=args.tune_db)
         tuning.validate()
+    _refuse_overwriting_model(args)
     graph = load_model(args.model)
     optimized = _optimize(args, graph)
     out = compile_graph(optimized, args.target, tuning, args.output)
@@ -169,6 +178,7 @@ def _measure(model: str, graph, art, threads: int):
 
 def cmd_opt(args) -> int:
     from graphopt.api import load_model
+    _refuse_overwriting_model(args)
     graph = load_model(args.model)
     out = _optimize(args, graph)
     dest = Path(args.output)

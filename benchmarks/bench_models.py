@@ -1,0 +1,100 @@
+"""Benchmark: graphopt (untuned and tuned) vs ONNX Runtime fp32 and PyTorch eager, batch 1, one process run.
+
+Prints a table and writes JSON. Same thread count for every runtime; medians after warm-up; ratios are
+graphopt time / baseline time (below 1.0 means graphopt is faster).
+
+    python benchmarks/bench_models.py --threads 2 --trials 64 --out benchmarks/results/latest.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="mobilenet_v2,efficientnet_lite0,minilm", help="comma-separated zoo names")
+    ap.add_argument("--threads", type=int, default=2, help="threads for every runtime (default 2)")
+    ap.add_argument("--trials", type=int, default=64, help="MetaSchedule trials per model for the tuned row (0: skip)")
+    ap.add_argument("--tune-db", default=None, help="tuning database folder to reuse (default: a fresh temporary one)")
+    ap.add_argument("--runs", type=int, default=30, help="timed runs per measurement (median reported)")
+    ap.add_argument("--pipeline", default="fold-bn,fold-constants,dce")
+    ap.add_argument("--out", default="benchmarks/results/latest.json", help="JSON output path")
+    args = ap.parse_args(argv)
+
+    from graphopt.bench import set_threads
+    set_threads(args.threads)  # before TVM's thread pool starts
+
+    import graphopt
+    from graphopt.bench import compare_latency, fidelity, reference_onnx
+    from graphopt.ir.files import atomic_write_bytes
+    from graphopt.ir.stats import human
+    from graphopt.targets.artifact import versions
+    from graphopt.targets.tvm.host import host_cpu
+    from graphopt.zoo import eval_inputs, zoo_entry, zoo_graph
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    work = Path(tempfile.mkdtemp(prefix="graphopt-bench-"))
+    db = args.tune_db
+    if args.trials and db is None:
+        db = str(work / "tunedb")
+        os.makedirs(db)
+    rows = []
+    for name in args.models.split(","):
+        t0 = time.perf_counter()
+        entry = zoo_entry(name)
+        graph = zoo_graph(name)
+        opt = graphopt.optimize(graph, args.pipeline)
+        module = entry.build()
+        inputs = eval_inputs(name)
+        refs = [graph.run(*b)[0].numpy() for b in inputs]
+        onnx_path = reference_onnx(graph, str(work / name))
+        row = {"model": name, "params": graph.stats().params, "macs": graph.stats().macs, "pipeline": args.pipeline}
+        variants = [("untuned", None)]
+        if args.trials:
+            variants.append((f"tuned-{args.trials}", graphopt.Tuning(trials=args.trials, db=db)))
+        for label, tuning in variants:
+            tb = time.perf_counter()
+            out = graphopt.compile(opt, "llvm", tuning=tuning, output=work / f"{name}-{label}")
+            build_s = time.perf_counter() - tb
+            art = graphopt.load(out)
+            fid = fidelity(refs, [art(*[x.numpy() for x in b])[0] for b in inputs]).to_json()
+            lat = compare_latency(art, inputs[0], threads=args.threads, onnx_path=onnx_path, torch_fn=module,
+                                  runs=args.runs).to_json()
+            row[label] = {"latency": lat, "fidelity": fid, "build_s": round(build_s, 1),
+                          "artifact_bytes": sum(p.stat().st_size for p in out.iterdir() if p.is_file())}
+            row["ort_ms"], row["torch_ms"] = lat["ort_ms"], lat["torch_ms"]
+            print(f"[{name}] {label}: graphopt {lat['graphopt_ms']:.2f} ms, ORT {lat['ort_ms']:.2f} ms, "
+                  f"PyTorch {lat['torch_ms']:.2f} ms (build {build_s:.0f} s)", file=sys.stderr, flush=True)
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        rows.append(row)
+
+    lines = [f"{'model':<19} {'params':>7} {'MACs':>8} {'ORT fp32':>9} {'PyTorch':>9} "
+             f"{'graphopt':>10} {'vs ORT':>7} {'vs PyT':>7} {'top-1 agr':>9}  variant"]
+    for r in rows:
+        for label in [k for k in r if k.startswith(("untuned", "tuned"))]:
+            v = r[label]
+            lat, fid = v["latency"], v["fidelity"]
+            top1 = f"{fid['top1'] * 100:.1f}%" if fid.get("top1") is not None else f"cos {fid['cosine']:.4f}"
+            lines.append(f"{r['model']:<19} {human(r['params']):>7} {human(r['macs']):>8} {r['ort_ms']:>7.2f}ms "
+                         f"{r['torch_ms']:>7.2f}ms {lat['graphopt_ms']:>8.2f}ms {lat['ratio_vs_ort']:>6.2f}x "
+                         f"{lat['ratio_vs_torch']:>6.2f}x {top1:>9}  {label}")
+    table = "\n".join(lines)
+    print(table)
+    result = {"date": time.strftime("%Y-%m-%d"), "threads": args.threads, "trials": args.trials, "batch": 1,
+              "cpu": host_cpu(), "machine": platform.machine(), "versions": versions(), "rows": rows,
+              "table": table}
+    atomic_write_bytes(args.out, json.dumps(result, indent=1).encode())
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

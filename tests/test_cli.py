@@ -1,0 +1,113 @@
+"""The command line as a user runs it: every subcommand, and one-line errors without tracebacks."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import small_cnn
+
+
+def run_cli(*args, cwd=None):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-m", "graphopt", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def onnx_model(tmp_path_factory):
+    model, x = small_cnn()
+    path = tmp_path_factory.mktemp("m") / "cnn.onnx"
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["x"], opset_version=13,
+                          do_constant_folding=False, training=torch.onnx.TrainingMode.EVAL)
+    return path, model, x
+
+
+def one_line_error(res, *needles):
+    assert res.returncode == 1, res.stdout + res.stderr
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.startswith("graphopt: error:")]
+    assert lines, res.stderr
+    assert "Traceback" not in res.stderr
+    for n in needles:
+        assert n in res.stderr, res.stderr
+
+
+def test_help_explains_every_option():
+    res = run_cli("compile", "--help")
+    assert res.returncode == 0
+    for opt in ("--pipeline", "--target", "--tune-trials", "--tune-db", "--verify-each", "--dump-dir", "--strict",
+                "--print-ir-after-all", "--print-ir-after-change", "--threads", "--no-report"):
+        assert opt in res.stdout
+
+
+def test_passes_lists_options_from_registry():
+    res = run_cli("passes")
+    assert res.returncode == 0
+    assert "fold-bn  [exact]" in res.stdout and "max-growth: float = 4.0" in res.stdout
+
+
+def test_opt_inspect_compile_run_bench(tmp_path, onnx_model):
+    path, model, x = onnx_model
+    res = run_cli("opt", path, "--pipeline", "fold-bn,fold-constants,dce", "--verify-each", "--print-ir-after-change",
+                  "--dump-dir", tmp_path / "dump", "-o", tmp_path / "m.gopt")
+    assert res.returncode == 0, res.stderr
+    assert "IR after #1 fold-bn" in res.stderr
+    assert (tmp_path / "dump" / "01-fold-bn.ir").exists()
+    res = run_cli("inspect", tmp_path / "m.gopt", "--ir")
+    assert res.returncode == 0 and "input    x: float32[1,3,16,16]" in res.stdout
+    assert "pipeline fold-bn,fold-constants,dce" in res.stdout
+    assert "batch_norm" not in res.stdout
+    res = run_cli("compile", tmp_path / "m.gopt", "--pipeline", "dce", "-o", tmp_path / "art")
+    assert res.returncode == 0, res.stderr
+    assert "graphopt compile report" in res.stdout and "latency" in res.stdout and "ONNX Runtime" in res.stdout
+    assert (tmp_path / "art" / "report.json").exists()
+    np.save(tmp_path / "x.npy", x.numpy())
+    res = run_cli("run", tmp_path / "art", "--input", tmp_path / "x.npy", "-o", tmp_path / "y.npz")
+    assert res.returncode == 0, res.stderr
+    y = np.load(tmp_path / "y.npz")
+    np.testing.assert_allclose(list(y.values())[0], model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+    res = run_cli("bench", tmp_path / "art", "--model", path, "--runs", "3", "--json", tmp_path / "b.json")
+    assert res.returncode == 0, res.stderr
+    assert "ONNX Runtime" in res.stdout
+    assert json.loads((tmp_path / "b.json").read_text())["ratio_vs_ort"] > 0
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path, onnx_model):
+    path, _, _ = onnx_model
+    (tmp_path / "bad.onnx").write_bytes(path.read_bytes()[:200])
+    one_line_error(run_cli("inspect", tmp_path / "bad.onnx"), "bad.onnx", "corrupt or truncated")
+    torch.save({"w": torch.ones(1)}, tmp_path / "w.pth")
+    one_line_error(run_cli("inspect", tmp_path / "w.pth"), "never unpickles")
+    one_line_error(run_cli("opt", path, "--pipeline", "fold-bn{", "-o", tmp_path / "o.gopt"), "column 9")
+    one_line_error(run_cli("opt", path, "--pipeline", "fold-bnn", "-o", tmp_path / "o.gopt"), "unknown pass 'fold-bnn'")
+    one_line_error(run_cli("opt", path, "--pipeline", "fold-constants{speed=3}", "-o", tmp_path / "o.gopt"),
+                   "has no option 'speed'")
+    assert not (tmp_path / "o.gopt").exists()
+    one_line_error(run_cli("compile", path, "--tune-trials", "2", "--tune-db", tmp_path / "nodb", "-o", tmp_path / "a"),
+                   "does not exist")
+    # wrong input shape to a compiled artifact
+    assert run_cli("compile", path, "--no-report", "-o", tmp_path / "art").returncode == 0
+    np.save(tmp_path / "small.npy", np.zeros((1, 3, 8, 8), np.float32))
+    one_line_error(run_cli("run", tmp_path / "art", "--input", tmp_path / "small.npy"), "input 'x' has shape")
+
+
+def test_opt_never_overwrites_input_on_failure(tmp_path, onnx_model):
+    path, _, _ = onnx_model
+    original = path.read_bytes()
+    one_line_error(run_cli("opt", path, "--pipeline", "fold-bn", "-o", path), "is the input model")
+    assert path.read_bytes() == original
+    out = tmp_path / "o.gopt"
+    out.write_bytes(b"old")
+    # a pass that crashes or is refused leaves an existing output untouched
+    one_line_error(run_cli("opt", path, "--pipeline", "fold-bn,fold-bn", "--strict", "-o", out), "changed nothing")
+    assert out.read_bytes() == b"old"

@@ -1,0 +1,75 @@
+"""Real pretrained models from the [models] extra: trace, fold, compile, and check fidelity on real inputs."""
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import graphopt
+from conftest import requires_models
+
+pytestmark = [pytest.mark.realmodel, requires_models]
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    from graphopt import zoo as z
+    return z
+
+
+def test_mobilenet_v2_is_really_pretrained(zoo):
+    model = zoo.mobilenet_v2()
+    photos = zoo.photos()
+    with torch.no_grad():
+        cat = int(model(zoo.preprocess(photos["chelsea"])).argmax())
+        coffee = int(model(zoo.preprocess(photos["coffee"])).argmax())
+    assert 281 <= cat <= 285 and coffee == 967
+
+
+def test_mobilenet_v2_fold_compile_fidelity(tmp_path, zoo):
+    g = zoo.zoo_graph("mobilenet_v2")
+    out = graphopt.optimize(g, "fold-bn,fold-constants,dce", verify=True)
+    rec = out.meta["history"][0]
+    assert rec["stats"]["folded"] == 52 and rec["verify"]["ok"]
+    art = graphopt.load(graphopt.compile(out, "llvm", output=tmp_path / "mnv2"))
+    inputs = zoo.eval_inputs("mobilenet_v2", n_photos=6)
+    from graphopt.bench import fidelity
+    f = fidelity([g.run(*b)[0].numpy() for b in inputs], [art(b[0].numpy())[0] for b in inputs])
+    assert f.top1 == 1.0 and f.sqnr_db > 60
+
+
+def test_efficientnet_lite0_fold_compile(tmp_path, zoo):
+    g = zoo.zoo_graph("efficientnet_lite0")
+    out = graphopt.optimize(g, "fold-bn,dce", verify=True)
+    assert not any("batch_norm" in str(n.target) for n in out.graph.nodes)
+    art = graphopt.load(graphopt.compile(out, "llvm", output=tmp_path / "eff"))
+    (x,) = zoo.eval_inputs("efficientnet_lite0", n_photos=1)[0]
+    np.testing.assert_allclose(art(x.numpy())[0], g.run(x)[0].numpy(), rtol=1e-3, atol=1e-3)
+
+
+def test_minilm_compile_keeps_embeddings(tmp_path, zoo):
+    g = zoo.zoo_graph("minilm")
+    assert [s.name for s in g.inputs] == ["input_ids", "attention_mask"]
+    out = graphopt.optimize(g, "fold-constants,dce", verify=True)
+    art = graphopt.load(graphopt.compile(out, "llvm", output=tmp_path / "minilm"))
+    ids, mask = zoo.tokenize(["graphopt compiles compressed networks."])
+    ref = g.run(ids, mask)[0].numpy()
+    emb = art(ids.numpy(), mask.numpy())[0]
+    cos = float((ref * emb).sum() / np.linalg.norm(ref) / np.linalg.norm(emb))
+    assert emb.shape == (1, 384) and cos > 0.9999
+
+
+def test_mobilenet_v2_from_classic_onnx_export(tmp_path, zoo):
+    model = zoo.mobilenet_v2()
+    x = zoo.eval_inputs("mobilenet_v2", n_photos=1)[0][0]
+    path = tmp_path / "mnv2.onnx"
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["image"], opset_version=13)
+    g = graphopt.load_onnx(path)
+    with torch.no_grad():
+        np.testing.assert_allclose(g.run(x)[0].numpy(), model(x).numpy(), rtol=1e-3, atol=1e-3)
