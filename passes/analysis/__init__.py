@@ -1,0 +1,1 @@
+"""Analyses passes use: channel dependency groups."""

@@ -1,0 +1,500 @@
+"""Channel dependency analysis: which channels of which tensors must be removed together.
+
+Every tensor in the graph (activations and parameters) contributes one element per index of each of its dims:
+(node, dim, index). Per-op rules couple elements that must go together (conv out channel <-> its bias <-> the next
+batch norm <-> the consumer conv's input channel; both branches of an add; concat/split with offsets; flatten
+into a linear in channel blocks; attention heads through reshape/permute/matmul). Union-find over elements gives
+*units* (one removable channel each); units touching the same tensors form a *group* (one layer's channels).
+Elements of graph inputs and outputs, and of ops no rule understands, are *pinned*: a unit with a pinned element
+is never removed, and the report says why. The dim-level coupling graph is kept as a networkx graph for printing.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+from graphopt.ir.graph import Graph
+
+aten = torch.ops.aten
+Elem = tuple[str, int, int]  # (node name, dim, index)
+
+ELEMENTWISE_UNARY = {
+    aten.relu.default, aten.relu6.default, aten.hardtanh.default, aten.clamp.default, aten.sigmoid.default,
+    aten.gelu.default, aten.silu.default, aten.hardswish.default, aten.hardsigmoid.default, aten.tanh.default,
+    aten.dropout.default, aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
+    aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.leaky_relu.default, aten.elu.default,
+    aten.erf.default, aten.exp.default, aten.sqrt.default, aten.rsqrt.default, aten.neg.default, aten.abs.default,
+    aten.pow.Tensor_Scalar, aten.relu_.default, aten.hardtanh_.default, aten.silu_.default, aten.log.default,
+    aten.reciprocal.default, aten.type_as.default, aten.mul.Scalar, aten.add.Scalar, aten.sub.Scalar,
+    aten.div.Scalar, aten.softplus.default, aten.mish.default,
+}
+BINARY = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.maximum.default,
+          aten.minimum.default, aten.where.self, aten.pow.Tensor_Tensor, aten.rsub.Tensor, aten.add_.Tensor,
+          aten.mul_.Tensor}
+CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default}
+REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default}
+POOLS = {aten.adaptive_avg_pool2d.default, aten.avg_pool2d.default, aten.max_pool2d.default,
+         aten.adaptive_avg_pool1d.default, aten.avg_pool1d.default, aten.max_pool1d.default}
+RESHAPES = {aten.reshape.default, aten.view.default, aten._unsafe_view.default, aten.flatten.using_ints,
+            aten.unflatten.int, aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default, aten.squeeze.default}
+
+
+def shape_of(n: Any) -> tuple[int, ...] | None:
+    val = n.meta.get("val") if isinstance(n, fx.Node) else None
+    if isinstance(val, torch.Tensor):
+        return tuple(int(s) for s in val.shape)
+    return None
+
+
+@dataclass
+class Unit:
+    """One removable channel: every (tensor, dim, index) that goes with it."""
+
+    elems: list[Elem]
+    pinned: str = ""
+
+
+@dataclass
+class ChannelGroup:
+    """Units over the same set of tensor dims: one layer's channels, pruned as one."""
+
+    dims: tuple[tuple[str, int], ...]
+    units: list[Unit]
+    pinned: str = ""
+    params: list[tuple[str, int]] = field(default_factory=list)  # (get_attr node, dim) to slice
+    chain: str = ""
+
+    @property
+    def size(self) -> int:
+        return len(self.units)
+
+
+class ChannelAnalysis:
+    """Builds units and groups for a Graph; `pins` records why dims are pinned."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.parent: dict[Elem, Elem] = {}
+        self.pins: dict[tuple[str, int], str] = {}
+        self.dim_graph = nx.Graph()
+        self.consumers: set[tuple[str, int]] = set()   # param dims on the consuming side (for the oracle)
+        self.coupled: set[tuple[str, int]] = set()     # dims some rule related to another tensor
+        self.nodes = {n.name: n for n in graph.gm.graph.nodes}
+        self._build()
+
+    # ---- union-find -------------------------------------------------------------------------------------------
+    def _find(self, e: Elem) -> Elem:
+        root = e
+        while self.parent.get(root, root) != root:
+            root = self.parent[root]
+        while self.parent.get(e, e) != root:
+            self.parent[e], e = root, self.parent[e]
+        return root
+
+    def _union(self, a: Elem, b: Elem) -> None:
+        ra, rb = self._find(a), self._find(b)
+        if ra != rb:
+            self.parent[ra] = rb
+
+    def couple(self, a: fx.Node, da: int, b: fx.Node, db: int, offset_a: int = 0, offset_b: int = 0,
+               count: int | None = None, stride_b: int = 1) -> None:
+        """Couple a[da][offset_a + j] with b[db][offset_b + j * stride_b] for j in range(count)."""
+        sa, sb = shape_of(a), shape_of(b)
+        if sa is None or sb is None:
+            return
+        da, db = da % len(sa), db % len(sb)
+        n = count if count is not None else sa[da]
+        for j in range(n):
+            self._union((a.name, da, offset_a + j), (b.name, db, offset_b + j * stride_b))
+        self.dim_graph.add_edge((a.name, da), (b.name, db))
+        self.coupled |= {(a.name, da), (b.name, db)}
+
+    def couple_blocks(self, a: fx.Node, da: int, b: fx.Node, db: int, block: int) -> None:
+        """Couple a[da][i] with b[db][i*block : (i+1)*block] (flatten / head split)."""
+        sa = shape_of(a)
+        if sa is None:
+            return
+        da = da % len(sa)
+        for i in range(sa[da]):
+            for k in range(block):
+                self._union((a.name, da, i), (b.name, db % len(shape_of(b)), i * block + k))
+        self.dim_graph.add_edge((a.name, da), (b.name, db % len(shape_of(b))))
+        self.coupled |= {(a.name, da), (b.name, db % len(shape_of(b)))}
+
+    def pin(self, n: Any, dim: int | None, why: str) -> None:
+        s = shape_of(n)
+        if s is None:
+            return
+        dims = range(len(s)) if dim is None else [dim % len(s)] if s else []
+        for d in dims:
+            self.pins.setdefault((n.name, d), why)
+
+    def pin_all(self, node: fx.Node, why: str) -> None:
+        for a in [*node.all_input_nodes, node]:
+            self.pin(a, None, why)
+        for u in node.users:
+            if u.target is operator.getitem:
+                self.pin(u, None, why)
+
+    # ---- rules ------------------------------------------------------------------------------------------------
+    def _identity(self, a: fx.Node, b: fx.Node, skip: set[int] = frozenset()) -> None:
+        sa, sb = shape_of(a), shape_of(b)
+        if sa is None or sb is None:
+            return
+        for d in range(min(len(sa), len(sb))):
+            if d not in skip and sa[d] == sb[d]:
+                self.couple(a, d, b, d)
+
+    def _broadcast(self, a: Any, out: fx.Node) -> None:
+        if not isinstance(a, fx.Node):
+            return
+        sa, so = shape_of(a), shape_of(out)
+        if sa is None or so is None:
+            return
+        for k in range(1, len(sa) + 1):
+            if sa[-k] == so[-k] and sa[-k] != 1:
+                self.couple(a, len(sa) - k, out, len(so) - k)
+
+    def _build(self) -> None:
+        g = self.graph
+        for n in g.gm.graph.nodes:
+            if n.op == "placeholder":
+                self.pin(n, None, "graph input")
+            elif n.op == "output":
+                for a in n.all_input_nodes:
+                    self.pin(a, None, "graph output (the model's output shape never changes)")
+            elif n.op == "call_function":
+                self._rule(n)
+
+    def _rule(self, n: fx.Node) -> None:
+        t = n.target
+        args = n.args
+        out_shape = shape_of(n)
+        if t is operator.getitem:
+            src = args[0]
+            if isinstance(src, fx.Node) and src.target in (aten.split.Tensor, aten.split_with_sizes.default,
+                                                            aten.chunk.default):
+                return  # handled by the split rule
+            if isinstance(src, fx.Node) and src.target in (aten._native_batch_norm_legit_no_training.default,) \
+                    and args[1] == 0:
+                self._identity(src.args[0], n)
+                return
+            self.pin_all(n, f"getitem of {src.target}")
+            return
+        if out_shape is None and t not in (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default):
+            self.pin_all(n, f"'{n.name}' ({t}) returns no single tensor")
+            return
+        if t in ELEMENTWISE_UNARY:
+            self._identity(args[0], n)
+        elif t in BINARY:
+            for a in args[:3] if t is aten.where.self else args[:2]:
+                self._broadcast(a, n)
+        elif t in CONVS:
+            self._conv(n)
+        elif t is aten.linear.default:
+            x, w = args[0], args[1]
+            b = args[2] if len(args) > 2 else None
+            self.couple(x, -1, w, 1)
+            self.consumers.add((w.name, 1))
+            self.couple(w, 0, n, -1)
+            if isinstance(b, fx.Node):
+                self.couple(b, 0, n, -1)
+            self._identity(x, n, skip={len(shape_of(x)) - 1})
+        elif t in (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default):
+            x = args[0]
+            self._identity(x, n)
+            for p in args[1:5]:
+                if isinstance(p, fx.Node):
+                    self.couple(p, 0, n, 1)
+        elif t is aten.layer_norm.default:
+            k = len(args[1])
+            rank = len(out_shape)
+            self._identity(args[0], n, skip=set(range(rank - k, rank)))
+            for d in range(rank - k, rank):
+                self.pin(args[0], d, f"'{n.name}' normalizes over this dim (layer_norm)")
+                self.pin(n, d, f"'{n.name}' normalizes over this dim (layer_norm)")
+            for p in args[2:4]:
+                if isinstance(p, fx.Node):
+                    self.pin(p, None, f"layer_norm '{n.name}' parameter")
+        elif t in REDUCTIONS:
+            self._reduction(n)
+        elif t in POOLS:
+            x = args[0]
+            rank = len(out_shape)
+            for d in range(rank - (1 if "1d" in str(t) else 2)):
+                self.couple(x, d, n, d)
+            for d in range(rank - (1 if "1d" in str(t) else 2), rank):
+                self.pin(x, d, f"pooled by '{n.name}'")
+        elif t in (aten.permute.default, aten.transpose.int, aten.t.default):
+            x = args[0]
+            rank = len(out_shape)
+            if t is aten.permute.default:
+                perm = [p % rank for p in args[1]]
+            elif t is aten.t.default:
+                perm = list(range(rank))[::-1]
+            else:
+                perm = list(range(rank))
+                a, b = args[1] % rank, args[2] % rank
+                perm[a], perm[b] = perm[b], perm[a]
+            for d_out, d_in in enumerate(perm):
+                self.couple(x, d_in, n, d_out)
+        elif t in RESHAPES:
+            self._reshape(n)
+        elif t is aten.cat.default:
+            self._cat(n)
+        elif t in (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default):
+            self._split(n)
+        elif t is aten.slice.Tensor:
+            self._slice(n)
+        elif t in (aten.matmul.default, aten.bmm.default, aten.mm.default):
+            self._matmul(n)
+        elif t is aten.embedding.default:
+            w, idx = args[0], args[1]
+            self.couple(w, 1, n, -1)
+            self.pin(w, 0, f"vocabulary of embedding '{n.name}'")
+            self._identity(idx, n)
+        elif t in (aten.softmax.int, aten._softmax.default, aten._log_softmax.default, aten.log_softmax.int):
+            d = args[1] % len(out_shape)
+            self._identity(args[0], n, skip={d})
+            self.pin(args[0], d, f"'{n.name}' normalizes over this dim (softmax)")
+            self.pin(n, d, f"'{n.name}' normalizes over this dim (softmax)")
+        elif t is aten.scaled_dot_product_attention.default:
+            self._sdpa(n)
+        elif t is aten.expand.default:
+            self._broadcast(args[0], n)
+        else:
+            self.pin_all(n, f"op {getattr(t, '__name__', t)} at '{n.name}' is not understood by the channel analysis")
+
+    def _conv(self, n: fx.Node) -> None:
+        x, w = n.args[0], n.args[1]
+        b = n.args[2] if len(n.args) > 2 else None
+        if n.target is aten.convolution.default:
+            if n.args[6]:
+                self.pin_all(n, f"transposed convolution '{n.name}'")
+                return
+            groups = n.args[8]
+        else:
+            groups = n.args[6] if len(n.args) > 6 else 1
+        sx, sw = shape_of(x), shape_of(w)
+        for d in range(2, len(sw)):
+            self.pin(w, d, f"kernel window of '{n.name}'")
+        self.couple(x, 0, n, 0)
+        self.couple(w, 0, n, 1)
+        if isinstance(b, fx.Node):
+            self.couple(b, 0, n, 1)
+        if groups == 1:
+            self.couple(x, 1, w, 1)
+            self.consumers.add((w.name, 1))
+        elif groups == sx[1] and sw[1] == 1 and sw[0] == sx[1]:
+            self.couple(x, 1, n, 1)  # depthwise: channel i in -> channel i out
+        else:
+            self.pin_all(n, f"grouped convolution '{n.name}' (groups={groups}) is pinned")
+
+    def _reduction(self, n: fx.Node) -> None:
+        x = n.args[0]
+        rank = len(shape_of(x))
+        dims = n.args[1] if len(n.args) > 1 and n.args[1] is not None else list(range(rank))
+        dims = {d % rank for d in ([dims] if isinstance(dims, int) else dims)}
+        keep = bool(n.args[2]) if len(n.args) > 2 else bool(n.kwargs.get("keepdim", False))
+        o = 0
+        for d in range(rank):
+            if d in dims:
+                self.pin(x, d, f"reduced by '{n.name}'")
+                if keep:
+                    o += 1
+            else:
+                self.couple(x, d, n, o)
+                o += 1
+
+    def _reshape(self, n: fx.Node) -> None:
+        x = n.args[0]
+        sin, sout = list(shape_of(x)), list(shape_of(n))
+        i = j = 0
+        while i < len(sin) or j < len(sout):
+            if i < len(sin) and j < len(sout) and sin[i] == sout[j]:
+                self.couple(x, i, n, j)
+                i, j = i + 1, j + 1
+                continue
+            if i < len(sin) and sin[i] == 1:
+                i += 1
+                continue
+            if j < len(sout) and sout[j] == 1:
+                j += 1
+                continue
+            # a block of input dims [i0, i) with the same product as output dims [j0, j)
+            i0, j0 = i, j
+            pin_ = math.prod(sin[i0:i + 1]) if i < len(sin) else 1
+            pout = math.prod(sout[j0:j + 1]) if j < len(sout) else 1
+            i, j = i + 1, j + 1
+            while pin_ != pout and (i < len(sin) or j < len(sout)):
+                if pin_ < pout and i < len(sin):
+                    pin_ *= sin[i]
+                    i += 1
+                elif j < len(sout):
+                    pout *= sout[j]
+                    j += 1
+                else:
+                    break
+            ins, outs = list(range(i0, i)), list(range(j0, j))
+            if len(ins) > 1 and len(outs) == 1:      # merge: outer input dim maps to blocks of the flat dim
+                self.couple_blocks(x, ins[0], n, outs[0], math.prod(sin[i] for i in ins[1:]))
+                for d in ins[1:]:
+                    self.pin(x, d, f"inner dim merged by '{n.name}'")
+            elif len(ins) == 1 and len(outs) > 1:    # split: blocks of the input dim become the outer output dim
+                self.couple_blocks(n, outs[0], x, ins[0], math.prod(sout[o] for o in outs[1:]))
+                for d in outs[1:]:
+                    self.pin(n, d, f"inner dim split by '{n.name}'")
+            else:
+                for d in ins:
+                    self.pin(x, d, f"reshaped by '{n.name}'")
+                for d in outs:
+                    self.pin(n, d, f"reshaped by '{n.name}'")
+
+    def _cat(self, n: fx.Node) -> None:
+        tensors = n.args[0]
+        rank = len(shape_of(n))
+        dim = (n.args[1] if len(n.args) > 1 else 0) % rank
+        off = 0
+        for a in tensors:
+            sa = shape_of(a)
+            for d in range(rank):
+                if d == dim:
+                    self.couple(a, d, n, d, offset_b=off)
+                else:
+                    self.couple(a, d, n, d)
+            off += sa[dim]
+
+    def _split(self, n: fx.Node) -> None:
+        x = n.args[0]
+        sx = shape_of(x)
+        dim = (n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)) % len(sx)
+        off = 0
+        for u in sorted(n.users, key=lambda u: u.args[1]):
+            if u.target is not operator.getitem:
+                self.pin_all(n, f"split '{n.name}' result used whole")
+                return
+        outs = {u.args[1]: u for u in n.users}
+        vals = n.meta.get("val")
+        for k, v in enumerate(vals):
+            size = int(v.shape[dim])
+            if k in outs:
+                for d in range(len(sx)):
+                    if d == dim:
+                        self.couple(x, d, outs[k], d, offset_a=off, count=size)
+                    else:
+                        self.couple(x, d, outs[k], d)
+            off += size
+
+    def _slice(self, n: fx.Node) -> None:
+        x = n.args[0]
+        sx = shape_of(x)
+        dim = (n.args[1] if len(n.args) > 1 else 0) % len(sx)
+        start = n.args[2] if len(n.args) > 2 and n.args[2] is not None else 0
+        step = n.args[4] if len(n.args) > 4 else 1
+        start = start + sx[dim] if start < 0 else min(start, sx[dim])
+        for d in range(len(sx)):
+            if d != dim:
+                self.couple(x, d, n, d)
+        if step != 1:
+            self.pin(x, dim, f"strided slice '{n.name}'")
+            self.pin(n, dim, f"strided slice '{n.name}'")
+            return
+        self.couple(n, dim, x, dim, offset_b=start)
+
+    def _matmul(self, n: fx.Node) -> None:
+        a, b = n.args[0], n.args[1]
+        sa, sb, so = shape_of(a), shape_of(b), shape_of(n)
+        if len(sa) < 2 or len(sb) < 2:
+            self.pin_all(n, f"vector matmul '{n.name}'")
+            return
+        self.couple(a, -1, b, -2)
+        for x in (a, b):
+            if x.op == "get_attr":
+                self.consumers.add((x.name, len(shape_of(x)) - (1 if x is a else 2)))
+        self.couple(a, -2, n, -2)
+        self.couple(b, -1, n, -1)
+        for k in range(3, len(so) + 1):
+            for x, sx in ((a, sa), (b, sb)):
+                if len(sx) >= k and sx[-k] == so[-k] and sx[-k] != 1:
+                    self.couple(x, len(sx) - k, n, len(so) - k)
+
+    def _sdpa(self, n: fx.Node) -> None:
+        q, k, v = n.args[:3]
+        scale_given = len(n.args) > 6 and n.args[6] is not None or n.kwargs.get("scale") is not None
+        for x in (q, k, v):
+            for d in range(len(shape_of(x)) - 2):
+                self.couple(x, d, n, d)
+        self.couple(q, -2, n, -2)
+        self.couple(k, -2, v, -2)
+        self.couple(v, -1, n, -1)
+        self.couple(q, -1, k, -1)
+        if not scale_given:
+            self.pin(q, -1, f"'{n.name}' scales by 1/sqrt(head dim)")
+        self.pin(k, -2, f"'{n.name}' attends over keys")
+        mask = n.args[3] if len(n.args) > 3 else n.kwargs.get("attn_mask")
+        if isinstance(mask, fx.Node):
+            self._broadcast(mask, n)
+
+    # ---- results ----------------------------------------------------------------------------------------------
+    def units(self) -> list[Unit]:
+        members: dict[Elem, list[Elem]] = defaultdict(list)
+        for n in self.graph.gm.graph.nodes:
+            s = shape_of(n)
+            if s is None:
+                continue
+            for d, size in enumerate(s):
+                for i in range(size):
+                    members[self._find((n.name, d, i))].append((n.name, d, i))
+        out = []
+        for elems in members.values():
+            why = next((self.pins[(e[0], e[1])] for e in elems if (e[0], e[1]) in self.pins), "")
+            out.append(Unit(sorted(elems), why))
+        return out
+
+    def groups(self) -> list[ChannelGroup]:
+        """Groups of units that involve at least one parameter (only those can be removed)."""
+        by_sig: dict[tuple, list[Unit]] = defaultdict(list)
+        for u in self.units():
+            sig = tuple(sorted({(e[0], e[1]) for e in u.elems}))
+            if not any(self.nodes[name].op == "get_attr" for name, _ in sig):
+                continue
+            by_sig[sig].append(u)
+        groups = []
+        for sig, units in by_sig.items():
+            params = [(name, d) for name, d in sig if self.nodes[name].op == "get_attr"]
+            pinned = next((u.pinned for u in units if u.pinned), "")
+            loose = [f"{name}.dim{d}" for name, d in params if (name, d) not in self.coupled]
+            if loose and not pinned:
+                pinned = f"no channel rule relates {', '.join(loose)} to the rest of the graph"
+            groups.append(ChannelGroup(sig, units, pinned, params, self._chain(sig)))
+        order = {n.name: i for i, n in enumerate(self.graph.gm.graph.nodes)}
+        groups.sort(key=lambda g: min(order[name] for name, _ in g.dims))
+        return groups
+
+    def _chain(self, sig) -> str:
+        """conv1.out => bn1 => relu => conv2.in: the param users in graph order, for `inspect --groups`."""
+        names = []
+        order = {n.name: i for i, n in enumerate(self.graph.gm.graph.nodes)}
+        for name, d in sorted(sig, key=lambda s: order[s[0]]):
+            node = self.nodes[name]
+            if node.op == "get_attr":
+                fqn = node.meta.get("source_fqn", node.target)
+                user = next(iter(node.users), None)
+                role = "in" if (name, d) in self.consumers else "out" if d == 0 else f"dim{d}"
+                names.append(f"{fqn}.{role}" if user is None or user.target not in (
+                    aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default) else f"{fqn}")
+            elif node.target in BINARY and node.target in (aten.add.Tensor,):
+                names.append(name)
+        seen, out = set(), []
+        for x in names:
+            if x not in seen:
+                seen.add(x)
+                out.append(x)
+        return " => ".join(out)

@@ -1,0 +1,411 @@
+"""prune-channels: structured pruning that physically removes channels (and heads) along dependency groups.
+
+plan_pruning() scores the units of every prunable group and picks which to remove; apply_plan() slices the
+parameters, rewrites size-carrying op arguments (reshape sizes, split sizes, slice bounds, depthwise groups) and
+checks every tensor came out with exactly the shape the plan predicts. The model's output shape never changes.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import torch
+import torch.fx as fx
+
+from graphopt.errors import GraphoptError
+from graphopt.ir.graph import Graph
+from graphopt.passes.analysis.channel_groups import ChannelAnalysis, ChannelGroup, Unit, shape_of
+from graphopt.passes.canonicalize.dce import eliminate_dead_code
+from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, register_pass
+
+log = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+
+class PruneError(GraphoptError):
+    """Pruning would produce an inconsistent graph; names the node."""
+
+
+@dataclass
+class PrunePlan:
+    """Which units go, per group, and the analysis they came from."""
+
+    analysis: ChannelAnalysis
+    groups: list[ChannelGroup]
+    remove: dict[int, list[Unit]] = field(default_factory=dict)   # group index -> units to remove
+
+    def removed_indices(self) -> dict[tuple[str, int], set[int]]:
+        out: dict[tuple[str, int], set[int]] = defaultdict(set)
+        for units in self.remove.values():
+            for u in units:
+                for name, d, i in u.elems:
+                    out[(name, d)].add(i)
+        return out
+
+
+# ---- importance criteria ---------------------------------------------------------------------------------------
+def _slices(graph: Graph, group: ChannelGroup, unit: Unit) -> list[torch.Tensor]:
+    idx = {(n, d): i for n, d, i in unit.elems}
+    out = []
+    for name, d in group.params:
+        node = group_node(graph, name)
+        t = graph.get_param(node.target)
+        if t.is_floating_point():
+            out.append(t.select(d, idx[(name, d)]).float())
+    return out
+
+
+def group_node(graph: Graph, name: str) -> fx.Node:
+    return next(n for n in graph.gm.graph.nodes if n.name == name)
+
+
+def score_units(graph: Graph, group: ChannelGroup, importance: str, grads: dict[str, torch.Tensor] | None) -> list[float]:
+    """One score per unit of the group: higher means more important."""
+    if importance in ("l1", "l2", "lamp"):
+        p = 1 if importance == "l1" else 2
+        scores = [sum(float(s.abs().pow(p).sum()) for s in _slices(graph, group, u)) for u in group.units]
+        if importance == "lamp":  # LAMP: squared magnitude over the sum of all larger ones in the group
+            order = sorted(range(len(scores)), key=lambda i: scores[i])
+            suffix, lamp = 0.0, [0.0] * len(scores)
+            for i in reversed(order):
+                suffix += scores[i]
+                lamp[i] = scores[i] / suffix if suffix else 0.0
+            return lamp
+        return scores if p == 1 else [math.sqrt(s) for s in scores]
+    if importance == "bn-scale":
+        bn_weights = [name for name, d in group.params
+                      if any(u.target in (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default)
+                             and len(u.args) > 1 and getattr(u.args[1], "name", None) == name
+                             for u in group_node(graph, name).users)]
+        if not bn_weights:
+            return score_units(graph, group, "l2", grads)
+        out = []
+        for u in group.units:
+            idx = {(n, d): i for n, d, i in u.elems}
+            out.append(sum(abs(float(graph.get_param(group_node(graph, n).target)[idx[(n, 0)]])) for n in bn_weights))
+        return out
+    if importance == "fpgm":  # distance to the other filters: near the geometric median means redundant
+        flat = torch.stack([torch.cat([s.reshape(-1) for s in _slices(graph, group, u)]) for u in group.units])
+        return torch.cdist(flat, flat).sum(1).tolist()
+    if importance == "taylor":
+        if not grads:
+            raise PruneError("importance=taylor needs calibration data in the context (optimize(..., data=...))")
+        out = []
+        for u in group.units:
+            idx = {(n, d): i for n, d, i in u.elems}
+            total = 0.0
+            for name, d in group.params:
+                attr = group_node(graph, name).target
+                if attr in grads:
+                    w = graph.get_param(attr)
+                    total += float((w * grads[attr]).select(d, idx[(name, d)]).abs().sum())
+            out.append(total)
+        return out
+    raise PruneError(f"unknown importance '{importance}'")
+
+
+def taylor_grads(graph: Graph, batches) -> dict[str, torch.Tensor]:
+    """Gradients of a label-free loss (the model's own argmax for logits, else the output's energy)."""
+    gm = graph.gm
+    params = {n.target: getattr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"
+              if isinstance(getattr(gm, n.target), torch.nn.Parameter)}
+    for p in params.values():
+        p.requires_grad_(True)
+        p.grad = None
+    try:
+        for b in batches:
+            out = gm(*b)
+            y = out[0] if isinstance(out, (tuple, list)) else out
+            if y.dim() == 2 and y.shape[1] > 1:
+                loss = torch.nn.functional.cross_entropy(y, y.detach().argmax(1))
+            else:
+                loss = y.pow(2).mean()
+            loss.backward()
+        return {k: p.grad.detach().clone() for k, p in params.items() if p.grad is not None}
+    finally:
+        for p in params.values():
+            p.requires_grad_(False)
+            p.grad = None
+
+
+# ---- planning ---------------------------------------------------------------------------------------------------
+def _protected(graph: Graph, group: ChannelGroup, patterns: list[str]) -> str:
+    nodes = {n.name: n for n in graph.gm.graph.nodes}
+    for name, _ in group.dims:
+        n = nodes[name]
+        labels = {name, str(n.target), n.meta.get("source_fqn", "")}
+        for pat in patterns:
+            if any(fnmatch.fnmatch(lbl, pat) or fnmatch.fnmatch(lbl, pat + ".*") for lbl in labels if lbl):
+                return f"protected by '{pat}'"
+    return ""
+
+
+def _n_remove(size: int, ratio: float, round_to: int) -> int:
+    keep = max(round_to, size - int(math.floor(size * ratio)))
+    keep = int(math.ceil(keep / round_to) * round_to) if round_to > 1 else keep
+    return max(0, size - min(keep, size))
+
+
+def plan_pruning(graph: Graph, ratio: float, importance: str = "l2", scope: str = "local", round_to: int = 1,
+                 protect: list[str] | None = None, batches=None, heads_only: bool = False) -> PrunePlan:
+    analysis = ChannelAnalysis(graph)
+    groups = analysis.groups()
+    plan = PrunePlan(analysis, groups)
+    protect = protect or []
+    grads = taylor_grads(graph, batches) if importance == "taylor" and batches else None
+    candidates = []
+    for gi, g in enumerate(groups):
+        if not g.pinned:
+            g.pinned = _protected(graph, g, protect)
+        if heads_only and not g.pinned and not _is_head_group(graph, g):
+            g.pinned = "heads-only"
+        if g.pinned or g.size < 2:
+            continue
+        candidates.append((gi, g, score_units(graph, g, importance, grads)))
+    if scope == "local":
+        for gi, g, scores in candidates:
+            k = _n_remove(g.size, ratio, round_to)
+            order = sorted(range(g.size), key=lambda i: scores[i])
+            plan.remove[gi] = [g.units[i] for i in order[:k]]
+    else:
+        pool = []
+        for gi, g, scores in candidates:
+            mean = sum(scores) / len(scores) or 1.0
+            pool += [(s / mean, gi, i) for i, s in enumerate(scores)]
+        pool.sort()
+        budget = int(math.floor(ratio * len(pool)))
+        taken: dict[int, list[int]] = defaultdict(list)
+        sizes = {gi: g.size for gi, g, _ in candidates}
+        for _, gi, i in pool:
+            if budget <= 0:
+                break
+            if sizes[gi] - len(taken[gi]) - 1 < max(1, round_to):
+                continue
+            taken[gi].append(i)
+            budget -= 1
+        for gi, idxs in taken.items():
+            g = groups[gi]
+            if round_to > 1:  # keep a multiple of round_to: give back the highest-scored of the excess
+                keep = g.size - len(idxs)
+                excess = keep % round_to
+                if excess:
+                    idxs = idxs[:len(idxs) - (round_to - excess)] if len(idxs) >= round_to - excess else []
+            plan.remove[gi] = [g.units[i] for i in idxs]
+    return plan
+
+
+def _is_head_group(graph: Graph, g: ChannelGroup) -> bool:
+    """A group whose units each span several features of a projection weight (an attention head)."""
+    counts = defaultdict(int)
+    for name, d, _ in g.units[0].elems:
+        counts[(name, d)] += 1
+    return any(c > 1 for c in counts.values())
+
+
+# ---- applying ---------------------------------------------------------------------------------------------------
+def _keep_index(size: int, removed: set[int]) -> torch.Tensor:
+    return torch.tensor([i for i in range(size) if i not in removed], dtype=torch.long)
+
+
+def apply_plan(graph: Graph, plan: PrunePlan) -> dict[str, int]:
+    """Slice parameters and rewrite size arguments in place; verify every shape against the plan."""
+    removed = plan.removed_indices()
+    if not removed:
+        return {}
+    expected = {}
+    for n in graph.gm.graph.nodes:
+        s = shape_of(n)
+        if s is not None:
+            expected[n.name] = tuple(size - len(removed.get((n.name, d), ())) for d, size in enumerate(s))
+    old_shapes = {n.name: shape_of(n) for n in graph.gm.graph.nodes}
+    sliced = 0
+    for n in list(graph.gm.graph.nodes):
+        if n.op == "get_attr":
+            t = graph.get_param(n.target)
+            new = t
+            for d in range(t.dim()):
+                r = removed.get((n.name, d))
+                if r:
+                    new = new.index_select(d, _keep_index(t.shape[d], r))
+            if new is not t:
+                readers = [m for m in graph.gm.graph.nodes if m.op == "get_attr" and m.target == n.target]
+                if len(readers) > 1:
+                    raise PruneError(f"parameter '{n.target}' is read by several nodes; cannot slice it for "
+                                     f"'{n.name}' alone")
+                graph.set_param(n.target, new.contiguous())
+                sliced += 1
+        elif n.op == "call_function":
+            _rewrite_args(n, removed, old_shapes, expected)
+    graph.refresh()
+    for n in graph.gm.graph.nodes:
+        if n.name in expected and shape_of(n) != expected[n.name]:
+            raise PruneError(f"after pruning, node '{n.name}' ({n.target}) has shape {list(shape_of(n))}, "
+                             f"expected {list(expected[n.name])}: the channel analysis missed a coupling here")
+    return {"params_sliced": sliced}
+
+
+def _rewrite_args(n: fx.Node, removed, old_shapes, expected) -> None:
+    t = n.target
+    args = list(n.args)
+    if t in (aten.reshape.default, aten.view.default, aten._unsafe_view.default, aten.expand.default):
+        if n.name in expected and expected[n.name] != old_shapes[n.name]:
+            new = list(expected[n.name])
+            old = list(args[1])
+            # keep -1 where the original had it if that dim is unchanged
+            args[1] = [o if o == -1 and i < len(new) and old_shapes[n.name][i] == new[i] else new[i]
+                       for i, o in enumerate(old)] if len(old) == len(new) else new
+    elif t is aten.unflatten.int:
+        d = args[1]
+        out_rank = len(old_shapes[n.name])
+        in_rank = len(old_shapes[args[0].name])
+        k = out_rank - in_rank + 1
+        d = d % in_rank
+        args[2] = list(expected[n.name][d:d + k])
+    elif t in (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default):
+        gi = 8 if t is aten.convolution.default else 6
+        if len(args) > gi and args[gi] != 1:
+            x = args[0]
+            old_c = old_shapes[x.name][1]
+            if args[gi] == old_c:  # depthwise: one group per channel
+                args[gi] = expected[x.name][1]
+    elif t in (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default):
+        x = args[0]
+        sx = old_shapes[x.name]
+        dim = (args[2] if len(args) > 2 else n.kwargs.get("dim", 0)) % len(sx)
+        r = removed.get((x.name, dim), set())
+        if r:
+            sizes = [int(v.shape[dim]) for v in n.meta["val"]]
+            new_sizes, off = [], 0
+            for s in sizes:
+                new_sizes.append(s - sum(1 for i in r if off <= i < off + s))
+                off += s
+            n.target = aten.split_with_sizes.default
+            args = [x, new_sizes, dim]
+            n.kwargs = {}
+    elif t is aten.slice.Tensor:
+        x = args[0]
+        sx = old_shapes[x.name]
+        dim = (args[1] if len(args) > 1 else 0) % len(sx)
+        r = removed.get((x.name, dim), set())
+        if r:
+            start = args[2] if len(args) > 2 and args[2] is not None else 0
+            start = start + sx[dim] if start < 0 else min(start, sx[dim])
+            new_start = start - sum(1 for i in r if i < start)
+            while len(args) < 4:
+                args.append(None)
+            args[2], args[3] = new_start, new_start + expected[n.name][dim]
+    n.args = tuple(args)
+
+
+@register_pass
+class PruneChannels(Pass):
+    name = "prune-channels"
+    summary = ("Remove whole channels/heads along dependency groups (conv/linear out -> norms -> consumers' in, "
+               "residual adds, concat/split, depthwise, flatten, attention heads). Output shape never changes.")
+    contract = Contract.TRAINING
+
+    @dataclass
+    class Options:
+        ratio: Optional[float] = field(default=None, metadata={"help": "fraction of channels to remove, in (0,1)"})
+        macs_reduction: Optional[float] = field(default=None, metadata={
+            "help": "instead of ratio: fraction of MACs to remove, in (0,1) (global scope is searched)"})
+        importance: Literal["l1", "l2", "bn-scale", "taylor", "lamp", "fpgm"] = field(
+            default="l2", metadata={"help": "how channels are scored; taylor needs data"})
+        scope: Literal["local", "global"] = field(default="local", metadata={
+            "help": "local: the same ratio in every group; global: lowest normalized scores across groups"})
+        round_to: int = field(default=1, metadata={"help": "keep channel counts a multiple of this"})
+        protect: list[str] = field(default_factory=list, metadata={
+            "help": "node names or parameter names (glob) whose channels are never pruned"})
+        heads_only: bool = field(default=False, metadata={"help": "prune only attention-head groups"})
+
+        def validate(self) -> str:
+            if self.ratio is None and self.macs_reduction is None:
+                return "needs ratio= or macs-reduction= (e.g. prune-channels{ratio=0.3})"
+            if self.ratio is not None and self.macs_reduction is not None:
+                return "takes ratio= or macs-reduction=, not both"
+            for key, v in (("ratio", self.ratio), ("macs-reduction", self.macs_reduction)):
+                if v is not None and not 0 < v < 1:
+                    return f"option '{key}' must be in (0, 1), got {v}"
+            if self.round_to < 1:
+                return f"option 'round-to' must be >= 1, got {self.round_to}"
+            return ""
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        o = self.options
+        if o.protect:
+            labels = set()
+            for n in graph.gm.graph.nodes:
+                labels |= {n.name, str(n.target), n.meta.get("source_fqn", "")}
+            for pat in o.protect:
+                if not any(fnmatch.fnmatch(lbl, pat) or fnmatch.fnmatch(lbl, pat + ".*") for lbl in labels if lbl):
+                    raise PruneError(f"prune-channels option 'protect': '{pat}' matches no node or parameter")
+        batches = ctx.batches(graph) if o.importance == "taylor" else None
+        if o.importance == "taylor" and not ctx.data:
+            raise PruneError("prune-channels importance=taylor needs data (optimize(..., data=...) or --inputs)")
+        macs0 = graph.stats().macs
+        if o.ratio is not None:
+            plan = plan_pruning(graph, o.ratio, o.importance, o.scope, o.round_to, o.protect, batches, o.heads_only)
+            work = graph
+            applied = apply_plan(work, plan)
+        else:
+            work, plan, applied = self._search_macs(graph, o, batches, macs0)
+        eliminate_dead_code(work)
+        groups = plan.groups
+        removed_units = sum(len(v) for v in plan.remove.values())
+        per_group = {groups[gi].chain or f"group{gi}": f"{groups[gi].size} -> {groups[gi].size - len(units)}"
+                     for gi, units in plan.remove.items() if units}
+        pinned = defaultdict(int)
+        for g in groups:
+            if g.pinned:
+                pinned[g.pinned] += 1
+        stats = {"groups": len(groups), "prunable": sum(1 for g in groups if not g.pinned),
+                 "channels_removed": removed_units, "macs_before": macs0, "macs_after": work.stats().macs,
+                 "removed": per_group, "pinned": dict(pinned), **applied}
+        if not removed_units:
+            why = "nothing to prune: every group is pinned (" + "; ".join(f"{k} x{v}" for k, v in pinned.items()) + ")" \
+                if not stats["prunable"] else "the ratio removes no whole channel from any group"
+            return PassResult(work, False, stats, why)
+        return PassResult(work, True, stats)
+
+    def _search_macs(self, graph: Graph, o, batches, macs0: int):
+        target = macs0 * (1 - o.macs_reduction)
+        lo, hi, best = 0.0, 0.95, None
+        for _ in range(10):
+            mid = (lo + hi) / 2
+            work = graph.clone()
+            plan = plan_pruning(work, mid, o.importance, "global", o.round_to, o.protect, batches, o.heads_only)
+            applied = apply_plan(work, plan)
+            macs = work.stats().macs
+            if macs <= target:
+                best, hi = (work, plan, applied), mid
+            else:
+                lo = mid
+            if best is not None and abs(macs - target) < 0.01 * macs0:
+                break
+        if best is None:
+            raise PruneError(f"macs-reduction={o.macs_reduction} is not reachable: the prunable groups hold too few "
+                             "MACs (see the pinned groups in `graphopt inspect --groups`)")
+        return best
+
+
+def zero_removed_in_reference(graph: Graph, plan: PrunePlan) -> Graph:
+    """The oracle: a copy of the unpruned graph with removed channels zeroed where they are consumed."""
+    ref = graph.clone()
+    consumers = plan.analysis.consumers
+    nodes = {n.name: n for n in ref.gm.graph.nodes}
+    for units in plan.remove.values():
+        for u in units:
+            for name, d, i in u.elems:
+                if (name, d) in consumers:
+                    attr = nodes[name].target
+                    t = ref.get_param(attr).clone()
+                    t.select(d, i).zero_()
+                    ref.set_param(attr, t)
+    return ref
+
+
+__all__ = ["PruneChannels", "PrunePlan", "plan_pruning", "apply_plan", "zero_removed_in_reference", "PruneError"]
