@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tune-db", default=None, help="tuning database folder to reuse (default: a fresh temporary one)")
     ap.add_argument("--runs", type=int, default=30, help="timed runs per measurement (median reported)")
     ap.add_argument("--pipeline", default="fold-bn,fold-constants,dce")
+    ap.add_argument("--prune", default="0.3", help="comma-separated prune-channels ratios for extra rows ('' for none);"
+                    " ORT and PyTorch then run the same pruned graph")
     ap.add_argument("--out", default="benchmarks/results/latest.json", help="JSON output path")
     args = ap.parse_args(argv)
 
@@ -51,41 +53,43 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         entry = zoo_entry(name)
         graph = zoo_graph(name)
-        opt = graphopt.optimize(graph, args.pipeline)
         module = entry.build()
         inputs = eval_inputs(name)
         refs = [graph.run(*b)[0].numpy() for b in inputs]
-        onnx_path = reference_onnx(graph, str(work / name))
-        row = {"model": name, "params": graph.stats().params, "macs": graph.stats().macs, "pipeline": args.pipeline}
-        variants = [("untuned", None)]
+        row = {"model": name, "params": graph.stats().params, "macs": graph.stats().macs, "variants": {}}
+        variants = [("untuned", args.pipeline, None)]
         if args.trials:
-            variants.append((f"tuned-{args.trials}", graphopt.Tuning(trials=args.trials, db=db)))
-        for label, tuning in variants:
+            variants.append((f"tuned-{args.trials}", args.pipeline, graphopt.Tuning(trials=args.trials, db=db)))
+        for ratio in [float(r) for r in args.prune.split(",") if r]:
+            variants.append((f"pruned-{int(ratio * 100)}", f"{args.pipeline},prune-channels{{ratio={ratio}}},dce",
+                             None))
+        for label, pipeline, tuning in variants:
+            opt = graphopt.optimize(graph, pipeline)
+            onnx_path = reference_onnx(opt, str(work / f"{name}-{label}"))  # ORT runs the same (pruned) graph
             tb = time.perf_counter()
-            out = graphopt.compile(opt, "llvm", tuning=tuning, output=work / f"{name}-{label}")
+            out = graphopt.compile(opt, "llvm", tuning=tuning, output=work / f"{name}-{label}" / "art")
             build_s = time.perf_counter() - tb
             art = graphopt.load(out)
-            fid = fidelity(refs, [art(*[x.numpy() for x in b])[0] for b in inputs]).to_json()
-            lat = compare_latency(art, inputs[0], threads=args.threads, onnx_path=onnx_path, torch_fn=module,
-                                  runs=args.runs).to_json()
-            row[label] = {"latency": lat, "fidelity": fid, "build_s": round(build_s, 1),
-                          "artifact_bytes": sum(p.stat().st_size for p in out.iterdir() if p.is_file())}
-            row["ort_ms"], row["torch_ms"] = lat["ort_ms"], lat["torch_ms"]
+            fid = fidelity(refs, [art(*[x.numpy() for x in b])[0] for b in inputs], entry.kind == "image").to_json()
+            lat = compare_latency(art, inputs[0], threads=args.threads, onnx_path=onnx_path,
+                                  torch_fn=module if label == "untuned" or tuning else opt.gm, runs=args.runs).to_json()
+            row["variants"][label] = {"pipeline": pipeline, "macs": opt.stats().macs, "params": opt.stats().params,
+                                      "latency": lat, "fidelity": fid, "build_s": round(build_s, 1),
+                                      "artifact_bytes": sum(p.stat().st_size for p in out.iterdir() if p.is_file())}
             print(f"[{name}] {label}: graphopt {lat['graphopt_ms']:.2f} ms, ORT {lat['ort_ms']:.2f} ms, "
                   f"PyTorch {lat['torch_ms']:.2f} ms (build {build_s:.0f} s)", file=sys.stderr, flush=True)
         row["seconds"] = round(time.perf_counter() - t0, 1)
         rows.append(row)
 
-    lines = [f"{'model':<19} {'params':>7} {'MACs':>8} {'ORT fp32':>9} {'PyTorch':>9} "
-             f"{'graphopt':>10} {'vs ORT':>7} {'vs PyT':>7} {'top-1 agr':>9}  variant"]
+    lines = [f"{'model':<19} {'variant':<11} {'MACs':>8} {'ORT fp32':>9} {'PyTorch':>9} {'graphopt':>10} "
+             f"{'vs ORT':>7} {'vs PyT':>7} {'fidelity vs fp32':>17}"]
     for r in rows:
-        for label in [k for k in r if k.startswith(("untuned", "tuned"))]:
-            v = r[label]
+        for label, v in r["variants"].items():
             lat, fid = v["latency"], v["fidelity"]
-            top1 = f"{fid['top1'] * 100:.1f}%" if fid.get("top1") is not None else f"cos {fid['cosine']:.4f}"
-            lines.append(f"{r['model']:<19} {human(r['params']):>7} {human(r['macs']):>8} {r['ort_ms']:>7.2f}ms "
-                         f"{r['torch_ms']:>7.2f}ms {lat['graphopt_ms']:>8.2f}ms {lat['ratio_vs_ort']:>6.2f}x "
-                         f"{lat['ratio_vs_torch']:>6.2f}x {top1:>9}  {label}")
+            agr = f"top-1 {fid['top1'] * 100:.1f}%" if fid.get("top1") is not None else f"cos {fid['cosine']:.4f}"
+            lines.append(f"{r['model']:<19} {label:<11} {human(v['macs']):>8} {lat['ort_ms']:>7.2f}ms "
+                         f"{lat['torch_ms']:>7.2f}ms {lat['graphopt_ms']:>8.2f}ms {lat['ratio_vs_ort']:>6.2f}x "
+                         f"{lat['ratio_vs_torch']:>6.2f}x {agr:>17}")
     table = "\n".join(lines)
     print(table)
     result = {"date": time.strftime("%Y-%m-%d"), "threads": args.threads, "trials": args.trials, "batch": 1,

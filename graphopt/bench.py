@@ -66,8 +66,8 @@ class Fidelity:
         return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in self.__dict__.items()}
 
 
-def fidelity(refs: Sequence[np.ndarray], outs: Sequence[np.ndarray]) -> Fidelity:
-    """Compare first outputs batch by batch; classification metrics when outputs look like logits [N, C>=10]."""
+def fidelity(refs: Sequence[np.ndarray], outs: Sequence[np.ndarray], classification: bool | None = None) -> Fidelity:
+    """Compare first outputs batch by batch; top-1/top-5/KL too for classifiers (by default: outputs [N, C>=10])."""
     refs = [np.asarray(r, dtype=np.float64) for r in refs]
     outs = [np.asarray(o, dtype=np.float64) for o in outs]
     sig = sum(float((r ** 2).sum()) for r in refs)
@@ -75,7 +75,9 @@ def fidelity(refs: Sequence[np.ndarray], outs: Sequence[np.ndarray]) -> Fidelity
     sqnr = math.inf if noise == 0 else 10 * math.log10(max(sig, 1e-30) / noise)
     cos = [float((r * o).sum() / (np.linalg.norm(r) * np.linalg.norm(o) + 1e-30)) for r, o in zip(refs, outs)]
     f = Fidelity(len(refs), sqnr, max(float(np.abs(r - o).max()) for r, o in zip(refs, outs)), float(np.mean(cos)))
-    if refs[0].ndim == 2 and refs[0].shape[1] >= 10:
+    if classification is None:
+        classification = refs[0].ndim == 2 and refs[0].shape[1] >= 10
+    if classification:
         r, o = np.concatenate(refs), np.concatenate(outs)
         f.top1 = float((r.argmax(1) == o.argmax(1)).mean())
         top5 = np.argsort(-o, 1)[:, :5]

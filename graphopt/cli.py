@@ -161,15 +161,16 @@ def _measure(model: str, graph, art, threads: int):
         from graphopt.zoo import eval_inputs, zoo_entry
         name = model[4:]
         inputs = eval_inputs(name)
-        source = "shipped photo crops" if zoo_entry(name).kind == "image" else "sentences"
+        classification = zoo_entry(name).kind == "image"
+        source = "shipped photo crops" if classification else "sentences"
         torch_fn = zoo_entry(name).build()
     else:
         inputs = [graph.example_inputs(seed=s) for s in range(3)]
-        source = "random inputs"
+        source, classification = "random inputs", None
         torch_fn = graph.gm
     refs = [graph.run(*b)[0].numpy() for b in inputs]
     outs = [art(*[x.numpy() for x in b])[0] for b in inputs]
-    fid = fidelity(refs, outs).to_json()
+    fid = fidelity(refs, outs, classification).to_json()
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = model if model.endswith(".onnx") else reference_onnx(graph, tmp)
         lat = compare_latency(art, inputs[0], threads=threads, onnx_path=onnx_path, torch_fn=torch_fn).to_json()

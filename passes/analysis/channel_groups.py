@@ -33,8 +33,10 @@ ELEMENTWISE_UNARY = {
     aten.erf.default, aten.exp.default, aten.sqrt.default, aten.rsqrt.default, aten.neg.default, aten.abs.default,
     aten.pow.Tensor_Scalar, aten.relu_.default, aten.hardtanh_.default, aten.silu_.default, aten.log.default,
     aten.reciprocal.default, aten.type_as.default, aten.mul.Scalar, aten.add.Scalar, aten.sub.Scalar,
-    aten.div.Scalar, aten.softplus.default, aten.mish.default,
+    aten.div.Scalar, aten.softplus.default, aten.mish.default, aten.to.device, aten.cos.default, aten.sin.default,
+    aten.dropout_.default, aten.hardswish_.default, aten.relu6_.default if hasattr(aten, "relu6_") else aten.relu.default,
 }
+NO_OPS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default, aten.sym_constrain_range_for_size.default}
 BINARY = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.maximum.default,
           aten.minimum.default, aten.where.self, aten.pow.Tensor_Tensor, aten.rsub.Tensor, aten.add_.Tensor,
           aten.mul_.Tensor}
@@ -177,6 +179,8 @@ class ChannelAnalysis:
         t = n.target
         args = n.args
         out_shape = shape_of(n)
+        if t in NO_OPS:
+            return
         if t is operator.getitem:
             src = args[0]
             if isinstance(src, fx.Node) and src.target in (aten.split.Tensor, aten.split_with_sizes.default,

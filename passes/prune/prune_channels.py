@@ -258,6 +258,8 @@ def _rewrite_args(n: fx.Node, removed, old_shapes, expected) -> None:
             # keep -1 where the original had it if that dim is unchanged
             args[1] = [o if o == -1 and i < len(new) and old_shapes[n.name][i] == new[i] else new[i]
                        for i, o in enumerate(old)] if len(old) == len(new) else new
+    elif t is aten._assert_tensor_metadata.default:
+        n.kwargs = {k: (None if k in ("size", "stride") else v) for k, v in n.kwargs.items()}
     elif t is aten.unflatten.int:
         d = args[1]
         out_rank = len(old_shapes[n.name])
