@@ -73,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="print a model's inputs, outputs, statistics and IR")
     i.add_argument("model", help=MODEL_HELP + "; or an artifact folder (prints its manifest)")
     i.add_argument("--ir", action="store_true", help="print the whole IR")
+    i.add_argument("--groups", action="store_true", help="print the channel dependency groups prune-channels "
+                   "works on: each as a chain with its size, its l2 score range, or why it is pinned")
 
     r = sub.add_parser("run", help="run a compiled artifact on .npy inputs")
     r.add_argument("artifact", help="artifact folder written by graphopt compile")
@@ -215,9 +217,26 @@ def cmd_inspect(args) -> int:
     print("op counts: " + ", ".join(f"{k} x{v}" for k, v in s.ops.most_common()))
     if g.meta.get("pipeline"):
         print(f"pipeline {g.meta['pipeline']}")
+    if args.groups:
+        _print_groups(g)
     if args.ir:
         print(g.text(), end="")
     return 0
+
+
+def _print_groups(g) -> None:
+    from graphopt.passes.analysis.channel_groups import ChannelAnalysis
+    from graphopt.passes.prune.prune_channels import score_units
+    quiet = ("kernel window", "no channel rule")  # structural dims, not channels: not worth a line each
+    groups = [grp for grp in ChannelAnalysis(g).groups() if grp.size > 1 and not grp.pinned.startswith(quiet)]
+    free = [grp for grp in groups if not grp.pinned]
+    print(f"channel groups: {len(groups)} ({len(free)} prunable, {len(groups) - len(free)} pinned)")
+    for k, grp in enumerate(groups):
+        if grp.pinned:
+            print(f"  [{k}] {grp.size:>5} ch  pinned: {grp.pinned}\n        {grp.chain}")
+        else:
+            sc = score_units(g, grp, "l2", None)
+            print(f"  [{k}] {grp.size:>5} ch  l2 {min(sc):.3g}..{max(sc):.3g}\n        {grp.chain}")
 
 
 def cmd_run(args) -> int:

@@ -63,8 +63,9 @@ def test_opt_inspect_compile_run_bench(tmp_path, onnx_model):
     assert res.returncode == 0, res.stderr
     assert "IR after #1 fold-bn" in res.stderr
     assert (tmp_path / "dump" / "01-fold-bn.ir").exists()
-    res = run_cli("inspect", tmp_path / "m.gopt", "--ir")
+    res = run_cli("inspect", tmp_path / "m.gopt", "--ir", "--groups")
     assert res.returncode == 0 and "input    x: float32[1,3,16,16]" in res.stdout
+    assert "channel groups:" in res.stdout and "conv1.out" in res.stdout
     assert "pipeline fold-bn,fold-constants,dce" in res.stdout
     assert "batch_norm" not in res.stdout
     res = run_cli("compile", tmp_path / "m.gopt", "--pipeline", "dce", "-o", tmp_path / "art")

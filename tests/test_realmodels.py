@@ -73,3 +73,28 @@ def test_mobilenet_v2_from_classic_onnx_export(tmp_path, zoo):
     g = graphopt.load_onnx(path)
     with torch.no_grad():
         np.testing.assert_allclose(g.run(x)[0].numpy(), model(x).numpy(), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("name,ratio", [("mobilenet_v2", 0.3), ("mobilenet_v2", 0.5), ("efficientnet_lite0", 0.3),
+                                        ("minilm", 0.25), ("minilm", 0.5)])
+def test_prune_channels_oracle_on_real_models(zoo, name, ratio):
+    """Pruned == original with removed channels zeroed where consumed, on real weights and real inputs."""
+    from graphopt.passes.prune.prune_channels import apply_plan, plan_pruning, zero_removed_in_reference
+    g = zoo.zoo_graph(name)
+    if name != "minilm":
+        g = graphopt.optimize(g, "fold-bn")
+    work = g.clone()
+    plan = plan_pruning(work, ratio)
+    ref = zero_removed_in_reference(g, plan)
+    apply_plan(work, plan)
+    assert work.stats().macs < 0.9 * g.stats().macs
+    for b in zoo.eval_inputs(name)[:2]:
+        a, r = work.run(*b)[0], ref.run(*b)[0]
+        assert a.shape == r.shape
+        torch.testing.assert_close(a, r, rtol=1e-3, atol=1e-3)
+    if name == "minilm":  # whole heads went, with q/k/v/out together
+        shapes = {n.meta.get("source_fqn"): tuple(work.get_param(n.target).shape) for n in work.graph.nodes
+                  if n.op == "get_attr"}
+        q = shapes["encoder.encoder.layer.0.attention.self.query.weight"]
+        o = shapes["encoder.encoder.layer.0.attention.output.dense.weight"]
+        assert q[0] % 32 == 0 and q[0] < 384 and o[1] == q[0]

@@ -483,22 +483,27 @@ class ChannelAnalysis:
         return groups
 
     def _chain(self, sig) -> str:
-        """conv1.out => bn1 => relu => conv2.in: the param users in graph order, for `inspect --groups`."""
-        names = []
+        """conv1.out => bn1 => add => conv2.in: modules (and adds) in graph order, for `inspect --groups`."""
         order = {n.name: i for i, n in enumerate(self.graph.gm.graph.nodes)}
+        parts: list[str] = []
         for name, d in sorted(sig, key=lambda s: order[s[0]]):
             node = self.nodes[name]
             if node.op == "get_attr":
-                fqn = node.meta.get("source_fqn", node.target)
-                user = next(iter(node.users), None)
-                role = "in" if (name, d) in self.consumers else "out" if d == 0 else f"dim{d}"
-                names.append(f"{fqn}.{role}" if user is None or user.target not in (
-                    aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default) else f"{fqn}")
-            elif node.target in BINARY and node.target in (aten.add.Tensor,):
-                names.append(name)
-        seen, out = set(), []
-        for x in names:
-            if x not in seen:
-                seen.add(x)
-                out.append(x)
-        return " => ".join(out)
+                fqn = str(node.meta.get("source_fqn", node.target))
+                module, attr = fqn.rsplit(".", 1) if "." in fqn else (fqn, "")
+                users = list(node.users)
+                if users and users[0].target in (aten.batch_norm.default,
+                                                 aten._native_batch_norm_legit_no_training.default):
+                    label = module
+                elif attr == "weight" or attr == "":
+                    label = f"{module}.{'in' if (name, d) in self.consumers else 'out' if d == 0 else f'dim{d}'}"
+                else:
+                    continue  # bias and friends follow their weight
+            elif node.op == "call_function" and node.target in (aten.add.Tensor, aten.cat.default,
+                                                                 aten.mul.Tensor):
+                label = name
+            else:
+                continue
+            if label not in parts:
+                parts.append(label)
+        return " => ".join(parts)

@@ -119,7 +119,7 @@ def _make_progress(total: int, enabled: bool):
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 
-    bar = tqdm(total=total, desc="tuning", unit="trial", disable=not enabled, leave=True)
+    bar = tqdm(total=total, desc="tuning", unit="trial", disable=None if enabled else True, leave=True)
     counts = {"trials": 0}
 
     @derived_object
