@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Const:
-    """A value known at import time."""
+    """A value known at import time; `name` is the ONNX initializer it came from, if any."""
     t: torch.Tensor
+    name: str = ""
 
 
 @dataclass
@@ -61,6 +62,7 @@ class Importer:
         self.env: dict[str, Value] = {}
         self.param_nodes: dict[int, fx.Node] = {}
         self.param_names: set[str] = set()
+        self.source_names: dict[str, str] = {}
         self.input_shapes = dict(input_shapes or {})
         self.example_inputs: list[torch.Tensor] = []
         self.input_names: list[str] = []
@@ -77,6 +79,7 @@ class Importer:
                 name, k = f"{base}_{k}", k + 1
             self.param_names.add(name)
             self.root.register_buffer(name, t)
+            self.source_names[name] = hint
             self.param_nodes[key] = self.g.get_attr(name)
             self.param_nodes[key].meta["source_fqn"] = hint
         return self.param_nodes[key]
@@ -99,7 +102,7 @@ class Importer:
             if isinstance(a, Dyn):
                 return a.node
             if isinstance(a, Const):
-                return self._param_node(a.t, self.node_name)
+                return self._param_node(a.t, a.name or self.node_name)
             if isinstance(a, (list, tuple)):
                 return type(a)(as_node(x) for x in a)
             return a
@@ -144,7 +147,7 @@ class Importer:
         inits = {i.name for i in graph.initializer}
         for init in graph.initializer:
             arr = nh.to_array(init)
-            self.env[init.name] = Const(torch.from_numpy(np.array(arr, copy=True)))
+            self.env[init.name] = Const(torch.from_numpy(np.array(arr, copy=True)), init.name)
         for inp in graph.input:
             if inp.name in inits:
                 continue
@@ -211,7 +214,8 @@ class Importer:
             ep = torch.export.export(gm, tuple(self.example_inputs), strict=False)
         except Exception as e:
             raise ModelFileError(f"the imported ONNX graph could not be exported to ATen: {e}") from e
-        return Graph.from_exported_program(ep, self.input_names, out_names, source="onnx")
+        return Graph.from_exported_program(ep, self.input_names, out_names, source="onnx",
+                                           source_names=self.source_names)
 
 
 def _attr(a):
@@ -365,7 +369,7 @@ def _matmul(im, ins, at):
     a, b = ins
     if isinstance(a, Dyn) and isinstance(b, Const) and b.t.dim() == 2:
         # a constant right operand is a linear layer's weight: keep it as one for the passes
-        return im.emit(F.linear, a, Const(b.t.t().contiguous()))
+        return im.emit(F.linear, a, Const(b.t.t().contiguous(), b.name))
     return im.emit(torch.matmul, a, b)
 
 
@@ -380,9 +384,9 @@ def _gemm(im, ins, at):
         w = b.t if at.get("transB", 0) else b.t.t().contiguous()
         bias = None
         if c is not None and isinstance(c, Const) and c.t.numel() == w.shape[0]:
-            bias = Const((c.t.reshape(-1) * beta).contiguous())
+            bias = Const((c.t.reshape(-1) * beta).contiguous(), c.name)
             c = None
-        y = im.emit(F.linear, a, Const(w), bias)
+        y = im.emit(F.linear, a, Const(w, b.name), bias)
     else:
         if at.get("transB", 0):
             b = im.emit(torch.transpose, b, 0, 1)

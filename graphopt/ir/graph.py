@@ -71,7 +71,8 @@ class Graph:
     # ---- construction -------------------------------------------------------------------------------------
     @classmethod
     def from_exported_program(cls, ep: torch.export.ExportedProgram, input_names: Sequence[str] | None = None,
-                              output_names: Sequence[str] | None = None, source: str = "") -> "Graph":
+                              output_names: Sequence[str] | None = None, source: str = "",
+                              source_names: dict[str, str] | None = None) -> "Graph":
         """Turn an ExportedProgram into graphopt's canonical form: flat inputs, params as get_attr attributes."""
         from torch.export.graph_signature import InputKind, OutputKind
 
@@ -98,7 +99,7 @@ class Graph:
                     else:
                         root.register_buffer(attr, value)
                     env[node] = new.get_attr(attr)
-                    env[node].meta["source_fqn"] = fqn
+                    env[node].meta["source_fqn"] = (source_names or {}).get(fqn, fqn)
                 else:
                     user_inputs.append(node)
                     env[node] = new.placeholder(node.name)
