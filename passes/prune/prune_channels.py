@@ -395,18 +395,21 @@ class PruneChannels(Pass):
 
 
 def zero_removed_in_reference(graph: Graph, plan: PrunePlan) -> Graph:
-    """The oracle: a copy of the unpruned graph with removed channels zeroed where they are consumed."""
+    """The oracle: a copy of the unpruned graph in which every parameter slice of a removed channel is zero.
+
+    A removed channel then contributes nothing where it is consumed (conv/linear input weights are zero), and a
+    contracted pair (q/k features) multiplies to zero, so the pruned graph must compute exactly this.
+    """
     ref = graph.clone()
-    consumers = plan.analysis.consumers
     nodes = {n.name: n for n in ref.gm.graph.nodes}
     for units in plan.remove.values():
         for u in units:
             for name, d, i in u.elems:
-                if (name, d) in consumers:
-                    attr = nodes[name].target
-                    t = ref.get_param(attr).clone()
+                node = nodes[name]
+                if node.op == "get_attr" and ref.get_param(node.target).is_floating_point():
+                    t = ref.get_param(node.target).clone()
                     t.select(d, i).zero_()
-                    ref.set_param(attr, t)
+                    ref.set_param(node.target, t)
     return ref
 
 

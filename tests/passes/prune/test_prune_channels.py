@@ -169,6 +169,15 @@ def test_llama_block_keeps_gqa_structure():
     assert shapes["layer.mlp.gate_proj.weight"][0] < 64  # FFN neurons pruned
 
 
+def test_heads_only_leaves_ffn_alone():
+    torch.manual_seed(0)
+    g = graphopt.trace(Attention().eval(), (torch.randn(2, 5, 32),))
+    out = graphopt.optimize(g, "prune-channels{ratio=0.5 heads-only=true}")
+    shapes = {n.meta.get("source_fqn"): tuple(out.get_param(n.target).shape) for n in out.graph.nodes
+              if n.op == "get_attr"}
+    assert shapes["q.weight"] == (16, 32) and shapes["f1.weight"] == (48, 32)
+
+
 def test_global_scope_and_importances(cnn):
     model, x = cnn
     for imp in ("l1", "l2", "bn-scale", "lamp", "fpgm"):
@@ -241,7 +250,27 @@ def test_unknown_op_pins_its_channels():
 
 
 # ---- fuzzing: random architectures either satisfy the oracle or raise a clear error -----------------------------
-BLOCKS = ["conv", "dw", "group", "bn_relu", "residual", "concat", "split", "se"]
+BLOCKS = ["conv", "dw", "group", "bn_relu", "residual", "concat", "split", "se", "attn"]
+
+
+class TokenAttention(nn.Module):
+    """Self-attention over the spatial positions of a [N, C, H, W] map (1 or 2 heads), residual."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.h = 2 if c % 2 == 0 else 1
+        self.qkv = nn.Linear(c, 3 * c)
+        self.o = nn.Linear(c, c)
+        self.ln = nn.LayerNorm(c)
+
+    def forward(self, x):
+        n, c, hh, ww = x.shape
+        t = x.flatten(2).transpose(1, 2)
+        q, k, v = self.qkv(self.ln(t)).chunk(3, -1)
+        split = lambda z: z.reshape(n, hh * ww, self.h, c // self.h).transpose(1, 2)  # noqa: E731
+        att = torch.softmax(split(q) @ split(k).transpose(-1, -2), -1) @ split(v)
+        y = self.o(att.transpose(1, 2).reshape(n, hh * ww, c))
+        return x + y.transpose(1, 2).reshape(n, c, hh, ww)
 
 
 class RandomNet(nn.Module):
@@ -274,6 +303,8 @@ class RandomNet(nn.Module):
                 self.layers.append(nn.Conv2d(c // 2, c // 2, 1) if c >= 2 else nn.Identity())
             elif b == "se":
                 self.layers.append(nn.Sequential(nn.Conv2d(c, 2, 1), nn.ReLU(), nn.Conv2d(2, c, 1)))
+            elif b == "attn":
+                self.layers.append(TokenAttention(c))
             self.channels.append(c)
         self.head = head
         self.fc = nn.Linear(c * (4 if head == "flatten" else 1), 5)
