@@ -303,6 +303,73 @@ def _rewrite_args(n: fx.Node, removed, old_shapes, expected) -> None:
     n.args = tuple(args)
 
 
+def _activation_means(graph: Graph, names: set[str], batches) -> dict[str, torch.Tensor]:
+    """Per-channel means (over every dim but dim 1 for 4-D, the last for others) of the named nodes' outputs."""
+    sums: dict[str, torch.Tensor] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.name in names and isinstance(out, torch.Tensor):
+                dims = [d for d in range(out.dim()) if d != (1 if out.dim() == 4 else out.dim() - 1)]
+                m = out.detach().float().mean(dims) if dims else out.detach().float()
+                sums[n.name] = sums.get(n.name, 0) + m / len(batches)
+            return out
+
+    with torch.no_grad():
+        for b in batches:
+            Recorder(graph.gm).run(*b)
+    return sums
+
+
+def bias_corrections(graph: Graph, plan: PrunePlan, batches) -> dict[str, torch.Tensor]:
+    """For each conv/linear that loses input channels, the bias change that keeps those channels' mean
+    contribution (their average activation times their weights), measured on the unpruned graph."""
+    nodes = {n.name: n for n in graph.gm.graph.nodes}
+    wanted: dict[str, list[tuple[fx.Node, int]]] = defaultdict(list)   # consumer op -> [(input node, channel)]
+    for units in plan.remove.values():
+        for u in units:
+            for name, d, i in u.elems:
+                if (name, d) not in plan.analysis.consumers or d != 1:
+                    continue
+                for op in nodes[name].users:
+                    if op.target in (aten.linear.default, aten.conv2d.default, aten.conv1d.default) \
+                            and op.args[1] is nodes[name] and (len(op.args) < 7 or op.args[6] == 1):
+                        wanted[op.name].append((op.args[0], i))
+    if not wanted:
+        return {}
+    means = _activation_means(graph, {x.name for v in wanted.values() for x, _ in v}, batches)
+    removed = plan.removed_indices()
+    out = {}
+    for op_name, items in wanted.items():
+        op = nodes[op_name]
+        w = graph.get_param(op.args[1].target).float()
+        delta = torch.zeros(w.shape[0])
+        for x, c in items:
+            if x.name in means:
+                delta += w[:, c].reshape(w.shape[0], -1).sum(1) * means[x.name][c]
+        gone = removed.get((op.args[1].name, 0), set())  # the consumer's own outputs may be pruned as well
+        out[op_name] = delta[_keep_index(len(delta), gone)] if gone else delta
+    return out
+
+
+def apply_bias_corrections(graph: Graph, corrections: dict[str, torch.Tensor]) -> int:
+    nodes = {n.name: n for n in graph.gm.graph.nodes}
+    for op_name, delta in corrections.items():
+        op = nodes[op_name]
+        bias = op.args[2] if len(op.args) > 2 else None
+        if isinstance(bias, fx.Node):
+            t = graph.get_param(bias.target)
+            graph.set_param(bias.target, (t.float() + delta).to(t.dtype))
+        else:
+            node = graph.add_param(f"{op.args[1].target}_bias_correction", delta, before=op)
+            args = list(op.args) + [None] * max(0, 3 - len(op.args))
+            args[2] = node
+            op.args = tuple(args)
+    graph.refresh()
+    return len(corrections)
+
+
 @register_pass
 class PruneChannels(Pass):
     name = "prune-channels"
@@ -323,6 +390,8 @@ class PruneChannels(Pass):
         protect: list[str] = field(default_factory=list, metadata={
             "help": "node names or parameter names (glob) whose channels are never pruned"})
         heads_only: bool = field(default=False, metadata={"help": "prune only attention-head groups"})
+        bias_correction: bool = field(default=True, metadata={
+            "help": "fold each removed channel's mean activation (on the context's data) into its consumers' bias"})
 
         def validate(self) -> str:
             if self.ratio is None and self.macs_reduction is None:
@@ -351,10 +420,15 @@ class PruneChannels(Pass):
         macs0 = graph.stats().macs
         if o.ratio is not None:
             plan = plan_pruning(graph, o.ratio, o.importance, o.scope, o.round_to, o.protect, batches, o.heads_only)
+            reference = graph.clone() if o.bias_correction else None
             work = graph
             applied = apply_plan(work, plan)
         else:
+            reference = graph.clone() if o.bias_correction else None
             work, plan, applied = self._search_macs(graph, o, batches, macs0)
+        if o.bias_correction and plan.remove:
+            corr = bias_corrections(reference, plan, ctx.batches(reference, n=4))
+            applied["bias_corrected_ops"] = apply_bias_corrections(work, corr)
         eliminate_dead_code(work)
         groups = plan.groups
         removed_units = sum(len(v) for v in plan.remove.values())

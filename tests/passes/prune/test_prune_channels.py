@@ -346,3 +346,18 @@ def test_fuzz_random_architectures(blocks, width, ratio, seed, head, scope):
         check_oracle(model, (x,), ratio, scope=scope, expect_removed=False)
     except PruneError as e:  # a clear, named refusal is allowed; a crash or a silent wrong shape is not
         assert "node" in str(e) or "nothing" in str(e)
+
+
+def test_bias_correction_keeps_the_mean_output():
+    """A removed hidden unit's mean contribution moves into the next layer's bias: on the calibration data the
+    mean output is preserved exactly (the consumer is linear), and it is not without the correction."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    data = [(torch.randn(32, 8) + 1.0,) for _ in range(3)]
+    g = graphopt.trace(m, data[0])
+    mean = lambda gr: torch.stack([gr.run(*b)[0].mean(0) for b in data]).mean(0)  # noqa: E731
+    fixed = graphopt.optimize(g, "prune-channels{ratio=0.5}", data=data)
+    plain = graphopt.optimize(g, "prune-channels{ratio=0.5 bias-correction=false}", data=data)
+    assert fixed.meta["history"][0]["stats"]["bias_corrected_ops"] == 1
+    torch.testing.assert_close(mean(fixed), mean(g), rtol=1e-4, atol=1e-4)
+    assert (mean(plain) - mean(g)).abs().max() > 1e-2
