@@ -58,7 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--target", default="llvm", choices=["llvm", "onnx", "pt2"],
                    help="llvm: TVM build for this CPU (default); onnx: ONNX export; pt2: torch.export archive")
     c.add_argument("--tune-trials", type=int, metavar="N", help="MetaSchedule trials in total (default: no tuning)")
-    c.add_argument("--tune-db", metavar="DIR", help="existing folder for the tuning database, reused across runs")
+    c.add_argument("--tune-minutes", type=float, metavar="M", help="wall-clock tuning budget in minutes (tuning stops "
+                   "there and keeps the best kernels found; with no --tune-trials, trials default to 2000)")
+    c.add_argument("--tune-db", metavar="DIR", help="existing folder for the tuning database, reused across runs "
+                   "and models (workloads already in it are not tuned again)")
     c.add_argument("--no-report", action="store_true", help="skip fidelity and latency measurement")
     c.add_argument("--threads", type=int, default=None, help="threads for every runtime in the report (default: cores)")
     _add_pm_options(c)
@@ -134,8 +137,9 @@ def cmd_compile(args) -> int:
     threads = args.threads or host_cores()
     os.environ.setdefault("TVM_NUM_THREADS", str(threads))
     tuning = None
-    if args.tune_trials is not None or args.tune_db:
-        tuning = Tuning(trials=args.tune_trials or 64, db=args.tune_db)
+    if args.tune_trials is not None or args.tune_db or args.tune_minutes:
+        default_trials = 2000 if args.tune_minutes else 64
+        tuning = Tuning(trials=args.tune_trials or default_trials, db=args.tune_db, minutes=args.tune_minutes)
         tuning.validate()
     _refuse_overwriting_model(args)
     graph = load_model(args.model)

@@ -17,6 +17,7 @@ from typing import Any
 from graphopt.errors import TargetError
 
 log = logging.getLogger(__name__)
+_now = time.perf_counter  # one clock for budgets (tests replace it)
 
 
 @dataclass
@@ -29,10 +30,14 @@ class Tuning:
     seed: int = 0
     retune: bool = False          # tune workloads again even if the database already has records for them
     progress: bool = True
+    minutes: float | None = None  # wall-clock budget; tuning stops (keeping what it found) when it runs out
+    plateau: int = 2              # stop a task after this many measured batches without a 1% gain (0: never)
 
     def validate(self) -> None:
         if self.trials < 1:
             raise TargetError(f"tuning trials must be >= 1, got {self.trials}")
+        if self.minutes is not None and not self.minutes > 0:
+            raise TargetError(f"tuning minutes must be > 0, got {self.minutes}")
         if self.db is not None and not Path(self.db).is_dir():
             raise TargetError(f"tuning database folder '{self.db}' does not exist; create it (mkdir -p {self.db}) "
                               "or leave --tune-db out to tune into a fresh temporary database")
@@ -44,6 +49,8 @@ class TuningSummary:
     tasks: int = 0
     tasks_tuned: int = 0
     tasks_reused: int = 0
+    tasks_skipped: int = 0
+    stopped: str = ""
     seconds: float = 0.0
     db: str | None = None
     per_task: list[dict[str, Any]] = field(default_factory=list)
@@ -114,29 +121,45 @@ def _make_runner(number: int = 3, repeat: int = 1, min_repeat_ms: int = 20):
     return InProcessRunner()
 
 
+class _StopTuning(Exception):
+    """Raised from the measure callback to end a task early (budget spent or no more gains)."""
+
+
 def _make_progress(total: int, enabled: bool):
     from tqdm.auto import tqdm
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 
     bar = tqdm(total=total, desc="tuning", unit="trial", disable=None if enabled else True, leave=True)
-    counts = {"trials": 0}
+    state = {"trials": 0, "deadline": None, "task_limit": None, "task_trials": 0, "best": None, "stale": 0,
+             "plateau": 0, "reason": ""}
 
     @derived_object
     class ProgressCallback(PyMeasureCallback):
-        """Advances the progress bar by each measured batch and shows the best time per task."""
+        """Advances the progress bar; ends the task when the time budget is spent or its best time plateaus."""
 
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
-            counts["trials"] += len(measure_candidates)
-            bar.update(len(measure_candidates))
+            n = len(measure_candidates)
+            state["trials"] += n
+            state["task_trials"] += n
+            bar.update(n)
             ok = [float(sum(float(x) for x in r.run_secs) / len(r.run_secs)) for r in runner_results
                   if r.run_secs is not None and len(r.run_secs)]
             if ok:
-                bar.set_postfix_str(f"task {task_id}: best {min(ok) * 1e6:.0f} us")
+                best = min(ok)
+                bar.set_postfix_str(f"best {best * 1e6:.0f} us")
+                if state["best"] is None or best < 0.99 * state["best"]:
+                    state["best"], state["stale"] = best, 0
+                else:
+                    state["stale"] += 1
+            if state["deadline"] is not None and _now() > state["deadline"]:
+                state["reason"] = state["stop"] = "time budget spent"
+                raise _StopTuning(state["reason"])
+            if state["plateau"] and state["stale"] >= state["plateau"]:
+                state["stop"] = "plateau"
+                raise _StopTuning("plateau")
 
-    return ProgressCallback(), bar, counts
-
-
+    return ProgressCallback(), bar, state
 def fuse_for_tuning(mod, target):
     """The same preparation compile_relax applies before looking up the database, so workload keys match."""
     import tvm
@@ -154,6 +177,70 @@ def fuse_for_tuning(mod, target):
         return seq(mod)
 
 
+def task_cost(task) -> float:
+    """FLOPs of one call times how often the model calls it: what tuning this task can save, at best."""
+    from tvm.s_tir.analysis import estimate_tir_flops
+    try:
+        return float(estimate_tir_flops(task.dispatched[0])) * int(task.weight)
+    except Exception:  # some kernels have no countable FLOPs; tune them last
+        return 0.0
+
+
+def _tune_by_flops(ms, todo, work_dir, database, tuning: Tuning, summary: "TuningSummary", t0: float) -> None:
+    """Tune the tasks one by one, heaviest first, each with trials in proportion to its share of the FLOPs,
+    sharing one cost model; stop a task on a plateau and everything when the time budget is spent."""
+    costs = [task_cost(t) for t in todo]
+    order = sorted(range(len(todo)), key=lambda i: -costs[i])
+    total_cost = sum(costs) or 1.0
+    per_iter = tuning.trials_per_iter
+    budget = tuning.trials
+    alloc = {}
+    for i in order:
+        share = int(round(tuning.trials * costs[i] / total_cost / per_iter)) * per_iter
+        share = min(max(share, per_iter), budget)
+        if share < per_iter:
+            break
+        alloc[i] = share
+        budget -= share
+    summary.tasks_skipped = len(todo) - len(alloc)
+    population = int(min(512, max(32, 4 * per_iter)))
+    strategy = ms.search_strategy.EvolutionarySearch(population_size=population,
+                                                     init_min_unmeasured=min(50, population // 2))
+    cost_model = ms.cost_model.CostModel.create("xgb", num_tuning_cores=1)
+    callback, bar, state = _make_progress(sum(alloc.values()), tuning.progress)
+    if tuning.minutes is not None:
+        state["deadline"] = t0 + 60.0 * tuning.minutes
+    state["plateau"] = tuning.plateau
+    try:
+        for i in order:
+            if i not in alloc:
+                continue
+            if state["deadline"] is not None and _now() > state["deadline"]:
+                summary.stopped = "time budget spent"
+                break
+            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                [todo[i]], work_dir, strategy=strategy, seed=tuning.seed, num_threads=1)
+            state.update(task_trials=0, best=None, stale=0, stop="")
+            try:
+                ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir,
+                                   max_trials_global=alloc[i], num_trials_per_iter=per_iter,
+                                   builder=_make_builder(), runner=_make_runner(), database=database,
+                                   cost_model=cost_model, task_scheduler="round-robin",
+                                   measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
+                                                      callback])
+            except Exception as e:  # our callback's stop arrives re-wrapped by the FFI; anything else is an error
+                if not state["stop"]:
+                    raise TargetError(f"tuning task '{todo[i].task_name}' failed: {type(e).__name__}: {e}") from None
+                if state["reason"]:
+                    summary.stopped = state["reason"]
+                    break
+            bar.total = max(bar.total or 0, state["trials"])
+            summary.tasks_tuned += 1
+    finally:
+        summary.trials = state["trials"]
+        bar.close()
+
+
 def tune(mod, target, tuning: Tuning):
     """Tune the Relax module's kernels; return (database, TuningSummary). The database may be a temporary one."""
     import tvm
@@ -162,7 +249,7 @@ def tune(mod, target, tuning: Tuning):
     import_tensor_intrinsics()
     ms = _ms()
     tuning.validate()
-    t0 = time.perf_counter()
+    t0 = _now()
     work_dir = tuning.db or tempfile.mkdtemp(prefix="graphopt-tune-")
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     database = ms.database.JSONDatabase(work_dir=work_dir)
@@ -179,24 +266,7 @@ def tune(mod, target, tuning: Tuning):
         else:
             todo.append(task)
     if todo:
-        # a population sized to the budget: the default 512 spends minutes evolving candidates never measured
-        population = int(min(512, max(32, 4 * tuning.trials_per_iter)))
-        strategy = ms.search_strategy.EvolutionarySearch(population_size=population,
-                                                         init_min_unmeasured=min(50, population // 2))
-        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-            todo, work_dir, strategy=strategy, seed=tuning.seed, num_threads=1)
-        callback, bar, counts = _make_progress(tuning.trials, tuning.progress)
-        try:
-            ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir,
-                               max_trials_global=tuning.trials, num_trials_per_iter=tuning.trials_per_iter,
-                               builder=_make_builder(), runner=_make_runner(), database=database,
-                               measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), callback])
-        except Exception as e:
-            raise TargetError(f"tuning failed: {type(e).__name__}: {e}") from None
-        finally:
-            summary.trials = counts["trials"]
-            bar.close()
-        summary.tasks_tuned = len(todo)
+        _tune_by_flops(ms, todo, work_dir, database, tuning, summary, t0)
     for task in tasks:
         best = None
         for m in task.dispatched:
@@ -206,5 +276,5 @@ def tune(mod, target, tuning: Tuning):
                     best = float(sum(float(x) for x in recs[0].run_secs) / len(recs[0].run_secs))
         summary.per_task.append({"task": task.task_name, "weight": int(task.weight),
                                  "best_us": None if best is None else round(best * 1e6, 2)})
-    summary.seconds = round(time.perf_counter() - t0, 2)
+    summary.seconds = round(_now() - t0, 2)
     return database, summary

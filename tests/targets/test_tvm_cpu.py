@@ -104,3 +104,41 @@ def test_tuning_with_database_reuse(tmp_path):
     out2 = graphopt.compile(g, "llvm", tuning=tuning, output=tmp_path / "t2")
     second = json.loads((out2 / "manifest.json").read_text())["tuning"]
     assert second["tasks_reused"] >= 1 and second["trials"] <= first["trials"]
+
+
+@pytest.mark.tuning
+def test_tuning_time_budget_stops_early_and_keeps_results(tmp_path, monkeypatch):
+    """The budget is checked after every measured batch: here the clock runs out after the first one."""
+    import graphopt.targets.tvm.tuning as tuning_mod
+    calls = [0]
+
+    def clock():
+        calls[0] += 1
+        return 0.0 if calls[0] <= 3 else 1e9  # tune start, pre-task check, first batch: in budget; then spent
+    monkeypatch.setattr(tuning_mod, "_now", clock)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16)).eval()
+    x = torch.randn(2, 64)
+    g = graphopt.trace(model, (x,))
+    tuning = graphopt.Tuning(trials=64, trials_per_iter=2, minutes=1.0, plateau=0, progress=False)
+    out = graphopt.compile(g, "llvm", tuning=tuning, output=tmp_path / "t")
+    summary = json.loads((out / "manifest.json").read_text())["tuning"]
+    assert summary["stopped"] == "time budget spent"
+    assert summary["trials"] == 4  # two batches of two, then the callback stopped the search
+    np.testing.assert_allclose(graphopt.load(out)(x.numpy())[0], model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(TargetError, match="minutes must be > 0"):
+        graphopt.Tuning(minutes=0).validate()
+
+
+def test_tasks_are_tuned_heaviest_first():
+    """Trials go to the tasks with the most FLOPs x calls; the rest stay untuned when the budget is small."""
+    from graphopt.targets.tvm.lower import lower_to_relax
+    from graphopt.targets.tvm.tuning import fuse_for_tuning, task_cost
+    from tvm.s_tir import meta_schedule as ms
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 4)).eval()
+    g = graphopt.trace(model, (torch.randn(8, 256),))
+    tgt = cpu_target()
+    tasks = ms.relax_integration.extract_tasks(fuse_for_tuning(lower_to_relax(g), tgt), tgt)
+    costs = {t.task_name: task_cost(t) for t in tasks}
+    big = max(costs, key=costs.get)
+    assert costs[big] >= 2 * 8 * 256 * 256 and "matmul" in big
