@@ -18,10 +18,12 @@ log = logging.getLogger(__name__)
 TARGETS = ("llvm",)
 
 
-def build_executable(graph: Graph, target: str = "llvm", tuning: Tuning | None = None):
-    """Lower and build; returns (executable, tvm Target, TuningSummary or None, seconds to build)."""
-    import tvm
-    from tvm import relax
+def build_executable(graph: Graph, target: str = "llvm", tuning: Tuning | None = None, rules: bool = True):
+    """Lower and build; returns (executable, tvm Target, TuningSummary or None, seconds to build).
+
+    Tuned kernels come from the MetaSchedule database; every other kernel gets graphopt's CPU schedule rules
+    (rules=False leaves those to TVM's default loop nests, for comparison)."""
+    from graphopt.targets.tvm.cpu.pipeline import build_cpu
 
     if target not in TARGETS:
         raise TargetError(f"unknown target '{target}' (choose one of: {', '.join(TARGETS)})")
@@ -33,13 +35,11 @@ def build_executable(graph: Graph, target: str = "llvm", tuning: Tuning | None =
     summary = None
     try:
         if tuning is not None:
-            from tvm.s_tir.meta_schedule.relax_integration import compile_relax
             database, summary = tune(mod, tgt, tuning)
-            # compile_relax fuses the original module itself, so the workload keys match those tuned above
-            ex = compile_relax(database, mod, tgt, None)
+            # the pipeline fuses the original module the same way tuning did, so the workload keys match
+            ex = build_cpu(mod, tgt, database, rules)
         else:
-            with tvm.transform.PassContext(opt_level=3):
-                ex = relax.build(mod, target=tgt)
+            ex = build_cpu(mod, tgt, None, rules)
     except TargetError:
         raise
     except Exception as e:

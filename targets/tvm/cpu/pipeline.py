@@ -1,0 +1,37 @@
+"""The Relax build pipeline for the CPU: legalize and fuse, apply MetaSchedule records (if any), then graphopt's
+CPU schedule rules to every function still unscheduled, then lower."""
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+from tvm.s_tir import dlight as dl
+
+from graphopt.targets.tvm.cpu.rules import default_cpu_rules
+
+
+def cpu_pipeline(target, database=None, rules: bool = True):
+    """A relax_pipeline for relax.build. With a database its records win; the rules schedule the rest."""
+
+    @tvm.transform.module_pass(opt_level=3, name="GraphoptCPUPipeline")
+    def _pipeline(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
+        with target:
+            mod = tvm.transform.Sequential(list(cpu_generic.library_dispatch_passes(target))
+                                           + list(cpu_generic.legalize_passes(target)))(mod)
+            if database is not None:
+                mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+            if rules:
+                mod = dl.ApplyDefaultSchedule(*default_cpu_rules())(mod)
+            return tvm.transform.Sequential(list(cpu_generic.dataflow_lower_passes(target))
+                                            + list(cpu_generic.finalize_passes(target)))(mod)
+
+    return _pipeline
+
+
+def build_cpu(mod, target, database=None, rules: bool = True):
+    """relax.build with the graphopt CPU pipeline (inside the database's context when there is one)."""
+    with target, tvm.transform.PassContext(opt_level=3):
+        if database is not None:
+            with database:
+                return relax.build(mod, target=target, relax_pipeline=cpu_pipeline(target, database, rules))
+        return relax.build(mod, target=target, relax_pipeline=cpu_pipeline(target, None, rules))

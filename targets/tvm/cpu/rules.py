@@ -1,0 +1,165 @@
+"""CPU schedule rules applied without tuning (dlight-style): register-blocked, vectorized, parallel kernels for
+the reduction-with-epilogue functions (conv2d, depthwise conv, matmul/dense) and vectorized elementwise ones.
+
+One tile = `reg` rows of the second-innermost output axis x `vec` lanes of the innermost one, accumulated in
+registers over the whole reduction, epilogue (bias, activation) fused on the tile, outer axes parallel.
+Functions a rule does not understand keep TVM's default schedule; MetaSchedule records, when present, win.
+"""
+from __future__ import annotations
+
+import logging
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.base import ScheduleRule
+from tvm.target import Target
+
+log = logging.getLogger(__name__)
+
+
+def vector_lanes(target: Target, dtype_bits: int = 32) -> int:
+    """Lanes of the widest vector unit the CPU has (fp32: 16 with AVX-512, 8 with AVX2, 4 otherwise).
+
+    Feature flags, not llvm_get_vector_width: that answers 512 on AVX2-only Zen 3 here."""
+    from tvm.target import codegen
+    try:
+        if codegen.llvm_cpu_has_features(["avx512f"], target):
+            bits = 512
+        elif codegen.llvm_cpu_has_features(["avx2"], target) or codegen.llvm_cpu_has_features(["avx"], target):
+            bits = 256
+        else:
+            bits = 128
+    except Exception:
+        bits = 128
+    return max(1, bits // dtype_bits)
+
+
+def _extent(sch: s_tir.Schedule, loop) -> int | None:
+    ext = sch.get(loop).extent
+    return int(ext) if isinstance(ext, tirx.IntImm) else None
+
+
+def _divisor(n: int, candidates: tuple[int, ...]) -> int:
+    for c in candidates:
+        if c <= n and n % c == 0:
+            return c
+    return 1
+
+
+def _is_spatial(block_info) -> bool:
+    return all(it.kind == "S" for it in block_info.iters)
+
+
+class ReductionTile(ScheduleRule):
+    """One reduction block (conv / matmul / depthwise) with optional injective producers and epilogue."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or "cpu" not in target.keys:
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        reductions = [b for b in infos if not _is_spatial(b)]
+        if len(reductions) != 1:
+            return None
+        red = reductions[0]
+        idx = infos.index(red)
+        if any(k in sch.get(red.block_rv).name_hint for k in ("group_conv", "depthwise", "pool")):
+            return None  # window reductions: TVM's default loop nest vectorizes these better than a tile
+        # producers (padding, layout copies) go inline; so do epilogue blocks except the last
+        try:
+            for b in infos[:idx]:
+                sch.compute_inline(b.block_rv)
+            epilogue = infos[idx + 1:]
+            for b in epilogue[:-1]:
+                sch.compute_inline(b.block_rv)
+        except Exception:  # a producer that cannot be inlined: leave this function to the default schedule
+            return None
+        anchor = epilogue[-1].block_rv if epilogue else red.block_rv
+        s_loops = sch.get_loops(anchor)
+        if epilogue:
+            if len(s_loops) != sum(1 for it in red.iters if it.kind == "S"):
+                return None
+        else:
+            s_loops = s_loops[:sum(1 for it in red.iters if it.kind == "S")]
+        if len(s_loops) < 2:
+            return None
+        exts = [_extent(sch, lp) for lp in s_loops]
+        if any(e is None for e in exts):
+            return None
+        lanes = vector_lanes(target)
+        # a whole number of vectors if possible, else the largest divisor that nearly fills one (7 of 14 or 28)
+        vec = _divisor(exts[-1], (2 * lanes, lanes, *range(lanes - 1, lanes // 2 - 1, -1))) if lanes > 1 else 1
+        if vec < 4:
+            return None
+        # register block: the other output axis with the most work that splits evenly
+        cands = [(e % 8 == 0, e % 4 == 0, e, k) for k, e in enumerate(exts[:-1])]
+        best = max(cands)
+        r_axis = best[3]
+        reg = _divisor(exts[r_axis], (4,) if vec > lanes else (8, 4, 3, 2))
+        r_loop, v_loop = s_loops[r_axis], s_loops[-1]
+        outer = [lp for k, lp in enumerate(s_loops[:-1]) if k != r_axis]
+        r_o, r_i = sch.split(r_loop, [None, reg])
+        v_o, v_i = sch.split(v_loop, [None, vec])
+        sch.reorder(*outer, r_o, v_o, r_i, v_i)
+        if epilogue:
+            sch.compute_at(red.block_rv, v_o, preserve_unit_loops=True)
+            sch.vectorize(v_i)
+        red_loops = sch.get_loops(red.block_rv)
+        n_r = sum(1 for it in red.iters if it.kind == "R")
+        r_inner = red_loops[len(red_loops) - n_r:]
+        below = red_loops[len(outer) + 2:len(red_loops) - n_r]
+        s_inner = [lp for lp in below if _extent(sch, lp) != 1]  # compute_at keeps unit loops; skip them
+        if len(s_inner) != 2 or not r_inner:
+            return None
+        sch.reorder(*r_inner, *s_inner)
+        # parallel over the outer tile loops (fused); must precede decompose_reduction (two writers after it)
+        par = sch.fuse(*outer, r_o) if outer else r_o
+        sch.parallel(par)
+        sch.unroll(s_inner[0])
+        sch.vectorize(s_inner[1])
+        sch.decompose_reduction(red.block_rv, r_inner[0])
+        return sch
+
+
+class Elementwise(ScheduleRule):
+    """Purely spatial functions: inline into the last block, vectorize the innermost axis, parallel outside."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or "cpu" not in target.keys:
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None or not all(_is_spatial(b) for b in infos):
+            return None
+        try:
+            for b in infos[:-1]:
+                sch.compute_inline(b.block_rv)
+        except Exception:
+            return None
+        loops = sch.get_loops(infos[-1].block_rv)
+        if not loops:
+            return None
+        exts = [_extent(sch, lp) for lp in loops]
+        if any(e is None for e in exts):
+            return None
+        lanes = vector_lanes(target)
+        fused = sch.fuse(*loops)
+        total = 1
+        for e in exts:
+            total *= e
+        vec = _divisor(total, (lanes * 2, lanes, lanes // 2, 2))
+        if total >= 4096:
+            o, i = sch.split(fused, [None, vec * 64])
+            sch.parallel(o)
+            _, vi = sch.split(i, [None, vec])
+            sch.vectorize(vi)
+        elif vec > 1:
+            _, vi = sch.split(fused, [None, vec])
+            sch.vectorize(vi)
+        return sch
+
+
+def default_cpu_rules() -> list[ScheduleRule]:
+    return [ReductionTile(), Elementwise()]
