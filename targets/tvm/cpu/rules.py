@@ -68,22 +68,29 @@ class ReductionTile(ScheduleRule):
         if any(k in sch.get(red.block_rv).name_hint for k in ("group_conv", "depthwise", "pool")):
             return None  # window reductions: TVM's default loop nest vectorizes these better than a tile
         # producers (padding, layout copies) go inline; so do epilogue blocks except the last
+        n_spatial = sum(1 for it in red.iters if it.kind == "S")
+        out_shape = [int(it.dom) for it in red.iters if it.kind == "S"]
+        epilogue, tail = [], []
+        for b in infos[idx + 1:]:  # same-shape epilogue (bias, activation) joins the tile; a pad after it does not
+            same = not tail and [int(it.dom) for it in b.iters] == out_shape
+            (epilogue if same else tail).append(b)
         try:
             for b in infos[:idx]:
                 sch.compute_inline(b.block_rv)
-            epilogue = infos[idx + 1:]
             for b in epilogue[:-1]:
                 sch.compute_inline(b.block_rv)
         except Exception:  # a producer that cannot be inlined: leave this function to the default schedule
             return None
+        for b in tail:
+            _parallel_vectorize(sch, b.block_rv, vector_lanes(target))
         anchor = epilogue[-1].block_rv if epilogue else red.block_rv
         s_loops = sch.get_loops(anchor)
         if epilogue:
-            if len(s_loops) != sum(1 for it in red.iters if it.kind == "S"):
+            if len(s_loops) != n_spatial:
                 return None
         else:
-            s_loops = s_loops[:sum(1 for it in red.iters if it.kind == "S")]
-        if len(s_loops) < 2:
+            s_loops = s_loops[:n_spatial]
+        if not s_loops:
             return None
         exts = [_extent(sch, lp) for lp in s_loops]
         if any(e is None for e in exts):
@@ -93,24 +100,36 @@ class ReductionTile(ScheduleRule):
         vec = _divisor(exts[-1], (2 * lanes, lanes, *range(lanes - 1, lanes // 2 - 1, -1))) if lanes > 1 else 1
         if vec < 4:
             return None
-        # register block: the other output axis with the most work that splits evenly
-        cands = [(e % 8 == 0, e % 4 == 0, e, k) for k, e in enumerate(exts[:-1])]
-        best = max(cands)
-        r_axis = best[3]
-        reg = _divisor(exts[r_axis], (4,) if vec > lanes else (8, 4, 3, 2))
-        r_loop, v_loop = s_loops[r_axis], s_loops[-1]
-        outer = [lp for k, lp in enumerate(s_loops[:-1]) if k != r_axis]
-        r_o, r_i = sch.split(r_loop, [None, reg])
-        v_o, v_i = sch.split(v_loop, [None, vec])
-        sch.reorder(*outer, r_o, v_o, r_i, v_i)
+        if len(s_loops) == 1:
+            # matrix-vector (batch-1 linear): the register block also comes from the output axis
+            reg = _divisor(exts[0] // vec, (4, 5, 3, 2))
+            outer = []
+            r_o, r_i, v_i = sch.split(s_loops[0], [None, reg, vec])
+            v_o = r_i
+            sch.reorder(r_o, r_i, v_i)
+            tile_loop = r_o
+        else:
+            # register block: the other output axis with the most work that splits evenly
+            cands = [(e % 8 == 0, e % 4 == 0, e, k) for k, e in enumerate(exts[:-1])]
+            r_axis = max(cands)[3]
+            reg = _divisor(exts[r_axis], (4,) if vec > lanes else (8, 4, 3, 2))
+            r_loop, v_loop = s_loops[r_axis], s_loops[-1]
+            outer = [lp for k, lp in enumerate(s_loops[:-1]) if k != r_axis]
+            r_o, r_i = sch.split(r_loop, [None, reg])
+            v_o, v_i = sch.split(v_loop, [None, vec])
+            sch.reorder(*outer, r_o, v_o, r_i, v_i)
+            tile_loop = v_o
         if epilogue:
-            sch.compute_at(red.block_rv, v_o, preserve_unit_loops=True)
+            sch.compute_at(red.block_rv, tile_loop, preserve_unit_loops=True)
             sch.vectorize(v_i)
         red_loops = sch.get_loops(red.block_rv)
         n_r = sum(1 for it in red.iters if it.kind == "R")
         r_inner = red_loops[len(red_loops) - n_r:]
-        below = red_loops[len(outer) + 2:len(red_loops) - n_r]
+        n_tile = len(outer) + (1 if len(s_loops) == 1 else 2)
+        below = red_loops[n_tile:len(red_loops) - n_r]
         s_inner = [lp for lp in below if _extent(sch, lp) != 1]  # compute_at keeps unit loops; skip them
+        if len(s_inner) == 1 and _extent(sch, s_inner[0]) == reg * vec:  # one output axis: split it again
+            s_inner = list(sch.split(s_inner[0], [reg, vec]))
         if len(s_inner) != 2 or not r_inner:
             return None
         sch.reorder(*r_inner, *s_inner)
@@ -138,28 +157,51 @@ class Elementwise(ScheduleRule):
                 sch.compute_inline(b.block_rv)
         except Exception:
             return None
-        loops = sch.get_loops(infos[-1].block_rv)
-        if not loops:
+        if not _parallel_vectorize(sch, infos[-1].block_rv, vector_lanes(target)):
             return None
-        exts = [_extent(sch, lp) for lp in loops]
-        if any(e is None for e in exts):
-            return None
-        lanes = vector_lanes(target)
-        fused = sch.fuse(*loops)
-        total = 1
-        for e in exts:
-            total *= e
-        vec = _divisor(total, (lanes * 2, lanes, lanes // 2, 2))
-        if total >= 4096:
-            o, i = sch.split(fused, [None, vec * 64])
-            sch.parallel(o)
-            _, vi = sch.split(i, [None, vec])
-            sch.vectorize(vi)
-        elif vec > 1:
-            _, vi = sch.split(fused, [None, vec])
-            sch.vectorize(vi)
         return sch
 
 
+def _parallel_vectorize(sch: s_tir.Schedule, block, lanes: int) -> bool:
+    """Fuse a spatial block's loops, vectorize the innermost run and parallelize the rest."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return False
+    exts = [_extent(sch, lp) for lp in loops]
+    if any(e is None for e in exts):
+        return False
+    fused = sch.fuse(*loops)
+    total = 1
+    for e in exts:
+        total *= e
+    vec = _divisor(total, (lanes * 2, lanes, lanes // 2, 2))
+    if total >= 4096:
+        o, i = sch.split(fused, [None, vec * 64])
+        sch.parallel(o)
+        _, vi = sch.split(i, [None, vec])
+        sch.vectorize(vi)
+    elif vec > 1:
+        _, vi = sch.split(fused, [None, vec])
+        sch.vectorize(vi)
+    return True
+
+
+class Normalization(ScheduleRule):
+    """Softmax and layer norm: TVM's dlight CPU reduction rule (it slows down plain means, so only these)."""
+
+    def __init__(self):
+        from tvm.s_tir.dlight import cpu as dl_cpu
+        self.inner = dl_cpu.Reduction()
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
+        if not isinstance(func, tirx.PrimFunc):
+            return None
+        text = func.script()
+        if "softmax" not in text and "layer_norm" not in text:
+            return None
+        return self.inner.apply(func, target, tunable)
+
+
 def default_cpu_rules() -> list[ScheduleRule]:
-    return [ReductionTile(), Elementwise()]
+    """graphopt's rules first; TVM's dlight CPU reduction rule for softmax and layer norm after them."""
+    return [ReductionTile(), Elementwise(), Normalization()]

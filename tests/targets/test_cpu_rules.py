@@ -1,0 +1,64 @@
+"""graphopt's CPU schedule rules: they schedule conv / matmul / GEMV / elementwise kernels, keep the numerics of
+TVM's default schedule, and leave depthwise windows to the default loop nest."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from tvm import relax
+from tvm.s_tir import dlight as dl
+
+import graphopt
+from graphopt.targets.tvm.build import build_executable
+from graphopt.targets.tvm.cpu.rules import default_cpu_rules, vector_lanes
+from graphopt.targets.tvm.host import cpu_target
+from graphopt.targets.tvm.lower import lower_to_relax
+from graphopt.targets.tvm.tuning import fuse_for_tuning
+
+
+def scheduled_functions(model, x):
+    g = graphopt.trace(model.eval(), (x,))
+    tgt = cpu_target()
+    mod = fuse_for_tuning(lower_to_relax(g), tgt)
+    with tgt:
+        out = dl.ApplyDefaultSchedule(*default_cpu_rules())(mod)
+    return {gv.name_hint: "tirx.is_scheduled" in f.attrs for gv, f in out.functions.items()
+            if isinstance(f, tvm.tirx.PrimFunc)}
+
+
+def run(ex, x):
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x.numpy()))
+    return (out if hasattr(out, "numpy") else out[0]).numpy()
+
+
+@pytest.mark.parametrize("model,shape", [
+    (torch.nn.Sequential(torch.nn.Conv2d(16, 24, 1), torch.nn.ReLU6()), (1, 16, 14, 14)),
+    (torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1, stride=2)), (1, 8, 15, 15)),
+    (torch.nn.Sequential(torch.nn.Linear(64, 40), torch.nn.GELU()), (3, 7, 64)),
+    (torch.nn.Sequential(torch.nn.Linear(96, 80)), (1, 96)),
+    (torch.nn.Sequential(torch.nn.Conv2d(12, 12, 3, padding=1, groups=12), torch.nn.ReLU()), (1, 12, 9, 9)),
+])
+def test_rules_match_default_schedule(model, shape):
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    g = graphopt.trace(model.eval(), (x,))
+    fast, _, _, _ = build_executable(g, rules=True)
+    plain, _, _, _ = build_executable(g, rules=False)
+    np.testing.assert_allclose(run(fast, x), run(plain, x), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(run(fast, x), model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_which_kernels_get_a_rule():
+    conv = scheduled_functions(torch.nn.Sequential(torch.nn.Conv2d(16, 32, 1), torch.nn.ReLU6()),
+                               torch.randn(1, 16, 28, 28))
+    assert any(v for k, v in conv.items() if "conv2d" in k)
+    gemv = scheduled_functions(torch.nn.Linear(128, 64), torch.randn(1, 128))
+    assert any(v for k, v in gemv.items() if "matmul" in k)
+    dw = scheduled_functions(torch.nn.Conv2d(8, 8, 3, padding=1, groups=8), torch.randn(1, 8, 16, 16))
+    assert not any(v for k, v in dw.items() if "conv2d" in k)  # depthwise keeps TVM's default loop nest
+
+
+def test_vector_lanes_from_cpu_features():
+    assert vector_lanes(cpu_target()) in (4, 8, 16)
