@@ -53,7 +53,9 @@ def compile_report(reference: Graph, optimized: Graph, artifact: Path, manifest:
     if tuning:
         lines.append(f"  tuning     {tuning.get('trials', 0)} trials over {tuning.get('tasks_tuned', 0)} task(s) "
                      f"(heaviest first), {tuning.get('tasks_reused', 0)} reused from the database, "
-                     f"{tuning.get('tasks_skipped', 0)} left untuned, {tuning.get('seconds', 0):.0f} s"
+                     f"{tuning.get('tasks_skipped', 0)} left untuned, {tuning.get('seconds', 0):.0f} s; "
+                     f"{tuning.get('kept_tuned', 0)} tuned kernel(s) used, {tuning.get('kept_rules', 0)} beaten by the "
+                     "rule-scheduled ones"
                      + (f", stopped: {tuning['stopped']}" if tuning.get("stopped") else ""))
     else:
         lines.append("  tuning     none (use --tune-trials N [--tune-db DIR] for faster kernels)")

@@ -50,6 +50,8 @@ class TuningSummary:
     tasks_tuned: int = 0
     tasks_reused: int = 0
     tasks_skipped: int = 0
+    kept_tuned: int = 0           # tasks whose tuned kernel beat graphopt's rule-scheduled one
+    kept_rules: int = 0           # tasks where the rule-scheduled kernel was at least as fast
     stopped: str = ""
     seconds: float = 0.0
     db: str | None = None
@@ -241,6 +243,60 @@ def _tune_by_flops(ms, todo, work_dir, database, tuning: Tuning, summary: "Tunin
         bar.close()
 
 
+def _time_with_rules(task, target) -> float | None:
+    """Seconds per call of the task's kernel under graphopt's CPU rules (None if no rule applies)."""
+    import numpy as np
+    import tvm
+    from tvm.s_tir import dlight as dl
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+    from graphopt.targets.tvm.cpu.rules import default_cpu_rules
+    mod = task.dispatched[0]
+    with target:
+        sched = dl.ApplyDefaultSchedule(*default_cpu_rules())(mod)
+    gv = sched.get_global_vars()[0]
+    func = sched[gv]
+    if "tirx.is_scheduled" not in func.attrs:
+        return None
+    try:
+        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target).jit()
+        args = [tvm.runtime.tensor(np.zeros([int(d) for d in a.shape], dtype=str(a.dtype)))
+                for a in ArgInfo.from_prim_func(func)]
+        return float(lib.time_evaluator("main", tvm.cpu(), number=3, repeat=1, min_repeat_ms=20)(*args).mean)
+    except Exception:  # the rule's kernel does not build standalone: let the tuned record decide
+        return None
+
+
+def keep_faster_than_rules(database, tasks, target, summary: "TuningSummary"):
+    """A database holding only the tuned kernels that beat the rule-scheduled ones; the rules do the rest.
+
+    A small tuning budget often finds kernels slower than graphopt's rules; applying them blindly would make
+    a tuned artifact slower than an untuned one."""
+    ms = _ms()
+    kept = ms.database.MemoryDatabase()
+    for task, entry in zip(tasks, summary.per_task):
+        for m in task.dispatched:
+            if not database.has_workload(m):
+                continue
+            recs = database.get_top_k(database.commit_workload(m), 1)
+            if not recs or not recs[0].run_secs:
+                continue
+            tuned = float(sum(float(x) for x in recs[0].run_secs) / len(recs[0].run_secs))
+            rule = _time_with_rules(task, target)
+            entry["rules_us"] = None if rule is None else round(rule * 1e6, 2)
+            if rule is not None and rule <= tuned:
+                summary.kept_rules += 1
+                entry["chosen"] = "rules"
+                break
+            r = recs[0]
+            kept.commit_tuning_record(ms.database.TuningRecord(r.trace, kept.commit_workload(m), r.run_secs,
+                                                               r.target, r.args_info))
+            summary.kept_tuned += 1
+            entry["chosen"] = "tuned"
+            break
+    return kept
+
+
 def tune(mod, target, tuning: Tuning):
     """Tune the Relax module's kernels; return (database, TuningSummary). The database may be a temporary one."""
     import tvm
@@ -276,5 +332,6 @@ def tune(mod, target, tuning: Tuning):
                     best = float(sum(float(x) for x in recs[0].run_secs) / len(recs[0].run_secs))
         summary.per_task.append({"task": task.task_name, "weight": int(task.weight),
                                  "best_us": None if best is None else round(best * 1e6, 2)})
+    chosen = keep_faster_than_rules(database, tasks, target, summary)
     summary.seconds = round(_now() - t0, 2)
-    return database, summary
+    return chosen, summary
