@@ -223,6 +223,8 @@ def _tune_by_flops(ms, todo, work_dir, database, tuning: Tuning, summary: "Tunin
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
                 [todo[i]], work_dir, strategy=strategy, seed=tuning.seed, num_threads=1)
             state.update(task_trials=0, best=None, stale=0, stop="")
+            # MetaSchedule's logging config resets its logger to DEBUG each call; keep its console quiet
+            logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
             try:
                 ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir,
                                    max_trials_global=alloc[i], num_trials_per_iter=per_iter,
