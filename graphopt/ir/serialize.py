@@ -79,6 +79,8 @@ def resolve_target(name: str) -> Any:
     parts = name.split(".")
     if len(parts) != 3 or parts[0] not in ALLOWED_NAMESPACES:
         raise ModelFileError(f"op '{name}' is not an allowed torch op; the file may be corrupt or hostile")
+    if parts[0] == "graphopt":
+        import graphopt.ir.quant_ops  # noqa: F401  registers graphopt's own ops
     try:
         return getattr(getattr(getattr(torch.ops, parts[0]), parts[1]), parts[2])
     except (AttributeError, RuntimeError) as e:

@@ -13,13 +13,57 @@ from graphopt.ir.printer import target_name
 log = logging.getLogger(__name__)
 
 
+def _quant_converters():
+    """Relax lowering of graphopt's Q/DQ ops (reference semantics: round half to even, clamp, affine)."""
+    from tvm import relax
+
+    def f32(v):
+        return relax.const(float(v), "float32")
+
+    def quantize_per_tensor(node, importer):
+        x = importer.env[node.args[0]]
+        scale, zp, qmin, qmax, dtype = node.args[1:6]
+        bb = importer.block_builder
+        y = bb.emit(relax.op.divide(x, f32(scale)))
+        y = bb.emit(relax.op.round(y))
+        y = bb.emit(relax.op.add(y, f32(zp)))
+        y = bb.emit(relax.op.clip(y, int(qmin), int(qmax)))
+        return bb.emit(relax.op.astype(y, str(dtype).replace("torch.", "")))
+
+    def dequantize_per_tensor(node, importer):
+        q = importer.env[node.args[0]]
+        scale, zp = node.args[1:3]
+        bb = importer.block_builder
+        y = bb.emit(relax.op.astype(q, "float32"))
+        y = bb.emit(relax.op.subtract(y, f32(zp)))
+        return bb.emit(relax.op.multiply(y, f32(scale)))
+
+    def dequantize_per_channel(node, importer):
+        q, scales, zps = (importer.env[a] for a in node.args[:3])
+        axis = int(node.args[3])
+        rank = len(node.args[0].meta["val"].shape)
+        shape = [1] * rank
+        shape[axis] = -1
+        bb = importer.block_builder
+        s = bb.emit(relax.op.reshape(scales, shape))
+        z = bb.emit(relax.op.astype(zps, "float32"))
+        z = bb.emit(relax.op.reshape(z, shape))
+        y = bb.emit(relax.op.astype(q, "float32"))
+        y = bb.emit(relax.op.subtract(y, z))
+        return bb.emit(relax.op.multiply(y, s))
+
+    return {"quantize_per_tensor.default": quantize_per_tensor,
+            "dequantize_per_tensor.default": dequantize_per_tensor,
+            "dequantize_per_channel.default": dequantize_per_channel}
+
+
 def lower_to_relax(graph: Graph):
     """Return a Relax IRModule whose `main` takes the graph's inputs in order, parameters bound as constants."""
     from tvm.relax.frontend.torch import from_exported_program
 
     ep = graph.to_exported_program()
     try:
-        mod = from_exported_program(ep, keep_params_as_input=False)
+        mod = from_exported_program(ep, keep_params_as_input=False, custom_convert_map=_quant_converters())
     except AssertionError as e:
         # the Relax importer asserts on ops it has no converter for; name the node for the user
         msg = str(e)
