@@ -22,7 +22,9 @@ def export_onnx(graph: Graph, path: str | Path, opset: int = 18) -> Path:
     try:
         with warnings.catch_warnings(), _quiet():
             warnings.simplefilter("ignore")
+            from graphopt.targets.onnx.qdq import translation_table
             prog = torch.onnx.export(ep, (), dynamo=True, opset_version=opset, verbose=False,
+                                     custom_translation_table=translation_table(),
                                      input_names=[s.name for s in graph.inputs],
                                      output_names=[s.name for s in graph.outputs], optimize=True)
     except Exception as e:

@@ -74,3 +74,22 @@ def test_exclude_keeps_a_layer_float(cnn):
     q = graphopt.optimize(g, "quantize{activations=none exclude=fc.weight}")
     assert q.meta["history"][0]["stats"]["skipped"] == {"linear": "excluded"}
     assert any(t.dtype == torch.float32 and t.shape == (10, 8) for t in q.params().values())
+
+
+def test_onnx_export_is_qdq_and_runs_in_onnxruntime(tmp_path, digits):
+    import onnx
+    import onnxruntime as ort
+    model, (xtr, xte, _, _) = digits[0]
+    q = graphopt.optimize(graphopt.trace(model, (xtr[:64],)), "fold-bn,quantize", data=batches(xtr)[:4])
+    out = graphopt.compile(q, "onnx", output=tmp_path / "o")
+    ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    x = xte[:64].numpy()
+    want = q.run(torch.from_numpy(x))[0].numpy()
+    plain = ort.SessionOptions()
+    plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    exact = ort.InferenceSession(str(out / "model.onnx"), plain)
+    np.testing.assert_allclose(exact.run(None, {exact.get_inputs()[0].name: x})[0], want, rtol=1e-4, atol=1e-4)
+    fused = ort.InferenceSession(str(out / "model.onnx"))  # ORT's own integer kernels: same predictions
+    got = fused.run(None, {fused.get_inputs()[0].name: x})[0]
+    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.95
