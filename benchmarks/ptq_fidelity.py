@@ -1,0 +1,99 @@
+"""int8 post-training quantization fidelity: graphopt `quantize` vs ONNX Runtime `quantize_static`, same model,
+same calibration crops, same evaluation crops (disjoint photo sets), per-channel int8 weights, int8 activations.
+
+    python benchmarks/ptq_fidelity.py --model mobilenet_v2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CALIB_PHOTOS = ["astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "china"]
+EVAL_PHOTOS = ["coffee", "chelsea", "stereo_motorcycle", "retina", "flower"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="mobilenet_v2", choices=["mobilenet_v2", "efficientnet_lite0"])
+    ap.add_argument("--calib-crops", type=int, default=4, help="random crops per calibration photo")
+    ap.add_argument("--eval-crops", type=int, default=8, help="random crops per evaluation photo")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="benchmarks/results/ptq_fidelity.json")
+    args = ap.parse_args(argv)
+
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    torch.set_num_threads(args.threads)
+
+    import graphopt
+    from graphopt.bench import fidelity, reference_onnx
+    from graphopt.ir.files import atomic_write_bytes
+    from graphopt.zoo import photo_batches, zoo_entry, zoo_graph
+
+    style = zoo_entry(args.model).style
+    calib = [(x,) for x in photo_batches(style, CALIB_PHOTOS, args.calib_crops, seed=1)]
+    evals = [(x,) for x in photo_batches(style, EVAL_PHOTOS, args.eval_crops, seed=2)]
+    graph = graphopt.optimize(zoo_graph(args.model), "fold-bn")
+    refs = [graph.run(*b)[0].numpy() for b in evals]
+    probs = [np.exp(r - r.max()) / np.exp(r - r.max()).sum() for r in refs]
+    confident = [i for i, p in enumerate(probs) if p.max() >= 0.5]
+    rows = []
+
+    def record(tool, calibrator, outs, seconds):
+        f = fidelity(refs, outs, classification=True).to_json()
+        agree_conf = float(np.mean([refs[i].argmax() == outs[i].argmax() for i in confident])) if confident else None
+        rows.append({"tool": tool, "calibrator": calibrator, **f, "top1_confident": agree_conf,
+                     "confident_samples": len(confident), "seconds": round(seconds, 1)})
+        print(f"[{tool}] {calibrator}: top-1 {f['top1'] * 100:.1f}%", file=sys.stderr, flush=True)
+
+    for cal in ("minmax", "percentile", "mse"):
+        t0 = time.perf_counter()
+        q = graphopt.optimize(graph, f"quantize{{calibrator={cal}}}", data=calib)
+        record("graphopt", cal, [q.run(*b)[0].numpy() for b in evals], time.perf_counter() - t0)
+
+    tmp = Path(tempfile.mkdtemp(prefix="graphopt-ptq-"))
+    fp32 = reference_onnx(graph, str(tmp))
+    input_name = graph.inputs[0].name
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{input_name: b[0].numpy()} for b in calib])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = args.threads
+    for cal, method in (("minmax", CalibrationMethod.MinMax), ("percentile", CalibrationMethod.Percentile),
+                        ("entropy", CalibrationMethod.Entropy)):
+        t0 = time.perf_counter()
+        qpath = tmp / f"ort-{cal}.onnx"
+        quantize_static(str(fp32), str(qpath), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=method)
+        sess = ort.InferenceSession(str(qpath), so, providers=["CPUExecutionProvider"])
+        outs = [sess.run(None, {sess.get_inputs()[0].name: b[0].numpy()})[0] for b in evals]
+        record("onnxruntime", cal, outs, time.perf_counter() - t0)
+
+    lines = [f"{'tool':<12} {'calibrator':<11} {'top-1 agr':>9} {'top-5 agr':>9} {'KL':>8} {'SQNR dB':>8} "
+             f"{'top-1 on confident':>18}   ({args.model}, {len(evals)} eval crops, {len(calib)} calibration crops, "
+             f"{len(confident)} confident)"]
+    for r in rows:
+        conf = "n/a" if r["top1_confident"] is None else f"{r['top1_confident'] * 100:.1f}%"
+        lines.append(f"{r['tool']:<12} {r['calibrator']:<11} {r['top1'] * 100:>8.1f}% {r['top5'] * 100:>8.1f}% "
+                     f"{r['kl']:>8.4f} {r['sqnr_db']:>8.1f} {conf:>18}")
+    table = "\n".join(lines)
+    print(table)
+    atomic_write_bytes(args.out, json.dumps({"model": args.model, "date": time.strftime("%Y-%m-%d"), "rows": rows,
+                                             "table": table}, indent=1).encode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
