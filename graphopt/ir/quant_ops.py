@@ -51,4 +51,43 @@ def fake_quant_per_tensor(x: torch.Tensor, scale: float, zero_point: int, qmin: 
     return x + (y - x).detach()
 
 
-QUANT_OPS = ("quantize_per_tensor", "dequantize_per_tensor", "dequantize_per_channel")
+
+
+@torch.library.custom_op("graphopt::qlinear", mutates_args=())
+def qlinear(xq: torch.Tensor, x_scale: float, x_zp: int, wq: torch.Tensor, w_scales: torch.Tensor,
+            bias: torch.Tensor | None) -> torch.Tensor:
+    """int8 x int8 -> int32 accumulate, then one float rescale per output channel (+ bias): float output."""
+    acc = (xq.to(torch.float64) - x_zp) @ wq.to(torch.float64).t()  # int32-exact: float64 holds these sums
+    y = acc * (x_scale * w_scales.to(torch.float64))
+    if bias is not None:
+        y = y + bias.to(torch.float64)
+    return y.to(torch.float32)
+
+
+@qlinear.register_fake
+def _(xq, x_scale, x_zp, wq, w_scales, bias):
+    return xq.new_empty((*xq.shape[:-1], wq.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("graphopt::qconv2d", mutates_args=())
+def qconv2d(xq: torch.Tensor, x_scale: float, x_zp: int, wq: torch.Tensor, w_scales: torch.Tensor,
+            bias: torch.Tensor | None, stride: list[int], padding: list[int], dilation: list[int],
+            groups: int) -> torch.Tensor:
+    """int8 conv with int32-exact accumulation (zero padding pads with the zero point), float output."""
+    x = xq.to(torch.float64) - x_zp  # the zero point maps to 0.0, so zero padding here is exact
+    acc = torch.nn.functional.conv2d(x, wq.to(torch.float64), None, stride, padding, dilation, groups)
+    y = acc * (x_scale * w_scales.to(torch.float64)).reshape(1, -1, 1, 1)
+    if bias is not None:
+        y = y + bias.to(torch.float64).reshape(1, -1, 1, 1)
+    return y.to(torch.float32)
+
+
+@qconv2d.register_fake
+def _(xq, x_scale, x_zp, wq, w_scales, bias, stride, padding, dilation, groups):
+    n, _, h, w = xq.shape
+    kh, kw = wq.shape[2:]
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return xq.new_empty((n, wq.shape[0], oh, ow), dtype=torch.float32)
+
+QUANT_OPS = ("quantize_per_tensor", "dequantize_per_tensor", "dequantize_per_channel", "qlinear", "qconv2d")

@@ -1,2 +1,2 @@
 """Quantization: calibrators and the quantize pass (Q/DQ)."""
-from graphopt.passes.quant import quantize  # noqa: F401
+from graphopt.passes.quant import fold_qdq, quantize  # noqa: F401

@@ -52,7 +52,47 @@ def _quant_converters():
         y = bb.emit(relax.op.subtract(y, z))
         return bb.emit(relax.op.multiply(y, s))
 
-    return {"quantize_per_tensor.default": quantize_per_tensor,
+    def _rescale(bb, acc, zx, wq_i32_sum, sx, ws, bias, shape):
+        """(acc - zx * sum(w)) as float, times sx * w_scale per channel, plus bias."""
+        corr = bb.emit(relax.op.multiply(wq_i32_sum, relax.const(int(zx), "int32")))
+        corr = bb.emit(relax.op.reshape(corr, shape))
+        acc = bb.emit(relax.op.subtract(acc, corr))
+        y = bb.emit(relax.op.astype(acc, "float32"))
+        scale = bb.emit(relax.op.multiply(ws, f32(sx)))
+        y = bb.emit(relax.op.multiply(y, bb.emit(relax.op.reshape(scale, shape))))
+        if bias is not None:
+            y = bb.emit(relax.op.add(y, bb.emit(relax.op.reshape(bias, shape))))
+        return y
+
+    def qlinear(node, importer):
+        # int8 operands stay int8 (so the artifact stores int8 weights); the zero point comes out of the
+        # accumulator: sum((x - zx) w) = sum(x w) - zx sum(w)
+        bb = importer.block_builder
+        xq, wq, ws = importer.env[node.args[0]], importer.env[node.args[3]], importer.env[node.args[4]]
+        sx, zx = node.args[1], node.args[2]
+        bias = importer.env[node.args[5]] if node.args[5] is not None else None
+        wt = bb.emit(relax.op.permute_dims(wq, [1, 0]))
+        acc = bb.emit(relax.op.matmul(xq, wt, out_dtype="int32"))
+        wsum = bb.emit(relax.op.sum(bb.emit(relax.op.astype(wq, "int32")), axis=1))
+        rank = len(node.args[0].meta["val"].shape)
+        return _rescale(bb, acc, zx, wsum, sx, ws, bias, [1] * (rank - 1) + [-1])
+
+    def qconv2d(node, importer):
+        bb = importer.block_builder
+        xq, wq, ws = importer.env[node.args[0]], importer.env[node.args[3]], importer.env[node.args[4]]
+        sx, zx = node.args[1], node.args[2]
+        bias = importer.env[node.args[5]] if node.args[5] is not None else None
+        stride, padding, dilation, groups = node.args[6:10]
+        if any(padding):  # pad with the zero point (real 0.0), then the correction below is the same everywhere
+            ph, pw = int(padding[0]), int(padding[1])
+            xq = bb.emit(relax.op.nn.pad(xq, [0, 0, 0, 0, ph, ph, pw, pw], "constant", float(zx)))
+        acc = bb.emit(relax.op.nn.conv2d(xq, wq, strides=tuple(stride), padding=(0, 0), dilation=tuple(dilation),
+                                         groups=int(groups), out_dtype="int32"))
+        wsum = bb.emit(relax.op.sum(bb.emit(relax.op.astype(wq, "int32")), axis=[1, 2, 3]))
+        return _rescale(bb, acc, zx, wsum, sx, ws, bias, [1, -1, 1, 1])
+
+    return {"qlinear.default": qlinear, "qconv2d.default": qconv2d,
+            "quantize_per_tensor.default": quantize_per_tensor,
             "dequantize_per_tensor.default": dequantize_per_tensor,
             "dequantize_per_channel.default": dequantize_per_channel}
 

@@ -97,3 +97,29 @@ def test_onnx_export_is_qdq_and_runs_in_onnxruntime(tmp_path, digits):
     fused = ort.InferenceSession(str(out / "model.onnx"))  # ORT's own integer kernels: same predictions
     got = fused.run(None, {fused.get_inputs()[0].name: x})[0]
     assert (got.argmax(1) == want.argmax(1)).mean() >= 0.95
+
+
+def test_fold_qdq_makes_integer_ops_and_a_smaller_artifact(tmp_path, digits):
+    model, (xtr, xte, ytr, yte) = digits[0]
+    g = graphopt.optimize(graphopt.trace(model, (xtr[:64],)), "fold-bn")
+    q = graphopt.optimize(g, "quantize", data=batches(xtr)[:8])
+    f = graphopt.optimize(q, "fold-qdq", verify=True, data=batches(xtr)[:2])
+    rec = f.meta["history"][-1]  # history accumulates over optimize() calls: fold-bn, quantize, fold-qdq
+    assert rec["stats"]["folded"] == 4 and rec["verify"]["ok"] and rec["verify"]["step"]["sqnr_db"] > 40
+    targets = {str(n.target) for n in f.graph.nodes if n.op == "call_function"}
+    assert {"graphopt.qconv2d.default", "graphopt.qlinear.default"} <= targets
+    assert "graphopt.dequantize_per_channel.default" not in targets
+    assert accuracy(f.gm, xte, yte) == pytest.approx(accuracy(q.gm, xte, yte), abs=0.003)
+    art_dir = graphopt.compile(f, "llvm", output=tmp_path / "int8")
+    fp32_dir = graphopt.compile(g, "llvm", output=tmp_path / "fp32")
+    x = xte[:64]
+    np.testing.assert_allclose(graphopt.load(art_dir)(x.numpy())[0], f.run(x)[0].numpy(), rtol=1e-4, atol=1e-4)
+    assert (art_dir / "model.so").stat().st_size < 0.8 * (fp32_dir / "model.so").stat().st_size
+
+
+def test_fold_qdq_reports_what_it_keeps(cnn):
+    model, x = cnn
+    g = graphopt.trace(model, (x,))
+    wo = graphopt.optimize(g, "quantize{activations=none}")
+    with pytest.raises(graphopt.PassFailedError, match="input is not quantized"):
+        graphopt.optimize(wo, "fold-qdq", strict=True)
