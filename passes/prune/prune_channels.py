@@ -6,7 +6,6 @@ checks every tensor came out with exactly the shape the plan predicts. The model
 """
 from __future__ import annotations
 
-import fnmatch
 import logging
 import math
 from collections import defaultdict
@@ -18,6 +17,7 @@ import torch.fx as fx
 
 from graphopt.errors import GraphoptError
 from graphopt.ir.graph import Graph
+from graphopt.ir.names import matches, node_labels, unmatched_patterns
 from graphopt.passes.analysis.channel_groups import ChannelAnalysis, ChannelGroup, Unit, shape_of
 from graphopt.passes.canonicalize.dce import eliminate_dead_code
 from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, register_pass
@@ -136,11 +136,9 @@ def taylor_grads(graph: Graph, batches) -> dict[str, torch.Tensor]:
 def _protected(graph: Graph, group: ChannelGroup, patterns: list[str]) -> str:
     nodes = {n.name: n for n in graph.gm.graph.nodes}
     for name, _ in group.dims:
-        n = nodes[name]
-        labels = {name, str(n.target), n.meta.get("source_fqn", "")}
-        for pat in patterns:
-            if any(fnmatch.fnmatch(lbl, pat) or fnmatch.fnmatch(lbl, pat + ".*") for lbl in labels if lbl):
-                return f"protected by '{pat}'"
+        pat = matches(node_labels(nodes[name]), patterns)
+        if pat:
+            return f"protected by '{pat}'"
     return ""
 
 
@@ -407,13 +405,8 @@ class PruneChannels(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
-        if o.protect:
-            labels = set()
-            for n in graph.gm.graph.nodes:
-                labels |= {n.name, str(n.target), n.meta.get("source_fqn", "")}
-            for pat in o.protect:
-                if not any(fnmatch.fnmatch(lbl, pat) or fnmatch.fnmatch(lbl, pat + ".*") for lbl in labels if lbl):
-                    raise PruneError(f"prune-channels option 'protect': '{pat}' matches no node or parameter")
+        for pat in unmatched_patterns(graph, o.protect):
+            raise PruneError(f"prune-channels option 'protect': '{pat}' matches no node or parameter")
         batches = ctx.batches(graph) if o.importance == "taylor" else None
         if o.importance == "taylor" and not ctx.data:
             raise PruneError("prune-channels importance=taylor needs data (optimize(..., data=...) or --inputs)")

@@ -4,7 +4,6 @@ context's data, as a quantize -> dequantize pair at each conv/linear input. `fol
 ops; until then every graph still runs with the reference kernels."""
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -13,6 +12,7 @@ import torch.fx as fx
 
 import graphopt.ir.quant_ops  # noqa: F401  registers the graphopt ops
 from graphopt.ir.graph import Graph
+from graphopt.ir.names import matches, node_labels, unmatched_patterns
 from graphopt.ir.quant_ops import DTYPE_RANGES
 from graphopt.passes.canonicalize.dce import eliminate_dead_code
 from graphopt.passes.quant.observers import CALIBRATORS, CalibrationError
@@ -28,9 +28,8 @@ def quantizable_ops(graph: Graph, exclude: list[str]) -> tuple[list[fx.Node], di
         if n.op != "call_function" or n.target not in QUANTIZABLE:
             continue
         w = n.args[1]
-        labels = {n.name, getattr(w, "target", ""), w.meta.get("source_fqn", "") if isinstance(w, fx.Node) else ""}
-        if any(fnmatch.fnmatch(lbl, pat) or fnmatch.fnmatch(lbl, pat + ".*") for pat in exclude for lbl in labels
-               if lbl):
+        labels = node_labels(n) | (node_labels(w) if isinstance(w, fx.Node) else set())
+        if matches(labels, exclude):
             skipped[n.name] = "excluded"
             continue
         if not isinstance(w, fx.Node) or w.op != "get_attr" or not graph.get_param(w.target).is_floating_point():
@@ -99,13 +98,8 @@ class Quantize(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
-        if o.exclude:
-            labels = set()
-            for n in graph.gm.graph.nodes:
-                labels |= {n.name, str(n.target), n.meta.get("source_fqn", "")}
-            for pat in o.exclude:
-                if not any(fnmatch.fnmatch(lbl, pat) or fnmatch.fnmatch(lbl, pat + ".*") for lbl in labels if lbl):
-                    raise CalibrationError(f"quantize option 'exclude': '{pat}' matches no node or parameter")
+        for pat in unmatched_patterns(graph, o.exclude):
+            raise CalibrationError(f"quantize option 'exclude': '{pat}' matches no node or parameter")
         ops, skipped = quantizable_ops(graph, o.exclude)
         if not ops:
             return PassResult(graph, False, {"skipped": skipped}, "no conv or linear with a float weight to quantize")
