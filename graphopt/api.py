@@ -5,6 +5,7 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
+import graphopt.passes  # noqa: F401  registers the built-in passes (layer 6 may import every layer below)
 from graphopt.errors import GraphoptError, ModelFileError
 from graphopt.frontends.torch_export import trace
 from graphopt.ir.graph import Graph

@@ -91,17 +91,12 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
     return cls
 
 
-def _load_builtin_passes() -> None:
-    import graphopt.passes  # noqa: F401  registers the built-in passes
-
-
 def registered_passes() -> dict[str, type[Pass]]:
-    _load_builtin_passes()
+    """Every registered pass (the built-in ones register when `graphopt` is imported)."""
     return dict(sorted(_REGISTRY.items()))
 
 
 def get_pass(name: str) -> type[Pass]:
-    _load_builtin_passes()
     if name not in _REGISTRY:
         import difflib
         close = difflib.get_close_matches(name, _REGISTRY, n=1)
