@@ -71,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
         "each pass did and which pass broke the numerics."))
     o.add_argument("model", help=MODEL_HELP)
     o.add_argument("-o", "--output", required=True, help="output file: .gopt (graphopt graph) or .onnx")
+    o.add_argument("--plot", metavar="PNG", help="also draw output channels and weight bits per layer, before vs "
+                   "after the pipeline")
     _add_pm_options(o)
 
     i = sub.add_parser("inspect", help="print a model's inputs, outputs, statistics and IR")
@@ -197,6 +199,9 @@ def cmd_opt(args) -> int:
     else:
         from graphopt.errors import GraphoptError
         raise GraphoptError(f"output '{dest}' must end in .gopt or .onnx")
+    if args.plot:
+        from graphopt.plots import plot_layers
+        print(f"wrote {plot_layers(graph, out, args.plot)}")
     s0, s1 = graph.stats(), out.stats()
     print(f"wrote {dest}: {s0.nodes} -> {s1.nodes} ops, params {s0.params} -> {s1.params}, "
           f"MACs {s0.macs} -> {s1.macs}")

@@ -59,8 +59,9 @@ def test_passes_lists_options_from_registry():
 def test_opt_inspect_compile_run_bench(tmp_path, onnx_model):
     path, model, x = onnx_model
     res = run_cli("opt", path, "--pipeline", "fold-bn,fold-constants,dce", "--verify-each", "--print-ir-after-change",
-                  "--dump-dir", tmp_path / "dump", "-o", tmp_path / "m.gopt")
+                  "--dump-dir", tmp_path / "dump", "--plot", tmp_path / "layers.png", "-o", tmp_path / "m.gopt")
     assert res.returncode == 0, res.stderr
+    assert (tmp_path / "layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "IR after #1 fold-bn" in res.stderr
     assert (tmp_path / "dump" / "01-fold-bn.ir").exists()
     res = run_cli("inspect", tmp_path / "m.gopt", "--ir", "--groups")
