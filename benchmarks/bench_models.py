@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, default=64, help="MetaSchedule trials per model for the tuned row (0: skip)")
     ap.add_argument("--tune-db", default=None, help="tuning database folder to reuse (default: a fresh temporary one)")
     ap.add_argument("--runs", type=int, default=30, help="timed runs per measurement (median reported)")
-    ap.add_argument("--pipeline", default="fold-bn,fold-constants,dce")
+    ap.add_argument("--pipeline", default="fold-bn,fold-pad,fold-constants,dce")
     ap.add_argument("--prune", default="0.3", help="comma-separated prune-channels ratios for extra rows ('' for none);"
                     " ORT and PyTorch then run the same pruned graph")
     ap.add_argument("--out", default="benchmarks/results/latest.json", help="JSON output path")

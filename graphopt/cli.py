@@ -10,7 +10,7 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-DEFAULT_PIPELINE = "fold-bn,fold-constants,dce"
+DEFAULT_PIPELINE = "fold-bn,fold-pad,fold-constants,dce"
 
 MODEL_HELP = ("the model: an .onnx file (from either torch exporter), a saved graph (.gopt), or a shipped model "
               "zoo:mobilenet_v2 | zoo:efficientnet_lite0 | zoo:minilm (needs the [models] extra)")
