@@ -18,6 +18,7 @@ import torch.fx as fx
 from graphopt.errors import GraphoptError
 from graphopt.ir.graph import Graph
 from graphopt.ir.names import matches, node_labels, unmatched_patterns
+from graphopt.ir.observe import observe_outputs
 from graphopt.passes.analysis.channel_groups import ChannelAnalysis, ChannelGroup, Unit, shape_of
 from graphopt.passes.canonicalize.dce import eliminate_dead_code
 from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, register_pass
@@ -305,18 +306,12 @@ def _activation_means(graph: Graph, names: set[str], batches) -> dict[str, torch
     """Per-channel means (over every dim but dim 1 for 4-D, the last for others) of the named nodes' outputs."""
     sums: dict[str, torch.Tensor] = {}
 
-    class Recorder(fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            if n.name in names and isinstance(out, torch.Tensor):
-                dims = [d for d in range(out.dim()) if d != (1 if out.dim() == 4 else out.dim() - 1)]
-                m = out.detach().float().mean(dims) if dims else out.detach().float()
-                sums[n.name] = sums.get(n.name, 0) + m / len(batches)
-            return out
+    def record(name: str, out: torch.Tensor) -> None:
+        dims = [d for d in range(out.dim()) if d != (1 if out.dim() == 4 else out.dim() - 1)]
+        m = out.float().mean(dims) if dims else out.float()
+        sums[name] = sums.get(name, 0) + m / len(batches)
 
-    with torch.no_grad():
-        for b in batches:
-            Recorder(graph.gm).run(*b)
+    observe_outputs(graph, names, batches, record)
     return sums
 
 

@@ -13,6 +13,7 @@ import torch.fx as fx
 import graphopt.ir.quant_ops  # noqa: F401  registers the graphopt ops
 from graphopt.ir.graph import Graph
 from graphopt.ir.names import matches, node_labels, unmatched_patterns
+from graphopt.ir.observe import observe_outputs
 from graphopt.ir.quant_ops import DTYPE_RANGES
 from graphopt.passes.canonicalize.dce import eliminate_dead_code
 from graphopt.passes.quant.observers import CALIBRATORS, CalibrationError
@@ -57,20 +58,9 @@ def calibrate(graph: Graph, ops: list[fx.Node], batches, calibrator: str) -> dic
     if not batches:
         raise CalibrationError("quantize with activations needs calibration data: the data loader yielded nothing")
 
-    def run(record):
-        class Recorder(fx.Interpreter):
-            def run_node(self, n):
-                out = super().run_node(n)
-                if n.name in watch and isinstance(out, torch.Tensor):
-                    record(watch[n.name], out)
-                return out
-        with torch.no_grad():
-            for b in batches:
-                Recorder(graph.gm).run(*b)
-
-    run(lambda obs, x: obs.observe_range(x))
-    if cls.needs_histogram:
-        run(lambda obs, x: obs.observe_histogram(x))
+    observe_outputs(graph, watch, batches, lambda name, x: watch[name].observe_range(x))
+    if cls.needs_histogram:  # second pass: a fixed-range histogram, so memory does not grow with the data
+        observe_outputs(graph, watch, batches, lambda name, x: watch[name].observe_histogram(x))
     return watch
 
 
