@@ -202,6 +202,9 @@ def cmd_opt(args) -> int:
     if args.plot:
         from graphopt.plots import plot_layers
         print(f"wrote {plot_layers(graph, out, args.plot)}")
+    from graphopt.pm.pipeline import load_pipeline
+    from graphopt.report import pass_table
+    print(pass_table(out.meta.get("history", [])[-len(load_pipeline(args.pipeline)):]))  # this run's passes only
     s0, s1 = graph.stats(), out.stats()
     print(f"wrote {dest}: {s0.nodes} -> {s1.nodes} ops, params {s0.params} -> {s1.params}, "
           f"MACs {s0.macs} -> {s1.macs}")
@@ -287,16 +290,18 @@ def cmd_bench(args) -> int:
     from graphopt.ir.graph import DTYPES
     inputs = [torch.zeros(s["shape"], dtype=DTYPES[s["dtype"]]) if not DTYPES[s["dtype"]].is_floating_point
               else torch.randn(s["shape"]) for s in art.inputs]
-    onnx_path, torch_fn, tmp = None, None, tempfile.mkdtemp(prefix="graphopt-bench-")
-    if args.model:
-        from graphopt.api import load_model
-        graph = load_model(args.model)
-        onnx_path = args.model if args.model.endswith(".onnx") else reference_onnx(graph, tmp)
-        torch_fn = graph.gm
-        if args.model.startswith("zoo:"):
-            from graphopt.zoo import zoo_entry
-            torch_fn = zoo_entry(args.model[4:]).build()
-    res = compare_latency(art, inputs, threads=threads, onnx_path=onnx_path, torch_fn=torch_fn, runs=args.runs)
+    onnx_path, torch_fn = None, None
+    with tempfile.TemporaryDirectory(prefix="graphopt-bench-") as tmp:  # the ORT baseline's ONNX file
+        if args.model:
+            from graphopt.api import load_model
+            graph = load_model(args.model)
+            onnx_path = args.model if args.model.endswith(".onnx") else reference_onnx(graph, tmp)
+            torch_fn = graph.gm
+            if args.model.startswith("zoo:"):
+                from graphopt.zoo import zoo_entry
+                torch_fn = zoo_entry(args.model[4:]).build()
+        res = compare_latency(art, inputs, threads=threads, onnx_path=onnx_path, torch_fn=torch_fn,
+                              runs=args.runs)
     d = res.to_json()
     print(f"{'runtime':<14} {'median ms':>10} {'graphopt / it':>14}   ({threads} threads, {args.runs} runs)")
     print(f"{'graphopt':<14} {d['graphopt_ms']:>10.3f} {1.0:>14.2f}")

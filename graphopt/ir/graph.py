@@ -5,7 +5,7 @@ import copy
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -275,9 +275,3 @@ class Graph:
 
     def __str__(self) -> str:
         return self.text()
-
-
-def iter_tensors(args: Iterable[Any]) -> Iterable[torch.Tensor]:
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            yield a

@@ -14,7 +14,7 @@ from graphopt.ir.stats import graph_stats
 from graphopt.pm.instruments import DumpDir, IRPrinter, write_reproducer
 from graphopt.pm.numerics import Comparison, compare, within_exact
 from graphopt.pm.options import build_options
-from graphopt.pm.pipeline import PassSpec, format_pipeline, load_pipeline
+from graphopt.pm.pipeline import PassSpec, load_pipeline
 from graphopt.pm.registry import Contract, Pass, PassContext, get_pass
 
 log = logging.getLogger("graphopt.pm")
@@ -137,14 +137,3 @@ class PassManager:
         if p.contract == Contract.BOUNDED:
             return c.sqnr_db >= p.min_sqnr_db
         return True
-
-    def timing_table(self) -> str:
-        rows = [f"{'#':>2}  {'pass':<24} {'changed':<8} {'seconds':>8}  {'params':>10} {'MACs':>12}"]
-        for r in self.records:
-            rows.append(f"{r.index:>2}  {r.name:<24} {str(r.changed):<8} {r.seconds:>8.3f}  "
-                        f"{r.after['params'] - r.before['params']:>+10d} {r.after['macs'] - r.before['macs']:>+12d}")
-        return "\n".join(rows)
-
-
-def pipeline_text(pipeline: str | list[PassSpec]) -> str:
-    return format_pipeline(load_pipeline(pipeline) if isinstance(pipeline, str) else pipeline)

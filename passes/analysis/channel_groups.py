@@ -34,7 +34,7 @@ ELEMENTWISE_UNARY = {
     aten.pow.Tensor_Scalar, aten.relu_.default, aten.hardtanh_.default, aten.silu_.default, aten.log.default,
     aten.reciprocal.default, aten.type_as.default, aten.mul.Scalar, aten.add.Scalar, aten.sub.Scalar,
     aten.div.Scalar, aten.softplus.default, aten.mish.default, aten.to.device, aten.cos.default, aten.sin.default,
-    aten.dropout_.default, aten.hardswish_.default, aten.relu6_.default if hasattr(aten, "relu6_") else aten.relu.default,
+    aten.dropout_.default, aten.hardswish_.default,
 }
 NO_OPS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default, aten.sym_constrain_range_for_size.default}
 BINARY = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.maximum.default,

@@ -49,26 +49,22 @@ class PrunePlan:
 
 
 # ---- importance criteria ---------------------------------------------------------------------------------------
-def _slices(graph: Graph, group: ChannelGroup, unit: Unit) -> list[torch.Tensor]:
+def _slices(graph: Graph, group: ChannelGroup, unit: Unit, nodes: dict[str, fx.Node]) -> list[torch.Tensor]:
     idx = {(n, d): i for n, d, i in unit.elems}
     out = []
     for name, d in group.params:
-        node = group_node(graph, name)
-        t = graph.get_param(node.target)
+        t = graph.get_param(nodes[name].target)
         if t.is_floating_point():
             out.append(t.select(d, idx[(name, d)]).float())
     return out
 
 
-def group_node(graph: Graph, name: str) -> fx.Node:
-    return next(n for n in graph.gm.graph.nodes if n.name == name)
-
-
 def score_units(graph: Graph, group: ChannelGroup, importance: str, grads: dict[str, torch.Tensor] | None) -> list[float]:
     """One score per unit of the group: higher means more important."""
+    nodes = {n.name: n for n in graph.gm.graph.nodes}
     if importance in ("l1", "l2", "lamp"):
         p = 1 if importance == "l1" else 2
-        scores = [sum(float(s.abs().pow(p).sum()) for s in _slices(graph, group, u)) for u in group.units]
+        scores = [sum(float(s.abs().pow(p).sum()) for s in _slices(graph, group, u, nodes)) for u in group.units]
         if importance == "lamp":  # LAMP: squared magnitude over the sum of all larger ones in the group
             order = sorted(range(len(scores)), key=lambda i: scores[i])
             suffix, lamp = 0.0, [0.0] * len(scores)
@@ -81,16 +77,16 @@ def score_units(graph: Graph, group: ChannelGroup, importance: str, grads: dict[
         bn_weights = [name for name, d in group.params
                       if any(u.target in (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default)
                              and len(u.args) > 1 and getattr(u.args[1], "name", None) == name
-                             for u in group_node(graph, name).users)]
+                             for u in nodes[name].users)]
         if not bn_weights:
             return score_units(graph, group, "l2", grads)
         out = []
         for u in group.units:
             idx = {(n, d): i for n, d, i in u.elems}
-            out.append(sum(abs(float(graph.get_param(group_node(graph, n).target)[idx[(n, 0)]])) for n in bn_weights))
+            out.append(sum(abs(float(graph.get_param(nodes[n].target)[idx[(n, 0)]])) for n in bn_weights))
         return out
     if importance == "fpgm":  # distance to the other filters: near the geometric median means redundant
-        flat = torch.stack([torch.cat([s.reshape(-1) for s in _slices(graph, group, u)]) for u in group.units])
+        flat = torch.stack([torch.cat([s.reshape(-1) for s in _slices(graph, group, u, nodes)]) for u in group.units])
         return torch.cdist(flat, flat).sum(1).tolist()
     if importance == "taylor":
         if not grads:
@@ -100,7 +96,7 @@ def score_units(graph: Graph, group: ChannelGroup, importance: str, grads: dict[
             idx = {(n, d): i for n, d, i in u.elems}
             total = 0.0
             for name, d in group.params:
-                attr = group_node(graph, name).target
+                attr = nodes[name].target
                 if attr in grads:
                     w = graph.get_param(attr)
                     total += float((w * grads[attr]).select(d, idx[(name, d)]).abs().sum())

@@ -36,6 +36,8 @@ class Tuning:
     def validate(self) -> None:
         if self.trials < 1:
             raise TargetError(f"tuning trials must be >= 1, got {self.trials}")
+        if self.trials_per_iter < 1:
+            raise TargetError(f"tuning trials per iteration must be >= 1, got {self.trials_per_iter}")
         if self.minutes is not None and not self.minutes > 0:
             raise TargetError(f"tuning minutes must be > 0, got {self.minutes}")
         if self.db is not None and not Path(self.db).is_dir():

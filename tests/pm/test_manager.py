@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
 from dataclasses import dataclass
 
 import pytest

@@ -7,7 +7,6 @@ import torch
 
 import graphopt
 from digits import accuracy, batches, train_digits
-from graphopt.passes.distill.trainer import TrainingError
 
 PIPE = "fold-bn,prune-channels{macs-reduction=0.5},recover{epochs=20 lr=1e-3}"
 

@@ -141,7 +141,7 @@ def test_sdpa_attention_heads():
 
 
 def test_llama_block_keeps_gqa_structure():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
