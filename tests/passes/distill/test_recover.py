@@ -6,15 +6,14 @@ import pytest
 import torch
 
 import graphopt
-from digits import accuracy, batches, train_digits
+from digits import accuracy, batches
 
 PIPE = "fold-bn,prune-channels{macs-reduction=0.5},recover{epochs=20 lr=1e-3}"
 
 
-def test_digits_prune_half_the_macs_and_recover_with_distillation():
+def test_digits_prune_half_the_macs_and_recover_with_distillation(digits):
     drops, before_recovery = [], []
-    for seed in range(3):
-        model, (xtr, xte, ytr, yte) = train_digits(seed)
+    for seed, (model, (xtr, xte, ytr, yte)) in enumerate(digits):
         base = accuracy(model, xte, yte)
         assert base > 0.97
         g = graphopt.trace(model, (xtr[:64],))

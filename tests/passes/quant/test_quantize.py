@@ -6,12 +6,7 @@ import pytest
 import torch
 
 import graphopt
-from digits import accuracy, batches, train_digits
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return [train_digits(seed) for seed in range(3)]
+from digits import accuracy, batches
 
 
 @pytest.mark.parametrize("calibrator", ["minmax", "percentile", "mse"])
