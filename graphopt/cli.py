@@ -141,7 +141,8 @@ def cmd_compile(args) -> int:
     tuning = None
     if args.tune_trials is not None or args.tune_db or args.tune_minutes:
         default_trials = 2000 if args.tune_minutes else 64
-        tuning = Tuning(trials=args.tune_trials or default_trials, db=args.tune_db, minutes=args.tune_minutes)
+        trials = args.tune_trials if args.tune_trials is not None else default_trials  # 0 is an error, not "default"
+        tuning = Tuning(trials=trials, db=args.tune_db, minutes=args.tune_minutes)
         tuning.validate()
     _refuse_overwriting_model(args)
     graph = load_model(args.model)
@@ -188,17 +189,17 @@ def _measure(model: str, graph, art, threads: int):
 def cmd_opt(args) -> int:
     from graphopt.api import load_model
     _refuse_overwriting_model(args)
+    dest = Path(args.output)
+    if dest.suffix not in (".gopt", ".onnx"):  # say so before running a possibly long pipeline
+        from graphopt.errors import GraphoptError
+        raise GraphoptError(f"output '{dest}' must end in .gopt or .onnx")
     graph = load_model(args.model)
     out = _optimize(args, graph)
-    dest = Path(args.output)
     if dest.suffix == ".onnx":
         from graphopt.targets.onnx.export import export_onnx
         export_onnx(out, dest)
-    elif dest.suffix == ".gopt":
-        out.save(dest)
     else:
-        from graphopt.errors import GraphoptError
-        raise GraphoptError(f"output '{dest}' must end in .gopt or .onnx")
+        out.save(dest)
     if args.plot:
         from graphopt.plots import plot_layers
         print(f"wrote {plot_layers(graph, out, args.plot)}")
