@@ -25,6 +25,21 @@ class DigitsCNN(nn.Module):
         return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
 
 
+class DigitsMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(64, 256)
+        self.fc2 = nn.Linear(256, 128)
+        self.fc3 = nn.Linear(128, 10)
+
+    def forward(self, x):
+        x = torch.flatten(x, 1)
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+ARCHS = {"cnn": DigitsCNN, "mlp": DigitsMLP}
+
+
 def digits_split(seed: int = 0):
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -35,11 +50,11 @@ def digits_split(seed: int = 0):
     return xtr, xte, ytr, yte
 
 
-def train_digits(seed: int = 0, epochs: int = 12) -> tuple[nn.Module, tuple]:
+def train_digits(seed: int = 0, epochs: int = 12, arch: str = "cnn") -> tuple[nn.Module, tuple]:
     torch.manual_seed(seed)
     data = digits_split(seed)
     xtr, _, ytr, _ = data
-    model = DigitsCNN()
+    model = ARCHS[arch]()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(epochs):
         perm = torch.randperm(len(xtr))
@@ -61,6 +76,11 @@ def batches(x: torch.Tensor) -> list[tuple[torch.Tensor]]:
             b = torch.cat([b, x[: BATCH - len(b)]])
         out.append((b,))
     return out
+
+
+def label_batches(y: torch.Tensor) -> list[torch.Tensor]:
+    """Labels matching batches(x) one for one (the same padding by repetition)."""
+    return [b[0] for b in batches(y)]
 
 
 @torch.no_grad()

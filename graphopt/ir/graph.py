@@ -61,12 +61,15 @@ class Graph:
     """A runnable, printable, serializable model: fx graph at ATen level + parameters + metadata.
 
     `meta` holds provenance: `source` (where the model came from) and `history` (one record per pass run).
+    `masks` holds sparsity masks by parameter name (bool, True = kept); `meta["sparse"][name]["pattern"]` says
+    how each was made ("unstructured", "2:4", ...). Training passes keep masked weights at exact zero.
     """
 
     gm: fx.GraphModule
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     meta: dict[str, Any] = field(default_factory=dict)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
 
     # ---- construction -------------------------------------------------------------------------------------
     @classmethod
@@ -150,6 +153,8 @@ class Graph:
     def set_param(self, name: str, value: torch.Tensor) -> None:
         """Replace a parameter's tensor (shape may change: call refresh() afterwards)."""
         old = getattr(self.gm, name)
+        if name in self.masks and tuple(self.masks[name].shape) != tuple(value.shape):
+            self.masks[name] = value.detach() != 0  # channel pruning sliced the weight: the zeros are the mask
         if isinstance(old, torch.nn.Parameter):
             setattr(self.gm, name, torch.nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad))
         else:
@@ -178,6 +183,8 @@ class Graph:
         for name in names:
             if name not in used:
                 delattr(self.gm, name)
+                self.masks.pop(name, None)
+                self.meta.get("sparse", {}).pop(name, None)
                 removed += 1
         return removed
 
@@ -208,7 +215,34 @@ class Graph:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch's pytree specs warn when deep-copied
             gm = copy.deepcopy(self.gm)
-        return Graph(gm, list(self.inputs), list(self.outputs), copy.deepcopy(self.meta))
+        return Graph(gm, list(self.inputs), list(self.outputs), copy.deepcopy(self.meta),
+                     {k: v.clone() for k, v in self.masks.items()})
+
+    # ---- sparsity -----------------------------------------------------------------------------------------
+    def set_mask(self, name: str, mask: torch.Tensor, pattern: str) -> None:
+        """Record a sparsity mask for parameter `name` and zero the weights it removes."""
+        w = self.get_param(name)
+        if tuple(mask.shape) != tuple(w.shape):
+            raise ValueError(f"mask for '{name}' has shape {list(mask.shape)}, the weight {list(w.shape)}")
+        self.masks[name] = mask.detach().to(torch.bool).clone()
+        self.meta.setdefault("sparse", {})[name] = {"pattern": pattern}
+        self.apply_masks([name])
+
+    @torch.no_grad()
+    def apply_masks(self, names: Sequence[str] | None = None) -> None:
+        """Zero every masked-out weight (after an optimizer step, a rewind, a re-initialization)."""
+        for name in (names if names is not None else list(self.masks)):
+            getattr(self.gm, name).data.mul_(self.masks[name].to(self.get_param(name).dtype))
+
+    def sparsity_report(self) -> dict[str, dict]:
+        """Per masked parameter: pattern, shape, density and the fraction of exact zeros in the weight now."""
+        out = {}
+        for name, m in self.masks.items():
+            w = self.get_param(name)
+            out[name] = {"pattern": self.meta.get("sparse", {}).get(name, {}).get("pattern", "unstructured"),
+                         "shape": list(w.shape), "sparsity": round(1.0 - float(m.float().mean()), 6),
+                         "zeros": round(float((w == 0).float().mean()), 6)}
+        return out
 
     # ---- running ------------------------------------------------------------------------------------------
     def check_inputs(self, inputs: Sequence[Any]) -> list[torch.Tensor]:

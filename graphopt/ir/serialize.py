@@ -13,6 +13,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.fx as fx
 
@@ -81,6 +82,7 @@ def resolve_target(name: str) -> Any:
         raise ModelFileError(f"op '{name}' is not an allowed torch op; the file may be corrupt or hostile")
     if parts[0] == "graphopt":
         import graphopt.ir.quant_ops  # noqa: F401  registers graphopt's own ops
+        import graphopt.ir.sparse_ops  # noqa: F401
     try:
         return getattr(getattr(getattr(torch.ops, parts[0]), parts[1]), parts[2])
     except (AttributeError, RuntimeError) as e:
@@ -113,7 +115,10 @@ def save_graph(g: Graph, path: str | Path) -> None:
         tensors[name] = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
     doc = {"format": FORMAT, "version": VERSION, "inputs": [s.to_json() for s in g.inputs],
            "outputs": [s.to_json() for s in g.outputs], "nodes": nodes, "params": params,
-           "meta": json.loads(json.dumps(g.meta, default=str))}
+           "meta": json.loads(json.dumps(g.meta, default=str)),
+           "masks": {name: list(m.shape) for name, m in g.masks.items()}}
+    for name, m in g.masks.items():
+        tensors[f"mask.{name}"] = np.packbits(m.reshape(-1).numpy().astype(np.uint8)).tobytes()
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as z:
         z.writestr("graph.json", json.dumps(doc, indent=1))
@@ -144,6 +149,12 @@ def load_graph(path: str | Path) -> Graph:
                     root.register_parameter(name, torch.nn.Parameter(t.clone(), requires_grad=False))
                 else:
                     root.register_buffer(name, t.clone())
+            masks = {}
+            for name, shape in doc.get("masks", {}).items():
+                if name not in doc["params"] or list(doc["params"][name]["shape"]) != list(shape):
+                    raise ModelFileError(f"'{path}': the sparsity mask of '{name}' matches no parameter of its shape")
+                bits = np.unpackbits(np.frombuffer(z.read(f"tensors/mask.{name}.bin"), dtype=np.uint8))
+                masks[name] = torch.from_numpy(bits[: int(np.prod(shape))].astype(bool)).reshape(shape)
     except ModelFileError:
         raise
     except (zipfile.BadZipFile, KeyError, ValueError, RuntimeError, json.JSONDecodeError, EOFError) as e:
@@ -171,7 +182,7 @@ def load_graph(path: str | Path) -> Graph:
             node.name = rec["name"]
             env[rec["name"]] = node
         g = Graph(fx.GraphModule(root, fg), [TensorSpec.from_json(s) for s in doc["inputs"]],
-                  [TensorSpec.from_json(s) for s in doc["outputs"]], doc.get("meta", {}))
+                  [TensorSpec.from_json(s) for s in doc["outputs"]], doc.get("meta", {}), masks)
         g.refresh()
     except ModelFileError:
         raise

@@ -4,39 +4,53 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from graphopt.ir.graph import Graph
-from graphopt.passes.distill.trainer import DistillConfig, TrainingError, distill
+from graphopt.passes.distill.trainer import DistillConfig, trainer_from_ctx
 from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, register_pass
+
+
+@dataclass
+class TrainOptions:
+    """Options every training pass shares (its Options dataclass inherits them)."""
+
+    epochs: int = field(default=3, metadata={"help": "passes over the data"})
+    lr: float = field(default=1e-3, metadata={"help": "learning rate"})
+    optimizer: str = field(default="adam", metadata={"help": "adam | sgd (momentum 0.9); ctx extras 'optimizer' "
+                                                             "(a callable params -> optimizer) overrides"})
+    temperature: float = field(default=4.0, metadata={"help": "KD softmax temperature"})
+    kd: bool = field(default=True, metadata={
+        "help": "distill from the teacher (ctx extras 'teacher', else the pipeline's input graph); false: labels only"})
+    match: list[str] = field(default_factory=list, metadata={
+        "help": "node names whose activations the student learns to match (feature distillation)"})
+
+    def validate_training(self) -> str:
+        if self.epochs < 1:
+            return f"option 'epochs' must be >= 1, got {self.epochs}"
+        if not self.lr > 0:
+            return f"option 'lr' must be > 0, got {self.lr}"
+        if self.optimizer not in ("adam", "sgd"):
+            return f"option 'optimizer' must be adam or sgd, got '{self.optimizer}'"
+        return ""
+
+    def validate(self) -> str:
+        return self.validate_training()
+
+    def train_config(self, seed: int, desc: str) -> DistillConfig:
+        return DistillConfig(epochs=self.epochs, lr=self.lr, temperature=self.temperature, match=list(self.match),
+                             optimizer=self.optimizer, seed=seed, desc=desc)
 
 
 @register_pass
 class Recover(Pass):
     name = "recover"
     summary = ("Fine-tune with knowledge distillation from the unpruned/unquantized input graph on the context's data "
-               "(labels optional, via ctx extras 'labels').")
+               "(labels optional, via ctx extras 'labels'); sparsity masks stay fixed.")
     contract = Contract.TRAINING
 
     @dataclass
-    class Options:
-        epochs: int = field(default=3, metadata={"help": "passes over the data"})
-        lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
-        temperature: float = field(default=4.0, metadata={"help": "KD softmax temperature"})
-        kd: bool = field(default=True, metadata={"help": "distill from the teacher (false: labels only)"})
-
-        def validate(self) -> str:
-            if self.epochs < 1:
-                return f"option 'epochs' must be >= 1, got {self.epochs}"
-            if not self.lr > 0:
-                return f"option 'lr' must be > 0, got {self.lr}"
-            return ""
+    class Options(TrainOptions):
+        pass
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        if not ctx.data:
-            raise TrainingError("recover needs training data: optimize(..., data=[batches]) or --inputs")
-        labels = ctx.extras.get("labels")
-        if not self.options.kd and not labels:
-            raise TrainingError("recover{kd=false} needs labels (optimize(..., labels=[...]))")
-        cfg = DistillConfig(epochs=self.options.epochs, lr=self.options.lr, temperature=self.options.temperature,
-                            kd_weight=1.0 if self.options.kd else 0.0, seed=ctx.seed)
-        teacher = ctx.reference if ctx.reference is not None else graph.clone()
-        stats = distill(graph, teacher, list(ctx.data), cfg, labels)
+        trainer = trainer_from_ctx(graph, ctx, self.options.train_config(ctx.seed, "recover"), kd=self.options.kd)
+        stats = trainer.fit()
         return PassResult(graph, stats["steps"] > 0, stats)

@@ -1,12 +1,21 @@
-"""Distillation trainer: a frozen teacher graph teaches a student graph on (possibly unlabeled) batches."""
+"""The trainer every training-based pass uses: knowledge distillation from a frozen teacher graph.
+
+Losses: Hinton KD on the logits (softened with a temperature), feature matching at named nodes, and the task loss
+(cross-entropy, or the user's `loss` callable) when labels exist; unlabeled data works with KD alone. Sparsity masks
+of the student graph are honored: gradients of removed weights are zeroed and removed weights stay exactly zero.
+Under `torch.distributed` (torchrun, any backend) the student is wrapped in DistributedDataParallel and each rank
+trains on its share of the batches; everything random is seeded identically on every rank.
+"""
 from __future__ import annotations
 
+import copy
 import logging
 import math
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 
 from graphopt.errors import GraphoptError
@@ -24,14 +33,17 @@ class DistillConfig:
     epochs: int = 3
     lr: float = 1e-3
     temperature: float = 4.0
-    kd_weight: float = 1.0          # weight of the distillation loss (the task loss gets 1 - kd_weight with labels)
+    kd_weight: float = 1.0          # weight of the logits KD loss (the task loss gets 1 - kd_weight with labels)
+    feature_weight: float = 1.0     # weight of the feature-matching loss at `match` nodes
+    match: list[str] = field(default_factory=list)   # node names whose activations the student should match
     weight_decay: float = 0.0
+    optimizer: str = "adam"         # adam | sgd (momentum 0.9); ctx extras 'optimizer' (a callable) overrides
     seed: int = 0
     progress: bool = True
+    desc: str = "distill"
 
 
-def _outputs(gm, batch) -> torch.Tensor:
-    out = gm(*batch)
+def _first(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -43,51 +55,192 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
     return F.mse_loss(student, teacher)
 
 
+def feature_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """MSE normalized by the teacher feature's mean square, so layers of any scale weigh alike."""
+    return F.mse_loss(student, teacher) / (teacher.pow(2).mean() + 1e-8)
+
+
+def with_taps(graph: Graph, names: Sequence[str]) -> fx.GraphModule:
+    """A module sharing `graph`'s parameters that returns (outputs, (activation of each named node, ...))."""
+    g = copy.deepcopy(graph.gm.graph)
+    by_name = {n.name: n for n in g.nodes}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise TrainingError(f"feature matching: no node named {missing} (see `graphopt inspect --ir`)")
+    out = next(n for n in g.nodes if n.op == "output")
+    out.args = ((tuple(out.args[0]), tuple(by_name[n] for n in names)),)
+    return fx.GraphModule(graph.gm, g)  # get_attr targets are copied by reference: training updates `graph`
+
+
+def shard(items: Sequence, rank: int, world: int) -> list:
+    """Rank `rank`'s equal share of `items` (the remainder is dropped, so every rank runs the same steps)."""
+    per = len(items) // world
+    return list(items[rank * per:(rank + 1) * per]) if world > 1 else list(items)
+
+
+def dist_info() -> tuple[int, int]:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class Trainer:
+    """Trains `student`'s float parameters in place, distilling from `teacher`.
+
+    Hooks: `on_grad(step)` runs after backward, while the gradients are still dense (RigL reads them there);
+    `on_step(step)` after the optimizer step and the masks were applied.
+    """
+
+    def __init__(self, student: Graph, teacher: Graph | None, batches: Sequence[tuple], cfg: DistillConfig,
+                 labels: Sequence[torch.Tensor] | None = None, loss_fn: Callable | None = None,
+                 make_optimizer: Callable | None = None):
+        if not batches:
+            raise TrainingError("the data loader yielded no batches: give data (optimize(..., data=[...]) or "
+                                "--inputs)")
+        if labels is not None and len(labels) != len(batches):
+            raise TrainingError(f"got {len(batches)} batches but {len(labels)} label tensors: give one per batch")
+        if teacher is None and labels is None:
+            raise TrainingError("training needs a teacher graph or labels")
+        self.student, self.teacher, self.cfg = student, teacher, cfg
+        self.rank, self.world = dist_info()
+        idx = shard(range(len(batches)), self.rank, self.world)
+        if not idx:
+            raise TrainingError(f"{len(batches)} batch(es) cannot be shared by {self.world} ranks")
+        self.batches = [batches[i] for i in idx]
+        self.labels = [labels[i] for i in idx] if labels is not None else None
+        self.loss_fn = loss_fn
+        self.params = {n: p for n, p in student.gm.named_parameters() if p.is_floating_point()}
+        if not self.params:
+            raise TrainingError("the student graph has no trainable parameters")
+        self.make_optimizer = make_optimizer
+        self.student_mod = with_taps(student, cfg.match) if cfg.match else student.gm
+        self.teacher_mod = None
+        if teacher is not None:
+            self.teacher_mod = with_taps(teacher, cfg.match) if cfg.match else teacher.gm
+        self.step = 0
+        self.on_grad: Callable[[int], None] | None = None
+        self.on_step: Callable[[int], None] | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        params = list(self.params.values())
+        if self.make_optimizer is not None:
+            return self.make_optimizer(params)
+        if self.cfg.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.cfg.lr, momentum=0.9, weight_decay=self.cfg.weight_decay)
+        return torch.optim.Adam(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+    def _loss(self, model, k: int) -> torch.Tensor:
+        batch = self.batches[k]
+        out = model(*batch)
+        feats = ()
+        if self.cfg.match:
+            out, feats = out
+        out = _first(out)
+        loss = out.new_zeros(())
+        has_labels = self.labels is not None
+        if self.teacher_mod is not None and (self.cfg.kd_weight > 0 or feats):
+            with torch.no_grad():
+                t_out = self.teacher_mod(*batch)
+            t_feats = ()
+            if self.cfg.match:
+                t_out, t_feats = t_out
+            if self.cfg.kd_weight > 0:
+                loss = loss + kd_loss(out, _first(t_out), self.cfg.temperature) * (
+                    self.cfg.kd_weight if has_labels else 1.0)
+            for name, s, t in zip(self.cfg.match, feats, t_feats):
+                if s.shape != t.shape:
+                    raise TrainingError(f"feature matching at '{name}': student shape {list(s.shape)} differs from "
+                                        f"the teacher's {list(t.shape)} (pick a node whose width pruning kept)")
+                loss = loss + self.cfg.feature_weight * feature_loss(s, t)
+        if has_labels:
+            task = self.loss_fn(out, self.labels[k]) if self.loss_fn else F.cross_entropy(out, self.labels[k])
+            weight = (1 - self.cfg.kd_weight) if self.teacher_mod is not None else 1.0
+            loss = loss + weight * task
+        return loss
+
+    def fit(self, epochs: int | None = None, steps: int | None = None, desc: str | None = None) -> dict:
+        """Train for `epochs` passes over the data (or exactly `steps` steps); returns loss statistics."""
+        from tqdm.auto import tqdm
+
+        epochs = self.cfg.epochs if epochs is None and steps is None else epochs
+        total = steps if steps is not None else epochs * len(self.batches)
+        for p in self.params.values():
+            p.requires_grad_(True)
+        model = self.student_mod
+        if self.world > 1:  # gradients are averaged over the ranks during backward
+            model = torch.nn.parallel.DistributedDataParallel(model)
+        if self.optimizer is None:
+            self.optimizer = self._new_optimizer()
+        masks = {n: self.student.masks[n] for n in self.params if n in self.student.masks}
+        bar = tqdm(total=total, desc=desc or self.cfg.desc, unit="step", leave=False,
+                   disable=True if not self.cfg.progress or self.rank != 0 else None)
+        first = last = None
+        done = 0
+        epoch = 0
+        try:
+            self.student_mod.train()
+            while done < total:
+                gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch)
+                for k in torch.randperm(len(self.batches), generator=gen).tolist():
+                    if done >= total:
+                        break
+                    loss = self._loss(model, k)
+                    value = loss.item()
+                    if not math.isfinite(value):
+                        raise TrainingError(f"training diverged: loss is {value} at step {self.step} "
+                                            f"(epoch {epoch}); lower lr= or check the data for NaN/inf")
+                    self.optimizer.zero_grad()
+                    loss.backward()
+                    if self.on_grad is not None:
+                        self.on_grad(self.step)
+                    with torch.no_grad():
+                        for n, m in masks.items():
+                            if self.params[n].grad is not None:
+                                self.params[n].grad.mul_(m)
+                    self.optimizer.step()
+                    self.student.apply_masks(list(masks))
+                    if self.on_step is not None:
+                        self.on_step(self.step)
+                        masks = {n: self.student.masks[n] for n in self.params if n in self.student.masks}
+                    last = value
+                    first = value if first is None else first
+                    self.step += 1
+                    done += 1
+                    bar.update(1)
+                    bar.set_postfix_str(f"loss {value:.4g}")
+                epoch += 1
+        finally:
+            bar.close()
+            self.student_mod.eval()
+            self.student.gm.eval()
+            for p in self.params.values():
+                p.requires_grad_(False)
+                p.grad = None
+        return {"steps": done, "loss_first": first, "loss_last": last}
+
+
+def trainer_from_ctx(student: Graph, ctx: Any, cfg: DistillConfig, kd: bool = True) -> Trainer:
+    """A Trainer fed from the pass context: data, labels/loss/optimizer extras, teacher = the pipeline's input."""
+    if not ctx.data:
+        raise TrainingError(f"{cfg.desc} needs training data: optimize(..., data=[batches]) or --inputs")
+    labels = ctx.extras.get("labels")
+    if not kd and labels is None:
+        raise TrainingError("training without distillation (kd=false) needs labels (optimize(..., labels=[...]))")
+    teacher = None
+    if kd:
+        teacher = ctx.extras.get("teacher") or ctx.reference or student.clone()
+        if labels is not None and cfg.kd_weight == 1.0:
+            cfg.kd_weight = 0.5  # labels and a teacher: half task loss, half distillation
+    else:
+        cfg.kd_weight = 0.0
+    return Trainer(student, teacher, list(ctx.data), cfg, labels, ctx.extras.get("loss"),
+                   ctx.extras.get("optimizer"))
+
+
 def distill(student: Graph, teacher: Graph, batches: Sequence[tuple], cfg: DistillConfig,
             labels: Sequence[torch.Tensor] | None = None) -> dict:
-    """Train the student's float parameters in place; return loss statistics. Raises TrainingError on NaN."""
-    if not batches:
-        raise TrainingError("the data loader yielded no batches: give data (optimize(..., data=[...]) or --inputs)")
-    torch.manual_seed(cfg.seed)
-    params = [p for n, p in student.gm.named_parameters() if p.is_floating_point()]
-    if not params:
-        raise TrainingError("the student graph has no trainable parameters")
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    from tqdm.auto import tqdm
-    total = cfg.epochs * len(batches)
-    bar = tqdm(total=total, desc="distill", unit="step", disable=None if cfg.progress else True, leave=False)
-    first = last = None
-    step = 0
-    teacher_outs = []
-    with torch.no_grad():
-        for b in batches:
-            teacher_outs.append(_outputs(teacher.gm, b).detach())
-    try:
-        student.gm.train()
-        for epoch in range(cfg.epochs):
-            order = torch.randperm(len(batches)).tolist()
-            for k in order:
-                out = _outputs(student.gm, batches[k])
-                loss = kd_loss(out, teacher_outs[k], cfg.temperature) * (cfg.kd_weight if labels else 1.0)
-                if labels:
-                    loss = loss + (1 - cfg.kd_weight) * F.cross_entropy(out, labels[k])
-                if not math.isfinite(loss.item()):
-                    raise TrainingError(f"training diverged: loss is {loss.item()} at step {step} (epoch {epoch}); "
-                                        "lower lr= or check the data for NaN/inf")
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                last = loss.item()
-                first = last if first is None else first
-                step += 1
-                bar.update(1)
-                bar.set_postfix_str(f"loss {last:.4g}")
-    finally:
-        bar.close()
-        student.gm.eval()
-        for p in params:
-            p.requires_grad_(False)
-            p.grad = None
-    return {"steps": step, "loss_first": first, "loss_last": last}
+    """Train the student in place for cfg.epochs; return loss statistics. Raises TrainingError on NaN."""
+    return Trainer(student, teacher, batches, cfg, labels).fit()
+

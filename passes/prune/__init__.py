@@ -1,2 +1,2 @@
-"""Pruning: prune-channels (structured, with dependency groups)."""
-from graphopt.passes.prune import prune_channels  # noqa: F401
+"""Pruning: prune-channels (structured, with dependency groups), sparsify, sparsify-nm, lottery-ticket, rigl, set."""
+from graphopt.passes.prune import dynamic, lottery, prune_channels, sparsify  # noqa: F401
