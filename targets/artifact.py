@@ -48,6 +48,8 @@ def build_manifest(graph: Graph, target: str, target_info: dict[str, Any], *, tu
         "passes": graph.meta.get("history", []),
         "source": graph.meta.get("source", ""),
         "stats": stats.to_json(),
+        "sparsity": graph.sparsity_report(),
+        "sparse_layout": graph.meta.get("sparse_layout", {}),
         "target": target,
         "target_info": target_info,
         "tuning": tuning,
