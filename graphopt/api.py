@@ -44,8 +44,12 @@ def load_model(spec: str | Path) -> Graph:
 
 def optimize(graph: Graph, pipeline: str, *, data: Sequence[Any] | None = None, verify: bool = False,
              dump_dir: str | Path | None = None, strict: bool = False, print_ir_after_all: bool = False,
-             print_ir_after_change: bool = False, seed: int = 0, **extras: Any) -> Graph:
-    """Run the pipeline text (or a .yaml recipe path) over a clone of `graph` and return the new Graph."""
+             print_ir_after_change: bool = False, seed: int = 0, target: Any = "llvm", **extras: Any) -> Graph:
+    """Run the pipeline text (or a .yaml recipe path) over a clone of `graph` and return the new Graph.
+
+    `target` answers the cost questions of measuring passes (select-sparse-layout): "llvm" (the host CPU, built on
+    first use), an object with `measure(op, shape, layout, weight)`, or None. Extra keyword arguments reach the
+    passes as ctx extras: `labels` (one tensor per batch), `teacher` (a Graph), `loss`, `optimizer`."""
     from graphopt.pm import PassContext, PassManager
     if not isinstance(graph, Graph):
         raise GraphoptError(f"optimize() needs a graphopt Graph (see graphopt.trace / load_onnx), got "
@@ -57,8 +61,30 @@ def optimize(graph: Graph, pipeline: str, *, data: Sequence[Any] | None = None, 
         batches = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in data]
         for b in batches:
             graph.check_inputs(b)
-    ctx = PassContext(data=batches, reference=graph, seed=seed, strict=strict, extras=dict(extras))
+    ctx = PassContext(data=batches, reference=graph, seed=seed, strict=strict, extras=dict(extras),
+                      target=_cost_oracle(target))
     return pm.run(graph, ctx)
+
+
+class _LazyCpuOracle:
+    """The host CPU's cost oracle, built (TVM imported) only when a pass first asks."""
+
+    def __init__(self):
+        self._oracle = None
+
+    def measure(self, *args, **kwargs) -> float:
+        if self._oracle is None:
+            from graphopt.targets.tvm.cpu.cost import CpuCostOracle
+            self._oracle = CpuCostOracle()
+        return self._oracle.measure(*args, **kwargs)
+
+
+def _cost_oracle(target: Any):
+    if target is None or hasattr(target, "measure"):
+        return target
+    if target == "llvm":
+        return _LazyCpuOracle()
+    raise GraphoptError(f"optimize(target=...) must be 'llvm', None or an object with measure(); got {target!r}")
 
 
 def compile(graph: Graph, target: str = "llvm", tuning: Any = None, output: str | Path = "graphopt-out") -> Path:  # noqa: A001

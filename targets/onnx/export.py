@@ -18,7 +18,8 @@ def export_onnx(graph: Graph, path: str | Path, opset: int = 18) -> Path:
     import onnx
     import torch
 
-    ep = graph.to_exported_program()
+    from graphopt.ir.sparse_ops import densify
+    ep = densify(graph).to_exported_program()  # ONNX has no block-sparse op: sparse layers go out dense (exact zeros)
     try:
         with warnings.catch_warnings(), _quiet():
             warnings.simplefilter("ignore")

@@ -91,7 +91,15 @@ def _quant_converters():
         wsum = bb.emit(relax.op.sum(bb.emit(relax.op.astype(wq, "int32")), axis=[1, 2, 3]))
         return _rescale(bb, acc, zx, wsum, sx, ws, bias, [1, -1, 1, 1])
 
-    return {"qlinear.default": qlinear, "qconv2d.default": qconv2d,
+    def bsr_linear(node, importer):
+        from graphopt.targets.tvm.cpu.sparse import emit_bsr_linear
+        x, data, indices, indptr = (importer.env[a] for a in node.args[:4])
+        bias = importer.env[node.args[4]] if node.args[4] is not None else None
+        dshape = node.args[1].meta["val"].shape
+        return emit_bsr_linear(importer.block_builder, x, data, indices, indptr, bias, node.args[0].meta["val"].shape,
+                               int(node.args[5]), (int(dshape[1]), int(dshape[2])), int(dshape[0]))
+
+    return {"qlinear.default": qlinear, "qconv2d.default": qconv2d, "bsr_linear.default": bsr_linear,
             "quantize_per_tensor.default": quantize_per_tensor,
             "dequantize_per_tensor.default": dequantize_per_tensor,
             "dequantize_per_channel.default": dequantize_per_channel}

@@ -1,0 +1,117 @@
+"""Sparse linear kernels vs dense, per shape and sparsity, in one run: graphopt's TVM kernels (dense rules and every
+sparse layout, through the same cost oracle select-sparse-layout uses) against ONNX Runtime and PyTorch dense.
+
+Goal (issue 6): at >= 80% sparsity the chosen sparse kernel is >= 0.5/density times faster than dense; where sparse
+loses, dense is chosen. Masks are block-structured (sparsify{block=4x4}) or unstructured (csr).
+
+    python benchmarks/sparse_kernels.py [--threads 2] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+
+SHAPES = [  # (name, M, K, N)
+    ("minilm-ffn-in", 128, 384, 1536),
+    ("minilm-ffn-out", 128, 1536, 384),
+    ("bert-768", 128, 768, 768),
+    ("classifier", 1, 1280, 1000),
+]
+LAYOUTS = ["csr", "bsr4x4", "bsr1x16", "bsr8x1"]
+
+
+def _ort_dense(m, k, n, w, threads):
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "wt"], ["y"])], "mm",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
+                          [numpy_helper.from_array(w.t().contiguous().numpy(), "wt")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    with tempfile.NamedTemporaryFile(suffix=".onnx") as f:
+        onnx.save(model, f.name)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        sess = ort.InferenceSession(f.name, so)
+    x = np.random.default_rng(0).standard_normal((m, k)).astype("float32")
+    return _best(lambda: sess.run(None, {"x": x}))
+
+
+def _best(fn, runs=30):
+    for _ in range(3):
+        fn()
+    ts = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sparsities", default="0.5,0.8,0.9,0.95")
+    ap.add_argument("--quick", action="store_true", help="one shape, two sparsities")
+    ap.add_argument("--out", default="benchmarks/results/sparse_kernels.json")
+    args = ap.parse_args(argv)
+
+    import os
+    os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
+    import torch
+    torch.set_num_threads(args.threads)
+    from graphopt.ir.files import atomic_write_bytes
+    from graphopt.passes.prune.masks import expand_blocks
+    from graphopt.targets.tvm.cpu.cost import CpuCostOracle
+
+    oracle = CpuCostOracle(cache=os.path.join(tempfile.gettempdir(), "graphopt-bench-layout-costs.json"))
+    shapes = SHAPES[2:3] if args.quick else SHAPES
+    sparsities = [0.8, 0.9] if args.quick else [float(s) for s in args.sparsities.split(",")]
+    rows = []
+    for name, m, k, n in shapes:
+        torch.manual_seed(0)
+        w0 = torch.randn(n, k)
+        x = torch.randn(m, k)
+        ort_t = _ort_dense(m, k, n, w0, args.threads)
+        with torch.no_grad():
+            torch_t = _best(lambda: torch.nn.functional.linear(x, w0))
+        dense_t = oracle.measure("linear", (m, k, n), "dense", w0)
+        for s in sparsities:
+            for pattern in ("block4x4", "unstructured"):
+                if pattern == "block4x4":
+                    mask = expand_blocks(torch.rand(n // 4, k // 4) >= s, (4, 4))
+                else:
+                    mask = torch.rand(n, k) >= s
+                w = w0 * mask
+                times = {lay: oracle.measure("linear", (m, k, n), lay, w) for lay in LAYOUTS}
+                best = min(times, key=times.get)
+                chosen = best if times[best] * 1.1 <= dense_t else "dense"
+                chosen_t = times.get(chosen, dense_t)
+                row = {"shape": name, "m": m, "k": k, "n": n, "sparsity": s, "pattern": pattern,
+                       "tvm_dense_us": round(dense_t * 1e6, 1), "ort_dense_us": round(ort_t * 1e6, 1),
+                       "torch_dense_us": round(torch_t * 1e6, 1),
+                       "layouts_us": {k2: round(v * 1e6, 1) for k2, v in times.items()},
+                       "chosen": chosen, "chosen_us": round(chosen_t * 1e6, 1),
+                       "speedup_vs_tvm_dense": round(dense_t / chosen_t, 2),
+                       "speedup_vs_ort_dense": round(ort_t / chosen_t, 2),
+                       "goal_0.5_over_density": round(0.5 / (1 - s), 2)}
+                rows.append(row)
+                print(f"{name:15} s={s:.2f} {pattern:12} dense tvm {row['tvm_dense_us']:8.1f} ort "
+                      f"{row['ort_dense_us']:8.1f} torch {row['torch_dense_us']:8.1f} | {chosen:7} "
+                      f"{row['chosen_us']:8.1f} us  x{row['speedup_vs_tvm_dense']:.2f} vs tvm dense, "
+                      f"x{row['speedup_vs_ort_dense']:.2f} vs ORT (goal x{row['goal_0.5_over_density']})",
+                      flush=True)
+    doc = {"threads": args.threads, "target": oracle.describe(), "rows": rows}
+    atomic_write_bytes(args.out, json.dumps(doc, indent=1).encode())
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

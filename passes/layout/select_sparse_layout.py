@@ -1,0 +1,115 @@
+"""select-sparse-layout: for each masked linear weight, time every candidate layout for that exact shape and block
+count on the target (through ctx.target's cost oracle, cached), keep the fastest that beats dense by at least
+`min-speedup`, and rewrite the layer to graphopt::bsr_linear. Never slower than dense: dense is always measured."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from graphopt.errors import GraphoptError
+from graphopt.ir.graph import Graph
+from graphopt.ir.sparse_ops import layout_block, to_bsr
+from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, register_pass
+
+aten = torch.ops.aten
+
+
+class LayoutError(GraphoptError):
+    """The layout pass cannot measure or rewrite; says what is missing."""
+
+
+@register_pass
+class SelectSparseLayout(Pass):
+    name = "select-sparse-layout"
+    summary = ("Measure dense vs CSR vs BSR kernels for each masked linear weight on the target and rewrite to the "
+               "fastest sparse layout that beats dense by min-speedup (else keep dense); choices go to the manifest.")
+    contract = Contract.EXACT
+
+    @dataclass
+    class Options:
+        candidates: list[str] = field(default_factory=lambda: ["dense", "csr", "bsr4x4", "bsr1x16", "bsr8x1"],
+                                      metadata={"help": "layouts to measure: dense, csr, bsrRxC (R x C blocks)"})
+        min_speedup: float = field(default=1.1, metadata={
+            "help": "a sparse layout must be at least this many times faster than dense to be chosen"})
+        min_sparsity: float = field(default=0.5, metadata={
+            "help": "weights with fewer zeros than this are not measured (dense)"})
+
+        def validate(self) -> str:
+            for c in self.candidates:
+                try:
+                    layout_block(c)
+                except ValueError as e:
+                    return f"option 'candidates': {e}"
+            if not self.min_speedup >= 1.0:
+                return f"option 'min-speedup' must be >= 1 (never slower than dense), got {self.min_speedup}"
+            if not 0 <= self.min_sparsity < 1:
+                return f"option 'min-sparsity' must be in [0, 1), got {self.min_sparsity}"
+            return ""
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        o = self.options
+        oracle = ctx.target
+        if oracle is None or not hasattr(oracle, "measure"):
+            raise LayoutError("select-sparse-layout measures kernels on a target: call optimize(..., target='llvm') "
+                              "or use graphopt compile/opt (they give the host CPU)")
+        choices, rewritten = {}, 0
+        for node in list(graph.gm.graph.nodes):
+            if node.op != "call_function" or node.target is not aten.linear.default:
+                continue
+            wnode = node.args[1]
+            if getattr(wnode, "op", None) != "get_attr" or wnode.target not in graph.masks:
+                continue
+            name = wnode.target
+            w = graph.get_param(name)
+            if not w.is_floating_point() or w.dtype != torch.float32:
+                continue
+            sparsity = float((w == 0).float().mean())
+            xshape = tuple(node.args[0].meta["val"].shape)
+            n, k = w.shape
+            m = math.prod(xshape[:-1]) if len(xshape) > 1 else 1
+            rec = {"node": node.name, "shape": [m, k, n], "sparsity": round(sparsity, 4), "timings_us": {},
+                   "choice": "dense"}
+            choices[name] = rec
+            if sparsity < o.min_sparsity:
+                rec["reason"] = f"sparsity {sparsity:.2f} < min-sparsity {o.min_sparsity}"
+                continue
+            for lay in dict.fromkeys(["dense", *o.candidates]):
+                block = layout_block(lay)
+                if block is not None and (n % block[0] or k % block[1]):
+                    rec["timings_us"][lay] = None  # shape not divisible into these blocks
+                    continue
+                rec["timings_us"][lay] = round(oracle.measure("linear", (m, k, n), lay, w) * 1e6, 2)
+            dense_t = rec["timings_us"]["dense"]
+            sparse = {lay: t for lay, t in rec["timings_us"].items() if lay != "dense" and t is not None}
+            if sparse:
+                best = min(sparse, key=sparse.get)
+                rec["best_speedup"] = round(dense_t / sparse[best], 3)
+                if sparse[best] * o.min_speedup <= dense_t:
+                    rec["choice"] = best
+            if rec["choice"] == "dense":
+                continue
+            s = to_bsr(w, layout_block(rec["choice"]))
+            rec["stored_blocks"] = s.nnzb
+            with graph.gm.graph.inserting_before(node):
+                data = graph.add_param(f"{name}_bsr_data", s.data, before=node)
+                idx = graph.add_param(f"{name}_bsr_indices", s.indices, before=node)
+                ptr = graph.add_param(f"{name}_bsr_indptr", s.indptr, before=node)
+                bias = node.args[2] if len(node.args) > 2 else None
+                new = graph.gm.graph.call_function(torch.ops.graphopt.bsr_linear.default,
+                                                   (node.args[0], data, idx, ptr, bias, int(n)))
+            new.meta.update({k: v for k, v in node.meta.items() if k != "val"})
+            node.replace_all_uses_with(new)
+            graph.gm.graph.erase_node(node)
+            rewritten += 1
+        if not choices:
+            raise LayoutError("select-sparse-layout: no masked linear weight in the graph; run sparsify, "
+                              "sparsify-nm, lottery-ticket or rigl first")
+        graph.gm.graph.eliminate_dead_code()
+        graph.remove_unused_params()
+        graph.meta.setdefault("sparse_layout", {}).update(choices)
+        graph.refresh()
+        return PassResult(graph, rewritten > 0, {"rewritten": rewritten, "measured": len(choices),
+                                                 "choices": {k: v["choice"] for k, v in choices.items()}},
+                          reason="" if rewritten else "dense was fastest (or within min-speedup) for every layer")

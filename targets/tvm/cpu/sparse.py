@@ -1,0 +1,121 @@
+"""Sparse matmul kernels in TIR for the CPU: y^T = W x^T with W in BSR (R x C blocks; CSR is 1 x 1).
+
+The kernel works on x^T [K, M] so that its innermost loop is a vector FMA over M (tokens / batch rows): one
+broadcast weight value times a contiguous x^T row, accumulated in registers for an R x V output tile. Block-rows run
+in parallel over the cores. For M < 4 (batch-1 classifier heads) the row variant vectorizes along the block's
+columns instead. Both are written fully scheduled (no MetaSchedule needed) and tagged so no rule touches them.
+"""
+from __future__ import annotations
+
+
+def _vector_width(m: int) -> int:
+    for v in (16, 8, 4, 2):
+        if m % v == 0:
+            return v
+    return 1
+
+
+def bsr_matmul_t(m: int, k: int, n: int, r: int, c: int, nnzb: int):
+    """PrimFunc(xT[K, M], data[nnzb, R, C], indices[nnzb], indptr[N/R+1], outT[N, M]) computing outT = W @ xT."""
+    from tvm.script import tirx as T
+
+    from graphopt.targets.tvm.fast_import import cheap_inspect_stack
+
+    nb = n // r
+    v = _vector_width(m)
+    mo_n = m // v
+
+    with cheap_inspect_stack():
+        return _bsr_t(T, k, m, n, r, c, nnzb, nb, v, mo_n)
+
+
+def _bsr_t(T, k, m, n, r, c, nnzb, nb, v, mo_n):
+    @T.prim_func(private=True)
+    def func(xT: T.Buffer((k, m), "float32"), data: T.Buffer((nnzb, r, c), "float32"),
+             indices: T.Buffer((nnzb,), "int32"), indptr: T.Buffer((nb + 1,), "int32"),
+             outT: T.Buffer((n, m), "float32")):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+        for ib in T.parallel(nb):
+            for mo in T.serial(mo_n):
+                acc = T.decl_buffer((r, v), "float32", scope="local")
+                for ri in T.unroll(r):
+                    for vi in T.vectorized(v):
+                        acc[ri, vi] = T.float32(0)
+                for j in T.serial(indptr[ib + 1] - indptr[ib]):
+                    for ri in T.unroll(r):
+                        for ci in T.unroll(c):
+                            for vi in T.vectorized(v):
+                                acc[ri, vi] = acc[ri, vi] + data[indptr[ib] + j, ri, ci] * \
+                                    xT[indices[indptr[ib] + j] * c + ci, mo * v + vi]
+                for ri in T.unroll(r):
+                    for vi in T.vectorized(v):
+                        outT[ib * r + ri, mo * v + vi] = acc[ri, vi]
+
+    return func
+
+
+def bsr_matmul_rows(m: int, k: int, n: int, r: int, c: int, nnzb: int):
+    """PrimFunc(x[M, K], data, indices, indptr, out[M, N]) for small M: the block's C columns are the vector."""
+    from tvm.script import tirx as T
+
+    from graphopt.targets.tvm.fast_import import cheap_inspect_stack
+
+    nb = n // r
+
+    with cheap_inspect_stack():
+        return _bsr_rows(T, k, m, n, r, c, nnzb, nb)
+
+
+def _bsr_rows(T, k, m, n, r, c, nnzb, nb):
+    @T.prim_func(private=True)
+    def func(x: T.Buffer((m, k), "float32"), data: T.Buffer((nnzb, r, c), "float32"),
+             indices: T.Buffer((nnzb,), "int32"), indptr: T.Buffer((nb + 1,), "int32"),
+             out: T.Buffer((m, n), "float32")):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+        for ib in T.parallel(nb):
+            for mi in T.serial(m):
+                acc = T.decl_buffer((r, c), "float32", scope="local")
+                for ri in T.unroll(r):
+                    for ci in T.vectorized(c):
+                        acc[ri, ci] = T.float32(0)
+                for j in T.serial(indptr[ib + 1] - indptr[ib]):
+                    for ri in T.unroll(r):
+                        for ci in T.vectorized(c):
+                            acc[ri, ci] = acc[ri, ci] + data[indptr[ib] + j, ri, ci] * \
+                                x[mi, indices[indptr[ib] + j] * c + ci]
+                for ri in T.unroll(r):
+                    s = T.decl_buffer((1,), "float32", scope="local")
+                    s[0] = T.float32(0)
+                    for ci in T.serial(c):
+                        s[0] = s[0] + acc[ri, ci]
+                    out[mi, ib * r + ri] = s[0]
+
+    return func
+
+
+def use_rows(m: int) -> bool:
+    return m < 4
+
+
+def emit_bsr_linear(bb, x, data, indices, indptr, bias, x_shape, n: int, block: tuple[int, int], nnzb: int):
+    """Emit y = x @ W.T (+ bias) with W given as Relax BSR tensors; x [..., K] -> [..., N]."""
+    import math
+
+    from tvm import relax
+
+    lead, k = tuple(int(d) for d in x_shape[:-1]), int(x_shape[-1])
+    m = math.prod(lead) if lead else 1
+    r, c = block
+    x2 = bb.emit(relax.op.reshape(x, (m, k)))
+    tag = f"{m}x{k}x{n}_b{r}x{c}_nnz{nnzb}"
+    if use_rows(m):
+        gv = bb.add_func(bsr_matmul_rows(m, k, n, r, c, nnzb), f"bsr_rows_{tag}")
+        y = bb.emit(relax.call_tir(gv, [x2, data, indices, indptr], relax.TensorType((m, n), "float32")))
+    else:
+        xt = bb.emit(relax.op.permute_dims(x2, [1, 0]))
+        gv = bb.add_func(bsr_matmul_t(m, k, n, r, c, nnzb), f"bsr_t_{tag}")
+        yt = bb.emit(relax.call_tir(gv, [xt, data, indices, indptr], relax.TensorType((n, m), "float32")))
+        y = bb.emit(relax.op.permute_dims(yt, [1, 0]))
+    if bias is not None:
+        y = bb.emit(relax.op.add(y, bias))
+    return bb.emit(relax.op.reshape(y, (*lead, n))) if lead != (m,) else y
