@@ -13,7 +13,15 @@ from graphopt.ir.printer import target_name
 log = logging.getLogger(__name__)
 
 
-def _quant_converters():
+def _lifted_tensors(ep) -> dict:
+    """Placeholder name -> tensor for the exported program's parameters, buffers and constants."""
+    state = dict(ep.state_dict)
+    state.update(ep.constants)
+    return {spec.arg.name: state[spec.target] for spec in ep.graph_signature.input_specs
+            if spec.target is not None and spec.target in state}
+
+
+def _quant_converters(lifted: dict | None = None):
     """Relax lowering of graphopt's Q/DQ ops (reference semantics: round half to even, clamp, affine)."""
     from tvm import relax
 
@@ -99,7 +107,38 @@ def _quant_converters():
         return emit_bsr_linear(importer.block_builder, x, data, indices, indptr, bias, node.args[0].meta["val"].shape,
                                int(node.args[5]), (int(dshape[1]), int(dshape[2])), int(dshape[0]))
 
-    return {"qlinear.default": qlinear, "qconv2d.default": qconv2d, "bsr_linear.default": bsr_linear,
+    def linear(node, importer):
+        # constant float weights go to the packed GEMM micro-kernel (weights laid out at compile time)
+        import torch
+
+        from graphopt.targets.tvm.cpu.gemm import emit_packed_linear
+        from graphopt.targets.tvm.cpu.rules import vector_lanes
+        from graphopt.targets.tvm.host import cpu_target
+        bb = importer.block_builder
+        x, w = importer.env[node.args[0]], importer.env[node.args[1]]
+        bias = importer.env[node.args[2]] if len(node.args) > 2 and node.args[2] is not None else None
+        const = (lifted or {}).get(getattr(node.args[1], "name", None))
+        if const is not None and const.dtype == torch.float32:
+            y = emit_packed_linear(bb, x, const.detach().numpy(), bias, node.args[0].meta["val"].shape,
+                                   vector_lanes(cpu_target()))
+            if y is not None:
+                return y
+        return bb.emit(relax.op.linear(x, w, bias, "float32"))
+
+    def gelu(node, importer):
+        # erf GELU with TVM's vectorizable polynomial erf (libm erff is scalar: 1.4 ms for MiniLM's 128x1536)
+        from tvm import topi
+        bb = importer.block_builder
+        x = importer.env[node.args[0]]
+        approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+        if approximate != "none" or str(node.args[0].meta["val"].dtype) != "torch.float32":
+            return bb.emit(relax.op.nn.gelu_tanh(x) if approximate == "tanh" else relax.op.nn.gelu(x))
+        e = bb.emit_te(topi.fast_erf, bb.emit(relax.op.multiply(x, f32(0.7071067811865476))))
+        return bb.emit(relax.op.multiply(bb.emit(relax.op.multiply(x, f32(0.5))),
+                                         bb.emit(relax.op.add(e, f32(1.0)))))
+
+    return {"gelu.default": gelu, "qlinear.default": qlinear, "qconv2d.default": qconv2d, "bsr_linear.default": bsr_linear,
+            "linear.default": linear,
             "quantize_per_tensor.default": quantize_per_tensor,
             "dequantize_per_tensor.default": dequantize_per_tensor,
             "dequantize_per_channel.default": dequantize_per_channel}
@@ -109,9 +148,17 @@ def lower_to_relax(graph: Graph):
     """Return a Relax IRModule whose `main` takes the graph's inputs in order, parameters bound as constants."""
     from tvm.relax.frontend.torch import from_exported_program
 
-    ep = graph.to_exported_program()
+    import torch
+    from torch.export import default_decompositions
+
+    # core-ATen decomposition, except linear: decomposed, it becomes permute + addmm and hides the constant weight
+    # the packed GEMM needs
+    table = default_decompositions()
+    table.pop(torch.ops.aten.linear.default, None)
+    ep = graph.to_exported_program().run_decompositions(table)
     try:
-        mod = from_exported_program(ep, keep_params_as_input=False, custom_convert_map=_quant_converters())
+        mod = from_exported_program(ep, keep_params_as_input=False, custom_convert_map=_quant_converters(_lifted_tensors(ep)),
+                                    run_ep_decomposition=False)
     except AssertionError as e:
         # the Relax importer asserts on ops it has no converter for; name the node for the user
         msg = str(e)

@@ -69,7 +69,9 @@ class CpuCostOracle:
         import tvm
         from tvm import relax
 
+        from graphopt.targets.tvm.cpu.gemm import emit_packed_linear
         from graphopt.targets.tvm.cpu.pipeline import build_cpu
+        from graphopt.targets.tvm.cpu.rules import vector_lanes
         from graphopt.targets.tvm.cpu.sparse import emit_bsr_linear
 
         m, k, n = shape
@@ -77,9 +79,11 @@ class CpuCostOracle:
         x = relax.Var("x", relax.TensorType((m, k), "float32"))
         with bb.function("main", [x]):
             with bb.dataflow():
-                if block is None:
-                    wt = relax.const(weight.t().contiguous().numpy())
-                    y = bb.emit(relax.op.matmul(x, wt))
+                if block is None:  # what the compiler emits for a dense linear: packed GEMM, else matmul
+                    y = emit_packed_linear(bb, x, weight.contiguous().numpy(), None, (m, k),
+                                           vector_lanes(self.target))
+                    if y is None:
+                        y = bb.emit(relax.op.matmul(x, relax.const(weight.t().contiguous().numpy())))
                 else:
                     s = to_bsr(weight, block)
                     y = emit_bsr_linear(bb, x, relax.const(s.data.numpy()), relax.const(s.indices.numpy()),

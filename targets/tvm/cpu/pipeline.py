@@ -16,6 +16,8 @@ def cpu_pipeline(target, database=None, rules: bool = True):
     @tvm.transform.module_pass(opt_level=3, name="GraphoptCPUPipeline")
     def _pipeline(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
         with target:
+            # polynomial exp/erf/tanh and fast softmax: vectorizable (libm's are scalar calls), error ~1e-7
+            mod = relax.transform.FastMathTransform()(mod)
             mod = tvm.transform.Sequential(list(cpu_generic.library_dispatch_passes(target))
                                            + list(cpu_generic.legalize_passes(target)))(mod)
             if database is not None:
