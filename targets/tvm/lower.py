@@ -137,7 +137,72 @@ def _quant_converters(lifted: dict | None = None):
         return bb.emit(relax.op.multiply(bb.emit(relax.op.multiply(x, f32(0.5))),
                                          bb.emit(relax.op.add(e, f32(1.0)))))
 
-    return {"gelu.default": gelu, "qlinear.default": qlinear, "qconv2d.default": qconv2d, "bsr_linear.default": bsr_linear,
+    fused_acts: set = set()
+
+    def _clamp_of(user) -> tuple[float, float] | None:
+        """(lo, hi) when `user` is relu / relu6 / hardtanh / clamp with constant float bounds."""
+        t = getattr(user, "target", None)
+        name = getattr(t, "__name__", "")
+        if name in ("relu.default",):
+            return (0.0, float("inf"))
+        if name in ("relu6.default",):
+            return (0.0, 6.0)
+        if name in ("hardtanh.default", "clamp.default"):
+            lo = user.args[1] if len(user.args) > 1 else None
+            hi = user.args[2] if len(user.args) > 2 else None
+            if isinstance(lo, (int, float)) and isinstance(hi, (int, float)):
+                return (float(lo), float(hi))
+        return None
+
+    def convolution(node, importer):
+        import torch
+
+        # pointwise conv at batch 1 with a constant weight: the packed kernel, bias and a lone clamp fused
+        from graphopt.targets.tvm.cpu.conv import (depthwise_applies, emit_conv1x1, emit_depthwise,
+                                                   pointwise_applies)
+        from graphopt.targets.tvm.cpu.rules import vector_lanes
+        from graphopt.targets.tvm.host import cpu_target
+        x_shape = node.args[0].meta["val"].shape
+        wt = (lifted or {}).get(getattr(node.args[1], "name", None))
+        bnode = node.args[2] if len(node.args) > 2 else None
+        bt = (lifted or {}).get(getattr(bnode, "name", None)) if bnode is not None else None
+        stride, padding, dilation, transposed, _, groups = node.args[3:9]
+        if (wt is not None and wt.dtype == torch.float32 and (bnode is None or bt is not None)
+                and str(node.args[0].meta["val"].dtype) == "torch.float32"
+                and pointwise_applies(x_shape, wt.shape, stride, padding, dilation, groups, transposed)):
+            users = list(node.users)
+            clamp = _clamp_of(users[0]) if len(users) == 1 else None
+            if clamp is not None:
+                fused_acts.add(users[0])
+                clamp = (clamp[0], min(clamp[1], 3.0e38))
+            return emit_conv1x1(importer.block_builder, importer.env[node.args[0]], wt.detach().numpy(),
+                                None if bt is None else bt.detach().numpy(), x_shape,
+                                vector_lanes(cpu_target()), clamp)
+        if (wt is not None and wt.dtype == torch.float32 and (bnode is None or bt is not None)
+                and str(node.args[0].meta["val"].dtype) == "torch.float32"
+                and depthwise_applies(x_shape, wt.shape, stride, padding, dilation, groups, transposed)):
+            users = list(node.users)
+            clamp = _clamp_of(users[0]) if len(users) == 1 else None
+            if clamp is not None:
+                fused_acts.add(users[0])
+                clamp = (clamp[0], min(clamp[1], 3.0e38))
+            return emit_depthwise(importer.block_builder, importer.env[node.args[0]], wt.detach().numpy(),
+                                  None if bt is None else bt.detach().numpy(), x_shape, int(stride[0]), padding,
+                                  clamp)
+        return importer._convolution(node)
+
+    def _activation(original):
+        def convert(node, importer):
+            if node in fused_acts:  # already applied in the conv kernel's epilogue
+                return importer.env[node.args[0]]
+            builtin = getattr(importer, "_graphopt_builtin_map", None)
+            if builtin is None:  # the importer's own converters (ours replaced these names in its map)
+                builtin = importer._graphopt_builtin_map = importer.create_convert_map()
+            return builtin[original](node)
+        return convert
+
+    return {"gelu.default": gelu, "convolution.default": convolution,
+            **{k: _activation(k) for k in ("relu.default", "relu6.default", "hardtanh.default", "clamp.default")}, "qlinear.default": qlinear, "qconv2d.default": qconv2d, "bsr_linear.default": bsr_linear,
             "linear.default": linear,
             "quantize_per_tensor.default": quantize_per_tensor,
             "dequantize_per_tensor.default": dequantize_per_tensor,

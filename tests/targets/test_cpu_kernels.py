@@ -40,6 +40,48 @@ def test_linear_uses_packed_gemm_and_matches_torch(rows):
     assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-6
 
 
+@pytest.mark.parametrize("cout,cin,hw,act", [(96, 16, 12, torch.nn.ReLU6()), (13, 8, 7, torch.nn.ReLU()),
+                                             (32, 24, 4, torch.nn.Identity())])
+def test_pointwise_conv_uses_packed_kernel_with_fused_clamp(cout, cin, hw, act):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(cin, cout, 1), act).eval()
+    x = torch.randn(1, cin, hw, hw)
+    g = graphopt.trace(model, (x,))
+    mod = lower_to_relax(g)
+    names = {gv.name_hint for gv in mod.get_global_vars()}
+    assert any(n.startswith("conv1x1_packed") for n in names), names
+    text = mod.script()
+    if not isinstance(act, torch.nn.Identity):
+        assert "_clamp" in " ".join(names) and "R.clip" not in text and "R.nn.relu" not in text  # in the kernel
+    ex, *_ = build_executable(g)
+    from tvm import relax
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x.numpy()))
+    got = (got if hasattr(got, "numpy") else got[0]).numpy()
+    ref = model(x).detach().numpy()
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-6
+
+
+@pytest.mark.parametrize("c,hw,k,stride,act", [(16, 18, 3, 1, torch.nn.ReLU6()), (8, 15, 3, 2, torch.nn.Identity()),
+                                               (12, 9, 5, 2, torch.nn.ReLU()), (4, 40, 5, 1, torch.nn.Identity())])
+def test_depthwise_conv_kernel_handles_padding_in_the_kernel(c, hw, k, stride, act):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(c, c, k, stride, k // 2, groups=c), act).eval()
+    x = torch.randn(1, c, hw, hw)
+    g = graphopt.trace(model, (x,))
+    mod = lower_to_relax(g)
+    names = {gv.name_hint for gv in mod.get_global_vars()}
+    assert any(n.startswith("depthwise_") for n in names), names
+    assert "R.nn.pad" not in mod.script()  # borders are guarded inside the kernel, no padded copy
+    ex, *_ = build_executable(g)
+    from tvm import relax
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x.numpy()))
+    got = (got if hasattr(got, "numpy") else got[0]).numpy()
+    ref = model(x).detach().numpy()
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-6
+
+
 def test_batch1_linear_keeps_the_gemv_rule():
     g = graphopt.trace(torch.nn.Linear(64, 32).eval(), (torch.randn(1, 64),))
     assert not any(n.startswith("gemm_packed") for n in _func_names(g))

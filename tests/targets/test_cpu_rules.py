@@ -51,7 +51,7 @@ def test_rules_match_default_schedule(model, shape):
 
 
 def test_which_kernels_get_a_rule():
-    conv = scheduled_functions(torch.nn.Sequential(torch.nn.Conv2d(16, 32, 1), torch.nn.ReLU6()),
+    conv = scheduled_functions(torch.nn.Sequential(torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU6()),
                                torch.randn(1, 16, 28, 28))
     assert any(v for k, v in conv.items() if "conv2d" in k)
     gemv = scheduled_functions(torch.nn.Linear(128, 64), torch.randn(1, 128))

@@ -1,0 +1,193 @@
+"""Pointwise (1x1, stride 1) convolution at batch 1 with the weight packed at compile time.
+
+NCHW batch 1 makes a 1x1 conv the GEMM out[Cout, HW] = W[Cout, Cin] @ x[Cin, HW]. The kernel keeps an mr x nr
+output tile in registers (6 output channels x 16 pixels on AVX2), broadcasting packed weights Wp[Cout/mr, Cin, mr]
+(read sequentially) against contiguous pixel vectors; bias and a following clamp (ReLU/ReLU6) are applied on the
+tile before it is stored. Channel and pixel counts that do not divide get smaller tail tiles (the 14x14 and 7x7
+stages of MobileNet have 196 and 49 pixels). The source is generated per shape, so only the tiles a shape needs exist.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+MR = 6
+
+
+def _tile_nest(rows: int, cols: int, r0: str, c0: str, n_tiles: str, k: int, clamp: tuple[float, float] | None,
+               name: str) -> str:
+    """One parallel loop over tiles of `rows` x `cols` outputs; r0 / c0 are expressions of the tile index t."""
+    if clamp is None:
+        val = f"{name}[i, v]"
+    else:
+        val = f"T.max(T.min({name}[i, v], T.float32({clamp[1]!r})), T.float32({clamp[0]!r}))"
+    return f"""
+        for t in T.parallel({n_tiles}):
+            {name} = T.decl_buffer(({rows}, {cols}), "float32", scope="global")
+            for i in T.unroll({rows}):
+                for v in T.vectorized({cols}):
+                    {name}[i, v] = bias[{r0} + i]
+            for kk in T.serial({k}):
+                for i in T.unroll({rows}):
+                    for v in T.vectorized({cols}):
+                        {name}[i, v] = {name}[i, v] + wp[({r0}) // {MR}, kk, ({r0}) % {MR} + i] * x[kk, {c0} + v]
+            for i in T.unroll({rows}):
+                for v in T.vectorized({cols}):
+                    out[{r0} + i, {c0} + v] = {val}
+"""
+
+
+def conv1x1_source(cout: int, cin: int, p: int, nr: int, clamp: tuple[float, float] | None) -> str:
+    rt, rrem = divmod(cout, MR)
+    ct, crem = divmod(p, nr)
+    mt = -(-cout // MR)
+    body = ""
+    if rt and ct:  # column-tile outer: a pixel slab x[:, c0:c0+nr] is reused by every channel tile
+        body += _tile_nest(MR, nr, f"(t % {rt}) * {MR}", f"(t // {rt}) * {nr}", str(rt * ct), cin, clamp, "acc")
+    if rrem and ct:
+        body += _tile_nest(rrem, nr, str(rt * MR), f"t * {nr}", str(ct), cin, clamp, "acc_r")
+    if rt and crem:
+        body += _tile_nest(MR, crem, f"t * {MR}", str(ct * nr), str(rt), cin, clamp, "acc_c")
+    if rrem and crem:
+        body += _tile_nest(rrem, crem, f"t * 0 + {rt * MR}", str(ct * nr), "1", cin, clamp, "acc_rc")
+    return f"""
+@T.prim_func(private=True)
+def conv1x1(x: T.Buffer(({cin}, {p}), "float32"), wp: T.Buffer(({mt}, {cin}, {MR}), "float32"),
+            bias: T.Buffer(({cout},), "float32"), out: T.Buffer(({cout}, {p}), "float32")):
+    T.func_attr({{"tir.noalias": True, "tirx.is_scheduled": True}})
+    if True:{body}
+"""
+
+
+def conv1x1_packed(cout: int, cin: int, p: int, nr: int, clamp: tuple[float, float] | None = None):
+    import tvm
+    from tvm.script import tirx as T
+    src = conv1x1_source(cout, cin, p, nr, clamp)
+    return tvm.script.parse(src, extra_vars={"T": T})
+
+
+def pack_rows(w: np.ndarray) -> np.ndarray:
+    """W [Cout, Cin] -> Wp [ceil(Cout/MR), Cin, MR], zero-padded rows."""
+    cout, cin = w.shape
+    mt = -(-cout // MR)
+    padded = np.zeros((mt * MR, cin), dtype=np.float32)
+    padded[:cout] = w
+    return np.ascontiguousarray(padded.reshape(mt, MR, cin).transpose(0, 2, 1))
+
+
+def emit_conv1x1(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, lanes: int,
+                 clamp: tuple[float, float] | None):
+    """Emit conv1x1(x) (+ bias, clamp) for x [1, Cin, H, W]; returns [1, Cout, H, W]."""
+    from tvm import relax
+
+    _, cin, h, wd = (int(d) for d in x_shape)
+    cout = int(w.shape[0])
+    p = h * wd
+    nr = 2 * lanes
+    b = bias if bias is not None else np.zeros(cout, np.float32)
+    func = conv1x1_packed(cout, cin, p, nr, clamp)
+    tag = f"{cout}x{cin}x{p}" + ("" if clamp is None else "_clamp")
+    gv = bb.add_func(func, f"conv1x1_packed_{tag}")
+    x2 = bb.emit(relax.op.reshape(x, (cin, p)))
+    y = bb.emit(relax.call_tir(gv, [x2, relax.const(pack_rows(w.reshape(cout, cin))),
+                                    relax.const(b.astype(np.float32))],
+                               relax.TensorType((cout, p), "float32")))
+    return bb.emit(relax.op.reshape(y, (1, cout, h, wd)))
+
+
+def pointwise_applies(x_shape, w_shape, stride, padding, dilation, groups, transposed) -> bool:
+    return (len(x_shape) == 4 and int(x_shape[0]) == 1 and len(w_shape) == 4 and tuple(w_shape[2:]) == (1, 1)
+            and int(groups) == 1 and not transposed and all(int(s) == 1 for s in stride)
+            and all(int(q) == 0 for q in padding) and all(int(d) == 1 for d in dilation)
+            and math.prod(int(d) for d in x_shape[2:]) >= 4)
+
+
+def depthwise_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int, stride: int, ph: int, pw: int,
+                     clamp: tuple[float, float] | None) -> str:
+    """out[c, y, x] = bias[c] + sum w[c, i, j] * x[c, y*s + i - ph, x*s + j - pw] (zero outside the image).
+
+    Padding is handled in the kernel, not by a padded copy: rows out of the image are skipped (one scalar branch
+    per tap row), the interior columns are vectorized without checks, and the few border columns (and the interior
+    remainder) run a scalar loop with guarded loads."""
+    s = stride
+
+    def clamped(e: str) -> str:
+        return e if clamp is None else f"T.max(T.min({e}, T.float32({clamp[1]!r})), T.float32({clamp[0]!r}))"
+
+    # interior output columns: every tap column inside the image
+    x_lo = -(-pw // s)
+    x_hi = min(ow - 1, (wd - 1 + pw - (kw - 1)) // s)
+    n_int = max(0, x_hi - x_lo + 1)
+    segments, start = [], x_lo  # vector segments over the interior: 16 wide while possible, then 8, then 4
+    for v in (16, 8, 4):
+        if n_int - (start - x_lo) >= v:
+            count = (n_int - (start - x_lo)) // v
+            segments.append((start, v, count))
+            start += v * count
+    scalar_ranges = [(0, x_lo), (start, ow)] if segments else [(0, ow)]
+    row = f"(t % {oh}) * {s} + i - {ph}"
+    body = ""
+    for seg, (x0, v, nv) in enumerate(segments):
+        body += f"""
+        for xo in T.serial({nv}):
+            acc{seg} = T.decl_buffer(({v},), "float32", scope="global")
+            for u in T.vectorized({v}):
+                acc{seg}[u] = bias[t // {oh}]
+            for i in T.unroll({kh}):
+                if {row} >= 0 and {row} < {h}:
+                    for j in T.unroll({kw}):
+                        for u in T.vectorized({v}):
+                            acc{seg}[u] = acc{seg}[u] + w[t // {oh}, i, j] * x[t // {oh}, {row}, ({x0} + xo * {v} + u) * {s} + j - {pw}]
+            for u in T.vectorized({v}):
+                out[t // {oh}, t % {oh}, {x0} + xo * {v} + u] = {clamped(f"acc{seg}[u]")}
+"""
+    for k, (a, b) in enumerate(scalar_ranges):
+        if b <= a:
+            continue
+        col = f"({a} + xs) * {s} + j - {pw}"
+        body += f"""
+        for xs in T.serial({b - a}):
+            acc_s{k} = T.decl_buffer((1,), "float32", scope="global")
+            acc_s{k}[0] = bias[t // {oh}]
+            for i in T.unroll({kh}):
+                for j in T.unroll({kw}):
+                    acc_s{k}[0] = acc_s{k}[0] + T.if_then_else({row} >= 0 and {row} < {h} and {col} >= 0 and {col} < {wd},
+                        w[t // {oh}, i, j] * x[t // {oh}, {row}, {col}], T.float32(0))
+            out[t // {oh}, t % {oh}, {a} + xs] = {clamped(f"acc_s{k}[0]")}
+"""
+    return f"""
+@T.prim_func(private=True)
+def depthwise(x: T.Buffer(({c}, {h}, {wd}), "float32"), w: T.Buffer(({c}, {kh}, {kw}), "float32"),
+              bias: T.Buffer(({c},), "float32"), out: T.Buffer(({c}, {oh}, {ow}), "float32")):
+    T.func_attr({{"tir.noalias": True, "tirx.is_scheduled": True}})
+    for t in T.parallel({c * oh}):{body}
+"""
+
+
+def depthwise_applies(x_shape, w_shape, stride, padding, dilation, groups, transposed) -> bool:
+    return (len(x_shape) == 4 and int(x_shape[0]) == 1 and len(w_shape) == 4 and int(w_shape[1]) == 1
+            and int(groups) == int(x_shape[1]) == int(w_shape[0]) and not transposed
+            and len(set(int(s) for s in stride)) == 1 and int(stride[0]) in (1, 2)
+            and all(int(d) == 1 for d in dilation))
+
+
+def emit_depthwise(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, stride: int, padding,
+                   clamp: tuple[float, float] | None):
+    """Emit a depthwise conv (+ bias, clamp) for x [1, C, H, W] with a constant weight [C, 1, kh, kw]."""
+    import tvm
+    from tvm import relax
+    from tvm.script import tirx as T
+
+    _, c, h, wd = (int(d) for d in x_shape)
+    kh, kw = int(w.shape[2]), int(w.shape[3])
+    ph, pw = int(padding[0]), int(padding[1])
+    oh, ow = (h + 2 * ph - kh) // stride + 1, (wd + 2 * pw - kw) // stride + 1
+    func = tvm.script.parse(depthwise_source(c, h, wd, oh, ow, kh, kw, stride, ph, pw, clamp), extra_vars={"T": T})
+    tag = f"{c}x{h}x{wd}_k{kh}s{stride}" + ("" if clamp is None else "_clamp")
+    gv = bb.add_func(func, f"depthwise_{tag}")
+    x3 = bb.emit(relax.op.reshape(x, (c, h, wd)))
+    b = bias if bias is not None else np.zeros(c, np.float32)
+    y = bb.emit(relax.call_tir(gv, [x3, relax.const(np.ascontiguousarray(w.reshape(c, kh, kw))),
+                                    relax.const(b.astype(np.float32))], relax.TensorType((c, oh, ow), "float32")))
+    return bb.emit(relax.op.reshape(y, (1, c, oh, ow)))
