@@ -154,54 +154,85 @@ def _quant_converters(lifted: dict | None = None):
                 return (float(lo), float(hi))
         return None
 
+    def _conv_kernel(x_shape, w_shape, args):
+        """Which of graphopt's conv kernels takes this convolution (None: TVM's conv + the schedule rules)."""
+        from graphopt.targets.tvm.cpu import conv as k
+        stride, padding, dilation, transposed, _, groups = args
+        for kind, applies in (("pointwise", k.pointwise_applies), ("depthwise", k.depthwise_applies),
+                              ("direct", k.direct_applies)):
+            if applies(x_shape, w_shape, stride, padding, dilation, groups, transposed):
+                return kind
+        return None
+
     def convolution(node, importer):
+        # batch-1 convs with a constant float weight go to graphopt's kernels (bias and a lone ReLU/ReLU6/clamp
+        # fused; a zero pad right before a depthwise or direct conv folded into its padding)
         import torch
 
-        # pointwise conv at batch 1 with a constant weight: the packed kernel, bias and a lone clamp fused
-        from graphopt.targets.tvm.cpu.conv import (depthwise_applies, emit_conv1x1, emit_depthwise,
-                                                   pointwise_applies)
+        from graphopt.targets.tvm.cpu import conv as k
         from graphopt.targets.tvm.cpu.rules import vector_lanes
         from graphopt.targets.tvm.host import cpu_target
         x_shape = node.args[0].meta["val"].shape
         wt = (lifted or {}).get(getattr(node.args[1], "name", None))
         bnode = node.args[2] if len(node.args) > 2 else None
         bt = (lifted or {}).get(getattr(bnode, "name", None)) if bnode is not None else None
-        stride, padding, dilation, transposed, _, groups = node.args[3:9]
+        pads = absorbed_pads.get(node.args[0])
+        if pads is not None:  # the zero pad before this conv was left out; its amounts join the conv's padding
+            x_shape = node.args[0].args[0].meta["val"].shape
+        kind = None
         if (wt is not None and wt.dtype == torch.float32 and (bnode is None or bt is not None)
-                and str(node.args[0].meta["val"].dtype) == "torch.float32"
-                and pointwise_applies(x_shape, wt.shape, stride, padding, dilation, groups, transposed)):
-            users = list(node.users)
-            clamp = _clamp_of(users[0]) if len(users) == 1 else None
-            if clamp is not None:
-                fused_acts.add(users[0])
-                clamp = (clamp[0], min(clamp[1], 3.0e38))
-            return emit_conv1x1(importer.block_builder, importer.env[node.args[0]], wt.detach().numpy(),
-                                None if bt is None else bt.detach().numpy(), x_shape,
-                                vector_lanes(cpu_target()), clamp)
-        if (wt is not None and wt.dtype == torch.float32 and (bnode is None or bt is not None)
-                and str(node.args[0].meta["val"].dtype) == "torch.float32"
-                and depthwise_applies(x_shape, wt.shape, stride, padding, dilation, groups, transposed)):
-            users = list(node.users)
-            clamp = _clamp_of(users[0]) if len(users) == 1 else None
-            if clamp is not None:
-                fused_acts.add(users[0])
-                clamp = (clamp[0], min(clamp[1], 3.0e38))
-            return emit_depthwise(importer.block_builder, importer.env[node.args[0]], wt.detach().numpy(),
-                                  None if bt is None else bt.detach().numpy(), x_shape, int(stride[0]), padding,
-                                  clamp)
-        return importer._convolution(node)
+                and str(node.args[0].meta["val"].dtype) == "torch.float32"):
+            kind = _conv_kernel(x_shape, wt.shape, node.args[3:9])
+        if kind is None:
+            return importer._convolution(node)
+        users = list(node.users)
+        clamp = _clamp_of(users[0]) if len(users) == 1 else None
+        if clamp is not None:
+            fused_acts.add(users[0])
+            clamp = (clamp[0], min(clamp[1], 3.0e38))
+        bb, x = importer.block_builder, importer.env[node.args[0]]
+        w, b = wt.detach().numpy(), None if bt is None else bt.detach().numpy()
+        if kind == "pointwise":
+            return k.emit_conv1x1(bb, x, w, b, x_shape, vector_lanes(cpu_target()), clamp)
+        stride, padding = int(node.args[3][0]), node.args[4]
+        ph, pw = int(padding[0]), int(padding[1])
+        left, right, top, bottom = pads if pads is not None else (0, 0, 0, 0)
+        full = (ph + top, ph + bottom, pw + left, pw + right)
+        emit = k.emit_depthwise if kind == "depthwise" else k.emit_direct_conv
+        return emit(bb, x, w, b, x_shape, stride, full, clamp)
+
+    absorbed_pads: dict = {}
+
+    def constant_pad_nd(node, importer):
+        # a zero pad of H and W feeding only a depthwise or direct conv (TF "SAME", often asymmetric) is done by
+        # that conv's kernel: no padded copy of the activation
+        x_shape = node.args[0].meta["val"].shape
+        pad = list(node.args[1])
+        value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)
+        users = list(node.users)
+        if (len(pad) == 4 and float(value) == 0.0 and len(x_shape) == 4 and len(users) == 1
+                and getattr(users[0].target, "__name__", "") == "convolution.default" and users[0].args[0] is node):
+            conv = users[0]
+            wt = (lifted or {}).get(getattr(conv.args[1], "name", None))
+            if wt is not None and _conv_kernel(x_shape, wt.shape, conv.args[3:9]) in ("depthwise", "direct"):
+                absorbed_pads[node] = tuple(int(p) for p in pad)
+                return importer.env[node.args[0]]
+        return _builtin(importer, "constant_pad_nd.default")(node)
+
+    def _builtin(importer, name):
+        table = getattr(importer, "_graphopt_builtin_map", None)
+        if table is None:  # the importer's own converters (ours replaced these names in its map)
+            table = importer._graphopt_builtin_map = importer.create_convert_map()
+        return table[name]
 
     def _activation(original):
         def convert(node, importer):
             if node in fused_acts:  # already applied in the conv kernel's epilogue
                 return importer.env[node.args[0]]
-            builtin = getattr(importer, "_graphopt_builtin_map", None)
-            if builtin is None:  # the importer's own converters (ours replaced these names in its map)
-                builtin = importer._graphopt_builtin_map = importer.create_convert_map()
-            return builtin[original](node)
+            return _builtin(importer, original)(node)
         return convert
 
-    return {"gelu.default": gelu, "convolution.default": convolution,
+    return {"gelu.default": gelu, "convolution.default": convolution, "constant_pad_nd.default": constant_pad_nd,
             **{k: _activation(k) for k in ("relu.default", "relu6.default", "hardtanh.default", "clamp.default")}, "qlinear.default": qlinear, "qconv2d.default": qconv2d, "bsr_linear.default": bsr_linear,
             "linear.default": linear,
             "quantize_per_tensor.default": quantize_per_tensor,

@@ -82,6 +82,56 @@ def test_depthwise_conv_kernel_handles_padding_in_the_kernel(c, hw, k, stride, a
     assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-6
 
 
+class _SamePadDepthwise(torch.nn.Module):
+    """TF "SAME" padding as EfficientNet-Lite exports it: an asymmetric zero pad, then a stride-2 depthwise conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(8, 8, 5, 2, groups=8)
+
+    def forward(self, x):
+        return torch.relu(self.conv(torch.nn.functional.pad(x, (1, 2, 1, 2))))
+
+
+def test_asymmetric_zero_pad_folds_into_the_depthwise_kernel():
+    torch.manual_seed(0)
+    model, x = _SamePadDepthwise().eval(), torch.randn(1, 8, 17, 17)
+    g = graphopt.trace(model, (x,))
+    text = lower_to_relax(g).script()
+    assert "R.nn.pad" not in text and "depthwise_" in text
+    ex, *_ = build_executable(g)
+    from tvm import relax
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
+    got = (got if hasattr(got, "numpy") else got[0]).numpy()
+    ref = model(x).detach().numpy()
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-6
+
+
+@pytest.mark.parametrize("cout,cin,hw,k,stride,pad", [(32, 3, 20, 3, 2, (1, 1, 1, 1)), (13, 2, 11, 3, 1, (0, 1, 0, 1)),
+                                                      (8, 4, 9, 5, 2, (2, 2, 2, 2))])
+def test_stem_conv_direct_kernel(cout, cin, hw, k, stride, pad):
+    torch.manual_seed(0)
+
+    class Stem(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(cin, cout, k, stride)
+
+        def forward(self, x):
+            return torch.clamp(self.conv(torch.nn.functional.pad(x, pad)), 0.0, 6.0)
+
+    model, x = Stem().eval(), torch.randn(1, cin, hw, hw)
+    g = graphopt.trace(model, (x,))
+    text = lower_to_relax(g).script()
+    assert "conv_direct_" in text and "R.nn.pad" not in text and "R.clip" not in text
+    ex, *_ = build_executable(g)
+    from tvm import relax
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
+    got = (got if hasattr(got, "numpy") else got[0]).numpy()
+    ref = model(x).detach().numpy()
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-6
+
+
 def test_batch1_linear_keeps_the_gemv_rule():
     g = graphopt.trace(torch.nn.Linear(64, 32).eval(), (torch.randn(1, 64),))
     assert not any(n.startswith("gemm_packed") for n in _func_names(g))

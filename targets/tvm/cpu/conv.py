@@ -115,6 +115,36 @@ def depthwise_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int
     def clamped(e: str) -> str:
         return e if clamp is None else f"T.max(T.min({e}, T.float32({clamp[1]!r})), T.float32({clamp[0]!r}))"
 
+    hp, wp = (oh - 1) * s + kh, (ow - 1) * s + kw  # the padded rows/columns the taps read
+    if ow <= 16 and hp * wp <= 1024:
+        # small images (the 14x14 and 7x7 stages): with 5x5 taps most columns are borders, so copy each channel
+        # into a zeroed padded tile on the stack and run every output row as one unguarded vector
+        rows, cols = min(h, hp - ph), min(wd, wp - pw)
+        return f"""
+@T.prim_func(private=True)
+def depthwise(x: T.Buffer(({c}, {h}, {wd}), "float32"), w: T.Buffer(({c}, {kh}, {kw}), "float32"),
+              bias: T.Buffer(({c},), "float32"), out: T.Buffer(({c}, {oh}, {ow}), "float32")):
+    T.func_attr({{"tir.noalias": True, "tirx.is_scheduled": True}})
+    for ch in T.parallel({c}):
+        tile = T.decl_buffer(({hp}, {wp}), "float32", scope="global")
+        for yy in T.serial({hp}):
+            for xx in T.vectorized({wp}):
+                tile[yy, xx] = T.float32(0)
+        for yy in T.serial({rows}):
+            for xx in T.serial({cols}):
+                tile[yy + {ph}, xx + {pw}] = x[ch, yy, xx]
+        for y in T.serial({oh}):
+            acc = T.decl_buffer(({ow},), "float32", scope="global")
+            for u in T.vectorized({ow}):
+                acc[u] = bias[ch]
+            for i in T.unroll({kh}):
+                for j in T.unroll({kw}):
+                    for u in T.vectorized({ow}):
+                        acc[u] = acc[u] + w[ch, i, j] * tile[y * {s} + i, u * {s} + j]
+            for u in T.vectorized({ow}):
+                out[ch, y, u] = {clamped("acc[u]")}
+"""
+
     # interior output columns: every tap column inside the image
     x_lo = -(-pw // s)
     x_hi = min(ow - 1, (wd - 1 + pw - (kw - 1)) // s)
@@ -174,16 +204,18 @@ def depthwise_applies(x_shape, w_shape, stride, padding, dilation, groups, trans
 
 def emit_depthwise(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, stride: int, padding,
                    clamp: tuple[float, float] | None):
-    """Emit a depthwise conv (+ bias, clamp) for x [1, C, H, W] with a constant weight [C, 1, kh, kw]."""
+    """Emit a depthwise conv (+ bias, clamp) for x [1, C, H, W] with a constant weight [C, 1, kh, kw].
+
+    `padding` is (top, bottom, left, right), so an asymmetric zero pad before the conv (TF "SAME") folds in."""
     import tvm
     from tvm import relax
     from tvm.script import tirx as T
 
     _, c, h, wd = (int(d) for d in x_shape)
     kh, kw = int(w.shape[2]), int(w.shape[3])
-    ph, pw = int(padding[0]), int(padding[1])
-    oh, ow = (h + 2 * ph - kh) // stride + 1, (wd + 2 * pw - kw) // stride + 1
-    func = tvm.script.parse(depthwise_source(c, h, wd, oh, ow, kh, kw, stride, ph, pw, clamp), extra_vars={"T": T})
+    pt, pb, pl, pr = (int(q) for q in padding)
+    oh, ow = (h + pt + pb - kh) // stride + 1, (wd + pl + pr - kw) // stride + 1
+    func = tvm.script.parse(depthwise_source(c, h, wd, oh, ow, kh, kw, stride, pt, pl, clamp), extra_vars={"T": T})
     tag = f"{c}x{h}x{wd}_k{kh}s{stride}" + ("" if clamp is None else "_clamp")
     gv = bb.add_func(func, f"depthwise_{tag}")
     x3 = bb.emit(relax.op.reshape(x, (c, h, wd)))
@@ -191,3 +223,108 @@ def emit_depthwise(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
     y = bb.emit(relax.call_tir(gv, [x3, relax.const(np.ascontiguousarray(w.reshape(c, kh, kw))),
                                     relax.const(b.astype(np.float32))], relax.TensorType((c, oh, ow), "float32")))
     return bb.emit(relax.op.reshape(y, (1, c, oh, ow)))
+
+
+def direct_conv_source(cout: int, cin: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int, stride: int,
+                       pt: int, pl: int, clamp: tuple[float, float] | None) -> str:
+    """A dense (groups=1) kxk conv at batch 1, computed directly (no im2col copy): a tile of MR output channels x
+    a vector of output pixels of one row accumulates over input channels and taps; borders as in the depthwise
+    kernel (row taps skipped, interior columns vectorized, border columns scalar with guarded loads)."""
+    s = stride
+    mt = -(-cout // MR)
+
+    def clamped(e: str) -> str:
+        return e if clamp is None else f"T.max(T.min({e}, T.float32({clamp[1]!r})), T.float32({clamp[0]!r}))"
+
+    x_lo = -(-pl // s)
+    x_hi = min(ow - 1, (wd - 1 + pl - (kw - 1)) // s)
+    n_int = max(0, x_hi - x_lo + 1)
+    segments, start = [], x_lo
+    for v in (16, 8, 4):
+        if n_int - (start - x_lo) >= v:
+            count = (n_int - (start - x_lo)) // v
+            segments.append((start, v, count))
+            start += v * count
+    scalar_ranges = [(0, x_lo), (start, ow)] if segments else [(0, ow)]
+    co = f"(t // {oh}) * {MR}"
+    row = f"(t % {oh}) * {s} + i - {pt}"
+    body = ""
+    for seg, (x0, v, nv) in enumerate(segments):
+        body += f"""
+        for xo in T.serial({nv}):
+            acc{seg} = T.decl_buffer(({MR}, {v}), "float32", scope="global")
+            for r in T.unroll({MR}):
+                for u in T.vectorized({v}):
+                    acc{seg}[r, u] = bias[{co} + r]
+            for ci in T.serial({cin}):
+                for i in T.unroll({kh}):
+                    if {row} >= 0 and {row} < {h}:
+                        for j in T.unroll({kw}):
+                            for r in T.unroll({MR}):
+                                for u in T.vectorized({v}):
+                                    acc{seg}[r, u] = acc{seg}[r, u] + wp[t // {oh}, ci, i, j, r] * x[ci, {row}, ({x0} + xo * {v} + u) * {s} + j - {pl}]
+            for r in T.unroll({MR}):
+                if {co} + r < {cout}:
+                    for u in T.vectorized({v}):
+                        out[{co} + r, t % {oh}, {x0} + xo * {v} + u] = {clamped(f"acc{seg}[r, u]")}
+"""
+    for k, (a, b) in enumerate(scalar_ranges):
+        if b <= a:
+            continue
+        col = f"({a} + xs) * {s} + j - {pl}"
+        body += f"""
+        for xs in T.serial({b - a}):
+            accs{k} = T.decl_buffer(({MR},), "float32", scope="global")
+            for r in T.unroll({MR}):
+                accs{k}[r] = bias[{co} + r]
+            for ci in T.serial({cin}):
+                for i in T.unroll({kh}):
+                    for j in T.unroll({kw}):
+                        for r in T.unroll({MR}):
+                            accs{k}[r] = accs{k}[r] + T.if_then_else({row} >= 0 and {row} < {h} and {col} >= 0 and {col} < {wd},
+                                wp[t // {oh}, ci, i, j, r] * x[ci, {row}, {col}], T.float32(0))
+            for r in T.unroll({MR}):
+                if {co} + r < {cout}:
+                    out[{co} + r, t % {oh}, {a} + xs] = {clamped(f"accs{k}[r]")}
+"""
+    return f"""
+@T.prim_func(private=True)
+def conv_direct(x: T.Buffer(({cin}, {h}, {wd}), "float32"), wp: T.Buffer(({mt}, {cin}, {kh}, {kw}, {MR}), "float32"),
+                bias: T.Buffer(({mt * MR},), "float32"), out: T.Buffer(({cout}, {oh}, {ow}), "float32")):
+    T.func_attr({{"tir.noalias": True, "tirx.is_scheduled": True}})
+    for t in T.parallel({mt * oh}):{body}
+"""
+
+
+def direct_applies(x_shape, w_shape, stride, padding, dilation, groups, transposed) -> bool:
+    """Small-Cin dense convs (the stem: 3 input channels) where the rule-scheduled conv is slowest."""
+    return (len(x_shape) == 4 and int(x_shape[0]) == 1 and len(w_shape) == 4 and int(groups) == 1
+            and int(w_shape[1]) <= 8 and tuple(w_shape[2:]) != (1, 1) and not transposed
+            and len(set(int(s) for s in stride)) == 1 and int(stride[0]) in (1, 2)
+            and all(int(d) == 1 for d in dilation))
+
+
+def emit_direct_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, stride: int, padding,
+                     clamp: tuple[float, float] | None):
+    """Emit the direct conv for x [1, Cin, H, W], weight [Cout, Cin, kh, kw]; padding (top, bottom, left, right)."""
+    import tvm
+    from tvm import relax
+    from tvm.script import tirx as T
+
+    _, cin, h, wd = (int(d) for d in x_shape)
+    cout, _, kh, kw = (int(d) for d in w.shape)
+    pt, pb, pl, pr = (int(q) for q in padding)
+    oh, ow = (h + pt + pb - kh) // stride + 1, (wd + pl + pr - kw) // stride + 1
+    mt = -(-cout // MR)
+    wp = np.zeros((mt * MR, cin, kh, kw), np.float32)
+    wp[:cout] = w
+    wp = np.ascontiguousarray(wp.reshape(mt, MR, cin, kh, kw).transpose(0, 2, 3, 4, 1))
+    b = np.zeros(mt * MR, np.float32)
+    if bias is not None:
+        b[:cout] = bias
+    src = direct_conv_source(cout, cin, h, wd, oh, ow, kh, kw, stride, pt, pl, clamp)
+    gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}),
+                     f"conv_direct_{cout}x{cin}x{h}x{wd}_k{kh}s{stride}" + ("" if clamp is None else "_clamp"))
+    x3 = bb.emit(relax.op.reshape(x, (cin, h, wd)))
+    y = bb.emit(relax.call_tir(gv, [x3, relax.const(wp), relax.const(b)], relax.TensorType((cout, oh, ow), "float32")))
+    return bb.emit(relax.op.reshape(y, (1, cout, oh, ow)))
