@@ -15,45 +15,62 @@ def _vector_width(m: int) -> int:
     return 1
 
 
-def bsr_matmul_t(m: int, k: int, n: int, r: int, c: int, nnzb: int):
-    """PrimFunc(xT[K, M], data[nnzb, R, C], indices[nnzb], indptr[N/R+1], outT[N, M]) computing outT = W @ xT."""
-    from tvm.script import tirx as T
+def _transpose_loops(src: str, dst: str, r: int, c: int, indent: str) -> str:
+    """TVMScript loops writing dst[c, r] = src[r, c]: b x b tiles (vector writes, gathered reads) in parallel."""
+    b = 16 if r % 16 == 0 and c % 16 == 0 else 8 if r % 8 == 0 and c % 8 == 0 else 0
+    if not b:
+        return f"""{indent}for i in T.parallel({r}):
+{indent}    for j in T.serial({c}):
+{indent}        {dst}[j, i] = {src}[i, j]
+"""
+    nc = c // b
+    return f"""{indent}for t in T.parallel({(r // b) * nc}):
+{indent}    for j in T.unroll({b}):
+{indent}        for i in T.vectorized({b}):
+{indent}            {dst}[(t % {nc}) * {b} + j, (t // {nc}) * {b} + i] = {src}[(t // {nc}) * {b} + i, (t % {nc}) * {b} + j]
+"""
 
-    from graphopt.targets.tvm.fast_import import cheap_inspect_stack
 
+def bsr_linear_source(m: int, k: int, n: int, r: int, c: int, nnzb: int) -> str:
+    """out[M, N] = x[M, K] @ W.T with W in BSR. Three phases in one kernel: x is transposed into a workspace
+    (tiled: TVM's default transpose was 4-10x slower, and a separate Relax transpose fused badly), the block-rows
+    run in parallel with an R x V tile of y^T in registers (V tokens per vector), y^T is transposed into out."""
     nb = n // r
     v = _vector_width(m)
-    mo_n = m // v
+    return f"""
+@T.prim_func(private=True)
+def bsr_linear(x: T.Buffer(({m}, {k}), "float32"), data: T.Buffer(({nnzb}, {r}, {c}), "float32"),
+               indices: T.Buffer(({nnzb},), "int32"), indptr: T.Buffer(({nb + 1},), "int32"),
+               out: T.Buffer(({m}, {n}), "float32")):
+    T.func_attr({{"tir.noalias": True, "tirx.is_scheduled": True}})
+    xT = T.decl_buffer(({k}, {m}), "float32", scope="global")
+    yT = T.decl_buffer(({n}, {m}), "float32", scope="global")
+{_transpose_loops("x", "xT", m, k, "    ")}
+    for ib in T.parallel({nb}):
+        for mo in T.serial({m // v}):
+            # scope "global" inside the parallel body becomes a stack alloca LLVM keeps in registers; "local"
+            # becomes a heap workspace it cannot promote (3x slower: every FMA stored and reloaded)
+            acc = T.decl_buffer(({r}, {v}), "float32", scope="global")
+            for ri in T.unroll({r}):
+                for vi in T.vectorized({v}):
+                    acc[ri, vi] = T.float32(0)
+            for j in T.serial(indptr[ib + 1] - indptr[ib]):
+                for ri in T.unroll({r}):
+                    for ci in T.unroll({c}):
+                        for vi in T.vectorized({v}):
+                            acc[ri, vi] = acc[ri, vi] + data[indptr[ib] + j, ri, ci] * xT[indices[indptr[ib] + j] * {c} + ci, mo * {v} + vi]
+            for ri in T.unroll({r}):
+                for vi in T.vectorized({v}):
+                    yT[ib * {r} + ri, mo * {v} + vi] = acc[ri, vi]
+{_transpose_loops("yT", "out", n, m, "    ")}
+"""
 
-    with cheap_inspect_stack():
-        return _bsr_t(T, k, m, n, r, c, nnzb, nb, v, mo_n)
 
-
-def _bsr_t(T, k, m, n, r, c, nnzb, nb, v, mo_n):
-    @T.prim_func(private=True)
-    def func(xT: T.Buffer((k, m), "float32"), data: T.Buffer((nnzb, r, c), "float32"),
-             indices: T.Buffer((nnzb,), "int32"), indptr: T.Buffer((nb + 1,), "int32"),
-             outT: T.Buffer((n, m), "float32")):
-        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
-        for ib in T.parallel(nb):
-            for mo in T.serial(mo_n):
-                # scope "global" inside the parallel body becomes a stack alloca LLVM keeps in registers; "local"
-                # becomes a heap workspace it cannot promote (3x slower: every FMA stored and reloaded)
-                acc = T.decl_buffer((r, v), "float32", scope="global")
-                for ri in T.unroll(r):
-                    for vi in T.vectorized(v):
-                        acc[ri, vi] = T.float32(0)
-                for j in T.serial(indptr[ib + 1] - indptr[ib]):
-                    for ri in T.unroll(r):
-                        for ci in T.unroll(c):
-                            for vi in T.vectorized(v):
-                                acc[ri, vi] = acc[ri, vi] + data[indptr[ib] + j, ri, ci] * \
-                                    xT[indices[indptr[ib] + j] * c + ci, mo * v + vi]
-                for ri in T.unroll(r):
-                    for vi in T.vectorized(v):
-                        outT[ib * r + ri, mo * v + vi] = acc[ri, vi]
-
-    return func
+def bsr_matmul_t(m: int, k: int, n: int, r: int, c: int, nnzb: int):
+    """PrimFunc(x[M, K], data[nnzb, R, C], indices[nnzb], indptr[N/R+1], out[M, N]) for M >= 4."""
+    import tvm
+    from tvm.script import tirx as T
+    return tvm.script.parse(bsr_linear_source(m, k, n, r, c, nnzb), extra_vars={"T": T})
 
 
 def bsr_matmul_rows(m: int, k: int, n: int, r: int, c: int, nnzb: int):
@@ -114,10 +131,8 @@ def emit_bsr_linear(bb, x, data, indices, indptr, bias, x_shape, n: int, block: 
         gv = bb.add_func(bsr_matmul_rows(m, k, n, r, c, nnzb), f"bsr_rows_{tag}")
         y = bb.emit(relax.call_tir(gv, [x2, data, indices, indptr], relax.TensorType((m, n), "float32")))
     else:
-        xt = bb.emit(relax.op.permute_dims(x2, [1, 0]))
         gv = bb.add_func(bsr_matmul_t(m, k, n, r, c, nnzb), f"bsr_t_{tag}")
-        yt = bb.emit(relax.call_tir(gv, [xt, data, indices, indptr], relax.TensorType((n, m), "float32")))
-        y = bb.emit(relax.op.permute_dims(yt, [1, 0]))
+        y = bb.emit(relax.call_tir(gv, [x2, data, indices, indptr], relax.TensorType((m, n), "float32")))
     if bias is not None:
         y = bb.emit(relax.op.add(y, bias))
     return bb.emit(relax.op.reshape(y, (*lead, n))) if lead != (m,) else y
