@@ -23,10 +23,10 @@ def _func_names(g):
     return {gv.name_hint for gv in lower_to_relax(g).get_global_vars()}
 
 
-@pytest.mark.parametrize("rows", [12, 13, 128])  # 13 and 128 leave a tail of M % 6 rows
-def test_linear_uses_packed_gemm_and_matches_torch(rows):
+@pytest.mark.parametrize("rows,width", [(12, 32), (13, 32), (128, 32), (20, 27)])  # row tails; 27: padded panels
+def test_linear_uses_packed_gemm_and_matches_torch(rows, width):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(48, 32), torch.nn.GELU(), torch.nn.Linear(32, 16)).eval()
+    model = torch.nn.Sequential(torch.nn.Linear(48, width), torch.nn.GELU(), torch.nn.Linear(width, 16)).eval()
     x = torch.randn(1, rows, 48)
     g = graphopt.trace(model, (x,))
     names = _func_names(g)

@@ -89,8 +89,8 @@ def pack_weight(w: np.ndarray, nr: int) -> np.ndarray:
 
 
 def packed_linear_applies(m: int, n: int, nr: int) -> bool:
-    """Worth it when there are rows to block (batch-1 GEMV keeps the rules' kernel) and N tiles evenly."""
-    return m >= 2 * MR and n % nr == 0
+    """Worth it when there are rows to block (batch-1 GEMV keeps the rules' kernel); N is padded to whole panels."""
+    return m >= 2 * MR and n >= nr
 
 
 def emit_packed_linear(bb, x, w: np.ndarray, bias, x_shape, lanes: int):
@@ -104,8 +104,13 @@ def emit_packed_linear(bb, x, w: np.ndarray, bias, x_shape, lanes: int):
     if not packed_linear_applies(m, n, nr) or w.dtype != np.float32:
         return None
     x2 = bb.emit(relax.op.reshape(x, (m, k)))
-    gv = bb.add_func(gemm_packed(m, k, n, MR, nr), f"gemm_packed_{m}x{k}x{n}")
-    y = bb.emit(relax.call_tir(gv, [x2, relax.const(pack_weight(w, nr))], relax.TensorType((m, n), "float32")))
+    n_pad = -(-n // nr) * nr  # channel-pruned layers: zero panels past N, sliced off below
+    if n_pad != n:
+        w = np.concatenate([w, np.zeros((n_pad - n, k), w.dtype)])
+    gv = bb.add_func(gemm_packed(m, k, n_pad, MR, nr), f"gemm_packed_{m}x{k}x{n_pad}")
+    y = bb.emit(relax.call_tir(gv, [x2, relax.const(pack_weight(w, nr))], relax.TensorType((m, n_pad), "float32")))
+    if n_pad != n:
+        y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n]))
     if bias is not None:
         y = bb.emit(relax.op.add(y, bias))
     return bb.emit(relax.op.reshape(y, (*lead, n))) if lead != (m,) else y

@@ -1,0 +1,144 @@
+"""qat: quantization-aware training of a Q/DQ graph (the output of `quantize`, before `fold-qdq`).
+
+Training runs on a copy of the graph in which every activation quantize -> dequantize pair becomes fake-quant with a
+straight-through estimator and every per-channel weight dequantize reads a float shadow weight through fake-quant.
+With `lsq=true` the scales are learned too (LSQ: gradient of the rounding step with respect to the scale, scaled by
+1/sqrt(numel * qmax)). Afterwards the shadow weights are re-quantized into the graph's int8 storage and the learned
+scales written back, so the result is the same kind of Q/DQ graph, ready for `fold-qdq`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from graphopt.errors import GraphoptError
+from graphopt.ir.graph import Graph
+from graphopt.passes.distill.recover import TrainOptions
+from graphopt.passes.distill.trainer import Trainer, trainer_from_ctx
+from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, register_pass
+
+ops = torch.ops.graphopt
+
+
+def _grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
+    return (x - x * g).detach() + x * g
+
+
+def fake_quant_tensor(x, scale, zero_point, qmin: int, qmax: int, lsq_g: float = 0.0):
+    """Per-tensor fake quantization; STE through the rounding; LSQ gradient to `scale` when it is a parameter."""
+    s = _grad_scale(scale, lsq_g) if lsq_g else scale
+    v = x / s + zero_point
+    q = torch.clamp(v + (torch.round(v) - v).detach(), qmin, qmax)
+    return (q - zero_point) * s
+
+
+def fake_quant_channel(w, scales, qmax: int, lsq_g: float = 0.0):
+    """Per-output-channel symmetric fake quantization of a weight (axis 0)."""
+    s = (_grad_scale(scales, lsq_g) if lsq_g else scales).reshape(-1, *([1] * (w.dim() - 1)))
+    v = w / s
+    q = torch.clamp(v + (torch.round(v) - v).detach(), -qmax, qmax)
+    return q * s
+
+
+class QATError(GraphoptError):
+    """qat cannot run on this graph; says what to run first."""
+
+
+def _weight_qmax(graph: Graph) -> int:
+    for rec in reversed(graph.meta.get("history", [])):
+        if rec.get("pass", rec.get("name", "")).startswith("quantize"):
+            return 7 if rec.get("stats", {}).get("weight_bits") == "int4" else 127
+    return 127
+
+
+@register_pass
+class QAT(Pass):
+    name = "qat"
+    summary = ("Quantization-aware training of a Q/DQ graph (after `quantize`): fake-quant with a straight-through "
+               "estimator, optional learned scales (LSQ), distillation from the fp32 pipeline input by default.")
+    contract = Contract.TRAINING
+
+    @dataclass
+    class Options(TrainOptions):
+        lsq: bool = field(default=False, metadata={"help": "learn the quantization scales too (LSQ)"})
+
+        def validate(self) -> str:
+            return self.validate_training()
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        o = self.options
+        qmax_w = _weight_qmax(graph)
+        train = graph.clone()
+        g = train.gm.graph
+        shadows: dict[str, tuple[str, str]] = {}   # float shadow -> (int8 param, scale param)
+        act_scales: dict[str, tuple[torch.fx.Node, float]] = {}
+        n_act = 0
+        for node in list(g.nodes):
+            if node.op != "call_function":
+                continue
+            if node.target is ops.dequantize_per_channel.default and node.args[0].op == "get_attr" \
+                    and int(node.args[3]) == 0:
+                qw, sc = node.args[0], node.args[1]
+                w = (train.get_param(qw.target).float() * train.get_param(sc.target).reshape(
+                    -1, *([1] * (train.get_param(qw.target).dim() - 1))))
+                shadow = train.add_param(f"{qw.target}_shadow", w, before=node)
+                g_lsq = 1.0 / math.sqrt(w.numel() * qmax_w) if o.lsq else 0.0
+                with g.inserting_before(node):
+                    fq = g.call_function(fake_quant_channel, (shadow, sc, qmax_w, g_lsq))
+                node.replace_all_uses_with(fq)
+                g.erase_node(node)
+                shadows[shadow.target] = (qw.target, sc.target)
+            elif node.target is ops.dequantize_per_tensor.default and \
+                    getattr(node.args[0], "target", None) is ops.quantize_per_tensor.default:
+                qn = node.args[0]
+                x, scale, zp, qmin, qmax, _ = qn.args
+                lsq_g = 1.0 / math.sqrt(math.prod(x.meta["val"].shape) * qmax) if o.lsq else 0.0
+                s_arg = float(scale)
+                if o.lsq:
+                    s_node = train.add_param(f"{qn.name}_scale", torch.tensor(float(scale)), before=node)
+                    act_scales[s_node.target] = (qn, float(scale))
+                    s_arg = s_node
+                with g.inserting_before(node):
+                    fq = g.call_function(fake_quant_tensor, (x, s_arg, int(zp), int(qmin), int(qmax), lsq_g))
+                node.replace_all_uses_with(fq)
+                g.erase_node(node)
+                if not qn.users:
+                    g.erase_node(qn)
+                n_act += 1
+        if not shadows and not n_act:
+            raise QATError("qat found no quantize/dequantize ops: run `quantize` first (qat trains a Q/DQ graph)")
+        train.remove_unused_params()
+        train.gm.recompile()
+        if not o.lsq:  # scales stay fixed: keep them out of the optimizer
+            for _, sc in shadows.values():
+                getattr(train.gm, sc).requires_grad_(False)
+        trainer: Trainer = trainer_from_ctx(train, ctx, o.train_config(ctx.seed, "qat"), kd=o.kd)
+        if not o.lsq:
+            for _, sc in shadows.values():
+                trainer.params.pop(sc, None)
+        stats = trainer.fit()
+        # write back: shadow weights re-quantized with the (possibly learned) scales, other float params copied
+        with torch.no_grad():
+            for shadow, (qname, sname) in shadows.items():
+                w, s = train.get_param(shadow), train.get_param(sname).clamp_min(1e-12)
+                q = torch.clamp(torch.round(w / s.reshape(-1, *([1] * (w.dim() - 1)))), -qmax_w, qmax_w)
+                graph.set_param(qname, q.to(graph.get_param(qname).dtype))
+                graph.set_param(sname, s)
+            for name, p in train.gm.named_parameters():
+                if name in shadows or name in act_scales or not hasattr(graph.gm, name):
+                    continue
+                if graph.get_param(name).is_floating_point() and p.shape == graph.get_param(name).shape:
+                    graph.set_param(name, p.detach())
+            for sname, (qn, _) in act_scales.items():
+                new = float(train.get_param(sname).abs().clamp_min(1e-12))
+                for node in graph.gm.graph.nodes:
+                    if node.name == qn.name:
+                        node.args = (node.args[0], new, *node.args[2:])
+                        for user in list(node.users):
+                            if user.target is ops.dequantize_per_tensor.default:
+                                user.args = (user.args[0], new, *user.args[2:])
+        graph.gm.recompile()
+        stats.update(weights=len(shadows), activations=n_act, lsq=o.lsq, weight_qmax=qmax_w)
+        return PassResult(graph, stats["steps"] > 0, stats)
