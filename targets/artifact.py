@@ -50,6 +50,7 @@ def build_manifest(graph: Graph, target: str, target_info: dict[str, Any], *, tu
         "stats": stats.to_json(),
         "sparsity": graph.sparsity_report(),
         "sparse_layout": graph.meta.get("sparse_layout", {}),
+        "weight_bits": graph.meta.get("weight_bits", {}),
         "target": target,
         "target_info": target_info,
         "tuning": tuning,

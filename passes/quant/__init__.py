@@ -1,2 +1,2 @@
-"""Quantization: calibrators, quantize (Q/DQ), qat (fake-quant training, LSQ) and fold-qdq (integer ops)."""
-from graphopt.passes.quant import fold_qdq, qat, quantize  # noqa: F401
+"""Quantization: calibrators, quantize (Q/DQ), qat (fake-quant training, LSQ), mixed-precision and fold-qdq (integer ops)."""
+from graphopt.passes.quant import fold_qdq, mixed_precision, qat, quantize  # noqa: F401

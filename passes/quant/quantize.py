@@ -50,6 +50,19 @@ def quantize_weight(w: torch.Tensor, bits: str) -> tuple[torch.Tensor, torch.Ten
     return q, scales.float(), torch.zeros_like(scales, dtype=torch.int32)
 
 
+def quantize_op_weight(graph: Graph, op: fx.Node, bits: str) -> None:
+    """Store `op`'s weight as per-channel int8/int4 behind a dequantize node (the op reads the dequantized weight)."""
+    w = op.args[1]
+    q, scales, zps = quantize_weight(graph.get_param(w.target), bits)
+    nq = graph.add_param(f"{w.target}_q", q, before=op)
+    ns = graph.add_param(f"{w.target}_scale", scales, before=op)
+    nz = graph.add_param(f"{w.target}_zp", zps, before=op)
+    with graph.gm.graph.inserting_before(op):
+        dq = graph.gm.graph.call_function(torch.ops.graphopt.dequantize_per_channel.default, (nq, ns, nz, 0))
+    nq.meta["source_fqn"] = w.meta.get("source_fqn", w.target)
+    op.args = (op.args[0], dq, *op.args[2:])
+
+
 def calibrate(graph: Graph, ops: list[fx.Node], batches, calibrator: str) -> dict[str, object]:
     """Observers for the activation input of each op; two streaming passes when a histogram is needed."""
     cls = CALIBRATORS[calibrator]
@@ -103,16 +116,8 @@ class Quantize(Pass):
         g = graph.gm.graph
         act_q = {}
         for op in ops:
-            w = op.args[1]
-            q, scales, zps = quantize_weight(graph.get_param(w.target), o.weights)
-            nq = graph.add_param(f"{w.target}_q", q, before=op)
-            ns = graph.add_param(f"{w.target}_scale", scales, before=op)
-            nz = graph.add_param(f"{w.target}_zp", zps, before=op)
-            with g.inserting_before(op):
-                dq = g.call_function(torch.ops.graphopt.dequantize_per_channel.default, (nq, ns, nz, 0))
-            nq.meta["source_fqn"] = w.meta.get("source_fqn", w.target)
+            quantize_op_weight(graph, op, o.weights)
             args = list(op.args)
-            args[1] = dq
             x = op.args[0]
             if observers and isinstance(x, fx.Node) and x.name in observers:
                 if x.name not in act_q:
