@@ -19,6 +19,16 @@ from graphopt.targets.tvm.host import cpu_target
 from graphopt.targets.tvm.lower import lower_to_relax
 
 
+def _assert_built_matches(g, model, x):
+    """Build `g` for the CPU, run it, and compare with the PyTorch model within 1e-5 of the output's range."""
+    from tvm import relax
+    ex, *_ = build_executable(g)
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
+    got = (got if hasattr(got, "numpy") else got[0]).numpy()
+    ref = model(x).detach().numpy()
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-6
+
+
 def _func_names(g):
     return {gv.name_hint for gv in lower_to_relax(g).get_global_vars()}
 
@@ -31,13 +41,7 @@ def test_linear_uses_packed_gemm_and_matches_torch(rows, width):
     g = graphopt.trace(model, (x,))
     names = _func_names(g)
     assert any(n.startswith("gemm_packed") for n in names), names
-    ex, *_ = build_executable(g)
-    from tvm import relax
-    vm = relax.VirtualMachine(ex, tvm.cpu())
-    got = vm["main"](tvm.runtime.tensor(x.numpy()))
-    got = (got if hasattr(got, "numpy") else got[0]).numpy()
-    ref = model(x).detach().numpy()
-    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-6
+    _assert_built_matches(g, model, x)
 
 
 @pytest.mark.parametrize("cout,cin,hw,act", [(96, 16, 12, torch.nn.ReLU6()), (13, 8, 7, torch.nn.ReLU()),
@@ -53,13 +57,7 @@ def test_pointwise_conv_uses_packed_kernel_with_fused_clamp(cout, cin, hw, act):
     text = mod.script()
     if not isinstance(act, torch.nn.Identity):
         assert "_clamp" in " ".join(names) and "R.clip" not in text and "R.nn.relu" not in text  # in the kernel
-    ex, *_ = build_executable(g)
-    from tvm import relax
-    vm = relax.VirtualMachine(ex, tvm.cpu())
-    got = vm["main"](tvm.runtime.tensor(x.numpy()))
-    got = (got if hasattr(got, "numpy") else got[0]).numpy()
-    ref = model(x).detach().numpy()
-    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-6
+    _assert_built_matches(g, model, x)
 
 
 @pytest.mark.parametrize("c,hw,k,stride,act", [(16, 18, 3, 1, torch.nn.ReLU6()), (8, 15, 3, 2, torch.nn.Identity()),
@@ -73,13 +71,7 @@ def test_depthwise_conv_kernel_handles_padding_in_the_kernel(c, hw, k, stride, a
     names = {gv.name_hint for gv in mod.get_global_vars()}
     assert any(n.startswith("depthwise_") for n in names), names
     assert "R.nn.pad" not in mod.script()  # borders are guarded inside the kernel, no padded copy
-    ex, *_ = build_executable(g)
-    from tvm import relax
-    vm = relax.VirtualMachine(ex, tvm.cpu())
-    got = vm["main"](tvm.runtime.tensor(x.numpy()))
-    got = (got if hasattr(got, "numpy") else got[0]).numpy()
-    ref = model(x).detach().numpy()
-    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-6
+    _assert_built_matches(g, model, x)
 
 
 class _SamePadDepthwise(torch.nn.Module):
@@ -99,12 +91,7 @@ def test_asymmetric_zero_pad_folds_into_the_depthwise_kernel():
     g = graphopt.trace(model, (x,))
     text = lower_to_relax(g).script()
     assert "R.nn.pad" not in text and "depthwise_" in text
-    ex, *_ = build_executable(g)
-    from tvm import relax
-    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
-    got = (got if hasattr(got, "numpy") else got[0]).numpy()
-    ref = model(x).detach().numpy()
-    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-6
+    _assert_built_matches(g, model, x)
 
 
 @pytest.mark.parametrize("cout,cin,hw,k,stride,pad", [(32, 3, 20, 3, 2, (1, 1, 1, 1)), (13, 2, 11, 3, 1, (0, 1, 0, 1)),
@@ -124,12 +111,7 @@ def test_stem_conv_direct_kernel(cout, cin, hw, k, stride, pad):
     g = graphopt.trace(model, (x,))
     text = lower_to_relax(g).script()
     assert "conv_direct_" in text and "R.nn.pad" not in text and "R.clip" not in text
-    ex, *_ = build_executable(g)
-    from tvm import relax
-    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
-    got = (got if hasattr(got, "numpy") else got[0]).numpy()
-    ref = model(x).detach().numpy()
-    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-6
+    _assert_built_matches(g, model, x)
 
 
 def test_batch1_linear_keeps_the_gemv_rule():

@@ -18,10 +18,7 @@ MR = 6
 def _tile_nest(rows: int, cols: int, r0: str, c0: str, n_tiles: str, k: int, clamp: tuple[float, float] | None,
                name: str) -> str:
     """One parallel loop over tiles of `rows` x `cols` outputs; r0 / c0 are expressions of the tile index t."""
-    if clamp is None:
-        val = f"{name}[i, v]"
-    else:
-        val = f"T.max(T.min({name}[i, v], T.float32({clamp[1]!r})), T.float32({clamp[0]!r}))"
+    val = _clamped(f"{name}[i, v]", clamp)
     return f"""
         for t in T.parallel({n_tiles}):
             {name} = T.decl_buffer(({rows}, {cols}), "float32", scope="global")
@@ -103,6 +100,27 @@ def pointwise_applies(x_shape, w_shape, stride, padding, dilation, groups, trans
             and math.prod(int(d) for d in x_shape[2:]) >= 4)
 
 
+def _clamped(e: str, clamp: tuple[float, float] | None) -> str:
+    """TVMScript for `e` clamped to [lo, hi] (ReLU / ReLU6 fused into a kernel's store), or `e` itself."""
+    return e if clamp is None else f"T.max(T.min({e}, T.float32({clamp[1]!r})), T.float32({clamp[0]!r}))"
+
+
+def _column_plan(ow: int, wd: int, kw: int, s: int, pl: int) -> tuple[list, list]:
+    """Split output columns into vector segments over the interior (every tap inside the image: 16 wide while
+    possible, then 8, then 4) and the scalar ranges left (borders and remainder), as (start, width, count) and
+    (start, end)."""
+    x_lo = -(-pl // s)
+    x_hi = min(ow - 1, (wd - 1 + pl - (kw - 1)) // s)
+    n_int = max(0, x_hi - x_lo + 1)
+    segments, start = [], x_lo
+    for v in (16, 8, 4):
+        if n_int - (start - x_lo) >= v:
+            count = (n_int - (start - x_lo)) // v
+            segments.append((start, v, count))
+            start += v * count
+    return segments, ([(0, x_lo), (start, ow)] if segments else [(0, ow)])
+
+
 def depthwise_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int, stride: int, ph: int, pw: int,
                      clamp: tuple[float, float] | None) -> str:
     """out[c, y, x] = bias[c] + sum w[c, i, j] * x[c, y*s + i - ph, x*s + j - pw] (zero outside the image).
@@ -113,7 +131,7 @@ def depthwise_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int
     s = stride
 
     def clamped(e: str) -> str:
-        return e if clamp is None else f"T.max(T.min({e}, T.float32({clamp[1]!r})), T.float32({clamp[0]!r}))"
+        return _clamped(e, clamp)
 
     hp, wp = (oh - 1) * s + kh, (ow - 1) * s + kw  # the padded rows/columns the taps read
     if ow <= 16 and hp * wp <= 1024:
@@ -145,17 +163,7 @@ def depthwise(x: T.Buffer(({c}, {h}, {wd}), "float32"), w: T.Buffer(({c}, {kh}, 
                 out[ch, y, u] = {clamped("acc[u]")}
 """
 
-    # interior output columns: every tap column inside the image
-    x_lo = -(-pw // s)
-    x_hi = min(ow - 1, (wd - 1 + pw - (kw - 1)) // s)
-    n_int = max(0, x_hi - x_lo + 1)
-    segments, start = [], x_lo  # vector segments over the interior: 16 wide while possible, then 8, then 4
-    for v in (16, 8, 4):
-        if n_int - (start - x_lo) >= v:
-            count = (n_int - (start - x_lo)) // v
-            segments.append((start, v, count))
-            start += v * count
-    scalar_ranges = [(0, x_lo), (start, ow)] if segments else [(0, ow)]
+    segments, scalar_ranges = _column_plan(ow, wd, kw, s, pw)
     row = f"(t % {oh}) * {s} + i - {ph}"
     body = ""
     for seg, (x0, v, nv) in enumerate(segments):
@@ -234,18 +242,9 @@ def direct_conv_source(cout: int, cin: int, h: int, wd: int, oh: int, ow: int, k
     mt = -(-cout // MR)
 
     def clamped(e: str) -> str:
-        return e if clamp is None else f"T.max(T.min({e}, T.float32({clamp[1]!r})), T.float32({clamp[0]!r}))"
+        return _clamped(e, clamp)
 
-    x_lo = -(-pl // s)
-    x_hi = min(ow - 1, (wd - 1 + pl - (kw - 1)) // s)
-    n_int = max(0, x_hi - x_lo + 1)
-    segments, start = [], x_lo
-    for v in (16, 8, 4):
-        if n_int - (start - x_lo) >= v:
-            count = (n_int - (start - x_lo)) // v
-            segments.append((start, v, count))
-            start += v * count
-    scalar_ranges = [(0, x_lo), (start, ow)] if segments else [(0, ow)]
+    segments, scalar_ranges = _column_plan(ow, wd, kw, s, pl)
     co = f"(t // {oh}) * {MR}"
     row = f"(t % {oh}) * {s} + i - {pt}"
     body = ""

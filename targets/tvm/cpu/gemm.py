@@ -15,71 +15,44 @@ import numpy as np
 MR = 6
 
 
-def gemm_packed(m: int, k: int, n: int, mr: int, nr: int):
-    """PrimFunc(a[M, K], bp[N/nr, K, nr], c[M, N]) for N % nr == 0; the last M % mr rows get a smaller tile."""
-    from tvm.script import tirx as T
-
-    from graphopt.targets.tvm.fast_import import cheap_inspect_stack
-    with cheap_inspect_stack():
-        return _gemm(T, m, k, n, mr, nr) if m % mr == 0 else _gemm_tail(T, m, k, n, mr, nr)
-
-
-def _gemm(T, m, k, n, mr, nr):
-    mt, nt = m // mr, n // nr
-
-    @T.prim_func(private=True)
-    def func(a: T.Buffer((m, k), "float32"), bp: T.Buffer((nt, k, nr), "float32"), c: T.Buffer((m, n), "float32")):
-        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
-        for t in T.parallel(mt * nt):
-            # scope "global" here is a stack array LLVM keeps in registers (see sparse.py)
-            acc = T.decl_buffer((mr, nr), "float32", scope="global")
-            for i in T.unroll(mr):
-                for v in T.vectorized(nr):
-                    acc[i, v] = T.float32(0)
-            for kk in T.serial(k):
-                for i in T.unroll(mr):
-                    for v in T.vectorized(nr):
-                        acc[i, v] = acc[i, v] + a[(t % mt) * mr + i, kk] * bp[t // mt, kk, v]
-            for i in T.unroll(mr):
-                for v in T.vectorized(nr):
-                    c[(t % mt) * mr + i, (t // mt) * nr + v] = acc[i, v]
-
-    return func
+def _gemm_nest(rows: int, nr: int, k: int, row0: str, panel: str, n_tiles: int, name: str) -> str:
+    """One parallel loop over tiles of `rows` x nr outputs; row0 / panel are expressions of the tile index t."""
+    return f"""
+    for t in T.parallel({n_tiles}):
+        {name} = T.decl_buffer(({rows}, {nr}), "float32", scope="global")
+        for i in T.unroll({rows}):
+            for v in T.vectorized({nr}):
+                {name}[i, v] = T.float32(0)
+        for kk in T.serial({k}):
+            for i in T.unroll({rows}):
+                for v in T.vectorized({nr}):
+                    {name}[i, v] = {name}[i, v] + a[{row0} + i, kk] * bp[{panel}, kk, v]
+        for i in T.unroll({rows}):
+            for v in T.vectorized({nr}):
+                c[{row0} + i, ({panel}) * {nr} + v] = {name}[i, v]
+"""
 
 
-def _gemm_tail(T, m, k, n, mr, nr):
+def gemm_source(m: int, k: int, n: int, mr: int, nr: int) -> str:
+    """a[M, K] @ bp[N/nr, K, nr] -> c[M, N] for N % nr == 0; the last M % mr rows get one smaller tile per panel.
+    Tiles are panel-major, so a panel is reused from L2 by every row tile. The accumulator tile is a stack array
+    (scope "global" inside the parallel body) that LLVM keeps in registers (see sparse.py)."""
     mt, nt, rem = m // mr, n // nr, m % mr
-    base = mt * mr
+    body = _gemm_nest(mr, nr, k, f"(t % {mt}) * {mr}", f"t // {mt}", mt * nt, "acc") if mt else ""
+    if rem:
+        body += _gemm_nest(rem, nr, k, str(mt * mr), "t", nt, "acc_tail")
+    return f"""
+@T.prim_func(private=True)
+def gemm(a: T.Buffer(({m}, {k}), "float32"), bp: T.Buffer(({nt}, {k}, {nr}), "float32"),
+         c: T.Buffer(({m}, {n}), "float32")):
+    T.func_attr({{"tir.noalias": True, "tirx.is_scheduled": True}}){body}"""
 
-    @T.prim_func(private=True)
-    def func(a: T.Buffer((m, k), "float32"), bp: T.Buffer((nt, k, nr), "float32"), c: T.Buffer((m, n), "float32")):
-        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
-        for t in T.parallel(mt * nt):
-            acc = T.decl_buffer((mr, nr), "float32", scope="global")
-            for i in T.unroll(mr):
-                for v in T.vectorized(nr):
-                    acc[i, v] = T.float32(0)
-            for kk in T.serial(k):
-                for i in T.unroll(mr):
-                    for v in T.vectorized(nr):
-                        acc[i, v] = acc[i, v] + a[(t % mt) * mr + i, kk] * bp[t // mt, kk, v]
-            for i in T.unroll(mr):
-                for v in T.vectorized(nr):
-                    c[(t % mt) * mr + i, (t // mt) * nr + v] = acc[i, v]
-        for t in T.parallel(nt):
-            acc2 = T.decl_buffer((rem, nr), "float32", scope="global")
-            for i in T.unroll(rem):
-                for v in T.vectorized(nr):
-                    acc2[i, v] = T.float32(0)
-            for kk in T.serial(k):
-                for i in T.unroll(rem):
-                    for v in T.vectorized(nr):
-                        acc2[i, v] = acc2[i, v] + a[base + i, kk] * bp[t, kk, v]
-            for i in T.unroll(rem):
-                for v in T.vectorized(nr):
-                    c[base + i, t * nr + v] = acc2[i, v]
 
-    return func
+def gemm_packed(m: int, k: int, n: int, mr: int, nr: int):
+    """PrimFunc(a[M, K], bp[N/nr, K, nr], c[M, N])."""
+    import tvm
+    from tvm.script import tirx as T
+    return tvm.script.parse(gemm_source(m, k, n, mr, nr), extra_vars={"T": T})
 
 
 def pack_weight(w: np.ndarray, nr: int) -> np.ndarray:
