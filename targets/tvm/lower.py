@@ -23,6 +23,7 @@ def _lifted_tensors(ep) -> dict:
 
 def _quant_converters(lifted: dict | None = None):
     """Relax lowering of graphopt's Q/DQ ops (reference semantics: round half to even, clamp, affine)."""
+    import torch
     from tvm import relax
 
     def f32(v):
@@ -91,6 +92,9 @@ def _quant_converters(lifted: dict | None = None):
         sx, zx = node.args[1], node.args[2]
         bias = importer.env[node.args[5]] if node.args[5] is not None else None
         stride, padding, dilation, groups = node.args[6:10]
+        fast = _qconv_fast(node, importer, bb, xq, sx, zx, ws, bias)
+        if fast is not None:
+            return fast
         if any(padding):  # pad with the zero point (real 0.0), then the correction below is the same everywhere
             ph, pw = int(padding[0]), int(padding[1])
             xq = bb.emit(relax.op.nn.pad(xq, [0, 0, 0, 0, ph, ph, pw, pw], "constant", float(zx)))
@@ -98,6 +102,39 @@ def _quant_converters(lifted: dict | None = None):
                                          groups=int(groups), out_dtype="int32"))
         wsum = bb.emit(relax.op.sum(bb.emit(relax.op.astype(wq, "int32")), axis=[1, 2, 3]))
         return _rescale(bb, acc, zx, wsum, sx, ws, bias, [1, -1, 1, 1])
+
+    def _qconv_fast(node, importer, bb, xq, sx, zx, ws, bias):
+        """Batch-1 qconv2d with a constant weight: pointwise -> the int16-pair vpmaddwd kernel; depthwise and stem
+        convs (small weights) -> the float kernels on the dequantized input and weight (exact up to float rounding)."""
+        import numpy as np
+
+        from graphopt.targets.tvm.cpu import conv as k
+        from graphopt.targets.tvm.cpu.int8 import emit_qconv1x1_acc, int8_kernels_available
+        from graphopt.targets.tvm.host import cpu_target
+        wt = (lifted or {}).get(getattr(node.args[3], "name", None))
+        wst = (lifted or {}).get(getattr(node.args[4], "name", None))
+        x_shape = node.args[0].meta["val"].shape
+        if wt is None or wst is None or len(x_shape) != 4 or int(x_shape[0]) != 1:
+            return None
+        stride, padding, dilation, groups = node.args[6:10]
+        args = (stride, padding, dilation, False, None, groups)
+        kind = _conv_kernel(x_shape, wt.shape, args)
+        if kind == "pointwise" and int8_kernels_available(cpu_target()):
+            acc = emit_qconv1x1_acc(bb, xq, wt.numpy(), x_shape)
+            wsum = relax.const(wt.to(torch.int32).sum((1, 2, 3)).numpy().astype("int32"))
+            return _rescale(bb, acc, zx, wsum, sx, ws, bias, [1, -1, 1, 1])
+        if kind in ("depthwise", "direct"):
+            x = bb.emit(relax.op.multiply(bb.emit(relax.op.subtract(bb.emit(relax.op.astype(xq, "float32")),
+                                                                      f32(zx))), f32(sx)))
+            w = (wt.double() * wst.double().reshape(-1, 1, 1, 1)).float().numpy()
+            bt = (lifted or {}).get(getattr(node.args[5], "name", None)) if node.args[5] is not None else None
+            if node.args[5] is not None and bt is None:
+                return None
+            b = None if bt is None else bt.detach().numpy().astype(np.float32)
+            ph, pw = int(padding[0]), int(padding[1])
+            emit = k.emit_depthwise if kind == "depthwise" else k.emit_direct_conv
+            return emit(bb, x, w, b, x_shape, int(stride[0]), (ph, ph, pw, pw), None)
+        return None
 
     def bsr_linear(node, importer):
         from graphopt.targets.tvm.cpu.sparse import emit_bsr_linear

@@ -124,7 +124,7 @@ def _asm(func):
     return lib.mod.inspect_source("asm") if hasattr(lib, "mod") else lib.inspect_source("asm")
 
 
-def _inner_fma_loop(asm: str) -> str:
+def _inner_fma_loop(asm: str, op: str = r"vfmadd\d+ps") -> str:
     """The innermost loop (a label up to the backward jump to it) holding the most FMAs: the reduction body."""
     loops = []
     for m in re.finditer(r"^(\.LBB\d+_\d+):", asm, re.M):
@@ -132,7 +132,7 @@ def _inner_fma_loop(asm: str) -> str:
         body = asm[m.end():m.end() + back.start()] if back else ""
         if back and not re.search(r"^\.LBB\d+_\d+:", body, re.M):  # innermost: no label inside
             loops.append(body)
-    return max(loops, key=lambda b: len(re.findall(r"vfmadd\d+ps", b)))
+    return max(loops, key=lambda b: len(re.findall(op, b)))
 
 
 def test_packed_gemm_assembly_accumulates_in_registers():
@@ -169,3 +169,43 @@ def test_pack_weight_layout():
     w = np.arange(32 * 8, dtype=np.float32).reshape(32, 8)
     p = pack_weight(w, 16)
     assert p.shape == (2, 8, 16) and p[1, 3, 5] == w[16 + 5, 3]
+
+
+def test_int8_pointwise_kernel_is_exact_and_uses_vpmaddwd():
+    from graphopt.targets.tvm.cpu.int8 import MR, int8_kernels_available, pack_pairs, qconv1x1_source
+    if not int8_kernels_available(cpu_target()):
+        pytest.skip("needs AVX2")
+    rng = np.random.default_rng(0)
+    cout, cin, p = 13, 64, 24  # enough channels that the reduction stays a loop
+    mt, cin2 = -(-cout // MR), cin
+    x = rng.integers(-128, 128, (cin, p)).astype(np.int16)
+    w = rng.integers(-127, 128, (cout, cin)).astype(np.int8)
+    from tvm.script import tirx as T
+    f = tvm.script.parse(qconv1x1_source(mt, cin2 // 2, p), extra_vars={"T": T})
+    loop = _inner_fma_loop(_asm(f), r"vpmaddwd")
+    assert len(re.findall(r"vpmaddwd", loop)) >= MR  # one per output row of the tile, in the reduction loop
+    assert not re.search(r"vmovdq[au]\s+%ymm\d+, ", loop)  # accumulators stay in registers
+    lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target())
+    x2 = np.ascontiguousarray(x.reshape(cin // 2, 2, p).transpose(0, 2, 1)).reshape(-1)
+    out = tvm.runtime.tensor(np.zeros(mt * MR * p, np.int32))
+    lib["main"](tvm.runtime.tensor(x2), tvm.runtime.tensor(pack_pairs(w, mt, cin2)), out)
+    got = out.numpy().reshape(mt * MR, p)[:cout]
+    assert np.array_equal(got, w.astype(np.int64) @ x.astype(np.int64))
+
+
+def test_quantized_mobilenet_block_lowers_to_int8_and_float_kernels():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 24, 1), torch.nn.ReLU6(),
+                                torch.nn.Conv2d(24, 24, 3, padding=1, groups=24), torch.nn.ReLU6(),
+                                torch.nn.Conv2d(24, 16, 1)).eval()
+    x = torch.rand(1, 8, 14, 14)
+    g = graphopt.trace(model, (x,))
+    q = graphopt.optimize(g, "quantize,fold-qdq", data=[(torch.rand(1, 8, 14, 14),) for _ in range(4)])
+    names = _func_names(q)
+    assert any(n.startswith("qconv1x1_") for n in names) and any(n.startswith("depthwise_") for n in names)
+    from tvm import relax
+    ex, *_ = build_executable(q)
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
+    got = (got if hasattr(got, "numpy") else got[0]).numpy()
+    ref = q.run(x)[0].numpy()
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max() + 1e-5  # the reference integer ops, to rounding
