@@ -98,3 +98,17 @@ def test_prune_channels_oracle_on_real_models(zoo, name, ratio):
         q = shapes["encoder.encoder.layer.0.attention.self.query.weight"]
         o = shapes["encoder.encoder.layer.0.attention.output.dense.weight"]
         assert q[0] % 32 == 0 and q[0] < 384 and o[1] == q[0]
+
+
+def test_minilm_int8_embeddings_stay_close(zoo):
+    """int8 weights + activations (min-max calibration on half the bundled sentences): embedding cosine to fp32
+    >= 0.99 on the other half."""
+    g = zoo.zoo_graph("minilm")
+    half = len(zoo.SENTENCES) // 2
+    cal = [zoo.tokenize([s]) for s in zoo.SENTENCES[:half]]
+    q = graphopt.optimize(g, "quantize{calibrator=minmax}", data=cal)
+    assert q.meta["history"][-1]["stats"]["weights_quantized"] == 37
+    for s in zoo.SENTENCES[half:]:
+        b = zoo.tokenize([s])
+        cos = torch.nn.functional.cosine_similarity(g.run(*b)[0].reshape(-1), q.run(*b)[0].reshape(-1), dim=0)
+        assert float(cos) >= 0.99, s
