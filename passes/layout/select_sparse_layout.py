@@ -54,13 +54,13 @@ class SelectSparseLayout(Pass):
         if oracle is None or not hasattr(oracle, "measure"):
             raise LayoutError("select-sparse-layout measures kernels on a target: call optimize(..., target='llvm') "
                               "or use graphopt compile/opt (they give the host CPU)")
+        from tqdm.auto import tqdm
+
         choices, rewritten = {}, 0
-        for node in list(graph.gm.graph.nodes):
-            if node.op != "call_function" or node.target is not aten.linear.default:
-                continue
+        layers = [n for n in graph.gm.graph.nodes if n.op == "call_function" and n.target is aten.linear.default
+                  and getattr(n.args[1], "op", None) == "get_attr" and n.args[1].target in graph.masks]
+        for node in tqdm(layers, desc="select-sparse-layout", unit="layer", leave=False):
             wnode = node.args[1]
-            if getattr(wnode, "op", None) != "get_attr" or wnode.target not in graph.masks:
-                continue
             name = wnode.target
             w = graph.get_param(name)
             if not w.is_floating_point() or w.dtype != torch.float32:

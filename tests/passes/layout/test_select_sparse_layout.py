@@ -66,6 +66,8 @@ def test_picks_the_measured_fastest_and_keeps_numerics():
     ops = [n.target for n in out.nodes("call_function")]
     assert torch.ops.graphopt.bsr_linear.default in ops
     assert torch.ops.aten.linear.default not in ops or layers["fc2_weight"]["choice"] == "dense"
+    stored = sum(out.get_param(k).numel() for k in out.params() if k.endswith("_bsr_data"))
+    assert 0 < out.stats().macs < g.stats().macs and out.stats().macs >= 32 * stored  # MACs of the stored blocks
     ref, got = g.run(x)[0], out.run(x)[0]
     assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
     # a second graph with the same layers asks the same questions (the oracle itself caches)
