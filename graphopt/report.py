@@ -58,7 +58,7 @@ def compile_report(reference: Graph, optimized: Graph, artifact: Path, manifest:
                      "rule-scheduled ones"
                      + (f", stopped: {tuning['stopped']}" if tuning.get("stopped") else ""))
     else:
-        lines.append("  tuning     none (use --tune-trials N [--tune-db DIR] for faster kernels)")
+        lines.append("  tuning     none (graphopt's own GEMM/conv kernels need none; --tune-trials N tunes the rest)")
     if fidelity:
         parts = []
         if fidelity.get("top1") is not None:

@@ -247,6 +247,26 @@ def direct_conv_source(cout: int, cin: int, h: int, wd: int, oh: int, ow: int, k
     segments, scalar_ranges = _column_plan(ow, wd, kw, s, pl)
     co = f"(t // {oh}) * {MR}"
     row = f"(t % {oh}) * {s} + i - {pt}"
+
+    split_args = "" if s != 2 else f"""
+                xe: T.Buffer(({cin}, {h}, {(wd + 1) // 2}), "float32"), xodd: T.Buffer(({cin}, {h}, {wd // 2}), "float32"),"""
+
+    def taps(seg: int, x0: int, v: int) -> str:
+        """The kw taps of one tile row. Stride 1 reads x directly; stride 2 reads the even or odd columns (split
+        once per call), so every tap is a contiguous vector load instead of a stride-2 gather."""
+        out = ""
+        for j in range(kw):
+            if s == 2:
+                d = j - pl
+                src = f"xe[ci, {row}, {x0} + xo * {v} + u + {d // 2}]" if d % 2 == 0 else \
+                    f"xodd[ci, {row}, {x0} + xo * {v} + u + {(d - 1) // 2}]"
+            else:
+                src = f"x[ci, {row}, {x0} + xo * {v} + u + {j - pl}]"
+            out += f"""
+                        for r in T.unroll({MR}):
+                            for u in T.vectorized({v}):
+                                acc{seg}[r, u] = acc{seg}[r, u] + wp[t // {oh}, ci, i, {j}, r] * {src}"""
+        return out
     body = ""
     for seg, (x0, v, nv) in enumerate(segments):
         body += f"""
@@ -257,11 +277,7 @@ def direct_conv_source(cout: int, cin: int, h: int, wd: int, oh: int, ow: int, k
                     acc{seg}[r, u] = bias[{co} + r]
             for ci in T.serial({cin}):
                 for i in T.unroll({kh}):
-                    if {row} >= 0 and {row} < {h}:
-                        for j in T.unroll({kw}):
-                            for r in T.unroll({MR}):
-                                for u in T.vectorized({v}):
-                                    acc{seg}[r, u] = acc{seg}[r, u] + wp[t // {oh}, ci, i, j, r] * x[ci, {row}, ({x0} + xo * {v} + u) * {s} + j - {pl}]
+                    if {row} >= 0 and {row} < {h}:{taps(seg, x0, v)}
             for r in T.unroll({MR}):
                 if {co} + r < {cout}:
                     for u in T.vectorized({v}):
@@ -288,7 +304,8 @@ def direct_conv_source(cout: int, cin: int, h: int, wd: int, oh: int, ow: int, k
 """
     return f"""
 @T.prim_func(private=True)
-def conv_direct(x: T.Buffer(({cin}, {h}, {wd}), "float32"), wp: T.Buffer(({mt}, {cin}, {kh}, {kw}, {MR}), "float32"),
+def conv_direct(x: T.Buffer(({cin}, {h}, {wd}), "float32"),{split_args}
+                wp: T.Buffer(({mt}, {cin}, {kh}, {kw}, {MR}), "float32"),
                 bias: T.Buffer(({mt * MR},), "float32"), out: T.Buffer(({cout}, {oh}, {ow}), "float32")):
     T.func_attr({{"tir.noalias": True, "tirx.is_scheduled": True}})
     for t in T.parallel({mt * oh}):{body}
@@ -298,7 +315,7 @@ def conv_direct(x: T.Buffer(({cin}, {h}, {wd}), "float32"), wp: T.Buffer(({mt}, 
 def direct_applies(x_shape, w_shape, stride, padding, dilation, groups, transposed) -> bool:
     """Small-Cin dense convs (the stem: 3 input channels) where the rule-scheduled conv is slowest."""
     return (len(x_shape) == 4 and int(x_shape[0]) == 1 and len(w_shape) == 4 and int(groups) == 1
-            and int(w_shape[1]) <= 8 and tuple(w_shape[2:]) != (1, 1) and not transposed
+            and int(w_shape[1]) <= 8 and tuple(w_shape[2:]) != (1, 1) and not transposed and int(x_shape[3]) >= 2
             and len(set(int(s) for s in stride)) == 1 and int(stride[0]) in (1, 2)
             and all(int(d) == 1 for d in dilation))
 
@@ -325,5 +342,10 @@ def emit_direct_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, str
     gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}),
                      f"conv_direct_{cout}x{cin}x{h}x{wd}_k{kh}s{stride}" + ("" if clamp is None else "_clamp"))
     x3 = bb.emit(relax.op.reshape(x, (cin, h, wd)))
-    y = bb.emit(relax.call_tir(gv, [x3, relax.const(wp), relax.const(b)], relax.TensorType((cout, oh, ow), "float32")))
+    args = [x3]
+    if stride == 2:  # even and odd input columns, so the stride-2 taps are contiguous loads
+        args += [bb.emit(relax.op.strided_slice(x3, axes=[2], begin=[0], end=[wd], strides=[2])),
+                 bb.emit(relax.op.strided_slice(x3, axes=[2], begin=[1], end=[wd], strides=[2]))]
+    y = bb.emit(relax.call_tir(gv, [*args, relax.const(wp), relax.const(b)],
+                               relax.TensorType((cout, oh, ow), "float32")))
     return bb.emit(relax.op.reshape(y, (1, cout, oh, ow)))
