@@ -149,7 +149,8 @@ def test_bsr_kernel_assembly_accumulates_in_registers():
     assert "call" not in loop  # no workspace allocation (or any call) inside the reduction
 
 
-@pytest.mark.parametrize("m,block", [(32, (4, 4)), (16, (1, 1)), (2, (1, 16)), (1, (8, 1)), (12, (4, 4))])
+@pytest.mark.parametrize("m,block", [(32, (4, 4)), (16, (1, 1)), (64, (1, 1)), (64, (2, 8)), (2, (1, 16)), (1, (8, 1)),
+                                     (12, (4, 4))])
 def test_bsr_kernels_match_dense(m, block):
     torch.manual_seed(1)
     n, k = 64, 128
