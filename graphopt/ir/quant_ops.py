@@ -44,13 +44,27 @@ def _(q, scales, zero_points, axis):
     return torch.empty_like(q, dtype=torch.float32)
 
 
-def fake_quant_per_tensor(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
-    """Quantize-dequantize with a straight-through gradient (for QAT)."""
-    q = torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
-    y = (q - zero_point) * scale
-    return x + (y - x).detach()
+def _grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
+    """x in the forward pass, gradient scaled by g in the backward pass (LSQ's step-size gradient scale)."""
+    return (x - x * g).detach() + x * g
 
 
+def fake_quant_per_tensor(x: torch.Tensor, scale, zero_point: int, qmin: int, qmax: int,
+                          lsq_g: float = 0.0) -> torch.Tensor:
+    """Quantize-dequantize for QAT: straight-through gradient through the rounding, none where clamped; with
+    lsq_g > 0 and a tensor `scale`, the scale learns too (LSQ)."""
+    s = _grad_scale(scale, lsq_g) if lsq_g else scale
+    v = x / s + zero_point
+    q = torch.clamp(v + (torch.round(v) - v).detach(), qmin, qmax)
+    return (q - zero_point) * s
+
+
+def fake_quant_per_channel(w: torch.Tensor, scales: torch.Tensor, qmax: int, lsq_g: float = 0.0) -> torch.Tensor:
+    """Symmetric per-output-channel (axis 0) quantize-dequantize of a weight, as fake_quant_per_tensor."""
+    s = (_grad_scale(scales, lsq_g) if lsq_g else scales).reshape(-1, *([1] * (w.dim() - 1)))
+    v = w / s
+    q = torch.clamp(v + (torch.round(v) - v).detach(), -qmax, qmax)
+    return q * s
 
 
 @torch.library.custom_op("graphopt::qlinear", mutates_args=())

@@ -7,8 +7,12 @@ The reference implementation densifies; targets lower the op to real sparse kern
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from graphopt.ir.graph import Graph
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,7 @@ def _(x, data, indices, indptr, bias, n):
     return x.new_empty((*x.shape[:-1], n))
 
 
-def densify(graph) -> "object":
+def densify(graph: "Graph") -> "Graph":
     """A clone of `graph` with every bsr_linear back to aten.linear over the dense weight (for targets, such as
     ONNX, that have no sparse op; the zeros stay exact)."""
     g = graph.clone()

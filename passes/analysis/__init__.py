@@ -1,1 +1,1 @@
-"""Analyses passes use: channel dependency groups."""
+"""Analyses passes use: channel dependency groups, the conv/linear nodes that carry weights."""

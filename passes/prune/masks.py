@@ -8,11 +8,8 @@ import torch
 
 from graphopt.errors import GraphoptError
 from graphopt.ir.graph import Graph
-from graphopt.ir.names import matches, node_labels, unmatched_patterns
-
-aten = torch.ops.aten
-_WEIGHT_OPS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
-               aten.linear.default)
+from graphopt.ir.names import unmatched_patterns
+from graphopt.passes.analysis.weights import weighted_ops
 
 
 class SparsityError(GraphoptError):
@@ -24,19 +21,9 @@ def prunable_weights(graph: Graph, protect: Iterable[str] = (), who: str = "spar
     protect = list(protect)
     for pat in unmatched_patterns(graph, protect):
         raise SparsityError(f"{who} option 'protect': '{pat}' matches no node or parameter")
-    out: dict[str, torch.Tensor] = {}
-    for n in graph.gm.graph.nodes:
-        if n.op != "call_function" or n.target not in _WEIGHT_OPS or len(n.args) < 2:
-            continue
-        w = n.args[1]
-        if getattr(w, "op", None) != "get_attr":
-            continue
-        t = graph.get_param(w.target)
-        if not t.is_floating_point() or t.dim() < 2:
-            continue
-        if protect and matches(node_labels(n) | node_labels(w), protect):
-            continue
-        out[w.target] = t
+    ops, _ = weighted_ops(graph, protect)
+    out = {n.args[1].target: graph.get_param(n.args[1].target) for n in ops
+           if graph.get_param(n.args[1].target).dim() >= 2}
     if not out:
         raise SparsityError(f"{who}: the graph has no prunable weights (conv/linear weights that are float "
                             "parameters and not protected); nothing to sparsify")

@@ -92,7 +92,8 @@ class Sparsify(Pass):
         weights = prunable_weights(graph, o.protect, self.name)
         if o.schedule == "oneshot":
             self._prune(graph, o.sparsity)
-            return PassResult(graph, o.sparsity > 0, sparsity_stats(graph, weights))
+            return PassResult(graph, o.sparsity > 0, sparsity_stats(graph, weights),
+                              "" if o.sparsity > 0 else "sparsity=0 removes nothing")
         trainer = trainer_from_ctx(graph, ctx, o.train_config(ctx.seed, "sparsify gmp"), kd=o.kd)
         total = o.epochs * len(trainer.batches)
         prune_span = max(o.steps, int(0.75 * total))
@@ -109,7 +110,7 @@ class Sparsify(Pass):
             losses.append(trainer.fit(steps=total - done, desc="gmp fine-tune"))
         stats = sparsity_stats(graph, weights)
         stats.update(steps=done + max(0, total - done), loss_last=losses[-1]["loss_last"] if losses else None)
-        return PassResult(graph, o.sparsity > 0, stats)
+        return PassResult(graph, o.sparsity > 0, stats, "" if o.sparsity > 0 else "sparsity=0 removes nothing")
 
 
 @register_pass
@@ -150,4 +151,4 @@ class SparsifyNM(Pass):
                                 f"({'; '.join(f'{k}: {v}' for k, v in skipped.items())})")
         stats = sparsity_stats(graph, done)
         stats["skipped"] = skipped
-        return PassResult(graph, o.n < o.m, stats)
+        return PassResult(graph, o.n < o.m, stats, "" if o.n < o.m else f"n=m={o.m} keeps every weight")

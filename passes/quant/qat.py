@@ -15,6 +15,7 @@ import torch
 
 from graphopt.errors import GraphoptError
 from graphopt.ir.graph import Graph
+from graphopt.ir.quant_ops import fake_quant_per_channel, fake_quant_per_tensor
 from graphopt.passes.distill.recover import TrainOptions
 from graphopt.passes.distill.trainer import Trainer, trainer_from_ctx
 from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, register_pass
@@ -22,35 +23,18 @@ from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, regist
 ops = torch.ops.graphopt
 
 
-def _grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
-    return (x - x * g).detach() + x * g
-
-
-def fake_quant_tensor(x, scale, zero_point, qmin: int, qmax: int, lsq_g: float = 0.0):
-    """Per-tensor fake quantization; STE through the rounding; LSQ gradient to `scale` when it is a parameter."""
-    s = _grad_scale(scale, lsq_g) if lsq_g else scale
-    v = x / s + zero_point
-    q = torch.clamp(v + (torch.round(v) - v).detach(), qmin, qmax)
-    return (q - zero_point) * s
-
-
-def fake_quant_channel(w, scales, qmax: int, lsq_g: float = 0.0):
-    """Per-output-channel symmetric fake quantization of a weight (axis 0)."""
-    s = (_grad_scale(scales, lsq_g) if lsq_g else scales).reshape(-1, *([1] * (w.dim() - 1)))
-    v = w / s
-    q = torch.clamp(v + (torch.round(v) - v).detach(), -qmax, qmax)
-    return q * s
-
-
 class QATError(GraphoptError):
     """qat cannot run on this graph; says what to run first."""
 
 
 def _weight_qmax(graph: Graph) -> int:
+    """7 for int4 weights, 127 for int8: from the quantize record in the history, else from the stored values."""
     for rec in reversed(graph.meta.get("history", [])):
-        if rec.get("pass", rec.get("name", "")).startswith("quantize"):
+        if rec.get("name", "").startswith("quantize"):
             return 7 if rec.get("stats", {}).get("weight_bits") == "int4" else 127
-    return 127
+    qs = [graph.get_param(n.args[0].target) for n in graph.gm.graph.nodes
+          if n.op == "call_function" and n.target is ops.dequantize_per_channel.default and n.args[0].op == "get_attr"]
+    return 7 if qs and all(int(q.abs().max()) <= 7 for q in qs) else 127
 
 
 @register_pass
@@ -86,7 +70,7 @@ class QAT(Pass):
                 shadow = train.add_param(f"{qw.target}_shadow", w, before=node)
                 g_lsq = 1.0 / math.sqrt(w.numel() * qmax_w) if o.lsq else 0.0
                 with g.inserting_before(node):
-                    fq = g.call_function(fake_quant_channel, (shadow, sc, qmax_w, g_lsq))
+                    fq = g.call_function(fake_quant_per_channel, (shadow, sc, qmax_w, g_lsq))
                 node.replace_all_uses_with(fq)
                 g.erase_node(node)
                 shadows[shadow.target] = (qw.target, sc.target)
@@ -101,7 +85,7 @@ class QAT(Pass):
                     act_scales[s_node.target] = (qn, float(scale))
                     s_arg = s_node
                 with g.inserting_before(node):
-                    fq = g.call_function(fake_quant_tensor, (x, s_arg, int(zp), int(qmin), int(qmax), lsq_g))
+                    fq = g.call_function(fake_quant_per_tensor, (x, s_arg, int(zp), int(qmin), int(qmax), lsq_g))
                 node.replace_all_uses_with(fq)
                 g.erase_node(node)
                 if not qn.users:

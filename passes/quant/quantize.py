@@ -12,32 +12,18 @@ import torch.fx as fx
 
 import graphopt.ir.quant_ops  # noqa: F401  registers the graphopt ops
 from graphopt.ir.graph import Graph
-from graphopt.ir.names import matches, node_labels, unmatched_patterns
+from graphopt.ir.names import unmatched_patterns
 from graphopt.ir.observe import observe_outputs
 from graphopt.ir.quant_ops import DTYPE_RANGES
+from graphopt.passes.analysis.weights import weighted_ops
 from graphopt.passes.canonicalize.dce import eliminate_dead_code
 from graphopt.passes.quant.observers import CALIBRATORS, CalibrationError
 from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, register_pass
 
 aten = torch.ops.aten
-QUANTIZABLE = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.linear.default)
-
-
 def quantizable_ops(graph: Graph, exclude: list[str]) -> tuple[list[fx.Node], dict[str, str]]:
-    ops, skipped = [], {}
-    for n in graph.gm.graph.nodes:
-        if n.op != "call_function" or n.target not in QUANTIZABLE:
-            continue
-        w = n.args[1]
-        labels = node_labels(n) | (node_labels(w) if isinstance(w, fx.Node) else set())
-        if matches(labels, exclude):
-            skipped[n.name] = "excluded"
-            continue
-        if not isinstance(w, fx.Node) or w.op != "get_attr" or not graph.get_param(w.target).is_floating_point():
-            skipped[n.name] = "weight is computed or already quantized"
-            continue
-        ops.append(n)
-    return ops, skipped
+    """The conv/linear nodes with a float weight (the shared walk), minus `exclude`, and why others were skipped."""
+    return weighted_ops(graph, exclude)
 
 
 def quantize_weight(w: torch.Tensor, bits: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

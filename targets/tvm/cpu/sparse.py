@@ -1,9 +1,10 @@
-"""Sparse matmul kernels in TIR for the CPU: y^T = W x^T with W in BSR (R x C blocks; CSR is 1 x 1).
+"""Sparse matmul kernels in TIR for the CPU: y = x W^T with W in BSR (R x C blocks; CSR is 1 x 1).
 
-The kernel works on x^T [K, M] so that its innermost loop is a vector FMA over M (tokens / batch rows): one
-broadcast weight value times a contiguous x^T row, accumulated in registers for an R x V output tile. Block-rows run
-in parallel over the cores. For M < 4 (batch-1 classifier heads) the row variant vectorizes along the block's
-columns instead. Both are written fully scheduled (no MetaSchedule needed) and tagged so no rule touches them.
+The main kernel transposes x into a workspace x^T [K, M] itself, so its innermost loop is a vector FMA over M (tokens
+/ batch rows): one broadcast weight value times a contiguous x^T row, accumulated in registers for an R x V tile of
+y^T, which is transposed into the output at the end. Block-rows run in parallel over the cores. For M < 4
+(batch-1 classifier heads) the row variant vectorizes along the block's columns instead. Both are generated fully
+scheduled (no MetaSchedule needed) and tagged so no rule touches them.
 """
 from __future__ import annotations
 
@@ -75,43 +76,40 @@ def bsr_matmul_t(m: int, k: int, n: int, r: int, c: int, nnzb: int):
     return tvm.script.parse(bsr_linear_source(m, k, n, r, c, nnzb), extra_vars={"T": T})
 
 
-def bsr_matmul_rows(m: int, k: int, n: int, r: int, c: int, nnzb: int):
-    """PrimFunc(x[M, K], data, indices, indptr, out[M, N]) for small M: the block's C columns are the vector."""
-    from tvm.script import tirx as T
-
-    from graphopt.targets.tvm.fast_import import cheap_inspect_stack
-
+def bsr_rows_source(m: int, k: int, n: int, r: int, c: int, nnzb: int) -> str:
+    """out[M, N] = x[M, K] @ W.T for small M (batch-1 heads): per row and block-row, the block's C columns are the
+    vector, summed horizontally at the end."""
     nb = n // r
+    return f"""
+@T.prim_func(private=True)
+def bsr_rows(x: T.Buffer(({m}, {k}), "float32"), data: T.Buffer(({nnzb}, {r}, {c}), "float32"),
+             indices: T.Buffer(({nnzb},), "int32"), indptr: T.Buffer(({nb + 1},), "int32"),
+             out: T.Buffer(({m}, {n}), "float32")):
+    T.func_attr({{"tir.noalias": True, "tirx.is_scheduled": True}})
+    for ib in T.parallel({nb}):
+        for mi in T.serial({m}):
+            acc = T.decl_buffer(({r}, {c}), "float32", scope="global")
+            for ri in T.unroll({r}):
+                for ci in T.vectorized({c}):
+                    acc[ri, ci] = T.float32(0)
+            for j in T.serial(indptr[ib + 1] - indptr[ib]):
+                for ri in T.unroll({r}):
+                    for ci in T.vectorized({c}):
+                        acc[ri, ci] = acc[ri, ci] + data[indptr[ib] + j, ri, ci] * x[mi, indices[indptr[ib] + j] * {c} + ci]
+            for ri in T.unroll({r}):
+                s = T.decl_buffer((1,), "float32", scope="global")
+                s[0] = T.float32(0)
+                for ci in T.serial({c}):
+                    s[0] = s[0] + acc[ri, ci]
+                out[mi, ib * {r} + ri] = s[0]
+"""
 
-    with cheap_inspect_stack():
-        return _bsr_rows(T, k, m, n, r, c, nnzb, nb)
 
-
-def _bsr_rows(T, k, m, n, r, c, nnzb, nb):
-    @T.prim_func(private=True)
-    def func(x: T.Buffer((m, k), "float32"), data: T.Buffer((nnzb, r, c), "float32"),
-             indices: T.Buffer((nnzb,), "int32"), indptr: T.Buffer((nb + 1,), "int32"),
-             out: T.Buffer((m, n), "float32")):
-        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
-        for ib in T.parallel(nb):
-            for mi in T.serial(m):
-                acc = T.decl_buffer((r, c), "float32", scope="global")
-                for ri in T.unroll(r):
-                    for ci in T.vectorized(c):
-                        acc[ri, ci] = T.float32(0)
-                for j in T.serial(indptr[ib + 1] - indptr[ib]):
-                    for ri in T.unroll(r):
-                        for ci in T.vectorized(c):
-                            acc[ri, ci] = acc[ri, ci] + data[indptr[ib] + j, ri, ci] * \
-                                x[mi, indices[indptr[ib] + j] * c + ci]
-                for ri in T.unroll(r):
-                    s = T.decl_buffer((1,), "float32", scope="global")
-                    s[0] = T.float32(0)
-                    for ci in T.serial(c):
-                        s[0] = s[0] + acc[ri, ci]
-                    out[mi, ib * r + ri] = s[0]
-
-    return func
+def bsr_matmul_rows(m: int, k: int, n: int, r: int, c: int, nnzb: int):
+    """PrimFunc(x[M, K], data, indices, indptr, out[M, N]) for small M."""
+    import tvm
+    from tvm.script import tirx as T
+    return tvm.script.parse(bsr_rows_source(m, k, n, r, c, nnzb), extra_vars={"T": T})
 
 
 def use_rows(m: int) -> bool:

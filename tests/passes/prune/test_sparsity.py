@@ -211,3 +211,16 @@ def test_protect_keeps_a_layer_dense(digits):
     out = graphopt.optimize(g, "sparsify{sparsity=0.5 protect=conv1*}")
     assert "conv1_weight" not in out.masks and "conv2_weight" in out.masks
 
+
+
+def test_more_bad_input_and_no_op_reasons(cnn_graph):
+    g, _, x = cnn_graph
+    with pytest.raises(graphopt.PassOptionError, match="'block' must look like RxC"):
+        graphopt.optimize(g, "sparsify{sparsity=0.5 block=4by4}")
+    with pytest.raises(graphopt.PassFailedError, match="2 batches but 1 label tensors"):
+        graphopt.optimize(g, "sparsify{sparsity=0.5 schedule=gmp epochs=1}", data=[(x,), (x,)],
+                          labels=[torch.zeros(1, dtype=torch.long)])
+    with pytest.raises(graphopt.PassFailedError, match="changed nothing.*sparsity=0 removes nothing"):
+        graphopt.optimize(g, "sparsify{sparsity=0.0}", strict=True)
+    out = graphopt.optimize(g, "sparsify{sparsity=0.0}")
+    assert all(not bool(m.logical_not().any()) for m in out.masks.values())  # masks present, nothing removed

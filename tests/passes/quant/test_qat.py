@@ -52,3 +52,13 @@ def test_qat_needs_a_quantized_graph_and_data(cnn):
     q = graphopt.optimize(g, "quantize", data=[(x,)])
     with pytest.raises(graphopt.PassFailedError, match="needs training data"):
         graphopt.optimize(q, "qat")
+
+
+def test_int4_width_is_read_from_the_weights_when_history_is_gone(digits):
+    model, (xtr, _, ytr, _) = digits[0]
+    g = graphopt.trace(model, (xtr[:64],))
+    q = graphopt.optimize(g, INT4, data=batches(xtr)[:4])
+    q.meta["history"] = []  # e.g. a graph assembled elsewhere: only the stored int4 values say the width
+    out = graphopt.optimize(q, "qat{epochs=1}", data=batches(xtr)[:4], labels=label_batches(ytr)[:4])
+    assert out.meta["history"][-1]["stats"]["weight_qmax"] == 7
+    assert all(int(t.abs().max()) <= 7 for t in out.params().values() if t.dtype == torch.int8)
