@@ -1,6 +1,10 @@
 """int8 post-training quantization fidelity: graphopt `quantize` vs ONNX Runtime `quantize_static`, same model,
 same calibration crops, same evaluation crops (disjoint photo sets), per-channel int8 weights, int8 activations.
 
+Also compiles graphopt's percentile-calibrated int8 graph (after `fold-qdq`) and the fp32 graph with TVM, checks the
+artifact's top-1 agreement, and times both against ONNX Runtime fp32 and ORT's percentile int8 model in the same
+run (same threads; ratios are time / ORT time, below 1.0 is faster).
+
     python benchmarks/ptq_fidelity.py --model mobilenet_v2
 """
 from __future__ import annotations
@@ -25,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="benchmarks/results/ptq_fidelity.json")
     args = ap.parse_args(argv)
 
+    from graphopt.bench import set_threads
+    set_threads(args.threads)  # before TVM's thread pool starts
+
     import numpy as np
     import onnxruntime as ort
     import torch
@@ -33,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     import graphopt
-    from graphopt.bench import fidelity, reference_onnx
+    from graphopt.bench import fidelity, median_seconds, reference_onnx
     from graphopt.ir.files import atomic_write_bytes
     from graphopt.zoo import photo_batches, zoo_entry, zoo_graph
 
@@ -53,12 +60,19 @@ def main(argv: list[str] | None = None) -> int:
                      "confident_samples": len(confident), "seconds": round(seconds, 1)})
         print(f"[{tool}] {calibrator}: top-1 {f['top1'] * 100:.1f}%", file=sys.stderr, flush=True)
 
+    quantized = {}
     for cal in ("minmax", "percentile", "mse"):
         t0 = time.perf_counter()
-        q = graphopt.optimize(graph, f"quantize{{calibrator={cal}}}", data=calib)
+        q = quantized[cal] = graphopt.optimize(graph, f"quantize{{calibrator={cal}}}", data=calib)
         record("graphopt", cal, [q.run(*b)[0].numpy() for b in evals], time.perf_counter() - t0)
 
     tmp = Path(tempfile.mkdtemp(prefix="graphopt-ptq-"))
+    t0 = time.perf_counter()
+    int8_art = graphopt.load(graphopt.compile(graphopt.optimize(quantized["percentile"], "fold-qdq"), "llvm",
+                                              output=tmp / "int8"))
+    fp32_art = graphopt.load(graphopt.compile(graph, "llvm", output=tmp / "fp32"))
+    record("graphopt-tvm", "percentile", [int8_art(b[0].numpy())[0] for b in evals], time.perf_counter() - t0)
+
     fp32 = reference_onnx(graph, str(tmp))
     input_name = graph.inputs[0].name
 
@@ -80,6 +94,17 @@ def main(argv: list[str] | None = None) -> int:
         sess = ort.InferenceSession(str(qpath), so, providers=["CPUExecutionProvider"])
         outs = [sess.run(None, {sess.get_inputs()[0].name: b[0].numpy()})[0] for b in evals]
         record("onnxruntime", cal, outs, time.perf_counter() - t0)
+        if cal == "percentile":
+            ort_int8 = sess
+
+    x = evals[0][0].numpy()
+    feed = {input_name: x}
+    ort_fp32 = ort.InferenceSession(str(fp32), so, providers=["CPUExecutionProvider"])
+    lat = {"graphopt fp32": fp32_art.latency(x, runs=50), "graphopt int8": int8_art.latency(x, runs=50),
+           "onnxruntime fp32": median_seconds(lambda: ort_fp32.run(None, feed), runs=50),
+           "onnxruntime int8": median_seconds(lambda: ort_int8.run(None, feed), runs=50)}
+    size = {"graphopt fp32": (tmp / "fp32" / "model.so").stat().st_size,
+            "graphopt int8": (tmp / "int8" / "model.so").stat().st_size}
 
     lines = [f"{'tool':<12} {'calibrator':<11} {'top-1 agr':>9} {'top-5 agr':>9} {'KL':>8} {'SQNR dB':>8} "
              f"{'top-1 on confident':>18}   ({args.model}, {len(evals)} eval crops, {len(calib)} calibration crops, "
@@ -88,9 +113,15 @@ def main(argv: list[str] | None = None) -> int:
         conf = "n/a" if r["top1_confident"] is None else f"{r['top1_confident'] * 100:.1f}%"
         lines.append(f"{r['tool']:<12} {r['calibrator']:<11} {r['top1'] * 100:>8.1f}% {r['top5'] * 100:>8.1f}% "
                      f"{r['kl']:>8.4f} {r['sqnr_db']:>8.1f} {conf:>18}")
+    lines += ["", f"{'batch-1 latency':<18} {'ms':>7} {'/ ORT fp32':>10} {'/ ORT int8':>10}   ({args.threads} threads)"]
+    for k, v in lat.items():
+        lines.append(f"{k:<18} {v * 1e3:>7.2f} {v / lat['onnxruntime fp32']:>10.2f} {v / lat['onnxruntime int8']:>10.2f}"
+                     + (f"   model.so {size[k] / 1e6:.1f} MB" if k in size else ""))
     table = "\n".join(lines)
     print(table)
     atomic_write_bytes(args.out, json.dumps({"model": args.model, "date": time.strftime("%Y-%m-%d"), "rows": rows,
+                                             "latency_ms": {k: round(v * 1e3, 3) for k, v in lat.items()},
+                                             "artifact_bytes": size, "threads": args.threads,
                                              "table": table}, indent=1).encode())
     return 0
 

@@ -29,7 +29,13 @@ def _quant_converters(lifted: dict | None = None):
     def f32(v):
         return relax.const(float(v), "float32")
 
+    fused_acts: set = set()
+
+    fused_quants: dict = {}
+
     def quantize_per_tensor(node, importer):
+        if node in fused_quants:  # done in the producing conv's store
+            return fused_quants[node]
         x = importer.env[node.args[0]]
         scale, zp, qmin, qmax, dtype = node.args[1:6]
         bb = importer.block_builder
@@ -103,38 +109,98 @@ def _quant_converters(lifted: dict | None = None):
         wsum = bb.emit(relax.op.sum(bb.emit(relax.op.astype(wq, "int32")), axis=[1, 2, 3]))
         return _rescale(bb, acc, zx, wsum, sx, ws, bias, [1, -1, 1, 1])
 
+    def _quant_chain(node):
+        """(clamp, clamp node, quantize node, zero pad node) for a conv whose output goes, through at most one lone
+        ReLU/ReLU6/clamp and a zero pad of H and W (TF "SAME", only when every consumer is a depthwise conv that can
+        take the pad instead), only into an int8 quantize_per_tensor; missing parts are None."""
+        users, clamp, act, pad = list(node.users), None, None, None
+        if len(users) == 1 and _clamp_of(users[0]) is not None:
+            act, clamp = users[0], _clamp_of(users[0])
+            clamp = (clamp[0], min(clamp[1], 3.0e38))
+            users = list(act.users)
+        if (len(users) == 1 and getattr(users[0].target, "__name__", "") == "constant_pad_nd.default"
+                and len(users[0].args[1]) == 4 and float(users[0].args[2] if len(users[0].args) > 2 else 0) == 0.0
+                and len(users[0].users) == 1):
+            pad, users = users[0], list(users[0].users)
+        quant = None
+        if (len(users) == 1 and getattr(users[0].target, "__name__", "") == "quantize_per_tensor.default"
+                and str(users[0].args[5]) == "torch.int8"):
+            quant = users[0]
+        if pad is not None and (quant is None or not all(_fast_depthwise(u) for u in quant.users)):
+            return clamp, act, None, None
+        return clamp, act, quant, pad
+
+    dequantized: set = set()  # quantize nodes whose value was stored as the float of the int8 grid
+    quant_pads: dict = {}  # such a quantize node -> the zero pad (left, right, top, bottom, unpadded shape) left out
+
+    def _qconv_kind(node):
+        """(kind of graphopt kernel, weight, weight scales, bias) for a batch-1 qconv2d whose weight, scales and bias
+        are constants; kind None when no graphopt kernel takes it."""
+        wt = (lifted or {}).get(getattr(node.args[3], "name", None))
+        wst = (lifted or {}).get(getattr(node.args[4], "name", None))
+        bt = (lifted or {}).get(getattr(node.args[5], "name", None)) if node.args[5] is not None else None
+        x_shape = node.args[0].meta["val"].shape
+        if (wt is None or wst is None or (node.args[5] is not None and bt is None) or len(x_shape) != 4
+                or int(x_shape[0]) != 1):
+            return None, wt, wst, bt
+        stride, padding, dilation, groups = node.args[6:10]
+        return _conv_kernel(x_shape, wt.shape, (stride, padding, dilation, False, None, groups)), wt, wst, bt
+
+    def _fast_depthwise(node) -> bool:
+        """Whether `node` is a qconv2d the depthwise kernel takes (that reads its input as floats)."""
+        return getattr(node.target, "__name__", "") == "qconv2d.default" and _qconv_kind(node)[0] == "depthwise"
+
     def _qconv_fast(node, importer, bb, xq, sx, zx, ws, bias):
-        """Batch-1 qconv2d with a constant weight: pointwise -> the int16-pair vpmaddwd kernel; depthwise and stem
-        convs (small weights) -> the float kernels on the dequantized input and weight (exact up to float rounding)."""
+        """Batch-1 qconv2d with constant weights on graphopt's kernels: pointwise -> the int8 vpmaddwd kernel,
+        depthwise and the stem -> the float kernels on the dequantized input. Each fuses the bias, a following
+        ReLU/ReLU6 and, when that is all that consumes it, the next quantize: the activation between two such convs
+        is int8 (or, into a depthwise conv, the floats of the int8 grid) and no other pass touches it."""
         import numpy as np
 
         from graphopt.targets.tvm.cpu import conv as k
-        from graphopt.targets.tvm.cpu.int8 import emit_qconv1x1_acc, int8_kernels_available
+        from graphopt.targets.tvm.cpu.int8 import emit_qconv1x1, int8_kernels_available, qconv1x1_applies
         from graphopt.targets.tvm.host import cpu_target
-        wt = (lifted or {}).get(getattr(node.args[3], "name", None))
-        wst = (lifted or {}).get(getattr(node.args[4], "name", None))
-        x_shape = node.args[0].meta["val"].shape
-        if wt is None or wst is None or len(x_shape) != 4 or int(x_shape[0]) != 1:
+        kind, wt, wst, bt = _qconv_kind(node)
+        if kind is None:
             return None
-        stride, padding, dilation, groups = node.args[6:10]
-        args = (stride, padding, dilation, False, None, groups)
-        kind = _conv_kernel(x_shape, wt.shape, args)
-        if kind == "pointwise" and int8_kernels_available(cpu_target()):
-            acc = emit_qconv1x1_acc(bb, xq, wt.numpy(), x_shape)
-            wsum = relax.const(wt.to(torch.int32).sum((1, 2, 3)).numpy().astype("int32"))
-            return _rescale(bb, acc, zx, wsum, sx, ws, bias, [1, -1, 1, 1])
-        if kind in ("depthwise", "direct"):
+        x_shape = node.args[0].meta["val"].shape
+        stride, padding = node.args[6:8]
+        clamp, act, quant, pad = _quant_chain(node)
+        out_q = None if quant is None else tuple(quant.args[1:5])
+        b = None if bt is None else bt.detach().numpy().astype(np.float32)
+        ph, pw = int(padding[0]), int(padding[1])
+        w_real = (wt.double() * wst.double().reshape(-1, 1, 1, 1)).float().numpy()
+        # a depthwise consumer computes in float: hand it the int8 grid's float values rather than int8 (converting
+        # int8 inside the depthwise kernel costs more than the wider store)
+        dq = quant is not None and all(_fast_depthwise(u) for u in quant.users)
+        if kind == "pointwise" and qconv1x1_applies(x_shape) and int8_kernels_available(cpu_target()):
+            y = emit_qconv1x1(bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, x_shape, clamp, out_q, dq)
+        elif kind == "direct":
             x = bb.emit(relax.op.multiply(bb.emit(relax.op.subtract(bb.emit(relax.op.astype(xq, "float32")),
                                                                       f32(zx))), f32(sx)))
-            w = (wt.double() * wst.double().reshape(-1, 1, 1, 1)).float().numpy()
-            bt = (lifted or {}).get(getattr(node.args[5], "name", None)) if node.args[5] is not None else None
-            if node.args[5] is not None and bt is None:
-                return None
-            b = None if bt is None else bt.detach().numpy().astype(np.float32)
-            ph, pw = int(padding[0]), int(padding[1])
-            emit = k.emit_depthwise if kind == "depthwise" else k.emit_direct_conv
-            return emit(bb, x, w, b, x_shape, int(stride[0]), (ph, ph, pw, pw), None)
-        return None
+            y = k.emit_direct_conv(bb, x, w_real, b, x_shape, int(stride[0]), (ph, ph, pw, pw), clamp, out_q, dq)
+        elif kind == "depthwise":
+            x, full = xq, (ph, ph, pw, pw)
+            if node.args[0] not in dequantized:
+                x = bb.emit(relax.op.multiply(bb.emit(relax.op.subtract(bb.emit(relax.op.astype(xq, "float32")),
+                                                                          f32(zx))), f32(sx)))
+            elif node.args[0] in quant_pads:  # the producer left the zero pad out: it joins this conv's padding
+                left, right, top, bottom, x_shape = quant_pads[node.args[0]]
+                full = (ph + top, ph + bottom, pw + left, pw + right)
+            y = k.emit_depthwise(bb, x, w_real, b, x_shape, int(stride[0]), full, clamp, out_q)
+            dq = False
+        else:
+            return None
+        if act is not None:
+            fused_acts.add(act)
+        if pad is not None:
+            fused_acts.add(pad)
+            quant_pads[quant] = (*(int(v) for v in pad.args[1]), node.meta["val"].shape)
+        if quant is not None:
+            fused_quants[quant] = y
+            if dq:
+                dequantized.add(quant)
+        return y
 
     def bsr_linear(node, importer):
         from graphopt.targets.tvm.cpu.sparse import emit_bsr_linear
@@ -173,8 +239,6 @@ def _quant_converters(lifted: dict | None = None):
         e = bb.emit_te(topi.fast_erf, bb.emit(relax.op.multiply(x, f32(0.7071067811865476))))
         return bb.emit(relax.op.multiply(bb.emit(relax.op.multiply(x, f32(0.5))),
                                          bb.emit(relax.op.add(e, f32(1.0)))))
-
-    fused_acts: set = set()
 
     def _clamp_of(user) -> tuple[float, float] | None:
         """(lo, hi) when `user` is relu / relu6 / hardtanh / clamp with constant float bounds."""
@@ -241,6 +305,8 @@ def _quant_converters(lifted: dict | None = None):
     absorbed_pads: dict = {}
 
     def constant_pad_nd(node, importer):
+        if node in fused_acts:  # left out by a quantized conv; the depthwise conv after it pads instead
+            return importer.env[node.args[0]]
         # a zero pad of H and W feeding only a depthwise or direct conv (TF "SAME", often asymmetric) is done by
         # that conv's kernel: no padded copy of the activation
         x_shape = node.args[0].meta["val"].shape

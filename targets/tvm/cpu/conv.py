@@ -100,9 +100,28 @@ def pointwise_applies(x_shape, w_shape, stride, padding, dilation, groups, trans
             and math.prod(int(d) for d in x_shape[2:]) >= 4)
 
 
-def _clamped(e: str, clamp: tuple[float, float] | None) -> str:
-    """TVMScript for `e` clamped to [lo, hi] (ReLU / ReLU6 fused into a kernel's store), or `e` itself."""
-    return e if clamp is None else f"T.max(T.min({e}, T.float32({clamp[1]!r})), T.float32({clamp[0]!r}))"
+def _clamped(e: str, clamp: tuple[float, float] | None, out_q: tuple[float, int, int, int] | None = None,
+             dequantized: bool = False) -> str:
+    """TVMScript for `e` clamped to [lo, hi] (ReLU / ReLU6 fused into a kernel's store), or `e` itself; with out_q =
+    (scale, zero point, qmin, qmax) the value is then rounded (half to even) onto that int8 grid, so a following
+    quantize is done in the store, and stored as int8 or, `dequantized`, as the float that grid value stands for
+    (for a consumer that computes in float)."""
+    if clamp is not None:
+        e = f"T.max(T.min({e}, T.float32({clamp[1]!r})), T.float32({clamp[0]!r}))"
+    if out_q is not None:
+        scale, zp, qmin, qmax = out_q
+        e = (f'T.max(T.min(T.nearbyint(({e}) * T.float32({1.0 / scale!r})) + T.float32({float(zp)!r}), '
+             f'T.float32({float(qmax)!r})), T.float32({float(qmin)!r}))')
+        e = f"({e} - T.float32({float(zp)!r})) * T.float32({float(scale)!r})" if dequantized else f'T.Cast("int8", T.Cast("int32", {e}))'
+    return e
+
+
+def _qtag(out_q, dequantized: bool) -> str:
+    return "" if out_q is None else ("_qdq" if dequantized else "_q")
+
+
+def _out_dtype(out_q, dequantized: bool) -> str:
+    return "int8" if out_q is not None and not dequantized else "float32"
 
 
 def _column_plan(ow: int, wd: int, kw: int, s: int, pl: int) -> tuple[list, list]:
@@ -122,16 +141,17 @@ def _column_plan(ow: int, wd: int, kw: int, s: int, pl: int) -> tuple[list, list
 
 
 def depthwise_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int, stride: int, ph: int, pw: int,
-                     clamp: tuple[float, float] | None) -> str:
+                     clamp: tuple[float, float] | None, out_q: tuple[float, int, int, int] | None = None) -> str:
     """out[c, y, x] = bias[c] + sum w[c, i, j] * x[c, y*s + i - ph, x*s + j - pw] (zero outside the image).
 
     Padding is handled in the kernel, not by a padded copy: rows out of the image are skipped (one scalar branch
     per tap row), the interior columns are vectorized without checks, and the few border columns (and the interior
     remainder) run a scalar loop with guarded loads."""
     s = stride
+    ot = _out_dtype(out_q, False)
 
     def clamped(e: str) -> str:
-        return _clamped(e, clamp)
+        return _clamped(e, clamp, out_q)
 
     hp, wp = (oh - 1) * s + kh, (ow - 1) * s + kw  # the padded rows/columns the taps read
     if ow <= 16 and hp * wp <= 1024:
@@ -141,7 +161,7 @@ def depthwise_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int
         return f"""
 @T.prim_func(private=True)
 def depthwise(x: T.Buffer(({c}, {h}, {wd}), "float32"), w: T.Buffer(({c}, {kh}, {kw}), "float32"),
-              bias: T.Buffer(({c},), "float32"), out: T.Buffer(({c}, {oh}, {ow}), "float32")):
+              bias: T.Buffer(({c},), "float32"), out: T.Buffer(({c}, {oh}, {ow}), "{ot}")):
     T.func_attr({{"tir.noalias": True, "tirx.is_scheduled": True}})
     for ch in T.parallel({c}):
         tile = T.decl_buffer(({hp}, {wp}), "float32", scope="global")
@@ -197,7 +217,7 @@ def depthwise(x: T.Buffer(({c}, {h}, {wd}), "float32"), w: T.Buffer(({c}, {kh}, 
     return f"""
 @T.prim_func(private=True)
 def depthwise(x: T.Buffer(({c}, {h}, {wd}), "float32"), w: T.Buffer(({c}, {kh}, {kw}), "float32"),
-              bias: T.Buffer(({c},), "float32"), out: T.Buffer(({c}, {oh}, {ow}), "float32")):
+              bias: T.Buffer(({c},), "float32"), out: T.Buffer(({c}, {oh}, {ow}), "{ot}")):
     T.func_attr({{"tir.noalias": True, "tirx.is_scheduled": True}})
     for t in T.parallel({c * oh}):{body}
 """
@@ -211,10 +231,11 @@ def depthwise_applies(x_shape, w_shape, stride, padding, dilation, groups, trans
 
 
 def emit_depthwise(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, stride: int, padding,
-                   clamp: tuple[float, float] | None):
+                   clamp: tuple[float, float] | None, out_q: tuple[float, int, int, int] | None = None):
     """Emit a depthwise conv (+ bias, clamp) for x [1, C, H, W] with a constant weight [C, 1, kh, kw].
 
-    `padding` is (top, bottom, left, right), so an asymmetric zero pad before the conv (TF "SAME") folds in."""
+    `padding` is (top, bottom, left, right), so an asymmetric zero pad before the conv (TF "SAME") folds in. With
+    out_q the output is int8 on that grid (the next quantize done in the store)."""
     import tvm
     from tvm import relax
     from tvm.script import tirx as T
@@ -223,26 +244,29 @@ def emit_depthwise(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
     kh, kw = int(w.shape[2]), int(w.shape[3])
     pt, pb, pl, pr = (int(q) for q in padding)
     oh, ow = (h + pt + pb - kh) // stride + 1, (wd + pl + pr - kw) // stride + 1
-    func = tvm.script.parse(depthwise_source(c, h, wd, oh, ow, kh, kw, stride, pt, pl, clamp), extra_vars={"T": T})
-    tag = f"{c}x{h}x{wd}_k{kh}s{stride}" + ("" if clamp is None else "_clamp")
+    func = tvm.script.parse(depthwise_source(c, h, wd, oh, ow, kh, kw, stride, pt, pl, clamp, out_q),
+                            extra_vars={"T": T})
+    tag = f"{c}x{h}x{wd}_k{kh}s{stride}" + ("" if clamp is None else "_clamp") + _qtag(out_q, False)
     gv = bb.add_func(func, f"depthwise_{tag}")
     x3 = bb.emit(relax.op.reshape(x, (c, h, wd)))
     b = bias if bias is not None else np.zeros(c, np.float32)
     y = bb.emit(relax.call_tir(gv, [x3, relax.const(np.ascontiguousarray(w.reshape(c, kh, kw))),
-                                    relax.const(b.astype(np.float32))], relax.TensorType((c, oh, ow), "float32")))
+                                    relax.const(b.astype(np.float32))], relax.TensorType((c, oh, ow), _out_dtype(out_q, False))))
     return bb.emit(relax.op.reshape(y, (1, c, oh, ow)))
 
 
 def direct_conv_source(cout: int, cin: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int, stride: int,
-                       pt: int, pl: int, clamp: tuple[float, float] | None) -> str:
+                       pt: int, pl: int, clamp: tuple[float, float] | None,
+                       out_q: tuple[float, int, int, int] | None = None, dequantized: bool = False) -> str:
     """A dense (groups=1) kxk conv at batch 1, computed directly (no im2col copy): a tile of MR output channels x
     a vector of output pixels of one row accumulates over input channels and taps; borders as in the depthwise
     kernel (row taps skipped, interior columns vectorized, border columns scalar with guarded loads)."""
     s = stride
     mt = -(-cout // MR)
+    ot = _out_dtype(out_q, dequantized)
 
     def clamped(e: str) -> str:
-        return _clamped(e, clamp)
+        return _clamped(e, clamp, out_q, dequantized)
 
     segments, scalar_ranges = _column_plan(ow, wd, kw, s, pl)
     co = f"(t // {oh}) * {MR}"
@@ -306,7 +330,7 @@ def direct_conv_source(cout: int, cin: int, h: int, wd: int, oh: int, ow: int, k
 @T.prim_func(private=True)
 def conv_direct(x: T.Buffer(({cin}, {h}, {wd}), "float32"),{split_args}
                 wp: T.Buffer(({mt}, {cin}, {kh}, {kw}, {MR}), "float32"),
-                bias: T.Buffer(({mt * MR},), "float32"), out: T.Buffer(({cout}, {oh}, {ow}), "float32")):
+                bias: T.Buffer(({mt * MR},), "float32"), out: T.Buffer(({cout}, {oh}, {ow}), "{ot}")):
     T.func_attr({{"tir.noalias": True, "tirx.is_scheduled": True}})
     for t in T.parallel({mt * oh}):{body}
 """
@@ -321,7 +345,8 @@ def direct_applies(x_shape, w_shape, stride, padding, dilation, groups, transpos
 
 
 def emit_direct_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, stride: int, padding,
-                     clamp: tuple[float, float] | None):
+                     clamp: tuple[float, float] | None, out_q: tuple[float, int, int, int] | None = None,
+                     dequantized: bool = False):
     """Emit the direct conv for x [1, Cin, H, W], weight [Cout, Cin, kh, kw]; padding (top, bottom, left, right)."""
     import tvm
     from tvm import relax
@@ -338,14 +363,14 @@ def emit_direct_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, str
     b = np.zeros(mt * MR, np.float32)
     if bias is not None:
         b[:cout] = bias
-    src = direct_conv_source(cout, cin, h, wd, oh, ow, kh, kw, stride, pt, pl, clamp)
-    gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}),
-                     f"conv_direct_{cout}x{cin}x{h}x{wd}_k{kh}s{stride}" + ("" if clamp is None else "_clamp"))
+    src = direct_conv_source(cout, cin, h, wd, oh, ow, kh, kw, stride, pt, pl, clamp, out_q, dequantized)
+    gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), f"conv_direct_{cout}x{cin}x{h}x{wd}_k{kh}s{stride}"
+                     + ("" if clamp is None else "_clamp") + _qtag(out_q, dequantized))
     x3 = bb.emit(relax.op.reshape(x, (cin, h, wd)))
     args = [x3]
     if stride == 2:  # even and odd input columns, so the stride-2 taps are contiguous loads
         args += [bb.emit(relax.op.strided_slice(x3, axes=[2], begin=[0], end=[wd], strides=[2])),
                  bb.emit(relax.op.strided_slice(x3, axes=[2], begin=[1], end=[wd], strides=[2]))]
     y = bb.emit(relax.call_tir(gv, [*args, relax.const(wp), relax.const(b)],
-                               relax.TensorType((cout, oh, ow), "float32")))
+                               relax.TensorType((cout, oh, ow), _out_dtype(out_q, dequantized))))
     return bb.emit(relax.op.reshape(y, (1, cout, oh, ow)))
