@@ -23,7 +23,6 @@ def _lifted_tensors(ep) -> dict:
 
 def _quant_converters(lifted: dict | None = None):
     """Relax lowering of graphopt's Q/DQ ops (reference semantics: round half to even, clamp, affine)."""
-    import torch
     from tvm import relax
 
     def f32(v):
@@ -98,7 +97,7 @@ def _quant_converters(lifted: dict | None = None):
         sx, zx = node.args[1], node.args[2]
         bias = importer.env[node.args[5]] if node.args[5] is not None else None
         stride, padding, dilation, groups = node.args[6:10]
-        fast = _qconv_fast(node, importer, bb, xq, sx, zx, ws, bias)
+        fast = _qconv_fast(node, bb, xq, sx, zx)
         if fast is not None:
             return fast
         if any(padding):  # pad with the zero point (real 0.0), then the correction below is the same everywhere
@@ -150,7 +149,7 @@ def _quant_converters(lifted: dict | None = None):
         """Whether `node` is a qconv2d the depthwise kernel takes (that reads its input as floats)."""
         return getattr(node.target, "__name__", "") == "qconv2d.default" and _qconv_kind(node)[0] == "depthwise"
 
-    def _qconv_fast(node, importer, bb, xq, sx, zx, ws, bias):
+    def _qconv_fast(node, bb, xq, sx, zx):
         """Batch-1 qconv2d with constant weights on graphopt's kernels: pointwise -> the int8 vpmaddwd kernel,
         depthwise and the stem -> the float kernels on the dequantized input. Each fuses the bias, a following
         ReLU/ReLU6 and, when that is all that consumes it, the next quantize: the activation between two such convs
