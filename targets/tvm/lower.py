@@ -180,12 +180,12 @@ def _quant_converters(lifted: dict | None = None):
             y = k.emit_direct_conv(bb, x, w_real, b, x_shape, int(stride[0]), (ph, ph, pw, pw), clamp, out_q, dq)
         elif kind == "depthwise":
             x, full = xq, (ph, ph, pw, pw)
+            if node.args[0] in quant_pads:  # the producer left the zero pad out: it joins this conv's padding
+                left, right, top, bottom, x_shape = quant_pads[node.args[0]]
+                full = (ph + top, ph + bottom, pw + left, pw + right)
             if node.args[0] not in dequantized:
                 x = bb.emit(relax.op.multiply(bb.emit(relax.op.subtract(bb.emit(relax.op.astype(xq, "float32")),
                                                                           f32(zx))), f32(sx)))
-            elif node.args[0] in quant_pads:  # the producer left the zero pad out: it joins this conv's padding
-                left, right, top, bottom, x_shape = quant_pads[node.args[0]]
-                full = (ph + top, ph + bottom, pw + left, pw + right)
             y = k.emit_depthwise(bb, x, w_real, b, x_shape, int(stride[0]), full, clamp, out_q)
             dq = False
         else:

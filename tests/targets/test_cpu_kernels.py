@@ -240,10 +240,13 @@ def test_quantized_mobilenet_block_keeps_int8_between_kernels(hw):
     assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()
 
 
-def test_quantized_tf_same_pad_joins_the_depthwise_kernel():
+@pytest.mark.parametrize("first", ["pointwise", "depthwise"])  # float or int8 handed to the padded depthwise conv
+def test_quantized_tf_same_pad_joins_the_depthwise_kernel(first):
     """EfficientNet's asymmetric zero pad between the expansion's ReLU6 and a stride-2 depthwise conv is done by
     the depthwise kernel; no padded copy (a pad function) is built."""
-    model = torch.nn.Sequential(torch.nn.Conv2d(8, 24, 1), torch.nn.ReLU6(), torch.nn.ZeroPad2d((0, 1, 0, 1)),
+    head = torch.nn.Conv2d(8, 24, 1) if first == "pointwise" else torch.nn.Sequential(
+        torch.nn.Conv2d(8, 24, 1), torch.nn.Conv2d(24, 24, 3, padding=1, groups=24))
+    model = torch.nn.Sequential(head, torch.nn.ReLU6(), torch.nn.ZeroPad2d((0, 1, 0, 1)),
                                 torch.nn.Conv2d(24, 24, 3, stride=2, groups=24), torch.nn.ReLU6(),
                                 torch.nn.Conv2d(24, 16, 1))
     q, got, ref = _quantized_block(model, (1, 8, 28, 28))
