@@ -44,13 +44,14 @@ def _quant_converters(lifted: dict | None = None):
         y = bb.emit(relax.op.clip(y, int(qmin), int(qmax)))
         return bb.emit(relax.op.astype(y, str(dtype).replace("torch.", "")))
 
-    def dequantize_per_tensor(node, importer):
-        q = importer.env[node.args[0]]
-        scale, zp = node.args[1:3]
-        bb = importer.block_builder
+    def _dequantized(bb, q, scale, zp):
+        """(float(q) - zp) * scale, per tensor."""
         y = bb.emit(relax.op.astype(q, "float32"))
         y = bb.emit(relax.op.subtract(y, f32(zp)))
         return bb.emit(relax.op.multiply(y, f32(scale)))
+
+    def dequantize_per_tensor(node, importer):
+        return _dequantized(importer.block_builder, importer.env[node.args[0]], *node.args[1:3])
 
     def dequantize_per_channel(node, importer):
         q, scales, zps = (importer.env[a] for a in node.args[:3])
@@ -175,8 +176,7 @@ def _quant_converters(lifted: dict | None = None):
         if kind == "pointwise" and qconv1x1_applies(x_shape) and int8_kernels_available(cpu_target()):
             y = emit_qconv1x1(bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, x_shape, clamp, out_q, dq)
         elif kind == "direct":
-            x = bb.emit(relax.op.multiply(bb.emit(relax.op.subtract(bb.emit(relax.op.astype(xq, "float32")),
-                                                                      f32(zx))), f32(sx)))
+            x = _dequantized(bb, xq, sx, zx)
             y = k.emit_direct_conv(bb, x, w_real, b, x_shape, int(stride[0]), (ph, ph, pw, pw), clamp, out_q, dq)
         elif kind == "depthwise":
             x, full = xq, (ph, ph, pw, pw)
@@ -184,8 +184,7 @@ def _quant_converters(lifted: dict | None = None):
                 left, right, top, bottom, x_shape = quant_pads[node.args[0]]
                 full = (ph + top, ph + bottom, pw + left, pw + right)
             if node.args[0] not in dequantized:
-                x = bb.emit(relax.op.multiply(bb.emit(relax.op.subtract(bb.emit(relax.op.astype(xq, "float32")),
-                                                                          f32(zx))), f32(sx)))
+                x = _dequantized(bb, xq, sx, zx)
             y = k.emit_depthwise(bb, x, w_real, b, x_shape, int(stride[0]), full, clamp, out_q)
             dq = False
         else:
