@@ -86,11 +86,28 @@ def _quant_converters(lifted: dict | None = None):
         xq, wq, ws = importer.env[node.args[0]], importer.env[node.args[3]], importer.env[node.args[4]]
         sx, zx = node.args[1], node.args[2]
         bias = importer.env[node.args[5]] if node.args[5] is not None else None
+        fast = _qlinear_fast(node, bb, xq, sx, zx)
+        if fast is not None:
+            return fast
         wt = bb.emit(relax.op.permute_dims(wq, [1, 0]))
         acc = bb.emit(relax.op.matmul(xq, wt, out_dtype="int32"))
         wsum = bb.emit(relax.op.sum(bb.emit(relax.op.astype(wq, "int32")), axis=1))
         rank = len(node.args[0].meta["val"].shape)
         return _rescale(bb, acc, zx, wsum, sx, ws, bias, [1] * (rank - 1) + [-1])
+
+    def _qlinear_fast(node, bb, xq, sx, zx):
+        """qlinear with constant weight, scales and bias, >= 6 rows -> the int8 vpmaddwd GEMM (epilogue fused)."""
+        from graphopt.targets.tvm.cpu.int8 import emit_qlinear, int8_kernels_available
+        from graphopt.targets.tvm.host import cpu_target
+        wt = (lifted or {}).get(getattr(node.args[3], "name", None))
+        wst = (lifted or {}).get(getattr(node.args[4], "name", None))
+        bt = (lifted or {}).get(getattr(node.args[5], "name", None)) if node.args[5] is not None else None
+        if wt is None or wst is None or (node.args[5] is not None and bt is None) or wt.dim() != 2:
+            return None
+        if not int8_kernels_available(cpu_target()):
+            return None
+        b = None if bt is None else bt.detach().numpy().astype("float32")
+        return emit_qlinear(bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, node.args[0].meta["val"].shape)
 
     def qconv2d(node, importer):
         bb = importer.block_builder

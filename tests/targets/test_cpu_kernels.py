@@ -254,3 +254,47 @@ def test_quantized_tf_same_pad_joins_the_depthwise_kernel(first):
     assert not [n for n in names if "pad" in n], names
     assert any(n.startswith("depthwise_24x28x28_k3s2") for n in names), names
     assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("m,k,n", [(13, 64, 32), (6, 128, 16), (40, 96, 48)])
+def test_int8_gemm_kernel_is_exact_and_uses_vpmaddwd(m, k, n):
+    """qlinear's kernel: int16-widened activations, int8 weights packed in pairs, exact int32 accumulation,
+    zero point / scale / bias in the epilogue; 13 and 40 rows overlap the last row tile."""
+    from graphopt.targets.tvm.cpu.int8 import (MR, epilogue_constants, int8_kernels_available, pack_gemm_pairs,
+                                               qgemm_source)
+    if not int8_kernels_available(cpu_target()):
+        pytest.skip("needs AVX2")
+    from tvm.script import tirx as T
+    f = tvm.script.parse(qgemm_source(m, k, n), extra_vars={"T": T})
+    loop = _inner_fma_loop(_asm(f), r"vpmaddwd")
+    assert len(re.findall(r"vpmaddwd", loop)) >= 2 * MR  # a 6 x 16 tile: 12 accumulators
+    assert len(re.findall(r"vpmovsxbw", loop)) >= 2  # int8 weights widened as they are loaded
+    assert not re.search(r"vmovdq[au]\s+%ymm\d+, ", loop)  # accumulators stay in registers
+    rng = np.random.default_rng(1)
+    x = rng.integers(-128, 128, (m, k)).astype(np.int16)
+    w = rng.integers(-127, 128, (n, k)).astype(np.int8)
+    ws, bias = rng.uniform(1e-3, 2e-3, n), rng.uniform(-1, 1, n).astype(np.float32)
+    corr, mult, b = epilogue_constants(w, ws, bias, 0.02, 5, n // MR + 1)
+    lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target())
+    out = tvm.runtime.tensor(np.zeros(m * n, np.float32))
+    lib["main"](*(tvm.runtime.tensor(a) for a in (x.reshape(-1), pack_gemm_pairs(w), corr[:n], mult[:n], b[:n])), out)
+    ref = (x.astype(np.int64) - 5) @ w.astype(np.int64).T * (ws.astype(np.float32) * np.float32(0.02)) + bias
+    assert np.abs(out.numpy().reshape(m, n) - ref).max() <= 1e-6 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("tokens,hidden", [(10, 32), (16, 40)])  # 40: a width padded to whole 16-column panels
+def test_quantized_linear_layers_lower_to_the_int8_gemm(tokens, hidden):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(hidden, 64), torch.nn.GELU(), torch.nn.Linear(64, hidden)).eval()
+    x = torch.randn(1, tokens, hidden)
+    q = graphopt.optimize(graphopt.trace(model, (x,)), "quantize,fold-qdq",
+                          data=[(torch.randn(1, tokens, hidden),) for _ in range(4)])
+    names = _func_names(q)
+    assert len([n for n in names if n.startswith("qgemm_")]) == 2, names
+    from tvm import relax
+    ex, *_ = build_executable(q)
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
+    got = (got if hasattr(got, "numpy") else got[0]).numpy()
+    ref = q.run(x)[0].numpy()
+    # exact integer products; only the float GELU between the layers can move a value across a rounding boundary
+    assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()

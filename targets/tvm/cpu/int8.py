@@ -137,3 +137,86 @@ def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray
                                     *(relax.const(c) for c in consts)],
                                relax.TensorType((cout * p,), dtype)))
     return bb.emit(relax.op.reshape(y, (1, cout, h, w)))
+
+
+NR_GEMM = 16  # output columns per tile: two int32x8 accumulators per row
+
+
+def qgemm_source(m: int, k: int, n: int) -> str:
+    """TVMScript of y[M, N] = dequant(a[M, K] @ W^T) for a int16 (int8 values, widened by the producing quantize)
+    and W (int8, so the artifact stays small) packed as pairs per panel of 16 columns: per reduction step one
+    32-bit broadcast of a[m, 2k:2k+2] and two sign-extending panel loads (`vpmovsxbw`) feed 12 `vpmaddwd` (6 rows x
+    16 columns); the epilogue removes the zero point, scales per
+    column and adds the bias in registers. Tiles are panel-major (a panel stays in L2 for every row tile); the last
+    row tile overlaps the one before it (M >= 6, any M % 6)."""
+    kp, mt, nt = k // 2, -(-m // MR), n // NR_GEMM
+    r0 = f"T.min((t % {mt}) * {MR}, {m - MR})"
+    col = f"(t // {mt}) * {NR_GEMM}"
+    steps = ""
+    for h in range(2):
+        steps += f"""
+                acc[T.ramp(i * 16 + {h * 8}, 1, 8)] = acc[T.ramp(i * 16 + {h * 8}, 1, 8)] + T.call_llvm_pure_intrin(
+                    "int32x8", "llvm.x86.avx2.pmadd.wd", T.Cast("int16x16", wp[T.ramp((((t // {mt}) * {kp} + kk) * 2 + {h}) * 16, 1, 16)]),
+                    T.reinterpret("int16x16", T.broadcast(T.reinterpret("int32", a[T.ramp(({r0} + i) * {k} + 2 * kk, 1, 2)]), 8)))"""
+    store = ""
+    for h in range(2):
+        cols = f"T.ramp({col} + {h * 8}, 1, 8)"
+        store += f"""
+            out[T.ramp(({r0} + i) * {n} + {col} + {h * 8}, 1, 8)] = T.Cast("float32x8", acc[T.ramp(i * 16 + {h * 8}, 1, 8)] - corr[{cols}]) * mult[{cols}] + bias[{cols}]"""
+    return f"""
+@T.prim_func(private=True)
+def qgemm(a: T.Buffer(({m * k},), "int16"), wp: T.Buffer(({nt * kp * 2 * 16},), "int8"),
+          corr: T.Buffer(({n},), "int32"), mult: T.Buffer(({n},), "float32"), bias: T.Buffer(({n},), "float32"),
+          out: T.Buffer(({m * n},), "float32")):
+    T.func_attr({{"tir.noalias": True, "tirx.is_scheduled": True}})
+    for t in T.parallel({mt * nt}):
+        acc = T.decl_buffer(({MR * 16},), "int32", scope="global")
+        for i in T.unroll({MR}):
+            acc[T.ramp(i * 16, 1, 16)] = T.broadcast(T.int32(0), 16)
+        for kk in T.serial({kp}):
+            for i in T.unroll({MR}):{steps}
+        for i in T.unroll({MR}):{store}
+"""
+
+
+def pack_gemm_pairs(wq: np.ndarray) -> np.ndarray:
+    """int8 W [N, K] (N % 16 == 0, K even) -> int8 [N/16, K/2, 2 halves, 8 columns, 2 (k, k+1)]."""
+    n, k = wq.shape
+    w = wq.astype(np.int8).reshape(n // NR_GEMM, 2, 8, k // 2, 2)  # panel, half, column, pair, k
+    return np.ascontiguousarray(w.transpose(0, 3, 1, 2, 4)).reshape(-1)
+
+
+def qgemm_applies(m: int, k: int) -> bool:
+    """Row tiles to fill (batch-1 GEMV keeps TVM's kernel) and whole K pairs."""
+    return m >= MR and k % 2 == 0
+
+
+def emit_qlinear(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | None, sx: float, zx: int,
+                 x_shape):
+    """qlinear of xq int8 [..., K] with a constant int8 weight [N, K] -> float32 [..., N]; None when the kernel
+    does not apply (the caller lowers it generically)."""
+    import math
+
+    import tvm
+    from tvm import relax
+    from tvm.script import tirx as T
+
+    lead, k = tuple(int(d) for d in x_shape[:-1]), int(x_shape[-1])
+    m, n = math.prod(lead), int(wq.shape[0])
+    if not qgemm_applies(m, k):
+        return None
+    n_pad = -(-n // NR_GEMM) * NR_GEMM  # channel-pruned widths: zero columns past N, sliced off below
+    w = np.zeros((n_pad, k), np.int8)
+    w[:n] = wq
+    corr, mult, b = epilogue_constants(w, np.pad(w_scales, (0, n_pad - n)), None if bias is None else
+                                       np.pad(bias, (0, n_pad - n)), sx, zx, n_pad // MR + 1)
+    gv = bb.add_func(tvm.script.parse(qgemm_source(m, k, n_pad), extra_vars={"T": T}), f"qgemm_{m}x{k}x{n_pad}")
+    # the int16 copy fuses into the quantize that produced xq: one pass writes the widened values
+    a = bb.emit(relax.op.reshape(bb.emit(relax.op.astype(xq, "int16")), (m * k,)))
+    y = bb.emit(relax.call_tir(gv, [a, relax.const(pack_gemm_pairs(w)),
+                                    *(relax.const(c[:n_pad]) for c in (corr, mult, b))],
+                               relax.TensorType((m * n_pad,), "float32")))
+    y = bb.emit(relax.op.reshape(y, (m, n_pad)))
+    if n_pad != n:
+        y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n]))
+    return bb.emit(relax.op.reshape(y, (*lead, n)))

@@ -1,0 +1,105 @@
+"""int8 vs fp32 matmul: graphopt's kernels against ONNX Runtime (fp32 and `quantize_static` int8) and PyTorch fp32,
+one process, same thread count, on the same constant-weight linear layer (the 512^3 matmul of the CPU-kernel issue
+and MiniLM's FFN shapes). Times include quantizing the activation, as a quantized model pays it; ratios are
+time / ORT time (below 1.0 is faster).
+
+    python benchmarks/int8_matmul.py --threads 2 --out benchmarks/results/int8_matmul.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHAPES = "512x512x512,128x384x1536,128x1536x384"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default=SHAPES, help="comma-separated MxKxN (M rows, K inputs, N outputs)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=50, help="timed runs per measurement (median reported)")
+    ap.add_argument("--out", default="benchmarks/results/int8_matmul.json")
+    args = ap.parse_args(argv)
+
+    from graphopt.bench import set_threads
+    set_threads(args.threads)  # before TVM's thread pool starts
+
+    import numpy as np
+    import torch
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    import graphopt
+    from graphopt.bench import median_seconds, ort_session, reference_onnx
+    from graphopt.ir.files import atomic_write_bytes
+
+    work = Path(tempfile.mkdtemp(prefix="graphopt-int8mm-"))
+    rows = []
+    for spec in args.shapes.split(","):
+        m, k, n = (int(v) for v in spec.split("x"))
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(k, n).eval()
+        x = torch.randn(m, k)
+        calib = [(torch.randn(m, k),) for _ in range(4)]
+        graph = graphopt.trace(layer, (x,))
+        q = graphopt.optimize(graph, "quantize,fold-qdq", data=calib)
+        art = {name: graphopt.load(graphopt.compile(g, "llvm", output=work / f"{spec}-{name}"))
+               for name, g in (("fp32", graph), ("int8", q))}
+        onnx_fp32 = reference_onnx(graph, str(work / spec))
+        name = ort_session(onnx_fp32, args.threads).get_inputs()[0].name
+
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.it = iter([{name: b[0].numpy()} for b in calib])
+
+            def get_next(self):
+                return next(self.it, None)
+
+        onnx_int8 = work / f"{spec}-ort-int8.onnx"
+        quantize_static(str(onnx_fp32), str(onnx_int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+        xs = x.numpy()
+        sessions = {"onnxruntime fp32": ort_session(onnx_fp32, args.threads),
+                    "onnxruntime int8": ort_session(onnx_int8, args.threads)}
+        ref = layer(x).detach().numpy()
+        xt = [art["fp32"]._convert((xs,)), art["int8"]._convert((xs,))]
+        calls = {"graphopt fp32": lambda: art["fp32"]._fn(*xt[0]), "graphopt int8": lambda: art["int8"]._fn(*xt[1]),
+                 **{key: (lambda s=sess: s.run(None, {name: xs})) for key, sess in sessions.items()},
+                 "pytorch fp32": lambda: layer(x)}
+        # rounds over the runtimes, each after a pause: ORT's and PyTorch's pools spin for a while after a call and
+        # would otherwise steal the cores from whoever is timed next
+        t = {key: [] for key in calls}
+        with torch.inference_mode():
+            for _ in range(3):
+                for key, fn in calls.items():
+                    time.sleep(0.3)
+                    t[key].append(median_seconds(fn, runs=args.runs))
+        t = {key: float(np.median(v)) for key, v in t.items()}
+        err = {"graphopt int8": float(np.abs(art["int8"](xs)[0] - ref).max() / np.abs(ref).max()),
+               "onnxruntime int8": float(np.abs(sessions["onnxruntime int8"].run(None, {name: xs})[0] - ref).max()
+                                         / np.abs(ref).max())}
+        rows.append({"shape": spec, "macs": m * k * n, "ms": {key: round(v * 1e3, 4) for key, v in t.items()},
+                     "gmac_per_s": {key: round(m * k * n / v / 1e9, 1) for key, v in t.items()},
+                     "max_rel_err_vs_fp32": err})
+        print(f"[{spec}] done", file=sys.stderr, flush=True)
+
+    keys = ["graphopt fp32", "graphopt int8", "onnxruntime fp32", "onnxruntime int8", "pytorch fp32"]
+    lines = [f"{'shape MxKxN':<16} {'runtime':<18} {'ms':>8} {'GMAC/s':>7} {'/ORT fp32':>9} {'/ORT int8':>9}"
+             f"   ({args.threads} threads)"]
+    for r in rows:
+        for key in keys:
+            ms = r["ms"][key]
+            lines.append(f"{r['shape']:<16} {key:<18} {ms:>8.3f} {r['gmac_per_s'][key]:>7.1f} "
+                         f"{ms / r['ms']['onnxruntime fp32']:>9.2f} {ms / r['ms']['onnxruntime int8']:>9.2f}")
+    table = "\n".join(lines)
+    print(table)
+    atomic_write_bytes(args.out, json.dumps({"date": time.strftime("%Y-%m-%d"), "threads": args.threads,
+                                             "rows": rows, "table": table}, indent=1).encode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
