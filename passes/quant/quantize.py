@@ -49,6 +49,44 @@ def quantize_op_weight(graph: Graph, op: fx.Node, bits: str) -> None:
     op.args = (op.args[0], dq, *op.args[2:])
 
 
+def correct_biases(graph: Graph, ops: list[fx.Node], batches, bits: str) -> dict[str, float]:
+    """Bias correction: weight rounding shifts each output channel's mean by E[op(x, W - dequant(q(W)))]; measure
+    that shift on the calibration data (float inputs, streamed: one running sum per channel) and add it to the bias.
+    Call before the weights are replaced. Returns node name -> largest shift corrected (in output units)."""
+    by_input: dict[str, list[fx.Node]] = {}
+    for op in ops:
+        if isinstance(op.args[0], fx.Node):
+            by_input.setdefault(op.args[0].name, []).append(op)
+    err_w, sums, counts = {}, {}, {}
+    for op in ops:
+        w = graph.get_param(op.args[1].target).float()
+        q, scales, _ = quantize_weight(w, bits)
+        err_w[op.name] = w - q.float() * scales.reshape(-1, *[1] * (w.dim() - 1))
+
+    def record(name: str, x: torch.Tensor) -> None:
+        for op in by_input[name]:
+            shift = op.target(x.float(), err_w[op.name], None, *op.args[3:])  # the op on the weight's error alone
+            channel_dim = shift.dim() - 1 if op.target == aten.linear.default else 1
+            dims = [d for d in range(shift.dim()) if d != channel_dim]
+            sums[op.name] = sums.get(op.name, 0) + shift.mean(dims)
+            counts[op.name] = counts.get(op.name, 0) + 1
+
+    observe_outputs(graph, by_input, batches, record)
+    corrected = {}
+    for op in ops:
+        if op.name not in sums:
+            continue
+        delta = sums[op.name] / counts[op.name]
+        b = op.args[2] if len(op.args) > 2 else None
+        old = graph.get_param(b.target).float() if isinstance(b, fx.Node) else torch.zeros_like(delta)
+        if b is not None and not isinstance(b, fx.Node):
+            continue  # a computed bias: left as it is
+        nb = graph.add_param(f"{op.args[1].target}_bias_corrected", old + delta, before=op)
+        op.args = (op.args[0], op.args[1], nb, *op.args[3:])
+        corrected[op.name] = float(delta.abs().max())
+    return corrected
+
+
 def calibrate(graph: Graph, ops: list[fx.Node], batches, calibrator: str) -> dict[str, object]:
     """Observers for the activation input of each op; two streaming passes when a histogram is needed."""
     cls = CALIBRATORS[calibrator]
@@ -81,6 +119,9 @@ class Quantize(Pass):
         calib_batches: int = field(default=32, metadata={"help": "calibration batches used at most"})
         exclude: list[str] = field(default_factory=list, metadata={
             "help": "node or parameter names (glob) kept in float"})
+        bias_correction: bool = field(default=False, metadata={
+            "help": "add each layer's mean output shift caused by weight rounding back to its bias, measured on "
+                    "the calibration data (needs data; helps most for int4)"})
 
         def validate(self) -> str:
             return "option 'calib-batches' must be >= 1" if self.calib_batches < 1 else ""
@@ -98,6 +139,12 @@ class Quantize(Pass):
                 raise CalibrationError("quantize{activations=int8} needs calibration data (optimize(..., data=...) "
                                        "or --inputs); use activations=none for weight-only")
             observers = calibrate(graph, ops, list(ctx.data)[: o.calib_batches], o.calibrator)
+        corrected = {}
+        if o.bias_correction:
+            if not ctx.data:
+                raise CalibrationError("quantize{bias-correction=true} measures the rounding shift on data: give "
+                                       "calibration data (optimize(..., data=...) or --inputs)")
+            corrected = correct_biases(graph, ops, list(ctx.data)[: o.calib_batches], o.weights)
         qmin, qmax, _ = DTYPE_RANGES["int8"]
         g = graph.gm.graph
         act_q = {}
@@ -120,4 +167,6 @@ class Quantize(Pass):
         eliminate_dead_code(graph)
         return PassResult(graph, True, {"weights_quantized": len(ops), "activations_quantized": len(act_q),
                                         "weight_bits": o.weights, "calibrator": o.calibrator if observers else None,
+                                        "bias_corrected": len(corrected),
+                                        "largest_bias_shift": max(corrected.values(), default=0.0),
                                         "skipped": skipped})

@@ -48,6 +48,30 @@ def test_quantized_graph_compiles_and_matches_reference(tmp_path, digits):
     assert (got.argmax(1) == want.argmax(1)).all()
 
 
+def test_bias_correction_moves_biases_and_halves_int4_output_error(digits):
+    """int4 weights shift each channel's mean output; bias-correction measures that shift on the calibration data and
+    folds it into the biases. Measured on held-out digits (3 CNN seeds): output MSE to fp32 0.21/0.21/0.35 ->
+    0.11/0.08/0.17; the test pins seed 0 with margin."""
+    model, (xtr, xte, _, _) = digits[0]
+    g = graphopt.optimize(graphopt.trace(model, (xtr[:64],)), "fold-bn")
+    ref = torch.cat([g.run(b)[0] for (b,) in batches(xte)])
+    errs = {}
+    for bc in ("false", "true"):
+        q = graphopt.optimize(g, f"quantize{{weights=int4 bias-correction={bc}}}", data=batches(xtr)[:8])
+        errs[bc] = float(((torch.cat([q.run(b)[0] for (b,) in batches(xte)]) - ref) ** 2).mean())
+    stats = q.meta["history"][-1]["stats"]
+    assert stats["bias_corrected"] == 4 and stats["largest_bias_shift"] > 0
+    biases = [n for n in q.gm.graph.nodes if n.op == "get_attr" and n.target.endswith("_bias_corrected")]
+    assert len(biases) == 4  # every layer reads a new, corrected bias
+    assert errs["true"] < 0.7 * errs["false"], errs
+
+
+def test_bias_correction_needs_data(cnn):
+    model, x = cnn
+    with pytest.raises(graphopt.PassFailedError, match="bias-correction=true. measures"):
+        graphopt.optimize(graphopt.trace(model, (x,)), "quantize{activations=none bias-correction=true}")
+
+
 def test_bad_calibration_data_is_a_clear_error(cnn):
     model, x = cnn
     g = graphopt.trace(model, (x,))
