@@ -194,7 +194,7 @@ def test_int8_pointwise_kernel_is_exact_and_uses_vpmaddwd(cout, cin, p, out_int8
         assert re.search(r"vpmovsxbw", loop)  # int8 read and widened in registers: no int16 copy of the activation
         assert not re.search(r"vmovdq[au]\s+%ymm\d+, ", loop)  # accumulators stay in registers
     lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target())
-    consts = epilogue_constants(w, ws, bias, sx, zx, mt)
+    consts = epilogue_constants(w, ws, bias, sx, zx, mt, out_q)
     out = tvm.runtime.tensor(np.zeros(cout * p, np.int8 if out_int8 else np.float32))
     lib["main"](*(tvm.runtime.tensor(a) for a in (x.reshape(-1), pack_pairs(w, mt, cin + cin % 2), *consts)), out)
     got = out.numpy().reshape(cout, p).astype(np.float64)

@@ -100,20 +100,40 @@ def pointwise_applies(x_shape, w_shape, stride, padding, dilation, groups, trans
             and math.prod(int(d) for d in x_shape[2:]) >= 4)
 
 
+def grid_bounds(clamp: tuple[float, float] | None, out_q: tuple[float, int, int, int]) -> tuple[int, int]:
+    """The clamp and the int8 range of out_q = (scale, zero point, qmin, qmax) as one range of rounded grid steps
+    (zero point excluded): rounding is monotonic, so round(clamp(v, lo, hi) / s) = clamp(round(v / s), round(lo / s),
+    round(hi / s)) and one clamp after rounding does both."""
+    scale, zp, qmin, qmax = out_q
+    lo, hi = qmin - zp, qmax - zp
+    if clamp is not None:
+        lo = max(lo, int(np.round(clamp[0] / scale))) if np.isfinite(clamp[0]) else lo
+        hi = min(hi, int(np.round(clamp[1] / scale))) if np.isfinite(clamp[1]) and clamp[1] < 1e30 else hi
+    return lo, hi
+
+
 def _clamped(e: str, clamp: tuple[float, float] | None, out_q: tuple[float, int, int, int] | None = None,
              dequantized: bool = False) -> str:
-    """TVMScript for `e` clamped to [lo, hi] (ReLU / ReLU6 fused into a kernel's store), or `e` itself; with out_q =
-    (scale, zero point, qmin, qmax) the value is then rounded (half to even) onto that int8 grid, so a following
-    quantize is done in the store, and stored as int8 or, `dequantized`, as the float that grid value stands for
-    (for a consumer that computes in float)."""
-    if clamp is not None:
-        e = f"T.max(T.min({e}, T.float32({clamp[1]!r})), T.float32({clamp[0]!r}))"
-    if out_q is not None:
-        scale, zp, qmin, qmax = out_q
-        e = (f'T.max(T.min(T.nearbyint(({e}) * T.float32({1.0 / scale!r})) + T.float32({float(zp)!r}), '
-             f'T.float32({float(qmax)!r})), T.float32({float(qmin)!r}))')
-        e = f"({e} - T.float32({float(zp)!r})) * T.float32({float(scale)!r})" if dequantized else f'T.Cast("int8", T.Cast("int32", {e}))'
-    return e
+    """TVMScript for `e` clamped to [lo, hi] (ReLU / ReLU6 fused into a kernel's store), or `e` itself. With out_q =
+    (scale, zero point, qmin, qmax) the next quantize happens in the store: `e` must then already be in grid steps
+    (the caller folds 1 / scale into the weights and bias), and is rounded (half to even), clamped once
+    (`grid_bounds`) and stored as int8 or, `dequantized`, as the float that grid value stands for (for a consumer
+    that computes in float)."""
+    if out_q is None:
+        return e if clamp is None else f"T.max(T.min({e}, T.float32({clamp[1]!r})), T.float32({clamp[0]!r}))"
+    scale, zp = out_q[:2]
+    lo, hi = grid_bounds(clamp, out_q)
+    r = f"T.max(T.min(T.nearbyint({e}), T.float32({float(hi)!r})), T.float32({float(lo)!r}))"
+    return f"{r} * T.float32({float(scale)!r})" if dequantized else \
+        f'T.Cast("int8", T.Cast("int32", {r} + T.float32({float(zp)!r})))'
+
+
+def in_grid_steps(w: np.ndarray, bias: np.ndarray | None, out_q) -> tuple[np.ndarray, np.ndarray | None]:
+    """Weight and bias times 1 / scale of out_q (unchanged without it): the accumulator then counts grid steps."""
+    if out_q is None:
+        return w, bias
+    inv = np.float32(1.0 / out_q[0])
+    return (w * inv).astype(np.float32), None if bias is None else (bias * inv).astype(np.float32)
 
 
 def _qtag(out_q, dequantized: bool) -> str:
@@ -244,6 +264,7 @@ def emit_depthwise(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
     kh, kw = int(w.shape[2]), int(w.shape[3])
     pt, pb, pl, pr = (int(q) for q in padding)
     oh, ow = (h + pt + pb - kh) // stride + 1, (wd + pl + pr - kw) // stride + 1
+    w, bias = in_grid_steps(w, bias, out_q)
     func = tvm.script.parse(depthwise_source(c, h, wd, oh, ow, kh, kw, stride, pt, pl, clamp, out_q),
                             extra_vars={"T": T})
     tag = f"{c}x{h}x{wd}_k{kh}s{stride}" + ("" if clamp is None else "_clamp") + _qtag(out_q, False)
@@ -356,6 +377,7 @@ def emit_direct_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, str
     cout, _, kh, kw = (int(d) for d in w.shape)
     pt, pb, pl, pr = (int(q) for q in padding)
     oh, ow = (h + pt + pb - kh) // stride + 1, (wd + pl + pr - kw) // stride + 1
+    w, bias = in_grid_steps(w, bias, out_q)
     mt = -(-cout // MR)
     wp = np.zeros((mt * MR, cin, kh, kw), np.float32)
     wp[:cout] = w

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from graphopt.targets.tvm.cpu.conv import _clamped, in_grid_steps
+
 MR = 6
 PAIR_ORDER = [j for i in range(8) for j in (i, i + 8)]  # byte interleave of two 8-byte rows
 
@@ -45,25 +47,14 @@ def qconv1x1_source(cout: int, cin: int, p: int, nv: int, clamp: tuple[float, fl
 {pad}        T.reinterpret("int16x16", T.broadcast(wp[((t % {mt}) * {kp + odd} + {k}) * {MR} + i], 8)))"""
         return out
 
-    def f8(e: str) -> str:
-        return f"T.broadcast({e}, 8)"
-
     co = f"(t % {mt}) * {MR} + i"
     store = ""
     for v in range(nv):
-        val = (f'T.Cast("float32x8", acc[T.ramp(i * {nr} + {v * 8}, 1, 8)] - {f8(f"corr[{co}]")}) * '
-               f'{f8(f"mult[{co}]")} + {f8(f"bias[{co}]")}')
-        if clamp is not None:
-            val = f"T.max(T.min({val}, {f8(f'T.float32({clamp[1]!r})')}), {f8(f'T.float32({clamp[0]!r})')})"
-        if out_q is not None:
-            scale, zp, qmin, qmax = out_q
-            val = (f'T.max(T.min(T.nearbyint(({val}) * {f8(f"T.float32({1.0 / scale!r})")}) + '
-                   f'{f8(f"T.float32({float(zp)!r})")}, {f8(f"T.float32({float(qmax)!r})")}), '
-                   f'{f8(f"T.float32({float(qmin)!r})")})')
-            val = (f"({val} - {f8(f'T.float32({float(zp)!r})')}) * {f8(f'T.float32({float(scale)!r})')}"
-                   if dequantized else f'T.Cast("int8x8", {val})')
+        # (acc - zx sum(w)) * mult + bias; with out_q, mult and bias are in the output's grid steps (emit scales them)
+        val = (f'T.Cast("float32", acc[i * {nr} + {v * 8} + u] - corr[{co}]) * mult[{co}] + bias[{co}]')
         store += f"""
-                out[T.ramp(({co}) * {p} + {c0} + {v * 8}, 1, 8)] = {val}"""
+                for u in T.vectorized(8):
+                    out[({co}) * {p} + {c0} + {v * 8} + u] = {_clamped(val, clamp, out_q, dequantized)}"""
     return f"""
 @T.prim_func(private=True)
 def qconv1x1(x: T.Buffer(({cin * p},), "int8"), wp: T.Buffer(({mt * (kp + odd) * MR},), "int32"),
@@ -101,8 +92,10 @@ def qconv1x1_applies(x_shape) -> bool:
     return int(x_shape[2]) * int(x_shape[3]) >= 8
 
 
-def epilogue_constants(wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | None, sx: float, zx: int, mt: int):
-    """Per output channel (padded to mt * MR): zx * sum(w) (int32), sx * w_scale and bias (float32)."""
+def epilogue_constants(wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | None, sx: float, zx: int, mt: int,
+                       out_q=None):
+    """Per output channel (padded to mt * MR): zx * sum(w) (int32), sx * w_scale and bias (float32); the last two in
+    the output's grid steps when the store quantizes (out_q)."""
     cout = wq.shape[0]
     corr = np.zeros(mt * MR, np.int32)
     corr[:cout] = int(zx) * wq.reshape(cout, -1).astype(np.int64).sum(1)
@@ -111,6 +104,7 @@ def epilogue_constants(wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | 
     b = np.zeros(mt * MR, np.float32)
     if bias is not None:
         b[:cout] = bias
+    mult, b = in_grid_steps(mult, b, out_q)
     return corr, mult, b
 
 
@@ -130,7 +124,7 @@ def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray
     src = qconv1x1_source(cout, cin, p, nv, clamp, out_q, dequantized)
     tag = f"{cout}x{cin}x{p}" + ("" if clamp is None else "_clamp") + ("_q" if out_q else "") + ("dq" if dequantized else "")
     gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), f"qconv1x1_{tag}")
-    consts = epilogue_constants(wq, w_scales, bias, sx, zx, mt)
+    consts = epilogue_constants(wq, w_scales, bias, sx, zx, mt, out_q)
     dtype = "int8" if out_q and not dequantized else "float32"
     y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(xq, (cin * p,))),
                                     relax.const(pack_pairs(wq.reshape(cout, cin), mt, cin + cin % 2)),
