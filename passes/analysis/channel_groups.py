@@ -3,8 +3,10 @@
 Every tensor in the graph (activations and parameters) contributes one element per index of each of its dims:
 (node, dim, index). Per-op rules couple elements that must go together (conv out channel <-> its bias <-> the next
 batch norm <-> the consumer conv's input channel; both branches of an add; concat/split with offsets; flatten
-into a linear in channel blocks; attention heads through reshape/permute/matmul). Union-find over elements gives
-*units* (one removable channel each); units touching the same tensors form a *group* (one layer's channels).
+into a linear in channel blocks; attention heads through reshape/permute/matmul; a grouped conv's channel
+position in every group at once; a group norm's whole groups). Union-find over elements gives *units* (one
+removable channel, or the channels that can only go together); units touching the same tensors form a *group*
+(one layer's channels).
 Elements of graph inputs and outputs, and of ops no rule understands, are *pinned*: a unit with a pinned element
 is never removed, and the report says why. The dim-level coupling graph is kept as a networkx graph for printing.
 """
@@ -217,6 +219,17 @@ class ChannelAnalysis:
             for p in args[1:5]:
                 if isinstance(p, fx.Node):
                     self.couple(p, 0, n, 1)
+        elif t is aten.group_norm.default:
+            # a whole group is the removable unit: the remaining groups' statistics do not change
+            x, groups = args[0], int(args[1])
+            self._identity(x, n)
+            for p in args[2:4]:
+                if isinstance(p, fx.Node):
+                    self.couple(p, 0, n, 1)
+            cg = out_shape[1] // groups
+            for g in range(groups):
+                if cg > 1:
+                    self.couple(n, 1, n, 1, offset_a=g * cg, offset_b=g * cg + 1, count=cg - 1)
         elif t is aten.layer_norm.default:
             k = len(args[1])
             rank = len(out_shape)
@@ -298,8 +311,18 @@ class ChannelAnalysis:
             self.consumers.add((w.name, 1))
         elif groups == sx[1] and sw[1] == 1 and sw[0] == sx[1]:
             self.couple(x, 1, n, 1)  # depthwise: channel i in -> channel i out
+        elif sw[1] > 1 and sx[1] == groups * sw[1] and sw[0] % groups == 0:
+            # grouped (ResNeXt): a channel position goes from every group at once, so the groups stay equal and
+            # the conv keeps `groups`: input position j of each group <-> weight input index j; output position j
+            # of group 0 <-> the same position of every other group
+            cin_g, cout_g = sw[1], sw[0] // groups
+            for g in range(groups):
+                self.couple(x, 1, w, 1, offset_a=g * cin_g, count=cin_g)
+                if g:
+                    self.couple(n, 1, n, 1, offset_b=g * cout_g, count=cout_g)
+            self.consumers.add((w.name, 1))
         else:
-            self.pin_all(n, f"grouped convolution '{n.name}' (groups={groups}) is pinned")
+            self.pin_all(n, f"grouped convolution '{n.name}' (groups={groups}, a channel multiplier) is pinned")
 
     def _reduction(self, n: fx.Node) -> None:
         x = n.args[0]

@@ -269,6 +269,9 @@ def _rewrite_args(n: fx.Node, removed, old_shapes, expected) -> None:
             old_c = old_shapes[x.name][1]
             if args[gi] == old_c:  # depthwise: one group per channel
                 args[gi] = expected[x.name][1]
+    elif t is aten.group_norm.default and n.name in expected:  # whole groups went: fewer groups, same size
+        per_group = old_shapes[n.name][1] // args[1]
+        args[1] = expected[n.name][1] // per_group
     elif t in (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default):
         x = args[0]
         sx = old_shapes[x.name]

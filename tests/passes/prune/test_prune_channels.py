@@ -2,6 +2,7 @@
 architectures, shapes that really shrink, clear errors, and fuzzing over random architectures."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -231,6 +232,79 @@ def test_protect_keeps_a_layer(cnn):
     assert not out.meta["history"][0]["changed"]
 
 
+class ResNeXtBlock(nn.Module):
+    """Grouped 3x3 convs (groups=8 in a residual bottleneck with BN, groups=4 widening with stride 2), then a channel
+    shuffle before the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.a, self.ba = nn.Conv2d(32, 32, 1, bias=False), nn.BatchNorm2d(32)
+        self.g, self.bg = nn.Conv2d(32, 32, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(32)
+        self.b, self.bb = nn.Conv2d(32, 32, 1, bias=False), nn.BatchNorm2d(32)
+        self.g2 = nn.Conv2d(32, 64, 3, stride=2, padding=1, groups=4)
+        self.fc = nn.Linear(64, 5)
+        for bn in (self.bn0, self.ba, self.bg, self.bb):
+            bn.running_var.uniform_(0.5, 2)
+
+    def forward(self, x):
+        x = F.relu(self.bn0(self.stem(x)))
+        y = F.relu(self.bg(self.g(F.relu(self.ba(self.a(x))))))
+        x = F.relu(x + self.bb(self.b(y)))
+        y = F.relu(self.g2(x))
+        n, c, h, w = y.shape
+        y = y.view(n, 4, c // 4, h, w).transpose(1, 2).reshape(n, c, h, w)  # channel shuffle
+        return self.fc(y.mean((2, 3)))
+
+
+def test_grouped_convs_lose_the_same_positions_in_every_group(tmp_path):
+    g, work, plan = check_oracle(ResNeXtBlock(), (torch.randn(1, 3, 8, 8),), 0.5)
+    convs = {n.name: n for n in work.gm.graph.nodes if n.op == "call_function" and "conv" in str(n.target)}
+    grouped = [n for n in convs.values() if n.args[-1] in (4, 8)]
+    assert len(grouped) == 2
+    for n in grouped:  # still a valid grouped conv: channels divisible by groups, and fewer than before
+        w = work.get_param(n.args[1].target)
+        cin = n.args[0].meta["val"].shape[1]
+        assert cin == n.args[-1] * w.shape[1] and w.shape[0] % n.args[-1] == 0
+    assert work.get_param(grouped[0].args[1].target).shape[0] < 32
+    art = graphopt.load(graphopt.compile(work, "llvm", output=tmp_path / "pruned"))  # TVM takes the new groups
+    x = torch.randn(1, 3, 8, 8)
+    np.testing.assert_allclose(art(x.numpy())[0], work.run(x)[0].numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_channel_multiplier_conv_is_pinned_with_a_reason():
+    class Mult(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.dw, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 16, 3, padding=1, groups=8), nn.Conv2d(16, 4, 1)
+
+        def forward(self, x):
+            return self.b(F.relu(self.dw(F.relu(self.a(x)))))
+
+    _, _, plan = check_oracle(Mult(), (torch.randn(1, 3, 8, 8),), 0.5, expect_removed=False)
+    assert any("channel multiplier" in grp.pinned for grp in plan.groups)
+
+
+def test_group_norm_loses_whole_groups():
+    class GNRes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.gn = nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16)
+            self.b, self.gn2 = nn.Conv2d(16, 16, 3, padding=1), nn.GroupNorm(8, 16)
+            self.c = nn.Conv2d(16, 4, 1)
+            for gn in (self.gn, self.gn2):
+                gn.weight.data.uniform_(0.5, 1.5)
+                gn.bias.data.uniform_(-0.5, 0.5)
+
+        def forward(self, x):
+            y = F.silu(self.gn(self.a(x)))
+            return self.c(y + F.silu(self.gn2(self.b(y))))
+
+    _, work, _ = check_oracle(GNRes(), (torch.randn(1, 3, 8, 8),), 0.5)
+    norms = [n for n in work.gm.graph.nodes if n.op == "call_function" and "group_norm" in str(n.target)]
+    assert [n.args[1] for n in norms] == [2, 4]  # 4 channels per group / 2 per group kept; half the groups went
+
+
 def test_unknown_op_pins_its_channels():
     class Odd(nn.Module):
         def __init__(self):
@@ -250,7 +324,7 @@ def test_unknown_op_pins_its_channels():
 
 
 # ---- fuzzing: random architectures either satisfy the oracle or raise a clear error -----------------------------
-BLOCKS = ["conv", "dw", "group", "bn_relu", "residual", "concat", "split", "se", "attn"]
+BLOCKS = ["conv", "dw", "group", "gn", "bn_relu", "residual", "concat", "split", "se", "attn"]
 
 
 class TokenAttention(nn.Module):
@@ -289,7 +363,10 @@ class RandomNet(nn.Module):
                 self.layers.append(nn.Conv2d(c, c, 3, padding=1, groups=c))
             elif b == "group":
                 g = 2 if c % 2 == 0 else 1
-                self.layers.append(nn.Conv2d(c, c, 1, groups=g))
+                self.layers.append(nn.Conv2d(c, 2 * c, 3, padding=1, groups=g))
+                c = 2 * c
+            elif b == "gn":
+                self.layers.append(nn.GroupNorm(2 if c % 2 == 0 else 1, c))
             elif b == "bn_relu":
                 bn = nn.BatchNorm2d(c)
                 bn.running_var.uniform_(0.5, 2)
