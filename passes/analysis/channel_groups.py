@@ -43,6 +43,7 @@ BINARY = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, at
           aten.minimum.default, aten.where.self, aten.pow.Tensor_Tensor, aten.rsub.Tensor, aten.add_.Tensor,
           aten.mul_.Tensor}
 CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default}
+CONV_TRANSPOSES = {aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input}
 REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default}
 POOLS = {aten.adaptive_avg_pool2d.default, aten.avg_pool2d.default, aten.max_pool2d.default,
          aten.adaptive_avg_pool1d.default, aten.avg_pool1d.default, aten.max_pool1d.default}
@@ -202,7 +203,7 @@ class ChannelAnalysis:
         elif t in BINARY:
             for a in args[:3] if t is aten.where.self else args[:2]:
                 self._broadcast(a, n)
-        elif t in CONVS:
+        elif t in CONVS or t in CONV_TRANSPOSES:
             self._conv(n)
         elif t is aten.linear.default:
             x, w = args[0], args[1]
@@ -293,13 +294,23 @@ class ChannelAnalysis:
         x, w = n.args[0], n.args[1]
         b = n.args[2] if len(n.args) > 2 else None
         if n.target is aten.convolution.default:
-            if n.args[6]:
-                self.pin_all(n, f"transposed convolution '{n.name}'")
-                return
-            groups = n.args[8]
+            transposed, groups = bool(n.args[6]), n.args[8]
         else:
-            groups = n.args[6] if len(n.args) > 6 else 1
+            transposed, groups = n.target in CONV_TRANSPOSES, n.args[6] if len(n.args) > 6 else 1
         sx, sw = shape_of(x), shape_of(w)
+        if transposed:  # weight [Cin, Cout / groups, k...]: input channels on dim 0, output channels on dim 1
+            if groups != 1:
+                self.pin_all(n, f"grouped transposed convolution '{n.name}' (groups={groups}) is pinned")
+                return
+            for d in range(2, len(sw)):
+                self.pin(w, d, f"kernel window of '{n.name}'")
+            self.couple(x, 0, n, 0)
+            self.couple(x, 1, w, 0)
+            self.consumers.add((w.name, 0))
+            self.couple(w, 1, n, 1)
+            if isinstance(b, fx.Node):
+                self.couple(b, 0, n, 1)
+            return
         for d in range(2, len(sw)):
             self.pin(w, d, f"kernel window of '{n.name}'")
         self.couple(x, 0, n, 0)

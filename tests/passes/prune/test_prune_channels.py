@@ -305,6 +305,27 @@ def test_group_norm_loses_whole_groups():
     assert [n.args[1] for n in norms] == [2, 4]  # 4 channels per group / 2 per group kept; half the groups went
 
 
+def test_unet_decoder_with_transposed_conv_and_skip_concat(tmp_path):
+    class UNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e1, self.e2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 3, 2, 1)
+            self.up = nn.ConvTranspose2d(16, 8, 2, 2)
+            self.d1, self.out = nn.Conv2d(16, 8, 3, padding=1), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            a = F.relu(self.e1(x))
+            return self.out(F.relu(self.d1(torch.cat([self.up(F.relu(self.e2(a))), a], 1))))
+
+    g, work, plan = check_oracle(UNet(), (torch.randn(1, 3, 16, 16),), 0.5)
+    up = next(n for n in work.gm.graph.nodes if "conv_transpose" in str(n.target))
+    w = work.get_param(up.args[1].target)
+    assert w.shape[0] < 16 and w.shape[1] < 8  # both its input and its output channels shrank
+    art = graphopt.load(graphopt.compile(work, "llvm", output=tmp_path / "unet"))
+    x = torch.randn(1, 3, 16, 16)
+    np.testing.assert_allclose(art(x.numpy())[0], work.run(x)[0].numpy(), rtol=1e-4, atol=1e-4)
+
+
 def test_unknown_op_pins_its_channels():
     class Odd(nn.Module):
         def __init__(self):
