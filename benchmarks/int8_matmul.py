@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     import graphopt
-    from graphopt.bench import median_seconds, ort_session, reference_onnx
+    from graphopt.bench import interleaved_medians, ort_session, reference_onnx
     from graphopt.ir.files import atomic_write_bytes
 
     work = Path(tempfile.mkdtemp(prefix="graphopt-int8mm-"))
@@ -65,19 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         sessions = {"onnxruntime fp32": ort_session(onnx_fp32, args.threads),
                     "onnxruntime int8": ort_session(onnx_int8, args.threads)}
         ref = layer(x).detach().numpy()
-        xt = [art["fp32"]._convert((xs,)), art["int8"]._convert((xs,))]
-        calls = {"graphopt fp32": lambda: art["fp32"]._fn(*xt[0]), "graphopt int8": lambda: art["int8"]._fn(*xt[1]),
+        calls = {"graphopt fp32": art["fp32"].prepared(xs), "graphopt int8": art["int8"].prepared(xs),
                  **{key: (lambda s=sess: s.run(None, {name: xs})) for key, sess in sessions.items()},
                  "pytorch fp32": lambda: layer(x)}
-        # rounds over the runtimes, each after a pause: ORT's and PyTorch's pools spin for a while after a call and
-        # would otherwise steal the cores from whoever is timed next
-        t = {key: [] for key in calls}
         with torch.inference_mode():
-            for _ in range(3):
-                for key, fn in calls.items():
-                    time.sleep(0.3)
-                    t[key].append(median_seconds(fn, runs=args.runs))
-        t = {key: float(np.median(v)) for key, v in t.items()}
+            t = interleaved_medians(calls, runs=args.runs * 3)
         err = {"graphopt int8": float(np.abs(art["int8"](xs)[0] - ref).max() / np.abs(ref).max()),
                "onnxruntime int8": float(np.abs(sessions["onnxruntime int8"].run(None, {name: xs})[0] - ref).max()
                                          / np.abs(ref).max())}

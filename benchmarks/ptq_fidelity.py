@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib-crops", type=int, default=4, help="random crops per calibration photo")
     ap.add_argument("--eval-crops", type=int, default=8, help="random crops per evaluation photo")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prune", type=float, default=0.3,
+                    help="also time prune-channels{ratio=R} + int8 (the compressed artifact; 0: skip)")
     ap.add_argument("--out", default="benchmarks/results/ptq_fidelity.json")
     args = ap.parse_args(argv)
 
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     import graphopt
-    from graphopt.bench import fidelity, median_seconds, reference_onnx
+    from graphopt.bench import fidelity, interleaved_medians, reference_onnx
     from graphopt.ir.files import atomic_write_bytes
     from graphopt.zoo import photo_batches, zoo_entry, zoo_graph
 
@@ -72,6 +74,15 @@ def main(argv: list[str] | None = None) -> int:
                                               output=tmp / "int8"))
     fp32_art = graphopt.load(graphopt.compile(graph, "llvm", output=tmp / "fp32"))
     record("graphopt-tvm", "percentile", [int8_art(b[0].numpy())[0] for b in evals], time.perf_counter() - t0)
+    arts = {"graphopt fp32": fp32_art, "graphopt int8": int8_art}
+    if args.prune:  # the compressed artifact: channels pruned (no fine-tuning), then int8
+        t0 = time.perf_counter()
+        label = f"graphopt prune{round(args.prune * 100)}+int8"
+        pq = graphopt.optimize(graph, f"prune-channels{{ratio={args.prune}}},quantize{{calibrator=percentile}},"
+                                      "fold-qdq", data=calib)
+        arts[label] = graphopt.load(graphopt.compile(pq, "llvm", output=tmp / "pruned-int8"))
+        record("graphopt-tvm", f"prune{round(args.prune * 100)}+int8", [arts[label](b[0].numpy())[0] for b in evals],
+               time.perf_counter() - t0)
 
     fp32 = reference_onnx(graph, str(tmp))
     input_name = graph.inputs[0].name
@@ -100,11 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     x = evals[0][0].numpy()
     feed = {input_name: x}
     ort_fp32 = ort.InferenceSession(str(fp32), so, providers=["CPUExecutionProvider"])
-    lat = {"graphopt fp32": fp32_art.latency(x, runs=50), "graphopt int8": int8_art.latency(x, runs=50),
-           "onnxruntime fp32": median_seconds(lambda: ort_fp32.run(None, feed), runs=50),
-           "onnxruntime int8": median_seconds(lambda: ort_int8.run(None, feed), runs=50)}
-    size = {"graphopt fp32": (tmp / "fp32" / "model.so").stat().st_size,
-            "graphopt int8": (tmp / "int8" / "model.so").stat().st_size}
+    lat = interleaved_medians({**{k: a.prepared(x) for k, a in arts.items()},
+                               "onnxruntime fp32": lambda: ort_fp32.run(None, feed),
+                               "onnxruntime int8": lambda: ort_int8.run(None, feed)})
+    folders = {"graphopt fp32": "fp32", "graphopt int8": "int8"}
+    size = {k: (tmp / folders.get(k, "pruned-int8") / "model.so").stat().st_size for k in arts}
 
     lines = [f"{'tool':<12} {'calibrator':<11} {'top-1 agr':>9} {'top-5 agr':>9} {'KL':>8} {'SQNR dB':>8} "
              f"{'top-1 on confident':>18}   ({args.model}, {len(evals)} eval crops, {len(calib)} calibration crops, "
@@ -113,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         conf = "n/a" if r["top1_confident"] is None else f"{r['top1_confident'] * 100:.1f}%"
         lines.append(f"{r['tool']:<12} {r['calibrator']:<11} {r['top1'] * 100:>8.1f}% {r['top5'] * 100:>8.1f}% "
                      f"{r['kl']:>8.4f} {r['sqnr_db']:>8.1f} {conf:>18}")
-    lines += ["", f"{'batch-1 latency':<18} {'ms':>7} {'/ ORT fp32':>10} {'/ ORT int8':>10}   ({args.threads} threads)"]
+    lines += ["", f"{'batch-1 latency':<22} {'ms':>7} {'/ ORT fp32':>10} {'/ ORT int8':>10}   ({args.threads} threads)"]
     for k, v in lat.items():
-        lines.append(f"{k:<18} {v * 1e3:>7.2f} {v / lat['onnxruntime fp32']:>10.2f} {v / lat['onnxruntime int8']:>10.2f}"
+        lines.append(f"{k:<22} {v * 1e3:>7.2f} {v / lat['onnxruntime fp32']:>10.2f} {v / lat['onnxruntime int8']:>10.2f}"
                      + (f"   model.so {size[k] / 1e6:.1f} MB" if k in size else ""))
     table = "\n".join(lines)
     print(table)

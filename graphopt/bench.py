@@ -37,6 +37,19 @@ def median_seconds(fn: Callable[[], Any], warmup: int = 3, runs: int = 20, max_s
     return float(np.median(times))
 
 
+def interleaved_medians(calls: dict[str, Callable[[], Any]], runs: int = 50, rounds: int = 3,
+                        pause: float = 0.3) -> dict[str, float]:
+    """Median seconds per call for several runtimes, timed in interleaved rounds with a pause before each: ORT's and
+    PyTorch's thread pools spin for a while after a call and would otherwise steal the cores from whoever is timed
+    next, and a shared machine drifts between rounds."""
+    got: dict[str, list[float]] = {k: [] for k in calls}
+    for _ in range(rounds):
+        for key, fn in calls.items():
+            time.sleep(pause)
+            got[key].append(median_seconds(fn, runs=max(3, runs // rounds)))
+    return {k: float(np.median(v)) for k, v in got.items()}
+
+
 def ort_session(onnx_path: str | Path, threads: int):
     import onnxruntime as ort
     so = ort.SessionOptions()

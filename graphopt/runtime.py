@@ -55,15 +55,20 @@ class CompiledModel:
             return (res.numpy(),)
         return tuple(r.numpy() for r in res)
 
+    def prepared(self, *args: Any):
+        """A no-argument callable running the model on these inputs, converted once (for timing loops)."""
+        conv = self._convert(args)
+        return lambda: self._fn(*conv)
+
     def latency(self, *args: Any, warmup: int = 3, runs: int = 20) -> float:
         """Median seconds of one call (inputs converted once, outside the timed region)."""
-        conv = self._convert(args)
+        call = self.prepared(*args)
         for _ in range(warmup):
-            self._fn(*conv)
+            call()
         times = []
         for _ in range(runs):
             t = time.perf_counter()
-            self._fn(*conv)
+            call()
             times.append(time.perf_counter() - t)
         return float(np.median(times))
 
