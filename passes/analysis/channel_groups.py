@@ -90,6 +90,7 @@ class ChannelAnalysis:
         self.pins: dict[tuple[str, int], str] = {}
         self.dim_graph = nx.Graph()
         self.consumers: set[tuple[str, int]] = set()   # param dims on the consuming side (for the oracle)
+        self.producers: set[tuple[str, int]] = set()   # output-channel param dims other than dim 0 (for labels)
         self.coupled: set[tuple[str, int]] = set()     # dims some rule related to another tensor
         self.nodes = {n.name: n for n in graph.gm.graph.nodes}
         self._build()
@@ -307,6 +308,7 @@ class ChannelAnalysis:
             self.couple(x, 0, n, 0)
             self.couple(x, 1, w, 0)
             self.consumers.add((w.name, 0))
+            self.producers.add((w.name, 1))
             self.couple(w, 1, n, 1)
             if isinstance(b, fx.Node):
                 self.couple(b, 0, n, 1)
@@ -530,7 +532,9 @@ class ChannelAnalysis:
                                                  aten._native_batch_norm_legit_no_training.default):
                     label = module
                 elif attr == "weight" or attr == "":
-                    label = f"{module}.{'in' if (name, d) in self.consumers else 'out' if d == 0 else f'dim{d}'}"
+                    side = ("in" if (name, d) in self.consumers else
+                            "out" if d == 0 or (name, d) in self.producers else f"dim{d}")
+                    label = f"{module}.{side}"
                 else:
                     continue  # bias and friends follow their weight
             elif node.op == "call_function" and node.target in (aten.add.Tensor, aten.cat.default,

@@ -321,6 +321,8 @@ def test_unet_decoder_with_transposed_conv_and_skip_concat(tmp_path):
     up = next(n for n in work.gm.graph.nodes if "conv_transpose" in str(n.target))
     w = work.get_param(up.args[1].target)
     assert w.shape[0] < 16 and w.shape[1] < 8  # both its input and its output channels shrank
+    chains = " | ".join(grp.chain for grp in plan.groups)
+    assert "up.in" in chains and "up.out" in chains, chains
     art = graphopt.load(graphopt.compile(work, "llvm", output=tmp_path / "unet"))
     x = torch.randn(1, 3, 16, 16)
     np.testing.assert_allclose(art(x.numpy())[0], work.run(x)[0].numpy(), rtol=1e-4, atol=1e-4)
