@@ -27,7 +27,9 @@ def _add_pm_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--print-ir-after-change", action="store_true", help="print the IR after passes that changed it")
     p.add_argument("--strict", action="store_true", help="a pass that changes nothing is an error, not a warning")
     p.add_argument("--inputs", metavar="NPZ", help="inputs for --verify-each and calibration (.npz, one array per "
-                   "graph input, or b<batch>_<input> keys); default: seeded random inputs")
+                   "graph input, or b<batch>_<input> keys); default for zoo: models: crops of five shipped photos (the "
+                   "first three shipped sentences for minilm); otherwise seeded random inputs for --verify-each and no "
+                   "calibration data (quantize then asks for --inputs)")
     p.add_argument("--seed", type=int, default=0, help="seed for generated inputs and randomized passes (default 0)")
 
 
@@ -110,6 +112,9 @@ def _setup_logging(verbose: int) -> None:
 
 def _data(args, graph):
     if not getattr(args, "inputs", None):
+        if str(getattr(args, "model", "")).startswith("zoo:"):  # shipped models calibrate on shipped data
+            from graphopt.zoo import calibration_inputs
+            return calibration_inputs(args.model[4:])
         return None
     from graphopt.pm.instruments import load_inputs_npz
     return load_inputs_npz(args.inputs, graph)

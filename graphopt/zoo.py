@@ -204,6 +204,18 @@ def zoo_graph(name: str) -> Graph:
     return g
 
 
+CALIB_PHOTOS = ["astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "china"]
+
+
+def calibration_inputs(name: str):
+    """Default calibration data for a shipped model: 4 crops each of five shipped photos (seeded differently from
+    `eval_inputs`), or the first three sentences for MiniLM."""
+    entry = zoo_entry(name)
+    if entry.kind == "text":
+        return [tokenize([s]) for s in SENTENCES[:3]]
+    return [(x,) for x in photo_batches(entry.style, CALIB_PHOTOS, crops_per_photo=4, seed=1)]
+
+
 def eval_inputs(name: str, n_photos: int | None = None, crops_per_photo: int = 2, seed: int = 0):
     """Real inputs to measure fidelity on: photo crops for image models, sentences for MiniLM."""
     entry = zoo_entry(name)

@@ -112,3 +112,14 @@ def test_minilm_int8_embeddings_stay_close(zoo):
         b = zoo.tokenize([s])
         cos = torch.nn.functional.cosine_similarity(g.run(*b)[0].reshape(-1), q.run(*b)[0].reshape(-1), dim=0)
         assert float(cos) >= 0.99, s
+
+
+def test_cli_calibrates_zoo_models_on_shipped_photos():
+    """`graphopt compile zoo:... --pipeline "...quantize..."` needs no --inputs: the CLI hands the pass crops of
+    shipped photos (seeded differently from the fidelity crops)."""
+    import argparse
+
+    from graphopt.cli import _data
+    data = _data(argparse.Namespace(inputs=None, model="zoo:mobilenet_v2"), None)
+    assert len(data) == 20 and tuple(data[0][0].shape) == (1, 3, 224, 224)
+    assert _data(argparse.Namespace(inputs=None, model="some.onnx"), None) is None

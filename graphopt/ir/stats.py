@@ -59,6 +59,9 @@ def node_macs(n: fx.Node) -> int:
     if t is aten.addmm.default:
         a = _shape(n.args[1])
         return numel * a[-1] if a else 0
+    if getattr(t, "__name__", "") in ("qconv2d.default", "qlinear.default"):  # integer ops: weight is arg 3
+        w = _shape(n.args[3])
+        return numel * math.prod(w[1:]) if w else 0
     if getattr(t, "__name__", "") == "bsr_linear.default":  # stored blocks only: the work the sparse kernel does
         d = _shape(n.args[1])
         return (numel // out[-1]) * math.prod(d) if d else 0

@@ -127,6 +127,7 @@ def test_fold_qdq_makes_integer_ops_and_a_smaller_artifact(tmp_path, digits):
     assert rec["stats"]["folded"] == 4 and rec["verify"]["ok"] and rec["verify"]["step"]["sqnr_db"] > 40
     targets = {str(n.target) for n in f.graph.nodes if n.op == "call_function"}
     assert {"graphopt.qconv2d.default", "graphopt.qlinear.default"} <= targets
+    assert f.stats().macs == g.stats().macs  # integer ops do the same multiply-accumulates (stats count them)
     assert "graphopt.dequantize_per_channel.default" not in targets
     assert accuracy(f.gm, xte, yte) == pytest.approx(accuracy(q.gm, xte, yte), abs=0.003)
     art_dir = graphopt.compile(f, "llvm", output=tmp_path / "int8")
