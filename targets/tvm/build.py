@@ -51,7 +51,8 @@ def compile_to_dir(graph: Graph, output: str | Path, target: str = "llvm", tunin
     """Build and write the artifact folder `output` (replaced atomically; a foreign folder is never overwritten)."""
     ex, tgt, summary, seconds = build_executable(graph, target, tuning)
     with atomic_dir(output) as tmp:
-        ex.export_library(str(tmp / "model.so"))
+        # -s: no debug sections (generated kernels have no source to step through; they were a tenth of an int8 .so)
+        ex.export_library(str(tmp / "model.so"), options=["-s"])
         (tmp / "graph.ir").write_text(graph.text())
         manifest = build_manifest(graph, str(tgt), {"kind": target, "mcpu": str(tgt.attrs.get("mcpu", "")),
                                                     "num_cores": int(tgt.attrs.get("num-cores", 0))},

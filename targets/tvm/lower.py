@@ -202,7 +202,8 @@ def _quant_converters(lifted: dict | None = None):
                 full = (ph + top, ph + bottom, pw + left, pw + right)
             if node.args[0] not in dequantized:
                 x = _dequantized(bb, xq, sx, zx)
-            y = k.emit_depthwise(bb, x, w_real, b, x_shape, int(stride[0]), full, clamp, out_q)
+            y = k.emit_depthwise(bb, x, wt.numpy(), b, x_shape, int(stride[0]), full, clamp, out_q,
+                                 w_scale=wst.double().numpy())
             dq = False
         else:
             return None

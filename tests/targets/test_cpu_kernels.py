@@ -172,22 +172,27 @@ def test_pack_weight_layout():
     assert p.shape == (2, 8, 16) and p[1, 3, 5] == w[16 + 5, 3]
 
 
-@pytest.mark.parametrize("cout,cin,p,out_int8,relu", [(13, 64, 24, True, True), (13, 63, 49, False, True), (7, 16, 8, True, True), (13, 64, 16, False, False),
-                                                      (13, 63, 49, True, False), (96, 16, 12544, False, True)])
-def test_int8_pointwise_kernel_is_exact_and_uses_vpmaddwd(cout, cin, p, out_int8, relu):
-    """int8 in, exact int32 accumulation, the requantize epilogue in registers; odd Cin, a partial channel tile and
-    an overlapping last pixel block (24, 49 pixels) included."""
+@pytest.mark.parametrize("cout,cin,p,out_int8,relu,wbits", [(13, 64, 24, True, True, 8), (13, 63, 49, False, True, 8),
+                                                            (7, 16, 8, True, True, 8), (13, 64, 16, False, False, 8),
+                                                            (13, 63, 49, True, False, 4), (96, 16, 12544, False, True, 8),
+                                                            (64, 190, 196, True, True, 4), (40, 24, 3136, True, True, 8)])
+def test_int8_pointwise_kernel_is_exact_and_uses_vpmaddwd(cout, cin, p, out_int8, relu, wbits):
+    """int8 in, exact int32 accumulation, the requantize epilogue in registers; odd Cin, a partial channel tile,
+    an overlapping last pixel block (24, 49 pixels), pixel blocks split unevenly into chunks (196, 3136 pixels) and
+    weights stored as int8 or packed int4 (widened once per task) included."""
+    from graphopt.targets.tvm.cpu.conv import store_params
     from graphopt.targets.tvm.cpu.int8 import MR, epilogue_constants, int8_kernels_available, pack_pairs, qconv1x1_source
     if not int8_kernels_available(cpu_target()):
         pytest.skip("needs AVX2")
     rng = np.random.default_rng(0)
     mt, nv = -(-cout // MR), 2 if p >= 16 else 1
     x = rng.integers(-128, 128, (cin, p)).astype(np.int8)
-    w = rng.integers(-127, 128, (cout, cin)).astype(np.int8)
+    w = rng.integers(-127 if wbits == 8 else -8, 128 if wbits == 8 else 8, (cout, cin)).astype(np.int8)
     ws, bias, sx, zx = rng.uniform(1e-3, 2e-3, cout), rng.uniform(-1, 1, cout).astype(np.float32), 0.02, -7
     out_q = (0.05, 3, -128, 127) if out_int8 else None
     from tvm.script import tirx as T
-    f = tvm.script.parse(qconv1x1_source(cout, cin, p, nv, (0.0, 6.0) if relu else None, out_q), extra_vars={"T": T})
+    f = tvm.script.parse(qconv1x1_source(cout, cin, p, nv, (0.0, 6.0) if relu else None, out_q, wbits=wbits),
+                         extra_vars={"T": T})
     if cin >= 32:  # (a shorter reduction is unrolled whole: no loop to read)
         loop = _inner_fma_loop(_asm(f), r"vpmaddwd")
         assert len(re.findall(r"vpmaddwd", loop)) >= MR  # one per output row of the tile, in the reduction loop
@@ -196,10 +201,12 @@ def test_int8_pointwise_kernel_is_exact_and_uses_vpmaddwd(cout, cin, p, out_int8
     lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target())
     consts = epilogue_constants(w, ws, bias, sx, zx, mt, out_q)
     out = tvm.runtime.tensor(np.zeros(cout * p, np.int8 if out_int8 else np.float32))
-    lib["main"](*(tvm.runtime.tensor(a) for a in (x.reshape(-1), pack_pairs(w, mt, cin + cin % 2), *consts)), out)
+    qp = store_params((0.0, 6.0) if relu else None, out_q)
+    lib["main"](*(tvm.runtime.tensor(a) for a in (x.reshape(-1), pack_pairs(w, mt, wbits), *consts, qp)), out)
     got = out.numpy().reshape(cout, p).astype(np.float64)
     acc = w.astype(np.int64) @ (x.astype(np.int64) - zx)  # the exact integer result
-    ref = acc * (ws[:, None].astype(np.float32) * np.float32(sx)) + bias[:, None]
+    b_int = np.round(bias / (ws * sx))  # the bias as stored: int32 at the accumulator's scale
+    ref = (acc + b_int[:, None]) * (ws[:, None] * sx)
     ref = np.clip(ref, 0.0, 6.0) if relu else ref
     if out_int8:
         ref = np.clip(np.round(ref / 0.05) + 3, -128, 127)
@@ -232,7 +239,7 @@ def test_quantized_mobilenet_block_keeps_int8_between_kernels(hw):
     q, got, ref = _quantized_block(model, (1, 8, hw, hw))
     names = _func_names(q)
     assert any(n.startswith("qconv1x1_24x8") and n.endswith("_clamp_qdq") for n in names), names
-    assert any(n.startswith("depthwise_24x") and n.endswith("_clamp_q") for n in names), names
+    assert any(n.startswith("depthwise_24x") and n.endswith("_clamp_q_w8") for n in names), names  # int8 weight
     assert any(n.startswith("qconv1x1_16x24") for n in names), names
     assert len([n for n in names if "round" in n]) <= 1, names  # only the model input's quantize
     # float rounding differs from the reference's integer conv in the depthwise layer: a value on a rounding
@@ -274,11 +281,13 @@ def test_int8_gemm_kernel_is_exact_and_uses_vpmaddwd(m, k, n):
     x = rng.integers(-128, 128, (m, k)).astype(np.int16)
     w = rng.integers(-127, 128, (n, k)).astype(np.int8)
     ws, bias = rng.uniform(1e-3, 2e-3, n), rng.uniform(-1, 1, n).astype(np.float32)
-    corr, mult, b = epilogue_constants(w, ws, bias, 0.02, 5, n // MR + 1)
+    off, mult = epilogue_constants(w, ws, bias, 0.02, 5, n // MR + 1)
     lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target())
     out = tvm.runtime.tensor(np.zeros(m * n, np.float32))
-    lib["main"](*(tvm.runtime.tensor(a) for a in (x.reshape(-1), pack_gemm_pairs(w), corr[:n], mult[:n], b[:n])), out)
-    ref = (x.astype(np.int64) - 5) @ w.astype(np.int64).T * (ws.astype(np.float32) * np.float32(0.02)) + bias
+    lib["main"](*(tvm.runtime.tensor(a) for a in (x.reshape(-1), pack_gemm_pairs(w), off[:n], mult[:n])), out)
+    b_int = np.round(bias / (ws * 0.02))  # the bias as stored: int32 at the accumulator's scale
+    ref = ((x.astype(np.int64) - 5) @ w.astype(np.int64).T + b_int) * (ws * 0.02)
+    assert np.abs(ref - ((x.astype(np.int64) - 5) @ w.astype(np.int64).T * (ws * 0.02) + bias)).max() <= 0.5 * (ws * 0.02).max()
     assert np.abs(out.numpy().reshape(m, n) - ref).max() <= 1e-6 * np.abs(ref).max()
 
 

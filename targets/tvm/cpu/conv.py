@@ -112,20 +112,34 @@ def grid_bounds(clamp: tuple[float, float] | None, out_q: tuple[float, int, int,
     return lo, hi
 
 
+def store_params(clamp: tuple[float, float] | None, out_q: tuple[float, int, int, int] | None) -> np.ndarray:
+    """The numbers a store uses, [lo, hi, zero point, scale] as float32, for kernels that take them as a buffer
+    (`_clamped(..., qp=)`) rather than as literals: layers of one shape then share one compiled function."""
+    if out_q is None:
+        lo, hi = clamp if clamp is not None else (-np.inf, np.inf)
+        return np.array([lo, hi, 0.0, 1.0], np.float32)
+    lo, hi = grid_bounds(clamp, out_q)
+    return np.array([lo, hi, out_q[1], out_q[0]], np.float32)
+
+
 def _clamped(e: str, clamp: tuple[float, float] | None, out_q: tuple[float, int, int, int] | None = None,
-             dequantized: bool = False) -> str:
+             dequantized: bool = False, qp: str | None = None) -> str:
     """TVMScript for `e` clamped to [lo, hi] (ReLU / ReLU6 fused into a kernel's store), or `e` itself. With out_q =
     (scale, zero point, qmin, qmax) the next quantize happens in the store: `e` must then already be in grid steps
     (the caller folds 1 / scale into the weights and bias), and is rounded (half to even), clamped once
     (`grid_bounds`) and stored as int8 or, `dequantized`, as the float that grid value stands for (for a consumer
-    that computes in float)."""
+    that computes in float). With qp (a buffer name) the bounds, zero point and scale are read from
+    `store_params`' buffer instead of written as literals."""
+    if qp is None:
+        lo, hi, zp, scale = (f"T.float32({float(v)!r})" for v in store_params(clamp, out_q))
+    else:
+        lo, hi, zp, scale = (f"{qp}[{i}]" for i in range(4))
     if out_q is None:
-        return e if clamp is None else f"T.max(T.min({e}, T.float32({clamp[1]!r})), T.float32({clamp[0]!r}))"
-    scale, zp = out_q[:2]
-    lo, hi = grid_bounds(clamp, out_q)
-    r = f"T.max(T.min(T.nearbyint({e}), T.float32({float(hi)!r})), T.float32({float(lo)!r}))"
-    return f"{r} * T.float32({float(scale)!r})" if dequantized else \
-        f'T.Cast("int8", T.Cast("int32", {r} + T.float32({float(zp)!r})))'
+        return e if clamp is None else f"T.max(T.min({e}, {hi}), {lo})"
+    # llvm.nearbyint rounds half to even like torch.round; TVM's vectorizer scalarizes T.nearbyint mixed with
+    # anything else, so the intrinsic is called directly
+    r = f'T.max(T.min(T.call_llvm_pure_intrin("float32", "llvm.nearbyint", {e}), {hi}), {lo})'
+    return f"{r} * {scale}" if dequantized else f'T.Cast("int8", T.Cast("int32", {r} + {zp}))'
 
 
 def in_grid_steps(w: np.ndarray, bias: np.ndarray | None, out_q) -> tuple[np.ndarray, np.ndarray | None]:
@@ -161,17 +175,41 @@ def _column_plan(ow: int, wd: int, kw: int, s: int, pl: int) -> tuple[list, list
 
 
 def depthwise_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int, stride: int, ph: int, pw: int,
-                     clamp: tuple[float, float] | None, out_q: tuple[float, int, int, int] | None = None) -> str:
+                     clamp: tuple[float, float] | None, out_q: tuple[float, int, int, int] | None = None,
+                     int8_weight: bool = False) -> str:
     """out[c, y, x] = bias[c] + sum w[c, i, j] * x[c, y*s + i - ph, x*s + j - pw] (zero outside the image).
 
     Padding is handled in the kernel, not by a padded copy: rows out of the image are skipped (one scalar branch
     per tap row), the interior columns are vectorized without checks, and the few border columns (and the interior
-    remainder) run a scalar loop with guarded loads."""
+    remainder) run a scalar loop with guarded loads. With `int8_weight` the weight is stored as int8 with a float
+    scale per channel (w[c] = w8[c] * ws[c]), converted once per task into a small float buffer. The store's bounds
+    and grid come from the `qp` buffer (`store_params`): layers of one shape share one function."""
     s = stride
     ot = _out_dtype(out_q, False)
+    w_arg = (f'w8: T.Buffer(({c * kh * kw},), "int8"), ws: T.Buffer(({c},), "float32")' if int8_weight
+             else f'w: T.Buffer(({c}, {kh}, {kw}), "float32")')
+
+    # int8 storage: the small-image kernel makes every channel's float taps once per call before its parallel loop
+    # (converting them in each task costs those small tasks ~10%) and reads them from memory like float storage;
+    # the row-task kernel converts its channel's taps into a stack buffer per task (reading taps from a workspace
+    # there costs ~50%: the compiler no longer keeps them apart from the output)
+    widen = "" if not int8_weight else f"""
+    wl = T.decl_buffer(({c * kh * kw},), "float32", scope="global")
+    for ch in T.serial({c}):
+        for k in T.unroll({kh * kw}):
+            wl[ch * {kh * kw} + k] = T.Cast("float32", w8[ch * {kh * kw} + k]) * ws[ch]"""
+    task_widen = "" if not int8_weight else f"""
+        wt = T.decl_buffer(({kh * kw},), "float32", scope="global")
+        for k in T.serial({kh * kw}):
+            wt[k] = T.Cast("float32", w8[(t // {oh}) * {kh * kw} + k]) * ws[t // {oh}]"""
+
+    def tap(ch: str) -> str:
+        if not int8_weight:
+            return f"w[{ch}, i, j]"
+        return f"wl[{ch} * {kh * kw} + i * {kw} + j]" if ch == "ch" else f"wt[i * {kw} + j]"
 
     def clamped(e: str) -> str:
-        return _clamped(e, clamp, out_q)
+        return _clamped(e, clamp, out_q, qp="qp")
 
     hp, wp = (oh - 1) * s + kh, (ow - 1) * s + kw  # the padded rows/columns the taps read
     if ow <= 16 and hp * wp <= 1024:
@@ -180,9 +218,10 @@ def depthwise_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int
         rows, cols = min(h, hp - ph), min(wd, wp - pw)
         return f"""
 @T.prim_func(private=True)
-def depthwise(x: T.Buffer(({c}, {h}, {wd}), "float32"), w: T.Buffer(({c}, {kh}, {kw}), "float32"),
-              bias: T.Buffer(({c},), "float32"), out: T.Buffer(({c}, {oh}, {ow}), "{ot}")):
-    T.func_attr({{"tir.noalias": True, "tirx.is_scheduled": True}})
+def depthwise(x: T.Buffer(({c}, {h}, {wd}), "float32"), {w_arg},
+              bias: T.Buffer(({c},), "float32"), qp: T.Buffer((4,), "float32"),
+              out: T.Buffer(({c}, {oh}, {ow}), "{ot}")):
+    T.func_attr({{"tir.noalias": True, "tirx.is_scheduled": True}}){widen}
     for ch in T.parallel({c}):
         tile = T.decl_buffer(({hp}, {wp}), "float32", scope="global")
         for yy in T.serial({hp}):
@@ -198,7 +237,7 @@ def depthwise(x: T.Buffer(({c}, {h}, {wd}), "float32"), w: T.Buffer(({c}, {kh}, 
             for i in T.unroll({kh}):
                 for j in T.unroll({kw}):
                     for u in T.vectorized({ow}):
-                        acc[u] = acc[u] + w[ch, i, j] * tile[y * {s} + i, u * {s} + j]
+                        acc[u] = acc[u] + {tap("ch")} * tile[y * {s} + i, u * {s} + j]
             for u in T.vectorized({ow}):
                 out[ch, y, u] = {clamped("acc[u]")}
 """
@@ -216,7 +255,7 @@ def depthwise(x: T.Buffer(({c}, {h}, {wd}), "float32"), w: T.Buffer(({c}, {kh}, 
                 if {row} >= 0 and {row} < {h}:
                     for j in T.unroll({kw}):
                         for u in T.vectorized({v}):
-                            acc{seg}[u] = acc{seg}[u] + w[t // {oh}, i, j] * x[t // {oh}, {row}, ({x0} + xo * {v} + u) * {s} + j - {pw}]
+                            acc{seg}[u] = acc{seg}[u] + {tap(f"t // {oh}")} * x[t // {oh}, {row}, ({x0} + xo * {v} + u) * {s} + j - {pw}]
             for u in T.vectorized({v}):
                 out[t // {oh}, t % {oh}, {x0} + xo * {v} + u] = {clamped(f"acc{seg}[u]")}
 """
@@ -231,15 +270,16 @@ def depthwise(x: T.Buffer(({c}, {h}, {wd}), "float32"), w: T.Buffer(({c}, {kh}, 
             for i in T.unroll({kh}):
                 for j in T.unroll({kw}):
                     acc_s{k}[0] = acc_s{k}[0] + T.if_then_else({row} >= 0 and {row} < {h} and {col} >= 0 and {col} < {wd},
-                        w[t // {oh}, i, j] * x[t // {oh}, {row}, {col}], T.float32(0))
+                        {tap(f"t // {oh}")} * x[t // {oh}, {row}, {col}], T.float32(0))
             out[t // {oh}, t % {oh}, {a} + xs] = {clamped(f"acc_s{k}[0]")}
 """
     return f"""
 @T.prim_func(private=True)
-def depthwise(x: T.Buffer(({c}, {h}, {wd}), "float32"), w: T.Buffer(({c}, {kh}, {kw}), "float32"),
-              bias: T.Buffer(({c},), "float32"), out: T.Buffer(({c}, {oh}, {ow}), "{ot}")):
+def depthwise(x: T.Buffer(({c}, {h}, {wd}), "float32"), {w_arg},
+              bias: T.Buffer(({c},), "float32"), qp: T.Buffer((4,), "float32"),
+              out: T.Buffer(({c}, {oh}, {ow}), "{ot}")):
     T.func_attr({{"tir.noalias": True, "tirx.is_scheduled": True}})
-    for t in T.parallel({c * oh}):{body}
+    for t in T.parallel({c * oh}):{task_widen}{body}
 """
 
 
@@ -251,11 +291,13 @@ def depthwise_applies(x_shape, w_shape, stride, padding, dilation, groups, trans
 
 
 def emit_depthwise(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, stride: int, padding,
-                   clamp: tuple[float, float] | None, out_q: tuple[float, int, int, int] | None = None):
+                   clamp: tuple[float, float] | None, out_q: tuple[float, int, int, int] | None = None,
+                   w_scale: np.ndarray | None = None):
     """Emit a depthwise conv (+ bias, clamp) for x [1, C, H, W] with a constant weight [C, 1, kh, kw].
 
     `padding` is (top, bottom, left, right), so an asymmetric zero pad before the conv (TF "SAME") folds in. With
-    out_q the output is int8 on that grid (the next quantize done in the store)."""
+    out_q the output is int8 on that grid (the next quantize done in the store). With w_scale, w is int8 and
+    w_scale its float scale per channel: the artifact keeps the int8 weight."""
     import tvm
     from tvm import relax
     from tvm.script import tirx as T
@@ -264,15 +306,21 @@ def emit_depthwise(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
     kh, kw = int(w.shape[2]), int(w.shape[3])
     pt, pb, pl, pr = (int(q) for q in padding)
     oh, ow = (h + pt + pb - kh) // stride + 1, (wd + pl + pr - kw) // stride + 1
-    w, bias = in_grid_steps(w, bias, out_q)
-    func = tvm.script.parse(depthwise_source(c, h, wd, oh, ow, kh, kw, stride, pt, pl, clamp, out_q),
-                            extra_vars={"T": T})
-    tag = f"{c}x{h}x{wd}_k{kh}s{stride}" + ("" if clamp is None else "_clamp") + _qtag(out_q, False)
+    if w_scale is None:
+        w, bias = in_grid_steps(w, bias, out_q)
+        weights = [relax.const(np.ascontiguousarray(w.reshape(c, kh, kw).astype(np.float32)))]
+    else:
+        w_scale, bias = in_grid_steps(np.broadcast_to(np.asarray(w_scale, np.float32).reshape(-1), (c,)).copy(), bias, out_q)
+        weights = [relax.const(np.ascontiguousarray(w.reshape(-1).astype(np.int8))), relax.const(w_scale)]
+    func = tvm.script.parse(depthwise_source(c, h, wd, oh, ow, kh, kw, stride, pt, pl, clamp, out_q,
+                                             w_scale is not None), extra_vars={"T": T})
+    tag = (f"{c}x{h}x{wd}_k{kh}s{stride}" + ("" if clamp is None else "_clamp") + _qtag(out_q, False)
+           + ("_w8" if w_scale is not None else ""))
     gv = bb.add_func(func, f"depthwise_{tag}")
     x3 = bb.emit(relax.op.reshape(x, (c, h, wd)))
     b = bias if bias is not None else np.zeros(c, np.float32)
-    y = bb.emit(relax.call_tir(gv, [x3, relax.const(np.ascontiguousarray(w.reshape(c, kh, kw))),
-                                    relax.const(b.astype(np.float32))], relax.TensorType((c, oh, ow), _out_dtype(out_q, False))))
+    y = bb.emit(relax.call_tir(gv, [x3, *weights, relax.const(b.astype(np.float32)), relax.const(store_params(clamp, out_q))],
+                               relax.TensorType((c, oh, ow), _out_dtype(out_q, False))))
     return bb.emit(relax.op.reshape(y, (1, c, oh, ow)))
 
 

@@ -6,7 +6,7 @@ The weight is packed at compile time as int16 pairs per output channel, so one 3
 interleaved (`vpunpcklbw`) and sign-extended (`vpmovsxbw`); one `vpmaddwd` then does 16 multiply-adds into 8 int32
 lanes: twice the fp32 FMA rate, exact (int8 products summed in pairs fit int32). A 6 x 16 output tile (6 channels,
 16 pixels) stays in 12 registers over all of Cin. The epilogue works on the tile in registers: it removes the input
-zero point (acc - zx * sum(w)), scales per channel (sx * w_scale), adds the bias, clamps (a fused ReLU/ReLU6) and,
+zero point and adds the int32 bias (acc - offset), scales per channel (sx * w_scale), clamps (a fused ReLU/ReLU6) and,
 when the only consumer is a quantize, rounds to the consumer's int8 grid and stores int8: no int32 or float tensor,
 no separate requantize or layout pass ever touches memory. The last pixel block overlaps the one before it (it
 starts at P - 16), so 49- and 196-pixel images need no tail code.
@@ -15,28 +15,54 @@ from __future__ import annotations
 
 import numpy as np
 
-from graphopt.targets.tvm.cpu.conv import _clamped, in_grid_steps
+from graphopt.targets.tvm.cpu.conv import _clamped, in_grid_steps, store_params
 
 MR = 6
 PAIR_ORDER = [j for i in range(8) for j in (i, i + 8)]  # byte interleave of two 8-byte rows
 
 
+def chunks(mt: int, cb: int) -> int:
+    """Pixel chunks per channel block: enough tasks for the threads, each chunk long enough that widening its
+    channel block's weights once is a small cost next to the products."""
+    return min(cb, max(1, -(-32 // mt)))
+
+
+def kpad(cin: int) -> int:
+    """Input-channel pairs as stored: a multiple of 4 so one channel block's pairs are whole 16-byte vectors."""
+    return -(-(-(-cin // 2)) // 4) * 4
+
+
+def widen(wbits: int, base: str, j: str) -> str:
+    """8 int32 words of int16 pairs (vector j of a channel block) from the stored int8 bytes (16 per vector) or
+    int4 nibbles (8 bytes per vector; a byte holds a pair, the even channel in the low nibble)."""
+    if wbits == 8:
+        return f'T.reinterpret("int32x8", T.Cast("int16x16", w8[T.ramp({base} + {j} * 16, 1, 16)]))'
+    b = f'T.Cast("int32x8", w8[T.ramp({base} + {j} * 8, 1, 8)])'  # sign-extended bytes
+    return (f"T.bitwise_or(T.bitwise_and(T.shift_right(T.shift_left({b}, T.broadcast(28, 8)), T.broadcast(28, 8)), "
+            f"T.broadcast(65535, 8)), T.shift_left(T.shift_right({b}, T.broadcast(4, 8)), T.broadcast(16, 8)))")
+
+
 def qconv1x1_source(cout: int, cin: int, p: int, nv: int, clamp: tuple[float, float] | None = None,
-                    out_q: tuple[float, int, int, int] | None = None, dequantized: bool = False) -> str:
+                    out_q: tuple[float, int, int, int] | None = None, dequantized: bool = False,
+                    wbits: int = 8) -> str:
     """TVMScript of the kernel for x int8 [Cin, P] -> out [Cout, P]: int8 when out_q = (scale, zero point, qmin,
     qmax), else float32; with `dequantized` the int8 values are stored as the floats they stand for (for a
-    depthwise consumer, which computes in float). nv vectors of 8 pixels per tile (P >= 8 * nv)."""
+    depthwise consumer, which computes in float). nv vectors of 8 pixels per tile (P >= 8 * nv). Weights are
+    stored as int8 (wbits=8) or packed int4 (wbits=4) and widened to int16 pairs once per task. The store's bounds,
+    zero point and scale come from the `qp` buffer (`store_params`), so layers of one shape share one function."""
     nr = 8 * nv
     kp, odd = divmod(cin, 2)
+    k4 = kpad(cin)
     mt, cb = -(-cout // MR), -(-p // nr)
-    c0 = f"T.min((t // {mt}) * {nr}, {p - nr})"
+    nch = chunks(mt, cb)
+    c0 = f"T.min(b * {nr}, {p - nr})"
 
     def pairs(k: str, v: int, last: bool) -> str:
         lo = f"x[T.ramp(2 * ({k}) * {p} + {c0} + {v * 8}, 1, 8)]"
         hi = "T.broadcast(T.int8(0), 8)" if last else f"x[T.ramp((2 * ({k}) + 1) * {p} + {c0} + {v * 8}, 1, 8)]"
         return f'T.Cast("int16x16", T.Shuffle([{lo}, {hi}], {PAIR_ORDER}))'
 
-    def step(k: str, last: bool = False, pad: str = " " * 12) -> str:
+    def step(k: str, last: bool = False, pad: str = " " * 16) -> str:
         # expressions are written inline: a TVMScript binding of a vector would be kept in memory, not a register
         out = f"""
 {pad}for i in T.unroll({MR}):"""
@@ -44,40 +70,53 @@ def qconv1x1_source(cout: int, cin: int, p: int, nv: int, clamp: tuple[float, fl
             acc = f"acc[T.ramp(i * {nr} + {v * 8}, 1, 8)]"
             out += f"""
 {pad}    {acc} = {acc} + T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", {pairs(k, v, last)},
-{pad}        T.reinterpret("int16x16", T.broadcast(wp[((t % {mt}) * {kp + odd} + {k}) * {MR} + i], 8)))"""
+{pad}        T.reinterpret("int16x16", T.broadcast(wl[({k}) * {MR} + i], 8)))"""
         return out
 
-    co = f"(t % {mt}) * {MR} + i"
+    co = f"(t // {nch}) * {MR} + i"
     store = ""
     for v in range(nv):
-        # (acc - zx sum(w)) * mult + bias; with out_q, mult and bias are in the output's grid steps (emit scales them)
-        val = (f'T.Cast("float32", acc[i * {nr} + {v * 8} + u] - corr[{co}]) * mult[{co}] + bias[{co}]')
+        # (acc - offset) * mult: offset holds the zero point's sum and the int32 bias; with out_q, mult is in the
+        # output's grid steps (emit scales it)
+        val = f'T.Cast("float32", acc[i * {nr} + {v * 8} + u] - off[{co}]) * mult[{co}]'
         store += f"""
-                for u in T.vectorized(8):
-                    out[({co}) * {p} + {c0} + {v * 8} + u] = {_clamped(val, clamp, out_q, dequantized)}"""
+                    for u in T.vectorized(8):
+                        out[({co}) * {p} + {c0} + {v * 8} + u] = {_clamped(val, clamp, out_q, dequantized, qp='qp')}"""
     return f"""
 @T.prim_func(private=True)
-def qconv1x1(x: T.Buffer(({cin * p},), "int8"), wp: T.Buffer(({mt * (kp + odd) * MR},), "int32"),
-             corr: T.Buffer(({mt * MR},), "int32"), mult: T.Buffer(({mt * MR},), "float32"),
-             bias: T.Buffer(({mt * MR},), "float32"), out: T.Buffer(({cout * p},), "{'int8' if out_q and not dequantized else 'float32'}")):
+def qconv1x1(x: T.Buffer(({cin * p},), "int8"), w8: T.Buffer(({mt * k4 * MR * wbits // 4},), "int8"),
+             off: T.Buffer(({mt * MR},), "int32"), mult: T.Buffer(({mt * MR},), "float32"),
+             qp: T.Buffer((4,), "float32"),
+             out: T.Buffer(({cout * p},), "{'int8' if out_q and not dequantized else 'float32'}")):
     T.func_attr({{"tir.noalias": True, "tirx.is_scheduled": True}})
-    for t in T.parallel({mt * cb}):
+    for t in T.parallel({mt * nch}):
+        wl = T.decl_buffer(({k4 * MR},), "int32", scope="global")
+        for j in T.serial({k4 * MR // 8}):
+            wl[T.ramp(j * 8, 1, 8)] = {widen(wbits, f"(t // {nch}) * {k4 * MR * wbits // 4}", "j")}
         acc = T.decl_buffer(({MR * nr},), "int32", scope="global")
-        for i in T.unroll({MR}):
-            acc[T.ramp(i * {nr}, 1, {nr})] = T.broadcast(T.int32(0), {nr})
-        for kk in T.serial({kp}):{step("kk")}{step(str(kp), True, " " * 8) if odd else ""}
-        for i in T.unroll({MR}):
-            if {co} < {cout}:{store}
+        for b in T.serial((t % {nch}) * {cb} // {nch}, (t % {nch} + 1) * {cb} // {nch}):
+            for i in T.unroll({MR}):
+                acc[T.ramp(i * {nr}, 1, {nr})] = T.broadcast(T.int32(0), {nr})
+            for kk in T.serial({kp}):{step("kk")}{step(str(kp), True, " " * 12) if odd else ""}
+            for i in T.unroll({MR}):
+                if {co} < {cout}:{store}
 """
 
 
-def pack_pairs(wq: np.ndarray, mt: int, cin2: int) -> np.ndarray:
-    """int8 W [Cout, Cin] -> int32 words of int16 pairs [Cout/MR, Cin/2, MR] (zero-padded rows and channels)."""
+def pack_pairs(wq: np.ndarray, mt: int, wbits: int = 8) -> np.ndarray:
+    """int8 W [Cout, Cin] -> the stored weight [Cout/MR, Cin pairs (kpad), MR, 2] as int8 bytes, or with wbits=4
+    as int4 nibbles (the even channel of a pair in the low nibble); zero-padded rows and channels."""
     cout, cin = wq.shape
-    w = np.zeros((mt * MR, cin2), np.int16)
+    k4 = kpad(cin)
+    w = np.zeros((mt * MR, 2 * k4), np.int8)
     w[:cout, :cin] = wq
-    pairs = np.ascontiguousarray(w.reshape(mt, MR, cin2 // 2, 2).transpose(0, 2, 1, 3))
-    return pairs.view(np.int32).reshape(-1)
+    pairs = np.ascontiguousarray(w.reshape(mt, MR, k4, 2).transpose(0, 2, 1, 3))
+    if wbits == 4:
+        if pairs.min() < -8 or pairs.max() > 7:
+            raise ValueError("int4 packing needs weights in [-8, 7]")
+        u = pairs.astype(np.uint8) & 0xF
+        return (u[..., 0] | (u[..., 1] << 4)).astype(np.uint8).view(np.int8).reshape(-1)
+    return pairs.reshape(-1)
 
 
 def int8_kernels_available(target) -> bool:
@@ -93,19 +132,25 @@ def qconv1x1_applies(x_shape) -> bool:
 
 
 def epilogue_constants(wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | None, sx: float, zx: int, mt: int,
-                       out_q=None):
-    """Per output channel (padded to mt * MR): zx * sum(w) (int32), sx * w_scale and bias (float32); the last two in
-    the output's grid steps when the store quantizes (out_q)."""
+                       out_q=None) -> tuple[np.ndarray, np.ndarray]:
+    """Per output channel (padded to mt * MR): the accumulator offset zx * sum(w) - round(bias / (sx * w_scale))
+    (int32: the bias is quantized at the accumulator's scale, as ONNX QLinearConv and TFLite store it, at most half
+    an accumulator step from the float bias) and the multiplier sx * w_scale (float32, in the output's grid steps
+    when the store quantizes: out_q). The store computes (acc - offset) * multiplier."""
     cout = wq.shape[0]
-    corr = np.zeros(mt * MR, np.int32)
-    corr[:cout] = int(zx) * wq.reshape(cout, -1).astype(np.int64).sum(1)
-    mult = np.zeros(mt * MR, np.float32)
-    mult[:cout] = w_scales.astype(np.float32) * np.float32(sx)
-    b = np.zeros(mt * MR, np.float32)
+    scale = np.zeros(mt * MR, np.float64)
+    scale[:cout] = np.asarray(w_scales, np.float64) * float(sx)
+    off = np.zeros(mt * MR, np.int64)
+    off[:cout] = int(zx) * wq.reshape(cout, -1).astype(np.int64).sum(1)
     if bias is not None:
+        b = np.zeros(mt * MR, np.float64)
         b[:cout] = bias
-    mult, b = in_grid_steps(mult, b, out_q)
-    return corr, mult, b
+        with np.errstate(divide="ignore", invalid="ignore"):
+            off -= np.where(scale > 0, np.round(b / np.where(scale > 0, scale, 1.0)), 0).astype(np.int64)
+    if np.abs(off).max(initial=0) >= 2 ** 31:
+        raise ValueError("bias / (input scale * weight scale) does not fit int32: the layer's scales are degenerate")
+    mult, _ = in_grid_steps(scale.astype(np.float32), None, out_q)
+    return off.astype(np.int32), mult.astype(np.float32)
 
 
 def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | None, sx: float, zx: int,
@@ -121,14 +166,17 @@ def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray
     cout, p = int(wq.shape[0]), h * w
     nv = 2 if p >= 16 else 1
     mt = -(-cout // MR)
-    src = qconv1x1_source(cout, cin, p, nv, clamp, out_q, dequantized)
-    tag = f"{cout}x{cin}x{p}" + ("" if clamp is None else "_clamp") + ("_q" if out_q else "") + ("dq" if dequantized else "")
+    w2 = wq.reshape(cout, cin)
+    wbits = 4 if w2.min() >= -8 and w2.max() <= 7 else 8  # int4 weights (or any that fit) are stored as nibbles
+    src = qconv1x1_source(cout, cin, p, nv, clamp, out_q, dequantized, wbits)
+    tag = (f"{cout}x{cin}x{p}" + ("" if clamp is None else "_clamp") + ("_q" if out_q else "") + ("dq" if dequantized else "")
+           + ("_w4" if wbits == 4 else ""))
     gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), f"qconv1x1_{tag}")
     consts = epilogue_constants(wq, w_scales, bias, sx, zx, mt, out_q)
     dtype = "int8" if out_q and not dequantized else "float32"
     y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(xq, (cin * p,))),
-                                    relax.const(pack_pairs(wq.reshape(cout, cin), mt, cin + cin % 2)),
-                                    *(relax.const(c) for c in consts)],
+                                    relax.const(pack_pairs(w2, mt, wbits)),
+                                    *(relax.const(c) for c in consts), relax.const(store_params(clamp, out_q))],
                                relax.TensorType((cout * p,), dtype)))
     return bb.emit(relax.op.reshape(y, (1, cout, h, w)))
 
@@ -140,8 +188,7 @@ def qgemm_source(m: int, k: int, n: int) -> str:
     """TVMScript of y[M, N] = dequant(a[M, K] @ W^T) for a int16 (int8 values, widened by the producing quantize)
     and W (int8, so the artifact stays small) packed as pairs per panel of 16 columns: per reduction step one
     32-bit broadcast of a[m, 2k:2k+2] and two sign-extending panel loads (`vpmovsxbw`) feed 12 `vpmaddwd` (6 rows x
-    16 columns); the epilogue removes the zero point, scales per
-    column and adds the bias in registers. Tiles are panel-major (a panel stays in L2 for every row tile); the last
+    16 columns); the epilogue removes the zero point, adds the int32 bias and scales per column in registers. Tiles are panel-major (a panel stays in L2 for every row tile); the last
     row tile overlaps the one before it (M >= 6, any M % 6)."""
     kp, mt, nt = k // 2, -(-m // MR), n // NR_GEMM
     r0 = f"T.min((t % {mt}) * {MR}, {m - MR})"
@@ -156,11 +203,11 @@ def qgemm_source(m: int, k: int, n: int) -> str:
     for h in range(2):
         cols = f"T.ramp({col} + {h * 8}, 1, 8)"
         store += f"""
-            out[T.ramp(({r0} + i) * {n} + {col} + {h * 8}, 1, 8)] = T.Cast("float32x8", acc[T.ramp(i * 16 + {h * 8}, 1, 8)] - corr[{cols}]) * mult[{cols}] + bias[{cols}]"""
+            out[T.ramp(({r0} + i) * {n} + {col} + {h * 8}, 1, 8)] = T.Cast("float32x8", acc[T.ramp(i * 16 + {h * 8}, 1, 8)] - off[{cols}]) * mult[{cols}]"""
     return f"""
 @T.prim_func(private=True)
 def qgemm(a: T.Buffer(({m * k},), "int16"), wp: T.Buffer(({nt * kp * 2 * 16},), "int8"),
-          corr: T.Buffer(({n},), "int32"), mult: T.Buffer(({n},), "float32"), bias: T.Buffer(({n},), "float32"),
+          off: T.Buffer(({n},), "int32"), mult: T.Buffer(({n},), "float32"),
           out: T.Buffer(({m * n},), "float32")):
     T.func_attr({{"tir.noalias": True, "tirx.is_scheduled": True}})
     for t in T.parallel({mt * nt}):
@@ -202,13 +249,13 @@ def emit_qlinear(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray 
     n_pad = -(-n // NR_GEMM) * NR_GEMM  # channel-pruned widths: zero columns past N, sliced off below
     w = np.zeros((n_pad, k), np.int8)
     w[:n] = wq
-    corr, mult, b = epilogue_constants(w, np.pad(w_scales, (0, n_pad - n)), None if bias is None else
-                                       np.pad(bias, (0, n_pad - n)), sx, zx, n_pad // MR + 1)
+    off, mult = epilogue_constants(w, np.pad(w_scales, (0, n_pad - n)), None if bias is None else
+                                   np.pad(bias, (0, n_pad - n)), sx, zx, n_pad // MR + 1)
     gv = bb.add_func(tvm.script.parse(qgemm_source(m, k, n_pad), extra_vars={"T": T}), f"qgemm_{m}x{k}x{n_pad}")
     # the int16 copy fuses into the quantize that produced xq: one pass writes the widened values
     a = bb.emit(relax.op.reshape(bb.emit(relax.op.astype(xq, "int16")), (m * k,)))
     y = bb.emit(relax.call_tir(gv, [a, relax.const(pack_gemm_pairs(w)),
-                                    *(relax.const(c[:n_pad]) for c in (corr, mult, b))],
+                                    *(relax.const(c[:n_pad]) for c in (off, mult))],
                                relax.TensorType((m * n_pad,), "float32")))
     y = bb.emit(relax.op.reshape(y, (m, n_pad)))
     if n_pad != n:
