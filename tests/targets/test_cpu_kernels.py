@@ -45,7 +45,7 @@ def test_linear_uses_packed_gemm_and_matches_torch(rows, width):
 
 
 @pytest.mark.parametrize("cout,cin,hw,act", [(96, 16, 12, torch.nn.ReLU6()), (13, 8, 7, torch.nn.ReLU()),
-                                             (32, 24, 4, torch.nn.Identity())])
+                                             (32, 24, 4, torch.nn.Identity()), (24, 9, 18, torch.nn.ReLU6())])
 def test_pointwise_conv_uses_packed_kernel_with_fused_clamp(cout, cin, hw, act):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(cin, cout, 1), act).eval()
@@ -61,7 +61,8 @@ def test_pointwise_conv_uses_packed_kernel_with_fused_clamp(cout, cin, hw, act):
 
 
 @pytest.mark.parametrize("c,hw,k,stride,act", [(16, 18, 3, 1, torch.nn.ReLU6()), (8, 15, 3, 2, torch.nn.Identity()),
-                                               (12, 9, 5, 2, torch.nn.ReLU()), (4, 40, 5, 1, torch.nn.Identity())])
+                                               (12, 9, 5, 2, torch.nn.ReLU()), (4, 40, 5, 1, torch.nn.Identity()),
+                                               (6, 70, 3, 2, torch.nn.ReLU6()), (4, 81, 5, 2, torch.nn.Identity())])
 def test_depthwise_conv_kernel_handles_padding_in_the_kernel(c, hw, k, stride, act):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(c, c, k, stride, k // 2, groups=c), act).eval()

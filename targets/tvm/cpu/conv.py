@@ -35,6 +35,36 @@ def _tile_nest(rows: int, cols: int, r0: str, c0: str, n_tiles: str, k: int, cla
 """
 
 
+def _column_tail(rt: int, c0: int, crem: int, cin: int, clamp: tuple[float, float] | None) -> str:
+    """The last crem (<= 4) pixels of every whole channel tile, vectorized over the tile's MR channels (one packed
+    weight row against a broadcast pixel) and summed in `parts` independent partial sums over k (one chain would
+    wait on the FMA latency at every k: a 49-pixel image's last pixel cost as much as 19 others)."""
+    parts = 4 if crem <= 2 else 2
+    kq, kr = divmod(cin, parts)
+    val = _clamped(" + ".join(f"acc_t[{q}, c, i]" for q in range(parts)), clamp)
+    rest = "" if not kr else f"""
+            for kk in T.serial({kr}):
+                for c in T.unroll({crem}):
+                    for i in T.vectorized({MR}):
+                        acc_t[0, c, i] = acc_t[0, c, i] + wp[t, {kq * parts} + kk, i] * x[{kq * parts} + kk, {c0} + c]"""
+    return f"""
+        for t in T.parallel({rt}):
+            acc_t = T.decl_buffer(({parts}, {crem}, {MR}), "float32", scope="global")
+            for q in T.unroll({parts}):
+                for c in T.unroll({crem}):
+                    for i in T.vectorized({MR}):
+                        acc_t[q, c, i] = T.if_then_else(q == 0, bias[t * {MR} + i], T.float32(0))
+            for kk in T.serial({kq}):
+                for q in T.unroll({parts}):
+                    for c in T.unroll({crem}):
+                        for i in T.vectorized({MR}):
+                            acc_t[q, c, i] = acc_t[q, c, i] + wp[t, kk * {parts} + q, i] * x[kk * {parts} + q, {c0} + c]{rest}
+            for c in T.unroll({crem}):
+                for i in T.unroll({MR}):
+                    out[t * {MR} + i, {c0} + c] = {val}
+"""
+
+
 def conv1x1_source(cout: int, cin: int, p: int, nr: int, clamp: tuple[float, float] | None) -> str:
     rt, rrem = divmod(cout, MR)
     ct, crem = divmod(p, nr)
@@ -44,7 +74,9 @@ def conv1x1_source(cout: int, cin: int, p: int, nr: int, clamp: tuple[float, flo
         body += _tile_nest(MR, nr, f"(t % {rt}) * {MR}", f"(t // {rt}) * {nr}", str(rt * ct), cin, clamp, "acc")
     if rrem and ct:
         body += _tile_nest(rrem, nr, str(rt * MR), f"t * {nr}", str(ct), cin, clamp, "acc_r")
-    if rt and crem:
+    if rt and 0 < crem <= 4:
+        body += _column_tail(rt, ct * nr, crem, cin, clamp)
+    elif rt and crem:
         body += _tile_nest(MR, crem, f"t * {MR}", str(ct * nr), str(rt), cin, clamp, "acc_c")
     if rrem and crem:
         body += _tile_nest(rrem, crem, f"t * 0 + {rt * MR}", str(ct * nr), "1", cin, clamp, "acc_rc")
@@ -85,9 +117,10 @@ def emit_conv1x1(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, lanes: 
     b = bias if bias is not None else np.zeros(cout, np.float32)
     func = conv1x1_packed(cout, cin, p, nr, clamp)
     tag = f"{cout}x{cin}x{p}" + ("" if clamp is None else "_clamp")
-    gv = bb.add_func(func, f"conv1x1_packed_{tag}")
+    packed, name = pack_rows(w.reshape(cout, cin)), f"conv1x1_packed_{tag}"
+    gv = bb.add_func(func, name)
     x2 = bb.emit(relax.op.reshape(x, (cin, p)))
-    y = bb.emit(relax.call_tir(gv, [x2, relax.const(pack_rows(w.reshape(cout, cin))),
+    y = bb.emit(relax.call_tir(gv, [x2, relax.const(packed),
                                     relax.const(b.astype(np.float32))],
                                relax.TensorType((cout, p), "float32")))
     return bb.emit(relax.op.reshape(y, (1, cout, h, wd)))
@@ -203,6 +236,19 @@ def depthwise_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int
         for k in T.serial({kh * kw}):
             wt[k] = T.Cast("float32", w8[(t // {oh}) * {kh * kw} + k]) * ws[t // {oh}]"""
 
+    def fma(acc: str, v: int, wexpr: str, row: str, base: str, shuffle: bool = True) -> str:
+        """acc[0:v] += w * the v inputs at base, base + s, ... of a row (`row` is the indexing up to the column).
+        Stride 2 loads the 2v - 1 contiguous inputs as two vectors and keeps the even lanes (a shuffle): TVM would
+        otherwise gather them with a scalar load and insert per lane (2x slower on MobileNetV2's 112x112 stride-2
+        layer; on the small-image tiles, 7- and 14-lane rows, the gather measured faster)."""
+        if s == 1 or not shuffle:
+            return f"""for u in T.vectorized({v}):
+                            {acc}[u] = {acc}[u] + {wexpr} * {row}{base} + u * {s}]"""
+        lo, hi = f"{row}T.ramp({base}, 1, {v})]", f"{row}T.ramp({base} + {v - 1}, 1, {v})]"
+        lanes = [2 * u for u in range((v + 1) // 2)] + [2 * ((v + 1) // 2) + 2 * u + 1 for u in range(v // 2)]
+        xs = f"T.Shuffle([{lo}, {hi}], {lanes})"
+        return f"{acc}[T.ramp(0, 1, {v})] = {acc}[T.ramp(0, 1, {v})] + T.broadcast({wexpr}, {v}) * {xs}"
+
     def tap(ch: str) -> str:
         if not int8_weight:
             return f"w[{ch}, i, j]"
@@ -236,8 +282,7 @@ def depthwise(x: T.Buffer(({c}, {h}, {wd}), "float32"), {w_arg},
                 acc[u] = bias[ch]
             for i in T.unroll({kh}):
                 for j in T.unroll({kw}):
-                    for u in T.vectorized({ow}):
-                        acc[u] = acc[u] + {tap("ch")} * tile[y * {s} + i, u * {s} + j]
+                    {fma("acc", ow, tap("ch"), "tile[y * " + str(s) + " + i, ", "j", shuffle=False)}
             for u in T.vectorized({ow}):
                 out[ch, y, u] = {clamped("acc[u]")}
 """
@@ -254,8 +299,7 @@ def depthwise(x: T.Buffer(({c}, {h}, {wd}), "float32"), {w_arg},
             for i in T.unroll({kh}):
                 if {row} >= 0 and {row} < {h}:
                     for j in T.unroll({kw}):
-                        for u in T.vectorized({v}):
-                            acc{seg}[u] = acc{seg}[u] + {tap(f"t // {oh}")} * x[t // {oh}, {row}, ({x0} + xo * {v} + u) * {s} + j - {pw}]
+                        {fma(f"acc{seg}", v, tap(f"t // {oh}"), f"x[t // {oh}, {row}, ", f"({x0} + xo * {v}) * {s} + j - {pw}")}
             for u in T.vectorized({v}):
                 out[t // {oh}, t % {oh}, {x0} + xo * {v} + u] = {clamped(f"acc{seg}[u]")}
 """
