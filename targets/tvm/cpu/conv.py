@@ -240,7 +240,7 @@ def depthwise_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int
         """acc[0:v] += w * the v inputs at base, base + s, ... of a row (`row` is the indexing up to the column).
         Stride 2 loads the 2v - 1 contiguous inputs as two vectors and keeps the even lanes (a shuffle): TVM would
         otherwise gather them with a scalar load and insert per lane (2x slower on MobileNetV2's 112x112 stride-2
-        layer; on the small-image tiles, 7- and 14-lane rows, the gather measured faster)."""
+        layer)."""
         if s == 1 or not shuffle:
             return f"""for u in T.vectorized({v}):
                             {acc}[u] = {acc}[u] + {wexpr} * {row}{base} + u * {s}]"""
@@ -258,10 +258,14 @@ def depthwise_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int
         return _clamped(e, clamp, out_q, qp="qp")
 
     hp, wp = (oh - 1) * s + kh, (ow - 1) * s + kw  # the padded rows/columns the taps read
-    if ow <= 16 and hp * wp <= 1024:
+    lanes = -(-ow // 8) * 8  # whole vectors: a 7- or 14-lane row was assembled from 4-, 2- and 1-lane pieces per tap
+    wpl = max(wp, (lanes - 1) * s + kw)  # the tile is wide enough for the extra lanes to read zeros
+    # (a 5x5 kernel's scalar border columns cost more than the copy even on a 59x67 tile; 3x3 ones only up to ~2K)
+    if ow <= 32 and hp * wpl <= (4096 if kw >= 5 else 2048):
         # small images (the 14x14 and 7x7 stages): with 5x5 taps most columns are borders, so copy each channel
-        # into a zeroed padded tile on the stack and run every output row as one unguarded vector
+        # into a zeroed padded tile on the stack and run every output row as whole unguarded vectors
         rows, cols = min(h, hp - ph), min(wd, wp - pw)
+        hp, wp, ow_st = hp, wpl, ow
         return f"""
 @T.prim_func(private=True)
 def depthwise(x: T.Buffer(({c}, {h}, {wd}), "float32"), {w_arg},
@@ -274,16 +278,16 @@ def depthwise(x: T.Buffer(({c}, {h}, {wd}), "float32"), {w_arg},
             for xx in T.vectorized({wp}):
                 tile[yy, xx] = T.float32(0)
         for yy in T.serial({rows}):
-            for xx in T.serial({cols}):
+            for xx in T.vectorized({cols}):
                 tile[yy + {ph}, xx + {pw}] = x[ch, yy, xx]
         for y in T.serial({oh}):
-            acc = T.decl_buffer(({ow},), "float32", scope="global")
-            for u in T.vectorized({ow}):
+            acc = T.decl_buffer(({lanes},), "float32", scope="global")
+            for u in T.vectorized({lanes}):
                 acc[u] = bias[ch]
             for i in T.unroll({kh}):
                 for j in T.unroll({kw}):
-                    {fma("acc", ow, tap("ch"), "tile[y * " + str(s) + " + i, ", "j", shuffle=False)}
-            for u in T.vectorized({ow}):
+                    {fma("acc", lanes, tap("ch"), "tile[y * " + str(s) + " + i, ", "j")}
+            for u in T.vectorized({ow_st}):
                 out[ch, y, u] = {clamped("acc[u]")}
 """
 
