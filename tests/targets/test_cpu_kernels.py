@@ -177,11 +177,14 @@ def test_pack_weight_layout():
 @pytest.mark.parametrize("cout,cin,p,out_int8,relu,wbits", [(13, 64, 24, True, True, 8), (13, 63, 49, False, True, 8),
                                                             (7, 16, 8, True, True, 8), (13, 64, 16, False, False, 8),
                                                             (13, 63, 49, True, False, 4), (96, 16, 12544, False, True, 8),
-                                                            (64, 190, 196, True, True, 4), (40, 24, 3136, True, True, 8)])
+                                                            (64, 190, 196, True, True, 4), (40, 24, 3136, True, True, 8),
+                                                            (13, 64, 24, False, True, -8)])
 def test_int8_pointwise_kernel_is_exact_and_uses_vpmaddwd(cout, cin, p, out_int8, relu, wbits):
     """int8 in, exact int32 accumulation, the requantize epilogue in registers; odd Cin, a partial channel tile,
     an overlapping last pixel block (24, 49 pixels), pixel blocks split unevenly into chunks (196, 3136 pixels) and
-    weights stored as int8 or packed int4 (widened once per task) included."""
+    weights stored as int8 or packed int4 (widened once per task) included. wbits=-8: one channel's weight scale
+    is ~0, so its bias does not fit int32 at the accumulator's scale and the kernel keeps a float bias."""
+    degenerate, wbits = wbits < 0, abs(wbits)
     from graphopt.targets.tvm.cpu.conv import store_params
     from graphopt.targets.tvm.cpu.int8 import MR, epilogue_constants, int8_kernels_available, pack_pairs, qconv1x1_source
     if not int8_kernels_available(cpu_target()):
@@ -191,24 +194,31 @@ def test_int8_pointwise_kernel_is_exact_and_uses_vpmaddwd(cout, cin, p, out_int8
     x = rng.integers(-128, 128, (cin, p)).astype(np.int8)
     w = rng.integers(-127 if wbits == 8 else -8, 128 if wbits == 8 else 8, (cout, cin)).astype(np.int8)
     ws, bias, sx, zx = rng.uniform(1e-3, 2e-3, cout), rng.uniform(-1, 1, cout).astype(np.float32), 0.02, -7
+    if degenerate:
+        ws[3] = 1e-12
     out_q = (0.05, 3, -128, 127) if out_int8 else None
+    consts = epilogue_constants(w, ws, bias, sx, zx, mt, out_q)
+    assert (consts[2] is not None) == degenerate
     from tvm.script import tirx as T
-    f = tvm.script.parse(qconv1x1_source(cout, cin, p, nv, (0.0, 6.0) if relu else None, out_q, wbits=wbits),
-                         extra_vars={"T": T})
+    f = tvm.script.parse(qconv1x1_source(cout, cin, p, nv, (0.0, 6.0) if relu else None, out_q, wbits=wbits,
+                                         float_bias=degenerate), extra_vars={"T": T})
     if cin >= 32:  # (a shorter reduction is unrolled whole: no loop to read)
         loop = _inner_fma_loop(_asm(f), r"vpmaddwd")
         assert len(re.findall(r"vpmaddwd", loop)) >= MR  # one per output row of the tile, in the reduction loop
         assert re.search(r"vpmovsxbw", loop)  # int8 read and widened in registers: no int16 copy of the activation
         assert not re.search(r"vmovdq[au]\s+%ymm\d+, ", loop)  # accumulators stay in registers
     lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target())
-    consts = epilogue_constants(w, ws, bias, sx, zx, mt, out_q)
     out = tvm.runtime.tensor(np.zeros(cout * p, np.int8 if out_int8 else np.float32))
     qp = store_params((0.0, 6.0) if relu else None, out_q)
-    lib["main"](*(tvm.runtime.tensor(a) for a in (x.reshape(-1), pack_pairs(w, mt, wbits), *consts, qp)), out)
+    lib["main"](*(tvm.runtime.tensor(a) for a in (x.reshape(-1), pack_pairs(w, mt, wbits),
+                                                  *(c for c in consts if c is not None), qp)), out)
     got = out.numpy().reshape(cout, p).astype(np.float64)
     acc = w.astype(np.int64) @ (x.astype(np.int64) - zx)  # the exact integer result
-    b_int = np.round(bias / (ws * sx))  # the bias as stored: int32 at the accumulator's scale
-    ref = (acc + b_int[:, None]) * (ws[:, None] * sx)
+    if degenerate:
+        ref = acc * (ws[:, None] * sx) + bias[:, None]
+    else:
+        b_int = np.round(bias / (ws * sx))  # the bias as stored: int32 at the accumulator's scale
+        ref = (acc + b_int[:, None]) * (ws[:, None] * sx)
     ref = np.clip(ref, 0.0, 6.0) if relu else ref
     if out_int8:
         ref = np.clip(np.round(ref / 0.05) + 3, -128, 127)
@@ -283,7 +293,8 @@ def test_int8_gemm_kernel_is_exact_and_uses_vpmaddwd(m, k, n):
     x = rng.integers(-128, 128, (m, k)).astype(np.int16)
     w = rng.integers(-127, 128, (n, k)).astype(np.int8)
     ws, bias = rng.uniform(1e-3, 2e-3, n), rng.uniform(-1, 1, n).astype(np.float32)
-    off, mult = epilogue_constants(w, ws, bias, 0.02, 5, n // MR + 1)
+    off, mult, fb = epilogue_constants(w, ws, bias, 0.02, 5, n // MR + 1)
+    assert fb is None  # the bias fits int32 at the accumulator's scale
     lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target())
     out = tvm.runtime.tensor(np.zeros(m * n, np.float32))
     lib["main"](*(tvm.runtime.tensor(a) for a in (x.reshape(-1), pack_gemm_pairs(w), off[:n], mult[:n])), out)

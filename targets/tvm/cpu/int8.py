@@ -44,7 +44,7 @@ def widen(wbits: int, base: str, j: str) -> str:
 
 def qconv1x1_source(cout: int, cin: int, p: int, nv: int, clamp: tuple[float, float] | None = None,
                     out_q: tuple[float, int, int, int] | None = None, dequantized: bool = False,
-                    wbits: int = 8) -> str:
+                    wbits: int = 8, float_bias: bool = False) -> str:
     """TVMScript of the kernel for x int8 [Cin, P] -> out [Cout, P]: int8 when out_q = (scale, zero point, qmin,
     qmax), else float32; with `dequantized` the int8 values are stored as the floats they stand for (for a
     depthwise consumer, which computes in float). nv vectors of 8 pixels per tile (P >= 8 * nv). Weights are
@@ -53,6 +53,7 @@ def qconv1x1_source(cout: int, cin: int, p: int, nv: int, clamp: tuple[float, fl
     nr = 8 * nv
     kp, odd = divmod(cin, 2)
     k4 = kpad(cin)
+    bias_arg = f' bias: T.Buffer(({-(-cout // MR) * MR},), "float32"),' if float_bias else ""
     mt, cb = -(-cout // MR), -(-p // nr)
     nch = chunks(mt, cb)
     c0 = f"T.min(b * {nr}, {p - nr})"
@@ -78,14 +79,14 @@ def qconv1x1_source(cout: int, cin: int, p: int, nv: int, clamp: tuple[float, fl
     for v in range(nv):
         # (acc - offset) * mult: offset holds the zero point's sum and the int32 bias; with out_q, mult is in the
         # output's grid steps (emit scales it)
-        val = f'T.Cast("float32", acc[i * {nr} + {v * 8} + u] - off[{co}]) * mult[{co}]'
+        val = f'T.Cast("float32", acc[i * {nr} + {v * 8} + u] - off[{co}]) * mult[{co}]' + (f" + bias[{co}]" if float_bias else "")
         store += f"""
                     for u in T.vectorized(8):
                         out[({co}) * {p} + {c0} + {v * 8} + u] = {_clamped(val, clamp, out_q, dequantized, qp='qp')}"""
     return f"""
 @T.prim_func(private=True)
 def qconv1x1(x: T.Buffer(({cin * p},), "int8"), w8: T.Buffer(({mt * k4 * MR * wbits // 4},), "int8"),
-             off: T.Buffer(({mt * MR},), "int32"), mult: T.Buffer(({mt * MR},), "float32"),
+             off: T.Buffer(({mt * MR},), "int32"), mult: T.Buffer(({mt * MR},), "float32"),{bias_arg}
              qp: T.Buffer((4,), "float32"),
              out: T.Buffer(({cout * p},), "{'int8' if out_q and not dequantized else 'float32'}")):
     T.func_attr({{"tir.noalias": True, "tirx.is_scheduled": True}})
@@ -132,25 +133,29 @@ def qconv1x1_applies(x_shape) -> bool:
 
 
 def epilogue_constants(wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | None, sx: float, zx: int, mt: int,
-                       out_q=None) -> tuple[np.ndarray, np.ndarray]:
+                       out_q=None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Per output channel (padded to mt * MR): the accumulator offset zx * sum(w) - round(bias / (sx * w_scale))
     (int32: the bias is quantized at the accumulator's scale, as ONNX QLinearConv and TFLite store it, at most half
     an accumulator step from the float bias) and the multiplier sx * w_scale (float32, in the output's grid steps
-    when the store quantizes: out_q). The store computes (acc - offset) * multiplier."""
+    when the store quantizes: out_q). The store computes (acc - offset) * multiplier. When some channel's bias does
+    not fit int32 at that scale (a near-zero weight scale), the bias stays float: third value, added after the
+    multiply (else None)."""
     cout = wq.shape[0]
     scale = np.zeros(mt * MR, np.float64)
     scale[:cout] = np.asarray(w_scales, np.float64) * float(sx)
     off = np.zeros(mt * MR, np.int64)
     off[:cout] = int(zx) * wq.reshape(cout, -1).astype(np.int64).sum(1)
-    if bias is not None:
-        b = np.zeros(mt * MR, np.float64)
-        b[:cout] = bias
-        with np.errstate(divide="ignore", invalid="ignore"):
-            off -= np.where(scale > 0, np.round(b / np.where(scale > 0, scale, 1.0)), 0).astype(np.int64)
-    if np.abs(off).max(initial=0) >= 2 ** 31:
-        raise ValueError("bias / (input scale * weight scale) does not fit int32: the layer's scales are degenerate")
     mult, _ = in_grid_steps(scale.astype(np.float32), None, out_q)
-    return off.astype(np.int32), mult.astype(np.float32)
+    if bias is None:
+        return off.astype(np.int32), mult.astype(np.float32), None
+    b = np.zeros(mt * MR, np.float64)
+    b[:cout] = bias
+    with np.errstate(divide="ignore", invalid="ignore"):
+        b_int = np.where(scale > 0, np.round(b / np.where(scale > 0, scale, 1.0)), 0)
+    if np.abs(off - b_int).max(initial=0) < 2 ** 31:
+        return (off - b_int.astype(np.int64)).astype(np.int32), mult.astype(np.float32), None
+    _, fb = in_grid_steps(mult, b.astype(np.float32), out_q)
+    return off.astype(np.int32), mult.astype(np.float32), fb.astype(np.float32)
 
 
 def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | None, sx: float, zx: int,
@@ -168,15 +173,16 @@ def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray
     mt = -(-cout // MR)
     w2 = wq.reshape(cout, cin)
     wbits = 4 if w2.min() >= -8 and w2.max() <= 7 else 8  # int4 weights (or any that fit) are stored as nibbles
-    src = qconv1x1_source(cout, cin, p, nv, clamp, out_q, dequantized, wbits)
+    consts = epilogue_constants(wq, w_scales, bias, sx, zx, mt, out_q)
+    src = qconv1x1_source(cout, cin, p, nv, clamp, out_q, dequantized, wbits, consts[2] is not None)
     tag = (f"{cout}x{cin}x{p}" + ("" if clamp is None else "_clamp") + ("_q" if out_q else "") + ("dq" if dequantized else "")
            + ("_w4" if wbits == 4 else ""))
     gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), f"qconv1x1_{tag}")
-    consts = epilogue_constants(wq, w_scales, bias, sx, zx, mt, out_q)
     dtype = "int8" if out_q and not dequantized else "float32"
     y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(xq, (cin * p,))),
                                     relax.const(pack_pairs(w2, mt, wbits)),
-                                    *(relax.const(c) for c in consts), relax.const(store_params(clamp, out_q))],
+                                    *(relax.const(c) for c in consts if c is not None),
+                                    relax.const(store_params(clamp, out_q))],
                                relax.TensorType((cout * p,), dtype)))
     return bb.emit(relax.op.reshape(y, (1, cout, h, w)))
 
@@ -184,7 +190,7 @@ def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray
 NR_GEMM = 16  # output columns per tile: two int32x8 accumulators per row
 
 
-def qgemm_source(m: int, k: int, n: int) -> str:
+def qgemm_source(m: int, k: int, n: int, float_bias: bool = False) -> str:
     """TVMScript of y[M, N] = dequant(a[M, K] @ W^T) for a int16 (int8 values, widened by the producing quantize)
     and W (int8, so the artifact stays small) packed as pairs per panel of 16 columns: per reduction step one
     32-bit broadcast of a[m, 2k:2k+2] and two sign-extending panel loads (`vpmovsxbw`) feed 12 `vpmaddwd` (6 rows x
@@ -203,11 +209,11 @@ def qgemm_source(m: int, k: int, n: int) -> str:
     for h in range(2):
         cols = f"T.ramp({col} + {h * 8}, 1, 8)"
         store += f"""
-            out[T.ramp(({r0} + i) * {n} + {col} + {h * 8}, 1, 8)] = T.Cast("float32x8", acc[T.ramp(i * 16 + {h * 8}, 1, 8)] - off[{cols}]) * mult[{cols}]"""
+            out[T.ramp(({r0} + i) * {n} + {col} + {h * 8}, 1, 8)] = T.Cast("float32x8", acc[T.ramp(i * 16 + {h * 8}, 1, 8)] - off[{cols}]) * mult[{cols}]""" + (f" + bias[{cols}]" if float_bias else "")
     return f"""
 @T.prim_func(private=True)
 def qgemm(a: T.Buffer(({m * k},), "int16"), wp: T.Buffer(({nt * kp * 2 * 16},), "int8"),
-          off: T.Buffer(({n},), "int32"), mult: T.Buffer(({n},), "float32"),
+          off: T.Buffer(({n},), "int32"), mult: T.Buffer(({n},), "float32"),{' bias: T.Buffer((' + str(n) + ',), "float32"),' if float_bias else ''}
           out: T.Buffer(({m * n},), "float32")):
     T.func_attr({{"tir.noalias": True, "tirx.is_scheduled": True}})
     for t in T.parallel({mt * nt}):
@@ -249,13 +255,13 @@ def emit_qlinear(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray 
     n_pad = -(-n // NR_GEMM) * NR_GEMM  # channel-pruned widths: zero columns past N, sliced off below
     w = np.zeros((n_pad, k), np.int8)
     w[:n] = wq
-    off, mult = epilogue_constants(w, np.pad(w_scales, (0, n_pad - n)), None if bias is None else
-                                   np.pad(bias, (0, n_pad - n)), sx, zx, n_pad // MR + 1)
-    gv = bb.add_func(tvm.script.parse(qgemm_source(m, k, n_pad), extra_vars={"T": T}), f"qgemm_{m}x{k}x{n_pad}")
+    off, mult, fb = epilogue_constants(w, np.pad(w_scales, (0, n_pad - n)), None if bias is None else
+                                       np.pad(bias, (0, n_pad - n)), sx, zx, n_pad // MR + 1)
+    gv = bb.add_func(tvm.script.parse(qgemm_source(m, k, n_pad, fb is not None), extra_vars={"T": T}), f"qgemm_{m}x{k}x{n_pad}")
     # the int16 copy fuses into the quantize that produced xq: one pass writes the widened values
     a = bb.emit(relax.op.reshape(bb.emit(relax.op.astype(xq, "int16")), (m * k,)))
     y = bb.emit(relax.call_tir(gv, [a, relax.const(pack_gemm_pairs(w)),
-                                    *(relax.const(c[:n_pad]) for c in (off, mult))],
+                                    *(relax.const(c[:n_pad]) for c in (off, mult, fb) if c is not None)],
                                relax.TensorType((m * n_pad,), "float32")))
     y = bb.emit(relax.op.reshape(y, (m, n_pad)))
     if n_pad != n:
