@@ -63,7 +63,8 @@ def test_pointwise_conv_uses_packed_kernel_with_fused_clamp(cout, cin, hw, act):
 @pytest.mark.parametrize("c,hw,k,stride,act", [(16, 18, 3, 1, torch.nn.ReLU6()), (8, 15, 3, 2, torch.nn.Identity()),
                                                (12, 9, 5, 2, torch.nn.ReLU()), (4, 40, 5, 1, torch.nn.Identity()),
                                                (6, 70, 3, 2, torch.nn.ReLU6()), (4, 81, 5, 2, torch.nn.Identity()),
-                                               (5, 28, 5, 2, torch.nn.ReLU()), (3, 50, 5, 2, torch.nn.ReLU6())])
+                                               (5, 28, 5, 2, torch.nn.ReLU()), (3, 50, 5, 2, torch.nn.ReLU6()),
+                                               (4, 13, 3, 1, torch.nn.ReLU6()), (3, 22, 5, 1, torch.nn.Identity())])
 def test_depthwise_conv_kernel_handles_padding_in_the_kernel(c, hw, k, stride, act):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(c, c, k, stride, k // 2, groups=c), act).eval()

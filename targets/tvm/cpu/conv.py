@@ -222,15 +222,9 @@ def depthwise_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int
     w_arg = (f'w8: T.Buffer(({c * kh * kw},), "int8"), ws: T.Buffer(({c},), "float32")' if int8_weight
              else f'w: T.Buffer(({c}, {kh}, {kw}), "float32")')
 
-    # int8 storage: the small-image kernel makes every channel's float taps once per call before its parallel loop
-    # (converting them in each task costs those small tasks ~10%) and reads them from memory like float storage;
-    # the row-task kernel converts its channel's taps into a stack buffer per task (reading taps from a workspace
-    # there costs ~50%: the compiler no longer keeps them apart from the output)
-    widen = "" if not int8_weight else f"""
-    wl = T.decl_buffer(({c * kh * kw},), "float32", scope="global")
-    for ch in T.serial({c}):
-        for k in T.unroll({kh * kw}):
-            wl[ch * {kh * kw} + k] = T.Cast("float32", w8[ch * {kh * kw} + k]) * ws[ch]"""
+    # int8 storage: the row-task kernel converts its channel's taps into a stack buffer per task (reading taps from
+    # a workspace there costs ~50%: the compiler no longer keeps them apart from the output); the small-image kernel
+    # converts them into its per-channel buffer of broadcast taps (below)
     task_widen = "" if not int8_weight else f"""
         wt = T.decl_buffer(({kh * kw},), "float32", scope="global")
         for k in T.serial({kh * kw}):
@@ -252,7 +246,28 @@ def depthwise_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int
     def tap(ch: str) -> str:
         if not int8_weight:
             return f"w[{ch}, i, j]"
-        return f"wl[{ch} * {kh * kw} + i * {kw} + j]" if ch == "ch" else f"wt[i * {kw} + j]"
+        return f"wt[i * {kw} + j]"
+
+    def tile_fma(lanes: int, rows: int) -> str:
+        """acc[r, 0:lanes] += the tap's 8 broadcast copies (wb) * tile row y0 + r, in 8-lane chunks, for `rows`
+        output rows at once: 8 independent accumulator chains (one row of 8-16 lanes was 1-2 chains, bound by the
+        FMA latency) sharing each tap load. A scalar tap broadcast in the loop is hoisted by LLVM once the buffers
+        are known not to alias (inside relax.build), kept as a scalar on the stack and rebuilt with four inserts at
+        every use: 2x slower than this vector load."""
+        out = ""
+        for r in range(rows):
+            for q in range(lanes // 8):
+                a = f"acc[T.ramp({(r * lanes + q * 8)}, 1, 8)]"
+                wv = f"wb[T.ramp((i * {kw} + j) * 8, 1, 8)]"
+                row_i, base = f"(y0 + {r}) * {s} + i", f"j + {q * 8 * s}"
+                if s == 1:
+                    xs = f"tile[{row_i}, T.ramp({base}, 1, 8)]"
+                else:
+                    lo, hi = f"tile[{row_i}, T.ramp({base}, 1, 8)]", f"tile[{row_i}, T.ramp({base} + 7, 1, 8)]"
+                    xs = f"T.Shuffle([{lo}, {hi}], [0, 2, 4, 6, 9, 11, 13, 15])"
+                out += f"""
+                    {a} = {a} + {wv} * {xs}"""
+        return out
 
     def clamped(e: str) -> str:
         return _clamped(e, clamp, out_q, qp="qp")
@@ -266,13 +281,17 @@ def depthwise_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int
         # into a zeroed padded tile on the stack and run every output row as whole unguarded vectors
         rows, cols = min(h, hp - ph), min(wd, wp - pw)
         hp, wp, ow_st = hp, wpl, ow
+        rb = min(oh, max(1, 64 // lanes))  # rows per step (the last step overlaps the one before: same values)
         return f"""
 @T.prim_func(private=True)
 def depthwise(x: T.Buffer(({c}, {h}, {wd}), "float32"), {w_arg},
               bias: T.Buffer(({c},), "float32"), qp: T.Buffer((4,), "float32"),
               out: T.Buffer(({c}, {oh}, {ow}), "{ot}")):
-    T.func_attr({{"tir.noalias": True, "tirx.is_scheduled": True}}){widen}
+    T.func_attr({{"tir.noalias": True, "tirx.is_scheduled": True}})
     for ch in T.parallel({c}):
+        wb = T.decl_buffer(({kh * kw * 8},), "float32", scope="global")
+        for k in T.serial({kh * kw}):
+            wb[T.ramp(k * 8, 1, 8)] = T.broadcast({'T.Cast("float32", w8[ch * ' + str(kh * kw) + ' + k]) * ws[ch]' if int8_weight else 'w[ch, k // ' + str(kw) + ', k % ' + str(kw) + ']'}, 8)
         tile = T.decl_buffer(({hp}, {wp}), "float32", scope="global")
         for yy in T.serial({hp}):
             for xx in T.vectorized({wp}):
@@ -280,15 +299,16 @@ def depthwise(x: T.Buffer(({c}, {h}, {wd}), "float32"), {w_arg},
         for yy in T.serial({rows}):
             for xx in T.vectorized({cols}):
                 tile[yy + {ph}, xx + {pw}] = x[ch, yy, xx]
-        for y in T.serial({oh}):
-            acc = T.decl_buffer(({lanes},), "float32", scope="global")
-            for u in T.vectorized({lanes}):
+        for yb in T.serial({-(-oh // rb)}):
+            y0 = T.min(yb * {rb}, {oh - rb})
+            acc = T.decl_buffer(({rb * lanes},), "float32", scope="global")
+            for u in T.vectorized({rb * lanes}):
                 acc[u] = bias[ch]
             for i in T.unroll({kh}):
-                for j in T.unroll({kw}):
-                    {fma("acc", lanes, tap("ch"), "tile[y * " + str(s) + " + i, ", "j")}
-            for u in T.vectorized({ow_st}):
-                out[ch, y, u] = {clamped("acc[u]")}
+                for j in T.unroll({kw}):{tile_fma(lanes, rb)}
+            for r in T.unroll({rb}):
+                for u in T.vectorized({ow_st}):
+                    out[ch, y0 + r, u] = {clamped(f"acc[r * {lanes} + u]")}
 """
 
     segments, scalar_ranges = _column_plan(ow, wd, kw, s, pw)
