@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from graphopt.errors import TargetError, UnsupportedOpError
 from graphopt.ir.graph import Graph
@@ -230,7 +231,7 @@ def _quant_converters(lifted: dict | None = None):
         # constant float weights go to the packed GEMM micro-kernel (weights laid out at compile time)
         import torch
 
-        from graphopt.targets.tvm.cpu.gemm import emit_packed_linear
+        from graphopt.targets.tvm.cpu.gemm import emit_packed_gemv, emit_packed_linear
         from graphopt.targets.tvm.cpu.rules import vector_lanes
         from graphopt.targets.tvm.host import cpu_target
         bb = importer.block_builder
@@ -238,8 +239,15 @@ def _quant_converters(lifted: dict | None = None):
         bias = importer.env[node.args[2]] if len(node.args) > 2 and node.args[2] is not None else None
         const = (lifted or {}).get(getattr(node.args[1], "name", None))
         if const is not None and const.dtype == torch.float32:
-            y = emit_packed_linear(bb, x, const.detach().numpy(), bias, node.args[0].meta["val"].shape,
-                                   vector_lanes(cpu_target()))
+            x_shape = node.args[0].meta["val"].shape
+            if math.prod(int(d) for d in x_shape[:-1]) == 1:  # one row: a weight stream (classifier heads)
+                b_const = (lifted or {}).get(getattr(node.args[2], "name", None)) if bias is not None else None
+                if bias is None or b_const is not None:
+                    y = emit_packed_gemv(bb, x, const.detach().numpy(), None if b_const is None else
+                                         b_const.detach().numpy(), int(x_shape[-1]), vector_lanes(cpu_target()))
+                    if y is not None:
+                        return bb.emit(relax.op.reshape(y, tuple(int(d) for d in node.meta["val"].shape)))
+            y = emit_packed_linear(bb, x, const.detach().numpy(), bias, x_shape, vector_lanes(cpu_target()))
             if y is not None:
                 return y
         return bb.emit(relax.op.linear(x, w, bias, "float32"))

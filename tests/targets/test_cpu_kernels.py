@@ -44,8 +44,22 @@ def test_linear_uses_packed_gemm_and_matches_torch(rows, width):
     _assert_built_matches(g, model, x)
 
 
+@pytest.mark.parametrize("k,n,bias", [(1280, 1000, True), (63, 40, False), (48, 16, True)])
+def test_batch1_linear_streams_a_packed_weight(k, n, bias):
+    """A one-row linear (a classifier head) is a weight stream: the packed GEMV kernel reads each 16-column panel
+    once with independent partial sums; odd K, N padded to whole panels, with and without bias."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(k, n, bias=bias)).eval()
+    x = torch.randn(1, k)
+    g = graphopt.trace(model, (x,))
+    names = _func_names(g)
+    assert any(nm.startswith("gemv_packed") for nm in names), names
+    _assert_built_matches(g, model, x)
+
+
 @pytest.mark.parametrize("cout,cin,hw,act", [(96, 16, 12, torch.nn.ReLU6()), (13, 8, 7, torch.nn.ReLU()),
-                                             (32, 24, 4, torch.nn.Identity()), (24, 9, 18, torch.nn.ReLU6())])
+                                             (32, 24, 4, torch.nn.Identity()), (24, 9, 18, torch.nn.ReLU6()),
+                                             (16, 8, 16, torch.nn.ReLU6())])  # 16: remainder rows in each slab task
 def test_pointwise_conv_uses_packed_kernel_with_fused_clamp(cout, cin, hw, act):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(cin, cout, 1), act).eval()

@@ -50,11 +50,22 @@ def test_rules_match_default_schedule(model, shape):
     np.testing.assert_allclose(run(fast, x), model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
 
 
+class _ComputedWeightLinear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(64, 128))
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.w * 2.0)
+
+
 def test_which_kernels_get_a_rule():
     conv = scheduled_functions(torch.nn.Sequential(torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU6()),
                                torch.randn(1, 16, 28, 28))
     assert any(v for k, v in conv.items() if "conv2d" in k)
-    gemv = scheduled_functions(torch.nn.Linear(128, 64), torch.randn(1, 128))
+    head = scheduled_functions(torch.nn.Linear(128, 64), torch.randn(1, 128))  # constant weight: graphopt's GEMV
+    assert any(v for k, v in head.items() if k.startswith("gemv_packed"))
+    gemv = scheduled_functions(_ComputedWeightLinear(), torch.randn(1, 128))  # a computed weight: the GEMV rule
     assert any(v for k, v in gemv.items() if "matmul" in k)
     dw = scheduled_functions(torch.nn.Conv2d(8, 8, 3, padding=1, groups=8), torch.randn(1, 8, 16, 16))
     assert not any(v for k, v in dw.items() if "conv2d" in k)  # depthwise keeps TVM's default loop nest

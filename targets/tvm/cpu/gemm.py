@@ -66,6 +66,66 @@ def packed_linear_applies(m: int, n: int, nr: int) -> bool:
     return m >= 2 * MR and n >= nr
 
 
+def gemv_source(k: int, n: int, nr: int, with_bias: bool) -> str:
+    """y[n] = x[k] . W[n, k] (+ b[n]) for one row: the weight is streamed once, panel by panel (Wp[N/nr, K, nr],
+    contiguous), each panel accumulated in 4 independent partial sums (k mod 2, two vectors each) so the FMA
+    latency is hidden and the loop runs at memory speed; panels are split over the threads. A linear layer at
+    batch 1 (a classifier head) is a weight stream: TVM's GEMV schedule read it at half ORT's bandwidth."""
+    kq, kr = divmod(k, 2)
+    half = nr // 2
+    body = ""
+    for q in range(2):
+        for hv in range(2):
+            a = f"acc[T.ramp({(q * 2 + hv) * half}, 1, {half})]"
+            body += f"""
+            {a} = {a} + T.broadcast(x[kk * 2 + {q}], {half}) * wp[T.ramp((t * {k} + kk * 2 + {q}) * {nr} + {hv * half}, 1, {half})]"""
+    rest = ""
+    if kr:
+        for hv in range(2):
+            a = f"acc[T.ramp({hv * half}, 1, {half})]"
+            rest += f"""
+        {a} = {a} + T.broadcast(x[{k - 1}], {half}) * wp[T.ramp((t * {k} + {k - 1}) * {nr} + {hv * half}, 1, {half})]"""
+    b = f" + bias[t * {nr} + v]" if with_bias else ""
+    bias_arg = f' bias: T.Buffer(({n},), "float32"),' if with_bias else ""
+    return f"""
+@T.prim_func(private=True)
+def gemv(x: T.Buffer(({k},), "float32"), wp: T.Buffer(({n * k},), "float32"),{bias_arg}
+         out: T.Buffer(({n},), "float32")):
+    T.func_attr({{"tir.noalias": True, "tirx.is_scheduled": True}})
+    for t in T.parallel({n // nr}):
+        acc = T.decl_buffer(({2 * nr},), "float32", scope="global")
+        for v in T.vectorized({2 * nr}):
+            acc[v] = T.float32(0)
+        for kk in T.serial({kq}):{body}{rest}
+        for v in T.vectorized({nr}):
+            out[t * {nr} + v] = acc[v] + acc[{nr} + v]{b}
+"""
+
+
+def emit_packed_gemv(bb, x, w: np.ndarray, bias_np: np.ndarray | None, k: int, lanes: int):
+    """Batch-1 y = x @ w.T (+ bias) for x [..., K] with one row; returns y [N] or None when it does not apply."""
+    import tvm
+    from tvm import relax
+    from tvm.script import tirx as T
+
+    n = int(w.shape[0])
+    nr = 2 * lanes
+    if n < nr or w.dtype != np.float32:
+        return None
+    n_pad = -(-n // nr) * nr
+    wpad = np.zeros((n_pad, k), np.float32)
+    wpad[:n] = w
+    args = [bb.emit(relax.op.reshape(x, (k,))), relax.const(pack_weight(wpad, nr).reshape(-1))]
+    if bias_np is not None:
+        args.append(relax.const(np.pad(bias_np.astype(np.float32), (0, n_pad - n))))
+    gv = bb.add_func(tvm.script.parse(gemv_source(k, n_pad, nr, bias_np is not None), extra_vars={"T": T}),
+                     f"gemv_packed_{k}x{n_pad}")
+    y = bb.emit(relax.call_tir(gv, args, relax.TensorType((n_pad,), "float32")))
+    if n_pad != n:
+        y = bb.emit(relax.op.strided_slice(y, axes=[0], begin=[0], end=[n]))
+    return y
+
+
 def emit_packed_linear(bb, x, w: np.ndarray, bias, x_shape, lanes: int):
     """Emit y = x @ w.T (+ bias) with the packed kernel; None when it does not apply (caller emits plain linear)."""
     from tvm import relax
