@@ -335,3 +335,24 @@ def test_quantized_linear_layers_lower_to_the_int8_gemm(tokens, hidden):
     ref = q.run(x)[0].numpy()
     # exact integer products; only the float GELU between the layers can move a value across a rounding boundary
     assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()
+
+
+class _QuantRoundTrip(torch.nn.Module):
+    def forward(self, x):
+        q = torch.ops.graphopt.quantize_per_tensor(x, 0.5, 3, -128, 127, torch.int8)
+        return torch.ops.graphopt.dequantize_per_tensor(q, 0.5, 3)
+
+
+def test_compiled_quantize_rounds_half_to_even_and_clamps():
+    from tvm import relax
+    """The compiled quantize equals the reference on ties (x / scale = k + 0.5, both
+    signs), on the int8 range's edges and on huge values."""
+    import graphopt.ir.quant_ops  # noqa: F401  registers the ops
+    ties = np.arange(-300, 300, dtype=np.float32) * 0.5 + 0.25  # x / 0.5 = k + 0.5 for every k in [-300, 299]
+    x = torch.from_numpy(np.concatenate([ties, [1e9, -1e9, 63.9, -65.6, 0.0, -0.0, 1e-8, 62.0, -65.5]]).astype(np.float32))
+    x = x.reshape(1, -1)
+    g = graphopt.trace(_QuantRoundTrip(), (x,))
+    ex, *_ = build_executable(g)
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
+    got = (got if hasattr(got, "numpy") else got[0]).numpy()
+    np.testing.assert_array_equal(got, g.run(x)[0].numpy())
