@@ -1,7 +1,8 @@
 """int8 pointwise convolution for AVX2 CPUs without VNNI: exact int16 pair products with `vpmaddwd`, reading int8
 activations as they are stored (NCHW) and writing the next layer's int8 activations (or floats) from registers.
 
-The weight is packed at compile time as int16 pairs per output channel, so one 32-bit broadcast holds
+The weight is stored in the artifact as int8 (or two int4 per byte) in pairs per output channel, and each task
+first widens its 6-channel block to int16 pairs on the stack, so one 32-bit broadcast holds
 (w[co, 2k], w[co, 2k+1]). In the reduction loop, 8 pixels of input channels 2k and 2k+1 are loaded as int8, byte
 interleaved (`vpunpcklbw`) and sign-extended (`vpmovsxbw`); one `vpmaddwd` then does 16 multiply-adds into 8 int32
 lanes: twice the fp32 FMA rate, exact (int8 products summed in pairs fit int32). A 6 x 16 output tile (6 channels,
