@@ -356,3 +356,22 @@ def test_compiled_quantize_rounds_half_to_even_and_clamps():
     got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
     got = (got if hasattr(got, "numpy") else got[0]).numpy()
     np.testing.assert_array_equal(got, g.run(x)[0].numpy())
+
+
+@pytest.mark.parametrize("k,n,bias", [(1280, 1000, True), (63, 40, False)])
+def test_quantized_batch1_linear_streams_int8_weights(k, n, bias):
+    """A one-row qlinear (an int8 classifier head) runs the int8 weight-stream kernel (panels of 16 columns,
+    converted as loaded), padded to whole panels, and matches the reference integer op within float rounding."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(k, 32), torch.nn.ReLU(), torch.nn.Linear(32, k),
+                                torch.nn.Linear(k, n, bias=bias)).eval()
+    x = torch.rand(1, k)
+    q = graphopt.optimize(graphopt.trace(model, (x,)), "quantize,fold-qdq", data=[(torch.rand(1, k),) for _ in range(4)])
+    names = _func_names(q)
+    assert any(nm.startswith(f"qgemv_{k}x") for nm in names), names
+    from tvm import relax
+    ex, *_ = build_executable(q)
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
+    got = (got if hasattr(got, "numpy") else got[0]).numpy()
+    want = q.run(x)[0].numpy()
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
