@@ -358,17 +358,19 @@ def test_compiled_quantize_rounds_half_to_even_and_clamps():
     np.testing.assert_array_equal(got, g.run(x)[0].numpy())
 
 
-@pytest.mark.parametrize("k,n,bias", [(1280, 1000, True), (63, 40, False)])
-def test_quantized_batch1_linear_streams_int8_weights(k, n, bias):
+@pytest.mark.parametrize("k,n,bias,bits", [(1280, 1000, True, 8), (63, 40, False, 8), (63, 40, True, 4)])
+def test_quantized_batch1_linear_streams_int8_weights(k, n, bias, bits):
     """A one-row qlinear (an int8 classifier head) runs the int8 weight-stream kernel (panels of 16 columns,
-    converted as loaded), padded to whole panels, and matches the reference integer op within float rounding."""
+    converted as loaded; int4 weights stored two per byte), padded to whole panels, and matches the reference
+    integer op within float rounding."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(k, 32), torch.nn.ReLU(), torch.nn.Linear(32, k),
                                 torch.nn.Linear(k, n, bias=bias)).eval()
     x = torch.rand(1, k)
-    q = graphopt.optimize(graphopt.trace(model, (x,)), "quantize,fold-qdq", data=[(torch.rand(1, k),) for _ in range(4)])
+    q = graphopt.optimize(graphopt.trace(model, (x,)), f"quantize{{weights=int{bits}}},fold-qdq",
+                          data=[(torch.rand(1, k),) for _ in range(4)])
     names = _func_names(q)
-    assert any(nm.startswith(f"qgemv_{k}x") for nm in names), names
+    assert any(nm.startswith(f"qgemv_{k}x") and nm.endswith("_w4") == (bits == 4) for nm in names), names
     from tvm import relax
     ex, *_ = build_executable(q)
     got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))

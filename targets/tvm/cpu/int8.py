@@ -239,30 +239,40 @@ def qgemm_applies(m: int, k: int) -> bool:
     return m >= MR and k % 2 == 0
 
 
-def qgemv_source(k: int, n: int, with_bias: bool) -> str:
+def qgemv_source(k: int, n: int, with_bias: bool, wbits: int = 8) -> str:
     """One-row qlinear (a classifier head at batch 1): y[n] = sx * w_scale[n] * sum_k (x[k] - zx) w[n, k] + b[n],
     a stream of the int8 weight packed in panels of 16 columns (Wp[N/16, K, 16]), each 8 weights sign-extended and
     converted to float as they are loaded and accumulated in 4 partial sums (float: a sum of integer products,
     within float rounding of the integer result). TVM's kernel for it read the weight at a fraction of the
-    bandwidth (0.15 ms for MobileNetV2's 1000x1280 head)."""
+    bandwidth (0.15 ms for MobileNetV2's 1000x1280 head). With wbits=4 a byte holds columns c (low nibble) and
+    c + 8 (high nibble) of a panel row, so the two halves unpack with shifts and no shuffle."""
     kq, kr = divmod(k, 2)
+
+    def weights(kidx: str, hv: int) -> str:
+        if wbits == 8:
+            return f'T.Cast("float32x8", wp[T.ramp((t * {k} + {kidx}) * 16 + {hv * 8}, 1, 8)])'
+        b = f'T.Cast("int32x8", wp[T.ramp((t * {k} + {kidx}) * 8, 1, 8)])'
+        v = (f"T.shift_right(T.shift_left({b}, T.broadcast(28, 8)), T.broadcast(28, 8))" if hv == 0
+             else f"T.shift_right({b}, T.broadcast(4, 8))")
+        return f'T.Cast("float32x8", {v})'
+
     body = ""
     for q in range(2):
         for hv in range(2):
             a = f"acc[T.ramp({(q * 2 + hv) * 8}, 1, 8)]"
             body += f"""
-            {a} = {a} + T.broadcast(T.Cast("float32", x[kk * 2 + {q}]) - zx, 8) * T.Cast("float32x8", wp[T.ramp((t * {k} + kk * 2 + {q}) * 16 + {hv * 8}, 1, 8)])"""
+            {a} = {a} + T.broadcast(T.Cast("float32", x[kk * 2 + {q}]) - zx, 8) * {weights(f"kk * 2 + {q}", hv)}"""
     rest = ""
     if kr:
         for hv in range(2):
             a = f"acc[T.ramp({hv * 8}, 1, 8)]"
             rest += f"""
-        {a} = {a} + T.broadcast(T.Cast("float32", x[{k - 1}]) - zx, 8) * T.Cast("float32x8", wp[T.ramp((t * {k} + {k - 1}) * 16 + {hv * 8}, 1, 8)])"""
+        {a} = {a} + T.broadcast(T.Cast("float32", x[{k - 1}]) - zx, 8) * {weights(str(k - 1), hv)}"""
     b = " + bias[t * 16 + v]" if with_bias else ""
     bias_arg = f' bias: T.Buffer(({n},), "float32"),' if with_bias else ""
     return f"""
 @T.prim_func(private=True)
-def qgemv(x: T.Buffer(({k},), "int8"), wp: T.Buffer(({n * k},), "int8"), mult: T.Buffer(({n},), "float32"),{bias_arg}
+def qgemv(x: T.Buffer(({k},), "int8"), wp: T.Buffer(({n * k * wbits // 8},), "int8"), mult: T.Buffer(({n},), "float32"),{bias_arg}
           qz: T.Buffer((1,), "float32"), out: T.Buffer(({n},), "float32")):
     T.func_attr({{"tir.noalias": True, "tirx.is_scheduled": True}})
     zx = qz[0]
@@ -289,12 +299,18 @@ def emit_qgemv(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | 
     w[:n] = wq
     mult = np.zeros(n_pad, np.float32)
     mult[:n] = (np.asarray(w_scales, np.float64) * float(sx)).astype(np.float32)
-    args = [bb.emit(relax.op.reshape(xq, (k,))), relax.const(pack_weight(w, 16).reshape(-1)), relax.const(mult)]
+    packed = pack_weight(w, 16)  # [N/16, K, 16]
+    wbits = 4 if w.min() >= -8 and w.max() <= 7 else 8  # int4 weights (or any that fit) are stored as nibbles
+    if wbits == 4:
+        u = packed.astype(np.uint8) & 0xF
+        packed = (u[..., :8] | (u[..., 8:] << 4)).astype(np.uint8).view(np.int8)
+    args = [bb.emit(relax.op.reshape(xq, (k,))), relax.const(np.ascontiguousarray(packed).reshape(-1)),
+            relax.const(mult)]
     if bias is not None:
         args.append(relax.const(np.pad(bias.astype(np.float32), (0, n_pad - n))))
     args.append(relax.const(np.array([float(zx)], np.float32)))
-    gv = bb.add_func(tvm.script.parse(qgemv_source(k, n_pad, bias is not None), extra_vars={"T": T}),
-                     f"qgemv_{k}x{n_pad}")
+    gv = bb.add_func(tvm.script.parse(qgemv_source(k, n_pad, bias is not None, wbits), extra_vars={"T": T}),
+                     f"qgemv_{k}x{n_pad}" + ("_w4" if wbits == 4 else ""))
     y = bb.emit(relax.call_tir(gv, args, relax.TensorType((n_pad,), "float32")))
     if n_pad != n:
         y = bb.emit(relax.op.strided_slice(y, axes=[0], begin=[0], end=[n]))
