@@ -104,7 +104,7 @@ def conv1x1_source(cout: int, cin: int, p: int, nr: int, clamp: tuple[float, flo
 @T.prim_func(private=True)
 def conv1x1(x: T.Buffer(({cin}, {p}), "float32"), wp: T.Buffer(({mt}, {cin}, {MR}), "float32"),
             bias: T.Buffer(({cout},), "float32"), out: T.Buffer(({cout}, {p}), "float32")):
-    T.func_attr({{"tir.noalias": True, "tirx.is_scheduled": True}})
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
     if True:{body}
 """
 
@@ -307,7 +307,7 @@ def depthwise_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int
 def depthwise(x: T.Buffer(({c}, {h}, {wd}), "float32"), {w_arg},
               bias: T.Buffer(({c},), "float32"), qp: T.Buffer((4,), "float32"),
               out: T.Buffer(({c}, {oh}, {ow}), "{ot}")):
-    T.func_attr({{"tir.noalias": True, "tirx.is_scheduled": True}})
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
     for ch in T.parallel({c}):
         wb = T.decl_buffer(({kh * kw * 8},), "float32", scope="global")
         for k in T.serial({kh * kw}):
@@ -366,7 +366,7 @@ def depthwise(x: T.Buffer(({c}, {h}, {wd}), "float32"), {w_arg},
 def depthwise(x: T.Buffer(({c}, {h}, {wd}), "float32"), {w_arg},
               bias: T.Buffer(({c},), "float32"), qp: T.Buffer((4,), "float32"),
               out: T.Buffer(({c}, {oh}, {ow}), "{ot}")):
-    T.func_attr({{"tir.noalias": True, "tirx.is_scheduled": True}})
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
     for t in T.parallel({c * oh}):{task_widen}{body}
 """
 
@@ -488,7 +488,7 @@ def direct_conv_source(cout: int, cin: int, h: int, wd: int, oh: int, ow: int, k
 def conv_direct(x: T.Buffer(({cin}, {h}, {wd}), "float32"),{split_args}
                 wp: T.Buffer(({mt}, {cin}, {kh}, {kw}, {MR}), "float32"),
                 bias: T.Buffer(({mt * MR},), "float32"), out: T.Buffer(({cout}, {oh}, {ow}), "{ot}")):
-    T.func_attr({{"tir.noalias": True, "tirx.is_scheduled": True}})
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
     for t in T.parallel({mt * oh}):{body}
 """
 

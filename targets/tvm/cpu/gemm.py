@@ -45,7 +45,7 @@ def gemm_source(m: int, k: int, n: int, mr: int, nr: int) -> str:
 @T.prim_func(private=True)
 def gemm(a: T.Buffer(({m}, {k}), "float32"), bp: T.Buffer(({nt}, {k}, {nr}), "float32"),
          c: T.Buffer(({m}, {n}), "float32")):
-    T.func_attr({{"tir.noalias": True, "tirx.is_scheduled": True}}){body}"""
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}}){body}"""
 
 
 def gemm_packed(m: int, k: int, n: int, mr: int, nr: int):
@@ -91,7 +91,7 @@ def gemv_source(k: int, n: int, nr: int, with_bias: bool) -> str:
 @T.prim_func(private=True)
 def gemv(x: T.Buffer(({k},), "float32"), wp: T.Buffer(({n * k},), "float32"),{bias_arg}
          out: T.Buffer(({n},), "float32")):
-    T.func_attr({{"tir.noalias": True, "tirx.is_scheduled": True}})
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
     for t in T.parallel({n // nr}):
         acc = T.decl_buffer(({2 * nr},), "float32", scope="global")
         for v in T.vectorized({2 * nr}):

@@ -90,7 +90,7 @@ def qconv1x1(x: T.Buffer(({cin * p},), "int8"), w8: T.Buffer(({mt * k4 * MR * wb
              off: T.Buffer(({mt * MR},), "int32"), mult: T.Buffer(({mt * MR},), "float32"),{bias_arg}
              qp: T.Buffer((4,), "float32"),
              out: T.Buffer(({cout * p},), "{'int8' if out_q and not dequantized else 'float32'}")):
-    T.func_attr({{"tir.noalias": True, "tirx.is_scheduled": True}})
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
     for t in T.parallel({mt * nch}):
         wl = T.decl_buffer(({k4 * MR},), "int32", scope="global")
         for j in T.serial({k4 * MR // 8}):
@@ -216,7 +216,7 @@ def qgemm_source(m: int, k: int, n: int, float_bias: bool = False) -> str:
 def qgemm(a: T.Buffer(({m * k},), "int16"), wp: T.Buffer(({nt * kp * 2 * 16},), "int8"),
           off: T.Buffer(({n},), "int32"), mult: T.Buffer(({n},), "float32"),{' bias: T.Buffer((' + str(n) + ',), "float32"),' if float_bias else ''}
           out: T.Buffer(({m * n},), "float32")):
-    T.func_attr({{"tir.noalias": True, "tirx.is_scheduled": True}})
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
     for t in T.parallel({mt * nt}):
         acc = T.decl_buffer(({MR * 16},), "int32", scope="global")
         for i in T.unroll({MR}):
@@ -274,7 +274,7 @@ def qgemv_source(k: int, n: int, with_bias: bool, wbits: int = 8) -> str:
 @T.prim_func(private=True)
 def qgemv(x: T.Buffer(({k},), "int8"), wp: T.Buffer(({n * k * wbits // 8},), "int8"), mult: T.Buffer(({n},), "float32"),{bias_arg}
           qz: T.Buffer((1,), "float32"), out: T.Buffer(({n},), "float32")):
-    T.func_attr({{"tir.noalias": True, "tirx.is_scheduled": True}})
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
     zx = qz[0]
     for t in T.parallel({n // 16}):
         acc = T.decl_buffer((32,), "float32", scope="global")

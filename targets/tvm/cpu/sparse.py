@@ -45,7 +45,7 @@ def bsr_linear_source(m: int, k: int, n: int, r: int, c: int, nnzb: int) -> str:
 def bsr_linear(x: T.Buffer(({m}, {k}), "float32"), data: T.Buffer(({nnzb}, {r}, {c}), "float32"),
                indices: T.Buffer(({nnzb},), "int32"), indptr: T.Buffer(({nb + 1},), "int32"),
                out: T.Buffer(({m}, {n}), "float32")):
-    T.func_attr({{"tir.noalias": True, "tirx.is_scheduled": True}})
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
     xT = T.decl_buffer(({k}, {m}), "float32", scope="global")
     yT = T.decl_buffer(({n}, {m}), "float32", scope="global")
 {_transpose_loops("x", "xT", m, k, "    ")}
@@ -85,7 +85,7 @@ def bsr_rows_source(m: int, k: int, n: int, r: int, c: int, nnzb: int) -> str:
 def bsr_rows(x: T.Buffer(({m}, {k}), "float32"), data: T.Buffer(({nnzb}, {r}, {c}), "float32"),
              indices: T.Buffer(({nnzb},), "int32"), indptr: T.Buffer(({nb + 1},), "int32"),
              out: T.Buffer(({m}, {n}), "float32")):
-    T.func_attr({{"tir.noalias": True, "tirx.is_scheduled": True}})
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
     for ib in T.parallel({nb}):
         for mi in T.serial({m}):
             acc = T.decl_buffer(({r}, {c}), "float32", scope="global")
