@@ -250,18 +250,24 @@ def depthwise_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int
         for k in T.serial({kh * kw}):
             wt[k] = T.Cast("float32", w8[(t // {oh}) * {kh * kw} + k]) * ws[t // {oh}]"""
 
-    def fma(acc: str, v: int, wexpr: str, row: str, base: str, shuffle: bool = True) -> str:
-        """acc[0:v] += w * the v inputs at base, base + s, ... of a row (`row` is the indexing up to the column).
+    def strided(row: str, base: str, v: int) -> str:
+        """The v inputs at base, base + s, ... of a row (`row` is the indexing up to the column) as one vector.
         Stride 2 loads the 2v - 1 contiguous inputs as two vectors and keeps the even lanes (a shuffle): TVM would
         otherwise gather them with a scalar load and insert per lane (2x slower on MobileNetV2's 112x112 stride-2
         layer)."""
-        if s == 1 or not shuffle:
-            return f"""for u in T.vectorized({v}):
-                            {acc}[u] = {acc}[u] + {wexpr} * {row}{base} + u * {s}]"""
+        if s == 1:
+            return f"{row}T.ramp({base}, 1, {v})]"
         lo, hi = f"{row}T.ramp({base}, 1, {v})]", f"{row}T.ramp({base} + {v - 1}, 1, {v})]"
         lanes = [2 * u for u in range((v + 1) // 2)] + [2 * ((v + 1) // 2) + 2 * u + 1 for u in range(v // 2)]
-        xs = f"T.Shuffle([{lo}, {hi}], {lanes})"
-        return f"{acc}[T.ramp(0, 1, {v})] = {acc}[T.ramp(0, 1, {v})] + T.broadcast({wexpr}, {v}) * {xs}"
+        return f"T.Shuffle([{lo}, {hi}], {lanes})"
+
+    def fma(acc: str, v: int, wexpr: str, row: str, base: str) -> str:
+        """acc[0:v] += w * the v strided inputs of a row at base."""
+        if s == 1:
+            return f"""for u in T.vectorized({v}):
+                            {acc}[u] = {acc}[u] + {wexpr} * {row}{base} + u]"""
+        return (f"{acc}[T.ramp(0, 1, {v})] = {acc}[T.ramp(0, 1, {v})] + T.broadcast({wexpr}, {v}) * "
+                f"{strided(row, base, v)}")
 
     def tap(ch: str) -> str:
         if not int8_weight:
@@ -279,12 +285,7 @@ def depthwise_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int
             for q in range(lanes // 8):
                 a = f"acc[T.ramp({(r * lanes + q * 8)}, 1, 8)]"
                 wv = f"wb[T.ramp((i * {kw} + j) * 8, 1, 8)]"
-                row_i, base = f"(y0 + {r}) * {s} + i", f"j + {q * 8 * s}"
-                if s == 1:
-                    xs = f"tile[{row_i}, T.ramp({base}, 1, 8)]"
-                else:
-                    lo, hi = f"tile[{row_i}, T.ramp({base}, 1, 8)]", f"tile[{row_i}, T.ramp({base} + 7, 1, 8)]"
-                    xs = f"T.Shuffle([{lo}, {hi}], [0, 2, 4, 6, 9, 11, 13, 15])"
+                xs = strided(f"tile[(y0 + {r}) * {s} + i, ", f"j + {q * 8 * s}", 8)
                 out += f"""
                     {a} = {a} + {wv} * {xs}"""
         return out
@@ -300,7 +301,6 @@ def depthwise_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int
         # small images (the 14x14 and 7x7 stages): with 5x5 taps most columns are borders, so copy each channel
         # into a zeroed padded tile on the stack and run every output row as whole unguarded vectors
         rows, cols = min(h, hp - ph), min(wd, wp - pw)
-        hp, wp, ow_st = hp, wpl, ow
         rb = min(oh, max(1, 64 // lanes))  # rows per step (the last step overlaps the one before: same values)
         return f"""
 @T.prim_func(private=True)
@@ -312,9 +312,9 @@ def depthwise(x: T.Buffer(({c}, {h}, {wd}), "float32"), {w_arg},
         wb = T.decl_buffer(({kh * kw * 8},), "float32", scope="global")
         for k in T.serial({kh * kw}):
             wb[T.ramp(k * 8, 1, 8)] = T.broadcast({'T.Cast("float32", w8[ch * ' + str(kh * kw) + ' + k]) * ws[ch]' if int8_weight else 'w[ch, k // ' + str(kw) + ', k % ' + str(kw) + ']'}, 8)
-        tile = T.decl_buffer(({hp}, {wp}), "float32", scope="global")
+        tile = T.decl_buffer(({hp}, {wpl}), "float32", scope="global")
         for yy in T.serial({hp}):
-            for xx in T.vectorized({wp}):
+            for xx in T.vectorized({wpl}):
                 tile[yy, xx] = T.float32(0)
         for yy in T.serial({rows}):
             for xx in T.vectorized({cols}):
@@ -327,7 +327,7 @@ def depthwise(x: T.Buffer(({c}, {h}, {wd}), "float32"), {w_arg},
             for i in T.unroll({kh}):
                 for j in T.unroll({kw}):{tile_fma(lanes, rb)}
             for r in T.unroll({rb}):
-                for u in T.vectorized({ow_st}):
+                for u in T.vectorized({ow}):
                     out[ch, y0 + r, u] = {clamped(f"acc[r * {lanes} + u]")}
 """
 

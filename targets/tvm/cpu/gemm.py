@@ -66,64 +66,103 @@ def packed_linear_applies(m: int, n: int, nr: int) -> bool:
     return m >= 2 * MR and n >= nr
 
 
-def gemv_source(k: int, n: int, nr: int, with_bias: bool) -> str:
+def gemv_source(k: int, n: int, nr: int, with_bias: bool, quant_bits: int | None = None) -> str:
     """y[n] = x[k] . W[n, k] (+ b[n]) for one row: the weight is streamed once, panel by panel (Wp[N/nr, K, nr],
     contiguous), each panel accumulated in 4 independent partial sums (k mod 2, two vectors each) so the FMA
     latency is hidden and the loop runs at memory speed; panels are split over the threads. A linear layer at
-    batch 1 (a classifier head) is a weight stream: TVM's GEMV schedule read it at half ORT's bandwidth."""
+    batch 1 (a classifier head) is a weight stream: TVM's GEMV schedule read it at half ORT's bandwidth.
+
+    quant_bits=8|4: the one-row qlinear, y = (sum_k (x[k] - zx) w[n, k]) * mult[n] (+ b[n]) with x int8, zx in
+    the 1-float buffer `qz`, and W int8 (or int4: a byte holds columns c and c + nr/2 of a panel row, low nibble
+    first, so both halves unpack with shifts and no shuffle), converted to float as it is loaded (a float sum of
+    integer products: within float rounding of the integer result)."""
     kq, kr = divmod(k, 2)
     half = nr // 2
-    body = ""
-    for q in range(2):
+
+    def x_at(kidx: str) -> str:
+        return f"x[{kidx}]" if quant_bits is None else f'T.Cast("float32", x[{kidx}]) - zx'
+
+    def w_at(kidx: str, hv: int) -> str:
+        if quant_bits is None:
+            return f"wp[T.ramp((t * {k} + {kidx}) * {nr} + {hv * half}, 1, {half})]"
+        if quant_bits == 8:
+            return f'T.Cast("float32x{half}", wp[T.ramp((t * {k} + {kidx}) * {nr} + {hv * half}, 1, {half})])'
+        b = f'T.Cast("int32x{half}", wp[T.ramp((t * {k} + {kidx}) * {half}, 1, {half})])'
+        v = (f"T.shift_right(T.shift_left({b}, T.broadcast(28, {half})), T.broadcast(28, {half}))" if hv == 0
+             else f"T.shift_right({b}, T.broadcast(4, {half}))")
+        return f'T.Cast("float32x{half}", {v})'
+
+    def step(kidx: str, q: int, pad: str) -> str:
+        out = ""
         for hv in range(2):
             a = f"acc[T.ramp({(q * 2 + hv) * half}, 1, {half})]"
-            body += f"""
-            {a} = {a} + T.broadcast(x[kk * 2 + {q}], {half}) * wp[T.ramp((t * {k} + kk * 2 + {q}) * {nr} + {hv * half}, 1, {half})]"""
-    rest = ""
-    if kr:
-        for hv in range(2):
-            a = f"acc[T.ramp({hv * half}, 1, {half})]"
-            rest += f"""
-        {a} = {a} + T.broadcast(x[{k - 1}], {half}) * wp[T.ramp((t * {k} + {k - 1}) * {nr} + {hv * half}, 1, {half})]"""
+            out += f"""
+{pad}{a} = {a} + T.broadcast({x_at(kidx)}, {half}) * {w_at(kidx, hv)}"""
+        return out
+
+    body = "".join(step(f"kk * 2 + {q}", q, " " * 12) for q in range(2))
+    rest = step(str(k - 1), 0, " " * 8) if kr else ""
+    val = f"acc[v] + acc[{nr} + v]" if quant_bits is None else f"(acc[v] + acc[{nr} + v]) * mult[t * {nr} + v]"
     b = f" + bias[t * {nr} + v]" if with_bias else ""
+    if quant_bits is None:
+        args = f'x: T.Buffer(({k},), "float32"), wp: T.Buffer(({n * k},), "float32"),'
+    else:
+        args = (f'x: T.Buffer(({k},), "int8"), wp: T.Buffer(({n * k * quant_bits // 8},), "int8"), '
+                f'mult: T.Buffer(({n},), "float32"), qz: T.Buffer((1,), "float32"),')
     bias_arg = f' bias: T.Buffer(({n},), "float32"),' if with_bias else ""
+    zx = "" if quant_bits is None else """
+    zx = qz[0]"""
     return f"""
 @T.prim_func(private=True)
-def gemv(x: T.Buffer(({k},), "float32"), wp: T.Buffer(({n * k},), "float32"),{bias_arg}
+def gemv({args}{bias_arg}
          out: T.Buffer(({n},), "float32")):
-    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}}){zx}
     for t in T.parallel({n // nr}):
         acc = T.decl_buffer(({2 * nr},), "float32", scope="global")
         for v in T.vectorized({2 * nr}):
             acc[v] = T.float32(0)
         for kk in T.serial({kq}):{body}{rest}
         for v in T.vectorized({nr}):
-            out[t * {nr} + v] = acc[v] + acc[{nr} + v]{b}
+            out[t * {nr} + v] = {val}{b}
 """
 
 
-def emit_packed_gemv(bb, x, w: np.ndarray, bias_np: np.ndarray | None, k: int, lanes: int):
-    """Batch-1 y = x @ w.T (+ bias) for x [..., K] with one row; returns y [N] or None when it does not apply."""
+def padded_rows(w: np.ndarray, nr: int) -> np.ndarray:
+    """W [N, K] with zero rows appended up to a whole number of nr-column panels."""
+    n_pad = -(-int(w.shape[0]) // nr) * nr
+    out = np.zeros((n_pad, *w.shape[1:]), w.dtype)
+    out[:w.shape[0]] = w
+    return out
+
+
+def call_gemv(bb, x, k: int, n: int, nr: int, packed: np.ndarray, consts: list, bias_np: np.ndarray | None,
+              quant_bits: int | None, name: str):
+    """Emit the one-row weight stream: x flattened to [K], the packed weight, `consts` (after the weight, before
+    the bias), the bias padded to whole panels; returns y [N] (panel padding sliced off)."""
     import tvm
     from tvm import relax
     from tvm.script import tirx as T
 
-    n = int(w.shape[0])
-    nr = 2 * lanes
-    if n < nr or w.dtype != np.float32:
-        return None
     n_pad = -(-n // nr) * nr
-    wpad = np.zeros((n_pad, k), np.float32)
-    wpad[:n] = w
-    args = [bb.emit(relax.op.reshape(x, (k,))), relax.const(pack_weight(wpad, nr).reshape(-1))]
+    args = [bb.emit(relax.op.reshape(x, (k,))), relax.const(np.ascontiguousarray(packed).reshape(-1)),
+            *(relax.const(c) for c in consts)]
     if bias_np is not None:
         args.append(relax.const(np.pad(bias_np.astype(np.float32), (0, n_pad - n))))
-    gv = bb.add_func(tvm.script.parse(gemv_source(k, n_pad, nr, bias_np is not None), extra_vars={"T": T}),
-                     f"gemv_packed_{k}x{n_pad}")
+    src = gemv_source(k, n_pad, nr, bias_np is not None, quant_bits)
+    gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), name)
     y = bb.emit(relax.call_tir(gv, args, relax.TensorType((n_pad,), "float32")))
     if n_pad != n:
         y = bb.emit(relax.op.strided_slice(y, axes=[0], begin=[0], end=[n]))
     return y
+
+
+def emit_packed_gemv(bb, x, w: np.ndarray, bias_np: np.ndarray | None, k: int, lanes: int):
+    """Batch-1 y = x @ w.T (+ bias) for x [..., K] with one row; returns y [N] or None when it does not apply."""
+    n, nr = int(w.shape[0]), 2 * lanes
+    if n < nr or w.dtype != np.float32:
+        return None
+    wpad = padded_rows(w, nr)
+    return call_gemv(bb, x, k, n, nr, pack_weight(wpad, nr), [], bias_np, None, f"gemv_packed_{k}x{wpad.shape[0]}")
 
 
 def emit_packed_linear(bb, x, w: np.ndarray, bias, x_shape, lanes: int):

@@ -105,6 +105,19 @@ def qconv1x1(x: T.Buffer(({cin * p},), "int8"), w8: T.Buffer(({mt * k4 * MR * wb
 """
 
 
+def fits_int4(w: np.ndarray) -> bool:
+    """int4 weights (or any that fit [-8, 7]): stored as nibbles, losslessly."""
+    return bool(w.min() >= -8 and w.max() <= 7)
+
+
+def nibbles(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Two int4 arrays (values in [-8, 7]) as one int8 array: `lo` in the low nibble, `hi` in the high one."""
+    if not (fits_int4(lo) and fits_int4(hi)):
+        raise ValueError("int4 packing needs weights in [-8, 7]")
+    u_lo, u_hi = lo.astype(np.uint8) & 0xF, hi.astype(np.uint8) & 0xF
+    return (u_lo | (u_hi << 4)).astype(np.uint8).view(np.int8)
+
+
 def pack_pairs(wq: np.ndarray, mt: int, wbits: int = 8) -> np.ndarray:
     """int8 W [Cout, Cin] -> the stored weight [Cout/MR, Cin pairs (kpad), MR, 2] as int8 bytes, or with wbits=4
     as int4 nibbles (the even channel of a pair in the low nibble); zero-padded rows and channels."""
@@ -114,10 +127,7 @@ def pack_pairs(wq: np.ndarray, mt: int, wbits: int = 8) -> np.ndarray:
     w[:cout, :cin] = wq
     pairs = np.ascontiguousarray(w.reshape(mt, MR, k4, 2).transpose(0, 2, 1, 3))
     if wbits == 4:
-        if pairs.min() < -8 or pairs.max() > 7:
-            raise ValueError("int4 packing needs weights in [-8, 7]")
-        u = pairs.astype(np.uint8) & 0xF
-        return (u[..., 0] | (u[..., 1] << 4)).astype(np.uint8).view(np.int8).reshape(-1)
+        return nibbles(pairs[..., 0], pairs[..., 1]).reshape(-1)
     return pairs.reshape(-1)
 
 
@@ -173,7 +183,7 @@ def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray
     nv = 2 if p >= 16 else 1
     mt = -(-cout // MR)
     w2 = wq.reshape(cout, cin)
-    wbits = 4 if w2.min() >= -8 and w2.max() <= 7 else 8  # int4 weights (or any that fit) are stored as nibbles
+    wbits = 4 if fits_int4(w2) else 8
     consts = epilogue_constants(wq, w_scales, bias, sx, zx, mt, out_q)
     src = qconv1x1_source(cout, cin, p, nv, clamp, out_q, dequantized, wbits, consts[2] is not None)
     tag = (f"{cout}x{cin}x{p}" + ("" if clamp is None else "_clamp") + ("_q" if out_q else "") + ("dq" if dequantized else "")
@@ -239,82 +249,21 @@ def qgemm_applies(m: int, k: int) -> bool:
     return m >= MR and k % 2 == 0
 
 
-def qgemv_source(k: int, n: int, with_bias: bool, wbits: int = 8) -> str:
-    """One-row qlinear (a classifier head at batch 1): y[n] = sx * w_scale[n] * sum_k (x[k] - zx) w[n, k] + b[n],
-    a stream of the int8 weight packed in panels of 16 columns (Wp[N/16, K, 16]), each 8 weights sign-extended and
-    converted to float as they are loaded and accumulated in 4 partial sums (float: a sum of integer products,
-    within float rounding of the integer result). TVM's kernel for it read the weight at a fraction of the
-    bandwidth (0.15 ms for MobileNetV2's 1000x1280 head). With wbits=4 a byte holds columns c (low nibble) and
-    c + 8 (high nibble) of a panel row, so the two halves unpack with shifts and no shuffle."""
-    kq, kr = divmod(k, 2)
-
-    def weights(kidx: str, hv: int) -> str:
-        if wbits == 8:
-            return f'T.Cast("float32x8", wp[T.ramp((t * {k} + {kidx}) * 16 + {hv * 8}, 1, 8)])'
-        b = f'T.Cast("int32x8", wp[T.ramp((t * {k} + {kidx}) * 8, 1, 8)])'
-        v = (f"T.shift_right(T.shift_left({b}, T.broadcast(28, 8)), T.broadcast(28, 8))" if hv == 0
-             else f"T.shift_right({b}, T.broadcast(4, 8))")
-        return f'T.Cast("float32x8", {v})'
-
-    body = ""
-    for q in range(2):
-        for hv in range(2):
-            a = f"acc[T.ramp({(q * 2 + hv) * 8}, 1, 8)]"
-            body += f"""
-            {a} = {a} + T.broadcast(T.Cast("float32", x[kk * 2 + {q}]) - zx, 8) * {weights(f"kk * 2 + {q}", hv)}"""
-    rest = ""
-    if kr:
-        for hv in range(2):
-            a = f"acc[T.ramp({hv * 8}, 1, 8)]"
-            rest += f"""
-        {a} = {a} + T.broadcast(T.Cast("float32", x[{k - 1}]) - zx, 8) * {weights(str(k - 1), hv)}"""
-    b = " + bias[t * 16 + v]" if with_bias else ""
-    bias_arg = f' bias: T.Buffer(({n},), "float32"),' if with_bias else ""
-    return f"""
-@T.prim_func(private=True)
-def qgemv(x: T.Buffer(({k},), "int8"), wp: T.Buffer(({n * k * wbits // 8},), "int8"), mult: T.Buffer(({n},), "float32"),{bias_arg}
-          qz: T.Buffer((1,), "float32"), out: T.Buffer(({n},), "float32")):
-    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
-    zx = qz[0]
-    for t in T.parallel({n // 16}):
-        acc = T.decl_buffer((32,), "float32", scope="global")
-        for v in T.vectorized(32):
-            acc[v] = T.float32(0)
-        for kk in T.serial({kq}):{body}{rest}
-        for v in T.vectorized(16):
-            out[t * 16 + v] = (acc[v] + acc[16 + v]) * mult[t * 16 + v]{b}
-"""
-
-
 def emit_qgemv(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | None, sx: float, zx: int, k: int):
-    """One-row qlinear of xq int8 [..., K] (one row) with a constant int8 weight [N, K] -> float32 [N]."""
-    import tvm
-    from tvm import relax
-    from tvm.script import tirx as T
-
-    from graphopt.targets.tvm.cpu.gemm import pack_weight
-    n = int(wq.shape[0])
-    n_pad = -(-n // 16) * 16
-    w = np.zeros((n_pad, k), np.int8)
-    w[:n] = wq
-    mult = np.zeros(n_pad, np.float32)
+    """One-row qlinear (a classifier head at batch 1) of xq int8 [..., K] with a constant int8 weight [N, K] ->
+    float32 [N]: the weight stream of `gemm.gemv_source` with the weight int8, or int4 nibbles when it fits (TVM's
+    kernel for it read the weight at a fraction of the bandwidth: 0.15 ms for MobileNetV2's 1000x1280 head)."""
+    from graphopt.targets.tvm.cpu.gemm import call_gemv, pack_weight, padded_rows
+    n, nr = int(wq.shape[0]), NR_GEMM
+    w = padded_rows(wq.astype(np.int8), nr)
+    mult = np.zeros(w.shape[0], np.float32)
     mult[:n] = (np.asarray(w_scales, np.float64) * float(sx)).astype(np.float32)
-    packed = pack_weight(w, 16)  # [N/16, K, 16]
-    wbits = 4 if w.min() >= -8 and w.max() <= 7 else 8  # int4 weights (or any that fit) are stored as nibbles
-    if wbits == 4:
-        u = packed.astype(np.uint8) & 0xF
-        packed = (u[..., :8] | (u[..., 8:] << 4)).astype(np.uint8).view(np.int8)
-    args = [bb.emit(relax.op.reshape(xq, (k,))), relax.const(np.ascontiguousarray(packed).reshape(-1)),
-            relax.const(mult)]
-    if bias is not None:
-        args.append(relax.const(np.pad(bias.astype(np.float32), (0, n_pad - n))))
-    args.append(relax.const(np.array([float(zx)], np.float32)))
-    gv = bb.add_func(tvm.script.parse(qgemv_source(k, n_pad, bias is not None, wbits), extra_vars={"T": T}),
-                     f"qgemv_{k}x{n_pad}" + ("_w4" if wbits == 4 else ""))
-    y = bb.emit(relax.call_tir(gv, args, relax.TensorType((n_pad,), "float32")))
-    if n_pad != n:
-        y = bb.emit(relax.op.strided_slice(y, axes=[0], begin=[0], end=[n]))
-    return y
+    packed = pack_weight(w, nr)  # [N/16, K, 16]
+    wbits = 4 if fits_int4(w) else 8
+    if wbits == 4:  # columns c and c + 8 of a panel row share a byte
+        packed = nibbles(packed[..., :nr // 2], packed[..., nr // 2:])
+    return call_gemv(bb, xq, k, n, nr, packed, [mult, np.array([float(zx)], np.float32)], bias, wbits,
+                     f"qgemv_{k}x{w.shape[0]}" + ("_w4" if wbits == 4 else ""))
 
 
 def emit_qlinear(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | None, sx: float, zx: int,
