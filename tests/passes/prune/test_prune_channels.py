@@ -200,8 +200,7 @@ def test_pass_via_pipeline_reports_and_compiles(tmp_path, cnn):
     rec = out.meta["history"][1]
     assert rec["changed"] and rec["stats"]["channels_removed"] == 4
     assert rec["stats"]["macs_after"] < rec["stats"]["macs_before"]
-    art = graphopt.load(graphopt.compile(out, "llvm", output=tmp_path / "a"))
-    torch.testing.assert_close(torch.from_numpy(art(x.numpy())[0]), out.run(x)[0], rtol=1e-4, atol=1e-5)
+    _assert_compiled_matches(out, x, tmp_path / "a", atol=1e-5)
 
 
 def test_macs_reduction_target(cnn):
@@ -267,9 +266,7 @@ def test_grouped_convs_lose_the_same_positions_in_every_group(tmp_path):
         cin = n.args[0].meta["val"].shape[1]
         assert cin == n.args[-1] * w.shape[1] and w.shape[0] % n.args[-1] == 0
     assert work.get_param(grouped[0].args[1].target).shape[0] < 32
-    art = graphopt.load(graphopt.compile(work, "llvm", output=tmp_path / "pruned"))  # TVM takes the new groups
-    x = torch.randn(1, 3, 8, 8)
-    np.testing.assert_allclose(art(x.numpy())[0], work.run(x)[0].numpy(), rtol=1e-4, atol=1e-4)
+    _assert_compiled_matches(work, torch.randn(1, 3, 8, 8), tmp_path / "pruned")  # TVM takes the new groups
 
 
 def test_channel_multiplier_conv_is_pinned_with_a_reason():
@@ -323,9 +320,7 @@ def test_unet_decoder_with_transposed_conv_and_skip_concat(tmp_path):
     assert w.shape[0] < 16 and w.shape[1] < 8  # both its input and its output channels shrank
     chains = " | ".join(grp.chain for grp in plan.groups)
     assert "up.in" in chains and "up.out" in chains, chains
-    art = graphopt.load(graphopt.compile(work, "llvm", output=tmp_path / "unet"))
-    x = torch.randn(1, 3, 16, 16)
-    np.testing.assert_allclose(art(x.numpy())[0], work.run(x)[0].numpy(), rtol=1e-4, atol=1e-4)
+    _assert_compiled_matches(work, torch.randn(1, 3, 16, 16), tmp_path / "unet")
 
 
 def test_unknown_op_pins_its_channels():
@@ -461,3 +456,9 @@ def test_bias_correction_keeps_the_mean_output():
     assert fixed.meta["history"][0]["stats"]["bias_corrected_ops"] == 1
     torch.testing.assert_close(mean(fixed), mean(g), rtol=1e-4, atol=1e-4)
     assert (mean(plain) - mean(g)).abs().max() > 1e-2
+
+
+def _assert_compiled_matches(graph, x, folder, atol=1e-4):
+    """The pruned graph compiled by TVM computes what the graph computes."""
+    art = graphopt.load(graphopt.compile(graph, "llvm", output=folder))
+    np.testing.assert_allclose(art(x.numpy())[0], graph.run(x)[0].numpy(), rtol=1e-4, atol=atol)
