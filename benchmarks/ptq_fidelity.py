@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prune", type=float, default=0.3,
                     help="also time prune-channels{ratio=R} + int8 (the compressed artifact; 0: skip)")
+    ap.add_argument("--mixed", type=float, default=0.2,
+                    help="also compile mixed-precision{target=T candidates=int8,int4} + int8 activations (0: skip)")
     ap.add_argument("--out", default="benchmarks/results/ptq_fidelity.json")
     args = ap.parse_args(argv)
 
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{tool}] {calibrator}: top-1 {f['top1'] * 100:.1f}%", file=sys.stderr, flush=True)
 
     quantized = {}
-    for cal in ("minmax", "percentile", "mse"):
+    for cal in ("minmax", "percentile", "mse", "entropy"):
         t0 = time.perf_counter()
         q = quantized[cal] = graphopt.optimize(graph, f"quantize{{calibrator={cal}}}", data=calib)
         record("graphopt", cal, [q.run(*b)[0].numpy() for b in evals], time.perf_counter() - t0)
@@ -75,6 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     fp32_art = graphopt.load(graphopt.compile(graph, "llvm", output=tmp / "fp32"))
     record("graphopt-tvm", "percentile", [int8_art(b[0].numpy())[0] for b in evals], time.perf_counter() - t0)
     arts = {"graphopt fp32": fp32_art, "graphopt int8": int8_art}
+    if args.mixed:  # per-layer int8/int4 weights from mixed-precision (size budget), int8 activations
+        t0 = time.perf_counter()
+        mixed = graphopt.optimize(graph, f"mixed-precision{{target={args.mixed} candidates=int8,int4}},"
+                                         "quantize{calibrator=percentile bias-correction=true},fold-qdq", data=calib)
+        label = f"graphopt mixed-{args.mixed}"
+        arts[label] = graphopt.load(graphopt.compile(mixed, "llvm", output=tmp / "mixed"))
+        bits = list(mixed.meta["weight_bits"].values())
+        record("graphopt-tvm", f"mixed{args.mixed}", [arts[label](b[0].numpy())[0] for b in evals],
+               time.perf_counter() - t0)
+        rows[-1]["weight_bits"] = {b: bits.count(b) for b in sorted(set(bits))}
     if args.prune:  # the compressed artifact: channels pruned (no fine-tuning), then int8
         t0 = time.perf_counter()
         label = f"graphopt prune{round(args.prune * 100)}+int8"
@@ -114,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     lat = interleaved_medians({**{k: a.prepared(x) for k, a in arts.items()},
                                "onnxruntime fp32": lambda: ort_fp32.run(None, feed),
                                "onnxruntime int8": lambda: ort_int8.run(None, feed)})
-    folders = {"graphopt fp32": "fp32", "graphopt int8": "int8"}
+    folders = {"graphopt fp32": "fp32", "graphopt int8": "int8", f"graphopt mixed-{args.mixed}": "mixed"}
     size = {k: (tmp / folders.get(k, "pruned-int8") / "model.so").stat().st_size for k in arts}
 
     lines = [f"{'tool':<12} {'calibrator':<11} {'top-1 agr':>9} {'top-5 agr':>9} {'KL':>8} {'SQNR dB':>8} "

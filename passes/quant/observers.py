@@ -91,4 +91,66 @@ class MSEObserver(Observer):
         return best
 
 
-CALIBRATORS = {"minmax": MinMaxObserver, "percentile": PercentileObserver, "mse": MSEObserver}
+class EntropyObserver(Observer):
+    """TensorRT-style KL calibration: among clipping ranges [lo*f, hi*f] (at least 256 histogram bins, so at least
+    one bin per int8 level), choose the one whose int8 version Q of the clipped histogram P (the clipped-off mass
+    piled on P's edge bins, not on Q's) has the least KL(P || Q). Q spreads each level's mass over the level's
+    non-empty bins only; both are smoothed so empty bins do not give infinities. Exact zeros (ReLU outputs, padding)
+    are counted apart and kept whole in both: zero is on the grid, so spreading that spike over a level's bins (which
+    made KL prefer the narrowest range on every ReLU6 output) would charge the grid for an error it does not make."""
+
+    needs_histogram = True
+    levels = 256
+
+    zeros = 0.0
+
+    def observe_histogram(self, x: torch.Tensor) -> None:
+        super().observe_histogram(x)
+        self.zeros += float((x == 0).sum())  # exact zeros (ReLU, padding) stay exact on the grid: not smeared
+
+    @staticmethod
+    def _smooth(p: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+        zero = p == 0
+        nz = int((~zero).sum())
+        if nz == 0 or nz == p.numel():
+            return p
+        take = eps * int(zero.sum()) / nz
+        return torch.where(zero, torch.full_like(p, eps), p - take)
+
+    def clip_range(self) -> tuple[float, float]:
+        hist = self.hist.double()
+        width = (self.hi - self.lo) / self.bins
+        zero_bin = (0.0 - min(self.lo, 0.0)) / width  # where 0 sits; the range shrinks towards it
+        zb = min(int(zero_bin), self.bins - 1)
+        hist[zb] -= self.zeros
+        best, best_kl = (self.lo, self.hi), math.inf
+        for n in range(self.levels, self.bins + 1, 16):
+            f = n / self.bins
+            b0 = int(round(zero_bin * (1 - f)))
+            b1 = min(self.bins, b0 + n)
+            sliced = hist[b0:b1]
+            p = sliced.clone()
+            p[0] += hist[:b0].sum()
+            p[-1] += hist[b1:].sum()
+            if p.sum() == 0:
+                continue
+            level = torch.arange(b1 - b0) * self.levels // (b1 - b0)  # each bin's int8 level
+            nonzero = (sliced != 0).double()
+            mass = torch.bincount(level, sliced, self.levels)
+            count = torch.bincount(level, nonzero, self.levels)
+            q = torch.where(nonzero > 0, mass[level] / count[level].clamp(min=1), 0.0)
+            if b0 <= zb < b1:
+                p[zb - b0] += self.zeros
+                q[zb - b0] += self.zeros
+            if q.sum() == 0:
+                continue
+            ps = self._smooth(p / p.sum())
+            qs = self._smooth(q / q.sum())
+            kl = float((ps * torch.log(ps / qs)).where(ps > 0, torch.zeros_like(ps)).sum())
+            if kl < best_kl:
+                best, best_kl = (self.lo + b0 * width, self.lo + b1 * width), kl
+        return best
+
+
+CALIBRATORS = {"minmax": MinMaxObserver, "percentile": PercentileObserver, "mse": MSEObserver,
+               "entropy": EntropyObserver}

@@ -12,7 +12,7 @@ import torch.fx as fx
 
 import graphopt.ir.quant_ops  # noqa: F401  registers the graphopt ops
 from graphopt.ir.graph import Graph
-from graphopt.ir.names import unmatched_patterns
+from graphopt.ir.names import matches, node_labels, unmatched_patterns
 from graphopt.ir.observe import observe_outputs
 from graphopt.ir.quant_ops import DTYPE_RANGES
 from graphopt.passes.analysis.weights import weighted_ops
@@ -24,6 +24,25 @@ aten = torch.ops.aten
 def quantizable_ops(graph: Graph, exclude: list[str]) -> tuple[list[fx.Node], dict[str, str]]:
     """The conv/linear nodes with a float weight (the shared walk), minus `exclude`, and why others were skipped."""
     return weighted_ops(graph, exclude)
+
+
+def prequantized_ops(graph: Graph, exclude: list[str]) -> list[fx.Node]:
+    """conv2d/linear nodes whose weight is already a per-channel dequantized parameter (mixed-precision's output,
+    or a weight-only quantize) and whose input is still float: quantize adds their activation Q/DQ and keeps the
+    weight's bit width."""
+    go = torch.ops.graphopt
+    out = []
+    for n in graph.gm.graph.nodes:
+        if n.op != "call_function" or n.target not in (aten.linear.default, aten.conv2d.default):
+            continue
+        w, x = n.args[1], n.args[0]
+        if exclude and matches(node_labels(n), exclude):
+            continue
+        if (isinstance(w, fx.Node) and w.target is go.dequantize_per_channel.default
+                and all(isinstance(a, fx.Node) and a.op == "get_attr" for a in w.args[:3])
+                and isinstance(x, fx.Node) and x.target is not go.dequantize_per_tensor.default):
+            out.append(n)
+    return out
 
 
 def quantize_weight(w: torch.Tensor, bits: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -114,7 +133,7 @@ class Quantize(Pass):
         weights: Literal["int8", "int4"] = field(default="int8", metadata={"help": "weight bit width"})
         activations: Literal["int8", "none"] = field(default="int8", metadata={
             "help": "int8: quantize conv/linear inputs (needs data); none: weight-only"})
-        calibrator: Literal["minmax", "percentile", "mse"] = field(default="minmax", metadata={
+        calibrator: Literal["minmax", "percentile", "mse", "entropy"] = field(default="minmax", metadata={
             "help": "how activation ranges are chosen"})
         calib_batches: int = field(default=32, metadata={"help": "calibration batches used at most"})
         exclude: list[str] = field(default_factory=list, metadata={
@@ -131,14 +150,17 @@ class Quantize(Pass):
         for pat in unmatched_patterns(graph, o.exclude):
             raise CalibrationError(f"quantize option 'exclude': '{pat}' matches no node or parameter")
         ops, skipped = quantizable_ops(graph, o.exclude)
-        if not ops:
+        kept_bits = prequantized_ops(graph, o.exclude) if o.activations == "int8" else []
+        for op in kept_bits:
+            skipped.pop(op.name, None)
+        if not ops and not kept_bits:
             return PassResult(graph, False, {"skipped": skipped}, "no conv or linear with a float weight to quantize")
         observers = {}
         if o.activations == "int8":
             if not ctx.data:
                 raise CalibrationError("quantize{activations=int8} needs calibration data (optimize(..., data=...) "
                                        "or --inputs); use activations=none for weight-only")
-            observers = calibrate(graph, ops, list(ctx.data)[: o.calib_batches], o.calibrator)
+            observers = calibrate(graph, ops + kept_bits, list(ctx.data)[: o.calib_batches], o.calibrator)
         corrected = {}
         if o.bias_correction:
             if not ctx.data:
@@ -148,8 +170,9 @@ class Quantize(Pass):
         qmin, qmax, _ = DTYPE_RANGES["int8"]
         g = graph.gm.graph
         act_q = {}
-        for op in ops:
-            quantize_op_weight(graph, op, o.weights)
+        for op in [n for n in g.nodes if n in set(ops) | set(kept_bits)]:
+            if op not in kept_bits:
+                quantize_op_weight(graph, op, o.weights)
             args = list(op.args)
             x = op.args[0]
             if observers and isinstance(x, fx.Node) and x.name in observers:
@@ -165,7 +188,8 @@ class Quantize(Pass):
                 args[0] = act_q[x.name]
             op.args = tuple(args)
         eliminate_dead_code(graph)
-        return PassResult(graph, True, {"weights_quantized": len(ops), "activations_quantized": len(act_q),
+        return PassResult(graph, True, {"weights_quantized": len(ops), "weight_bits_kept": len(kept_bits),
+                                        "activations_quantized": len(act_q),
                                         "weight_bits": o.weights, "calibrator": o.calibrator if observers else None,
                                         "bias_corrected": len(corrected),
                                         "largest_bias_shift": max(corrected.values(), default=0.0),

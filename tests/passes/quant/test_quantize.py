@@ -9,7 +9,7 @@ import graphopt
 from digits import accuracy, batches
 
 
-@pytest.mark.parametrize("calibrator", ["minmax", "percentile", "mse"])
+@pytest.mark.parametrize("calibrator", ["minmax", "percentile", "mse", "entropy"])
 def test_int8_ptq_keeps_digits_accuracy(digits, calibrator):
     drops = []
     for model, (xtr, xte, ytr, yte) in digits:
@@ -148,7 +148,9 @@ def test_fold_qdq_reports_what_it_keeps(cnn):
 def test_int8_and_int4_artifacts_store_the_narrow_weights(tmp_path):
     """The compiled artifact keeps what quantize chose: int8 weights are >= 3.3x smaller than fp32 on a model whose
     size is its weights (pointwise kernels widen int8 in-register per task, the depthwise kernel converts per call),
-    and int4 weights are packed two per byte, so the int4 artifact is smaller still; both match their graphs."""
+    and int4 weights are packed two per byte, so the int4 artifact is smaller still; a mixed-precision choice of
+    int8 and int4 layers (then int8 activations: quantize keeps the chosen weight bits) lands in between; each matches
+    its graph."""
     torch.manual_seed(0)
     w = 384
     model = torch.nn.Sequential(torch.nn.Conv2d(32, w, 1), torch.nn.ReLU6(), torch.nn.Conv2d(w, w, 3, padding=1, groups=w),
@@ -158,8 +160,13 @@ def test_int8_and_int4_artifacts_store_the_narrow_weights(tmp_path):
     g = graphopt.trace(model, (x,))
     data = [(torch.rand(1, 32, 14, 14),) for _ in range(4)]
     sizes, names = {}, {}
-    for label, pipeline in (("fp32", None), ("int8", "quantize,fold-qdq"), ("int4", "quantize{weights=int4},fold-qdq")):
+    for label, pipeline in (("fp32", None), ("int8", "quantize,fold-qdq"), ("int4", "quantize{weights=int4},fold-qdq"),
+                            ("mixed", "mixed-precision{target=0.19 candidates=int8,int4},quantize,fold-qdq")):
         h = g if pipeline is None else graphopt.optimize(g, pipeline, data=data)
+        if label == "mixed":
+            assert set(h.meta["weight_bits"].values()) == {"int8", "int4"}
+            assert not [n for n in h.gm.graph.nodes if n.op == "call_function" and n.target in
+                        (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)]  # every conv folded
         art = graphopt.compile(h, "llvm", output=tmp_path / label)
         sizes[label] = (art / "model.so").stat().st_size
         names[label] = _lowered_names(h)
@@ -168,6 +175,7 @@ def test_int8_and_int4_artifacts_store_the_narrow_weights(tmp_path):
         assert np.abs(got - want).max() <= 0.02 * np.abs(want).max(), label  # a rounding tie may land one step away
     assert sizes["fp32"] >= 3.3 * sizes["int8"], sizes
     assert sizes["int4"] <= 0.65 * sizes["int8"], sizes
+    assert sizes["int4"] < 0.97 * sizes["mixed"] and sizes["mixed"] < 0.97 * sizes["int8"], sizes
     assert any(n.endswith("_w4") for n in names["int4"]) and not any(n.endswith("_w4") for n in names["int8"])
     assert any(n.startswith("depthwise") and n.endswith("_w8") for n in names["int8"])
 
@@ -175,3 +183,21 @@ def test_int8_and_int4_artifacts_store_the_narrow_weights(tmp_path):
 def _lowered_names(g):
     from graphopt.targets.tvm.lower import lower_to_relax
     return {gv.name_hint for gv in lower_to_relax(g).get_global_vars()}
+
+
+def test_entropy_calibrator_ranges():
+    """KL calibration on ReLU-like tensors (half exact zeros): a uniform tail keeps its whole range (a clip piles mass
+    on the edge); one far outlier is clipped near the bulk; a half-normal tail is clipped in its far tail (3.4 of a
+    4.66 max here), not at 1.7 where smearing the zero spike over the first level's bins pushed it."""
+    from graphopt.passes.quant.observers import EntropyObserver
+    torch.manual_seed(0)
+    x = torch.rand(200_000) * 6
+    x[:100_000] = 0
+    normal = torch.randn(200_000).abs()
+    normal[:100_000] = 0
+    for data, lo_hi in ((x, (5.7, 6.01)), (torch.cat([x, torch.tensor([60.0])]), (5.5, 8.0)), (normal, (3.0, 4.0))):
+        obs = EntropyObserver("t")
+        obs.observe_range(data)
+        obs.observe_histogram(data)
+        lo, hi = obs.clip_range()
+        assert lo == 0 and lo_hi[0] <= hi <= lo_hi[1], (hi, lo_hi)
