@@ -48,7 +48,8 @@ def optimize(graph: Graph, pipeline: str, *, data: Sequence[Any] | None = None, 
     """Run the pipeline text (or a .yaml recipe path) over a clone of `graph` and return the new Graph.
 
     `target` answers the cost questions of measuring passes (select-sparse-layout): "llvm" (the host CPU, built on
-    first use), an object with `measure(op, shape, layout, weight)`, or None. Extra keyword arguments reach the
+    first use), an object with `measure(op, shape, layout, weight)` and/or `measure_variants(key, variants)`
+    (mixed-precision{budget=latency}), or None. Extra keyword arguments reach the
     passes as ctx extras: `labels` (one tensor per batch), `teacher` (a Graph), `loss`, `optimizer`."""
     from graphopt.pm import PassContext, PassManager
     if not isinstance(graph, Graph):
@@ -72,19 +73,26 @@ class _LazyCpuOracle:
     def __init__(self):
         self._oracle = None
 
-    def measure(self, *args, **kwargs) -> float:
+    def _get(self):
         if self._oracle is None:
             from graphopt.targets.tvm.cpu.cost import CpuCostOracle
             self._oracle = CpuCostOracle()
-        return self._oracle.measure(*args, **kwargs)
+        return self._oracle
+
+    def measure(self, *args, **kwargs) -> float:
+        return self._get().measure(*args, **kwargs)
+
+    def measure_variants(self, *args, **kwargs) -> dict[str, float]:
+        return self._get().measure_variants(*args, **kwargs)
 
 
 def _cost_oracle(target: Any):
-    if target is None or hasattr(target, "measure"):
+    if target is None or hasattr(target, "measure") or hasattr(target, "measure_variants"):
         return target
     if target == "llvm":
         return _LazyCpuOracle()
-    raise GraphoptError(f"optimize(target=...) must be 'llvm', None or an object with measure(); got {target!r}")
+    raise GraphoptError(f"optimize(target=...) must be 'llvm', None or a cost oracle (an object with measure() "
+                        f"and/or measure_variants()); got {target!r}")
 
 
 def compile(graph: Graph, target: str = "llvm", tuning: Any = None, output: str | Path = "graphopt-out") -> Path:  # noqa: A001

@@ -104,4 +104,18 @@ def _(xq, x_scale, x_zp, wq, w_scales, bias, stride, padding, dilation, groups):
     ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     return xq.new_empty((n, wq.shape[0], oh, ow), dtype=torch.float32)
 
-QUANT_OPS = ("quantize_per_tensor", "dequantize_per_tensor", "dequantize_per_channel", "qlinear", "qconv2d")
+@torch.library.custom_op("graphopt::qmatmul", mutates_args=())
+def qmatmul(aq: torch.Tensor, a_scale: float, a_zp: int, bq: torch.Tensor, b_scale: float, b_zp: int) -> torch.Tensor:
+    """Activation x activation int8 matmul (attention scores and outputs): (a - za) @ (b - zb) accumulated exactly,
+    times a_scale * b_scale; float output. Broadcasts like torch.matmul."""
+    acc = torch.matmul(aq.to(torch.float64) - a_zp, bq.to(torch.float64) - b_zp)
+    return (acc * (a_scale * b_scale)).to(torch.float32)
+
+
+@qmatmul.register_fake
+def _(aq, a_scale, a_zp, bq, b_scale, b_zp):
+    return torch.matmul(aq.to(torch.float32), bq.to(torch.float32))
+
+
+QUANT_OPS = ("quantize_per_tensor", "dequantize_per_tensor", "dequantize_per_channel", "qlinear", "qconv2d",
+             "qmatmul")

@@ -1,4 +1,4 @@
-"""fold-qdq: rewrite dequantize -> conv2d/linear (fed by a quantize) into graphopt's integer ops: int8 x int8 with
+"""fold-qdq: rewrite dequantize -> conv2d/linear/matmul (fed by quantizes) into graphopt's integer ops: int8 x int8 with
 exact int32 accumulation and one float rescale per output channel. Equal to the Q/DQ graph up to float rounding;
 Q/DQ pairs that do not fit stay and are reported with the reason."""
 from __future__ import annotations
@@ -15,19 +15,27 @@ from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, regist
 
 aten = torch.ops.aten
 go = torch.ops.graphopt
+MATMULS = (aten.matmul.default, aten.bmm.default)
 
 
 def _arg(n: fx.Node, i: int, default):
     return n.args[i] if len(n.args) > i else default
 
 
+def _quantized(x) -> bool:
+    """x is dequantize_per_tensor(quantize_per_tensor(...))."""
+    return (isinstance(x, fx.Node) and x.target is go.dequantize_per_tensor.default
+            and isinstance(x.args[0], fx.Node) and x.args[0].target is go.quantize_per_tensor.default)
+
+
 def check(graph: Graph, op: fx.Node) -> str:
     """Empty if `op` can become an integer op, else why not."""
+    if op.target in MATMULS:
+        return "" if _quantized(op.args[0]) and _quantized(op.args[1]) else "an operand is not quantized"
     if op.target not in (aten.linear.default, aten.conv2d.default):
-        return "only linear and conv2d have integer kernels"
+        return "only linear, conv2d and matmul have integer kernels"
     x, w = op.args[0], op.args[1]
-    if not (isinstance(x, fx.Node) and x.target is go.dequantize_per_tensor.default
-            and isinstance(x.args[0], fx.Node) and x.args[0].target is go.quantize_per_tensor.default):
+    if not _quantized(x):
         return "input is not quantized (activations=none, or excluded)"
     if not (isinstance(w, fx.Node) and w.target is go.dequantize_per_channel.default and w.args[3] == 0
             and all(isinstance(a, fx.Node) and a.op == "get_attr" for a in w.args[:3])):
@@ -45,7 +53,8 @@ def check(graph: Graph, op: fx.Node) -> str:
 @register_pass
 class FoldQDQ(Pass):
     name = "fold-qdq"
-    summary = "Turn dequantize -> conv2d/linear <- quantize into int8 x int8 -> int32 ops with a float rescale."
+    summary = ("Turn dequantize -> conv2d/linear/matmul <- quantize into int8 x int8 -> int32 ops with a float "
+               "rescale.")
     # exact integer accumulation vs the float Q/DQ reference: values on a rounding tie at a later quantize can move
     # one step (1 LSB), which the SQNR bound allows and a max-error bound would not
     contract = Contract.BOUNDED
@@ -59,10 +68,20 @@ class FoldQDQ(Pass):
         g = graph.gm.graph
         folded, kept = [], {}
         for op in [n for n in g.nodes if n.op == "call_function" and n.target in (aten.linear.default,
-                                                                                   aten.conv2d.default)]:
+                                                                                   aten.conv2d.default, *MATMULS)]:
             reason = check(graph, op)
             if reason:
-                kept[op.name] = reason
+                if op.target not in MATMULS:  # a float matmul is not a layer anyone asked to quantize
+                    kept[op.name] = reason
+                continue
+            if op.target in MATMULS:
+                a, b = op.args[0], op.args[1]
+                with g.inserting_before(op):
+                    new = g.call_function(go.qmatmul.default, (a.args[0], float(a.args[1]), int(a.args[2]),
+                                                               b.args[0], float(b.args[1]), int(b.args[2])))
+                op.replace_all_uses_with(new)
+                g.erase_node(op)
+                folded.append(new.name)
                 continue
             dq_x, dq_w = op.args[0], op.args[1]
             q_x = dq_x.args[0]

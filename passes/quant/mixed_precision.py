@@ -14,14 +14,20 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.fx as fx
+from tqdm.auto import tqdm
 
 from graphopt.errors import GraphoptError
 from graphopt.ir.graph import Graph
 from graphopt.ir.names import unmatched_patterns
+from graphopt.ir.observe import observe_outputs
+from graphopt.ir.printer import target_name
+from graphopt.ir.quant_ops import DTYPE_RANGES
 from graphopt.passes.quant.quantize import quantizable_ops, quantize_op_weight, quantize_weight
 from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, register_pass
 
 log = logging.getLogger(__name__)
+aten = torch.ops.aten
 BITS = {"fp32": 32, "int8": 8, "int4": 4}
 
 
@@ -51,9 +57,11 @@ class MixedPrecision(Pass):
     @dataclass
     class Options:
         budget: Literal["size", "latency"] = field(default="size", metadata={
-            "help": "size: weight bytes; latency: measured int kernels (not available on this target yet)"})
+            "help": "size: weight bytes (weight-only widths; int8 activations can follow with quantize); latency: "
+                    "each layer's time on the target, measured fp32 vs int8/int4 (weights and input activation)"})
         target: float = field(default=0.2, metadata={
-            "help": "budget as a fraction of the float weight bytes (0.25 = as small as all-int8)"})
+            "help": "size: a fraction of the float weight bytes (0.25 = as small as all-int8); latency: a fraction "
+                    "of the layers' measured fp32 time (e.g. 0.8)"})
         candidates: list[str] = field(default_factory=lambda: ["fp32", "int8", "int4"], metadata={
             "help": "bit widths to choose from (fp32, int8, int4)"})
         exclude: list[str] = field(default_factory=list, metadata={
@@ -71,9 +79,6 @@ class MixedPrecision(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
-        if o.budget == "latency":
-            raise MixedPrecisionError("mixed-precision{budget=latency} needs measured int8/int4 kernel costs, which "
-                                      "the CPU target does not provide yet; use budget=size")
         for pat in unmatched_patterns(graph, o.exclude):
             raise MixedPrecisionError(f"mixed-precision option 'exclude': '{pat}' matches no node or parameter")
         ops, _ = quantizable_ops(graph, o.exclude)
@@ -81,6 +86,8 @@ class MixedPrecision(Pass):
             raise MixedPrecisionError("mixed-precision: no conv or linear with a float weight to quantize")
         cands = sorted(dict.fromkeys(o.candidates), key=lambda c: -BITS[c])  # widest first
         batches = ctx.batches(graph)
+        if o.budget == "latency":
+            return _run_latency(o, graph, ctx, ops, cands, batches)
         with torch.no_grad():
             ref = [graph.gm(*b) for b in batches]
             ref = [r[0] if isinstance(r, (tuple, list)) else r for r in ref]
@@ -143,3 +150,132 @@ class MixedPrecision(Pass):
                           {"size_fraction": round(total() / float_bytes, 4), "target": o.target,
                            "bits": {n: v["bits"] for n, v in per_layer.items()},
                            "sensitivity": {n: v["sensitivity"] for n, v in per_layer.items()}})
+
+
+class _OneLayerQuantized(torch.fx.Interpreter):
+    """Runs the graph with one layer's input quantized to int8 (per tensor) and its weight replaced."""
+
+    def __init__(self, gm, node, qparams, weight):
+        super().__init__(gm)
+        self.node, self.qparams, self.weight = node, qparams, weight
+
+    def run_node(self, n):
+        if n is not self.node:
+            return super().run_node(n)
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        scale, zp = self.qparams
+        x = (torch.clamp(torch.round(args[0] / scale) + zp, -128, 127) - zp) * scale
+        return n.target(x, self.weight, *args[2:], **kwargs)
+
+
+class _Layer(torch.nn.Module):
+    """One conv/linear node as a module, so it can be traced and built alone."""
+
+    def __init__(self, fn, weight, bias, rest):
+        super().__init__()
+        self.fn, self.rest = fn, list(rest)
+        self.weight = torch.nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x):
+        return self.fn(x, self.weight, self.bias, *self.rest)
+
+
+def _run_latency(o, graph: Graph, ctx: PassContext, ops, cands, batches) -> PassResult:
+    """budget=latency: each layer alone is built for the target in fp32 and in each integer width (int8 input
+    activation, calibrated like quantize{calibrator=percentile}) and timed there; sensitivity is the model output's
+    error with only that layer quantized; the cheapest error per second saved is taken until the layers' time fits
+    target x their fp32 time. Chosen layers get Q/DQ on weight and input, so fold-qdq follows."""
+    import graphopt
+    from graphopt.passes.quant.quantize import calibrate, insert_qdq
+
+    oracle = ctx.target
+    if oracle is None or not hasattr(oracle, "measure_variants"):
+        raise MixedPrecisionError("mixed-precision{budget=latency} measures layers on a target: call "
+                                  "optimize(..., target='llvm') or use graphopt compile/opt (they give the host CPU)")
+    if not batches:
+        raise MixedPrecisionError("mixed-precision{budget=latency} calibrates int8 activations: give data")
+    ops = [op for op in ops if isinstance(op.args[0], fx.Node) and op.target in (aten.conv2d.default,
+                                                                                aten.linear.default)
+           and (len(op.args) < 3 or op.args[2] is None or (isinstance(op.args[2], fx.Node)
+                                                          and op.args[2].op == "get_attr"))]
+    if not ops:
+        raise MixedPrecisionError("mixed-precision{budget=latency}: no conv2d or linear layer with constant weights")
+    observers = calibrate(graph, [(op.args[0], op.name) for op in ops], batches, "percentile")
+    qmin, qmax, _ = DTYPE_RANGES["int8"]
+    qp = {op.name: observers[op.args[0].name].qparams(qmin, qmax) for op in ops}
+    inputs: dict[str, torch.Tensor] = {}
+    observe_outputs(graph, {op.args[0].name for op in ops}, batches[:1],
+                    lambda name, x: inputs.setdefault(name, x.clone()))
+    with torch.no_grad():
+        ref = [graph.gm(*b) for b in batches]
+        ref = [r[0] if isinstance(r, (tuple, list)) else r for r in ref]
+    seconds: dict[str, dict[str, float]] = {}
+    sens: dict[str, dict[str, float]] = {}
+    for op in tqdm(ops, desc="mixed-precision: timing layers", unit="layer", leave=False):
+        x = inputs[op.args[0].name]
+        w = graph.get_param(op.args[1].target)
+        b = graph.get_param(op.args[2].target) if len(op.args) > 2 and op.args[2] is not None else None
+        layer = graphopt.trace(_Layer(op.target, w, b, op.args[3:]).eval(), (x,))
+        variants = {}
+        for c in cands:
+            if c == "fp32":
+                variants[c] = (layer, (x.numpy(),))
+            else:
+                q = graphopt.optimize(layer, f"quantize{{weights={c} calibrator=percentile}},fold-qdq",
+                                      data=[(x,)], target=None)
+                variants[c] = (q, (x.numpy(),))
+        key = (f"{target_name(op.target)}|{tuple(x.shape)}|{tuple(w.shape)}|{b is not None}|"
+               f"{[a for a in op.args[3:]]}")
+        seconds[op.name] = oracle.measure_variants(key, variants)
+        sens[op.name] = {}
+        for c in cands:
+            if c == "fp32":
+                sens[op.name][c] = 0.0
+                continue
+            with torch.no_grad():
+                runner = _OneLayerQuantized(graph.gm, op, qp[op.name], _dequantized(w, c))
+                out = [runner.run(*bt) for bt in batches]
+            sens[op.name][c] = _error(ref, [v[0] if isinstance(v, (tuple, list)) else v for v in out])
+    fp32_total = sum(t.get("fp32", max(t.values())) for t in seconds.values())
+    choice = {op.name: cands[0] for op in ops}
+    budget = o.target * fp32_total
+
+    def total() -> float:
+        return sum(seconds[n][c] for n, c in choice.items())
+
+    while total() > budget:
+        best, best_cost = None, None
+        for n, c in choice.items():
+            for nxt in cands[cands.index(c) + 1:]:
+                saved = seconds[n][c] - seconds[n][nxt]
+                if saved <= 0:
+                    continue
+                cost = (sens[n][nxt] - sens[n][c]) / saved
+                if best_cost is None or cost < best_cost:
+                    best, best_cost = (n, nxt), cost
+        if best is None:
+            raise MixedPrecisionError(
+                f"mixed-precision: the fastest measured width for every layer takes {total() / fp32_total:.3f} of "
+                f"the layers' fp32 time, over target={o.target}; raise target (layers whose integer version is "
+                f"not faster here stay fp32)")
+        choice[best[0]] = best[1]
+    by_name = {op.name: op for op in ops}
+    done: dict = {}
+    for n, c in choice.items():
+        if c != "fp32":
+            op = by_name[n]
+            quantize_op_weight(graph, op, c)
+            op.args = (insert_qdq(graph, op.args[0], qp[n], done), *op.args[1:])
+    graph.gm.graph.eliminate_dead_code()
+    graph.remove_unused_params()
+    graph.meta["weight_bits"] = dict(choice)
+    for n, c in choice.items():
+        log.info("mixed-precision: %-30s %s (%s)", n, c,
+                 ", ".join(f"{k} {v * 1e6:.0f} us" for k, v in seconds[n].items()))
+    return PassResult(graph, any(c != "fp32" for c in choice.values()),
+                      {"latency_fraction": round(total() / fp32_total, 4), "target": o.target,
+                       "bits": dict(choice),
+                       "seconds": {n: {k: round(v, 7) for k, v in t.items()} for n, t in seconds.items()},
+                       "sensitivity": {n: {k: round(v, 6) for k, v in t.items()} for n, t in sens.items()}})
+

@@ -42,7 +42,7 @@ class Observer:
     def clip_range(self) -> tuple[float, float]:
         return self.lo, self.hi
 
-    def qparams(self, qmin: int, qmax: int) -> tuple[float, int]:
+    def qparams(self, qmin: int, qmax: int, symmetric: bool = False) -> tuple[float, int]:
         if self.count == 0:
             raise CalibrationError(f"no calibration batch reached '{self.where}': the data loader yielded nothing")
         lo, hi = self.clip_range()
@@ -50,6 +50,8 @@ class Observer:
         if hi - lo <= 1e-12 * max(1.0, abs(hi)):
             raise CalibrationError(f"calibration data reaching '{self.where}' is constant ({self.lo:g}); "
                                    "give varied data or exclude this layer")
+        if symmetric:  # zero point 0, the range +-max|x| (qmin stays reachable for the clamp, unused)
+            return max(hi, -lo) / qmax, 0
         scale = (hi - lo) / (qmax - qmin)
         zero_point = int(round(qmin - lo / scale))
         return scale, max(qmin, min(qmax, zero_point))

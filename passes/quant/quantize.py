@@ -17,6 +17,7 @@ from graphopt.ir.observe import observe_outputs
 from graphopt.ir.quant_ops import DTYPE_RANGES
 from graphopt.passes.analysis.weights import weighted_ops
 from graphopt.passes.canonicalize.dce import eliminate_dead_code
+from graphopt.passes.quant.attention import decompose_attention
 from graphopt.passes.quant.observers import CALIBRATORS, CalibrationError
 from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, register_pass
 
@@ -45,20 +46,22 @@ def prequantized_ops(graph: Graph, exclude: list[str]) -> list[fx.Node]:
     return out
 
 
-def quantize_weight(w: torch.Tensor, bits: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-output-channel symmetric: (q as int8, scales, zero points)."""
+def quantize_weight(w: torch.Tensor, bits: str, per_channel: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Symmetric, per output channel (or one scale for the tensor, repeated per channel so every consumer reads
+    the same form): (q as int8, scales, zero points)."""
     qmin, qmax, dtype = DTYPE_RANGES[bits]
     flat = w.detach().float().reshape(w.shape[0], -1)
-    amax = flat.abs().amax(1)
+    amax = flat.abs().amax(1) if per_channel else flat.abs().max().expand(w.shape[0])
     scales = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))  # an all-zero channel stays exactly zero
     q = torch.clamp(torch.round(flat / scales[:, None]), -qmax, qmax).to(dtype).reshape(w.shape)
     return q, scales.float(), torch.zeros_like(scales, dtype=torch.int32)
 
 
-def quantize_op_weight(graph: Graph, op: fx.Node, bits: str) -> None:
+def quantize_op_weight(graph: Graph, op: fx.Node, bits: str, per_channel: bool = True) -> None:
     """Store `op`'s weight as per-channel int8/int4 behind a dequantize node (the op reads the dequantized weight)."""
     w = op.args[1]
-    q, scales, zps = quantize_weight(graph.get_param(w.target), bits)
+    q, scales, zps = quantize_weight(graph.get_param(w.target), bits, per_channel)
     nq = graph.add_param(f"{w.target}_q", q, before=op)
     ns = graph.add_param(f"{w.target}_scale", scales, before=op)
     nz = graph.add_param(f"{w.target}_zp", zps, before=op)
@@ -68,7 +71,24 @@ def quantize_op_weight(graph: Graph, op: fx.Node, bits: str) -> None:
     op.args = (op.args[0], dq, *op.args[2:])
 
 
-def correct_biases(graph: Graph, ops: list[fx.Node], batches, bits: str) -> dict[str, float]:
+def insert_qdq(graph: Graph, x: fx.Node, qparams: tuple[float, int], done: dict[str, fx.Node]) -> fx.Node:
+    """x -> int8 quantize -> dequantize, returning the dequantize; one pair per activation (`done` caches them by
+    name), shared by its readers."""
+    if x.name not in done:
+        scale, zp = qparams
+        qmin, qmax, _ = DTYPE_RANGES["int8"]
+        g = graph.gm.graph
+        with g.inserting_after(x):
+            qn = g.call_function(torch.ops.graphopt.quantize_per_tensor.default,
+                                 (x, float(scale), int(zp), qmin, qmax, torch.int8))
+        with g.inserting_after(qn):
+            done[x.name] = g.call_function(torch.ops.graphopt.dequantize_per_tensor.default,
+                                           (qn, float(scale), int(zp)))
+    return done[x.name]
+
+
+def correct_biases(graph: Graph, ops: list[fx.Node], batches, bits: str, per_channel: bool = True
+                   ) -> dict[str, float]:
     """Bias correction: weight rounding shifts each output channel's mean by E[op(x, W - dequant(q(W)))]; measure
     that shift on the calibration data (float inputs, streamed: one running sum per channel) and add it to the bias.
     Call before the weights are replaced. Returns node name -> largest shift corrected (in output units)."""
@@ -79,7 +99,7 @@ def correct_biases(graph: Graph, ops: list[fx.Node], batches, bits: str) -> dict
     err_w, sums, counts = {}, {}, {}
     for op in ops:
         w = graph.get_param(op.args[1].target).float()
-        q, scales, _ = quantize_weight(w, bits)
+        q, scales, _ = quantize_weight(w, bits, per_channel)
         err_w[op.name] = w - q.float() * scales.reshape(-1, *[1] * (w.dim() - 1))
 
     def record(name: str, x: torch.Tensor) -> None:
@@ -106,11 +126,13 @@ def correct_biases(graph: Graph, ops: list[fx.Node], batches, bits: str) -> dict
     return corrected
 
 
-def calibrate(graph: Graph, ops: list[fx.Node], batches, calibrator: str) -> dict[str, object]:
-    """Observers for the activation input of each op; two streaming passes when a histogram is needed."""
+def calibrate(graph: Graph, inputs: list[tuple[fx.Node, str]], batches, calibrator: str) -> dict[str, object]:
+    """An observer for each activation (node, the op that reads it); two streaming passes when a histogram is
+    needed."""
     cls = CALIBRATORS[calibrator]
-    watch = {op.args[0].name: cls(f"{op.name} (input '{op.args[0].name}')") for op in ops
-             if isinstance(op.args[0], fx.Node)}
+    watch = {}
+    for x, reader in inputs:
+        watch.setdefault(x.name, cls(f"{reader} (input '{x.name}')"))
     if not batches:
         raise CalibrationError("quantize with activations needs calibration data: the data loader yielded nothing")
 
@@ -118,6 +140,21 @@ def calibrate(graph: Graph, ops: list[fx.Node], batches, calibrator: str) -> dic
     if cls.needs_histogram:  # second pass: a fixed-range histogram, so memory does not grow with the data
         observe_outputs(graph, watch, batches, lambda name, x: watch[name].observe_histogram(x))
     return watch
+
+
+def activation_matmuls(graph: Graph, exclude: list[str]) -> list[fx.Node]:
+    """matmul/bmm nodes whose two operands are both computed activations (attention), minus `exclude`."""
+    out = []
+    for n in graph.gm.graph.nodes:
+        if n.op != "call_function" or n.target not in (aten.matmul.default, aten.bmm.default):
+            continue
+        if exclude and matches(node_labels(n), exclude):
+            continue
+        a, b = n.args[:2]
+        if all(isinstance(t, fx.Node) and t.op == "call_function" and t.meta.get("val") is not None
+               and t.meta["val"].is_floating_point() for t in (a, b)):
+            out.append(n)
+    return out
 
 
 @register_pass
@@ -138,6 +175,14 @@ class Quantize(Pass):
         calib_batches: int = field(default=32, metadata={"help": "calibration batches used at most"})
         exclude: list[str] = field(default_factory=list, metadata={
             "help": "node or parameter names (glob) kept in float"})
+        matmul: bool = field(default=True, metadata={
+            "help": "also quantize activation x activation matmuls (both operands per-tensor int8): attention's "
+                    "scores and outputs; scaled_dot_product_attention is rewritten into explicit matmuls first"})
+        per_channel: bool = field(default=True, metadata={
+            "help": "weights: one scale per output channel (true) or one per tensor (false)"})
+        symmetric: bool = field(default=False, metadata={
+            "help": "activations: symmetric around 0 (zero point 0) instead of affine over the observed range; "
+                    "weights are always symmetric"})
         bias_correction: bool = field(default=False, metadata={
             "help": "add each layer's mean output shift caused by weight rounding back to its bias, measured on "
                     "the calibration data (needs data; helps most for int4)"})
@@ -155,41 +200,42 @@ class Quantize(Pass):
             skipped.pop(op.name, None)
         if not ops and not kept_bits:
             return PassResult(graph, False, {"skipped": skipped}, "no conv or linear with a float weight to quantize")
-        observers = {}
+        observers, matmuls, attention_kept = {}, [], {}
         if o.activations == "int8":
             if not ctx.data:
                 raise CalibrationError("quantize{activations=int8} needs calibration data (optimize(..., data=...) "
                                        "or --inputs); use activations=none for weight-only")
-            observers = calibrate(graph, ops + kept_bits, list(ctx.data)[: o.calib_batches], o.calibrator)
+            if o.matmul:
+                _, attention_kept = decompose_attention(graph)
+                matmuls = activation_matmuls(graph, o.exclude)
+            watched = [(op.args[0], op.name) for op in ops + kept_bits if isinstance(op.args[0], fx.Node)]
+            watched += [(t, mm.name) for mm in matmuls for t in mm.args[:2]]
+            observers = calibrate(graph, watched, list(ctx.data)[: o.calib_batches], o.calibrator)
         corrected = {}
         if o.bias_correction:
             if not ctx.data:
                 raise CalibrationError("quantize{bias-correction=true} measures the rounding shift on data: give "
                                        "calibration data (optimize(..., data=...) or --inputs)")
-            corrected = correct_biases(graph, ops, list(ctx.data)[: o.calib_batches], o.weights)
+            corrected = correct_biases(graph, ops, list(ctx.data)[: o.calib_batches], o.weights, o.per_channel)
         qmin, qmax, _ = DTYPE_RANGES["int8"]
         g = graph.gm.graph
         act_q = {}
+
+        def dequantized(x: fx.Node) -> fx.Node:
+            return insert_qdq(graph, x, observers[x.name].qparams(qmin, qmax, o.symmetric), act_q)
+
         for op in [n for n in g.nodes if n in set(ops) | set(kept_bits)]:
             if op not in kept_bits:
-                quantize_op_weight(graph, op, o.weights)
-            args = list(op.args)
+                quantize_op_weight(graph, op, o.weights, o.per_channel)
             x = op.args[0]
             if observers and isinstance(x, fx.Node) and x.name in observers:
-                if x.name not in act_q:
-                    scale, zp = observers[x.name].qparams(qmin, qmax)
-                    with g.inserting_after(x):
-                        qn = g.call_function(torch.ops.graphopt.quantize_per_tensor.default,
-                                             (x, float(scale), int(zp), qmin, qmax, torch.int8))
-                    with g.inserting_after(qn):
-                        dn = g.call_function(torch.ops.graphopt.dequantize_per_tensor.default,
-                                             (qn, float(scale), int(zp)))
-                    act_q[x.name] = dn
-                args[0] = act_q[x.name]
-            op.args = tuple(args)
+                op.args = (dequantized(x), *op.args[1:])
+        for mm in matmuls:
+            mm.args = (dequantized(mm.args[0]), dequantized(mm.args[1]), *mm.args[2:])
         eliminate_dead_code(graph)
         return PassResult(graph, True, {"weights_quantized": len(ops), "weight_bits_kept": len(kept_bits),
-                                        "activations_quantized": len(act_q),
+                                        "activations_quantized": len(act_q), "matmuls_quantized": len(matmuls),
+                                        "attention_kept_fused": attention_kept,
                                         "weight_bits": o.weights, "calibrator": o.calibrator if observers else None,
                                         "bias_corrected": len(corrected),
                                         "largest_bias_shift": max(corrected.values(), default=0.0),

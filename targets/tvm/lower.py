@@ -96,6 +96,19 @@ def _quant_converters(lifted: dict | None = None):
         rank = len(node.args[0].meta["val"].shape)
         return _rescale(bb, acc, zx, wsum, sx, ws, bias, [1] * (rank - 1) + [-1])
 
+    def qmatmul(node, importer):
+        # activation x activation: both zero points come off before the product, accumulated exactly in int32
+        bb = importer.block_builder
+        a, b = importer.env[node.args[0]], importer.env[node.args[3]]
+
+        def centered(q, zp):
+            q = bb.emit(relax.op.astype(q, "int32"))
+            return q if int(zp) == 0 else bb.emit(relax.op.subtract(q, relax.const(int(zp), "int32")))
+
+        acc = bb.emit(relax.op.matmul(centered(a, node.args[2]), centered(b, node.args[5]), out_dtype="int32"))
+        y = bb.emit(relax.op.astype(acc, "float32"))
+        return bb.emit(relax.op.multiply(y, f32(float(node.args[1]) * float(node.args[4]))))
+
     def _qlinear_fast(node, bb, xq, sx, zx):
         """qlinear with constant weight, scales and bias, >= 6 rows -> the int8 vpmaddwd GEMM (epilogue fused)."""
         from graphopt.targets.tvm.cpu.int8 import emit_qlinear, int8_kernels_available
@@ -360,7 +373,7 @@ def _quant_converters(lifted: dict | None = None):
         return convert
 
     return {"gelu.default": gelu, "convolution.default": convolution, "constant_pad_nd.default": constant_pad_nd,
-            **{k: _activation(k) for k in ("relu.default", "relu6.default", "hardtanh.default", "clamp.default")}, "qlinear.default": qlinear, "qconv2d.default": qconv2d, "bsr_linear.default": bsr_linear,
+            **{k: _activation(k) for k in ("relu.default", "relu6.default", "hardtanh.default", "clamp.default")}, "qlinear.default": qlinear, "qconv2d.default": qconv2d, "qmatmul.default": qmatmul, "bsr_linear.default": bsr_linear,
             "linear.default": linear,
             "quantize_per_tensor.default": quantize_per_tensor,
             "dequantize_per_tensor.default": dequantize_per_tensor,

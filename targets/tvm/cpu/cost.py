@@ -58,11 +58,34 @@ class CpuCostOracle:
             return float(self._cache[key])
         seconds = self._time(shape, block, weight)
         self.measured += 1
-        self._cache[key] = seconds
+        self._store({key: seconds})
+        return seconds
+
+    def _store(self, timings: dict[str, float]) -> None:
+        self._cache.update(timings)
         try:
             atomic_write_bytes(self.cache_path, json.dumps(self._cache, indent=0).encode())
         except OSError as e:
             log.warning("could not write the layout cost cache %s: %s", self.cache_path, e)
+
+    def measure_variants(self, key: str, variants: dict) -> dict[str, float]:
+        """Seconds per call of each variant {name: (Graph, inputs)} of one layer, each compiled by graphopt's
+        own llvm path and timed in interleaved rounds (so they share the machine's state); cached by key + name."""
+        keys = {name: f"{self.target}|graph|{key}|{name}" for name in variants}
+        if all(k in self._cache for k in keys.values()):
+            self.hits += 1
+            return {name: float(self._cache[k]) for name, k in keys.items()}
+        import tempfile
+
+        from graphopt.api import compile as compile_graph
+        from graphopt.api import load
+        from graphopt.bench import interleaved_medians
+        with tempfile.TemporaryDirectory(prefix="graphopt-cost-") as d:
+            calls = {name: load(compile_graph(g, "llvm", output=Path(d) / str(i))).prepared(*inputs)
+                     for i, (name, (g, inputs)) in enumerate(variants.items())}
+            seconds = interleaved_medians(calls, runs=20, rounds=2, pause=0.05)
+        self.measured += 1
+        self._store({keys[name]: t for name, t in seconds.items()})
         return seconds
 
     def _time(self, shape, block, weight: torch.Tensor) -> float:

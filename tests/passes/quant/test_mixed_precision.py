@@ -1,5 +1,6 @@
 """mixed-precision: per-layer bits from measured sensitivity meet the size budget, beat a uniform choice of the same
-size on real data, land in the manifest, and bad options are clear errors."""
+size on real data, land in the manifest, and bad options are clear errors; under a latency budget the layers' measured
+times decide which layers become int8."""
 from __future__ import annotations
 
 import json
@@ -41,7 +42,64 @@ def test_errors(cnn):
     g = graphopt.trace(model, (x,))
     with pytest.raises(graphopt.PassOptionError, match="unsupported bit width"):
         graphopt.optimize(g, "mixed-precision{candidates=fp32,int3}")
-    with pytest.raises(graphopt.PassFailedError, match="budget=latency"):
-        graphopt.optimize(g, "mixed-precision{budget=latency}")
+    with pytest.raises(graphopt.PassFailedError, match="measures layers on a target"):
+        graphopt.optimize(g, "mixed-precision{budget=latency}", data=[(x,)], target=None)
     with pytest.raises(graphopt.PassFailedError, match="narrowest candidate"):
         graphopt.optimize(g, "mixed-precision{target=0.05 candidates=fp32,int8}")
+
+
+class _FixedCosts:
+    """A cost oracle with known times (the selection logic under test, not the machine): int8 halves the time of
+    the two convs and doubles that of the first linear layer."""
+
+    def __init__(self):
+        self.keys = []
+
+    def measure_variants(self, key, variants):
+        self.keys.append(key)
+        fp32 = 1e-3
+        faster = "conv2d" in key
+        return {c: fp32 if c == "fp32" else (fp32 / 2 if faster else fp32 * 2) for c in variants}
+
+
+def test_latency_budget_picks_layers_by_measured_time(digits, tmp_path):
+    model, (xtr, xte, ytr, yte) = digits[0]
+    g = graphopt.optimize(graphopt.trace(model, (xtr[:64],)), "fold-bn")
+    oracle = _FixedCosts()
+    mp = graphopt.optimize(g, "mixed-precision{budget=latency target=0.9 candidates=fp32,int8}",
+                           data=batches(xtr)[:4], target=oracle)
+    st = mp.meta["history"][-1]["stats"]
+    assert len(oracle.keys) == 4  # each layer measured once
+    # 4 layers of 1 ms; 0.9 needs one conv at int8 (3.5 ms) and the pass takes the conv whose int8 error is smaller
+    convs = [n for n in st["bits"] if n.startswith("conv")]
+    easier = min(convs, key=lambda n: st["sensitivity"][n]["int8"])
+    assert st["bits"][easier] == "int8" and list(st["bits"].values()).count("int8") == 1
+    assert st["latency_fraction"] == 0.875
+    folded = graphopt.optimize(mp, "fold-qdq")
+    assert [str(n.target) for n in folded.graph.nodes].count("graphopt.qconv2d.default") == 1
+    assert abs(accuracy(folded.gm, xte, yte) - accuracy(g.gm, xte, yte)) <= 0.01
+    art = graphopt.compile(mp, "onnx", output=tmp_path / "a")
+    assert json.loads((art / "manifest.json").read_text())["weight_bits"] == st["bits"]
+    with pytest.raises(graphopt.PassFailedError, match="fastest measured width"):  # linears never get faster
+        graphopt.optimize(g, "mixed-precision{budget=latency target=0.4 candidates=fp32,int8}",
+                          data=batches(xtr)[:4], target=_FixedCosts())
+
+
+def test_latency_budget_measures_on_the_cpu(tmp_path, monkeypatch):
+    """The real oracle builds each layer alone in fp32 and int8 with graphopt's llvm path and times both (no time
+    is asserted); a second run reads the cache."""
+    from graphopt.targets.tvm.cpu.cost import CpuCostOracle
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 32, 1), torch.nn.ReLU(), torch.nn.Conv2d(32, 8, 1)).eval()
+    x = torch.rand(1, 8, 14, 14)
+    g = graphopt.trace(model, (x,))
+    oracle = CpuCostOracle(cache=tmp_path / "costs.json")
+    mp = graphopt.optimize(g, "mixed-precision{budget=latency target=1.0 candidates=fp32,int8}",
+                           data=[(torch.rand(1, 8, 14, 14),)], target=oracle)
+    st = mp.meta["history"][-1]["stats"]
+    assert oracle.measured == 2 and all(set(t) == {"fp32", "int8"} and min(t.values()) > 0
+                                         for t in st["seconds"].values())
+    again = CpuCostOracle(cache=tmp_path / "costs.json")
+    graphopt.optimize(g, "mixed-precision{budget=latency target=1.0 candidates=fp32,int8}",
+                      data=[(torch.rand(1, 8, 14, 14),)], target=again)
+    assert again.measured == 0 and again.hits == 2
