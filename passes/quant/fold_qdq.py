@@ -103,3 +103,34 @@ class FoldQDQ(Pass):
         reason = "" if folded else ("nothing to fold: " + "; ".join(f"{k}: {v}" for k, v in kept.items())
                                     if kept else "no quantized conv2d or linear (run quantize first)")
         return PassResult(graph, bool(folded), {"folded": len(folded), "kept": kept}, reason)
+
+
+def unfold_integer_ops(graph: Graph) -> Graph:
+    """The inverse of fold-qdq, on a clone: qconv2d/qlinear/qmatmul become dequantize -> float op again (same
+    values: the integer ops equal their Q/DQ form within a rounding step). The ONNX exporter writes that QDQ form,
+    which ONNX Runtime fuses back into its own integer kernels."""
+    out = graph.clone()
+    g = out.gm.graph
+    names = {"qconv2d.default", "qlinear.default", "qmatmul.default"}
+    todo = [n for n in g.nodes if n.op == "call_function" and getattr(n.target, "__name__", "") in names]
+    for n in todo:
+        with g.inserting_before(n):
+            if n.target is go.qmatmul.default:
+                a = g.call_function(go.dequantize_per_tensor.default, tuple(n.args[0:3]))
+                b = g.call_function(go.dequantize_per_tensor.default, tuple(n.args[3:6]))
+                new = g.call_function(aten.matmul.default, (a, b))
+            else:
+                xq, sx, zx, wq, ws, bias = n.args[:6]
+                x = g.call_function(go.dequantize_per_tensor.default, (xq, sx, zx))
+                zeros = out.add_param(f"{wq.target}_zp", torch.zeros(out.get_param(wq.target).shape[0],
+                                                                     dtype=torch.int32), before=x)
+                w = g.call_function(go.dequantize_per_channel.default, (wq, ws, zeros, 0))
+                if n.target is go.qlinear.default:
+                    new = g.call_function(aten.linear.default, (x, w, bias))
+                else:
+                    new = g.call_function(aten.conv2d.default, (x, w, bias, *n.args[6:10]))
+        n.replace_all_uses_with(new)
+        g.erase_node(n)
+    if todo:
+        out.refresh()
+    return out

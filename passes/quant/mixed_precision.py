@@ -186,8 +186,9 @@ def _run_latency(o, graph: Graph, ctx: PassContext, ops, cands, batches) -> Pass
     activation, calibrated like quantize{calibrator=percentile}) and timed there; sensitivity is the model output's
     error with only that layer quantized; the cheapest error per second saved is taken until the layers' time fits
     target x their fp32 time. Chosen layers get Q/DQ on weight and input, so fold-qdq follows."""
-    import graphopt
+    from graphopt.frontends.torch_export import trace
     from graphopt.passes.quant.quantize import calibrate, insert_qdq
+    from graphopt.pm.manager import PassManager
 
     oracle = ctx.target
     if oracle is None or not hasattr(oracle, "measure_variants"):
@@ -216,14 +217,14 @@ def _run_latency(o, graph: Graph, ctx: PassContext, ops, cands, batches) -> Pass
         x = inputs[op.args[0].name]
         w = graph.get_param(op.args[1].target)
         b = graph.get_param(op.args[2].target) if len(op.args) > 2 and op.args[2] is not None else None
-        layer = graphopt.trace(_Layer(op.target, w, b, op.args[3:]).eval(), (x,))
+        layer = trace(_Layer(op.target, w, b, op.args[3:]).eval(), (x,))
         variants = {}
         for c in cands:
             if c == "fp32":
                 variants[c] = (layer, (x.numpy(),))
             else:
-                q = graphopt.optimize(layer, f"quantize{{weights={c} calibrator=percentile}},fold-qdq",
-                                      data=[(x,)], target=None)
+                q = PassManager(f"quantize{{weights={c} calibrator=percentile}},fold-qdq").run(
+                    layer, PassContext(data=[(x,)], reference=layer))
                 variants[c] = (q, (x.numpy(),))
         key = (f"{target_name(op.target)}|{tuple(x.shape)}|{tuple(w.shape)}|{b is not None}|"
                f"{[a for a in op.args[3:]]}")

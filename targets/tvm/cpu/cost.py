@@ -75,15 +75,18 @@ class CpuCostOracle:
         if all(k in self._cache for k in keys.values()):
             self.hits += 1
             return {name: float(self._cache[k]) for name, k in keys.items()}
-        import tempfile
+        import tvm
+        from tvm import relax
 
-        from graphopt.api import compile as compile_graph
-        from graphopt.api import load
         from graphopt.bench import interleaved_medians
-        with tempfile.TemporaryDirectory(prefix="graphopt-cost-") as d:
-            calls = {name: load(compile_graph(g, "llvm", output=Path(d) / str(i))).prepared(*inputs)
-                     for i, (name, (g, inputs)) in enumerate(variants.items())}
-            seconds = interleaved_medians(calls, runs=20, rounds=2, pause=0.05)
+        from graphopt.targets.tvm.build import build_executable
+        dev = tvm.cpu()
+        calls = {}
+        for name, (g, inputs) in variants.items():
+            vm = relax.VirtualMachine(build_executable(g)[0], dev)
+            args = [tvm.runtime.tensor(np.ascontiguousarray(x), dev) for x in inputs]
+            calls[name] = (lambda vm, args: lambda: vm["main"](*args))(vm, args)
+        seconds = interleaved_medians(calls, runs=20, rounds=2, pause=0.05)
         self.measured += 1
         self._store({keys[name]: t for name, t in seconds.items()})
         return seconds

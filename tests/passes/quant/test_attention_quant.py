@@ -75,10 +75,11 @@ def test_attention_matmuls_are_int8_end_to_end(tmp_path):
     for b, want in zip(evals, got):
         out = art(*[t.numpy() for t in b])[0]
         assert np.abs(out - want).max() <= 0.02 * np.abs(want).max()  # a rounding tie may land one step away
-    onnx_dir = graphopt.compile(q, "onnx", output=tmp_path / "onnx")
-    sess = ort.InferenceSession(str(onnx_dir / "model.onnx"), providers=["CPUExecutionProvider"])
-    names = [i.name for i in sess.get_inputs()]
-    for b in evals:
-        want = q.run(*b)[0].numpy()
-        out = sess.run(None, dict(zip(names, [t.numpy() for t in b])))[0]
-        assert np.abs(out - want).max() <= 0.02 * np.abs(want).max()
+    for label, graph in (("qdq", q), ("folded", f)):  # integer ops go out in QDQ form too
+        onnx_dir = graphopt.compile(graph, "onnx", output=tmp_path / label)
+        sess = ort.InferenceSession(str(onnx_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+        names = [i.name for i in sess.get_inputs()]
+        for b in evals:
+            want = graph.run(*b)[0].numpy()
+            out = sess.run(None, dict(zip(names, [t.numpy() for t in b])))[0]
+            assert np.abs(out - want).max() <= 0.02 * np.abs(want).max(), label
