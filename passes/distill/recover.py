@@ -21,6 +21,9 @@ class TrainOptions:
         "help": "distill from the teacher (ctx extras 'teacher', else the pipeline's input graph); false: labels only"})
     match: list[str] = field(default_factory=list, metadata={
         "help": "node names whose activations the student learns to match (feature distillation)"})
+    bn: str = field(default="auto", metadata={
+        "help": "batch norms while training: train (batch statistics; running stats updated), frozen (running "
+                "stats as they are), auto (train when every batch has >= 8 samples)"})
 
     def validate_training(self) -> str:
         if self.epochs < 1:
@@ -29,6 +32,8 @@ class TrainOptions:
             return f"option 'lr' must be > 0, got {self.lr}"
         if self.optimizer not in ("adam", "sgd"):
             return f"option 'optimizer' must be adam or sgd, got '{self.optimizer}'"
+        if self.bn not in ("auto", "train", "frozen"):
+            return f"option 'bn' must be auto, train or frozen, got '{self.bn}'"
         return ""
 
     def validate(self) -> str:
@@ -36,7 +41,7 @@ class TrainOptions:
 
     def train_config(self, seed: int, desc: str) -> DistillConfig:
         return DistillConfig(epochs=self.epochs, lr=self.lr, temperature=self.temperature, match=list(self.match),
-                             optimizer=self.optimizer, seed=seed, desc=desc)
+                             optimizer=self.optimizer, seed=seed, desc=desc, bn=self.bn)
 
 
 @register_pass

@@ -41,6 +41,23 @@ class DistillConfig:
     seed: int = 0
     progress: bool = True
     desc: str = "distill"
+    bn: str = "auto"                # batch norms: train (batch statistics, running stats updated) | frozen | auto
+
+
+BATCH_NORMS = (torch.ops.aten.batch_norm.default,)
+MIN_BN_BATCH = 8  # auto: batch statistics only from batches at least this large
+
+
+def set_bn_training(gm: fx.GraphModule, on: bool) -> int:
+    """Flip the `training` argument of the graph's batch norms (the traced graph says False) and recompile; in
+    training mode they normalize with batch statistics and update their running-stat buffers in place. Returns how
+    many batch norms there are."""
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in BATCH_NORMS]
+    for n in nodes:
+        n.args = (*n.args[:5], on, *n.args[6:])
+    if nodes:
+        gm.recompile()
+    return len(nodes)
 
 
 def _first(out: Any) -> torch.Tensor:
@@ -179,8 +196,12 @@ class Trainer:
         first = last = None
         done = 0
         epoch = 0
+        bn_train = self.cfg.bn == "train" or (self.cfg.bn == "auto" and all(
+            isinstance(b[0], torch.Tensor) and b[0].dim() > 0 and b[0].shape[0] >= MIN_BN_BATCH for b in self.batches))
         try:
             self.student_mod.train()
+            if bn_train:
+                set_bn_training(self.student_mod, True)
             while done < total:
                 gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch)
                 for k in torch.randperm(len(self.batches), generator=gen).tolist():
@@ -213,6 +234,8 @@ class Trainer:
                 epoch += 1
         finally:
             bar.close()
+            if bn_train:
+                set_bn_training(self.student_mod, False)
             self.student_mod.eval()
             self.student.gm.eval()
             for p in self.params.values():

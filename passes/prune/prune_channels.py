@@ -314,11 +314,11 @@ def _activation_means(graph: Graph, names: set[str], batches) -> dict[str, torch
     return sums
 
 
-def bias_corrections(graph: Graph, plan: PrunePlan, batches) -> dict[str, torch.Tensor]:
-    """For each conv/linear that loses input channels, the bias change that keeps those channels' mean
-    contribution (their average activation times their weights), measured on the unpruned graph."""
+def shrunk_consumers(graph: Graph, plan: PrunePlan) -> dict[str, list[tuple[fx.Node, int]]]:
+    """conv/linear ops (ungrouped) that lose input channels -> [(their input node, removed channel)], in the
+    unpruned graph."""
     nodes = {n.name: n for n in graph.gm.graph.nodes}
-    wanted: dict[str, list[tuple[fx.Node, int]]] = defaultdict(list)   # consumer op -> [(input node, channel)]
+    wanted: dict[str, list[tuple[fx.Node, int]]] = defaultdict(list)
     for units in plan.remove.values():
         for u in units:
             for name, d, i in u.elems:
@@ -328,6 +328,14 @@ def bias_corrections(graph: Graph, plan: PrunePlan, batches) -> dict[str, torch.
                     if op.target in (aten.linear.default, aten.conv2d.default, aten.conv1d.default) \
                             and op.args[1] is nodes[name] and (len(op.args) < 7 or op.args[6] == 1):
                         wanted[op.name].append((op.args[0], i))
+    return wanted
+
+
+def bias_corrections(graph: Graph, plan: PrunePlan, batches) -> dict[str, torch.Tensor]:
+    """For each conv/linear that loses input channels, the bias change that keeps those channels' mean
+    contribution (their average activation times their weights), measured on the unpruned graph."""
+    nodes = {n.name: n for n in graph.gm.graph.nodes}
+    wanted = shrunk_consumers(graph, plan)
     if not wanted:
         return {}
     means = _activation_means(graph, {x.name for v in wanted.values() for x, _ in v}, batches)
@@ -345,21 +353,90 @@ def bias_corrections(graph: Graph, plan: PrunePlan, batches) -> dict[str, torch.
     return out
 
 
+def _set_bias(graph: Graph, op: fx.Node, value, suffix: str) -> None:
+    """Give conv/linear `op` the bias value(old bias or None); a new parameter when it had none (no refresh)."""
+    bias = op.args[2] if len(op.args) > 2 else None
+    if isinstance(bias, fx.Node):
+        t = graph.get_param(bias.target)
+        graph.set_param(bias.target, value(t.float()).to(t.dtype))
+    else:
+        node = graph.add_param(f"{op.args[1].target}_{suffix}", value(None), before=op)
+        args = list(op.args) + [None] * max(0, 3 - len(op.args))
+        args[2] = node
+        op.args = tuple(args)
+
+
 def apply_bias_corrections(graph: Graph, corrections: dict[str, torch.Tensor]) -> int:
     nodes = {n.name: n for n in graph.gm.graph.nodes}
     for op_name, delta in corrections.items():
-        op = nodes[op_name]
-        bias = op.args[2] if len(op.args) > 2 else None
-        if isinstance(bias, fx.Node):
-            t = graph.get_param(bias.target)
-            graph.set_param(bias.target, (t.float() + delta).to(t.dtype))
-        else:
-            node = graph.add_param(f"{op.args[1].target}_bias_correction", delta, before=op)
-            args = list(op.args) + [None] * max(0, 3 - len(op.args))
-            args[2] = node
-            op.args = tuple(args)
+        _set_bias(graph, nodes[op_name], lambda old, d=delta: d if old is None else old + d, "bias_correction")
     graph.refresh()
     return len(corrections)
+
+
+def _patches(op: fx.Node, x: torch.Tensor) -> torch.Tensor:
+    """The op's input as rows of its reduction (samples x features): im2col for conv2d, flattened for linear."""
+    if op.target is aten.linear.default:
+        return x.reshape(-1, x.shape[-1])
+    w = op.args[1].meta["val"]
+    stride, padding, dilation = (list(op.args[i]) if len(op.args) > i else d
+                                 for i, d in ((3, [1, 1]), (4, [0, 0]), (5, [1, 1])))
+    cols = torch.nn.functional.unfold(x, tuple(w.shape[2:]), dilation=dilation, padding=padding, stride=stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def reconstruct_consumers(work: Graph, reference: Graph, plan: PrunePlan, batches) -> dict[str, float]:
+    """Least-squares refit of every conv2d/linear that lost input channels (ThiNet / He et al. 2017 style): its
+    weight and bias are solved so that, on the given data, its output from the pruned network's actual input matches
+    the unpruned network's output at the same node (kept output channels). Consumers are refit in graph order, each
+    from inputs that already pass through the refit layers before it, so errors do not compound. Returns node ->
+    relative output error after the refit."""
+    wanted = shrunk_consumers(reference, plan)
+    removed = plan.removed_indices()
+    nodes = {n.name: n for n in work.gm.graph.nodes}
+    ref_nodes = {n.name: n for n in reference.gm.graph.nodes}
+    order = [n.name for n in work.gm.graph.nodes if n.name in wanted]
+    errors = {}
+    for name in order:
+        op, ref_op = nodes[name], ref_nodes[name]
+        if op.target not in (aten.linear.default, aten.conv2d.default) or any(
+                isinstance(a, str) for a in op.args[3:6]):
+            continue
+        keep_out = removed.get((ref_op.args[1].name, 0), set())
+        ata = aty = None
+        y_energy, rows = 0.0, 0
+        for b in batches:
+            got: dict[str, torch.Tensor] = {}
+            observe_outputs(work, {op.args[0].name}, [b], lambda n, t: got.__setitem__("x", t))
+            observe_outputs(reference, {name}, [b], lambda n, t: got.__setitem__("y", t))
+            x = _patches(op, got["x"].double())
+            y = got["y"].double()
+            y = y.movedim(1, -1) if op.target is aten.conv2d.default else y
+            y = y.reshape(-1, y.shape[-1])
+            if keep_out:
+                y = y[:, _keep_index(y.shape[1], keep_out)]
+            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)  # the bias column
+            ata = x.t() @ x if ata is None else ata + x.t() @ x
+            aty = x.t() @ y if aty is None else aty + x.t() @ y
+            y_energy += float((y ** 2).sum())
+            rows += x.shape[0]
+        w_old = work.get_param(op.args[1].target)
+        b_node = op.args[2] if len(op.args) > 2 else None
+        b_old = work.get_param(b_node.target) if isinstance(b_node, fx.Node) else torch.zeros(w_old.shape[0])
+        # ridge towards the pruned layer as it is: with far more rows than features this is plain least squares;
+        # with few rows (a classifier fed one row per image) it stays near the original instead of interpolating
+        prior = torch.cat([w_old.reshape(w_old.shape[0], -1).t(), b_old.reshape(1, -1)]).double()
+        ridge = float(ata.diagonal().mean()) * (1e-6 if rows >= 2 * ata.shape[0] else ata.shape[0] / rows) + 1e-12
+        sol = torch.linalg.solve(ata + ridge * torch.eye(ata.shape[0], dtype=ata.dtype), aty + ridge * prior)
+        w_new = sol[:-1].t().reshape(w_old.shape).to(w_old.dtype)
+        bias = sol[-1].to(w_old.dtype)
+        # residual of the fit, from the normal equations: |y|^2 - 2 sol.aty + sol.ata.sol
+        resid = y_energy - 2 * float((sol * aty).sum()) + float((sol * (ata @ sol)).sum())
+        errors[name] = round(max(resid, 0.0) / max(y_energy, 1e-30), 6)
+        work.set_param(op.args[1].target, w_new.contiguous())
+        _set_bias(work, op, lambda old, b=bias: b, "bias_refit")
+    work.refresh()
+    return errors
 
 
 @register_pass
@@ -384,6 +461,10 @@ class PruneChannels(Pass):
         heads_only: bool = field(default=False, metadata={"help": "prune only attention-head groups"})
         bias_correction: bool = field(default=True, metadata={
             "help": "fold each removed channel's mean activation (on the context's data) into its consumers' bias"})
+        reconstruct: bool = field(default=False, metadata={
+            "help": "refit each conv/linear that lost input channels by least squares so that its output matches "
+                    "the unpruned graph's on the context's data (needs data; replaces bias-correction there)"})
+        reconstruct_batches: int = field(default=16, metadata={"help": "batches the refit reads at most"})
 
         def validate(self) -> str:
             if self.ratio is None and self.macs_reduction is None:
@@ -407,13 +488,19 @@ class PruneChannels(Pass):
         macs0 = graph.stats().macs
         if o.ratio is not None:
             plan = plan_pruning(graph, o.ratio, o.importance, o.scope, o.round_to, o.protect, batches, o.heads_only)
-            reference = graph.clone() if o.bias_correction else None
+            reference = graph.clone() if o.bias_correction or o.reconstruct else None
             work = graph
             applied = apply_plan(work, plan)
         else:
-            reference = graph.clone() if o.bias_correction else None
+            reference = graph.clone() if o.bias_correction or o.reconstruct else None
             work, plan, applied = self._search_macs(graph, o, batches, macs0)
-        if o.bias_correction and plan.remove:
+        if o.reconstruct and not ctx.data:
+            raise PruneError("prune-channels reconstruct=true refits layers on data: give calibration data "
+                             "(optimize(..., data=...) or --inputs)")
+        if o.reconstruct and plan.remove:
+            applied["reconstruction_error"] = reconstruct_consumers(work, reference, plan,
+                                                                    list(ctx.data)[: o.reconstruct_batches])
+        elif o.bias_correction and plan.remove:
             corr = bias_corrections(reference, plan, ctx.batches(reference, n=4))
             applied["bias_corrected_ops"] = apply_bias_corrections(work, corr)
         eliminate_dead_code(work)

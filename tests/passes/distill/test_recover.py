@@ -46,3 +46,30 @@ def test_divergence_names_the_step_and_leaves_input_untouched(cnn):
     with pytest.raises(graphopt.PassFailedError, match="diverged: loss is (nan|inf) at step \\d+"):
         graphopt.optimize(g, "recover{epochs=2 lr=1e30}", data=[(x * 1e20,), (x,)])
     assert all(torch.equal(before[k], v) for k, v in g.params().items())
+
+
+def test_batch_norms_train_with_batch_statistics():
+    """From a random init, the traced graph's batch norms say training=False; the trainer flips them while it
+    trains (bn=auto with 64-sample batches), so the running statistics move off their init values and the graph is
+    back in inference form afterwards; bn=frozen leaves them; with batches under 8 samples auto freezes them."""
+    from digits import ARCHS, digits_split, label_batches
+    xtr, xte, ytr, yte = digits_split(0)
+    torch.manual_seed(0)
+    g = graphopt.trace(ARCHS["cnn"]().eval(), (xtr[:64],))
+    means = [k for k in g.params() if k.endswith("running_mean")]
+    assert len(means) == 2 and all(g.get_param(k).abs().max() == 0 for k in means)
+    results = {}
+    for mode in ("auto", "frozen"):
+        out = graphopt.optimize(g, f"recover{{epochs=4 kd=false lr=3e-3 bn={mode}}}", data=batches(xtr),
+                                labels=label_batches(ytr))
+        moved = [out.get_param(k).abs().max() > 0.01 for k in means]
+        results[mode] = accuracy(out.gm, xte, yte)
+        assert all(moved) if mode == "auto" else not any(moved), mode
+        bns = [n for n in out.gm.graph.nodes if n.target is torch.ops.aten.batch_norm.default]
+        assert len(bns) == 2 and all(n.args[5] is False for n in bns)
+    # batch statistics are what the model was designed to train with: clearly better than frozen init statistics
+    assert results["auto"] >= results["frozen"] + 0.005 and results["auto"] >= 0.97, results
+    g4 = graphopt.trace(ARCHS["cnn"]().eval(), (xtr[:4],))
+    small = graphopt.optimize(g4, "recover{epochs=1 kd=false lr=3e-3}", data=[(xtr[i:i + 4],) for i in range(0, 64, 4)],
+                              labels=[ytr[i:i + 4] for i in range(0, 64, 4)])
+    assert all(small.get_param(k).abs().max() == 0 for k in means)

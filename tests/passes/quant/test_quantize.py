@@ -206,3 +206,22 @@ def test_entropy_calibrator_ranges():
         obs.observe_histogram(data)
         lo, hi = obs.clip_range()
         assert lo == 0 and lo_hi[0] <= hi <= lo_hi[1], (hi, lo_hi)
+
+
+def test_per_tensor_weights_and_symmetric_activations(digits):
+    """per-channel=false gives each layer one weight scale; symmetric=true gives every activation zero point 0;
+    both still keep the digits accuracy within 1 point, and fold-qdq folds them."""
+    model, (xtr, xte, ytr, yte) = digits[0]
+    g = graphopt.optimize(graphopt.trace(model, (xtr[:64],)), "fold-bn")
+    q = graphopt.optimize(g, "quantize{per-channel=false symmetric=true},fold-qdq", data=batches(xtr)[:8])
+    go = torch.ops.graphopt
+    layers = [n for n in q.gm.graph.nodes if n.target in (go.qconv2d.default, go.qlinear.default)]
+    assert len(layers) == 4
+    for n in layers:
+        scales = q.get_param(n.args[4].target)
+        assert torch.equal(scales, scales[:1].expand_as(scales))  # one scale for the tensor
+        assert n.args[2] == 0  # symmetric input activation
+    per_channel = graphopt.optimize(g, "quantize", data=batches(xtr)[:8])
+    dq = [n for n in per_channel.gm.graph.nodes if n.target is go.dequantize_per_channel.default]
+    assert any(per_channel.get_param(n.args[1].target).unique().numel() > 1 for n in dq)  # the default differs
+    assert accuracy(g.gm, xte, yte) - accuracy(q.gm, xte, yte) <= 0.01
