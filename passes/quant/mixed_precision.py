@@ -1,11 +1,12 @@
-"""mixed-precision: choose each layer's weight bit width from its measured sensitivity under a size budget.
+"""mixed-precision: choose each layer's bit width from its measured sensitivity under a size or latency budget.
 
 Sensitivity of (layer, bits) = the model output's error when only that layer's weight is quantized to `bits`
 (1 - cosine similarity to the float output, over the context's data). Starting from the widest candidate everywhere,
 the pass repeatedly narrows the layer whose next step costs the least sensitivity per byte saved, until the weights
-fit `target` (a fraction of the float weight bytes). The chosen widths are weight-only Q/DQ (per-channel symmetric),
-so `quantize`-style activation quantization can follow; they are printed per layer, kept in the graph's metadata and
-written to the artifact manifest.
+fit `target` (a fraction of the float weight bytes). The chosen widths are weight-only Q/DQ (per-channel symmetric);
+a following `quantize` keeps them and adds int8 activations, so `fold-qdq` can fold the mixed graph. They are printed
+per layer, kept in the graph's metadata and written to the artifact manifest. budget=latency (`_run_latency`) times
+each layer on the target instead and quantizes weight and input of the layers it picks.
 """
 from __future__ import annotations
 
@@ -49,8 +50,8 @@ def _error(ref: list[torch.Tensor], out: list[torch.Tensor]) -> float:
 @register_pass
 class MixedPrecision(Pass):
     name = "mixed-precision"
-    summary = ("Per-layer weight bit widths (fp32/int8/int4) from measured sensitivity under a size budget; "
-               "the choice is printed, kept in the graph and written to the manifest.")
+    summary = ("Per-layer bit widths (fp32/int8/int4) from measured sensitivity under a size or measured-latency "
+               "budget; the choice is printed, kept in the graph and written to the manifest.")
     contract = Contract.BOUNDED
     min_sqnr_db = 12.0
 
