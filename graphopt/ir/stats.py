@@ -53,9 +53,12 @@ def node_macs(n: fx.Node) -> int:
     if t is aten.linear.default:
         w = _shape(n.args[1])
         return numel * w[1] if w else 0
-    if t in (aten.mm.default, aten.bmm.default, aten.matmul.default):
+    if t in (aten.mm.default, aten.bmm.default, aten.matmul.default) or getattr(t, "__name__", "") == "qmatmul.default":
         a = _shape(n.args[0])
         return numel * a[-1] if a else 0
+    if t is aten.scaled_dot_product_attention.default:  # q k^T (L x S x E) and p v (L x S x Ev) per batch/head
+        q, k = _shape(n.args[0]), _shape(n.args[1])
+        return math.prod(q[:-1]) * k[-2] * (q[-1] + out[-1]) if q and k else 0
     if t is aten.addmm.default:
         a = _shape(n.args[1])
         return numel * a[-1] if a else 0

@@ -66,6 +66,7 @@ def test_attention_matmuls_are_int8_end_to_end(tmp_path):
     assert f.meta["history"][-1]["verify"]["step"]["sqnr_db"] > 40  # integer matmuls equal the Q/DQ graph
     targets = [str(n.target) for n in f.graph.nodes if n.op == "call_function"]
     assert targets.count("graphopt.qmatmul.default") == 2 and targets.count("graphopt.qlinear.default") == 2
+    assert g.stats().macs == q.stats().macs == f.stats().macs  # SDPA, its matmuls and qmatmul count the same work
     ref = [g.run(*b)[0].numpy() for b in evals]
     got = [f.run(*b)[0].numpy() for b in evals]
     assert fidelity(ref, got).cosine > 0.995  # stated tolerance for int8 attention on this block
