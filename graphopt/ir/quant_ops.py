@@ -96,13 +96,17 @@ def qconv2d(xq: torch.Tensor, x_scale: float, x_zp: int, wq: torch.Tensor, w_sca
     return y.to(torch.float32)
 
 
-@qconv2d.register_fake
-def _(xq, x_scale, x_zp, wq, w_scales, bias, stride, padding, dilation, groups):
+def _conv_out(xq, wq, stride, padding, dilation, dtype):
     n, _, h, w = xq.shape
     kh, kw = wq.shape[2:]
     oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return xq.new_empty((n, wq.shape[0], oh, ow), dtype=torch.float32)
+    return xq.new_empty((n, wq.shape[0], oh, ow), dtype=dtype)
+
+
+@qconv2d.register_fake
+def _(xq, x_scale, x_zp, wq, w_scales, bias, stride, padding, dilation, groups):
+    return _conv_out(xq, wq, stride, padding, dilation, torch.float32)
 
 @torch.library.custom_op("graphopt::qmatmul", mutates_args=())
 def qmatmul(aq: torch.Tensor, a_scale: float, a_zp: int, bq: torch.Tensor, b_scale: float, b_zp: int) -> torch.Tensor:
@@ -117,5 +121,69 @@ def _(aq, a_scale, a_zp, bq, b_scale, b_zp):
     return torch.matmul(aq.to(torch.float32), bq.to(torch.float32))
 
 
+def fixed_point_multiplier(real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """real multipliers (> 0) as int32 Q31 mantissas in [2^30, 2^31) and right shifts: real ~= m * 2^-(31 + shift)
+    (gemmlowp / TFLite convention; shift may be negative for multipliers >= 1)."""
+    real = real.double()
+    mant, exp = torch.frexp(real)  # real = mant * 2^exp, mant in [0.5, 1)
+    m = torch.round(mant * 2 ** 31).long()
+    carry = m == 2 ** 31  # a mantissa that rounded up to 1.0
+    m = torch.where(carry, m // 2, m)
+    exp = torch.where(carry, exp + 1, exp)
+    return m.to(torch.int32), (-exp).to(torch.int32)
+
+
+@torch.library.custom_op("graphopt::requantize", mutates_args=())
+def requantize(acc: torch.Tensor, multiplier: torch.Tensor, shift: torch.Tensor, axis: int, out_scale: float,
+               out_zp: int, qmin: int, qmax: int) -> torch.Tensor:
+    """Integer-only requantization of an int32 accumulator: (acc * m) >> (31 + shift) with round half up, per
+    channel along `axis`, plus the output zero point, clamped to [qmin, qmax] (a fused ReLU/ReLU6 narrows these).
+    `out_scale` is not used by the arithmetic; it names the int8 grid for exporters and readers."""
+    view = [1] * acc.dim()
+    view[axis] = -1
+    n = (31 + shift.long()).reshape(view)
+    prod = acc.long() * multiplier.long().reshape(view)
+    y = torch.bitwise_right_shift(prod + torch.bitwise_left_shift(torch.ones_like(n), n - 1), n) + out_zp
+    return torch.clamp(y, qmin, qmax).to(torch.int8)
+
+
+@requantize.register_fake
+def _(acc, multiplier, shift, axis, out_scale, out_zp, qmin, qmax):
+    return torch.empty_like(acc, dtype=torch.int8)
+
+
+@torch.library.custom_op("graphopt::qlinear_i32", mutates_args=())
+def qlinear_i32(xq: torch.Tensor, x_scale: float, x_zp: int, wq: torch.Tensor, w_scales: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """int8 x int8 -> int32 accumulator (x zero point removed) plus an int32 bias at the accumulator's scale
+    (x_scale * w_scale; the scales are not used by the arithmetic, they describe the accumulator)."""
+    acc = (xq.to(torch.float64) - x_zp) @ wq.to(torch.float64).t()
+    if bias is not None:
+        acc = acc + bias.to(torch.float64)
+    return acc.round().to(torch.int32)
+
+
+@qlinear_i32.register_fake
+def _(xq, x_scale, x_zp, wq, w_scales, bias):
+    return xq.new_empty((*xq.shape[:-1], wq.shape[0]), dtype=torch.int32)
+
+
+@torch.library.custom_op("graphopt::qconv2d_i32", mutates_args=())
+def qconv2d_i32(xq: torch.Tensor, x_scale: float, x_zp: int, wq: torch.Tensor, w_scales: torch.Tensor,
+                bias: torch.Tensor | None, stride: list[int], padding: list[int], dilation: list[int],
+                groups: int) -> torch.Tensor:
+    """int8 conv -> int32 accumulator (zero padding pads with the zero point) plus an int32 bias."""
+    acc = torch.nn.functional.conv2d(xq.to(torch.float64) - x_zp, wq.to(torch.float64), None, stride, padding,
+                                     dilation, groups)
+    if bias is not None:
+        acc = acc + bias.to(torch.float64).reshape(1, -1, 1, 1)
+    return acc.round().to(torch.int32)
+
+
+@qconv2d_i32.register_fake
+def _(xq, x_scale, x_zp, wq, w_scales, bias, stride, padding, dilation, groups):
+    return _conv_out(xq, wq, stride, padding, dilation, torch.int32)
+
+
 QUANT_OPS = ("quantize_per_tensor", "dequantize_per_tensor", "dequantize_per_channel", "qlinear", "qconv2d",
-             "qmatmul")
+             "qmatmul", "requantize", "qlinear_i32", "qconv2d_i32")

@@ -62,7 +62,8 @@ def node_macs(n: fx.Node) -> int:
     if t is aten.addmm.default:
         a = _shape(n.args[1])
         return numel * a[-1] if a else 0
-    if getattr(t, "__name__", "") in ("qconv2d.default", "qlinear.default"):  # integer ops: weight is arg 3
+    if getattr(t, "__name__", "") in ("qconv2d.default", "qlinear.default", "qconv2d_i32.default",
+                                      "qlinear_i32.default"):  # integer ops: weight is arg 3
         w = _shape(n.args[3])
         return numel * math.prod(w[1:]) if w else 0
     if getattr(t, "__name__", "") == "bsr_linear.default":  # stored blocks only: the work the sparse kernel does

@@ -3,7 +3,8 @@ exact int32 accumulation and one float rescale per output channel. Equal to the 
 Q/DQ pairs that do not fit stay and are reported with the reason."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.fx as fx
@@ -50,6 +51,78 @@ def check(graph: Graph, op: fx.Node) -> str:
     return ""
 
 
+def _clamp_bounds(n: fx.Node) -> tuple[float | None, float | None] | None:
+    """(lo, hi) of a ReLU / ReLU6 / hardtanh / clamp node, None for anything else."""
+    t = n.target
+    if t is aten.relu.default:
+        return 0.0, None
+    if t is aten.relu6.default:
+        return 0.0, 6.0
+    if t is aten.hardtanh.default:
+        return float(_arg(n, 1, -1.0)), float(_arg(n, 2, 1.0))
+    if t is aten.clamp.default:
+        lo, hi = _arg(n, 1, None), _arg(n, 2, None)
+        return (None if lo is None else float(lo)), (None if hi is None else float(hi))
+    return None
+
+
+def fixed_point_requantize(graph: Graph) -> tuple[int, dict[str, str]]:
+    """qconv2d/qlinear -> [ReLU/ReLU6/clamp] -> int8 quantize becomes qconv2d_i32/qlinear_i32 (int32 accumulator
+    with an int32 bias) -> requantize (Q31 multiplier and shift per channel; the activation's bounds become the
+    clamp in grid steps, exact because rounding is monotonic). Integer-only from input to output grid."""
+    from graphopt.ir.quant_ops import fixed_point_multiplier
+    g = graph.gm.graph
+    done, kept = 0, {}
+    for op in [n for n in g.nodes if n.target in (go.qconv2d.default, go.qlinear.default)]:
+        users = list(op.users)
+        act = users[0] if len(users) == 1 and _clamp_bounds(users[0]) is not None else None
+        if act is not None:
+            users = list(act.users)
+        if not (len(users) == 1 and users[0].target is go.quantize_per_tensor.default):
+            kept[op.name] = "its output is not quantized next (stays float)"
+            continue
+        qn = users[0]
+        s_out, zp_out, qmin, qmax = float(qn.args[1]), int(qn.args[2]), int(qn.args[3]), int(qn.args[4])
+        sx, ws_node, b_node = float(op.args[1]), op.args[4], op.args[5]
+        if not (isinstance(ws_node, fx.Node) and ws_node.op == "get_attr"):
+            kept[op.name] = "weight scales are computed"
+            continue
+        ws = graph.get_param(ws_node.target).double()
+        acc_scale = sx * ws
+        bias_i32 = None
+        if b_node is not None:
+            b = torch.round(graph.get_param(b_node.target).double() / acc_scale)
+            if b.abs().max() > 2 ** 31 - 1:
+                kept[op.name] = "bias does not fit int32 at the accumulator's scale"
+                continue
+            bias_i32 = b.to(torch.int32)
+        if act is not None:
+            lo, hi = _clamp_bounds(act)
+            if lo is not None:
+                qmin = max(qmin, int(round(lo / s_out)) + zp_out)
+            if hi is not None:
+                qmax = min(qmax, int(round(hi / s_out)) + zp_out)
+        m, shift = fixed_point_multiplier(acc_scale / s_out)
+        with g.inserting_before(op):
+            nb = graph.add_param(f"{op.args[3].target}_bias_i32", bias_i32, before=op) if bias_i32 is not None \
+                else None
+            nm = graph.add_param(f"{op.args[3].target}_requant_m", m, before=op)
+            ns = graph.add_param(f"{op.args[3].target}_requant_shift", shift, before=op)
+            if op.target is go.qconv2d.default:
+                acc = g.call_function(go.qconv2d_i32.default, (*op.args[:5], nb, *op.args[6:10]))
+                axis = 1
+            else:
+                acc = g.call_function(go.qlinear_i32.default, (*op.args[:5], nb))
+                axis = len(op.meta["val"].shape) - 1 if op.meta.get("val") is not None else -1
+            r = g.call_function(go.requantize.default, (acc, nm, ns, axis, s_out, zp_out, qmin, qmax))
+        qn.replace_all_uses_with(r)
+        done += 1
+    if done:
+        eliminate_dead_code(graph)
+        graph.refresh()
+    return done, kept
+
+
 @register_pass
 class FoldQDQ(Pass):
     name = "fold-qdq"
@@ -62,7 +135,10 @@ class FoldQDQ(Pass):
 
     @dataclass
     class Options:
-        pass
+        requantize: Literal["float", "fixed"] = field(default="float", metadata={
+            "help": "float: one float32 multiplier per channel (the CPU kernels fuse it); fixed: integer-only, an "
+                    "int32 accumulator with an int32 bias and a Q31 multiplier + shift per channel into the next "
+                    "int8 grid (for integer-only targets; the CPU target runs it with generic kernels)"})
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         g = graph.gm.graph
@@ -100,9 +176,14 @@ class FoldQDQ(Pass):
             folded.append(new.name)
         if folded:
             eliminate_dead_code(graph)
+        fixed, float_kept = (fixed_point_requantize(graph) if self.options.requantize == "fixed" and folded
+                             else (0, {}))
         reason = "" if folded else ("nothing to fold: " + "; ".join(f"{k}: {v}" for k, v in kept.items())
                                     if kept else "no quantized conv2d or linear (run quantize first)")
-        return PassResult(graph, bool(folded), {"folded": len(folded), "kept": kept}, reason)
+        stats = {"folded": len(folded), "kept": kept}
+        if self.options.requantize == "fixed":
+            stats.update(fixed_point_requantized=fixed, float_requantize=float_kept)
+        return PassResult(graph, bool(folded), stats, reason)
 
 
 def unfold_integer_ops(graph: Graph) -> Graph:
@@ -111,6 +192,24 @@ def unfold_integer_ops(graph: Graph) -> Graph:
     which ONNX Runtime fuses back into its own integer kernels."""
     out = graph.clone()
     g = out.gm.graph
+    for r in [n for n in g.nodes if n.target is go.requantize.default]:
+        acc = r.args[0]
+        _, _, _, _, s_out, zp, qmin, qmax = r.args
+        b_i32 = acc.args[5]
+        with g.inserting_before(acc):
+            bias = None
+            if b_i32 is not None:  # the int32 bias back at the accumulator's scale (x_scale * w_scale)
+                value = out.get_param(b_i32.target).double() * float(acc.args[1]) * \
+                    out.get_param(acc.args[4].target).double()
+                bias = out.add_param(f"{b_i32.target}_float", value.float(), before=acc)
+            float_target = go.qconv2d.default if acc.target is go.qconv2d_i32.default else go.qlinear.default
+            y = g.call_function(float_target, (*acc.args[:5], bias, *acc.args[6:]))
+        with g.inserting_before(r):  # the narrowed grid bounds are a clamp in float, then the quantize
+            y = g.call_function(aten.clamp.default, (y, (qmin - zp) * s_out, (qmax - zp) * s_out))
+            q = g.call_function(go.quantize_per_tensor.default, (y, s_out, zp, -128, 127, torch.int8))
+        r.replace_all_uses_with(q)
+        g.erase_node(r)
+    eliminate_dead_code(out)
     names = {"qconv2d.default", "qlinear.default", "qmatmul.default"}
     todo = [n for n in g.nodes if n.op == "call_function" and getattr(n.target, "__name__", "") in names]
     for n in todo:

@@ -109,6 +109,54 @@ def _quant_converters(lifted: dict | None = None):
         y = bb.emit(relax.op.astype(acc, "float32"))
         return bb.emit(relax.op.multiply(y, f32(float(node.args[1]) * float(node.args[4]))))
 
+    def _int32_bias(bb, acc, bias, shape):
+        return acc if bias is None else bb.emit(relax.op.add(acc, bb.emit(relax.op.reshape(bias, shape))))
+
+    def qlinear_i32(node, importer):
+        bb = importer.block_builder
+        xq, wq = importer.env[node.args[0]], importer.env[node.args[3]]
+        bias = importer.env[node.args[5]] if node.args[5] is not None else None
+        zx = int(node.args[2])
+        acc = bb.emit(relax.op.matmul(xq, bb.emit(relax.op.permute_dims(wq, [1, 0])), out_dtype="int32"))
+        wsum = bb.emit(relax.op.sum(bb.emit(relax.op.astype(wq, "int32")), axis=1))
+        rank = len(node.args[0].meta["val"].shape)
+        shape = [1] * (rank - 1) + [-1]
+        corr = bb.emit(relax.op.reshape(bb.emit(relax.op.multiply(wsum, relax.const(zx, "int32"))), shape))
+        return _int32_bias(bb, bb.emit(relax.op.subtract(acc, corr)), bias, shape)
+
+    def qconv2d_i32(node, importer):
+        bb = importer.block_builder
+        xq, wq = importer.env[node.args[0]], importer.env[node.args[3]]
+        bias = importer.env[node.args[5]] if node.args[5] is not None else None
+        zx = int(node.args[2])
+        stride, padding, dilation, groups = node.args[6:10]
+        if any(padding):  # pad with the zero point: the correction below is then the same everywhere
+            ph, pw = int(padding[0]), int(padding[1])
+            xq = bb.emit(relax.op.nn.pad(xq, [0, 0, 0, 0, ph, ph, pw, pw], "constant", float(zx)))
+        acc = bb.emit(relax.op.nn.conv2d(xq, wq, strides=tuple(stride), padding=(0, 0), dilation=tuple(dilation),
+                                         groups=int(groups), out_dtype="int32"))
+        wsum = bb.emit(relax.op.sum(bb.emit(relax.op.astype(wq, "int32")), axis=[1, 2, 3]))
+        corr = bb.emit(relax.op.reshape(bb.emit(relax.op.multiply(wsum, relax.const(zx, "int32"))), [1, -1, 1, 1]))
+        return _int32_bias(bb, bb.emit(relax.op.subtract(acc, corr)), bias, [1, -1, 1, 1])
+
+    def requantize(node, importer):
+        # (acc * m + 2^(n-1)) >> n, n = 31 + shift, in int64: the reference op's integer arithmetic exactly
+        bb = importer.block_builder
+        acc, m, sh = (importer.env[a] for a in node.args[:3])
+        axis, _, zp, qmin, qmax = node.args[3:8]
+        rank = len(node.args[0].meta["val"].shape)
+        shape = [1] * rank
+        shape[axis] = -1
+        i64 = lambda v: bb.emit(relax.op.astype(v, "int64"))  # noqa: E731
+        n = bb.emit(relax.op.reshape(bb.emit(relax.op.add(i64(sh), relax.const(31, "int64"))), shape))
+        prod = bb.emit(relax.op.multiply(i64(acc), bb.emit(relax.op.reshape(i64(m), shape))))
+        half = bb.emit(relax.op.left_shift(relax.const(1, "int64"),
+                                           bb.emit(relax.op.subtract(n, relax.const(1, "int64")))))
+        y = bb.emit(relax.op.right_shift(bb.emit(relax.op.add(prod, half)), n))
+        y = bb.emit(relax.op.add(y, relax.const(int(zp), "int64")))
+        y = bb.emit(relax.op.clip(y, int(qmin), int(qmax)))
+        return bb.emit(relax.op.astype(y, "int8"))
+
     def _qlinear_fast(node, bb, xq, sx, zx):
         """qlinear with constant weight, scales and bias, >= 6 rows -> the int8 vpmaddwd GEMM (epilogue fused)."""
         from graphopt.targets.tvm.cpu.int8 import emit_qlinear, int8_kernels_available
@@ -373,7 +421,8 @@ def _quant_converters(lifted: dict | None = None):
         return convert
 
     return {"gelu.default": gelu, "convolution.default": convolution, "constant_pad_nd.default": constant_pad_nd,
-            **{k: _activation(k) for k in ("relu.default", "relu6.default", "hardtanh.default", "clamp.default")}, "qlinear.default": qlinear, "qconv2d.default": qconv2d, "qmatmul.default": qmatmul, "bsr_linear.default": bsr_linear,
+            **{k: _activation(k) for k in ("relu.default", "relu6.default", "hardtanh.default", "clamp.default")}, "qlinear.default": qlinear, "qconv2d.default": qconv2d, "qmatmul.default": qmatmul,
+            "qlinear_i32.default": qlinear_i32, "qconv2d_i32.default": qconv2d_i32, "requantize.default": requantize, "bsr_linear.default": bsr_linear,
             "linear.default": linear,
             "quantize_per_tensor.default": quantize_per_tensor,
             "dequantize_per_tensor.default": dequantize_per_tensor,

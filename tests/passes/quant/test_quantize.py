@@ -225,3 +225,38 @@ def test_per_tensor_weights_and_symmetric_activations(digits):
     dq = [n for n in per_channel.gm.graph.nodes if n.target is go.dequantize_per_channel.default]
     assert any(per_channel.get_param(n.args[1].target).unique().numel() > 1 for n in dq)  # the default differs
     assert accuracy(g.gm, xte, yte) - accuracy(q.gm, xte, yte) <= 0.01
+
+
+def test_fixed_point_requantize_is_integer_only_and_matches(tmp_path, digits):
+    """fold-qdq{requantize=fixed}: a conv/linear whose output is quantized next becomes an int32 accumulator (int32
+    bias) and a Q31 multiplier + shift requantize with its ReLU as the clamp; within 1 LSB of the Q/DQ graph (SQNR),
+    the TVM artifact computes the graph's integers, and the ONNX export (QDQ again) runs in ONNX Runtime."""
+    import onnxruntime as ort
+
+    from graphopt.ir.quant_ops import fixed_point_multiplier
+    real = torch.tensor([3e-6, 0.0123, 0.5, 0.999999, 1.7])
+    m, shift = fixed_point_multiplier(real)
+    assert ((m.double() * 2.0 ** -(31 + shift.double())) / real.double() - 1).abs().max() < 2 ** -30
+    acc = torch.randint(-2 ** 24, 2 ** 24, (3, 5), dtype=torch.int32)
+    y = torch.ops.graphopt.requantize(acc, m, shift, 1, 1.0, 3, -128, 127)
+    want = torch.clamp(torch.round(acc.double() * real.double()) + 3, -128, 127)
+    assert (y.double() - want).abs().max() <= 1  # round half up vs half even: at most one step, on ties
+
+    model, (xtr, xte, _, _) = digits[0]
+    g = graphopt.optimize(graphopt.trace(model, (xtr[:64],)), "fold-bn")
+    q = graphopt.optimize(g, "quantize", data=batches(xtr)[:8])
+    f = graphopt.optimize(q, "fold-qdq{requantize=fixed}", verify=True, data=batches(xtr)[:2])
+    rec = f.meta["history"][-1]
+    assert rec["stats"]["fixed_point_requantized"] == 2 and rec["verify"]["step"]["sqnr_db"] > 40
+    targets = [str(n.target) for n in f.graph.nodes if n.op == "call_function"]
+    assert targets.count("graphopt.requantize.default") == 2  # conv1 and fc1, their ReLUs folded into the clamp
+    assert targets.count("aten.relu.default") == 1  # conv2's stays float: a max-pool sits before its quantize
+    assert f.stats().macs == g.stats().macs
+    x = xte[:64]
+    want = f.run(x)[0].numpy()
+    got = graphopt.load(graphopt.compile(f, "llvm", output=tmp_path / "tvm"))(x.numpy())[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    onnx_dir = graphopt.compile(f, "onnx", output=tmp_path / "onnx")
+    sess = ort.InferenceSession(str(onnx_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert (out.argmax(1) == want.argmax(1)).mean() >= 0.95
