@@ -27,7 +27,10 @@ def decompose_attention(graph: Graph) -> tuple[list[fx.Node], dict[str, str]]:
     """Rewrite every SDPA node it can; returns (the new score and output matmul nodes, kept node -> why)."""
     g = graph.gm.graph
     matmuls, kept = [], {}
-    for n in [n for n in g.nodes if n.op == "call_function" and n.target is SDPA]:
+    sdpa = [n for n in g.nodes if n.op == "call_function" and n.target is SDPA]
+    if any(a.meta.get("val") is None for n in sdpa for a in n.args[:3] if isinstance(a, fx.Node)):
+        graph.refresh()  # an earlier rewrite left nodes without shapes
+    for n in sdpa:
         q, k, v = n.args[:3]
         mask = _kw(n, 3, "attn_mask", None)
         if float(_kw(n, 4, "dropout_p", 0.0)) != 0.0:
