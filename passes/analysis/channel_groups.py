@@ -300,18 +300,30 @@ class ChannelAnalysis:
             transposed, groups = n.target in CONV_TRANSPOSES, n.args[6] if len(n.args) > 6 else 1
         sx, sw = shape_of(x), shape_of(w)
         if transposed:  # weight [Cin, Cout / groups, k...]: input channels on dim 0, output channels on dim 1
-            if groups != 1:
+            if groups != 1 and (sw[0] != sx[1] or sw[0] % groups):
                 self.pin_all(n, f"grouped transposed convolution '{n.name}' (groups={groups}) is pinned")
                 return
             for d in range(2, len(sw)):
                 self.pin(w, d, f"kernel window of '{n.name}'")
             self.couple(x, 0, n, 0)
             self.couple(x, 1, w, 0)
-            self.consumers.add((w.name, 0))
-            self.producers.add((w.name, 1))
-            self.couple(w, 1, n, 1)
             if isinstance(b, fx.Node):
                 self.couple(b, 0, n, 1)
+            if groups == 1:
+                self.consumers.add((w.name, 0))
+                self.producers.add((w.name, 1))
+                self.couple(w, 1, n, 1)
+            elif sw[1] == 1 and groups == sx[1]:  # depthwise: channel i in -> channel i out
+                self.pin(w, 1, f"per-group output width of depthwise '{n.name}'")
+                self.couple(x, 1, n, 1)
+            else:  # grouped: a position leaves every group at once, so the groups stay equal and `groups` holds
+                cin_g, cout_g = sw[0] // groups, sw[1]
+                for g in range(1, groups):
+                    self.couple(x, 1, x, 1, offset_b=g * cin_g, count=cin_g)
+                for g in range(groups):
+                    self.couple(w, 1, n, 1, offset_b=g * cout_g, count=cout_g)
+                self.consumers.add((w.name, 0))
+                self.producers.add((w.name, 1))
             return
         for d in range(2, len(sw)):
             self.pin(w, d, f"kernel window of '{n.name}'")

@@ -490,3 +490,27 @@ def test_reconstruct_refits_consumers_by_least_squares(digits):
     assert base - accuracy(refit.gm, xte, yte) <= 0.03 and base - accuracy(plain.gm, xte, yte) > 0.2
     with pytest.raises(graphopt.PassFailedError, match="reconstruct=true refits layers on data"):
         graphopt.optimize(dense, "prune-channels{ratio=0.5 reconstruct=true}")
+
+
+def test_grouped_and_depthwise_transposed_convs(tmp_path):
+    """Transposed convs with groups: a grouped one loses the same positions in every group (input and output, so
+    `groups` still divides both), a depthwise one loses a channel on both sides; the oracle holds and TVM agrees."""
+    class Up(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 16, 3, padding=1)
+            self.up = nn.ConvTranspose2d(16, 24, 2, 2, groups=4)
+            self.dw = nn.ConvTranspose2d(24, 24, 3, 1, 1, groups=24)
+            self.out = nn.Conv2d(24, 2, 1)
+
+        def forward(self, x):
+            return self.out(F.relu(self.dw(F.relu(self.up(F.relu(self.a(x)))))))
+
+    x = torch.randn(1, 3, 8, 8)
+    g, work, plan = check_oracle(Up(), (x,), 0.5)
+    ups = [n for n in work.gm.graph.nodes if "conv_transpose" in str(n.target)]
+    w_up, w_dw = (work.get_param(n.args[1].target) for n in ups)
+    assert w_up.shape[0] == 8 and w_up.shape[1] == 3  # 16 -> 8 inputs (2 per group), 24 -> 12 outputs (3 per group)
+    assert w_dw.shape[:2] == (12, 1)
+    assert not [grp.pinned for grp in plan.groups if grp.pinned and "transposed" in grp.pinned]
+    _assert_compiled_matches(work, x, tmp_path / "up")
