@@ -37,7 +37,9 @@ def prequantized_ops(graph: Graph, exclude: list[str]) -> list[fx.Node]:
         if n.op != "call_function" or n.target not in (aten.linear.default, aten.conv2d.default):
             continue
         w, x = n.args[1], n.args[0]
-        if exclude and matches(node_labels(n), exclude):
+        stored = w.args[0] if isinstance(w, fx.Node) and w.args and isinstance(w.args[0], fx.Node) else None
+        labels = node_labels(n) | (node_labels(stored) if stored is not None else set())
+        if exclude and matches(labels, exclude):  # the node or its weight, as weighted_ops matches them
             continue
         if (isinstance(w, fx.Node) and w.target is go.dequantize_per_channel.default
                 and all(isinstance(a, fx.Node) and a.op == "get_attr" for a in w.args[:3])

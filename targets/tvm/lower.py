@@ -68,11 +68,31 @@ def _quant_converters(lifted: dict | None = None):
         y = bb.emit(relax.op.subtract(y, z))
         return bb.emit(relax.op.multiply(y, s))
 
-    def _rescale(bb, acc, zx, wq_i32_sum, sx, ws, bias, shape):
-        """(acc - zx * sum(w)) as float, times sx * w_scale per channel, plus bias."""
-        corr = bb.emit(relax.op.multiply(wq_i32_sum, relax.const(int(zx), "int32")))
-        corr = bb.emit(relax.op.reshape(corr, shape))
-        acc = bb.emit(relax.op.subtract(acc, corr))
+    def _linear_acc(bb, node, xq, wq, zx):
+        """sum((x - zx) w) in int32 for int8 x and w [N, K], as sum(x w) - zx sum(w) (the operands stay int8, so
+        the artifact stores int8 weights); returns (accumulator, per-channel broadcast shape)."""
+        acc = bb.emit(relax.op.matmul(xq, bb.emit(relax.op.permute_dims(wq, [1, 0])), out_dtype="int32"))
+        wsum = bb.emit(relax.op.sum(bb.emit(relax.op.astype(wq, "int32")), axis=1))
+        shape = [1] * (len(node.args[0].meta["val"].shape) - 1) + [-1]
+        return _minus_zero_point(bb, acc, wsum, zx, shape), shape
+
+    def _conv_acc(bb, node, xq, wq, zx):
+        """The same for a conv2d: the input is padded with the zero point, so the correction is uniform."""
+        stride, padding, dilation, groups = node.args[6:10]
+        if any(padding):
+            ph, pw = int(padding[0]), int(padding[1])
+            xq = bb.emit(relax.op.nn.pad(xq, [0, 0, 0, 0, ph, ph, pw, pw], "constant", float(zx)))
+        acc = bb.emit(relax.op.nn.conv2d(xq, wq, strides=tuple(stride), padding=(0, 0), dilation=tuple(dilation),
+                                         groups=int(groups), out_dtype="int32"))
+        wsum = bb.emit(relax.op.sum(bb.emit(relax.op.astype(wq, "int32")), axis=[1, 2, 3]))
+        return _minus_zero_point(bb, acc, wsum, zx, [1, -1, 1, 1]), [1, -1, 1, 1]
+
+    def _minus_zero_point(bb, acc, wsum, zx, shape):
+        corr = bb.emit(relax.op.reshape(bb.emit(relax.op.multiply(wsum, relax.const(int(zx), "int32"))), shape))
+        return bb.emit(relax.op.subtract(acc, corr))
+
+    def _rescale(bb, acc, sx, ws, bias, shape):
+        """The zero-point-free int32 accumulator as float, times sx * w_scale per channel, plus bias."""
         y = bb.emit(relax.op.astype(acc, "float32"))
         scale = bb.emit(relax.op.multiply(ws, f32(sx)))
         y = bb.emit(relax.op.multiply(y, bb.emit(relax.op.reshape(scale, shape))))
@@ -90,11 +110,8 @@ def _quant_converters(lifted: dict | None = None):
         fast = _qlinear_fast(node, bb, xq, sx, zx)
         if fast is not None:
             return fast
-        wt = bb.emit(relax.op.permute_dims(wq, [1, 0]))
-        acc = bb.emit(relax.op.matmul(xq, wt, out_dtype="int32"))
-        wsum = bb.emit(relax.op.sum(bb.emit(relax.op.astype(wq, "int32")), axis=1))
-        rank = len(node.args[0].meta["val"].shape)
-        return _rescale(bb, acc, zx, wsum, sx, ws, bias, [1] * (rank - 1) + [-1])
+        acc, shape = _linear_acc(bb, node, xq, wq, zx)
+        return _rescale(bb, acc, sx, ws, bias, shape)
 
     def qmatmul(node, importer):
         # activation x activation: both zero points come off before the product, accumulated exactly in int32
@@ -115,29 +132,14 @@ def _quant_converters(lifted: dict | None = None):
     def qlinear_i32(node, importer):
         bb = importer.block_builder
         xq, wq = importer.env[node.args[0]], importer.env[node.args[3]]
-        bias = importer.env[node.args[5]] if node.args[5] is not None else None
-        zx = int(node.args[2])
-        acc = bb.emit(relax.op.matmul(xq, bb.emit(relax.op.permute_dims(wq, [1, 0])), out_dtype="int32"))
-        wsum = bb.emit(relax.op.sum(bb.emit(relax.op.astype(wq, "int32")), axis=1))
-        rank = len(node.args[0].meta["val"].shape)
-        shape = [1] * (rank - 1) + [-1]
-        corr = bb.emit(relax.op.reshape(bb.emit(relax.op.multiply(wsum, relax.const(zx, "int32"))), shape))
-        return _int32_bias(bb, bb.emit(relax.op.subtract(acc, corr)), bias, shape)
+        acc, shape = _linear_acc(bb, node, xq, wq, node.args[2])
+        return _int32_bias(bb, acc, importer.env[node.args[5]] if node.args[5] is not None else None, shape)
 
     def qconv2d_i32(node, importer):
         bb = importer.block_builder
         xq, wq = importer.env[node.args[0]], importer.env[node.args[3]]
-        bias = importer.env[node.args[5]] if node.args[5] is not None else None
-        zx = int(node.args[2])
-        stride, padding, dilation, groups = node.args[6:10]
-        if any(padding):  # pad with the zero point: the correction below is then the same everywhere
-            ph, pw = int(padding[0]), int(padding[1])
-            xq = bb.emit(relax.op.nn.pad(xq, [0, 0, 0, 0, ph, ph, pw, pw], "constant", float(zx)))
-        acc = bb.emit(relax.op.nn.conv2d(xq, wq, strides=tuple(stride), padding=(0, 0), dilation=tuple(dilation),
-                                         groups=int(groups), out_dtype="int32"))
-        wsum = bb.emit(relax.op.sum(bb.emit(relax.op.astype(wq, "int32")), axis=[1, 2, 3]))
-        corr = bb.emit(relax.op.reshape(bb.emit(relax.op.multiply(wsum, relax.const(zx, "int32"))), [1, -1, 1, 1]))
-        return _int32_bias(bb, bb.emit(relax.op.subtract(acc, corr)), bias, [1, -1, 1, 1])
+        acc, shape = _conv_acc(bb, node, xq, wq, node.args[2])
+        return _int32_bias(bb, acc, importer.env[node.args[5]] if node.args[5] is not None else None, shape)
 
     def requantize(node, importer):
         # (acc * m + 2^(n-1)) >> n, n = 31 + shift, in int64: the reference op's integer arithmetic exactly
@@ -176,17 +178,11 @@ def _quant_converters(lifted: dict | None = None):
         xq, wq, ws = importer.env[node.args[0]], importer.env[node.args[3]], importer.env[node.args[4]]
         sx, zx = node.args[1], node.args[2]
         bias = importer.env[node.args[5]] if node.args[5] is not None else None
-        stride, padding, dilation, groups = node.args[6:10]
         fast = _qconv_fast(node, bb, xq, sx, zx)
         if fast is not None:
             return fast
-        if any(padding):  # pad with the zero point (real 0.0), then the correction below is the same everywhere
-            ph, pw = int(padding[0]), int(padding[1])
-            xq = bb.emit(relax.op.nn.pad(xq, [0, 0, 0, 0, ph, ph, pw, pw], "constant", float(zx)))
-        acc = bb.emit(relax.op.nn.conv2d(xq, wq, strides=tuple(stride), padding=(0, 0), dilation=tuple(dilation),
-                                         groups=int(groups), out_dtype="int32"))
-        wsum = bb.emit(relax.op.sum(bb.emit(relax.op.astype(wq, "int32")), axis=[1, 2, 3]))
-        return _rescale(bb, acc, zx, wsum, sx, ws, bias, [1, -1, 1, 1])
+        acc, shape = _conv_acc(bb, node, xq, wq, zx)
+        return _rescale(bb, acc, sx, ws, bias, shape)
 
     def _quant_chain(node):
         """(clamp, clamp node, quantize node, zero pad node) for a conv whose output goes, through at most one lone
