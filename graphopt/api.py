@@ -48,7 +48,7 @@ def optimize(graph: Graph, pipeline: str, *, data: Sequence[Any] | None = None, 
     """Run the pipeline text (or a .yaml recipe path) over a clone of `graph` and return the new Graph.
 
     `target` answers the cost questions of measuring passes (select-sparse-layout): "llvm" (the host CPU, built on
-    first use), an object with `measure(op, shape, layout, weight)` and/or `measure_variants(key, variants)`
+    first use), "cuda" (the GPU when present, else the documented 2:4 cost table, marked estimated), an object with `measure(op, shape, layout, weight)` and/or `measure_variants(key, variants)`
     (mixed-precision{budget=latency}), or None. Extra keyword arguments reach the
     passes as ctx extras: `labels` (one tensor per batch), `teacher` (a Graph), `loss`, `optimizer`."""
     from graphopt.pm import PassContext, PassManager
@@ -91,20 +91,32 @@ def _cost_oracle(target: Any):
         return target
     if target == "llvm":
         return _LazyCpuOracle()
-    raise GraphoptError(f"optimize(target=...) must be 'llvm', None or a cost oracle (an object with measure() "
+    if target in ("cuda", "cuda-sparse"):
+        from graphopt.targets.tvm.gpu.cost import CudaCostOracle
+        return CudaCostOracle()
+    raise GraphoptError(f"optimize(target=...) must be 'llvm', 'cuda', None or a cost oracle (an object with measure() "
                         f"and/or measure_variants()); got {target!r}")
 
 
-def compile(graph: Graph, target: str = "llvm", tuning: Any = None, output: str | Path = "graphopt-out") -> Path:  # noqa: A001
-    """Compile to an artifact folder: `llvm` (TVM, model.so), `onnx` (model.onnx) or `pt2` (model.pt2).
+def compile(graph: Graph, target: str = "llvm", tuning: Any = None, output: str | Path = "graphopt-out", *,  # noqa: A001
+            cuda_arch: str = "sm_80,sm_90", precision: str = "fp16", sparse_min_speedup: float = 1.1) -> Path:
+    """Compile to an artifact folder: `llvm` (TVM for this CPU, model.so), `cuda` / `cuda-sparse` (TVM for NVIDIA
+    GPUs, model.so with a fatbin for each of `cuda_arch`; no GPU needed to build), `onnx` (model.onnx) or `pt2`.
 
-    `tuning` is None (no tuning) or `graphopt.Tuning(trials=..., db=...)`. Returns the folder.
+    `tuning` is None (no tuning) or `graphopt.Tuning(trials=..., db=...)` (llvm only). `precision` (cuda targets):
+    fp16 (convs and matmuls in fp16 with fp32 accumulation) or fp32. `sparse_min_speedup` (cuda-sparse): a 2:4
+    layer runs on the sparse kernel when it is (measured, or estimated from the cost table) at least this many times
+    faster than dense. Returns the folder.
     """
     if not isinstance(graph, Graph):
         raise GraphoptError(f"compile() needs a graphopt Graph, got {type(graph).__name__}")
     if target == "llvm":
         from graphopt.targets.tvm.build import compile_to_dir
         return compile_to_dir(graph, output, target, tuning)
+    if target in ("cuda", "cuda-sparse"):
+        from graphopt.targets.tvm.build import compile_gpu_to_dir
+        return compile_gpu_to_dir(graph, output, target, cuda_arch, precision, tuning,
+                                  sparse_min_speedup=sparse_min_speedup)
     if target in ("onnx", "pt2"):
         from graphopt.ir.files import atomic_dir
         from graphopt.targets.artifact import build_manifest, write_manifest
@@ -118,7 +130,7 @@ def compile(graph: Graph, target: str = "llvm", tuning: Any = None, output: str 
             write_manifest(tmp, build_manifest(graph, target, {"kind": target}, tuning=None, build_seconds=0.0,
                                                folder=tmp))
         return Path(output)
-    raise GraphoptError(f"unknown target '{target}' (choose llvm, onnx or pt2)")
+    raise GraphoptError(f"unknown target '{target}' (choose llvm, cuda, cuda-sparse, onnx or pt2)")
 
 
 def load(folder: str | Path):

@@ -57,8 +57,19 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("model", help=MODEL_HELP)
     c.add_argument("-o", "--output", required=True, help="artifact folder (replaced atomically if it is an earlier "
                    "graphopt artifact; any other existing non-empty folder is refused)")
-    c.add_argument("--target", default="llvm", choices=["llvm", "onnx", "pt2"],
-                   help="llvm: TVM build for this CPU (default); onnx: ONNX export; pt2: torch.export archive")
+    c.add_argument("--target", default="llvm", choices=["llvm", "cuda", "cuda-sparse", "onnx", "pt2"],
+                   help="llvm: TVM build for this CPU (default); cuda: TVM build for NVIDIA GPUs (dlight schedules, "
+                   "kernels cross-compiled with the local nvcc, so no GPU is needed to build); cuda-sparse: as cuda, "
+                   "and linears with 2:4 masks run on sparse tensor cores (mma.sp); onnx: ONNX export; pt2: "
+                   "torch.export archive")
+    c.add_argument("--cuda-arch", default="sm_80,sm_90", metavar="ARCHS", help="GPU architectures the cuda targets "
+                   "compile machine code for, comma-separated (default sm_80,sm_90: A100 and H100/H200); the "
+                   "artifact also carries PTX of the newest for later GPUs")
+    c.add_argument("--sparse-min-speedup", type=float, default=1.1, metavar="X", help="cuda-sparse: a 2:4 layer "
+                   "runs on sparse tensor cores when measured (select-sparse-layout on a GPU) or estimated (the "
+                   "documented cost table, without one) to be at least X times faster than dense (default 1.1)")
+    c.add_argument("--gpu-precision", default="fp16", choices=["fp16", "fp32"], help="cuda targets: fp16 runs "
+                   "convs and matmuls in fp16 with fp32 accumulation (tensor cores; default), fp32 keeps fp32")
     c.add_argument("--tune-trials", type=int, metavar="N", help="MetaSchedule trials in total (default: no tuning)")
     c.add_argument("--tune-minutes", type=float, metavar="M", help="wall-clock tuning budget in minutes (tuning stops "
                    "there and keeps the best kernels found; with no --tune-trials, trials default to 2000)")
@@ -152,7 +163,12 @@ def cmd_compile(args) -> int:
     _refuse_overwriting_model(args)
     graph = load_model(args.model)
     optimized = _optimize(args, graph)
-    out = compile_graph(optimized, args.target, tuning, args.output)
+    out = compile_graph(optimized, args.target, tuning, args.output, cuda_arch=args.cuda_arch,
+                        precision=args.gpu_precision, sparse_min_speedup=args.sparse_min_speedup)
+    if args.target in ("cuda", "cuda-sparse"):
+        from graphopt.report import gpu_build_report
+        print(gpu_build_report(Path(out)), end="")
+        return 0
     if args.target != "llvm" or args.no_report:
         print(f"wrote {out}")
         return 0

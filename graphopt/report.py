@@ -81,3 +81,34 @@ def compile_report(reference: Graph, optimized: Graph, artifact: Path, manifest:
 def write_report(artifact: Path, data: dict[str, Any], text: str) -> None:
     atomic_write_bytes(Path(artifact) / "report.json", json.dumps(data, indent=1, default=str).encode())
     atomic_write_bytes(Path(artifact) / "report.txt", text.encode())
+
+
+def gpu_build_report(artifact: Path) -> str:
+    """What a cuda / cuda-sparse build produced: architectures, kernel binaries, and each sparse layer's choice."""
+    from graphopt.targets.artifact import read_manifest
+    m = read_manifest(artifact)
+    t = m.get("target_info", {})
+    size = sum(p.stat().st_size for p in Path(artifact).iterdir() if p.is_file())
+    stats = m.get("stats", {})
+    lines = [f"graphopt compile report: {m.get('source') or 'model'} -> {artifact}",
+             f"  target     {t.get('kind')} for {', '.join(t.get('archs', []))} (+ PTX of the newest), "
+             f"{t.get('precision')} compute",
+             f"  pipeline   {m.get('pipeline') or '(none)'}"]
+    if m.get("passes"):
+        lines += ["  passes", pass_table(m["passes"])]
+    kern = t.get("kernels", [])
+    lines += [f"  params     {human(stats.get('params', 0))}, MACs {human(stats.get('macs', 0))}",
+              f"  artifact   {human(size, 'B')} in {artifact} (build {m.get('build_seconds', 0):.1f} s); kernels: "
+              + ", ".join(f"{human(k['fatbin_bytes'], 'B')} fatbin from {human(k['source_bytes'], 'B')} of CUDA"
+                          for k in kern)]
+    sparse = t.get("sparse_kernels") or {}
+    if sparse:
+        on = sum(1 for r in sparse.values() if r.get("choice") == "sp24")
+        lines.append(f"  2:4        {on} of {len(sparse)} layer(s) on sparse tensor cores (mma.sp), the rest dense "
+                     "[cols x k x n]:")
+        for name, r in sparse.items():
+            lines.append(f"    {name:<32} {'x'.join(str(d) for d in r.get('shape', [])):<16} "
+                         f"{r.get('decision') or 'dense: ' + r.get('reason', '')}")
+    lines.append("  measure    no timing here: run `graphopt run` or benchmarks/gpu_check.sh on the GPU machine "
+                 "(the artifact needs the TVM runtime and a driver there, no compiler)")
+    return "\n".join(lines) + "\n"

@@ -16,16 +16,21 @@ class CompiledModel:
 
     def __init__(self, folder: str | Path):
         import tvm
-        from tvm import relax
+        from tvm.runtime.vm import VirtualMachine  # relax's VM; importable from a runtime-only TVM too
 
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
         lib_path = self.folder / "model.so"
         if not lib_path.exists():
             raise ArtifactError(f"artifact '{folder}' has no model.so")
+        self.device_kind = self.manifest.get("target_info", {}).get("device", "cpu")
+        if self.device_kind == "cuda":
+            self.device = _cuda_device(self.manifest)
+        else:
+            self.device = tvm.cpu()
         try:
             self._lib = tvm.runtime.load_module(str(lib_path))
-            self._vm = relax.VirtualMachine(self._lib, tvm.cpu())
+            self._vm = VirtualMachine(self._lib, self.device)
         except Exception as e:
             raise ArtifactError(f"cannot load '{lib_path}': {e}") from None
         self._fn = self._vm[self.manifest.get("entry", "main")]
@@ -46,7 +51,7 @@ class CompiledModel:
                 raise InputMismatchError(f"input '{spec['name']}' has shape {list(a.shape)}, expected {spec['shape']}")
             if str(a.dtype) != spec["dtype"]:
                 raise InputMismatchError(f"input '{spec['name']}' has dtype {a.dtype}, expected {spec['dtype']}")
-            out.append(self._tvm.runtime.tensor(np.ascontiguousarray(a)))
+            out.append(self._tvm.runtime.tensor(np.ascontiguousarray(a), device=self.device))
         return out
 
     def __call__(self, *args: Any) -> tuple[np.ndarray, ...]:
@@ -60,9 +65,18 @@ class CompiledModel:
         conv = self._convert(args)
         return lambda: self._fn(*conv)
 
+    def sync(self) -> None:
+        """Wait for the device (GPU kernels run asynchronously; a timing must end here)."""
+        if self.device_kind != "cpu":
+            self.device.sync()
+
     def latency(self, *args: Any, warmup: int = 3, runs: int = 20) -> float:
         """Median seconds of one call (inputs converted once, outside the timed region)."""
-        call = self.prepared(*args)
+        conv = self.prepared(*args)
+
+        def call():
+            conv()
+            self.sync()
         for _ in range(warmup):
             call()
         times = []
@@ -74,6 +88,48 @@ class CompiledModel:
 
     def __repr__(self) -> str:
         return f"CompiledModel('{self.folder}', inputs={self.inputs}, target={self.manifest.get('target')})"
+
+
+def cuda_runtime_loaded() -> bool:
+    """Load TVM's CUDA runtime module if it is not loaded yet (a runtime-only TVM does not autoload it); False when
+    this machine has no CUDA driver for it."""
+    import tvm
+    if tvm.get_global_func("ffi.Module.load_from_bytes.cuda", allow_missing=True) is not None:
+        return True
+    try:
+        from tvm_ffi.libinfo import load_lib_ctypes
+
+        from tvm.base import _LOADED_LIBS
+        runtime_dir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+        _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(package="tvm", target_name="tvm_runtime_cuda",
+                                                           extra_lib_paths=[runtime_dir], mode="RTLD_LOCAL")
+    except (OSError, RuntimeError, KeyError, ImportError):
+        return False
+    return tvm.get_global_func("ffi.Module.load_from_bytes.cuda", allow_missing=True) is not None
+
+
+def cuda_available() -> bool:
+    """Whether a CUDA GPU can run artifacts here (driver, TVM's CUDA runtime and a device)."""
+    import tvm
+    try:
+        return cuda_runtime_loaded() and bool(tvm.cuda(0).exist)
+    except Exception:  # noqa: BLE001 - no driver reads as no GPU
+        return False
+
+
+def _cuda_device(manifest: dict):
+    import tvm
+    archs = ",".join(manifest.get("target_info", {}).get("archs", []))
+    if not cuda_available():
+        raise ArtifactError(f"this artifact runs on an NVIDIA GPU ({archs}) and no CUDA GPU or driver was found "
+                            "here; run it on the GPU machine, or compile with --target llvm for this CPU")
+    dev = tvm.cuda(0)
+    have = "sm_" + str(dev.compute_version).replace(".", "")
+    built = manifest.get("target_info", {}).get("archs", [])
+    if built and int(have[3:]) < int(built[0][3:]):
+        raise ArtifactError(f"this GPU is {have}; the artifact's kernels need at least {built[0]} (built for "
+                            f"{archs}): compile again with --cuda-arch {have}")
+    return dev
 
 
 def load(folder: str | Path) -> CompiledModel:

@@ -30,7 +30,8 @@ class SelectSparseLayout(Pass):
     @dataclass
     class Options:
         candidates: list[str] = field(default_factory=lambda: ["dense", "csr", "bsr4x4", "bsr1x16", "bsr8x1"],
-                                      metadata={"help": "layouts to measure: dense, csr, bsrRxC (R x C blocks)"})
+                                      metadata={"help": "layouts to measure: dense, csr, bsrRxC (R x C blocks) on "
+                                                "the CPU; dense, sp24 (2:4 on sparse tensor cores) with target cuda"})
         min_speedup: float = field(default=1.1, metadata={
             "help": "a sparse layout must be at least this many times faster than dense to be chosen"})
         min_sparsity: float = field(default=0.5, metadata={
@@ -38,6 +39,8 @@ class SelectSparseLayout(Pass):
 
         def validate(self) -> str:
             for c in self.candidates:
+                if c == "sp24":
+                    continue
                 try:
                     layout_block(c)
                 except ValueError as e:
@@ -55,6 +58,14 @@ class SelectSparseLayout(Pass):
             raise LayoutError("select-sparse-layout measures kernels on a target: call optimize(..., target='llvm') "
                               "or use graphopt compile/opt (they give the host CPU)")
         from tqdm.auto import tqdm
+        gpu = "sp24" in getattr(oracle, "layouts", ())
+        if gpu and any(c not in ("dense", "sp24") for c in o.candidates):
+            raise LayoutError("select-sparse-layout: with a cuda target the candidates are dense and sp24 (2:4 on "
+                              "sparse tensor cores); csr/bsr kernels exist for the CPU (target llvm)")
+        if not gpu and "sp24" in o.candidates:
+            raise LayoutError("select-sparse-layout: candidate sp24 runs on GPU sparse tensor cores; optimize with "
+                              "target='cuda' (graphopt opt/compile --target cuda-sparse)")
+        source = "estimated (cost table, no GPU here)" if getattr(oracle, "estimated", False) else "measured"
 
         choices, rewritten = {}, 0
         layers = [n for n in graph.gm.graph.nodes if n.op == "call_function" and n.target is aten.linear.default
@@ -69,18 +80,26 @@ class SelectSparseLayout(Pass):
             xshape = tuple(node.args[0].meta["val"].shape)
             n, k = w.shape
             m = math.prod(xshape[:-1]) if len(xshape) > 1 else 1
+            # estimated timings are relative (dense = 1), and say so
             rec = {"node": node.name, "shape": [m, k, n], "sparsity": round(sparsity, 4), "timings_us": {},
-                   "choice": "dense"}
+                   "choice": "dense", "timing_source": source}
             choices[name] = rec
             if sparsity < o.min_sparsity:
                 rec["reason"] = f"sparsity {sparsity:.2f} < min-sparsity {o.min_sparsity}"
                 continue
+            if gpu:
+                from graphopt.targets.tvm.gpu.sparse import sp24_applies
+                why = sp24_applies(w.detach().numpy())
+                if why:
+                    rec["reason"] = why
+                    continue
             for lay in dict.fromkeys(["dense", *o.candidates]):
-                block = layout_block(lay)
+                block = None if lay == "sp24" else layout_block(lay)
                 if block is not None and (n % block[0] or k % block[1]):
                     rec["timings_us"][lay] = None  # shape not divisible into these blocks
                     continue
-                rec["timings_us"][lay] = round(oracle.measure("linear", (m, k, n), lay, w) * 1e6, 2)
+                t = oracle.measure("linear", (m, k, n), lay, w)
+                rec["timings_us"][lay] = round(t, 4) if source != "measured" else round(t * 1e6, 2)
             dense_t = rec["timings_us"]["dense"]
             sparse = {lay: t for lay, t in rec["timings_us"].items() if lay != "dense" and t is not None}
             if sparse:
@@ -88,8 +107,8 @@ class SelectSparseLayout(Pass):
                 rec["best_speedup"] = round(dense_t / sparse[best], 3)
                 if sparse[best] * o.min_speedup <= dense_t:
                     rec["choice"] = best
-            if rec["choice"] == "dense":
-                continue
+            if rec["choice"] in ("dense", "sp24"):
+                continue  # sp24: the weight stays masked in the graph; the cuda-sparse target packs it
             s = to_bsr(w, layout_block(rec["choice"]))
             rec["stored_blocks"] = s.nnzb
             with graph.gm.graph.inserting_before(node):
@@ -110,6 +129,9 @@ class SelectSparseLayout(Pass):
         graph.remove_unused_params()
         graph.meta.setdefault("sparse_layout", {}).update(choices)
         graph.refresh()
-        return PassResult(graph, rewritten > 0, {"rewritten": rewritten, "measured": len(choices),
+        on_tensor_cores = sum(1 for r in choices.values() if r["choice"] == "sp24")
+        return PassResult(graph, rewritten + on_tensor_cores > 0, {"rewritten": rewritten, "sp24": on_tensor_cores,
+                                                                   "measured": len(choices),
                                                  "choices": {k: v["choice"] for k, v in choices.items()}},
-                          reason="" if rewritten else "dense was fastest (or within min-speedup) for every layer")
+                          reason="" if rewritten or on_tensor_cores else
+                          "dense was fastest (or within min-speedup) for every layer")

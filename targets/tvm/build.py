@@ -15,7 +15,57 @@ from graphopt.targets.tvm.tuning import Tuning, TuningSummary, tune
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("llvm",)
+TARGETS = ("llvm", "cuda", "cuda-sparse")
+GPU_TARGETS = ("cuda", "cuda-sparse")
+
+
+def parse_archs(arch: str | list[str] | tuple[str, ...]) -> list[str]:
+    """"sm_80,sm_90" -> ["sm_80", "sm_90"], checked against what graphopt builds for (lowest first)."""
+    from graphopt.targets.tvm.gpu.pipeline import ARCHS
+    archs = [a.strip() for a in (arch.split(",") if isinstance(arch, str) else arch) if a.strip()]
+    bad = [a for a in archs if a not in ARCHS]
+    if not archs or bad:
+        raise TargetError(f"unknown CUDA architecture {', '.join(bad) or repr(arch)} (choose from: {', '.join(ARCHS)};"
+                          " several as sm_80,sm_90)")
+    return sorted(set(archs), key=lambda a: int(a[3:]))
+
+
+def _check_precision(precision: str) -> None:
+    from graphopt.targets.tvm.gpu.pipeline import PRECISIONS
+    if precision not in PRECISIONS:
+        raise TargetError(f"unknown GPU precision '{precision}' (choose one of: {', '.join(PRECISIONS)})")
+
+
+def build_gpu_executable(graph: Graph, target: str = "cuda", archs=("sm_80", "sm_90"), precision: str = "fp16",
+                         tuning: Tuning | None = None, sparse_min_speedup: float = 1.1):
+    """Lower and build for CUDA (no GPU needed); returns (executable, tvm Target, seconds, 2:4 layer records). The
+    kernel source is
+    generated for the lowest architecture in `archs` and compiled for each of them when the library is exported."""
+    from graphopt.targets.tvm.gpu.pipeline import build_cuda, cuda_target
+
+    if target not in GPU_TARGETS:
+        raise TargetError(f"'{target}' is not a GPU target (choose one of: {', '.join(GPU_TARGETS)})")
+    archs = parse_archs(archs)
+    _check_precision(precision)
+    if tuning is not None:
+        raise TargetError("tuning for the cuda targets runs kernels on the GPU and this machine has none; build "
+                          "untuned (dlight schedules) here, or tune on the GPU machine")
+    tgt = cuda_target(archs[0])
+    sparse24 = None
+    if target == "cuda-sparse":
+        if not sparse_min_speedup >= 1.0:
+            raise TargetError(f"sparse min-speedup must be >= 1 (never slower than dense), got {sparse_min_speedup}")
+        sparse24 = {"min_speedup": float(sparse_min_speedup),
+                    "measured": graph.meta.get("sparse_layout", {})}
+    mod = lower_to_relax(graph, device="cuda", sparse24=sparse24)
+    t0 = time.perf_counter()
+    try:
+        ex = build_cuda(mod, tgt, precision)
+    except TargetError:
+        raise
+    except Exception as e:
+        raise TargetError(f"TVM build for {target} ({archs[0]}) failed: {type(e).__name__}: {e}") from None
+    return ex, tgt, time.perf_counter() - t0, (sparse24 or {}).get("records", {})
 
 
 def build_executable(graph: Graph, target: str = "llvm", tuning: Tuning | None = None, rules: bool = True):
@@ -25,8 +75,8 @@ def build_executable(graph: Graph, target: str = "llvm", tuning: Tuning | None =
     (rules=False leaves those to TVM's default loop nests, for comparison)."""
     from graphopt.targets.tvm.cpu.pipeline import build_cpu
 
-    if target not in TARGETS:
-        raise TargetError(f"unknown target '{target}' (choose one of: {', '.join(TARGETS)})")
+    if target != "llvm":
+        raise TargetError(f"unknown CPU target '{target}' (choose llvm; GPUs: {', '.join(GPU_TARGETS)})")
     if tuning is not None:
         tuning.validate()
     tgt = cpu_target()
@@ -45,6 +95,28 @@ def build_executable(graph: Graph, target: str = "llvm", tuning: Tuning | None =
     except Exception as e:
         raise TargetError(f"TVM build for {tgt} failed: {type(e).__name__}: {e}") from None
     return ex, tgt, summary, time.perf_counter() - t0
+
+
+def compile_gpu_to_dir(graph: Graph, output: str | Path, target: str = "cuda", archs=("sm_80", "sm_90"),
+                       precision: str = "fp16", tuning: Tuning | None = None, sparse_min_speedup: float = 1.1) -> Path:
+    """Build for CUDA and write the artifact: model.so whose CUDA kernels are a fatbin for every arch in `archs`
+    (compiled here with nvcc, so the GPU machine needs only the TVM runtime and a driver)."""
+    from graphopt.targets.tvm.gpu.fatbin import fatbin_packer
+
+    archs = parse_archs(archs)
+    ex, tgt, seconds, sparse = build_gpu_executable(graph, target, archs, precision, tuning, sparse_min_speedup)
+    record: dict = {}
+    with atomic_dir(output) as tmp:
+        t0 = time.perf_counter()
+        ex.export_library(str(tmp / "model.so"), fpack_imports=fatbin_packer(archs, record), options=["-s"])
+        (tmp / "graph.ir").write_text(graph.text())
+        info = {"kind": target, "device": "cuda", "archs": archs, "precision": precision,
+                "kernels": record.get("cuda_modules", []),
+                "sparse_kernels": sparse}
+        manifest = build_manifest(graph, str(tgt), info, tuning=None,
+                                  build_seconds=round(seconds + time.perf_counter() - t0, 2), folder=tmp)
+        write_manifest(tmp, manifest)
+    return Path(output)
 
 
 def compile_to_dir(graph: Graph, output: str | Path, target: str = "llvm", tuning: Tuning | None = None) -> Path:

@@ -22,8 +22,11 @@ def _lifted_tensors(ep) -> dict:
             if spec.target is not None and spec.target in state}
 
 
-def _quant_converters(lifted: dict | None = None):
-    """Relax lowering of graphopt's Q/DQ ops (reference semantics: round half to even, clamp, affine)."""
+def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, sparse24: dict | None = None):
+    """Relax lowering of graphopt's Q/DQ ops (reference semantics: round half to even, clamp, affine).
+
+    cpu_kernels: batch-1 convs, linears and their int8 forms go to graphopt's CPU kernels (TIR with x86 vector
+    shapes); False keeps every op a plain Relax op, for GPU targets, whose schedules come from dlight."""
     from tvm import relax
 
     def f32(v):
@@ -166,7 +169,7 @@ def _quant_converters(lifted: dict | None = None):
         wt = (lifted or {}).get(getattr(node.args[3], "name", None))
         wst = (lifted or {}).get(getattr(node.args[4], "name", None))
         bt = (lifted or {}).get(getattr(node.args[5], "name", None)) if node.args[5] is not None else None
-        if wt is None or wst is None or (node.args[5] is not None and bt is None) or wt.dim() != 2:
+        if not cpu_kernels or wt is None or wst is None or (node.args[5] is not None and bt is None) or wt.dim() != 2:
             return None
         if not int8_kernels_available(cpu_target()):
             return None
@@ -236,7 +239,7 @@ def _quant_converters(lifted: dict | None = None):
         from graphopt.targets.tvm.cpu.int8 import emit_qconv1x1, int8_kernels_available, qconv1x1_applies
         from graphopt.targets.tvm.host import cpu_target
         kind, wt, wst, bt = _qconv_kind(node)
-        if kind is None:
+        if kind is None or not cpu_kernels:
             return None
         x_shape = node.args[0].meta["val"].shape
         stride, padding = node.args[6:8]
@@ -416,6 +419,74 @@ def _quant_converters(lifted: dict | None = None):
             return _builtin(importer, original)(node)
         return convert
 
+    generic = {"qlinear.default": qlinear, "qconv2d.default": qconv2d, "qmatmul.default": qmatmul,
+               "qlinear_i32.default": qlinear_i32, "qconv2d_i32.default": qconv2d_i32,
+               "requantize.default": requantize, "quantize_per_tensor.default": quantize_per_tensor,
+               "dequantize_per_tensor.default": dequantize_per_tensor,
+               "dequantize_per_channel.default": dequantize_per_channel}
+    def sparse24_layer(node, wname, x_shape, as_conv):
+        """The 2:4 kernel for this node's constant weight, or None (dense)."""
+        from graphopt.targets.tvm.gpu.sparse import sp24_decision
+        wt = (lifted or {}).get(wname)
+        if wt is None or not wt.is_floating_point():
+            return None
+        w = wt.detach().float().numpy()
+        w = w.reshape(w.shape[0], -1)
+        cols = math.prod(int(d) for d in x_shape[:-1]) if not as_conv else int(x_shape[2]) * int(x_shape[3])
+        param = sparse24["names"].get(wname, wname)
+        chosen = sparse24.get("measured", {}).get(param) or {}
+        rec = sp24_decision(param, w, cols, sparse24.get("min_speedup", 1.1), chosen.get("timings_us"),
+                            chosen.get("timing_source", "measured"))
+        sparse24["records"][param] = rec
+        if rec["choice"] != "sp24":
+            return None
+        return rec
+
+    def sparse_linear(node, importer):
+        x_shape = node.args[0].meta["val"].shape
+        wname = getattr(node.args[1], "name", None)
+        bname = getattr(node.args[2], "name", None) if len(node.args) > 2 and node.args[2] is not None else None
+        bt = (lifted or {}).get(bname) if bname else None
+        if str(node.args[0].meta["val"].dtype) == "torch.float32" and (bname is None or bt is not None) \
+                and sparse24_layer(node, wname, x_shape, False) is not None:
+            from graphopt.targets.tvm.gpu.sparse import emit_sp24
+            bb = importer.block_builder
+            k = int(x_shape[-1])
+            cols = math.prod(int(d) for d in x_shape[:-1])
+            x2 = bb.emit(relax.op.reshape(importer.env[node.args[0]], (cols, k)))
+            w = lifted[wname].detach().float().numpy()
+            y = emit_sp24(bb, x2, w, None if bt is None else bt.detach().float().numpy(), cols, "tk")
+            return bb.emit(relax.op.reshape(y, tuple(int(d) for d in node.meta["val"].shape)))
+        bias = importer.env[node.args[2]] if len(node.args) > 2 and node.args[2] is not None else None
+        return importer.block_builder.emit(relax.op.linear(importer.env[node.args[0]], importer.env[node.args[1]],
+                                                           bias, "float32"))
+
+    def sparse_conv(node, importer):
+        x_shape = node.args[0].meta["val"].shape
+        stride, padding, dilation, transposed, _, groups = node.args[3:9]
+        wname = getattr(node.args[1], "name", None)
+        wt = (lifted or {}).get(wname)
+        bnode = node.args[2] if len(node.args) > 2 else None
+        bt = (lifted or {}).get(getattr(bnode, "name", None)) if bnode is not None else None
+        pointwise = (wt is not None and wt.dim() == 4 and tuple(wt.shape[2:]) == (1, 1) and len(x_shape) == 4
+                     and int(x_shape[0]) == 1 and not transposed and int(groups) == 1
+                     and all(int(v) == 1 for v in stride) and all(int(v) == 0 for v in padding)
+                     and (bnode is None or bt is not None)
+                     and str(node.args[0].meta["val"].dtype) == "torch.float32")
+        if pointwise and sparse24_layer(node, wname, x_shape, True) is not None:
+            from graphopt.targets.tvm.gpu.sparse import emit_sp24
+            bb = importer.block_builder
+            c, h, w_ = (int(d) for d in x_shape[1:])
+            x2 = bb.emit(relax.op.reshape(importer.env[node.args[0]], (c, h * w_)))
+            w = wt.detach().float().numpy().reshape(wt.shape[0], -1)
+            y = emit_sp24(bb, x2, w, None if bt is None else bt.detach().float().numpy(), h * w_, "kt")
+            return bb.emit(relax.op.reshape(y, (1, int(wt.shape[0]), h, w_)))
+        return importer._convolution(node)
+
+    if not cpu_kernels:
+        if sparse24 is not None:
+            generic = {**generic, "linear.default": sparse_linear, "convolution.default": sparse_conv}
+        return generic
     return {"gelu.default": gelu, "convolution.default": convolution, "constant_pad_nd.default": constant_pad_nd,
             **{k: _activation(k) for k in ("relu.default", "relu6.default", "hardtanh.default", "clamp.default")}, "qlinear.default": qlinear, "qconv2d.default": qconv2d, "qmatmul.default": qmatmul,
             "qlinear_i32.default": qlinear_i32, "qconv2d_i32.default": qconv2d_i32, "requantize.default": requantize, "bsr_linear.default": bsr_linear,
@@ -425,8 +496,18 @@ def _quant_converters(lifted: dict | None = None):
             "dequantize_per_channel.default": dequantize_per_channel}
 
 
-def lower_to_relax(graph: Graph):
-    """Return a Relax IRModule whose `main` takes the graph's inputs in order, parameters bound as constants."""
+def _converters(ep, device: str, sparse24: dict | None):
+    if sparse24 is not None:
+        sparse24.setdefault("records", {})
+        sparse24["names"] = {spec.arg.name: spec.target for spec in ep.graph_signature.input_specs
+                             if spec.target is not None}
+    return _quant_converters(_lifted_tensors(ep), device == "cpu", sparse24)
+
+
+def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = None):
+    """Return a Relax IRModule whose `main` takes the graph's inputs in order, parameters bound as constants.
+    device "cpu" uses graphopt's CPU kernels where they apply; "cuda" keeps plain Relax ops, and with `sparse24`
+    (a dict: min_speedup, records filled in) puts 2:4 weights on the sparse tensor-core kernel."""
     from tvm.relax.frontend.torch import from_exported_program
 
     import torch
@@ -438,7 +519,7 @@ def lower_to_relax(graph: Graph):
     table.pop(torch.ops.aten.linear.default, None)
     ep = graph.to_exported_program().run_decompositions(table)
     try:
-        mod = from_exported_program(ep, keep_params_as_input=False, custom_convert_map=_quant_converters(_lifted_tensors(ep)),
+        mod = from_exported_program(ep, keep_params_as_input=False, custom_convert_map=_converters(ep, device, sparse24),
                                     run_ep_decomposition=False)
     except AssertionError as e:
         # the Relax importer asserts on ops it has no converter for; name the node for the user

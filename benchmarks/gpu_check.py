@@ -1,0 +1,173 @@
+"""Runs on the GPU machine (see gpu_check.sh): correctness against PyTorch on the GPU and speed of graphopt's
+prebuilt CUDA kernels (dense fp16, int8, 2:4 sparse on mma.sp, fp16 conv) on MiniLM-L6 and MobileNetV2 shapes,
+2:4 vs dense vs PyTorch's to_sparse_semi_structured, and the MobileNetV2 fp16 artifact against its fp32 outputs.
+Prints a table and writes JSON. Needs: torch with CUDA, numpy, the TVM runtime, graphopt (installed -e)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cuda_time(fn, runs: int) -> float:
+    """Median seconds of fn() over `runs`, CUDA events around each call."""
+    import torch
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(runs):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return float(np.median(times))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--data", default=str(ROOT / ".gpu_check"))
+    ap.add_argument("--json", default="gpu_check.json")
+    ap.add_argument("--budget-s", type=float, default=360, help="stop starting new kernels after this many seconds")
+    args = ap.parse_args()
+    import torch
+    import tvm
+    from tvm.runtime.vm import VirtualMachine
+
+    from graphopt.runtime import cuda_runtime_loaded
+    from graphopt.targets.tvm.gpu.sparse import pack_fragments
+    t_start = time.perf_counter()
+    if not (torch.cuda.is_available() and cuda_runtime_loaded()):
+        print("no CUDA GPU (or no TVM CUDA runtime) here", file=sys.stderr)
+        return 2
+    dev = tvm.cuda(0)
+    data = Path(args.data)
+    index = json.loads((data / "kernels" / "index.json").read_text())
+    report = {"gpu": torch.cuda.get_device_name(0), "arch": index["arch"], "torch": torch.__version__,
+              "kernels": [], "models": []}
+    print(f"GPU: {report['gpu']}  (kernels built for {index['arch']})", flush=True)
+
+    def tv(t):  # torch (cuda) -> TVM tensor, zero copy
+        return tvm.runtime.from_dlpack(t.contiguous()) if hasattr(tvm.runtime, "from_dlpack") else \
+            tvm.runtime.tensor(t.cpu().numpy(), device=dev)
+
+    def to_torch(a):
+        return torch.from_numpy(a.numpy()).cuda()
+
+    weights = {}
+    for entry in index["kernels"]:
+        if time.perf_counter() - t_start > args.budget_s:
+            entry["skipped"] = "time budget"
+            report["kernels"].append(entry)
+            continue
+        rec = dict(entry)
+        try:
+            vm = VirtualMachine(tvm.runtime.load_module(str(data / "kernels" / entry["file"])), dev)
+            torch.manual_seed(0)
+            if entry["kind"] in ("dense16", "int8", "sp24"):
+                m, k, n = entry["shape"]
+                key = (m, k, n)
+                if key not in weights:  # one 2:4 weight per shape, shared by dense, sparse and PyTorch
+                    w = torch.randn(n, k, device="cuda", dtype=torch.float16)
+                    g = w.view(n, k // 4, 4)
+                    w = g.scatter(-1, g.abs().argsort(-1)[..., :2], 0).view(n, k)
+                    weights[key] = (torch.randn(m, k, device="cuda", dtype=torch.float16), w)
+                x, w = weights[key]
+                if entry["kind"] == "int8":
+                    xi = torch.randint(-64, 64, (m, k), device="cuda", dtype=torch.int8)
+                    wi = torch.randint(-64, 64, (n, k), device="cuda", dtype=torch.int8)
+                    args_ = [tv(xi), tv(wi)]
+                    ref = xi.double() @ wi.double().T  # exact: |sums| < 2^53
+                    try:
+                        torch_fn = lambda: torch._int_mm(xi, wi.T)  # noqa: E731
+                        rec["torch_s"] = cuda_time(torch_fn, 20)
+                    except RuntimeError as e:
+                        rec["torch_note"] = f"torch._int_mm: {e}"[:120]
+                else:
+                    ref = (x.float() @ w.float().T)
+                    rec["torch_s"] = cuda_time(lambda: torch.nn.functional.linear(x, w), 20)
+                    if entry["kind"] == "sp24":
+                        wv, wm = pack_fragments(w.float().cpu().numpy())
+                        args_ = [tv(x), tvm.runtime.tensor(wv, device=dev), tvm.runtime.tensor(wm, device=dev),
+                                 tv(torch.zeros(n, device="cuda"))]
+                        try:
+                            from torch.sparse import to_sparse_semi_structured
+                            ws = to_sparse_semi_structured(w)
+                            rec["torch_sparse_s"] = cuda_time(lambda: torch.nn.functional.linear(x, ws), 20)
+                        except Exception as e:  # noqa: BLE001 - shape limits of the semi-structured kernels
+                            rec["torch_sparse_note"] = f"{type(e).__name__}: {e}"[:160]
+                    else:
+                        args_ = [tv(x), tv(w)]
+            else:  # conv16
+                cin, cout, size, ks, stride, groups = entry["shape"]
+                x = torch.randn(1, cin, size, size, device="cuda", dtype=torch.float16)
+                w = torch.randn(cout, cin // groups, ks, ks, device="cuda", dtype=torch.float16) * 0.1
+                conv = lambda: torch.nn.functional.conv2d(x, w, stride=stride, padding=ks // 2, groups=groups)  # noqa: E731
+                ref = torch.nn.functional.conv2d(x.float(), w.float(), stride=stride, padding=ks // 2, groups=groups)
+                rec["torch_s"] = cuda_time(conv, 20)
+                args_ = [tv(x), tv(w)]
+            out = vm["main"](*args_)
+            got = to_torch(out).float()
+            err = (got - ref.float()).abs().max().item()
+            scale = ref.float().abs().max().item() or 1.0
+            rec["max_rel_err"] = err / scale
+            rec["ok"] = bool(err / scale < (0 if entry["kind"] == "int8" else 2e-2) or err == 0)
+            rec["graphopt_s"] = float(vm.time_evaluator("main", dev, number=10, repeat=3)(*args_).median)
+        except Exception as e:  # noqa: BLE001 - report and go on: one broken kernel must not hide the others
+            rec["error"] = f"{type(e).__name__}: {e}"[:300]
+        report["kernels"].append(rec)
+        print(f"  {rec['kind']:<8} {rec['name']:<32} "
+              + (f"err {rec.get('max_rel_err', float('nan')):.1e} {'ok' if rec.get('ok') else 'WRONG'}  "
+                 f"graphopt {rec.get('graphopt_s', 0) * 1e6:9.1f} us  torch {rec.get('torch_s', 0) * 1e6:9.1f} us"
+                 if "error" not in rec else rec["error"]), flush=True)
+
+    # ratios: graphopt vs PyTorch, and 2:4 vs dense fp16 (same shape, same weight)
+    dense = {tuple(r["shape"]): r for r in report["kernels"] if r["kind"] == "dense16" and "graphopt_s" in r}
+    for r in report["kernels"]:
+        if r.get("graphopt_s") and r.get("torch_s"):
+            r["vs_torch"] = r["graphopt_s"] / r["torch_s"]
+        d = dense.get(tuple(r["shape"]))
+        if r["kind"] == "sp24" and d and r.get("graphopt_s"):
+            r["speedup_vs_dense"] = d["graphopt_s"] / r["graphopt_s"]
+            if r.get("torch_sparse_s"):
+                r["torch_sparse_speedup"] = r["torch_s"] / r["torch_sparse_s"]
+
+    mdir = data / "mobilenet_v2"
+    if mdir.exists() and time.perf_counter() - t_start < args.budget_s + 60:
+        import graphopt
+        io = np.load(data / "mobilenet_v2_io.npz")
+        art = graphopt.load(mdir)
+        outs = np.stack([art(x[None] if x.ndim == 3 else x)[0] for x in io["x"]])
+        ref = io["ref"]
+        top1 = float((outs.reshape(len(ref), -1).argmax(-1) == ref.reshape(len(ref), -1).argmax(-1)).mean())
+        cos = float(np.mean([np.dot(a.ravel(), b.ravel()) / np.linalg.norm(a) / np.linalg.norm(b)
+                             for a, b in zip(outs, ref)]))
+        lat = art.latency(io["x"][0] if io["x"][0].ndim == 4 else io["x"][0][None], warmup=5, runs=50)
+        report["models"].append({"name": "mobilenet_v2 fp16 (cuda)", "top1_agreement_vs_fp32": top1,
+                                 "cosine": cos, "latency_s": lat})
+        print(f"  mobilenet_v2 fp16 artifact: top-1 agreement {top1:.3f}, cosine {cos:.5f}, {lat * 1e3:.3f} ms",
+              flush=True)
+
+    print(f"\n{'kind':<8} {'shape':<34} {'ok':<5} {'graphopt us':>12} {'torch us':>10} {'x torch':>8} "
+          f"{'2:4 vs dense':>13} {'torch 2:4':>10}")
+    for r in report["kernels"]:
+        print(f"{r['kind']:<8} {r['name'][:34]:<34} {str(r.get('ok', '-')):<5} "
+              f"{r.get('graphopt_s', float('nan')) * 1e6:12.1f} {r.get('torch_s', float('nan')) * 1e6:10.1f} "
+              f"{r.get('vs_torch', float('nan')):8.2f} {r.get('speedup_vs_dense', float('nan')):13.2f} "
+              f"{r.get('torch_sparse_speedup', float('nan')):10.2f}")
+    report["seconds"] = time.perf_counter() - t_start
+    Path(args.json).write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.json} ({report['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

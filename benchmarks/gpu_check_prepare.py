@@ -1,0 +1,142 @@
+"""Prepare what benchmarks/gpu_check.sh carries to the GPU machine (run here; no GPU needed): `.gpu_check/` with
+  - tvm-runtime.tar.xz: TVM's runtime alone (the compiler library left out: the kernels are compiled here),
+  - wheels/: apache-tvm-ffi for the GPU machine's Python (3.12),
+  - kernels/*.so + kernels/index.json: GEMM and conv kernels (MiniLM-L6 and MobileNetV2 shapes, and large GEMMs),
+    dense fp16 (dlight), int8 and 2:4 sparse (mma.sp), weights as inputs, cross-compiled for sm_90 with nvcc,
+  - mobilenet_v2/: the fp16 cuda artifact of the shipped MobileNetV2 and its fp32 outputs on the shipped photos.
+
+    python benchmarks/gpu_check_prepare.py [--arch sm_90] [--skip-model]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / ".gpu_check"
+
+# (name, m = activation rows, k, n = output features)
+GEMMS = [("minilm qkv/out 128x384x384", 128, 384, 384), ("minilm ffn-up 128x384x1536", 128, 384, 1536),
+         ("minilm ffn-down 128x1536x384", 128, 1536, 384),
+         ("mnv2 pw 28x28 32->192", 784, 32, 192), ("mnv2 pw 14x14 384->64", 196, 384, 64),
+         ("mnv2 pw 7x7 960->320", 49, 960, 320), ("mnv2 pw 7x7 320->1280", 49, 320, 1280),
+         ("large 2048^3", 2048, 2048, 2048), ("large 4096^3", 4096, 4096, 4096), ("large 8192^3", 8192, 8192, 8192)]
+# (name, c_in, c_out, size, kernel, stride, groups)
+CONVS = [("mnv2 stem 3->32 3x3/2 224", 3, 32, 224, 3, 2, 1), ("mnv2 dw 144 3x3 56", 144, 144, 56, 3, 1, 144),
+         ("mnv2 pw 56x56 24->144", 24, 144, 56, 1, 1, 1), ("mnv2 pw 14x14 384->64", 384, 64, 14, 1, 1, 1)]
+
+
+def _export(ex, path: Path, arch: str) -> None:
+    from graphopt.targets.tvm.gpu.fatbin import fatbin_packer
+    ex.export_library(str(path), fpack_imports=fatbin_packer([arch], {}), options=["-s"])
+
+
+def _relax_main(params, body):
+    from tvm import relax
+    bb = relax.BlockBuilder()
+    xs = [relax.Var(name, relax.TensorType(shape, dtype)) for name, shape, dtype in params]
+    with bb.function("main", xs):
+        with bb.dataflow():
+            out = bb.emit_output(body(bb, *xs))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def build_kernels(arch: str, out: Path) -> list[dict]:
+    from tvm import relax
+
+    from graphopt.targets.tvm.gpu.pipeline import build_cuda, cuda_target
+    from graphopt.targets.tvm.gpu.sparse import sp24_kernel
+    tgt = cuda_target(arch)
+    index = []
+
+    def build(name, kind, shape, params, body):
+        file = f"{kind}_{len(index)}.so"
+        _export(build_cuda(_relax_main(params, body), tgt, "fp32"), out / file, arch)
+        index.append({"name": name, "kind": kind, "shape": list(shape), "file": file})
+        print(f"  built {kind:<8} {name}", flush=True)
+
+    for name, m, k, n in GEMMS:
+        build(name, "dense16", (m, k, n), [("x", (m, k), "float16"), ("w", (n, k), "float16")],
+              lambda bb, x, w: bb.emit(relax.op.matmul(x, bb.emit(relax.op.permute_dims(w)), out_dtype="float32")))
+        build(name, "int8", (m, k, n), [("x", (m, k), "int8"), ("w", (n, k), "int8")],
+              lambda bb, x, w: bb.emit(relax.op.matmul(x, bb.emit(relax.op.permute_dims(w)), out_dtype="int32")))
+        if n % 16 == 0 and k % 32 == 0:
+            kern = sp24_kernel(m, k, n, False, "tk", "float16")
+
+            def sparse_body(bb, x, wv, wm, b, kern=kern, m=m, n=n):
+                gv = bb.add_func(kern, "sp24")
+                return bb.emit(relax.call_tir(gv, [x, wv, wm, b], relax.TensorType((m, n), "float32")))
+            build(name, "sp24", (m, k, n), [("x", (m, k), "float16"), ("wv", (n // 16, k // 32, 32, 4), "uint32"),
+                                            ("wm", (n // 16, k // 32, 32), "uint32"), ("b", (n,), "float32")],
+                  sparse_body)
+    for name, cin, cout, size, ks, stride, groups in CONVS:
+        build(name, "conv16", (cin, cout, size, ks, stride, groups),
+              [("x", (1, cin, size, size), "float16"), ("w", (cout, cin // groups, ks, ks), "float16")],
+              lambda bb, x, w, s=stride, p=ks // 2, g=groups: bb.emit(relax.op.nn.conv2d(
+                  x, w, strides=s, padding=p, groups=g, out_dtype="float32")))
+    return index
+
+
+def runtime_tarball(out: Path) -> None:
+    import tvm
+    src = Path(tvm.__file__).parent
+    skip = {"libtvm_compiler.so", "3rdparty", "src", "web", "__pycache__"}
+    with tarfile.open(out / "tvm-runtime.tar.xz", "w:xz") as tar:
+        tar.add(src, arcname="tvm", filter=lambda ti: None if Path(ti.name).name in skip else ti)
+
+
+def ffi_wheel(out: Path) -> None:
+    from importlib.metadata import version
+    wheels = out / "wheels"
+    wheels.mkdir(exist_ok=True)
+    v = version("apache-tvm-ffi")
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                    "--python-version", "3.12", "-d", str(wheels), f"apache-tvm-ffi=={v}"], check=True)
+
+
+def mobilenet(out: Path, arch: str) -> None:
+    import graphopt
+    from graphopt.zoo import eval_inputs
+    g = graphopt.optimize(graphopt.load_model("zoo:mobilenet_v2"), "fold-bn")
+    graphopt.compile(g, "cuda", output=out / "mobilenet_v2", cuda_arch=arch, precision="fp16")
+    xs = [b[0].numpy() for b in eval_inputs("mobilenet_v2")]
+    refs = [g.run(b[0])[0].numpy() for b in eval_inputs("mobilenet_v2")]
+    np.savez_compressed(out / "mobilenet_v2_io.npz", x=np.stack(xs), ref=np.stack(refs))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="sm_90", help="GPU architecture to compile for (the H200 is sm_90)")
+    ap.add_argument("--skip-model", action="store_true", help="kernels only (no MobileNetV2 artifact)")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
+        work = Path(tmp)
+        (work / "kernels").mkdir()
+        print("building kernels ...", flush=True)
+        index = build_kernels(args.arch, work / "kernels")
+        (work / "kernels" / "index.json").write_text(json.dumps({"arch": args.arch, "kernels": index}, indent=1))
+        runtime_tarball(work)
+        ffi_wheel(work)
+        if not args.skip_model:
+            mobilenet(work, args.arch)
+        if OUT.exists():
+            shutil.rmtree(OUT)
+        work.rename(OUT)
+        Path(tmp).mkdir()  # TemporaryDirectory removes it again
+    size = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
+    print(f"wrote {OUT} ({size / 2**20:.1f} MiB); carry it: run(command='bash benchmarks/gpu_check.sh', "
+          "carry=['.gpu_check'])")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

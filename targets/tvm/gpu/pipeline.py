@@ -1,0 +1,95 @@
+"""The Relax build pipeline for NVIDIA GPUs: optional fp16 compute, legalize and fuse, MetaSchedule records (if any),
+dlight's GPU rules for everything else, then lower. Building needs no GPU; the CUDA kernels are compiled to a fatbin
+by `graphopt.targets.tvm.gpu.fatbin` when the library is exported."""
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+from tvm.relax.backend.cuda import pipeline as cuda_generic
+from tvm.s_tir import dlight as dl
+
+ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
+PRECISIONS = ("fp16", "fp32")
+
+
+def cuda_target(arch: str = "sm_80"):
+    """`Target({"kind": "cuda", "arch": arch}, host=llvm)`; the host is plain x86-64 (the GPU machine's CPU is not
+    this one, so no -mcpu of ours)."""
+    return tvm.target.Target({"kind": "cuda", "arch": arch}, host={"kind": "llvm"})
+
+
+class _FloatMatmul(dl.gpu.Matmul):
+    """dlight's GPU matmul rule for float operands only: its int8 tensor-core path fails to lower in TVM 0.27
+    (software pipelining finds no WMMA fragment), so int8 matmuls take the reduction/fallback rules."""
+
+    def apply(self, func, target, tunable):
+        if any(str(getattr(p, "dtype", "")) in ("int8", "uint8") for p in func.params):
+            return None
+        return super().apply(func, target, tunable)
+
+
+def gpu_rules():
+    return (_FloatMatmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())
+
+
+@relax.expr_functor.mutator
+class _Fp16Compute(relax.PyExprMutator):
+    """conv2d and matmul read fp16 operands and accumulate in fp32 (out_dtype float32); every other op stays fp32.
+    Written out rather than Relax's ToMixedPrecision, which rejects clip's scalar bounds and graphopt's own
+    call_tir kernels (the 2:4 one). Casts of constant weights fold away, so weights are stored in fp16."""
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if not isinstance(call.op, tvm.ir.Op):
+            return call
+        name = call.op.name
+        if name not in ("relax.nn.conv2d", "relax.matmul"):
+            return call
+        x, w = call.args[:2]
+        if x.ty.dtype != "float32" or w.ty.dtype != "float32":
+            return call
+        x16, w16 = relax.op.astype(x, "float16"), relax.op.astype(w, "float16")
+        if name == "relax.matmul":
+            return relax.op.matmul(x16, w16, out_dtype="float32")
+        a = call.attrs
+        return relax.op.nn.conv2d(x16, w16, strides=a.strides, padding=a.padding, dilation=a.dilation,
+                                  groups=a.groups, data_layout=a.data_layout, kernel_layout=a.kernel_layout,
+                                  out_layout=a.out_layout, out_dtype="float32")
+
+
+@tvm.transform.module_pass(opt_level=0, name="GraphoptFp16Compute")
+def fp16_compute(mod, _ctx):
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            mod[gv] = _Fp16Compute().visit_expr(func)
+    return mod
+
+
+def cuda_pipeline(target, precision: str = "fp16", database=None):
+    """A relax_pipeline for relax.build. fp16: convs and matmuls read fp16 and accumulate in fp32; the model's
+    inputs and outputs stay fp32."""
+
+    @tvm.transform.module_pass(opt_level=3, name="GraphoptCUDAPipeline")
+    def _pipeline(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
+        with target:
+            if precision == "fp16":
+                mod = fp16_compute(mod)
+            passes = list(cuda_generic.library_dispatch_passes(target))
+            passes += [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                       relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
+            mod = tvm.transform.Sequential(passes)(mod)
+            if database is not None:
+                mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+            mod = dl.ApplyDefaultSchedule(*gpu_rules())(mod)
+            return tvm.transform.Sequential(list(cuda_generic.dataflow_lower_passes(target))
+                                            + list(cuda_generic.finalize_passes(target)))(mod)
+
+    return _pipeline
+
+
+def build_cuda(mod, target, precision: str = "fp16", database=None):
+    with target, tvm.transform.PassContext(opt_level=3):
+        if database is not None:
+            with database:
+                return relax.build(mod, target=target, relax_pipeline=cuda_pipeline(target, precision, database))
+        return relax.build(mod, target=target, relax_pipeline=cuda_pipeline(target, precision))

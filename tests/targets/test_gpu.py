@@ -1,0 +1,225 @@
+"""cuda / cuda-sparse targets. Built here without a GPU: kernels cross-compiled with nvcc into the artifact, PTX
+checked for the sparse tensor-core instruction, the 2:4 packing checked against a CPU model of the instruction's
+fragment layout. Running the artifacts needs a GPU: those tests skip cleanly without one."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import graphopt
+from graphopt.errors import ArtifactError, TargetError
+from graphopt.runtime import cuda_available
+from graphopt.targets.tvm.gpu import sparse as sp
+
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None and not __import__("os").path.exists(
+    "/usr/local/cuda/bin/nvcc"), reason="the cuda targets cross-compile with nvcc; none here")
+needs_gpu = pytest.mark.skipif(not cuda_available(), reason="no CUDA GPU here (CI never has one)")
+
+
+def mask_24(w: torch.Tensor) -> torch.Tensor:
+    """Keep the 2 largest of every 4 consecutive inputs."""
+    n, k = w.shape
+    g = w.reshape(n, k // 4, 4)
+    drop = g.abs().argsort(-1)[..., :2]
+    return g.scatter(-1, drop, 0.0).reshape(n, k)
+
+
+def random_24(n: int, k: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    w = mask_24(torch.from_numpy(rng.standard_normal((n, k)).astype(np.float32))).numpy()
+    w[1, 4:8] = [0, 0, 0, 0.75]  # chunks with fewer than two nonzeros still pack
+    w[2, 0:4] = 0
+    return w
+
+
+class Head(nn.Module):
+    """conv + ReLU6 (clip, which fp16 conversion must handle) + 2:4-able 1x1 conv + pooled linears."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.pw = nn.Conv2d(32, 64, 1)
+        self.fc1 = nn.Linear(64, 128)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x):
+        y = torch.nn.functional.relu6(self.stem(x))
+        y = torch.relu(self.pw(y)).mean((2, 3))
+        return self.fc2(torch.relu(self.fc1(y)))
+
+
+def head_graph(sparse: bool):
+    torch.manual_seed(0)
+    m = Head().eval()
+    if sparse:
+        with torch.no_grad():
+            for layer in (m.pw, m.fc1):
+                w = layer.weight.data
+                layer.weight.data = mask_24(w.reshape(w.shape[0], -1)).reshape(w.shape)
+    return graphopt.trace(m, (torch.randn(1, 3, 8, 8),))
+
+
+def test_24_packing_round_trips_and_follows_the_fragment_layout():
+    w = random_24(48, 96)
+    wv, wm = sp.pack_fragments(w)
+    assert wv.shape == (3, 3, 32, 4) and wm.shape == (3, 3, 32)
+    back = sp.unpack_fragments(wv, wm).astype(np.float32)
+    np.testing.assert_array_equal(back, w.astype(np.float16).astype(np.float32))
+    # metadata never holds an invalid (equal) pair of positions
+    nib = np.stack([(wm >> (4 * i)) & 0xF for i in range(8)])
+    assert not np.isin(nib, [0b0000, 0b0101, 0b1010, 0b1111]).any()
+    # the kernel's loop structure, lane by lane with its index maps, computes x @ w^T (+ bias)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((21, 96)).astype(np.float32)
+    b = rng.standard_normal(48).astype(np.float32)
+    ref = x.astype(np.float16).astype(np.float32) @ w.astype(np.float16).astype(np.float32).T + b
+    np.testing.assert_allclose(sp.sp24_linear_reference(x, wv, wm, b), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_24_packing_refuses_dense_weights():
+    w = np.ones((16, 32), np.float32)
+    assert "not 2:4" in sp.sp24_applies(w)
+    assert "rows % 16" in sp.sp24_applies(np.zeros((10, 32), np.float32))
+    with pytest.raises(TargetError, match="sparsify-nm"):
+        sp.pack_fragments(w)
+
+
+@needs_nvcc
+def test_sparse_kernel_ptx_has_mma_sp_for_sm80_and_sm90(tmp_path):
+    import tvm
+
+    from graphopt.targets.tvm.gpu.fatbin import compile_ptx
+    for acts in ("tk", "kt"):
+        f = sp.sp24_kernel(40, 64, 32, True, acts).with_attr("global_symbol", "k")
+        for arch in ("sm_80", "sm_90"):
+            lib = tvm.compile(tvm.IRModule({"k": f}), target=tvm.target.Target({"kind": "cuda", "arch": arch},
+                                                                               host={"kind": "llvm"}))
+            ptx = compile_ptx(lib.mod.imports[0].inspect_source(), arch, tmp_path, f"k_{acts}_{arch}")
+            assert f".target {arch}" in ptx
+            # one per 8-column tile, in the body of the loop over k
+            assert ptx.count("mma.sp.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32") == sp.COLS_PER_WARP
+
+
+@needs_nvcc
+def test_cuda_artifact_carries_fatbins_for_each_arch(tmp_path):
+    from graphopt.targets.tvm.gpu.fatbin import artifact_cuda_modules
+    out = graphopt.compile(head_graph(False), "cuda", output=tmp_path / "a", cuda_arch="sm_80,sm_90")
+    mods = artifact_cuda_modules(out / "model.so")
+    assert [m["format"] for m in mods] == ["fatbin"]  # machine code, not source: loading needs no compiler
+    have = {(e["kind"], e["arch"]) for e in mods[0]["entries"]}
+    assert {("elf", "sm_80"), ("elf", "sm_90"), ("ptx", "sm_90")} <= have
+    man = graphopt.api.load_model  # noqa: F841
+    from graphopt.targets.artifact import read_manifest
+    info = read_manifest(out)["target_info"]
+    assert info["device"] == "cuda" and info["archs"] == ["sm_80", "sm_90"] and info["precision"] == "fp16"
+
+
+@needs_nvcc
+def test_cuda_sparse_puts_24_layers_on_mma_sp_and_keeps_the_rest_dense(tmp_path):
+    from graphopt.targets.tvm.build import build_gpu_executable
+    from graphopt.targets.tvm.gpu.fatbin import compile_ptx, cuda_sources
+    g = head_graph(True)
+    ex, _tgt, _s, records = build_gpu_executable(g, "cuda-sparse", ["sm_80"], "fp16", None, sparse_min_speedup=1.0)
+    choice = {name: r["choice"] for name, r in records.items()}
+    # pw (64x32 1x1 conv) and fc1 (128x64) are 2:4; the stem is no pointwise conv; fc2 (10 rows) misfits the tile
+    assert sorted(n for n, c in choice.items() if c == "sp24") == ["fc1_weight", "pw_weight"], choice
+    assert "rows % 16" in records["fc2_weight"]["reason"]
+    src = "\n".join(cuda_sources(ex.mod))
+    ptx = compile_ptx(src, "sm_80", tmp_path)
+    assert ptx.count("mma.sp.sync") >= 2
+    # the cost table decides by size when nothing was measured: these layers are too small to gain
+    _, _, _, records = build_gpu_executable(g, "cuda-sparse", ["sm_80"], "fp16", None)
+    assert all(r["choice"] == "dense" for r in records.values())
+    assert "estimated" in records["fc1_weight"]["source"]
+
+
+@needs_nvcc
+def test_fp16_precision_reads_half_operands_and_fp32_does_not():
+    from graphopt.targets.tvm.build import build_gpu_executable
+    from graphopt.targets.tvm.gpu.fatbin import cuda_sources
+    counts = {}
+    for prec in ("fp16", "fp32"):
+        ex, *_ = build_gpu_executable(head_graph(False), "cuda", ["sm_80"], prec)
+        counts[prec] = "\n".join(cuda_sources(ex.mod)).count("half ")
+    assert counts["fp16"] > 0 and counts["fp32"] == 0, counts
+
+
+def test_gpu_target_errors():
+    g = head_graph(False)
+    with pytest.raises(TargetError, match="unknown CUDA architecture sm_70"):
+        graphopt.compile(g, "cuda", output="unused", cuda_arch="sm_70")
+    with pytest.raises(TargetError, match="precision"):
+        graphopt.compile(g, "cuda", output="unused", precision="int3")
+    with pytest.raises(TargetError, match="GPU"):
+        graphopt.compile(g, "cuda", graphopt.Tuning(trials=4), output="unused")
+    with pytest.raises(TargetError, match="min-speedup"):
+        graphopt.compile(g, "cuda-sparse", output="unused", sparse_min_speedup=0.5)
+
+
+def test_missing_nvcc_is_a_clear_error(monkeypatch):
+    from graphopt.targets.tvm.gpu import fatbin
+    monkeypatch.setattr(fatbin.shutil, "which", lambda _: None)
+    monkeypatch.setenv("CUDA_HOME", "/nonexistent")
+    with pytest.raises(TargetError, match="nvcc"):
+        fatbin.nvcc_path()
+
+
+@needs_nvcc
+@pytest.mark.skipif(cuda_available(), reason="checks the message shown where there is no GPU")
+def test_loading_a_cuda_artifact_without_a_gpu_says_so(tmp_path):
+    out = graphopt.compile(head_graph(False), "cuda", output=tmp_path / "a", cuda_arch="sm_80")
+    with pytest.raises(ArtifactError, match="no CUDA GPU"):
+        graphopt.load(out)
+
+
+@needs_gpu
+@needs_nvcc
+@pytest.mark.parametrize("target", ["cuda", "cuda-sparse"])
+def test_cuda_artifact_matches_the_graph_on_the_gpu(tmp_path, target):
+    g = head_graph(target == "cuda-sparse")
+    out = graphopt.compile(g, target, output=tmp_path / "a", sparse_min_speedup=1.0)
+    x = torch.randn(1, 3, 8, 8)
+    ref = g.run(x)[0].numpy()
+    got = graphopt.load(out)(x.numpy())[0]
+    np.testing.assert_allclose(got, ref, rtol=2e-2, atol=2e-2)  # fp16 compute
+
+
+class Mlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.big = nn.Linear(512, 512)
+        self.small = nn.Linear(512, 16)
+
+    def forward(self, x):
+        return self.small(torch.relu(self.big(x)))
+
+
+def test_select_sparse_layout_for_cuda_uses_the_cost_table_without_a_gpu(tmp_path, monkeypatch):
+    from graphopt.targets.tvm.gpu import cost
+    monkeypatch.setattr("graphopt.runtime.cuda_available", lambda: False)
+    torch.manual_seed(0)
+    g = graphopt.trace(Mlp().eval(), (torch.randn(64, 512),))
+    g = graphopt.optimize(g, "sparsify-nm{n=2 m=4}")
+    out = graphopt.optimize(g, "select-sparse-layout{candidates=dense,sp24}", target="cuda")
+    recs = out.meta["sparse_layout"]
+    big, small = recs["big_weight"], recs["small_weight"]
+    # 64x512x512 = 16.8M MACs: the table's middle row (1.15x >= 1.1); 64x512x16 is too small to gain
+    assert big["choice"] == "sp24" and small["choice"] == "dense"
+    assert big["timing_source"].startswith("estimated") and big["timings_us"]["sp24"] < big["timings_us"]["dense"]
+    x = torch.randn(64, 512)
+    torch.testing.assert_close(out.run(x)[0], g.run(x)[0])  # a decision, not a rewrite: numerics unchanged
+    assert isinstance(cost.CudaCostOracle().measure("linear", (64, 512, 512), "dense"), float)
+    with pytest.raises(graphopt.GraphoptError, match="candidates are dense and sp24"):
+        graphopt.optimize(g, "select-sparse-layout{candidates=dense,csr}", target="cuda")
+    with pytest.raises(graphopt.GraphoptError, match="target='cuda'"):
+        graphopt.optimize(g, "select-sparse-layout{candidates=dense,sp24}", target="llvm")
+    if shutil.which("nvcc") or __import__("os").path.exists("/usr/local/cuda/bin/nvcc"):
+        from graphopt.targets.artifact import read_manifest
+        art = graphopt.compile(out, "cuda-sparse", output=tmp_path / "a", cuda_arch="sm_90")
+        rec = read_manifest(art)["target_info"]["sparse_kernels"]
+        assert rec["big_weight"]["choice"] == "sp24" and "select-sparse-layout, estimated" in rec["big_weight"]["source"]
+        assert rec["small_weight"]["choice"] == "dense"
