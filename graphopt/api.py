@@ -104,9 +104,9 @@ def compile(graph: Graph, target: str = "llvm", tuning: Any = None, output: str 
     GPUs, model.so with a fatbin for each of `cuda_arch`; no GPU needed to build), `onnx` (model.onnx) or `pt2`.
 
     `tuning` is None (no tuning) or `graphopt.Tuning(trials=..., db=...)` (llvm only). `precision` (cuda targets):
-    fp16 (convs and matmuls in fp16 with fp32 accumulation) or fp32. `sparse_min_speedup` (cuda-sparse): a 2:4
-    layer runs on the sparse kernel when it is (measured, or estimated from the cost table) at least this many times
-    faster than dense. Returns the folder.
+    fp16 or bf16 (convs and matmuls on half-width operands, fp32 accumulation) or fp32. `sparse_min_speedup`
+    (cuda-sparse): a 2:4 layer runs on the sparse kernel when it is (measured, or estimated from the cost table) at
+    least this many times faster than dense. Returns the folder.
     """
     if not isinstance(graph, Graph):
         raise GraphoptError(f"compile() needs a graphopt Graph, got {type(graph).__name__}")

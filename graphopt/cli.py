@@ -68,8 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--sparse-min-speedup", type=float, default=1.1, metavar="X", help="cuda-sparse: a 2:4 layer "
                    "runs on sparse tensor cores when measured (select-sparse-layout on a GPU) or estimated (the "
                    "documented cost table, without one) to be at least X times faster than dense (default 1.1)")
-    c.add_argument("--gpu-precision", default="fp16", choices=["fp16", "fp32"], help="cuda targets: fp16 runs "
-                   "convs and matmuls in fp16 with fp32 accumulation (tensor cores; default), fp32 keeps fp32")
+    c.add_argument("--gpu-precision", default="fp16", choices=["fp16", "bf16", "fp32"], help="cuda targets: fp16 "
+                   "(default) or bf16 runs convs and matmuls on half-width operands with fp32 accumulation (tensor "
+                   "cores), fp32 keeps fp32 (2:4 layers of cuda-sparse compute in fp16 then, bf16 with bf16); int8 "
+                   "layers (quantize + fold-qdq) stay int8, and int8 2:4 linears use the int8 sparse kernel")
     c.add_argument("--tune-trials", type=int, metavar="N", help="MetaSchedule trials in total (default: no tuning)")
     c.add_argument("--tune-minutes", type=float, metavar="M", help="wall-clock tuning budget in minutes (tuning stops "
                    "there and keeps the best kernels found; with no --tune-trials, trials default to 2000)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -115,3 +116,17 @@ def test_opt_never_overwrites_input_on_failure(tmp_path, onnx_model):
     # a pass that crashes or is refused leaves an existing output untouched
     one_line_error(run_cli("opt", path, "--pipeline", "fold-bn,fold-bn", "--strict", "-o", out), "changed nothing")
     assert out.read_bytes() == b"old"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None and not os.path.exists("/usr/local/cuda/bin/nvcc"),
+                    reason="the cuda targets cross-compile with nvcc")
+def test_compile_for_cuda_sparse_prints_the_gpu_report(tmp_path, onnx_model):
+    path, _, _ = onnx_model
+    res = run_cli("compile", path, "--target", "cuda-sparse", "--cuda-arch", "sm_90", "--pipeline",
+                  "fold-bn,sparsify-nm{n=2 m=4}", "--sparse-min-speedup", "1.0", "-o", tmp_path / "g")
+    assert res.returncode == 0, res.stderr
+    assert "cuda-sparse for sm_90" in res.stdout and "on sparse tensor cores (mma.sp)" in res.stdout
+    assert "not 2:4" not in res.stdout  # sparsify-nm made every linear 2:4; the 8x10 head misfits the tile instead
+    assert "rows % 16" in res.stdout
+    one_line_error(run_cli("compile", path, "--target", "cuda", "--cuda-arch", "sm_75", "-o", tmp_path / "h"),
+                   "unknown CUDA architecture sm_75")

@@ -55,7 +55,7 @@ def build_gpu_executable(graph: Graph, target: str = "cuda", archs=("sm_80", "sm
     if target == "cuda-sparse":
         if not sparse_min_speedup >= 1.0:
             raise TargetError(f"sparse min-speedup must be >= 1 (never slower than dense), got {sparse_min_speedup}")
-        sparse24 = {"min_speedup": float(sparse_min_speedup),
+        sparse24 = {"min_speedup": float(sparse_min_speedup), "format": "bf16" if precision == "bf16" else "f16",
                     "measured": graph.meta.get("sparse_layout", {})}
     mod = lower_to_relax(graph, device="cuda", sparse24=sparse24)
     t0 = time.perf_counter()

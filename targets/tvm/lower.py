@@ -73,11 +73,29 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
 
     def _linear_acc(bb, node, xq, wq, zx):
         """sum((x - zx) w) in int32 for int8 x and w [N, K], as sum(x w) - zx sum(w) (the operands stay int8, so
-        the artifact stores int8 weights); returns (accumulator, per-channel broadcast shape)."""
-        acc = bb.emit(relax.op.matmul(xq, bb.emit(relax.op.permute_dims(wq, [1, 0])), out_dtype="int32"))
+        the artifact stores int8 weights); returns (accumulator, per-channel broadcast shape). On cuda-sparse an
+        int8 2:4 weight takes the int8 sparse tensor-core kernel for sum(x w)."""
+        acc = _sparse_int8_acc(bb, node, xq) if sparse24 is not None else None
+        if acc is None:
+            acc = bb.emit(relax.op.matmul(xq, bb.emit(relax.op.permute_dims(wq, [1, 0])), out_dtype="int32"))
         wsum = bb.emit(relax.op.sum(bb.emit(relax.op.astype(wq, "int32")), axis=1))
         shape = [1] * (len(node.args[0].meta["val"].shape) - 1) + [-1]
         return _minus_zero_point(bb, acc, wsum, zx, shape), shape
+
+    def _sparse_int8_acc(bb, node, xq):
+        x_shape = node.args[0].meta["val"].shape
+        wname = getattr(node.args[3], "name", None)
+        if str(node.args[0].meta["val"].dtype) != "torch.int8" or \
+                sparse24_layer(node, wname, x_shape, False, "s8") is None:
+            return None
+        from graphopt.targets.tvm.gpu.sparse import emit_sp24
+        k = int(x_shape[-1])
+        cols = math.prod(int(d) for d in x_shape[:-1])
+        x2 = bb.emit(relax.op.reshape(xq, (cols, k)))
+        w = lifted[wname].detach().numpy().astype("float32")
+        y = emit_sp24(bb, x2, w, None, cols, "tk", "s8")
+        out = [int(d) for d in x_shape[:-1]] + [int(w.shape[0])]
+        return bb.emit(relax.op.reshape(y, out))
 
     def _conv_acc(bb, node, xq, wq, zx):
         """The same for a conv2d: the input is padded with the zero point, so the correction is uniform."""
@@ -424,11 +442,12 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                "requantize.default": requantize, "quantize_per_tensor.default": quantize_per_tensor,
                "dequantize_per_tensor.default": dequantize_per_tensor,
                "dequantize_per_channel.default": dequantize_per_channel}
-    def sparse24_layer(node, wname, x_shape, as_conv):
-        """The 2:4 kernel for this node's constant weight, or None (dense)."""
+    def sparse24_layer(node, wname, x_shape, as_conv, fmt=None):
+        """The 2:4 kernel's record for this node's constant weight, or None (dense)."""
         from graphopt.targets.tvm.gpu.sparse import sp24_decision
         wt = (lifted or {}).get(wname)
-        if wt is None or not wt.is_floating_point():
+        fmt = fmt or sparse24.get("format", "f16")
+        if wt is None or (fmt == "s8") == wt.is_floating_point():
             return None
         w = wt.detach().float().numpy()
         w = w.reshape(w.shape[0], -1)
@@ -436,7 +455,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         param = sparse24["names"].get(wname, wname)
         chosen = sparse24.get("measured", {}).get(param) or {}
         rec = sp24_decision(param, w, cols, sparse24.get("min_speedup", 1.1), chosen.get("timings_us"),
-                            chosen.get("timing_source", "measured"))
+                            chosen.get("timing_source", "measured"), fmt)
         sparse24["records"][param] = rec
         if rec["choice"] != "sp24":
             return None
@@ -455,7 +474,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             cols = math.prod(int(d) for d in x_shape[:-1])
             x2 = bb.emit(relax.op.reshape(importer.env[node.args[0]], (cols, k)))
             w = lifted[wname].detach().float().numpy()
-            y = emit_sp24(bb, x2, w, None if bt is None else bt.detach().float().numpy(), cols, "tk")
+            y = emit_sp24(bb, x2, w, None if bt is None else bt.detach().float().numpy(), cols, "tk",
+                          sparse24.get("format", "f16"))
             return bb.emit(relax.op.reshape(y, tuple(int(d) for d in node.meta["val"].shape)))
         bias = importer.env[node.args[2]] if len(node.args) > 2 and node.args[2] is not None else None
         return importer.block_builder.emit(relax.op.linear(importer.env[node.args[0]], importer.env[node.args[1]],
@@ -479,7 +499,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             c, h, w_ = (int(d) for d in x_shape[1:])
             x2 = bb.emit(relax.op.reshape(importer.env[node.args[0]], (c, h * w_)))
             w = wt.detach().float().numpy().reshape(wt.shape[0], -1)
-            y = emit_sp24(bb, x2, w, None if bt is None else bt.detach().float().numpy(), h * w_, "kt")
+            y = emit_sp24(bb, x2, w, None if bt is None else bt.detach().float().numpy(), h * w_, "kt",
+                          sparse24.get("format", "f16"))
             return bb.emit(relax.op.reshape(y, (1, int(wt.shape[0]), h, w_)))
         return importer._convolution(node)
 

@@ -63,21 +63,57 @@ def head_graph(sparse: bool):
     return graphopt.trace(m, (torch.randn(1, 3, 8, 8),))
 
 
-def test_24_packing_round_trips_and_follows_the_fragment_layout():
-    w = random_24(48, 96)
-    wv, wm = sp.pack_fragments(w)
+@pytest.mark.parametrize("fmt", ["f16", "bf16", "s8"])
+def test_24_packing_round_trips_and_follows_the_fragment_layout(fmt):
+    f = sp.FORMATS[fmt]
+    k = 3 * f.tile_k
+    w = random_24(48, k)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((21, k)).astype(np.float32)
+    if fmt == "s8":
+        w, x = np.round(w * 40), np.round(x * 40)
+    wv, wm = sp.pack_fragments(w, fmt)
     assert wv.shape == (3, 3, 32, 4) and wm.shape == (3, 3, 32)
-    back = sp.unpack_fragments(wv, wm).astype(np.float32)
-    np.testing.assert_array_equal(back, w.astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(sp.unpack_fragments(wv, wm, fmt), sp.rounded(w, f))
     # metadata never holds an invalid (equal) pair of positions
     nib = np.stack([(wm >> (4 * i)) & 0xF for i in range(8)])
     assert not np.isin(nib, [0b0000, 0b0101, 0b1010, 0b1111]).any()
     # the kernel's loop structure, lane by lane with its index maps, computes x @ w^T (+ bias)
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal((21, 96)).astype(np.float32)
-    b = rng.standard_normal(48).astype(np.float32)
-    ref = x.astype(np.float16).astype(np.float32) @ w.astype(np.float16).astype(np.float32).T + b
-    np.testing.assert_allclose(sp.sp24_linear_reference(x, wv, wm, b), ref, rtol=1e-4, atol=1e-4)
+    b = None if fmt == "s8" else rng.standard_normal(48).astype(np.float32)
+    ref = sp.rounded(x, f).astype(np.float64) @ sp.rounded(w, f).astype(np.float64).T + (0 if b is None else b)
+    got = sp.sp24_linear_reference(x, wv, wm, b, fmt)
+    if fmt == "s8":
+        np.testing.assert_array_equal(got, ref)  # integer accumulation is exact
+    else:
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fragment_coordinates_match_the_ptx_isa_formulas():
+    """Pinned against the ISA's own formulas (groupID = lane >> 2, threadID_in_group = lane % 4), written out here
+    independently of the helpers: the packer, the CPU reference and the kernel all share the helpers, so a wrong
+    helper would pass the round trips above; this test is what ties them to the hardware's layout."""
+    for lane in range(32):
+        g, t = lane >> 2, lane % 4
+        # f16/bf16 A (dense m16n8k16 layout of the 16x16 compressed tile): a_i row g for i in {0,1,4,5}, else g+8;
+        # col t*2 + (i & 1), +8 for i >= 4 -- register r holds a_2r, a_2r+1
+        for r in range(4):
+            i = 2 * r
+            row = g if i in (0, 1, 4, 5) else g + 8
+            col = t * 2 + (8 if i >= 4 else 0)
+            assert sp.a_coords(lane, r, 2) == (row, col)
+        # int8 A (dense m16n8k32 layout of the 16x32 compressed tile): a_i row g for i < 4 or 8 <= i < 12, else
+        # g+8; col t*4 + (i & 3), +16 for i >= 8 -- register r holds a_4r .. a_4r+3
+        for r in range(4):
+            i = 4 * r
+            row = g if (i < 4 or 8 <= i < 12) else g + 8
+            assert sp.a_coords(lane, r, 4) == (row, t * 4 + (16 if i >= 8 else 0))
+        # B: f16 k32 row t*2 + (i & 1) + 8 * (i // 2), col g; int8 k64 row t*4 + (i & 3) + 16 * (i // 4)
+        for r in range(4):
+            assert sp.b_coords(lane, r, 2) == (t * 2 + 8 * r, g)
+            assert sp.b_coords(lane, r, 4) == (t * 4 + 16 * r, g)
+        # C/D: row g for c0, c1 and g+8 for c2, c3; col t*2 + (i & 1)
+        for i in range(4):
+            assert sp.c_coords(lane, i) == (g + (8 if i >= 2 else 0), t * 2 + (i & 1))
 
 
 def test_24_packing_refuses_dense_weights():
@@ -89,19 +125,22 @@ def test_24_packing_refuses_dense_weights():
 
 
 @needs_nvcc
-def test_sparse_kernel_ptx_has_mma_sp_for_sm80_and_sm90(tmp_path):
+@pytest.mark.parametrize("fmt,xdtype", [("f16", "float32"), ("f16", "float16"), ("bf16", "float32"), ("s8", "int8")])
+def test_sparse_kernel_ptx_has_mma_sp_for_sm80_and_sm90(tmp_path, fmt, xdtype):
     import tvm
 
     from graphopt.targets.tvm.gpu.fatbin import compile_ptx
+    f = sp.FORMATS[fmt]
     for acts in ("tk", "kt"):
-        f = sp.sp24_kernel(40, 64, 32, True, acts).with_attr("global_symbol", "k")
+        kern = sp.sp24_kernel(40, 2 * f.tile_k, 32, True, acts, xdtype, fmt).with_attr("global_symbol", "k")
         for arch in ("sm_80", "sm_90"):
-            lib = tvm.compile(tvm.IRModule({"k": f}), target=tvm.target.Target({"kind": "cuda", "arch": arch},
-                                                                               host={"kind": "llvm"}))
+            lib = tvm.compile(tvm.IRModule({"k": kern}), target=tvm.target.Target({"kind": "cuda", "arch": arch},
+                                                                                  host={"kind": "llvm"}))
             ptx = compile_ptx(lib.mod.imports[0].inspect_source(), arch, tmp_path, f"k_{acts}_{arch}")
             assert f".target {arch}" in ptx
-            # one per 8-column tile, in the body of the loop over k
-            assert ptx.count("mma.sp.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32") == sp.COLS_PER_WARP
+            # one per 8-column tile in the body of the loop over k (nvcc may unroll that loop)
+            n = ptx.count(f.ptx)
+            assert n >= sp.COLS_PER_WARP and n % sp.COLS_PER_WARP == 0, n
 
 
 @needs_nvcc
@@ -146,6 +185,23 @@ def test_fp16_precision_reads_half_operands_and_fp32_does_not():
         ex, *_ = build_gpu_executable(head_graph(False), "cuda", ["sm_80"], prec)
         counts[prec] = "\n".join(cuda_sources(ex.mod)).count("half ")
     assert counts["fp16"] > 0 and counts["fp32"] == 0, counts
+
+
+@needs_nvcc
+def test_int8_24_linears_take_the_int8_sparse_kernel(tmp_path):
+    from graphopt.targets.tvm.build import build_gpu_executable
+    from graphopt.targets.tvm.gpu.fatbin import compile_ptx, cuda_sources
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32)).eval()
+    for layer in (m[0], m[2]):
+        layer.weight.data = mask_24(layer.weight.data)
+    g = graphopt.trace(m, (torch.randn(24, 64),))
+    q = graphopt.optimize(g, "quantize,fold-qdq", data=[(torch.randn(24, 64),) for _ in range(4)])
+    ex, _, _, records = build_gpu_executable(q, "cuda-sparse", ["sm_90"], "fp16", None, sparse_min_speedup=1.0)
+    assert [r["choice"] for r in records.values()] == ["sp24", "sp24"]
+    assert all(r["dtype"] == "int8 x int8 -> int32" for r in records.values())
+    ptx = compile_ptx("\n".join(cuda_sources(ex.mod)), "sm_90", tmp_path)
+    assert ptx.count(sp.FORMATS["s8"].ptx) >= 2 * sp.COLS_PER_WARP
 
 
 def test_gpu_target_errors():

@@ -9,7 +9,7 @@ from tvm.relax.backend.cuda import pipeline as cuda_generic
 from tvm.s_tir import dlight as dl
 
 ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
-PRECISIONS = ("fp16", "fp32")
+PRECISIONS = ("fp16", "bf16", "fp32")
 
 
 def cuda_target(arch: str = "sm_80"):
@@ -33,10 +33,15 @@ def gpu_rules():
 
 
 @relax.expr_functor.mutator
-class _Fp16Compute(relax.PyExprMutator):
-    """conv2d and matmul read fp16 operands and accumulate in fp32 (out_dtype float32); every other op stays fp32.
+class _HalfCompute(relax.PyExprMutator):
+    """conv2d and matmul read fp16 (or bf16) operands and accumulate in fp32 (out_dtype float32); every other op
+    stays fp32.
     Written out rather than Relax's ToMixedPrecision, which rejects clip's scalar bounds and graphopt's own
-    call_tir kernels (the 2:4 one). Casts of constant weights fold away, so weights are stored in fp16."""
+    call_tir kernels (the 2:4 one). Casts of constant weights fold away, so weights are stored in half width."""
+
+    def __init__(self, dtype: str = "float16"):
+        super().__init__()
+        self.dtype = dtype
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
@@ -48,7 +53,7 @@ class _Fp16Compute(relax.PyExprMutator):
         x, w = call.args[:2]
         if x.ty.dtype != "float32" or w.ty.dtype != "float32":
             return call
-        x16, w16 = relax.op.astype(x, "float16"), relax.op.astype(w, "float16")
+        x16, w16 = relax.op.astype(x, self.dtype), relax.op.astype(w, self.dtype)
         if name == "relax.matmul":
             return relax.op.matmul(x16, w16, out_dtype="float32")
         a = call.attrs
@@ -57,23 +62,28 @@ class _Fp16Compute(relax.PyExprMutator):
                                   out_layout=a.out_layout, out_dtype="float32")
 
 
-@tvm.transform.module_pass(opt_level=0, name="GraphoptFp16Compute")
-def fp16_compute(mod, _ctx):
-    for gv, func in list(mod.functions.items()):
-        if isinstance(func, relax.Function):
-            mod[gv] = _Fp16Compute().visit_expr(func)
-    return mod
+def half_compute(dtype: str = "float16"):
+    """The pass: convs and matmuls on `dtype` operands with fp32 accumulation."""
+
+    @tvm.transform.module_pass(opt_level=0, name="GraphoptHalfCompute")
+    def _pass(mod, _ctx):
+        for gv, func in list(mod.functions.items()):
+            if isinstance(func, relax.Function):
+                mod[gv] = _HalfCompute(dtype).visit_expr(func)
+        return mod
+
+    return _pass
 
 
 def cuda_pipeline(target, precision: str = "fp16", database=None):
-    """A relax_pipeline for relax.build. fp16: convs and matmuls read fp16 and accumulate in fp32; the model's
-    inputs and outputs stay fp32."""
+    """A relax_pipeline for relax.build. fp16 / bf16: convs and matmuls read fp16 / bf16 and accumulate in fp32;
+    the model's inputs and outputs stay fp32."""
 
     @tvm.transform.module_pass(opt_level=3, name="GraphoptCUDAPipeline")
     def _pipeline(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
         with target:
-            if precision == "fp16":
-                mod = fp16_compute(mod)
+            if precision in ("fp16", "bf16"):
+                mod = half_compute("float16" if precision == "fp16" else "bfloat16")(mod)
             passes = list(cuda_generic.library_dispatch_passes(target))
             passes += [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
                        relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
