@@ -2,7 +2,8 @@
   - tvm-runtime.tar.xz: TVM's runtime alone (the compiler library left out: the kernels are compiled here),
   - wheels/: apache-tvm-ffi for the GPU machine's Python (3.12),
   - kernels/*.so + kernels/index.json: GEMM and conv kernels (MiniLM-L6 and MobileNetV2 shapes, and large GEMMs),
-    dense fp16 (dlight), int8 and 2:4 sparse (mma.sp), weights as inputs, cross-compiled for sm_90 with nvcc,
+    dense fp16 (dlight), dense int8, and 2:4 sparse fp16 and int8 (mma.sp), weights as inputs, cross-compiled for
+    sm_90 with nvcc,
   - mobilenet_v2/: the fp16 cuda artifact of the shipped MobileNetV2 and its fp32 outputs on the shipped photos.
 
     python benchmarks/gpu_check_prepare.py [--arch sm_90] [--skip-model]
@@ -54,7 +55,7 @@ def build_kernels(arch: str, out: Path) -> list[dict]:
     from tvm import relax
 
     from graphopt.targets.tvm.gpu.pipeline import build_cuda, cuda_target
-    from graphopt.targets.tvm.gpu.sparse import sp24_kernel
+    from graphopt.targets.tvm.gpu.sparse import FORMATS, sp24_kernel
     tgt = cuda_target(arch)
     index = []
 
@@ -69,14 +70,17 @@ def build_kernels(arch: str, out: Path) -> list[dict]:
               lambda bb, x, w: bb.emit(relax.op.matmul(x, bb.emit(relax.op.permute_dims(w)), out_dtype="float32")))
         build(name, "int8", (m, k, n), [("x", (m, k), "int8"), ("w", (n, k), "int8")],
               lambda bb, x, w: bb.emit(relax.op.matmul(x, bb.emit(relax.op.permute_dims(w)), out_dtype="int32")))
-        if n % 16 == 0 and k % 32 == 0:
-            kern = sp24_kernel(m, k, n, False, "tk", "float16")
+        for kind, fmt, xdtype, ydtype in (("sp24", "f16", "float16", "float32"), ("sp24s8", "s8", "int8", "int32")):
+            tk = FORMATS[fmt].tile_k
+            if n % 16 or k % tk:
+                continue
+            kern = sp24_kernel(m, k, n, False, "tk", xdtype, fmt)
 
-            def sparse_body(bb, x, wv, wm, b, kern=kern, m=m, n=n):
+            def sparse_body(bb, x, wv, wm, b, kern=kern, m=m, n=n, ydtype=ydtype):
                 gv = bb.add_func(kern, "sp24")
-                return bb.emit(relax.call_tir(gv, [x, wv, wm, b], relax.TensorType((m, n), "float32")))
-            build(name, "sp24", (m, k, n), [("x", (m, k), "float16"), ("wv", (n // 16, k // 32, 32, 4), "uint32"),
-                                            ("wm", (n // 16, k // 32, 32), "uint32"), ("b", (n,), "float32")],
+                return bb.emit(relax.call_tir(gv, [x, wv, wm, b], relax.TensorType((m, n), ydtype)))
+            build(name, kind, (m, k, n), [("x", (m, k), xdtype), ("wv", (n // 16, k // tk, 32, 4), "uint32"),
+                                          ("wm", (n // 16, k // tk, 32), "uint32"), ("b", (n,), "float32")],
                   sparse_body)
     for name, cin, cout, size, ks, stride, groups in CONVS:
         build(name, "conv16", (cin, cout, size, ks, stride, groups),

@@ -27,6 +27,7 @@ from graphopt.errors import TargetError
 TILE_M, TILE_N = 16, 8  # the instruction's M (weight rows) and N (activation columns)
 WARPS = 4  # warps per block, each on its own 16 weight rows
 COLS_PER_WARP = 4  # 8-column tiles each warp computes (32 activation columns)
+M_TILES_PER_WARP = 2  # 16-row weight tiles each warp computes (each B fragment feeds both)
 
 
 @dataclass(frozen=True)
@@ -244,22 +245,26 @@ def sp24_kernel(cols: int, k: int, n: int, bias: bool, activations: str = "tk", 
                 fmt: str = "f16"):
     """PrimFunc (x, values, metadata, bias) -> y for a 2:4 weight [n, k] and `cols` activation columns.
     activations "tk": x is [cols, k] and y [cols, n] (a linear); "kt": x is [k, cols] and y [n, cols] (a 1x1 conv
-    at batch 1, columns = pixels). Each warp owns 16 weight rows x 32 columns. fp16/bf16: x (float32, float16 or
-    bfloat16) is rounded to the format as it is loaded, y is float32 (+ bias); int8: x is int8, y the int32
-    accumulator (bias unused)."""
+    at batch 1, columns = pixels). Each warp owns ROWS_PER_WARP weight rows (tiles of 16, so each B fragment serves
+    them all) x 32 columns. fp16/bf16: x (float32, float16 or bfloat16) is rounded to the format as it is loaded,
+    y is float32 (+ bias); int8: x is int8, y the int32 accumulator (bias unused). When x already has the
+    instruction's element type and its e inputs per register are contiguous ("tk"), a B register is one 32-bit
+    load of x viewed as uint32."""
     import tvm.backend.cuda  # noqa: F401  (registers T.ptx)
     from tvm.script import tirx as T
 
     f = fmt_of(fmt)
     nt, kt = n // TILE_M, k // f.tile_k
     span = TILE_N * COLS_PER_WARP
-    grid_n, grid_c = (nt + WARPS - 1) // WARPS, (cols + span - 1) // span
+    MT = M_TILES_PER_WARP
+    grid_n, grid_c = (nt + WARPS * MT - 1) // (WARPS * MT), (cols + span - 1) // span
     xshape = (cols, k) if activations == "tk" else (k, cols)
     yshape = (cols, n) if activations == "tk" else (n, cols)
     J, e, width = COLS_PER_WARP, f.per_reg, 32 // f.per_reg
     integer = f.name == "s8"
     bits = "uint8" if integer else "uint16"
     reg_acc = "uint32" if integer else f.acc  # the int8 instruction's accumulator registers are typed .u32
+    packed = activations == "tk" and xdtype == f.value  # a B register is one aligned 32-bit word of x
 
     def elem_bits(v):
         return T.Cast("uint32", T.reinterpret(bits, v if integer else T.Cast(f.value, v)))
@@ -272,6 +277,8 @@ def sp24_kernel(cols: int, k: int, n: int, bias: bool, activations: str = "tk", 
     def xload_bound(x, c, kk):
         """The e consecutive inputs kk.. of column c of buffer x, as one 32-bit B register (called while the
         TVMScript body is parsed: it builds the expression)."""
+        if packed:
+            return x.view("uint32")[c, kk // e]
         word = None
         for i in range(e):
             v = x[c, kk + i] if activations == "tk" else x[kk + i, c]
@@ -287,18 +294,20 @@ def sp24_kernel(cols: int, k: int, n: int, bias: bool, activations: str = "tk", 
         by = T.launch_thread("blockIdx.y", grid_c)
         lane = T.launch_thread("threadIdx.x", 32)
         warp = T.launch_thread("threadIdx.y", WARPS)
-        acc = T.alloc_buffer((J * 4,), reg_acc, scope="local")
-        a = T.alloc_buffer((4,), "uint32", scope="local")
-        meta = T.alloc_buffer((1,), "uint32", scope="local")
+        acc = T.alloc_buffer((MT * J * 4,), reg_acc, scope="local")
+        a = T.alloc_buffer((MT * 4,), "uint32", scope="local")
+        meta = T.alloc_buffer((MT,), "uint32", scope="local")
         bf = T.alloc_buffer((J * 4,), "uint32", scope="local")
-        tile = bx * WARPS + warp
-        if tile < nt:
-            for i in T.unroll(J * 4):
+        first = (bx * WARPS + warp) * MT
+        if first < nt:
+            for i in T.unroll(MT * J * 4):
                 acc[i] = T.Cast(reg_acc, 0)
             for k0 in range(kt):
-                for r in T.unroll(4):
-                    a[r] = wv[tile, k0, lane, r]
-                meta[0] = wm[tile, k0, lane]
+                for m in T.unroll(MT):
+                    if first + m < nt:
+                        for r in T.unroll(4):
+                            a[m * 4 + r] = wv[first + m, k0, lane, r]
+                        meta[m] = wm[first + m, k0, lane]
                 for j in T.unroll(J):
                     for r in T.unroll(4):
                         kk = k0 * f.tile_k + b_coords(lane, r, e)[0]
@@ -306,19 +315,25 @@ def sp24_kernel(cols: int, k: int, n: int, bias: bool, activations: str = "tk", 
                         bf[j * 4 + r] = T.uint32(0)
                         if c < cols:
                             bf[j * 4 + r] = xload_bound(xb, c, kk)
-                for j in T.unroll(J):
-                    T.ptx[f.ptx](acc[j * 4], acc[j * 4 + 1], acc[j * 4 + 2], acc[j * 4 + 3], a[0], a[1], a[2], a[3],
-                                 bf[j * 4], bf[j * 4 + 1], bf[j * 4 + 2], bf[j * 4 + 3],
-                                 acc[j * 4], acc[j * 4 + 1], acc[j * 4 + 2], acc[j * 4 + 3], meta[0], 0)
-            for j in T.unroll(J):
-                for i in T.unroll(4):
-                    row = tile * TILE_M + c_coords(lane, i)[0]
-                    c = by * span + j * TILE_N + c_coords(lane, i)[1]
-                    if c < cols:
-                        if activations == "tk":
-                            y[c, row] = result(acc[j * 4 + i], b[row])
-                        else:
-                            y[row, c] = result(acc[j * 4 + i], b[row])
+                for m in T.unroll(MT):
+                    if first + m < nt:
+                        for j in T.unroll(J):
+                            T.ptx[f.ptx](acc[(m * J + j) * 4], acc[(m * J + j) * 4 + 1], acc[(m * J + j) * 4 + 2],
+                                         acc[(m * J + j) * 4 + 3], a[m * 4], a[m * 4 + 1], a[m * 4 + 2], a[m * 4 + 3],
+                                         bf[j * 4], bf[j * 4 + 1], bf[j * 4 + 2], bf[j * 4 + 3],
+                                         acc[(m * J + j) * 4], acc[(m * J + j) * 4 + 1], acc[(m * J + j) * 4 + 2],
+                                         acc[(m * J + j) * 4 + 3], meta[m], 0)
+            for m in T.unroll(MT):
+                if first + m < nt:
+                    for j in T.unroll(J):
+                        for i in T.unroll(4):
+                            row = (first + m) * TILE_M + c_coords(lane, i)[0]
+                            c = by * span + j * TILE_N + c_coords(lane, i)[1]
+                            if c < cols:
+                                if activations == "tk":
+                                    y[c, row] = result(acc[(m * J + j) * 4 + i], b[row])
+                                else:
+                                    y[row, c] = result(acc[(m * J + j) * 4 + i], b[row])
 
     return kernel
 
