@@ -87,9 +87,8 @@ class SelectSparseLayout(Pass):
             if sparsity < o.min_sparsity:
                 rec["reason"] = f"sparsity {sparsity:.2f} < min-sparsity {o.min_sparsity}"
                 continue
-            if gpu:
-                from graphopt.targets.tvm.gpu.sparse import sp24_applies
-                why = sp24_applies(w.detach().numpy())
+            if gpu:  # the target says whether its 2:4 kernel can take this weight (passes never import targets)
+                why = oracle.applies("sp24", w.detach().numpy())
                 if why:
                     rec["reason"] = why
                     continue

@@ -256,7 +256,7 @@ class Mlp(nn.Module):
 
 def test_select_sparse_layout_for_cuda_uses_the_cost_table_without_a_gpu(tmp_path, monkeypatch):
     from graphopt.targets.tvm.gpu import cost
-    monkeypatch.setattr("graphopt.runtime.cuda_available", lambda: False)
+    monkeypatch.setattr("graphopt.targets.tvm.gpu.device.cuda_available", lambda: False)
     torch.manual_seed(0)
     g = graphopt.trace(Mlp().eval(), (torch.randn(64, 512),))
     g = graphopt.optimize(g, "sparsify-nm{n=2 m=4}")

@@ -12,11 +12,18 @@ class CudaCostOracle:
     layouts = ("dense", "sp24")
 
     def __init__(self, arch: str | None = None):
-        from graphopt.runtime import cuda_available
+        from graphopt.targets.tvm.gpu.device import cuda_available
         self.has_gpu = cuda_available()
         self.estimated = not self.has_gpu
         self.arch = arch
         self._cache: dict = {}
+
+    def applies(self, layout: str, weight) -> str:
+        """'' when `layout` can run this weight [n, k]; else why not."""
+        if layout == "sp24":
+            from graphopt.targets.tvm.gpu.sparse import sp24_applies
+            return sp24_applies(np.asarray(weight, np.float32))
+        return ""
 
     def measure(self, op: str, shape, layout: str, weight=None) -> float:
         if op != "linear" or layout not in self.layouts:
