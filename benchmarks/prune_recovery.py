@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prune-options", default="scope=global", help="extra prune-channels options")
     ap.add_argument("--epochs", type=int, default=3, help="recover{epochs=}")
     ap.add_argument("--lr", type=float, default=1e-4, help="recover{lr=}")
+    ap.add_argument("--holdout", type=float, default=0.0, help="recover{holdout=}: fraction of the training crops "
+                    "kept out to pick the best epoch (0: keep the last)")
     ap.add_argument("--train-crops", type=int, default=16, help="random crops per training photo")
     ap.add_argument("--eval-crops", type=int, default=8, help="random crops per evaluation photo")
     ap.add_argument("--threads", type=int, default=2)
@@ -45,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     for ratio in [float(r) for r in args.ratios.split(",")]:
         base = f"fold-bn,prune-channels{{ratio={ratio} {args.prune_options}}}"
         for label, pipeline in (("pruned", base),
-                                ("pruned+recover", f"{base},recover{{epochs={args.epochs} lr={args.lr}}}")):
+                                ("pruned+recover", f"{base},recover{{epochs={args.epochs} lr={args.lr}"
+                                                   + (f" holdout={args.holdout}" if args.holdout else "") + "}")):
             t0 = time.perf_counter()
             out = graphopt.optimize(graph, pipeline, data=train)
             f = fidelity(refs, [out.run(*b)[0].numpy() for b in evals], classification=True).to_json()

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from graphopt.ir.graph import Graph
-from graphopt.passes.distill.trainer import DistillConfig, trainer_from_ctx
+from graphopt.passes.distill.trainer import DistillConfig, TrainingError, trainer_from_ctx
 from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, register_pass
 
 
@@ -53,9 +53,61 @@ class Recover(Pass):
 
     @dataclass
     class Options(TrainOptions):
-        pass
+        holdout: float = field(default=0.0, metadata={
+            "help": "fraction of the batches kept out of training (0: none); the weights with the lowest loss on them, "
+                    "before training or after any epoch, are the ones kept, so recovery never ends worse there"})
+
+        def validate(self) -> str:
+            if not 0.0 <= self.holdout < 1.0:
+                return f"option 'holdout' must be in [0, 1), got {self.holdout}"
+            return self.validate_training()
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        trainer = trainer_from_ctx(graph, ctx, self.options.train_config(ctx.seed, "recover"), kd=self.options.kd)
-        stats = trainer.fit()
-        return PassResult(graph, stats["steps"] > 0, stats)
+        o = self.options
+        cfg = o.train_config(ctx.seed, "recover")
+        if o.holdout == 0.0:
+            stats = trainer_from_ctx(graph, ctx, cfg, kd=o.kd).fit()
+            return PassResult(graph, stats["steps"] > 0, stats)
+        return self._run_with_holdout(graph, ctx, cfg)
+
+    def _run_with_holdout(self, graph: Graph, ctx: PassContext, cfg) -> PassResult:
+        import copy
+
+        import torch
+        o = self.options
+        data = list(ctx.data or [])
+        labels = ctx.extras.get("labels")
+        n_val = max(1, round(len(data) * o.holdout))
+        if len(data) - n_val < 1:
+            raise TrainingError(f"recover{{holdout={o.holdout}}} leaves no batch to train on ({len(data)} batch(es)); "
+                                "give more data or a smaller holdout")
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(ctx.seed)).tolist()
+        val_idx, train_idx = sorted(order[:n_val]), sorted(order[n_val:])
+
+        def part(idx):
+            sub = copy.copy(ctx)
+            sub.data = [data[i] for i in idx]
+            sub.extras = dict(ctx.extras)
+            if labels is not None:
+                sub.extras["labels"] = [labels[i] for i in idx]
+            return sub
+
+        trainer = trainer_from_ctx(graph, part(train_idx), cfg, kd=o.kd)
+        held = trainer_from_ctx(graph, part(val_idx), copy.copy(cfg), kd=o.kd)
+        best, best_epoch = held.mean_loss(), 0
+        before = best
+        best_state = copy.deepcopy(graph.gm.state_dict())
+        steps, curve = 0, []
+        for epoch in range(1, o.epochs + 1):
+            steps += trainer.fit(epochs=1, first_epoch=epoch - 1)["steps"]
+            loss = held.mean_loss()
+            curve.append(round(loss, 6))
+            if loss < best:
+                best, best_epoch, best_state = loss, epoch, copy.deepcopy(graph.gm.state_dict())
+        graph.gm.load_state_dict(best_state)
+        stats = {"steps": steps, "holdout_batches": n_val, "holdout_loss_before": round(before, 6),
+                 "holdout_loss_best": round(best, 6), "holdout_curve": curve, "best_epoch": best_epoch}
+        if best_epoch == 0:
+            return PassResult(graph, False, stats, reason=f"no epoch lowered the loss on the {n_val} held-out "
+                              f"batch(es) (before {before:.4g}, epochs {curve}); the input weights are kept")
+        return PassResult(graph, True, stats)

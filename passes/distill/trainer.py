@@ -177,8 +177,18 @@ class Trainer:
             loss = loss + weight * task
         return loss
 
-    def fit(self, epochs: int | None = None, steps: int | None = None, desc: str | None = None) -> dict:
-        """Train for `epochs` passes over the data (or exactly `steps` steps); returns loss statistics."""
+    def mean_loss(self) -> float:
+        """The loss over this trainer's batches with the student in inference mode (no gradients, no updates)."""
+        self.student_mod.eval()
+        with torch.no_grad():
+            return float(sum(self._loss(self.student_mod, k).item() for k in range(len(self.batches)))
+                         / len(self.batches))
+
+    def fit(self, epochs: int | None = None, steps: int | None = None, desc: str | None = None,
+            first_epoch: int = 0) -> dict:
+        """Train for `epochs` passes over the data (or exactly `steps` steps); returns loss statistics.
+        `first_epoch` numbers the epochs of a fit that continues an earlier one (each epoch's shuffle is seeded by
+        its number)."""
         from tqdm.auto import tqdm
 
         epochs = self.cfg.epochs if epochs is None and steps is None else epochs
@@ -203,7 +213,7 @@ class Trainer:
             if bn_train:
                 set_bn_training(self.student_mod, True)
             while done < total:
-                gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch)
+                gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + first_epoch + epoch)
                 for k in torch.randperm(len(self.batches), generator=gen).tolist():
                     if done >= total:
                         break

@@ -73,3 +73,25 @@ def test_batch_norms_train_with_batch_statistics():
     small = graphopt.optimize(g4, "recover{epochs=1 kd=false lr=3e-3}", data=[(xtr[i:i + 4],) for i in range(0, 64, 4)],
                               labels=[ytr[i:i + 4] for i in range(0, 64, 4)])
     assert all(small.get_param(k).abs().max() == 0 for k in means)
+
+
+def test_holdout_keeps_the_weights_with_the_lowest_held_out_loss(digits):
+    """recover{holdout=}: trains on the other batches and keeps the best of (input, after each epoch) by the loss on
+    the held-out ones. A sane run improves on them; a run whose learning rate wrecks the student keeps the input
+    weights exactly and says so."""
+    model, (xtr, _xte, _ytr, _yte) = digits[0]
+    g = graphopt.trace(model, (xtr[:64],))
+    pruned = graphopt.optimize(g, "fold-bn,prune-channels{macs-reduction=0.5}")
+    data = batches(xtr)
+    out = graphopt.optimize(pruned, "recover{epochs=4 lr=1e-3 holdout=0.25}", data=data, teacher=g)
+    st = out.meta["history"][-1]["stats"]
+    assert st["holdout_batches"] == round(len(data) * 0.25)
+    assert 1 <= st["best_epoch"] <= 4 and st["holdout_loss_best"] < st["holdout_loss_before"]
+    assert st["holdout_loss_best"] == min(st["holdout_curve"])
+    wrecked = graphopt.optimize(pruned, "recover{epochs=2 lr=100 optimizer=sgd holdout=0.25}", data=data, teacher=g)
+    h = wrecked.meta["history"][-1]
+    assert not h["changed"] and "input weights are kept" in h["reason"]
+    assert h["stats"]["best_epoch"] == 0 and min(h["stats"]["holdout_curve"]) > h["stats"]["holdout_loss_before"]
+    assert all(torch.equal(pruned.get_param(k), v) for k, v in wrecked.params().items())
+    with pytest.raises(graphopt.PassOptionError, match="holdout"):
+        graphopt.optimize(pruned, "recover{holdout=1.0}", data=data)
