@@ -2,8 +2,8 @@
   - tvm-runtime.tar.xz: TVM's runtime alone (the compiler library left out: the kernels are compiled here),
   - wheels/: apache-tvm-ffi for the GPU machine's Python (3.12),
   - kernels/*.so + kernels/index.json: GEMM and conv kernels (MiniLM-L6 and MobileNetV2 shapes, and large GEMMs),
-    dense fp16 (dlight), dense int8, and 2:4 sparse fp16 and int8 (mma.sp), weights as inputs, cross-compiled for
-    sm_90 with nvcc,
+    dense fp16 (dlight), dense int8, and 2:4 sparse fp16 and int8 (mma.sp; the simple kernel and the one staging
+    activations in shared memory), weights as inputs, cross-compiled for sm_90 with nvcc,
   - mobilenet_v2/: the fp16 cuda artifact of the shipped MobileNetV2 and its fp32 outputs on the shipped photos.
 
     python benchmarks/gpu_check_prepare.py [--arch sm_90] [--skip-model]
@@ -55,7 +55,7 @@ def build_kernels(arch: str, out: Path) -> list[dict]:
     from tvm import relax
 
     from graphopt.targets.tvm.gpu.pipeline import build_cuda, cuda_target
-    from graphopt.targets.tvm.gpu.sparse import FORMATS, sp24_kernel
+    from graphopt.targets.tvm.gpu.sparse import FORMATS, sp24_kernel, sp24_kernel_tiled
     tgt = cuda_target(arch)
     index = []
 
@@ -70,11 +70,14 @@ def build_kernels(arch: str, out: Path) -> list[dict]:
               lambda bb, x, w: bb.emit(relax.op.matmul(x, bb.emit(relax.op.permute_dims(w)), out_dtype="float32")))
         build(name, "int8", (m, k, n), [("x", (m, k), "int8"), ("w", (n, k), "int8")],
               lambda bb, x, w: bb.emit(relax.op.matmul(x, bb.emit(relax.op.permute_dims(w)), out_dtype="int32")))
-        for kind, fmt, xdtype, ydtype in (("sp24", "f16", "float16", "float32"), ("sp24s8", "s8", "int8", "int32")):
+        for kind, fmt, xdtype, ydtype in (("sp24", "f16", "float16", "float32"), ("sp24s8", "s8", "int8", "int32"),
+                                          ("sp24t", "f16", "float16", "float32"),
+                                          ("sp24ts8", "s8", "int8", "int32")):
             tk = FORMATS[fmt].tile_k
             if n % 16 or k % tk:
                 continue
-            kern = sp24_kernel(m, k, n, False, "tk", xdtype, fmt)
+            kern = (sp24_kernel_tiled(m, k, n, False, fmt) if kind.startswith("sp24t")
+                    else sp24_kernel(m, k, n, False, "tk", xdtype, fmt))
 
             def sparse_body(bb, x, wv, wm, b, kern=kern, m=m, n=n, ydtype=ydtype):
                 gv = bb.add_func(kern, "sp24")

@@ -188,6 +188,34 @@ def test_fp16_precision_reads_half_operands_and_fp32_does_not():
 
 
 @needs_nvcc
+@pytest.mark.parametrize("fmt", ["f16", "bf16", "s8"])
+def test_tiled_sparse_kernel_stages_activations_in_shared_memory(tmp_path, fmt):
+    import tvm
+
+    from graphopt.targets.tvm.gpu.fatbin import compile_ptx
+    f = sp.FORMATS[fmt]
+    kern = sp.sp24_kernel_tiled(100, 4 * f.tile_k, 272, True, fmt).with_attr("global_symbol", "k")
+    lib = tvm.compile(tvm.IRModule({"k": kern}), target=tvm.target.Target({"kind": "cuda", "arch": "sm_90"},
+                                                                          host={"kind": "llvm"}))
+    src = lib.mod.imports[0].inspect_source()
+    assert "__shared__" in src and src.count("__syncthreads()") == 2
+    # the kernel's B reads from shared memory: word (column * row_words + k_row / e); one read instruction's 32
+    # lanes must fall in 32 distinct banks, and the row stride is what the kernel indexes with
+    row_words = sp.tiled_row_words(fmt)
+    assert f"* {row_words})" in src
+    for j in range(sp.COLS_PER_WARP):
+        for r in range(4):
+            banks = set()
+            for ln in range(32):
+                krow, col = sp.b_coords(ln, r, f.per_reg)
+                banks.add(((j * 8 + col) * row_words + krow // f.per_reg) % 32)
+            assert len(banks) == 32, (j, r)
+    ptx = compile_ptx(src, "sm_90", tmp_path)
+    assert ptx.count(f.ptx) >= sp.M_TILES_PER_WARP * sp.COLS_PER_WARP and "bar.sync" in ptx
+    assert "ld.global.nc.v4.u32" in ptx or "ld.global.v4.u32" in ptx  # one 16-byte load per thread per step
+
+
+@needs_nvcc
 def test_int8_24_linears_take_the_int8_sparse_kernel(tmp_path):
     from graphopt.targets.tvm.build import build_gpu_executable
     from graphopt.targets.tvm.gpu.fatbin import compile_ptx, cuda_sources

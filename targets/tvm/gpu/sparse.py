@@ -338,14 +338,117 @@ def sp24_kernel(cols: int, k: int, n: int, bias: bool, activations: str = "tk", 
     return kernel
 
 
+TILED_WARPS_N, TILED_WARPS_C = 4, 2  # warps per block along weight rows and along activation columns
+
+
+def tiled_row_words(fmt: str = "f16") -> int:
+    """Words per staged column in shared memory: the k step's 16 words plus 4 of padding (16-byte aligned rows
+    whose fragment reads fall in distinct banks)."""
+    f = fmt_of(fmt)
+    return f.tile_k // f.per_reg + 4
+
+
+def sp24_kernel_tiled(cols: int, k: int, n: int, bias: bool, fmt: str = "f16"):
+    """The 2:4 kernel with activation tiles staged in shared memory, for a linear (x [cols, k] of the instruction's
+    element type, y [cols, n]): a block of 4 x 2 warps covers 128 weight rows x 64 columns, and each step over k
+    loads the block's 64 x tile_k activation tile once (16-byte loads, one per thread) into shared memory, from
+    which all four row-warps read their B fragments (rows padded to 20 words: the fragment reads hit 32 distinct
+    banks). Weights and metadata come from global memory in fragment order as in `sp24_kernel`."""
+    import tvm.backend.cuda  # noqa: F401  (registers T.ptx)
+    from tvm.script import tirx as T
+
+    f = fmt_of(fmt)
+    e = f.per_reg
+    nt, kt = n // TILE_M, k // f.tile_k
+    words = f.tile_k // e  # 32-bit words of one column's k step (16)
+    stride = tiled_row_words(fmt)
+    MT, J = M_TILES_PER_WARP, COLS_PER_WARP
+    wn_, wc_ = TILED_WARPS_N, TILED_WARPS_C
+    bcols = wc_ * J * TILE_N  # 64 columns per block
+    rows_tiles = wn_ * MT  # 8 row tiles per block
+    threads = 32 * wn_ * wc_
+    per_thread = bcols * words // threads  # words each thread stages (4: one 16-byte load)
+    grid_n, grid_c = (nt + rows_tiles - 1) // rows_tiles, (cols + bcols - 1) // bcols
+    integer = f.name == "s8"
+    reg_acc = "uint32" if integer else f.acc
+    xdtype = f.value
+    assert per_thread == 4 and k % e == 0
+
+    def result(acc_value, bias_value):
+        if integer:
+            return T.reinterpret("int32", acc_value)
+        return acc_value + bias_value if bias else acc_value
+
+    @T.prim_func(private=True)
+    def kernel(xb: T.Buffer((cols, k), xdtype), wv: T.Buffer((nt, kt, 32, 4), "uint32"),
+               wm: T.Buffer((nt, kt, 32), "uint32"), b: T.Buffer((n,), "float32"), y: T.Buffer((cols, n), f.acc)):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        bx = T.launch_thread("blockIdx.x", grid_n)
+        by = T.launch_thread("blockIdx.y", grid_c)
+        lane = T.launch_thread("threadIdx.x", 32)
+        warp = T.launch_thread("threadIdx.y", wn_ * wc_)
+        sb = T.alloc_buffer((bcols * stride,), "uint32", scope="shared")
+        acc = T.alloc_buffer((MT * J * 4,), reg_acc, scope="local")
+        a = T.alloc_buffer((MT * 4,), "uint32", scope="local")
+        meta = T.alloc_buffer((MT,), "uint32", scope="local")
+        bf = T.alloc_buffer((J * 4,), "uint32", scope="local")
+        xw = xb.view("uint32")
+        first = bx * rows_tiles + (warp % wn_) * MT
+        col0 = by * bcols + (warp // wn_) * (J * TILE_N)
+        tid = warp * 32 + lane
+        for i in T.unroll(MT * J * 4):
+            acc[i] = T.Cast(reg_acc, 0)
+        for k0 in range(kt):
+            # stage the block's activation tile: thread tid loads 4 consecutive words of one column
+            for v in T.vectorized(per_thread):
+                sb[(tid * per_thread) // words * stride + (tid * per_thread) % words + v] = T.if_then_else(
+                    by * bcols + (tid * per_thread) // words < cols,
+                    xw[T.min(by * bcols + (tid * per_thread) // words, cols - 1),
+                       k0 * words + (tid * per_thread) % words + v], T.uint32(0))
+            T.tvm_storage_sync("shared")
+            for m in T.unroll(MT):
+                if first + m < nt:
+                    for r in T.unroll(4):
+                        a[m * 4 + r] = wv[first + m, k0, lane, r]
+                    meta[m] = wm[first + m, k0, lane]
+            for j in T.unroll(J):
+                for r in T.unroll(4):
+                    bf[j * 4 + r] = sb[((warp // wn_) * (J * TILE_N) + j * TILE_N + b_coords(lane, r, e)[1]) * stride
+                                       + b_coords(lane, r, e)[0] // e]
+            for m in T.unroll(MT):
+                if first + m < nt:
+                    for j in T.unroll(J):
+                        T.ptx[f.ptx](acc[(m * J + j) * 4], acc[(m * J + j) * 4 + 1], acc[(m * J + j) * 4 + 2],
+                                     acc[(m * J + j) * 4 + 3], a[m * 4], a[m * 4 + 1], a[m * 4 + 2], a[m * 4 + 3],
+                                     bf[j * 4], bf[j * 4 + 1], bf[j * 4 + 2], bf[j * 4 + 3],
+                                     acc[(m * J + j) * 4], acc[(m * J + j) * 4 + 1], acc[(m * J + j) * 4 + 2],
+                                     acc[(m * J + j) * 4 + 3], meta[m], 0)
+            T.tvm_storage_sync("shared")
+        for m in T.unroll(MT):
+            if first + m < nt:
+                for j in T.unroll(J):
+                    for i in T.unroll(4):
+                        row = (first + m) * TILE_M + c_coords(lane, i)[0]
+                        c = col0 + j * TILE_N + c_coords(lane, i)[1]
+                        if c < cols:
+                            y[c, row] = result(acc[(m * J + j) * 4 + i], b[row])
+
+    return kernel
+
+
 def emit_sp24(bb, x, w: np.ndarray, bias: np.ndarray | None, cols: int, activations: str, fmt: str = "f16"):
     """call_tir of the 2:4 kernel with the packed weight as constants; x is [cols, k] ("tk") or [k, cols] ("kt")."""
     from tvm import relax
     f = fmt_of(fmt)
     n, k = w.shape
     wv, wm = pack_fragments(w, fmt)
-    xdtype = "int8" if f.name == "s8" else "float32"
-    kernel = sp24_kernel(cols, k, n, bias is not None, activations, xdtype, fmt)
+    if activations == "tk":  # a linear: activations in the instruction's type, staged through shared memory
+        if f.name != "s8":
+            x = bb.emit(relax.op.astype(x, f.value))
+        kernel = sp24_kernel_tiled(cols, k, n, bias is not None, fmt)
+    else:
+        kernel = sp24_kernel(cols, k, n, bias is not None, activations, "int8" if f.name == "s8" else "float32",
+                             fmt)
     gv = bb.add_func(kernel, f"graphopt_sp24_{fmt}_{activations}_{cols}x{k}x{n}")
     b = relax.const(np.zeros(n, np.float32) if bias is None else bias.astype(np.float32))
     out = relax.TensorType((cols, n) if activations == "tk" else (n, cols), f.acc)
