@@ -48,8 +48,11 @@ def build_gpu_executable(graph: Graph, target: str = "cuda", archs=("sm_80", "sm
     archs = parse_archs(archs)
     _check_precision(precision)
     if tuning is not None:
-        raise TargetError("tuning for the cuda targets runs kernels on the GPU and this machine has none; build "
-                          "untuned (dlight schedules) here, or tune on the GPU machine")
+        from graphopt.targets.tvm.gpu.device import cuda_available
+        tuning.validate()
+        if not cuda_available():
+            raise TargetError("tuning for the cuda targets runs kernels on the GPU and this machine has none; build "
+                              "untuned (dlight schedules) here, or tune on a machine with the GPU and TVM's compiler")
     tgt = cuda_target(archs[0])
     sparse24 = None
     if target == "cuda-sparse":
@@ -60,7 +63,14 @@ def build_gpu_executable(graph: Graph, target: str = "cuda", archs=("sm_80", "sm
     mod = lower_to_relax(graph, device="cuda", sparse24=sparse24)
     t0 = time.perf_counter()
     try:
-        ex = build_cuda(mod, tgt, precision)
+        database = None
+        if tuning is not None:
+            import tempfile
+
+            from graphopt.targets.tvm.gpu.pipeline import tune_cuda
+            work = tuning.db or tempfile.mkdtemp(prefix="graphopt-cuda-tune-")
+            database = tune_cuda(mod, tgt, precision, tuning.trials, str(work))
+        ex = build_cuda(mod, tgt, precision, database)
     except TargetError:
         raise
     except Exception as e:

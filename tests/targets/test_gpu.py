@@ -232,6 +232,38 @@ def test_int8_24_linears_take_the_int8_sparse_kernel(tmp_path):
     assert ptx.count(sp.FORMATS["s8"].ptx) >= 2 * sp.COLS_PER_WARP
 
 
+@needs_nvcc
+def test_cuda_tuning_tunes_the_fused_functions_and_builds_with_the_database(monkeypatch, tmp_path):
+    """Without a GPU, tuning is refused (see the errors test). Here the plumbing: the tasks come from exactly the
+    fused module the build schedules, graphopt's own (already scheduled) 2:4 kernels are not tuning tasks, and the
+    database reaches the build. (Measuring needs the GPU: MetaSchedule's LocalRunner runs the candidates there.)"""
+    from graphopt.targets.tvm import build
+    from graphopt.targets.tvm.gpu import pipeline
+    from graphopt.targets.tvm.lower import lower_to_relax
+    g = head_graph(True)
+    sparse = {"min_speedup": 1.0, "records": {}}
+    fused = pipeline.fuse_for_cuda(lower_to_relax(g, "cuda", sparse), pipeline.cuda_target("sm_80"))
+    names = pipeline.tunable_functions(fused)
+    assert names and not any("sp24" in n for n in names)
+    assert any("sp24" in gv.name_hint for gv in fused.functions)
+    seen = {}
+
+    def fake_tune(mod, target, precision, trials, work_dir):
+        seen.update(trials=trials, work_dir=work_dir, precision=precision)
+        return "the-database"
+
+    def fake_build(mod, target, precision, database=None):
+        seen["database"] = database
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr("graphopt.targets.tvm.gpu.device.cuda_available", lambda: True)
+    monkeypatch.setattr(pipeline, "tune_cuda", fake_tune)
+    monkeypatch.setattr(pipeline, "build_cuda", fake_build)
+    with pytest.raises(TargetError, match="stop here"):
+        build.build_gpu_executable(g, "cuda", ["sm_80"], "fp16", graphopt.Tuning(trials=8, db=str(tmp_path)))
+    assert seen == {"trials": 8, "work_dir": str(tmp_path), "precision": "fp16", "database": "the-database"}
+
+
 def test_gpu_target_errors():
     g = head_graph(False)
     with pytest.raises(TargetError, match="unknown CUDA architecture sm_70"):

@@ -75,6 +75,37 @@ def half_compute(dtype: str = "float16"):
     return _pass
 
 
+def fuse_for_cuda(mod, target, precision: str = "fp16"):
+    """The pipeline's first half: half-width compute, legalize, fuse. Tuning extracts its tasks from exactly this,
+    so the database's workloads match the build's."""
+    with target:
+        if precision in ("fp16", "bf16"):
+            mod = half_compute("float16" if precision == "fp16" else "bfloat16")(mod)
+        passes = list(cuda_generic.library_dispatch_passes(target))
+        passes += [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                   relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
+        return tvm.transform.Sequential(passes)(mod)
+
+
+def tunable_functions(fused) -> list[str]:
+    """Names of the fused functions MetaSchedule may tune (graphopt's own kernels are scheduled already)."""
+    from tvm import tirx
+    return sorted(gv.name_hint for gv, f in fused.functions.items()
+                  if isinstance(f, tirx.PrimFunc) and not (f.attrs and f.attrs.get("tirx.is_scheduled")))
+
+
+def tune_cuda(mod, target, precision: str, trials: int, work_dir: str):
+    """MetaSchedule over the fused module's tunable functions, measured on this machine's GPU (LocalRunner);
+    returns the database the build applies before dlight schedules the rest."""
+    from tvm.s_tir import meta_schedule as ms
+    fused = fuse_for_cuda(mod, target, precision)
+    names = tunable_functions(fused)
+    if not names:
+        return None
+    return ms.relax_integration.tune_relax(fused, {}, target, work_dir, max_trials_global=int(trials),
+                                           op_names=names, num_trials_per_iter=min(64, int(trials)))
+
+
 def cuda_pipeline(target, precision: str = "fp16", database=None):
     """A relax_pipeline for relax.build. fp16 / bf16: convs and matmuls read fp16 / bf16 and accumulate in fp32;
     the model's inputs and outputs stay fp32."""
@@ -82,12 +113,7 @@ def cuda_pipeline(target, precision: str = "fp16", database=None):
     @tvm.transform.module_pass(opt_level=3, name="GraphoptCUDAPipeline")
     def _pipeline(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
         with target:
-            if precision in ("fp16", "bf16"):
-                mod = half_compute("float16" if precision == "fp16" else "bfloat16")(mod)
-            passes = list(cuda_generic.library_dispatch_passes(target))
-            passes += [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
-                       relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
-            mod = tvm.transform.Sequential(passes)(mod)
+            mod = fuse_for_cuda(mod, target, precision)
             if database is not None:
                 mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
             mod = dl.ApplyDefaultSchedule(*gpu_rules())(mod)
