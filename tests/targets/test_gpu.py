@@ -264,6 +264,30 @@ def test_cuda_tuning_tunes_the_fused_functions_and_builds_with_the_database(monk
     assert seen == {"trials": 8, "work_dir": str(tmp_path), "precision": "fp16", "database": "the-database"}
 
 
+class SamePad(nn.Module):
+    """EfficientNet-Lite's pattern: 1x1 conv + ReLU6 + an asymmetric zero pad before a stride-2 depthwise conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.pw = nn.Conv2d(8, 48, 1)
+        self.dw = nn.Conv2d(48, 48, 3, stride=2, groups=48)
+
+    def forward(self, x):
+        y = torch.nn.functional.relu6(self.pw(x))
+        return self.dw(torch.nn.functional.pad(y, (0, 1, 0, 1)))
+
+
+@needs_nvcc
+def test_a_dlight_rule_that_fails_on_a_function_falls_through_to_the_next():
+    """dlight's matmul rule asserts on a 1x1 conv whose fused epilogue pads its output (TVM 0.27); the build takes
+    the next rule for that function instead of failing (EfficientNet-Lite0 did)."""
+    from graphopt.targets.tvm.build import build_gpu_executable
+    torch.manual_seed(0)
+    g = graphopt.trace(SamePad().eval(), (torch.randn(1, 8, 28, 28),))
+    ex, *_ = build_gpu_executable(g, "cuda", ["sm_80"], "fp16")
+    assert ex is not None
+
+
 def test_gpu_target_errors():
     g = head_graph(False)
     with pytest.raises(TargetError, match="unknown CUDA architecture sm_70"):

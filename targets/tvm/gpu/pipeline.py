@@ -3,10 +3,14 @@ dlight's GPU rules for everything else, then lower. Building needs no GPU; the C
 by `graphopt.targets.tvm.gpu.fatbin` when the library is exported."""
 from __future__ import annotations
 
+import logging
+
 import tvm
 from tvm import relax
 from tvm.relax.backend.cuda import pipeline as cuda_generic
 from tvm.s_tir import dlight as dl
+
+log = logging.getLogger(__name__)
 
 ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
 PRECISIONS = ("fp16", "bf16", "fp32")
@@ -28,8 +32,25 @@ class _FloatMatmul(dl.gpu.Matmul):
         return super().apply(func, target, tunable)
 
 
+class _Guarded(dl.ScheduleRule):
+    """A dlight rule that declines (returns None, so the next rule gets the function) where it raises: TVM 0.27's
+    rules assert on some fused shapes (EfficientNet-Lite0: "consumers of the cache-write stage that are not properly
+    inlined"), and one such function must not fail the whole build."""
+
+    def __init__(self, rule):
+        self.rule = rule
+
+    def apply(self, func, target, tunable):
+        try:
+            return self.rule.apply(func, target, tunable)
+        except Exception as e:  # noqa: BLE001 - any failure of a rule means "not this rule"
+            log.debug("dlight %s declined a function: %s", type(self.rule).__name__, e)
+            return None
+
+
 def gpu_rules():
-    return (_FloatMatmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())
+    return (*(_Guarded(r) for r in (_FloatMatmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction())),
+            dl.gpu.Fallback())
 
 
 @relax.expr_functor.mutator
