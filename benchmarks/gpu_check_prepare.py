@@ -4,7 +4,8 @@
   - kernels/*.so + kernels/index.json: GEMM and conv kernels (MiniLM-L6 and MobileNetV2 shapes, and large GEMMs),
     dense fp16 (dlight), dense int8, and 2:4 sparse fp16 and int8 (mma.sp; the simple kernel and the one staging
     activations in shared memory), weights as inputs, cross-compiled for sm_90 with nvcc,
-  - mobilenet_v2/: the fp16 cuda artifact of the shipped MobileNetV2 and its fp32 outputs on the shipped photos.
+  - mobilenet_v2/, efficientnet_lite0/: fp16 cuda artifacts of the shipped models and their fp32 outputs on the
+    shipped photos.
 
     python benchmarks/gpu_check_prepare.py [--arch sm_90] [--skip-model]
 """
@@ -110,20 +111,25 @@ def ffi_wheel(out: Path) -> None:
                     "--python-version", "3.12", "-d", str(wheels), f"apache-tvm-ffi=={v}"], check=True)
 
 
-def mobilenet(out: Path, arch: str) -> None:
+MODELS = ("mobilenet_v2", "efficientnet_lite0")
+
+
+def model_artifact(out: Path, arch: str, name: str) -> None:
+    """The fp16 cuda artifact of a shipped model and its fp32 outputs on the shipped photos."""
     import graphopt
     from graphopt.zoo import eval_inputs
-    g = graphopt.optimize(graphopt.load_model("zoo:mobilenet_v2"), "fold-bn")
-    graphopt.compile(g, "cuda", output=out / "mobilenet_v2", cuda_arch=arch, precision="fp16")
-    xs = [b[0].numpy() for b in eval_inputs("mobilenet_v2")]
-    refs = [g.run(b[0])[0].numpy() for b in eval_inputs("mobilenet_v2")]
-    np.savez_compressed(out / "mobilenet_v2_io.npz", x=np.stack(xs), ref=np.stack(refs))
+    g = graphopt.optimize(graphopt.load_model(f"zoo:{name}"), "fold-bn")
+    graphopt.compile(g, "cuda", output=out / name, cuda_arch=arch, precision="fp16")
+    xs = [b[0].numpy() for b in eval_inputs(name)]
+    refs = [g.run(b[0])[0].numpy() for b in eval_inputs(name)]
+    np.savez_compressed(out / f"{name}_io.npz", x=np.stack(xs), ref=np.stack(refs))
+    print(f"  built {name} fp16 artifact", flush=True)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="sm_90", help="GPU architecture to compile for (the H200 is sm_90)")
-    ap.add_argument("--skip-model", action="store_true", help="kernels only (no MobileNetV2 artifact)")
+    ap.add_argument("--skip-model", action="store_true", help="kernels only (no model artifacts)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
         work = Path(tmp)
@@ -134,7 +140,8 @@ def main() -> int:
         runtime_tarball(work)
         ffi_wheel(work)
         if not args.skip_model:
-            mobilenet(work, args.arch)
+            for name in MODELS:
+                model_artifact(work, args.arch, name)
         if OUT.exists():
             shutil.rmtree(OUT)
         work.rename(OUT)
