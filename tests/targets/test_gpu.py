@@ -363,3 +363,24 @@ def test_select_sparse_layout_for_cuda_uses_the_cost_table_without_a_gpu(tmp_pat
         rec = read_manifest(art)["target_info"]["sparse_kernels"]
         assert rec["big_weight"]["choice"] == "sp24" and "select-sparse-layout, estimated" in rec["big_weight"]["source"]
         assert rec["small_weight"]["choice"] == "dense"
+
+
+def test_artifacts_load_with_the_tvm_runtime_alone(tmp_path):
+    """The GPU machine gets TVM's runtime without its compiler (the full wheel is too big to carry there): loading
+    and running an artifact must not touch compiler-only modules. Checked on an llvm artifact in a fresh process."""
+    import subprocess
+    import sys
+    torch.manual_seed(0)
+    g = graphopt.trace(nn.Sequential(nn.Linear(8, 4), nn.ReLU()).eval(), (torch.randn(2, 8),))
+    out = graphopt.compile(g, "llvm", output=tmp_path / "a")
+    x = np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    code = ("import numpy as np, tvm, graphopt\n"
+            "assert tvm.base._RUNTIME_ONLY\n"
+            f"y = graphopt.load(r'{out}')(np.load(r'{tmp_path / 'x.npy'}'))[0]\n"
+            f"np.save(r'{tmp_path / 'y.npy'}', y)\n")
+    env = dict(__import__("os").environ, TVM_USE_RUNTIME_LIB="1", PYTHONWARNINGS="ignore")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), g.run(torch.from_numpy(x))[0].numpy(), rtol=1e-5,
+                               atol=1e-5)
