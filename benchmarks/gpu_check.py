@@ -32,12 +32,12 @@ def cuda_time(fn, runs: int) -> float:
     return float(np.median(times))
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--data", default=str(ROOT / ".gpu_check"))
     ap.add_argument("--json", default="gpu_check.json")
     ap.add_argument("--budget-s", type=float, default=360, help="stop starting new kernels after this many seconds")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     import torch
     import tvm
     from tvm.runtime.vm import VirtualMachine
