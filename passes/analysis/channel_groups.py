@@ -42,11 +42,15 @@ NO_OPS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default, ate
 BINARY = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.maximum.default,
           aten.minimum.default, aten.where.self, aten.pow.Tensor_Tensor, aten.rsub.Tensor, aten.add_.Tensor,
           aten.mul_.Tensor}
-CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default}
+CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
+         aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding}  # .padding: padding="same"/"valid"
 CONV_TRANSPOSES = {aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input}
 REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default}
 POOLS = {aten.adaptive_avg_pool2d.default, aten.avg_pool2d.default, aten.max_pool2d.default,
          aten.adaptive_avg_pool1d.default, aten.avg_pool1d.default, aten.max_pool1d.default}
+PADS = {aten.constant_pad_nd.default, aten.pad.default, aten.reflection_pad1d.default, aten.reflection_pad2d.default,
+        aten.reflection_pad3d.default, aten.replication_pad1d.default, aten.replication_pad2d.default,
+        aten.replication_pad3d.default}
 RESHAPES = {aten.reshape.default, aten.view.default, aten._unsafe_view.default, aten.flatten.using_ints,
             aten.unflatten.int, aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default, aten.squeeze.default}
 
@@ -242,6 +246,16 @@ class ChannelAnalysis:
             for p in args[2:4]:
                 if isinstance(p, fx.Node):
                     self.pin(p, None, f"layer_norm '{n.name}' parameter")
+        elif t in PADS:
+            # padding mixes values only along the padded (trailing) dims; every other dim passes through unchanged
+            x = args[0]
+            sx = shape_of(x)
+            for d in range(len(out_shape)):
+                if sx[d] == out_shape[d] and d < len(sx) - len(args[1]) // 2:
+                    self.couple(x, d, n, d)
+                else:
+                    self.pin(x, d, f"padded by '{n.name}'")
+                    self.pin(n, d, f"padded by '{n.name}'")
         elif t in REDUCTIONS:
             self._reduction(n)
         elif t in POOLS:
@@ -266,6 +280,9 @@ class ChannelAnalysis:
                 self.couple(x, d_in, n, d_out)
         elif t in RESHAPES:
             self._reshape(n)
+        elif t is aten.reshape_as.default:  # x takes other's shape: x -> out as a reshape, other's dims are out's
+            self._reshape(n)
+            self._identity(args[1], n)
         elif t is aten.cat.default:
             self._cat(n)
         elif t in (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default):
@@ -274,6 +291,9 @@ class ChannelAnalysis:
             self._slice(n)
         elif t in (aten.matmul.default, aten.bmm.default, aten.mm.default):
             self._matmul(n)
+        elif t is aten.addmm.default:  # bias + a @ b (GPT-2's Conv1D: weight [in, out])
+            self._matmul(n, args[1], args[2])
+            self._broadcast(args[0], n)
         elif t is aten.embedding.default:
             w, idx = args[0], args[1]
             self.couple(w, 1, n, -1)
@@ -288,6 +308,8 @@ class ChannelAnalysis:
             self._sdpa(n)
         elif t is aten.expand.default:
             self._broadcast(args[0], n)
+        elif t is aten.index.Tensor:
+            self._index(n)
         else:
             self.pin_all(n, f"op {getattr(t, '__name__', t)} at '{n.name}' is not understood by the channel analysis")
 
@@ -410,12 +432,16 @@ class ChannelAnalysis:
                     self.pin(n, d, f"reshaped by '{n.name}'")
 
     def _cat(self, n: fx.Node) -> None:
-        tensors = n.args[0]
         rank = len(shape_of(n))
-        dim = (n.args[1] if len(n.args) > 1 else 0) % rank
+        # torch.cat skips legacy empty 1-D tensors (shape (0,)) whatever the rank of the others (HF KV caches)
+        tensors = [a for a in n.args[0] if not (shape_of(a) == (0,) and rank != 1)]
+        dim = (n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)) % rank
         off = 0
         for a in tensors:
             sa = shape_of(a)
+            if sa is None or len(sa) != rank:
+                self.pin_all(n, f"cat '{n.name}' of tensors of different ranks")
+                return
             for d in range(rank):
                 if d == dim:
                     self.couple(a, d, n, d, offset_b=off)
@@ -460,8 +486,32 @@ class ChannelAnalysis:
             return
         self.couple(n, dim, x, dim, offset_b=start)
 
-    def _matmul(self, n: fx.Node) -> None:
-        a, b = n.args[0], n.args[1]
+    def _index(self, n: fx.Node) -> None:
+        """x[..., idx, ...] (advanced indexing): dims before and after one contiguous run of index tensors pass
+        through (LeViT's attention_biases[:, idx] keeps its heads); indexed dims and the index tensors are pinned."""
+        x, indices = n.args[0], list(n.args[1])
+        sx, so = shape_of(x), shape_of(n)
+        used = [d for d, ix in enumerate(indices) if ix is not None]
+        for ix in indices:
+            if isinstance(ix, fx.Node):
+                self.pin(ix, None, f"index tensor of '{n.name}'")
+        if not used or used != list(range(used[0], used[-1] + 1)) or sx is None or so is None:
+            self.pin_all(n, f"indexing '{n.name}' (non-contiguous advanced indices)")
+            return
+        first, last = used[0], used[-1] + 1
+        mid = len(so) - (len(sx) - (last - first))  # dims the broadcast index shape contributes
+        for d in range(len(sx)):
+            if d < first:
+                self.couple(x, d, n, d)
+            elif d >= last:
+                self.couple(x, d, n, d - last + first + mid)
+            else:
+                self.pin(x, d, f"indexed by '{n.name}'")
+        for d in range(first, first + mid):
+            self.pin(n, d, f"indexed by '{n.name}'")
+
+    def _matmul(self, n: fx.Node, a: fx.Node | None = None, b: fx.Node | None = None) -> None:
+        a, b = (n.args[0], n.args[1]) if a is None else (a, b)
         sa, sb, so = shape_of(a), shape_of(b), shape_of(n)
         if len(sa) < 2 or len(sb) < 2:
             self.pin_all(n, f"vector matmul '{n.name}'")

@@ -263,6 +263,7 @@ def _rewrite_args(n: fx.Node, removed, old_shapes, expected) -> None:
         d = d % in_rank
         args[2] = list(expected[n.name][d:d + k])
     elif t in (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
+               aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding,
                aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input):
         gi = 8 if t is aten.convolution.default else 6  # conv_transpose*(x, w, b, stride, pad, out_pad, groups, ...)
         if len(args) > gi and args[gi] != 1:

@@ -514,3 +514,71 @@ def test_grouped_and_depthwise_transposed_convs(tmp_path):
     assert w_dw.shape[:2] == (12, 1)
     assert not [grp.pinned for grp in plan.groups if grp.pinned and "transposed" in grp.pinned]
     _assert_compiled_matches(work, x, tmp_path / "up")
+
+
+class OpsFromPublicModels(nn.Module):
+    """Ops a sweep of 31 Hugging Face architectures (random init) found pinned or crashing: aten.pad in reflect and
+    constant mode (MobileNetV2's TF padding), conv2d(padding="same") (EfficientNet), GPT-2's Conv1D (addmm with a
+    [in, out] weight), LeViT's attention-bias gather (index.Tensor) and reshape_as, and a KV-cache style cat with
+    a legacy empty 1-D tensor (GPT-2, Llama, Mistral crashed on it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 12, 3)
+        self.c2 = nn.Conv2d(12, 12, 3, padding="same")
+        self.c3 = nn.Conv2d(12, 16, 3)
+        self.table = nn.Parameter(torch.randn(16, 5))
+        self.register_buffer("idx", torch.randint(0, 5, (49,)), persistent=False)
+        self.register_buffer("empty", torch.zeros(0), persistent=False)
+        self.w = nn.Parameter(torch.randn(16, 24) * 0.2)  # Conv1D: [in, out]
+        self.b = nn.Parameter(torch.randn(24) * 0.1)
+        self.fc = nn.Linear(24, 24)
+        self.head = nn.Linear(24, 4)
+
+    def forward(self, x):
+        y = F.relu(self.c1(F.pad(x, (1, 1, 1, 1), mode="reflect")))
+        y = F.relu(self.c2(F.pad(y, (0, 1, 0, 1), value=0.5)))
+        y = self.c3(y)                                        # [1, 16, 7, 7]
+        y = y.flatten(2) + self.table[:, self.idx]            # [1, 16, 49]
+        t = y.transpose(1, 2)                                 # [1, 49, 16]
+        h = torch.addmm(self.b, t.reshape(-1, 16), self.w)    # [49, 24]
+        h = F.relu(h).reshape(1, 49, 24)
+        h = torch.cat([self.empty, h], dim=-2)
+        g = self.fc(h.flatten(0, 1)).reshape_as(h)
+        return self.head((g + h).mean(1))
+
+
+def test_ops_found_in_public_architectures_are_pruned_not_pinned():
+    torch.manual_seed(0)
+    g, work, plan = check_oracle(OpsFromPublicModels(), (torch.randn(1, 3, 8, 8),), ratio=0.3)
+    pins = " | ".join(gr.pinned for gr in plan.groups if gr.pinned)
+    for op in ("pad", "conv2d.padding", "addmm", "index.Tensor", "reshape_as", "cat"):
+        assert f"op {op}" not in pins, pins
+    shrunk = {n: tuple(work.get_param(n).shape) for n in ("c1_weight", "c2_weight", "w", "table")}
+    assert shrunk["c1_weight"][0] < 12 and shrunk["c2_weight"][0] < 12, shrunk
+    assert shrunk["w"][1] < 24 and shrunk["table"][0] < 16, shrunk
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_whole_hugging_face_decoders_prune_under_the_oracle(arch):
+    """Whole models with KV-cache plumbing (random init): GPT-2 (Conv1D = addmm) and Llama with grouped KV heads."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        m = transformers.GPT2Model(transformers.GPT2Config(vocab_size=100, n_embd=64, n_layer=2, n_head=4,
+                                                           bos_token_id=0, eos_token_id=0))
+    else:
+        m = transformers.LlamaModel(transformers.LlamaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
+                                                             num_attention_heads=4, num_key_value_heads=2,
+                                                             intermediate_size=128))
+
+    class Hidden(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, ids):
+            return self.inner(ids).last_hidden_state
+
+    g, work, plan = check_oracle(Hidden(m.eval()), (torch.randint(0, 100, (1, 16)),), ratio=0.3)
+    assert work.stats().params < 0.9 * g.stats().params
