@@ -221,6 +221,13 @@ class ChannelAnalysis:
             self._identity(x, n, skip={len(shape_of(x)) - 1})
         elif t in (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default):
             x = args[0]
+            if t is aten.batch_norm.default and len(args) > 5 and args[5] is True:
+                # batch statistics (BiT's weight standardization runs batch_norm(training=True) on a weight): the
+                # mean and variance run over every dim but 1, so those dims cannot lose entries exactly
+                for d in range(len(out_shape)):
+                    if d != 1:
+                        self.pin(x, d, f"'{n.name}' computes statistics over this dim (batch_norm, training)")
+                        self.pin(n, d, f"'{n.name}' computes statistics over this dim (batch_norm, training)")
             self._identity(x, n)
             for p in args[1:5]:
                 if isinstance(p, fx.Node):
@@ -265,12 +272,12 @@ class ChannelAnalysis:
                 self.couple(x, d, n, d)
             for d in range(rank - (1 if "1d" in str(t) else 2), rank):
                 self.pin(x, d, f"pooled by '{n.name}'")
-        elif t in (aten.permute.default, aten.transpose.int, aten.t.default):
+        elif t in (aten.permute.default, aten.transpose.int, aten.t.default, aten.numpy_T.default):
             x = args[0]
             rank = len(out_shape)
             if t is aten.permute.default:
                 perm = [p % rank for p in args[1]]
-            elif t is aten.t.default:
+            elif t in (aten.t.default, aten.numpy_T.default):
                 perm = list(range(rank))[::-1]
             else:
                 perm = list(range(rank))

@@ -582,3 +582,32 @@ def test_whole_hugging_face_decoders_prune_under_the_oracle(arch):
 
     g, work, plan = check_oracle(Hidden(m.eval()), (torch.randint(0, 100, (1, 16)),), ratio=0.3)
     assert work.stats().params < 0.9 * g.stats().params
+
+
+class WeightStandardized(nn.Module):
+    """BiT's weight standardization: batch_norm(training=True) over a conv weight (statistics over its input
+    channels and window), then a plain conv; and Falcon's x.T (aten.numpy_T) on a 2-D activation."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.ws = nn.Conv2d(8, 16, 3, padding=1)
+        self.pw = nn.Conv2d(16, 12, 1)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):
+        w = self.ws.weight
+        w = F.batch_norm(w.reshape(1, 16, -1), None, None, training=True, momentum=0.0, eps=1e-6).reshape_as(w)
+        y = F.relu(F.conv2d(F.relu(self.stem(x)), w, self.ws.bias, padding=1))
+        y = F.relu(self.pw(y)).mean((2, 3))       # [1, 12]
+        return self.fc(y.T.T)                      # numpy_T twice
+
+
+def test_weight_standardization_keeps_its_input_channels_and_the_oracle_holds():
+    """Before batch_norm(training=True) pinned its statistics dims, pruning the stem's channels changed the
+    standardized weight and the pruned model silently differed from the oracle (found on Hugging Face BiT)."""
+    torch.manual_seed(0)
+    g, work, plan = check_oracle(WeightStandardized(), (torch.randn(1, 3, 8, 8),), ratio=0.3)
+    assert work.get_param("stem_weight").shape[0] == 8  # the standardized conv's inputs are pinned
+    assert work.get_param("pw_weight").shape[0] < 12 and work.get_param("ws_weight").shape[0] < 16
+    assert any("batch_norm, training" in gr.pinned for gr in plan.groups if gr.pinned)
