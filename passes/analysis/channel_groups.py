@@ -37,11 +37,14 @@ ELEMENTWISE_UNARY = {
     aten.reciprocal.default, aten.type_as.default, aten.mul.Scalar, aten.add.Scalar, aten.sub.Scalar,
     aten.div.Scalar, aten.softplus.default, aten.mish.default, aten.to.device, aten.cos.default, aten.sin.default,
     aten.dropout_.default, aten.hardswish_.default,
+    aten.gt.Scalar, aten.lt.Scalar, aten.ge.Scalar, aten.le.Scalar, aten.eq.Scalar, aten.ne.Scalar,
+    aten.logical_not.default, aten.bitwise_not.default, aten.sign.default, aten.floor.default, aten.round.default,
 }
 NO_OPS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default, aten.sym_constrain_range_for_size.default}
 BINARY = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.maximum.default,
           aten.minimum.default, aten.where.self, aten.pow.Tensor_Tensor, aten.rsub.Tensor, aten.add_.Tensor,
-          aten.mul_.Tensor}
+          aten.mul_.Tensor, aten.gt.Tensor, aten.lt.Tensor, aten.ge.Tensor, aten.le.Tensor, aten.eq.Tensor,
+          aten.ne.Tensor, aten.logical_and.default, aten.logical_or.default}
 CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
          aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding}  # .padding: padding="same"/"valid"
 CONV_TRANSPOSES = {aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input}
@@ -208,6 +211,17 @@ class ChannelAnalysis:
         elif t in BINARY:
             for a in args[:3] if t is aten.where.self else args[:2]:
                 self._broadcast(a, n)
+        elif t in (aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar):
+            for a in args[:3]:
+                self._broadcast(a, n)
+        elif t is aten.select.int:  # x[..., i, ...]: the selected dim disappears, every other dim passes through
+            x = args[0]
+            rank = len(shape_of(x))
+            dim = args[1] % rank
+            self.pin(x, dim, f"one index selected by '{n.name}'")
+            for d in range(rank):
+                if d != dim:
+                    self.couple(x, d, n, d if d < dim else d - 1)
         elif t in CONVS or t in CONV_TRANSPOSES:
             self._conv(n)
         elif t is aten.linear.default:

@@ -538,8 +538,8 @@ class OpsFromPublicModels(nn.Module):
     def forward(self, x):
         y = F.relu(self.c1(F.pad(x, (1, 1, 1, 1), mode="reflect")))
         y = F.relu(self.c2(F.pad(y, (0, 1, 0, 1), value=0.5)))
-        y = self.c3(y)                                        # [1, 16, 7, 7]
-        y = y.flatten(2) + self.table[:, self.idx]            # [1, 16, 49]
+        y = torch.where(self.c3(y) > 0, self.c3(y), 0.1)      # [1, 16, 7, 7]  (where.ScalarOther, T5)
+        y = (y[0].flatten(1) + self.table[:, self.idx])[None]  # select.int (Mamba) + index.Tensor: [1, 16, 49]
         t = y.transpose(1, 2)                                 # [1, 49, 16]
         h = torch.addmm(self.b, t.reshape(-1, 16), self.w)    # [49, 24]
         h = F.relu(h).reshape(1, 49, 24)
@@ -552,7 +552,7 @@ def test_ops_found_in_public_architectures_are_pruned_not_pinned():
     torch.manual_seed(0)
     g, work, plan = check_oracle(OpsFromPublicModels(), (torch.randn(1, 3, 8, 8),), ratio=0.3)
     pins = " | ".join(gr.pinned for gr in plan.groups if gr.pinned)
-    for op in ("pad", "conv2d.padding", "addmm", "index.Tensor", "reshape_as", "cat"):
+    for op in ("pad", "conv2d.padding", "addmm", "index.Tensor", "reshape_as", "cat", "where", "select"):
         assert f"op {op}" not in pins, pins
     shrunk = {n: tuple(work.get_param(n).shape) for n in ("c1_weight", "c2_weight", "w", "table")}
     assert shrunk["c1_weight"][0] < 12 and shrunk["c2_weight"][0] < 12, shrunk
