@@ -241,6 +241,16 @@ def sp24_linear_reference(x: np.ndarray, wv: np.ndarray, wm: np.ndarray, bias: n
 # -- the TIR kernel ---------------------------------------------------------------------------------------------------
 
 
+def mma_sp(T, f: Format, acc, a, bf, meta, m, j, J: int):
+    """The instruction for weight tile m and column tile j of a warp: accumulator registers (m J + j) * 4 .. +3 in
+    place, A registers of tile m, B registers of tile j, tile m's metadata, sparsity selector 0. Called while a
+    kernel's TVMScript body is parsed: it returns the statement."""
+    q = (m * J + j) * 4
+    return T.ptx[f.ptx](acc[q], acc[q + 1], acc[q + 2], acc[q + 3], a[m * 4], a[m * 4 + 1], a[m * 4 + 2],
+                        a[m * 4 + 3], bf[j * 4], bf[j * 4 + 1], bf[j * 4 + 2], bf[j * 4 + 3],
+                        acc[q], acc[q + 1], acc[q + 2], acc[q + 3], meta[m], 0)
+
+
 def sp24_kernel(cols: int, k: int, n: int, bias: bool, activations: str = "tk", xdtype: str = "float32",
                 fmt: str = "f16"):
     """PrimFunc (x, values, metadata, bias) -> y for a 2:4 weight [n, k] and `cols` activation columns.
@@ -318,11 +328,7 @@ def sp24_kernel(cols: int, k: int, n: int, bias: bool, activations: str = "tk", 
                 for m in T.unroll(MT):
                     if first + m < nt:
                         for j in T.unroll(J):
-                            T.ptx[f.ptx](acc[(m * J + j) * 4], acc[(m * J + j) * 4 + 1], acc[(m * J + j) * 4 + 2],
-                                         acc[(m * J + j) * 4 + 3], a[m * 4], a[m * 4 + 1], a[m * 4 + 2], a[m * 4 + 3],
-                                         bf[j * 4], bf[j * 4 + 1], bf[j * 4 + 2], bf[j * 4 + 3],
-                                         acc[(m * J + j) * 4], acc[(m * J + j) * 4 + 1], acc[(m * J + j) * 4 + 2],
-                                         acc[(m * J + j) * 4 + 3], meta[m], 0)
+                            mma_sp(T, f, acc, a, bf, meta, m, j, J)
             for m in T.unroll(MT):
                 if first + m < nt:
                     for j in T.unroll(J):
@@ -418,11 +424,7 @@ def sp24_kernel_tiled(cols: int, k: int, n: int, bias: bool, fmt: str = "f16"):
             for m in T.unroll(MT):
                 if first + m < nt:
                     for j in T.unroll(J):
-                        T.ptx[f.ptx](acc[(m * J + j) * 4], acc[(m * J + j) * 4 + 1], acc[(m * J + j) * 4 + 2],
-                                     acc[(m * J + j) * 4 + 3], a[m * 4], a[m * 4 + 1], a[m * 4 + 2], a[m * 4 + 3],
-                                     bf[j * 4], bf[j * 4 + 1], bf[j * 4 + 2], bf[j * 4 + 3],
-                                     acc[(m * J + j) * 4], acc[(m * J + j) * 4 + 1], acc[(m * J + j) * 4 + 2],
-                                     acc[(m * J + j) * 4 + 3], meta[m], 0)
+                        mma_sp(T, f, acc, a, bf, meta, m, j, J)
             T.tvm_storage_sync("shared")
         for m in T.unroll(MT):
             if first + m < nt:
