@@ -383,3 +383,14 @@ def test_artifacts_load_with_the_tvm_runtime_alone(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), g.run(torch.from_numpy(x))[0].numpy(), rtol=1e-5,
                                atol=1e-5)
+
+
+@needs_nvcc
+def test_an_nvcc_failure_names_the_archs_and_keeps_the_source(tmp_path):
+    from pathlib import Path
+
+    from graphopt.targets.tvm.gpu.fatbin import compile_fatbin
+    with pytest.raises(TargetError, match="sm_90") as e:
+        compile_fatbin("this is not CUDA;", ["sm_90"], tmp_path)
+    kept = Path(str(e.value).split("source kept at ")[1].split(")")[0])
+    assert kept.read_text() == "this is not CUDA;" and tmp_path not in kept.parents

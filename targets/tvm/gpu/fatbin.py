@@ -46,7 +46,10 @@ def compile_fatbin(source: str, archs: list[str], workdir: Path, name: str = "ke
     cmd = [nvcc_path(), "--fatbin", "-O3", "-std=c++17", *_gencode(archs), "-o", str(out), str(src)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
-        raise TargetError(f"nvcc could not compile the CUDA kernels for {','.join(archs)} (source kept at {src}):\n"
+        import tempfile
+        kept = Path(tempfile.mkdtemp(prefix="graphopt-nvcc-")) / src.name  # the build's workspace is deleted
+        shutil.copy(src, kept)
+        raise TargetError(f"nvcc could not compile the CUDA kernels for {','.join(archs)} (source kept at {kept}):\n"
                           + (res.stderr or res.stdout)[-3000:])
     return out.read_bytes()
 
