@@ -342,7 +342,8 @@ def test_unknown_op_pins_its_channels():
 
 
 # ---- fuzzing: random architectures either satisfy the oracle or raise a clear error -----------------------------
-BLOCKS = ["conv", "dw", "group", "gn", "bn_relu", "residual", "concat", "split", "se", "attn"]
+BLOCKS = ["conv", "dw", "group", "gn", "bn_relu", "residual", "concat", "split", "se", "attn", "pad", "same",
+          "addmm", "gate"]
 
 
 class TokenAttention(nn.Module):
@@ -400,6 +401,19 @@ class RandomNet(nn.Module):
                 self.layers.append(nn.Sequential(nn.Conv2d(c, 2, 1), nn.ReLU(), nn.Conv2d(2, c, 1)))
             elif b == "attn":
                 self.layers.append(TokenAttention(c))
+            elif b == "pad":  # reflect pad + valid conv: the size stays
+                self.layers.append(nn.Conv2d(c, width, 3))
+                c = width
+            elif b == "same":
+                self.layers.append(nn.Conv2d(c, c, 3, padding="same"))
+            elif b == "addmm":  # GPT-2's Conv1D over pixels: addmm(bias, tokens, W[in, out])
+                conv1d = nn.Module()
+                conv1d.w = nn.Parameter(torch.randn(c, width) * 0.3)
+                conv1d.b = nn.Parameter(torch.randn(width) * 0.1)
+                self.layers.append(conv1d)
+                c = width
+            elif b == "gate":
+                self.layers.append(nn.Identity())
             self.channels.append(c)
         self.head = head
         self.fc = nn.Linear(c * (4 if head == "flatten" else 1), 5)
@@ -421,6 +435,14 @@ class RandomNet(nn.Module):
                 x = torch.cat([layer(p), q], 1)
             elif b == "se":
                 x = x * torch.sigmoid(layer(x.mean((2, 3), keepdim=True)))
+            elif b == "pad":
+                x = layer(F.pad(x, (1, 1, 1, 1), mode="reflect"))
+            elif b == "addmm":
+                n, c, hh, ww = x.shape
+                t = torch.addmm(layer.b, x.flatten(2).transpose(1, 2).reshape(-1, c), layer.w)
+                x = t.reshape(n, hh * ww, -1).transpose(1, 2).reshape(n, -1, hh, ww)
+            elif b == "gate":
+                x = torch.where(x > 0, x, 0.1)
             else:
                 x = layer(x)
         if self.head == "flatten":
