@@ -442,6 +442,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                "requantize.default": requantize, "quantize_per_tensor.default": quantize_per_tensor,
                "dequantize_per_tensor.default": dequantize_per_tensor,
                "dequantize_per_channel.default": dequantize_per_channel}
+
     def sparse24_layer(node, wname, x_shape, as_conv, fmt=None):
         """The 2:4 kernel's record for this node's constant weight, or None (dense)."""
         from graphopt.targets.tvm.gpu.sparse import sp24_decision
@@ -508,13 +509,9 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         if sparse24 is not None:
             generic = {**generic, "linear.default": sparse_linear, "convolution.default": sparse_conv}
         return generic
-    return {"gelu.default": gelu, "convolution.default": convolution, "constant_pad_nd.default": constant_pad_nd,
-            **{k: _activation(k) for k in ("relu.default", "relu6.default", "hardtanh.default", "clamp.default")}, "qlinear.default": qlinear, "qconv2d.default": qconv2d, "qmatmul.default": qmatmul,
-            "qlinear_i32.default": qlinear_i32, "qconv2d_i32.default": qconv2d_i32, "requantize.default": requantize, "bsr_linear.default": bsr_linear,
-            "linear.default": linear,
-            "quantize_per_tensor.default": quantize_per_tensor,
-            "dequantize_per_tensor.default": dequantize_per_tensor,
-            "dequantize_per_channel.default": dequantize_per_channel}
+    return {**generic, "gelu.default": gelu, "convolution.default": convolution,
+            "constant_pad_nd.default": constant_pad_nd, "bsr_linear.default": bsr_linear, "linear.default": linear,
+            **{k: _activation(k) for k in ("relu.default", "relu6.default", "hardtanh.default", "clamp.default")}}
 
 
 def _converters(ep, device: str, sparse24: dict | None):
