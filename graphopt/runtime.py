@@ -62,9 +62,17 @@ class CompiledModel:
         return tuple(r.numpy() for r in res)
 
     def prepared(self, *args: Any):
-        """A no-argument callable running the model on these inputs, converted once (for timing loops)."""
+        """A no-argument callable running the model on these inputs, converted once (for timing loops); on a GPU
+        it returns only when the kernels have finished (they run asynchronously)."""
         conv = self._convert(args)
-        return lambda: self._fn(*conv)
+        if self.device_kind == "cpu":
+            return lambda: self._fn(*conv)
+
+        def call():
+            out = self._fn(*conv)
+            self.sync()
+            return out
+        return call
 
     def sync(self) -> None:
         """Wait for the device (GPU kernels run asynchronously; a timing must end here)."""
@@ -73,11 +81,7 @@ class CompiledModel:
 
     def latency(self, *args: Any, warmup: int = 3, runs: int = 20) -> float:
         """Median seconds of one call (inputs converted once, outside the timed region)."""
-        conv = self.prepared(*args)
-
-        def call():
-            conv()
-            self.sync()
+        call = self.prepared(*args)
         for _ in range(warmup):
             call()
         times = []
