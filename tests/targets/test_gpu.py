@@ -287,6 +287,28 @@ def test_a_dlight_rule_that_fails_on_a_function_falls_through_to_the_next():
     assert ex is not None
 
 
+def test_half_precision_stores_embedding_tables_in_half_width():
+    """MiniLM's artifact was mostly its fp32 word-embedding table: with fp16/bf16 the table is stored and gathered
+    in half width and the rows widened back to fp32; fp32 keeps it."""
+    from graphopt.targets.tvm.gpu.pipeline import cuda_target, fuse_for_cuda
+    from graphopt.targets.tvm.lower import lower_to_relax
+
+    class Embed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e = nn.Embedding(1000, 64)
+            self.fc = nn.Linear(64, 8)
+
+        def forward(self, i):
+            return self.fc(self.e(i))
+
+    g = graphopt.trace(Embed().eval(), (torch.randint(0, 1000, (1, 16)),))
+    for precision, dtype in (("fp16", "float16"), ("bf16", "bfloat16"), ("fp32", "float32")):
+        fused = fuse_for_cuda(lower_to_relax(g, "cuda"), cuda_target("sm_80"), precision)
+        takes = [ln for ln in fused["main"].script(show_meta=False).splitlines() if "R.call_tir(take" in ln]
+        assert takes and all(f'dtype="{dtype}"' in ln for ln in takes), (precision, takes)
+
+
 def test_gpu_target_errors():
     g = head_graph(False)
     with pytest.raises(TargetError, match="unknown CUDA architecture sm_70"):

@@ -69,6 +69,11 @@ class _HalfCompute(relax.PyExprMutator):
         if not isinstance(call.op, tvm.ir.Op):
             return call
         name = call.op.name
+        if name == "relax.take" and isinstance(call.args[0], tvm.ir.expr.Constant) and call.args[0].ty.dtype == "float32":
+            # an embedding table: stored and gathered in half width, the gathered rows widened back to fp32
+            table, idx = call.args[0], call.args[1]
+            axis = call.attrs.axis if call.attrs is not None else None
+            return relax.op.astype(relax.op.take(relax.op.astype(table, self.dtype), idx, axis), "float32")
         if name not in ("relax.nn.conv2d", "relax.matmul"):
             return call
         x, w = call.args[:2]
