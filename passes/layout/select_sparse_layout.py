@@ -44,7 +44,7 @@ class SelectSparseLayout(Pass):
                 try:
                     layout_block(c)
                 except ValueError as e:
-                    return f"option 'candidates': {e}"
+                    return f"option 'candidates': {e}; or sp24 (2:4 on GPU sparse tensor cores, target cuda)"
             if not self.min_speedup >= 1.0:
                 return f"option 'min-speedup' must be >= 1 (never slower than dense), got {self.min_speedup}"
             if not 0 <= self.min_sparsity < 1:

@@ -10,6 +10,7 @@ import torch
 import torch.fx as fx
 
 import graphopt.ir.quant_ops  # noqa: F401  registers the graphopt ops
+from graphopt.ir.quant_ops import unfold_integer_ops  # noqa: F401  (its home is the IR; kept importable here)
 from graphopt.ir.graph import Graph
 from graphopt.passes.canonicalize.dce import eliminate_dead_code
 from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, register_pass
@@ -184,52 +185,3 @@ class FoldQDQ(Pass):
         if self.options.requantize == "fixed":
             stats.update(fixed_point_requantized=fixed, float_requantize=float_kept)
         return PassResult(graph, bool(folded), stats, reason)
-
-
-def unfold_integer_ops(graph: Graph) -> Graph:
-    """The inverse of fold-qdq, on a clone: qconv2d/qlinear/qmatmul become dequantize -> float op again (same
-    values: the integer ops equal their Q/DQ form within a rounding step). The ONNX exporter writes that QDQ form,
-    which ONNX Runtime fuses back into its own integer kernels."""
-    out = graph.clone()
-    g = out.gm.graph
-    for r in [n for n in g.nodes if n.target is go.requantize.default]:
-        acc = r.args[0]
-        _, _, _, _, s_out, zp, qmin, qmax = r.args
-        b_i32 = acc.args[5]
-        with g.inserting_before(acc):
-            bias = None
-            if b_i32 is not None:  # the int32 bias back at the accumulator's scale (x_scale * w_scale)
-                value = out.get_param(b_i32.target).double() * float(acc.args[1]) * \
-                    out.get_param(acc.args[4].target).double()
-                bias = out.add_param(f"{b_i32.target}_float", value.float(), before=acc)
-            float_target = go.qconv2d.default if acc.target is go.qconv2d_i32.default else go.qlinear.default
-            y = g.call_function(float_target, (*acc.args[:5], bias, *acc.args[6:]))
-        with g.inserting_before(r):  # the narrowed grid bounds are a clamp in float, then the quantize
-            y = g.call_function(aten.clamp.default, (y, (qmin - zp) * s_out, (qmax - zp) * s_out))
-            q = g.call_function(go.quantize_per_tensor.default, (y, s_out, zp, -128, 127, torch.int8))
-        r.replace_all_uses_with(q)
-        g.erase_node(r)
-    eliminate_dead_code(out)
-    names = {"qconv2d.default", "qlinear.default", "qmatmul.default"}
-    todo = [n for n in g.nodes if n.op == "call_function" and getattr(n.target, "__name__", "") in names]
-    for n in todo:
-        with g.inserting_before(n):
-            if n.target is go.qmatmul.default:
-                a = g.call_function(go.dequantize_per_tensor.default, tuple(n.args[0:3]))
-                b = g.call_function(go.dequantize_per_tensor.default, tuple(n.args[3:6]))
-                new = g.call_function(aten.matmul.default, (a, b))
-            else:
-                xq, sx, zx, wq, ws, bias = n.args[:6]
-                x = g.call_function(go.dequantize_per_tensor.default, (xq, sx, zx))
-                zeros = out.add_param(f"{wq.target}_zp", torch.zeros(out.get_param(wq.target).shape[0],
-                                                                     dtype=torch.int32), before=x)
-                w = g.call_function(go.dequantize_per_channel.default, (wq, ws, zeros, 0))
-                if n.target is go.qlinear.default:
-                    new = g.call_function(aten.linear.default, (x, w, bias))
-                else:
-                    new = g.call_function(aten.conv2d.default, (x, w, bias, *n.args[6:10]))
-        n.replace_all_uses_with(new)
-        g.erase_node(n)
-    if todo:
-        out.refresh()
-    return out

@@ -19,7 +19,7 @@ def export_onnx(graph: Graph, path: str | Path, opset: int = 18) -> Path:
     import torch
 
     from graphopt.ir.sparse_ops import densify
-    from graphopt.passes.quant.fold_qdq import unfold_integer_ops
+    from graphopt.ir.quant_ops import unfold_integer_ops
     # ONNX has no block-sparse op: sparse layers go out dense (exact zeros); integer ops go out in QDQ form
     ep = unfold_integer_ops(densify(graph)).to_exported_program()
     try:

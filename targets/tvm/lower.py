@@ -535,6 +535,14 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
     # the packed GEMM needs
     table = default_decompositions()
     table.pop(torch.ops.aten.linear.default, None)
+    if device != "cpu":
+        for n in graph.gm.graph.nodes:
+            if n.op == "call_function" and target_name(n.target) == "graphopt.bsr_linear.default":
+                raise UnsupportedOpError(n.name, "graphopt.bsr_linear",
+                                         "the cuda targets have no BSR kernel (select-sparse-layout chose it for "
+                                         "the CPU): run select-sparse-layout with target='cuda' "
+                                         "(candidates=dense,sp24) on the masked graph, or compile with --target "
+                                         "llvm")
     ep = graph.to_exported_program().run_decompositions(table)
     try:
         mod = from_exported_program(ep, keep_params_as_input=False, custom_convert_map=_converters(ep, device, sparse24),

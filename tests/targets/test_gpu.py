@@ -311,6 +311,20 @@ def test_half_precision_stores_embedding_tables_in_half_width():
 
 def test_gpu_target_errors():
     g = head_graph(False)
+    # a CPU sparse layout (BSR) has no cuda kernel: the node and what to do instead, before any TVM work
+    torch.manual_seed(0)
+    lin = graphopt.trace(nn.Sequential(nn.Linear(64, 64)).eval(), (torch.randn(4, 64),))
+    lin = graphopt.optimize(lin, "sparsify{sparsity=0.8 block=4x4}")
+
+    class AlwaysSparse:
+        def measure(self, op, shape, layout, w):
+            return 1.0 if layout == "dense" else 0.1
+
+    bsr = graphopt.optimize(lin, "select-sparse-layout{candidates=dense,bsr4x4}", target=AlwaysSparse())
+    with pytest.raises(graphopt.GraphoptError, match="bsr_linear.*no BSR kernel.*target='cuda'"):
+        graphopt.compile(bsr, "cuda", output="unused")
+    with pytest.raises(graphopt.GraphoptError, match="or sp24"):
+        graphopt.optimize(lin, "select-sparse-layout{candidates=dense,sp25}", target="cuda")
     with pytest.raises(TargetError, match="unknown CUDA architecture sm_70"):
         graphopt.compile(g, "cuda", output="unused", cuda_arch="sm_70")
     with pytest.raises(TargetError, match="precision"):
