@@ -241,6 +241,21 @@ def sp24_linear_reference(x: np.ndarray, wv: np.ndarray, wm: np.ndarray, bias: n
 # -- the TIR kernel ---------------------------------------------------------------------------------------------------
 
 
+def a_loader(T, MT: int, nt: int):
+    """A TVMScript macro: lane `lane` loads its A registers and metadata for the warp's MT weight tiles from
+    `first` at k step k0 (tiles past nt skipped). Shared by both kernels."""
+
+    @T.macro
+    def load_a(a, meta, wv, wm, first, k0, lane):
+        for m in T.unroll(MT):
+            if first + m < nt:
+                for r in T.unroll(4):
+                    a[m * 4 + r] = wv[first + m, k0, lane, r]
+                meta[m] = wm[first + m, k0, lane]
+
+    return load_a
+
+
 def mma_sp(T, f: Format, acc, a, bf, meta, m, j, J: int):
     """The instruction for weight tile m and column tile j of a warp: accumulator registers (m J + j) * 4 .. +3 in
     place, A registers of tile m, B registers of tile j, tile m's metadata, sparsity selector 0. Called while a
@@ -284,6 +299,8 @@ def sp24_kernel(cols: int, k: int, n: int, bias: bool, activations: str = "tk", 
             return T.reinterpret("int32", acc_value)
         return acc_value + bias_value if bias else acc_value
 
+    load_a = a_loader(T, MT, nt)
+
     def xload_bound(x, c, kk):
         """The e consecutive inputs kk.. of column c of buffer x, as one 32-bit B register (called while the
         TVMScript body is parsed: it builds the expression)."""
@@ -313,11 +330,7 @@ def sp24_kernel(cols: int, k: int, n: int, bias: bool, activations: str = "tk", 
             for i in T.unroll(MT * J * 4):
                 acc[i] = T.Cast(reg_acc, 0)
             for k0 in range(kt):
-                for m in T.unroll(MT):
-                    if first + m < nt:
-                        for r in T.unroll(4):
-                            a[m * 4 + r] = wv[first + m, k0, lane, r]
-                        meta[m] = wm[first + m, k0, lane]
+                load_a(a, meta, wv, wm, first, k0, lane)
                 for j in T.unroll(J):
                     for r in T.unroll(4):
                         kk = k0 * f.tile_k + b_coords(lane, r, e)[0]
@@ -385,6 +398,8 @@ def sp24_kernel_tiled(cols: int, k: int, n: int, bias: bool, fmt: str = "f16"):
             return T.reinterpret("int32", acc_value)
         return acc_value + bias_value if bias else acc_value
 
+    load_a = a_loader(T, MT, nt)
+
     @T.prim_func(private=True)
     def kernel(xb: T.Buffer((cols, k), xdtype), wv: T.Buffer((nt, kt, 32, 4), "uint32"),
                wm: T.Buffer((nt, kt, 32), "uint32"), b: T.Buffer((n,), "float32"), y: T.Buffer((cols, n), f.acc)):
@@ -412,11 +427,7 @@ def sp24_kernel_tiled(cols: int, k: int, n: int, bias: bool, fmt: str = "f16"):
                     xw[T.min(by * bcols + (tid * per_thread) // words, cols - 1),
                        k0 * words + (tid * per_thread) % words + v], T.uint32(0))
             T.tvm_storage_sync("shared")
-            for m in T.unroll(MT):
-                if first + m < nt:
-                    for r in T.unroll(4):
-                        a[m * 4 + r] = wv[first + m, k0, lane, r]
-                    meta[m] = wm[first + m, k0, lane]
+            load_a(a, meta, wv, wm, first, k0, lane)
             for j in T.unroll(J):
                 for r in T.unroll(4):
                     bf[j * 4 + r] = sb[((warp // wn_) * (J * TILE_N) + j * TILE_N + b_coords(lane, r, e)[1]) * stride
