@@ -166,11 +166,14 @@ def test_bsr_kernel_assembly_accumulates_in_registers():
     assert "call" not in loop  # no workspace allocation (or any call) inside the reduction
 
 
-@pytest.mark.parametrize("m,block", [(32, (4, 4)), (16, (1, 1)), (64, (1, 1)), (64, (2, 8)), (2, (1, 16)), (1, (8, 1)),
-                                     (12, (4, 4))])
-def test_bsr_kernels_match_dense(m, block):
+@pytest.mark.parametrize("m,block,k", [(32, (4, 4), 128), (16, (1, 1), 128), (64, (1, 1), 128), (64, (2, 8), 128),
+                                       (2, (1, 16), 128), (1, (8, 1), 128), (12, (4, 4), 128), (50, (1, 1), 100),
+                                       (20, (4, 4), 100), (5, (4, 4), 128), (7, (2, 2), 6)])
+def test_bsr_kernels_match_dense(m, block, k):
+    """Token tiles that overlap at the end (12, 20, 50 rows), K with a partial 8 x 8 transpose tile (100) or under
+    8 (scalar transposes), tiles under 8 tokens (5, 7) and the batch-1 row variant."""
     torch.manual_seed(1)
-    n, k = 64, 128
+    n = 64
     w = torch.randn(n, k) * (torch.rand(n, k) > 0.85)
     s = to_bsr(w, block)
     x = torch.randn(m, k)
