@@ -1,7 +1,8 @@
 """int8 vs fp32 matmul: graphopt's kernels against ONNX Runtime (fp32 and `quantize_static` int8) and PyTorch fp32,
 one process, same thread count, on the same constant-weight linear layer (the 512^3 matmul of the CPU-kernel issue
 and MiniLM's FFN shapes). Times include quantizing the activation, as a quantized model pays it; ratios are
-time / ORT time (below 1.0 is faster).
+time / ORT time (below 1.0 is faster). int7 rows: 7-bit weights (graphopt `quantize{weights=int7}`, ORT
+`reduce_range=True`), which make u8 x s8 pair products exact on AVX2 CPUs without VNNI.
 
     python benchmarks/int8_matmul.py --threads 2 --out benchmarks/results/int8_matmul.json
 """
@@ -46,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         calib = [(torch.randn(m, k),) for _ in range(4)]
         graph = graphopt.trace(layer, (x,))
         q = graphopt.optimize(graph, "quantize,fold-qdq", data=calib)
+        q7 = graphopt.optimize(graph, "quantize{weights=int7},fold-qdq", data=calib)
         art = {name: graphopt.load(graphopt.compile(g, "llvm", output=work / f"{spec}-{name}"))
-               for name, g in (("fp32", graph), ("int8", q))}
+               for name, g in (("fp32", graph), ("int8", q), ("int7", q7))}
         onnx_fp32 = reference_onnx(graph, str(work / spec))
         name = ort_session(onnx_fp32, args.threads).get_inputs()[0].name
 
@@ -58,27 +60,30 @@ def main(argv: list[str] | None = None) -> int:
             def get_next(self):
                 return next(self.it, None)
 
-        onnx_int8 = work / f"{spec}-ort-int8.onnx"
-        quantize_static(str(onnx_fp32), str(onnx_int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+        sessions = {"onnxruntime fp32": ort_session(onnx_fp32, args.threads)}
+        for key, reduce_range in (("onnxruntime int8", False), ("onnxruntime int7", True)):
+            # int7: ORT's reduce_range (7-bit weights), its advice for AVX2 CPUs where u8 x s8 pairs saturate
+            path = work / f"{spec}-ort-{key.split()[1]}.onnx"
+            quantize_static(str(onnx_fp32), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, reduce_range=reduce_range)
+            sessions[key] = ort_session(path, args.threads)
         xs = x.numpy()
-        sessions = {"onnxruntime fp32": ort_session(onnx_fp32, args.threads),
-                    "onnxruntime int8": ort_session(onnx_int8, args.threads)}
         ref = layer(x).detach().numpy()
-        calls = {"graphopt fp32": art["fp32"].prepared(xs), "graphopt int8": art["int8"].prepared(xs),
+        calls = {**{f"graphopt {name}": a.prepared(xs) for name, a in art.items()},
                  **{key: (lambda s=sess: s.run(None, {name: xs})) for key, sess in sessions.items()},
                  "pytorch fp32": lambda: layer(x)}
         with torch.inference_mode():
             t = interleaved_medians(calls, runs=args.runs * 3)
-        err = {"graphopt int8": float(np.abs(art["int8"](xs)[0] - ref).max() / np.abs(ref).max()),
-               "onnxruntime int8": float(np.abs(sessions["onnxruntime int8"].run(None, {name: xs})[0] - ref).max()
-                                         / np.abs(ref).max())}
+        outs = {**{f"graphopt {b}": art[b](xs)[0] for b in ("int8", "int7")},
+                **{f"onnxruntime {b}": sessions[f"onnxruntime {b}"].run(None, {name: xs})[0] for b in ("int8", "int7")}}
+        err = {key: float(np.abs(o - ref).max() / np.abs(ref).max()) for key, o in outs.items()}
         rows.append({"shape": spec, "macs": m * k * n, "ms": {key: round(v * 1e3, 4) for key, v in t.items()},
                      "gmac_per_s": {key: round(m * k * n / v / 1e9, 1) for key, v in t.items()},
                      "max_rel_err_vs_fp32": err})
         print(f"[{spec}] done", file=sys.stderr, flush=True)
 
-    keys = ["graphopt fp32", "graphopt int8", "onnxruntime fp32", "onnxruntime int8", "pytorch fp32"]
+    keys = ["graphopt fp32", "graphopt int8", "graphopt int7", "onnxruntime fp32", "onnxruntime int8",
+            "onnxruntime int7", "pytorch fp32"]
     lines = [f"{'shape MxKxN':<16} {'runtime':<18} {'ms':>8} {'GMAC/s':>7} {'/ORT fp32':>9} {'/ORT int8':>9}"
              f"   ({args.threads} threads)"]
     for r in rows:

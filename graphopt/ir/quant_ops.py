@@ -12,7 +12,10 @@ import torch
 if TYPE_CHECKING:
     from graphopt.ir.graph import Graph
 
-DTYPE_RANGES = {"int8": (-128, 127, torch.int8), "uint8": (0, 255, torch.uint8), "int4": (-8, 7, torch.int8)}
+# int7: 7-bit weights stored as int8 (symmetric, so [-63, 63]): u8 x s8 pair products cannot saturate int16, so
+# AVX2 CPUs without VNNI take the faster exact `vpmaddubsw` kernel (ONNX Runtime's reduce_range, made exact)
+DTYPE_RANGES = {"int8": (-128, 127, torch.int8), "uint8": (0, 255, torch.uint8), "int7": (-64, 63, torch.int8),
+                "int4": (-8, 7, torch.int8)}
 
 
 @torch.library.custom_op("graphopt::quantize_per_tensor", mutates_args=())

@@ -15,7 +15,7 @@ import torch
 
 from graphopt.errors import GraphoptError
 from graphopt.ir.graph import Graph
-from graphopt.ir.quant_ops import fake_quant_per_channel, fake_quant_per_tensor
+from graphopt.ir.quant_ops import DTYPE_RANGES, fake_quant_per_channel, fake_quant_per_tensor
 from graphopt.passes.distill.recover import TrainOptions
 from graphopt.passes.distill.trainer import Trainer, trainer_from_ctx
 from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, register_pass
@@ -28,13 +28,15 @@ class QATError(GraphoptError):
 
 
 def _weight_qmax(graph: Graph) -> int:
-    """7 for int4 weights, 127 for int8: from the quantize record in the history, else from the stored values."""
+    """7 for int4 weights, 63 for int7, 127 for int8: from the quantize record in the history, else from the
+    stored values."""
     for rec in reversed(graph.meta.get("history", [])):
         if rec.get("name", "").startswith("quantize"):
-            return 7 if rec.get("stats", {}).get("weight_bits") == "int4" else 127
+            return DTYPE_RANGES.get(rec.get("stats", {}).get("weight_bits"), DTYPE_RANGES["int8"])[1]
     qs = [graph.get_param(n.args[0].target) for n in graph.gm.graph.nodes
           if n.op == "call_function" and n.target is ops.dequantize_per_channel.default and n.args[0].op == "get_attr"]
-    return 7 if qs and all(int(q.abs().max()) <= 7 for q in qs) else 127
+    amax = max((int(q.abs().max()) for q in qs), default=127)
+    return 7 if amax <= 7 else 63 if amax <= 63 else 127
 
 
 @register_pass

@@ -169,7 +169,9 @@ class Quantize(Pass):
 
     @dataclass
     class Options:
-        weights: Literal["int8", "int4"] = field(default="int8", metadata={"help": "weight bit width"})
+        weights: Literal["int8", "int7", "int4"] = field(default="int8", metadata={
+            "help": "weight bit width; int7 stores int8 values in [-63, 63], which AVX2 CPUs without VNNI multiply "
+                    "with the exact u8 x s8 kernel (~1.25x the int8 GEMM), at half the weight resolution"})
         activations: Literal["int8", "none"] = field(default="int8", metadata={
             "help": "int8: quantize conv/linear inputs (needs data); none: weight-only"})
         calibrator: Literal["minmax", "percentile", "mse", "entropy"] = field(default="minmax", metadata={

@@ -322,6 +322,71 @@ def test_int8_gemm_kernel_is_exact_and_uses_vpmaddwd(m, k, n):
     assert np.abs(out.numpy().reshape(m, n) - ref).max() <= 1e-6 * np.abs(ref).max()
 
 
+def test_ubsw_exactness_bound():
+    """vpmaddubsw sums a pair of u8 x s8 products in int16 with saturation: exact for every u8 input iff each pair's
+    positive weights sum to <= 128 and its negative ones to >= -128."""
+    from graphopt.targets.tvm.cpu.int8 import ubsw_exact
+    assert ubsw_exact(np.array([[100, 28, -64, -64]], np.int8))
+    assert not ubsw_exact(np.array([[100, 29, 0, 0]], np.int8))  # 255 * 129 = 32895 > 32767
+    assert not ubsw_exact(np.array([[0, 0, -100, -29]], np.int8))
+    assert ubsw_exact(np.array([[127, -128, 0, 0]], np.int8))  # opposite signs never add up
+    assert ubsw_exact(np.random.default_rng(0).integers(-64, 65, (32, 64)).astype(np.int8))  # int7 weights
+    assert not ubsw_exact(np.array([[1, 2, 3]], np.int8))  # odd K: no pairs
+
+
+@pytest.mark.parametrize("m,k,n", [(13, 64, 32), (6, 128, 16)])
+def test_int8_gemm_ubsw_kernel_is_exact_at_the_saturation_edge(m, k, n):
+    """The u8 x s8 kernel (`vpmaddubsw`, then `vpmaddwd` by ones) on weights at the bound (pairs summing to +-128
+    against activations of 255, the largest int16 pair sums) and random 7-bit weights: equal to the int64 product."""
+    from graphopt.targets.tvm.cpu.int8 import (MR, epilogue_constants, int8_kernels_available, pack_gemm_quads,
+                                               qgemm_ubsw_source, ubsw_exact)
+    if not int8_kernels_available(cpu_target()):
+        pytest.skip("needs AVX2")
+    from tvm.script import tirx as T
+    f = tvm.script.parse(qgemm_ubsw_source(m, k, n), extra_vars={"T": T})
+    loop = _inner_fma_loop(_asm(f), r"vpmaddubsw")
+    assert len(re.findall(r"vpmaddubsw", loop)) >= 2 * MR and "vpmovsxbw" not in loop
+    rng = np.random.default_rng(2)
+    x = rng.integers(-128, 128, (m, k)).astype(np.int16)
+    x[0] = 127  # u8 255 after the shift
+    w = rng.integers(-64, 65, (n, k)).astype(np.int8)
+    w[0, :] = np.tile(np.array([100, 28, -64, -64], np.int8), k // 4)
+    w[1, :] = np.tile(np.array([-128, 0, 64, 64], np.int8), k // 4)
+    assert ubsw_exact(w)
+    ws = rng.uniform(1e-3, 2e-3, n)
+    off, mult, _ = epilogue_constants(w, ws, None, 1.0, 5 + 128, n // MR + 1)
+    lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target())
+    out = tvm.runtime.tensor(np.zeros(m * n, np.float32))
+    u8 = (x + 128).astype(np.uint8)
+    lib["main"](*(tvm.runtime.tensor(a) for a in (u8.reshape(-1), pack_gemm_quads(w), off[:n], mult[:n])), out)
+    ref = ((x.astype(np.int64) - 5) @ w.astype(np.int64).T) * ws
+    assert np.abs(out.numpy().reshape(m, n) - ref).max() <= 1e-6 * np.abs(ref).max()
+
+
+def test_int7_quantized_linears_take_the_ubsw_kernel():
+    """quantize{weights=int7} stores 7-bit weights: every linear lowers to the u8 x s8 kernel and the artifact
+    equals the graph (exact products; the GELU between can move a value across a rounding boundary)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 48)).eval()
+    x = torch.randn(1, 10, 32)
+    data = [(torch.randn(1, 10, 32),) for _ in range(4)]
+    q = graphopt.optimize(graphopt.trace(model, (x,)), "quantize{weights=int7},fold-qdq", data=data)
+    names = _func_names(q)
+    assert len([n for n in names if n.startswith("qgemm_ubsw_")]) == 2, names
+    assert not [n for n in names if n.startswith("qgemm_1")], names
+    q8 = graphopt.optimize(graphopt.trace(model, (x,)), "quantize,fold-qdq", data=data)
+    assert not [n for n in _func_names(q8) if "ubsw" in n]  # full-range int8 weights break the bound here
+    from tvm import relax
+    ex, *_ = build_executable(q)
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
+    got = (got if hasattr(got, "numpy") else got[0]).numpy()
+    ref = q.run(x)[0].numpy()
+    assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()
+    # and int7 stays close to the float model
+    f32 = model(x).detach().numpy()
+    assert np.abs(ref - f32).max() <= 0.05 * np.abs(f32).max()
+
+
 @pytest.mark.parametrize("tokens,hidden", [(10, 32), (16, 40)])  # 40: a width padded to whole 16-column panels
 def test_quantized_linear_layers_lower_to_the_int8_gemm(tokens, hidden):
     torch.manual_seed(0)

@@ -209,13 +209,22 @@ def qgemm_source(m: int, k: int, n: int, float_bias: bool = False) -> str:
     row tile overlaps the one before it (M >= 6, any M % 6)."""
     kp, mt, nt = k // 2, -(-m // MR), n // NR_GEMM
     r0 = f"T.min((t % {mt}) * {MR}, {m - MR})"
-    col = f"(t // {mt}) * {NR_GEMM}"
     steps = ""
     for h in range(2):
         steps += f"""
                 acc[T.ramp(i * 16 + {h * 8}, 1, 8)] = acc[T.ramp(i * 16 + {h * 8}, 1, 8)] + T.call_llvm_pure_intrin(
                     "int32x8", "llvm.x86.avx2.pmadd.wd", T.Cast("int16x16", wp[T.ramp((((t // {mt}) * {kp} + kk) * 2 + {h}) * 16, 1, 16)]),
                     T.reinterpret("int16x16", T.broadcast(T.reinterpret("int32", a[T.ramp(({r0} + i) * {k} + 2 * kk, 1, 2)]), 8)))"""
+    return _qgemm_frame("qgemm", m, n, f'a: T.Buffer(({m * k},), "int16"), wp: T.Buffer(({nt * kp * 2 * 16},), "int8")',
+                        kp, steps, float_bias)
+
+
+def _qgemm_frame(name: str, m: int, n: int, inputs: str, steps_k: int, steps: str, float_bias: bool) -> str:
+    """The int8 GEMM around a reduction step: 6 x 16 int32 tiles in registers, panel-major tasks (the last row
+    tile overlaps the one before it), the epilogue (acc - offset) * multiplier (+ float bias) per column."""
+    mt = -(-m // MR)
+    r0 = f"T.min((t % {mt}) * {MR}, {m - MR})"
+    col = f"(t // {mt}) * {NR_GEMM}"
     store = ""
     for h in range(2):
         cols = f"T.ramp({col} + {h * 8}, 1, 8)"
@@ -223,15 +232,15 @@ def qgemm_source(m: int, k: int, n: int, float_bias: bool = False) -> str:
             out[T.ramp(({r0} + i) * {n} + {col} + {h * 8}, 1, 8)] = T.Cast("float32x8", acc[T.ramp(i * 16 + {h * 8}, 1, 8)] - off[{cols}]) * mult[{cols}]""" + (f" + bias[{cols}]" if float_bias else "")
     return f"""
 @T.prim_func(private=True)
-def qgemm(a: T.Buffer(({m * k},), "int16"), wp: T.Buffer(({nt * kp * 2 * 16},), "int8"),
+def {name}({inputs},
           off: T.Buffer(({n},), "int32"), mult: T.Buffer(({n},), "float32"),{' bias: T.Buffer((' + str(n) + ',), "float32"),' if float_bias else ''}
           out: T.Buffer(({m * n},), "float32")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
-    for t in T.parallel({mt * nt}):
+    for t in T.parallel({mt * (n // NR_GEMM)}):
         acc = T.decl_buffer(({MR * 16},), "int32", scope="global")
         for i in T.unroll({MR}):
             acc[T.ramp(i * 16, 1, 16)] = T.broadcast(T.int32(0), 16)
-        for kk in T.serial({kp}):
+        for kk in T.serial({steps_k}):
             for i in T.unroll({MR}):{steps}
         for i in T.unroll({MR}):{store}
 """
@@ -241,6 +250,48 @@ def pack_gemm_pairs(wq: np.ndarray) -> np.ndarray:
     """int8 W [N, K] (N % 16 == 0, K even) -> int8 [N/16, K/2, 2 halves, 8 columns, 2 (k, k+1)]."""
     n, k = wq.shape
     w = wq.astype(np.int8).reshape(n // NR_GEMM, 2, 8, k // 2, 2)  # panel, half, column, pair, k
+    return np.ascontiguousarray(w.transpose(0, 3, 1, 2, 4)).reshape(-1)
+
+
+def ubsw_exact(wq: np.ndarray) -> bool:
+    """Whether `vpmaddubsw` (u8 x s8, the two products of a pair summed in int16 with saturation) is exact for this
+    weight [N, K] against any u8 activations: per column and pair (2j, 2j+1), 255 x the positive weights' sum must
+    stay <= 32767 and 255 x the negative ones' <= 32768, i.e. each sum <= 128 in magnitude. True for any weight in
+    [-64, 64] (`quantize{weights=int7}`); full-range int8 weights usually break it somewhere."""
+    n, k = wq.shape
+    if k % 2:
+        return False
+    w = wq.astype(np.int32).reshape(n, k // 2, 2)
+    return bool(np.clip(w, 0, None).sum(2).max(initial=0) <= 128 and (-np.clip(w, None, 0)).sum(2).max(initial=0) <= 128)
+
+
+def qgemm_ubsw_source(m: int, k: int, n: int, float_bias: bool = False) -> str:
+    """TVMScript of y[M, N] = dequant(a[M, K] @ W^T) with a as uint8 (the int8 activation + 128, written by the
+    producing quantize) and W int8 packed as quads per panel of 16 columns: per reduction step of 4 one 32-bit
+    broadcast of a[m, 4k:4k+4] and two 32-byte panel loads feed 12 `vpmaddubsw` (32 multiply-adds each, pairs
+    summed in int16: exact when `ubsw_exact` holds) and 12 `vpmaddwd` by ones (int16 pairs -> int32). Twice the
+    multiply-adds per instruction of the int16 kernel and no sign-extending loads: on AVX2 without VNNI the
+    vector pipes, not the multipliers, bound the int16 kernel. The epilogue is `qgemm_source`'s (its offsets
+    include 128 x sum(w) for the shifted activations)."""
+    kq, mt, nt = k // 4, -(-m // MR), n // NR_GEMM
+    r0 = f"T.min((t % {mt}) * {MR}, {m - MR})"
+    steps = ""
+    for h in range(2):
+        steps += f"""
+                acc[T.ramp(i * 16 + {h * 8}, 1, 8)] = acc[T.ramp(i * 16 + {h * 8}, 1, 8)] + T.call_llvm_pure_intrin(
+                    "int32x8", "llvm.x86.avx2.pmadd.wd", T.call_llvm_pure_intrin(
+                        "int16x16", "llvm.x86.avx2.pmadd.ub.sw",
+                        T.reinterpret("int8x32", T.broadcast(T.reinterpret("int32", a[T.ramp(({r0} + i) * {k} + 4 * kk, 1, 4)]), 8)),
+                        wp[T.ramp((((t // {mt}) * {kq} + kk) * 2 + {h}) * 32, 1, 32)]),
+                    T.broadcast(T.int16(1), 16))"""
+    return _qgemm_frame("qgemm_ubsw", m, n, f'a: T.Buffer(({m * k},), "uint8"), wp: T.Buffer(({nt * kq * 2 * 32},), "int8")',
+                        kq, steps, float_bias)
+
+
+def pack_gemm_quads(wq: np.ndarray) -> np.ndarray:
+    """int8 W [N, K] (N % 16 == 0, K % 4 == 0) -> int8 [N/16, K/4, 2 halves, 8 columns, 4 (k .. k+3)]."""
+    n, k = wq.shape
+    w = wq.astype(np.int8).reshape(n // NR_GEMM, 2, 8, k // 4, 4)  # panel, half, column, quad, k
     return np.ascontiguousarray(w.transpose(0, 3, 1, 2, 4)).reshape(-1)
 
 
@@ -285,12 +336,20 @@ def emit_qlinear(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray 
     n_pad = -(-n // NR_GEMM) * NR_GEMM  # channel-pruned widths: zero columns past N, sliced off below
     w = np.zeros((n_pad, k), np.int8)
     w[:n] = wq
+    # u8 x s8 pairs when they cannot saturate (7-bit weights), else exact int16 pairs; the activation copy (int16,
+    # or shifted to uint8: x + 128, which the offsets undo) fuses into the quantize that produced xq
+    ubsw = k % 4 == 0 and ubsw_exact(w)
     off, mult, fb = epilogue_constants(w, np.pad(w_scales, (0, n_pad - n)), None if bias is None else
-                                       np.pad(bias, (0, n_pad - n)), sx, zx, n_pad // MR + 1)
-    gv = bb.add_func(tvm.script.parse(qgemm_source(m, k, n_pad, fb is not None), extra_vars={"T": T}), f"qgemm_{m}x{k}x{n_pad}")
-    # the int16 copy fuses into the quantize that produced xq: one pass writes the widened values
-    a = bb.emit(relax.op.reshape(bb.emit(relax.op.astype(xq, "int16")), (m * k,)))
-    y = bb.emit(relax.call_tir(gv, [a, relax.const(pack_gemm_pairs(w)),
+                                       np.pad(bias, (0, n_pad - n)), sx, zx + 128 * ubsw, n_pad // MR + 1)
+    if ubsw:
+        src, packed, name = qgemm_ubsw_source(m, k, n_pad, fb is not None), pack_gemm_quads(w), "qgemm_ubsw"
+        a = relax.op.astype(relax.op.add(relax.op.astype(xq, "int16"), relax.const(128, "int16")), "uint8")
+    else:
+        src, packed, name = qgemm_source(m, k, n_pad, fb is not None), pack_gemm_pairs(w), "qgemm"
+        a = relax.op.astype(xq, "int16")
+    gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), f"{name}_{m}x{k}x{n_pad}")
+    a = bb.emit(relax.op.reshape(bb.emit(a), (m * k,)))
+    y = bb.emit(relax.call_tir(gv, [a, relax.const(packed),
                                     *(relax.const(c[:n_pad]) for c in (off, mult, fb) if c is not None)],
                                relax.TensorType((m * n_pad,), "float32")))
     y = bb.emit(relax.op.reshape(y, (m, n_pad)))

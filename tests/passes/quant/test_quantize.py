@@ -83,7 +83,7 @@ def test_bad_calibration_data_is_a_clear_error(cnn):
         graphopt.optimize(g, "quantize")
     with pytest.raises(graphopt.PassFailedError, match="'nothing' matches no node"):
         graphopt.optimize(g, "quantize{activations=none exclude=nothing}")
-    with pytest.raises(graphopt.PassOptionError, match="'int3' is not one of int8, int4"):
+    with pytest.raises(graphopt.PassOptionError, match="'int3' is not one of int8, int7, int4"):
         graphopt.optimize(g, "quantize{weights=int3}")
 
 
