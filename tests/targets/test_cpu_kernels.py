@@ -196,31 +196,47 @@ def test_pack_weight_layout():
                                                             (7, 16, 8, True, True, 8), (13, 64, 16, False, False, 8),
                                                             (13, 63, 49, True, False, 4), (96, 16, 12544, False, True, 8),
                                                             (64, 190, 196, True, True, 4), (40, 24, 3136, True, True, 8),
-                                                            (13, 64, 24, False, True, -8)])
+                                                            (13, 64, 24, False, True, -8), (13, 63, 49, True, True, 7),
+                                                            (64, 190, 196, False, True, 7), (7, 18, 8, True, False, 7),
+                                                            (40, 24, 3136, True, True, 7), (13, 64, 24, False, True, -7)])
 def test_int8_pointwise_kernel_is_exact_and_uses_vpmaddwd(cout, cin, p, out_int8, relu, wbits):
     """int8 in, exact int32 accumulation, the requantize epilogue in registers; odd Cin, a partial channel tile,
     an overlapping last pixel block (24, 49 pixels), pixel blocks split unevenly into chunks (196, 3136 pixels) and
     weights stored as int8 or packed int4 (widened once per task) included. wbits=-8: one channel's weight scale
-    is ~0, so its bias does not fit int32 at the accumulator's scale and the kernel keeps a float bias."""
+    is ~0, so its bias does not fit int32 at the accumulator's scale and the kernel keeps a float bias. wbits=7:
+    7-bit weights on the u8 quad kernel (`vpmaddubsw`), Cin not a multiple of 4 (63, 190, 18) included."""
     degenerate, wbits = wbits < 0, abs(wbits)
     from graphopt.targets.tvm.cpu.conv import store_params
-    from graphopt.targets.tvm.cpu.int8 import MR, epilogue_constants, int8_kernels_available, pack_pairs, qconv1x1_source
+    from graphopt.targets.tvm.cpu.int8 import (MR, epilogue_constants, int8_kernels_available, pack_pairs, pack_quads,
+                                               qconv1x1_source, qconv1x1_ubsw_source, ubsw_exact)
     if not int8_kernels_available(cpu_target()):
         pytest.skip("needs AVX2")
     rng = np.random.default_rng(0)
     mt, nv = -(-cout // MR), 2 if p >= 16 else 1
     x = rng.integers(-128, 128, (cin, p)).astype(np.int8)
-    w = rng.integers(-127 if wbits == 8 else -8, 128 if wbits == 8 else 8, (cout, cin)).astype(np.int8)
+    lim = {8: 128, 7: 65, 4: 8}[wbits]
+    w = rng.integers(-lim + (wbits in (7, 8)), lim, (cout, cin)).astype(np.int8)
+    assert ubsw_exact(np.pad(w, ((0, 0), (0, cin % 2)))) == (wbits < 8)
     ws, bias, sx, zx = rng.uniform(1e-3, 2e-3, cout), rng.uniform(-1, 1, cout).astype(np.float32), 0.02, -7
     if degenerate:
         ws[3] = 1e-12
     out_q = (0.05, 3, -128, 127) if out_int8 else None
-    consts = epilogue_constants(w, ws, bias, sx, zx, mt, out_q)
+    consts = epilogue_constants(w, ws, bias, sx, zx + 128 * (wbits == 7), mt, out_q)
     assert (consts[2] is not None) == degenerate
     from tvm.script import tirx as T
-    f = tvm.script.parse(qconv1x1_source(cout, cin, p, nv, (0.0, 6.0) if relu else None, out_q, wbits=wbits,
-                                         float_bias=degenerate), extra_vars={"T": T})
-    if cin >= 32:  # (a shorter reduction is unrolled whole: no loop to read)
+    clamp = (0.0, 6.0) if relu else None
+    if wbits == 7:
+        f = tvm.script.parse(qconv1x1_ubsw_source(cout, cin, p, nv, clamp, out_q, float_bias=degenerate),
+                             extra_vars={"T": T})
+        if cin >= 128:  # (a shorter reduction is unrolled whole: no loop to read)
+            loop = _inner_fma_loop(_asm(f), r"vpmaddubsw")
+            assert len(re.findall(r"vpmaddubsw", loop)) >= MR and "vpunpck" not in loop  # quads read whole
+        packed = pack_quads(w, mt)
+    else:
+        f = tvm.script.parse(qconv1x1_source(cout, cin, p, nv, clamp, out_q, wbits=wbits, float_bias=degenerate),
+                             extra_vars={"T": T})
+        packed = pack_pairs(w, mt, wbits)
+    if cin >= 32 and wbits != 7:  # (a shorter reduction is unrolled whole: no loop to read)
         loop = _inner_fma_loop(_asm(f), r"vpmaddwd")
         assert len(re.findall(r"vpmaddwd", loop)) >= MR  # one per output row of the tile, in the reduction loop
         assert re.search(r"vpmovsxbw", loop)  # int8 read and widened in registers: no int16 copy of the activation
@@ -228,7 +244,7 @@ def test_int8_pointwise_kernel_is_exact_and_uses_vpmaddwd(cout, cin, p, out_int8
     lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target())
     out = tvm.runtime.tensor(np.zeros(cout * p, np.int8 if out_int8 else np.float32))
     qp = store_params((0.0, 6.0) if relu else None, out_q)
-    lib["main"](*(tvm.runtime.tensor(a) for a in (x.reshape(-1), pack_pairs(w, mt, wbits),
+    lib["main"](*(tvm.runtime.tensor(a) for a in (x.reshape(-1), packed,
                                                   *(c for c in consts if c is not None), qp)), out)
     got = out.numpy().reshape(cout, p).astype(np.float64)
     acc = w.astype(np.int64) @ (x.astype(np.int64) - zx)  # the exact integer result
@@ -385,6 +401,27 @@ def test_int7_quantized_linears_take_the_ubsw_kernel():
     # and int7 stays close to the float model
     f32 = model(x).detach().numpy()
     assert np.abs(ref - f32).max() <= 0.05 * np.abs(f32).max()
+
+
+def test_int7_quantized_pointwise_convs_take_the_quad_kernel():
+    """7-bit weights put pointwise convs on the u8 quad kernel (int8 and dequantized-float stores, ReLU6 fused);
+    the artifact agrees with the graph to a rounding step of the int8 grids in between."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 36, 3, padding=1), torch.nn.ReLU6(), torch.nn.Conv2d(36, 48, 1),
+                                torch.nn.ReLU6(), torch.nn.Conv2d(48, 48, 3, padding=1, groups=48),
+                                torch.nn.Conv2d(48, 20, 1)).eval()
+    x = torch.randn(1, 8, 14, 14)
+    q = graphopt.optimize(graphopt.trace(model, (x,)), "quantize{weights=int7},fold-qdq",
+                          data=[(torch.randn(1, 8, 14, 14),) for _ in range(4)])
+    names = _func_names(q)
+    assert len([n for n in names if n.startswith("qconv1x1_ubsw_")]) == 2, names
+    from tvm import relax
+    ex, *_ = build_executable(q)
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
+    got = (got if hasattr(got, "numpy") else got[0]).numpy()
+    ref = q.run(x)[0].numpy()
+    assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max()
+    assert np.corrcoef(got.ravel(), ref.ravel())[0, 1] > 0.999
 
 
 @pytest.mark.parametrize("tokens,hidden", [(10, 32), (16, 40)])  # 40: a width padded to whole 16-column panels

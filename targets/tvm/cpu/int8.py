@@ -76,14 +76,7 @@ def qconv1x1_source(cout: int, cin: int, p: int, nv: int, clamp: tuple[float, fl
         return out
 
     co = f"(t // {nch}) * {MR} + i"
-    store = ""
-    for v in range(nv):
-        # (acc - offset) * mult: offset holds the zero point's sum and the int32 bias; with out_q, mult is in the
-        # output's grid steps (emit scales it)
-        val = f'T.Cast("float32", acc[i * {nr} + {v * 8} + u] - off[{co}]) * mult[{co}]' + (f" + bias[{co}]" if float_bias else "")
-        store += f"""
-                    for u in T.vectorized(8):
-                        out[({co}) * {p} + {c0} + {v * 8} + u] = {_clamped(val, clamp, out_q, dequantized, qp='qp')}"""
+    store = _tile_store(co, c0, nv, p, clamp, out_q, dequantized, float_bias, " " * 20)
     return f"""
 @T.prim_func(private=True)
 def qconv1x1(x: T.Buffer(({cin * p},), "int8"), w8: T.Buffer(({mt * k4 * MR * wbits // 4},), "int8"),
@@ -103,6 +96,89 @@ def qconv1x1(x: T.Buffer(({cin * p},), "int8"), w8: T.Buffer(({mt * k4 * MR * wb
             for i in T.unroll({MR}):
                 if {co} < {cout}:{store}
 """
+
+
+def _tile_store(co: str, c0: str, nv: int, p: int, clamp, out_q, dequantized: bool, float_bias: bool, pad: str) -> str:
+    """Store row i of a 6 x 8nv int32 tile `acc` (channel co, pixels c0..): (acc - offset) * mult (+ float bias),
+    clamped, and rounded to the output grid when out_q; offset holds the zero point's sum and the int32 bias, and
+    with out_q mult is in the output's grid steps (emit scales it)."""
+    nr, store = 8 * nv, ""
+    for v in range(nv):
+        val = f'T.Cast("float32", acc[i * {nr} + {v * 8} + u] - off[{co}]) * mult[{co}]' + (f" + bias[{co}]" if float_bias else "")
+        store += f"""
+{pad}for u in T.vectorized(8):
+{pad}    out[({co}) * {p} + {c0} + {v * 8} + u] = {_clamped(val, clamp, out_q, dequantized, qp='qp')}"""
+    return store
+
+
+def qconv1x1_ubsw_source(cout: int, cin: int, p: int, nv: int, clamp: tuple[float, float] | None = None,
+                         out_q: tuple[float, int, int, int] | None = None, dequantized: bool = False,
+                         float_bias: bool = False) -> str:
+    """The pointwise kernel for weights where u8 x s8 pairs cannot saturate (`ubsw_exact`, 7-bit weights): each
+    task takes a chunk of pixel blocks (8nv pixels each) and a group of channel blocks. It first rewrites its
+    pixels once as uint8 quads (x + 128; 4 channels of a pixel side by side: [block, Cin/4, 8nv, 4]), so that every
+    channel block then reads one 32-byte vector per 8 pixels and quad, with no shuffles, for 6 `vpmaddubsw` against
+    broadcast weight quads (`vpmaddwd` by ones widens the int16 pair sums). The int16 kernel above interleaves and
+    sign-extends the same bytes again for every 6 channels. The epilogue is the same."""
+    nr, k4 = 8 * nv, -(-cin // 4)
+    mt, cb = -(-cout // MR), -(-p // nr)
+    nblk = max(1, min(cb, 16384 // (k4 * 4 * nr)))  # a chunk's quads fit half of L1
+    chunks = -(-cb // nblk)
+    groups = max(1, min(mt, -(-8 // chunks)))  # enough tasks for the threads; each group re-reads its chunk once
+    bias_arg = f' bias: T.Buffer(({mt * MR},), "float32"),' if float_bias else ""
+    c0 = f"T.min(b * {nr}, {p - nr})"
+    quads = []
+    for v in range(nv):
+        rows = []
+        for j in range(4):
+            ch = f"4 * q + {j}"
+            load = f"x[T.ramp(({ch}) * {p} + {c0} + {v * 8}, 1, 8)]"
+            rows.append(load if j < cin % 4 or cin % 4 == 0 else
+                        f"T.if_then_else({ch} < {cin}, {load}, T.broadcast(T.int8(0), 8))")
+        order = [r * 8 + px for px in range(8) for r in range(4)]
+        quads.append(f"""
+                for q in T.serial({k4}):
+                    xq[T.ramp(((b - b0) * {k4} + q) * {nr * 4} + {v * 32}, 1, 32)] = T.reinterpret("uint8x32", T.bitwise_xor(
+                        T.Shuffle([{", ".join(rows)}], {order}), T.broadcast(T.int8(-128), 32)))""")
+    steps = ""
+    for v in range(nv):
+        acc = f"acc[T.ramp(i * {nr} + {v * 8}, 1, 8)]"
+        steps += f"""
+                            {acc} = {acc} + T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", T.call_llvm_pure_intrin(
+                                "int16x16", "llvm.x86.avx2.pmadd.ub.sw", xq[T.ramp(((b - b0) * {k4} + q) * {nr * 4} + {v * 32}, 1, 32)],
+                                T.reinterpret("int8x32", T.broadcast(w4[(c * {k4} + q) * {MR} + i], 8))), T.broadcast(T.int16(1), 16))"""
+    store = _tile_store(f"c * {MR} + i", c0, nv, p, clamp, out_q, dequantized, float_bias, " " * 24)
+    return f"""
+@T.prim_func(private=True)
+def qconv1x1_ubsw(x: T.Buffer(({cin * p},), "int8"), w4: T.Buffer(({mt * k4 * MR},), "int32"),
+                  off: T.Buffer(({mt * MR},), "int32"), mult: T.Buffer(({mt * MR},), "float32"),{bias_arg}
+                  qp: T.Buffer((4,), "float32"),
+                  out: T.Buffer(({cout * p},), "{'int8' if out_q and not dequantized else 'float32'}")):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
+    for t in T.parallel({chunks * groups}):
+        b0 = (t // {groups}) * {nblk}
+        xq = T.decl_buffer(({nblk * k4 * nr * 4},), "uint8", scope="global")
+        for b in T.serial(b0, T.min(b0 + {nblk}, {cb})):{"".join(quads)}
+        for c in T.serial((t % {groups}) * {mt} // {groups}, (t % {groups} + 1) * {mt} // {groups}):
+            for b in T.serial(b0, T.min(b0 + {nblk}, {cb})):
+                acc = T.decl_buffer(({MR * nr},), "int32", scope="global")
+                for i in T.unroll({MR}):
+                    acc[T.ramp(i * {nr}, 1, {nr})] = T.broadcast(T.int32(0), {nr})
+                for q in T.serial({k4}):
+                    for i in T.unroll({MR}):{steps}
+                for i in T.unroll({MR}):
+                    if c * {MR} + i < {cout}:{store}
+"""
+
+
+def pack_quads(wq: np.ndarray, mt: int) -> np.ndarray:
+    """int8 W [Cout, Cin] -> [Cout/MR, Cin quads, MR] int32, each word the 4 bytes w[co, 4q:4q+4] (zero-padded
+    rows and channels): one broadcast feeds `vpmaddubsw`."""
+    cout, cin = wq.shape
+    k4 = -(-cin // 4)
+    w = np.zeros((mt * MR, 4 * k4), np.int8)
+    w[:cout, :cin] = wq
+    return np.ascontiguousarray(w.reshape(mt, MR, k4, 4).transpose(0, 2, 1, 3)).view(np.int32).reshape(-1)
 
 
 def fits_int4(w: np.ndarray) -> bool:
@@ -184,14 +260,22 @@ def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray
     mt = -(-cout // MR)
     w2 = wq.reshape(cout, cin)
     wbits = 4 if fits_int4(w2) else 8
-    consts = epilogue_constants(wq, w_scales, bias, sx, zx, mt, out_q)
-    src = qconv1x1_source(cout, cin, p, nv, clamp, out_q, dequantized, wbits, consts[2] is not None)
+    # 7-bit weights (no u8 x s8 pair can saturate) take the quad kernel; int4 ones stay nibbles (the artifact size
+    # is why they were chosen) on the int16 kernel, as do full-range int8 weights
+    ubsw = wbits == 8 and ubsw_exact(np.pad(w2, ((0, 0), (0, cin % 2))))
+    consts = epilogue_constants(wq, w_scales, bias, sx, zx + 128 * ubsw, mt, out_q)
     tag = (f"{cout}x{cin}x{p}" + ("" if clamp is None else "_clamp") + ("_q" if out_q else "") + ("dq" if dequantized else "")
            + ("_w4" if wbits == 4 else ""))
-    gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), f"qconv1x1_{tag}")
+    if ubsw:
+        src = qconv1x1_ubsw_source(cout, cin, p, nv, clamp, out_q, dequantized, consts[2] is not None)
+        packed, name = pack_quads(w2, mt), f"qconv1x1_ubsw_{tag}"
+    else:
+        src = qconv1x1_source(cout, cin, p, nv, clamp, out_q, dequantized, wbits, consts[2] is not None)
+        packed, name = pack_pairs(w2, mt, wbits), f"qconv1x1_{tag}"
+    gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), name)
     dtype = "int8" if out_q and not dequantized else "float32"
     y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(xq, (cin * p,))),
-                                    relax.const(pack_pairs(w2, mt, wbits)),
+                                    relax.const(packed),
                                     *(relax.const(c) for c in consts if c is not None),
                                     relax.const(store_params(clamp, out_q))],
                                relax.TensorType((cout * p,), dtype)))
