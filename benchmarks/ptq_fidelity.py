@@ -77,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     fp32_art = graphopt.load(graphopt.compile(graph, "llvm", output=tmp / "fp32"))
     record("graphopt-tvm", "percentile", [int8_art(b[0].numpy())[0] for b in evals], time.perf_counter() - t0)
     arts = {"graphopt fp32": fp32_art, "graphopt int8": int8_art}
+    # 7-bit weights: the exact u8 x s8 kernels on AVX2 CPUs without VNNI (ORT's reduce_range, without saturation)
+    t0 = time.perf_counter()
+    q7 = graphopt.optimize(graph, "quantize{calibrator=percentile weights=int7},fold-qdq", data=calib)
+    arts["graphopt int7"] = graphopt.load(graphopt.compile(q7, "llvm", output=tmp / "int7"))
+    record("graphopt-tvm", "percentile-int7", [arts["graphopt int7"](b[0].numpy())[0] for b in evals],
+           time.perf_counter() - t0)
     if args.mixed:  # per-layer int8/int4 weights from mixed-precision (size budget), int8 activations
         t0 = time.perf_counter()
         mixed = graphopt.optimize(graph, f"mixed-precision{{target={args.mixed} candidates=int8,int4}},"
@@ -94,6 +100,13 @@ def main(argv: list[str] | None = None) -> int:
                                       "fold-qdq", data=calib)
         arts[label] = graphopt.load(graphopt.compile(pq, "llvm", output=tmp / "pruned-int8"))
         record("graphopt-tvm", f"prune{round(args.prune * 100)}+int8", [arts[label](b[0].numpy())[0] for b in evals],
+               time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        label7 = f"graphopt prune{round(args.prune * 100)}+int7"
+        pq7 = graphopt.optimize(graph, f"prune-channels{{ratio={args.prune}}},"
+                                       "quantize{calibrator=percentile weights=int7},fold-qdq", data=calib)
+        arts[label7] = graphopt.load(graphopt.compile(pq7, "llvm", output=tmp / "pruned-int7"))
+        record("graphopt-tvm", f"prune{round(args.prune * 100)}+int7", [arts[label7](b[0].numpy())[0] for b in evals],
                time.perf_counter() - t0)
 
     fp32 = reference_onnx(graph, str(tmp))
@@ -126,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     lat = interleaved_medians({**{k: a.prepared(x) for k, a in arts.items()},
                                "onnxruntime fp32": lambda: ort_fp32.run(None, feed),
                                "onnxruntime int8": lambda: ort_int8.run(None, feed)})
-    folders = {"graphopt fp32": "fp32", "graphopt int8": "int8", f"graphopt mixed-{args.mixed}": "mixed"}
+    folders = {"graphopt fp32": "fp32", "graphopt int8": "int8", "graphopt int7": "int7",
+               f"graphopt mixed-{args.mixed}": "mixed", f"graphopt prune{round(args.prune * 100)}+int7": "pruned-int7"}
     size = {k: (tmp / folders.get(k, "pruned-int8") / "model.so").stat().st_size for k in arts}
 
     lines = [f"{'tool':<12} {'calibrator':<11} {'top-1 agr':>9} {'top-5 agr':>9} {'KL':>8} {'SQNR dB':>8} "
