@@ -136,6 +136,14 @@ def test_batch1_linear_keeps_the_gemv_rule():
     assert not any(n.startswith("gemm_packed") for n in _func_names(g))
 
 
+def _built_and_reference(g, x):
+    """The graph built for the CPU and run on x, and the graph's own output."""
+    from tvm import relax
+    ex, *_ = build_executable(g)
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
+    return (got if hasattr(got, "numpy") else got[0]).numpy(), g.run(x)[0].numpy()
+
+
 def _asm(func):
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=cpu_target())
     return lib.mod.inspect_source("asm") if hasattr(lib, "mod") else lib.inspect_source("asm")
@@ -392,11 +400,7 @@ def test_int7_quantized_linears_take_the_ubsw_kernel():
     assert not [n for n in names if n.startswith("qgemm_1")], names
     q8 = graphopt.optimize(graphopt.trace(model, (x,)), "quantize,fold-qdq", data=data)
     assert not [n for n in _func_names(q8) if "ubsw" in n]  # full-range int8 weights break the bound here
-    from tvm import relax
-    ex, *_ = build_executable(q)
-    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
-    got = (got if hasattr(got, "numpy") else got[0]).numpy()
-    ref = q.run(x)[0].numpy()
+    got, ref = _built_and_reference(q, x)
     assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()
     # and int7 stays close to the float model
     f32 = model(x).detach().numpy()
@@ -415,11 +419,7 @@ def test_int7_quantized_pointwise_convs_take_the_quad_kernel():
                           data=[(torch.randn(1, 8, 14, 14),) for _ in range(4)])
     names = _func_names(q)
     assert len([n for n in names if n.startswith("qconv1x1_ubsw_")]) == 2, names
-    from tvm import relax
-    ex, *_ = build_executable(q)
-    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
-    got = (got if hasattr(got, "numpy") else got[0]).numpy()
-    ref = q.run(x)[0].numpy()
+    got, ref = _built_and_reference(q, x)
     assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max()
     assert np.corrcoef(got.ravel(), ref.ravel())[0, 1] > 0.999
 
@@ -433,11 +433,7 @@ def test_quantized_linear_layers_lower_to_the_int8_gemm(tokens, hidden):
                           data=[(torch.randn(1, tokens, hidden),) for _ in range(4)])
     names = _func_names(q)
     assert len([n for n in names if n.startswith("qgemm_")]) == 2, names
-    from tvm import relax
-    ex, *_ = build_executable(q)
-    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
-    got = (got if hasattr(got, "numpy") else got[0]).numpy()
-    ref = q.run(x)[0].numpy()
+    got, ref = _built_and_reference(q, x)
     # exact integer products; only the float GELU between the layers can move a value across a rounding boundary
     assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()
 
