@@ -1,0 +1,119 @@
+"""Compressed artifacts against ONNX Runtime, per shipped model, in one run (the CPU-kernel issue's third goal:
+prune + int8 >= 3x faster than ORT fp32 and >= 1.5x faster than ORT int8 `quantize_static` on the same original
+model).
+
+Rows: graphopt fp32, int8 and int7 (`quantize{weights=int7}`: the exact u8 x s8 kernels on AVX2 CPUs without
+VNNI), and `prune-channels{ratio=R}` + int7 for each ratio; ONNX Runtime fp32 and int8 (QDQ, per-channel, its
+default QInt8 activations) of the unpruned model. Latency is batch 1 at the zoo's input shape, timed in
+interleaved rounds with the same thread count. Fidelity is against the fp32 model on the zoo's evaluation inputs
+(top-1 agreement for the image models, mean cosine of the sentence embeddings for MiniLM). Pruned rows have no
+fine-tuning unless `--recover-epochs` is given (then `recover` distills from the unpruned model on the
+calibration inputs), so their fidelity shows what pruning alone costs.
+
+    python benchmarks/compressed.py [--models mobilenet_v2,efficientnet_lite0,minilm] [--prune 0.3,0.5]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="mobilenet_v2,efficientnet_lite0,minilm", help="comma-separated zoo names")
+    ap.add_argument("--prune", default="0.3,0.5", help="comma-separated prune-channels ratios (each + int7)")
+    ap.add_argument("--recover-epochs", type=int, default=0, help="recover epochs after pruning (0: none)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=30, help="timed runs per runtime (median)")
+    ap.add_argument("--out", default="benchmarks/results/compressed.json")
+    args = ap.parse_args(argv)
+
+    from graphopt.bench import set_threads
+    set_threads(args.threads)  # before TVM's thread pool starts
+
+    import numpy as np
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    import graphopt
+    from graphopt.bench import fidelity, interleaved_medians, ort_session, reference_onnx
+    from graphopt.ir.files import atomic_write_bytes
+    from graphopt.zoo import calibration_inputs, eval_inputs, zoo_entry, zoo_graph
+
+    work = Path(tempfile.mkdtemp(prefix="graphopt-compressed-"))
+    results, lines = [], []
+    for name in args.models.split(","):
+        text = zoo_entry(name).kind == "text"
+        graph = graphopt.optimize(zoo_graph(name), "fold-constants,dce" if text else "fold-bn")
+        calib, evals = list(calibration_inputs(name)), list(eval_inputs(name))
+        cal = "minmax" if text else "percentile"  # the README's advice per model family
+        recover = f",recover{{epochs={args.recover_epochs}}}" if args.recover_epochs else ""
+        pipes = {"fp32": None, "int8": f"quantize{{calibrator={cal}}},fold-qdq",
+                 "int7": f"quantize{{calibrator={cal} weights=int7}},fold-qdq"}
+        for r in (float(v) for v in args.prune.split(",") if v):
+            pipes[f"prune{round(r * 100)}+int7"] = (f"prune-channels{{ratio={r}}}{recover},"
+                                                    f"quantize{{calibrator={cal} weights=int7}},fold-qdq")
+        arts, size = {}, {}
+        for key, pipe in pipes.items():
+            t0 = time.perf_counter()
+            g = graphopt.optimize(graph, pipe, data=calib) if pipe else graph
+            folder = work / f"{name}-{key.replace('+', '_')}"
+            arts[f"graphopt {key}"] = graphopt.load(graphopt.compile(g, "llvm", output=folder))
+            size[f"graphopt {key}"] = (folder / "model.so").stat().st_size
+            print(f"[{name}] {key} built in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+
+        def run_all(fn):
+            return [fn(*[np.asarray(t) for t in b]) for b in evals]
+
+        refs = run_all(lambda *a: arts["graphopt fp32"](*a)[0])
+        fid = {k: fidelity(refs, run_all(lambda *a, art=a_: art(*a)[0]), classification=not text).to_json()
+               for k, a_ in arts.items()}
+
+        onnx32 = reference_onnx(graph, str(work / name))
+        sess = {"onnxruntime fp32": ort_session(onnx32, args.threads)}
+        names = [i.name for i in sess["onnxruntime fp32"].get_inputs()]
+
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.it = iter([{n: np.asarray(t) for n, t in zip(names, b)} for b in calib])
+
+            def get_next(self):
+                return next(self.it, None)
+
+        q8 = work / f"{name}-ort-int8.onnx"
+        quantize_static(str(onnx32), str(q8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+        sess["onnxruntime int8"] = ort_session(q8, args.threads)
+        fid["onnxruntime int8"] = fidelity(refs, [sess["onnxruntime int8"].run(None, {
+            n: np.asarray(t) for n, t in zip(names, b)})[0] for b in evals], classification=not text).to_json()
+
+        x = [np.asarray(t) for t in evals[0]]
+        feed = dict(zip(names, x))
+        calls = {**{k: a.prepared(*x) for k, a in arts.items()},
+                 **{k: (lambda s=s: s.run(None, feed)) for k, s in sess.items()}}
+        lat = interleaved_medians(calls, runs=args.runs)
+        metric = "cosine" if text else "top1"
+        lines.append(f"{name:<18} {'runtime':<22} {'ms':>7} {'/ORT fp32':>9} {'/ORT int8':>9} {'x faster':>8} "
+                     f"{metric:>8} {'.so MB':>7}   ({args.threads} threads)")
+        for k, v in lat.items():
+            f = fid.get(k)
+            val = "-" if f is None else f"{f[metric]:.3f}" if text else f"{f[metric] * 100:.1f}%"
+            lines.append(f"{'':<18} {k:<22} {v * 1e3:>7.2f} {v / lat['onnxruntime fp32']:>9.2f} "
+                         f"{v / lat['onnxruntime int8']:>9.2f} {lat['onnxruntime fp32'] / v:>7.2f}x {val:>8} "
+                         + (f"{size[k] / 1e6:>7.1f}" if k in size else ""))
+        results.append({"model": name, "pipelines": pipes, "latency_ms": {k: round(v * 1e3, 3) for k, v in lat.items()},
+                        "fidelity": fid, "artifact_bytes": size})
+        print(f"[{name}] done", file=sys.stderr, flush=True)
+    table = "\n".join(lines)
+    print(table)
+    atomic_write_bytes(args.out, json.dumps({"date": time.strftime("%Y-%m-%d"), "threads": args.threads,
+                                             "recover_epochs": args.recover_epochs, "models": results,
+                                             "table": table}, indent=1).encode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
