@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from graphopt.ir.graph import Graph
-from graphopt.passes.distill.trainer import DistillConfig, TrainingError, trainer_from_ctx
+from graphopt.passes.distill.trainer import KD_LOSSES, DistillConfig, TrainingError, trainer_from_ctx
 from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, register_pass
 
 
@@ -21,6 +21,9 @@ class TrainOptions:
         "help": "distill from the teacher (ctx extras 'teacher', else the pipeline's input graph); false: labels only"})
     match: list[str] = field(default_factory=list, metadata={
         "help": "node names whose activations the student learns to match (feature distillation)"})
+    kd_loss: str = field(default="auto", metadata={
+        "help": "distillation loss on the output: kl (logits, softened by the temperature), mse, cosine (embeddings: "
+                "1 - cosine similarity per sample), auto (kl for [N, C] outputs, else mse)"})
     bn: str = field(default="auto", metadata={
         "help": "batch norms while training: train (batch statistics; running stats updated), frozen (running "
                 "stats as they are), auto (train when every batch has >= 8 samples)"})
@@ -32,6 +35,8 @@ class TrainOptions:
             return f"option 'lr' must be > 0, got {self.lr}"
         if self.optimizer not in ("adam", "sgd"):
             return f"option 'optimizer' must be adam or sgd, got '{self.optimizer}'"
+        if self.kd_loss not in KD_LOSSES:
+            return f"option 'kd-loss' must be one of {', '.join(KD_LOSSES)}, got '{self.kd_loss}'"
         if self.bn not in ("auto", "train", "frozen"):
             return f"option 'bn' must be auto, train or frozen, got '{self.bn}'"
         return ""
@@ -41,7 +46,7 @@ class TrainOptions:
 
     def train_config(self, seed: int, desc: str) -> DistillConfig:
         return DistillConfig(epochs=self.epochs, lr=self.lr, temperature=self.temperature, match=list(self.match),
-                             optimizer=self.optimizer, seed=seed, desc=desc, bn=self.bn)
+                             optimizer=self.optimizer, seed=seed, desc=desc, bn=self.bn, kd_loss=self.kd_loss)
 
 
 @register_pass

@@ -42,6 +42,7 @@ class DistillConfig:
     progress: bool = True
     desc: str = "distill"
     bn: str = "auto"                # batch norms: train (batch statistics, running stats updated) | frozen | auto
+    kd_loss: str = "auto"           # auto | kl | mse | cosine (see kd_loss)
 
 
 BATCH_NORMS = (torch.ops.aten.batch_norm.default,)
@@ -64,11 +65,21 @@ def _first(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Hinton KD for logits [N, C]; mean squared error for any other output."""
-    if student.dim() == 2 and student.shape[1] > 1:
+KD_LOSSES = ("auto", "kl", "mse", "cosine")
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, kind: str = "auto") -> torch.Tensor:
+    """The distillation loss on the model's output. kl: Hinton KD for logits [N, C] (softened with the
+    temperature); mse: mean squared error; cosine: 1 - the mean cosine similarity of each sample's output (for
+    embeddings, where only the direction matters, e.g. a sentence encoder); auto: kl for [N, C > 1] outputs, else
+    mse."""
+    if kind == "auto":
+        kind = "kl" if student.dim() == 2 and student.shape[1] > 1 else "mse"
+    if kind == "kl":
         t = temperature
         return F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="batchmean") * t * t
+    if kind == "cosine":
+        return 1 - F.cosine_similarity(student.flatten(1), teacher.flatten(1), dim=1).mean()
     return F.mse_loss(student, teacher)
 
 
@@ -164,7 +175,7 @@ class Trainer:
             if self.cfg.match:
                 t_out, t_feats = t_out
             if self.cfg.kd_weight > 0:
-                loss = loss + kd_loss(out, _first(t_out), self.cfg.temperature) * (
+                loss = loss + kd_loss(out, _first(t_out), self.cfg.temperature, self.cfg.kd_loss) * (
                     self.cfg.kd_weight if has_labels else 1.0)
             for name, s, t in zip(self.cfg.match, feats, t_feats):
                 if s.shape != t.shape:
