@@ -7,8 +7,10 @@ VNNI), and `prune-channels{ratio=R}` + int7 for each ratio; ONNX Runtime fp32 an
 default QInt8 activations) of the unpruned model. Latency is batch 1 at the zoo's input shape, timed in
 interleaved rounds with the same thread count. Fidelity is against the fp32 model on the zoo's evaluation inputs
 (top-1 agreement for the image models, mean cosine of the sentence embeddings for MiniLM). Pruned rows have no
-fine-tuning unless `--recover-epochs` is given (then `recover` distills from the unpruned model on the
-calibration inputs), so their fidelity shows what pruning alone costs.
+fine-tuning unless `--recover-epochs` is given: then `recover` distills from the unpruned model, for MiniLM on
+WordNet noun definitions (Debian's `wordnet-base`, as `wordnet_probe.py` fetches it; `--recover-samples` of them,
+with the cosine loss) and reports the cosine on 200 other definitions too; for the image models on the calibration
+crops (five photos: expect little).
 
     python benchmarks/compressed.py [--models mobilenet_v2,efficientnet_lite0,minilm] [--prune 0.3,0.5]
 """
@@ -22,11 +24,23 @@ import time
 from pathlib import Path
 
 
+def wordnet_texts(n_train: int, n_held: int):
+    """Tokenized WordNet noun definitions (batch 1, the zoo's 128 tokens): n_train to recover on, n_held others."""
+    import random
+
+    from graphopt.zoo import tokenize
+    from wordnet_probe import noun_synsets, wordnet_dir
+    defs = [d for _, d, _ in noun_synsets(wordnet_dir(None))]
+    random.Random(1).shuffle(defs)
+    return ([tokenize([d]) for d in defs[:n_train]], [tokenize([d]) for d in defs[n_train:n_train + n_held]])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="mobilenet_v2,efficientnet_lite0,minilm", help="comma-separated zoo names")
     ap.add_argument("--prune", default="0.3,0.5", help="comma-separated prune-channels ratios (each + int7)")
     ap.add_argument("--recover-epochs", type=int, default=0, help="recover epochs after pruning (0: none)")
+    ap.add_argument("--recover-samples", type=int, default=1000, help="MiniLM: WordNet definitions to recover on")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=30, help="timed runs per runtime (median)")
     ap.add_argument("--out", default="benchmarks/results/compressed.json")
@@ -50,7 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         graph = graphopt.optimize(zoo_graph(name), "fold-constants,dce" if text else "fold-bn")
         calib, evals = list(calibration_inputs(name)), list(eval_inputs(name))
         cal = "minmax" if text else "percentile"  # the README's advice per model family
-        recover = f",recover{{epochs={args.recover_epochs}}}" if args.recover_epochs else ""
+        recover, train, held = "", calib, []
+        if args.recover_epochs:
+            recover = f",recover{{epochs={args.recover_epochs} lr=3e-4" + (" kd-loss=cosine}" if text else "}")
+            if text:
+                train, held = wordnet_texts(args.recover_samples, 200)
         pipes = {"fp32": None, "int8": f"quantize{{calibrator={cal}}},fold-qdq",
                  "int7": f"quantize{{calibrator={cal} weights=int7}},fold-qdq"}
         for r in (float(v) for v in args.prune.split(",") if v):
@@ -59,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         arts, size = {}, {}
         for key, pipe in pipes.items():
             t0 = time.perf_counter()
-            g = graphopt.optimize(graph, pipe, data=calib) if pipe else graph
+            g = graphopt.optimize(graph, pipe, data=train if "recover" in (pipe or "") else calib) if pipe else graph
             folder = work / f"{name}-{key.replace('+', '_')}"
             arts[f"graphopt {key}"] = graphopt.load(graphopt.compile(g, "llvm", output=folder))
             size[f"graphopt {key}"] = (folder / "model.so").stat().st_size
@@ -71,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         refs = run_all(lambda *a: arts["graphopt fp32"](*a)[0])
         fid = {k: fidelity(refs, run_all(lambda *a, art=a_: art(*a)[0]), classification=not text).to_json()
                for k, a_ in arts.items()}
+        if held:  # held-out WordNet definitions: the recovered rows were trained on other ones
+            ref_h = [arts["graphopt fp32"](*[np.asarray(t) for t in b])[0] for b in held]
+            for k, a_ in arts.items():
+                fid[k]["cosine_wordnet_heldout"] = fidelity(ref_h, [a_(*[np.asarray(t) for t in b])[0]
+                                                                    for b in held], classification=False).cosine
 
         onnx32 = reference_onnx(graph, str(work / name))
         sess = {"onnxruntime fp32": ort_session(onnx32, args.threads)}
@@ -103,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
             val = "-" if f is None else f"{f[metric]:.3f}" if text else f"{f[metric] * 100:.1f}%"
             lines.append(f"{'':<18} {k:<22} {v * 1e3:>7.2f} {v / lat['onnxruntime fp32']:>9.2f} "
                          f"{v / lat['onnxruntime int8']:>9.2f} {lat['onnxruntime fp32'] / v:>7.2f}x {val:>8} "
-                         + (f"{size[k] / 1e6:>7.1f}" if k in size else ""))
+                         + (f"{size[k] / 1e6:>7.1f}" if k in size else f"{'':>7}")
+                         + (f"   held-out cos {f['cosine_wordnet_heldout']:.3f}" if f and "cosine_wordnet_heldout" in f
+                            else ""))
         results.append({"model": name, "pipelines": pipes, "latency_ms": {k: round(v * 1e3, 3) for k, v in lat.items()},
                         "fidelity": fid, "artifact_bytes": size})
         print(f"[{name}] done", file=sys.stderr, flush=True)
