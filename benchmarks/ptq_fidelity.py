@@ -93,21 +93,15 @@ def main(argv: list[str] | None = None) -> int:
         record("graphopt-tvm", f"mixed{args.mixed}", [arts[label](b[0].numpy())[0] for b in evals],
                time.perf_counter() - t0)
         rows[-1]["weight_bits"] = {b: bits.count(b) for b in sorted(set(bits))}
-    if args.prune:  # the compressed artifact: channels pruned (no fine-tuning), then int8
-        t0 = time.perf_counter()
-        label = f"graphopt prune{round(args.prune * 100)}+int8"
-        pq = graphopt.optimize(graph, f"prune-channels{{ratio={args.prune}}},quantize{{calibrator=percentile}},"
-                                      "fold-qdq", data=calib)
-        arts[label] = graphopt.load(graphopt.compile(pq, "llvm", output=tmp / "pruned-int8"))
-        record("graphopt-tvm", f"prune{round(args.prune * 100)}+int8", [arts[label](b[0].numpy())[0] for b in evals],
-               time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        label7 = f"graphopt prune{round(args.prune * 100)}+int7"
-        pq7 = graphopt.optimize(graph, f"prune-channels{{ratio={args.prune}}},"
-                                       "quantize{calibrator=percentile weights=int7},fold-qdq", data=calib)
-        arts[label7] = graphopt.load(graphopt.compile(pq7, "llvm", output=tmp / "pruned-int7"))
-        record("graphopt-tvm", f"prune{round(args.prune * 100)}+int7", [arts[label7](b[0].numpy())[0] for b in evals],
-               time.perf_counter() - t0)
+    if args.prune:  # the compressed artifact: channels pruned (no fine-tuning), then int8 or int7 weights
+        for bits in ("int8", "int7"):
+            t0 = time.perf_counter()
+            tag = f"prune{round(args.prune * 100)}+{bits}"
+            pq = graphopt.optimize(graph, f"prune-channels{{ratio={args.prune}}},"
+                                          f"quantize{{calibrator=percentile weights={bits}}},fold-qdq", data=calib)
+            arts[f"graphopt {tag}"] = graphopt.load(graphopt.compile(pq, "llvm", output=tmp / f"pruned-{bits}"))
+            record("graphopt-tvm", tag, [arts[f"graphopt {tag}"](b[0].numpy())[0] for b in evals],
+                   time.perf_counter() - t0)
 
     fp32 = reference_onnx(graph, str(tmp))
     input_name = graph.inputs[0].name
