@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +31,12 @@ def wordnet_texts(n_train: int, n_held: int):
 
     from graphopt.zoo import tokenize
     from wordnet_probe import noun_synsets, wordnet_dir
-    defs = [d for _, d, _ in noun_synsets(wordnet_dir(None))]
+    try:
+        folder = wordnet_dir(None)
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise SystemExit(f"--recover-epochs needs WordNet for MiniLM and it could not be fetched ({e}); run "
+                         "`python benchmarks/wordnet_probe.py --help` for where it is cached, or pass --recover-epochs 0")
+    defs = [d for _, d, _ in noun_synsets(folder)]
     random.Random(1).shuffle(defs)
     return ([tokenize([d]) for d in defs[:n_train]], [tokenize([d]) for d in defs[n_train:n_train + n_held]])
 

@@ -78,8 +78,9 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, ki
     if kind == "kl":
         t = temperature
         return F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="batchmean") * t * t
-    if kind == "cosine":
-        return 1 - F.cosine_similarity(student.flatten(1), teacher.flatten(1), dim=1).mean()
+    if kind == "cosine":  # per sample (dim 0); a 1-D output is one sample
+        rows = student.shape[0] if student.dim() > 1 else 1
+        return 1 - F.cosine_similarity(student.reshape(rows, -1), teacher.reshape(rows, -1), dim=1).mean()
     return F.mse_loss(student, teacher)
 
 

@@ -127,19 +127,24 @@ def qconv1x1_ubsw_source(cout: int, cin: int, p: int, nv: int, clamp: tuple[floa
     groups = max(1, min(mt, -(-8 // chunks)))  # enough tasks for the threads; each group re-reads its chunk once
     bias_arg = f' bias: T.Buffer(({mt * MR},), "float32"),' if float_bias else ""
     c0 = f"T.min(b * {nr}, {p - nr})"
+    order = [r * 8 + px for px in range(8) for r in range(4)]
+
+    def quad(q: str, v: int, n_rows: int) -> str:
+        """Stage quad q of the block's 8 pixels v*8..: channels past Cin (a partial last quad) are zeros, which
+        meet zero weights."""
+        rows = [f"x[T.ramp((4 * ({q}) + {j}) * {p} + {c0} + {v * 8}, 1, 8)]" if j < n_rows else
+                "T.broadcast(T.int8(0), 8)" for j in range(4)]
+        return f"""
+                    xq[T.ramp(((b - b0) * {k4} + {q}) * {nr * 4} + {v * 32}, 1, 32)] = T.reinterpret("uint8x32", T.bitwise_xor(
+                        T.Shuffle([{", ".join(rows)}], {order}), T.broadcast(T.int8(-128), 32)))"""
+    whole, part = divmod(cin, 4)
     quads = []
     for v in range(nv):
-        rows = []
-        for j in range(4):
-            ch = f"4 * q + {j}"
-            load = f"x[T.ramp(({ch}) * {p} + {c0} + {v * 8}, 1, 8)]"
-            rows.append(load if j < cin % 4 or cin % 4 == 0 else
-                        f"T.if_then_else({ch} < {cin}, {load}, T.broadcast(T.int8(0), 8))")
-        order = [r * 8 + px for px in range(8) for r in range(4)]
         quads.append(f"""
-                for q in T.serial({k4}):
-                    xq[T.ramp(((b - b0) * {k4} + q) * {nr * 4} + {v * 32}, 1, 32)] = T.reinterpret("uint8x32", T.bitwise_xor(
-                        T.Shuffle([{", ".join(rows)}], {order}), T.broadcast(T.int8(-128), 32)))""")
+                for q in T.serial({whole}):{quad("q", v, 4)}""")
+        if part:
+            quads.append(f"""
+                if True:{quad(str(whole), v, part)}""")
     steps = ""
     for v in range(nv):
         acc = f"acc[T.ramp(i * {nr} + {v * 8}, 1, 8)]"
@@ -292,23 +297,27 @@ def qgemm_source(m: int, k: int, n: int, float_bias: bool = False) -> str:
     16 columns); the epilogue removes the zero point, adds the int32 bias and scales per column in registers. Tiles are panel-major (a panel stays in L2 for every row tile); the last
     row tile overlaps the one before it (M >= 6, any M % 6)."""
     kp, mt, nt = k // 2, -(-m // MR), n // NR_GEMM
-    r0 = f"T.min((t % {mt}) * {MR}, {m - MR})"
-    steps = ""
-    for h in range(2):
-        steps += f"""
-                acc[T.ramp(i * 16 + {h * 8}, 1, 8)] = acc[T.ramp(i * 16 + {h * 8}, 1, 8)] + T.call_llvm_pure_intrin(
-                    "int32x8", "llvm.x86.avx2.pmadd.wd", T.Cast("int16x16", wp[T.ramp((((t // {mt}) * {kp} + kk) * 2 + {h}) * 16, 1, 16)]),
-                    T.reinterpret("int16x16", T.broadcast(T.reinterpret("int32", a[T.ramp(({r0} + i) * {k} + 2 * kk, 1, 2)]), 8)))"""
+
+    def product(h: int, r0: str) -> str:
+        return (f'T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", '
+                f'T.Cast("int16x16", wp[T.ramp((((t // {mt}) * {kp} + kk) * 2 + {h}) * 16, 1, 16)]), '
+                f'T.reinterpret("int16x16", T.broadcast(T.reinterpret("int32", a[T.ramp(({r0} + i) * {k} + 2 * kk, 1, 2)]), 8)))')
     return _qgemm_frame("qgemm", m, n, f'a: T.Buffer(({m * k},), "int16"), wp: T.Buffer(({nt * kp * 2 * 16},), "int8")',
-                        kp, steps, float_bias)
+                        kp, product, float_bias)
 
 
-def _qgemm_frame(name: str, m: int, n: int, inputs: str, steps_k: int, steps: str, float_bias: bool) -> str:
+def _qgemm_frame(name: str, m: int, n: int, inputs: str, steps_k: int, product, float_bias: bool) -> str:
     """The int8 GEMM around a reduction step: 6 x 16 int32 tiles in registers, panel-major tasks (the last row
-    tile overlaps the one before it), the epilogue (acc - offset) * multiplier (+ float bias) per column."""
+    tile overlaps the one before it), the epilogue (acc - offset) * multiplier (+ float bias) per column.
+    product(h, r0) is the int32x8 that step kk adds to row i's half h (columns 8h..8h+7) of the tile at row r0."""
     mt = -(-m // MR)
     r0 = f"T.min((t % {mt}) * {MR}, {m - MR})"
     col = f"(t // {mt}) * {NR_GEMM}"
+    steps = ""
+    for h in range(2):
+        acc = f"acc[T.ramp(i * 16 + {h * 8}, 1, 8)]"
+        steps += f"""
+                {acc} = {acc} + {product(h, r0)}"""
     store = ""
     for h in range(2):
         cols = f"T.ramp({col} + {h * 8}, 1, 8)"
@@ -358,18 +367,14 @@ def qgemm_ubsw_source(m: int, k: int, n: int, float_bias: bool = False) -> str:
     vector pipes, not the multipliers, bound the int16 kernel. The epilogue is `qgemm_source`'s (its offsets
     include 128 x sum(w) for the shifted activations)."""
     kq, mt, nt = k // 4, -(-m // MR), n // NR_GEMM
-    r0 = f"T.min((t % {mt}) * {MR}, {m - MR})"
-    steps = ""
-    for h in range(2):
-        steps += f"""
-                acc[T.ramp(i * 16 + {h * 8}, 1, 8)] = acc[T.ramp(i * 16 + {h * 8}, 1, 8)] + T.call_llvm_pure_intrin(
-                    "int32x8", "llvm.x86.avx2.pmadd.wd", T.call_llvm_pure_intrin(
-                        "int16x16", "llvm.x86.avx2.pmadd.ub.sw",
-                        T.reinterpret("int8x32", T.broadcast(T.reinterpret("int32", a[T.ramp(({r0} + i) * {k} + 4 * kk, 1, 4)]), 8)),
-                        wp[T.ramp((((t // {mt}) * {kq} + kk) * 2 + {h}) * 32, 1, 32)]),
-                    T.broadcast(T.int16(1), 16))"""
+
+    def product(h: int, r0: str) -> str:
+        quad = f'T.reinterpret("int8x32", T.broadcast(T.reinterpret("int32", a[T.ramp(({r0} + i) * {k} + 4 * kk, 1, 4)]), 8))'
+        pairs = (f'T.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", {quad}, '
+                 f'wp[T.ramp((((t // {mt}) * {kq} + kk) * 2 + {h}) * 32, 1, 32)])')
+        return f'T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", {pairs}, T.broadcast(T.int16(1), 16))'
     return _qgemm_frame("qgemm_ubsw", m, n, f'a: T.Buffer(({m * k},), "uint8"), wp: T.Buffer(({nt * kq * 2 * 32},), "int8")',
-                        kq, steps, float_bias)
+                        kq, product, float_bias)
 
 
 def pack_gemm_quads(wq: np.ndarray) -> np.ndarray:

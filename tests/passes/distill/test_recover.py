@@ -108,6 +108,7 @@ def test_kd_loss_kinds():
     assert torch.allclose(kd_loss(v * 2, v, 4.0, "auto"), torch.nn.functional.mse_loss(v * 2, v))
     assert kd_loss(t * 3, t, 4.0, "cosine").abs() < 1e-6  # same directions
     assert kd_loss(-t, t, 4.0, "cosine") > 1.99
+    assert kd_loss(v * 2, v, 4.0, "cosine").abs() < 1e-6 and kd_loss(-v, v, 4.0, "cosine") > 1.99  # 1-D: one sample
     assert kd_loss(t * 3, t, 4.0, "mse") > 1.0
 
 
