@@ -389,6 +389,10 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         if kind is None:
             return importer._convolution(node)
         users = list(node.users)
+        residual = _residual_add(node, importer) if kind == "pointwise" else None
+        if residual is not None:  # conv -> add(x): the add (and a lone clamp after it) go into the epilogue
+            fused_adds[users[0]] = node
+            users = list(users[0].users)
         clamp = _clamp_of(users[0]) if len(users) == 1 else None
         if clamp is not None:
             fused_acts.add(users[0])
@@ -396,13 +400,37 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         bb, x = importer.block_builder, importer.env[node.args[0]]
         w, b = wt.detach().numpy(), None if bt is None else bt.detach().numpy()
         if kind == "pointwise":
-            return k.emit_conv1x1(bb, x, w, b, x_shape, vector_lanes(cpu_target()), clamp)
+            return k.emit_conv1x1(bb, x, w, b, x_shape, vector_lanes(cpu_target()), clamp,
+                                  None if residual is None else importer.env[residual])
         stride, padding = int(node.args[3][0]), node.args[4]
         ph, pw = int(padding[0]), int(padding[1])
         left, right, top, bottom = pads if pads is not None else (0, 0, 0, 0)
         full = (ph + top, ph + bottom, pw + left, pw + right)
         emit = k.emit_depthwise if kind == "depthwise" else k.emit_direct_conv
         return emit(bb, x, w, b, x_shape, stride, full, clamp)
+
+    fused_adds: dict = {}  # add node -> the conv whose kernel computed it
+
+    def _residual_add(node, importer):
+        """The other operand of an add that is this conv's only user (a residual connection), when the kernel can
+        take it: same shape and dtype as the conv's output, no alpha, already computed."""
+        users = list(node.users)
+        if len(users) != 1 or getattr(users[0].target, "__name__", "") != "add.Tensor" or users[0].kwargs:
+            return None
+        args = users[0].args
+        if len(args) != 2 or sum(a is node for a in args) != 1:
+            return None
+        other = args[1] if args[0] is node else args[0]
+        val, mine = getattr(other, "meta", {}).get("val"), node.meta["val"]
+        if (val is None or other not in importer.env or tuple(val.shape) != tuple(mine.shape)
+                or val.dtype != mine.dtype):
+            return None
+        return other
+
+    def add(node, importer):
+        if node in fused_adds:  # computed by the conv kernel's epilogue
+            return importer.env[fused_adds[node]]
+        return _builtin(importer, "add.Tensor")(node)
 
     absorbed_pads: dict = {}
 
@@ -511,6 +539,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         return generic
     return {**generic, "gelu.default": gelu, "convolution.default": convolution,
             "constant_pad_nd.default": constant_pad_nd, "bsr_linear.default": bsr_linear, "linear.default": linear,
+            "add.Tensor": add,
             **{k: _activation(k) for k in ("relu.default", "relu6.default", "hardtanh.default", "clamp.default")}}
 
 

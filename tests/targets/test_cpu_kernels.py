@@ -91,6 +91,45 @@ def test_depthwise_conv_kernel_handles_padding_in_the_kernel(c, hw, k, stride, a
     _assert_built_matches(g, model, x)
 
 
+class _Residual(torch.nn.Module):
+    """expand -> ReLU6 -> project, plus the block's input (MobileNetV2's inverted residual without the depthwise
+    conv); `late`: the other operand is computed after the projection, so the add cannot join its kernel."""
+
+    def __init__(self, c, hw, post, late=False):
+        super().__init__()
+        self.expand, self.project = torch.nn.Conv2d(c, 4 * c, 1), torch.nn.Conv2d(4 * c, c, 1)
+        self.post, self.late = post, late
+
+    def forward(self, x):
+        y = self.project(torch.nn.functional.relu6(self.expand(x)))
+        return self.post(y + (torch.sigmoid(x) if self.late else x))
+
+
+@pytest.mark.parametrize("c,hw,post", [(24, 14, torch.nn.Identity()), (16, 7, torch.nn.ReLU()),
+                                       (8, 13, torch.nn.ReLU6())])  # 196, 49 and 169 pixels: the column tails too
+def test_residual_add_joins_the_pointwise_kernel(c, hw, post):
+    torch.manual_seed(0)
+    model, x = _Residual(c, hw, post).eval(), torch.randn(1, c, hw, hw)
+    g = graphopt.trace(model, (x,))
+    mod = lower_to_relax(g)
+    names = {gv.name_hint for gv in mod.get_global_vars()}
+    tag = "_res" if isinstance(post, torch.nn.Identity) else "_res_clamp"
+    assert any(n.startswith(f"conv1x1_packed_{c}x{4 * c}x{hw * hw}{tag}") for n in names), names
+    text = mod.script()
+    assert "R.add" not in text and "R.clip" not in text and "R.nn.relu" not in text
+    _assert_built_matches(g, model, x)
+
+
+def test_residual_add_stays_separate_when_its_operand_comes_later():
+    torch.manual_seed(0)
+    model, x = _Residual(8, 6, torch.nn.Identity(), late=True).eval(), torch.randn(1, 8, 6, 6)
+    g = graphopt.trace(model, (x,))
+    mod = lower_to_relax(g)
+    assert "R.add" in mod.script()
+    assert not any("_res" in gv.name_hint for gv in mod.get_global_vars())
+    _assert_built_matches(g, model, x)
+
+
 class _SamePadDepthwise(torch.nn.Module):
     """TF "SAME" padding as EfficientNet-Lite exports it: an asymmetric zero pad, then a stride-2 depthwise conv."""
 
@@ -112,7 +151,9 @@ def test_asymmetric_zero_pad_folds_into_the_depthwise_kernel():
 
 
 @pytest.mark.parametrize("cout,cin,hw,k,stride,pad", [(32, 3, 20, 3, 2, (1, 1, 1, 1)), (13, 2, 11, 3, 1, (0, 1, 0, 1)),
-                                                      (8, 4, 9, 5, 2, (2, 2, 2, 2))])
+                                                      (8, 4, 9, 5, 2, (2, 2, 2, 2)),
+                                                      (6, 3, 40, 3, 2, (1, 1, 1, 1)),  # 19 interior columns: the
+                                                      (7, 3, 37, 3, 1, (1, 1, 1, 1))])  # last 16 overlap the first
 def test_stem_conv_direct_kernel(cout, cin, hw, k, stride, pad):
     torch.manual_seed(0)
 

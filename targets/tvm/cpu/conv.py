@@ -16,9 +16,10 @@ MR = 6
 
 
 def _tile(rows: int, cols: int, r0: str, c0: str, k: int, clamp: tuple[float, float] | None, name: str,
-          pad: str = " " * 12) -> str:
-    """One `rows` x `cols` output tile at (r0, c0), accumulated in registers over all k, then stored."""
-    val = _clamped(f"{name}[i, v]", clamp)
+          pad: str = " " * 12, res: bool = False) -> str:
+    """One `rows` x `cols` output tile at (r0, c0), accumulated in registers over all k, then stored (plus the
+    residual `res` at the same place, before the clamp, when `res`)."""
+    val = _clamped(f"{name}[i, v]" + (f" + res[{r0} + i, {c0} + v]" if res else ""), clamp)
     return f"""
 {pad}{name} = T.decl_buffer(({rows}, {cols}), "float32", scope="global")
 {pad}for i in T.unroll({rows}):
@@ -34,85 +35,102 @@ def _tile(rows: int, cols: int, r0: str, c0: str, k: int, clamp: tuple[float, fl
 
 
 def _tile_nest(rows: int, cols: int, r0: str, c0: str, n_tiles: str, k: int, clamp: tuple[float, float] | None,
-               name: str) -> str:
+               name: str, res: bool = False) -> str:
     """One parallel loop over tiles of `rows` x `cols` outputs; r0 / c0 are expressions of the tile index t."""
     return f"""
-        for t in T.parallel({n_tiles}):{_tile(rows, cols, r0, c0, k, clamp, name)}
+        for t in T.parallel({n_tiles}):{_tile(rows, cols, r0, c0, k, clamp, name, res=res)}
 """
 
 
-def _slab_nest(rt: int, rrem: int, nr: int, ct: int, k: int, clamp: tuple[float, float] | None) -> str:
+def _slab_nest(rt: int, rrem: int, nr: int, ct: int, k: int, clamp: tuple[float, float] | None, res: bool) -> str:
     """One parallel task per pixel slab x[:, c0:c0+nr] running every channel tile, the remainder rows included,
     while the slab is in L1 (a separate loop for the remainder rows read every slab a second time: MobileNetV2's
     16x32x12544 layer, memory-bound, was 1.6x ORT's time)."""
     return f"""
         for t in T.parallel({ct}):
-            for rb in T.serial({rt}):{_tile(MR, nr, f"rb * {MR}", f"t * {nr}", k, clamp, "acc", " " * 16)}
-            if True:{_tile(rrem, nr, str(rt * MR), f"t * {nr}", k, clamp, "acc_r", " " * 16)}
+            for rb in T.serial({rt}):{_tile(MR, nr, f"rb * {MR}", f"t * {nr}", k, clamp, "acc", " " * 16, res)}
+            if True:{_tile(rrem, nr, str(rt * MR), f"t * {nr}", k, clamp, "acc_r", " " * 16, res)}
 """
 
 
-def _column_tail(rt: int, c0: int, crem: int, cin: int, clamp: tuple[float, float] | None) -> str:
-    """The last crem (<= 4) pixels of every whole channel tile, vectorized over the tile's MR channels (one packed
-    weight row against a broadcast pixel) and summed in `parts` independent partial sums over k (one chain would
-    wait on the FMA latency at every k: a 49-pixel image's last pixel cost as much as 19 others)."""
+def _column_tail_body(panel: str, c0: int, crem: int, cin: int, clamp: tuple[float, float] | None, res: bool,
+                      pad: str) -> str:
+    """The last crem (<= 4) pixels of the MR channels of `panel`, vectorized over those channels (one packed weight
+    row against a broadcast pixel) and summed in `parts` independent partial sums over k (one chain would wait on
+    the FMA latency at every k: a 49-pixel image's last pixel cost as much as 19 others)."""
     parts = 4 if crem <= 2 else 2
     kq, kr = divmod(cin, parts)
-    val = _clamped(" + ".join(f"acc_t[{q}, c, i]" for q in range(parts)), clamp)
+    val = _clamped(" + ".join([f"acc_t[{q}, c, i]" for q in range(parts)]
+                              + ([f"res[({panel}) * {MR} + i, {c0} + c]"] if res else [])), clamp)
     rest = "" if not kr else f"""
-            for kk in T.serial({kr}):
-                for c in T.unroll({crem}):
-                    for i in T.vectorized({MR}):
-                        acc_t[0, c, i] = acc_t[0, c, i] + wp[t, {kq * parts} + kk, i] * x[{kq * parts} + kk, {c0} + c]"""
+{pad}for kk in T.serial({kr}):
+{pad}    for c in T.unroll({crem}):
+{pad}        for i in T.vectorized({MR}):
+{pad}            acc_t[0, c, i] = acc_t[0, c, i] + wp[{panel}, {kq * parts} + kk, i] * x[{kq * parts} + kk, {c0} + c]"""
     return f"""
-        for t in T.parallel({rt}):
-            acc_t = T.decl_buffer(({parts}, {crem}, {MR}), "float32", scope="global")
-            for q in T.unroll({parts}):
-                for c in T.unroll({crem}):
-                    for i in T.vectorized({MR}):
-                        acc_t[q, c, i] = T.if_then_else(q == 0, bias[t * {MR} + i], T.float32(0))
-            for kk in T.serial({kq}):
-                for q in T.unroll({parts}):
-                    for c in T.unroll({crem}):
-                        for i in T.vectorized({MR}):
-                            acc_t[q, c, i] = acc_t[q, c, i] + wp[t, kk * {parts} + q, i] * x[kk * {parts} + q, {c0} + c]{rest}
-            for c in T.unroll({crem}):
-                for i in T.unroll({MR}):
-                    out[t * {MR} + i, {c0} + c] = {val}
+{pad}acc_t = T.decl_buffer(({parts}, {crem}, {MR}), "float32", scope="global")
+{pad}for q in T.unroll({parts}):
+{pad}    for c in T.unroll({crem}):
+{pad}        for i in T.vectorized({MR}):
+{pad}            acc_t[q, c, i] = T.if_then_else(q == 0, bias[({panel}) * {MR} + i], T.float32(0))
+{pad}for kk in T.serial({kq}):
+{pad}    for q in T.unroll({parts}):
+{pad}        for c in T.unroll({crem}):
+{pad}            for i in T.vectorized({MR}):
+{pad}                acc_t[q, c, i] = acc_t[q, c, i] + wp[{panel}, kk * {parts} + q, i] * x[kk * {parts} + q, {c0} + c]{rest}
+{pad}for c in T.unroll({crem}):
+{pad}    for i in T.unroll({MR}):
+{pad}        out[({panel}) * {MR} + i, {c0} + c] = {val}"""
+
+
+def _column_tail(rt: int, c0: int, crem: int, cin: int, clamp: tuple[float, float] | None, res: bool) -> str:
+    """The last crem pixels of every whole channel tile as a loop of their own (when no pixel tile precedes them,
+    or the pixel tiles run in slabs)."""
+    return f"""
+        for t in T.parallel({rt}):{_column_tail_body("t", c0, crem, cin, clamp, res, " " * 12)}
 """
 
 
-def conv1x1_source(cout: int, cin: int, p: int, nr: int, clamp: tuple[float, float] | None) -> str:
+def conv1x1_source(cout: int, cin: int, p: int, nr: int, clamp: tuple[float, float] | None,
+                   res: bool = False) -> str:
+    """The kernel for one shape; with `res` it also reads res[Cout, P] and stores clamp(W x + b + res) (a residual
+    add after a projecting conv, done in the epilogue instead of a pass over both tensors)."""
     rt, rrem = divmod(cout, MR)
     ct, crem = divmod(p, nr)
     mt = -(-cout // MR)
     body = ""
     if rt and rrem and ct >= 16:
-        body += _slab_nest(rt, rrem, nr, ct, cin, clamp)
+        body += _slab_nest(rt, rrem, nr, ct, cin, clamp, res)
     else:
-        if rt and ct:  # column-tile outer: a pixel slab x[:, c0:c0+nr] is reused by every channel tile
-            body += _tile_nest(MR, nr, f"(t % {rt}) * {MR}", f"(t // {rt}) * {nr}", str(rt * ct), cin, clamp, "acc")
+        if rt and ct <= 3:  # panel outer: a 7x7 map's weight (1280x320: 1.6 MB, past L2) is read once, not per slab
+            panel, col = f"t // {ct}", f"t % {ct}"
+        else:  # column-tile outer: a pixel slab x[:, c0:c0+nr] is reused by every channel tile
+            panel, col = f"t % {rt}", f"t // {rt}"
+        if rt and ct:
+            body += _tile_nest(MR, nr, f"({panel}) * {MR}", f"({col}) * {nr}", str(rt * ct), cin, clamp, "acc", res)
         if rrem and ct:
-            body += _tile_nest(rrem, nr, str(rt * MR), f"t * {nr}", str(ct), cin, clamp, "acc_r")
+            body += _tile_nest(rrem, nr, str(rt * MR), f"t * {nr}", str(ct), cin, clamp, "acc_r", res)
     if rt and 0 < crem <= 4:
-        body += _column_tail(rt, ct * nr, crem, cin, clamp)
+        body += _column_tail(rt, ct * nr, crem, cin, clamp, res)
     elif rt and crem:
-        body += _tile_nest(MR, crem, f"t * {MR}", str(ct * nr), str(rt), cin, clamp, "acc_c")
+        body += _tile_nest(MR, crem, f"t * {MR}", str(ct * nr), str(rt), cin, clamp, "acc_c", res)
     if rrem and crem:
-        body += _tile_nest(rrem, crem, f"t * 0 + {rt * MR}", str(ct * nr), "1", cin, clamp, "acc_rc")
+        body += _tile_nest(rrem, crem, f"t * 0 + {rt * MR}", str(ct * nr), "1", cin, clamp, "acc_rc", res)
+    res_arg = f'res: T.Buffer(({cout}, {p}), "float32"), ' if res else ""
     return f"""
 @T.prim_func(private=True)
 def conv1x1(x: T.Buffer(({cin}, {p}), "float32"), wp: T.Buffer(({mt}, {cin}, {MR}), "float32"),
-            bias: T.Buffer(({cout},), "float32"), out: T.Buffer(({cout}, {p}), "float32")):
+            bias: T.Buffer(({cout},), "float32"), {res_arg}out: T.Buffer(({cout}, {p}), "float32")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
     if True:{body}
 """
 
 
-def conv1x1_packed(cout: int, cin: int, p: int, nr: int, clamp: tuple[float, float] | None = None):
+def conv1x1_packed(cout: int, cin: int, p: int, nr: int, clamp: tuple[float, float] | None = None,
+                   res: bool = False):
     import tvm
     from tvm.script import tirx as T
-    src = conv1x1_source(cout, cin, p, nr, clamp)
+    src = conv1x1_source(cout, cin, p, nr, clamp, res)
     return tvm.script.parse(src, extra_vars={"T": T})
 
 
@@ -126,8 +144,9 @@ def pack_rows(w: np.ndarray) -> np.ndarray:
 
 
 def emit_conv1x1(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, lanes: int,
-                 clamp: tuple[float, float] | None):
-    """Emit conv1x1(x) (+ bias, clamp) for x [1, Cin, H, W]; returns [1, Cout, H, W]."""
+                 clamp: tuple[float, float] | None, residual=None):
+    """Emit conv1x1(x) (+ bias [+ residual], clamp) for x [1, Cin, H, W]; returns [1, Cout, H, W]. `residual` is a
+    Relax value of the output's shape added before the clamp."""
     from tvm import relax
 
     _, cin, h, wd = (int(d) for d in x_shape)
@@ -135,13 +154,13 @@ def emit_conv1x1(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, lanes: 
     p = h * wd
     nr = 2 * lanes
     b = bias if bias is not None else np.zeros(cout, np.float32)
-    func = conv1x1_packed(cout, cin, p, nr, clamp)
-    tag = f"{cout}x{cin}x{p}" + ("" if clamp is None else "_clamp")
+    func = conv1x1_packed(cout, cin, p, nr, clamp, residual is not None)
+    tag = f"{cout}x{cin}x{p}" + ("" if residual is None else "_res") + ("" if clamp is None else "_clamp")
     packed, name = pack_rows(w.reshape(cout, cin)), f"conv1x1_packed_{tag}"
     gv = bb.add_func(func, name)
     x2 = bb.emit(relax.op.reshape(x, (cin, p)))
-    y = bb.emit(relax.call_tir(gv, [x2, relax.const(packed),
-                                    relax.const(b.astype(np.float32))],
+    extra = [] if residual is None else [bb.emit(relax.op.reshape(residual, (cout, p)))]
+    y = bb.emit(relax.call_tir(gv, [x2, relax.const(packed), relax.const(b.astype(np.float32)), *extra],
                                relax.TensorType((cout, p), "float32")))
     return bb.emit(relax.op.reshape(y, (1, cout, h, wd)))
 
@@ -219,6 +238,12 @@ def _column_plan(ow: int, wd: int, kw: int, s: int, pl: int) -> tuple[list, list
     x_hi = min(ow - 1, (wd - 1 + pl - (kw - 1)) // s)
     n_int = max(0, x_hi - x_lo + 1)
     segments, start = [], x_lo
+    if n_int > 16 and n_int % 16:
+        # the interior's last 16 columns as one more 16-wide vector that overlaps the one before (the overlap is
+        # computed twice, same values): the 8-, 4- and scalar-wide remainder it replaces took a third of the
+        # 224x224 stem's time (27 guarded scalar taps per column)
+        segments = [(x_lo, 16, n_int // 16), (x_hi - 15, 16, 1)]
+        return segments, [(0, x_lo), (x_hi + 1, ow)]
     for v in (16, 8, 4):
         if n_int - (start - x_lo) >= v:
             count = (n_int - (start - x_lo)) // v
@@ -429,8 +454,10 @@ def direct_conv_source(cout: int, cin: int, h: int, wd: int, oh: int, ow: int, k
     co = f"(t // {oh}) * {MR}"
     row = f"(t % {oh}) * {s} + i - {pt}"
 
-    split_args = "" if s != 2 else f"""
-                xe: T.Buffer(({cin}, {h}, {(wd + 1) // 2}), "float32"), xodd: T.Buffer(({cin}, {h}, {wd // 2}), "float32"),"""
+    # stride 2: the even and odd input columns first (declared here, so one call does both loops)
+    split = "" if s != 2 else f"""
+    xe = T.decl_buffer(({cin}, {h}, {(wd + 1) // 2}), "float32")
+    xodd = T.decl_buffer(({cin}, {h}, {wd // 2}), "float32"){_deinterleave(cin, h, wd)}"""
 
     def taps(seg: int, x0: int, v: int) -> str:
         """The kw taps of one tile row. Stride 1 reads x directly; stride 2 reads the even or odd columns (split
@@ -485,12 +512,35 @@ def direct_conv_source(cout: int, cin: int, h: int, wd: int, oh: int, ow: int, k
 """
     return f"""
 @T.prim_func(private=True)
-def conv_direct(x: T.Buffer(({cin}, {h}, {wd}), "float32"),{split_args}
+def conv_direct(x: T.Buffer(({cin}, {h}, {wd}), "float32"),
                 wp: T.Buffer(({mt}, {cin}, {kh}, {kw}, {MR}), "float32"),
                 bias: T.Buffer(({mt * MR},), "float32"), out: T.Buffer(({cout}, {oh}, {ow}), "{ot}")):
-    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}}){split}
     for t in T.parallel({mt * oh}):{body}
 """
+
+
+def _deinterleave(c: int, h: int, wd: int) -> str:
+    """A parallel loop writing xe = the even columns of x[C, H, W] and xodd = the odd ones (buffers the caller
+    declares): two contiguous 8-lane loads give 8 even and 8 odd values by two shuffles. Two strided_slice functions
+    gathered lane by lane and read x twice (40 us for the 3x224x224 stem input)."""
+    q = wd // 16
+    even, odd = list(range(0, 16, 2)), list(range(1, 16, 2))
+    row = f"r // {h}, r % {h}"
+    pair = f"[x[{row}, T.ramp(v * 16, 1, 8)], x[{row}, T.ramp(v * 16 + 8, 1, 8)]]"
+    out = f"""
+    for r in T.parallel({c * h}):"""
+    if q:
+        out += f"""
+        for v in T.serial({q}):
+            xe[{row}, T.ramp(v * 8, 1, 8)] = T.Shuffle({pair}, {even})
+            xodd[{row}, T.ramp(v * 8, 1, 8)] = T.Shuffle({pair}, {odd})"""
+    for name, n, first in (("xe", (wd + 1) // 2, 0), ("xodd", wd // 2, 1)):
+        if n > q * 8:
+            out += f"""
+        for u in T.serial({n - q * 8}):
+            {name}[{row}, {q * 8} + u] = x[{row}, {q * 16} + 2 * u + {first}]"""
+    return out
 
 
 def direct_applies(x_shape, w_shape, stride, padding, dilation, groups, transposed) -> bool:
@@ -526,9 +576,6 @@ def emit_direct_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, str
                      + ("" if clamp is None else "_clamp") + _qtag(out_q, dequantized))
     x3 = bb.emit(relax.op.reshape(x, (cin, h, wd)))
     args = [x3]
-    if stride == 2:  # even and odd input columns, so the stride-2 taps are contiguous loads
-        args += [bb.emit(relax.op.strided_slice(x3, axes=[2], begin=[0], end=[wd], strides=[2])),
-                 bb.emit(relax.op.strided_slice(x3, axes=[2], begin=[1], end=[wd], strides=[2]))]
     y = bb.emit(relax.call_tir(gv, [*args, relax.const(wp), relax.const(b)],
                                relax.TensorType((cout, oh, ow), _out_dtype(out_q, dequantized))))
     return bb.emit(relax.op.reshape(y, (1, cout, oh, ow)))
