@@ -59,7 +59,9 @@ def test_batch1_linear_streams_a_packed_weight(k, n, bias):
 
 @pytest.mark.parametrize("cout,cin,hw,act", [(96, 16, 12, torch.nn.ReLU6()), (13, 8, 7, torch.nn.ReLU()),
                                              (32, 24, 4, torch.nn.Identity()), (24, 9, 18, torch.nn.ReLU6()),
-                                             (16, 8, 16, torch.nn.ReLU6())])  # 16: remainder rows in each slab task
+                                             (16, 8, 16, torch.nn.ReLU6()),  # 16: remainder rows in each slab task
+                                             (12, 10, 7, torch.nn.ReLU6()),  # 49 and 36 pixels: the last 1 / 4
+                                             (18, 6, 6, torch.nn.Identity())])  # ride with a panel's tile, K % 4 > 0
 def test_pointwise_conv_uses_packed_kernel_with_fused_clamp(cout, cin, hw, act):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(cin, cout, 1), act).eval()
