@@ -132,6 +132,22 @@ def test_residual_add_stays_separate_when_its_operand_comes_later():
     _assert_built_matches(g, model, x)
 
 
+@pytest.mark.parametrize("c,hw,k,stride,act", [(16, 7, 5, 1, torch.nn.ReLU6()), (24, 14, 3, 1, torch.nn.Identity()),
+                                               (8, 14, 5, 2, torch.nn.ReLU()), (32, 13, 3, 2, torch.nn.ReLU6()),
+                                               (16, 4, 3, 1, torch.nn.Identity()), (8, 3, 3, 1, torch.nn.ReLU6()),
+                                               (16, 11, 3, 1, torch.nn.ReLU())])  # 11 = 6 + 6 overlapping
+def test_small_map_depthwise_runs_over_channel_groups(c, hw, k, stride, act):
+    """7x7 / 14x14 maps with whole groups of 8 channels take the channel-blocked kernel: lane stores (7x7) or 8x8
+    transposes (14x14, overlapping last block of 8 pixels) back to NCHW, odd sizes with stride 2, tiny maps."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(c, c, k, stride, k // 2, groups=c), act).eval()
+    x = torch.randn(1, c, hw, hw)
+    g = graphopt.trace(model, (x,))
+    names = _func_names(g)
+    assert any(n.startswith("depthwise_cb_") for n in names), names
+    _assert_built_matches(g, model, x)
+
+
 class _SamePadDepthwise(torch.nn.Module):
     """TF "SAME" padding as EfficientNet-Lite exports it: an asymmetric zero pad, then a stride-2 depthwise conv."""
 
