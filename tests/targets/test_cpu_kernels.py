@@ -135,10 +135,12 @@ def test_residual_add_stays_separate_when_its_operand_comes_later():
 @pytest.mark.parametrize("c,hw,k,stride,act", [(16, 7, 5, 1, torch.nn.ReLU6()), (24, 14, 3, 1, torch.nn.Identity()),
                                                (8, 14, 5, 2, torch.nn.ReLU()), (32, 13, 3, 2, torch.nn.ReLU6()),
                                                (16, 4, 3, 1, torch.nn.Identity()), (8, 3, 3, 1, torch.nn.ReLU6()),
-                                               (16, 11, 3, 1, torch.nn.ReLU())])  # 11 = 6 + 6 overlapping
+                                               (16, 11, 3, 1, torch.nn.ReLU()),  # 11 = 6 + 6 overlapping
+                                               (12, 7, 5, 1, torch.nn.ReLU6()), (20, 14, 3, 1, torch.nn.Identity())])
 def test_small_map_depthwise_runs_over_channel_groups(c, hw, k, stride, act):
     """7x7 / 14x14 maps with whole groups of 8 channels take the channel-blocked kernel: lane stores (7x7) or 8x8
-    transposes (14x14, overlapping last block of 8 pixels) back to NCHW, odd sizes with stride 2, tiny maps."""
+    transposes (14x14, overlapping last block of 8 pixels) back to NCHW, odd sizes with stride 2, tiny maps, and a
+    last group of fewer than 8 channels (12, 20)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(c, c, k, stride, k // 2, groups=c), act).eval()
     x = torch.randn(1, c, hw, hw)
@@ -341,7 +343,7 @@ def _quantized_block(model, shape):
     return q, got, q.run(x)[0].numpy()
 
 
-@pytest.mark.parametrize("hw", [14, 56])  # the small-image depthwise path and the vector-segment one
+@pytest.mark.parametrize("hw", [7, 14, 56])  # channel-blocked depthwise (lane stores, transposes), row vectors
 def test_quantized_mobilenet_block_keeps_int8_between_kernels(hw):
     """pw -> ReLU6 -> depthwise -> ReLU6 -> pw: each conv's store does the next quantize (int8 into the pointwise
     kernel, the int8 grid's floats into the depthwise one), so no separate quantize/requantize function is left
@@ -352,7 +354,8 @@ def test_quantized_mobilenet_block_keeps_int8_between_kernels(hw):
     q, got, ref = _quantized_block(model, (1, 8, hw, hw))
     names = _func_names(q)
     assert any(n.startswith("qconv1x1_24x8") and n.endswith("_clamp_qdq") for n in names), names
-    assert any(n.startswith("depthwise_24x") and n.endswith("_clamp_q_w8") for n in names), names  # int8 weight
+    dw = "depthwise_cb_24x" if hw <= 14 else "depthwise_24x"
+    assert any(n.startswith(dw) and n.endswith("_clamp_q_w8") for n in names), names  # int8 weight
     assert any(n.startswith("qconv1x1_16x24") for n in names), names
     assert len([n for n in names if "round" in n]) <= 1, names  # only the model input's quantize
     # float rounding differs from the reference's integer conv in the depthwise layer: a value on a rounding
@@ -372,7 +375,7 @@ def test_quantized_tf_same_pad_joins_the_depthwise_kernel(first):
     q, got, ref = _quantized_block(model, (1, 8, 28, 28))
     names = _func_names(q)
     assert not [n for n in names if "pad" in n], names
-    assert any(n.startswith("depthwise_24x28x28_k3s2") for n in names), names
+    assert any(n.startswith("depthwise_cb_24x28x28_k3s2") for n in names), names  # a 14x14 output
     assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()
 
 

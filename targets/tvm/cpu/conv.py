@@ -464,44 +464,61 @@ def _transpose8(src: str, dst: str, pad: str) -> str:
 
 
 def depthwise_cb_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int, stride: int, ph: int, pw: int,
-                        clamp: tuple[float, float] | None) -> str:
+                        clamp: tuple[float, float] | None, out_q: tuple[float, int, int, int] | None = None,
+                        int8_weight: bool = False) -> str:
     """Depthwise conv for small maps (7x7, 14x14), vectorized over 8 channels instead of over a row: each task takes
     8 channels into a zero-padded channel-last tile [rows, cols, 8], so every tap is one FMA of the tap's 8 weights
     (packed so at compile time: wv[C/8, kh*kw, 8]) against 8 channels of one input pixel, with no border cases
     and no partial vectors. Output rows go back to NCHW by 8x8 shuffle transposes (14x14) or lane stores (7x7,
     where the transposes' staging cost more). Row vectors wasted most lanes on these maps (7 of 8 lanes at best,
-    and a padded tile per channel): 1152x7x7 5x5 took 61 us here against 38."""
+    and a padded tile per channel): 1152x7x7 5x5 took 61 us here against 38. out_q and int8_weight as in
+    `depthwise_source` (the int8 taps of a group are widened once per task)."""
     s = stride
     hp, wq = (oh - 1) * s + kh, (ow - 1) * s + kw
     rows, cols = min(h, hp - ph), min(wd, wq - pw)
     nblk = -(-ow // 8)
     ob = -(-ow // nblk)  # output pixels per accumulator block (<= 8 registers), the last block overlapping
     n_out = oh * ow
-    val = _clamped("acc[xx, l]", clamp)
+    ot_type = _out_dtype(out_q, False)
+    groups = -(-c // 8)
+    w_arg = (f'w8: T.Buffer(({groups}, {kh * kw}, 8), "int8"), ws: T.Buffer(({groups * 8},), "float32")'
+             if int8_weight else f'wv: T.Buffer(({groups}, {kh * kw}, 8), "float32")')
+    widen = "" if not int8_weight else f"""
+        wv = T.decl_buffer((1, {kh * kw}, 8), "float32", scope="global")
+        for k in T.serial({kh * kw}):
+            for l in T.vectorized(8):
+                wv[0, k, l] = T.Cast("float32", w8[g, k, l]) * ws[g * 8 + l]"""
+    wg = "0" if int8_weight else "g"
+    # a last partial group (C % 8 > 0) reads a valid channel in its spare lanes and stores none of them
+
+    def lane_guard(lane: str, pad: str) -> str:
+        return f"\n{pad}if g * 8 + {lane} < {c}:" if c % 8 else f"\n{pad}if True:"
+
+    xc = "g * 8 + l" if c % 8 == 0 else f"T.min(g * 8 + l, {c - 1})"
     if ow >= 12:
         store = f"""
                 for xx in T.unroll({ob}):
                     for l in T.vectorized(8):
-                        ot[y * {ow} + x0 + xx, l] = {val}
+                        ot[y * {ow} + x0 + xx, l] = acc[xx, l]
         for q in T.serial({-(-n_out // 8)}):
             p0 = T.min(q * 8, {n_out - 8})
             for r in T.unroll(8):
                 for l in T.vectorized(8):
                     ta[r, l] = ot[p0 + r, l]{_transpose8("ta", "tb", " " * 12)}
-            for r in T.unroll(8):
-                for l in T.vectorized(8):
-                    out[g * 8 + r, p0 + l] = tb[r, l]"""
+            for r in T.unroll(8):{lane_guard("r", " " * 16)}
+                    for l in T.vectorized(8):
+                        out[g * 8 + r, p0 + l] = {_clamped("tb[r, l]", clamp, out_q)}"""
     else:
         store = f"""
                 for xx in T.unroll({ob}):
-                    for l in T.unroll(8):
-                        out[g * 8 + l, y * {ow} + x0 + xx] = {val}"""
+                    for l in T.unroll(8):{lane_guard("l", " " * 24)}
+                            out[g * 8 + l, y * {ow} + x0 + xx] = {_clamped("acc[xx, l]", clamp, out_q)}"""
     return f"""
 @T.prim_func(private=True)
-def depthwise_cb(x: T.Buffer(({c}, {h * wd}), "float32"), wv: T.Buffer(({c // 8}, {kh * kw}, 8), "float32"),
-                 bias: T.Buffer(({c},), "float32"), out: T.Buffer(({c}, {n_out}), "float32")):
+def depthwise_cb(x: T.Buffer(({c}, {h * wd}), "float32"), {w_arg},
+                 bias: T.Buffer(({groups * 8},), "float32"), out: T.Buffer(({c}, {n_out}), "{ot_type}")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
-    for g in T.parallel({c // 8}):
+    for g in T.parallel({groups}):{widen}
         tile = T.decl_buffer(({hp}, {wq}, 8), "float32", scope="global")
         ot = T.decl_buffer(({n_out}, 8), "float32", scope="global")
         ta = T.decl_buffer((8, 8), "float32", scope="global")
@@ -515,7 +532,7 @@ def depthwise_cb(x: T.Buffer(({c}, {h * wd}), "float32"), wv: T.Buffer(({c // 8}
         for yy in T.serial({rows}):
             for xx in T.serial({cols}):
                 for l in T.vectorized(8):
-                    tile[yy + {ph}, xx + {pw}, l] = x[g * 8 + l, yy * {wd} + xx]
+                    tile[yy + {ph}, xx + {pw}, l] = x[{xc}, yy * {wd} + xx]
         for y in T.serial({oh}):
             for b in T.serial({nblk}):
                 x0 = T.min(b * {ob}, {ow - ob})
@@ -527,15 +544,15 @@ def depthwise_cb(x: T.Buffer(({c}, {h * wd}), "float32"), wv: T.Buffer(({c // 8}
                     for j in T.unroll({kw}):
                         for xx in T.unroll({ob}):
                             for l in T.vectorized(8):
-                                acc[xx, l] = acc[xx, l] + wv[g, i * {kw} + j, l] * tile[y * {s} + i, (x0 + xx) * {s} + j, l]{store}
+                                acc[xx, l] = acc[xx, l] + wv[{wg}, i * {kw} + j, l] * tile[y * {s} + i, (x0 + xx) * {s} + j, l]{store}
 """
 
 
 def depthwise_cb_applies(c: int, oh: int, ow: int, kh: int, kw: int, stride: int) -> bool:
-    """Small output maps with whole groups of 8 channels (and the padded tile within 32 KB). Measured: 0.54-0.83x
+    """Small output maps, 8 channels or more (and the padded tile within 32 KB). Measured: 0.54-0.83x
     the row kernel's time on 7x7 and 14x14 outputs; on 28x28 it was 1.0-1.4x, so those keep the row kernel."""
     hp, wq = (oh - 1) * stride + kh, (ow - 1) * stride + kw
-    return c % 8 == 0 and ow <= 16 and oh * ow >= 8 and hp * wq * 8 * 4 <= 32768
+    return c >= 8 and ow <= 16 and oh * ow >= 8 and hp * wq * 8 * 4 <= 32768
 
 
 def depthwise_applies(x_shape, w_shape, stride, padding, dilation, groups, transposed) -> bool:
@@ -561,15 +578,32 @@ def emit_depthwise(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
     kh, kw = int(w.shape[2]), int(w.shape[3])
     pt, pb, pl, pr = (int(q) for q in padding)
     oh, ow = (h + pt + pb - kh) // stride + 1, (wd + pl + pr - kw) // stride + 1
-    if w_scale is None and out_q is None and depthwise_cb_applies(c, oh, ow, kh, kw, stride):
-        wv = np.ascontiguousarray(w.reshape(c // 8, 8, kh * kw).transpose(0, 2, 1).astype(np.float32))
-        src = depthwise_cb_source(c, h, wd, oh, ow, kh, kw, stride, pt, pl, clamp)
-        gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}),
-                         f"depthwise_cb_{c}x{h}x{wd}_k{kh}s{stride}" + ("" if clamp is None else "_clamp"))
-        b = bias if bias is not None else np.zeros(c, np.float32)
-        y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, (c, h * wd))), relax.const(wv),
-                                        relax.const(b.astype(np.float32))],
-                                   relax.TensorType((c, oh * ow), "float32")))
+    tag = (f"{c}x{h}x{wd}_k{kh}s{stride}" + ("" if clamp is None else "_clamp") + _qtag(out_q, False)
+           + ("_w8" if w_scale is not None else ""))
+    if depthwise_cb_applies(c, oh, ow, kh, kw, stride):
+        cp = -(-c // 8) * 8
+
+        def grouped(a: np.ndarray, dtype) -> np.ndarray:  # [C, kh, kw] -> [C/8, kh*kw, 8], zero channels appended
+            z = np.zeros((cp, kh * kw), dtype)
+            z[:c] = a.reshape(c, kh * kw)
+            return np.ascontiguousarray(z.reshape(cp // 8, 8, kh * kw).transpose(0, 2, 1))
+
+        def padded(v: np.ndarray) -> np.ndarray:
+            z = np.zeros(cp, np.float32)
+            z[:c] = v
+            return z
+        if w_scale is None:
+            w, bias = in_grid_steps(w, bias, out_q)
+            weights = [relax.const(grouped(w, np.float32))]
+        else:
+            w_scale, bias = in_grid_steps(np.broadcast_to(np.asarray(w_scale, np.float32).reshape(-1), (c,)).copy(),
+                                          bias, out_q)
+            weights = [relax.const(grouped(w, np.int8)), relax.const(padded(w_scale))]
+        src = depthwise_cb_source(c, h, wd, oh, ow, kh, kw, stride, pt, pl, clamp, out_q, w_scale is not None)
+        gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), f"depthwise_cb_{tag}")
+        b = padded(bias if bias is not None else np.zeros(c, np.float32))
+        y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, (c, h * wd))), *weights, relax.const(b)],
+                                   relax.TensorType((c, oh * ow), _out_dtype(out_q, False))))
         return bb.emit(relax.op.reshape(y, (1, c, oh, ow)))
     if w_scale is None:
         w, bias = in_grid_steps(w, bias, out_q)
@@ -579,8 +613,6 @@ def emit_depthwise(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
         weights = [relax.const(np.ascontiguousarray(w.reshape(-1).astype(np.int8))), relax.const(w_scale)]
     func = tvm.script.parse(depthwise_source(c, h, wd, oh, ow, kh, kw, stride, pt, pl, clamp, out_q,
                                              w_scale is not None), extra_vars={"T": T})
-    tag = (f"{c}x{h}x{wd}_k{kh}s{stride}" + ("" if clamp is None else "_clamp") + _qtag(out_q, False)
-           + ("_w8" if w_scale is not None else ""))
     gv = bb.add_func(func, f"depthwise_{tag}")
     x3 = bb.emit(relax.op.reshape(x, (c, h, wd)))
     b = bias if bias is not None else np.zeros(c, np.float32)
