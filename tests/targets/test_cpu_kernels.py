@@ -521,6 +521,22 @@ def test_compiled_quantize_rounds_half_to_even_and_clamps():
     np.testing.assert_array_equal(got, g.run(x)[0].numpy())
 
 
+def test_elementwise_rule_keeps_int8_round_trips_vectorized():
+    """A quantize -> dequantize of a 224x224 image (a quantized model's input) writes floats but narrows to int8 on
+    the way: with 16-lane vectors LLVM scalarized the narrowing and re-vectorized across rows, gathering and
+    scattering lane by lane (vinsertps / vextractps); with whole 8-bit registers (32 lanes) it stays contiguous."""
+    from tvm import relax
+    import graphopt.ir.quant_ops  # noqa: F401  registers the ops
+    x = torch.randn(1, 3, 224, 224) * 4
+    g = graphopt.trace(_QuantRoundTrip(), (x,))
+    ex, *_ = build_executable(g)
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
+    got = (got if hasattr(got, "numpy") else got[0]).numpy()
+    np.testing.assert_array_equal(got, g.run(x)[0].numpy())
+    asm = "".join(m.inspect_source("s") for m in [ex.mod, *ex.mod.imports] if m.kind == "llvm")
+    assert "vroundps" in asm and "vinsertps" not in asm and "vextractps" not in asm
+
+
 @pytest.mark.parametrize("k,n,bias,bits", [(1280, 1000, True, 8), (63, 40, False, 8), (63, 40, True, 4)])
 def test_quantized_batch1_linear_streams_int8_weights(k, n, bias, bits):
     """A one-row qlinear (an int8 classifier head) runs the int8 weight-stream kernel (panels of 16 columns,
