@@ -85,8 +85,8 @@ def _column_tail_body(panel: str, c0: int, crem: int, cin: int, clamp: tuple[flo
 
 
 def _panel_tail(panel: str, c0: int, crem: int, cin: int, clamp, res: bool, pad: str) -> str:
-    """The last crem pixels of one panel's MR (6) channels, run right after the panel's last pixel tile while its
-    weights are in L1. The panel row for 4 consecutive k is 24 contiguous floats (3 vectors); the pixel's 4 inputs
+    """The last crem pixels of one panel's MR (6) channels, run right after one of the panel's pixel tiles while
+    its weights are in L1. The panel row for 4 consecutive k is 24 contiguous floats (3 vectors); the pixel's 4 inputs
     (xt: the tail columns made contiguous once per call) are spread to match with 3 lane shuffles, so the sum runs as
     full-width FMAs; lane l of the 24 belongs to channel l % 6."""
     kq, kr = divmod(cin, 4)
@@ -112,8 +112,8 @@ def _panel_tail(panel: str, c0: int, crem: int, cin: int, clamp, res: bool, pad:
 
 
 def _column_tail(rt: int, c0: int, crem: int, cin: int, clamp: tuple[float, float] | None, res: bool) -> str:
-    """The last crem pixels of every whole channel tile as a loop of their own (when no pixel tile precedes them,
-    or the pixel tiles run in slabs)."""
+    """The last crem pixels of every whole channel tile as a loop of their own (every map but the small ones, whose
+    tiles take them with `_panel_tail`; on 14x14 maps that was slower than this loop)."""
     return f"""
         for t in T.parallel({rt}):{_column_tail_body("t", c0, crem, cin, clamp, res, " " * 12)}
 """
