@@ -379,6 +379,18 @@ def test_quantized_tf_same_pad_joins_the_depthwise_kernel(first):
     assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()
 
 
+def test_quantized_input_pad_joins_the_stem_kernel():
+    """A quantized model whose input is zero padded (TF "SAME") before a stride-2 stem: the input is quantized
+    unpadded and the direct conv pads, so no pad function (and no scalar quantize of a 33 x 33 image) is built."""
+    model = torch.nn.Sequential(torch.nn.ZeroPad2d((0, 1, 0, 1)), torch.nn.Conv2d(3, 16, 3, stride=2),
+                                torch.nn.ReLU6(), torch.nn.Conv2d(16, 8, 1))
+    q, got, ref = _quantized_block(model, (1, 3, 32, 32))
+    names = _func_names(q)
+    assert not [n for n in names if "pad" in n], names
+    assert any(n.startswith("conv_direct_16x3x32x32_k3s2") for n in names), names
+    assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()
+
+
 @pytest.mark.parametrize("m,k,n", [(13, 64, 32), (6, 128, 16), (40, 96, 48)])
 def test_int8_gemm_kernel_is_exact_and_uses_vpmaddwd(m, k, n):
     """qlinear's kernel: int16-widened activations, int8 weights packed in pairs, exact int32 accumulation,
