@@ -56,10 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     set_threads(args.threads)  # before TVM's thread pool starts
 
     import numpy as np
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     import graphopt
-    from graphopt.bench import fidelity, interleaved_medians, ort_session, reference_onnx
+    from graphopt.bench import fidelity, interleaved_medians, ort_quantize_static, ort_session, reference_onnx
     from graphopt.ir.files import atomic_write_bytes
     from graphopt.zoo import calibration_inputs, eval_inputs, zoo_entry, zoo_graph
 
@@ -105,16 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         sess = {"onnxruntime fp32": ort_session(onnx32, args.threads)}
         names = [i.name for i in sess["onnxruntime fp32"].get_inputs()]
 
-        class Reader(CalibrationDataReader):
-            def __init__(self):
-                self.it = iter([{n: np.asarray(t) for n, t in zip(names, b)} for b in calib])
-
-            def get_next(self):
-                return next(self.it, None)
-
-        q8 = work / f"{name}-ort-int8.onnx"
-        quantize_static(str(onnx32), str(q8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+        q8 = ort_quantize_static(onnx32, work / f"{name}-ort-int8.onnx",
+                                 [{n: np.asarray(t) for n, t in zip(names, b)} for b in calib])
         sess["onnxruntime int8"] = ort_session(q8, args.threads)
         fid["onnxruntime int8"] = fidelity(refs, [sess["onnxruntime int8"].run(None, {
             n: np.asarray(t) for n, t in zip(names, b)})[0] for b in evals], classification=not text).to_json()

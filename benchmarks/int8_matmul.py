@@ -31,10 +31,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
     import torch
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     import graphopt
-    from graphopt.bench import interleaved_medians, ort_session, reference_onnx
+    from graphopt.bench import interleaved_medians, ort_quantize_static, ort_session, reference_onnx
     from graphopt.ir.files import atomic_write_bytes
 
     work = Path(tempfile.mkdtemp(prefix="graphopt-int8mm-"))
@@ -53,19 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         onnx_fp32 = reference_onnx(graph, str(work / spec))
         name = ort_session(onnx_fp32, args.threads).get_inputs()[0].name
 
-        class Reader(CalibrationDataReader):
-            def __init__(self):
-                self.it = iter([{name: b[0].numpy()} for b in calib])
-
-            def get_next(self):
-                return next(self.it, None)
-
         sessions = {"onnxruntime fp32": ort_session(onnx_fp32, args.threads)}
         for key, reduce_range in (("onnxruntime int8", False), ("onnxruntime int7", True)):
             # int7: ORT's reduce_range (7-bit weights), its advice for AVX2 CPUs where u8 x s8 pairs saturate
-            path = work / f"{spec}-ort-{key.split()[1]}.onnx"
-            quantize_static(str(onnx_fp32), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, reduce_range=reduce_range)
+            path = ort_quantize_static(onnx_fp32, work / f"{spec}-ort-{key.split()[1]}.onnx",
+                                       [{name: b[0].numpy()} for b in calib], reduce_range=reduce_range)
             sessions[key] = ort_session(path, args.threads)
         xs = x.numpy()
         ref = layer(x).detach().numpy()

@@ -39,12 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import onnxruntime as ort
     import torch
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import CalibrationMethod
     torch.set_num_threads(args.threads)
 
     import graphopt
-    from graphopt.bench import fidelity, interleaved_medians, reference_onnx
+    from graphopt.bench import fidelity, interleaved_medians, ort_quantize_static, reference_onnx
     from graphopt.ir.files import atomic_write_bytes
     from graphopt.zoo import photo_batches, zoo_entry, zoo_graph
 
@@ -106,21 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     fp32 = reference_onnx(graph, str(tmp))
     input_name = graph.inputs[0].name
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter([{input_name: b[0].numpy()} for b in calib])
-
-        def get_next(self):
-            return next(self.it, None)
-
     so = ort.SessionOptions()
     so.intra_op_num_threads = args.threads
     for cal, method in (("minmax", CalibrationMethod.MinMax), ("percentile", CalibrationMethod.Percentile),
                         ("entropy", CalibrationMethod.Entropy)):
         t0 = time.perf_counter()
         qpath = tmp / f"ort-{cal}.onnx"
-        quantize_static(str(fp32), str(qpath), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=method)
+        ort_quantize_static(fp32, qpath, [{input_name: b[0].numpy()} for b in calib], calibrate_method=method)
         sess = ort.InferenceSession(str(qpath), so, providers=["CPUExecutionProvider"])
         outs = [sess.run(None, {sess.get_inputs()[0].name: b[0].numpy()})[0] for b in evals]
         record("onnxruntime", cal, outs, time.perf_counter() - t0)
