@@ -99,20 +99,24 @@ def _cost_oracle(target: Any):
 
 
 def compile(graph: Graph, target: str = "llvm", tuning: Any = None, output: str | Path = "graphopt-out", *,  # noqa: A001
-            cuda_arch: str = "sm_80,sm_90", precision: str = "fp16", sparse_min_speedup: float = 1.1) -> Path:
+            cuda_arch: str = "sm_80,sm_90", precision: str = "fp16", sparse_min_speedup: float = 1.1,
+            cpu: str | None = None) -> Path:
     """Compile to an artifact folder: `llvm` (TVM for this CPU, model.so), `cuda` / `cuda-sparse` (TVM for NVIDIA
     GPUs, model.so with a fatbin for each of `cuda_arch`; no GPU needed to build), `onnx` (model.onnx) or `pt2`.
 
     `tuning` is None (no tuning) or `graphopt.Tuning(trials=..., db=...)` (llvm only). `precision` (cuda targets):
     fp16 or bf16 (convs and matmuls on half-width operands, fp32 accumulation) or fp32. `sparse_min_speedup`
     (cuda-sparse): a 2:4 layer runs on the sparse kernel when it is (measured, or estimated from the cost table) at
-    least this many times faster than dense. Returns the folder.
+    least this many times faster than dense. `cpu` (llvm): an LLVM CPU name to cross-compile for (e.g.
+    "sapphirerapids", "znver4": AVX-512 and VNNI int8 kernels) instead of this machine's. Returns the folder.
     """
     if not isinstance(graph, Graph):
         raise GraphoptError(f"compile() needs a graphopt Graph, got {type(graph).__name__}")
+    if cpu is not None and target != "llvm":
+        raise GraphoptError(f"cpu='{cpu}' names a CPU to compile for; it applies to the llvm target, not '{target}'")
     if target == "llvm":
         from graphopt.targets.tvm.build import compile_to_dir
-        return compile_to_dir(graph, output, target, tuning)
+        return compile_to_dir(graph, output, target, tuning, cpu=cpu)
     if target in ("cuda", "cuda-sparse"):
         from graphopt.targets.tvm.build import compile_gpu_to_dir
         return compile_gpu_to_dir(graph, output, target, cuda_arch, precision, tuning,

@@ -62,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
                    "kernels cross-compiled with the local nvcc, so no GPU is needed to build); cuda-sparse: as cuda, "
                    "and linears with 2:4 masks run on sparse tensor cores (mma.sp); onnx: ONNX export; pt2: "
                    "torch.export archive")
+    c.add_argument("--cpu", metavar="NAME", help="llvm: the CPU to compile for, as LLVM names it (default: this "
+                   "machine's). Another name cross-compiles: its vector width and, where it has VNNI (sapphirerapids, "
+                   "znver4, cascadelake, alderlake, ...), int8 kernels on vpdpbusd. The manifest lists the ISA "
+                   "extensions used; loading refuses a CPU that lacks one, and the report skips measuring here")
     c.add_argument("--cuda-arch", default="sm_80,sm_90", metavar="ARCHS", help="GPU architectures the cuda targets "
                    "compile machine code for, comma-separated (default sm_80,sm_90: A100 and H100/H200); the "
                    "artifact also carries PTX of the newest for later GPUs")
@@ -157,6 +161,12 @@ def cmd_compile(args) -> int:
     threads = args.threads or host_cores()
     os.environ.setdefault("TVM_NUM_THREADS", str(threads))
     tuning = None
+    if args.cpu and args.target != "llvm":
+        from graphopt.errors import GraphoptError
+        raise GraphoptError(f"--cpu applies to --target llvm (this run's target is {args.target})")
+    if args.cpu:
+        from graphopt.targets.tvm.host import cpu_target
+        cpu_target(args.cpu)  # a misspelt name fails here, before the passes run
     if args.tune_trials is not None or args.tune_db or args.tune_minutes:
         default_trials = 2000 if args.tune_minutes else 64
         trials = args.tune_trials if args.tune_trials is not None else default_trials  # 0 is an error, not "default"
@@ -166,13 +176,20 @@ def cmd_compile(args) -> int:
     graph = load_model(args.model)
     optimized = _optimize(args, graph)
     out = compile_graph(optimized, args.target, tuning, args.output, cuda_arch=args.cuda_arch,
-                        precision=args.gpu_precision, sparse_min_speedup=args.sparse_min_speedup)
+                        precision=args.gpu_precision, sparse_min_speedup=args.sparse_min_speedup,
+                        **({"cpu": args.cpu} if args.cpu else {}))
     if args.target in ("cuda", "cuda-sparse"):
         from graphopt.report import gpu_build_report
         print(gpu_build_report(Path(out)), end="")
         return 0
     if args.target != "llvm" or args.no_report:
         print(f"wrote {out}")
+        return 0
+    from graphopt.runtime import missing_isa
+    from graphopt.targets.artifact import read_manifest
+    missing = missing_isa(read_manifest(out))
+    if missing:
+        print(f"wrote {out} (built for --cpu {args.cpu}; not measured: this CPU lacks {', '.join(missing)})")
         return 0
     from graphopt.report import compile_report, write_report
     from graphopt.runtime import load

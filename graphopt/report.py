@@ -29,6 +29,9 @@ def pass_table(history: Sequence[dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+DOT_NAMES = {"vnni": "vpdpbusd (VNNI)", "ubsw": "vpmaddubsw/vpmaddwd (AVX2)"}
+
+
 def compile_report(reference: Graph, optimized: Graph, artifact: Path, manifest: dict[str, Any],
                    fidelity: dict | None, latency: dict | None, fidelity_source: str = "") -> str:
     """The text report; also written as report.json beside the artifact."""
@@ -38,7 +41,9 @@ def compile_report(reference: Graph, optimized: Graph, artifact: Path, manifest:
     lines = [
         f"graphopt compile report: {reference.meta.get('source') or 'model'} -> {artifact}",
         f"  target     {tinfo.get('kind', manifest.get('target'))} (mcpu={tinfo.get('mcpu', '-')}, "
-        f"cores={tinfo.get('num_cores', '-')})",
+        f"cores={tinfo.get('num_cores', '-')}"
+        + (f", int8 products on {DOT_NAMES.get(tinfo['int8_dot'], tinfo['int8_dot'])}" if tinfo.get("int8_dot") else "")
+        + ")",
         f"  pipeline   {optimized.meta.get('pipeline') or '(none)'}",
     ]
     if optimized.meta.get("history"):

@@ -28,6 +28,7 @@ class CompiledModel:
         if self.device_kind == "cuda":
             self.device = _cuda_device(self.manifest)
         else:
+            _check_isa(self.manifest)
             self.device = tvm.cpu()
         try:
             self._lib = tvm.runtime.load_module(str(lib_path))
@@ -93,6 +94,23 @@ class CompiledModel:
 
     def __repr__(self) -> str:
         return f"CompiledModel('{self.folder}', inputs={self.inputs}, target={self.manifest.get('target')})"
+
+
+def missing_isa(manifest: dict) -> list[str]:
+    """The ISA extensions a CPU artifact's code may use and this machine lacks (empty: it runs here)."""
+    from graphopt.targets.tvm.host import missing_here
+    return missing_here(manifest.get("target_info", {}).get("isa", []))
+
+
+def _check_isa(manifest: dict) -> None:
+    """An artifact cross-compiled (`--cpu`) for a CPU with extensions this one lacks would die on an illegal
+    instruction at its first call: refuse it at load, naming what is missing."""
+    info = manifest.get("target_info", {})
+    missing = missing_isa(manifest)
+    if missing:
+        raise ArtifactError(f"this artifact was compiled for {info.get('mcpu') or 'another CPU'}, and its code uses "
+                            f"{', '.join(missing)}, which this CPU lacks (it would stop on an illegal instruction): "
+                            "run it on such a CPU, or compile again here without --cpu")
 
 
 def _cuda_device(manifest: dict):

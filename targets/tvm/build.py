@@ -9,7 +9,8 @@ from graphopt.errors import TargetError
 from graphopt.ir.files import atomic_dir
 from graphopt.ir.graph import Graph
 from graphopt.targets.artifact import build_manifest, write_manifest
-from graphopt.targets.tvm.host import cpu_target
+from graphopt.targets.tvm.cpu.int8 import int8_dot
+from graphopt.targets.tvm.host import cpu_target, host_cpu, missing_here, target_isa
 from graphopt.targets.tvm.lower import lower_to_relax
 from graphopt.targets.tvm.tuning import Tuning, TuningSummary, tune
 
@@ -78,19 +79,26 @@ def build_gpu_executable(graph: Graph, target: str = "cuda", archs=("sm_80", "sm
     return ex, tgt, time.perf_counter() - t0, (sparse24 or {}).get("records", {})
 
 
-def build_executable(graph: Graph, target: str = "llvm", tuning: Tuning | None = None, rules: bool = True):
+def build_executable(graph: Graph, target: str = "llvm", tuning: Tuning | None = None, rules: bool = True,
+                     cpu: str | None = None):
     """Lower and build; returns (executable, tvm Target, TuningSummary or None, seconds to build).
 
     Tuned kernels come from the MetaSchedule database; every other kernel gets graphopt's CPU schedule rules
-    (rules=False leaves those to TVM's default loop nests, for comparison)."""
+    (rules=False leaves those to TVM's default loop nests, for comparison). `cpu` (an LLVM CPU name) cross-compiles
+    for that CPU instead of this one: its vector width and int8 dot product (VNNI `vpdpbusd` where it has one)."""
     from graphopt.targets.tvm.cpu.pipeline import build_cpu
 
     if target != "llvm":
         raise TargetError(f"unknown CPU target '{target}' (choose llvm; GPUs: {', '.join(GPU_TARGETS)})")
+    tgt = cpu_target(cpu)
     if tuning is not None:
         tuning.validate()
-    tgt = cpu_target()
-    mod = lower_to_relax(graph)
+        missing = missing_here(target_isa(tgt))
+        if missing:
+            raise TargetError(f"tuning measures kernels on this machine ({host_cpu()}), which lacks "
+                              f"{', '.join(missing)} that --cpu {cpu} code uses: tune on a {cpu} machine, "
+                              "or build untuned here")
+    mod = lower_to_relax(graph, target=tgt)
     t0 = time.perf_counter()
     summary = None
     try:
@@ -129,15 +137,18 @@ def compile_gpu_to_dir(graph: Graph, output: str | Path, target: str = "cuda", a
     return Path(output)
 
 
-def compile_to_dir(graph: Graph, output: str | Path, target: str = "llvm", tuning: Tuning | None = None) -> Path:
-    """Build and write the artifact folder `output` (replaced atomically; a foreign folder is never overwritten)."""
-    ex, tgt, summary, seconds = build_executable(graph, target, tuning)
+def compile_to_dir(graph: Graph, output: str | Path, target: str = "llvm", tuning: Tuning | None = None,
+                   cpu: str | None = None) -> Path:
+    """Build and write the artifact folder `output` (replaced atomically; a foreign folder is never overwritten).
+    The manifest lists the ISA extensions the code may use (`isa`); `graphopt.load` checks them against the CPU."""
+    ex, tgt, summary, seconds = build_executable(graph, target, tuning, cpu=cpu)
     with atomic_dir(output) as tmp:
         # -s: no debug sections (generated kernels have no source to step through; they were a tenth of an int8 .so)
         ex.export_library(str(tmp / "model.so"), options=["-s"])
         (tmp / "graph.ir").write_text(graph.text())
         manifest = build_manifest(graph, str(tgt), {"kind": target, "mcpu": str(tgt.attrs.get("mcpu", "")),
-                                                    "num_cores": int(tgt.attrs.get("num-cores", 0))},
+                                                    "num_cores": int(tgt.attrs.get("num-cores", 0)),
+                                                    "isa": target_isa(tgt), "int8_dot": int8_dot(tgt)},
                                   tuning=(summary or TuningSummary()).to_json() if tuning else None,
                                   build_seconds=round(seconds, 2), folder=tmp)
         write_manifest(tmp, manifest)

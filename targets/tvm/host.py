@@ -25,11 +25,54 @@ def host_cores() -> int:
 
 
 def cpu_target(mcpu: str | None = None, cores: int | None = None):
-    """`Target({"kind": "llvm", "mcpu": <detected>, "num-cores": N})`."""
+    """`Target({"kind": "llvm", "mcpu": <detected>, "num-cores": N})`. Another `mcpu` cross-compiles for that CPU
+    (an LLVM CPU name, checked: a misspelt one would silently build for a generic x86-64)."""
     import tvm
+    from tvm.target import codegen
+
+    from graphopt.errors import TargetError
+    if mcpu is not None and mcpu != host_cpu():
+        known = sorted(str(c) for c in codegen.llvm_get_cpu_archlist(tvm.target.Target({"kind": "llvm"})))
+        if mcpu not in known:
+            near = [c for c in known if c[:3] == mcpu[:3]] or known
+            raise TargetError(f"--cpu '{mcpu}' is not a CPU LLVM knows (for example: {', '.join(near[:12])}); "
+                              f"leave it out to build for this machine ({host_cpu()})")
     return tvm.target.Target({"kind": "llvm", "mcpu": mcpu or host_cpu(), "num-cores": int(cores or host_cores())})
+
+
+# ISA extensions graphopt's CPU code may use, LLVM's name -> the flag Linux lists in /proc/cpuinfo
+ISA_FLAGS = {"sse4.2": "sse4_2", "avx": "avx", "avx2": "avx2", "fma": "fma", "f16c": "f16c", "bmi2": "bmi2",
+             "avx512f": "avx512f", "avx512bw": "avx512bw", "avx512dq": "avx512dq", "avx512vl": "avx512vl",
+             "avx512vnni": "avx512_vnni", "avx512bf16": "avx512_bf16", "avxvnni": "avx_vnni"}
+
+
+def target_isa(target) -> list[str]:
+    """The extensions of ISA_FLAGS that `target`'s CPU has: what code built for it may execute."""
+    from tvm.target import codegen
+    return [f for f in ISA_FLAGS if codegen.llvm_cpu_has_features([f], target)]
+
+
+def host_isa() -> set[str] | None:
+    """ISA_FLAGS extensions this machine has, from /proc/cpuinfo (no LLVM: the runtime may be TVM's runtime
+    alone); None where that file does not exist (not Linux)."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return None
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    return {f for f, linux in ISA_FLAGS.items() if linux in flags}
 
 
 def set_threads(n: int) -> None:
     """Fix the TVM runtime's thread count (it reads TVM_NUM_THREADS when its pool first starts)."""
     os.environ["TVM_NUM_THREADS"] = str(int(n))
+
+
+def missing_here(isa: list[str]) -> list[str]:
+    """The extensions in `isa` (ISA_FLAGS names) this machine lacks; empty where /proc/cpuinfo cannot tell."""
+    have = host_isa()
+    return [] if have is None else [f for f in isa if f not in have]

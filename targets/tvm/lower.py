@@ -22,12 +22,18 @@ def _lifted_tensors(ep) -> dict:
             if spec.target is not None and spec.target in state}
 
 
-def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, sparse24: dict | None = None):
+def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, sparse24: dict | None = None,
+                      target=None):
     """Relax lowering of graphopt's Q/DQ ops (reference semantics: round half to even, clamp, affine).
 
     cpu_kernels: batch-1 convs, linears and their int8 forms go to graphopt's CPU kernels (TIR with x86 vector
-    shapes); False keeps every op a plain Relax op, for GPU targets, whose schedules come from dlight."""
+    shapes for `target`, by default this machine's CPU); False keeps every op a plain Relax op, for GPU targets,
+    whose schedules come from dlight."""
     from tvm import relax
+
+    from graphopt.targets.tvm.host import cpu_target
+    if cpu_kernels and target is None:
+        target = cpu_target()
 
     def f32(v):
         return relax.const(float(v), "float32")
@@ -182,17 +188,17 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
 
     def _qlinear_fast(node, bb, xq, sx, zx):
         """qlinear with constant weight, scales and bias, >= 6 rows -> the int8 vpmaddwd GEMM (epilogue fused)."""
-        from graphopt.targets.tvm.cpu.int8 import emit_qlinear, int8_kernels_available
-        from graphopt.targets.tvm.host import cpu_target
+        from graphopt.targets.tvm.cpu.int8 import emit_qlinear, int8_dot
         wt = (lifted or {}).get(getattr(node.args[3], "name", None))
         wst = (lifted or {}).get(getattr(node.args[4], "name", None))
         bt = (lifted or {}).get(getattr(node.args[5], "name", None)) if node.args[5] is not None else None
         if not cpu_kernels or wt is None or wst is None or (node.args[5] is not None and bt is None) or wt.dim() != 2:
             return None
-        if not int8_kernels_available(cpu_target()):
+        dot = int8_dot(target)
+        if dot is None:
             return None
         b = None if bt is None else bt.detach().numpy().astype("float32")
-        return emit_qlinear(bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, node.args[0].meta["val"].shape)
+        return emit_qlinear(bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, node.args[0].meta["val"].shape, dot)
 
     def qconv2d(node, importer):
         bb = importer.block_builder
@@ -259,8 +265,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         import numpy as np
 
         from graphopt.targets.tvm.cpu import conv as k
-        from graphopt.targets.tvm.cpu.int8 import emit_qconv1x1, int8_kernels_available, qconv1x1_applies
-        from graphopt.targets.tvm.host import cpu_target
+        from graphopt.targets.tvm.cpu.int8 import emit_qconv1x1, int8_dot, qconv1x1_applies
         kind, wt, wst, bt = _qconv_kind(node)
         if kind is None or not cpu_kernels:
             return None
@@ -274,8 +279,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         # a depthwise consumer computes in float: hand it the int8 grid's float values rather than int8 (converting
         # int8 inside the depthwise kernel costs more than the wider store)
         dq = quant is not None and all(_fast_depthwise(u) for u in quant.users)
-        if kind == "pointwise" and qconv1x1_applies(x_shape) and int8_kernels_available(cpu_target()):
-            y = emit_qconv1x1(bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, x_shape, clamp, out_q, dq)
+        if kind == "pointwise" and qconv1x1_applies(x_shape) and int8_dot(target) is not None:
+            y = emit_qconv1x1(bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, x_shape, clamp, out_q, dq, int8_dot(target))
         elif kind == "direct":
             x, full = _dequantized(bb, xq, sx, zx), (ph, ph, pw, pw)
             if node.args[0] in quant_pads:  # the zero pad before the input's quantize joins this conv's padding
@@ -319,7 +324,6 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
 
         from graphopt.targets.tvm.cpu.gemm import emit_packed_gemv, emit_packed_linear
         from graphopt.targets.tvm.cpu.rules import vector_lanes
-        from graphopt.targets.tvm.host import cpu_target
         bb = importer.block_builder
         x, w = importer.env[node.args[0]], importer.env[node.args[1]]
         bias = importer.env[node.args[2]] if len(node.args) > 2 and node.args[2] is not None else None
@@ -330,10 +334,10 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                 b_const = (lifted or {}).get(getattr(node.args[2], "name", None)) if bias is not None else None
                 if bias is None or b_const is not None:
                     y = emit_packed_gemv(bb, x, const.detach().numpy(), None if b_const is None else
-                                         b_const.detach().numpy(), int(x_shape[-1]), vector_lanes(cpu_target()))
+                                         b_const.detach().numpy(), int(x_shape[-1]), vector_lanes(target))
                     if y is not None:
                         return bb.emit(relax.op.reshape(y, tuple(int(d) for d in node.meta["val"].shape)))
-            y = emit_packed_linear(bb, x, const.detach().numpy(), bias, x_shape, vector_lanes(cpu_target()))
+            y = emit_packed_linear(bb, x, const.detach().numpy(), bias, x_shape, vector_lanes(target))
             if y is not None:
                 return y
         return bb.emit(relax.op.linear(x, w, bias, "float32"))
@@ -382,7 +386,6 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
 
         from graphopt.targets.tvm.cpu import conv as k
         from graphopt.targets.tvm.cpu.rules import vector_lanes
-        from graphopt.targets.tvm.host import cpu_target
         x_shape = node.args[0].meta["val"].shape
         wt = (lifted or {}).get(getattr(node.args[1], "name", None))
         bnode = node.args[2] if len(node.args) > 2 else None
@@ -408,7 +411,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         bb, x = importer.block_builder, importer.env[node.args[0]]
         w, b = wt.detach().numpy(), None if bt is None else bt.detach().numpy()
         if kind == "pointwise":
-            return k.emit_conv1x1(bb, x, w, b, x_shape, vector_lanes(cpu_target()), clamp,
+            return k.emit_conv1x1(bb, x, w, b, x_shape, vector_lanes(target), clamp,
                                   None if residual is None else importer.env[residual])
         stride, padding = int(node.args[3][0]), node.args[4]
         ph, pw = int(padding[0]), int(padding[1])
@@ -562,18 +565,19 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             **{k: _activation(k) for k in ("relu.default", "relu6.default", "hardtanh.default", "clamp.default")}}
 
 
-def _converters(ep, device: str, sparse24: dict | None):
+def _converters(ep, device: str, sparse24: dict | None, target=None):
     if sparse24 is not None:
         sparse24.setdefault("records", {})
         sparse24["names"] = {spec.arg.name: spec.target for spec in ep.graph_signature.input_specs
                              if spec.target is not None}
-    return _quant_converters(_lifted_tensors(ep), device == "cpu", sparse24)
+    return _quant_converters(_lifted_tensors(ep), device == "cpu", sparse24, target)
 
 
-def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = None):
+def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = None, target=None):
     """Return a Relax IRModule whose `main` takes the graph's inputs in order, parameters bound as constants.
-    device "cpu" uses graphopt's CPU kernels where they apply; "cuda" keeps plain Relax ops, and with `sparse24`
-    (a dict: min_speedup, records filled in) puts 2:4 weights on the sparse tensor-core kernel."""
+    device "cpu" uses graphopt's CPU kernels where they apply, shaped for `target` (a TVM llvm Target; default:
+    this machine's CPU); "cuda" keeps plain Relax ops, and with `sparse24` (a dict: min_speedup, records filled
+    in) puts 2:4 weights on the sparse tensor-core kernel."""
     from tvm.relax.frontend.torch import from_exported_program
 
     import torch
@@ -593,7 +597,7 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
                                          "llvm")
     ep = graph.to_exported_program().run_decompositions(table)
     try:
-        mod = from_exported_program(ep, keep_params_as_input=False, custom_convert_map=_converters(ep, device, sparse24),
+        mod = from_exported_program(ep, keep_params_as_input=False, custom_convert_map=_converters(ep, device, sparse24, target),
                                     run_ep_decomposition=False)
     except AssertionError as e:
         # the Relax importer asserts on ops it has no converter for; name the node for the user

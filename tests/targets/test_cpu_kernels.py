@@ -568,3 +568,145 @@ def test_quantized_batch1_linear_streams_int8_weights(k, n, bias, bits):
     got = (got if hasattr(got, "numpy") else got[0]).numpy()
     want = q.run(x)[0].numpy()
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def _vnni_here() -> bool:
+    from graphopt.targets.tvm.cpu.int8 import int8_dot
+    return int8_dot(cpu_target()) == "vnni"
+
+
+@pytest.mark.parametrize("cpu,encoding", [("alderlake", "{vex}"), ("znver4", "")])  # AVX-VNNI; AVX512-VNNI + VL
+def test_vnni_kernels_emit_vpdpbusd(cpu, encoding):
+    """Built for a CPU with VNNI (cross-compiled: this machine need not have it), both quad kernels do each 32-byte
+    u8 x s8 step with one `vpdpbusd` into an int32 accumulator held in a register: 12 in the GEMM's reduction
+    loop (6 x 16 tile), 12 in the pointwise conv's (6 channels x 16 pixels), no `vpmaddubsw` / `vpmaddwd` pair."""
+    from graphopt.targets.tvm.cpu.int8 import MR, int8_dot, qconv1x1_ubsw_source, qgemm_ubsw_source
+    from tvm.script import tirx as T
+    tgt = cpu_target(cpu)
+    assert int8_dot(tgt) == "vnni"
+    for src in (qgemm_ubsw_source(13, 256, 32, dot="vnni"),
+                qconv1x1_ubsw_source(40, 190, 196, 2, (0.0, 6.0), (0.05, 3, -128, 127), dot="vnni")):
+        f = tvm.script.parse(src, extra_vars={"T": T})
+        lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=tgt)
+        asm = lib.mod.inspect_source("asm") if hasattr(lib, "mod") else lib.inspect_source("asm")
+        loop = _inner_fma_loop(asm, r"vpdpbusd")
+        dots = re.findall(r"^\s+(\{vex\})?\s*vpdpbusd\s", loop, re.M)
+        assert len(dots) >= 2 * MR and all(d == encoding for d in dots)
+        assert "vpmaddubsw" not in loop and "vpmaddwd" not in loop
+        assert not re.search(r"vmovdq[au](?:32|64)?\s+%ymm\d+, ", loop)  # accumulators stay in registers
+
+
+@pytest.mark.parametrize("dot", ["exact", "vnni"])
+@pytest.mark.parametrize("kernel", ["gemm", "conv"])
+def test_quad_kernels_are_exact_for_full_range_int8_weights(dot, kernel):
+    """The quad kernels' layout, packing and epilogue with a product that cannot saturate: "exact" (the same sum in
+    widened vector arithmetic, runs anywhere) and, on a CPU with VNNI, `vpdpbusd` itself. Weights use the whole
+    int8 range, with the worst case (255 x -128, four times) where `vpmaddubsw` would saturate."""
+    from graphopt.targets.tvm.cpu.conv import store_params
+    from graphopt.targets.tvm.cpu.int8 import (MR, epilogue_constants, pack_gemm_quads, pack_quads,
+                                               qconv1x1_ubsw_source, qgemm_ubsw_source, ubsw_exact)
+    from tvm.script import tirx as T
+    if dot == "vnni" and not _vnni_here():
+        pytest.skip("this CPU has no VNNI (the exact variant checks the same kernel's layout)")
+    rng = np.random.default_rng(3)
+    if kernel == "gemm":
+        m, k, n = 13, 64, 32
+        x = rng.integers(-128, 128, (m, k)).astype(np.int16)
+        x[0] = 127  # u8 255 after the shift
+        w = rng.integers(-128, 128, (n, k)).astype(np.int8)
+        w[0] = -128
+        w[1] = 127
+        assert not ubsw_exact(w)
+        ws = rng.uniform(1e-3, 2e-3, n)
+        off, mult, _ = epilogue_constants(w, ws, None, 1.0, 5 + 128, n // MR + 1)
+        f = tvm.script.parse(qgemm_ubsw_source(m, k, n, dot=dot), extra_vars={"T": T})
+        args = ((x + 128).astype(np.uint8).reshape(-1), pack_gemm_quads(w), off[:n], mult[:n])
+        out = np.zeros(m * n, np.float32)
+        ref = ((x.astype(np.int64) - 5) @ w.astype(np.int64).T) * ws
+    else:
+        cout, cin, p = 13, 63, 49
+        x = rng.integers(-128, 128, (cin, p)).astype(np.int8)
+        x[:, 0] = 127
+        w = rng.integers(-128, 128, (cout, cin)).astype(np.int8)
+        w[0] = -128
+        mt = -(-cout // MR)
+        ws, zx = rng.uniform(1e-3, 2e-3, cout), -7
+        consts = epilogue_constants(w, ws, None, 1.0, zx + 128, mt)
+        f = tvm.script.parse(qconv1x1_ubsw_source(cout, cin, p, 2, dot=dot), extra_vars={"T": T})
+        args = (x.reshape(-1), pack_quads(w, mt), consts[0], consts[1], store_params(None, None))
+        out = np.zeros(cout * p, np.float32)
+        ref = (w.astype(np.int64) @ (x.astype(np.int64) - zx)) * ws[:, None]
+    lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target())
+    res = tvm.runtime.tensor(out)
+    lib["main"](*(tvm.runtime.tensor(a) for a in args), res)
+    got = res.numpy().reshape(ref.shape)
+    assert np.abs(got - ref).max() <= 1e-6 * np.abs(ref).max()
+
+
+def _int8_block():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 36, 3, padding=1), torch.nn.ReLU6(), torch.nn.Conv2d(36, 48, 1),
+                                torch.nn.ReLU6(), torch.nn.Conv2d(48, 20, 1), torch.nn.Flatten(2),
+                                torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16)).eval()
+    x = torch.randn(1, 8, 8, 8)
+    q = graphopt.optimize(graphopt.trace(model, (x,)), "quantize,fold-qdq",
+                          data=[(torch.randn(1, 8, 8, 8),) for _ in range(4)])
+    return q, x
+
+
+def test_full_int8_layers_take_the_quad_kernels_with_vnni(monkeypatch):
+    """quantize (full int8 weights): lowered for a VNNI CPU, every pointwise conv and linear takes a quad kernel on
+    `vpdpbusd`; for AVX2 alone they keep the exact int16 kernels (u8 x s8 pairs could saturate). The same lowering
+    built here with the exact quad product equals the graph, so the VNNI artifact's layout and offsets are right."""
+    from graphopt.targets.tvm.cpu import int8
+    q, x = _int8_block()
+    vnni = {gv.name_hint for gv in lower_to_relax(q, target=cpu_target("sapphirerapids")).get_global_vars()}
+    assert len([n for n in vnni if n.startswith("qconv1x1_vnni_")]) == 2, vnni
+    assert len([n for n in vnni if n.startswith("qgemm_vnni_")]) == 2, vnni
+    avx2 = {gv.name_hint for gv in lower_to_relax(q, target=cpu_target("znver3")).get_global_vars()}
+    assert not [n for n in avx2 if "vnni" in n or "ubsw" in n], avx2
+    monkeypatch.setattr(int8, "int8_dot", lambda target: "exact")
+    assert len([n for n in _func_names(q) if n.startswith(("qconv1x1_exact_", "qgemm_exact_"))]) == 4
+    got, ref = _built_and_reference(q, x)
+    assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()
+    assert np.corrcoef(got.ravel(), ref.ravel())[0, 1] > 0.999
+
+
+def test_cross_compiled_artifact_records_its_isa_and_refuses_a_cpu_without_it(tmp_path, monkeypatch):
+    """compile(cpu="znver4") builds AVX-512 + VNNI code on any machine: the manifest lists the extensions, the
+    library holds `vpdpbusd`, and loading it where one is missing is a clear error instead of an illegal
+    instruction; a misspelt CPU name is refused before building."""
+    import subprocess
+
+    from graphopt.errors import ArtifactError, TargetError
+    from graphopt.targets.tvm import host
+    q, x = _int8_block()
+    out = graphopt.compile(q, "llvm", output=tmp_path / "art", cpu="znver4")
+    from graphopt.targets.artifact import read_manifest
+    info = read_manifest(out)["target_info"]
+    assert info["mcpu"] == "znver4" and {"avx512f", "avx512vnni"} <= set(info["isa"])
+    dis = subprocess.run(["objdump", "-d", str(out / "model.so")], capture_output=True, text=True).stdout
+    assert "vpdpbusd" in dis
+    monkeypatch.setattr(host, "host_isa", lambda: {"sse4.2", "avx", "avx2", "fma", "f16c", "bmi2"})
+    with pytest.raises(ArtifactError, match="avx512f.*avx512vnni"):
+        graphopt.load(out)
+    with pytest.raises(TargetError, match="sapphirerapids"):
+        graphopt.compile(q, "llvm", output=tmp_path / "bad", cpu="sapphirerapid")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_kernels_shaped_for_avx512_compute_the_same_here(monkeypatch):
+    """A --cpu with AVX-512 shapes the float kernels for 16 fp32 lanes. This machine may not run AVX-512, but LLVM
+    splits 16-lane vectors for AVX2, so the same kernels (wider tiles, other tails) are checked for numbers here."""
+    from graphopt.targets.tvm.cpu import rules
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 24, 3, 2, 1), torch.nn.ReLU6(), torch.nn.Conv2d(24, 40, 1),
+                                torch.nn.ReLU6(), torch.nn.Conv2d(40, 40, 3, 1, 1, groups=40),
+                                torch.nn.Conv2d(40, 24, 1), torch.nn.Flatten(2), torch.nn.Linear(196, 40)).eval()
+    x = torch.randn(1, 3, 28, 28)
+    g = graphopt.trace(model, (x,))
+    narrow = lower_to_relax(g).script()
+    assert rules.vector_lanes(cpu_target("znver4")) == 16
+    monkeypatch.setattr(rules, "vector_lanes", lambda target, dtype_bits=32: 512 // dtype_bits)
+    assert lower_to_relax(g).script() != narrow  # the kernels did change shape
+    _assert_built_matches(g, model, x)

@@ -111,15 +111,37 @@ def _tile_store(co: str, c0: str, nv: int, p: int, clamp, out_q, dequantized: bo
     return store
 
 
+DOTS = ("ubsw", "vnni", "exact")
+
+
+def quad_dot(acc: str, u8: str, s8: str, dot: str) -> str:
+    """TVMScript of acc (int32x8) plus, per lane, the 4 products of u8 (uint8x32) and s8 (int8x32) bytes 4l..4l+3:
+    - "vnni": one `vpdpbusd` (AVX-VNNI or AVX512-VNNI + VL), exact for any bytes;
+    - "ubsw": `vpmaddubsw` (pairs summed in int16 with saturation: exact only under `ubsw_exact`), then `vpmaddwd`
+      by ones; AVX2;
+    - "exact": the same sum in plain widened vector arithmetic, the reference that runs on any CPU (tests check
+      the vnni kernels' layout and epilogue through it where the CPU has no VNNI)."""
+    if dot == "vnni":  # LLVM 22 declares the byte operands as <32 x i8>: unsigned first, signed second
+        return f'T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx512.vpdpbusd.256", {acc}, {u8}, {s8})'
+    if dot == "ubsw":
+        return (f'{acc} + T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", T.call_llvm_pure_intrin('
+                f'"int16x16", "llvm.x86.avx2.pmadd.ub.sw", {u8}, {s8}), T.broadcast(T.int16(1), 16))')
+    if dot == "exact":
+        prod = f'(T.Cast("int32x32", {u8}) * T.Cast("int32x32", {s8}))'
+        return f"{acc} + " + " + ".join(f"T.Shuffle([{prod}], {list(range(j, 32, 4))})" for j in range(4))
+    raise ValueError(f"unknown int8 dot product '{dot}' (one of {', '.join(DOTS)})")
+
+
 def qconv1x1_ubsw_source(cout: int, cin: int, p: int, nv: int, clamp: tuple[float, float] | None = None,
                          out_q: tuple[float, int, int, int] | None = None, dequantized: bool = False,
-                         float_bias: bool = False) -> str:
+                         float_bias: bool = False, dot: str = "ubsw") -> str:
     """The pointwise kernel for weights where u8 x s8 pairs cannot saturate (`ubsw_exact`, 7-bit weights): each
     task takes a chunk of pixel blocks (8nv pixels each) and a group of channel blocks. It first rewrites its
     pixels once as uint8 quads (x + 128; 4 channels of a pixel side by side: [block, Cin/4, 8nv, 4]), so that every
     channel block then reads one 32-byte vector per 8 pixels and quad, with no shuffles, for 6 `vpmaddubsw` against
     broadcast weight quads (`vpmaddwd` by ones widens the int16 pair sums). The int16 kernel above interleaves and
-    sign-extends the same bytes again for every 6 channels. The epilogue is the same."""
+    sign-extends the same bytes again for every 6 channels. The epilogue is the same. With `dot="vnni"` each
+    product is one `vpdpbusd` into the int32 accumulator instead (exact for any int8 weight; see `quad_dot`)."""
     nr, k4 = 8 * nv, -(-cin // 4)
     mt, cb = -(-cout // MR), -(-p // nr)
     nblk = max(1, min(cb, 16384 // (k4 * 4 * nr)))  # a chunk's quads fit half of L1
@@ -149,13 +171,12 @@ def qconv1x1_ubsw_source(cout: int, cin: int, p: int, nv: int, clamp: tuple[floa
     for v in range(nv):
         acc = f"acc[T.ramp(i * {nr} + {v * 8}, 1, 8)]"
         steps += f"""
-                            {acc} = {acc} + T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", T.call_llvm_pure_intrin(
-                                "int16x16", "llvm.x86.avx2.pmadd.ub.sw", xq[T.ramp(((b - b0) * {k4} + q) * {nr * 4} + {v * 32}, 1, 32)],
-                                T.reinterpret("int8x32", T.broadcast(w4[(c * {k4} + q) * {MR} + i], 8))), T.broadcast(T.int16(1), 16))"""
+                            {acc} = {quad_dot(acc, f"xq[T.ramp(((b - b0) * {k4} + q) * {nr * 4} + {v * 32}, 1, 32)]",
+                                              f'T.reinterpret("int8x32", T.broadcast(w4[(c * {k4} + q) * {MR} + i], 8))', dot)}"""
     store = _tile_store(f"c * {MR} + i", c0, nv, p, clamp, out_q, dequantized, float_bias, " " * 24)
     return f"""
 @T.prim_func(private=True)
-def qconv1x1_ubsw(x: T.Buffer(({cin * p},), "int8"), w4: T.Buffer(({mt * k4 * MR},), "int32"),
+def qconv1x1_{dot}(x: T.Buffer(({cin * p},), "int8"), w4: T.Buffer(({mt * k4 * MR},), "int32"),
                   off: T.Buffer(({mt * MR},), "int32"), mult: T.Buffer(({mt * MR},), "float32"),{bias_arg}
                   qp: T.Buffer((4,), "float32"),
                   out: T.Buffer(({cout * p},), "{'int8' if out_q and not dequantized else 'float32'}")):
@@ -213,11 +234,20 @@ def pack_pairs(wq: np.ndarray, mt: int, wbits: int = 8) -> np.ndarray:
 
 
 def int8_kernels_available(target) -> bool:
+    return int8_dot(target) is not None
+
+
+def int8_dot(target) -> str | None:
+    """The u8 x s8 quad product graphopt's int8 kernels use on `target`: "vnni" (`vpdpbusd`: AVX-VNNI, or
+    AVX512-VNNI with 256-bit forms, AVX512-VL), "ubsw" (AVX2), or None (no int8 kernels: TVM's generic lowering)."""
     from tvm.target import codegen
     try:
-        return bool(codegen.llvm_cpu_has_features(["avx2"], target))
+        if codegen.llvm_cpu_has_features(["avxvnni"], target) or \
+                codegen.llvm_cpu_has_features(["avx512vnni", "avx512vl"], target):
+            return "vnni"
+        return "ubsw" if codegen.llvm_cpu_has_features(["avx2"], target) else None
     except Exception:
-        return False
+        return None
 
 
 def qconv1x1_applies(x_shape) -> bool:
@@ -252,9 +282,9 @@ def epilogue_constants(wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | 
 
 def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | None, sx: float, zx: int,
                   x_shape, clamp: tuple[float, float] | None, out_q: tuple[float, int, int, int] | None,
-                  dequantized: bool = False):
+                  dequantized: bool = False, dot: str = "ubsw"):
     """Pointwise qconv2d of xq int8 [1, Cin, H, W] -> [1, Cout, H, W]: int8 on out_q's grid (or the floats of that
-    grid with `dequantized`), else float32."""
+    grid with `dequantized`), else float32. `dot` is the target's quad product (`int8_dot`)."""
     import tvm
     from tvm import relax
     from tvm.script import tirx as T
@@ -265,15 +295,16 @@ def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray
     mt = -(-cout // MR)
     w2 = wq.reshape(cout, cin)
     wbits = 4 if fits_int4(w2) else 8
-    # 7-bit weights (no u8 x s8 pair can saturate) take the quad kernel; int4 ones stay nibbles (the artifact size
-    # is why they were chosen) on the int16 kernel, as do full-range int8 weights
-    ubsw = wbits == 8 and ubsw_exact(np.pad(w2, ((0, 0), (0, cin % 2))))
+    # with VNNI every int8 weight takes the quad kernel; on AVX2 7-bit weights do (no u8 x s8 pair can saturate);
+    # int4 ones stay nibbles (the artifact size is why they were chosen) on the int16 kernel, as do full-range int8
+    # weights without VNNI
+    ubsw = wbits == 8 and (dot != "ubsw" or ubsw_exact(np.pad(w2, ((0, 0), (0, cin % 2)))))
     consts = epilogue_constants(wq, w_scales, bias, sx, zx + 128 * ubsw, mt, out_q)
     tag = (f"{cout}x{cin}x{p}" + ("" if clamp is None else "_clamp") + ("_q" if out_q else "") + ("dq" if dequantized else "")
            + ("_w4" if wbits == 4 else ""))
     if ubsw:
-        src = qconv1x1_ubsw_source(cout, cin, p, nv, clamp, out_q, dequantized, consts[2] is not None)
-        packed, name = pack_quads(w2, mt), f"qconv1x1_ubsw_{tag}"
+        src = qconv1x1_ubsw_source(cout, cin, p, nv, clamp, out_q, dequantized, consts[2] is not None, dot)
+        packed, name = pack_quads(w2, mt), f"qconv1x1_{dot}_{tag}"
     else:
         src = qconv1x1_source(cout, cin, p, nv, clamp, out_q, dequantized, wbits, consts[2] is not None)
         packed, name = pack_pairs(w2, mt, wbits), f"qconv1x1_{tag}"
@@ -298,8 +329,8 @@ def qgemm_source(m: int, k: int, n: int, float_bias: bool = False) -> str:
     row tile overlaps the one before it (M >= 6, any M % 6)."""
     kp, mt, nt = k // 2, -(-m // MR), n // NR_GEMM
 
-    def product(h: int, r0: str) -> str:
-        return (f'T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", '
+    def product(h: int, r0: str, acc: str) -> str:
+        return (f'{acc} + T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", '
                 f'T.Cast("int16x16", wp[T.ramp((((t // {mt}) * {kp} + kk) * 2 + {h}) * 16, 1, 16)]), '
                 f'T.reinterpret("int16x16", T.broadcast(T.reinterpret("int32", a[T.ramp(({r0} + i) * {k} + 2 * kk, 1, 2)]), 8)))')
     return _qgemm_frame("qgemm", m, n, f'a: T.Buffer(({m * k},), "int16"), wp: T.Buffer(({nt * kp * 2 * 16},), "int8")',
@@ -309,7 +340,8 @@ def qgemm_source(m: int, k: int, n: int, float_bias: bool = False) -> str:
 def _qgemm_frame(name: str, m: int, n: int, inputs: str, steps_k: int, product, float_bias: bool) -> str:
     """The int8 GEMM around a reduction step: 6 x 16 int32 tiles in registers, panel-major tasks (the last row
     tile overlaps the one before it), the epilogue (acc - offset) * multiplier (+ float bias) per column.
-    product(h, r0) is the int32x8 that step kk adds to row i's half h (columns 8h..8h+7) of the tile at row r0."""
+    product(h, r0, acc) is the int32x8 that step kk makes of acc, row i's half h (columns 8h..8h+7) of the tile at
+    row r0."""
     mt = -(-m // MR)
     r0 = f"T.min((t % {mt}) * {MR}, {m - MR})"
     col = f"(t // {mt}) * {NR_GEMM}"
@@ -317,7 +349,7 @@ def _qgemm_frame(name: str, m: int, n: int, inputs: str, steps_k: int, product, 
     for h in range(2):
         acc = f"acc[T.ramp(i * 16 + {h * 8}, 1, 8)]"
         steps += f"""
-                {acc} = {acc} + {product(h, r0)}"""
+                {acc} = {product(h, r0, acc)}"""
     store = ""
     for h in range(2):
         cols = f"T.ramp({col} + {h * 8}, 1, 8)"
@@ -358,22 +390,21 @@ def ubsw_exact(wq: np.ndarray) -> bool:
     return bool(np.clip(w, 0, None).sum(2).max(initial=0) <= 128 and (-np.clip(w, None, 0)).sum(2).max(initial=0) <= 128)
 
 
-def qgemm_ubsw_source(m: int, k: int, n: int, float_bias: bool = False) -> str:
+def qgemm_ubsw_source(m: int, k: int, n: int, float_bias: bool = False, dot: str = "ubsw") -> str:
     """TVMScript of y[M, N] = dequant(a[M, K] @ W^T) with a as uint8 (the int8 activation + 128, written by the
     producing quantize) and W int8 packed as quads per panel of 16 columns: per reduction step of 4 one 32-bit
     broadcast of a[m, 4k:4k+4] and two 32-byte panel loads feed 12 `vpmaddubsw` (32 multiply-adds each, pairs
     summed in int16: exact when `ubsw_exact` holds) and 12 `vpmaddwd` by ones (int16 pairs -> int32). Twice the
     multiply-adds per instruction of the int16 kernel and no sign-extending loads: on AVX2 without VNNI the
     vector pipes, not the multipliers, bound the int16 kernel. The epilogue is `qgemm_source`'s (its offsets
-    include 128 x sum(w) for the shifted activations)."""
+    include 128 x sum(w) for the shifted activations). With `dot="vnni"` one `vpdpbusd` per 32 bytes replaces the
+    pair of instructions and any int8 weight is exact (`quad_dot`)."""
     kq, mt, nt = k // 4, -(-m // MR), n // NR_GEMM
 
-    def product(h: int, r0: str) -> str:
-        quad = f'T.reinterpret("int8x32", T.broadcast(T.reinterpret("int32", a[T.ramp(({r0} + i) * {k} + 4 * kk, 1, 4)]), 8))'
-        pairs = (f'T.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", {quad}, '
-                 f'wp[T.ramp((((t // {mt}) * {kq} + kk) * 2 + {h}) * 32, 1, 32)])')
-        return f'T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", {pairs}, T.broadcast(T.int16(1), 16))'
-    return _qgemm_frame("qgemm_ubsw", m, n, f'a: T.Buffer(({m * k},), "uint8"), wp: T.Buffer(({nt * kq * 2 * 32},), "int8")',
+    def product(h: int, r0: str, acc: str) -> str:
+        quad = f'T.reinterpret("uint8x32", T.broadcast(T.reinterpret("int32", a[T.ramp(({r0} + i) * {k} + 4 * kk, 1, 4)]), 8))'
+        return quad_dot(acc, quad, f"wp[T.ramp((((t // {mt}) * {kq} + kk) * 2 + {h}) * 32, 1, 32)]", dot)
+    return _qgemm_frame(f"qgemm_{dot}", m, n, f'a: T.Buffer(({m * k},), "uint8"), wp: T.Buffer(({nt * kq * 2 * 32},), "int8")',
                         kq, product, float_bias)
 
 
@@ -407,9 +438,9 @@ def emit_qgemv(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | 
 
 
 def emit_qlinear(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | None, sx: float, zx: int,
-                 x_shape):
+                 x_shape, dot: str = "ubsw"):
     """qlinear of xq int8 [..., K] with a constant int8 weight [N, K] -> float32 [..., N]; None when the kernel
-    does not apply (the caller lowers it generically)."""
+    does not apply (the caller lowers it generically). `dot` is the target's quad product (`int8_dot`)."""
     import math
 
     import tvm
@@ -425,13 +456,14 @@ def emit_qlinear(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray 
     n_pad = -(-n // NR_GEMM) * NR_GEMM  # channel-pruned widths: zero columns past N, sliced off below
     w = np.zeros((n_pad, k), np.int8)
     w[:n] = wq
-    # u8 x s8 pairs when they cannot saturate (7-bit weights), else exact int16 pairs; the activation copy (int16,
-    # or shifted to uint8: x + 128, which the offsets undo) fuses into the quantize that produced xq
-    ubsw = k % 4 == 0 and ubsw_exact(w)
+    # u8 x s8 quads with VNNI, or on AVX2 when no pair can saturate (7-bit weights), else exact int16 pairs; the
+    # activation copy (int16, or shifted to uint8: x + 128, which the offsets undo) fuses into the quantize that
+    # produced xq
+    ubsw = k % 4 == 0 and (dot != "ubsw" or ubsw_exact(w))
     off, mult, fb = epilogue_constants(w, np.pad(w_scales, (0, n_pad - n)), None if bias is None else
                                        np.pad(bias, (0, n_pad - n)), sx, zx + 128 * ubsw, n_pad // MR + 1)
     if ubsw:
-        src, packed, name = qgemm_ubsw_source(m, k, n_pad, fb is not None), pack_gemm_quads(w), "qgemm_ubsw"
+        src, packed, name = qgemm_ubsw_source(m, k, n_pad, fb is not None, dot), pack_gemm_quads(w), f"qgemm_{dot}"
         a = relax.op.astype(relax.op.add(relax.op.astype(xq, "int16"), relax.const(128, "int16")), "uint8")
     else:
         src, packed, name = qgemm_source(m, k, n_pad, fb is not None), pack_gemm_pairs(w), "qgemm"
