@@ -1,5 +1,6 @@
-"""Sparse linear kernels vs dense, per shape and sparsity, in one run: graphopt's TVM kernels (dense rules and every
-sparse layout, through the same cost oracle select-sparse-layout uses) against ONNX Runtime and PyTorch dense.
+"""Sparse linear and pointwise conv kernels vs dense, per shape and sparsity, in one run: graphopt's TVM kernels
+(dense kernels and every sparse layout, through the same cost oracle select-sparse-layout uses) against ONNX Runtime
+and PyTorch dense.
 
 Goal (issue 6): at >= 80% sparsity the chosen sparse kernel is >= 0.5/density times faster than dense; where sparse
 loses, dense is chosen. Masks are block-structured (sparsify{block=4x4}) or unstructured (csr).
@@ -10,35 +11,46 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
 
-SHAPES = [  # (name, M, K, N)
-    ("minilm-ffn-in", 128, 384, 1536),
-    ("minilm-ffn-out", 128, 1536, 384),
-    ("bert-768", 128, 768, 768),
-    ("classifier", 1, 1280, 1000),
+SHAPES = [  # (name, op, M, K, N): M tokens (linear) or pixels of a batch-1 pointwise conv (conv1x1)
+    ("minilm-ffn-in", "linear", 128, 384, 1536),
+    ("minilm-ffn-out", "linear", 128, 1536, 384),
+    ("bert-768", "linear", 128, 768, 768),
+    ("classifier", "linear", 1, 1280, 1000),
+    ("mbv2-project-14", "conv1x1", 196, 576, 96),  # MobileNetV2's pointwise convs
+    ("mbv2-expand-14", "conv1x1", 196, 96, 576),
+    ("mbv2-head-7", "conv1x1", 49, 320, 1280),
+    ("mbv2-expand-56", "conv1x1", 3136, 24, 144),
 ]
 LAYOUTS = ["csr", "bsr4x4", "bsr1x16", "bsr8x1"]
 
 
-def _ort_dense(m, k, n, w, threads):
+def _ort_dense(op, m, k, n, w, threads):
     import numpy as np
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "wt"], ["y"])], "mm",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
-                          [numpy_helper.from_array(w.t().contiguous().numpy(), "wt")])
+    if op == "conv1x1":  # NCHW [1, K, H, W], square where M is
+        h = math.isqrt(m) if math.isqrt(m) ** 2 == m else m
+        xs, ys = [1, k, h, m // h], [1, n, h, m // h]
+        node, wt = helper.make_node("Conv", ["x", "wt"], ["y"]), w.reshape(n, k, 1, 1).contiguous().numpy()
+    else:
+        xs, ys = [m, k], [m, n]
+        node, wt = helper.make_node("MatMul", ["x", "wt"], ["y"]), w.t().contiguous().numpy()
+    g = helper.make_graph([node], "mm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, xs)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ys)],
+                          [numpy_helper.from_array(wt, "wt")])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     with tempfile.NamedTemporaryFile(suffix=".onnx") as f:
         onnx.save(model, f.name)
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         sess = ort.InferenceSession(f.name, so)
-    x = np.random.default_rng(0).standard_normal((m, k)).astype("float32")
+    x = np.random.default_rng(0).standard_normal(xs).astype("float32")
     return _best(lambda: sess.run(None, {"x": x}))
 
 
@@ -58,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sparsities", default="0.5,0.8,0.9,0.95")
-    ap.add_argument("--quick", action="store_true", help="one shape, two sparsities")
+    ap.add_argument("--quick", action="store_true", help="one linear and one conv shape, two sparsities")
     ap.add_argument("--out", default="benchmarks/results/sparse_kernels.json")
     args = ap.parse_args(argv)
 
@@ -67,21 +79,27 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     torch.set_num_threads(args.threads)
     from graphopt.ir.files import atomic_write_bytes
+    from graphopt.ir.sparse_ops import layout_block
     from graphopt.passes.prune.masks import expand_blocks
     from graphopt.targets.tvm.cpu.cost import CpuCostOracle
 
     oracle = CpuCostOracle(cache=os.path.join(tempfile.gettempdir(), "graphopt-bench-layout-costs.json"))
-    shapes = SHAPES[2:3] if args.quick else SHAPES
+    shapes = [SHAPES[2], SHAPES[4]] if args.quick else SHAPES
     sparsities = [0.8, 0.9] if args.quick else [float(s) for s in args.sparsities.split(",")]
     rows = []
-    for name, m, k, n in shapes:
+    for name, op, m, k, n in shapes:
         torch.manual_seed(0)
         w0 = torch.randn(n, k)
-        x = torch.randn(m, k)
-        ort_t = _ort_dense(m, k, n, w0, args.threads)
+        ort_t = _ort_dense(op, m, k, n, w0, args.threads)
         with torch.no_grad():
-            torch_t = _best(lambda: torch.nn.functional.linear(x, w0))
-        dense_t = oracle.measure("linear", (m, k, n), "dense", w0)
+            if op == "conv1x1":
+                h = math.isqrt(m) if math.isqrt(m) ** 2 == m else m
+                x = torch.randn(1, k, h, m // h)
+                torch_t = _best(lambda: torch.nn.functional.conv2d(x, w0[:, :, None, None]))
+            else:
+                x = torch.randn(m, k)
+                torch_t = _best(lambda: torch.nn.functional.linear(x, w0))
+        dense_t = oracle.measure(op, (m, k, n), "dense", w0)
         for s in sparsities:
             for pattern in ("block4x4", "unstructured"):
                 if pattern == "block4x4":
@@ -89,11 +107,12 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     mask = torch.rand(n, k) >= s
                 w = w0 * mask
-                times = {lay: oracle.measure("linear", (m, k, n), lay, w) for lay in LAYOUTS}
+                times = {lay: oracle.measure(op, (m, k, n), lay, w) for lay in LAYOUTS
+                         if k % layout_block(lay)[1] == 0 and n % layout_block(lay)[0] == 0}
                 best = min(times, key=times.get)
                 chosen = best if times[best] * 1.1 <= dense_t else "dense"
                 chosen_t = times.get(chosen, dense_t)
-                row = {"shape": name, "m": m, "k": k, "n": n, "sparsity": s, "pattern": pattern,
+                row = {"shape": name, "op": op, "m": m, "k": k, "n": n, "sparsity": s, "pattern": pattern,
                        "tvm_dense_us": round(dense_t * 1e6, 1), "ort_dense_us": round(ort_t * 1e6, 1),
                        "torch_dense_us": round(torch_t * 1e6, 1),
                        "layouts_us": {k2: round(v * 1e6, 1) for k2, v in times.items()},

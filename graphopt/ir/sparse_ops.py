@@ -1,4 +1,5 @@
-"""graphopt's sparse linear op (torch.library custom op `graphopt::bsr_linear`) and the BSR format it reads.
+"""graphopt's sparse ops (torch.library custom ops `graphopt::bsr_linear` and `graphopt::bsr_conv1x1`, a pointwise
+conv) and the BSR format they read.
 
 A weight W [N, K] in block-sparse-row (BSR) form with R x C blocks: `data[nnzb, R, C]` are the stored blocks,
 `indices[nnzb]` their block-column, `indptr[N/R + 1]` where each block-row starts. CSR is BSR with 1 x 1 blocks.
@@ -86,20 +87,41 @@ def _(x, data, indices, indptr, bias, n):
     return x.new_empty((*x.shape[:-1], n))
 
 
+@torch.library.custom_op("graphopt::bsr_conv1x1", mutates_args=())
+def bsr_conv1x1(x: torch.Tensor, data: torch.Tensor, indices: torch.Tensor, indptr: torch.Tensor,
+                bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    """A pointwise conv (stride 1, no padding, one group) of x [B, K, H, W] with W [n, K] given in BSR form."""
+    w = bsr_dense(data, indices, indptr, n, x.shape[1])
+    return torch.nn.functional.conv2d(x, w[:, :, None, None], bias)
+
+
+@bsr_conv1x1.register_fake
+def _(x, data, indices, indptr, bias, n):
+    return x.new_empty((x.shape[0], n, *x.shape[2:]))
+
+
+SPARSE_OPS = ("bsr_linear.default", "bsr_conv1x1.default")
+
+
 def densify(graph: "Graph") -> "Graph":
-    """A clone of `graph` with every bsr_linear back to aten.linear over the dense weight (for targets, such as
-    ONNX, that have no sparse op; the zeros stay exact)."""
+    """A clone of `graph` with every bsr_linear / bsr_conv1x1 back to aten.linear / aten.conv2d over the dense
+    weight (for targets, such as ONNX, that have no sparse op; the zeros stay exact)."""
     g = graph.clone()
     changed = False
     for node in list(g.gm.graph.nodes):
-        if node.op != "call_function" or node.target is not torch.ops.graphopt.bsr_linear.default:
+        if node.op != "call_function" or getattr(node.target, "__name__", "") not in SPARSE_OPS:
             continue
         x, d, i, p, bias, n = node.args
+        conv = node.target is torch.ops.graphopt.bsr_conv1x1.default
         w = bsr_dense(g.get_param(d.target), g.get_param(i.target), g.get_param(p.target), int(n),
-                      int(x.meta["val"].shape[-1]))
-        wnode = g.add_param(d.target.replace("_bsr_data", "") + "_dense", w, before=node)
+                      int(x.meta["val"].shape[1 if conv else -1]))
+        wnode = g.add_param(d.target.replace("_bsr_data", "") + "_dense", w[:, :, None, None] if conv else w,
+                            before=node)
         with g.gm.graph.inserting_before(node):
-            new = g.gm.graph.call_function(torch.ops.aten.linear.default, (x, wnode, bias))
+            if conv:
+                new = g.gm.graph.call_function(torch.ops.aten.conv2d.default, (x, wnode, bias))
+            else:
+                new = g.gm.graph.call_function(torch.ops.aten.linear.default, (x, wnode, bias))
         node.replace_all_uses_with(new)
         g.gm.graph.erase_node(node)
         changed = True

@@ -69,6 +69,9 @@ def node_macs(n: fx.Node) -> int:
     if getattr(t, "__name__", "") == "bsr_linear.default":  # stored blocks only: the work the sparse kernel does
         d = _shape(n.args[1])
         return (numel // out[-1]) * math.prod(d) if d else 0
+    if getattr(t, "__name__", "") == "bsr_conv1x1.default":  # stored blocks x pixels
+        d = _shape(n.args[1])
+        return (numel // out[1]) * math.prod(d) if d else 0
     if t is aten.baddbmm.default:
         a = _shape(n.args[1])
         return numel * a[-1] if a else 0

@@ -1,6 +1,7 @@
-"""select-sparse-layout: for each masked linear weight, time every candidate layout for that exact shape and block
-count on the target (through ctx.target's cost oracle, cached), keep the fastest that beats dense by at least
-`min-speedup`, and rewrite the layer to graphopt::bsr_linear. Never slower than dense: dense is always measured."""
+"""select-sparse-layout: for each masked linear weight (and, on the CPU, each masked batch-1 pointwise conv), time
+every candidate layout for that exact shape and block count on the target (through ctx.target's cost oracle,
+cached), keep the fastest that beats dense by at least `min-speedup`, and rewrite the layer to graphopt::bsr_linear
+(graphopt::bsr_conv1x1). Never slower than dense: dense is always measured."""
 from __future__ import annotations
 
 import math
@@ -16,6 +17,21 @@ from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, regist
 aten = torch.ops.aten
 
 
+def _pointwise(node) -> str:
+    """Why an aten.conv2d node is not a sparse pointwise conv candidate ("" when it is): 1x1, stride 1, no padding,
+    no dilation, one group, batch 1 (the kernel's layout)."""
+    args = list(node.args) + [None] * (7 - len(node.args))
+    stride, padding, dilation, groups = (args[3] or [1, 1], args[4] or [0, 0], args[5] or [1, 1], args[6] or 1)
+    w = node.args[1].meta["val"].shape
+    x = node.args[0].meta["val"].shape
+    if tuple(w[2:]) != (1, 1) or int(groups) != 1 or any(int(v) != 1 for v in stride) \
+            or any(int(v) != 0 for v in padding) or any(int(v) != 1 for v in dilation):
+        return "not a pointwise conv (sparse convs are 1x1, stride 1, no padding, one group)"
+    if len(x) != 4 or int(x[0]) != 1:
+        return f"input batch {int(x[0])}: the sparse pointwise kernel takes batch 1"
+    return ""
+
+
 class LayoutError(GraphoptError):
     """The layout pass cannot measure or rewrite; says what is missing."""
 
@@ -23,8 +39,9 @@ class LayoutError(GraphoptError):
 @register_pass
 class SelectSparseLayout(Pass):
     name = "select-sparse-layout"
-    summary = ("Measure dense vs CSR vs BSR kernels for each masked linear weight on the target and rewrite to the "
-               "fastest sparse layout that beats dense by min-speedup (else keep dense); choices go to the manifest.")
+    summary = ("Measure dense vs CSR vs BSR kernels for each masked linear weight (and batch-1 pointwise conv, on "
+               "the CPU) on the target and rewrite to the fastest sparse layout that beats dense by min-speedup (else "
+               "keep dense); choices go to the manifest.")
     contract = Contract.EXACT
 
     @dataclass
@@ -68,7 +85,8 @@ class SelectSparseLayout(Pass):
         source = "estimated (cost table, no GPU here)" if getattr(oracle, "estimated", False) else "measured"
 
         choices, rewritten = {}, 0
-        layers = [n for n in graph.gm.graph.nodes if n.op == "call_function" and n.target is aten.linear.default
+        kinds = (aten.linear.default,) if gpu else (aten.linear.default, aten.conv2d.default)
+        layers = [n for n in graph.gm.graph.nodes if n.op == "call_function" and n.target in kinds
                   and getattr(n.args[1], "op", None) == "get_attr" and n.args[1].target in graph.masks]
         for node in tqdm(layers, desc="select-sparse-layout", unit="layer", leave=False):
             wnode = node.args[1]
@@ -76,16 +94,26 @@ class SelectSparseLayout(Pass):
             w = graph.get_param(name)
             if not w.is_floating_point() or w.dtype != torch.float32:
                 continue
+            conv = node.target is aten.conv2d.default
             sparsity = float((w == 0).float().mean())
             xshape = tuple(node.args[0].meta["val"].shape)
-            n, k = w.shape
-            m = math.prod(xshape[:-1]) if len(xshape) > 1 else 1
+            if conv:  # [Cout, Cin, 1, 1] over [1, Cin, H, W]: an [Cout, Cin] weight times H*W pixel columns
+                w = w.reshape(w.shape[0], -1)
+                n, k = w.shape
+                m = math.prod(xshape[2:])
+            else:
+                n, k = w.shape
+                m = math.prod(xshape[:-1]) if len(xshape) > 1 else 1
             # estimated timings are relative (dense = 1), and say so
-            rec = {"node": node.name, "shape": [m, k, n], "sparsity": round(sparsity, 4), "timings_us": {},
-                   "choice": "dense", "timing_source": source}
+            rec = {"node": node.name, "op": "conv1x1" if conv else "linear", "shape": [m, k, n],
+                   "sparsity": round(sparsity, 4), "timings_us": {}, "choice": "dense", "timing_source": source}
             choices[name] = rec
             if sparsity < o.min_sparsity:
                 rec["reason"] = f"sparsity {sparsity:.2f} < min-sparsity {o.min_sparsity}"
+                continue
+            why = _pointwise(node) if conv else ""
+            if why:
+                rec["reason"] = why
                 continue
             if gpu:  # the target says whether its 2:4 kernel can take this weight (passes never import targets)
                 why = oracle.applies("sp24", w.detach().numpy())
@@ -97,7 +125,7 @@ class SelectSparseLayout(Pass):
                 if block is not None and (n % block[0] or k % block[1]):
                     rec["timings_us"][lay] = None  # shape not divisible into these blocks
                     continue
-                t = oracle.measure("linear", (m, k, n), lay, w)
+                t = oracle.measure(rec["op"], (m, k, n), lay, w)
                 rec["timings_us"][lay] = round(t, 4) if source != "measured" else round(t * 1e6, 2)
             dense_t = rec["timings_us"]["dense"]
             sparse = {lay: t for lay, t in rec["timings_us"].items() if lay != "dense" and t is not None}
@@ -115,14 +143,14 @@ class SelectSparseLayout(Pass):
                 idx = graph.add_param(f"{name}_bsr_indices", s.indices, before=node)
                 ptr = graph.add_param(f"{name}_bsr_indptr", s.indptr, before=node)
                 bias = node.args[2] if len(node.args) > 2 else None
-                new = graph.gm.graph.call_function(torch.ops.graphopt.bsr_linear.default,
-                                                   (node.args[0], data, idx, ptr, bias, int(n)))
+                op = torch.ops.graphopt.bsr_conv1x1.default if conv else torch.ops.graphopt.bsr_linear.default
+                new = graph.gm.graph.call_function(op, (node.args[0], data, idx, ptr, bias, int(n)))
             new.meta.update({k: v for k, v in node.meta.items() if k != "val"})
             node.replace_all_uses_with(new)
             graph.gm.graph.erase_node(node)
             rewritten += 1
         if not choices:
-            raise LayoutError("select-sparse-layout: no masked linear weight in the graph; run sparsify, "
+            raise LayoutError("select-sparse-layout: no masked linear or conv weight in the graph; run sparsify, "
                               "sparsify-nm, lottery-ticket or rigl first")
         graph.gm.graph.eliminate_dead_code()
         graph.remove_unused_params()

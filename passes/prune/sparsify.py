@@ -50,8 +50,9 @@ class Sparsify(Pass):
                     "`epochs` of distillation, fine-tune for the rest (needs data)"})
         steps: int = field(default=8, metadata={"help": "pruning steps of the gmp schedule"})
         block: str = field(default="1x1", metadata={
-            "help": "RxC: remove whole R x C blocks of linear weights (scored by mean |w|), the shape BSR kernels "
-                    "turn into speed; 1x1 is unstructured. Conv weights stay unstructured"})
+            "help": "RxC: remove whole R x C blocks of linear and pointwise (1x1) conv weights (scored by mean "
+                    "|w|), the shape BSR kernels turn into speed; 1x1 is unstructured. Other conv weights stay "
+                    "unstructured"})
         protect: list[str] = field(default_factory=list, metadata={
             "help": "node or parameter names (glob) whose weights stay dense"})
 
@@ -76,6 +77,8 @@ class Sparsify(Pass):
         pooled, plain = {}, {}
         for name, w in weights.items():
             kept = w * graph.masks[name] if name in graph.masks else w
+            if kept.dim() == 4 and tuple(kept.shape[2:]) == (1, 1):  # a pointwise conv: an [O, I] matrix
+                kept = kept.reshape(kept.shape[:2])
             b = block_scores(kept, block)
             if b is None:
                 plain[name] = w
@@ -83,7 +86,7 @@ class Sparsify(Pass):
                 pooled[name] = b
         if pooled:
             for name, m in magnitude_masks(pooled, sparsity, o.scope).items():
-                graph.set_mask(name, expand_blocks(m, block), f"block{o.block}")
+                graph.set_mask(name, expand_blocks(m, block).reshape(weights[name].shape), f"block{o.block}")
         if plain:
             set_masks(graph, magnitude_masks(plain, sparsity, o.scope, graph.masks), "unstructured")
 

@@ -318,6 +318,30 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         return emit_bsr_linear(importer.block_builder, x, data, indices, indptr, bias, node.args[0].meta["val"].shape,
                                int(node.args[5]), (int(dshape[1]), int(dshape[2])), int(dshape[0]))
 
+    def bsr_conv1x1(node, importer):
+        """The sparse pointwise conv, with bias, a residual add and a clamp after it fused into the store, as the
+        dense pointwise kernel does."""
+        from graphopt.targets.tvm.cpu.sparse import emit_bsr_conv1x1
+        x_shape = node.args[0].meta["val"].shape
+        if len(x_shape) != 4 or int(x_shape[0]) != 1:
+            raise UnsupportedOpError(node.name, "graphopt.bsr_conv1x1", f"the sparse pointwise kernel takes batch 1, "
+                                     f"not input {list(x_shape)}: run select-sparse-layout on a batch-1 graph")
+        x, data, indices, indptr = (importer.env[a] for a in node.args[:4])
+        bias = importer.env[node.args[4]] if node.args[4] is not None else None
+        users = list(node.users)
+        residual = _residual_add(node, importer)
+        if residual is not None:
+            fused_adds[users[0]] = node
+            users = list(users[0].users)
+        clamp = _clamp_of(users[0]) if len(users) == 1 else None
+        if clamp is not None:
+            fused_acts.add(users[0])
+            clamp = (clamp[0], min(clamp[1], 3.0e38))
+        dshape = node.args[1].meta["val"].shape
+        return emit_bsr_conv1x1(importer.block_builder, x, data, indices, indptr, bias, x_shape, int(node.args[5]),
+                                (int(dshape[1]), int(dshape[2])), int(dshape[0]), clamp,
+                                None if residual is None else importer.env[residual])
+
     def linear(node, importer):
         # constant float weights go to the packed GEMM micro-kernel (weights laid out at compile time)
         import torch
@@ -560,7 +584,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             generic = {**generic, "linear.default": sparse_linear, "convolution.default": sparse_conv}
         return generic
     return {**generic, "gelu.default": gelu, "convolution.default": convolution,
-            "constant_pad_nd.default": constant_pad_nd, "bsr_linear.default": bsr_linear, "linear.default": linear,
+            "constant_pad_nd.default": constant_pad_nd, "bsr_linear.default": bsr_linear,
+            "bsr_conv1x1.default": bsr_conv1x1, "linear.default": linear,
             "add.Tensor": add,
             **{k: _activation(k) for k in ("relu.default", "relu6.default", "hardtanh.default", "clamp.default")}}
 
@@ -589,8 +614,9 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
     table.pop(torch.ops.aten.linear.default, None)
     if device != "cpu":
         for n in graph.gm.graph.nodes:
-            if n.op == "call_function" and target_name(n.target) == "graphopt.bsr_linear.default":
-                raise UnsupportedOpError(n.name, "graphopt.bsr_linear",
+            if n.op == "call_function" and target_name(n.target) in ("graphopt.bsr_linear.default",
+                                                                     "graphopt.bsr_conv1x1.default"):
+                raise UnsupportedOpError(n.name, target_name(n.target).rsplit(".", 1)[0],
                                          "the cuda targets have no BSR kernel (select-sparse-layout chose it for "
                                          "the CPU): run select-sparse-layout with target='cuda' "
                                          "(candidates=dense,sp24) on the masked graph, or compile with --target "

@@ -710,3 +710,35 @@ def test_kernels_shaped_for_avx512_compute_the_same_here(monkeypatch):
     monkeypatch.setattr(rules, "vector_lanes", lambda target, dtype_bits=32: 512 // dtype_bits)
     assert lower_to_relax(g).script() != narrow  # the kernels did change shape
     _assert_built_matches(g, model, x)
+
+
+@pytest.mark.parametrize("cout,cin,p,block", [(64, 96, 49, (4, 4)), (40, 24, 196, (1, 1)), (32, 64, 3, (1, 16)),
+                                              (24, 16, 3136, (8, 1))])
+def test_sparse_pointwise_kernel_matches_dense(cout, cin, p, block):
+    """The BSR pointwise conv (x read in place as NCHW stores it, bias + residual + ReLU6 in the store): pixel
+    counts that are not whole tiles (49, 196: the last tile overlaps), fewer pixels than a vector (3), CSR and
+    row/column blocks; an empty block-row included."""
+    from tvm import relax
+
+    from graphopt.targets.tvm.cpu.pipeline import build_cpu
+    from graphopt.targets.tvm.cpu.sparse import emit_bsr_conv1x1
+    rng = np.random.default_rng(4)
+    r, c = block
+    keep = rng.random((cout // r, cin // c)) < 0.15
+    keep[1] = False  # a block-row with no stored block
+    w = rng.standard_normal((cout, cin)).astype(np.float32) * np.kron(keep, np.ones((r, c)))
+    w = w.astype(np.float32)
+    s = to_bsr(torch.from_numpy(w), block)
+    b, x, res = (rng.standard_normal(shape).astype(np.float32) for shape in ((cout,), (1, cin, p, 1), (1, cout, p, 1)))
+    bb = relax.BlockBuilder()
+    xv, rv = relax.Var("x", relax.TensorType(x.shape, "float32")), relax.Var("r", relax.TensorType(res.shape, "float32"))
+    with bb.function("main", [xv, rv]):
+        with bb.dataflow():
+            y = emit_bsr_conv1x1(bb, xv, *(relax.const(a.numpy()) for a in (s.data, s.indices, s.indptr)),
+                                 relax.const(b), x.shape, cout, block, s.nnzb, (0.0, 6.0), rv)
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    vm = relax.VirtualMachine(build_cpu(bb.get(), cpu_target()), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(res)).numpy().reshape(cout, p)
+    ref = np.clip(w @ x.reshape(cin, p) + b[:, None] + res.reshape(cout, p), 0.0, 6.0)
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()

@@ -1,7 +1,8 @@
-"""The CPU target's cost oracle: how long does this linear layer take with this weight layout, measured here.
+"""The CPU target's cost oracle: how long does this linear layer (or batch-1 pointwise conv) take with this weight
+layout, measured here.
 
-Each candidate is built the way the compiler would build it (dense: Relax matmul through graphopt's CPU pipeline
-and rules; sparse: the BSR kernels of `sparse.py` with the transposes they need) and timed with TVM's
+Each candidate is built the way the compiler would build it (dense: the packed GEMM / pointwise kernel, else a
+Relax matmul, through graphopt's CPU pipeline and rules; sparse: the BSR kernels of `sparse.py`) and timed with TVM's
 time_evaluator. Results are cached on disk by (target, shape, layout, stored blocks) so a second model with the
 same layers, or a rerun, measures nothing.
 """
@@ -27,7 +28,8 @@ def default_cache() -> Path:
 
 
 class CpuCostOracle:
-    """`measure("linear", (M, K, N), layout, weight)` -> seconds per call on this CPU (cached)."""
+    """`measure("linear", (M, K, N), layout, weight)` -> seconds per call on this CPU (cached); "conv1x1" with M the
+    pixels of a batch-1 pointwise conv and weight [N = Cout, K = Cin]."""
 
     def __init__(self, target=None, cache: str | Path | None = None, repeat: int = 5):
         from graphopt.targets.tvm.host import cpu_target
@@ -48,15 +50,15 @@ class CpuCostOracle:
         return f"{self.target}|{op}|{'x'.join(map(str, shape))}|{layout}|{nnzb}"
 
     def measure(self, op: str, shape: tuple[int, int, int], layout: str, weight: torch.Tensor) -> float:
-        if op != "linear":
-            raise ValueError(f"the CPU cost oracle measures linear layers, not '{op}'")
+        if op not in ("linear", "conv1x1"):
+            raise ValueError(f"the CPU cost oracle measures linear layers and pointwise convs, not '{op}'")
         block = layout_block(layout)
         nnzb = 0 if block is None else to_bsr(weight, block).nnzb
         key = self._key(op, shape, layout, nnzb)
         if key in self._cache:
             self.hits += 1
             return float(self._cache[key])
-        seconds = self._time(shape, block, weight)
+        seconds = self._time(shape, block, weight, op == "conv1x1")
         self.measured += 1
         self._store({key: seconds})
         return seconds
@@ -91,21 +93,30 @@ class CpuCostOracle:
         self._store({keys[name]: t for name, t in seconds.items()})
         return seconds
 
-    def _time(self, shape, block, weight: torch.Tensor) -> float:
+    def _time(self, shape, block, weight: torch.Tensor, conv: bool = False) -> float:
         import tvm
         from tvm import relax
 
         from graphopt.targets.tvm.cpu.gemm import emit_packed_linear
         from graphopt.targets.tvm.cpu.pipeline import build_cpu
         from graphopt.targets.tvm.cpu.rules import vector_lanes
-        from graphopt.targets.tvm.cpu.sparse import emit_bsr_linear
+        from graphopt.targets.tvm.cpu.conv import emit_conv1x1
+        from graphopt.targets.tvm.cpu.sparse import emit_bsr_conv1x1, emit_bsr_linear
 
         m, k, n = shape
         bb = relax.BlockBuilder()
-        x = relax.Var("x", relax.TensorType((m, k), "float32"))
+        x_shape = (1, k, m, 1) if conv else (m, k)
+        x = relax.Var("x", relax.TensorType(x_shape, "float32"))
         with bb.function("main", [x]):
             with bb.dataflow():
-                if block is None:  # what the compiler emits for a dense linear: packed GEMM, else matmul
+                if conv and block is None:  # the pointwise kernel the compiler uses
+                    y = emit_conv1x1(bb, x, weight.reshape(n, k, 1, 1).contiguous().numpy(), None, x_shape,
+                                     vector_lanes(self.target), None)
+                elif conv:
+                    s = to_bsr(weight, block)
+                    y = emit_bsr_conv1x1(bb, x, relax.const(s.data.numpy()), relax.const(s.indices.numpy()),
+                                         relax.const(s.indptr.numpy()), None, x_shape, n, block, s.nnzb)
+                elif block is None:  # what the compiler emits for a dense linear: packed GEMM, else matmul
                     y = emit_packed_linear(bb, x, weight.contiguous().numpy(), None, (m, k),
                                            vector_lanes(self.target))
                     if y is None:
@@ -119,6 +130,6 @@ class CpuCostOracle:
         ex = build_cpu(bb.get(), self.target)
         dev = tvm.cpu()
         vm = relax.VirtualMachine(ex, dev)
-        arg = tvm.runtime.tensor(np.random.default_rng(0).standard_normal((m, k)).astype("float32"), dev)
+        arg = tvm.runtime.tensor(np.random.default_rng(0).standard_normal(x_shape).astype("float32"), dev)
         timer = vm.time_evaluator("main", dev, number=10, repeat=self.repeat, min_repeat_ms=20)
         return float(np.median(timer(arg).results))

@@ -92,7 +92,7 @@ def test_errors():
         graphopt.optimize(g, "select-sparse-layout{min-speedup=0.5}")
     torch.manual_seed(0)
     dense = graphopt.trace(_MLP().eval(), (torch.randn(32, 256),))
-    with pytest.raises(graphopt.PassFailedError, match="no masked linear weight"):
+    with pytest.raises(graphopt.PassFailedError, match="no masked linear or conv weight"):
         graphopt.optimize(dense, "select-sparse-layout", target=_ScriptedOracle(1.0))
 
 
@@ -123,3 +123,61 @@ def test_real_cpu_oracle_measures_and_caches(tmp_path):
     assert t1 > 0 and o.measured == 1
     o2 = CpuCostOracle(cache=tmp_path / "c.json")
     assert o2.measure("linear", (16, 128, 64), "csr", w) == t1 and o2.hits == 1 and o2.measured == 0
+    assert o2.measure("conv1x1", (49, 128, 64), "bsr4x4", w) > 0 and o2.measured == 1  # a pointwise conv: its own key
+
+
+class _PointwiseNet(nn.Module):
+    """A 3x3 conv, then an inverted-residual pair of pointwise convs (ReLU6 between, residual add after)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(8, 64, 3, padding=1)
+        self.expand = nn.Conv2d(64, 128, 1)
+        self.project = nn.Conv2d(128, 64, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        return h + self.project(torch.nn.functional.relu6(self.expand(h)))
+
+
+def test_pointwise_convs_go_sparse_and_the_artifact_matches(tmp_path):
+    """Masked 1x1 convs become graphopt::bsr_conv1x1 (the 3x3 conv is measured for nothing and says why); the
+    graph keeps its numbers, the CPU artifact runs the sparse pointwise kernel with ReLU6 and the residual add in
+    its store, and ONNX export gets the dense weights back."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 14, 14)
+    g = graphopt.optimize(graphopt.trace(_PointwiseNet().eval(), (x,)), "sparsify{sparsity=0.9 block=4x4}")
+    w = g.get_param("expand_weight").reshape(128, 64)
+    assert to_bsr(w, (4, 4)).nnzb * 16 == int((w != 0).sum()) and abs(float((w != 0).float().mean()) - 0.1) < 0.01
+    oracle = _ScriptedOracle(sparse_factor=2.0)
+    out = graphopt.optimize(g, "select-sparse-layout{candidates=dense,csr,bsr4x4}", target=oracle)
+    layers = out.meta["sparse_layout"]
+    assert layers["expand_weight"]["choice"] == layers["project_weight"]["choice"] == "bsr4x4"
+    assert layers["expand_weight"]["op"] == "conv1x1" and layers["expand_weight"]["shape"] == [196, 64, 128]
+    assert layers["stem_weight"]["choice"] == "dense" and "not a pointwise conv" in layers["stem_weight"]["reason"]
+    assert ("conv1x1", (196, 128, 64), "csr") in oracle.calls
+    ops = [n.target for n in out.nodes("call_function")]
+    assert ops.count(torch.ops.graphopt.bsr_conv1x1.default) == 2
+    assert out.stats().macs < g.stats().macs
+    ref = g.run(x)[0]
+    assert (out.run(x)[0] - ref).abs().max() <= 1e-5 * ref.abs().max()
+    from graphopt.targets.tvm.lower import lower_to_relax
+    names = {gv.name_hint for gv in lower_to_relax(out).get_global_vars()}
+    assert any(n.startswith("bsr_conv1x1_") and n.endswith("_clamp") for n in names), names
+    assert any(n.startswith("bsr_conv1x1_") and n.endswith("_res") for n in names), names
+    art = graphopt.compile(out, "llvm", output=tmp_path / "art")
+    got = graphopt.load(art)(x.numpy())[0]
+    assert abs(got - ref.numpy()).max() <= 1e-4 * ref.abs().max().item()
+    onnx_art = graphopt.compile(out, "onnx", output=tmp_path / "onnx")
+    import onnxruntime as ort
+    sess = ort.InferenceSession(str(onnx_art / "model.onnx"))
+    assert abs(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0] - ref.numpy()).max() <= 1e-4 * ref.abs().max().item()
+
+
+def test_pointwise_convs_on_a_batch_stay_dense():
+    torch.manual_seed(0)
+    g = graphopt.optimize(graphopt.trace(_PointwiseNet().eval(), (torch.randn(2, 8, 14, 14),)),
+                          "sparsify{sparsity=0.9 block=4x4}")
+    out = graphopt.optimize(g, "select-sparse-layout", target=_ScriptedOracle(sparse_factor=2.0))
+    assert "batch 2" in out.meta["sparse_layout"]["expand_weight"]["reason"]
+    assert torch.ops.graphopt.bsr_conv1x1.default not in [n.target for n in out.nodes("call_function")]
