@@ -3,7 +3,8 @@
 and PyTorch dense.
 
 Goal (issue 6): at >= 80% sparsity the chosen sparse kernel is >= 0.5/density times faster than dense; where sparse
-loses, dense is chosen. Masks are block-structured (sparsify{block=4x4}) or unstructured (csr).
+loses, dense is chosen. Masks are block-structured (sparsify{block=4x4}) or unstructured (csr); int8 rows
+(int7-block8x4) time the int8 BSR kernel against graphopt's dense int8 kernel (and report fp32 dense and ORT fp32).
 
     python benchmarks/sparse_kernels.py [--threads 2] [--quick]
 """
@@ -100,28 +101,37 @@ def main(argv: list[str] | None = None) -> int:
                 x = torch.randn(m, k)
                 torch_t = _best(lambda: torch.nn.functional.linear(x, w0))
         dense_t = oracle.measure(op, (m, k, n), "dense", w0)
+        # int8 rows: 7-bit weights with 8x4 zero blocks (sparsify{block=8x4}, quantize{weights=int7}) against
+        # graphopt's dense int8 kernel for the same layer
+        patterns = ["block4x4", "unstructured"] + (["int7-block8x4"] if op == "linear" and m >= 6 else [])
         for s in sparsities:
-            for pattern in ("block4x4", "unstructured"):
-                if pattern == "block4x4":
-                    mask = expand_blocks(torch.rand(n // 4, k // 4) >= s, (4, 4))
+            for pattern in patterns:
+                mop, lays, base_t = op, LAYOUTS, dense_t
+                if pattern == "int7-block8x4":
+                    mask = expand_blocks(torch.rand(n // 8, k // 4) >= s, (8, 4))
+                    w = (torch.randint(-63, 64, (n, k)) * mask).to(torch.int8)
+                    mop, lays = "qlinear", ["bsr8x4"]
+                    base_t = oracle.measure("qlinear", (m, k, n), "dense", w)
                 else:
-                    mask = torch.rand(n, k) >= s
-                w = w0 * mask
-                times = {lay: oracle.measure(op, (m, k, n), lay, w) for lay in LAYOUTS
+                    mask = expand_blocks(torch.rand(n // 4, k // 4) >= s, (4, 4)) if pattern == "block4x4" \
+                        else torch.rand(n, k) >= s
+                    w = w0 * mask
+                times = {lay: oracle.measure(mop, (m, k, n), lay, w) for lay in lays
                          if k % layout_block(lay)[1] == 0 and n % layout_block(lay)[0] == 0}
                 best = min(times, key=times.get)
-                chosen = best if times[best] * 1.1 <= dense_t else "dense"
-                chosen_t = times.get(chosen, dense_t)
-                row = {"shape": name, "op": op, "m": m, "k": k, "n": n, "sparsity": s, "pattern": pattern,
-                       "tvm_dense_us": round(dense_t * 1e6, 1), "ort_dense_us": round(ort_t * 1e6, 1),
-                       "torch_dense_us": round(torch_t * 1e6, 1),
+                chosen = best if times[best] * 1.1 <= base_t else "dense"
+                chosen_t = times.get(chosen, base_t)
+                row = {"shape": name, "op": mop, "m": m, "k": k, "n": n, "sparsity": s, "pattern": pattern,
+                       "tvm_dense_us": round(base_t * 1e6, 1), "tvm_fp32_dense_us": round(dense_t * 1e6, 1),
+                       "ort_dense_us": round(ort_t * 1e6, 1), "torch_dense_us": round(torch_t * 1e6, 1),
                        "layouts_us": {k2: round(v * 1e6, 1) for k2, v in times.items()},
                        "chosen": chosen, "chosen_us": round(chosen_t * 1e6, 1),
-                       "speedup_vs_tvm_dense": round(dense_t / chosen_t, 2),
+                       "speedup_vs_tvm_dense": round(base_t / chosen_t, 2),
+                       "speedup_vs_tvm_fp32_dense": round(dense_t / chosen_t, 2),
                        "speedup_vs_ort_dense": round(ort_t / chosen_t, 2),
                        "goal_0.5_over_density": round(0.5 / (1 - s), 2)}
                 rows.append(row)
-                print(f"{name:15} s={s:.2f} {pattern:12} dense tvm {row['tvm_dense_us']:8.1f} ort "
+                print(f"{name:15} s={s:.2f} {pattern:13} dense tvm {row['tvm_dense_us']:8.1f} ort "
                       f"{row['ort_dense_us']:8.1f} torch {row['torch_dense_us']:8.1f} | {chosen:7} "
                       f"{row['chosen_us']:8.1f} us  x{row['speedup_vs_tvm_dense']:.2f} vs tvm dense, "
                       f"x{row['speedup_vs_ort_dense']:.2f} vs ORT (goal x{row['goal_0.5_over_density']})",

@@ -1,7 +1,9 @@
 """select-sparse-layout: for each masked linear weight (and, on the CPU, each masked batch-1 pointwise conv), time
 every candidate layout for that exact shape and block count on the target (through ctx.target's cost oracle,
 cached), keep the fastest that beats dense by at least `min-speedup`, and rewrite the layer to graphopt::bsr_linear
-(graphopt::bsr_conv1x1). Never slower than dense: dense is always measured."""
+(graphopt::bsr_conv1x1). int8 linears (graphopt::qlinear after quantize + fold-qdq) are measured the same way on
+the CPU (dense int8 vs the int8 BSR kernel); their graph stays as it is (exact) and the CPU target reads the choice
+from graph.meta["sparse_layout"]. Never slower than dense: dense is always measured."""
 from __future__ import annotations
 
 import math
@@ -39,16 +41,18 @@ class LayoutError(GraphoptError):
 @register_pass
 class SelectSparseLayout(Pass):
     name = "select-sparse-layout"
-    summary = ("Measure dense vs CSR vs BSR kernels for each masked linear weight (and batch-1 pointwise conv, on "
-               "the CPU) on the target and rewrite to the fastest sparse layout that beats dense by min-speedup (else "
-               "keep dense); choices go to the manifest.")
+    summary = ("Measure dense vs CSR vs BSR kernels for each masked linear weight (and, on the CPU, batch-1 "
+               "pointwise conv and int8 linear) on the target and rewrite to the fastest sparse layout that beats "
+               "dense by min-speedup (else keep dense); choices go to the manifest.")
     contract = Contract.EXACT
 
     @dataclass
     class Options:
-        candidates: list[str] = field(default_factory=lambda: ["dense", "csr", "bsr4x4", "bsr1x16", "bsr8x1"],
+        candidates: list[str] = field(default_factory=lambda: ["dense", "csr", "bsr4x4", "bsr1x16", "bsr8x1",
+                                                               "bsr8x4"],
                                       metadata={"help": "layouts to measure: dense, csr, bsrRxC (R x C blocks) on "
-                                                "the CPU; dense, sp24 (2:4 on sparse tensor cores) with target cuda"})
+                                                "the CPU (int8 linears: bsr8x4); dense, sp24 (2:4 on sparse tensor "
+                                                "cores) with target cuda"})
         min_speedup: float = field(default=1.1, metadata={
             "help": "a sparse layout must be at least this many times faster than dense to be chosen"})
         min_sparsity: float = field(default=0.5, metadata={
@@ -88,11 +92,19 @@ class SelectSparseLayout(Pass):
         kinds = (aten.linear.default,) if gpu else (aten.linear.default, aten.conv2d.default)
         layers = [n for n in graph.gm.graph.nodes if n.op == "call_function" and n.target in kinds
                   and getattr(n.args[1], "op", None) == "get_attr" and n.args[1].target in graph.masks]
+        if not gpu:  # int8 linears (quantize + fold-qdq): their zeros are exact, with or without a mask
+            layers += [n for n in graph.gm.graph.nodes if n.op == "call_function"
+                       and n.target is torch.ops.graphopt.qlinear.default
+                       and getattr(n.args[3], "op", None) == "get_attr"]
+        int8_chosen = 0
         for node in tqdm(layers, desc="select-sparse-layout", unit="layer", leave=False):
-            wnode = node.args[1]
+            qlinear = node.target is torch.ops.graphopt.qlinear.default
+            wnode = node.args[3] if qlinear else node.args[1]
             name = wnode.target
             w = graph.get_param(name)
-            if not w.is_floating_point() or w.dtype != torch.float32:
+            if not qlinear and (not w.is_floating_point() or w.dtype != torch.float32):
+                continue
+            if qlinear and (w.dtype != torch.int8 or w.dim() != 2):
                 continue
             conv = node.target is aten.conv2d.default
             sparsity = float((w == 0).float().mean())
@@ -105,7 +117,7 @@ class SelectSparseLayout(Pass):
                 n, k = w.shape
                 m = math.prod(xshape[:-1]) if len(xshape) > 1 else 1
             # estimated timings are relative (dense = 1), and say so
-            rec = {"node": node.name, "op": "conv1x1" if conv else "linear", "shape": [m, k, n],
+            rec = {"node": node.name, "op": "conv1x1" if conv else "qlinear" if qlinear else "linear", "shape": [m, k, n],
                    "sparsity": round(sparsity, 4), "timings_us": {}, "choice": "dense", "timing_source": source}
             choices[name] = rec
             if sparsity < o.min_sparsity:
@@ -125,6 +137,11 @@ class SelectSparseLayout(Pass):
                 if block is not None and (n % block[0] or k % block[1]):
                     rec["timings_us"][lay] = None  # shape not divisible into these blocks
                     continue
+                why = oracle.applies(lay, w, "qlinear") if qlinear and hasattr(oracle, "applies") else ""
+                if why:  # no int8 kernel for this layout here (the target says why)
+                    rec["timings_us"][lay] = None
+                    rec.setdefault("not_measured", {})[lay] = why
+                    continue
                 t = oracle.measure(rec["op"], (m, k, n), lay, w)
                 rec["timings_us"][lay] = round(t, 4) if source != "measured" else round(t * 1e6, 2)
             dense_t = rec["timings_us"]["dense"]
@@ -138,6 +155,9 @@ class SelectSparseLayout(Pass):
                 continue  # sp24: the weight stays masked in the graph; the cuda-sparse target packs it
             s = to_bsr(w, layout_block(rec["choice"]))
             rec["stored_blocks"] = s.nnzb
+            if qlinear:  # the int8 weight stays in the graph (exact as it is); the CPU target reads the choice
+                int8_chosen += 1
+                continue
             with graph.gm.graph.inserting_before(node):
                 data = graph.add_param(f"{name}_bsr_data", s.data, before=node)
                 idx = graph.add_param(f"{name}_bsr_indices", s.indices, before=node)
@@ -157,8 +177,10 @@ class SelectSparseLayout(Pass):
         graph.meta.setdefault("sparse_layout", {}).update(choices)
         graph.refresh()
         on_tensor_cores = sum(1 for r in choices.values() if r["choice"] == "sp24")
-        return PassResult(graph, rewritten + on_tensor_cores > 0, {"rewritten": rewritten, "sp24": on_tensor_cores,
+        return PassResult(graph, rewritten + on_tensor_cores + int8_chosen > 0, {"rewritten": rewritten,
+                                                                              "int8_sparse": int8_chosen,
+                                                                              "sp24": on_tensor_cores,
                                                                    "measured": len(choices),
                                                  "choices": {k: v["choice"] for k, v in choices.items()}},
-                          reason="" if rewritten or on_tensor_cores else
+                          reason="" if rewritten or on_tensor_cores or int8_chosen else
                           "dense was fastest (or within min-speedup) for every layer")

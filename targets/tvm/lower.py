@@ -23,12 +23,13 @@ def _lifted_tensors(ep) -> dict:
 
 
 def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, sparse24: dict | None = None,
-                      target=None):
+                      target=None, layouts: dict | None = None):
     """Relax lowering of graphopt's Q/DQ ops (reference semantics: round half to even, clamp, affine).
 
     cpu_kernels: batch-1 convs, linears and their int8 forms go to graphopt's CPU kernels (TIR with x86 vector
     shapes for `target`, by default this machine's CPU); False keeps every op a plain Relax op, for GPU targets,
-    whose schedules come from dlight."""
+    whose schedules come from dlight. `layouts`: select-sparse-layout's record per weight placeholder (int8
+    linears it chose bsr8x4 for run the int8 BSR kernel)."""
     from tvm import relax
 
     from graphopt.targets.tvm.host import cpu_target
@@ -198,7 +199,17 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         if dot is None:
             return None
         b = None if bt is None else bt.detach().numpy().astype("float32")
-        return emit_qlinear(bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, node.args[0].meta["val"].shape, dot)
+        x_shape = node.args[0].meta["val"].shape
+        rec = (layouts or {}).get(node.args[3].name) or {}
+        if rec.get("op") == "qlinear" and rec.get("choice") == "bsr8x4":
+            from graphopt.targets.tvm.cpu.int8 import ubsw_exact
+            from graphopt.targets.tvm.cpu.sparse import emit_bsr_qlinear
+            w = wt.numpy()
+            if dot != "ubsw" or ubsw_exact(w):
+                return emit_bsr_qlinear(bb, xq, w, wst.numpy(), b, sx, zx, x_shape, dot)
+            log.warning("%s: select-sparse-layout chose the int8 bsr8x4 kernel, but this target (no VNNI) cannot "
+                        "multiply these full-range weights exactly with it; the layer stays dense", node.name)
+        return emit_qlinear(bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, x_shape, dot)
 
     def qconv2d(node, importer):
         bb = importer.block_builder
@@ -590,12 +601,15 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             **{k: _activation(k) for k in ("relu.default", "relu6.default", "hardtanh.default", "clamp.default")}}
 
 
-def _converters(ep, device: str, sparse24: dict | None, target=None):
+def _converters(ep, device: str, sparse24: dict | None, target=None, layouts: dict | None = None):
     if sparse24 is not None:
         sparse24.setdefault("records", {})
         sparse24["names"] = {spec.arg.name: spec.target for spec in ep.graph_signature.input_specs
                              if spec.target is not None}
-    return _quant_converters(_lifted_tensors(ep), device == "cpu", sparse24, target)
+    names = {spec.arg.name: spec.target for spec in ep.graph_signature.input_specs if spec.target is not None}
+    # select-sparse-layout's choices, by the placeholder name the importer sees
+    chosen = {arg: (layouts or {}).get(param) for arg, param in names.items() if param in (layouts or {})}
+    return _quant_converters(_lifted_tensors(ep), device == "cpu", sparse24, target, chosen)
 
 
 def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = None, target=None):
@@ -623,7 +637,8 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
                                          "llvm")
     ep = graph.to_exported_program().run_decompositions(table)
     try:
-        mod = from_exported_program(ep, keep_params_as_input=False, custom_convert_map=_converters(ep, device, sparse24, target),
+        mod = from_exported_program(ep, keep_params_as_input=False, custom_convert_map=_converters(ep, device, sparse24, target,
+                                                                                graph.meta.get("sparse_layout")),
                                     run_ep_decomposition=False)
     except AssertionError as e:
         # the Relax importer asserts on ops it has no converter for; name the node for the user

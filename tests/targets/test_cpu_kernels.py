@@ -742,3 +742,49 @@ def test_sparse_pointwise_kernel_matches_dense(cout, cin, p, block):
     got = vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(res)).numpy().reshape(cout, p)
     ref = np.clip(w @ x.reshape(cin, p) + b[:, None] + res.reshape(cout, p), 0.0, 6.0)
     assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("m,k,n,dot", [(13, 64, 32, "ubsw"), (5, 128, 48, "ubsw"), (30, 64, 16, "exact"),
+                                       (13, 64, 32, "vnni")])
+def test_int8_bsr_kernel_is_exact(m, k, n, dot):
+    """The int8 BSR kernel (8x4 blocks, one quad product per token and block): token counts that are not whole
+    tiles of 12 and fewer than 12, an empty block-row, 7-bit weights at the `vpmaddubsw` bound on AVX2 and
+    full-range ones with the exact product (and `vpdpbusd` where this CPU has VNNI)."""
+    from graphopt.ir.sparse_ops import to_bsr
+    from graphopt.targets.tvm.cpu.int8 import MR, epilogue_constants, ubsw_exact
+    from graphopt.targets.tvm.cpu.sparse import QBLOCK, bsr_qlinear_source
+    from tvm.script import tirx as T
+    if dot == "vnni" and not _vnni_here():
+        pytest.skip("this CPU has no VNNI")
+    rng = np.random.default_rng(5)
+    keep = rng.random((n // 8, k // 4)) < 0.3
+    keep[1] = False
+    lim = 65 if dot == "ubsw" else 128
+    w = (rng.integers(-lim + 1, lim, (n, k)) * np.kron(keep, np.ones((8, 4), np.int64))).astype(np.int8)
+    w[:8, :4] = np.array([100, 28, -64, -64], np.int8)  # pair sums of +-128 against 255: the int16 bound
+    if dot == "ubsw":
+        assert ubsw_exact(w)
+    s = to_bsr(torch.from_numpy(w), QBLOCK)
+    x = rng.integers(-128, 128, (m, k)).astype(np.int8)
+    x[0] = 127
+    ws, zx = rng.uniform(1e-3, 2e-3, n), -3
+    off, mult, _ = epilogue_constants(w, ws, None, 1.0, zx + 128, -(-n // MR))
+    f = tvm.script.parse(bsr_qlinear_source(m, k, n, s.nnzb, dot), extra_vars={"T": T})
+    lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target())
+    out = tvm.runtime.tensor(np.zeros(m * n, np.float32))
+    args = ((x.astype(np.int16) + 128).astype(np.uint8).reshape(-1), s.data.numpy().reshape(-1), s.indices.numpy(),
+            s.indptr.numpy(), off[:n], mult[:n])
+    lib["main"](*(tvm.runtime.tensor(a) for a in args), out)
+    ref = ((x.astype(np.int64) - zx) @ w.astype(np.int64).T) * ws
+    assert np.abs(out.numpy().reshape(m, n) - ref).max() <= 1e-6 * np.abs(ref).max()
+
+
+def test_int8_bsr_kernel_emits_vpdpbusd_for_vnni():
+    from graphopt.targets.tvm.cpu.sparse import bsr_qlinear_source
+    from tvm.script import tirx as T
+    f = tvm.script.parse(bsr_qlinear_source(128, 256, 64, 100, "vnni"), extra_vars={"T": T})
+    lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target("znver4"))
+    loop = _inner_fma_loop(lib.mod.inspect_source("asm") if hasattr(lib, "mod") else lib.inspect_source("asm"),
+                           r"vpdpbusd")
+    assert len(re.findall(r"vpdpbusd", loop)) >= 12  # one per token of the tile, accumulators in registers
+    assert not re.search(r"vmovdq[au](?:32|64)?\s+%ymm\d+, ", loop)

@@ -49,16 +49,43 @@ class CpuCostOracle:
     def _key(self, op: str, shape, layout: str, nnzb: int) -> str:
         return f"{self.target}|{op}|{'x'.join(map(str, shape))}|{layout}|{nnzb}"
 
+    def applies(self, layout: str, weight, op: str = "linear") -> str:
+        """Why `layout` has no kernel for this weight here ("" when it has one). Float layers: every layout whose
+        blocks tile the weight. int8 linears ("qlinear"): dense, and bsr8x4 where the target's quad product is exact
+        for the weight (VNNI, or 7-bit weights on AVX2)."""
+        block = layout_block(layout)
+        n, k = weight.shape[0], weight.shape[1]
+        if block is not None and (n % block[0] or k % block[1]):
+            return f"weight [{n}, {k}] is not divisible into {block[0]}x{block[1]} blocks"
+        if op != "qlinear" or block is None:
+            return ""
+        from graphopt.targets.tvm.cpu.int8 import int8_dot, ubsw_exact
+        from graphopt.targets.tvm.cpu.sparse import bsr_qlinear_applies
+        why = bsr_qlinear_applies(1, k, n, block)
+        if why:
+            return why
+        dot = int8_dot(self.target)
+        w = weight.numpy() if hasattr(weight, "numpy") else weight
+        if dot is None or (dot == "ubsw" and not ubsw_exact(w)):
+            return ("the int8 sparse kernel needs VNNI, or 7-bit weights (quantize{weights=int7}) on AVX2: "
+                    "u8 x s8 pairs of these weights could saturate vpmaddubsw")
+        return ""
+
     def measure(self, op: str, shape: tuple[int, int, int], layout: str, weight: torch.Tensor) -> float:
-        if op not in ("linear", "conv1x1"):
-            raise ValueError(f"the CPU cost oracle measures linear layers and pointwise convs, not '{op}'")
+        if op not in ("linear", "conv1x1", "qlinear"):
+            raise ValueError(f"the CPU cost oracle measures linear layers, int8 linears (qlinear) and pointwise "
+                             f"convs, not '{op}'")
+        why = self.applies(layout, weight, op)
+        if why:
+            raise ValueError(why)
         block = layout_block(layout)
         nnzb = 0 if block is None else to_bsr(weight, block).nnzb
         key = self._key(op, shape, layout, nnzb)
         if key in self._cache:
             self.hits += 1
             return float(self._cache[key])
-        seconds = self._time(shape, block, weight, op == "conv1x1")
+        seconds = self._time_int8(shape, block, weight) if op == "qlinear" else \
+            self._time(shape, block, weight, op == "conv1x1")
         self.measured += 1
         self._store({key: seconds})
         return seconds
@@ -93,43 +120,75 @@ class CpuCostOracle:
         self._store({keys[name]: t for name, t in seconds.items()})
         return seconds
 
-    def _time(self, shape, block, weight: torch.Tensor, conv: bool = False) -> float:
+    def _time_int8(self, shape, block, weight: torch.Tensor) -> float:
+        """An int8 linear (int8 activation in, float out) as the compiler lowers it: the dense int8 GEMM, or the
+        int8 BSR kernel; unit weight scales (the kernels' speed does not depend on them)."""
+        from tvm import relax
+
+        from graphopt.targets.tvm.cpu.int8 import emit_qlinear, int8_dot
+        from graphopt.targets.tvm.cpu.sparse import emit_bsr_qlinear
+
+        m, k, n = shape
+        w = weight.numpy().astype(np.int8)
+        scales = np.full(n, 1e-2)
+        dot = int8_dot(self.target)
+
+        def emit(bb, x):
+            if block is None:
+                y = emit_qlinear(bb, x, w, scales, None, 0.02, 0, (m, k), dot) if dot else None
+                if y is None:  # no int8 kernel for this shape: TVM's generic integer lowering
+                    y = bb.emit(relax.op.matmul(relax.op.astype(x, "float32"),
+                                                relax.const(w.T.astype(np.float32))))
+                return y
+            return emit_bsr_qlinear(bb, x, w, scales, None, 0.02, 0, (m, k), dot)
+        return self._run(emit, (m, k), "int8")
+
+    def _run(self, emit, x_shape, dtype: str) -> float:
+        """Median seconds of a one-input Relax function built from emit(bb, x) by graphopt's CPU pipeline."""
         import tvm
         from tvm import relax
 
-        from graphopt.targets.tvm.cpu.gemm import emit_packed_linear
         from graphopt.targets.tvm.cpu.pipeline import build_cpu
-        from graphopt.targets.tvm.cpu.rules import vector_lanes
-        from graphopt.targets.tvm.cpu.conv import emit_conv1x1
-        from graphopt.targets.tvm.cpu.sparse import emit_bsr_conv1x1, emit_bsr_linear
-
-        m, k, n = shape
         bb = relax.BlockBuilder()
-        x_shape = (1, k, m, 1) if conv else (m, k)
-        x = relax.Var("x", relax.TensorType(x_shape, "float32"))
+        x = relax.Var("x", relax.TensorType(x_shape, dtype))
         with bb.function("main", [x]):
             with bb.dataflow():
-                if conv and block is None:  # the pointwise kernel the compiler uses
-                    y = emit_conv1x1(bb, x, weight.reshape(n, k, 1, 1).contiguous().numpy(), None, x_shape,
-                                     vector_lanes(self.target), None)
-                elif conv:
-                    s = to_bsr(weight, block)
-                    y = emit_bsr_conv1x1(bb, x, relax.const(s.data.numpy()), relax.const(s.indices.numpy()),
-                                         relax.const(s.indptr.numpy()), None, x_shape, n, block, s.nnzb)
-                elif block is None:  # what the compiler emits for a dense linear: packed GEMM, else matmul
-                    y = emit_packed_linear(bb, x, weight.contiguous().numpy(), None, (m, k),
-                                           vector_lanes(self.target))
-                    if y is None:
-                        y = bb.emit(relax.op.matmul(x, relax.const(weight.t().contiguous().numpy())))
-                else:
-                    s = to_bsr(weight, block)
-                    y = emit_bsr_linear(bb, x, relax.const(s.data.numpy()), relax.const(s.indices.numpy()),
-                                        relax.const(s.indptr.numpy()), None, (m, k), n, block, s.nnzb)
-                out = bb.emit_output(y)
+                out = bb.emit_output(emit(bb, x))
             bb.emit_func_output(out)
         ex = build_cpu(bb.get(), self.target)
         dev = tvm.cpu()
         vm = relax.VirtualMachine(ex, dev)
-        arg = tvm.runtime.tensor(np.random.default_rng(0).standard_normal(x_shape).astype("float32"), dev)
+        rng = np.random.default_rng(0)
+        data = rng.integers(-128, 128, x_shape).astype(dtype) if dtype == "int8" else \
+            rng.standard_normal(x_shape).astype(dtype)
         timer = vm.time_evaluator("main", dev, number=10, repeat=self.repeat, min_repeat_ms=20)
-        return float(np.median(timer(arg).results))
+        return float(np.median(timer(tvm.runtime.tensor(data, dev)).results))
+
+    def _time(self, shape, block, weight: torch.Tensor, conv: bool = False) -> float:
+        from tvm import relax
+
+        from graphopt.targets.tvm.cpu.conv import emit_conv1x1
+        from graphopt.targets.tvm.cpu.gemm import emit_packed_linear
+        from graphopt.targets.tvm.cpu.rules import vector_lanes
+        from graphopt.targets.tvm.cpu.sparse import emit_bsr_conv1x1, emit_bsr_linear
+
+        m, k, n = shape
+        x_shape = (1, k, m, 1) if conv else (m, k)
+
+        def emit(bb, x):
+            if conv and block is None:  # the pointwise kernel the compiler uses
+                return emit_conv1x1(bb, x, weight.reshape(n, k, 1, 1).contiguous().numpy(), None, x_shape,
+                                    vector_lanes(self.target), None)
+            if conv:
+                s = to_bsr(weight, block)
+                return emit_bsr_conv1x1(bb, x, relax.const(s.data.numpy()), relax.const(s.indices.numpy()),
+                                        relax.const(s.indptr.numpy()), None, x_shape, n, block, s.nnzb)
+            if block is None:  # what the compiler emits for a dense linear: packed GEMM, else matmul
+                y = emit_packed_linear(bb, x, weight.contiguous().numpy(), None, (m, k), vector_lanes(self.target))
+                if y is None:
+                    y = bb.emit(relax.op.matmul(x, relax.const(weight.t().contiguous().numpy())))
+                return y
+            s = to_bsr(weight, block)
+            return emit_bsr_linear(bb, x, relax.const(s.data.numpy()), relax.const(s.indices.numpy()),
+                                   relax.const(s.indptr.numpy()), None, (m, k), n, block, s.nnzb)
+        return self._run(emit, x_shape, "float32")

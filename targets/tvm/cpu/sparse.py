@@ -209,3 +209,81 @@ def emit_bsr_conv1x1(bb, x, data, indices, indptr, bias, x_shape, n: int, block:
                                relax.TensorType((n, p), "float32")))
     return bb.emit(relax.op.reshape(y, (1, n, h, w)))
 
+
+QBLOCK = (8, 4)  # int8 BSR blocks: 8 output rows (one int32x8 accumulator) x 4 inputs (one u8 x s8 quad)
+QTOKENS = 12  # tokens per int8 task: 12 accumulators in registers
+
+
+def bsr_qlinear_applies(m: int, k: int, n: int, block: tuple[int, int]) -> str:
+    """Why the int8 BSR kernel cannot take this qlinear ("" when it can)."""
+    if tuple(block) != QBLOCK:
+        return f"int8 sparse kernels use {QBLOCK[0]}x{QBLOCK[1]} blocks (bsr8x4), not {block[0]}x{block[1]}"
+    if n % QBLOCK[0] or k % QBLOCK[1]:
+        return f"weight [{n}, {k}] does not divide into 8x4 blocks"
+    return ""
+
+
+def bsr_qlinear_source(m: int, k: int, n: int, nnzb: int, dot: str, float_bias: bool = False) -> str:
+    """out[M, N] (float) = dequant(a[M, K] @ W^T) for a uint8 (the int8 activation + 128) and W int8 in BSR with
+    8 x 4 blocks. A block's 32 bytes (8 rows x 4 inputs, row-major) are one vector: per token, the broadcast quad
+    a[t, 4c:4c+4] against it is one `quad_dot` step (`vpdpbusd`, or `vpmaddubsw` + `vpmaddwd` under `ubsw_exact`)
+    giving 8 int32 lanes, the 8 output rows of that token. So nothing is transposed: a is read as stored, and a
+    tile's accumulator is 8 contiguous outputs of a token's row. Tasks are (token tile of 12) x (block-row), token
+    tile major, so consecutive tasks reuse the tile's activations from L1; the last tile overlaps the one before.
+    The epilogue is the dense int8 GEMM's: (acc - offset) * multiplier (+ float bias) per output column."""
+    from graphopt.targets.tvm.cpu.int8 import quad_dot
+    r, c = QBLOCK
+    nb, mt_rows = n // r, min(QTOKENS, m)
+    mt = -(-m // mt_rows)
+    t0 = f"T.min((t // {nb}) * {mt_rows}, {m - mt_rows})"
+    ib = f"(t % {nb})"
+    quad = f'T.reinterpret("uint8x32", T.broadcast(T.reinterpret("int32", a[T.ramp(({t0} + i) * {k} + indices[jj] * 4, 1, 4)]), 8))'
+    acc = "acc[T.ramp(i * 8, 1, 8)]"
+    cols = f"T.ramp({ib} * 8, 1, 8)"
+    bias_arg = f' bias: T.Buffer(({n},), "float32"),' if float_bias else ""
+    return f"""
+@T.prim_func(private=True)
+def bsr_qlinear(a: T.Buffer(({m * k},), "uint8"), data: T.Buffer(({nnzb * r * c},), "int8"),
+                indices: T.Buffer(({nnzb},), "int32"), indptr: T.Buffer(({nb + 1},), "int32"),
+                off: T.Buffer(({n},), "int32"), mult: T.Buffer(({n},), "float32"),{bias_arg}
+                out: T.Buffer(({m * n},), "float32")):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
+    for t in T.parallel({mt * nb}):
+        acc = T.decl_buffer(({mt_rows * 8},), "int32", scope="global")
+        for i in T.unroll({mt_rows}):
+            {acc} = T.broadcast(T.int32(0), 8)
+        for j in T.serial(indptr[{ib} + 1] - indptr[{ib}]):
+            jj = indptr[{ib}] + j
+            for i in T.unroll({mt_rows}):
+                {acc} = {quad_dot(acc, quad, "data[T.ramp(jj * 32, 1, 32)]", dot)}
+        for i in T.unroll({mt_rows}):
+            out[T.ramp(({t0} + i) * {n} + {ib} * 8, 1, 8)] = T.Cast("float32x8", {acc} - off[{cols}]) * mult[{cols}]""" + (
+        f" + bias[{cols}]" if float_bias else "") + "\n"
+
+
+def emit_bsr_qlinear(bb, xq, wq, w_scales, bias, sx: float, zx: int, x_shape, dot: str):
+    """qlinear of xq int8 [..., K] with a constant int8 weight [N, K] (numpy, mostly zero 8x4 blocks) on the int8
+    BSR kernel -> float32 [..., N]."""
+    import math
+
+    import numpy as np
+    import torch
+    import tvm
+    from tvm import relax
+    from tvm.script import tirx as T
+
+    from graphopt.ir.sparse_ops import to_bsr
+    from graphopt.targets.tvm.cpu.int8 import MR, epilogue_constants
+
+    lead, k = tuple(int(d) for d in x_shape[:-1]), int(x_shape[-1])
+    m, n = math.prod(lead), int(wq.shape[0])
+    s = to_bsr(torch.from_numpy(np.ascontiguousarray(wq, np.int8)), QBLOCK)
+    off, mult, fb = epilogue_constants(wq, w_scales, bias, sx, zx + 128, -(-n // MR))
+    src = bsr_qlinear_source(m, k, n, s.nnzb, dot, fb is not None)
+    gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), f"bsr_qlinear_{dot}_{m}x{k}x{n}_nnz{s.nnzb}")
+    a = relax.op.astype(relax.op.add(relax.op.astype(xq, "int16"), relax.const(128, "int16")), "uint8")
+    a = bb.emit(relax.op.reshape(bb.emit(a), (m * k,)))
+    consts = [relax.const(s.data.numpy().reshape(-1)), relax.const(s.indices.numpy()), relax.const(s.indptr.numpy()),
+              *(relax.const(v[:n]) for v in (off, mult, fb) if v is not None)]
+    y = bb.emit(relax.call_tir(gv, [a, *consts], relax.TensorType((m * n,), "float32")))
+    return bb.emit(relax.op.reshape(y, (*lead, n)))

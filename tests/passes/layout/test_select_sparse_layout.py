@@ -181,3 +181,55 @@ def test_pointwise_convs_on_a_batch_stay_dense():
     out = graphopt.optimize(g, "select-sparse-layout", target=_ScriptedOracle(sparse_factor=2.0))
     assert "batch 2" in out.meta["sparse_layout"]["expand_weight"]["reason"]
     assert torch.ops.graphopt.bsr_conv1x1.default not in [n.target for n in out.nodes("call_function")]
+
+
+class _Int8Oracle(_ScriptedOracle):
+    """The scripted costs, plus the CPU oracle's rule for int8 linears: only bsr8x4 has an int8 sparse kernel."""
+
+    def applies(self, layout, weight, op="linear"):
+        return "" if op != "qlinear" or layout in ("dense", "bsr8x4") else "int8 sparse kernels use 8x4 blocks"
+
+
+def test_int8_linears_take_the_int8_bsr_kernel(tmp_path):
+    """sparsify{block=8x4}, int7 quantization and fold-qdq leave int8 linears with zero blocks: the pass measures
+    them (int8 dense vs bsr8x4 only), records the choice without touching the exact int8 graph, and the CPU
+    artifact runs the int8 BSR kernel and equals the graph."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 256)
+    g = graphopt.optimize(graphopt.trace(_MLP().eval(), (x,)),
+                          "sparsify{sparsity=0.9 block=8x4},quantize{weights=int7},fold-qdq",
+                          data=[(torch.randn(32, 256),) for _ in range(4)])
+    oracle = _Int8Oracle(sparse_factor=2.0)
+    out = graphopt.optimize(g, "select-sparse-layout{candidates=dense,csr,bsr8x4}", target=oracle)
+    recs = [r for r in out.meta["sparse_layout"].values() if r["op"] == "qlinear"]
+    assert len(recs) == 2 and all(r["choice"] == "bsr8x4" for r in recs), recs
+    assert all("csr" in r["not_measured"] for r in recs) and not [c for c in oracle.calls if c[2] == "csr"]
+    assert out.text() == g.text()  # the int8 graph is untouched: the target reads the choice
+    from graphopt.targets.tvm.lower import lower_to_relax
+    names = {gv.name_hint for gv in lower_to_relax(out).get_global_vars()}
+    assert len([n for n in names if n.startswith("bsr_qlinear_")]) == 2, names
+    art = graphopt.compile(out, "llvm", output=tmp_path / "art")
+    got, ref = graphopt.load(art)(x.numpy())[0], out.run(x)[0].numpy()
+    # the same integer products and epilogue as the dense int8 kernels, so the two artifacts agree to float rounding;
+    # against the graph, the int32-stored bias and the requantize between the layers can move a value a grid step
+    dense = graphopt.load(graphopt.compile(g, "llvm", output=tmp_path / "dense"))(x.numpy())[0]
+    assert abs(got - dense).max() <= 1e-6 * abs(dense).max()
+    assert abs(got - ref).max() <= 0.02 * abs(ref).max()
+    assert json.loads((art / "manifest.json").read_text())["sparse_layout"][next(
+        k for k, r in out.meta["sparse_layout"].items() if r["op"] == "qlinear")]["choice"] == "bsr8x4"
+
+
+def test_cpu_oracle_says_when_int8_sparse_has_no_kernel(monkeypatch):
+    from graphopt.targets.tvm.cpu import int8
+    from graphopt.targets.tvm.cpu.cost import CpuCostOracle
+    o = CpuCostOracle(cache=None)
+    w = torch.zeros(16, 32, dtype=torch.int8)
+    w[:8, :4] = 127  # full range: vpmaddubsw pairs could saturate
+    monkeypatch.setattr(int8, "int8_dot", lambda target: "ubsw")
+    assert "7-bit weights" in o.applies("bsr8x4", w, "qlinear")
+    assert "8x4 blocks" in o.applies("bsr4x4", w, "qlinear")
+    assert o.applies("bsr8x4", w // 2, "qlinear") == "" and o.applies("dense", w, "qlinear") == ""
+    monkeypatch.setattr(int8, "int8_dot", lambda target: "vnni")
+    assert o.applies("bsr8x4", w, "qlinear") == ""
+    with pytest.raises(ValueError, match="8x4 blocks"):
+        o.measure("qlinear", (16, 32, 16), "csr", w)
