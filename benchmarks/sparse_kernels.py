@@ -103,15 +103,15 @@ def main(argv: list[str] | None = None) -> int:
         dense_t = oracle.measure(op, (m, k, n), "dense", w0)
         # int8 rows: 7-bit weights with 8x4 zero blocks (sparsify{block=8x4}, quantize{weights=int7}) against
         # graphopt's dense int8 kernel for the same layer
-        patterns = ["block4x4", "unstructured"] + (["int7-block8x4"] if op == "linear" and m >= 6 else [])
+        patterns = ["block4x4", "unstructured"] + (["int7-block8x4"] if op == "conv1x1" or m >= 6 else [])
         for s in sparsities:
             for pattern in patterns:
                 mop, lays, base_t = op, LAYOUTS, dense_t
                 if pattern == "int7-block8x4":
                     mask = expand_blocks(torch.rand(n // 8, k // 4) >= s, (8, 4))
                     w = (torch.randint(-63, 64, (n, k)) * mask).to(torch.int8)
-                    mop, lays = "qlinear", ["bsr8x4"]
-                    base_t = oracle.measure("qlinear", (m, k, n), "dense", w)
+                    mop, lays = "q" + op, ["bsr8x4"]
+                    base_t = oracle.measure(mop, (m, k, n), "dense", w)
                 else:
                     mask = expand_blocks(torch.rand(n // 4, k // 4) >= s, (4, 4)) if pattern == "block4x4" \
                         else torch.rand(n, k) >= s

@@ -1,9 +1,9 @@
 """select-sparse-layout: for each masked linear weight (and, on the CPU, each masked batch-1 pointwise conv), time
 every candidate layout for that exact shape and block count on the target (through ctx.target's cost oracle,
 cached), keep the fastest that beats dense by at least `min-speedup`, and rewrite the layer to graphopt::bsr_linear
-(graphopt::bsr_conv1x1). int8 linears (graphopt::qlinear after quantize + fold-qdq) are measured the same way on
-the CPU (dense int8 vs the int8 BSR kernel); their graph stays as it is (exact) and the CPU target reads the choice
-from graph.meta["sparse_layout"]. Never slower than dense: dense is always measured."""
+(graphopt::bsr_conv1x1). int8 linears and pointwise convs (graphopt::qlinear / qconv2d after quantize + fold-qdq)
+are measured the same way on the CPU (dense int8 vs the int8 BSR kernel); their graph stays as it is (exact) and
+the CPU target reads the choice from graph.meta["sparse_layout"]. Never slower than dense: dense is always measured."""
 from __future__ import annotations
 
 import math
@@ -19,12 +19,14 @@ from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, regist
 aten = torch.ops.aten
 
 
-def _pointwise(node) -> str:
-    """Why an aten.conv2d node is not a sparse pointwise conv candidate ("" when it is): 1x1, stride 1, no padding,
-    no dilation, one group, batch 1 (the kernel's layout)."""
-    args = list(node.args) + [None] * (7 - len(node.args))
-    stride, padding, dilation, groups = (args[3] or [1, 1], args[4] or [0, 0], args[5] or [1, 1], args[6] or 1)
-    w = node.args[1].meta["val"].shape
+def _pointwise(node, first: int = 3) -> str:
+    """Why a conv node is not a sparse pointwise conv candidate ("" when it is): 1x1, stride 1, no padding, no
+    dilation, one group, batch 1 (the kernel's layout). `first`: where stride is in the node's arguments
+    (aten.conv2d: 3, graphopt.qconv2d: 6); the weight comes right before it (bias in between for aten.conv2d)."""
+    args = list(node.args) + [None] * (first + 4 - len(node.args))
+    stride, padding, dilation, groups = (args[first] or [1, 1], args[first + 1] or [0, 0], args[first + 2] or [1, 1],
+                                         args[first + 3] or 1)
+    w = node.args[1 if first == 3 else 3].meta["val"].shape
     x = node.args[0].meta["val"].shape
     if tuple(w[2:]) != (1, 1) or int(groups) != 1 or any(int(v) != 1 for v in stride) \
             or any(int(v) != 0 for v in padding) or any(int(v) != 1 for v in dilation):
@@ -92,21 +94,22 @@ class SelectSparseLayout(Pass):
         kinds = (aten.linear.default,) if gpu else (aten.linear.default, aten.conv2d.default)
         layers = [n for n in graph.gm.graph.nodes if n.op == "call_function" and n.target in kinds
                   and getattr(n.args[1], "op", None) == "get_attr" and n.args[1].target in graph.masks]
-        if not gpu:  # int8 linears (quantize + fold-qdq): their zeros are exact, with or without a mask
-            layers += [n for n in graph.gm.graph.nodes if n.op == "call_function"
-                       and n.target is torch.ops.graphopt.qlinear.default
+        int8_ops = (torch.ops.graphopt.qlinear.default, torch.ops.graphopt.qconv2d.default)
+        if not gpu:  # int8 linears and convs (quantize + fold-qdq): their zeros are exact, with or without a mask
+            layers += [n for n in graph.gm.graph.nodes if n.op == "call_function" and n.target in int8_ops
                        and getattr(n.args[3], "op", None) == "get_attr"]
         int8_chosen = 0
         for node in tqdm(layers, desc="select-sparse-layout", unit="layer", leave=False):
-            qlinear = node.target is torch.ops.graphopt.qlinear.default
-            wnode = node.args[3] if qlinear else node.args[1]
+            qconv = node.target is torch.ops.graphopt.qconv2d.default
+            int8 = qconv or node.target is torch.ops.graphopt.qlinear.default
+            wnode = node.args[3] if int8 else node.args[1]
             name = wnode.target
             w = graph.get_param(name)
-            if not qlinear and (not w.is_floating_point() or w.dtype != torch.float32):
+            if not int8 and (not w.is_floating_point() or w.dtype != torch.float32):
                 continue
-            if qlinear and (w.dtype != torch.int8 or w.dim() != 2):
+            if int8 and (w.dtype != torch.int8 or w.dim() != (4 if qconv else 2)):
                 continue
-            conv = node.target is aten.conv2d.default
+            conv = qconv or node.target is aten.conv2d.default
             sparsity = float((w == 0).float().mean())
             xshape = tuple(node.args[0].meta["val"].shape)
             if conv:  # [Cout, Cin, 1, 1] over [1, Cin, H, W]: an [Cout, Cin] weight times H*W pixel columns
@@ -117,13 +120,14 @@ class SelectSparseLayout(Pass):
                 n, k = w.shape
                 m = math.prod(xshape[:-1]) if len(xshape) > 1 else 1
             # estimated timings are relative (dense = 1), and say so
-            rec = {"node": node.name, "op": "conv1x1" if conv else "qlinear" if qlinear else "linear", "shape": [m, k, n],
+            op = ("q" if int8 else "") + ("conv1x1" if conv else "linear")
+            rec = {"node": node.name, "op": op, "shape": [m, k, n],
                    "sparsity": round(sparsity, 4), "timings_us": {}, "choice": "dense", "timing_source": source}
             choices[name] = rec
             if sparsity < o.min_sparsity:
                 rec["reason"] = f"sparsity {sparsity:.2f} < min-sparsity {o.min_sparsity}"
                 continue
-            why = _pointwise(node) if conv else ""
+            why = _pointwise(node, 6 if qconv else 3) if conv else ""
             if why:
                 rec["reason"] = why
                 continue
@@ -137,7 +141,7 @@ class SelectSparseLayout(Pass):
                 if block is not None and (n % block[0] or k % block[1]):
                     rec["timings_us"][lay] = None  # shape not divisible into these blocks
                     continue
-                why = oracle.applies(lay, w, "qlinear") if qlinear and hasattr(oracle, "applies") else ""
+                why = oracle.applies(lay, w, op) if int8 and hasattr(oracle, "applies") else ""
                 if why:  # no int8 kernel for this layout here (the target says why)
                     rec["timings_us"][lay] = None
                     rec.setdefault("not_measured", {})[lay] = why
@@ -155,7 +159,7 @@ class SelectSparseLayout(Pass):
                 continue  # sp24: the weight stays masked in the graph; the cuda-sparse target packs it
             s = to_bsr(w, layout_block(rec["choice"]))
             rec["stored_blocks"] = s.nnzb
-            if qlinear:  # the int8 weight stays in the graph (exact as it is); the CPU target reads the choice
+            if int8:  # the int8 weight stays in the graph (exact as it is); the CPU target reads the choice
                 int8_chosen += 1
                 continue
             with graph.gm.graph.inserting_before(node):

@@ -200,16 +200,25 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             return None
         b = None if bt is None else bt.detach().numpy().astype("float32")
         x_shape = node.args[0].meta["val"].shape
-        rec = (layouts or {}).get(node.args[3].name) or {}
-        if rec.get("op") == "qlinear" and rec.get("choice") == "bsr8x4":
-            from graphopt.targets.tvm.cpu.int8 import ubsw_exact
+        if _int8_sparse(node, "qlinear", wt.numpy()):
             from graphopt.targets.tvm.cpu.sparse import emit_bsr_qlinear
-            w = wt.numpy()
-            if dot != "ubsw" or ubsw_exact(w):
-                return emit_bsr_qlinear(bb, xq, w, wst.numpy(), b, sx, zx, x_shape, dot)
-            log.warning("%s: select-sparse-layout chose the int8 bsr8x4 kernel, but this target (no VNNI) cannot "
-                        "multiply these full-range weights exactly with it; the layer stays dense", node.name)
+            return emit_bsr_qlinear(bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, x_shape, dot)
         return emit_qlinear(bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, x_shape, dot)
+
+    def _int8_sparse(node, op: str, w) -> bool:
+        """Whether select-sparse-layout chose the int8 bsr8x4 kernel for this int8 layer and this target can run
+        it exactly (VNNI, or weights under the `vpmaddubsw` bound)."""
+        import numpy as np
+
+        from graphopt.targets.tvm.cpu.int8 import int8_dot, ubsw_exact
+        rec = (layouts or {}).get(node.args[3].name) or {}
+        if rec.get("op") != op or rec.get("choice") != "bsr8x4":
+            return False
+        if int8_dot(target) == "vnni" or ubsw_exact(np.pad(w, ((0, 0), (0, -w.shape[1] % 4)))):
+            return True
+        log.warning("%s: select-sparse-layout chose the int8 bsr8x4 kernel, but this target (no VNNI) cannot "
+                    "multiply these full-range weights exactly with it; the layer stays dense", node.name)
+        return False
 
     def qconv2d(node, importer):
         bb = importer.block_builder
@@ -291,7 +300,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         # int8 inside the depthwise kernel costs more than the wider store)
         dq = quant is not None and all(_fast_depthwise(u) for u in quant.users)
         if kind == "pointwise" and qconv1x1_applies(x_shape) and int8_dot(target) is not None:
-            y = emit_qconv1x1(bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, x_shape, clamp, out_q, dq, int8_dot(target))
+            y = emit_qconv1x1(bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, x_shape, clamp, out_q, dq, int8_dot(target),
+                              _int8_sparse(node, "qconv1x1", wt.numpy().reshape(wt.shape[0], -1)))
         elif kind == "direct":
             x, full = _dequantized(bb, xq, sx, zx), (ph, ph, pw, pw)
             if node.args[0] in quant_pads:  # the zero pad before the input's quantize joins this conv's padding

@@ -55,9 +55,11 @@ class CpuCostOracle:
         for the weight (VNNI, or 7-bit weights on AVX2)."""
         block = layout_block(layout)
         n, k = weight.shape[0], weight.shape[1]
+        if op == "qconv1x1" and block is not None:  # input channels are staged in zero-padded quads
+            k = -(-k // 4) * 4
         if block is not None and (n % block[0] or k % block[1]):
             return f"weight [{n}, {k}] is not divisible into {block[0]}x{block[1]} blocks"
-        if op != "qlinear" or block is None:
+        if op not in ("qlinear", "qconv1x1") or block is None:
             return ""
         from graphopt.targets.tvm.cpu.int8 import int8_dot, ubsw_exact
         from graphopt.targets.tvm.cpu.sparse import bsr_qlinear_applies
@@ -66,15 +68,16 @@ class CpuCostOracle:
             return why
         dot = int8_dot(self.target)
         w = weight.numpy() if hasattr(weight, "numpy") else weight
+        w = np.pad(w, ((0, 0), (0, k - w.shape[1])))
         if dot is None or (dot == "ubsw" and not ubsw_exact(w)):
             return ("the int8 sparse kernel needs VNNI, or 7-bit weights (quantize{weights=int7}) on AVX2: "
                     "u8 x s8 pairs of these weights could saturate vpmaddubsw")
         return ""
 
     def measure(self, op: str, shape: tuple[int, int, int], layout: str, weight: torch.Tensor) -> float:
-        if op not in ("linear", "conv1x1", "qlinear"):
-            raise ValueError(f"the CPU cost oracle measures linear layers, int8 linears (qlinear) and pointwise "
-                             f"convs, not '{op}'")
+        if op not in ("linear", "conv1x1", "qlinear", "qconv1x1"):
+            raise ValueError(f"the CPU cost oracle measures linear layers and pointwise convs, float or int8 "
+                             f"(linear, conv1x1, qlinear, qconv1x1), not '{op}'")
         why = self.applies(layout, weight, op)
         if why:
             raise ValueError(why)
@@ -84,7 +87,7 @@ class CpuCostOracle:
         if key in self._cache:
             self.hits += 1
             return float(self._cache[key])
-        seconds = self._time_int8(shape, block, weight) if op == "qlinear" else \
+        seconds = self._time_int8(shape, block, weight, op == "qconv1x1") if op.startswith("q") else \
             self._time(shape, block, weight, op == "conv1x1")
         self.measured += 1
         self._store({key: seconds})
@@ -120,18 +123,23 @@ class CpuCostOracle:
         self._store({keys[name]: t for name, t in seconds.items()})
         return seconds
 
-    def _time_int8(self, shape, block, weight: torch.Tensor) -> float:
-        """An int8 linear (int8 activation in, float out) as the compiler lowers it: the dense int8 GEMM, or the
-        int8 BSR kernel; unit weight scales (the kernels' speed does not depend on them)."""
+    def _time_int8(self, shape, block, weight: torch.Tensor, conv: bool = False) -> float:
+        """An int8 linear or pointwise conv (int8 activation in, float out) as the compiler lowers it: the dense
+        int8 kernel, or the int8 BSR one; unit weight scales (the kernels' speed does not depend on them)."""
         from tvm import relax
 
-        from graphopt.targets.tvm.cpu.int8 import emit_qlinear, int8_dot
+        from graphopt.targets.tvm.cpu.int8 import emit_qconv1x1, emit_qlinear, int8_dot
         from graphopt.targets.tvm.cpu.sparse import emit_bsr_qlinear
 
         m, k, n = shape
         w = weight.numpy().astype(np.int8)
         scales = np.full(n, 1e-2)
         dot = int8_dot(self.target)
+        if conv:
+            x_shape = (1, k, m, 1)
+            return self._run(lambda bb, x: emit_qconv1x1(bb, x, w.reshape(n, k, 1, 1), scales, None, 0.02, 0,
+                                                         x_shape, None, None, False, dot, block is not None),
+                             x_shape, "int8")
 
         def emit(bb, x):
             if block is None:

@@ -134,22 +134,35 @@ def quad_dot(acc: str, u8: str, s8: str, dot: str) -> str:
 
 def qconv1x1_ubsw_source(cout: int, cin: int, p: int, nv: int, clamp: tuple[float, float] | None = None,
                          out_q: tuple[float, int, int, int] | None = None, dequantized: bool = False,
-                         float_bias: bool = False, dot: str = "ubsw") -> str:
+                         float_bias: bool = False, dot: str = "ubsw", bsr_blocks: int | None = None) -> str:
     """The pointwise kernel for weights where u8 x s8 pairs cannot saturate (`ubsw_exact`, 7-bit weights): each
     task takes a chunk of pixel blocks (8nv pixels each) and a group of channel blocks. It first rewrites its
     pixels once as uint8 quads (x + 128; 4 channels of a pixel side by side: [block, Cin/4, 8nv, 4]), so that every
     channel block then reads one 32-byte vector per 8 pixels and quad, with no shuffles, for 6 `vpmaddubsw` against
     broadcast weight quads (`vpmaddwd` by ones widens the int16 pair sums). The int16 kernel above interleaves and
     sign-extends the same bytes again for every 6 channels. The epilogue is the same. With `dot="vnni"` each
-    product is one `vpdpbusd` into the int32 accumulator instead (exact for any int8 weight; see `quad_dot`)."""
+    product is one `vpdpbusd` into the int32 accumulator instead (exact for any int8 weight; see `quad_dot`).
+
+    With `bsr_blocks` (the stored block count) the weight is int8 BSR with 8 x 4 blocks (8 output channels x one
+    quad of input channels): a channel block is a block-row of 8, and its reduction runs over the stored blocks only,
+    each block's 8 row quads broadcast against the staged quad vector of its input channels."""
     nr, k4 = 8 * nv, -(-cin // 4)
-    mt, cb = -(-cout // MR), -(-p // nr)
+    rows = MR if bsr_blocks is None else 8
+    mt, cb = -(-cout // rows), -(-p // nr)
     nblk = max(1, min(cb, 16384 // (k4 * 4 * nr)))  # a chunk's quads fit half of L1
     chunks = -(-cb // nblk)
     groups = max(1, min(mt, -(-8 // chunks)))  # enough tasks for the threads; each group re-reads its chunk once
-    bias_arg = f' bias: T.Buffer(({mt * MR},), "float32"),' if float_bias else ""
+    bias_arg = f' bias: T.Buffer(({mt * rows},), "float32"),' if float_bias else ""
     c0 = f"T.min(b * {nr}, {p - nr})"
     order = [r * 8 + px for px in range(8) for r in range(4)]
+    if bsr_blocks is None:
+        q, wquad, reduce = "q", f"w4[(c * {k4} + q) * {MR} + i]", f"for q in T.serial({k4}):"
+        w_args = f'w4: T.Buffer(({mt * k4 * MR},), "int32"),'
+    else:
+        q, wquad = "indices[indptr[c] + j]", "data[(indptr[c] + j) * 8 + i]"
+        reduce = "for j in T.serial(indptr[c + 1] - indptr[c]):"
+        w_args = (f'data: T.Buffer(({bsr_blocks * 8},), "int32"), indices: T.Buffer(({bsr_blocks},), "int32"),\n'
+                  f'                  indptr: T.Buffer(({mt + 1},), "int32"),')
 
     def quad(q: str, v: int, n_rows: int) -> str:
         """Stage quad q of the block's 8 pixels v*8..: channels past Cin (a partial last quad) are zeros, which
@@ -171,13 +184,13 @@ def qconv1x1_ubsw_source(cout: int, cin: int, p: int, nv: int, clamp: tuple[floa
     for v in range(nv):
         acc = f"acc[T.ramp(i * {nr} + {v * 8}, 1, 8)]"
         steps += f"""
-                            {acc} = {quad_dot(acc, f"xq[T.ramp(((b - b0) * {k4} + q) * {nr * 4} + {v * 32}, 1, 32)]",
-                                              f'T.reinterpret("int8x32", T.broadcast(w4[(c * {k4} + q) * {MR} + i], 8))', dot)}"""
-    store = _tile_store(f"c * {MR} + i", c0, nv, p, clamp, out_q, dequantized, float_bias, " " * 24)
+                            {acc} = {quad_dot(acc, f"xq[T.ramp(((b - b0) * {k4} + {q}) * {nr * 4} + {v * 32}, 1, 32)]",
+                                              f'T.reinterpret("int8x32", T.broadcast({wquad}, 8))', dot)}"""
+    store = _tile_store(f"c * {rows} + i", c0, nv, p, clamp, out_q, dequantized, float_bias, " " * 24)
     return f"""
 @T.prim_func(private=True)
-def qconv1x1_{dot}(x: T.Buffer(({cin * p},), "int8"), w4: T.Buffer(({mt * k4 * MR},), "int32"),
-                  off: T.Buffer(({mt * MR},), "int32"), mult: T.Buffer(({mt * MR},), "float32"),{bias_arg}
+def qconv1x1_{dot}(x: T.Buffer(({cin * p},), "int8"), {w_args}
+                  off: T.Buffer(({mt * rows},), "int32"), mult: T.Buffer(({mt * rows},), "float32"),{bias_arg}
                   qp: T.Buffer((4,), "float32"),
                   out: T.Buffer(({cout * p},), "{'int8' if out_q and not dequantized else 'float32'}")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
@@ -187,13 +200,13 @@ def qconv1x1_{dot}(x: T.Buffer(({cin * p},), "int8"), w4: T.Buffer(({mt * k4 * M
         for b in T.serial(b0, T.min(b0 + {nblk}, {cb})):{"".join(quads)}
         for c in T.serial((t % {groups}) * {mt} // {groups}, (t % {groups} + 1) * {mt} // {groups}):
             for b in T.serial(b0, T.min(b0 + {nblk}, {cb})):
-                acc = T.decl_buffer(({MR * nr},), "int32", scope="global")
-                for i in T.unroll({MR}):
+                acc = T.decl_buffer(({rows * nr},), "int32", scope="global")
+                for i in T.unroll({rows}):
                     acc[T.ramp(i * {nr}, 1, {nr})] = T.broadcast(T.int32(0), {nr})
-                for q in T.serial({k4}):
-                    for i in T.unroll({MR}):{steps}
-                for i in T.unroll({MR}):
-                    if c * {MR} + i < {cout}:{store}
+                {reduce}
+                    for i in T.unroll({rows}):{steps}
+                for i in T.unroll({rows}):
+                    if c * {rows} + i < {cout}:{store}
 """
 
 
@@ -282,9 +295,11 @@ def epilogue_constants(wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | 
 
 def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | None, sx: float, zx: int,
                   x_shape, clamp: tuple[float, float] | None, out_q: tuple[float, int, int, int] | None,
-                  dequantized: bool = False, dot: str = "ubsw"):
+                  dequantized: bool = False, dot: str = "ubsw", sparse: bool = False):
     """Pointwise qconv2d of xq int8 [1, Cin, H, W] -> [1, Cout, H, W]: int8 on out_q's grid (or the floats of that
-    grid with `dequantized`), else float32. `dot` is the target's quad product (`int8_dot`)."""
+    grid with `dequantized`), else float32. `dot` is the target's quad product (`int8_dot`). `sparse`: the weight
+    goes in as int8 BSR with 8 x 4 blocks (select-sparse-layout chose it; Cout % 8 == 0, and the quad product must
+    be exact for it: VNNI or `ubsw_exact`)."""
     import tvm
     from tvm import relax
     from tvm.script import tirx as T
@@ -299,19 +314,33 @@ def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray
     # int4 ones stay nibbles (the artifact size is why they were chosen) on the int16 kernel, as do full-range int8
     # weights without VNNI
     ubsw = wbits == 8 and (dot != "ubsw" or ubsw_exact(np.pad(w2, ((0, 0), (0, cin % 2)))))
-    consts = epilogue_constants(wq, w_scales, bias, sx, zx + 128 * ubsw, mt, out_q)
+    consts = epilogue_constants(wq, w_scales, bias, sx, zx + 128 * (ubsw or sparse), mt, out_q)
     tag = (f"{cout}x{cin}x{p}" + ("" if clamp is None else "_clamp") + ("_q" if out_q else "") + ("dq" if dequantized else "")
-           + ("_w4" if wbits == 4 else ""))
-    if ubsw:
+           + ("_w4" if wbits == 4 and not sparse else ""))
+    if sparse:
+        import torch
+
+        from graphopt.ir.sparse_ops import to_bsr
+        k4 = -(-cin // 4)
+        wpad = np.zeros((cout, 4 * k4), np.int8)
+        wpad[:, :cin] = w2
+        bsr = to_bsr(torch.from_numpy(wpad), (8, 4))
+        src = qconv1x1_ubsw_source(cout, cin, p, 1, clamp, out_q, dequantized, consts[2] is not None, dot, bsr.nnzb)
+        gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), f"qconv1x1_bsr_{dot}_{tag}_nnz{bsr.nnzb}")
+        weights = [relax.const(np.ascontiguousarray(bsr.data.numpy()).view(np.int32).reshape(-1)),
+                   relax.const(bsr.indices.numpy()), relax.const(bsr.indptr.numpy())]
+        consts = [c if c is None else c[:cout] for c in consts]
+    elif ubsw:
         src = qconv1x1_ubsw_source(cout, cin, p, nv, clamp, out_q, dequantized, consts[2] is not None, dot)
         packed, name = pack_quads(w2, mt), f"qconv1x1_{dot}_{tag}"
     else:
         src = qconv1x1_source(cout, cin, p, nv, clamp, out_q, dequantized, wbits, consts[2] is not None)
         packed, name = pack_pairs(w2, mt, wbits), f"qconv1x1_{tag}"
-    gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), name)
+    if not sparse:
+        gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), name)
+        weights = [relax.const(packed)]
     dtype = "int8" if out_q and not dequantized else "float32"
-    y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(xq, (cin * p,))),
-                                    relax.const(packed),
+    y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(xq, (cin * p,))), *weights,
                                     *(relax.const(c) for c in consts if c is not None),
                                     relax.const(store_params(clamp, out_q))],
                                relax.TensorType((cout * p,), dtype)))

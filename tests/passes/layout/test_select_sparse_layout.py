@@ -233,3 +233,25 @@ def test_cpu_oracle_says_when_int8_sparse_has_no_kernel(monkeypatch):
     assert o.applies("bsr8x4", w, "qlinear") == ""
     with pytest.raises(ValueError, match="8x4 blocks"):
         o.measure("qlinear", (16, 32, 16), "csr", w)
+
+
+def test_int8_pointwise_convs_take_the_int8_bsr_kernel(tmp_path):
+    """The same for int8 pointwise convs (graphopt::qconv2d, batch 1): measured as qconv1x1 against the dense int8
+    kernel, the 3x3 conv left dense with its reason, and the artifact equal to the dense-int8 one."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 14, 14)
+    g = graphopt.optimize(graphopt.trace(_PointwiseNet().eval(), (x,)),
+                          "sparsify{sparsity=0.9 block=8x4},quantize{weights=int7},fold-qdq",
+                          data=[(torch.randn(1, 8, 14, 14),) for _ in range(4)])
+    out = graphopt.optimize(g, "select-sparse-layout{candidates=dense,bsr8x4}", target=_Int8Oracle(2.0))
+    recs = {r["node"]: r for r in out.meta["sparse_layout"].values() if r["op"] == "qconv1x1"}
+    assert sorted(r["choice"] for r in recs.values()) == ["bsr8x4", "bsr8x4", "dense"], recs
+    assert any("not a pointwise conv" in r.get("reason", "") for r in recs.values())
+    from graphopt.targets.tvm.lower import lower_to_relax
+    names = {gv.name_hint for gv in lower_to_relax(out).get_global_vars()}
+    assert len([n for n in names if n.startswith("qconv1x1_bsr_")]) == 2, names
+    got = graphopt.load(graphopt.compile(out, "llvm", output=tmp_path / "art"))(x.numpy())[0]
+    dense = graphopt.load(graphopt.compile(g, "llvm", output=tmp_path / "dense"))(x.numpy())[0]
+    assert abs(got - dense).max() <= 1e-6 * abs(dense).max()
+    ref = out.run(x)[0].numpy()
+    assert abs(got - ref).max() <= 0.05 * abs(ref).max()
