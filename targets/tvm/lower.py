@@ -349,15 +349,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                                      f"not input {list(x_shape)}: run select-sparse-layout on a batch-1 graph")
         x, data, indices, indptr = (importer.env[a] for a in node.args[:4])
         bias = importer.env[node.args[4]] if node.args[4] is not None else None
-        users = list(node.users)
-        residual = _residual_add(node, importer)
-        if residual is not None:
-            fused_adds[users[0]] = node
-            users = list(users[0].users)
-        clamp = _clamp_of(users[0]) if len(users) == 1 else None
-        if clamp is not None:
-            fused_acts.add(users[0])
-            clamp = (clamp[0], min(clamp[1], 3.0e38))
+        residual, clamp = _fused_epilogue(node, importer, True)
         dshape = node.args[1].meta["val"].shape
         return emit_bsr_conv1x1(importer.block_builder, x, data, indices, indptr, bias, x_shape, int(node.args[5]),
                                 (int(dshape[1]), int(dshape[2])), int(dshape[0]), clamp,
@@ -444,15 +436,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             kind = _conv_kernel(x_shape, wt.shape, node.args[3:9])
         if kind is None:
             return importer._convolution(node)
-        users = list(node.users)
-        residual = _residual_add(node, importer) if kind == "pointwise" else None
-        if residual is not None:  # conv -> add(x): the add (and a lone clamp after it) go into the epilogue
-            fused_adds[users[0]] = node
-            users = list(users[0].users)
-        clamp = _clamp_of(users[0]) if len(users) == 1 else None
-        if clamp is not None:
-            fused_acts.add(users[0])
-            clamp = (clamp[0], min(clamp[1], 3.0e38))
+        residual, clamp = _fused_epilogue(node, importer, kind == "pointwise")
         bb, x = importer.block_builder, importer.env[node.args[0]]
         w, b = wt.detach().numpy(), None if bt is None else bt.detach().numpy()
         if kind == "pointwise":
@@ -466,6 +450,21 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         return emit(bb, x, w, b, x_shape, stride, full, clamp)
 
     fused_adds: dict = {}  # add node -> the conv whose kernel computed it
+
+    def _fused_epilogue(node, importer, residual_ok: bool):
+        """What a conv kernel's store takes over from the ops after `node`: the other operand of a residual add
+        (pointwise kernels, `residual_ok`) and a lone clamp (ReLU/ReLU6) after the conv or that add; both are
+        marked so their own converters return the kernel's output."""
+        users = list(node.users)
+        residual = _residual_add(node, importer) if residual_ok else None
+        if residual is not None:  # conv -> add(x): the add (and a lone clamp after it) go into the epilogue
+            fused_adds[users[0]] = node
+            users = list(users[0].users)
+        clamp = _clamp_of(users[0]) if len(users) == 1 else None
+        if clamp is not None:
+            fused_acts.add(users[0])
+            clamp = (clamp[0], min(clamp[1], 3.0e38))
+        return residual, clamp
 
     def _residual_add(node, importer):
         """The other operand of an add that is this conv's only user (a residual connection), when the kernel can

@@ -40,6 +40,25 @@ def _local_transpose(src: str, dst: str, rows: int, cols: int, indent: str) -> s
 """
 
 
+def _block_row(r: int, c: int, v: int, x_row: str) -> str:
+    """TVMScript (inside `for ib` of a parallel body) summing block-row ib into an R x V register tile `acc`: per
+    stored block, per weight value, one broadcast times the V-vector x_row (a format string in {k}, the input
+    index) of contiguous activations."""
+    x = x_row.format(k=f"indices[indptr[ib] + j] * {c} + ci")
+    # scope "global" inside the parallel body becomes a stack alloca LLVM keeps in registers; "local" becomes a
+    # heap workspace it cannot promote (3x slower: every FMA stored and reloaded)
+    return f"""
+            acc = T.decl_buffer(({r}, {v}), "float32", scope="global")
+            for ri in T.unroll({r}):
+                for vi in T.vectorized({v}):
+                    acc[ri, vi] = T.float32(0)
+            for j in T.serial(indptr[ib + 1] - indptr[ib]):
+                for ri in T.unroll({r}):
+                    for ci in T.unroll({c}):
+                        for vi in T.vectorized({v}):
+                            acc[ri, vi] = acc[ri, vi] + data[indptr[ib] + j, ri, ci] * {x}"""
+
+
 def bsr_linear_source(m: int, k: int, n: int, r: int, c: int, nnzb: int) -> str:
     """out[M, N] = x[M, K] @ W.T with W in BSR, M >= 4. One parallel loop over tiles of V tokens (the last tile
     starts at M - V, so any M works); each task: x rows -> private x^T, every block-row with an R x V tile of y^T in
@@ -56,18 +75,7 @@ def bsr_linear(x: T.Buffer(({m}, {k}), "float32"), data: T.Buffer(({nnzb}, {r}, 
         xT = T.decl_buffer(({k}, {v}), "float32", scope="global")
         yT = T.decl_buffer(({n}, {v}), "float32", scope="global")
 {_local_transpose(f"x[{m0} + {{i}}, {{j}}]", "xT[{j}, {i}]", v, k, "        ")}
-        for ib in T.serial({nb}):
-            # scope "global" inside the parallel body becomes a stack alloca LLVM keeps in registers; "local"
-            # becomes a heap workspace it cannot promote (3x slower: every FMA stored and reloaded)
-            acc = T.decl_buffer(({r}, {v}), "float32", scope="global")
-            for ri in T.unroll({r}):
-                for vi in T.vectorized({v}):
-                    acc[ri, vi] = T.float32(0)
-            for j in T.serial(indptr[ib + 1] - indptr[ib]):
-                for ri in T.unroll({r}):
-                    for ci in T.unroll({c}):
-                        for vi in T.vectorized({v}):
-                            acc[ri, vi] = acc[ri, vi] + data[indptr[ib] + j, ri, ci] * xT[indices[indptr[ib] + j] * {c} + ci, vi]
+        for ib in T.serial({nb}):{_block_row(r, c, v, "xT[{k}, vi]")}
             for ri in T.unroll({r}):
                 for vi in T.vectorized({v}):
                     yT[ib * {r} + ri, vi] = acc[ri, vi]
@@ -171,16 +179,7 @@ def bsr_conv1x1(x: T.Buffer(({k}, {p}), "float32"), data: T.Buffer(({nnzb}, {r},
                 bias: T.Buffer(({n},), "float32"),{res_arg} out: T.Buffer(({n}, {p}), "float32")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
     for po in T.parallel({-(-p // v)}):{staged}
-        for ib in T.serial({nb}):
-            acc = T.decl_buffer(({r}, {v}), "float32", scope="global")
-            for ri in T.unroll({r}):
-                for vi in T.vectorized({v}):
-                    acc[ri, vi] = T.float32(0)
-            for j in T.serial(indptr[ib + 1] - indptr[ib]):
-                for ri in T.unroll({r}):
-                    for ci in T.unroll({c}):
-                        for vi in T.vectorized({v}):
-                            acc[ri, vi] = acc[ri, vi] + data[indptr[ib] + j, ri, ci] * {"xs" if copy else "x"}[indices[indptr[ib] + j] * {c} + ci, {"" if copy else p0 + " + "}vi]
+        for ib in T.serial({nb}):{_block_row(r, c, v, "xs[{k}, vi]" if copy else f"x[{{k}}, {p0} + vi]")}
             for ri in T.unroll({r}):
                 for vi in T.vectorized({v}):
                     out[ib * {r} + ri, {p0} + vi] = {_clamped(val, clamp)}
