@@ -146,7 +146,13 @@ class SelectSparseLayout(Pass):
                     rec["timings_us"][lay] = None
                     rec.setdefault("not_measured", {})[lay] = why
                     continue
-                t = oracle.measure(rec["op"], (m, k, n), lay, w)
+                rec["timings_us"][lay] = 0.0  # measured below
+            todo = [lay for lay, t in rec["timings_us"].items() if t is not None]
+            if hasattr(oracle, "measure_many"):  # one interleaved measurement of all candidates
+                timed = oracle.measure_many(op, (m, k, n), todo, w)
+            else:
+                timed = {lay: oracle.measure(op, (m, k, n), lay, w) for lay in todo}
+            for lay, t in timed.items():
                 rec["timings_us"][lay] = round(t, 4) if source != "measured" else round(t * 1e6, 2)
             dense_t = rec["timings_us"]["dense"]
             sparse = {lay: t for lay, t in rec["timings_us"].items() if lay != "dense" and t is not None}

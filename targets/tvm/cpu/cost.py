@@ -75,22 +75,36 @@ class CpuCostOracle:
         return ""
 
     def measure(self, op: str, shape: tuple[int, int, int], layout: str, weight: torch.Tensor) -> float:
+        return self.measure_many(op, shape, [layout], weight)[layout]
+
+    def measure_many(self, op: str, shape: tuple[int, int, int], layouts: list[str],
+                     weight: torch.Tensor) -> dict[str, float]:
+        """Seconds per call of each layout for this layer. Unless every one is cached, all are built and timed in
+        interleaved rounds (a slow moment of a shared machine then hits every candidate alike, instead of the one
+        that happened to be measured in it), and cached."""
         if op not in ("linear", "conv1x1", "qlinear", "qconv1x1"):
             raise ValueError(f"the CPU cost oracle measures linear layers and pointwise convs, float or int8 "
                              f"(linear, conv1x1, qlinear, qconv1x1), not '{op}'")
-        why = self.applies(layout, weight, op)
-        if why:
-            raise ValueError(why)
-        block = layout_block(layout)
-        nnzb = 0 if block is None else to_bsr(weight, block).nnzb
-        key = self._key(op, shape, layout, nnzb)
-        if key in self._cache:
-            self.hits += 1
-            return float(self._cache[key])
-        seconds = self._time_int8(shape, block, weight, op == "qconv1x1") if op.startswith("q") else \
-            self._time(shape, block, weight, op == "conv1x1")
-        self.measured += 1
-        self._store({key: seconds})
+        keys = {}
+        for layout in layouts:
+            why = self.applies(layout, weight, op)
+            if why:
+                raise ValueError(why)
+            block = layout_block(layout)
+            keys[layout] = self._key(op, shape, layout, 0 if block is None else to_bsr(weight, block).nnzb)
+        if all(k in self._cache for k in keys.values()):
+            self.hits += len(keys)
+            return {lay: float(self._cache[k]) for lay, k in keys.items()}
+        timers = {lay: (self._time_int8 if op.startswith("q") else self._time)(shape, layout_block(lay), weight,
+                                                                                op.endswith("conv1x1"))
+                  for lay in keys}
+        samples: dict[str, list[float]] = {lay: [] for lay in keys}
+        for _ in range(self.repeat):
+            for lay, timer in timers.items():
+                samples[lay].append(timer())
+        seconds = {lay: float(np.median(v)) for lay, v in samples.items()}
+        self.measured += len(keys)
+        self._store({keys[lay]: t for lay, t in seconds.items()})
         return seconds
 
     def _store(self, timings: dict[str, float]) -> None:
@@ -123,7 +137,7 @@ class CpuCostOracle:
         self._store({keys[name]: t for name, t in seconds.items()})
         return seconds
 
-    def _time_int8(self, shape, block, weight: torch.Tensor, conv: bool = False) -> float:
+    def _time_int8(self, shape, block, weight: torch.Tensor, conv: bool = False):
         """An int8 linear or pointwise conv (int8 activation in, float out) as the compiler lowers it: the dense
         int8 kernel, or the int8 BSR one; unit weight scales (the kernels' speed does not depend on them)."""
         from tvm import relax
@@ -151,8 +165,9 @@ class CpuCostOracle:
             return emit_bsr_qlinear(bb, x, w, scales, None, 0.02, 0, (m, k), dot)
         return self._run(emit, (m, k), "int8")
 
-    def _run(self, emit, x_shape, dtype: str) -> float:
-        """Median seconds of a one-input Relax function built from emit(bb, x) by graphopt's CPU pipeline."""
+    def _run(self, emit, x_shape, dtype: str):
+        """A timer (no arguments -> seconds per call, >= 10 ms of calls) of a one-input Relax function built from
+        emit(bb, x) by graphopt's CPU pipeline."""
         import tvm
         from tvm import relax
 
@@ -169,10 +184,12 @@ class CpuCostOracle:
         rng = np.random.default_rng(0)
         data = rng.integers(-128, 128, x_shape).astype(dtype) if dtype == "int8" else \
             rng.standard_normal(x_shape).astype(dtype)
-        timer = vm.time_evaluator("main", dev, number=10, repeat=self.repeat, min_repeat_ms=20)
-        return float(np.median(timer(tvm.runtime.tensor(data, dev)).results))
+        arg = tvm.runtime.tensor(data, dev)
+        timer = vm.time_evaluator("main", dev, number=10, repeat=1, min_repeat_ms=10)
+        timer(arg)  # warm-up
+        return lambda: float(timer(arg).mean)
 
-    def _time(self, shape, block, weight: torch.Tensor, conv: bool = False) -> float:
+    def _time(self, shape, block, weight: torch.Tensor, conv: bool = False):
         from tvm import relax
 
         from graphopt.targets.tvm.cpu.conv import emit_conv1x1

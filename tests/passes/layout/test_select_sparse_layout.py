@@ -124,6 +124,10 @@ def test_real_cpu_oracle_measures_and_caches(tmp_path):
     o2 = CpuCostOracle(cache=tmp_path / "c.json")
     assert o2.measure("linear", (16, 128, 64), "csr", w) == t1 and o2.hits == 1 and o2.measured == 0
     assert o2.measure("conv1x1", (49, 128, 64), "bsr4x4", w) > 0 and o2.measured == 1  # a pointwise conv: its own key
+    # a layer's candidates are timed together, in interleaved rounds; a set with one uncached layout is timed anew
+    both = o2.measure_many("linear", (16, 128, 64), ["dense", "csr"], w)
+    assert set(both) == {"dense", "csr"} and o2.measured == 3 and all(t > 0 for t in both.values())
+    assert o2.measure_many("linear", (16, 128, 64), ["dense", "csr"], w) == both and o2.measured == 3
 
 
 class _PointwiseNet(nn.Module):
