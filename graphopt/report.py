@@ -38,11 +38,13 @@ def compile_report(reference: Graph, optimized: Graph, artifact: Path, manifest:
     before, after = reference.stats(), optimized.stats()
     size = sum(p.stat().st_size for p in Path(artifact).iterdir() if p.is_file())
     tinfo = manifest.get("target_info", {})
+    int8 = any(op in after.ops for op in ("qlinear.default", "qconv2d.default"))  # the product matters only then
     lines = [
         f"graphopt compile report: {reference.meta.get('source') or 'model'} -> {artifact}",
         f"  target     {tinfo.get('kind', manifest.get('target'))} (mcpu={tinfo.get('mcpu', '-')}, "
         f"cores={tinfo.get('num_cores', '-')}"
-        + (f", int8 products on {DOT_NAMES.get(tinfo['int8_dot'], tinfo['int8_dot'])}" if tinfo.get("int8_dot") else "")
+        + (f", int8 products on {DOT_NAMES.get(tinfo['int8_dot'], tinfo['int8_dot'])}" if int8 and tinfo.get("int8_dot")
+           else "")
         + ")",
         f"  pipeline   {optimized.meta.get('pipeline') or '(none)'}",
     ]

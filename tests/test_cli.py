@@ -130,3 +130,18 @@ def test_compile_for_cuda_sparse_prints_the_gpu_report(tmp_path, onnx_model):
     assert "rows % 16" in res.stdout
     one_line_error(run_cli("compile", path, "--target", "cuda", "--cuda-arch", "sm_75", "-o", tmp_path / "h"),
                    "unknown CUDA architecture sm_75")
+
+
+def test_compile_report_names_the_int8_product_only_for_int8_graphs(tmp_path):
+    """The report's target line says which int8 instruction the build uses (vpdpbusd with VNNI), and says nothing
+    about it for a float graph, where it would only confuse."""
+    import graphopt
+    from graphopt.report import compile_report
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).eval()
+    g = graphopt.trace(model, (torch.randn(8, 16),))
+    q = graphopt.optimize(g, "quantize,fold-qdq", data=[(torch.randn(8, 16),) for _ in range(2)])
+    (tmp_path / "model.so").write_bytes(b"x")
+    manifest = {"target_info": {"kind": "llvm", "mcpu": "sapphirerapids", "num_cores": 2, "int8_dot": "vnni"}}
+    assert "int8 products on vpdpbusd (VNNI)" in compile_report(g, q, tmp_path, manifest, None, None)
+    assert "int8 products" not in compile_report(g, g, tmp_path, manifest, None, None)
