@@ -12,7 +12,10 @@ WordNet noun definitions (Debian's `wordnet-base`, as `wordnet_probe.py` fetches
 with the cosine loss) and reports the cosine on 200 other definitions too; for the image models on the calibration
 crops (five photos: expect little).
 
-    python benchmarks/compressed.py [--models mobilenet_v2,efficientnet_lite0,minilm] [--prune 0.3,0.5]
+`--sparse S` adds `sparsify{sparsity=S block=8x4}` + int7 + `select-sparse-layout` rows: 8x4 zero blocks that the
+int8 BSR kernels take where the layout pass measures them faster (no fine-tuning either, unless recovering).
+
+    python benchmarks/compressed.py [--models mobilenet_v2,efficientnet_lite0,minilm] [--prune 0.3,0.5] [--sparse 0.8]
 """
 from __future__ import annotations
 
@@ -45,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="mobilenet_v2,efficientnet_lite0,minilm", help="comma-separated zoo names")
     ap.add_argument("--prune", default="0.3,0.5", help="comma-separated prune-channels ratios (each + int7)")
+    ap.add_argument("--sparse", default="", help="comma-separated sparsities: sparsify{block=8x4} + int7 + "
+                    "select-sparse-layout rows (int8 BSR kernels where measured faster; default: none)")
     ap.add_argument("--recover-epochs", type=int, default=0, help="recover epochs after pruning (0: none)")
     ap.add_argument("--recover-samples", type=int, default=1000, help="MiniLM: WordNet definitions to recover on")
     ap.add_argument("--threads", type=int, default=2)
@@ -79,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         for r in (float(v) for v in args.prune.split(",") if v):
             pipes[f"prune{round(r * 100)}+int7"] = (f"prune-channels{{ratio={r}}}{recover},"
                                                     f"quantize{{calibrator={cal} weights=int7}},fold-qdq")
+        for sp in (float(v) for v in args.sparse.split(",") if v):
+            pipes[f"sparse{round(sp * 100)}+int7"] = (f"sparsify{{sparsity={sp} block=8x4}}{recover},"
+                                                      f"quantize{{calibrator={cal} weights=int7}},fold-qdq,"
+                                                      "select-sparse-layout{candidates=dense,bsr8x4}")
         arts, size = {}, {}
         for key, pipe in pipes.items():
             t0 = time.perf_counter()
