@@ -692,6 +692,8 @@ def test_cross_compiled_artifact_records_its_isa_and_refuses_a_cpu_without_it(tm
         graphopt.load(out)
     with pytest.raises(TargetError, match="sapphirerapids"):
         graphopt.compile(q, "llvm", output=tmp_path / "bad", cpu="sapphirerapid")
+    with pytest.raises(graphopt.GraphoptError, match="applies to the llvm target"):
+        graphopt.compile(q, "onnx", output=tmp_path / "bad", cpu="znver4")
     assert not (tmp_path / "bad").exists()
 
 
