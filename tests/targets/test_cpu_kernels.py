@@ -694,6 +694,8 @@ def test_cross_compiled_artifact_records_its_isa_and_refuses_a_cpu_without_it(tm
         graphopt.compile(q, "llvm", output=tmp_path / "bad", cpu="sapphirerapid")
     with pytest.raises(graphopt.GraphoptError, match="applies to the llvm target"):
         graphopt.compile(q, "onnx", output=tmp_path / "bad", cpu="znver4")
+    with pytest.raises(TargetError, match="tuning measures kernels on this machine.*avx512vnni"):
+        graphopt.compile(q, "llvm", graphopt.Tuning(trials=1), output=tmp_path / "bad", cpu="znver4")
     assert not (tmp_path / "bad").exists()
 
 
