@@ -22,7 +22,8 @@ def load_onnx(path: str | Path) -> Graph:
 
 
 def load_model(spec: str | Path) -> Graph:
-    """A model given on the command line: an .onnx file, a saved graph (.gopt), or `zoo:<name>` (shipped models)."""
+    """A model given on the command line: an .onnx file, a torch.export archive (.pt2), a saved graph (.gopt), or
+    `zoo:<name>` (shipped models)."""
     spec = str(spec)
     if spec.startswith("zoo:"):
         from graphopt.zoo import zoo_graph
@@ -33,13 +34,17 @@ def load_model(spec: str | Path) -> Graph:
         return load_onnx(path)
     if suffix == ".gopt":
         return Graph.load(path)
+    if suffix == ".pt2":
+        from graphopt.frontends.torch_export import load_pt2
+        return load_pt2(path)
     if suffix in (".pth", ".pt", ".bin", ".ckpt", ".pkl"):
         raise ModelFileError(f"'{path}' is a PyTorch weights/pickle file: it holds no graph, and graphopt never "
-                             "unpickles files. Trace the model in Python (graphopt.trace(model, inputs).save('m.gopt')) "
-                             "or export it to ONNX, then pass that file")
+                             "unpickles files. Trace the model in Python (graphopt.trace(model, inputs).save('m.gopt')), "
+                             "save torch.export.export(model, inputs) with torch.export.save as .pt2, or export it "
+                             "to ONNX, then pass that file")
     if not path.exists():
         raise ModelFileError(f"model '{path}' does not exist")
-    raise ModelFileError(f"'{path}': unknown model file type '{suffix}' (expected .onnx, .gopt or zoo:<name>)")
+    raise ModelFileError(f"'{path}': unknown model file type '{suffix}' (expected .onnx, .pt2, .gopt or zoo:<name>)")
 
 
 def optimize(graph: Graph, pipeline: str, *, data: Sequence[Any] | None = None, verify: bool = False,

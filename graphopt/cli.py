@@ -12,7 +12,9 @@ from pathlib import Path
 
 DEFAULT_PIPELINE = "fold-bn,fold-pad,fold-constants,dce"
 
-MODEL_HELP = ("the model: an .onnx file (from either torch exporter), a saved graph (.gopt), or a shipped model "
+MODEL_HELP = ("the model: an .onnx file (from either torch exporter), a torch.export archive (.pt2, from "
+              "torch.export.save; refused if loading it would unpickle anything), a saved graph (.gopt), or a "
+              "shipped model "
               "zoo:mobilenet_v2 | zoo:efficientnet_lite0 | zoo:minilm (needs the [models] extra)")
 
 
@@ -86,10 +88,11 @@ def _parser() -> argparse.ArgumentParser:
     _add_pm_options(c)
 
     o = sub.add_parser("opt", help="run a pass pipeline: model in, model out (like mlir-opt)", description=(
-        "Run the pipeline over MODEL and write the result (.gopt graph, or .onnx). Use the instruments to see what "
-        "each pass did and which pass broke the numerics."))
+        "Run the pipeline over MODEL and write the result (.gopt graph, .onnx, or .pt2 for torch.export). Use the "
+        "instruments to see what each pass did and which pass broke the numerics."))
     o.add_argument("model", help=MODEL_HELP)
-    o.add_argument("-o", "--output", required=True, help="output file: .gopt (graphopt graph) or .onnx")
+    o.add_argument("-o", "--output", required=True, help="output file: .gopt (graphopt graph), .onnx, or .pt2 (a "
+                   "torch.export program: torch.export.load(path).module() runs it in PyTorch)")
     o.add_argument("--plot", metavar="PNG", help="also draw output channels and weight bits per layer, before vs "
                    "after the pipeline")
     _add_pm_options(o)
@@ -230,14 +233,17 @@ def cmd_opt(args) -> int:
     from graphopt.api import load_model
     _refuse_overwriting_model(args)
     dest = Path(args.output)
-    if dest.suffix not in (".gopt", ".onnx"):  # say so before running a possibly long pipeline
+    if dest.suffix not in (".gopt", ".onnx", ".pt2"):  # say so before running a possibly long pipeline
         from graphopt.errors import GraphoptError
-        raise GraphoptError(f"output '{dest}' must end in .gopt or .onnx")
+        raise GraphoptError(f"output '{dest}' must end in .gopt, .onnx or .pt2")
     graph = load_model(args.model)
     out = _optimize(args, graph)
     if dest.suffix == ".onnx":
         from graphopt.targets.onnx.export import export_onnx
         export_onnx(out, dest)
+    elif dest.suffix == ".pt2":
+        from graphopt.targets.torch.export import export_pt2
+        export_pt2(out, dest)
     else:
         out.save(dest)
     if args.plot:

@@ -57,3 +57,79 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelFileError(f"'{path}' does not hold a state dict (name -> tensor)")
     return state
+
+
+def _pt2_refuse(path: Path, why: str) -> ModelFileError:
+    return ModelFileError(f"'{path}': {why}. graphopt reads .pt2 archives only when nothing in them needs unpickling; "
+                          "re-save the program with torch.export.save (torch 2.13) from plain tensor weights, or "
+                          "export the model to ONNX")
+
+
+def _check_pt2_safe(path: Path, zf: zipfile.ZipFile) -> None:
+    """Refuse a torch.export archive whose loading would unpickle anything or load compiled code: torch's loader
+    unpickles weights and constants marked use_pickle, custom/opaque objects and legacy .pt payloads with
+    weights_only=False, and retries sample inputs the same way when a tensors-only load fails."""
+    import io
+    import json
+
+    from torch.export.pt2_archive import constants as c
+
+    names = zf.namelist()
+    rel = {n.split("/", 1)[1]: n for n in names if "/" in n}
+    if c.ARCHIVE_FORMAT_PATH not in rel or zf.read(rel[c.ARCHIVE_FORMAT_PATH]).decode(errors="replace").strip() \
+            != c.ARCHIVE_FORMAT_VALUE:
+        raise _pt2_refuse(path, "this is not a torch.export archive of the current format (no archive_format "
+                                "'pt2'; older torch wrote pickled state dicts)")
+    for r in rel:
+        if r.startswith(c.AOTINDUCTOR_DIR) or r.startswith(c.EXECUTORCH_DIR) or r.startswith(c.MTIA_DIR):
+            raise _pt2_refuse(path, f"it carries compiled code ('{r}'), which graphopt never loads")
+        if r.startswith((c.WEIGHTS_DIR, c.CONSTANTS_DIR)) and r.endswith(".pt"):
+            raise _pt2_refuse(path, f"'{r}' is a pickled payload of the legacy format")
+    for r, full in rel.items():
+        is_w = r.startswith(c.WEIGHTS_DIR) and r.endswith("_weights_config.json")
+        is_c = r.startswith(c.CONSTANTS_DIR) and r.endswith("_constants_config.json")
+        if not (is_w or is_c):
+            continue
+        try:
+            config = json.loads(zf.read(full))["config"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ModelFileError(f"'{path}': '{r}' is not a readable payload config (corrupt?): {e}") from None
+        for fqn, meta in config.items():
+            if meta.get("use_pickle"):
+                raise _pt2_refuse(path, f"{'weight' if is_w else 'constant'} '{fqn}' is stored pickled")
+            if is_c and not str(meta.get("path_name", "")).startswith(c.TENSOR_CONSTANT_FILENAME_PREFIX):
+                raise _pt2_refuse(path, f"constant '{fqn}' is a pickled Python/script object, not a tensor")
+    for r, full in rel.items():
+        if r.startswith(c.SAMPLE_INPUTS_DIR):
+            try:
+                torch.load(io.BytesIO(zf.read(full)), weights_only=True)
+            except Exception as e:  # noqa: BLE001 - any failure means torch would retry with weights_only=False
+                raise _pt2_refuse(path, f"its sample inputs '{r}' hold more than tensors "
+                                        f"({str(e).splitlines()[0][:120]})") from None
+
+
+def load_pt2(path: str | Path) -> Graph:
+    """Import a torch.export archive (`torch.export.save(ep, "m.pt2")`, or graphopt's `--target pt2`) into a Graph,
+    after checking that reading it unpickles nothing and loads no compiled code (ModelFileError otherwise)."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelFileError(f"model '{path}' does not exist")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            _check_pt2_safe(path, zf)
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise ModelFileError(f"'{path}' is not a readable .pt2 archive (corrupt or truncated?): {e}") from None
+    from torch.export.pt2_archive._package import load_pt2 as _load_pt2
+    try:
+        contents = _load_pt2(str(path), load_weights_from_disk=False)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds on a damaged archive
+        raise ModelFileError(f"'{path}': torch could not deserialize the exported program: "
+                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    programs = contents.exported_programs
+    if not programs:
+        raise ModelFileError(f"'{path}' holds no exported program")
+    name = "model" if "model" in programs else sorted(programs)[0]
+    if len(programs) > 1:
+        log.warning("%s holds %d exported programs (%s); importing '%s'", path, len(programs),
+                    ", ".join(sorted(programs)), name)
+    return Graph.from_exported_program(programs[name], source=f"pt2:{path.name}")
