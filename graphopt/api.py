@@ -15,23 +15,27 @@ log = logging.getLogger("graphopt")
 __all__ = ["trace", "load_onnx", "load_model", "optimize", "compile", "load"]
 
 
-def load_onnx(path: str | Path) -> Graph:
-    """Import an ONNX file (from either torch exporter or elsewhere) into graphopt's Graph."""
+def load_onnx(path: str | Path, input_shapes: dict[str, Sequence[int]] | None = None) -> Graph:
+    """Import an ONNX file (from either torch exporter or elsewhere) into graphopt's Graph; input_shapes
+    {input name: shape} fixes dynamic dims (a dynamic batch dim alone defaults to 1)."""
     from graphopt.frontends.onnx_import import load_onnx as _load
-    return _load(path)
+    return _load(path, input_shapes)
 
 
-def load_model(spec: str | Path) -> Graph:
+def load_model(spec: str | Path, input_shapes: dict[str, Sequence[int]] | None = None) -> Graph:
     """A model given on the command line: an .onnx file, a torch.export archive (.pt2), a saved graph (.gopt), or
-    `zoo:<name>` (shipped models)."""
+    `zoo:<name>` (shipped models). input_shapes {input name: shape} fixes an ONNX model's dynamic dims."""
     spec = str(spec)
+    if input_shapes and not (spec.lower().endswith(".onnx")):
+        raise GraphoptError(f"input shapes apply to ONNX models with dynamic dims; '{spec}' has the fixed shapes "
+                            "it was traced or saved with")
     if spec.startswith("zoo:"):
         from graphopt.zoo import zoo_graph
         return zoo_graph(spec[4:])
     path = Path(spec)
     suffix = path.suffix.lower()
     if suffix == ".onnx":
-        return load_onnx(path)
+        return load_onnx(path, input_shapes)
     if suffix == ".gopt":
         return Graph.load(path)
     if suffix == ".pt2":

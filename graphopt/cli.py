@@ -18,7 +18,30 @@ MODEL_HELP = ("the model: an .onnx file (from either torch exporter), a torch.ex
               "zoo:mobilenet_v2 | zoo:efficientnet_lite0 | zoo:minilm (needs the [models] extra)")
 
 
+def _input_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    """NAME=DIMS, DIMS as 1x128 or 1,128."""
+    name, sep, dims = text.rpartition("=")
+    try:
+        shape = tuple(int(d) for d in dims.replace(",", "x").split("x"))
+    except ValueError:
+        shape = ()
+    if not sep or not name or not shape or min(shape) <= 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not NAME=DIMS (e.g. input_ids=1x128 or pixel_values=1,3,224,224)")
+    return name, shape
+
+
+def _add_shape_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input-shape", action="append", type=_input_shape, default=[], metavar="NAME=DIMS",
+                   help="fix a dynamic dim of an ONNX model's input, e.g. --input-shape input_ids=1x128 (repeat per "
+                        "input; a dynamic batch dim alone defaults to 1, any other dynamic dim needs this)")
+
+
+def _shapes(args) -> dict[str, tuple[int, ...]] | None:
+    return dict(getattr(args, "input_shape", None) or []) or None
+
+
 def _add_pm_options(p: argparse.ArgumentParser) -> None:
+    _add_shape_option(p)
     p.add_argument("--pipeline", default=DEFAULT_PIPELINE,
                    help=f"pass pipeline text, e.g. 'fold-bn,fold-constants', or a .yaml recipe (default: {DEFAULT_PIPELINE})")
     p.add_argument("--verify-each", action="store_true",
@@ -100,6 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="print a model's inputs, outputs, statistics and IR")
     i.add_argument("model", help=MODEL_HELP + "; or an artifact folder (prints its manifest)")
     i.add_argument("--ir", action="store_true", help="print the whole IR")
+    _add_shape_option(i)
     i.add_argument("--groups", action="store_true", help="print the channel dependency groups prune-channels "
                    "works on: each as a chain with its size, its l2 score range, or why it is pinned")
 
@@ -111,6 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="time an artifact against ONNX Runtime and PyTorch on the same inputs")
     b.add_argument("artifact", help="artifact folder written by graphopt compile --target llvm")
     b.add_argument("--model", help="the original model (" + MODEL_HELP + ") for the ORT and PyTorch baselines")
+    _add_shape_option(b)
     b.add_argument("--threads", type=int, default=None, help="threads for every runtime (default: cores)")
     b.add_argument("--runs", type=int, default=20, help="timed runs after warm-up; the median is reported")
     b.add_argument("--json", metavar="FILE", help="also write the result as JSON")
@@ -176,7 +201,7 @@ def cmd_compile(args) -> int:
         tuning = Tuning(trials=trials, db=args.tune_db, minutes=args.tune_minutes)
         tuning.validate()
     _refuse_overwriting_model(args)
-    graph = load_model(args.model)
+    graph = load_model(args.model, _shapes(args))
     optimized = _optimize(args, graph)
     out = compile_graph(optimized, args.target, tuning, args.output, cuda_arch=args.cuda_arch,
                         precision=args.gpu_precision, sparse_min_speedup=args.sparse_min_speedup,
@@ -236,7 +261,7 @@ def cmd_opt(args) -> int:
     if dest.suffix not in (".gopt", ".onnx", ".pt2"):  # say so before running a possibly long pipeline
         from graphopt.errors import GraphoptError
         raise GraphoptError(f"output '{dest}' must end in .gopt, .onnx or .pt2")
-    graph = load_model(args.model)
+    graph = load_model(args.model, _shapes(args))
     out = _optimize(args, graph)
     if dest.suffix == ".onnx":
         from graphopt.targets.onnx.export import export_onnx
@@ -265,7 +290,7 @@ def cmd_inspect(args) -> int:
         print(json.dumps(read_manifest(args.model), indent=1))
         return 0
     from graphopt.api import load_model
-    g = load_model(args.model)
+    g = load_model(args.model, _shapes(args))
     s = g.stats()
     print(f"model    {args.model}")
     for spec in g.inputs:
@@ -341,7 +366,7 @@ def cmd_bench(args) -> int:
     with tempfile.TemporaryDirectory(prefix="graphopt-bench-") as tmp:  # the ORT baseline's ONNX file
         if args.model:
             from graphopt.api import load_model
-            graph = load_model(args.model)
+            graph = load_model(args.model, _shapes(args))
             onnx_path = args.model if args.model.endswith(".onnx") else reference_onnx(graph, tmp)
             torch_fn = graph.gm
             if args.model.startswith("zoo:"):

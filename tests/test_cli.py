@@ -99,7 +99,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path, onnx_model):
     one_line_error(run_cli("compile", path, "--tune-trials", "2", "--tune-db", tmp_path / "nodb", "-o", tmp_path / "a"),
                    "does not exist")
     one_line_error(run_cli("compile", path, "--tune-trials", "0", "-o", tmp_path / "a"), "trials must be >= 1")
-    one_line_error(run_cli("opt", path, "--pipeline", "fold-bn", "-o", tmp_path / "m.txt"), "must end in .gopt or .onnx")
+    one_line_error(run_cli("opt", path, "--pipeline", "fold-bn", "-o", tmp_path / "m.txt"), "must end in .gopt, .onnx or .pt2")
     # wrong input shape to a compiled artifact
     assert run_cli("compile", path, "--no-report", "-o", tmp_path / "art").returncode == 0
     np.save(tmp_path / "small.npy", np.zeros((1, 3, 8, 8), np.float32))

@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from graphopt.errors import ModelFileError, UnsupportedOpError
+from graphopt.errors import InputMismatchError, ModelFileError, UnsupportedOpError
 from graphopt.ir.graph import Graph
 
 log = logging.getLogger(__name__)
@@ -141,6 +141,22 @@ class Importer:
         return v.t if isinstance(v, Const) else v.example
 
     # ---- driver -------------------------------------------------------------------------------------------
+    @staticmethod
+    def _given_shape(name: str, tt, given) -> list[int]:
+        """A user-given shape for input `name`, checked against the rank and the fixed dims the model declares."""
+        dims = [int(x) for x in given]
+        if any(d <= 0 for d in dims):
+            raise InputMismatchError(f"input '{name}': shape {dims} has a dim <= 0")
+        declared = list(tt.shape.dim)
+        if declared and len(declared) != len(dims):
+            raise InputMismatchError(f"input '{name}' has rank {len(declared)} in the model, the given shape "
+                                     f"{dims} has {len(dims)} dims")
+        for k, d in enumerate(declared):
+            if d.HasField("dim_value") and d.dim_value > 0 and d.dim_value != dims[k]:
+                raise InputMismatchError(f"input '{name}': dim {k} is fixed at {d.dim_value} in the model, the "
+                                         f"given shape {dims} says {dims[k]}")
+        return dims
+
     def run(self) -> Graph:
         import onnx.numpy_helper as nh
         graph = self.model.graph
@@ -148,25 +164,30 @@ class Importer:
         for init in graph.initializer:
             arr = nh.to_array(init)
             self.env[init.name] = Const(torch.from_numpy(np.array(arr, copy=True)), init.name)
+        names = [inp.name for inp in graph.input if inp.name not in inits]
+        unknown = sorted(set(self.input_shapes) - set(names))
+        if unknown:
+            raise InputMismatchError(f"input shape given for {', '.join(map(repr, unknown))}, which the model does "
+                                     f"not have; its inputs: {', '.join(map(repr, names))}")
         for inp in graph.input:
             if inp.name in inits:
                 continue
             tt = inp.type.tensor_type
             dims = []
             given = self.input_shapes.get(inp.name)
-            for k, d in enumerate(tt.shape.dim):
-                if given is not None:
-                    dims = [int(x) for x in given]
-                    break
+            if given is not None:
+                dims = self._given_shape(inp.name, tt, given)
+            for k, d in enumerate(tt.shape.dim if given is None else ()):
                 if d.HasField("dim_value") and d.dim_value > 0:
                     dims.append(int(d.dim_value))
                 elif k == 0:
-                    log.warning("input '%s' has a dynamic batch dim '%s'; importing with batch 1 (pass input_shapes "
-                                "to choose)", inp.name, d.dim_param)
+                    log.warning("input '%s' has a dynamic batch dim '%s'; importing with batch 1 (choose with "
+                                "--input-shape %s=..., input_shapes= in Python)", inp.name, d.dim_param, inp.name)
                     dims.append(1)
                 else:
                     raise UnsupportedOpError(inp.name, "dynamic shape", f"dim {k} of input '{inp.name}' is "
-                                             f"'{d.dim_param or '?'}'; give static shapes with input_shapes=")
+                                             f"'{d.dim_param or '?'}'; give a static shape with --input-shape "
+                                             f"{inp.name}=DxDx... (input_shapes= in Python)")
             dt = _onnx_dtype(tt.elem_type)
             ex = torch.randn(dims).to(dt) if dt.is_floating_point else torch.zeros(dims, dtype=dt)
             safe = "".join(c if c.isalnum() else "_" for c in inp.name)

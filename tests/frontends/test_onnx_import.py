@@ -103,3 +103,45 @@ def test_custom_domain_op_is_unsupported(tmp_path):
     onnx.save(_single_op_model("FusedThing", domain="com.example"), str(path))
     with pytest.raises(UnsupportedOpError, match="com.example.FusedThing"):
         graphopt.load_onnx(path)
+
+
+def _dynamic_model(path):
+    """An embedding + mean-pool + linear exported with dynamic batch and sequence dims."""
+    class Pool(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(50, 8), nn.Linear(8, 3)
+
+        def forward(self, ids):
+            return self.fc(self.emb(ids).mean(1))
+    torch.manual_seed(0)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Pool().eval(), (torch.randint(0, 50, (2, 7)),), str(path), dynamo=False,
+                          input_names=["ids"], dynamic_axes={"ids": {0: "batch", 1: "seq"}})
+    return path
+
+
+def test_dynamic_dims_take_given_shapes(tmp_path):
+    from graphopt.errors import InputMismatchError
+    path = _dynamic_model(tmp_path / "dyn.onnx")
+    with pytest.raises(UnsupportedOpError, match="--input-shape ids="):
+        graphopt.load_model(path)
+    g = graphopt.load_model(path, {"ids": (3, 11)})
+    ids = np.random.default_rng(0).integers(0, 50, (3, 11)).astype(np.int64)
+    ref = ort.InferenceSession(str(path)).run(None, {"ids": ids})[0]
+    np.testing.assert_allclose(g.gm(torch.from_numpy(ids))[0].detach().numpy(), ref, rtol=1e-5, atol=1e-6)
+    for bad, msg in [({"idz": (3, 11)}, "does not have; its inputs: 'ids'"), ({"ids": (3,)}, "rank 2"),
+                     ({"ids": (3, 0)}, "<= 0")]:
+        with pytest.raises(InputMismatchError, match=msg):
+            graphopt.load_model(path, bad)
+
+
+def test_cli_input_shape_option(tmp_path, capsys):
+    from graphopt.cli import main
+    path = _dynamic_model(tmp_path / "dyn.onnx")
+    assert main(["inspect", str(path), "--input-shape", "ids=4x9"]) == 0
+    assert "ids: int64[4,9]" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["inspect", str(path), "--input-shape", "ids=4xq"])
+    assert "is not NAME=DIMS" in capsys.readouterr().err
