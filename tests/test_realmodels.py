@@ -75,6 +75,28 @@ def test_mobilenet_v2_from_classic_onnx_export(tmp_path, zoo):
         np.testing.assert_allclose(g.run(x)[0].numpy(), model(x).numpy(), rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_minilm_from_dynamic_onnx_export(tmp_path, zoo, dynamo):
+    """What a user exporting a Hugging Face encoder gets: dynamic batch and sequence dims (fixed on import with
+    input_shapes, the CLI's --input-shape), GatherElements/GatherND/IsNaN from the exporters."""
+    model, (ids, mask) = zoo.minilm(), zoo.tokenize(["graphopt reads exported encoders.", "a second one"], seq_len=16)
+    path = tmp_path / "minilm.onnx"
+    dims = {0: "batch", 1: "seq"}
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        if dynamo:
+            b, s = torch.export.Dim("batch"), torch.export.Dim("seq", max=512)
+            torch.onnx.export(model, (ids, mask), str(path), dynamo=True, input_names=["input_ids", "attention_mask"],
+                              dynamic_shapes=({0: b, 1: s}, {0: b, 1: s}))
+        else:
+            torch.onnx.export(model, (ids, mask), str(path), dynamo=False, input_names=["input_ids", "attention_mask"],
+                              dynamic_axes={"input_ids": dims, "attention_mask": dims}, opset_version=17)
+    g = graphopt.load_model(path, {"input_ids": (2, 16), "attention_mask": (2, 16)})
+    with torch.no_grad():
+        np.testing.assert_allclose(g.run(ids, mask)[0].numpy(), model(ids, mask).numpy(), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("name,ratio", [("mobilenet_v2", 0.3), ("mobilenet_v2", 0.5), ("efficientnet_lite0", 0.3),
                                         ("efficientnet_lite0", 0.5), ("minilm", 0.25), ("minilm", 0.5)])
 def test_prune_channels_oracle_on_real_models(zoo, name, ratio):

@@ -324,8 +324,20 @@ for _name, _fn in {"Relu": torch.relu, "Sigmoid": torch.sigmoid, "Tanh": torch.t
                    "Exp": torch.exp, "Log": torch.log, "Sqrt": torch.sqrt, "Neg": torch.neg, "Abs": torch.abs,
                    "Reciprocal": torch.reciprocal, "Not": torch.logical_not, "Floor": torch.floor,
                    "Ceil": torch.ceil, "Sin": torch.sin, "Cos": torch.cos, "Sign": torch.sign,
-                   "Softplus": F.softplus, "HardSwish": F.hardswish, "Round": torch.round}.items():
+                   "Softplus": F.softplus, "HardSwish": F.hardswish, "Round": torch.round,
+                   "IsNaN": torch.isnan}.items():
     HANDLERS[_name] = (lambda f: (lambda im, ins, at: im.emit(f, ins[0])))(_fn)
+
+
+def _is_inf(x, negative: bool, positive: bool):
+    if negative and positive:
+        return torch.isinf(x)
+    return torch.isneginf(x) if negative else torch.isposinf(x) if positive else torch.zeros_like(x, dtype=torch.bool)
+
+
+@op("IsInf")
+def _is_inf_op(im, ins, at):
+    return im.emit(_is_inf, ins[0], bool(at.get("detect_negative", 1)), bool(at.get("detect_positive", 1)))
 
 
 @op("Identity", "Dropout")
@@ -626,6 +638,35 @@ def _gather_op(im, ins, at):
         i = i + im.shape(data)[axis] if i < 0 else i
         return im.emit(torch.select, data, axis, i)
     return im.emit(_gather, data, idx, axis)
+
+
+def _gather_elements(x, idx, axis):
+    return torch.gather(x, axis, torch.where(idx < 0, idx + x.shape[axis], idx))
+
+
+@op("GatherElements")
+def _gather_elements_op(im, ins, at):
+    data, idx = ins
+    axis = int(at.get("axis", 0)) % len(im.shape(data))
+    return im.emit(_gather_elements, data, idx, axis)
+
+
+def _gather_nd(x, idx, b):
+    """ONNX GatherND: idx[..., :k] picks along x's dims b..b+k-1, the first b dims are shared batch dims."""
+    bshape, k = tuple(x.shape[:b]), idx.shape[-1]
+    nb = math.prod(bshape)
+    xf, idf = x.reshape((nb,) + tuple(x.shape[b:])), idx.reshape((nb,) + tuple(idx.shape[b:]))
+    mid = tuple(idf.shape[1:-1])
+    sizes = torch.tensor(xf.shape[1:1 + k], dtype=idf.dtype)
+    idf = torch.where(idf < 0, idf + sizes, idf)
+    batch = torch.arange(nb).reshape((nb,) + (1,) * len(mid))
+    out = xf[(batch,) + tuple(idf[..., j] for j in range(k))]
+    return out.reshape(bshape + mid + tuple(xf.shape[1 + k:]))
+
+
+@op("GatherND")
+def _gather_nd_op(im, ins, at):
+    return im.emit(_gather_nd, ins[0], ins[1], int(at.get("batch_dims", 0)))
 
 
 @op("Shape")
