@@ -222,15 +222,17 @@ def cmd_compile(args) -> int:
     from graphopt.report import compile_report, write_report
     from graphopt.runtime import load
     art = load(out)
-    fid, lat, source = _measure(args.model, graph, art, threads)
+    user_inputs = _data(args, graph) if getattr(args, "inputs", None) else None
+    fid, lat, source = _measure(args.model, graph, art, threads, user_inputs)
     text = compile_report(graph, optimized, Path(out), art.manifest, fid, lat, source)
     write_report(Path(out), {"fidelity": fid, "latency": lat, "manifest": art.manifest}, text)
     print(text, end="")
     return 0
 
 
-def _measure(model: str, graph, art, threads: int):
-    """Fidelity on real inputs (shipped photos/sentences for zoo models) and latency vs ORT and PyTorch."""
+def _measure(model: str, graph, art, threads: int, user_inputs=None):
+    """Fidelity on real inputs (the user's --inputs, else shipped photos/sentences for zoo models, else random
+    inputs with token ids over the whole vocabulary) and latency vs ORT and PyTorch."""
     from graphopt.bench import compare_latency, fidelity, reference_onnx, set_threads
     set_threads(threads)
     torch_fn = None
@@ -245,6 +247,9 @@ def _measure(model: str, graph, art, threads: int):
         inputs = [graph.example_inputs(seed=s) for s in range(3)]
         source, classification = "random inputs", None
         torch_fn = graph.gm
+    if user_inputs:
+        inputs = list(user_inputs)
+        source = "batch(es) from --inputs"
     refs = [graph.run(*b)[0].numpy() for b in inputs]
     outs = [art(*[x.numpy() for x in b])[0] for b in inputs]
     fid = fidelity(refs, outs, classification).to_json()

@@ -53,6 +53,14 @@ class CompiledModel:
                 raise InputMismatchError(f"input '{spec['name']}' has shape {list(a.shape)}, expected {spec['shape']}")
             if str(a.dtype) != spec["dtype"]:
                 raise InputMismatchError(f"input '{spec['name']}' has dtype {a.dtype}, expected {spec['dtype']}")
+            if "range" in spec and a.size:
+                lo, hi = spec["range"]
+                bad = np.flatnonzero((a < lo) | (a >= hi))
+                if bad.size:
+                    at = tuple(int(i) for i in np.unravel_index(bad[0], a.shape))
+                    raise InputMismatchError(
+                        f"input '{spec['name']}' holds {a[at]} at {list(at)} ({bad.size} value(s) out of range): "
+                        f"it indexes the embedding '{spec.get('range_node', '?')}', which takes {lo}..{hi - 1}")
             out.append(self._tvm.runtime.tensor(np.ascontiguousarray(a), device=self.device))
         return out
 

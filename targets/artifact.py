@@ -34,6 +34,19 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _input_specs(graph: Graph) -> list[dict]:
+    """Each input's name, shape and dtype; for token ids also the range the embedding table accepts ("range",
+    [lo, hi), and "range_node"), which the runtime checks before a call."""
+    ranges = graph.input_ranges()
+    out = []
+    for s in graph.inputs:
+        d = s.to_json()
+        if s.name in ranges:
+            d["range"], d["range_node"] = ranges[s.name]["range"], ranges[s.name]["node"]
+        out.append(d)
+    return out
+
+
 def build_manifest(graph: Graph, target: str, target_info: dict[str, Any], *, tuning: dict | None,
                    build_seconds: float, folder: Path) -> dict[str, Any]:
     stats = graph.stats()
@@ -42,7 +55,7 @@ def build_manifest(graph: Graph, target: str, target_info: dict[str, Any], *, tu
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "inputs": [s.to_json() for s in graph.inputs],
+        "inputs": _input_specs(graph),
         "outputs": [s.to_json() for s in graph.outputs],
         "pipeline": graph.meta.get("pipeline", ""),
         "passes": graph.meta.get("history", []),

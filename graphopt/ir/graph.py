@@ -269,8 +269,10 @@ class Graph:
         return tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
 
     def example_inputs(self, seed: int = 0) -> tuple[torch.Tensor, ...]:
-        """Random inputs of the right shapes and dtypes (integers in [0, 2): valid ids and masks)."""
+        """Random inputs of the right shapes and dtypes: integers index the whole table where an input feeds an
+        embedding (token ids), else they are in [0, 2) (masks)."""
         g = torch.Generator().manual_seed(seed)
+        ranges = self.input_ranges()
         out = []
         for s in self.inputs:
             dt = DTYPES[s.dtype]
@@ -279,8 +281,36 @@ class Graph:
             elif dt == torch.bool:
                 out.append(torch.randint(0, 2, s.shape, generator=g).bool())
             else:
-                out.append(torch.randint(0, 2, s.shape, generator=g).to(dt))
+                lo, hi = ranges[s.name]["range"] if s.name in ranges else (0, 2)
+                out.append(torch.randint(lo, hi, s.shape, generator=g).to(dt))
         return tuple(out)
+
+    def input_ranges(self) -> dict[str, dict]:
+        """{input name: {"range": [lo, hi), "node": embedding}} for integer inputs that index an embedding table
+        (through casts and reshapes): the values the model accepts there; anything else is out of bounds."""
+        through = {"to", "_to_copy", "view", "reshape", "flatten", "unsqueeze", "squeeze", "clone", "contiguous",
+                   "alias", "expand", "_unsafe_view"}
+        specs = {s.name: s for s in self.inputs}
+        out: dict[str, dict] = {}
+        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        for spec_name, ph in zip(specs, placeholders):
+            if DTYPES[specs[spec_name].dtype].is_floating_point or specs[spec_name].dtype == "bool":
+                continue
+            todo, seen = [ph], set()
+            while todo:
+                node = todo.pop()
+                for user in node.users:
+                    if user in seen or user.op != "call_function":
+                        continue
+                    seen.add(user)
+                    name = getattr(getattr(user.target, "_overloadpacket", None), "__name__", str(user.target))
+                    if name == "embedding" and len(user.args) > 1 and user.args[1] is node:
+                        rows = int(user.args[0].meta["val"].shape[0]) if "val" in user.args[0].meta else None
+                        if rows is not None and (spec_name not in out or rows < out[spec_name]["range"][1]):
+                            out[spec_name] = {"range": [0, rows], "node": user.name}
+                    elif name in through:
+                        todo.append(user)
+        return out
 
     def to_exported_program(self) -> torch.export.ExportedProgram:
         """Re-export (parameters lifted again) for consumers that take an ExportedProgram: TVM, ONNX, .pt2."""

@@ -531,7 +531,23 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             return _builtin(importer, original)(node)
         return convert
 
-    generic = {"qlinear.default": qlinear, "qconv2d.default": qconv2d, "qmatmul.default": qmatmul,
+    def embedding(node, importer):
+        """Token ids -> rows with an index that stays in bounds: TVM's own converter casts the ids to int32
+        (2**32 + 5 becomes 5) and takes in "fast" mode, which reads past the table on a bad id (a segfault in a
+        deployed model). Here an id outside the table gives a row of NaN (the runtime also refuses such inputs
+        with the table's range, from the manifest)."""
+        bb = importer.block_builder
+        w, ids = importer.env[node.args[0]], importer.env[node.args[1]]
+        shape = [int(d) for d in node.args[1].meta["val"].shape]
+        dim = int(node.args[0].meta["val"].shape[-1])
+        if str(node.args[1].meta["val"].dtype) not in ("torch.int32", "torch.int64"):
+            ids = bb.emit(relax.op.astype(ids, "int64"))
+        mode = "nan" if str(node.args[0].meta["val"].dtype).startswith("torch.float") else "clip"
+        rows = bb.emit(relax.op.take(w, bb.emit(relax.op.reshape(ids, (-1,))), axis=0, mode=mode))
+        return bb.emit(relax.op.reshape(rows, (*shape, dim)))
+
+    generic = {"embedding.default": embedding,
+               "qlinear.default": qlinear, "qconv2d.default": qconv2d, "qmatmul.default": qmatmul,
                "qlinear_i32.default": qlinear_i32, "qconv2d_i32.default": qconv2d_i32,
                "requantize.default": requantize, "quantize_per_tensor.default": quantize_per_tensor,
                "dequantize_per_tensor.default": dequantize_per_tensor,
@@ -644,7 +660,10 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
                                          "the CPU): run select-sparse-layout with target='cuda' "
                                          "(candidates=dense,sp24) on the masked graph, or compile with --target "
                                          "llvm")
-    ep = graph.to_exported_program().run_decompositions(table)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's pytree specs warn when deep-copied
+        ep = graph.to_exported_program().run_decompositions(table)
     try:
         mod = from_exported_program(ep, keep_params_as_input=False, custom_convert_map=_converters(ep, device, sparse24, target,
                                                                                 graph.meta.get("sparse_layout")),
@@ -660,4 +679,30 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
         raise TargetError(f"TVM could not import the graph: {msg}") from None
     except Exception as e:
         raise TargetError(f"TVM could not import the graph: {type(e).__name__}: {e}") from None
+    return _bounded_takes(mod)
+
+
+def _bounded_takes(mod):
+    """Every `take` in "fast" mode (TVM's importer uses it for index_select, advanced indexing, gathers) becomes
+    "clip": fast mode reads out of bounds on a bad index, and the .so must stay memory-safe on any input."""
+    from tvm import relax
+
+    take = tvm_op("relax.take")
+
+    @relax.expr_functor.mutator
+    class Bound(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if call.op.same_as(take) and str(call.attrs.mode) == "fast":
+                return relax.op.take(call.args[0], call.args[1], call.attrs.axis, mode="clip")
+            return call
+
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            mod[gv] = Bound().visit_expr(func)
     return mod
+
+
+def tvm_op(name: str):
+    import tvm
+    return tvm.ir.Op.get(name)

@@ -138,12 +138,12 @@ def test_dynamic_dims_take_given_shapes(tmp_path):
 
 
 def test_cli_input_shape_option(tmp_path, capsys):
-    from graphopt.cli import main
+    from conftest import cli_main
     path = _dynamic_model(tmp_path / "dyn.onnx")
-    assert main(["inspect", str(path), "--input-shape", "ids=4x9"]) == 0
+    assert cli_main("inspect", str(path), "--input-shape", "ids=4x9") == 0
     assert "ids: int64[4,9]" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        main(["inspect", str(path), "--input-shape", "ids=4xq"])
+        cli_main("inspect", str(path), "--input-shape", "ids=4xq")
     assert "is not NAME=DIMS" in capsys.readouterr().err
 
 

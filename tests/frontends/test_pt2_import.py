@@ -144,14 +144,14 @@ def test_corrupt_and_foreign_archives(saved, tmp_path):
 
 def test_opt_writes_pt2_that_imports_again(tmp_path, capsys):
     """A PyTorch user's round trip: .pt2 in, pruned .pt2 out, which torch runs and graphopt reads again."""
-    from graphopt.cli import main
+    from conftest import cli_main
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 8, 3),
                               torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 5)).eval()
     x = torch.randn(1, 3, 8, 8)
     path, out = tmp_path / "cnn.pt2", tmp_path / "pruned.pt2"
     torch.export.save(torch.export.export(net, (x,)), str(path))
-    assert main(["opt", str(path), "--pipeline", "prune-channels{ratio=0.5}", "-o", str(out)]) == 0
+    assert cli_main("opt", str(path), "--pipeline", "prune-channels{ratio=0.5}", "-o", str(out)) == 0
     g = load_model(out)
     assert g.stats().params < load_model(path).stats().params
     torch.testing.assert_close(_first(g.gm(x)), _first(torch.export.load(str(out)).module()(x)),

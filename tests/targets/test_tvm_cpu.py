@@ -60,6 +60,51 @@ def test_wrong_inputs_are_clear_errors(built):
         m()
 
 
+class _Tokens(torch.nn.Module):
+    """Token ids -> embedding (through a reshape) -> mean -> linear, plus an index_select by a second input."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 3)
+        self.table = torch.nn.Parameter(torch.randn(6, 3))
+
+    def forward(self, ids, pick):
+        y = self.fc(self.emb(ids.reshape(2, 3)).mean(1))
+        return y + torch.index_select(self.table, 0, pick)[:2]
+
+
+def test_token_ids_out_of_range_never_read_out_of_bounds(tmp_path):
+    """A bad token id is refused by the runtime with the table's range, and the .so itself never reads past a
+    table: the embedding gives NaN rows, every other take clips (TVM's own lowering segfaulted on such ids)."""
+    import tvm
+
+    from graphopt.targets.tvm.lower import lower_to_relax
+    torch.manual_seed(0)
+    model = _Tokens().eval()
+    ids, pick = torch.tensor([[1, 2, 3, 4, 5, 9]]), torch.tensor([0, 5, 1])
+    g = graphopt.trace(model, (ids, pick))
+    assert g.input_ranges() == {"ids": {"range": [0, 10], "node": "embedding"}}
+    ex_ids = torch.stack([g.example_inputs(seed=s)[0] for s in range(4)])
+    assert ex_ids.min() >= 0 and ex_ids.max() < 10 and ex_ids.max() >= 2  # the whole table, not just 0/1
+    assert 'mode="fast"' not in lower_to_relax(g).script()
+    out = graphopt.compile(g, "llvm", output=tmp_path / "art")
+    spec = json.loads((out / "manifest.json").read_text())["inputs"][0]
+    assert spec["range"] == [0, 10] and spec["range_node"] == "embedding"
+    m = graphopt.load(out)
+    np.testing.assert_allclose(m(ids.numpy(), pick.numpy())[0], model(ids, pick).detach().numpy(), rtol=1e-5,
+                               atol=1e-6)
+    bad = np.array([[1, 2, 3, 4, 5, 1 << 33]])
+    with pytest.raises(InputMismatchError, match=r"holds 8589934592 at \[0, 5\].*takes 0..9"):
+        m(bad, pick.numpy())
+    with pytest.raises(InputMismatchError, match="holds -1"):
+        m(np.array([[-1, 2, 3, 4, 5, 6]]), pick.numpy())
+    raw = m._fn(tvm.runtime.tensor(bad), tvm.runtime.tensor(pick.numpy()))  # past the runtime's check
+    y = (raw.numpy() if hasattr(raw, "numpy") else raw[0].numpy())
+    assert np.isnan(y[1]).all() and np.isfinite(y[0]).all()  # 2**33 did not wrap to a valid int32 id
+    raw = m._fn(tvm.runtime.tensor(ids.numpy()), tvm.runtime.tensor(np.array([0, 1 << 20, 1])))
+    assert np.isfinite(raw.numpy() if hasattr(raw, "numpy") else raw[0].numpy()).all()  # clipped, not a crash
+
+
 def test_output_overwrite_rules(tmp_path, built):
     g, _, _, out = built
     foreign = tmp_path / "mine"
