@@ -256,14 +256,13 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
     quant_pads: dict = {}  # such a quantize node -> the zero pad (left, right, top, bottom, unpadded shape) left out
 
     def _qconv_kind(node):
-        """(kind of graphopt kernel, weight, weight scales, bias) for a batch-1 qconv2d whose weight, scales and bias
-        are constants; kind None when no graphopt kernel takes it."""
+        """(kind of graphopt kernel, weight, weight scales, bias) for a qconv2d whose weight, scales and bias are
+        constants (any batch: the kernels loop over the samples); kind None when no graphopt kernel takes it."""
         wt = (lifted or {}).get(getattr(node.args[3], "name", None))
         wst = (lifted or {}).get(getattr(node.args[4], "name", None))
         bt = (lifted or {}).get(getattr(node.args[5], "name", None)) if node.args[5] is not None else None
         x_shape = node.args[0].meta["val"].shape
-        if (wt is None or wst is None or (node.args[5] is not None and bt is None) or len(x_shape) != 4
-                or int(x_shape[0]) != 1):
+        if wt is None or wst is None or (node.args[5] is not None and bt is None) or len(x_shape) != 4:
             return None, wt, wst, bt
         stride, padding, dilation, groups = node.args[6:10]
         return _conv_kernel(x_shape, wt.shape, (stride, padding, dilation, False, None, groups)), wt, wst, bt
@@ -278,7 +277,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                 and _qconv_kind(node)[0] in ("depthwise", "direct"))
 
     def _qconv_fast(node, bb, xq, sx, zx):
-        """Batch-1 qconv2d with constant weights on graphopt's kernels: pointwise -> the int8 vpmaddwd kernel,
+        """qconv2d with constant weights on graphopt's kernels: pointwise -> the int8 vpmaddwd kernel,
         depthwise and the stem -> the float kernels on the dequantized input. Each fuses the bias, a following
         ReLU/ReLU6 and, when that is all that consumes it, the next quantize: the activation between two such convs
         is int8 (or, into a depthwise conv, the floats of the int8 grid) and no other pass touches it."""
@@ -417,8 +416,9 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         return None
 
     def convolution(node, importer):
-        # batch-1 convs with a constant float weight go to graphopt's kernels (bias and a lone ReLU/ReLU6/clamp
-        # fused; a zero pad right before a depthwise or direct conv folded into its padding)
+        # convs with a constant float weight go to graphopt's kernels, looping over the samples at batch > 1 (bias
+        # and a lone ReLU/ReLU6/clamp fused; a zero pad right before a depthwise or direct conv folded into its
+        # padding)
         import torch
 
         from graphopt.targets.tvm.cpu import conv as k

@@ -12,6 +12,8 @@ import math
 
 import numpy as np
 
+from graphopt.targets.tvm.cpu.batch import batch_source
+
 MR = 6
 
 
@@ -189,28 +191,41 @@ def pack_rows(w: np.ndarray) -> np.ndarray:
 
 def emit_conv1x1(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, lanes: int,
                  clamp: tuple[float, float] | None, residual=None):
-    """Emit conv1x1(x) (+ bias [+ residual], clamp) for x [1, Cin, H, W]; returns [1, Cout, H, W]. `residual` is a
+    """Emit conv1x1(x) (+ bias [+ residual], clamp) for x [N, Cin, H, W]; returns [N, Cout, H, W]. `residual` is a
     Relax value of the output's shape added before the clamp."""
     from tvm import relax
 
-    _, cin, h, wd = (int(d) for d in x_shape)
+    import tvm
+    from tvm.script import tirx as T
+
+    n, cin, h, wd = (int(d) for d in x_shape)
     cout = int(w.shape[0])
     p = h * wd
     nr = 2 * lanes
     b = bias if bias is not None else np.zeros(cout, np.float32)
-    func = conv1x1_packed(cout, cin, p, nr, clamp, residual is not None)
-    tag = f"{cout}x{cin}x{p}" + ("" if residual is None else "_res") + ("" if clamp is None else "_clamp")
+    src = batch_source(conv1x1_source(cout, cin, p, nr, clamp, residual is not None), n,
+                       ["x", "out"] + ([] if residual is None else ["res"]))
+    tag = f"{cout}x{cin}x{p}" + ("" if residual is None else "_res") + ("" if clamp is None else "_clamp") + _ntag(n)
     packed, name = pack_rows(w.reshape(cout, cin)), f"conv1x1_packed_{tag}"
-    gv = bb.add_func(func, name)
-    x2 = bb.emit(relax.op.reshape(x, (cin, p)))
-    extra = [] if residual is None else [bb.emit(relax.op.reshape(residual, (cout, p)))]
+    gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), name)
+    x2 = bb.emit(relax.op.reshape(x, _batched(n, cin, p)))
+    extra = [] if residual is None else [bb.emit(relax.op.reshape(residual, _batched(n, cout, p)))]
     y = bb.emit(relax.call_tir(gv, [x2, relax.const(packed), relax.const(b.astype(np.float32)), *extra],
-                               relax.TensorType((cout, p), "float32")))
-    return bb.emit(relax.op.reshape(y, (1, cout, h, wd)))
+                               relax.TensorType(_batched(n, cout, p), "float32")))
+    return bb.emit(relax.op.reshape(y, (n, cout, h, wd)))
+
+
+def _batched(n: int, *dims: int) -> tuple[int, ...]:
+    """A kernel operand's shape: the per-sample dims, with a leading batch dim when n > 1 (`batch_source`)."""
+    return (n, *dims) if n > 1 else dims
+
+
+def _ntag(n: int) -> str:
+    return f"_n{n}" if n > 1 else ""
 
 
 def pointwise_applies(x_shape, w_shape, stride, padding, dilation, groups, transposed) -> bool:
-    return (len(x_shape) == 4 and int(x_shape[0]) == 1 and len(w_shape) == 4 and tuple(w_shape[2:]) == (1, 1)
+    return (len(x_shape) == 4 and len(w_shape) == 4 and tuple(w_shape[2:]) == (1, 1)
             and int(groups) == 1 and not transposed and all(int(s) == 1 for s in stride)
             and all(int(q) == 0 for q in padding) and all(int(d) == 1 for d in dilation)
             and math.prod(int(d) for d in x_shape[2:]) >= 4)
@@ -556,7 +571,7 @@ def depthwise_cb_applies(c: int, oh: int, ow: int, kh: int, kw: int, stride: int
 
 
 def depthwise_applies(x_shape, w_shape, stride, padding, dilation, groups, transposed) -> bool:
-    return (len(x_shape) == 4 and int(x_shape[0]) == 1 and len(w_shape) == 4 and int(w_shape[1]) == 1
+    return (len(x_shape) == 4 and len(w_shape) == 4 and int(w_shape[1]) == 1
             and int(groups) == int(x_shape[1]) == int(w_shape[0]) and not transposed
             and len(set(int(s) for s in stride)) == 1 and int(stride[0]) in (1, 2)
             and all(int(d) == 1 for d in dilation))
@@ -565,7 +580,7 @@ def depthwise_applies(x_shape, w_shape, stride, padding, dilation, groups, trans
 def emit_depthwise(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, stride: int, padding,
                    clamp: tuple[float, float] | None, out_q: tuple[float, int, int, int] | None = None,
                    w_scale: np.ndarray | None = None):
-    """Emit a depthwise conv (+ bias, clamp) for x [1, C, H, W] with a constant weight [C, 1, kh, kw].
+    """Emit a depthwise conv (+ bias, clamp) for x [N, C, H, W] with a constant weight [C, 1, kh, kw].
 
     `padding` is (top, bottom, left, right), so an asymmetric zero pad before the conv (TF "SAME") folds in. With
     out_q the output is int8 on that grid (the next quantize done in the store). With w_scale, w is int8 and
@@ -574,12 +589,12 @@ def emit_depthwise(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
     from tvm import relax
     from tvm.script import tirx as T
 
-    _, c, h, wd = (int(d) for d in x_shape)
+    n, c, h, wd = (int(d) for d in x_shape)
     kh, kw = int(w.shape[2]), int(w.shape[3])
     pt, pb, pl, pr = (int(q) for q in padding)
     oh, ow = (h + pt + pb - kh) // stride + 1, (wd + pl + pr - kw) // stride + 1
     tag = (f"{c}x{h}x{wd}_k{kh}s{stride}" + ("" if clamp is None else "_clamp") + _qtag(out_q, False)
-           + ("_w8" if w_scale is not None else ""))
+           + ("_w8" if w_scale is not None else "") + _ntag(n))
     if depthwise_cb_applies(c, oh, ow, kh, kw, stride):
         cp = -(-c // 8) * 8
 
@@ -599,26 +614,29 @@ def emit_depthwise(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
             w_scale, bias = in_grid_steps(np.broadcast_to(np.asarray(w_scale, np.float32).reshape(-1), (c,)).copy(),
                                           bias, out_q)
             weights = [relax.const(grouped(w, np.int8)), relax.const(padded(w_scale))]
-        src = depthwise_cb_source(c, h, wd, oh, ow, kh, kw, stride, pt, pl, clamp, out_q, w_scale is not None)
+        src = batch_source(depthwise_cb_source(c, h, wd, oh, ow, kh, kw, stride, pt, pl, clamp, out_q,
+                                               w_scale is not None), n, ["x", "out"])
         gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), f"depthwise_cb_{tag}")
         b = padded(bias if bias is not None else np.zeros(c, np.float32))
-        y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, (c, h * wd))), *weights, relax.const(b)],
-                                   relax.TensorType((c, oh * ow), _out_dtype(out_q, False))))
-        return bb.emit(relax.op.reshape(y, (1, c, oh, ow)))
+        y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, _batched(n, c, h * wd))), *weights,
+                                        relax.const(b)],
+                                   relax.TensorType(_batched(n, c, oh * ow), _out_dtype(out_q, False))))
+        return bb.emit(relax.op.reshape(y, (n, c, oh, ow)))
     if w_scale is None:
         w, bias = in_grid_steps(w, bias, out_q)
         weights = [relax.const(np.ascontiguousarray(w.reshape(c, kh, kw).astype(np.float32)))]
     else:
         w_scale, bias = in_grid_steps(np.broadcast_to(np.asarray(w_scale, np.float32).reshape(-1), (c,)).copy(), bias, out_q)
         weights = [relax.const(np.ascontiguousarray(w.reshape(-1).astype(np.int8))), relax.const(w_scale)]
-    func = tvm.script.parse(depthwise_source(c, h, wd, oh, ow, kh, kw, stride, pt, pl, clamp, out_q,
-                                             w_scale is not None), extra_vars={"T": T})
+    func = tvm.script.parse(batch_source(depthwise_source(c, h, wd, oh, ow, kh, kw, stride, pt, pl, clamp, out_q,
+                                                          w_scale is not None), n, ["x", "out"]),
+                            extra_vars={"T": T})
     gv = bb.add_func(func, f"depthwise_{tag}")
-    x3 = bb.emit(relax.op.reshape(x, (c, h, wd)))
+    x3 = bb.emit(relax.op.reshape(x, _batched(n, c, h, wd)))
     b = bias if bias is not None else np.zeros(c, np.float32)
     y = bb.emit(relax.call_tir(gv, [x3, *weights, relax.const(b.astype(np.float32)), relax.const(store_params(clamp, out_q))],
-                               relax.TensorType((c, oh, ow), _out_dtype(out_q, False))))
-    return bb.emit(relax.op.reshape(y, (1, c, oh, ow)))
+                               relax.TensorType(_batched(n, c, oh, ow), _out_dtype(out_q, False))))
+    return bb.emit(relax.op.reshape(y, (n, c, oh, ow)))
 
 
 def direct_conv_source(cout: int, cin: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int, stride: int,
@@ -729,7 +747,7 @@ def _deinterleave(c: int, h: int, wd: int) -> str:
 
 def direct_applies(x_shape, w_shape, stride, padding, dilation, groups, transposed) -> bool:
     """Small-Cin dense convs (the stem: 3 input channels) where the rule-scheduled conv is slowest."""
-    return (len(x_shape) == 4 and int(x_shape[0]) == 1 and len(w_shape) == 4 and int(groups) == 1
+    return (len(x_shape) == 4 and len(w_shape) == 4 and int(groups) == 1
             and int(w_shape[1]) <= 8 and tuple(w_shape[2:]) != (1, 1) and not transposed and int(x_shape[3]) >= 2
             and len(set(int(s) for s in stride)) == 1 and int(stride[0]) in (1, 2)
             and all(int(d) == 1 for d in dilation))
@@ -738,12 +756,12 @@ def direct_applies(x_shape, w_shape, stride, padding, dilation, groups, transpos
 def emit_direct_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, stride: int, padding,
                      clamp: tuple[float, float] | None, out_q: tuple[float, int, int, int] | None = None,
                      dequantized: bool = False):
-    """Emit the direct conv for x [1, Cin, H, W], weight [Cout, Cin, kh, kw]; padding (top, bottom, left, right)."""
+    """Emit the direct conv for x [N, Cin, H, W], weight [Cout, Cin, kh, kw]; padding (top, bottom, left, right)."""
     import tvm
     from tvm import relax
     from tvm.script import tirx as T
 
-    _, cin, h, wd = (int(d) for d in x_shape)
+    n, cin, h, wd = (int(d) for d in x_shape)
     cout, _, kh, kw = (int(d) for d in w.shape)
     pt, pb, pl, pr = (int(q) for q in padding)
     oh, ow = (h + pt + pb - kh) // stride + 1, (wd + pl + pr - kw) // stride + 1
@@ -755,11 +773,11 @@ def emit_direct_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, str
     b = np.zeros(mt * MR, np.float32)
     if bias is not None:
         b[:cout] = bias
-    src = direct_conv_source(cout, cin, h, wd, oh, ow, kh, kw, stride, pt, pl, clamp, out_q, dequantized)
+    src = batch_source(direct_conv_source(cout, cin, h, wd, oh, ow, kh, kw, stride, pt, pl, clamp, out_q,
+                                          dequantized), n, ["x", "out"])
     gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), f"conv_direct_{cout}x{cin}x{h}x{wd}_k{kh}s{stride}"
-                     + ("" if clamp is None else "_clamp") + _qtag(out_q, dequantized))
-    x3 = bb.emit(relax.op.reshape(x, (cin, h, wd)))
-    args = [x3]
-    y = bb.emit(relax.call_tir(gv, [*args, relax.const(wp), relax.const(b)],
-                               relax.TensorType((cout, oh, ow), _out_dtype(out_q, dequantized))))
-    return bb.emit(relax.op.reshape(y, (1, cout, oh, ow)))
+                     + ("" if clamp is None else "_clamp") + _qtag(out_q, dequantized) + _ntag(n))
+    x3 = bb.emit(relax.op.reshape(x, _batched(n, cin, h, wd)))
+    y = bb.emit(relax.call_tir(gv, [x3, relax.const(wp), relax.const(b)],
+                               relax.TensorType(_batched(n, cout, oh, ow), _out_dtype(out_q, dequantized))))
+    return bb.emit(relax.op.reshape(y, (n, cout, oh, ow)))

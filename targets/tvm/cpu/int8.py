@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from graphopt.targets.tvm.cpu.batch import batch_source
+
 from graphopt.targets.tvm.cpu.conv import _clamped, in_grid_steps, store_params
 
 MR = 6
@@ -296,7 +298,7 @@ def epilogue_constants(wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | 
 def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | None, sx: float, zx: int,
                   x_shape, clamp: tuple[float, float] | None, out_q: tuple[float, int, int, int] | None,
                   dequantized: bool = False, dot: str = "ubsw", sparse: bool = False):
-    """Pointwise qconv2d of xq int8 [1, Cin, H, W] -> [1, Cout, H, W]: int8 on out_q's grid (or the floats of that
+    """Pointwise qconv2d of xq int8 [N, Cin, H, W] -> [N, Cout, H, W] (the kernel loops over the samples): int8 on out_q's grid (or the floats of that
     grid with `dequantized`), else float32. `dot` is the target's quad product (`int8_dot`). `sparse`: the weight
     goes in as int8 BSR with 8 x 4 blocks (select-sparse-layout chose it; Cout % 8 == 0, and the quad product must
     be exact for it: VNNI or `ubsw_exact`)."""
@@ -304,7 +306,7 @@ def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray
     from tvm import relax
     from tvm.script import tirx as T
 
-    _, cin, h, w = (int(d) for d in x_shape)
+    n, cin, h, w = (int(d) for d in x_shape)
     cout, p = int(wq.shape[0]), h * w
     nv = 2 if p >= 16 else 1
     mt = -(-cout // MR)
@@ -316,7 +318,7 @@ def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray
     ubsw = wbits == 8 and (dot != "ubsw" or ubsw_exact(np.pad(w2, ((0, 0), (0, cin % 2)))))
     consts = epilogue_constants(wq, w_scales, bias, sx, zx + 128 * (ubsw or sparse), mt, out_q)
     tag = (f"{cout}x{cin}x{p}" + ("" if clamp is None else "_clamp") + ("_q" if out_q else "") + ("dq" if dequantized else "")
-           + ("_w4" if wbits == 4 and not sparse else ""))
+           + ("_w4" if wbits == 4 and not sparse else "") + (f"_n{n}" if n > 1 else ""))
     if sparse:
         import torch
 
@@ -325,7 +327,8 @@ def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray
         wpad = np.zeros((cout, 4 * k4), np.int8)
         wpad[:, :cin] = w2
         bsr = to_bsr(torch.from_numpy(wpad), (8, 4))
-        src = qconv1x1_ubsw_source(cout, cin, p, 1, clamp, out_q, dequantized, consts[2] is not None, dot, bsr.nnzb)
+        src = batch_source(qconv1x1_ubsw_source(cout, cin, p, 1, clamp, out_q, dequantized, consts[2] is not None,
+                                                dot, bsr.nnzb), n, ["x", "out"])
         gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), f"qconv1x1_bsr_{dot}_{tag}_nnz{bsr.nnzb}")
         weights = [relax.const(np.ascontiguousarray(bsr.data.numpy()).view(np.int32).reshape(-1)),
                    relax.const(bsr.indices.numpy()), relax.const(bsr.indptr.numpy())]
@@ -337,14 +340,15 @@ def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray
         src = qconv1x1_source(cout, cin, p, nv, clamp, out_q, dequantized, wbits, consts[2] is not None)
         packed, name = pack_pairs(w2, mt, wbits), f"qconv1x1_{tag}"
     if not sparse:
-        gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), name)
+        gv = bb.add_func(tvm.script.parse(batch_source(src, n, ["x", "out"]), extra_vars={"T": T}), name)
         weights = [relax.const(packed)]
     dtype = "int8" if out_q and not dequantized else "float32"
-    y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(xq, (cin * p,))), *weights,
+    flat = lambda size: (n, size) if n > 1 else (size,)  # noqa: E731  (batch_source's per-sample buffers)
+    y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(xq, flat(cin * p))), *weights,
                                     *(relax.const(c) for c in consts if c is not None),
                                     relax.const(store_params(clamp, out_q))],
-                               relax.TensorType((cout * p,), dtype)))
-    return bb.emit(relax.op.reshape(y, (1, cout, h, w)))
+                               relax.TensorType(flat(cout * p), dtype)))
+    return bb.emit(relax.op.reshape(y, (n, cout, h, w)))
 
 
 NR_GEMM = 16  # output columns per tile: two int32x8 accumulators per row

@@ -1,0 +1,40 @@
+"""Batch N for kernels written for one sample: the same loop nest run once per sample over views of the batch.
+
+graphopt's conv kernels are generated for batch 1 (a [C, H*W] activation is the GEMM operand, no batch dim in any
+index). `batch_source` turns such a kernel's TVMScript into one over N samples: each per-sample parameter becomes
+a [N, ...] buffer, and the body runs inside `for n_ in T.serial(N)` on a view of sample n_ declared with the
+parameter's original name and shape at offset n_ * size, so the body itself is unchanged. Weights stay shared and
+stay in cache across samples; each sample's parallel loop still spreads over the cores.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+
+def _param(head: str, name: str) -> re.Match:
+    m = re.search(rf"\b{name}: T\.Buffer\(\(([^)]*)\), \"(\w+)\"\)", head)
+    if m is None:
+        raise ValueError(f"kernel has no buffer parameter '{name}'")
+    return m
+
+
+def batch_source(src: str, n: int, per_sample: list[str]) -> str:
+    """The kernel `src` (one @T.prim_func whose body follows its T.func_attr line) over n samples of the buffers
+    named in per_sample; n == 1 returns src unchanged."""
+    if n == 1:
+        return src
+    head, sep, rest = src.partition("T.func_attr(")
+    if not sep:
+        raise ValueError("kernel source has no T.func_attr line")
+    views = ""
+    for name in per_sample:
+        m = _param(head, name)
+        dims = [d.strip() for d in m.group(1).split(",") if d.strip()]
+        size = math.prod(int(d) for d in dims)
+        head = head[:m.start()] + f'{name}_all: T.Buffer(({n}, {", ".join(dims)}), "{m.group(2)}")' + head[m.end():]
+        views += (f'\n        {name} = T.decl_buffer(({", ".join(dims)},), "{m.group(2)}", data={name}_all.data, '
+                  f"elem_offset=n_ * {size})")
+    attr, nl, body = rest.partition("\n")
+    body = "\n".join(("    " + line) if line.strip() else line for line in body.splitlines())
+    return f"{head}{sep}{attr}{nl}    for n_ in T.serial({n}):{views}\n{body}\n"
