@@ -73,7 +73,9 @@ def compile_report(reference: Graph, optimized: Graph, artifact: Path, manifest:
                       f"KL {fidelity['kl']:.2g}"]
         sq = fidelity.get("sqnr_db")
         parts += [f"cosine {fidelity['cosine']:.5f}", f"SQNR {'inf' if sq is None else f'{sq:.1f}'} dB"]
-        lines.append(f"  fidelity   vs fp32 on {fidelity['samples']} {fidelity_source or 'inputs'}: "
+        quantized_input = any(op.startswith(("quantize_per_tensor", "qconv2d", "qlinear")) for op in before.ops)
+        against = "the input Q/DQ model" if quantized_input else "fp32"
+        lines.append(f"  fidelity   vs {against} on {fidelity['samples']} {fidelity_source or 'inputs'}: "
                      + ", ".join(parts))
     if latency:
         g = latency["graphopt_ms"] / 1e3

@@ -84,11 +84,12 @@ class Importer:
             self.param_nodes[key].meta["source_fqn"] = hint
         return self.param_nodes[key]
 
-    def emit(self, fn: Callable, *args: Any, **kwargs: Any) -> Value:
-        """Compute fn now if every tensor argument is constant, else add a node calling fn."""
+    def emit(self, fn: Callable, *args: Any, _fold: bool = True, **kwargs: Any) -> Value:
+        """Compute fn now if every tensor argument is constant (unless _fold is False: a dequantized weight stays a
+        node on its integer parameter), else add a node calling fn."""
         flat = list(args) + list(kwargs.values())
-        if not any(isinstance(a, Dyn) or (isinstance(a, (list, tuple)) and any(isinstance(x, Dyn) for x in a))
-                   for a in flat):
+        if _fold and not any(isinstance(a, Dyn) or (isinstance(a, (list, tuple)) and any(isinstance(x, Dyn) for x in a))
+                             for a in flat):
             def unwrap(a):
                 if isinstance(a, Const):
                     return a.t
@@ -400,9 +401,12 @@ def _softmax(im, ins, at):
 @op("MatMul")
 def _matmul(im, ins, at):
     a, b = ins
-    if isinstance(a, Dyn) and isinstance(b, Const) and b.t.dim() == 2:
-        # a constant right operand is a linear layer's weight: keep it as one for the passes
-        return im.emit(F.linear, a, Const(b.t.t().contiguous(), b.name))
+    if isinstance(a, Dyn) and len(im.shape(b)) == 2:
+        # a constant (or dequantized constant) right operand is a linear layer's weight: keep it as one for the
+        # passes
+        w = _linear_weight(im, b, transposed=False)
+        if w is not None:
+            return im.emit(F.linear, a, w)
     return im.emit(torch.matmul, a, b)
 
 
@@ -413,13 +417,13 @@ def _gemm(im, ins, at):
     alpha, beta = float(at.get("alpha", 1.0)), float(at.get("beta", 1.0))
     if at.get("transA", 0):
         a = im.emit(torch.transpose, a, 0, 1)
-    if isinstance(b, Const) and alpha == 1.0:
-        w = b.t if at.get("transB", 0) else b.t.t().contiguous()
+    w = _linear_weight(im, b, bool(at.get("transB", 0))) if alpha == 1.0 and len(im.shape(b)) == 2 else None
+    if w is not None:
         bias = None
-        if c is not None and isinstance(c, Const) and c.t.numel() == w.shape[0]:
+        if c is not None and isinstance(c, Const) and c.t.numel() == im.shape(w)[0]:
             bias = Const((c.t.reshape(-1) * beta).contiguous(), c.name)
             c = None
-        y = im.emit(F.linear, a, Const(w, b.name), bias)
+        y = im.emit(F.linear, a, w, bias)
     else:
         if at.get("transB", 0):
             b = im.emit(torch.transpose, b, 0, 1)
@@ -667,6 +671,104 @@ def _gather_nd(x, idx, b):
 @op("GatherND")
 def _gather_nd_op(im, ins, at):
     return im.emit(_gather_nd, ins[0], ins[1], int(at.get("batch_dims", 0)))
+
+
+def _scalar(im, v, what: str) -> float:
+    t = im.const(v, what)
+    if t.numel() != 1:
+        raise UnsupportedOpError(im.node_name, im.op, f"per-axis {what} ({t.numel()} values) on an activation; only "
+                                 "weights (constant inputs) are quantized per channel")
+    return t.reshape(-1)[0].item()
+
+
+@op("QuantizeLinear")
+def _quantize_linear(im, ins, at):
+    """x -> graphopt.quantize_per_tensor. uint8 (ORT's default activation type) is kept as int8 with the zero
+    point moved down by 128: the same grid, so fold-qdq and the int8 kernels take it."""
+    import graphopt.ir.quant_ops  # noqa: F401  registers torch.ops.graphopt
+    x = ins[0]
+    scale = float(_scalar(im, ins[1], "scale"))
+    zp_t = im.const(ins[2], "zero point") if len(ins) > 2 and ins[2] is not None else torch.zeros(1, dtype=torch.uint8)
+    zp = int(_scalar(im, ins[2], "zero point")) if len(ins) > 2 and ins[2] is not None else 0
+    if zp_t.dtype == torch.uint8:
+        zp -= 128
+    elif zp_t.dtype != torch.int8:
+        raise UnsupportedOpError(im.node_name, "QuantizeLinear", f"output type {zp_t.dtype}; int8 and uint8 are "
+                                 "supported")
+    if not scale > 0:
+        raise UnsupportedOpError(im.node_name, "QuantizeLinear", f"scale {scale} is not positive")
+    return im.emit(torch.ops.graphopt.quantize_per_tensor.default, x, scale, zp, -128, 127, torch.int8)
+
+
+def _dq_weight(im, w: Const, scale: torch.Tensor, zp: torch.Tensor, axis: int) -> Dyn:
+    """graphopt.dequantize_per_channel of a constant integer weight, remembered on the node (for a linear that
+    needs the weight transposed)."""
+    y = im.emit(torch.ops.graphopt.dequantize_per_channel.default, w, Const(scale), Const(zp), axis, _fold=False)
+    y.node.meta["onnx_dq_weight"] = (w, scale, zp, axis)
+    return y
+
+
+def _linear_weight(im, b, transposed: bool):
+    """A linear layer's weight [N, K] from a MatMul/Gemm operand: a constant (transposed as needed), or a
+    dequantized constant integer weight re-emitted per output channel (axis 0), so fold-qdq sees linear <- DQ.
+    None when b is neither (a computed operand: a matmul)."""
+    if isinstance(b, Const):
+        return Const(b.t if transposed else b.t.t().contiguous(), b.name)
+    dq = b.node.meta.get("onnx_dq_weight") if isinstance(b, Dyn) else None
+    if dq is None or dq[0].t.dim() != 2:
+        return None
+    w, scale, zp, axis = dq
+    if transposed:
+        return b
+    per_tensor = bool((scale == scale[0]).all() and (zp == zp[0]).all())
+    if axis != 1 and not per_tensor:  # scales along K: no per-output-channel form
+        return None
+    n = w.t.shape[1]
+    if per_tensor:
+        scale, zp = scale[:1].repeat(n), zp[:1].repeat(n)
+    return _dq_weight(im, Const(w.t.t().contiguous(), w.name), scale, zp, 0)
+
+
+def _dequantize_ref(q, scale, zp, axis):
+    shape = [1] * q.dim()
+    if scale.numel() > 1:
+        shape[axis] = -1
+    return (q.to(torch.float32) - zp.to(torch.float32).reshape(shape)) * scale.to(torch.float32).reshape(shape)
+
+
+@op("DequantizeLinear")
+def _dequantize_linear(im, ins, at):
+    """int8/uint8 activations (from QuantizeLinear) -> graphopt.dequantize_per_tensor; a constant int8/uint8
+    weight -> graphopt.dequantize_per_channel on the integer parameter (per-tensor scales repeated along axis 0),
+    which fold-qdq turns into an integer conv/linear; a constant int32 bias is dequantized at import."""
+    import graphopt.ir.quant_ops  # noqa: F401
+    q = ins[0]
+    scale = im.const(ins[1], "scale").to(torch.float32)
+    has_zp = len(ins) > 2 and ins[2] is not None
+    zp = im.const(ins[2], "zero point") if has_zp else torch.zeros(scale.shape, dtype=im.example(q).dtype)
+    rank = len(im.shape(q))
+    axis = int(at.get("axis", 1)) % max(rank, 1)
+    qdt = im.example(q).dtype
+    if isinstance(q, Const) and qdt not in (torch.int8, torch.uint8):  # int32 bias (or anything else constant)
+        return im.emit(_dequantize_ref, q, Const(scale), Const(zp), axis)
+    shift = 128 if zp.dtype == torch.uint8 else 0  # uint8 grids are stored as int8 (see QuantizeLinear)
+    if isinstance(q, Const):
+        w = q.t
+        if w.dtype == torch.uint8:
+            w = (w.to(torch.int16) - 128).to(torch.int8)
+        if scale.numel() == 1:  # per-tensor: one scale per output channel all the same
+            axis = 0
+            scale = scale.reshape(1).repeat(w.shape[0]) if rank else scale.reshape(1)
+            zp = zp.reshape(1).repeat(w.shape[0]) if rank else zp.reshape(1)
+        zpi = zp.to(torch.int32) - shift
+        return _dq_weight(im, Const(w, q.name), scale.reshape(-1), zpi.reshape(-1), axis)
+    if scale.numel() != 1:
+        raise UnsupportedOpError(im.node_name, "DequantizeLinear", "per-axis scales on an activation; only weights "
+                                 "(constant inputs) are dequantized per channel")
+    if qdt == torch.uint8:  # a genuine uint8 tensor (a graph input): its own grid, no shift
+        shift = 0
+    return im.emit(torch.ops.graphopt.dequantize_per_tensor.default, q, float(scale.reshape(-1)[0]),
+                   int(zp.reshape(-1)[0]) - shift)
 
 
 @op("Shape")
