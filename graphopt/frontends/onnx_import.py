@@ -480,6 +480,198 @@ def _conv_op(im, ins, at):
     return im.emit(_conv, x, w, b, strides, begins, dil, int(at.get("group", 1)))
 
 
+def _conv_transpose(x, w, b, stride, output_padding, dilation, groups, crop_begin, crop_end):
+    fn = {3: F.conv_transpose1d, 4: F.conv_transpose2d, 5: F.conv_transpose3d}[w.dim()]
+    y = fn(x, w, b, stride, 0, output_padding, groups, dilation)
+    index = [slice(None), slice(None)] + [slice(a, y.shape[2 + i] - e) for i, (a, e) in
+                                          enumerate(zip(crop_begin, crop_end))]
+    return y[tuple(index)]
+
+
+@op("ConvTranspose")
+def _conv_transpose_op(im, ins, at):
+    """Transposed conv: computed unpadded, then ONNX's pads (any, asymmetric too) cropped off; output_shape and
+    auto_pad give the pads as the spec defines them."""
+    x, w = ins[0], ins[1]
+    b = ins[2] if len(ins) > 2 else None
+    wshape, xshape = im.shape(w), im.shape(x)
+    nd = len(wshape) - 2
+    kernel = list(at.get("kernel_shape", wshape[2:]))
+    strides = list(at.get("strides", [1] * nd))
+    dil = list(at.get("dilations", [1] * nd))
+    out_pad = list(at.get("output_padding", [0] * nd))
+    full = [s * (i - 1) + op + (k - 1) * d + 1 for s, i, op, k, d in zip(strides, xshape[2:], out_pad, kernel, dil)]
+    auto = at.get("auto_pad", "NOTSET")
+    if "output_shape" in at or auto in ("SAME_UPPER", "SAME_LOWER"):
+        target = list(at["output_shape"])[-nd:] if "output_shape" in at else [i * s for i, s in zip(xshape[2:], strides)]
+        total = [f - t for f, t in zip(full, target)]
+        if any(t < 0 for t in total):
+            raise UnsupportedOpError(im.node_name, "ConvTranspose", f"output_shape {target} is larger than the "
+                                     f"unpadded output {full}")
+        begins = [t // 2 if auto == "SAME_UPPER" else t - t // 2 for t in total]
+        ends = [t - bg for t, bg in zip(total, begins)]
+    else:
+        pads = list(at.get("pads", [0] * (2 * nd)))
+        begins, ends = pads[:nd], pads[nd:]
+    return im.emit(_conv_transpose, x, w, b, strides, out_pad, dil, int(at.get("group", 1)), begins, ends)
+
+
+def _prelu(x, slope):
+    return torch.where(x >= 0, x, x * slope)
+
+
+@op("PRelu")
+def _prelu_op(im, ins, at):
+    return im.emit(_prelu, ins[0], ins[1])
+
+
+def _arg_reduce(x, axis: int, keepdims: bool, largest: bool, last: bool):
+    fn = torch.argmax if largest else torch.argmin
+    if not last:
+        return fn(x, axis, keepdims)
+    return x.shape[axis] - 1 - fn(torch.flip(x, [axis]), axis, keepdims)
+
+
+@op("ArgMax", "ArgMin")
+def _arg_op(im, ins, at):
+    axis = int(at.get("axis", 0)) % len(im.shape(ins[0]))
+    return im.emit(_arg_reduce, ins[0], axis, bool(at.get("keepdims", 1)), im.op == "ArgMax",
+                   bool(at.get("select_last_index", 0)))
+
+
+@op("InstanceNormalization")
+def _instance_norm(im, ins, at):
+    return im.emit(F.instance_norm, ins[0], None, None, ins[1], ins[2], True, 0.0, float(at.get("epsilon", 1e-5)))
+
+
+def _depth_to_space(x, bs: int, crd: bool):
+    if crd:
+        return F.pixel_shuffle(x, bs)
+    n, c, h, w = x.shape
+    y = x.reshape(n, bs, bs, c // (bs * bs), h, w).permute(0, 3, 4, 1, 5, 2)
+    return y.reshape(n, c // (bs * bs), h * bs, w * bs)
+
+
+def _space_to_depth(x, bs: int):
+    n, c, h, w = x.shape
+    y = x.reshape(n, c, h // bs, bs, w // bs, bs).permute(0, 3, 5, 1, 2, 4)
+    return y.reshape(n, c * bs * bs, h // bs, w // bs)
+
+
+@op("DepthToSpace")
+def _d2s(im, ins, at):
+    return im.emit(_depth_to_space, ins[0], int(at["blocksize"]), at.get("mode", "DCR") == "CRD")
+
+
+@op("SpaceToDepth")
+def _s2d(im, ins, at):
+    return im.emit(_space_to_depth, ins[0], int(at["blocksize"]))
+
+
+def _selu(x, alpha, gamma):
+    return gamma * torch.where(x > 0, x, alpha * (torch.exp(x) - 1))
+
+
+@op("Selu")
+def _selu_op(im, ins, at):
+    return im.emit(_selu, ins[0], float(at.get("alpha", 1.67326319217681884765625)),
+                   float(at.get("gamma", 1.05070102214813232421875)))
+
+
+@op("Celu")
+def _celu(im, ins, at):
+    return im.emit(F.celu, ins[0], float(at.get("alpha", 1.0)))
+
+
+def _softsign(x):
+    return x / (1 + torch.abs(x))
+
+
+@op("Softsign")
+def _softsign_op(im, ins, at):
+    return im.emit(_softsign, ins[0])
+
+
+def _cumsum(x, axis: int, exclusive: bool, reverse: bool):
+    y = torch.flip(x, [axis]) if reverse else x
+    y = torch.cumsum(y, axis)
+    if exclusive:
+        y = y - (torch.flip(x, [axis]) if reverse else x)
+    return torch.flip(y, [axis]) if reverse else y
+
+
+@op("CumSum")
+def _cumsum_op(im, ins, at):
+    axis = int(im.ints(ins[1], "axis")[0]) % len(im.shape(ins[0]))
+    return im.emit(_cumsum, ins[0], axis, bool(at.get("exclusive", 0)), bool(at.get("reverse", 0)))
+
+
+def _topk(x, k: int, axis: int, largest: bool):
+    return torch.topk(x, k, axis, largest, True)
+
+
+@op("TopK")
+def _topk_op(im, ins, at):
+    axis = int(at.get("axis", -1)) % len(im.shape(ins[0]))
+    k = im.ints(ins[1], "K")[0]
+    out = im.emit(_topk, ins[0], k, axis, bool(at.get("largest", 1)))
+    if isinstance(out, Const):
+        return [Const(out.t[0]), Const(out.t[1])]
+    return [im.emit(_getitem, out, 0), im.emit(_getitem, out, 1)]
+
+
+def _resize(x, size, scales, mode: str, align_corners):
+    if size is not None:
+        return F.interpolate(x, size=size, mode=mode, align_corners=align_corners)
+    return F.interpolate(x, scale_factor=scales, mode=mode, align_corners=align_corners,
+                         recompute_scale_factor=False)
+
+
+@op("Resize", "Upsample")
+def _resize_op(im, ins, at):
+    """The modes PyTorch and TF exporters write: nearest with asymmetric coordinates and floor rounding (PyTorch's
+    nearest), linear/cubic with half_pixel (align_corners=False) or align_corners; N and C unscaled."""
+    x = ins[0]
+    rank = len(im.shape(x))
+    mode = at.get("mode", "nearest")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    coord = at.get("coordinate_transformation_mode", "half_pixel" if im.op == "Resize" else "asymmetric")
+    coord = coord.decode() if isinstance(coord, bytes) else coord
+    nearest = at.get("nearest_mode", "round_prefer_floor")
+    nearest = nearest.decode() if isinstance(nearest, bytes) else nearest
+    if im.op == "Upsample":
+        scales, sizes = im.const(ins[1], "scales").tolist(), None
+    else:
+        scales = im.const(ins[2], "scales").tolist() if len(ins) > 2 and ins[2] is not None else []
+        sizes = im.ints(ins[3], "sizes") if len(ins) > 3 and ins[3] is not None else None
+        if not scales and sizes is None:
+            raise UnsupportedOpError(im.node_name, "Resize", "neither scales nor sizes given")
+        if scales == []:
+            scales = None
+    if sizes is not None and (list(sizes[:2]) != list(im.shape(x)[:2])) or \
+            scales is not None and any(float(v) != 1.0 for v in scales[:2]):
+        raise UnsupportedOpError(im.node_name, im.op, "only the spatial dims may be resized (N and C scales 1)")
+    torch_mode = {3: "linear", 4: "bilinear", 5: "trilinear"}.get(rank) if mode == "linear" else \
+        ("bicubic" if mode == "cubic" else "nearest")
+    if mode == "nearest":
+        ok, align = coord == "asymmetric" and nearest == "floor", None
+    elif mode in ("linear", "cubic"):
+        ok = coord in ("half_pixel", "pytorch_half_pixel", "align_corners") and \
+            (mode == "linear" or float(at.get("cubic_coeff_a", -0.75)) == -0.75)
+        align = coord == "align_corners"
+    else:
+        ok, align = False, None
+    if not ok or torch_mode is None:
+        raise UnsupportedOpError(im.node_name, im.op, f"mode {mode} with coordinate_transformation_mode {coord}"
+                                 + (f" and nearest_mode {nearest}" if mode == "nearest" else "")
+                                 + "; supported: nearest (asymmetric, floor), linear/cubic (half_pixel, "
+                                 "pytorch_half_pixel, align_corners)")
+    if coord == "pytorch_half_pixel" and any(o == 1 for o in (sizes or [])[2:]):
+        raise UnsupportedOpError(im.node_name, im.op, "pytorch_half_pixel with an output size of 1")
+    return im.emit(_resize, x, None if sizes is None else [int(v) for v in sizes[2:]],
+                   None if scales is None else [float(v) for v in scales[2:]], torch_mode, align)
+
+
 @op("BatchNormalization")
 def _bn(im, ins, at):
     if at.get("training_mode", 0):
