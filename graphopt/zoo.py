@@ -196,10 +196,11 @@ def zoo_entry(name: str) -> ZooModel:
     return ZOO[name]
 
 
-def zoo_graph(name: str) -> Graph:
-    """Trace a shipped model at batch 1."""
+def zoo_graph(name: str, batch: int = 1) -> Graph:
+    """Trace a shipped model at `batch` (1 by default)."""
     entry = zoo_entry(name)
-    g = trace(entry.build(), entry.example(), input_names=entry.input_names)
+    example = tuple(torch.cat([t] * batch) for t in entry.example())
+    g = trace(entry.build(), example, input_names=entry.input_names)
     g.meta["source"] = f"zoo:{name}"
     return g
 
