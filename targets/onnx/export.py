@@ -40,12 +40,17 @@ def export_onnx(graph: Graph, path: str | Path, opset: int = 18) -> Path:
 
 
 class _quiet:
-    """Silence the exporter's progress prints on stdout."""
+    """Silence the exporter's progress prints on stdout and its registry's warnings (torchvision ops it skips,
+    which a graph never uses) on stderr."""
 
     def __enter__(self):
         import contextlib
+        self._log = logging.getLogger("torch.onnx")
+        self._level = self._log.level
+        self._log.setLevel(logging.ERROR)
         self._ctx = contextlib.redirect_stdout(io.StringIO())
         return self._ctx.__enter__()
 
     def __exit__(self, *exc):
+        self._log.setLevel(self._level)
         return self._ctx.__exit__(*exc)
