@@ -335,8 +335,10 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         x, data, indices, indptr = (importer.env[a] for a in node.args[:4])
         bias = importer.env[node.args[4]] if node.args[4] is not None else None
         dshape = node.args[1].meta["val"].shape
+        tensors = [(lifted or {}).get(getattr(a, "name", None)) for a in node.args[1:4]]
+        arrays = None if any(t is None for t in tensors) else [t.detach().numpy() for t in tensors]
         return emit_bsr_linear(importer.block_builder, x, data, indices, indptr, bias, node.args[0].meta["val"].shape,
-                               int(node.args[5]), (int(dshape[1]), int(dshape[2])), int(dshape[0]))
+                               int(node.args[5]), (int(dshape[1]), int(dshape[2])), int(dshape[0]), arrays)
 
     def bsr_conv1x1(node, importer):
         """The sparse pointwise conv, with bias, a residual add and a clamp after it fused into the store, as the

@@ -290,6 +290,45 @@ def test_bsr_kernels_match_dense(m, block, k):
     assert np.abs(got - (x @ w.t()).numpy()).max() < 1e-4
 
 
+@pytest.mark.parametrize("m,k,sparsity", [(32, 768, 0.8), (20, 800, 0.9)])  # 800: a partial last k-tile
+def test_csr_weights_take_the_k_tiled_kernel_where_it_pays(m, k, sparsity):
+    """CSR linears with K >= 768 and >= 16 nonzeros per row and 192-input tile run k-tiled (rows of x^T from L1,
+    two accumulator chains); sparser or narrower ones keep the untiled kernel. Both match the dense product."""
+    from tvm import relax
+
+    from graphopt.ir.sparse_ops import layout_block
+    from graphopt.targets.tvm.cpu.sparse import CSR_TILE, csr_tiled_applies, csr_tiled_pack, emit_bsr_linear
+    torch.manual_seed(0)
+    n = 48
+    w = torch.randn(n, k) * (torch.rand(n, k) > sparsity)
+    s = to_bsr(w, layout_block("csr"))
+    vals, cols, ptr = csr_tiled_pack(s.data.numpy(), s.indices.numpy(), s.indptr.numpy(), k)
+    tiles = -(-k // CSR_TILE)  # the packing is the same matrix, grouped by (tile, row)
+    dense = np.zeros((n, k), np.float32)
+    for seg in range(tiles * n):
+        rows = slice(ptr[seg], ptr[seg + 1])
+        assert (cols[rows] // CSR_TILE == seg // n).all() and (np.diff(cols[rows]) > 0).all()
+        dense[seg % n, cols[rows]] = vals[rows]
+    np.testing.assert_array_equal(dense, w.numpy())
+    for kk, tiled in ((k, True), (384, False)):  # K = 2 tiles: untiled
+        ww, xx = w[:, :kk].contiguous(), torch.randn(m, kk)
+        ss = to_bsr(ww, (1, 1))
+        assert csr_tiled_applies(m, kk, n, ss.nnzb) == tiled
+        arrays = [ss.data.numpy(), ss.indices.numpy(), ss.indptr.numpy()]
+        bb = relax.BlockBuilder()
+        xv = relax.Var("x", relax.TensorType((m, kk), "float32"))
+        with bb.function("main", [xv]):
+            with bb.dataflow():
+                y = bb.emit_output(emit_bsr_linear(bb, xv, *(relax.const(a) for a in arrays), None, (m, kk), n,
+                                                   (1, 1), ss.nnzb, arrays))
+            bb.emit_func_output(y)
+        mod = bb.get()
+        assert any(gv.name_hint.startswith("csr_tiled_") for gv in mod.get_global_vars()) == tiled
+        from graphopt.targets.tvm.cpu.pipeline import build_cpu
+        got = relax.VirtualMachine(build_cpu(mod, cpu_target()), tvm.cpu())["main"](tvm.runtime.tensor(xx.numpy()))
+        assert np.abs(got.numpy() - (xx @ ww.t()).numpy()).max() < 1e-4
+
+
 def test_pack_weight_layout():
     w = np.arange(32 * 8, dtype=np.float32).reshape(32, 8)
     p = pack_weight(w, 16)

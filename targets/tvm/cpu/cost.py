@@ -214,6 +214,6 @@ class CpuCostOracle:
                     y = bb.emit(relax.op.matmul(x, relax.const(weight.t().contiguous().numpy())))
                 return y
             s = to_bsr(weight, block)
-            return emit_bsr_linear(bb, x, relax.const(s.data.numpy()), relax.const(s.indices.numpy()),
-                                   relax.const(s.indptr.numpy()), None, (m, k), n, block, s.nnzb)
+            arrays = [s.data.numpy(), s.indices.numpy(), s.indptr.numpy()]
+            return emit_bsr_linear(bb, x, *(relax.const(a) for a in arrays), None, (m, k), n, block, s.nnzb, arrays)
         return self._run(emit, x_shape, "float32")
