@@ -1102,6 +1102,10 @@ def load_onnx(path: str | Path, input_shapes: dict[str, Sequence[int]] | None = 
         raise ModelFileError(f"ONNX file '{path}' does not exist")
     try:
         model = onnx.load(str(path))
+    except onnx.checker.ValidationError as e:  # external data (weights beside the .onnx) missing or unreadable
+        raise ModelFileError(f"'{path}': its weights are stored outside it (external data) and could not be read: "
+                             f"{str(e).splitlines()[0].rstrip('.')}. Keep the data file(s) next to the .onnx, as exported") \
+            from None
     except (DecodeError, ValueError, RuntimeError, OSError) as e:
         raise ModelFileError(f"'{path}' is not a readable ONNX model (corrupt or truncated?): "
                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None

@@ -184,3 +184,20 @@ def test_indexing_ops_match_onnxruntime_and_compile(tmp_path):
     art = graphopt.load(graphopt.compile(g, "llvm", output=tmp_path / "art"))
     for r, o in zip(ref, art(x)):
         np.testing.assert_allclose(np.asarray(o), r, rtol=1e-6, atol=1e-6)
+
+
+def test_missing_external_weights_are_a_clear_error(tmp_path):
+    """Exporters put big weights beside the .onnx (external data); without that file the model cannot load."""
+    from onnx import numpy_helper
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    node = helper.make_node("MatMul", ["x", "w"], ["y"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], initializer=[w])
+    path = tmp_path / "ext.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path),
+              save_as_external_data=True, all_tensors_to_one_file=True, location="ext.onnx.data", size_threshold=0)
+    assert graphopt.load_onnx(path).run(torch.ones(1, 4))[0].sum() == 16.0
+    (tmp_path / "ext.onnx.data").unlink()
+    with pytest.raises(ModelFileError, match="external data.*Keep the data file"):
+        graphopt.load_onnx(path)
+
