@@ -1,4 +1,4 @@
-"""select-sparse-layout: for each masked linear weight (and, on the CPU, each masked batch-1 pointwise conv), time
+"""select-sparse-layout: for each masked linear weight (and, on the CPU, each masked pointwise conv), time
 every candidate layout for that exact shape and block count on the target (through ctx.target's cost oracle,
 cached), keep the fastest that beats dense by at least `min-speedup`, and rewrite the layer to graphopt::bsr_linear
 (graphopt::bsr_conv1x1). int8 linears and pointwise convs (graphopt::qlinear / qconv2d after quantize + fold-qdq)
@@ -19,10 +19,11 @@ from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, regist
 aten = torch.ops.aten
 
 
-def _pointwise(node, first: int = 3) -> str:
+def _pointwise(node, first: int = 3, batched: bool = True) -> str:
     """Why a conv node is not a sparse pointwise conv candidate ("" when it is): 1x1, stride 1, no padding, no
-    dilation, one group, batch 1 (the kernel's layout). `first`: where stride is in the node's arguments
-    (aten.conv2d: 3, graphopt.qconv2d: 6); the weight comes right before it (bias in between for aten.conv2d)."""
+    dilation, one group; batch 1 unless `batched` (the CPU kernels loop over samples, the GPU's 2:4 one does not).
+    `first`: where stride is in the node's arguments (aten.conv2d: 3, graphopt.qconv2d: 6); the weight comes right
+    before it (bias in between for aten.conv2d)."""
     args = list(node.args) + [None] * (first + 4 - len(node.args))
     stride, padding, dilation, groups = (args[first] or [1, 1], args[first + 1] or [0, 0], args[first + 2] or [1, 1],
                                          args[first + 3] or 1)
@@ -31,8 +32,8 @@ def _pointwise(node, first: int = 3) -> str:
     if tuple(w[2:]) != (1, 1) or int(groups) != 1 or any(int(v) != 1 for v in stride) \
             or any(int(v) != 0 for v in padding) or any(int(v) != 1 for v in dilation):
         return "not a pointwise conv (sparse convs are 1x1, stride 1, no padding, one group)"
-    if len(x) != 4 or int(x[0]) != 1:
-        return f"input batch {int(x[0])}: the sparse pointwise kernel takes batch 1"
+    if len(x) != 4 or (int(x[0]) != 1 and not batched):
+        return f"input batch {int(x[0])}: the 2:4 pointwise kernel takes batch 1"
     return ""
 
 
@@ -43,7 +44,7 @@ class LayoutError(GraphoptError):
 @register_pass
 class SelectSparseLayout(Pass):
     name = "select-sparse-layout"
-    summary = ("Measure dense vs CSR vs BSR kernels for each masked linear weight (and, on the CPU, batch-1 "
+    summary = ("Measure dense vs CSR vs BSR kernels for each masked linear weight (and, on the CPU, "
                "pointwise conv and int8 linear) on the target and rewrite to the fastest sparse layout that beats "
                "dense by min-speedup (else keep dense); choices go to the manifest.")
     contract = Contract.EXACT
@@ -127,7 +128,7 @@ class SelectSparseLayout(Pass):
             if sparsity < o.min_sparsity:
                 rec["reason"] = f"sparsity {sparsity:.2f} < min-sparsity {o.min_sparsity}"
                 continue
-            why = _pointwise(node, 6 if qconv else 3) if conv else ""
+            why = _pointwise(node, 6 if qconv else 3, batched=not gpu) if conv else ""
             if why:
                 rec["reason"] = why
                 continue

@@ -345,9 +345,9 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         dense pointwise kernel does."""
         from graphopt.targets.tvm.cpu.sparse import emit_bsr_conv1x1
         x_shape = node.args[0].meta["val"].shape
-        if len(x_shape) != 4 or int(x_shape[0]) != 1:
-            raise UnsupportedOpError(node.name, "graphopt.bsr_conv1x1", f"the sparse pointwise kernel takes batch 1, "
-                                     f"not input {list(x_shape)}: run select-sparse-layout on a batch-1 graph")
+        if len(x_shape) != 4:
+            raise UnsupportedOpError(node.name, "graphopt.bsr_conv1x1", f"the sparse pointwise kernel takes NCHW "
+                                     f"input, not {list(x_shape)}")
         x, data, indices, indptr = (importer.env[a] for a in node.args[:4])
         bias = importer.env[node.args[4]] if node.args[4] is not None else None
         residual, clamp = _fused_epilogue(node, importer, True)

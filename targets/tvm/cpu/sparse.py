@@ -275,25 +275,31 @@ def bsr_conv1x1(x: T.Buffer(({k}, {p}), "float32"), data: T.Buffer(({nnzb}, {r},
 
 def emit_bsr_conv1x1(bb, x, data, indices, indptr, bias, x_shape, n: int, block: tuple[int, int], nnzb: int,
                      clamp: tuple[float, float] | None = None, residual=None):
-    """Emit a batch-1 pointwise conv of x [1, Cin, H, W] with its weight [n, Cin] given as Relax BSR tensors, bias
-    (a Relax value [n] or None), a residual of the output's shape and a clamp fused into the store."""
+    """Emit a pointwise conv of x [B, Cin, H, W] (the kernel loops over the samples) with its weight [n, Cin] given
+    as Relax BSR tensors, bias (a Relax value [n] or None), a residual of the output's shape and a clamp fused into
+    the store."""
     import numpy as np
     import tvm
     from tvm import relax
     from tvm.script import tirx as T
 
-    _, k, h, w = (int(d) for d in x_shape)
+    from graphopt.targets.tvm.cpu.batch import batch_source
+
+    bn, k, h, w = (int(d) for d in x_shape)
     p, (r, c) = h * w, block
     # 1-2 row blocks (CSR): a private copy of the task's pixel columns, so each nonzero's x row is one compact
     # cache-line pair (1280x320x49 CSR at 90%: 2.9 -> 3.6x dense); blocks of 4 rows gained nothing from it
-    src = bsr_conv1x1_source(p, k, n, r, c, nnzb, clamp, residual is not None, copy=r < 4)
-    tag = f"{n}x{k}x{p}_b{r}x{c}_nnz{nnzb}" + ("_res" if residual is not None else "") + ("_clamp" if clamp else "")
+    src = batch_source(bsr_conv1x1_source(p, k, n, r, c, nnzb, clamp, residual is not None, copy=r < 4), bn,
+                       ["x", "out"] + ([] if residual is None else ["res"]))
+    tag = (f"{n}x{k}x{p}_b{r}x{c}_nnz{nnzb}" + ("_res" if residual is not None else "") + ("_clamp" if clamp else "")
+           + (f"_n{bn}" if bn > 1 else ""))
     gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), f"bsr_conv1x1_{tag}")
     b = bias if bias is not None else relax.const(np.zeros(n, np.float32))
-    extra = [] if residual is None else [bb.emit(relax.op.reshape(residual, (n, p)))]
-    y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, (k, p))), data, indices, indptr, b, *extra],
-                               relax.TensorType((n, p), "float32")))
-    return bb.emit(relax.op.reshape(y, (1, n, h, w)))
+    shape = lambda rows: (bn, rows, p) if bn > 1 else (rows, p)  # noqa: E731  (batch_source's per-sample views)
+    extra = [] if residual is None else [bb.emit(relax.op.reshape(residual, shape(n)))]
+    y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, shape(k))), data, indices, indptr, b, *extra],
+                               relax.TensorType(shape(n), "float32")))
+    return bb.emit(relax.op.reshape(y, (bn, n, h, w)))
 
 
 QBLOCK = (8, 4)  # int8 BSR blocks: 8 output rows (one int32x8 accumulator) x 4 inputs (one u8 x s8 quad)

@@ -178,13 +178,24 @@ def test_pointwise_convs_go_sparse_and_the_artifact_matches(tmp_path):
     assert abs(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0] - ref.numpy()).max() <= 1e-4 * ref.abs().max().item()
 
 
-def test_pointwise_convs_on_a_batch_stay_dense():
+@pytest.mark.parametrize("batch,layout", [(2, "bsr4x4"), (3, "csr")])
+def test_pointwise_convs_on_a_batch_go_sparse(tmp_path, batch, layout):
+    """A batched graph's pointwise convs take the sparse kernels too (they loop over the samples: 4x4 blocks, and
+    CSR with its private pixel copy), with the residual add and ReLU6 fused, and match the graph sample by
+    sample."""
     torch.manual_seed(0)
-    g = graphopt.optimize(graphopt.trace(_PointwiseNet().eval(), (torch.randn(2, 8, 14, 14),)),
-                          "sparsify{sparsity=0.9 block=4x4}")
-    out = graphopt.optimize(g, "select-sparse-layout", target=_ScriptedOracle(sparse_factor=2.0))
-    assert "batch 2" in out.meta["sparse_layout"]["expand_weight"]["reason"]
-    assert torch.ops.graphopt.bsr_conv1x1.default not in [n.target for n in out.nodes("call_function")]
+    x = torch.randn(batch, 8, 14, 14)
+    g = graphopt.optimize(graphopt.trace(_PointwiseNet().eval(), (x,)), "sparsify{sparsity=0.9 block=4x4}")
+    out = graphopt.optimize(g, f"select-sparse-layout{{candidates=dense,{layout}}}",
+                            target=_ScriptedOracle(sparse_factor=2.0))
+    assert out.meta["sparse_layout"]["expand_weight"]["choice"] == layout
+    assert [n.target for n in out.nodes("call_function")].count(torch.ops.graphopt.bsr_conv1x1.default) == 2
+    from graphopt.targets.tvm.lower import lower_to_relax
+    names = {gv.name_hint for gv in lower_to_relax(out).get_global_vars()}
+    assert sum(n.startswith("bsr_conv1x1_") and n.endswith(f"_n{batch}") for n in names) == 2, names
+    ref = g.run(x)[0]
+    got = graphopt.load(graphopt.compile(out, "llvm", output=tmp_path / "art"))(x.numpy())[0]
+    assert abs(got - ref.numpy()).max() <= 1e-4 * ref.abs().max().item()
 
 
 class _Int8Oracle(_ScriptedOracle):
