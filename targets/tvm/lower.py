@@ -415,6 +415,12 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                               ("direct", k.direct_applies)):
             if applies(x_shape, w_shape, stride, padding, dilation, groups, transposed):
                 return kind
+        if k.dense_conv_applies(x_shape, w_shape, stride, padding, dilation, groups, transposed):
+            x_shape = list(x_shape)
+            s = int(stride[0])
+            oh = (int(x_shape[2]) + 2 * int(padding[0]) - int(w_shape[2])) // s + 1
+            ow = (int(x_shape[3]) + 2 * int(padding[1]) - int(w_shape[3])) // s + 1
+            return "im2col" if k.im2col_pays(int(w_shape[1]), int(w_shape[2]), int(w_shape[3]), oh * ow) else "direct"
         return None
 
     def convolution(node, importer):
@@ -438,7 +444,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             kind = _conv_kernel(x_shape, wt.shape, node.args[3:9])
         if kind is None:
             return importer._convolution(node)
-        residual, clamp = _fused_epilogue(node, importer, kind == "pointwise")
+        residual, clamp = _fused_epilogue(node, importer, kind in ("pointwise", "im2col"))
         bb, x = importer.block_builder, importer.env[node.args[0]]
         w, b = wt.detach().numpy(), None if bt is None else bt.detach().numpy()
         if kind == "pointwise":
@@ -448,6 +454,9 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         ph, pw = int(padding[0]), int(padding[1])
         left, right, top, bottom = pads if pads is not None else (0, 0, 0, 0)
         full = (ph + top, ph + bottom, pw + left, pw + right)
+        if kind == "im2col":
+            return k.emit_im2col_conv(bb, x, w, b, x_shape, stride, full, vector_lanes(target), clamp,
+                                      None if residual is None else importer.env[residual])
         emit = k.emit_depthwise if kind == "depthwise" else k.emit_direct_conv
         return emit(bb, x, w, b, x_shape, stride, full, clamp)
 
@@ -504,7 +513,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                 and getattr(users[0].target, "__name__", "") == "convolution.default" and users[0].args[0] is node):
             conv = users[0]
             wt = (lifted or {}).get(getattr(conv.args[1], "name", None))
-            if wt is not None and _conv_kernel(x_shape, wt.shape, conv.args[3:9]) in ("depthwise", "direct"):
+            if wt is not None and _conv_kernel(x_shape, wt.shape, conv.args[3:9]) in ("depthwise", "direct",
+                                                                                       "im2col"):
                 absorbed_pads[node] = tuple(int(p) for p in pad)
                 return importer.env[node.args[0]]
         # the same pad before an int8 quantize whose every consumer is such a conv (a quantized model's input ahead

@@ -157,6 +157,54 @@ def test_batched_convs_run_the_batch1_kernels_per_sample(batch):
     _assert_built_matches(g, model, x)
 
 
+class _BasicBlock(torch.nn.Module):
+    """ResNet's basic block with a stride-2 3x3 conv, a 1x1 stride-2 shortcut, and the residual add + ReLU after
+    the second 3x3 conv; and an asymmetric zero pad before a last 3x3 conv (TF "SAME")."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = torch.nn.Conv2d(16, 32, 3, 2, 1), torch.nn.Conv2d(32, 32, 3, 1, 1)
+        self.down, self.c3 = torch.nn.Conv2d(16, 32, 1, 2), torch.nn.Conv2d(32, 24, 3)
+
+    def forward(self, x):
+        shortcut = self.down(x)  # computed first, so the add can join the second conv's store
+        y = torch.relu(self.c2(torch.relu(self.c1(x))) + shortcut)
+        return self.c3(torch.nn.functional.pad(y, (0, 1, 0, 1)))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_dense_convs_run_as_im2col_and_the_packed_gemm(batch):
+    """3x3 convs with more than 8 input channels: im2col (per sample) then the packed pointwise GEMM, bias, the
+    residual add and ReLU in its store (TVM's conv with the rules ran them at 5-15 GMAC/s: ResNet-18 316 ms)."""
+    torch.manual_seed(0)
+    model, x = _BasicBlock().eval(), torch.randn(batch, 16, 20, 20)
+    g = graphopt.trace(model, (x,))
+    names = _func_names(g)
+    nt = f"_n{batch}" if batch > 1 else ""
+    for kernel in ("im2col_16x20x20_k3s2_p1111", "im2col_32x10x10_k3s1_p1111", "conv1x1_packed_32x144x100_clamp",
+                   "conv1x1_packed_32x288x100_res_clamp",
+                   "im2col_32x10x10_k3s1_p0101", "conv1x1_packed_24x288x81"):  # the pad joined the last im2col
+        assert any(n.startswith(kernel) and n.endswith(nt) for n in names), (kernel, names)
+    assert not any(n.startswith("conv2d") and "3" in n for n in names), names  # no TVM conv for the 3x3s
+    _assert_built_matches(g, model, x)
+
+
+def test_im2col_is_the_patch_matrix():
+    """The im2col kernel alone equals torch's unfold, for stride 1 and 2 with padding on every side."""
+    from graphopt.targets.tvm.cpu.conv import im2col_source
+    from tvm.script import tirx as T
+    for stride, (pt, pl) in ((1, (1, 1)), (2, (1, 0)), (1, (0, 2))):
+        c, h, w, k = 3, 7, 9, 3
+        oh, ow = (h + 2 * pt - k) // stride + 1, (w + 2 * pl - k) // stride + 1
+        f = tvm.script.parse(im2col_source(c, h, w, oh, ow, k, k, stride, pt, pl), extra_vars={"T": T})
+        lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target())
+        x = torch.randn(c, h, w)
+        out = tvm.runtime.tensor(np.zeros((c * k * k, oh * ow), "float32"))
+        lib["main"](tvm.runtime.tensor(x.numpy()), tvm.runtime.tensor(np.zeros(1, "float32")), out)
+        ref = torch.nn.functional.unfold(torch.nn.functional.pad(x[None], (pl, pl, pt, pt)), k, stride=stride)[0]
+        np.testing.assert_array_equal(out.numpy(), ref[:, :oh * ow].numpy())
+
+
 def test_residual_add_stays_separate_when_its_operand_comes_later():
     torch.manual_seed(0)
     model, x = _Residual(8, 6, torch.nn.Identity(), late=True).eval(), torch.randn(1, 8, 6, 6)

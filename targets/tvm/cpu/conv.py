@@ -199,8 +199,19 @@ def emit_conv1x1(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, lanes: 
     from tvm.script import tirx as T
 
     n, cin, h, wd = (int(d) for d in x_shape)
+    x2 = bb.emit(relax.op.reshape(x, _batched(n, cin, h * wd)))
+    y = _conv1x1_call(bb, x2, w, bias, n, cin, h * wd, lanes, clamp, residual)
+    return bb.emit(relax.op.reshape(y, (n, int(w.shape[0]), h, wd)))
+
+
+def _conv1x1_call(bb, x2, w: np.ndarray, bias: np.ndarray | None, n: int, cin: int, p: int, lanes: int,
+                  clamp: tuple[float, float] | None, residual=None):
+    """The packed pointwise kernel's call on x2 [(N,) Cin, P]; returns [(N,) Cout, P]."""
+    import tvm
+    from tvm import relax
+    from tvm.script import tirx as T
+
     cout = int(w.shape[0])
-    p = h * wd
     nr = 2 * lanes
     b = bias if bias is not None else np.zeros(cout, np.float32)
     src = batch_source(conv1x1_source(cout, cin, p, nr, clamp, residual is not None), n,
@@ -208,11 +219,9 @@ def emit_conv1x1(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, lanes: 
     tag = f"{cout}x{cin}x{p}" + ("" if residual is None else "_res") + ("" if clamp is None else "_clamp") + _ntag(n)
     packed, name = pack_rows(w.reshape(cout, cin)), f"conv1x1_packed_{tag}"
     gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), name)
-    x2 = bb.emit(relax.op.reshape(x, _batched(n, cin, p)))
     extra = [] if residual is None else [bb.emit(relax.op.reshape(residual, _batched(n, cout, p)))]
-    y = bb.emit(relax.call_tir(gv, [x2, relax.const(packed), relax.const(b.astype(np.float32)), *extra],
-                               relax.TensorType(_batched(n, cout, p), "float32")))
-    return bb.emit(relax.op.reshape(y, (n, cout, h, wd)))
+    return bb.emit(relax.call_tir(gv, [x2, relax.const(packed), relax.const(b.astype(np.float32)), *extra],
+                                  relax.TensorType(_batched(n, cout, p), "float32")))
 
 
 def _batched(n: int, *dims: int) -> tuple[int, ...]:
@@ -780,4 +789,78 @@ def emit_direct_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, str
     x3 = bb.emit(relax.op.reshape(x, _batched(n, cin, h, wd)))
     y = bb.emit(relax.call_tir(gv, [x3, relax.const(wp), relax.const(b)],
                                relax.TensorType(_batched(n, cout, oh, ow), _out_dtype(out_q, dequantized))))
+    return bb.emit(relax.op.reshape(y, (n, cout, oh, ow)))
+
+
+def dense_conv_applies(x_shape, w_shape, stride, padding, dilation, groups, transposed) -> bool:
+    """Dense (groups=1) k x k convs beyond the stem's few input channels (ResNet/UNet/YOLO bodies): TVM's conv with
+    the schedule rules ran them at 5-15 GMAC/s here."""
+    return (len(x_shape) == 4 and len(w_shape) == 4 and int(groups) == 1 and int(w_shape[1]) > 8
+            and tuple(w_shape[2:]) != (1, 1) and not transposed and int(x_shape[3]) >= 2
+            and len(set(int(s) for s in stride)) == 1 and int(stride[0]) in (1, 2)
+            and all(int(d) == 1 for d in dilation))
+
+
+def im2col_pays(cin: int, kh: int, kw: int, out_pixels: int) -> bool:
+    """im2col + the packed GEMM, or the direct kernel? im2col won on every ResNet/UNet shape measured (3x3, 2
+    threads, GMAC/s im2col / direct): 32 @32x32 53/38, 64 @56x56 85/51, 64->128 s2 @56 84/49, 128 @28 86/37,
+    256 @14 65/22, 512 @7 59/12. The direct kernel stays for columns over 16 MB (a VGG-style 64-channel 224x224
+    conv would copy 115 MB)."""
+    return cin * kh * kw * out_pixels <= 4 << 20
+
+
+def im2col_source(cin: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int, stride: int, pt: int,
+                  pl: int, batch_dim: bool = False) -> str:
+    """col[(ci * kh + i) * kw + j, oy * ow + ox] = x[ci, oy * s + i - pt, ox * s + j - pl] (0 outside): the
+    [Cin * kh * kw, OH * OW] operand that turns a dense conv into the pointwise kernel's GEMM (weight rows in
+    PyTorch's [Cout, Cin, kh, kw] order already); `fill` [1] is the value outside the image (0). It is marked
+    opaque (op_pattern 8): as an injective function Relax fused the reshape producing its input into it, and the
+    buffers clashed; with one input and one output its reshape detection asserted on it. `batch_dim`: x is
+    declared [1, Cin, H, W], the activation as it comes, so no reshape is needed at batch 1."""
+    taps = kh * kw
+    lead, lead_index = ("1, ", "0, ") if batch_dim else ("", "")
+    y = f"oy * {stride} + (r // {kw}) % {kh} - {pt}"
+    # the output columns whose input column ox * s + j - pl lies inside the image: [lo, hi)
+    lo = f"T.max(0, ({pl} - r % {kw} + {stride - 1}) // {stride})"
+    hi = f"T.min({ow}, ({wd - 1} + {pl} - r % {kw}) // {stride} + 1)"
+    return f"""
+@T.prim_func(private=True)
+def im2col(x: T.Buffer(({lead}{cin}, {h}, {wd}), "float32"), fill: T.Buffer((1,), "float32"),
+           col: T.Buffer(({cin * taps}, {oh * ow}), "float32")):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
+    for r in T.parallel({cin * taps}):
+        for oy in T.serial({oh}):
+            if {y} < 0 or {y} >= {h}:
+                for ox in T.serial({ow}):
+                    col[r, oy * {ow} + ox] = fill[0]
+            else:
+                for ox in T.serial({lo}):
+                    col[r, oy * {ow} + ox] = fill[0]
+                for ox in T.serial({hi} - {lo}):
+                    col[r, oy * {ow} + {lo} + ox] = x[{lead_index}r // {taps}, {y}, ({lo} + ox) * {stride} + r % {kw} - {pl}]
+                for ox in T.serial({ow} - {hi}):
+                    col[r, oy * {ow} + {hi} + ox] = fill[0]
+"""
+
+
+def emit_im2col_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, stride: int, padding, lanes: int,
+                     clamp: tuple[float, float] | None, residual=None):
+    """A dense k x k conv of x [N, Cin, H, W] as im2col (per sample) then the packed pointwise GEMM over the
+    [Cin * kh * kw, OH * OW] columns, bias / residual add / clamp fused into its store as for 1x1 convs."""
+    import tvm
+    from tvm import relax
+    from tvm.script import tirx as T
+
+    n, cin, h, wd = (int(d) for d in x_shape)
+    cout, _, kh, kw = (int(d) for d in w.shape)
+    pt, pb, pl, pr = (int(q) for q in padding)
+    oh, ow = (h + pt + pb - kh) // stride + 1, (wd + pl + pr - kw) // stride + 1
+    # the activation goes in as it is, [N, Cin, H, W] (see im2col_source)
+    src = batch_source(im2col_source(cin, h, wd, oh, ow, kh, kw, stride, pt, pl, batch_dim=n == 1), n, ["x", "col"])
+    gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}),
+                     f"im2col_{cin}x{h}x{wd}_k{kh}s{stride}_p{pt}{pb}{pl}{pr}" + _ntag(n))
+    col = bb.emit(relax.call_tir(gv, [x, relax.const(np.zeros(1, np.float32))],
+                                 relax.TensorType(_batched(n, cin * kh * kw, oh * ow), "float32")))
+    y = _conv1x1_call(bb, col, w.reshape(cout, cin * kh * kw), bias, n, cin * kh * kw, oh * ow, lanes, clamp,
+                      residual)
     return bb.emit(relax.op.reshape(y, (n, cout, oh, ow)))
