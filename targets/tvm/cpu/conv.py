@@ -195,9 +195,6 @@ def emit_conv1x1(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, lanes: 
     Relax value of the output's shape added before the clamp."""
     from tvm import relax
 
-    import tvm
-    from tvm.script import tirx as T
-
     n, cin, h, wd = (int(d) for d in x_shape)
     x2 = bb.emit(relax.op.reshape(x, _batched(n, cin, h * wd)))
     y = _conv1x1_call(bb, x2, w, bias, n, cin, h * wd, lanes, clamp, residual)
