@@ -442,6 +442,10 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         if (wt is not None and wt.dtype == torch.float32 and (bnode is None or bt is not None)
                 and str(node.args[0].meta["val"].dtype) == "torch.float32"):
             kind = _conv_kernel(x_shape, wt.shape, node.args[3:9])
+            if kind is None and pads is None and k.unpooling_applies(x_shape, wt.shape, *node.args[3:9]):
+                return k.emit_unpooling_conv(importer.block_builder, importer.env[node.args[0]],
+                                             wt.detach().numpy(), None if bt is None else bt.detach().numpy(),
+                                             x_shape, int(node.args[3][0]), vector_lanes(target))
         if kind is None:
             return importer._convolution(node)
         residual, clamp = _fused_epilogue(node, importer, kind in ("pointwise", "im2col"))

@@ -189,6 +189,23 @@ def test_dense_convs_run_as_im2col_and_the_packed_gemm(batch):
     _assert_built_matches(g, model, x)
 
 
+@pytest.mark.parametrize("batch,k", [(1, 2), (2, 2), (1, 3)])
+def test_stride_equals_kernel_transposed_conv_is_the_packed_gemm(batch, k):
+    """A UNet's upsampling ConvTranspose (kernel == stride, no padding): the packed GEMM with the weight as
+    [(Cout, a, b), Cin], then a pixel shuffle; matches PyTorch. A transposed conv with overlapping blocks (kernel 3,
+    stride 2) keeps TVM's conv2d_transpose."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.ConvTranspose2d(24, 16, k, stride=k), torch.nn.ConvTranspose2d(16, 8, 3, 2),
+                                torch.nn.ReLU()).eval()
+    x = torch.randn(batch, 24, 6, 5)
+    g = graphopt.trace(model, (x,))
+    mod = lower_to_relax(g)
+    nt = f"_n{batch}" if batch > 1 else ""
+    assert f"conv1x1_packed_{16 * k * k}x24x30{nt}" in {gv.name_hint for gv in mod.get_global_vars()}
+    assert mod.script().count("R.nn.conv2d_transpose") == 1  # the overlapping one
+    _assert_built_matches(g, model, x)
+
+
 def test_im2col_is_the_patch_matrix():
     """The im2col kernel alone equals torch's unfold, for stride 1 and 2 with padding on every side."""
     from graphopt.targets.tvm.cpu.conv import im2col_source
