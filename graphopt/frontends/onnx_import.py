@@ -889,7 +889,10 @@ def _quantize_linear(im, ins, at):
                                  "supported")
     if not scale > 0:
         raise UnsupportedOpError(im.node_name, "QuantizeLinear", f"scale {scale} is not positive")
-    return im.emit(torch.ops.graphopt.quantize_per_tensor.default, x, scale, zp, -128, 127, torch.int8)
+    y = im.emit(torch.ops.graphopt.quantize_per_tensor.default, x, scale, zp, -128, 127, torch.int8)
+    if zp_t.dtype == torch.uint8 and isinstance(y, Dyn):
+        y.node.meta["onnx_uint8"] = True  # a DequantizeLinear without a zero point must shift it back too
+    return y
 
 
 def _dq_weight(im, w: Const, scale: torch.Tensor, zp: torch.Tensor, axis: int) -> Dyn:
@@ -943,7 +946,9 @@ def _dequantize_linear(im, ins, at):
     qdt = im.example(q).dtype
     if isinstance(q, Const) and qdt not in (torch.int8, torch.uint8):  # int32 bias (or anything else constant)
         return im.emit(_dequantize_ref, q, Const(scale), Const(zp), axis)
-    shift = 128 if zp.dtype == torch.uint8 else 0  # uint8 grids are stored as int8 (see QuantizeLinear)
+    # uint8 grids are stored as int8 (see QuantizeLinear); without a zero point the type is the input's
+    was_uint8 = isinstance(q, Dyn) and q.node.meta.get("onnx_uint8", False)
+    shift = 128 if zp.dtype == torch.uint8 or (not has_zp and was_uint8) else 0
     if isinstance(q, Const):
         w = q.t
         if w.dtype == torch.uint8:

@@ -110,3 +110,19 @@ def test_matmul_with_column_scaled_weight_becomes_a_foldable_linear(tmp_path):
 def test_per_axis_activation_quantize_names_the_node(tmp_path):
     with pytest.raises(UnsupportedOpError, match="quant_x.*per-axis scale"):
         graphopt.load_onnx(_matmul_qdq(tmp_path / "pa.onnx", per_axis_activation=True))
+
+
+def test_uint8_quantize_without_zero_points_round_trips(tmp_path):
+    """QuantizeLinear and DequantizeLinear with the optional zero point left out mean uint8 with zero point 0: the
+    pair must stay a uint8 round trip (clamping negatives to 0) although graphopt stores the grid as int8."""
+    nodes = [helper.make_node("QuantizeLinear", ["image", "s"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [2, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])],
+                              initializer=[numpy_helper.from_array(np.array(0.05, np.float32), "s")])
+    path = tmp_path / "q.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    x = np.random.default_rng(3).standard_normal((2, 5)).astype(np.float32) * 5
+    ref = _reference(path, x)
+    assert (ref == 0).any() and ref.max() > 1  # negatives clamp to 0, the rest survive
+    np.testing.assert_allclose(graphopt.load_onnx(path).run(torch.from_numpy(x))[0].numpy(), ref, atol=1e-6)
