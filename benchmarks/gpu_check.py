@@ -16,20 +16,77 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cuda_time(fn, runs: int) -> float:
-    """Median seconds of fn() over `runs`, CUDA events around each call."""
+    """Seconds of GPU time per fn() call: `runs` calls captured in one CUDA graph, replayed between two CUDA events
+    (so PyTorch's Python dispatch, which TVM's C++ time_evaluator does not pay, is not counted either); calls that
+    cannot be captured are timed as a plain loop of `runs` calls between the events."""
     import torch
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
+    try:
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            fn()  # warm up on the capture stream
+            torch.cuda.synchronize()
+            with torch.cuda.graph(graph, stream=stream):
+                for _ in range(runs):
+                    fn()
+        run = graph.replay
+    except Exception:  # noqa: BLE001 - not capturable: time the plain loop
+        torch.cuda.synchronize()
+
+        def run():
+            for _ in range(runs):
+                fn()
+    run()
+    torch.cuda.synchronize()
     times = []
-    for _ in range(runs):
+    for _ in range(3):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        run()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
+        times.append(a.elapsed_time(b) / 1e3 / runs)
     return float(np.median(times))
+
+
+def probe_s8_layout(vm, tvm, dev, shape) -> dict:
+    """Which (row, input) of a 16 x 64 weight tile each metadata nibble and each value byte of the int8 mma.sp
+    stands for, read off the hardware: all values 1 and every chunk keeping inputs (0, 1); moving one nibble to
+    (2, 3), or doubling one value byte, changes the outputs of exactly the row and inputs it stands for."""
+    m, k, n = shape
+    nt, kt = n // 16, k // 64
+    x = np.zeros((m, k), np.int8)
+    j = np.arange(64)
+    x[0, :64] = j % 4 >= 2  # +2 on the row whose chunk moved to (2, 3)
+    x[1, :64] = (j // 4 + 1) * (j % 4 >= 2)  # +2 (chunk + 1)
+    x[2, :64] = j + 1  # +(input + 1) for a doubled value
+    wv = np.full((nt, kt, 32, 4), 0x01010101, np.uint32)
+    wm = np.full((nt, kt, 32), 0x44444444, np.uint32)
+    b = tvm.runtime.tensor(np.zeros(n, np.float32), device=dev)
+    xt = tvm.runtime.tensor(x, device=dev)
+
+    def run(wv_, wm_):
+        return vm["main"](xt, tvm.runtime.tensor(wv_, device=dev), tvm.runtime.tensor(wm_, device=dev), b).numpy()
+    y0 = run(wv, wm)
+    meta, vals = {}, {}
+    for lane in range(32):
+        for nib in range(8):
+            wm2 = wm.copy()
+            wm2[0, 0, lane] = (int(wm2[0, 0, lane]) & ~(0xF << 4 * nib) | (0b1110 << 4 * nib)) & 0xFFFFFFFF
+            d = run(wv, wm2) - y0
+            rows = [int(r) for r in np.nonzero(d[0, :16])[0]]
+            meta[f"{lane}.{nib}"] = [[r, int(d[1, r]) // 2 - 1] for r in rows]
+        for reg in range(4):
+            for byte in range(4):
+                wv2 = wv.copy()
+                wv2[0, 0, lane, reg] = int(wv2[0, 0, lane, reg]) + (1 << 8 * byte)
+                d = run(wv2, wm) - y0
+                rows = [int(r) for r in np.nonzero(d[2, :16])[0]]
+                vals[f"{lane}.{reg}.{byte}"] = [[r, int(d[2, r]) - 1] for r in rows]
+    return {"meta (lane.nibble -> [row, chunk])": meta, "values (lane.reg.byte -> [row, input])": vals}
 
 
 def load_helpers():
@@ -91,9 +148,9 @@ def main(argv: list[str] | None = None) -> int:
 
     weights, packs = {}, {}
 
-    def packed(key, dense, fmt):  # packing an 8192^2 weight takes seconds on the CPU: once per weight
+    def packed(key, dense, fmt, layout=None):  # packing an 8192^2 weight takes seconds on the CPU: once per weight
         if key not in packs:
-            packs[key] = pack_fragments(dense(), fmt)
+            packs[key] = pack_fragments(dense(), fmt, layout) if layout else pack_fragments(dense(), fmt)
         return packs[key]
     for entry in index["kernels"]:
         if time.perf_counter() - t_start > args.budget_s:
@@ -120,13 +177,28 @@ def main(argv: list[str] | None = None) -> int:
                         wi = torch.where(w != 0, wi, torch.zeros_like(wi))
                         weights[("i8",) + key] = (xi, wi)
                     xi, wi = weights[("i8",) + key]
+                    ref = xi.double() @ wi.double().T  # exact: |sums| < 2^53
                     if entry["kind"] in ("sp24s8", "sp24ts8"):
                         wv, wm = packed(("s8",) + key, lambda: wi.cpu().numpy().astype(np.float32), "s8")
                         args_ = [tv(xi), tvm.runtime.tensor(wv, device=dev), tvm.runtime.tensor(wm, device=dev),
                                  tv(torch.zeros(n, device="cuda"))]
+                        # which reading of the int8 metadata layout the hardware agrees with (exact results)
+                        rec["meta_layouts_exact"] = {}
+                        for layout in ("rows-inner", "rows-outer", "pairs"):
+                            wv_, wm_ = packed(("s8", layout) + key, lambda: wi.cpu().numpy().astype(np.float32),
+                                              "s8", layout)
+                            got_ = to_torch(vm["main"](tv(xi), tvm.runtime.tensor(wv_, device=dev),
+                                                       tvm.runtime.tensor(wm_, device=dev),
+                                                       tv(torch.zeros(n, device="cuda")))).double()
+                            rec["meta_layouts_exact"][layout] = bool((got_ - ref).abs().max().item() == 0)
+                        if "s8_probe" not in report and entry["kind"] == "sp24s8":
+                            report["s8_probe"] = probe = probe_s8_layout(vm, tvm, dev, entry["shape"])
+                            meta_ = probe["meta (lane.nibble -> [row, chunk])"]
+                            for lane in range(4):
+                                print(f"  int8 metadata, lane {lane}: nibbles -> [row, chunk] "
+                                      f"{[meta_[f'{lane}.{q}'] for q in range(8)]}", flush=True)
                     else:
                         args_ = [tv(xi), tv(wi)]
-                    ref = xi.double() @ wi.double().T  # exact: |sums| < 2^53
                     try:
                         torch_fn = lambda: torch._int_mm(xi, wi.T)  # noqa: E731
                         rec["torch_s"] = cuda_time(torch_fn, 20)
@@ -169,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {rec['kind']:<8} {rec['name']:<32} "
               + (f"err {rec.get('max_rel_err', float('nan')):.1e} {'ok' if rec.get('ok') else 'WRONG'}  "
                  f"graphopt {rec.get('graphopt_s', 0) * 1e6:9.1f} us  torch {rec.get('torch_s', 0) * 1e6:9.1f} us"
+                 + (f"  int8 metadata layouts exact: {rec['meta_layouts_exact']}" if "meta_layouts_exact" in rec else "")
                  if "error" not in rec else rec["error"]), flush=True)
 
     # ratios: graphopt vs PyTorch, and 2:4 vs dense fp16 (same shape, same weight)

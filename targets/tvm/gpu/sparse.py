@@ -73,6 +73,37 @@ def c_coords(lane, i):
     return lane // 4 + 8 * (i // 2), 2 * (lane % 4) + i % 2
 
 
+# Which bits of which lane's metadata register hold the nibble of (row, chunk of 4 inputs) of a 16 x tile_k tile.
+# fp16/bf16 (m16n8k32, selector 0: lanes t = 0, 1 of each group of 4 supply it): one register holds rows g and g + 8,
+# chunks 4t .. 4t + 3 of each (16 bits a row). int8 (m16n8k64, all four lanes): one register holds 8 chunks of one
+# row -- lane t: row g + 8 (t % 2), chunks 8 (t // 2) .. + 7 ("rows-inner", the order CUTLASS's int8 metadata
+# reordering implies). "rows-outer" (row g + 8 (t // 2), chunks 8 (t % 2) ..) and "pairs" (the fp16 scheme over four
+# lanes) are the other candidate readings, kept for the device check that settles which one the hardware uses.
+META_LAYOUTS = ("rows-inner", "rows-outer", "pairs")
+S8_META_LAYOUT = "rows-inner"
+
+
+def meta_map(f: Format, layout: str | None = None) -> dict[tuple[int, int], tuple[int, int]]:
+    """{(row, chunk): (lane, bit shift of the chunk's nibble)} for one tile in format f."""
+    layout = layout or (S8_META_LAYOUT if f.name == "s8" else "pairs")
+    if layout not in META_LAYOUTS:
+        raise TargetError(f"unknown 2:4 metadata layout '{layout}' (choose one of: {', '.join(META_LAYOUTS)})")
+    out = {}
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        if layout == "pairs":
+            if t >= f.meta_lanes:
+                continue  # fp16: lanes 2 and 3 of a group supply no metadata (selector 0)
+            for row, shift in ((g, 0), (g + 8, 16)):
+                for c in range(4):
+                    out[(row, 4 * t + c)] = (lane, shift + 4 * c)
+        else:
+            rowsel, colsel = (t % 2, t // 2) if layout == "rows-inner" else (t // 2, t % 2)
+            for c in range(8):
+                out[(g + 8 * rowsel, 8 * colsel + c)] = (lane, 4 * c)
+    return out
+
+
 # -- element bits -----------------------------------------------------------------------------------------------------
 
 
@@ -134,7 +165,7 @@ def decompress_24(vals: np.ndarray, pos: np.ndarray, k: int) -> np.ndarray:
     return out.reshape(n, k)
 
 
-def pack_fragments(w: np.ndarray, fmt: str = "f16") -> tuple[np.ndarray, np.ndarray]:
+def pack_fragments(w: np.ndarray, fmt: str = "f16", meta_layout: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """W [N, K] (2:4, N % 16 == 0, K % tile_k == 0) -> (values uint32 [N/16, K/tile_k, 32, 4], metadata uint32
     [N/16, K/tile_k, 32]) in the order the kernel's lanes load them."""
     f = fmt_of(fmt)
@@ -156,21 +187,21 @@ def pack_fragments(w: np.ndarray, fmt: str = "f16") -> tuple[np.ndarray, np.ndar
             row, col = a_coords(lane, r, e)
             for i in range(e):
                 wv[:, :, lane, r] |= vt[:, :, row, col + i] << (width * i)
-        g, group = lane // 4, (lane % 4) % f.meta_lanes
-        for row, shift in ((g, 0), (g + 8, 16)):
-            word = np.zeros((nt, kt), np.uint32)
-            for c in range(4):
-                word |= nt_[:, :, row, 4 * group + c] << (4 * c)
-            wm[:, :, lane] |= word << shift
+    for (row, chunk), (lane, shift) in meta_map(f, meta_layout).items():
+        wm[:, :, lane] |= nt_[:, :, row, chunk] << shift
+    for lane in range(32):  # lanes that supply no metadata carry a copy (what the kernel was verified with)
+        if lane % 4 >= f.meta_lanes:
+            wm[:, :, lane] = wm[:, :, lane - lane % 4 + lane % 4 % f.meta_lanes]
     return wv, wm
 
 
-def unpack_fragments(wv: np.ndarray, wm: np.ndarray, fmt: str = "f16") -> np.ndarray:
+def unpack_fragments(wv: np.ndarray, wm: np.ndarray, fmt: str = "f16", meta_layout: str | None = None) -> np.ndarray:
     """The dense weight (float32 of the format's values) a packed (values, metadata) pair stands for, read the way
     the hardware reads the lanes' registers (the CPU reference of the layout)."""
     f = fmt_of(fmt)
     nt, kt = wv.shape[:2]
     e, width = f.per_reg, 32 // f.per_reg
+    where = meta_map(f, meta_layout)
     out = np.zeros((nt, kt, TILE_M, f.tile_k), np.float32)
     for lane in range(32):
         for r in range(4):
@@ -179,9 +210,8 @@ def unpack_fragments(wv: np.ndarray, wm: np.ndarray, fmt: str = "f16") -> np.nda
                 col = col0 + i
                 v = from_bits((wv[:, :, lane, r] >> (width * i)) & ((1 << width) - 1), f).reshape(nt, kt)
                 chunk, which = col // 2, col % 2  # compressed column -> chunk of 4 inputs, first or second kept
-                meta_lane = 4 * (row % 8) + chunk // 4
-                shift = (16 if row >= 8 else 0) + 4 * (chunk % 4) + 2 * which
-                p = (wm[:, :, meta_lane] >> shift) & 3
+                meta_lane, shift = where[row, chunk]
+                p = (wm[:, :, meta_lane] >> (shift + 2 * which)) & 3
                 for q in range(4):
                     sel = p == q
                     out[:, :, row, 4 * chunk + q][sel] = v[sel]
