@@ -52,6 +52,22 @@ def cuda_time(fn, runs: int) -> float:
     return float(np.median(times))
 
 
+def eager_time(fn, runs: int) -> float:
+    """Seconds per fn() call launched from Python one by one (what an eager PyTorch program pays, dispatch included),
+    the way TVM's time_evaluator launches graphopt's kernels from C++."""
+    import torch
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(runs):
+        fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / 1e3 / runs
+
+
 def probe_s8_layout(vm, tvm, dev, shape) -> dict:
     """Which (row, input) of a 16 x 64 weight tile each metadata nibble and each value byte of the int8 mma.sp
     stands for, read off the hardware: all values 1 and every chunk keeping inputs (0, 1); moving one nibble to
@@ -90,13 +106,13 @@ def probe_s8_layout(vm, tvm, dev, shape) -> dict:
 
 
 def load_helpers():
-    """(cuda_runtime_loaded, pack_fragments, None) from graphopt; if graphopt does not import with the machine's own
-    torch (its version is not ours), the two helpers come from their source files alone (they need only numpy and
-    TVM), the kernel checks still run, and the third item says why the model checks cannot."""
+    """(cuda_runtime_loaded, the tensor-core kernel module (its packers), None) from graphopt; if graphopt does not
+    import with the machine's own torch (its version is not ours), the two come from their source files alone (they
+    need only numpy and TVM), the kernel checks still run, and the third item says why the model checks cannot."""
     try:
         from graphopt.runtime import cuda_runtime_loaded
-        from graphopt.targets.tvm.gpu.sparse import pack_fragments
-        return cuda_runtime_loaded, pack_fragments, None
+        from graphopt.targets.tvm.gpu import sparse
+        return cuda_runtime_loaded, sparse, None
     except Exception as e:  # noqa: BLE001
         import importlib.util
         import types
@@ -114,7 +130,7 @@ def load_helpers():
         device = load("gpu_check_device", "targets/tvm/gpu/device.py")
         sparse = load("gpu_check_sparse", "targets/tvm/gpu/sparse.py")
         print(why, file=sys.stderr)
-        return device.cuda_runtime_loaded, sparse.pack_fragments, why
+        return device.cuda_runtime_loaded, sparse, why
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     import tvm
     from tvm.runtime.vm import VirtualMachine
 
-    cuda_runtime_loaded, pack_fragments, import_error = load_helpers()
+    cuda_runtime_loaded, kernels, import_error = load_helpers()
+    pack_fragments = kernels.pack_fragments
     t_start = time.perf_counter()
     if not (torch.cuda.is_available() and cuda_runtime_loaded()):
         print("no CUDA GPU (or no TVM CUDA runtime) here", file=sys.stderr)
@@ -161,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             vm = VirtualMachine(tvm.runtime.load_module(str(data / "kernels" / entry["file"])), dev)
             torch.manual_seed(0)
-            if entry["kind"] in ("dense16", "int8", "sp24", "sp24s8", "sp24t", "sp24ts8"):
+            if entry["kind"] in ("dense16", "int8", "sp24", "sp24s8", "sp24t", "sp24ts8", "dense16t", "int8t"):
                 m, k, n = entry["shape"]
                 key = (m, k, n)
                 if key not in weights:  # one 2:4 weight per shape, shared by dense, sparse and PyTorch
@@ -170,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                     w = g.scatter(-1, g.abs().argsort(-1)[..., :2], 0).view(n, k)
                     weights[key] = (torch.randn(m, k, device="cuda", dtype=torch.float16), w)
                 x, w = weights[key]
-                if entry["kind"] in ("int8", "sp24s8", "sp24ts8"):  # the same 2:4 int8 weight for dense and sparse
+                if entry["kind"] in ("int8", "sp24s8", "sp24ts8", "int8t"):  # one 2:4 int8 weight for dense and sparse
                     if ("i8",) + key not in weights:
                         xi = torch.randint(-64, 64, (m, k), device="cuda", dtype=torch.int8)
                         wi = torch.randint(-64, 64, (n, k), device="cuda", dtype=torch.int8)
@@ -197,8 +214,15 @@ def main(argv: list[str] | None = None) -> int:
                             for lane in range(4):
                                 print(f"  int8 metadata, lane {lane}: nibbles -> [row, chunk] "
                                       f"{[meta_[f'{lane}.{q}'] for q in range(8)]}", flush=True)
+                    elif entry["kind"] == "int8t":
+                        if ("d8",) + key not in packs:
+                            packs[("d8",) + key] = kernels.pack_dense_fragments(wi.cpu().numpy().astype(np.float32),
+                                                                                 "s8")
+                        args_ = [tv(xi), tvm.runtime.tensor(packs[("d8",) + key], device=dev),
+                                 tv(torch.zeros(n, device="cuda"))]
                     else:
                         args_ = [tv(xi), tv(wi)]
+                        rec["torch_eager_s"] = eager_time(lambda: torch._int_mm(xi, wi.T), 20)
                     try:
                         torch_fn = lambda: torch._int_mm(xi, wi.T)  # noqa: E731
                         rec["torch_s"] = cuda_time(torch_fn, 20)
@@ -217,8 +241,14 @@ def main(argv: list[str] | None = None) -> int:
                             rec["torch_sparse_s"] = cuda_time(lambda: torch.nn.functional.linear(x, ws), 20)
                         except Exception as e:  # noqa: BLE001 - shape limits of the semi-structured kernels
                             rec["torch_sparse_note"] = f"{type(e).__name__}: {e}"[:160]
+                    elif entry["kind"] == "dense16t":
+                        if ("d16",) + key not in packs:
+                            packs[("d16",) + key] = kernels.pack_dense_fragments(w.float().cpu().numpy(), "f16")
+                        args_ = [tv(x), tvm.runtime.tensor(packs[("d16",) + key], device=dev),
+                                 tv(torch.zeros(n, device="cuda"))]
                     else:
                         args_ = [tv(x), tv(w)]
+                        rec["torch_eager_s"] = eager_time(lambda: torch.nn.functional.linear(x, w), 20)
             else:  # conv16
                 cin, cout, size, ks, stride, groups = entry["shape"]
                 x = torch.randn(1, cin, size, size, device="cuda", dtype=torch.float16)
@@ -232,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             err = (got - ref.double()).abs().max().item()
             scale = ref.double().abs().max().item() or 1.0
             rec["max_rel_err"] = err / scale
-            exact = entry["kind"] in ("int8", "sp24s8", "sp24ts8")  # integer accumulation: exact or wrong
+            exact = entry["kind"] in ("int8", "sp24s8", "sp24ts8", "int8t")  # integer accumulation: exact or wrong
             rec["ok"] = bool(err == 0 if exact else err / scale < 2e-2)
             rec["graphopt_s"] = float(vm.time_evaluator("main", dev, number=10, repeat=3)(*args_).median)
         except Exception as e:  # noqa: BLE001 - report and go on: one broken kernel must not hide the others
@@ -244,18 +274,26 @@ def main(argv: list[str] | None = None) -> int:
                  + (f"  int8 metadata layouts exact: {rec['meta_layouts_exact']}" if "meta_layouts_exact" in rec else "")
                  if "error" not in rec else rec["error"]), flush=True)
 
-    # ratios: graphopt vs PyTorch, and 2:4 vs dense fp16 (same shape, same weight)
-    dense = {(r["kind"], tuple(r["shape"])): r for r in report["kernels"] if r["kind"] in ("dense16", "int8")
-             and "graphopt_s" in r}
+    # ratios: graphopt vs PyTorch (CUDA-graph time, kernels only), 2:4 vs dense (dlight's and graphopt's tiled kernel
+    # on the same tiles), for the same shape and weight
+    def tkey(r):
+        return r["kind"], tuple(r["shape"]), tuple(r.get("tiles") or ())
+    timed = {tkey(r): r for r in report["kernels"] if "graphopt_s" in r}
+    dense_of = {"sp24": "dense16", "sp24t": "dense16", "sp24s8": "int8", "sp24ts8": "int8"}
+    tiled_of = {"sp24t": "dense16t", "sp24ts8": "int8t"}
     for r in report["kernels"]:
         if r.get("graphopt_s") and r.get("torch_s"):
             r["vs_torch"] = r["graphopt_s"] / r["torch_s"]
-        d = dense.get(({"sp24": "dense16", "sp24t": "dense16", "sp24s8": "int8", "sp24ts8": "int8"}.get(r["kind"]),
-                       tuple(r["shape"])))
-        if d and r.get("graphopt_s"):
+        if not r.get("graphopt_s") or r["kind"] not in dense_of:
+            continue
+        d = timed.get((dense_of[r["kind"]], tuple(r["shape"]), ()))
+        if d:
             r["speedup_vs_dense"] = d["graphopt_s"] / r["graphopt_s"]
-            if r.get("torch_sparse_s"):
-                r["torch_sparse_speedup"] = r["torch_s"] / r["torch_sparse_s"]
+        t = timed.get((tiled_of.get(r["kind"]), tuple(r["shape"]), tuple(r.get("tiles") or ())))
+        if t:
+            r["speedup_vs_dense_tiled"] = t["graphopt_s"] / r["graphopt_s"]
+        if r.get("torch_sparse_s") and r.get("torch_s"):
+            r["torch_sparse_speedup"] = r["torch_s"] / r["torch_sparse_s"]
 
     for mdir in sorted(p.parent for p in data.glob("*/manifest.json")):
         if time.perf_counter() - t_start > args.budget_s + 60 or import_error:
@@ -279,13 +317,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name}: {rec['error']}", flush=True)
         report["models"].append(rec)
 
-    print(f"\n{'kind':<8} {'shape':<34} {'ok':<5} {'graphopt us':>12} {'torch us':>10} {'x torch':>8} "
-          f"{'2:4 vs dense':>13} {'torch 2:4':>10}")
+    print(f"\n{'kind':<9} {'shape':<30} {'tiles':<13} {'ok':<5} {'graphopt us':>11} {'torch us':>9} "
+          f"{'x torch':>7} {'2:4/dense':>9} {'2:4/tiled':>9} {'torch 2:4':>9}")
     for r in report["kernels"]:
-        print(f"{r['kind']:<8} {r['name'][:34]:<34} {str(r.get('ok', '-')):<5} "
-              f"{r.get('graphopt_s', float('nan')) * 1e6:12.1f} {r.get('torch_s', float('nan')) * 1e6:10.1f} "
-              f"{r.get('vs_torch', float('nan')):8.2f} {r.get('speedup_vs_dense', float('nan')):13.2f} "
-              f"{r.get('torch_sparse_speedup', float('nan')):10.2f}")
+        tiles = ",".join(map(str, r["tiles"])) if r.get("tiles") else "-"
+        print(f"{r['kind']:<9} {r['name'][:30]:<30} {tiles:<13} {str(r.get('ok', '-')):<5} "
+              f"{r.get('graphopt_s', float('nan')) * 1e6:11.1f} {r.get('torch_s', float('nan')) * 1e6:9.1f} "
+              f"{r.get('vs_torch', float('nan')):7.2f} {r.get('speedup_vs_dense', float('nan')):9.2f} "
+              f"{r.get('speedup_vs_dense_tiled', float('nan')):9.2f} {r.get('torch_sparse_speedup', float('nan')):9.2f}")
     report["seconds"] = time.perf_counter() - t_start
     Path(args.json).write_text(json.dumps(report, indent=1))
     print(f"wrote {args.json} ({report['seconds']:.0f} s)")

@@ -31,6 +31,9 @@ GEMMS = [("minilm qkv/out 128x384x384", 128, 384, 384), ("minilm ffn-up 128x384x
          ("mnv2 pw 28x28 32->192", 784, 32, 192), ("mnv2 pw 14x14 384->64", 196, 384, 64),
          ("mnv2 pw 7x7 960->320", 49, 960, 320), ("mnv2 pw 7x7 320->1280", 49, 320, 1280),
          ("large 2048^3", 2048, 2048, 2048), ("large 4096^3", 4096, 4096, 4096), ("large 8192^3", 8192, 8192, 8192)]
+# tile shapes (row tiles per warp, column tiles per warp, row warps, column warps) tried on the large GEMMs besides the
+# default (2, 4, 4, 2): 128 x 128 blocks with more reuse of each weight (2, 8, 4, 2) or activation (4, 4, 2, 4) register
+TILE_VARIANTS = [(2, 8, 4, 2), (4, 4, 2, 4), (4, 8, 4, 2)]
 # (name, c_in, c_out, size, kernel, stride, groups)
 CONVS = [("mnv2 stem 3->32 3x3/2 224", 3, 32, 224, 3, 2, 1), ("mnv2 dw 144 3x3 56", 144, 144, 56, 3, 1, 144),
          ("mnv2 pw 56x56 24->144", 24, 144, 56, 1, 1, 1), ("mnv2 pw 14x14 384->64", 384, 64, 14, 1, 1, 1)]
@@ -56,15 +59,21 @@ def build_kernels(arch: str, out: Path) -> list[dict]:
     from tvm import relax
 
     from graphopt.targets.tvm.gpu.pipeline import build_cuda, cuda_target
-    from graphopt.targets.tvm.gpu.sparse import FORMATS, sp24_kernel, sp24_kernel_tiled
+    from graphopt.targets.tvm.gpu.sparse import FORMATS, dense_kernel_tiled, sp24_kernel, sp24_kernel_tiled
     tgt = cuda_target(arch)
     index = []
 
-    def build(name, kind, shape, params, body):
+    def build(name, kind, shape, params, body, tiles=None):
         file = f"{kind}_{len(index)}.so"
         _export(build_cuda(_relax_main(params, body), tgt, "fp32"), out / file, arch)
-        index.append({"name": name, "kind": kind, "shape": list(shape), "file": file})
-        print(f"  built {kind:<8} {name}", flush=True)
+        index.append({"name": name, "kind": kind, "shape": list(shape), "file": file, "tiles": tiles})
+        print(f"  built {kind:<8} {name} {tiles or ''}", flush=True)
+
+    def call(kern, name, ydtype, m, n):
+        def body(bb, *args):
+            gv = bb.add_func(kern, name)
+            return bb.emit(relax.call_tir(gv, list(args), relax.TensorType((m, n), ydtype)))
+        return body
 
     for name, m, k, n in GEMMS:
         build(name, "dense16", (m, k, n), [("x", (m, k), "float16"), ("w", (n, k), "float16")],
@@ -86,6 +95,25 @@ def build_kernels(arch: str, out: Path) -> list[dict]:
             build(name, kind, (m, k, n), [("x", (m, k), xdtype), ("wv", (n // 16, k // tk, 32, 4), "uint32"),
                                           ("wm", (n // 16, k // tk, 32), "uint32"), ("b", (n,), "float32")],
                   sparse_body)
+        # graphopt's own dense tensor-core kernels (the 2:4 kernel's design on mma.sync), default tiles and, on the
+        # large GEMMs, the other tile shapes worth measuring
+        variants = [None] + (TILE_VARIANTS if m >= 2048 else [])
+        for tiles in variants:
+            for kind, fmt, xdtype, ydtype in (("dense16t", "f16", "float16", "float32"),
+                                              ("int8t", "s8", "int8", "int32")):
+                if n % 16 or k % 64:
+                    continue
+                build(name, kind, (m, k, n), [("x", (m, k), xdtype), ("wv", (n // 16, k // (16 if fmt == "f16" else 32),
+                                                                              32, 4), "uint32"),
+                                              ("b", (n,), "float32")],
+                      call(dense_kernel_tiled(m, k, n, False, fmt, tiles), "dense", ydtype, m, n), tiles)
+            if tiles:
+                for kind, fmt, xdtype, ydtype in (("sp24t", "f16", "float16", "float32"),
+                                                  ("sp24ts8", "s8", "int8", "int32")):
+                    tk = FORMATS[fmt].tile_k
+                    build(name, kind, (m, k, n), [("x", (m, k), xdtype), ("wv", (n // 16, k // tk, 32, 4), "uint32"),
+                                                  ("wm", (n // 16, k // tk, 32), "uint32"), ("b", (n,), "float32")],
+                          call(sp24_kernel_tiled(m, k, n, False, fmt, tiles), "sp24", ydtype, m, n), tiles)
     for name, cin, cout, size, ks, stride, groups in CONVS:
         build(name, "conv16", (cin, cout, size, ks, stride, groups),
               [("x", (1, cin, size, size), "float16"), ("w", (cout, cin // groups, ks, ks), "float16")],

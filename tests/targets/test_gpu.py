@@ -116,6 +116,67 @@ def test_fragment_coordinates_match_the_ptx_isa_formulas():
             assert sp.c_coords(lane, i) == (g + (8 if i >= 2 else 0), t * 2 + (i & 1))
 
 
+def test_int8_metadata_holds_one_row_per_register_as_the_h200_showed():
+    """The int8 mma.sp (m16n8k64) metadata layout, as probed on an H200 (benchmarks/gpu_check.py moves one nibble
+    at a time and reads which row and chunk of 4 inputs changed): lane 4g + t holds 8 chunks of row g + 8 (t % 2),
+    chunks 8 (t // 2) .. + 7, nibble c in bits 4c .. 4c + 3. The fp16 reading (rows g and g + 8 in one register),
+    used for int8 before, gave wrong results there."""
+    where = sp.meta_map(sp.FORMATS["s8"])
+    assert len(where) == 16 * 16  # every (row, chunk) of the 16 x 64 tile once
+    for lane in range(32):
+        g, t = lane >> 2, lane % 4
+        for c in range(8):
+            assert where[(g + 8 * (t % 2), 8 * (t // 2) + c)] == (lane, 4 * c)
+    # fp16/bf16 keep theirs: lanes t = 0, 1 hold chunks 4t .. 4t + 3 of row g (low half) and g + 8 (high half)
+    where16 = sp.meta_map(sp.FORMATS["f16"])
+    assert where16[(3, 5)] == (13, 4) and where16[(11, 5)] == (13, 20)
+    with pytest.raises(TargetError, match="metadata layout"):
+        sp.meta_map(sp.FORMATS["s8"], "columns")
+
+
+@pytest.mark.parametrize("fmt", ["f16", "bf16", "s8"])
+def test_dense_fragment_packing_round_trips_in_the_mma_sync_layout(fmt):
+    f = sp.DENSE_FORMATS[fmt]
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((32, 4 * f.tile_k)).astype(np.float32)
+    if fmt == "s8":
+        w = np.round(w * 40)
+    wv = sp.pack_dense_fragments(w, fmt)
+    assert wv.shape == (2, 4, 32, 4)
+    np.testing.assert_array_equal(sp.unpack_dense_fragments(wv, fmt), sp.rounded(w, f))
+    # lane 5 (g = 1, t = 1), register 3 of tile (1, 2) holds row 16 + 9, inputs 2 tile_k + e t + 4 e .. (+ e - 1)
+    e = f.per_reg
+    word = int(wv[1, 2, 5, 3])
+    first = 2 * f.tile_k + e + 4 * e
+    assert word & ((1 << (32 // e)) - 1) == int(sp.to_bits(w[25, first:first + 1], f)[0])
+    with pytest.raises(TargetError, match="inputs %"):
+        sp.pack_dense_fragments(np.ones((16, f.tile_k), np.float32), fmt)
+
+
+def test_tile_shapes_that_do_not_stage_evenly_are_refused():
+    assert sp.tiles_fit((2, 4, 4, 2)) == "" and sp.tiles_fit((4, 8, 4, 2)) == ""
+    assert "16-byte" in sp.tiles_fit((2, 2, 4, 2))  # 4 j / wn = 2 words per thread
+    with pytest.raises(TargetError, match="16-byte"):
+        sp.dense_kernel_tiled(64, 64, 64, False, "f16", (2, 2, 4, 2))
+
+
+@needs_nvcc
+@pytest.mark.parametrize("fmt,tiles", [("f16", None), ("s8", None), ("bf16", (2, 8, 4, 2))])
+def test_dense_tensor_core_kernel_compiles_to_mma_sync_with_shared_staging(tmp_path, fmt, tiles):
+    import tvm
+
+    from graphopt.targets.tvm.gpu.fatbin import compile_ptx
+    f = sp.DENSE_FORMATS[fmt]
+    kern = sp.dense_kernel_tiled(100, 4 * f.tile_k, 272, True, fmt, tiles).with_attr("global_symbol", "k")
+    lib = tvm.compile(tvm.IRModule({"k": kern}), target=tvm.target.Target({"kind": "cuda", "arch": "sm_90"},
+                                                                          host={"kind": "llvm"}))
+    src = lib.mod.imports[0].inspect_source()
+    assert "__shared__" in src and "__syncthreads()" in src
+    ptx = compile_ptx(src, "sm_90", tmp_path)
+    mt, j = (tiles or sp.DEFAULT_TILES)[:2]
+    assert ptx.count(f.ptx) >= 2 * mt * j and "mma.sp" not in ptx  # two dense steps per stage, every tile pair
+
+
 def test_24_packing_refuses_dense_weights():
     w = np.ones((16, 32), np.float32)
     assert "not 2:4" in sp.sp24_applies(w)

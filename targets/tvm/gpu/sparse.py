@@ -195,6 +195,56 @@ def pack_fragments(w: np.ndarray, fmt: str = "f16", meta_layout: str | None = No
     return wv, wm
 
 
+# The dense instructions of the same element types (mma.sync): the A fragment of a 16 x tile_k tile has the layout of
+# the 2:4 instruction's compressed A (a_coords), B has 2 registers (b_coords with r < 2), C/D are the same.
+DENSE_FORMATS = {
+    "f16": Format("f16", "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32", 16, 2, 0, "float16", "float32"),
+    "bf16": Format("bf16", "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32", 16, 2, 0, "bfloat16", "float32"),
+    "s8": Format("s8", "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32", 32, 4, 0, "int8", "int32"),
+}
+
+
+def dense_fmt_of(name: str) -> Format:
+    if name not in DENSE_FORMATS:
+        raise TargetError(f"unknown dense tensor-core format '{name}' (choose one of: {', '.join(DENSE_FORMATS)})")
+    return DENSE_FORMATS[name]
+
+
+def pack_dense_fragments(w: np.ndarray, fmt: str = "f16") -> np.ndarray:
+    """W [N, K] (N % 16 == 0, K % (2 tile_k) == 0) -> uint32 [N/16, K/tile_k, 32, 4]: lane l's four A registers of
+    each 16 x tile_k tile at [tile, k step, l], in the format's element type."""
+    f = dense_fmt_of(fmt)
+    n, k = w.shape
+    if n % TILE_M or k % (2 * f.tile_k):
+        raise TargetError(f"a dense tensor-core weight ({f.name}) needs rows % {TILE_M} == 0 and inputs % "
+                          f"{2 * f.tile_k} == 0, got {n}x{k}")
+    nt, kt, e = n // TILE_M, k // f.tile_k, f.per_reg
+    width = 32 // e
+    vt = to_bits(w, f).reshape(nt, TILE_M, kt, f.tile_k).transpose(0, 2, 1, 3)
+    wv = np.zeros((nt, kt, 32, 4), np.uint32)
+    for lane in range(32):
+        for r in range(4):
+            row, col = a_coords(lane, r, e)
+            for i in range(e):
+                wv[:, :, lane, r] |= vt[:, :, row, col + i] << (width * i)
+    return wv
+
+
+def unpack_dense_fragments(wv: np.ndarray, fmt: str = "f16") -> np.ndarray:
+    """The dense weight (float32 of the format's values) packed fragments stand for (the CPU reference)."""
+    f = dense_fmt_of(fmt)
+    nt, kt = wv.shape[:2]
+    e, width = f.per_reg, 32 // f.per_reg
+    out = np.zeros((nt, kt, TILE_M, f.tile_k), np.float32)
+    for lane in range(32):
+        for r in range(4):
+            row, col = a_coords(lane, r, e)
+            for i in range(e):
+                out[:, :, row, col + i] = from_bits((wv[:, :, lane, r] >> (width * i)) & ((1 << width) - 1),
+                                                    f).reshape(nt, kt)
+    return out.transpose(0, 2, 1, 3).reshape(nt * TILE_M, kt * f.tile_k)
+
+
 def unpack_fragments(wv: np.ndarray, wm: np.ndarray, fmt: str = "f16", meta_layout: str | None = None) -> np.ndarray:
     """The dense weight (float32 of the format's values) a packed (values, metadata) pair stands for, read the way
     the hardware reads the lanes' registers (the CPU reference of the layout)."""
@@ -397,50 +447,88 @@ def tiled_row_words(fmt: str = "f16") -> int:
     return f.tile_k // f.per_reg + 4
 
 
-def sp24_kernel_tiled(cols: int, k: int, n: int, bias: bool, fmt: str = "f16"):
+def sp24_kernel_tiled(cols: int, k: int, n: int, bias: bool, fmt: str = "f16", tiles: tuple | None = None):
     """The 2:4 kernel with activation tiles staged in shared memory, for a linear (x [cols, k] of the instruction's
-    element type, y [cols, n]): a block of 4 x 2 warps covers 128 weight rows x 64 columns, and each step over k
-    loads the block's 64 x tile_k activation tile once (16-byte loads, one per thread) into shared memory, from
-    which all four row-warps read their B fragments (rows padded to 20 words: the fragment reads hit 32 distinct
-    banks). Weights and metadata come from global memory in fragment order as in `sp24_kernel`."""
+    element type, y [cols, n]): by default a block of 4 x 2 warps covers 128 weight rows x 64 columns, and each step
+    over k loads the block's 64 x tile_k activation tile once (16-byte loads, one per thread) into shared memory,
+    from which all four row-warps read their B fragments (rows padded to 20 words: the fragment reads hit 32
+    distinct banks). Weights and metadata come from global memory in fragment order as in `sp24_kernel`."""
+    return tc_kernel_tiled(cols, k, n, bias, fmt, True, tiles)
+
+
+def dense_kernel_tiled(cols: int, k: int, n: int, bias: bool, fmt: str = "f16", tiles: tuple | None = None):
+    """The same kernel on the dense instruction (`mma.sync`, m16n8k16 fp16/bf16, m16n8k32 int8): the weight is
+    packed in fragment order at compile time (`pack_dense_fragments`), x [cols, k] is staged in shared memory, and
+    each stage covers two instruction steps over k, so the staging is the 2:4 kernel's."""
+    return tc_kernel_tiled(cols, k, n, bias, fmt, False, tiles)
+
+
+DEFAULT_TILES = (M_TILES_PER_WARP, COLS_PER_WARP, TILED_WARPS_N, TILED_WARPS_C)
+
+
+def tiles_fit(tiles: tuple) -> str:
+    """'' when (row tiles per warp, column tiles per warp, row warps, column warps) stage evenly; else why not."""
+    mt, j, wn, wc = tiles
+    if min(tiles) < 1 or wn * wc > 32 or (4 * j) % wn or ((4 * j) // wn) % 4:
+        return (f"tiles {tiles}: each thread must stage a whole number of 16-byte words (4 j / wn a multiple of 4) "
+                "with at most 32 warps")
+    return ""
+
+
+def tc_kernel_tiled(cols: int, k: int, n: int, bias: bool, fmt: str, sparse: bool, tiles: tuple | None = None):
+    """PrimFunc of the shared-memory tensor-core linear: sparse (x, values, metadata, bias) -> y on mma.sp, or dense
+    (x, values, bias) -> y on mma.sync. tiles = (row tiles of 16 per warp, column tiles of 8 per warp, warps along
+    rows, warps along columns). Every stage over k moves 16 words of each of the block's columns into shared memory
+    (tid-contiguous 16-byte loads) and runs one sparse or two dense instructions per (row tile, column tile)."""
     import tvm.backend.cuda  # noqa: F401  (registers T.ptx)
     from tvm.script import tirx as T
 
-    f = fmt_of(fmt)
+    f = fmt_of(fmt) if sparse else dense_fmt_of(fmt)
+    tiles = tuple(tiles or DEFAULT_TILES)
+    why = tiles_fit(tiles)
+    if why:
+        raise TargetError(why)
+    MT, J, wn_, wc_ = tiles
     e = f.per_reg
-    nt, kt = n // TILE_M, k // f.tile_k
-    words = f.tile_k // e  # 32-bit words of one column's k step (16)
-    stride = tiled_row_words(fmt)
-    MT, J = M_TILES_PER_WARP, COLS_PER_WARP
-    wn_, wc_ = TILED_WARPS_N, TILED_WARPS_C
-    bcols = wc_ * J * TILE_N  # 64 columns per block
-    rows_tiles = wn_ * MT  # 8 row tiles per block
+    ksub = 1 if sparse else 2  # instruction steps per stage
+    stage_k = f.tile_k * ksub
+    if k % stage_k or n % TILE_M:
+        raise TargetError(f"a tensor-core linear ({f.name}) needs rows % {TILE_M} == 0 and inputs % {stage_k} == 0, "
+                          f"got {n}x{k}")
+    nt, kt, ks = n // TILE_M, k // f.tile_k, k // stage_k
+    words = stage_k // e  # 32-bit words of one column's stage (16)
+    bregs = 4 // ksub  # B registers per instruction
+    stride = words + 4
+    bcols = wc_ * J * TILE_N
+    rows_tiles = wn_ * MT
     threads = 32 * wn_ * wc_
-    per_thread = bcols * words // threads  # words each thread stages (4: one 16-byte load)
+    per_thread = bcols * words // threads  # words each thread stages (a multiple of 4: 16-byte loads)
     grid_n, grid_c = (nt + rows_tiles - 1) // rows_tiles, (cols + bcols - 1) // bcols
     integer = f.name == "s8"
     reg_acc = "uint32" if integer else f.acc
     xdtype = f.value
-    assert per_thread == 4 and k % e == 0
 
     def result(acc_value, bias_value):
         if integer:
             return T.reinterpret("int32", acc_value)
         return acc_value + bias_value if bias else acc_value
 
-    load_a = a_loader(T, MT, nt)
+    def mma(acc, a, bf, meta, m, j, s):
+        q = (m * J + j) * 4
+        ar = (m * ksub + s) * 4
+        br = (j * ksub + s) * bregs
+        if sparse:
+            return T.ptx[f.ptx](acc[q], acc[q + 1], acc[q + 2], acc[q + 3], a[ar], a[ar + 1], a[ar + 2], a[ar + 3],
+                                bf[br], bf[br + 1], bf[br + 2], bf[br + 3], acc[q], acc[q + 1], acc[q + 2],
+                                acc[q + 3], meta[m], 0)
+        return T.ptx[f.ptx](acc[q], acc[q + 1], acc[q + 2], acc[q + 3], a[ar], a[ar + 1], a[ar + 2], a[ar + 3],
+                            bf[br], bf[br + 1], acc[q], acc[q + 1], acc[q + 2], acc[q + 3])
 
-    @T.prim_func(private=True)
-    def kernel(xb: T.Buffer((cols, k), xdtype), wv: T.Buffer((nt, kt, 32, 4), "uint32"),
-               wm: T.Buffer((nt, kt, 32), "uint32"), b: T.Buffer((n,), "float32"), y: T.Buffer((cols, n), f.acc)):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        bx = T.launch_thread("blockIdx.x", grid_n)
-        by = T.launch_thread("blockIdx.y", grid_c)
-        lane = T.launch_thread("threadIdx.x", 32)
-        warp = T.launch_thread("threadIdx.y", wn_ * wc_)
+    @T.macro
+    def main_loop(xb, wv, wm, b, y, bx, by, lane, warp):
         sb = T.alloc_buffer((bcols * stride,), "uint32", scope="shared")
         acc = T.alloc_buffer((MT * J * 4,), reg_acc, scope="local")
-        a = T.alloc_buffer((MT * 4,), "uint32", scope="local")
+        a = T.alloc_buffer((MT * ksub * 4,), "uint32", scope="local")
         meta = T.alloc_buffer((MT,), "uint32", scope="local")
         bf = T.alloc_buffer((J * 4,), "uint32", scope="local")
         xw = xb.view("uint32")
@@ -449,23 +537,34 @@ def sp24_kernel_tiled(cols: int, k: int, n: int, bias: bool, fmt: str = "f16"):
         tid = warp * 32 + lane
         for i in T.unroll(MT * J * 4):
             acc[i] = T.Cast(reg_acc, 0)
-        for k0 in range(kt):
-            # stage the block's activation tile: thread tid loads 4 consecutive words of one column
-            for v in T.vectorized(per_thread):
-                sb[(tid * per_thread) // words * stride + (tid * per_thread) % words + v] = T.if_then_else(
-                    by * bcols + (tid * per_thread) // words < cols,
-                    xw[T.min(by * bcols + (tid * per_thread) // words, cols - 1),
-                       k0 * words + (tid * per_thread) % words + v], T.uint32(0))
+        for k0 in range(ks):
+            # stage the block's activation tile: thread tid loads per_thread consecutive words of one column
+            for it in T.unroll(per_thread // 4):
+                for v in T.vectorized(4):
+                    sb[(tid * per_thread + it * 4) // words * stride + (tid * per_thread + it * 4) % words + v] = \
+                        T.if_then_else(
+                            by * bcols + (tid * per_thread + it * 4) // words < cols,
+                            xw[T.min(by * bcols + (tid * per_thread + it * 4) // words, cols - 1),
+                               k0 * words + (tid * per_thread + it * 4) % words + v], T.uint32(0))
             T.tvm_storage_sync("shared")
-            load_a(a, meta, wv, wm, first, k0, lane)
+            for m in T.unroll(MT):
+                if first + m < nt:
+                    for s in T.unroll(ksub):
+                        for r in T.vectorized(4):
+                            a[(m * ksub + s) * 4 + r] = wv[first + m, k0 * ksub + s, lane, r]
+                    if sparse:
+                        meta[m] = wm[first + m, k0, lane]
             for j in T.unroll(J):
-                for r in T.unroll(4):
-                    bf[j * 4 + r] = sb[((warp // wn_) * (J * TILE_N) + j * TILE_N + b_coords(lane, r, e)[1]) * stride
-                                       + b_coords(lane, r, e)[0] // e]
+                for s in T.unroll(ksub):
+                    for r in T.unroll(bregs):
+                        bf[(j * ksub + s) * bregs + r] = sb[
+                            ((warp // wn_) * (J * TILE_N) + j * TILE_N + b_coords(lane, r, e)[1]) * stride
+                            + s * (f.tile_k // e) + b_coords(lane, r, e)[0] // e]
             for m in T.unroll(MT):
                 if first + m < nt:
                     for j in T.unroll(J):
-                        mma_sp(T, f, acc, a, bf, meta, m, j, J)
+                        for s in T.unroll(ksub):
+                            mma(acc, a, bf, meta, m, j, s)
             T.tvm_storage_sync("shared")
         for m in T.unroll(MT):
             if first + m < nt:
@@ -476,7 +575,29 @@ def sp24_kernel_tiled(cols: int, k: int, n: int, bias: bool, fmt: str = "f16"):
                         if c < cols:
                             y[c, row] = result(acc[(m * J + j) * 4 + i], b[row])
 
-    return kernel
+    if sparse:
+        @T.prim_func(private=True)
+        def kernel(xb: T.Buffer((cols, k), xdtype), wv: T.Buffer((nt, kt, 32, 4), "uint32"),
+                   wm: T.Buffer((nt, kt, 32), "uint32"), b: T.Buffer((n,), "float32"),
+                   y: T.Buffer((cols, n), f.acc)):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            bx = T.launch_thread("blockIdx.x", grid_n)
+            by = T.launch_thread("blockIdx.y", grid_c)
+            lane = T.launch_thread("threadIdx.x", 32)
+            warp = T.launch_thread("threadIdx.y", wn_ * wc_)
+            main_loop(xb, wv, wm, b, y, bx, by, lane, warp)
+        return kernel
+
+    @T.prim_func(private=True)
+    def dense_kernel(xb: T.Buffer((cols, k), xdtype), wv: T.Buffer((nt, kt, 32, 4), "uint32"),
+                     b: T.Buffer((n,), "float32"), y: T.Buffer((cols, n), f.acc)):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        bx = T.launch_thread("blockIdx.x", grid_n)
+        by = T.launch_thread("blockIdx.y", grid_c)
+        lane = T.launch_thread("threadIdx.x", 32)
+        warp = T.launch_thread("threadIdx.y", wn_ * wc_)
+        main_loop(xb, wv, None, b, y, bx, by, lane, warp)
+    return dense_kernel
 
 
 def emit_sp24(bb, x, w: np.ndarray, bias: np.ndarray | None, cols: int, activations: str, fmt: str = "f16"):
@@ -496,6 +617,31 @@ def emit_sp24(bb, x, w: np.ndarray, bias: np.ndarray | None, cols: int, activati
     b = relax.const(np.zeros(n, np.float32) if bias is None else bias.astype(np.float32))
     out = relax.TensorType((cols, n) if activations == "tk" else (n, cols), f.acc)
     return bb.emit(relax.call_tir(gv, [x, relax.const(wv), relax.const(wm), b], out))
+
+
+def dense_tc_applies(n: int, k: int, fmt: str = "f16") -> str:
+    """'' when graphopt's dense tensor-core kernel can take a weight [n, k]; else why not."""
+    f = dense_fmt_of(fmt)
+    if n % TILE_M or k % (2 * f.tile_k):
+        return f"shape {n}x{k}: the tensor-core tile needs rows % {TILE_M} == 0 and inputs % {2 * f.tile_k} == 0"
+    return ""
+
+
+def emit_dense_tc(bb, x, w: np.ndarray, bias: np.ndarray | None, cols: int, fmt: str = "f16",
+                  tiles: tuple | None = None):
+    """call_tir of the dense tensor-core linear with the weight packed in fragment order as a constant; x is
+    [cols, k] (cast to the instruction's element type for fp16/bf16; int8 as is), y [cols, n] float32 (+ bias) or
+    the int32 accumulator."""
+    from tvm import relax
+    f = dense_fmt_of(fmt)
+    n, k = w.shape
+    if f.name != "s8":
+        x = bb.emit(relax.op.astype(x, f.value))
+    kernel = dense_kernel_tiled(cols, k, n, bias is not None, fmt, tiles)
+    gv = bb.add_func(kernel, f"graphopt_tc_{fmt}_{cols}x{k}x{n}")
+    b = relax.const(np.zeros(n, np.float32) if bias is None else bias.astype(np.float32))
+    return bb.emit(relax.call_tir(gv, [x, relax.const(pack_dense_fragments(w, fmt)), b],
+                                  relax.TensorType((cols, n), f.acc)))
 
 
 # -- when to use it ---------------------------------------------------------------------------------------------------
