@@ -39,9 +39,9 @@ def _check_precision(precision: str) -> None:
 
 def build_gpu_executable(graph: Graph, target: str = "cuda", archs=("sm_80", "sm_90"), precision: str = "fp16",
                          tuning: Tuning | None = None, sparse_min_speedup: float = 1.1):
-    """Lower and build for CUDA (no GPU needed); returns (executable, tvm Target, seconds, 2:4 layer records). The
-    kernel source is
-    generated for the lowest architecture in `archs` and compiled for each of them when the library is exported."""
+    """Lower and build for CUDA (no GPU needed); returns (executable, tvm Target, seconds, 2:4 layer records,
+    records of the linears on graphopt's dense tensor-core kernel). The kernel source is generated for the lowest
+    architecture in `archs` and compiled for each of them when the library is exported."""
     from graphopt.targets.tvm.gpu.pipeline import build_cuda, cuda_target
 
     if target not in GPU_TARGETS:
@@ -61,7 +61,8 @@ def build_gpu_executable(graph: Graph, target: str = "cuda", archs=("sm_80", "sm
             raise TargetError(f"sparse min-speedup must be >= 1 (never slower than dense), got {sparse_min_speedup}")
         sparse24 = {"min_speedup": float(sparse_min_speedup), "format": "bf16" if precision == "bf16" else "f16",
                     "measured": graph.meta.get("sparse_layout", {})}
-    mod = lower_to_relax(graph, device="cuda", sparse24=sparse24)
+    dense_tc = {"format": {"fp16": "f16", "bf16": "bf16"}.get(precision), "records": {}}
+    mod = lower_to_relax(graph, device="cuda", sparse24=sparse24, gpu_dense=dense_tc)
     t0 = time.perf_counter()
     try:
         database = None
@@ -76,7 +77,7 @@ def build_gpu_executable(graph: Graph, target: str = "cuda", archs=("sm_80", "sm
         raise
     except Exception as e:
         raise TargetError(f"TVM build for {target} ({archs[0]}) failed: {type(e).__name__}: {e}") from None
-    return ex, tgt, time.perf_counter() - t0, (sparse24 or {}).get("records", {})
+    return ex, tgt, time.perf_counter() - t0, (sparse24 or {}).get("records", {}), dense_tc["records"]
 
 
 def build_executable(graph: Graph, target: str = "llvm", tuning: Tuning | None = None, rules: bool = True,
@@ -122,7 +123,8 @@ def compile_gpu_to_dir(graph: Graph, output: str | Path, target: str = "cuda", a
     from graphopt.targets.tvm.gpu.fatbin import fatbin_packer
 
     archs = parse_archs(archs)
-    ex, tgt, seconds, sparse = build_gpu_executable(graph, target, archs, precision, tuning, sparse_min_speedup)
+    ex, tgt, seconds, sparse, dense_tc = build_gpu_executable(graph, target, archs, precision, tuning,
+                                                               sparse_min_speedup)
     record: dict = {}
     with atomic_dir(output) as tmp:
         t0 = time.perf_counter()
@@ -130,7 +132,7 @@ def compile_gpu_to_dir(graph: Graph, output: str | Path, target: str = "cuda", a
         (tmp / "graph.ir").write_text(graph.text())
         info = {"kind": target, "device": "cuda", "archs": archs, "precision": precision,
                 "kernels": record.get("cuda_modules", []),
-                "sparse_kernels": sparse}
+                "sparse_kernels": sparse, "tensor_core_linears": dense_tc}
         manifest = build_manifest(graph, str(tgt), info, tuning=None,
                                   build_seconds=round(seconds + time.perf_counter() - t0, 2), folder=tmp)
         write_manifest(tmp, manifest)

@@ -23,13 +23,15 @@ def _lifted_tensors(ep) -> dict:
 
 
 def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, sparse24: dict | None = None,
-                      target=None, layouts: dict | None = None):
+                      target=None, layouts: dict | None = None, gpu_dense: dict | None = None):
     """Relax lowering of graphopt's Q/DQ ops (reference semantics: round half to even, clamp, affine).
 
     cpu_kernels: batch-1 convs, linears and their int8 forms go to graphopt's CPU kernels (TIR with x86 vector
     shapes for `target`, by default this machine's CPU); False keeps every op a plain Relax op, for GPU targets,
     whose schedules come from dlight. `layouts`: select-sparse-layout's record per weight placeholder (int8
-    linears it chose bsr8x4 for run the int8 BSR kernel)."""
+    linears it chose bsr8x4 for run the int8 BSR kernel). `gpu_dense` (GPU targets: {"format": "f16" | "bf16" |
+    None, "records": {}}): linears with constant weights that fit the tile run graphopt's dense tensor-core kernel
+    (int8 ones always, float ones in the half format; fp32 builds keep float linears on dlight), each recorded."""
     from tvm import relax
 
     from graphopt.targets.tvm.host import cpu_target
@@ -83,11 +85,33 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         the artifact stores int8 weights); returns (accumulator, per-channel broadcast shape). On cuda-sparse an
         int8 2:4 weight takes the int8 sparse tensor-core kernel for sum(x w)."""
         acc = _sparse_int8_acc(bb, node, xq) if sparse24 is not None else None
+        if acc is None and gpu_dense is not None and str(node.args[0].meta["val"].dtype) == "torch.int8":
+            acc = _dense_tc(bb, node, xq, getattr(node.args[3], "name", None), None, "s8")
         if acc is None:
             acc = bb.emit(relax.op.matmul(xq, bb.emit(relax.op.permute_dims(wq, [1, 0])), out_dtype="int32"))
         wsum = bb.emit(relax.op.sum(bb.emit(relax.op.astype(wq, "int32")), axis=1))
         shape = [1] * (len(node.args[0].meta["val"].shape) - 1) + [-1]
         return _minus_zero_point(bb, acc, wsum, zx, shape), shape
+
+    def _dense_tc(bb, node, x, wname, bias, fmt):
+        """x @ w^T (+ bias) on graphopt's dense tensor-core kernel for the constant weight `wname`, or None where
+        the kernel does not apply (the caller emits the plain op)."""
+        from graphopt.targets.tvm.gpu.sparse import dense_tc_applies, emit_dense_tc, tc_tiles
+        wt = (lifted or {}).get(wname)
+        x_shape = node.args[0].meta["val"].shape
+        if wt is None or wt.dim() != 2 or fmt is None:
+            return None
+        n, k = (int(d) for d in wt.shape)
+        cols = math.prod(int(d) for d in x_shape[:-1])
+        if dense_tc_applies(n, k, fmt) or cols == 0:
+            return None
+        tiles = tc_tiles(cols, n)
+        x2 = bb.emit(relax.op.reshape(x, (cols, k)))
+        y = emit_dense_tc(bb, x2, wt.detach().float().numpy(), bias, cols, fmt, tiles)
+        param = (sparse24 or gpu_dense).get("names", {}).get(wname, wname)
+        gpu_dense["records"][param] = {"shape": [cols, k, n], "format": fmt, "tiles": list(tiles),
+                                       "kernel": "graphopt dense tensor-core (mma.sync)"}
+        return bb.emit(relax.op.reshape(y, [int(d) for d in x_shape[:-1]] + [n]))
 
     def _sparse_int8_acc(bb, node, xq):
         x_shape = node.args[0].meta["val"].shape
@@ -593,8 +617,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         wname = getattr(node.args[1], "name", None)
         bname = getattr(node.args[2], "name", None) if len(node.args) > 2 and node.args[2] is not None else None
         bt = (lifted or {}).get(bname) if bname else None
-        if str(node.args[0].meta["val"].dtype) == "torch.float32" and (bname is None or bt is not None) \
-                and sparse24_layer(node, wname, x_shape, False) is not None:
+        if sparse24 is not None and str(node.args[0].meta["val"].dtype) == "torch.float32" and \
+                (bname is None or bt is not None) and sparse24_layer(node, wname, x_shape, False) is not None:
             from graphopt.targets.tvm.gpu.sparse import emit_sp24
             bb = importer.block_builder
             k = int(x_shape[-1])
@@ -604,6 +628,12 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             y = emit_sp24(bb, x2, w, None if bt is None else bt.detach().float().numpy(), cols, "tk",
                           sparse24.get("format", "f16"))
             return bb.emit(relax.op.reshape(y, tuple(int(d) for d in node.meta["val"].shape)))
+        if gpu_dense is not None and str(node.args[0].meta["val"].dtype) == "torch.float32" and \
+                (bname is None or bt is not None):
+            y = _dense_tc(importer.block_builder, node, importer.env[node.args[0]], wname,
+                          None if bt is None else bt.detach().float().numpy(), gpu_dense.get("format"))
+            if y is not None:
+                return y
         bias = importer.env[node.args[2]] if len(node.args) > 2 and node.args[2] is not None else None
         return importer.block_builder.emit(relax.op.linear(importer.env[node.args[0]], importer.env[node.args[1]],
                                                            bias, "float32"))
@@ -620,7 +650,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                      and all(int(v) == 1 for v in stride) and all(int(v) == 0 for v in padding)
                      and (bnode is None or bt is not None)
                      and str(node.args[0].meta["val"].dtype) == "torch.float32")
-        if pointwise and sparse24_layer(node, wname, x_shape, True) is not None:
+        if pointwise and sparse24 is not None and sparse24_layer(node, wname, x_shape, True) is not None:
             from graphopt.targets.tvm.gpu.sparse import emit_sp24
             bb = importer.block_builder
             c, h, w_ = (int(d) for d in x_shape[1:])
@@ -632,7 +662,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         return importer._convolution(node)
 
     if not cpu_kernels:
-        if sparse24 is not None:
+        if sparse24 is not None or gpu_dense is not None:
             generic = {**generic, "linear.default": sparse_linear, "convolution.default": sparse_conv}
         return generic
     return {**generic, "gelu.default": gelu, "convolution.default": convolution,
@@ -642,22 +672,25 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             **{k: _activation(k) for k in ("relu.default", "relu6.default", "hardtanh.default", "clamp.default")}}
 
 
-def _converters(ep, device: str, sparse24: dict | None, target=None, layouts: dict | None = None):
-    if sparse24 is not None:
-        sparse24.setdefault("records", {})
-        sparse24["names"] = {spec.arg.name: spec.target for spec in ep.graph_signature.input_specs
-                             if spec.target is not None}
+def _converters(ep, device: str, sparse24: dict | None, target=None, layouts: dict | None = None,
+                gpu_dense: dict | None = None):
     names = {spec.arg.name: spec.target for spec in ep.graph_signature.input_specs if spec.target is not None}
+    for opts in (sparse24, gpu_dense):
+        if opts is not None:
+            opts.setdefault("records", {})
+            opts["names"] = names
     # select-sparse-layout's choices, by the placeholder name the importer sees
     chosen = {arg: (layouts or {}).get(param) for arg, param in names.items() if param in (layouts or {})}
-    return _quant_converters(_lifted_tensors(ep), device == "cpu", sparse24, target, chosen)
+    return _quant_converters(_lifted_tensors(ep), device == "cpu", sparse24, target, chosen, gpu_dense)
 
 
-def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = None, target=None):
+def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = None, target=None,
+                   gpu_dense: dict | None = None):
     """Return a Relax IRModule whose `main` takes the graph's inputs in order, parameters bound as constants.
     device "cpu" uses graphopt's CPU kernels where they apply, shaped for `target` (a TVM llvm Target; default:
     this machine's CPU); "cuda" keeps plain Relax ops, and with `sparse24` (a dict: min_speedup, records filled
-    in) puts 2:4 weights on the sparse tensor-core kernel."""
+    in) puts 2:4 weights on the sparse tensor-core kernel, with `gpu_dense` (see `_quant_converters`) dense linears
+    on the dense one."""
     from tvm.relax.frontend.torch import from_exported_program
 
     import torch
@@ -682,7 +715,8 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
         ep = graph.to_exported_program().run_decompositions(table)
     try:
         mod = from_exported_program(ep, keep_params_as_input=False, custom_convert_map=_converters(ep, device, sparse24, target,
-                                                                                graph.meta.get("sparse_layout")),
+                                                                                graph.meta.get("sparse_layout"),
+                                                                                gpu_dense),
                                     run_ep_decomposition=False)
     except AssertionError as e:
         # the Relax importer asserts on ops it has no converter for; name the node for the user

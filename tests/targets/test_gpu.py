@@ -222,7 +222,8 @@ def test_cuda_sparse_puts_24_layers_on_mma_sp_and_keeps_the_rest_dense(tmp_path)
     from graphopt.targets.tvm.build import build_gpu_executable
     from graphopt.targets.tvm.gpu.fatbin import compile_ptx, cuda_sources
     g = head_graph(True)
-    ex, _tgt, _s, records = build_gpu_executable(g, "cuda-sparse", ["sm_80"], "fp16", None, sparse_min_speedup=1.0)
+    ex, _tgt, _s, records, _tc = build_gpu_executable(g, "cuda-sparse", ["sm_80"], "fp16", None,
+                                                      sparse_min_speedup=1.0)
     choice = {name: r["choice"] for name, r in records.items()}
     # pw (64x32 1x1 conv) and fc1 (128x64) are 2:4; the stem is no pointwise conv; fc2 (10 rows) misfits the tile
     assert sorted(n for n, c in choice.items() if c == "sp24") == ["fc1_weight", "pw_weight"], choice
@@ -231,7 +232,7 @@ def test_cuda_sparse_puts_24_layers_on_mma_sp_and_keeps_the_rest_dense(tmp_path)
     ptx = compile_ptx(src, "sm_80", tmp_path)
     assert ptx.count("mma.sp.sync") >= 2
     # the cost table decides by size when nothing was measured: these layers are too small to gain
-    _, _, _, records = build_gpu_executable(g, "cuda-sparse", ["sm_80"], "fp16", None)
+    _, _, _, records, _ = build_gpu_executable(g, "cuda-sparse", ["sm_80"], "fp16", None)
     assert all(r["choice"] == "dense" for r in records.values())
     assert "estimated" in records["fc1_weight"]["source"]
 
@@ -276,6 +277,28 @@ def test_tiled_sparse_kernel_stages_activations_in_shared_memory(tmp_path, fmt):
 
 
 @needs_nvcc
+def test_cuda_puts_linears_that_fit_the_tile_on_the_dense_tensor_core_kernel(tmp_path):
+    from graphopt.targets.tvm.build import build_gpu_executable
+    from graphopt.targets.tvm.gpu.fatbin import compile_ptx, cuda_sources
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)).eval()
+    g = graphopt.trace(m, (torch.randn(24, 64),))
+    ex, _, _, _, tc = build_gpu_executable(g, "cuda", ["sm_90"], "fp16")
+    # 64 -> 128 fits the tile; the 10-row classifier does not (rows % 16) and stays on dlight
+    assert [r["shape"] for r in tc.values()] == [[24, 64, 128]] and all(r["format"] == "f16" for r in tc.values())
+    ptx = compile_ptx("\n".join(cuda_sources(ex.mod)), "sm_90", tmp_path)
+    assert sp.DENSE_FORMATS["f16"].ptx in ptx
+    # fp32 builds keep float linears in fp32 (dlight); int8 linears take the int8 kernel at any precision
+    _, _, _, _, tc32 = build_gpu_executable(g, "cuda", ["sm_90"], "fp32")
+    assert tc32 == {}
+    q = graphopt.optimize(g, "quantize,fold-qdq", data=[(torch.randn(24, 64),) for _ in range(4)])
+    ex, _, _, _, tc8 = build_gpu_executable(q, "cuda", ["sm_90"], "fp32")
+    assert [r["format"] for r in tc8.values()] == ["s8"]
+    ptx = compile_ptx("\n".join(cuda_sources(ex.mod)), "sm_90", tmp_path)
+    assert sp.DENSE_FORMATS["s8"].ptx in ptx
+
+
+@needs_nvcc
 def test_int8_24_linears_take_the_int8_sparse_kernel(tmp_path):
     from graphopt.targets.tvm.build import build_gpu_executable
     from graphopt.targets.tvm.gpu.fatbin import compile_ptx, cuda_sources
@@ -285,7 +308,7 @@ def test_int8_24_linears_take_the_int8_sparse_kernel(tmp_path):
         layer.weight.data = mask_24(layer.weight.data)
     g = graphopt.trace(m, (torch.randn(24, 64),))
     q = graphopt.optimize(g, "quantize,fold-qdq", data=[(torch.randn(24, 64),) for _ in range(4)])
-    ex, _, _, records = build_gpu_executable(q, "cuda-sparse", ["sm_90"], "fp16", None, sparse_min_speedup=1.0)
+    ex, _, _, records, _ = build_gpu_executable(q, "cuda-sparse", ["sm_90"], "fp16", None, sparse_min_speedup=1.0)
     assert [r["choice"] for r in records.values()] == ["sp24", "sp24"]
     assert all(r["dtype"] == "int8 x int8 -> int32" for r in records.values())
     ptx = compile_ptx("\n".join(cuda_sources(ex.mod)), "sm_90", tmp_path)
@@ -427,8 +450,8 @@ def test_cuda_artifact_matches_the_graph_on_the_gpu(tmp_path, target):
 class Mlp(nn.Module):
     def __init__(self):
         super().__init__()
-        self.big = nn.Linear(512, 512)
-        self.small = nn.Linear(512, 16)
+        self.big = nn.Linear(1024, 2048)
+        self.small = nn.Linear(2048, 16)
 
     def forward(self, x):
         return self.small(torch.relu(self.big(x)))
@@ -438,24 +461,28 @@ def test_select_sparse_layout_for_cuda_uses_the_cost_table_without_a_gpu(tmp_pat
     from graphopt.targets.tvm.gpu import cost
     monkeypatch.setattr("graphopt.targets.tvm.gpu.device.cuda_available", lambda: False)
     torch.manual_seed(0)
-    g = graphopt.trace(Mlp().eval(), (torch.randn(64, 512),))
+    g = graphopt.trace(Mlp().eval(), (torch.randn(2048, 1024),))
     g = graphopt.optimize(g, "sparsify-nm{n=2 m=4}")
-    out = graphopt.optimize(g, "select-sparse-layout{candidates=dense,sp24}", target="cuda")
+    out = graphopt.optimize(g, "select-sparse-layout{candidates=dense,sp24 min-speedup=1.05}", target="cuda")
     recs = out.meta["sparse_layout"]
     big, small = recs["big_weight"], recs["small_weight"]
-    # 64x512x512 = 16.8M MACs: the table's middle row (1.15x >= 1.1); 64x512x16 is too small to gain
+    # 2048x1024x2048 = 4.3G MACs: the table's 1.08x row (>= 1.05); 2048x2048x16 is launch-bound, no gain
     assert big["choice"] == "sp24" and small["choice"] == "dense"
     assert big["timing_source"].startswith("estimated") and big["timings_us"]["sp24"] < big["timings_us"]["dense"]
-    x = torch.randn(64, 512)
+    assert sp.estimated_speedup(64, 512, 512) == 1.0 and sp.estimated_speedup(8192, 8192, 8192) == 1.43
+    x = torch.randn(2048, 1024)
     torch.testing.assert_close(out.run(x)[0], g.run(x)[0])  # a decision, not a rewrite: numerics unchanged
     assert isinstance(cost.CudaCostOracle().measure("linear", (64, 512, 512), "dense"), float)
+    # the default min-speedup (1.1) keeps a 1.08x layer dense
+    default = graphopt.optimize(g, "select-sparse-layout{candidates=dense,sp24}", target="cuda")
+    assert default.meta["sparse_layout"]["big_weight"]["choice"] == "dense"
     with pytest.raises(graphopt.GraphoptError, match="candidates are dense and sp24"):
         graphopt.optimize(g, "select-sparse-layout{candidates=dense,csr}", target="cuda")
     with pytest.raises(graphopt.GraphoptError, match="target='cuda'"):
         graphopt.optimize(g, "select-sparse-layout{candidates=dense,sp24}", target="llvm")
     if shutil.which("nvcc") or __import__("os").path.exists("/usr/local/cuda/bin/nvcc"):
         from graphopt.targets.artifact import read_manifest
-        art = graphopt.compile(out, "cuda-sparse", output=tmp_path / "a", cuda_arch="sm_90")
+        art = graphopt.compile(out, "cuda-sparse", output=tmp_path / "a", cuda_arch="sm_90", sparse_min_speedup=1.05)
         rec = read_manifest(art)["target_info"]["sparse_kernels"]
         assert rec["big_weight"]["choice"] == "sp24" and "select-sparse-layout, estimated" in rec["big_weight"]["source"]
         assert rec["small_weight"]["choice"] == "dense"
