@@ -31,9 +31,11 @@ GEMMS = [("minilm qkv/out 128x384x384", 128, 384, 384), ("minilm ffn-up 128x384x
          ("mnv2 pw 28x28 32->192", 784, 32, 192), ("mnv2 pw 14x14 384->64", 196, 384, 64),
          ("mnv2 pw 7x7 960->320", 49, 960, 320), ("mnv2 pw 7x7 320->1280", 49, 320, 1280),
          ("large 2048^3", 2048, 2048, 2048), ("large 4096^3", 4096, 4096, 4096), ("large 8192^3", 8192, 8192, 8192)]
-# tile shapes (row tiles per warp, column tiles per warp, row warps, column warps) tried on the large GEMMs besides the
-# default (2, 4, 4, 2): 128 x 128 blocks with more reuse of each weight (2, 8, 4, 2) or activation (4, 4, 2, 4) register
-TILE_VARIANTS = [(2, 8, 4, 2), (4, 4, 2, 4), (4, 8, 4, 2)]
+# tile shapes (row tiles per warp, column tiles per warp, row warps, column warps[, pipelined]) tried besides the
+# default (2, 4, 4, 2): on every GEMM the pipelined default; on the large ones also 128 x 128 blocks with more reuse
+# of each weight (2, 8, 4, 2) or activation (4, 4, 2, 4) register, and the pipelined 128 x 128
+TILE_VARIANTS_SMALL = [(2, 4, 4, 2, 1)]
+TILE_VARIANTS = [(2, 8, 4, 2), (4, 4, 2, 4), (2, 4, 4, 2, 1), (2, 8, 4, 2, 1)]
 # (name, c_in, c_out, size, kernel, stride, groups)
 CONVS = [("mnv2 stem 3->32 3x3/2 224", 3, 32, 224, 3, 2, 1), ("mnv2 dw 144 3x3 56", 144, 144, 56, 3, 1, 144),
          ("mnv2 pw 56x56 24->144", 24, 144, 56, 1, 1, 1), ("mnv2 pw 14x14 384->64", 384, 64, 14, 1, 1, 1)]
@@ -97,7 +99,7 @@ def build_kernels(arch: str, out: Path) -> list[dict]:
                   sparse_body)
         # graphopt's own dense tensor-core kernels (the 2:4 kernel's design on mma.sync), default tiles and, on the
         # large GEMMs, the other tile shapes worth measuring
-        variants = [None] + (TILE_VARIANTS if m >= 2048 else [])
+        variants = [None] + (TILE_VARIANTS if m >= 2048 else TILE_VARIANTS_SMALL)
         for tiles in variants:
             for kind, fmt, xdtype, ydtype in (("dense16t", "f16", "float16", "float32"),
                                               ("int8t", "s8", "int8", "int32")):
@@ -111,6 +113,8 @@ def build_kernels(arch: str, out: Path) -> list[dict]:
                 for kind, fmt, xdtype, ydtype in (("sp24t", "f16", "float16", "float32"),
                                                   ("sp24ts8", "s8", "int8", "int32")):
                     tk = FORMATS[fmt].tile_k
+                    if n % 16 or k % tk:
+                        continue
                     build(name, kind, (m, k, n), [("x", (m, k), xdtype), ("wv", (n // 16, k // tk, 32, 4), "uint32"),
                                                   ("wm", (n // 16, k // tk, 32), "uint32"), ("b", (n,), "float32")],
                           call(sp24_kernel_tiled(m, k, n, False, fmt, tiles), "sp24", ydtype, m, n), tiles)

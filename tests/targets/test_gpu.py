@@ -161,7 +161,7 @@ def test_tile_shapes_that_do_not_stage_evenly_are_refused():
 
 
 @needs_nvcc
-@pytest.mark.parametrize("fmt,tiles", [("f16", None), ("s8", None), ("bf16", (2, 8, 4, 2))])
+@pytest.mark.parametrize("fmt,tiles", [("f16", None), ("s8", None), ("bf16", (2, 8, 4, 2)), ("s8", (2, 8, 4, 2, 1))])
 def test_dense_tensor_core_kernel_compiles_to_mma_sync_with_shared_staging(tmp_path, fmt, tiles):
     import tvm
 
@@ -173,8 +173,11 @@ def test_dense_tensor_core_kernel_compiles_to_mma_sync_with_shared_staging(tmp_p
     src = lib.mod.imports[0].inspect_source()
     assert "__shared__" in src and "__syncthreads()" in src
     ptx = compile_ptx(src, "sm_90", tmp_path)
-    mt, j = (tiles or sp.DEFAULT_TILES)[:2]
+    mt, j, _wn, wc = (tiles or sp.DEFAULT_TILES)[:4]
     assert ptx.count(f.ptx) >= 2 * mt * j and "mma.sp" not in ptx  # two dense steps per stage, every tile pair
+    # the staged tile: 16 words per column (+4 padding) for the block's columns; twice that when pipelined
+    words = wc * j * 8 * 20
+    assert f"sb_ptr[{2 * words if tiles and len(tiles) > 4 else words}]" in src
 
 
 def test_24_packing_refuses_dense_weights():

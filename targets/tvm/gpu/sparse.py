@@ -467,9 +467,10 @@ DEFAULT_TILES = (M_TILES_PER_WARP, COLS_PER_WARP, TILED_WARPS_N, TILED_WARPS_C)
 
 
 def tiles_fit(tiles: tuple) -> str:
-    """'' when (row tiles per warp, column tiles per warp, row warps, column warps) stage evenly; else why not."""
-    mt, j, wn, wc = tiles
-    if min(tiles) < 1 or wn * wc > 32 or (4 * j) % wn or ((4 * j) // wn) % 4:
+    """'' when (row tiles per warp, column tiles per warp, row warps, column warps[, pipelined]) stage evenly; else
+    why not."""
+    mt, j, wn, wc = tiles[:4]
+    if min(tiles[:4]) < 1 or wn * wc > 32 or (4 * j) % wn or ((4 * j) // wn) % 4:
         return (f"tiles {tiles}: each thread must stage a whole number of 16-byte words (4 j / wn a multiple of 4) "
                 "with at most 32 warps")
     return ""
@@ -478,8 +479,10 @@ def tiles_fit(tiles: tuple) -> str:
 def tc_kernel_tiled(cols: int, k: int, n: int, bias: bool, fmt: str, sparse: bool, tiles: tuple | None = None):
     """PrimFunc of the shared-memory tensor-core linear: sparse (x, values, metadata, bias) -> y on mma.sp, or dense
     (x, values, bias) -> y on mma.sync. tiles = (row tiles of 16 per warp, column tiles of 8 per warp, warps along
-    rows, warps along columns). Every stage over k moves 16 words of each of the block's columns into shared memory
-    (tid-contiguous 16-byte loads) and runs one sparse or two dense instructions per (row tile, column tile)."""
+    rows, warps along columns[, pipelined]). Every stage over k moves 16 words of each of the block's columns into
+    shared memory (tid-contiguous 16-byte loads) and runs one sparse or two dense instructions per (row tile, column
+    tile). Pipelined: two shared buffers, and the next stage's activations and weight registers are loaded while
+    this stage's instructions run (one barrier per stage)."""
     import tvm.backend.cuda  # noqa: F401  (registers T.ptx)
     from tvm.script import tirx as T
 
@@ -488,7 +491,8 @@ def tc_kernel_tiled(cols: int, k: int, n: int, bias: bool, fmt: str, sparse: boo
     why = tiles_fit(tiles)
     if why:
         raise TargetError(why)
-    MT, J, wn_, wc_ = tiles
+    MT, J, wn_, wc_ = tiles[:4]
+    pipe = len(tiles) > 4 and bool(tiles[4])
     e = f.per_reg
     ksub = 1 if sparse else 2  # instruction steps per stage
     stage_k = f.tile_k * ksub
@@ -575,6 +579,84 @@ def tc_kernel_tiled(cols: int, k: int, n: int, bias: bool, fmt: str, sparse: boo
                         if c < cols:
                             y[c, row] = result(acc[(m * J + j) * 4 + i], b[row])
 
+    @T.macro
+    def stage_x(xr, xw, by, tid, k0):
+        for it in T.unroll(per_thread // 4):
+            for v in T.vectorized(4):
+                xr[it * 4 + v] = T.if_then_else(
+                    by * bcols + (tid * per_thread + it * 4) // words < cols,
+                    xw[T.min(by * bcols + (tid * per_thread + it * 4) // words, cols - 1),
+                       k0 * words + (tid * per_thread + it * 4) % words + v], T.uint32(0))
+
+    @T.macro
+    def store_x(sb, xr, tid, half):
+        for it in T.unroll(per_thread // 4):
+            for v in T.vectorized(4):
+                sb[half * (bcols * stride) + (tid * per_thread + it * 4) // words * stride
+                   + (tid * per_thread + it * 4) % words + v] = xr[it * 4 + v]
+
+    @T.macro
+    def load_w(a, meta, wv, wm, first, k0, lane):
+        for m in T.unroll(MT):
+            if first + m < nt:
+                for s in T.unroll(ksub):
+                    for r in T.vectorized(4):
+                        a[(m * ksub + s) * 4 + r] = wv[first + m, k0 * ksub + s, lane, r]
+                if sparse:
+                    meta[m] = wm[first + m, k0, lane]
+
+    @T.macro
+    def pipelined_loop(xb, wv, wm, b, y, bx, by, lane, warp):
+        sb = T.alloc_buffer((2 * bcols * stride,), "uint32", scope="shared")
+        acc = T.alloc_buffer((MT * J * 4,), reg_acc, scope="local")
+        a = T.alloc_buffer((MT * ksub * 4,), "uint32", scope="local")
+        an = T.alloc_buffer((MT * ksub * 4,), "uint32", scope="local")
+        meta = T.alloc_buffer((MT,), "uint32", scope="local")
+        mn = T.alloc_buffer((MT,), "uint32", scope="local")
+        bf = T.alloc_buffer((J * 4,), "uint32", scope="local")
+        xr = T.alloc_buffer((per_thread,), "uint32", scope="local")
+        xw = xb.view("uint32")
+        first = bx * rows_tiles + (warp % wn_) * MT
+        col0 = by * bcols + (warp // wn_) * (J * TILE_N)
+        tid = warp * 32 + lane
+        for i in T.unroll(MT * J * 4):
+            acc[i] = T.Cast(reg_acc, 0)
+        stage_x(xr, xw, by, tid, 0)
+        store_x(sb, xr, tid, 0)
+        load_w(a, meta, wv, wm, first, 0, lane)
+        T.tvm_storage_sync("shared")
+        for k0 in range(ks):
+            if k0 + 1 < ks:  # next stage's loads in flight while this stage computes
+                stage_x(xr, xw, by, tid, k0 + 1)
+                load_w(an, mn, wv, wm, first, k0 + 1, lane)
+            for j in T.unroll(J):
+                for s in T.unroll(ksub):
+                    for r in T.unroll(bregs):
+                        bf[(j * ksub + s) * bregs + r] = sb[
+                            (k0 % 2) * (bcols * stride)
+                            + ((warp // wn_) * (J * TILE_N) + j * TILE_N + b_coords(lane, r, e)[1]) * stride
+                            + s * (f.tile_k // e) + b_coords(lane, r, e)[0] // e]
+            for m in T.unroll(MT):
+                if first + m < nt:
+                    for j in T.unroll(J):
+                        for s in T.unroll(ksub):
+                            mma(acc, a, bf, meta, m, j, s)
+            if k0 + 1 < ks:
+                store_x(sb, xr, tid, (k0 + 1) % 2)
+                for i in T.unroll(MT * ksub * 4):
+                    a[i] = an[i]
+                for i in T.unroll(MT):
+                    meta[i] = mn[i]
+            T.tvm_storage_sync("shared")
+        for m in T.unroll(MT):
+            if first + m < nt:
+                for j in T.unroll(J):
+                    for i in T.unroll(4):
+                        row = (first + m) * TILE_M + c_coords(lane, i)[0]
+                        c = col0 + j * TILE_N + c_coords(lane, i)[1]
+                        if c < cols:
+                            y[c, row] = result(acc[(m * J + j) * 4 + i], b[row])
+
     if sparse:
         @T.prim_func(private=True)
         def kernel(xb: T.Buffer((cols, k), xdtype), wv: T.Buffer((nt, kt, 32, 4), "uint32"),
@@ -585,7 +667,10 @@ def tc_kernel_tiled(cols: int, k: int, n: int, bias: bool, fmt: str, sparse: boo
             by = T.launch_thread("blockIdx.y", grid_c)
             lane = T.launch_thread("threadIdx.x", 32)
             warp = T.launch_thread("threadIdx.y", wn_ * wc_)
-            main_loop(xb, wv, wm, b, y, bx, by, lane, warp)
+            if pipe:
+                pipelined_loop(xb, wv, wm, b, y, bx, by, lane, warp)
+            else:
+                main_loop(xb, wv, wm, b, y, bx, by, lane, warp)
         return kernel
 
     @T.prim_func(private=True)
@@ -596,7 +681,10 @@ def tc_kernel_tiled(cols: int, k: int, n: int, bias: bool, fmt: str, sparse: boo
         by = T.launch_thread("blockIdx.y", grid_c)
         lane = T.launch_thread("threadIdx.x", 32)
         warp = T.launch_thread("threadIdx.y", wn_ * wc_)
-        main_loop(xb, wv, None, b, y, bx, by, lane, warp)
+        if pipe:
+            pipelined_loop(xb, wv, None, b, y, bx, by, lane, warp)
+        else:
+            main_loop(xb, wv, None, b, y, bx, by, lane, warp)
     return dense_kernel
 
 
