@@ -118,6 +118,11 @@ def gpu_build_report(artifact: Path) -> str:
         for name, r in sparse.items():
             lines.append(f"    {name:<32} {'x'.join(str(d) for d in r.get('shape', [])):<16} "
                          f"{r.get('decision') or 'dense: ' + r.get('reason', '')}")
+    tc = t.get("tensor_core_linears") or {}
+    if tc:
+        fmts = sorted({r.get("format", "?") for r in tc.values()})
+        lines.append(f"  dense      {len(tc)} linear(s) on graphopt's dense tensor-core kernel (mma.sync, "
+                     f"{'/'.join(fmts)}); other convs and matmuls on dlight's schedules")
     lines.append("  measure    no timing here: run `graphopt run` or benchmarks/gpu_check.sh on the GPU machine "
                  "(the artifact needs the TVM runtime and a driver there, no compiler)")
     return "\n".join(lines) + "\n"

@@ -291,6 +291,9 @@ def test_cuda_puts_linears_that_fit_the_tile_on_the_dense_tensor_core_kernel(tmp
     assert [r["shape"] for r in tc.values()] == [[24, 64, 128]] and all(r["format"] == "f16" for r in tc.values())
     ptx = compile_ptx("\n".join(cuda_sources(ex.mod)), "sm_90", tmp_path)
     assert sp.DENSE_FORMATS["f16"].ptx in ptx
+    from graphopt.report import gpu_build_report
+    art = graphopt.compile(g, "cuda", output=tmp_path / "a", cuda_arch="sm_90")
+    assert "1 linear(s) on graphopt's dense tensor-core kernel (mma.sync, f16)" in gpu_build_report(art)
     # fp32 builds keep float linears in fp32 (dlight); int8 linears take the int8 kernel at any precision
     _, _, _, _, tc32 = build_gpu_executable(g, "cuda", ["sm_90"], "fp32")
     assert tc32 == {}
