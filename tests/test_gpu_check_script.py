@@ -36,6 +36,11 @@ class FakeVM:
             x, w = a
             y = x.astype(np.float64) @ w.astype(np.float64).T
             return tvm.runtime.tensor(y.astype(np.int32 if self.kind == "int8" else np.float32))
+        if self.kind in ("dense16t", "int8t"):  # graphopt's dense tensor-core kernel: x, packed weight, bias
+            from graphopt.targets.tvm.gpu.sparse import unpack_dense_fragments
+            fmt = "s8" if self.kind == "int8t" else "f16"
+            y = a[0].astype(np.float64) @ unpack_dense_fragments(a[1], fmt).astype(np.float64).T
+            return tvm.runtime.tensor(y.astype(np.int32 if fmt == "s8" else np.float32))
         if self.kind.startswith("sp24"):
             fmt = "s8" if self.kind.endswith("s8") else "f16"
             w = unpack_fragments(a[1], a[2], fmt).astype(np.float64)
@@ -76,7 +81,9 @@ def test_gpu_check_glue_against_a_fake_gpu(tmp_path, monkeypatch):
     data = tmp_path / "data"
     (data / "kernels").mkdir(parents=True)
     kernels = [{"name": "minilm 128x384x384", "kind": k, "shape": [32, 128, 48], "file": f"{k}_{i}.so"}
-               for i, k in enumerate(["dense16", "int8", "sp24", "sp24s8", "sp24t", "sp24ts8"])]
+               for i, k in enumerate(["dense16", "int8", "sp24", "sp24s8", "sp24t", "sp24ts8", "dense16t", "int8t"])]
+    kernels += [{"name": "minilm 128x384x384", "kind": k, "shape": [32, 128, 48], "file": f"{k}_{i}.so",
+                 "tiles": [2, 8, 4, 2]} for i, k in ((10, "sp24t"), (11, "dense16t"))]
     kernels.append({"name": "mnv2 stem 3->32 3x3/2", "kind": "conv16", "shape": [3, 8, 16, 3, 2, 1],
                     "file": "conv16_6.so"})
     (data / "kernels" / "index.json").write_text(json.dumps({"arch": "sm_90", "kernels": kernels}))
@@ -112,3 +119,9 @@ def test_gpu_check_glue_against_a_fake_gpu(tmp_path, monkeypatch):
     assert all(r["ok"] for r in recs.values()), recs
     assert recs["int8"]["max_rel_err"] == 0 and recs["sp24ts8"]["max_rel_err"] == 0
     assert recs["sp24"]["speedup_vs_dense"] == pytest.approx(1.0) and recs["sp24s8"]["speedup_vs_dense"] > 0
+    # graphopt's dense kernels: exact int8, and the 2:4 kernels compared with them on the same tiles
+    assert recs["int8t"]["max_rel_err"] == 0 and recs["dense16t"]["ok"]
+    tiled = [r for r in report["kernels"] if r.get("tiles")]
+    assert len(tiled) == 2 and all(r["ok"] for r in tiled)
+    assert [r["speedup_vs_dense_tiled"] for r in tiled if r["kind"] == "sp24t"] == [pytest.approx(1.0)]
+    assert recs["sp24ts8"]["meta_layouts_exact"] == {"rows-inner": True, "rows-outer": False, "pairs": False}
