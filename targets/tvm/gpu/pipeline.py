@@ -101,12 +101,59 @@ def half_compute(dtype: str = "float16"):
     return _pass
 
 
+@relax.expr_functor.mutator
+class _BoolAsInt8(relax.PyExprMutator):
+    """Bool tensors cross kernel boundaries as int8: TVM 0.27's CUDA codegen loads a vector of bools as `ushort2`
+    (two bytes a bool: wrong data) and applies `!` to it, which nvcc rejects; it broke the int8 MiniLM's fused
+    attention-scores kernel, whose mask is a bool tensor six layers read. Every op reading a bool variable reads
+    an int8 copy instead (made once, fused into the bool's producer) and compares it with 0 in registers;
+    logical_not reads it as `== 0`."""
+
+    def __init__(self, mod=None):
+        super().__init__(mod)
+        self.copies: dict = {}
+
+    def _int8(self, var):
+        key = var.id_ if hasattr(var, "id_") else var
+        if key not in self.copies:
+            self.copies[key] = self.builder_.emit(relax.op.astype(var, "int8"))
+        return self.copies[key]
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if not isinstance(call.op, tvm.ir.Op):
+            return call
+
+        def is_bool_var(a):
+            return isinstance(a, relax.Var) and getattr(a.ty, "dtype", None) == "bool" \
+                and getattr(a.ty, "ndim", 0) > 0
+        if not any(is_bool_var(a) for a in call.args):
+            return call
+        zero = relax.const(0, "int8")
+        if call.op.name == "relax.logical_not":
+            return relax.op.equal(self._int8(call.args[0]), zero)
+        args = [relax.op.not_equal(self._int8(a), zero) if is_bool_var(a) else a for a in call.args]
+        return relax.Call(call.op, args, call.attrs, call.ty_args, call.span)
+
+
+def bool_as_int8():
+    @tvm.transform.module_pass(opt_level=0, name="GraphoptBoolAsInt8")
+    def _pass(mod, _ctx):
+        for gv, func in list(mod.functions.items()):
+            if isinstance(func, relax.Function):
+                mod[gv] = _BoolAsInt8(mod).visit_expr(func)
+        return mod
+
+    return _pass
+
+
 def fuse_for_cuda(mod, target, precision: str = "fp16"):
     """The pipeline's first half: half-width compute, legalize, fuse. Tuning extracts its tasks from exactly this,
     so the database's workloads match the build's."""
     with target:
         if precision in ("fp16", "bf16"):
             mod = half_compute("float16" if precision == "fp16" else "bfloat16")(mod)
+        mod = bool_as_int8()(mod)
         passes = list(cuda_generic.library_dispatch_passes(target))
         passes += [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
                    relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
