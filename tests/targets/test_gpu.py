@@ -524,3 +524,45 @@ def test_an_nvcc_failure_names_the_archs_and_keeps_the_source(tmp_path):
         compile_fatbin("this is not CUDA;", ["sm_90"], tmp_path)
     kept = Path(str(e.value).split("source kept at ")[1].split(")")[0])
     assert kept.read_text() == "this is not CUDA;" and tmp_path not in kept.parents
+
+
+def test_bool_tensors_cross_kernels_as_int8_and_keep_their_meaning():
+    """TVM 0.27's CUDA codegen loads bool vectors as ushort2 (and nvcc rejects its `!` on them), which broke the int8
+    MiniLM's attention kernel, whose bool mask several fused matmul kernels read: the cuda pipeline makes them read
+    an int8 copy. Checked here: after the pipeline's fusion no kernel takes a bool tensor (without the rewrite one
+    does), and the outputs are unchanged (run on the CPU)."""
+    import tvm
+    from tvm import relax, tirx
+
+    from graphopt.targets.tvm.gpu import pipeline
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((8, 8), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            # a row mask made by a reduction kernel, read by two matmul kernels' epilogues
+            mask = bb.emit(relax.op.greater(relax.op.sum(x, axis=[1], keepdims=True), relax.const(0.0)))
+            a = bb.emit(relax.op.where(mask, bb.emit(relax.op.matmul(x, x)), relax.const(-1.0)))
+            nm = bb.emit(relax.op.logical_not(mask))
+            b = bb.emit(relax.op.where(nm, bb.emit(relax.op.matmul(x, relax.op.permute_dims(x))), relax.const(0.0)))
+            out = bb.emit_output(relax.op.matmul(a, b))  # both epilogues end their kernels
+        bb.emit_func_output(out)
+    mod = bb.get()
+
+    def bool_params(m):  # kernels with a bool tensor parameter (read off their signatures)
+        return [gv.name_hint for gv, f in m.functions.items() if isinstance(f, tirx.PrimFunc)
+                and '"bool")' in next(ln for ln in f.script().splitlines() if ln.lstrip().startswith("def "))]
+    tgt = pipeline.cuda_target("sm_90")
+    assert bool_params(pipeline.fuse_for_cuda(mod, tgt, "fp32")) == []
+    with tgt:
+        plain = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                                          relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
+    assert bool_params(plain), "the example must make a kernel read a bool tensor without the rewrite"
+    xin = np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32)
+    outs = []
+    for m in (mod, pipeline.bool_as_int8()(mod)):
+        ex = relax.build(m, target="llvm")
+        outs.append(relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(xin)).numpy())
+    np.testing.assert_array_equal(outs[0], outs[1])
+    rows = xin.sum(1, keepdims=True) > 0
+    np.testing.assert_allclose(outs[1], np.where(rows, xin @ xin, -1) @ np.where(rows, 0, xin @ xin.T),
+                               rtol=1e-4, atol=1e-4)

@@ -93,6 +93,7 @@ def half_compute(dtype: str = "float16"):
 
     @tvm.transform.module_pass(opt_level=0, name="GraphoptHalfCompute")
     def _pass(mod, _ctx):
+        mod = mod.clone()  # the caller's module stays as it was (tuning and the build each run this)
         for gv, func in list(mod.functions.items()):
             if isinstance(func, relax.Function):
                 mod[gv] = _HalfCompute(dtype).visit_expr(func)
@@ -139,6 +140,7 @@ class _BoolAsInt8(relax.PyExprMutator):
 def bool_as_int8():
     @tvm.transform.module_pass(opt_level=0, name="GraphoptBoolAsInt8")
     def _pass(mod, _ctx):
+        mod = mod.clone()
         for gv, func in list(mod.functions.items()):
             if isinstance(func, relax.Function):
                 mod[gv] = _BoolAsInt8(mod).visit_expr(func)
