@@ -529,58 +529,8 @@ def tc_kernel_tiled(cols: int, k: int, n: int, bias: bool, fmt: str, sparse: boo
                             bf[br], bf[br + 1], acc[q], acc[q + 1], acc[q + 2], acc[q + 3])
 
     @T.macro
-    def main_loop(xb, wv, wm, b, y, bx, by, lane, warp):
-        sb = T.alloc_buffer((bcols * stride,), "uint32", scope="shared")
-        acc = T.alloc_buffer((MT * J * 4,), reg_acc, scope="local")
-        a = T.alloc_buffer((MT * ksub * 4,), "uint32", scope="local")
-        meta = T.alloc_buffer((MT,), "uint32", scope="local")
-        bf = T.alloc_buffer((J * 4,), "uint32", scope="local")
-        xw = xb.view("uint32")
-        first = bx * rows_tiles + (warp % wn_) * MT
-        col0 = by * bcols + (warp // wn_) * (J * TILE_N)
-        tid = warp * 32 + lane
-        for i in T.unroll(MT * J * 4):
-            acc[i] = T.Cast(reg_acc, 0)
-        for k0 in range(ks):
-            # stage the block's activation tile: thread tid loads per_thread consecutive words of one column
-            for it in T.unroll(per_thread // 4):
-                for v in T.vectorized(4):
-                    sb[(tid * per_thread + it * 4) // words * stride + (tid * per_thread + it * 4) % words + v] = \
-                        T.if_then_else(
-                            by * bcols + (tid * per_thread + it * 4) // words < cols,
-                            xw[T.min(by * bcols + (tid * per_thread + it * 4) // words, cols - 1),
-                               k0 * words + (tid * per_thread + it * 4) % words + v], T.uint32(0))
-            T.tvm_storage_sync("shared")
-            for m in T.unroll(MT):
-                if first + m < nt:
-                    for s in T.unroll(ksub):
-                        for r in T.vectorized(4):
-                            a[(m * ksub + s) * 4 + r] = wv[first + m, k0 * ksub + s, lane, r]
-                    if sparse:
-                        meta[m] = wm[first + m, k0, lane]
-            for j in T.unroll(J):
-                for s in T.unroll(ksub):
-                    for r in T.unroll(bregs):
-                        bf[(j * ksub + s) * bregs + r] = sb[
-                            ((warp // wn_) * (J * TILE_N) + j * TILE_N + b_coords(lane, r, e)[1]) * stride
-                            + s * (f.tile_k // e) + b_coords(lane, r, e)[0] // e]
-            for m in T.unroll(MT):
-                if first + m < nt:
-                    for j in T.unroll(J):
-                        for s in T.unroll(ksub):
-                            mma(acc, a, bf, meta, m, j, s)
-            T.tvm_storage_sync("shared")
-        for m in T.unroll(MT):
-            if first + m < nt:
-                for j in T.unroll(J):
-                    for i in T.unroll(4):
-                        row = (first + m) * TILE_M + c_coords(lane, i)[0]
-                        c = col0 + j * TILE_N + c_coords(lane, i)[1]
-                        if c < cols:
-                            y[c, row] = result(acc[(m * J + j) * 4 + i], b[row])
-
-    @T.macro
     def stage_x(xr, xw, by, tid, k0):
+        """This thread's per_thread words of the block's activation tile for stage k0 into registers xr."""
         for it in T.unroll(per_thread // 4):
             for v in T.vectorized(4):
                 xr[it * 4 + v] = T.if_then_else(
@@ -606,48 +556,23 @@ def tc_kernel_tiled(cols: int, k: int, n: int, bias: bool, fmt: str, sparse: boo
                     meta[m] = wm[first + m, k0, lane]
 
     @T.macro
-    def pipelined_loop(xb, wv, wm, b, y, bx, by, lane, warp):
-        sb = T.alloc_buffer((2 * bcols * stride,), "uint32", scope="shared")
-        acc = T.alloc_buffer((MT * J * 4,), reg_acc, scope="local")
-        a = T.alloc_buffer((MT * ksub * 4,), "uint32", scope="local")
-        an = T.alloc_buffer((MT * ksub * 4,), "uint32", scope="local")
-        meta = T.alloc_buffer((MT,), "uint32", scope="local")
-        mn = T.alloc_buffer((MT,), "uint32", scope="local")
-        bf = T.alloc_buffer((J * 4,), "uint32", scope="local")
-        xr = T.alloc_buffer((per_thread,), "uint32", scope="local")
-        xw = xb.view("uint32")
-        first = bx * rows_tiles + (warp % wn_) * MT
-        col0 = by * bcols + (warp // wn_) * (J * TILE_N)
-        tid = warp * 32 + lane
-        for i in T.unroll(MT * J * 4):
-            acc[i] = T.Cast(reg_acc, 0)
-        stage_x(xr, xw, by, tid, 0)
-        store_x(sb, xr, tid, 0)
-        load_w(a, meta, wv, wm, first, 0, lane)
-        T.tvm_storage_sync("shared")
-        for k0 in range(ks):
-            if k0 + 1 < ks:  # next stage's loads in flight while this stage computes
-                stage_x(xr, xw, by, tid, k0 + 1)
-                load_w(an, mn, wv, wm, first, k0 + 1, lane)
-            for j in T.unroll(J):
-                for s in T.unroll(ksub):
-                    for r in T.unroll(bregs):
-                        bf[(j * ksub + s) * bregs + r] = sb[
-                            (k0 % 2) * (bcols * stride)
-                            + ((warp // wn_) * (J * TILE_N) + j * TILE_N + b_coords(lane, r, e)[1]) * stride
-                            + s * (f.tile_k // e) + b_coords(lane, r, e)[0] // e]
-            for m in T.unroll(MT):
-                if first + m < nt:
-                    for j in T.unroll(J):
-                        for s in T.unroll(ksub):
-                            mma(acc, a, bf, meta, m, j, s)
-            if k0 + 1 < ks:
-                store_x(sb, xr, tid, (k0 + 1) % 2)
-                for i in T.unroll(MT * ksub * 4):
-                    a[i] = an[i]
-                for i in T.unroll(MT):
-                    meta[i] = mn[i]
-            T.tvm_storage_sync("shared")
+    def compute(sb, half, acc, a, bf, meta, first, lane, warp):
+        """B fragments of this warp's columns from shared buffer `half`, then every (row tile, column tile) step."""
+        for j in T.unroll(J):
+            for s in T.unroll(ksub):
+                for r in T.unroll(bregs):
+                    bf[(j * ksub + s) * bregs + r] = sb[
+                        half * (bcols * stride)
+                        + ((warp // wn_) * (J * TILE_N) + j * TILE_N + b_coords(lane, r, e)[1]) * stride
+                        + s * (f.tile_k // e) + b_coords(lane, r, e)[0] // e]
+        for m in T.unroll(MT):
+            if first + m < nt:
+                for j in T.unroll(J):
+                    for s in T.unroll(ksub):
+                        mma(acc, a, bf, meta, m, j, s)
+
+    @T.macro
+    def epilogue(acc, b, y, first, col0, lane):
         for m in T.unroll(MT):
             if first + m < nt:
                 for j in T.unroll(J):
@@ -657,34 +582,67 @@ def tc_kernel_tiled(cols: int, k: int, n: int, bias: bool, fmt: str, sparse: boo
                         if c < cols:
                             y[c, row] = result(acc[(m * J + j) * 4 + i], b[row])
 
+    @T.macro
+    def body(xb, wv, wm, b, y):
+        bx = T.launch_thread("blockIdx.x", grid_n)
+        by = T.launch_thread("blockIdx.y", grid_c)
+        lane = T.launch_thread("threadIdx.x", 32)
+        warp = T.launch_thread("threadIdx.y", wn_ * wc_)
+        sb = T.alloc_buffer(((2 if pipe else 1) * bcols * stride,), "uint32", scope="shared")
+        acc = T.alloc_buffer((MT * J * 4,), reg_acc, scope="local")
+        a = T.alloc_buffer((MT * ksub * 4,), "uint32", scope="local")
+        meta = T.alloc_buffer((MT,), "uint32", scope="local")
+        bf = T.alloc_buffer((J * 4,), "uint32", scope="local")
+        xr = T.alloc_buffer((per_thread,), "uint32", scope="local")
+        xw = xb.view("uint32")
+        first = bx * rows_tiles + (warp % wn_) * MT
+        col0 = by * bcols + (warp // wn_) * (J * TILE_N)
+        tid = warp * 32 + lane
+        for i in T.unroll(MT * J * 4):
+            acc[i] = T.Cast(reg_acc, 0)
+        if pipe:
+            an = T.alloc_buffer((MT * ksub * 4,), "uint32", scope="local")
+            mn = T.alloc_buffer((MT,), "uint32", scope="local")
+            stage_x(xr, xw, by, tid, 0)
+            store_x(sb, xr, tid, 0)
+            load_w(a, meta, wv, wm, first, 0, lane)
+            T.tvm_storage_sync("shared")
+            for k0 in range(ks):
+                if k0 + 1 < ks:  # next stage's loads in flight while this stage computes
+                    stage_x(xr, xw, by, tid, k0 + 1)
+                    load_w(an, mn, wv, wm, first, k0 + 1, lane)
+                compute(sb, k0 % 2, acc, a, bf, meta, first, lane, warp)
+                if k0 + 1 < ks:
+                    store_x(sb, xr, tid, (k0 + 1) % 2)
+                    for i in T.unroll(MT * ksub * 4):
+                        a[i] = an[i]
+                    for i in T.unroll(MT):
+                        meta[i] = mn[i]
+                T.tvm_storage_sync("shared")
+        else:
+            for k0 in range(ks):
+                stage_x(xr, xw, by, tid, k0)
+                store_x(sb, xr, tid, 0)
+                T.tvm_storage_sync("shared")
+                load_w(a, meta, wv, wm, first, k0, lane)
+                compute(sb, 0, acc, a, bf, meta, first, lane, warp)
+                T.tvm_storage_sync("shared")
+        epilogue(acc, b, y, first, col0, lane)
+
     if sparse:
         @T.prim_func(private=True)
         def kernel(xb: T.Buffer((cols, k), xdtype), wv: T.Buffer((nt, kt, 32, 4), "uint32"),
                    wm: T.Buffer((nt, kt, 32), "uint32"), b: T.Buffer((n,), "float32"),
                    y: T.Buffer((cols, n), f.acc)):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-            bx = T.launch_thread("blockIdx.x", grid_n)
-            by = T.launch_thread("blockIdx.y", grid_c)
-            lane = T.launch_thread("threadIdx.x", 32)
-            warp = T.launch_thread("threadIdx.y", wn_ * wc_)
-            if pipe:
-                pipelined_loop(xb, wv, wm, b, y, bx, by, lane, warp)
-            else:
-                main_loop(xb, wv, wm, b, y, bx, by, lane, warp)
+            body(xb, wv, wm, b, y)
         return kernel
 
     @T.prim_func(private=True)
     def dense_kernel(xb: T.Buffer((cols, k), xdtype), wv: T.Buffer((nt, kt, 32, 4), "uint32"),
                      b: T.Buffer((n,), "float32"), y: T.Buffer((cols, n), f.acc)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        bx = T.launch_thread("blockIdx.x", grid_n)
-        by = T.launch_thread("blockIdx.y", grid_c)
-        lane = T.launch_thread("threadIdx.x", 32)
-        warp = T.launch_thread("threadIdx.y", wn_ * wc_)
-        if pipe:
-            pipelined_loop(xb, wv, None, b, y, bx, by, lane, warp)
-        else:
-            main_loop(xb, wv, None, b, y, bx, by, lane, warp)
+        body(xb, wv, None, b, y)
     return dense_kernel
 
 
