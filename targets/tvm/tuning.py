@@ -225,8 +225,7 @@ def _tune_by_flops(ms, todo, work_dir, database, tuning: Tuning, summary: "Tunin
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
                 [todo[i]], work_dir, strategy=strategy, seed=tuning.seed, num_threads=1)
             state.update(task_trials=0, best=None, stale=0, stop="")
-            # MetaSchedule's logging config resets its logger to DEBUG each call; keep its console quiet
-            logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+            _quiet_ms_logger()
             try:
                 ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir,
                                    max_trials_global=alloc[i], num_trials_per_iter=per_iter,
@@ -301,6 +300,18 @@ def keep_faster_than_rules(database, tasks, target, summary: "TuningSummary"):
     return kept
 
 
+def _quiet_ms_logger() -> None:
+    """MetaSchedule's logging config resets its logger to DEBUG on every tuning call: keep its console quiet. It
+    also rebuilds the logger's config from its handlers' names and crashes ('NoneType' object has no attribute
+    'format') on a handler without one, which something in a long process (seen once in the full test run) can
+    leave on it: such handlers are dropped (MetaSchedule adds its own, named, again)."""
+    ms_log = logging.getLogger("tvm.s_tir.meta_schedule")
+    ms_log.setLevel(logging.WARNING)
+    for h in list(ms_log.handlers):
+        if h.get_name() is None:
+            ms_log.removeHandler(h)
+
+
 def tune(mod, target, tuning: Tuning):
     """Tune the Relax module's kernels; return (database, TuningSummary). The database may be a temporary one."""
     import tvm
@@ -311,7 +322,7 @@ def tune(mod, target, tuning: Tuning):
     tuning.validate()
     t0 = _now()
     work_dir = tuning.db or tempfile.mkdtemp(prefix="graphopt-tune-")
-    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+    _quiet_ms_logger()
     database = ms.database.JSONDatabase(work_dir=work_dir)
     fused = fuse_for_tuning(mod, target)
     with target, tvm.transform.PassContext(opt_level=3):

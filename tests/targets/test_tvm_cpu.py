@@ -161,6 +161,10 @@ def test_tuning_time_budget_stops_early_and_keeps_results(tmp_path, monkeypatch)
         calls[0] += 1
         return 0.0 if calls[0] <= 3 else 1e9  # tune start, pre-task check, first batch: in budget; then spent
     monkeypatch.setattr(tuning_mod, "_now", clock)
+    # a handler without a name on MetaSchedule's logger (the full test run once left one) must not crash tuning
+    import logging
+    stray = logging.NullHandler()
+    logging.getLogger("tvm.s_tir.meta_schedule").addHandler(stray)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16)).eval()
     x = torch.randn(2, 64)
