@@ -108,7 +108,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         tiles = tc_tiles(cols, n)
         x2 = bb.emit(relax.op.reshape(x, (cols, k)))
         y = emit_dense_tc(bb, x2, wt.detach().float().numpy(), bias, cols, fmt, tiles)
-        param = (sparse24 or gpu_dense).get("names", {}).get(wname, wname)
+        param = gpu_dense.get("names", {}).get(wname, wname)
         gpu_dense["records"][param] = {"shape": [cols, k, n], "format": fmt, "tiles": list(tiles),
                                        "kernel": "graphopt dense tensor-core (mma.sync)"}
         return bb.emit(relax.op.reshape(y, [int(d) for d in x_shape[:-1]] + [n]))
