@@ -52,6 +52,12 @@ def cuda_time(fn, runs: int) -> float:
     return float(np.median(times))
 
 
+def mean_cosine(outs: np.ndarray, refs: np.ndarray) -> float:
+    """Mean over samples of the cosine between each output and its reference."""
+    return float(np.mean([np.dot(a.ravel(), b.ravel()) / np.linalg.norm(a) / np.linalg.norm(b)
+                          for a, b in zip(outs, refs)]))
+
+
 def eager_time(fn, runs: int) -> float:
     """Seconds per fn() call launched from Python one by one (what an eager PyTorch program pays, dispatch included),
     the way TVM's time_evaluator launches graphopt's kernels from C++."""
@@ -306,15 +312,13 @@ def main(argv: list[str] | None = None) -> int:
             art = graphopt.load(mdir)
             outs = np.stack([art(*(x[j] for x in xs))[0] for j in range(len(xs[0]))])
             ref = io["ref"]
-            cos = float(np.mean([np.dot(a.ravel(), b.ravel()) / np.linalg.norm(a) / np.linalg.norm(b)
-                                 for a, b in zip(outs, ref)]))
+            cos = mean_cosine(outs, ref)
             lat = art.latency(*(x[0] for x in xs), warmup=5, runs=50)
             rec = {"name": f"{name} fp16 (cuda)", "cosine": cos, "latency_s": lat,
                    "max_abs_err": float(np.abs(outs - ref).max())}
             if "ref_graph" in io.files:  # the optimized graph on the CPU (int8 semantics for a quantized one)
                 rg = io["ref_graph"]
-                rec["cosine_vs_graph"] = float(np.mean([np.dot(a.ravel(), b.ravel()) / np.linalg.norm(a)
-                                                        / np.linalg.norm(b) for a, b in zip(outs, rg)]))
+                rec["cosine_vs_graph"] = mean_cosine(outs, rg)
                 rec["max_abs_err_vs_graph"] = float(np.abs(outs - rg).max())
             if ref.ndim == 3 and ref.shape[-1] == 1000:  # classifiers: top-1 agreement with fp32
                 rec["top1_agreement_vs_fp32"] = float((outs.reshape(len(ref), -1).argmax(-1)

@@ -2,10 +2,11 @@
   - tvm-runtime.tar.xz: TVM's runtime alone (the compiler library left out: the kernels are compiled here),
   - wheels/: apache-tvm-ffi for the GPU machine's Python (3.12),
   - kernels/*.so + kernels/index.json: GEMM and conv kernels (MiniLM-L6 and MobileNetV2 shapes, and large GEMMs),
-    dense fp16 (dlight), dense int8, and 2:4 sparse fp16 and int8 (mma.sp; the simple kernel and the one staging
-    activations in shared memory), weights as inputs, cross-compiled for sm_90 with nvcc,
-  - minilm/ (by default; --models adds mobilenet_v2, efficientnet_lite0): fp16 cuda artifacts of shipped models and
-    their fp32 PyTorch outputs on the shipped sentences or photos.
+    dlight's dense fp16 and int8, graphopt's dense tensor-core kernels (mma.sync fp16 and int8) and 2:4 sparse fp16
+    and int8 (mma.sp; the simple kernel and the one staging activations in shared memory), the tiled ones in several
+    tile shapes, weights as inputs, cross-compiled for sm_90 with nvcc,
+  - minilm/ (by default; --models adds minilm_int8, mobilenet_v2, efficientnet_lite0): fp16 cuda artifacts of
+    shipped models and their fp32 PyTorch outputs on the shipped sentences or photos.
 
     python benchmarks/gpu_check_prepare.py [--arch sm_90] [--skip-model] [--models minilm,mobilenet_v2]
 """
@@ -61,7 +62,8 @@ def build_kernels(arch: str, out: Path) -> list[dict]:
     from tvm import relax
 
     from graphopt.targets.tvm.gpu.pipeline import build_cuda, cuda_target
-    from graphopt.targets.tvm.gpu.sparse import FORMATS, dense_kernel_tiled, sp24_kernel, sp24_kernel_tiled
+    from graphopt.targets.tvm.gpu.sparse import (DENSE_FORMATS, FORMATS, dense_kernel_tiled, sp24_kernel,
+                                                 sp24_kernel_tiled)
     tgt = cuda_target(arch)
     index = []
 
@@ -105,8 +107,8 @@ def build_kernels(arch: str, out: Path) -> list[dict]:
                                               ("int8t", "s8", "int8", "int32")):
                 if n % 16 or k % 64:
                     continue
-                build(name, kind, (m, k, n), [("x", (m, k), xdtype), ("wv", (n // 16, k // (16 if fmt == "f16" else 32),
-                                                                              32, 4), "uint32"),
+                build(name, kind, (m, k, n), [("x", (m, k), xdtype),
+                                              ("wv", (n // 16, k // DENSE_FORMATS[fmt].tile_k, 32, 4), "uint32"),
                                               ("b", (n,), "float32")],
                       call(dense_kernel_tiled(m, k, n, False, fmt, tiles), "dense", ydtype, m, n), tiles)
             if tiles:
@@ -178,6 +180,10 @@ def main() -> int:
                          + " (default minilm: the one on graphopt's tensor-core kernels; MiniLM's 44 MiB and the "
                          "CNNs' 17 MiB together pass the device's 64 MiB carry limit)")
     args = ap.parse_args()
+    wanted = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = sorted(set(wanted) - {m[0] for m in MODELS})
+    if unknown:  # before the minutes of kernel building, not after
+        ap.error(f"unknown model(s) {', '.join(unknown)} (choose from: {', '.join(m[0] for m in MODELS)})")
     with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
         work = Path(tmp)
         (work / "kernels").mkdir()
@@ -187,10 +193,6 @@ def main() -> int:
         runtime_tarball(work)
         ffi_wheel(work)
         if not args.skip_model:
-            wanted = [m.strip() for m in args.models.split(",") if m.strip()]
-            unknown = sorted(set(wanted) - {m[0] for m in MODELS})
-            if unknown:
-                ap.error(f"unknown model(s) {', '.join(unknown)} (choose from: {', '.join(m[0] for m in MODELS)})")
             for folder, name, pipeline in MODELS:
                 if folder in wanted:
                     model_artifact(work, args.arch, folder, name, pipeline)

@@ -225,7 +225,7 @@ def _tune_by_flops(ms, todo, work_dir, database, tuning: Tuning, summary: "Tunin
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
                 [todo[i]], work_dir, strategy=strategy, seed=tuning.seed, num_threads=1)
             state.update(task_trials=0, best=None, stale=0, stop="")
-            _quiet_ms_logger()
+            quiet_ms_logger()
             try:
                 ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir,
                                    max_trials_global=alloc[i], num_trials_per_iter=per_iter,
@@ -300,7 +300,7 @@ def keep_faster_than_rules(database, tasks, target, summary: "TuningSummary"):
     return kept
 
 
-def _quiet_ms_logger() -> None:
+def quiet_ms_logger() -> None:
     """MetaSchedule's logging config resets its logger to DEBUG on every tuning call: keep its console quiet. It
     also rebuilds the logger's config from its handlers' names and crashes ('NoneType' object has no attribute
     'format') on a handler without one, which something in a long process (seen once in the full test run) can
@@ -322,7 +322,7 @@ def tune(mod, target, tuning: Tuning):
     tuning.validate()
     t0 = _now()
     work_dir = tuning.db or tempfile.mkdtemp(prefix="graphopt-tune-")
-    _quiet_ms_logger()
+    quiet_ms_logger()
     database = ms.database.JSONDatabase(work_dir=work_dir)
     fused = fuse_for_tuning(mod, target)
     with target, tvm.transform.PassContext(opt_level=3):

@@ -156,6 +156,7 @@ def test_dense_fragment_packing_round_trips_in_the_mma_sync_layout(fmt):
 def test_tile_shapes_that_do_not_stage_evenly_are_refused():
     assert sp.tiles_fit((2, 4, 4, 2)) == "" and sp.tiles_fit((4, 8, 4, 2)) == ""
     assert "16-byte" in sp.tiles_fit((2, 2, 4, 2))  # 4 j / wn = 2 words per thread
+    assert "give (row tiles per warp" in sp.tiles_fit((2, 4, 4))
     with pytest.raises(TargetError, match="16-byte"):
         sp.dense_kernel_tiled(64, 64, 64, False, "f16", (2, 2, 4, 2))
 

@@ -173,10 +173,13 @@ def tune_cuda(mod, target, precision: str, trials: int, work_dir: str):
     """MetaSchedule over the fused module's tunable functions, measured on this machine's GPU (LocalRunner);
     returns the database the build applies before dlight schedules the rest."""
     from tvm.s_tir import meta_schedule as ms
+
+    from graphopt.targets.tvm.tuning import quiet_ms_logger
     fused = fuse_for_cuda(mod, target, precision)
     names = tunable_functions(fused)
     if not names:
         return None
+    quiet_ms_logger()
     return ms.relax_integration.tune_relax(fused, {}, target, work_dir, max_trials_global=int(trials),
                                            op_names=names, num_trials_per_iter=min(64, int(trials)))
 

@@ -215,9 +215,9 @@ def pack_dense_fragments(w: np.ndarray, fmt: str = "f16") -> np.ndarray:
     each 16 x tile_k tile at [tile, k step, l], in the format's element type."""
     f = dense_fmt_of(fmt)
     n, k = w.shape
-    if n % TILE_M or k % (2 * f.tile_k):
-        raise TargetError(f"a dense tensor-core weight ({f.name}) needs rows % {TILE_M} == 0 and inputs % "
-                          f"{2 * f.tile_k} == 0, got {n}x{k}")
+    why = dense_tc_applies(n, k, fmt)
+    if why:
+        raise TargetError(f"a dense tensor-core weight ({f.name}): {why}")
     nt, kt, e = n // TILE_M, k // f.tile_k, f.per_reg
     width = 32 // e
     vt = to_bits(w, f).reshape(nt, TILE_M, kt, f.tile_k).transpose(0, 2, 1, 3)
@@ -469,6 +469,9 @@ DEFAULT_TILES = (M_TILES_PER_WARP, COLS_PER_WARP, TILED_WARPS_N, TILED_WARPS_C)
 def tiles_fit(tiles: tuple) -> str:
     """'' when (row tiles per warp, column tiles per warp, row warps, column warps[, pipelined]) stage evenly; else
     why not."""
+    if len(tiles) not in (4, 5):
+        return (f"tiles {tiles}: give (row tiles per warp, column tiles per warp, row warps, column warps"
+                "[, pipelined])")
     mt, j, wn, wc = tiles[:4]
     if min(tiles[:4]) < 1 or wn * wc > 32 or (4 * j) % wn or ((4 * j) // wn) % 4:
         return (f"tiles {tiles}: each thread must stage a whole number of 16-byte words (4 j / wn a multiple of 4) "
@@ -676,7 +679,8 @@ def dense_tc_applies(n: int, k: int, fmt: str = "f16") -> str:
 def tc_tiles(cols: int, n: int) -> tuple:
     """Tile shape of the tensor-core kernels for a [cols, k] x [k, n] GEMM: 128 x 128 blocks (2 x 8 tiles a warp)
     once both sides are large, else the default 128 x 64. On an H200 (2026-11-30) the larger blocks ran the dense
-    fp16 kernel 8-13% faster from 2048^3 up (8192^3: 5.34 vs 6.15 ms) and the default won nothing below."""
+    fp16 kernel 8-13% faster at 2048^3, 4096^3 and 8192^3 (8192^3: 5.34 vs 6.15 ms); smaller GEMMs were measured
+    with the default tiles only, and the 1024 threshold lies between the two (not measured itself)."""
     return (2, 8, 4, 2) if cols >= 1024 and n >= 1024 else DEFAULT_TILES
 
 
