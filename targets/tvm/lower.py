@@ -308,7 +308,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         import numpy as np
 
         from graphopt.targets.tvm.cpu import conv as k
-        from graphopt.targets.tvm.cpu.int8 import emit_qconv1x1, int8_dot, qconv1x1_applies
+        from graphopt.targets.tvm.cpu.int8 import emit_im2col_qconv, emit_qconv1x1, int8_dot, qconv1x1_applies
         kind, wt, wst, bt = _qconv_kind(node)
         if kind is None or not cpu_kernels:
             return None
@@ -325,6 +325,9 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         if kind == "pointwise" and qconv1x1_applies(x_shape) and int8_dot(target) is not None:
             y = emit_qconv1x1(bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, x_shape, clamp, out_q, dq, int8_dot(target),
                               _int8_sparse(node, "qconv1x1", wt.numpy().reshape(wt.shape[0], -1)))
+        elif kind == "im2col" and int8_dot(target) is not None:
+            y = emit_im2col_qconv(bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, x_shape, int(stride[0]),
+                                  (ph, ph, pw, pw), clamp, out_q, dq, int8_dot(target))
         elif kind == "direct":
             x, full = _dequantized(bb, xq, sx, zx), (ph, ph, pw, pw)
             if node.args[0] in quant_pads:  # the zero pad before the input's quantize joins this conv's padding

@@ -790,10 +790,10 @@ def emit_direct_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, str
 
 
 def dense_conv_applies(x_shape, w_shape, stride, padding, dilation, groups, transposed) -> bool:
-    """Dense (groups=1) k x k convs beyond the stem's few input channels (ResNet/UNet/YOLO bodies): TVM's conv with
-    the schedule rules ran them at 5-15 GMAC/s here."""
+    """Dense (groups=1) k x k convs beyond the stem's few input channels (ResNet/UNet/YOLO bodies), and strided 1x1
+    ones (ResNet's downsampling shortcuts): TVM's conv with the schedule rules ran them at 5-15 GMAC/s here."""
     return (len(x_shape) == 4 and len(w_shape) == 4 and int(groups) == 1 and int(w_shape[1]) > 8
-            and tuple(w_shape[2:]) != (1, 1) and not transposed and int(x_shape[3]) >= 2
+            and (tuple(w_shape[2:]) != (1, 1) or int(stride[0]) > 1) and not transposed and int(x_shape[3]) >= 2
             and len(set(int(s) for s in stride)) == 1 and int(stride[0]) in (1, 2)
             and all(int(d) == 1 for d in dilation))
 
@@ -807,13 +807,14 @@ def im2col_pays(cin: int, kh: int, kw: int, out_pixels: int) -> bool:
 
 
 def im2col_source(cin: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int, stride: int, pt: int,
-                  pl: int, batch_dim: bool = False) -> str:
+                  pl: int, batch_dim: bool = False, dtype: str = "float32") -> str:
     """col[(ci * kh + i) * kw + j, oy * ow + ox] = x[ci, oy * s + i - pt, ox * s + j - pl] (0 outside): the
     [Cin * kh * kw, OH * OW] operand that turns a dense conv into the pointwise kernel's GEMM (weight rows in
     PyTorch's [Cout, Cin, kh, kw] order already); `fill` [1] is the value outside the image (0). It is marked
     opaque (op_pattern 8): as an injective function Relax fused the reshape producing its input into it, and the
     buffers clashed; with one input and one output its reshape detection asserted on it. `batch_dim`: x is
-    declared [1, Cin, H, W], the activation as it comes, so no reshape is needed at batch 1."""
+    declared [1, Cin, H, W], the activation as it comes, so no reshape is needed at batch 1. `dtype` int8: the
+    columns of a quantized conv, `fill` then the input's zero point."""
     taps = kh * kw
     lead, lead_index = ("1, ", "0, ") if batch_dim else ("", "")
     y = f"oy * {stride} + (r // {kw}) % {kh} - {pt}"
@@ -822,8 +823,8 @@ def im2col_source(cin: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int,
     hi = f"T.min({ow}, ({wd - 1} + {pl} - r % {kw}) // {stride} + 1)"
     return f"""
 @T.prim_func(private=True)
-def im2col(x: T.Buffer(({lead}{cin}, {h}, {wd}), "float32"), fill: T.Buffer((1,), "float32"),
-           col: T.Buffer(({cin * taps}, {oh * ow}), "float32")):
+def im2col(x: T.Buffer(({lead}{cin}, {h}, {wd}), "{dtype}"), fill: T.Buffer((1,), "{dtype}"),
+           col: T.Buffer(({cin * taps}, {oh * ow}), "{dtype}")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
     for r in T.parallel({cin * taps}):
         for oy in T.serial({oh}):
@@ -844,23 +845,34 @@ def emit_im2col_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, str
                      clamp: tuple[float, float] | None, residual=None):
     """A dense k x k conv of x [N, Cin, H, W] as im2col (per sample) then the packed pointwise GEMM over the
     [Cin * kh * kw, OH * OW] columns, bias / residual add / clamp fused into its store as for 1x1 convs."""
+    from tvm import relax
+
+    n, cin = (int(d) for d in x_shape[:2])
+    cout, _, kh, kw = (int(d) for d in w.shape)
+    col, oh, ow = emit_im2col(bb, x, x_shape, kh, kw, stride, padding, np.float32(0))
+    y = _conv1x1_call(bb, col, w.reshape(cout, cin * kh * kw), bias, n, cin * kh * kw, oh * ow, lanes, clamp,
+                      residual)
+    return bb.emit(relax.op.reshape(y, (n, cout, oh, ow)))
+
+
+def emit_im2col(bb, x, x_shape, kh: int, kw: int, stride: int, padding, fill: np.generic):
+    """The [N, Cin * kh * kw, OH * OW] columns of x [N, Cin, H, W] (per sample; the activation goes in as it is,
+    see im2col_source), `fill` (a numpy scalar of x's dtype) outside the image; returns (columns, OH, OW)."""
     import tvm
     from tvm import relax
     from tvm.script import tirx as T
 
     n, cin, h, wd = (int(d) for d in x_shape)
-    cout, _, kh, kw = (int(d) for d in w.shape)
     pt, pb, pl, pr = (int(q) for q in padding)
     oh, ow = (h + pt + pb - kh) // stride + 1, (wd + pl + pr - kw) // stride + 1
-    # the activation goes in as it is, [N, Cin, H, W] (see im2col_source)
-    src = batch_source(im2col_source(cin, h, wd, oh, ow, kh, kw, stride, pt, pl, batch_dim=n == 1), n, ["x", "col"])
-    gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}),
-                     f"im2col_{cin}x{h}x{wd}_k{kh}s{stride}_p{pt}{pb}{pl}{pr}" + _ntag(n))
-    col = bb.emit(relax.call_tir(gv, [x, relax.const(np.zeros(1, np.float32))],
-                                 relax.TensorType(_batched(n, cin * kh * kw, oh * ow), "float32")))
-    y = _conv1x1_call(bb, col, w.reshape(cout, cin * kh * kw), bias, n, cin * kh * kw, oh * ow, lanes, clamp,
-                      residual)
-    return bb.emit(relax.op.reshape(y, (n, cout, oh, ow)))
+    dtype = np.dtype(type(fill)).name
+    src = batch_source(im2col_source(cin, h, wd, oh, ow, kh, kw, stride, pt, pl, batch_dim=n == 1, dtype=dtype), n,
+                       ["x", "col"])
+    gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), f"im2col_{cin}x{h}x{wd}_k{kh}s{stride}_p{pt}{pb}{pl}{pr}"
+                     + ("" if dtype == "float32" else f"_{dtype}") + _ntag(n))
+    col = bb.emit(relax.call_tir(gv, [x, relax.const(np.full(1, fill, dtype))],
+                                 relax.TensorType(_batched(n, cin * kh * kw, oh * ow), dtype)))
+    return col, oh, ow
 
 
 def unpooling_applies(x_shape, w_shape, stride, padding, dilation, transposed, output_padding, groups) -> bool:
