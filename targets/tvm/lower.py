@@ -447,7 +447,9 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             s = int(stride[0])
             oh = (int(x_shape[2]) + 2 * int(padding[0]) - int(w_shape[2])) // s + 1
             ow = (int(x_shape[3]) + 2 * int(padding[1]) - int(w_shape[3])) // s + 1
-            return "im2col" if k.im2col_pays(int(w_shape[1]), int(w_shape[2]), int(w_shape[3]), oh * ow) else "direct"
+            if k.im2col_pays(int(w_shape[1]), int(w_shape[2]), int(w_shape[3]), oh * ow):
+                return "im2col"
+            return "direct" if s in (1, 2) else None  # the direct kernel's strides
         return None
 
     def convolution(node, importer):
@@ -485,6 +487,10 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         ph, pw = int(padding[0]), int(padding[1])
         left, right, top, bottom = pads if pads is not None else (0, 0, 0, 0)
         full = (ph + top, ph + bottom, pw + left, pw + right)
+        if (kind == "im2col" or (kind == "direct" and w.shape[1] > 8)) and k.flat_conv_applies(x_shape, w.shape,
+                                                                                               stride, full):
+            return k.emit_flat_conv(bb, x, w, b, x_shape, stride, full, clamp,
+                                    None if residual is None else importer.env[residual])
         if kind == "im2col":
             return k.emit_im2col_conv(bb, x, w, b, x_shape, stride, full, vector_lanes(target), clamp,
                                       None if residual is None else importer.env[residual])

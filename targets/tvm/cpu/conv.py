@@ -794,7 +794,7 @@ def dense_conv_applies(x_shape, w_shape, stride, padding, dilation, groups, tran
     ones (ResNet's downsampling shortcuts): TVM's conv with the schedule rules ran them at 5-15 GMAC/s here."""
     return (len(x_shape) == 4 and len(w_shape) == 4 and int(groups) == 1 and int(w_shape[1]) > 8
             and (tuple(w_shape[2:]) != (1, 1) or int(stride[0]) > 1) and not transposed and int(x_shape[3]) >= 2
-            and len(set(int(s) for s in stride)) == 1 and int(stride[0]) in (1, 2)
+            and len(set(int(s) for s in stride)) == 1
             and all(int(d) == 1 for d in dilation))
 
 
@@ -839,6 +839,146 @@ def im2col(x: T.Buffer(({lead}{cin}, {h}, {wd}), "{dtype}"), fill: T.Buffer((1,)
                 for ox in T.serial({ow} - {hi}):
                     col[r, oy * {ow} + {hi} + ox] = fill[0]
 """
+
+
+NR_FLAT = 16  # output pixels per tile of the flat conv: two 8-lane vectors
+
+
+def flat_geometry(h: int, wd: int, kh: int, kw: int, stride: int, padding) -> tuple[int, int, int, int]:
+    """(OH, OW, Hq, Wq) of the flat conv: each of the stride x stride phase planes of the zero-padded input is Hq x
+    Wq, so output pixel (oy, ox) reads plane (i % s, j % s) at (oy + i // s, ox + j // s) for tap (i, j)."""
+    pt, pb, pl, pr = (int(q) for q in padding)
+    oh, ow = (h + pt + pb - kh) // stride + 1, (wd + pl + pr - kw) // stride + 1
+    return oh, ow, oh + (kh - 1) // stride, ow + (kw - 1) // stride
+
+
+def flat_conv_applies(x_shape, w_shape, stride: int, padding) -> bool:
+    """kxk kernels (1x1 strided ones gather a quarter of the input: im2col's copy is smaller) whose flat output
+    range holds a whole tile; strided ones only on maps of more than 16 tiles. Strided convs with small outputs
+    ran at half the GMAC/s of stride 1 in either task order (ResNet-18's 128->256 at 28x28 and 256->512 at 14x14,
+    2.8 ms each against ~1.5-2 for im2col + the packed GEMM); the cause is not found."""
+    oh, ow, _, wq = flat_geometry(int(x_shape[2]), int(x_shape[3]), int(w_shape[2]), int(w_shape[3]), stride, padding)
+    qmax = (oh - 1) * wq + ow
+    return (tuple(int(d) for d in w_shape[2:]) != (1, 1) and qmax >= NR_FLAT
+            and (stride == 1 or qmax > 16 * NR_FLAT))
+
+
+def pad_phases_source(cin: int, h: int, wd: int, kh: int, kw: int, stride: int, padding) -> str:
+    """TVMScript writing xp [Cin, s * s, Hq * Wq]: the zero-padded input split into its stride phases (stride 1: the
+    padded input itself), each plane flat. Every row is three contiguous runs: zeros, the input row's columns of this
+    phase, zeros (`fill` [1] holds the 0). Opaque (op_pattern 8), with that second input, for the reasons im2col
+    is (`im2col_source`)."""
+    s, (pt, _, pl, _) = stride, (int(q) for q in padding)
+    _, _, hq, wq = flat_geometry(h, wd, kh, kw, s, padding)
+    ph = s * s
+    y = f"((r // {hq}) % {ph} // {s} + (r % {hq}) * {s} - {pt})"  # the input row of plane row r
+    b = f"((r // {hq}) % {s})"  # the column phase
+    lo = f"(({pl} - {b} + {s - 1}) // {s})"  # plane columns [lo, hi) lie inside the input row
+    hi = f"T.min({wq}, ({wd - 1 + pl} - {b}) // {s} + 1)"
+    return f"""
+@T.prim_func(private=True)
+def pad_phases(x: T.Buffer(({cin}, {h}, {wd}), "float32"), fill: T.Buffer((1,), "float32"),
+               xp: T.Buffer(({cin * ph * hq * wq},), "float32")):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
+    for r in T.parallel({cin * ph * hq}):
+        if {y} < 0 or {y} >= {h}:
+            for u in T.serial({wq}):
+                xp[r * {wq} + u] = fill[0]
+        else:
+            for u in T.serial({lo}):
+                xp[r * {wq} + u] = fill[0]
+            for u in T.serial({hi} - {lo}):
+                xp[r * {wq} + {lo} + u] = x[r // {hq * ph}, {y}, {b} + ({lo} + u) * {s} - {pl}]
+            for u in T.serial({wq} - {hi}):
+                xp[r * {wq} + {hi} + u] = fill[0]
+"""
+
+
+def flat_conv_source(cout: int, cin: int, h: int, wd: int, kh: int, kw: int, stride: int, padding,
+                     clamp: tuple[float, float] | None, res: bool = False) -> str:
+    """A dense kxk conv as an implicit GEMM over the flat phase planes (`pad_phases_source`): output pixels are
+    numbered q = oy * Wq + ox over the planes' width, so for every tap the 16 pixels of a tile read 16 consecutive
+    floats of one plane, whatever rows they span: a 6-channel x 16-pixel tile accumulates in 12 registers over
+    (input channel, tap) from contiguous vector loads and broadcast packed weights, with no im2col copy (an input
+    channel's taps reuse the same few cache lines; tap-major order was up to 1.3x slower on 14x14 and 7x7 maps). The planes'
+    extra (kw - 1) // s columns per row are computed and not stored; the last tile overlaps the one before it.
+    Tasks run tile-major (a tile's inputs stay in L1 across the channel panels) or, with few tiles (7x7 maps, big
+    weights), panel-major (each panel is read once). Bias, the residual and the clamp are done in the store."""
+    s = stride
+    oh, ow, hq, wq = flat_geometry(h, wd, kh, kw, s, padding)
+    plane, ph = hq * wq, s * s
+    qmax, mt = (oh - 1) * wq + ow, -(-cout // MR)
+    nq = -(-qmax // NR_FLAT)
+    panel, tile = (f"t // {nq}", f"t % {nq}") if nq <= 16 else (f"t % {mt}", f"t // {mt}")
+    tap = f"(((i % {s}) * {s} + j % {s}) * {plane} + (i // {s}) * {wq} + j // {s})"
+    co, pix = f"({panel}) * {MR} + r", f"(q0 + v) // {wq}, (q0 + v) % {wq}"
+    val = _clamped(f"acc[r, v]" + (f" + res[{co}, {pix}]" if res else ""), clamp)
+    res_arg = f'res: T.Buffer(({cout}, {oh}, {ow}), "float32"), ' if res else ""
+    return f"""
+@T.prim_func(private=True)
+def conv_flat(xp: T.Buffer(({cin * ph * plane},), "float32"), wp: T.Buffer(({mt}, {kh * kw * cin}, {MR}), "float32"),
+              bias: T.Buffer(({mt * MR},), "float32"), {res_arg}out: T.Buffer(({cout}, {oh}, {ow}), "float32")):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
+    for t in T.parallel({mt * nq}):
+        q0: T.int32 = T.min(({tile}) * {NR_FLAT}, {qmax - NR_FLAT})
+        acc = T.decl_buffer(({MR}, {NR_FLAT}), "float32", scope="global")
+        for r in T.unroll({MR}):
+            for v in T.vectorized({NR_FLAT}):
+                acc[r, v] = bias[{co}]
+        for ci in T.serial({cin}):
+            for i in T.unroll({kh}):
+                for j in T.unroll({kw}):
+                    for r in T.unroll({MR}):
+                        for v in T.vectorized({NR_FLAT}):
+                            acc[r, v] = acc[r, v] + wp[{panel}, ci * {kh * kw} + i * {kw} + j, r] * xp[ci * {ph * plane} + {tap} + q0 + v]
+        for r in T.unroll({MR}):
+            if {co} < {cout}:
+                for v in T.serial({NR_FLAT}):
+                    if (q0 + v) % {wq} < {ow}:
+                        out[{co}, {pix}] = {val}
+"""
+
+
+def pack_taps(w: np.ndarray) -> np.ndarray:
+    """W [Cout, Cin, kh, kw] -> [ceil(Cout/MR), Cin * kh * kw, MR] (input channel, then tap: the kernel's reduction
+    order), zero rows padding Cout to whole panels."""
+    cout, cin, kh, kw = w.shape
+    mt = -(-cout // MR)
+    wp = np.zeros((mt * MR, cin, kh, kw), np.float32)
+    wp[:cout] = w
+    return np.ascontiguousarray(wp.reshape(mt, MR, cin, kh, kw).transpose(0, 2, 3, 4, 1).reshape(mt, kh * kw * cin, MR))
+
+
+def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, stride: int, padding,
+                   clamp: tuple[float, float] | None, residual=None):
+    """A dense kxk conv of x [N, Cin, H, W] (per sample): the phase planes, then the flat implicit GEMM with bias /
+    residual add / clamp in its store."""
+    import tvm
+    from tvm import relax
+    from tvm.script import tirx as T
+
+    n, cin, h, wd = (int(d) for d in x_shape)
+    cout, _, kh, kw = (int(d) for d in w.shape)
+    oh, ow, hq, wq = flat_geometry(h, wd, kh, kw, stride, padding)
+    pads = "".join(str(int(q)) for q in padding)
+    size = cin * stride * stride * hq * wq
+    geo = f"{cin}x{h}x{wd}_k{kh}x{kw}s{stride}_p{pads}"
+    gv = bb.add_func(tvm.script.parse(batch_source(pad_phases_source(cin, h, wd, kh, kw, stride, padding), n,
+                                                   ["x", "xp"]), extra_vars={"T": T}), f"pad_phases_{geo}{_ntag(n)}")
+    xp = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, _batched(n, cin, h, wd))),
+                                     relax.const(np.zeros(1, np.float32))],
+                                relax.TensorType(_batched(n, size), "float32")))
+    src = batch_source(flat_conv_source(cout, cin, h, wd, kh, kw, stride, padding, clamp, residual is not None), n,
+                       ["xp", "out"] + ([] if residual is None else ["res"]))
+    tag = f"{cout}x{geo}" + ("" if residual is None else "_res") + ("" if clamp is None else "_clamp") + _ntag(n)
+    gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), f"conv_flat_{tag}")
+    b = np.zeros(-(-cout // MR) * MR, np.float32)
+    if bias is not None:
+        b[:cout] = bias
+    extra = [] if residual is None else [bb.emit(relax.op.reshape(residual, _batched(n, cout, oh, ow)))]
+    y = bb.emit(relax.call_tir(gv, [xp, relax.const(pack_taps(w)), relax.const(b), *extra],
+                               relax.TensorType(_batched(n, cout, oh, ow), "float32")))
+    return bb.emit(relax.op.reshape(y, (n, cout, oh, ow)))
 
 
 def emit_im2col_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, stride: int, padding, lanes: int,
