@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import small_cnn
+from conftest import cli_main, small_cnn
 
 
 def run_cli(*args, cwd=None):
@@ -32,6 +32,13 @@ def onnx_model(tmp_path_factory):
         torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["x"], opset_version=13,
                           do_constant_folding=False, training=torch.onnx.TrainingMode.EVAL)
     return path, model, x
+
+
+def cli_inproc(capsys, *args) -> subprocess.CompletedProcess:
+    """The CLI run in this process, as a finished process (its exit status, stdout and stderr)."""
+    rc = cli_main(*args)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, rc, out, err)
 
 
 def one_line_error(res, *needles):
@@ -57,7 +64,8 @@ def test_passes_lists_options_from_registry():
     assert "fold-bn  [exact]" in res.stdout and "max-growth: float = 4.0" in res.stdout
 
 
-def test_opt_inspect_compile_run_bench(tmp_path, onnx_model):
+def test_opt_inspect_compile_run_bench(tmp_path, onnx_model, capsys):
+    """opt and compile through the real entry point (subprocesses); inspect, run and bench in this process."""
     path, model, x = onnx_model
     res = run_cli("opt", path, "--pipeline", "fold-bn,fold-constants,dce", "--verify-each", "--print-ir-after-change",
                   "--dump-dir", tmp_path / "dump", "--plot", tmp_path / "layers.png", "-o", tmp_path / "m.gopt")
@@ -65,7 +73,7 @@ def test_opt_inspect_compile_run_bench(tmp_path, onnx_model):
     assert (tmp_path / "layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "IR after #1 fold-bn" in res.stderr
     assert (tmp_path / "dump" / "01-fold-bn.ir").exists()
-    res = run_cli("inspect", tmp_path / "m.gopt", "--ir", "--groups")
+    res = cli_inproc(capsys, "inspect", tmp_path / "m.gopt", "--ir", "--groups")
     assert res.returncode == 0 and "input    x: float32[1,3,16,16]" in res.stdout
     assert "channel groups:" in res.stdout and "conv1.out" in res.stdout
     assert "pipeline fold-bn,fold-constants,dce" in res.stdout
@@ -75,46 +83,51 @@ def test_opt_inspect_compile_run_bench(tmp_path, onnx_model):
     assert "graphopt compile report" in res.stdout and "latency" in res.stdout and "ONNX Runtime" in res.stdout
     assert (tmp_path / "art" / "report.json").exists()
     np.save(tmp_path / "x.npy", x.numpy())
-    res = run_cli("run", tmp_path / "art", "--input", tmp_path / "x.npy", "-o", tmp_path / "y.npz")
+    res = cli_inproc(capsys, "run", tmp_path / "art", "--input", tmp_path / "x.npy", "-o", tmp_path / "y.npz")
     assert res.returncode == 0, res.stderr
     y = np.load(tmp_path / "y.npz")
     np.testing.assert_allclose(list(y.values())[0], model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
-    res = run_cli("bench", tmp_path / "art", "--model", path, "--runs", "3", "--json", tmp_path / "b.json")
+    res = cli_inproc(capsys, "bench", tmp_path / "art", "--model", path, "--runs", "3", "--json", tmp_path / "b.json")
     assert res.returncode == 0, res.stderr
     assert "ONNX Runtime" in res.stdout
     assert json.loads((tmp_path / "b.json").read_text())["ratio_vs_ort"] > 0
 
 
-def test_bad_inputs_are_one_line_errors(tmp_path, onnx_model):
+def test_bad_inputs_are_one_line_errors(tmp_path, onnx_model, capsys):
+    """Each bad input is one `graphopt: error:` line naming what to fix, exit status 1. The first case runs the real
+    entry point in a subprocess; the rest run the CLI in this process (a subprocess each cost ~6 s of imports)."""
     path, _, _ = onnx_model
     (tmp_path / "bad.onnx").write_bytes(path.read_bytes()[:200])
     one_line_error(run_cli("inspect", tmp_path / "bad.onnx"), "bad.onnx", "corrupt or truncated")
+
+    cli = lambda *args: cli_inproc(capsys, *args)  # noqa: E731
     torch.save({"w": torch.ones(1)}, tmp_path / "w.pth")
-    one_line_error(run_cli("inspect", tmp_path / "w.pth"), "never unpickles")
-    one_line_error(run_cli("opt", path, "--pipeline", "fold-bn{", "-o", tmp_path / "o.gopt"), "column 9")
-    one_line_error(run_cli("opt", path, "--pipeline", "fold-bnn", "-o", tmp_path / "o.gopt"), "unknown pass 'fold-bnn'")
-    one_line_error(run_cli("opt", path, "--pipeline", "fold-constants{speed=3}", "-o", tmp_path / "o.gopt"),
+    one_line_error(cli("inspect", tmp_path / "w.pth"), "never unpickles")
+    one_line_error(cli("opt", path, "--pipeline", "fold-bn{", "-o", tmp_path / "o.gopt"), "column 9")
+    one_line_error(cli("opt", path, "--pipeline", "fold-bnn", "-o", tmp_path / "o.gopt"), "unknown pass 'fold-bnn'")
+    one_line_error(cli("opt", path, "--pipeline", "fold-constants{speed=3}", "-o", tmp_path / "o.gopt"),
                    "has no option 'speed'")
     assert not (tmp_path / "o.gopt").exists()
-    one_line_error(run_cli("compile", path, "--tune-trials", "2", "--tune-db", tmp_path / "nodb", "-o", tmp_path / "a"),
+    one_line_error(cli("compile", path, "--tune-trials", "2", "--tune-db", tmp_path / "nodb", "-o", tmp_path / "a"),
                    "does not exist")
-    one_line_error(run_cli("compile", path, "--tune-trials", "0", "-o", tmp_path / "a"), "trials must be >= 1")
-    one_line_error(run_cli("opt", path, "--pipeline", "fold-bn", "-o", tmp_path / "m.txt"), "must end in .gopt, .onnx or .pt2")
+    one_line_error(cli("compile", path, "--tune-trials", "0", "-o", tmp_path / "a"), "trials must be >= 1")
+    one_line_error(cli("opt", path, "--pipeline", "fold-bn", "-o", tmp_path / "m.txt"), "must end in .gopt, .onnx or .pt2")
     # wrong input shape to a compiled artifact
-    assert run_cli("compile", path, "--no-report", "-o", tmp_path / "art").returncode == 0
+    assert cli("compile", path, "--no-report", "-o", tmp_path / "art").returncode == 0
     np.save(tmp_path / "small.npy", np.zeros((1, 3, 8, 8), np.float32))
-    one_line_error(run_cli("run", tmp_path / "art", "--input", tmp_path / "small.npy"), "input 'x' has shape")
+    one_line_error(cli("run", tmp_path / "art", "--input", tmp_path / "small.npy"), "input 'x' has shape")
 
 
-def test_opt_never_overwrites_input_on_failure(tmp_path, onnx_model):
+def test_opt_never_overwrites_input_on_failure(tmp_path, onnx_model, capsys):
     path, _, _ = onnx_model
     original = path.read_bytes()
-    one_line_error(run_cli("opt", path, "--pipeline", "fold-bn", "-o", path), "is the input model")
+    one_line_error(cli_inproc(capsys, "opt", path, "--pipeline", "fold-bn", "-o", path), "is the input model")
     assert path.read_bytes() == original
     out = tmp_path / "o.gopt"
     out.write_bytes(b"old")
     # a pass that crashes or is refused leaves an existing output untouched
-    one_line_error(run_cli("opt", path, "--pipeline", "fold-bn,fold-bn", "--strict", "-o", out), "changed nothing")
+    one_line_error(cli_inproc(capsys, "opt", path, "--pipeline", "fold-bn,fold-bn", "--strict", "-o", out),
+                   "changed nothing")
     assert out.read_bytes() == b"old"
 
 
