@@ -912,7 +912,7 @@ def flat_conv_source(cout: int, cin: int, h: int, wd: int, kh: int, kw: int, str
     panel, tile = (f"t // {nq}", f"t % {nq}") if nq <= 16 else (f"t % {mt}", f"t // {mt}")
     tap = f"(((i % {s}) * {s} + j % {s}) * {plane} + (i // {s}) * {wq} + j // {s})"
     co, pix = f"({panel}) * {MR} + r", f"(q0 + v) // {wq}, (q0 + v) % {wq}"
-    val = _clamped(f"acc[r, v]" + (f" + res[{co}, {pix}]" if res else ""), clamp)
+    val = _clamped("acc[r, v]" + (f" + res[{co}, {pix}]" if res else ""), clamp)
     res_arg = f'res: T.Buffer(({cout}, {oh}, {ow}), "float32"), ' if res else ""
     return f"""
 @T.prim_func(private=True)
