@@ -76,7 +76,9 @@ def write_reproducer(root: str | os.PathLike | None, index: int, pass_text: str,
 
 
 def load_inputs_npz(path: str | os.PathLike, graph: Graph) -> list[tuple[torch.Tensor, ...]]:
-    """Batches from an .npz written by write_reproducer (b<batch>_<input>) or with one array per input."""
+    """Batches from an .npz written by write_reproducer (b<batch>_<input>) or with one array per input; an array
+    whose first dimension is a multiple of the graph's fixed batch (8 images for a batch-1 model) is split into that
+    many batches."""
     from graphopt.errors import InputMismatchError
     try:
         data = np.load(path, allow_pickle=False)
@@ -90,7 +92,17 @@ def load_inputs_npz(path: str | os.PathLike, graph: Graph) -> list[tuple[torch.T
     else:
         names = [s.name for s in graph.inputs]
         order = names if all(n in keys for n in names) else keys
-        batches = [tuple(torch.from_numpy(data[k]) for k in order[:n_in])]
+        arrays = [data[k] for k in order[:n_in]]
+        batches = [tuple(torch.from_numpy(a) for a in arrays)]
+        # arrays holding several of the graph's fixed batches (4 images for a batch-1 model): one batch each
+        shapes = [list(s.shape) for s in graph.inputs]
+        if (len(arrays) == n_in and n_in and all(
+                len(a.shape) == len(sh) and len(sh) and isinstance(sh[0], int) and sh[0] > 0
+                and list(a.shape[1:]) == sh[1:] and a.shape[0] % sh[0] == 0 for a, sh in zip(arrays, shapes))
+                and len({a.shape[0] // sh[0] for a, sh in zip(arrays, shapes)}) == 1):
+            n_b = arrays[0].shape[0] // shapes[0][0]
+            batches = [tuple(torch.from_numpy(np.ascontiguousarray(a[b * sh[0]:(b + 1) * sh[0]]))
+                             for a, sh in zip(arrays, shapes)) for b in range(n_b)]
     for b in batches:
         graph.check_inputs(b)
     return batches

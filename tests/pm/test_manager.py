@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 
@@ -117,3 +118,21 @@ def test_verify_each_passes_for_exact_passes_on_random_inputs(cnn_graph):
     out = graphopt.optimize(g, "fold-bn,fold-constants,dce", verify=True)
     assert all(r["verify"]["ok"] for r in out.meta["history"])
     torch.testing.assert_close(out.run(x)[0], model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_inputs_npz_with_several_fixed_batches_splits_them(tmp_path):
+    """An .npz array holding several of a batch-1 graph's inputs (4 calibration images) becomes 4 batches; a first
+    dimension that is no multiple of the graph's batch is refused with the shape it has and the one expected."""
+    from graphopt.errors import InputMismatchError
+    from graphopt.pm.instruments import load_inputs_npz
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+    g = graphopt.trace(model, (torch.randn(1, 3, 8, 8),))
+    name = g.inputs[0].name
+    images = np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "four.npz", **{name: images})
+    batches = load_inputs_npz(tmp_path / "four.npz", g)
+    assert len(batches) == 4 and all(tuple(b[0].shape) == (1, 3, 8, 8) for b in batches)
+    assert np.array_equal(batches[2][0].numpy()[0], images[2])
+    np.savez(tmp_path / "odd.npz", **{name: images[:, :, :7]})
+    with pytest.raises(InputMismatchError, match=r"has shape \[4, 3, 7, 8\], expected \[1, 3, 8, 8\]"):
+        load_inputs_npz(tmp_path / "odd.npz", g)
