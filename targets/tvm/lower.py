@@ -670,6 +670,30 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             return bb.emit(relax.op.reshape(y, (1, int(wt.shape[0]), h, w_)))
         return importer._convolution(node)
 
+    def max_pool2d_with_indices(node, importer):
+        """The exported form of max pooling: (output, indices); as in TVM's converter the indices are zeros (no
+        graph here reads them)."""
+        from tvm import relax
+        bb = importer.block_builder
+        y = max_pool2d(node, importer, "max_pool2d_with_indices.default")
+        if isinstance(y.ty, relax.TupleType):  # TVM's converter answered
+            return y
+        return bb.emit(relax.Tuple([y, bb.emit(relax.op.zeros_like(y))]))
+
+    def max_pool2d(node, importer, name: str = "max_pool2d.default"):
+        """Float NCHW max pooling on graphopt's kernel (any batch); other cases keep TVM's op."""
+        from graphopt.targets.tvm.cpu.pool import emit_max_pool, max_pool_applies
+        args = list(node.args) + [None] * (6 - len(node.args))
+        pair = lambda v, d: [int(v)] * 2 if isinstance(v, int) else ([int(a) for a in v] * (2 // len(v)) if v else d)  # noqa: E731
+        kernel = pair(args[1], None)
+        stride, padding = pair(args[2], kernel), pair(args[3] if args[3] is not None else 0, [0, 0])
+        dilation = pair(args[4] if args[4] is not None else 1, [1, 1])
+        x_shape = node.args[0].meta["val"].shape
+        if (str(node.args[0].meta["val"].dtype) == "torch.float32" and kernel is not None
+                and max_pool_applies(x_shape, kernel, stride, padding, dilation, bool(args[5]))):
+            return emit_max_pool(importer.block_builder, importer.env[node.args[0]], x_shape, kernel, stride, padding)
+        return _builtin(importer, name)(node)
+
     if not cpu_kernels:
         if sparse24 is not None or gpu_dense is not None:
             generic = {**generic, "linear.default": sparse_linear, "convolution.default": sparse_conv}
@@ -677,7 +701,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
     return {**generic, "gelu.default": gelu, "convolution.default": convolution,
             "constant_pad_nd.default": constant_pad_nd, "bsr_linear.default": bsr_linear,
             "bsr_conv1x1.default": bsr_conv1x1, "linear.default": linear,
-            "add.Tensor": add,
+            "add.Tensor": add, "max_pool2d.default": max_pool2d,
+            "max_pool2d_with_indices.default": max_pool2d_with_indices,
             **{k: _activation(k) for k in ("relu.default", "relu6.default", "hardtanh.default", "clamp.default")}}
 
 
