@@ -104,5 +104,9 @@ def load_inputs_npz(path: str | os.PathLike, graph: Graph) -> list[tuple[torch.T
             batches = [tuple(torch.from_numpy(np.ascontiguousarray(a[b * sh[0]:(b + 1) * sh[0]]))
                              for a, sh in zip(arrays, shapes)) for b in range(n_b)]
     for b in batches:
-        graph.check_inputs(b)
+        try:
+            graph.check_inputs(b)
+        except InputMismatchError as e:
+            raise InputMismatchError(f"{e} (in '{path}': one array per input, whose first dimension may hold several "
+                                     f"batches of the graph's size, or b<batch>_<input> keys)") from None
     return batches

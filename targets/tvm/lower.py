@@ -684,10 +684,15 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         """Float NCHW max pooling on graphopt's kernel (any batch); other cases keep TVM's op."""
         from graphopt.targets.tvm.cpu.pool import emit_max_pool, max_pool_applies
         args = list(node.args) + [None] * (6 - len(node.args))
-        pair = lambda v, d: [int(v)] * 2 if isinstance(v, int) else ([int(a) for a in v] * (2 // len(v)) if v else d)  # noqa: E731
+
+        def pair(v, default):
+            """aten's int-or-list argument as [h, w]; None or [] -> default (stride: the kernel)."""
+            if v is None or (not isinstance(v, int) and len(v) == 0):
+                return default
+            v = [int(v)] if isinstance(v, int) else [int(a) for a in v]
+            return v * 2 if len(v) == 1 else v
         kernel = pair(args[1], None)
-        stride, padding = pair(args[2], kernel), pair(args[3] if args[3] is not None else 0, [0, 0])
-        dilation = pair(args[4] if args[4] is not None else 1, [1, 1])
+        stride, padding, dilation = pair(args[2], kernel), pair(args[3], [0, 0]), pair(args[4], [1, 1])
         x_shape = node.args[0].meta["val"].shape
         if (str(node.args[0].meta["val"].dtype) == "torch.float32" and kernel is not None
                 and max_pool_applies(x_shape, kernel, stride, padding, dilation, bool(args[5]))):

@@ -901,8 +901,9 @@ def flat_conv_source(cout: int, cin: int, h: int, wd: int, kh: int, kw: int, str
     numbered q = oy * Wq + ox over the planes' width, so for every tap the 16 pixels of a tile read 16 consecutive
     floats of one plane, whatever rows they span: a 6-channel x 16-pixel tile accumulates in 12 registers over
     (input channel, tap) from contiguous vector loads and broadcast packed weights, with no im2col copy (an input
-    channel's taps reuse the same few cache lines; tap-major order was up to 1.3x slower on 14x14 and 7x7 maps). The planes'
-    extra (kw - 1) // s columns per row are computed and not stored; the last tile overlaps the one before it.
+    channel's taps reuse the same few cache lines; tap-major order was up to 1.3x slower on 14x14 and 7x7 maps).
+    The planes' extra (kw - 1) // s columns per row are computed and not stored; the last tile overlaps the one
+    before it.
     Tasks run tile-major (a tile's inputs stay in L1 across the channel panels) or, with few tiles (7x7 maps, big
     weights), panel-major (each panel is read once). Bias, the residual and the clamp are done in the store."""
     s = stride
@@ -912,6 +913,7 @@ def flat_conv_source(cout: int, cin: int, h: int, wd: int, kh: int, kw: int, str
     nq = -(-qmax // NR_FLAT)
     panel, tile = (f"t // {nq}", f"t % {nq}") if nq <= 16 else (f"t % {mt}", f"t // {mt}")
     tap = f"(((i % {s}) * {s} + j % {s}) * {plane} + (i // {s}) * {wq} + j // {s})"
+    x_at = f"ci * {ph * plane} + {tap} + q0 + v"
     co, pix = f"({panel}) * {MR} + r", f"(q0 + v) // {wq}, (q0 + v) % {wq}"
     val = _clamped("acc[r, v]" + (f" + res[{co}, {pix}]" if res else ""), clamp)
     res_arg = f'res: T.Buffer(({cout}, {oh}, {ow}), "float32"), ' if res else ""
@@ -931,7 +933,7 @@ def conv_flat(xp: T.Buffer(({cin * ph * plane},), "float32"), wp: T.Buffer(({mt}
                 for j in T.unroll({kw}):
                     for r in T.unroll({MR}):
                         for v in T.vectorized({NR_FLAT}):
-                            acc[r, v] = acc[r, v] + wp[{panel}, ci * {kh * kw} + i * {kw} + j, r] * xp[ci * {ph * plane} + {tap} + q0 + v]
+                            acc[r, v] = acc[r, v] + wp[{panel}, ci * {kh * kw} + i * {kw} + j, r] * xp[{x_at}]
         for r in T.unroll({MR}):
             if {co} < {cout}:
                 for v in T.serial({NR_FLAT}):
@@ -1005,12 +1007,12 @@ def emit_im2col(bb, x, x_shape, kh: int, kw: int, stride: int, padding, fill: np
 
     n, cin, h, wd = (int(d) for d in x_shape)
     pt, pb, pl, pr = (int(q) for q in padding)
-    oh, ow = (h + pt + pb - kh) // stride + 1, (wd + pl + pr - kw) // stride + 1
+    oh, ow, _, _ = flat_geometry(h, wd, kh, kw, stride, padding)
     dtype = np.dtype(type(fill)).name
     src = batch_source(im2col_source(cin, h, wd, oh, ow, kh, kw, stride, pt, pl, batch_dim=n == 1, dtype=dtype), n,
                        ["x", "col"])
-    gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), f"im2col_{cin}x{h}x{wd}_k{kh}s{stride}_p{pt}{pb}{pl}{pr}"
-                     + ("" if dtype == "float32" else f"_{dtype}") + _ntag(n))
+    name = f"im2col_{cin}x{h}x{wd}_k{kh}s{stride}_p{pt}{pb}{pl}{pr}" + ("" if dtype == "float32" else f"_{dtype}")
+    gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), name + _ntag(n))
     col = bb.emit(relax.call_tir(gv, [x, relax.const(np.full(1, fill, dtype))],
                                  relax.TensorType(_batched(n, cin * kh * kw, oh * ow), dtype)))
     return col, oh, ow

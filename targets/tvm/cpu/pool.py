@@ -1,14 +1,17 @@
 """Max pooling for NCHW float maps (ResNet's stem pool): one task per output row, a row of maxima updated tap by
 tap (rows outside the image skipped), the columns whose tap lies inside the image in a plain loop LLVM vectorizes
-(stride 2 as interleaved loads), the border columns guarded. TVM's pooling with the schedule rules took 1.1 ms for ResNet-18's 3x3 stride-2 pool on 64x112x112."""
+(stride 2 as interleaved loads), the border columns guarded. TVM's pooling with the schedule rules took 1.1 ms
+for ResNet-18's 3x3 stride-2 pool on 64x112x112."""
 from __future__ import annotations
 
 import numpy as np
 
 from graphopt.targets.tvm.cpu.batch import batch_source
+from graphopt.targets.tvm.cpu.conv import _batched, _ntag
 
 
 def max_pool_applies(x_shape, kernel, stride, padding, dilation, ceil_mode) -> bool:
+    """NCHW, 2-d kernel, stride and symmetric padding, no dilation, floor mode (others keep TVM's op)."""
     return (len(x_shape) == 4 and len(kernel) == 2 and len(stride) == 2 and len(padding) == 2
             and all(int(d) == 1 for d in dilation) and not ceil_mode
             and all(2 * int(p) <= int(k) for p, k in zip(padding, kernel)))  # PyTorch's own limit on padding
@@ -61,8 +64,8 @@ def emit_max_pool(bb, x, x_shape, kernel, stride, padding):
     oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
     src = batch_source(max_pool_source(c, h, w, kernel, stride, padding), n, ["x", "out"])
     gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}),
-                     f"max_pool_{c}x{h}x{w}_k{kh}x{kw}s{sh}x{sw}p{ph}x{pw}" + (f"_n{n}" if n > 1 else ""))
-    shape = (n, c, h, w) if n > 1 else (c, h, w)
-    y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, shape)), relax.const(np.full(1, -np.inf, np.float32))],
-                               relax.TensorType((n, c, oh, ow) if n > 1 else (c, oh, ow), "float32")))
+                     f"max_pool_{c}x{h}x{w}_k{kh}x{kw}s{sh}x{sw}p{ph}x{pw}" + _ntag(n))
+    y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, _batched(n, c, h, w))),
+                                    relax.const(np.full(1, -np.inf, np.float32))],
+                               relax.TensorType(_batched(n, c, oh, ow), "float32")))
     return bb.emit(relax.op.reshape(y, (n, c, oh, ow)))
