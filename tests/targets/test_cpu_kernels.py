@@ -590,6 +590,18 @@ def test_ubsw_exactness_bound():
     assert not ubsw_exact(np.array([[1, 2, 3]], np.int8))  # odd K: no pairs
 
 
+@pytest.mark.parametrize("cb,k4,nr", [(13, 24, 16), (25, 24, 8), (4, 80, 16), (196, 6, 16), (13, 144, 16), (1, 512, 16)])
+def test_quad_kernel_pixel_chunks_are_even(cb, k4, nr):
+    """The threads take contiguous runs of the quad kernel's tasks, so its pixel chunks must be of equal length (a
+    chunk of 21 blocks next to one of 4 left a thread idle most of the call) and each chunk's staged quads fit half
+    of L1 (16 KB) unless one block alone is bigger."""
+    from graphopt.targets.tvm.cpu.int8 import quad_chunks
+    chunks, nblk = quad_chunks(cb, k4, nr)
+    lengths = [(c + 1) * cb // chunks - c * cb // chunks for c in range(chunks)]  # the kernel's chunk bounds
+    assert sum(lengths) == cb and max(lengths) == nblk and max(lengths) - min(lengths) <= 1
+    assert nblk * k4 * nr * 4 <= max(16384, k4 * nr * 4)
+
+
 @pytest.mark.parametrize("m,k,n", [(13, 64, 32), (6, 128, 16)])
 def test_int8_gemm_ubsw_kernel_is_exact_at_the_saturation_edge(m, k, n):
     """The u8 x s8 kernel (`vpmaddubsw`, then `vpmaddwd` by ones) on weights at the bound (pairs summing to +-128
