@@ -15,6 +15,7 @@ from graphopt.ir.sparse_ops import to_bsr
 from graphopt.targets.tvm.build import build_executable
 from graphopt.targets.tvm.cpu.gemm import gemm_packed, pack_weight
 from graphopt.targets.tvm.cpu.sparse import bsr_matmul_rows, bsr_matmul_t
+from graphopt.targets.tvm.cpu.rules import vector_lanes
 from graphopt.targets.tvm.host import cpu_target
 from graphopt.targets.tvm.lower import lower_to_relax
 
@@ -204,6 +205,41 @@ def test_flat_conv_geometries(k, stride, pad, hw):
     g = graphopt.trace(model, (x,))
     assert any(n.startswith("conv_flat_13x12") for n in _func_names(g)), _func_names(g)
     _assert_built_matches(g, model, x)
+
+
+@pytest.mark.parametrize("hw,k,stride,pad,res", [((56, 56), 3, 1, (1, 1, 1, 1), True), ((7, 7), 3, 1, (1, 1, 1, 1), True),
+                                                 ((14, 14), 3, 1, (1, 1, 1, 1), False),
+                                                 ((40, 47), 5, 2, (2, 1, 1, 2), False), ((3, 9), 3, 1, (1, 1, 1, 1), True)])
+def test_flat_conv_vector_store_equals_the_per_lane_one(hw, k, stride, pad, res):
+    """The flat conv's AVX store (plain vector stores for a tile inside one output row, masked ones per row for a
+    tile crossing rows: up to three rows on a 7x7 map, where a plane row is 9 wide) writes exactly what the per-lane
+    store does, with bias, residual add and ReLU6; `vmaskmovps` is emitted and no scalar store is left."""
+    from tvm.script import tirx as T
+
+    from graphopt.targets.tvm.cpu.conv import MR, flat_conv_source, flat_geometry
+    if vector_lanes(cpu_target()) < 8:
+        pytest.skip("needs AVX")
+    cin, cout = 5, 13
+    oh, ow, hq, wq = flat_geometry(*hw, k, k, stride, pad)
+    rng = np.random.default_rng(0)
+    args = [rng.standard_normal(cin * stride * stride * hq * wq).astype(np.float32),
+            rng.standard_normal((-(-cout // MR), k * k * cin, MR)).astype(np.float32),
+            rng.standard_normal(-(-cout // MR) * MR).astype(np.float32)]
+    if res:
+        args.append(rng.standard_normal((cout, oh, ow)).astype(np.float32))
+    outs = {}
+    for masked in (False, True):
+        f = tvm.script.parse(flat_conv_source(cout, cin, *hw, k, k, stride, pad, (0.0, 6.0), res, masked),
+                             extra_vars={"T": T})
+        lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target())
+        out = tvm.runtime.tensor(np.full((cout, oh, ow), np.nan, np.float32))
+        lib["main"](*(tvm.runtime.tensor(a) for a in args), out)
+        outs[masked] = out.numpy()
+        stores = re.findall(r"vmovss\s+%xmm\d+, -?\d*\(|vmaskmovps", _asm(f))  # scalar float stores, masked ones
+        assert ("vmaskmovps" in stores) == masked and (masked or stores)
+        assert not masked or "vmovss" not in "".join(stores)
+    assert not np.isnan(outs[False]).any()
+    np.testing.assert_array_equal(outs[True], outs[False])
 
 
 @pytest.mark.parametrize("batch,k", [(1, 2), (2, 2), (1, 3)])

@@ -895,8 +895,54 @@ def pad_phases(x: T.Buffer(({cin}, {h}, {wd}), "float32"), fill: T.Buffer((1,), 
 """
 
 
+def _flat_store(cout: int, co: str, ow: int, wq: int, clamp: tuple[float, float] | None, res: bool,
+                masked: bool) -> str:
+    """The flat conv's store of its 6 x 16 tile (flat pixels q0..q0+15, rows of Wq of which OW are output pixels).
+    Per lane (a division by Wq and a scalar store each: 23% of a 64->64 56x56 conv's time), or with `masked`
+    (AVX) as vectors: a tile inside one output row is two plain stores a channel, and one that crosses rows, or
+    the plane's extra columns, is an 8-lane masked store (`vmaskmovps`) per row it touches, the mask keeping the
+    lanes of that row's output pixels (64->64 at 56x56: 2.33 -> 1.99 ms, 128->128 at 28x28 2.28 -> 2.03)."""
+    pad = " " * 16
+    if not masked:
+        pix = f"(q0 + v) // {wq}, (q0 + v) % {wq}"
+        val = _clamped("acc[r, v]" + (f" + res[{co}, {pix}]" if res else ""), clamp)
+        return f"""
+        for r in T.unroll({MR}):
+            if {co} < {cout}:
+                for v in T.serial({NR_FLAT}):
+                    if (q0 + v) % {wq} < {ow}:
+                        out[{co}, {pix}] = {val}"""
+    rows = 1 + (wq + NR_FLAT - 2) // wq  # output rows one tile can touch
+    x = f"x0 + hv * 8 - s * {wq}"  # the output column of the vector's lane 0 in row y0 + s
+    mask = (f'T.Cast("int32x8", T.bitwise_and(T.ramp({x}, 1, 8) >= T.broadcast(0, 8), '
+            f'T.ramp({x}, 1, 8) < T.broadcast({ow}, 8))) * T.broadcast(-1, 8)')
+    res8 = (f' + T.call_llvm_pure_intrin("float32x8", "llvm.x86.avx.maskload.ps.256", '
+            f'T.address_of(res[{co}, y0 + s, {x}]), {mask})') if res else ""
+    lo, hi = (f"T.broadcast(T.float32({float(b)!r}), 8)" for b in store_params(clamp, None)[:2])
+    val8 = f"acc[r, T.ramp(hv * 8, 1, 8)]{res8}"
+    if clamp is not None:
+        val8 = f"T.max(T.min({val8}, {hi}), {lo})"
+    whole = _clamped("acc[r, v]" + (f" + res[{co}, y0, x0 + v]" if res else ""), clamp)
+    return f"""
+        y0: T.int32 = q0 // {wq}
+        x0: T.int32 = q0 % {wq}
+        if x0 + {NR_FLAT} <= {ow}:
+            for r in T.unroll({MR}):
+                if {co} < {cout}:
+                    for v in T.vectorized({NR_FLAT}):
+                        out[{co}, y0, x0 + v] = {whole}
+        else:
+            for hv in T.unroll({NR_FLAT // 8}):
+                for s in T.unroll({rows}):
+                    if {x} + 7 >= 0 and {x} < {ow}:
+                        for r in T.unroll({MR}):
+                            if {co} < {cout}:
+{pad}                T.evaluate(T.call_llvm_intrin("void", "llvm.x86.avx.maskstore.ps.256",
+{pad}                    T.address_of(out[{co}, y0 + s, {x}]), {mask}, {val8}))"""
+
+
 def flat_conv_source(cout: int, cin: int, h: int, wd: int, kh: int, kw: int, stride: int, padding,
-                     clamp: tuple[float, float] | None, res: bool = False) -> str:
+                     clamp: tuple[float, float] | None, res: bool = False, masked: bool = False) -> str:
     """A dense kxk conv as an implicit GEMM over the flat phase planes (`pad_phases_source`): output pixels are
     numbered q = oy * Wq + ox over the planes' width, so for every tap the 16 pixels of a tile read 16 consecutive
     floats of one plane, whatever rows they span: a 6-channel x 16-pixel tile accumulates in 12 registers over
@@ -914,8 +960,7 @@ def flat_conv_source(cout: int, cin: int, h: int, wd: int, kh: int, kw: int, str
     panel, tile = (f"t // {nq}", f"t % {nq}") if nq <= 16 else (f"t % {mt}", f"t // {mt}")
     tap = f"(((i % {s}) * {s} + j % {s}) * {plane} + (i // {s}) * {wq} + j // {s})"
     x_at = f"ci * {ph * plane} + {tap} + q0 + v"
-    co, pix = f"({panel}) * {MR} + r", f"(q0 + v) // {wq}, (q0 + v) % {wq}"
-    val = _clamped("acc[r, v]" + (f" + res[{co}, {pix}]" if res else ""), clamp)
+    co = f"({panel}) * {MR} + r"
     res_arg = f'res: T.Buffer(({cout}, {oh}, {ow}), "float32"), ' if res else ""
     return f"""
 @T.prim_func(private=True)
@@ -933,12 +978,8 @@ def conv_flat(xp: T.Buffer(({cin * ph * plane},), "float32"), wp: T.Buffer(({mt}
                 for j in T.unroll({kw}):
                     for r in T.unroll({MR}):
                         for v in T.vectorized({NR_FLAT}):
-                            acc[r, v] = acc[r, v] + wp[{panel}, ci * {kh * kw} + i * {kw} + j, r] * xp[{x_at}]
-        for r in T.unroll({MR}):
-            if {co} < {cout}:
-                for v in T.serial({NR_FLAT}):
-                    if (q0 + v) % {wq} < {ow}:
-                        out[{co}, {pix}] = {val}
+                            acc[r, v] = acc[r, v] + wp[{panel}, ci * {kh * kw} + i * {kw} + j, r] * xp[{x_at}]{
+        _flat_store(cout, co, ow, wq, clamp, res, masked)}
 """
 
 
@@ -953,9 +994,9 @@ def pack_taps(w: np.ndarray) -> np.ndarray:
 
 
 def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, stride: int, padding,
-                   clamp: tuple[float, float] | None, residual=None):
+                   clamp: tuple[float, float] | None, residual=None, masked: bool = False):
     """A dense kxk conv of x [N, Cin, H, W] (per sample): the phase planes, then the flat implicit GEMM with bias /
-    residual add / clamp in its store."""
+    residual add / clamp in its store (vector and masked stores with `masked`: the CPU has AVX)."""
     import tvm
     from tvm import relax
     from tvm.script import tirx as T
@@ -971,7 +1012,8 @@ def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
     xp = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, _batched(n, cin, h, wd))),
                                      relax.const(np.zeros(1, np.float32))],
                                 relax.TensorType(_batched(n, size), "float32")))
-    src = batch_source(flat_conv_source(cout, cin, h, wd, kh, kw, stride, padding, clamp, residual is not None), n,
+    src = batch_source(flat_conv_source(cout, cin, h, wd, kh, kw, stride, padding, clamp, residual is not None,
+                                        masked), n,
                        ["xp", "out"] + ([] if residual is None else ["res"]))
     tag = f"{cout}x{geo}" + ("" if residual is None else "_res") + ("" if clamp is None else "_clamp") + _ntag(n)
     gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), f"conv_flat_{tag}")
