@@ -308,7 +308,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         import numpy as np
 
         from graphopt.targets.tvm.cpu import conv as k
-        from graphopt.targets.tvm.cpu.int8 import emit_im2col_qconv, emit_qconv1x1, int8_dot, qconv1x1_applies
+        from graphopt.targets.tvm.cpu.int8 import (emit_flat_qconv, emit_im2col_qconv, emit_qconv1x1,
+                                                   flat_qconv_applies, int8_dot, qconv1x1_applies)
         kind, wt, wst, bt = _qconv_kind(node)
         if kind is None or not cpu_kernels:
             return None
@@ -322,25 +323,25 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         # a depthwise consumer computes in float: hand it the int8 grid's float values rather than int8 (converting
         # int8 inside the depthwise kernel costs more than the wider store)
         dq = quant is not None and all(_fast_depthwise(u) for u in quant.users)
-        if kind == "pointwise" and qconv1x1_applies(x_shape) and int8_dot(target) is not None:
-            y = emit_qconv1x1(bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, x_shape, clamp, out_q, dq, int8_dot(target),
+        dot, full = int8_dot(target), (ph, ph, pw, pw)
+        if node.args[0] in quant_pads:  # the producer left the zero pad out: it joins this conv's padding
+            left, right, top, bottom, x_shape = quant_pads[node.args[0]]
+            full = (ph + top, ph + bottom, pw + left, pw + right)
+        if kind == "pointwise" and qconv1x1_applies(x_shape) and dot is not None:
+            y = emit_qconv1x1(bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, x_shape, clamp, out_q, dq, dot,
                               _int8_sparse(node, "qconv1x1", wt.numpy().reshape(wt.shape[0], -1)))
-        elif kind == "im2col" and int8_dot(target) is not None:
-            y = emit_im2col_qconv(bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, x_shape, int(stride[0]),
-                                  (ph, ph, pw, pw), clamp, out_q, dq, int8_dot(target))
+        elif ((kind == "im2col" or (kind == "direct" and wt.shape[1] > 8)) and dot is not None
+              and flat_qconv_applies(wt.numpy(), dot) and k.flat_conv_applies(x_shape, wt.shape, int(stride[0]), full)):
+            y = emit_flat_qconv(bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, x_shape, int(stride[0]), full, clamp,
+                                out_q, dq, dot)
+        elif kind == "im2col" and dot is not None:
+            y = emit_im2col_qconv(bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, x_shape, int(stride[0]), full, clamp,
+                                  out_q, dq, dot)
         elif kind == "direct":
-            x, full = _dequantized(bb, xq, sx, zx), (ph, ph, pw, pw)
-            if node.args[0] in quant_pads:  # the zero pad before the input's quantize joins this conv's padding
-                left, right, top, bottom, x_shape = quant_pads[node.args[0]]
-                full = (ph + top, ph + bottom, pw + left, pw + right)
-            y = k.emit_direct_conv(bb, x, w_real, b, x_shape, int(stride[0]), full, clamp, out_q, dq)
+            y = k.emit_direct_conv(bb, _dequantized(bb, xq, sx, zx), w_real, b, x_shape, int(stride[0]), full, clamp,
+                                   out_q, dq)
         elif kind == "depthwise":
-            x, full = xq, (ph, ph, pw, pw)
-            if node.args[0] in quant_pads:  # the producer left the zero pad out: it joins this conv's padding
-                left, right, top, bottom, x_shape = quant_pads[node.args[0]]
-                full = (ph + top, ph + bottom, pw + left, pw + right)
-            if node.args[0] not in dequantized:
-                x = _dequantized(bb, xq, sx, zx)
+            x = xq if node.args[0] in dequantized else _dequantized(bb, xq, sx, zx)
             y = k.emit_depthwise(bb, x, wt.numpy(), b, x_shape, int(stride[0]), full, clamp, out_q,
                                  w_scale=wst.double().numpy())
             dq = False

@@ -705,11 +705,14 @@ def test_int7_quantized_pointwise_convs_take_the_quad_kernel():
 
 
 @pytest.mark.parametrize("weights,batch", [("int8", 1), ("int7", 2)])
-def test_quantized_dense_convs_run_as_int8_im2col_and_the_int8_kernel(weights, batch):
-    """A quantized ResNet basic block: its 3x3 convs and the strided 1x1 shortcut are int8 im2col (the input's zero
-    point outside the image) then the pointwise int8 kernel, ReLU and the next quantize in its store; no TVM conv is
-    left (its generic int8 conv made a quantized ResNet-18 twice as slow as the fp32 one). The artifact agrees with
-    the graph's own integer ops within a rounding step of the int8 grids in between."""
+def test_quantized_dense_convs_run_on_the_int8_kernels(weights, batch):
+    """A quantized ResNet basic block: where the quad product is exact (7-bit weights on AVX2, any int8 weight with
+    VNNI) its stride-1 3x3 convs are the flat int8 conv (the input's quad planes, padded with its zero point, then
+    the implicit GEMM); otherwise, and for the strided 3x3 conv with a small output and the strided 1x1 shortcut,
+    int8 im2col (the zero point outside the image) then the pointwise int8 kernel. ReLU and the next quantize are
+    in the stores; no TVM conv is left (its generic int8 conv made a quantized ResNet-18 twice as slow as the fp32
+    one). The artifact agrees with the graph's own integer ops within a rounding step of the int8 grids between."""
+    from graphopt.targets.tvm.cpu.int8 import int8_dot
     torch.manual_seed(0)
     model = _BasicBlock().eval()
     x = torch.randn(batch, 16, 20, 20)
@@ -717,11 +720,80 @@ def test_quantized_dense_convs_run_as_int8_im2col_and_the_int8_kernel(weights, b
                           data=[(torch.randn(batch, 16, 20, 20),) for _ in range(4)])
     names = _func_names(q)
     nt = f"_n{batch}" if batch > 1 else ""
+    dot = int8_dot(cpu_target())
     kernel = "qconv1x1_ubsw_" if weights == "int7" else "qconv1x1_"
-    for f in ("im2col_16x20x20_k3s2_p1111_int8", "im2col_16x20x20_k1s2_p0000_int8", "im2col_32x10x10_k3s1_p1111_int8",
-              f"{kernel}32x144x100_clamp_q", f"{kernel}32x16x100", f"{kernel}32x288x100", f"{kernel}24x288x81"):
+    expected = ["im2col_16x20x20_k3s2_p1111_int8", "im2col_16x20x20_k1s2_p0000_int8", f"{kernel}32x144x100_clamp_q",
+                f"{kernel}32x16x100"]
+    if weights == "int7" or dot == "vnni":
+        expected += ["pad_quads_32x10x10_k3x3s1_p1111", f"qconv_flat_{dot}_32x32x10x10_k3x3s1_p1111",
+                     "pad_quads_32x11x11_k3x3s1_p0000", f"qconv_flat_{dot}_24x32x11x11_k3x3s1_p0000"]
+        assert not [n for n in names if n.startswith("im2col_32x")], names
+    else:
+        expected += ["im2col_32x10x10_k3s1_p1111_int8", f"{kernel}32x288x100", f"{kernel}24x288x81"]
+    for f in expected:
         assert any(n.startswith(f) and n.endswith(nt) for n in names), (f, names)
     assert not [n for n in names if "conv2d" in n], names
+    got, ref = _built_and_reference(q, x)
+    assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()
+    assert np.corrcoef(got.ravel(), ref.ravel())[0, 1] > 0.9999
+
+
+@pytest.mark.parametrize("x_shape,cout,k,stride,pad,store", [
+    ((1, 64, 28, 28), 13, 3, 1, (1, 1, 1, 1), "q"),  # a partial panel; blocks crossing rows
+    ((2, 18, 40, 47), 16, 5, 2, (2, 1, 1, 2), "dq"),  # a partial quad, four phase planes, uneven padding, batch 2
+    ((1, 12, 52, 61), 8, 3, 3, (1, 0, 1, 0), "f"),  # nine phase planes, float out
+    ((1, 32, 7, 7), 24, 3, 1, (1, 1, 1, 1), "fb")])  # 7x7: a block spans three rows; a float bias
+def test_flat_int8_conv_equals_im2col_and_the_pointwise_kernel(x_shape, cout, k, stride, pad, store):
+    """The flat int8 conv (quad planes padded with the zero point, staged per block and tap) computes exactly what
+    int8 im2col + the pointwise quad kernel does: same integer sums, same epilogue (int8 on the next grid `q`, its
+    floats `dq`, float `f`, float bias `fb` when a weight scale is ~0)."""
+    from tvm import relax
+
+    from graphopt.targets.tvm.cpu.int8 import emit_flat_qconv, emit_im2col_qconv, flat_qconv_applies, int8_dot
+    from graphopt.targets.tvm.cpu.pipeline import build_cpu
+    dot = int8_dot(cpu_target())
+    if dot is None:
+        pytest.skip("needs AVX2")
+    rng = np.random.default_rng(0)
+    cin = x_shape[1]
+    w = rng.integers(-63, 64, (cout, cin, k, k)).astype(np.int8)
+    assert flat_qconv_applies(w, dot)
+    ws = rng.uniform(1e-3, 2e-3, cout)
+    if store == "fb":
+        ws[2] = 1e-12
+    out_q = (0.05, 3, -128, 127) if store in ("q", "dq") else None
+    args = (w, ws, rng.uniform(-1, 1, cout).astype(np.float32), 0.02, -7, x_shape, stride, pad, (0.0, 6.0), out_q,
+            store == "dq", dot)
+    x = tvm.runtime.tensor(rng.integers(-128, 128, x_shape).astype(np.int8))
+    outs, names = {}, set()
+    for emit in (emit_flat_qconv, emit_im2col_qconv):
+        bb = relax.BlockBuilder()
+        xv = relax.Var("x", relax.TensorType(x_shape, "int8"))
+        with bb.function("main", [xv]):
+            with bb.dataflow():
+                y = bb.emit_output(emit(bb, xv, *args))
+            bb.emit_func_output(y)
+        mod = bb.get()
+        names |= {gv.name_hint for gv in mod.get_global_vars()}
+        outs[emit] = relax.VirtualMachine(build_cpu(mod, cpu_target()), tvm.cpu())["main"](x).numpy()
+    assert any(n.startswith(f"qconv_flat_{dot}_{cout}x{cin}x") for n in names), names
+    assert outs[emit_flat_qconv].dtype == (np.int8 if store == "q" else np.float32)
+    np.testing.assert_array_equal(outs[emit_flat_qconv], outs[emit_im2col_qconv])
+
+
+def test_quantized_big_map_conv_after_a_pad_runs_on_the_flat_int8_conv():
+    """A dense 3x3 conv on a map too big for im2col's columns (16 x 9 x 100 x 100 > 4 M) took the float direct
+    kernel on the dequantized input; with 7-bit weights it is the flat int8 conv, and the zero pad before its
+    input's quantize (TF "SAME" padding) joins its padding. Within a rounding step of the graph's integer ops."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 1), torch.nn.ReLU(), torch.nn.ZeroPad2d((0, 1, 0, 1)),
+                                torch.nn.Conv2d(16, 16, 3, stride=1), torch.nn.ReLU()).eval()
+    x = torch.randn(1, 3, 200, 200)
+    q = graphopt.optimize(graphopt.trace(model, (x,)), "quantize{weights=int7},fold-qdq",
+                          data=[(torch.randn(1, 3, 200, 200),) for _ in range(2)])
+    names = _func_names(q)
+    assert any(n.startswith("qconv_flat_") and "_16x16x200x200_k3x3s1_p0101" in n for n in names), names
+    assert not any(n.startswith(("conv_direct", "constant_pad")) for n in names), names
     got, ref = _built_and_reference(q, x)
     assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()
     assert np.corrcoef(got.ravel(), ref.ravel())[0, 1] > 0.9999

@@ -536,3 +536,169 @@ def emit_qlinear(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray 
     if n_pad != n:
         y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n]))
     return bb.emit(relax.op.reshape(y, (*lead, n)))
+
+
+def pad_quads_source(cin: int, h: int, wd: int, kh: int, kw: int, stride: int, padding) -> str:
+    """TVMScript writing xq [ceil(Cin/4), s * s, Hq * Wq, 4] uint8 from x int8 [Cin, H, W]: the input + 128, padded
+    with the zero point (`fill` [1], already + 128) and split into its stride phases as for the float flat conv
+    (`conv.pad_phases_source`), with every 4 input channels of a pixel side by side (the quad product's operand):
+    the flat int8 conv reads 8 pixels x 4 channels of one tap as one 32-byte vector. Channels past Cin (a partial
+    last quad) hold the fill and meet zero weights."""
+    from graphopt.targets.tvm.cpu.conv import flat_geometry
+    s, (pt, _, pl, _) = stride, (int(q) for q in padding)
+    _, _, hq, wq = flat_geometry(h, wd, kh, kw, s, padding)
+    ph, k4 = s * s, -(-cin // 4)
+    y = f"((r // {hq}) % {ph} // {s} + (r % {hq}) * {s} - {pt})"  # the input row of plane row r
+    xc = f"((r // {hq}) % {s} + u * {s} - {pl})"  # the input column of plane column u
+    return f"""
+@T.prim_func(private=True)
+def pad_quads(x: T.Buffer(({cin}, {h}, {wd}), "int8"), fill: T.Buffer((1,), "uint8"),
+              xq: T.Buffer(({k4 * ph * hq * wq * 4},), "uint8")):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
+    for r in T.parallel({k4 * ph * hq}):
+        for u in T.serial({wq}):
+            for c in T.unroll(4):
+                if {y} >= 0 and {y} < {h} and {xc} >= 0 and {xc} < {wd} and (r // {ph * hq}) * 4 + c < {cin}:
+                    xq[(r * {wq} + u) * 4 + c] = T.reinterpret("uint8", T.bitwise_xor(
+                        x[(r // {ph * hq}) * 4 + c, {y}, {xc}], T.int8(-128)))
+                else:
+                    xq[(r * {wq} + u) * 4 + c] = fill[0]
+"""
+
+
+def qconv_flat_source(cout: int, cin: int, h: int, wd: int, kh: int, kw: int, stride: int, padding,
+                      clamp: tuple[float, float] | None = None, out_q: tuple[float, int, int, int] | None = None,
+                      dequantized: bool = False, float_bias: bool = False, dot: str = "ubsw") -> str:
+    """The int8 dense kxk conv as an implicit GEMM over the quad planes of `pad_quads_source`: the pointwise quad
+    kernel (`qconv1x1_ubsw_source`) with reduction quads (input quad, tap), whose staging copies each 16-pixel
+    block's 64 bytes per quad and tap straight from the planes (pixels are numbered over the planes' width as in
+    the float flat conv, `conv.flat_conv_source`, so a tap is one contiguous run whatever rows the block spans).
+    No im2col columns (9 x the activation for a 3x3 conv, then re-read and shuffled into quads) are written. The
+    reduction loop is the pointwise kernel's (a 6 x 16 int32 tile in registers; the conv's taps unrolled inside it
+    spilled the tile: 84 stack references per 108 products). The epilogue is the pointwise kernel's; a block
+    inside one output row stores vectors, one crossing rows (or the planes' extra columns) stores per lane."""
+    from graphopt.targets.tvm.cpu.conv import flat_geometry
+    s = stride
+    oh, ow, hq, wq = flat_geometry(h, wd, kh, kw, s, padding)
+    plane, ph, k4, taps = hq * wq, s * s, -(-cin // 4), kh * kw
+    kq, nr, mt = k4 * taps, 16, -(-cout // MR)
+    qmax = (oh - 1) * wq + ow
+    cb = -(-qmax // nr)
+    chunks, nblk = quad_chunks(cb, kq, nr)
+    groups = max(1, min(mt, -(-8 // chunks)))
+    offs = [((i % s) * s + j % s) * plane + (i // s) * wq + j // s for i in range(kh) for j in range(kw)]
+    stage = "".join(f"""
+                    for v in T.unroll(2):
+                        xs[T.ramp((((b - b0) * {kq} + qc * {taps} + {tp}) * {nr} + v * 8) * 4, 1, 32)] = xq[T.ramp(
+                            (qc * {ph * plane} + {off} + q0 + v * 8) * 4, 1, 32)]""" for tp, off in enumerate(offs))
+    steps = ""
+    for v in range(2):
+        acc = f"acc[T.ramp(i * {nr} + {v * 8}, 1, 8)]"
+        x = f"xs[T.ramp((((b - b0) * {kq} + k) * {nr} + {v * 8}) * 4, 1, 32)]"
+        w = f'T.reinterpret("int8x32", T.broadcast(w4[(c * {kq} + k) * {MR} + i], 8))'
+        steps += f"""
+                        {acc} = {quad_dot(acc, x, w, dot)}"""
+    co = f"c * {MR} + i"
+
+    def val(lane: str) -> str:
+        e = f'T.Cast("float32", acc[{lane}] - off[{co}]) * mult[{co}]' + (f" + bias[{co}]" if float_bias else "")
+        return _clamped(e, clamp, out_q, dequantized, qp="qp")
+    bias_arg = f' bias: T.Buffer(({mt * MR},), "float32"),' if float_bias else ""
+    otype = "int8" if out_q and not dequantized else "float32"
+    blocks = f"T.serial(b0, (t // {groups} + 1) * {cb} // {chunks})"
+    return f"""
+@T.prim_func(private=True)
+def qconv_flat_{dot}(xq: T.Buffer(({k4 * ph * plane * 4},), "uint8"), w4: T.Buffer(({mt * kq * MR},), "int32"),
+                     off: T.Buffer(({mt * MR},), "int32"), mult: T.Buffer(({mt * MR},), "float32"),{bias_arg}
+                     qp: T.Buffer((4,), "float32"), out: T.Buffer(({cout * oh * ow},), "{otype}")):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
+    for t in T.parallel({chunks * groups}):
+        b0 = (t // {groups}) * {cb} // {chunks}
+        xs = T.decl_buffer(({nblk * kq * nr * 4},), "uint8", scope="global")
+        for b in {blocks}:
+            q0: T.int32 = T.min(b * {nr}, {qmax - nr})
+            for qc in T.serial({k4}):{stage}
+        for c in T.serial((t % {groups}) * {mt} // {groups}, (t % {groups} + 1) * {mt} // {groups}):
+            for b in {blocks}:
+                q0: T.int32 = T.min(b * {nr}, {qmax - nr})
+                acc = T.decl_buffer(({MR * nr},), "int32", scope="global")
+                for i in T.unroll({MR}):
+                    acc[T.ramp(i * {nr}, 1, {nr})] = T.broadcast(T.int32(0), {nr})
+                for k in T.serial({kq}):
+                    for i in T.unroll({MR}):{steps}
+                y0: T.int32 = q0 // {wq}
+                x0: T.int32 = q0 % {wq}
+                for i in T.unroll({MR}):
+                    if {co} < {cout}:
+                        if x0 + {nr} <= {ow}:
+                            for v in T.vectorized({nr}):
+                                out[({co}) * {oh * ow} + y0 * {ow} + x0 + v] = {val(f"i * {nr} + v")}
+                        else:
+                            ot = T.decl_buffer(({nr},), "{otype}", scope="global")
+                            for v in T.vectorized({nr}):
+                                ot[v] = {val(f"i * {nr} + v")}
+                            for v in T.serial({nr}):
+                                if (x0 + v) % {wq} < {ow}:
+                                    out[({co}) * {oh * ow} + (y0 + (x0 + v) // {wq}) * {ow} + (x0 + v) % {wq}] = ot[v]
+"""
+
+
+def pack_flat_quads(wq: np.ndarray) -> np.ndarray:
+    """int8 W [Cout, Cin, kh, kw] -> int32 [ceil(Cout/6) * ceil(Cin/4) * kh * kw * 6]: per panel of 6 output
+    channels, input quad and tap, each channel's 4 weights of that quad as one word (zeros pad both)."""
+    cout, cin, kh, kw = wq.shape
+    mt, k4 = -(-cout // MR), -(-cin // 4)
+    w = np.zeros((mt * MR, k4 * 4, kh, kw), np.int8)
+    w[:cout, :cin] = wq
+    w = w.reshape(mt, MR, k4, 4, kh, kw).transpose(0, 2, 4, 5, 1, 3)
+    return np.ascontiguousarray(w).view(np.int32).reshape(-1)
+
+
+def flat_qconv_applies(wq: np.ndarray, dot: str) -> bool:
+    """Whether the flat int8 conv takes this int8 weight [Cout, Cin, kh, kw]: where the pointwise kernel would use
+    the quad product for the im2col columns (not int4-sized weights, which stay nibble-packed on the int16 kernel;
+    on AVX2 only weights `vpmaddubsw` is exact for, paired as the kernel pairs them: channels 2m, 2m + 1 of a tap)."""
+    cout, cin, kh, kw = wq.shape
+    if fits_int4(wq.reshape(cout, -1)):
+        return False
+    if dot != "ubsw":
+        return True
+    k4 = -(-cin // 4)
+    w = np.zeros((cout, 4 * k4, kh, kw), np.int8)
+    w[:, :cin] = wq
+    return ubsw_exact(w.reshape(cout, k4, 4, kh * kw).transpose(0, 1, 3, 2).reshape(cout, -1))
+
+
+def emit_flat_qconv(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | None, sx: float, zx: int,
+                    x_shape, stride: int, padding, clamp, out_q, dequantized: bool = False, dot: str = "ubsw"):
+    """A dense k x k qconv2d of xq int8 [N, Cin, H, W] on the flat int8 conv (per sample): the quad planes (the
+    input's zero point as padding: exact on the grid), then `qconv_flat_source` with its epilogue. For weights the
+    quad product is exact on (VNNI, or `ubsw_exact`: 7-bit weights on AVX2)."""
+    import tvm
+    from tvm import relax
+    from tvm.script import tirx as T
+
+    from graphopt.targets.tvm.cpu.conv import _batched, _ntag, flat_geometry
+    n, cin, h, wd = (int(d) for d in x_shape)
+    cout, _, kh, kw = (int(d) for d in wq.shape)
+    oh, ow, hq, wqd = flat_geometry(h, wd, kh, kw, stride, padding)
+    size = -(-cin // 4) * stride * stride * hq * wqd * 4
+    geo = f"{cin}x{h}x{wd}_k{kh}x{kw}s{stride}_p{''.join(str(int(q)) for q in padding)}"
+    gv = bb.add_func(tvm.script.parse(batch_source(pad_quads_source(cin, h, wd, kh, kw, stride, padding), n,
+                                                   ["x", "xq"]), extra_vars={"T": T}), f"pad_quads_{geo}{_ntag(n)}")
+    planes = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(xq, _batched(n, cin, h, wd))),
+                                         relax.const(np.full(1, (int(zx) + 128) % 256, np.uint8))],
+                                    relax.TensorType(_batched(n, size), "uint8")))
+    mt = -(-cout // MR)
+    consts = epilogue_constants(wq, w_scales, bias, sx, zx + 128, mt, out_q)
+    src = qconv_flat_source(cout, cin, h, wd, kh, kw, stride, padding, clamp, out_q, dequantized,
+                            consts[2] is not None, dot)
+    tag = (f"{cout}x{geo}" + ("" if clamp is None else "_clamp") + ("_q" if out_q else "") + ("dq" if dequantized else "")
+           + _ntag(n))
+    gv = bb.add_func(tvm.script.parse(batch_source(src, n, ["xq", "out"]), extra_vars={"T": T}), f"qconv_flat_{dot}_{tag}")
+    dtype = "int8" if out_q and not dequantized else "float32"
+    y = bb.emit(relax.call_tir(gv, [planes, relax.const(pack_flat_quads(wq)),
+                                    *(relax.const(c) for c in consts if c is not None),
+                                    relax.const(store_params(clamp, out_q))],
+                               relax.TensorType(_batched(n, cout * oh * ow), dtype)))
+    return bb.emit(relax.op.reshape(y, (n, cout, oh, ow)))
