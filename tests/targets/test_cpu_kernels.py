@@ -15,6 +15,7 @@ from graphopt.ir.sparse_ops import to_bsr
 from graphopt.targets.tvm.build import build_executable
 from graphopt.targets.tvm.cpu.gemm import gemm_packed, pack_weight
 from graphopt.targets.tvm.cpu.sparse import bsr_matmul_rows, bsr_matmul_t
+from graphopt.targets.tvm.cpu.int8 import int8_dot
 from graphopt.targets.tvm.cpu.rules import vector_lanes
 from graphopt.targets.tvm.host import cpu_target
 from graphopt.targets.tvm.lower import lower_to_relax
@@ -523,10 +524,10 @@ def test_int8_pointwise_kernel_is_exact_and_uses_vpmaddwd(cout, cin, p, out_int8
         assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
-def _quantized_block(model, shape):
+def _quantized_block(model, shape, weights: str = "int8"):
     torch.manual_seed(0)
     x = torch.rand(*shape)
-    q = graphopt.optimize(graphopt.trace(model.eval(), (x,)), "quantize,fold-qdq",
+    q = graphopt.optimize(graphopt.trace(model.eval(), (x,)), f"quantize{{weights={weights}}},fold-qdq",
                           data=[(torch.rand(*shape),) for _ in range(4)])
     from tvm import relax
     ex, *_ = build_executable(q)
@@ -575,14 +576,19 @@ def test_quantized_tf_same_pad_joins_the_depthwise_kernel(first):
 
 def test_quantized_input_pad_joins_the_stem_kernel():
     """A quantized model whose input is zero padded (TF "SAME") before a stride-2 stem: the input is quantized
-    unpadded and the direct conv pads, so no pad function (and no scalar quantize of a 33 x 33 image) is built."""
+    unpadded and the stem kernel pads, so no pad function (and no scalar quantize of a 33 x 33 image) is built.
+    The stem is the float direct conv on the dequantized input for full-range int8 weights on AVX2, else (int7
+    weights) the flat int8 conv, whose quad planes take the pad."""
     model = torch.nn.Sequential(torch.nn.ZeroPad2d((0, 1, 0, 1)), torch.nn.Conv2d(3, 16, 3, stride=2),
                                 torch.nn.ReLU6(), torch.nn.Conv2d(16, 8, 1))
-    q, got, ref = _quantized_block(model, (1, 3, 32, 32))
-    names = _func_names(q)
-    assert not [n for n in names if "pad" in n], names
-    assert any(n.startswith("conv_direct_16x3x32x32_k3s2") for n in names), names
-    assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()
+    for weights in ("int8", "int7"):
+        q, got, ref = _quantized_block(model, (1, 3, 32, 32), weights)
+        names = _func_names(q)
+        assert not [n for n in names if "pad" in n], names
+        assert any(n.startswith(("conv_direct_16x3x32x32_k3s2", "qconv_flat_")) for n in names), names
+        assert any(n.startswith("qconv_flat_") for n in names) == (weights == "int7"
+                                                                   or int8_dot(cpu_target()) == "vnni"), names
+        assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()
 
 
 @pytest.mark.parametrize("m,k,n", [(13, 64, 32), (6, 128, 16), (40, 96, 48)])
@@ -725,8 +731,8 @@ def test_quantized_dense_convs_run_on_the_int8_kernels(weights, batch):
     expected = ["im2col_16x20x20_k3s2_p1111_int8", "im2col_16x20x20_k1s2_p0000_int8", f"{kernel}32x144x100_clamp_q",
                 f"{kernel}32x16x100"]
     if weights == "int7" or dot == "vnni":
-        expected += ["pad_quads_32x10x10_k3x3s1_p1111", f"qconv_flat_{dot}_32x32x10x10_k3x3s1_p1111",
-                     "pad_quads_32x11x11_k3x3s1_p0000", f"qconv_flat_{dot}_24x32x11x11_k3x3s1_p0000"]
+        expected += ["quad_planes_32x10x10_k3x3s1_p1111", f"qconv_flat_{dot}_32x32x10x10_k3x3s1_p1111",
+                     "quad_planes_32x11x11_k3x3s1_p0000", f"qconv_flat_{dot}_24x32x11x11_k3x3s1_p0000"]
         assert not [n for n in names if n.startswith("im2col_32x")], names
     else:
         expected += ["im2col_32x10x10_k3s1_p1111_int8", f"{kernel}32x288x100", f"{kernel}24x288x81"]

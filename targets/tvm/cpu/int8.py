@@ -538,7 +538,7 @@ def emit_qlinear(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray 
     return bb.emit(relax.op.reshape(y, (*lead, n)))
 
 
-def pad_quads_source(cin: int, h: int, wd: int, kh: int, kw: int, stride: int, padding) -> str:
+def quad_planes_source(cin: int, h: int, wd: int, kh: int, kw: int, stride: int, padding) -> str:
     """TVMScript writing xq [ceil(Cin/4), s * s, Hq * Wq, 4] uint8 from x int8 [Cin, H, W]: the input + 128, padded
     with the zero point (`fill` [1], already + 128) and split into its stride phases as for the float flat conv
     (`conv.pad_phases_source`), with every 4 input channels of a pixel side by side (the quad product's operand):
@@ -552,7 +552,7 @@ def pad_quads_source(cin: int, h: int, wd: int, kh: int, kw: int, stride: int, p
     xc = f"((r // {hq}) % {s} + u * {s} - {pl})"  # the input column of plane column u
     return f"""
 @T.prim_func(private=True)
-def pad_quads(x: T.Buffer(({cin}, {h}, {wd}), "int8"), fill: T.Buffer((1,), "uint8"),
+def quad_planes(x: T.Buffer(({cin}, {h}, {wd}), "int8"), fill: T.Buffer((1,), "uint8"),
               xq: T.Buffer(({k4 * ph * hq * wq * 4},), "uint8")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
     for r in T.parallel({k4 * ph * hq}):
@@ -569,7 +569,7 @@ def pad_quads(x: T.Buffer(({cin}, {h}, {wd}), "int8"), fill: T.Buffer((1,), "uin
 def qconv_flat_source(cout: int, cin: int, h: int, wd: int, kh: int, kw: int, stride: int, padding,
                       clamp: tuple[float, float] | None = None, out_q: tuple[float, int, int, int] | None = None,
                       dequantized: bool = False, float_bias: bool = False, dot: str = "ubsw") -> str:
-    """The int8 dense kxk conv as an implicit GEMM over the quad planes of `pad_quads_source`: the pointwise quad
+    """The int8 dense kxk conv as an implicit GEMM over the quad planes of `quad_planes_source`: the pointwise quad
     kernel (`qconv1x1_ubsw_source`) with reduction quads (input quad, tap), whose staging copies each 16-pixel
     block's 64 bytes per quad and tap straight from the planes (pixels are numbered over the planes' width as in
     the float flat conv, `conv.flat_conv_source`, so a tap is one contiguous run whatever rows the block spans).
@@ -684,8 +684,8 @@ def emit_flat_qconv(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarr
     oh, ow, hq, wqd = flat_geometry(h, wd, kh, kw, stride, padding)
     size = -(-cin // 4) * stride * stride * hq * wqd * 4
     geo = f"{cin}x{h}x{wd}_k{kh}x{kw}s{stride}_p{''.join(str(int(q)) for q in padding)}"
-    gv = bb.add_func(tvm.script.parse(batch_source(pad_quads_source(cin, h, wd, kh, kw, stride, padding), n,
-                                                   ["x", "xq"]), extra_vars={"T": T}), f"pad_quads_{geo}{_ntag(n)}")
+    gv = bb.add_func(tvm.script.parse(batch_source(quad_planes_source(cin, h, wd, kh, kw, stride, padding), n,
+                                                   ["x", "xq"]), extra_vars={"T": T}), f"quad_planes_{geo}{_ntag(n)}")
     planes = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(xq, _batched(n, cin, h, wd))),
                                          relax.const(np.full(1, (int(zx) + 128) % 256, np.uint8))],
                                     relax.TensorType(_batched(n, size), "uint8")))
