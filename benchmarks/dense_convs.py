@@ -1,5 +1,5 @@
-"""Dense 3x3 convs (ResNet bodies) on the CPU: graphopt fp32 (flat implicit GEMM) and int7 (int8 im2col + the
-int8 pointwise kernel) against ONNX Runtime fp32 and int8 (`quantize_static`) and PyTorch, in one run.
+"""Dense 3x3 convs (ResNet bodies) on the CPU: graphopt fp32 (flat implicit GEMM) and int7 (the flat int8 conv;
+int8 im2col + the int8 pointwise kernel for strided convs with small outputs) against ONNX Runtime fp32 and int8 (`quantize_static`) and PyTorch, in one run.
 
 Rows: each ResNet-18 3x3 conv shape (+ ReLU) alone, then a whole ResNet-18 (torchvision's layout, written here:
 no torchvision; random weights with randomized batch-norm statistics, batch 1, 224x224), fp32 and int7
