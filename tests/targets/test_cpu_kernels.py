@@ -327,8 +327,11 @@ def test_asymmetric_zero_pad_folds_into_the_depthwise_kernel():
 @pytest.mark.parametrize("cout,cin,hw,k,stride,pad", [(32, 3, 20, 3, 2, (1, 1, 1, 1)), (13, 2, 11, 3, 1, (0, 1, 0, 1)),
                                                       (8, 4, 9, 5, 2, (2, 2, 2, 2)),
                                                       (6, 3, 40, 3, 2, (1, 1, 1, 1)),  # 19 interior columns: the
-                                                      (7, 3, 37, 3, 1, (1, 1, 1, 1))])  # last 16 overlap the first
+                                                      (7, 3, 37, 3, 1, (1, 1, 1, 1)),  # last 16 overlap the first
+                                                      (16, 3, 40, 7, 2, (3, 3, 3, 3))])  # ResNet's stem
 def test_stem_conv_direct_kernel(cout, cin, hw, k, stride, pad):
+    """Few-input-channel stems: the direct kernel, or where the reduction (Cin x kh x kw) passes 64 steps, the
+    staged flat conv; the pad and the clamp fused; matches PyTorch."""
     torch.manual_seed(0)
 
     class Stem(torch.nn.Module):
@@ -339,10 +342,11 @@ def test_stem_conv_direct_kernel(cout, cin, hw, k, stride, pad):
         def forward(self, x):
             return torch.clamp(self.conv(torch.nn.functional.pad(x, pad)), 0.0, 6.0)
 
-    model, x = Stem().eval(), torch.randn(1, cin, hw, hw)
+    model, x = Stem().eval(), torch.randn(2 if k == 7 else 1, cin, hw, hw)  # the staged kernel at batch 2
     g = graphopt.trace(model, (x,))
     text = lower_to_relax(g).script()
-    assert "conv_direct_" in text and "R.nn.pad" not in text and "R.clip" not in text
+    kernel = "conv_staged_" if cin * k * k > 64 else "conv_direct_"
+    assert kernel in text and "R.nn.pad" not in text and "R.clip" not in text
     _assert_built_matches(g, model, x)
 
 
