@@ -992,28 +992,38 @@ def staged_conv_applies(x_shape, w_shape, stride: int, padding) -> bool:
     return cin * kh * kw > 64 and (oh - 1) * wq + ow >= NR_FLAT
 
 
+def staged_tiling(cout: int, h: int, wd: int, kh: int, kw: int, stride: int, padding, steps: int) -> dict:
+    """The task layout the staged flat convs (float `staged_conv_source`, int8 `int8.qconv_flat_source`) share:
+    16-pixel blocks over the flat output range, cut into even chunks whose staged `steps` reduction rows per block
+    fit half of L1 (`int8.quad_chunks`), panel groups enough for the threads, and each tap's flat offset in the
+    phase planes."""
+    from graphopt.targets.tvm.cpu.int8 import quad_chunks
+    oh, ow, hq, wq = flat_geometry(h, wd, kh, kw, stride, padding)
+    plane, mt, s = hq * wq, -(-cout // MR), stride
+    qmax = (oh - 1) * wq + ow
+    cb = -(-qmax // NR_FLAT)
+    chunks, nblk = quad_chunks(cb, steps, NR_FLAT)
+    return {"oh": oh, "ow": ow, "wq": wq, "plane": plane, "ph": s * s, "taps": kh * kw, "mt": mt, "qmax": qmax,
+            "cb": cb, "chunks": chunks, "nblk": nblk, "groups": max(1, min(mt, -(-8 // chunks))),
+            "offs": [((i % s) * s + j % s) * plane + (i // s) * wq + j // s for i in range(kh) for j in range(kw)],
+            "blocks": f"T.serial(b0, (t // {max(1, min(mt, -(-8 // chunks)))} + 1) * {cb} // {chunks})"}
+
+
 def staged_conv_source(cout: int, cin: int, h: int, wd: int, kh: int, kw: int, stride: int, padding,
                        clamp: tuple[float, float] | None, masked: bool = False) -> str:
     """The flat conv for few input channels (stems): each task first copies its 16-pixel blocks' rows of every
     (input channel, tap) from the phase planes into a staged [block, Cin * kh * kw, 16] buffer (16 contiguous
     floats per tap, as in `flat_conv_source`), then runs the 6 x 16 register tile over it like the packed
     pointwise GEMM, each panel's weights reused across the chunk's blocks (the flat int8 conv's structure)."""
-    from graphopt.targets.tvm.cpu.int8 import quad_chunks
-    s = stride
-    oh, ow, hq, wq = flat_geometry(h, wd, kh, kw, s, padding)
-    plane, ph, taps = hq * wq, s * s, kh * kw
-    k, nr, mt = cin * taps, NR_FLAT, -(-cout // MR)
-    qmax = (oh - 1) * wq + ow
-    cb = -(-qmax // nr)
-    chunks, nblk = quad_chunks(cb, k, nr)
-    groups = max(1, min(mt, -(-8 // chunks)))
-    offs = [((i % s) * s + j % s) * plane + (i // s) * wq + j // s for i in range(kh) for j in range(kw)]
+    k, nr = cin * kh * kw, NR_FLAT
+    g = staged_tiling(cout, h, wd, kh, kw, stride, padding, k)
+    oh, ow, wq, plane, ph, taps, mt, qmax = (g[n] for n in ("oh", "ow", "wq", "plane", "ph", "taps", "mt", "qmax"))
+    cb, chunks, nblk, groups, blocks = (g[n] for n in ("cb", "chunks", "nblk", "groups", "blocks"))
     stage = "".join(f"""
                 xs[T.ramp((((b - b0) * {k} + ci * {taps} + {tp}) * {nr}), 1, {nr})] = xp[T.ramp(
-                    ci * {ph * plane} + {off} + q0, 1, {nr})]""" for tp, off in enumerate(offs))
+                    ci * {ph * plane} + {off} + q0, 1, {nr})]""" for tp, off in enumerate(g["offs"]))
     store = "\n".join(" " * 8 + ln if ln.strip() else ln
                        for ln in _flat_store(cout, f"c * {MR} + r", ow, wq, clamp, False, masked).split("\n"))
-    blocks = f"T.serial(b0, (t // {groups} + 1) * {cb} // {chunks})"
     return f"""
 @T.prim_func(private=True)
 def conv_staged(xp: T.Buffer(({cin * ph * plane},), "float32"), wp: T.Buffer(({mt}, {k}, {MR}), "float32"),

@@ -577,16 +577,12 @@ def qconv_flat_source(cout: int, cin: int, h: int, wd: int, kh: int, kw: int, st
     reduction loop is the pointwise kernel's (a 6 x 16 int32 tile in registers; the conv's taps unrolled inside it
     spilled the tile: 84 stack references per 108 products). The epilogue is the pointwise kernel's; a block
     inside one output row stores vectors, one crossing rows (or the planes' extra columns) stores per lane."""
-    from graphopt.targets.tvm.cpu.conv import flat_geometry
-    s = stride
-    oh, ow, hq, wq = flat_geometry(h, wd, kh, kw, s, padding)
-    plane, ph, k4, taps = hq * wq, s * s, -(-cin // 4), kh * kw
-    kq, nr, mt = k4 * taps, 16, -(-cout // MR)
-    qmax = (oh - 1) * wq + ow
-    cb = -(-qmax // nr)
-    chunks, nblk = quad_chunks(cb, kq, nr)
-    groups = max(1, min(mt, -(-8 // chunks)))
-    offs = [((i % s) * s + j % s) * plane + (i // s) * wq + j // s for i in range(kh) for j in range(kw)]
+    from graphopt.targets.tvm.cpu.conv import staged_tiling
+    k4, nr = -(-cin // 4), 16
+    kq = k4 * kh * kw
+    g = staged_tiling(cout, h, wd, kh, kw, stride, padding, kq)
+    oh, ow, wq, plane, ph, taps, mt, qmax = (g[n] for n in ("oh", "ow", "wq", "plane", "ph", "taps", "mt", "qmax"))
+    cb, chunks, nblk, groups, blocks, offs = (g[n] for n in ("cb", "chunks", "nblk", "groups", "blocks", "offs"))
     stage = "".join(f"""
                     for v in T.unroll(2):
                         xs[T.ramp((((b - b0) * {kq} + qc * {taps} + {tp}) * {nr} + v * 8) * 4, 1, 32)] = xq[T.ramp(
@@ -605,7 +601,6 @@ def qconv_flat_source(cout: int, cin: int, h: int, wd: int, kh: int, kw: int, st
         return _clamped(e, clamp, out_q, dequantized, qp="qp")
     bias_arg = f' bias: T.Buffer(({mt * MR},), "float32"),' if float_bias else ""
     otype = "int8" if out_q and not dequantized else "float32"
-    blocks = f"T.serial(b0, (t // {groups} + 1) * {cb} // {chunks})"
     return f"""
 @T.prim_func(private=True)
 def qconv_flat_{dot}(xq: T.Buffer(({k4 * ph * plane * 4},), "uint8"), w4: T.Buffer(({mt * kq * MR},), "int32"),
