@@ -350,6 +350,18 @@ def test_stem_conv_direct_kernel(cout, cin, hw, k, stride, pad):
     _assert_built_matches(g, model, x)
 
 
+def test_staged_stem_conv_refuses_a_residual():
+    """The staged stem kernel's store has no residual input: asking for one is an error, not a dropped add."""
+    from tvm import relax
+
+    from graphopt.targets.tvm.cpu.conv import emit_flat_conv
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 3, 40, 40), "float32"))
+    with pytest.raises(ValueError, match="no residual"):  # refused before anything is emitted
+        emit_flat_conv(bb, x, np.zeros((16, 3, 7, 7), np.float32), None, (1, 3, 40, 40), 2, (3, 3, 3, 3), None,
+                       residual=x, staged=True)
+
+
 def test_batch1_linear_keeps_the_gemv_rule():
     g = graphopt.trace(torch.nn.Linear(64, 32).eval(), (torch.randn(1, 64),))
     assert not any(n.startswith("gemm_packed") for n in _func_names(g))

@@ -1003,10 +1003,11 @@ def staged_tiling(cout: int, h: int, wd: int, kh: int, kw: int, stride: int, pad
     qmax = (oh - 1) * wq + ow
     cb = -(-qmax // NR_FLAT)
     chunks, nblk = quad_chunks(cb, steps, NR_FLAT)
+    groups = max(1, min(mt, -(-8 // chunks)))  # enough tasks for the threads; each group stages its chunk once
     return {"oh": oh, "ow": ow, "wq": wq, "plane": plane, "ph": s * s, "taps": kh * kw, "mt": mt, "qmax": qmax,
-            "cb": cb, "chunks": chunks, "nblk": nblk, "groups": max(1, min(mt, -(-8 // chunks))),
+            "cb": cb, "chunks": chunks, "nblk": nblk, "groups": groups,
             "offs": [((i % s) * s + j % s) * plane + (i // s) * wq + j // s for i in range(kh) for j in range(kw)],
-            "blocks": f"T.serial(b0, (t // {max(1, min(mt, -(-8 // chunks)))} + 1) * {cb} // {chunks})"}
+            "blocks": f"T.serial(b0, (t // {groups} + 1) * {cb} // {chunks})"}  # the task's chunk of blocks
 
 
 def staged_conv_source(cout: int, cin: int, h: int, wd: int, kh: int, kw: int, stride: int, padding,
@@ -1062,11 +1063,14 @@ def pack_taps(w: np.ndarray) -> np.ndarray:
 def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, stride: int, padding,
                    clamp: tuple[float, float] | None, residual=None, masked: bool = False, staged: bool = False):
     """A dense kxk conv of x [N, Cin, H, W] (per sample): the phase planes, then the flat implicit GEMM with bias /
-    residual add / clamp in its store (vector and masked stores with `masked`: the CPU has AVX)."""
+    residual add / clamp in its store (vector and masked stores with `masked`: the CPU has AVX), or with `staged`
+    the staged form for long-reduction stems (`staged_conv_source`; no residual)."""
     import tvm
     from tvm import relax
     from tvm.script import tirx as T
 
+    if staged and residual is not None:  # the staged kernel's store has no residual input
+        raise ValueError("the staged flat conv takes no residual add (fuse it into a flat or im2col conv)")
     n, cin, h, wd = (int(d) for d in x_shape)
     cout, _, kh, kw = (int(d) for d in w.shape)
     oh, ow, hq, wq = flat_geometry(h, wd, kh, kw, stride, padding)
@@ -1078,7 +1082,7 @@ def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
     xp = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, _batched(n, cin, h, wd))),
                                      relax.const(np.zeros(1, np.float32))],
                                 relax.TensorType(_batched(n, size), "float32")))
-    if staged:  # (no residual: stems)
+    if staged:
         src = batch_source(staged_conv_source(cout, cin, h, wd, kh, kw, stride, padding, clamp, masked), n,
                            ["xp", "out"])
     else:

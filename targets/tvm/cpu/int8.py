@@ -577,8 +577,8 @@ def qconv_flat_source(cout: int, cin: int, h: int, wd: int, kh: int, kw: int, st
     reduction loop is the pointwise kernel's (a 6 x 16 int32 tile in registers; the conv's taps unrolled inside it
     spilled the tile: 84 stack references per 108 products). The epilogue is the pointwise kernel's; a block
     inside one output row stores vectors, one crossing rows (or the planes' extra columns) stores per lane."""
-    from graphopt.targets.tvm.cpu.conv import staged_tiling
-    k4, nr = -(-cin // 4), 16
+    from graphopt.targets.tvm.cpu.conv import NR_FLAT, staged_tiling
+    k4, nr = -(-cin // 4), NR_FLAT  # blocks of 16 pixels: two 32-byte quad vectors (`steps` below)
     kq = k4 * kh * kw
     g = staged_tiling(cout, h, wd, kh, kw, stride, padding, kq)
     oh, ow, wq, plane, ph, taps, mt, qmax = (g[n] for n in ("oh", "ow", "wq", "plane", "ph", "taps", "mt", "qmax"))
