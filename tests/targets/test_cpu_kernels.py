@@ -398,6 +398,16 @@ def test_packed_gemm_assembly_accumulates_in_registers():
     assert not re.search(r"vmov(?:u|a)ps\s+%(?:ymm|zmm)\d+, ", loop)  # no accumulator spilled to memory
 
 
+def test_pointwise_kernel_prefetches_its_weight_stream():
+    """In a whole model a pointwise layer's packed weight is cold (read once per run, evicted by the other layers'
+    traffic): the reduction asks for it PREFETCH k steps ahead, and still keeps its tile in registers."""
+    from graphopt.targets.tvm.cpu.conv import MR, PREFETCH, conv1x1_packed
+    loop = _inner_fma_loop(_asm(conv1x1_packed(320, 960, 49, 16, (0.0, 6.0))))
+    assert PREFETCH > 0 and re.search(rf"prefetcht0\s+{PREFETCH * MR * 4}\(", loop), loop
+    assert len(re.findall(r"vfmadd\d+ps", loop)) >= 12
+    assert not re.search(r"vmov(?:u|a)ps\s+%(?:ymm|zmm)\d+, ", loop)
+
+
 def test_bsr_kernel_assembly_accumulates_in_registers():
     loop = _inner_fma_loop(_asm(bsr_matmul_t(32, 64, 64, 4, 4, 10)))
     assert re.findall(r"vfmadd\d+ps", loop)

@@ -15,19 +15,23 @@ import numpy as np
 from graphopt.targets.tvm.cpu.batch import batch_source
 
 MR = 6
+PREFETCH = 64
 
 
 def _tile(rows: int, cols: int, r0: str, c0: str, k: int, clamp: tuple[float, float] | None, name: str,
-          pad: str = " " * 12, res: bool = False) -> str:
+          pad: str = " " * 12, res: bool = False, prefetch: int = 0) -> str:
     """One `rows` x `cols` output tile at (r0, c0), accumulated in registers over all k, then stored (plus the
-    residual `res` at the same place, before the clamp, when `res`)."""
+    residual `res` at the same place, before the clamp, when `res`). `prefetch` > 0 asks for the packed weight that
+    many k steps ahead at every step (the address runs on into the next panel, which the next tile reads)."""
     val = _clamped(f"{name}[i, v]" + (f" + res[{r0} + i, {c0} + v]" if res else ""), clamp)
+    pf = "" if not prefetch else f"""
+{pad}    T.evaluate(T.call_intrin("", "tirx.prefetch", T.address_of(wp[({r0}) // {MR}, kk + {prefetch}, 0]), 0, 3, 1))"""
     return f"""
 {pad}{name} = T.decl_buffer(({rows}, {cols}), "float32", scope="global")
 {pad}for i in T.unroll({rows}):
 {pad}    for v in T.vectorized({cols}):
 {pad}        {name}[i, v] = bias[{r0} + i]
-{pad}for kk in T.serial({k}):
+{pad}for kk in T.serial({k}):{pf}
 {pad}    for i in T.unroll({rows}):
 {pad}        for v in T.vectorized({cols}):
 {pad}            {name}[i, v] = {name}[i, v] + wp[({r0}) // {MR}, kk, ({r0}) % {MR} + i] * x[kk, {c0} + v]
@@ -37,11 +41,11 @@ def _tile(rows: int, cols: int, r0: str, c0: str, k: int, clamp: tuple[float, fl
 
 
 def _tile_nest(rows: int, cols: int, r0: str, c0: str, n_tiles: str, k: int, clamp: tuple[float, float] | None,
-               name: str, res: bool = False, tail: str = "") -> str:
+               name: str, res: bool = False, tail: str = "", prefetch: int = 0) -> str:
     """One parallel loop over tiles of `rows` x `cols` outputs; r0 / c0 are expressions of the tile index t; `tail`
     (code) runs after each tile."""
     return f"""
-        for t in T.parallel({n_tiles}):{_tile(rows, cols, r0, c0, k, clamp, name, res=res)}{tail}
+        for t in T.parallel({n_tiles}):{_tile(rows, cols, r0, c0, k, clamp, name, res=res, prefetch=prefetch)}{tail}
 """
 
 
@@ -145,7 +149,8 @@ def conv1x1_source(cout: int, cin: int, p: int, nr: int, clamp: tuple[float, flo
             fused = 0 < crem <= 4 and ct <= 3
             tail = "" if not fused else f"""
             if {col} == ({panel}) % {ct}:{_panel_tail(panel, ct * nr, crem, cin, clamp, res, " " * 16)}"""
-            body += _tile_nest(MR, nr, f"({panel}) * {MR}", c0, str(rt * ct), cin, clamp, "acc", res, tail)
+            body += _tile_nest(MR, nr, f"({panel}) * {MR}", c0, str(rt * ct), cin, clamp, "acc", res, tail,
+                               prefetch=PREFETCH)
         if rrem and ct:
             body += _tile_nest(rrem, nr, str(rt * MR), f"t * {nr}", str(ct), cin, clamp, "acc_r", res)
     if rt and 0 < crem <= 4:
