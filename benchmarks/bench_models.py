@@ -1,7 +1,8 @@
 """Benchmark: graphopt (untuned and tuned) vs ONNX Runtime fp32 and PyTorch eager, one process run, batch 1 (or
 --batch N: the real inputs grouped N at a time).
 
-Prints a table and writes JSON. Same thread count for every runtime; medians after warm-up; ratios are
+Prints a table and writes JSON. Same thread count for every runtime; each row's runtimes are timed in 5
+interleaved rounds (median of the round medians after warm-up); ratios are
 graphopt time / baseline time (below 1.0 means graphopt is faster).
 
     python benchmarks/bench_models.py --threads 2 --trials 64 --out benchmarks/results/latest.json

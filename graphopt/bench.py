@@ -156,17 +156,25 @@ def reference_onnx(graph: Graph, folder: str | None = None) -> Path:
 
 
 def compare_latency(artifact, inputs: Sequence[Any], *, threads: int, onnx_path: str | Path | None = None,
-                    torch_fn: Callable[..., Any] | None = None, runs: int = 20) -> Comparison:
-    """Time the compiled artifact, ORT on `onnx_path` and `torch_fn`, on the same inputs, same thread count."""
+                    torch_fn: Callable[..., Any] | None = None, runs: int = 20, rounds: int = 5) -> Comparison:
+    """Time the compiled artifact, ORT on `onnx_path` and `torch_fn`, on the same inputs, same thread count, in
+    `rounds` interleaved rounds (`interleaved_medians`): timed one after the other, a shared machine's slow minute
+    landed on one runtime only and moved a ratio by 30%."""
     set_threads(threads)
     np_inputs = [_np(x) for x in inputs]
-    res = Comparison(threads, artifact.latency(*np_inputs, runs=runs))
+    calls: dict[str, Callable[[], Any]] = {"graphopt": artifact.prepared(*np_inputs)}
     if onnx_path is not None:
         sess = ort_session(onnx_path, threads)
         feed = {i.name: a for i, a in zip(sess.get_inputs(), np_inputs)}
-        res.ort_s = median_seconds(lambda: sess.run(None, feed), runs=runs)
+        calls["ort"] = lambda: sess.run(None, feed)
     if torch_fn is not None:
         t_inputs = [torch.from_numpy(a) for a in np_inputs]
-        with torch.inference_mode():
-            res.torch_s = median_seconds(lambda: torch_fn(*t_inputs), runs=runs)
+
+        def torch_call():
+            with torch.inference_mode():
+                return torch_fn(*t_inputs)
+        calls["torch"] = torch_call
+    got = interleaved_medians(calls, runs=max(runs, 3 * rounds), rounds=rounds)
+    res = Comparison(threads, got["graphopt"])
+    res.ort_s, res.torch_s = got.get("ort"), got.get("torch")
     return res

@@ -137,7 +137,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--model", help="the original model (" + MODEL_HELP + ") for the ORT and PyTorch baselines")
     _add_shape_option(b)
     b.add_argument("--threads", type=int, default=None, help="threads for every runtime (default: cores)")
-    b.add_argument("--runs", type=int, default=20, help="timed runs after warm-up; the median is reported")
+    b.add_argument("--runs", type=int, default=20,
+                   help="timed runs per runtime after warm-up, spread over 5 interleaved rounds (graphopt, ORT, "
+                        "PyTorch in turn); the median of the round medians is reported")
     b.add_argument("--json", metavar="FILE", help="also write the result as JSON")
 
     sub.add_parser("passes", help="list every pass with its options and defaults")
