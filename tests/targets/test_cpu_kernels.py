@@ -408,6 +408,30 @@ def test_pointwise_kernel_prefetches_its_weight_stream():
     assert not re.search(r"vmov(?:u|a)ps\s+%(?:ymm|zmm)\d+, ", loop)
 
 
+@pytest.mark.parametrize("cout,cin,hw", [(40, 260, 7), (13, 256, 14), (6, 300, 5)])
+def test_pointwise_kernel_staged_inputs_match(monkeypatch, cout, cin, hw):
+    """Long reductions read their pixel tiles from a contiguous staged copy (panel-outer 7x7, tile-outer 14x14,
+    remainder rows, the fused tail pixel, a map smaller than one tile): same result as numpy, and the copy is only
+    made where the layer is big enough (thresholds lowered here to stage these small layers)."""
+    from tvm.script import tirx as T
+    from graphopt.targets.tvm.cpu import conv
+    monkeypatch.setattr(conv, "STAGE_MIN_MACS", 0)
+    rng = np.random.default_rng(0)
+    p = hw * hw
+    src = conv.conv1x1_source(cout, cin, p, 16, (0.0, 6.0), res=True)
+    assert ("xs = T.decl_buffer" in src) == (p >= 16)
+    w = rng.standard_normal((cout, cin)).astype(np.float32) / 8
+    x, res = rng.standard_normal((cin, p)).astype(np.float32), rng.standard_normal((cout, p)).astype(np.float32)
+    b = rng.standard_normal(cout).astype(np.float32)
+    f = tvm.script.parse(src, extra_vars={"T": T}).with_attr("global_symbol", "main")
+    lib = tvm.compile(tvm.IRModule({"main": f}), target=cpu_target())
+    args = [tvm.runtime.tensor(a) for a in (x, conv.pack_rows(w), b, res, np.zeros((cout, p), np.float32))]
+    lib["main"](*args)
+    np.testing.assert_allclose(args[-1].numpy(), np.clip(w @ x + b[:, None] + res, 0, 6), rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(conv, "STAGE_MIN_MACS", 7_000_000)
+    assert "xs = T.decl_buffer" not in conv.conv1x1_source(cout, cin, p, 16, (0.0, 6.0), res=True)
+
+
 def test_bsr_kernel_assembly_accumulates_in_registers():
     loop = _inner_fma_loop(_asm(bsr_matmul_t(32, 64, 64, 4, 4, 10)))
     assert re.findall(r"vfmadd\d+ps", loop)

@@ -16,14 +16,18 @@ from graphopt.targets.tvm.cpu.batch import batch_source
 
 MR = 6
 PREFETCH = 64
+STAGE_MIN_CIN = 256
+STAGE_MIN_MACS = 7_000_000
 
 
 def _tile(rows: int, cols: int, r0: str, c0: str, k: int, clamp: tuple[float, float] | None, name: str,
-          pad: str = " " * 12, res: bool = False, prefetch: int = 0) -> str:
+          pad: str = " " * 12, res: bool = False, prefetch: int = 0, xcol: str | None = None) -> str:
     """One `rows` x `cols` output tile at (r0, c0), accumulated in registers over all k, then stored (plus the
     residual `res` at the same place, before the clamp, when `res`). `prefetch` > 0 asks for the packed weight that
-    many k steps ahead at every step (the address runs on into the next panel, which the next tile reads)."""
+    many k steps ahead at every step (the address runs on into the next panel, which the next tile reads). With
+    `xcol` (an expression of the pixel tile's index) the inputs come from the staged copy xs[tile, k, cols]."""
     val = _clamped(f"{name}[i, v]" + (f" + res[{r0} + i, {c0} + v]" if res else ""), clamp)
+    xv = f"x[kk, {c0} + v]" if xcol is None else f"xs[(({xcol}) * {k} + kk) * {cols} + v]"
     pf = "" if not prefetch else f"""
 {pad}    T.evaluate(T.call_intrin("", "tirx.prefetch", T.address_of(wp[({r0}) // {MR}, kk + {prefetch}, 0]), 0, 3, 1))"""
     return f"""
@@ -34,18 +38,18 @@ def _tile(rows: int, cols: int, r0: str, c0: str, k: int, clamp: tuple[float, fl
 {pad}for kk in T.serial({k}):{pf}
 {pad}    for i in T.unroll({rows}):
 {pad}        for v in T.vectorized({cols}):
-{pad}            {name}[i, v] = {name}[i, v] + wp[({r0}) // {MR}, kk, ({r0}) % {MR} + i] * x[kk, {c0} + v]
+{pad}            {name}[i, v] = {name}[i, v] + wp[({r0}) // {MR}, kk, ({r0}) % {MR} + i] * {xv}
 {pad}for i in T.unroll({rows}):
 {pad}    for v in T.vectorized({cols}):
 {pad}        out[{r0} + i, {c0} + v] = {val}"""
 
 
 def _tile_nest(rows: int, cols: int, r0: str, c0: str, n_tiles: str, k: int, clamp: tuple[float, float] | None,
-               name: str, res: bool = False, tail: str = "", prefetch: int = 0) -> str:
+               name: str, res: bool = False, tail: str = "", prefetch: int = 0, xcol: str | None = None) -> str:
     """One parallel loop over tiles of `rows` x `cols` outputs; r0 / c0 are expressions of the tile index t; `tail`
     (code) runs after each tile."""
     return f"""
-        for t in T.parallel({n_tiles}):{_tile(rows, cols, r0, c0, k, clamp, name, res=res, prefetch=prefetch)}{tail}
+        for t in T.parallel({n_tiles}):{_tile(rows, cols, r0, c0, k, clamp, name, res=res, prefetch=prefetch, xcol=xcol)}{tail}
 """
 
 
@@ -141,6 +145,10 @@ def conv1x1_source(cout: int, cin: int, p: int, nr: int, clamp: tuple[float, flo
         else:  # column-tile outer: a pixel slab x[:, c0:c0+nr] is reused by every channel tile
             panel, col = f"t % {rt}", f"t // {rt}"
         c0 = f"({col}) * {nr}"
+        # a long reduction reads its pixel tiles from a contiguous copy: x's rows are P floats apart, so a tile's
+        # 16 pixels at each k start anywhere in a cache line and most of its loads split two lines. The copy is one
+        # more pass (and launch) over x: on small layers (64x384x196, 160x576x49) it cost more than it saved
+        staged = ct > 0 and cin >= STAGE_MIN_CIN and cout * cin * p >= STAGE_MIN_MACS
         if rt and ct:
             # small maps (7x7: 3 pixel tiles + 1 pixel): the last crem pixels of each panel go right after one of
             # its pixel tiles (a different one per panel, so no thread gets them all), while the panel is in L1. A
@@ -150,9 +158,17 @@ def conv1x1_source(cout: int, cin: int, p: int, nr: int, clamp: tuple[float, flo
             tail = "" if not fused else f"""
             if {col} == ({panel}) % {ct}:{_panel_tail(panel, ct * nr, crem, cin, clamp, res, " " * 16)}"""
             body += _tile_nest(MR, nr, f"({panel}) * {MR}", c0, str(rt * ct), cin, clamp, "acc", res, tail,
-                               prefetch=PREFETCH)
+                               prefetch=PREFETCH, xcol=col if staged else None)
         if rrem and ct:
-            body += _tile_nest(rrem, nr, str(rt * MR), f"t * {nr}", str(ct), cin, clamp, "acc_r", res)
+            body += _tile_nest(rrem, nr, str(rt * MR), f"t * {nr}", str(ct), cin, clamp, "acc_r", res,
+                               xcol="t" if staged else None)
+        if staged:
+            body = f"""
+        xs = T.decl_buffer(({ct * cin * nr},), "float32")
+        for kk in T.parallel({cin}):
+            for c in T.unroll({ct}):
+                for v in T.vectorized({nr}):
+                    xs[(c * {cin} + kk) * {nr} + v] = x[kk, c * {nr} + v]""" + body
     if rt and 0 < crem <= 4:
         if not fused:
             body += _column_tail(rt, ct * nr, crem, cin, clamp, res)
