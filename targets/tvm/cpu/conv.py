@@ -47,9 +47,10 @@ def _tile(rows: int, cols: int, r0: str, c0: str, k: int, clamp: tuple[float, fl
 def _tile_nest(rows: int, cols: int, r0: str, c0: str, n_tiles: str, k: int, clamp: tuple[float, float] | None,
                name: str, res: bool = False, tail: str = "", prefetch: int = 0, xcol: str | None = None) -> str:
     """One parallel loop over tiles of `rows` x `cols` outputs; r0 / c0 are expressions of the tile index t; `tail`
-    (code) runs after each tile."""
+    (code) runs after each tile; `prefetch` and `xcol` as in `_tile`."""
+    body = _tile(rows, cols, r0, c0, k, clamp, name, res=res, prefetch=prefetch, xcol=xcol)
     return f"""
-        for t in T.parallel({n_tiles}):{_tile(rows, cols, r0, c0, k, clamp, name, res=res, prefetch=prefetch, xcol=xcol)}{tail}
+        for t in T.parallel({n_tiles}):{body}{tail}
 """
 
 
