@@ -324,6 +324,37 @@ def test_asymmetric_zero_pad_folds_into_the_depthwise_kernel():
     _assert_built_matches(g, model, x)
 
 
+@pytest.mark.parametrize("c,hw,k,pad,batch", [(8, 56, 5, (2, 2, 2, 2), 1),  # EfficientNet's 56x56 -> 28x28
+                                              (5, 33, 7, (3, 3, 3, 3), 1),  # odd width: scalar tail of the copy
+                                              (6, 40, 5, (1, 2, 1, 2), 2),  # TF "SAME": asymmetric, pad 1 left
+                                              (3, 36, 6, (2, 2, 2, 2), 1),  # even taps: the input reaches the tile's end
+                                              (4, 37, 5, (0, 0, 0, 0), 1)])  # no pad: no zeroed columns on the left
+def test_stride2_wide_depthwise_reads_column_phases(c, hw, k, pad, batch):
+    """Stride-2 depthwise convs with 5x5 or wider taps outside the channel-blocked maps take the phase kernel
+    (each channel's even and odd padded columns split into two planes, every tap a contiguous load); the pad, odd
+    widths, the last plane columns and batches match PyTorch."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.ZeroPad2d((pad[2], pad[3], pad[0], pad[1])),
+                                torch.nn.Conv2d(c, c, k, 2, groups=c), torch.nn.ReLU6()).eval()
+    x = torch.randn(batch, c, hw, hw)
+    g = graphopt.trace(model, (x,))
+    names = _func_names(g)
+    assert any(n.startswith(f"depthwise_ph_{c}x{hw}x{hw}_k{k}s2_clamp") for n in names), names
+    assert not [n for n in names if "pad" in n], names
+    _assert_built_matches(g, model, x)
+
+
+def test_stride2_wide_depthwise_with_int8_weights_and_output():
+    """The phase kernel in an int8 graph: int8 taps widened per channel, the next quantize in its store."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 24, 1), torch.nn.ReLU6(),
+                                torch.nn.Conv2d(24, 24, 5, stride=2, padding=2, groups=24), torch.nn.ReLU6(),
+                                torch.nn.Conv2d(24, 16, 1))
+    q, got, ref = _quantized_block(model, (1, 8, 40, 40))
+    names = _func_names(q)
+    assert any(n.startswith("depthwise_ph_24x40x40_k5s2") and n.endswith("_clamp_q_w8") for n in names), names
+    assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()  # a rounding boundary may move one int8 step
+
+
 @pytest.mark.parametrize("cout,cin,hw,k,stride,pad", [(32, 3, 20, 3, 2, (1, 1, 1, 1)), (13, 2, 11, 3, 1, (0, 1, 0, 1)),
                                                       (8, 4, 9, 5, 2, (2, 2, 2, 2)),
                                                       (6, 3, 40, 3, 2, (1, 1, 1, 1)),  # 19 interior columns: the

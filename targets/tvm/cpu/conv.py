@@ -483,6 +483,96 @@ def depthwise(x: T.Buffer(({c}, {h}, {wd}), "float32"), {w_arg},
 """
 
 
+def depthwise_phases_applies(oh: int, ow: int, kh: int, kw: int, stride: int) -> bool:
+    """Stride 2 with 5x5 or wider taps (outside the channel-blocked kernel's maps), the two phase planes within 512
+    KB. Measured against the row and tile kernels, whose every 8-lane tap is two loads and two shuffles: 144x56x56
+    5x5 270 -> 140 us, 72x112x112 397 -> 242, 16x57x57 7x7 91 -> 27 (2 threads); 3x3 stride-2 layers gained
+    nothing (96x112x112 184 vs 189 us, 144x56x56 72 vs 86: they are bound by reading the input) and stay."""
+    hp, wh = (oh - 1) * 2 + kh, -(-ow // 8) * 8 + kw // 2
+    return stride == 2 and kw >= 5 and 2 * hp * wh * 4 <= 512 * 1024
+
+
+def depthwise_phases_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int, ph: int, pw: int,
+                            clamp: tuple[float, float] | None, out_q: tuple[float, int, int, int] | None = None,
+                            int8_weight: bool = False) -> str:
+    """Stride-2 depthwise conv over a channel's two column phases: each task copies its channel into a tile
+    [2, rows, cols] where plane p holds the zero-padded input's columns 2u + p (two 8-lane loads give 8 even and 8
+    odd inputs by two shuffles, once per input), so tap (i, j) of 8 output pixels is one contiguous load from
+    plane j % 2 at column j // 2 + x and one FMA, with no border cases. Only the tile's pad rows and columns are
+    zeroed (zeroing all of it cost 10-20%). Rows, accumulators and the store as in `depthwise_source`'s tile
+    kernel; out_q and int8_weight as there."""
+    ot = _out_dtype(out_q, False)
+    w_arg = (f'w8: T.Buffer(({c * kh * kw},), "int8"), ws: T.Buffer(({c},), "float32")' if int8_weight
+             else f'w: T.Buffer(({c}, {kh}, {kw}), "float32")')
+    lanes = -(-ow // 8) * 8
+    hp = (oh - 1) * 2 + kh
+    wh = lanes + kw // 2  # plane columns: the taps read lanes + (kw - 1) // 2; the input reaches at most this far
+    rows = min(h, hp - ph)  # input rows inside the tile
+    rb = min(oh, max(1, 64 // lanes))  # output rows per step, as in the tile kernel
+    q = wd // 16
+    # plane p's column u is padded column 2u + p, input column 2u + p - pw: [lo[p], hi[p]) hold input
+    lo = [(pw - p + 1) // 2 for p in (0, 1)]
+    hi = [min(wh, (pw + wd - p + 1) // 2) for p in (0, 1)]
+    pe, po = pw % 2, (pw + 1) % 2  # the planes of the even / odd input columns
+    ce, co = pw // 2, (pw + 1) // 2  # and where they start in them
+    zero = ""
+    for y0, y1 in ((0, ph), (ph + rows, hp)):  # pad rows: both planes whole
+        if y1 > y0:
+            zero += f"""
+        for pp in T.serial(2):
+            for yy in T.serial({y0}, {y1}):
+                for xx in T.vectorized({wh}):
+                    tile[pp, yy, xx] = T.float32(0)"""
+    for p in (0, 1):  # pad columns of the input rows
+        for x0, x1 in ((0, lo[p]), (hi[p], wh)):
+            if x1 > x0:
+                zero += f"""
+        for yy in T.serial({ph}, {ph + rows}):
+            for xx in T.serial({x0}, {x1}):
+                tile[{p}, yy, xx] = T.float32(0)"""
+    pair = f"[x[ch, yy, T.ramp(v * 16, 1, 8)], x[ch, yy, T.ramp(v * 16 + 8, 1, 8)]]"
+    copy = f"""
+        for yy in T.serial({rows}):"""
+    if q:
+        copy += f"""
+            for v in T.serial({q}):
+                tile[{pe}, yy + {ph}, T.ramp(v * 8 + {ce}, 1, 8)] = T.Shuffle({pair}, {list(range(0, 16, 2))})
+                tile[{po}, yy + {ph}, T.ramp(v * 8 + {co}, 1, 8)] = T.Shuffle({pair}, {list(range(1, 16, 2))})"""
+    if wd > q * 16:
+        copy += f"""
+            for u in T.serial({wd - q * 16}):
+                tile[({q * 16} + u + {pw}) % 2, yy + {ph}, ({q * 16} + u + {pw}) // 2] = x[ch, yy, {q * 16} + u]"""
+    fmas = ""
+    for r in range(rb):
+        for qq in range(lanes // 8):
+            a = f"acc[T.ramp({r * lanes + qq * 8}, 1, 8)]"
+            fmas += f"""
+                    {a} = {a} + wb[T.ramp((i * {kw} + j) * 8, 1, 8)] * tile[j % 2, (y0 + {r}) * 2 + i, T.ramp(j // 2 + {qq * 8}, 1, 8)]"""
+    wsrc = (f'T.Cast("float32", w8[ch * {kh * kw} + k]) * ws[ch]' if int8_weight else f"w[ch, k // {kw}, k % {kw}]")
+    return f"""
+@T.prim_func(private=True)
+def depthwise(x: T.Buffer(({c}, {h}, {wd}), "float32"), {w_arg},
+              bias: T.Buffer(({c},), "float32"), qp: T.Buffer((4,), "float32"),
+              out: T.Buffer(({c}, {oh}, {ow}), "{ot}")):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
+    for ch in T.parallel({c}):
+        wb = T.decl_buffer(({kh * kw * 8},), "float32", scope="global")
+        for k in T.serial({kh * kw}):
+            wb[T.ramp(k * 8, 1, 8)] = T.broadcast({wsrc}, 8)
+        tile = T.decl_buffer((2, {hp}, {wh}), "float32", scope="global"){zero}{copy}
+        for yb in T.serial({-(-oh // rb)}):
+            y0 = T.min(yb * {rb}, {oh - rb})
+            acc = T.decl_buffer(({rb * lanes},), "float32", scope="global")
+            for u in T.vectorized({rb * lanes}):
+                acc[u] = bias[ch]
+            for i in T.unroll({kh}):
+                for j in T.unroll({kw}):{fmas}
+            for r in T.unroll({rb}):
+                for u in T.vectorized({ow}):
+                    out[ch, y0 + r, u] = {_clamped(f"acc[r * {lanes} + u]", clamp, out_q, qp="qp")}
+"""
+
+
 def _transpose8(src: str, dst: str, pad: str) -> str:
     """dst[j, 0:8] = column j of the 8x8 block src (8 row vectors), in three stages of two-vector shuffles (the
     unpack / shuffle / 128-bit permute pattern)."""
@@ -656,10 +746,12 @@ def emit_depthwise(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
     else:
         w_scale, bias = in_grid_steps(np.broadcast_to(np.asarray(w_scale, np.float32).reshape(-1), (c,)).copy(), bias, out_q)
         weights = [relax.const(np.ascontiguousarray(w.reshape(-1).astype(np.int8))), relax.const(w_scale)]
-    func = tvm.script.parse(batch_source(depthwise_source(c, h, wd, oh, ow, kh, kw, stride, pt, pl, clamp, out_q,
-                                                          w_scale is not None), n, ["x", "out"]),
-                            extra_vars={"T": T})
-    gv = bb.add_func(func, f"depthwise_{tag}")
+    if depthwise_phases_applies(oh, ow, kh, kw, stride):
+        src, kind = depthwise_phases_source(c, h, wd, oh, ow, kh, kw, pt, pl, clamp, out_q, w_scale is not None), "ph"
+    else:
+        src, kind = depthwise_source(c, h, wd, oh, ow, kh, kw, stride, pt, pl, clamp, out_q, w_scale is not None), ""
+    func = tvm.script.parse(batch_source(src, n, ["x", "out"]), extra_vars={"T": T})
+    gv = bb.add_func(func, f"depthwise_{kind + '_' if kind else ''}{tag}")
     x3 = bb.emit(relax.op.reshape(x, _batched(n, c, h, wd)))
     b = bias if bias is not None else np.zeros(c, np.float32)
     y = bb.emit(relax.call_tir(gv, [x3, *weights, relax.const(b.astype(np.float32)), relax.const(store_params(clamp, out_q))],
