@@ -439,6 +439,19 @@ def test_pointwise_kernel_prefetches_its_weight_stream():
     assert not re.search(r"vmov(?:u|a)ps\s+%(?:ymm|zmm)\d+, ", loop)
 
 
+@pytest.mark.parametrize("cout,cin,p,expected", [(24, 144, 3136, 2),  # tile nest: weight and next pixel tile
+                                                 (16, 32, 1024, 1),  # slab nest: the next slab only
+                                                 (96, 144, 3136, 1)])  # many panels per tile: the weight only
+def test_few_channel_pointwise_kernel_prefetches_its_next_pixel_tile(cout, cin, p, expected):
+    """With few output channels (<= XPREFETCH_MAX_COUT) a pixel tile's K rows, P floats apart, are read by few
+    panels: the reduction asks for the next tile's line of every row while it runs this one."""
+    from graphopt.targets.tvm.cpu.conv import XPREFETCH_MAX_COUT, conv1x1_packed
+    assert 24 <= XPREFETCH_MAX_COUT < 96
+    loop = _inner_fma_loop(_asm(conv1x1_packed(cout, cin, p, 16, (0.0, 6.0))))
+    fmas = len(re.findall(r"vfmadd\d+ps", loop))  # 12 per k step (LLVM may unroll the loop)
+    assert fmas >= 12 and len(re.findall(r"prefetcht0\s", loop)) * 12 == expected * fmas, loop
+
+
 @pytest.mark.parametrize("cout,cin,hw", [(40, 260, 7), (13, 256, 14), (6, 300, 5)])
 def test_pointwise_kernel_staged_inputs_match(monkeypatch, cout, cin, hw):
     """Long reductions read their pixel tiles from a contiguous staged copy (panel-outer 7x7, tile-outer 14x14,
