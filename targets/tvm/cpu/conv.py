@@ -9,6 +9,7 @@ stages of MobileNet have 196 and 49 pixels). The source is generated per shape, 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -353,6 +354,48 @@ def _column_plan(ow: int, wd: int, kw: int, s: int, pl: int) -> tuple[list, list
     return segments, ([(0, x_lo), (start, ow)] if segments else [(0, ow)])
 
 
+def _depthwise_head(c: int, h: int, wd: int, oh: int, ow: int, w_arg: str, ot: str) -> str:
+    """The depthwise kernels' signature: x, the weight arguments (w_arg), bias, the store parameters, out."""
+    return f"""@T.prim_func(private=True)
+def depthwise(x: T.Buffer(({c}, {h}, {wd}), "float32"), {w_arg},
+              bias: T.Buffer(({c},), "float32"), qp: T.Buffer((4,), "float32"),
+              out: T.Buffer(({c}, {oh}, {ow}), "{ot}")):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})"""
+
+
+def _channel_tile_kernel(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int, w_arg: str, ot: str,
+                         int8_weight: bool, tile: str, xs: Callable[[int, int], str], clamp, out_q, lanes: int,
+                         rb: int) -> str:
+    """The frame the depthwise tile kernels share: one task per channel broadcasts its taps into wb, builds its
+    tile (`tile`: code declaring and filling it), then runs rb output rows of `lanes` lanes at a time (the last
+    step overlapping the one before: same values), acc[r, 0:lanes] += the tap's 8 broadcast copies x `xs(r, q)`
+    (the 8 inputs of tap (i, j) for row r, chunk q), in 8-lane chunks: rb * lanes / 8
+    independent accumulator chains sharing each tap load. A scalar tap broadcast in the loop is hoisted by LLVM
+    once the buffers are known not to alias (inside relax.build), kept as a scalar on the stack and rebuilt with
+    four inserts at every use: 2x slower than this vector load."""
+    fmas = "".join(f"""
+                    acc[T.ramp({r * lanes + q * 8}, 1, 8)] = acc[T.ramp({r * lanes + q * 8}, 1, 8)] + wb[T.ramp((i * {kw} + j) * 8, 1, 8)] * {xs(r, q)}"""
+                   for r in range(rb) for q in range(lanes // 8))
+    wsrc = f'T.Cast("float32", w8[ch * {kh * kw} + k]) * ws[ch]' if int8_weight else f"w[ch, k // {kw}, k % {kw}]"
+    return f"""
+{_depthwise_head(c, h, wd, oh, ow, w_arg, ot)}
+    for ch in T.parallel({c}):
+        wb = T.decl_buffer(({kh * kw * 8},), "float32", scope="global")
+        for k in T.serial({kh * kw}):
+            wb[T.ramp(k * 8, 1, 8)] = T.broadcast({wsrc}, 8){tile}
+        for yb in T.serial({-(-oh // rb)}):
+            y0 = T.min(yb * {rb}, {oh - rb})
+            acc = T.decl_buffer(({rb * lanes},), "float32", scope="global")
+            for u in T.vectorized({rb * lanes}):
+                acc[u] = bias[ch]
+            for i in T.unroll({kh}):
+                for j in T.unroll({kw}):{fmas}
+            for r in T.unroll({rb}):
+                for u in T.vectorized({ow}):
+                    out[ch, y0 + r, u] = {_clamped(f"acc[r * {lanes} + u]", clamp, out_q, qp="qp")}
+"""
+
+
 def depthwise_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int, stride: int, ph: int, pw: int,
                      clamp: tuple[float, float] | None, out_q: tuple[float, int, int, int] | None = None,
                      int8_weight: bool = False) -> str:
@@ -400,22 +443,6 @@ def depthwise_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int
             return f"w[{ch}, i, j]"
         return f"wt[i * {kw} + j]"
 
-    def tile_fma(lanes: int, rows: int) -> str:
-        """acc[r, 0:lanes] += the tap's 8 broadcast copies (wb) * tile row y0 + r, in 8-lane chunks, for `rows`
-        output rows at once: 8 independent accumulator chains (one row of 8-16 lanes was 1-2 chains, bound by the
-        FMA latency) sharing each tap load. A scalar tap broadcast in the loop is hoisted by LLVM once the buffers
-        are known not to alias (inside relax.build), kept as a scalar on the stack and rebuilt with four inserts at
-        every use: 2x slower than this vector load."""
-        out = ""
-        for r in range(rows):
-            for q in range(lanes // 8):
-                a = f"acc[T.ramp({(r * lanes + q * 8)}, 1, 8)]"
-                wv = f"wb[T.ramp((i * {kw} + j) * 8, 1, 8)]"
-                xs = strided(f"tile[(y0 + {r}) * {s} + i, ", f"j + {q * 8 * s}", 8)
-                out += f"""
-                    {a} = {a} + {wv} * {xs}"""
-        return out
-
     def clamped(e: str) -> str:
         return _clamped(e, clamp, out_q, qp="qp")
 
@@ -427,35 +454,18 @@ def depthwise_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int
         # small images (the 14x14 and 7x7 stages): with 5x5 taps most columns are borders, so copy each channel
         # into a zeroed padded tile on the stack and run every output row as whole unguarded vectors
         rows, cols = min(h, hp - ph), min(wd, wp - pw)
-        rb = min(oh, max(1, 64 // lanes))  # rows per step (the last step overlaps the one before: same values)
-        return f"""
-@T.prim_func(private=True)
-def depthwise(x: T.Buffer(({c}, {h}, {wd}), "float32"), {w_arg},
-              bias: T.Buffer(({c},), "float32"), qp: T.Buffer((4,), "float32"),
-              out: T.Buffer(({c}, {oh}, {ow}), "{ot}")):
-    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
-    for ch in T.parallel({c}):
-        wb = T.decl_buffer(({kh * kw * 8},), "float32", scope="global")
-        for k in T.serial({kh * kw}):
-            wb[T.ramp(k * 8, 1, 8)] = T.broadcast({'T.Cast("float32", w8[ch * ' + str(kh * kw) + ' + k]) * ws[ch]' if int8_weight else 'w[ch, k // ' + str(kw) + ', k % ' + str(kw) + ']'}, 8)
+        rb = min(oh, max(1, 64 // lanes))  # rows per step
+        tile = f"""
         tile = T.decl_buffer(({hp}, {wpl}), "float32", scope="global")
         for yy in T.serial({hp}):
             for xx in T.vectorized({wpl}):
                 tile[yy, xx] = T.float32(0)
         for yy in T.serial({rows}):
             for xx in T.vectorized({cols}):
-                tile[yy + {ph}, xx + {pw}] = x[ch, yy, xx]
-        for yb in T.serial({-(-oh // rb)}):
-            y0 = T.min(yb * {rb}, {oh - rb})
-            acc = T.decl_buffer(({rb * lanes},), "float32", scope="global")
-            for u in T.vectorized({rb * lanes}):
-                acc[u] = bias[ch]
-            for i in T.unroll({kh}):
-                for j in T.unroll({kw}):{tile_fma(lanes, rb)}
-            for r in T.unroll({rb}):
-                for u in T.vectorized({ow}):
-                    out[ch, y0 + r, u] = {clamped(f"acc[r * {lanes} + u]")}
-"""
+                tile[yy + {ph}, xx + {pw}] = x[ch, yy, xx]"""
+        return _channel_tile_kernel(c, h, wd, oh, ow, kh, kw, w_arg, ot, int8_weight, tile,
+                                    lambda r, q: strided(f"tile[(y0 + {r}) * {s} + i, ", f"j + {q * 8 * s}", 8),
+                                    clamp, out_q, lanes, rb)
 
     segments, scalar_ranges = _column_plan(ow, wd, kw, s, pw)
     row = f"(t % {oh}) * {s} + i - {ph}"
@@ -488,11 +498,7 @@ def depthwise(x: T.Buffer(({c}, {h}, {wd}), "float32"), {w_arg},
             out[t // {oh}, t % {oh}, {a} + xs] = {clamped(f"acc_s{k}[0]")}
 """
     return f"""
-@T.prim_func(private=True)
-def depthwise(x: T.Buffer(({c}, {h}, {wd}), "float32"), {w_arg},
-              bias: T.Buffer(({c},), "float32"), qp: T.Buffer((4,), "float32"),
-              out: T.Buffer(({c}, {oh}, {ow}), "{ot}")):
-    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
+{_depthwise_head(c, h, wd, oh, ow, w_arg, ot)}
     for t in T.parallel({c * oh}):{task_widen}{body}
 """
 
@@ -544,7 +550,7 @@ def depthwise_phases_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, 
         for yy in T.serial({ph}, {ph + rows}):
             for xx in T.serial({x0}, {x1}):
                 tile[{p}, yy, xx] = T.float32(0)"""
-    pair = f"[x[ch, yy, T.ramp(v * 16, 1, 8)], x[ch, yy, T.ramp(v * 16 + 8, 1, 8)]]"
+    pair = "[x[ch, yy, T.ramp(v * 16, 1, 8)], x[ch, yy, T.ramp(v * 16 + 8, 1, 8)]]"
     copy = f"""
         for yy in T.serial({rows}):"""
     if q:
@@ -556,35 +562,11 @@ def depthwise_phases_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, 
         copy += f"""
             for u in T.serial({wd - q * 16}):
                 tile[({q * 16} + u + {pw}) % 2, yy + {ph}, ({q * 16} + u + {pw}) // 2] = x[ch, yy, {q * 16} + u]"""
-    fmas = ""
-    for r in range(rb):
-        for qq in range(lanes // 8):
-            a = f"acc[T.ramp({r * lanes + qq * 8}, 1, 8)]"
-            fmas += f"""
-                    {a} = {a} + wb[T.ramp((i * {kw} + j) * 8, 1, 8)] * tile[j % 2, (y0 + {r}) * 2 + i, T.ramp(j // 2 + {qq * 8}, 1, 8)]"""
-    wsrc = (f'T.Cast("float32", w8[ch * {kh * kw} + k]) * ws[ch]' if int8_weight else f"w[ch, k // {kw}, k % {kw}]")
-    return f"""
-@T.prim_func(private=True)
-def depthwise(x: T.Buffer(({c}, {h}, {wd}), "float32"), {w_arg},
-              bias: T.Buffer(({c},), "float32"), qp: T.Buffer((4,), "float32"),
-              out: T.Buffer(({c}, {oh}, {ow}), "{ot}")):
-    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
-    for ch in T.parallel({c}):
-        wb = T.decl_buffer(({kh * kw * 8},), "float32", scope="global")
-        for k in T.serial({kh * kw}):
-            wb[T.ramp(k * 8, 1, 8)] = T.broadcast({wsrc}, 8)
-        tile = T.decl_buffer((2, {hp}, {wh}), "float32", scope="global"){zero}{copy}
-        for yb in T.serial({-(-oh // rb)}):
-            y0 = T.min(yb * {rb}, {oh - rb})
-            acc = T.decl_buffer(({rb * lanes},), "float32", scope="global")
-            for u in T.vectorized({rb * lanes}):
-                acc[u] = bias[ch]
-            for i in T.unroll({kh}):
-                for j in T.unroll({kw}):{fmas}
-            for r in T.unroll({rb}):
-                for u in T.vectorized({ow}):
-                    out[ch, y0 + r, u] = {_clamped(f"acc[r * {lanes} + u]", clamp, out_q, qp="qp")}
-"""
+    tile = f"""
+        tile = T.decl_buffer((2, {hp}, {wh}), "float32", scope="global"){zero}{copy}"""
+    return _channel_tile_kernel(c, h, wd, oh, ow, kh, kw, w_arg, ot, int8_weight, tile,
+                                lambda r, q: f"tile[j % 2, (y0 + {r}) * 2 + i, T.ramp(j // 2 + {q * 8}, 1, 8)]",
+                                clamp, out_q, lanes, rb)
 
 
 def _transpose8(src: str, dst: str, pad: str) -> str:
