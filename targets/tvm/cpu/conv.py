@@ -369,10 +369,10 @@ def _channel_tile_kernel(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw:
     """The frame the depthwise tile kernels share: one task per channel broadcasts its taps into wb, builds its
     tile (`tile`: code declaring and filling it), then runs rb output rows of `lanes` lanes at a time (the last
     step overlapping the one before: same values), acc[r, 0:lanes] += the tap's 8 broadcast copies x `xs(r, q)`
-    (the 8 inputs of tap (i, j) for row r, chunk q), in 8-lane chunks: rb * lanes / 8
-    independent accumulator chains sharing each tap load. A scalar tap broadcast in the loop is hoisted by LLVM
-    once the buffers are known not to alias (inside relax.build), kept as a scalar on the stack and rebuilt with
-    four inserts at every use: 2x slower than this vector load."""
+    (the 8 inputs of tap (i, j) for row r, chunk q): rb * lanes / 8 independent accumulator chains sharing each
+    tap load (one row of 8-16 lanes was 1-2 chains, bound by the FMA latency). A scalar tap broadcast in the loop
+    is hoisted by LLVM once the buffers are known not to alias (inside relax.build), kept as a scalar on the
+    stack and rebuilt with four inserts at every use: 2x slower than this vector load."""
     fmas = "".join(f"""
                     acc[T.ramp({r * lanes + q * 8}, 1, 8)] = acc[T.ramp({r * lanes + q * 8}, 1, 8)] + wb[T.ramp((i * {kw} + j) * 8, 1, 8)] * {xs(r, q)}"""
                    for r in range(rb) for q in range(lanes // 8))
