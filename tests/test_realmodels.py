@@ -97,10 +97,10 @@ def test_minilm_from_dynamic_onnx_export(tmp_path, zoo, dynamo):
         np.testing.assert_allclose(g.run(ids, mask)[0].numpy(), model(ids, mask).numpy(), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name,ratio", [("mobilenet_v2", 0.3), ("mobilenet_v2", 0.5), ("efficientnet_lite0", 0.3),
-                                        ("efficientnet_lite0", 0.5), ("minilm", 0.25), ("minilm", 0.5)])
+@pytest.mark.parametrize("name,ratio", [("mobilenet_v2", 0.5), ("efficientnet_lite0", 0.3), ("minilm", 0.25)])
 def test_prune_channels_oracle_on_real_models(zoo, name, ratio):
-    """Pruned == original with removed channels zeroed where consumed, on real weights and real inputs."""
+    """Pruned == original with removed channels zeroed where consumed, on real weights and real inputs. One ratio
+    per model (both ratios ran the same code, 7-10 s each; the suite is near its 20-minute budget)."""
     from graphopt.passes.prune.prune_channels import apply_plan, plan_pruning, zero_removed_in_reference
     g = zoo.zoo_graph(name)
     if name != "minilm":
