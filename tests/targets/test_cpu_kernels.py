@@ -327,7 +327,8 @@ def test_asymmetric_zero_pad_folds_into_the_depthwise_kernel():
 @pytest.mark.parametrize("c,hw,k,pad,batch", [(8, 56, 5, (2, 2, 2, 2), 1),  # EfficientNet's 56x56 -> 28x28
                                               (5, 33, 7, (3, 3, 3, 3), 1),  # odd width: scalar tail of the copy
                                               (6, 40, 5, (1, 2, 1, 2), 2),  # TF "SAME": asymmetric, pad 1 left
-                                              (3, 36, 6, (2, 2, 2, 2), 1),  # even taps: the input reaches the tile's end
+                                              (3, 35, 6, (2, 0, 2, 0), 1),  # even taps, 16 outputs, no right pad:
+                                              # the last input column lands in the tile's last column
                                               (4, 37, 5, (0, 0, 0, 0), 1)])  # no pad: no zeroed columns on the left
 def test_stride2_wide_depthwise_reads_column_phases(c, hw, k, pad, batch):
     """Stride-2 depthwise convs with 5x5 or wider taps outside the channel-blocked maps take the phase kernel
