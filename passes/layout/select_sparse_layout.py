@@ -2,7 +2,7 @@
 every candidate layout for that exact shape and block count on the target (through ctx.target's cost oracle,
 cached), keep the fastest that beats dense by at least `min-speedup`, and rewrite the layer to graphopt::bsr_linear
 (graphopt::bsr_conv1x1). int8 linears and pointwise convs (graphopt::qlinear / qconv2d after quantize + fold-qdq)
-are measured the same way on the CPU (dense int8 vs the int8 BSR kernel); their graph stays as it is (exact) and
+are measured the same way on the CPU (dense int8 vs the int8 CSR and BSR kernels); their graph stays as it is (exact) and
 the CPU target reads the choice from graph.meta["sparse_layout"]. Never slower than dense: dense is always measured."""
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ class SelectSparseLayout(Pass):
         candidates: list[str] = field(default_factory=lambda: ["dense", "csr", "bsr4x4", "bsr1x16", "bsr8x1",
                                                                "bsr8x4"],
                                       metadata={"help": "layouts to measure: dense, csr, bsrRxC (R x C blocks) on "
-                                                "the CPU (int8 linears: bsr8x4); dense, sp24 (2:4 on sparse tensor "
+                                                "the CPU (int8 linears and pointwise convs: csr, bsr8x4); dense, sp24 (2:4 on sparse tensor "
                                                 "cores) with target cuda"})
         min_speedup: float = field(default=1.1, metadata={
             "help": "a sparse layout must be at least this many times faster than dense to be chosen"})
@@ -142,7 +142,7 @@ class SelectSparseLayout(Pass):
                 if block is not None and (n % block[0] or k % block[1]):
                     rec["timings_us"][lay] = None  # shape not divisible into these blocks
                     continue
-                why = oracle.applies(lay, w, op) if int8 and hasattr(oracle, "applies") else ""
+                why = oracle.applies(lay, w, op, tokens=m) if int8 and hasattr(oracle, "applies") else ""
                 if why:  # no int8 kernel for this layout here (the target says why)
                     rec["timings_us"][lay] = None
                     rec.setdefault("not_measured", {})[lay] = why

@@ -224,25 +224,38 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             return None
         b = None if bt is None else bt.detach().numpy().astype("float32")
         x_shape = node.args[0].meta["val"].shape
-        if _int8_sparse(node, "qlinear", wt.numpy()):
+        layout = _int8_sparse(node, "qlinear", wt.numpy(), math.prod(x_shape[:-1]))
+        if layout == "bsr8x4":
             from graphopt.targets.tvm.cpu.sparse import emit_bsr_qlinear
             return emit_bsr_qlinear(bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, x_shape, dot)
+        if layout == "csr":
+            from graphopt.targets.tvm.cpu.sparse import emit_csr_qlinear
+            return emit_csr_qlinear(bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, x_shape)
         return emit_qlinear(bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, x_shape, dot)
 
-    def _int8_sparse(node, op: str, w) -> bool:
-        """Whether select-sparse-layout chose the int8 bsr8x4 kernel for this int8 layer and this target can run
-        it exactly (VNNI, or weights under the `vpmaddubsw` bound)."""
+    def _int8_sparse(node, op: str, w, m: int) -> str:
+        """The int8 sparse layout select-sparse-layout chose for this int8 layer ("" for dense) when this target
+        can run it exactly: bsr8x4 with VNNI or weights under the `vpmaddubsw` bound; csr (`vpmaddwd`, exact for any
+        int8 weight) over at least 16 tokens (pixels) m."""
         import numpy as np
 
         from graphopt.targets.tvm.cpu.int8 import int8_dot, ubsw_exact
+        from graphopt.targets.tvm.cpu.sparse import qcsr_applies
         rec = (layouts or {}).get(node.args[3].name) or {}
-        if rec.get("op") != op or rec.get("choice") != "bsr8x4":
-            return False
-        if int8_dot(target) == "vnni" or ubsw_exact(np.pad(w, ((0, 0), (0, -w.shape[1] % 4)))):
-            return True
-        log.warning("%s: select-sparse-layout chose the int8 bsr8x4 kernel, but this target (no VNNI) cannot "
-                    "multiply these full-range weights exactly with it; the layer stays dense", node.name)
-        return False
+        choice = rec.get("choice")
+        if rec.get("op") != op or choice not in ("bsr8x4", "csr"):
+            return ""
+        if choice == "csr":
+            why = qcsr_applies(int(m))
+        elif int8_dot(target) == "vnni" or ubsw_exact(np.pad(w, ((0, 0), (0, -w.shape[1] % 4)))):
+            why = ""
+        else:
+            why = "this target (no VNNI) cannot multiply these full-range weights exactly with it"
+        if why:
+            log.warning("%s: select-sparse-layout chose the int8 %s kernel, but %s; the layer stays dense",
+                        node.name, choice, why)
+            return ""
+        return choice
 
     def qconv2d(node, importer):
         bb = importer.block_builder
@@ -329,7 +342,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             full = (ph + top, ph + bottom, pw + left, pw + right)
         if kind == "pointwise" and qconv1x1_applies(x_shape) and dot is not None:
             y = emit_qconv1x1(bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, x_shape, clamp, out_q, dq, dot,
-                              _int8_sparse(node, "qconv1x1", wt.numpy().reshape(wt.shape[0], -1)))
+                              _int8_sparse(node, "qconv1x1", wt.numpy().reshape(wt.shape[0], -1),
+                                           int(x_shape[2]) * int(x_shape[3])))
         elif (kind in ("im2col", "direct") and dot is not None  # stems too: 7x7 ResNet stem 3.6 -> 1.4 ms
               and flat_qconv_applies(wt.numpy(), dot) and k.flat_conv_applies(x_shape, wt.shape, int(stride[0]), full)):
             y = emit_flat_qconv(bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, x_shape, int(stride[0]), full, clamp,

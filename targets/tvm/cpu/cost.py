@@ -49,11 +49,18 @@ class CpuCostOracle:
     def _key(self, op: str, shape, layout: str, nnzb: int) -> str:
         return f"{self.target}|{op}|{'x'.join(map(str, shape))}|{layout}|{nnzb}"
 
-    def applies(self, layout: str, weight, op: str = "linear") -> str:
+    def applies(self, layout: str, weight, op: str = "linear", tokens: int | None = None) -> str:
         """Why `layout` has no kernel for this weight here ("" when it has one). Float layers: every layout whose
-        blocks tile the weight. int8 linears ("qlinear"): dense, and bsr8x4 where the target's quad product is exact
-        for the weight (VNNI, or 7-bit weights on AVX2)."""
+        blocks tile the weight. int8 linears and pointwise convs ("qlinear", "qconv1x1"): dense; csr over at least
+        16 tokens (pixels; `tokens`, when given) on any CPU with int8 kernels; bsr8x4 where the target's quad
+        product is exact for the weight (VNNI, or 7-bit weights on AVX2)."""
         block = layout_block(layout)
+        if op in ("qlinear", "qconv1x1") and layout == "csr":
+            from graphopt.targets.tvm.cpu.int8 import int8_dot
+            from graphopt.targets.tvm.cpu.sparse import qcsr_applies
+            if int8_dot(self.target) is None:
+                return "this CPU has no int8 kernels (AVX2 or VNNI)"
+            return qcsr_applies(tokens) if tokens is not None else ""
         n, k = weight.shape[0], weight.shape[1]
         if op == "qconv1x1" and block is not None:  # input channels are staged in zero-padded quads
             k = -(-k // 4) * 4
@@ -87,7 +94,7 @@ class CpuCostOracle:
                              f"(linear, conv1x1, qlinear, qconv1x1), not '{op}'")
         keys = {}
         for layout in layouts:
-            why = self.applies(layout, weight, op)
+            why = self.applies(layout, weight, op, shape[0])
             if why:
                 raise ValueError(why)
             block = layout_block(layout)
@@ -139,23 +146,26 @@ class CpuCostOracle:
 
     def _time_int8(self, shape, block, weight: torch.Tensor, conv: bool = False):
         """An int8 linear or pointwise conv (int8 activation in, float out) as the compiler lowers it: the dense
-        int8 kernel, or the int8 BSR one; unit weight scales (the kernels' speed does not depend on them)."""
+        int8 kernel, or the int8 BSR or CSR one; unit weight scales (the kernels' speed does not depend on them)."""
         from tvm import relax
 
         from graphopt.targets.tvm.cpu.int8 import emit_qconv1x1, emit_qlinear, int8_dot
-        from graphopt.targets.tvm.cpu.sparse import emit_bsr_qlinear
+        from graphopt.targets.tvm.cpu.sparse import emit_bsr_qlinear, emit_csr_qlinear
 
         m, k, n = shape
         w = weight.numpy().astype(np.int8)
         scales = np.full(n, 1e-2)
         dot = int8_dot(self.target)
+        sparse = "" if block is None else ("csr" if block == (1, 1) else "bsr8x4")
         if conv:
             x_shape = (1, k, m, 1)
             return self._run(lambda bb, x: emit_qconv1x1(bb, x, w.reshape(n, k, 1, 1), scales, None, 0.02, 0,
-                                                         x_shape, None, None, False, dot, block is not None),
+                                                         x_shape, None, None, False, dot, sparse),
                              x_shape, "int8")
 
         def emit(bb, x):
+            if sparse == "csr":
+                return emit_csr_qlinear(bb, x, w, scales, None, 0.02, 0, (m, k))
             if block is None:
                 y = emit_qlinear(bb, x, w, scales, None, 0.02, 0, (m, k), dot) if dot else None
                 if y is None:  # no int8 kernel for this shape: TVM's generic integer lowering

@@ -110,13 +110,14 @@ def qconv1x1(x: T.Buffer(({cin * p},), "int8"), w8: T.Buffer(({mt * k4 * MR * wb
 """
 
 
-def _tile_store(co: str, c0: str, nv: int, p: int, clamp, out_q, dequantized: bool, float_bias: bool, pad: str) -> str:
-    """Store row i of a 6 x 8nv int32 tile `acc` (channel co, pixels c0..): (acc - offset) * mult (+ float bias),
-    clamped, and rounded to the output grid when out_q; offset holds the zero point's sum and the int32 bias, and
-    with out_q mult is in the output's grid steps (emit scales it)."""
+def _tile_store(co: str, c0: str, nv: int, p: int, clamp, out_q, dequantized: bool, float_bias: bool, pad: str,
+                row: str = "i") -> str:
+    """Store row `row` of a 6 x 8nv int32 tile `acc` (channel co, pixels c0..): (acc - offset) * mult (+ float
+    bias), clamped, and rounded to the output grid when out_q; offset holds the zero point's sum and the int32 bias,
+    and with out_q mult is in the output's grid steps (emit scales it)."""
     nr, store = 8 * nv, ""
     for v in range(nv):
-        val = f'T.Cast("float32", acc[i * {nr} + {v * 8} + u] - off[{co}]) * mult[{co}]' + (f" + bias[{co}]" if float_bias else "")
+        val = f'T.Cast("float32", acc[{row} * {nr} + {v * 8} + u] - off[{co}]) * mult[{co}]' + (f" + bias[{co}]" if float_bias else "")
         store += f"""
 {pad}for u in T.vectorized(8):
 {pad}    out[({co}) * {p} + {c0} + {v * 8} + u] = {_clamped(val, clamp, out_q, dequantized, qp='qp')}"""
@@ -306,11 +307,12 @@ def epilogue_constants(wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | 
 
 def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | None, sx: float, zx: int,
                   x_shape, clamp: tuple[float, float] | None, out_q: tuple[float, int, int, int] | None,
-                  dequantized: bool = False, dot: str = "ubsw", sparse: bool = False):
+                  dequantized: bool = False, dot: str = "ubsw", sparse: str = ""):
     """Pointwise qconv2d of xq int8 [N, Cin, H, W] -> [N, Cout, H, W] (the kernel loops over the samples): int8 on out_q's grid (or the floats of that
-    grid with `dequantized`), else float32. `dot` is the target's quad product (`int8_dot`). `sparse`: the weight
-    goes in as int8 BSR with 8 x 4 blocks (select-sparse-layout chose it; Cout % 8 == 0, and the quad product must
-    be exact for it: VNNI or `ubsw_exact`)."""
+    grid with `dequantized`), else float32. `dot` is the target's quad product (`int8_dot`). `sparse` (the layout
+    select-sparse-layout chose): "bsr8x4", the weight goes in as int8 BSR with 8 x 4 blocks (Cout % 8 == 0, and the
+    quad product must be exact for it: VNNI or `ubsw_exact`); "csr", as pair CSR on the `vpmaddwd` kernel (exact
+    for any int8 weight; H * W >= 16)."""
     import tvm
     from tvm import relax
     from tvm.script import tirx as T
@@ -325,10 +327,21 @@ def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray
     # int4 ones stay nibbles (the artifact size is why they were chosen) on the int16 kernel, as do full-range int8
     # weights without VNNI
     ubsw = wbits == 8 and (dot != "ubsw" or ubsw_exact(np.pad(w2, ((0, 0), (0, cin % 2)))))
-    consts = epilogue_constants(wq, w_scales, bias, sx, zx + 128 * (ubsw or sparse), mt, out_q)
+    if sparse not in ("", "bsr8x4", "csr"):
+        raise ValueError(f"no int8 sparse pointwise kernel for layout '{sparse}' (bsr8x4 or csr)")
+    quads = sparse == "bsr8x4" or (ubsw and not sparse)  # the quad kernels read x + 128 (uint8)
+    consts = epilogue_constants(wq, w_scales, bias, sx, zx + 128 * quads, mt, out_q)
     tag = (f"{cout}x{cin}x{p}" + ("" if clamp is None else "_clamp") + ("_q" if out_q else "") + ("dq" if dequantized else "")
            + ("_w4" if wbits == 4 and not sparse else "") + (f"_n{n}" if n > 1 else ""))
-    if sparse:
+    if sparse == "csr":
+        from graphopt.targets.tvm.cpu.sparse import csr_qconv1x1_source, csr_qpairs
+        pw, cols, ptr = csr_qpairs(w2)
+        src = batch_source(csr_qconv1x1_source(cout, cin, p, len(pw), clamp, out_q, dequantized, consts[2] is not None),
+                           n, ["x", "out"])
+        gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), f"qconv1x1_csr_{tag}_pairs{len(pw)}")
+        weights = [relax.const(a if len(a) else np.zeros(1, np.int32)) for a in (pw, cols)] + [relax.const(ptr)]
+        consts = [c if c is None else c[:cout] for c in consts]
+    elif sparse:
         import torch
 
         from graphopt.ir.sparse_ops import to_bsr

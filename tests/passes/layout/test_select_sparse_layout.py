@@ -199,10 +199,15 @@ def test_pointwise_convs_on_a_batch_go_sparse(tmp_path, batch, layout):
 
 
 class _Int8Oracle(_ScriptedOracle):
-    """The scripted costs, plus the CPU oracle's rule for int8 linears: only bsr8x4 has an int8 sparse kernel."""
+    """The scripted costs, plus the CPU oracle's rule for int8 layers: their sparse kernels are bsr8x4 and csr
+    (over at least 16 tokens)."""
 
-    def applies(self, layout, weight, op="linear"):
-        return "" if op != "qlinear" or layout in ("dense", "bsr8x4") else "int8 sparse kernels use 8x4 blocks"
+    def applies(self, layout, weight, op="linear", tokens=None):
+        if not op.startswith("q") or layout in ("dense", "bsr8x4"):
+            return ""
+        if layout == "csr":
+            return "" if tokens is None or tokens >= 16 else "fewer than 16 tokens"
+        return "int8 sparse kernels use 8x4 blocks or csr"
 
 
 def test_int8_linears_take_the_int8_bsr_kernel(tmp_path):
@@ -218,7 +223,7 @@ def test_int8_linears_take_the_int8_bsr_kernel(tmp_path):
     out = graphopt.optimize(g, "select-sparse-layout{candidates=dense,csr,bsr8x4}", target=oracle)
     recs = [r for r in out.meta["sparse_layout"].values() if r["op"] == "qlinear"]
     assert len(recs) == 2 and all(r["choice"] == "bsr8x4" for r in recs), recs
-    assert all("csr" in r["not_measured"] for r in recs) and not [c for c in oracle.calls if c[2] == "csr"]
+    assert all(r["timings_us"]["csr"] > r["timings_us"]["bsr8x4"] for r in recs)  # measured, and slower
     assert out.text() == g.text()  # the int8 graph is untouched: the target reads the choice
     from graphopt.targets.tvm.lower import lower_to_relax
     names = {gv.name_hint for gv in lower_to_relax(out).get_global_vars()}
@@ -234,6 +239,40 @@ def test_int8_linears_take_the_int8_bsr_kernel(tmp_path):
         k for k, r in out.meta["sparse_layout"].items() if r["op"] == "qlinear")]["choice"] == "bsr8x4"
 
 
+def test_unstructured_int8_layers_take_the_int8_csr_kernel(tmp_path):
+    """Unstructured 90% sparsity, full-range int8 weights (no 7-bit bound: the CSR kernel's `vpmaddwd` pairs are
+    exact for any int8 value): the int8 linears and pointwise convs go to the int8 CSR kernel, and the artifact
+    equals the dense int8 one to float rounding (the same integer sums, the same epilogue). The pointwise conv
+    layer with 2 x 4 x 4 pixels at batch 2 is measured per sample: 16 pixels, the kernel's least."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pw = nn.Conv2d(64, 64, 1)
+            self.fc = nn.Linear(64, 32)
+
+        def forward(self, x):
+            h = torch.nn.functional.relu6(self.pw(x))
+            return self.fc(h.permute(0, 2, 3, 1))
+
+    x = torch.randn(2, 64, 4, 4)
+    g = graphopt.optimize(graphopt.trace(Net().eval(), (x,)), "sparsify{sparsity=0.9},quantize,fold-qdq",
+                          data=[(torch.randn(2, 64, 4, 4),) for _ in range(4)])
+    out = graphopt.optimize(g, "select-sparse-layout{candidates=dense,csr,bsr8x4}", target=_Int8Oracle(0.5))
+    recs = {r["op"]: r for r in out.meta["sparse_layout"].values()}
+    assert recs["qlinear"]["choice"] == "csr" and recs["qconv1x1"]["choice"] == "csr", recs
+    from graphopt.targets.tvm.lower import lower_to_relax
+    names = {gv.name_hint for gv in lower_to_relax(out).get_global_vars()}
+    assert any(n.startswith("csr_qlinear_32x64x32") for n in names), names
+    assert any(n.startswith("qconv1x1_csr_") for n in names), names
+    got = graphopt.load(graphopt.compile(out, "llvm", output=tmp_path / "art"))(x.numpy())[0]
+    dense = graphopt.load(graphopt.compile(g, "llvm", output=tmp_path / "dense"))(x.numpy())[0]
+    assert abs(got - dense).max() <= 1e-5 * abs(dense).max()
+    ref = out.run(x)[0].numpy()
+    assert abs(got - ref).max() <= 0.05 * abs(ref).max()
+
+
 def test_cpu_oracle_says_when_int8_sparse_has_no_kernel(monkeypatch):
     from graphopt.targets.tvm.cpu import int8
     from graphopt.targets.tvm.cpu.cost import CpuCostOracle
@@ -244,10 +283,16 @@ def test_cpu_oracle_says_when_int8_sparse_has_no_kernel(monkeypatch):
     assert "7-bit weights" in o.applies("bsr8x4", w, "qlinear")
     assert "8x4 blocks" in o.applies("bsr4x4", w, "qlinear")
     assert o.applies("bsr8x4", w // 2, "qlinear") == "" and o.applies("dense", w, "qlinear") == ""
+    assert o.applies("csr", w, "qlinear") == ""  # the CSR kernel's int16 pairs are exact for any int8 weight
+    assert "16 tokens" in o.applies("csr", w, "qconv1x1", tokens=15)
     monkeypatch.setattr(int8, "int8_dot", lambda target: "vnni")
     assert o.applies("bsr8x4", w, "qlinear") == ""
     with pytest.raises(ValueError, match="8x4 blocks"):
-        o.measure("qlinear", (16, 32, 16), "csr", w)
+        o.measure("qlinear", (16, 32, 16), "bsr4x4", w)
+    with pytest.raises(ValueError, match="16 tokens"):
+        o.measure("qlinear", (8, 32, 16), "csr", w)
+    monkeypatch.setattr(int8, "int8_dot", lambda target: None)
+    assert "no int8 kernels" in o.applies("csr", w, "qlinear")
 
 
 def test_int8_pointwise_convs_take_the_int8_bsr_kernel(tmp_path):
