@@ -1185,6 +1185,34 @@ def test_int8_bsr_kernel_is_exact(m, k, n, dot):
     assert np.abs(out.numpy().reshape(m, n) - ref).max() <= 1e-6 * np.abs(ref).max()
 
 
+@pytest.mark.parametrize("m,k,n,float_bias", [(20, 72, 24, False), (75, 64, 200, True)])
+def test_int8_csr_linear_kernel_is_exact(m, k, n, float_bias):
+    """The int8 CSR linear (nonzeros paired per row, `vpmaddwd` over staged int16 token rows, y^T transposed out):
+    16- and 32-token tiles with an overlapping last tile, row groups with an overlapping last group, full-range
+    int8 weights and activations, an empty row and a row of one nonzero (its pad pair), a float bias."""
+    from graphopt.targets.tvm.cpu.int8 import MR, epilogue_constants
+    from graphopt.targets.tvm.cpu.sparse import csr_qlinear_source, csr_qpairs, qcsr_tile
+    from tvm.script import tirx as T
+    rng = np.random.default_rng(9)
+    w = (rng.integers(-128, 128, (n, k)) * (rng.random((n, k)) < 0.15)).astype(np.int8)
+    w[1], w[2] = 0, 0
+    w[2, k - 1] = -128
+    w[3, :2] = (-128, -128)
+    x = rng.integers(-128, 128, (m, k)).astype(np.int8)
+    x[0] = -128
+    ws, zx = rng.uniform(1e-3, 2e-3, n), -3
+    bias = rng.uniform(-1, 1, n) if float_bias else None
+    off, mult, fb = epilogue_constants(w, ws, None, 1.0, zx, -(-n // MR))
+    pw, cols, ptr = csr_qpairs(w, qcsr_tile(m))
+    f = tvm.script.parse(csr_qlinear_source(m, k, n, len(pw), float_bias), extra_vars={"T": T})
+    lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target())
+    out = tvm.runtime.tensor(np.zeros(m * n, np.float32))
+    args = (x.reshape(-1), pw, cols, ptr, off[:n], mult[:n]) + ((bias.astype(np.float32),) if float_bias else ())
+    lib["main"](*(tvm.runtime.tensor(a) for a in args), out)
+    ref = ((x.astype(np.int64) - zx) @ w.astype(np.int64).T) * ws + (0 if bias is None else bias)
+    assert np.abs(out.numpy().reshape(m, n) - ref).max() <= 1e-6 * np.abs(ref).max()
+
+
 def test_int8_bsr_kernel_emits_vpdpbusd_for_vnni():
     from graphopt.targets.tvm.cpu.sparse import bsr_qlinear_source
     from tvm.script import tirx as T
@@ -1197,13 +1225,13 @@ def test_int8_bsr_kernel_emits_vpdpbusd_for_vnni():
 
 
 @pytest.mark.parametrize("cout,cin,p,out_int8,batch", [(32, 64, 196, True, 1), (48, 63, 49, False, 1),
-                                                       (16, 24, 3136, True, 1), (24, 20, 40, False, 2)])
+                                                       (16, 24, 3136, True, 1), (24, 20, 20, False, 2)])
 def test_int8_sparse_pointwise_kernel_equals_the_dense_one(cout, cin, p, out_int8, batch):
     """The int8 pointwise kernel with its weight as 8x4 BSR (a block-row of 8 channels, the reduction over stored
     blocks only) and as pair CSR (`vpmaddwd` over staged int16 pixel rows; rows with an odd count, an empty block
-    of rows) gives what the dense int8 kernel gives for the same weight: int8 stores equal, float stores to
-    rounding. 7-bit weights (exact on AVX2), Cin not a multiple of 4, an overlapping last pixel block, ReLU6,
-    a batch of 2."""
+    of rows; 32-pixel tiles, 16 under 32 pixels) gives what the dense int8 kernel gives for the same weight: int8
+    stores equal, float stores to rounding. 7-bit weights (exact on AVX2), Cin not a multiple of 4, an overlapping
+    last pixel block, ReLU6, a batch of 2."""
     from tvm import relax
 
     from graphopt.targets.tvm.cpu.int8 import emit_qconv1x1

@@ -381,34 +381,42 @@ def emit_bsr_qlinear(bb, xq, wq, w_scales, bias, sx: float, zx: int, x_shape, do
     return bb.emit(relax.op.reshape(y, (*lead, n)))
 
 
-QCSR_TILE = 16  # tokens (pixels) per int8 CSR task: two int32x8 accumulators per output row
-# Where token j of a tile sits in a staged int16 row: vpunpcklwd / vpunpckhwd interleave inside each 128-bit half
-# (int16 lanes 0-3 and 8-11 go low, 4-7 and 12-15 high), so storing tokens 4-7 at 8-11 and 8-11 at 4-7 makes the
-# low unpack's 8 pair products tokens 0-7 in order and the high one's tokens 8-15. The map is its own inverse.
+QCSR_TILE = 16  # the int8 CSR kernels' least token (pixel) tile: two int32x8 accumulators per output row
+# vpunpcklwd / vpunpckhwd interleave inside each 128-bit half (int16 lanes 0-3 and 8-11 go low, 4-7 and 12-15
+# high), so for tokens staged in order a 16-token group's two accumulators hold tokens [0-3, 8-11] and [4-7,
+# 12-15]: QCSR_SLOT[j] is where token j's sum sits in the group's 16 accumulator lanes (and, staged at QCSR_SLOT[j]
+# instead, token j's sum lands in lane j). The map is its own inverse.
 QCSR_SLOT = [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15]
 _QCSR_LO = [j for i in (0, 1, 2, 3, 8, 9, 10, 11) for j in (i, i + 16)]
 _QCSR_HI = [j for i in (4, 5, 6, 7, 12, 13, 14, 15) for j in (i, i + 16)]
 
 
-def csr_qpairs(wq):
+def qcsr_tile(m: int) -> int:
+    """Tokens (pixels) per task of the int8 CSR kernels: 32 (each pair's index and weight loads shared by 4
+    `vpmaddwd`, and the per-row loop and store cost spread over twice the tokens; the staged rows, 48 KB at K =
+    768, then come from L2: 1.07-1.12x the 16-token tile on 128 x 768 x 768 at 80-99.8% sparsity, 1.5-1.8x on the
+    1280x320x49 and 144x24x3136 pointwise convs, even on 96x576x196 and 576x96x196), 16 under 32 tokens."""
+    return 32 if m >= 32 else QCSR_TILE
+
+
+def csr_qpairs(wq, tile: int = QCSR_TILE):
     """int8 W [N, K] -> the int8 CSR kernels' arrays: each row's nonzeros in column order, taken two at a time
-    (an odd row ends with a zero weight on its last column): pair words int32 [pairs] (first weight in the low
+    (an odd row ends with a zero weight on column 0): pair words int32 [pairs] (first weight in the low
     int16, second in the high: one `vpmaddwd` operand when broadcast), the pair's two staged-row offsets
-    (column * 16) int32 [2 * pairs], and row pointers in pairs int32 [N + 1]."""
+    (column * tile) int32 [2 * pairs], and row pointers in pairs, int64 [N + 1] (int32 ones made LLVM redo and
+    sign-extend the index arithmetic of every pair: 1.2x slower)."""
     import numpy as np
     w = np.asarray(wq, np.int8)
     n = w.shape[0]
     rows, cols = np.nonzero(w)
     counts = np.bincount(rows, minlength=n)
     pairs = (counts + 1) // 2
-    ptr = np.concatenate([[0], np.cumsum(pairs)]).astype(np.int32)
+    ptr = np.concatenate([[0], np.cumsum(pairs)]).astype(np.int64)
     vals = np.zeros(2 * int(ptr[-1]), np.int16)
     offs = np.zeros(2 * int(ptr[-1]), np.int32)
     first = np.concatenate([[0], np.cumsum(counts)[:-1]])
     slot = 2 * ptr[rows] + (np.arange(len(rows)) - first[rows])
-    vals[slot], offs[slot] = w[rows, cols], cols * QCSR_TILE
-    odd = np.nonzero(counts % 2)[0]
-    offs[2 * ptr[odd + 1] - 1] = offs[2 * ptr[odd + 1] - 2]  # the pad pairs its row's last column with weight 0
+    vals[slot], offs[slot] = w[rows, cols], cols * tile
     return vals.view(np.int32).copy(), offs, ptr
 
 
@@ -417,23 +425,25 @@ def qcsr_applies(m: int) -> str:
     return "" if m >= QCSR_TILE else f"the int8 CSR kernel vectorizes over {QCSR_TILE} tokens; this layer has {m}"
 
 
-def _qcsr_rows(r0: str, r1: str, pad: str) -> str:
+def _qcsr_rows(r0: str, r1: str, v: int, pad: str) -> str:
     """TVMScript summing output rows r0 <= r < r1 of an int8 CSR weight against the task's staged int16 rows xs
-    into acc (int32 [16], tokens in order): per pair of nonzeros, the two staged rows interleaved (`vpunpcklwd` /
-    `vpunpckhwd`) and multiplied by the broadcast pair word (`vpmaddwd`), exact for any int8 values."""
-    row = lambda e, order: (f"T.Shuffle([xs[T.ramp(cols[2 * ({e})], 1, {QCSR_TILE})], "  # noqa: E731
-                            f"xs[T.ramp(cols[2 * ({e}) + 1], 1, {QCSR_TILE})]], {order})")
+    (v tokens each) into acc (int32 [v]; each group of 16 in `QCSR_SLOT` order): per pair of nonzeros, the two
+    staged rows interleaved (`vpunpcklwd` / `vpunpckhwd`) and multiplied by the broadcast pair word (`vpmaddwd`),
+    exact for any int8 values."""
+    row = lambda e, order, h: (f"T.Shuffle([xs[T.ramp(cols[2 * ({e})] + {h}, 1, 16)], "  # noqa: E731
+                               f"xs[T.ramp(cols[2 * ({e}) + 1] + {h}, 1, 16)]], {order})")
+    w = 'T.reinterpret("int16x16", T.broadcast(pw[ptr[r] + j], 8))'
     # the pair loop starts at 0: TVM 0.27 lowers `for j in T.serial(ptr[r], ...)` inside `for r in T.serial(r0,
     # ...)` with r0 > 0 to ptr[r - r0] (the outer loop's offset is not put into the inner loop's start)
-    w = 'T.reinterpret("int16x16", T.broadcast(pw[ptr[r] + j], 8))'
     out = f"""
 {pad}for r in T.serial({r0}, {r1}):
-{pad}    acc[T.ramp(0, 1, {QCSR_TILE})] = T.broadcast(T.int32(0), {QCSR_TILE})
+{pad}    acc[T.ramp(0, 1, {v})] = T.broadcast(T.int32(0), {v})
 {pad}    for j in T.serial(ptr[r + 1] - ptr[r]):"""
-    for half, order in ((0, _QCSR_LO), (8, _QCSR_HI)):
-        a = f"acc[T.ramp({half}, 1, 8)]"
-        out += f"""
-{pad}        {a} = {a} + T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", {row("ptr[r] + j", order)}, {w})"""
+    for h in range(0, v, 16):
+        for half, order in ((0, _QCSR_LO), (8, _QCSR_HI)):
+            a = f"acc[T.ramp({h + half}, 1, 8)]"
+            out += f"""
+{pad}        {a} = {a} + T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", {row("ptr[r] + j", order, h)}, {w})"""
     return out
 
 
@@ -443,65 +453,72 @@ def _qcsr_groups(tiles: int, n: int) -> int:
 
 
 def csr_qlinear_source(m: int, k: int, n: int, pairs: int, float_bias: bool = False) -> str:
-    """out[M, N] (float) = dequant(x[M, K] @ W^T) for int8 x and W int8 in pair CSR (`csr_qpairs`), M >= 16. Each
-    task takes a tile of 16 tokens (the last overlaps the one before) and a group of rows: it stages its tokens'
-    activations once as int16 rows [K, 16] (the transpose, with `QCSR_SLOT`'s order; 24 KB at K = 768), then per
-    output row sums its nonzero pairs (`_qcsr_rows`) and stores the 16 outputs with the dense int8 GEMM's
-    epilogue: (acc - offset) * multiplier (+ float bias), offset = the zero point times the row sum minus the int32
-    bias. The products are the exact integers the dense kernels sum, so the two agree to float rounding."""
-    tiles, groups = -(-m // QCSR_TILE), _qcsr_groups(-(-m // QCSR_TILE), n)
+    """out[M, N] (float) = dequant(x[M, K] @ W^T) for int8 x and W int8 in pair CSR (`csr_qpairs` with the tile
+    `qcsr_tile(M)`), M >= 16. Each task takes a tile of V tokens (the last overlaps the one before) and a group
+    of rows (the last group overlaps the one before: sizes are compile-time constants): it stages its tokens'
+    activations once as int16 rows [K, V] (the transpose), sums each output row's nonzero pairs (`_qcsr_rows`),
+    puts the V outputs in token order with the dense int8 GEMM's epilogue, (acc - offset) * multiplier (+ float
+    bias), into y^T [rows, V], and transposes that into its rows of out. offset = the zero point times the row
+    sum minus the int32 bias: the products are the exact integers the dense kernels sum, so the two agree to
+    float rounding."""
+    v = qcsr_tile(m)
+    tiles = -(-m // v)
+    groups = _qcsr_groups(tiles, n)
+    ng = -(-n // groups)
     bias_arg = f' bias: T.Buffer(({n},), "float32"),' if float_bias else ""
-    r0, r1 = f"(t % {groups}) * {n} // {groups}", f"(t % {groups} + 1) * {n} // {groups}"
+    order = [h + q for h in range(0, v, 16) for q in QCSR_SLOT]
+    b = f" + T.broadcast(bias[r], {v})" if float_bias else ""
     return f"""
 @T.prim_func(private=True)
 def csr_qlinear(x: T.Buffer(({m * k},), "int8"), pw: T.Buffer(({max(pairs, 1)},), "int32"),
-                cols: T.Buffer(({max(2 * pairs, 1)},), "int32"), ptr: T.Buffer(({n + 1},), "int32"),
+                cols: T.Buffer(({max(2 * pairs, 1)},), "int32"), ptr: T.Buffer(({n + 1},), "int64"),
                 off: T.Buffer(({n},), "int32"), mult: T.Buffer(({n},), "float32"),{bias_arg}
                 out: T.Buffer(({m * n},), "float32")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
     for t in T.parallel({tiles * groups}):
-        t0 = T.min((t // {groups}) * {QCSR_TILE}, {m - QCSR_TILE})
-        xs = T.decl_buffer(({k * QCSR_TILE},), "int16", scope="global")
-        acc = T.decl_buffer(({QCSR_TILE},), "int32", scope="global")
-        for g in T.unroll(4):
-            for u in T.serial(4):
-                for kk in T.serial({k}):
-                    xs[kk * {QCSR_TILE} + (g % 2) * 8 + (g // 2) * 4 + u] = T.Cast("int16", x[(t0 + g * 4 + u) * {k} + kk])
-{_qcsr_rows(r0, r1, " " * 8)}
-            for u in T.serial({QCSR_TILE}):
-                out[(t0 + u) * {n} + r] = T.Cast("float32", acc[u] - off[r]) * mult[r]{" + bias[r]" if float_bias else ""}
-"""
+        t0 = T.min((t // {groups}) * {v}, {m - v})
+        r0 = T.min((t % {groups}) * {ng}, {n - ng})
+        xs = T.decl_buffer(({k * v},), "int16", scope="global")
+        yT = T.decl_buffer(({ng * v},), "float32", scope="global")
+        acc = T.decl_buffer(({v},), "int32", scope="global")
+        for kk in T.serial({k}):
+            xs[T.ramp(kk * {v}, 1, {v})] = T.Cast("int16x{v}", x[T.ramp(t0 * {k} + kk, {k}, {v})])
+{_qcsr_rows("r0", f"r0 + {ng}", v, " " * 8)}
+            yT[T.ramp((r - r0) * {v}, 1, {v})] = T.Cast("float32x{v}", T.Shuffle([acc[T.ramp(0, 1, {v})]], {order}) - T.broadcast(off[r], {v})) * T.broadcast(mult[r], {v}){b}
+{_local_transpose(f"yT[({{i}}) * {v} + {{j}}]", f"out[(t0 + {{j}}) * {n} + r0 + {{i}}]", ng, v, "        ")}"""
 
 
 def csr_qconv1x1_source(cout: int, cin: int, p: int, pairs: int, clamp: tuple[float, float] | None = None,
                         out_q: tuple[float, int, int, int] | None = None, dequantized: bool = False,
-                        float_bias: bool = False) -> str:
-    """The int8 pointwise conv (x int8 [Cin, P] as NCHW stores it -> out [Cout, P]) with its weight in pair CSR,
-    P >= 16: each task stages its 16 pixels of every input channel as int16 (one load, sign extension and shuffle
-    per channel: NCHW rows already are the tokens' vectors), sums each output channel's nonzero pairs
-    (`_qcsr_rows`), and stores the 16 outputs with the dense int8 kernel's epilogue (bias, clamp, the next quantize
-    or its dequantized floats; `_tile_store`)."""
+                        float_bias: bool = False, v: int = QCSR_TILE) -> str:
+    """The int8 pointwise conv (x int8 [Cin, P] as NCHW stores it -> out [Cout, P]) with its weight in pair CSR
+    (`csr_qpairs` with tile v), P >= v: each task stages its v pixels of every input channel as int16 (per 16: one
+    load, sign extension and shuffle into `QCSR_SLOT` order; NCHW rows already are the tokens' vectors), sums each
+    output channel's nonzero pairs (`_qcsr_rows`), and stores the v outputs with the dense int8 kernel's epilogue
+    (bias, clamp, the next quantize or its dequantized floats; `_tile_store`)."""
     from graphopt.targets.tvm.cpu.int8 import _tile_store
-    tiles = -(-p // QCSR_TILE)
+    tiles = -(-p // v)
     groups = _qcsr_groups(tiles, cout)
     bias_arg = f' bias: T.Buffer(({cout},), "float32"),' if float_bias else ""
-    c0 = f"T.min((t // {groups}) * {QCSR_TILE}, {p - QCSR_TILE})"
+    c0 = f"T.min((t // {groups}) * {v}, {p - v})"
     r0, r1 = f"(t % {groups}) * {cout} // {groups}", f"(t % {groups} + 1) * {cout} // {groups}"
-    store = _tile_store("r", c0, QCSR_TILE // 8, p, clamp, out_q, dequantized, float_bias, " " * 12, row="0")
+    store = _tile_store("r", c0, v // 8, p, clamp, out_q, dequantized, float_bias, " " * 12, row="0")
+    stage = "".join(f"""
+            xs[T.ramp(kk * {v} + {h}, 1, 16)] = T.Shuffle([T.Cast("int16x16", x[T.ramp(kk * {p} + {c0} + {h}, 1, 16)])], {QCSR_SLOT})"""
+                    for h in range(0, v, 16))
     return f"""
 @T.prim_func(private=True)
 def csr_qconv1x1(x: T.Buffer(({cin * p},), "int8"), pw: T.Buffer(({max(pairs, 1)},), "int32"),
-                 cols: T.Buffer(({max(2 * pairs, 1)},), "int32"), ptr: T.Buffer(({cout + 1},), "int32"),
+                 cols: T.Buffer(({max(2 * pairs, 1)},), "int32"), ptr: T.Buffer(({cout + 1},), "int64"),
                  off: T.Buffer(({cout},), "int32"), mult: T.Buffer(({cout},), "float32"),{bias_arg}
                  qp: T.Buffer((4,), "float32"),
                  out: T.Buffer(({cout * p},), "{'int8' if out_q and not dequantized else 'float32'}")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
     for t in T.parallel({tiles * groups}):
-        xs = T.decl_buffer(({cin * QCSR_TILE},), "int16", scope="global")
-        acc = T.decl_buffer(({QCSR_TILE},), "int32", scope="global")
-        for kk in T.serial({cin}):
-            xs[T.ramp(kk * {QCSR_TILE}, 1, {QCSR_TILE})] = T.Shuffle([T.Cast("int16x16", x[T.ramp(kk * {p} + {c0}, 1, {QCSR_TILE})])], {QCSR_SLOT})
-{_qcsr_rows(r0, r1, " " * 8)}{store}
+        xs = T.decl_buffer(({cin * v},), "int16", scope="global")
+        acc = T.decl_buffer(({v},), "int32", scope="global")
+        for kk in T.serial({cin}):{stage}
+{_qcsr_rows(r0, r1, v, " " * 8)}{store}
 """
 
 
@@ -520,11 +537,11 @@ def emit_csr_qlinear(bb, xq, wq, w_scales, bias, sx: float, zx: int, x_shape):
     lead, k = tuple(int(d) for d in x_shape[:-1]), int(x_shape[-1])
     m, n = math.prod(lead), int(wq.shape[0])
     w = np.ascontiguousarray(wq, np.int8)
-    pw, cols, ptr = csr_qpairs(w)
+    pw, cols, ptr = csr_qpairs(w, qcsr_tile(m))
     off, mult, fb = epilogue_constants(w, w_scales, bias, sx, zx, -(-n // MR))
     src = csr_qlinear_source(m, k, n, len(pw), fb is not None)
     gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), f"csr_qlinear_{m}x{k}x{n}_pairs{len(pw)}")
-    consts = [relax.const(a if len(a) else np.zeros(1, np.int32)) for a in (pw, cols)] + [relax.const(ptr)]
+    consts = [relax.const(a if len(a) else np.zeros(1, np.int32)) for a in (pw, cols)] + [relax.const(ptr, "int64")]
     consts += [relax.const(v[:n]) for v in (off, mult, fb) if v is not None]
     y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(xq, (m * k,))), *consts],
                                relax.TensorType((m * n,), "float32")))
