@@ -3,10 +3,12 @@
 and PyTorch dense.
 
 Goal (issue 6): at >= 80% sparsity the chosen sparse kernel is >= 0.5/density times faster than dense; where sparse
-loses, dense is chosen. Masks are block-structured (sparsify{block=4x4}) or unstructured (csr); int8 rows
-(int7-block8x4) time the int8 BSR kernel against graphopt's dense int8 kernel (and report fp32 dense and ORT fp32).
+loses, dense is chosen. Masks are block-structured (sparsify{block=4x4}) or unstructured (csr); int8 rows time
+the int8 BSR kernel (int7-block8x4: 7-bit weights, 8x4 zero blocks) and the int8 CSR kernel (int8-unstructured:
+full-range int8 weights, unstructured zeros, 16+ tokens) against graphopt's dense int8 kernel for the same weight
+(and report fp32 dense and ORT fp32).
 
-    python benchmarks/sparse_kernels.py [--threads 2] [--quick]
+    python benchmarks/sparse_kernels.py [--threads 2] [--quick] [--patterns int8-unstructured]
 """
 from __future__ import annotations
 
@@ -72,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sparsities", default="0.5,0.8,0.9,0.95")
     ap.add_argument("--quick", action="store_true", help="one linear and one conv shape, two sparsities")
+    ap.add_argument("--patterns", default="block4x4,unstructured,int7-block8x4,int8-unstructured",
+                    help="weight patterns to time (comma-separated); rows of the others already in --out are kept")
     ap.add_argument("--out", default="benchmarks/results/sparse_kernels.json")
     args = ap.parse_args(argv)
 
@@ -86,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
 
     oracle = CpuCostOracle(cache=os.path.join(tempfile.gettempdir(), "graphopt-bench-layout-costs.json"))
     shapes = [SHAPES[2], SHAPES[4]] if args.quick else SHAPES
+    known = ["block4x4", "unstructured", "int7-block8x4", "int8-unstructured"]
+    wanted = args.patterns.split(",")
+    if any(p not in known for p in wanted):
+        ap.error(f"--patterns: {args.patterns!r}; choose from {', '.join(known)}")
     sparsities = [0.8, 0.9] if args.quick else [float(s) for s in args.sparsities.split(",")]
     rows = []
     for name, op, m, k, n in shapes:
@@ -103,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         dense_t = oracle.measure(op, (m, k, n), "dense", w0)
         # int8 rows: 7-bit weights with 8x4 zero blocks (sparsify{block=8x4}, quantize{weights=int7}) against
         # graphopt's dense int8 kernel for the same layer
-        patterns = ["block4x4", "unstructured"] + (["int7-block8x4"] if op == "conv1x1" or m >= 6 else [])
+        patterns = ["block4x4", "unstructured"] + (["int7-block8x4"] if op == "conv1x1" or m >= 6 else []) + (
+            ["int8-unstructured"] if m >= 16 else [])
+        patterns = [p for p in patterns if p in wanted]
         for s in sparsities:
             for pattern in patterns:
                 mop, lays = op, LAYOUTS
@@ -111,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
                     mask = expand_blocks(torch.rand(n // 8, k // 4) >= s, (8, 4))
                     w = (torch.randint(-63, 64, (n, k)) * mask).to(torch.int8)
                     mop, lays = "q" + op, ["bsr8x4"]
+                elif pattern == "int8-unstructured":
+                    w = (torch.randint(-128, 128, (n, k)) * (torch.rand(n, k) >= s)).to(torch.int8)
+                    mop, lays = "q" + op, ["csr"]
                 else:
                     mask = expand_blocks(torch.rand(n // 4, k // 4) >= s, (4, 4)) if pattern == "block4x4" \
                         else torch.rand(n, k) >= s
@@ -137,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"{row['chosen_us']:8.1f} us  x{row['speedup_vs_tvm_dense']:.2f} vs tvm dense, "
                       f"x{row['speedup_vs_ort_dense']:.2f} vs ORT (goal x{row['goal_0.5_over_density']})",
                       flush=True)
+    if os.path.exists(args.out) and set(wanted) != set(known):
+        with open(args.out) as f:  # a partial run: keep the other patterns' rows of the last full one
+            rows = [r for r in json.load(f)["rows"] if r["pattern"] not in wanted] + rows
     doc = {"threads": args.threads, "target": oracle.describe(), "rows": rows}
     atomic_write_bytes(args.out, json.dumps(doc, indent=1).encode())
     print(f"wrote {args.out}")

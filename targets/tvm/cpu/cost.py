@@ -46,8 +46,14 @@ class CpuCostOracle:
     def describe(self) -> str:
         return str(self.target)
 
-    def _key(self, op: str, shape, layout: str, nnzb: int) -> str:
-        return f"{self.target}|{op}|{'x'.join(map(str, shape))}|{layout}|{nnzb}"
+    def _key(self, op: str, shape, layout: str, nnzb: int, weight=None) -> str:
+        key = f"{self.target}|{op}|{'x'.join(map(str, shape))}|{layout}|{nnzb}"
+        if op.startswith("q") and weight is not None:  # which dense int8 kernel the weight gets depends on its range
+            from graphopt.targets.tvm.cpu.int8 import fits_int4, ubsw_exact
+            w = np.asarray(weight.numpy() if hasattr(weight, "numpy") else weight).reshape(weight.shape[0], -1)
+            key += "|w4" if fits_int4(w) else ("|w7" if ubsw_exact(np.pad(w, ((0, 0), (0, -w.shape[1] % 4))))
+                                               else "|w8")
+        return key
 
     def applies(self, layout: str, weight, op: str = "linear", tokens: int | None = None) -> str:
         """Why `layout` has no kernel for this weight here ("" when it has one). Float layers: every layout whose
@@ -98,7 +104,7 @@ class CpuCostOracle:
             if why:
                 raise ValueError(why)
             block = layout_block(layout)
-            keys[layout] = self._key(op, shape, layout, 0 if block is None else to_bsr(weight, block).nnzb)
+            keys[layout] = self._key(op, shape, layout, 0 if block is None else to_bsr(weight, block).nnzb, weight)
         if all(k in self._cache for k in keys.values()):
             self.hits += len(keys)
             return {lay: float(self._cache[k]) for lay, k in keys.items()}

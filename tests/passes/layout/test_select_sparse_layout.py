@@ -284,6 +284,8 @@ def test_cpu_oracle_says_when_int8_sparse_has_no_kernel(monkeypatch):
     assert "8x4 blocks" in o.applies("bsr4x4", w, "qlinear")
     assert o.applies("bsr8x4", w // 2, "qlinear") == "" and o.applies("dense", w, "qlinear") == ""
     assert o.applies("csr", w, "qlinear") == ""  # the CSR kernel's int16 pairs are exact for any int8 weight
+    # full-range and 7-bit weights get different dense int8 kernels on AVX2: their timings are cached apart
+    assert o._key("qlinear", (16, 32, 16), "dense", 0, w) != o._key("qlinear", (16, 32, 16), "dense", 0, w // 2)
     assert "16 tokens" in o.applies("csr", w, "qconv1x1", tokens=15)
     monkeypatch.setattr(int8, "int8_dot", lambda target: "vnni")
     assert o.applies("bsr8x4", w, "qlinear") == ""
