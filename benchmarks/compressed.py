@@ -14,8 +14,11 @@ crops (five photos: expect little).
 
 `--sparse S` adds `sparsify{sparsity=S block=8x4}` + int7 + `select-sparse-layout` rows: 8x4 zero blocks that the
 int8 BSR kernels take where the layout pass measures them faster (no fine-tuning either, unless recovering).
+`--sparse-int8 S` adds `sparsify{sparsity=S}` (unstructured) + int8 (full range) + `select-sparse-layout` rows, for
+the int8 CSR kernels.
 
     python benchmarks/compressed.py [--models mobilenet_v2,efficientnet_lite0,minilm] [--prune 0.3,0.5] [--sparse 0.8]
+                                    [--sparse-int8 0.9]
 """
 from __future__ import annotations
 
@@ -50,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prune", default="0.3,0.5", help="comma-separated prune-channels ratios (each + int7)")
     ap.add_argument("--sparse", default="", help="comma-separated sparsities: sparsify{block=8x4} + int7 + "
                     "select-sparse-layout rows (int8 BSR kernels where measured faster; default: none)")
+    ap.add_argument("--sparse-int8", default="", help="comma-separated sparsities: unstructured sparsify + int8 + "
+                    "select-sparse-layout rows (int8 CSR kernels where measured faster; default: none)")
     ap.add_argument("--recover-epochs", type=int, default=0, help="recover epochs after pruning (0: none)")
     ap.add_argument("--recover-samples", type=int, default=1000, help="MiniLM: WordNet definitions to recover on")
     ap.add_argument("--threads", type=int, default=2)
@@ -88,14 +93,22 @@ def main(argv: list[str] | None = None) -> int:
             pipes[f"sparse{round(sp * 100)}+int7"] = (f"sparsify{{sparsity={sp} block=8x4}}{recover},"
                                                       f"quantize{{calibrator={cal} weights=int7}},fold-qdq,"
                                                       "select-sparse-layout{candidates=dense,bsr8x4}")
-        arts, size = {}, {}
+        for sp in (float(v) for v in args.sparse_int8.split(",") if v):
+            pipes[f"sparse{round(sp * 100)}u+int8"] = (f"sparsify{{sparsity={sp}}}{recover},"
+                                                       f"quantize{{calibrator={cal}}},fold-qdq,"
+                                                       "select-sparse-layout{candidates=dense,csr}")
+        arts, size, chosen = {}, {}, {}
         for key, pipe in pipes.items():
             t0 = time.perf_counter()
             g = graphopt.optimize(graph, pipe, data=train if "recover" in (pipe or "") else calib) if pipe else graph
             folder = work / f"{name}-{key.replace('+', '_')}"
             arts[f"graphopt {key}"] = graphopt.load(graphopt.compile(g, "llvm", output=folder))
             size[f"graphopt {key}"] = (folder / "model.so").stat().st_size
-            print(f"[{name}] {key} built in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+            layouts = [r["choice"] for r in (g.meta.get("sparse_layout", {}) if pipe else {}).values()]
+            if layouts:
+                chosen[f"graphopt {key}"] = {lay: layouts.count(lay) for lay in sorted(set(layouts))}
+            print(f"[{name}] {key} built in {time.perf_counter() - t0:.0f} s"
+                  + (f"; layers per layout {chosen[f'graphopt {key}']}" if layouts else ""), file=sys.stderr, flush=True)
 
         def run_all(fn):
             return [fn(*[np.asarray(t) for t in b]) for b in evals]
@@ -136,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                          + (f"   held-out cos {f['cosine_wordnet_heldout']:.3f}" if f and "cosine_wordnet_heldout" in f
                             else ""))
         results.append({"model": name, "pipelines": pipes, "latency_ms": {k: round(v * 1e3, 3) for k, v in lat.items()},
-                        "fidelity": fid, "artifact_bytes": size})
+                        "fidelity": fid, "artifact_bytes": size, "sparse_layouts": chosen})
         print(f"[{name}] done", file=sys.stderr, flush=True)
     table = "\n".join(lines)
     print(table)
