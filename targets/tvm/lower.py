@@ -230,7 +230,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             return emit_bsr_qlinear(bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, x_shape, dot)
         if layout == "csr":
             from graphopt.targets.tvm.cpu.sparse import emit_csr_qlinear
-            return emit_csr_qlinear(bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, x_shape)
+            return emit_csr_qlinear(bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, x_shape, dot)
         return emit_qlinear(bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, x_shape, dot)
 
     def _int8_sparse(node, op: str, w, m: int) -> str:

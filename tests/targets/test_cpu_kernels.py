@@ -1185,14 +1185,18 @@ def test_int8_bsr_kernel_is_exact(m, k, n, dot):
     assert np.abs(out.numpy().reshape(m, n) - ref).max() <= 1e-6 * np.abs(ref).max()
 
 
-@pytest.mark.parametrize("m,k,n,float_bias", [(20, 72, 24, False), (75, 64, 200, True)])
-def test_int8_csr_linear_kernel_is_exact(m, k, n, float_bias):
-    """The int8 CSR linear (nonzeros paired per row, `vpmaddwd` over staged int16 token rows, y^T transposed out):
-    16- and 32-token tiles with an overlapping last tile, row groups with an overlapping last group, full-range
-    int8 weights and activations, an empty row and a row of one nonzero (its pad pair), a float bias."""
+@pytest.mark.parametrize("m,k,n,float_bias,dot", [(20, 72, 24, False, "ubsw"), (75, 64, 200, True, "ubsw"),
+                                                   (75, 64, 200, True, "vnni")])
+def test_int8_csr_linear_kernel_is_exact(m, k, n, float_bias, dot):
+    """The int8 CSR linear (nonzeros paired per row, `vpmaddwd` over staged int16 token rows, y^T transposed out;
+    `vpdpwssd` where this CPU has VNNI): 16- and 32-token tiles with an overlapping last tile, row groups with an
+    overlapping last group, full-range int8 weights and activations, an empty row and a row of one nonzero (its pad
+    pair), a float bias."""
     from graphopt.targets.tvm.cpu.int8 import MR, epilogue_constants
     from graphopt.targets.tvm.cpu.sparse import csr_qlinear_source, csr_qpairs, qcsr_tile
     from tvm.script import tirx as T
+    if dot == "vnni" and not _vnni_here():
+        pytest.skip("this CPU has no VNNI")
     rng = np.random.default_rng(9)
     w = (rng.integers(-128, 128, (n, k)) * (rng.random((n, k)) < 0.15)).astype(np.int8)
     w[1], w[2] = 0, 0
@@ -1204,13 +1208,28 @@ def test_int8_csr_linear_kernel_is_exact(m, k, n, float_bias):
     bias = rng.uniform(-1, 1, n) if float_bias else None
     off, mult, fb = epilogue_constants(w, ws, None, 1.0, zx, -(-n // MR))
     pw, cols, ptr = csr_qpairs(w, qcsr_tile(m))
-    f = tvm.script.parse(csr_qlinear_source(m, k, n, len(pw), float_bias), extra_vars={"T": T})
+    f = tvm.script.parse(csr_qlinear_source(m, k, n, len(pw), float_bias, dot), extra_vars={"T": T})
     lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target())
     out = tvm.runtime.tensor(np.zeros(m * n, np.float32))
     args = (x.reshape(-1), pw, cols, ptr, off[:n], mult[:n]) + ((bias.astype(np.float32),) if float_bias else ())
     lib["main"](*(tvm.runtime.tensor(a) for a in args), out)
     ref = ((x.astype(np.int64) - zx) @ w.astype(np.int64).T) * ws + (0 if bias is None else bias)
     assert np.abs(out.numpy().reshape(m, n) - ref).max() <= 1e-6 * np.abs(ref).max()
+
+
+def test_int8_csr_kernels_emit_vpdpwssd_for_vnni():
+    """Built for a CPU with VNNI, the int8 CSR kernels' pair step is one `vpdpwssd` per 8 tokens (the int16 pair
+    products accumulated in place; no `vpmaddwd` + `vpaddd`), 4 per pair with the linear's 32 tokens and 2 with
+    the 16 pixels of a small conv."""
+    from graphopt.targets.tvm.cpu.sparse import csr_qconv1x1_source, csr_qlinear_source
+    from tvm.script import tirx as T
+    for src, per_pair in ((csr_qlinear_source(128, 256, 64, 500, False, "vnni"), 4),
+                          (csr_qconv1x1_source(64, 96, 20, 500, dot="vnni"), 2)):
+        f = tvm.script.parse(src, extra_vars={"T": T})
+        lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target("znver4"))
+        loop = _inner_fma_loop(lib.mod.inspect_source("asm"), r"vpdpwssd")
+        n = len(re.findall(r"vpdpwssd", loop))
+        assert n >= per_pair and n % per_pair == 0 and "vpmaddwd" not in loop, loop
 
 
 def test_int8_bsr_kernel_emits_vpdpbusd_for_vnni():

@@ -171,7 +171,7 @@ class CpuCostOracle:
 
         def emit(bb, x):
             if sparse == "csr":
-                return emit_csr_qlinear(bb, x, w, scales, None, 0.02, 0, (m, k))
+                return emit_csr_qlinear(bb, x, w, scales, None, 0.02, 0, (m, k), dot)
             if block is None:
                 y = emit_qlinear(bb, x, w, scales, None, 0.02, 0, (m, k), dot) if dot else None
                 if y is None:  # no int8 kernel for this shape: TVM's generic integer lowering

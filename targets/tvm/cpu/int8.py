@@ -338,8 +338,9 @@ def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray
         v = qcsr_tile(p)
         pw, cols, ptr = csr_qpairs(w2, v)
         src = batch_source(csr_qconv1x1_source(cout, cin, p, len(pw), clamp, out_q, dequantized, consts[2] is not None,
-                                               v), n, ["x", "out"])
-        gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), f"qconv1x1_csr_{tag}_pairs{len(pw)}")
+                                               v, dot), n, ["x", "out"])
+        gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}),
+                         f"qconv1x1_csr{'_vnni' if dot == 'vnni' else ''}_{tag}_pairs{len(pw)}")
         weights = [relax.const(a if len(a) else np.zeros(1, np.int32)) for a in (pw, cols)]
         weights.append(relax.const(ptr, "int64"))
         consts = [c if c is None else c[:cout] for c in consts]

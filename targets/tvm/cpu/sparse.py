@@ -425,11 +425,11 @@ def qcsr_applies(m: int) -> str:
     return "" if m >= QCSR_TILE else f"the int8 CSR kernel vectorizes over {QCSR_TILE} tokens; this layer has {m}"
 
 
-def _qcsr_rows(r0: str, r1: str, v: int, pad: str) -> str:
+def _qcsr_rows(r0: str, r1: str, v: int, pad: str, dot: str = "ubsw") -> str:
     """TVMScript summing output rows r0 <= r < r1 of an int8 CSR weight against the task's staged int16 rows xs
     (v tokens each) into acc (int32 [v]; each group of 16 in `QCSR_SLOT` order): per pair of nonzeros, the two
-    staged rows interleaved (`vpunpcklwd` / `vpunpckhwd`) and multiplied by the broadcast pair word (`vpmaddwd`),
-    exact for any int8 values."""
+    staged rows interleaved (`vpunpcklwd` / `vpunpckhwd`) and multiplied by the broadcast pair word (`vpmaddwd`,
+    then added; with dot="vnni" one `vpdpwssd` multiplies and accumulates), exact for any int8 values."""
     row = lambda e, order, h: (f"T.Shuffle([xs[T.ramp(cols[2 * ({e})] + {h}, 1, 16)], "  # noqa: E731
                                f"xs[T.ramp(cols[2 * ({e}) + 1] + {h}, 1, 16)]], {order})")
     w = 'T.reinterpret("int16x16", T.broadcast(pw[ptr[r] + j], 8))'
@@ -441,9 +441,11 @@ def _qcsr_rows(r0: str, r1: str, v: int, pad: str) -> str:
 {pad}    for j in T.serial(ptr[r + 1] - ptr[r]):"""
     for h in range(0, v, 16):
         for half, order in ((0, _QCSR_LO), (8, _QCSR_HI)):
-            a = f"acc[T.ramp({h + half}, 1, 8)]"
+            a, pair = f"acc[T.ramp({h + half}, 1, 8)]", row("ptr[r] + j", order, h)
+            step = (f'T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx512.vpdpwssd.256", {a}, {pair}, {w})'
+                    if dot == "vnni" else f'{a} + T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", {pair}, {w})')
             out += f"""
-{pad}        {a} = {a} + T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", {row("ptr[r] + j", order, h)}, {w})"""
+{pad}        {a} = {step}"""
     return out
 
 
@@ -452,7 +454,7 @@ def _qcsr_groups(tiles: int, n: int) -> int:
     return max(1, min(max(1, n // 16), -(-8 // tiles)))
 
 
-def csr_qlinear_source(m: int, k: int, n: int, pairs: int, float_bias: bool = False) -> str:
+def csr_qlinear_source(m: int, k: int, n: int, pairs: int, float_bias: bool = False, dot: str = "ubsw") -> str:
     """out[M, N] (float) = dequant(x[M, K] @ W^T) for int8 x and W int8 in pair CSR (`csr_qpairs` with the tile
     `qcsr_tile(M)`), M >= 16. Each task takes a tile of V tokens (the last overlaps the one before) and a group
     of rows (the last group overlaps the one before: sizes are compile-time constants): it stages its tokens'
@@ -483,14 +485,14 @@ def csr_qlinear(x: T.Buffer(({m * k},), "int8"), pw: T.Buffer(({max(pairs, 1)},)
         acc = T.decl_buffer(({v},), "int32", scope="global")
         for kk in T.serial({k}):
             xs[T.ramp(kk * {v}, 1, {v})] = T.Cast("int16x{v}", x[T.ramp(t0 * {k} + kk, {k}, {v})])
-{_qcsr_rows("r0", f"r0 + {ng}", v, " " * 8)}
+{_qcsr_rows("r0", f"r0 + {ng}", v, " " * 8, dot)}
             yT[T.ramp((r - r0) * {v}, 1, {v})] = T.Cast("float32x{v}", T.Shuffle([acc[T.ramp(0, 1, {v})]], {order}) - T.broadcast(off[r], {v})) * T.broadcast(mult[r], {v}){b}
 {_local_transpose(f"yT[({{i}}) * {v} + {{j}}]", f"out[(t0 + {{j}}) * {n} + r0 + {{i}}]", ng, v, "        ")}"""
 
 
 def csr_qconv1x1_source(cout: int, cin: int, p: int, pairs: int, clamp: tuple[float, float] | None = None,
                         out_q: tuple[float, int, int, int] | None = None, dequantized: bool = False,
-                        float_bias: bool = False, v: int = QCSR_TILE) -> str:
+                        float_bias: bool = False, v: int = QCSR_TILE, dot: str = "ubsw") -> str:
     """The int8 pointwise conv (x int8 [Cin, P] as NCHW stores it -> out [Cout, P]) with its weight in pair CSR
     (`csr_qpairs` with tile v), P >= v: each task stages its v pixels of every input channel as int16 (per 16: one
     load, sign extension and shuffle into `QCSR_SLOT` order; NCHW rows already are the tokens' vectors), sums each
@@ -518,13 +520,13 @@ def csr_qconv1x1(x: T.Buffer(({cin * p},), "int8"), pw: T.Buffer(({max(pairs, 1)
         xs = T.decl_buffer(({cin * v},), "int16", scope="global")
         acc = T.decl_buffer(({v},), "int32", scope="global")
         for kk in T.serial({cin}):{stage}
-{_qcsr_rows(r0, r1, v, " " * 8)}{store}
+{_qcsr_rows(r0, r1, v, " " * 8, dot)}{store}
 """
 
 
-def emit_csr_qlinear(bb, xq, wq, w_scales, bias, sx: float, zx: int, x_shape):
+def emit_csr_qlinear(bb, xq, wq, w_scales, bias, sx: float, zx: int, x_shape, dot: str = "ubsw"):
     """qlinear of xq int8 [..., K] (at least 16 rows) with a constant int8 weight [N, K] (numpy, mostly zeros) on
-    the int8 CSR kernel -> float32 [..., N]."""
+    the int8 CSR kernel -> float32 [..., N]; dot: the target's `int8_dot` ("vnni": `vpdpwssd`)."""
     import math
 
     import numpy as np
@@ -539,8 +541,9 @@ def emit_csr_qlinear(bb, xq, wq, w_scales, bias, sx: float, zx: int, x_shape):
     w = np.ascontiguousarray(wq, np.int8)
     pw, cols, ptr = csr_qpairs(w, qcsr_tile(m))
     off, mult, fb = epilogue_constants(w, w_scales, bias, sx, zx, -(-n // MR))
-    src = csr_qlinear_source(m, k, n, len(pw), fb is not None)
-    gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), f"csr_qlinear_{m}x{k}x{n}_pairs{len(pw)}")
+    src = csr_qlinear_source(m, k, n, len(pw), fb is not None, dot)
+    name = f"csr_qlinear{'_vnni' if dot == 'vnni' else ''}_{m}x{k}x{n}_pairs{len(pw)}"
+    gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), name)
     consts = [relax.const(a if len(a) else np.zeros(1, np.int32)) for a in (pw, cols)] + [relax.const(ptr, "int64")]
     consts += [relax.const(v[:n]) for v in (off, mult, fb) if v is not None]
     y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(xq, (m * k,))), *consts],
