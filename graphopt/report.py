@@ -56,6 +56,15 @@ def compile_report(reference: Graph, optimized: Graph, artifact: Path, manifest:
         f"  weights    {human(before.bytes, 'B')} -> {human(after.bytes, 'B')}",
         f"  artifact   {human(size, 'B')} in {artifact} (build {manifest.get('build_seconds', 0):.1f} s)",
     ]
+    sparse = manifest.get("sparse_layout") or {}
+    if sparse and str(tinfo.get("kind", manifest.get("target"))) == "llvm":  # the GPU report has its own
+        counts: dict[str, int] = {}
+        for r in sparse.values():
+            counts[r.get("choice", "dense")] = counts.get(r.get("choice", "dense"), 0) + 1
+        best = max((r.get("best_speedup", 0) for r in sparse.values() if r.get("choice") != "dense"), default=0)
+        lines.append(f"  sparse     {len(sparse)} layer(s) measured: "
+                     + ", ".join(f"{n} {lay}" for lay, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+                     + (f" (best {best:.2f}x dense)" if best else "") + "; timings per layer in manifest.json")
     tuning = manifest.get("tuning")
     if tuning:
         lines.append(f"  tuning     {tuning.get('trials', 0)} trials over {tuning.get('tasks_tuned', 0)} task(s) "
