@@ -2,8 +2,9 @@
 every candidate layout for that exact shape and block count on the target (through ctx.target's cost oracle,
 cached), keep the fastest that beats dense by at least `min-speedup`, and rewrite the layer to graphopt::bsr_linear
 (graphopt::bsr_conv1x1). int8 linears and pointwise convs (graphopt::qlinear / qconv2d after quantize + fold-qdq)
-are measured the same way on the CPU (dense int8 vs the int8 CSR and BSR kernels); their graph stays as it is (exact) and
-the CPU target reads the choice from graph.meta["sparse_layout"]. Never slower than dense: dense is always measured."""
+are measured the same way on the CPU (dense int8 vs the int8 CSR and BSR kernels); their graph stays as it is
+(exact) and the CPU target reads the choice from graph.meta["sparse_layout"]. Never slower than dense: dense is
+always measured."""
 from __future__ import annotations
 
 import math
@@ -54,8 +55,8 @@ class SelectSparseLayout(Pass):
         candidates: list[str] = field(default_factory=lambda: ["dense", "csr", "bsr4x4", "bsr1x16", "bsr8x1",
                                                                "bsr8x4"],
                                       metadata={"help": "layouts to measure: dense, csr, bsrRxC (R x C blocks) on "
-                                                "the CPU (int8 linears and pointwise convs: csr, bsr8x4); dense, sp24 (2:4 on sparse tensor "
-                                                "cores) with target cuda"})
+                                                "the CPU (int8 linears and pointwise convs: csr, bsr8x4); dense, sp24 "
+                                                "(2:4 on sparse tensor cores) with target cuda"})
         min_speedup: float = field(default=1.1, metadata={
             "help": "a sparse layout must be at least this many times faster than dense to be chosen"})
         min_sparsity: float = field(default=0.5, metadata={
