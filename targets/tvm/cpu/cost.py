@@ -3,11 +3,13 @@ layout, measured here.
 
 Each candidate is built the way the compiler would build it (dense: the packed GEMM / pointwise kernel, else a
 Relax matmul, through graphopt's CPU pipeline and rules; sparse: the BSR kernels of `sparse.py`) and timed with TVM's
-time_evaluator. Results are cached on disk by (target, shape, layout, stored blocks) so a second model with the
-same layers, or a rerun, measures nothing.
+time_evaluator. Results are cached on disk by (target, kernel source digest, shape, layout, stored blocks) so a
+second model with the same layers, or a rerun, measures nothing, and changed kernels are measured anew.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -20,6 +22,17 @@ from graphopt.ir.files import atomic_write_bytes
 from graphopt.ir.sparse_ops import layout_block, to_bsr
 
 log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=1)
+def kernels_tag() -> str:
+    """A digest of the CPU kernel generators' source: part of every cache key, so timings measured with older
+    kernels (an upgrade, or a kernel edited in place) are measured again rather than served from the cache."""
+    digest, here = hashlib.sha1(), Path(__file__).parent
+    for path in [here / f"{name}.py" for name in ("conv", "gemm", "int8", "sparse", "rules", "pipeline")] + [
+            here.parent / "lower.py"]:  # which kernel a layer gets is decided there
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def default_cache() -> Path:
@@ -47,7 +60,7 @@ class CpuCostOracle:
         return str(self.target)
 
     def _key(self, op: str, shape, layout: str, nnzb: int, weight=None) -> str:
-        key = f"{self.target}|{op}|{'x'.join(map(str, shape))}|{layout}|{nnzb}"
+        key = f"{self.target}|{kernels_tag()}|{op}|{'x'.join(map(str, shape))}|{layout}|{nnzb}"
         if op.startswith("q") and weight is not None:  # which dense int8 kernel the weight gets depends on its range
             from graphopt.targets.tvm.cpu.int8 import fits_int4, ubsw_exact
             w = np.asarray(weight.numpy() if hasattr(weight, "numpy") else weight).reshape(weight.shape[0], -1)
@@ -121,6 +134,8 @@ class CpuCostOracle:
         return seconds
 
     def _store(self, timings: dict[str, float]) -> None:
+        tag = f"|{kernels_tag()}|"
+        self._cache = {k: v for k, v in self._cache.items() if tag in k}  # other kernels' timings never serve again
         self._cache.update(timings)
         try:
             atomic_write_bytes(self.cache_path, json.dumps(self._cache, indent=0).encode())
@@ -130,7 +145,7 @@ class CpuCostOracle:
     def measure_variants(self, key: str, variants: dict) -> dict[str, float]:
         """Seconds per call of each variant {name: (Graph, inputs)} of one layer, each compiled by graphopt's
         own llvm path and timed in interleaved rounds (so they share the machine's state); cached by key + name."""
-        keys = {name: f"{self.target}|graph|{key}|{name}" for name in variants}
+        keys = {name: f"{self.target}|{kernels_tag()}|graph|{key}|{name}" for name in variants}
         if all(k in self._cache for k in keys.values()):
             self.hits += 1
             return {name: float(self._cache[k]) for name, k in keys.items()}

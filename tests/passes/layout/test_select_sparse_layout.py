@@ -3,6 +3,7 @@ dense kept where sparse loses, and the compiled TVM artifact matches the referen
 from __future__ import annotations
 
 import json
+from unittest import mock
 
 import pytest
 import torch
@@ -128,6 +129,22 @@ def test_real_cpu_oracle_measures_and_caches(tmp_path):
     both = o2.measure_many("linear", (16, 128, 64), ["dense", "csr"], w)
     assert set(both) == {"dense", "csr"} and o2.measured == 3 and all(t > 0 for t in both.values())
     assert o2.measure_many("linear", (16, 128, 64), ["dense", "csr"], w) == both and o2.measured == 3
+    # timings of other kernels (an upgrade, an edited kernel) are not served: the key holds the kernels' digest
+    from graphopt.targets.tvm.cpu import cost
+    old_key = o2._key("linear", (16, 128, 64), "csr", 1)
+    cost.kernels_tag.cache_clear()
+    try:
+        with mock.patch.object(cost.Path, "read_bytes", lambda self: b"other kernels"):
+            assert o2._key("linear", (16, 128, 64), "csr", 1) != old_key
+    finally:
+        cost.kernels_tag.cache_clear()
+    assert o2._key("linear", (16, 128, 64), "csr", 1) == old_key
+    stale = json.loads((tmp_path / "c.json").read_text())
+    stale["llvm|0ld|linear|16x128x64|csr|1"] = 1.0
+    (tmp_path / "c.json").write_text(json.dumps(stale))
+    o3 = CpuCostOracle(cache=tmp_path / "c.json", repeat=1)
+    o3.measure("linear", (8, 128, 64), "dense", w)  # a store drops the other kernels' entries
+    assert "llvm|0ld|linear|16x128x64|csr|1" not in json.loads((tmp_path / "c.json").read_text())
 
 
 class _PointwiseNet(nn.Module):
