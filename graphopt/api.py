@@ -94,6 +94,14 @@ class _LazyCpuOracle:
     def measure_variants(self, *args, **kwargs) -> dict[str, float]:
         return self._get().measure_variants(*args, **kwargs)
 
+    def __getattr__(self, name: str):
+        # everything else the oracle offers (applies: which int8 layouts have a kernel here; measure_many: all of a
+        # layer's candidates timed in interleaved rounds): without these the passes skipped the kernel checks and
+        # timed candidates one after the other
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._get(), name)
+
 
 def _cost_oracle(target: Any):
     if target is None or hasattr(target, "measure") or hasattr(target, "measure_variants"):

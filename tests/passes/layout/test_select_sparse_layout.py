@@ -290,6 +290,16 @@ def test_unstructured_int8_layers_take_the_int8_csr_kernel(tmp_path):
     assert abs(got - ref).max() <= 0.05 * abs(ref).max()
 
 
+def test_default_cpu_oracle_has_the_real_oracles_checks():
+    """optimize(target="llvm") (the default, and the CLI's) hands passes a lazily built CPU oracle: it must offer
+    what the CPU oracle does, or select-sparse-layout skips the int8 kernel checks (and crashed measuring a
+    1-token int8 classifier on csr) and times a layer's candidates one after the other instead of interleaved."""
+    from graphopt.api import _cost_oracle
+    o = _cost_oracle("llvm")
+    assert "16 tokens" in o.applies("csr", torch.zeros(8, 32, dtype=torch.int8), "qlinear", tokens=1)
+    assert callable(o.measure_many) and getattr(o, "layouts", ()) == () and not getattr(o, "estimated", False)
+
+
 def test_cpu_oracle_says_when_int8_sparse_has_no_kernel(monkeypatch):
     from graphopt.targets.tvm.cpu import int8
     from graphopt.targets.tvm.cpu.cost import CpuCostOracle
