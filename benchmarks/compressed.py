@@ -61,6 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=30, help="timed runs per runtime (median)")
     ap.add_argument("--out", default="benchmarks/results/compressed.json")
     args = ap.parse_args(argv)
+    fractions = {}
+    for opt in ("prune", "sparse", "sparse_int8"):  # checked before any model is loaded
+        try:
+            fractions[opt] = [float(v) for v in getattr(args, opt).split(",") if v.strip()]
+        except ValueError:
+            ap.error(f"--{opt.replace('_', '-')}: {getattr(args, opt)!r} is not a comma-separated list of fractions")
+        if any(not 0 < v < 1 for v in fractions[opt]):
+            ap.error(f"--{opt.replace('_', '-')}: every value must be in (0, 1), got {getattr(args, opt)!r}")
 
     from graphopt.bench import set_threads
     set_threads(args.threads)  # before TVM's thread pool starts
@@ -86,14 +94,14 @@ def main(argv: list[str] | None = None) -> int:
                 train, held = wordnet_texts(args.recover_samples, 200)
         pipes = {"fp32": None, "int8": f"quantize{{calibrator={cal}}},fold-qdq",
                  "int7": f"quantize{{calibrator={cal} weights=int7}},fold-qdq"}
-        for r in (float(v) for v in args.prune.split(",") if v):
+        for r in fractions["prune"]:
             pipes[f"prune{round(r * 100)}+int7"] = (f"prune-channels{{ratio={r}}}{recover},"
                                                     f"quantize{{calibrator={cal} weights=int7}},fold-qdq")
-        for sp in (float(v) for v in args.sparse.split(",") if v):
+        for sp in fractions["sparse"]:
             pipes[f"sparse{round(sp * 100)}+int7"] = (f"sparsify{{sparsity={sp} block=8x4}}{recover},"
                                                       f"quantize{{calibrator={cal} weights=int7}},fold-qdq,"
                                                       "select-sparse-layout{candidates=dense,bsr8x4}")
-        for sp in (float(v) for v in args.sparse_int8.split(",") if v):
+        for sp in fractions["sparse_int8"]:
             pipes[f"sparse{round(sp * 100)}u+int8"] = (f"sparsify{{sparsity={sp}}}{recover},"
                                                        f"quantize{{calibrator={cal}}},fold-qdq,"
                                                        "select-sparse-layout{candidates=dense,csr}")

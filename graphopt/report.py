@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -58,12 +59,10 @@ def compile_report(reference: Graph, optimized: Graph, artifact: Path, manifest:
     ]
     sparse = manifest.get("sparse_layout") or {}
     if sparse and str(tinfo.get("kind", manifest.get("target"))) == "llvm":  # the GPU report has its own
-        counts: dict[str, int] = {}
-        for r in sparse.values():
-            counts[r.get("choice", "dense")] = counts.get(r.get("choice", "dense"), 0) + 1
+        counts = Counter(r.get("choice", "dense") for r in sparse.values())
         best = max((r.get("best_speedup", 0) for r in sparse.values() if r.get("choice") != "dense"), default=0)
         lines.append(f"  sparse     {len(sparse)} layer(s) measured: "
-                     + ", ".join(f"{n} {lay}" for lay, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+                     + ", ".join(f"{n} {lay}" for lay, n in counts.most_common())
                      + (f" (best {best:.2f}x dense)" if best else "") + "; timings per layer in manifest.json")
     tuning = manifest.get("tuning")
     if tuning:

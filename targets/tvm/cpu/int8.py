@@ -334,15 +334,14 @@ def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray
     tag = (f"{cout}x{cin}x{p}" + ("" if clamp is None else "_clamp") + ("_q" if out_q else "") + ("dq" if dequantized else "")
            + ("_w4" if wbits == 4 and not sparse else "") + (f"_n{n}" if n > 1 else ""))
     if sparse == "csr":
-        from graphopt.targets.tvm.cpu.sparse import csr_qconv1x1_source, csr_qpairs, qcsr_tile
+        from graphopt.targets.tvm.cpu.sparse import csr_qconv1x1_source, csr_qpairs, qcsr_tile, qcsr_weight_consts
         v = qcsr_tile(p)
         pw, cols, ptr = csr_qpairs(w2, v)
         src = batch_source(csr_qconv1x1_source(cout, cin, p, len(pw), clamp, out_q, dequantized, consts[2] is not None,
                                                v, dot), n, ["x", "out"])
         gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}),
                          f"qconv1x1_csr{'_vnni' if dot == 'vnni' else ''}_{tag}_pairs{len(pw)}")
-        weights = [relax.const(a if len(a) else np.zeros(1, np.int32)) for a in (pw, cols)]
-        weights.append(relax.const(ptr, "int64"))
+        weights = qcsr_weight_consts(pw, cols, ptr)
         consts = [c if c is None else c[:cout] for c in consts]
     elif sparse:
         import torch

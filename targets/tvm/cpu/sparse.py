@@ -420,6 +420,14 @@ def csr_qpairs(wq, tile: int = QCSR_TILE):
     return vals.view(np.int32).copy(), offs, ptr
 
 
+def qcsr_weight_consts(pw, cols, ptr) -> list:
+    """`csr_qpairs`' arrays as the kernels' Relax constants (a weight with no nonzero gets one-element buffers; row
+    pointers stay int64: relax.const would narrow them to int32)."""
+    import numpy as np
+    from tvm import relax
+    return [relax.const(a if len(a) else np.zeros(1, np.int32)) for a in (pw, cols)] + [relax.const(ptr, "int64")]
+
+
 def qcsr_applies(m: int) -> str:
     """Why the int8 CSR kernels cannot take a layer of m tokens (pixels) ("" when they can)."""
     return "" if m >= QCSR_TILE else f"the int8 CSR kernel vectorizes over {QCSR_TILE} tokens; this layer has {m}"
@@ -597,8 +605,7 @@ def emit_csr_qlinear(bb, xq, wq, w_scales, bias, sx: float, zx: int, x_shape, do
     src = csr_qlinear_source(m, k, n, len(pw), fb is not None, dot)
     name = f"csr_qlinear{'_vnni' if dot == 'vnni' else ''}_{m}x{k}x{n}_pairs{len(pw)}"
     gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), name)
-    consts = [relax.const(a if len(a) else np.zeros(1, np.int32)) for a in (pw, cols)] + [relax.const(ptr, "int64")]
-    consts += [relax.const(v[:n]) for v in (off, mult, fb) if v is not None]
+    consts = qcsr_weight_consts(pw, cols, ptr) + [relax.const(v[:n]) for v in (off, mult, fb) if v is not None]
     y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(xq, (m * k,))), *consts],
                                relax.TensorType((m * n,), "float32")))
     return bb.emit(relax.op.reshape(y, (*lead, n)))
