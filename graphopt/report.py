@@ -72,8 +72,16 @@ def compile_report(reference: Graph, optimized: Graph, artifact: Path, manifest:
                      f"{tuning.get('kept_tuned', 0)} tuned kernel(s) used, {tuning.get('kept_rules', 0)} beaten by the "
                      "rule-scheduled ones"
                      + (f", stopped: {tuning['stopped']}" if tuning.get("stopped") else ""))
+        kn = tuning.get("knobs") or {}
+        if kn.get("sites"):
+            lines.append(f"  knobs      {kn['sites']} kernel(s) of graphopt's own with knobs: {kn.get('measured', 0)} "
+                         f"measured, {kn.get('reused', 0)} from the database, {kn.get('changed', 0)} changed from "
+                         f"the rule, {kn.get('seconds', 0):.0f} s"
+                         + (f", stopped: {kn['stopped']}" if kn.get("stopped") else "")
+                         + "; per kernel in manifest.json")
     else:
-        lines.append("  tuning     none (graphopt's own GEMM/conv kernels need none; --tune-trials N tunes the rest)")
+        lines.append("  tuning     none (graphopt's own kernels run their rules' knobs; --tune-trials N or "
+                     "--tune-minutes M measures those and tunes the rest)")
     if fidelity:
         parts = []
         if fidelity.get("top1") is not None:

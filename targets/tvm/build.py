@@ -80,6 +80,47 @@ def build_gpu_executable(graph: Graph, target: str = "cuda", archs=("sm_80", "sm
     return ex, tgt, time.perf_counter() - t0, (sparse24 or {}).get("records", {}), dense_tc["records"]
 
 
+def _example_inputs(graph: Graph) -> list:
+    """Random inputs of the graph's shapes and dtypes (token ids within the range the embedding accepts)."""
+    import numpy as np
+    rng, ranges = np.random.default_rng(0), graph.input_ranges()
+    out = []
+    for s in graph.inputs:
+        if s.dtype.startswith("float"):
+            out.append(rng.standard_normal(s.shape).astype(s.dtype))
+        else:
+            lo, hi = ranges.get(s.name, {}).get("range", (0, 2))
+            out.append(rng.integers(lo, hi, s.shape).astype(s.dtype))
+    return out
+
+
+def _lower_with_tuned_knobs(graph: Graph, tgt, tuning: Tuning):
+    """Lower, measure the knobs of graphopt's own kernels inside the model (`cpu/knobs.py`: MetaSchedule cannot
+    rewrite them) within half the time budget at most, and lower again with the records where any differs from the
+    rule. Returns the module, the KnobSummary, and the Tuning for MetaSchedule with what is left of the budget."""
+    import dataclasses
+
+    from graphopt.targets.tvm.cpu import knobs
+    start = knobs._now()
+    with knobs.collecting() as col:
+        mod = lower_to_relax(graph, target=tgt)
+    deadline = None if tuning.minutes is None else start + 30.0 * tuning.minutes
+    inputs = _example_inputs(graph)
+
+    def measure(todo, base, until):
+        return knobs.measure_in_model(todo, lambda: lower_to_relax(graph, target=tgt), tgt, inputs, base, until,
+                                      tuning.progress)
+
+    records, summary = knobs.tune_sites(col.sites, tgt, measure, tuning.db, deadline, tuning.retune)
+    if any(records[name] != col.sites[name].default for name in records):
+        with knobs.applied(records):
+            mod = lower_to_relax(graph, target=tgt)
+    if tuning.minutes is not None:
+        spent = (knobs._now() - start) / 60.0
+        tuning = dataclasses.replace(tuning, minutes=max(tuning.minutes - spent, 0.05))
+    return mod, summary, tuning
+
+
 def build_executable(graph: Graph, target: str = "llvm", tuning: Tuning | None = None, rules: bool = True,
                      cpu: str | None = None):
     """Lower and build; returns (executable, tvm Target, TuningSummary or None, seconds to build).
@@ -99,12 +140,16 @@ def build_executable(graph: Graph, target: str = "llvm", tuning: Tuning | None =
             raise TargetError(f"tuning measures kernels on this machine ({host_cpu()}), which lacks "
                               f"{', '.join(missing)} that --cpu {cpu} code uses: tune on a {cpu} machine, "
                               "or build untuned here")
-    mod = lower_to_relax(graph, target=tgt)
+    if tuning is not None:
+        mod, knobs_summary, tuning = _lower_with_tuned_knobs(graph, tgt, tuning)
+    else:
+        mod = lower_to_relax(graph, target=tgt)
     t0 = time.perf_counter()
     summary = None
     try:
         if tuning is not None:
             database, summary = tune(mod, tgt, tuning)
+            summary.knobs = knobs_summary.to_json()
             # the pipeline fuses the original module the same way tuning did, so the workload keys match
             ex = build_cpu(mod, tgt, database, rules)
         else:

@@ -58,6 +58,7 @@ class TuningSummary:
     seconds: float = 0.0
     db: str | None = None
     per_task: list[dict[str, Any]] = field(default_factory=list)
+    knobs: dict[str, Any] = field(default_factory=dict)  # graphopt's own kernels' knobs (cpu/knobs.py KnobSummary)
 
     def to_json(self) -> dict:
         return dict(self.__dict__)

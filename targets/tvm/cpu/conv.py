@@ -14,6 +14,7 @@ from collections.abc import Callable
 import numpy as np
 
 from graphopt.targets.tvm.cpu.batch import batch_source
+from graphopt.targets.tvm.cpu.knobs import Site, bind, knob_str, pick
 
 MR = 6
 PREFETCH = 64
@@ -144,18 +145,39 @@ def _column_tail(rt: int, c0: int, crem: int, cin: int, clamp: tuple[float, floa
 """
 
 
+def conv1x1_knobs(cout: int, cin: int, p: int, nr: int) -> tuple[dict, list[dict]]:
+    """The rule's knobs for a pointwise layer and the candidates tuning may measure (`knobs.py`): `order` (the
+    parallel tiles run panel-major, a weight panel outer, or pixel-major, a pixel tile outer), `stage` (copy the
+    pixel tiles contiguous first) and `xprefetch` (prefetch the next pixel tile's line at every k). The rule:
+    panel-major on maps of at most 3 pixel tiles (a 7x7 map's weight is then read once), staging for long
+    reductions (STAGE_MIN_CIN, STAGE_MIN_MACS), the prefetch for few output channels (XPREFETCH_MAX_COUT). Layers
+    on the slab kernel (a partial channel tile and 16+ pixel tiles) have no knobs."""
+    rt, rrem = divmod(cout, MR)
+    ct = p // nr
+    staged = ct > 0 and cin >= STAGE_MIN_CIN and cout * cin * p >= STAGE_MIN_MACS
+    rule = {"order": "panel" if ct <= 3 else "pixels", "stage": staged,
+            "xprefetch": not staged and ct > 3 and rt * MR <= XPREFETCH_MAX_COUT}
+    if not (rt and ct) or (rrem and ct >= 16):
+        return rule, [rule]
+    cands = [{"order": o, "stage": s, "xprefetch": x} for o in ("panel", "pixels") for s in (False, True)
+             for x in ((False, True) if not s and ct > 3 else (False,))]
+    return rule, cands
+
+
 def conv1x1_source(cout: int, cin: int, p: int, nr: int, clamp: tuple[float, float] | None,
-                   res: bool = False) -> str:
+                   res: bool = False, knobs: dict | None = None) -> str:
     """The kernel for one shape; with `res` it also reads res[Cout, P] and stores clamp(W x + b + res) (a residual
-    add after a projecting conv, done in the epilogue instead of a pass over both tensors)."""
+    add after a projecting conv, done in the epilogue instead of a pass over both tensors). `knobs`: see
+    `conv1x1_knobs` (default: the rule's)."""
     rt, rrem = divmod(cout, MR)
     ct, crem = divmod(p, nr)
     mt = -(-cout // MR)
+    kn = knobs if knobs is not None else conv1x1_knobs(cout, cin, p, nr)[0]
     body, fused = "", False
     if rt and rrem and ct >= 16:
         body += _slab_nest(rt, rrem, nr, ct, cin, clamp, res)
     else:
-        if rt and ct <= 3:  # panel outer: a 7x7 map's weight (1280x320: 1.6 MB, past L2) is read once, not per slab
+        if rt and kn["order"] == "panel":  # panel outer: a 7x7 map's weight (1280x320: 1.6 MB, past L2) is read once
             panel, col = f"t // {ct}", f"t % {ct}"
         else:  # column-tile outer: a pixel slab x[:, c0:c0+nr] is reused by every channel tile
             panel, col = f"t % {rt}", f"t // {rt}"
@@ -163,7 +185,7 @@ def conv1x1_source(cout: int, cin: int, p: int, nr: int, clamp: tuple[float, flo
         # a long reduction reads its pixel tiles from a contiguous copy: x's rows are P floats apart, so a tile's
         # 16 pixels at each k start anywhere in a cache line and most of its loads split two lines. The copy is one
         # more pass (and launch) over x: on small layers (64x384x196, 160x576x49) it cost more than it saved
-        staged = ct > 0 and cin >= STAGE_MIN_CIN and cout * cin * p >= STAGE_MIN_MACS
+        staged = ct > 0 and kn["stage"]
         if rt and ct:
             # small maps (7x7: 3 pixel tiles + 1 pixel): the last crem pixels of each panel go right after one of
             # its pixel tiles (a different one per panel, so no thread gets them all), while the panel is in L1. A
@@ -172,7 +194,7 @@ def conv1x1_source(cout: int, cin: int, p: int, nr: int, clamp: tuple[float, flo
             fused = 0 < crem <= 4 and ct <= 3
             tail = "" if not fused else f"""
             if {col} == ({panel}) % {ct}:{_panel_tail(panel, ct * nr, crem, cin, clamp, res, " " * 16)}"""
-            xnext = f"({col} + 1) * {nr}" if not staged and ct > 3 and rt * MR <= XPREFETCH_MAX_COUT else None
+            xnext = f"({col} + 1) * {nr}" if not staged and ct > 3 and kn["xprefetch"] else None
             body += _tile_nest(MR, nr, f"({panel}) * {MR}", c0, str(rt * ct), cin, clamp, "acc", res, tail,
                                prefetch=PREFETCH, xcol=col if staged else None, xnext=xnext)
         if rrem and ct:
@@ -204,16 +226,16 @@ def conv1x1_source(cout: int, cin: int, p: int, nr: int, clamp: tuple[float, flo
 @T.prim_func(private=True)
 def conv1x1(x: T.Buffer(({cin}, {p}), "float32"), wp: T.Buffer(({mt}, {cin}, {MR}), "float32"),
             bias: T.Buffer(({cout},), "float32"), {res_arg}out: T.Buffer(({cout}, {p}), "float32")):
-    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "graphopt.knobs": "{knob_str(kn)}"}})
     if True:{body}
 """
 
 
 def conv1x1_packed(cout: int, cin: int, p: int, nr: int, clamp: tuple[float, float] | None = None,
-                   res: bool = False):
+                   res: bool = False, knobs: dict | None = None):
     import tvm
     from tvm.script import tirx as T
-    src = conv1x1_source(cout, cin, p, nr, clamp, res)
+    src = conv1x1_source(cout, cin, p, nr, clamp, res, knobs)
     return tvm.script.parse(src, extra_vars={"T": T})
 
 
@@ -248,11 +270,20 @@ def _conv1x1_call(bb, x2, w: np.ndarray, bias: np.ndarray | None, n: int, cin: i
     cout = int(w.shape[0])
     nr = 2 * lanes
     b = bias if bias is not None else np.zeros(cout, np.float32)
-    src = batch_source(conv1x1_source(cout, cin, p, nr, clamp, residual is not None), n,
-                       ["x", "out"] + ([] if residual is None else ["res"]))
-    tag = f"{cout}x{cin}x{p}" + ("" if residual is None else "_res") + ("" if clamp is None else "_clamp") + _ntag(n)
+    res = residual is not None
+    per_sample = ["x", "out"] + (["res"] if res else [])
+
+    def func(kn: dict):
+        return tvm.script.parse(batch_source(conv1x1_source(cout, cin, p, nr, clamp, res, kn), n, per_sample),
+                                extra_vars={"T": T})
+
+    tag = f"{cout}x{cin}x{p}" + ("_res" if res else "") + ("" if clamp is None else "_clamp") + _ntag(n)
+    rule, cands = conv1x1_knobs(cout, cin, p, nr)
+    site = Site("conv1x1", f"{tag}|nr{nr}", rule, cands, func, n * cout * cin * p)
+    kn = pick(site)
     packed, name = pack_rows(w.reshape(cout, cin)), f"conv1x1_packed_{tag}"
-    gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), name)
+    gv = bb.add_func(func(kn), name)
+    bind(site, gv.name_hint)
     extra = [] if residual is None else [bb.emit(relax.op.reshape(residual, _batched(n, cout, p)))]
     return bb.emit(relax.call_tir(gv, [x2, relax.const(packed), relax.const(b.astype(np.float32)), *extra],
                                   relax.TensorType(_batched(n, cout, p), "float32")))

@@ -12,6 +12,8 @@ import math
 
 import numpy as np
 
+from graphopt.targets.tvm.cpu.knobs import Site, bind, pick
+
 MR = 6
 
 
@@ -45,7 +47,7 @@ def gemm_source(m: int, k: int, n: int, mr: int, nr: int) -> str:
 @T.prim_func(private=True)
 def gemm(a: T.Buffer(({m}, {k}), "float32"), bp: T.Buffer(({nt}, {k}, {nr}), "float32"),
          c: T.Buffer(({m}, {n}), "float32")):
-    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}}){body}"""
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "graphopt.knobs": "mr={mr},nr={nr}"}}){body}"""
 
 
 def gemm_packed(m: int, k: int, n: int, mr: int, nr: int):
@@ -59,6 +61,16 @@ def pack_weight(w: np.ndarray, nr: int) -> np.ndarray:
     """W [N, K] -> Wp [N/nr, K, nr] (panel-major, each panel row contiguous)."""
     n, k = w.shape
     return np.ascontiguousarray(w.T.reshape(k, n // nr, nr).transpose(1, 0, 2))
+
+
+def gemm_knobs(m: int, n: int, lanes: int) -> tuple[dict, list[dict]]:
+    """The rule's register tile (`mr` rows x `nr` columns of y: 6 x 2 vectors) and the candidates tuning may measure
+    (`knobs.py`): 8 x 1, 6 x 2, 4 x 3 and 3 x 4 vectors, each 8-12 accumulator registers of AVX2's 16, where the
+    layer has rows for two tiles and columns for one panel."""
+    rule = {"mr": MR, "nr": 2 * lanes}
+    cands = [{"mr": mr, "nr": v * lanes} for v, mr in ((1, 8), (2, MR), (3, 4), (4, 3))
+             if m >= 2 * mr and n >= v * lanes]
+    return rule, cands if rule in cands else [rule]
 
 
 def packed_linear_applies(m: int, n: int, nr: int) -> bool:
@@ -175,11 +187,19 @@ def emit_packed_linear(bb, x, w: np.ndarray, bias, x_shape, lanes: int):
     nr = 2 * lanes
     if not packed_linear_applies(m, n, nr) or w.dtype != np.float32:
         return None
+    def padded(kn: dict) -> int:  # channel-pruned layers: zero panels past N, sliced off below
+        return -(-n // kn["nr"]) * kn["nr"]
+
+    rule, cands = gemm_knobs(m, n, lanes)
+    site = Site("gemm", f"{m}x{k}x{n}|v{lanes}", rule, cands,
+                lambda kn: gemm_packed(m, k, padded(kn), kn["mr"], kn["nr"]), m * k * n)
+    kn = pick(site)
+    nr, n_pad = kn["nr"], padded(kn)
     x2 = bb.emit(relax.op.reshape(x, (m, k)))
-    n_pad = -(-n // nr) * nr  # channel-pruned layers: zero panels past N, sliced off below
     if n_pad != n:
         w = np.concatenate([w, np.zeros((n_pad - n, k), w.dtype)])
-    gv = bb.add_func(gemm_packed(m, k, n_pad, MR, nr), f"gemm_packed_{m}x{k}x{n_pad}")
+    gv = bb.add_func(site.func(kn), f"gemm_packed_{m}x{k}x{n_pad}")
+    bind(site, gv.name_hint)
     y = bb.emit(relax.call_tir(gv, [x2, relax.const(pack_weight(w, nr))], relax.TensorType((m, n_pad), "float32")))
     if n_pad != n:
         y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n]))

@@ -1,0 +1,262 @@
+"""Kernel knobs: the choices graphopt's own CPU kernels make by rule (loop order, staging, prefetch, register tile),
+exposed per layer shape so that tuning measures them on this machine instead of trusting the rule.
+
+graphopt's kernels are generated as fully scheduled TIR, which MetaSchedule cannot rewrite (it tunes the functions
+no kernel takes); their knobs are tuned here instead, inside the same `Tuning` budget and database folder. An
+emitter describes its layer as a `Site` (the rule's choice, the candidates, the kernel for given knobs) and calls
+`pick(site)`, which returns the rule's choice, or the record in force under `applied(records)`, then `bind(site,
+function name)`. While `collecting()`, both register in a `Collection`. `measure_in_model` times every candidate
+inside the model (one build per candidate index, interleaved rounds, each site's calls timed by the VM's
+instrument hook), and `tune_sites` keeps a candidate only when it beats the rule's choice by `MIN_GAIN`, so this
+machine's noise (10-30% between runs) does not pick at random. Records go to `kernel_knobs.json` in the tuning
+database folder, keyed by target, kernel-source digest, family and shape: they are reused across models and runs,
+and dropped when the kernels change.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+MIN_GAIN = 1.05      # a candidate replaces the rule's choice only when the rule's time / its time reaches this
+ROUNDS = 7           # interleaved rounds over the candidate builds
+RUNS = 3             # model runs per build and round
+DB_FILE = "kernel_knobs.json"
+_now = time.perf_counter
+
+
+@dataclass
+class Site:
+    """One tunable kernel: `family` and `key` (the shape and epilogue it was emitted for) name it; `default` is the
+    rule's choice and one of `candidates`; `func(knobs)` is the kernel's PrimFunc with those knobs; `macs` (work per
+    call) orders the sites."""
+
+    family: str
+    key: str
+    default: dict
+    candidates: list[dict]
+    func: Callable[[dict], object]
+    macs: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.family}|{self.key}"
+
+
+def knob_str(knobs: dict) -> str:
+    return ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in sorted(knobs.items()))
+
+
+@dataclass
+class Collection:
+    """What one lowering registered: its sites (name -> Site) and its kernels' function names (-> site name)."""
+
+    sites: dict[str, Site] = field(default_factory=dict)
+    symbols: dict[str, str] = field(default_factory=dict)
+
+
+_state: dict = {"records": {}, "collection": None}
+
+
+def pick(site: Site) -> dict:
+    """The knobs to emit `site` with: the applied record when there is one (and it is still a candidate), else the
+    rule's choice. Registers the site while collecting."""
+    col = _state["collection"]
+    if col is not None and len(site.candidates) > 1:
+        col.sites.setdefault(site.name, site)
+    rec = _state["records"].get(site.name)
+    return dict(rec) if rec is not None and rec in site.candidates else dict(site.default)
+
+
+def bind(site: Site, symbol: str) -> None:
+    """Tell the collection which function (the name the VM calls) runs `site`'s kernel."""
+    col = _state["collection"]
+    if col is not None and len(site.candidates) > 1:
+        col.symbols[symbol] = site.name
+
+
+@contextlib.contextmanager
+def collecting():
+    """Within: every kernel that picks knobs registers its site and function in the yielded Collection."""
+    prev, _state["collection"] = _state["collection"], Collection()
+    try:
+        yield _state["collection"]
+    finally:
+        _state["collection"] = prev
+
+
+@contextlib.contextmanager
+def applied(records: dict[str, dict]):
+    """Within: kernels emit with the recorded knobs (site name -> knobs) instead of the rule's."""
+    prev, _state["records"] = _state["records"], dict(records)
+    try:
+        yield
+    finally:
+        _state["records"] = prev
+
+
+@dataclass
+class KnobSummary:
+    """What knob tuning did: sites found, measured here, reused from the database, changed from the rule."""
+
+    sites: int = 0
+    measured: int = 0
+    reused: int = 0
+    changed: int = 0
+    stopped: str = ""
+    seconds: float = 0.0
+    per_site: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _db_key(target, site: Site) -> str:
+    from graphopt.targets.tvm.cpu.cost import kernels_tag
+    return f"{target}|{kernels_tag()}|{site.name}"
+
+
+def _load_db(folder: str | None) -> dict:
+    if folder is None:
+        return {}
+    path = Path(folder) / DB_FILE
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, json.JSONDecodeError):
+        log.warning("kernel knob records %s are unreadable; measuring anew", path)
+        return {}
+
+
+def _store_db(folder: str | None, db: dict) -> None:
+    if folder is None:
+        return
+    from graphopt.ir.files import atomic_write_bytes
+    from graphopt.targets.tvm.cpu.cost import kernels_tag
+    tag = f"|{kernels_tag()}|"
+    keep = {k: v for k, v in db.items() if tag in k}  # other kernels' records never apply again
+    try:
+        atomic_write_bytes(Path(folder) / DB_FILE, json.dumps(keep, indent=1).encode())
+    except OSError as e:
+        log.warning("could not write the kernel knob records %s: %s", Path(folder) / DB_FILE, e)
+
+
+def measure_in_model(todo: list[Site], lower: Callable[[], object], target, inputs: list[np.ndarray],
+                     base: dict[str, dict] | None = None, deadline: float | None = None, progress: bool = True,
+                     rounds: int = ROUNDS, runs: int = RUNS) -> dict[str, dict[str, float]]:
+    """Seconds per model run of each site's kernel calls with each of its candidates, timed inside the model: the
+    model is built once per candidate index (build i: every site on its i-th candidate, sites with fewer on their
+    rule's; `base` records for the others), the builds run in interleaved rounds under the VM's instrument hook,
+    and a site's time is the sum of its kernel's calls (layers of one shape share the kernel). Timed alone, with
+    or without the weight flushed from cache, kernels ranked differently than in the model (MobileNetV2: 8 of 16
+    pointwise layers switched, and the model ran 2-5% slower), because a layer's speed depends on what the layer
+    before it left in cache. Stops building at `deadline`; candidates not built get no time."""
+    import tvm
+    from tvm import relax
+
+    from graphopt.targets.tvm.cpu.pipeline import build_cpu
+    from graphopt.targets.tvm.profile import CallTimes
+    from tqdm.auto import tqdm
+    builds = []
+    n_variants = max(len(s.candidates) for s in todo)
+    bar = tqdm(total=n_variants, desc="kernel knobs", unit="build", disable=None if progress else True, leave=True)
+    try:
+        for i in range(n_variants):
+            if deadline is not None and _now() > deadline:
+                break
+            chosen = {s.name: s.candidates[i] for s in todo if i < len(s.candidates)}
+            with applied({**(base or {}), **chosen}), collecting() as col:
+                mod = lower()
+            builds.append((chosen, col.symbols, build_cpu(mod, target)))
+            bar.update(1)
+    finally:
+        bar.close()
+    dev = tvm.cpu()
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in inputs]
+    timers = []
+    for chosen, symbols, ex in builds:
+        vm = relax.VirtualMachine(ex, dev)
+        vm["main"](*args)  # warm-up
+        timers.append((vm, CallTimes(vm)))
+    samples: dict[tuple[int, str], list[float]] = {}
+    for _ in range(rounds):
+        for b, (vm, ct) in enumerate(timers):
+            ct.reset()
+            for _ in range(runs):
+                vm["main"](*args)
+            chosen, symbols, _ = builds[b]
+            per_site: dict[str, float] = {}
+            for sym, site in symbols.items():
+                if site in chosen:
+                    per_site[site] = per_site.get(site, 0.0) + ct.totals.get(sym, 0.0) / runs
+            for site, t in per_site.items():
+                samples.setdefault((b, site), []).append(t)
+    out: dict[str, dict[str, float]] = {}
+    for (b, site), v in samples.items():
+        out.setdefault(site, {})[knob_str(builds[b][0][site])] = float(np.median(v))
+    return out
+
+
+def choose(site: Site, seconds: dict[str, float]) -> dict:
+    """The fastest candidate when it beats the rule's choice by MIN_GAIN, else (or without the rule's time) the
+    rule's choice."""
+    rule = knob_str(site.default)
+    if rule not in seconds:
+        return dict(site.default)
+    best = min(seconds, key=seconds.get)
+    if seconds[rule] < MIN_GAIN * seconds[best]:
+        return dict(site.default)
+    return next(dict(c) for c in site.candidates if knob_str(c) == best)
+
+
+Measure = Callable[[list[Site], dict[str, dict], "float | None"], dict[str, dict[str, float]]]
+
+
+def tune_sites(sites: dict[str, Site], target, measure: Measure, folder: str | None = None,
+               deadline: float | None = None, retune: bool = False) -> tuple[dict[str, dict], KnobSummary]:
+    """Measure the sites not yet in the database with `measure(todo, records so far, deadline)` (-> site name ->
+    {knob_str: seconds}; `measure_in_model` in a build) and choose; return (site name -> knobs for every site with
+    a record, summary). Records are written to `folder` when given."""
+    t0 = _now()
+    summary = KnobSummary(sites=len(sites))
+    db = _load_db(folder)
+    records: dict[str, dict] = {}
+    todo = []
+    for name, site in sorted(sites.items(), key=lambda kv: -kv[1].macs):
+        rec = db.get(_db_key(target, site))
+        if rec is not None and not retune and rec.get("knobs") in site.candidates:
+            records[name] = rec["knobs"]
+            summary.reused += 1
+            summary.per_site.append({"site": name, "rule": knob_str(site.default), "chosen": knob_str(rec["knobs"]),
+                                     "us": rec.get("us", {}), "from": "database"})
+        else:
+            todo.append(site)
+    if todo and deadline is not None and _now() > deadline:
+        summary.stopped = "time budget spent"
+    elif todo:
+        seconds = measure(todo, dict(records), deadline)
+        for site in todo:
+            times = seconds.get(site.name, {})
+            if len(times) < len(site.candidates):
+                summary.stopped = "time budget spent"
+            if knob_str(site.default) not in times:
+                continue
+            chosen = choose(site, times)
+            us = {k: round(v * 1e6, 2) for k, v in times.items()}
+            records[site.name] = chosen
+            if len(times) == len(site.candidates):  # a site cut short by the budget is measured again next time
+                db[_db_key(target, site)] = {"knobs": chosen, "rule": site.default, "us": us}
+            summary.measured += 1
+            summary.per_site.append({"site": site.name, "rule": knob_str(site.default), "chosen": knob_str(chosen),
+                                     "us": us, "from": "measured"})
+        _store_db(folder, db)
+    summary.changed = sum(1 for e in summary.per_site if e["chosen"] != e["rule"])
+    summary.seconds = round(_now() - t0, 2)
+    return records, summary

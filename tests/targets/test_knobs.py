@@ -1,0 +1,163 @@
+"""Kernel knobs (targets/tvm/cpu/knobs.py): every candidate computes the same layer, tuning keeps the rule unless a
+candidate is clearly faster, records are reused across runs, and a tuned compile builds with them."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import graphopt
+from graphopt.targets.tvm.cpu import knobs
+from graphopt.targets.tvm.host import cpu_target
+
+
+def _run_prim(func, arrays: list[np.ndarray]) -> np.ndarray:
+    """Compile a kernel PrimFunc alone, call it on the arrays, return its last argument (the output)."""
+    import tvm
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=cpu_target())
+    args = [tvm.runtime.tensor(a) for a in arrays]
+    lib["main"](*args)
+    return args[-1].numpy()
+
+
+@pytest.mark.parametrize("cout,cin,p,res", [(12, 16, 83, True), (18, 8, 49, False)])
+def test_pointwise_knob_candidates_compute_the_same(cout, cin, p, res):
+    """83 pixels: 5 tiles + a 3-pixel column tail (order x stage x prefetch: 6 candidates); 49: 3 tiles and the 49th
+    pixel fused into a panel's tile (no prefetch knob: 4). Each candidate equals the float reference."""
+    from graphopt.targets.tvm.cpu.conv import conv1x1_knobs, conv1x1_packed, pack_rows
+    rng = np.random.default_rng(0)
+    rule, cands = conv1x1_knobs(cout, cin, p, 16)
+    assert rule in cands and len(cands) == (6 if p // 16 > 3 else 4)
+    assert len({knobs.knob_str(c) for c in cands}) == len(cands)
+    from graphopt.targets.tvm.cpu.conv import conv1x1_source
+    sources = {conv1x1_source(cout, cin, p, 16, (0.0, 6.0), res, kn).replace(knobs.knob_str(kn), "") for kn in cands}
+    assert len(sources) == len(cands)  # every knob changes the loop nest, not only its label
+    w = rng.standard_normal((cout, cin)).astype(np.float32)
+    b = rng.standard_normal(cout).astype(np.float32)
+    x = rng.standard_normal((cin, p)).astype(np.float32)
+    r = rng.standard_normal((cout, p)).astype(np.float32)
+    ref = np.clip(w @ x + b[:, None] + (r if res else 0), 0.0, 6.0)
+    for kn in cands:
+        f = conv1x1_packed(cout, cin, p, 16, (0.0, 6.0), res, kn)
+        assert str(f.attrs["graphopt.knobs"]) == knobs.knob_str(kn)
+        out = _run_prim(f, [x, pack_rows(w), b, *([r] if res else []), np.zeros((cout, p), np.float32)])
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5, err_msg=knobs.knob_str(kn))
+
+
+def test_gemm_register_tiles_compute_the_same():
+    """Each register tile (8x1 .. 3x4 vectors; N = 40 pads to whole panels of 16, 24 or 32 columns, sliced off)
+    emitted under its record gives x @ W^T; the emitted kernel carries the tile it was built with."""
+    import tvm
+    from tvm import relax
+
+    from graphopt.targets.tvm.cpu.gemm import emit_packed_linear, gemm_knobs
+    from graphopt.targets.tvm.cpu.pipeline import build_cpu
+    m, k, n = 24, 32, 40
+    rule, cands = gemm_knobs(m, n, 8)
+    assert rule == {"mr": 6, "nr": 16} and [c["nr"] for c in cands] == [8, 16, 24, 32]
+    rng = np.random.default_rng(1)
+    w, x = rng.standard_normal((n, k)).astype(np.float32), rng.standard_normal((m, k)).astype(np.float32)
+    for kn in cands:
+        bb = relax.BlockBuilder()
+        xv = relax.Var("x", relax.TensorType((m, k), "float32"))
+        with knobs.applied({f"gemm|{m}x{k}x{n}|v8": kn}), bb.function("main", [xv]):
+            with bb.dataflow():
+                out = bb.emit_output(emit_packed_linear(bb, xv, w, None, (m, k), 8))
+            bb.emit_func_output(out)
+        mod = bb.get()
+        tiles = {str(f.attrs["graphopt.knobs"]) for f in mod.functions.values()
+                 if f.attrs is not None and "graphopt.knobs" in f.attrs}
+        assert tiles == {f"mr={kn['mr']},nr={kn['nr']}"}
+        vm = relax.VirtualMachine(build_cpu(mod, cpu_target()), tvm.cpu())
+        np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(x)).numpy(), x @ w.T, rtol=1e-4, atol=1e-4)
+
+
+def _pointwise_sites():
+    """Two pointwise layers on a 7x7 map (3 pixel tiles + 1: order x stage, 4 candidates each)."""
+    from graphopt.targets.tvm.lower import lower_to_relax
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(16, 24, 1), torch.nn.ReLU(), torch.nn.Conv2d(24, 32, 1)).eval()
+    x = torch.randn(1, 16, 7, 7)
+    g = graphopt.trace(model, (x,))
+    with knobs.collecting() as col:
+        lower_to_relax(g, target=cpu_target())
+    return g, model, x, col
+
+
+def test_measure_in_model_times_every_candidate_inside_the_model():
+    from graphopt.targets.tvm.lower import lower_to_relax
+    g, _, x, col = _pointwise_sites()
+    assert sorted(s.family for s in col.sites.values()) == ["conv1x1", "conv1x1"]
+    assert sorted(col.symbols.values()) == sorted(col.sites)  # each site's kernel is a function the VM calls
+    todo = list(col.sites.values())
+    seconds = knobs.measure_in_model(todo, lambda: lower_to_relax(g, target=cpu_target()), cpu_target(),
+                                     [x.numpy()], progress=False, rounds=2, runs=1)
+    for site in todo:
+        assert set(seconds[site.name]) == {knobs.knob_str(c) for c in site.candidates}
+        assert all(v > 0 for v in seconds[site.name].values())
+
+
+def _fake_measure(gain: dict[str, float]):
+    """A measure: the rule's choice 100 us, the first other candidate 100 / gain[site key] us, the rest 200 us."""
+    def measure(todo, base, deadline):
+        out = {}
+        for site in todo:
+            rule = knobs.knob_str(site.default)
+            other = next(knobs.knob_str(c) for c in site.candidates if c != site.default)
+            out[site.name] = {knobs.knob_str(c): 1e-4 if knobs.knob_str(c) == rule else
+                              (1e-4 / gain[site.key] if knobs.knob_str(c) == other else 2e-4)
+                              for c in site.candidates}
+        return out
+    return measure
+
+
+def test_knob_tuning_keeps_the_rule_unless_clearly_faster_and_reuses_records(tmp_path):
+    _, _, _, col = _pointwise_sites()
+    sites, tgt = col.sites, cpu_target()
+    first, second = sorted(sites)
+    gain = {sites[first].key: 1.10, sites[second].key: 1.03}  # 10% faster: taken; 3%: within noise, kept
+    records, summary = knobs.tune_sites(sites, tgt, _fake_measure(gain), str(tmp_path))
+    assert records[first] != sites[first].default and records[second] == sites[second].default
+    assert (summary.measured, summary.reused, summary.changed) == (2, 0, 1)
+    db = json.loads((tmp_path / knobs.DB_FILE).read_text())
+    from graphopt.targets.tvm.cpu.cost import kernels_tag
+    assert len(db) == 2 and all(f"|{kernels_tag()}|" in key for key in db)
+
+    def no_measure(todo, base, deadline):
+        raise AssertionError("a recorded site was measured again")
+    again, summary2 = knobs.tune_sites(sites, tgt, no_measure, str(tmp_path))
+    assert again == records and (summary2.measured, summary2.reused, summary2.changed) == (0, 2, 1)
+    # retune measures again; a spent budget measures nothing and says so
+    _, summary3 = knobs.tune_sites(sites, tgt, _fake_measure({k: 1.0 for k in gain}), str(tmp_path), retune=True)
+    assert summary3.measured == 2 and summary3.changed == 0
+    _, summary4 = knobs.tune_sites(sites, tgt, no_measure, None, deadline=knobs._now() - 1)
+    assert summary4.measured == 0 and summary4.stopped == "time budget spent"
+
+
+def test_tuned_compile_builds_with_the_knob_records(tmp_path, monkeypatch):
+    """compile with a Tuning measures the knobs (here a fake measure makes another candidate 20% faster for both
+    layers), lowers again with the records, and reports them; the artifact still computes the model."""
+    import graphopt.targets.tvm.build as build
+    import graphopt.targets.tvm.cpu.conv as conv
+    from graphopt.targets.tvm.tuning import TuningSummary
+    g, model, x, col = _pointwise_sites()
+    fake = _fake_measure({s.key: 1.2 for s in col.sites.values()})
+    monkeypatch.setattr(knobs, "measure_in_model", lambda todo, lower, tgt, inputs, base, until, progress:
+                        fake(todo, base, until))
+    monkeypatch.setattr(build, "tune", lambda mod, tgt, tuning: (None, TuningSummary()))  # MetaSchedule: not here
+    used = []
+    source = conv.conv1x1_source
+    monkeypatch.setattr(conv, "conv1x1_source", lambda *a, **kw: used.append(a[6]) or source(*a, **kw))
+    out = graphopt.compile(g, "llvm", tuning=graphopt.Tuning(trials=1, db=str(tmp_path), progress=False),
+                           output=tmp_path / "art")
+    man = json.loads((out / "manifest.json").read_text())
+    kn = man["tuning"]["knobs"]
+    assert (kn["sites"], kn["measured"], kn["changed"]) == (2, 2, 2)
+    chosen = {e["chosen"] for e in kn["per_site"]}
+    assert {knobs.knob_str(k) for k in used[-2:]} == chosen and not chosen & {e["rule"] for e in kn["per_site"]}
+    from graphopt.report import compile_report
+    text = compile_report(g, g, out, man, None, None)
+    assert "knobs      2 kernel(s) of graphopt's own with knobs: 2 measured, 0 from the database, 2 changed" in text
+    np.testing.assert_allclose(graphopt.load(out)(x.numpy())[0], model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
