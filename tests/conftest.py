@@ -8,7 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-os.environ.setdefault("TVM_NUM_THREADS", "2")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # the suite runs in two worker processes (pyproject's -n 2) on a 2-core machine: one thread each, or TVM's
+    # spinning thread pools and torch's hand each other the cores (a kernel call then waits a whole time slice)
+    os.environ["TVM_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    os.environ.setdefault("TVM_NUM_THREADS", "2")
 torch.manual_seed(0)
 
 
