@@ -101,11 +101,15 @@ def _parser() -> argparse.ArgumentParser:
                    "(default) or bf16 runs convs and matmuls on half-width operands with fp32 accumulation (tensor "
                    "cores), fp32 keeps fp32 (2:4 layers of cuda-sparse compute in fp16 then, bf16 with bf16); int8 "
                    "layers (quantize + fold-qdq) stay int8, and int8 2:4 linears use the int8 sparse kernel")
-    c.add_argument("--tune-trials", type=int, metavar="N", help="MetaSchedule trials in total (default: no tuning)")
-    c.add_argument("--tune-minutes", type=float, metavar="M", help="wall-clock tuning budget in minutes (tuning stops "
-                   "there and keeps the best kernels found; with no --tune-trials, trials default to 2000)")
-    c.add_argument("--tune-db", metavar="DIR", help="existing folder for the tuning database, reused across runs "
-                   "and models (workloads already in it are not tuned again)")
+    c.add_argument("--tune-trials", type=int, metavar="N", help="tune: first graphopt's own kernels' knobs (loop "
+                   "order, staging, prefetch, register tile; each candidate timed inside the model, one build per "
+                   "candidate), then N MetaSchedule trials in total for the functions those kernels do not take "
+                   "(default: no tuning)")
+    c.add_argument("--tune-minutes", type=float, metavar="M", help="wall-clock tuning budget in minutes (the knobs "
+                   "take at most half; tuning stops there and keeps the best kernels found; with no --tune-trials, "
+                   "trials default to 2000)")
+    c.add_argument("--tune-db", metavar="DIR", help="existing folder for the tuning database and the knob records "
+                   "(kernel_knobs.json), reused across runs and models (workloads already in it are not tuned again)")
     c.add_argument("--no-report", action="store_true", help="skip fidelity and latency measurement")
     c.add_argument("--threads", type=int, default=None, help="threads for every runtime in the report (default: cores)")
     _add_pm_options(c)

@@ -74,6 +74,41 @@ def test_gemm_register_tiles_compute_the_same():
         np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(x)).numpy(), x @ w.T, rtol=1e-4, atol=1e-4)
 
 
+def test_depthwise_kernel_candidates_compute_the_same():
+    """Three depthwise convs (28x28 3x3: rows or channels; 5x5 and 3x3 stride 2: rows, channels or phases), built once
+    per candidate index with every layer on that candidate: each build runs the kernels it was told and equals
+    the model."""
+    import tvm
+    from tvm import relax
+
+    from graphopt.targets.tvm.cpu.pipeline import build_cpu
+    from graphopt.targets.tvm.lower import lower_to_relax
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1, groups=16), torch.nn.ReLU6(),
+                                torch.nn.Conv2d(16, 16, 5, stride=2, padding=2, groups=16),
+                                torch.nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16)).eval()
+    x = torch.randn(1, 16, 28, 28)
+    g = graphopt.trace(model, (x,))
+    with knobs.collecting() as col:
+        lower_to_relax(g, target=cpu_target())
+    sites = sorted(col.sites.values(), key=lambda s: s.key)
+    assert [len(s.candidates) for s in sites] == [3, 2, 3] and all(s.family == "depthwise" for s in sites)
+    prefix = {"rows": "depthwise_", "channels": "depthwise_cb_", "phases": "depthwise_ph_"}
+    for i in range(3):
+        chosen = {s.name: s.candidates[i] for s in sites if i < len(s.candidates)}
+        with knobs.applied(chosen):
+            mod = lower_to_relax(g, target=cpu_target())
+        names = [gv.name_hint for gv in mod.functions if gv.name_hint.startswith("depthwise")]
+        for s in sites:
+            kernel = (chosen.get(s.name) or s.default)["kernel"]
+            shape = s.key.split("_")[0] + "_"
+            assert any(n.startswith(prefix[kernel] + shape) for n in names), (kernel, shape, names)
+        vm = relax.VirtualMachine(build_cpu(mod, cpu_target()), tvm.cpu())
+        out = vm["main"](tvm.runtime.tensor(x.numpy()))
+        out = out[0] if not hasattr(out, "numpy") else out
+        np.testing.assert_allclose(out.numpy(), model(x).detach().numpy(), rtol=1e-4, atol=1e-5, err_msg=str(chosen))
+
+
 def _pointwise_sites():
     """Two pointwise layers on a 7x7 map (3 pixel tiles + 1: order x stage, 4 candidates each)."""
     from graphopt.targets.tvm.lower import lower_to_relax

@@ -279,7 +279,7 @@ def _conv1x1_call(bb, x2, w: np.ndarray, bias: np.ndarray | None, n: int, cin: i
 
     tag = f"{cout}x{cin}x{p}" + ("_res" if res else "") + ("" if clamp is None else "_clamp") + _ntag(n)
     rule, cands = conv1x1_knobs(cout, cin, p, nr)
-    site = Site("conv1x1", f"{tag}|nr{nr}", rule, cands, func, n * cout * cin * p)
+    site = Site("conv1x1", f"{tag}|nr{nr}", rule, cands, n * cout * cin * p)
     kn = pick(site)
     packed, name = pack_rows(w.reshape(cout, cin)), f"conv1x1_packed_{tag}"
     gv = bb.add_func(func(kn), name)
@@ -715,6 +715,23 @@ def depthwise_cb_applies(c: int, oh: int, ow: int, kh: int, kw: int, stride: int
     return c >= 8 and ow <= 16 and oh * ow >= 8 and hp * wq * 8 * 4 <= 32768
 
 
+def depthwise_knobs(c: int, oh: int, ow: int, kh: int, kw: int, stride: int) -> tuple[dict, list[dict]]:
+    """The rule's depthwise kernel and the candidates tuning may measure (`knobs.py`): `kernel` = rows (vectors
+    along output rows, any shape), channels (groups of 8 channels over a channel-last tile, where the padded tile
+    fits in 32 KB) or phases (stride 2: the input split into column phases once, planes within 512 KB). The rule:
+    channels on 7x7 and 14x14 outputs (`depthwise_cb_applies`), phases for stride 2 with 5x5 or wider taps
+    (`depthwise_phases_applies`), else rows."""
+    hp, wq = (oh - 1) * stride + kh, (ow - 1) * stride + kw
+    cands = [{"kernel": "rows"}]
+    if c >= 8 and oh * ow >= 8 and hp * wq * 8 * 4 <= 32768:
+        cands.append({"kernel": "channels"})
+    if stride == 2 and 2 * ((oh - 1) * 2 + kh) * (-(-ow // 8) * 8 + kw // 2) * 4 <= 512 * 1024:
+        cands.append({"kernel": "phases"})
+    rule = {"kernel": "channels" if depthwise_cb_applies(c, oh, ow, kh, kw, stride) else
+            "phases" if depthwise_phases_applies(oh, ow, kh, kw, stride) else "rows"}
+    return rule, cands
+
+
 def depthwise_applies(x_shape, w_shape, stride, padding, dilation, groups, transposed) -> bool:
     return (len(x_shape) == 4 and len(w_shape) == 4 and int(w_shape[1]) == 1
             and int(groups) == int(x_shape[1]) == int(w_shape[0]) and not transposed
@@ -740,7 +757,10 @@ def emit_depthwise(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
     oh, ow = (h + pt + pb - kh) // stride + 1, (wd + pl + pr - kw) // stride + 1
     tag = (f"{c}x{h}x{wd}_k{kh}s{stride}" + ("" if clamp is None else "_clamp") + _qtag(out_q, False)
            + ("_w8" if w_scale is not None else "") + _ntag(n))
-    if depthwise_cb_applies(c, oh, ow, kh, kw, stride):
+    rule, cands = depthwise_knobs(c, oh, ow, kh, kw, stride)
+    site = Site("depthwise", f"{tag}|p{pt}{pb}{pl}{pr}", rule, cands, n * c * oh * ow * kh * kw)
+    kernel = pick(site)["kernel"]
+    if kernel == "channels":
         cp = -(-c // 8) * 8
 
         def grouped(a: np.ndarray, dtype) -> np.ndarray:  # [C, kh, kw] -> [C/8, kh*kw, 8], zero channels appended
@@ -762,6 +782,7 @@ def emit_depthwise(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
         src = batch_source(depthwise_cb_source(c, h, wd, oh, ow, kh, kw, stride, pt, pl, clamp, out_q,
                                                w_scale is not None), n, ["x", "out"])
         gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), f"depthwise_cb_{tag}")
+        bind(site, gv.name_hint)
         b = padded(bias if bias is not None else np.zeros(c, np.float32))
         y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, _batched(n, c, h * wd))), *weights,
                                         relax.const(b)],
@@ -773,12 +794,13 @@ def emit_depthwise(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
     else:
         w_scale, bias = in_grid_steps(np.broadcast_to(np.asarray(w_scale, np.float32).reshape(-1), (c,)).copy(), bias, out_q)
         weights = [relax.const(np.ascontiguousarray(w.reshape(-1).astype(np.int8))), relax.const(w_scale)]
-    if depthwise_phases_applies(oh, ow, kh, kw, stride):
+    if kernel == "phases":
         src, kind = depthwise_phases_source(c, h, wd, oh, ow, kh, kw, pt, pl, clamp, out_q, w_scale is not None), "ph"
     else:
         src, kind = depthwise_source(c, h, wd, oh, ow, kh, kw, stride, pt, pl, clamp, out_q, w_scale is not None), ""
     func = tvm.script.parse(batch_source(src, n, ["x", "out"]), extra_vars={"T": T})
     gv = bb.add_func(func, f"depthwise_{kind + '_' if kind else ''}{tag}")
+    bind(site, gv.name_hint)
     x3 = bb.emit(relax.op.reshape(x, _batched(n, c, h, wd)))
     b = bias if bias is not None else np.zeros(c, np.float32)
     y = bb.emit(relax.call_tir(gv, [x3, *weights, relax.const(b.astype(np.float32)), relax.const(store_params(clamp, out_q))],

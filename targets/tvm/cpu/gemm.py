@@ -188,18 +188,15 @@ def emit_packed_linear(bb, x, w: np.ndarray, bias, x_shape, lanes: int):
     nr = 2 * lanes
     if not packed_linear_applies(m, n, nr) or w.dtype != np.float32:
         return None
-    def padded(kn: dict) -> int:  # channel-pruned layers: zero panels past N, sliced off below
-        return -(-n // kn["nr"]) * kn["nr"]
-
     rule, cands = gemm_knobs(m, n, lanes)
-    site = Site("gemm", f"{m}x{k}x{n}|v{lanes}", rule, cands,
-                lambda kn: gemm_packed(m, k, padded(kn), kn["mr"], kn["nr"]), m * k * n)
+    site = Site("gemm", f"{m}x{k}x{n}|v{lanes}", rule, cands, m * k * n)
     kn = pick(site)
-    nr, n_pad = kn["nr"], padded(kn)
+    nr = kn["nr"]
+    n_pad = -(-n // nr) * nr  # channel-pruned layers: zero panels past N, sliced off below
     x2 = bb.emit(relax.op.reshape(x, (m, k)))
     if n_pad != n:
         w = np.concatenate([w, np.zeros((n_pad - n, k), w.dtype)])
-    gv = bb.add_func(site.func(kn), f"gemm_packed_{m}x{k}x{n_pad}")
+    gv = bb.add_func(gemm_packed(m, k, n_pad, kn["mr"], nr), f"gemm_packed_{m}x{k}x{n_pad}")
     bind(site, gv.name_hint)
     y = bb.emit(relax.call_tir(gv, [x2, relax.const(pack_weight(w, nr))], relax.TensorType((m, n_pad), "float32")))
     if n_pad != n:

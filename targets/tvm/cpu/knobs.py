@@ -3,7 +3,7 @@ exposed per layer shape so that tuning measures them on this machine instead of 
 
 graphopt's kernels are generated as fully scheduled TIR, which MetaSchedule cannot rewrite (it tunes the functions
 no kernel takes); their knobs are tuned here instead, inside the same `Tuning` budget and database folder. An
-emitter describes its layer as a `Site` (the rule's choice, the candidates, the kernel for given knobs) and calls
+emitter describes its layer as a `Site` (the rule's choice and the candidates) and calls
 `pick(site)`, which returns the rule's choice, or the record in force under `applied(records)`, then `bind(site,
 function name)`. While `collecting()`, both register in a `Collection`. `measure_in_model` times every candidate
 inside the model (one build per candidate index, interleaved rounds, each site's calls timed by the VM's
@@ -36,14 +36,12 @@ _now = time.perf_counter
 @dataclass
 class Site:
     """One tunable kernel: `family` and `key` (the shape and epilogue it was emitted for) name it; `default` is the
-    rule's choice and one of `candidates`; `func(knobs)` is the kernel's PrimFunc with those knobs; `macs` (work per
-    call) orders the sites."""
+    rule's choice and one of `candidates`; `macs` (work per call) orders the sites."""
 
     family: str
     key: str
     default: dict
     candidates: list[dict]
-    func: Callable[[dict], object]
     macs: int = 0
 
     @property
