@@ -83,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
             row["variants"][label] = {"pipeline": pipeline, "macs": opt.stats().macs, "params": opt.stats().params,
                                       "latency": lat, "fidelity": fid, "build_s": round(build_s, 1),
                                       "artifact_bytes": sum(p.stat().st_size for p in out.iterdir() if p.is_file())}
+            if tuning:  # what tuning kept: MetaSchedule kernels, and graphopt's kernel knobs changed from the rules
+                t = art.manifest.get("tuning") or {}
+                row["variants"][label]["tuning"] = {
+                    **{k: t.get(k) for k in ("trials", "kept_tuned", "kept_rules", "seconds")},
+                    "knobs": {k: v for k, v in (t.get("knobs") or {}).items() if k != "per_site"}}
             print(f"[{name}] {label}: graphopt {lat['graphopt_ms']:.2f} ms, ORT {lat['ort_ms']:.2f} ms, "
                   f"PyTorch {lat['torch_ms']:.2f} ms (build {build_s:.0f} s)", file=sys.stderr, flush=True)
         row["seconds"] = round(time.perf_counter() - t0, 1)
