@@ -134,6 +134,27 @@ def test_measure_in_model_times_every_candidate_inside_the_model():
         assert all(v > 0 for v in seconds[site.name].values())
 
 
+def test_a_candidate_build_that_fails_is_skipped_not_fatal(caplog):
+    """Build 0 (every layer's first candidate, here the rule's) fails: measuring goes on with the others and says
+    so, and with no time for the rule each site keeps the rule rather than trust a comparison it lacks."""
+    from graphopt.targets.tvm.lower import lower_to_relax
+    g, _, x, col = _pointwise_sites()
+    calls = [0]
+
+    def lower():
+        calls[0] += 1
+        if calls[0] == 1:
+            raise RuntimeError("no such kernel")
+        return lower_to_relax(g, target=cpu_target())
+    todo = list(col.sites.values())
+    seconds = knobs.measure_in_model(todo, lower, cpu_target(), [x.numpy()], progress=False, rounds=1, runs=1)
+    assert "candidate 0 of each layer failed (RuntimeError: no such kernel)" in caplog.text
+    for site in todo:
+        assert site.candidates[0] == site.default
+        assert set(seconds[site.name]) == {knobs.knob_str(c) for c in site.candidates[1:]}
+        assert knobs.choose(site, seconds[site.name]) == site.default
+
+
 def _fake_measure(gain: dict[str, float]):
     """A measure: the rule's choice 100 us, the first other candidate 100 / gain[site key] us, the rest 200 us."""
     def measure(todo, base, deadline):

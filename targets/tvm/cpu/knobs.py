@@ -155,7 +155,8 @@ def measure_in_model(todo: list[Site], lower: Callable[[], object], target, inpu
     and a site's time is the sum of its kernel's calls (layers of one shape share the kernel). Timed alone, with
     or without the weight flushed from cache, kernels ranked differently than in the model (MobileNetV2: 8 of 16
     pointwise layers switched, and the model ran 2-5% slower), because a layer's speed depends on what the layer
-    before it left in cache. Stops building at `deadline`; candidates not built get no time."""
+    before it left in cache. Stops building at `deadline`; candidates not built (or whose build failed) get no
+    time."""
     import tvm
     from tvm import relax
 
@@ -170,9 +171,13 @@ def measure_in_model(todo: list[Site], lower: Callable[[], object], target, inpu
             if deadline is not None and _now() > deadline:
                 break
             chosen = {s.name: s.candidates[i] for s in todo if i < len(s.candidates)}
-            with applied({**(base or {}), **chosen}), collecting() as col:
-                mod = lower()
-            builds.append((chosen, col.symbols, build_cpu(mod, target)))
+            try:
+                with applied({**(base or {}), **chosen}), collecting() as col:
+                    mod = lower()
+                builds.append((chosen, col.symbols, build_cpu(mod, target)))
+            except Exception as e:  # a candidate that does not build is not measured: its sites keep other choices
+                log.warning("kernel knobs: the build with candidate %d of each layer failed (%s: %s); those "
+                            "candidates are skipped", i, type(e).__name__, e)
             bar.update(1)
     finally:
         bar.close()
