@@ -197,7 +197,7 @@ def _tune_by_flops(ms, todo, work_dir, database, tuning: Tuning, summary: "Tunin
     costs = [task_cost(t) for t in todo]
     order = sorted(range(len(todo)), key=lambda i: -costs[i])
     total_cost = sum(costs) or 1.0
-    per_iter = tuning.trials_per_iter
+    per_iter = min(tuning.trials_per_iter, tuning.trials)  # a budget under one batch still tunes the heaviest task
     budget = tuning.trials
     alloc = {}
     for i in order:

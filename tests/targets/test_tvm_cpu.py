@@ -179,6 +179,25 @@ def test_tuning_time_budget_stops_early_and_keeps_results(tmp_path, monkeypatch)
         graphopt.Tuning(minutes=0).validate()
 
 
+def test_a_budget_under_one_batch_still_tunes_the_heaviest_task(tmp_path):
+    """--tune-trials 8 with 16 trials per batch had tuned nothing ("0 trials over 0 task(s), 68 left untuned")."""
+    from types import SimpleNamespace
+
+    from graphopt.targets.tvm.tuning import TuningSummary, _tune_by_flops
+    runs = []
+    fake_ms = SimpleNamespace(
+        search_strategy=SimpleNamespace(EvolutionarySearch=lambda **kw: None),
+        cost_model=SimpleNamespace(CostModel=SimpleNamespace(create=lambda *a, **kw: None)),
+        relax_integration=SimpleNamespace(extracted_tasks_to_tune_contexts=lambda tasks, *a, **kw: (tasks, [1])),
+        measure_callback=SimpleNamespace(MeasureCallback=SimpleNamespace(create=lambda kind: [])),
+        tune=SimpleNamespace(tune_tasks=lambda **kw: runs.append((kw["tasks"][0], kw["max_trials_global"],
+                                                                   kw["num_trials_per_iter"]))))
+    tasks = [SimpleNamespace(task_name=f"t{i}", dispatched=[None], weight=1) for i in range(3)]
+    summary = TuningSummary()
+    _tune_by_flops(fake_ms, tasks, str(tmp_path), None, graphopt.Tuning(trials=8, progress=False), summary, 0.0)
+    assert runs == [(tasks[0], 8, 8)] and summary.tasks_tuned == 1 and summary.tasks_skipped == 2
+
+
 def test_tasks_are_tuned_heaviest_first():
     """Trials go to the tasks with the most FLOPs x calls; the rest stay untuned when the budget is small."""
     from graphopt.targets.tvm.lower import lower_to_relax
