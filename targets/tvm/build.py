@@ -80,20 +80,6 @@ def build_gpu_executable(graph: Graph, target: str = "cuda", archs=("sm_80", "sm
     return ex, tgt, time.perf_counter() - t0, (sparse24 or {}).get("records", {}), dense_tc["records"]
 
 
-def _example_inputs(graph: Graph) -> list:
-    """Random inputs of the graph's shapes and dtypes (token ids within the range the embedding accepts)."""
-    import numpy as np
-    rng, ranges = np.random.default_rng(0), graph.input_ranges()
-    out = []
-    for s in graph.inputs:
-        if s.dtype.startswith("float"):
-            out.append(rng.standard_normal(s.shape).astype(s.dtype))
-        else:
-            lo, hi = ranges.get(s.name, {}).get("range", (0, 2))
-            out.append(rng.integers(lo, hi, s.shape).astype(s.dtype))
-    return out
-
-
 def _lower_with_tuned_knobs(graph: Graph, tgt, tuning: Tuning):
     """Lower, measure the knobs of graphopt's own kernels inside the model (`cpu/knobs.py`: MetaSchedule cannot
     rewrite them) within half the time budget at most, and lower again with the records where any differs from the
@@ -105,7 +91,7 @@ def _lower_with_tuned_knobs(graph: Graph, tgt, tuning: Tuning):
     with knobs.collecting() as col:
         mod = lower_to_relax(graph, target=tgt)
     deadline = None if tuning.minutes is None else start + 30.0 * tuning.minutes
-    inputs = _example_inputs(graph)
+    inputs = [t.numpy() for t in graph.example_inputs()]
 
     def measure(todo, base, until):
         return knobs.measure_in_model(todo, lambda: lower_to_relax(graph, target=tgt), tgt, inputs, base, until,

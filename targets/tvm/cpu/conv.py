@@ -271,18 +271,13 @@ def _conv1x1_call(bb, x2, w: np.ndarray, bias: np.ndarray | None, n: int, cin: i
     nr = 2 * lanes
     b = bias if bias is not None else np.zeros(cout, np.float32)
     res = residual is not None
-    per_sample = ["x", "out"] + (["res"] if res else [])
-
-    def func(kn: dict):
-        return tvm.script.parse(batch_source(conv1x1_source(cout, cin, p, nr, clamp, res, kn), n, per_sample),
-                                extra_vars={"T": T})
-
     tag = f"{cout}x{cin}x{p}" + ("_res" if res else "") + ("" if clamp is None else "_clamp") + _ntag(n)
     rule, cands = conv1x1_knobs(cout, cin, p, nr)
     site = Site("conv1x1", f"{tag}|nr{nr}", rule, cands, n * cout * cin * p)
-    kn = pick(site)
+    src = batch_source(conv1x1_source(cout, cin, p, nr, clamp, res, pick(site)), n,
+                       ["x", "out"] + (["res"] if res else []))
     packed, name = pack_rows(w.reshape(cout, cin)), f"conv1x1_packed_{tag}"
-    gv = bb.add_func(func(kn), name)
+    gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), name)
     bind(site, gv.name_hint)
     extra = [] if residual is None else [bb.emit(relax.op.reshape(residual, _batched(n, cout, p)))]
     return bb.emit(relax.call_tir(gv, [x2, relax.const(packed), relax.const(b.astype(np.float32)), *extra],
@@ -539,8 +534,13 @@ def depthwise_phases_applies(oh: int, ow: int, kh: int, kw: int, stride: int) ->
     KB. Measured against the row and tile kernels, whose every 8-lane tap is two loads and two shuffles: 144x56x56
     5x5 270 -> 140 us, 72x112x112 397 -> 242, 16x57x57 7x7 91 -> 27 (2 threads); 3x3 stride-2 layers gained
     nothing (96x112x112 184 vs 189 us, 144x56x56 72 vs 86: they are bound by reading the input) and stay."""
+    return kw >= 5 and _phases_fit(oh, ow, kh, kw, stride)
+
+
+def _phases_fit(oh: int, ow: int, kh: int, kw: int, stride: int) -> bool:
+    """Whether the phase kernel can run the layer: stride 2, its two phase planes within 512 KB."""
     hp, wh = (oh - 1) * 2 + kh, -(-ow // 8) * 8 + kw // 2
-    return stride == 2 and kw >= 5 and 2 * hp * wh * 4 <= 512 * 1024
+    return stride == 2 and 2 * hp * wh * 4 <= 512 * 1024
 
 
 def depthwise_phases_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int, ph: int, pw: int,
@@ -711,8 +711,13 @@ def depthwise_cb(x: T.Buffer(({c}, {h * wd}), "float32"), {w_arg},
 def depthwise_cb_applies(c: int, oh: int, ow: int, kh: int, kw: int, stride: int) -> bool:
     """Small output maps, 8 channels or more (and the padded tile within 32 KB). Measured: 0.54-0.83x
     the row kernel's time on 7x7 and 14x14 outputs; on 28x28 it was 1.0-1.4x, so those keep the row kernel."""
+    return ow <= 16 and _channels_fit(c, oh, ow, kh, kw, stride)
+
+
+def _channels_fit(c: int, oh: int, ow: int, kh: int, kw: int, stride: int) -> bool:
+    """Whether the channel-blocked kernel can run the layer: 8+ channels, 8+ outputs, its padded tile in 32 KB."""
     hp, wq = (oh - 1) * stride + kh, (ow - 1) * stride + kw
-    return c >= 8 and ow <= 16 and oh * ow >= 8 and hp * wq * 8 * 4 <= 32768
+    return c >= 8 and oh * ow >= 8 and hp * wq * 8 * 4 <= 32768
 
 
 def depthwise_knobs(c: int, oh: int, ow: int, kh: int, kw: int, stride: int) -> tuple[dict, list[dict]]:
@@ -721,11 +726,10 @@ def depthwise_knobs(c: int, oh: int, ow: int, kh: int, kw: int, stride: int) -> 
     fits in 32 KB) or phases (stride 2: the input split into column phases once, planes within 512 KB). The rule:
     channels on 7x7 and 14x14 outputs (`depthwise_cb_applies`), phases for stride 2 with 5x5 or wider taps
     (`depthwise_phases_applies`), else rows."""
-    hp, wq = (oh - 1) * stride + kh, (ow - 1) * stride + kw
     cands = [{"kernel": "rows"}]
-    if c >= 8 and oh * ow >= 8 and hp * wq * 8 * 4 <= 32768:
+    if _channels_fit(c, oh, ow, kh, kw, stride):
         cands.append({"kernel": "channels"})
-    if stride == 2 and 2 * ((oh - 1) * 2 + kh) * (-(-ow // 8) * 8 + kw // 2) * 4 <= 512 * 1024:
+    if _phases_fit(oh, ow, kh, kw, stride):
         cands.append({"kernel": "phases"})
     rule = {"kernel": "channels" if depthwise_cb_applies(c, oh, ow, kh, kw, stride) else
             "phases" if depthwise_phases_applies(oh, ow, kh, kw, stride) else "rows"}

@@ -129,7 +129,8 @@ def _load_db(folder: str | None) -> dict:
     try:
         return json.loads(path.read_text()) if path.exists() else {}
     except (OSError, json.JSONDecodeError):
-        log.warning("kernel knob records %s are unreadable; measuring anew", path)
+        log.warning("kernel knob records %s are unreadable; measuring anew (the file is rewritten with the new "
+                    "records)", path)
         return {}
 
 
