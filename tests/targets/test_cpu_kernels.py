@@ -484,14 +484,16 @@ def test_bsr_kernel_assembly_accumulates_in_registers():
     assert "call" not in loop  # no workspace allocation (or any call) inside the reduction
 
 
-@pytest.mark.parametrize("m,block,k", [(32, (4, 4), 128), (16, (1, 1), 128), (64, (1, 1), 128), (64, (2, 8), 128),
-                                       (2, (1, 16), 128), (1, (8, 1), 128), (12, (4, 4), 128), (50, (1, 1), 100),
-                                       (20, (4, 4), 100), (5, (4, 4), 128), (7, (2, 2), 6)])
-def test_bsr_kernels_match_dense(m, block, k):
+@pytest.mark.parametrize("m,block,k,n", [(32, (4, 4), 128, 64), (16, (1, 1), 128, 64), (64, (1, 1), 128, 64),
+                                         (64, (2, 8), 128, 64), (2, (1, 16), 128, 64), (1, (8, 1), 128, 64),
+                                         (12, (4, 4), 128, 64), (50, (1, 1), 100, 64), (20, (4, 4), 100, 64),
+                                         (5, (4, 4), 128, 64), (7, (2, 2), 6, 64), (40, (8, 1), 96, 64),
+                                         (24, (4, 4), 96, 52), (16, (4, 4), 64, 4)])
+def test_bsr_kernels_match_dense(m, block, k, n):
     """Token tiles that overlap at the end (12, 20, 50 rows), K with a partial 8 x 8 transpose tile (100) or under
-    8 (scalar transposes), tiles under 8 tokens (5, 7) and the batch-1 row variant."""
+    8 (scalar transposes), tiles under 8 tokens (5, 7) and the batch-1 row variant; 4- and 8-row blocks store
+    groups of 8 output rows, the last overlapping the one before (52 rows), or keep y^T under 8 rows (4)."""
     torch.manual_seed(1)
-    n = 64
     w = torch.randn(n, k) * (torch.rand(n, k) > 0.85)
     s = to_bsr(w, block)
     x = torch.randn(m, k)

@@ -600,7 +600,7 @@ def depthwise_phases_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, 
                                 clamp, out_q, lanes, rb)
 
 
-def _transpose8(src: str, dst: str, pad: str) -> str:
+def transpose8(src: str, dst: str, pad: str) -> str:
     """dst[j, 0:8] = column j of the 8x8 block src (8 row vectors), in three stages of two-vector shuffles (the
     unpack / shuffle / 128-bit permute pattern)."""
     def v(b: str, r: int) -> str:
@@ -664,7 +664,7 @@ def depthwise_cb_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: 
             p0 = T.min(q * 8, {n_out - 8})
             for r in T.unroll(8):
                 for l in T.vectorized(8):
-                    ta[r, l] = ot[p0 + r, l]{_transpose8("ta", "tb", " " * 12)}
+                    ta[r, l] = ot[p0 + r, l]{transpose8("ta", "tb", " " * 12)}
             for r in T.unroll(8):{lane_guard("r", " " * 16)}
                     for l in T.vectorized(8):
                         out[g * 8 + r, p0 + l] = {_clamped("tb[r, l]", clamp, out_q)}"""
