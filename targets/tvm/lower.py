@@ -508,7 +508,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                                     None if residual is None else importer.env[residual], vector_lanes(target) >= 8)
         if kind == "direct" and k.staged_conv_applies(x_shape, w.shape, stride, full):
             return k.emit_flat_conv(bb, x, w, b, x_shape, stride, full, clamp, None, vector_lanes(target) >= 8,
-                                    staged=True)
+                                    stem=True)
         if kind == "im2col":
             return k.emit_im2col_conv(bb, x, w, b, x_shape, stride, full, vector_lanes(target), clamp,
                                       None if residual is None else importer.env[residual])

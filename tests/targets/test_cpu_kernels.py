@@ -174,21 +174,27 @@ class _BasicBlock(torch.nn.Module):
         return self.c3(torch.nn.functional.pad(y, (0, 1, 0, 1)))
 
 
-@pytest.mark.parametrize("batch", [1, 2])
-def test_dense_convs_run_as_flat_implicit_gemm(batch):
+@pytest.mark.parametrize("batch,hw", [(1, 20), (2, 20), (1, 40)])
+def test_dense_convs_run_as_flat_implicit_gemm(batch, hw):
     """3x3 convs with more than 8 input channels: the zero-padded input, then the flat implicit GEMM (bias, the
-    residual add and ReLU in its store); the pad before the last conv joins its padding; the strided 3x3 conv with
-    a small output and the strided 1x1 shortcut are im2col + the packed pointwise GEMM. No TVM conv is left (TVM's conv
-    with the rules ran them at 5-15 GMAC/s: ResNet-18 316 ms)."""
+    residual add and ReLU in its store), in place on maps of at most 16 tiles of 16 pixels (10x10) and staged on
+    larger ones (20x20); the pad before the last conv joins its padding; the strided 3x3 conv with a small output
+    and the strided 1x1 shortcut are im2col + the packed pointwise GEMM. No TVM conv is left (TVM's conv with the
+    rules ran them at 5-15 GMAC/s: ResNet-18 316 ms)."""
     torch.manual_seed(0)
-    model, x = _BasicBlock().eval(), torch.randn(batch, 16, 20, 20)
+    model, x = _BasicBlock().eval(), torch.randn(batch, 16, hw, hw)
     g = graphopt.trace(model, (x,))
     names = _func_names(g)
     nt = f"_n{batch}" if batch > 1 else ""
-    for kernel in ("im2col_16x20x20_k3s2_p1111", "conv1x1_packed_32x144x100_clamp",  # strided, small output
-                   "pad_phases_32x10x10_k3x3s1_p1111", "conv_flat_32x32x10x10_k3x3s1_p1111_res_clamp",
-                   "conv_flat_24x32x10x10_k3x3s1_p0101",  # the pad joined the last conv
-                   "im2col_16x20x20_k1s2_p0000", "conv1x1_packed_32x16x100"):  # the strided 1x1 shortcut
+    if hw == 20:
+        expected = ("im2col_16x20x20_k3s2_p1111", "conv1x1_packed_32x144x100_clamp",  # strided, small output
+                    "pad_phases_32x10x10_k3x3s1_p1111", "conv_flat_32x32x10x10_k3x3s1_p1111_res_clamp",
+                    "conv_flat_24x32x10x10_k3x3s1_p0101",  # the pad joined the last conv
+                    "im2col_16x20x20_k1s2_p0000", "conv1x1_packed_32x16x100")  # the strided 1x1 shortcut
+    else:
+        expected = ("pad_phases_16x40x40_k3x3s2_p1111", "conv_staged_32x16x40x40_k3x3s2_p1111_clamp",
+                    "conv_staged_32x32x20x20_k3x3s1_p1111_res_clamp", "conv_staged_24x32x20x20_k3x3s1_p0101")
+    for kernel in expected:
         assert any(n.startswith(kernel) and n.endswith(nt) for n in names), (kernel, names)
     assert not any("conv2d" in n for n in names), names  # no TVM conv left
     _assert_built_matches(g, model, x)
@@ -204,7 +210,7 @@ def test_flat_conv_geometries(k, stride, pad, hw):
     model = torch.nn.Sequential(torch.nn.Conv2d(12, 13, k, stride=stride, padding=pad), torch.nn.ReLU()).eval()
     x = torch.randn(2, 12, *hw)
     g = graphopt.trace(model, (x,))
-    assert any(n.startswith("conv_flat_13x12") for n in _func_names(g)), _func_names(g)
+    assert any(n.startswith(("conv_staged_13x12", "conv_flat_13x12")) for n in _func_names(g)), _func_names(g)
     _assert_built_matches(g, model, x)
 
 
@@ -382,16 +388,36 @@ def test_stem_conv_direct_kernel(cout, cin, hw, k, stride, pad):
     _assert_built_matches(g, model, x)
 
 
-def test_staged_stem_conv_refuses_a_residual():
-    """The staged stem kernel's store has no residual input: asking for one is an error, not a dropped add."""
-    from tvm import relax
+@pytest.mark.parametrize("hw,k,stride,pad,cout,res", [((56, 56), 3, 1, (1, 1, 1, 1), 13, True),
+                                                        ((7, 7), 3, 1, (1, 1, 1, 1), 12, True),
+                                                        ((28, 28), 3, 2, (1, 1, 1, 1), 8, False),
+                                                        ((40, 47), 5, 2, (2, 1, 1, 2), 13, True)])
+def test_staged_conv_equals_the_flat_one(hw, k, stride, pad, cout, res):
+    """The staged kernel (the rule for dense kxk convs) and the in-place flat one (its knob candidate) sum the
+    same products in the same order: bit-identical outputs with bias, residual add and ReLU6, on maps whose tiles
+    cross rows (7x7), strided, and with a partial channel panel (13)."""
+    from tvm.script import tirx as T
 
-    from graphopt.targets.tvm.cpu.conv import emit_flat_conv
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((1, 3, 40, 40), "float32"))
-    with pytest.raises(ValueError, match="no residual"):  # refused before anything is emitted
-        emit_flat_conv(bb, x, np.zeros((16, 3, 7, 7), np.float32), None, (1, 3, 40, 40), 2, (3, 3, 3, 3), None,
-                       residual=x, staged=True)
+    from graphopt.targets.tvm.cpu.conv import MR, flat_conv_source, flat_geometry, staged_conv_source
+    cin = 6
+    oh, ow, hq, wq = flat_geometry(*hw, k, k, stride, pad)
+    rng = np.random.default_rng(0)
+    args = [rng.standard_normal(cin * stride * stride * hq * wq).astype(np.float32),
+            rng.standard_normal((-(-cout // MR), k * k * cin, MR)).astype(np.float32),
+            rng.standard_normal(-(-cout // MR) * MR).astype(np.float32)]
+    if res:
+        args.append(rng.standard_normal((cout, oh, ow)).astype(np.float32))
+    masked = vector_lanes(cpu_target()) >= 8
+    outs = []
+    for source in (flat_conv_source, staged_conv_source):
+        f = tvm.script.parse(source(cout, cin, *hw, k, k, stride, pad, (0.0, 6.0), masked=masked, res=res),
+                             extra_vars={"T": T})
+        lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target())
+        out = tvm.runtime.tensor(np.full((cout, oh, ow), np.nan, np.float32))
+        lib["main"](*(tvm.runtime.tensor(a) for a in args), out)
+        outs.append(out.numpy())
+    assert not np.isnan(outs[0]).any() and (outs[0] > 0).any() and (outs[0] < 6).any()
+    np.testing.assert_array_equal(outs[1], outs[0])
 
 
 def test_batch1_linear_keeps_the_gemv_rule():

@@ -109,6 +109,48 @@ def test_depthwise_kernel_candidates_compute_the_same():
         np.testing.assert_allclose(out.numpy(), model(x).detach().numpy(), rtol=1e-4, atol=1e-5, err_msg=str(chosen))
 
 
+def test_dense_conv_kernel_candidates_compute_the_same():
+    """Two 3x3 convs, one on a map of more than 16 pixel tiles (24x24: staged by rule) and one with a residual add
+    on fewer (12x12: flat by rule), built with each layer on each candidate: each build runs the kernels it was
+    told and equals the model."""
+    import tvm
+    from tvm import relax
+
+    from graphopt.targets.tvm.cpu.pipeline import build_cpu
+    from graphopt.targets.tvm.lower import lower_to_relax
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Conv2d(12, 16, 3, padding=1)
+            self.b, self.c = torch.nn.Conv2d(16, 16, 3, stride=2, padding=1), torch.nn.Conv2d(16, 16, 3, padding=1)
+
+        def forward(self, x):
+            y = self.b(torch.relu(self.a(x)))
+            return torch.relu(self.c(y) + y)
+
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(1, 12, 24, 24)
+    g = graphopt.trace(model, (x,))
+    with knobs.collecting() as col:
+        lower_to_relax(g, target=cpu_target())
+    sites = {s.key.split("_")[0]: s for s in col.sites.values() if s.family == "conv_kxk"}
+    assert sites["16x12x24x24"].default == {"kernel": "staged"} and sites["16x16x12x12"].default == {"kernel": "flat"}
+    assert sites["16x16x12x12"].key.endswith("_res_clamp")
+    for chosen in ({s.name: {"kernel": k} for s, k in zip(sites.values(), ks)} for ks in (("flat", "staged"),
+                                                                                         ("staged", "flat"))):
+        with knobs.applied(chosen):
+            mod = lower_to_relax(g, target=cpu_target())
+        names = [gv.name_hint for gv in mod.functions]
+        for s in sites.values():
+            kernel, shape = chosen[s.name]["kernel"], s.key.split("_")[0]
+            assert any(n.startswith(f"conv_{kernel}_{shape}") for n in names), (kernel, shape, names)
+        vm = relax.VirtualMachine(build_cpu(mod, cpu_target()), tvm.cpu())
+        out = vm["main"](tvm.runtime.tensor(x.numpy()))
+        out = out[0] if not hasattr(out, "numpy") else out
+        np.testing.assert_allclose(out.numpy(), model(x).detach().numpy(), rtol=1e-4, atol=1e-5, err_msg=str(chosen))
+
+
 def _pointwise_sites():
     """Two pointwise layers on a 7x7 map (3 pixel tiles + 1: order x stage, 4 candidates each)."""
     from graphopt.targets.tvm.lower import lower_to_relax

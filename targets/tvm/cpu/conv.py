@@ -1123,7 +1123,7 @@ def flat_conv_source(cout: int, cin: int, h: int, wd: int, kh: int, kw: int, str
     oh, ow, hq, wq = flat_geometry(h, wd, kh, kw, s, padding)
     plane, ph = hq * wq, s * s
     qmax, mt = (oh - 1) * wq + ow, -(-cout // MR)
-    nq = -(-qmax // NR_FLAT)
+    nq = _flat_tiles(h, wd, kh, kw, stride, padding)
     panel, tile = (f"t // {nq}", f"t % {nq}") if nq <= 16 else (f"t % {mt}", f"t // {mt}")
     tap = f"(((i % {s}) * {s} + j % {s}) * {plane} + (i // {s}) * {wq} + j // {s})"
     x_at = f"ci * {ph * plane} + {tap} + q0 + v"
@@ -1178,11 +1178,14 @@ def staged_tiling(cout: int, h: int, wd: int, kh: int, kw: int, stride: int, pad
 
 
 def staged_conv_source(cout: int, cin: int, h: int, wd: int, kh: int, kw: int, stride: int, padding,
-                       clamp: tuple[float, float] | None, masked: bool = False) -> str:
-    """The flat conv for few input channels (stems): each task first copies its 16-pixel blocks' rows of every
-    (input channel, tap) from the phase planes into a staged [block, Cin * kh * kw, 16] buffer (16 contiguous
-    floats per tap, as in `flat_conv_source`), then runs the 6 x 16 register tile over it like the packed
-    pointwise GEMM, each panel's weights reused across the chunk's blocks (the flat int8 conv's structure)."""
+                       clamp: tuple[float, float] | None, masked: bool = False, res: bool = False) -> str:
+    """The staged flat conv (dense kxk convs and long-reduction stems): each task first copies its 16-pixel
+    blocks' rows of every (input channel, tap) from the phase planes into a staged [block, Cin * kh * kw, 16]
+    buffer (16 contiguous floats per tap, as in `flat_conv_source`), then runs the 6 x 16 register tile over it
+    like the packed pointwise GEMM, each panel's weights reused across the chunk's blocks (the flat int8 conv's
+    structure). Bias, the residual and the clamp are done in the store. Against `flat_conv_source`, which reads
+    the taps from the planes in place (in-process A/B, 2 threads, ResNet-18's 3x3 convs): 1.07-1.11x at stride 1
+    (64->64 at 56x56 ... 512->512 at 7x7), 1.2-1.3x at stride 2, even on a 10x10 map."""
     k, nr = cin * kh * kw, NR_FLAT
     g = staged_tiling(cout, h, wd, kh, kw, stride, padding, k)
     oh, ow, wq, plane, ph, taps, mt, qmax = (g[n] for n in ("oh", "ow", "wq", "plane", "ph", "taps", "mt", "qmax"))
@@ -1191,11 +1194,12 @@ def staged_conv_source(cout: int, cin: int, h: int, wd: int, kh: int, kw: int, s
                 xs[T.ramp((((b - b0) * {k} + ci * {taps} + {tp}) * {nr}), 1, {nr})] = xp[T.ramp(
                     ci * {ph * plane} + {off} + q0, 1, {nr})]""" for tp, off in enumerate(g["offs"]))
     store = "\n".join(" " * 8 + ln if ln.strip() else ln
-                       for ln in _flat_store(cout, f"c * {MR} + r", ow, wq, clamp, False, masked).split("\n"))
+                       for ln in _flat_store(cout, f"c * {MR} + r", ow, wq, clamp, res, masked).split("\n"))
+    res_arg = f'res: T.Buffer(({cout}, {oh}, {ow}), "float32"), ' if res else ""
     return f"""
 @T.prim_func(private=True)
 def conv_staged(xp: T.Buffer(({cin * ph * plane},), "float32"), wp: T.Buffer(({mt}, {k}, {MR}), "float32"),
-                bias: T.Buffer(({mt * MR},), "float32"), out: T.Buffer(({cout}, {oh}, {ow}), "float32")):
+                bias: T.Buffer(({mt * MR},), "float32"), {res_arg}out: T.Buffer(({cout}, {oh}, {ow}), "float32")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
     for t in T.parallel({chunks * groups}):
         b0 = (t // {groups}) * {cb} // {chunks}
@@ -1227,17 +1231,34 @@ def pack_taps(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(wp.reshape(mt, MR, cin, kh, kw).transpose(0, 2, 3, 4, 1).reshape(mt, kh * kw * cin, MR))
 
 
+def _flat_tiles(h: int, wd: int, kh: int, kw: int, stride: int, padding) -> int:
+    """16-pixel tiles over the flat conv's output range; with at most 16 the flat kernel runs panel-major."""
+    oh, ow, _, wq = flat_geometry(h, wd, kh, kw, stride, padding)
+    return -(-((oh - 1) * wq + ow) // NR_FLAT)
+
+
+def conv_kxk_knobs(h: int, wd: int, kh: int, kw: int, stride: int, padding) -> tuple[dict, list[dict]]:
+    """The rule's kernel for a dense kxk conv the flat kernels take, and the candidates tuning may measure
+    (`knobs.py`): `kernel` = staged (`staged_conv_source`) or flat (`flat_conv_source`, the taps read from the
+    phase planes in place). The rule: staged on maps of more than 16 tiles, flat (panel-major there, so each
+    panel's weights are read once) on smaller ones. Measured inside ResNet-18 (per-layer times under the VM's
+    instrument hook, 2 threads), staged / flat time: 64->64 at 56x56 0.98-1.01, 128->128 at 28x28 0.84-0.92,
+    64->128 stride 2 at 56x56 0.75; 256->256 at 14x14 (14 tiles) 0.91-1.03, 512->512 at 7x7 (4 tiles) 1.16-1.37:
+    the staged tasks read the 9.4 MB weight once per block, from memory once other layers have evicted it (alone,
+    with the weight in L3, staged was 1.07x faster there)."""
+    rule = "staged" if _flat_tiles(h, wd, kh, kw, stride, padding) > 16 else "flat"
+    return {"kernel": rule}, [{"kernel": "staged"}, {"kernel": "flat"}]
+
+
 def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, stride: int, padding,
-                   clamp: tuple[float, float] | None, residual=None, masked: bool = False, staged: bool = False):
-    """A dense kxk conv of x [N, Cin, H, W] (per sample): the phase planes, then the flat implicit GEMM with bias /
-    residual add / clamp in its store (vector and masked stores with `masked`: the CPU has AVX), or with `staged`
-    the staged form for long-reduction stems (`staged_conv_source`; no residual)."""
+                   clamp: tuple[float, float] | None, residual=None, masked: bool = False, stem: bool = False):
+    """A dense kxk conv of x [N, Cin, H, W] (per sample): the phase planes, then the staged or the in-place flat
+    implicit GEMM (`conv_kxk_knobs`) with bias / residual add / clamp in its store (vector and masked stores with
+    `masked`: the CPU has AVX). A `stem` (few input channels, long reduction) always takes the staged kernel."""
     import tvm
     from tvm import relax
     from tvm.script import tirx as T
 
-    if staged and residual is not None:  # the staged kernel's store has no residual input
-        raise ValueError("the staged flat conv takes no residual add (fuse it into a flat or im2col conv)")
     n, cin, h, wd = (int(d) for d in x_shape)
     cout, _, kh, kw = (int(d) for d in w.shape)
     oh, ow, hq, wq = flat_geometry(h, wd, kh, kw, stride, padding)
@@ -1249,14 +1270,21 @@ def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
     xp = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, _batched(n, cin, h, wd))),
                                      relax.const(np.zeros(1, np.float32))],
                                 relax.TensorType(_batched(n, size), "float32")))
-    if staged:
-        src = batch_source(staged_conv_source(cout, cin, h, wd, kh, kw, stride, padding, clamp, masked), n,
-                           ["xp", "out"])
-    else:
-        src = batch_source(flat_conv_source(cout, cin, h, wd, kh, kw, stride, padding, clamp, residual is not None,
-                                            masked), n, ["xp", "out"] + ([] if residual is None else ["res"]))
     tag = f"{cout}x{geo}" + ("" if residual is None else "_res") + ("" if clamp is None else "_clamp") + _ntag(n)
-    gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), f"conv_{'staged' if staged else 'flat'}_{tag}")
+    site = None
+    if stem:
+        kernel = "staged"
+    else:
+        rule, cands = conv_kxk_knobs(h, wd, kh, kw, stride, padding)
+        site = Site("conv_kxk", tag, rule, cands, n * cout * cin * kh * kw * oh * ow)
+        kernel = pick(site)["kernel"]
+    source = staged_conv_source if kernel == "staged" else flat_conv_source
+    names = ["xp", "out"] + ([] if residual is None else ["res"])
+    src = batch_source(source(cout, cin, h, wd, kh, kw, stride, padding, clamp, masked=masked,
+                              res=residual is not None), n, names)
+    gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), f"conv_{kernel}_{tag}")
+    if site is not None:
+        bind(site, gv.name_hint)
     b = np.zeros(-(-cout // MR) * MR, np.float32)
     if bias is not None:
         b[:cout] = bias
