@@ -214,6 +214,27 @@ def test_flat_conv_geometries(k, stride, pad, hw):
     _assert_built_matches(g, model, x)
 
 
+def _flat_conv_args(cin: int, cout: int, hw, k: int, stride: int, pad, res: bool):
+    """Random phase planes, packed taps, bias (and a residual) for a flat conv kernel, and its output shape."""
+    from graphopt.targets.tvm.cpu.conv import MR, flat_geometry
+    oh, ow, hq, wq = flat_geometry(*hw, k, k, stride, pad)
+    rng = np.random.default_rng(0)
+    args = [rng.standard_normal(cin * stride * stride * hq * wq).astype(np.float32),
+            rng.standard_normal((-(-cout // MR), k * k * cin, MR)).astype(np.float32),
+            rng.standard_normal(-(-cout // MR) * MR).astype(np.float32)]
+    if res:
+        args.append(rng.standard_normal((cout, oh, ow)).astype(np.float32))
+    return args, (cout, oh, ow)
+
+
+def _run_kernel(f, args, out_shape) -> np.ndarray:
+    """Compile one kernel PrimFunc, run it on the arrays into a NaN-filled output, return the output."""
+    lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target())
+    out = tvm.runtime.tensor(np.full(out_shape, np.nan, np.float32))
+    lib["main"](*(tvm.runtime.tensor(a) for a in args), out)
+    return out.numpy()
+
+
 @pytest.mark.parametrize("hw,k,stride,pad,res", [((56, 56), 3, 1, (1, 1, 1, 1), True), ((7, 7), 3, 1, (1, 1, 1, 1), True),
                                                  ((14, 14), 3, 1, (1, 1, 1, 1), False),
                                                  ((40, 47), 5, 2, (2, 1, 1, 2), False), ((3, 9), 3, 1, (1, 1, 1, 1), True)])
@@ -223,25 +244,16 @@ def test_flat_conv_vector_store_equals_the_per_lane_one(hw, k, stride, pad, res)
     store does, with bias, residual add and ReLU6; `vmaskmovps` is emitted and no scalar store is left."""
     from tvm.script import tirx as T
 
-    from graphopt.targets.tvm.cpu.conv import MR, flat_conv_source, flat_geometry
+    from graphopt.targets.tvm.cpu.conv import flat_conv_source
     if vector_lanes(cpu_target()) < 8:
         pytest.skip("needs AVX")
     cin, cout = 5, 13
-    oh, ow, hq, wq = flat_geometry(*hw, k, k, stride, pad)
-    rng = np.random.default_rng(0)
-    args = [rng.standard_normal(cin * stride * stride * hq * wq).astype(np.float32),
-            rng.standard_normal((-(-cout // MR), k * k * cin, MR)).astype(np.float32),
-            rng.standard_normal(-(-cout // MR) * MR).astype(np.float32)]
-    if res:
-        args.append(rng.standard_normal((cout, oh, ow)).astype(np.float32))
+    args, out_shape = _flat_conv_args(cin, cout, hw, k, stride, pad, res)
     outs = {}
     for masked in (False, True):
         f = tvm.script.parse(flat_conv_source(cout, cin, *hw, k, k, stride, pad, (0.0, 6.0), res, masked),
                              extra_vars={"T": T})
-        lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target())
-        out = tvm.runtime.tensor(np.full((cout, oh, ow), np.nan, np.float32))
-        lib["main"](*(tvm.runtime.tensor(a) for a in args), out)
-        outs[masked] = out.numpy()
+        outs[masked] = _run_kernel(f, args, out_shape)
         stores = re.findall(r"vmovss\s+%xmm\d+, -?\d*\(|vmaskmovps", _asm(f))  # scalar float stores, masked ones
         assert ("vmaskmovps" in stores) == masked and (masked or stores)
         assert not masked or "vmovss" not in "".join(stores)
@@ -398,24 +410,15 @@ def test_staged_conv_equals_the_flat_one(hw, k, stride, pad, cout, res):
     cross rows (7x7), strided, and with a partial channel panel (13)."""
     from tvm.script import tirx as T
 
-    from graphopt.targets.tvm.cpu.conv import MR, flat_conv_source, flat_geometry, staged_conv_source
+    from graphopt.targets.tvm.cpu.conv import flat_conv_source, staged_conv_source
     cin = 6
-    oh, ow, hq, wq = flat_geometry(*hw, k, k, stride, pad)
-    rng = np.random.default_rng(0)
-    args = [rng.standard_normal(cin * stride * stride * hq * wq).astype(np.float32),
-            rng.standard_normal((-(-cout // MR), k * k * cin, MR)).astype(np.float32),
-            rng.standard_normal(-(-cout // MR) * MR).astype(np.float32)]
-    if res:
-        args.append(rng.standard_normal((cout, oh, ow)).astype(np.float32))
+    args, out_shape = _flat_conv_args(cin, cout, hw, k, stride, pad, res)
     masked = vector_lanes(cpu_target()) >= 8
     outs = []
     for source in (flat_conv_source, staged_conv_source):
         f = tvm.script.parse(source(cout, cin, *hw, k, k, stride, pad, (0.0, 6.0), masked=masked, res=res),
                              extra_vars={"T": T})
-        lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target())
-        out = tvm.runtime.tensor(np.full((cout, oh, ow), np.nan, np.float32))
-        lib["main"](*(tvm.runtime.tensor(a) for a in args), out)
-        outs.append(out.numpy())
+        outs.append(_run_kernel(f, args, out_shape))
     assert not np.isnan(outs[0]).any() and (outs[0] > 0).any() and (outs[0] < 6).any()
     np.testing.assert_array_equal(outs[1], outs[0])
 
