@@ -53,19 +53,22 @@ def load_model(spec: str | Path, input_shapes: dict[str, Sequence[int]] | None =
 
 def optimize(graph: Graph, pipeline: str, *, data: Sequence[Any] | None = None, verify: bool = False,
              dump_dir: str | Path | None = None, strict: bool = False, print_ir_after_all: bool = False,
-             print_ir_after_change: bool = False, seed: int = 0, target: Any = "llvm", **extras: Any) -> Graph:
+             print_ir_after_change: bool = False, seed: int = 0, target: Any = "llvm", warn_unchanged: bool = True,
+             **extras: Any) -> Graph:
     """Run the pipeline text (or a .yaml recipe path) over a clone of `graph` and return the new Graph.
 
     `target` answers the cost questions of measuring passes (select-sparse-layout): "llvm" (the host CPU, built on
     first use), "cuda" (the GPU when present, else the documented 2:4 cost table, marked estimated), an object with `measure(op, shape, layout, weight)` and/or `measure_variants(key, variants)`
-    (mixed-precision{budget=latency}), or None. Extra keyword arguments reach the
+    (mixed-precision{budget=latency}), or None. `warn_unchanged=False` logs a pass that changed nothing at info
+    level instead of as a warning (for pipelines the user did not write). Extra keyword arguments reach the
     passes as ctx extras: `labels` (one tensor per batch), `teacher` (a Graph), `loss`, `optimizer`."""
     from graphopt.pm import PassContext, PassManager
     if not isinstance(graph, Graph):
         raise GraphoptError(f"optimize() needs a graphopt Graph (see graphopt.trace / load_onnx), got "
                             f"{type(graph).__name__}")
     pm = PassManager(pipeline, verify=verify, strict=strict, dump_dir=str(dump_dir) if dump_dir else None,
-                     print_ir_after_all=print_ir_after_all, print_ir_after_change=print_ir_after_change)
+                     print_ir_after_all=print_ir_after_all, print_ir_after_change=print_ir_after_change,
+                     warn_unchanged=warn_unchanged)
     batches = None
     if data is not None:
         batches = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in data]

@@ -43,7 +43,8 @@ def _shapes(args) -> dict[str, tuple[int, ...]] | None:
 def _add_pm_options(p: argparse.ArgumentParser) -> None:
     _add_shape_option(p)
     p.add_argument("--pipeline", default=DEFAULT_PIPELINE,
-                   help=f"pass pipeline text, e.g. 'fold-bn,fold-constants', or a .yaml recipe (default: {DEFAULT_PIPELINE})")
+                   help=f"pass pipeline text, e.g. 'fold-bn,fold-constants', or a .yaml recipe (default: {DEFAULT_PIPELINE}; "
+                        "a default pass with nothing to do is listed in the pass table, not warned about)")
     p.add_argument("--verify-each", action="store_true",
                    help="after each pass, run the graph against the previous one on the inputs and check the pass's "
                         "numerical contract; a violation writes a reproducer")
@@ -183,7 +184,8 @@ def _optimize(args, graph):
     from graphopt.api import optimize
     return optimize(graph, args.pipeline, data=_data(args, graph), verify=args.verify_each, dump_dir=args.dump_dir,
                     strict=args.strict, print_ir_after_all=args.print_ir_after_all,
-                    print_ir_after_change=args.print_ir_after_change, seed=args.seed)
+                    print_ir_after_change=args.print_ir_after_change, seed=args.seed,
+                    warn_unchanged=args.pipeline != DEFAULT_PIPELINE)
 
 
 def cmd_compile(args) -> int:

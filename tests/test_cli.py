@@ -118,6 +118,18 @@ def test_bad_inputs_are_one_line_errors(tmp_path, onnx_model, capsys):
     one_line_error(cli("run", tmp_path / "art", "--input", tmp_path / "small.npy"), "input 'x' has shape")
 
 
+def test_default_pipeline_passes_with_nothing_to_do_are_not_warnings(tmp_path, onnx_model, capsys):
+    """The default pipeline's passes that find nothing (no pad to fold here) are listed in the pass table, not
+    warned about; a pass the user named that changes nothing is still a warning."""
+    path, _, _ = onnx_model
+    res = cli_inproc(capsys, "opt", path, "-o", tmp_path / "d.gopt")
+    assert res.returncode == 0, res.stderr
+    assert "changed nothing" not in res.stderr and "WARNING" not in res.stderr
+    assert "fold-pad" in res.stdout and "no pad" in res.stdout  # the pass table says why
+    res = cli_inproc(capsys, "opt", path, "--pipeline", "fold-pad", "-o", tmp_path / "e.gopt")
+    assert res.returncode == 0 and "WARNING: pass 'fold-pad' changed nothing: no pad" in res.stderr, res.stderr
+
+
 def test_opt_never_overwrites_input_on_failure(tmp_path, onnx_model, capsys):
     path, _, _ = onnx_model
     original = path.read_bytes()

@@ -53,11 +53,14 @@ class PassManager:
 
     def __init__(self, pipeline: str | list[PassSpec] | list[Pass], *, verify: bool = False, strict: bool = False,
                  dump_dir: str | None = None, print_ir_after_all: bool = False, print_ir_after_change: bool = False,
-                 print_diff: bool = False, stream: TextIO | None = None):
+                 print_diff: bool = False, stream: TextIO | None = None, warn_unchanged: bool = True):
         if isinstance(pipeline, str):
             pipeline = load_pipeline(pipeline)
         self.passes: list[Pass] = [p if isinstance(p, Pass) else build_passes([p])[0] for p in pipeline]
         self.verify, self.strict = verify, strict
+        # a pass that changes nothing is a warning when the user asked for it; in a default pipeline it is normal
+        # (the record and the report say so either way)
+        self.warn_unchanged = warn_unchanged
         self.dump = DumpDir(dump_dir) if dump_dir else None
         self.dump_root = dump_dir
         self.printer = IRPrinter(stream or sys.stderr, print_ir_after_all, print_ir_after_change, print_diff)
@@ -103,7 +106,7 @@ class PassManager:
                 msg = f"pass '{p.name}' changed nothing" + (f": {res.reason}" if res.reason else "")
                 if ctx.strict:
                     raise PassFailedError(msg + " (--strict)")
-                log.warning(msg)
+                (log.warning if self.warn_unchanged else log.info)(msg)
             if self.verify:
                 outs = [after.run(*b) for b in inputs]
                 step = compare(prev_outputs, outs)

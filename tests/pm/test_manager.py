@@ -57,6 +57,11 @@ def test_noop_warns_and_strict_fails(cnn_graph, caplog):
     assert "pass 'fold-bn' changed nothing: no batch norm found" in caplog.text
     with pytest.raises(PassFailedError, match="changed nothing.*--strict"):
         graphopt.optimize(g1, "fold-bn", strict=True)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="graphopt"):  # a pipeline the user did not write: info, not warning
+        out = graphopt.optimize(g1, "fold-bn", warn_unchanged=False)
+    assert [r.levelno for r in caplog.records if "changed nothing" in r.message] == [logging.INFO]
+    assert out.meta["history"][-1]["changed"] is False
 
 
 def test_history_and_pipeline_recorded(cnn_graph):
