@@ -151,6 +151,38 @@ def test_dense_conv_kernel_candidates_compute_the_same():
         np.testing.assert_allclose(out.numpy(), model(x).detach().numpy(), rtol=1e-4, atol=1e-5, err_msg=str(chosen))
 
 
+def test_int8_pointwise_pixel_tile_candidates_compute_the_same():
+    """A quantized pointwise conv on a 7x7 map (49 pixels, the last tile overlapping) built with 16- and 8-pixel
+    tiles: each build runs the tile it was told (its accumulator holds 6 x 16 or 6 x 8 int32) and both give the
+    same int8 outputs, equal to the model's within a quantization step."""
+    import tvm
+    from tvm import relax
+
+    from graphopt.targets.tvm.cpu.pipeline import build_cpu
+    from graphopt.targets.tvm.lower import lower_to_relax
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(24, 40, 1), torch.nn.ReLU6(), torch.nn.Conv2d(40, 16, 1)).eval()
+    x = torch.randn(1, 24, 7, 7)
+    g = graphopt.optimize(graphopt.trace(model, (x,)), "quantize{weights=int7},fold-qdq",
+                          data=[(torch.randn(1, 24, 7, 7),) for _ in range(4)])
+    with knobs.collecting() as col:
+        lower_to_relax(g, target=cpu_target())
+    sites = [s for s in col.sites.values() if s.family == "qconv1x1"]
+    assert len(sites) == 2 and all(s.default == {"nv": 2} and {"nv": 1} in s.candidates for s in sites)
+    outs = []
+    for nv in (2, 1):
+        with knobs.applied({s.name: {"nv": nv} for s in sites}):
+            mod = lower_to_relax(g, target=cpu_target())
+        kernels = [mod[gv].script() for gv in mod.functions if gv.name_hint.startswith("qconv1x1")]
+        assert len(kernels) == 2 and all(f"acc = T.alloc_buffer(({6 * 8 * nv},), \"int32\")" in k for k in kernels), nv
+        vm = relax.VirtualMachine(build_cpu(mod, cpu_target()), tvm.cpu())
+        out = vm["main"](tvm.runtime.tensor(x.numpy()))
+        outs.append((out[0] if not hasattr(out, "numpy") else out).numpy())
+    np.testing.assert_array_equal(outs[1], outs[0])
+    ref = model(x).detach().numpy()
+    assert np.abs(outs[0] - ref).max() <= 0.05 * np.abs(ref).max()
+
+
 def _pointwise_sites():
     """Two pointwise layers on a 7x7 map (3 pixel tiles + 1: order x stage, 4 candidates each)."""
     from graphopt.targets.tvm.lower import lower_to_relax

@@ -19,6 +19,7 @@ import numpy as np
 from graphopt.targets.tvm.cpu.batch import batch_source
 
 from graphopt.targets.tvm.cpu.conv import _clamped, in_grid_steps, store_params
+from graphopt.targets.tvm.cpu.knobs import Site, bind, pick
 
 MR = 6
 PAIR_ORDER = [j for i in range(8) for j in (i, i + 8)]  # byte interleave of two 8-byte rows
@@ -305,6 +306,14 @@ def epilogue_constants(wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | 
     return off.astype(np.int32), mult.astype(np.float32), fb.astype(np.float32)
 
 
+def qconv1x1_knobs(p: int) -> tuple[dict, list[dict]]:
+    """The rule's pixel tile of the dense int8 pointwise kernels (`nv` vectors of 8 pixels) and the candidates
+    tuning may measure (`knobs.py`): 16 pixels (the rule) or 8 where the map has 16 pixels or more, else 8."""
+    if p < 16:
+        return {"nv": 1}, [{"nv": 1}]
+    return {"nv": 2}, [{"nv": 2}, {"nv": 1}]
+
+
 def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | None, sx: float, zx: int,
                   x_shape, clamp: tuple[float, float] | None, out_q: tuple[float, int, int, int] | None,
                   dequantized: bool = False, dot: str = "ubsw", sparse: str = ""):
@@ -319,7 +328,6 @@ def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray
 
     n, cin, h, w = (int(d) for d in x_shape)
     cout, p = int(wq.shape[0]), h * w
-    nv = 2 if p >= 16 else 1
     mt = -(-cout // MR)
     w2 = wq.reshape(cout, cin)
     wbits = 4 if fits_int4(w2) else 8
@@ -333,6 +341,11 @@ def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray
     consts = epilogue_constants(wq, w_scales, bias, sx, zx + 128 * quads, mt, out_q)
     tag = (f"{cout}x{cin}x{p}" + ("" if clamp is None else "_clamp") + ("_q" if out_q else "") + ("dq" if dequantized else "")
            + ("_w4" if wbits == 4 and not sparse else "") + (f"_n{n}" if n > 1 else ""))
+    site = None
+    if not sparse:
+        rule, cands = qconv1x1_knobs(p)
+        site = Site("qconv1x1", f"{'quad_' + dot if ubsw else 'pairs'}|{tag}", rule, cands, n * cout * cin * p)
+        nv = pick(site)["nv"]
     if sparse == "csr":
         from graphopt.targets.tvm.cpu.sparse import csr_qconv1x1_source, csr_qpairs, qcsr_tile, qcsr_weight_consts
         v = qcsr_tile(p)
@@ -365,6 +378,7 @@ def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray
         packed, name = pack_pairs(w2, mt, wbits), f"qconv1x1_{tag}"
     if not sparse:
         gv = bb.add_func(tvm.script.parse(batch_source(src, n, ["x", "out"]), extra_vars={"T": T}), name)
+        bind(site, gv.name_hint)
         weights = [relax.const(packed)]
     dtype = "int8" if out_q and not dequantized else "float32"
     flat = lambda size: (n, size) if n > 1 else (size,)  # noqa: E731  (batch_source's per-sample buffers)

@@ -156,8 +156,9 @@ def measure_in_model(todo: list[Site], lower: Callable[[], object], target, inpu
     and a site's time is the sum of its kernel's calls (layers of one shape share the kernel). Timed alone, with
     or without the weight flushed from cache, kernels ranked differently than in the model (MobileNetV2: 8 of 16
     pointwise layers switched, and the model ran 2-5% slower), because a layer's speed depends on what the layer
-    before it left in cache. Stops building at `deadline`; candidates not built (or whose build failed) get no
-    time."""
+    before it left in cache. Each build's turn starts with an untimed run (the first after another build's finds
+    that build's data in cache), and odd rounds run the builds in reverse order. Stops building at `deadline`;
+    candidates not built (or whose build failed) get no time."""
     import tvm
     from tvm import relax
 
@@ -190,8 +191,12 @@ def measure_in_model(todo: list[Site], lower: Callable[[], object], target, inpu
         vm["main"](*args)  # warm-up
         timers.append((vm, CallTimes(vm)))
     samples: dict[tuple[int, str], list[float]] = {}
-    for _ in range(rounds):
-        for b, (vm, ct) in enumerate(timers):
+    for r in range(rounds):
+        # odd rounds run the builds in reverse order, so a slow phase of the machine starting or ending inside a
+        # round does not always fall on the same build (this machine's speed moves 40% between phases of seconds)
+        for b in (range(len(timers)) if r % 2 == 0 else reversed(range(len(timers)))):
+            vm, ct = timers[b]
+            vm["main"](*args)  # untimed: the first run after another build's finds that build's data in cache
             ct.reset()
             for _ in range(runs):
                 vm["main"](*args)
