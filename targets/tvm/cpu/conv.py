@@ -1184,8 +1184,9 @@ def staged_conv_source(cout: int, cin: int, h: int, wd: int, kh: int, kw: int, s
     buffer (16 contiguous floats per tap, as in `flat_conv_source`), then runs the 6 x 16 register tile over it
     like the packed pointwise GEMM, each panel's weights reused across the chunk's blocks (the flat int8 conv's
     structure). Bias, the residual and the clamp are done in the store. Against `flat_conv_source`, which reads
-    the taps from the planes in place (in-process A/B, 2 threads, ResNet-18's 3x3 convs): 1.07-1.11x at stride 1
-    (64->64 at 56x56 ... 512->512 at 7x7), 1.2-1.3x at stride 2, even on a 10x10 map."""
+    the taps from the planes in place (kernels alone, 2 threads, ResNet-18's 3x3 convs): 1.07-1.11x at stride 1
+    (64->64 at 56x56 ... 512->512 at 7x7), 1.2-1.3x at stride 2, even on a 10x10 map; inside the model it loses
+    on the small maps (`conv_kxk_knobs`)."""
     k, nr = cin * kh * kw, NR_FLAT
     g = staged_tiling(cout, h, wd, kh, kw, stride, padding, k)
     oh, ow, wq, plane, ph, taps, mt, qmax = (g[n] for n in ("oh", "ow", "wq", "plane", "ph", "taps", "mt", "qmax"))
