@@ -243,6 +243,23 @@ def _fake_measure(gain: dict[str, float]):
     return measure
 
 
+def test_paired_seconds_cancel_machine_phases():
+    """Two rounds where a slow phase of the machine hit only the rule's build (40% slower) make the plain medians
+    say the candidate is 1.4x faster; per-round ratios say they are even, and the rule is kept. A round without a
+    sample is skipped; without the rule's samples the plain medians are returned."""
+    rule, cand = "kernel=a", "kernel=b"
+    rounds = {rule: [1.0, 1.0, 1.4, 1.4, 1.4, 1.4, 1.0], cand: [1.0, 1.0, 1.0, 1.0, 1.4, 1.4, 1.0]}
+    assert np.median(rounds[rule]) / np.median(rounds[cand]) == pytest.approx(1.4)
+    sec = knobs.paired_seconds(rounds, rule)
+    assert sec[rule] == pytest.approx(1.4) and sec[cand] == pytest.approx(1.4)
+    site = knobs.Site("f", "k", {"kernel": "a"}, [{"kernel": "a"}, {"kernel": "b"}])
+    assert knobs.choose(site, sec) == {"kernel": "a"}
+    faster = {rule: [1.0, 1.4, None, 1.0, 1.4], cand: [0.8, 1.12, 0.5, 0.8, None]}  # truly 1.25x faster
+    sec = knobs.paired_seconds(faster, rule)
+    assert sec[cand] / sec[rule] == pytest.approx(0.8) and knobs.choose(site, sec) == {"kernel": "b"}
+    assert knobs.paired_seconds({cand: [2.0, None, 4.0]}, rule) == {cand: 3.0}
+
+
 def test_knob_tuning_keeps_the_rule_unless_clearly_faster_and_reuses_records(tmp_path):
     _, _, _, col = _pointwise_sites()
     sites, tgt = col.sites, cpu_target()

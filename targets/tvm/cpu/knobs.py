@@ -157,8 +157,9 @@ def measure_in_model(todo: list[Site], lower: Callable[[], object], target, inpu
     or without the weight flushed from cache, kernels ranked differently than in the model (MobileNetV2: 8 of 16
     pointwise layers switched, and the model ran 2-5% slower), because a layer's speed depends on what the layer
     before it left in cache. Each build's turn starts with an untimed run (the first after another build's finds
-    that build's data in cache), and odd rounds run the builds in reverse order. Stops building at `deadline`;
-    candidates not built (or whose build failed) get no time."""
+    that build's data in cache), odd rounds run the builds in reverse order, and candidates are compared with the
+    rule round by round (`paired_seconds`). Stops building at `deadline`; candidates not built (or whose build
+    failed) get no time."""
     import tvm
     from tvm import relax
 
@@ -190,7 +191,7 @@ def measure_in_model(todo: list[Site], lower: Callable[[], object], target, inpu
         vm = relax.VirtualMachine(ex, dev)
         vm["main"](*args)  # warm-up
         timers.append((vm, CallTimes(vm)))
-    samples: dict[tuple[int, str], list[float]] = {}
+    samples: dict[str, dict[str, list[float | None]]] = {}  # site -> candidate -> seconds per round
     for r in range(rounds):
         # odd rounds run the builds in reverse order, so a slow phase of the machine starting or ending inside a
         # round does not always fall on the same build (this machine's speed moves 40% between phases of seconds)
@@ -206,11 +207,27 @@ def measure_in_model(todo: list[Site], lower: Callable[[], object], target, inpu
                 if site in chosen:
                     per_site[site] = per_site.get(site, 0.0) + ct.totals.get(sym, 0.0) / runs
             for site, t in per_site.items():
-                samples.setdefault((b, site), []).append(t)
-    out: dict[str, dict[str, float]] = {}
-    for (b, site), v in samples.items():
-        out.setdefault(site, {})[knob_str(builds[b][0][site])] = float(np.median(v))
-    return out
+                samples.setdefault(site, {}).setdefault(knob_str(chosen[site]), [None] * rounds)[r] = t
+    by_name = {s.name: s for s in todo}
+    return {site: paired_seconds(per_cand, knob_str(by_name[site].default)) for site, per_cand in samples.items()}
+
+
+def paired_seconds(rounds: dict[str, list[float | None]], rule: str) -> dict[str, float]:
+    """Each candidate's seconds from per-round samples (None where not measured): the rule's median, and for every
+    other candidate the rule's median times the median over rounds of its time / the rule's time in the same round.
+    The builds of one round run within a fraction of a second, so a slow phase of the machine (seconds long, up
+    to 40% here) scales both sides of a round's ratio alike; the ratio of the two medians instead depended on which
+    rounds the phases hit (the same int8 tile measured at 0.78x, 0.90x and 1.0x the rule in three runs). Without
+    the rule's samples, plain medians."""
+    def med(v):
+        v = [x for x in v if x is not None]
+        return float(np.median(v)) if v else None
+    base = rounds.get(rule)
+    out = {}
+    for cand, v in rounds.items():
+        pairs = [c / b for c, b in zip(v, base or []) if c is not None and b is not None and b > 0]
+        out[cand] = med(base) * float(np.median(pairs)) if cand != rule and pairs else med(v)
+    return {k: t for k, t in out.items() if t is not None}
 
 
 def choose(site: Site, seconds: dict[str, float]) -> dict:
