@@ -1242,11 +1242,11 @@ def conv_kxk_knobs(h: int, wd: int, kh: int, kw: int, stride: int, padding) -> t
     """The rule's kernel for a dense kxk conv the flat kernels take, and the candidates tuning may measure
     (`knobs.py`): `kernel` = staged (`staged_conv_source`) or flat (`flat_conv_source`, the taps read from the
     phase planes in place). The rule: staged on maps of more than 16 tiles, flat (panel-major there, so each
-    panel's weights are read once) on smaller ones. Measured inside ResNet-18 (per-layer times under the VM's
-    instrument hook, 2 threads), staged / flat time: 64->64 at 56x56 0.98-1.01, 128->128 at 28x28 0.84-0.92,
-    64->128 stride 2 at 56x56 0.75; 256->256 at 14x14 (14 tiles) 0.91-1.03, 512->512 at 7x7 (4 tiles) 1.16-1.37:
-    the staged tasks read the 9.4 MB weight once per block, from memory once other layers have evicted it (alone,
-    with the weight in L3, staged was 1.07x faster there)."""
+    panel's weights are read once) on smaller ones. Measured inside ResNet-18 (`knobs.measure_in_model`, per-layer
+    times paired by round, 2 threads), staged / flat time: 64->64 at 56x56 0.89-0.91, 128->128 at 28x28
+    0.85-1.02, 64->128 stride 2 at 56x56 0.85; 256->256 at 14x14 (14 tiles) 0.92-1.03, 512->512 at 7x7 (4 tiles)
+    1.01-1.12: the staged tasks read the 9.4 MB weight once per block, from memory once other layers have evicted
+    it (alone, with the weight in L3, staged was 1.07x faster there)."""
     rule = "staged" if _flat_tiles(h, wd, kh, kw, stride, padding) > 16 else "flat"
     return {"kernel": rule}, [{"kernel": "staged"}, {"kernel": "flat"}]
 
