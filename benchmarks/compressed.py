@@ -60,7 +60,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=30, help="timed runs per runtime (median)")
     ap.add_argument("--out", default="benchmarks/results/compressed.json")
+    ap.add_argument("--plot", metavar="PNG", help="also draw speed-up over ORT fp32 against fidelity, marker area = "
+                    "artifact size, one panel per model")
+    ap.add_argument("--replot", action="store_true", help="only redraw --plot from the results in --out (no run)")
     args = ap.parse_args(argv)
+    if args.replot:
+        if not args.plot:
+            ap.error("--replot needs --plot PNG")
+        try:
+            saved = json.loads(Path(args.out).read_text())
+        except (OSError, ValueError) as e:
+            ap.error(f"--replot: cannot read the results in {args.out} ({e})")
+        print(f"wrote {plot(saved, args.plot)}", file=sys.stderr)
+        return 0
     fractions = {}
     for opt in ("prune", "sparse", "sparse_int8"):  # checked before any model is loaded
         try:
@@ -164,7 +176,28 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_bytes(args.out, json.dumps({"date": time.strftime("%Y-%m-%d"), "threads": args.threads,
                                              "recover_epochs": args.recover_epochs, "models": results,
                                              "table": table}, indent=1).encode())
+    if args.plot:
+        print(f"wrote {plot({'models': results, 'threads': args.threads}, args.plot)}", file=sys.stderr)
     return 0
+
+
+def plot(saved: dict, path: str) -> str:
+    """The results' speed/fidelity/size trade-off as a PNG (`graphopt.plots.plot_tradeoff`)."""
+    from graphopt.plots import plot_tradeoff
+    panels = []
+    for m in saved["models"]:
+        lat, fid, size = m["latency_ms"], m["fidelity"], m.get("artifact_bytes", {})
+        text = m["model"] == "minilm"
+        metric = "cosine" if text else "top1"
+        points = [{"label": k.replace("graphopt ", "").replace("onnxruntime", "ORT"),
+                   "speedup": lat["onnxruntime fp32"] / v,
+                   "fidelity": (fid.get(k) or {}).get(metric, 1.0 if k == "onnxruntime fp32" else None),
+                   "mb": size[k] / 1e6 if k in size else None} for k, v in lat.items()]
+        panels.append({"model": m["model"], "baseline": "ORT fp32",
+                       "metric": "cosine to fp32" if text else "top-1 agreement with fp32", "points": points})
+    threads = saved.get("threads")
+    return str(plot_tradeoff(panels, path, "compressed artifacts, batch 1" + (f", {threads} threads" if threads
+                                                                                   else "")))
 
 
 if __name__ == "__main__":

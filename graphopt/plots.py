@@ -1,4 +1,5 @@
-"""Pictures that say more than tables: per-layer width and weight bits before/after a pipeline (PNG)."""
+"""Pictures that say more than tables (PNG, written atomically): per-layer width and weight bits before/after a
+pipeline; speed against fidelity and size for compressed variants of a model."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -50,6 +51,45 @@ def plot_layers(before: Graph, after: Graph, path: str | Path, title: str = "") 
     ax2.set_ylabel("weight bits")
     ax2.set_xticks(list(xs))
     ax2.set_xticklabels(names, rotation=90, fontsize=6)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_tradeoff(panels: list[dict], path: str | Path, title: str = "") -> Path:
+    """One panel per model: each variant at (speed-up over the baseline, fidelity), its marker's area proportional
+    to its artifact size (variants without one, such as another runtime's, as small crosses), labeled; a dashed
+    line at the baseline's speed. `panels`: [{"model", "baseline", "metric" (the fidelity's name), "points":
+    [{"label", "speedup", "fidelity", "mb" (or None)}]}]."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not panels:
+        raise ValueError("plot_tradeoff: no models to draw")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
+    biggest = max((pt["mb"] for pn in panels for pt in pn["points"] if pt.get("mb")), default=1.0)
+    for ax, pn in zip(axes[0], panels):
+        for pt in pn["points"]:
+            if pt.get("fidelity") is None:
+                continue
+            sized = pt.get("mb") is not None
+            ax.scatter([pt["speedup"]], [pt["fidelity"]], s=40 + 900 * (pt["mb"] / biggest) if sized else 50,
+                       marker="o" if sized else "x", alpha=0.6 if sized else 1.0,
+                       color="#2a6fbb" if sized else "#d9822b")
+            ax.annotate(pt["label"] + (f"\n{pt['mb']:.1f} MB" if sized else ""), (pt["speedup"], pt["fidelity"]),
+                        textcoords="offset points", xytext=(6, 4), fontsize=7)
+        ax.axvline(1.0, color="#888888", linestyle="--", linewidth=0.8)
+        ax.set_xlabel(f"speed-up over {pn['baseline']} (x)")
+        ax.set_ylabel(pn["metric"])
+        ax.set_title(pn["model"])
+        ax.set_ylim(-0.05, 1.08)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
     with atomic_file(path) as tmp:

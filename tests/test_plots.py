@@ -1,0 +1,30 @@
+"""PNG plots (graphopt/plots.py): the speed / fidelity / size trade-off of compressed variants."""
+from __future__ import annotations
+
+import pytest
+
+from graphopt.plots import plot_tradeoff
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_tradeoff_plot_is_a_png_with_a_panel_per_model(tmp_path):
+    panels = [{"model": m, "baseline": "ORT fp32", "metric": "top-1", "points": [
+        {"label": "fp32", "speedup": 1.1, "fidelity": 1.0, "mb": 14.4},
+        {"label": "prune50+int7", "speedup": 3.4, "fidelity": 0.0, "mb": 1.8},
+        {"label": "ORT int8", "speedup": 0.9, "fidelity": 0.75, "mb": None},
+        {"label": "no fidelity measured", "speedup": 2.0, "fidelity": None, "mb": 3.0}]} for m in ("a", "b")]
+    out = plot_tradeoff(panels, tmp_path / "t.png", "title")
+    assert out.read_bytes()[:8] == PNG
+    import matplotlib.image
+    width = matplotlib.image.imread(out).shape[1]
+    one = plot_tradeoff(panels[:1], tmp_path / "one.png")
+    assert width > 1.6 * matplotlib.image.imread(one).shape[1]  # two panels side by side
+
+
+def test_tradeoff_plot_without_models_is_an_error_and_writes_nothing(tmp_path):
+    old = tmp_path / "t.png"
+    old.write_bytes(b"keep")
+    with pytest.raises(ValueError, match="no models"):
+        plot_tradeoff([], old)
+    assert old.read_bytes() == b"keep"
