@@ -10,6 +10,17 @@ from graphopt.ir.graph import Graph
 LAYER_OPS = ("conv2d", "conv1d", "linear", "qconv2d", "qlinear", "convolution")
 
 
+def _save(fig, path: str | Path) -> Path:
+    """Lay out, write the figure as a PNG atomically (an existing file is replaced only by a whole new one), close."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
 def layer_table(graph: Graph) -> list[tuple[str, int, int, int]]:
     """(layer, output channels, weight values, bits per weight) for each conv/linear, in graph order."""
     rows = []
@@ -51,12 +62,7 @@ def plot_layers(before: Graph, after: Graph, path: str | Path, title: str = "") 
     ax2.set_ylabel("weight bits")
     ax2.set_xticks(list(xs))
     ax2.set_xticklabels(names, rotation=90, fontsize=6)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_tradeoff(panels: list[dict], path: str | Path, title: str = "") -> Path:
@@ -90,9 +96,4 @@ def plot_tradeoff(panels: list[dict], path: str | Path, title: str = "") -> Path
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
