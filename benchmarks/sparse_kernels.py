@@ -77,7 +77,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--patterns", default="block4x4,unstructured,int7-block8x4,int8-unstructured",
                     help="weight patterns to time (comma-separated); rows of the others already in --out are kept")
     ap.add_argument("--out", default="benchmarks/results/sparse_kernels.json")
+    ap.add_argument("--plot", metavar="PNG", help="also draw speed-up over the dense kernel against sparsity, a "
+                    "panel per layer shape, a line per pattern, with the 0.5/density goal")
+    ap.add_argument("--replot", action="store_true", help="only redraw --plot from the results in --out (no run)")
     args = ap.parse_args(argv)
+    if args.replot:
+        if not args.plot:
+            ap.error("--replot needs --plot PNG")
+        try:
+            with open(args.out) as f:
+                saved = json.load(f)
+        except (OSError, ValueError) as e:
+            ap.error(f"--replot: cannot read the results in {args.out} ({e})")
+        print(f"wrote {plot(saved, args.plot)}")
+        return 0
 
     import os
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
@@ -156,7 +169,23 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"threads": args.threads, "target": oracle.describe(), "rows": rows}
     atomic_write_bytes(args.out, json.dumps(doc, indent=1).encode())
     print(f"wrote {args.out}")
+    if args.plot:
+        print(f"wrote {plot(doc, args.plot)}")
     return 0
+
+
+def plot(doc: dict, path: str) -> str:
+    """The rows' speed-up over graphopt's dense kernel (1x where dense was kept) against sparsity, per shape and
+    pattern (`graphopt.plots.plot_sparsity`)."""
+    from graphopt.plots import plot_sparsity
+    panels: dict[str, dict] = {}
+    for r in doc["rows"]:
+        op = r["op"][1:] if r["op"].startswith("q") else r["op"]  # int8 rows time the same layer
+        pn = panels.setdefault(r["shape"], {"name": f"{r['shape']} ({op} {r['m']}x{r['k']}x{r['n']})",
+                                            "series": {}})
+        pn["series"].setdefault(r["pattern"], []).append((r["sparsity"], r["speedup_vs_tvm_dense"]))
+    return str(plot_sparsity(list(panels.values()), path, f"sparse kernels vs graphopt's dense kernel, "
+                                                        f"{doc.get('threads')} threads"))
 
 
 if __name__ == "__main__":

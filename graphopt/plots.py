@@ -1,5 +1,6 @@
 """Pictures that say more than tables (PNG, written atomically): per-layer width and weight bits before/after a
-pipeline; speed against fidelity and size for compressed variants of a model."""
+pipeline; speed against fidelity and size for compressed variants of a model; speed-up against sparsity per
+sparse layout, with the 0.5 / density goal."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -94,6 +95,43 @@ def plot_tradeoff(panels: list[dict], path: str | Path, title: str = "") -> Path
         ax.set_title(pn["model"])
         ax.set_ylim(-0.05, 1.08)
         ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_sparsity(panels: list[dict], path: str | Path, title: str = "") -> Path:
+    """A grid of panels (one per layer shape): speed-up over the dense kernel against sparsity, one line per weight
+    pattern (log scale), with the 0.5 / density goal dashed and 1x (dense kept) dotted. `panels`: [{"name",
+    "series": {pattern: [(sparsity, speed-up), ...]}}]."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not panels:
+        raise ValueError("plot_sparsity: no layer shapes to draw")
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 3.2 * rows), squeeze=False)
+    grid = sorted({x for pn in panels for pts in pn["series"].values() for x, _ in pts})
+    patterns = sorted({p for pn in panels for p in pn["series"]})
+    colors = {p: f"C{i}" for i, p in enumerate(patterns)}  # one color per pattern in every panel
+    for ax, pn in zip(axes.flat, panels):
+        for pattern, pts in sorted(pn["series"].items()):
+            pts = sorted(pts)
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", color=colors[pattern], label=pattern)
+        ax.plot(grid, [0.5 / (1 - x) for x in grid], "k--", linewidth=0.8)
+        ax.axhline(1.0, color="#888888", linestyle=":", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_title(pn["name"], fontsize=9)
+        ax.set_xlabel("sparsity")
+        ax.set_ylabel("x dense kernel")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    handles = [matplotlib.lines.Line2D([], [], color=colors[p], marker="o", label=p) for p in patterns]
+    handles.append(matplotlib.lines.Line2D([], [], color="k", linestyle="--", label="goal 0.5/density"))
+    axes.flat[0].legend(handles=handles, fontsize=7)
     if title:
         fig.suptitle(title)
     return _save(fig, path)

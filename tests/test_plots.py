@@ -28,3 +28,18 @@ def test_tradeoff_plot_without_models_is_an_error_and_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match="no models"):
         plot_tradeoff([], old)
     assert old.read_bytes() == b"keep"
+
+
+def test_sparsity_plot_draws_a_grid_of_layer_shapes(tmp_path):
+    from graphopt.plots import plot_sparsity
+    series = {"block4x4": [(0.8, 4.0), (0.5, 1.8), (0.9, 7.5)], "unstructured": [(0.5, 1.0), (0.9, 4.6)]}
+    panels = [{"name": f"layer {i}", "series": series} for i in range(5)]  # 4 + 1: a second row, 3 panels blank
+    out = plot_sparsity(panels, tmp_path / "s.png", "title")
+    assert out.read_bytes()[:8] == PNG
+    import matplotlib.image
+    h, w = matplotlib.image.imread(out).shape[:2]
+    h1, w1 = matplotlib.image.imread(plot_sparsity(panels[:1], tmp_path / "one.png")).shape[:2]
+    assert w > 3 * w1 and h > 1.6 * h1
+    with pytest.raises(ValueError, match="no layer shapes"):
+        plot_sparsity([], tmp_path / "s.png")
+    assert out.read_bytes()[:8] == PNG  # the failed call left the earlier picture
