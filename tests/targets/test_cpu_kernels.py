@@ -174,7 +174,7 @@ class _BasicBlock(torch.nn.Module):
         return self.c3(torch.nn.functional.pad(y, (0, 1, 0, 1)))
 
 
-@pytest.mark.parametrize("batch,hw", [(1, 20), (2, 20), (1, 40)])
+@pytest.mark.parametrize("batch,hw", [(1, 20), (2, 20), (1, 40), (2, 40)])
 def test_dense_convs_run_as_flat_implicit_gemm(batch, hw):
     """3x3 convs with more than 8 input channels: the zero-padded input, then the flat implicit GEMM (bias, the
     residual add and ReLU in its store), in place on maps of at most 16 tiles of 16 pixels (10x10) and staged on
