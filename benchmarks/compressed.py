@@ -71,7 +71,12 @@ def main(argv: list[str] | None = None) -> int:
             saved = json.loads(Path(args.out).read_text())
         except (OSError, ValueError) as e:
             ap.error(f"--replot: cannot read the results in {args.out} ({e})")
-        print(f"wrote {plot(saved, args.plot)}", file=sys.stderr)
+        try:
+            drawn = plot(saved, args.plot)
+        except (KeyError, TypeError, ValueError) as e:
+            ap.error(f"--replot: {args.out} does not hold this benchmark's results ({type(e).__name__}: {e}); "
+                     "nothing was drawn")
+        print(f"wrote {drawn}", file=sys.stderr)
         return 0
     fractions = {}
     for opt in ("prune", "sparse", "sparse_int8"):  # checked before any model is loaded

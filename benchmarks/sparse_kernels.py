@@ -89,7 +89,12 @@ def main(argv: list[str] | None = None) -> int:
                 saved = json.load(f)
         except (OSError, ValueError) as e:
             ap.error(f"--replot: cannot read the results in {args.out} ({e})")
-        print(f"wrote {plot(saved, args.plot)}")
+        try:
+            drawn = plot(saved, args.plot)
+        except (KeyError, TypeError, ValueError) as e:
+            ap.error(f"--replot: {args.out} does not hold this benchmark's results ({type(e).__name__}: {e}); "
+                     "nothing was drawn")
+        print(f"wrote {drawn}")
         return 0
 
     import os

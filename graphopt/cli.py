@@ -103,9 +103,9 @@ def _parser() -> argparse.ArgumentParser:
                    "cores), fp32 keeps fp32 (2:4 layers of cuda-sparse compute in fp16 then, bf16 with bf16); int8 "
                    "layers (quantize + fold-qdq) stay int8, and int8 2:4 linears use the int8 sparse kernel")
     c.add_argument("--tune-trials", type=int, metavar="N", help="tune: first graphopt's own kernels' knobs (loop "
-                   "order, staging, prefetch, register tile; each candidate timed inside the model, one build per "
-                   "candidate), then N MetaSchedule trials in total for the functions those kernels do not take "
-                   "(default: no tuning)")
+                   "order, staging, prefetch, register and pixel tiles, which kernel runs a depthwise or kxk conv; "
+                   "each candidate timed inside the model, one build per candidate), then N MetaSchedule trials in "
+                   "total for the functions those kernels do not take (default: no tuning)")
     c.add_argument("--tune-minutes", type=float, metavar="M", help="wall-clock tuning budget in minutes (the knobs "
                    "take at most half; tuning stops there and keeps the best kernels found; with no --tune-trials, "
                    "trials default to 2000)")

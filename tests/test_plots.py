@@ -43,3 +43,23 @@ def test_sparsity_plot_draws_a_grid_of_layer_shapes(tmp_path):
     with pytest.raises(ValueError, match="no layer shapes"):
         plot_sparsity([], tmp_path / "s.png")
     assert out.read_bytes()[:8] == PNG  # the failed call left the earlier picture
+
+
+@pytest.mark.parametrize("script", ["sparse_kernels", "compressed"])
+def test_benchmark_replot_draws_the_committed_results_and_refuses_foreign_json(tmp_path, script):
+    """`--replot` redraws a benchmark's PNG from its committed JSON without running; a JSON that is not that
+    benchmark's results is a one-line usage error and draws nothing."""
+    import importlib.util
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    spec = importlib.util.spec_from_file_location(f"bench_{script}", root / f"{script}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "p.png"
+    assert mod.main(["--replot", "--plot", str(out), "--out", str(root / "results" / f"{script}.json")]) == 0
+    assert out.read_bytes()[:8] == PNG
+    foreign = tmp_path / "other.json"
+    foreign.write_text('{"rows": [{"shape": "x"}], "models": [{"model": "x"}]}')
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--replot", "--plot", str(tmp_path / "q.png"), "--out", str(foreign)])
+    assert e.value.code == 2 and not (tmp_path / "q.png").exists()

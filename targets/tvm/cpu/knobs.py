@@ -1,5 +1,7 @@
-"""Kernel knobs: the choices graphopt's own CPU kernels make by rule (loop order, staging, prefetch, register tile),
-exposed per layer shape so that tuning measures them on this machine instead of trusting the rule.
+"""Kernel knobs: the choices graphopt's own CPU kernels make by rule (loop order, staging, prefetch, register and
+pixel tiles, which kernel runs a depthwise or kxk conv), exposed per layer shape so that tuning measures them on this
+machine instead of trusting the rule. Families: `conv1x1` and `depthwise` and `conv_kxk` (conv.py), `gemm`
+(gemm.py), `qconv1x1` (int8.py).
 
 graphopt's kernels are generated as fully scheduled TIR, which MetaSchedule cannot rewrite (it tunes the functions
 no kernel takes); their knobs are tuned here instead, inside the same `Tuning` budget and database folder. An

@@ -52,14 +52,14 @@ def _local_transpose(src: str, dst: str, rows: int, cols: int, indent: str) -> s
 """
 
 
-def _block_row(r: int, c: int, v: int, x_row: str) -> str:
-    """TVMScript (inside `for ib` of a parallel body) summing block-row ib into an R x V register tile `acc`: per
-    stored block, per weight value, one broadcast times the V-vector x_row (a format string in {k}, the input
-    index) of contiguous activations."""
+def _block_row(r: int, c: int, v: int, x_row: str, pad: str = "") -> str:
+    """TVMScript (inside `for ib` of a parallel body, `pad` deeper than its 12 spaces) summing block-row ib into an
+    R x V register tile `acc`: per stored block, per weight value, one broadcast times the V-vector x_row (a format
+    string in {k}, the input index) of contiguous activations."""
     x = x_row.format(k=f"indices[indptr[ib] + j] * {c} + ci")
     # scope "global" inside the parallel body becomes a stack alloca LLVM keeps in registers; "local" becomes a
     # heap workspace it cannot promote (3x slower: every FMA stored and reloaded)
-    return f"""
+    body = f"""
             acc = T.decl_buffer(({r}, {v}), "float32", scope="global")
             for ri in T.unroll({r}):
                 for vi in T.vectorized({v}):
@@ -69,13 +69,19 @@ def _block_row(r: int, c: int, v: int, x_row: str) -> str:
                     for ci in T.unroll({c}):
                         for vi in T.vectorized({v}):
                             acc[ri, vi] = acc[ri, vi] + data[indptr[ib] + j, ri, ci] * {x}"""
+    return body.replace("\n", "\n" + pad)
+
+
+def _token_start(m: int, v: int) -> str:
+    """The first token of parallel task `mo`'s tile of V (the last tile starts at M - V: any M >= V works)."""
+    return f"T.min(mo * {v}, {m - v})"
 
 
 def _token_tasks(m: int, k: int, n: int, v: int, y_t: bool = True) -> tuple[str, str]:
     """TVMScript around a token-major sparse linear's body: one parallel task per tile of V tokens (the last
     starts at M - V) with private x^T [K, V] (filled from its x rows) and, with `y_t`, y^T [N, V]; and, after the
     body, y^T transposed into the task's output rows."""
-    m0 = f"T.min(mo * {v}, {m - v})"
+    m0 = _token_start(m, v)
     y = f"""
         yT = T.decl_buffer(({n}, {v}), "float32", scope="global")""" if y_t else ""
     head = f"""    for mo in T.parallel({-(-m // v)}):
@@ -95,12 +101,12 @@ def bsr_linear_source(m: int, k: int, n: int, r: int, c: int, nnzb: int) -> str:
     grouped = r in (4, 8) and n >= 8
     head, tail = _token_tasks(m, k, n, v, y_t=not grouped)
     if grouped:
-        m0 = f"T.min(mo * {v}, {m - v})"
+        m0 = _token_start(m, v)
         body = f"""
         for g in T.serial({-(-n // 8)}):
             yg = T.decl_buffer((8, {v}), "float32", scope="global")
             for gb in T.serial({8 // r}):
-                ib = T.min(g * 8, {n - 8}) // {r} + gb{_block_row(r, c, v, "xT[{k}, vi]").replace(chr(10), chr(10) + "    ")}
+                ib = T.min(g * 8, {n - 8}) // {r} + gb{_block_row(r, c, v, "xT[{k}, vi]", pad="    ")}
                 for ri in T.unroll({r}):
                     for vi in T.vectorized({v}):
                         yg[gb * {r} + ri, vi] = acc[ri, vi]
