@@ -67,16 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.replot:
         if not args.plot:
             ap.error("--replot needs --plot PNG")
+        from graphopt.plots import replot
         try:
-            saved = json.loads(Path(args.out).read_text())
-        except (OSError, ValueError) as e:
-            ap.error(f"--replot: cannot read the results in {args.out} ({e})")
-        try:
-            drawn = plot(saved, args.plot)
-        except (KeyError, TypeError, ValueError) as e:
-            ap.error(f"--replot: {args.out} does not hold this benchmark's results ({type(e).__name__}: {e}); "
-                     "nothing was drawn")
-        print(f"wrote {drawn}", file=sys.stderr)
+            print(f"wrote {replot(args.out, args.plot, plot)}")
+        except ValueError as e:
+            ap.error(f"--replot: {e}")
         return 0
     fractions = {}
     for opt in ("prune", "sparse", "sparse_int8"):  # checked before any model is loaded

@@ -84,17 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.replot:
         if not args.plot:
             ap.error("--replot needs --plot PNG")
+        from graphopt.plots import replot
         try:
-            with open(args.out) as f:
-                saved = json.load(f)
-        except (OSError, ValueError) as e:
-            ap.error(f"--replot: cannot read the results in {args.out} ({e})")
-        try:
-            drawn = plot(saved, args.plot)
-        except (KeyError, TypeError, ValueError) as e:
-            ap.error(f"--replot: {args.out} does not hold this benchmark's results ({type(e).__name__}: {e}); "
-                     "nothing was drawn")
-        print(f"wrote {drawn}")
+            print(f"wrote {replot(args.out, args.plot, plot)}")
+        except ValueError as e:
+            ap.error(f"--replot: {e}")
         return 0
 
     import os

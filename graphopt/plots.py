@@ -135,3 +135,19 @@ def plot_sparsity(panels: list[dict], path: str | Path, title: str = "") -> Path
     if title:
         fig.suptitle(title)
     return _save(fig, path)
+
+
+def replot(results: str | Path, png: str | Path, draw) -> str:
+    """Redraw a benchmark's picture from its saved results JSON: `draw(results_dict, png)` -> the path written.
+    A file that cannot be read, or is not results `draw` understands, is a ValueError naming the file (nothing
+    drawn)."""
+    import json
+    try:
+        saved = json.loads(Path(results).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read the results in {results} ({e})") from e
+    try:
+        return draw(saved, png)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{results} does not hold this benchmark's results ({type(e).__name__}: {e}); nothing "
+                         "was drawn") from e
