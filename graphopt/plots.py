@@ -23,7 +23,9 @@ def _save(fig, path: str | Path) -> Path:
 
 
 def layer_table(graph: Graph) -> list[tuple[str, int, int, int]]:
-    """(layer, output channels, weight values, bits per weight) for each conv/linear, in graph order."""
+    """(layer, output channels, weight values, bits per weight) for each conv/linear, in graph order; a quantized
+    layer's bits are the width its stored values span (int4, int7 or int8, which mixed-precision and
+    quantize{weights=int7} mix within one graph)."""
     rows = []
     for n in graph.gm.graph.nodes:
         if n.op != "call_function" or not any(str(n.target).split(".")[-2] == op for op in LAYER_OPS):
@@ -36,8 +38,9 @@ def layer_table(graph: Graph) -> list[tuple[str, int, int, int]]:
         t = graph.get_param(w.target)
         label = str(w.meta.get("source_fqn", w.target)).removesuffix(".weight")
         bits = 8 * t.element_size()
-        if "int4" in str(graph.meta.get("pipeline", "")) and t.element_size() == 1:
-            bits = 4
+        if not t.is_floating_point() and t.numel():  # symmetric quantization puts each channel's largest weight at
+            amax = int(t.abs().max())                # the top of its range: int4 (<= 7), int7 (<= 63) or int8
+            bits = 4 if amax <= 7 else 7 if amax <= 63 else bits
         rows.append((label, int(t.shape[0]), int(t.numel()), bits))
     return rows
 

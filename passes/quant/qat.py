@@ -27,15 +27,16 @@ class QATError(GraphoptError):
     """qat cannot run on this graph; says what to run first."""
 
 
-def _weight_qmax(graph: Graph) -> int:
-    """7 for int4 weights, 63 for int7, 127 for int8: from the quantize record in the history, else from the
-    stored values."""
-    for rec in reversed(graph.meta.get("history", [])):
-        if rec.get("name", "").startswith("quantize"):
-            return DTYPE_RANGES.get(rec.get("stats", {}).get("weight_bits"), DTYPE_RANGES["int8"])[1]
-    qs = [graph.get_param(n.args[0].target) for n in graph.gm.graph.nodes
-          if n.op == "call_function" and n.target is ops.dequantize_per_channel.default and n.args[0].op == "get_attr"]
-    amax = max((int(q.abs().max()) for q in qs), default=127)
+def _weight_qmax(graph: Graph, dq: torch.fx.Node) -> int:
+    """7 for an int4 weight, 63 for int7, 127 for int8, for the weight behind dequantize node `dq`: the width
+    `quantize` or `mixed-precision` recorded for the layer reading it (`quantize{weights=int7}` keeps depthwise
+    convs at int8, so one graph mixes them), else from its stored values (per-channel symmetric quantization maps
+    each channel's largest weight to the top of the range)."""
+    recorded = graph.meta.get("weight_bits", {})
+    for user in dq.users:
+        if user.name in recorded:
+            return DTYPE_RANGES[recorded[user.name]][1]
+    amax = int(graph.get_param(dq.args[0].target).abs().max())
     return 7 if amax <= 7 else 63 if amax <= 63 else 127
 
 
@@ -55,7 +56,7 @@ class QAT(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
-        qmax_w = _weight_qmax(graph)
+        w_qmax: dict[str, int] = {}   # float shadow -> its layer's weight range
         train = graph.clone()
         g = train.gm.graph
         shadows: dict[str, tuple[str, str]] = {}   # float shadow -> (int8 param, scale param)
@@ -70,9 +71,10 @@ class QAT(Pass):
                 w = (train.get_param(qw.target).float() * train.get_param(sc.target).reshape(
                     -1, *([1] * (train.get_param(qw.target).dim() - 1))))
                 shadow = train.add_param(f"{qw.target}_shadow", w, before=node)
-                g_lsq = 1.0 / math.sqrt(w.numel() * qmax_w) if o.lsq else 0.0
+                w_qmax[shadow.target] = _weight_qmax(train, node)
+                g_lsq = 1.0 / math.sqrt(w.numel() * w_qmax[shadow.target]) if o.lsq else 0.0
                 with g.inserting_before(node):
-                    fq = g.call_function(fake_quant_per_channel, (shadow, sc, qmax_w, g_lsq))
+                    fq = g.call_function(fake_quant_per_channel, (shadow, sc, w_qmax[shadow.target], g_lsq))
                 node.replace_all_uses_with(fq)
                 g.erase_node(node)
                 shadows[shadow.target] = (qw.target, sc.target)
@@ -109,7 +111,8 @@ class QAT(Pass):
         with torch.no_grad():
             for shadow, (qname, sname) in shadows.items():
                 w, s = train.get_param(shadow), train.get_param(sname).clamp_min(1e-12)
-                q = torch.clamp(torch.round(w / s.reshape(-1, *([1] * (w.dim() - 1)))), -qmax_w, qmax_w)
+                top = w_qmax[shadow]
+                q = torch.clamp(torch.round(w / s.reshape(-1, *([1] * (w.dim() - 1)))), -top, top)
                 graph.set_param(qname, q.to(graph.get_param(qname).dtype))
                 graph.set_param(sname, s)
             for name, p in train.gm.named_parameters():
@@ -126,5 +129,7 @@ class QAT(Pass):
                             if user.target is ops.dequantize_per_tensor.default:
                                 user.args = (user.args[0], new, *user.args[2:])
         graph.gm.recompile()
-        stats.update(weights=len(shadows), activations=n_act, lsq=o.lsq, weight_qmax=qmax_w)
+        widths = list(w_qmax.values())
+        stats.update(weights=len(shadows), activations=n_act, lsq=o.lsq, weight_qmax=max(widths, default=127),
+                     weight_qmax_layers={q: widths.count(q) for q in sorted(set(widths))})
         return PassResult(graph, stats["steps"] > 0, stats)

@@ -62,3 +62,18 @@ def test_int4_width_is_read_from_the_weights_when_history_is_gone(digits):
     out = graphopt.optimize(q, "qat{epochs=1}", data=batches(xtr)[:4], labels=label_batches(ytr)[:4])
     assert out.meta["history"][-1]["stats"]["weight_qmax"] == 7
     assert all(int(t.abs().max()) <= 7 for t in out.params().values() if t.dtype == torch.int8)
+
+
+def test_qat_keeps_each_layers_width_when_int7_keeps_depthwise_int8():
+    """quantize{weights=int7} leaves the depthwise conv int8: qat fake-quantizes and writes back each layer in
+    its own range (one range for the graph clipped the depthwise weights to [-63, 63])."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, 16, 3, padding=1, groups=16), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, 8, 1)).eval()
+    data = [(torch.randn(2, 3, 10, 10),) for _ in range(4)]
+    g = graphopt.trace(model, data[0])
+    q = graphopt.optimize(g, "quantize{weights=int7},qat{epochs=1 lr=1e-3}", data=data)
+    amax = [int(t.abs().max()) for t in q.params().values() if t.dtype == torch.int8]
+    assert amax == [63, 127, 63], amax
+    assert q.meta["history"][-1]["stats"]["weight_qmax_layers"] == {63: 2, 127: 1}

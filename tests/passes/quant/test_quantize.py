@@ -267,3 +267,55 @@ def test_fixed_point_requantize_is_integer_only_and_matches(tmp_path, digits):
     sess = ort.InferenceSession(str(onnx_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     assert (out.argmax(1) == want.argmax(1)).mean() >= 0.95
+
+
+class _Int7Mix(torch.nn.Module):
+    """A stem, a depthwise conv, a pointwise conv and a one-row classifier: the layers int7 narrows and keeps."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.dw = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.pw = torch.nn.Conv2d(16, 24, 1)
+        self.head = torch.nn.Linear(24, 10)
+
+    def forward(self, x):
+        y = self.pw(torch.relu(self.dw(torch.relu(self.stem(x)))))
+        return self.head(y.mean((2, 3)))
+
+
+def test_int7_narrows_only_the_layers_a_pair_kernel_reads():
+    """quantize{weights=int7}: the stem and the pointwise conv store [-63, 63]; the depthwise conv and the one-row
+    linear, which no u8 x s8 kernel reads, keep int8 (each with its reason in the record and its width in the
+    graph's metadata), and that graph is closer to fp32 than int7 everywhere."""
+    import graphopt.passes.quant.quantize as quantize
+    torch.manual_seed(0)
+    model = _Int7Mix().eval()
+    x = torch.randn(1, 3, 12, 12)
+    data = [(torch.randn(1, 3, 12, 12),) for _ in range(4)]
+    g = graphopt.trace(model, (x,))
+    q = graphopt.optimize(g, "quantize{weights=int7}", data=data)
+    amax = {k.removesuffix(".weight_q").removesuffix("_weight_q"): int(t.abs().max())
+            for k, t in q.params().items() if t.dtype == torch.int8}
+    assert amax == {"stem": 63, "dw": 127, "pw": 63, "head": 127}, amax
+    kept = q.meta["history"][-1]["stats"]["int7_kept_int8"]
+    assert sorted(kept) == ["conv2d_1", "linear"] and "16 groups" in kept["conv2d_1"] and "1 row" in kept["linear"]
+    assert q.meta["weight_bits"] == {"conv2d": "int7", "conv2d_1": "int8", "conv2d_2": "int7", "linear": "int8"}
+
+    def err(h):
+        ref = model(x).detach()
+        return float((h.run(x)[0] - ref).norm() / ref.norm())
+    saved = quantize.int7_keeps_int8
+    quantize.int7_keeps_int8 = lambda op: ""
+    try:
+        everywhere = graphopt.optimize(g, "quantize{weights=int7}", data=data)
+    finally:
+        quantize.int7_keeps_int8 = saved
+    assert all(int(t.abs().max()) == 63 for t in everywhere.params().values() if t.dtype == torch.int8)
+    print(f"relative error to fp32: int7 where it pays {err(q):.4f}, everywhere {err(everywhere):.4f}")
+    assert err(q) < err(everywhere) and err(q) < 0.05, (err(q), err(everywhere))
+    # rows to tile: a linear over 10 tokens is narrowed
+    seq = torch.nn.Sequential(torch.nn.Linear(32, 16)).eval()
+    t = torch.randn(1, 10, 32)
+    qs = graphopt.optimize(graphopt.trace(seq, (t,)), "quantize{weights=int7}", data=[(t,)])
+    assert [int(v.abs().max()) for v in qs.params().values() if v.dtype == torch.int8] == [63]
