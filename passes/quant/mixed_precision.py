@@ -24,12 +24,13 @@ from graphopt.ir.names import unmatched_patterns
 from graphopt.ir.observe import observe_outputs
 from graphopt.ir.printer import target_name
 from graphopt.ir.quant_ops import DTYPE_RANGES
-from graphopt.passes.quant.quantize import quantizable_ops, quantize_op_weight, quantize_weight
+from graphopt.passes.quant.quantize import int7_keeps_int8, quantizable_ops, quantize_op_weight, quantize_weight
 from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, register_pass
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
-BITS = {"fp32": 32, "int8": 8, "int4": 4}
+BITS = {"fp32": 32, "int8": 8, "int7": 7, "int4": 4}
+STORED_BITS = {**BITS, "int7": 8}  # int7 values are stored as int8: no smaller, only faster on AVX2
 
 
 class MixedPrecisionError(GraphoptError):
@@ -50,7 +51,7 @@ def _error(ref: list[torch.Tensor], out: list[torch.Tensor]) -> float:
 @register_pass
 class MixedPrecision(Pass):
     name = "mixed-precision"
-    summary = ("Per-layer bit widths (fp32/int8/int4) from measured sensitivity under a size or measured-latency "
+    summary = ("Per-layer bit widths (fp32/int8/int7/int4) from measured sensitivity under a size or measured-latency "
                "budget; the choice is printed, kept in the graph and written to the manifest.")
     contract = Contract.BOUNDED
     min_sqnr_db = 12.0
@@ -59,21 +60,26 @@ class MixedPrecision(Pass):
     class Options:
         budget: Literal["size", "latency"] = field(default="size", metadata={
             "help": "size: weight bytes (weight-only widths; int8 activations can follow with quantize); latency: "
-                    "each layer's time on the target, measured fp32 vs int8/int4 (weights and input activation)"})
+                    "each layer's time on the target, measured fp32 vs int8/int7/int4 (weights and input activation)"})
         target: float = field(default=0.2, metadata={
             "help": "size: a fraction of the float weight bytes (0.25 = as small as all-int8); latency: a fraction "
-                    "of the layers' measured fp32 time (e.g. 0.8)"})
+                    "of the layers' measured time at the widest candidate (e.g. 0.8)"})
         candidates: list[str] = field(default_factory=lambda: ["fp32", "int8", "int4"], metadata={
-            "help": "bit widths to choose from (fp32, int8, int4)"})
+            "help": "bit widths to choose from (fp32, int8, int7, int4); int7 (latency budget only) is int8 storage "
+                    "that AVX2 multiplies with the faster u8 x s8 kernel, at half the resolution, and is only "
+                    "offered to the layers that kernel reads (as quantize{weights=int7})"})
         exclude: list[str] = field(default_factory=list, metadata={
             "help": "node or parameter names (glob) kept in float"})
 
         def validate(self) -> str:
             bad = [c for c in self.candidates if c not in BITS]
             if bad:
-                return f"option 'candidates': unsupported bit width {bad} (choose from fp32, int8, int4)"
+                return f"option 'candidates': unsupported bit width {bad} (choose from fp32, int8, int7, int4)"
             if not self.candidates:
                 return "option 'candidates' is empty"
+            if self.budget == "size" and "int7" in self.candidates:
+                return ("option 'candidates': int7 is stored as int8 and saves no bytes under budget=size; use it "
+                        "with budget=latency")
             if not 0 < self.target <= 1:
                 return f"option 'target' must be in (0, 1] (a fraction of the float weight bytes), got {self.target}"
             return ""
@@ -109,7 +115,7 @@ class MixedPrecision(Pass):
 
         def nbytes(op_name: str, c: str) -> float:
             extra = 0 if c == "fp32" else channels[op_name] * 8  # a scale and a zero point per channel
-            return numel[op_name] * BITS[c] / 8 + extra
+            return numel[op_name] * STORED_BITS[c] / 8 + extra
 
         float_bytes = sum(t.numel() * t.element_size() for t in graph.params().values() if t.is_floating_point())
         fixed = float_bytes - sum(numel[n] * 4 for n in numel)  # biases, norms, excluded layers stay float
@@ -186,7 +192,9 @@ def _run_latency(o, graph: Graph, ctx: PassContext, ops, cands, batches) -> Pass
     """budget=latency: each layer alone is built for the target in fp32 and in each integer width (int8 input
     activation, calibrated like quantize{calibrator=percentile}) and timed there; sensitivity is the model output's
     error with only that layer quantized; the cheapest error per second saved is taken until the layers' time fits
-    target x their fp32 time. Chosen layers get Q/DQ on weight and input, so fold-qdq follows."""
+    target x their time at the widest candidate (fp32 when it is one). Chosen layers get Q/DQ on weight and input,
+    so fold-qdq follows. With int7 and int8 both candidates, each layer a u8 x s8 kernel reads is timed at both, so
+    the pass keeps int8 where 7 bits cost the most error per second they save."""
     from graphopt.frontends.torch_export import trace
     from graphopt.passes.quant.quantize import calibrate, insert_qdq
     from graphopt.pm.manager import PassManager
@@ -220,7 +228,8 @@ def _run_latency(o, graph: Graph, ctx: PassContext, ops, cands, batches) -> Pass
         b = graph.get_param(op.args[2].target) if len(op.args) > 2 and op.args[2] is not None else None
         layer = trace(_Layer(op.target, w, b, op.args[3:]).eval(), (x,))
         variants = {}
-        for c in cands:
+        # int7 only where a u8 x s8 kernel reads the weight; elsewhere it is int8 (as quantize{weights=int7} does)
+        for c in dict.fromkeys("int8" if c == "int7" and int7_keeps_int8(op) else c for c in cands):
             if c == "fp32":
                 variants[c] = (layer, (x.numpy(),))
             else:
@@ -231,7 +240,7 @@ def _run_latency(o, graph: Graph, ctx: PassContext, ops, cands, batches) -> Pass
                f"{[a for a in op.args[3:]]}")
         seconds[op.name] = oracle.measure_variants(key, variants)
         sens[op.name] = {}
-        for c in cands:
+        for c in seconds[op.name]:
             if c == "fp32":
                 sens[op.name][c] = 0.0
                 continue
@@ -239,9 +248,9 @@ def _run_latency(o, graph: Graph, ctx: PassContext, ops, cands, batches) -> Pass
                 runner = _OneLayerQuantized(graph.gm, op, qp[op.name], _dequantized(w, c))
                 out = [runner.run(*bt) for bt in batches]
             sens[op.name][c] = _error(ref, [v[0] if isinstance(v, (tuple, list)) else v for v in out])
-    fp32_total = sum(t.get("fp32", max(t.values())) for t in seconds.values())
-    choice = {op.name: cands[0] for op in ops}
-    budget = o.target * fp32_total
+    base_total = sum(t[next(c for c in cands if c in t)] for t in seconds.values())  # the widest candidate's
+    choice = {op.name: next(c for c in cands if c in seconds[op.name]) for op in ops}
+    budget = o.target * base_total
 
     def total() -> float:
         return sum(seconds[n][c] for n, c in choice.items())
@@ -249,7 +258,7 @@ def _run_latency(o, graph: Graph, ctx: PassContext, ops, cands, batches) -> Pass
     while total() > budget:
         best, best_cost = None, None
         for n, c in choice.items():
-            for nxt in cands[cands.index(c) + 1:]:
+            for nxt in [d for d in cands[cands.index(c) + 1:] if d in seconds[n]]:
                 saved = seconds[n][c] - seconds[n][nxt]
                 if saved <= 0:
                     continue
@@ -258,9 +267,9 @@ def _run_latency(o, graph: Graph, ctx: PassContext, ops, cands, batches) -> Pass
                     best, best_cost = (n, nxt), cost
         if best is None:
             raise MixedPrecisionError(
-                f"mixed-precision: the fastest measured width for every layer takes {total() / fp32_total:.3f} of "
-                f"the layers' fp32 time, over target={o.target}; raise target (layers whose integer version is "
-                f"not faster here stay fp32)")
+                f"mixed-precision: the fastest measured width for every layer takes {total() / base_total:.3f} of "
+                f"the layers' time at {cands[0]}, over target={o.target}; raise target (a layer whose narrower "
+                f"widths are not faster here keeps its widest)")
         choice[best[0]] = best[1]
     by_name = {op.name: op for op in ops}
     done: dict = {}
@@ -276,7 +285,7 @@ def _run_latency(o, graph: Graph, ctx: PassContext, ops, cands, batches) -> Pass
         log.info("mixed-precision: %-30s %s (%s)", n, c,
                  ", ".join(f"{k} {v * 1e6:.0f} us" for k, v in seconds[n].items()))
     return PassResult(graph, any(c != "fp32" for c in choice.values()),
-                      {"latency_fraction": round(total() / fp32_total, 4), "target": o.target,
+                      {"latency_fraction": round(total() / base_total, 4), "target": o.target,
                        "bits": dict(choice),
                        "seconds": {n: {k: round(v, 7) for k, v in t.items()} for n, t in seconds.items()},
                        "sensitivity": {n: {k: round(v, 6) for k, v in t.items()} for n, t in sens.items()}})

@@ -103,3 +103,46 @@ def test_latency_budget_measures_on_the_cpu(tmp_path, monkeypatch):
     graphopt.optimize(g, "mixed-precision{budget=latency target=1.0 candidates=fp32,int8}",
                       data=[(torch.rand(1, 8, 14, 14),)], target=again)
     assert again.measured == 0 and again.hits == 2
+
+
+class _Int7Costs:
+    """Known times: a pointwise conv takes 0.5 ms at int8 and 0.3 at int7; the depthwise conv 0.9 at int8."""
+
+    def __init__(self):
+        self.offered = {}
+
+    def measure_variants(self, key, variants):
+        dw = "(16, 1, 3, 3)" in key
+        self.offered["dw" if dw else key] = sorted(variants)
+        return {c: {"fp32": 1e-3, "int8": 0.9e-3 if dw else 0.5e-3, "int7": 0.3e-3}[c] for c in variants}
+
+
+def test_latency_budget_mixes_int8_and_int7():
+    """candidates=int8,int7: int7 is offered only to the layers a u8 x s8 kernel reads (the depthwise conv is timed
+    at int8 alone), and a budget that needs one layer at int7 takes the pointwise conv whose 7 bits cost the least
+    error; it stores [-63, 63], the others full int8. Under budget=size int7 is refused (it saves no bytes)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, 16, 3, padding=1, groups=16), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, 16, 1), torch.nn.ReLU(), torch.nn.Conv2d(16, 8, 1)).eval()
+    x = torch.randn(1, 8, 10, 10)
+    data = [(torch.randn(1, 8, 10, 10),) for _ in range(4)]
+    g = graphopt.trace(model, (x,))
+    oracle = _Int7Costs()
+    # all int8: 3 x 0.5 + 0.9 = 2.4 ms; one pointwise conv at int7 makes 2.2 (0.917), under 0.94 x 2.4
+    mp = graphopt.optimize(g, "mixed-precision{budget=latency target=0.94 candidates=int8,int7}", data=data,
+                           target=oracle)
+    st = mp.meta["history"][-1]["stats"]
+    assert oracle.offered.pop("dw") == ["int8"] and all(v == ["int7", "int8"] for v in oracle.offered.values())
+    assert list(st["bits"].values()).count("int7") == 1 and st["bits"]["conv2d_1"] == "int8"
+    pointwise = [n for n in st["bits"] if n != "conv2d_1"]
+    cost = {n: st["sensitivity"][n]["int7"] - st["sensitivity"][n]["int8"] for n in pointwise}
+    assert st["bits"][min(cost, key=cost.get)] == "int7", cost
+    assert st["latency_fraction"] == pytest.approx(2.2 / 2.4, abs=1e-4)
+    amax = [int(t.abs().max()) for t in mp.params().values() if t.dtype == torch.int8]
+    assert sorted(amax) == [63, 127, 127, 127]
+    folded = graphopt.optimize(mp, "fold-qdq")
+    got, ref = folded.run(x)[0], model(x).detach()
+    assert float((got - ref).norm() / ref.norm()) < 0.05
+    with pytest.raises(graphopt.PassOptionError, match="saves no bytes"):
+        graphopt.optimize(g, "mixed-precision{candidates=int8,int7}", data=data)
