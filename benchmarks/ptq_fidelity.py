@@ -128,12 +128,12 @@ def main(argv: list[str] | None = None) -> int:
                f"graphopt mixed-{args.mixed}": "mixed", f"graphopt prune{round(args.prune * 100)}+int7": "pruned-int7"}
     size = {k: (tmp / folders.get(k, "pruned-int8") / "model.so").stat().st_size for k in arts}
 
-    lines = [f"{'tool':<12} {'calibrator':<11} {'top-1 agr':>9} {'top-5 agr':>9} {'KL':>8} {'SQNR dB':>8} "
+    lines = [f"{'tool':<12} {'calibrator':<15} {'top-1 agr':>9} {'top-5 agr':>9} {'KL':>8} {'SQNR dB':>8} "
              f"{'top-1 on confident':>18}   ({args.model}, {len(evals)} eval crops, {len(calib)} calibration crops, "
              f"{len(confident)} confident)"]
     for r in rows:
         conf = "n/a" if r["top1_confident"] is None else f"{r['top1_confident'] * 100:.1f}%"
-        lines.append(f"{r['tool']:<12} {r['calibrator']:<11} {r['top1'] * 100:>8.1f}% {r['top5'] * 100:>8.1f}% "
+        lines.append(f"{r['tool']:<12} {r['calibrator']:<15} {r['top1'] * 100:>8.1f}% {r['top5'] * 100:>8.1f}% "
                      f"{r['kl']:>8.4f} {r['sqnr_db']:>8.1f} {conf:>18}")
     lines += ["", f"{'batch-1 latency':<22} {'ms':>7} {'/ ORT fp32':>10} {'/ ORT int8':>10}   ({args.threads} threads)"]
     for k, v in lat.items():
