@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="also time prune-channels{ratio=R} + int8 (the compressed artifact; 0: skip)")
     ap.add_argument("--mixed", type=float, default=0.2,
                     help="also compile mixed-precision{target=T candidates=int8,int4} + int8 activations (0: skip)")
+    ap.add_argument("--mixed-int7", type=float, default=0.85,
+                    help="also compile mixed-precision{budget=latency target=T candidates=int8,int7}: int7 on the "
+                         "layers whose 7 bits cost the least error per second they save, timed on this CPU (0: skip)")
     ap.add_argument("--out", default="benchmarks/results/ptq_fidelity.json")
     args = ap.parse_args(argv)
 
@@ -92,6 +95,16 @@ def main(argv: list[str] | None = None) -> int:
         record("graphopt-tvm", f"mixed{args.mixed}", [arts[label](b[0].numpy())[0] for b in evals],
                time.perf_counter() - t0)
         rows[-1]["weight_bits"] = {b: bits.count(b) for b in sorted(set(bits))}
+    if args.mixed_int7:  # int8 or int7 per layer from measured layer times and sensitivity
+        t0 = time.perf_counter()
+        mixed7 = graphopt.optimize(graph, f"mixed-precision{{budget=latency target={args.mixed_int7} "
+                                          "candidates=int8,int7},fold-qdq", data=calib, target="llvm")
+        label = f"graphopt mixed-int7-{args.mixed_int7}"
+        arts[label] = graphopt.load(graphopt.compile(mixed7, "llvm", output=tmp / "mixed-int7"))
+        bits = list(mixed7.meta["weight_bits"].values())
+        record("graphopt-tvm", f"mixed-int7-{args.mixed_int7}", [arts[label](b[0].numpy())[0] for b in evals],
+               time.perf_counter() - t0)
+        rows[-1]["weight_bits"] = {b: bits.count(b) for b in sorted(set(bits))}
     if args.prune:  # the compressed artifact: channels pruned (no fine-tuning), then int8 or int7 weights
         for bits in ("int8", "int7"):
             t0 = time.perf_counter()
@@ -125,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                                "onnxruntime fp32": lambda: ort_fp32.run(None, feed),
                                "onnxruntime int8": lambda: ort_int8.run(None, feed)})
     folders = {"graphopt fp32": "fp32", "graphopt int8": "int8", "graphopt int7": "int7",
-               f"graphopt mixed-{args.mixed}": "mixed", f"graphopt prune{round(args.prune * 100)}+int7": "pruned-int7"}
+               f"graphopt mixed-{args.mixed}": "mixed", f"graphopt mixed-int7-{args.mixed_int7}": "mixed-int7",
+               f"graphopt prune{round(args.prune * 100)}+int7": "pruned-int7"}
     size = {k: (tmp / folders.get(k, "pruned-int8") / "model.so").stat().st_size for k in arts}
 
     lines = [f"{'tool':<12} {'calibrator':<15} {'top-1 agr':>9} {'top-5 agr':>9} {'KL':>8} {'SQNR dB':>8} "
@@ -135,9 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         conf = "n/a" if r["top1_confident"] is None else f"{r['top1_confident'] * 100:.1f}%"
         lines.append(f"{r['tool']:<12} {r['calibrator']:<15} {r['top1'] * 100:>8.1f}% {r['top5'] * 100:>8.1f}% "
                      f"{r['kl']:>8.4f} {r['sqnr_db']:>8.1f} {conf:>18}")
-    lines += ["", f"{'batch-1 latency':<22} {'ms':>7} {'/ ORT fp32':>10} {'/ ORT int8':>10}   ({args.threads} threads)"]
+    lines += ["", f"{'batch-1 latency':<26} {'ms':>7} {'/ ORT fp32':>10} {'/ ORT int8':>10}   ({args.threads} threads)"]
     for k, v in lat.items():
-        lines.append(f"{k:<22} {v * 1e3:>7.2f} {v / lat['onnxruntime fp32']:>10.2f} {v / lat['onnxruntime int8']:>10.2f}"
+        lines.append(f"{k:<26} {v * 1e3:>7.2f} {v / lat['onnxruntime fp32']:>10.2f} {v / lat['onnxruntime int8']:>10.2f}"
                      + (f"   model.so {size[k] / 1e6:.1f} MB" if k in size else ""))
     table = "\n".join(lines)
     print(table)
