@@ -13,9 +13,31 @@ if TYPE_CHECKING:
     from graphopt.ir.graph import Graph
 
 # int7: 7-bit weights stored as int8 (symmetric, so [-63, 63]): u8 x s8 pair products cannot saturate int16, so
-# AVX2 CPUs without VNNI take the faster exact `vpmaddubsw` kernel (ONNX Runtime's reduce_range, made exact)
+# AVX2 CPUs without VNNI take the faster exact `vpmaddubsw` kernel (ONNX Runtime's reduce_range, made exact).
+# int8s ("saturation-safe"): int8 values in [-127, 127] whose per-channel scale is just coarse enough that no pair
+# the kernel adds (input channels 2m, 2m + 1 at one tap) sums past 128 in magnitude: the same kernel, at a median
+# 1.3x the int8 step where int7 takes 2x (`pair_bounded_scales`)
 DTYPE_RANGES = {"int8": (-128, 127, torch.int8), "uint8": (0, 255, torch.uint8), "int7": (-64, 63, torch.int8),
-                "int4": (-8, 7, torch.int8)}
+                "int8s": (-128, 127, torch.int8), "int4": (-8, 7, torch.int8)}
+PAIR_BOUND = 128  # |sum| of a pair's same-sign weights: 255 x 128 = 32640 fits int16
+
+
+def weight_pairs(w: torch.Tensor) -> torch.Tensor:
+    """w [Cout, Cin, *taps] (or [N, K]) as [Cout, ceil(Cin / 2), *taps, 2]: the weights a u8 x s8 pair product adds
+    (input channels 2m and 2m + 1 at one tap; an odd last channel pairs with a zero)."""
+    if w.shape[1] % 2:
+        w = torch.cat([w, w.new_zeros(w.shape[0], 1, *w.shape[2:])], 1)
+    return w.reshape(w.shape[0], w.shape[1] // 2, 2, *w.shape[2:]).movedim(2, -1)
+
+
+def pair_bounded_scales(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Per output channel, the smallest scale >= `scales` at which w's rounded pairs stay within PAIR_BOUND:
+    round(a / s) + round(b / s) <= P / s + 1 <= PAIR_BOUND for P (the channel's largest same-sign pair sum)
+    <= (PAIR_BOUND - 1) x s."""
+    pairs = weight_pairs(w.detach().double())
+    flat = pairs.reshape(w.shape[0], -1, 2)
+    worst = torch.maximum(flat.clamp(min=0).sum(-1).amax(1), (-flat).clamp(min=0).sum(-1).amax(1))
+    return torch.maximum(scales.double(), worst / (PAIR_BOUND - 1)).to(scales.dtype)
 
 
 @torch.library.custom_op("graphopt::quantize_per_tensor", mutates_args=())

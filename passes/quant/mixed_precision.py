@@ -24,13 +24,14 @@ from graphopt.ir.names import unmatched_patterns
 from graphopt.ir.observe import observe_outputs
 from graphopt.ir.printer import target_name
 from graphopt.ir.quant_ops import DTYPE_RANGES
-from graphopt.passes.quant.quantize import int7_keeps_int8, quantizable_ops, quantize_op_weight, quantize_weight
+from graphopt.passes.quant.quantize import (PAIR_WIDTHS, pair_kernel_skips, quantizable_ops, quantize_op_weight,
+                                           quantize_weight)
 from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, register_pass
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
-BITS = {"fp32": 32, "int8": 8, "int7": 7, "int4": 4}
-STORED_BITS = {**BITS, "int7": 8}  # int7 values are stored as int8: no smaller, only faster on AVX2
+BITS = {"fp32": 32, "int8": 8, "int8s": 7.5, "int7": 7, "int4": 4}  # resolution order (int8s: int8, coarser step)
+STORED_BITS = {**BITS, "int8s": 8, "int7": 8}  # both stored as int8: no smaller, only faster on AVX2
 
 
 class MixedPrecisionError(GraphoptError):
@@ -51,8 +52,8 @@ def _error(ref: list[torch.Tensor], out: list[torch.Tensor]) -> float:
 @register_pass
 class MixedPrecision(Pass):
     name = "mixed-precision"
-    summary = ("Per-layer bit widths (fp32/int8/int7/int4) from measured sensitivity under a size or measured-latency "
-               "budget; the choice is printed, kept in the graph and written to the manifest.")
+    summary = ("Per-layer bit widths (fp32/int8/int8s/int7/int4) from measured sensitivity under a size or "
+               "measured-latency budget; the choice is printed, kept in the graph and written to the manifest.")
     contract = Contract.BOUNDED
     min_sqnr_db = 12.0
 
@@ -60,26 +61,28 @@ class MixedPrecision(Pass):
     class Options:
         budget: Literal["size", "latency"] = field(default="size", metadata={
             "help": "size: weight bytes (weight-only widths; int8 activations can follow with quantize); latency: "
-                    "each layer's time on the target, measured fp32 vs int8/int7/int4 (weights and input activation)"})
+                    "each layer's time on the target, measured fp32 vs int8/int8s/int7/int4 (weights and input "
+                    "activation)"})
         target: float = field(default=0.2, metadata={
             "help": "size: a fraction of the float weight bytes (0.25 = as small as all-int8); latency: a fraction "
                     "of the layers' measured time at the widest candidate (e.g. 0.8)"})
         candidates: list[str] = field(default_factory=lambda: ["fp32", "int8", "int4"], metadata={
-            "help": "bit widths to choose from (fp32, int8, int7, int4); int7 (latency budget only) is int8 storage "
-                    "that AVX2 multiplies with the faster u8 x s8 kernel, at half the resolution, and is only "
-                    "offered to the layers that kernel reads (as quantize{weights=int7})"})
+            "help": "bit widths to choose from (fp32, int8, int8s, int7, int4); int8s and int7 (latency budget "
+                    "only) are int8 storage that AVX2 multiplies with the faster u8 x s8 kernel, at a coarser step "
+                    "(see quantize's weights), offered only to the layers that kernel reads"})
         exclude: list[str] = field(default_factory=list, metadata={
             "help": "node or parameter names (glob) kept in float"})
 
         def validate(self) -> str:
             bad = [c for c in self.candidates if c not in BITS]
             if bad:
-                return f"option 'candidates': unsupported bit width {bad} (choose from fp32, int8, int7, int4)"
+                return f"option 'candidates': unsupported bit width {bad} (choose from fp32, int8, int8s, int7, int4)"
             if not self.candidates:
                 return "option 'candidates' is empty"
-            if self.budget == "size" and "int7" in self.candidates:
-                return ("option 'candidates': int7 is stored as int8 and saves no bytes under budget=size; use it "
-                        "with budget=latency")
+            narrow = [c for c in self.candidates if c in PAIR_WIDTHS]
+            if self.budget == "size" and narrow:
+                return (f"option 'candidates': {', '.join(narrow)} is stored as int8 and saves no bytes under "
+                        "budget=size; use it with budget=latency")
             if not 0 < self.target <= 1:
                 return f"option 'target' must be in (0, 1] (a fraction of the float weight bytes), got {self.target}"
             return ""
@@ -228,8 +231,8 @@ def _run_latency(o, graph: Graph, ctx: PassContext, ops, cands, batches) -> Pass
         b = graph.get_param(op.args[2].target) if len(op.args) > 2 and op.args[2] is not None else None
         layer = trace(_Layer(op.target, w, b, op.args[3:]).eval(), (x,))
         variants = {}
-        # int7 only where a u8 x s8 kernel reads the weight; elsewhere it is int8 (as quantize{weights=int7} does)
-        for c in dict.fromkeys("int8" if c == "int7" and int7_keeps_int8(op) else c for c in cands):
+        # int7 / int8s only where a u8 x s8 kernel reads the weight; elsewhere int8 (as quantize does)
+        for c in dict.fromkeys("int8" if c in PAIR_WIDTHS and pair_kernel_skips(op) else c for c in cands):
             if c == "fp32":
                 variants[c] = (layer, (x.numpy(),))
             else:

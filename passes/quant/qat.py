@@ -15,7 +15,8 @@ import torch
 
 from graphopt.errors import GraphoptError
 from graphopt.ir.graph import Graph
-from graphopt.ir.quant_ops import DTYPE_RANGES, fake_quant_per_channel, fake_quant_per_tensor
+from graphopt.ir.quant_ops import (DTYPE_RANGES, PAIR_BOUND, fake_quant_per_channel, fake_quant_per_tensor,
+                                   pair_bounded_scales, weight_pairs)
 from graphopt.passes.distill.recover import TrainOptions
 from graphopt.passes.distill.trainer import Trainer, trainer_from_ctx
 from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, register_pass
@@ -27,17 +28,23 @@ class QATError(GraphoptError):
     """qat cannot run on this graph; says what to run first."""
 
 
-def _weight_qmax(graph: Graph, dq: torch.fx.Node) -> int:
-    """7 for an int4 weight, 63 for int7, 127 for int8, for the weight behind dequantize node `dq`: the width
-    `quantize` or `mixed-precision` recorded for the layer reading it (`quantize{weights=int7}` keeps depthwise
-    convs at int8, so one graph mixes them), else from its stored values (per-channel symmetric quantization maps
-    each channel's largest weight to the top of the range)."""
+def _weight_width(graph: Graph, dq: torch.fx.Node) -> str:
+    """int4, int7, int8s or int8 for the weight behind dequantize node `dq`: the width `quantize` or
+    `mixed-precision` recorded for the layer reading it (`quantize{weights=int7}` keeps depthwise convs at int8, so
+    one graph mixes them), else from its stored values (per-channel symmetric quantization maps each channel's
+    largest weight to the top of its range; int8 values whose pairs stay within the u8 x s8 bound are kept so)."""
     recorded = graph.meta.get("weight_bits", {})
     for user in dq.users:
         if user.name in recorded:
-            return DTYPE_RANGES[recorded[user.name]][1]
-    amax = int(graph.get_param(dq.args[0].target).abs().max())
-    return 7 if amax <= 7 else 63 if amax <= 63 else 127
+            return recorded[user.name]
+    q = graph.get_param(dq.args[0].target)
+    amax = int(q.abs().max())
+    if amax <= 63:
+        return "int4" if amax <= 7 else "int7"
+    pairs = weight_pairs(q.int()) if q.dim() >= 2 else None
+    bounded = pairs is not None and max(int(pairs.clamp(min=0).sum(-1).max()),
+                                        int((-pairs).clamp(min=0).sum(-1).max())) <= PAIR_BOUND
+    return "int8s" if bounded else "int8"
 
 
 @register_pass
@@ -56,7 +63,7 @@ class QAT(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
-        w_qmax: dict[str, int] = {}   # float shadow -> its layer's weight range
+        width: dict[str, str] = {}   # float shadow -> its layer's weight width
         train = graph.clone()
         g = train.gm.graph
         shadows: dict[str, tuple[str, str]] = {}   # float shadow -> (int8 param, scale param)
@@ -71,10 +78,11 @@ class QAT(Pass):
                 w = (train.get_param(qw.target).float() * train.get_param(sc.target).reshape(
                     -1, *([1] * (train.get_param(qw.target).dim() - 1))))
                 shadow = train.add_param(f"{qw.target}_shadow", w, before=node)
-                w_qmax[shadow.target] = _weight_qmax(train, node)
-                g_lsq = 1.0 / math.sqrt(w.numel() * w_qmax[shadow.target]) if o.lsq else 0.0
+                width[shadow.target] = _weight_width(train, node)
+                top = DTYPE_RANGES[width[shadow.target]][1]
+                g_lsq = 1.0 / math.sqrt(w.numel() * top) if o.lsq else 0.0
                 with g.inserting_before(node):
-                    fq = g.call_function(fake_quant_per_channel, (shadow, sc, w_qmax[shadow.target], g_lsq))
+                    fq = g.call_function(fake_quant_per_channel, (shadow, sc, top, g_lsq))
                 node.replace_all_uses_with(fq)
                 g.erase_node(node)
                 shadows[shadow.target] = (qw.target, sc.target)
@@ -111,7 +119,9 @@ class QAT(Pass):
         with torch.no_grad():
             for shadow, (qname, sname) in shadows.items():
                 w, s = train.get_param(shadow), train.get_param(sname).clamp_min(1e-12)
-                top = w_qmax[shadow]
+                top = DTYPE_RANGES[width[shadow]][1]
+                if width[shadow] == "int8s":  # trained weights may pair past the bound: coarsen those channels
+                    s = pair_bounded_scales(w, s)
                 q = torch.clamp(torch.round(w / s.reshape(-1, *([1] * (w.dim() - 1)))), -top, top)
                 graph.set_param(qname, q.to(graph.get_param(qname).dtype))
                 graph.set_param(sname, s)
@@ -129,7 +139,7 @@ class QAT(Pass):
                             if user.target is ops.dequantize_per_tensor.default:
                                 user.args = (user.args[0], new, *user.args[2:])
         graph.gm.recompile()
-        widths = list(w_qmax.values())
-        stats.update(weights=len(shadows), activations=n_act, lsq=o.lsq, weight_qmax=max(widths, default=127),
-                     weight_qmax_layers={q: widths.count(q) for q in sorted(set(widths))})
+        tops = [DTYPE_RANGES[v][1] for v in width.values()]
+        stats.update(weights=len(shadows), activations=n_act, lsq=o.lsq, weight_qmax=max(tops, default=127),
+                     weight_widths={v: list(width.values()).count(v) for v in sorted(set(width.values()))})
         return PassResult(graph, stats["steps"] > 0, stats)

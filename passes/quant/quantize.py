@@ -14,7 +14,7 @@ import graphopt.ir.quant_ops  # noqa: F401  registers the graphopt ops
 from graphopt.ir.graph import Graph
 from graphopt.ir.names import matches, node_labels, unmatched_patterns
 from graphopt.ir.observe import observe_outputs
-from graphopt.ir.quant_ops import DTYPE_RANGES
+from graphopt.ir.quant_ops import DTYPE_RANGES, pair_bounded_scales
 from graphopt.passes.analysis.weights import weighted_ops
 from graphopt.passes.canonicalize.dce import eliminate_dead_code
 from graphopt.passes.quant.attention import decompose_attention
@@ -56,17 +56,24 @@ def quantize_weight(w: torch.Tensor, bits: str, per_channel: bool = True
     flat = w.detach().float().reshape(w.shape[0], -1)
     amax = flat.abs().amax(1) if per_channel else flat.abs().max().expand(w.shape[0])
     scales = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))  # an all-zero channel stays exactly zero
+    if bits == "int8s" and w.dim() >= 2:
+        bounded = pair_bounded_scales(w, scales)
+        scales = torch.where(amax > 0, bounded if per_channel else bounded.max().expand(w.shape[0]), scales)
     q = torch.clamp(torch.round(flat / scales[:, None]), -qmax, qmax).to(dtype).reshape(w.shape)
     return q, scales.float(), torch.zeros_like(scales, dtype=torch.int32)
 
 
-def int7_keeps_int8(op: fx.Node) -> str:
-    """Why `quantize{weights=int7}` keeps `op`'s weight at int8 ("" when it narrows it). 7 bits buy speed only
-    where an integer kernel multiplies activation and weight as u8 x s8 pairs (AVX2's `vpmaddubsw`, exact when no
-    pair can saturate): linears with rows to tile and convs with one group (pointwise, im2col, the flat int8 conv,
-    stems included). A depthwise or grouped conv and a one-row linear (a weight stream) compute in float on the
-    dequantized weight, where 7 bits only cost resolution: on MobileNetV2 int7 everywhere had 12.7 dB SQNR to
-    fp32 against int8's 16.4, and 15.2 dB with those layers int8; EfficientNet-Lite0 14.9 -> 16.3 (int8 19.6)."""
+PAIR_WIDTHS = ("int7", "int8s")  # the widths that exist for the u8 x s8 pair kernels
+
+
+def pair_kernel_skips(op: fx.Node) -> str:
+    """Why no u8 x s8 pair kernel reads `op`'s weight ("" when one does), so `quantize{weights=int7|int8s}` keeps
+    it at plain int8. Those widths buy speed only where an integer kernel multiplies activation and weight as u8 x
+    s8 pairs (AVX2's `vpmaddubsw`, exact when no pair can saturate): linears with rows to tile and convs with one
+    group (pointwise, im2col, the flat int8 conv, stems included). A depthwise or grouped conv and a one-row
+    linear (a weight stream) compute in float on the dequantized weight, where a coarser step only costs
+    resolution: on MobileNetV2 int7 everywhere had 12.7 dB SQNR to fp32 against int8's 16.4, and 15.2 dB with
+    those layers int8; EfficientNet-Lite0 14.9 -> 16.3 (int8 19.6)."""
     if op.target is aten.linear.default:
         val = op.args[0].meta.get("val") if isinstance(op.args[0], fx.Node) else None
         rows = 1
@@ -187,10 +194,12 @@ class Quantize(Pass):
 
     @dataclass
     class Options:
-        weights: Literal["int8", "int7", "int4"] = field(default="int8", metadata={
-            "help": "weight bit width; int7 stores int8 values in [-63, 63], which AVX2 CPUs without VNNI multiply "
-                    "with the exact u8 x s8 kernel (~1.25x the int8 GEMM), at half the weight resolution; depthwise "
-                    "convs and one-row linears, which gain nothing from it, stay int8"})
+        weights: Literal["int8", "int8s", "int7", "int4"] = field(default="int8", metadata={
+            "help": "weight bit width. int8s: int8 whose per-channel scale is just coarse enough that no pair of "
+                    "weights AVX2's exact u8 x s8 kernel adds (input channels 2m, 2m+1 at one tap) can saturate "
+                    "int16: that kernel's speed (~1.25x the int8 GEMM without VNNI) at a median 1.3x the int8 step; "
+                    "int7: values in [-63, 63], the same kernel at 2x the step. Depthwise convs and one-row "
+                    "linears, which no such kernel reads, stay int8 under both"})
         activations: Literal["int8", "none"] = field(default="int8", metadata={
             "help": "int8: quantize conv/linear inputs (needs data); none: weight-only"})
         calibrator: Literal["minmax", "percentile", "mse", "entropy"] = field(default="minmax", metadata={
@@ -251,7 +260,7 @@ class Quantize(Pass):
         for op in [n for n in g.nodes if n in set(ops) | set(kept_bits)]:
             if op not in kept_bits:
                 bits[op.name] = o.weights
-                if o.weights == "int7" and (why := int7_keeps_int8(op)):
+                if o.weights in PAIR_WIDTHS and (why := pair_kernel_skips(op)):
                     kept_int8[op.name], bits[op.name] = why, "int8"
                 quantize_op_weight(graph, op, bits[op.name], o.per_channel)
             x = op.args[0]
@@ -264,7 +273,7 @@ class Quantize(Pass):
         return PassResult(graph, True, {"weights_quantized": len(ops), "weight_bits_kept": len(kept_bits),
                                         "activations_quantized": len(act_q), "matmuls_quantized": len(matmuls),
                                         "attention_kept_fused": attention_kept,
-                                        "weight_bits": o.weights, "int7_kept_int8": kept_int8,
+                                        "weight_bits": o.weights, "pair_width_kept_int8": kept_int8,
                                         "calibrator": o.calibrator if observers else None,
                                         "bias_corrected": len(corrected),
                                         "largest_bias_shift": max(corrected.values(), default=0.0),

@@ -799,14 +799,16 @@ def test_int8_gemm_ubsw_kernel_is_exact_at_the_saturation_edge(m, k, n):
     assert np.abs(out.numpy().reshape(m, n) - ref).max() <= 1e-6 * np.abs(ref).max()
 
 
-def test_int7_quantized_linears_take_the_ubsw_kernel():
-    """quantize{weights=int7} stores 7-bit weights: every linear lowers to the u8 x s8 kernel and the artifact
-    equals the graph (exact products; the GELU between can move a value across a rounding boundary)."""
+@pytest.mark.parametrize("weights", ["int7", "int8s"])
+def test_pair_width_quantized_linears_take_the_ubsw_kernel(weights):
+    """quantize{weights=int7} stores 7-bit weights, int8s pair-bounded int8 ones: every linear lowers to the u8 x s8
+    kernel and the artifact equals the graph (exact products; the GELU between can move a value across a rounding
+    boundary)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 48)).eval()
     x = torch.randn(1, 10, 32)
     data = [(torch.randn(1, 10, 32),) for _ in range(4)]
-    q = graphopt.optimize(graphopt.trace(model, (x,)), "quantize{weights=int7},fold-qdq", data=data)
+    q = graphopt.optimize(graphopt.trace(model, (x,)), f"quantize{{weights={weights}}},fold-qdq", data=data)
     names = _func_names(q)
     assert len([n for n in names if n.startswith("qgemm_ubsw_")]) == 2, names
     assert not [n for n in names if n.startswith("qgemm_1")], names
@@ -819,15 +821,16 @@ def test_int7_quantized_linears_take_the_ubsw_kernel():
     assert np.abs(ref - f32).max() <= 0.05 * np.abs(f32).max()
 
 
-def test_int7_quantized_pointwise_convs_take_the_quad_kernel():
-    """7-bit weights put pointwise convs on the u8 quad kernel (int8 and dequantized-float stores, ReLU6 fused);
-    the artifact agrees with the graph to a rounding step of the int8 grids in between."""
+@pytest.mark.parametrize("weights", ["int7", "int8s"])
+def test_pair_width_quantized_pointwise_convs_take_the_quad_kernel(weights):
+    """7-bit or pair-bounded int8s weights put pointwise convs on the u8 quad kernel (int8 and dequantized-float
+    stores, ReLU6 fused); the artifact agrees with the graph to a rounding step of the int8 grids in between."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(8, 36, 3, padding=1), torch.nn.ReLU6(), torch.nn.Conv2d(36, 48, 1),
                                 torch.nn.ReLU6(), torch.nn.Conv2d(48, 48, 3, padding=1, groups=48),
                                 torch.nn.Conv2d(48, 20, 1)).eval()
     x = torch.randn(1, 8, 14, 14)
-    q = graphopt.optimize(graphopt.trace(model, (x,)), "quantize{weights=int7},fold-qdq",
+    q = graphopt.optimize(graphopt.trace(model, (x,)), f"quantize{{weights={weights}}},fold-qdq",
                           data=[(torch.randn(1, 8, 14, 14),) for _ in range(4)])
     names = _func_names(q)
     assert len([n for n in names if n.startswith("qconv1x1_ubsw_")]) == 2, names
@@ -836,12 +839,13 @@ def test_int7_quantized_pointwise_convs_take_the_quad_kernel():
     assert np.corrcoef(got.ravel(), ref.ravel())[0, 1] > 0.999
 
 
-@pytest.mark.parametrize("weights,batch", [("int8", 1), ("int7", 2)])
+@pytest.mark.parametrize("weights,batch", [("int8", 1), ("int7", 2), ("int8s", 1)])
 def test_quantized_dense_convs_run_on_the_int8_kernels(weights, batch):
-    """A quantized ResNet basic block: where the quad product is exact (7-bit weights on AVX2, any int8 weight with
-    VNNI) its stride-1 3x3 convs are the flat int8 conv (the input's quad planes, padded with its zero point, then
-    the implicit GEMM); otherwise, and for the strided 3x3 conv with a small output and the strided 1x1 shortcut,
-    int8 im2col (the zero point outside the image) then the pointwise int8 kernel. ReLU and the next quantize are
+    """A quantized ResNet basic block: where the quad product is exact (7-bit or pair-bounded int8s weights on
+    AVX2, any int8 weight with VNNI) its stride-1 3x3 convs are the flat int8 conv (the input's quad planes, padded
+    with its zero point, then the implicit GEMM); otherwise, and for the strided 3x3 conv with a small output and
+    the strided 1x1 shortcut, int8 im2col (the zero point outside the image; tap-major rows, so int8s's channel
+    pairs are the kernel's pairs there too) then the pointwise int8 kernel. ReLU and the next quantize are
     in the stores; no TVM conv is left (its generic int8 conv made a quantized ResNet-18 twice as slow as the fp32
     one). The artifact agrees with the graph's own integer ops within a rounding step of the int8 grids between."""
     from graphopt.targets.tvm.cpu.int8 import int8_dot
@@ -853,10 +857,10 @@ def test_quantized_dense_convs_run_on_the_int8_kernels(weights, batch):
     names = _func_names(q)
     nt = f"_n{batch}" if batch > 1 else ""
     dot = int8_dot(cpu_target())
-    kernel = "qconv1x1_ubsw_" if weights == "int7" else "qconv1x1_"
-    expected = ["im2col_16x20x20_k3s2_p1111_int8", "im2col_16x20x20_k1s2_p0000_int8", f"{kernel}32x144x100_clamp_q",
-                f"{kernel}32x16x100"]
-    if weights == "int7" or dot == "vnni":
+    kernel = "qconv1x1_ubsw_" if weights in ("int7", "int8s") else "qconv1x1_"
+    expected = ["im2col_16x20x20_k3s2_p1111_int8_tm", "im2col_16x20x20_k1s2_p0000_int8_tm",
+                f"{kernel}32x144x100_clamp_q", f"{kernel}32x16x100"]
+    if weights != "int8" or dot == "vnni":
         expected += ["quad_planes_32x10x10_k3x3s1_p1111", f"qconv_flat_{dot}_32x32x10x10_k3x3s1_p1111",
                      "quad_planes_32x11x11_k3x3s1_p0000", f"qconv_flat_{dot}_24x32x11x11_k3x3s1_p0000"]
         assert not [n for n in names if n.startswith("im2col_32x")], names

@@ -974,20 +974,23 @@ def im2col_pays(cin: int, kh: int, kw: int, out_pixels: int) -> bool:
 
 
 def im2col_source(cin: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int, stride: int, pt: int,
-                  pl: int, batch_dim: bool = False, dtype: str = "float32") -> str:
+                  pl: int, batch_dim: bool = False, dtype: str = "float32", tap_major: bool = False) -> str:
     """col[(ci * kh + i) * kw + j, oy * ow + ox] = x[ci, oy * s + i - pt, ox * s + j - pl] (0 outside): the
     [Cin * kh * kw, OH * OW] operand that turns a dense conv into the pointwise kernel's GEMM (weight rows in
     PyTorch's [Cout, Cin, kh, kw] order already); `fill` [1] is the value outside the image (0). It is marked
     opaque (op_pattern 8): as an injective function Relax fused the reshape producing its input into it, and the
     buffers clashed; with one input and one output its reshape detection asserted on it. `batch_dim`: x is
     declared [1, Cin, H, W], the activation as it comes, so no reshape is needed at batch 1. `dtype` int8: the
-    columns of a quantized conv, `fill` then the input's zero point."""
+    columns of a quantized conv, `fill` then the input's zero point. `tap_major`: rows (i * kw + j) * Cin + ci
+    instead, so adjacent rows are adjacent channels at one tap, the pairs the u8 x s8 kernel adds (the weight's
+    columns permuted to match), which `quantize{weights=int8s}` bounds."""
     taps = kh * kw
     lead, lead_index = ("1, ", "0, ") if batch_dim else ("", "")
-    y = f"oy * {stride} + (r // {kw}) % {kh} - {pt}"
+    tap, ci = (f"(r // {cin})", f"r % {cin}") if tap_major else ("r", f"r // {taps}")
+    y = f"oy * {stride} + ({tap} // {kw}) % {kh} - {pt}"
     # the output columns whose input column ox * s + j - pl lies inside the image: [lo, hi)
-    lo = f"T.max(0, ({pl} - r % {kw} + {stride - 1}) // {stride})"
-    hi = f"T.min({ow}, ({wd - 1} + {pl} - r % {kw}) // {stride} + 1)"
+    lo = f"T.max(0, ({pl} - {tap} % {kw} + {stride - 1}) // {stride})"
+    hi = f"T.min({ow}, ({wd - 1} + {pl} - {tap} % {kw}) // {stride} + 1)"
     return f"""
 @T.prim_func(private=True)
 def im2col(x: T.Buffer(({lead}{cin}, {h}, {wd}), "{dtype}"), fill: T.Buffer((1,), "{dtype}"),
@@ -1002,7 +1005,7 @@ def im2col(x: T.Buffer(({lead}{cin}, {h}, {wd}), "{dtype}"), fill: T.Buffer((1,)
                 for ox in T.serial({lo}):
                     col[r, oy * {ow} + ox] = fill[0]
                 for ox in T.serial({hi} - {lo}):
-                    col[r, oy * {ow} + {lo} + ox] = x[{lead_index}r // {taps}, {y}, ({lo} + ox) * {stride} + r % {kw} - {pl}]
+                    col[r, oy * {ow} + {lo} + ox] = x[{lead_index}{ci}, {y}, ({lo} + ox) * {stride} + {tap} % {kw} - {pl}]
                 for ox in T.serial({ow} - {hi}):
                     col[r, oy * {ow} + {hi} + ox] = fill[0]
 """
@@ -1309,7 +1312,7 @@ def emit_im2col_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, str
     return bb.emit(relax.op.reshape(y, (n, cout, oh, ow)))
 
 
-def emit_im2col(bb, x, x_shape, kh: int, kw: int, stride: int, padding, fill: np.generic):
+def emit_im2col(bb, x, x_shape, kh: int, kw: int, stride: int, padding, fill: np.generic, tap_major: bool = False):
     """The [N, Cin * kh * kw, OH * OW] columns of x [N, Cin, H, W] (per sample; the activation goes in as it is,
     see im2col_source), `fill` (a numpy scalar of x's dtype) outside the image; returns (columns, OH, OW)."""
     import tvm
@@ -1320,9 +1323,10 @@ def emit_im2col(bb, x, x_shape, kh: int, kw: int, stride: int, padding, fill: np
     pt, pb, pl, pr = (int(q) for q in padding)
     oh, ow, _, _ = flat_geometry(h, wd, kh, kw, stride, padding)
     dtype = np.dtype(type(fill)).name
-    src = batch_source(im2col_source(cin, h, wd, oh, ow, kh, kw, stride, pt, pl, batch_dim=n == 1, dtype=dtype), n,
-                       ["x", "col"])
-    name = f"im2col_{cin}x{h}x{wd}_k{kh}s{stride}_p{pt}{pb}{pl}{pr}" + ("" if dtype == "float32" else f"_{dtype}")
+    src = batch_source(im2col_source(cin, h, wd, oh, ow, kh, kw, stride, pt, pl, batch_dim=n == 1, dtype=dtype,
+                                     tap_major=tap_major), n, ["x", "col"])
+    name = (f"im2col_{cin}x{h}x{wd}_k{kh}s{stride}_p{pt}{pb}{pl}{pr}" + ("" if dtype == "float32" else f"_{dtype}")
+            + ("_tm" if tap_major else ""))
     gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), name + _ntag(n))
     col = bb.emit(relax.call_tir(gv, [x, relax.const(np.full(1, fill, dtype))],
                                  relax.TensorType(_batched(n, cin * kh * kw, oh * ow), dtype)))

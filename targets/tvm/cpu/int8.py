@@ -400,10 +400,11 @@ def emit_im2col_qconv(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.nda
 
     from graphopt.targets.tvm.cpu.conv import emit_im2col
     n, (cout, _, kh, kw) = int(x_shape[0]), (int(d) for d in wq.shape)
-    col, oh, ow = emit_im2col(bb, xq, x_shape, kh, kw, stride, padding, np.int8(zx))
+    # tap-major columns: adjacent rows are channels 2m, 2m + 1 at one tap, the pairs int8s weights bound
+    col, oh, ow = emit_im2col(bb, xq, x_shape, kh, kw, stride, padding, np.int8(zx), tap_major=True)
     cols = int(x_shape[1]) * kh * kw
-    y = emit_qconv1x1(bb, col, wq.reshape(cout, cols), w_scales, bias, sx, zx, (n, cols, oh, ow), clamp, out_q,
-                      dequantized, dot)
+    y = emit_qconv1x1(bb, col, wq.transpose(0, 2, 3, 1).reshape(cout, cols), w_scales, bias, sx, zx,
+                      (n, cols, oh, ow), clamp, out_q, dequantized, dot)
     return bb.emit(relax.op.reshape(y, (n, cout, oh, ow)))
 
 

@@ -76,4 +76,20 @@ def test_qat_keeps_each_layers_width_when_int7_keeps_depthwise_int8():
     q = graphopt.optimize(g, "quantize{weights=int7},qat{epochs=1 lr=1e-3}", data=data)
     amax = [int(t.abs().max()) for t in q.params().values() if t.dtype == torch.int8]
     assert amax == [63, 127, 63], amax
-    assert q.meta["history"][-1]["stats"]["weight_qmax_layers"] == {63: 2, 127: 1}
+    assert q.meta["history"][-1]["stats"]["weight_widths"] == {"int7": 2, "int8": 1}
+
+
+def test_qat_keeps_int8s_pairs_within_the_u8s8_bound():
+    """Training moves int8s weights past their pair bound; the write-back coarsens those channels' scales so every
+    pair still fits the u8 x s8 kernel, and the layers keep values past int7's 63."""
+    from graphopt.ir.quant_ops import PAIR_BOUND, weight_pairs
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 8, 1)).eval()
+    data = [(torch.randn(2, 8, 10, 10),) for _ in range(4)]
+    g = graphopt.trace(model, data[0])
+    q = graphopt.optimize(g, "quantize{weights=int8s},qat{epochs=3 lr=0.05}", data=data)
+    assert q.meta["history"][-1]["stats"]["weight_widths"] == {"int8s": 2}
+    for t in (t for t in q.params().values() if t.dtype == torch.int8):
+        pairs = weight_pairs(t.int())
+        assert int(t.abs().max()) > 63
+        assert pairs.clamp(min=0).sum(-1).max() <= PAIR_BOUND and (-pairs).clamp(min=0).sum(-1).max() <= PAIR_BOUND

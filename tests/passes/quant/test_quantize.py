@@ -83,7 +83,7 @@ def test_bad_calibration_data_is_a_clear_error(cnn):
         graphopt.optimize(g, "quantize")
     with pytest.raises(graphopt.PassFailedError, match="'nothing' matches no node"):
         graphopt.optimize(g, "quantize{activations=none exclude=nothing}")
-    with pytest.raises(graphopt.PassOptionError, match="'int3' is not one of int8, int7, int4"):
+    with pytest.raises(graphopt.PassOptionError, match="'int3' is not one of int8, int8s, int7, int4"):
         graphopt.optimize(g, "quantize{weights=int3}")
 
 
@@ -298,19 +298,19 @@ def test_int7_narrows_only_the_layers_a_pair_kernel_reads():
     amax = {k.removesuffix(".weight_q").removesuffix("_weight_q"): int(t.abs().max())
             for k, t in q.params().items() if t.dtype == torch.int8}
     assert amax == {"stem": 63, "dw": 127, "pw": 63, "head": 127}, amax
-    kept = q.meta["history"][-1]["stats"]["int7_kept_int8"]
+    kept = q.meta["history"][-1]["stats"]["pair_width_kept_int8"]
     assert sorted(kept) == ["conv2d_1", "linear"] and "16 groups" in kept["conv2d_1"] and "1 row" in kept["linear"]
     assert q.meta["weight_bits"] == {"conv2d": "int7", "conv2d_1": "int8", "conv2d_2": "int7", "linear": "int8"}
 
     def err(h):
         ref = model(x).detach()
         return float((h.run(x)[0] - ref).norm() / ref.norm())
-    saved = quantize.int7_keeps_int8
-    quantize.int7_keeps_int8 = lambda op: ""
+    saved = quantize.pair_kernel_skips
+    quantize.pair_kernel_skips = lambda op: ""
     try:
         everywhere = graphopt.optimize(g, "quantize{weights=int7}", data=data)
     finally:
-        quantize.int7_keeps_int8 = saved
+        quantize.pair_kernel_skips = saved
     assert all(int(t.abs().max()) == 63 for t in everywhere.params().values() if t.dtype == torch.int8)
     print(f"relative error to fp32: int7 where it pays {err(q):.4f}, everywhere {err(everywhere):.4f}")
     assert err(q) < err(everywhere) and err(q) < 0.05, (err(q), err(everywhere))
@@ -319,3 +319,57 @@ def test_int7_narrows_only_the_layers_a_pair_kernel_reads():
     t = torch.randn(1, 10, 32)
     qs = graphopt.optimize(graphopt.trace(seq, (t,)), "quantize{weights=int7}", data=[(t,)])
     assert [int(v.abs().max()) for v in qs.params().values() if v.dtype == torch.int8] == [63]
+
+
+def test_pair_bounded_scales_keep_every_rounded_pair_in_the_u8s8_bound():
+    """int8s scales: for random and adversarial weights (pairs of equal large weights, odd channel counts, 3x3
+    taps), every rounded pair of input channels (2m, 2m+1) at one tap sums to at most 128 in magnitude, and a
+    channel whose pairs never reach the bound keeps the plain int8 scale."""
+    from graphopt.ir.quant_ops import PAIR_BOUND, weight_pairs
+    from graphopt.passes.quant.quantize import quantize_weight
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(16, 7, 3, 3), (8, 32), (5, 2, 1, 1), (4, 64, 3, 3)]:
+        for trial in range(20):
+            w = torch.randn(shape, generator=gen) * torch.rand(shape[0], *[1] * (len(shape) - 1), generator=gen)
+            w[0, :2] = 1.0  # a pair of equal largest weights: 2 x 127 without the bound
+            q, s, _ = quantize_weight(w, "int8s")
+            pairs = weight_pairs(q.int())
+            assert pairs.clamp(min=0).sum(-1).max() <= PAIR_BOUND and (-pairs).clamp(min=0).sum(-1).max() <= PAIR_BOUND
+            q8, s8, _ = quantize_weight(w, "int8")
+            assert (s >= s8).all() and (s <= 2 * s8 + 1e-12).all()
+    w = torch.tensor([[1.0, -1.0, 0.5, -0.5], [1.0, 1.0, 0.0, 0.0]])  # row 0: no same-sign pair
+    q, s, _ = quantize_weight(w, "int8s")
+    assert q[0].tolist() == [127, -127, 64, -64] and q[1].tolist() == [64, 64, 0, 0]
+
+
+def test_int8s_uses_the_int8_range_within_the_pair_bound():
+    """quantize{weights=int8s}: the layers a pair kernel reads store values past int7's 63 yet every pair within
+    the u8 x s8 bound; the depthwise conv and the one-row linear stay plain int8; the graph is closer to fp32 than
+    int7's and no closer than int8's."""
+    from graphopt.ir.quant_ops import PAIR_BOUND, weight_pairs
+    torch.manual_seed(0)
+    model = _Int7Mix().eval()
+    x = torch.randn(1, 3, 12, 12)
+    data = [(torch.randn(1, 3, 12, 12),) for _ in range(4)]
+    g = graphopt.trace(model, (x,))
+    q = {w: graphopt.optimize(g, f"quantize{{weights={w}}}", data=data) for w in ("int8", "int8s", "int7")}
+    stored = {k.removesuffix("_weight_q"): t for k, t in q["int8s"].params().items() if t.dtype == torch.int8}
+    for name in ("stem", "pw"):
+        pairs = weight_pairs(stored[name].int())
+        assert int(stored[name].abs().max()) > 63
+        assert pairs.clamp(min=0).sum(-1).max() <= PAIR_BOUND and (-pairs).clamp(min=0).sum(-1).max() <= PAIR_BOUND
+    plain = {k.removesuffix("_weight_q"): t for k, t in q["int8"].params().items() if t.dtype == torch.int8}
+    assert torch.equal(stored["dw"], plain["dw"]) and torch.equal(stored["head"], plain["head"])
+    assert q["int8s"].meta["weight_bits"] == {"conv2d": "int8s", "conv2d_1": "int8", "conv2d_2": "int8s",
+                                              "linear": "int8"}
+    def weight_err(h):  # the stem's and the pointwise conv's rounding error, relative
+        deq = {k.removesuffix("_weight_q"): h.get_param(k).float() * h.get_param(k.replace("_q", "_scale")).reshape(
+            -1, *[1] * (h.get_param(k).dim() - 1)) for k in h.params() if k.endswith("_weight_q")}
+        w = {"stem": model.stem.weight.detach(), "pw": model.pw.weight.detach()}
+        return float(sum(((deq[n] - w[n]) ** 2).sum() for n in w) / sum((w[n] ** 2).sum() for n in w)) ** 0.5
+    err = {k: weight_err(h) for k, h in q.items()}
+    ref = model(x).detach()
+    out = {k: float((h.run(x)[0] - ref).norm() / ref.norm()) for k, h in q.items()}
+    print("relative weight error:", {k: round(v, 5) for k, v in err.items()}, "output:", out)
+    assert err["int8"] < err["int8s"] < err["int7"], err
+    assert out["int8s"] < 0.05
