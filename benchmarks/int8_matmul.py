@@ -2,7 +2,9 @@
 one process, same thread count, on the same constant-weight linear layer (the 512^3 matmul of the CPU-kernel issue
 and MiniLM's FFN shapes). Times include quantizing the activation, as a quantized model pays it; ratios are
 time / ORT time (below 1.0 is faster). int7 rows: 7-bit weights (graphopt `quantize{weights=int7}`, ORT
-`reduce_range=True`), which make u8 x s8 pair products exact on AVX2 CPUs without VNNI.
+`reduce_range=True`), which make u8 x s8 pair products exact on AVX2 CPUs without VNNI; int8s: graphopt's int8
+weights with per-channel scales that keep every pair exact (`quantize{weights=int8s}`), the same kernel at a finer
+step. The JSON has each row's largest error against fp32.
 
     python benchmarks/int8_matmul.py --threads 2 --out benchmarks/results/int8_matmul.json
 """
@@ -47,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         graph = graphopt.trace(layer, (x,))
         q = graphopt.optimize(graph, "quantize,fold-qdq", data=calib)
         q7 = graphopt.optimize(graph, "quantize{weights=int7},fold-qdq", data=calib)
+        q8s = graphopt.optimize(graph, "quantize{weights=int8s},fold-qdq", data=calib)
         art = {name: graphopt.load(graphopt.compile(g, "llvm", output=work / f"{spec}-{name}"))
-               for name, g in (("fp32", graph), ("int8", q), ("int7", q7))}
+               for name, g in (("fp32", graph), ("int8", q), ("int8s", q8s), ("int7", q7))}
         onnx_fp32 = reference_onnx(graph, str(work / spec))
         name = ort_session(onnx_fp32, args.threads).get_inputs()[0].name
 
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                  "pytorch fp32": lambda: layer(x)}
         with torch.inference_mode():
             t = interleaved_medians(calls, runs=args.runs * 3)
-        outs = {**{f"graphopt {b}": art[b](xs)[0] for b in ("int8", "int7")},
+        outs = {**{f"graphopt {b}": art[b](xs)[0] for b in ("int8", "int8s", "int7")},
                 **{f"onnxruntime {b}": sessions[f"onnxruntime {b}"].run(None, {name: xs})[0] for b in ("int8", "int7")}}
         err = {key: float(np.abs(o - ref).max() / np.abs(ref).max()) for key, o in outs.items()}
         rows.append({"shape": spec, "macs": m * k * n, "ms": {key: round(v * 1e3, 4) for key, v in t.items()},
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                      "max_rel_err_vs_fp32": err})
         print(f"[{spec}] done", file=sys.stderr, flush=True)
 
-    keys = ["graphopt fp32", "graphopt int8", "graphopt int7", "onnxruntime fp32", "onnxruntime int8",
+    keys = ["graphopt fp32", "graphopt int8", "graphopt int8s", "graphopt int7", "onnxruntime fp32", "onnxruntime int8",
             "onnxruntime int7", "pytorch fp32"]
     lines = [f"{'shape MxKxN':<16} {'runtime':<18} {'ms':>8} {'GMAC/s':>7} {'/ORT fp32':>9} {'/ORT int8':>9}"
              f"   ({args.threads} threads)"]

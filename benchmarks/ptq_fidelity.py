@@ -1,9 +1,10 @@
 """int8 post-training quantization fidelity: graphopt `quantize` vs ONNX Runtime `quantize_static`, same model,
 same calibration crops, same evaluation crops (disjoint photo sets), per-channel int8 weights, int8 activations.
 
-Also compiles graphopt's percentile-calibrated int8 graph (after `fold-qdq`) and the fp32 graph with TVM, checks the
-artifact's top-1 agreement, and times both against ONNX Runtime fp32 and ORT's percentile int8 model in the same
-run (same threads; ratios are time / ORT time, below 1.0 is faster).
+Also compiles graphopt's percentile-calibrated int8 graph (after `fold-qdq`) and the fp32 graph with TVM, and the
+widths AVX2's u8 x s8 kernels take (int7, int8s), a size-budget and a latency-budget mixed-precision graph and a
+pruned one; checks each artifact's top-1 agreement, and times them against ONNX Runtime fp32 and ORT's percentile
+int8 model in the same run (same threads; ratios are time / ORT time, below 1.0 is faster).
 
     python benchmarks/ptq_fidelity.py --model mobilenet_v2
 """
@@ -85,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     arts["graphopt int7"] = graphopt.load(graphopt.compile(q7, "llvm", output=tmp / "int7"))
     record("graphopt-tvm", "percentile-int7", [arts["graphopt int7"](b[0].numpy())[0] for b in evals],
            time.perf_counter() - t0)
+    # int8 with per-channel scales that keep every u8 x s8 pair exact: int7's kernels at a finer step
+    t0 = time.perf_counter()
+    q8s = graphopt.optimize(graph, "quantize{calibrator=percentile weights=int8s},fold-qdq", data=calib)
+    arts["graphopt int8s"] = graphopt.load(graphopt.compile(q8s, "llvm", output=tmp / "int8s"))
+    record("graphopt-tvm", "percentile-int8s", [arts["graphopt int8s"](b[0].numpy())[0] for b in evals],
+           time.perf_counter() - t0)
     if args.mixed:  # per-layer int8/int4 weights from mixed-precision (size budget), int8 activations
         t0 = time.perf_counter()
         mixed = graphopt.optimize(graph, f"mixed-precision{{target={args.mixed} candidates=int8,int4}},"
@@ -137,22 +144,22 @@ def main(argv: list[str] | None = None) -> int:
     lat = interleaved_medians({**{k: a.prepared(x) for k, a in arts.items()},
                                "onnxruntime fp32": lambda: ort_fp32.run(None, feed),
                                "onnxruntime int8": lambda: ort_int8.run(None, feed)})
-    folders = {"graphopt fp32": "fp32", "graphopt int8": "int8", "graphopt int7": "int7",
+    folders = {"graphopt fp32": "fp32", "graphopt int8": "int8", "graphopt int7": "int7", "graphopt int8s": "int8s",
                f"graphopt mixed-{args.mixed}": "mixed", f"graphopt mixed-int7-{args.mixed_int7}": "mixed-int7",
                f"graphopt prune{round(args.prune * 100)}+int7": "pruned-int7"}
     size = {k: (tmp / folders.get(k, "pruned-int8") / "model.so").stat().st_size for k in arts}
 
-    lines = [f"{'tool':<12} {'calibrator':<15} {'top-1 agr':>9} {'top-5 agr':>9} {'KL':>8} {'SQNR dB':>8} "
+    lines = [f"{'tool':<12} {'calibrator':<16} {'top-1 agr':>9} {'top-5 agr':>9} {'KL':>8} {'SQNR dB':>8} "
              f"{'top-1 on confident':>18}   ({args.model}, {len(evals)} eval crops, {len(calib)} calibration crops, "
              f"{len(confident)} confident)"]
     for r in rows:
         conf = "n/a" if r["top1_confident"] is None else f"{r['top1_confident'] * 100:.1f}%"
-        lines.append(f"{r['tool']:<12} {r['calibrator']:<15} {r['top1'] * 100:>8.1f}% {r['top5'] * 100:>8.1f}% "
+        lines.append(f"{r['tool']:<12} {r['calibrator']:<16} {r['top1'] * 100:>8.1f}% {r['top5'] * 100:>8.1f}% "
                      f"{r['kl']:>8.4f} {r['sqnr_db']:>8.1f} {conf:>18}")
     lines += ["", f"{'batch-1 latency':<26} {'ms':>7} {'/ ORT fp32':>10} {'/ ORT int8':>10}   ({args.threads} threads)"]
     for k, v in lat.items():
-        lines.append(f"{k:<26} {v * 1e3:>7.2f} {v / lat['onnxruntime fp32']:>10.2f} {v / lat['onnxruntime int8']:>10.2f}"
-                     + (f"   model.so {size[k] / 1e6:.1f} MB" if k in size else ""))
+        lines.append(f"{k:<26} {v * 1e3:>7.2f} {v / lat['onnxruntime fp32']:>10.2f} "
+                     f"{v / lat['onnxruntime int8']:>10.2f}" + (f"   model.so {size[k] / 1e6:.1f} MB" if k in size else ""))
     table = "\n".join(lines)
     print(table)
     atomic_write_bytes(args.out, json.dumps({"model": args.model, "date": time.strftime("%Y-%m-%d"), "rows": rows,

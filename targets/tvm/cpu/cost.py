@@ -96,8 +96,8 @@ class CpuCostOracle:
         w = weight.numpy() if hasattr(weight, "numpy") else weight
         w = np.pad(w, ((0, 0), (0, k - w.shape[1])))
         if dot is None or (dot == "ubsw" and not ubsw_exact(w)):
-            return ("the int8 sparse kernel needs VNNI, or 7-bit weights (quantize{weights=int7}) on AVX2: "
-                    "u8 x s8 pairs of these weights could saturate vpmaddubsw")
+            return ("the int8 sparse kernel needs VNNI, or pair-bounded weights (quantize{weights=int8s} or "
+                    "int7) on AVX2: u8 x s8 pairs of these weights could saturate vpmaddubsw")
         return ""
 
     def measure(self, op: str, shape: tuple[int, int, int], layout: str, weight: torch.Tensor) -> float:
