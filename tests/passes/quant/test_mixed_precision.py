@@ -105,8 +105,9 @@ def test_latency_budget_measures_on_the_cpu(tmp_path, monkeypatch):
     assert again.measured == 0 and again.hits == 2
 
 
-class _Int7Costs:
-    """Known times: a pointwise conv takes 0.5 ms at int8 and 0.3 at int7; the depthwise conv 0.9 at int8."""
+class _PairWidthCosts:
+    """Known times: a pointwise conv takes 0.5 ms at int8 and 0.3 at int7 / int8s; the depthwise conv 0.9 at
+    int8."""
 
     def __init__(self):
         self.offered = {}
@@ -114,13 +115,16 @@ class _Int7Costs:
     def measure_variants(self, key, variants):
         dw = "(16, 1, 3, 3)" in key
         self.offered["dw" if dw else key] = sorted(variants)
-        return {c: {"fp32": 1e-3, "int8": 0.9e-3 if dw else 0.5e-3, "int7": 0.3e-3}[c] for c in variants}
+        return {c: {"fp32": 1e-3, "int8": 0.9e-3 if dw else 0.5e-3}.get(c, 0.3e-3) for c in variants}
 
 
-def test_latency_budget_mixes_int8_and_int7():
-    """candidates=int8,int7: int7 is offered only to the layers a u8 x s8 kernel reads (the depthwise conv is timed
-    at int8 alone), and a budget that needs one layer at int7 takes the pointwise conv whose 7 bits cost the least
-    error; it stores [-63, 63], the others full int8. Under budget=size int7 is refused (it saves no bytes)."""
+@pytest.mark.parametrize("narrow", ["int7", "int8s"])
+def test_latency_budget_mixes_int8_and_a_pair_width(narrow):
+    """candidates=int8,int7 (or int8s): the narrow width is offered only to the layers a u8 x s8 kernel reads (the
+    depthwise conv is timed at int8 alone), and a budget that needs one layer at it takes the pointwise conv whose
+    narrower step costs the least error; that layer's pairs fit the u8 x s8 bound (int7: [-63, 63]), the others are
+    full int8. Under budget=size the narrow widths are refused (they save no bytes)."""
+    from graphopt.ir.quant_ops import PAIR_BOUND, weight_pairs
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 1), torch.nn.ReLU(),
                                 torch.nn.Conv2d(16, 16, 3, padding=1, groups=16), torch.nn.ReLU(),
@@ -128,21 +132,31 @@ def test_latency_budget_mixes_int8_and_int7():
     x = torch.randn(1, 8, 10, 10)
     data = [(torch.randn(1, 8, 10, 10),) for _ in range(4)]
     g = graphopt.trace(model, (x,))
-    oracle = _Int7Costs()
-    # all int8: 3 x 0.5 + 0.9 = 2.4 ms; one pointwise conv at int7 makes 2.2 (0.917), under 0.94 x 2.4
-    mp = graphopt.optimize(g, "mixed-precision{budget=latency target=0.94 candidates=int8,int7}", data=data,
+    oracle = _PairWidthCosts()
+    # all int8: 3 x 0.5 + 0.9 = 2.4 ms; one pointwise conv narrowed makes 2.2 (0.917), under 0.94 x 2.4
+    mp = graphopt.optimize(g, f"mixed-precision{{budget=latency target=0.94 candidates=int8,{narrow}}}", data=data,
                            target=oracle)
     st = mp.meta["history"][-1]["stats"]
-    assert oracle.offered.pop("dw") == ["int8"] and all(v == ["int7", "int8"] for v in oracle.offered.values())
-    assert list(st["bits"].values()).count("int7") == 1 and st["bits"]["conv2d_1"] == "int8"
+    assert oracle.offered.pop("dw") == ["int8"] and all(v == sorted([narrow, "int8"])
+                                                         for v in oracle.offered.values())
+    assert list(st["bits"].values()).count(narrow) == 1 and st["bits"]["conv2d_1"] == "int8"
     pointwise = [n for n in st["bits"] if n != "conv2d_1"]
-    cost = {n: st["sensitivity"][n]["int7"] - st["sensitivity"][n]["int8"] for n in pointwise}
-    assert st["bits"][min(cost, key=cost.get)] == "int7", cost
+    cost = {n: st["sensitivity"][n][narrow] - st["sensitivity"][n]["int8"] for n in pointwise}
+    chosen = min(cost, key=cost.get)
+    assert st["bits"][chosen] == narrow, cost
     assert st["latency_fraction"] == pytest.approx(2.2 / 2.4, abs=1e-4)
-    amax = [int(t.abs().max()) for t in mp.params().values() if t.dtype == torch.int8]
-    assert sorted(amax) == [63, 127, 127, 127]
+    stored = {n.name: mp.get_param(n.args[1].args[0].target) for n in mp.gm.graph.nodes
+              if n.op == "call_function" and n.target is torch.ops.aten.conv2d.default}
+    assert sorted(stored) == sorted(st["bits"])
+    for n, q in stored.items():
+        pairs = weight_pairs(q.int())
+        bounded = pairs.clamp(min=0).sum(-1).max() <= PAIR_BOUND and (-pairs).clamp(min=0).sum(-1).max() <= PAIR_BOUND
+        if n != chosen:
+            assert int(q.abs().max()) == 127, n
+        else:
+            assert bounded and (int(q.abs().max()) == 63 if narrow == "int7" else int(q.abs().max()) > 63), n
     folded = graphopt.optimize(mp, "fold-qdq")
     got, ref = folded.run(x)[0], model(x).detach()
     assert float((got - ref).norm() / ref.norm()) < 0.05
     with pytest.raises(graphopt.PassOptionError, match="saves no bytes"):
-        graphopt.optimize(g, "mixed-precision{candidates=int8,int7}", data=data)
+        graphopt.optimize(g, f"mixed-precision{{candidates=int8,{narrow}}}", data=data)
