@@ -307,7 +307,7 @@ def test_cpu_oracle_says_when_int8_sparse_has_no_kernel(monkeypatch):
     w = torch.zeros(16, 32, dtype=torch.int8)
     w[:8, :4] = 127  # full range: vpmaddubsw pairs could saturate
     monkeypatch.setattr(int8, "int8_dot", lambda target: "ubsw")
-    assert "7-bit weights" in o.applies("bsr8x4", w, "qlinear")
+    assert "pair-bounded weights" in o.applies("bsr8x4", w, "qlinear")
     assert "8x4 blocks" in o.applies("bsr4x4", w, "qlinear")
     assert o.applies("bsr8x4", w // 2, "qlinear") == "" and o.applies("dense", w, "qlinear") == ""
     assert o.applies("csr", w, "qlinear") == ""  # the CSR kernel's int16 pairs are exact for any int8 weight
