@@ -24,7 +24,7 @@ from graphopt.ir.names import unmatched_patterns
 from graphopt.ir.observe import observe_outputs
 from graphopt.ir.printer import target_name
 from graphopt.ir.quant_ops import DTYPE_RANGES
-from graphopt.passes.quant.quantize import (PAIR_WIDTHS, pair_kernel_skips, quantizable_ops, quantize_op_weight,
+from graphopt.passes.quant.quantize import (PAIR_WIDTHS, layer_width, quantizable_ops, quantize_op_weight,
                                            quantize_weight)
 from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, register_pass
 
@@ -232,7 +232,7 @@ def _run_latency(o, graph: Graph, ctx: PassContext, ops, cands, batches) -> Pass
         layer = trace(_Layer(op.target, w, b, op.args[3:]).eval(), (x,))
         variants = {}
         # int7 / int8s only where a u8 x s8 kernel reads the weight; elsewhere int8 (as quantize does)
-        for c in dict.fromkeys("int8" if c in PAIR_WIDTHS and pair_kernel_skips(op) else c for c in cands):
+        for c in dict.fromkeys(layer_width(op, c) for c in cands):
             if c == "fp32":
                 variants[c] = (layer, (x.numpy(),))
             else:

@@ -85,6 +85,11 @@ def pair_kernel_skips(op: fx.Node) -> str:
     return "" if int(groups) == 1 else f"a conv of {int(groups)} groups has no u8 x s8 kernel"
 
 
+def layer_width(op: fx.Node, bits: str) -> str:
+    """The width `quantize{weights=bits}` stores `op`'s weight at: `bits`, or int8 where a pair width buys nothing."""
+    return "int8" if bits in PAIR_WIDTHS and pair_kernel_skips(op) else bits
+
+
 def quantize_op_weight(graph: Graph, op: fx.Node, bits: str, per_channel: bool = True) -> None:
     """Store `op`'s weight as per-channel int8/int4 behind a dequantize node (the op reads the dequantized weight)."""
     w = op.args[1]
@@ -126,7 +131,7 @@ def correct_biases(graph: Graph, ops: list[fx.Node], batches, bits: str, per_cha
     err_w, sums, counts = {}, {}, {}
     for op in ops:
         w = graph.get_param(op.args[1].target).float()
-        q, scales, _ = quantize_weight(w, bits, per_channel)
+        q, scales, _ = quantize_weight(w, layer_width(op, bits), per_channel)
         err_w[op.name] = w - q.float() * scales.reshape(-1, *[1] * (w.dim() - 1))
 
     def record(name: str, x: torch.Tensor) -> None:
@@ -259,9 +264,9 @@ class Quantize(Pass):
         kept_int8, bits = {}, {}
         for op in [n for n in g.nodes if n in set(ops) | set(kept_bits)]:
             if op not in kept_bits:
-                bits[op.name] = o.weights
-                if o.weights in PAIR_WIDTHS and (why := pair_kernel_skips(op)):
-                    kept_int8[op.name], bits[op.name] = why, "int8"
+                bits[op.name] = layer_width(op, o.weights)
+                if bits[op.name] != o.weights:
+                    kept_int8[op.name] = pair_kernel_skips(op)
                 quantize_op_weight(graph, op, bits[op.name], o.per_channel)
             x = op.args[0]
             if observers and isinstance(x, fx.Node) and x.name in observers:

@@ -314,6 +314,10 @@ def test_int7_narrows_only_the_layers_a_pair_kernel_reads():
     assert all(int(t.abs().max()) == 63 for t in everywhere.params().values() if t.dtype == torch.int8)
     print(f"relative error to fp32: int7 where it pays {err(q):.4f}, everywhere {err(everywhere):.4f}")
     assert err(q) < err(everywhere) and err(q) < 0.05, (err(q), err(everywhere))
+    # bias correction measures each layer at the width it is stored at: the depthwise conv's as under int8
+    bc = {w: graphopt.optimize(g, f"quantize{{weights={w} bias-correction=true}}", data=data) for w in ("int7", "int8")}
+    dw_bias = {w: [t for k, t in h.params().items() if k.startswith("dw") and "bias" in k] for w, h in bc.items()}
+    assert len(dw_bias["int7"]) == 1 and torch.equal(dw_bias["int7"][0], dw_bias["int8"][0])
     # rows to tile: a linear over 10 tokens is narrowed
     seq = torch.nn.Sequential(torch.nn.Linear(32, 16)).eval()
     t = torch.randn(1, 10, 32)
