@@ -80,47 +80,35 @@ def main(argv: list[str] | None = None) -> int:
     fp32_art = graphopt.load(graphopt.compile(graph, "llvm", output=tmp / "fp32"))
     record("graphopt-tvm", "percentile", [int8_art(b[0].numpy())[0] for b in evals], time.perf_counter() - t0)
     arts = {"graphopt fp32": fp32_art, "graphopt int8": int8_art}
-    # 7-bit weights: the exact u8 x s8 kernels on AVX2 CPUs without VNNI (ORT's reduce_range, without saturation)
-    t0 = time.perf_counter()
-    q7 = graphopt.optimize(graph, "quantize{calibrator=percentile weights=int7},fold-qdq", data=calib)
-    arts["graphopt int7"] = graphopt.load(graphopt.compile(q7, "llvm", output=tmp / "int7"))
-    record("graphopt-tvm", "percentile-int7", [arts["graphopt int7"](b[0].numpy())[0] for b in evals],
-           time.perf_counter() - t0)
-    # int8 with per-channel scales that keep every u8 x s8 pair exact: int7's kernels at a finer step
-    t0 = time.perf_counter()
-    q8s = graphopt.optimize(graph, "quantize{calibrator=percentile weights=int8s},fold-qdq", data=calib)
-    arts["graphopt int8s"] = graphopt.load(graphopt.compile(q8s, "llvm", output=tmp / "int8s"))
-    record("graphopt-tvm", "percentile-int8s", [arts["graphopt int8s"](b[0].numpy())[0] for b in evals],
-           time.perf_counter() - t0)
+    folders = {"graphopt fp32": "fp32", "graphopt int8": "int8"}
+
+    def add_artifact(label: str, folder: str, calibrator: str, pipeline: str, bits_row: bool = False, **kw) -> None:
+        """Optimize, compile and load one more graphopt artifact; its fidelity row (with its layers' widths)."""
+        t0 = time.perf_counter()
+        g = graphopt.optimize(graph, pipeline, data=calib, **kw)
+        arts[label], folders[label] = graphopt.load(graphopt.compile(g, "llvm", output=tmp / folder)), folder
+        record("graphopt-tvm", calibrator, [arts[label](b[0].numpy())[0] for b in evals], time.perf_counter() - t0)
+        if bits_row:
+            bits = list(g.meta["weight_bits"].values())
+            rows[-1]["weight_bits"] = {b: bits.count(b) for b in sorted(set(bits))}
+
+    # 7-bit weights: the exact u8 x s8 kernels on AVX2 CPUs without VNNI (ORT's reduce_range, without saturation);
+    # int8s: int8 with per-channel scales that keep every u8 x s8 pair exact, the same kernels at a finer step
+    for w in ("int7", "int8s"):
+        add_artifact(f"graphopt {w}", w, f"percentile-{w}", f"quantize{{calibrator=percentile weights={w}}},fold-qdq")
     if args.mixed:  # per-layer int8/int4 weights from mixed-precision (size budget), int8 activations
-        t0 = time.perf_counter()
-        mixed = graphopt.optimize(graph, f"mixed-precision{{target={args.mixed} candidates=int8,int4}},"
-                                         "quantize{calibrator=percentile bias-correction=true},fold-qdq", data=calib)
-        label = f"graphopt mixed-{args.mixed}"
-        arts[label] = graphopt.load(graphopt.compile(mixed, "llvm", output=tmp / "mixed"))
-        bits = list(mixed.meta["weight_bits"].values())
-        record("graphopt-tvm", f"mixed{args.mixed}", [arts[label](b[0].numpy())[0] for b in evals],
-               time.perf_counter() - t0)
-        rows[-1]["weight_bits"] = {b: bits.count(b) for b in sorted(set(bits))}
+        add_artifact(f"graphopt mixed-{args.mixed}", "mixed", f"mixed{args.mixed}",
+                     f"mixed-precision{{target={args.mixed} candidates=int8,int4}},"
+                     "quantize{calibrator=percentile bias-correction=true},fold-qdq", bits_row=True)
     if args.mixed_int7:  # int8 or int7 per layer from measured layer times and sensitivity
-        t0 = time.perf_counter()
-        mixed7 = graphopt.optimize(graph, f"mixed-precision{{budget=latency target={args.mixed_int7} "
-                                          "candidates=int8,int7},fold-qdq", data=calib, target="llvm")
-        label = f"graphopt mixed-int7-{args.mixed_int7}"
-        arts[label] = graphopt.load(graphopt.compile(mixed7, "llvm", output=tmp / "mixed-int7"))
-        bits = list(mixed7.meta["weight_bits"].values())
-        record("graphopt-tvm", f"mixed-int7-{args.mixed_int7}", [arts[label](b[0].numpy())[0] for b in evals],
-               time.perf_counter() - t0)
-        rows[-1]["weight_bits"] = {b: bits.count(b) for b in sorted(set(bits))}
+        add_artifact(f"graphopt mixed-int7-{args.mixed_int7}", "mixed-int7", f"mixed-int7-{args.mixed_int7}",
+                     f"mixed-precision{{budget=latency target={args.mixed_int7} candidates=int8,int7}},fold-qdq",
+                     bits_row=True, target="llvm")
     if args.prune:  # the compressed artifact: channels pruned (no fine-tuning), then int8 or int7 weights
         for bits in ("int8", "int7"):
-            t0 = time.perf_counter()
             tag = f"prune{round(args.prune * 100)}+{bits}"
-            pq = graphopt.optimize(graph, f"prune-channels{{ratio={args.prune}}},"
-                                          f"quantize{{calibrator=percentile weights={bits}}},fold-qdq", data=calib)
-            arts[f"graphopt {tag}"] = graphopt.load(graphopt.compile(pq, "llvm", output=tmp / f"pruned-{bits}"))
-            record("graphopt-tvm", tag, [arts[f"graphopt {tag}"](b[0].numpy())[0] for b in evals],
-                   time.perf_counter() - t0)
+            add_artifact(f"graphopt {tag}", f"pruned-{bits}", tag, f"prune-channels{{ratio={args.prune}}},"
+                         f"quantize{{calibrator=percentile weights={bits}}},fold-qdq")
 
     fp32 = reference_onnx(graph, str(tmp))
     input_name = graph.inputs[0].name
@@ -144,10 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     lat = interleaved_medians({**{k: a.prepared(x) for k, a in arts.items()},
                                "onnxruntime fp32": lambda: ort_fp32.run(None, feed),
                                "onnxruntime int8": lambda: ort_int8.run(None, feed)})
-    folders = {"graphopt fp32": "fp32", "graphopt int8": "int8", "graphopt int7": "int7", "graphopt int8s": "int8s",
-               f"graphopt mixed-{args.mixed}": "mixed", f"graphopt mixed-int7-{args.mixed_int7}": "mixed-int7",
-               f"graphopt prune{round(args.prune * 100)}+int7": "pruned-int7"}
-    size = {k: (tmp / folders.get(k, "pruned-int8") / "model.so").stat().st_size for k in arts}
+    size = {k: (tmp / folders[k] / "model.so").stat().st_size for k in arts}
 
     lines = [f"{'tool':<12} {'calibrator':<16} {'top-1 agr':>9} {'top-5 agr':>9} {'KL':>8} {'SQNR dB':>8} "
              f"{'top-1 on confident':>18}   ({args.model}, {len(evals)} eval crops, {len(calib)} calibration crops, "
@@ -158,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['kl']:>8.4f} {r['sqnr_db']:>8.1f} {conf:>18}")
     lines += ["", f"{'batch-1 latency':<26} {'ms':>7} {'/ ORT fp32':>10} {'/ ORT int8':>10}   ({args.threads} threads)"]
     for k, v in lat.items():
+        mb = f"   model.so {size[k] / 1e6:.1f} MB" if k in size else ""
         lines.append(f"{k:<26} {v * 1e3:>7.2f} {v / lat['onnxruntime fp32']:>10.2f} "
-                     f"{v / lat['onnxruntime int8']:>10.2f}" + (f"   model.so {size[k] / 1e6:.1f} MB" if k in size else ""))
+                     f"{v / lat['onnxruntime int8']:>10.2f}{mb}")
     table = "\n".join(lines)
     print(table)
     atomic_write_bytes(args.out, json.dumps({"model": args.model, "date": time.strftime("%Y-%m-%d"), "rows": rows,
