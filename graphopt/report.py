@@ -55,8 +55,12 @@ def compile_report(reference: Graph, optimized: Graph, artifact: Path, manifest:
         f"  params     {human(before.params)} -> {human(after.params)}",
         f"  MACs       {human(before.macs)} -> {human(after.macs)}",
         f"  weights    {human(before.bytes, 'B')} -> {human(after.bytes, 'B')}",
-        f"  artifact   {human(size, 'B')} in {artifact} (build {manifest.get('build_seconds', 0):.1f} s)",
     ]
+    widths = Counter((optimized.meta.get("weight_bits") or {}).values())
+    if widths:  # quantize / mixed-precision: how many layers at each width (int7, int8s keep some layers int8)
+        lines.append("  widths     " + ", ".join(f"{n} layer(s) {w}" for w, n in widths.most_common())
+                     + "; per layer in manifest.json")
+    lines.append(f"  artifact   {human(size, 'B')} in {artifact} (build {manifest.get('build_seconds', 0):.1f} s)")
     sparse = manifest.get("sparse_layout") or {}
     if sparse and str(tinfo.get("kind", manifest.get("target"))) == "llvm":  # the GPU report has its own
         counts = Counter(r.get("choice", "dense") for r in sparse.values())

@@ -159,8 +159,8 @@ def test_compile_for_cuda_sparse_prints_the_gpu_report(tmp_path, onnx_model):
 
 def test_compile_report_names_the_int8_product_only_for_int8_graphs(tmp_path):
     """The report's target line says which int8 instruction the build uses (vpdpbusd with VNNI), and says nothing
-    about it for a float graph, where it would only confuse; after select-sparse-layout a line counts the layers per
-    chosen layout."""
+    about it for a float graph, where it would only confuse; a quantized graph's layers are counted per weight
+    width; after select-sparse-layout a line counts the layers per chosen layout."""
     import graphopt
     from graphopt.report import compile_report
     torch.manual_seed(0)
@@ -172,6 +172,8 @@ def test_compile_report_names_the_int8_product_only_for_int8_graphs(tmp_path):
     assert "int8 products on vpdpbusd (VNNI)" in compile_report(g, q, tmp_path, manifest, None, None)
     assert "int8 products" not in compile_report(g, g, tmp_path, manifest, None, None)
     assert "sparse " not in compile_report(g, q, tmp_path, manifest, None, None)
+    assert "widths     2 layer(s) int8;" in compile_report(g, q, tmp_path, manifest, None, None)
+    assert "widths" not in compile_report(g, g, tmp_path, manifest, None, None)
     manifest["sparse_layout"] = {"w1": {"choice": "csr", "best_speedup": 3.1, "timing_source": "measured"},
                                  "w2": {"choice": "dense", "best_speedup": 1.02, "timing_source": "measured"},
                                  "w3": {"choice": "csr", "best_speedup": 2.5, "timing_source": "measured"}}
