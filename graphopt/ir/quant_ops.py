@@ -30,6 +30,13 @@ def weight_pairs(w: torch.Tensor) -> torch.Tensor:
     return w.reshape(w.shape[0], w.shape[1] // 2, 2, *w.shape[2:]).movedim(2, -1)
 
 
+def pairs_bounded(q: torch.Tensor) -> bool:
+    """Whether every pair of integer weights q [Cout, Cin, ...] stays within PAIR_BOUND (the u8 x s8 kernels are
+    exact on it)."""
+    pairs = weight_pairs(q.int())
+    return max(int(pairs.clamp(min=0).sum(-1).max()), int((-pairs).clamp(min=0).sum(-1).max())) <= PAIR_BOUND
+
+
 def pair_bounded_scales(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Per output channel, the smallest scale >= `scales` at which w's rounded pairs stay within PAIR_BOUND:
     round(a / s) + round(b / s) <= P / s + 1 <= PAIR_BOUND for P (the channel's largest same-sign pair sum)

@@ -15,8 +15,8 @@ import torch
 
 from graphopt.errors import GraphoptError
 from graphopt.ir.graph import Graph
-from graphopt.ir.quant_ops import (DTYPE_RANGES, PAIR_BOUND, fake_quant_per_channel, fake_quant_per_tensor,
-                                   pair_bounded_scales, weight_pairs)
+from graphopt.ir.quant_ops import (DTYPE_RANGES, fake_quant_per_channel, fake_quant_per_tensor, pair_bounded_scales,
+                                   pairs_bounded)
 from graphopt.passes.distill.recover import TrainOptions
 from graphopt.passes.distill.trainer import Trainer, trainer_from_ctx
 from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, register_pass
@@ -41,10 +41,7 @@ def _weight_width(graph: Graph, dq: torch.fx.Node) -> str:
     amax = int(q.abs().max())
     if amax <= 63:
         return "int4" if amax <= 7 else "int7"
-    pairs = weight_pairs(q.int()) if q.dim() >= 2 else None
-    bounded = pairs is not None and max(int(pairs.clamp(min=0).sum(-1).max()),
-                                        int((-pairs).clamp(min=0).sum(-1).max())) <= PAIR_BOUND
-    return "int8s" if bounded else "int8"
+    return "int8s" if q.dim() >= 2 and pairs_bounded(q) else "int8"
 
 
 @register_pass

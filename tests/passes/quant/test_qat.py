@@ -87,9 +87,13 @@ def test_qat_keeps_int8s_pairs_within_the_u8s8_bound():
     model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 8, 1)).eval()
     data = [(torch.randn(2, 8, 10, 10),) for _ in range(4)]
     g = graphopt.trace(model, data[0])
-    q = graphopt.optimize(g, "quantize{weights=int8s},qat{epochs=3 lr=0.05}", data=data)
-    assert q.meta["history"][-1]["stats"]["weight_widths"] == {"int8s": 2}
-    for t in (t for t in q.params().values() if t.dtype == torch.int8):
-        pairs = weight_pairs(t.int())
-        assert int(t.abs().max()) > 63
-        assert pairs.clamp(min=0).sum(-1).max() <= PAIR_BOUND and (-pairs).clamp(min=0).sum(-1).max() <= PAIR_BOUND
+    ptq = graphopt.optimize(g, "quantize{weights=int8s}", data=data)
+    unrecorded = ptq.clone()
+    unrecorded.meta["weight_bits"] = {}  # e.g. a graph assembled elsewhere: the stored pairs say the width
+    for start in (ptq, unrecorded):
+        q = graphopt.optimize(start, "qat{epochs=3 lr=0.05}", data=data)
+        assert q.meta["history"][-1]["stats"]["weight_widths"] == {"int8s": 2}
+        for t in (t for t in q.params().values() if t.dtype == torch.int8):
+            pairs = weight_pairs(t.int())
+            assert int(t.abs().max()) > 63
+            assert pairs.clamp(min=0).sum(-1).max() <= PAIR_BOUND and (-pairs).clamp(min=0).sum(-1).max() <= PAIR_BOUND
