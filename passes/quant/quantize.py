@@ -192,8 +192,8 @@ def activation_matmuls(graph: Graph, exclude: list[str]) -> list[fx.Node]:
 @register_pass
 class Quantize(Pass):
     name = "quantize"
-    summary = ("Post-training quantization to Q/DQ: per-channel symmetric int8/int4 weights, optional per-tensor "
-               "affine int8 activations calibrated on the context's data (streaming).")
+    summary = ("Post-training quantization to Q/DQ: per-channel symmetric int8/int8s/int7/int4 weights, optional "
+               "per-tensor affine int8 activations calibrated on the context's data (streaming).")
     contract = Contract.BOUNDED
     min_sqnr_db = 12.0  # int4 weights on small layers sit around 15-20 dB; below 12 something is wrong
 
