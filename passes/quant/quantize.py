@@ -85,6 +85,21 @@ def pair_kernel_skips(op: fx.Node) -> str:
     return "" if int(groups) == 1 else f"a conv of {int(groups)} groups has no u8 x s8 kernel"
 
 
+def _resolve_width(weights: str, ctx: PassContext) -> tuple[str, str]:
+    """weights=auto: int8s where the context's target multiplies int8 with AVX2's `vpmaddubsw` (exact only for
+    pair-bounded weights), int8 elsewhere (VNNI is exact for any int8 weight; other targets, or none, take int8).
+    Returns (width, why) with why empty unless auto chose."""
+    if weights != "auto":
+        return weights, ""
+    ask = getattr(ctx.target, "int8_product", None)
+    product = ask() if callable(ask) else None
+    if product == "ubsw":
+        return "int8s", "int8s: the target multiplies int8 with vpmaddubsw (AVX2, no VNNI)"
+    if product == "vnni":
+        return "int8", "int8: the target's vpdpbusd (VNNI) is exact for any int8 weight"
+    return "int8", ("int8: the target has no u8 x s8 int8 kernels" if callable(ask) else "int8: no target to ask")
+
+
 def layer_width(op: fx.Node, bits: str) -> str:
     """The width `quantize{weights=bits}` stores `op`'s weight at: `bits`, or int8 where a pair width buys nothing."""
     return "int8" if bits in PAIR_WIDTHS and pair_kernel_skips(op) else bits
@@ -199,8 +214,9 @@ class Quantize(Pass):
 
     @dataclass
     class Options:
-        weights: Literal["int8", "int8s", "int7", "int4"] = field(default="int8", metadata={
-            "help": "weight bit width. int8s: int8 whose per-channel scale is just coarse enough that no pair of "
+        weights: Literal["int8", "int8s", "int7", "int4", "auto"] = field(default="int8", metadata={
+            "help": "weight bit width. auto: int8s where the target multiplies int8 with AVX2's vpmaddubsw (no "
+                    "VNNI), else int8 (graphopt compile/opt ask the host CPU). int8s: int8 whose per-channel scale is just coarse enough that no pair of "
                     "weights AVX2's exact u8 x s8 kernel adds (input channels 2m, 2m+1 at one tap) can saturate "
                     "int16: that kernel's speed (~1.25x the int8 GEMM without VNNI) at a median 1.3x the int8 step; "
                     "int7: values in [-63, 63], the same kernel at 2x the step. Depthwise convs and one-row "
@@ -231,6 +247,7 @@ class Quantize(Pass):
         o = self.options
         for pat in unmatched_patterns(graph, o.exclude):
             raise CalibrationError(f"quantize option 'exclude': '{pat}' matches no node or parameter")
+        weights, auto_reason = _resolve_width(o.weights, ctx)
         ops, skipped = quantizable_ops(graph, o.exclude)
         kept_bits = prequantized_ops(graph, o.exclude) if o.activations == "int8" else []
         for op in kept_bits:
@@ -253,7 +270,7 @@ class Quantize(Pass):
             if not ctx.data:
                 raise CalibrationError("quantize{bias-correction=true} measures the rounding shift on data: give "
                                        "calibration data (optimize(..., data=...) or --inputs)")
-            corrected = correct_biases(graph, ops, list(ctx.data)[: o.calib_batches], o.weights, o.per_channel)
+            corrected = correct_biases(graph, ops, list(ctx.data)[: o.calib_batches], weights, o.per_channel)
         qmin, qmax, _ = DTYPE_RANGES["int8"]
         g = graph.gm.graph
         act_q = {}
@@ -264,8 +281,8 @@ class Quantize(Pass):
         kept_int8, bits = {}, {}
         for op in [n for n in g.nodes if n in set(ops) | set(kept_bits)]:
             if op not in kept_bits:
-                bits[op.name] = layer_width(op, o.weights)
-                if bits[op.name] != o.weights:
+                bits[op.name] = layer_width(op, weights)
+                if bits[op.name] != weights:
                     kept_int8[op.name] = pair_kernel_skips(op)
                 quantize_op_weight(graph, op, bits[op.name], o.per_channel)
             x = op.args[0]
@@ -278,7 +295,8 @@ class Quantize(Pass):
         return PassResult(graph, True, {"weights_quantized": len(ops), "weight_bits_kept": len(kept_bits),
                                         "activations_quantized": len(act_q), "matmuls_quantized": len(matmuls),
                                         "attention_kept_fused": attention_kept,
-                                        "weight_bits": o.weights, "pair_width_kept_int8": kept_int8,
+                                        "weight_bits": weights, "pair_width_kept_int8": kept_int8,
+                                        **({"weights_auto": auto_reason} if auto_reason else {}),
                                         "calibrator": o.calibrator if observers else None,
                                         "bias_corrected": len(corrected),
                                         "largest_bias_shift": max(corrected.values(), default=0.0),

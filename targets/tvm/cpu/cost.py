@@ -59,6 +59,13 @@ class CpuCostOracle:
     def describe(self) -> str:
         return str(self.target)
 
+    def int8_product(self) -> str | None:
+        """The instruction this target's int8 kernels multiply with: "vnni" (`vpdpbusd`, exact for any int8
+        weight), "ubsw" (AVX2 `vpmaddubsw`, exact for pair-bounded weights: `quantize{weights=int8s|int7}`) or None
+        (no int8 kernels). `quantize{weights=auto}` asks it."""
+        from graphopt.targets.tvm.cpu.int8 import int8_dot
+        return int8_dot(self.target)
+
     def _key(self, op: str, shape, layout: str, nnzb: int, weight=None) -> str:
         key = f"{self.target}|{kernels_tag()}|{op}|{'x'.join(map(str, shape))}|{layout}|{nnzb}"
         if op.startswith("q") and weight is not None:  # which dense int8 kernel the weight gets depends on its range

@@ -377,3 +377,37 @@ def test_int8s_uses_the_int8_range_within_the_pair_bound():
     print("relative weight error:", {k: round(v, 5) for k, v in err.items()}, "output:", out)
     assert err["int8"] < err["int8s"] < err["int7"], err
     assert out["int8s"] < 0.05
+
+
+class _Product:
+    """A target that only says which int8 product it has (and satisfies optimize's oracle check)."""
+
+    def __init__(self, product):
+        self.product = product
+
+    def measure(self, *args):
+        raise AssertionError("quantize measures nothing")
+
+    def int8_product(self):
+        return self.product
+
+
+def test_auto_width_follows_the_targets_int8_product():
+    """weights=auto: int8s where the target multiplies int8 with vpmaddubsw (AVX2 without VNNI), int8 with VNNI,
+    with no int8 kernels or with no target; the record says which and why. The host CPU's oracle answers too."""
+    from graphopt.targets.tvm.cpu.int8 import int8_dot
+    from graphopt.targets.tvm.host import cpu_target
+    torch.manual_seed(0)
+    model = _Int7Mix().eval()
+    x = torch.randn(1, 3, 12, 12)
+    data = [(torch.randn(1, 3, 12, 12),) for _ in range(2)]
+    g = graphopt.trace(model, (x,))
+    for target, width, why in ((_Product("ubsw"), "int8s", "vpmaddubsw"), (_Product("vnni"), "int8", "VNNI"),
+                               (_Product(None), "int8", "no u8 x s8"), (None, "int8", "no target")):
+        q = graphopt.optimize(g, "quantize{weights=auto}", data=data, target=target)
+        st = q.meta["history"][-1]["stats"]
+        assert st["weight_bits"] == width and why in st["weights_auto"], st
+        assert q.meta["weight_bits"]["conv2d"] == width and q.meta["weight_bits"]["conv2d_1"] == "int8"
+    host = graphopt.optimize(g, "quantize{weights=auto}", data=data, target="llvm")
+    assert host.meta["history"][-1]["stats"]["weight_bits"] == ("int8s" if int8_dot(cpu_target()) == "ubsw"
+                                                                else "int8")
