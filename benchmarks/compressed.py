@@ -60,18 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=30, help="timed runs per runtime (median)")
     ap.add_argument("--out", default="benchmarks/results/compressed.json")
-    ap.add_argument("--plot", metavar="PNG", help="also draw speed-up over ORT fp32 against fidelity, marker area = "
-                    "artifact size, one panel per model")
-    ap.add_argument("--replot", action="store_true", help="only redraw --plot from the results in --out (no run)")
+    from graphopt.plots import add_plot_options, replot_asked
+    add_plot_options(ap, "speed-up over ORT fp32 against fidelity, marker area = artifact size, one panel per "
+                         "model")
     args = ap.parse_args(argv)
-    if args.replot:
-        if not args.plot:
-            ap.error("--replot needs --plot PNG")
-        from graphopt.plots import replot
-        try:
-            print(f"wrote {replot(args.out, args.plot, plot)}")
-        except ValueError as e:
-            ap.error(f"--replot: {e}")
+    if replot_asked(ap, args, plot):
         return 0
     fractions = {}
     for opt in ("prune", "sparse", "sparse_int8"):  # checked before any model is loaded

@@ -77,18 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--patterns", default="block4x4,unstructured,int7-block8x4,int8-unstructured",
                     help="weight patterns to time (comma-separated); rows of the others already in --out are kept")
     ap.add_argument("--out", default="benchmarks/results/sparse_kernels.json")
-    ap.add_argument("--plot", metavar="PNG", help="also draw speed-up over the dense kernel against sparsity, a "
-                    "panel per layer shape, a line per pattern, with the 0.5/density goal")
-    ap.add_argument("--replot", action="store_true", help="only redraw --plot from the results in --out (no run)")
+    from graphopt.plots import add_plot_options, replot_asked
+    add_plot_options(ap, "speed-up over the dense kernel against sparsity, a panel per layer shape, a line per "
+                         "pattern, with the 0.5/density goal")
     args = ap.parse_args(argv)
-    if args.replot:
-        if not args.plot:
-            ap.error("--replot needs --plot PNG")
-        from graphopt.plots import replot
-        try:
-            print(f"wrote {replot(args.out, args.plot, plot)}")
-        except ValueError as e:
-            ap.error(f"--replot: {e}")
+    if replot_asked(ap, args, plot):
         return 0
 
     import os

@@ -154,3 +154,23 @@ def replot(results: str | Path, png: str | Path, draw) -> str:
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{results} does not hold this benchmark's results ({type(e).__name__}: {e}); nothing "
                          "was drawn") from e
+
+
+def add_plot_options(ap, what: str) -> None:
+    """A benchmark's `--plot PNG` (draw `what` after the run) and `--replot` (redraw from --out, no run)."""
+    ap.add_argument("--plot", metavar="PNG", help=f"also draw {what}")
+    ap.add_argument("--replot", action="store_true", help="only redraw --plot from the results in --out (no run)")
+
+
+def replot_asked(ap, args, draw) -> bool:
+    """When --replot was given: redraw --plot from --out with `draw` and say so (a bad results file or a missing
+    --plot is a usage error naming it, via `ap.error`); True when the benchmark should stop there."""
+    if not args.replot:
+        return False
+    if not args.plot:
+        ap.error("--replot needs --plot PNG")
+    try:
+        print(f"wrote {replot(args.out, args.plot, draw)}")
+    except ValueError as e:
+        ap.error(f"--replot: {e}")
+    return True
