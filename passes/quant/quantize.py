@@ -216,11 +216,11 @@ class Quantize(Pass):
     class Options:
         weights: Literal["int8", "int8s", "int7", "int4", "auto"] = field(default="int8", metadata={
             "help": "weight bit width. auto: int8s where the target multiplies int8 with AVX2's vpmaddubsw (no "
-                    "VNNI), else int8 (graphopt compile/opt ask the host CPU). int8s: int8 whose per-channel scale is just coarse enough that no pair of "
-                    "weights AVX2's exact u8 x s8 kernel adds (input channels 2m, 2m+1 at one tap) can saturate "
-                    "int16: that kernel's speed (~1.25x the int8 GEMM without VNNI) at a median 1.3x the int8 step; "
-                    "int7: values in [-63, 63], the same kernel at 2x the step. Depthwise convs and one-row "
-                    "linears, which no such kernel reads, stay int8 under both"})
+                    "VNNI), else int8 (graphopt compile/opt ask the host CPU). int8s: int8 whose per-channel scale "
+                    "is just coarse enough that no pair of weights AVX2's exact u8 x s8 kernel adds (input "
+                    "channels 2m, 2m+1 at one tap) can saturate int16: that kernel's speed (~1.25x the int8 GEMM "
+                    "without VNNI) at a median 1.3x the int8 step; int7: values in [-63, 63], the same kernel at 2x "
+                    "the step. Depthwise convs and one-row linears, which no such kernel reads, stay int8 under both"})
         activations: Literal["int8", "none"] = field(default="int8", metadata={
             "help": "int8: quantize conv/linear inputs (needs data); none: weight-only"})
         calibrator: Literal["minmax", "percentile", "mse", "entropy"] = field(default="minmax", metadata={
