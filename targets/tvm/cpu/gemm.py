@@ -63,12 +63,20 @@ def pack_weight(w: np.ndarray, nr: int) -> np.ndarray:
     return np.ascontiguousarray(w.T.reshape(k, n // nr, nr).transpose(1, 0, 2))
 
 
+def panel_width(n: int, lanes: int) -> int:
+    """Columns of a packed weight panel: two vectors, or one of 16 floats where AVX-512's two would be wider than the
+    layer (16 <= N < 32: those layers kept the 16-column panel they have on AVX2); 0 where N fills neither."""
+    if n >= 2 * lanes:
+        return 2 * lanes
+    return lanes if lanes >= 16 and n >= lanes else 0
+
+
 def gemm_knobs(m: int, n: int, lanes: int) -> tuple[dict, list[dict]]:
     """The rule's register tile (`mr` rows x `nr` columns of y: 6 x 2 vectors) and the candidates tuning may measure
     (`knobs.py`): 8 x 1, 6 x 2 and 3 x 4 vectors, 8-12 accumulator registers of AVX2's 16, where the layer has rows
     for two tiles and columns for one panel. 4 x 3 is not one: LLVM legalizes the 24-lane vectors so badly that it
     ran 8x slower inside MiniLM."""
-    rule = {"mr": MR, "nr": 2 * lanes}
+    rule = {"mr": MR, "nr": 2 * lanes} if panel_width(n, lanes) == 2 * lanes else {"mr": 8, "nr": lanes}
     cands = [{"mr": mr, "nr": v * lanes} for v, mr in ((1, 8), (2, MR), (4, 3))
              if m >= 2 * mr and n >= v * lanes]
     return rule, cands if rule in cands else [rule]
@@ -76,7 +84,7 @@ def gemm_knobs(m: int, n: int, lanes: int) -> tuple[dict, list[dict]]:
 
 def packed_linear_applies(m: int, n: int, nr: int) -> bool:
     """Worth it when there are rows to block (batch-1 GEMV keeps the rules' kernel); N is padded to whole panels."""
-    return m >= 2 * MR and n >= nr
+    return m >= 2 * MR and nr > 0 and n >= nr
 
 
 def gemv_source(k: int, n: int, nr: int, with_bias: bool, quant_bits: int | None = None) -> str:
@@ -171,8 +179,9 @@ def call_gemv(bb, x, k: int, n: int, nr: int, packed: np.ndarray, consts: list, 
 
 def emit_packed_gemv(bb, x, w: np.ndarray, bias_np: np.ndarray | None, k: int, lanes: int):
     """Batch-1 y = x @ w.T (+ bias) for x [..., K] with one row; returns y [N] or None when it does not apply."""
-    n, nr = int(w.shape[0]), 2 * lanes
-    if n < nr or w.dtype != np.float32:
+    n = int(w.shape[0])
+    nr = panel_width(n, lanes)
+    if not nr or w.dtype != np.float32:
         return None
     wpad = padded_rows(w, nr)
     return call_gemv(bb, x, k, n, nr, pack_weight(wpad, nr), [], bias_np, None, f"gemv_packed_{k}x{wpad.shape[0]}")
@@ -185,7 +194,7 @@ def emit_packed_linear(bb, x, w: np.ndarray, bias, x_shape, lanes: int):
     lead, k = tuple(int(d) for d in x_shape[:-1]), int(x_shape[-1])
     m = math.prod(lead) if lead else 1
     n = int(w.shape[0])
-    nr = 2 * lanes
+    nr = panel_width(n, lanes)
     if not packed_linear_applies(m, n, nr) or w.dtype != np.float32:
         return None
     rule, cands = gemm_knobs(m, n, lanes)

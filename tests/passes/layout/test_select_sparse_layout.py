@@ -281,7 +281,7 @@ def test_unstructured_int8_layers_take_the_int8_csr_kernel(tmp_path):
     assert recs["qlinear"]["choice"] == "csr" and recs["qconv1x1"]["choice"] == "csr", recs
     from graphopt.targets.tvm.lower import lower_to_relax
     names = {gv.name_hint for gv in lower_to_relax(out).get_global_vars()}
-    assert any(n.startswith("csr_qlinear_32x64x32") for n in names), names
+    assert any(n.startswith("csr_qlinear_") and "_32x64x32" in n for n in names), names  # named after the product
     assert any(n.startswith("qconv1x1_csr_") for n in names), names
     got = graphopt.load(graphopt.compile(out, "llvm", output=tmp_path / "art"))(x.numpy())[0]
     dense = graphopt.load(graphopt.compile(g, "llvm", output=tmp_path / "dense"))(x.numpy())[0]
