@@ -54,12 +54,14 @@ def load_model(spec: str | Path, input_shapes: dict[str, Sequence[int]] | None =
 def optimize(graph: Graph, pipeline: str, *, data: Sequence[Any] | None = None, verify: bool = False,
              dump_dir: str | Path | None = None, strict: bool = False, print_ir_after_all: bool = False,
              print_ir_after_change: bool = False, seed: int = 0, target: Any = "llvm", warn_unchanged: bool = True,
-             **extras: Any) -> Graph:
+             cpu: str | None = None, **extras: Any) -> Graph:
     """Run the pipeline text (or a .yaml recipe path) over a clone of `graph` and return the new Graph.
 
     `target` answers the cost questions of measuring passes (select-sparse-layout): "llvm" (the host CPU, built on
     first use), "cuda" (the GPU when present, else the documented 2:4 cost table, marked estimated), an object with `measure(op, shape, layout, weight)` and/or `measure_variants(key, variants)`
-    (mixed-precision{budget=latency}), or None. `warn_unchanged=False` logs a pass that changed nothing at info
+    (mixed-precision{budget=latency}), or None. `cpu` (with "llvm"; an LLVM CPU name, as `compile(cpu=)`) asks
+    that CPU instead of this one: its int8 product (`quantize{weights=auto}`) and which kernels it has; timing
+    its kernels needs a machine that can run them, and is refused with the missing extensions otherwise. `warn_unchanged=False` logs a pass that changed nothing at info
     level instead of as a warning (for pipelines the user did not write). Extra keyword arguments reach the
     passes as ctx extras: `labels` (one tensor per batch), `teacher` (a Graph), `loss`, `optimizer`."""
     from graphopt.pm import PassContext, PassManager
@@ -75,20 +77,22 @@ def optimize(graph: Graph, pipeline: str, *, data: Sequence[Any] | None = None, 
         for b in batches:
             graph.check_inputs(b)
     ctx = PassContext(data=batches, reference=graph, seed=seed, strict=strict, extras=dict(extras),
-                      target=_cost_oracle(target))
+                      target=_cost_oracle(target, cpu))
     return pm.run(graph, ctx)
 
 
 class _LazyCpuOracle:
     """The host CPU's cost oracle, built (TVM imported) only when a pass first asks."""
 
-    def __init__(self):
+    def __init__(self, cpu: str | None = None):
         self._oracle = None
+        self._cpu = cpu
 
     def _get(self):
         if self._oracle is None:
             from graphopt.targets.tvm.cpu.cost import CpuCostOracle
-            self._oracle = CpuCostOracle()
+            from graphopt.targets.tvm.host import cpu_target
+            self._oracle = CpuCostOracle(cpu_target(self._cpu) if self._cpu else None)
         return self._oracle
 
     def measure(self, *args, **kwargs) -> float:
@@ -106,11 +110,16 @@ class _LazyCpuOracle:
         return getattr(self._get(), name)
 
 
-def _cost_oracle(target: Any):
+def _cost_oracle(target: Any, cpu: str | None = None):
+    if cpu is not None and target != "llvm":
+        raise GraphoptError(f"cpu='{cpu}' names a CPU for the llvm target, not for target={target!r}")
     if target is None or hasattr(target, "measure") or hasattr(target, "measure_variants"):
         return target
     if target == "llvm":
-        return _LazyCpuOracle()
+        if cpu is not None:
+            from graphopt.targets.tvm.host import cpu_target
+            cpu_target(cpu)  # a misspelt name fails now, not when a pass first asks
+        return _LazyCpuOracle(cpu)
     if target in ("cuda", "cuda-sparse"):
         from graphopt.targets.tvm.gpu.cost import CudaCostOracle
         return CudaCostOracle()

@@ -123,6 +123,12 @@ def _parser() -> argparse.ArgumentParser:
                    "torch.export program: torch.export.load(path).module() runs it in PyTorch)")
     o.add_argument("--plot", metavar="PNG", help="also draw output channels and weight bits per layer, before vs "
                    "after the pipeline")
+    o.add_argument("--target", default="llvm", choices=["llvm", "cuda", "cuda-sparse"], help="the target the "
+                   "measuring passes choose for (select-sparse-layout, mixed-precision{budget=latency}, "
+                   "quantize{weights=auto}): llvm, this CPU (default), or the one --cpu names; cuda / cuda-sparse: "
+                   "the GPU when one is here, else the documented 2:4 cost table (choices marked estimated)")
+    o.add_argument("--cpu", metavar="NAME", help="llvm: choose for this CPU (an LLVM name, as compile --cpu) "
+                   "instead of this machine's; timing its kernels needs a machine that runs them")
     _add_pm_options(o)
 
     i = sub.add_parser("inspect", help="print a model's inputs, outputs, statistics and IR")
@@ -180,12 +186,24 @@ def _refuse_overwriting_model(args) -> None:
                             "choose another -o")
 
 
+def _check_cpu(args) -> None:
+    if args.cpu and args.target != "llvm":
+        from graphopt.errors import GraphoptError
+        raise GraphoptError(f"--cpu applies to --target llvm (this run's target is {args.target})")
+    if args.cpu:
+        from graphopt.targets.tvm.host import cpu_target
+        cpu_target(args.cpu)  # a misspelt name fails here, before the passes run
+
+
 def _optimize(args, graph):
+    """The pipeline, its measuring passes asking the target the artifact is for (a GPU's, or --cpu's CPU)."""
     from graphopt.api import optimize
+    target = "cuda" if args.target in ("cuda", "cuda-sparse") else "llvm"
     return optimize(graph, args.pipeline, data=_data(args, graph), verify=args.verify_each, dump_dir=args.dump_dir,
                     strict=args.strict, print_ir_after_all=args.print_ir_after_all,
                     print_ir_after_change=args.print_ir_after_change, seed=args.seed,
-                    warn_unchanged=args.pipeline != DEFAULT_PIPELINE)
+                    warn_unchanged=args.pipeline != DEFAULT_PIPELINE, target=target,
+                    cpu=args.cpu if target == "llvm" else None)
 
 
 def cmd_compile(args) -> int:
@@ -197,12 +215,7 @@ def cmd_compile(args) -> int:
     threads = args.threads or host_cores()
     os.environ.setdefault("TVM_NUM_THREADS", str(threads))
     tuning = None
-    if args.cpu and args.target != "llvm":
-        from graphopt.errors import GraphoptError
-        raise GraphoptError(f"--cpu applies to --target llvm (this run's target is {args.target})")
-    if args.cpu:
-        from graphopt.targets.tvm.host import cpu_target
-        cpu_target(args.cpu)  # a misspelt name fails here, before the passes run
+    _check_cpu(args)
     if args.tune_trials is not None or args.tune_db or args.tune_minutes:
         default_trials = 2000 if args.tune_minutes else 64
         trials = args.tune_trials if args.tune_trials is not None else default_trials  # 0 is an error, not "default"
@@ -269,6 +282,7 @@ def _measure(model: str, graph, art, threads: int, user_inputs=None):
 
 def cmd_opt(args) -> int:
     from graphopt.api import load_model
+    _check_cpu(args)
     _refuse_overwriting_model(args)
     dest = Path(args.output)
     if dest.suffix not in (".gopt", ".onnx", ".pt2"):  # say so before running a possibly long pipeline

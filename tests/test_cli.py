@@ -143,6 +143,36 @@ def test_opt_never_overwrites_input_on_failure(tmp_path, onnx_model, capsys):
     assert out.read_bytes() == b"old"
 
 
+def test_measuring_passes_ask_the_target_the_run_is_for(tmp_path, capsys, monkeypatch):
+    """opt/compile hand their target to the pipeline: `--target cuda-sparse` lets select-sparse-layout weigh sp24 on
+    the GPU's cost (the table here, marked estimated; it used to be asked of this CPU and refused), and `--cpu`
+    makes quantize{weights=auto} follow that CPU's int8 product (vpdpbusd on VNNI CPUs, vpmaddubsw on AVX2),
+    whatever this machine has. Timing kernels for a CPU this machine cannot run is a one-line error."""
+    import graphopt
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32)).eval()
+    graphopt.trace(model, (torch.randn(16, 64),)).save(tmp_path / "m.gopt")
+    res = cli_inproc(capsys, "opt", tmp_path / "m.gopt", "--target", "cuda-sparse", "--pipeline",
+                     "sparsify-nm{n=2 m=4},select-sparse-layout{candidates=dense,sp24}", "-o", tmp_path / "s.gopt")
+    assert res.returncode == 0, res.stderr
+    recs = graphopt.Graph.load(tmp_path / "s.gopt").meta["sparse_layout"]
+    assert len(recs) == 2 and all(r["timing_source"].startswith("estimated") for r in recs.values()), recs
+    for cpu, width in (("sapphirerapids", "int8"), ("znver3", "int8s")):
+        res = cli_inproc(capsys, "opt", tmp_path / "m.gopt", "--cpu", cpu, "--pipeline", "quantize{weights=auto activations=none}",
+                         "-o", tmp_path / f"{cpu}.gopt")
+        assert res.returncode == 0, res.stderr
+        stats = graphopt.Graph.load(tmp_path / f"{cpu}.gopt").meta["history"][-1]["stats"]
+        assert stats["weights_auto"].startswith(width + ":"), (cpu, stats)
+    from graphopt.targets.tvm import host
+    monkeypatch.setattr(host, "host_isa", lambda: {"sse4.2", "avx", "avx2", "fma", "f16c", "bmi2"})
+    one_line_error(cli_inproc(capsys, "opt", tmp_path / "m.gopt", "--cpu", "sapphirerapids", "--pipeline",
+                              "sparsify{sparsity=0.9},select-sparse-layout", "-o", tmp_path / "x.gopt"),
+                   "sapphirerapids", "lacks avx512f", "leave out --cpu")
+    one_line_error(cli_inproc(capsys, "opt", tmp_path / "m.gopt", "--target", "cuda", "--cpu", "znver3",
+                              "--pipeline", "dce", "-o", tmp_path / "x.gopt"), "--cpu applies to --target llvm")
+    assert not (tmp_path / "x.gopt").exists()
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None and not os.path.exists("/usr/local/cuda/bin/nvcc"),
                     reason="the cuda targets cross-compile with nvcc")
 def test_compile_for_cuda_sparse_prints_the_gpu_report(tmp_path, onnx_model):

@@ -59,6 +59,18 @@ class CpuCostOracle:
     def describe(self) -> str:
         return str(self.target)
 
+    def _check_runs_here(self) -> None:
+        """Timing runs the target's kernels on this machine: a cross-compile target (`--cpu`) whose ISA this CPU
+        lacks would stop on an illegal instruction, so say what is missing and what to do instead."""
+        from graphopt.errors import TargetError
+        from graphopt.targets.tvm.host import missing_here, target_isa
+        missing = missing_here(target_isa(self.target))
+        if missing:
+            raise TargetError(f"choosing by measured cost times each kernel on the target CPU "
+                              f"({self.target.attrs.get('mcpu', self.target)}), and this machine lacks "
+                              f"{', '.join(missing)}, so its kernels cannot run here: run the pipeline on such a CPU, "
+                              "or leave out --cpu to choose for this one")
+
     def int8_product(self) -> str | None:
         """The instruction this target's int8 kernels multiply with: "vnni" (`vpdpbusd`, exact for any int8
         weight), "ubsw" (AVX2 `vpmaddubsw`, exact for pair-bounded weights: `quantize{weights=int8s|int7}`) or None
@@ -128,6 +140,7 @@ class CpuCostOracle:
         if all(k in self._cache for k in keys.values()):
             self.hits += len(keys)
             return {lay: float(self._cache[k]) for lay, k in keys.items()}
+        self._check_runs_here()
         timers = {lay: (self._time_int8 if op.startswith("q") else self._time)(shape, layout_block(lay), weight,
                                                                                 op.endswith("conv1x1"))
                   for lay in keys}
@@ -161,10 +174,12 @@ class CpuCostOracle:
 
         from graphopt.bench import interleaved_medians
         from graphopt.targets.tvm.build import build_executable
+        self._check_runs_here()
         dev = tvm.cpu()
         calls = {}
+        mcpu = str(self.target.attrs.get("mcpu", "")) or None
         for name, (g, inputs) in variants.items():
-            vm = relax.VirtualMachine(build_executable(g)[0], dev)
+            vm = relax.VirtualMachine(build_executable(g, cpu=mcpu)[0], dev)
             args = [tvm.runtime.tensor(np.ascontiguousarray(x), dev) for x in inputs]
             calls[name] = (lambda vm, args: lambda: vm["main"](*args))(vm, args)
         seconds = interleaved_medians(calls, runs=20, rounds=2, pause=0.05)
