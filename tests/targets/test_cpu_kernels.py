@@ -38,14 +38,17 @@ def _func_names(g, cpu: str | None = None):
 
 
 @pytest.mark.parametrize("rows,width", [(12, 32), (13, 32), (128, 32), (20, 27)])  # row tails; 27: padded panels
-def test_linear_uses_packed_gemm_and_matches_torch(rows, width):
+def test_linear_uses_packed_gemm_and_matches_torch(rows, width, monkeypatch):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(48, width), torch.nn.GELU(), torch.nn.Linear(width, 16)).eval()
     x = torch.randn(1, rows, 48)
     g = graphopt.trace(model, (x,))
     names = _func_names(g)
     assert any(n.startswith("gemm_packed") for n in names), names
-    # on AVX-512 the 16-column layers (and 27: 16 <= N < 32) get one 16-float vector per panel, not TVM's kernel
+    # with 512-bit vectors the 16-column layers (and 27: 16 <= N < 32) get one 16-float vector per panel, not
+    # TVM's kernel
+    from graphopt.targets.tvm.cpu import rules
+    monkeypatch.setattr(rules, "AVX512_VECTOR_BITS", 512)
     names = _func_names(g, "znver4")
     assert len([n for n in names if n.startswith("gemm_packed")]) == 2, names
     _assert_built_matches(g, model, x)
@@ -1146,8 +1149,9 @@ def test_cross_compiled_artifact_records_its_isa_and_refuses_a_cpu_without_it(tm
 
 
 def test_kernels_shaped_for_avx512_compute_the_same_here(monkeypatch):
-    """A --cpu with AVX-512 shapes the float kernels for 16 fp32 lanes. This machine may not run AVX-512, but LLVM
-    splits 16-lane vectors for AVX2, so the same kernels (wider tiles, other tails) are checked for numbers here."""
+    """On AVX-512 CPUs the kernels keep 256-bit vectors (measured faster on Zen 4); with AVX512_VECTOR_BITS = 512
+    they are shaped for 16 fp32 lanes. On a machine without AVX-512 LLVM splits those vectors for AVX2, so the same
+    kernels (wider tiles, other tails) are checked for numbers on any host."""
     from graphopt.targets.tvm.cpu import rules
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 24, 3, 2, 1), torch.nn.ReLU6(), torch.nn.Conv2d(24, 40, 1),
@@ -1155,10 +1159,12 @@ def test_kernels_shaped_for_avx512_compute_the_same_here(monkeypatch):
                                 torch.nn.Conv2d(40, 24, 1), torch.nn.Flatten(2), torch.nn.Linear(196, 40)).eval()
     x = torch.randn(1, 3, 28, 28)
     g = graphopt.trace(model, (x,))
+    assert rules.vector_lanes(cpu_target("znver4")) == rules.vector_lanes(cpu_target("znver3")) == 8
+    assert rules.vector_lanes(cpu_target("znver4"), 8) == 32
+    narrow = lower_to_relax(g, target=cpu_target("znver4")).script()
+    monkeypatch.setattr(rules, "AVX512_VECTOR_BITS", 512)
     assert rules.vector_lanes(cpu_target("znver4")) == 16
-    monkeypatch.setattr(rules, "vector_lanes", lambda target, dtype_bits=32: 256 // dtype_bits)
-    narrow = lower_to_relax(g).script()  # as for AVX2, whatever this machine is
-    monkeypatch.setattr(rules, "vector_lanes", lambda target, dtype_bits=32: 512 // dtype_bits)
+    monkeypatch.setattr(rules, "vector_lanes", lambda target, dtype_bits=32: 512 // dtype_bits)  # on any host
     assert lower_to_relax(g).script() != narrow  # the kernels did change shape
     _assert_built_matches(g, model, x)
 

@@ -17,14 +17,24 @@ from tvm.target import Target
 log = logging.getLogger(__name__)
 
 
+# The vector width graphopt's kernels use on AVX-512 CPUs. 256: on Zen 4 (AVX-512 executed as two 256-bit halves)
+# every kernel shaped for 512 bits was slower, whole models 11-33% (MobileNetV2 5.6 vs 3.8 ms, EfficientNet-Lite0
+# 10.2 vs 7.2, MiniLM 18.4 vs 16.3: one interleaved run, 2 threads), the 7x7 pointwise convs 3x (a 49-pixel map in
+# 32-pixel tiles); LLVM itself prefers 256-bit vectors on Intel's AVX-512 server parts. The 256-bit code still gets
+# AVX-512's 32 registers, masks and VNNI. A CPU with full-width units (Zen 5) may want 512: the 16-lane kernel
+# shapes are kept and tested.
+AVX512_VECTOR_BITS = 256
+
+
 def vector_lanes(target: Target, dtype_bits: int = 32) -> int:
-    """Lanes of the widest vector unit the CPU has (fp32: 16 with AVX-512, 8 with AVX2, 4 otherwise).
+    """Lanes of the vectors graphopt's kernels use on the CPU (fp32: 8 with AVX2 or AVX-512, see
+    AVX512_VECTOR_BITS; 4 otherwise).
 
     Feature flags, not llvm_get_vector_width: that answers 512 on AVX2-only Zen 3 here."""
     from tvm.target import codegen
     try:
         if codegen.llvm_cpu_has_features(["avx512f"], target):
-            bits = 512
+            bits = AVX512_VECTOR_BITS
         elif codegen.llvm_cpu_has_features(["avx2"], target) or codegen.llvm_cpu_has_features(["avx"], target):
             bits = 256
         else:
