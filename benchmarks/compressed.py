@@ -2,8 +2,9 @@
 prune + int8 >= 3x faster than ORT fp32 and >= 1.5x faster than ORT int8 `quantize_static` on the same original
 model).
 
-Rows: graphopt fp32, int8 and int7 (`quantize{weights=int7}`: the exact u8 x s8 kernels on AVX2 CPUs without
-VNNI), and `prune-channels{ratio=R}` + int7 for each ratio; ONNX Runtime fp32 and int8 (QDQ, per-channel, its
+Rows: graphopt fp32, int8, the CPU's fastest exact width W where that is not int8 (`--width`; by default what
+`quantize{weights=auto}` takes: int8s, the u8 x s8 kernels' exact width, on AVX2 CPUs without VNNI; int8 with VNNI),
+and `prune-channels{ratio=R}` + W for each ratio; ONNX Runtime fp32 and int8 (QDQ, per-channel, its
 default QInt8 activations) of the unpruned model. Latency is batch 1 at the zoo's input shape, timed in
 interleaved rounds with the same thread count. Fidelity is against the fp32 model on the zoo's evaluation inputs
 (top-1 agreement for the image models, mean cosine of the sentence embeddings for MiniLM). Pruned rows have no
@@ -12,7 +13,7 @@ WordNet noun definitions (Debian's `wordnet-base`, as `wordnet_probe.py` fetches
 with the cosine loss) and reports the cosine on 200 other definitions too; for the image models on the calibration
 crops (five photos: expect little).
 
-`--sparse S` adds `sparsify{sparsity=S block=8x4}` + int7 + `select-sparse-layout` rows: 8x4 zero blocks that the
+`--sparse S` adds `sparsify{sparsity=S block=8x4}` + W + `select-sparse-layout` rows: 8x4 zero blocks that the
 int8 BSR kernels take where the layout pass measures them faster (no fine-tuning either, unless recovering).
 `--sparse-int8 S` adds `sparsify{sparsity=S}` (unstructured) + int8 (full range) + `select-sparse-layout` rows, for
 the int8 CSR kernels.
@@ -50,8 +51,8 @@ def wordnet_texts(n_train: int, n_held: int):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="mobilenet_v2,efficientnet_lite0,minilm", help="comma-separated zoo names")
-    ap.add_argument("--prune", default="0.3,0.5", help="comma-separated prune-channels ratios (each + int7)")
-    ap.add_argument("--sparse", default="", help="comma-separated sparsities: sparsify{block=8x4} + int7 + "
+    ap.add_argument("--prune", default="0.3,0.5", help="comma-separated prune-channels ratios (each + the width W)")
+    ap.add_argument("--sparse", default="", help="comma-separated sparsities: sparsify{block=8x4} + W + "
                     "select-sparse-layout rows (int8 BSR kernels where measured faster; default: none)")
     ap.add_argument("--sparse-int8", default="", help="comma-separated sparsities: unstructured sparsify + int8 + "
                     "select-sparse-layout rows (int8 CSR kernels where measured faster; default: none)")
@@ -59,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recover-samples", type=int, default=1000, help="MiniLM: WordNet definitions to recover on")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=30, help="timed runs per runtime (median)")
+    ap.add_argument("--width", choices=["int8", "int8s", "int7"], help="weight width of the pruned and block-sparse "
+                    "rows (default: what quantize{weights=auto} takes here: int8 with VNNI, int8s on AVX2)")
     ap.add_argument("--out", default="benchmarks/results/compressed.json")
     from graphopt.plots import add_plot_options, replot_asked
     add_plot_options(ap, "speed-up over ORT fp32 against fidelity, marker area = artifact size, one panel per "
@@ -85,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     from graphopt.ir.files import atomic_write_bytes
     from graphopt.zoo import calibration_inputs, eval_inputs, zoo_entry, zoo_graph
 
+    from graphopt.targets.tvm.cpu.int8 import int8_dot
+    from graphopt.targets.tvm.host import cpu_target, host_cpu
+    # the int8 width this CPU's kernels run fastest and exactly: any int8 on VNNI, pair-bounded int8s on AVX2
+    fast = args.width or ("int8" if int8_dot(cpu_target()) == "vnni" else "int8s")
     work = Path(tempfile.mkdtemp(prefix="graphopt-compressed-"))
     results, lines = [], []
     for name in args.models.split(","):
@@ -97,15 +104,16 @@ def main(argv: list[str] | None = None) -> int:
             recover = f",recover{{epochs={args.recover_epochs} lr=3e-4" + (" kd-loss=cosine}" if text else "}")
             if text:
                 train, held = wordnet_texts(args.recover_samples, 200)
-        pipes = {"fp32": None, "int8": f"quantize{{calibrator={cal}}},fold-qdq",
-                 "int7": f"quantize{{calibrator={cal} weights=int7}},fold-qdq"}
+        pipes = {"fp32": None, "int8": f"quantize{{calibrator={cal}}},fold-qdq"}
+        if fast != "int8":
+            pipes[fast] = f"quantize{{calibrator={cal} weights={fast}}},fold-qdq"
         for r in fractions["prune"]:
-            pipes[f"prune{round(r * 100)}+int7"] = (f"prune-channels{{ratio={r}}}{recover},"
-                                                    f"quantize{{calibrator={cal} weights=int7}},fold-qdq")
+            pipes[f"prune{round(r * 100)}+{fast}"] = (f"prune-channels{{ratio={r}}}{recover},"
+                                                      f"quantize{{calibrator={cal} weights={fast}}},fold-qdq")
         for sp in fractions["sparse"]:
-            pipes[f"sparse{round(sp * 100)}+int7"] = (f"sparsify{{sparsity={sp} block=8x4}}{recover},"
-                                                      f"quantize{{calibrator={cal} weights=int7}},fold-qdq,"
-                                                      "select-sparse-layout{candidates=dense,bsr8x4}")
+            pipes[f"sparse{round(sp * 100)}+{fast}"] = (f"sparsify{{sparsity={sp} block=8x4}}{recover},"
+                                                        f"quantize{{calibrator={cal} weights={fast}}},fold-qdq,"
+                                                        "select-sparse-layout{candidates=dense,bsr8x4}")
         for sp in fractions["sparse_int8"]:
             pipes[f"sparse{round(sp * 100)}u+int8"] = (f"sparsify{{sparsity={sp}}}{recover},"
                                                        f"quantize{{calibrator={cal}}},fold-qdq,"
@@ -167,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(lines)
     print(table)
     atomic_write_bytes(args.out, json.dumps({"date": time.strftime("%Y-%m-%d"), "threads": args.threads,
+                                             "cpu": host_cpu(),
                                              "recover_epochs": args.recover_epochs, "models": results,
                                              "table": table}, indent=1).encode())
     if args.plot:
