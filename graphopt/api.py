@@ -58,12 +58,13 @@ def optimize(graph: Graph, pipeline: str, *, data: Sequence[Any] | None = None, 
     """Run the pipeline text (or a .yaml recipe path) over a clone of `graph` and return the new Graph.
 
     `target` answers the cost questions of measuring passes (select-sparse-layout): "llvm" (the host CPU, built on
-    first use), "cuda" (the GPU when present, else the documented 2:4 cost table, marked estimated), an object with `measure(op, shape, layout, weight)` and/or `measure_variants(key, variants)`
-    (mixed-precision{budget=latency}), or None. `cpu` (with "llvm"; an LLVM CPU name, as `compile(cpu=)`) asks
-    that CPU instead of this one: its int8 product (`quantize{weights=auto}`) and which kernels it has; timing
-    its kernels needs a machine that can run them, and is refused with the missing extensions otherwise. `warn_unchanged=False` logs a pass that changed nothing at info
-    level instead of as a warning (for pipelines the user did not write). Extra keyword arguments reach the
-    passes as ctx extras: `labels` (one tensor per batch), `teacher` (a Graph), `loss`, `optimizer`."""
+    first use), "cuda" (the GPU when present, else the documented 2:4 cost table, marked estimated), an object with
+    `measure(op, shape, layout, weight)` and/or `measure_variants(key, variants)` (mixed-precision{budget=latency}),
+    or None. `cpu` (with "llvm"; an LLVM CPU name, as `compile(cpu=)`) asks that CPU instead of this one: its int8
+    product (`quantize{weights=auto}`) and which kernels it has; timing its kernels needs a machine that can run
+    them, and is refused with the missing extensions otherwise. `warn_unchanged=False` logs a pass that changed
+    nothing at info level instead of as a warning (for pipelines the user did not write). Extra keyword arguments
+    reach the passes as ctx extras: `labels` (one tensor per batch), `teacher` (a Graph), `loss`, `optimizer`."""
     from graphopt.pm import PassContext, PassManager
     if not isinstance(graph, Graph):
         raise GraphoptError(f"optimize() needs a graphopt Graph (see graphopt.trace / load_onnx), got "
