@@ -158,8 +158,8 @@ def test_measuring_passes_ask_the_target_the_run_is_for(tmp_path, capsys, monkey
     recs = graphopt.Graph.load(tmp_path / "s.gopt").meta["sparse_layout"]
     assert len(recs) == 2 and all(r["timing_source"].startswith("estimated") for r in recs.values()), recs
     for cpu, width in (("sapphirerapids", "int8"), ("znver3", "int8s")):
-        res = cli_inproc(capsys, "opt", tmp_path / "m.gopt", "--cpu", cpu, "--pipeline", "quantize{weights=auto activations=none}",
-                         "-o", tmp_path / f"{cpu}.gopt")
+        res = cli_inproc(capsys, "opt", tmp_path / "m.gopt", "--cpu", cpu, "--pipeline",
+                         "quantize{weights=auto activations=none}", "-o", tmp_path / f"{cpu}.gopt")
         assert res.returncode == 0, res.stderr
         stats = graphopt.Graph.load(tmp_path / f"{cpu}.gopt").meta["history"][-1]["stats"]
         assert stats["weights_auto"].startswith(width + ":"), (cpu, stats)
