@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="also compile mixed-precision{target=T candidates=int8,int4} + int8 activations (0: skip)")
     ap.add_argument("--mixed-int7", type=float, default=0.85,
                     help="also compile mixed-precision{budget=latency target=T candidates=int8,int7}: int7 on the "
-                         "layers whose 7 bits cost the least error per second they save, timed on this CPU (0: skip)")
+                         "layers whose 7 bits cost the least error per second they save, timed on this CPU (0: skip; "
+                         "skipped on VNNI CPUs, where int7 is no faster)")
     ap.add_argument("--out", default="benchmarks/results/ptq_fidelity.json")
     args = ap.parse_args(argv)
 
@@ -101,7 +102,12 @@ def main(argv: list[str] | None = None) -> int:
         add_artifact(f"graphopt mixed-{args.mixed}", "mixed", f"mixed{args.mixed}",
                      f"mixed-precision{{target={args.mixed} candidates=int8,int4}},"
                      "quantize{calibrator=percentile bias-correction=true},fold-qdq", bits_row=True)
-    if args.mixed_int7:  # int8 or int7 per layer from measured layer times and sensitivity
+    from graphopt.targets.tvm.cpu.int8 import int8_dot
+    from graphopt.targets.tvm.host import cpu_target
+    if args.mixed_int7 and int8_dot(cpu_target()) == "vnni":  # vpdpbusd takes any int8 at one speed
+        print("[graphopt-tvm] mixed-int7 skipped: with VNNI 7-bit weights are no faster than int8 (the pass would "
+              "say so and refuse the target)", file=sys.stderr, flush=True)
+    elif args.mixed_int7:  # int8 or int7 per layer from measured layer times and sensitivity
         add_artifact(f"graphopt mixed-int7-{args.mixed_int7}", "mixed-int7", f"mixed-int7-{args.mixed_int7}",
                      f"mixed-precision{{budget=latency target={args.mixed_int7} candidates=int8,int7}},fold-qdq",
                      bits_row=True, target="llvm")
