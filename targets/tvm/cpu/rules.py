@@ -17,12 +17,13 @@ from tvm.target import Target
 log = logging.getLogger(__name__)
 
 
-# The vector width graphopt's kernels use on AVX-512 CPUs. 256: on Zen 4 (AVX-512 executed as two 256-bit halves)
-# every kernel shaped for 512 bits was slower, whole models 11-33% (MobileNetV2 5.6 vs 3.8 ms, EfficientNet-Lite0
-# 10.2 vs 7.2, MiniLM 18.4 vs 16.3: one interleaved run, 2 threads), the 7x7 pointwise convs 3x (a 49-pixel map in
-# 32-pixel tiles); LLVM itself prefers 256-bit vectors on Intel's AVX-512 server parts. The 256-bit code still gets
-# AVX-512's 32 registers, masks and VNNI. A CPU with full-width units (Zen 5) may want 512: the 16-lane kernel
-# shapes are kept and tested.
+# The vector width graphopt's kernels are shaped for on AVX-512 CPUs. 256: on Zen 4 (AVX-512 executed as two
+# 256-bit halves) every kernel shaped for 512 bits was slower, whole models 11-33% (MobileNetV2 5.6 vs 3.8 ms,
+# EfficientNet-Lite0 10.2 vs 7.2, MiniLM 18.4 vs 16.3: one interleaved run, 2 threads), the 7x7 pointwise convs 3x
+# (a 49-pixel map in 32-pixel tiles). Only the tile shapes follow this: a kernel's 16-float vector (a GEMM tile row)
+# is still one zmm, and the code has AVX-512's 32 registers and VNNI (forbidding zmm with LLVM's prefer-256-bit
+# was mixed, 0.92-1.24x by model, and is not done). A CPU with full-width units (Zen 5) may want 512: the 16-lane
+# kernel shapes are kept and tested.
 AVX512_VECTOR_BITS = 256
 
 
