@@ -113,11 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['case']:26s}" + "".join(f"{lat[c]:18.3f}" for c in cols)
               + f"   {lat['graphopt fp32'] / lat['onnxruntime fp32']:8.2f}  {lat['graphopt int7'] / lat['onnxruntime fp32']:13.2f}"
               + f"  {lat['graphopt int7'] / lat['onnxruntime int8']:13.2f}   {gmac:.0f}")
+    from graphopt.ir.files import atomic_write_bytes
+    from graphopt.targets.tvm.host import host_cpu
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"threads": args.threads, "runs": args.runs, "results": results}, indent=1))
-    tmp.replace(out)
+    atomic_write_bytes(out, json.dumps({"threads": args.threads, "runs": args.runs, "cpu": host_cpu(),
+                                        "results": results}, indent=1).encode())
     print(f"wrote {out}")
     return 0
 
