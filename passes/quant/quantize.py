@@ -97,6 +97,8 @@ def _resolve_width(weights: str, ctx: PassContext) -> tuple[str, str]:
         return "int8s", "int8s: the target multiplies int8 with vpmaddubsw (AVX2, no VNNI)"
     if product == "vnni":
         return "int8", "int8: the target's vpdpbusd (VNNI) is exact for any int8 weight"
+    if product == "mma":
+        return "int8", "int8: the GPU's int8 tensor-core product is exact for any int8 weight"
     return "int8", ("int8: the target has no u8 x s8 int8 kernels" if callable(ask) else "int8: no target to ask")
 
 
@@ -216,11 +218,12 @@ class Quantize(Pass):
     class Options:
         weights: Literal["int8", "int8s", "int7", "int4", "auto"] = field(default="int8", metadata={
             "help": "weight bit width. auto: int8s where the target multiplies int8 with AVX2's vpmaddubsw (no "
-                    "VNNI), else int8 (graphopt compile/opt ask the host CPU). int8s: int8 whose per-channel scale "
-                    "is just coarse enough that no pair of weights AVX2's exact u8 x s8 kernel adds (input "
-                    "channels 2m, 2m+1 at one tap) can saturate int16: that kernel's speed (~1.25x the int8 GEMM "
-                    "without VNNI) at a median 1.3x the int8 step; int7: values in [-63, 63], the same kernel at 2x "
-                    "the step. Depthwise convs and one-row linears, which no such kernel reads, stay int8 under both"})
+                    "VNNI), else int8 (compile/opt ask the run's target: this CPU, --cpu's, or the GPU). int8s: "
+                    "int8 whose per-channel scale is just coarse enough that no pair of weights AVX2's exact u8 x "
+                    "s8 kernel adds (input channels 2m, 2m+1 at one tap) can saturate int16: that kernel's speed "
+                    "(~1.25x the int8 GEMM without VNNI) at a median 1.3x the int8 step; int7: values in [-63, 63], "
+                    "the same kernel at 2x the step. Depthwise convs and one-row linears, which no such kernel "
+                    "reads, stay int8 under both"})
         activations: Literal["int8", "none"] = field(default="int8", metadata={
             "help": "int8: quantize conv/linear inputs (needs data); none: weight-only"})
         calibrator: Literal["minmax", "percentile", "mse", "entropy"] = field(default="minmax", metadata={

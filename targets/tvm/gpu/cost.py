@@ -18,6 +18,11 @@ class CudaCostOracle:
         self.arch = arch
         self._cache: dict = {}
 
+    def int8_product(self) -> str:
+        """The GPU's int8 tensor-core product (`mma.sync` int8, int32 accumulation): exact for any int8 weight, so
+        `quantize{weights=auto}` takes full-range int8."""
+        return "mma"
+
     def applies(self, layout: str, weight) -> str:
         """'' when `layout` can run this weight [n, k]; else why not."""
         if layout == "sp24":

@@ -403,7 +403,8 @@ def test_auto_width_follows_the_targets_int8_product():
     data = [(torch.randn(1, 3, 12, 12),) for _ in range(2)]
     g = graphopt.trace(model, (x,))
     for target, width, why in ((_Product("ubsw"), "int8s", "vpmaddubsw"), (_Product("vnni"), "int8", "VNNI"),
-                               (_Product(None), "int8", "no u8 x s8"), (None, "int8", "no target")):
+                               (_Product(None), "int8", "no u8 x s8"), (None, "int8", "no target"),
+                               ("cuda", "int8", "tensor-core")):
         q = graphopt.optimize(g, "quantize{weights=auto}", data=data, target=target)
         st = q.meta["history"][-1]["stats"]
         assert st["weight_bits"] == width and why in st["weights_auto"], st
