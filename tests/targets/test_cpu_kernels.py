@@ -1050,7 +1050,9 @@ def test_vnni_kernels_emit_vpdpbusd(cpu, encoding):
 def test_quad_kernels_are_exact_for_full_range_int8_weights(dot, kernel):
     """The quad kernels' layout, packing and epilogue with a product that cannot saturate: "exact" (the same sum in
     widened vector arithmetic, runs anywhere) and, on a CPU with VNNI, `vpdpbusd` itself. Weights use the whole
-    int8 range, with the worst case (255 x -128, four times) where `vpmaddubsw` would saturate."""
+    int8 range, with the worst case (255 x -128, four times) where `vpmaddubsw` would saturate. The conv also with
+    two channel blocks per register tile (`tiles=2`, VNNI's tuning candidate; 13 channels: the second block of the
+    last pair is past the weight and must not be stored)."""
     from graphopt.targets.tvm.cpu.conv import store_params
     from graphopt.targets.tvm.cpu.int8 import (MR, epilogue_constants, pack_gemm_quads, pack_quads,
                                                qconv1x1_ubsw_source, qgemm_ubsw_source, ubsw_exact)
@@ -1068,7 +1070,7 @@ def test_quad_kernels_are_exact_for_full_range_int8_weights(dot, kernel):
         assert not ubsw_exact(w)
         ws = rng.uniform(1e-3, 2e-3, n)
         off, mult, _ = epilogue_constants(w, ws, None, 1.0, 5 + 128, n // MR + 1)
-        f = tvm.script.parse(qgemm_ubsw_source(m, k, n, dot=dot), extra_vars={"T": T})
+        fs = [tvm.script.parse(qgemm_ubsw_source(m, k, n, dot=dot), extra_vars={"T": T})]
         args = ((x + 128).astype(np.uint8).reshape(-1), pack_gemm_quads(w), off[:n], mult[:n])
         out = np.zeros(m * n, np.float32)
         ref = ((x.astype(np.int64) - 5) @ w.astype(np.int64).T) * ws
@@ -1081,15 +1083,17 @@ def test_quad_kernels_are_exact_for_full_range_int8_weights(dot, kernel):
         mt = -(-cout // MR)
         ws, zx = rng.uniform(1e-3, 2e-3, cout), -7
         consts = epilogue_constants(w, ws, None, 1.0, zx + 128, mt)
-        f = tvm.script.parse(qconv1x1_ubsw_source(cout, cin, p, 2, dot=dot), extra_vars={"T": T})
+        fs = [tvm.script.parse(qconv1x1_ubsw_source(cout, cin, p, nv, dot=dot, tiles=tiles), extra_vars={"T": T})
+              for nv, tiles in ((2, 1), (1, 2))]
         args = (x.reshape(-1), pack_quads(w, mt), consts[0], consts[1], store_params(None, None))
         out = np.zeros(cout * p, np.float32)
         ref = (w.astype(np.int64) @ (x.astype(np.int64) - zx)) * ws[:, None]
-    lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target())
-    res = tvm.runtime.tensor(out)
-    lib["main"](*(tvm.runtime.tensor(a) for a in args), res)
-    got = res.numpy().reshape(ref.shape)
-    assert np.abs(got - ref).max() <= 1e-6 * np.abs(ref).max()
+    for f in fs:
+        lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target())
+        res = tvm.runtime.tensor(np.full_like(out, np.nan))
+        lib["main"](*(tvm.runtime.tensor(a) for a in args), res)
+        got = res.numpy().reshape(ref.shape)
+        assert np.abs(got - ref).max() <= 1e-6 * np.abs(ref).max()
 
 
 def _int8_block():

@@ -181,6 +181,20 @@ def test_int8_pointwise_pixel_tile_candidates_compute_the_same():
     np.testing.assert_array_equal(outs[1], outs[0])
     ref = model(x).detach().numpy()
     assert np.abs(outs[0] - ref).max() <= 0.05 * np.abs(ref).max()
+    # with VNNI tuning may also take 8 pixels x two channel blocks (12 x 8 int32 in registers); the same outputs
+    from graphopt.targets.tvm.cpu.int8 import int8_dot
+    vnni = cpu_target("znver4")
+    with knobs.collecting() as col:
+        lower_to_relax(g, target=vnni)
+    sites = [s for s in col.sites.values() if s.family == "qconv1x1"]
+    assert len(sites) == 2 and all({"nv": 1, "tiles": 2} in s.candidates for s in sites)
+    with knobs.applied({s.name: {"nv": 1, "tiles": 2} for s in sites}):
+        mod = lower_to_relax(g, target=vnni)
+    kernels = [mod[gv].script() for gv in mod.functions if gv.name_hint.startswith("qconv1x1")]
+    assert len(kernels) == 2 and all('acc = T.alloc_buffer((96,), "int32")' in k for k in kernels)
+    if int8_dot(cpu_target()) == "vnni":  # this machine runs it
+        out = relax.VirtualMachine(build_cpu(mod, vnni), tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
+        np.testing.assert_array_equal((out[0] if not hasattr(out, "numpy") else out).numpy(), outs[0])
 
 
 def _pointwise_sites():

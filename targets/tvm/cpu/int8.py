@@ -148,7 +148,8 @@ def quad_dot(acc: str, u8: str, s8: str, dot: str) -> str:
 
 def qconv1x1_ubsw_source(cout: int, cin: int, p: int, nv: int, clamp: tuple[float, float] | None = None,
                          out_q: tuple[float, int, int, int] | None = None, dequantized: bool = False,
-                         float_bias: bool = False, dot: str = "ubsw", bsr_blocks: int | None = None) -> str:
+                         float_bias: bool = False, dot: str = "ubsw", bsr_blocks: int | None = None,
+                         tiles: int = 1) -> str:
     """The pointwise kernel for weights where u8 x s8 pairs cannot saturate (`ubsw_exact`, 7-bit weights): each
     task takes a chunk of pixel blocks (8nv pixels each) and a group of channel blocks. It first rewrites its
     pixels once as uint8 quads (x + 128; 4 channels of a pixel side by side: [block, Cin/4, 8nv, 4]), so that every
@@ -159,17 +160,26 @@ def qconv1x1_ubsw_source(cout: int, cin: int, p: int, nv: int, clamp: tuple[floa
 
     With `bsr_blocks` (the stored block count) the weight is int8 BSR with 8 x 4 blocks (8 output channels x one
     quad of input channels): a channel block is a block-row of 8, and its reduction runs over the stored blocks only,
-    each block's 8 row quads broadcast against the staged quad vector of its input channels."""
+    each block's 8 row quads broadcast against the staged quad vector of its input channels.
+
+    `tiles=2` (dense, 8-pixel blocks: nv=1) holds two channel blocks' 12 rows x 8 pixels in the registers instead
+    of 6 x 16: the same 12 accumulators on half the pixels, so a map that is not whole 16-pixel blocks computes
+    fewer overlapping pixels (49: 56 instead of 64), for 12 weight broadcasts per quad instead of 6. A tuning
+    candidate with VNNI (`qconv1x1_knobs`); the packed weight is the same."""
     nr, k4 = 8 * nv, -(-cin // 4)
+    if tiles > 1 and (bsr_blocks is not None or nv != 1):
+        raise ValueError("paired channel blocks are for the dense kernel with 8-pixel blocks (nv=1)")
     rows = MR if bsr_blocks is None else 8
     mt, cb = -(-cout // rows), -(-p // nr)
+    trows, mg = rows * tiles, -(-mt // tiles)  # a register tile's rows; register tiles
     chunks, nblk = quad_chunks(cb, k4, nr)
-    groups = max(1, min(mt, -(-8 // chunks)))  # enough tasks for the threads; each group re-reads its chunk once
+    groups = max(1, min(mg, -(-8 // chunks)))  # enough tasks for the threads; each group re-reads its chunk once
     bias_arg = f' bias: T.Buffer(({mt * rows},), "float32"),' if float_bias else ""
     c0 = f"T.min(b * {nr}, {p - nr})"
     order = [r * 8 + px for px in range(8) for r in range(4)]
     if bsr_blocks is None:
-        q, wquad, reduce = "q", f"w4[(c * {k4} + q) * {MR} + i]", f"for q in T.serial({k4}):"
+        blk = "c" if tiles == 1 else f"T.min(c * {tiles} + i // {MR}, {mt - 1})"  # (past the last: not stored)
+        q, wquad, reduce = "q", f"w4[({blk} * {k4} + q) * {MR} + i % {MR}]", f"for q in T.serial({k4}):"
         w_args = f'w4: T.Buffer(({mt * k4 * MR},), "int32"),'
     else:
         q, wquad = "indices[indptr[c] + j]", "data[(indptr[c] + j) * 8 + i]"
@@ -199,7 +209,7 @@ def qconv1x1_ubsw_source(cout: int, cin: int, p: int, nv: int, clamp: tuple[floa
         steps += f"""
                             {acc} = {quad_dot(acc, f"xq[T.ramp(((b - b0) * {k4} + {q}) * {nr * 4} + {v * 32}, 1, 32)]",
                                               f'T.reinterpret("int8x32", T.broadcast({wquad}, 8))', dot)}"""
-    store = _tile_store(f"c * {rows} + i", c0, nv, p, clamp, out_q, dequantized, float_bias, " " * 24)
+    store = _tile_store(f"c * {trows} + i", c0, nv, p, clamp, out_q, dequantized, float_bias, " " * 24)
     return f"""
 @T.prim_func(private=True)
 def qconv1x1_{dot}(x: T.Buffer(({cin * p},), "int8"), {w_args}
@@ -211,15 +221,15 @@ def qconv1x1_{dot}(x: T.Buffer(({cin * p},), "int8"), {w_args}
         b0 = (t // {groups}) * {cb} // {chunks}
         xq = T.decl_buffer(({nblk * k4 * nr * 4},), "uint8", scope="global")
         for b in T.serial(b0, (t // {groups} + 1) * {cb} // {chunks}):{"".join(quads)}
-        for c in T.serial((t % {groups}) * {mt} // {groups}, (t % {groups} + 1) * {mt} // {groups}):
+        for c in T.serial((t % {groups}) * {mg} // {groups}, (t % {groups} + 1) * {mg} // {groups}):
             for b in T.serial(b0, (t // {groups} + 1) * {cb} // {chunks}):
-                acc = T.decl_buffer(({rows * nr},), "int32", scope="global")
-                for i in T.unroll({rows}):
+                acc = T.decl_buffer(({trows * nr},), "int32", scope="global")
+                for i in T.unroll({trows}):
                     acc[T.ramp(i * {nr}, 1, {nr})] = T.broadcast(T.int32(0), {nr})
                 {reduce}
-                    for i in T.unroll({rows}):{steps}
-                for i in T.unroll({rows}):
-                    if c * {rows} + i < {cout}:{store}
+                    for i in T.unroll({trows}):{steps}
+                for i in T.unroll({trows}):
+                    if c * {trows} + i < {cout}:{store}
 """
 
 
@@ -306,13 +316,17 @@ def epilogue_constants(wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | 
     return off.astype(np.int32), mult.astype(np.float32), fb.astype(np.float32)
 
 
-def qconv1x1_knobs(p: int) -> tuple[dict, list[dict]]:
+def qconv1x1_knobs(p: int, dot: str | None = None) -> tuple[dict, list[dict]]:
     """The rule's pixel tile of the dense int8 pointwise kernels (`nv` vectors of 8 pixels) and the candidates
     tuning may measure (`knobs.py`): on maps of 16 pixels or more, 16 (the rule) or 8; on smaller ones 8 only.
-    Inside int7 MobileNetV2 the 8-pixel tile's 19 layers summed to 0.99x the rule's in two paired measurements."""
+    Inside int7 MobileNetV2 the 8-pixel tile's 19 layers summed to 0.99x the rule's in two paired measurements.
+    With VNNI (`dot`) also 8 pixels x two channel blocks (`tiles`, see `qconv1x1_ubsw_source`): kernel alone on
+    Zen 4 it ran at 0.92-1.14x the rule's speed by layer (MobileNetV2's 960x160x49 and 64x384x196 1.13-1.14x,
+    320x960x49 and 160x960x49 0.92x), so it is a candidate tuning measures, not the rule."""
+    pair = [{"nv": 1, "tiles": 2}] if dot == "vnni" else []
     if p < 16:
-        return {"nv": 1}, [{"nv": 1}]
-    return {"nv": 2}, [{"nv": 2}, {"nv": 1}]
+        return {"nv": 1}, [{"nv": 1}] + pair
+    return {"nv": 2}, [{"nv": 2}, {"nv": 1}] + pair
 
 
 def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | None, sx: float, zx: int,
@@ -344,9 +358,10 @@ def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray
            + ("_w4" if wbits == 4 and not sparse else "") + (f"_n{n}" if n > 1 else ""))
     site = None
     if not sparse:
-        rule, cands = qconv1x1_knobs(p)
+        rule, cands = qconv1x1_knobs(p, dot if ubsw else None)
         site = Site("qconv1x1", f"{'quad_' + dot if ubsw else 'pairs'}|{tag}", rule, cands, n * cout * cin * p)
-        nv = pick(site)["nv"]
+        knobs = pick(site)
+        nv, tiles = knobs["nv"], knobs.get("tiles", 1)
     if sparse == "csr":
         from graphopt.targets.tvm.cpu.sparse import csr_qconv1x1_source, csr_qpairs, qcsr_tile, qcsr_weight_consts
         v = qcsr_tile(p)
@@ -372,7 +387,8 @@ def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray
                    relax.const(bsr.indices.numpy()), relax.const(bsr.indptr.numpy())]
         consts = [c if c is None else c[:cout] for c in consts]
     elif ubsw:
-        src = qconv1x1_ubsw_source(cout, cin, p, nv, clamp, out_q, dequantized, consts[2] is not None, dot)
+        src = qconv1x1_ubsw_source(cout, cin, p, nv, clamp, out_q, dequantized, consts[2] is not None, dot,
+                                   tiles=tiles)
         packed, name = pack_quads(w2, mt), f"qconv1x1_{dot}_{tag}"
     else:
         src = qconv1x1_source(cout, cin, p, nv, clamp, out_q, dequantized, wbits, consts[2] is not None)
