@@ -91,7 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--cpu", metavar="NAME", help="llvm: the CPU to compile for, as LLVM names it (default: this "
                    "machine's). Another name cross-compiles: its vector width and, where it has VNNI (sapphirerapids, "
                    "znver4, cascadelake, alderlake, ...), int8 kernels on vpdpbusd. The manifest lists the ISA "
-                   "extensions used; loading refuses a CPU that lacks one, and the report skips measuring here")
+                   "extensions used; loading refuses a CPU that lacks one, and the report skips measuring here. The "
+                   "pipeline's measuring passes choose for that CPU too (quantize{weights=auto}: its int8 product)")
     c.add_argument("--cuda-arch", default="sm_80,sm_90", metavar="ARCHS", help="GPU architectures the cuda targets "
                    "compile machine code for, comma-separated (default sm_80,sm_90: A100 and H100/H200); the "
                    "artifact also carries PTX of the newest for later GPUs")
