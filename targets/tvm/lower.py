@@ -434,6 +434,23 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         return bb.emit(relax.op.multiply(bb.emit(relax.op.multiply(x, f32(0.5))),
                                          bb.emit(relax.op.add(e, f32(1.0)))))
 
+    def layer_norm(node, importer):
+        # float32 layer norm over the last axis: one vectorized pass per row (norm.py); else Relax's layer norm.
+        # A missing weight / bias is ones / zeros (TVM's own converter fails on them; they used to be decomposed)
+        import numpy as np
+
+        from graphopt.targets.tvm.cpu.norm import emit_layer_norm, layer_norm_applies
+        x_val, shape = node.args[0].meta["val"], [int(d) for d in node.args[1]]
+        eps = float(node.args[4]) if len(node.args) > 4 else 1e-5
+        args, bb = list(node.args) + [None] * (4 - len(node.args)), importer.block_builder
+        dtype = str(x_val.dtype).replace("torch.", "")
+        w, b = ((importer.env[a] if a is not None else relax.const(np.full(shape, fill, dtype)))
+                for a, fill in ((args[2], 1.0), (args[3], 0.0)))
+        x = importer.env[node.args[0]]
+        if len(shape) == 1 and shape[0] == int(x_val.shape[-1]) and layer_norm_applies(shape[0], dtype):
+            return emit_layer_norm(bb, x, w, b, x_val.shape, eps)
+        return bb.emit(relax.op.nn.layer_norm(x, w, b, axes=list(range(-len(shape), 0)), epsilon=eps))
+
     def _clamp_of(user) -> tuple[float, float] | None:
         """(lo, hi) when `user` is relu / relu6 / hardtanh / clamp with constant float bounds."""
         t = getattr(user, "target", None)
@@ -721,7 +738,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         if sparse24 is not None or gpu_dense is not None:
             generic = {**generic, "linear.default": sparse_linear, "convolution.default": sparse_conv}
         return generic
-    return {**generic, "gelu.default": gelu, "convolution.default": convolution,
+    return {**generic, "gelu.default": gelu, "convolution.default": convolution, "layer_norm.default": layer_norm,
             "constant_pad_nd.default": constant_pad_nd, "bsr_linear.default": bsr_linear,
             "bsr_conv1x1.default": bsr_conv1x1, "linear.default": linear,
             "add.Tensor": add, "max_pool2d.default": max_pool2d,
@@ -757,6 +774,8 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
     # the packed GEMM needs
     table = default_decompositions()
     table.pop(torch.ops.aten.linear.default, None)
+    if device == "cpu":  # layer norm whole, for its row kernel (norm.py); not native_layer_norm's 3 outputs
+        table.pop(torch.ops.aten.layer_norm.default, None)
     if device != "cpu":
         for n in graph.gm.graph.nodes:
             if n.op == "call_function" and target_name(n.target) in ("graphopt.bsr_linear.default",

@@ -1356,3 +1356,23 @@ def test_max_pool_runs_on_the_row_kernel(batch, k, stride, pad, hw):
     names = _func_names(g)
     assert any(n.startswith("max_pool_8x") for n in names) and "max_pool2d" not in names, names
     _assert_built_matches(g, model, x)
+
+
+@pytest.mark.parametrize("dim,affine,kernel", [(384, True, True), (40, True, True), (36, True, False),
+                                               (64, False, True), (36, False, False)])
+def test_layer_norm_rows_kernel_matches_torch(dim, affine, kernel):
+    """A float32 layer norm over the last axis is one vectorized pass per row (norm.py) when the row is whole
+    8-float vectors (no weight / bias: ones / zeros); otherwise (36 wide) Relax's layer norm stays. Both match
+    torch."""
+    torch.manual_seed(0)
+    ln = torch.nn.LayerNorm(dim, eps=1e-12, elementwise_affine=affine)
+    if affine:
+        with torch.no_grad():
+            ln.weight.normal_()
+            ln.bias.normal_()
+    model = torch.nn.Sequential(torch.nn.Linear(dim, dim), ln).eval()
+    x = torch.randn(1, 20, dim) * 3 + 1
+    g = graphopt.trace(model, (x,))
+    names = _func_names(g)
+    assert any(n.startswith(f"layer_norm_rows_20x{dim}") for n in names) == kernel, names
+    _assert_built_matches(g, model, x)

@@ -29,7 +29,7 @@ def kernels_tag() -> str:
     """A digest of the CPU kernel generators' source: part of every cache key, so timings measured with older
     kernels (an upgrade, or a kernel edited in place) are measured again rather than served from the cache."""
     digest, here = hashlib.sha1(), Path(__file__).parent
-    for path in [here / f"{name}.py" for name in ("conv", "gemm", "int8", "sparse", "rules", "pipeline")] + [
+    for path in [here / f"{name}.py" for name in ("conv", "gemm", "int8", "sparse", "rules", "pipeline", "norm")] + [
             here.parent / "lower.py"]:  # which kernel a layer gets is decided there
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
