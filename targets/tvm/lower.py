@@ -451,6 +451,16 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             return emit_layer_norm(bb, x, w, b, x_val.shape, eps)
         return bb.emit(relax.op.nn.layer_norm(x, w, b, axes=list(range(-len(shape), 0)), epsilon=eps))
 
+    def softmax(node, importer):
+        # float32 softmax over the last axis: one vectorized pass per row (norm.py)
+        from graphopt.targets.tvm.cpu.norm import emit_softmax, softmax_applies
+        x_val = node.args[0].meta["val"]
+        dim, half_to_float = int(node.args[1]), bool(node.args[2]) if len(node.args) > 2 else False
+        if (dim in (-1, x_val.dim() - 1) and not half_to_float
+                and softmax_applies(int(x_val.shape[-1]), str(x_val.dtype).replace("torch.", ""))):
+            return emit_softmax(importer.block_builder, importer.env[node.args[0]], x_val.shape)
+        return _builtin(importer, "_softmax.default")(node)
+
     def _clamp_of(user) -> tuple[float, float] | None:
         """(lo, hi) when `user` is relu / relu6 / hardtanh / clamp with constant float bounds."""
         t = getattr(user, "target", None)
@@ -739,6 +749,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             generic = {**generic, "linear.default": sparse_linear, "convolution.default": sparse_conv}
         return generic
     return {**generic, "gelu.default": gelu, "convolution.default": convolution, "layer_norm.default": layer_norm,
+            "_softmax.default": softmax,
             "constant_pad_nd.default": constant_pad_nd, "bsr_linear.default": bsr_linear,
             "bsr_conv1x1.default": bsr_conv1x1, "linear.default": linear,
             "add.Tensor": add, "max_pool2d.default": max_pool2d,
