@@ -439,25 +439,26 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         # A missing weight / bias is ones / zeros (TVM's own converter fails on them; they used to be decomposed)
         import numpy as np
 
-        from graphopt.targets.tvm.cpu.norm import emit_layer_norm, layer_norm_applies
+        from graphopt.targets.tvm.cpu.norm import emit_layer_norm, rows_apply
         x_val, shape = node.args[0].meta["val"], [int(d) for d in node.args[1]]
-        eps = float(node.args[4]) if len(node.args) > 4 else 1e-5
+        eps = float(node.args[4]) if len(node.args) > 4 else float(node.kwargs.get("eps", 1e-5))
         args, bb = list(node.args) + [None] * (4 - len(node.args)), importer.block_builder
         dtype = str(x_val.dtype).replace("torch.", "")
-        w, b = ((importer.env[a] if a is not None else relax.const(np.full(shape, fill, dtype)))
+        w, b = ((importer.env[a] if a is not None else  # (built in float32 and cast: numpy has no bfloat16)
+                 bb.emit(relax.op.astype(relax.const(np.full(shape, fill, np.float32)), dtype)))
                 for a, fill in ((args[2], 1.0), (args[3], 0.0)))
         x = importer.env[node.args[0]]
-        if len(shape) == 1 and shape[0] == int(x_val.shape[-1]) and layer_norm_applies(shape[0], dtype):
+        if len(shape) == 1 and shape[0] == int(x_val.shape[-1]) and rows_apply(shape[0], dtype):
             return emit_layer_norm(bb, x, w, b, x_val.shape, eps)
         return bb.emit(relax.op.nn.layer_norm(x, w, b, axes=list(range(-len(shape), 0)), epsilon=eps))
 
     def softmax(node, importer):
         # float32 softmax over the last axis: one vectorized pass per row (norm.py)
-        from graphopt.targets.tvm.cpu.norm import emit_softmax, softmax_applies
+        from graphopt.targets.tvm.cpu.norm import emit_softmax, rows_apply
         x_val = node.args[0].meta["val"]
         dim, half_to_float = int(node.args[1]), bool(node.args[2]) if len(node.args) > 2 else False
         if (dim in (-1, x_val.dim() - 1) and not half_to_float
-                and softmax_applies(int(x_val.shape[-1]), str(x_val.dtype).replace("torch.", ""))):
+                and rows_apply(int(x_val.shape[-1]), str(x_val.dtype).replace("torch.", ""))):
             return emit_softmax(importer.block_builder, importer.env[node.args[0]], x_val.shape)
         return _builtin(importer, "_softmax.default")(node)
 

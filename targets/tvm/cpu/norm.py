@@ -5,12 +5,28 @@ row as a chain of scalar steps: MiniLM's 128 x 384 layer norm took 52 us a call 
 softmax over 12 x 128 rows of 128 (with the quantize after it) 262 us."""
 from __future__ import annotations
 
+import math
+
 LANES = 8
 
 
-def layer_norm_applies(dim: int, dtype: str) -> bool:
-    """Rows of whole 8-float vectors, float32."""
+def rows_apply(dim: int, dtype: str) -> bool:
+    """The row kernels take float32 rows of whole 8-float vectors."""
     return dtype == "float32" and dim % LANES == 0 and dim >= LANES
+
+
+def _call_rows(bb, source: str, name: str, x, extra: list, x_shape):
+    """Emit one row kernel (TVMScript `source`, taking x flat, the `extra` Relax inputs, y flat) on x [..., D]."""
+    import tvm
+    from tvm import relax
+    from tvm.script import tirx as T
+
+    dims = tuple(int(d) for d in x_shape)
+    size = math.prod(dims)
+    gv = bb.add_func(tvm.script.parse(source, extra_vars={"T": T}), f"{name}_{size // dims[-1]}x{dims[-1]}")
+    flat = bb.emit(relax.op.reshape(x, (size,)))
+    y = bb.emit(relax.call_tir(gv, [flat, *extra], relax.TensorType((size,), "float32")))
+    return bb.emit(relax.op.reshape(y, dims))
 
 
 def layer_norm_source(rows: int, dim: int, eps: float) -> str:
@@ -49,29 +65,15 @@ def layer_norm_rows(x: T.Buffer(({rows * dim},), "float32"), w: T.Buffer(({dim},
 
 def emit_layer_norm(bb, x, weight, bias, x_shape, eps: float):
     """y = layer_norm(x) over the last axis of x [..., D] with weight and bias [D] (Relax values)."""
-    import math
-
-    import tvm
-    from tvm import relax
-    from tvm.script import tirx as T
-
-    dims = tuple(int(d) for d in x_shape)
-    rows, dim = math.prod(dims[:-1]), dims[-1]
-    gv = bb.add_func(tvm.script.parse(layer_norm_source(rows, dim, eps), extra_vars={"T": T}),
-                     f"layer_norm_rows_{rows}x{dim}")
-    flat = bb.emit(relax.op.reshape(x, (rows * dim,)))
-    y = bb.emit(relax.call_tir(gv, [flat, weight, bias], relax.TensorType((rows * dim,), "float32")))
-    return bb.emit(relax.op.reshape(y, dims))
+    dim = int(x_shape[-1])
+    rows = math.prod(int(d) for d in x_shape) // dim
+    return _call_rows(bb, layer_norm_source(rows, dim, eps), "layer_norm_rows", x, [weight, bias], x_shape)
 
 
 # TVM's fast_exp (topi): exp(x) = 2^n * (1 + r + r^2 * p(r)), n = floor(x log2(e) + 1/2), r = x - n ln(2), x clamped
 # to +-88.376 (the float32 range); p's coefficients, highest first
 EXP_POLY = (1.9875691214110702e-4, 1.3981999363750219e-3, 8.333452045917511e-3, 4.1665796190500259e-2,
             1.666666567325592e-1, 0.5)
-
-
-def softmax_applies(dim: int, dtype: str) -> bool:
-    return dtype == "float32" and dim % LANES == 0 and dim >= LANES
 
 
 def softmax_source(rows: int, dim: int) -> str:
@@ -124,17 +126,10 @@ def softmax_rows(x: T.Buffer(({rows * dim},), "float32"), scale: T.Buffer((1,), 
 
 def emit_softmax(bb, x, x_shape):
     """softmax over the last axis of x [..., D] (a Relax value)."""
-    import math
-
     import numpy as np
-    import tvm
     from tvm import relax
-    from tvm.script import tirx as T
 
-    dims = tuple(int(d) for d in x_shape)
-    rows, dim = math.prod(dims[:-1]), dims[-1]
-    gv = bb.add_func(tvm.script.parse(softmax_source(rows, dim), extra_vars={"T": T}), f"softmax_rows_{rows}x{dim}")
-    flat = bb.emit(relax.op.reshape(x, (rows * dim,)))
-    one = relax.const(np.ones(1, np.float32))
-    y = bb.emit(relax.call_tir(gv, [flat, one], relax.TensorType((rows * dim,), "float32")))
-    return bb.emit(relax.op.reshape(y, dims))
+    dim = int(x_shape[-1])
+    rows = math.prod(int(d) for d in x_shape) // dim
+    return _call_rows(bb, softmax_source(rows, dim), "softmax_rows", x, [relax.const(np.ones(1, np.float32))],
+                      x_shape)
