@@ -69,7 +69,7 @@ class CpuCostOracle:
             raise TargetError(f"choosing by measured cost times each kernel on the target CPU "
                               f"({self.target.attrs.get('mcpu', self.target)}), and this machine lacks "
                               f"{', '.join(missing)}, so its kernels cannot run here: run the pipeline on such a CPU, "
-                              "or leave out --cpu to choose for this one")
+                              "or leave out --cpu (optimize(cpu=)) to choose for this one")
 
     def int8_product(self) -> str | None:
         """The instruction this target's int8 kernels multiply with: "vnni" (`vpdpbusd`, exact for any int8
