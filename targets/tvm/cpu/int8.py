@@ -111,6 +111,15 @@ def qconv1x1(x: T.Buffer(({cin * p},), "int8"), w8: T.Buffer(({mt * k4 * MR * wb
 """
 
 
+def _requantized(acc: str, co: str, clamp, out_q, dequantized: bool, float_bias: bool) -> str:
+    """The stored value of int32 accumulator `acc` of output channel co: (acc - offset) * mult (+ float bias),
+    clamped, and on the output grid when out_q (the multiply fused with the zero point's add, see `_clamped`)."""
+    x = f'T.Cast("float32", {acc} - off[{co}])'
+    if float_bias:
+        return _clamped(f"{x} * mult[{co}] + bias[{co}]", clamp, out_q, dequantized, qp="qp")
+    return _clamped(x, clamp, out_q, dequantized, qp="qp", times=f"mult[{co}]")
+
+
 def _tile_store(co: str, c0: str, nv: int, p: int, clamp, out_q, dequantized: bool, float_bias: bool, pad: str,
                 row: str = "i") -> str:
     """Store row `row` of a 6 x 8nv int32 tile `acc` (channel co, pixels c0..): (acc - offset) * mult (+ float
@@ -118,10 +127,10 @@ def _tile_store(co: str, c0: str, nv: int, p: int, clamp, out_q, dequantized: bo
     and with out_q mult is in the output's grid steps (emit scales it)."""
     nr, store = 8 * nv, ""
     for v in range(nv):
-        val = f'T.Cast("float32", acc[{row} * {nr} + {v * 8} + u] - off[{co}]) * mult[{co}]' + (f" + bias[{co}]" if float_bias else "")
+        val = _requantized(f"acc[{row} * {nr} + {v * 8} + u]", co, clamp, out_q, dequantized, float_bias)
         store += f"""
 {pad}for u in T.vectorized(8):
-{pad}    out[({co}) * {p} + {c0} + {v * 8} + u] = {_clamped(val, clamp, out_q, dequantized, qp='qp')}"""
+{pad}    out[({co}) * {p} + {c0} + {v * 8} + u] = {val}"""
     return store
 
 
@@ -644,8 +653,7 @@ def qconv_flat_source(cout: int, cin: int, h: int, wd: int, kh: int, kw: int, st
     co = f"c * {MR} + i"
 
     def val(lane: str) -> str:
-        e = f'T.Cast("float32", acc[{lane}] - off[{co}]) * mult[{co}]' + (f" + bias[{co}]" if float_bias else "")
-        return _clamped(e, clamp, out_q, dequantized, qp="qp")
+        return _requantized(f"acc[{lane}]", co, clamp, out_q, dequantized, float_bias)
     bias_arg = f' bias: T.Buffer(({mt * MR},), "float32"),' if float_bias else ""
     otype = "int8" if out_q and not dequantized else "float32"
     return f"""
