@@ -22,8 +22,8 @@ def set_threads(n: int) -> None:
     os.environ["OMP_NUM_THREADS"] = str(n)
 
 
-def median_seconds(fn: Callable[[], Any], warmup: int = 3, runs: int = 20, max_seconds: float = 20.0) -> float:
-    """Median wall time of fn() after warm-up; stops early (keeping >= 3 runs) if it would take too long."""
+def _run_times(fn: Callable[[], Any], warmup: int = 3, runs: int = 20, max_seconds: float = 20.0) -> list[float]:
+    """Wall times of fn() after warm-up; stops early (keeping >= 3 runs) if it would take too long."""
     for _ in range(warmup):
         fn()
     times: list[float] = []
@@ -34,19 +34,26 @@ def median_seconds(fn: Callable[[], Any], warmup: int = 3, runs: int = 20, max_s
         times.append(time.perf_counter() - t)
         if len(times) >= 3 and time.perf_counter() - start > max_seconds:
             break
-    return float(np.median(times))
+    return times
 
 
-def interleaved_medians(calls: dict[str, Callable[[], Any]], runs: int = 50, rounds: int = 3,
+def interleaved_medians(calls: dict[str, Callable[[], Any]], runs: int = 50, rounds: int | None = None,
                         pause: float = 0.3) -> dict[str, float]:
     """Median seconds per call for several runtimes, timed in interleaved rounds with a pause before each: ORT's and
     PyTorch's thread pools spin for a while after a call and would otherwise steal the cores from whoever is timed
-    next, and a shared machine drifts between rounds."""
+    next, and a shared machine drifts between rounds. Each runtime's `runs` are spread over `rounds` rounds (by
+    default one per 4 runs, 3 to 9) and the median of all its runs is returned. On the development machine one
+    loaded artifact timed in 14 rounds of 30 calls read 0.63-1.18 ms (both threads busy throughout, while
+    single-core, cache-resident code ran steady): with 3 long rounds such a phase could cover two of a runtime's
+    three samples; with more, shorter rounds every runtime sees about the same share of it. (Separately, one
+    artifact instance can stay slow through all its rounds while a rebuild of the same layer is not, seen on a
+    stride-2 conv whose per-thread working set is about the 1 MB L2: no timing scheme removes that.)"""
+    rounds = rounds or min(9, max(3, runs // 4))
     got: dict[str, list[float]] = {k: [] for k in calls}
     for _ in range(rounds):
         for key, fn in calls.items():
             time.sleep(pause)
-            got[key].append(median_seconds(fn, runs=max(3, runs // rounds)))
+            got[key].extend(_run_times(fn, runs=max(3, -(-runs // rounds))))
     return {k: float(np.median(v)) for k, v in got.items()}
 
 
