@@ -981,6 +981,40 @@ def test_compiled_quantize_rounds_half_to_even_and_clamps():
     np.testing.assert_array_equal(got, g.run(x)[0].numpy())
 
 
+@pytest.mark.parametrize("literals", [False, True])
+@pytest.mark.parametrize("times", [None, "T.float32(0.5)"])
+@pytest.mark.parametrize("clamp", [None, (0.0, 6.0)])
+def test_int8_store_rounds_through_the_float_bits_and_clamps_any_value(literals, times, clamp):
+    """The kernels' int8 store (`_clamped` with out_q): value (* times) + zero point + 1.5 * 2^23, its float bits
+    clamped as int32 and narrowed. Against round-half-to-even of value + zero point, clamped to the grid and ReLU6
+    bounds (or the int8 range alone), for ties of both signs, the bounds' edges, values past 2^22 and 2^24 (other
+    float exponents), and values below -1.5 * 2^23 (negative floats, whose bits are negative ints)."""
+    from tvm.script import tirx as T
+
+    from graphopt.targets.tvm.cpu.conv import _clamped, grid_bounds, store_params
+    out_q = (0.05, 3, -128, 127)
+    steps = np.arange(-300, 300, dtype=np.float64) + 0.5
+    v = np.concatenate([steps, [0.0, -0.49, 119.5, 120.5, 121.0, 5e6, -5e6, 2e7, -2e7, 1e10, -1e10, 4.4e6, -1.3e7]])
+    v = np.concatenate([v, np.zeros(-len(v) % 8)]).astype(np.float32)
+    x = v / 0.5 if times else v  # times 0.5: exact products
+    store = _clamped("x[i * 8 + u]", clamp, out_q, qp=None if literals else "qp", times=times)
+    src = f"""
+@T.prim_func
+def main(x: T.Buffer(({len(x)},), "float32"), qp: T.Buffer((4,), "float32"), out: T.Buffer(({len(x)},), "int8")):
+    T.func_attr({{"tirx.noalias": True}})
+    for i in T.serial({len(x) // 8}):
+        for u in T.vectorized(8):
+            out[i * 8 + u] = {store}
+"""
+    f = tvm.script.parse(src, extra_vars={"T": T})
+    lib = tvm.compile(tvm.IRModule({"main": f}), target=cpu_target())
+    out = tvm.runtime.tensor(np.zeros(len(x), np.int8))
+    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(store_params(clamp, out_q)), out)
+    lo, hi = grid_bounds(clamp, out_q)
+    ref = np.clip(np.rint(v.astype(np.float64) + out_q[1]), lo + out_q[1], hi + out_q[1]).astype(np.int8)
+    np.testing.assert_array_equal(out.numpy(), ref)
+
+
 def test_elementwise_rule_keeps_int8_round_trips_vectorized():
     """A quantize -> dequantize of a 224x224 image (a quantized model's input) writes floats but narrows to int8 on
     the way: with 16-lane vectors LLVM scalarized the narrowing and re-vectorized across rows, gathering and
