@@ -286,20 +286,28 @@ def test_stride_equals_kernel_transposed_conv_is_the_packed_gemm(batch, k):
     _assert_built_matches(g, model, x)
 
 
-def test_im2col_is_the_patch_matrix():
-    """The im2col kernel alone equals torch's unfold, for stride 1 and 2 with padding on every side."""
+@pytest.mark.parametrize("w", [9, 31])  # 9: the scalar copy; 31 (12+ output columns): whole vectors per tap column
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_im2col_is_the_patch_matrix(w, dtype):
+    """The im2col kernel alone equals torch's unfold, for stride 1 and 2 with padding on every side (outside the
+    image: the fill value), in channel-major and tap-major row order, float and int8."""
     from graphopt.targets.tvm.cpu.conv import im2col_source
     from tvm.script import tirx as T
-    for stride, (pt, pl) in ((1, (1, 1)), (2, (1, 0)), (1, (0, 2))):
-        c, h, w, k = 3, 7, 9, 3
+    for stride, (pt, pl), k in ((1, (1, 1), 3), (2, (1, 0), 3), (1, (0, 2), 3), (2, (3, 3), 7), (2, (1, 1), 3)):
+        c, h = 3, 7
         oh, ow = (h + 2 * pt - k) // stride + 1, (w + 2 * pl - k) // stride + 1
-        f = tvm.script.parse(im2col_source(c, h, w, oh, ow, k, k, stride, pt, pl), extra_vars={"T": T})
-        lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target())
-        x = torch.randn(c, h, w)
-        out = tvm.runtime.tensor(np.zeros((c * k * k, oh * ow), "float32"))
-        lib["main"](tvm.runtime.tensor(x.numpy()), tvm.runtime.tensor(np.zeros(1, "float32")), out)
-        ref = torch.nn.functional.unfold(torch.nn.functional.pad(x[None], (pl, pl, pt, pt)), k, stride=stride)[0]
-        np.testing.assert_array_equal(out.numpy(), ref[:, :oh * ow].numpy())
+        x = torch.randint(-100, 100, (c, h, w)).to(getattr(torch, dtype))
+        fill = 5
+        ref = torch.nn.functional.unfold(torch.nn.functional.pad(x[None].double() - fill, (pl, pl, pt, pt)), k,
+                                         stride=stride)[0][:, :oh * ow] + fill
+        for tap_major in (False, True):
+            f = tvm.script.parse(im2col_source(c, h, w, oh, ow, k, k, stride, pt, pl, dtype=dtype,
+                                               tap_major=tap_major), extra_vars={"T": T})
+            lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target())
+            out = tvm.runtime.tensor(np.zeros((c * k * k, oh * ow), dtype))
+            lib["main"](tvm.runtime.tensor(x.numpy()), tvm.runtime.tensor(np.full(1, fill, dtype)), out)
+            want = ref.reshape(c, k * k, -1).transpose(0, 1).reshape(c * k * k, -1) if tap_major else ref
+            np.testing.assert_array_equal(out.numpy(), want.numpy().astype(dtype))
 
 
 def test_residual_add_stays_separate_when_its_operand_comes_later():
