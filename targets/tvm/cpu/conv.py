@@ -398,6 +398,20 @@ def _column_plan(ow: int, wd: int, kw: int, s: int, pl: int) -> tuple[list, list
     return segments, ([(0, x_lo), (start, ow)] if segments else [(0, ow)])
 
 
+def strided_vector(row: str, base: str, v: int, s: int) -> str:
+    """TVMScript of the v inputs at base, base + s, ... of a row (`row` is the indexing up to the column, as
+    "x[c, y, ") as one vector, for stride 1 or 2. Stride 2 loads the 2v - 1 contiguous inputs as two vectors and
+    keeps the even lanes (a shuffle): TVM would otherwise gather them with a scalar load and insert per lane (2x
+    slower on MobileNetV2's 112x112 stride-2 depthwise layer)."""
+    if s == 1:
+        return f"{row}T.ramp({base}, 1, {v})]"
+    if s != 2:
+        raise ValueError(f"strided vectors are for stride 1 or 2, not {s}")
+    lo, hi = f"{row}T.ramp({base}, 1, {v})]", f"{row}T.ramp({base} + {v - 1}, 1, {v})]"
+    lanes = [2 * u for u in range((v + 1) // 2)] + [2 * ((v + 1) // 2) + 2 * u + 1 for u in range(v // 2)]
+    return f"T.Shuffle([{lo}, {hi}], {lanes})"
+
+
 def _depthwise_head(c: int, h: int, wd: int, oh: int, ow: int, w_arg: str, ot: str) -> str:
     """The depthwise kernels' signature: x, the weight arguments (w_arg), bias, the store parameters, out."""
     return f"""@T.prim_func(private=True)
@@ -464,15 +478,7 @@ def depthwise_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int
             wt[k] = T.Cast("float32", w8[(t // {oh}) * {kh * kw} + k]) * ws[t // {oh}]"""
 
     def strided(row: str, base: str, v: int) -> str:
-        """The v inputs at base, base + s, ... of a row (`row` is the indexing up to the column) as one vector.
-        Stride 2 loads the 2v - 1 contiguous inputs as two vectors and keeps the even lanes (a shuffle): TVM would
-        otherwise gather them with a scalar load and insert per lane (2x slower on MobileNetV2's 112x112 stride-2
-        layer)."""
-        if s == 1:
-            return f"{row}T.ramp({base}, 1, {v})]"
-        lo, hi = f"{row}T.ramp({base}, 1, {v})]", f"{row}T.ramp({base} + {v - 1}, 1, {v})]"
-        lanes = [2 * u for u in range((v + 1) // 2)] + [2 * ((v + 1) // 2) + 2 * u + 1 for u in range(v // 2)]
-        return f"T.Shuffle([{lo}, {hi}], {lanes})"
+        return strided_vector(row, base, v, s)
 
     def fma(acc: str, v: int, wexpr: str, row: str, base: str) -> str:
         """acc[0:v] += w * the v strided inputs of a row at base."""
@@ -1051,11 +1057,7 @@ def _im2col_rows_source(cin: int, h: int, wd: int, oh: int, ow: int, kh: int, kw
         copy, n = "", hi - lo
         if n > 0:
             v = min(16, n)
-            base = f"({lo} + T.min(c * {v}, {n - v})) * {s} + {j - pl}"
-            src = f"x[{lead_index}ci, y, T.ramp({base}, 1, {v})]"
-            if s == 2:
-                lanes = [2 * u for u in range((v + 1) // 2)] + [2 * ((v + 1) // 2) + 2 * u + 1 for u in range(v // 2)]
-                src = f"T.Shuffle([{src}, x[{lead_index}ci, y, T.ramp({base} + {v - 1}, 1, {v})]], {lanes})"
+            src = strided_vector(f"x[{lead_index}ci, y, ", f"({lo} + T.min(c * {v}, {n - v})) * {s} + {j - pl}", v, s)
             copy = f"""
                     for c in T.serial({-(-n // v)}):
                         col[{r}, T.ramp(oy * {ow} + {lo} + T.min(c * {v}, {n - v}), 1, {v})] = {src}"""
