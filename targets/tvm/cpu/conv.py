@@ -1007,7 +1007,8 @@ def im2col_source(cin: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int,
     declared [1, Cin, H, W], the activation as it comes, so no reshape is needed at batch 1. `dtype` int8: the
     columns of a quantized conv, `fill` then the input's zero point. `tap_major`: rows (i * kw + j) * Cin + ci
     instead, so adjacent rows are adjacent channels at one tap, the pairs the u8 x s8 kernel adds (the weight's
-    columns permuted to match), which `quantize{weights=int8s}` bounds."""
+    columns permuted to match), which `quantize{weights=int8s}` bounds. Outputs 12+ columns wide at stride 1 or 2
+    take the vector-copy kernel (`_im2col_rows_source`); the rest this per-element one."""
     taps = kh * kw
     lead, lead_index = ("1, ", "0, ") if batch_dim else ("", "")
     if stride in (1, 2) and ow >= 12:
