@@ -336,9 +336,10 @@ def _clamped(e: str, clamp: tuple[float, float] | None, out_q: tuple[float, int,
     even), and its bits read as int32 are that integer plus a constant whose low byte is 0; float bits
     order like their values, so one int32 clamp to the bounds' bits does the grid clamp (also for any v out of
     range), and the int8 cast keeps the low byte, the output code. 7 vector ops per 8 outputs of an int8 pointwise
-    kernel instead of 10 (round, float clamp, zero point add, truncating convert): MobileNetV2's few-input-channel
-    expansions (96x16x12544, 144x24x3136) ran 1.21-1.28x faster on Zen 4, the deeper layers 1.01-1.10x (a vector
-    `llvm.lrint` took 8 ops, and LLVM aborts on it for CPUs without AVX). A value exactly halfway between grid
+    kernel instead of 10 (the old store rounded, clamped in float, added the zero point and truncated to int32 as
+    separate steps): MobileNetV2's few-input-channel expansions (96x16x12544, 144x24x3136) ran 1.21-1.28x faster
+    on Zen 4, the deeper layers 1.01-1.10x (a vector `llvm.lrint` took 8 ops, and LLVM aborts on it for CPUs
+    without AVX). A value exactly halfway between grid
     steps rounds to the even output code rather than the even step count (they differ for odd zero points), the
     same order of difference as the float rounding of e itself."""
     if qp is None:
