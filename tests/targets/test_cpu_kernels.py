@@ -249,13 +249,21 @@ def _run_kernel(f, args, out_shape) -> np.ndarray:
 def test_flat_conv_vector_store_equals_the_per_lane_one(hw, k, stride, pad, res):
     """The flat conv's AVX store (plain vector stores for a tile inside one output row, masked ones per row for a
     tile crossing rows: up to three rows on a 7x7 map, where a plane row is 9 wide) writes exactly what the per-lane
-    store does, with bias, residual add and ReLU6; `vmaskmovps` is emitted and no scalar store is left."""
+    store does, with bias, residual add and ReLU6; `vmaskmovps` is emitted, and the only scalar stores left are
+    masks that keep one lane (LLVM narrows those to `vmovss` once it knows the tile: at most one per channel and
+    one-lane piece, where the per-lane store loops over every pixel)."""
     from tvm.script import tirx as T
 
+    from graphopt.targets.tvm.cpu.conv import MR, NR_FLAT, flat_geometry
     from graphopt.targets.tvm.cpu.conv import flat_conv_source
     if vector_lanes(cpu_target()) < 8:
         pytest.skip("needs AVX")
     cin, cout = 5, 13
+    oh, ow, _, wq = flat_geometry(*hw, k, k, stride, pad)
+    qmax = (oh - 1) * wq + ow
+    one_lane = sum(sum(0 <= x0 + hv * 8 - s * wq + lane < ow for lane in range(8)) == 1
+                   for q0 in range(0, qmax, NR_FLAT) for x0 in [min(q0, qmax - NR_FLAT) % wq]
+                   for hv in range(NR_FLAT // 8) for s in range(1 + (wq + NR_FLAT - 2) // wq))
     args, out_shape = _flat_conv_args(cin, cout, hw, k, stride, pad, res)
     outs = {}
     for masked in (False, True):
@@ -264,7 +272,7 @@ def test_flat_conv_vector_store_equals_the_per_lane_one(hw, k, stride, pad, res)
         outs[masked] = _run_kernel(f, args, out_shape)
         stores = re.findall(r"vmovss\s+%xmm\d+, -?\d*\(|vmaskmovps", _asm(f))  # scalar float stores, masked ones
         assert ("vmaskmovps" in stores) == masked and (masked or stores)
-        assert not masked or "vmovss" not in "".join(stores)
+        assert not masked or sum("vmovss" in st for st in stores) <= MR * one_lane
     assert not np.isnan(outs[False]).any()
     np.testing.assert_array_equal(outs[True], outs[False])
 

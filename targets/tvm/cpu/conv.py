@@ -443,7 +443,7 @@ def _channel_tile_kernel(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw:
         for k in T.serial({kh * kw}):
             wb[T.ramp(k * 8, 1, 8)] = T.broadcast({wsrc}, 8){tile}
         for yb in T.serial({-(-oh // rb)}):
-            y0 = T.min(yb * {rb}, {oh - rb})
+            y0: T.let = T.min(yb * {rb}, {oh - rb})
             acc = T.decl_buffer(({rb * lanes},), "float32", scope="global")
             for u in T.vectorized({rb * lanes}):
                 acc[u] = bias[ch]
@@ -686,7 +686,7 @@ def depthwise_cb_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: 
                     for l in T.vectorized(8):
                         ot[y * {ow} + x0 + xx, l] = acc[xx, l]
         for q in T.serial({-(-n_out // 8)}):
-            p0 = T.min(q * 8, {n_out - 8})
+            p0: T.let = T.min(q * 8, {n_out - 8})
             for r in T.unroll(8):
                 for l in T.vectorized(8):
                     ta[r, l] = ot[p0 + r, l]{transpose8("ta", "tb", " " * 12)}
@@ -720,7 +720,7 @@ def depthwise_cb(x: T.Buffer(({c}, {h * wd}), "float32"), {w_arg},
                     tile[yy + {ph}, xx + {pw}, l] = x[{xc}, yy * {wd} + xx]
         for y in T.serial({oh}):
             for b in T.serial({nblk}):
-                x0 = T.min(b * {ob}, {ow - ob})
+                x0: T.let = T.min(b * {ob}, {ow - ob})
                 acc = T.decl_buffer(({ob}, 8), "float32", scope="global")
                 for xx in T.unroll({ob}):
                     for l in T.vectorized(8):
@@ -1065,7 +1065,7 @@ def _im2col_rows_source(cin: int, h: int, wd: int, oh: int, ow: int, kh: int, kw
                         col[{r}, T.ramp(oy * {ow} + {lo} + T.min(c * {v}, {n - v}), 1, {v})] = {src}"""
         body += f"""
         for oy in T.serial({oh}):
-            y = oy * {s} + i - {pt}
+            y: T.let = oy * {s} + i - {pt}
             if y < 0 or y >= {h}:
                 for ox in T.vectorized({ow}):
                     col[{r}, oy * {ow} + ox] = fill[0]
@@ -1077,8 +1077,8 @@ def im2col(x: T.Buffer(({lead}{cin}, {h}, {wd}), "{dtype}"), fill: T.Buffer((1,)
            col: T.Buffer(({cin * kh * kw}, {oh * ow}), "{dtype}")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
     for t in T.parallel({cin * kh}):
-        ci = t // {kh}
-        i = t % {kh}{body}
+        ci: T.let = t // {kh}
+        i: T.let = t % {kh}{body}
 """
 
 
@@ -1165,8 +1165,8 @@ def _flat_store(cout: int, co: str, ow: int, wq: int, clamp: tuple[float, float]
         val8 = f"T.max(T.min({val8}, {hi}), {lo})"
     whole = _clamped("acc[r, v]" + (f" + res[{co}, y0, x0 + v]" if res else ""), clamp)
     return f"""
-        y0: T.int32 = q0 // {wq}
-        x0: T.int32 = q0 % {wq}
+        y0: T.let = q0 // {wq}
+        x0: T.let = q0 % {wq}
         if x0 + {NR_FLAT} <= {ow}:
             for r in T.unroll({MR}):
                 if {co} < {cout}:
@@ -1209,7 +1209,7 @@ def conv_flat(xp: T.Buffer(({cin * ph * plane},), "float32"), wp: T.Buffer(({mt}
               bias: T.Buffer(({mt * MR},), "float32"), {res_arg}out: T.Buffer(({cout}, {oh}, {ow}), "float32")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
     for t in T.parallel({mt * nq}):
-        q0: T.int32 = T.min(({tile}) * {NR_FLAT}, {qmax - NR_FLAT})
+        q0: T.let = T.min(({tile}) * {NR_FLAT}, {qmax - NR_FLAT})
         acc = T.decl_buffer(({MR}, {NR_FLAT}), "float32", scope="global")
         for r in T.unroll({MR}):
             for v in T.vectorized({NR_FLAT}):
@@ -1277,14 +1277,14 @@ def conv_staged(xp: T.Buffer(({cin * ph * plane},), "float32"), wp: T.Buffer(({m
                 bias: T.Buffer(({mt * MR},), "float32"), {res_arg}out: T.Buffer(({cout}, {oh}, {ow}), "float32")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
     for t in T.parallel({chunks * groups}):
-        b0 = (t // {groups}) * {cb} // {chunks}
+        b0: T.let = (t // {groups}) * {cb} // {chunks}
         xs = T.decl_buffer(({nblk * k * nr},), "float32", scope="global")
         for b in {blocks}:
-            q0: T.int32 = T.min(b * {nr}, {qmax - nr})
+            q0: T.let = T.min(b * {nr}, {qmax - nr})
             for ci in T.serial({cin}):{stage}
         for c in T.serial((t % {groups}) * {mt} // {groups}, (t % {groups} + 1) * {mt} // {groups}):
             for b in {blocks}:
-                q0: T.int32 = T.min(b * {nr}, {qmax - nr})
+                q0: T.let = T.min(b * {nr}, {qmax - nr})
                 acc = T.decl_buffer(({MR}, {nr}), "float32", scope="global")
                 for r in T.unroll({MR}):
                     for v in T.vectorized({nr}):

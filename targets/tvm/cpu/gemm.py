@@ -132,7 +132,7 @@ def gemv_source(k: int, n: int, nr: int, with_bias: bool, quant_bits: int | None
                 f'mult: T.Buffer(({n},), "float32"), qz: T.Buffer((1,), "float32"),')
     bias_arg = f' bias: T.Buffer(({n},), "float32"),' if with_bias else ""
     zx = "" if quant_bits is None else """
-    zx = qz[0]"""
+    zx: T.let = qz[0]"""
     return f"""
 @T.prim_func(private=True)
 def gemv({args}{bias_arg}

@@ -227,7 +227,7 @@ def qconv1x1_{dot}(x: T.Buffer(({cin * p},), "int8"), {w_args}
                   out: T.Buffer(({cout * p},), "{'int8' if out_q and not dequantized else 'float32'}")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
     for t in T.parallel({chunks * groups}):
-        b0 = (t // {groups}) * {cb} // {chunks}
+        b0: T.let = (t // {groups}) * {cb} // {chunks}
         xq = T.decl_buffer(({nblk * k4 * nr * 4},), "uint8", scope="global")
         for b in T.serial(b0, (t // {groups} + 1) * {cb} // {chunks}):{"".join(quads)}
         for c in T.serial((t % {groups}) * {mg} // {groups}, (t % {groups} + 1) * {mg} // {groups}):
@@ -663,21 +663,21 @@ def qconv_flat_{dot}(xq: T.Buffer(({k4 * ph * plane * 4},), "uint8"), w4: T.Buff
                      qp: T.Buffer((4,), "float32"), out: T.Buffer(({cout * oh * ow},), "{otype}")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
     for t in T.parallel({chunks * groups}):
-        b0 = (t // {groups}) * {cb} // {chunks}
+        b0: T.let = (t // {groups}) * {cb} // {chunks}
         xs = T.decl_buffer(({nblk * kq * nr * 4},), "uint8", scope="global")
         for b in {blocks}:
-            q0: T.int32 = T.min(b * {nr}, {qmax - nr})
+            q0: T.let = T.min(b * {nr}, {qmax - nr})
             for qc in T.serial({k4}):{stage}
         for c in T.serial((t % {groups}) * {mt} // {groups}, (t % {groups} + 1) * {mt} // {groups}):
             for b in {blocks}:
-                q0: T.int32 = T.min(b * {nr}, {qmax - nr})
+                q0: T.let = T.min(b * {nr}, {qmax - nr})
                 acc = T.decl_buffer(({MR * nr},), "int32", scope="global")
                 for i in T.unroll({MR}):
                     acc[T.ramp(i * {nr}, 1, {nr})] = T.broadcast(T.int32(0), {nr})
                 for k in T.serial({kq}):
                     for i in T.unroll({MR}):{steps}
-                y0: T.int32 = q0 // {wq}
-                x0: T.int32 = q0 % {wq}
+                y0: T.let = q0 // {wq}
+                x0: T.let = q0 % {wq}
                 for i in T.unroll({MR}):
                     if {co} < {cout}:
                         if x0 + {nr} <= {ow}:

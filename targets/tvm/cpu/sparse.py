@@ -106,7 +106,7 @@ def bsr_linear_source(m: int, k: int, n: int, r: int, c: int, nnzb: int) -> str:
         for g in T.serial({-(-n // 8)}):
             yg = T.decl_buffer((8, {v}), "float32", scope="global")
             for gb in T.serial({8 // r}):
-                ib = T.min(g * 8, {n - 8}) // {r} + gb{_block_row(r, c, v, "xT[{k}, vi]", pad="    ")}
+                ib: T.let = T.min(g * 8, {n - 8}) // {r} + gb{_block_row(r, c, v, "xT[{k}, vi]", pad="    ")}
                 for ri in T.unroll({r}):
                     for vi in T.vectorized({v}):
                         yg[gb * {r} + ri, vi] = acc[ri, vi]
@@ -381,7 +381,7 @@ def bsr_qlinear(a: T.Buffer(({m * k},), "uint8"), data: T.Buffer(({nnzb * r * c}
         for i in T.unroll({mt_rows}):
             {acc} = T.broadcast(T.int32(0), 8)
         for j in T.serial(indptr[{ib} + 1] - indptr[{ib}]):
-            jj = indptr[{ib}] + j
+            jj: T.let = indptr[{ib}] + j
             for i in T.unroll({mt_rows}):
                 {acc} = {quad_dot(acc, quad, "data[T.ramp(jj * 32, 1, 32)]", dot)}
         for i in T.unroll({mt_rows}):
@@ -577,8 +577,8 @@ def csr_qlinear(x: T.Buffer(({m * k},), "int8"), pw: T.Buffer(({max(pairs, 1)},)
                 out: T.Buffer(({m * n},), "float32")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
     for t in T.parallel({tiles * groups}):
-        t0 = T.min((t // {groups}) * {v}, {m - v})
-        r0 = T.min((t % {groups}) * {ng}, {n - ng})
+        t0: T.let = T.min((t // {groups}) * {v}, {m - v})
+        r0: T.let = T.min((t % {groups}) * {ng}, {n - ng})
         xs = T.decl_buffer(({k * v},), "int16", scope="global")
         yT = T.decl_buffer(({ng * v},), "float32", scope="global")
         acc = T.decl_buffer(({v},), "int32", scope="global"){_stage_transposed(k, v, " " * 8)}
