@@ -1237,7 +1237,8 @@ def staged_tiling(cout: int, h: int, wd: int, kh: int, kw: int, stride: int, pad
     """The task layout the staged flat convs (float `staged_conv_source`, int8 `int8.qconv_flat_source`) share:
     16-pixel blocks over the flat output range, cut into even chunks whose staged `steps` reduction rows per block
     fit half of L1 (`int8.quad_chunks`), panel groups enough for the threads, and each tap's flat offset in the
-    phase planes."""
+    phase planes. Tasks are chunk-minor (task t: chunk t % chunks, group t // chunks), so the threads, which take
+    contiguous runs of tasks, split the channel groups, each writing whole output rows (`int8.quad_chunks`)."""
     from graphopt.targets.tvm.cpu.int8 import quad_chunks
     oh, ow, hq, wq = flat_geometry(h, wd, kh, kw, stride, padding)
     plane, mt, s = hq * wq, -(-cout // MR), stride
@@ -1248,7 +1249,7 @@ def staged_tiling(cout: int, h: int, wd: int, kh: int, kw: int, stride: int, pad
     return {"oh": oh, "ow": ow, "wq": wq, "plane": plane, "ph": s * s, "taps": kh * kw, "mt": mt, "qmax": qmax,
             "cb": cb, "chunks": chunks, "nblk": nblk, "groups": groups,
             "offs": [((i % s) * s + j % s) * plane + (i // s) * wq + j // s for i in range(kh) for j in range(kw)],
-            "blocks": f"T.serial(b0, (t // {groups} + 1) * {cb} // {chunks})"}  # the task's chunk of blocks
+            "blocks": f"T.serial(b0, (t % {chunks} + 1) * {cb} // {chunks})"}  # the task's chunk of blocks
 
 
 def staged_conv_source(cout: int, cin: int, h: int, wd: int, kh: int, kw: int, stride: int, padding,
@@ -1277,12 +1278,12 @@ def conv_staged(xp: T.Buffer(({cin * ph * plane},), "float32"), wp: T.Buffer(({m
                 bias: T.Buffer(({mt * MR},), "float32"), {res_arg}out: T.Buffer(({cout}, {oh}, {ow}), "float32")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
     for t in T.parallel({chunks * groups}):
-        b0: T.let = (t // {groups}) * {cb} // {chunks}
+        b0: T.let = (t % {chunks}) * {cb} // {chunks}
         xs = T.decl_buffer(({nblk * k * nr},), "float32", scope="global")
         for b in {blocks}:
             q0: T.let = T.min(b * {nr}, {qmax - nr})
             for ci in T.serial({cin}):{stage}
-        for c in T.serial((t % {groups}) * {mt} // {groups}, (t % {groups} + 1) * {mt} // {groups}):
+        for c in T.serial((t // {chunks}) * {mt} // {groups}, (t // {chunks} + 1) * {mt} // {groups}):
             for b in {blocks}:
                 q0: T.let = T.min(b * {nr}, {qmax - nr})
                 acc = T.decl_buffer(({MR}, {nr}), "float32", scope="global")

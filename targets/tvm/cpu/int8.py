@@ -36,7 +36,14 @@ def quad_chunks(cb: int, k4: int, nr: int) -> tuple[int, int]:
     pixels a block) fit half of L1, and the chunks differ by at most one block (chunk c is blocks
     c * cb // chunks ..). The threads take contiguous runs of tasks, so a short last chunk left one thread idle:
     576x96x196 went 151 -> 102 us and 1280x320x49 305 -> 194 us when 21 + 4 and 3 + 1 blocks became 13 + 12 and
-    2 + 2."""
+    2 + 2.
+
+    The tasks (chunk, channel group) run chunk-minor (t % chunks), so with two or more groups the threads split
+    the channels and each writes whole output rows. Chunk-major, they split the pixels and wrote the two halves
+    of every row at the same time, and two threads ran 1.2-5x slower (once 15x) than with the rows split (alone,
+    float outputs, Zen 4: 192x32x784 34 -> 15 us, 576x96x196 int8 BSR 32 -> 6 us, 144x24x3136 51-140 -> 34-44 us;
+    int8 outputs 1.0-1.18x; 1 thread: equal). Which part of the memory system makes neighbouring rows' halves so
+    costly (two cores' prefetchers reaching into each other's lines is a guess) was not measured."""
     chunks = -(-cb // max(1, min(cb, 16384 // (k4 * 4 * nr))))
     return chunks, -(-cb // chunks)
 
@@ -227,11 +234,11 @@ def qconv1x1_{dot}(x: T.Buffer(({cin * p},), "int8"), {w_args}
                   out: T.Buffer(({cout * p},), "{'int8' if out_q and not dequantized else 'float32'}")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
     for t in T.parallel({chunks * groups}):
-        b0: T.let = (t // {groups}) * {cb} // {chunks}
+        b0: T.let = (t % {chunks}) * {cb} // {chunks}
         xq = T.decl_buffer(({nblk * k4 * nr * 4},), "uint8", scope="global")
-        for b in T.serial(b0, (t // {groups} + 1) * {cb} // {chunks}):{"".join(quads)}
-        for c in T.serial((t % {groups}) * {mg} // {groups}, (t % {groups} + 1) * {mg} // {groups}):
-            for b in T.serial(b0, (t // {groups} + 1) * {cb} // {chunks}):
+        for b in T.serial(b0, (t % {chunks} + 1) * {cb} // {chunks}):{"".join(quads)}
+        for c in T.serial((t // {chunks}) * {mg} // {groups}, (t // {chunks} + 1) * {mg} // {groups}):
+            for b in T.serial(b0, (t % {chunks} + 1) * {cb} // {chunks}):
                 acc = T.decl_buffer(({trows * nr},), "int32", scope="global")
                 for i in T.unroll({trows}):
                     acc[T.ramp(i * {nr}, 1, {nr})] = T.broadcast(T.int32(0), {nr})
@@ -663,12 +670,12 @@ def qconv_flat_{dot}(xq: T.Buffer(({k4 * ph * plane * 4},), "uint8"), w4: T.Buff
                      qp: T.Buffer((4,), "float32"), out: T.Buffer(({cout * oh * ow},), "{otype}")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
     for t in T.parallel({chunks * groups}):
-        b0: T.let = (t // {groups}) * {cb} // {chunks}
+        b0: T.let = (t % {chunks}) * {cb} // {chunks}
         xs = T.decl_buffer(({nblk * kq * nr * 4},), "uint8", scope="global")
         for b in {blocks}:
             q0: T.let = T.min(b * {nr}, {qmax - nr})
             for qc in T.serial({k4}):{stage}
-        for c in T.serial((t % {groups}) * {mt} // {groups}, (t % {groups} + 1) * {mt} // {groups}):
+        for c in T.serial((t // {chunks}) * {mt} // {groups}, (t // {chunks} + 1) * {mt} // {groups}):
             for b in {blocks}:
                 q0: T.let = T.min(b * {nr}, {qmax - nr})
                 acc = T.decl_buffer(({MR * nr},), "int32", scope="global")
