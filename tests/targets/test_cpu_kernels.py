@@ -1224,11 +1224,12 @@ def test_kernels_shaped_for_avx512_compute_the_same_here(monkeypatch):
 
 
 @pytest.mark.parametrize("cout,cin,p,block", [(64, 96, 49, (4, 4)), (40, 24, 196, (1, 1)), (32, 64, 3, (1, 16)),
-                                              (24, 16, 3136, (8, 1))])
+                                              (24, 16, 3136, (8, 1)), (36, 32, 49, (4, 4))])
 def test_sparse_pointwise_kernel_matches_dense(cout, cin, p, block):
     """The BSR pointwise conv (x read in place as NCHW stores it, bias + residual + ReLU6 in the store): pixel
     counts that are not whole tiles (49, 196: the last tile overlaps), fewer pixels than a vector (3), CSR and
-    row/column blocks; an empty block-row included."""
+    row/column blocks; an empty block-row included; small maps split the block-rows in halves (9 block-rows: the
+    second half ends early)."""
     from tvm import relax
 
     from graphopt.targets.tvm.cpu.pipeline import build_cpu
