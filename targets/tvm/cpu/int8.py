@@ -447,31 +447,36 @@ def qgemm_source(m: int, k: int, n: int, float_bias: bool = False) -> str:
     """TVMScript of y[M, N] = dequant(a[M, K] @ W^T) for a int16 (int8 values, widened by the producing quantize)
     and W (int8, so the artifact stays small) packed as pairs per panel of 16 columns: per reduction step one
     32-bit broadcast of a[m, 2k:2k+2] and two sign-extending panel loads (`vpmovsxbw`) feed 12 `vpmaddwd` (6 rows x
-    16 columns); the epilogue removes the zero point, adds the int32 bias and scales per column in registers. Tiles are panel-major (a panel stays in L2 for every row tile); the last
-    row tile overlaps the one before it (M >= 6, any M % 6)."""
-    kp, mt, nt = k // 2, -(-m // MR), n // NR_GEMM
+    16 columns); the epilogue removes the zero point, adds the int32 bias and scales per column in registers.
+    Tasks are row-tile-major (`_qgemm_frame`); the last row tile overlaps the one before it (M >= 6, any M % 6)."""
+    kp, nt = k // 2, n // NR_GEMM
 
-    def product(h: int, r0: str, acc: str) -> str:
+    def product(h: int, r0: str, acc: str, panel: str) -> str:
         return (f'{acc} + T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", '
-                f'T.Cast("int16x16", wp[T.ramp((((t // {mt}) * {kp} + kk) * 2 + {h}) * 16, 1, 16)]), '
+                f'T.Cast("int16x16", wp[T.ramp(((({panel}) * {kp} + kk) * 2 + {h}) * 16, 1, 16)]), '
                 f'T.reinterpret("int16x16", T.broadcast(T.reinterpret("int32", a[T.ramp(({r0} + i) * {k} + 2 * kk, 1, 2)]), 8)))')
     return _qgemm_frame("qgemm", m, n, f'a: T.Buffer(({m * k},), "int16"), wp: T.Buffer(({nt * kp * 2 * 16},), "int8")',
                         kp, product, float_bias)
 
 
 def _qgemm_frame(name: str, m: int, n: int, inputs: str, steps_k: int, product, float_bias: bool) -> str:
-    """The int8 GEMM around a reduction step: 6 x 16 int32 tiles in registers, panel-major tasks (the last row
+    """The int8 GEMM around a reduction step: 6 x 16 int32 tiles in registers, row-tile-major tasks (the last row
     tile overlaps the one before it), the epilogue (acc - offset) * multiplier (+ float bias) per column.
-    product(h, r0, acc) is the int32x8 that step kk makes of acc, row i's half h (columns 8h..8h+7) of the tile at
-    row r0."""
-    mt = -(-m // MR)
-    r0 = f"T.min((t % {mt}) * {MR}, {m - MR})"
-    col = f"(t // {mt}) * {NR_GEMM}"
+    product(h, r0, acc, panel) is the int32x8 that step kk makes of acc, row i's half h (columns 8h..8h+7) of the
+    tile at row r0 and weight panel `panel`.
+
+    Row-tile-major, the threads (contiguous runs of tasks) split the rows and each writes whole output rows; panel-
+    major (each panel reused from L2 by every row tile) they wrote the two halves of every row and ran 1.02-1.10x
+    slower on MiniLM's shapes and 512^3 (as `quad_chunks` found for the pointwise kernels; the fp32 GEMM, at its
+    FMA peak, measured the same either way)."""
+    mt, nt = -(-m // MR), n // NR_GEMM
+    r0, panel = f"T.min((t // {nt}) * {MR}, {m - MR})", f"t % {nt}"
+    col = f"({panel}) * {NR_GEMM}"
     steps = ""
     for h in range(2):
         acc = f"acc[T.ramp(i * 16 + {h * 8}, 1, 8)]"
         steps += f"""
-                {acc} = {product(h, r0, acc)}"""
+                {acc} = {product(h, r0, acc, panel)}"""
     store = ""
     for h in range(2):
         cols = f"T.ramp({col} + {h * 8}, 1, 8)"
@@ -521,11 +526,11 @@ def qgemm_ubsw_source(m: int, k: int, n: int, float_bias: bool = False, dot: str
     vector pipes, not the multipliers, bound the int16 kernel. The epilogue is `qgemm_source`'s (its offsets
     include 128 x sum(w) for the shifted activations). With `dot="vnni"` one `vpdpbusd` per 32 bytes replaces the
     pair of instructions and any int8 weight is exact (`quad_dot`)."""
-    kq, mt, nt = k // 4, -(-m // MR), n // NR_GEMM
+    kq, nt = k // 4, n // NR_GEMM
 
-    def product(h: int, r0: str, acc: str) -> str:
+    def product(h: int, r0: str, acc: str, panel: str) -> str:
         quad = f'T.reinterpret("uint8x32", T.broadcast(T.reinterpret("int32", a[T.ramp(({r0} + i) * {k} + 4 * kk, 1, 4)]), 8))'
-        return quad_dot(acc, quad, f"wp[T.ramp((((t // {mt}) * {kq} + kk) * 2 + {h}) * 32, 1, 32)]", dot)
+        return quad_dot(acc, quad, f"wp[T.ramp(((({panel}) * {kq} + kk) * 2 + {h}) * 32, 1, 32)]", dot)
     return _qgemm_frame(f"qgemm_{dot}", m, n, f'a: T.Buffer(({m * k},), "uint8"), wp: T.Buffer(({nt * kq * 2 * 32},), "int8")',
                         kq, product, float_bias)
 
