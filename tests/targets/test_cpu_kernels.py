@@ -1469,7 +1469,9 @@ def test_kernels_bind_scalars_without_a_workspace_call_per_task():
         "bsr_conv1x1 (halves)": S.bsr_conv1x1_source(49, 32, 36, 4, 4, 6),
         "qconv1x1 quads": I.qconv1x1_ubsw_source(24, 16, 196, 2),
         "qconv_flat": I.qconv_flat_source(16, 8, 14, 14, 3, 3, 1, (1, 1, 1, 1)),
-        "conv_flat": C.flat_conv_source(13, 5, 9, 9, 3, 3, 1, (1, 1, 1, 1), (0.0, 6.0), False, True),
+        # the masked (AVX) store where this CPU has it, as the flat conv tests do
+        "conv_flat": C.flat_conv_source(13, 5, 9, 9, 3, 3, 1, (1, 1, 1, 1), (0.0, 6.0), False,
+                                        vector_lanes(cpu_target()) >= 8),
         "conv_staged": C.staged_conv_source(16, 3, 20, 20, 7, 7, 2, (3, 3, 3, 3), None),
         "depthwise": C.depthwise_source(16, 28, 28, 28, 28, 3, 3, 1, 1, 1, (0.0, 6.0)),
         "depthwise_cb": C.depthwise_cb_source(16, 14, 14, 7, 7, 3, 3, 2, 1, 1, (0.0, 6.0)),

@@ -313,12 +313,13 @@ def bsr_conv1x1_source(p: int, k: int, n: int, r: int, c: int, nnzb: int,
         for ib in T.serial({nb}):{_block_row(r, c, v, x_row)}{store}"""
     else:  # the block-row loop starts at 0 (TVM 0.27 mis-lowers inner loops reading a loop that starts above 0)
         half = -(-nb // halves)
+        store_deeper = store.replace("\n", "\n    ")  # inside the `if True:` below
         loop = f"""
     for t in T.parallel({tiles * halves}):
         po: T.let = t % {tiles}{staged}
         for ih in T.serial({half}):
             ib: T.let = T.min((t // {tiles}) * {half} + ih, {nb - 1})
-            if True:{_block_row(r, c, v, x_row, pad="    ")}{store.replace(chr(10), chr(10) + "    ")}"""
+            if True:{_block_row(r, c, v, x_row, pad="    ")}{store_deeper}"""
     return f"""
 @T.prim_func(private=True)
 def bsr_conv1x1(x: T.Buffer(({k}, {p}), "float32"), data: T.Buffer(({nnzb}, {r}, {c}), "float32"),
