@@ -561,10 +561,11 @@ def test_bsr_kernels_match_dense(m, block, k, n):
     assert np.abs(got - (x @ w.t()).numpy()).max() < 1e-4
 
 
-@pytest.mark.parametrize("m,k,sparsity", [(32, 768, 0.8), (20, 800, 0.9)])  # 800: a partial last k-tile
+@pytest.mark.parametrize("m,k,sparsity", [(32, 768, 0.8), (20, 800, 0.9), (16, 1600, 0.95)])
 def test_csr_weights_take_the_k_tiled_kernel_where_it_pays(m, k, sparsity):
-    """CSR linears with K >= 768 and >= 16 nonzeros per row and 192-input tile run k-tiled (rows of x^T from L1,
-    two accumulator chains); sparser or narrower ones keep the untiled kernel. Both match the dense product."""
+    """CSR linears with K >= 768 and >= 16 nonzeros per row and 192-input tile (>= 8 from K = 1536: 95% sparse)
+    run k-tiled (rows of x^T from L1, two accumulator chains); sparser or narrower ones keep the untiled kernel
+    (768 inputs at 95%: untiled). Both match the dense product. K = 800 and 1600: a partial last k-tile."""
     from tvm import relax
 
     from graphopt.ir.sparse_ops import layout_block
@@ -581,7 +582,8 @@ def test_csr_weights_take_the_k_tiled_kernel_where_it_pays(m, k, sparsity):
         assert (cols[rows] // CSR_TILE == seg // n).all() and (np.diff(cols[rows]) > 0).all()
         dense[seg % n, cols[rows]] = vals[rows]
     np.testing.assert_array_equal(dense, w.numpy())
-    for kk, tiled in ((k, True), (384, False)):  # K = 2 tiles: untiled
+    # K = 2 tiles: untiled; at 95% 768 inputs too
+    for kk, tiled in ((k, True), (384, False)) + (((768, False),) if sparsity >= 0.95 else ()):
         ww, xx = w[:, :kk].contiguous(), torch.randn(m, kk)
         ss = to_bsr(ww, (1, 1))
         assert csr_tiled_applies(m, kk, n, ss.nnzb) == tiled

@@ -180,8 +180,13 @@ def csr_tiled_applies(m: int, k: int, n: int, nnz: int) -> bool:
     chains gained nothing there. Tiled, the rows come from L1 and two chains run in parallel, but every row's
     outputs are reloaded once per tile, which only pays with enough nonzeros per row and tile. Measured (128
     tokens, 2 threads): 1.21x / 1.13x / 0.98x the untiled kernel at 80 / 90 / 95% sparsity on 768x768, 1.37x /
-    1.11x / 1.0x on 1536->384, 1.04x / 0.97x / 0.91x on 384->1536 (K = 2 tiles)."""
-    return m >= 4 and k >= 4 * CSR_TILE and nnz * CSR_TILE >= 16 * n * k
+    1.11x / 1.0x on 1536->384, 1.04x / 0.97x / 0.91x on 384->1536 (K = 2 tiles).
+
+    From K = 1536 (x^T 192 KB: L2 reads cost more) it also pays with 8 nonzeros per row and tile: at 95% through
+    the cost oracle (Zen 4, two runs each) 1.06-1.08x on 1536->384 and 1.12-1.26x on 3072->768, while 768x768 at
+    95% stays untiled (the tiled kernel there 0.89x)."""
+    per_tile = 8 if k >= 8 * CSR_TILE else 16  # nonzeros per row and k-tile it needs
+    return m >= 4 and k >= 4 * CSR_TILE and nnz * CSR_TILE >= per_tile * n * k
 
 
 def csr_tiled_pack(data, indices, indptr, k: int):
