@@ -166,16 +166,27 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         return _rescale(bb, acc, sx, ws, bias, shape)
 
     def qmatmul(node, importer):
-        # activation x activation: both zero points come off before the product, accumulated exactly in int32
+        # activation x activation: both zero points come off before the product, accumulated exactly. Centered
+        # int8 codes are in [-255, 255], so while K * 255^2 < 2^24 every partial sum is an integer float32 holds
+        # exactly and the float matmul (FMA) is exact; longer reductions accumulate in int32
         bb = importer.block_builder
         a, b = importer.env[node.args[0]], importer.env[node.args[3]]
+        a_shape, b_shape = node.args[0].meta["val"].shape, node.args[3].meta["val"].shape
+        if cpu_kernels:  # graphopt's int8 kernel: quad products (VNNI), the zero points off in its store
+            from graphopt.targets.tvm.cpu.int8 import emit_qbmm, int8_dot, qbmm_applies
+            dot = int8_dot(target)
+            if not qbmm_applies(a_shape, b_shape, dot):
+                return emit_qbmm(bb, a, b, a_shape, b_shape, float(node.args[1]), int(node.args[2]),
+                                 float(node.args[4]), int(node.args[5]), dot)
+        k = int(a_shape[-1])
+        dtype = "float32" if k * 255 * 255 < 2 ** 24 else "int32"
 
         def centered(q, zp):
-            q = bb.emit(relax.op.astype(q, "int32"))
-            return q if int(zp) == 0 else bb.emit(relax.op.subtract(q, relax.const(int(zp), "int32")))
+            q = bb.emit(relax.op.astype(q, dtype))
+            return q if int(zp) == 0 else bb.emit(relax.op.subtract(q, relax.const(int(zp), dtype)))
 
-        acc = bb.emit(relax.op.matmul(centered(a, node.args[2]), centered(b, node.args[5]), out_dtype="int32"))
-        y = bb.emit(relax.op.astype(acc, "float32"))
+        acc = bb.emit(relax.op.matmul(centered(a, node.args[2]), centered(b, node.args[5]), out_dtype=dtype))
+        y = acc if dtype == "float32" else bb.emit(relax.op.astype(acc, "float32"))
         return bb.emit(relax.op.multiply(y, f32(float(node.args[1]) * float(node.args[4]))))
 
     def _int32_bias(bb, acc, bias, shape):

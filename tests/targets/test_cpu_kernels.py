@@ -1351,6 +1351,62 @@ def test_int8_bsr_kernel_emits_vpdpbusd_for_vnni():
     assert not re.search(r"vmovdq[au](?:32|64)?\s+%ymm\d+, ", loop)
 
 
+@pytest.mark.parametrize("dot", ["exact", "vnni"])
+@pytest.mark.parametrize("shape,zps", [((2, 3, 16, 32, 128), (-7, 5)), ((1, 12, 20, 36, 17), (0, -128)),
+                                       ((3, 6, 64, 16), (127, 0))])
+def test_int8_activation_matmul_kernel_matches_the_reference(dot, shape, zps):
+    """qbmm (attention's int8 x int8 matmuls, both operands known only at run time) against graphopt::qmatmul's
+    float64 reference, to float32 rounding: zero points on either side (the corrections come off in int32), full-
+    range codes with the worst case (a = 127, b = -128 everywhere in one row and column), rows and columns that are
+    not whole 6 x 16 tiles (the last tile overlaps), K that is not whole 32-byte row sums (36: a scalar tail), and a
+    batch of 3 dims flattened. "exact" (widened arithmetic) runs anywhere; "vnni" where this CPU has it."""
+    from tvm import relax
+
+    from graphopt.ir.quant_ops import qmatmul
+    from graphopt.targets.tvm.cpu.int8 import emit_qbmm, qbmm_applies
+    from graphopt.targets.tvm.cpu.pipeline import build_cpu
+    if dot == "vnni" and not _vnni_here():
+        pytest.skip("this CPU has no VNNI (the exact variant checks the same kernel)")
+    *lead, m, k, n = shape
+    rng = np.random.default_rng(0)
+    a = rng.integers(-128, 128, (*lead, m, k)).astype(np.int8)
+    b = rng.integers(-128, 128, (*lead, k, n)).astype(np.int8)
+    a.reshape(-1, m, k)[0, 0] = 127
+    b.reshape(-1, k, n)[0, :, 0] = -128
+    (za, zb), sa, sb = zps, 0.02, 0.03
+    assert qbmm_applies(a.shape, b.shape, dot) == ""
+    ref = qmatmul(torch.from_numpy(a), sa, za, torch.from_numpy(b), sb, zb).numpy()
+    bb = relax.BlockBuilder()
+    av, bv = relax.Var("a", relax.TensorType(a.shape, "int8")), relax.Var("b", relax.TensorType(b.shape, "int8"))
+    with bb.function("main", [av, bv]):
+        with bb.dataflow():
+            y = bb.emit_output(emit_qbmm(bb, av, bv, a.shape, b.shape, sa, za, sb, zb, dot))
+        bb.emit_func_output(y)
+    vm = relax.VirtualMachine(build_cpu(bb.get(), cpu_target()), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b)).numpy()
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).max() <= 1e-6 * np.abs(ref).max()
+
+
+def test_int8_activation_matmul_kernel_applies_and_emits_vpdpbusd():
+    """Built for a VNNI CPU, qbmm's reduction is one `vpdpbusd` per 8 columns of each of its 6 rows (12 per quad, in
+    registers); it declines (with the reason) what it cannot run: broadcast batch dims, K not a multiple of 4, under
+    6 rows or 16 columns, no exact quad product (AVX2's `vpmaddubsw` saturates on full-range codes)."""
+    from graphopt.targets.tvm.cpu.int8 import qbmm_applies, qbmm_source
+    from tvm.script import tirx as T
+    f = tvm.script.parse(qbmm_source(4, 128, 32, 128, "vnni"), extra_vars={"T": T})
+    lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target("znver4"))
+    loop = _inner_fma_loop(lib.mod.inspect_source("asm"), r"vpdpbusd")
+    assert len(re.findall(r"vpdpbusd", loop)) >= 12
+    assert not re.search(r"vmovdq[au](?:32|64)?\s+%ymm\d+, ", loop)  # accumulators stay in registers
+    assert "batch dims" in qbmm_applies((2, 4, 16, 32), (1, 4, 32, 16), "vnni")
+    assert "K % 4" in qbmm_applies((4, 16, 30), (4, 30, 16), "vnni")
+    assert "M >= 6" in qbmm_applies((4, 5, 32), (4, 32, 16), "vnni")
+    assert "N >= 16" in qbmm_applies((4, 16, 32), (4, 32, 8), "vnni")
+    assert "VNNI" in qbmm_applies((4, 16, 32), (4, 32, 16), "ubsw")
+    assert qbmm_applies((4, 16, 32), (4, 32, 16), "vnni") == ""
+
+
 @pytest.mark.parametrize("cout,cin,p,out_int8,batch", [(32, 64, 196, True, 1), (48, 63, 49, False, 1),
                                                        (16, 24, 3136, True, 1), (24, 20, 20, False, 2)])
 def test_int8_sparse_pointwise_kernel_equals_the_dense_one(cout, cin, p, out_int8, batch):

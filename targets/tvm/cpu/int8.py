@@ -565,6 +565,117 @@ def qgemm_applies(m: int, k: int) -> bool:
     return m >= MR and k % 2 == 0
 
 
+QBMM_DOTS = ("vnni", "exact")  # the quad products exact for any int8 bytes (`quad_dot`)
+
+
+def qbmm_applies(a_shape, b_shape, dot: str | None) -> str:
+    """Why an activation x activation int8 matmul a [..., M, K] @ b [..., K, N] cannot take `qbmm_source` ("" if
+    it can): equal batch dims, K a multiple of 4, at least 6 rows and 16 columns, an exact quad product."""
+    if dot not in QBMM_DOTS:
+        return "no exact int8 quad product on this target (VNNI)"
+    if len(a_shape) < 2 or len(b_shape) != len(a_shape) or tuple(a_shape[:-2]) != tuple(b_shape[:-2]):
+        return f"batch dims differ ({list(a_shape)} @ {list(b_shape)}): broadcasting matmuls keep the generic path"
+    m, k, n = int(a_shape[-2]), int(a_shape[-1]), int(b_shape[-1])
+    if k % 4 or m < MR or n < 16:
+        return f"shape {m}x{k}x{n}: the kernel needs K % 4 == 0, M >= {MR}, N >= 16"
+    return ""
+
+
+def qbmm_source(bt: int, m: int, k: int, n: int, dot: str = "vnni") -> str:
+    """out[b] = ((a[b] - za) @ (b[b] - zb)) * scale for int8 a [B, M, K], b [B, K, N] known only at run time
+    (attention's scores and outputs), float32 out. Each task takes a batch and a run of 6-row tiles: it packs the
+    batch's b into quads of 4 inputs x 16 columns (a byte shuffle per 4 rows of 16) with each column's sum (one
+    quad product by ones), sums its rows of a + 128 the same way, and runs the int8 GEMM's 6 x 16 register tile:
+    a + 128 (uint8) broadcast per quad against the packed columns, one quad product per 8 columns. The zero points
+    come off in the store, exactly in int32: sum (a - za)(b - zb) = sum (a + 128) b - zb * rowsum(a + 128) -
+    (128 + za) * colsum(b) + K (128 + za) zb. zp holds (za, zb), scale the float multiplier."""
+    if dot not in QBMM_DOTS:
+        raise ValueError(f"qbmm needs an exact quad product ({', '.join(QBMM_DOTS)}), not '{dot}'")
+    k4, mt, npn = k // 4, -(-m // MR), -(-n // 16)
+    runs = max(1, min(mt, -(-16 // bt)))  # tasks per batch: 16+ tasks in all, each packing b once
+    order = [j * 16 + c for c in range(16) for j in range(4)]
+    row = f"(bi * {m} + r0 + i)"  # the row of a (and out) that tile row i is
+    packed = lambda h: f'T.reinterpret("int8x32", bq[T.ramp((pn * {k4} + q) * 16 + {h * 8}, 1, 8)])'  # noqa: E731
+    cs8, acc8 = "cs[T.ramp(pn * 16 + {h}, 1, 8)]", "acc[T.ramp(i * 16 + {h}, 1, 8)]"
+    rows = ", ".join(f"b[T.ramp((bi * {k} + 4 * q + {j}) * {n} + n0, 1, 16)]" for j in range(4))
+    ones_u8, ones_s8 = "T.broadcast(T.uint8(1), 32)", 'T.reinterpret("int8x32", T.broadcast(T.int32(16843009), 8))'
+    colsum = "".join(f"""
+                {cs8.format(h=h * 8)} = {quad_dot(cs8.format(h=h * 8), ones_u8, packed(h), dot)}""" for h in range(2))
+    a_quad = f'T.reinterpret("int32", a[T.ramp(({row} * {k4} + q) * 4, 1, 4)])'
+    a_u8 = f'T.reinterpret("uint8x32", T.broadcast(T.bitwise_xor({a_quad}, T.int32(-2139062144)), 8))'  # + 128
+    steps = "".join(f"""
+                        {acc8.format(h=h * 8)} = {quad_dot(acc8.format(h=h * 8), a_u8, packed(h), dot)}"""
+                    for h in range(2))
+    a_vec = (f'T.bitwise_xor(T.reinterpret("uint8x32", a[T.ramp({row} * {k} + q * 32, 1, 32)]), '
+             f'T.broadcast(T.uint8(128), 32))')
+    tail = " + ".join(f'T.Cast("int32", a[{row} * {k} + q * 4 + {j}])' for j in range(4))
+    rest = "" if k % 32 == 0 else f"""
+                for q in T.serial({k // 32 * 8}, {k4}):
+                    rs[i] = rs[i] + {tail} + 512"""
+    store = "".join(f"""
+                    out[T.ramp({row} * {n} + n0 + {h * 8}, 1, 8)] = T.Cast("float32x8", {acc8.format(h=h * 8)}
+                        - T.broadcast(zp[1] * rs[i], 8) - {cs8.format(h=h * 8)}) * T.broadcast(scale[0], 8)"""
+                    for h in range(2))
+    return f"""
+@T.prim_func(private=True)
+def qbmm_{dot}(a: T.Buffer(({bt * m * k},), "int8"), b: T.Buffer(({bt * k * n},), "int8"),
+               zp: T.Buffer((2,), "int32"), scale: T.Buffer((1,), "float32"),
+               out: T.Buffer(({bt * m * n},), "float32")):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
+    for t in T.parallel({bt * runs}):
+        bi: T.let = t // {runs}
+        bq = T.decl_buffer(({npn * k4 * 16},), "int32", scope="global")
+        cs = T.decl_buffer(({npn * 16},), "int32", scope="global")
+        rs = T.decl_buffer(({MR},), "int32", scope="global")
+        for pn in T.serial({npn}):
+            n0: T.let = T.min(pn * 16, {n - 16})
+            for h in T.unroll(2):
+                cs[T.ramp(pn * 16 + h * 8, 1, 8)] = T.broadcast(T.int32(0), 8)
+            for q in T.serial({k4}):
+                bq[T.ramp((pn * {k4} + q) * 16, 1, 16)] = T.reinterpret("int32x16", T.Shuffle([{rows}],
+                                                                                             {order})){colsum}
+            for h in T.unroll(2):  # (colsum(b) - K zb) (128 + za): all of the correction but zb * rowsum
+                cs[T.ramp(pn * 16 + h * 8, 1, 8)] = ((cs[T.ramp(pn * 16 + h * 8, 1, 8)] - T.broadcast({k} * zp[1], 8))
+                                                     * T.broadcast(128 + zp[0], 8))
+        for rt in T.serial((t % {runs}) * {mt} // {runs}, (t % {runs} + 1) * {mt} // {runs}):
+            r0: T.let = T.min(rt * {MR}, {m - MR})
+            for i in T.unroll({MR}):
+                rv = T.decl_buffer((8,), "int32", scope="global")
+                rv[T.ramp(0, 1, 8)] = T.broadcast(T.int32(0), 8)
+                for q in T.serial({k // 32}):
+                    rv[T.ramp(0, 1, 8)] = {quad_dot("rv[T.ramp(0, 1, 8)]", a_vec, ones_s8, dot)}
+                rs[i] = rv[0] + rv[1] + rv[2] + rv[3] + rv[4] + rv[5] + rv[6] + rv[7]{rest}
+            for pn in T.serial({npn}):
+                n0: T.let = T.min(pn * 16, {n - 16})
+                acc = T.decl_buffer(({MR * 16},), "int32", scope="global")
+                for i in T.unroll({MR}):
+                    acc[T.ramp(i * 16, 1, 16)] = T.broadcast(T.int32(0), 16)
+                for q in T.serial({k4}):
+                    for i in T.unroll({MR}):{steps}
+                for i in T.unroll({MR}):{store}
+"""
+
+
+def emit_qbmm(bb, a, b, a_shape, b_shape, sa: float, za: int, sb: float, zb: int, dot: str):
+    """Emit `qbmm_source` for qmatmul a [..., M, K] @ b [..., K, N] (int8, per-tensor zero points and scales; check
+    `qbmm_applies` first): float32 [..., M, N]."""
+    import math
+
+    import tvm
+    from tvm import relax
+    from tvm.script import tirx as T
+    m, k, n = int(a_shape[-2]), int(a_shape[-1]), int(b_shape[-1])
+    lead = [int(d) for d in a_shape[:-2]]
+    bt = math.prod(lead)
+    gv = bb.add_func(tvm.script.parse(qbmm_source(bt, m, k, n, dot), extra_vars={"T": T}),
+                     f"qbmm_{dot}_{bt}x{m}x{k}x{n}")
+    flat_a, flat_b = bb.emit(relax.op.reshape(a, (bt * m * k,))), bb.emit(relax.op.reshape(b, (bt * k * n,)))
+    y = bb.emit(relax.call_tir(gv, [flat_a, flat_b, relax.const(np.array([za, zb], np.int32)),
+                                    relax.const(np.array([sa * sb], np.float32))],
+                               relax.TensorType((bt * m * n,), "float32")))
+    return bb.emit(relax.op.reshape(y, (*lead, m, n)))
+
+
 def emit_qgemv(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | None, sx: float, zx: int, k: int):
     """One-row qlinear (a classifier head at batch 1) of xq int8 [..., K] with a constant int8 weight [N, K] ->
     float32 [N]: the weight stream of `gemm.gemv_source` with the weight int8, or int4 nibbles when it fits (TVM's

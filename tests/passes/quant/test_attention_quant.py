@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import tvm
 
 import graphopt
 from graphopt.bench import fidelity
@@ -84,3 +85,58 @@ def test_attention_matmuls_are_int8_end_to_end(tmp_path):
             want = graph.run(*b)[0].numpy()
             out = sess.run(None, dict(zip(names, [t.numpy() for t in b])))[0]
             assert np.abs(out - want).max() <= 0.02 * np.abs(want).max(), label
+
+
+def test_attention_qmatmuls_take_the_int8_kernel_where_the_cpu_has_vnni(monkeypatch):
+    """Lowered for a VNNI CPU, the score matmul (16 x 8 @ 8 x 16 per head) runs graphopt's int8 activation matmul
+    (`qbmm`, quad products, zero points off in int32); the output matmul (8 columns, under the kernel's 16) and
+    every qmatmul for an AVX2 CPU keep the generic exact path. With the exact quad product (runs on any CPU) the
+    built artifact equals the folded graph to float rounding."""
+    from graphopt.targets.tvm.cpu import int8
+    from graphopt.targets.tvm.host import cpu_target
+    from graphopt.targets.tvm.lower import lower_to_relax
+    torch.manual_seed(0)
+    g = graphopt.trace(Attention(mask="bool").eval(), _inputs(1))
+    f = graphopt.optimize(g, "quantize,fold-qdq", data=[_inputs(s) for s in range(2, 8)])
+    names = lambda cpu: [gv.name_hint for gv in  # noqa: E731
+                         lower_to_relax(f, target=cpu_target(cpu) if cpu else None).get_global_vars()]
+    assert len([n for n in names("sapphirerapids") if n.startswith("qbmm_vnni_")]) == 1
+    assert not [n for n in names("znver3") if n.startswith("qbmm_")]
+    monkeypatch.setattr(int8, "int8_dot", lambda target: "exact")
+    assert len([n for n in names(None) if n.startswith("qbmm_exact_")]) == 1
+    from tvm import relax
+
+    from graphopt.targets.tvm.build import build_executable
+    vm = relax.VirtualMachine(build_executable(f)[0], tvm.cpu())
+    for b in [_inputs(s) for s in (20, 21)]:
+        want = f.run(*b)[0].numpy()
+        got = vm["main"](*[tvm.runtime.tensor(t.numpy()) for t in b])[0].numpy()
+        assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()  # a rounding tie may land one step away
+
+
+@pytest.mark.parametrize("k", [40, 300])
+def test_generic_qmatmul_path_is_exact(k):
+    """A qmatmul the int8 kernel does not take (8 columns) lowers to a Relax matmul of the centered codes: in float32
+    while every partial sum is an integer it holds (K * 255^2 < 2^24: K = 40), else in int32 (K = 300); either way
+    equal to graphopt::qmatmul's float64 reference to float32 rounding, with both zero points at the range's edge."""
+    from graphopt.targets.tvm.lower import lower_to_relax
+
+    class QM(torch.nn.Module):
+        def forward(self, a, b):
+            return torch.ops.graphopt.qmatmul(a, 0.02, -128, b, 0.03, 127)
+
+    rng = np.random.default_rng(0)
+    a = torch.from_numpy(rng.integers(-128, 128, (2, 8, k)).astype(np.int8))
+    b = torch.from_numpy(rng.integers(-128, 128, (2, k, 8)).astype(np.int8))
+    a[0, 0] = 127
+    b[0, :, 0] = -128
+    g = graphopt.trace(QM(), (a, b))
+    mod = lower_to_relax(g)
+    assert not [gv.name_hint for gv in mod.get_global_vars() if gv.name_hint.startswith("qbmm_")]
+    from tvm import relax
+
+    from graphopt.targets.tvm.build import build_executable
+    vm = relax.VirtualMachine(build_executable(g)[0], tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(a.numpy()), tvm.runtime.tensor(b.numpy()))[0].numpy()
+    want = torch.ops.graphopt.qmatmul(a, 0.02, -128, b, 0.03, 127).numpy()
+    assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
