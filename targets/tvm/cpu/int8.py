@@ -506,14 +506,20 @@ def {name}({inputs},
           off: T.Buffer(({n},), "int32"), mult: T.Buffer(({n},), "float32"),{' bias: T.Buffer((' + str(n) + ',), "float32"),' if float_bias else ''}
           out: T.Buffer(({m * n},), "float32")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
-    for t in T.parallel({mt * (n // NR_GEMM)}):
-        acc = T.decl_buffer(({MR * 16},), "int32", scope="global")
-        for i in T.unroll({MR}):
-            acc[T.ramp(i * 16, 1, 16)] = T.broadcast(T.int32(0), 16)
-        for kk in T.serial({steps_k}):
-            for i in T.unroll({MR}):{steps}
-        for i in T.unroll({MR}):{store}
+    for t in T.parallel({mt * (n // NR_GEMM)}):{_gemm_tile(f"for kk in T.serial({steps_k}):", steps, store, " " * 8)}
 """
+
+
+def _gemm_tile(reduce: str, steps: str, store: str, pad: str) -> str:
+    """TVMScript of the int8 GEMMs' 6 x 16 int32 register tile at indent `pad`: zeroed, the reduction loop `reduce`
+    (a `for` header) over the 6 rows' `steps` (written 8 deeper than pad), then the rows' `store` (4 deeper)."""
+    return f"""
+{pad}acc = T.decl_buffer(({MR * 16},), "int32", scope="global")
+{pad}for i in T.unroll({MR}):
+{pad}    acc[T.ramp(i * 16, 1, 16)] = T.broadcast(T.int32(0), 16)
+{pad}{reduce}
+{pad}    for i in T.unroll({MR}):{steps}
+{pad}for i in T.unroll({MR}):{store}"""
 
 
 def pack_gemm_pairs(wq: np.ndarray) -> np.ndarray:
@@ -646,13 +652,7 @@ def qbmm_{dot}(a: T.Buffer(({bt * m * k},), "int8"), b: T.Buffer(({bt * k * n},)
                     rv[T.ramp(0, 1, 8)] = {quad_dot("rv[T.ramp(0, 1, 8)]", a_vec, ones_s8, dot)}
                 rs[i] = rv[0] + rv[1] + rv[2] + rv[3] + rv[4] + rv[5] + rv[6] + rv[7]{rest}
             for pn in T.serial({npn}):
-                n0: T.let = T.min(pn * 16, {n - 16})
-                acc = T.decl_buffer(({MR * 16},), "int32", scope="global")
-                for i in T.unroll({MR}):
-                    acc[T.ramp(i * 16, 1, 16)] = T.broadcast(T.int32(0), 16)
-                for q in T.serial({k4}):
-                    for i in T.unroll({MR}):{steps}
-                for i in T.unroll({MR}):{store}
+                n0: T.let = T.min(pn * 16, {n - 16}){_gemm_tile(f"for q in T.serial({k4}):", steps, store, " " * 16)}
 """
 
 
