@@ -450,6 +450,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         # float32 layer norm over the last axis: one vectorized pass per row (norm.py); else Relax's layer norm.
         # A missing weight / bias is ones / zeros (TVM's own converter fails on them; they used to be decomposed)
         import numpy as np
+        import torch
 
         from graphopt.targets.tvm.cpu.norm import emit_layer_norm, rows_apply
         x_val, shape = node.args[0].meta["val"], [int(d) for d in node.args[1]]
@@ -461,6 +462,14 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                 for a, fill in ((args[2], 1.0), (args[3], 0.0)))
         x = importer.env[node.args[0]]
         if len(shape) == 1 and shape[0] == int(x_val.shape[-1]) and rows_apply(shape[0], dtype):
+            src = node.args[0]
+            if (getattr(src.target, "__name__", "") == "add.Tensor" and len(src.users) == 1 and not src.kwargs
+                    and len(src.args) == 2 and all(isinstance(a, torch.fx.Node) and tuple(a.meta["val"].shape)
+                                                   == tuple(x_val.shape) and a.meta["val"].dtype == x_val.dtype
+                                                   for a in src.args)):
+                # the residual add before the norm, inside its kernel (the add Relax emitted is then unused)
+                return emit_layer_norm(bb, importer.env[src.args[0]], w, b, x_val.shape, eps,
+                                       residual=importer.env[src.args[1]])
             return emit_layer_norm(bb, x, w, b, x_val.shape, eps)
         return bb.emit(relax.op.nn.layer_norm(x, w, b, axes=list(range(-len(shape), 0)), epsilon=eps))
 

@@ -1487,6 +1487,36 @@ def test_layer_norm_rows_kernel_matches_torch(dim, affine, kernel):
     _assert_built_matches(g, model, x)
 
 
+class _AddNorm(torch.nn.Module):
+    """A transformer block's residual add and layer norm; `tap` also multiplies by the sum (a second use of the
+    add)."""
+    def __init__(self, dim: int, tap: bool):
+        super().__init__()
+        self.fc, self.ln, self.tap = torch.nn.Linear(dim, dim), torch.nn.LayerNorm(dim), tap
+
+    def forward(self, x):
+        h = self.fc(x) + x
+        return self.ln(h) * h if self.tap else self.ln(h)
+
+
+@pytest.mark.parametrize("tap", [False, True])
+def test_residual_add_joins_the_layer_norm_kernel(tap):
+    """An add of two same-shape float tensors whose only use is a layer norm is done inside the row kernel
+    (`layer_norm_rows_res`: the sum goes to a row buffer in the first pass, no pass of its own); an add with another
+    use stays an op and the plain kernel normalizes it. Both match torch."""
+    torch.manual_seed(0)
+    model = _AddNorm(64, tap).eval()
+    with torch.no_grad():
+        model.ln.weight.normal_()
+        model.ln.bias.normal_()
+    x = torch.randn(1, 20, 64) * 3 + 1
+    g = graphopt.trace(model, (x,))
+    names = _func_names(g)
+    assert any(n.startswith("layer_norm_rows_res_20x64") for n in names) != tap, names
+    assert any(n.startswith("layer_norm_rows_20x64") for n in names) == tap, names
+    _assert_built_matches(g, model, x)
+
+
 class _Softmax(torch.nn.Module):
     def __init__(self, dim: int):
         super().__init__()

@@ -29,45 +29,58 @@ def _call_rows(bb, source: str, name: str, x, extra: list, x_shape):
     return bb.emit(relax.op.reshape(y, dims))
 
 
-def layer_norm_source(rows: int, dim: int, eps: float) -> str:
+def layer_norm_source(rows: int, dim: int, eps: float, residual: bool = False) -> str:
     """TVMScript of y[r, :] = (x[r, :] - mean) / sqrt(var + eps) * w + b per row (biased variance, two passes over
-    the row, which stays in L1), rows in parallel."""
+    the row, which stays in L1), rows in parallel. With `residual` the row is x + res (a residual add before the
+    norm, as in every transformer block): summed into a row buffer in the first pass, so the sum never makes a
+    pass over memory of its own."""
     steps = dim // LANES
     v = f"T.ramp(r * {dim} + j * {LANES}, 1, {LANES})"
+    lane = f"T.ramp(0, 1, {LANES})"
+    xv = f"e[T.ramp(j * {LANES}, 1, {LANES})]" if residual else f"x[{v}]"
+    first = (f"""
+            {xv} = x[{v}] + res[{v}]
+            acc[{lane}] = acc[{lane}] + {xv}""" if residual else f"""
+            acc[{lane}] = acc[{lane}] + x[{v}]""")
+    res_arg = f' res: T.Buffer(({rows * dim},), "float32"),' if residual else ""
+    row_buf = f"""
+        e = T.decl_buffer(({dim},), "float32", scope="global")""" if residual else ""
     return f"""
 @T.prim_func(private=True)
-def layer_norm_rows(x: T.Buffer(({rows * dim},), "float32"), w: T.Buffer(({dim},), "float32"),
+def layer_norm_rows(x: T.Buffer(({rows * dim},), "float32"),{res_arg} w: T.Buffer(({dim},), "float32"),
                     b: T.Buffer(({dim},), "float32"), y: T.Buffer(({rows * dim},), "float32")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
-    for r in T.parallel({rows}):
+    for r in T.parallel({rows}):{row_buf}
         acc = T.decl_buffer(({LANES},), "float32", scope="global")
         stat = T.decl_buffer((2,), "float32", scope="global")
-        acc[T.ramp(0, 1, {LANES})] = T.broadcast(T.float32(0), {LANES})
-        for j in T.serial({steps}):
-            acc[T.ramp(0, 1, {LANES})] = acc[T.ramp(0, 1, {LANES})] + x[{v}]
+        acc[{lane}] = T.broadcast(T.float32(0), {LANES})
+        for j in T.serial({steps}):{first}
         stat[0] = T.float32(0)
         for l in T.serial({LANES}):
             stat[0] = stat[0] + acc[l]
         stat[0] = stat[0] * T.float32({1.0 / dim!r})
-        acc[T.ramp(0, 1, {LANES})] = T.broadcast(T.float32(0), {LANES})
+        acc[{lane}] = T.broadcast(T.float32(0), {LANES})
         for j in T.serial({steps}):
-            acc[T.ramp(0, 1, {LANES})] = acc[T.ramp(0, 1, {LANES})] + (x[{v}] - T.broadcast(stat[0], {LANES})) * (
-                x[{v}] - T.broadcast(stat[0], {LANES}))
+            acc[{lane}] = acc[{lane}] + ({xv} - T.broadcast(stat[0], {LANES})) * ({xv} - T.broadcast(stat[0], {LANES}))
         stat[1] = T.float32(0)
         for l in T.serial({LANES}):
             stat[1] = stat[1] + acc[l]
         stat[1] = T.float32(1) / T.sqrt(stat[1] * T.float32({1.0 / dim!r}) + T.float32({float(eps)!r}))
         for j in T.serial({steps}):
-            y[{v}] = (x[{v}] - T.broadcast(stat[0], {LANES})) * T.broadcast(stat[1], {LANES}) * w[
+            y[{v}] = ({xv} - T.broadcast(stat[0], {LANES})) * T.broadcast(stat[1], {LANES}) * w[
                 T.ramp(j * {LANES}, 1, {LANES})] + b[T.ramp(j * {LANES}, 1, {LANES})]
 """
 
 
-def emit_layer_norm(bb, x, weight, bias, x_shape, eps: float):
-    """y = layer_norm(x) over the last axis of x [..., D] with weight and bias [D] (Relax values)."""
+def emit_layer_norm(bb, x, weight, bias, x_shape, eps: float, residual=None):
+    """y = layer_norm(x (+ residual)) over the last axis of x [..., D] with weight and bias [D] (Relax values;
+    residual: x's shape, added inside the kernel)."""
+    from tvm import relax
     dim = int(x_shape[-1])
     rows = math.prod(int(d) for d in x_shape) // dim
-    return _call_rows(bb, layer_norm_source(rows, dim, eps), "layer_norm_rows", x, [weight, bias], x_shape)
+    extra = [] if residual is None else [bb.emit(relax.op.reshape(residual, (rows * dim,)))]
+    return _call_rows(bb, layer_norm_source(rows, dim, eps, residual is not None),
+                      "layer_norm_rows" + ("_res" if residual is not None else ""), x, [*extra, weight, bias], x_shape)
 
 
 # TVM's fast_exp (topi): exp(x) = 2^n * (1 + r + r^2 * p(r)), n = floor(x log2(e) + 1/2), r = x - n ln(2), x clamped
