@@ -463,8 +463,9 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         x = importer.env[node.args[0]]
         if len(shape) == 1 and shape[0] == int(x_val.shape[-1]) and rows_apply(shape[0], dtype):
             src = node.args[0]
+            # (not an add a conv kernel already computed: its conv's value there is the sum, `fused_adds`)
             if (getattr(src.target, "__name__", "") == "add.Tensor" and len(src.users) == 1 and not src.kwargs
-                    and len(src.args) == 2 and all(isinstance(a, torch.fx.Node) and tuple(a.meta["val"].shape)
+                    and src not in fused_adds and len(src.args) == 2 and all(isinstance(a, torch.fx.Node) and tuple(a.meta["val"].shape)
                                                    == tuple(x_val.shape) and a.meta["val"].dtype == x_val.dtype
                                                    for a in src.args)):
                 # the residual add before the norm, inside its kernel (the add Relax emitted is then unused)

@@ -1489,31 +1489,35 @@ def test_layer_norm_rows_kernel_matches_torch(dim, affine, kernel):
 
 class _AddNorm(torch.nn.Module):
     """A transformer block's residual add and layer norm; `tap` also multiplies by the sum (a second use of the
-    add)."""
-    def __init__(self, dim: int, tap: bool):
+    add); `conv` makes the add a pointwise conv's residual (which the conv kernel takes in its store)."""
+    def __init__(self, dim: int, tap: bool, conv: bool = False):
         super().__init__()
-        self.fc, self.ln, self.tap = torch.nn.Linear(dim, dim), torch.nn.LayerNorm(dim), tap
+        self.fc = torch.nn.Conv2d(dim, dim, 1) if conv else torch.nn.Linear(dim, dim)
+        self.ln, self.tap = torch.nn.LayerNorm(64), tap
 
     def forward(self, x):
         h = self.fc(x) + x
         return self.ln(h) * h if self.tap else self.ln(h)
 
 
-@pytest.mark.parametrize("tap", [False, True])
-def test_residual_add_joins_the_layer_norm_kernel(tap):
+@pytest.mark.parametrize("tap,conv", [(False, False), (True, False), (False, True)])
+def test_residual_add_joins_the_layer_norm_kernel(tap, conv):
     """An add of two same-shape float tensors whose only use is a layer norm is done inside the row kernel
     (`layer_norm_rows_res`: the sum goes to a row buffer in the first pass, no pass of its own); an add with another
-    use stays an op and the plain kernel normalizes it. Both match torch."""
+    use stays an op and the plain kernel normalizes it; an add the pointwise conv before it already computed in
+    its store (`conv1x1_..._res`) is not added again. All match torch."""
     torch.manual_seed(0)
-    model = _AddNorm(64, tap).eval()
+    model = _AddNorm(8 if conv else 64, tap, conv).eval()
     with torch.no_grad():
         model.ln.weight.normal_()
         model.ln.bias.normal_()
-    x = torch.randn(1, 20, 64) * 3 + 1
+    x = torch.randn(1, 8, 20, 64) if conv else torch.randn(1, 20, 64) * 3 + 1
     g = graphopt.trace(model, (x,))
     names = _func_names(g)
-    assert any(n.startswith("layer_norm_rows_res_20x64") for n in names) != tap, names
-    assert any(n.startswith("layer_norm_rows_20x64") for n in names) == tap, names
+    rows = 160 if conv else 20
+    assert any(n.startswith(f"layer_norm_rows_res_{rows}x64") for n in names) == (not tap and not conv), names
+    assert any(n.startswith(f"layer_norm_rows_{rows}x64") for n in names) == (tap or conv), names
+    assert any(n.startswith("conv1x1_") and n.endswith("_res") for n in names) == conv, names
     _assert_built_matches(g, model, x)
 
 
