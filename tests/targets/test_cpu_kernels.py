@@ -103,6 +103,51 @@ def test_depthwise_conv_kernel_handles_padding_in_the_kernel(c, hw, k, stride, a
     _assert_built_matches(g, model, x)
 
 
+@pytest.mark.parametrize("c,h,w,k,stride,pad", [(3, 3, 70, 3, 1, (1, 1, 1, 1)),   # 3 output rows: a 3-row block
+                                                 (2, 37, 41, 3, 1, (1, 1, 1, 1)),  # 37 rows: the last block overlaps
+                                                 (3, 9, 66, 3, 2, (1, 1, 1, 1)),   # stride 2, 5 rows
+                                                 (2, 12, 40, 5, 1, (2, 2, 2, 2)),  # 5x5: 8 input rows a block
+                                                 (2, 10, 68, 3, 2, (0, 1, 0, 1))])  # TF "SAME": no top row skipped
+def test_depthwise_row_kernel_blocks_of_output_rows(c, h, w, k, stride, pad):
+    """The row kernel computes 4 output rows a task (fewer on thin maps, the last block overlapping the one before),
+    loading each input row's tap vectors once for every output row that reads them. With int8 weights and an int8
+    store its outputs equal those of one row a task exactly (the same sums in the same order), and the float ones
+    match torch."""
+    from tvm import relax
+
+    from graphopt.targets.tvm.cpu import conv as k_
+    from graphopt.targets.tvm.cpu.pipeline import build_cpu
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, c, h, w)).astype(np.float32) * 2
+    w8, ws = rng.integers(-127, 128, (c, 1, k, k)).astype(np.int8), rng.uniform(0.005, 0.02, c)
+    b = rng.standard_normal(c).astype(np.float32)
+
+    def run(out_q, rows):
+        source = k_.depthwise_source
+        k_.depthwise_source = lambda *a, **kw: source(*a, **kw, rows=rows)
+        try:
+            bb = relax.BlockBuilder()
+            xv = relax.Var("x", relax.TensorType(x.shape, "float32"))
+            with bb.function("main", [xv]):
+                with bb.dataflow():
+                    y = bb.emit_output(k_.emit_depthwise(bb, xv, w8, b, x.shape, stride, pad, (0.0, 6.0), out_q,
+                                                         w_scale=ws))
+                bb.emit_func_output(y)
+            mod = bb.get()
+        finally:
+            k_.depthwise_source = source
+        names = {gv.name_hint for gv in mod.get_global_vars()}
+        assert any(n.startswith(f"depthwise_{c}x{h}x{w}_k{k}s{stride}") for n in names), names  # the row kernel
+        return relax.VirtualMachine(build_cpu(mod, cpu_target()), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    ref = torch.nn.functional.conv2d(torch.nn.functional.pad(torch.from_numpy(x), (pad[2], pad[3], pad[0], pad[1])),
+                                     torch.from_numpy(w8.astype(np.float32) * ws.reshape(-1, 1, 1, 1).astype(np.float32)),
+                                     torch.from_numpy(b), stride, groups=c).clamp(0, 6).numpy()
+    got = run(None, 4)
+    assert got.shape == ref.shape and np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+    q = (0.03, -5, -128, 127)
+    np.testing.assert_array_equal(run(q, 4), run(q, 1))
+
+
 class _Residual(torch.nn.Module):
     """expand -> ReLU6 -> project, plus the block's input (MobileNetV2's inverted residual without the depthwise
     conv); `late`: the other operand is computed after the projection, so the add cannot join its kernel."""

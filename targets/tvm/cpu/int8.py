@@ -165,6 +165,33 @@ def quad_dot(acc: str, u8: str, s8: str, dot: str) -> str:
     raise ValueError(f"unknown int8 dot product '{dot}' (one of {', '.join(DOTS)})")
 
 
+def stage_quads(cin: int, p: int, nv: int, origin: str, slot: str, blocks: str) -> str:
+    """TVMScript that stages a task's pixel blocks as uint8 quads (x + 128; 4 channels of a pixel side by side) in
+    xq [block slot, Cin/4, 8nv, 4], from x [Cin, p] int8: `blocks` is the loop header over the blocks (variable b),
+    `origin` a block's first pixel, `slot` its place in xq. Channels past Cin (a partial last quad) are zeros, which
+    meet zero weights. Quad-major: the 8-byte runs of 4 channel rows that consecutive pixel blocks read share cache
+    lines, so each line is read while in L1 (block-major, a block touched a line in each of Cin rows: 36 KB at Cin
+    576)."""
+    nr, k4 = 8 * nv, -(-cin // 4)
+    order = [r * 8 + px for px in range(8) for r in range(4)]
+
+    def quad(q: str, v: int, n_rows: int) -> str:
+        rows = [f"x[T.ramp((4 * ({q}) + {j}) * {p} + {origin} + {v * 8}, 1, 8)]" if j < n_rows else
+                "T.broadcast(T.int8(0), 8)" for j in range(4)]
+        return f"""
+                    xq[T.ramp(({slot} * {k4} + {q}) * {nr * 4} + {v * 32}, 1, 32)] = T.reinterpret("uint8x32", T.bitwise_xor(
+                        T.Shuffle([{", ".join(rows)}], {order}), T.broadcast(T.int8(-128), 32)))"""
+    whole, part = divmod(cin, 4)
+    deeper = lambda text: text.replace("\n", "\n    ")  # noqa: E731
+    stage = f"""
+        for q in T.serial({whole}):
+            {blocks}{deeper("".join(quad("q", v, 4) for v in range(nv)))}"""
+    if part:
+        stage += f"""
+        {blocks}{"".join(quad(str(whole), v, part) for v in range(nv))}"""
+    return stage
+
+
 def qconv1x1_ubsw_source(cout: int, cin: int, p: int, nv: int, clamp: tuple[float, float] | None = None,
                          out_q: tuple[float, int, int, int] | None = None, dequantized: bool = False,
                          float_bias: bool = False, dot: str = "ubsw", bsr_blocks: int | None = None,
@@ -206,7 +233,6 @@ def qconv1x1_ubsw_source(cout: int, cin: int, p: int, nv: int, clamp: tuple[floa
     bias_arg = f' bias: T.Buffer(({mt * rows},), "float32"),' if float_bias else ""
     c0 = f"T.min(b * {nr}, {p - nr})"
     off0 = f"off[T.min(c * {trows} + i, {mt * rows - 1})]"  # the accumulator starts at -offset (rows past Cout: any)
-    order = [r * 8 + px for px in range(8) for r in range(4)]
     if bsr_blocks is None:
         blk = "c" if tiles == 1 else f"T.min(c * {tiles} + i // {MR}, {mt - 1})"  # (past the last: not stored)
         q, wquad, reduce = "q", f"w4[({blk} * {k4} + q) * {MR} + i % {MR}]", f"for q in T.serial({k4}):"
@@ -217,25 +243,7 @@ def qconv1x1_ubsw_source(cout: int, cin: int, p: int, nv: int, clamp: tuple[floa
         w_args = (f'data: T.Buffer(({bsr_blocks * 8},), "int32"), indices: T.Buffer(({bsr_blocks},), "int32"),\n'
                   f'                  indptr: T.Buffer(({mt + 1},), "int32"),')
 
-    def quad(q: str, v: int, n_rows: int) -> str:
-        """Stage quad q of the block's 8 pixels v*8..: channels past Cin (a partial last quad) are zeros, which
-        meet zero weights."""
-        rows = [f"x[T.ramp((4 * ({q}) + {j}) * {p} + {c0} + {v * 8}, 1, 8)]" if j < n_rows else
-                "T.broadcast(T.int8(0), 8)" for j in range(4)]
-        return f"""
-                    xq[T.ramp(((b - b0) * {k4} + {q}) * {nr * 4} + {v * 32}, 1, 32)] = T.reinterpret("uint8x32", T.bitwise_xor(
-                        T.Shuffle([{", ".join(rows)}], {order}), T.broadcast(T.int8(-128), 32)))"""
-    whole, part = divmod(cin, 4)
-    # quad-major: the 8-byte runs of 4 channel rows that consecutive pixel blocks read share cache lines, so each
-    # line is read while in L1 (block-major, a block touched a line in each of Cin rows: 36 KB at Cin 576)
-    blocks = f"for b in T.serial(b0, (t % {chunks} + 1) * {cb} // {chunks}):"
-    deeper = lambda text: text.replace("\n", "\n    ")  # noqa: E731
-    stage = f"""
-        for q in T.serial({whole}):
-            {blocks}{deeper("".join(quad("q", v, 4) for v in range(nv)))}"""
-    if part:
-        stage += f"""
-        {blocks}{"".join(quad(str(whole), v, part) for v in range(nv))}"""
+    stage = stage_quads(cin, p, nv, c0, "(b - b0)", f"for b in T.serial(b0, (t % {chunks} + 1) * {cb} // {chunks}):")
     steps = ""
     for v in range(nv):
         acc = f"acc[T.ramp(i * {nr} + {v * 8}, 1, 8)]"
@@ -350,6 +358,13 @@ def epilogue_constants(wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | 
     return off.astype(np.int32), mult.astype(np.float32), fb.astype(np.float32)
 
 
+def quad_weights(w2: np.ndarray, dot: str) -> bool:
+    """Whether the int8 pointwise weight w2 [Cout, Cin] runs on the quad kernels (`qconv1x1_ubsw_source`) with
+    quad product `dot`: every weight with VNNI, 7-bit ones on AVX2 (no u8 x s8 pair can saturate); int4 weights
+    stay nibbles on the pair kernel (the artifact size is why they were chosen)."""
+    return not fits_int4(w2) and (dot != "ubsw" or ubsw_exact(np.pad(w2, ((0, 0), (0, w2.shape[1] % 2)))))
+
+
 def qconv1x1_knobs(p: int, dot: str | None = None) -> tuple[dict, list[dict]]:
     """The rule's pixel tile of the dense int8 pointwise kernels (`nv` vectors of 8 pixels) and the candidates
     tuning may measure (`knobs.py`): on maps of 16 pixels or more, 16 (the rule) or 8; on smaller ones 8 only.
@@ -380,10 +395,7 @@ def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray
     mt = -(-cout // MR)
     w2 = wq.reshape(cout, cin)
     wbits = 4 if fits_int4(w2) else 8
-    # with VNNI every int8 weight takes the quad kernel; on AVX2 7-bit weights do (no u8 x s8 pair can saturate);
-    # int4 ones stay nibbles (the artifact size is why they were chosen) on the int16 kernel, as do full-range int8
-    # weights without VNNI
-    ubsw = wbits == 8 and (dot != "ubsw" or ubsw_exact(np.pad(w2, ((0, 0), (0, cin % 2)))))
+    ubsw = quad_weights(w2, dot)  # else the pair kernel: int4 weights, or full-range int8 ones without VNNI
     if sparse not in ("", "bsr8x4", "csr"):
         raise ValueError(f"no int8 sparse pointwise kernel for layout '{sparse}' (bsr8x4 or csr)")
     quads = sparse == "bsr8x4" or (ubsw and not sparse)  # the quad kernels read x + 128 (uint8)
