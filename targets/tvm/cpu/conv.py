@@ -496,8 +496,10 @@ def depthwise_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int
     hp, wp = (oh - 1) * s + kh, (ow - 1) * s + kw  # the padded rows/columns the taps read
     lanes = -(-ow // 8) * 8  # whole vectors: a 7- or 14-lane row was assembled from 4-, 2- and 1-lane pieces per tap
     wpl = max(wp, (lanes - 1) * s + kw)  # the tile is wide enough for the extra lanes to read zeros
-    # (a 5x5 kernel's scalar border columns cost more than the copy even on a 59x67 tile; 3x3 ones only up to ~2K)
-    if ow <= 32 and hp * wpl <= (4096 if kw >= 5 else 2048):
+    # (a 5x5 kernel's scalar border columns cost more than the copy even on a 59x67 tile; 3x3 ones, since the row
+    # kernel below takes 4 rows a task, only under 16 columns: 192x28x28 1.04x int8, 1.20x fp32, 16x28x28 1.09x
+    # against the tile; 5x5 240x28x28 0.45x)
+    if (ow <= 32 and hp * wpl <= 4096) if kw >= 5 else (ow < 16 and hp * wpl <= 2048):
         # small images (the 14x14 and 7x7 stages): with 5x5 taps most columns are borders, so copy each channel
         # into a zeroed padded tile on the stack and run every output row as whole unguarded vectors
         rows, cols = min(h, hp - ph), min(wd, wp - pw)
