@@ -379,9 +379,9 @@ def test_residual_add_stays_separate_when_its_operand_comes_later():
                                                (16, 11, 3, 1, torch.nn.ReLU()),  # 11 = 6 + 6 overlapping
                                                (12, 7, 5, 1, torch.nn.ReLU6()), (20, 14, 3, 1, torch.nn.Identity())])
 def test_small_map_depthwise_runs_over_channel_groups(c, hw, k, stride, act):
-    """7x7 / 14x14 maps with whole groups of 8 channels take the channel-blocked kernel: lane stores (7x7) or 8x8
-    transposes (14x14, overlapping last block of 8 pixels) back to NCHW, odd sizes with stride 2, tiny maps, and a
-    last group of fewer than 8 channels (12, 20)."""
+    """7x7 / 14x14 maps with whole groups of 8 channels take the channel-blocked kernel: 8x8 transposes back to
+    NCHW (the last block of 8 pixels overlapping), odd sizes with stride 2, tiny maps (3x3: 9 outputs), and a last
+    group of fewer than 8 channels (12, 20)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(c, c, k, stride, k // 2, groups=c), act).eval()
     x = torch.randn(1, c, hw, hw)

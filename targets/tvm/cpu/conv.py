@@ -670,8 +670,9 @@ def depthwise_cb_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: 
     """Depthwise conv for small maps (7x7, 14x14), vectorized over 8 channels instead of over a row: each task takes
     8 channels into a zero-padded channel-last tile [rows, cols, 8], so every tap is one FMA of the tap's 8 weights
     (packed so at compile time: wv[C/8, kh*kw, 8]) against 8 channels of one input pixel, with no border cases
-    and no partial vectors. Output rows go back to NCHW by 8x8 shuffle transposes (14x14) or lane stores (7x7,
-    where the transposes' staging cost more). Row vectors wasted most lanes on these maps (7 of 8 lanes at best,
+    and no partial vectors. Output rows go back to NCHW by 8x8 shuffle transposes (7x7 maps stored lane by lane
+    until the twenty-third session: the transposes are 1.12-1.19x with an int8 store, which then converts whole
+    vectors, 1.05-1.10x in fp32, and 1.03-1.37x on 3x3 to 8x8 maps). Row vectors wasted most lanes on these maps (7 of 8 lanes at best,
     and a padded tile per channel): 1152x7x7 5x5 took 61 us here against 38. out_q and int8_weight as in
     `depthwise_source` (the int8 taps of a group are widened once per task)."""
     s = stride
@@ -696,8 +697,7 @@ def depthwise_cb_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: 
         return f"\n{pad}if g * 8 + {lane} < {c}:" if c % 8 else f"\n{pad}if True:"
 
     xc = "g * 8 + l" if c % 8 == 0 else f"T.min(g * 8 + l, {c - 1})"
-    if ow >= 12:
-        store = f"""
+    store = f"""
                 for xx in T.unroll({ob}):
                     for l in T.vectorized(8):
                         ot[y * {ow} + x0 + xx, l] = acc[xx, l]
@@ -709,11 +709,6 @@ def depthwise_cb_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: 
             for r in T.unroll(8):{lane_guard("r", " " * 16)}
                     for l in T.vectorized(8):
                         out[g * 8 + r, p0 + l] = {_clamped("tb[r, l]", clamp, out_q)}"""
-    else:
-        store = f"""
-                for xx in T.unroll({ob}):
-                    for l in T.unroll(8):{lane_guard("l", " " * 24)}
-                            out[g * 8 + l, y * {ow} + x0 + xx] = {_clamped("acc[xx, l]", clamp, out_q)}"""
     return f"""
 @T.prim_func(private=True)
 def depthwise_cb(x: T.Buffer(({c}, {h * wd}), "float32"), {w_arg},
