@@ -670,9 +670,11 @@ def depthwise_cb_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: 
     """Depthwise conv for small maps (7x7, 14x14), vectorized over 8 channels instead of over a row: each task takes
     8 channels into a zero-padded channel-last tile [rows, cols, 8], so every tap is one FMA of the tap's 8 weights
     (packed so at compile time: wv[C/8, kh*kw, 8]) against 8 channels of one input pixel, with no border cases
-    and no partial vectors. Output rows go back to NCHW by 8x8 shuffle transposes (7x7 maps stored lane by lane
-    until the twenty-third session: the transposes are 1.12-1.19x with an int8 store, which then converts whole
-    vectors, 1.05-1.10x in fp32, and 1.03-1.37x on 3x3 to 8x8 maps). Row vectors wasted most lanes on these maps (7 of 8 lanes at best,
+    and no partial vectors. The tile is filled and the output rows go back to NCHW by 8x8 shuffle transposes (8
+    channels x 8 pixels a block). Kernel alone on Zen 4: filling by transposes rather than a per-pixel load of 8
+    channel rows, 1.01-1.16x (int8 store; 960x7x7 and 192x28x28 stride 2 the most); storing 7x7 maps by
+    transposes rather than lane by lane, 1.12-1.24x with an int8 store (it converts whole vectors), 1.05-1.10x in
+    fp32, 1.03-1.37x on 3x3 to 8x8 maps. Row vectors wasted most lanes on these maps (7 of 8 lanes at best,
     and a padded tile per channel): 1152x7x7 5x5 took 61 us here against 38. out_q and int8_weight as in
     `depthwise_source` (the int8 taps of a group are widened once per task)."""
     s = stride
@@ -725,10 +727,15 @@ def depthwise_cb(x: T.Buffer(({c}, {h * wd}), "float32"), {w_arg},
             for xx in T.serial({wq}):
                 for l in T.vectorized(8):
                     tile[yy, xx, l] = T.float32(0)
-        for yy in T.serial({rows}):
-            for xx in T.serial({cols}):
+        for q in T.serial({-(-(h * wd) // 8)}):
+            p0: T.let = T.min(q * 8, {h * wd - 8})
+            for r in T.unroll(8):
                 for l in T.vectorized(8):
-                    tile[yy + {ph}, xx + {pw}, l] = x[{xc}, yy * {wd} + xx]
+                    ta[r, l] = x[{xc.replace("l", "r")}, p0 + l]{transpose8("ta", "tb", " " * 12)}
+            for j in T.unroll(8):
+                if (p0 + j) // {wd} < {rows} and (p0 + j) % {wd} < {cols}:
+                    for l in T.vectorized(8):
+                        tile[(p0 + j) // {wd} + {ph}, (p0 + j) % {wd} + {pw}, l] = tb[j, l]
         for y in T.serial({oh}):
             for b in T.serial({nblk}):
                 x0: T.let = T.min(b * {ob}, {ow - ob})
