@@ -807,6 +807,8 @@ def emit_depthwise(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
     rule, cands = depthwise_knobs(c, oh, ow, kh, kw, stride)
     site = Site("depthwise", f"{tag}|p{pt}{pb}{pl}{pr}", rule, cands, n * c * oh * ow * kh * kw)
     kernel = pick(site)["kernel"]
+    if kernel == "channels" and h * wd < 8:  # its fill transposes blocks of 8 input pixels
+        kernel = "rows"
     if kernel == "channels":
         cp = -(-c // 8) * 8
 
