@@ -466,7 +466,8 @@ def depthwise_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int
     scale per channel (w[c] = w8[c] * ws[c]), converted once per task into a small float buffer. The store's bounds
     and grid come from the `qp` buffer (`store_params`): layers of one shape share one function.
 
-    On the large maps (the row kernel: outputs wider than 32 or tiles too big for the stack) a task computes `rows`
+    On the large maps (the row kernel: 3x3 taps on outputs 16 or more wide, 5x5 on outputs wider than 32 or whose
+    padded tile is too big for the stack) a task computes `rows`
     output rows of a channel (the last block overlapping the one before: same values), and each vector of an input
     row's taps is loaded (and, at stride 2, shuffled) once for every output row that reads it: 3 rows share it at
     stride 1. One row a task had two accumulator chains of 9 dependent FMAs per 16 columns and loaded each input
@@ -546,7 +547,7 @@ def depthwise_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int
                 for u in T.vectorized({v}):
                     out[ch, y0 + r, {x0} + xo * {v} + u] = {clamped(f"acc[r * {v} + u]")}
 """
-    row = f"y * {s} + i - {ph}"
+    row, tap_ij = f"y * {s} + i - {ph}", (f"wt[i * {kw} + j]" if int8_weight else "w[ch, i, j]")
     for k, (a, b) in enumerate(scalar_ranges):
         if b <= a:
             continue
@@ -559,7 +560,7 @@ def depthwise_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int
             for i in T.unroll({kh}):
                 for j in T.unroll({kw}):
                     acc_s{k}[0] = acc_s{k}[0] + T.if_then_else({row} >= 0 and {row} < {h} and {col} >= 0 and {col} < {wd},
-                        {"wt[i * " + str(kw) + " + j]" if int8_weight else "w[ch, i, j]"} * x[ch, {row}, {col}], T.float32(0))
+                        {tap_ij} * x[ch, {row}, {col}], T.float32(0))
             out[ch, y, {a} + xs] = {clamped(f"acc_s{k}[0]")}
 """
     return f"""
