@@ -139,9 +139,9 @@ def test_depthwise_row_kernel_blocks_of_output_rows(c, h, w, k, stride, pad):
         names = {gv.name_hint for gv in mod.get_global_vars()}
         assert any(n.startswith(f"depthwise_{c}x{h}x{w}_k{k}s{stride}") for n in names), names  # the row kernel
         return relax.VirtualMachine(build_cpu(mod, cpu_target()), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    w_real = torch.from_numpy(w8.astype(np.float32) * ws.reshape(-1, 1, 1, 1).astype(np.float32))
     ref = torch.nn.functional.conv2d(torch.nn.functional.pad(torch.from_numpy(x), (pad[2], pad[3], pad[0], pad[1])),
-                                     torch.from_numpy(w8.astype(np.float32) * ws.reshape(-1, 1, 1, 1).astype(np.float32)),
-                                     torch.from_numpy(b), stride, groups=c).clamp(0, 6).numpy()
+                                     w_real, torch.from_numpy(b), stride, groups=c).clamp(0, 6).numpy()
     got = run(None, 4)
     assert got.shape == ref.shape and np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
     q = (0.03, -5, -128, 127)

@@ -534,8 +534,9 @@ def depthwise_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int
                 xv = strided(f"x[ch, {row}, ", f"({x0} + xo * {v}) * {s} + {kj - pw}", v)
                 for r in range(rb):
                     if 0 <= ii - r * s < kh:
+                        a = f"acc[T.ramp({r * v}, 1, {v})]"
                         fmas += f"""
-                acc[T.ramp({r * v}, 1, {v})] = acc[T.ramp({r * v}, 1, {v})] + T.broadcast({tap(ii - r * s, kj)}, {v}) * {xv}"""
+                {a} = {a} + T.broadcast({tap(ii - r * s, kj)}, {v}) * {xv}"""
             steps += f"""
             if {row} >= 0 and {row} < {h}:{fmas}"""
         body += f"""
