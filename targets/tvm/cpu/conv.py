@@ -517,21 +517,38 @@ def depthwise_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int
                                     lambda r, q: strided(f"tile[(y0 + {r}) * {s} + i, ", f"j + {q * 8 * s}", 8),
                                     clamp, out_q, lanes, rb)
 
-    segments, scalar_ranges = _column_plan(ow, wd, kw, s, pw)
     rb = min(oh, rows)
     nb = -(-oh // rb)
+    body = depthwise_rows(rb, h, wd, ow, kh, kw, s, ph, pw, lambda row: f"x[ch, {row}, ",
+                          lambda row, col: f"x[ch, {row}, {col}]",
+                          (lambda ki, kj: f"wt[{ki * kw + kj if isinstance(ki, int) else f'{ki} * {kw} + {kj}'}]")
+                          if int8_weight else (lambda ki, kj: f"w[ch, {ki}, {kj}]"), "bias[ch]", "out[ch, ", clamped)
+    return f"""
+{_depthwise_head(c, h, wd, oh, ow, w_arg, ot)}
+    for t in T.parallel({c * nb}):
+        ch: T.let = t // {nb}
+        y0: T.let = T.min((t % {nb}) * {rb}, {oh - rb}){task_widen}{body}
+"""
 
-    def tap(ki: int, kj: int) -> str:
-        return f"wt[{ki * kw + kj}]" if int8_weight else f"w[ch, {ki}, {kj}]"
 
+def depthwise_rows(rb: int, h: int, wd: int, ow: int, kh: int, kw: int, s: int, ph: int, pw: int,
+                   row_of: Callable[[str], str], at: Callable[[str, str], str], tap: Callable,
+                   bias: str, out_row: str, clamped: Callable[[str], str]) -> str:
+    """TVMScript (at 8 spaces) of the row kernel's work on one channel: output rows y0 .. y0 + rb - 1 (y0 bound by
+    the caller) of an image h x wd. `row_of(row)` is the indexing of input row `row` up to its column (as
+    "x[ch, row, "), `at(row, col)` one input value, `tap(ki, kj)` a weight (ints, or the names ki, kj), `bias` the bias, `out_row` the output's
+    indexing up to its row (as "out[ch, "), `clamped` the store. Each vector of an input row's taps is loaded (at
+    stride 2 also shuffled) once for every output row of the block that reads it (`depthwise_source`); border
+    columns are scalar with guarded loads; input rows outside the image are skipped."""
+    segments, scalar_ranges = _column_plan(ow, wd, kw, s, pw)
     body = ""
     for seg, (x0, v, nv) in enumerate(segments):
         steps = ""
-        for ii in range((rb - 1) * s + kh):  # the input rows the task's rb output rows read, each loaded once
+        for ii in range((rb - 1) * s + kh):  # the input rows the block's rb output rows read, each loaded once
             row = f"y0 * {s} + {ii - ph}"
             fmas = ""
             for kj in range(kw):
-                xv = strided(f"x[ch, {row}, ", f"({x0} + xo * {v}) * {s} + {kj - pw}", v)
+                xv = strided_vector(row_of(row), f"({x0} + xo * {v}) * {s} + {kj - pw}", v, s)
                 for r in range(rb):
                     if 0 <= ii - r * s < kh:
                         a = f"acc[T.ramp({r * v}, 1, {v})]"
@@ -543,33 +560,40 @@ def depthwise_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int
         for xo in T.serial({nv}):
             acc = T.decl_buffer(({rb * v},), "float32", scope="global")
             for u in T.vectorized({rb * v}):
-                acc[u] = bias[ch]{steps}
+                acc[u] = {bias}{steps}
             for r in T.unroll({rb}):
                 for u in T.vectorized({v}):
-                    out[ch, y0 + r, {x0} + xo * {v} + u] = {clamped(f"acc[r * {v} + u]")}
-"""
-    row, tap_ij = f"y * {s} + i - {ph}", (f"wt[i * {kw} + j]" if int8_weight else "w[ch, i, j]")
+                    {out_row}y0 + r, {x0} + xo * {v} + u] = {clamped(f"acc[r * {v} + u]")}"""
+    row = f"y * {s} + ki - {ph}"  # (tap loop names apart from a caller's loops: a fused kernel's channel is i)
     for k, (a, b) in enumerate(scalar_ranges):
         if b <= a:
             continue
-        col = f"({a} + xs) * {s} + j - {pw}"
+        if b - a <= 4:  # border columns, each unrolled with the taps inside the image known statically
+            for xc in range(a, b):
+                fmas = "".join(f"""
+                    acc_c[0] = acc_c[0] + {tap("ki", kj)} * {at(row, str(xc * s + kj - pw))}"""
+                               for kj in range(kw) if 0 <= xc * s + kj - pw < wd)
+                body += f"""
+        for r in T.serial({rb}):
+            y: T.let = y0 + r
+            acc_c = T.decl_buffer((1,), "float32", scope="global")
+            acc_c[0] = {bias}
+            for ki in T.unroll({kh}):
+                if {row} >= 0 and {row} < {h}:{fmas}
+            {out_row}y, {xc}] = {clamped("acc_c[0]")}"""
+            continue
+        col = f"({a} + xs) * {s} + kj - {pw}"
         body += f"""
         for r, xs in T.grid({rb}, {b - a}):
             y: T.let = y0 + r
             acc_s{k} = T.decl_buffer((1,), "float32", scope="global")
-            acc_s{k}[0] = bias[ch]
-            for i in T.unroll({kh}):
-                for j in T.unroll({kw}):
+            acc_s{k}[0] = {bias}
+            for ki in T.unroll({kh}):
+                for kj in T.unroll({kw}):
                     acc_s{k}[0] = acc_s{k}[0] + T.if_then_else({row} >= 0 and {row} < {h} and {col} >= 0 and {col} < {wd},
-                        {tap_ij} * x[ch, {row}, {col}], T.float32(0))
-            out[ch, y, {a} + xs] = {clamped(f"acc_s{k}[0]")}
-"""
-    return f"""
-{_depthwise_head(c, h, wd, oh, ow, w_arg, ot)}
-    for t in T.parallel({c * nb}):
-        ch: T.let = t // {nb}
-        y0: T.let = T.min((t % {nb}) * {rb}, {oh - rb}){task_widen}{body}
-"""
+                        {tap("ki", "kj")} * {at(row, col)}, T.float32(0))
+            {out_row}y, {a} + xs] = {clamped(f"acc_s{k}[0]")}"""
+    return body + "\n"
 
 
 def depthwise_phases_applies(oh: int, ow: int, kh: int, kw: int, stride: int) -> bool:
