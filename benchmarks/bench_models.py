@@ -1,5 +1,5 @@
 """Benchmark: graphopt (untuned and tuned) vs ONNX Runtime fp32 and PyTorch eager, one process run, batch 1 (or
---batch N: the real inputs grouped N at a time).
+--batch N: the real inputs grouped N at a time, cycling through them when a model has fewer than N: MiniLM's 6).
 
 Prints a table and writes JSON. Same thread count for every runtime; each row's runtimes are timed in 5
 interleaved rounds (median of the round medians after warm-up); ratios are
@@ -58,10 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         graph = zoo_graph(name, args.batch)
         module = entry.build()
         inputs = eval_inputs(name)
-        if args.batch > 1:  # the real inputs, N at a time
+        if args.batch > 1:  # the real inputs, N at a time (cycling through them when there are fewer than N)
             import torch
-            inputs = [tuple(torch.cat([inputs[i + j][t] for j in range(args.batch)]) for t in range(len(inputs[0])))
-                      for i in range(0, len(inputs) - args.batch + 1, args.batch)]
+            n = len(inputs)
+            inputs = [tuple(torch.cat([inputs[(i + j) % n][t] for j in range(args.batch)])
+                            for t in range(len(inputs[0]))) for i in range(0, max(n - args.batch + 1, 1), args.batch)]
         refs = [graph.run(*b)[0].numpy() for b in inputs]
         row = {"model": name, "params": graph.stats().params, "macs": graph.stats().macs, "variants": {}}
         variants = [("untuned", args.pipeline, None)]
