@@ -379,9 +379,10 @@ def test_residual_add_stays_separate_when_its_operand_comes_later():
                                                (16, 11, 3, 1, torch.nn.ReLU()),  # 11 = 6 + 6 overlapping
                                                (12, 7, 5, 1, torch.nn.ReLU6()), (20, 14, 3, 1, torch.nn.Identity()),
                                                (16, 14, 5, 1, torch.nn.ReLU6()),  # 5x5, 14 wide: 2 rows a step
-                                               (8, 11, 5, 1, torch.nn.Identity())])  # 11 rows: the last pair overlaps
+                                               (8, 11, 5, 1, torch.nn.Identity()),  # 11 rows: the last pair overlaps
+                                               (8, 28, 5, 1, torch.nn.ReLU6())])  # 5x5 on 28x28: a 32 KB tile
 def test_small_map_depthwise_runs_over_channel_groups(c, hw, k, stride, act):
-    """7x7 / 14x14 maps with whole groups of 8 channels take the channel-blocked kernel: 8x8 transposes back to
+    """7x7 / 14x14 maps (and 28x28 ones with 5x5 taps) take the channel-blocked kernel: 8x8 transposes back to
     NCHW (the last block of 8 pixels overlapping), odd sizes with stride 2, tiny maps (3x3: 9 outputs), and a last
     group of fewer than 8 channels (12, 20)."""
     torch.manual_seed(0)

@@ -786,8 +786,10 @@ def depthwise_cb(x: T.Buffer(({c}, {h * wd}), "float32"), {w_arg},
 
 def depthwise_cb_applies(c: int, oh: int, ow: int, kh: int, kw: int, stride: int) -> bool:
     """Small output maps, 8 channels or more (and the padded tile within 32 KB). Measured: 0.54-0.83x
-    the row kernel's time on 7x7 and 14x14 outputs; on 28x28 it was 1.0-1.4x, so those keep the row kernel."""
-    return ow <= 16 and _channels_fit(c, oh, ow, kh, kw, stride)
+    the row kernel's time on 7x7 and 14x14 outputs; on 28x28 it was 1.0-1.4x with 3x3 taps (0.75x against the
+    4-row row kernel), so those keep the row kernel, and 0.93-0.95x with 5x5 taps against the padded tile
+    (EfficientNet-Lite0's 240x28x28, int8 store and fp32), which it takes."""
+    return (ow <= 16 or kw >= 5 and ow <= 28) and _channels_fit(c, oh, ow, kh, kw, stride)
 
 
 def _channels_fit(c: int, oh: int, ow: int, kh: int, kw: int, stride: int) -> bool:
