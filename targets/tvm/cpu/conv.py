@@ -467,14 +467,14 @@ def depthwise_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int
     and grid come from the `qp` buffer (`store_params`): layers of one shape share one function.
 
     On the large maps (the row kernel: 3x3 taps on outputs 16 or more wide, 5x5 on outputs wider than 32 or whose
-    padded tile is too big for the stack) a task computes `rows`
-    output rows of a channel (the last block overlapping the one before: same values), and each vector of an input
-    row's taps is loaded (and, at stride 2, shuffled) once for every output row that reads it: 3 rows share it at
-    stride 1. One row a task had two accumulator chains of 9 dependent FMAs per 16 columns and loaded each input
-    vector 3 times; with 4 rows, kernel alone on Zen 4 (2 threads): MobileNetV2's 96x112x112 stride 2 1.15-1.24x,
-    144x56x56 1.27-1.57x, 144x56x56 stride 2 1.24-1.32x, 32x112x112 1.23-1.43x (int8 weights with int8 output,
-    and fp32), EfficientNet-Lite0's 5x5 144x56x56 1.25x; 2 rows 1.11-1.25x, 8 rows 1.19-1.22x, 6 rows 0.54x at
-    stride 1. Each output's taps are summed in the same order as one row a task: int8 outputs are bit-identical."""
+    padded tile is too big for the stack) a task computes `rows` output rows of a channel (`depthwise_rows`; the
+    last block overlapping the one before: same values), and each vector of an input row's taps is loaded (and, at
+    stride 2, shuffled) once for every output row that reads it: 3 rows share it at stride 1. One row a task had
+    two accumulator chains of 9 dependent FMAs per 16 columns and loaded each input vector 3 times; with 4 rows,
+    kernel alone on Zen 4 (2 threads): MobileNetV2's 96x112x112 stride 2 1.15-1.24x, 144x56x56 1.27-1.57x,
+    144x56x56 stride 2 1.24-1.32x, 32x112x112 1.23-1.43x (int8 weights with int8 output, and fp32),
+    EfficientNet-Lite0's 5x5 144x56x56 1.25x; 2 rows 1.11-1.25x, 8 rows 1.19-1.22x, 6 rows 0.54x at stride 1. Each
+    output's taps are summed in the same order as with one row a task."""
     s = stride
     ot = _out_dtype(out_q, False)
     w_arg = (f'w8: T.Buffer(({c * kh * kw},), "int8"), ws: T.Buffer(({c},), "float32")' if int8_weight
@@ -536,10 +536,13 @@ def depthwise_rows(rb: int, h: int, wd: int, ow: int, kh: int, kw: int, s: int, 
                    bias: str, out_row: str, clamped: Callable[[str], str]) -> str:
     """TVMScript (at 8 spaces) of the row kernel's work on one channel: output rows y0 .. y0 + rb - 1 (y0 bound by
     the caller) of an image h x wd. `row_of(row)` is the indexing of input row `row` up to its column (as
-    "x[ch, row, "), `at(row, col)` one input value, `tap(ki, kj)` a weight (ints, or the names ki, kj), `bias` the bias, `out_row` the output's
-    indexing up to its row (as "out[ch, "), `clamped` the store. Each vector of an input row's taps is loaded (at
-    stride 2 also shuffled) once for every output row of the block that reads it (`depthwise_source`); border
-    columns are scalar with guarded loads; input rows outside the image are skipped."""
+    "x[ch, row, "), `at(row, col)` one input value, `tap(ki, kj)` a weight (ints, or the loop names ki, kj),
+    `bias` the bias, `out_row` the output's indexing up to its row (as "out[ch, "), `clamped` the store. Each
+    vector of an input row's taps is loaded (at stride 2 also shuffled) once for every output row of the block that
+    reads it (`depthwise_source`); input rows outside the image are skipped. Border columns are scalar, each
+    unrolled with the taps inside the image known here (1.00-1.07x int8, 1.04-1.18x fp32 on MobileNetV2's
+    row-kernel layers against a guarded load per tap; their products are now fused into the add, as the interior's
+    are, which moves an int8 output code now and then); wider scalar ranges keep the guarded loads."""
     segments, scalar_ranges = _column_plan(ow, wd, kw, s, pw)
     body = ""
     for seg, (x0, v, nv) in enumerate(segments):
@@ -564,7 +567,7 @@ def depthwise_rows(rb: int, h: int, wd: int, ow: int, kh: int, kw: int, s: int, 
             for r in T.unroll({rb}):
                 for u in T.vectorized({v}):
                     {out_row}y0 + r, {x0} + xo * {v} + u] = {clamped(f"acc[r * {v} + u]")}"""
-    row = f"y * {s} + ki - {ph}"  # (tap loop names apart from a caller's loops: a fused kernel's channel is i)
+    row = f"y * {s} + ki - {ph}"  # (the tap loops are ki, kj: names apart from the caller's loops)
     for k, (a, b) in enumerate(scalar_ranges):
         if b <= a:
             continue
