@@ -333,7 +333,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
 
         from graphopt.targets.tvm.cpu import conv as k
         from graphopt.targets.tvm.cpu.int8 import (emit_flat_qconv, emit_im2col_qconv, emit_qconv1x1,
-                                                   flat_qconv_applies, int8_dot, qconv1x1_applies)
+                                                   flat_qconv_applies, im2col_beats_flat, int8_dot, qconv1x1_applies)
         kind, wt, wst, bt = _qconv_kind(node)
         if kind is None or not cpu_kernels:
             return None
@@ -356,6 +356,9 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             y = emit_qconv1x1(bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, x_shape, clamp, out_q, dq, dot,
                               _int8_sparse(node, "qconv1x1", wt.numpy().reshape(wt.shape[0], -1),
                                            int(x_shape[2]) * int(x_shape[3])))
+        elif kind in ("im2col", "direct") and im2col_beats_flat(int(x_shape[1]), int(stride[0]), dot):
+            y = emit_im2col_qconv(bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, x_shape, int(stride[0]), full, clamp,
+                                  out_q, dq, dot)  # RGB stems: the taps packed into whole quads
         elif (kind in ("im2col", "direct") and dot is not None  # stems too: 7x7 ResNet stem 3.6 -> 1.4 ms
               and flat_qconv_applies(wt.numpy(), dot) and k.flat_conv_applies(x_shape, wt.shape, int(stride[0]), full)):
             y = emit_flat_qconv(bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, x_shape, int(stride[0]), full, clamp,

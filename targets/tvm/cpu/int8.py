@@ -872,6 +872,17 @@ def flat_qconv_applies(wq: np.ndarray, dot: str) -> bool:
     return ubsw_exact(w.reshape(cout, k4, 4, kh * kw).transpose(0, 1, 3, 2).reshape(cout, -1))
 
 
+def im2col_beats_flat(cin: int, stride: int, dot: str | None) -> bool:
+    """Whether a dense int8 k x k conv with `cin` input channels at `stride` runs faster as int8 im2col + the
+    pointwise quad kernel (`emit_im2col_qconv`) than on the flat conv: stride 2 with Cin not a multiple of 4 (RGB
+    stems), with VNNI. The flat conv reads one quad of channels per tap, a quarter of it zeros at Cin 3, from four
+    phase planes built first; im2col packs Cin x kh x kw into whole quads (27 values: 7 quads, not 9). Kernel alone
+    on Zen 4 (2 threads, 11-15 interleaved rounds in a quiet phase): MobileNetV2's and EfficientNet-Lite0's 32x3x224
+    3x3 stem 105 -> 76 us (1.37-1.39x), a 5x5 one 1.31x, ResNet's 7x7 stem 486 -> 381 us (1.28x), 32x6x112 3x3
+    1.61x; at stride 1 im2col was 0.86-1.04x (16x3x112, 32x3x224) and on deep convs 0.56-0.82x."""
+    return dot == "vnni" and stride == 2 and cin % 4 != 0
+
+
 def emit_flat_qconv(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | None, sx: float, zx: int,
                     x_shape, stride: int, padding, clamp, out_q, dequantized: bool = False, dot: str = "ubsw"):
     """A dense k x k qconv2d of xq int8 [N, Cin, H, W] on the flat int8 conv (per sample): the quad planes (the
