@@ -15,6 +15,7 @@ from graphopt.ir.sparse_ops import to_bsr
 from graphopt.targets.tvm.build import build_executable
 from graphopt.targets.tvm.cpu.gemm import gemm_packed, pack_weight
 from graphopt.targets.tvm.cpu.sparse import bsr_matmul_rows, bsr_matmul_t
+from graphopt.targets.tvm.cpu.int8 import int8_dot
 from graphopt.targets.tvm.cpu.rules import vector_lanes
 from graphopt.targets.tvm.host import cpu_target
 from graphopt.targets.tvm.lower import lower_to_relax
@@ -1102,9 +1103,9 @@ def test_elementwise_rule_keeps_int8_round_trips_vectorized():
 
 @pytest.mark.parametrize("k,n,bias,bits", [(1280, 1000, True, 8), (63, 40, False, 8), (63, 40, True, 4)])
 def test_quantized_batch1_linear_streams_int8_weights(k, n, bias, bits):
-    """A one-row qlinear (an int8 classifier head) runs the int8 weight-stream kernel (panels of 16 columns,
-    converted as loaded; int4 weights stored two per byte), padded to whole panels, and matches the reference
-    integer op within float rounding."""
+    """A one-row qlinear (an int8 classifier head) runs a weight-stream kernel padded to whole panels of 16 columns
+    and matches the reference integer op within float rounding: with VNNI int8 weights stream as quads into
+    `vpdpbusd`; without it (and int4 weights, two per byte, anywhere) they are converted to float as loaded."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(k, 32), torch.nn.ReLU(), torch.nn.Linear(32, k),
                                 torch.nn.Linear(k, n, bias=bias)).eval()
@@ -1112,13 +1113,47 @@ def test_quantized_batch1_linear_streams_int8_weights(k, n, bias, bits):
     q = graphopt.optimize(graphopt.trace(model, (x,)), f"quantize{{weights=int{bits}}},fold-qdq",
                           data=[(torch.rand(1, k),) for _ in range(4)])
     names = _func_names(q)
-    assert any(nm.startswith(f"qgemv_{k}x") and nm.endswith("_w4") == (bits == 4) for nm in names), names
+    quads = bits == 8 and int8_dot(cpu_target()) == "vnni"
+    assert any(nm.startswith(f"qgemv_vnni_{k}x" if quads else f"qgemv_{k}x") and nm.endswith("_w4") == (bits == 4)
+               for nm in names), names
     from tvm import relax
     ex, *_ = build_executable(q)
     got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
     got = (got if hasattr(got, "numpy") else got[0]).numpy()
     want = q.run(x)[0].numpy()
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("k,n", [(1280, 1000), (50, 40), (8, 16)])  # 50: a partial last quad and a tail sum
+def test_quad_gemv_is_exact(k, n):
+    """The quad GEMV (`qgemv_quads_source`) against the float-converting weight stream and the integer reference:
+    sum (x - zx) w is exact in int32 before the scale, on the exact quad product everywhere and `vpdpbusd` where
+    the CPU has it; zero points and padded columns (40 -> 48) included."""
+    from tvm import relax
+
+    from graphopt.targets.tvm.cpu.int8 import emit_qgemv
+    from graphopt.targets.tvm.cpu.pipeline import build_cpu
+    rng = np.random.default_rng(0)
+    wq = rng.integers(-128, 128, (n, k)).astype(np.int8)
+    wq[0] = 127  # the largest sums
+    ws, b = rng.uniform(1e-3, 2e-3, n), rng.standard_normal(n).astype(np.float32)
+    sx, zx = 0.05, -7
+    x = rng.integers(-128, 128, (1, k)).astype(np.int8)
+    x[0, :8] = 127
+    want = ((x[0].astype(np.int64) - zx) @ wq.T.astype(np.int64)).astype(np.float64) * ws * sx + b
+    dots = [None, "exact"] + (["vnni"] if int8_dot(cpu_target()) == "vnni" else [])
+    for dot in dots:
+        bb = relax.BlockBuilder()
+        xv = relax.Var("x", relax.TensorType((1, k), "int8"))
+        with bb.function("main", [xv]):
+            with bb.dataflow():
+                y = bb.emit_output(emit_qgemv(bb, xv, wq, ws, b, sx, zx, k, dot))
+            bb.emit_func_output(y)
+        mod = bb.get()
+        assert any(g.name_hint.startswith(f"qgemv_{dot + '_' if dot else ''}{k}x") for g in mod.get_global_vars())
+        got = relax.VirtualMachine(build_cpu(mod, cpu_target()), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+        assert got.shape == (n,)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 def _vnni_here() -> bool:
