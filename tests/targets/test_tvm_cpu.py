@@ -131,11 +131,25 @@ def test_missing_tuning_db_is_an_error(tmp_path, built):
     assert not (tmp_path / "o").exists()
 
 
+class _ComputedWeightMLP(torch.nn.Module):
+    """Two linears whose weights are computed (w * 2), so they stay Relax matmuls for MetaSchedule to tune:
+    linears with constant weights run graphopt's own kernels from one row up, which MetaSchedule does not see."""
+
+    def __init__(self, d_in: int, d_hidden: int, d_out: int):
+        super().__init__()
+        self.w1 = torch.nn.Parameter(torch.randn(d_hidden, d_in) * 0.1)
+        self.w2 = torch.nn.Parameter(torch.randn(d_out, d_hidden) * 0.1)
+
+    def forward(self, x):
+        h = torch.relu(torch.nn.functional.linear(x, self.w1 * 2.0))
+        return torch.nn.functional.linear(h, self.w2 * 2.0)
+
+
 @pytest.mark.tuning
 def test_tuning_with_database_reuse(tmp_path):
     """A handful of trials: tuned artifact is correct; a second run reuses every tuned workload."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).eval()
+    model = _ComputedWeightMLP(32, 32, 8).eval()
     x = torch.randn(4, 32)
     g = graphopt.trace(model, (x,))
     db = tmp_path / "db"
@@ -166,7 +180,7 @@ def test_tuning_time_budget_stops_early_and_keeps_results(tmp_path, monkeypatch)
     stray = logging.NullHandler()
     logging.getLogger("tvm.s_tir.meta_schedule").addHandler(stray)
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16)).eval()
+    model = _ComputedWeightMLP(64, 64, 16).eval()
     x = torch.randn(2, 64)
     g = graphopt.trace(model, (x,))
     tuning = graphopt.Tuning(trials=64, trials_per_iter=2, minutes=1.0, plateau=0, progress=False)
@@ -203,7 +217,7 @@ def test_tasks_are_tuned_heaviest_first():
     from graphopt.targets.tvm.lower import lower_to_relax
     from graphopt.targets.tvm.tuning import fuse_for_tuning, task_cost
     from tvm.s_tir import meta_schedule as ms
-    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 4)).eval()
+    model = _ComputedWeightMLP(256, 256, 4).eval()
     g = graphopt.trace(model, (torch.randn(8, 256),))
     tgt = cpu_target()
     tasks = ms.relax_integration.extract_tasks(fuse_for_tuning(lower_to_relax(g), tgt), tgt)

@@ -688,49 +688,57 @@ def emit_qbmm(bb, a, b, a_shape, b_shape, sa: float, za: int, sb: float, zb: int
     return bb.emit(relax.op.reshape(y, (*lead, m, n)))
 
 
-QGEMV_SUMS = 4  # independent partial sums per 16 output columns (k quads mod 4): 8 accumulator chains
+QGEMV_ACCS = 8  # accumulators per 16 output columns: partial sums over k quads (mod 8 / 2m) x rows x 2 halves
+# rows the quad GEMV takes; 3-5 rows run the GEMM on one padded row tile. Kernel alone on Zen 4, 1280 -> 1000: 1
+# row 9 us, 2 rows 15, 3 rows 62, 4 rows 30, 5 rows 116 on the GEMV (not investigated); 6 rows on the GEMM 24 us
+QGEMV_ROWS = 2
 
 
-def qgemv_quads_source(k: int, n: int, with_bias: bool, dot: str = "vnni") -> str:
-    """y[n] = (sum_k (x[k] + 128) w[n, k] - off[n]) * mult[n] (+ b[n]) for one int8 row x [K] and an int8 weight
-    packed as quads (`pack_gemv_quads`: [N/16, K/4, 16] words, each the 4 bytes w[n, 4q:4q+4]); off[n] = (zx + 128)
-    * sum_k w[n, k], so the sum is exactly sum (x - zx) w, in int32. x + 128 is staged once as uint8 quads; each
-    task streams a panel of 16 columns, one quad product (`quad_dot`: `vpdpbusd` with VNNI) per 4 inputs x 8
-    columns against the broadcast quad of x, in QGEMV_SUMS x 2 independent accumulators."""
-    nr, k4, p = NR_GEMM, -(-k // 4), QGEMV_SUMS
+def qgemv_quads_source(k: int, n: int, with_bias: bool, dot: str = "vnni", m: int = 1) -> str:
+    """y[r, n] = (sum_k (x[r, k] + 128) w[n, k] - off[n]) * mult[n] (+ b[n]) for m < 6 int8 rows x [m, K] (a
+    classifier head at batch 1-5, a short sequence) and an int8 weight packed as quads (`pack_gemv_quads`: [N/16,
+    K/4, 16] words, each the 4 bytes w[n, 4q:4q+4]); off[n] = (zx + 128) * sum_k w[n, k], so the sum is exactly
+    sum (x - zx) w, in int32. x + 128 is staged once as uint8 quads; each task streams a panel of 16 columns once
+    for all rows, one quad product (`quad_dot`: `vpdpbusd` with VNNI) per 4 inputs x 8 columns x row against the
+    row's broadcast quad of x, into QGEMV_ACCS accumulators (partial sums over the quads while rows are few)."""
+    nr, k4 = NR_GEMM, -(-k // 4)
+    p = max(1, QGEMV_ACCS // (2 * m))  # partial sums per row
     kq, kr = divmod(k4, p)
 
     def step(q: str, h: int, pad: str) -> str:
         out = ""
-        for hv in range(2):
-            a = f"acc[T.ramp({(h * 2 + hv) * 8}, 1, 8)]"
-            out += f"""
-{pad}{a} = {quad_dot(a, f'T.reinterpret("uint8x32", T.broadcast(xw[{q}], 8))',
+        for r in range(m):
+            for hv in range(2):
+                a = f"acc[T.ramp({((r * p + h) * 2 + hv) * 8}, 1, 8)]"
+                out += f"""
+{pad}{a} = {quad_dot(a, f'T.reinterpret("uint8x32", T.broadcast(xw[{r * k4} + {q}], 8))',
                      f'T.reinterpret("int8x32", w4[T.ramp((t * {k4} + {q}) * {nr} + {hv * 8}, 1, 8)])', dot)}"""
         return out
     body = "".join(step(f"qq * {p} + {h}", h, " " * 12) for h in range(p))
     rest = "".join(step(str(kq * p + h), h, " " * 8) for h in range(kr))
-    total = " + ".join(f"acc[{h * nr} + v]" for h in range(p))
+    total = " + ".join(f"acc[(r * {p} + {h}) * {nr} + v]" for h in range(p))
     b = f" + bias[t * {nr} + v]" if with_bias else ""
     bias_arg = f' bias: T.Buffer(({n},), "float32"),' if with_bias else ""
     return f"""
 @T.prim_func(private=True)
-def qgemv_{dot}(x: T.Buffer(({k},), "int8"), w4: T.Buffer(({n * k4},), "int32"), off: T.Buffer(({n},), "int32"),
-               mult: T.Buffer(({n},), "float32"),{bias_arg} out: T.Buffer(({n},), "float32")):
+def qgemv_{dot}(x: T.Buffer(({m * k},), "int8"), w4: T.Buffer(({n * k4},), "int32"), off: T.Buffer(({n},), "int32"),
+               mult: T.Buffer(({n},), "float32"),{bias_arg} out: T.Buffer(({m * n},), "float32")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
-    xw = T.decl_buffer(({k4},), "int32", scope="global")
-    xb = T.decl_buffer(({k4 * 4},), "uint8", data=xw.data)
-    for i in T.vectorized({k}):
-        xb[i] = T.reinterpret("uint8", T.bitwise_xor(x[i], T.int8(-128)))
-    for i in T.serial({k4 * 4 - k}):
-        xb[{k} + i] = T.uint8(0)
+    xw = T.decl_buffer(({m * k4},), "int32", scope="global")
+    xb = T.decl_buffer(({m * k4 * 4},), "uint8", data=xw.data)
+    for r in T.serial({m}):
+        for i in T.vectorized({k}):
+            xb[r * {k4 * 4} + i] = T.reinterpret("uint8", T.bitwise_xor(x[r * {k} + i], T.int8(-128)))
+        for i in T.serial({k4 * 4 - k}):
+            xb[r * {k4 * 4} + {k} + i] = T.uint8(0)
     for t in T.parallel({n // nr}):
-        acc = T.decl_buffer(({p * nr},), "int32", scope="global")
-        for v in T.vectorized({p * nr}):
+        acc = T.decl_buffer(({m * p * nr},), "int32", scope="global")
+        for v in T.vectorized({m * p * nr}):
             acc[v] = 0
         for qq in T.serial({kq}):{body}{rest}
-        for v in T.vectorized({nr}):
-            out[t * {nr} + v] = T.Cast("float32", {total} - off[t * {nr} + v]) * mult[t * {nr} + v]{b}
+        for r in T.unroll({m}):
+            for v in T.vectorized({nr}):
+                out[r * {n} + t * {nr} + v] = T.Cast("float32", {total} - off[t * {nr} + v]) * mult[t * {nr} + v]{b}
 """
 
 
@@ -745,7 +753,7 @@ def pack_gemv_quads(w: np.ndarray) -> np.ndarray:
 
 
 def emit_qgemv(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | None, sx: float, zx: int, k: int,
-               dot: str | None = None):
+               dot: str | None = None, m: int = 1):
     """One-row qlinear (a classifier head at batch 1) of xq int8 [..., K] with a constant int8 weight [N, K] ->
     float32 [N]. With VNNI (`dot`), full int8 weights take the quad kernel (`qgemv_quads_source`): kernel alone on
     Zen 4, 1280 -> 1000 45 -> 9 us (the float-converting stream below took longer than the fp32 stream of a weight 4x
@@ -758,8 +766,10 @@ def emit_qgemv(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | 
     mult = np.zeros(w.shape[0], np.float32)
     mult[:n] = (np.asarray(w_scales, np.float64) * float(sx)).astype(np.float32)
     wbits = 4 if fits_int4(w) else 8
-    if dot in ("vnni", "exact") and wbits == 8:
-        return _emit_qgemv_quads(bb, xq, w, mult, bias, zx, k, n, dot)
+    if dot in ("vnni", "exact") and (wbits == 8 or m > 1):
+        return _emit_qgemv_quads(bb, xq, w, mult, bias, zx, k, n, dot, m)
+    if m != 1:
+        raise ValueError(f"the float-converting weight stream takes one row, not {m}: pass the quad product (dot)")
     packed = pack_weight(w, nr)  # [N/16, K, 16]
     if wbits == 4:  # columns c and c + 8 of a panel row share a byte
         packed = nibbles(packed[..., :nr // 2], packed[..., nr // 2:])
@@ -768,21 +778,25 @@ def emit_qgemv(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | 
 
 
 def _emit_qgemv_quads(bb, xq, w: np.ndarray, mult: np.ndarray, bias: np.ndarray | None, zx: int, k: int, n: int,
-                      dot: str):
-    """`emit_qgemv`'s quad kernel for the panel-padded int8 weight w [N', K]."""
+                      dot: str, m: int):
+    """`emit_qgemv`'s quad kernel for m rows and the panel-padded int8 weight w [N', K]: y [N] for one row, else
+    [m, N]."""
     import tvm
     from tvm import relax
     from tvm.script import tirx as T
     n_pad = int(w.shape[0])
     off = ((int(zx) + 128) * w.astype(np.int64).sum(1)).astype(np.int32)
-    args = [bb.emit(relax.op.reshape(xq, (k,))), relax.const(pack_gemv_quads(w)), relax.const(off), relax.const(mult)]
+    args = [bb.emit(relax.op.reshape(xq, (m * k,))), relax.const(pack_gemv_quads(w)), relax.const(off),
+            relax.const(mult)]
     if bias is not None:
         args.append(relax.const(np.pad(np.asarray(bias, np.float32), (0, n_pad - n))))
-    gv = bb.add_func(tvm.script.parse(qgemv_quads_source(k, n_pad, bias is not None, dot), extra_vars={"T": T}),
-                     f"qgemv_{dot}_{k}x{n_pad}")
-    y = bb.emit(relax.call_tir(gv, args, relax.TensorType((n_pad,), "float32")))
+    gv = bb.add_func(tvm.script.parse(qgemv_quads_source(k, n_pad, bias is not None, dot, m), extra_vars={"T": T}),
+                     f"qgemv_{dot}_{k}x{n_pad}" + (f"_m{m}" if m > 1 else ""))
+    shape = (n_pad,) if m == 1 else (m, n_pad)
+    y = bb.emit(relax.call_tir(gv, args, relax.TensorType((m * n_pad,), "float32")))
+    y = bb.emit(relax.op.reshape(y, shape)) if m > 1 else y
     if n_pad != n:
-        y = bb.emit(relax.op.strided_slice(y, axes=[0], begin=[0], end=[n]))
+        y = bb.emit(relax.op.strided_slice(y, axes=[len(shape) - 1], begin=[0], end=[n]))
     return y
 
 
@@ -798,9 +812,11 @@ def emit_qlinear(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray 
 
     lead, k = tuple(int(d) for d in x_shape[:-1]), int(x_shape[-1])
     m, n = math.prod(lead), int(wq.shape[0])
-    if m == 1 and n >= 16:
-        return bb.emit(relax.op.reshape(emit_qgemv(bb, xq, wq, w_scales, bias, sx, zx, k, dot), (*lead, n)))
-    if not qgemm_applies(m, k):
+    quads = dot in ("vnni", "exact")
+    if n >= 16 and (m == 1 or m < MR and quads and (m <= QGEMV_ROWS or not qgemm_applies(MR, k))):
+        return bb.emit(relax.op.reshape(emit_qgemv(bb, xq, wq, w_scales, bias, sx, zx, k, dot, m), (*lead, n)))
+    mq = MR if m < MR and quads else m  # 3-5 rows: padded to one row tile (zero rows, sliced off below)
+    if not qgemm_applies(mq, k):
         return None
     n_pad = -(-n // NR_GEMM) * NR_GEMM  # channel-pruned widths: zero columns past N, sliced off below
     w = np.zeros((n_pad, k), np.int8)
@@ -812,19 +828,22 @@ def emit_qlinear(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray 
     off, mult, fb = epilogue_constants(w, np.pad(w_scales, (0, n_pad - n)), None if bias is None else
                                        np.pad(bias, (0, n_pad - n)), sx, zx + 128 * ubsw, n_pad // MR + 1)
     if ubsw:
-        src, packed, name = qgemm_ubsw_source(m, k, n_pad, fb is not None, dot), pack_gemm_quads(w), f"qgemm_{dot}"
+        src, packed, name = qgemm_ubsw_source(mq, k, n_pad, fb is not None, dot), pack_gemm_quads(w), f"qgemm_{dot}"
         a = relax.op.astype(relax.op.add(relax.op.astype(xq, "int16"), relax.const(128, "int16")), "uint8")
     else:
-        src, packed, name = qgemm_source(m, k, n_pad, fb is not None), pack_gemm_pairs(w), "qgemm"
+        src, packed, name = qgemm_source(mq, k, n_pad, fb is not None), pack_gemm_pairs(w), "qgemm"
         a = relax.op.astype(xq, "int16")
-    gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), f"{name}_{m}x{k}x{n_pad}")
-    a = bb.emit(relax.op.reshape(bb.emit(a), (m * k,)))
+    gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), f"{name}_{mq}x{k}x{n_pad}")
+    a = bb.emit(relax.op.reshape(bb.emit(a), (m, k)))
+    if mq != m:
+        a = bb.emit(relax.op.nn.pad(a, [0, mq - m, 0, 0]))
+    a = bb.emit(relax.op.reshape(a, (mq * k,)))
     y = bb.emit(relax.call_tir(gv, [a, relax.const(packed),
                                     *(relax.const(c[:n_pad]) for c in (off, mult, fb) if c is not None)],
-                               relax.TensorType((m * n_pad,), "float32")))
-    y = bb.emit(relax.op.reshape(y, (m, n_pad)))
-    if n_pad != n:
-        y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n]))
+                               relax.TensorType((mq * n_pad,), "float32")))
+    y = bb.emit(relax.op.reshape(y, (mq, n_pad)))
+    if n_pad != n or mq != m:
+        y = bb.emit(relax.op.strided_slice(y, axes=[0, 1], begin=[0, 0], end=[m, n]))
     return bb.emit(relax.op.reshape(y, (*lead, n)))
 
 
