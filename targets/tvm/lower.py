@@ -543,30 +543,57 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                 return k.emit_unpooling_conv(importer.block_builder, importer.env[node.args[0]],
                                              wt.detach().numpy(), None if bt is None else bt.detach().numpy(),
                                              x_shape, int(node.args[3][0]), vector_lanes(target))
+        groups = int(node.args[8]) if len(node.args) > 8 else 1
+        if kind is None and wt is not None and groups > 1:
+            return _grouped_conv(node, importer, x_shape, wt, bt, pads, groups)
         if kind is None:
             return importer._convolution(node)
         residual, clamp = _fused_epilogue(node, importer, kind in ("pointwise", "im2col"))
-        bb, x = importer.block_builder, importer.env[node.args[0]]
         w, b = wt.detach().numpy(), None if bt is None else bt.detach().numpy()
+        return _emit_conv(importer.block_builder, importer.env[node.args[0]], w, b, x_shape, kind, node, pads, clamp,
+                          None if residual is None else importer.env[residual])
+
+    def _emit_conv(bb, x, w, b, x_shape, kind: str, node, pads, clamp, residual):
+        """A float conv on graphopt's kernel `kind` (`_conv_kernel`), with bias, clamp and residual in its store."""
+        from graphopt.targets.tvm.cpu import conv as k
+        from graphopt.targets.tvm.cpu.rules import vector_lanes
         if kind == "pointwise":
-            return k.emit_conv1x1(bb, x, w, b, x_shape, vector_lanes(target), clamp,
-                                  None if residual is None else importer.env[residual])
+            return k.emit_conv1x1(bb, x, w, b, x_shape, vector_lanes(target), clamp, residual)
         stride, padding = int(node.args[3][0]), node.args[4]
         ph, pw = int(padding[0]), int(padding[1])
         left, right, top, bottom = pads if pads is not None else (0, 0, 0, 0)
         full = (ph + top, ph + bottom, pw + left, pw + right)
         if (kind == "im2col" or (kind == "direct" and w.shape[1] > 8)) and k.flat_conv_applies(x_shape, w.shape,
                                                                                                stride, full):
-            return k.emit_flat_conv(bb, x, w, b, x_shape, stride, full, clamp,
-                                    None if residual is None else importer.env[residual], vector_lanes(target) >= 8)
+            return k.emit_flat_conv(bb, x, w, b, x_shape, stride, full, clamp, residual, vector_lanes(target) >= 8)
         if kind == "direct" and k.staged_conv_applies(x_shape, w.shape, stride, full):
             return k.emit_flat_conv(bb, x, w, b, x_shape, stride, full, clamp, None, vector_lanes(target) >= 8,
                                     stem=True)
         if kind == "im2col":
-            return k.emit_im2col_conv(bb, x, w, b, x_shape, stride, full, vector_lanes(target), clamp,
-                                      None if residual is None else importer.env[residual])
+            return k.emit_im2col_conv(bb, x, w, b, x_shape, stride, full, vector_lanes(target), clamp, residual)
         emit = k.emit_depthwise if kind == "depthwise" else k.emit_direct_conv
         return emit(bb, x, w, b, x_shape, stride, full, clamp)
+
+    def _grouped_conv(node, importer, x_shape, wt, bt, pads, groups: int):
+        """A grouped conv that is not depthwise (ResNeXt, RegNet, ShuffleNet) as one dense conv per group on its
+        slice of the channels, each on graphopt's kernel for its shape, concatenated; TVM's grouped conv2d under
+        the schedule rules took 31x PyTorch's time (64 channels in 4 groups at 28x28: 5.0 ms against 0.16)."""
+        from tvm import relax
+        n, cin = int(x_shape[0]), int(x_shape[1])
+        cout = int(wt.shape[0])
+        cig, cog = cin // groups, cout // groups
+        g_shape = (n, cig, *(int(d) for d in x_shape[2:]))
+        kind = _conv_kernel(g_shape, (cog, *wt.shape[1:]), (*node.args[3:8], 1))
+        if kind is None or kind == "depthwise":
+            return importer._convolution(node)
+        _, clamp = _fused_epilogue(node, importer, False)
+        bb = importer.block_builder
+        w, b = wt.detach().numpy(), None if bt is None else bt.detach().numpy()
+        parts = bb.emit(relax.op.split(importer.env[node.args[0]], groups, axis=1))
+        ys = [_emit_conv(bb, bb.emit(relax.TupleGetItem(parts, g)), w[g * cog:(g + 1) * cog],
+                         None if b is None else b[g * cog:(g + 1) * cog], g_shape, kind, node, pads, clamp, None)
+              for g in range(groups)]
+        return bb.emit(relax.op.concat(ys, axis=1))
 
     fused_adds: dict = {}  # add node -> the conv whose kernel computed it
 
