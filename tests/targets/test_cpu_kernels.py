@@ -756,6 +756,20 @@ def _quantized_block(model, shape, weights: str = "int8"):
     return q, got, q.run(x)[0].numpy()
 
 
+def test_quantized_grouped_conv_runs_one_int8_kernel_per_group():
+    """int8 grouped convs (3x3 in 4 groups, then a grouped 1x1 in 2 groups) run each group on the int8 kernels,
+    with the next quantize in each group's store (the activation between them stays int8), and match the
+    reference integer ops within a rounding step; TVM's generic int8 grouped conv is gone."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(32, 32, 3, 1, 1, groups=4), torch.nn.ReLU(),
+                                torch.nn.Conv2d(32, 48, 1, groups=2), torch.nn.ReLU())
+    q, got, ref = _quantized_block(model, (1, 32, 14, 14))
+    names = _func_names(q, "znver4")
+    assert any(n.startswith("qconv_flat_vnni_8x8x14x14_k3x3s1_p1111_clamp_q") for n in names), names
+    assert any(n.startswith("qconv1x1_vnni_24x16x196_clamp") for n in names), names
+    assert "R.nn.conv2d" not in lower_to_relax(q, target=cpu_target("znver4")).script()
+    assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()
+
+
 @pytest.mark.parametrize("hw,batch", [(7, 1), (14, 1), (56, 1), (14, 3), (20, 2)])  # channel-blocked depthwise
 # (lane stores, transposes), row vectors; batch > 1: every kernel loops over the samples
 def test_quantized_mobilenet_block_keeps_int8_between_kernels(hw, batch):
