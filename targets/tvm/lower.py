@@ -571,23 +571,28 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         groups = int(node.args[8]) if len(node.args) > 8 else 1
         if kind is None and wt is not None and groups > 1:
             return _grouped_conv(node, importer, x_shape, wt, bt, pads, groups)
+        if kind is None and wt is not None and pads is None and _dilated_applies(node, x_shape, wt):
+            return _dilated_conv(node, importer, x_shape, wt, bt)
         if kind is None:
             return importer._convolution(node)
         residual, clamp = _fused_epilogue(node, importer, kind in ("pointwise", "im2col"))
         w, b = wt.detach().numpy(), None if bt is None else bt.detach().numpy()
-        return _emit_conv(importer.block_builder, importer.env[node.args[0]], w, b, x_shape, kind, node, pads, clamp,
+        return _emit_conv(importer.block_builder, importer.env[node.args[0]], w, b, x_shape, kind,
+                          int(node.args[3][0]), _full_padding(node, pads), clamp,
                           None if residual is None else importer.env[residual])
 
-    def _emit_conv(bb, x, w, b, x_shape, kind: str, node, pads, clamp, residual):
+    def _full_padding(node, pads) -> tuple:
+        """(top, bottom, left, right) of a conv node, with a zero pad before it that was left out (`pads`)."""
+        ph, pw = int(node.args[4][0]), int(node.args[4][1])
+        left, right, top, bottom = pads if pads is not None else (0, 0, 0, 0)
+        return (ph + top, ph + bottom, pw + left, pw + right)
+
+    def _emit_conv(bb, x, w, b, x_shape, kind: str, stride: int, full: tuple, clamp, residual):
         """A float conv on graphopt's kernel `kind` (`_conv_kernel`), with bias, clamp and residual in its store."""
         from graphopt.targets.tvm.cpu import conv as k
         from graphopt.targets.tvm.cpu.rules import vector_lanes
         if kind == "pointwise":
             return k.emit_conv1x1(bb, x, w, b, x_shape, vector_lanes(target), clamp, residual)
-        stride, padding = int(node.args[3][0]), node.args[4]
-        ph, pw = int(padding[0]), int(padding[1])
-        left, right, top, bottom = pads if pads is not None else (0, 0, 0, 0)
-        full = (ph + top, ph + bottom, pw + left, pw + right)
         if (kind == "im2col" or (kind == "direct" and w.shape[1] > 8)) and k.flat_conv_applies(x_shape, w.shape,
                                                                                                stride, full):
             return k.emit_flat_conv(bb, x, w, b, x_shape, stride, full, clamp, residual, vector_lanes(target) >= 8)
@@ -616,9 +621,52 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         w, b = wt.detach().numpy(), None if bt is None else bt.detach().numpy()
         parts = bb.emit(relax.op.split(importer.env[node.args[0]], groups, axis=1))
         ys = [_emit_conv(bb, bb.emit(relax.TupleGetItem(parts, g)), w[g * cog:(g + 1) * cog],
-                         None if b is None else b[g * cog:(g + 1) * cog], g_shape, kind, node, pads, clamp, None)
+                         None if b is None else b[g * cog:(g + 1) * cog], g_shape, kind, int(node.args[3][0]),
+                         _full_padding(node, pads), clamp, None)
               for g in range(groups)]
         return bb.emit(relax.op.concat(ys, axis=1))
+
+    def _dilated_applies(node, x_shape, wt) -> bool:
+        """A dense conv with one dilation d > 1 and stride 1 (DeepLab's atrous convs) whose d x d phase images a
+        graphopt kernel takes (`_dilated_conv`)."""
+        stride, padding, dilation, transposed = node.args[3:7]
+        groups = int(node.args[8]) if len(node.args) > 8 else 1
+        d = int(dilation[0])
+        if (len(x_shape) != 4 or groups != 1 or transposed or d < 2 or len(set(int(v) for v in dilation)) != 1
+                or any(int(v) != 1 for v in stride)):
+            return False
+        hq = -(-(int(x_shape[2]) + 2 * int(padding[0])) // d)
+        wq = -(-(int(x_shape[3]) + 2 * int(padding[1])) // d)
+        sub = (int(x_shape[0]) * d * d, int(x_shape[1]), hq, wq)
+        return hq >= int(wt.shape[2]) and wq >= int(wt.shape[3]) and _conv_kernel(
+            sub, wt.shape, ([1, 1], [0, 0], [1, 1], False, None, 1)) not in (None, "depthwise")
+
+    def _dilated_conv(node, importer, x_shape, wt, bt):
+        """A dilated conv (dilation d, stride 1) as an ordinary conv over its d x d phase images: output pixel (d u
+        + a, d v + b) reads only input pixels of phase (a, b), so the padded input, rows and columns split by
+        phase into a batch of d^2 images, goes through graphopt's kernel for a k x k conv with no padding, and the
+        outputs interleave back (TF's space-to-batch). TVM's dilated conv2d under the rules took 13x PyTorch's
+        time (64 channels at 28x28, dilation 2: 4.4 ms against 0.33)."""
+        from tvm import relax
+        n, c, h, wd = (int(v) for v in x_shape)
+        (ph, pw), d = (int(v) for v in node.args[4]), int(node.args[5][0])
+        cout, kh, kw = int(wt.shape[0]), int(wt.shape[2]), int(wt.shape[3])
+        oh, ow = h + 2 * ph - d * (kh - 1), wd + 2 * pw - d * (kw - 1)
+        hq, wq = -(-(h + 2 * ph) // d), -(-(wd + 2 * pw) // d)
+        sub = (n * d * d, c, hq, wq)
+        kind = _conv_kernel(sub, wt.shape, ([1, 1], [0, 0], [1, 1], False, None, 1))
+        _, clamp = _fused_epilogue(node, importer, False)
+        bb = importer.block_builder
+        x = bb.emit(relax.op.nn.pad(importer.env[node.args[0]],
+                                    [0, 0, 0, 0, ph, hq * d - h - ph, pw, wq * d - wd - pw]))
+        x = bb.emit(relax.op.reshape(x, (n, c, hq, d, wq, d)))
+        x = bb.emit(relax.op.reshape(bb.emit(relax.op.permute_dims(x, [0, 3, 5, 1, 2, 4])), sub))
+        y = _emit_conv(bb, x, wt.detach().numpy(), None if bt is None else bt.detach().numpy(), sub, kind, 1,
+                       (0, 0, 0, 0), clamp, None)
+        uo, vo = hq - kh + 1, wq - kw + 1
+        y = bb.emit(relax.op.reshape(y, (n, d, d, cout, uo, vo)))
+        y = bb.emit(relax.op.reshape(bb.emit(relax.op.permute_dims(y, [0, 3, 4, 1, 5, 2])), (n, cout, uo * d, vo * d)))
+        return bb.emit(relax.op.strided_slice(y, axes=[2, 3], begin=[0, 0], end=[oh, ow]))
 
     fused_adds: dict = {}  # add node -> the conv whose kernel computed it
 

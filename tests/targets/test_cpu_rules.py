@@ -60,8 +60,9 @@ class _ComputedWeightLinear(torch.nn.Module):
 
 
 def test_which_kernels_get_a_rule():
-    # a dilated conv: no graphopt kernel takes it (dense 3x3 convs go to im2col + the packed GEMM), the rule does
-    conv = scheduled_functions(torch.nn.Sequential(torch.nn.Conv2d(16, 32, 3, padding=2, dilation=2),
+    # a dilated conv at stride 2: no graphopt kernel takes it (dense 3x3 convs go to im2col + the packed GEMM,
+    # dilated ones at stride 1 through their phase images), the rule does
+    conv = scheduled_functions(torch.nn.Sequential(torch.nn.Conv2d(16, 32, 3, stride=2, padding=2, dilation=2),
                                                    torch.nn.ReLU6()), torch.randn(1, 16, 28, 28))
     assert any(v for k, v in conv.items() if "conv2d" in k)
     head = scheduled_functions(torch.nn.Linear(128, 64), torch.randn(1, 128))  # constant weight: graphopt's GEMV
