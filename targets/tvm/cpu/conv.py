@@ -783,7 +783,8 @@ def depthwise_cb(x: T.Buffer(({c}, {h * wd}), "float32"), {w_arg},
                         for r in T.unroll({ry}):
                             for xx in T.unroll({ob}):
                                 for l in T.vectorized(8):
-                                    acc[r, xx, l] = acc[r, xx, l] + wv[{wg}, i * {kw} + j, l] * tile[(y0 + r) * {s} + i, (x0 + xx) * {s} + j, l]{store}
+                                    acc[r, xx, l] = acc[r, xx, l] + wv[{wg}, i * {kw} + j, l] * tile[
+                                        (y0 + r) * {s} + i, (x0 + xx) * {s} + j, l]{store}
 """
 
 

@@ -749,7 +749,8 @@ def pack_gemv_quads(w: np.ndarray) -> np.ndarray:
     k4 = -(-k // 4)
     wp = np.zeros((n, 4 * k4), np.int8)
     wp[:, :k] = w
-    return np.ascontiguousarray(wp.reshape(n // NR_GEMM, NR_GEMM, k4, 4).transpose(0, 2, 1, 3)).view(np.int32).reshape(-1)
+    quads = wp.reshape(n // NR_GEMM, NR_GEMM, k4, 4).transpose(0, 2, 1, 3)
+    return np.ascontiguousarray(quads).view(np.int32).reshape(-1)
 
 
 def emit_qgemv(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | None, sx: float, zx: int, k: int,
