@@ -569,6 +569,11 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                                              wt.detach().numpy(), None if bt is None else bt.detach().numpy(),
                                              x_shape, int(node.args[3][0]), vector_lanes(target))
         groups = int(node.args[8]) if len(node.args) > 8 else 1
+        if (wt is not None and wt.dtype == torch.float32 and wt.dim() == 3 and len(x_shape) == 3 and groups == 1
+                and pads is None and (bnode is None or bt is not None)):
+            y = _conv1d(node, importer, x_shape, wt, bt)
+            if y is not None:
+                return y
         if kind is None and wt is not None and groups > 1:
             return _grouped_conv(node, importer, x_shape, wt, bt, pads, groups)
         if kind is None and wt is not None and pads is None and _dilated_applies(node, x_shape, wt):
@@ -625,6 +630,26 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                          _full_padding(node, pads), clamp, None)
               for g in range(groups)]
         return bb.emit(relax.op.concat(ys, axis=1))
+
+    def _conv1d(node, importer, x_shape, wt, bt):
+        """A dense 1-D conv [N, C, L] (audio, time series, TCNs) as a 2-D one on a [N, C, 1, L] map with a 1 x k
+        kernel, on graphopt's kernels (None where none takes it): TVM's conv1d under the rules took 21x PyTorch's
+        time (64 channels, length 1000, 5 taps: 6.1 ms against 0.29)."""
+        from tvm import relax
+        stride, padding, dilation, transposed = node.args[3:7]
+        if transposed or int(dilation[0]) != 1:
+            return None
+        n, c, length = (int(v) for v in x_shape)
+        s, p, k = int(stride[0]), int(padding[0]), int(wt.shape[2])
+        x4, w4 = (n, c, 1, length), wt.reshape(int(wt.shape[0]), int(wt.shape[1]), 1, k)
+        kind = _conv_kernel(x4, w4.shape, ([s, s], [0, p], [1, 1], False, None, 1))
+        if kind in (None, "depthwise"):
+            return None
+        _, clamp = _fused_epilogue(node, importer, False)
+        bb = importer.block_builder
+        y = _emit_conv(bb, bb.emit(relax.op.reshape(importer.env[node.args[0]], x4)), w4.detach().numpy(),
+                       None if bt is None else bt.detach().numpy(), x4, kind, s, (0, 0, p, p), clamp, None)
+        return bb.emit(relax.op.reshape(y, tuple(int(v) for v in node.meta["val"].shape)))
 
     def _dilated_applies(node, x_shape, wt) -> bool:
         """A dense conv with one dilation d > 1 and stride 1 (DeepLab's atrous convs) whose d x d phase images a
