@@ -11,8 +11,18 @@ LANES = 8
 
 
 def rows_apply(dim: int, dtype: str) -> bool:
-    """The row kernels take float32 rows of whole 8-float vectors."""
-    return dtype == "float32" and dim % LANES == 0 and dim >= LANES
+    """The row kernels take float32 rows of at least one 8-float vector; a row that is not whole vectors ends with
+    one overlapping the one before, its repeated lanes left out of the sums (`_tail`)."""
+    return dtype == "float32" and dim >= LANES
+
+
+def _tail(dim: int) -> tuple[str, str]:
+    """(the row's last vector, overlapping the one before when dim is not whole vectors, as a ramp offset from the
+    row start; a mask of its lanes past the whole vectors) or ("", "") when the row is whole vectors."""
+    rem = dim % LANES
+    if not rem:
+        return "", ""
+    return str(dim - LANES), f"T.ramp(0, 1, {LANES}) >= T.broadcast({LANES - rem}, {LANES})"
 
 
 def _call_rows(bb, source: str, name: str, x, extra: list, x_shape):
@@ -45,6 +55,21 @@ def layer_norm_source(rows: int, dim: int, eps: float, residual: bool = False) -
     res_arg = f' res: T.Buffer(({rows * dim},), "float32"),' if residual else ""
     row_buf = f"""
         e = T.decl_buffer(({dim},), "float32", scope="global")""" if residual else ""
+    last, mask = _tail(dim)
+    zero = f"T.broadcast(T.float32(0), {LANES})"
+    lv = f"T.ramp(r * {dim} + {last}, 1, {LANES})"
+    lx = f"e[T.ramp({last}, 1, {LANES})]" if residual else f"x[{lv}]"
+    tail1 = tail2 = tail3 = ""
+    if last:  # the overlapping last vector: its new lanes join the sums; its store repeats the same values
+        tail1 = (f"""
+        {lx} = x[{lv}] + res[{lv}]""" if residual else "") + f"""
+        acc[{lane}] = acc[{lane}] + T.Select({mask}, {lx}, {zero})"""
+        tail2 = f"""
+        acc[{lane}] = acc[{lane}] + T.Select({mask}, ({lx} - T.broadcast(stat[0], {LANES})) * ({lx} - T.broadcast(
+            stat[0], {LANES})), {zero})"""
+        tail3 = f"""
+        y[{lv}] = ({lx} - T.broadcast(stat[0], {LANES})) * T.broadcast(stat[1], {LANES}) * w[
+            T.ramp({last}, 1, {LANES})] + b[T.ramp({last}, 1, {LANES})]"""
     return f"""
 @T.prim_func(private=True)
 def layer_norm_rows(x: T.Buffer(({rows * dim},), "float32"),{res_arg} w: T.Buffer(({dim},), "float32"),
@@ -54,21 +79,21 @@ def layer_norm_rows(x: T.Buffer(({rows * dim},), "float32"),{res_arg} w: T.Buffe
         acc = T.decl_buffer(({LANES},), "float32", scope="global")
         stat = T.decl_buffer((2,), "float32", scope="global")
         acc[{lane}] = T.broadcast(T.float32(0), {LANES})
-        for j in T.serial({steps}):{first}
+        for j in T.serial({steps}):{first}{tail1}
         stat[0] = T.float32(0)
         for l in T.serial({LANES}):
             stat[0] = stat[0] + acc[l]
         stat[0] = stat[0] * T.float32({1.0 / dim!r})
         acc[{lane}] = T.broadcast(T.float32(0), {LANES})
         for j in T.serial({steps}):
-            acc[{lane}] = acc[{lane}] + ({xv} - T.broadcast(stat[0], {LANES})) * ({xv} - T.broadcast(stat[0], {LANES}))
+            acc[{lane}] = acc[{lane}] + ({xv} - T.broadcast(stat[0], {LANES})) * ({xv} - T.broadcast(stat[0], {LANES})){tail2}
         stat[1] = T.float32(0)
         for l in T.serial({LANES}):
             stat[1] = stat[1] + acc[l]
         stat[1] = T.float32(1) / T.sqrt(stat[1] * T.float32({1.0 / dim!r}) + T.float32({float(eps)!r}))
         for j in T.serial({steps}):
             y[{v}] = ({xv} - T.broadcast(stat[0], {LANES})) * T.broadcast(stat[1], {LANES}) * w[
-                T.ramp(j * {LANES}, 1, {LANES})] + b[T.ramp(j * {LANES}, 1, {LANES})]
+                T.ramp(j * {LANES}, 1, {LANES})] + b[T.ramp(j * {LANES}, 1, {LANES})]{tail3}
 """
 
 
@@ -102,6 +127,27 @@ def softmax_source(rows: int, dim: int) -> str:
     poly = c(EXP_POLY[0])
     for k in EXP_POLY[1:]:
         poly = f"({poly} * t[{lane}] + {c(k)})"
+
+    def exp_into(at: str, pad: str) -> str:
+        """y[at] = exp(x[at] - max), TVM's fast_exp on one vector."""
+        return f"""
+{pad}t[{lane}] = T.max(T.min(x[{at}] - T.broadcast(stat[0], {LANES}), {c(88.37626266479492)}),
+{pad}                  {c(-88.37625885009766)})
+{pad}n[{lane}] = T.floor(t[{lane}] * {c(1.4426950216293335)} + {c(0.5)})
+{pad}t[{lane}] = t[{lane}] - n[{lane}] * {c(0.6931471824645996)}
+{pad}y[{at}] = T.reinterpret("float32x{LANES}", T.shift_left(T.Cast("int32x{LANES}", n[{lane}]) + T.broadcast(
+{pad}    T.int32(127), {LANES}), T.broadcast(T.int32(23), {LANES}))) * (
+{pad}    {poly} * t[{lane}] * t[{lane}] + t[{lane}] + {c(1.0)})"""
+    last, mask = _tail(dim)
+    lv = f"T.ramp(r * {dim} + {last}, 1, {LANES})"
+    tail_max = tail_exp = tail_scale = ""
+    if last:  # the overlapping last vector: max is idempotent; only its new lanes join the sum and get scaled
+        tail_max = f"""
+        acc[{lane}] = T.max(acc[{lane}], x[{lv}])"""
+        tail_exp = exp_into(lv, " " * 8) + f"""
+        acc[{lane}] = acc[{lane}] + T.Select({mask}, y[{lv}], {c(0.0)})"""
+        tail_scale = f"""
+        y[{lv}] = T.Select({mask}, y[{lv}] * T.broadcast(stat[1], {LANES}), y[{lv}])"""
     return f"""
 @T.prim_func(private=True)
 def softmax_rows(x: T.Buffer(({rows * dim},), "float32"), scale: T.Buffer((1,), "float32"),
@@ -114,26 +160,19 @@ def softmax_rows(x: T.Buffer(({rows * dim},), "float32"), scale: T.Buffer((1,), 
         stat = T.decl_buffer((2,), "float32", scope="global")
         acc[{lane}] = x[T.ramp(r * {dim}, 1, {LANES})]
         for j in T.serial(1, {steps}):
-            acc[{lane}] = T.max(acc[{lane}], x[{v}])
+            acc[{lane}] = T.max(acc[{lane}], x[{v}]){tail_max}
         stat[0] = acc[0]
         for l in T.serial(1, {LANES}):
             stat[0] = T.max(stat[0], acc[l])
         acc[{lane}] = {c(0.0)}
-        for j in T.serial({steps}):
-            t[{lane}] = T.max(T.min(x[{v}] - T.broadcast(stat[0], {LANES}), {c(88.37626266479492)}),
-                              {c(-88.37625885009766)})
-            n[{lane}] = T.floor(t[{lane}] * {c(1.4426950216293335)} + {c(0.5)})
-            t[{lane}] = t[{lane}] - n[{lane}] * {c(0.6931471824645996)}
-            y[{v}] = T.reinterpret("float32x{LANES}", T.shift_left(T.Cast("int32x{LANES}", n[{lane}]) + T.broadcast(
-                T.int32(127), {LANES}), T.broadcast(T.int32(23), {LANES}))) * (
-                {poly} * t[{lane}] * t[{lane}] + t[{lane}] + {c(1.0)})
-            acc[{lane}] = acc[{lane}] + y[{v}]
+        for j in T.serial({steps}):{exp_into(v, " " * 12)}
+            acc[{lane}] = acc[{lane}] + y[{v}]{tail_exp}
         stat[1] = T.float32(0)
         for l in T.serial({LANES}):
             stat[1] = stat[1] + acc[l]
         stat[1] = scale[0] / stat[1]
         for j in T.serial({steps}):
-            y[{v}] = y[{v}] * T.broadcast(stat[1], {LANES})
+            y[{v}] = y[{v}] * T.broadcast(stat[1], {LANES}){tail_scale}
 """
 
 
