@@ -86,7 +86,8 @@ def layer_norm_rows(x: T.Buffer(({rows * dim},), "float32"),{res_arg} w: T.Buffe
         stat[0] = stat[0] * T.float32({1.0 / dim!r})
         acc[{lane}] = T.broadcast(T.float32(0), {LANES})
         for j in T.serial({steps}):
-            acc[{lane}] = acc[{lane}] + ({xv} - T.broadcast(stat[0], {LANES})) * ({xv} - T.broadcast(stat[0], {LANES})){tail2}
+            acc[{lane}] = acc[{lane}] + ({xv} - T.broadcast(stat[0], {LANES})) * ({xv} - T.broadcast(
+                stat[0], {LANES})){tail2}
         stat[1] = T.float32(0)
         for l in T.serial({LANES}):
             stat[1] = stat[1] + acc[l]
