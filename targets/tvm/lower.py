@@ -336,7 +336,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                                                    flat_qconv_applies, im2col_beats_flat, int8_dot, qconv1x1_applies)
         kind, wt, wst, bt = _qconv_kind(node)
         groups = int(node.args[9])
-        if kind is None and cpu_kernels and wt is not None and wst is not None and groups > 1:
+        if (kind is None and cpu_kernels and wt is not None and wst is not None and groups > 1
+                and (node.args[5] is None or bt is not None) and len(node.args[0].meta["val"].shape) == 4):
             g_shape = (int(node.args[0].meta["val"].shape[0]), int(wt.shape[1]), *node.args[0].meta["val"].shape[2:])
             g_kind = _conv_kernel(g_shape, (int(wt.shape[0]) // groups, *wt.shape[1:]),
                                   (*node.args[6:9], False, None, 1))
@@ -561,22 +562,23 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         if pads is not None:  # the zero pad before this conv was left out; its amounts join the conv's padding
             x_shape = node.args[0].args[0].meta["val"].shape
         kind = None
-        if (wt is not None and wt.dtype == torch.float32 and (bnode is None or bt is not None)
-                and str(node.args[0].meta["val"].dtype) == "torch.float32"):
+        # a float32 conv with a constant weight and bias: what graphopt's kernels (and the rewrites below) take
+        constant = (wt is not None and wt.dtype == torch.float32 and (bnode is None or bt is not None)
+                    and str(node.args[0].meta["val"].dtype) == "torch.float32")
+        if constant:
             kind = _conv_kernel(x_shape, wt.shape, node.args[3:9])
             if kind is None and pads is None and k.unpooling_applies(x_shape, wt.shape, *node.args[3:9]):
                 return k.emit_unpooling_conv(importer.block_builder, importer.env[node.args[0]],
                                              wt.detach().numpy(), None if bt is None else bt.detach().numpy(),
                                              x_shape, int(node.args[3][0]), vector_lanes(target))
         groups = int(node.args[8]) if len(node.args) > 8 else 1
-        if (wt is not None and wt.dtype == torch.float32 and wt.dim() == 3 and len(x_shape) == 3 and groups == 1
-                and pads is None and (bnode is None or bt is not None)):
+        if constant and wt.dim() == 3 and len(x_shape) == 3 and groups == 1 and pads is None:
             y = _conv1d(node, importer, x_shape, wt, bt)
             if y is not None:
                 return y
-        if kind is None and wt is not None and groups > 1:
+        if kind is None and constant and groups > 1 and len(x_shape) == 4:
             return _grouped_conv(node, importer, x_shape, wt, bt, pads, groups)
-        if kind is None and wt is not None and pads is None and _dilated_applies(node, x_shape, wt):
+        if kind is None and constant and pads is None and _dilated_applies(node, x_shape, wt):
             return _dilated_conv(node, importer, x_shape, wt, bt)
         if kind is None:
             return importer._convolution(node)
