@@ -399,7 +399,7 @@ def test_flat_conv_vector_store_equals_the_per_lane_one(hw, k, stride, pad, res)
 def test_stride_equals_kernel_transposed_conv_is_the_packed_gemm(batch, k):
     """A UNet's upsampling ConvTranspose (kernel == stride, no padding): the packed GEMM with the weight as
     [(Cout, a, b), Cin], then a pixel shuffle; matches PyTorch. A transposed conv with overlapping blocks (kernel 3,
-    stride 2) keeps TVM's conv2d_transpose."""
+    stride 2) takes the phase conv (`test_transposed_conv_is_one_phase_conv_and_a_pixel_shuffle`)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.ConvTranspose2d(24, 16, k, stride=k), torch.nn.ConvTranspose2d(16, 8, 3, 2),
                                 torch.nn.ReLU()).eval()
@@ -408,8 +408,43 @@ def test_stride_equals_kernel_transposed_conv_is_the_packed_gemm(batch, k):
     mod = lower_to_relax(g)
     nt = f"_n{batch}" if batch > 1 else ""
     assert f"conv1x1_packed_{16 * k * k}x24x30{nt}" in {gv.name_hint for gv in mod.get_global_vars()}
-    assert mod.script().count("R.nn.conv2d_transpose") == 1  # the overlapping one
+    assert "R.nn.conv2d_transpose" not in mod.script()
     _assert_built_matches(g, model, x)
+
+
+@pytest.mark.parametrize("cin,cout,k,s,p,op,shape,relu", [
+    (32, 16, 4, 2, 1, 0, (1, 32, 9, 9), True),  # DCGAN / UNet decoder upsampling
+    (32, 16, 3, 2, 1, 1, (2, 32, 9, 11), True),  # output padding, batch 2; 3 taps: one phase has a zero tap
+    (16, 8, 5, 3, 2, 0, (1, 16, 7, 6), False),
+    (16, 8, 3, 1, 1, 0, (1, 16, 10, 10), False),  # stride 1: the flipped kernel
+    (16, 8, (4, 3), (2, 1), 1, 0, (1, 16, 10, 10), False),
+    (16, 8, 4, 2, 3, 0, (1, 16, 10, 10), False),  # padding beyond the taps of the first phase row
+    (64, 32, 16, 8, 4, 0, (1, 64, 20), False),  # HiFi-GAN's 1-D upsampler
+    (16, 8, 3, 2, 1, 1, (2, 16, 21), True),
+])
+def test_transposed_conv_is_one_phase_conv_and_a_pixel_shuffle(cin, cout, k, s, p, op, shape, relu):
+    """A transposed conv runs as one stride-1 conv whose s_h s_w Cout output channels are its output phases (each a
+    ceil(k / s)-tap flipped kernel), on graphopt's kernels with bias and ReLU in the store, then interleaved and
+    cut: TVM's conv2d_transpose took 90x PyTorch's time. Matches torch for 1-D and 2-D, uneven strides, output
+    padding, taps not a multiple of the stride and batch 2."""
+    torch.manual_seed(0)
+    conv = (torch.nn.ConvTranspose1d if len(shape) == 3 else torch.nn.ConvTranspose2d)(cin, cout, k, s, p, op,
+                                                                                      bias=not relu)
+    model = torch.nn.Sequential(conv, torch.nn.ReLU() if relu else torch.nn.Identity()).eval()
+    x = torch.randn(*shape)
+    g = graphopt.trace(model, (x,))
+    text = lower_to_relax(g).script()
+    assert "_transpose(" not in text and "R.nn.relu" not in text, text
+    _assert_built_matches(g, model, x)
+
+
+def test_grouped_transposed_conv_keeps_tvms_op():
+    torch.manual_seed(0)
+    grouped = torch.nn.ConvTranspose2d(16, 8, 4, 2, 1, groups=2).eval()
+    x = torch.randn(1, 16, 6, 6)
+    g = graphopt.trace(grouped, (x,))
+    assert "R.nn.conv2d_transpose" in lower_to_relax(g).script()
+    _assert_built_matches(g, grouped, x)
 
 
 @pytest.mark.parametrize("w", [9, 31])  # 9: the scalar copy; 31 (12+ output columns): whole vectors per tap column
