@@ -1809,3 +1809,30 @@ def test_kernels_bind_scalars_without_a_workspace_call_per_task():
             tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target())
         scalars = re.findall(r"(\w+) = T\.decl_buffer\(\(1,\), \"\w+\", data=T\.TVMBackendAllocWorkspace", lowered[name])
         assert not scalars, f"{name}: {scalars} bound as workspace buffers"
+
+
+class _Activations(torch.nn.Module):
+    def forward(self, x):
+        return torch.stack([torch.sigmoid(x), torch.nn.functional.silu(x), torch.rsqrt(x.abs()),
+                            torch.nn.functional.gelu(x, approximate="tanh")])
+
+
+def test_sigmoid_silu_tanh_gelu_and_rsqrt_are_vector_math():
+    """Sigmoid (and SiLU, its product with x), tanh GELU and rsqrt are written with exp / tanh / sqrt, which the
+    pipeline makes vectorized polynomials: Relax's own ops legalized to scalar loops at 3.6x (sigmoid), 5.4x
+    (SiLU) and 2.4x (tanh GELU) PyTorch's time. Match torch within 1e-6, saturating at +-100 and +-inf and
+    keeping NaN."""
+    x = torch.cat([torch.linspace(-12, 12, 509), torch.tensor([float("nan"), float("inf"), -float("inf"), -100.0,
+                                                                100.0, 0.0, 1e-30])]).reshape(1, -1)
+    model = _Activations().eval()
+    g = graphopt.trace(model, (x,))
+    text = lower_to_relax(g).script()
+    assert not any(op in text for op in ("R.sigmoid", "R.rsqrt", "R.nn.gelu_tanh")), text
+    from tvm import relax
+    ex, *_ = build_executable(g)
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
+    got = (got if hasattr(got, "numpy") else got[0]).numpy()
+    ref = model(x).numpy()
+    finite = np.isfinite(ref) & (np.abs(ref) < 1e6)
+    np.testing.assert_allclose(got[finite], ref[finite], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(got[~finite], ref[~finite])
