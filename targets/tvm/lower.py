@@ -497,6 +497,14 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             return bb.emit(relax.op.rsqrt(x))
         return bb.emit(relax.op.divide(f32(1.0), bb.emit(relax.op.sqrt(x))))
 
+    def log(node, importer, plus_one: bool = False):
+        """log / log1p of float32 on graphopt's polynomial (`vmath`); Relax's legalize to scalar libm calls."""
+        from graphopt.targets.tvm.cpu.vmath import emit_log
+        bb, x = importer.block_builder, importer.env[node.args[0]]
+        if str(node.args[0].meta["val"].dtype) != "torch.float32":
+            return _builtin(importer, "log1p.default" if plus_one else "log.default")(node)
+        return emit_log(bb, x, plus_one)
+
     def layer_norm(node, importer):
         # float32 layer norm over the last axis: one vectorized pass per row (norm.py); else Relax's layer norm.
         # A missing weight / bias is ones / zeros (TVM's own converter fails on them; they used to be decomposed)
@@ -986,7 +994,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         if sparse24 is not None or gpu_dense is not None:
             generic = {**generic, "linear.default": sparse_linear, "convolution.default": sparse_conv}
         return generic
-    return {**generic, "gelu.default": gelu, "sigmoid.default": sigmoid, "rsqrt.default": rsqrt, "convolution.default": convolution, "layer_norm.default": layer_norm,
+    return {**generic, "gelu.default": gelu, "sigmoid.default": sigmoid, "rsqrt.default": rsqrt,
+            "log.default": log, "log1p.default": lambda node, importer: log(node, importer, True), "convolution.default": convolution, "layer_norm.default": layer_norm,
             "_softmax.default": softmax,
             "constant_pad_nd.default": constant_pad_nd, "bsr_linear.default": bsr_linear,
             "bsr_conv1x1.default": bsr_conv1x1, "linear.default": linear,
