@@ -533,6 +533,26 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             return emit_layer_norm(bb, x, w, b, x_val.shape, eps)
         return bb.emit(relax.op.nn.layer_norm(x, w, b, axes=list(range(-len(shape), 0)), epsilon=eps))
 
+    def native_group_norm(node, importer):
+        """float32 group norm (native_group_norm: input, weight, bias, N, C, HxW, groups, eps) on the layer norm
+        row kernel with a per-channel store (norm.py), at least 8 pixels a channel; else Relax's group norm. As
+        TVM's converter, it gives the normalized tensor alone (getitem 0); mean and rstd are not read in
+        inference graphs."""
+        import numpy as np
+
+        from graphopt.targets.tvm.cpu.norm import emit_group_norm
+        x_val = node.args[0].meta["val"]
+        groups, eps = int(node.args[6]), float(node.args[7])
+        c = int(x_val.shape[1])
+        hw = math.prod(int(d) for d in x_val.shape[2:])
+        if str(x_val.dtype) != "torch.float32" or hw < 8 or any(
+                getattr(u.target, "__name__", "") != "getitem" or u.args[1] != 0 for u in node.users):
+            return _builtin(importer, "native_group_norm.default")(node)
+        bb = importer.block_builder
+        w, b = (importer.env[a] if a is not None else relax.const(np.full(c, fill, np.float32))
+                for a, fill in ((node.args[1], 1.0), (node.args[2], 0.0)))
+        return emit_group_norm(bb, importer.env[node.args[0]], w, b, x_val.shape, groups, eps)
+
     def softmax(node, importer):
         # float32 softmax over the last axis: one vectorized pass per row (norm.py)
         from graphopt.targets.tvm.cpu.norm import emit_softmax, rows_apply
@@ -996,7 +1016,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         return generic
     return {**generic, "gelu.default": gelu, "sigmoid.default": sigmoid, "rsqrt.default": rsqrt,
             "log.default": log, "log1p.default": lambda node, importer: log(node, importer, True), "convolution.default": convolution, "layer_norm.default": layer_norm,
-            "_softmax.default": softmax,
+            "_softmax.default": softmax, "native_group_norm.default": native_group_norm,
             "constant_pad_nd.default": constant_pad_nd, "bsr_linear.default": bsr_linear,
             "bsr_conv1x1.default": bsr_conv1x1, "linear.default": linear,
             "add.Tensor": add, "max_pool2d.default": max_pool2d,

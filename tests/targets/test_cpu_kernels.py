@@ -3,6 +3,7 @@ vectorizable erf GELU, and the BSR/CSR sparse kernels: numerics against PyTorch,
 and the emitted assembly (register-resident FMA accumulation, no stores inside the reduction loop)."""
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -1862,3 +1863,23 @@ def test_log_and_log1p_are_vector_polynomials():
     finite = np.isfinite(ref) & (np.abs(ref64) > 1e-30)  # (subnormal results: the CPU flushes them to zero)
     np.testing.assert_allclose(got[finite], ref64[finite], rtol=3e-7, atol=0)
     np.testing.assert_array_equal(got[~np.isfinite(ref)], ref[~np.isfinite(ref)])
+
+
+@pytest.mark.parametrize("groups,c,spatial,batch,affine", [(8, 32, (7, 7), 2, True),  # 49 pixels: overlapping tail
+                                                           (4, 64, (16, 16), 1, False), (2, 12, (100,), 1, True),
+                                                           (4, 16, (2, 2), 1, True)])  # 4 pixels: Relax's op
+def test_group_norm_runs_the_row_kernel_with_a_per_channel_store(groups, c, spatial, batch, affine):
+    """Group norm (detection heads, diffusion UNets) runs the layer norm row kernel over each sample's groups, each
+    channel's pixels scaled and shifted by its own weight and bias in the store (Relax's group norm: 3x PyTorch's
+    time); matches torch with 1-D and 2-D maps, tails, batch 2 and no affine; under 8 pixels a channel it keeps
+    Relax's op."""
+    torch.manual_seed(0)
+    model = torch.nn.GroupNorm(groups, c, affine=affine).eval()
+    if affine:
+        with torch.no_grad():
+            model.weight.normal_(), model.bias.normal_()
+    x = torch.randn(batch, c, *spatial) * 3 + 1
+    g = graphopt.trace(model, (x,))
+    names = _func_names(g)
+    assert any(n.startswith("group_norm") for n in names) == (math.prod(spatial) >= 8), names
+    _assert_built_matches(g, model, x)
