@@ -533,6 +533,16 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             return emit_layer_norm(bb, x, w, b, x_val.shape, eps)
         return bb.emit(relax.op.nn.layer_norm(x, w, b, axes=list(range(-len(shape), 0)), epsilon=eps))
 
+    def upsample_bilinear2d(node, importer):
+        """float32 NCHW bilinear resizing on graphopt's row kernel (resize.py); else TVM's resize2d."""
+        from graphopt.targets.tvm.cpu.resize import bilinear_applies, emit_bilinear
+        x_val, out = node.args[0].meta["val"], node.meta["val"]
+        args = list(node.args) + [None] * (4 - len(node.args))
+        if str(x_val.dtype) != "torch.float32" or not bilinear_applies(x_val.shape, out.shape[2:]):
+            return _builtin(importer, "upsample_bilinear2d.vec")(node)
+        return emit_bilinear(importer.block_builder, importer.env[node.args[0]], x_val.shape, out.shape[2:],
+                             bool(args[2]), args[3])
+
     def native_group_norm(node, importer):
         """float32 group norm (native_group_norm: input, weight, bias, N, C, HxW, groups, eps) on the layer norm
         row kernel with a per-channel store (norm.py), at least 8 pixels a channel; else Relax's group norm. As
@@ -1017,6 +1027,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
     return {**generic, "gelu.default": gelu, "sigmoid.default": sigmoid, "rsqrt.default": rsqrt,
             "log.default": log, "log1p.default": lambda node, importer: log(node, importer, True), "convolution.default": convolution, "layer_norm.default": layer_norm,
             "_softmax.default": softmax, "native_group_norm.default": native_group_norm,
+            "upsample_bilinear2d.vec": upsample_bilinear2d,
             "constant_pad_nd.default": constant_pad_nd, "bsr_linear.default": bsr_linear,
             "bsr_conv1x1.default": bsr_conv1x1, "linear.default": linear,
             "add.Tensor": add, "max_pool2d.default": max_pool2d,
