@@ -604,6 +604,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             if k.im2col_pays(int(w_shape[1]), int(w_shape[2]), int(w_shape[3]), oh * ow):
                 return "im2col"
             return "direct" if s in (1, 2) else None  # the direct kernel's strides
+        if k.patchify_applies(x_shape, w_shape, stride, padding, dilation, groups, transposed):
+            return "im2col"
         return None
 
     def convolution(node, importer):
