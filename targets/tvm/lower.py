@@ -915,6 +915,13 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                 and quant.users and all(_fast_float_conv(u) for u in quant.users)):
             quant_pads[quant] = (*(int(p) for p in pad), x_shape)
             return importer.env[node.args[0]]
+        dtype = str(node.args[0].meta["val"].dtype).replace("torch.", "")
+        if len(pad) in (2, 4) and min(int(p) for p in pad) >= 0 and dtype == "float32" \
+                and len(x_shape) >= len(pad) // 2:
+            # graphopt's row kernel; Relax's pad legalized to a per-element select at 14x PyTorch's time (64x64x64
+            # by 1: 565 us against 40)
+            from graphopt.targets.tvm.cpu.pool import emit_pad
+            return emit_pad(importer.block_builder, importer.env[node.args[0]], x_shape, pad, float(value), dtype)
         return _builtin(importer, "constant_pad_nd.default")(node)
 
     def _builtin(importer, name):

@@ -69,3 +69,50 @@ def emit_max_pool(bb, x, x_shape, kernel, stride, padding):
                                     relax.const(np.full(1, -np.inf, np.float32))],
                                relax.TensorType(_batched(n, c, oh, ow), "float32")))
     return bb.emit(relax.op.reshape(y, (n, c, oh, ow)))
+
+
+def pad_source(rows: int, h: int, w: int, top: int, bottom: int, left: int, right: int, dtype: str) -> str:
+    """TVMScript of y = x [rows, H, W] padded by constant fill[0] on its last two axes: one task per output row,
+    which is all fill, or fill, a copy of its input row, fill (plain loops LLVM vectorizes)."""
+    oh, ow = h + top + bottom, w + left + right
+    return f"""
+@T.prim_func(private=True)
+def pad(x: T.Buffer(({rows}, {h}, {w}), "{dtype}"), fill: T.Buffer((1,), "{dtype}"),
+        y: T.Buffer(({rows}, {oh}, {ow}), "{dtype}")):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
+    for t in T.parallel({rows * oh}):
+        r: T.let = t // {oh}
+        oy: T.let = t % {oh}
+        if oy < {top} or oy >= {top + h}:
+            for ox in T.serial({ow}):
+                y[r, oy, ox] = fill[0]
+        else:
+            for ox in T.serial({left}):
+                y[r, oy, ox] = fill[0]
+            for ox in T.serial({w}):
+                y[r, oy, {left} + ox] = x[r, oy - {top}, ox]
+            for ox in T.serial({right}):
+                y[r, oy, {left + w} + ox] = fill[0]
+"""
+
+
+def emit_pad(bb, x, x_shape, pads, value: float, dtype: str):
+    """constant_pad_nd of x (a Relax value) with aten's `pads` on the last one or two axes only, non-negative."""
+    import math
+
+    import tvm
+    from tvm import relax
+    from tvm.script import tirx as T
+
+    dims = [int(d) for d in x_shape]
+    left, right = int(pads[0]), int(pads[1])
+    top, bottom = (int(pads[2]), int(pads[3])) if len(pads) == 4 else (0, 0)
+    h, w = (dims[-2], dims[-1]) if len(pads) == 4 else (1, dims[-1])
+    rows = math.prod(dims) // (h * w)
+    gv = bb.add_func(tvm.script.parse(pad_source(rows, h, w, top, bottom, left, right, dtype), extra_vars={"T": T}),
+                     f"pad_{rows}x{h}x{w}_{top}_{bottom}_{left}_{right}")
+    oh, ow = h + top + bottom, w + left + right
+    y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, (rows, h, w))),
+                                    relax.const(np.full(1, value, dtype))], relax.TensorType((rows, oh, ow), dtype)))
+    out = dims[:-2] + [oh, ow] if len(pads) == 4 else dims[:-1] + [ow]
+    return bb.emit(relax.op.reshape(y, tuple(out)))
