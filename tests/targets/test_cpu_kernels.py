@@ -1973,3 +1973,23 @@ def test_constant_pad_runs_the_row_kernel(pads, value, shape):
     ex, *_ = build_executable(g)
     got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
     np.testing.assert_array_equal((got if hasattr(got, "numpy") else got[0]).numpy(), model(x).numpy())
+
+
+@pytest.mark.parametrize("cin,cout,k,d,stride,pad,hw,batch", [
+    (16, 24, 3, 2, 1, 2, 28, 1),  # 28 columns: the vector-copy im2col
+    (16, 16, 3, 2, 2, 2, 30, 1),  # stride 2 (TVM's dilated conv took 11.5x PyTorch's time)
+    (8, 16, 3, 4, 1, 4, 9, 1),  # 9 columns: the per-element im2col
+    (12, 16, 5, 2, 2, 3, 21, 2),  # 5x5, stride 2, uneven padding of the taps, batch 2
+])
+def test_dilated_conv_runs_im2col_with_spread_taps(cin, cout, k, d, stride, pad, hw, batch):
+    """A dilated conv whose columns are small runs im2col with taps d pixels apart and one packed GEMM (the phase
+    images of `test_dilated_conv_runs_over_its_phase_images` are for larger ones at stride 1); ReLU in the store.
+    Matches torch at strides 1 and 2 and batch 2."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(cin, cout, k, stride, pad, dilation=d), torch.nn.ReLU()).eval()
+    x = torch.randn(batch, cin, hw, hw)
+    g = graphopt.trace(model, (x,))
+    mod = lower_to_relax(g)
+    names = {gv.name_hint for gv in mod.get_global_vars()}
+    assert "R.nn.conv2d" not in mod.script() and any(n.startswith("im2col") and f"d{d}" in n for n in names), names
+    _assert_built_matches(g, model, x)

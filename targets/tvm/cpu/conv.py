@@ -1069,8 +1069,9 @@ def im2col_pays(cin: int, kh: int, kw: int, out_pixels: int) -> bool:
 
 
 def im2col_source(cin: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int, stride: int, pt: int,
-                  pl: int, batch_dim: bool = False, dtype: str = "float32", tap_major: bool = False) -> str:
-    """col[(ci * kh + i) * kw + j, oy * ow + ox] = x[ci, oy * s + i - pt, ox * s + j - pl] (0 outside): the
+                  pl: int, batch_dim: bool = False, dtype: str = "float32", tap_major: bool = False,
+                  dilation: int = 1) -> str:
+    """col[(ci * kh + i) * kw + j, oy * ow + ox] = x[ci, oy * s + i d - pt, ox * s + j d - pl] (0 outside): the
     [Cin * kh * kw, OH * OW] operand that turns a dense conv into the pointwise kernel's GEMM (weight rows in
     PyTorch's [Cout, Cin, kh, kw] order already); `fill` [1] is the value outside the image (0). It is marked
     opaque (op_pattern 8): as an injective function Relax fused the reshape producing its input into it, and the
@@ -1079,16 +1080,18 @@ def im2col_source(cin: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int,
     columns of a quantized conv, `fill` then the input's zero point. `tap_major`: rows (i * kw + j) * Cin + ci
     instead, so adjacent rows are adjacent channels at one tap, the pairs the u8 x s8 kernel adds (the weight's
     columns permuted to match), which `quantize{weights=int8s}` bounds. Outputs 12+ columns wide at stride 1 or 2
-    take the vector-copy kernel (`_im2col_rows_source`); the rest this per-element one."""
-    taps = kh * kw
+    take the vector-copy kernel (`_im2col_rows_source`); the rest this per-element one. `dilation` d: the taps
+    are d pixels apart (DeepLab's atrous convs, as one GEMM over the whole map)."""
+    taps, d = kh * kw, dilation
     lead, lead_index = ("1, ", "0, ") if batch_dim else ("", "")
     if stride in (1, 2) and ow >= 12:
-        return _im2col_rows_source(cin, h, wd, oh, ow, kh, kw, stride, pt, pl, lead, lead_index, dtype, tap_major)
+        return _im2col_rows_source(cin, h, wd, oh, ow, kh, kw, stride, pt, pl, lead, lead_index, dtype, tap_major,
+                                   d)
     tap, ci = (f"(r // {cin})", f"r % {cin}") if tap_major else ("r", f"r // {taps}")
-    y = f"oy * {stride} + ({tap} // {kw}) % {kh} - {pt}"
-    # the output columns whose input column ox * s + j - pl lies inside the image: [lo, hi)
-    lo = f"T.max(0, ({pl} - {tap} % {kw} + {stride - 1}) // {stride})"
-    hi = f"T.min({ow}, ({wd - 1} + {pl} - {tap} % {kw}) // {stride} + 1)"
+    y = f"oy * {stride} + ({tap} // {kw}) % {kh} * {d} - {pt}"
+    # the output columns whose input column ox * s + j d - pl lies inside the image: [lo, hi)
+    lo = f"T.max(0, ({pl} - {tap} % {kw} * {d} + {stride - 1}) // {stride})"
+    hi = f"T.min({ow}, ({wd - 1} + {pl} - {tap} % {kw} * {d}) // {stride} + 1)"
     return f"""
 @T.prim_func(private=True)
 def im2col(x: T.Buffer(({lead}{cin}, {h}, {wd}), "{dtype}"), fill: T.Buffer((1,), "{dtype}"),
@@ -1103,14 +1106,14 @@ def im2col(x: T.Buffer(({lead}{cin}, {h}, {wd}), "{dtype}"), fill: T.Buffer((1,)
                 for ox in T.serial({lo}):
                     col[r, oy * {ow} + ox] = fill[0]
                 for ox in T.serial({hi} - {lo}):
-                    col[r, oy * {ow} + {lo} + ox] = x[{lead_index}{ci}, {y}, ({lo} + ox) * {stride} + {tap} % {kw} - {pl}]
+                    col[r, oy * {ow} + {lo} + ox] = x[{lead_index}{ci}, {y}, ({lo} + ox) * {stride} + {tap} % {kw} * {d} - {pl}]
                 for ox in T.serial({ow} - {hi}):
                     col[r, oy * {ow} + {hi} + ox] = fill[0]
 """
 
 
 def _im2col_rows_source(cin: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int, stride: int, pt: int,
-                        pl: int, lead: str, lead_index: str, dtype: str, tap_major: bool) -> str:
+                        pl: int, lead: str, lead_index: str, dtype: str, tap_major: bool, d: int = 1) -> str:
     """im2col for stride 1 or 2 with whole vectors: one task per (input channel, tap row); each tap column j is
     written out separately, so the output columns whose input lies inside the image are a constant range, copied
     as vectors of up to 16 (the last one overlapping the one before; stride 2 loads 2v - 1 contiguous inputs as
@@ -1120,7 +1123,7 @@ def _im2col_rows_source(cin: int, h: int, wd: int, oh: int, ow: int, kh: int, kw
     the scalar kernel (`im2col_source`)."""
     s, body = stride, ""
     for j in range(kw):
-        lo, hi = max(0, -(-(pl - j) // s)), min(ow, (wd - 1 + pl - j) // s + 1)  # the inside columns [lo, hi)
+        lo, hi = max(0, -(-(pl - j * d) // s)), min(ow, (wd - 1 + pl - j * d) // s + 1)  # the inside columns [lo, hi)
         r = f"(i * {kw} + {j}) * {cin} + ci" if tap_major else f"(ci * {kh} + i) * {kw} + {j}"
         border = "".join(f"""
                     for ox in T.serial({b - a}):
@@ -1129,13 +1132,14 @@ def _im2col_rows_source(cin: int, h: int, wd: int, oh: int, ow: int, kh: int, kw
         copy, n = "", hi - lo
         if n > 0:
             v = min(16, n)
-            src = strided_vector(f"x[{lead_index}ci, y, ", f"({lo} + T.min(c * {v}, {n - v})) * {s} + {j - pl}", v, s)
+            src = strided_vector(f"x[{lead_index}ci, y, ", f"({lo} + T.min(c * {v}, {n - v})) * {s} + {j * d - pl}", v,
+                                 s)
             copy = f"""
                     for c in T.serial({-(-n // v)}):
                         col[{r}, T.ramp(oy * {ow} + {lo} + T.min(c * {v}, {n - v}), 1, {v})] = {src}"""
         body += f"""
         for oy in T.serial({oh}):
-            y: T.let = oy * {s} + i - {pt}
+            y: T.let = oy * {s} + i * {d} - {pt}
             if y < 0 or y >= {h}:
                 for ox in T.vectorized({ow}):
                     col[{r}, oy * {ow} + ox] = fill[0]
@@ -1444,34 +1448,37 @@ def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
 
 
 def emit_im2col_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, stride: int, padding, lanes: int,
-                     clamp: tuple[float, float] | None, residual=None):
+                     clamp: tuple[float, float] | None, residual=None, dilation: int = 1):
     """A dense k x k conv of x [N, Cin, H, W] as im2col (per sample) then the packed pointwise GEMM over the
     [Cin * kh * kw, OH * OW] columns, bias / residual add / clamp fused into its store as for 1x1 convs."""
     from tvm import relax
 
     n, cin = (int(d) for d in x_shape[:2])
     cout, _, kh, kw = (int(d) for d in w.shape)
-    col, oh, ow = emit_im2col(bb, x, x_shape, kh, kw, stride, padding, np.float32(0))
+    col, oh, ow = emit_im2col(bb, x, x_shape, kh, kw, stride, padding, np.float32(0), dilation=dilation)
     y = _conv1x1_call(bb, col, w.reshape(cout, cin * kh * kw), bias, n, cin * kh * kw, oh * ow, lanes, clamp,
                       residual)
     return bb.emit(relax.op.reshape(y, (n, cout, oh, ow)))
 
 
-def emit_im2col(bb, x, x_shape, kh: int, kw: int, stride: int, padding, fill: np.generic, tap_major: bool = False):
+def emit_im2col(bb, x, x_shape, kh: int, kw: int, stride: int, padding, fill: np.generic, tap_major: bool = False,
+                dilation: int = 1):
     """The [N, Cin * kh * kw, OH * OW] columns of x [N, Cin, H, W] (per sample; the activation goes in as it is,
-    see im2col_source), `fill` (a numpy scalar of x's dtype) outside the image; returns (columns, OH, OW)."""
+    see im2col_source), `fill` (a numpy scalar of x's dtype) outside the image, taps `dilation` apart; returns
+    (columns, OH, OW)."""
     import tvm
     from tvm import relax
     from tvm.script import tirx as T
 
     n, cin, h, wd = (int(d) for d in x_shape)
     pt, pb, pl, pr = (int(q) for q in padding)
-    oh, ow, _, _ = flat_geometry(h, wd, kh, kw, stride, padding)
+    d = dilation
+    oh, ow, _, _ = flat_geometry(h, wd, d * (kh - 1) + 1, d * (kw - 1) + 1, stride, padding)
     dtype = np.dtype(type(fill)).name
     src = batch_source(im2col_source(cin, h, wd, oh, ow, kh, kw, stride, pt, pl, batch_dim=n == 1, dtype=dtype,
-                                     tap_major=tap_major), n, ["x", "col"])
-    name = (f"im2col_{cin}x{h}x{wd}_k{kh}s{stride}_p{pt}{pb}{pl}{pr}" + ("" if dtype == "float32" else f"_{dtype}")
-            + ("_tm" if tap_major else ""))
+                                     tap_major=tap_major, dilation=d), n, ["x", "col"])
+    name = (f"im2col_{cin}x{h}x{wd}_k{kh}s{stride}_p{pt}{pb}{pl}{pr}" + ("" if d == 1 else f"d{d}")
+            + ("" if dtype == "float32" else f"_{dtype}") + ("_tm" if tap_major else ""))
     gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), name + _ntag(n))
     col = bb.emit(relax.call_tir(gv, [x, relax.const(np.full(1, fill, dtype))],
                                  relax.TensorType(_batched(n, cin * kh * kw, oh * ow), dtype)))
