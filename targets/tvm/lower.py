@@ -342,6 +342,12 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             g_kind = _conv_kernel(g_shape, (int(wt.shape[0]) // groups, *wt.shape[1:]),
                                   (*node.args[6:9], False, None, 1))
             kind = g_kind if g_kind in ("pointwise", "im2col", "direct") else None  # a grouped conv, per group
+        dilation = [int(v) for v in node.args[8]]
+        if (kind is None and cpu_kernels and wt is not None and wst is not None and groups == 1
+                and (node.args[5] is None or bt is not None) and len(node.args[0].meta["val"].shape) == 4
+                and min(dilation) > 1 and len(set(dilation)) == 1 and len(set(int(v) for v in node.args[6])) == 1
+                and int8_dot(target) is not None):
+            kind = "dilated"  # int8 im2col with the taps d apart (TVM's int8 dilated conv: 0.7 ms, 64 at 28x28)
         if kind is None or not cpu_kernels:
             return None
         x_shape = node.args[0].meta["val"].shape
@@ -374,6 +380,9 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                 return emit_flat_qconv(bb, xq_, w_, ws_, b_, sx, zx, x_shape_, s_, full, clamp, out_q, dq, dot)
             if kind == "im2col" and dot is not None:
                 return emit_im2col_qconv(bb, xq_, w_, ws_, b_, sx, zx, x_shape_, s_, full, clamp, out_q, dq, dot)
+            if kind == "dilated":
+                return emit_im2col_qconv(bb, xq_, w_, ws_, b_, sx, zx, x_shape_, s_, full, clamp, out_q, dq, dot,
+                                         dilation[0])
             if kind == "direct":
                 return k.emit_direct_conv(bb, _dequantized(bb, xq_, sx, zx), w_real_, b_, x_shape_, s_, full,
                                           clamp, out_q, dq)

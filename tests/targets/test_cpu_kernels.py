@@ -861,6 +861,21 @@ def test_quantized_grouped_conv_runs_one_int8_kernel_per_group():
     assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()
 
 
+@pytest.mark.parametrize("stride,batch", [(1, 1), (2, 2)])
+def test_quantized_dilated_conv_runs_int8_im2col(stride, batch):
+    """An int8 dilated conv runs int8 im2col with the taps d apart (the input's zero point outside the image) and
+    the int8 pointwise kernel, the next quantize in its store; TVM's generic int8 dilated conv is gone. Matches
+    the reference integer ops within a rounding step, strided and at batch 2."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 3, stride, 2, dilation=2), torch.nn.ReLU(),
+                                torch.nn.Conv2d(32, 16, 3, 1, 3, dilation=3), torch.nn.ReLU())
+    q, got, ref = _quantized_block(model, (batch, 16, 20, 20))
+    text = lower_to_relax(q).script()
+    names = _func_names(q)
+    assert "R.nn.conv2d" not in text, text
+    assert {d for d in ("d2", "d3") if any(n.startswith("im2col") and d in n for n in names)} == {"d2", "d3"}, names
+    assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()
+
+
 @pytest.mark.parametrize("hw,batch", [(7, 1), (14, 1), (56, 1), (14, 3), (20, 2)])  # channel-blocked depthwise
 # (lane stores, transposes), row vectors; batch > 1: every kernel loops over the samples
 def test_quantized_mobilenet_block_keeps_int8_between_kernels(hw, batch):

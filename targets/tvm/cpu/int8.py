@@ -453,17 +453,19 @@ def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray
 
 
 def emit_im2col_qconv(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | None, sx: float, zx: int,
-                      x_shape, stride: int, padding, clamp, out_q, dequantized: bool = False, dot: str = "ubsw"):
+                      x_shape, stride: int, padding, clamp, out_q, dequantized: bool = False, dot: str = "ubsw",
+                      dilation: int = 1):
     """A dense k x k qconv2d of xq int8 [N, Cin, H, W] as int8 im2col (the input's zero point outside the image, so
     padding is exact on the grid) then the pointwise int8 kernel over the [Cin * k * k, OH * OW] columns, with its
     epilogue (bias, clamp, the next quantize). TVM's generic int8 conv took 4-6 ms for each ResNet-18 3x3 layer
-    here, twice the fp32 model's time."""
+    here, twice the fp32 model's time. `dilation`: the taps that many pixels apart (atrous convs)."""
     from tvm import relax
 
     from graphopt.targets.tvm.cpu.conv import emit_im2col
     n, (cout, _, kh, kw) = int(x_shape[0]), (int(d) for d in wq.shape)
     # tap-major columns: adjacent rows are channels 2m, 2m + 1 at one tap, the pairs int8s weights bound
-    col, oh, ow = emit_im2col(bb, xq, x_shape, kh, kw, stride, padding, np.int8(zx), tap_major=True)
+    col, oh, ow = emit_im2col(bb, xq, x_shape, kh, kw, stride, padding, np.int8(zx), tap_major=True,
+                              dilation=dilation)
     cols = int(x_shape[1]) * kh * kw
     y = emit_qconv1x1(bb, col, wq.transpose(0, 2, 3, 1).reshape(cout, cols), w_scales, bias, sx, zx,
                       (n, cols, oh, ow), clamp, out_q, dequantized, dot)
