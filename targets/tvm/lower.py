@@ -701,6 +701,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         slice of the channels, each on graphopt's kernel for its shape, concatenated; TVM's grouped conv2d under
         the schedule rules took 31x PyTorch's time (64 channels in 4 groups at 28x28: 5.0 ms against 0.16)."""
         from tvm import relax
+
+        from graphopt.targets.tvm.cpu import conv as k
         n, cin = int(x_shape[0]), int(x_shape[1])
         cout = int(wt.shape[0])
         cig, cog = cin // groups, cout // groups
@@ -711,6 +713,24 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         _, clamp = _fused_epilogue(node, importer, False)
         bb = importer.block_builder
         w, b = wt.detach().numpy(), None if bt is None else bt.detach().numpy()
+        s, full = int(node.args[3][0]), _full_padding(node, pads)
+        if n == 1 and kind in ("im2col", "direct") and k.flat_conv_applies(g_shape, w.shape, s, full):
+            # the groups as the samples of one flat conv call, each with its own weights: [1, C, H, W] is [groups,
+            # C / groups, H, W] as it lies, and so is the output (no split, no concat, one launch). Per group with
+            # a concat: 64 channels in 4 groups at 28x28 134-152 us, ORT 85
+            from graphopt.targets.tvm.cpu.rules import vector_lanes
+            x = bb.emit(relax.op.reshape(importer.env[node.args[0]], (groups, cig, *g_shape[2:])))
+            y = k.emit_flat_conv(bb, x, w.reshape(groups, cog, *w.shape[1:]),
+                                 None if b is None else b.reshape(groups, cog), (groups, cig, *g_shape[2:]), s, full,
+                                 clamp, None, vector_lanes(target) >= 8, per_sample=True)
+            return bb.emit(relax.op.reshape(y, tuple(int(d) for d in node.meta["val"].shape)))
+        if n == 1 and kind == "im2col":  # (RegNet's strided grouped convs: 28 groups at 28x28, 770 -> 380 us)
+            from graphopt.targets.tvm.cpu.rules import vector_lanes
+            x = bb.emit(relax.op.reshape(importer.env[node.args[0]], (groups, cig, *g_shape[2:])))
+            y = k.emit_im2col_conv(bb, x, w.reshape(groups, cog, *w.shape[1:]),
+                                   None if b is None else b.reshape(groups, cog), (groups, cig, *g_shape[2:]), s,
+                                   full, vector_lanes(target), clamp, per_sample=True)
+            return bb.emit(relax.op.reshape(y, tuple(int(d) for d in node.meta["val"].shape)))
         parts = bb.emit(relax.op.split(importer.env[node.args[0]], groups, axis=1))
         ys = [_emit_conv(bb, bb.emit(relax.TupleGetItem(parts, g)), w[g * cog:(g + 1) * cog],
                          None if b is None else b[g * cog:(g + 1) * cog], g_shape, kind, int(node.args[3][0]),

@@ -150,20 +150,27 @@ def test_depthwise_row_kernel_blocks_of_output_rows(c, h, w, k, stride, pad):
     np.testing.assert_array_equal(run(q, 4), run(q, 1))
 
 
-@pytest.mark.parametrize("cin,cout,k,stride,groups,hw", [(64, 64, 3, 1, 4, 14), (32, 64, 3, 2, 2, 15),
-                                                         (48, 96, 1, 1, 3, 7), (64, 32, 3, 1, 32, 10)])
-def test_grouped_conv_runs_one_dense_kernel_per_group(cin, cout, k, stride, groups, hw):
-    """A grouped conv that is not depthwise (ResNeXt, ShuffleNet's grouped 1x1, 2-channel groups) runs each
-    group's channels through graphopt's dense kernels (TVM's grouped conv2d under the rules took 31x PyTorch's
-    time), bias and ReLU in each group's store, and matches torch."""
+@pytest.mark.parametrize("cin,cout,k,stride,groups,hw,batch,own", [
+    (64, 64, 3, 1, 4, 14, 1, True),  # one flat conv call, the groups as its samples
+    (32, 64, 3, 2, 2, 15, 1, True),  # strided small map: one im2col + GEMM call, the groups as its samples
+    (48, 96, 1, 1, 3, 7, 1, False),  # grouped 1x1: per group
+    (64, 32, 3, 1, 32, 10, 1, True),  # 2-channel groups (ResNeXt's 4-channel ones: 1.85 -> 0.32 ms)
+    (64, 64, 3, 1, 4, 14, 2, False)])  # batch 2: per group
+def test_grouped_conv_runs_one_dense_kernel_per_group(cin, cout, k, stride, groups, hw, batch, own):
+    """A grouped conv that is not depthwise (ResNeXt, RegNet, ShuffleNet's grouped 1x1) runs each group's channels
+    through graphopt's dense kernels (TVM's grouped conv2d under the rules took 31x PyTorch's time), bias and ReLU
+    in each group's store, and matches torch. At batch 1 a k x k one is ONE call of the flat conv or of im2col +
+    the GEMM whose samples are the groups ([1, C, H, W] is [groups, C / groups, H, W] as it lies), each with its
+    own packed weights; else one call per group, concatenated."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups), torch.nn.ReLU()).eval()
-    x = torch.randn(1, cin, hw, hw)
+    x = torch.randn(batch, cin, hw, hw)
     g = graphopt.trace(model, (x,))
     text = lower_to_relax(g).script()
     names = _func_names(g)
     assert "R.nn.conv2d" not in text and "R.nn.relu" not in text, names
     assert any(n.startswith(("conv1x1_packed", "conv_staged", "conv_flat", "conv_direct")) for n in names), names
+    assert any(n.endswith("_own_weights") for n in names) == own and ("R.concat" not in text) == own, names
     _assert_built_matches(g, model, x)
 
 

@@ -261,22 +261,28 @@ def emit_conv1x1(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, lanes: 
 
 
 def _conv1x1_call(bb, x2, w: np.ndarray, bias: np.ndarray | None, n: int, cin: int, p: int, lanes: int,
-                  clamp: tuple[float, float] | None, residual=None):
-    """The packed pointwise kernel's call on x2 [(N,) Cin, P]; returns [(N,) Cout, P]."""
+                  clamp: tuple[float, float] | None, residual=None, per_sample: bool = False):
+    """The packed pointwise kernel's call on x2 [(N,) Cin, P]; returns [(N,) Cout, P]. `per_sample`: w is [N, Cout,
+    Cin] and bias [N, Cout], each sample with its own (the groups of a grouped conv as the samples of one call)."""
     import tvm
     from tvm import relax
     from tvm.script import tirx as T
 
-    cout = int(w.shape[0])
+    cout = int(w.shape[-2] if per_sample else w.shape[0])
     nr = 2 * lanes
-    b = bias if bias is not None else np.zeros(cout, np.float32)
+    b = bias if bias is not None else np.zeros((n, cout) if per_sample else cout, np.float32)
     res = residual is not None
-    tag = f"{cout}x{cin}x{p}" + ("_res" if res else "") + ("" if clamp is None else "_clamp") + _ntag(n)
+    tag = (f"{cout}x{cin}x{p}" + ("_res" if res else "") + ("" if clamp is None else "_clamp") + _ntag(n)
+           + ("_own_weights" if per_sample else ""))
     rule, cands = conv1x1_knobs(cout, cin, p, nr)
     site = Site("conv1x1", f"{tag}|nr{nr}", rule, cands, n * cout * cin * p)
+    own = ["wp", "bias"] if per_sample and n > 1 else []
     src = batch_source(conv1x1_source(cout, cin, p, nr, clamp, res, pick(site)), n,
-                       ["x", "out"] + (["res"] if res else []))
-    packed, name = pack_rows(w.reshape(cout, cin)), f"conv1x1_packed_{tag}"
+                       ["x", "out"] + (["res"] if res else []) + own)
+    packed = (np.stack([pack_rows(wi.reshape(cout, cin)) for wi in w]) if own
+              else pack_rows(w.reshape(-1, cout, cin)[0] if per_sample else w.reshape(cout, cin)))
+    b = b if own or not per_sample else b.reshape(-1, cout)[0]
+    name = f"conv1x1_packed_{tag}"
     gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), name)
     bind(site, gv.name_hint)
     extra = [] if residual is None else [bb.emit(relax.op.reshape(residual, _batched(n, cout, p)))]
@@ -1404,16 +1410,19 @@ def conv_kxk_knobs(h: int, wd: int, kh: int, kw: int, stride: int, padding) -> t
 
 
 def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, stride: int, padding,
-                   clamp: tuple[float, float] | None, residual=None, masked: bool = False, stem: bool = False):
+                   clamp: tuple[float, float] | None, residual=None, masked: bool = False, stem: bool = False,
+                   per_sample: bool = False):
     """A dense kxk conv of x [N, Cin, H, W] (per sample): the phase planes, then the staged or the in-place flat
     implicit GEMM (`conv_kxk_knobs`) with bias / residual add / clamp in its store (vector and masked stores with
-    `masked`: the CPU has AVX). A `stem` (few input channels, long reduction) always takes the staged kernel."""
+    `masked`: the CPU has AVX). A `stem` (few input channels, long reduction) always takes the staged kernel.
+    `per_sample`: w is [N, Cout, Cin, kh, kw] and bias [N, Cout], sample n convolved with its own weights (the
+    groups of a grouped conv as the samples of one call)."""
     import tvm
     from tvm import relax
     from tvm.script import tirx as T
 
     n, cin, h, wd = (int(d) for d in x_shape)
-    cout, _, kh, kw = (int(d) for d in w.shape)
+    cout, _, kh, kw = (int(d) for d in w.shape[-4:])
     oh, ow, hq, wq = flat_geometry(h, wd, kh, kw, stride, padding)
     pads = "".join(str(int(q)) for q in padding)
     size = cin * stride * stride * hq * wq
@@ -1423,7 +1432,8 @@ def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
     xp = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, _batched(n, cin, h, wd))),
                                      relax.const(np.zeros(1, np.float32))],
                                 relax.TensorType(_batched(n, size), "float32")))
-    tag = f"{cout}x{geo}" + ("" if residual is None else "_res") + ("" if clamp is None else "_clamp") + _ntag(n)
+    tag = (f"{cout}x{geo}" + ("" if residual is None else "_res") + ("" if clamp is None else "_clamp") + _ntag(n)
+           + ("_own_weights" if per_sample else ""))
     site = None
     if stem:
         kernel = "staged"
@@ -1432,32 +1442,36 @@ def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
         site = Site("conv_kxk", tag, rule, cands, n * cout * cin * kh * kw * oh * ow)
         kernel = pick(site)["kernel"]
     source = staged_conv_source if kernel == "staged" else flat_conv_source
-    names = ["xp", "out"] + ([] if residual is None else ["res"])
+    names = ["xp", "out"] + ([] if residual is None else ["res"]) + (["wp", "bias"] if per_sample else [])
     src = batch_source(source(cout, cin, h, wd, kh, kw, stride, padding, clamp, masked=masked,
                               res=residual is not None), n, names)
     gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), f"conv_{kernel}_{tag}")
     if site is not None:
         bind(site, gv.name_hint)
-    b = np.zeros(-(-cout // MR) * MR, np.float32)
-    if bias is not None:
-        b[:cout] = bias
+    ws, biases = (w, bias) if per_sample else (w[None], None if bias is None else bias[None])
+    b = np.zeros((len(ws), -(-cout // MR) * MR), np.float32)
+    if biases is not None:
+        b[:, :cout] = biases
+    wp = np.stack([pack_taps(wi) for wi in ws])
+    wp, b = (wp, b) if per_sample and n > 1 else (wp[0], b[0])
     extra = [] if residual is None else [bb.emit(relax.op.reshape(residual, _batched(n, cout, oh, ow)))]
-    y = bb.emit(relax.call_tir(gv, [xp, relax.const(pack_taps(w)), relax.const(b), *extra],
+    y = bb.emit(relax.call_tir(gv, [xp, relax.const(wp), relax.const(b), *extra],
                                relax.TensorType(_batched(n, cout, oh, ow), "float32")))
     return bb.emit(relax.op.reshape(y, (n, cout, oh, ow)))
 
 
 def emit_im2col_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, stride: int, padding, lanes: int,
-                     clamp: tuple[float, float] | None, residual=None, dilation: int = 1):
+                     clamp: tuple[float, float] | None, residual=None, dilation: int = 1, per_sample: bool = False):
     """A dense k x k conv of x [N, Cin, H, W] as im2col (per sample) then the packed pointwise GEMM over the
-    [Cin * kh * kw, OH * OW] columns, bias / residual add / clamp fused into its store as for 1x1 convs."""
+    [Cin * kh * kw, OH * OW] columns, bias / residual add / clamp fused into its store as for 1x1 convs.
+    `per_sample`: w [N, Cout, Cin, kh, kw] and bias [N, Cout], each sample with its own (`_conv1x1_call`)."""
     from tvm import relax
 
     n, cin = (int(d) for d in x_shape[:2])
-    cout, _, kh, kw = (int(d) for d in w.shape)
+    cout, _, kh, kw = (int(d) for d in w.shape[-4:])
     col, oh, ow = emit_im2col(bb, x, x_shape, kh, kw, stride, padding, np.float32(0), dilation=dilation)
-    y = _conv1x1_call(bb, col, w.reshape(cout, cin * kh * kw), bias, n, cin * kh * kw, oh * ow, lanes, clamp,
-                      residual)
+    w2 = w.reshape(n, cout, cin * kh * kw) if per_sample else w.reshape(cout, cin * kh * kw)
+    y = _conv1x1_call(bb, col, w2, bias, n, cin * kh * kw, oh * ow, lanes, clamp, residual, per_sample)
     return bb.emit(relax.op.reshape(y, (n, cout, oh, ow)))
 
 
