@@ -19,9 +19,11 @@ def _param(head: str, name: str) -> re.Match:
     return m
 
 
-def batch_source(src: str, n: int, per_sample: list[str]) -> str:
+def batch_source(src: str, n: int, per_sample: list[str], across: bool = False) -> str:
     """The kernel `src` (one @T.prim_func whose body follows its T.func_attr line) over n samples of the buffers
-    named in per_sample; n == 1 returns src unchanged."""
+    named in per_sample; n == 1 returns src unchanged. `across`: the threads split the samples and each runs its
+    samples' tasks in turn (the body's parallel loops made serial), for many samples of little work each (the
+    groups of a grouped conv)."""
     if n == 1:
         return src
     head, sep, rest = src.partition("T.func_attr(")
@@ -37,4 +39,6 @@ def batch_source(src: str, n: int, per_sample: list[str]) -> str:
                   f"elem_offset=n_ * {size})")
     attr, nl, body = rest.partition("\n")
     body = "\n".join(("    " + line) if line.strip() else line for line in body.splitlines())
-    return f"{head}{sep}{attr}{nl}    for n_ in T.serial({n}):{views}\n{body}\n"
+    if across:
+        body = body.replace("T.parallel(", "T.serial(")
+    return f"{head}{sep}{attr}{nl}    for n_ in T.{'parallel' if across else 'serial'}({n}):{views}\n{body}\n"

@@ -278,7 +278,7 @@ def _conv1x1_call(bb, x2, w: np.ndarray, bias: np.ndarray | None, n: int, cin: i
     site = Site("conv1x1", f"{tag}|nr{nr}", rule, cands, n * cout * cin * p)
     own = ["wp", "bias"] if per_sample and n > 1 else []
     src = batch_source(conv1x1_source(cout, cin, p, nr, clamp, res, pick(site)), n,
-                       ["x", "out"] + (["res"] if res else []) + own)
+                       ["x", "out"] + (["res"] if res else []) + own, bool(own))
     packed = (np.stack([pack_rows(wi.reshape(cout, cin)) for wi in w]) if own
               else pack_rows(w.reshape(-1, cout, cin)[0] if per_sample else w.reshape(cout, cin)))
     b = b if own or not per_sample else b.reshape(-1, cout)[0]
@@ -1428,7 +1428,8 @@ def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
     size = cin * stride * stride * hq * wq
     geo = f"{cin}x{h}x{wd}_k{kh}x{kw}s{stride}_p{pads}"
     gv = bb.add_func(tvm.script.parse(batch_source(pad_phases_source(cin, h, wd, kh, kw, stride, padding), n,
-                                                   ["x", "xp"]), extra_vars={"T": T}), f"pad_phases_{geo}{_ntag(n)}")
+                                                   ["x", "xp"], per_sample), extra_vars={"T": T}),
+                     f"pad_phases_{geo}{_ntag(n)}" + ("_across" if per_sample else ""))
     xp = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, _batched(n, cin, h, wd))),
                                      relax.const(np.zeros(1, np.float32))],
                                 relax.TensorType(_batched(n, size), "float32")))
@@ -1444,7 +1445,7 @@ def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
     source = staged_conv_source if kernel == "staged" else flat_conv_source
     names = ["xp", "out"] + ([] if residual is None else ["res"]) + (["wp", "bias"] if per_sample else [])
     src = batch_source(source(cout, cin, h, wd, kh, kw, stride, padding, clamp, masked=masked,
-                              res=residual is not None), n, names)
+                              res=residual is not None), n, names, per_sample)
     gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), f"conv_{kernel}_{tag}")
     if site is not None:
         bind(site, gv.name_hint)
@@ -1469,14 +1470,15 @@ def emit_im2col_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, str
 
     n, cin = (int(d) for d in x_shape[:2])
     cout, _, kh, kw = (int(d) for d in w.shape[-4:])
-    col, oh, ow = emit_im2col(bb, x, x_shape, kh, kw, stride, padding, np.float32(0), dilation=dilation)
+    col, oh, ow = emit_im2col(bb, x, x_shape, kh, kw, stride, padding, np.float32(0), dilation=dilation,
+                              across=per_sample)
     w2 = w.reshape(n, cout, cin * kh * kw) if per_sample else w.reshape(cout, cin * kh * kw)
     y = _conv1x1_call(bb, col, w2, bias, n, cin * kh * kw, oh * ow, lanes, clamp, residual, per_sample)
     return bb.emit(relax.op.reshape(y, (n, cout, oh, ow)))
 
 
 def emit_im2col(bb, x, x_shape, kh: int, kw: int, stride: int, padding, fill: np.generic, tap_major: bool = False,
-                dilation: int = 1):
+                dilation: int = 1, across: bool = False):
     """The [N, Cin * kh * kw, OH * OW] columns of x [N, Cin, H, W] (per sample; the activation goes in as it is,
     see im2col_source), `fill` (a numpy scalar of x's dtype) outside the image, taps `dilation` apart; returns
     (columns, OH, OW)."""
@@ -1490,9 +1492,10 @@ def emit_im2col(bb, x, x_shape, kh: int, kw: int, stride: int, padding, fill: np
     oh, ow, _, _ = flat_geometry(h, wd, d * (kh - 1) + 1, d * (kw - 1) + 1, stride, padding)
     dtype = np.dtype(type(fill)).name
     src = batch_source(im2col_source(cin, h, wd, oh, ow, kh, kw, stride, pt, pl, batch_dim=n == 1, dtype=dtype,
-                                     tap_major=tap_major, dilation=d), n, ["x", "col"])
+                                     tap_major=tap_major, dilation=d), n, ["x", "col"], across)
     name = (f"im2col_{cin}x{h}x{wd}_k{kh}s{stride}_p{pt}{pb}{pl}{pr}" + ("" if d == 1 else f"d{d}")
-            + ("" if dtype == "float32" else f"_{dtype}") + ("_tm" if tap_major else ""))
+            + ("" if dtype == "float32" else f"_{dtype}") + ("_tm" if tap_major else "")
+            + ("_across" if across else ""))
     gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), name + _ntag(n))
     col = bb.emit(relax.call_tir(gv, [x, relax.const(np.full(1, fill, dtype))],
                                  relax.TensorType(_batched(n, cin * kh * kw, oh * ow), dtype)))
