@@ -2016,3 +2016,23 @@ def test_dilated_conv_runs_im2col_with_spread_taps(cin, cout, k, d, stride, pad,
     names = {gv.name_hint for gv in mod.get_global_vars()}
     assert "R.nn.conv2d" not in mod.script() and any(n.startswith("im2col") and f"d{d}" in n for n in names), names
     _assert_built_matches(g, model, x)
+
+
+@pytest.mark.parametrize("cin,cout,k,stride,pad,shape,relu", [
+    (8, 16, 3, 1, 1, (1, 8, 6, 12, 12), True),
+    (3, 8, (3, 5, 5), (1, 2, 2), (1, 2, 2), (1, 3, 5, 20, 20), False),  # video stem: depth stride 1, 2 in H / W
+    (8, 8, 3, 2, 1, (2, 8, 7, 9, 9), True),  # strided in depth too, batch 2, a depth not a multiple of 2
+    (8, 8, (3, 1, 1), 1, (1, 0, 0), (1, 8, 4, 6, 6), False)])  # temporal (k, 1, 1): TVM's conv3d
+def test_conv3d_runs_the_2d_kernels_over_output_depths(cin, cout, k, stride, pad, shape, relu):
+    """A 3-D conv runs as a 2-D one whose samples are the output depths, each with its kd input depth slices as
+    channels (zeros past the depth), on graphopt's kernels with bias and ReLU in the store (TVM's conv3d took
+    3-19x PyTorch's time); matches torch with depth strides, padding and batch 2. (k, 1, 1) kernels keep conv3d."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv3d(cin, cout, k, stride, pad),
+                                torch.nn.ReLU() if relu else torch.nn.Identity()).eval()
+    x = torch.randn(*shape)
+    g = graphopt.trace(model, (x,))
+    text = lower_to_relax(g).script()
+    temporal = k == (3, 1, 1)
+    assert ("R.nn.conv3d" in text) == temporal and ("depth_taps" in text) != temporal, text
+    _assert_built_matches(g, model, x)
