@@ -1076,7 +1076,7 @@ def im2col_pays(cin: int, kh: int, kw: int, out_pixels: int) -> bool:
 
 def im2col_source(cin: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int, stride: int, pt: int,
                   pl: int, batch_dim: bool = False, dtype: str = "float32", tap_major: bool = False,
-                  dilation: int = 1) -> str:
+                  dilation: int = 1, row_stride: int | None = None) -> str:
     """col[(ci * kh + i) * kw + j, oy * ow + ox] = x[ci, oy * s + i d - pt, ox * s + j d - pl] (0 outside): the
     [Cin * kh * kw, OH * OW] operand that turns a dense conv into the pointwise kernel's GEMM (weight rows in
     PyTorch's [Cout, Cin, kh, kw] order already); `fill` [1] is the value outside the image (0). It is marked
@@ -1087,14 +1087,16 @@ def im2col_source(cin: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int,
     instead, so adjacent rows are adjacent channels at one tap, the pairs the u8 x s8 kernel adds (the weight's
     columns permuted to match), which `quantize{weights=int8s}` bounds. Outputs 12+ columns wide at stride 1 or 2
     take the vector-copy kernel (`_im2col_rows_source`); the rest this per-element one. `dilation` d: the taps
-    are d pixels apart (DeepLab's atrous convs, as one GEMM over the whole map)."""
+    are d pixels apart (DeepLab's atrous convs, as one GEMM over the whole map); `row_stride`: the stride along H
+    when it differs from the one along W (`stride`)."""
     taps, d = kh * kw, dilation
+    sh = stride if row_stride is None else row_stride
     lead, lead_index = ("1, ", "0, ") if batch_dim else ("", "")
     if stride in (1, 2) and ow >= 12:
         return _im2col_rows_source(cin, h, wd, oh, ow, kh, kw, stride, pt, pl, lead, lead_index, dtype, tap_major,
-                                   d)
+                                   d, sh)
     tap, ci = (f"(r // {cin})", f"r % {cin}") if tap_major else ("r", f"r // {taps}")
-    y = f"oy * {stride} + ({tap} // {kw}) % {kh} * {d} - {pt}"
+    y = f"oy * {sh} + ({tap} // {kw}) % {kh} * {d} - {pt}"
     # the output columns whose input column ox * s + j d - pl lies inside the image: [lo, hi)
     lo = f"T.max(0, ({pl} - {tap} % {kw} * {d} + {stride - 1}) // {stride})"
     hi = f"T.min({ow}, ({wd - 1} + {pl} - {tap} % {kw} * {d}) // {stride} + 1)"
@@ -1119,7 +1121,8 @@ def im2col(x: T.Buffer(({lead}{cin}, {h}, {wd}), "{dtype}"), fill: T.Buffer((1,)
 
 
 def _im2col_rows_source(cin: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int, stride: int, pt: int,
-                        pl: int, lead: str, lead_index: str, dtype: str, tap_major: bool, d: int = 1) -> str:
+                        pl: int, lead: str, lead_index: str, dtype: str, tap_major: bool, d: int = 1,
+                        sh: int | None = None) -> str:
     """im2col for stride 1 or 2 with whole vectors: one task per (input channel, tap row); each tap column j is
     written out separately, so the output columns whose input lies inside the image are a constant range, copied
     as vectors of up to 16 (the last one overlapping the one before; stride 2 loads 2v - 1 contiguous inputs as
@@ -1145,7 +1148,7 @@ def _im2col_rows_source(cin: int, h: int, wd: int, oh: int, ow: int, kh: int, kw
                         col[{r}, T.ramp(oy * {ow} + {lo} + T.min(c * {v}, {n - v}), 1, {v})] = {src}"""
         body += f"""
         for oy in T.serial({oh}):
-            y: T.let = oy * {s} + i * {d} - {pt}
+            y: T.let = oy * {s if sh is None else sh} + i * {d} - {pt}
             if y < 0 or y >= {h}:
                 for ox in T.vectorized({ow}):
                     col[{r}, oy * {ow} + ox] = fill[0]
@@ -1461,7 +1464,7 @@ def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
     return bb.emit(relax.op.reshape(y, (n, cout, oh, ow)))
 
 
-def emit_im2col_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, stride: int, padding, lanes: int,
+def emit_im2col_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, stride, padding, lanes: int,
                      clamp: tuple[float, float] | None, residual=None, dilation: int = 1, per_sample: bool = False):
     """A dense k x k conv of x [N, Cin, H, W] as im2col (per sample) then the packed pointwise GEMM over the
     [Cin * kh * kw, OH * OW] columns, bias / residual add / clamp fused into its store as for 1x1 convs.
@@ -1477,11 +1480,11 @@ def emit_im2col_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, str
     return bb.emit(relax.op.reshape(y, (n, cout, oh, ow)))
 
 
-def emit_im2col(bb, x, x_shape, kh: int, kw: int, stride: int, padding, fill: np.generic, tap_major: bool = False,
+def emit_im2col(bb, x, x_shape, kh: int, kw: int, stride, padding, fill: np.generic, tap_major: bool = False,
                 dilation: int = 1, across: bool = False):
     """The [N, Cin * kh * kw, OH * OW] columns of x [N, Cin, H, W] (per sample; the activation goes in as it is,
-    see im2col_source), `fill` (a numpy scalar of x's dtype) outside the image, taps `dilation` apart; returns
-    (columns, OH, OW)."""
+    see im2col_source), `fill` (a numpy scalar of x's dtype) outside the image, taps `dilation` apart, `stride` an
+    int or (along H, along W); returns (columns, OH, OW)."""
     import tvm
     from tvm import relax
     from tvm.script import tirx as T
@@ -1489,11 +1492,14 @@ def emit_im2col(bb, x, x_shape, kh: int, kw: int, stride: int, padding, fill: np
     n, cin, h, wd = (int(d) for d in x_shape)
     pt, pb, pl, pr = (int(q) for q in padding)
     d = dilation
-    oh, ow, _, _ = flat_geometry(h, wd, d * (kh - 1) + 1, d * (kw - 1) + 1, stride, padding)
+    sh, sw = (int(stride[0]), int(stride[1])) if isinstance(stride, (tuple, list)) else (stride, stride)
+    oh = (h + pt + pb - d * (kh - 1) - 1) // sh + 1
+    ow = (wd + pl + pr - d * (kw - 1) - 1) // sw + 1
     dtype = np.dtype(type(fill)).name
-    src = batch_source(im2col_source(cin, h, wd, oh, ow, kh, kw, stride, pt, pl, batch_dim=n == 1, dtype=dtype,
-                                     tap_major=tap_major, dilation=d), n, ["x", "col"], across)
-    name = (f"im2col_{cin}x{h}x{wd}_k{kh}s{stride}_p{pt}{pb}{pl}{pr}" + ("" if d == 1 else f"d{d}")
+    src = batch_source(im2col_source(cin, h, wd, oh, ow, kh, kw, sw, pt, pl, batch_dim=n == 1, dtype=dtype,
+                                     tap_major=tap_major, dilation=d, row_stride=sh), n, ["x", "col"], across)
+    name = (f"im2col_{cin}x{h}x{wd}_k{kh}s{sh if sh == sw else f'{sh}x{sw}'}_p{pt}{pb}{pl}{pr}"
+            + ("" if d == 1 else f"d{d}")
             + ("" if dtype == "float32" else f"_{dtype}") + ("_tm" if tap_major else "")
             + ("_across" if across else ""))
     gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), name + _ntag(n))
