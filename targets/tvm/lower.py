@@ -552,6 +552,44 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         return emit_bilinear(importer.block_builder, importer.env[node.args[0]], x_val.shape, out.shape[2:],
                              bool(args[2]), args[3])
 
+    def bmm(node, importer):
+        """A float32 batched matmul of two activations (attention's scores and context) whose output rows or
+        columns the schedule rule cannot tile (ViT's 197 tokens: prime) runs on zero-padded operands, the pad cut
+        from the result: the rule needs a vector's worth of columns dividing N and register rows dividing M, and
+        without them the matmul kept TVM's unscheduled loop, scalar and on one thread (ViT-Ti's attention: 4 ms
+        a layer, 2.5x PyTorch's time for the whole model)."""
+        a_val, b_val = node.args[0].meta["val"], node.args[1].meta["val"]
+        if (str(a_val.dtype) != "torch.float32" or str(b_val.dtype) != "torch.float32" or a_val.dim() != 3
+                or b_val.dim() != 3):
+            return _builtin(importer, "bmm.default")(node)
+        m, n = int(a_val.shape[1]), int(b_val.shape[2])
+        mp = m if m % 4 == 0 else -(-m // 8) * 8
+        np_ = n if n % 8 == 0 else -(-n // 16) * 16
+        if (mp, np_) == (m, n):
+            return _builtin(importer, "bmm.default")(node)
+        bb = importer.block_builder
+        a, b = importer.env[node.args[0]], importer.env[node.args[1]]
+        if mp != m:
+            a = bb.emit(relax.op.nn.pad(a, [0, 0, 0, mp - m, 0, 0]))
+        if np_ != n:
+            b = bb.emit(relax.op.nn.pad(b, [0, 0, 0, 0, 0, np_ - n]))
+        y = bb.emit(relax.op.matmul(a, b))
+        return bb.emit(relax.op.strided_slice(y, axes=[1, 2], begin=[0, 0], end=[m, n]))
+
+    def select(node, importer):
+        """x[..., i, ...] at a constant index as a slice and a reshape: TVM's converter emits a take with a constant
+        index, a generic gather (ViT's q / k / v picked from the packed projection: 40 us each for 38K floats)."""
+        x_val = node.args[0].meta["val"]
+        dim, index = int(node.args[1]), int(node.args[2])
+        dim = dim % x_val.dim()
+        size = int(x_val.shape[dim])
+        if not -size <= index < size or any(not isinstance(d, int) for d in x_val.shape):
+            return _builtin(importer, "select.int")(node)
+        index %= size
+        bb = importer.block_builder
+        y = bb.emit(relax.op.strided_slice(importer.env[node.args[0]], axes=[dim], begin=[index], end=[index + 1]))
+        return bb.emit(relax.op.reshape(y, tuple(int(d) for d in node.meta["val"].shape)))
+
     def native_group_norm(node, importer):
         """float32 group norm (native_group_norm: input, weight, bias, N, C, HxW, groups, eps) on the layer norm
         row kernel with a per-channel store (norm.py), at least 8 pixels a channel; else Relax's group norm. As
@@ -1178,7 +1216,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             "log.default": log, "log1p.default": lambda node, importer: log(node, importer, True),
             "convolution.default": convolution, "layer_norm.default": layer_norm,
             "_softmax.default": softmax, "native_group_norm.default": native_group_norm,
-            "upsample_bilinear2d.vec": upsample_bilinear2d,
+            "upsample_bilinear2d.vec": upsample_bilinear2d, "bmm.default": bmm,
+            "select.int": select,
             "constant_pad_nd.default": constant_pad_nd, "bsr_linear.default": bsr_linear,
             "bsr_conv1x1.default": bsr_conv1x1, "linear.default": linear,
             "add.Tensor": add, "max_pool2d.default": max_pool2d,

@@ -83,3 +83,25 @@ def test_which_kernels_get_a_rule():
 
 def test_vector_lanes_from_cpu_features():
     assert vector_lanes(cpu_target()) in (4, 8, 16)
+
+
+class _Attention(torch.nn.Module):
+    def forward(self, x):
+        q = x.view(1, -1, 3, 16).transpose(1, 2)  # [1, 3 heads, T, 16]: picked as a view of the input
+        a = torch.softmax(q @ q.transpose(-1, -2) * 0.25, -1)
+        return (a @ q).transpose(1, 2).reshape(1, -1, 48)[:, 0]  # and the first token, a constant select
+
+
+@pytest.mark.parametrize("tokens", [13, 197])  # prime token counts (ViT's 197 with its class token)
+def test_attention_matmuls_on_odd_token_counts_get_the_rule(tokens):
+    """Attention's batched matmuls whose rows / columns the rule cannot tile (a prime token count) run on
+    zero-padded operands with the pad cut off, so every matmul function is scheduled (unscheduled, ViT-Ti's
+    attention took 4 ms a layer); a constant select is a slice, not a take. Matches torch."""
+    torch.manual_seed(0)
+    x = torch.randn(1, tokens, 48)
+    sched = scheduled_functions(_Attention(), x)
+    assert [k for k in sched if "matmul" in k] and all(v for k, v in sched.items() if "matmul" in k), sched
+    assert not any(k.startswith("take") for k in sched), sched
+    g = graphopt.trace(_Attention().eval(), (x,))
+    fast, _, _, _ = build_executable(g)
+    np.testing.assert_allclose(run(fast, x), _Attention()(x).numpy(), rtol=1e-4, atol=1e-5)
