@@ -12,7 +12,6 @@ quantizing cost, not accuracy. Latency: median of interleaved rounds, the same t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -64,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import graphopt
-    from graphopt.bench import interleaved_medians, ort_quantize_static, ort_session, reference_onnx, set_threads
+    from graphopt.bench import (interleaved_medians, ort_quantize_static, ort_session, reference_onnx, set_threads,
+                                write_results)
     set_threads(args.threads)
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="graphopt-dense-convs-"))
@@ -113,13 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['case']:26s}" + "".join(f"{lat[c]:18.3f}" for c in cols)
               + f"   {lat['graphopt fp32'] / lat['onnxruntime fp32']:8.2f}  {lat['graphopt int7'] / lat['onnxruntime fp32']:13.2f}"
               + f"  {lat['graphopt int7'] / lat['onnxruntime int8']:13.2f}   {gmac:.0f}")
-    from graphopt.ir.files import atomic_write_bytes
-    from graphopt.targets.tvm.host import host_cpu
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out, json.dumps({"threads": args.threads, "runs": args.runs, "cpu": host_cpu(),
-                                        "results": results}, indent=1).encode())
-    print(f"wrote {out}")
+    write_results(args.out, args.threads, args.runs, results)
     return 0
 
 

@@ -2,8 +2,8 @@
 PyTorch, in one run, as ratios. Each row is one layer (or a small block) with random weights at a shape from the
 architecture named: ViT / Swin patch embeddings, DCGAN / UNet transposed convs, HiFi-GAN's 1-D upsampler, DeepLab's
 atrous conv and head resize, ResNeXt's grouped conv, group norm (detection heads, diffusion UNets), SiLU / Mish /
-tanh GELU activations, SE blocks, classifier heads written as 1x1 convs, constant pads, TCN 1-D convs and
-transformer rows that are not whole vectors. Every one of these ran TVM's generic operator once and took 1.6-90x
+tanh GELU activations, SE blocks, classifier heads written as 1x1 convs, constant pads, TCN 1-D convs, 3-D convs,
+uneven strides, ViT's attention over 197 tokens and transformer rows that are not whole vectors. Every one of these ran TVM's generic operator once and took 1.6-90x
 PyTorch's time (the README's "odd shapes" list has the before / after of each); this benchmark keeps them honest.
 Outputs are checked against PyTorch (max error relative to the output's range). Latency: the lowest of each
 runtime's per-round medians over interleaved rounds (these calls take well under a millisecond, and a slow spell
@@ -14,7 +14,6 @@ of the shared machine doubled whichever runtime it fell on), the same thread cou
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -57,6 +56,16 @@ def cases():
         def forward(self, x):
             return torch.nn.functional.pad(x, (1, 1, 1, 1))
 
+    class Attention(nn.Module):  # scores, softmax, context over heads of a [1, T, 3 * 64] activation
+        def __init__(self, heads: int):
+            super().__init__()
+            self.heads = heads
+
+        def forward(self, x):
+            q = x.view(1, x.shape[1], self.heads, -1).transpose(1, 2)
+            a = torch.softmax(q @ q.transpose(-1, -2) * q.shape[-1] ** -0.5, -1)
+            return (a @ q).transpose(1, 2).reshape(x.shape)
+
     f = torch.nn.functional
     return [
         ("patch embed 16x16/16 3->384", "ViT-S", nn.Conv2d(3, 384, 16, 16), (1, 3, 224, 224)),
@@ -73,6 +82,8 @@ def cases():
         ("bilinear 21x65x65 -> 513", "DeepLab head", Resize((513, 513)), (1, 21, 65, 65)),
         ("bilinear 64x28 -> 56", "FPN / UNet", Resize((56, 56)), (1, 64, 28, 28)),
         ("group norm 32g 256 @28", "FCOS head / diffusion UNet", nn.GroupNorm(32, 256), (1, 256, 28, 28)),
+        ("conv3d 3x3x3 16 @8x28x28", "C3D / 3-D UNet", nn.Conv3d(16, 16, 3, padding=1), (1, 16, 8, 28, 28)),
+        ("conv 3x3 stride (2,1) 64 @28", "CRNN", nn.Conv2d(64, 64, 3, (2, 1), 1), (1, 64, 28, 28)),
         ("SiLU 96 @56", "YOLOv5 / EfficientNet", nn.SiLU(), (1, 96, 56, 56)),
         ("Mish 96 @56", "YOLOv4", nn.Mish(), (1, 96, 56, 56)),
         ("tanh GELU 77x3072", "GPT-2 MLP", Act(lambda x: f.gelu(x, approximate="tanh")), (1, 77, 3072)),
@@ -80,6 +91,7 @@ def cases():
         ("1x1 conv head 960->1280 @1", "MobileNetV3", nn.Sequential(nn.Conv2d(960, 1280, 1), nn.Hardswish()),
          (1, 960, 1, 1)),
         ("zero pad 64 @64", "TF-ported models", Pad(), (1, 64, 64, 64)),
+        ("attention 3x197x64", "ViT-Ti (197 tokens)", Attention(3), (1, 197, 192)),
         ("layer norm 77x300", "odd-width transformer", nn.LayerNorm(300), (1, 77, 300)),
         ("softmax 8x77x77", "CLIP text attention", nn.Softmax(-1), (1, 8, 77, 77)),
         ("linear 3 rows 1280->1000", "classifier head at batch 3", nn.Linear(1280, 1000), (3, 1280)),
@@ -97,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import graphopt
-    from graphopt.bench import interleaved_medians, ort_session, reference_onnx, set_threads
+    from graphopt.bench import interleaved_medians, ort_session, reference_onnx, set_threads, write_results
     set_threads(args.threads)
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="graphopt-op-shapes-"))
@@ -140,13 +152,7 @@ def main(argv: list[str] | None = None) -> int:
               + (f"{ort_ms:9.3f}" if ort_ms else f"{'n/a':>9s}") + f" {lat['pytorch']:9.3f}  "
               + (f"{lat['graphopt'] / ort_ms:5.2f}" if ort_ms else f"{'':5s}")
               + f" {lat['graphopt'] / lat['pytorch']:8.2f}  {r['max_rel_error']:.1e}")
-    from graphopt.ir.files import atomic_write_bytes
-    from graphopt.targets.tvm.host import host_cpu
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out, json.dumps({"threads": args.threads, "runs": args.runs, "cpu": host_cpu(),
-                                        "results": results}, indent=1).encode())
-    print(f"wrote {out}")
+    write_results(args.out, args.threads, args.runs, results)
     return 0
 
 

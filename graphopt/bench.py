@@ -1,6 +1,7 @@
 """Measure an artifact against ONNX Runtime and PyTorch in one process with one thread count; fidelity metrics."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -159,6 +160,18 @@ class Comparison:
                 "torch_ms": None if self.torch_s is None else self.torch_s * 1e3,
                 **{f"{k}_ms": v * 1e3 for k, v in self.extra.items()},
                 **{f"ratio_{k}": v for k, v in self.ratios().items()}}
+
+
+def write_results(path: str | Path, threads: int, runs: int, results: list) -> Path:
+    """A benchmark's JSON (thread count, runs, this CPU, its rows), written atomically; prints where."""
+    from graphopt.ir.files import atomic_write_bytes
+    from graphopt.targets.tvm.host import host_cpu
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out, json.dumps({"threads": threads, "runs": runs, "cpu": host_cpu(), "results": results},
+                                       indent=1).encode())
+    print(f"wrote {out}")
+    return out
 
 
 def reference_onnx(graph: Graph, folder: str | None = None) -> Path:

@@ -573,8 +573,9 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             a = bb.emit(relax.op.nn.pad(a, [0, 0, 0, mp - m, 0, 0]))
         if np_ != n:
             b = bb.emit(relax.op.nn.pad(b, [0, 0, 0, 0, 0, np_ - n]))
+        from graphopt.targets.tvm.cpu.pool import emit_crop
         y = bb.emit(relax.op.matmul(a, b))
-        return bb.emit(relax.op.strided_slice(y, axes=[1, 2], begin=[0, 0], end=[m, n]))
+        return emit_crop(bb, y, (int(a_val.shape[0]), mp, np_), m, n)
 
     def select(node, importer):
         """x[..., i, ...] at a constant index as a slice and a reshape: TVM's converter emits a take with a constant

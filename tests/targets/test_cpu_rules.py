@@ -95,13 +95,14 @@ class _Attention(torch.nn.Module):
 @pytest.mark.parametrize("tokens", [13, 197])  # prime token counts (ViT's 197 with its class token)
 def test_attention_matmuls_on_odd_token_counts_get_the_rule(tokens):
     """Attention's batched matmuls whose rows / columns the rule cannot tile (a prime token count) run on
-    zero-padded operands with the pad cut off, so every matmul function is scheduled (unscheduled, ViT-Ti's
-    attention took 4 ms a layer); a constant select is a slice, not a take. Matches torch."""
+    zero-padded operands with the pad cut off by a kernel of its own, so every matmul function is scheduled
+    (unscheduled, ViT-Ti's attention took 4 ms a layer); a constant select is a slice, not a take. Matches torch."""
     torch.manual_seed(0)
     x = torch.randn(1, tokens, 48)
     sched = scheduled_functions(_Attention(), x)
     assert [k for k in sched if "matmul" in k] and all(v for k, v in sched.items() if "matmul" in k), sched
     assert not any(k.startswith("take") for k in sched), sched
+    assert any(k.startswith("crop") for k in sched), sched  # the cut is its own kernel, not fused into the matmul
     g = graphopt.trace(_Attention().eval(), (x,))
     fast, _, _, _ = build_executable(g)
     np.testing.assert_allclose(run(fast, x), _Attention()(x).numpy(), rtol=1e-4, atol=1e-5)
