@@ -3,8 +3,9 @@ PyTorch, in one run, as ratios. Each row is one layer (or a small block) with ra
 architecture named: ViT / Swin patch embeddings, DCGAN / UNet transposed convs, HiFi-GAN's 1-D upsampler, DeepLab's
 atrous conv and head resize, ResNeXt's grouped conv, group norm (detection heads, diffusion UNets), SiLU / Mish /
 tanh GELU activations, SE blocks, classifier heads written as 1x1 convs, constant pads, TCN 1-D convs, 3-D convs,
-uneven strides, ViT's attention over 197 tokens and transformer rows that are not whole vectors. Every one of these ran TVM's generic operator once and took 1.6-90x
-PyTorch's time (the README's "odd shapes" list has the before / after of each); this benchmark keeps them honest.
+uneven strides, ViT's attention over 197 tokens and transformer rows that are not whole vectors. Every one of
+these ran TVM's generic operator once and took 1.6-90x PyTorch's time (the README's "More shapes outside the zoo"
+has the before / after of each); this benchmark keeps them honest.
 Outputs are checked against PyTorch (max error relative to the output's range). Latency: the lowest of each
 runtime's per-round medians over interleaved rounds (these calls take well under a millisecond, and a slow spell
 of the shared machine doubled whichever runtime it fell on), the same thread count everywhere.
