@@ -577,6 +577,14 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         y = bb.emit(relax.op.matmul(a, b))
         return emit_crop(bb, y, (int(a_val.shape[0]), mp, np_), m, n)
 
+    def upsample_nearest2d(node, importer):
+        """float32 NCHW nearest upsampling by whole factors on its own kernel (resize.py); else TVM's resize2d."""
+        from graphopt.targets.tvm.cpu.resize import emit_nearest, nearest_applies
+        x_val, out = node.args[0].meta["val"], node.meta["val"]
+        if str(x_val.dtype) != "torch.float32" or not nearest_applies(x_val.shape, out.shape[2:]):
+            return _builtin(importer, "upsample_nearest2d.vec")(node)
+        return emit_nearest(importer.block_builder, importer.env[node.args[0]], x_val.shape, out.shape[2:])
+
     def select(node, importer):
         """x[..., i, ...] at a constant index as a slice and a reshape: TVM's converter emits a take with a constant
         index, a generic gather (ViT's q / k / v picked from the packed projection: 40 us each for 38K floats)."""
@@ -1218,7 +1226,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             "convolution.default": convolution, "layer_norm.default": layer_norm,
             "_softmax.default": softmax, "native_group_norm.default": native_group_norm,
             "upsample_bilinear2d.vec": upsample_bilinear2d, "bmm.default": bmm,
-            "select.int": select,
+            "select.int": select, "upsample_nearest2d.vec": upsample_nearest2d,
             "constant_pad_nd.default": constant_pad_nd, "bsr_linear.default": bsr_linear,
             "bsr_conv1x1.default": bsr_conv1x1, "linear.default": linear,
             "add.Tensor": add, "max_pool2d.default": max_pool2d,

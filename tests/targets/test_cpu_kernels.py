@@ -2052,3 +2052,34 @@ def test_uneven_stride_conv_runs_im2col_with_a_row_stride(cin, cout, k, stride, 
     names = {gv.name_hint for gv in mod.get_global_vars()}
     assert "R.nn.conv2d" not in mod.script() and any(n.startswith("im2col") for n in names), names
     _assert_built_matches(g, model, x)
+
+
+class _Neck(torch.nn.Module):
+    """A YOLO / FPN neck's step: SiLU, nearest 2x (or `scale`), concat with the finer map."""
+
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x, fine):
+        up = torch.nn.functional.interpolate(torch.nn.functional.silu(x), scale_factor=self.scale, mode="nearest")
+        return torch.cat([up, fine], 1)
+
+
+@pytest.mark.parametrize("scale,hw", [(2, (5, 7)), ((3, 2), (4, 6)), (1.5, (6, 6))])  # 1.5: TVM's resize2d
+def test_nearest_upsampling_by_whole_factors_is_its_own_kernel(scale, hw):
+    """Nearest upsampling by whole factors runs its own kernel, so the SiLU before it and the concat after it do not
+    fuse into one generic loop with it (2.2 ms in a YOLO neck); matches torch exactly."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, *hw)
+    up = torch.nn.functional.interpolate(x, scale_factor=scale, mode="nearest")
+    fine = torch.randn(1, 4, *up.shape[2:])
+    model = _Neck(scale).eval()
+    g = graphopt.trace(model, (x, fine))
+    whole = not isinstance(scale, float)
+    assert any(n.startswith("nearest_") for n in _func_names(g)) == whole
+    from tvm import relax
+    ex, *_ = build_executable(g)
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()), tvm.runtime.tensor(fine.numpy()))
+    got = (got if hasattr(got, "numpy") else got[0]).numpy()
+    np.testing.assert_allclose(got, model(x, fine).numpy(), rtol=1e-6, atol=1e-6)
