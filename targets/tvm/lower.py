@@ -585,6 +585,22 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             return _builtin(importer, "upsample_nearest2d.vec")(node)
         return emit_nearest(importer.block_builder, importer.env[node.args[0]], x_val.shape, out.shape[2:])
 
+    def mean(node, importer):
+        """A float32 mean over the trailing axes (global average pooling: SE blocks, heads) of at least 8 values
+        on graphopt's row kernel (norm.py); else Relax's mean."""
+        from graphopt.targets.tvm.cpu.norm import emit_row_mean
+        x_val = node.args[0].meta["val"]
+        nd = x_val.dim()
+        dims = sorted(int(d) % nd for d in (node.args[1] if len(node.args) > 1 and node.args[1] is not None
+                                             else range(nd)))
+        dtype_ok = str(x_val.dtype) == "torch.float32" and str(node.meta["val"].dtype) == "torch.float32"
+        trailing = dims == list(range(nd - len(dims), nd))
+        size = math.prod(int(x_val.shape[d]) for d in dims) if dims else 0
+        if not dtype_ok or not trailing or size < 8 or node.kwargs.get("dtype") not in (None, x_val.dtype):
+            return _builtin(importer, "mean.dim")(node)
+        rows = math.prod(int(d) for d in x_val.shape) // size
+        return emit_row_mean(importer.block_builder, importer.env[node.args[0]], rows, size, node.meta["val"].shape)
+
     def select(node, importer):
         """x[..., i, ...] at a constant index as a slice and a reshape: TVM's converter emits a take with a constant
         index, a generic gather (ViT's q / k / v picked from the packed projection: 40 us each for 38K floats)."""
@@ -1227,6 +1243,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             "_softmax.default": softmax, "native_group_norm.default": native_group_norm,
             "upsample_bilinear2d.vec": upsample_bilinear2d, "bmm.default": bmm,
             "select.int": select, "upsample_nearest2d.vec": upsample_nearest2d,
+            "mean.dim": mean,
             "constant_pad_nd.default": constant_pad_nd, "bsr_linear.default": bsr_linear,
             "bsr_conv1x1.default": bsr_conv1x1, "linear.default": linear,
             "add.Tensor": add, "max_pool2d.default": max_pool2d,
