@@ -24,12 +24,26 @@ from graphopt.targets.tvm.lower import lower_to_relax
 AVX2 = "znver3"  # an AVX2 CPU without VNNI: its code runs on every x86 host these tests meet
 
 
-def _assert_built_matches(g, model, x):
-    """Build `g` for the CPU, run it, and compare with the PyTorch model within 1e-5 of the output's range."""
+def _run_built(g, *xs) -> np.ndarray:
+    """Build `g` for this CPU and run it on xs (torch tensors); its (first) output."""
     from tvm import relax
     ex, *_ = build_executable(g)
-    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
-    got = (got if hasattr(got, "numpy") else got[0]).numpy()
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](*(tvm.runtime.tensor(x.numpy()) for x in xs))
+    return (got if hasattr(got, "numpy") else got[0]).numpy()
+
+
+def _assert_runs_im2col(model, x):
+    """`model` (a conv) lowers to im2col + the packed GEMM, no Relax conv left, and its build matches torch."""
+    g = graphopt.trace(model, (x,))
+    mod = lower_to_relax(g)
+    names = {gv.name_hint for gv in mod.get_global_vars()}
+    assert "R.nn.conv2d" not in mod.script() and any(n.startswith("im2col") for n in names), names
+    _assert_built_matches(g, model, x)
+
+
+def _assert_built_matches(g, model, x):
+    """Build `g` for the CPU, run it, and compare with the PyTorch model within 1e-5 of the output's range."""
+    got = _run_built(g, x)
     ref = model(x).detach().numpy()
     assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-6
 
@@ -1852,10 +1866,7 @@ def test_sigmoid_silu_tanh_gelu_and_rsqrt_are_vector_math():
     g = graphopt.trace(model, (x,))
     text = lower_to_relax(g).script()
     assert not any(op in text for op in ("R.sigmoid", "R.rsqrt", "R.nn.gelu_tanh")), text
-    from tvm import relax
-    ex, *_ = build_executable(g)
-    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
-    got = (got if hasattr(got, "numpy") else got[0]).numpy()
+    got = _run_built(g, x)
     ref = model(x).numpy()
     finite = np.isfinite(ref) & (np.abs(ref) < 1e6)
     np.testing.assert_allclose(got[finite], ref[finite], rtol=1e-6, atol=1e-6)
@@ -1878,10 +1889,7 @@ def test_log_and_log1p_are_vector_polynomials():
     g = graphopt.trace(model, (x,))
     text = lower_to_relax(g).script()
     assert "R.log(" not in text and "R.log1p(" not in text and "vlog1p" in text and "vlog" in text
-    from tvm import relax
-    ex, *_ = build_executable(g)
-    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
-    got = (got if hasattr(got, "numpy") else got[0]).numpy()
+    got = _run_built(g, x)
     ref, ref64 = model(x).numpy(), model(x.double()).numpy()
     finite = np.isfinite(ref) & (np.abs(ref64) > 1e-30)  # (subnormal results: the CPU flushes them to zero)
     np.testing.assert_allclose(got[finite], ref64[finite], rtol=3e-7, atol=0)
@@ -1932,10 +1940,7 @@ def test_bilinear_resize_runs_the_table_kernel(kw, shape):
     g = graphopt.trace(model, (x,))
     names = _func_names(g)
     assert any(n.startswith("bilinear_") for n in names) == (model(x).shape[-1] >= 16), names
-    from tvm import relax
-    ex, *_ = build_executable(g)
-    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
-    got = (got if hasattr(got, "numpy") else got[0]).numpy()
+    got = _run_built(g, x)
     np.testing.assert_allclose(got, model(x).numpy(), rtol=0, atol=1e-6)
 
 
@@ -1965,11 +1970,7 @@ def test_patchify_conv_runs_im2col_and_the_packed_gemm(cin, cout, k, hw, batch):
     torch.manual_seed(0)
     model = torch.nn.Conv2d(cin, cout, k, k).eval()
     x = torch.randn(batch, cin, hw, hw)
-    g = graphopt.trace(model, (x,))
-    mod = lower_to_relax(g)
-    names = {gv.name_hint for gv in mod.get_global_vars()}
-    assert "R.nn.conv2d" not in mod.script() and any(n.startswith("im2col") for n in names), names
-    _assert_built_matches(g, model, x)
+    _assert_runs_im2col(model, x)
 
 
 class _Pad(torch.nn.Module):
@@ -1992,10 +1993,7 @@ def test_constant_pad_runs_the_row_kernel(pads, value, shape):
     g = graphopt.trace(model, (x,))
     names = _func_names(g)
     assert any(n.startswith("pad_") for n in names) == (len(pads) <= 4 and min(pads) >= 0), names
-    from tvm import relax
-    ex, *_ = build_executable(g)
-    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
-    np.testing.assert_array_equal((got if hasattr(got, "numpy") else got[0]).numpy(), model(x).numpy())
+    np.testing.assert_array_equal(_run_built(g, x), model(x).numpy())
 
 
 @pytest.mark.parametrize("cin,cout,k,d,stride,pad,hw,batch", [
@@ -2047,11 +2045,7 @@ def test_uneven_stride_conv_runs_im2col_with_a_row_stride(cin, cout, k, stride, 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(cin, cout, k, stride, pad), torch.nn.ReLU()).eval()
     x = torch.randn(batch, cin, *hw)
-    g = graphopt.trace(model, (x,))
-    mod = lower_to_relax(g)
-    names = {gv.name_hint for gv in mod.get_global_vars()}
-    assert "R.nn.conv2d" not in mod.script() and any(n.startswith("im2col") for n in names), names
-    _assert_built_matches(g, model, x)
+    _assert_runs_im2col(model, x)
 
 
 class _Neck(torch.nn.Module):
@@ -2078,10 +2072,7 @@ def test_nearest_upsampling_by_whole_factors_is_its_own_kernel(scale, hw):
     g = graphopt.trace(model, (x, fine))
     whole = not isinstance(scale, float)
     assert any(n.startswith("nearest_") for n in _func_names(g)) == whole
-    from tvm import relax
-    ex, *_ = build_executable(g)
-    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()), tvm.runtime.tensor(fine.numpy()))
-    got = (got if hasattr(got, "numpy") else got[0]).numpy()
+    got = _run_built(g, x, fine)
     np.testing.assert_allclose(got, model(x, fine).numpy(), rtol=1e-6, atol=1e-6)
 
 
@@ -2107,8 +2098,5 @@ def test_mean_over_trailing_axes_runs_the_row_kernel(shape, dims, keep, kernel):
     model, x = _Mean(dims, keep).eval(), torch.randn(*shape) + 0.5
     g = graphopt.trace(model, (x,))
     assert any(n.startswith("row_mean") for n in _func_names(g)) == kernel
-    from tvm import relax
-    ex, *_ = build_executable(g)
-    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
-    got = (got if hasattr(got, "numpy") else got[0]).numpy()
+    got = _run_built(g, x)
     np.testing.assert_allclose(got, model(x).numpy(), rtol=1e-6, atol=1e-6)
