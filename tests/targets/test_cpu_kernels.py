@@ -1961,14 +1961,15 @@ def test_pointwise_conv_on_one_pixel_is_a_linear(cin, cout, batch, bias, stride)
     _assert_built_matches(g, model, x)
 
 
-@pytest.mark.parametrize("cin,cout,k,hw,batch", [(3, 48, 16, 64, 1),  # ViT's patch embedding
-                                                 (3, 32, 4, 30, 2)])  # Swin / ConvNeXt stems; 30: a cut-off edge
-def test_patchify_conv_runs_im2col_and_the_packed_gemm(cin, cout, k, hw, batch):
-    """Convs whose stride is their kernel on few input channels (ViT's patch embedding) copy each pixel once into
-    im2col's columns for the packed GEMM: TVM's conv took 1.65x PyTorch's time. Matches torch at batch 2 and on a
-    map that is not whole patches."""
+@pytest.mark.parametrize("cin,cout,k,stride,pad,hw,batch", [(3, 48, 16, 16, 0, 64, 1),  # ViT's patch embedding
+                                                             (3, 32, 4, 4, 0, 30, 2),  # Swin stem; a cut-off edge
+                                                             (3, 16, 3, 4, 1, 33, 1)])  # a 3x3 stride-4 stem
+def test_patchify_conv_runs_im2col_and_the_packed_gemm(cin, cout, k, stride, pad, hw, batch):
+    """Convs with a stride of 3 or more on few input channels (ViT's patch embedding: stride = kernel) run im2col
+    (each pixel copied once when stride = kernel) and the packed GEMM: TVM's conv took 1.65-2x PyTorch's time.
+    Matches torch at batch 2, on a map that is not whole patches and with padding."""
     torch.manual_seed(0)
-    model = torch.nn.Conv2d(cin, cout, k, k).eval()
+    model = torch.nn.Conv2d(cin, cout, k, stride, pad).eval()
     x = torch.randn(batch, cin, hw, hw)
     _assert_runs_im2col(model, x)
 
