@@ -591,6 +591,11 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         from graphopt.targets.tvm.cpu.norm import emit_row_mean
         x_val = node.args[0].meta["val"]
         nd = x_val.dim()
+        if nd == 0 and node.meta["val"].dim() == 0 and node.meta["val"].dtype == x_val.dtype:
+            # a 0-d tensor's mean over its dim 0 (or -1) is the tensor itself; Relax's mean rejects axis 0 there
+            return importer.env[node.args[0]]
+        if nd == 0:
+            return _builtin(importer, "mean.dim")(node)
         dims = sorted(int(d) % nd for d in (node.args[1] if len(node.args) > 1 and node.args[1] is not None
                                              else range(nd)))
         dtype_ok = str(x_val.dtype) == "torch.float32" and str(node.meta["val"].dtype) == "torch.float32"
@@ -605,10 +610,11 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         """x[..., i, ...] at a constant index as a slice and a reshape: TVM's converter emits a take with a constant
         index, a generic gather (ViT's q / k / v picked from the packed projection: 40 us each for 38K floats)."""
         x_val = node.args[0].meta["val"]
-        dim, index = int(node.args[1]), int(node.args[2])
-        dim = dim % x_val.dim()
+        if any(not isinstance(d, int) for d in x_val.shape) or not isinstance(node.args[2], int):
+            return _builtin(importer, "select.int")(node)  # (symbolic sizes or index: TVM's take)
+        dim, index = int(node.args[1]) % x_val.dim(), int(node.args[2])
         size = int(x_val.shape[dim])
-        if not -size <= index < size or any(not isinstance(d, int) for d in x_val.shape):
+        if not -size <= index < size:
             return _builtin(importer, "select.int")(node)
         index %= size
         bb = importer.block_builder
@@ -770,9 +776,11 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         return emit(bb, x, w, b, x_shape, stride, full, clamp)
 
     def _grouped_conv(node, importer, x_shape, wt, bt, pads, groups: int):
-        """A grouped conv that is not depthwise (ResNeXt, RegNet, ShuffleNet) as one dense conv per group on its
-        slice of the channels, each on graphopt's kernel for its shape, concatenated; TVM's grouped conv2d under
-        the schedule rules took 31x PyTorch's time (64 channels in 4 groups at 28x28: 5.0 ms against 0.16)."""
+        """A grouped conv that is not depthwise (ResNeXt, RegNet, ShuffleNet; depthwise with a channel multiplier).
+        At batch 1 a k x k one is one call of the flat conv, or of im2col + the packed GEMM, whose samples are the
+        groups, each with its own packed weights, the threads splitting the groups (`per_sample`); otherwise one
+        dense conv per group on its slice of the channels, concatenated. TVM's grouped conv2d under the schedule
+        rules took 31x PyTorch's time (64 channels in 4 groups at 28x28: 5.0 ms against 0.16)."""
         from tvm import relax
 
         from graphopt.targets.tvm.cpu import conv as k
@@ -790,14 +798,14 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         if n == 1 and kind in ("im2col", "direct") and k.flat_conv_applies(g_shape, w.shape, s, full):
             # the groups as the samples of one flat conv call, each with its own weights: [1, C, H, W] is [groups,
             # C / groups, H, W] as it lies, and so is the output (no split, no concat, one launch). Per group with
-            # a concat: 64 channels in 4 groups at 28x28 134-152 us, ORT 85
+            # a concat: 64 channels in 4 groups at 28x28 134-152 us, this way 95-108 (ORT 85-95)
             from graphopt.targets.tvm.cpu.rules import vector_lanes
             x = bb.emit(relax.op.reshape(importer.env[node.args[0]], (groups, cig, *g_shape[2:])))
             y = k.emit_flat_conv(bb, x, w.reshape(groups, cog, *w.shape[1:]),
                                  None if b is None else b.reshape(groups, cog), (groups, cig, *g_shape[2:]), s, full,
                                  clamp, None, vector_lanes(target) >= 8, per_sample=True)
             return bb.emit(relax.op.reshape(y, tuple(int(d) for d in node.meta["val"].shape)))
-        if n == 1 and kind == "im2col":  # (RegNet's strided grouped convs: 28 groups at 28x28, 770 -> 380 us)
+        if n == 1 and kind == "im2col":  # (RegNet's strided grouped convs: 28 groups at 28x28, 770 -> 176-203 us)
             from graphopt.targets.tvm.cpu.rules import vector_lanes
             x = bb.emit(relax.op.reshape(importer.env[node.args[0]], (groups, cig, *g_shape[2:])))
             y = k.emit_im2col_conv(bb, x, w.reshape(groups, cog, *w.shape[1:]),

@@ -2101,3 +2101,18 @@ def test_mean_over_trailing_axes_runs_the_row_kernel(shape, dims, keep, kernel):
     assert any(n.startswith("row_mean") for n in _func_names(g)) == kernel
     got = _run_built(g, x)
     np.testing.assert_allclose(got, model(x).numpy(), rtol=1e-6, atol=1e-6)
+
+
+class _ScalarMean(torch.nn.Module):
+    def forward(self, x):
+        return x.sum().mean(dim=0, keepdim=True) * 2.0
+
+
+def test_mean_of_a_0d_tensor_is_the_tensor():
+    """A mean over a 0-d tensor's dim 0 (aten.mean.dim) is the tensor itself: the row kernel's converter had divided
+    by the tensor's zero rank while importing, and Relax's own mean rejects axis 0 of a 0-d tensor."""
+    x = torch.randn(3, 4)
+    model = _ScalarMean().eval()
+    g = graphopt.trace(model, (x,))
+    assert not any(n.startswith("row_mean") for n in _func_names(g))
+    np.testing.assert_allclose(_run_built(g, x), model(x).numpy(), rtol=1e-6)
