@@ -641,6 +641,49 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                 for a, fill in ((node.args[1], 1.0), (node.args[2], 0.0)))
         return emit_group_norm(bb, importer.env[node.args[0]], w, b, x_val.shape, groups, eps)
 
+    def instance_norm(node, importer):
+        """instance_norm (input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, cudnn):
+        with the input's statistics, the group norm kernel with a group per channel (aten's decomposition into a
+        batch norm over [1, N C, H, W] took 2.6x PyTorch's time, 3.2 ms on 64x128x128); with running statistics
+        an affine map. TVM's own converter reads eps from running_var's slot."""
+        import numpy as np
+
+        from graphopt.targets.tvm.cpu.norm import emit_group_norm
+        x_val = node.args[0].meta["val"]
+        use_stats, eps = bool(node.args[5]), float(node.args[7])
+        c, nd = int(x_val.shape[1]), x_val.dim()
+        hw = math.prod(int(d) for d in x_val.shape[2:])
+        dtype = str(x_val.dtype).replace("torch.", "")
+        bb = importer.block_builder
+        x = importer.env[node.args[0]]
+        w, b = (importer.env[a] if a is not None else relax.const(np.full(c, fill, dtype))
+                for a, fill in ((node.args[1], 1.0), (node.args[2], 0.0)))
+        if use_stats and dtype == "float32" and hw >= 8:
+            return emit_group_norm(bb, x, w, b, x_val.shape, c, eps)
+        if use_stats:
+            return bb.emit(relax.op.nn.instance_norm(x, w, b, channel_axis=1, axes=list(range(2, nd)), epsilon=eps))
+        per_channel = (c,) + (1,) * (nd - 2)  # running statistics: (x - mean) / sqrt(var + eps) * w + b
+        mean, var = (bb.emit(relax.op.reshape(importer.env[a], per_channel)) for a in node.args[3:5])
+        scale = bb.emit(relax.op.multiply(bb.emit(relax.op.reshape(w, per_channel)), bb.emit(
+            relax.op.rsqrt(bb.emit(relax.op.add(var, relax.const(eps, dtype)))))))
+        y = bb.emit(relax.op.multiply(bb.emit(relax.op.subtract(x, mean)), scale))
+        return bb.emit(relax.op.add(y, bb.emit(relax.op.reshape(b, per_channel))))
+
+    def edge_pad(mode: str):
+        def convert(node, importer):
+            """aten's reflection / replication pads and circular pad (x, pads) on graphopt's row kernel (pool.py)
+            where it applies; else Relax's pad in that mode."""
+            from graphopt.targets.tvm.cpu.pool import edge_pad_applies, emit_edge_pad
+            x_val, pads = node.args[0].meta["val"], [int(p) for p in node.args[1]]
+            x = importer.env[node.args[0]]
+            if edge_pad_applies(x_val.shape, pads, mode, str(x_val.dtype).replace("torch.", "")):
+                return emit_edge_pad(importer.block_builder, x, x_val.shape, pads, mode)
+            widths = [0] * (2 * x_val.dim())
+            for i in range(len(pads) // 2):  # aten's pairs run from the last axis backwards
+                widths[2 * (x_val.dim() - 1 - i): 2 * (x_val.dim() - i)] = pads[2 * i: 2 * i + 2]
+            return importer.block_builder.emit(relax.op.nn.pad(x, widths, mode))
+        return convert
+
     def softmax(node, importer):
         # float32 softmax over the last axis: one vectorized pass per row (norm.py)
         from graphopt.targets.tvm.cpu.norm import emit_softmax, rows_apply
@@ -1255,7 +1298,10 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             "constant_pad_nd.default": constant_pad_nd, "bsr_linear.default": bsr_linear,
             "bsr_conv1x1.default": bsr_conv1x1, "linear.default": linear,
             "add.Tensor": add, "max_pool2d.default": max_pool2d,
-            "max_pool2d_with_indices.default": max_pool2d_with_indices,
+            "max_pool2d_with_indices.default": max_pool2d_with_indices, "instance_norm.default": instance_norm,
+            **{f"{kind}_pad{d}d.default": edge_pad(mode) for kind, mode in (("reflection", "reflect"),
+                                                                           ("replication", "replicate"))
+               for d in (1, 2, 3)}, "_pad_circular.default": edge_pad("circular"),
             **{k: _activation(k) for k in ("relu.default", "relu6.default", "hardtanh.default", "clamp.default")}}
 
 
@@ -1289,6 +1335,13 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
     table.pop(torch.ops.aten.linear.default, None)
     if device == "cpu":  # layer norm whole, for its row kernel (norm.py); not native_layer_norm's 3 outputs
         table.pop(torch.ops.aten.layer_norm.default, None)
+        # instance norm and the reflect / replicate / circular pads whole, for their kernels (their
+        # decompositions: a batch norm over [1, N C, H, W], index gathers)
+        aten = torch.ops.aten
+        for op in (aten.instance_norm.default, aten._pad_circular.default,
+                   *(getattr(aten, f"{kind}_pad{d}d").default for kind in ("reflection", "replication")
+                     for d in (1, 2, 3))):
+            table.pop(op, None)
     if device != "cpu":
         for n in graph.gm.graph.nodes:
             if n.op == "call_function" and target_name(n.target) in ("graphopt.bsr_linear.default",
