@@ -684,6 +684,21 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             return importer.block_builder.emit(relax.op.nn.pad(x, widths, mode))
         return convert
 
+    def roll(node, importer):
+        """torch.roll of a float32 tensor with constant sizes on graphopt's two-chunk row copy (pool.py); else
+        TVM's converter (slices and concats)."""
+        from graphopt.targets.tvm.cpu.pool import emit_roll
+        x_val = node.args[0].meta["val"]
+        shifts = node.args[1] if len(node.args) > 1 else node.kwargs.get("shifts")
+        dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dims", [])
+        shifts = [shifts] if isinstance(shifts, int) else list(shifts)
+        dims = [dims] if isinstance(dims, int) else list(dims or [])
+        if (str(x_val.dtype) != "torch.float32" or x_val.dim() == 0 or x_val.numel() == 0
+                or any(not isinstance(v, int) for v in [*x_val.shape, *shifts, *dims])
+                or len(shifts) != (len(dims) or 1)):
+            return _builtin(importer, "roll.default")(node)
+        return emit_roll(importer.block_builder, importer.env[node.args[0]], x_val.shape, shifts, dims or None)
+
     def softmax(node, importer):
         # float32 softmax over the last axis: one vectorized pass per row (norm.py)
         from graphopt.targets.tvm.cpu.norm import emit_softmax, rows_apply
@@ -1299,6 +1314,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             "bsr_conv1x1.default": bsr_conv1x1, "linear.default": linear,
             "add.Tensor": add, "max_pool2d.default": max_pool2d,
             "max_pool2d_with_indices.default": max_pool2d_with_indices, "instance_norm.default": instance_norm,
+            "roll.default": roll,
             **{f"{kind}_pad{d}d.default": edge_pad(mode) for kind, mode in (("reflection", "reflect"),
                                                                            ("replication", "replicate"))
                for d in (1, 2, 3)}, "_pad_circular.default": edge_pad("circular"),
@@ -1335,10 +1351,10 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
     table.pop(torch.ops.aten.linear.default, None)
     if device == "cpu":  # layer norm whole, for its row kernel (norm.py); not native_layer_norm's 3 outputs
         table.pop(torch.ops.aten.layer_norm.default, None)
-        # instance norm and the reflect / replicate / circular pads whole, for their kernels (their
+        # instance norm, roll and the reflect / replicate / circular pads whole, for their kernels (their
         # decompositions: a batch norm over [1, N C, H, W], index gathers)
         aten = torch.ops.aten
-        for op in (aten.instance_norm.default, aten._pad_circular.default,
+        for op in (aten.instance_norm.default, aten._pad_circular.default, aten.roll.default,
                    *(getattr(aten, f"{kind}_pad{d}d").default for kind in ("reflection", "replication")
                      for d in (1, 2, 3))):
             table.pop(op, None)
