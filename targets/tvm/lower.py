@@ -552,6 +552,37 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         return emit_bilinear(importer.block_builder, importer.env[node.args[0]], x_val.shape, out.shape[2:],
                              bool(args[2]), args[3])
 
+    def _transposed_operand(node):
+        """(X, alpha) where `node` is view(clone(expand(alpha * permute(X)))) with the permute swapping X's last
+        two axes, the expand and view changing no element's place and alpha an optional constant scale (torch's
+        decomposition of q @ k.transpose(-2, -1), and SDPA's, which scales k^T by sqrt(scale)): the bmm operand
+        is alpha times X's transpose, batch by batch. None otherwise."""
+        alpha, steps = 1.0, 0
+        while getattr(node, "op", None) == "call_function" and steps < 6:
+            name = getattr(node.target, "__name__", "")
+            if name == "permute.default":
+                src = node.args[0].meta["val"]
+                nd = src.dim()
+                perm = [int(p) % nd for p in node.args[1]]
+                if nd >= 3 and perm == [*range(nd - 2), nd - 1, nd - 2] and src.dtype == node.meta["val"].dtype \
+                        and all(isinstance(d, int) for d in src.shape):
+                    return node.args[0], alpha
+                return None
+            if name in ("mul.Scalar", "mul.Tensor") and alpha == 1.0 and not node.kwargs \
+                    and isinstance(node.args[1], float):
+                alpha = float(node.args[1])
+            elif name == "expand.default":
+                if tuple(node.args[0].meta["val"].shape) != tuple(node.meta["val"].shape):
+                    return None
+            elif name in ("view.default", "_unsafe_view.default", "reshape.default"):
+                if steps:
+                    return None  # only the bmm's own [B, K, N] view, right after it
+            elif name != "clone.default":
+                return None
+            steps += 1
+            node = node.args[0]
+        return None
+
     def bmm(node, importer):
         """A float32 batched matmul of two activations (attention's scores and context) whose output rows or
         columns the schedule rule cannot tile (ViT's 197 tokens: prime) runs on zero-padded operands, the pad cut
@@ -567,6 +598,18 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         np_ = n if n % 8 == 0 else -(-n // 16) * 16
         if (mp, np_) == (m, n):
             return _builtin(importer, "bmm.default")(node)
+        from graphopt.targets.tvm.cpu.bmm import bmm_applies, emit_bmm
+        from graphopt.targets.tvm.cpu.rules import vector_lanes
+        batch, k = int(a_val.shape[0]), int(a_val.shape[2])
+        lanes = vector_lanes(target)
+        if bmm_applies(batch, m, k, n, lanes):
+            bb = importer.block_builder
+            keys = _transposed_operand(node.args[1])
+            if keys is not None:  # attention's K^T: the kernel reads K's rows (scaled), no transposed copy
+                w = bb.emit(relax.op.reshape(importer.env[keys[0]], (batch, n, k)))
+                return emit_bmm(bb, importer.env[node.args[0]], w, batch, m, k, n, True, lanes, keys[1])
+            return emit_bmm(bb, importer.env[node.args[0]], importer.env[node.args[1]], batch, m, k, n, False,
+                            lanes)
         bb = importer.block_builder
         a, b = importer.env[node.args[0]], importer.env[node.args[1]]
         if mp != m:
@@ -699,15 +742,53 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             return _builtin(importer, "roll.default")(node)
         return emit_roll(importer.block_builder, importer.env[node.args[0]], x_val.shape, shifts, dims or None)
 
+    safe_softmax: dict = {}  # where node -> the safe softmax that is its value
+
+    def _safe_softmax_where(node):
+        """The where of PyTorch's SDPA decomposition that zeroes the softmax of rows that are all -inf:
+        where(logical_not(any(logical_not(eq(S, -inf)), -1, keepdim)), full_like(softmax, 0), softmax) with
+        softmax = _softmax(S, -1); None if `node`'s users are not that."""
+        users = list(node.users)
+        names = sorted(getattr(u.target, "__name__", "") for u in users)
+        if names != ["full_like.default", "where.self"]:
+            return None
+        where = next(u for u in users if getattr(u.target, "__name__", "") == "where.self")
+        fill = next(u for u in users if u is not where)
+        if len(where.args) != 3 or where.args[1] is not fill or where.args[2] is not node or where.kwargs \
+                or fill.args[1] != 0 or len(fill.users) != 1:
+            return None
+        chain = where.args[0]
+        for name in ("logical_not.default", "any.dim", "logical_not.default", "eq.Scalar"):
+            if getattr(chain, "op", None) != "call_function" or getattr(chain.target, "__name__", "") != name:
+                return None
+            if name == "any.dim" and (int(chain.args[1]) % chain.args[0].meta["val"].dim()
+                                      != chain.args[0].meta["val"].dim() - 1):
+                return None
+            if name == "eq.Scalar" and not (chain.args[1] == float("-inf") and chain.args[0] is node.args[0]):
+                return None
+            chain = chain.args[0]
+        return where
+
     def softmax(node, importer):
-        # float32 softmax over the last axis: one vectorized pass per row (norm.py)
+        # float32 softmax over the last axis: one vectorized pass per row (norm.py); SDPA's where that zeroes
+        # rows of -inf done in the same kernel (as Relax ops it was a generic reduction + select, 0.13 ms a
+        # ViT-Ti layer)
         from graphopt.targets.tvm.cpu.norm import emit_softmax, rows_apply
         x_val = node.args[0].meta["val"]
         dim, half_to_float = int(node.args[1]), bool(node.args[2]) if len(node.args) > 2 else False
         if (dim in (-1, x_val.dim() - 1) and not half_to_float
                 and rows_apply(int(x_val.shape[-1]), str(x_val.dtype).replace("torch.", ""))):
-            return emit_softmax(importer.block_builder, importer.env[node.args[0]], x_val.shape)
+            where = _safe_softmax_where(node)
+            y = emit_softmax(importer.block_builder, importer.env[node.args[0]], x_val.shape, where is not None)
+            if where is not None:
+                safe_softmax[where] = y
+            return y
         return _builtin(importer, "_softmax.default")(node)
+
+    def where(node, importer):
+        if node in safe_softmax:
+            return safe_softmax[node]
+        return _builtin(importer, "where.self")(node)
 
     def _clamp_of(user) -> tuple[float, float] | None:
         """(lo, hi) when `user` is relu / relu6 / hardtanh / clamp with constant float bounds."""
@@ -1314,7 +1395,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             "bsr_conv1x1.default": bsr_conv1x1, "linear.default": linear,
             "add.Tensor": add, "max_pool2d.default": max_pool2d,
             "max_pool2d_with_indices.default": max_pool2d_with_indices, "instance_norm.default": instance_norm,
-            "roll.default": roll,
+            "roll.default": roll, "where.self": where,
             **{f"{kind}_pad{d}d.default": edge_pad(mode) for kind, mode in (("reflection", "reflect"),
                                                                            ("replication", "replicate"))
                for d in (1, 2, 3)}, "_pad_circular.default": edge_pad("circular"),

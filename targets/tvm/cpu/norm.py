@@ -151,11 +151,12 @@ EXP_POLY = (1.9875691214110702e-4, 1.3981999363750219e-3, 8.333452045917511e-3, 
             1.666666567325592e-1, 0.5)
 
 
-def softmax_source(rows: int, dim: int) -> str:
+def softmax_source(rows: int, dim: int, safe: bool = False) -> str:
     """TVMScript of y[r, :] = softmax(x[r, :]) per row, rows in parallel: the row's max in a vector, then
     exp(x - max) stored and summed in a vector, then the store scaled by scale[0] / sum (1: softmax). Opaque
     (op_pattern 8) and with that second input, as im2col is (`conv.im2col_source`): Relax's reshape detection
-    asserted on a one-input, one-output kernel."""
+    asserted on a one-input, one-output kernel. `safe`: a row whose every value is -inf (attention masked
+    everywhere) is zeros, as PyTorch's SDPA gives (its decomposition selects them with a where)."""
     steps = dim // LANES
     v, lane = f"T.ramp(r * {dim} + j * {LANES}, 1, {LANES})", f"T.ramp(0, 1, {LANES})"
 
@@ -185,6 +186,22 @@ def softmax_source(rows: int, dim: int) -> str:
         acc[{lane}] = acc[{lane}] + T.Select({mask}, y[{lv}], {c(0.0)})"""
         tail_scale = f"""
         y[{lv}] = T.Select({mask}, y[{lv}] * T.broadcast(stat[1], {LANES}), y[{lv}])"""
+    body = f"""
+        acc[{lane}] = {c(0.0)}
+        for j in T.serial({steps}):{exp_into(v, " " * 12)}
+            acc[{lane}] = acc[{lane}] + y[{v}]{tail_exp}
+        stat[1] = T.float32(0)
+        for l in T.serial({LANES}):
+            stat[1] = stat[1] + acc[l]
+        stat[1] = scale[0] / stat[1]
+        for j in T.serial({steps}):
+            y[{v}] = y[{v}] * T.broadcast(stat[1], {LANES}){tail_scale}"""
+    if safe:  # the max is -inf only when every value is (below the lowest finite float)
+        body = f"""
+        if stat[0] < T.float32(-3.4028234663852886e38):
+            for j in T.serial({dim}):
+                y[r * {dim} + j] = T.float32(0)
+        else:""" + body.replace("\n", "\n    ")
     return f"""
 @T.prim_func(private=True)
 def softmax_rows(x: T.Buffer(({rows * dim},), "float32"), scale: T.Buffer((1,), "float32"),
@@ -200,28 +217,19 @@ def softmax_rows(x: T.Buffer(({rows * dim},), "float32"), scale: T.Buffer((1,), 
             acc[{lane}] = T.max(acc[{lane}], x[{v}]){tail_max}
         stat[0] = acc[0]
         for l in T.serial(1, {LANES}):
-            stat[0] = T.max(stat[0], acc[l])
-        acc[{lane}] = {c(0.0)}
-        for j in T.serial({steps}):{exp_into(v, " " * 12)}
-            acc[{lane}] = acc[{lane}] + y[{v}]{tail_exp}
-        stat[1] = T.float32(0)
-        for l in T.serial({LANES}):
-            stat[1] = stat[1] + acc[l]
-        stat[1] = scale[0] / stat[1]
-        for j in T.serial({steps}):
-            y[{v}] = y[{v}] * T.broadcast(stat[1], {LANES}){tail_scale}
+            stat[0] = T.max(stat[0], acc[l]){body}
 """
 
 
-def emit_softmax(bb, x, x_shape):
-    """softmax over the last axis of x [..., D] (a Relax value)."""
+def emit_softmax(bb, x, x_shape, safe: bool = False):
+    """softmax over the last axis of x [..., D] (a Relax value); `safe`: rows of -inf give zeros."""
     import numpy as np
     from tvm import relax
 
     dim = int(x_shape[-1])
     rows = math.prod(int(d) for d in x_shape) // dim
-    return _call_rows(bb, softmax_source(rows, dim), "softmax_rows", x, [relax.const(np.ones(1, np.float32))],
-                      x_shape)
+    return _call_rows(bb, softmax_source(rows, dim, safe), "softmax_rows" + ("_safe" if safe else ""), x,
+                      [relax.const(np.ones(1, np.float32))], x_shape)
 
 
 def row_mean_source(rows: int, dim: int) -> str:

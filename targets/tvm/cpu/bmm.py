@@ -1,0 +1,119 @@
+"""Batched matmuls of two activations (attention's scores and context) on small, odd-sized matrices.
+
+c[b] = a[b] @ w[b] for a [B, M, K] and w [B, K, N] (or, `trans_b`, w given as its transpose [B, N, K]: attention's
+keys, no transposed copy of them in between). Each task takes one batch and a chunk of its rows, stages that
+batch's w as zero-padded panels wp[ceil(N/nr), K, nr] on its stack (gathering its columns for `trans_b`: 4-5% over the plain kernel), and runs
+the register-blocked micro-kernel of the packed GEMM (gemm.py) over panels x row tiles: a tile of mr x nr outputs
+summed over all of K. Rows that do not fill a tile get one smaller tile, and the last panel's columns past N are
+computed on the zero padding and not stored, so no operand or result is padded or cut in memory. Relax's matmul
+with the schedule rule needs register rows dividing M and a vector's worth of columns dividing N; Swin's 49-token
+windows and ViT's 197 tokens ran it on zero-padded copies cut afterwards (pads, a generic broadcast-and-pad copy
+and the cut: 3.8 ms of a 2-block Swin stage's 12).
+"""
+from __future__ import annotations
+
+MIN_TASKS = 8  # row chunks per batch until there are this many tasks (ViT: 3 heads of 197 rows)
+
+
+def bmm_tiles(n: int, lanes: int) -> tuple[int, int]:
+    """(mr, nr): 6 rows x 2 vectors, as the packed GEMM; 8 x 1 vector where N fills under two vectors."""
+    return (6, 2 * lanes) if n > lanes else (8, lanes)
+
+
+def bmm_source(batch: int, m: int, k: int, n: int, mr: int, nr: int, trans_b: bool, alpha: float = 1.0) -> str:
+    nt = -(-n // nr)
+    tiles = -(-m // mr)
+    chunks = max(1, min(tiles, -(-MIN_TASKS // batch)))
+    rows_per = -(-tiles // chunks) * mr
+    chunks = -(-m // rows_per)
+    last_rows = m - (chunks - 1) * rows_per
+    w_shape = (batch, n, k) if trans_b else (batch, k, n)
+    w_at = "w[bi, p * {nr} + v, kk]" if trans_b else "w[bi, kk, p * {nr} + v]"
+    w_at = w_at.format(nr=nr) + ("" if alpha == 1.0 else f" * T.float32({alpha!r})")
+    full = n // nr  # panels with every column inside N
+
+    def stage(p0: str, count: int, guard: bool) -> str:
+        if count == 0:
+            return ""
+        src = f"T.if_then_else(p * {nr} + v < {n}, {w_at}, T.float32(0))" if guard else w_at
+        return f"""
+        for pp in T.serial({count}):
+            for kk in T.serial({k}):
+                for v in T.vectorized({nr}):
+                    p: T.let = {p0} + pp
+                    wp[p, kk, v] = {src}"""
+
+    def tile(rows: int, r0: str, p: str, cols: int, indent: str) -> str:
+        store = (f"""
+{indent}    for v in T.vectorized({nr}):
+{indent}        c[bi, {r0} + i, {p} * {nr} + v] = acc[i, v]""" if cols == nr else f"""
+{indent}    for v in T.serial({cols}):
+{indent}        c[bi, {r0} + i, {p} * {nr} + v] = acc[i, v]""")
+        return f"""
+{indent}acc = T.decl_buffer(({rows}, {nr}), "float32", scope="global")
+{indent}for i in T.unroll({rows}):
+{indent}    for v in T.vectorized({nr}):
+{indent}        acc[i, v] = T.float32(0)
+{indent}for kk in T.serial({k}):
+{indent}    for i in T.unroll({rows}):
+{indent}        for v in T.vectorized({nr}):
+{indent}            acc[i, v] = acc[i, v] + a[bi, {r0} + i, kk] * wp[{p}, kk, v]
+{indent}for i in T.unroll({rows}):{store}"""
+
+    def rows_body(rows: int, indent: str) -> str:
+        """The panels x row tiles of a chunk of `rows` rows starting at r0."""
+        mt, rem = divmod(rows, mr)
+        out = ""
+        for p0, count, cols in ((0, full, nr), (full, nt - full, n - full * nr)):
+            if count == 0:
+                continue
+            p = "p" if count > 1 else str(p0)
+            inner = indent + "    " if count > 1 else indent
+            body = ""
+            if mt:
+                body += f"""
+{inner}for ti in T.serial({mt}):""" + tile(mr, f"r0 + ti * {mr}", p, cols, inner + "    ")
+            if rem:
+                body += tile(rem, f"r0 + {mt * mr}", p, cols, inner)
+            out += (f"""
+{indent}for p in T.serial({p0}, {p0 + count}):""" if count > 1 else "") + body
+        return out
+
+    if chunks == 1 or last_rows == rows_per:
+        compute = rows_body(rows_per if chunks > 1 else m, "        ")
+    else:
+        compute = f"""
+        if t % {chunks} < {chunks - 1}:{rows_body(rows_per, "            ")}
+        else:{rows_body(last_rows, "            ")}"""
+    return f"""
+@T.prim_func(private=True)
+def bmm(a: T.Buffer(({batch}, {m}, {k}), "float32"), w: T.Buffer({w_shape}, "float32"),
+        c: T.Buffer(({batch}, {m}, {n}), "float32")):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
+    for t in T.parallel({batch * chunks}):
+        bi: T.let = t // {chunks}
+        r0: T.let = (t % {chunks}) * {rows_per}
+        wp = T.decl_buffer(({nt}, {k}, {nr}), "float32", scope="global"){stage("0", full, False)}{
+            stage(str(full), nt - full, True)}{compute}
+"""
+
+
+def bmm_applies(batch: int, m: int, k: int, n: int, lanes: int) -> bool:
+    """Matrices whose staged panels fit a thread's stack comfortably (256 KB) and that have a tile's worth of rows."""
+    mr, nr = bmm_tiles(n, lanes)
+    return m >= 1 and k >= 1 and n >= 1 and -(-n // nr) * nr * k * 4 <= 256 * 1024
+
+
+def emit_bmm(bb, a, w, batch: int, m: int, k: int, n: int, trans_b: bool, lanes: int, alpha: float = 1.0):
+    """c = a @ (alpha w) (a [B, M, K]; w [B, K, N], or [B, N, K] with trans_b), Relax values, float32; alpha
+    scales w as it is staged, each element rounded as PyTorch's own scaling of it."""
+    import tvm
+    from tvm import relax
+    from tvm.script import tirx as T
+
+    mr, nr = bmm_tiles(n, lanes)
+    src = bmm_source(batch, m, k, n, mr, nr, trans_b, alpha)
+    gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}),
+                     f"bmm_{batch}x{m}x{k}x{n}" + ("_bt" if trans_b else "") + ("_scaled" if alpha != 1.0 else ""))
+    return bb.emit(relax.call_tir(gv, [a, w], relax.TensorType((batch, m, n), "float32")))
+
