@@ -2,13 +2,14 @@
 
 c[b] = a[b] @ w[b] for a [B, M, K] and w [B, K, N] (or, `trans_b`, w given as its transpose [B, N, K]: attention's
 keys, no transposed copy of them in between). Each task takes one batch and a chunk of its rows, stages that
-batch's w as zero-padded panels wp[ceil(N/nr), K, nr] on its stack (gathering its columns for `trans_b`: 4-5% over the plain kernel), and runs
-the register-blocked micro-kernel of the packed GEMM (gemm.py) over panels x row tiles: a tile of mr x nr outputs
-summed over all of K. Rows that do not fill a tile get one smaller tile, and the last panel's columns past N are
-computed on the zero padding and not stored, so no operand or result is padded or cut in memory. Relax's matmul
-with the schedule rule needs register rows dividing M and a vector's worth of columns dividing N; Swin's 49-token
-windows and ViT's 197 tokens ran it on zero-padded copies cut afterwards (pads, a generic broadcast-and-pad copy
-and the cut: 3.8 ms of a 2-block Swin stage's 12).
+batch's w as zero-padded panels wp[ceil(N/nr), K, nr] on its stack (gathering its columns for `trans_b`: 4-5%
+over the plain kernel), and runs the register-blocked micro-kernel of the packed GEMM (gemm.py) over panels x row
+tiles: a tile of mr x nr outputs summed over all of K. Rows that do not fill a tile get one smaller tile, and the
+last panel's columns past N are computed on the zero padding and not stored, so no operand or result is padded or
+cut in memory. Relax's matmul with the schedule rule needs register rows dividing M and a vector's worth of
+columns dividing N; Swin's 49-token windows and ViT's 197 tokens ran it on zero-padded copies cut afterwards
+(pads, a generic broadcast-and-pad copy and the cut: 3.8 ms of a 2-block Swin stage's 12). Where the rule tiles
+the shape this kernel measured the same (MiniLM's 12 x 128 x 32 heads: 1.01x its time) and is not used.
 """
 from __future__ import annotations
 
