@@ -180,7 +180,8 @@ def softmax_cols_source(outer: int, c: int, inner: int, log: bool = False) -> st
     softmax over channels, NCHW): one task per block of W = 32 neighbouring positions (8 under 32; the last block
     overlapping the one before: columns are independent, so it recomputes the same values), the max, the sum of
     exponentials and the scaling each a pass over C with the block in registers (four 8-lane chains in flight:
-    21 x 128 x 128 130 us against one 8-lane chain's 302, PyTorch 280-360). `scale` [1] holds 1, an input the kernel must read."""
+    21 x 128 x 128 130 us against one 8-lane chain's 302, PyTorch 280-360). `scale` [1] holds 1, an input the
+    kernel must read."""
     w = 4 * LANES if inner >= 4 * LANES else LANES
     nv = -(-inner // w)
     lane = f"T.ramp(0, 1, {w})"
@@ -254,7 +255,8 @@ def softmax_source(rows: int, dim: int, safe: bool = False, log: bool = False) -
             y[{v}] = y[{v}] * T.broadcast(stat[1], {LANES}){tail_scale}"""
     if log:
         shifted = "(x[{at}] - T.broadcast(stat[0], {n})) - T.broadcast(stat[1], {n})"
-        body = body[:body.index("        stat[1] = scale[0] / stat[1]")] + f"""        stat[1] = T.log(stat[1] * scale[0])
+        head = body[:body.index("        stat[1] = scale[0] / stat[1]")]
+        body = head + f"""        stat[1] = T.log(stat[1] * scale[0])
         for j in T.serial({steps}):
             y[{v}] = {shifted.format(at=v, n=LANES)}""" + ("" if not last else f"""
         y[{lv}] = {shifted.format(at=lv, n=LANES)}""")
