@@ -2298,7 +2298,7 @@ def test_max_over_the_last_axis_runs_a_row_kernel(shape, dim, keepdim, indices):
         np.testing.assert_array_equal((got if hasattr(got, "numpy") else got[0]).numpy(), ref.numpy())
 
 
-class _Softmax(torch.nn.Module):
+class _SoftmaxAxis(torch.nn.Module):
     def __init__(self, dim, log):
         super().__init__()
         self.dim, self.log = dim, log
@@ -2322,7 +2322,7 @@ def test_log_softmax_and_softmax_over_channels_run_row_and_column_kernels(shape,
     torch.manual_seed(0)
     x = torch.randn(*shape) * 4
     x.view(-1)[3] = float("-inf")
-    model = _Softmax(dim, log).eval()
+    model = _SoftmaxAxis(dim, log).eval()
     g = graphopt.trace(model, (x,))
     names = _func_names(g)
     last = dim % len(shape) == len(shape) - 1
