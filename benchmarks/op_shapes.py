@@ -3,9 +3,11 @@ PyTorch, in one run, as ratios. Each row is one layer (or a small block) with ra
 architecture named: ViT / Swin patch embeddings, DCGAN / UNet transposed convs, HiFi-GAN's 1-D upsampler, DeepLab's
 atrous conv and head resize, ResNeXt's grouped conv, group norm (detection heads, diffusion UNets), SiLU / Mish /
 tanh GELU activations, SE blocks, classifier heads written as 1x1 convs, constant pads, TCN 1-D convs, 3-D convs,
-uneven strides, ViT's attention over 197 tokens and transformer rows that are not whole vectors. Every one of
-these ran TVM's generic operator once and took 1.6-90x PyTorch's time (the README's "More shapes outside the zoo"
-has the before / after of each); this benchmark keeps them honest.
+uneven strides, ViT's attention over 197 tokens and Swin's over 49, transformer rows that are not whole vectors,
+instance norm and reflect pads (style transfer), Swin's roll, PointNet's max over points, log_softmax over a
+vocabulary and softmax over a segmentation map's channels. Every one of these ran TVM's generic operator once and
+took 1.6-100000x PyTorch's time (the README's "More shapes outside the zoo" has the before / after of each); this
+benchmark keeps them honest.
 Outputs are checked against PyTorch (max error relative to the output's range). Latency: the lowest of each
 runtime's per-round medians over interleaved rounds (these calls take well under a millisecond, and a slow spell
 of the shared machine doubled whichever runtime it fell on), the same thread count everywhere.
@@ -67,6 +69,30 @@ def cases():
             a = torch.softmax(q @ q.transpose(-1, -2) * q.shape[-1] ** -0.5, -1)
             return (a @ q).transpose(1, 2).reshape(x.shape)
 
+    class WindowAttention(nn.Module):  # Swin: (q * scale) @ k^T + a relative position bias, softmax, @ v
+        def __init__(self, heads: int, tokens: int):
+            super().__init__()
+            self.heads = heads
+            self.bias = nn.Parameter(torch.randn(1, heads, tokens, tokens) * 0.02)
+
+        def forward(self, x):
+            b, t, c = x.shape
+            q = x.view(b, t, self.heads, -1).transpose(1, 2)
+            a = (q * q.shape[-1] ** -0.5) @ q.transpose(-2, -1) + self.bias
+            return (torch.softmax(a, -1) @ q).transpose(1, 2).reshape(b, t, c)
+
+    class EdgePad(nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.pad(x, (3, 3, 3, 3), mode="reflect")
+
+    class Roll(nn.Module):
+        def forward(self, x):
+            return torch.roll(x, (-3, -3), (1, 2))
+
+    class MaxOver(nn.Module):
+        def forward(self, x):
+            return torch.max(x, -1)[0]
+
     f = torch.nn.functional
     return [
         ("patch embed 16x16/16 3->384", "ViT-S", nn.Conv2d(3, 384, 16, 16), (1, 3, 224, 224)),
@@ -96,6 +122,14 @@ def cases():
         ("layer norm 77x300", "odd-width transformer", nn.LayerNorm(300), (1, 77, 300)),
         ("softmax 8x77x77", "CLIP text attention", nn.Softmax(-1), (1, 8, 77, 77)),
         ("linear 3 rows 1280->1000", "classifier head at batch 3", nn.Linear(1280, 1000), (3, 1280)),
+        ("window attention 64x3x49x32", "Swin-T stage 1", WindowAttention(3, 49), (64, 49, 96)),
+        ("instance norm 64 @128", "style transfer / CycleGAN", nn.InstanceNorm2d(64, affine=True),
+         (1, 64, 128, 128)),
+        ("reflect pad 3 64 @64", "style transfer / CycleGAN", EdgePad(), (1, 64, 64, 64)),
+        ("roll -3,-3 56x56x96", "Swin-T shifted windows", Roll(), (1, 56, 56, 96)),
+        ("max over 2048 points 1024", "PointNet", MaxOver(), (1, 1024, 2048)),
+        ("log_softmax 32000", "language model head", nn.LogSoftmax(-1), (1, 32000)),
+        ("softmax over 21 channels @128", "segmentation head", nn.Softmax(1), (1, 21, 128, 128)),
     ]
 
 
