@@ -842,6 +842,18 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         y = _softmax_cols(node, importer, True)
         return y if y is not None else _builtin(importer, "_log_softmax.default")(node)
 
+    def grid_sampler_2d(node, importer):
+        """grid_sample: PyTorch's grid is [N, H_out, W_out, 2]; Relax's grid_sample infers its output from, and its
+        legalization reads, a grid laid out [N, 2, H_out, W_out], and TVM's converter passed PyTorch's as it is (a
+        [1, 3, 8, 10] image sampled on an 8 x 10 grid came out [1, 3, 10, 2]). The grid is transposed first."""
+        args = list(node.args) + [0, 0, False][len(node.args) - 2:]
+        bb = importer.block_builder
+        grid = bb.emit(relax.op.permute_dims(importer.env[node.args[1]], [0, 3, 1, 2]))
+        return bb.emit(relax.op.image.grid_sample(
+            importer.env[node.args[0]], grid, method={0: "bilinear", 1: "nearest", 2: "bicubic"}[int(args[2])],
+            layout="NCHW", padding_mode={0: "zeros", 1: "border", 2: "reflection"}[int(args[3])],
+            align_corners=bool(args[4])))
+
     def where(node, importer):
         if node in safe_softmax:
             return safe_softmax[node]
@@ -1333,7 +1345,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         rows = bb.emit(relax.op.take(w, bb.emit(relax.op.reshape(ids, (-1,))), axis=0, mode=mode))
         return bb.emit(relax.op.reshape(rows, (*shape, dim)))
 
-    generic = {"embedding.default": embedding,
+    generic = {"embedding.default": embedding, "grid_sampler_2d.default": grid_sampler_2d,
                "qlinear.default": qlinear, "qconv2d.default": qconv2d, "qmatmul.default": qmatmul,
                "qlinear_i32.default": qlinear_i32, "qconv2d_i32.default": qconv2d_i32,
                "requantize.default": requantize, "quantize_per_tensor.default": quantize_per_tensor,

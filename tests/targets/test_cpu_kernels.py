@@ -2335,3 +2335,31 @@ def test_log_softmax_and_softmax_over_channels_run_row_and_column_kernels(shape,
     finite = np.isfinite(ref)
     np.testing.assert_allclose(got[finite], ref[finite], rtol=0, atol=1e-6 * max(1.0, np.abs(ref[finite]).max()))
     np.testing.assert_array_equal(got[~finite], ref[~finite])
+
+
+class _GridSample(torch.nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.kw = kw
+
+    def forward(self, x, theta):
+        grid = torch.nn.functional.affine_grid(theta * 1.0, [x.shape[0], x.shape[1], 5, 7], align_corners=False)
+        return torch.nn.functional.grid_sample(x, grid, **self.kw)
+
+
+@pytest.mark.parametrize("kw", [dict(mode="bilinear", padding_mode="zeros", align_corners=False),
+                                dict(mode="nearest", padding_mode="border", align_corners=True),
+                                dict(mode="bicubic", padding_mode="reflection", align_corners=False)])
+def test_grid_sample_reads_pytorchs_grid_layout(kw):
+    """grid_sample (spatial transformers, flow warping) on a grid computed in the graph from an input theta: TVM's
+    converter handed PyTorch's [N, H, W, 2] grid to a Relax op that reads [N, 2, H, W] (an 8 x 10 image sampled on a
+    5 x 7 grid came out 7 x 2); the grid is transposed first. Matches torch for each mode and padding, batch 2."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 10)
+    theta = torch.tensor([[[0.9, 0.2, 0.1], [-0.1, 1.1, -0.2]], [[1.2, 0.0, 0.3], [0.1, 0.8, 0.0]]])
+    model = _GridSample(**kw).eval()
+    g = graphopt.trace(model, (x, theta))
+    ref = model(x, theta).numpy()
+    got = _run_built(g, x, theta)
+    assert got.shape == ref.shape == (2, 3, 5, 7)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=5e-6)
