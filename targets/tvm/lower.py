@@ -769,26 +769,38 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             chain = chain.args[0]
         return where
 
-    def max_dim(node, importer):
-        """max over one axis as (values, indices): Relax's max and argmax (each the first maximum's index, as
-        PyTorch's), not TVM's converter's top-1 sort (PointNet's max over 2048 points: 1.6x PyTorch's time)."""
+    def _extreme(importer, src, axes: list[int], keep: bool, out_shape, kind: str):
+        """max (kind "max") or min of fx node `src`'s value over `axes` (sorted, non-negative), NaN wherever a
+        reduced row holds one, as PyTorch's. float32 over trailing axes of at least a vector: graphopt's row
+        kernel (norm.py); else Relax's reduction (which drops a NaN unless it comes last) with the NaN put back."""
         from graphopt.targets.tvm.cpu.norm import emit_row_mean
+        x_val, x, bb = src.meta["val"], importer.env[src], importer.block_builder
+        nd = x_val.dim()
+        size = math.prod(int(x_val.shape[a]) for a in axes)
+        if axes == list(range(nd - len(axes), nd)) and size >= 8 and str(x_val.dtype) == "torch.float32":
+            return emit_row_mean(bb, x, x_val.numel() // size, size, out_shape, kind)
+        reduce = relax.op.max if kind == "max" else relax.op.min
+        y = bb.emit(reduce(x, axis=axes, keepdims=keep))
+        if not x_val.dtype.is_floating_point:
+            return y
+        nan = bb.emit(relax.op.max(bb.emit(relax.op.astype(bb.emit(relax.op.isnan(x)), "int8")), axis=axes,
+                                   keepdims=keep))
+        return bb.emit(relax.op.where(bb.emit(relax.op.greater(nan, relax.const(0, "int8"))),
+                                      relax.const(float("nan"), str(x_val.dtype).replace("torch.", "")), y))
+
+    def _static(val) -> bool:
+        return val.dim() > 0 and all(isinstance(d, int) for d in val.shape)
+
+    def max_dim(node, importer):
+        """max over one axis as (values, indices): `_extreme`'s values (PointNet's max over 2048 points ran TVM's
+        converter's top-1 sort: 2.9 ms, now 0.24) and Relax's argmax (the first maximum's index, as PyTorch's)."""
         x_val = node.args[0].meta["val"]
-        if x_val.dim() == 0 or not x_val.dtype.is_floating_point or any(not isinstance(d, int) for d in x_val.shape):
+        if not x_val.dtype.is_floating_point or not _static(x_val):
             return _builtin(importer, "max.dim")(node)
         dim = int(node.args[1]) % x_val.dim()
         keep = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
         bb, x = importer.block_builder, importer.env[node.args[0]]
-        size = int(x_val.shape[dim])
-        if dim == x_val.dim() - 1 and size >= 8 and str(x_val.dtype) == "torch.float32":
-            # the values on graphopt's row kernel (norm.py), 2.9 ms -> 0.4 on 1024 rows of 2048
-            values = emit_row_mean(bb, x, x_val.numel() // size, size, node.meta["val"][0].shape, "max")
-        else:  # Relax's max drops a NaN unless it comes last: NaN where the row has one
-            nan = bb.emit(relax.op.max(bb.emit(relax.op.astype(bb.emit(relax.op.isnan(x)), "int8")), axis=[dim],
-                                       keepdims=keep))
-            values = bb.emit(relax.op.where(bb.emit(relax.op.greater(nan, relax.const(0, "int8"))),
-                                            relax.const(float("nan"), str(x_val.dtype).replace("torch.", "")),
-                                            bb.emit(relax.op.max(x, axis=[dim], keepdims=keep))))
+        values = _extreme(importer, node.args[0], [dim], keep, node.meta["val"][0].shape, "max")
         # indices: a NaN counts as +inf (PyTorch points at the first NaN; here a +inf before it wins) and a row
         # of -inf answers 0 (Relax's argmax: -1)
         dtype = str(x_val.dtype).replace("torch.", "")
@@ -796,6 +808,20 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         indices = bb.emit(relax.op.astype(bb.emit(relax.op.argmax(ranked, axis=dim, keepdims=keep)), "int64"))
         indices = bb.emit(relax.op.maximum(indices, relax.const(0, "int64")))
         return bb.emit(relax.Tuple([values, indices]))
+
+    def amax_amin(kind: str):
+        def convert(node, importer):
+            """amax / amin (x, dims=[] for all, keepdim): TVM's importer has no converter for them, so a graph
+            with torch.amax or torch.logsumexp (which decomposes into one) did not compile."""
+            x_val = node.args[0].meta["val"]
+            if not _static(x_val):
+                raise UnsupportedOpError(node.name, f"aten.{kind}", "symbolic shapes; export with static ones")
+            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", [])
+            dims = [dims] if isinstance(dims, int) else list(dims or [])
+            axes = sorted({int(d) % x_val.dim() for d in dims}) or list(range(x_val.dim()))
+            keep = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
+            return _extreme(importer, node.args[0], axes, keep, node.meta["val"].shape, kind)
+        return convert
 
     def softmax(node, importer):
         # float32 softmax over the last axis: one vectorized pass per row (norm.py); SDPA's where that zeroes
@@ -1465,6 +1491,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             "add.Tensor": add, "max_pool2d.default": max_pool2d,
             "max_pool2d_with_indices.default": max_pool2d_with_indices, "instance_norm.default": instance_norm,
             "roll.default": roll, "where.self": where, "max.dim": max_dim, "_log_softmax.default": log_softmax,
+            "amax.default": amax_amin("max"), "amin.default": amax_amin("min"),
             **{f"{kind}_pad{d}d.default": edge_pad(mode) for kind, mode in (("reflection", "reflect"),
                                                                            ("replication", "replicate"))
                for d in (1, 2, 3)}, "_pad_circular.default": edge_pad("circular"),

@@ -310,20 +310,20 @@ def emit_softmax_cols(bb, x, x_shape, dim: int, log: bool = False):
 
 
 def row_reduce_source(rows: int, dim: int, kind: str = "mean") -> str:
-    """TVMScript of y[r] = mean(x[r, :]) or max(x[r, :]) per row (four 8-lane partials, so four operations are
-    in flight; the last vector overlapping the one before, its repeated lanes masked out of a sum), rows in
-    parallel; a second input `scale` [1] holds 1 / dim, or 1 for the max (opaque with two inputs, as softmax_rows
-    is). One chain of partial sums ran 96 x 12544 at 65 us, PyTorch 42. The max takes NaN wherever it appears,
-    as PyTorch's (TVM's max keeps a NaN only when it is the second operand)."""
+    """TVMScript of y[r] = mean(x[r, :]), max(x[r, :]) or min(x[r, :]) per row (four 8-lane partials, so four
+    operations are in flight; the last vector overlapping the one before, its repeated lanes masked out of a sum),
+    rows in parallel; a second input `scale` [1] holds 1 / dim, or 1 for the max and min (opaque with two inputs,
+    as softmax_rows is). One chain of partial sums ran 96 x 12544 at 65 us, PyTorch 42. The max and min take NaN
+    wherever it appears, as PyTorch's (TVM's max keeps a NaN only when it is the second operand)."""
     steps = dim // LANES
     lane = f"T.ramp(0, 1, {LANES})"
     quads = steps // 4
     last, mask = _tail(dim)
     wide = f"T.ramp(0, 1, {4 * LANES})"
-    if kind == "max":
+    if kind in ("max", "min"):
         def combine(a: str, b: str) -> str:
-            return f"T.Select(T.Or(T.isnan({b}), {b} > {a}), {b}, {a})"
-        init = 'T.reinterpret("float32", T.uint32(0xFF800000))'  # -inf
+            return f"T.Select(T.Or(T.isnan({b}), {b} {'>' if kind == 'max' else '<'} {a}), {b}, {a})"
+        init = f'T.reinterpret("float32", T.uint32({0xFF800000 if kind == "max" else 0x7F800000}))'  # -inf / inf
         tail_value = f"x[T.ramp(r * {dim} + {last}, 1, {LANES})]"  # lanes seen twice change no max
     else:
         def combine(a: str, b: str) -> str:
@@ -356,7 +356,7 @@ def row_{kind}(x: T.Buffer(({rows * dim},), "float32"), scale: T.Buffer((1,), "f
 
 
 def emit_row_mean(bb, x, rows: int, dim: int, out_shape, kind: str = "mean"):
-    """mean (or `kind` "max") over the last `dim` values of x (a Relax value holding rows x dim floats), shaped
+    """mean (or `kind` "max" / "min") over the last `dim` values of x (a Relax value holding rows x dim floats), shaped
     out_shape: global average pooling (SE blocks, classifier heads), PointNet's max over its points. Relax's mean
     ran a reduction at 2-7x PyTorch's time on large maps (96x112x112: 299 us against 42), its max over 1024 rows
     of 2048 2.9 ms (PyTorch 1.0-1.3)."""
