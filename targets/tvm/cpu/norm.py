@@ -310,9 +310,9 @@ def emit_softmax_cols(bb, x, x_shape, dim: int, log: bool = False):
 
 
 def row_reduce_source(rows: int, dim: int, kind: str = "mean") -> str:
-    """TVMScript of y[r] = mean(x[r, :]), max(x[r, :]) or min(x[r, :]) per row (four 8-lane partials, so four
-    operations are in flight; the last vector overlapping the one before, its repeated lanes masked out of a sum),
-    rows in parallel; a second input `scale` [1] holds 1 / dim, or 1 for the max and min (opaque with two inputs,
+    """TVMScript of y[r] = mean(x[r, :]), its sum, max, min or 2-norm (kind "norm2") per row (four 8-lane partials,
+    so four operations are in flight; the last vector overlapping the one before, its repeated lanes masked out of
+    a sum), rows in parallel; a second input `scale` [1] holds 1 / dim for the mean, else 1 (opaque with two inputs,
     as softmax_rows is). One chain of partial sums ran 96 x 12544 at 65 us, PyTorch 42. The max and min take NaN
     wherever it appears, as PyTorch's (TVM's max keeps a NaN only when it is the second operand)."""
     steps = dim // LANES
@@ -325,11 +325,14 @@ def row_reduce_source(rows: int, dim: int, kind: str = "mean") -> str:
             return f"T.Select(T.Or(T.isnan({b}), {b} {'>' if kind == 'max' else '<'} {a}), {b}, {a})"
         init = f'T.reinterpret("float32", T.uint32({0xFF800000 if kind == "max" else 0x7F800000}))'  # -inf / inf
         tail_value = f"x[T.ramp(r * {dim} + {last}, 1, {LANES})]"  # lanes seen twice change no max
-    else:
+    else:  # sums: of the values (mean, sum) or of their squares (norm2, whose root the store takes)
         def combine(a: str, b: str) -> str:
+            if kind == "norm2" and b.startswith("x["):
+                return f"{a} + {b} * {b}"
             return f"{a} + {b}"
         init = "T.float32(0)"
-        tail_value = f"""T.Select({mask}, x[T.ramp(r * {dim} + {last}, 1, {LANES})], T.broadcast(
+        tail_x = f"x[T.ramp(r * {dim} + {last}, 1, {LANES})]"
+        tail_value = f"""T.Select({mask}, {tail_x}{f" * {tail_x}" if kind == "norm2" else ""}, T.broadcast(
             T.float32(0), {LANES}))"""
     tail = "" if not last else f"""
         acc[{lane}] = {combine(f"acc[{lane}]", tail_value)}"""
@@ -351,15 +354,15 @@ def row_{kind}(x: T.Buffer(({rows * dim},), "float32"), scale: T.Buffer((1,), "f
         s[0] = {init}
         for l in T.serial({LANES}):
             s[0] = {combine("s[0]", "acc[l]")}
-        y[r] = s[0] * scale[0]
+        y[r] = {"T.sqrt(s[0])" if kind == "norm2" else "s[0]"} * scale[0]
 """
 
 
 def emit_row_mean(bb, x, rows: int, dim: int, out_shape, kind: str = "mean"):
-    """mean (or `kind` "max" / "min") over the last `dim` values of x (a Relax value holding rows x dim floats), shaped
-    out_shape: global average pooling (SE blocks, classifier heads), PointNet's max over its points. Relax's mean
-    ran a reduction at 2-7x PyTorch's time on large maps (96x112x112: 299 us against 42), its max over 1024 rows
-    of 2048 2.9 ms (PyTorch 1.0-1.3)."""
+    """mean (or `kind` "sum" / "max" / "min" / "norm2") over the last `dim` values of x (a Relax value holding
+    rows x dim floats), shaped out_shape: global average pooling (SE blocks, classifier heads), PointNet's max over
+    its points, F.normalize's norm. Relax's mean ran a reduction at 2-7x PyTorch's time on large maps (96x112x112:
+    299 us against 42), its max over 1024 rows of 2048 2.9 ms (PyTorch 1.0-1.3)."""
     import numpy as np
     import tvm
     from tvm import relax
