@@ -846,6 +846,25 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         return emit_row_mean(importer.block_builder, importer.env[node.args[0]], *shape, node.meta["val"].shape,
                              "norm2")
 
+    def im2col(node, importer):
+        """F.unfold (aten.im2col: x, kernel_size, dilation, padding, stride) on graphopt's im2col kernel, whose
+        [N, C kh kw, L] columns are aten's; aten's decomposition gathered with index tensors of two shapes, which
+        TVM's index converter cannot broadcast (the import failed)."""
+        import numpy as np
+
+        from graphopt.targets.tvm.cpu.conv import emit_im2col
+        x_val = node.args[0].meta["val"]
+        (kh, kw), (dh, dw), (ph, pw), (sh, sw) = ([int(v) for v in a] for a in node.args[1:5])
+        if str(x_val.dtype) != "torch.float32" or not _static(x_val) or dh != dw:
+            raise UnsupportedOpError(node.name, "aten.im2col", "graphopt's CPU target unfolds float32 tensors "
+                                     "with the same dilation along both axes; run this model on --target onnx")
+        bb, x = importer.block_builder, importer.env[node.args[0]]
+        shape = tuple(int(d) for d in x_val.shape)
+        if len(shape) == 3:  # unbatched [C, H, W]
+            x, shape = bb.emit(relax.op.reshape(x, (1, *shape))), (1, *shape)
+        col, _, _ = emit_im2col(bb, x, shape, kh, kw, (sh, sw), (ph, ph, pw, pw), np.float32(0), dilation=dh)
+        return bb.emit(relax.op.reshape(col, tuple(int(d) for d in node.meta["val"].shape)))
+
     def amax_amin(kind: str):
         def convert(node, importer):
             """amax / amin (x, dims=[] for all, keepdim): TVM's importer has no converter for them, so a graph
@@ -1529,7 +1548,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             "max_pool2d_with_indices.default": max_pool2d_with_indices, "instance_norm.default": instance_norm,
             "roll.default": roll, "where.self": where, "max.dim": max_dim, "_log_softmax.default": log_softmax,
             "amax.default": amax_amin("max"), "amin.default": amax_amin("min"), "sum.dim_IntList": sum_dim,
-            "linalg_vector_norm.default": vector_norm,
+            "linalg_vector_norm.default": vector_norm, "im2col.default": im2col,
             **{f"{kind}_pad{d}d.default": edge_pad(mode) for kind, mode in (("reflection", "reflect"),
                                                                            ("replication", "replicate"))
                for d in (1, 2, 3)}, "_pad_circular.default": edge_pad("circular"),
@@ -1566,10 +1585,10 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
     table.pop(torch.ops.aten.linear.default, None)
     if device == "cpu":  # layer norm whole, for its row kernel (norm.py); not native_layer_norm's 3 outputs
         table.pop(torch.ops.aten.layer_norm.default, None)
-        # instance norm, roll and the reflect / replicate / circular pads whole, for their kernels (their
-        # decompositions: a batch norm over [1, N C, H, W], index gathers)
+        # instance norm, roll, im2col (F.unfold) and the reflect / replicate / circular pads whole, for their
+        # kernels (their decompositions: a batch norm over [1, N C, H, W], index gathers)
         aten = torch.ops.aten
-        for op in (aten.instance_norm.default, aten._pad_circular.default, aten.roll.default,
+        for op in (aten.instance_norm.default, aten._pad_circular.default, aten.roll.default, aten.im2col.default,
                    *(getattr(aten, f"{kind}_pad{d}d").default for kind in ("reflection", "replication")
                      for d in (1, 2, 3))):
             table.pop(op, None)
@@ -1600,6 +1619,8 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
                                          "TVM's Relax importer has no converter for it; run a pass that rewrites "
                                          "it or choose --target onnx") from None
         raise TargetError(f"TVM could not import the graph: {msg}") from None
+    except (UnsupportedOpError, TargetError):  # a converter's own refusal, naming the node
+        raise
     except Exception as e:
         raise TargetError(f"TVM could not import the graph: {type(e).__name__}: {e}") from None
     return _bounded_takes(mod)

@@ -2429,3 +2429,34 @@ def test_sums_and_2_norms_over_trailing_axes_run_the_row_kernel(fn, shape, kerne
         assert any(n.startswith(kernel) for n in names), names
     ref = model(x).numpy()
     np.testing.assert_allclose(_run_built(g, x), ref, rtol=2e-6, atol=1e-6)
+
+
+class _Unfold(torch.nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.kw = kw
+
+    def forward(self, x):
+        return torch.nn.functional.unfold(x * 1.0, **self.kw)
+
+
+@pytest.mark.parametrize("kw,shape", [(dict(kernel_size=3, padding=1), (1, 8, 14, 14)),
+                                      (dict(kernel_size=(2, 3), stride=2, padding=(1, 0)), (2, 4, 9, 11)),
+                                      (dict(kernel_size=3, dilation=2, padding=2), (1, 5, 12, 12)),
+                                      (dict(kernel_size=2, stride=2), (3, 8, 8))])  # unbatched
+def test_unfold_runs_the_im2col_kernel(kw, shape):
+    """F.unfold (T2T-ViT's soft split, involution, local attention) runs graphopt's im2col kernel, whose columns
+    are aten.im2col's: aten's decomposition gathered with index tensors of two shapes that TVM's index converter
+    could not broadcast, so the import failed. Exact against torch for strides, padding, dilation, a 2x3 kernel,
+    batch 2 and an unbatched input; per-axis dilations are refused with the node's name."""
+    torch.manual_seed(0)
+    model, x = _Unfold(**kw).eval(), torch.randn(*shape)
+    g = graphopt.trace(model, (x,))
+    assert any(n.startswith("im2col") for n in _func_names(g))
+    np.testing.assert_array_equal(_run_built(g, x), model(x).numpy())
+
+
+def test_unfold_with_per_axis_dilation_is_refused_by_name():
+    model, x = _Unfold(kernel_size=3, dilation=(1, 2)).eval(), torch.randn(1, 2, 9, 9)
+    with pytest.raises(graphopt.errors.UnsupportedOpError, match="im2col"):
+        build_executable(graphopt.trace(model, (x,)))
