@@ -97,10 +97,10 @@ class _Attention(torch.nn.Module):
 
 
 @pytest.mark.parametrize("tokens,head", [(13, 16), (197, 16),  # prime token counts (ViT's 197 with its class token)
-                                         (1031, 64)])  # keys of 264 KB a head: the padded matmul
+                                         (1031, 256)])  # keys of 1.05 MB a head: the padded matmul
 def test_attention_matmuls_on_odd_token_counts_get_the_rule(tokens, head):
     """Attention's batched matmuls whose rows / columns the rule cannot tile (a prime token count) run graphopt's
-    batched kernel (bmm.py) or, where a head's keys are too large to stage on a thread's stack, Relax's matmul on
+    batched kernel (bmm.py) or, where a head's keys are too large to stage in a core's L2, Relax's matmul on
     zero-padded operands with the pad cut off by a kernel of its own, so every matmul function is scheduled
     (unscheduled, ViT-Ti's attention took 4 ms a layer); a constant select is a slice, not a take. Matches torch."""
     torch.manual_seed(0)
