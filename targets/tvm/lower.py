@@ -621,11 +621,12 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         return emit_crop(bb, y, (int(a_val.shape[0]), mp, np_), m, n)
 
     def upsample_nearest2d(node, importer):
-        """float32 NCHW nearest upsampling by whole factors on its own kernel (resize.py); else TVM's resize2d."""
+        """float32 NCHW nearest upsampling by whole factors on its own kernel (resize.py); else
+        `nearest_take2d`."""
         from graphopt.targets.tvm.cpu.resize import emit_nearest, nearest_applies
         x_val, out = node.args[0].meta["val"], node.meta["val"]
         if str(x_val.dtype) != "torch.float32" or not nearest_applies(x_val.shape, out.shape[2:]):
-            return _builtin(importer, "upsample_nearest2d.vec")(node)
+            return nearest_take2d(node, importer)
         return emit_nearest(importer.block_builder, importer.env[node.args[0]], x_val.shape, out.shape[2:])
 
     def mean(node, importer):
@@ -923,6 +924,18 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             return emit_softmax(importer.block_builder, importer.env[node.args[0]], x_val.shape, log=True)
         y = _softmax_cols(node, importer, True)
         return y if y is not None else _builtin(importer, "_log_softmax.default")(node)
+
+    def nearest_take2d(node, importer):
+        """upsample_nearest2d (input, output_size, scale_factors) through PyTorch's index tables, any device
+        (resize.py): TVM's converter picked other rows and columns when the size was given and not a whole
+        multiple (13 -> 25: values off by up to 1.7x the output's range)."""
+        from graphopt.targets.tvm.cpu.resize import emit_nearest_take
+        x_val, out = node.args[0].meta["val"], node.meta["val"]
+        if not _static(x_val) or not all(isinstance(d, int) for d in out.shape):
+            return _builtin(importer, "upsample_nearest2d.vec")(node)
+        scales = node.args[2] if len(node.args) > 2 else node.kwargs.get("scale_factors")
+        return emit_nearest_take(importer.block_builder, importer.env[node.args[0]], x_val.shape, out.shape[-2:],
+                                 scales)
 
     def grid_sampler_2d(node, importer):
         """grid_sample: PyTorch's grid is [N, H_out, W_out, 2]; Relax's grid_sample infers its output from, and its
@@ -1428,6 +1441,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         return bb.emit(relax.op.reshape(rows, (*shape, dim)))
 
     generic = {"embedding.default": embedding, "grid_sampler_2d.default": grid_sampler_2d,
+               "upsample_nearest2d.vec": nearest_take2d,
                "qlinear.default": qlinear, "qconv2d.default": qconv2d, "qmatmul.default": qmatmul,
                "qlinear_i32.default": qlinear_i32, "qconv2d_i32.default": qconv2d_i32,
                "requantize.default": requantize, "quantize_per_tensor.default": quantize_per_tensor,

@@ -2460,3 +2460,29 @@ def test_unfold_with_per_axis_dilation_is_refused_by_name():
     model, x = _Unfold(kernel_size=3, dilation=(1, 2)).eval(), torch.randn(1, 2, 9, 9)
     with pytest.raises(graphopt.errors.UnsupportedOpError, match="im2col"):
         build_executable(graphopt.trace(model, (x,)))
+
+
+class _Nearest(torch.nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.kw = kw
+
+    def forward(self, x):
+        return torch.nn.functional.interpolate(x * 1.0, mode="nearest", **self.kw)
+
+
+@pytest.mark.parametrize("kw,shape", [(dict(size=(25, 25)), (1, 4, 13, 13)),  # not a whole factor
+                                      (dict(size=(7, 9)), (2, 3, 13, 20)),  # downsampling, batch 2
+                                      (dict(scale_factor=1.55), (1, 2, 10, 10)),  # 1 / 1.55, not 10 / 15
+                                      (dict(size=(26, 30)), (1, 2, 13, 15)),  # exactly 2x: PyTorch's shift
+                                      (dict(scale_factor=3), (1, 2, 5, 5))])  # whole factors: the kernel
+def test_nearest_resize_picks_pytorchs_rows_and_columns(kw, shape):
+    """Nearest resizing to a size that is not a whole multiple takes PyTorch's source rows and columns
+    (min(floor(dst * in / out), in - 1) in float32) through two takes: TVM's converter picked others (13 -> 25 was
+    off by up to 1.7x the output's range). Exact against torch; whole factors keep the copy kernel."""
+    torch.manual_seed(0)
+    model, x = _Nearest(**kw).eval(), torch.randn(*shape)
+    g = graphopt.trace(model, (x,))
+    whole = all(o % i == 0 for o, i in zip(model(x).shape[2:], shape[2:]))
+    assert any(n.startswith("nearest_") for n in _func_names(g)) == whole
+    np.testing.assert_array_equal(_run_built(g, x), model(x).numpy())

@@ -24,6 +24,32 @@ def _source_index(out_size: int, in_size: int, align_corners: bool, scale: float
     return i0, i1, (src - i0.astype(np.float32)).astype(np.float32)
 
 
+def nearest_index(out_size: int, in_size: int, scale: float | None) -> np.ndarray:
+    """PyTorch's source index of each output row (or column) in "nearest" mode: min(floor(dst * s), in - 1) in
+    float32, s = 1 / scale_factor when one was given, else in / out (its `nearest_idx`, with its exact 2x case)."""
+    dst = np.arange(out_size)
+    if out_size == in_size:
+        return dst.astype(np.int64)
+    if out_size == 2 * in_size:
+        return (dst >> 1).astype(np.int64)
+    s = np.float32(1.0 / scale) if scale else np.float32(in_size) / np.float32(out_size)
+    return np.minimum(np.floor(dst.astype(np.float32) * s).astype(np.int64), in_size - 1)
+
+
+def emit_nearest_take(bb, x, x_shape, out_hw, scales=None):
+    """upsample_nearest2d of x [..., H, W] (a Relax value, any dtype and device) as two takes through PyTorch's
+    index tables. TVM's converter computed other indices when the size was given and the factor was not whole
+    (13 -> 25, 13x20 -> 7x9: values off by up to 3.7)."""
+    from tvm import relax
+
+    h, w = (int(d) for d in x_shape[-2:])
+    sh, sw = (None, None) if not scales else (float(scales[0]), float(scales[1]))
+    rows = relax.const(nearest_index(int(out_hw[0]), h, sh))
+    cols = relax.const(nearest_index(int(out_hw[1]), w, sw))
+    y = bb.emit(relax.op.take(x, rows, axis=len(x_shape) - 2, mode="clip"))
+    return bb.emit(relax.op.take(y, cols, axis=len(x_shape) - 1, mode="clip"))
+
+
 def bilinear_applies(x_shape, out_hw) -> bool:
     """4-D float maps whose output rows hold at least one 16-column gather."""
     return len(x_shape) == 4 and int(out_hw[1]) >= CHUNK
