@@ -540,6 +540,15 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                 return emit_layer_norm(bb, importer.env[src.args[0]], w, b, x_val.shape, eps,
                                        residual=importer.env[src.args[1]])
             return emit_layer_norm(bb, x, w, b, x_val.shape, eps)
+        size = math.prod(shape)
+        if (len(shape) > 1 and _static(x_val) and tuple(int(d) for d in x_val.shape[-len(shape):]) == tuple(shape)
+                and rows_apply(size, dtype)):
+            # over several trailing axes (LayerNorm([C, H, W]), GroupNorm(1)-like): the same row kernel over the
+            # flattened rows; Relax's layer norm over 64x28x28 took 3.3 ms, 103x PyTorch's time
+            rows = x_val.numel() // size
+            flat = [bb.emit(relax.op.reshape(v, (size,))) for v in (w, b)]
+            y = emit_layer_norm(bb, bb.emit(relax.op.reshape(x, (rows, size))), *flat, (rows, size), eps)
+            return bb.emit(relax.op.reshape(y, tuple(int(d) for d in x_val.shape)))
         return bb.emit(relax.op.nn.layer_norm(x, w, b, axes=list(range(-len(shape), 0)), epsilon=eps))
 
     def upsample_bilinear2d(node, importer):

@@ -2486,3 +2486,21 @@ def test_nearest_resize_picks_pytorchs_rows_and_columns(kw, shape):
     whole = all(o % i == 0 for o, i in zip(model(x).shape[2:], shape[2:]))
     assert any(n.startswith("nearest_") for n in _func_names(g)) == whole
     np.testing.assert_array_equal(_run_built(g, x), model(x).numpy())
+
+
+@pytest.mark.parametrize("normalized,shape,affine", [((16, 7, 7), (2, 16, 7, 7), True),  # LayerNorm([C, H, W])
+                                                     ((5, 9), (3, 5, 9), True),  # 45 values: a row tail
+                                                     ((4, 6), (2, 4, 6), False)])
+def test_layer_norm_over_several_axes_runs_the_row_kernel(normalized, shape, affine):
+    """A layer norm over several trailing axes runs the layer norm row kernel over the flattened rows (Relax's
+    layer norm over 64x28x28 took 3.3 ms, 103x PyTorch's time). Matches torch with and without affine, batch 2."""
+    torch.manual_seed(0)
+    model = torch.nn.LayerNorm(list(normalized), elementwise_affine=affine)
+    if affine:
+        with torch.no_grad():
+            model.weight.normal_(), model.bias.normal_()
+    model.eval()
+    x = torch.randn(*shape) * 3 + 1
+    g = graphopt.trace(model, (x,))
+    assert any(n.startswith("layer_norm_rows") for n in _func_names(g))
+    _assert_built_matches(g, model, x)
