@@ -1535,6 +1535,34 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             return y
         return bb.emit(relax.Tuple([y, bb.emit(relax.op.zeros_like(y))]))
 
+    def adaptive_max_pool2d(node, importer):
+        """adaptive_max_pool2d (x, output_size) -> (values, indices); TVM's importer has no converter (CBAM's
+        channel attention did not compile). Output 1x1: `_extreme` over H and W (NaN kept), the indices Relax's
+        argmax over the flattened map; sizes that divide the map: max pooling with kernel = stride = the quotient
+        (graphopt's kernel), where no graph may read the indices. Uneven windows are refused with the node's name."""
+        x_val = node.args[0].meta["val"]
+        oh, ow = (int(v) for v in node.args[1])
+        bb, x = importer.block_builder, importer.env[node.args[0]]
+        if not _static(x_val) or x_val.dim() != 4 or not x_val.dtype.is_floating_point:
+            raise UnsupportedOpError(node.name, "aten.adaptive_max_pool2d", "graphopt takes static NCHW float "
+                                     "maps; run this model on --target onnx")
+        n, c, h, w = (int(d) for d in x_val.shape)
+        if (oh, ow) == (1, 1):
+            values = _extreme(importer, node.args[0], [2, 3], True, (n, c, 1, 1), "max")
+            flat = bb.emit(relax.op.reshape(x, (n, c, h * w)))
+            inf = relax.const(float("inf"), str(x_val.dtype).replace("torch.", ""))
+            ranked = bb.emit(relax.op.where(bb.emit(relax.op.isnan(flat)), inf, flat))
+            idx = bb.emit(relax.op.astype(bb.emit(relax.op.argmax(ranked, axis=2, keepdims=True)), "int64"))
+            idx = bb.emit(relax.op.maximum(idx, relax.const(0, "int64")))
+            return bb.emit(relax.Tuple([values, bb.emit(relax.op.reshape(idx, (n, c, 1, 1)))]))
+        reads_indices = any(getattr(u.target, "__name__", "") != "getitem" or u.args[1] != 0 for u in node.users)
+        if h % oh or w % ow or reads_indices:
+            raise UnsupportedOpError(node.name, "aten.adaptive_max_pool2d", "graphopt takes output sizes that divide "
+                                     "the map (or 1x1), without reading the indices; use MaxPool2d or --target onnx")
+        from graphopt.targets.tvm.cpu.pool import emit_max_pool
+        y = emit_max_pool(bb, x, x_val.shape, (h // oh, w // ow), (h // oh, w // ow), (0, 0))
+        return bb.emit(relax.Tuple([y, bb.emit(relax.op.zeros((n, c, oh, ow), "int64"))]))
+
     def max_pool2d(node, importer, name: str = "max_pool2d.default"):
         """Float NCHW max pooling on graphopt's kernel (any batch); other cases keep TVM's op."""
         from graphopt.targets.tvm.cpu.pool import emit_max_pool, max_pool_applies
@@ -1569,6 +1597,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             "bsr_conv1x1.default": bsr_conv1x1, "linear.default": linear,
             "add.Tensor": add, "max_pool2d.default": max_pool2d,
             "max_pool2d_with_indices.default": max_pool2d_with_indices, "instance_norm.default": instance_norm,
+            "adaptive_max_pool2d.default": adaptive_max_pool2d,
             "roll.default": roll, "where.self": where, "max.dim": max_dim, "_log_softmax.default": log_softmax,
             "amax.default": amax_amin("max"), "amin.default": amax_amin("min"), "sum.dim_IntList": sum_dim,
             "linalg_vector_norm.default": vector_norm, "im2col.default": im2col,

@@ -2504,3 +2504,40 @@ def test_layer_norm_over_several_axes_runs_the_row_kernel(normalized, shape, aff
     g = graphopt.trace(model, (x,))
     assert any(n.startswith("layer_norm_rows") for n in _func_names(g))
     _assert_built_matches(g, model, x)
+
+
+class _AdaptiveMax(torch.nn.Module):
+    def __init__(self, out, indices):
+        super().__init__()
+        self.out, self.indices = out, indices
+
+    def forward(self, x):
+        v, i = torch.nn.functional.adaptive_max_pool2d(x * 1.0, self.out, return_indices=True)
+        return (v, i) if self.indices else v
+
+
+@pytest.mark.parametrize("out,indices", [(1, True), ((3, 5), False), ((5, 5), False), ((3, 5), True)])
+def test_adaptive_max_pool_compiles_and_keeps_nan(out, indices):
+    """adaptive_max_pool2d (CBAM's channel attention) had no converter, so the import failed: 1x1 outputs take the
+    row max over H and W with Relax's argmax for the indices, outputs that divide the map max pooling with kernel
+    = stride (whose kernel now keeps a NaN, as PyTorch does); uneven windows, or indices of pooled windows, are
+    refused with the node's name. Values and indices match torch exactly, a NaN included."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 12, 10)
+    x[0, 1, 3, 4] = float("nan")
+    model = _AdaptiveMax(out, indices).eval()
+    g = graphopt.trace(model, (x,))
+    size = (out, out) if isinstance(out, int) else out
+    if size != (1, 1) and (12 % size[0] or 10 % size[1] or indices):
+        with pytest.raises(graphopt.errors.UnsupportedOpError, match="adaptive_max_pool2d"):
+            build_executable(g)
+        return
+    from tvm import relax
+    ex, *_ = build_executable(g)
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
+    ref = model(x)
+    if indices:
+        np.testing.assert_array_equal(got[0].numpy(), ref[0].numpy())
+        np.testing.assert_array_equal(got[1].numpy(), ref[1].numpy())
+    else:
+        np.testing.assert_array_equal((got if hasattr(got, "numpy") else got[0]).numpy(), ref.numpy())

@@ -1,7 +1,8 @@
 """Max pooling for NCHW float maps (ResNet's stem pool): one task per output row, a row of maxima updated tap by
 tap (rows outside the image skipped), the columns whose tap lies inside the image in a plain loop LLVM vectorizes
 (stride 2 as interleaved loads), the border columns guarded. TVM's pooling with the schedule rules took 1.1 ms
-for ResNet-18's 3x3 stride-2 pool on 64x112x112."""
+for ResNet-18's 3x3 stride-2 pool on 64x112x112. A NaN in a window gives NaN, as in PyTorch (TVM's max keeps a
+NaN only when it is the second operand)."""
 from __future__ import annotations
 
 import math
@@ -35,7 +36,8 @@ def max_pool_source(c: int, h: int, w: int, kernel, stride, padding) -> str:
             src = f"T.if_then_else({col} >= 0 and {col} < {w}, {src}, fill[0])"
         return f"""
                 for ox in T.serial({b - a}):
-                    acc[ox + {a}] = T.max(acc[ox + {a}], {src})"""
+                    v: T.let = {src}
+                    acc[ox + {a}] = T.Select(T.Or(T.isnan(v), v > acc[ox + {a}]), v, acc[ox + {a}])"""
     taps = "".join(f"""
         if {row(i)} >= 0 and {row(i)} < {h}:""" + "".join(cols(0, lo, j, True, i) + cols(lo, hi, j, False, i)
                                                           + cols(hi, ow, j, True, i) for j in range(kw))
