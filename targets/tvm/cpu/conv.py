@@ -68,15 +68,39 @@ def _tile_nest(rows: int, cols: int, r0: str, c0: str, n_tiles: str, k: int, cla
 """
 
 
-def _slab_nest(rt: int, rrem: int, nr: int, ct: int, k: int, clamp: tuple[float, float] | None, res: bool) -> str:
+def rows_alias(cin: int, p: int) -> bool:
+    """x's Cin rows lie P floats apart, a multiple of 4 KB (P a multiple of 1024: PointNet's 2048 points, 32x32 and
+    64x64 maps): a pixel tile's rows then share one set of each cache and evict each other before the next channel
+    tile reads them. Pointwise layers there ran at 52-66 GMAC/s, with their tiles copied contiguous first 100-110
+    (1.6-2x: 128 -> 1024 at 2048 points 4.3 -> 2.5 ms, 128 -> 384 at 1024 0.80 -> 0.46, 64 -> 192 at 4096 0.79 ->
+    0.48), where 2000 points, or 512, ran at 103-115 either way (Zen 4, 2 threads)."""
+    return (p * 4) % 4096 == 0 and cin >= 32
+
+
+def slab_staged(cin: int, p: int, rt: int) -> bool:
+    """Whether the slab kernel copies each task's slab contiguous first: where its rows alias (`rows_alias`) and
+    enough channel tiles reuse the copy (MobileNetV2's 32 -> 16 at 112x112, two tiles, ran 1.47x slower staged)."""
+    return rt >= 4 and rows_alias(cin, p)
+
+
+def _slab_nest(rt: int, rrem: int, nr: int, ct: int, k: int, clamp: tuple[float, float] | None, res: bool,
+               stage: bool = False) -> str:
     """One parallel task per pixel slab x[:, c0:c0+nr] running every channel tile, the remainder rows included,
     while the slab is in L1 (a separate loop for the remainder rows read every slab a second time: MobileNetV2's
-    16x32x12544 layer, memory-bound, was 1.6x ORT's time)."""
+    16x32x12544 layer, memory-bound, was 1.6x ORT's time). `stage`: the task first copies its slab into a
+    contiguous buffer (`slab_staged`)."""
+    copy = "" if not stage else f"""
+            xs = T.decl_buffer(({k * nr},), "float32", scope="global")
+            for kk in T.serial({k}):
+                for v in T.vectorized({nr}):
+                    xs[kk * {nr} + v] = x[kk, t * {nr} + v]"""
+    xcol = "0" if stage else None
+    xnext = f"(t + 1) * {nr}" if rt * MR <= XPREFETCH_MAX_COUT and not stage else None
     return f"""
-        for t in T.parallel({ct}):
+        for t in T.parallel({ct}):{copy}
             for rb in T.serial({rt}):{_tile(MR, nr, f"rb * {MR}", f"t * {nr}", k, clamp, "acc", " " * 16, res,
-                                            xnext=f"(t + 1) * {nr}" if rt * MR <= XPREFETCH_MAX_COUT else None)}
-            if True:{_tile(rrem, nr, str(rt * MR), f"t * {nr}", k, clamp, "acc_r", " " * 16, res)}
+                                            xnext=xnext, xcol=xcol)}
+            if True:{_tile(rrem, nr, str(rt * MR), f"t * {nr}", k, clamp, "acc_r", " " * 16, res, xcol=xcol)}
 """
 
 
@@ -150,11 +174,11 @@ def conv1x1_knobs(cout: int, cin: int, p: int, nr: int) -> tuple[dict, list[dict
     parallel tiles run panel-major, a weight panel outer, or pixel-major, a pixel tile outer), `stage` (copy the
     pixel tiles contiguous first) and `xprefetch` (prefetch the next pixel tile's line at every k). The rule:
     panel-major on maps of at most 3 pixel tiles (a 7x7 map's weight is then read once), staging for long
-    reductions (STAGE_MIN_CIN, STAGE_MIN_MACS), the prefetch for few output channels (XPREFETCH_MAX_COUT). Layers
+    reductions (STAGE_MIN_CIN, STAGE_MIN_MACS) and for rows 4 KB apart (`rows_alias`), the prefetch for few output channels (XPREFETCH_MAX_COUT). Layers
     on the slab kernel (a partial channel tile and 16+ pixel tiles) have no knobs."""
     rt, rrem = divmod(cout, MR)
     ct = p // nr
-    staged = ct > 0 and cin >= STAGE_MIN_CIN and cout * cin * p >= STAGE_MIN_MACS
+    staged = ct > 0 and (cin >= STAGE_MIN_CIN and cout * cin * p >= STAGE_MIN_MACS or rows_alias(cin, p))
     rule = {"order": "panel" if ct <= 3 else "pixels", "stage": staged,
             "xprefetch": not staged and ct > 3 and rt * MR <= XPREFETCH_MAX_COUT}
     if not (rt and ct) or (rrem and ct >= 16):
@@ -175,7 +199,7 @@ def conv1x1_source(cout: int, cin: int, p: int, nr: int, clamp: tuple[float, flo
     kn = knobs if knobs is not None else conv1x1_knobs(cout, cin, p, nr)[0]
     body, fused = "", False
     if rt and rrem and ct >= 16:
-        body += _slab_nest(rt, rrem, nr, ct, cin, clamp, res)
+        body += _slab_nest(rt, rrem, nr, ct, cin, clamp, res, slab_staged(cin, p, rt))
     else:
         if rt and kn["order"] == "panel":  # panel outer: a 7x7 map's weight (1280x320: 1.6 MB, past L2) is read once
             panel, col = f"t // {ct}", f"t % {ct}"
