@@ -170,12 +170,12 @@ def _column_tail(rt: int, c0: int, crem: int, cin: int, clamp: tuple[float, floa
 
 
 def conv1x1_knobs(cout: int, cin: int, p: int, nr: int) -> tuple[dict, list[dict]]:
-    """The rule's knobs for a pointwise layer and the candidates tuning may measure (`knobs.py`): `order` (the
-    parallel tiles run panel-major, a weight panel outer, or pixel-major, a pixel tile outer), `stage` (copy the
-    pixel tiles contiguous first) and `xprefetch` (prefetch the next pixel tile's line at every k). The rule:
-    panel-major on maps of at most 3 pixel tiles (a 7x7 map's weight is then read once), staging for long
-    reductions (STAGE_MIN_CIN, STAGE_MIN_MACS) and for rows 4 KB apart (`rows_alias`), the prefetch for few output channels (XPREFETCH_MAX_COUT). Layers
-    on the slab kernel (a partial channel tile and 16+ pixel tiles) have no knobs."""
+    """The rule's knobs for a pointwise layer and the candidates tuning may measure (`knobs.py`): `order` (the parallel
+    tiles run panel-major, a weight panel outer, or pixel-major, a pixel tile outer), `stage` (copy the pixel
+    tiles contiguous first) and `xprefetch` (prefetch the next pixel tile's line at every k). The rule: panel-
+    major on maps of at most 3 pixel tiles (a 7x7 map's weight is then read once), staging for long reductions
+    (STAGE_MIN_CIN, STAGE_MIN_MACS) and for rows 4 KB apart (`rows_alias`), the prefetch for few output channels
+    (XPREFETCH_MAX_COUT). Layers on the slab kernel (a partial channel tile and 16+ pixel tiles) have no knobs."""
     rt, rrem = divmod(cout, MR)
     ct = p // nr
     staged = ct > 0 and (cin >= STAGE_MIN_CIN and cout * cin * p >= STAGE_MIN_MACS or rows_alias(cin, p))
