@@ -849,8 +849,9 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         (norm.py), the squares summed in its partials: TVM's converter's pow / sum / pow took 4.7x PyTorch's time
         (F.normalize over 512 rows of 512: 249 us)."""
         from graphopt.targets.tvm.cpu.norm import emit_row_mean
-        args = list(node.args) + [2, None, False, None][len(node.args) - 1:]
-        shape = _trailing_rows(node, args[2]) if float(args[1]) == 2.0 and args[4] is None else None
+        args = list(node.args) + [2, None, False][len(node.args) - 1:]  # (x, ord, dim, keepdim; dtype a kwarg)
+        shape = (_trailing_rows(node, args[2]) if isinstance(args[1], (int, float)) and float(args[1]) == 2.0
+                 and node.kwargs.get("dtype") is None else None)
         if shape is None:
             return _builtin(importer, "linalg_vector_norm.default")(node)
         return emit_row_mean(importer.block_builder, importer.env[node.args[0]], *shape, node.meta["val"].shape,

@@ -2141,13 +2141,15 @@ def test_mean_of_a_0d_tensor_is_the_tensor():
     np.testing.assert_allclose(_run_built(g, x), model(x).numpy(), rtol=1e-6)
 
 
-class _EdgePad(torch.nn.Module):
-    def __init__(self, pads, mode):
+class _Fn(torch.nn.Module):
+    """A module computing fn(x) (a lambda over torch ops): the layers the tests below trace."""
+
+    def __init__(self, fn):
         super().__init__()
-        self.pads, self.mode = pads, mode
+        self.fn = fn
 
     def forward(self, x):
-        return torch.nn.functional.pad(x, self.pads, mode=self.mode) * 2.0
+        return self.fn(x)
 
 
 @pytest.mark.parametrize("pads,mode,shape", [((3, 3, 3, 3), "reflect", (1, 8, 12, 12)),  # style transfer's stem
@@ -2165,7 +2167,8 @@ def test_reflect_replicate_and_circular_pads_run_the_row_kernel(pads, mode, shap
     decomposition into index gathers took 5.8x / 9x PyTorch's time); 3-axis pads keep Relax's pad in that mode.
     Exact against torch for asymmetric pads, 1-D rows, batch 2 and pads as wide as the axis."""
     torch.manual_seed(0)
-    model, x = _EdgePad(pads, mode).eval(), torch.randn(*shape)
+    model = _Fn(lambda x: torch.nn.functional.pad(x, pads, mode=mode) * 2.0).eval()
+    x = torch.randn(*shape)
     g = graphopt.trace(model, (x,))
     names = _func_names(g)
     assert any(n.startswith(f"{mode}_pad_") for n in names) == (len(pads) <= 4), names
@@ -2198,15 +2201,6 @@ def test_instance_norm_runs_the_group_norm_kernel(cls, shape, kw):
     _assert_built_matches(g, model, x)
 
 
-class _Roll(torch.nn.Module):
-    def __init__(self, shifts, dims):
-        super().__init__()
-        self.shifts, self.dims = shifts, dims
-
-    def forward(self, x):
-        return torch.roll(x * 2.0, self.shifts, self.dims) + 1.0
-
-
 @pytest.mark.parametrize("shifts,dims,shape", [((-3, -3), (1, 2), (1, 14, 14, 8)),  # Swin's window shift
                                                ((3, 3), (1, 2), (2, 14, 14, 8)),  # and back, batch 2
                                                (5, -1, (3, 7)),  # the last axis: one element a run
@@ -2219,7 +2213,7 @@ def test_roll_runs_the_row_copy(shifts, dims, shape):
     3.4x PyTorch's time). Exact against torch for negative shifts, shifts past the size, one axis rolled twice,
     the last axis, the flat tensor and batch 2."""
     torch.manual_seed(0)
-    model, x = _Roll(shifts, dims).eval(), torch.randn(*shape)
+    model, x = _Fn(lambda x: torch.roll(x * 2.0, shifts, dims) + 1.0).eval(), torch.randn(*shape)
     g = graphopt.trace(model, (x,))
     assert any(n.startswith("roll_") for n in _func_names(g))
     np.testing.assert_array_equal(_run_built(g, x), model(x).numpy())
@@ -2281,16 +2275,6 @@ def test_sdpa_rows_masked_everywhere_are_zeros_in_the_softmax_kernel():
     np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6 * np.abs(ref).max())
 
 
-class _MaxDim(torch.nn.Module):
-    def __init__(self, dim, keepdim, indices):
-        super().__init__()
-        self.dim, self.keepdim, self.indices = dim, keepdim, indices
-
-    def forward(self, x):
-        values, idx = torch.max(x * 1.0, self.dim, self.keepdim)
-        return (values, idx) if self.indices else values + 1.0
-
-
 @pytest.mark.parametrize("shape,dim,keepdim,indices", [((1, 64, 300), -1, False, False),  # PointNet's max over points
                                                        ((2, 5, 37), 2, True, True),  # a tail; the indices too
                                                        ((3, 9, 4), 1, False, True),  # not the last axis
@@ -2306,7 +2290,8 @@ def test_max_over_the_last_axis_runs_a_row_kernel(shape, dim, keepdim, indices):
     if shape[-1] > 20:
         x[..., 1, 20] = float("nan")  # a later vector of another row
         x[..., 2, :] = float("-inf")
-    model = _MaxDim(dim, keepdim, indices).eval()
+    model = _Fn(lambda x: tuple(torch.max(x * 1.0, dim, keepdim)) if indices
+                else torch.max(x * 1.0, dim, keepdim)[0] + 1.0).eval()
     g = graphopt.trace(model, (x,))
     names = _func_names(g)
     assert any(n.startswith("row_max") for n in names) == (dim % len(shape) == len(shape) - 1 and shape[-1] >= 8), names
@@ -2319,15 +2304,6 @@ def test_max_over_the_last_axis_runs_a_row_kernel(shape, dim, keepdim, indices):
         np.testing.assert_array_equal(got[1].numpy(), ref[1].numpy())
     else:
         np.testing.assert_array_equal((got if hasattr(got, "numpy") else got[0]).numpy(), ref.numpy())
-
-
-class _SoftmaxAxis(torch.nn.Module):
-    def __init__(self, dim, log):
-        super().__init__()
-        self.dim, self.log = dim, log
-
-    def forward(self, x):
-        return (torch.log_softmax if self.log else torch.softmax)(x * 2.0, self.dim)
 
 
 @pytest.mark.parametrize("shape,dim,log", [((2, 1000), -1, True),  # a classifier's / language model's head
@@ -2345,7 +2321,7 @@ def test_log_softmax_and_softmax_over_channels_run_row_and_column_kernels(shape,
     torch.manual_seed(0)
     x = torch.randn(*shape) * 4
     x.view(-1)[3] = float("-inf")
-    model = _SoftmaxAxis(dim, log).eval()
+    model = _Fn(lambda x: (torch.log_softmax if log else torch.softmax)(x * 2.0, dim)).eval()
     g = graphopt.trace(model, (x,))
     names = _func_names(g)
     last = dim % len(shape) == len(shape) - 1
@@ -2388,17 +2364,6 @@ def test_grid_sample_reads_pytorchs_grid_layout(kw):
     np.testing.assert_allclose(got, ref, rtol=0, atol=5e-6)
 
 
-class _Extreme(torch.nn.Module):
-    def __init__(self, fn, dims, keepdim):
-        super().__init__()
-        self.fn, self.dims, self.keepdim = fn, dims, keepdim
-
-    def forward(self, x):
-        if self.fn == "logsumexp":
-            return torch.logsumexp(x * 1.0, self.dims, self.keepdim)
-        return getattr(torch, self.fn)(x * 1, self.dims, self.keepdim)
-
-
 @pytest.mark.parametrize("fn,dims,keepdim,shape,dtype", [("amax", (2, 3), False, (1, 16, 5, 6), torch.float32),  # CBAM
                                                          ("amin", -1, True, (3, 37), torch.float32),
                                                          ("amax", 1, False, (2, 9, 4), torch.float32),  # a middle axis
@@ -2413,7 +2378,8 @@ def test_amax_amin_and_logsumexp_compile_and_keep_nan(fn, dims, keepdim, shape, 
     x = (torch.randn(*shape) * 10).to(dtype)
     if dtype.is_floating_point and fn != "logsumexp":
         x.view(-1)[7] = float("nan")
-    model = _Extreme(fn, dims, keepdim).eval()
+    model = _Fn(lambda x: torch.logsumexp(x * 1.0, dims, keepdim) if fn == "logsumexp"
+                else getattr(torch, fn)(x * 1, dims, keepdim)).eval()
     g = graphopt.trace(model, (x,))
     ref = model(x).numpy()
     got = _run_built(g, x)
@@ -2421,15 +2387,6 @@ def test_amax_amin_and_logsumexp_compile_and_keep_nan(fn, dims, keepdim, shape, 
         np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
     else:
         np.testing.assert_array_equal(got, ref)
-
-
-class _RowReduce(torch.nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x * 1.0)
 
 
 @pytest.mark.parametrize("fn,shape,kernel", [
@@ -2444,7 +2401,7 @@ def test_sums_and_2_norms_over_trailing_axes_run_the_row_kernel(fn, shape, kerne
     TVM's norm (pow, sum, pow) took 4.7x PyTorch's time in F.normalize, Relax's sum 1.8x. Matches torch within
     float rounding for tails, keepdim and several axes; other orders and axes keep TVM's ops."""
     torch.manual_seed(0)
-    model, x = _RowReduce(fn).eval(), torch.randn(*shape)
+    model, x = _Fn(lambda x: fn(x * 1.0)).eval(), torch.randn(*shape)
     g = graphopt.trace(model, (x,))
     names = _func_names(g)
     assert any(n.startswith("row_") for n in names) == (kernel is not None), names
@@ -2452,15 +2409,6 @@ def test_sums_and_2_norms_over_trailing_axes_run_the_row_kernel(fn, shape, kerne
         assert any(n.startswith(kernel) for n in names), names
     ref = model(x).numpy()
     np.testing.assert_allclose(_run_built(g, x), ref, rtol=2e-6, atol=1e-6)
-
-
-class _Unfold(torch.nn.Module):
-    def __init__(self, **kw):
-        super().__init__()
-        self.kw = kw
-
-    def forward(self, x):
-        return torch.nn.functional.unfold(x * 1.0, **self.kw)
 
 
 @pytest.mark.parametrize("kw,shape", [(dict(kernel_size=3, padding=1), (1, 8, 14, 14)),
@@ -2473,25 +2421,17 @@ def test_unfold_runs_the_im2col_kernel(kw, shape):
     could not broadcast, so the import failed. Exact against torch for strides, padding, dilation, a 2x3 kernel,
     batch 2 and an unbatched input; per-axis dilations are refused with the node's name."""
     torch.manual_seed(0)
-    model, x = _Unfold(**kw).eval(), torch.randn(*shape)
+    model, x = _Fn(lambda x: torch.nn.functional.unfold(x * 1.0, **kw)).eval(), torch.randn(*shape)
     g = graphopt.trace(model, (x,))
     assert any(n.startswith("im2col") for n in _func_names(g))
     np.testing.assert_array_equal(_run_built(g, x), model(x).numpy())
 
 
 def test_unfold_with_per_axis_dilation_is_refused_by_name():
-    model, x = _Unfold(kernel_size=3, dilation=(1, 2)).eval(), torch.randn(1, 2, 9, 9)
+    model = _Fn(lambda x: torch.nn.functional.unfold(x * 1.0, 3, dilation=(1, 2))).eval()
+    x = torch.randn(1, 2, 9, 9)
     with pytest.raises(graphopt.errors.UnsupportedOpError, match="im2col"):
         build_executable(graphopt.trace(model, (x,)))
-
-
-class _Nearest(torch.nn.Module):
-    def __init__(self, **kw):
-        super().__init__()
-        self.kw = kw
-
-    def forward(self, x):
-        return torch.nn.functional.interpolate(x * 1.0, mode="nearest", **self.kw)
 
 
 @pytest.mark.parametrize("kw,shape", [(dict(size=(25, 25)), (1, 4, 13, 13)),  # not a whole factor
@@ -2504,7 +2444,8 @@ def test_nearest_resize_picks_pytorchs_rows_and_columns(kw, shape):
     (min(floor(dst * in / out), in - 1) in float32) through two takes: TVM's converter picked others (13 -> 25 was
     off by up to 1.7x the output's range). Exact against torch; whole factors keep the copy kernel."""
     torch.manual_seed(0)
-    model, x = _Nearest(**kw).eval(), torch.randn(*shape)
+    model = _Fn(lambda x: torch.nn.functional.interpolate(x * 1.0, mode="nearest", **kw)).eval()
+    x = torch.randn(*shape)
     g = graphopt.trace(model, (x,))
     whole = all(o % i == 0 for o, i in zip(model(x).shape[2:], shape[2:]))
     assert any(n.startswith("nearest_") for n in _func_names(g)) == whole
@@ -2529,16 +2470,6 @@ def test_layer_norm_over_several_axes_runs_the_row_kernel(normalized, shape, aff
     _assert_built_matches(g, model, x)
 
 
-class _AdaptiveMax(torch.nn.Module):
-    def __init__(self, out, indices):
-        super().__init__()
-        self.out, self.indices = out, indices
-
-    def forward(self, x):
-        v, i = torch.nn.functional.adaptive_max_pool2d(x * 1.0, self.out, return_indices=True)
-        return (v, i) if self.indices else v
-
-
 @pytest.mark.parametrize("out,indices", [(1, True), ((3, 5), False), ((5, 5), False), ((3, 5), True)])
 def test_adaptive_max_pool_compiles_and_keeps_nan(out, indices):
     """adaptive_max_pool2d (CBAM's channel attention) had no converter, so the import failed: 1x1 outputs take the
@@ -2548,7 +2479,8 @@ def test_adaptive_max_pool_compiles_and_keeps_nan(out, indices):
     torch.manual_seed(0)
     x = torch.randn(2, 8, 12, 10)
     x[0, 1, 3, 4] = float("nan")
-    model = _AdaptiveMax(out, indices).eval()
+    model = _Fn(lambda x: torch.nn.functional.adaptive_max_pool2d(x * 1.0, out, return_indices=True)
+                if indices else torch.nn.functional.adaptive_max_pool2d(x * 1.0, out)).eval()
     g = graphopt.trace(model, (x,))
     size = (out, out) if isinstance(out, int) else out
     if size != (1, 1) and (12 % size[0] or 10 % size[1] or indices):
