@@ -687,6 +687,21 @@ def test_few_channel_pointwise_kernel_prefetches_its_next_pixel_tile(cout, cin, 
     assert fmas >= 12 and len(re.findall(r"prefetcht0\s", loop)) * 12 == expected * fmas, loop
 
 
+def _assert_conv1x1_relu6_res(src: str, cout: int, cin: int, p: int):
+    """Build the pointwise kernel source `src` (clamp to [0, 6], a residual) and compare it with numpy's."""
+    from tvm.script import tirx as T
+    from graphopt.targets.tvm.cpu import conv
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((cout, cin)).astype(np.float32) / 8
+    x, res = rng.standard_normal((cin, p)).astype(np.float32), rng.standard_normal((cout, p)).astype(np.float32)
+    b = rng.standard_normal(cout).astype(np.float32)
+    f = tvm.script.parse(src, extra_vars={"T": T}).with_attr("global_symbol", "main")
+    lib = tvm.compile(tvm.IRModule({"main": f}), target=cpu_target())
+    args = [tvm.runtime.tensor(a) for a in (x, conv.pack_rows(w), b, res, np.zeros((cout, p), np.float32))]
+    lib["main"](*args)
+    np.testing.assert_allclose(args[-1].numpy(), np.clip(w @ x + b[:, None] + res, 0, 6), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("cout,cin,p,staged", [(64, 32, 1024, True),  # the slab kernel (a partial channel tile)
                                                (96, 64, 1024, True),  # the tile nests
                                                (100, 48, 2000, False),  # rows 8000 bytes apart: no aliasing
@@ -695,19 +710,10 @@ def test_pointwise_kernel_stages_rows_that_alias_in_cache(cout, cin, p, staged):
     """Pointwise layers whose input rows lie a multiple of 4 KB apart (1024 or 2048 pixels / points) read their
     pixel tiles from a contiguous copy: the rows shared one cache set each and evicted each other (52-66 GMAC/s,
     staged 100-110). Numerics as numpy's with bias, ReLU6 and a residual."""
-    from tvm.script import tirx as T
     from graphopt.targets.tvm.cpu import conv
-    rng = np.random.default_rng(0)
     src = conv.conv1x1_source(cout, cin, p, 16, (0.0, 6.0), res=True)
     assert ("xs = T.decl_buffer" in src) == staged
-    w = rng.standard_normal((cout, cin)).astype(np.float32) / 8
-    x, res = rng.standard_normal((cin, p)).astype(np.float32), rng.standard_normal((cout, p)).astype(np.float32)
-    b = rng.standard_normal(cout).astype(np.float32)
-    f = tvm.script.parse(src, extra_vars={"T": T}).with_attr("global_symbol", "main")
-    lib = tvm.compile(tvm.IRModule({"main": f}), target=cpu_target())
-    args = [tvm.runtime.tensor(a) for a in (x, conv.pack_rows(w), b, res, np.zeros((cout, p), np.float32))]
-    lib["main"](*args)
-    np.testing.assert_allclose(args[-1].numpy(), np.clip(w @ x + b[:, None] + res, 0, 6), rtol=1e-4, atol=1e-4)
+    _assert_conv1x1_relu6_res(src, cout, cin, p)
 
 
 @pytest.mark.parametrize("cout,cin,hw", [(40, 260, 7), (13, 256, 14), (6, 300, 5)])
@@ -715,21 +721,12 @@ def test_pointwise_kernel_staged_inputs_match(monkeypatch, cout, cin, hw):
     """Long reductions read their pixel tiles from a contiguous staged copy (panel-outer 7x7, tile-outer 14x14,
     remainder rows, the fused tail pixel, a map smaller than one tile): same result as numpy, and the copy is only
     made where the layer is big enough (thresholds lowered here to stage these small layers)."""
-    from tvm.script import tirx as T
     from graphopt.targets.tvm.cpu import conv
     monkeypatch.setattr(conv, "STAGE_MIN_MACS", 0)
-    rng = np.random.default_rng(0)
     p = hw * hw
     src = conv.conv1x1_source(cout, cin, p, 16, (0.0, 6.0), res=True)
     assert ("xs = T.decl_buffer" in src) == (p >= 16)
-    w = rng.standard_normal((cout, cin)).astype(np.float32) / 8
-    x, res = rng.standard_normal((cin, p)).astype(np.float32), rng.standard_normal((cout, p)).astype(np.float32)
-    b = rng.standard_normal(cout).astype(np.float32)
-    f = tvm.script.parse(src, extra_vars={"T": T}).with_attr("global_symbol", "main")
-    lib = tvm.compile(tvm.IRModule({"main": f}), target=cpu_target())
-    args = [tvm.runtime.tensor(a) for a in (x, conv.pack_rows(w), b, res, np.zeros((cout, p), np.float32))]
-    lib["main"](*args)
-    np.testing.assert_allclose(args[-1].numpy(), np.clip(w @ x + b[:, None] + res, 0, 6), rtol=1e-4, atol=1e-4)
+    _assert_conv1x1_relu6_res(src, cout, cin, p)
     monkeypatch.setattr(conv, "STAGE_MIN_MACS", 7_000_000)
     assert "xs = T.decl_buffer" not in conv.conv1x1_source(cout, cin, p, 16, (0.0, 6.0), res=True)
 
