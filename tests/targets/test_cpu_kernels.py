@@ -2272,6 +2272,20 @@ def test_sdpa_rows_masked_everywhere_are_zeros_in_the_softmax_kernel():
     np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6 * np.abs(ref).max())
 
 
+def _assert_values_and_indices_equal(g, model, x, indices: bool):
+    """Build `g`, run it on x and compare with the model exactly: (values, indices) when `indices`, else one
+    tensor (NaN where torch has NaN)."""
+    from tvm import relax
+    ex, *_ = build_executable(g)
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
+    ref = model(x)
+    if indices:
+        np.testing.assert_array_equal(got[0].numpy(), ref[0].numpy())
+        np.testing.assert_array_equal(got[1].numpy(), ref[1].numpy())
+    else:
+        np.testing.assert_array_equal((got if hasattr(got, "numpy") else got[0]).numpy(), ref.numpy())
+
+
 @pytest.mark.parametrize("shape,dim,keepdim,indices", [((1, 64, 300), -1, False, False),  # PointNet's max over points
                                                        ((2, 5, 37), 2, True, True),  # a tail; the indices too
                                                        ((3, 9, 4), 1, False, True),  # not the last axis
@@ -2292,15 +2306,7 @@ def test_max_over_the_last_axis_runs_a_row_kernel(shape, dim, keepdim, indices):
     g = graphopt.trace(model, (x,))
     names = _func_names(g)
     assert any(n.startswith("row_max") for n in names) == (dim % len(shape) == len(shape) - 1 and shape[-1] >= 8), names
-    from tvm import relax
-    ex, *_ = build_executable(g)
-    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
-    ref = model(x)
-    if indices:
-        np.testing.assert_array_equal(got[0].numpy(), ref[0].numpy())
-        np.testing.assert_array_equal(got[1].numpy(), ref[1].numpy())
-    else:
-        np.testing.assert_array_equal((got if hasattr(got, "numpy") else got[0]).numpy(), ref.numpy())
+    _assert_values_and_indices_equal(g, model, x, indices)
 
 
 @pytest.mark.parametrize("shape,dim,log", [((2, 1000), -1, True),  # a classifier's / language model's head
@@ -2484,12 +2490,4 @@ def test_adaptive_max_pool_compiles_and_keeps_nan(out, indices):
         with pytest.raises(graphopt.errors.UnsupportedOpError, match="adaptive_max_pool2d"):
             build_executable(g)
         return
-    from tvm import relax
-    ex, *_ = build_executable(g)
-    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
-    ref = model(x)
-    if indices:
-        np.testing.assert_array_equal(got[0].numpy(), ref[0].numpy())
-        np.testing.assert_array_equal(got[1].numpy(), ref[1].numpy())
-    else:
-        np.testing.assert_array_equal((got if hasattr(got, "numpy") else got[0]).numpy(), ref.numpy())
+    _assert_values_and_indices_equal(g, model, x, indices)
