@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from graphopt.errors import InputMismatchError, ModelFileError, UnsupportedOpError
 from graphopt.ir.graph import Graph
+from graphopt.ir.names import input_name
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +192,7 @@ class Importer:
                                              f"{inp.name}=DxDx... (input_shapes= in Python)")
             dt = _onnx_dtype(tt.elem_type)
             ex = torch.randn(dims).to(dt) if dt.is_floating_point else torch.zeros(dims, dtype=dt)
-            safe = "".join(c if c.isalnum() else "_" for c in inp.name)
-            safe = safe if safe and not safe[0].isdigit() else "input_" + safe
+            safe = input_name(inp.name)
             node = self.g.placeholder(safe)
             self.env[inp.name] = Dyn(node, ex)
             self.example_inputs.append(ex)

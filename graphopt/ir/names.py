@@ -1,4 +1,5 @@
-"""Matching user-given name patterns (protect=, exclude=) against nodes and parameters."""
+"""Matching user-given name patterns (protect=, exclude=) against nodes and parameters; ONNX input names as graph
+input names."""
 from __future__ import annotations
 
 import fnmatch
@@ -28,3 +29,10 @@ def unmatched_patterns(graph: Graph, patterns: Iterable[str]) -> list[str]:
     for n in graph.gm.graph.nodes:
         labels |= node_labels(n)
     return [p for p in patterns if not matches(labels, [p])]
+
+
+def input_name(name: str) -> str:
+    """An ONNX input's name as a graph input's (a Python identifier): other characters become "_", and a leading
+    digit gets an "input_" prefix ("input.1" -> "input_1")."""
+    safe = "".join(c if c.isalnum() else "_" for c in name)
+    return safe if safe and not safe[0].isdigit() else "input_" + safe

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Sequence, TextIO
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 
 from graphopt.ir.files import atomic_write_bytes
+from graphopt.ir.names import input_name
 from graphopt.ir.graph import Graph
 from graphopt.ir.printer import graph_diff
 
@@ -76,7 +78,8 @@ def write_reproducer(root: str | os.PathLike | None, index: int, pass_text: str,
 
 
 def load_inputs_npz(path: str | os.PathLike, graph: Graph) -> list[tuple[torch.Tensor, ...]]:
-    """Batches from an .npz written by write_reproducer (b<batch>_<input>) or with one array per input; an array
+    """Batches from an .npz written by write_reproducer (b<batch>_<input index>; b<batch>_<input name> too) or with
+    one array per input; an array
     whose first dimension is a multiple of the graph's fixed batch (8 images for a batch-1 model) is split into that
     many batches."""
     from graphopt.errors import InputMismatchError
@@ -86,11 +89,25 @@ def load_inputs_npz(path: str | os.PathLike, graph: Graph) -> list[tuple[torch.T
         raise InputMismatchError(f"cannot read inputs file '{path}': {e}") from None
     keys = list(data.keys())
     n_in = len(graph.inputs)
-    if all(k.startswith("b") and "_" in k for k in keys):
-        n_b = len(keys) // max(n_in, 1)
-        batches = [tuple(torch.from_numpy(data[f"b{b}_{i}"]) for i in range(n_in)) for b in range(n_b)]
+    names = [s.name for s in graph.inputs]
+    tagged = [re.fullmatch(r"b(\d+)_(.+)", k) for k in keys]
+    if keys and all(tagged) and not all(n in keys for n in names):
+        # b<batch>_<input>: the input by its index (write_reproducer's keys) or by its name ("b0_input.1")
+        groups: dict[int, dict[int, np.ndarray]] = {}
+        for key, m in zip(keys, tagged):
+            tag = m.group(2)
+            tag = tag if tag.isdigit() or tag in names else input_name(tag)  # an ONNX input's own name too
+            slot = int(tag) if tag.isdigit() else names.index(tag) if tag in names else None
+            if slot is None or slot >= n_in:
+                raise InputMismatchError(f"'{path}': key '{key}' names no graph input (the inputs: "
+                                         f"{', '.join(names)}; use b<batch>_<input index or name>)")
+            groups.setdefault(int(m.group(1)), {})[slot] = data[key]
+        for b, arrays in sorted(groups.items()):
+            if len(arrays) != n_in:
+                missing = [names[i] for i in range(n_in) if i not in arrays]
+                raise InputMismatchError(f"'{path}': batch {b} has no array for input(s) {', '.join(missing)}")
+        batches = [tuple(torch.from_numpy(arrays[i]) for i in range(n_in)) for _, arrays in sorted(groups.items())]
     else:
-        names = [s.name for s in graph.inputs]
         order = names if all(n in keys for n in names) else keys
         arrays = [data[k] for k in order[:n_in]]
         batches = [tuple(torch.from_numpy(a) for a in arrays)]

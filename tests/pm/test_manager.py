@@ -141,3 +141,39 @@ def test_inputs_npz_with_several_fixed_batches_splits_them(tmp_path):
     np.savez(tmp_path / "odd.npz", **{name: images[:, :, :7]})
     with pytest.raises(InputMismatchError, match=r"has shape \[4, 3, 7, 8\], expected \[1, 3, 8, 8\]"):
         load_inputs_npz(tmp_path / "odd.npz", g)
+
+
+def test_inputs_npz_batch_keys_take_input_names_and_refuse_unknown_ones(tmp_path):
+    """b<batch>_<input> keys name the input by index (write_reproducer's), by the graph's name or by the ONNX
+    input's own ("b0_input.1" for the graph's input_1); a key naming no input, or a batch missing an input, is
+    refused with the inputs the graph has (it was a KeyError traceback)."""
+    from graphopt.errors import InputMismatchError
+    from graphopt.pm.instruments import load_inputs_npz
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+    g = graphopt.trace(model, (torch.randn(1, 3, 8, 8),))
+    name = g.inputs[0].name
+    a, b = (np.random.default_rng(i).standard_normal((1, 3, 8, 8)).astype(np.float32) for i in range(2))
+    for tag in ("0", name):
+        np.savez(tmp_path / "k.npz", **{f"b0_{tag}": a, f"b1_{tag}": b})
+        batches = load_inputs_npz(tmp_path / "k.npz", g)
+        assert len(batches) == 2 and np.array_equal(batches[1][0].numpy(), b)
+    np.savez(tmp_path / "bad.npz", **{"b0_nosuch": a})
+    with pytest.raises(InputMismatchError, match=f"names no graph input.*{name}"):
+        load_inputs_npz(tmp_path / "bad.npz", g)
+
+
+def test_inputs_npz_accepts_the_onnx_input_name(tmp_path):
+    """An ONNX model's input "input.1" is the graph's input_1; --inputs keys may use either name."""
+    from graphopt.frontends.onnx_import import load_onnx
+    from graphopt.pm.instruments import load_inputs_npz
+    import onnx
+    from onnx import TensorProto, helper
+    x = helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    m = helper.make_model(helper.make_graph([helper.make_node("Relu", ["input.1"], ["y"])], "g", [x], [y]),
+                          opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(m, tmp_path / "m.onnx")
+    g = load_onnx(tmp_path / "m.onnx")
+    arr = np.ones((1, 4), np.float32)
+    np.savez(tmp_path / "k.npz", **{"b0_input.1": arr})
+    assert np.array_equal(load_inputs_npz(tmp_path / "k.npz", g)[0][0].numpy(), arr)
