@@ -561,6 +561,29 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         return emit_bilinear(importer.block_builder, importer.env[node.args[0]], x_val.shape, out.shape[2:],
                              bool(args[2]), args[3])
 
+    def antialiased(kind: str):
+        def convert(node, importer):
+            """F.interpolate(..., antialias=True) (input, output_size, align_corners, scales_h, scales_w): TVM's
+            converter resized without the antialiasing filter (13x40 -> 25x19: off by 1.27). Bilinear upsampling,
+            where PyTorch's filter is the plain interpolation, runs graphopt's bilinear kernel; the rest (downsampling,
+            align_corners, bicubic, whose antialiased form uses another cubic: off by 0.27 as plain bicubic) is
+            refused with the node's name."""
+            from graphopt.targets.tvm.cpu.resize import bilinear_applies, emit_bilinear
+            x_val, out = node.args[0].meta["val"], node.meta["val"]
+            args = list(node.args) + [None] * (5 - len(node.args))
+            if isinstance(args[3], (list, tuple)):  # the .vec form: (input, output_size, align_corners, scales)
+                args[3:5] = list(args[3]) if len(args[3]) == 2 else [None, None]
+            up = all(int(o) >= int(i) for o, i in zip(out.shape[2:], x_val.shape[2:]))
+            if (kind != "bilinear" or not up or bool(args[2]) or not cpu_kernels
+                    or str(x_val.dtype) != "torch.float32" or not bilinear_applies(x_val.shape, out.shape[2:])):
+                raise UnsupportedOpError(node.name, f"aten._upsample_{kind}2d_aa", "antialiased resizing is "
+                                         "implemented for float bilinear upsampling (align_corners=False) on the CPU "
+                                         "only; resize with antialias=False, or outside the model")
+            scales = None if args[3] is None or args[4] is None else [float(args[3]), float(args[4])]
+            return emit_bilinear(importer.block_builder, importer.env[node.args[0]], x_val.shape, out.shape[2:],
+                                 bool(args[2]), scales)
+        return convert
+
     def _transposed_operand(node):
         """(X, alpha) where `node` is view(clone(expand(alpha * permute(X)))) with the permute swapping X's last
         two axes, the expand and view changing no element's place and alpha an optional constant scale (torch's
@@ -1452,6 +1475,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
 
     generic = {"embedding.default": embedding, "grid_sampler_2d.default": grid_sampler_2d,
                "upsample_nearest2d.vec": nearest_take2d,
+               **{f"_upsample_{kind}2d_aa.{form}": antialiased(kind) for kind in ("bilinear", "bicubic")
+                  for form in ("default", "vec")},
                "qlinear.default": qlinear, "qconv2d.default": qconv2d, "qmatmul.default": qmatmul,
                "qlinear_i32.default": qlinear_i32, "qconv2d_i32.default": qconv2d_i32,
                "requantize.default": requantize, "quantize_per_tensor.default": quantize_per_tensor,

@@ -2491,3 +2491,23 @@ def test_adaptive_max_pool_compiles_and_keeps_nan(out, indices):
             build_executable(g)
         return
     _assert_values_and_indices_equal(g, model, x, indices)
+
+
+@pytest.mark.parametrize("kw,shape,ok", [(dict(size=(25, 49)), (1, 2, 13, 40), True),
+                                         (dict(scale_factor=2), (2, 3, 13, 20), True),
+                                         (dict(size=(25, 19)), (1, 2, 13, 40), False),  # downsampling
+                                         (dict(scale_factor=1.7, align_corners=True), (1, 3, 13, 20), False),
+                                         (dict(size=(25, 49), mode="bicubic"), (1, 2, 13, 40), False)])
+def test_antialiased_resizing_runs_where_it_is_plain_and_is_refused_elsewhere(kw, shape, ok):
+    """F.interpolate(antialias=True): TVM's converter dropped the antialiasing filter (a 13x40 -> 25x19 bilinear
+    resize came out off by 1.27). Bilinear upsampling, where PyTorch's filter is plain interpolation, runs the
+    bilinear kernel and matches torch; downsampling, align_corners and bicubic (whose antialiased form uses
+    another cubic) are refused with the node's name rather than computed wrong."""
+    kw = {"mode": "bilinear", **kw}
+    model, x = _Fn(lambda x: torch.nn.functional.interpolate(x, antialias=True, **kw)).eval(), torch.randn(*shape)
+    g = graphopt.trace(model, (x,))
+    if not ok:
+        with pytest.raises(graphopt.errors.UnsupportedOpError, match="antialias"):
+            build_executable(g)
+        return
+    np.testing.assert_allclose(_run_built(g, x), model(x).numpy(), rtol=0, atol=2e-6)
