@@ -654,11 +654,11 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
 
     def upsample_nearest2d(node, importer):
         """float32 NCHW nearest upsampling by whole factors on its own kernel (resize.py); else
-        `nearest_take2d`."""
+        `nearest_take`."""
         from graphopt.targets.tvm.cpu.resize import emit_nearest, nearest_applies
         x_val, out = node.args[0].meta["val"], node.meta["val"]
         if str(x_val.dtype) != "torch.float32" or not nearest_applies(x_val.shape, out.shape[2:]):
-            return nearest_take2d(node, importer)
+            return nearest_take(node, importer)
         return emit_nearest(importer.block_builder, importer.env[node.args[0]], x_val.shape, out.shape[2:])
 
     def mean(node, importer):
@@ -958,17 +958,17 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         y = _softmax_cols(node, importer, True)
         return y if y is not None else _builtin(importer, "_log_softmax.default")(node)
 
-    def nearest_take2d(node, importer):
-        """upsample_nearest2d (input, output_size, scale_factors) through PyTorch's index tables, any device
+    def nearest_take(node, importer):
+        """upsample_nearest2d / 3d (input, output_size, scale_factors) through PyTorch's index tables, any device
         (resize.py): TVM's converter picked other rows and columns when the size was given and not a whole
-        multiple (13 -> 25: values off by up to 1.7x the output's range)."""
+        multiple (13 -> 25: values off by up to 1.7x the output's range), and the 3-D one did not import."""
         from graphopt.targets.tvm.cpu.resize import emit_nearest_take
         x_val, out = node.args[0].meta["val"], node.meta["val"]
         if not _static(x_val) or not all(isinstance(d, int) for d in out.shape):
             return _builtin(importer, "upsample_nearest2d.vec")(node)
         scales = node.args[2] if len(node.args) > 2 else node.kwargs.get("scale_factors")
-        return emit_nearest_take(importer.block_builder, importer.env[node.args[0]], x_val.shape, out.shape[-2:],
-                                 scales)
+        return emit_nearest_take(importer.block_builder, importer.env[node.args[0]], x_val.shape,
+                                 out.shape[2:], scales)
 
     def grid_sampler_2d(node, importer):
         """grid_sample: PyTorch's grid is [N, H_out, W_out, 2]; Relax's grid_sample infers its output from, and its
@@ -1474,7 +1474,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         return bb.emit(relax.op.reshape(rows, (*shape, dim)))
 
     generic = {"embedding.default": embedding, "grid_sampler_2d.default": grid_sampler_2d,
-               "upsample_nearest2d.vec": nearest_take2d,
+               "upsample_nearest2d.vec": nearest_take, "upsample_nearest3d.vec": nearest_take,
                **{f"_upsample_{kind}2d_aa.{form}": antialiased(kind) for kind in ("bilinear", "bicubic")
                   for form in ("default", "vec")},
                "qlinear.default": qlinear, "qconv2d.default": qconv2d, "qmatmul.default": qmatmul,
@@ -1661,6 +1661,7 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
     # the packed GEMM needs
     table = default_decompositions()
     table.pop(torch.ops.aten.linear.default, None)
+    table.pop(torch.ops.aten.upsample_nearest3d.vec, None)  # (its index gathers do not import; nearest_take)
     if device == "cpu":  # layer norm whole, for its row kernel (norm.py); not native_layer_norm's 3 outputs
         table.pop(torch.ops.aten.layer_norm.default, None)
         # instance norm, roll, im2col (F.unfold) and the reflect / replicate / circular pads whole, for their

@@ -2511,3 +2511,13 @@ def test_antialiased_resizing_runs_where_it_is_plain_and_is_refused_elsewhere(kw
             build_executable(g)
         return
     np.testing.assert_allclose(_run_built(g, x), model(x).numpy(), rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("kw,shape", [(dict(size=(5, 7, 9)), (1, 2, 3, 6, 4)),
+                                      (dict(scale_factor=1.55), (2, 2, 4, 6, 5))])
+def test_volumetric_nearest_resize_imports_and_picks_pytorchs_voxels(kw, shape):
+    """3-D nearest resizing (volumetric UNets): aten's decomposition into index gathers did not import; it takes
+    PyTorch's source indices along each axis. Exact against torch, sizes and a scale factor, batch 2."""
+    model = _Fn(lambda x: torch.nn.functional.interpolate(x * 1.0, mode="nearest", **kw)).eval()
+    x = torch.randn(*shape)
+    np.testing.assert_array_equal(_run_built(graphopt.trace(model, (x,)), x), model(x).numpy())

@@ -36,18 +36,20 @@ def nearest_index(out_size: int, in_size: int, scale: float | None) -> np.ndarra
     return np.minimum(np.floor(dst.astype(np.float32) * s).astype(np.int64), in_size - 1)
 
 
-def emit_nearest_take(bb, x, x_shape, out_hw, scales=None):
-    """upsample_nearest2d of x [..., H, W] (a Relax value, any dtype and device) as two takes through PyTorch's
-    index tables. TVM's converter computed other indices when the size was given and the factor was not whole
-    (13 -> 25, 13x20 -> 7x9: values off by up to 3.7)."""
+def emit_nearest_take(bb, x, x_shape, out_sizes, scales=None):
+    """upsample_nearest{1,2,3}d of x [N, C, *spatial] (a Relax value, any dtype and device) as one take per spatial
+    axis through PyTorch's index tables. TVM's converter computed other indices when the size was given and the
+    factor was not whole (13 -> 25, 13x20 -> 7x9: values off by up to 3.7), and aten's 3-D decomposition did not
+    import."""
     from tvm import relax
 
-    h, w = (int(d) for d in x_shape[-2:])
-    sh, sw = (None, None) if not scales else (float(scales[0]), float(scales[1]))
-    rows = relax.const(nearest_index(int(out_hw[0]), h, sh))
-    cols = relax.const(nearest_index(int(out_hw[1]), w, sw))
-    y = bb.emit(relax.op.take(x, rows, axis=len(x_shape) - 2, mode="clip"))
-    return bb.emit(relax.op.take(y, cols, axis=len(x_shape) - 1, mode="clip"))
+    nd = len(out_sizes)
+    y = x
+    for i, (o, n) in enumerate(zip(out_sizes, x_shape[-nd:])):
+        s = None if not scales else float(scales[i])
+        idx = relax.const(nearest_index(int(o), int(n), s))
+        y = bb.emit(relax.op.take(y, idx, axis=len(x_shape) - nd + i, mode="clip"))
+    return y
 
 
 def bilinear_applies(x_shape, out_hw) -> bool:
