@@ -561,6 +561,23 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         return emit_bilinear(importer.block_builder, importer.env[node.args[0]], x_val.shape, out.shape[2:],
                              bool(args[2]), args[3])
 
+    def upsample_linear1d(node, importer):
+        """F.interpolate(mode="linear") on [N, C, L] (input, output_size, align_corners, scale_factors): the bilinear
+        kernel on a one-row map. aten's decomposition into index gathers failed TVM's build ("Cannot convert
+        infinity to BigInt"); outputs under one 16-column gather or other dtypes are refused with the node's name."""
+        from graphopt.targets.tvm.cpu.resize import bilinear_applies, emit_bilinear
+        x_val, out = node.args[0].meta["val"], node.meta["val"]
+        args = list(node.args) + [None] * (4 - len(node.args))
+        n, c, length = (int(d) for d in x_val.shape)
+        if str(x_val.dtype) != "torch.float32" or not bilinear_applies((n, c, 1, length), (1, int(out.shape[2]))):
+            raise UnsupportedOpError(node.name, "aten.upsample_linear1d", "graphopt resizes float32 rows to at "
+                                     "least 16 values linearly; resize outside the model or use mode='nearest'")
+        bb = importer.block_builder
+        scales = None if not args[3] else [1.0, float(args[3][0])]
+        y = emit_bilinear(bb, bb.emit(relax.op.reshape(importer.env[node.args[0]], (n, c, 1, length))),
+                          (n, c, 1, length), (1, int(out.shape[2])), bool(args[2]), scales)
+        return bb.emit(relax.op.reshape(y, (n, c, int(out.shape[2]))))
+
     def antialiased(kind: str):
         def convert(node, importer):
             """F.interpolate(..., antialias=True) (input, output_size, align_corners, scales_h, scales_w): TVM's
@@ -1623,6 +1640,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             "bsr_conv1x1.default": bsr_conv1x1, "linear.default": linear,
             "add.Tensor": add, "max_pool2d.default": max_pool2d,
             "max_pool2d_with_indices.default": max_pool2d_with_indices, "instance_norm.default": instance_norm,
+            "upsample_linear1d.vec": upsample_linear1d,
             "adaptive_max_pool2d.default": adaptive_max_pool2d,
             "roll.default": roll, "where.self": where, "max.dim": max_dim, "_log_softmax.default": log_softmax,
             "amax.default": amax_amin("max"), "amin.default": amax_amin("min"), "sum.dim_IntList": sum_dim,
@@ -1668,6 +1686,7 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
         # kernels (their decompositions: a batch norm over [1, N C, H, W], index gathers)
         aten = torch.ops.aten
         for op in (aten.instance_norm.default, aten._pad_circular.default, aten.roll.default, aten.im2col.default,
+                   aten.upsample_linear1d.vec,
                    *(getattr(aten, f"{kind}_pad{d}d").default for kind in ("reflection", "replication")
                      for d in (1, 2, 3))):
             table.pop(op, None)
