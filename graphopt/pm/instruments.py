@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from graphopt.ir.files import atomic_write_bytes
-from graphopt.ir.names import input_name
 from graphopt.ir.graph import Graph
+from graphopt.ir.names import input_name
 from graphopt.ir.printer import graph_diff
 
 log = logging.getLogger(__name__)
@@ -79,9 +79,8 @@ def write_reproducer(root: str | os.PathLike | None, index: int, pass_text: str,
 
 def load_inputs_npz(path: str | os.PathLike, graph: Graph) -> list[tuple[torch.Tensor, ...]]:
     """Batches from an .npz written by write_reproducer (b<batch>_<input index>; b<batch>_<input name> too) or with
-    one array per input; an array
-    whose first dimension is a multiple of the graph's fixed batch (8 images for a batch-1 model) is split into that
-    many batches."""
+    one array per input; an array whose first dimension is a multiple of the graph's fixed batch (8 images for a
+    batch-1 model) is split into that many batches."""
     from graphopt.errors import InputMismatchError
     try:
         data = np.load(path, allow_pickle=False)

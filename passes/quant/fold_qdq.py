@@ -57,6 +57,9 @@ def check(graph: Graph, op: fx.Node) -> str:
         return "bias is computed"
     if op.target in (aten.conv2d.default, aten.conv1d.default) and isinstance(_arg(op, 4, [0, 0]), str):
         return "string padding"
+    val = x.meta.get("val") if isinstance(x, fx.Node) else None
+    if op.target is aten.conv1d.default and (val is None or val.dim() != 3):
+        return "unbatched conv1d input (the integer conv takes [N, C, L])"
     return ""
 
 

@@ -908,7 +908,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         (kh, kw), (dh, dw), (ph, pw), (sh, sw) = ([int(v) for v in a] for a in node.args[1:5])
         if str(x_val.dtype) != "torch.float32" or not _static(x_val) or dh != dw:
             raise UnsupportedOpError(node.name, "aten.im2col", "graphopt's CPU target unfolds float32 tensors "
-                                     "with the same dilation along both axes; run this model on --target onnx")
+                                     "of static shape with the same dilation along both axes")
         bb, x = importer.block_builder, importer.env[node.args[0]]
         shape = tuple(int(d) for d in x_val.shape)
         if len(shape) == 3:  # unbatched [C, H, W]
@@ -982,7 +982,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         from graphopt.targets.tvm.cpu.resize import emit_nearest_take
         x_val, out = node.args[0].meta["val"], node.meta["val"]
         if not _static(x_val) or not all(isinstance(d, int) for d in out.shape):
-            return _builtin(importer, "upsample_nearest2d.vec")(node)
+            return _builtin(importer, node.target.__name__)(node)  # (symbolic sizes: TVM's converter)
         scales = node.args[2] if len(node.args) > 2 else node.kwargs.get("scale_factors")
         return emit_nearest_take(importer.block_builder, importer.env[node.args[0]], x_val.shape,
                                  out.shape[2:], scales)
@@ -1587,8 +1587,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         oh, ow = (int(v) for v in node.args[1])
         bb, x = importer.block_builder, importer.env[node.args[0]]
         if not _static(x_val) or x_val.dim() != 4 or not x_val.dtype.is_floating_point:
-            raise UnsupportedOpError(node.name, "aten.adaptive_max_pool2d", "graphopt takes static NCHW float "
-                                     "maps; run this model on --target onnx")
+            raise UnsupportedOpError(node.name, "aten.adaptive_max_pool2d", "graphopt takes float NCHW maps of "
+                                     "static shape; export the model with static input shapes")
         n, c, h, w = (int(d) for d in x_val.shape)
         if (oh, ow) == (1, 1):
             values = _extreme(importer, node.args[0], [2, 3], True, (n, c, 1, 1), "max")
@@ -1601,7 +1601,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         reads_indices = any(getattr(u.target, "__name__", "") != "getitem" or u.args[1] != 0 for u in node.users)
         if h % oh or w % ow or reads_indices:
             raise UnsupportedOpError(node.name, "aten.adaptive_max_pool2d", "graphopt takes output sizes that divide "
-                                     "the map (or 1x1), without reading the indices; use MaxPool2d or --target onnx")
+                                     "the map (or 1x1), without reading the indices; use nn.MaxPool2d with the "
+                                     "window you want")
         from graphopt.targets.tvm.cpu.pool import emit_max_pool
         y = emit_max_pool(bb, x, x_val.shape, (h // oh, w // ow), (h // oh, w // ow), (0, 0))
         return bb.emit(relax.Tuple([y, bb.emit(relax.op.zeros((n, c, oh, ow), "int64"))]))

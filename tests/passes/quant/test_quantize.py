@@ -439,3 +439,16 @@ def test_fold_qdq_makes_1d_convs_integer_convs_on_one_row(tmp_path):
     assert got.shape == ref.shape == (1, 8, 32)
     assert np.abs(got - ref).max() <= 0.01 * np.abs(ref).max()
     assert np.abs(ref - model(xs[9]).detach().numpy()).max() <= 0.05 * np.abs(ref).max()  # int8 vs fp32
+
+
+def test_fold_qdq_keeps_an_unbatched_conv1d_and_says_why():
+    """A conv1d on an unbatched [C, L] input stays a Q/DQ conv (the integer conv takes [N, C, L]), with the reason
+    in the pass's record; the graph still computes the quantized model's outputs."""
+    torch.manual_seed(0)
+    model = torch.nn.Conv1d(4, 8, 3).eval()
+    xs = torch.randn(4, 4, 32)
+    q = graphopt.optimize(graphopt.trace(model, (xs[0],)), "quantize", data=[(x,) for x in xs[:3]])
+    f = graphopt.optimize(q, "fold-qdq")
+    rec = f.meta["history"][-1]
+    assert rec["stats"]["folded"] == 0 and any("unbatched conv1d" in r for r in rec["stats"]["kept"].values()), rec
+    torch.testing.assert_close(f.run(xs[3])[0], q.run(xs[3])[0])
