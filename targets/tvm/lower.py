@@ -10,6 +10,7 @@ import math
 from graphopt.errors import TargetError, UnsupportedOpError
 from graphopt.ir.graph import Graph
 from graphopt.ir.printer import target_name
+from graphopt.targets.tvm.missing_ops import CONVERTERS as MISSING_OPS, builtin_converter
 
 log = logging.getLogger(__name__)
 
@@ -1462,11 +1463,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             return emit_pad(importer.block_builder, importer.env[node.args[0]], x_shape, pad, float(value), dtype)
         return _builtin(importer, "constant_pad_nd.default")(node)
 
-    def _builtin(importer, name):
-        table = getattr(importer, "_graphopt_builtin_map", None)
-        if table is None:  # the importer's own converters (ours replaced these names in its map)
-            table = importer._graphopt_builtin_map = importer.create_convert_map()
-        return table[name]
+    _builtin = builtin_converter
 
     def _activation(original):
         def convert(node, importer):
@@ -1498,7 +1495,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                "qlinear_i32.default": qlinear_i32, "qconv2d_i32.default": qconv2d_i32,
                "requantize.default": requantize, "quantize_per_tensor.default": quantize_per_tensor,
                "dequantize_per_tensor.default": dequantize_per_tensor,
-               "dequantize_per_channel.default": dequantize_per_channel}
+               "dequantize_per_channel.default": dequantize_per_channel, **MISSING_OPS}
 
     def sparse24_layer(node, wname, x_shape, as_conv, fmt=None):
         """The 2:4 kernel's record for this node's constant weight, or None (dense)."""
