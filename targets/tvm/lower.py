@@ -988,6 +988,30 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         return emit_nearest_take(importer.block_builder, importer.env[node.args[0]], x_val.shape,
                                  out.shape[2:], scales)
 
+    def trilinear(node, importer):
+        """F.interpolate(mode="trilinear") (input, output_size, align_corners, scale_factors): aten's decomposition
+        failed TVM's build ("Cannot convert infinity to BigInt"). float32 on the CPU with output planes at least 16
+        wide: the bilinear kernel over the planes and a lerp over depth (resize.py); else Relax's resize3d, whose
+        coordinates are PyTorch's where the scale factors, if given, are the sizes' ratios (refused otherwise)."""
+        from graphopt.targets.tvm.cpu.resize import bilinear_applies, emit_trilinear
+        x_val, out = node.args[0].meta["val"], node.meta["val"]
+        args = list(node.args) + [None] * (4 - len(node.args))
+        scales = list(args[3]) if args[3] else None
+        if not _static(x_val) or not all(isinstance(d, int) for d in out.shape):
+            raise UnsupportedOpError(node.name, "aten.upsample_trilinear3d", "trilinear resizing needs static "
+                                     "shapes; export with fixed input sizes")
+        n, c, d, h, w = (int(v) for v in x_val.shape)
+        if (cpu_kernels and str(x_val.dtype) == "torch.float32"
+                and bilinear_applies((n, c * d, h, w), out.shape[3:])):
+            return emit_trilinear(importer.block_builder, importer.env[node.args[0]], x_val.shape, out.shape[2:],
+                                  bool(args[2]), scales)
+        if scales and any(float(s) != int(o) / int(i) for s, o, i in zip(scales, out.shape[2:], x_val.shape[2:])):
+            raise UnsupportedOpError(node.name, "aten.upsample_trilinear3d", "this trilinear resize's scale factors "
+                                     "are not its sizes' ratios (PyTorch then uses the factors); pass size= instead")
+        return importer.block_builder.emit(relax.op.image.resize3d(
+            importer.env[node.args[0]], [int(v) for v in out.shape[2:]], layout="NCDHW", method="linear",
+            coordinate_transformation_mode="align_corners" if args[2] else "half_pixel"))
+
     def grid_sampler_2d(node, importer):
         """grid_sample: PyTorch's grid is [N, H_out, W_out, 2]; Relax's grid_sample infers its output from, and its
         legalization reads, a grid laid out [N, 2, H_out, W_out], and TVM's converter passed PyTorch's as it is (a
@@ -1489,6 +1513,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
 
     generic = {"embedding.default": embedding, "grid_sampler_2d.default": grid_sampler_2d,
                "upsample_nearest2d.vec": nearest_take, "upsample_nearest3d.vec": nearest_take,
+               "upsample_trilinear3d.vec": trilinear,
                **{f"_upsample_{kind}2d_aa.{form}": antialiased(kind) for kind in ("bilinear", "bicubic")
                   for form in ("default", "vec")},
                "qlinear.default": qlinear, "qconv2d.default": qconv2d, "qmatmul.default": qmatmul,
@@ -1678,6 +1703,7 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
     table = default_decompositions()
     table.pop(torch.ops.aten.linear.default, None)
     table.pop(torch.ops.aten.upsample_nearest3d.vec, None)  # (its index gathers do not import; nearest_take)
+    table.pop(torch.ops.aten.upsample_trilinear3d.vec, None)  # (nor do trilinear's; trilinear)
     if device == "cpu":  # layer norm whole, for its row kernel (norm.py); not native_layer_norm's 3 outputs
         table.pop(torch.ops.aten.layer_norm.default, None)
         # instance norm, roll, im2col (F.unfold) and the reflect / replicate / circular pads whole, for their

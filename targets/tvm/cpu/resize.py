@@ -131,3 +131,44 @@ def nearest(x: T.Buffer(({n * c}, {h}, {w}), "float32"), fill: T.Buffer((1,), "f
     y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, (n * c, h, w))), relax.const(np.zeros(1, np.float32))],
                                relax.TensorType((n * c, oh, ow), "float32")))
     return bb.emit(relax.op.reshape(y, (n, c, oh, ow)))
+
+
+def depth_lerp_source(nc: int, d: int, od: int, plane: int) -> str:
+    """TVMScript of z[c, od, :] = y[c, d0] + wd (y[c, d1] - y[c, d0]) over planes of `plane` floats: the depth step
+    of trilinear resizing (vectors over the plane, one task per output plane)."""
+    return f"""
+@T.prim_func(private=True)
+def depth_lerp(y: T.Buffer(({nc}, {d}, {plane}), "float32"), td0: T.Buffer(({od},), "int32"),
+               td1: T.Buffer(({od},), "int32"), twd: T.Buffer(({od},), "float32"),
+               z: T.Buffer(({nc}, {od}, {plane}), "float32")):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
+    for t in T.parallel({nc * od}):
+        c: T.let = t // {od}
+        o: T.let = t % {od}
+        for i in T.vectorized({plane}):
+            z[c, o, i] = y[c, td0[o], i] + twd[o] * (y[c, td1[o], i] - y[c, td0[o], i])
+"""
+
+
+def emit_trilinear(bb, x, x_shape, out_dhw, align_corners: bool, scales=None):
+    """upsample_trilinear3d of x [N, C, D, H, W] (a Relax value) to out_dhw with PyTorch's coordinates (`scales`
+    its scale factors, used in place of in / out when given): the bilinear kernel over the N C D planes, then a
+    lerp between the two source planes of each output depth. aten's decomposition failed TVM's build ("Cannot
+    convert infinity to BigInt"). Needs bilinear_applies on the planes (output width >= 16)."""
+    import tvm
+    from tvm import relax
+    from tvm.script import tirx as T
+
+    n, c, d, h, w = (int(v) for v in x_shape)
+    od, oh, ow = (int(v) for v in out_dhw)
+    sd, sh, sw = (None, None, None) if not scales else (float(s) if s else None for s in scales)
+    y = emit_bilinear(bb, bb.emit(relax.op.reshape(x, (n, c * d, h, w))), (n, c * d, h, w), (oh, ow),
+                      align_corners, None if sh is None or sw is None else [sh, sw])
+    if od == d and not align_corners and (sd is None or sd == 1.0):
+        return bb.emit(relax.op.reshape(y, (n, c, od, oh, ow)))
+    gv = bb.add_func(tvm.script.parse(depth_lerp_source(n * c, d, od, oh * ow), extra_vars={"T": T}),
+                     f"depth_lerp_{n * c}x{d}_to_{od}x{oh * ow}")
+    z = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(y, (n * c, d, oh * ow))),
+                                    *map(relax.const, _source_index(od, d, align_corners, sd))],
+                               relax.TensorType((n * c, od, oh * ow), "float32")))
+    return bb.emit(relax.op.reshape(z, (n, c, od, oh, ow)))
