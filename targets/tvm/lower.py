@@ -988,6 +988,18 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         return emit_nearest_take(importer.block_builder, importer.env[node.args[0]], x_val.shape,
                                  out.shape[2:], scales)
 
+    def adaptive_avg_pool2d(node, importer):
+        """float32 NCHW adaptive average pooling (PSPNet's pyramid, VGG / AlexNet heads on other input sizes) on
+        graphopt's row kernel (pool.py); an output the input's size is the input."""
+        from graphopt.targets.tvm.cpu.pool import emit_adaptive_avg
+        x_val, out = node.args[0].meta["val"], node.meta["val"]
+        if (not _static(x_val) or x_val.dim() != 4 or str(x_val.dtype) != "torch.float32"
+                or not all(isinstance(d, int) for d in out.shape)):
+            return _builtin(importer, "_adaptive_avg_pool2d.default")(node)
+        if tuple(out.shape) == tuple(x_val.shape):
+            return importer.env[node.args[0]]
+        return emit_adaptive_avg(importer.block_builder, importer.env[node.args[0]], x_val.shape, out.shape[2:])
+
     def trilinear(node, importer):
         """F.interpolate(mode="trilinear") (input, output_size, align_corners, scale_factors): aten's decomposition
         failed TVM's build ("Cannot convert infinity to BigInt"). float32 on the CPU with output planes at least 16
@@ -1665,6 +1677,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             "max_pool2d_with_indices.default": max_pool2d_with_indices, "instance_norm.default": instance_norm,
             "upsample_linear1d.vec": upsample_linear1d,
             "adaptive_max_pool2d.default": adaptive_max_pool2d,
+            "_adaptive_avg_pool2d.default": adaptive_avg_pool2d,
             "roll.default": roll, "where.self": where, "max.dim": max_dim, "_log_softmax.default": log_softmax,
             "amax.default": amax_amin("max"), "amin.default": amax_amin("min"), "sum.dim_IntList": sum_dim,
             "linalg_vector_norm.default": vector_norm, "im2col.default": im2col,

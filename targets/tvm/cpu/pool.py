@@ -271,3 +271,55 @@ def crop(x: T.Buffer(({rows}, {hi}, {wi}), "float32"), fill: T.Buffer((1,), "flo
     y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, (rows, hi, wi))),
                                     relax.const(np.zeros(1, np.float32))], relax.TensorType((rows, h, w), "float32")))
     return bb.emit(relax.op.reshape(y, (*dims[:-2], h, w)))
+
+
+def adaptive_windows(out_size: int, in_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """PyTorch's adaptive pooling windows: output o reads [floor(o in / out), ceil((o + 1) in / out))."""
+    o = np.arange(out_size)
+    return (o * in_size // out_size).astype(np.int32), (-(-(o + 1) * in_size // out_size)).astype(np.int32)
+
+
+def adaptive_avg_source(nc: int, h: int, w: int, oh: int, ow: int) -> str:
+    """TVMScript of adaptive average pooling: one task per output row sums its window's input rows into a row
+    buffer (vectors over the width), then each output column sums its window of that buffer and divides by the
+    window's size."""
+    return f"""
+@T.prim_func(private=True)
+def adaptive_avg(x: T.Buffer(({nc}, {h}, {w}), "float32"), hs: T.Buffer(({oh},), "int32"),
+                 he: T.Buffer(({oh},), "int32"), ws: T.Buffer(({ow},), "int32"), we: T.Buffer(({ow},), "int32"),
+                 y: T.Buffer(({nc}, {oh}, {ow}), "float32")):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
+    for t in T.parallel({nc * oh}):
+        c: T.let = t // {oh}
+        o: T.let = t % {oh}
+        row = T.decl_buffer(({w},), "float32")
+        acc = T.decl_buffer((1,), "float32")
+        for i in T.vectorized({w}):
+            row[i] = x[c, hs[o], i]
+        for r in T.serial(he[o] - hs[o] - 1):
+            for i in T.vectorized({w}):
+                row[i] = row[i] + x[c, hs[o] + 1 + r, i]
+        for ox in T.serial({ow}):
+            acc[0] = T.float32(0)
+            for k in T.serial(we[ox] - ws[ox]):
+                acc[0] = acc[0] + row[ws[ox] + k]
+            y[c, o, ox] = acc[0] / T.Cast("float32", (he[o] - hs[o]) * (we[ox] - ws[ox]))
+"""
+
+
+def emit_adaptive_avg(bb, x, x_shape, out_hw):
+    """adaptive_avg_pool2d of float32 x [N, C, H, W] (a Relax value) to out_hw. Relax's op (aten's
+    _adaptive_avg_pool2d) ran a generic loop at 1.4-1.9x PyTorch's time (PSPNet's pyramid pools of 512x60x60: 1.1-
+    1.4 ms)."""
+    import tvm
+    from tvm import relax
+    from tvm.script import tirx as T
+
+    n, c, h, w = (int(d) for d in x_shape)
+    oh, ow = (int(d) for d in out_hw)
+    gv = bb.add_func(tvm.script.parse(adaptive_avg_source(n * c, h, w, oh, ow), extra_vars={"T": T}),
+                     f"adaptive_avg_{n * c}x{h}x{w}_to_{oh}x{ow}")
+    tables = [*adaptive_windows(oh, h), *adaptive_windows(ow, w)]
+    y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, (n * c, h, w))), *map(relax.const, tables)],
+                               relax.TensorType((n * c, oh, ow), "float32")))
+    return bb.emit(relax.op.reshape(y, (n, c, oh, ow)))
