@@ -793,6 +793,15 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             return _builtin(importer, "roll.default")(node)
         return emit_roll(importer.block_builder, importer.env[node.args[0]], x_val.shape, shifts, dims or None)
 
+    def flip(node, importer):
+        """torch.flip of a float32 tensor with constant sizes on graphopt's row copy (pool.py); else TVM's."""
+        from graphopt.targets.tvm.cpu.pool import emit_flip
+        x_val, dims = node.args[0].meta["val"], list(node.args[1])
+        if (str(x_val.dtype) != "torch.float32" or x_val.dim() == 0 or x_val.numel() == 0 or not dims
+                or not _static(x_val)):
+            return _builtin(importer, "flip.default")(node)
+        return emit_flip(importer.block_builder, importer.env[node.args[0]], x_val.shape, dims)
+
     safe_softmax: dict = {}  # where node -> the safe softmax that is its value
 
     def _safe_softmax_where(node):
@@ -1678,7 +1687,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             "upsample_linear1d.vec": upsample_linear1d,
             "adaptive_max_pool2d.default": adaptive_max_pool2d,
             "_adaptive_avg_pool2d.default": adaptive_avg_pool2d,
-            "roll.default": roll, "where.self": where, "max.dim": max_dim, "_log_softmax.default": log_softmax,
+            "roll.default": roll, "flip.default": flip, "where.self": where, "max.dim": max_dim, "_log_softmax.default": log_softmax,
             "amax.default": amax_amin("max"), "amin.default": amax_amin("min"), "sum.dim_IntList": sum_dim,
             "linalg_vector_norm.default": vector_norm, "im2col.default": im2col,
             **{f"{kind}_pad{d}d.default": edge_pad(mode) for kind, mode in (("reflection", "reflect"),

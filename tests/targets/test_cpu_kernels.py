@@ -2216,6 +2216,19 @@ def test_roll_runs_the_row_copy(shifts, dims, shape):
     np.testing.assert_array_equal(_run_built(g, x), model(x).numpy())
 
 
+@pytest.mark.parametrize("dims,shape", [((3,), (2, 4, 5, 19)),  # the width: a reversed element copy
+                                        ((2,), (1, 3, 6, 7)), ((1,), (1, 5, 4, 6)),  # rows, channels: runs
+                                        ((0, 2), (3, 4, 5)), ((-1, 0, 1), (2, 3, 9))])
+def test_flip_runs_the_row_copy(dims, shape):
+    """torch.flip (test-time augmentation, bidirectional sequence models) runs a row copy: runs copied from their
+    mirrored place, the last axis reversed element by element (Relax's flip: 2-3.4x PyTorch's time). Exact."""
+    torch.manual_seed(0)
+    model, x = _Fn(lambda x: torch.flip(x * 2.0, dims) + 1.0).eval(), torch.randn(*shape)
+    g = graphopt.trace(model, (x,))
+    assert any(n.startswith("flip_") for n in _func_names(g))
+    np.testing.assert_array_equal(_run_built(g, x), model(x).numpy())
+
+
 class _Attention(torch.nn.Module):
     def __init__(self, kind):
         super().__init__()

@@ -244,6 +244,64 @@ def emit_roll(bb, x, x_shape, shifts, dims):
     return bb.emit(relax.op.reshape(y, tuple(int(d) for d in x_shape)))
 
 
+def flip_source(prefix, flipped, n: int, inner: int, flip_last: bool) -> str:
+    """TVMScript of torch.flip on x viewed as [P, n * inner] (P = prod(prefix)): each prefix axis with `flipped`
+    True is mirrored, the axis of size n (each element a contiguous run of `inner`) too when flip_last. One task
+    per output run (per row when inner is 1: a reversed element copy): it finds its source row through the
+    mirrored prefix axes and copies the run from its mirrored place."""
+    rows = math.prod(prefix)
+    src, stride = [], rows
+    for d, f in zip(prefix, flipped):
+        stride //= d
+        i = f"(t // {stride}) % {d}" if stride > 1 else f"t % {d}"
+        src.append(f"({d - 1} - {i}) * {stride}" if f else f"({i}) * {stride}")
+    src_row = " + ".join(src) or "0"
+    width = n * inner
+    if inner == 1:  # a reversed element copy per row
+        return f"""
+@T.prim_func(private=True)
+def flip(x: T.Buffer(({rows}, {width}), "float32"), zero: T.Buffer((1,), "int32"),
+         y: T.Buffer(({rows}, {width}), "float32")):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
+    for t in T.parallel({rows}):
+        r: T.let = {src_row} + zero[0]
+        for j in T.vectorized({width}):
+            y[t, j] = x[r, {width - 1} - j]
+"""
+    k_src = f"{n - 1} - u % {n}" if flip_last else f"u % {n}"
+    return f"""
+@T.prim_func(private=True)
+def flip(x: T.Buffer(({rows}, {width}), "float32"), zero: T.Buffer((1,), "int32"),
+         y: T.Buffer(({rows}, {width}), "float32")):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
+    for u in T.parallel({rows * n}):
+        t: T.let = u // {n}
+        r: T.let = {src_row} + zero[0]
+        for j in T.vectorized({inner}):
+            y[t, (u % {n}) * {inner} + j] = x[r, ({k_src}) * {inner} + j]
+"""
+
+
+def emit_flip(bb, x, x_shape, dims):
+    """torch.flip(x, dims) of a float32 x (a Relax value) with constant sizes, on the row copy above. Relax's flip
+    ran a generic loop at 2-3.4x PyTorch's time (64x56x56 over the width: 77-80 us against 24-39)."""
+    import tvm
+    from tvm import relax
+    from tvm.script import tirx as T
+
+    shape = [int(d) for d in x_shape]
+    dims = sorted({int(d) % len(shape) for d in dims})
+    last = dims[-1]
+    prefix, inner = shape[:last], math.prod(shape[last + 1:])
+    src = flip_source(prefix, [d in dims for d in range(last)], shape[last], inner, True)
+    gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}),
+                     "flip_" + "x".join(map(str, shape)) + "_" + "_".join(map(str, dims)))
+    rows, width = math.prod(prefix), shape[last] * inner
+    y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, (rows, width))), relax.const(np.zeros(1, np.int32))],
+                               relax.TensorType((rows, width), "float32")))
+    return bb.emit(relax.op.reshape(y, tuple(shape)))
+
+
 def emit_crop(bb, x, x_shape, h: int, w: int):
     """The first h rows and w columns of the last two axes of x (a Relax value), as an opaque row copy: as a
     strided slice Relax fused the cut into the matmul before it, whose rule then scheduled the padded output
