@@ -453,25 +453,50 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         # constant float weights go to the packed GEMM micro-kernel (weights laid out at compile time)
         import torch
 
-        from graphopt.targets.tvm.cpu.gemm import emit_packed_gemv, emit_packed_linear
-        from graphopt.targets.tvm.cpu.rules import vector_lanes
         bb = importer.block_builder
         x, w = importer.env[node.args[0]], importer.env[node.args[1]]
         bias = importer.env[node.args[2]] if len(node.args) > 2 and node.args[2] is not None else None
         const = (lifted or {}).get(getattr(node.args[1], "name", None))
         if const is not None and const.dtype == torch.float32:
-            x_shape = node.args[0].meta["val"].shape
-            if math.prod(int(d) for d in x_shape[:-1]) == 1:  # one row: a weight stream (classifier heads)
-                b_const = (lifted or {}).get(getattr(node.args[2], "name", None)) if bias is not None else None
-                if bias is None or b_const is not None:
-                    y = emit_packed_gemv(bb, x, const.detach().numpy(), None if b_const is None else
-                                         b_const.detach().numpy(), int(x_shape[-1]), vector_lanes(target))
-                    if y is not None:
-                        return bb.emit(relax.op.reshape(y, tuple(int(d) for d in node.meta["val"].shape)))
-            y = emit_packed_linear(bb, x, const.detach().numpy(), bias, x_shape, vector_lanes(target))
+            b_const = (lifted or {}).get(getattr(node.args[2], "name", None)) if bias is not None else None
+            y = _constant_linear(node, importer, const.detach().numpy(), bias, b_const)
             if y is not None:
                 return y
         return bb.emit(relax.op.linear(x, w, bias, "float32"))
+
+    def _constant_linear(node, importer, w, bias, b_const):
+        """node.args[0] @ w.T (+ bias) for a constant float32 w [N, K] on the packed GEMM (GEMV for one row), or
+        None where those do not apply."""
+        from graphopt.targets.tvm.cpu.gemm import emit_packed_gemv, emit_packed_linear
+        from graphopt.targets.tvm.cpu.rules import vector_lanes
+        bb, x = importer.block_builder, importer.env[node.args[0]]
+        x_shape = node.args[0].meta["val"].shape
+        if math.prod(int(d) for d in x_shape[:-1]) == 1:  # one row: a weight stream (classifier heads)
+            if bias is None or b_const is not None:
+                y = emit_packed_gemv(bb, x, w, None if b_const is None else b_const.detach().numpy(),
+                                     int(x_shape[-1]), vector_lanes(target))
+                if y is not None:
+                    return bb.emit(relax.op.reshape(y, tuple(int(d) for d in node.meta["val"].shape)))
+        return emit_packed_linear(bb, x, w, bias, x_shape, vector_lanes(target))
+
+    def mm(node, importer):
+        """x @ W with W a constant float32 matrix, or its transpose (`x @ self.weight.t()`, GCN's support = x @ W,
+        hand-written projections), on the packed GEMM as a linear layer; Relax's matmul under the rule ran at ~43
+        GMAC/s (64 x 512 x 1024: 0.75 ms)."""
+        import numpy as np
+        import torch
+        w_node, transposed = node.args[1], False
+        if (getattr(w_node, "op", None) == "call_function" and getattr(w_node.target, "__name__", "") ==
+                "permute.default" and [int(p) for p in w_node.args[1]] == [1, 0]):
+            w_node, transposed = w_node.args[0], True
+        const = (lifted or {}).get(getattr(w_node, "name", None))
+        if (const is not None and const.dtype == torch.float32 and const.dim() == 2
+                and str(node.args[0].meta["val"].dtype) == "torch.float32"):
+            w = const.detach().numpy()
+            y = _constant_linear(node, importer, w if transposed else np.ascontiguousarray(w.T), None, None)
+            if y is not None:
+                return y
+        return _builtin(importer, "mm.default")(node)
 
     def gelu(node, importer):
         # erf GELU with TVM's vectorizable polynomial erf (libm erff is scalar: 1.4 ms for MiniLM's 128x1536)
@@ -633,6 +658,20 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             node = node.args[0]
         return None
 
+    def _swapped_bmm(importer, node, x_node, batch, m, k, n, lanes):
+        """a @ X^T for a [B, M, K] and a large X [B, N, K] (SAGAN's context, v @ attn^T over 1024 pixels), as
+        (X @ a^T)^T: the batched kernel stages a (M x K, under 1 MB) as its right operand, reading it as K^T, and
+        streams X's rows; the product is transposed back. The rule's matmul ran at ~40 GMAC/s over K = 1024 (not
+        blocked over K) after a generic transpose of X (1.7 ms for 1024 x 1024)."""
+        from graphopt.targets.tvm.cpu.bmm import emit_bmm
+        from graphopt.targets.tvm.cpu.pool import emit_transpose, transpose_applies
+        bb = importer.block_builder
+        x = bb.emit(relax.op.reshape(importer.env[x_node], (batch, n, k)))
+        ct = emit_bmm(bb, x, importer.env[node.args[0]], batch, n, k, m, True, lanes)
+        if transpose_applies((batch, n, m), (0, 2, 1)):
+            return emit_transpose(bb, ct, (batch, n, m))
+        return bb.emit(relax.op.permute_dims(ct, [0, 2, 1]))
+
     def bmm(node, importer):
         """A float32 batched matmul of two activations (attention's scores and context) whose output rows or
         columns the schedule rule cannot tile (ViT's 197 tokens: prime) runs on zero-padded operands, the pad cut
@@ -646,12 +685,16 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         m, n = int(a_val.shape[1]), int(b_val.shape[2])
         mp = m if m % 4 == 0 else -(-m // 8) * 8
         np_ = n if n % 8 == 0 else -(-n // 16) * 16
-        if (mp, np_) == (m, n):
-            return _builtin(importer, "bmm.default")(node)
         from graphopt.targets.tvm.cpu.bmm import bmm_applies, emit_bmm
         from graphopt.targets.tvm.cpu.rules import vector_lanes
         batch, k = int(a_val.shape[0]), int(a_val.shape[2])
         lanes = vector_lanes(target)
+        if (mp, np_) == (m, n):
+            keys = _transposed_operand(node.args[1])
+            if (keys is not None and keys[1] == 1.0 and k >= 256 and not bmm_applies(batch, m, k, n, lanes)
+                    and bmm_applies(batch, n, k, m, lanes)):
+                return _swapped_bmm(importer, node, keys[0], batch, m, k, n, lanes)
+            return _builtin(importer, "bmm.default")(node)
         if bmm_applies(batch, m, k, n, lanes):
             bb = importer.block_builder
             keys = _transposed_operand(node.args[1])
@@ -792,6 +835,16 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                 or len(shifts) != (len(dims) or 1)):
             return _builtin(importer, "roll.default")(node)
         return emit_roll(importer.block_builder, importer.env[node.args[0]], x_val.shape, shifts, dims or None)
+
+    def permute(node, importer):
+        """A float32 swap of the last two axes of large matrices on graphopt's 8 x 8 block transpose (pool.py);
+        other permutations, and small ones (fused with their neighbours), stay Relax's."""
+        from graphopt.targets.tvm.cpu.pool import emit_transpose, transpose_applies
+        x_val = node.args[0].meta["val"]
+        perm = [int(p) % max(x_val.dim(), 1) for p in node.args[1]]
+        if str(x_val.dtype) != "torch.float32" or not _static(x_val) or not transpose_applies(x_val.shape, perm):
+            return _builtin(importer, "permute.default")(node)
+        return emit_transpose(importer.block_builder, importer.env[node.args[0]], x_val.shape)
 
     def flip(node, importer):
         """torch.flip of a float32 tensor with constant sizes on graphopt's row copy (pool.py); else TVM's."""
@@ -1681,13 +1734,13 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             "select.int": select, "upsample_nearest2d.vec": upsample_nearest2d,
             "mean.dim": mean,
             "constant_pad_nd.default": constant_pad_nd, "bsr_linear.default": bsr_linear,
-            "bsr_conv1x1.default": bsr_conv1x1, "linear.default": linear,
+            "bsr_conv1x1.default": bsr_conv1x1, "linear.default": linear, "mm.default": mm,
             "add.Tensor": add, "max_pool2d.default": max_pool2d,
             "max_pool2d_with_indices.default": max_pool2d_with_indices, "instance_norm.default": instance_norm,
             "upsample_linear1d.vec": upsample_linear1d,
             "adaptive_max_pool2d.default": adaptive_max_pool2d,
             "_adaptive_avg_pool2d.default": adaptive_avg_pool2d,
-            "roll.default": roll, "flip.default": flip, "where.self": where, "max.dim": max_dim, "_log_softmax.default": log_softmax,
+            "roll.default": roll, "flip.default": flip, "permute.default": permute, "where.self": where, "max.dim": max_dim, "_log_softmax.default": log_softmax,
             "amax.default": amax_amin("max"), "amin.default": amax_amin("min"), "sum.dim_IntList": sum_dim,
             "linalg_vector_norm.default": vector_norm, "im2col.default": im2col,
             **{f"{kind}_pad{d}d.default": edge_pad(mode) for kind, mode in (("reflection", "reflect"),
