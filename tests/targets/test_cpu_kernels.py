@@ -2300,6 +2300,7 @@ class _Attention(torch.nn.Module):
 @pytest.mark.parametrize("kind,shape", [("swin", (1, 6, 49, 32)),  # Swin's 7x7 windows
                                         ("sdpa", (1, 3, 197, 64)),  # ViT: row chunks, a shorter last one
                                         ("sdpa", (2, 2, 5, 16)),  # fewer rows than a tile, under a vector
+                                        ("sdpa", (1, 4, 20, 16)),  # a seq-first encoder's 20 tokens
                                         ("plain", (1, 2, 13, 7))])  # a last panel of 13 of 16 columns
 def test_odd_sized_attention_matmuls_run_the_batched_kernel(kind, shape):
     """Batched matmuls of two activations whose rows or columns the schedule rule cannot tile (Swin's 49 tokens,
@@ -2317,6 +2318,20 @@ def test_odd_sized_attention_matmuls_run_the_batched_kernel(kind, shape):
     ref = model(q, k, v).numpy()
     got = _run_built(g, q, k, v)
     np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("lanes", [8, 16])
+def test_batched_kernel_source_parses_for_every_row_and_column_split(lanes):
+    """Row chunks whose full tiles and last partial tile land in one scope, next to a single full panel, declared
+    the accumulator twice: TVMScript refused the kernel and the graph did not compile (216 of 1364 shapes over
+    M 1..29, 49, 197 and N 1..197, among them any 20-token attention: a seq-first TransformerEncoderLayer)."""
+    from tvm.script import tirx as T
+
+    from graphopt.targets.tvm.cpu.bmm import bmm_source, bmm_tiles
+    for m in (*range(1, 14), 20, 49):
+        for n in (5, 17, 20, 33):
+            mr, nr = bmm_tiles(n, lanes)
+            tvm.script.parse(bmm_source(2, m, 7, n, mr, nr, True, 0.5), extra_vars={"T": T})
 
 
 def test_sdpa_rows_masked_everywhere_are_zeros_in_the_softmax_kernel():

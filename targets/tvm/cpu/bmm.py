@@ -44,21 +44,24 @@ def bmm_source(batch: int, m: int, k: int, n: int, mr: int, nr: int, trans_b: bo
                     p: T.let = {p0} + pp
                     wp[p, kk, v] = {src}"""
 
+    names = iter(range(1 << 30))
+
     def tile(rows: int, r0: str, p: str, cols: int, indent: str) -> str:
+        acc = f"acc{next(names)}"  # one name per tile: two tiles may share a scope (TVMScript refuses a redefinition)
         store = (f"""
 {indent}    for v in T.vectorized({nr}):
-{indent}        c[bi, {r0} + i, {p} * {nr} + v] = acc[i, v]""" if cols == nr else f"""
+{indent}        c[bi, {r0} + i, {p} * {nr} + v] = {acc}[i, v]""" if cols == nr else f"""
 {indent}    for v in T.serial({cols}):
-{indent}        c[bi, {r0} + i, {p} * {nr} + v] = acc[i, v]""")
+{indent}        c[bi, {r0} + i, {p} * {nr} + v] = {acc}[i, v]""")
         return f"""
-{indent}acc = T.decl_buffer(({rows}, {nr}), "float32", scope="global")
+{indent}{acc} = T.decl_buffer(({rows}, {nr}), "float32", scope="global")
 {indent}for i in T.unroll({rows}):
 {indent}    for v in T.vectorized({nr}):
-{indent}        acc[i, v] = T.float32(0)
+{indent}        {acc}[i, v] = T.float32(0)
 {indent}for kk in T.serial({k}):
 {indent}    for i in T.unroll({rows}):
 {indent}        for v in T.vectorized({nr}):
-{indent}            acc[i, v] = acc[i, v] + a[bi, {r0} + i, kk] * wp[{p}, kk, v]
+{indent}            {acc}[i, v] = {acc}[i, v] + a[bi, {r0} + i, kk] * wp[{p}, kk, v]
 {indent}for i in T.unroll({rows}):{store}"""
 
     def rows_body(rows: int, indent: str) -> str:
