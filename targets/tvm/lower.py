@@ -10,7 +10,7 @@ import math
 from graphopt.errors import TargetError, UnsupportedOpError
 from graphopt.ir.graph import Graph
 from graphopt.ir.printer import target_name
-from graphopt.targets.tvm.missing_ops import CONVERTERS as MISSING_OPS, builtin_converter
+from graphopt.targets.tvm.missing_ops import CONVERTERS as MISSING_OPS, builtin_converter, with_promotion
 
 log = logging.getLogger(__name__)
 
@@ -1758,7 +1758,8 @@ def _converters(ep, device: str, sparse24: dict | None, target=None, layouts: di
             opts["names"] = names
     # select-sparse-layout's choices, by the placeholder name the importer sees
     chosen = {arg: (layouts or {}).get(param) for arg, param in names.items() if param in (layouts or {})}
-    return _quant_converters(_lifted_tensors(ep), device == "cpu", sparse24, target, chosen, gpu_dense)
+    return with_promotion(_quant_converters(_lifted_tensors(ep), device == "cpu", sparse24, target, chosen,
+                                            gpu_dense))
 
 
 def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = None, target=None,

@@ -221,3 +221,99 @@ CONVERTERS = {
     "count_nonzero.default": count_nonzero, "scatter_add.default": scatter_add, "_cdist_forward.default": cdist,
     "cdist.default": cdist, **{f"{k}.Scalar": compare_bool(k) for k in ("eq", "ne", "lt", "le", "gt", "ge")},
 }
+
+
+# Elementwise ops whose result PyTorch computes in a promoted dtype (an int64 tensor times 0.5 is float32; a bool
+# times a float too; sigmoid of an int tensor is float). TVM's converters computed them in the input's dtype:
+# torch.arange(8) * 0.5 came out all zeros, i / 4 truncated, (mask > 0) * 0.5 a bool; sigmoid / exp / sin of ints
+# did not import. Here each tensor operand whose dtype is not the result's is cast to it first.
+PROMOTED = (
+    *(f"{op}.{form}" for op in ("add", "sub", "mul", "div", "rsub") for form in ("Tensor", "Scalar")),
+    "pow.Tensor_Scalar", "pow.Tensor_Tensor", "maximum.default", "minimum.default", "clamp.default",
+    "clamp.Tensor", "atan2.default", "fmod.Tensor", "fmod.Scalar", "remainder.Tensor", "remainder.Scalar",
+    *(f"{op}.default" for op in ("exp", "exp2", "expm1", "log", "log2", "log10", "log1p", "sigmoid", "tanh", "sin",
+                                 "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "asinh", "acosh", "atanh",
+                                 "erf", "reciprocal", "rsqrt", "sqrt")),
+)
+
+
+def _tensor_args(node):
+    import torch.fx as fx
+    return [a for a in node.args if isinstance(a, fx.Node) and hasattr(a.meta.get("val"), "dtype")]
+
+
+def promoting(name: str, convert):
+    """`convert` (a converter, or None: the importer's own for `name`) run with its tensor operands cast to the
+    node's result dtype wherever they differ (PyTorch's type promotion)."""
+    def wrapped(node, importer):
+        out = node.meta.get("val")
+        inner = convert or builtin_converter(importer, name)
+        if not hasattr(out, "dtype"):
+            return inner(node, importer) if convert else inner(node)
+        dt = _dtype(out)
+        cast = [a for a in _tensor_args(node) if _dtype(a.meta["val"]) != dt]
+        saved = {a: importer.env[a] for a in cast}
+        try:
+            for a in cast:
+                importer.env[a] = importer.block_builder.emit(relax.op.astype(saved[a], dt))
+            return inner(node, importer) if convert else inner(node)
+        finally:
+            importer.env.update(saved)
+    return wrapped
+
+
+def rounding_div(node, importer):
+    """div(a, b, rounding_mode) and floor_divide with a number for b: TVM's converters made the number an int32
+    constant, which an int64 or float tensor refused (`i // 3`, `x // 3` did not import). trunc / floor of the
+    quotient for floats; integer division (truncating or flooring) for ints."""
+    bb = importer.block_builder
+    out = node.meta["val"]
+    dt = _dtype(out)
+    mode = "floor" if "floor_divide" in str(node.target) else _arg(node, 2, "rounding_mode", None)
+
+    def operand(a):
+        if hasattr(a, "meta"):
+            v = importer.env[a]
+            return v if _dtype(a.meta["val"]) == dt else bb.emit(relax.op.astype(v, dt))
+        return relax.const(a, dt)
+    x, y = operand(node.args[0]), operand(node.args[1])
+    if dt.startswith("float") or dt.startswith("bfloat"):
+        q = bb.emit(relax.op.divide(x, y))
+        if mode is None:
+            return q
+        return bb.emit(relax.op.floor(q) if mode == "floor" else relax.op.trunc(q))
+    if mode == "floor":
+        return bb.emit(relax.op.floor_divide(x, y))
+    # truncating integer division: floor of |x| // |y| with the quotient's sign
+    q = bb.emit(relax.op.floor_divide(bb.emit(relax.op.abs(x)), bb.emit(relax.op.abs(y))))
+    neg = bb.emit(relax.op.logical_xor(bb.emit(relax.op.less(x, relax.const(0, dt))),
+                                       bb.emit(relax.op.less(y, relax.const(0, dt)))))
+    return bb.emit(relax.op.where(neg, bb.emit(relax.op.negative(q)), q))
+
+
+CONVERTERS.update({"div.Tensor_mode": rounding_div, "div.Scalar_mode": rounding_div,
+                   "floor_divide.default": rounding_div, "floor_divide.Scalar": rounding_div})
+
+
+def int_clamp(convert):
+    """clamp of an integer tensor with one bound missing: TVM's converter put an infinite bound in an int clip and
+    the build failed ("Cannot convert infinity to BigInt": `i.clamp(min=1)`); the dtype's limit instead."""
+    def wrapped(node, importer):
+        import numpy as np
+        val = node.meta.get("val")
+        lo, hi = _arg(node, 1, "min", None), _arg(node, 2, "max", None)
+        if (not hasattr(val, "dtype") or _dtype(val) not in ("int8", "int16", "int32", "int64", "uint8")
+                or _dtype(node.args[0].meta["val"]) != _dtype(val) or hasattr(lo, "meta") or hasattr(hi, "meta")):
+            return convert(node, importer)
+        info = np.iinfo(_dtype(val))
+        lo = info.min if lo is None else int(lo)
+        hi = info.max if hi is None else int(hi)
+        return importer.block_builder.emit(relax.op.clip(importer.env[node.args[0]], lo, hi))
+    return wrapped
+
+
+def with_promotion(table: dict) -> dict:
+    """The converter table with every PROMOTED op wrapped by `promoting` (clamp's integer form first)."""
+    out = {**table, **{name: promoting(name, table.get(name)) for name in PROMOTED}}
+    out["clamp.default"] = int_clamp(out["clamp.default"])
+    return out

@@ -125,3 +125,31 @@ def test_trilinear_resize_compiles_and_matches_torch(shape, kw, kernel):
     ref = M()(x).numpy()
     assert got.shape == ref.shape
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)
+
+
+class _Promoted(torch.nn.Module):
+    def forward(self, x, i):
+        return (i * 0.5, i + 0.5, 0.25 - i, i / 4, i / 2.5, i.abs() ** 0.5, (i > 0) * 0.5, i.int() * 0.5,
+                i.abs().to(torch.uint8) * 0.5, torch.sigmoid(i), torch.exp(i * -0.1), torch.reciprocal(i.abs() + 1),
+                i.abs().sum(-1) * 0.5, torch.arange(12) * 0.5 + x, i / i.clamp(min=1), i // 3, x // 3,
+                torch.div(i, 3, rounding_mode="trunc"), torch.div(-i, -4, rounding_mode="trunc"),
+                torch.div(x, 0.3, rounding_mode="trunc"), i.clamp(max=2))
+
+
+def test_integer_and_bool_operands_are_promoted_as_in_pytorch():
+    """An int64 tensor times 0.5 is float32 in PyTorch; TVM's converters computed it in the tensor's dtype
+    (torch.arange(12) * 0.5 came out all zeros, i / 4 truncated, (i > 0) * 0.5 a bool), sigmoid / exp of ints did
+    not import, `i // 3` and `x // 3` (an int32 constant) neither, `i.clamp(min=1)` failed TVM's build (an
+    infinite bound in an int clip). Every output's dtype and value as torch's (exact but for the float maths)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 12) * 3
+    i = (torch.randn(2, 12) * 5).long()
+    m = _Promoted().eval()
+    g = graphopt.trace(m, (x, i))
+    got = _run_all(g, x, i)
+    refs = m(x, i)
+    assert len(got) == len(refs)
+    for k, (o, r) in enumerate(zip(got, refs)):
+        r = r.numpy()
+        assert o.dtype == r.dtype and o.shape == r.shape, (k, o.dtype, r.dtype)
+        np.testing.assert_allclose(o, r, rtol=1e-6, atol=0, err_msg=f"output {k}")
