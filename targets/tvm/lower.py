@@ -1665,14 +1665,16 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         return importer._convolution(node)
 
     def max_pool2d_with_indices(node, importer):
-        """The exported form of max pooling: (output, indices); as in TVM's converter the indices are zeros (no
-        graph here reads them)."""
+        """The exported form of max pooling: (output, indices), the indices computed only where a user reads them
+        (`missing_ops.pool_with_indices`)."""
         from tvm import relax
+
+        from graphopt.targets.tvm.missing_ops import pool_with_indices
         bb = importer.block_builder
         y = max_pool2d(node, importer, "max_pool2d_with_indices.default")
         if isinstance(y.ty, relax.TupleType):  # TVM's converter answered
-            return y
-        return bb.emit(relax.Tuple([y, bb.emit(relax.op.zeros_like(y))]))
+            y = bb.emit(relax.TupleGetItem(y, 0))
+        return pool_with_indices(node, importer, y)
 
     def adaptive_max_pool2d(node, importer):
         """adaptive_max_pool2d (x, output_size) -> (values, indices); TVM's importer has no converter (CBAM's

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from tvm import relax
 
 from graphopt.errors import UnsupportedOpError
@@ -317,3 +319,89 @@ def with_promotion(table: dict) -> dict:
     out = {**table, **{name: promoting(name, table.get(name)) for name in PROMOTED}}
     out["clamp.default"] = int_clamp(out["clamp.default"])
     return out
+
+
+def avg_pool_divisor(name: str):
+    """avg_pool2d / 3d with divisor_override: TVM's converter dropped it (2x2 windows over 3 came out as over 4: off
+    by a quarter). Without ceil_mode every window lies inside the padded input, so the window sum is the average
+    (padding counted) times the window's size, then divided by the override; with ceil_mode refused by name."""
+    def convert(node, importer):
+        nd = 2 if "2d" in name else 3
+        divisor = _arg(node, 6, "divisor_override", None)
+        if divisor is None:
+            return builtin_converter(importer, name)(node)
+        if bool(_arg(node, 4, "ceil_mode", False)):
+            raise UnsupportedOpError(node.name, f"aten.avg_pool{nd}d", "divisor_override with ceil_mode=True (the "
+                                     "last windows are cut): use ceil_mode=False or pad the input")
+        kernel = _arg(node, 1, "kernel_size", None)
+        kernel = [int(kernel)] * nd if isinstance(kernel, int) else [int(k) for k in kernel]
+        kernel = kernel * nd if len(kernel) == 1 else kernel
+        stride = _arg(node, 2, "stride", None) or kernel
+        padding = _arg(node, 3, "padding", 0)
+        pool = relax.op.nn.avg_pool2d if nd == 2 else relax.op.nn.avg_pool3d
+        bb = importer.block_builder
+        x = importer.env[node.args[0]]
+        unbatched = node.args[0].meta["val"].dim() == nd + 1
+        if unbatched:
+            x = bb.emit(relax.op.expand_dims(x, 0))
+        y = bb.emit(pool(x, pool_size=kernel, strides=stride, padding=padding, ceil_mode=False,
+                         count_include_pad=True, layout="NCHW" if nd == 2 else "NCDHW"))
+        if unbatched:
+            y = bb.emit(relax.op.squeeze(y, [0]))
+        return bb.emit(relax.op.multiply(y, relax.const(math.prod(kernel) / float(divisor), _dtype(node.meta["val"]))))
+    return convert
+
+
+CONVERTERS.update({"avg_pool2d.default": avg_pool_divisor("avg_pool2d.default"),
+                   "avg_pool3d.default": avg_pool_divisor("avg_pool3d.default")})
+
+
+def _indices_used(node) -> bool:
+    """Whether any user of `node` (a (values, indices) op) reads output 1."""
+    import operator
+    return any(u.target is not operator.getitem or (u.args[1] == 1 and u.users) for u in node.users)
+
+
+def pool_with_indices(node, importer, values):
+    """(values, indices) of max_pool2d_with_indices. TVM's converter, and graphopt's kernel, give zeros for the
+    indices, which no graph read until max_unpool2d (SegNet's decoder: it failed to import). Where a user reads
+    them they are PyTorch's (the flat index of each window's first maximum in its H x W plane) for windows that
+    tile the map (kernel = stride, no padding); other windows with their indices read are refused by name."""
+    bb = importer.block_builder
+    if not _indices_used(node):
+        return bb.emit(relax.Tuple([values, bb.emit(relax.op.zeros(values.ty.shape, "int64"))]))
+    x_val = node.args[0].meta["val"]
+    pair = lambda v, d: [int(v)] * 2 if isinstance(v, int) else ([int(u) for u in v] * 2)[:2] if v else d  # noqa
+    kernel = pair(node.args[1], None)
+    stride, padding = pair(_arg(node, 2, "stride", None), kernel), pair(_arg(node, 3, "padding", 0), [0, 0])
+    dilation = pair(_arg(node, 4, "dilation", 1), [1, 1])
+    if stride != kernel or padding != [0, 0] or dilation != [1, 1] or x_val.dim() != 4:
+        raise UnsupportedOpError(node.name, "aten.max_pool2d_with_indices", "its indices are read (e.g. by max_unpool2d) "
+                                 "and graphopt computes them for windows that tile the map (kernel = stride, no "
+                                 "padding or dilation) only")
+    n, c, h, w = (int(d) for d in x_val.shape)
+    (kh, kw), (oh, ow) = kernel, values.ty.shape.values[2:]
+    oh, ow = int(oh), int(ow)
+    x = importer.env[node.args[0]]
+    if (oh * kh, ow * kw) != (h, w):
+        x = bb.emit(relax.op.strided_slice(x, axes=[2, 3], begin=[0, 0], end=[oh * kh, ow * kw]))
+    win = bb.emit(relax.op.permute_dims(bb.emit(relax.op.reshape(x, (n, c, oh, kh, ow, kw))), [0, 1, 2, 4, 3, 5]))
+    local = bb.emit(relax.op.astype(bb.emit(relax.op.argmax(bb.emit(relax.op.reshape(win, (n, c, oh, ow, kh * kw))),
+                                                            axis=4)), "int64"))
+    dy = bb.emit(relax.op.floor_divide(local, relax.const(kw, "int64")))
+    dx = bb.emit(relax.op.subtract(local, bb.emit(relax.op.multiply(dy, relax.const(kw, "int64")))))
+    rows = relax.const((np.arange(oh, dtype=np.int64) * kh).reshape(oh, 1), "int64")
+    cols = relax.const((np.arange(ow, dtype=np.int64) * kw).reshape(1, ow), "int64")
+    flat = bb.emit(relax.op.add(bb.emit(relax.op.multiply(bb.emit(relax.op.add(dy, rows)), relax.const(w, "int64"))),
+                                bb.emit(relax.op.add(dx, cols))))
+    return bb.emit(relax.Tuple([values, flat]))
+
+
+def max_pool_with_indices(node, importer):
+    """The generic devices' max_pool2d_with_indices: TVM's values, `pool_with_indices`' indices."""
+    out = builtin_converter(importer, "max_pool2d_with_indices.default")(node)
+    values = importer.block_builder.emit(relax.TupleGetItem(out, 0))
+    return pool_with_indices(node, importer, values)
+
+
+CONVERTERS["max_pool2d_with_indices.default"] = max_pool_with_indices

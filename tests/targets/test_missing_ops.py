@@ -153,3 +153,66 @@ def test_integer_and_bool_operands_are_promoted_as_in_pytorch():
         r = r.numpy()
         assert o.dtype == r.dtype and o.shape == r.shape, (k, o.dtype, r.dtype)
         np.testing.assert_allclose(o, r, rtol=1e-6, atol=0, err_msg=f"output {k}")
+
+
+@pytest.mark.parametrize("fn,shape,kw", [(F.avg_pool2d, (1, 2, 6, 6), dict(kernel_size=2, divisor_override=3)),
+                                         (F.avg_pool2d, (1, 2, 7, 7), dict(kernel_size=3, stride=2, padding=1,
+                                                                           divisor_override=5)),
+                                         (F.avg_pool2d, (2, 6, 6), dict(kernel_size=2, divisor_override=3)),
+                                         (F.avg_pool3d, (1, 2, 4, 6, 6), dict(kernel_size=2, divisor_override=3))])
+def test_avg_pool_divisor_override_is_kept(fn, shape, kw):
+    """TVM's converter dropped avg_pool's divisor_override (2x2 windows over 3 came out as over 4); the window sums
+    are divided by it, padding counted, an unbatched input too. Within 3e-7 of torch."""
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return fn(x, **kw)
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    (got,) = _run_all(graphopt.trace(M(), (x,)), x)
+    np.testing.assert_allclose(got, M()(x).numpy(), rtol=0, atol=3e-7)
+
+
+def test_avg_pool_divisor_override_with_ceil_mode_is_refused_by_name():
+    from graphopt.errors import UnsupportedOpError
+    from graphopt.targets.tvm.lower import lower_to_relax
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return F.avg_pool2d(x, 2, ceil_mode=True, divisor_override=3)
+    with pytest.raises(UnsupportedOpError, match="divisor_override"):
+        lower_to_relax(graphopt.trace(M(), (torch.randn(1, 2, 5, 5),)))
+
+
+class _SegNetBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        y, idx = F.max_pool2d(x, 2, return_indices=True)
+        return F.max_unpool2d(self.conv(y), idx, 2, output_size=x.shape[-2:])
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 8, 10), (2, 4, 9, 7)])  # odd sizes: the last row / column dropped
+def test_max_unpool_reads_real_pooling_indices(shape):
+    """max_pool2d's indices were zeros (TVM's converter, and graphopt's pool kernel): SegNet's max_unpool2d failed
+    to import. Where they are read they are PyTorch's flat H x W indices of each window's first maximum (ties
+    included), for windows that tile the map. Matches torch within float rounding of the conv."""
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    x[0, 0, :2, :2] = 1.0  # a window of ties: the first wins
+    m = _SegNetBlock().eval()
+    (got,) = _run_all(graphopt.trace(m, (x,)), x)
+    np.testing.assert_allclose(got, m(x).detach().numpy(), rtol=0, atol=1e-6)
+
+
+def test_pooling_indices_of_overlapping_windows_are_refused_by_name():
+    from graphopt.errors import UnsupportedOpError
+    from graphopt.targets.tvm.lower import lower_to_relax
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            y, i = F.max_pool2d(x, 3, 2, return_indices=True)
+            return y + i.float()
+    with pytest.raises(UnsupportedOpError, match="indices are read"):
+        lower_to_relax(graphopt.trace(M(), (torch.randn(1, 2, 9, 9),)))
