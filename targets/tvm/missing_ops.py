@@ -405,3 +405,29 @@ def max_pool_with_indices(node, importer):
 
 
 CONVERTERS["max_pool2d_with_indices.default"] = max_pool_with_indices
+
+
+def to_copy(node, importer):
+    """_to_copy (x.to(dtype)): float32 -> bfloat16 rounds to nearest even first, in float32 bits. TVM computes a
+    fused kernel's bfloat16 values in float32 (its BF16 compute legalization), so x.bfloat16().float() came back
+    unrounded (1.0039 stayed 1.0039; PyTorch: 1.0)."""
+    out = node.meta.get("val")
+    src = node.args[0]
+    if (not hasattr(out, "dtype") or _dtype(out) != "bfloat16" or not hasattr(src, "meta")
+            or _dtype(src.meta["val"]) != "float32"):
+        return builtin_converter(importer, "_to_copy.default")(node)
+    from tvm import te, tirx
+
+    def rne(x):
+        def one(*i):
+            v = x(*i)
+            u = tirx.reinterpret("uint32", v)
+            u = (u + tirx.const(0x7FFF, "uint32") + ((u >> tirx.const(16, "uint32")) & tirx.const(1, "uint32"))) \
+                & tirx.const(0xFFFF0000, "uint32")
+            return tirx.Select(tirx.isnan(v), v, tirx.reinterpret("float32", u))  # a NaN stays NaN
+        return te.compute(x.shape, one, name="bf16_round")
+    rounded = importer.block_builder.call_te(rne, importer.env[src], primfunc_name_hint="bf16_round")
+    return importer.block_builder.emit(relax.op.astype(rounded, "bfloat16"))
+
+
+CONVERTERS["_to_copy.default"] = to_copy

@@ -216,3 +216,16 @@ def test_pooling_indices_of_overlapping_windows_are_refused_by_name():
             return y + i.float()
     with pytest.raises(UnsupportedOpError, match="indices are read"):
         lower_to_relax(graphopt.trace(M(), (torch.randn(1, 2, 9, 9),)))
+
+
+def test_bfloat16_cast_rounds_to_nearest_even():
+    """x.bfloat16() in a fused kernel came back unrounded (TVM computes fused bfloat16 values in float32): 1.0039
+    stayed 1.0039 where PyTorch gives 1.0. Rounded to nearest even in float32 bits first: ties, NaN, inf and the
+    overflow to inf as torch's, exactly."""
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return (x * 1.0).bfloat16().float() + 0.0
+    x = torch.tensor([[1.00390625, 1.01171875, 1.0 + 2 ** -9, 1.0 + 3 * 2 ** -9, 3.14159, -2.7182817, float("nan"),
+                       float("inf"), 3.4e38, -1e-40, 0.0, 65504.3]])
+    (got,) = _run_all(graphopt.trace(M(), (x,)), x)
+    np.testing.assert_array_equal(got, M()(x).numpy())
