@@ -228,6 +228,8 @@ class Importer:
             v = self.env[o.name]
             if isinstance(v, Const):  # an output that does not depend on the inputs
                 v = Dyn(self.g.call_function(torch.clone, (self._param_node(v.t, o.name),)), v.t.clone())
+            if v.node.meta.get("onnx_uint8"):  # a uint8 QuantizeLinear output, kept as int8 inside: shifted back
+                v = self.emit(_int8_to_uint8, v)
             outputs.append(v.node)
             out_names.append(o.name)
         self.g.output(tuple(outputs))
@@ -251,6 +253,10 @@ def _attr(a):
 
 
 # ---- helpers that become fx call targets (module level, so generated code can name them) ----------------------
+def _int8_to_uint8(q):
+    return (q.to(torch.int16) + 128).to(torch.uint8)
+
+
 def _slice(x, axes, starts, ends, steps):
     index = [slice(None)] * x.dim()
     for a, s, e, st in zip(axes, starts, ends, steps):
@@ -592,6 +598,106 @@ def _softsign_op(im, ins, at):
     return im.emit(_softsign, ins[0])
 
 
+def _shrink(x, lambd: float, bias: float):
+    return torch.where(x < -lambd, x + bias, torch.where(x > lambd, x - bias, torch.zeros_like(x)))
+
+
+@op("Shrink")
+def _shrink_op(im, ins, at):
+    return im.emit(_shrink, ins[0], float(at.get("lambd", 0.5)), float(at.get("bias", 0.0)))
+
+
+def _thresholded_relu(x, alpha: float):
+    return torch.where(x > alpha, x, torch.zeros_like(x))
+
+
+@op("ThresholdedRelu")
+def _thresholded_relu_op(im, ins, at):
+    return im.emit(_thresholded_relu, ins[0], float(at.get("alpha", 1.0)))
+
+
+@op("Mish")
+def _mish_op(im, ins, at):
+    return im.emit(F.mish, ins[0])
+
+
+@op("LRN")
+def _lrn_op(im, ins, at):
+    """Cross-channel LRN: x / (bias + alpha / size * sum of squares over `size` channels)^beta, as
+    F.local_response_norm (whose alpha is divided by size the same way)."""
+    return im.emit(F.local_response_norm, ins[0], int(at["size"]), float(at.get("alpha", 1e-4)),
+                   float(at.get("beta", 0.75)), float(at.get("bias", 1.0)))
+
+
+def _hardmax(x, axis: int):
+    return F.one_hot(torch.argmax(x, axis), x.shape[axis]).to(x.dtype).movedim(-1, axis)
+
+
+@op("Hardmax")
+def _hardmax_op(im, ins, at):
+    rank = len(im.shape(ins[0]))
+    axis = int(at.get("axis", -1 if im.opset >= 13 else 1)) % rank
+    if im.opset < 13 and axis != rank - 1:
+        raise UnsupportedOpError(im.node_name, "Hardmax", "opset < 13 flattens the axes from `axis` on; export with "
+                                 "opset 13 or later")
+    return im.emit(_hardmax, ins[0], axis)
+
+
+def _one_hot(idx, depth: int, off, on, axis: int):
+    idx = torch.where(idx < 0, idx + depth, idx)
+    hot = F.one_hot(idx.clamp(0, depth - 1).long(), depth) * ((idx >= 0) & (idx < depth)).unsqueeze(-1)
+    return (off + (on - off) * hot.to(on.dtype)).movedim(-1, axis)
+
+
+@op("OneHot")
+def _one_hot_op(im, ins, at):
+    depth = int(_scalar(im, ins[1], "depth"))
+    values = im.const(ins[2], "values")
+    rank = len(im.shape(ins[0])) + 1
+    axis = int(at.get("axis", -1)) % rank
+    return im.emit(_one_hot, ins[0], depth, Const(values[0].clone()), Const(values[1].clone()), axis)
+
+
+def _scatter_elements(x, idx, upd, axis: int, reduction: str):
+    idx = torch.where(idx < 0, idx + x.shape[axis], idx)
+    if reduction == "none":
+        return torch.scatter(x, axis, idx, upd)
+    return torch.scatter_reduce(x, axis, idx, upd, {"add": "sum", "mul": "prod", "max": "amax",
+                                                    "min": "amin"}[reduction], include_self=True)
+
+
+@op("ScatterElements", "Scatter")
+def _scatter_elements_op(im, ins, at):
+    rank = len(im.shape(ins[0]))
+    red = at.get("reduction", "none")
+    red = red.decode() if isinstance(red, bytes) else red
+    return im.emit(_scatter_elements, ins[0], ins[1], ins[2], int(at.get("axis", 0)) % rank, red)
+
+
+def _scatter_nd(x, idx, upd, reduction: str):
+    k = idx.shape[-1]
+    flat = torch.zeros((), dtype=torch.int64)
+    for d in range(k):  # row-major offset of each index tuple into x's first k dims
+        i = idx[..., d]
+        flat = flat * x.shape[d] + torch.where(i < 0, i + x.shape[d], i)
+    rows = x.reshape(-1, *x.shape[k:])
+    upd = upd.reshape(-1, *x.shape[k:])
+    flat = flat.reshape(-1, *([1] * (rows.dim() - 1))).expand_as(upd)  # each update row's destination row
+    if reduction == "none":
+        out = torch.scatter(rows, 0, flat, upd)
+    else:
+        out = torch.scatter_reduce(rows, 0, flat, upd, {"add": "sum", "mul": "prod", "max": "amax", "min": "amin"}[
+            reduction], include_self=True)
+    return out.reshape(x.shape)
+
+
+@op("ScatterND")
+def _scatter_nd_op(im, ins, at):
+    red = at.get("reduction", "none")
+    red = red.decode() if isinstance(red, bytes) else red
+    return im.emit(_scatter_nd, ins[0], ins[1], ins[2], red)
+
+
 def _cumsum(x, axis: int, exclusive: bool, reverse: bool):
     y = torch.flip(x, [axis]) if reverse else x
     y = torch.cumsum(y, axis)
@@ -653,8 +759,15 @@ def _resize_op(im, ins, at):
         raise UnsupportedOpError(im.node_name, im.op, "only the spatial dims may be resized (N and C scales 1)")
     torch_mode = {3: "linear", 4: "bilinear", 5: "trilinear"}.get(rank) if mode == "linear" else \
         ("bicubic" if mode == "cubic" else "nearest")
+    if mode == "nearest" and not (coord == "asymmetric" and nearest == "floor"):
+        return _nearest_by_index(im, x, sizes, scales, coord, nearest)
+    if int(at.get("antialias", 0)) and mode != "nearest" and (
+            any(int(o) < int(i) for o, i in zip((sizes or [])[2:], im.shape(x)[2:]))
+            or any(float(v) < 1.0 for v in (scales or [])[2:])):
+        raise UnsupportedOpError(im.node_name, im.op, "antialiased downscaling (antialias=1) is not supported; "
+                                 "resize without antialias or outside the model")
     if mode == "nearest":
-        ok, align = coord == "asymmetric" and nearest == "floor", None
+        ok, align = True, None
     elif mode in ("linear", "cubic"):
         ok = coord in ("half_pixel", "pytorch_half_pixel", "align_corners") and \
             (mode == "linear" or float(at.get("cubic_coeff_a", -0.75)) == -0.75)
@@ -670,6 +783,45 @@ def _resize_op(im, ins, at):
         raise UnsupportedOpError(im.node_name, im.op, "pytorch_half_pixel with an output size of 1")
     return im.emit(_resize, x, None if sizes is None else [int(v) for v in sizes[2:]],
                    None if scales is None else [float(v) for v in scales[2:]], torch_mode, align)
+
+
+def _nearest_source(out: int, inp: int, scale: float, coord: str, rounding: str) -> np.ndarray:
+    """ONNX Resize's nearest source index of each output position along one axis (float32, as ORT computes)."""
+    x = np.arange(out, dtype=np.float32)
+    s = np.float32(scale)
+    if coord in ("half_pixel", "pytorch_half_pixel"):
+        src = (x + np.float32(0.5)) / s - np.float32(0.5) if out > 1 or coord == "half_pixel" else np.zeros(out)
+    elif coord == "asymmetric":
+        src = x / s
+    elif coord == "align_corners":
+        src = x * np.float32((inp - 1) / (out - 1)) if out > 1 else np.zeros(out)
+    elif coord == "tf_half_pixel_for_nn":
+        src = (x + np.float32(0.5)) / s
+    else:
+        raise ValueError(coord)
+    src = src.astype(np.float32)
+    idx = {"floor": np.floor(src), "ceil": np.ceil(src), "round_prefer_floor": np.ceil(src - np.float32(0.5)),
+           "round_prefer_ceil": np.floor(src + np.float32(0.5))}[rounding]
+    return np.clip(idx, 0, inp - 1).astype(np.int64)
+
+
+def _nearest_by_index(im, x, sizes, scales, coord, rounding):
+    """Nearest Resize with coordinates or rounding PyTorch's nearest has no mode for (TF exporters' half_pixel +
+    round_prefer_floor, tf_half_pixel_for_nn, ...): each spatial axis gathered through ONNX's index table."""
+    shape = im.shape(x)
+    if coord not in ("half_pixel", "pytorch_half_pixel", "asymmetric", "align_corners", "tf_half_pixel_for_nn") or \
+            rounding not in ("floor", "ceil", "round_prefer_floor", "round_prefer_ceil"):
+        raise UnsupportedOpError(im.node_name, im.op, f"nearest with coordinate_transformation_mode {coord} and "
+                                 f"nearest_mode {rounding} is not supported")
+    y = x
+    for a in range(2, len(shape)):
+        inp = int(shape[a])
+        out = int(sizes[a]) if sizes is not None else int(math.floor(inp * float(scales[a])))
+        scale = float(scales[a]) if scales is not None else out / inp
+        idx = _nearest_source(out, inp, scale, coord, rounding)
+        if out != inp or (idx != np.arange(inp)).any():
+            y = im.emit(torch.index_select, y, a, Const(torch.from_numpy(idx)))
+    return y
 
 
 @op("BatchNormalization")
@@ -715,7 +867,14 @@ def _pool(im, ins, at):
         fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[nd]
         return [im.emit(fn, x, kernel, strides, begins, dil, ceil)]
     fn = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[nd]
-    return [im.emit(fn, x, kernel, strides, begins, ceil, bool(at.get("count_include_pad", 0)))]
+    include = bool(at.get("count_include_pad", 0))
+    if x is not ins[0] and not include:
+        # padded explicitly (asymmetric pads: SAME_UPPER with an even kernel), the pad must not count: the window
+        # averages over the padded map divided by each window's share of real pixels (a constant)
+        inside = F.pad(torch.ones(1, 1, *im.shape(ins[0])[2:]), _torch_pad_order(pads[:nd], pads[nd:]))
+        share = fn(inside, kernel, strides, begins, ceil, True)
+        return [im.emit(torch.div, im.emit(fn, x, kernel, strides, begins, ceil, True), Const(share))]
+    return [im.emit(fn, x, kernel, strides, begins, ceil, include)]
 
 
 @op("Flatten")
@@ -816,7 +975,22 @@ def _slice_op(im, ins, at):
             for a, s, e, st in zip(axes, starts, ends, steps):
                 idx[a] = slice(s, e if abs(e) < 2**62 else None, st)
             return Const(torch.from_numpy(np.ascontiguousarray(arr[tuple(idx)])))
-        raise UnsupportedOpError(im.node_name, "Slice", "negative steps are supported only on constants")
+        if any(s == 0 for s in steps):
+            raise UnsupportedOpError(im.node_name, "Slice", "a step of 0 is not a slice; fix the exporter's steps")
+        # reversed axes of an activation (torch.flip exports as Slice with step -1): the axis's index list as
+        # ONNX defines it (Python's slice semantics, INT_MIN ends as open), a flip when it is the whole axis
+        # reversed, else an index_select
+        x = ins[0]
+        for a, st, e, st_ in zip(axes, starts, ends, steps):
+            n = shape[a]
+            idx = list(range(n))[slice(st, e if abs(e) < 2**62 else None, st_)]
+            if idx == list(range(n)):
+                continue
+            if idx == list(range(n - 1, -1, -1)):
+                x = im.emit(torch.flip, x, [a])
+            else:
+                x = im.emit(torch.index_select, x, a, Const(torch.tensor(idx, dtype=torch.int64)))
+        return x
     clamp = lambda v, n: max(-n, min(v, n))  # noqa: E731
     starts = [clamp(s, shape[a]) for s, a in zip(starts, axes)]
     ends = [clamp(e, shape[a]) for e, a in zip(ends, axes)]
@@ -1028,7 +1202,8 @@ def _variadic(im, ins, at):
     return acc
 
 
-@op("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL2", "ReduceSumSquare")
+@op("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL2", "ReduceSumSquare", "ReduceL1",
+    "ReduceLogSum", "ReduceLogSumExp")
 def _reduce(im, ins, at):
     rank = len(im.shape(ins[0]))
     axes = list(at["axes"]) if "axes" in at else (im.ints(ins[1], "axes") if len(ins) > 1 and ins[1] is not None
@@ -1048,6 +1223,12 @@ def _reduce(im, ins, at):
         return im.emit(torch.sum, im.emit(torch.mul, x, x), axes, keep)
     if im.op == "ReduceL2":
         return im.emit(torch.sqrt, im.emit(torch.sum, im.emit(torch.mul, x, x), axes, keep))
+    if im.op == "ReduceL1":
+        return im.emit(torch.sum, im.emit(torch.abs, x), axes, keep)
+    if im.op == "ReduceLogSum":
+        return im.emit(torch.log, im.emit(torch.sum, x, axes, keep))
+    if im.op == "ReduceLogSumExp":
+        return im.emit(torch.logsumexp, x, axes, keep)
     if im.op == "ReduceMax":
         return im.emit(torch.amax, x, axes, keep)
     if im.op == "ReduceMin":

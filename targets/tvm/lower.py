@@ -1812,12 +1812,19 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
                                     run_ep_decomposition=False)
     except AssertionError as e:
         # the Relax importer asserts on ops it has no converter for; name the node for the user
+        # (its message lists them: "Unsupported function types ['index_reduce.default']"; matched by op name, not
+        # substring: "default" holds "lt", which had blamed a `<` node)
+        import re
         msg = str(e)
+        listed = {m.split(".")[0] for m in re.findall(r"'([A-Za-z_0-9]+\.[A-Za-z_0-9]+)'", msg)}
+        hint = "TVM's Relax importer has no converter for it; run a pass that rewrites it or choose --target onnx"
         for n in graph.gm.graph.nodes:
-            if n.op == "call_function" and target_name(n.target).split(".")[1] in msg:
-                raise UnsupportedOpError(n.name, target_name(n.target),
-                                         "TVM's Relax importer has no converter for it; run a pass that rewrites "
-                                         "it or choose --target onnx") from None
+            if n.op == "call_function" and target_name(n.target).split(".")[1] in listed:
+                raise UnsupportedOpError(n.name, target_name(n.target), hint) from None
+        if listed:
+            raise UnsupportedOpError("(from a decomposition)", "aten." + ", aten.".join(sorted(listed)),
+                                     hint.replace("for it", "for it (an op another op of the graph decomposes "
+                                                  "into)")) from None
         raise TargetError(f"TVM could not import the graph: {msg}") from None
     except (UnsupportedOpError, TargetError):  # a converter's own refusal, naming the node
         raise

@@ -176,6 +176,30 @@ def scatter_add(node, importer):
     return bb.emit(relax.op.scatter_elements(data, index, src, axis=dim, reduction="add"))
 
 
+def scatter_reduce(node, importer):
+    """scatter_reduce(self, dim, index, src, reduce, include_self=True) as Relax's scatter_elements with the same
+    reduction (ONNX ScatterElements / ScatterND with add, mul, max, min); indices wrapped and clipped as in
+    scatter_add. include_self=False and "mean" are refused by name."""
+    reduce = str(node.args[4])
+    kinds = {"sum": "add", "prod": "mul", "amax": "max", "amin": "min"}
+    if reduce not in kinds or not bool(_arg(node, 5, "include_self", True)):
+        raise UnsupportedOpError(node.name, "aten.scatter_reduce", f"reduce={reduce!r} with include_self="
+                                 f"{_arg(node, 5, 'include_self', True)}; graphopt takes sum / prod / amax / amin "
+                                 "including the destination's own values")
+    bb = importer.block_builder
+    data, index, src = (importer.env[a] for a in (node.args[0], node.args[2], node.args[3]))
+    d_val, i_val, s_val = (a.meta["val"] for a in (node.args[0], node.args[2], node.args[3]))
+    dim = int(node.args[1]) % d_val.dim()
+    if tuple(s_val.shape) != tuple(i_val.shape):
+        src = bb.emit(relax.op.strided_slice(src, axes=list(range(i_val.dim())), begin=[0] * i_val.dim(),
+                                             end=[int(v) for v in i_val.shape]))
+    n, it = int(d_val.shape[dim]), _dtype(i_val)
+    index = bb.emit(relax.op.where(bb.emit(relax.op.less(index, relax.const(0, it))),
+                                   bb.emit(relax.op.add(index, relax.const(n, it))), index))
+    index = bb.emit(relax.op.clip(index, 0, n - 1))
+    return bb.emit(relax.op.scatter_elements(data, index, src, axis=dim, reduction=kinds[reduce]))
+
+
 def cdist(node, importer):
     """Pairwise p-norm distances of [.., P, M] and [.., R, M] rows. p = 2 over more than 25 rows on either side takes
     PyTorch's matrix-product form (||a||^2 + ||b||^2 - 2 a.b, clamped at 1e-30, then sqrt) with its rounding; the
@@ -220,7 +244,8 @@ CONVERTERS = {
     "elu.default": elu, "rrelu_with_noise_functional.default": rrelu, "sinh.default": hyperbolic("sinh"),
     "cosh.default": hyperbolic("cosh"), "exp2.default": exp2, "var_mean.correction": var_mean,
     "prod.dim_int": prod, "prod.default": prod, "count_nonzero.dim_IntList": count_nonzero,
-    "count_nonzero.default": count_nonzero, "scatter_add.default": scatter_add, "_cdist_forward.default": cdist,
+    "count_nonzero.default": count_nonzero, "scatter_add.default": scatter_add,
+    "scatter_reduce.two": scatter_reduce, "_cdist_forward.default": cdist,
     "cdist.default": cdist, **{f"{k}.Scalar": compare_bool(k) for k in ("eq", "ne", "lt", "le", "gt", "ge")},
 }
 

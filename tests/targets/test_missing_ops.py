@@ -229,3 +229,16 @@ def test_bfloat16_cast_rounds_to_nearest_even():
                        float("inf"), 3.4e38, -1e-40, 0.0, 65504.3]])
     (got,) = _run_all(graphopt.trace(M(), (x,)), x)
     np.testing.assert_array_equal(got, M()(x).numpy())
+
+
+def test_an_op_without_converter_is_named_not_a_neighbour():
+    """TVM lists the ops it cannot convert ("Unsupported function types ['i0.default']"); the node was found by
+    substring, and "default" holds "lt", so a `<` node of the graph took the blame. Matched by op name now."""
+    from graphopt.errors import UnsupportedOpError
+    from graphopt.targets.tvm.lower import lower_to_relax
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return (x < 0).float() + torch.i0(x)
+    with pytest.raises(UnsupportedOpError, match="aten.i0"):
+        lower_to_relax(graphopt.trace(M(), (torch.randn(2, 3),)))
