@@ -158,34 +158,10 @@ def count_nonzero(node, importer):
     return bb.emit(relax.op.sum(nz, axis=axes))
 
 
-def scatter_add(node, importer):
-    """out = self, then out[index[i, j]][j] += src[i][j] along `dim` (GNN message passing). Indices are wrapped
-    when negative and clipped into the axis, so a bad index cannot write outside the buffer (PyTorch raises)."""
-    bb = importer.block_builder
-    data, index, src = (importer.env[a] for a in (node.args[0], node.args[2], node.args[3]))
-    d_val, i_val, s_val = (a.meta["val"] for a in (node.args[0], node.args[2], node.args[3]))
-    dim = int(node.args[1]) % d_val.dim()
-    if tuple(s_val.shape) != tuple(i_val.shape):
-        src = bb.emit(relax.op.strided_slice(src, axes=list(range(i_val.dim())), begin=[0] * i_val.dim(),
-                                             end=[int(s) for s in i_val.shape]))
-    n = int(d_val.shape[dim])
-    it = _dtype(i_val)
-    index = bb.emit(relax.op.where(bb.emit(relax.op.less(index, relax.const(0, it))),
-                                   bb.emit(relax.op.add(index, relax.const(n, it))), index))
-    index = bb.emit(relax.op.clip(index, 0, n - 1))
-    return bb.emit(relax.op.scatter_elements(data, index, src, axis=dim, reduction="add"))
-
-
-def scatter_reduce(node, importer):
-    """scatter_reduce(self, dim, index, src, reduce, include_self=True) as Relax's scatter_elements with the same
-    reduction (ONNX ScatterElements / ScatterND with add, mul, max, min); indices wrapped and clipped as in
-    scatter_add. include_self=False and "mean" are refused by name."""
-    reduce = str(node.args[4])
-    kinds = {"sum": "add", "prod": "mul", "amax": "max", "amin": "min"}
-    if reduce not in kinds or not bool(_arg(node, 5, "include_self", True)):
-        raise UnsupportedOpError(node.name, "aten.scatter_reduce", f"reduce={reduce!r} with include_self="
-                                 f"{_arg(node, 5, 'include_self', True)}; graphopt takes sum / prod / amax / amin "
-                                 "including the destination's own values")
+def _scatter(node, importer, reduction: str):
+    """Relax's scatter_elements of (self, dim, index, src) with `reduction`; src cut to the index's shape, indices
+    wrapped when negative and clipped into the axis, so a bad index cannot write outside the buffer (PyTorch
+    raises)."""
     bb = importer.block_builder
     data, index, src = (importer.env[a] for a in (node.args[0], node.args[2], node.args[3]))
     d_val, i_val, s_val = (a.meta["val"] for a in (node.args[0], node.args[2], node.args[3]))
@@ -197,7 +173,25 @@ def scatter_reduce(node, importer):
     index = bb.emit(relax.op.where(bb.emit(relax.op.less(index, relax.const(0, it))),
                                    bb.emit(relax.op.add(index, relax.const(n, it))), index))
     index = bb.emit(relax.op.clip(index, 0, n - 1))
-    return bb.emit(relax.op.scatter_elements(data, index, src, axis=dim, reduction=kinds[reduce]))
+    return bb.emit(relax.op.scatter_elements(data, index, src, axis=dim, reduction=reduction))
+
+
+def scatter_add(node, importer):
+    """out = self, then out[index[i, j]][j] += src[i][j] along `dim` (GNN message passing)."""
+    return _scatter(node, importer, "add")
+
+
+def scatter_reduce(node, importer):
+    """scatter_reduce(self, dim, index, src, reduce, include_self=True) as Relax's scatter_elements with the same
+    reduction (ONNX ScatterElements / ScatterND with add, mul, max, min). include_self=False and "mean" are
+    refused by name."""
+    reduce = str(node.args[4])
+    kinds = {"sum": "add", "prod": "mul", "amax": "max", "amin": "min"}
+    if reduce not in kinds or not bool(_arg(node, 5, "include_self", True)):
+        raise UnsupportedOpError(node.name, "aten.scatter_reduce", f"reduce={reduce!r} with include_self="
+                                 f"{_arg(node, 5, 'include_self', True)}; graphopt takes sum / prod / amax / amin "
+                                 "including the destination's own values")
+    return _scatter(node, importer, kinds[reduce])
 
 
 def cdist(node, importer):
@@ -396,14 +390,17 @@ def pool_with_indices(node, importer, values):
     if not _indices_used(node):
         return bb.emit(relax.Tuple([values, bb.emit(relax.op.zeros(values.ty.shape, "int64"))]))
     x_val = node.args[0].meta["val"]
-    pair = lambda v, d: [int(v)] * 2 if isinstance(v, int) else ([int(u) for u in v] * 2)[:2] if v else d  # noqa
+    def pair(v, default):
+        if not v:
+            return default
+        return [int(v)] * 2 if isinstance(v, int) else ([int(u) for u in v] * 2)[:2]
     kernel = pair(node.args[1], None)
     stride, padding = pair(_arg(node, 2, "stride", None), kernel), pair(_arg(node, 3, "padding", 0), [0, 0])
     dilation = pair(_arg(node, 4, "dilation", 1), [1, 1])
     if stride != kernel or padding != [0, 0] or dilation != [1, 1] or x_val.dim() != 4:
-        raise UnsupportedOpError(node.name, "aten.max_pool2d_with_indices", "its indices are read (e.g. by max_unpool2d) "
-                                 "and graphopt computes them for windows that tile the map (kernel = stride, no "
-                                 "padding or dilation) only")
+        raise UnsupportedOpError(node.name, "aten.max_pool2d_with_indices", "its indices are read (e.g. by "
+                                 "max_unpool2d) and graphopt computes them for windows that tile the map (kernel = "
+                                 "stride, no padding or dilation) only")
     n, c, h, w = (int(d) for d in x_val.shape)
     (kh, kw), (oh, ow) = kernel, values.ty.shape.values[2:]
     oh, ow = int(oh), int(ow)

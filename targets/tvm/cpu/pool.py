@@ -193,17 +193,25 @@ def emit_edge_pad(bb, x, x_shape, pads, mode: str):
     return bb.emit(relax.op.reshape(y, tuple(out)))
 
 
+def _source_row(prefix, coords) -> str:
+    """The TIR expression of the source row of output row t over the `prefix` axes (row-major), where coords[k](i, d)
+    maps axis k's output coordinate expression i (of size d) to its source coordinate (roll's shift, flip's
+    mirror)."""
+    src, stride = [], math.prod(prefix)
+    for d, coord in zip(prefix, coords):
+        stride //= d
+        i = f"(t // {stride}) % {d}" if stride > 1 else f"t % {d}"
+        src.append(f"({coord(i, d)}) * {stride}")
+    return " + ".join(src) or "0"
+
+
 def roll_source(prefix, shifts, n: int, inner: int, s: int) -> str:
     """TVMScript of torch.roll on x viewed as [P, n * inner] (P = prod(prefix)): its last rolled axis (size n, each
     element a contiguous run of `inner`) rolled by s, the prefix axes by `shifts` (0 where not rolled). One task
     per output row: it finds its source row through the prefix shifts and copies two contiguous chunks."""
     rows = math.prod(prefix)
-    src, stride = [], rows
-    for d, sh in zip(prefix, shifts):
-        stride //= d
-        i = f"(t // {stride}) % {d}" if stride > 1 else f"t % {d}"
-        src.append(f"(({i} + {(d - sh) % d}) % {d}) * {stride}" if sh % d else f"({i}) * {stride}")
-    src_row = " + ".join(src) or "0"
+    src_row = _source_row(prefix, [(lambda i, d, sh=sh: f"({i} + {(d - sh) % d}) % {d}" if sh % d else i)
+                                   for sh in shifts])
     k = (s % n) * inner  # output element k of a row reads element k - k0 (mod the row)
     width = n * inner
     return f"""
@@ -250,12 +258,7 @@ def flip_source(prefix, flipped, n: int, inner: int, flip_last: bool) -> str:
     per output run (per row when inner is 1: a reversed element copy): it finds its source row through the
     mirrored prefix axes and copies the run from its mirrored place."""
     rows = math.prod(prefix)
-    src, stride = [], rows
-    for d, f in zip(prefix, flipped):
-        stride //= d
-        i = f"(t // {stride}) % {d}" if stride > 1 else f"t % {d}"
-        src.append(f"({d - 1} - {i}) * {stride}" if f else f"({i}) * {stride}")
-    src_row = " + ".join(src) or "0"
+    src_row = _source_row(prefix, [(lambda i, d, f=f: f"{d - 1} - {i}" if f else i) for f in flipped])
     width = n * inner
     if inner == 1:  # a reversed element copy per row
         return f"""
@@ -313,8 +316,9 @@ def transpose_applies(shape, perm) -> bool:
 def transpose_source(b: int, r: int, c: int) -> str:
     """TVMScript of y[i, :, :] = x[i, :, :]^T for x [B, R, C]: one task per 16 rows, which walks their columns in
     16 x 16 tiles (whole cache lines read and written), each as four 8 x 8 blocks loaded as 8 row vectors,
-    transposed in registers (conv.transpose8) and stored as 8 column vectors. The last row and column blocks overlap the ones before (the same values written twice). `zero` [1]
-    holds 0 (a second input keeps Relax from reading the function as a reshape, as in roll)."""
+    transposed in registers (conv.transpose8) and stored as 8 column vectors. The last row and column blocks
+    overlap the ones before (the same values written twice). `zero` [1] holds 0 (a second input keeps Relax from
+    reading the function as a reshape, as in roll)."""
     from graphopt.targets.tvm.cpu.conv import transpose8
 
     rb, cb = -(-r // 16), -(-c // 16)
