@@ -664,12 +664,12 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         streams X's rows; the product is transposed back. The rule's matmul ran at ~40 GMAC/s over K = 1024 (not
         blocked over K) after a generic transpose of X (1.7 ms for 1024 x 1024)."""
         from graphopt.targets.tvm.cpu.bmm import emit_bmm
-        from graphopt.targets.tvm.cpu.pool import emit_transpose, transpose_applies
+        from graphopt.targets.tvm.cpu.pool import batched_transpose, emit_transpose
         bb = importer.block_builder
         x = bb.emit(relax.op.reshape(importer.env[x_node], (batch, n, k)))
         ct = emit_bmm(bb, x, importer.env[node.args[0]], batch, n, k, m, True, lanes)
-        if transpose_applies((batch, n, m), (0, 2, 1)):
-            return emit_transpose(bb, ct, (batch, n, m))
+        if batched_transpose((batch, n, m), (0, 2, 1)):
+            return emit_transpose(bb, ct, (batch, n, m), (0, 2, 1))
         return bb.emit(relax.op.permute_dims(ct, [0, 2, 1]))
 
     def bmm(node, importer):
@@ -837,14 +837,15 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         return emit_roll(importer.block_builder, importer.env[node.args[0]], x_val.shape, shifts, dims or None)
 
     def permute(node, importer):
-        """A float32 swap of the last two axes of large matrices on graphopt's 8 x 8 block transpose (pool.py);
-        other permutations, and small ones (fused with their neighbours), stay Relax's."""
-        from graphopt.targets.tvm.cpu.pool import emit_transpose, transpose_applies
+        """A float32 permutation that is a batch of large matrix transposes (pool.batched_transpose) on graphopt's
+        8 x 8 block transpose; other permutations, and small ones (fused with their neighbours), stay Relax's."""
+        from graphopt.targets.tvm.cpu.pool import batched_transpose, emit_transpose
         x_val = node.args[0].meta["val"]
         perm = [int(p) % max(x_val.dim(), 1) for p in node.args[1]]
-        if str(x_val.dtype) != "torch.float32" or not _static(x_val) or not transpose_applies(x_val.shape, perm):
+        if (str(x_val.dtype) != "torch.float32" or not _static(x_val)
+                or batched_transpose(x_val.shape, perm) is None):
             return _builtin(importer, "permute.default")(node)
-        return emit_transpose(importer.block_builder, importer.env[node.args[0]], x_val.shape)
+        return emit_transpose(importer.block_builder, importer.env[node.args[0]], x_val.shape, perm)
 
     def flip(node, importer):
         """torch.flip of a float32 tensor with constant sizes on graphopt's row copy (pool.py); else TVM's."""

@@ -305,12 +305,26 @@ def emit_flip(bb, x, x_shape, dims):
     return bb.emit(relax.op.reshape(y, tuple(shape)))
 
 
-def transpose_applies(shape, perm) -> bool:
-    """A swap of the last two axes of a matrix batch with both at least 64 (SAGAN's 1024 x 1024 attention map,
-    MLP-Mixer's token mixing); smaller ones (attention heads' K^T) stay in Relax, fused with their neighbours."""
+def batched_transpose(shape, perm) -> tuple[int, int, int] | None:
+    """(B, R, C) when permuting `shape` by `perm` is B transposes of R x C matrices with R and C at least 64: the
+    last two axes swapped (SAGAN's 1024 x 1024 attention map, MLP-Mixer's token mixing), or runs of axes that
+    stay together swapped the same way (NCHW <-> NHWC: C against H W, ConvNeXt's and TF ports' layout changes).
+    Smaller ones (attention heads' K^T) stay in Relax, fused with their neighbours; None otherwise."""
     nd = len(shape)
-    return (nd >= 2 and list(perm) == [*range(nd - 2), nd - 1, nd - 2]
-            and int(shape[-1]) >= 64 and int(shape[-2]) >= 64)
+    if nd < 2 or sorted(perm) != list(range(nd)):
+        return None
+    groups = [[int(perm[0])]]  # runs of input axes kept adjacent and in order, in output order
+    for a in perm[1:]:
+        if int(a) == groups[-1][-1] + 1:
+            groups[-1].append(int(a))
+        else:
+            groups.append([int(a)])
+    by_input = sorted(groups)
+    if len(groups) < 2 or groups != by_input[:-2] + [by_input[-1], by_input[-2]]:
+        return None
+    size = lambda g: math.prod(int(shape[a]) for a in g)  # noqa: E731
+    b, r, c = math.prod(size(g) for g in by_input[:-2]), size(by_input[-2]), size(by_input[-1])
+    return (b, r, c) if r >= 64 and c >= 64 else None
 
 
 def transpose_source(b: int, r: int, c: int) -> str:
@@ -347,20 +361,20 @@ def transpose(x: T.Buffer(({b}, {r}, {c}), "float32"), zero: T.Buffer((1,), "int
 """
 
 
-def emit_transpose(bb, x, x_shape):
-    """x (a float32 Relax value, constant shape [..., R, C], transpose_applies) with its last two axes swapped.
-    Relax's transpose ran a generic loop reading down the columns: 1.7 ms for SAGAN's 1024 x 1024 map, 224 us
-    for MLP-Mixer's 196 x 512 tokens."""
+def emit_transpose(bb, x, x_shape, perm):
+    """x (a float32 Relax value of constant shape) permuted by `perm`, a batched_transpose. Relax's transpose ran a
+    generic loop reading down the columns: 1.7 ms for SAGAN's 1024 x 1024 map, 224 us for MLP-Mixer's 196 x 512
+    tokens, 2.4x PyTorch's time from NHWC to NCHW."""
     import tvm
     from tvm import relax
     from tvm.script import tirx as T
 
     shape = [int(d) for d in x_shape]
-    b, r, c = math.prod(shape[:-2]), shape[-2], shape[-1]
+    b, r, c = batched_transpose(shape, perm)
     gv = bb.add_func(tvm.script.parse(transpose_source(b, r, c), extra_vars={"T": T}), f"transpose_{b}x{r}x{c}")
     y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, (b, r, c))), relax.const(np.zeros(1, np.int32))],
                                relax.TensorType((b, c, r), "float32")))
-    return bb.emit(relax.op.reshape(y, (*shape[:-2], c, r)))
+    return bb.emit(relax.op.reshape(y, tuple(shape[int(p)] for p in perm)))
 
 
 def emit_crop(bb, x, x_shape, h: int, w: int):
