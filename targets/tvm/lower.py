@@ -587,6 +587,18 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         return emit_bilinear(importer.block_builder, importer.env[node.args[0]], x_val.shape, out.shape[2:],
                              bool(args[2]), args[3])
 
+    def upsample_bicubic2d(node, importer):
+        """float32 NCHW bicubic resizing on graphopt's row kernel (resize.py); else aten's decomposition through
+        TVM's converters."""
+        from graphopt.targets.tvm.cpu.resize import bilinear_applies, emit_bicubic
+        x_val, out = node.args[0].meta["val"], node.meta["val"]
+        args = list(node.args) + [None] * (4 - len(node.args))
+        if (str(x_val.dtype) != "torch.float32" or not _static(x_val)
+                or not bilinear_applies(x_val.shape, out.shape[2:])):
+            return _builtin(importer, "upsample_bicubic2d.vec")(node)
+        return emit_bicubic(importer.block_builder, importer.env[node.args[0]], x_val.shape, out.shape[2:],
+                            bool(args[2]), args[3])
+
     def upsample_linear1d(node, importer):
         """F.interpolate(mode="linear") on [N, C, L] (input, output_size, align_corners, scale_factors): the bilinear
         kernel on a one-row map. aten's decomposition into index gathers failed TVM's build ("Cannot convert
@@ -1733,7 +1745,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             "log.default": log, "log1p.default": lambda node, importer: log(node, importer, True),
             "convolution.default": convolution, "layer_norm.default": layer_norm,
             "_softmax.default": softmax, "native_group_norm.default": native_group_norm,
-            "upsample_bilinear2d.vec": upsample_bilinear2d, "bmm.default": bmm,
+            "upsample_bilinear2d.vec": upsample_bilinear2d, "upsample_bicubic2d.vec": upsample_bicubic2d,
+            "bmm.default": bmm,
             "select.int": select, "upsample_nearest2d.vec": upsample_nearest2d,
             "mean.dim": mean,
             "constant_pad_nd.default": constant_pad_nd, "bsr_linear.default": bsr_linear,
@@ -1789,7 +1802,7 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
         # kernels (their decompositions: a batch norm over [1, N C, H, W], index gathers)
         aten = torch.ops.aten
         for op in (aten.instance_norm.default, aten._pad_circular.default, aten.roll.default, aten.im2col.default,
-                   aten.upsample_linear1d.vec,
+                   aten.upsample_linear1d.vec, aten.upsample_bicubic2d.vec,
                    *(getattr(aten, f"{kind}_pad{d}d").default for kind in ("reflection", "replication")
                      for d in (1, 2, 3))):
             table.pop(op, None)
