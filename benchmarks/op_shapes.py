@@ -5,7 +5,8 @@ atrous conv and head resize, ResNeXt's grouped conv, group norm (detection heads
 tanh GELU activations, SE blocks, classifier heads written as 1x1 convs, constant pads, TCN 1-D convs, 3-D convs,
 uneven strides, ViT's attention over 197 tokens and Swin's over 49, transformer rows that are not whole vectors,
 instance norm and reflect pads (style transfer), Swin's roll, PointNet's max over points, log_softmax over a
-vocabulary and softmax over a segmentation map's channels. Every one of these ran TVM's generic operator once and
+vocabulary and softmax over a segmentation map's channels, SAGAN's self-attention, MLP-Mixer's token mixing, a
+layout change, PSPNet's pyramid pool, bicubic resizing, a flip and a matmul by a parameter. Every one of these ran TVM's generic operator once and
 took 1.6-100000x PyTorch's time (the README's "More shapes outside the zoo" has the before / after of each); this
 benchmark keeps them honest.
 Outputs are checked against PyTorch (max error relative to the output's range). Latency: the lowest of each
@@ -93,6 +94,32 @@ def cases():
         def forward(self, x):
             return torch.max(x, -1)[0]
 
+    class SelfAttention2d(nn.Module):  # SAGAN: q / k / v 1x1 convs, attention over the map's pixels
+        def __init__(self, c: int):
+            super().__init__()
+            self.q, self.k, self.v = nn.Conv2d(c, c // 8, 1), nn.Conv2d(c, c // 8, 1), nn.Conv2d(c, c, 1)
+
+        def forward(self, x):
+            b, c, h, w = x.shape
+            a = torch.softmax(torch.bmm(self.q(x).flatten(2).transpose(1, 2), self.k(x).flatten(2)), -1)
+            return x + torch.bmm(self.v(x).flatten(2), a.transpose(1, 2)).view(b, c, h, w)
+
+    class TokenMixing(nn.Module):  # MLP-Mixer: an MLP over the tokens of a [1, T, C] activation
+        def __init__(self, tokens: int, c: int):
+            super().__init__()
+            self.norm, self.a, self.b = nn.LayerNorm(c), nn.Linear(tokens, 384), nn.Linear(384, tokens)
+
+        def forward(self, x):
+            return x + self.b(torch.nn.functional.gelu(self.a(self.norm(x).transpose(1, 2)))).transpose(1, 2)
+
+    class Projection(nn.Module):  # x @ W.t() with a parameter W (hand-written projections)
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(1024, 512) * 0.04)
+
+        def forward(self, x):
+            return x @ self.w.t()
+
     f = torch.nn.functional
     return [
         ("patch embed 16x16/16 3->384", "ViT-S", nn.Conv2d(3, 384, 16, 16), (1, 3, 224, 224)),
@@ -130,6 +157,15 @@ def cases():
         ("max over 2048 points 1024", "PointNet", MaxOver(), (1, 1024, 2048)),
         ("log_softmax 32000", "language model head", nn.LogSoftmax(-1), (1, 32000)),
         ("softmax over 21 channels @128", "segmentation head", nn.Softmax(1), (1, 21, 128, 128)),
+        ("self-attention 128 @32", "SAGAN / BigGAN", SelfAttention2d(128), (1, 128, 32, 32)),
+        ("token mixing 196x512", "MLP-Mixer", TokenMixing(196, 512), (1, 196, 512)),
+        ("NHWC -> NCHW 56x56x64", "TF ports / ConvNeXt", Act(lambda x: x.permute(0, 3, 1, 2) + 0.0),
+         (1, 56, 56, 64)),
+        ("adaptive avg 512 @60 -> 6", "PSPNet pyramid", nn.AdaptiveAvgPool2d(6), (1, 512, 60, 60)),
+        ("bicubic 64x28 -> 56", "super-resolution", Act(lambda x: f.interpolate(x, scale_factor=2, mode="bicubic")),
+         (1, 64, 28, 28)),
+        ("flip W 64 @56", "test-time augmentation", Act(lambda x: torch.flip(x, (3,))), (1, 64, 56, 56)),
+        ("x @ W.t() 64x512->1024", "hand-written projection", Projection(), (1, 64, 512)),
     ]
 
 
