@@ -658,12 +658,14 @@ def _one_hot_op(im, ins, at):
     return im.emit(_one_hot, ins[0], depth, Const(values[0].clone()), Const(values[1].clone()), axis)
 
 
+_SCATTER_REDUCE = {"add": "sum", "mul": "prod", "max": "amax", "min": "amin"}  # ONNX's names -> torch's
+
+
 def _scatter_elements(x, idx, upd, axis: int, reduction: str):
     idx = torch.where(idx < 0, idx + x.shape[axis], idx)
     if reduction == "none":
         return torch.scatter(x, axis, idx, upd)
-    return torch.scatter_reduce(x, axis, idx, upd, {"add": "sum", "mul": "prod", "max": "amax",
-                                                    "min": "amin"}[reduction], include_self=True)
+    return torch.scatter_reduce(x, axis, idx, upd, _SCATTER_REDUCE[reduction], include_self=True)
 
 
 @op("ScatterElements", "Scatter")
@@ -686,8 +688,7 @@ def _scatter_nd(x, idx, upd, reduction: str):
     if reduction == "none":
         out = torch.scatter(rows, 0, flat, upd)
     else:
-        out = torch.scatter_reduce(rows, 0, flat, upd, {"add": "sum", "mul": "prod", "max": "amax", "min": "amin"}[
-            reduction], include_self=True)
+        out = torch.scatter_reduce(rows, 0, flat, upd, _SCATTER_REDUCE[reduction], include_self=True)
     return out.reshape(x.shape)
 
 
@@ -735,8 +736,10 @@ def _resize(x, size, scales, mode: str, align_corners):
 
 @op("Resize", "Upsample")
 def _resize_op(im, ins, at):
-    """The modes PyTorch and TF exporters write: nearest with asymmetric coordinates and floor rounding (PyTorch's
-    nearest), linear/cubic with half_pixel (align_corners=False) or align_corners; N and C unscaled."""
+    """The modes PyTorch and TF exporters write: nearest (asymmetric + floor as PyTorch's nearest, the other
+    coordinate and rounding modes through index tables), linear/cubic with half_pixel (align_corners=False) or
+    align_corners, antialiased only when upscaling (where the filter is the plain interpolation); N and C
+    unscaled."""
     x = ins[0]
     rank = len(im.shape(x))
     mode = at.get("mode", "nearest")

@@ -850,7 +850,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
 
     def permute(node, importer):
         """A float32 permutation that is a batch of large matrix transposes (pool.batched_transpose) on graphopt's
-        8 x 8 block transpose; other permutations, and small ones (fused with their neighbours), stay Relax's."""
+        16 x 16 tile transpose; other permutations, and small ones (fused with their neighbours), stay Relax's."""
         from graphopt.targets.tvm.cpu.pool import batched_transpose, emit_transpose
         x_val = node.args[0].meta["val"]
         perm = [int(p) % max(x_val.dim(), 1) for p in node.args[1]]
@@ -1756,7 +1756,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             "upsample_linear1d.vec": upsample_linear1d,
             "adaptive_max_pool2d.default": adaptive_max_pool2d,
             "_adaptive_avg_pool2d.default": adaptive_avg_pool2d,
-            "roll.default": roll, "flip.default": flip, "permute.default": permute, "where.self": where, "max.dim": max_dim, "_log_softmax.default": log_softmax,
+            "roll.default": roll, "flip.default": flip, "permute.default": permute, "where.self": where,
+            "max.dim": max_dim, "_log_softmax.default": log_softmax,
             "amax.default": amax_amin("max"), "amin.default": amax_amin("min"), "sum.dim_IntList": sum_dim,
             "linalg_vector_norm.default": vector_norm, "im2col.default": im2col,
             **{f"{kind}_pad{d}d.default": edge_pad(mode) for kind, mode in (("reflection", "reflect"),
@@ -1798,8 +1799,9 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
     table.pop(torch.ops.aten.upsample_trilinear3d.vec, None)  # (nor do trilinear's; trilinear)
     if device == "cpu":  # layer norm whole, for its row kernel (norm.py); not native_layer_norm's 3 outputs
         table.pop(torch.ops.aten.layer_norm.default, None)
-        # instance norm, roll, im2col (F.unfold) and the reflect / replicate / circular pads whole, for their
-        # kernels (their decompositions: a batch norm over [1, N C, H, W], index gathers)
+        # instance norm, roll, im2col (F.unfold), linear / bicubic resizing and the reflect / replicate /
+        # circular pads whole, for their kernels (their decompositions: a batch norm over [1, N C, H, W], index
+        # gathers)
         aten = torch.ops.aten
         for op in (aten.instance_norm.default, aten._pad_circular.default, aten.roll.default, aten.im2col.default,
                    aten.upsample_linear1d.vec, aten.upsample_bicubic2d.vec,

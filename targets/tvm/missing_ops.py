@@ -1,12 +1,15 @@
 """Converters for aten ops that TVM 0.27's torch importer converts wrongly or not at all, found by comparing
-every elementwise / reduction op's output with PyTorch's. Each takes (fx node, importer) and emits plain Relax
-ops, so it holds on every device.
+~130 elementwise / reduction / indexing ops' outputs with PyTorch's. Each takes (fx node, importer) and emits
+plain Relax ops, so it holds on every device.
 
-Wrong: `F.selu` (and `aten.elu` with a scale): the importer's elu converter drops elu's `scale` and `input_scale`,
-and selu decomposes into elu(x, alpha, scale=1.0507...): its outputs were 1/1.0507 of PyTorch's everywhere.
-Failing: sinh / cosh (LLVM has no such intrinsic: the build failed), exp2, var_mean / std_mean, prod,
-scatter_add (GNN message passing), count_nonzero (a bool compared with a float: LLVM's verifier failed),
-cdist (metric learning, point-cloud neighbours), rrelu in eval mode."""
+Wrong before: `F.selu` (and `aten.elu` with a scale: the importer's elu converter drops `scale` and
+`input_scale`, and selu decomposes into elu(x, alpha, scale=1.0507...)); PyTorch's type promotion (an int or bool
+tensor with a float operand was computed in its own dtype: `PROMOTED`, `promoting`); `avg_pool2d / 3d`'s
+divisor_override (dropped); `x.bfloat16()` (unrounded inside a fused kernel); max pooling's indices (zeros).
+Failing before: sinh / cosh (LLVM has no such intrinsic), exp2, var_mean / std_mean, prod, scatter_add /
+scatter_reduce (GNN message passing, ONNX scatters), count_nonzero and a bool compared with a number (LLVM's
+verifier refused a float compare of a bool), cdist, rrelu in eval mode, `i // 3` / trunc division of ints and
+`i.clamp(min=1)`."""
 
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ def _arg(node, i: int, name: str, default):
     return node.kwargs.get(name, default)
 
 
-def _axes(node, dims, nd: int) -> list[int]:
+def _axes(dims, nd: int) -> list[int]:
     if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
         return list(range(nd))
     dims = [dims] if isinstance(dims, int) else dims
@@ -119,7 +122,7 @@ def var_mean(node, importer):
     """(var, mean) over dims with PyTorch's correction (default 1: Bessel's); timm's weight-standardized convs."""
     bb, x = importer.block_builder, importer.env[node.args[0]]
     x_val = node.args[0].meta["val"]
-    axes = _axes(node, _arg(node, 1, "dim", None), x_val.dim())
+    axes = _axes(_arg(node, 1, "dim", None), x_val.dim())
     keep = bool(node.kwargs.get("keepdim", False))
     correction = node.kwargs.get("correction")
     correction = 1.0 if correction is None else float(correction)
@@ -152,7 +155,7 @@ def prod(node, importer):
 def count_nonzero(node, importer):
     bb, x = importer.block_builder, importer.env[node.args[0]]
     x_val = node.args[0].meta["val"]
-    axes = _axes(node, _arg(node, 1, "dim", None), x_val.dim())
+    axes = _axes(_arg(node, 1, "dim", None), x_val.dim())
     zero = relax.const(False if _dtype(x_val) == "bool" else 0, _dtype(x_val))
     nz = bb.emit(relax.op.astype(bb.emit(relax.op.not_equal(x, zero)), "int64"))
     return bb.emit(relax.op.sum(nz, axis=axes))
@@ -268,7 +271,11 @@ def promoting(name: str, convert):
     node's result dtype wherever they differ (PyTorch's type promotion)."""
     def wrapped(node, importer):
         out = node.meta.get("val")
-        inner = convert or builtin_converter(importer, name)
+        try:
+            inner = convert or builtin_converter(importer, name)
+        except KeyError:
+            raise UnsupportedOpError(node.name, "aten." + name, "TVM's Relax importer has no converter for it; run "
+                                     "a pass that rewrites it or choose --target onnx") from None
         if not hasattr(out, "dtype"):
             return inner(node, importer) if convert else inner(node)
         dt = _dtype(out)
@@ -320,7 +327,6 @@ def int_clamp(convert):
     """clamp of an integer tensor with one bound missing: TVM's converter put an infinite bound in an int clip and
     the build failed ("Cannot convert infinity to BigInt": `i.clamp(min=1)`); the dtype's limit instead."""
     def wrapped(node, importer):
-        import numpy as np
         val = node.meta.get("val")
         lo, hi = _arg(node, 1, "min", None), _arg(node, 2, "max", None)
         if (not hasattr(val, "dtype") or _dtype(val) not in ("int8", "int16", "int32", "int64", "uint8")
@@ -367,7 +373,8 @@ def avg_pool_divisor(name: str):
                          count_include_pad=True, layout="NCHW" if nd == 2 else "NCDHW"))
         if unbatched:
             y = bb.emit(relax.op.squeeze(y, [0]))
-        return bb.emit(relax.op.multiply(y, relax.const(math.prod(kernel) / float(divisor), _dtype(node.meta["val"]))))
+        scale = relax.const(math.prod(kernel) / float(divisor), _dtype(node.meta["val"]))
+        return bb.emit(relax.op.multiply(y, scale))
     return convert
 
 
@@ -381,6 +388,13 @@ def _indices_used(node) -> bool:
     return any(u.target is not operator.getitem or (u.args[1] == 1 and u.users) for u in node.users)
 
 
+def _pair(v, default):
+    """A pooling argument as two ints (an int or a 1- or 2-list); `default` when absent (None, 0 or [])."""
+    if not v:
+        return default
+    return [int(v)] * 2 if isinstance(v, int) else ([int(u) for u in v] * 2)[:2]
+
+
 def pool_with_indices(node, importer, values):
     """(values, indices) of max_pool2d_with_indices. TVM's converter, and graphopt's kernel, give zeros for the
     indices, which no graph read until max_unpool2d (SegNet's decoder: it failed to import). Where a user reads
@@ -390,13 +404,9 @@ def pool_with_indices(node, importer, values):
     if not _indices_used(node):
         return bb.emit(relax.Tuple([values, bb.emit(relax.op.zeros(values.ty.shape, "int64"))]))
     x_val = node.args[0].meta["val"]
-    def pair(v, default):
-        if not v:
-            return default
-        return [int(v)] * 2 if isinstance(v, int) else ([int(u) for u in v] * 2)[:2]
-    kernel = pair(node.args[1], None)
-    stride, padding = pair(_arg(node, 2, "stride", None), kernel), pair(_arg(node, 3, "padding", 0), [0, 0])
-    dilation = pair(_arg(node, 4, "dilation", 1), [1, 1])
+    kernel = _pair(node.args[1], None)
+    stride, padding = _pair(_arg(node, 2, "stride", None), kernel), _pair(_arg(node, 3, "padding", 0), [0, 0])
+    dilation = _pair(_arg(node, 4, "dilation", 1), [1, 1])
     if stride != kernel or padding != [0, 0] or dilation != [1, 1] or x_val.dim() != 4:
         raise UnsupportedOpError(node.name, "aten.max_pool2d_with_indices", "its indices are read (e.g. by "
                                  "max_unpool2d) and graphopt computes them for windows that tile the map (kernel = "
