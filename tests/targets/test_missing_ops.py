@@ -1,6 +1,8 @@
-"""Ops TVM 0.27's torch importer converted wrongly (selu / scaled elu) or not at all (sinh, cosh, exp2, var_mean,
-prod, count_nonzero, scatter_add, cdist, rrelu, a bool mask compared with a number): graphopt's converters
-(`targets/tvm/missing_ops.py`) against PyTorch, each output named in the failure."""
+"""Ops TVM 0.27's torch importer converted wrongly (selu / scaled elu, int and bool operands with floats,
+avg_pool's divisor_override, bfloat16 casts, max pooling's indices) or not at all (sinh, cosh, exp2, var_mean,
+prod, count_nonzero, scatters, cdist, rrelu, a bool mask compared with a number, integer division, trilinear
+resizing, max_unpool2d): graphopt's converters (`targets/tvm/missing_ops.py`, `lower.py`) against PyTorch, each
+output named in the failure; and the name of an op no converter takes."""
 from __future__ import annotations
 
 import numpy as np
