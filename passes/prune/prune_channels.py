@@ -303,16 +303,19 @@ def _rewrite_args(n: fx.Node, removed, old_shapes, expected) -> None:
     n.args = tuple(args)
 
 
-def _activation_means(graph: Graph, names: set[str], batches) -> dict[str, torch.Tensor]:
-    """Per-channel means (over every dim but dim 1 for 4-D, the last for others) of the named nodes' outputs."""
+def _activation_means(graph: Graph, axes: dict[str, int], batches) -> dict[str, torch.Tensor]:
+    """Per-channel means of the named nodes' outputs over every dim but the node's channel axis (`axes`: 1 where a
+    conv reads the node, -1 where a linear does: a 4-D [N, H, W, C] input of a linear, as ConvNeXt's blocks feed
+    theirs, has its channels last; reading dim 1 there had indexed H and crashed)."""
     sums: dict[str, torch.Tensor] = {}
 
     def record(name: str, out: torch.Tensor) -> None:
-        dims = [d for d in range(out.dim()) if d != (1 if out.dim() == 4 else out.dim() - 1)]
+        axis = axes[name] % out.dim()
+        dims = [d for d in range(out.dim()) if d != axis]
         m = out.float().mean(dims) if dims else out.float()
         sums[name] = sums.get(name, 0) + m / len(batches)
 
-    observe_outputs(graph, names, batches, record)
+    observe_outputs(graph, set(axes), batches, record)
     return sums
 
 
@@ -340,7 +343,8 @@ def bias_corrections(graph: Graph, plan: PrunePlan, batches) -> dict[str, torch.
     wanted = shrunk_consumers(graph, plan)
     if not wanted:
         return {}
-    means = _activation_means(graph, {x.name for v in wanted.values() for x, _ in v}, batches)
+    means = _activation_means(graph, {x.name: -1 if nodes[op].target is aten.linear.default else 1
+                                      for op, v in wanted.items() for x, _ in v}, batches)
     removed = plan.removed_indices()
     out = {}
     for op_name, items in wanted.items():

@@ -480,6 +480,40 @@ def test_bias_correction_keeps_the_mean_output():
     assert (mean(plain) - mean(g)).abs().max() > 1e-2
 
 
+class _ChannelsLastMLP(nn.Module):
+    """ConvNeXt's pattern: a conv, then an MLP over the channels of an NHWC view (linears on a 4-D input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y + self.b(F.relu(self.a(y.permute(0, 2, 3, 1)))).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("kind", ["nhwc_linear", "conv1d"])
+def test_bias_correction_reads_each_consumers_channel_axis(kind):
+    """The bias correction took every 4-D activation's per-channel means over dim 1 and every other one's over its
+    last dim. A linear's 4-D input (ConvNeXt's NHWC MLP) has its channels last: the pass indexed H with a channel
+    and crashed; a conv1d's [N, C, L] input has them in dim 1: its means came from positions along L (the mean
+    output moved by 0.073). The means are now taken over the consumer's channel axis: the pruned network's mean
+    output on the calibration data equals the unpruned one's (the consumer is linear), within 1e-4."""
+    torch.manual_seed(0)
+    if kind == "conv1d":
+        m = nn.Sequential(nn.Conv1d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv1d(16, 8, 1)).eval()
+        data = [(torch.randn(4, 3, 40) + 0.5,) for _ in range(3)]
+    else:
+        m = _ChannelsLastMLP().eval()
+        data = [(torch.randn(4, 3, 5, 6) + 0.5,) for _ in range(3)]
+    g = graphopt.trace(m, data[0])
+    mean = lambda gr: torch.stack([gr.run(*b)[0].transpose(0, 1).flatten(1).mean(1) for b in data]).mean(0)  # noqa
+    fixed = graphopt.optimize(g, "prune-channels{ratio=0.5 scope=local}", data=data)
+    assert fixed.meta["history"][0]["stats"]["bias_corrected_ops"] >= 1
+    assert fixed.stats().macs < g.stats().macs
+    torch.testing.assert_close(mean(fixed), mean(g), rtol=1e-4, atol=1e-4)
+
+
 def _assert_compiled_matches(graph, x, folder, atol=1e-4):
     """The pruned graph compiled by TVM computes what the graph computes."""
     art = graphopt.load(graphopt.compile(graph, "llvm", output=folder))
