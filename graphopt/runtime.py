@@ -30,11 +30,14 @@ class CompiledModel:
         else:
             _check_isa(self.manifest)
             self.device = tvm.cpu()
+        private = _private_link(lib_path)
         try:
-            self._lib = tvm.runtime.load_module(str(lib_path))
+            self._lib = tvm.runtime.load_module(str(private))
             self._vm = VirtualMachine(self._lib, self.device)
         except Exception as e:
             raise ArtifactError(f"cannot load '{lib_path}': {e}") from None
+        finally:
+            private.unlink(missing_ok=True)  # (the loaded library stays mapped)
         self._fn = self._vm[self.manifest.get("entry", "main")]
         self._tvm = tvm
         self.inputs = self.manifest["inputs"]
@@ -134,6 +137,24 @@ def _cuda_device(manifest: dict):
         raise ArtifactError(f"this GPU is {have}; the artifact's kernels need at least {built[0]} (built for "
                             f"{archs}): compile again with --cuda-arch {have}")
     return dev
+
+
+def _private_link(lib_path: Path) -> Path:
+    """A fresh path to the artifact's library (a hard link, else a copy, in the temp folder). The dynamic loader
+    keys libraries by path: loading model.so again after compiling into the same folder returned the library
+    loaded first, so the old model ran (a notebook's edit-compile-load loop)."""
+    import os
+    import shutil
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix="graphopt-model-", suffix=".so")
+    os.close(fd)
+    os.unlink(tmp)
+    try:
+        os.link(lib_path, tmp)
+    except OSError:  # another file system
+        shutil.copyfile(lib_path, tmp)
+    return Path(tmp)
 
 
 def load(folder: str | Path) -> CompiledModel:

@@ -119,6 +119,25 @@ def test_output_overwrite_rules(tmp_path, built):
     assert (again / "model.so").exists() and not list(tmp_path.glob(".art*"))
 
 
+def test_reloading_a_recompiled_artifact_runs_the_new_model(tmp_path):
+    """Compiling into the same folder again and loading it returned the library loaded first (the dynamic loader
+    keys libraries by path), so the old model ran without a word; each load now maps its own link to model.so."""
+    class Scale(torch.nn.Module):
+        def __init__(self, s):
+            super().__init__()
+            self.s = s
+
+        def forward(self, x):
+            return x * self.s
+    x = torch.ones(1, 4)
+    graphopt.compile(graphopt.trace(Scale(2.0), (x,)), "llvm", output=tmp_path / "art")
+    first = graphopt.load(tmp_path / "art")
+    graphopt.compile(graphopt.trace(Scale(3.0), (x,)), "llvm", output=tmp_path / "art")
+    second = graphopt.load(tmp_path / "art")
+    np.testing.assert_array_equal(first(x.numpy())[0], 2.0 * np.ones((1, 4), np.float32))
+    np.testing.assert_array_equal(second(x.numpy())[0], 3.0 * np.ones((1, 4), np.float32))
+
+
 def test_load_rejects_non_artifact(tmp_path):
     with pytest.raises(ArtifactError, match="no manifest.json"):
         graphopt.load(tmp_path)
