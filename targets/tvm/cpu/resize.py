@@ -81,9 +81,10 @@ def bilinear(x: T.Buffer(({nc}, {h}, {w}), "float32"), ty0: T.Buffer(({oh},), "i
 """
 
 
-def emit_bilinear(bb, x, x_shape, out_hw, align_corners: bool, scales=None):
-    """upsample_bilinear2d of x [N, C, H, W] (a Relax value) to out_hw, PyTorch's coordinates (`scales`: its
-    scale_factors, which it uses in place of in / out when given)."""
+def _emit_planes(bb, x, x_shape, out_hw, align_corners: bool, scales, kind: str):
+    """x [N, C, H, W] (a Relax value) resized to out_hw by `kind`'s row kernel ("bilinear" / "bicubic") over its
+    N C planes, with its tables of PyTorch's source rows / columns and weights (`scales`: PyTorch's scale factors,
+    which it uses in place of in / out when given)."""
     import tvm
     from tvm import relax
     from tvm.script import tirx as T
@@ -91,12 +92,19 @@ def emit_bilinear(bb, x, x_shape, out_hw, align_corners: bool, scales=None):
     n, c, h, w = (int(d) for d in x_shape)
     oh, ow = (int(d) for d in out_hw)
     sh, sw = (None, None) if not scales else (float(scales[0]), float(scales[1]))
-    tables = [*_source_index(oh, h, align_corners, sh), *_source_index(ow, w, align_corners, sw)]
-    gv = bb.add_func(tvm.script.parse(bilinear_source(n * c, h, w, oh, ow), extra_vars={"T": T}),
-                     f"bilinear_{n * c}x{h}x{w}_to_{oh}x{ow}")
+    taps, source = (_source_index, bilinear_source) if kind == "bilinear" else (_cubic_taps, bicubic_source)
+    tables = [*taps(oh, h, align_corners, sh), *taps(ow, w, align_corners, sw)]
+    gv = bb.add_func(tvm.script.parse(source(n * c, h, w, oh, ow), extra_vars={"T": T}),
+                     f"{kind}_{n * c}x{h}x{w}_to_{oh}x{ow}")
     y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, (n * c, h, w))), *map(relax.const, tables)],
                                relax.TensorType((n * c, oh, ow), "float32")))
     return bb.emit(relax.op.reshape(y, (n, c, oh, ow)))
+
+
+def emit_bilinear(bb, x, x_shape, out_hw, align_corners: bool, scales=None):
+    """upsample_bilinear2d of x [N, C, H, W] (a Relax value) to out_hw, PyTorch's coordinates (`scales`: its
+    scale_factors, which it uses in place of in / out when given)."""
+    return _emit_planes(bb, x, x_shape, out_hw, align_corners, scales, "bilinear")
 
 
 def nearest_applies(x_shape, out_hw) -> bool:
@@ -229,16 +237,4 @@ def emit_bicubic(bb, x, x_shape, out_hw, align_corners: bool, scales=None):
     """upsample_bicubic2d of x [N, C, H, W] (a Relax value) to out_hw with PyTorch's taps and weights (`scales`: its
     scale factors). aten's decomposition (index gathers) took 2.7-3.2x PyTorch's time (64x28x28 ->
     56x56: 3.3 ms)."""
-    import tvm
-    from tvm import relax
-    from tvm.script import tirx as T
-
-    n, c, h, w = (int(d) for d in x_shape)
-    oh, ow = (int(d) for d in out_hw)
-    sh, sw = (None, None) if not scales else (float(scales[0]), float(scales[1]))
-    tables = [*_cubic_taps(oh, h, align_corners, sh), *_cubic_taps(ow, w, align_corners, sw)]
-    gv = bb.add_func(tvm.script.parse(bicubic_source(n * c, h, w, oh, ow), extra_vars={"T": T}),
-                     f"bicubic_{n * c}x{h}x{w}_to_{oh}x{ow}")
-    y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, (n * c, h, w))), *map(relax.const, tables)],
-                               relax.TensorType((n * c, oh, ow), "float32")))
-    return bb.emit(relax.op.reshape(y, (n, c, oh, ow)))
+    return _emit_planes(bb, x, x_shape, out_hw, align_corners, scales, "bicubic")
