@@ -699,6 +699,93 @@ def _scatter_nd_op(im, ins, at):
     return im.emit(_scatter_nd, ins[0], ins[1], ins[2], red)
 
 
+def _recurrent(kind: str, x, w, r, b, h0, c0, reverse: bool, linear_before_reset: bool):
+    """One direction of ONNX's LSTM / GRU / RNN over x [T, N, I] with their default activations: w [G H, I] and
+    r [G H, H] in ONNX's gate order (LSTM i o f c, GRU z r h), b [2 G H] (input then recurrent biases) or None.
+    The input projection of all steps is one linear; the steps are unrolled (T is static). Returns (Y [T, N, H],
+    last h, last c or None)."""
+    hidden = r.shape[1]
+    g = r.shape[0] // hidden
+    wb = rb = None
+    if b is not None:
+        wb, rb = b[:g * hidden], b[g * hidden:]
+    xw = F.linear(x, w, wb)
+    h, c = h0, c0
+    outs = [None] * x.shape[0]
+    for t in (range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])):
+        if kind == "GRU":
+            rz, rr, rh = F.linear(h, r, rb).chunk(3, -1)
+            xz, xr, xh = xw[t].chunk(3, -1)
+            z, rg = torch.sigmoid(xz + rz), torch.sigmoid(xr + rr)
+            if linear_before_reset:
+                n = torch.tanh(xh + rg * rh)
+            else:  # the reset gate applied before the recurrent projection
+                n = torch.tanh(xh + F.linear(rg * h, r[2 * hidden:], None if rb is None else rb[2 * hidden:]))
+            h = (1 - z) * n + z * h
+        else:
+            pre = xw[t] + F.linear(h, r, rb)
+            if kind == "RNN":
+                h = torch.tanh(pre)
+            else:
+                i, o, f, cc = pre.chunk(4, -1)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(cc)
+                h = torch.sigmoid(o) * torch.tanh(c)
+        outs[t] = h
+    return torch.stack(outs, 0), h, c
+
+
+def _recurrent_both(kind: str, x, ws, rs, bs, h0s, c0s, directions, linear_before_reset: bool):
+    """The directions of `_recurrent` stacked as ONNX's outputs: Y [T, D, N, H], Y_h [D, N, H], Y_c [D, N, H]."""
+    runs = [_recurrent(kind, x, w, r, b, h0, c0, rev, linear_before_reset)
+            for w, r, b, h0, c0, rev in zip(ws, rs, bs, h0s, c0s, directions)]
+    y = torch.stack([a[0] for a in runs], 1)
+    y_h = torch.stack([a[1] for a in runs], 0)
+    y_c = torch.stack([a[2] for a in runs], 0) if kind == "LSTM" else y_h
+    return y, y_h, y_c
+
+
+@op("LSTM", "GRU", "RNN")
+def _recurrent_op(im, ins, at):
+    """torch.onnx's nn.LSTM / nn.GRU / nn.RNN: ONNX's recurrent ops with their default activations, forward,
+    reverse or bidirectional, optional biases and initial states, layout 0; unrolled over the static sequence."""
+    kind = im.op
+    ins = list(ins) + [None] * (8 - len(ins))
+    x, w, r, b, seq_lens, h0, c0 = ins[:7]
+    direction = at.get("direction", "forward")
+    direction = direction.decode() if isinstance(direction, bytes) else direction
+    directions = {"forward": [False], "reverse": [True], "bidirectional": [False, True]}[direction]
+    default = {"LSTM": ["sigmoid", "tanh", "tanh"], "GRU": ["sigmoid", "tanh"], "RNN": ["tanh"]}[kind]
+    acts = [a.decode() if isinstance(a, bytes) else str(a) for a in at.get("activations", [])]
+    if acts and [a.lower() for a in acts] != default * len(directions) or any(
+            name in at for name in ("activation_alpha", "activation_beta", "clip")):
+        raise UnsupportedOpError(im.node_name, kind, f"activations {acts or default} with alpha / beta / clip: "
+                                 f"only the defaults ({', '.join(default)}) without a clip are supported")
+    if int(at.get("layout", 0)) or int(at.get("input_forget", 0)) or (len(ins) > 7 and ins[7] is not None):
+        raise UnsupportedOpError(im.node_name, kind, "layout=1, input_forget and peepholes are not supported")
+    if seq_lens is not None:
+        lens = im.const(seq_lens, "sequence_lens")
+        if not bool((lens == im.shape(x)[0]).all()):
+            raise UnsupportedOpError(im.node_name, kind, "sequence_lens shorter than the sequence (padded batches) "
+                                     "are not supported; run each sequence at its length")
+    wt, rt = im.const(w, "W"), im.const(r, "R")
+    bt = im.const(b, "B") if b is not None else None
+    hidden, n = rt.shape[-1], im.shape(x)[1]
+    zeros = torch.zeros(n, hidden, dtype=wt.dtype)
+
+    def state(v, d):
+        if v is None:
+            return Const(zeros.clone())
+        return Const(im.const(v, "initial state")[d].clone()) if isinstance(v, Const) else im.emit(_getitem, v, d)
+    d_range = range(len(directions))
+    out = im.emit(_recurrent_both, kind, x, [Const(wt[d].contiguous()) for d in d_range],
+                  [Const(rt[d].contiguous()) for d in d_range],
+                  [None if bt is None else Const(bt[d].contiguous()) for d in d_range],
+                  [state(h0, d) for d in d_range],
+                  [state(c0, d) if kind == "LSTM" else None for d in d_range], directions,
+                  bool(int(at.get("linear_before_reset", 0))))
+    return [im.emit(_getitem, out, i) for i in range(3 if kind == "LSTM" else 2)]
+
+
 def _cumsum(x, axis: int, exclusive: bool, reverse: bool):
     y = torch.flip(x, [axis]) if reverse else x
     y = torch.cumsum(y, axis)

@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
@@ -166,3 +167,48 @@ def test_resize_modes_without_a_faithful_mapping_are_named(tmp_path):
                      mode="nearest", coordinate_transformation_mode="tf_crop_and_resize"), str(path))
     with pytest.raises(UnsupportedOpError, match="the_node.*tf_crop_and_resize"):
         graphopt.load_onnx(path)
+
+
+class _Recurrent(torch.nn.Module):
+    def __init__(self, rnn):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x):
+        y, state = self.rnn(x)
+        return (y, *state) if isinstance(state, tuple) else (y, state)
+
+
+@pytest.mark.parametrize("kind", ["lstm_2_layers_bidirectional", "gru_bidirectional", "rnn_batch_first"])
+def test_recurrent_ops_match_onnxruntime_imported_and_compiled(kind, tmp_path):
+    """torch.onnx writes nn.LSTM / nn.GRU / nn.RNN as ONNX's LSTM / GRU (linear_before_reset=1) / RNN ops, which
+    had no importer (every exported recurrent model was refused). Unrolled over the static sequence, the input
+    projection of all steps one linear: every output (Y, Y_h, Y_c) within 1e-5 of ORT, imported and built."""
+    torch.manual_seed(0)
+    rnn, shape = {"lstm_2_layers_bidirectional": (torch.nn.LSTM(6, 8, 2, bidirectional=True), (5, 2, 6)),
+                  "gru_bidirectional": (torch.nn.GRU(6, 8, bidirectional=True), (5, 1, 6)),
+                  "rnn_batch_first": (torch.nn.RNN(6, 8, batch_first=True), (1, 5, 6))}[kind]
+    x = torch.randn(*shape)
+    path = tmp_path / "rnn.onnx"
+    torch.onnx.export(_Recurrent(rnn).eval(), (x,), str(path), dynamo=False, opset_version=17)
+    sess = ort.InferenceSession(str(path))
+    ref = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    g = graphopt.load_onnx(path)
+    got = [t.numpy() for t in g.run(x.numpy())]
+    built = graphopt.load(graphopt.compile(g, "llvm", output=tmp_path / "art"))(x.numpy())
+    assert len(got) == len(ref) == len(built)
+    for r, a, b in zip(ref, got, built):
+        np.testing.assert_allclose(a, r, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(b), r, rtol=0, atol=1e-5)
+
+
+def test_recurrent_op_with_other_activations_is_refused_by_name(tmp_path):
+    w = numpy_helper.from_array(RNG.standard_normal((1, 2, 3)).astype(np.float32), "w")
+    r = numpy_helper.from_array(RNG.standard_normal((1, 2, 2)).astype(np.float32), "r")
+    node = helper.make_node("RNN", ["x", "w", "r"], ["y"], name="the_node", hidden_size=2,
+                            activations=["Relu"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", F32, [4, 1, 3])],
+                              [helper.make_tensor_value_info("y", F32, [4, 1, 1, 2])], initializer=[w, r])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "r.onnx"))
+    with pytest.raises(UnsupportedOpError, match="the_node.*activations"):
+        graphopt.load_onnx(tmp_path / "r.onnx")
