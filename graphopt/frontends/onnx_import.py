@@ -753,7 +753,10 @@ def _recurrent_op(im, ins, at):
     x, w, r, b, seq_lens, h0, c0 = ins[:7]
     direction = at.get("direction", "forward")
     direction = direction.decode() if isinstance(direction, bytes) else direction
-    directions = {"forward": [False], "reverse": [True], "bidirectional": [False, True]}[direction]
+    directions = {"forward": [False], "reverse": [True], "bidirectional": [False, True]}.get(direction)
+    if directions is None:
+        raise UnsupportedOpError(im.node_name, kind, f"direction '{direction}': ONNX defines forward, reverse and "
+                                 "bidirectional")
     default = {"LSTM": ["sigmoid", "tanh", "tanh"], "GRU": ["sigmoid", "tanh"], "RNN": ["tanh"]}[kind]
     acts = [a.decode() if isinstance(a, bytes) else str(a) for a in at.get("activations", [])]
     if acts and [a.lower() for a in acts] != default * len(directions) or any(

@@ -303,19 +303,21 @@ def _rewrite_args(n: fx.Node, removed, old_shapes, expected) -> None:
     n.args = tuple(args)
 
 
-def _activation_means(graph: Graph, axes: dict[str, int], batches) -> dict[str, torch.Tensor]:
-    """Per-channel means of the named nodes' outputs over every dim but the node's channel axis (`axes`: 1 where a
-    conv reads the node, -1 where a linear does: a 4-D [N, H, W, C] input of a linear, as ConvNeXt's blocks feed
-    theirs, has its channels last; reading dim 1 there had indexed H and crashed)."""
-    sums: dict[str, torch.Tensor] = {}
+def _activation_means(graph: Graph, wanted: set[tuple[str, int]], batches) -> dict[tuple[str, int], torch.Tensor]:
+    """Per-channel means of named nodes' outputs over every dim but a channel axis, for each wanted (node, axis):
+    axis 1 where a conv reads the node, -1 where a linear does (a 4-D [N, H, W, C] input of a linear, as ConvNeXt's
+    blocks feed theirs, has its channels last; reading dim 1 there had indexed H and crashed)."""
+    sums: dict[tuple[str, int], torch.Tensor] = {}
 
     def record(name: str, out: torch.Tensor) -> None:
-        axis = axes[name] % out.dim()
-        dims = [d for d in range(out.dim()) if d != axis]
-        m = out.float().mean(dims) if dims else out.float()
-        sums[name] = sums.get(name, 0) + m / len(batches)
+        for node, axis in wanted:
+            if node != name:
+                continue
+            dims = [d for d in range(out.dim()) if d != axis % out.dim()]
+            m = out.float().mean(dims) if dims else out.float()
+            sums[name, axis] = sums.get((name, axis), 0) + m / len(batches)
 
-    observe_outputs(graph, set(axes), batches, record)
+    observe_outputs(graph, {name for name, _ in wanted}, batches, record)
     return sums
 
 
@@ -343,8 +345,9 @@ def bias_corrections(graph: Graph, plan: PrunePlan, batches) -> dict[str, torch.
     wanted = shrunk_consumers(graph, plan)
     if not wanted:
         return {}
-    means = _activation_means(graph, {x.name: -1 if nodes[op].target is aten.linear.default else 1
-                                      for op, v in wanted.items() for x, _ in v}, batches)
+    def axis(op_name: str) -> int:  # the channel axis of the consumer's input
+        return -1 if nodes[op_name].target is aten.linear.default else 1
+    means = _activation_means(graph, {(x.name, axis(op)) for op, v in wanted.items() for x, _ in v}, batches)
     removed = plan.removed_indices()
     out = {}
     for op_name, items in wanted.items():
@@ -352,8 +355,8 @@ def bias_corrections(graph: Graph, plan: PrunePlan, batches) -> dict[str, torch.
         w = graph.get_param(op.args[1].target).float()
         delta = torch.zeros(w.shape[0])
         for x, c in items:
-            if x.name in means:
-                delta += w[:, c].reshape(w.shape[0], -1).sum(1) * means[x.name][c]
+            if (x.name, axis(op_name)) in means:
+                delta += w[:, c].reshape(w.shape[0], -1).sum(1) * means[x.name, axis(op_name)][c]
         gone = removed.get((op.args[1].name, 0), set())  # the consumer's own outputs may be pruned as well
         out[op_name] = delta[_keep_index(len(delta), gone)] if gone else delta
     return out

@@ -202,13 +202,14 @@ def test_recurrent_ops_match_onnxruntime_imported_and_compiled(kind, tmp_path):
         np.testing.assert_allclose(np.asarray(b), r, rtol=0, atol=1e-5)
 
 
-def test_recurrent_op_with_other_activations_is_refused_by_name(tmp_path):
+@pytest.mark.parametrize("attrs,match", [(dict(activations=["Relu"]), "activations"),
+                                         (dict(direction="sideways"), "direction 'sideways'")])
+def test_recurrent_op_with_other_activations_is_refused_by_name(tmp_path, attrs, match):
     w = numpy_helper.from_array(RNG.standard_normal((1, 2, 3)).astype(np.float32), "w")
     r = numpy_helper.from_array(RNG.standard_normal((1, 2, 2)).astype(np.float32), "r")
-    node = helper.make_node("RNN", ["x", "w", "r"], ["y"], name="the_node", hidden_size=2,
-                            activations=["Relu"])
+    node = helper.make_node("RNN", ["x", "w", "r"], ["y"], name="the_node", hidden_size=2, **attrs)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", F32, [4, 1, 3])],
                               [helper.make_tensor_value_info("y", F32, [4, 1, 1, 2])], initializer=[w, r])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "r.onnx"))
-    with pytest.raises(UnsupportedOpError, match="the_node.*activations"):
+    with pytest.raises(UnsupportedOpError, match=f"the_node.*{match}"):
         graphopt.load_onnx(tmp_path / "r.onnx")
