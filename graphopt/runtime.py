@@ -50,7 +50,7 @@ class CompiledModel:
         out = []
         for spec, a in zip(self.inputs, args):
             if hasattr(a, "detach"):
-                a = a.detach().cpu().numpy()
+                a = _to_numpy(a)
             a = np.asarray(a)
             if list(a.shape) != list(spec["shape"]):
                 raise InputMismatchError(f"input '{spec['name']}' has shape {list(a.shape)}, expected {spec['shape']}")
@@ -105,6 +105,16 @@ class CompiledModel:
 
     def __repr__(self) -> str:
         return f"CompiledModel('{self.folder}', inputs={self.inputs}, target={self.manifest.get('target')})"
+
+
+def _to_numpy(t) -> np.ndarray:
+    """A torch tensor as numpy; bfloat16 (which numpy lacks) as ml_dtypes' bfloat16, which TVM takes."""
+    import torch  # (loaded already: t is a torch tensor)
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+        return t.view(dtype=torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
 
 
 def missing_isa(manifest: dict) -> list[str]:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from graphopt.ir.files import atomic_write_bytes
-from graphopt.ir.graph import Graph
+from graphopt.ir.graph import DTYPES, Graph
 from graphopt.ir.names import input_name
 from graphopt.ir.printer import graph_diff
 
@@ -66,7 +66,7 @@ def write_reproducer(root: str | os.PathLike | None, index: int, pass_text: str,
     folder = base / f"reproducer-{index:02d}-{slug(name)}"
     folder.mkdir(parents=True, exist_ok=True)
     graph.save(folder / "input.gopt")
-    arrays = {f"b{b}_{i}": t.detach().cpu().numpy() for b, batch in enumerate(inputs) for i, t in enumerate(batch)}
+    arrays = {f"b{b}_{i}": _numpy(t) for b, batch in enumerate(inputs) for i, t in enumerate(batch)}
     with tempfile.NamedTemporaryFile(dir=folder, suffix=".npz", delete=False) as f:
         np.savez(f, **arrays)
     os.replace(f.name, folder / "inputs.npz")
@@ -75,6 +75,11 @@ def write_reproducer(root: str | os.PathLike | None, index: int, pass_text: str,
            f"--inputs {folder / 'inputs.npz'} -o {folder / 'output.gopt'}")
     atomic_write_bytes(folder / "README.txt", f"{why}\n\nReplay:\n  {cmd}\n".encode())
     return folder
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()  # (exact: every bfloat16 is a float32)
 
 
 def load_inputs_npz(path: str | os.PathLike, graph: Graph) -> list[tuple[torch.Tensor, ...]]:
@@ -119,6 +124,10 @@ def load_inputs_npz(path: str | os.PathLike, graph: Graph) -> list[tuple[torch.T
             n_b = arrays[0].shape[0] // shapes[0][0]
             batches = [tuple(torch.from_numpy(np.ascontiguousarray(a[b * sh[0]:(b + 1) * sh[0]]))
                              for a, sh in zip(arrays, shapes)) for b in range(n_b)]
+    # numpy has no bfloat16: float32 arrays for bfloat16 inputs (what write_reproducer saves) are rounded to it
+    half = [DTYPES[s.dtype] if s.dtype == "bfloat16" else None for s in graph.inputs]
+    batches = [tuple(t.to(h) if h is not None and t.dtype == torch.float32 else t for t, h in zip(b, half))
+               for b in batches]
     for b in batches:
         try:
             graph.check_inputs(b)

@@ -14,6 +14,7 @@ import torch
 
 from graphopt.errors import GraphoptError
 from graphopt.ir.graph import Graph
+from graphopt.ir.precision import widen_half
 from graphopt.ir.sparse_ops import layout_block, to_bsr
 from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, register_pass
 
@@ -91,6 +92,8 @@ class SelectSparseLayout(Pass):
             raise LayoutError("select-sparse-layout: candidate sp24 runs on GPU sparse tensor cores; optimize with "
                               "target='cuda' (graphopt opt/compile --target cuda-sparse)")
         source = "estimated (cost table, no GPU here)" if getattr(oracle, "estimated", False) else "measured"
+        if not gpu:
+            graph = widen_half(graph)  # (the CPU's sparse kernels are float32; float16 / bfloat16 graphs compute in it)
 
         choices, rewritten = {}, 0
         kinds = (aten.linear.default,) if gpu else (aten.linear.default, aten.conv2d.default)

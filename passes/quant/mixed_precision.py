@@ -22,6 +22,7 @@ from graphopt.errors import GraphoptError
 from graphopt.ir.graph import Graph
 from graphopt.ir.names import unmatched_patterns
 from graphopt.ir.observe import observe_outputs
+from graphopt.ir.precision import widen_half
 from graphopt.ir.printer import target_name
 from graphopt.ir.quant_ops import DTYPE_RANGES
 from graphopt.passes.quant.quantize import (PAIR_WIDTHS, layer_width, quantizable_ops, quantize_op_weight,
@@ -89,6 +90,7 @@ class MixedPrecision(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
+        graph = widen_half(graph)  # (float16 / bfloat16 graphs: the quantization ops are float32)
         for pat in unmatched_patterns(graph, o.exclude):
             raise MixedPrecisionError(f"mixed-precision option 'exclude': '{pat}' matches no node or parameter")
         ops, _ = quantizable_ops(graph, o.exclude)

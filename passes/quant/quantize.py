@@ -14,6 +14,7 @@ import graphopt.ir.quant_ops  # noqa: F401  registers the graphopt ops
 from graphopt.ir.graph import Graph
 from graphopt.ir.names import matches, node_labels, unmatched_patterns
 from graphopt.ir.observe import observe_outputs
+from graphopt.ir.precision import widen_half
 from graphopt.ir.quant_ops import DTYPE_RANGES, pair_bounded_scales
 from graphopt.passes.analysis.weights import weighted_ops
 from graphopt.passes.canonicalize.dce import eliminate_dead_code
@@ -248,6 +249,7 @@ class Quantize(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
+        graph = widen_half(graph)  # (float16 / bfloat16 graphs: the quantization ops are float32)
         for pat in unmatched_patterns(graph, o.exclude):
             raise CalibrationError(f"quantize option 'exclude': '{pat}' matches no node or parameter")
         weights, auto_reason = _resolve_width(o.weights, ctx)

@@ -10,6 +10,7 @@ import math
 from graphopt.errors import TargetError, UnsupportedOpError
 from graphopt.ir.graph import Graph
 from graphopt.ir.printer import target_name
+from graphopt.targets.tvm.precision import float32_compute
 from graphopt.targets.tvm.missing_ops import CONVERTERS as MISSING_OPS, builtin_converter, with_promotion
 
 log = logging.getLogger(__name__)
@@ -1791,6 +1792,8 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
     import torch
     from torch.export import default_decompositions
 
+    if device == "cpu":
+        graph = float32_compute(graph)
     # core-ATen decomposition, except linear: decomposed, it becomes permute + addmm and hides the constant weight
     # the packed GEMM needs
     table = default_decompositions()

@@ -1,0 +1,70 @@
+"""float16 / bfloat16 graphs computed in float32, behind the graph's own interface.
+
+graphopt's CPU kernels and its quantization ops are float32. A half-precision graph is widened, as ONNX Runtime
+does for CPUs without half kernels: its half parameters and constants become float32 (exactly), every dtype the
+graph names (casts, factory ops) becomes float32, each half input is widened first and each half output narrowed
+last, so the graph still takes and returns what the model does. The outputs round once, at the end, where PyTorch
+rounds after every op: they are at least as accurate as PyTorch's half CPU result.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from graphopt.ir.graph import DTYPES, Graph
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def _widen_arg(a):
+    if isinstance(a, torch.dtype):
+        return torch.float32 if a in HALF else a
+    if isinstance(a, (list, tuple)):
+        return type(a)(_widen_arg(x) for x in a)
+    if isinstance(a, dict):
+        return {k: _widen_arg(v) for k, v in a.items()}
+    return a
+
+
+def is_half(graph: Graph) -> bool:
+    """Whether any input, output, parameter, buffer or dtype argument of `graph` is float16 / bfloat16."""
+    if any(DTYPES[s.dtype] in HALF for s in list(graph.inputs) + list(graph.outputs)):
+        return True
+    if any(t.dtype in HALF for t in list(graph.gm.parameters()) + list(graph.gm.buffers())):
+        return True
+    return any(isinstance(a, torch.dtype) and a in HALF for n in graph.gm.graph.nodes
+               for a in list(n.args) + list(n.kwargs.values()))
+
+
+def widen_half(graph: Graph) -> Graph:
+    """`graph` itself when `is_half` is false, else a copy that computes in float32 with the same input and output
+    dtypes."""
+    if not is_half(graph):
+        return graph
+    g = graph.clone()
+    with torch.no_grad():
+        for t in list(g.gm.parameters()) + list(g.gm.buffers()):
+            if t.dtype in HALF:
+                t.data = t.data.float()
+    fxg = g.gm.graph
+    to_copy = torch.ops.aten._to_copy.default
+    for n in list(fxg.nodes):
+        if n.op == "placeholder":
+            val = n.meta.get("val")
+            if val is not None and val.dtype in HALF:
+                with fxg.inserting_after(n):
+                    wide = fxg.call_function(to_copy, (n,), {"dtype": torch.float32})
+                n.replace_all_uses_with(wide, delete_user_cb=lambda u: u is not wide)
+        elif n.op == "call_function":
+            n.args, n.kwargs = _widen_arg(n.args), _widen_arg(n.kwargs)
+        elif n.op == "output":
+            outs = []
+            for arg, spec in zip(n.args[0], graph.outputs):
+                dt = DTYPES[spec.dtype]
+                if dt in HALF and isinstance(arg, fx.Node):
+                    with fxg.inserting_before(n):
+                        arg = fxg.call_function(to_copy, (arg,), {"dtype": dt})
+                outs.append(arg)
+            n.args = (tuple(outs),)
+    g.refresh()
+    return g
