@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -56,6 +57,26 @@ def _attr_name(fqn: str, taken: set[str]) -> str:
     return name
 
 
+def _refuse_data_dependent_shapes(ep) -> None:
+    """An op whose output size depends on the input's values (nonzero, x[mask], unique, bincount): torch.export
+    traces it with an unbacked size, which no static-shape compile can take (it failed later, inside shape
+    propagation, with torch's DynamicOutputShapeException)."""
+    from graphopt.errors import UnsupportedOpError
+    from graphopt.ir.printer import target_name
+
+    def symbolic(val) -> bool:
+        return isinstance(val, torch.Tensor) and any(not isinstance(d, int) for d in val.shape)
+
+    if any(symbolic(n.meta.get("val")) for n in ep.graph.nodes if n.op == "placeholder"):
+        return  # (dynamic input dims: not this case)
+    for n in ep.graph.nodes:
+        vals = n.meta.get("val")
+        if n.op == "call_function" and any(symbolic(v) for v in (vals if isinstance(vals, (tuple, list)) else [vals])):
+            raise UnsupportedOpError(n.name, target_name(n.target), "its output's size depends on the input's values; "
+                                     "graphopt compiles static shapes: use a fixed-size form (torch.where(mask, x, 0) "
+                                     "for x[mask], a one-hot sum for bincount, topk with a fixed k for nonzero)")
+
+
 @dataclass
 class Graph:
     """A runnable, printable, serializable model: fx graph at ATen level + parameters + metadata.
@@ -80,6 +101,7 @@ class Graph:
         from torch.export.graph_signature import InputKind, OutputKind
 
         sig = ep.graph_signature
+        _refuse_data_dependent_shapes(ep)
         state = dict(ep.state_dict)
         state.update(ep.constants)
         lifted = {}
@@ -109,7 +131,12 @@ class Graph:
                 env[node].meta["val"] = node.meta.get("val")
             elif node.op == "output":
                 outs = [a for a, s in zip(node.args[0], sig.output_specs) if s.kind == OutputKind.USER_OUTPUT]
-                new.output(tuple(env[a] for a in outs))
+                dropped = [f"#{i} ({a!r})" for i, a in enumerate(outs) if not isinstance(a, fx.Node)]
+                if dropped:  # (a None or a number among the outputs: the artifact returns tensors only)
+                    logging.getLogger(__name__).warning(
+                        "output(s) %s of the model are not tensors; the graph returns its tensor outputs only",
+                        ", ".join(dropped))
+                new.output(tuple(env[a] for a in outs if isinstance(a, fx.Node)))
             else:
                 env[node] = new.node_copy(node, lambda n: env[n])
         taken_inputs = set()
