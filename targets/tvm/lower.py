@@ -12,6 +12,7 @@ from graphopt.ir.graph import Graph
 from graphopt.ir.printer import target_name
 from graphopt.targets.tvm.precision import float32_compute
 from graphopt.targets.tvm.missing_ops import CONVERTERS as MISSING_OPS, builtin_converter, with_promotion
+from graphopt.targets.tvm.more_ops import CONVERTERS as MORE_OPS
 
 log = logging.getLogger(__name__)
 
@@ -1608,7 +1609,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                "qlinear_i32.default": qlinear_i32, "qconv2d_i32.default": qconv2d_i32,
                "requantize.default": requantize, "quantize_per_tensor.default": quantize_per_tensor,
                "dequantize_per_tensor.default": dequantize_per_tensor,
-               "dequantize_per_channel.default": dequantize_per_channel, **MISSING_OPS}
+               "dequantize_per_channel.default": dequantize_per_channel, **MISSING_OPS,
+               **MORE_OPS}
 
     def sparse24_layer(node, wname, x_shape, as_conv, fmt=None):
         """The 2:4 kernel's record for this node's constant weight, or None (dense)."""
@@ -1800,6 +1802,7 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
     table.pop(torch.ops.aten.linear.default, None)
     table.pop(torch.ops.aten.upsample_nearest3d.vec, None)  # (its index gathers do not import; nearest_take)
     table.pop(torch.ops.aten.upsample_trilinear3d.vec, None)  # (nor do trilinear's; trilinear)
+    table.pop(torch.ops.aten.heaviside.default, None)  # (its decomposition mixed dtypes in a where; more_ops)
     if device == "cpu":  # layer norm whole, for its row kernel (norm.py); not native_layer_norm's 3 outputs
         table.pop(torch.ops.aten.layer_norm.default, None)
         # instance norm, roll, im2col (F.unfold), linear / bicubic resizing and the reflect / replicate /

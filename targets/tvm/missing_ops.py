@@ -157,7 +157,8 @@ def count_nonzero(node, importer):
     x_val = node.args[0].meta["val"]
     axes = _axes(_arg(node, 1, "dim", None), x_val.dim())
     zero = relax.const(False if _dtype(x_val) == "bool" else 0, _dtype(x_val))
-    nz = bb.emit(relax.op.astype(bb.emit(relax.op.not_equal(x, zero)), "int64"))
+    # (not (x == 0): TVM's float `!=` is false at NaN, which PyTorch counts)
+    nz = bb.emit(relax.op.astype(bb.emit(relax.op.logical_not(bb.emit(relax.op.equal(x, zero)))), "int64"))
     return bb.emit(relax.op.sum(nz, axis=axes))
 
 

@@ -1,0 +1,136 @@
+"""Ops TVM 0.27's torch importer converted wrongly (`any` over a dim of a float / int tensor returned the maximum;
+`!=` and self-compares at NaN; compares of two bool tensors did not build)
+or not at all (any over everything, hypot, copysign, fmax / fmin, heaviside, ldexp, erfinv, i0, bit shifts,
+searchsorted, kthvalue, cummax / cummin, logcumsumexp, histc): graphopt's converters (`targets/tvm/more_ops.py`)
+against PyTorch with their edge cases (NaN, +-inf, -0.0, ties, shifts past the width); ops whose output size
+depends on the values, refused by name at trace time."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import graphopt
+from graphopt.errors import UnsupportedOpError
+from tests.targets.test_missing_ops import _run_all
+
+
+class _Fn(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *xs):
+        return self.fn(*xs)
+
+
+def _check(fn, *xs, rtol=1e-6, atol=1e-7, names=None):
+    """Build fn's graph, run it, and compare every output with PyTorch's: dtype, shape, NaN positions, values."""
+    ref = fn(*xs)
+    ref = list(ref) if isinstance(ref, (tuple, list)) else [ref]
+    got = _run_all(graphopt.trace(_Fn(fn).eval(), xs), *xs)
+    assert len(got) == len(ref)
+    for i, (o, r) in enumerate(zip(got, ref)):
+        name = names[i] if names else f"output {i}"
+        r = r.numpy()
+        assert o.dtype == r.dtype and o.shape == r.shape, (name, o.dtype, r.dtype, o.shape, r.shape)
+        if r.dtype.kind == "f":
+            assert (np.isnan(o) == np.isnan(r)).all(), (name, o, r)
+            np.testing.assert_allclose(o, r, rtol=rtol, atol=atol, err_msg=name)
+        else:
+            np.testing.assert_array_equal(o, r, err_msg=name)
+
+
+def test_any_returns_bools_over_dims_and_everything():
+    """`x.any(1)` of a float tensor came back as the row maxima (1.77 for True) and of an int tensor as ints; any
+    over all dims did not import. uint8 stays uint8 (PyTorch's result for a uint8 input)."""
+    x = torch.tensor([[0.0, -2.5, 0.0], [0.0, 0.0, 0.0], [1e-30, 0.0, float("nan")]])
+    i = torch.tensor([[0, 3, 0], [0, 0, 0], [-1, 0, 0]], dtype=torch.int32)
+    _check(lambda x, i: (x.any(1), x.any(), x.any(0, keepdim=True), x.any((0, 1)), i.any(-1), i.any(),
+                         (i != 0).any(1), i.to(torch.uint8).any(1)), x, i)
+
+
+def test_compares_keep_ieee_nan_semantics_and_bool_operands_build():
+    """`x != x` (the usual NaN test) was false at NaN, and `x != y` wherever either was NaN (TVM lowers float `!=` to
+    the ordered compare, and simplifies `!(a == b)` into it); `torch.where(x == x, x, -1)` kept the NaN (`x == x`
+    folded to true); two bool tensors compared did not build. Int against float operands promote."""
+    nan, inf = float("nan"), float("inf")
+    x = torch.tensor([nan, 1.0, 0.0, inf, -0.0, nan])
+    y = torch.tensor([nan, 1.0, nan, 0.0, 0.0, 2.0])
+    i = torch.tensor([2, 1, 0, 3, 0, 2])
+    _check(lambda x, y, i: (x != x, x != 0, x != y, x.ne(y), i != y, i != 2.5, x != nan, torch.count_nonzero(x),
+                            torch.where(x == x, x, -1.0), x == x, x <= x, x >= x, x == y, (x > 0) != (y > 0),
+                            (x > 0) == (y > 0), (x > 0) < (y > 0), (x > 0) >= (y > 0), (x > 0) == 1.0, i < y),
+           x, y, i)
+
+
+def test_elementwise_special_functions_match_torch():
+    """hypot (no overflow at 1e30, inf beside NaN), copysign (-0.0 is negative), fmax / fmin (NaN loses), heaviside
+    (0 at NaN), ldexp, erfinv (+-inf at +-1, NaN beyond, tails to 1 - 1e-7), i0 (both branches, large x)."""
+    a = torch.tensor([3.0, -0.0, 3e30, float("inf"), float("nan"), -5.0, 0.0, 2.0])
+    b = torch.tensor([4.0, -0.0, 4e30, float("nan"), 1.0, float("nan"), -0.0, -7.5])
+    p = torch.cat([torch.tensor([0.0, 0.3, -0.5, 0.9, -0.99, 0.999999, -1.0, 1.0, 1.5, -0.9999999, 0.5, 1e-6]),
+                   torch.linspace(-0.9995, 0.9995, 4001)])
+    z = torch.tensor([0.0, 0.5, -1.0, 3.7, 3.8, -10.0, 20.0, 50.0, -80.0, 1e-3])
+    _check(lambda a, b: (torch.hypot(a, b), torch.copysign(b.abs() + 1, a), torch.copysign(a, -1.0),
+                         torch.fmax(a, b), torch.fmin(a, b), torch.heaviside(a, b.nan_to_num(0.25)),
+                         torch.ldexp(a, torch.tensor([2, -1, 0, 1, 3, 4, 5, -6]))), a, b,
+           names=["hypot", "copysign", "copysign scalar", "fmax", "fmin", "heaviside", "ldexp"])
+    _check(torch.erfinv, p, rtol=5e-7, atol=1e-7)
+    _check(torch.i0, z, rtol=2e-6)
+
+
+def test_shifts_match_torch_past_the_width():
+    """x << s and x >> s: past the bit width PyTorch gives 0 and the sign (LLVM's shift is undefined there); a
+    negative shift gives 0."""
+    x = torch.tensor([1, -8, 12345, -1, 7, 2 ** 30, -(2 ** 31), 5], dtype=torch.int32)
+    s = torch.tensor([0, 3, 31, 32, 40, 1, 4, -1], dtype=torch.int32)
+    _check(lambda x, s: (x << s, x >> s, x << 3, x >> 2, x.long() << 40), x, s)
+
+
+def test_searchsorted_kthvalue_histc_match_torch():
+    """searchsorted (left / right / side, NaN values last, 1-D and per-row boundaries, int32 out), kthvalue's value
+    and index (distinct values: PyTorch's index among ties is unspecified), histc over a range and over the data's
+    own (its max in the last bin, values outside ignored)."""
+    bounds = torch.tensor([-1.0, 0.0, 0.0, 2.5])
+    rows = torch.sort(torch.randn(3, 5, generator=torch.Generator().manual_seed(0)), -1).values
+    v = torch.tensor([[-2.0, -1.0, 0.0, 1.0, 2.5, 9.0, float("nan")]] * 3)
+    x = torch.randperm(24, generator=torch.Generator().manual_seed(1)).float().reshape(4, 6) - 7
+    _check(lambda v: (torch.searchsorted(bounds, v), torch.searchsorted(bounds, v, right=True),
+                      torch.searchsorted(bounds, v, side="right", out_int32=True), torch.searchsorted(rows, v),
+                      torch.bucketize(v, bounds)), v)
+    _check(lambda x: (*x.kthvalue(2, 1), *x.kthvalue(3, 0, keepdim=True), torch.histc(x, 5, -4.0, 10.0),
+                      torch.histc(x, 7), torch.histc(x * 0 + 3, 4)), x)
+
+
+def test_scans_match_torch_with_ties_and_nan():
+    """cummax / cummin (values and the latest index of the extreme; a NaN propagates with its latest index) over
+    floats and ints on any dim, and logcumsumexp (finite where a global shift would underflow to -inf; -inf
+    prefixes stay -inf)."""
+    x = torch.tensor([[1.0, 3.0, 3.0, 2.0, float("nan"), 5.0, float("nan"), 0.0],
+                      [-1.0, -1.0, -4.0, -4.0, 6.0, 6.0, -9.0, 7.0]])
+    i = torch.tensor([[4, 1, 4, 9, 9, 0, 2, 9], [0, 0, -3, -3, 5, 5, 5, -8]], dtype=torch.int64)
+    lse = torch.tensor([[-float("inf"), -float("inf"), 0.0, -200.0, 100.0, 100.0, -1e4, 3.0],
+                        [-120.0, 0.0, -120.0, 1.0, 2.0, 3.0, 4.0, 5.0]])
+    _check(lambda x, i, s: (*x.cummax(1), *x.cummin(1), *x.cummax(0), *i.cummax(1), *i.cummin(-1),
+                            torch.logcumsumexp(s, 1), torch.logcumsumexp(s, 0)), x, i, lse, rtol=2e-6)
+
+
+def test_long_scan_is_refused_by_name():
+    """A scan over so many positions that comparing every pair would not fit is refused, naming the node."""
+    class Long(torch.nn.Module):
+        def forward(self, x):
+            return x.cummax(1)[0]
+    from graphopt.targets.tvm.lower import lower_to_relax
+    with pytest.raises(UnsupportedOpError, match="cummax.*shorten the axis"):
+        lower_to_relax(graphopt.trace(Long(), (torch.randn(2, 6000),)))
+
+
+@pytest.mark.parametrize("fn", [lambda x: x.nonzero(), lambda x: x[x > 0], lambda x: x.round().unique(),
+                                lambda x: torch.bincount((x.abs() * 2).long().flatten())],
+                         ids=["nonzero", "boolean-index", "unique", "bincount"])
+def test_value_dependent_output_sizes_are_refused_at_trace(fn):
+    """An op whose output size depends on the values failed later, inside shape propagation, with torch's
+    DynamicOutputShapeException; now trace names the node and the fixed-size rewrite."""
+    with pytest.raises(UnsupportedOpError, match="at node .*size depends on the input's values"):
+        graphopt.trace(_Fn(fn), (torch.randn(3, 4),))
