@@ -27,13 +27,11 @@ def _widen_arg(a):
 
 
 def is_half(graph: Graph) -> bool:
-    """Whether any input, output, parameter, buffer or dtype argument of `graph` is float16 / bfloat16."""
-    if any(DTYPES[s.dtype] in HALF for s in list(graph.inputs) + list(graph.outputs)):
+    """Whether `graph` is a half-precision model: a float16 / bfloat16 input, parameter or buffer. (A float32 model
+    that rounds through bfloat16 on purpose, `x.bfloat16().float()`, is not: its casts are kept.)"""
+    if any(DTYPES[s.dtype] in HALF for s in graph.inputs):
         return True
-    if any(t.dtype in HALF for t in list(graph.gm.parameters()) + list(graph.gm.buffers())):
-        return True
-    return any(isinstance(a, torch.dtype) and a in HALF for n in graph.gm.graph.nodes
-               for a in list(n.args) + list(n.kwargs.values()))
+    return any(t.dtype in HALF for t in list(graph.gm.parameters()) + list(graph.gm.buffers()))
 
 
 def widen_half(graph: Graph) -> Graph:
