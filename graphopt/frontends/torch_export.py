@@ -25,7 +25,9 @@ def trace(module: torch.nn.Module, example_inputs: Sequence[Any] | Any, *, input
         raise GraphoptError(f"trace() needs a torch.nn.Module, got {type(module).__name__}")
     if isinstance(example_inputs, (torch.Tensor,)) or not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
-    was_training = module.training
+    # each submodule's own mode back afterwards (module.train(flag) would set every submodule to the top's flag: a
+    # wrapper in train mode around an eval-mode model left the model in train mode)
+    modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
         with torch.no_grad():
@@ -33,7 +35,8 @@ def trace(module: torch.nn.Module, example_inputs: Sequence[Any] | Any, *, input
     except Exception as e:
         raise GraphoptError(f"torch.export could not trace {type(module).__name__}: {str(e).splitlines()[0]}") from e
     finally:
-        module.train(was_training)
+        for m, training in modes:
+            m.training = training
     return Graph.from_exported_program(ep, input_names, output_names, source=f"torch:{type(module).__name__}")
 
 

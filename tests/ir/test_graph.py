@@ -33,6 +33,16 @@ def test_model_is_not_modified_by_trace(cnn):
         assert torch.equal(v, before[k])
 
 
+def test_trace_restores_each_submodules_own_mode(cnn):
+    """A wrapper in train mode around an eval-mode model: trace put everything back to the wrapper's mode, so the
+    model's batch norms and dropouts were training afterwards."""
+    model, x = cnn
+    wrapper = torch.nn.Sequential(model.eval())
+    wrapper.training = True
+    graphopt.trace(wrapper, (x,))
+    assert wrapper.training and not any(m.training for m in model.modules())
+
+
 def test_text_is_stable_and_readable(cnn_graph):
     g, _, _ = cnn_graph
     t1, t2 = g.text(), g.clone().text()
