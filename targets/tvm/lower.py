@@ -1162,6 +1162,10 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         from graphopt.targets.tvm.cpu import conv as k
         from graphopt.targets.tvm.cpu.rules import vector_lanes
         x_shape = node.args[0].meta["val"].shape
+        spatial = len(x_shape) - 2
+        if spatial > 1:  # conv2d(padding="valid") decomposes with padding [0]: one value for every spatial dim
+            node.args = tuple(list(a) * spatial if i in (3, 4, 5, 7) and isinstance(a, (list, tuple)) and len(a) == 1
+                              else a for i, a in enumerate(node.args))
         wt = (lifted or {}).get(getattr(node.args[1], "name", None))
         bnode = node.args[2] if len(node.args) > 2 else None
         bt = (lifted or {}).get(getattr(bnode, "name", None)) if bnode is not None else None
@@ -1857,7 +1861,9 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
 
 def _bounded_takes(mod):
     """Every `take` in "fast" mode (TVM's importer uses it for index_select, advanced indexing, gathers) becomes
-    "clip": fast mode reads out of bounds on a bad index, and the .so must stay memory-safe on any input."""
+    "wrap" (the index modulo the axis): fast mode reads out of bounds on a bad index, and the .so must stay
+    memory-safe on any input; a negative index counts from the end, as in PyTorch (`qkv[..., [-2]]`, Falcon's
+    key heads: "clip" had taken index 0 and computed a wrong model)."""
     from tvm import relax
 
     take = tvm_op("relax.take")
@@ -1867,7 +1873,7 @@ def _bounded_takes(mod):
         def visit_call_(self, call):
             call = super().visit_call_(call)
             if call.op.same_as(take) and str(call.attrs.mode) == "fast":
-                return relax.op.take(call.args[0], call.args[1], call.attrs.axis, mode="clip")
+                return relax.op.take(call.args[0], call.args[1], call.attrs.axis, mode="wrap")
             return call
 
     for gv, func in list(mod.functions.items()):

@@ -379,6 +379,23 @@ def histc(node, importer):
     return bb.emit(relax.op.sum(bb.emit(relax.op.astype(hits, dt)), axis=[0]))
 
 
+def cat(node, importer):
+    """torch.cat skipping the legacy empty 1-D inputs PyTorch skips (a tensor of shape [0] beside [B, H, L, D] ones:
+    an empty KV cache, as transformers' DynamicCache starts, in every decoder LLM); TVM's concat refused the ndim
+    mismatch, so no GPT-2 / Llama / Mistral / Qwen2 / ... compiled."""
+    tensors = list(node.args[0])
+    dim = int(_arg(node, 1, "dim", 0))
+    ranks = {len(t.meta["val"].shape) for t in tensors}
+    kept = [t for t in tensors if not (tuple(t.meta["val"].shape) == (0,) and max(ranks) > 1)]
+    if len(kept) == len(tensors):
+        return builtin_converter(importer, "cat.default")(node)
+    bb = importer.block_builder
+    if len(kept) == 1:
+        return importer.env[kept[0]]
+    nd = len(kept[0].meta["val"].shape)
+    return bb.emit(relax.op.concat([importer.env[t] for t in kept], axis=dim % nd))
+
+
 CONVERTERS = {
     **{f"{k}.{form}": float_compare(k) for k in ("eq", "ne", "lt", "le", "gt", "ge")
        for form in ("Tensor", "Scalar")},
@@ -393,5 +410,5 @@ CONVERTERS = {
     "searchsorted.Tensor": searchsorted, "searchsorted.Scalar": searchsorted, "bucketize.Tensor": searchsorted,
     "bucketize.Scalar": searchsorted, "kthvalue.default": kthvalue,
     "cummax.default": cumulative_extreme("max"), "cummin.default": cumulative_extreme("min"),
-    "logcumsumexp.default": logcumsumexp, "histc.default": histc,
+    "logcumsumexp.default": logcumsumexp, "histc.default": histc, "cat.default": cat,
 }

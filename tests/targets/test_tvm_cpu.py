@@ -75,7 +75,8 @@ class _Tokens(torch.nn.Module):
 
 def test_token_ids_out_of_range_never_read_out_of_bounds(tmp_path):
     """A bad token id is refused by the runtime with the table's range, and the .so itself never reads past a
-    table: the embedding gives NaN rows, every other take clips (TVM's own lowering segfaulted on such ids)."""
+    table: the embedding gives NaN rows, every other take wraps its index (TVM's own lowering segfaulted on such
+    ids)."""
     import tvm
 
     from graphopt.targets.tvm.lower import lower_to_relax
