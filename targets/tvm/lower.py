@@ -371,11 +371,16 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         def dense(xq_, w_, ws_, b_, x_shape_, w_real_, sparse: bool):
             """The dense conv on its kernel (None: no graphopt kernel takes it)."""
             s_ = int(stride[0])
+            if kind in ("im2col", "dilated") and not qconv1x1_applies(node.meta["val"].shape):
+                # im2col's columns go to the pointwise kernel, which needs 8 output pixels or more: a 3x3 stride-2
+                # conv to 2x2 (HF ResNet's last stage at 64x64) wrote before its output buffer (heap corruption)
+                return None
             if kind == "pointwise" and qconv1x1_applies(x_shape_) and dot is not None:
                 return emit_qconv1x1(bb, xq_, w_, ws_, b_, sx, zx, x_shape_, clamp, out_q, dq, dot,
                                      _int8_sparse(node, "qconv1x1", w_.reshape(w_.shape[0], -1),
                                                   int(x_shape_[2]) * int(x_shape_[3])) if sparse else "")
-            if kind in ("im2col", "direct") and im2col_beats_flat(int(x_shape_[1]), s_, dot):
+            if kind in ("im2col", "direct") and im2col_beats_flat(int(x_shape_[1]), s_, dot) and \
+                    qconv1x1_applies(node.meta["val"].shape):
                 return emit_im2col_qconv(bb, xq_, w_, ws_, b_, sx, zx, x_shape_, s_, full, clamp, out_q, dq,
                                          dot)  # RGB stems: the taps packed into whole quads
             if (kind in ("im2col", "direct") and dot is not None  # stems too: 7x7 ResNet stem 3.6 -> 1.4 ms

@@ -903,6 +903,21 @@ def test_quantized_grouped_conv_runs_one_int8_kernel_per_group():
     assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()
 
 
+@pytest.mark.parametrize("cin,hw,k", [(16, 4, 3), (64, 4, 3), (16, 2, 3), (3, 4, 3), (24, 3, 3)])
+def test_quantized_strided_conv_to_a_tiny_map_stays_in_bounds(cin, hw, k):
+    """An int8 k x k stride-2 conv with fewer than 8 output pixels (HF ResNet's last stage at 64x64: 4x4 -> 2x2)
+    ran im2col into the int8 pointwise kernel, whose last 8-pixel block overlaps the one before: with 4 pixels it
+    started 4 before its buffers and wrote there (glibc: "free(): invalid next size"). Such convs take another
+    kernel now, and the pointwise emitter refuses fewer than 8 pixels by name."""
+    from graphopt.targets.tvm.cpu.int8 import emit_qconv1x1
+    model = torch.nn.Sequential(torch.nn.Conv2d(cin, 16, k, 2, k // 2), torch.nn.ReLU())
+    q, got, ref = _quantized_block(model, (1, cin, hw, hw))
+    assert not any(n.startswith("qconv1x1") for n in _func_names(q)), _func_names(q)
+    assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()
+    with pytest.raises(ValueError, match="8 pixels or more, not 4"):
+        emit_qconv1x1(None, None, np.ones((8, 16), np.int8), np.ones(8), None, 0.1, 0, (1, 16, 2, 2), None, None)
+
+
 @pytest.mark.parametrize("stride,batch", [(1, 1), (2, 2)])
 def test_quantized_dilated_conv_runs_int8_im2col(stride, batch):
     """An int8 dilated conv runs int8 im2col with the taps d apart (the input's zero point outside the image) and

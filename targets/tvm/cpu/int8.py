@@ -329,6 +329,8 @@ def int8_dot(target) -> str | None:
 
 
 def qconv1x1_applies(x_shape) -> bool:
+    """Whether the int8 pointwise kernels take a map of x_shape's pixels (their last 8-pixel block overlaps the one
+    before it, so fewer than 8 would read and write before the buffers)."""
     return int(x_shape[2]) * int(x_shape[3]) >= 8
 
 
@@ -398,6 +400,8 @@ def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray
     ubsw = quad_weights(w2, dot)  # else the pair kernel: int4 weights, or full-range int8 ones without VNNI
     if sparse not in ("", "bsr8x4", "csr"):
         raise ValueError(f"no int8 sparse pointwise kernel for layout '{sparse}' (bsr8x4 or csr)")
+    if not qconv1x1_applies(x_shape):  # (its last 8-pixel block overlaps the one before: it would start before 0)
+        raise ValueError(f"the int8 pointwise kernels need 8 pixels or more, not {p}")
     quads = sparse == "bsr8x4" or (ubsw and not sparse)  # the quad kernels read x + 128 (uint8)
     consts = epilogue_constants(wq, w_scales, bias, sx, zx + 128 * quads, mt, out_q)
     tag = (f"{cout}x{cin}x{p}" + ("" if clamp is None else "_clamp") + ("_q" if out_q else "") + ("dq" if dequantized else "")
