@@ -35,3 +35,63 @@ def weighted_ops(graph: Graph, exclude: Iterable[str] = ()) -> tuple[list[fx.Nod
             continue
         ops.append(n)
     return ops, skipped
+
+
+_TRANSPOSES = ("numpy_T.default", "t.default", "mT.default")
+
+
+def _param_2d(graph: Graph, n) -> bool:
+    return (isinstance(n, fx.Node) and n.op == "get_attr" and graph.get_param(n.target).is_floating_point()
+            and graph.get_param(n.target).dim() == 2)
+
+
+def _transposed_param(graph: Graph, n):
+    """The parameter node p when n is p.T / p.t() / p.mT / p.permute(1, 0) / p.transpose(0, 1) of a 2-D float
+    parameter, else None."""
+    if not isinstance(n, fx.Node) or n.op != "call_function" or not n.args or not _param_2d(graph, n.args[0]):
+        return None
+    name = str(n.target).split("aten.", 1)[-1]
+    if (name in _TRANSPOSES or (name == "permute.default" and [int(d) for d in n.args[1]] == [1, 0])
+            or (name == "transpose.int" and sorted(int(d) % 2 for d in n.args[1:3]) == [0, 1])):
+        return n.args[0]
+    return None
+
+
+def linears_from_matmuls(graph: Graph) -> int:
+    """Rewrite products with a constant weight into aten.linear, the form every weight pass takes: `x @ W.T`
+    (Falcon's and other hand-written linears), `x @ W` / `addmm(b, x, W)` (GPT-2's Conv1D, W stored [in, out]: the
+    transposed copy becomes the linear's weight). Returns how many; quantize and mixed-precision skipped these
+    layers before (a GPT-2 "quantized" to int8 had every weight left float)."""
+    g, count = graph.gm.graph, 0
+    for n in list(g.nodes):
+        if n.op != "call_function" or n.kwargs:
+            continue
+        name = str(n.target).split("aten.", 1)[-1]
+        if name in ("mm.default", "matmul.default") and len(n.args) == 2:
+            x, w, b = n.args[0], n.args[1], None
+        elif name == "addmm.default" and len(n.args) == 3:
+            b, x, w = n.args
+            bias = graph.get_param(b.target) if isinstance(b, fx.Node) and b.op == "get_attr" else None
+            if bias is None or bias.dim() != 1:
+                continue
+        else:
+            continue
+        val = x.meta.get("val") if isinstance(x, fx.Node) else None
+        if val is None or not val.is_floating_point() or val.dim() < 1:
+            continue
+        weight = _transposed_param(graph, w)
+        if weight is None and _param_2d(graph, w):
+            weight = graph.add_param(f"{w.target}_t", graph.get_param(w.target).t().contiguous(), before=n)
+        if weight is None:
+            continue
+        with g.inserting_before(n):
+            lin = g.call_function(aten.linear.default, (x, weight) + ((b,) if b is not None else ()))
+        lin.meta = dict(n.meta)
+        n.replace_all_uses_with(lin)
+        g.erase_node(n)
+        count += 1
+    if count:
+        g.eliminate_dead_code()
+        graph.remove_unused_params()
+        graph.refresh()
+    return count

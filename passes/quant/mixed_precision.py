@@ -25,6 +25,7 @@ from graphopt.ir.observe import observe_outputs
 from graphopt.ir.precision import widen_half
 from graphopt.ir.printer import target_name
 from graphopt.ir.quant_ops import DTYPE_RANGES
+from graphopt.passes.analysis.weights import linears_from_matmuls
 from graphopt.passes.quant.quantize import (PAIR_WIDTHS, layer_width, quantizable_ops, quantize_op_weight,
                                            quantize_weight)
 from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, register_pass
@@ -91,6 +92,7 @@ class MixedPrecision(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
         graph = widen_half(graph)  # (float16 / bfloat16 graphs: the quantization ops are float32)
+        linears_from_matmuls(graph)  # (x @ W.T, GPT-2's addmm: the weight passes take linears)
         for pat in unmatched_patterns(graph, o.exclude):
             raise MixedPrecisionError(f"mixed-precision option 'exclude': '{pat}' matches no node or parameter")
         ops, _ = quantizable_ops(graph, o.exclude)

@@ -16,7 +16,7 @@ from graphopt.ir.names import matches, node_labels, unmatched_patterns
 from graphopt.ir.observe import observe_outputs
 from graphopt.ir.precision import widen_half
 from graphopt.ir.quant_ops import DTYPE_RANGES, pair_bounded_scales
-from graphopt.passes.analysis.weights import weighted_ops
+from graphopt.passes.analysis.weights import linears_from_matmuls, weighted_ops
 from graphopt.passes.canonicalize.dce import eliminate_dead_code
 from graphopt.passes.quant.attention import decompose_attention
 from graphopt.passes.quant.observers import CALIBRATORS, CalibrationError
@@ -250,6 +250,7 @@ class Quantize(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
         graph = widen_half(graph)  # (float16 / bfloat16 graphs: the quantization ops are float32)
+        as_linear = linears_from_matmuls(graph)  # (x @ W.T, GPT-2's addmm: the weight passes take linears)
         for pat in unmatched_patterns(graph, o.exclude):
             raise CalibrationError(f"quantize option 'exclude': '{pat}' matches no node or parameter")
         weights, auto_reason = _resolve_width(o.weights, ctx)
@@ -297,7 +298,8 @@ class Quantize(Pass):
             mm.args = (dequantized(mm.args[0]), dequantized(mm.args[1]), *mm.args[2:])
         eliminate_dead_code(graph)
         graph.meta["weight_bits"] = {**graph.meta.get("weight_bits", {}), **bits}
-        return PassResult(graph, True, {"weights_quantized": len(ops), "weight_bits_kept": len(kept_bits),
+        return PassResult(graph, True, {"weights_quantized": len(ops), "matmuls_as_linears": as_linear,
+                                        "weight_bits_kept": len(kept_bits),
                                         "activations_quantized": len(act_q), "matmuls_quantized": len(matmuls),
                                         "attention_kept_fused": attention_kept,
                                         "weight_bits": weights, "pair_width_kept_int8": kept_int8,

@@ -452,3 +452,39 @@ def test_fold_qdq_keeps_an_unbatched_conv1d_and_says_why():
     rec = f.meta["history"][-1]
     assert rec["stats"]["folded"] == 0 and any("unbatched conv1d" in r for r in rec["stats"]["kept"].values()), rec
     torch.testing.assert_close(f.run(xs[3])[0], q.run(xs[3])[0])
+
+
+class _ProductsWithWeights(torch.nn.Module):
+    """Layers written as products with a parameter: GPT-2's Conv1D (addmm with W stored [in, out]), Falcon's
+    `x @ W.T`, a plain `x @ W` and `torch.mm`."""
+
+    def __init__(self):
+        super().__init__()
+        self.c_w = torch.nn.Parameter(torch.randn(32, 48) * 0.2)
+        self.c_b = torch.nn.Parameter(torch.randn(48) * 0.1)
+        self.t_w = torch.nn.Parameter(torch.randn(24, 48) * 0.2)
+        self.p_w = torch.nn.Parameter(torch.randn(24, 16) * 0.2)
+        self.m_w = torch.nn.Parameter(torch.randn(16, 8) * 0.2)
+
+    def forward(self, x):
+        h = torch.addmm(self.c_b, x.view(-1, 32), self.c_w).view(2, 5, 48).relu()
+        h = (h @ self.t_w.T).relu() @ self.p_w
+        return torch.mm(h.reshape(10, 16), self.m_w)
+
+
+def test_products_with_a_weight_quantize_as_linears(tmp_path):
+    """quantize took only conv / linear nodes, so GPT-2 (Conv1D = addmm) and Falcon (x @ W.T) "quantized" to int8
+    kept every weight float. Such products become linears first (W.T read as W, W [in, out] transposed once), run
+    as int8 linears, and stay within int8 error of the float model."""
+    torch.manual_seed(0)
+    m = _ProductsWithWeights().eval()
+    xs = [(torch.randn(2, 5, 32),) for _ in range(4)]
+    q = graphopt.optimize(graphopt.trace(m, xs[0]), "quantize,fold-qdq", data=xs)
+    assert q.stats().ops.get("qlinear.default") == 4, q.stats().ops
+    assert q.meta["history"][0]["stats"]["matmuls_as_linears"] == 4
+    art = graphopt.load(graphopt.compile(q, "llvm", output=tmp_path / "a"))
+    with torch.no_grad():
+        ref = m(xs[0][0]).numpy()
+    got = art(xs[0][0].numpy())[0]
+    np.testing.assert_allclose(got, q.run(*xs[0])[0].numpy(), rtol=1e-4, atol=1e-5)
+    assert np.abs(got - ref).max() <= 0.03 * np.abs(ref).max()
