@@ -1200,8 +1200,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             y = _conv3d(node, importer, x_shape, wt, bt)
             if y is not None:
                 return y
-        if constant and wt.dim() == 3 and len(x_shape) == 3 and groups == 1 and pads is None:
-            y = _conv1d(node, importer, x_shape, wt, bt)
+        if constant and wt.dim() == 3 and len(x_shape) == 3 and pads is None:
+            y = _conv1d(node, importer, x_shape, wt, bt, groups)
             if y is not None:
                 return y
         if kind is None and constant and groups > 1 and len(x_shape) == 4:
@@ -1251,7 +1251,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         emit = k.emit_depthwise if kind == "depthwise" else k.emit_direct_conv
         return emit(bb, x, w, b, x_shape, stride, full, clamp)
 
-    def _grouped_conv(node, importer, x_shape, wt, bt, pads, groups: int):
+    def _grouped_conv(node, importer, x_shape, wt, bt, pads, groups: int, conv_args=None, full=None):
         """A grouped conv that is not depthwise (ResNeXt, RegNet, ShuffleNet; depthwise with a channel multiplier).
         At batch 1 a k x k one is one call of the flat conv, or of im2col + the packed GEMM, whose samples are the
         groups, each with its own packed weights, the threads splitting the groups (`per_sample`); otherwise one
@@ -1264,13 +1264,14 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         cout = int(wt.shape[0])
         cig, cog = cin // groups, cout // groups
         g_shape = (n, cig, *(int(d) for d in x_shape[2:]))
-        kind = _conv_kernel(g_shape, (cog, *wt.shape[1:]), (*node.args[3:8], 1))
+        conv_args = tuple(node.args[3:8]) if conv_args is None else conv_args  # (a conv1d's, as 2-D: `_conv1d`)
+        kind = _conv_kernel(g_shape, (cog, *wt.shape[1:]), (*conv_args, 1))
         if kind is None or kind == "depthwise":
-            return importer._convolution(node)
+            return None if full is not None else importer._convolution(node)
         _, clamp = _fused_epilogue(node, importer, False)
         bb = importer.block_builder
         w, b = wt.detach().numpy(), None if bt is None else bt.detach().numpy()
-        s, full = int(node.args[3][0]), _full_padding(node, pads)
+        s, full = int(conv_args[0][0]), _full_padding(node, pads) if full is None else full
         if n == 1 and kind in ("im2col", "direct") and k.flat_conv_applies(g_shape, w.shape, s, full):
             # the groups as the samples of one flat conv call, each with its own weights: [1, C, H, W] is [groups,
             # C / groups, H, W] as it lies, and so is the output (no split, no concat, one launch). Per group with
@@ -1288,12 +1289,13 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                                    None if b is None else b.reshape(groups, cog), (groups, cig, *g_shape[2:]), s,
                                    full, vector_lanes(target), clamp, per_sample=True)
             return bb.emit(relax.op.reshape(y, tuple(int(d) for d in node.meta["val"].shape)))
-        parts = bb.emit(relax.op.split(importer.env[node.args[0]], groups, axis=1))
+        x = bb.emit(relax.op.reshape(importer.env[node.args[0]], (n, cin, *g_shape[2:])))
+        parts = bb.emit(relax.op.split(x, groups, axis=1))
         ys = [_emit_conv(bb, bb.emit(relax.TupleGetItem(parts, g)), w[g * cog:(g + 1) * cog],
-                         None if b is None else b[g * cog:(g + 1) * cog], g_shape, kind, int(node.args[3][0]),
-                         _full_padding(node, pads), clamp, None)
+                         None if b is None else b[g * cog:(g + 1) * cog], g_shape, kind, s, full, clamp, None)
               for g in range(groups)]
-        return bb.emit(relax.op.concat(ys, axis=1))
+        return bb.emit(relax.op.reshape(bb.emit(relax.op.concat(ys, axis=1)),
+                                        tuple(int(d) for d in node.meta["val"].shape)))
 
     def _conv3d(node, importer, x_shape, wt, bt):
         """A dense 3-D conv (video, volumetric models) as a 2-D one over the output depths as samples: sample (n,
@@ -1329,10 +1331,12 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         y = bb.emit(relax.op.reshape(y, (n, od, cout, oh, ow)))
         return bb.emit(relax.op.permute_dims(y, [0, 2, 1, 3, 4]))
 
-    def _conv1d(node, importer, x_shape, wt, bt):
-        """A dense 1-D conv [N, C, L] (audio, time series, TCNs) as a 2-D one on a [N, C, 1, L] map with a 1 x k
+    def _conv1d(node, importer, x_shape, wt, bt, groups: int = 1):
+        """A 1-D conv [N, C, L] (audio, time series, TCNs) as a 2-D one on a [N, C, 1, L] map with a 1 x k
         kernel, on graphopt's kernels (None where none takes it): TVM's conv1d under the rules took 21x PyTorch's
-        time (64 channels, length 1000, 5 taps: 6.1 ms against 0.29)."""
+        time (64 channels, length 1000, 5 taps: 6.1 ms against 0.29). Grouped ones (wav2vec2 / HuBERT's
+        positional conv: 16 groups, 128 taps in the base models) as `_grouped_conv` over that map: TVM's took 2.9
+        ms for 64 channels in 4 groups, 16 taps, length 199 (1.1 GMAC/s), most of a small wav2vec2's time."""
         from tvm import relax
         stride, padding, dilation, transposed = node.args[3:7]
         if transposed or int(dilation[0]) != 1:
@@ -1340,6 +1344,9 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         n, c, length = (int(v) for v in x_shape)
         s, p, k = int(stride[0]), int(padding[0]), int(wt.shape[2])
         x4, w4 = (n, c, 1, length), wt.reshape(int(wt.shape[0]), int(wt.shape[1]), 1, k)
+        if groups > 1:
+            return _grouped_conv(node, importer, x4, w4, bt, None, groups, ([s, s], [0, p], [1, 1], False, [0, 0]),
+                                 (0, 0, p, p))
         kind = _conv_kernel(x4, w4.shape, ([s, s], [0, p], [1, 1], False, None, 1))
         if kind in (None, "depthwise"):
             return None

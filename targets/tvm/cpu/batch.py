@@ -29,7 +29,7 @@ def batch_source(src: str, n: int, per_sample: list[str], across: bool = False) 
     head, sep, rest = src.partition("T.func_attr(")
     if not sep:
         raise ValueError("kernel source has no T.func_attr line")
-    views = ""
+    views, offsets = "", {}
     for name in per_sample:
         m = _param(head, name)
         dims = [d.strip() for d in m.group(1).split(",") if d.strip()]
@@ -37,7 +37,13 @@ def batch_source(src: str, n: int, per_sample: list[str], across: bool = False) 
         head = head[:m.start()] + f'{name}_all: T.Buffer(({n}, {", ".join(dims)}), "{m.group(2)}")' + head[m.end():]
         views += (f'\n        {name} = T.decl_buffer(({", ".join(dims)},), "{m.group(2)}", data={name}_all.data, '
                   f"elem_offset=n_ * {size})")
+        offsets[name] = size
     attr, nl, body = rest.partition("\n")
+    for name, size in offsets.items():
+        # a flat view the body declares over a per-sample buffer (`data=wp.data`: the packed pointwise kernel's
+        # tail reads its weights so) starts at the sample's offset too: `.data` is the whole batch's pointer, and
+        # the groups of a grouped conv (own weights per sample) all read group 0's weights there
+        body = body.replace(f"data={name}.data)", f"data={name}_all.data, elem_offset=n_ * {size})")
     body = "\n".join(("    " + line) if line.strip() else line for line in body.splitlines())
     if across:
         body = body.replace("T.parallel(", "T.serial(")
