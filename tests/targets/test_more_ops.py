@@ -12,6 +12,7 @@ import torch
 
 import graphopt
 from graphopt.errors import UnsupportedOpError
+from hf_tiny import tiny_decoder
 from tests.targets.test_missing_ops import _run_all
 
 
@@ -166,24 +167,7 @@ def test_decoder_patterns_build_and_match_torch():
 @pytest.mark.parametrize("arch", ["gpt2", "falcon"])
 def test_hugging_face_decoders_compile_and_match_torch(tmp_path, arch):
     """Whole tiny decoders (random init) through trace and the CPU build, against eager PyTorch."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    if arch == "gpt2":
-        m = transformers.GPT2Model(transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=4,
-                                                           bos_token_id=0, eos_token_id=0))
-    else:
-        m = transformers.FalconModel(transformers.FalconConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
-                                                               num_attention_heads=4, new_decoder_architecture=True,
-                                                               num_kv_heads=2))
-
-    class Hidden(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, ids):
-            return self.inner(ids).last_hidden_state
-    model = Hidden(m.eval())
+    model = tiny_decoder(arch, hidden=32, layers=1)
     ids = torch.randint(0, 100, (1, 12))
     art = graphopt.load(graphopt.compile(graphopt.trace(model, (ids,)), "llvm", output=tmp_path / "a"))
     with torch.no_grad():

@@ -618,25 +618,8 @@ def test_ops_found_in_public_architectures_are_pruned_not_pinned():
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_whole_hugging_face_decoders_prune_under_the_oracle(arch):
     """Whole models with KV-cache plumbing (random init): GPT-2 (Conv1D = addmm) and Llama with grouped KV heads."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    if arch == "gpt2":
-        m = transformers.GPT2Model(transformers.GPT2Config(vocab_size=100, n_embd=64, n_layer=2, n_head=4,
-                                                           bos_token_id=0, eos_token_id=0))
-    else:
-        m = transformers.LlamaModel(transformers.LlamaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
-                                                             num_attention_heads=4, num_key_value_heads=2,
-                                                             intermediate_size=128))
-
-    class Hidden(nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, ids):
-            return self.inner(ids).last_hidden_state
-
-    g, work, plan = check_oracle(Hidden(m.eval()), (torch.randint(0, 100, (1, 16)),), ratio=0.3)
+    from hf_tiny import tiny_decoder
+    g, work, plan = check_oracle(tiny_decoder(arch), (torch.randint(0, 100, (1, 16)),), ratio=0.3)
     assert work.stats().params < 0.9 * g.stats().params
 
 
