@@ -57,12 +57,13 @@ def _transposed_param(graph: Graph, n):
     return None
 
 
-def linears_from_matmuls(graph: Graph) -> int:
+def linears_from_matmuls(graph: Graph, exclude: Iterable[str] = ()) -> int:
     """Rewrite products with a constant weight into aten.linear, the form every weight pass takes: `x @ W.T`
     (Falcon's and other hand-written linears), `x @ W` / `addmm(b, x, W)` (GPT-2's Conv1D, W stored [in, out]: the
     transposed copy becomes the linear's weight). Returns how many; quantize and mixed-precision skipped these
-    layers before (a GPT-2 "quantized" to int8 had every weight left float)."""
-    g, count = graph.gm.graph, 0
+    layers before (a GPT-2 "quantized" to int8 had every weight left float). A product that `exclude` names (the
+    node or its weight) is left as it is; a transposed copy keeps its weight's source name."""
+    g, count, exclude = graph.gm.graph, 0, list(exclude)
     for n in list(g.nodes):
         if n.op != "call_function" or n.kwargs:
             continue
@@ -79,9 +80,12 @@ def linears_from_matmuls(graph: Graph) -> int:
         val = x.meta.get("val") if isinstance(x, fx.Node) else None
         if val is None or not val.is_floating_point() or val.dim() < 1:
             continue
+        if exclude and matches(node_labels(n) | (node_labels(w) if isinstance(w, fx.Node) else set()), exclude):
+            continue
         weight = _transposed_param(graph, w)
         if weight is None and _param_2d(graph, w):
             weight = graph.add_param(f"{w.target}_t", graph.get_param(w.target).t().contiguous(), before=n)
+            weight.meta["source_fqn"] = w.meta.get("source_fqn", w.target)
         if weight is None:
             continue
         with g.inserting_before(n):

@@ -92,9 +92,9 @@ class MixedPrecision(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
         graph = widen_half(graph)  # (float16 / bfloat16 graphs: the quantization ops are float32)
-        linears_from_matmuls(graph)  # (x @ W.T, GPT-2's addmm: the weight passes take linears)
         for pat in unmatched_patterns(graph, o.exclude):
             raise MixedPrecisionError(f"mixed-precision option 'exclude': '{pat}' matches no node or parameter")
+        linears_from_matmuls(graph, o.exclude)  # (x @ W.T, GPT-2's addmm: the weight passes take linears)
         ops, _ = quantizable_ops(graph, o.exclude)
         if not ops:
             raise MixedPrecisionError("mixed-precision: no conv or linear with a float weight to quantize")

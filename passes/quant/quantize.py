@@ -250,9 +250,9 @@ class Quantize(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
         graph = widen_half(graph)  # (float16 / bfloat16 graphs: the quantization ops are float32)
-        as_linear = linears_from_matmuls(graph)  # (x @ W.T, GPT-2's addmm: the weight passes take linears)
         for pat in unmatched_patterns(graph, o.exclude):
             raise CalibrationError(f"quantize option 'exclude': '{pat}' matches no node or parameter")
+        as_linear = linears_from_matmuls(graph, o.exclude)  # (x @ W.T, GPT-2's addmm: weight passes take linears)
         weights, auto_reason = _resolve_width(o.weights, ctx)
         ops, skipped = quantizable_ops(graph, o.exclude)
         kept_bits = prequantized_ops(graph, o.exclude) if o.activations == "int8" else []

@@ -488,3 +488,5 @@ def test_products_with_a_weight_quantize_as_linears(tmp_path):
     got = art(xs[0][0].numpy())[0]
     np.testing.assert_allclose(got, q.run(*xs[0])[0].numpy(), rtol=1e-4, atol=1e-5)
     assert np.abs(got - ref).max() <= 0.03 * np.abs(ref).max()
+    kept = graphopt.optimize(graphopt.trace(m, xs[0]), "quantize{exclude=c_w},fold-qdq", data=xs)
+    assert kept.stats().ops.get("qlinear.default") == 3 and kept.stats().ops.get("addmm.default") == 1
