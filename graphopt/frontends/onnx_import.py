@@ -919,10 +919,21 @@ def _nearest_by_index(im, x, sizes, scales, coord, rounding):
 
 @op("BatchNormalization")
 def _bn(im, ins, at):
-    if at.get("training_mode", 0):
-        raise UnsupportedOpError(im.node_name, "BatchNormalization", "training_mode=1 is not supported; export in eval")
     x, scale, bias, mean, var = ins[:5]
-    return [im.emit(F.batch_norm, x, mean, var, scale, bias, False, 0.0, float(at.get("epsilon", 1e-5)))]
+    eps = float(at.get("epsilon", 1e-5))
+    if not at.get("training_mode", 0):
+        return [im.emit(F.batch_norm, x, mean, var, scale, bias, False, 0.0, eps)]
+    # training_mode=1: the statistics of this input (BiT's weight standardization exports so, a batch norm over
+    # the conv weight, in an eval-mode model), population variance; the optional running-stat outputs as ONNX
+    # defines them (input * momentum + current * (1 - momentum))
+    y = im.emit(F.batch_norm, x, None, None, scale, bias, True, 0.0, eps)
+    if im.n_outputs == 1:
+        return [y]
+    dims = [0, *range(2, len(im.shape(x)))]
+    momentum = float(at.get("momentum", 0.9))
+    cur_mean, cur_var = im.emit(torch.mean, x, dims), im.emit(torch.var, x, dims, False)
+    return [y] + [im.emit(torch.add, im.emit(torch.mul, run, momentum), im.emit(torch.mul, cur, 1.0 - momentum))
+                  for run, cur in ((mean, cur_mean), (var, cur_var))]
 
 
 @op("LayerNormalization")

@@ -100,6 +100,10 @@ CASES = {
                              [("i", RNG.integers(-4, 4, (3, 2, 5)).astype(np.int64)),
                               ("u", np.arange(30, dtype=np.float32).reshape(3, 2, 5))],
                              {"axis": 1, "reduction": "add"}),
+    # training_mode=1: this input's own statistics (BiT's weight standardization exports so; it was refused)
+    **{f"batchnorm_training_{n}": ("BatchNormalization", [4, 3, 5, 5], [(F32, None)] * n,
+                                   [(k, RNG.random(3).astype(np.float32) + 0.5) for k in ("s", "b", "m", "v")],
+                                   {"training_mode": 1, "epsilon": 1e-3, "momentum": 0.8}) for n in (3,)},
 }
 
 
