@@ -649,6 +649,20 @@ def _one_hot(idx, depth: int, off, on, axis: int):
     return (off + (on - off) * hot.to(on.dtype)).movedim(-1, axis)
 
 
+@op("Col2Im")
+def _col2im(im, ins, at):
+    """Col2Im (opset 18; what the dynamo exporter writes for F.fold: MobileViT-v2's patch folding): F.fold with
+    the constant image and block shapes; asymmetric pads are refused by name (fold pads both sides alike)."""
+    image = [int(v) for v in im.const(ins[1], "image_shape").tolist()]
+    block = [int(v) for v in im.const(ins[2], "block_shape").tolist()]
+    nd = len(image)
+    pads = [int(v) for v in at.get("pads", [0] * (2 * nd))]
+    if pads[:nd] != pads[nd:]:
+        raise UnsupportedOpError(im.node_name, "Col2Im", f"asymmetric pads {pads} are not supported")
+    return im.emit(F.fold, ins[0], image, block, [int(v) for v in at.get("dilations", [1] * nd)], pads[:nd],
+                   [int(v) for v in at.get("strides", [1] * nd)])
+
+
 @op("OneHot")
 def _one_hot_op(im, ins, at):
     depth = int(_scalar(im, ins[1], "depth"))

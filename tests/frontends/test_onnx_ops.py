@@ -3,6 +3,8 @@ reductions, instance norm, depth/space shuffles, top-k, cumsum, SELU family): gr
 Runtime, and the TVM build of the imported graph against both."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -217,3 +219,29 @@ def test_recurrent_op_with_other_activations_is_refused_by_name(tmp_path, attrs,
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "r.onnx"))
     with pytest.raises(UnsupportedOpError, match=f"the_node.*{match}"):
         graphopt.load_onnx(tmp_path / "r.onnx")
+
+
+@pytest.mark.parametrize("attrs", [{}, {"strides": [2, 2], "pads": [1, 0, 1, 0], "dilations": [1, 2]}])
+def test_col2im_matches_onnxruntime_imported_and_compiled(tmp_path, attrs):
+    """Col2Im (opset 18), what the dynamo exporter writes for F.fold (MobileViT-v2's patch folding), was refused
+    as an unknown op; it imports as F.fold with the constant image / block shapes."""
+    block, image = [2, 3], [6, 7]
+    x_shape = [1, 3 * 6, 0]
+    dil = attrs.get("dilations", [1, 1])
+    pads, strides = attrs.get("pads", [0, 0, 0, 0]), attrs.get("strides", [1, 1])
+    x_shape[2] = math.prod((image[i] + pads[i] + pads[i + 2] - dil[i] * (block[i] - 1) - 1) // strides[i] + 1
+                           for i in range(2))
+    node = helper.make_node("Col2Im", ["x", "image", "block"], ["y"], name="the_node", **attrs)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", F32, x_shape)],
+                              [helper.make_tensor_value_info("y", F32, [1, 3, *image])],
+                              initializer=[numpy_helper.from_array(np.array(image, np.int64), "image"),
+                                           numpy_helper.from_array(np.array(block, np.int64), "block")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    x = RNG.standard_normal(x_shape).astype(np.float32)
+    ref = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    path = tmp_path / "col2im.onnx"
+    onnx.save(model, str(path))
+    g = graphopt.load_onnx(path)
+    np.testing.assert_allclose(g.run(x)[0].numpy(), ref, rtol=1e-5, atol=1e-5)
+    built = graphopt.load(graphopt.compile(g, "llvm", output=tmp_path / "art"))(x)[0]
+    np.testing.assert_allclose(built, ref, rtol=1e-5, atol=1e-5)
