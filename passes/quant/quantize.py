@@ -14,7 +14,7 @@ import graphopt.ir.quant_ops  # noqa: F401  registers the graphopt ops
 from graphopt.ir.graph import Graph
 from graphopt.ir.names import matches, node_labels, unmatched_patterns
 from graphopt.ir.observe import observe_outputs
-from graphopt.ir.precision import widen_half
+from graphopt.ir.precision import is_half, widen_half
 from graphopt.ir.quant_ops import DTYPE_RANGES, pair_bounded_scales
 from graphopt.passes.analysis.weights import linears_from_matmuls, weighted_ops
 from graphopt.passes.canonicalize.dce import eliminate_dead_code
@@ -249,6 +249,7 @@ class Quantize(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
+        half = is_half(graph)
         graph = widen_half(graph)  # (float16 / bfloat16 graphs: the quantization ops are float32)
         for pat in unmatched_patterns(graph, o.exclude):
             raise CalibrationError(f"quantize option 'exclude': '{pat}' matches no node or parameter")
@@ -299,6 +300,7 @@ class Quantize(Pass):
         eliminate_dead_code(graph)
         graph.meta["weight_bits"] = {**graph.meta.get("weight_bits", {}), **bits}
         return PassResult(graph, True, {"weights_quantized": len(ops), "matmuls_as_linears": as_linear,
+                                        "half_model_computed_in_float32": half,
                                         "weight_bits_kept": len(kept_bits),
                                         "activations_quantized": len(act_q), "matmuls_quantized": len(matmuls),
                                         "attention_kept_fused": attention_kept,

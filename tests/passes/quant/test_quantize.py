@@ -490,3 +490,23 @@ def test_products_with_a_weight_quantize_as_linears(tmp_path):
     assert np.abs(got - ref).max() <= 0.03 * np.abs(ref).max()
     kept = graphopt.optimize(graphopt.trace(m, xs[0]), "quantize{exclude=c_w},fold-qdq", data=xs)
     assert kept.stats().ops.get("qlinear.default") == 3 and kept.stats().ops.get("addmm.default") == 1
+
+
+def test_mixed_precision_takes_products_and_half_models():
+    """mixed-precision shares quantize's two preparations: products with a weight become linears (GPT-2's addmm,
+    x @ W.T) and a float16 graph computes in float32 behind its float16 interface; under a size budget it then
+    narrows those layers (int8 and int4 here) and stays at cosine >= 0.97 to the float model."""
+    torch.manual_seed(0)
+    m = _ProductsWithWeights().eval()
+    for dtype in (torch.float32, torch.float16):
+        model = m.to(dtype)
+        xs = [(torch.randn(2, 5, 32).to(dtype),) for _ in range(4)]
+        g = graphopt.optimize(graphopt.trace(model, xs[0]), "mixed-precision{target=0.3}", data=xs)
+        assert g.inputs[0].dtype == g.outputs[0].dtype == str(dtype).split(".")[1]
+        assert g.stats().ops.get("linear.default") == 4 and "addmm.default" not in g.stats().ops, g.stats().ops
+        assert len(g.meta["weight_bits"]) == 4, g.meta["weight_bits"]
+        with torch.no_grad():
+            ref = m.float()(xs[0][0].float()).numpy()
+        got = g.run(*xs[0])[0].float().numpy()
+        cos = float((got * ref).sum() / (np.linalg.norm(got) * np.linalg.norm(ref)))
+        assert cos >= 0.97, (cos, g.meta["weight_bits"])
