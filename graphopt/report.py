@@ -61,6 +61,10 @@ def compile_report(reference: Graph, optimized: Graph, artifact: Path, manifest:
         lines.append("  widths     " + ", ".join(f"{n} layer(s) {w}" for w, n in widths.most_common())
                      + "; per layer in manifest.json")
     lines.append(f"  artifact   {human(size, 'B')} in {artifact} (build {manifest.get('build_seconds', 0):.1f} s)")
+    one = tinfo.get("one_thread_kernels")
+    if one:
+        lines.append(f"  threads    {len(one)} kernel(s) too small to pay for a fork run on one thread (estimated "
+                     f"under {tinfo.get('one_thread_under_us', 3):g} us a fork); names in manifest.json")
     sparse = manifest.get("sparse_layout") or {}
     if sparse and str(tinfo.get("kind", manifest.get("target"))) == "llvm":  # the GPU report has its own
         counts = Counter(r.get("choice", "dense") for r in sparse.values())

@@ -10,6 +10,7 @@ from graphopt.ir.files import atomic_dir
 from graphopt.ir.graph import Graph
 from graphopt.targets.artifact import build_manifest, write_manifest
 from graphopt.targets.tvm.cpu.int8 import int8_dot
+from graphopt.targets.tvm.cpu.threads import SERIAL_US
 from graphopt.targets.tvm.host import cpu_target, host_cpu, missing_here, target_isa
 from graphopt.targets.tvm.lower import lower_to_relax
 from graphopt.targets.tvm.tuning import Tuning, TuningSummary, tune
@@ -108,12 +109,13 @@ def _lower_with_tuned_knobs(graph: Graph, tgt, tuning: Tuning):
 
 
 def build_executable(graph: Graph, target: str = "llvm", tuning: Tuning | None = None, rules: bool = True,
-                     cpu: str | None = None):
+                     cpu: str | None = None, stats: dict | None = None):
     """Lower and build; returns (executable, tvm Target, TuningSummary or None, seconds to build).
 
     Tuned kernels come from the MetaSchedule database; every other kernel gets graphopt's CPU schedule rules
     (rules=False leaves those to TVM's default loop nests, for comparison). `cpu` (an LLVM CPU name) cross-compiles
-    for that CPU instead of this one: its vector width and int8 dot product (VNNI `vpdpbusd` where it has one)."""
+    for that CPU instead of this one: its vector width and int8 dot product (VNNI `vpdpbusd` where it has one).
+    `stats` (a dict), when given, receives what the build decided: "one_thread", the kernels run serially."""
     from graphopt.targets.tvm.cpu.pipeline import build_cpu
 
     if target != "llvm":
@@ -137,9 +139,9 @@ def build_executable(graph: Graph, target: str = "llvm", tuning: Tuning | None =
             database, summary = tune(mod, tgt, tuning)
             summary.knobs = knobs_summary.to_json()
             # the pipeline fuses the original module the same way tuning did, so the workload keys match
-            ex = build_cpu(mod, tgt, database, rules)
+            ex = build_cpu(mod, tgt, database, rules, stats)
         else:
-            ex = build_cpu(mod, tgt, None, rules)
+            ex = build_cpu(mod, tgt, None, rules, stats)
     except TargetError:
         raise
     except Exception as e:
@@ -174,14 +176,17 @@ def compile_to_dir(graph: Graph, output: str | Path, target: str = "llvm", tunin
                    cpu: str | None = None) -> Path:
     """Build and write the artifact folder `output` (replaced atomically; a foreign folder is never overwritten).
     The manifest lists the ISA extensions the code may use (`isa`); `graphopt.load` checks them against the CPU."""
-    ex, tgt, summary, seconds = build_executable(graph, target, tuning, cpu=cpu)
+    stats: dict = {}
+    ex, tgt, summary, seconds = build_executable(graph, target, tuning, cpu=cpu, stats=stats)
     with atomic_dir(output) as tmp:
         # -s: no debug sections (generated kernels have no source to step through; they were a tenth of an int8 .so)
         ex.export_library(str(tmp / "model.so"), options=["-s"])
         (tmp / "graph.ir").write_text(graph.text())
         manifest = build_manifest(graph, str(tgt), {"kind": target, "mcpu": str(tgt.attrs.get("mcpu", "")),
                                                     "num_cores": int(tgt.attrs.get("num-cores", 0)),
-                                                    "isa": target_isa(tgt), "int8_dot": int8_dot(tgt)},
+                                                    "isa": target_isa(tgt), "int8_dot": int8_dot(tgt),
+                                                    "one_thread_kernels": stats.get("one_thread", []),
+                                                    "one_thread_under_us": SERIAL_US},
                                   tuning=(summary or TuningSummary()).to_json() if tuning else None,
                                   build_seconds=round(seconds, 2), folder=tmp)
         write_manifest(tmp, manifest)

@@ -30,8 +30,8 @@ def kernels_tag() -> str:
     kernels (an upgrade, or a kernel edited in place) are measured again rather than served from the cache. This
     file is part of it too: how a layer is timed changes what the numbers mean."""
     digest, here = hashlib.sha1(), Path(__file__).parent
-    for path in [here / f"{name}.py" for name in ("conv", "gemm", "int8", "sparse", "rules", "pipeline", "norm",
-                                                  "cost")] + [
+    for path in [here / f"{name}.py" for name in ("conv", "gemm", "int8", "sparse", "rules", "pipeline", "threads",
+                                                  "norm", "cost")] + [
             here.parent / "lower.py"]:  # which kernel a layer gets is decided there
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]

@@ -8,10 +8,12 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 from tvm.s_tir import dlight as dl
 
 from graphopt.targets.tvm.cpu.rules import default_cpu_rules
+from graphopt.targets.tvm.cpu.threads import serialize_small
 
 
-def cpu_pipeline(target, database=None, rules: bool = True):
-    """A relax_pipeline for relax.build. With a database its records win; the rules schedule the rest."""
+def cpu_pipeline(target, database=None, rules: bool = True, stats: dict | None = None):
+    """A relax_pipeline for relax.build. With a database its records win; the rules schedule the rest; kernels
+    too small to pay for a fork run on one thread (their names land in stats["one_thread"] when stats is given)."""
 
     @tvm.transform.module_pass(opt_level=3, name="GraphoptCPUPipeline")
     def _pipeline(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
@@ -24,16 +26,19 @@ def cpu_pipeline(target, database=None, rules: bool = True):
                 mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
             if rules:
                 mod = dl.ApplyDefaultSchedule(*default_cpu_rules())(mod)
+            mod, one_thread = serialize_small(mod)
+            if stats is not None:
+                stats["one_thread"] = one_thread
             return tvm.transform.Sequential(list(cpu_generic.dataflow_lower_passes(target))
                                             + list(cpu_generic.finalize_passes(target)))(mod)
 
     return _pipeline
 
 
-def build_cpu(mod, target, database=None, rules: bool = True):
+def build_cpu(mod, target, database=None, rules: bool = True, stats: dict | None = None):
     """relax.build with the graphopt CPU pipeline (inside the database's context when there is one)."""
     with target, tvm.transform.PassContext(opt_level=3):
         if database is not None:
             with database:
-                return relax.build(mod, target=target, relax_pipeline=cpu_pipeline(target, database, rules))
-        return relax.build(mod, target=target, relax_pipeline=cpu_pipeline(target, None, rules))
+                return relax.build(mod, target=target, relax_pipeline=cpu_pipeline(target, database, rules, stats))
+        return relax.build(mod, target=target, relax_pipeline=cpu_pipeline(target, None, rules, stats))

@@ -1,0 +1,119 @@
+"""Kernels too small to pay for a fork run on one thread (targets/tvm/cpu/threads.py): which ones are picked, that
+the rewrite leaves no parallel loop and changes no result, and that large kernels keep their threads."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from tvm import relax, tirx
+from tvm.script import tirx as T
+
+import graphopt
+from graphopt.targets.tvm.build import build_executable
+from graphopt.targets.tvm.cpu import threads
+from graphopt.targets.tvm.cpu.gemm import gemm_packed
+from graphopt.targets.tvm.cpu.pool import pad_source
+
+
+def _kinds(stmt, out):
+    """Every loop kind in a TIR statement tree (the node types graphopt's kernels use)."""
+    from tvm import s_tir
+    if isinstance(stmt, tirx.For):
+        out.append(stmt.kind)
+        _kinds(stmt.body, out)
+    elif isinstance(stmt, tirx.SeqStmt):
+        for s in stmt.seq:
+            _kinds(s, out)
+    elif isinstance(stmt, tirx.IfThenElse):
+        _kinds(stmt.then_case, out)
+        if stmt.else_case is not None:
+            _kinds(stmt.else_case, out)
+    elif isinstance(stmt, (tirx.AttrStmt, s_tir.SBlock)):
+        _kinds(stmt.body, out)
+    elif isinstance(stmt, s_tir.SBlockRealize):
+        _kinds(stmt.block, out)
+    return out
+
+
+def _pad(rows, h, w):
+    return tvm.script.parse(pad_source(rows, h, w, 1, 1, 1, 1, "float32"), extra_vars={"T": T})
+
+
+def test_estimate_scales_with_the_work_and_counts_the_forks():
+    small, forks = threads.estimate(_pad(24, 4, 4))
+    big, _ = threads.estimate(_pad(2400, 40, 40))
+    assert forks == 1 and 0 < small < threads.SERIAL_US < big
+    assert big == pytest.approx(small * (2400 * 42 * 42) / (24 * 6 * 6), rel=0.2)  # per output element
+    # a GEMM's multiply-accumulates at the FMA rate: 16x64x64 is about a microsecond, 256x512x512 far over the bar
+    gemm_small, gemm_forks = threads.estimate(gemm_packed(16, 64, 64, 6, 16))
+    gemm_big, _ = threads.estimate(gemm_packed(256, 512, 512, 6, 16))
+    assert gemm_forks == 2 and gemm_small < threads.SERIAL_US * gemm_forks < gemm_big
+
+
+def test_a_kernel_the_walk_cannot_bound_keeps_its_threads():
+    scan = tvm.script.parse("""
+@T.prim_func(private=True)
+def scan(x: T.Buffer((64,), "float32"), y: T.Buffer((64,), "float32")):
+    for t in T.parallel(4):
+        i = T.decl_buffer((1,), "int32", scope="local")
+        i[0] = 0
+        while i[0] < 16:
+            y[t * 16 + i[0]] = x[t * 16 + i[0]]
+            i[0] = i[0] + 1
+""", extra_vars={"T": T})
+    us, forks = threads.estimate(scan)
+    assert forks == 1 and us == float("inf")
+    mod, names = threads.serialize_small(tvm.IRModule({"scan": scan}))
+    assert names == [] and tirx.ForKind.PARALLEL in _kinds(mod["scan"].body, [])
+
+
+def test_serialize_small_rewrites_only_the_small_kernels():
+    mod = tvm.IRModule({"small": _pad(24, 4, 4), "big": _pad(2400, 40, 40)})
+    before = mod["small"]
+    out, names = threads.serialize_small(mod)
+    assert names == ["small"]
+    assert tirx.ForKind.PARALLEL not in _kinds(out["small"].body, [])
+    assert tirx.ForKind.PARALLEL in _kinds(out["big"].body, [])
+    assert tirx.ForKind.PARALLEL in _kinds(before.body, [])  # the original function object is not mutated
+
+
+def _build(g, serial_us, monkeypatch):
+    monkeypatch.setattr(threads, "SERIAL_US", serial_us)
+    stats: dict = {}
+    ex, *_ = build_executable(g, stats=stats)
+    return relax.VirtualMachine(ex, tvm.cpu()), stats["one_thread"]
+
+
+def test_a_tiny_model_runs_its_small_kernels_on_one_thread_with_the_same_result(monkeypatch):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.LayerNorm(64),
+                                torch.nn.Linear(64, 512)).eval()
+    x = torch.randn(16, 64)
+    g = graphopt.trace(model, (x,))
+    threaded, none = _build(g, 0.0, monkeypatch)
+    serial, names = _build(g, 3.0, monkeypatch)
+    assert none == []
+    # the 16x64x64 GEMM and the layer norm are picked; the 16x64x512 GEMM (half a million MACs) is not
+    assert any(n.startswith("gemm_packed_16x64x64") for n in names), names
+    assert any(n.startswith("layer_norm") for n in names), names
+    assert not any(n.startswith("gemm_packed_16x64x512") for n in names), names
+    args = [tvm.runtime.tensor(x.numpy())]
+    a, b = (vm["main"](*args) for vm in (threaded, serial))
+    a, b = ((o if hasattr(o, "numpy") else o[0]).numpy() for o in (a, b))
+    np.testing.assert_array_equal(a, b)  # the same code on one thread: bit-identical
+    with torch.no_grad():
+        np.testing.assert_allclose(b, model(x).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_compile_records_and_reports_the_one_thread_kernels(tmp_path):
+    import json
+
+    from graphopt.report import compile_report
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU()).eval()
+    g = graphopt.trace(model, (torch.randn(4, 32),))
+    out = graphopt.compile(g, "llvm", output=tmp_path / "art")
+    manifest = json.loads((out / "manifest.json").read_text())
+    one = manifest["target_info"]["one_thread_kernels"]
+    assert one and all(isinstance(n, str) for n in one)
+    assert f"{len(one)} kernel(s) too small to pay for a fork" in compile_report(g, g, out, manifest, None, None)
