@@ -552,6 +552,30 @@ def test_asymmetric_zero_pad_folds_into_the_depthwise_kernel():
     _assert_built_matches(g, model, x)
 
 
+class _ZeroPads(torch.nn.Module):
+    """TF "SAME" padding that works out to none (a 1x1 conv, or a small map): F.pad(x, (0, 0, 0, 0))."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(8, 16, 1)
+
+    def forward(self, x):  # with the mode named, as Hugging Face's MobileNets write it, the pad stays in the graph
+        y = torch.nn.functional.pad(x, (0, 0, 0, 0), "constant", 0.0)
+        return self.conv(y) + torch.nn.functional.pad(y.mean(1, keepdim=True), (0, 0, 0, 0), "constant", 0.0)
+
+
+def test_a_zero_pad_is_no_kernel():
+    """All-zero pads lower to nothing: they had a copy kernel of their own (pad_128x4x4_0_0_0_0 in a tiny
+    MobileNetV1 compiled without a pipeline), a fork and a pass over the map for no change."""
+    torch.manual_seed(0)
+    model, x = _ZeroPads().eval(), torch.randn(1, 8, 5, 5)
+    g = graphopt.trace(model, (x,))
+    assert sum(str(n.target) == "aten.pad.default" for n in g.nodes()) == 2
+    names = [gv.name_hint for gv in lower_to_relax(g).get_global_vars()]
+    assert not any("pad" in n for n in names), names
+    _assert_built_matches(g, model, x)
+
+
 @pytest.mark.parametrize("c,hw,k,pad,batch", [(8, 56, 5, (2, 2, 2, 2), 1),  # EfficientNet's 56x56 -> 28x28
                                               (5, 33, 7, (3, 3, 3, 3), 1),  # odd width: scalar tail of the copy
                                               (6, 40, 5, (1, 2, 1, 2), 2),  # TF "SAME": asymmetric, pad 1 left
