@@ -320,7 +320,19 @@ def rounding_div(node, importer):
     return bb.emit(relax.op.where(neg, bb.emit(relax.op.negative(q)), q))
 
 
-CONVERTERS.update({"div.Tensor_mode": rounding_div, "div.Scalar_mode": rounding_div,
+def pow_scalar(node, importer):
+    """x ** 2 and x ** 3 of a float tensor as products, as PyTorch computes them: TVM's power is a scalar libm pow
+    per element (GPT-2's tanh GELU, x + 0.044715 x^3: 34 us for 16 x 128 values, most of a tiny GPT-2's time)."""
+    e, val = node.args[1], node.meta.get("val")
+    if (isinstance(e, (int, float)) and not isinstance(e, bool) and float(e) in (2.0, 3.0) and hasattr(val, "dtype")
+            and _dtype(val).startswith(("float", "bfloat")) and _dtype(node.args[0].meta["val"]) == _dtype(val)):
+        bb, x = importer.block_builder, importer.env[node.args[0]]
+        y = bb.emit(relax.op.multiply(x, x))
+        return bb.emit(relax.op.multiply(y, x)) if float(e) == 3.0 else y
+    return builtin_converter(importer, "pow.Tensor_Scalar")(node)
+
+
+CONVERTERS.update({"div.Tensor_mode": rounding_div, "div.Scalar_mode": rounding_div, "pow.Tensor_Scalar": pow_scalar,
                    "floor_divide.default": rounding_div, "floor_divide.Scalar": rounding_div})
 
 
