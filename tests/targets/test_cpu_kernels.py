@@ -2700,3 +2700,34 @@ def test_linear_1d_resizing_runs_the_bilinear_kernel_on_one_row(kw, shape):
             build_executable(g)
         return
     np.testing.assert_allclose(_run_built(g, x), model(x).numpy(), rtol=0, atol=1e-6)
+
+
+class _Conv1D(torch.nn.Module):
+    """GPT-2's Conv1D: a linear layer written as addmm(bias, x, W) with W [in, out]."""
+
+    def __init__(self, nx, nf, beta=1.0):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(nx, nf) * 0.1)
+        self.bias = torch.nn.Parameter(torch.randn(nf))
+        self.beta = beta
+
+    def forward(self, x):
+        shape = x.shape[:-1] + (self.weight.shape[1],)
+        if self.beta != 1.0:
+            return torch.addmm(self.bias, x.view(-1, x.shape[-1]), self.weight, beta=self.beta).view(shape)
+        return torch.addmm(self.bias, x.view(-1, x.shape[-1]), self.weight).view(shape)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 16])
+def test_addmm_with_a_constant_weight_runs_on_the_packed_gemm(rows):
+    """Relax's matmul + add took 2-3x the packed GEMM's time for a tiny GPT-2's Conv1D layers; one row streams the
+    weight (GEMV). A beta other than 1 keeps TVM's addmm, and still matches."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_Conv1D(64, 96), torch.nn.ReLU(), _Conv1D(96, 32, beta=0.5)).eval()
+    x = torch.randn(1, rows, 64)
+    g = graphopt.trace(model, (x,))
+    names = [gv.name_hint for gv in lower_to_relax(g).get_global_vars()]
+    kernel, beta_half = (("gemv_packed_64x96", "gemv_packed_96x32") if rows == 1 else
+                         (f"gemm_packed_{rows}x64x96", f"gemm_packed_{rows}x96x32"))
+    assert any(n.startswith(kernel) for n in names) and not any(n.startswith(beta_half) for n in names), names
+    _assert_built_matches(g, model, x)
