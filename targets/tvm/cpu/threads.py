@@ -195,7 +195,8 @@ def _serial(st):
 
 
 def serialize_small(mod) -> tuple[object, list[str]]:
-    """`mod` with the parallel loops of its small kernels serial; also the names of those kernels."""
+    """`mod` (updated in place: the build pipeline's own intermediate module) with the parallel loops of its small
+    kernels serial, and the names of those kernels. The kernels' function objects themselves are not changed."""
     import tvm
 
     changed = {}
