@@ -244,3 +244,30 @@ def test_tasks_are_tuned_heaviest_first():
     costs = {t.task_name: task_cost(t) for t in tasks}
     big = max(costs, key=costs.get)
     assert costs[big] >= 2 * 8 * 256 * 256 and "matmul" in big
+
+
+def test_compile_names_batch_norms_it_was_not_asked_to_fold(tmp_path, caplog):
+    """compile() builds what it is given; a traced MobileNetV2 with its batch norms unfolded ran 1.56x the time of
+    the folded build. It says which batch norms fold-bn would fold (and only those: a batch norm after an add is
+    not one), and is silent once they are folded."""
+    from conftest import small_cnn
+    model, x = small_cnn()
+    g = graphopt.trace(model, (x,))
+    with caplog.at_level("WARNING", logger="graphopt"):
+        graphopt.compile(g, "llvm", output=tmp_path / "raw")
+    hints = [r.getMessage() for r in caplog.records if "not folded" in r.getMessage()]
+    assert len(hints) == 1 and "fold-bn" in hints[0], hints
+    caplog.clear()
+
+    class _AddBN(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = torch.nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.bn(x + 1)
+
+    with caplog.at_level("WARNING", logger="graphopt"):
+        graphopt.compile(graphopt.optimize(g, "fold-bn"), "llvm", output=tmp_path / "folded")
+        graphopt.compile(graphopt.trace(_AddBN().eval(), (x,)), "llvm", output=tmp_path / "add")
+    assert not [r for r in caplog.records if "not folded" in r.getMessage()]
