@@ -35,8 +35,9 @@ class _Unknown(Exception):
 
 
 def _lanes(ty) -> int:
-    text = str(ty)
-    return int(text.split("x")[1]) if "x" in text else 1
+    """16 for float32x16, 1 for a scalar type."""
+    head, _, tail = str(ty).rpartition("x")
+    return int(tail) if head and tail.isdigit() else 1
 
 
 def _expr_ops(e) -> int:
