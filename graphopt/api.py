@@ -155,7 +155,8 @@ def compile(graph: Graph, target: str = "llvm", tuning: Any = None, output: str 
     """
     if not isinstance(graph, Graph):
         raise GraphoptError(f"compile() needs a graphopt Graph, got {type(graph).__name__}")
-    _hint_unfolded_batch_norms(graph)
+    if target in ("llvm", "cuda", "cuda-sparse"):  # (exports keep the graph's ops as they are)
+        _hint_unfolded_batch_norms(graph)
     if cpu is not None and target != "llvm":
         raise GraphoptError(f"cpu='{cpu}' names a CPU to compile for; it applies to the llvm target, not '{target}'")
     if target == "llvm":

@@ -68,6 +68,17 @@ def scan(x: T.Buffer((64,), "float32"), y: T.Buffer((64,), "float32")):
     assert names == [] and tirx.ForKind.PARALLEL in _kinds(mod["scan"].body, [])
 
 
+def test_a_walk_that_fails_unexpectedly_keeps_the_threads_and_the_build(monkeypatch):
+    def broken(e):
+        raise RuntimeError("a TIR node the walk mishandles")
+
+    monkeypatch.setattr(threads, "_expr_ops", broken)
+    us, forks = threads.estimate(_pad(24, 4, 4))
+    assert us == float("inf") and forks == 1
+    mod, names = threads.serialize_small(tvm.IRModule({"small": _pad(24, 4, 4)}))
+    assert names == [] and tirx.ForKind.PARALLEL in _kinds(mod["small"].body, [])
+
+
 def test_serialize_small_rewrites_only_the_small_kernels():
     mod = tvm.IRModule({"small": _pad(24, 4, 4), "big": _pad(2400, 40, 40)})
     before = mod["small"]

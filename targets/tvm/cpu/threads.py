@@ -19,6 +19,7 @@ what it does not model (a while loop, an unbounded trip count, a node type it do
 threads."""
 from __future__ import annotations
 
+import logging
 import math
 
 # one thread's rates (conservative: see above) and the time under which a fork costs more than it gives back
@@ -155,6 +156,10 @@ def estimate(func) -> tuple[float, float]:
     try:
         walk.stmt(func.body, 1.0)
     except _Unknown:
+        return math.inf, walk.forks
+    except Exception as e:  # an optimization must not fail the build: this kernel keeps its threads
+        logging.getLogger("graphopt").debug("threads: could not estimate a kernel (%s: %s); it stays parallel",
+                                            type(e).__name__, e)
         return math.inf, walk.forks
     return walk.macs / MACS_PER_US + walk.elements / ELEMENTS_PER_US + walk.ops / OPS_PER_US, walk.forks
 
