@@ -1265,7 +1265,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         if kind == "direct" and k.staged_conv_applies(x_shape, w.shape, stride, full):
             return k.emit_flat_conv(bb, x, w, b, x_shape, stride, full, clamp, None, vector_lanes(target) >= 8,
                                     stem=True)
-        if kind == "im2col":
+        if kind == "im2col" or (kind == "direct" and k.rows_too_narrow(x_shape, w.shape, stride, full)):
             return k.emit_im2col_conv(bb, x, w, b, x_shape, stride, full, vector_lanes(target), clamp, residual)
         emit = k.emit_depthwise if kind == "depthwise" else k.emit_direct_conv
         return emit(bb, x, w, b, x_shape, stride, full, clamp)

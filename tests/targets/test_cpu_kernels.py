@@ -615,7 +615,8 @@ def test_stride2_wide_depthwise_with_int8_weights_and_output():
                                                       (16, 3, 40, 7, 2, (3, 3, 3, 3))])  # ResNet's stem
 def test_stem_conv_direct_kernel(cout, cin, hw, k, stride, pad):
     """Few-input-channel stems: the direct kernel, or where the reduction (Cin x kh x kw) passes 64 steps, the
-    staged flat conv; the pad and the clamp fused; matches PyTorch."""
+    staged flat conv, or with output rows under 16 pixels im2col + the packed GEMM; the pad and the clamp fused;
+    matches PyTorch."""
     torch.manual_seed(0)
 
     class Stem(torch.nn.Module):
@@ -629,8 +630,24 @@ def test_stem_conv_direct_kernel(cout, cin, hw, k, stride, pad):
     model, x = Stem().eval(), torch.randn(2 if k == 7 else 1, cin, hw, hw)  # the staged kernel at batch 2
     g = graphopt.trace(model, (x,))
     text = lower_to_relax(g).script()
-    kernel = "conv_staged_" if cin * k * k > 64 else "conv_direct_"
+    narrow = (hw + pad[0] + pad[1] - k) // stride + 1 < 16
+    kernel = "conv_staged_" if cin * k * k > 64 else "im2col_" if narrow else "conv_direct_"
     assert kernel in text and "R.nn.pad" not in text and "R.clip" not in text
+    _assert_built_matches(g, model, x)
+
+
+def test_a_stem_with_narrow_output_rows_takes_im2col():
+    """A keyword-spotting DS-CNN's stem (1 channel of 49 x 10 MFCC frames, a 10x4 stride-2 kernel: 5 output
+    columns) on im2col + the packed GEMM (the direct kernel vectorizes along rows: 2x its time there), with bias
+    and ReLU in the GEMM's store; matches PyTorch."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 64, (10, 4), 2, (5, 1)), torch.nn.ReLU()).eval()
+    x = torch.randn(1, 1, 49, 10)
+    g = graphopt.trace(model, (x,))
+    names = _func_names(g)
+    assert any(n.startswith("im2col_1x49x10_k10s2") for n in names), names
+    assert any(n.startswith("conv1x1_packed_64x40x125_clamp") for n in names), names
+    assert not any(n.startswith("conv_direct") for n in names), names
     _assert_built_matches(g, model, x)
 
 

@@ -1040,6 +1040,18 @@ def direct_applies(x_shape, w_shape, stride, padding, dilation, groups, transpos
             and all(int(d) == 1 for d in dilation))
 
 
+def rows_too_narrow(x_shape, w_shape, stride: int, padding) -> bool:
+    """A stem whose output rows are under 16 pixels (a keyword-spotting DS-CNN's 10x4 stride-2 conv over 49 x 10
+    MFCC frames: 5 columns) leaves the direct kernel, which vectorizes along a row, mostly scalar border code: it
+    takes im2col + the packed GEMM instead (that DS-CNN stem 25-27 -> 13-15 us, an 8x8-digit CNN's 1->32 3x3
+    conv 2.3-2.8 -> 0.6-0.7 us; kernels alone, 2 threads). At least 8 output pixels (the GEMM's tile); columns within im2col's
+    budget (`im2col_pays`)."""
+    pt, pb, pl, pr = (int(q) for q in padding)
+    oh = (int(x_shape[2]) + pt + pb - int(w_shape[2])) // stride + 1
+    ow = (int(x_shape[3]) + pl + pr - int(w_shape[3])) // stride + 1
+    return ow < 16 and oh * ow >= 8 and im2col_pays(int(w_shape[1]), int(w_shape[2]), int(w_shape[3]), oh * ow)
+
+
 def emit_direct_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, stride: int, padding,
                      clamp: tuple[float, float] | None, out_q: tuple[float, int, int, int] | None = None,
                      dequantized: bool = False):
