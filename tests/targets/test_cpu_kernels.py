@@ -185,7 +185,8 @@ def test_grouped_conv_runs_one_dense_kernel_per_group(cin, cout, k, stride, grou
     text = lower_to_relax(g).script()
     names = _func_names(g)
     assert "R.nn.conv2d" not in text and "R.nn.relu" not in text, names
-    assert any(n.startswith(("conv1x1_packed", "conv_staged", "conv_flat", "conv_direct")) for n in names), names
+    assert any(n.startswith(("conv1x1_packed", "conv_staged", "conv_flat", "conv_tok", "conv_direct"))
+               for n in names), names
     assert any(n.endswith("_own_weights") for n in names) == own and ("R.concat" not in text) == own, names
     assert any("_across" in n for n in names) == own, names  # the threads split the groups
     _assert_built_matches(g, model, x)
@@ -331,43 +332,54 @@ class _BasicBlock(torch.nn.Module):
 
 
 @pytest.mark.parametrize("batch,hw", [(1, 20), (2, 20), (1, 40), (2, 40)])
-def test_dense_convs_run_as_flat_implicit_gemm(batch, hw):
-    """3x3 convs with more than 8 input channels: the zero-padded input, then the flat implicit GEMM (bias, the
-    residual add and ReLU in its store), in place on maps of at most 16 tiles of 16 pixels (10x10) and staged on
-    larger ones (20x20); the pad before the last conv joins its padding; the strided 3x3 conv with a small output
-    and the strided 1x1 shortcut are im2col + the packed pointwise GEMM. No TVM conv is left (TVM's conv with the
-    rules ran them at 5-15 GMAC/s: ResNet-18 316 ms)."""
+def test_dense_convs_run_on_the_pixel_row_kernel(batch, hw):
+    """3x3 convs with more than 8 input channels, at stride 1 and 2: the zero-padded input, then the pixel-row
+    conv (output pixels broadcast, output channels in the vectors; bias, the residual add and ReLU in its store);
+    the pad before the last conv joins its padding; the strided 1x1 shortcut is im2col + the packed pointwise
+    GEMM. No TVM conv is left (TVM's conv with the rules ran them at 5-15 GMAC/s: ResNet-18 316 ms)."""
     torch.manual_seed(0)
     model, x = _BasicBlock().eval(), torch.randn(batch, 16, hw, hw)
     g = graphopt.trace(model, (x,))
     names = _func_names(g)
     nt = f"_n{batch}" if batch > 1 else ""
-    if hw == 20:
-        expected = ("im2col_16x20x20_k3s2_p1111", "conv1x1_packed_32x144x100_clamp",  # strided, small output
-                    "pad_phases_32x10x10_k3x3s1_p1111", "conv_flat_32x32x10x10_k3x3s1_p1111_res_clamp",
-                    "conv_flat_24x32x10x10_k3x3s1_p0101",  # the pad joined the last conv
-                    "im2col_16x20x20_k1s2_p0000", "conv1x1_packed_32x16x100")  # the strided 1x1 shortcut
-    else:
-        expected = ("pad_phases_16x40x40_k3x3s2_p1111", "conv_staged_32x16x40x40_k3x3s2_p1111_clamp",
-                    "conv_staged_32x32x20x20_k3x3s1_p1111_res_clamp", "conv_staged_24x32x20x20_k3x3s1_p0101")
+    h2 = hw // 2
+    expected = (f"pad_phases_16x{hw}x{hw}_k3x3s1_p1111", f"conv_tok_32x16x{hw}x{hw}_k3x3s2_p1111_clamp",
+                f"pad_phases_32x{h2}x{h2}_k3x3s1_p1111", f"conv_tok_32x32x{h2}x{h2}_k3x3s1_p1111_res_clamp",
+                f"conv_tok_24x32x{h2}x{h2}_k3x3s1_p0101",  # the pad joined the last conv
+                f"im2col_16x{hw}x{hw}_k1s2_p0000", f"conv1x1_packed_32x16x{h2 * h2}")  # the strided 1x1 shortcut
     for kernel in expected:
         assert any(n.startswith(kernel) and n.endswith(nt) for n in names), (kernel, names)
     assert not any("conv2d" in n for n in names), names  # no TVM conv left
     _assert_built_matches(g, model, x)
 
 
-@pytest.mark.parametrize("k,stride,pad,hw", [(5, 2, (2, 1), (40, 47)), (3, 3, (1, 0), (52, 61)), (3, 1, (1, 1), (3, 9))])
-def test_flat_conv_geometries(k, stride, pad, hw):
-    """The flat conv's phase planes for other kernels, strides (3: nine planes; strided ones on maps of more than 16
-    tiles), uneven padding, non-square maps,
-    and 13 output channels (a partial panel); a map whose flat output range is under one tile (3x9 with a 3x3
-    kernel: 16 pixels exactly fit) still runs it. Matches PyTorch at batch 2."""
+@pytest.mark.parametrize("k,stride,pad,hw", [(5, 2, (2, 1), (40, 47)), (3, 3, (1, 0), (52, 61)), (3, 1, (1, 1), (3, 9)),
+                                             (3, 1, (1, 1), (2, 2))])
+def test_dense_conv_geometries_on_every_candidate(k, stride, pad, hw):
+    """Each kernel a dense kxk conv may run on (the pixel-row conv, the staged and the in-place flat implicit
+    GEMMs) for other kernels, strides (3: nine phase planes, where the pixel-row conv does not apply), uneven
+    padding, non-square maps and 13 output channels (a partial panel of either kind); a map whose flat output range
+    is exactly one tile (3x9 with a 3x3 kernel: 16 pixels) still runs the flat ones, one under a tile (2x2: four
+    pixels, under the pixel-row conv's 6-pixel tile) only the pixel-row one. Matches PyTorch at batch 2."""
+    from graphopt.targets.tvm.cpu import knobs
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(12, 13, k, stride=stride, padding=pad), torch.nn.ReLU()).eval()
     x = torch.randn(2, 12, *hw)
     g = graphopt.trace(model, (x,))
-    assert any(n.startswith(("conv_staged_13x12", "conv_flat_13x12")) for n in _func_names(g)), _func_names(g)
-    _assert_built_matches(g, model, x)
+    with knobs.collecting() as col:
+        lower_to_relax(g, target=cpu_target())
+    sites = [s for s in col.sites.values() if s.family == "conv_kxk"]
+    if hw == (2, 2):
+        assert not sites  # (one candidate: nothing to tune)
+        kernels, records = ["tok"], lambda kernel: {}
+    else:
+        (site,) = sites
+        kernels, records = [c["kernel"] for c in site.candidates], lambda kernel: {site.name: {"kernel": kernel}}
+        assert kernels == (["staged", "flat"] if stride == 3 else ["tok", "staged", "flat"])
+    for kernel in kernels:
+        with knobs.applied(records(kernel)):
+            assert any(n.startswith(f"conv_{kernel}_13x12") for n in _func_names(g)), (kernel, _func_names(g))
+            _assert_built_matches(g, model, x)
 
 
 def _flat_conv_args(cin: int, cout: int, hw, k: int, stride: int, pad, res: bool):

@@ -110,9 +110,9 @@ def test_depthwise_kernel_candidates_compute_the_same():
 
 
 def test_dense_conv_kernel_candidates_compute_the_same():
-    """Two 3x3 convs, one on a map of more than 16 pixel tiles (24x24: staged by rule) and one with a residual add
-    on fewer (12x12: flat by rule), built with each layer on each candidate: each build runs the kernels it was
-    told and equals the model."""
+    """Three 3x3 convs (a 24x24 map, a strided one, one with a residual add on 12x12), built with every layer on
+    each candidate (the pixel-row conv, the rule, and the staged and in-place flat GEMMs): each build runs the
+    kernels it was told and equals the model."""
     import tvm
     from tvm import relax
 
@@ -134,21 +134,22 @@ def test_dense_conv_kernel_candidates_compute_the_same():
     g = graphopt.trace(model, (x,))
     with knobs.collecting() as col:
         lower_to_relax(g, target=cpu_target())
-    sites = {s.key.split("_")[0]: s for s in col.sites.values() if s.family == "conv_kxk"}
-    assert sites["16x12x24x24"].default == {"kernel": "staged"} and sites["16x16x12x12"].default == {"kernel": "flat"}
-    assert sites["16x16x12x12"].key.endswith("_res_clamp")
-    for chosen in ({s.name: {"kernel": k} for s, k in zip(sites.values(), ks)} for ks in (("flat", "staged"),
-                                                                                         ("staged", "flat"))):
+    sites = {s.key.split("_")[0] + s.key.split("_")[1][-2:]: s for s in col.sites.values() if s.family == "conv_kxk"}
+    assert sorted(sites) == ["16x12x24x24s1", "16x16x12x12s1", "16x16x24x24s2"], sorted(sites)
+    assert all(s.default == {"kernel": "tok"} for s in sites.values())
+    assert sites["16x16x12x12s1"].key.endswith("_res_clamp")
+    for kernel in ("tok", "staged", "flat"):
+        chosen = {s.name: {"kernel": kernel} for s in sites.values()}
         with knobs.applied(chosen):
             mod = lower_to_relax(g, target=cpu_target())
         names = [gv.name_hint for gv in mod.functions]
         for s in sites.values():
-            kernel, shape = chosen[s.name]["kernel"], s.key.split("_")[0]
+            shape = s.key.split("_")[0]
             assert any(n.startswith(f"conv_{kernel}_{shape}") for n in names), (kernel, shape, names)
         vm = relax.VirtualMachine(build_cpu(mod, cpu_target()), tvm.cpu())
         out = vm["main"](tvm.runtime.tensor(x.numpy()))
         out = out[0] if not hasattr(out, "numpy") else out
-        np.testing.assert_allclose(out.numpy(), model(x).detach().numpy(), rtol=1e-4, atol=1e-5, err_msg=str(chosen))
+        np.testing.assert_allclose(out.numpy(), model(x).detach().numpy(), rtol=1e-4, atol=1e-5, err_msg=kernel)
 
 
 def test_int8_pointwise_pixel_tile_candidates_compute_the_same():

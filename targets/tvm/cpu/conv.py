@@ -1422,6 +1422,77 @@ def conv_staged(xp: T.Buffer(({cin * ph * plane},), "float32"), wp: T.Buffer(({m
 """
 
 
+NR_TOK = 16  # output channels per tile of the pixel-row conv: two 8-lane vectors
+
+
+def tok_conv_source(cout: int, cin: int, h: int, wd: int, kh: int, kw: int, stride: int, padding,
+                    clamp: tuple[float, float] | None, res: bool = False) -> str:
+    """A dense kxk conv with the GEMM's orientation turned over for small maps (`tok_conv_pays`): output pixels are
+    the rows of a 6 x 16 register tile (each input value broadcast, as a token's activation is in the packed
+    linear GEMM) and 16 output channels its columns (one vector load of the packed weight [Cout / 16, Cin * kh *
+    kw, 16] per step), so a tile holds 6 real pixels wherever they lie: the flat kernels' 16 consecutive flat
+    pixels include the padded planes' extra columns and, on a 5x5 map, only 25 of their 48 lanes are outputs. The
+    input is the zero-padded map (`pad_phases_source` at stride 1, whatever the conv's stride), read in place.
+    Tasks are panel-major (a panel's weights stay in L2 across the pixel tiles) or, where the padded input is the
+    larger operand, tile-major; the last pixel tile overlaps the one before it (its outputs are written twice,
+    with the same values). The store is per output (a tile's 96 outputs lie in 16
+    channel rows), with bias, the residual and the clamp."""
+    pt, pb, pl, pr = (int(q) for q in padding)
+    hp, wp_ = h + pt + pb, wd + pl + pr
+    oh, ow = (hp - kh) // stride + 1, (wp_ - kw) // stride + 1
+    p, k, nr = oh * ow, cin * kh * kw, NR_TOK
+    mr = min(MR, p)
+    nt, pt_ = -(-cout // nr), -(-p // mr)
+    if nt * k * nr < cin * hp * wp_:  # tile-major: the weights are the smaller operand (64x64 at 56x56 1.24 -> 0.88x)
+        panel, tile = f"(t % {nt})", f"(t // {nt})"
+    else:
+        panel, tile = f"(t // {pt_})", f"(t % {pt_})"
+    pix = "(p0 + r)"
+    at = f"ci * {hp * wp_} + ({pix} // {ow} * {stride} + i) * {wp_} + {pix} % {ow} * {stride} + j"
+    co = f"{panel} * {nr} + v"
+    val = _clamped("acc[r, v]" + (f" + res[{co}, {pix} // {ow}, {pix} % {ow}]" if res else ""), clamp)
+    store = f"out[{co}, {pix} // {ow}, {pix} % {ow}] = {val}"
+    if cout % nr:
+        store = f"if {co} < {cout}:\n                    {store}"
+    res_arg = f'res: T.Buffer(({cout}, {oh}, {ow}), "float32"), ' if res else ""
+    return f"""
+@T.prim_func(private=True)
+def conv_tok(xp: T.Buffer(({cin * hp * wp_},), "float32"), wp: T.Buffer(({nt}, {k}, {nr}), "float32"),
+             bias: T.Buffer(({nt * nr},), "float32"), {res_arg}out: T.Buffer(({cout}, {oh}, {ow}), "float32")):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
+    for t in T.parallel({nt * pt_}):
+        p0: T.let = T.min({tile} * {mr}, {p - mr})
+        acc = T.decl_buffer(({mr}, {nr}), "float32", scope="global")
+        for r in T.unroll({mr}):
+            for v in T.vectorized({nr}):
+                acc[r, v] = bias[{panel} * {nr} + v]
+        for ci in T.serial({cin}):
+            for i in T.unroll({kh}):
+                for j in T.unroll({kw}):
+                    for r in T.unroll({mr}):
+                        for v in T.vectorized({nr}):
+                            acc[r, v] = acc[r, v] + xp[{at}] * wp[{panel}, (ci * {kh} + i) * {kw} + j, v]
+        for r in T.unroll({mr}):
+            for v in T.serial({nr}):
+                {store}
+"""
+
+
+def tok_conv_applies(w_shape, stride: int) -> bool:
+    """Dense kxk convs (not 1x1) at stride 1 or 2 (against im2col + the packed GEMM at stride 2, alone: 0.94x on
+    256x128 at 28x28 and 512x256 at 14x14, 0.52x on 64x32 at 16x16)."""
+    return tuple(int(d) for d in w_shape[2:]) != (1, 1) and stride in (1, 2)
+
+
+def pack_tok(w: np.ndarray) -> np.ndarray:
+    """W [Cout, Cin, kh, kw] -> [ceil(Cout / 16), Cin * kh * kw, 16] (zero channels past Cout)."""
+    cout = w.shape[0]
+    nt = -(-cout // NR_TOK)
+    w2 = np.zeros((nt * NR_TOK, math.prod(w.shape[1:])), np.float32)
+    w2[:cout] = w.reshape(cout, -1)
+    return np.ascontiguousarray(w2.reshape(nt, NR_TOK, -1).transpose(0, 2, 1))
+
+
 def pack_taps(w: np.ndarray) -> np.ndarray:
     """W [Cout, Cin, kh, kw] -> [ceil(Cout/MR), Cin * kh * kw, MR] (input channel, then tap: the kernel's reduction
     order), zero rows padding Cout to whole panels."""
@@ -1438,17 +1509,27 @@ def _flat_tiles(h: int, wd: int, kh: int, kw: int, stride: int, padding) -> int:
     return -(-((oh - 1) * wq + ow) // NR_FLAT)
 
 
-def conv_kxk_knobs(h: int, wd: int, kh: int, kw: int, stride: int, padding) -> tuple[dict, list[dict]]:
-    """The rule's kernel for a dense kxk conv the flat kernels take, and the candidates tuning may measure
-    (`knobs.py`): `kernel` = staged (`staged_conv_source`) or flat (`flat_conv_source`, the taps read from the
-    phase planes in place). The rule: staged on maps of more than 16 tiles, flat (panel-major there, so each
-    panel's weights are read once) on smaller ones. Measured inside ResNet-18 (`knobs.measure_in_model`, per-layer
+def conv_kxk_knobs(h: int, wd: int, kh: int, kw: int, stride: int, padding,
+                   tok: bool = True) -> tuple[dict, list[dict]]:
+    """The rule's kernel for a dense kxk conv, and the candidates tuning may measure (`knobs.py`): `kernel` = tok
+    (`tok_conv_source`: output pixels broadcast, output channels in the vectors), staged (`staged_conv_source`)
+    or flat (`flat_conv_source`, the taps read from the phase planes in place); the last two only where the flat
+    output range holds a whole 16-pixel tile, and tok not for a grouped conv's per-group weights (`tok` False).
+    The rule is tok. Against the staged / flat rule before it (alone, interleaved, 2 threads, Zen 4; conv + ReLU,
+    stride 1): 0.64x on 512x256 at 5x5 and 64x64 at 4x4, 0.81-0.84x on 256x256 / 512x512 at 7x7, 256x128 at
+    10x10, 32x32 at 16x16, 0.75-0.93x on the rest from 16 channels at 64x64 to 64x64 at 56x56 (the last after
+    tile-major task order for maps whose input outweighs the weights); inside ResNet-18 0.87x, a CIFAR ResNet-20
+    0.84x, a small UNet 0.85x, TinyYOLO 0.90x, outputs equal to float rounding. Before that rule, staged on maps
+    of more than 16 tiles and flat on smaller ones, measured inside ResNet-18 (`knobs.measure_in_model`, per-layer
     times paired by round, 2 threads), staged / flat time: 64->64 at 56x56 0.89-0.91, 128->128 at 28x28
     0.85-1.02, 64->128 stride 2 at 56x56 0.85; 256->256 at 14x14 (14 tiles) 0.92-1.03, 512->512 at 7x7 (4 tiles)
-    1.01-1.12: the staged tasks read the 9.4 MB weight once per block, from memory once other layers have evicted
-    it (alone, with the weight in L3, staged was 1.07x faster there)."""
-    rule = "staged" if _flat_tiles(h, wd, kh, kw, stride, padding) > 16 else "flat"
-    return {"kernel": rule}, [{"kernel": "staged"}, {"kernel": "flat"}]
+    1.01-1.12."""
+    oh, ow, _, wq = flat_geometry(h, wd, kh, kw, stride, padding)
+    cands = [{"kernel": "tok"}] if tok else []
+    if (oh - 1) * wq + ow >= NR_FLAT:
+        cands += [{"kernel": "staged"}, {"kernel": "flat"}]
+    rule = "tok" if tok else "staged" if _flat_tiles(h, wd, kh, kw, stride, padding) > 16 else "flat"
+    return {"kernel": rule}, cands
 
 
 def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, stride: int, padding,
@@ -1467,23 +1548,39 @@ def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
     cout, _, kh, kw = (int(d) for d in w.shape[-4:])
     oh, ow, hq, wq = flat_geometry(h, wd, kh, kw, stride, padding)
     pads = "".join(str(int(q)) for q in padding)
-    size = cin * stride * stride * hq * wq
     geo = f"{cin}x{h}x{wd}_k{kh}x{kw}s{stride}_p{pads}"
-    gv = bb.add_func(tvm.script.parse(batch_source(pad_phases_source(cin, h, wd, kh, kw, stride, padding), n,
-                                                   ["x", "xp"], per_sample), extra_vars={"T": T}),
-                     f"pad_phases_{geo}{_ntag(n)}" + ("_across" if per_sample else ""))
-    xp = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, _batched(n, cin, h, wd))),
-                                     relax.const(np.zeros(1, np.float32))],
-                                relax.TensorType(_batched(n, size), "float32")))
     tag = (f"{cout}x{geo}" + ("" if residual is None else "_res") + ("" if clamp is None else "_clamp") + _ntag(n)
            + ("_own_weights" if per_sample else ""))
     site = None
     if stem:
         kernel = "staged"
     else:
-        rule, cands = conv_kxk_knobs(h, wd, kh, kw, stride, padding)
+        rule, cands = conv_kxk_knobs(h, wd, kh, kw, stride, padding,
+                                     tok=not per_sample and tok_conv_applies(w.shape, stride))
         site = Site("conv_kxk", tag, rule, cands, n * cout * cin * kh * kw * oh * ow)
         kernel = pick(site)["kernel"]
+    ps = 1 if kernel == "tok" else stride  # the pixel-row conv reads the padded map itself, not its phases
+    _, _, hq, wq = flat_geometry(h, wd, kh, kw, ps, padding)
+    pgeo = f"{cin}x{h}x{wd}_k{kh}x{kw}s{ps}_p{pads}"
+    gv = bb.add_func(tvm.script.parse(batch_source(pad_phases_source(cin, h, wd, kh, kw, ps, padding), n,
+                                                   ["x", "xp"], per_sample), extra_vars={"T": T}),
+                     f"pad_phases_{pgeo}{_ntag(n)}" + ("_across" if per_sample else ""))
+    xp = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, _batched(n, cin, h, wd))),
+                                     relax.const(np.zeros(1, np.float32))],
+                                relax.TensorType(_batched(n, cin * ps * ps * hq * wq), "float32")))
+    if kernel == "tok":
+        names = ["xp", "out"] + ([] if residual is None else ["res"])
+        src = batch_source(tok_conv_source(cout, cin, h, wd, kh, kw, stride, padding, clamp,
+                                           res=residual is not None), n, names)
+        gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), f"conv_tok_{tag}")
+        bind(site, gv.name_hint)
+        b = np.zeros(-(-cout // NR_TOK) * NR_TOK, np.float32)
+        if bias is not None:
+            b[:cout] = bias
+        extra = [] if residual is None else [bb.emit(relax.op.reshape(residual, _batched(n, cout, oh, ow)))]
+        y = bb.emit(relax.call_tir(gv, [xp, relax.const(pack_tok(w)), relax.const(b), *extra],
+                                   relax.TensorType(_batched(n, cout, oh, ow), "float32")))
+        return bb.emit(relax.op.reshape(y, (n, cout, oh, ow)))
     source = staged_conv_source if kernel == "staged" else flat_conv_source
     names = ["xp", "out"] + ([] if residual is None else ["res"]) + (["wp", "bias"] if per_sample else [])
     src = batch_source(source(cout, cin, h, wd, kh, kw, stride, padding, clamp, masked=masked,
