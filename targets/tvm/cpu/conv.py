@@ -1044,8 +1044,8 @@ def rows_too_narrow(x_shape, w_shape, stride: int, padding) -> bool:
     """A stem whose output rows are under 16 pixels (a keyword-spotting DS-CNN's 10x4 stride-2 conv over 49 x 10
     MFCC frames: 5 columns) leaves the direct kernel, which vectorizes along a row, mostly scalar border code: it
     takes im2col + the packed GEMM instead (that DS-CNN stem 25-27 -> 13-15 us, an 8x8-digit CNN's 1->32 3x3
-    conv 2.3-2.8 -> 0.6-0.7 us; kernels alone, 2 threads). At least 8 output pixels (the GEMM's tile); columns within im2col's
-    budget (`im2col_pays`)."""
+    conv 2.3-2.8 -> 0.6-0.7 us; kernels alone, 2 threads). At least 8 output pixels (the GEMM's tile); columns
+    within im2col's budget (`im2col_pays`)."""
     pt, pb, pl, pr = (int(q) for q in padding)
     oh = (int(x_shape[2]) + pt + pb - int(w_shape[2])) // stride + 1
     ow = (int(x_shape[3]) + pl + pr - int(w_shape[3])) // stride + 1
@@ -1427,16 +1427,16 @@ NR_TOK = 16  # output channels per tile of the pixel-row conv: two 8-lane vector
 
 def tok_conv_source(cout: int, cin: int, h: int, wd: int, kh: int, kw: int, stride: int, padding,
                     clamp: tuple[float, float] | None, res: bool = False) -> str:
-    """A dense kxk conv with the GEMM's orientation turned over for small maps (`tok_conv_pays`): output pixels are
-    the rows of a 6 x 16 register tile (each input value broadcast, as a token's activation is in the packed
+    """A dense kxk conv with the flat kernels' orientation turned over (the rule: `conv_kxk_knobs`): output pixels
+    are the rows of a 6 x 16 register tile (each input value broadcast, as a token's activation is in the packed
     linear GEMM) and 16 output channels its columns (one vector load of the packed weight [Cout / 16, Cin * kh *
     kw, 16] per step), so a tile holds 6 real pixels wherever they lie: the flat kernels' 16 consecutive flat
     pixels include the padded planes' extra columns and, on a 5x5 map, only 25 of their 48 lanes are outputs. The
     input is the zero-padded map (`pad_phases_source` at stride 1, whatever the conv's stride), read in place.
     Tasks are panel-major (a panel's weights stay in L2 across the pixel tiles) or, where the padded input is the
     larger operand, tile-major; the last pixel tile overlaps the one before it (its outputs are written twice,
-    with the same values). The store is per output (a tile's 96 outputs lie in 16
-    channel rows), with bias, the residual and the clamp."""
+    with the same values). The store is per output (a tile's 96 outputs lie in 16 channel rows), with bias, the
+    residual and the clamp."""
     pt, pb, pl, pr = (int(q) for q in padding)
     hp, wp_ = h + pt + pb, wd + pl + pr
     oh, ow = (hp - kh) // stride + 1, (wp_ - kw) // stride + 1
@@ -1535,9 +1535,9 @@ def conv_kxk_knobs(h: int, wd: int, kh: int, kw: int, stride: int, padding,
 def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, stride: int, padding,
                    clamp: tuple[float, float] | None, residual=None, masked: bool = False, stem: bool = False,
                    per_sample: bool = False):
-    """A dense kxk conv of x [N, Cin, H, W] (per sample): the phase planes, then the staged or the in-place flat
-    implicit GEMM (`conv_kxk_knobs`) with bias / residual add / clamp in its store (vector and masked stores with
-    `masked`: the CPU has AVX). A `stem` (few input channels, long reduction) always takes the staged kernel.
+    """A dense kxk conv of x [N, Cin, H, W] (per sample): the zero-padded map, then the pixel-row conv, or the phase
+    planes and the staged or in-place flat implicit GEMM (`conv_kxk_knobs`), with bias / residual add / clamp in
+    its store (the flat ones' vector and masked stores with `masked`: the CPU has AVX). A `stem` (few input channels, long reduction) always takes the staged kernel.
     `per_sample`: w is [N, Cout, Cin, kh, kw] and bias [N, Cout], sample n convolved with its own weights (the
     groups of a grouped conv as the samples of one call)."""
     import tvm
@@ -1546,7 +1546,7 @@ def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
 
     n, cin, h, wd = (int(d) for d in x_shape)
     cout, _, kh, kw = (int(d) for d in w.shape[-4:])
-    oh, ow, hq, wq = flat_geometry(h, wd, kh, kw, stride, padding)
+    oh, ow, _, _ = flat_geometry(h, wd, kh, kw, stride, padding)
     pads = "".join(str(int(q)) for q in padding)
     geo = f"{cin}x{h}x{wd}_k{kh}x{kw}s{stride}_p{pads}"
     tag = (f"{cout}x{geo}" + ("" if residual is None else "_res") + ("" if clamp is None else "_clamp") + _ntag(n)
