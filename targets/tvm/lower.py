@@ -336,7 +336,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
 
         from graphopt.targets.tvm.cpu import conv as k
         from graphopt.targets.tvm.cpu.int8 import (emit_flat_qconv, emit_im2col_qconv, emit_qconv1x1,
-                                                   flat_qconv_applies, im2col_beats_flat, int8_dot, qconv1x1_applies)
+                                                   flat_qconv_applies, im2col_beats_flat, int8_dot, qconv1x1_applies,
+                                                   tok_qconv_applies)
         kind, wt, wst, bt = _qconv_kind(node)
         groups = int(node.args[9])
         if (kind is None and cpu_kernels and wt is not None and wst is not None and groups > 1
@@ -383,6 +384,10 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                     qconv1x1_applies(node.meta["val"].shape):
                 return emit_im2col_qconv(bb, xq_, w_, ws_, b_, sx, zx, x_shape_, s_, full, clamp, out_q, dq,
                                          dot)  # RGB stems: the taps packed into whole quads
+            if (kind in ("im2col", "direct") and tok_qconv_applies(w_.shape, s_, node.meta["val"].shape, dot)
+                    and flat_qconv_applies(w_, dot)):
+                return emit_flat_qconv(bb, xq_, w_, ws_, b_, sx, zx, x_shape_, s_, full, clamp, out_q, dq, dot,
+                                       tok=True)
             if (kind in ("im2col", "direct") and dot is not None  # stems too: 7x7 ResNet stem 3.6 -> 1.4 ms
                     and flat_qconv_applies(w_, dot) and k.flat_conv_applies(x_shape_, w_.shape, s_, full)):
                 return emit_flat_qconv(bb, xq_, w_, ws_, b_, sx, zx, x_shape_, s_, full, clamp, out_q, dq, dot)

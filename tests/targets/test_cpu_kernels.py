@@ -949,6 +949,27 @@ def _quantized_block(model, shape, weights: str = "int8"):
     return q, got, q.run(x)[0].numpy()
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_quantized_dense_convs_run_on_the_pixel_row_int8_kernel(monkeypatch, batch):
+    """int8 3x3 convs with VNNI (16 -> 24 channels at stride 2, 12x12 to 6x6; 24 -> 13 at 6x6: a partial
+    16-channel panel) run on the pixel-row int8 conv, with the next quantize in the store; bit-identical to the
+    kernels they replace and within a rounding step of the reference integer ops."""
+    from graphopt.targets.tvm.cpu import int8
+    if not _vnni_here():
+        pytest.skip("the int8 pixel-row conv needs VNNI")
+    model = torch.nn.Sequential(torch.nn.Conv2d(16, 24, 3, 2, 1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(24, 13, 3, 1, 1), torch.nn.ReLU(), torch.nn.Conv2d(13, 8, 1))
+    q, got, ref = _quantized_block(model, (batch, 16, 12, 12))
+    names = _func_names(q)
+    assert any(n.startswith("qconv_tok_vnni_24x16x12x12_k3x3s2_p1111_clamp_q") for n in names), names
+    assert any(n.startswith("qconv_tok_vnni_13x24x6x6_k3x3s1_p1111_clamp_q") for n in names), names
+    assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()
+    monkeypatch.setattr(int8, "tok_qconv_applies", lambda *a: False)
+    assert not any(n.startswith("qconv_tok") for n in _func_names(q))
+    _, flat, _ = _quantized_block(model, (batch, 16, 12, 12))
+    np.testing.assert_array_equal(got, flat)
+
+
 def test_quantized_grouped_conv_runs_one_int8_kernel_per_group():
     """int8 grouped convs (3x3 in 4 groups, then a grouped 1x1 in 2 groups) run each group on the int8 kernels,
     with the next quantize in each group's store (the activation between them stays int8), and match the
@@ -1178,7 +1199,7 @@ def test_pair_width_quantized_pointwise_convs_take_the_quad_kernel(weights):
 def test_quantized_dense_convs_run_on_the_int8_kernels(weights, batch):
     """A quantized ResNet basic block: where the quad product is exact (7-bit or pair-bounded int8s weights on
     AVX2, any int8 weight with VNNI) its stride-1 3x3 convs are the flat int8 conv (the input's quad planes, padded
-    with its zero point, then the implicit GEMM); otherwise, and for the strided 3x3 conv with a small output and
+    with its zero point, then the implicit GEMM; with VNNI the pixel-row int8 conv over them); otherwise, and for the strided 3x3 conv with a small output and
     the strided 1x1 shortcut, int8 im2col (the zero point outside the image; tap-major rows, so int8s's channel
     pairs are the kernel's pairs there too) then the pointwise int8 kernel. ReLU and the next quantize are
     in the stores; no TVM conv is left (its generic int8 conv made a quantized ResNet-18 twice as slow as the fp32
@@ -1196,8 +1217,9 @@ def test_quantized_dense_convs_run_on_the_int8_kernels(weights, batch):
     expected = ["im2col_16x20x20_k3s2_p1111_int8_tm", "im2col_16x20x20_k1s2_p0000_int8_tm",
                 f"{kernel}32x144x100_clamp_q", f"{kernel}32x16x100"]
     if weights != "int8" or dot == "vnni":
-        expected += ["quad_planes_32x10x10_k3x3s1_p1111", f"qconv_flat_{dot}_32x32x10x10_k3x3s1_p1111",
-                     "quad_planes_32x11x11_k3x3s1_p0000", f"qconv_flat_{dot}_24x32x11x11_k3x3s1_p0000"]
+        conv = f"qconv_{'tok' if dot == 'vnni' else 'flat'}_{dot}"  # with VNNI the pixel-row int8 conv
+        expected += ["quad_planes_32x10x10_k3x3s1_p1111", f"{conv}_32x32x10x10_k3x3s1_p1111",
+                     "quad_planes_32x11x11_k3x3s1_p0000", f"{conv}_24x32x11x11_k3x3s1_p0000"]
         assert not [n for n in names if n.startswith("im2col_32x")], names
     else:
         expected += ["im2col_32x10x10_k3s1_p1111_int8", f"{kernel}32x288x100", f"{kernel}24x288x81"]
@@ -1254,8 +1276,8 @@ def test_flat_int8_conv_equals_im2col_and_the_pointwise_kernel(x_shape, cout, k,
 
 def test_quantized_big_map_conv_after_a_pad_runs_on_the_flat_int8_conv():
     """A dense 3x3 conv on a map too big for im2col's columns (16 x 9 x 100 x 100 > 4 M) took the float direct
-    kernel on the dequantized input; with 7-bit weights it is the flat int8 conv, and the zero pad before its
-    input's quantize (TF "SAME" padding) joins its padding. Within a rounding step of the graph's integer ops."""
+    kernel on the dequantized input; with 7-bit weights it is the flat int8 conv (with VNNI the pixel-row one), and
+    the zero pad before its input's quantize (TF "SAME" padding) joins its padding. Within a rounding step of the graph's integer ops."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 1), torch.nn.ReLU(), torch.nn.ZeroPad2d((0, 1, 0, 1)),
                                 torch.nn.Conv2d(16, 16, 3, stride=1), torch.nn.ReLU()).eval()
@@ -1263,7 +1285,8 @@ def test_quantized_big_map_conv_after_a_pad_runs_on_the_flat_int8_conv():
     q = graphopt.optimize(graphopt.trace(model, (x,)), "quantize{weights=int7},fold-qdq",
                           data=[(torch.randn(1, 3, 200, 200),) for _ in range(2)])
     names = _func_names(q)
-    assert any(n.startswith("qconv_flat_") and "_16x16x200x200_k3x3s1_p0101" in n for n in names), names
+    assert any(n.startswith(("qconv_flat_", "qconv_tok_")) and "_16x16x200x200_k3x3s1_p0101" in n
+               for n in names), names
     assert not any(n.startswith(("conv_direct", "constant_pad")) for n in names), names
     got, ref = _built_and_reference(q, x)
     assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()

@@ -953,6 +953,91 @@ def qconv_flat_{dot}(xq: T.Buffer(({k4 * ph * plane * 4},), "uint8"), w4: T.Buff
 """
 
 
+def qconv_tok_source(cout: int, cin: int, h: int, wd: int, kh: int, kw: int, stride: int, padding,
+                     clamp: tuple[float, float] | None = None, out_q: tuple[float, int, int, int] | None = None,
+                     dequantized: bool = False, float_bias: bool = False, dot: str = "vnni") -> str:
+    """The int8 pixel-row conv (the float one: `conv.tok_conv_source`): a 6-pixel x 16-channel int32 tile whose
+    pixels each broadcast one 4-channel quad of the zero-padded quad planes (`quad_planes_source` at stride 1,
+    read in place at any stride) against the packed weight's 16 channels x 4 bytes of that (quad, tap), two quad
+    products (`quad_dot`, 8 channels each) per pixel and step: the flat int8 conv's 16-pixel blocks include the
+    planes' extra columns and round up per tile, as the float flat conv's do. The epilogue requantizes each
+    pixel's 16 channels as vectors (per-channel offset and multiplier) and stores them per output. Tasks are
+    panel-major, or tile-major where the planes outweigh the weights; the last pixel tile overlaps the one before
+    it."""
+    from graphopt.targets.tvm.cpu.conv import NR_TOK
+    pt, pb, pl, pr = (int(q) for q in padding)
+    hp, wp_ = h + pt + pb, wd + pl + pr
+    oh, ow = (hp - kh) // stride + 1, (wp_ - kw) // stride + 1
+    p, k4, nr = oh * ow, -(-cin // 4), NR_TOK
+    kq, mr = k4 * kh * kw, min(MR, p)
+    nt, pt_ = -(-cout // nr), -(-p // mr)
+    if nt * kq * nr < k4 * hp * wp_:
+        panel, tile = f"(t % {nt})", f"(t // {nt})"
+    else:
+        panel, tile = f"(t // {pt_})", f"(t % {pt_})"
+    pix = "(p0 + r)"
+    at = f"qc * {hp * wp_} + ({pix} // {ow} * {stride} + i) * {wp_} + {pix} % {ow} * {stride} + j"
+    u8 = f'T.reinterpret("uint8x32", T.broadcast(T.reinterpret("int32", xq[T.ramp(({at}) * 4, 1, 4)]), 8))'
+    steps = ""
+    for v in range(2):
+        acc = f"acc[T.ramp(r * {nr} + {v * 8}, 1, 8)]"
+        s8 = f'T.reinterpret("int8x32", w4[T.ramp((({panel} * {kq} + (qc * {kh} + i) * {kw} + j) * {nr} + {v * 8}), 1, 8)])'
+        steps += f"""
+                        {acc} = {quad_dot(acc, u8, s8, dot)}"""
+    co = f"{panel} * {nr} + v"
+    val = _requantized(f"acc[r * {nr} + v]", co, clamp, out_q, dequantized, float_bias)
+    bias_arg = f' bias: T.Buffer(({nt * nr},), "float32"),' if float_bias else ""
+    otype = "int8" if out_q and not dequantized else "float32"
+    guard = f"if {co} < {cout}:\n                    " if cout % nr else ""
+    return f"""
+@T.prim_func(private=True)
+def qconv_tok_{dot}(xq: T.Buffer(({k4 * hp * wp_ * 4},), "uint8"), w4: T.Buffer(({nt * kq * nr},), "int32"),
+                    off: T.Buffer(({nt * nr},), "int32"), mult: T.Buffer(({nt * nr},), "float32"),{bias_arg}
+                    qp: T.Buffer((4,), "float32"), out: T.Buffer(({cout * p},), "{otype}")):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
+    for t in T.parallel({nt * pt_}):
+        p0: T.let = T.min({tile} * {mr}, {p - mr})
+        acc = T.decl_buffer(({mr * nr},), "int32", scope="global")
+        for r in T.unroll({mr}):
+            acc[T.ramp(r * {nr}, 1, {nr})] = T.broadcast(T.int32(0), {nr})
+        for qc in T.serial({k4}):
+            for i in T.unroll({kh}):
+                for j in T.unroll({kw}):
+                    for r in T.unroll({mr}):{steps}
+        for r in T.unroll({mr}):
+            ot = T.decl_buffer(({nr},), "{otype}", scope="global")
+            for v in T.vectorized({nr}):
+                ot[v] = {val}
+            for v in T.serial({nr}):
+                {guard}out[({co}) * {p} + {pix}] = ot[v]
+"""
+
+
+def tok_qconv_applies(w_shape, stride: int, out_shape, dot: str | None) -> bool:
+    """Whether a dense int8 k x k conv runs on the pixel-row int8 conv (`qconv_tok_source`): with VNNI, more than 8
+    input channels, at stride 1, or at stride 2 with at most 64 output pixels. Against the flat int8 conv (alone,
+    + a 1x1 conv, interleaved, 2 threads, Zen 4; outputs bit-identical; this host moves single runs by 20-40%):
+    128x128 at 28x28 0.66-1.15x over four runs (two at 0.88-0.96x), 256x256 at 14x14 0.84-0.88x, 512x512 at 7x7
+    0.91x, 512x256 at 5x5 0.73x, 64x64 at 56x56 0.97x; at stride 2 0.59x to 7x7 (512x256 at 14x14) but 1.10x to
+    14x14 and 1.24x to 28x28, which keep the flat conv or im2col. Int7 ResNet-18 0.83x and 0.89x in two A/Bs
+    (8.1 -> 6.7 ms, 8.5 -> 7.5)."""
+    n_out = int(out_shape[-1]) * int(out_shape[-2])
+    return (dot == "vnni" and int(w_shape[1]) > 8 and tuple(int(d) for d in w_shape[2:]) != (1, 1)
+            and (stride == 1 or (stride == 2 and n_out <= 64)))
+
+
+def pack_tok_quads(wq: np.ndarray) -> np.ndarray:
+    """int8 W [Cout, Cin, kh, kw] -> int32 [ceil(Cout/16) * ceil(Cin/4) * kh * kw * 16]: per panel of 16 output
+    channels, input quad and tap, each channel's 4 weights of that quad as one word (zeros pad both)."""
+    from graphopt.targets.tvm.cpu.conv import NR_TOK
+    cout, cin, kh, kw = wq.shape
+    nt, k4 = -(-cout // NR_TOK), -(-cin // 4)
+    w = np.zeros((nt * NR_TOK, k4 * 4, kh, kw), np.int8)
+    w[:cout, :cin] = wq
+    w = w.reshape(nt, NR_TOK, k4, 4, kh, kw).transpose(0, 2, 4, 5, 1, 3)
+    return np.ascontiguousarray(w).view(np.int32).reshape(-1)
+
+
 def pack_flat_quads(wq: np.ndarray) -> np.ndarray:
     """int8 W [Cout, Cin, kh, kw] -> int32 [ceil(Cout/6) * ceil(Cin/4) * kh * kw * 6]: per panel of 6 output
     channels, input quad and tap, each channel's 4 weights of that quad as one word (zeros pad both)."""
@@ -991,10 +1076,12 @@ def im2col_beats_flat(cin: int, stride: int, dot: str | None) -> bool:
 
 
 def emit_flat_qconv(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | None, sx: float, zx: int,
-                    x_shape, stride: int, padding, clamp, out_q, dequantized: bool = False, dot: str = "ubsw"):
+                    x_shape, stride: int, padding, clamp, out_q, dequantized: bool = False, dot: str = "ubsw",
+                    tok: bool = False):
     """A dense k x k qconv2d of xq int8 [N, Cin, H, W] on the flat int8 conv (per sample): the quad planes (the
     input's zero point as padding: exact on the grid), then `qconv_flat_source` with its epilogue. For weights the
-    quad product is exact on (VNNI, or `ubsw_exact`: 7-bit weights on AVX2)."""
+    quad product is exact on (VNNI, or `ubsw_exact`: 7-bit weights on AVX2). `tok`: the pixel-row int8 conv
+    (`qconv_tok_source`) over the padded quad planes at stride 1 instead."""
     import tvm
     from tvm import relax
     from tvm.script import tirx as T
@@ -1002,23 +1089,35 @@ def emit_flat_qconv(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarr
     from graphopt.targets.tvm.cpu.conv import _batched, _ntag, flat_geometry
     n, cin, h, wd = (int(d) for d in x_shape)
     cout, _, kh, kw = (int(d) for d in wq.shape)
-    oh, ow, hq, wqd = flat_geometry(h, wd, kh, kw, stride, padding)
-    size = -(-cin // 4) * stride * stride * hq * wqd * 4
-    geo = f"{cin}x{h}x{wd}_k{kh}x{kw}s{stride}_p{''.join(str(int(q)) for q in padding)}"
-    gv = bb.add_func(tvm.script.parse(batch_source(quad_planes_source(cin, h, wd, kh, kw, stride, padding), n,
-                                                   ["x", "xq"]), extra_vars={"T": T}), f"quad_planes_{geo}{_ntag(n)}")
+    oh, ow, _, _ = flat_geometry(h, wd, kh, kw, stride, padding)
+    ps = 1 if tok else stride  # the pixel-row conv reads the padded planes themselves, not their phases
+    _, _, hq, wqd = flat_geometry(h, wd, kh, kw, ps, padding)
+    size = -(-cin // 4) * ps * ps * hq * wqd * 4
+    pads = ''.join(str(int(q)) for q in padding)
+    geo = f"{cin}x{h}x{wd}_k{kh}x{kw}s{stride}_p{pads}"
+    gv = bb.add_func(tvm.script.parse(batch_source(quad_planes_source(cin, h, wd, kh, kw, ps, padding), n,
+                                                   ["x", "xq"]), extra_vars={"T": T}),
+                     f"quad_planes_{cin}x{h}x{wd}_k{kh}x{kw}s{ps}_p{pads}{_ntag(n)}")
     planes = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(xq, _batched(n, cin, h, wd))),
                                          relax.const(np.full(1, (int(zx) + 128) % 256, np.uint8))],
                                     relax.TensorType(_batched(n, size), "uint8")))
-    mt = -(-cout // MR)
-    consts = epilogue_constants(wq, w_scales, bias, sx, zx + 128, mt, out_q)
-    src = qconv_flat_source(cout, cin, h, wd, kh, kw, stride, padding, clamp, out_q, dequantized,
-                            consts[2] is not None, dot)
+    if tok:
+        from graphopt.targets.tvm.cpu.conv import NR_TOK
+        width = -(-cout // NR_TOK) * NR_TOK
+        consts = tuple(None if c is None else c[:width]
+                       for c in epilogue_constants(wq, w_scales, bias, sx, zx + 128, -(-width // MR), out_q))
+        src = qconv_tok_source(cout, cin, h, wd, kh, kw, stride, padding, clamp, out_q, dequantized,
+                               consts[2] is not None, dot)
+    else:
+        consts = epilogue_constants(wq, w_scales, bias, sx, zx + 128, -(-cout // MR), out_q)
+        src = qconv_flat_source(cout, cin, h, wd, kh, kw, stride, padding, clamp, out_q, dequantized,
+                                consts[2] is not None, dot)
     tag = (f"{cout}x{geo}" + ("" if clamp is None else "_clamp") + ("_q" if out_q else "") + ("dq" if dequantized else "")
            + _ntag(n))
-    gv = bb.add_func(tvm.script.parse(batch_source(src, n, ["xq", "out"]), extra_vars={"T": T}), f"qconv_flat_{dot}_{tag}")
+    gv = bb.add_func(tvm.script.parse(batch_source(src, n, ["xq", "out"]), extra_vars={"T": T}),
+                     f"qconv_{'tok' if tok else 'flat'}_{dot}_{tag}")
     dtype = "int8" if out_q and not dequantized else "float32"
-    y = bb.emit(relax.call_tir(gv, [planes, relax.const(pack_flat_quads(wq)),
+    y = bb.emit(relax.call_tir(gv, [planes, relax.const(pack_tok_quads(wq) if tok else pack_flat_quads(wq)),
                                     *(relax.const(c) for c in consts if c is not None),
                                     relax.const(store_params(clamp, out_q))],
                                relax.TensorType(_batched(n, cout * oh * ow), dtype)))
