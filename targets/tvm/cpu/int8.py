@@ -964,19 +964,11 @@ def qconv_tok_source(cout: int, cin: int, h: int, wd: int, kh: int, kw: int, str
     pixel's 16 channels as vectors (per-channel offset and multiplier) and stores them per output. Tasks are
     panel-major, or tile-major where the planes outweigh the weights; the last pixel tile overlaps the one before
     it."""
-    from graphopt.targets.tvm.cpu.conv import NR_TOK
-    pt, pb, pl, pr = (int(q) for q in padding)
-    hp, wp_ = h + pt + pb, wd + pl + pr
-    oh, ow = (hp - kh) // stride + 1, (wp_ - kw) // stride + 1
-    p, k4, nr = oh * ow, -(-cin // 4), NR_TOK
-    kq, mr = k4 * kh * kw, min(MR, p)
-    nt, pt_ = -(-cout // nr), -(-p // mr)
-    if nt * kq * nr < k4 * hp * wp_:
-        panel, tile = f"(t % {nt})", f"(t // {nt})"
-    else:
-        panel, tile = f"(t // {pt_})", f"(t % {pt_})"
+    from graphopt.targets.tvm.cpu.conv import NR_TOK, tok_tiling
+    k4, nr = -(-cin // 4), NR_TOK
+    kq = k4 * kh * kw
+    hp, wp_, oh, ow, p, mr, nt, pt_, panel, tile, at = tok_tiling(cout, k4, h, wd, kh, kw, stride, padding, kq, "qc")
     pix = "(p0 + r)"
-    at = f"qc * {hp * wp_} + ({pix} // {ow} * {stride} + i) * {wp_} + {pix} % {ow} * {stride} + j"
     u8 = f'T.reinterpret("uint8x32", T.broadcast(T.reinterpret("int32", xq[T.ramp(({at}) * 4, 1, 4)]), 8))'
     steps = ""
     for v in range(2):
