@@ -1496,23 +1496,16 @@ def tok_conv_applies(w_shape, stride: int) -> bool:
     return tuple(int(d) for d in w_shape[2:]) != (1, 1) and stride in (1, 2)
 
 
-def pack_tok(w: np.ndarray) -> np.ndarray:
-    """W [Cout, Cin, kh, kw] -> [ceil(Cout / 16), Cin * kh * kw, 16] (zero channels past Cout)."""
-    cout = w.shape[0]
-    nt = -(-cout // NR_TOK)
-    w2 = np.zeros((nt * NR_TOK, math.prod(w.shape[1:])), np.float32)
-    w2[:cout] = w.reshape(cout, -1)
-    return np.ascontiguousarray(w2.reshape(nt, NR_TOK, -1).transpose(0, 2, 1))
-
-
-def pack_taps(w: np.ndarray) -> np.ndarray:
-    """W [Cout, Cin, kh, kw] -> [ceil(Cout/MR), Cin * kh * kw, MR] (input channel, then tap: the kernel's reduction
-    order), zero rows padding Cout to whole panels."""
+def pack_taps(w: np.ndarray, panel: int = MR) -> np.ndarray:
+    """W [Cout, Cin, kh, kw] -> [ceil(Cout / panel), Cin * kh * kw, panel] (input channel, then tap: the kernels'
+    reduction order), zero rows padding Cout to whole panels: MR-row panels for the flat convs, NR_TOK-channel ones
+    for the pixel-row conv."""
     cout, cin, kh, kw = w.shape
-    mt = -(-cout // MR)
-    wp = np.zeros((mt * MR, cin, kh, kw), np.float32)
+    mt = -(-cout // panel)
+    wp = np.zeros((mt * panel, cin, kh, kw), np.float32)
     wp[:cout] = w
-    return np.ascontiguousarray(wp.reshape(mt, MR, cin, kh, kw).transpose(0, 2, 3, 4, 1).reshape(mt, kh * kw * cin, MR))
+    return np.ascontiguousarray(wp.reshape(mt, panel, cin, kh, kw).transpose(0, 2, 3, 4, 1)
+                                .reshape(mt, kh * kw * cin, panel))
 
 
 def _flat_tiles(h: int, wd: int, kh: int, kw: int, stride: int, padding) -> int:
@@ -1590,7 +1583,7 @@ def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
         if bias is not None:
             b[:cout] = bias
         extra = [] if residual is None else [bb.emit(relax.op.reshape(residual, _batched(n, cout, oh, ow)))]
-        y = bb.emit(relax.call_tir(gv, [xp, relax.const(pack_tok(w)), relax.const(b), *extra],
+        y = bb.emit(relax.call_tir(gv, [xp, relax.const(pack_taps(w, NR_TOK)), relax.const(b), *extra],
                                    relax.TensorType(_batched(n, cout, oh, ow), "float32")))
         return bb.emit(relax.op.reshape(y, (n, cout, oh, ow)))
     source = staged_conv_source if kernel == "staged" else flat_conv_source

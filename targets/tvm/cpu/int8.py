@@ -1018,26 +1018,15 @@ def tok_qconv_applies(w_shape, stride: int, out_shape, dot: str | None) -> bool:
             and (stride == 1 or (stride == 2 and n_out <= 64)))
 
 
-def pack_tok_quads(wq: np.ndarray) -> np.ndarray:
-    """int8 W [Cout, Cin, kh, kw] -> int32 [ceil(Cout/16) * ceil(Cin/4) * kh * kw * 16]: per panel of 16 output
-    channels, input quad and tap, each channel's 4 weights of that quad as one word (zeros pad both)."""
-    from graphopt.targets.tvm.cpu.conv import NR_TOK
+def pack_flat_quads(wq: np.ndarray, panel: int = MR) -> np.ndarray:
+    """int8 W [Cout, Cin, kh, kw] -> int32 [ceil(Cout / panel) * ceil(Cin/4) * kh * kw * panel]: per panel of output
+    channels (6 for the flat conv, 16 for the pixel-row one), input quad and tap, each channel's 4 weights of that
+    quad as one word (zeros pad both)."""
     cout, cin, kh, kw = wq.shape
-    nt, k4 = -(-cout // NR_TOK), -(-cin // 4)
-    w = np.zeros((nt * NR_TOK, k4 * 4, kh, kw), np.int8)
+    mt, k4 = -(-cout // panel), -(-cin // 4)
+    w = np.zeros((mt * panel, k4 * 4, kh, kw), np.int8)
     w[:cout, :cin] = wq
-    w = w.reshape(nt, NR_TOK, k4, 4, kh, kw).transpose(0, 2, 4, 5, 1, 3)
-    return np.ascontiguousarray(w).view(np.int32).reshape(-1)
-
-
-def pack_flat_quads(wq: np.ndarray) -> np.ndarray:
-    """int8 W [Cout, Cin, kh, kw] -> int32 [ceil(Cout/6) * ceil(Cin/4) * kh * kw * 6]: per panel of 6 output
-    channels, input quad and tap, each channel's 4 weights of that quad as one word (zeros pad both)."""
-    cout, cin, kh, kw = wq.shape
-    mt, k4 = -(-cout // MR), -(-cin // 4)
-    w = np.zeros((mt * MR, k4 * 4, kh, kw), np.int8)
-    w[:cout, :cin] = wq
-    w = w.reshape(mt, MR, k4, 4, kh, kw).transpose(0, 2, 4, 5, 1, 3)
+    w = w.reshape(mt, panel, k4, 4, kh, kw).transpose(0, 2, 4, 5, 1, 3)
     return np.ascontiguousarray(w).view(np.int32).reshape(-1)
 
 
@@ -1078,7 +1067,7 @@ def emit_flat_qconv(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarr
     from tvm import relax
     from tvm.script import tirx as T
 
-    from graphopt.targets.tvm.cpu.conv import _batched, _ntag, flat_geometry
+    from graphopt.targets.tvm.cpu.conv import NR_TOK, _batched, _ntag, flat_geometry
     n, cin, h, wd = (int(d) for d in x_shape)
     cout, _, kh, kw = (int(d) for d in wq.shape)
     oh, ow, _, _ = flat_geometry(h, wd, kh, kw, stride, padding)
@@ -1094,7 +1083,6 @@ def emit_flat_qconv(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarr
                                          relax.const(np.full(1, (int(zx) + 128) % 256, np.uint8))],
                                     relax.TensorType(_batched(n, size), "uint8")))
     if tok:
-        from graphopt.targets.tvm.cpu.conv import NR_TOK
         width = -(-cout // NR_TOK) * NR_TOK
         consts = tuple(None if c is None else c[:width]
                        for c in epilogue_constants(wq, w_scales, bias, sx, zx + 128, -(-width // MR), out_q))
@@ -1109,7 +1097,7 @@ def emit_flat_qconv(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarr
     gv = bb.add_func(tvm.script.parse(batch_source(src, n, ["xq", "out"]), extra_vars={"T": T}),
                      f"qconv_{'tok' if tok else 'flat'}_{dot}_{tag}")
     dtype = "int8" if out_q and not dequantized else "float32"
-    y = bb.emit(relax.call_tir(gv, [planes, relax.const(pack_tok_quads(wq) if tok else pack_flat_quads(wq)),
+    y = bb.emit(relax.call_tir(gv, [planes, relax.const(pack_flat_quads(wq, NR_TOK if tok else MR)),
                                     *(relax.const(c) for c in consts if c is not None),
                                     relax.const(store_params(clamp, out_q))],
                                relax.TensorType(_batched(n, cout * oh * ow), dtype)))
