@@ -44,6 +44,7 @@ def compile_report(reference: Graph, optimized: Graph, artifact: Path, manifest:
         f"graphopt compile report: {reference.meta.get('source') or 'model'} -> {artifact}",
         f"  target     {tinfo.get('kind', manifest.get('target'))} (mcpu={tinfo.get('mcpu', '-')}, "
         f"cores={tinfo.get('num_cores', '-')}"
+        + (f", kernels shaped for {tinfo['vector_bits']}-bit vectors" if tinfo.get("vector_bits") else "")
         + (f", int8 products on {DOT_NAMES.get(tinfo['int8_dot'], tinfo['int8_dot'])}" if int8 and tinfo.get("int8_dot")
            else "")
         + ")",

@@ -201,6 +201,9 @@ def test_compile_report_names_the_int8_product_only_for_int8_graphs(tmp_path):
     manifest = {"target_info": {"kind": "llvm", "mcpu": "sapphirerapids", "num_cores": 2, "int8_dot": "vnni"}}
     assert "int8 products on vpdpbusd (VNNI)" in compile_report(g, q, tmp_path, manifest, None, None)
     assert "int8 products" not in compile_report(g, g, tmp_path, manifest, None, None)
+    assert "bit vectors" not in compile_report(g, g, tmp_path, manifest, None, None)
+    manifest["target_info"]["vector_bits"] = 512  # the kernels' shape: 512 on full-width AVX-512 cores
+    assert "kernels shaped for 512-bit vectors" in compile_report(g, g, tmp_path, manifest, None, None)
     assert "sparse " not in compile_report(g, q, tmp_path, manifest, None, None)
     assert "widths     2 layer(s) int8;" in compile_report(g, q, tmp_path, manifest, None, None)
     assert "widths" not in compile_report(g, g, tmp_path, manifest, None, None)

@@ -10,6 +10,7 @@ from graphopt.ir.files import atomic_dir
 from graphopt.ir.graph import Graph
 from graphopt.targets.artifact import build_manifest, write_manifest
 from graphopt.targets.tvm.cpu.int8 import int8_dot
+from graphopt.targets.tvm.cpu.rules import vector_lanes
 from graphopt.targets.tvm.cpu.threads import SERIAL_US
 from graphopt.targets.tvm.host import cpu_target, host_cpu, missing_here, target_isa
 from graphopt.targets.tvm.lower import lower_to_relax
@@ -185,6 +186,7 @@ def compile_to_dir(graph: Graph, output: str | Path, target: str = "llvm", tunin
         manifest = build_manifest(graph, str(tgt), {"kind": target, "mcpu": str(tgt.attrs.get("mcpu", "")),
                                                     "num_cores": int(tgt.attrs.get("num-cores", 0)),
                                                     "isa": target_isa(tgt), "int8_dot": int8_dot(tgt),
+                                                    "vector_bits": 32 * vector_lanes(tgt),
                                                     "one_thread_kernels": stats.get("one_thread", []),
                                                     "one_thread_under_us": SERIAL_US},
                                   tuning=(summary or TuningSummary()).to_json() if tuning else None,

@@ -1596,11 +1596,36 @@ def test_kernels_shaped_for_avx512_compute_the_same_here(monkeypatch):
     g = graphopt.trace(model, (x,))
     assert rules.vector_lanes(cpu_target("znver4")) == rules.vector_lanes(cpu_target("znver3")) == 8
     assert rules.vector_lanes(cpu_target("znver4"), 8) == 32
+    # full-width AVX-512 cores get 16-lane shapes unless AVX512_VECTOR_BITS forces a width
+    assert rules.vector_lanes(cpu_target("sapphirerapids")) == rules.vector_lanes(cpu_target("znver5")) == 16
+    monkeypatch.setattr(rules, "AVX512_VECTOR_BITS", 256)
+    assert rules.vector_lanes(cpu_target("sapphirerapids")) == 8
     narrow = lower_to_relax(g, target=cpu_target("znver4")).script()
     monkeypatch.setattr(rules, "AVX512_VECTOR_BITS", 512)
     assert rules.vector_lanes(cpu_target("znver4")) == 16
     monkeypatch.setattr(rules, "vector_lanes", lambda target, dtype_bits=32: 512 // dtype_bits)  # on any host
     assert lower_to_relax(g).script() != narrow  # the kernels did change shape
+    _assert_built_matches(g, model, x)
+
+
+@pytest.mark.parametrize("hw", [7, 9, 10, 14, 20])
+def test_pointwise_kernel_with_16_lane_vectors_picks_its_pixel_tile(hw, monkeypatch):
+    """With 16-lane vectors a pointwise layer takes 32-pixel tiles where the map leaves at most 4 pixels or one
+    whole vector over (10x10 = 3 x 32 + 4, 14x14 = 6 x 32 + 4, 20x20 = 12 x 32 + 16), and 16-pixel tiles where 32
+    would leave an odd remainder or make fewer than two tiles (9x9 = 2 x 32 + 17, 7x7); outputs checked against
+    PyTorch with the kernels built for 512-bit vectors on any host, batch 2."""
+    from graphopt.targets.tvm.cpu import rules
+    from graphopt.targets.tvm.cpu.conv import pointwise_cols
+    p = hw * hw
+    expected = {49: 16, 81: 16, 100: 32, 196: 32, 400: 32}[p]
+    assert pointwise_cols(p, 16) == expected and pointwise_cols(p, 8) == 16
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(24, 40, 1), torch.nn.ReLU6(), torch.nn.Conv2d(40, 13, 1)).eval()
+    x = torch.randn(2, 24, hw, hw)
+    g = graphopt.trace(model, (x,))
+    monkeypatch.setattr(rules, "AVX512_VECTOR_BITS", 512)
+    monkeypatch.setattr(rules, "vector_lanes", lambda target, dtype_bits=32: 512 // dtype_bits)  # on any host
+    assert any(n.startswith("conv1x1_packed") for n in _func_names(g))
     _assert_built_matches(g, model, x)
 
 

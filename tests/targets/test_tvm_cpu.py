@@ -44,6 +44,9 @@ def test_manifest_records_what_a_deployer_needs(built):
     assert man["pipeline"] == "fold-bn,dce"
     assert [p["name"] for p in man["passes"]] == ["fold-bn", "dce"]
     assert man["target_info"]["mcpu"] == host_cpu()
+    from graphopt.targets.tvm.cpu.rules import vector_lanes
+    from graphopt.targets.tvm.host import cpu_target
+    assert man["target_info"]["vector_bits"] == 32 * vector_lanes(cpu_target()) in (128, 256, 512)
     assert man["versions"]["apache-tvm"].startswith("0.27")
     assert man["files"]["model.so"]["bytes"] > 1000 and len(man["files"]["model.so"]["sha256"]) == 64
     assert man["stats"]["params"] == g.stats().params

@@ -255,6 +255,17 @@ def conv1x1(x: T.Buffer(({cin}, {p}), "float32"), wp: T.Buffer(({mt}, {cin}, {MR
 """
 
 
+def pointwise_cols(p: int, lanes: int) -> int:
+    """Pixels per tile of the pointwise kernel: two vectors, except with 16-lane vectors where 32-pixel tiles would
+    leave a remainder the kernel takes badly (5-15 or 17-31 pixels: one tile of that odd width, whose vectors LLVM
+    splits) or fewer than two tiles: those maps keep 16-pixel tiles. A 7x7 map (49 pixels: one 32-pixel tile and
+    17 left) took 8x the 16-pixel kernel's time (960x160x49: 1052 vs 128 us, Emerald Rapids, 2 threads)."""
+    nr = 2 * lanes
+    if lanes >= 16 and (p < 2 * nr or 4 < p % nr != lanes):
+        return lanes
+    return nr
+
+
 def conv1x1_packed(cout: int, cin: int, p: int, nr: int, clamp: tuple[float, float] | None = None,
                    res: bool = False, knobs: dict | None = None):
     import tvm
@@ -293,7 +304,7 @@ def _conv1x1_call(bb, x2, w: np.ndarray, bias: np.ndarray | None, n: int, cin: i
     from tvm.script import tirx as T
 
     cout = int(w.shape[-2] if per_sample else w.shape[0])
-    nr = 2 * lanes
+    nr = pointwise_cols(p, lanes)
     b = bias if bias is not None else np.zeros((n, cout) if per_sample else cout, np.float32)
     res = residual is not None
     tag = (f"{cout}x{cin}x{p}" + ("_res" if res else "") + ("" if clamp is None else "_clamp") + _ntag(n)

@@ -17,25 +17,35 @@ from tvm.target import Target
 log = logging.getLogger(__name__)
 
 
-# The vector width graphopt's kernels are shaped for on AVX-512 CPUs. 256: on Zen 4 (AVX-512 executed as two
-# 256-bit halves) every kernel shaped for 512 bits was slower, whole models 11-33% (MobileNetV2 5.6 vs 3.8 ms,
-# EfficientNet-Lite0 10.2 vs 7.2, MiniLM 18.4 vs 16.3: one interleaved run, 2 threads), the 7x7 pointwise convs 3x
-# (a 49-pixel map in 32-pixel tiles). Only the tile shapes follow this: a kernel's 16-float vector (a GEMM tile row)
-# is still one zmm, and the code has AVX-512's 32 registers and VNNI (forbidding zmm with LLVM's prefer-256-bit
-# was mixed, 0.92-1.24x by model, and is not done). A CPU with full-width units (Zen 5) may want 512: the 16-lane
-# kernel shapes are kept and tested.
-AVX512_VECTOR_BITS = 256
+# The vector width graphopt's kernels are shaped for on AVX-512 CPUs: None picks it by CPU (`avx512_vector_bits`);
+# tests and experiments set 256 or 512 to force one.
+AVX512_VECTOR_BITS: int | None = None
+# CPUs that execute AVX-512 as two 256-bit halves. On Zen 4 every kernel shaped for 512 bits was slower, whole
+# models 11-33% (MobileNetV2 5.6 vs 3.8 ms, EfficientNet-Lite0 10.2 vs 7.2, MiniLM 18.4 vs 16.3: one interleaved
+# run, 2 threads), the 7x7 pointwise convs 3x (a 49-pixel map in 32-pixel tiles). Only the tile shapes follow
+# this: a kernel's 16-float vector (a GEMM tile row) is still one zmm, and the code has AVX-512's 32 registers and
+# VNNI (forbidding zmm with LLVM's prefer-256-bit was mixed, 0.92-1.24x by model, and is not done).
+HALF_WIDTH_AVX512 = ("znver4",)
+
+
+def avx512_vector_bits(target: Target) -> int:
+    """512 on CPUs with full-width AVX-512 units (Intel's, Zen 5), 256 on HALF_WIDTH_AVX512 ones. On an Emerald
+    Rapids core a ymm FMA does half a zmm FMA's work in the same slot (measured: 12 independent FMA chains, 41 vs
+    80 GFMA/s; vpdpbusd 185 vs 355 G int8 MAC/s), so kernels shaped for 8 lanes ran at half the core's peak."""
+    if AVX512_VECTOR_BITS is not None:
+        return AVX512_VECTOR_BITS
+    return 256 if str(target.attrs.get("mcpu", "")) in HALF_WIDTH_AVX512 else 512
 
 
 def vector_lanes(target: Target, dtype_bits: int = 32) -> int:
-    """Lanes of the vectors graphopt's kernels use on the CPU (fp32: 8 with AVX2 or AVX-512, see
-    AVX512_VECTOR_BITS; 4 otherwise).
+    """Lanes of the vectors graphopt's kernels use on the CPU (fp32: 8 with AVX2, 8 or 16 with AVX-512 by
+    `avx512_vector_bits`; 4 otherwise).
 
     Feature flags, not llvm_get_vector_width: that answers 512 on AVX2-only Zen 3 here."""
     from tvm.target import codegen
     try:
         if codegen.llvm_cpu_has_features(["avx512f"], target):
-            bits = AVX512_VECTOR_BITS
+            bits = avx512_vector_bits(target)
         elif codegen.llvm_cpu_has_features(["avx2"], target) or codegen.llvm_cpu_has_features(["avx"], target):
             bits = 256
         else:
