@@ -1266,7 +1266,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             return k.emit_conv1x1(bb, x, w, b, x_shape, vector_lanes(target), clamp, residual)
         if (kind == "im2col" or (kind == "direct" and w.shape[1] > 8)) and (
                 k.tok_conv_applies(w.shape, stride) or k.flat_conv_applies(x_shape, w.shape, stride, full)):
-            return k.emit_flat_conv(bb, x, w, b, x_shape, stride, full, clamp, residual, vector_lanes(target) >= 8)
+            lanes = vector_lanes(target)
+            return k.emit_flat_conv(bb, x, w, b, x_shape, stride, full, clamp, residual, lanes >= 8, lanes=lanes)
         if kind == "direct" and k.staged_conv_applies(x_shape, w.shape, stride, full):
             return k.emit_flat_conv(bb, x, w, b, x_shape, stride, full, clamp, None, vector_lanes(target) >= 8,
                                     stem=True)

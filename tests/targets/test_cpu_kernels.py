@@ -331,12 +331,18 @@ class _BasicBlock(torch.nn.Module):
         return self.c3(torch.nn.functional.pad(y, (0, 1, 0, 1)))
 
 
-@pytest.mark.parametrize("batch,hw", [(1, 20), (2, 20), (1, 40), (2, 40)])
-def test_dense_convs_run_on_the_pixel_row_kernel(batch, hw):
+@pytest.mark.parametrize("batch,hw,lanes", [(1, 20, 8), (2, 20, 8), (1, 40, 8), (2, 40, 8), (1, 20, 16), (2, 40, 16)])
+def test_dense_convs_run_on_the_pixel_row_kernel(batch, hw, lanes, monkeypatch):
     """3x3 convs with more than 8 input channels, at stride 1 and 2: the zero-padded input, then the pixel-row
     conv (output pixels broadcast, output channels in the vectors; bias, the residual add and ReLU in its store);
     the pad before the last conv joins its padding; the strided 1x1 shortcut is im2col + the packed pointwise
-    GEMM. No TVM conv is left (TVM's conv with the rules ran them at 5-15 GMAC/s: ResNet-18 316 ms)."""
+    GEMM. No TVM conv is left (TVM's conv with the rules ran them at 5-15 GMAC/s: ResNet-18 316 ms). Built for 8-
+    and for 16-lane vectors on any host: with 16, the 32-channel convs take 32-channel tiles, the 24-channel one
+    16."""
+    from graphopt.targets.tvm.cpu import rules
+    from graphopt.targets.tvm.cpu.conv import tok_channels
+    assert (tok_channels(32, 16), tok_channels(24, 16), tok_channels(32, 8)) == (32, 16, 16)
+    monkeypatch.setattr(rules, "vector_lanes", lambda target, dtype_bits=32: lanes * 32 // dtype_bits)
     torch.manual_seed(0)
     model, x = _BasicBlock().eval(), torch.randn(batch, 16, hw, hw)
     g = graphopt.trace(model, (x,))

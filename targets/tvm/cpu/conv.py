@@ -1437,19 +1437,19 @@ NR_TOK = 16  # output channels per tile of the pixel-row conv: two 8-lane vector
 
 
 def tok_tiling(cout: int, rows: int, h: int, wd: int, kh: int, kw: int, stride: int, padding, steps: int,
-               row: str) -> tuple:
+               row: str, nr: int = NR_TOK) -> tuple:
     """The pixel-row convs' geometry and task layout (float `tok_conv_source`, int8 `int8.qconv_tok_source`):
     (Hp, Wp, OH, OW, P, pixels per tile, channel panels, pixel tiles, the panel and tile of task t, and the padded
     map's element of pixel p0 + r at tap (i, j) of `row`, one of `rows` rows of Hp x Wp). Tasks are panel-major,
-    or tile-major where the padded map (rows x Hp x Wp elements) outweighs the weights (`steps` x 16 per panel):
+    or tile-major where the padded map (rows x Hp x Wp elements) outweighs the weights (`steps` x `nr` per panel):
     64x64 at 56x56 1.24 -> 0.88x the staged kernel's time."""
     pt, pb, pl, pr = (int(q) for q in padding)
     hp, wp_ = h + pt + pb, wd + pl + pr
     oh, ow = (hp - kh) // stride + 1, (wp_ - kw) // stride + 1
     p = oh * ow
     mr = min(MR, p)
-    nt, pt_ = -(-cout // NR_TOK), -(-p // mr)
-    if nt * steps * NR_TOK < rows * hp * wp_:
+    nt, pt_ = -(-cout // nr), -(-p // mr)
+    if nt * steps * nr < rows * hp * wp_:
         panel, tile = f"(t % {nt})", f"(t // {nt})"
     else:
         panel, tile = f"(t // {pt_})", f"(t % {pt_})"
@@ -1457,20 +1457,29 @@ def tok_tiling(cout: int, rows: int, h: int, wd: int, kh: int, kw: int, stride: 
     return hp, wp_, oh, ow, p, mr, nt, pt_, panel, tile, at
 
 
+def tok_channels(cout: int, lanes: int) -> int:
+    """Output channels per tile of the float pixel-row conv: 16 (one 16-float vector, or two 8-lane ones), and with
+    16-lane vectors two of them where Cout is a multiple of 32: 6 x 32 = 12 accumulators, which a full-width
+    AVX-512 core needs to keep its two FMA ports busy. Alone against 16 (Emerald Rapids, 2 threads): ResNet-18's
+    3x3 layers 0.65-0.84x (256x256 at 14x14 1529 -> 1000 us), 16x16 at 32x32 (padded to 32 channels) 1.47x."""
+    return 2 * lanes if lanes >= 16 and cout % (2 * lanes) == 0 else NR_TOK
+
+
 def tok_conv_source(cout: int, cin: int, h: int, wd: int, kh: int, kw: int, stride: int, padding,
-                    clamp: tuple[float, float] | None, res: bool = False) -> str:
+                    clamp: tuple[float, float] | None, res: bool = False, nr: int = NR_TOK) -> str:
     """A dense kxk conv with the flat kernels' orientation turned over (the rule: `conv_kxk_knobs`): output pixels
     are the rows of a 6 x 16 register tile (each input value broadcast, as a token's activation is in the packed
     linear GEMM) and 16 output channels its columns (one vector load of the packed weight [Cout / 16, Cin * kh *
-    kw, 16] per step), so a tile holds 6 real pixels wherever they lie: the flat kernels' 16 consecutive flat
+    kw, 16] per step; `nr` = 32: two), so a tile holds 6 real pixels wherever they lie: the flat kernels' 16 consecutive flat
     pixels include the padded planes' extra columns and, on a 5x5 map, only 25 of their 48 lanes are outputs. The
     input is the zero-padded map (`pad_phases_source` at stride 1, whatever the conv's stride), read in place.
     Tasks are panel-major (a panel's weights stay in L2 across the pixel tiles) or, where the padded input is the
     larger operand, tile-major; the last pixel tile overlaps the one before it (its outputs are written twice,
     with the same values). The store is per output (a tile's 96 outputs lie in 16 channel rows), with bias, the
     residual and the clamp."""
-    k, nr = cin * kh * kw, NR_TOK
-    hp, wp_, oh, ow, p, mr, nt, pt_, panel, tile, at = tok_tiling(cout, cin, h, wd, kh, kw, stride, padding, k, "ci")
+    k = cin * kh * kw
+    hp, wp_, oh, ow, p, mr, nt, pt_, panel, tile, at = tok_tiling(cout, cin, h, wd, kh, kw, stride, padding, k, "ci",
+                                                                  nr)
     pix = "(p0 + r)"
     co = f"{panel} * {nr} + v"
     val = _clamped("acc[r, v]" + (f" + res[{co}, {pix} // {ow}, {pix} % {ow}]" if res else ""), clamp)
@@ -1550,12 +1559,12 @@ def conv_kxk_knobs(h: int, wd: int, kh: int, kw: int, stride: int, padding,
 
 def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, stride: int, padding,
                    clamp: tuple[float, float] | None, residual=None, masked: bool = False, stem: bool = False,
-                   per_sample: bool = False):
+                   per_sample: bool = False, lanes: int = 8):
     """A dense kxk conv of x [N, Cin, H, W] (per sample): the zero-padded map, then the pixel-row conv, or the phase
     planes and the staged or in-place flat implicit GEMM (`conv_kxk_knobs`), with bias / residual add / clamp in
     its store (the flat ones' vector and masked stores with `masked`: the CPU has AVX). A `stem` (few input channels, long reduction) always takes the staged kernel.
     `per_sample`: w is [N, Cout, Cin, kh, kw] and bias [N, Cout], sample n convolved with its own weights (the
-    groups of a grouped conv as the samples of one call)."""
+    groups of a grouped conv as the samples of one call). `lanes`: the target's vector lanes (`tok_channels`)."""
     import tvm
     from tvm import relax
     from tvm.script import tirx as T
@@ -1586,15 +1595,16 @@ def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
                                 relax.TensorType(_batched(n, cin * ps * ps * hq * wq), "float32")))
     if kernel == "tok":
         names = ["xp", "out"] + ([] if residual is None else ["res"])
+        nr = tok_channels(cout, lanes)
         src = batch_source(tok_conv_source(cout, cin, h, wd, kh, kw, stride, padding, clamp,
-                                           res=residual is not None), n, names)
+                                           res=residual is not None, nr=nr), n, names)
         gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), f"conv_tok_{tag}")
         bind(site, gv.name_hint)
-        b = np.zeros(-(-cout // NR_TOK) * NR_TOK, np.float32)
+        b = np.zeros(-(-cout // nr) * nr, np.float32)
         if bias is not None:
             b[:cout] = bias
         extra = [] if residual is None else [bb.emit(relax.op.reshape(residual, _batched(n, cout, oh, ow)))]
-        y = bb.emit(relax.call_tir(gv, [xp, relax.const(pack_taps(w, NR_TOK)), relax.const(b), *extra],
+        y = bb.emit(relax.call_tir(gv, [xp, relax.const(pack_taps(w, nr)), relax.const(b), *extra],
                                    relax.TensorType(_batched(n, cout, oh, ow), "float32")))
         return bb.emit(relax.op.reshape(y, (n, cout, oh, ow)))
     source = staged_conv_source if kernel == "staged" else flat_conv_source
