@@ -1469,9 +1469,9 @@ def tok_conv_source(cout: int, cin: int, h: int, wd: int, kh: int, kw: int, stri
                     clamp: tuple[float, float] | None, res: bool = False, nr: int = NR_TOK) -> str:
     """A dense kxk conv with the flat kernels' orientation turned over (the rule: `conv_kxk_knobs`): output pixels
     are the rows of a 6 x 16 register tile (each input value broadcast, as a token's activation is in the packed
-    linear GEMM) and 16 output channels its columns (one vector load of the packed weight [Cout / 16, Cin * kh *
-    kw, 16] per step; `nr` = 32: two), so a tile holds 6 real pixels wherever they lie: the flat kernels' 16 consecutive flat
-    pixels include the padded planes' extra columns and, on a 5x5 map, only 25 of their 48 lanes are outputs. The
+    linear GEMM) and `nr` (16 or 32: `tok_channels`) output channels its columns (vector loads of the packed weight
+    [Cout / nr, Cin * kh * kw, nr] per step), so a tile holds 6 real pixels wherever they lie: the flat kernels' 16
+    consecutive flat pixels include the padded planes' extra columns and, on a 5x5 map, only 25 of their 48 lanes are outputs. The
     input is the zero-padded map (`pad_phases_source` at stride 1, whatever the conv's stride), read in place.
     Tasks are panel-major (a panel's weights stay in L2 across the pixel tiles) or, where the padded input is the
     larger operand, tile-major; the last pixel tile overlaps the one before it (its outputs are written twice,
