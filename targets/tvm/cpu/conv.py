@@ -1472,7 +1472,8 @@ def tok_conv_source(cout: int, cin: int, h: int, wd: int, kh: int, kw: int, stri
     linear GEMM) and `nr` (16 or 32: `tok_channels`) output channels its columns (vector loads of the packed weight
     [Cout / nr, Cin * kh * kw, nr] per step), so a tile holds 6 real pixels wherever they lie: the flat kernels' 16
     consecutive flat pixels include the padded planes' extra columns and, on a 5x5 map, only 25 of their 48 lanes
-    are outputs. The input is the zero-padded map (`pad_phases_source` at stride 1, whatever the conv's stride), read in place.
+    are outputs. The input is the zero-padded map (`pad_phases_source` at stride 1, whatever the conv's stride),
+    read in place.
     Tasks are panel-major (a panel's weights stay in L2 across the pixel tiles) or, where the padded input is the
     larger operand, tile-major; the last pixel tile overlaps the one before it (its outputs are written twice,
     with the same values). The store is per output (a tile's 96 outputs lie in 16 channel rows), with bias, the
