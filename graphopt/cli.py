@@ -89,7 +89,8 @@ def _parser() -> argparse.ArgumentParser:
                    "and linears with 2:4 masks run on sparse tensor cores (mma.sp); onnx: ONNX export; pt2: "
                    "torch.export archive")
     c.add_argument("--cpu", metavar="NAME", help="llvm: the CPU to compile for, as LLVM names it (default: this "
-                   "machine's). Another name cross-compiles: its vector width and, where it has VNNI (sapphirerapids, "
+                   "machine's). Another name cross-compiles: its vector width (kernels shaped for 512-bit vectors on "
+                   "AVX-512 CPUs, 256-bit on Zen 4 and AVX2 ones) and, where it has VNNI (sapphirerapids, "
                    "znver4, cascadelake, alderlake, ...), int8 kernels on vpdpbusd. The manifest lists the ISA "
                    "extensions used; loading refuses a CPU that lacks one, and the report skips measuring here. The "
                    "pipeline's measuring passes choose for that CPU too (quantize{weights=auto}: its int8 product)")

@@ -1590,9 +1590,9 @@ def test_cross_compiled_artifact_records_its_isa_and_refuses_a_cpu_without_it(tm
 
 
 def test_kernels_shaped_for_avx512_compute_the_same_here(monkeypatch):
-    """On AVX-512 CPUs the kernels keep 256-bit vectors (measured faster on Zen 4); with AVX512_VECTOR_BITS = 512
-    they are shaped for 16 fp32 lanes. On a machine without AVX-512 LLVM splits those vectors for AVX2, so the same
-    kernels (wider tiles, other tails) are checked for numbers on any host."""
+    """The kernels' vector width follows the CPU (`rules.avx512_vector_bits`): 256-bit shapes on Zen 4 (measured
+    faster there), 512-bit ones on full-width AVX-512 CPUs, either forced by AVX512_VECTOR_BITS. The 16-lane kernels
+    are checked for numbers on any host: without AVX-512 LLVM splits those vectors for AVX2, same outputs."""
     from graphopt.targets.tvm.cpu import rules
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 24, 3, 2, 1), torch.nn.ReLU6(), torch.nn.Conv2d(24, 40, 1),
