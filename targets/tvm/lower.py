@@ -228,6 +228,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
     def _qlinear_fast(node, bb, xq, sx, zx):
         """qlinear with constant weight, scales and bias, >= 6 rows -> the int8 vpmaddwd GEMM (epilogue fused)."""
         from graphopt.targets.tvm.cpu.int8 import emit_qlinear, int8_dot
+        from graphopt.targets.tvm.cpu.rules import vector_lanes
         wt = (lifted or {}).get(getattr(node.args[3], "name", None))
         wst = (lifted or {}).get(getattr(node.args[4], "name", None))
         bt = (lifted or {}).get(getattr(node.args[5], "name", None)) if node.args[5] is not None else None
@@ -245,7 +246,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         if layout == "csr":
             from graphopt.targets.tvm.cpu.sparse import emit_csr_qlinear
             return emit_csr_qlinear(bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, x_shape, dot)
-        return emit_qlinear(bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, x_shape, dot)
+        return emit_qlinear(bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, x_shape, dot, vector_lanes(target))
 
     def _int8_sparse(node, op: str, w, m: int) -> str:
         """The int8 sparse layout select-sparse-layout chose for this int8 layer ("" for dense) when this target

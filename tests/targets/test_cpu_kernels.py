@@ -1456,6 +1456,30 @@ def test_quad_gemv_is_exact(k, n):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+def test_vnni_gemm_with_16_lanes_emits_512_bit_vpdpbusd():
+    """Built for a full-width AVX-512 CPU (cross-compiled), the int8 GEMM with 16-lane accumulators does each row's
+    16 columns per 4 inputs with one zmm `vpdpbusd` (6 in the reduction loop), accumulators in registers; the
+    lowering picks it there and keeps the 8-lane form for Zen 4."""
+    from tvm.script import tirx as T
+
+    from graphopt.targets.tvm.cpu.int8 import MR, qgemm_ubsw_source
+    f = tvm.script.parse(qgemm_ubsw_source(13, 256, 32, dot="vnni", lanes=16), extra_vars={"T": T})
+    lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}),
+                      target=cpu_target("sapphirerapids"))
+    loop = _inner_fma_loop(lib.mod.inspect_source("asm"), r"vpdpbusd")
+    dots = re.findall(r"^\s+vpdpbusd\s+(\S+)", loop, re.M)
+    assert len(dots) >= MR and all(d.startswith("%zmm") or d.startswith("(") for d in dots), loop
+    assert not re.search(r"vmovdq[au](?:32|64)?\s+%zmm\d+, ", loop)  # accumulators stay in registers
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 32).eval()
+    x = torch.randn(12, 64)
+    q = graphopt.optimize(graphopt.trace(layer, (x,)), "quantize,fold-qdq", data=[(torch.randn(12, 64),)])
+    names = {cpu: _func_names(q, cpu) for cpu in ("sapphirerapids", "znver4")}
+    assert any(n.startswith("qgemm_vnni") and n.endswith("_v16") for n in names["sapphirerapids"])
+    assert any(n.startswith("qgemm_vnni") for n in names["znver4"])
+    assert not any(n.endswith("_v16") for n in names["znver4"])
+
+
 def _vnni_here() -> bool:
     from graphopt.targets.tvm.cpu.int8 import int8_dot
     return int8_dot(cpu_target()) == "vnni"
@@ -1487,7 +1511,8 @@ def test_vnni_kernels_emit_vpdpbusd(cpu, encoding):
 def test_quad_kernels_are_exact_for_full_range_int8_weights(dot, kernel):
     """The quad kernels' layout, packing and epilogue with a product that cannot saturate: "exact" (the same sum in
     widened vector arithmetic, runs anywhere) and, on a CPU with VNNI, `vpdpbusd` itself. Weights use the whole
-    int8 range, with the worst case (255 x -128, four times) where `vpmaddubsw` would saturate. The conv also with
+    int8 range, with the worst case (255 x -128, four times) where `vpmaddubsw` would saturate. The GEMM also
+    with 16-lane accumulators (the 512-bit form; for "vnni" where this CPU has AVX512-VNNI). The conv also with
     two channel blocks per register tile (`tiles=2`, VNNI's tuning candidate; 13 channels: the second block of the
     last pair is past the weight and must not be stored)."""
     from graphopt.targets.tvm.cpu.conv import store_params
@@ -1507,7 +1532,9 @@ def test_quad_kernels_are_exact_for_full_range_int8_weights(dot, kernel):
         assert not ubsw_exact(w)
         ws = rng.uniform(1e-3, 2e-3, n)
         off, mult, _ = epilogue_constants(w, ws, None, 1.0, 5 + 128, n // MR + 1)
-        fs = [tvm.script.parse(qgemm_ubsw_source(m, k, n, dot=dot), extra_vars={"T": T})]
+        wide = dot == "exact" or vector_lanes(cpu_target()) == 16
+        fs = [tvm.script.parse(qgemm_ubsw_source(m, k, n, dot=dot, lanes=lanes), extra_vars={"T": T})
+              for lanes in ((8, 16) if wide else (8,))]
         args = ((x + 128).astype(np.uint8).reshape(-1), pack_gemm_quads(w), off[:n], mult[:n])
         out = np.zeros(m * n, np.float32)
         ref = ((x.astype(np.int64) - 5) @ w.astype(np.int64).T) * ws
@@ -1633,6 +1660,70 @@ def test_pointwise_kernel_with_16_lane_vectors_picks_its_pixel_tile(hw, monkeypa
     monkeypatch.setattr(rules, "vector_lanes", lambda target, dtype_bits=32: 512 // dtype_bits)  # on any host
     assert any(n.startswith("conv1x1_packed") for n in _func_names(g))
     _assert_built_matches(g, model, x)
+
+
+@pytest.mark.parametrize("cout,cin,p,res,clamp", [
+    (64, 24, 49, True, (0.0, 6.0)),  # 7 tiles of 7 pixels, whole channel panels
+    (40, 16, 13, False, None),       # 13 pixels: the last tile overlaps; 40 channels: a half-padded panel
+    (96, 33, 36, True, None),        # 6-pixel tiles
+    (17, 8, 64, False, (0.0, 6.0)),  # 8-pixel tiles, one padded panel
+    (32, 5, 6, True, (-1.0, 1.0))])  # fewer pixels than a tile of 7
+def test_channels_in_vector_pointwise_kernel_matches(cout, cin, p, res, clamp):
+    """The small-map pointwise kernel with output channels in the vectors (`conv1x1_cv_source`): its weight and
+    bias padded to whole 32-channel panels, the transposed store (only real channels stored, guarded where the
+    last panel is padded), the residual before the clamp, every pixel tile plan of `cv_rows`."""
+    from tvm.script import tirx as T
+
+    from graphopt.targets.tvm.cpu import conv
+    rng = np.random.default_rng(7)
+    x, w = rng.standard_normal((cin, p), dtype=np.float32), rng.standard_normal((cout, cin), dtype=np.float32)
+    b, r = rng.standard_normal(cout, dtype=np.float32), rng.standard_normal((cout, p), dtype=np.float32)
+    ref = w @ x + b[:, None] + (r if res else 0)
+    ref = np.clip(ref, *clamp) if clamp else ref
+    f = tvm.script.parse(conv.conv1x1_cv_source(cout, cin, p, 32, clamp, res), extra_vars={"T": T})
+    lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target())
+    nt = -(-cout // 32)
+    out = np.full((cout, p), np.nan, np.float32)
+    args = [tvm.runtime.tensor(a) for a in (x, conv.pack_channel_panels(w, 32), np.pad(b, (0, nt * 32 - cout)),
+                                            *([r] if res else []), out)]
+    lib["main"](*args)
+    np.testing.assert_allclose(args[-1].numpy(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_small_map_pointwise_layers_take_the_channels_in_vector_kernel_with_16_lanes(monkeypatch):
+    """With 16-lane vectors pointwise layers on maps of at most 64 pixels run the channels-in-vector kernel by rule
+    (an inverted residual block at 7x7, its projection's residual in the store; a grouped strided conv's groups,
+    each with its own weights, through im2col), and are a tuning candidate on 14x14; with 8 lanes they keep the
+    pixel-vector kernel. Outputs against PyTorch at batch 2 and 1."""
+    from graphopt.targets.tvm.cpu import conv, rules
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.expand, self.project = torch.nn.Conv2d(24, 72, 1), torch.nn.Conv2d(72, 24, 1)
+
+        def forward(self, x):
+            return x + self.project(torch.nn.functional.relu6(self.expand(x)))
+
+    def kernels(g):
+        return {str(f.attrs["graphopt.knobs"]) for f in lower_to_relax(g).functions.values()
+                if f.attrs is not None and "graphopt.knobs" in f.attrs}
+
+    torch.manual_seed(0)
+    grouped = torch.nn.Sequential(torch.nn.Conv2d(32, 64, 3, stride=2, padding=1, groups=2), torch.nn.ReLU()).eval()
+    cases = [(Block().eval(), torch.randn(2, 24, 7, 7)), (grouped, torch.randn(1, 32, 14, 14))]
+    assert conv.conv1x1_knobs(72, 24, 196, 32, 16) == (conv.conv1x1_knobs(72, 24, 196, 32)[0],
+                                                       [*conv.conv1x1_knobs(72, 24, 196, 32)[1],
+                                                        {"vec": "channels", "nr": 32}])
+    assert len(conv.conv1x1_knobs(72, 24, 400, 32, 16)[1]) == len(conv.conv1x1_knobs(72, 24, 400, 32)[1])
+    for model, x in cases:
+        g = graphopt.trace(model, (x,))
+        monkeypatch.setattr(rules, "vector_lanes", lambda target, dtype_bits=32: 256 // dtype_bits)
+        assert "vec=channels" not in kernels(g)  # 8 lanes: a candidate, not the rule
+        monkeypatch.setattr(rules, "vector_lanes", lambda target, dtype_bits=32: 512 // dtype_bits)  # on any host
+        assert "vec=channels" in kernels(g)
+        _assert_built_matches(g, model, x)
+        monkeypatch.undo()
 
 
 @pytest.mark.parametrize("cout,cin,p,block", [(64, 96, 49, (4, 4)), (40, 24, 196, (1, 1)), (32, 64, 3, (1, 16)),

@@ -169,13 +169,29 @@ def _column_tail(rt: int, c0: int, crem: int, cin: int, clamp: tuple[float, floa
 """
 
 
-def conv1x1_knobs(cout: int, cin: int, p: int, nr: int) -> tuple[dict, list[dict]]:
+def conv1x1_knobs(cout: int, cin: int, p: int, nr: int, lanes: int | None = None) -> tuple[dict, list[dict]]:
     """The rule's knobs for a pointwise layer and the candidates tuning may measure (`knobs.py`): `order` (the parallel
     tiles run panel-major, a weight panel outer, or pixel-major, a pixel tile outer), `stage` (copy the pixel
     tiles contiguous first) and `xprefetch` (prefetch the next pixel tile's line at every k). The rule: panel-
     major on maps of at most 3 pixel tiles (a 7x7 map's weight is then read once), staging for long reductions
     (STAGE_MIN_CIN, STAGE_MIN_MACS) and for rows 4 KB apart (`rows_alias`), the prefetch for few output channels
-    (XPREFETCH_MAX_COUT). Layers on the slab kernel (a partial channel tile and 16+ pixel tiles) have no knobs."""
+    (XPREFETCH_MAX_COUT). Layers on the slab kernel (a partial channel tile and 16+ pixel tiles) have no knobs.
+
+    With `lanes` (the target's vector width), maps of 6-256 pixels also have {"vec": "channels", "nr": 2 * lanes}:
+    the channels-in-vector kernel (`conv1x1_cv_source`), the rule's choice with 16-lane vectors on maps of at most
+    64 pixels and on 14x14-16x16 maps whose reduction is longer than their output (Cin > Cout), where it measured
+    faster; a candidate elsewhere (on 8-lane CPUs unmeasured)."""
+    rule, cands = _pixel_knobs(cout, cin, p, nr)
+    if lanes is None or not cv_applies(p):
+        return rule, cands
+    cv = {"vec": "channels", "nr": 2 * lanes}
+    if lanes >= 16 and p <= 64:
+        return cv, [cv, *cands]
+    return rule, [*cands, cv]
+
+
+def _pixel_knobs(cout: int, cin: int, p: int, nr: int) -> tuple[dict, list[dict]]:
+    """`conv1x1_knobs`' rule and candidates for the pixel-vector kernel."""
     rt, rrem = divmod(cout, MR)
     ct = p // nr
     staged = ct > 0 and (cin >= STAGE_MIN_CIN and cout * cin * p >= STAGE_MIN_MACS or rows_alias(cin, p))
@@ -192,7 +208,9 @@ def conv1x1_source(cout: int, cin: int, p: int, nr: int, clamp: tuple[float, flo
                    res: bool = False, knobs: dict | None = None) -> str:
     """The kernel for one shape; with `res` it also reads res[Cout, P] and stores clamp(W x + b + res) (a residual
     add after a projecting conv, done in the epilogue instead of a pass over both tensors). `knobs`: see
-    `conv1x1_knobs` (default: the rule's)."""
+    `conv1x1_knobs` (default: the rule's; {"vec": "channels", ...} is `conv1x1_cv_source`)."""
+    if knobs is not None and knobs.get("vec") == "channels":
+        return conv1x1_cv_source(cout, cin, p, knobs["nr"], clamp, res)
     rt, rrem = divmod(cout, MR)
     ct, crem = divmod(p, nr)
     mt = -(-cout // MR)
@@ -255,6 +273,85 @@ def conv1x1(x: T.Buffer(({cin}, {p}), "float32"), wp: T.Buffer(({mt}, {cin}, {MR
 """
 
 
+CV_PREFETCH = 96
+CV_MAX_PIXELS = 256  # maps the channels-in-vector pointwise kernel may take (14x14, 16x16 and smaller)
+
+
+def cv_rows(p: int) -> int:
+    """Pixels per tile of the channels-in-vector pointwise kernel: 7 (14 accumulators with two vectors of
+    channels), or 8 or 6 where that divides the map and 7 does not; otherwise the last tile overlaps the one
+    before it (it recomputes a few pixels and stores the same values)."""
+    return next((mr for mr in (7, 8, 6) if p % mr == 0), 7)
+
+
+def cv_applies(p: int) -> bool:
+    return 6 <= p <= CV_MAX_PIXELS
+
+
+def conv1x1_cv_source(cout: int, cin: int, p: int, nr: int, clamp: tuple[float, float] | None,
+                      res: bool = False) -> str:
+    """The pointwise conv on small maps with output channels in the vectors: out^T = x^T W^T as the GEMM's register
+    tile, mr pixels (`cv_rows`) x nr channels (two vectors), each step one broadcast of x[k, pixel] per pixel
+    against the nr channels' weights (wc [ceil(Cout/nr), Cin, nr]: `pack_channel_panels`), stored transposed into
+    out[Cout, P] (plus `res` at the same place, then the clamp). Tasks run panel-major (a panel's weights stay in
+    L1 while its pixel tiles run). The pixel-vector kernel's tile there is 6 channels x 16 pixels: a 7x7 map gives
+    it 3 tiles and a pixel left per row, 6 accumulators (the FMA latency wants 8+) and input rows 196 bytes apart,
+    so most vector loads split two cache lines; this one runs 14 accumulators, 2 vector loads per 14 FMAs, and
+    reads x only by broadcast. Kernel alone (Emerald Rapids, 2 threads, interleaved): 960x160x49 74 -> 52 us,
+    160x960x49 108 -> 50, 1280x320x49 210 -> 134 (145-151 GMAC/s, ~90% of the FMA peak); on 14x14 it won only
+    with long reductions (96x576 91 -> 77 us, 64x384 53 -> 37; 576x96 77 -> 82) and on 28x28 it lost (192x32 33
+    -> 58): the rule in `conv1x1_knobs`."""
+    mr, nt, pt = cv_rows(p), -(-cout // nr), -(-p // cv_rows(p))
+    panel, p0 = f"t // {pt}", f"T.min((t % {pt}) * {mr}, {p - mr})"
+    c = f"({panel}) * {nr} + v"
+    src = "acc" if cout % nr == 0 else "tile"
+    val = _clamped(f"{src}[i, v]" + (f" + res[{c}, {p0} + i]" if res else ""), clamp)
+    store = f"""
+        for i in T.unroll({mr}):
+            for v in T.vectorized({nr}):
+                out[{c}, {p0} + i] = {val}"""
+    if src == "tile":  # the last panel's padding channels are not stored: the tile goes through memory (indexed
+        # by a loop variable, acc itself would leave the registers) and every lane is stored on its own, guarded
+        store = f"""
+        tile = T.decl_buffer(({mr}, {nr}), "float32", scope="global")
+        for i in T.unroll({mr}):
+            for v in T.vectorized({nr}):
+                tile[i, v] = acc[i, v]
+        for i in T.unroll({mr}):
+            for v in T.serial({nr}):
+                if {c} < {cout}:
+                    out[{c}, {p0} + i] = {val}"""
+    res_arg = f'res: T.Buffer(({cout}, {p}), "float32"), ' if res else ""
+    ahead = f"T.address_of(wp[{panel}, kk + {CV_PREFETCH}, {{h}}])"
+    pf = "".join(f"""
+            T.evaluate(T.call_intrin("", "tirx.prefetch", {ahead.format(h=h)}, 0, 3, 1))"""
+                 for h in range(0, nr, 16)) if CV_PREFETCH else ""
+    return f"""
+@T.prim_func(private=True)
+def conv1x1_cv(x: T.Buffer(({cin}, {p}), "float32"), wp: T.Buffer(({nt}, {cin}, {nr}), "float32"),
+               bias: T.Buffer(({nt * nr},), "float32"), {res_arg}out: T.Buffer(({cout}, {p}), "float32")):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "graphopt.knobs": "vec=channels"}})
+    for t in T.parallel({nt * pt}):
+        acc = T.decl_buffer(({mr}, {nr}), "float32", scope="global")
+        for i in T.unroll({mr}):
+            for v in T.vectorized({nr}):
+                acc[i, v] = bias[{c}]
+        for kk in T.serial({cin}):{pf}
+            for i in T.unroll({mr}):
+                for v in T.vectorized({nr}):
+                    acc[i, v] = acc[i, v] + x[kk, {p0} + i] * wp[{panel}, kk, v]{store}
+"""
+
+
+def pack_channel_panels(w: np.ndarray, nr: int) -> np.ndarray:
+    """W [Cout, Cin] -> Wc [ceil(Cout/nr), Cin, nr] (the channels-in-vector kernel's panels), zero-padded."""
+    cout, cin = w.shape
+    nt = -(-cout // nr)
+    padded = np.zeros((nt * nr, cin), dtype=np.float32)
+    padded[:cout] = w
+    return np.ascontiguousarray(padded.reshape(nt, nr, cin).transpose(0, 2, 1))
+
+
 def pointwise_cols(p: int, lanes: int) -> int:
     """Pixels per tile of the pointwise kernel: two vectors, except with 16-lane vectors where 32-pixel tiles would
     leave a remainder the kernel takes badly (5-15 or 17-31 pixels: one tile of that odd width, whose vectors LLVM
@@ -309,14 +406,20 @@ def _conv1x1_call(bb, x2, w: np.ndarray, bias: np.ndarray | None, n: int, cin: i
     res = residual is not None
     tag = (f"{cout}x{cin}x{p}" + ("_res" if res else "") + ("" if clamp is None else "_clamp") + _ntag(n)
            + ("_own_weights" if per_sample else ""))
-    rule, cands = conv1x1_knobs(cout, cin, p, nr)
+    rule, cands = conv1x1_knobs(cout, cin, p, nr, lanes)
     site = Site("conv1x1", f"{tag}|nr{nr}", rule, cands, n * cout * cin * p)
     own = ["wp", "bias"] if per_sample and n > 1 else []
-    src = batch_source(conv1x1_source(cout, cin, p, nr, clamp, res, pick(site)), n,
+    kn = pick(site)
+    src = batch_source(conv1x1_source(cout, cin, p, nr, clamp, res, kn), n,
                        ["x", "out"] + (["res"] if res else []) + own, bool(own))
-    packed = (np.stack([pack_rows(wi.reshape(cout, cin)) for wi in w]) if own
-              else pack_rows(w.reshape(-1, cout, cin)[0] if per_sample else w.reshape(cout, cin)))
-    b = b if own or not per_sample else b.reshape(-1, cout)[0]
+    if kn.get("vec") == "channels":  # channel panels; the bias padded to whole panels as the weight is
+        pack = lambda wi: pack_channel_panels(wi, kn["nr"])  # noqa: E731
+        b = np.pad(b, [(0, 0)] * (b.ndim - 1) + [(0, -(-cout // kn["nr"]) * kn["nr"] - cout)])
+    else:
+        pack = pack_rows
+    packed = (np.stack([pack(wi.reshape(cout, cin)) for wi in w]) if own
+              else pack(w.reshape(-1, cout, cin)[0] if per_sample else w.reshape(cout, cin)))
+    b = b if own or not per_sample else b.reshape(-1, b.shape[-1])[0]
     name = f"conv1x1_packed_{tag}"
     gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), name)
     bind(site, gv.name_hint)

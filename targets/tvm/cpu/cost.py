@@ -195,6 +195,7 @@ class CpuCostOracle:
         from tvm import relax
 
         from graphopt.targets.tvm.cpu.int8 import emit_qconv1x1, emit_qlinear, int8_dot
+        from graphopt.targets.tvm.cpu.rules import vector_lanes
         from graphopt.targets.tvm.cpu.sparse import emit_bsr_qlinear, emit_csr_qlinear
 
         m, k, n = shape
@@ -212,7 +213,8 @@ class CpuCostOracle:
             if sparse == "csr":
                 return emit_csr_qlinear(bb, x, w, scales, None, 0.02, 0, (m, k), dot)
             if block is None:
-                y = emit_qlinear(bb, x, w, scales, None, 0.02, 0, (m, k), dot) if dot else None
+                y = (emit_qlinear(bb, x, w, scales, None, 0.02, 0, (m, k), dot, vector_lanes(self.target)) if dot
+                     else None)
                 if y is None:  # no int8 kernel for this shape: TVM's generic integer lowering
                     y = bb.emit(relax.op.matmul(relax.op.astype(x, "float32"),
                                                 relax.const(w.T.astype(np.float32))))
