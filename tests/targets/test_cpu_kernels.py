@@ -1646,7 +1646,8 @@ def test_pointwise_kernel_with_16_lane_vectors_picks_its_pixel_tile(hw, monkeypa
     """With 16-lane vectors a pointwise layer takes 32-pixel tiles where the map leaves at most 4 pixels or one
     whole vector over (10x10 = 3 x 32 + 4, 14x14 = 6 x 32 + 4, 20x20 = 12 x 32 + 16), and 16-pixel tiles where 32
     would leave an odd remainder or make fewer than two tiles (9x9 = 2 x 32 + 17, 7x7); outputs checked against
-    PyTorch with the kernels built for 512-bit vectors on any host, batch 2."""
+    PyTorch with the kernels built for 512-bit vectors on any host, batch 2. (A 7x7 map's layers run the channels-
+    in-vector kernel by rule there; its 16-pixel tile is their tuning candidate.)"""
     from graphopt.targets.tvm.cpu import rules
     from graphopt.targets.tvm.cpu.conv import pointwise_cols
     p = hw * hw
