@@ -179,8 +179,8 @@ def conv1x1_knobs(cout: int, cin: int, p: int, nr: int, lanes: int | None = None
 
     With `lanes` (the target's vector width), maps of 6-256 pixels also have {"vec": "channels", "nr": 2 * lanes}:
     the channels-in-vector kernel (`conv1x1_cv_source`), the rule's choice with 16-lane vectors on maps of at most
-    64 pixels and on 14x14-16x16 maps whose reduction is longer than their output (Cin > Cout), where it measured
-    faster; a candidate elsewhere (on 8-lane CPUs unmeasured)."""
+    64 pixels, where it measured faster in the models; a candidate on larger maps (14x14: faster alone on some
+    layers, slower in EfficientNet-Lite0) and on 8-lane CPUs (not measured)."""
     rule, cands = _pixel_knobs(cout, cin, p, nr)
     if lanes is None or not cv_applies(p):
         return rule, cands
@@ -292,7 +292,7 @@ def conv1x1_cv_source(cout: int, cin: int, p: int, nr: int, clamp: tuple[float, 
                       res: bool = False) -> str:
     """The pointwise conv on small maps with output channels in the vectors: out^T = x^T W^T as the GEMM's register
     tile, mr pixels (`cv_rows`) x nr channels (two vectors), each step one broadcast of x[k, pixel] per pixel
-    against the nr channels' weights (wc [ceil(Cout/nr), Cin, nr]: `pack_channel_panels`), stored transposed into
+    against the nr channels' weights (wp [ceil(Cout/nr), Cin, nr]: `pack_channel_panels`), stored transposed into
     out[Cout, P] (plus `res` at the same place, then the clamp). Tasks run panel-major (a panel's weights stay in
     L1 while its pixel tiles run). The pixel-vector kernel's tile there is 6 channels x 16 pixels: a 7x7 map gives
     it 3 tiles and a pixel left per row, 6 accumulators (the FMA latency wants 8+) and input rows 196 bytes apart,
