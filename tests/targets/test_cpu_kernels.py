@@ -1672,7 +1672,8 @@ def test_pointwise_kernel_with_16_lane_vectors_picks_its_pixel_tile(hw, monkeypa
 def test_channels_in_vector_pointwise_kernel_matches(cout, cin, p, res, clamp):
     """The small-map pointwise kernel with output channels in the vectors (`conv1x1_cv_source`): its weight and
     bias padded to whole 32-channel panels, the transposed store (only real channels stored, guarded where the
-    last panel is padded), the residual before the clamp, every pixel tile plan of `cv_rows`."""
+    last panel is padded), the residual before the clamp, every pixel tile plan of `cv_rows`; with 32-channel
+    panels (16-lane vectors, the rule) and 16-channel ones (the 8-lane CPUs' tuning candidate)."""
     from tvm.script import tirx as T
 
     from graphopt.targets.tvm.cpu import conv
@@ -1681,14 +1682,15 @@ def test_channels_in_vector_pointwise_kernel_matches(cout, cin, p, res, clamp):
     b, r = rng.standard_normal(cout, dtype=np.float32), rng.standard_normal((cout, p), dtype=np.float32)
     ref = w @ x + b[:, None] + (r if res else 0)
     ref = np.clip(ref, *clamp) if clamp else ref
-    f = tvm.script.parse(conv.conv1x1_cv_source(cout, cin, p, 32, clamp, res), extra_vars={"T": T})
-    lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target())
-    nt = -(-cout // 32)
-    out = np.full((cout, p), np.nan, np.float32)
-    args = [tvm.runtime.tensor(a) for a in (x, conv.pack_channel_panels(w, 32), np.pad(b, (0, nt * 32 - cout)),
-                                            *([r] if res else []), out)]
-    lib["main"](*args)
-    np.testing.assert_allclose(args[-1].numpy(), ref, rtol=1e-5, atol=1e-5)
+    for nr in (32, 16):
+        f = tvm.script.parse(conv.conv1x1_cv_source(cout, cin, p, nr, clamp, res), extra_vars={"T": T})
+        lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target())
+        nt = -(-cout // nr)
+        out = np.full((cout, p), np.nan, np.float32)
+        args = [tvm.runtime.tensor(a) for a in (x, conv.pack_channel_panels(w, nr), np.pad(b, (0, nt * nr - cout)),
+                                                *([r] if res else []), out)]
+        lib["main"](*args)
+        np.testing.assert_allclose(args[-1].numpy(), ref, rtol=1e-5, atol=1e-5, err_msg=f"{nr} channels a panel")
 
 
 def test_small_map_pointwise_layers_take_the_channels_in_vector_kernel_with_16_lanes(monkeypatch):
