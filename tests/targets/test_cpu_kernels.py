@@ -1687,7 +1687,7 @@ def test_channels_in_vector_pointwise_kernel_matches(cout, cin, p, res, clamp):
         lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target())
         nt = -(-cout // nr)
         out = np.full((cout, p), np.nan, np.float32)
-        args = [tvm.runtime.tensor(a) for a in (x, conv.pack_channel_panels(w, nr), np.pad(b, (0, nt * nr - cout)),
+        args = [tvm.runtime.tensor(a) for a in (x, conv.pack_rows(w, nr), np.pad(b, (0, nt * nr - cout)),
                                                 *([r] if res else []), out)]
         lib["main"](*args)
         np.testing.assert_allclose(args[-1].numpy(), ref, rtol=1e-5, atol=1e-5, err_msg=f"{nr} channels a panel")
