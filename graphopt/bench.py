@@ -14,13 +14,14 @@ import numpy as np
 import torch
 
 from graphopt.ir.graph import Graph
+from graphopt.targets.tvm.host import set_threads as tvm_threads
 
 
 def set_threads(n: int) -> None:
     """Same thread count for every runtime: torch, TVM (env read at pool start) and ORT (per session)."""
     torch.set_num_threads(n)
-    os.environ["TVM_NUM_THREADS"] = str(n)
     os.environ["OMP_NUM_THREADS"] = str(n)
+    tvm_threads(n)
 
 
 def _run_times(fn: Callable[[], Any], warmup: int = 3, runs: int = 20, max_seconds: float = 20.0) -> list[float]:

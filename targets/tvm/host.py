@@ -72,6 +72,19 @@ def set_threads(n: int) -> None:
     os.environ["TVM_NUM_THREADS"] = str(int(n))
 
 
+def unpin_workers() -> None:
+    """Let the OS place TVM's worker threads (unless the user set TVM_BIND_THREADS). By default TVM pins worker i
+    to core i while the calling thread may run on any core; when the caller started out on a worker's core, the
+    scheduler here never moved either (the kernels are short and their threads cache-hot), and every parallel
+    kernel ran on one core at the speed of one thread. Measured on 2 cores, a 2-task kernel of 28 us a task: 5 of 6
+    processes took 55-58 us a call with the default pinning, 14 of 14 took 29-32 us without it; whole models (5-20
+    ms a call) were within noise either way (0.92-1.06x over 8 interleaved pairs). TVM reads the variable when a
+    thread's pool starts (its first parallel kernel), so this runs when `graphopt.targets.tvm` is imported.
+    Re-pinning a pool that had already started was tried (TVM's `runtime.config_threadpool` with every thread
+    allowed on every core): threads already stuck together on one core stayed there in 3 of 5 processes."""
+    os.environ.setdefault("TVM_BIND_THREADS", "0")
+
+
 def missing_here(isa: list[str]) -> list[str]:
     """The extensions in `isa` (ISA_FLAGS names) this machine lacks; empty where /proc/cpuinfo cannot tell."""
     have = host_isa()

@@ -2,6 +2,10 @@
 the rewrite leaves no parallel loop and changes no result, and that large kernels keep their threads."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -128,3 +132,45 @@ def test_compile_records_and_reports_the_one_thread_kernels(tmp_path):
     one = manifest["target_info"]["one_thread_kernels"]
     assert one and all(isinstance(n, str) for n in one)
     assert f"{len(one)} kernel(s) too small to pay for a fork" in compile_report(g, g, out, manifest, None, None)
+
+
+_AFFINITY_PROBE = """
+import os, numpy as np
+import graphopt.targets.tvm  # noqa: F401  (what every graphopt entry point imports first)
+import tvm
+from tvm.script import tirx as T
+
+SRC = '''
+@T.prim_func
+def main(a: T.Buffer((4, 64), "float32")):
+    for t in T.parallel(4):
+        for i in range(64):
+            a[t, i] = a[t, i] + T.float32(1)
+'''
+main = tvm.script.parse(SRC, extra_vars={"T": T})
+f = tvm.compile(tvm.IRModule({"main": main}), target="llvm")["main"]
+f(tvm.runtime.tensor(np.zeros((4, 64), np.float32)))  # starts this thread's pool
+for tid in os.listdir("/proc/self/task"):
+    for line in open(f"/proc/self/task/{tid}/status"):
+        if line.startswith("Cpus_allowed_list"):
+            print(line.split()[1])
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs 2 cores this process may use")
+def test_tvm_worker_threads_are_not_pinned_unless_the_user_asks():
+    """host.unpin_workers: with two threads, TVM's worker may run on any core (pinned, it shared the caller's core
+    whenever the caller started there); TVM_BIND_THREADS set by the user is left alone (and pins, which shows the
+    probe can see a pinned thread)."""
+    def allowed(env_extra):
+        env = {k: v for k, v in os.environ.items() if k != "TVM_BIND_THREADS"}
+        env.update(TVM_NUM_THREADS="2", **env_extra)
+        out = subprocess.run([sys.executable, "-c", _AFFINITY_PROBE], env=env, capture_output=True, text=True,
+                             timeout=120, check=True).stdout.split()
+        return out
+
+    full = allowed({})
+    assert len(full) >= 2 and len(set(full)) == 1, full  # the caller and its worker(s): all on every core
+    pinned = allowed({"TVM_BIND_THREADS": "1"})
+    assert len(set(pinned)) > 1, pinned  # TVM's own pinning: a worker on one core
