@@ -339,6 +339,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         from graphopt.targets.tvm.cpu.int8 import (emit_flat_qconv, emit_im2col_qconv, emit_qconv1x1,
                                                    flat_qconv_applies, im2col_beats_flat, int8_dot, qconv1x1_applies,
                                                    tok_qconv_applies)
+        from graphopt.targets.tvm.cpu.rules import vector_lanes
         kind, wt, wst, bt = _qconv_kind(node)
         groups = int(node.args[9])
         if (kind is None and cpu_kernels and wt is not None and wst is not None and groups > 1
@@ -421,7 +422,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         elif kind == "depthwise":
             x = xq if node.args[0] in dequantized else _dequantized(bb, xq, sx, zx)
             y = k.emit_depthwise(bb, x, wt.numpy(), b, x_shape, int(stride[0]), full, clamp, out_q,
-                                 w_scale=wst.double().numpy())
+                                 w_scale=wst.double().numpy(), lanes=vector_lanes(target))
             dq = False
         else:
             return None
@@ -1274,8 +1275,9 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                                     stem=True)
         if kind == "im2col" or (kind == "direct" and k.rows_too_narrow(x_shape, w.shape, stride, full)):
             return k.emit_im2col_conv(bb, x, w, b, x_shape, stride, full, vector_lanes(target), clamp, residual)
-        emit = k.emit_depthwise if kind == "depthwise" else k.emit_direct_conv
-        return emit(bb, x, w, b, x_shape, stride, full, clamp)
+        if kind == "depthwise":
+            return k.emit_depthwise(bb, x, w, b, x_shape, stride, full, clamp, lanes=vector_lanes(target))
+        return k.emit_direct_conv(bb, x, w, b, x_shape, stride, full, clamp)
 
     def _grouped_conv(node, importer, x_shape, wt, bt, pads, groups: int, conv_args=None, full=None):
         """A grouped conv that is not depthwise (ResNeXt, RegNet, ShuffleNet; depthwise with a channel multiplier).

@@ -550,6 +550,49 @@ def test_small_map_depthwise_runs_over_channel_groups(c, hw, k, stride, act):
     _assert_built_matches(g, model, x)
 
 
+@pytest.mark.parametrize("c,hw,k,stride,pad", [(32, 7, 5, 1, (2, 2, 2, 2)), (40, 14, 3, 1, (1, 1, 1, 1)),  # 40: 16+16+8
+                                                 (36, 14, 5, 2, (1, 2, 1, 2)),   # TF "SAME", 36 = 16+16+4 channels
+                                                 (16, 11, 3, 2, (1, 1, 1, 1)), (24, 28, 5, 1, (2, 2, 2, 2))])
+def test_small_map_depthwise_in_16_channel_groups_equals_8_channel_groups(c, hw, k, stride, pad, monkeypatch):
+    """With 16 lanes (and CB16_MIN_CHANNELS channels, lowered here to take these small layers) the channel-blocked
+    kernel works on 16 channels a task (two 8x8 transposes per 8 pixels, one for each half of the group): the same
+    sums in the same order as 8-channel groups, so float outputs and int8 stores are equal, and the float ones match
+    torch; a last group of fewer than 16 (and fewer than 8) channels stores only its own."""
+    from tvm import relax
+
+    from graphopt.targets.tvm.cpu import conv as k_
+    from graphopt.targets.tvm.cpu.pipeline import build_cpu
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((1, c, hw, hw)).astype(np.float32)
+    w = rng.standard_normal((c, 1, k, k)).astype(np.float32)
+    w8, ws = rng.integers(-127, 128, (c, 1, k, k)).astype(np.int8), rng.uniform(0.005, 0.02, c)
+    b = rng.standard_normal(c).astype(np.float32)
+
+    def run(lanes, out_q, int8_weight):
+        monkeypatch.setattr(k_, "CB16_MIN_CHANNELS", 16 if lanes == 16 else 1 << 30)
+        bb = relax.BlockBuilder()
+        xv = relax.Var("x", relax.TensorType(x.shape, "float32"))
+        with bb.function("main", [xv]):
+            with bb.dataflow():
+                y = bb.emit_output(k_.emit_depthwise(bb, xv, w8 if int8_weight else w, b, x.shape, stride, pad,
+                                                     (0.0, 6.0), out_q, w_scale=ws if int8_weight else None,
+                                                     lanes=16))
+            bb.emit_func_output(y)
+        mod = bb.get()
+        names = {gv.name_hint for gv in mod.get_global_vars()}
+        want = "depthwise_cb16_" if lanes == 16 else "depthwise_cb_"
+        assert any(n.startswith(want) for n in names), names
+        return relax.VirtualMachine(build_cpu(mod, cpu_target()), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+
+    got = run(16, None, False)
+    ref = torch.nn.functional.conv2d(torch.nn.functional.pad(torch.from_numpy(x), (pad[2], pad[3], pad[0], pad[1])),
+                                     torch.from_numpy(w), torch.from_numpy(b), stride, groups=c).clamp(0, 6).numpy()
+    assert got.shape == ref.shape and np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+    np.testing.assert_array_equal(got, run(8, None, False))
+    q = (0.03, -5, -128, 127)
+    np.testing.assert_array_equal(run(16, q, True), run(8, q, True))
+
+
 class _SamePadDepthwise(torch.nn.Module):
     """TF "SAME" padding as EfficientNet-Lite exports it: an asymmetric zero pad, then a stride-2 depthwise conv."""
 

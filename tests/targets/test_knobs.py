@@ -10,6 +10,7 @@ import torch
 
 import graphopt
 from graphopt.targets.tvm.cpu import knobs
+from graphopt.targets.tvm.cpu.rules import vector_lanes
 from graphopt.targets.tvm.host import cpu_target
 
 
@@ -92,15 +93,19 @@ def test_depthwise_kernel_candidates_compute_the_same():
     with knobs.collecting() as col:
         lower_to_relax(g, target=cpu_target())
     sites = sorted(col.sites.values(), key=lambda s: s.key)
-    assert [len(s.candidates) for s in sites] == [3, 2, 3] and all(s.family == "depthwise" for s in sites)
-    prefix = {"rows": "depthwise_", "channels": "depthwise_cb_", "phases": "depthwise_ph_"}
-    for i in range(3):
+    cb16 = int(vector_lanes(cpu_target()) >= 16)  # 512-bit vectors add 16-channel groups to each layer
+    assert [len(s.candidates) for s in sites] == [3 + cb16, 2 + cb16, 3 + cb16]
+    assert all(s.family == "depthwise" for s in sites)
+    prefix = {"rows": "depthwise_", "channels": "depthwise_cb_", "channels16": "depthwise_cb16_",
+              "phases": "depthwise_ph_"}
+    for i in range(3 + cb16):
         chosen = {s.name: s.candidates[i] for s in sites if i < len(s.candidates)}
         with knobs.applied(chosen):
             mod = lower_to_relax(g, target=cpu_target())
         names = [gv.name_hint for gv in mod.functions if gv.name_hint.startswith("depthwise")]
         for s in sites:
-            kernel = (chosen.get(s.name) or s.default)["kernel"]
+            kn = chosen.get(s.name) or s.default
+            kernel = kn["kernel"] + ("16" if kn.get("lanes") == 16 else "")
             shape = s.key.split("_")[0] + "_"
             assert any(n.startswith(prefix[kernel] + shape) for n in names), (kernel, shape, names)
         vm = relax.VirtualMachine(build_cpu(mod, cpu_target()), tvm.cpu())

@@ -834,7 +834,7 @@ def transpose8(src: str, dst: str, pad: str) -> str:
 
 def depthwise_cb_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int, stride: int, ph: int, pw: int,
                         clamp: tuple[float, float] | None, out_q: tuple[float, int, int, int] | None = None,
-                        int8_weight: bool = False) -> str:
+                        int8_weight: bool = False, lanes: int = 8) -> str:
     """Depthwise conv for small maps (7x7, 14x14), vectorized over 8 channels instead of over a row: each task takes
     8 channels into a zero-padded channel-last tile [rows, cols, 8], so every tap is one FMA of the tap's 8 weights
     (packed so at compile time: wv[C/8, kh*kw, 8]) against 8 channels of one input pixel, with no border cases
@@ -844,7 +844,13 @@ def depthwise_cb_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: 
     transposes rather than lane by lane, 1.12-1.24x with an int8 store (it converts whole vectors), 1.05-1.10x in
     fp32, 1.03-1.37x on 3x3 to 8x8 maps. Row vectors wasted most lanes on these maps (7 of 8 lanes at best,
     and a padded tile per channel): 1152x7x7 5x5 took 61 us here against 38. out_q and int8_weight as in
-    `depthwise_source` (the int8 taps of a group are widened once per task)."""
+    `depthwise_source` (the int8 taps of a group are widened once per task).
+
+    `lanes` 16 (512-bit vectors) takes 16 channels a task: half the FMAs of 8-lane vectors for the same work, the
+    fill and store still 8x8 transposes (two per 8 pixels, one per half of the group)."""
+    if lanes not in (8, 16):
+        raise ValueError(f"channel groups are 8 or 16 lanes, not {lanes}")
+    L = lanes
     s = stride
     hp, wq = (oh - 1) * s + kh, (ow - 1) * s + kw
     rows, cols = min(h, hp - ph), min(wd, wq - pw)
@@ -852,76 +858,77 @@ def depthwise_cb_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: 
     ob = -(-ow // nblk)  # output pixels per accumulator block (<= 8 registers), the last block overlapping
     n_out = oh * ow
     ot_type = _out_dtype(out_q, False)
-    groups = -(-c // 8)
-    w_arg = (f'w8: T.Buffer(({groups}, {kh * kw}, 8), "int8"), ws: T.Buffer(({groups * 8},), "float32")'
-             if int8_weight else f'wv: T.Buffer(({groups}, {kh * kw}, 8), "float32")')
+    groups = -(-c // L)
+    w_arg = (f'w8: T.Buffer(({groups}, {kh * kw}, {L}), "int8"), ws: T.Buffer(({groups * L},), "float32")'
+             if int8_weight else f'wv: T.Buffer(({groups}, {kh * kw}, {L}), "float32")')
     widen = "" if not int8_weight else f"""
-        wv = T.decl_buffer((1, {kh * kw}, 8), "float32", scope="global")
+        wv = T.decl_buffer((1, {kh * kw}, {L}), "float32", scope="global")
         for k in T.serial({kh * kw}):
-            for l in T.vectorized(8):
-                wv[0, k, l] = T.Cast("float32", w8[g, k, l]) * ws[g * 8 + l]"""
+            for l in T.vectorized({L}):
+                wv[0, k, l] = T.Cast("float32", w8[g, k, l]) * ws[g * {L} + l]"""
     wg = "0" if int8_weight else "g"
-    # a last partial group (C % 8 > 0) reads a valid channel in its spare lanes and stores none of them
+    # a last partial group (C % L > 0) reads a valid channel in its spare lanes and stores none of them; the 8
+    # channels g * L + hf * 8 + 0..7 (half hf of the group) go through one 8x8 transpose
 
     def lane_guard(lane: str, pad: str) -> str:
-        return f"\n{pad}if g * 8 + {lane} < {c}:" if c % 8 else f"\n{pad}if True:"
+        return f"\n{pad}if g * {L} + hf * 8 + {lane} < {c}:" if c % L else f"\n{pad}if True:"
 
-    xc = "g * 8 + l" if c % 8 == 0 else f"T.min(g * 8 + l, {c - 1})"
+    xc = f"g * {L} + hf * 8 + r" if c % L == 0 else f"T.min(g * {L} + hf * 8 + r, {c - 1})"
     # output rows a step (ry * ob accumulator chains of kh * kw FMAs): 2 for 5x5 taps on 14-wide maps, 1.07-1.20x
     # kernel alone on EfficientNet-Lite0's 480/672x14x14 (int8 store and fp32); 3x3 layers and 7x7 maps 0.89-1.04x
     ry = min(oh, 2 if kw >= 5 and ow > 8 else 1)
     store = f"""
                 for r in T.unroll({ry}):
                     for xx in T.unroll({ob}):
-                        for l in T.vectorized(8):
+                        for l in T.vectorized({L}):
                             ot[(y0 + r) * {ow} + x0 + xx, l] = acc[r, xx, l]
-        for q in T.serial({-(-n_out // 8)}):
+        for q, hf in T.grid({-(-n_out // 8)}, {L // 8}):
             p0: T.let = T.min(q * 8, {n_out - 8})
             for r in T.unroll(8):
                 for l in T.vectorized(8):
-                    ta[r, l] = ot[p0 + r, l]{transpose8("ta", "tb", " " * 12)}
+                    ta[r, l] = ot[p0 + r, hf * 8 + l]{transpose8("ta", "tb", " " * 12)}
             for r in T.unroll(8):{lane_guard("r", " " * 16)}
                     for l in T.vectorized(8):
-                        out[g * 8 + r, p0 + l] = {_clamped("tb[r, l]", clamp, out_q)}"""
+                        out[g * {L} + hf * 8 + r, p0 + l] = {_clamped("tb[r, l]", clamp, out_q)}"""
     return f"""
 @T.prim_func(private=True)
 def depthwise_cb(x: T.Buffer(({c}, {h * wd}), "float32"), {w_arg},
-                 bias: T.Buffer(({groups * 8},), "float32"), out: T.Buffer(({c}, {n_out}), "{ot_type}")):
+                 bias: T.Buffer(({groups * L},), "float32"), out: T.Buffer(({c}, {n_out}), "{ot_type}")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
     for g in T.parallel({groups}):{widen}
-        tile = T.decl_buffer(({hp}, {wq}, 8), "float32", scope="global")
-        ot = T.decl_buffer(({n_out}, 8), "float32", scope="global")
+        tile = T.decl_buffer(({hp}, {wq}, {L}), "float32", scope="global")
+        ot = T.decl_buffer(({n_out}, {L}), "float32", scope="global")
         ta = T.decl_buffer((8, 8), "float32", scope="global")
         tb = T.decl_buffer((8, 8), "float32", scope="global")
         s1 = T.decl_buffer((8, 8), "float32", scope="global")
         s2 = T.decl_buffer((8, 8), "float32", scope="global")
         for yy in T.serial({hp}):
             for xx in T.serial({wq}):
-                for l in T.vectorized(8):
+                for l in T.vectorized({L}):
                     tile[yy, xx, l] = T.float32(0)
-        for q in T.serial({-(-(h * wd) // 8)}):
+        for q, hf in T.grid({-(-(h * wd) // 8)}, {L // 8}):
             p0: T.let = T.min(q * 8, {h * wd - 8})
             for r in T.unroll(8):
                 for l in T.vectorized(8):
-                    ta[r, l] = x[{xc.replace("l", "r")}, p0 + l]{transpose8("ta", "tb", " " * 12)}
+                    ta[r, l] = x[{xc}, p0 + l]{transpose8("ta", "tb", " " * 12)}
             for j in T.unroll(8):
                 if (p0 + j) // {wd} < {rows} and (p0 + j) % {wd} < {cols}:
                     for l in T.vectorized(8):
-                        tile[(p0 + j) // {wd} + {ph}, (p0 + j) % {wd} + {pw}, l] = tb[j, l]
+                        tile[(p0 + j) // {wd} + {ph}, (p0 + j) % {wd} + {pw}, hf * 8 + l] = tb[j, l]
         for yb in T.serial({-(-oh // ry)}):
             y0: T.let = T.min(yb * {ry}, {oh - ry})
             for b in T.serial({nblk}):
                 x0: T.let = T.min(b * {ob}, {ow - ob})
-                acc = T.decl_buffer(({ry}, {ob}, 8), "float32", scope="global")
+                acc = T.decl_buffer(({ry}, {ob}, {L}), "float32", scope="global")
                 for r in T.unroll({ry}):
                     for xx in T.unroll({ob}):
-                        for l in T.vectorized(8):
-                            acc[r, xx, l] = bias[g * 8 + l]
+                        for l in T.vectorized({L}):
+                            acc[r, xx, l] = bias[g * {L} + l]
                 for i in T.unroll({kh}):
                     for j in T.unroll({kw}):
                         for r in T.unroll({ry}):
                             for xx in T.unroll({ob}):
-                                for l in T.vectorized(8):
+                                for l in T.vectorized({L}):
                                     acc[r, xx, l] = acc[r, xx, l] + wv[{wg}, i * {kw} + j, l] * tile[
                                         (y0 + r) * {s} + i, (x0 + xx) * {s} + j, l]{store}
 """
@@ -935,25 +942,42 @@ def depthwise_cb_applies(c: int, oh: int, ow: int, kh: int, kw: int, stride: int
     return (ow <= 16 or kw >= 5 and ow <= 28) and _channels_fit(c, oh, ow, kh, kw, stride)
 
 
-def _channels_fit(c: int, oh: int, ow: int, kh: int, kw: int, stride: int) -> bool:
-    """Whether the channel-blocked kernel can run the layer: 8+ channels, 8+ outputs, its padded tile in 32 KB."""
+def _channels_fit(c: int, oh: int, ow: int, kh: int, kw: int, stride: int, lanes: int = 8) -> bool:
+    """Whether the channel-blocked kernel can run the layer in groups of `lanes` channels: that many channels or
+    more, 8+ outputs, its padded tile within 4 KB a lane (32 KB at 8 lanes)."""
     hp, wq = (oh - 1) * stride + kh, (ow - 1) * stride + kw
-    return c >= 8 and oh * ow >= 8 and hp * wq * 8 * 4 <= 32768
+    return c >= lanes and oh * ow >= 8 and hp * wq * 4 <= 4096
 
 
-def depthwise_knobs(c: int, oh: int, ow: int, kh: int, kw: int, stride: int) -> tuple[dict, list[dict]]:
+CB16_MIN_CHANNELS = 192  # 16-channel groups from here (fewer groups than this left the second thread short of work)
+
+
+def depthwise_knobs(c: int, oh: int, ow: int, kh: int, kw: int, stride: int,
+                    lanes: int = 8) -> tuple[dict, list[dict]]:
     """The rule's depthwise kernel and the candidates tuning may measure (`knobs.py`): `kernel` = rows (vectors
     along output rows, any shape), channels (groups of 8 channels over a channel-last tile, where the padded tile
-    fits in 32 KB) or phases (stride 2: the input split into column phases once, planes within 512 KB). The rule:
-    channels on 7x7 and 14x14 outputs (`depthwise_cb_applies`), phases for stride 2 with 5x5 or wider taps
-    (`depthwise_phases_applies`), else rows."""
+    fits in 32 KB; with 512-bit vectors (`lanes` 16) also groups of 16, "lanes": 16) or phases (stride 2: the input
+    split into column phases once, planes within 512 KB). The rule: channels on 7x7 and 14x14 outputs
+    (`depthwise_cb_applies`), in 16-channel groups with 16 lanes and CB16_MIN_CHANNELS channels or more, phases for
+    stride 2 with 5x5 or wider taps (`depthwise_phases_applies`), else rows. 16- against 8-channel groups, kernel
+    alone on Emerald Rapids (2 threads): 5x5 taps 0.66-0.95x (1152x7x7 0.82-0.87, 672x14x14 0.75-0.95, 672x14x14
+    stride 2 0.66, 240x28x28 0.86), 3x3 0.89-0.95x (960x7x7, 480/384/576x14x14; one 576x14x14 run 1.10), 100
+    channels at 14x14 1.18x. Inside the models (each site's calls timed by the profiler, 4 rounds): EfficientNet-
+    Lite0's 5x5 layers 0.70-0.94x (its eight channel-kernel layers 918 -> 781 us a run), its 3x3 0.96-1.07x,
+    MobileNetV2's 3x3 layers 0.87-0.96x (539 -> 489 us); whole models within their noise (0.96-1.03x, 2 runs).
+    There the row kernel was as fast on MobileNetV2's 3x3 layers (468 us): tuning measures both."""
     cands = [{"kernel": "rows"}]
+    cb16 = lanes >= 16 and _channels_fit(c, oh, ow, kh, kw, stride, 16)
     if _channels_fit(c, oh, ow, kh, kw, stride):
         cands.append({"kernel": "channels"})
+    if cb16:
+        cands.append({"kernel": "channels", "lanes": 16})
     if _phases_fit(oh, ow, kh, kw, stride):
         cands.append({"kernel": "phases"})
-    rule = {"kernel": "channels" if depthwise_cb_applies(c, oh, ow, kh, kw, stride) else
-            "phases" if depthwise_phases_applies(oh, ow, kh, kw, stride) else "rows"}
+    if depthwise_cb_applies(c, oh, ow, kh, kw, stride):
+        rule = {"kernel": "channels", "lanes": 16} if cb16 and c >= CB16_MIN_CHANNELS else {"kernel": "channels"}
+    else:
+        rule = {"kernel": "phases" if depthwise_phases_applies(oh, ow, kh, kw, stride) else "rows"}
     return rule, cands
 
 
@@ -966,12 +990,13 @@ def depthwise_applies(x_shape, w_shape, stride, padding, dilation, groups, trans
 
 def emit_depthwise(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, stride: int, padding,
                    clamp: tuple[float, float] | None, out_q: tuple[float, int, int, int] | None = None,
-                   w_scale: np.ndarray | None = None):
+                   w_scale: np.ndarray | None = None, lanes: int = 8):
     """Emit a depthwise conv (+ bias, clamp) for x [N, C, H, W] with a constant weight [C, 1, kh, kw].
 
     `padding` is (top, bottom, left, right), so an asymmetric zero pad before the conv (TF "SAME") folds in. With
     out_q the output is int8 on that grid (the next quantize done in the store). With w_scale, w is int8 and
-    w_scale its float scale per channel: the artifact keeps the int8 weight."""
+    w_scale its float scale per channel: the artifact keeps the int8 weight. `lanes`: the target's vector lanes.
+    """
     import tvm
     from tvm import relax
     from tvm.script import tirx as T
@@ -982,18 +1007,19 @@ def emit_depthwise(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
     oh, ow = (h + pt + pb - kh) // stride + 1, (wd + pl + pr - kw) // stride + 1
     tag = (f"{c}x{h}x{wd}_k{kh}s{stride}" + ("" if clamp is None else "_clamp") + _qtag(out_q, False)
            + ("_w8" if w_scale is not None else "") + _ntag(n))
-    rule, cands = depthwise_knobs(c, oh, ow, kh, kw, stride)
+    rule, cands = depthwise_knobs(c, oh, ow, kh, kw, stride, lanes)
     site = Site("depthwise", f"{tag}|p{pt}{pb}{pl}{pr}", rule, cands, n * c * oh * ow * kh * kw)
-    kernel = pick(site)["kernel"]
+    knobs = pick(site)
+    kernel, gl = knobs["kernel"], knobs.get("lanes", 8)
     if kernel == "channels" and h * wd < 8:  # its fill transposes blocks of 8 input pixels
         kernel = "rows"
     if kernel == "channels":
-        cp = -(-c // 8) * 8
+        cp = -(-c // gl) * gl
 
-        def grouped(a: np.ndarray, dtype) -> np.ndarray:  # [C, kh, kw] -> [C/8, kh*kw, 8], zero channels appended
+        def grouped(a: np.ndarray, dtype) -> np.ndarray:  # [C, kh, kw] -> [C/gl, kh*kw, gl], zero channels appended
             z = np.zeros((cp, kh * kw), dtype)
             z[:c] = a.reshape(c, kh * kw)
-            return np.ascontiguousarray(z.reshape(cp // 8, 8, kh * kw).transpose(0, 2, 1))
+            return np.ascontiguousarray(z.reshape(cp // gl, gl, kh * kw).transpose(0, 2, 1))
 
         def padded(v: np.ndarray) -> np.ndarray:
             z = np.zeros(cp, np.float32)
@@ -1007,8 +1033,8 @@ def emit_depthwise(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
                                           bias, out_q)
             weights = [relax.const(grouped(w, np.int8)), relax.const(padded(w_scale))]
         src = batch_source(depthwise_cb_source(c, h, wd, oh, ow, kh, kw, stride, pt, pl, clamp, out_q,
-                                               w_scale is not None), n, ["x", "out"])
-        gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), f"depthwise_cb_{tag}")
+                                               w_scale is not None, gl), n, ["x", "out"])
+        gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), f"depthwise_cb{gl if gl != 8 else ''}_{tag}")
         bind(site, gv.name_hint)
         b = padded(bias if bias is not None else np.zeros(c, np.float32))
         y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, _batched(n, c, h * wd))), *weights,
