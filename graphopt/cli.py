@@ -215,7 +215,8 @@ def cmd_compile(args) -> int:
     from graphopt.targets.tvm.tuning import Tuning
 
     threads = args.threads or host_cores()
-    os.environ.setdefault("TVM_NUM_THREADS", str(threads))
+    if args.threads:  # (without it TVM_NUM_THREADS is the user's, or host_cores() from host.default_threads)
+        os.environ["TVM_NUM_THREADS"] = str(threads)
     tuning = None
     _check_cpu(args)
     if args.tune_trials is not None or args.tune_db or args.tune_minutes:

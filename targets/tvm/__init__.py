@@ -1,4 +1,6 @@
 """The TVM target: CPU (llvm) and CUDA lowering, kernels, tuning, the host's description."""
-from graphopt.targets.tvm.host import unpin_workers
+from graphopt.targets.tvm.host import default_threads, unpin_workers
 
-unpin_workers()  # before any TVM thread pool starts (host.unpin_workers)
+# before any TVM thread pool starts (it reads both variables then): host.default_threads, host.unpin_workers
+default_threads()
+unpin_workers()

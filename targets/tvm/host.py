@@ -85,6 +85,15 @@ def unpin_workers() -> None:
     os.environ.setdefault("TVM_BIND_THREADS", "0")
 
 
+def default_threads() -> None:
+    """Run TVM's kernels on this process's physical cores (`host_cores`), as `graphopt compile` and `bench` do,
+    unless the user set TVM_NUM_THREADS or OMP_NUM_THREADS. TVM's own default is half the logical CPUs (it assumes
+    two hyper-threads a core), which on a VM whose vCPUs are cores of their own is half of them: one thread on the
+    2-vCPU development machine, for anyone calling `graphopt.load(...)` from Python. Runs with `unpin_workers`."""
+    if "TVM_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["TVM_NUM_THREADS"] = str(host_cores())
+
+
 def missing_here(isa: list[str]) -> list[str]:
     """The extensions in `isa` (ISA_FLAGS names) this machine lacks; empty where /proc/cpuinfo cannot tell."""
     have = host_isa()

@@ -174,3 +174,22 @@ def test_tvm_worker_threads_are_not_pinned_unless_the_user_asks():
     assert len(full) >= 2 and len(set(full)) == 1, full  # the caller and its worker(s): all on every core
     pinned = allowed({"TVM_BIND_THREADS": "1"})
     assert len(set(pinned)) > 1, pinned  # TVM's own pinning: a worker on one core
+
+
+def test_tvm_runs_on_the_physical_cores_unless_the_user_chose():
+    """host.default_threads: TVM's own default is half the logical CPUs (one thread on a 2-vCPU VM whose vCPUs are
+    cores); importing graphopt's TVM layer sets TVM_NUM_THREADS to host_cores() unless TVM_NUM_THREADS or
+    OMP_NUM_THREADS is set, so a Python user calling graphopt.load() gets the cores the CLI uses."""
+    from graphopt.targets.tvm.host import host_cores
+    probe = ("import os, graphopt.targets.tvm, tvm; "
+             "print(os.environ.get('TVM_NUM_THREADS'), tvm.get_global_func('runtime.NumThreads')())")
+
+    def run(**extra):
+        env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+        env.update(extra)
+        return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120,
+                              check=True).stdout.split()
+
+    assert run() == [str(host_cores()), str(host_cores())]
+    assert run(OMP_NUM_THREADS="1") == ["None", "1"]
+    assert run(TVM_NUM_THREADS="1") == ["1", "1"]
