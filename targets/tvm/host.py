@@ -1,4 +1,5 @@
-"""The host CPU as a TVM target: detected micro-architecture and core count."""
+"""The host CPU as a TVM target: detected micro-architecture and core count, and the TVM runtime's thread
+settings graphopt defaults (`default_threads`, `unpin_workers`: run when `graphopt.targets.tvm` is imported)."""
 from __future__ import annotations
 
 import os

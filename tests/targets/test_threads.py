@@ -134,6 +134,18 @@ def test_compile_records_and_reports_the_one_thread_kernels(tmp_path):
     assert f"{len(one)} kernel(s) too small to pay for a fork" in compile_report(g, g, out, manifest, None, None)
 
 
+_THREAD_VARS = ("TVM_NUM_THREADS", "OMP_NUM_THREADS", "TVM_BIND_THREADS")
+
+
+def _fresh_python(code: str, **env_vars: str) -> list[str]:
+    """What `code` prints (split on whitespace), run in a new interpreter whose environment has none of TVM's thread
+    variables but `env_vars`: TVM reads them once, when a thread's pool starts."""
+    env = {k: v for k, v in os.environ.items() if k not in _THREAD_VARS}
+    env.update(env_vars)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                          check=True).stdout.split()
+
+
 _AFFINITY_PROBE = """
 import os, numpy as np
 import graphopt.targets.tvm  # noqa: F401  (what every graphopt entry point imports first)
@@ -163,16 +175,9 @@ def test_tvm_worker_threads_are_not_pinned_unless_the_user_asks():
     """host.unpin_workers: with two threads, TVM's worker may run on any core (pinned, it shared the caller's core
     whenever the caller started there); TVM_BIND_THREADS set by the user is left alone (and pins, which shows the
     probe can see a pinned thread)."""
-    def allowed(env_extra):
-        env = {k: v for k, v in os.environ.items() if k != "TVM_BIND_THREADS"}
-        env.update(TVM_NUM_THREADS="2", **env_extra)
-        out = subprocess.run([sys.executable, "-c", _AFFINITY_PROBE], env=env, capture_output=True, text=True,
-                             timeout=120, check=True).stdout.split()
-        return out
-
-    full = allowed({})
+    full = _fresh_python(_AFFINITY_PROBE, TVM_NUM_THREADS="2")
     assert len(full) >= 2 and len(set(full)) == 1, full  # the caller and its worker(s): all on every core
-    pinned = allowed({"TVM_BIND_THREADS": "1"})
+    pinned = _fresh_python(_AFFINITY_PROBE, TVM_NUM_THREADS="2", TVM_BIND_THREADS="1")
     assert len(set(pinned)) > 1, pinned  # TVM's own pinning: a worker on one core
 
 
@@ -183,13 +188,6 @@ def test_tvm_runs_on_the_physical_cores_unless_the_user_chose():
     from graphopt.targets.tvm.host import host_cores
     probe = ("import os, graphopt.targets.tvm, tvm; "
              "print(os.environ.get('TVM_NUM_THREADS'), tvm.get_global_func('runtime.NumThreads')())")
-
-    def run(**extra):
-        env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
-        env.update(extra)
-        return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120,
-                              check=True).stdout.split()
-
-    assert run() == [str(host_cores()), str(host_cores())]
-    assert run(OMP_NUM_THREADS="1") == ["None", "1"]
-    assert run(TVM_NUM_THREADS="1") == ["1", "1"]
+    assert _fresh_python(probe) == [str(host_cores()), str(host_cores())]
+    assert _fresh_python(probe, OMP_NUM_THREADS="1") == ["None", "1"]
+    assert _fresh_python(probe, TVM_NUM_THREADS="1") == ["1", "1"]
