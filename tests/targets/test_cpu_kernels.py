@@ -1707,16 +1707,21 @@ def test_pointwise_kernel_with_16_lane_vectors_picks_its_pixel_tile(hw, monkeypa
 
 
 @pytest.mark.parametrize("cout,cin,p,res,clamp", [
-    (64, 24, 49, True, (0.0, 6.0)),  # 7 tiles of 7 pixels, whole channel panels
-    (40, 16, 13, False, None),       # 13 pixels: the last tile overlaps; 40 channels: a half-padded panel
-    (96, 33, 36, True, None),        # 6-pixel tiles
-    (17, 8, 64, False, (0.0, 6.0)),  # 8-pixel tiles, one padded panel
-    (32, 5, 6, True, (-1.0, 1.0))])  # fewer pixels than a tile of 7
+    # 32-channel panels: 10-pixel tiles in two accumulator groups (7 + 3), the last overlapping, whole panels
+    # (16-channel panels: 7 tiles of 7)
+    (64, 24, 49, True, (0.0, 6.0)),
+    (40, 16, 49, False, (0.0, 6.0)),  # the same with a half-padded panel: both groups stored lane by lane
+    (40, 16, 13, False, None),        # 13 pixels: 7-pixel tiles, the last overlapping; a half-padded panel
+    (96, 33, 36, True, None),         # 12-pixel tiles (7 + 5) / 6-pixel tiles
+    (17, 8, 64, False, (0.0, 6.0)),   # 8-pixel tiles, one padded panel
+    (70, 9, 196, True, None),         # 14x14: 20 tiles of 10, the last overlapping 4 pixels; 7 tiles of 28
+    (32, 5, 6, True, (-1.0, 1.0))])   # fewer pixels than a tile of 7
 def test_channels_in_vector_pointwise_kernel_matches(cout, cin, p, res, clamp):
     """The small-map pointwise kernel with output channels in the vectors (`conv1x1_cv_source`): its weight and
     bias padded to whole 32-channel panels, the transposed store (only real channels stored, guarded where the
-    last panel is padded), the residual before the clamp, every pixel tile plan of `cv_rows`; with 32-channel
-    panels (16-lane vectors, the rule) and 16-channel ones (the 8-lane CPUs' tuning candidate)."""
+    last panel is padded), the residual before the clamp, the pixel tile plans of `cv_rows` (accumulators in
+    groups of at most CV_GROUP pixels); with 32-channel panels (16-lane vectors, the rule) and 16-channel ones
+    (the 8-lane CPUs' tuning candidate). The next panel's prefetch runs past the last panel: it must not fault."""
     from tvm.script import tirx as T
 
     from graphopt.targets.tvm.cpu import conv

@@ -185,7 +185,7 @@ def conv1x1_knobs(cout: int, cin: int, p: int, nr: int, lanes: int | None = None
     if lanes is None or not cv_applies(p):
         return rule, cands
     cv = {"vec": "channels", "nr": 2 * lanes}
-    if lanes >= 16 and p <= 64:
+    if lanes >= 16 and p <= CV_RULE_MAX_PIXELS:
         return cv, [cv, *cands]
     return rule, [*cands, cv]
 
@@ -273,17 +273,24 @@ def conv1x1(x: T.Buffer(({cin}, {p}), "float32"), wp: T.Buffer(({mt}, {cin}, {MR
 """
 
 
-# the channels-in-vector kernel asks for its weight this many reduction steps ahead (12 KB with 32-channel panels):
-# in the models, whose weights come from L3, it gained nothing without (MobileNetV2 0.98x with 48 steps, 0.88x 96)
-CV_PREFETCH = 96
 CV_MAX_PIXELS = 256  # maps the channels-in-vector pointwise kernel may take (14x14, 16x16 and smaller)
+CV_RULE_MAX_PIXELS = 64  # with 16-lane vectors, maps it takes by rule (a tuning candidate up to CV_MAX_PIXELS)
+CV_GROUP = 7  # pixel rows per accumulator buffer: 7 x 32 floats stay under TVM's 1 KB limit for a stack buffer
 
 
-def cv_rows(p: int) -> int:
-    """Pixels per tile of the channels-in-vector pointwise kernel: 7 (14 accumulators with two vectors of
-    channels), or 8 or 6 where that divides the map and 7 does not; otherwise the last tile overlaps the one
-    before it (it recomputes a few pixels and stores the same values)."""
-    return next((mr for mr in (7, 8, 6) if p % mr == 0), 7)
+def cv_rows(p: int, nr: int = 32) -> int:
+    """Pixels per tile of the channels-in-vector pointwise kernel. With 32-channel panels (16-lane vectors): 10
+    pixels (20 accumulators) where that leaves at most 4% of the tiles' pixels over the map's, else the count of
+    8, 12, 7, 9, 11, 6 that wastes the least, overlapping the last tile with the one before it (it recomputes a few
+    pixels and stores the same values). Against 7 pixels a tile, kernel alone (Emerald Rapids, 2 threads, hot and
+    with cold weights, interleaved): 0.90-0.97x on 7x7 maps (1152x192, 192x1152, 1280x320, 960x160), 0.93-0.99x on
+    14x14 ones; 12-14 pixels were slower on most shapes. With 16-channel panels (8-lane CPUs, a tuning candidate
+    there, not measured) 7, or 8 or 6 where that divides the map and 7 does not."""
+    if nr < 32:
+        return next((mr for mr in (7, 8, 6) if p % mr == 0), 7)
+    fits = [mr for mr in (10, 8, 12, 7, 9, 11, 6) if mr <= p]
+    waste = {mr: -(-p // mr) * mr / p for mr in fits}
+    return next((mr for mr in fits if waste[mr] <= 1.04), min(fits, key=lambda mr: (waste[mr], fits.index(mr))))
 
 
 def cv_applies(p: int) -> bool:
@@ -297,52 +304,75 @@ def conv1x1_cv_source(cout: int, cin: int, p: int, nr: int, clamp: tuple[float, 
     tile, mr pixels (`cv_rows`) x nr channels (two vectors), each step one broadcast of x[k, pixel] per pixel
     against the nr channels' weights (wp [ceil(Cout/nr), Cin, nr]: `pack_rows(w, nr)`), stored transposed into
     out[Cout, P] (plus `res` at the same place, then the clamp). Tasks run panel-major (a panel's weights stay in
-    L1 while its pixel tiles run). The pixel-vector kernel's tile there is 6 channels x 16 pixels: a 7x7 map gives
-    it 3 tiles and a pixel left per row, 6 accumulators (the FMA latency wants 8+) and input rows 196 bytes apart,
-    so most vector loads split two cache lines; this one runs 14 accumulators, 2 vector loads per 14 FMAs, and
-    reads x only by broadcast. Kernel alone (Emerald Rapids, 2 threads, interleaved): 960x160x49 74 -> 52 us,
-    160x960x49 108 -> 50, 1280x320x49 210 -> 134 (145-151 GMAC/s, ~90% of the FMA peak); on 14x14 it won only
+    L1 or L2 while its pixel tiles run). The pixel-vector kernel's tile there is 6 channels x 16 pixels: a 7x7 map
+    gives it 3 tiles and a pixel left per row, 6 accumulators (the FMA latency wants 8+) and input rows 196 bytes
+    apart, so most vector loads split two cache lines; this one runs 14-20 accumulators, 2 vector loads per 14-20
+    FMAs, and reads x only by broadcast. Kernel alone (Emerald Rapids, 2 threads, interleaved): 960x160x49 74 -> 52
+    us, 160x960x49 108 -> 50, 1280x320x49 210 -> 134 (145-151 GMAC/s, ~90% of the FMA peak); on 14x14 it won only
     with long reductions (96x576 91 -> 77 us, 64x384 53 -> 37; 576x96 77 -> 82) and on 28x28 it lost (192x32 33
-    -> 58): the rule in `conv1x1_knobs`."""
-    mr, nt, pt = cv_rows(p), -(-cout // nr), -(-p // cv_rows(p))
+    -> 58): the rule in `conv1x1_knobs`.
+
+    In a model the weight comes from L3 or memory (each layer's is read once a run), and a layer there took 1.3x
+    its time with the weight in cache. So every task also asks for its share of the next panel's weight, one line
+    a reduction step: the panel's pt tasks together prefetch all of the next one while they compute, where the
+    hardware prefetcher only starts on a panel when its first task reads it. With the weight cold, kernel alone:
+    0.81-0.84x the time of a prefetch 96 steps ahead in the same panel (7x7: 1152x192, 192x1152, 1280x320,
+    960x160), with it hot 0.97-1.01x. With 10-pixel tiles too, in the models (per-kernel profiles, interleaved):
+    EfficientNet-Lite0's 7x7 pointwise layers 1.94 -> 1.67 ms a run, MobileNetV2's 0.78-0.94x; whole models
+    0.93-0.97x (4 runs). On 14x14 maps it stayed slower in the models than the pixel-vector kernel (EfficientNet-
+    Lite0 1.19x as a whole with it there), so the rule there is unchanged."""
+    mr, nt = cv_rows(p, nr), -(-cout // nr)
+    pt = -(-p // mr)
     panel, p0 = f"t // {pt}", f"T.min((t % {pt}) * {mr}, {p - mr})"
     c = f"({panel}) * {nr} + v"
-    src = "acc" if cout % nr == 0 else "tile"
-    val = _clamped(f"{src}[i, v]" + (f" + res[{c}, {p0} + i]" if res else ""), clamp)
-    store = f"""
-        for i in T.unroll({mr}):
-            for v in T.vectorized({nr}):
-                out[{c}, {p0} + i] = {val}"""
-    if src == "tile":  # the last panel's padding channels are not stored: the tile goes through memory (indexed
-        # by a loop variable, acc itself would leave the registers) and every lane is stored on its own, guarded
-        store = f"""
-        tile = T.decl_buffer(({mr}, {nr}), "float32", scope="global")
-        for i in T.unroll({mr}):
-            for v in T.vectorized({nr}):
-                tile[i, v] = acc[i, v]
-        for i in T.unroll({mr}):
-            for v in T.serial({nr}):
-                if {c} < {cout}:
-                    out[{c}, {p0} + i] = {val}"""
+    groups = [(g, min(CV_GROUP, mr - g)) for g in range(0, mr, CV_GROUP)]  # accumulator buffers acc0, acc7
+    whole = cout % nr == 0
+
+    def rows(body: str, pad: str = " " * 8) -> str:
+        return "".join(body.format(a=f"acc{g}", g=g, n=n, pad=pad) for g, n in groups)
+
+    init = rows("""
+{pad}{a} = T.decl_buffer(({n}, %d), "float32", scope="global")
+{pad}for i in T.unroll({n}):
+{pad}    for v in T.vectorized(%d):
+{pad}        {a}[i, v] = bias[%s]""" % (nr, nr, c))
+    step = rows("""
+{pad}for i in T.unroll({n}):
+{pad}    for v in T.vectorized(%d):
+{pad}        {a}[i, v] = {a}[i, v] + x[kk, %s + {g} + i] * wp[%s, kk, v]""" % (nr, p0, panel), " " * 12)
+    val = _clamped("{a}[i, v]" + (f" + res[{c}, {p0} + {{g}} + i]" if res else ""), clamp)
+    if whole:
+        store = rows("""
+{pad}for i in T.unroll({n}):
+{pad}    for v in T.vectorized(%d):
+{pad}        out[%s, %s + {g} + i] = %s""" % (nr, c, p0, val))
+    else:  # the last panel's padding channels are not stored: each group goes through memory (indexed by a loop
+        # variable, the accumulators themselves would leave the registers) and every lane is stored on its own
+        store = rows("""
+{pad}tile{g} = T.decl_buffer(({n}, %d), "float32", scope="global")
+{pad}for i in T.unroll({n}):
+{pad}    for v in T.vectorized(%d):
+{pad}        tile{g}[i, v] = {a}[i, v]
+{pad}for i in T.unroll({n}):
+{pad}    for v in T.serial(%d):
+{pad}        if %s < %d:
+{pad}            out[%s, %s + {g} + i] = %s""" % (nr, nr, nr, c, cout, c, p0, val.replace("{a}", "tile{g}")))
     res_arg = f'res: T.Buffer(({cout}, {p}), "float32"), ' if res else ""
-    ahead = f"T.address_of(wp[{panel}, kk + {CV_PREFETCH}, {{h}}])"
-    pf = "".join(f"""
-            T.evaluate(T.call_intrin("", "tirx.prefetch", {ahead.format(h=h)}, 0, 3, 1))"""
-                 for h in range(0, nr, 16)) if CV_PREFETCH else ""
+    # the next panel's lines, lt for each of the pt tasks, `ahead` floats further at each step (the last panel's
+    # addresses run past the weight: a prefetch does not fault)
+    lt = -(-cin * nr // 16 // pt)
+    ahead = -(-lt * 16 // cin)
+    nxt = f"(({panel}) + 1) * {cin * nr} + (t % {pt}) * {lt * 16} + kk * {ahead}"
+    loop = f"""
+        for kk in T.serial({cin}):
+            T.evaluate(T.call_intrin("", "tirx.prefetch", T.address_of(wpf[{nxt}]), 0, 3, 1)){step}"""
     return f"""
 @T.prim_func(private=True)
 def conv1x1_cv(x: T.Buffer(({cin}, {p}), "float32"), wp: T.Buffer(({nt}, {cin}, {nr}), "float32"),
                bias: T.Buffer(({nt * nr},), "float32"), {res_arg}out: T.Buffer(({cout}, {p}), "float32")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "graphopt.knobs": "vec=channels"}})
-    for t in T.parallel({nt * pt}):
-        acc = T.decl_buffer(({mr}, {nr}), "float32", scope="global")
-        for i in T.unroll({mr}):
-            for v in T.vectorized({nr}):
-                acc[i, v] = bias[{c}]
-        for kk in T.serial({cin}):{pf}
-            for i in T.unroll({mr}):
-                for v in T.vectorized({nr}):
-                    acc[i, v] = acc[i, v] + x[kk, {p0} + i] * wp[{panel}, kk, v]{store}
+    wpf = T.decl_buffer(({nt * cin * nr},), "float32", data=wp.data)
+    for t in T.parallel({nt * pt}):{init}{loop}{store}
 """
 
 
