@@ -1714,7 +1714,7 @@ def test_pointwise_kernel_with_16_lane_vectors_picks_its_pixel_tile(hw, monkeypa
     (40, 16, 13, False, None),        # 13 pixels: 7-pixel tiles, the last overlapping; a half-padded panel
     (96, 33, 36, True, None),         # 12-pixel tiles (7 + 5) / 6-pixel tiles
     (17, 8, 64, False, (0.0, 6.0)),   # 8-pixel tiles, one padded panel
-    (70, 9, 196, True, None),         # 14x14: 20 tiles of 10, the last overlapping 4 pixels; 7 tiles of 28
+    (70, 9, 196, True, None),         # 14x14: 20 tiles of 10, the last overlapping 4 pixels / 28 tiles of 7
     (32, 5, 6, True, (-1.0, 1.0))])   # fewer pixels than a tile of 7
 def test_channels_in_vector_pointwise_kernel_matches(cout, cin, p, res, clamp):
     """The small-map pointwise kernel with output channels in the vectors (`conv1x1_cv_source`): its weight and

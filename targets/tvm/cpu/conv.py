@@ -363,16 +363,15 @@ def conv1x1_cv_source(cout: int, cin: int, p: int, nr: int, clamp: tuple[float, 
     lt = -(-cin * nr // 16 // pt)
     ahead = -(-lt * 16 // cin)
     nxt = f"(({panel}) + 1) * {cin * nr} + (t % {pt}) * {lt * 16} + kk * {ahead}"
-    loop = f"""
-        for kk in T.serial({cin}):
-            T.evaluate(T.call_intrin("", "tirx.prefetch", T.address_of(wpf[{nxt}]), 0, 3, 1)){step}"""
     return f"""
 @T.prim_func(private=True)
 def conv1x1_cv(x: T.Buffer(({cin}, {p}), "float32"), wp: T.Buffer(({nt}, {cin}, {nr}), "float32"),
                bias: T.Buffer(({nt * nr},), "float32"), {res_arg}out: T.Buffer(({cout}, {p}), "float32")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "graphopt.knobs": "vec=channels"}})
     wpf = T.decl_buffer(({nt * cin * nr},), "float32", data=wp.data)
-    for t in T.parallel({nt * pt}):{init}{loop}{store}
+    for t in T.parallel({nt * pt}):{init}
+        for kk in T.serial({cin}):
+            T.evaluate(T.call_intrin("", "tirx.prefetch", T.address_of(wpf[{nxt}]), 0, 3, 1)){step}{store}
 """
 
 
