@@ -142,18 +142,15 @@ def _hint_unfolded_batch_norms(graph: Graph) -> None:
 
 
 def _hint_unfolded_qdq(graph: Graph) -> None:
-    """A quantized graph compiles as it is: convs and linears between dequantize and quantize ops (what `quantize`
-    leaves) run as float ops with the rounding around them, not as int8 kernels, unless fold-qdq turned them into
-    integer ops (quantized MobileNetV2 without fold-qdq: 117 ms against 3.9 ms with it, 2 threads). Say which."""
-    import torch
-
+    """A quantized graph compiles as it is: convs, linears and matmuls between dequantize and quantize ops (what
+    `quantize` leaves) run as float ops with the rounding around them, not as int8 kernels, unless fold-qdq turned
+    them into integer ops (quantized MobileNetV2 without fold-qdq: 117 ms against 3.9 ms with it, 2 threads). Say
+    which: the ops fold-qdq's own `check` accepts."""
     from graphopt.passes.quant.fold_qdq import check
-    foldable = [n.name for n in graph.nodes("call_function")
-                if n.target in (torch.ops.aten.conv2d.default, torch.ops.aten.conv1d.default,
-                                torch.ops.aten.linear.default) and not check(graph, n)]
+    foldable = [n.name for n in graph.nodes("call_function") if not check(graph, n)]
     if foldable:
-        log.warning("compile: %d quantized conv/linear layer(s) are still dequantize -> float op -> quantize (%s%s); "
-                    "they run as float ops, far slower than int8 kernels. Add fold-qdq after quantize in the "
+        log.warning("compile: %d quantized conv/linear/matmul op(s) are still dequantize -> float op -> quantize "
+                    "(%s%s); they run as float ops, far slower than int8 kernels. Add fold-qdq after quantize in the "
                     "pipeline (\"quantize,fold-qdq\") to run them as int8", len(foldable), ", ".join(foldable[:3]),
                     ", ..." if len(foldable) > 3 else "")
 

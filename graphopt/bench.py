@@ -14,11 +14,11 @@ import numpy as np
 import torch
 
 from graphopt.ir.graph import Graph
-from graphopt.targets.tvm.host import set_threads as tvm_threads
 
 
 def set_threads(n: int) -> None:
     """Same thread count for every runtime: torch, TVM (env read at pool start) and ORT (per session)."""
+    from graphopt.targets.tvm.host import set_threads as tvm_threads
     torch.set_num_threads(n)
     os.environ["OMP_NUM_THREADS"] = str(n)
     tvm_threads(n)
