@@ -30,3 +30,35 @@ def test_ort_quantize_static_writes_a_calibrated_qdq_model(tmp_path, reduce_rang
     assert err > 0 and cos > 0.9, (err, cos)
     if reduce_range:
         assert err < 0.1, err
+
+
+def test_compare_variants_times_every_variant_with_shared_baselines_once_a_round(tmp_path, monkeypatch):
+    """Variants of one model built from one graph share its ORT and PyTorch timings (one call set a round); a
+    variant with its own graph gets its own baselines."""
+    import graphopt.bench as bench
+    def medians(calls, runs, rounds):  # each call run once; "timed" at 1, 2, 3 ... ms in the order given
+        return {k: (fn(), 0.001 * (i + 1))[1] for i, (k, fn) in enumerate(calls.items())}
+    monkeypatch.setattr(bench, "interleaved_medians", medians)
+    model = torch.nn.Linear(4, 3).eval()
+    other = torch.nn.Linear(4, 3).eval()
+    x = torch.randn(2, 4)
+    onnx_a = reference_onnx(graphopt.trace(model, (x,)), str(tmp_path / "a"))
+    onnx_b = reference_onnx(graphopt.trace(other, (x,)), str(tmp_path / "b"))
+    prepared = []
+
+    class Art:
+        def __init__(self, name):
+            self.name = name
+
+        def prepared(self, *args):
+            prepared.append((self.name, [a.shape for a in args]))
+            return lambda: None
+    got = bench.compare_variants({"untuned": (Art("u"), onnx_a, model), "tuned": (Art("t"), onnx_a, model),
+                                  "pruned": (Art("p"), onnx_b, other)}, [x], threads=1, runs=3, rounds=1)
+    assert prepared == [("u", [(2, 4)]), ("t", [(2, 4)]), ("p", [(2, 4)])]
+    # the calls in order: three artifacts (1-3 ms), then ORT a (4), PyTorch model (5), ORT b (6), PyTorch other (7)
+    assert [round(got[k].graphopt_s * 1e3) for k in ("untuned", "tuned", "pruned")] == [1, 2, 3]
+    assert round(got["untuned"].ort_s * 1e3) == round(got["tuned"].ort_s * 1e3) == 4
+    assert round(got["untuned"].torch_s * 1e3) == round(got["tuned"].torch_s * 1e3) == 5
+    assert (round(got["pruned"].ort_s * 1e3), round(got["pruned"].torch_s * 1e3)) == (6, 7)
+    assert got["tuned"].ratios()["vs_ort"] == pytest.approx(0.5)
