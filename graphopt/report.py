@@ -85,7 +85,10 @@ def compile_report(reference: Graph, optimized: Graph, artifact: Path, manifest:
         if kn.get("sites"):
             lines.append(f"  knobs      {kn['sites']} kernel(s) of graphopt's own with knobs: {kn.get('measured', 0)} "
                          f"measured, {kn.get('reused', 0)} from the database, {kn.get('changed', 0)} changed from "
-                         f"the rule, {kn.get('seconds', 0):.0f} s"
+                         f"the rule"
+                         + (f" ({kn['unconfirmed']} more kept the rule: a second measurement did not confirm them)"
+                            if kn.get("unconfirmed") else "")
+                         + f", {kn.get('seconds', 0):.0f} s"
                          + (f", stopped: {kn['stopped']}" if kn.get("stopped") else "")
                          + "; per kernel in manifest.json")
     else:

@@ -303,6 +303,43 @@ def test_knob_tuning_keeps_the_rule_unless_clearly_faster_and_reuses_records(tmp
     assert summary4.measured == 0 and summary4.stopped == "time budget spent"
 
 
+def test_a_change_the_second_measurement_does_not_confirm_keeps_the_rule(tmp_path):
+    """Both sites measure 10% faster on another candidate; measured again (rule against the changes only, in two
+    builds), one keeps 10% and is taken, the other reads even and keeps the rule, which the database records. A
+    budget spent before the second measurement keeps every rule and records nothing."""
+    _, _, _, col = _pointwise_sites()
+    sites, tgt = col.sites, cpu_target()
+    first, second = sorted(sites)
+    calls = []
+    first_pass = _fake_measure({sites[first].key: 1.10, sites[second].key: 1.10})
+    again = _fake_measure({sites[first].key: 1.10, sites[second].key: 1.0})
+
+    def measure(todo, base, deadline):
+        calls.append(([len(s.candidates) for s in todo], dict(base)))
+        return (first_pass if len(calls) == 1 else again)(todo, base, deadline)
+    records, summary = knobs.tune_sites(sites, tgt, measure, str(tmp_path))
+    assert len(calls) == 2 and calls[1] == ([2, 2], {})  # both changes in the second measurement, nothing else
+    assert records[first] != sites[first].default and records[second] == sites[second].default
+    assert (summary.measured, summary.changed, summary.unconfirmed) == (2, 1, 1)
+    entry = next(e for e in summary.per_site if e["site"] == second)
+    assert entry["chosen"] == entry["rule"] and set(entry["confirm_us"].values()) == {100.0}
+    db = json.loads((tmp_path / knobs.DB_FILE).read_text())
+    kept_rule = {n: v["knobs"] == sites[n].default for n in sites for k, v in db.items() if k.endswith(n)}
+    assert kept_rule == {first: False, second: True}
+
+    def budget_spent(todo, base, deadline):
+        knobs._now = lambda: float("inf")  # the first measurement used the whole budget
+        return first_pass(todo, base, deadline)
+    now = knobs._now
+    try:
+        records, summary = knobs.tune_sites(sites, tgt, budget_spent, str(tmp_path / "b"), deadline=now() + 60)
+    finally:
+        knobs._now = now
+    assert all(records[n] == sites[n].default for n in sites)
+    assert (summary.changed, summary.unconfirmed, summary.stopped) == (0, 2, "time budget spent")
+    assert json.loads((tmp_path / "b" / knobs.DB_FILE).read_text()) == {}
+
+
 def test_tuned_compile_builds_with_the_knob_records(tmp_path, monkeypatch):
     """compile with a Tuning measures the knobs (here a fake measure makes another candidate 20% faster for both
     layers), lowers again with the records, and reports them; the artifact still computes the model."""
