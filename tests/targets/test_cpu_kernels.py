@@ -1501,26 +1501,28 @@ def test_quad_gemv_is_exact(k, n):
 
 def test_vnni_gemm_with_16_lanes_emits_512_bit_vpdpbusd():
     """Built for a full-width AVX-512 CPU (cross-compiled), the int8 GEMM with 16-lane accumulators does each row's
-    16 columns per 4 inputs with one zmm `vpdpbusd` (6 in the reduction loop), accumulators in registers; the
-    lowering picks it there and keeps the 8-lane form for Zen 4."""
+    16 columns per 4 inputs with one zmm `vpdpbusd`, four panels a task (24 in the reduction loop, 24 accumulators
+    in registers); the lowering picks it there, with as many panels as divide N's (64 columns: 4, 32: 2), and
+    keeps the 8-lane form for Zen 4."""
     from tvm.script import tirx as T
 
     from graphopt.targets.tvm.cpu.int8 import MR, qgemm_ubsw_source
-    f = tvm.script.parse(qgemm_ubsw_source(13, 256, 32, dot="vnni", lanes=16), extra_vars={"T": T})
+    f = tvm.script.parse(qgemm_ubsw_source(13, 256, 64, dot="vnni", lanes=16, panels=4), extra_vars={"T": T})
     lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}),
                       target=cpu_target("sapphirerapids"))
     loop = _inner_fma_loop(lib.mod.inspect_source("asm"), r"vpdpbusd")
     dots = re.findall(r"^\s+vpdpbusd\s+(\S+)", loop, re.M)
-    assert len(dots) >= MR and all(d.startswith("%zmm") or d.startswith("(") for d in dots), loop
+    assert len(dots) >= 4 * MR and all(d.startswith("%zmm") or d.startswith("(") for d in dots), loop
     assert not re.search(r"vmovdq[au](?:32|64)?\s+%zmm\d+, ", loop)  # accumulators stay in registers
     torch.manual_seed(0)
-    layer = torch.nn.Linear(64, 32).eval()
-    x = torch.randn(12, 64)
-    q = graphopt.optimize(graphopt.trace(layer, (x,)), "quantize,fold-qdq", data=[(torch.randn(12, 64),)])
-    names = {cpu: _func_names(q, cpu) for cpu in ("sapphirerapids", "znver4")}
-    assert any(n.startswith("qgemm_vnni") and n.endswith("_v16") for n in names["sapphirerapids"])
-    assert any(n.startswith("qgemm_vnni") for n in names["znver4"])
-    assert not any(n.endswith("_v16") for n in names["znver4"])
+    for n_out, panels in ((64, 4), (32, 2), (48, 1)):
+        layer = torch.nn.Linear(64, n_out).eval()
+        x = torch.randn(12, 64)
+        q = graphopt.optimize(graphopt.trace(layer, (x,)), "quantize,fold-qdq", data=[(torch.randn(12, 64),)])
+        names = {cpu: _func_names(q, cpu) for cpu in ("sapphirerapids", "znver4")}
+        assert any(n.startswith("qgemm_vnni") and n.endswith(f"_v16p{panels}") for n in names["sapphirerapids"])
+        assert any(n.startswith("qgemm_vnni") for n in names["znver4"])
+        assert not any("_v16" in n for n in names["znver4"])
 
 
 def _vnni_here() -> bool:
@@ -1555,7 +1557,8 @@ def test_quad_kernels_are_exact_for_full_range_int8_weights(dot, kernel):
     """The quad kernels' layout, packing and epilogue with a product that cannot saturate: "exact" (the same sum in
     widened vector arithmetic, runs anywhere) and, on a CPU with VNNI, `vpdpbusd` itself. Weights use the whole
     int8 range, with the worst case (255 x -128, four times) where `vpmaddubsw` would saturate. The GEMM also
-    with 16-lane accumulators (the 512-bit form; for "vnni" where this CPU has AVX512-VNNI). The conv also with
+    with 16-lane accumulators (the 512-bit form; for "vnni" where this CPU has AVX512-VNNI), one, two and four
+    16-column panels a task (64 columns: 4, 2 and 1 tasks per row tile). The conv also with
     two channel blocks per register tile (`tiles=2`, VNNI's tuning candidate; 13 channels: the second block of the
     last pair is past the weight and must not be stored)."""
     from graphopt.targets.tvm.cpu.conv import store_params
@@ -1566,7 +1569,7 @@ def test_quad_kernels_are_exact_for_full_range_int8_weights(dot, kernel):
         pytest.skip("this CPU has no VNNI (the exact variant checks the same kernel's layout)")
     rng = np.random.default_rng(3)
     if kernel == "gemm":
-        m, k, n = 13, 64, 32
+        m, k, n = 13, 64, 64
         x = rng.integers(-128, 128, (m, k)).astype(np.int16)
         x[0] = 127  # u8 255 after the shift
         w = rng.integers(-128, 128, (n, k)).astype(np.int8)
@@ -1576,8 +1579,9 @@ def test_quad_kernels_are_exact_for_full_range_int8_weights(dot, kernel):
         ws = rng.uniform(1e-3, 2e-3, n)
         off, mult, _ = epilogue_constants(w, ws, None, 1.0, 5 + 128, n // MR + 1)
         wide = dot == "exact" or vector_lanes(cpu_target()) == 16
-        fs = [tvm.script.parse(qgemm_ubsw_source(m, k, n, dot=dot, lanes=lanes), extra_vars={"T": T})
-              for lanes in ((8, 16) if wide else (8,))]
+        fs = [tvm.script.parse(qgemm_ubsw_source(m, k, n, dot=dot, lanes=lanes, panels=panels),
+                               extra_vars={"T": T})
+              for lanes, panels in ((8, 1), (16, 1), (16, 2), (16, 4))[:4 if wide else 1]]
         args = ((x + 128).astype(np.uint8).reshape(-1), pack_gemm_quads(w), off[:n], mult[:n])
         out = np.zeros(m * n, np.float32)
         ref = ((x.astype(np.int64) - 5) @ w.astype(np.int64).T) * ws

@@ -498,46 +498,54 @@ def qgemm_source(m: int, k: int, n: int, float_bias: bool = False) -> str:
 
 
 def _qgemm_frame(name: str, m: int, n: int, inputs: str, steps_k: int, product, float_bias: bool,
-                 lanes: int = 8) -> str:
-    """The int8 GEMM around a reduction step: 6 x 16 int32 tiles in registers, row-tile-major tasks (the last row
-    tile overlaps the one before it), the epilogue (acc - offset) * multiplier (+ float bias) per column.
-    product(h, r0, acc, panel) is the int32 x lanes vector that step kk makes of acc, row i's part h (columns
-    lanes * h .. lanes * h + lanes - 1: two halves at 8 lanes, the whole 16 at 16) of the tile at row r0 and weight
-    panel `panel`.
+                 lanes: int = 8, panels: int = 1) -> str:
+    """The int8 GEMM around a reduction step: 6 x (16 x `panels`) int32 tiles in registers, row-tile-major tasks
+    (the last row tile overlaps the one before it), the epilogue (acc - offset) * multiplier (+ float bias) per
+    column. product(h, r0, acc, panel) is the int32 x lanes vector that step kk makes of acc, row i's part h
+    (columns lanes * h .. lanes * h + lanes - 1 of the panel: two halves at 8 lanes, the whole 16 at 16) of the
+    tile at row r0 and weight panel `panel` (16 columns; a task takes panels P * panels .. P * panels + panels - 1,
+    each in an accumulator buffer of its own, 384 bytes).
 
     Row-tile-major, the threads (contiguous runs of tasks) split the rows and each writes whole output rows; panel-
     major (each panel reused from L2 by every row tile) they wrote the two halves of every row and ran 1.02-1.10x
     slower on MiniLM's shapes and 512^3 (as `quad_chunks` found for the pointwise kernels; the fp32 GEMM, at its
     FMA peak, measured the same either way)."""
-    mt, nt = -(-m // MR), n // NR_GEMM
-    r0, panel = f"T.min((t // {nt}) * {MR}, {m - MR})", f"t % {nt}"
-    col = f"({panel}) * {NR_GEMM}"
+    mt, nt = -(-m // MR), n // (NR_GEMM * panels)
+    r0 = f"T.min((t // {nt}) * {MR}, {m - MR})"
     steps, store, parts = "", "", NR_GEMM // lanes
-    for h in range(parts):
-        acc = f"acc[T.ramp(i * 16 + {h * lanes}, 1, {lanes})]"
-        steps += f"""
+    for j in range(panels):
+        panel = f"{panels} * (t % {nt}) + {j}" if panels > 1 else f"t % {nt}"
+        col = f"({panel}) * {NR_GEMM}"
+        for h in range(parts):
+            acc = f"acc{j}[T.ramp(i * 16 + {h * lanes}, 1, {lanes})]"
+            steps += f"""
                 {acc} = {product(h, r0, acc, panel)}"""
-        cols = f"T.ramp({col} + {h * lanes}, 1, {lanes})"
-        store += f"""
+            cols = f"T.ramp({col} + {h * lanes}, 1, {lanes})"
+            store += f"""
             out[T.ramp(({r0} + i) * {n} + {col} + {h * lanes}, 1, {lanes})] = (T.Cast("float32x{lanes}", {acc}
                 - off[{cols}]) * mult[{cols}]""" + (f" + bias[{cols}])" if float_bias else ")")
+    tile = _gemm_tile(f"for kk in T.serial({steps_k}):", steps, store, " " * 8, tuple(f"acc{j}" for j in range(panels)))
     return f"""
 @T.prim_func(private=True)
 def {name}({inputs},
           off: T.Buffer(({n},), "int32"), mult: T.Buffer(({n},), "float32"),{' bias: T.Buffer((' + str(n) + ',), "float32"),' if float_bias else ''}
           out: T.Buffer(({m * n},), "float32")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
-    for t in T.parallel({mt * (n // NR_GEMM)}):{_gemm_tile(f"for kk in T.serial({steps_k}):", steps, store, " " * 8)}
+    for t in T.parallel({mt * nt}):{tile}
 """
 
 
-def _gemm_tile(reduce: str, steps: str, store: str, pad: str) -> str:
-    """TVMScript of the int8 GEMMs' 6 x 16 int32 register tile at indent `pad`: zeroed, the reduction loop `reduce`
-    (a `for` header) over the 6 rows' `steps` (written 8 deeper than pad), then the rows' `store` (4 deeper)."""
-    return f"""
-{pad}acc = T.decl_buffer(({MR * 16},), "int32", scope="global")
-{pad}for i in T.unroll({MR}):
-{pad}    acc[T.ramp(i * 16, 1, 16)] = T.broadcast(T.int32(0), 16)
+def _gemm_tile(reduce: str, steps: str, store: str, pad: str, names: tuple[str, ...] = ("acc",)) -> str:
+    """TVMScript of the int8 GEMMs' 6 x 16 int32 register tiles at indent `pad`, one accumulator buffer per name
+    (each at most 1 KB: TVM puts larger buffers on the heap, where they are not kept in registers): zeroed, the
+    reduction loop `reduce` (a `for` header) over the 6 rows' `steps` (written 8 deeper than pad), then the rows'
+    `store` (4 deeper)."""
+    decl = "".join(f"""
+{pad}{a} = T.decl_buffer(({MR * 16},), "int32", scope="global")""" for a in names)
+    zero = "".join(f"""
+{pad}    {a}[T.ramp(i * 16, 1, 16)] = T.broadcast(T.int32(0), 16)""" for a in names)
+    return f"""{decl}
+{pad}for i in T.unroll({MR}):{zero}
 {pad}{reduce}
 {pad}    for i in T.unroll({MR}):{steps}
 {pad}for i in T.unroll({MR}):{store}"""
@@ -562,7 +570,8 @@ def ubsw_exact(wq: np.ndarray) -> bool:
     return bool(np.clip(w, 0, None).sum(2).max(initial=0) <= 128 and (-np.clip(w, None, 0)).sum(2).max(initial=0) <= 128)
 
 
-def qgemm_ubsw_source(m: int, k: int, n: int, float_bias: bool = False, dot: str = "ubsw", lanes: int = 8) -> str:
+def qgemm_ubsw_source(m: int, k: int, n: int, float_bias: bool = False, dot: str = "ubsw", lanes: int = 8,
+                      panels: int = 1) -> str:
     """TVMScript of y[M, N] = dequant(a[M, K] @ W^T) with a as uint8 (the int8 activation + 128, written by the
     producing quantize) and W int8 packed as quads per panel of 16 columns: per reduction step of 4 one 32-bit
     broadcast of a[m, 4k:4k+4] and two 32-byte panel loads feed 12 `vpmaddubsw` (32 multiply-adds each, pairs
@@ -573,8 +582,16 @@ def qgemm_ubsw_source(m: int, k: int, n: int, float_bias: bool = False, dot: str
     pair of instructions and any int8 weight is exact (`quad_dot`); with `lanes=16` (VNNI on a full-width AVX-512
     CPU) one 64-byte load and one 512-bit `vpdpbusd` per row take the panel's 16 columns at once (the same
     packing: its two halves lie side by side). Kernel alone, 8 -> 16 lanes (Emerald Rapids, 2 threads,
-    interleaved): 512^3 447 -> 433 us, 128x384x1536 235 -> 225, 128x1536x384 269 -> 240 (300-336 G MAC/s of a
-    ~370 `vpdpbusd` peak measured on the two cores: the 8-lane form is not half as fast here)."""
+    interleaved): 512^3 447 -> 433 us, 128x384x1536 235 -> 225, 128x1536x384 269 -> 240.
+
+    `panels`: 16-column panels per task (`gemm_panels`), each with accumulators of its own: with 16 lanes, 6 rows
+    x 4 panels keep 24 zmm accumulators (of 32 registers) in flight where one panel kept 6, whose chains of
+    dependent `vpdpbusd` (several cycles each) held the kernel near 300 G MAC/s on two cores: with 4 panels it
+    reached 480-520 (Emerald Rapids issues two 512-bit `vpdpbusd` a cycle, ~660 G at its clock; an earlier
+    session's "370 G peak" was the narrow tile's bound). Kernel
+    alone, 1 -> 4 panels (2 threads, interleaved, hot operands): 512^3 447 -> 280 us (258 in another run),
+    128x384x1536 263 -> 162, 128x1536x384 271 -> 210, 128x384x384 57 -> 32, 384x768x768 699 -> 386; 2 panels
+    took 0.68-0.77x, 8 rows x 2 panels 0.55-0.77x."""
     kq, nt = k // 4, n // NR_GEMM
 
     def product(h: int, r0: str, acc: str, panel: str) -> str:
@@ -583,7 +600,16 @@ def qgemm_ubsw_source(m: int, k: int, n: int, float_bias: bool = False, dot: str
         return quad_dot(acc, quad, f"wp[T.ramp((({panel}) * {kq} + kk) * 64 + {h * 4 * lanes}, 1, {4 * lanes})]", dot,
                         lanes)
     return _qgemm_frame(f"qgemm_{dot}", m, n, f'a: T.Buffer(({m * k},), "uint8"), wp: T.Buffer(({nt * kq * 2 * 32},), "int8")',
-                        kq, product, float_bias, lanes)
+                        kq, product, float_bias, lanes, panels)
+
+
+def gemm_panels(n: int, lanes: int) -> int:
+    """16-column panels per task of the quad GEMM (`qgemm_ubsw_source`): with 16 lanes 4 where they divide N's
+    panels, else 2, else 1; 8-lane CPUs keep 1 (two accumulator halves a panel already; not measured wider)."""
+    nt = n // NR_GEMM
+    if lanes < 16:
+        return 1
+    return next(p for p in (4, 2, 1) if nt % p == 0)
 
 
 def pack_gemm_quads(wq: np.ndarray) -> np.ndarray:
@@ -846,12 +872,14 @@ def emit_qlinear(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray 
                                        np.pad(bias, (0, n_pad - n)), sx, zx + 128 * ubsw, n_pad // MR + 1)
     vl = 16 if dot == "vnni" and lanes >= 16 else 8
     if ubsw:
-        src, packed, name = qgemm_ubsw_source(mq, k, n_pad, fb is not None, dot, vl), pack_gemm_quads(w), f"qgemm_{dot}"
+        panels = gemm_panels(n_pad, vl)  # (the int16 kernel below: 1)
+        src = qgemm_ubsw_source(mq, k, n_pad, fb is not None, dot, vl, panels)
+        packed, name = pack_gemm_quads(w), f"qgemm_{dot}"
         a = relax.op.astype(relax.op.add(relax.op.astype(xq, "int16"), relax.const(128, "int16")), "uint8")
     else:
         src, packed, name = qgemm_source(mq, k, n_pad, fb is not None), pack_gemm_pairs(w), "qgemm"
         a = relax.op.astype(xq, "int16")
-    tag = f"{mq}x{k}x{n_pad}" + ("_v16" if vl == 16 and ubsw else "")
+    tag = f"{mq}x{k}x{n_pad}" + (f"_v16p{panels}" if vl == 16 and ubsw else "")
     gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), f"{name}_{tag}")
     a = bb.emit(relax.op.reshape(bb.emit(a), (m, k)))
     if mq != m:
