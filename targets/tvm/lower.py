@@ -367,7 +367,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         # int8 inside the depthwise kernel costs more than the wider store: on Zen 4 a per-tap convert made the
         # 112x112 and 56x56 depthwise kernels 0.66-0.81x, while the float store costs 96x16x12544 147 vs 101 us)
         dq = quant is not None and all(_fast_depthwise(u) for u in quant.users)
-        dot, full = int8_dot(target), (ph, ph, pw, pw)
+        dot, full, lanes = int8_dot(target), (ph, ph, pw, pw), vector_lanes(target)
         if node.args[0] in quant_pads:  # the producer left the zero pad out: it joins this conv's padding
             left, right, top, bottom, x_shape = quant_pads[node.args[0]]
             full = (ph + top, ph + bottom, pw + left, pw + right)
@@ -381,11 +381,11 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             if kind == "pointwise" and qconv1x1_applies(x_shape_) and dot is not None:
                 return emit_qconv1x1(bb, xq_, w_, ws_, b_, sx, zx, x_shape_, clamp, out_q, dq, dot,
                                      _int8_sparse(node, "qconv1x1", w_.reshape(w_.shape[0], -1),
-                                                  int(x_shape_[2]) * int(x_shape_[3])) if sparse else "")
+                                                  int(x_shape_[2]) * int(x_shape_[3])) if sparse else "", lanes)
             if kind in ("im2col", "direct") and im2col_beats_flat(int(x_shape_[1]), s_, dot) and \
                     qconv1x1_applies(node.meta["val"].shape):
                 return emit_im2col_qconv(bb, xq_, w_, ws_, b_, sx, zx, x_shape_, s_, full, clamp, out_q, dq,
-                                         dot)  # RGB stems: the taps packed into whole quads
+                                         dot, lanes=lanes)  # RGB stems: the taps packed into whole quads
             if (kind in ("im2col", "direct") and tok_qconv_applies(w_.shape, s_, node.meta["val"].shape, dot)
                     and flat_qconv_applies(w_, dot)):
                 return emit_flat_qconv(bb, xq_, w_, ws_, b_, sx, zx, x_shape_, s_, full, clamp, out_q, dq, dot,
@@ -394,10 +394,11 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                     and flat_qconv_applies(w_, dot) and k.flat_conv_applies(x_shape_, w_.shape, s_, full)):
                 return emit_flat_qconv(bb, xq_, w_, ws_, b_, sx, zx, x_shape_, s_, full, clamp, out_q, dq, dot)
             if kind == "im2col" and dot is not None:
-                return emit_im2col_qconv(bb, xq_, w_, ws_, b_, sx, zx, x_shape_, s_, full, clamp, out_q, dq, dot)
+                return emit_im2col_qconv(bb, xq_, w_, ws_, b_, sx, zx, x_shape_, s_, full, clamp, out_q, dq, dot,
+                                         lanes=lanes)
             if kind == "dilated":
                 return emit_im2col_qconv(bb, xq_, w_, ws_, b_, sx, zx, x_shape_, s_, full, clamp, out_q, dq, dot,
-                                         dilation[0])
+                                         dilation[0], lanes)
             if kind == "direct":
                 return k.emit_direct_conv(bb, _dequantized(bb, xq_, sx, zx), w_real_, b_, x_shape_, s_, full,
                                           clamp, out_q, dq)

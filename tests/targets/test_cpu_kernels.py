@@ -1525,6 +1525,25 @@ def test_vnni_gemm_with_16_lanes_emits_512_bit_vpdpbusd():
         assert not any("_v16" in n for n in names["znver4"])
 
 
+@pytest.mark.parametrize("nv,tiles", [(4, 1), (4, 2)])
+def test_vnni_pointwise_with_16_lanes_keeps_its_tile_in_zmm_registers(nv, tiles):
+    """Cross-compiled for a full-width AVX-512 CPU, the int8 pointwise kernel's 16-lane tiles (32 pixels x 6 or 12
+    channels: 12 or 24 accumulators in buffers of one vector a row) reduce with zmm `vpdpbusd` on registers only
+    and store no accumulator in the loop."""
+    from tvm.script import tirx as T
+
+    from graphopt.targets.tvm.cpu.int8 import MR, qconv1x1_ubsw_source
+    f = tvm.script.parse(qconv1x1_ubsw_source(24, 64, 196, nv, dot="vnni", tiles=tiles, lanes=16),
+                         extra_vars={"T": T})
+    lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}),
+                      target=cpu_target("sapphirerapids"))
+    loop = _inner_fma_loop(lib.mod.inspect_source("asm"), r"vpdpbusd")
+    dots = re.findall(r"^\s+vpdpbusd\s+([^\n]*)", loop, re.M)
+    assert len(dots) >= MR * tiles * nv // 2, loop
+    assert all(re.fullmatch(r"%zmm\d+, %zmm\d+, %zmm\d+", d.strip()) for d in dots), dots
+    assert not re.search(r"vmovdq[au](?:32|64)?\s+%zmm\d+, ", loop), loop  # accumulators stay in registers
+
+
 def _vnni_here() -> bool:
     from graphopt.targets.tvm.cpu.int8 import int8_dot
     return int8_dot(cpu_target()) == "vnni"
@@ -1560,7 +1579,8 @@ def test_quad_kernels_are_exact_for_full_range_int8_weights(dot, kernel):
     with 16-lane accumulators (the 512-bit form; for "vnni" where this CPU has AVX512-VNNI), one, two and four
     16-column panels a task (64 columns: 4, 2 and 1 tasks per row tile). The conv also with
     two channel blocks per register tile (`tiles=2`, VNNI's tuning candidate; 13 channels: the second block of the
-    last pair is past the weight and must not be stored)."""
+    last pair is past the weight and must not be stored), and with 16-lane vectors of 16 or 32 pixels, one or two
+    channel blocks (the 512-bit rule and its candidates)."""
     from graphopt.targets.tvm.cpu.conv import store_params
     from graphopt.targets.tvm.cpu.int8 import (MR, epilogue_constants, pack_gemm_quads, pack_quads,
                                                qconv1x1_ubsw_source, qgemm_ubsw_source, ubsw_exact)
@@ -1594,8 +1614,10 @@ def test_quad_kernels_are_exact_for_full_range_int8_weights(dot, kernel):
         mt = -(-cout // MR)
         ws, zx = rng.uniform(1e-3, 2e-3, cout), -7
         consts = epilogue_constants(w, ws, None, 1.0, zx + 128, mt)
-        fs = [tvm.script.parse(qconv1x1_ubsw_source(cout, cin, p, nv, dot=dot, tiles=tiles), extra_vars={"T": T})
-              for nv, tiles in ((2, 1), (1, 2))]
+        wide = dot == "exact" or vector_lanes(cpu_target()) == 16
+        fs = [tvm.script.parse(qconv1x1_ubsw_source(cout, cin, p, nv, dot=dot, tiles=tiles, lanes=lanes),
+                               extra_vars={"T": T})
+              for nv, tiles, lanes in ((2, 1, 8), (1, 2, 8), (4, 1, 16), (2, 2, 16), (4, 2, 16))[:5 if wide else 2]]
         args = (x.reshape(-1), pack_quads(w, mt), consts[0], consts[1], store_params(None, None))
         out = np.zeros(cout * p, np.float32)
         ref = (w.astype(np.int64) @ (x.astype(np.int64) - zx)) * ws[:, None]

@@ -157,20 +157,27 @@ def test_dense_conv_kernel_candidates_compute_the_same():
         np.testing.assert_allclose(out.numpy(), model(x).detach().numpy(), rtol=1e-4, atol=1e-5, err_msg=kernel)
 
 
-def test_int8_pointwise_pixel_tile_candidates_compute_the_same():
-    """A quantized pointwise conv on a 7x7 map (49 pixels, the last tile overlapping) built with 16- and 8-pixel
-    tiles: each build runs the tile it was told (its accumulator holds 6 x 16 or 6 x 8 int32) and both give the
-    same int8 outputs, equal to the model's within a quantization step."""
-    import tvm
-    from tvm import relax
-
-    from graphopt.targets.tvm.cpu.pipeline import build_cpu
-    from graphopt.targets.tvm.lower import lower_to_relax
+def _int8_pointwise_pair():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(24, 40, 1), torch.nn.ReLU6(), torch.nn.Conv2d(40, 16, 1)).eval()
     x = torch.randn(1, 24, 7, 7)
     g = graphopt.optimize(graphopt.trace(model, (x,)), "quantize{weights=int7},fold-qdq",
                           data=[(torch.randn(1, 24, 7, 7),) for _ in range(4)])
+    return model, x, g
+
+
+def test_int8_pointwise_pixel_tile_candidates_compute_the_same(monkeypatch):
+    """A quantized pointwise conv on a 7x7 map (49 pixels, the last tile overlapping) built with 16- and 8-pixel
+    tiles (8-lane vectors, as on AVX2 and Zen 4): each build runs the tile it was told (its accumulator holds 6 x 16
+    or 6 x 8 int32) and both give the same int8 outputs, equal to the model's within a quantization step."""
+    import tvm
+    from tvm import relax
+
+    from graphopt.targets.tvm.cpu import rules
+    from graphopt.targets.tvm.cpu.pipeline import build_cpu
+    from graphopt.targets.tvm.lower import lower_to_relax
+    monkeypatch.setattr(rules, "AVX512_VECTOR_BITS", 256)  # (an AVX-512 host: its 16-lane rule is tested below)
+    model, x, g = _int8_pointwise_pair()
     with knobs.collecting() as col:
         lower_to_relax(g, target=cpu_target())
     sites = [s for s in col.sites.values() if s.family == "qconv1x1"]
@@ -201,6 +208,48 @@ def test_int8_pointwise_pixel_tile_candidates_compute_the_same():
     if int8_dot(cpu_target()) == "vnni":  # this machine runs it
         out = relax.VirtualMachine(build_cpu(mod, vnni), tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
         np.testing.assert_array_equal((out[0] if not hasattr(out, "numpy") else out).numpy(), outs[0])
+
+
+def test_int8_pointwise_16_lane_candidates_compute_the_same():
+    """For a full-width AVX-512 CPU with VNNI the int8 pointwise rule is 512-bit `vpdpbusd` on 32-pixel tiles,
+    each 16-pixel vector's 6 rows in an accumulator buffer of its own; 16-pixel tiles and two channel blocks are
+    candidates, and so is the 8-lane rule. Every candidate declares the buffers its tile needs and, on a host that
+    runs them, gives the same int8 outputs as the 8-lane rule (integer sums: exactly)."""
+    import tvm
+    from tvm import relax
+
+    from graphopt.targets.tvm.cpu.int8 import int8_dot
+    from graphopt.targets.tvm.cpu.pipeline import build_cpu
+    from graphopt.targets.tvm.cpu.rules import vector_lanes
+    from graphopt.targets.tvm.lower import lower_to_relax
+    model, x, g = _int8_pointwise_pair()
+    wide = cpu_target("sapphirerapids")
+    with knobs.collecting() as col:
+        lower_to_relax(g, target=wide)
+    sites = [s for s in col.sites.values() if s.family == "qconv1x1"]
+    assert len(sites) == 2 and all(s.default == {"nv": 4, "lanes": 16} for s in sites)
+    cands = sites[0].candidates
+    assert {"nv": 2} in cands and {"nv": 4, "lanes": 16, "tiles": 2} in cands and len(cands) == 5
+    runs_here = int8_dot(cpu_target()) == "vnni" and vector_lanes(cpu_target()) == 16
+    outs = []
+    for cand in cands:
+        with knobs.applied({s.name: cand for s in sites}):
+            mod = lower_to_relax(g, target=wide)
+        kernels = [mod[gv].script() for gv in mod.functions if gv.name_hint.startswith("qconv1x1")]
+        rows = 6 * cand.get("tiles", 1)
+        if cand.get("lanes") == 16:
+            want = [f'acc{v} = T.alloc_buffer(({rows * 16},), "int32")' for v in range(cand["nv"] // 2)]
+        else:
+            want = [f'acc = T.alloc_buffer(({6 * 8 * cand["nv"]},), "int32")']
+        assert len(kernels) == 2 and all(w in k for w in want for k in kernels), cand
+        if runs_here:
+            out = relax.VirtualMachine(build_cpu(mod, cpu_target()), tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
+            outs.append((out[0] if not hasattr(out, "numpy") else out).numpy())
+    for out in outs[1:]:
+        np.testing.assert_array_equal(out, outs[-1])
+    if outs:
+        ref = model(x).detach().numpy()
+        assert np.abs(outs[0] - ref).max() <= 0.05 * np.abs(ref).max()
 
 
 def _pointwise_sites():

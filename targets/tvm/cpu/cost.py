@@ -206,7 +206,8 @@ class CpuCostOracle:
         if conv:
             x_shape = (1, k, m, 1)
             return self._run(lambda bb, x: emit_qconv1x1(bb, x, w.reshape(n, k, 1, 1), scales, None, 0.02, 0,
-                                                         x_shape, None, None, False, dot, sparse),
+                                                         x_shape, None, None, False, dot, sparse,
+                                                         vector_lanes(self.target)),
                              x_shape, "int8")
 
         def emit(bb, x):

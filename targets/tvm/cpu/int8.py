@@ -130,17 +130,18 @@ def _requantized(acc: str, co: str, clamp, out_q, dequantized: bool, float_bias:
 
 
 def _tile_store(co: str, c0: str, nv: int, p: int, clamp, out_q, dequantized: bool, float_bias: bool, pad: str,
-                row: str = "i", offset_in_acc: bool = False) -> str:
+                row: str = "i", offset_in_acc: bool = False, lanes: int = 8) -> str:
     """Store row `row` of a 6 x 8nv int32 tile `acc` (channel co, pixels c0..): (acc - offset) * mult (+ float
     bias), clamped, and rounded to the output grid when out_q; offset holds the zero point's sum and the int32 bias,
-    and with out_q mult is in the output's grid steps (emit scales it). `offset_in_acc`: see `_requantized`."""
+    and with out_q mult is in the output's grid steps (emit scales it). `offset_in_acc`: see `_requantized`.
+    `lanes=16`: the tile is in buffers acc0, acc1, .. of one 16-pixel vector a row each (`qconv1x1_ubsw_source`)."""
     nr, store = 8 * nv, ""
-    for v in range(nv):
-        val = _requantized(f"acc[{row} * {nr} + {v * 8} + u]", co, clamp, out_q, dequantized, float_bias,
-                           offset_in_acc)
+    for v in range(nr // lanes):
+        acc = f"acc[{row} * {nr} + {v * 8} + u]" if lanes == 8 else f"acc{v}[{row} * {lanes} + u]"
+        val = _requantized(acc, co, clamp, out_q, dequantized, float_bias, offset_in_acc)
         store += f"""
-{pad}for u in T.vectorized(8):
-{pad}    out[({co}) * {p} + {c0} + {v * 8} + u] = {val}"""
+{pad}for u in T.vectorized({lanes}):
+{pad}    out[({co}) * {p} + {c0} + {v * lanes} + u] = {val}"""
     return store
 
 
@@ -197,7 +198,7 @@ def stage_quads(cin: int, p: int, nv: int, origin: str, slot: str, blocks: str) 
 def qconv1x1_ubsw_source(cout: int, cin: int, p: int, nv: int, clamp: tuple[float, float] | None = None,
                          out_q: tuple[float, int, int, int] | None = None, dequantized: bool = False,
                          float_bias: bool = False, dot: str = "ubsw", bsr_blocks: int | None = None,
-                         tiles: int = 1) -> str:
+                         tiles: int = 1, lanes: int = 8) -> str:
     """The pointwise kernel for weights where u8 x s8 pairs cannot saturate (`ubsw_exact`, 7-bit weights): each
     task takes a chunk of pixel blocks (8nv pixels each) and a group of channel blocks. It first rewrites its
     pixels once as uint8 quads (x + 128; 4 channels of a pixel side by side: [block, Cin/4, 8nv, 4]), so that every
@@ -225,8 +226,11 @@ def qconv1x1_ubsw_source(cout: int, cin: int, p: int, nv: int, clamp: tuple[floa
     start from their own broadcast: one 16-lane broadcast made LLVM carry the accumulators as zmm pairs through the
     reduction, split and rejoined every step (0.55-0.66x on the deeper layers)."""
     nr, k4 = 8 * nv, -(-cin // 4)
-    if tiles > 1 and (bsr_blocks is not None or nv != 1):
-        raise ValueError("paired channel blocks are for the dense kernel with 8-pixel blocks (nv=1)")
+    if tiles > 1 and (bsr_blocks is not None or nv != 1 and (lanes == 8 or nv > 4)):
+        raise ValueError("paired channel blocks are for the dense kernel with 8 pixels (nv=1), or at most 32 with "
+                         "16 lanes (nv <= 4)")
+    if lanes not in (8, 16) or nr % lanes or lanes == 16 and dot == "ubsw":
+        raise ValueError(f"{lanes} lanes: 8, or 16 with a VNNI (or exact) quad product and pixel blocks of 16s")
     rows = MR if bsr_blocks is None else 8
     mt, cb = -(-cout // rows), -(-p // nr)
     trows, mg = rows * tiles, -(-mt // tiles)  # a register tile's rows; register tiles
@@ -246,14 +250,22 @@ def qconv1x1_ubsw_source(cout: int, cin: int, p: int, nv: int, clamp: tuple[floa
                   f'                  indptr: T.Buffer(({mt + 1},), "int32"),')
 
     stage = stage_quads(cin, p, nv, c0, "(b - b0)", f"for b in T.serial(b0, (t % {chunks} + 1) * {cb} // {chunks}):")
-    steps = ""
-    for v in range(nv):
-        acc = f"acc[T.ramp(i * {nr} + {v * 8}, 1, 8)]"
+    # the accumulators: 8 lanes, one buffer [rows, nr]; 16 lanes, a buffer [rows, 16] per pixel vector (a buffer
+    # over 1 KB goes to the heap, out of the registers)
+    bufs = [("acc", trows * nr)] if lanes == 8 else [(f"acc{v}", trows * 16) for v in range(nr // 16)]
+    decl = "".join(f"""
+                {name} = T.decl_buffer(({size},), "int32", scope="global")""" for name, size in bufs)
+    steps, init = "", ""
+    for v in range(nr // lanes):
+        acc = f"acc[T.ramp(i * {nr} + {v * 8}, 1, 8)]" if lanes == 8 else f"acc{v}[T.ramp(i * 16, 1, 16)]"
+        xv = f"xq[T.ramp(((b - b0) * {k4} + {q}) * {nr * 4} + {v * 4 * lanes}, 1, {4 * lanes})]"
         steps += f"""
-                            {acc} = {quad_dot(acc, f"xq[T.ramp(((b - b0) * {k4} + {q}) * {nr * 4} + {v * 32}, 1, 32)]",
-                                              f'T.reinterpret("int8x32", T.broadcast({wquad}, 8))', dot)}"""
+                            {acc} = {quad_dot(acc, xv, f'T.reinterpret("int8x{4 * lanes}", T.broadcast({wquad}, {lanes}))',
+                                              dot, lanes)}"""
+        init += f"""
+                        {acc} = T.broadcast(-{off0}, {lanes})"""
     store = _tile_store(f"c * {trows} + i", c0, nv, p, clamp, out_q, dequantized, float_bias, " " * 24,
-                        offset_in_acc=True)
+                        offset_in_acc=True, lanes=lanes)
     return f"""
 @T.prim_func(private=True)
 def qconv1x1_{dot}(x: T.Buffer(({cin * p},), "int8"), {w_args}
@@ -265,11 +277,8 @@ def qconv1x1_{dot}(x: T.Buffer(({cin * p},), "int8"), {w_args}
         b0: T.let = (t % {chunks}) * {cb} // {chunks}
         xq = T.decl_buffer(({nblk * k4 * nr * 4},), "uint8", scope="global"){stage}
         for c in T.serial((t // {chunks}) * {mg} // {groups}, (t // {chunks} + 1) * {mg} // {groups}):
-            for b in T.serial(b0, (t % {chunks} + 1) * {cb} // {chunks}):
-                acc = T.decl_buffer(({trows * nr},), "int32", scope="global")
-                for i in T.unroll({trows}):
-                    for v in T.unroll({nv}):
-                        acc[T.ramp(i * {nr} + v * 8, 1, 8)] = T.broadcast(-{off0}, 8)
+            for b in T.serial(b0, (t % {chunks} + 1) * {cb} // {chunks}):{decl}
+                for i in T.unroll({trows}):{init}
                 {reduce}
                     for i in T.unroll({trows}):{steps}
                 for i in T.unroll({trows}):
@@ -369,14 +378,26 @@ def quad_weights(w2: np.ndarray, dot: str) -> bool:
     return not fits_int4(w2) and (dot != "ubsw" or ubsw_exact(np.pad(w2, ((0, 0), (0, w2.shape[1] % 2)))))
 
 
-def qconv1x1_knobs(p: int, dot: str | None = None) -> tuple[dict, list[dict]]:
+def qconv1x1_knobs(p: int, dot: str | None = None, lanes: int = 8) -> tuple[dict, list[dict]]:
     """The rule's pixel tile of the dense int8 pointwise kernels (`nv` vectors of 8 pixels) and the candidates
     tuning may measure (`knobs.py`): on maps of 16 pixels or more, 16 (the rule) or 8; on smaller ones 8 only.
     Inside int7 MobileNetV2 the 8-pixel tile's 19 layers summed to 0.99x the rule's in two paired measurements.
     With VNNI (`dot`) also 8 pixels x two channel blocks (`tiles`, see `qconv1x1_ubsw_source`): kernel alone on
     Zen 4 it ran at 0.92-1.14x the rule's speed by layer (MobileNetV2's 960x160x49 and 64x384x196 1.13-1.14x,
-    320x960x49 and 160x960x49 0.92x), so it is a candidate tuning measures, not the rule."""
+    320x960x49 and 160x960x49 0.92x), so it is a candidate tuning measures, not the rule.
+
+    With 16 lanes (VNNI on a full-width AVX-512 CPU, or the exact product) the rule takes 512-bit `vpdpbusd` on
+    16-pixel vectors, 32 pixels a tile (12 zmm accumulators; 16 on maps under 32 pixels): kernel alone (Emerald
+    Rapids, 2 threads, float out, interleaved) 0.50-0.80x the 8-lane rule's time on MobileNetV2's pointwise shapes
+    from 3136 pixels down to 49 (960x160x49 40 -> 25 us, 1280x320x49 93 -> 55, 576x96x196 48 -> 33), 0.93 on the
+    memory-bound 96x16x12544. One 16-pixel vector (6 accumulators) took 0.78-1.14x; 64 pixels 0.64-0.96x; two
+    channel blocks (12 rows) of 16 or 32 pixels, 0.51-1.10x by layer, are candidates with the 8-lane rule."""
     pair = [{"nv": 1, "tiles": 2}] if dot == "vnni" else []
+    if lanes >= 16 and dot in ("vnni", "exact") and p >= 16:
+        wide = [{"nv": 4, "lanes": 16}] if p >= 32 else []
+        wide += [{"nv": 2, "lanes": 16}, {"nv": 2, "lanes": 16, "tiles": 2}]
+        wide += [{"nv": 4, "lanes": 16, "tiles": 2}] if p >= 32 else []
+        return wide[0], [*wide, {"nv": 2}]
     if p < 16:
         return {"nv": 1}, [{"nv": 1}] + pair
     return {"nv": 2}, [{"nv": 2}, {"nv": 1}] + pair
@@ -384,12 +405,13 @@ def qconv1x1_knobs(p: int, dot: str | None = None) -> tuple[dict, list[dict]]:
 
 def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | None, sx: float, zx: int,
                   x_shape, clamp: tuple[float, float] | None, out_q: tuple[float, int, int, int] | None,
-                  dequantized: bool = False, dot: str = "ubsw", sparse: str = ""):
+                  dequantized: bool = False, dot: str = "ubsw", sparse: str = "", lanes: int = 8):
     """Pointwise qconv2d of xq int8 [N, Cin, H, W] -> [N, Cout, H, W] (the kernel loops over the samples): int8 on out_q's grid (or the floats of that
     grid with `dequantized`), else float32. `dot` is the target's quad product (`int8_dot`). `sparse` (the layout
     select-sparse-layout chose): "bsr8x4", the weight goes in as int8 BSR with 8 x 4 blocks (Cout % 8 == 0, and the
     quad product must be exact for it: VNNI or `ubsw_exact`); "csr", as pair CSR on the `vpmaddwd` kernel (exact
-    for any int8 weight; H * W >= 16)."""
+    for any int8 weight; H * W >= 16). `lanes`: the target's vector width in int32 lanes (`rules.vector_lanes`);
+    with 16 the dense quad kernel runs 512-bit `vpdpbusd` (`qconv1x1_knobs`)."""
     import tvm
     from tvm import relax
     from tvm.script import tirx as T
@@ -410,10 +432,10 @@ def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray
            + ("_w4" if wbits == 4 and not sparse else "") + (f"_n{n}" if n > 1 else ""))
     site = None
     if not sparse:
-        rule, cands = qconv1x1_knobs(p, dot if ubsw else None)
+        rule, cands = qconv1x1_knobs(p, dot if ubsw else None, lanes)
         site = Site("qconv1x1", f"{'quad_' + dot if ubsw else 'pairs'}|{tag}", rule, cands, n * cout * cin * p)
         knobs = pick(site)
-        nv, tiles = knobs["nv"], knobs.get("tiles", 1)
+        nv, tiles, kl = knobs["nv"], knobs.get("tiles", 1), knobs.get("lanes", 8)
     if sparse == "csr":
         from graphopt.targets.tvm.cpu.sparse import csr_qconv1x1_source, csr_qpairs, qcsr_tile, qcsr_weight_consts
         v = qcsr_tile(p)
@@ -440,7 +462,7 @@ def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray
         consts = [c if c is None else c[:cout] for c in consts]
     elif ubsw:
         src = qconv1x1_ubsw_source(cout, cin, p, nv, clamp, out_q, dequantized, consts[2] is not None, dot,
-                                   tiles=tiles)
+                                   tiles=tiles, lanes=kl)
         packed, name = pack_quads(w2, mt), f"qconv1x1_{dot}_{tag}"
     else:
         src = qconv1x1_source(cout, cin, p, nv, clamp, out_q, dequantized, wbits, consts[2] is not None)
@@ -460,11 +482,12 @@ def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray
 
 def emit_im2col_qconv(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | None, sx: float, zx: int,
                       x_shape, stride: int, padding, clamp, out_q, dequantized: bool = False, dot: str = "ubsw",
-                      dilation: int = 1):
+                      dilation: int = 1, lanes: int = 8):
     """A dense k x k qconv2d of xq int8 [N, Cin, H, W] as int8 im2col (the input's zero point outside the image, so
     padding is exact on the grid) then the pointwise int8 kernel over the [Cin * k * k, OH * OW] columns, with its
     epilogue (bias, clamp, the next quantize). TVM's generic int8 conv took 4-6 ms for each ResNet-18 3x3 layer
-    here, twice the fp32 model's time. `dilation`: the taps that many pixels apart (atrous convs)."""
+    here, twice the fp32 model's time. `dilation`: the taps that many pixels apart (atrous convs); `lanes`: as
+    `emit_qconv1x1`'s."""
     from tvm import relax
 
     from graphopt.targets.tvm.cpu.conv import emit_im2col
@@ -474,7 +497,7 @@ def emit_im2col_qconv(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.nda
                               dilation=dilation)
     cols = int(x_shape[1]) * kh * kw
     y = emit_qconv1x1(bb, col, wq.transpose(0, 2, 3, 1).reshape(cout, cols), w_scales, bias, sx, zx,
-                      (n, cols, oh, ow), clamp, out_q, dequantized, dot)
+                      (n, cols, oh, ow), clamp, out_q, dequantized, dot, lanes=lanes)
     return bb.emit(relax.op.reshape(y, (n, cout, oh, ow)))
 
 
