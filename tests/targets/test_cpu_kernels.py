@@ -773,6 +773,18 @@ def test_packed_gemm_assembly_accumulates_in_registers():
     assert not re.search(r"vmov(?:u|a)ps\s+%(?:ymm|zmm)\d+, ", loop)  # no accumulator spilled to memory
 
 
+def test_packed_gemm_with_16_lanes_keeps_a_6x64_tile_in_zmm_registers():
+    """Cross-compiled for a full-width AVX-512 CPU, the 6 x 64 tile (four 16-lane buffers, 24 accumulators) runs
+    24 zmm FMAs a reduction step and stores none of them in the loop."""
+    f = gemm_packed(12, 64, 64, 6, 64, 16)
+    lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}),
+                      target=cpu_target("sapphirerapids"))
+    loop = _inner_fma_loop(lib.mod.inspect_source("asm"))
+    fmas = re.findall(r"vfmadd\d+ps\s+[^\n]*%zmm\d+", loop)
+    assert len(fmas) >= 24, loop
+    assert not re.search(r"vmov(?:u|a)ps\s+%zmm\d+, ", loop), loop
+
+
 def test_pointwise_kernel_prefetches_its_weight_stream():
     """In a whole model a pointwise layer's packed weight is cold (read once per run, evicted by the other layers'
     traffic): the reduction asks for it PREFETCH k steps ahead, and still keeps its tile in registers."""

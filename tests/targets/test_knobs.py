@@ -47,25 +47,32 @@ def test_pointwise_knob_candidates_compute_the_same(cout, cin, p, res):
         np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5, err_msg=knobs.knob_str(kn))
 
 
-def test_gemm_register_tiles_compute_the_same():
-    """Each register tile (8x1, 6x2, 3x4 vectors; N = 40 pads to whole panels of 16 or 32 columns, sliced off)
-    emitted under its record gives x @ W^T; the emitted kernel carries the tile it was built with."""
+@pytest.mark.parametrize("lanes", [8, 16])
+def test_gemm_register_tiles_compute_the_same(lanes):
+    """Each register tile (8x1, 6x2, 3x4 vectors, and 6x4 with 16 lanes, the rule there where N is whole 64-column
+    panels; 8 lanes: N = 40 pads to whole panels of 16 or 32 columns, sliced off; 16 lanes: N = 136 to 144, 160 or
+    192) emitted under its record gives x @ W^T; the emitted kernel carries the tile it was built with."""
     import tvm
     from tvm import relax
 
     from graphopt.targets.tvm.cpu.gemm import emit_packed_linear, gemm_knobs
     from graphopt.targets.tvm.cpu.pipeline import build_cpu
-    m, k, n = 24, 32, 40
-    rule, cands = gemm_knobs(m, n, 8)
-    assert rule == {"mr": 6, "nr": 16} and [c["nr"] for c in cands] == [8, 16, 32]
+    m, k, n = (24, 32, 40) if lanes == 8 else (24, 32, 136)
+    rule, cands = gemm_knobs(m, n, lanes)
+    if lanes == 8:
+        assert rule == {"mr": 6, "nr": 16} and [c["nr"] for c in cands] == [8, 16, 32]
+    else:
+        assert rule == {"mr": 6, "nr": 32} and [(c["mr"], c["nr"]) for c in cands] == [(8, 16), (6, 32), (3, 64),
+                                                                                       (6, 64)]
+        assert gemm_knobs(m, 128, lanes)[0] == {"mr": 6, "nr": 64}
     rng = np.random.default_rng(1)
     w, x = rng.standard_normal((n, k)).astype(np.float32), rng.standard_normal((m, k)).astype(np.float32)
     for kn in cands:
         bb = relax.BlockBuilder()
         xv = relax.Var("x", relax.TensorType((m, k), "float32"))
-        with knobs.applied({f"gemm|{m}x{k}x{n}|v8": kn}), bb.function("main", [xv]):
+        with knobs.applied({f"gemm|{m}x{k}x{n}|v{lanes}": kn}), bb.function("main", [xv]):
             with bb.dataflow():
-                out = bb.emit_output(emit_packed_linear(bb, xv, w, None, (m, k), 8))
+                out = bb.emit_output(emit_packed_linear(bb, xv, w, None, (m, k), lanes))
             bb.emit_func_output(out)
         mod = bb.get()
         tiles = {str(f.attrs["graphopt.knobs"]) for f in mod.functions.values()

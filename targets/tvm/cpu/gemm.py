@@ -17,8 +17,29 @@ from graphopt.targets.tvm.cpu.knobs import Site, bind, pick
 MR = 6
 
 
-def _gemm_nest(rows: int, nr: int, k: int, row0: str, panel: str, n_tiles: int, name: str) -> str:
-    """One parallel loop over tiles of `rows` x nr outputs; row0 / panel are expressions of the tile index t."""
+def _gemm_nest(rows: int, nr: int, k: int, row0: str, panel: str, n_tiles: int, name: str, vec: int = 0) -> str:
+    """One parallel loop over tiles of `rows` x nr outputs; row0 / panel are expressions of the tile index t. With
+    `vec` (16: AVX-512) the tile is nr / vec buffers of rows x vec, each step written as explicit vectors."""
+    if vec and nr % vec == 0 and nr > vec:
+        names = [f"{name}{j}" for j in range(nr // vec)]
+        decl = "".join(f"""
+        {a} = T.decl_buffer(({rows * vec},), "float32", scope="global")""" for a in names)
+        zero = "".join(f"""
+            {a}[T.ramp(i * {vec}, 1, {vec})] = T.broadcast(T.float32(0), {vec})""" for a in names)
+        lane = f"T.ramp(i * {vec}, 1, {vec})"
+        step = "".join(f"""
+                {a}[{lane}] = ({a}[{lane}] + T.broadcast(a[{row0} + i, kk], {vec})
+                    * bp[{panel}, kk, T.ramp({j * vec}, 1, {vec})])""" for j, a in enumerate(names))
+        store = "".join(f"""
+            c[{row0} + i, T.ramp(({panel}) * {nr} + {j * vec}, 1, {vec})] = {a}[T.ramp(i * {vec}, 1, {vec})]"""
+                        for j, a in enumerate(names))
+        return f"""
+    for t in T.parallel({n_tiles}):{decl}
+        for i in T.unroll({rows}):{zero}
+        for kk in T.serial({k}):
+            for i in T.unroll({rows}):{step}
+        for i in T.unroll({rows}):{store}
+"""
     return f"""
     for t in T.parallel({n_tiles}):
         {name} = T.decl_buffer(({rows}, {nr}), "float32", scope="global")
@@ -35,16 +56,22 @@ def _gemm_nest(rows: int, nr: int, k: int, row0: str, panel: str, n_tiles: int, 
 """
 
 
-def gemm_source(m: int, k: int, n: int, mr: int, nr: int) -> str:
+def gemm_source(m: int, k: int, n: int, mr: int, nr: int, vec: int = 0) -> str:
     """a[M, K] @ bp[N/nr, K, nr] -> c[M, N] for N % nr == 0; the last M % mr rows get one smaller tile per panel.
     Tiles are panel-major, so a panel is reused from L2 by every row tile. The accumulator tile is a stack array
     (scope "global" inside the parallel body) that LLVM keeps in registers (see sparse.py). Row-tile-major (each
     thread writing whole output rows, which the int8 GEMM gained 1.02-1.10x from: `int8._qgemm_frame`) measured
-    the same here on MiniLM's shapes (Zen 4, 2 threads): this kernel runs at the FMA peak."""
+    the same here on MiniLM's shapes (Zen 4, 2 threads): this kernel runs at the FMA peak.
+
+    `vec=16` (AVX-512): the tile is one buffer of rows x 16 per 16 columns, written as explicit 16-lane vectors
+    (`_gemm_nest`), which lets it reach 6 x 64 (24 zmm accumulators; one 2D buffer that size is over the 1 KB TVM
+    keeps on the stack). Kernel alone (Emerald Rapids, 2 threads, interleaved, hot): 6 x 32 in that form 0.93-0.98x
+    the 2D buffer's time, 6 x 64 0.80-0.87x (512^3 1448 -> 1195 us, 128x1536x384 856 -> 703, 128x384x384 183 ->
+    153); 8 x 48 0.81-0.86x, 12 x 32 0.92-0.93x, 5 or 7 x 64 0.86-0.91x."""
     mt, nt, rem = m // mr, n // nr, m % mr
-    body = _gemm_nest(mr, nr, k, f"(t % {mt}) * {mr}", f"t // {mt}", mt * nt, "acc") if mt else ""
+    body = _gemm_nest(mr, nr, k, f"(t % {mt}) * {mr}", f"t // {mt}", mt * nt, "acc", vec) if mt else ""
     if rem:
-        body += _gemm_nest(rem, nr, k, str(mt * mr), "t", nt, "acc_tail")
+        body += _gemm_nest(rem, nr, k, str(mt * mr), "t", nt, "acc_tail", vec)
     return f"""
 @T.prim_func(private=True)
 def gemm(a: T.Buffer(({m}, {k}), "float32"), bp: T.Buffer(({nt}, {k}, {nr}), "float32"),
@@ -52,11 +79,11 @@ def gemm(a: T.Buffer(({m}, {k}), "float32"), bp: T.Buffer(({nt}, {k}, {nr}), "fl
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "graphopt.knobs": "mr={mr},nr={nr}"}}){body}"""
 
 
-def gemm_packed(m: int, k: int, n: int, mr: int, nr: int):
+def gemm_packed(m: int, k: int, n: int, mr: int, nr: int, vec: int = 0):
     """PrimFunc(a[M, K], bp[N/nr, K, nr], c[M, N])."""
     import tvm
     from tvm.script import tirx as T
-    return tvm.script.parse(gemm_source(m, k, n, mr, nr), extra_vars={"T": T})
+    return tvm.script.parse(gemm_source(m, k, n, mr, nr, vec), extra_vars={"T": T})
 
 
 def pack_weight(w: np.ndarray, nr: int) -> np.ndarray:
@@ -77,10 +104,15 @@ def gemm_knobs(m: int, n: int, lanes: int) -> tuple[dict, list[dict]]:
     """The rule's register tile (`mr` rows x `nr` columns of y: 6 x 2 vectors) and the candidates tuning may measure
     (`knobs.py`): 8 x 1, 6 x 2 and 3 x 4 vectors, 8-12 accumulator registers of AVX2's 16, where the layer has rows
     for two tiles and columns for one panel. 4 x 3 is not one: LLVM legalizes the 24-lane vectors so badly that it
-    ran 8x slower inside MiniLM."""
+    ran 8x slower inside MiniLM.
+
+    With 16 lanes also 6 x 4 vectors (64 columns, 24 of AVX-512's 32 registers; `gemm_source`), the rule where N
+    is whole 64-column panels."""
     rule = {"mr": MR, "nr": 2 * lanes} if panel_width(n, lanes) == 2 * lanes else {"mr": 8, "nr": lanes}
-    cands = [{"mr": mr, "nr": v * lanes} for v, mr in ((1, 8), (2, MR), (4, 3))
-             if m >= 2 * mr and n >= v * lanes]
+    tiles = ((1, 8), (2, MR), (4, 3)) + (((4, MR),) if lanes >= 16 else ())
+    cands = [{"mr": mr, "nr": v * lanes} for v, mr in tiles if m >= 2 * mr and n >= v * lanes]
+    if lanes >= 16 and n % (4 * lanes) == 0 and {"mr": MR, "nr": 4 * lanes} in cands:
+        rule = {"mr": MR, "nr": 4 * lanes}
     return rule, cands if rule in cands else [rule]
 
 
@@ -210,7 +242,8 @@ def emit_packed_linear(bb, x, w: np.ndarray, bias, x_shape, lanes: int):
     x2 = bb.emit(relax.op.reshape(x, (m, k)))
     if n_pad != n:
         w = np.concatenate([w, np.zeros((n_pad - n, k), w.dtype)])
-    gv = bb.add_func(gemm_packed(m, k, n_pad, kn["mr"], nr), f"gemm_packed_{m}x{k}x{n_pad}")
+    gv = bb.add_func(gemm_packed(m, k, n_pad, kn["mr"], nr, lanes if lanes >= 16 else 0),
+                     f"gemm_packed_{m}x{k}x{n_pad}")
     bind(site, gv.name_hint)
     y = bb.emit(relax.call_tir(gv, [x2, relax.const(pack_weight(w, nr))], relax.TensorType((m, n_pad), "float32")))
     if n_pad != n:
