@@ -420,4 +420,8 @@ def test_tuned_compile_builds_with_the_knob_records(tmp_path, monkeypatch):
     from graphopt.report import compile_report
     text = compile_report(g, g, out, man, None, None)
     assert "knobs      2 kernel(s) of graphopt's own with knobs: 2 measured, 0 from the database, 2 changed" in text
+    assert "second measurement" not in text
+    kn["unconfirmed"] = 1
+    assert ("2 changed from the rule (1 more kept the rule: a second measurement did not confirm them)"
+            in compile_report(g, g, out, man, None, None))
     np.testing.assert_allclose(graphopt.load(out)(x.numpy())[0], model(x).detach().numpy(), rtol=1e-4, atol=1e-5)

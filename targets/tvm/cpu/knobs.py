@@ -318,7 +318,8 @@ def _confirm(changed: list[Site], records: dict[str, dict], measure: Measure,
     """The second measurement of the sites whose first one chose a change: two builds, every changed site on its
     rule's choice in one and on its change in the other (`records` for the rest), so each change is timed again,
     later, and together with the others as the model will run them. On this machine a first measurement's 5% bar
-    still let noise through: a tuned MobileNetV2 with 8 of 24 sites changed ran slower than the rules' build.
+    may let noise through (a tuned MobileNetV2 with 8 of 24 sites changed was timed slower than the rules' build,
+    though minutes apart).
     -> site name -> {knob_str: seconds}; empty without changes or when the budget is spent (the changes then
     keep the rule)."""
     if not changed or (deadline is not None and _now() > deadline):
