@@ -1556,6 +1556,18 @@ def test_vnni_pointwise_with_16_lanes_keeps_its_tile_in_zmm_registers(nv, tiles)
     assert not re.search(r"vmovdq[au](?:32|64)?\s+%zmm\d+, ", loop), loop  # accumulators stay in registers
 
 
+def test_int8_pointwise_kernel_refuses_tiles_its_vectors_cannot_hold():
+    """16 lanes need whole 16-pixel vectors and a product with a 512-bit form; two channel blocks at most 32 pixels.
+    The errors name the setting."""
+    from graphopt.targets.tvm.cpu.int8 import qconv1x1_ubsw_source
+    with pytest.raises(ValueError, match=r"lanes=16, nv=1 \(8-pixel blocks\)"):
+        qconv1x1_ubsw_source(8, 16, 49, 1, dot="vnni", lanes=16)
+    with pytest.raises(ValueError, match=r"dot='ubsw'"):
+        qconv1x1_ubsw_source(8, 16, 49, 2, dot="ubsw", lanes=16)
+    with pytest.raises(ValueError, match="at most 32 with 16 lanes"):
+        qconv1x1_ubsw_source(8, 16, 196, 8, dot="vnni", lanes=16, tiles=2)
+
+
 def _vnni_here() -> bool:
     from graphopt.targets.tvm.cpu.int8 import int8_dot
     return int8_dot(cpu_target()) == "vnni"

@@ -230,7 +230,8 @@ def qconv1x1_ubsw_source(cout: int, cin: int, p: int, nv: int, clamp: tuple[floa
         raise ValueError("paired channel blocks are for the dense kernel with 8 pixels (nv=1), or at most 32 with "
                          "16 lanes (nv <= 4)")
     if lanes not in (8, 16) or nr % lanes or lanes == 16 and dot == "ubsw":
-        raise ValueError(f"{lanes} lanes: 8, or 16 with a VNNI (or exact) quad product and pixel blocks of 16s")
+        raise ValueError(f"int8 pointwise kernel with lanes={lanes}, nv={nv} ({nr}-pixel blocks), dot='{dot}': lanes "
+                         "is 8, or 16 with the 'vnni' or 'exact' product and blocks of a multiple of 16 pixels")
     rows = MR if bsr_blocks is None else 8
     mt, cb = -(-cout // rows), -(-p // nr)
     trows, mg = rows * tiles, -(-mt // tiles)  # a register tile's rows; register tiles
@@ -259,9 +260,9 @@ def qconv1x1_ubsw_source(cout: int, cin: int, p: int, nv: int, clamp: tuple[floa
     for v in range(nr // lanes):
         acc = f"acc[T.ramp(i * {nr} + {v * 8}, 1, 8)]" if lanes == 8 else f"acc{v}[T.ramp(i * 16, 1, 16)]"
         xv = f"xq[T.ramp(((b - b0) * {k4} + {q}) * {nr * 4} + {v * 4 * lanes}, 1, {4 * lanes})]"
+        wv = f'T.reinterpret("int8x{4 * lanes}", T.broadcast({wquad}, {lanes}))'
         steps += f"""
-                            {acc} = {quad_dot(acc, xv, f'T.reinterpret("int8x{4 * lanes}", T.broadcast({wquad}, {lanes}))',
-                                              dot, lanes)}"""
+                            {acc} = {quad_dot(acc, xv, wv, dot, lanes)}"""
         init += f"""
                         {acc} = T.broadcast(-{off0}, {lanes})"""
     store = _tile_store(f"c * {trows} + i", c0, nv, p, clamp, out_q, dequantized, float_bias, " " * 24,
