@@ -881,6 +881,41 @@ def test_bsr_kernels_match_dense(m, block, k, n):
     assert np.abs(got - (x @ w.t()).numpy()).max() < 1e-4
 
 
+def test_bsr_token_tiles_widen_with_16_lanes():
+    """With 16-lane vectors, blocks of 4+ rows take 64 tokens where M is whole 64-token tiles, else 32, each while
+    every core keeps a tile; CSR (1-row blocks) and 8-lane targets keep their tiles."""
+    from graphopt.targets.tvm.cpu.sparse import token_tile
+    assert token_tile(128, 4, 16, 2) == 64 and token_tile(384, 8, 16, 2) == 64
+    assert token_tile(196, 4, 16, 2) == 32 and token_tile(49, 4, 16, 2) == 32 and token_tile(100, 4, 16, 0) == 32
+    assert token_tile(128, 4, 16, 4) == 32 and token_tile(128, 4, 16, 8) == 16 and token_tile(20, 4, 16, 2) == 16
+    assert token_tile(128, 1, 16, 2) == 32 and token_tile(128, 4, 8, 2) == 16 and token_tile(128, 4, 16) == 64
+
+
+@pytest.mark.parametrize("m,block,k,n", [(128, (4, 4), 96, 64), (100, (4, 4), 100, 52), (128, (8, 1), 64, 40),
+                                         (49, (4, 4), 64, 16)])
+def test_wide_bsr_token_tiles_match_dense(m, block, k, n):
+    """The 16-lane token tiles: 64 tokens (128 rows: two tiles), 32 with the last tile overlapping (100, 49 rows),
+    groups of 8 output rows whose last overlaps the one before (52). Any x86 host runs them (LLVM splits the
+    vectors where they are wider than the CPU's)."""
+    torch.manual_seed(2)
+    w = torch.randn(n, k) * (torch.rand(n, k) > 0.85)
+    s = to_bsr(w, block)
+    x = torch.randn(m, k)
+    f = bsr_matmul_t(m, k, n, *block, s.nnzb, lanes=16, cores=2)
+    lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target())
+    out = tvm.runtime.tensor(np.zeros((m, n), "float32"))
+    lib["main"](*[tvm.runtime.tensor(a.numpy()) for a in (x, s.data, s.indices, s.indptr)], out)
+    assert np.abs(out.numpy() - (x @ w.t()).numpy()).max() < 1e-4
+
+
+def test_wide_bsr_tile_accumulates_in_zmm_registers():
+    """A 4x4 block-row over 64 tokens on an AVX-512 CPU: 16 zmm accumulators (4 rows x 4 vectors), none stored in
+    the reduction."""
+    loop = _inner_fma_loop(_asm(bsr_matmul_t(128, 64, 64, 4, 4, 10, lanes=16, cores=2), "sapphirerapids"))
+    assert len(set(re.findall(r"vfmadd\w+\s+%zmm\d+, %zmm\d+, (%zmm\d+)", loop))) >= 16
+    assert not re.search(r"vmov(?:u|a)ps\s+%zmm\d+, ", loop) and "call" not in loop
+
+
 @pytest.mark.parametrize("m,k,sparsity", [(32, 768, 0.8), (20, 800, 0.9), (16, 1600, 0.95)])
 def test_csr_weights_take_the_k_tiled_kernel_where_it_pays(m, k, sparsity):
     """CSR linears with K >= 768 and >= 16 nonzeros per row and 192-input tile (>= 8 from K = 1536: 95% sparse)
@@ -1827,13 +1862,15 @@ def test_small_map_pointwise_layers_take_the_channels_in_vector_kernel_with_16_l
         monkeypatch.undo()
 
 
-@pytest.mark.parametrize("cout,cin,p,block", [(64, 96, 49, (4, 4)), (40, 24, 196, (1, 1)), (32, 64, 3, (1, 16)),
-                                              (24, 16, 3136, (8, 1)), (36, 32, 49, (4, 4))])
-def test_sparse_pointwise_kernel_matches_dense(cout, cin, p, block):
+@pytest.mark.parametrize("cout,cin,p,block,lanes", [(64, 96, 49, (4, 4), 8), (40, 24, 196, (1, 1), 8),
+                                                    (32, 64, 3, (1, 16), 8), (24, 16, 3136, (8, 1), 8),
+                                                    (36, 32, 49, (4, 4), 8), (64, 96, 49, (4, 4), 16),
+                                                    (24, 32, 196, (8, 1), 16), (36, 32, 128, (4, 4), 16)])
+def test_sparse_pointwise_kernel_matches_dense(cout, cin, p, block, lanes):
     """The BSR pointwise conv (x read in place as NCHW stores it, bias + residual + ReLU6 in the store): pixel
     counts that are not whole tiles (49, 196: the last tile overlaps), fewer pixels than a vector (3), CSR and
     row/column blocks; an empty block-row included; small maps split the block-rows in halves (9 block-rows: the
-    second half ends early)."""
+    second half ends early). With 16 lanes: 32-pixel tiles (49, 196) and 64 (128 pixels)."""
     from tvm import relax
 
     from graphopt.targets.tvm.cpu.pipeline import build_cpu
@@ -1851,7 +1888,7 @@ def test_sparse_pointwise_kernel_matches_dense(cout, cin, p, block):
     with bb.function("main", [xv, rv]):
         with bb.dataflow():
             y = emit_bsr_conv1x1(bb, xv, *(relax.const(a.numpy()) for a in (s.data, s.indices, s.indptr)),
-                                 relax.const(b), x.shape, cout, block, s.nnzb, (0.0, 6.0), rv)
+                                 relax.const(b), x.shape, cout, block, s.nnzb, (0.0, 6.0), rv, lanes, 2)
             out = bb.emit_output(y)
         bb.emit_func_output(out)
     vm = relax.VirtualMachine(build_cpu(bb.get(), cpu_target()), tvm.cpu())

@@ -264,7 +264,7 @@ class CpuCostOracle:
 
         from graphopt.targets.tvm.cpu.conv import emit_conv1x1
         from graphopt.targets.tvm.cpu.gemm import emit_packed_linear
-        from graphopt.targets.tvm.cpu.rules import vector_lanes
+        from graphopt.targets.tvm.cpu.rules import target_cores, vector_lanes
         from graphopt.targets.tvm.cpu.sparse import emit_bsr_conv1x1, emit_bsr_linear
 
         m, k, n = shape
@@ -277,7 +277,8 @@ class CpuCostOracle:
             if conv:
                 s = to_bsr(weight, block)
                 return emit_bsr_conv1x1(bb, x, relax.const(s.data.numpy()), relax.const(s.indices.numpy()),
-                                        relax.const(s.indptr.numpy()), None, x_shape, n, block, s.nnzb)
+                                        relax.const(s.indptr.numpy()), None, x_shape, n, block, s.nnzb,
+                                        lanes=vector_lanes(self.target), cores=target_cores(self.target))
             if block is None:  # what the compiler emits for a dense linear: packed GEMM, else matmul
                 y = emit_packed_linear(bb, x, weight.contiguous().numpy(), None, (m, k), vector_lanes(self.target))
                 if y is None:
@@ -285,5 +286,6 @@ class CpuCostOracle:
                 return y
             s = to_bsr(weight, block)
             arrays = [s.data.numpy(), s.indices.numpy(), s.indptr.numpy()]
-            return emit_bsr_linear(bb, x, *(relax.const(a) for a in arrays), None, (m, k), n, block, s.nnzb, arrays)
+            return emit_bsr_linear(bb, x, *(relax.const(a) for a in arrays), None, (m, k), n, block, s.nnzb, arrays,
+                                   vector_lanes(self.target), target_cores(self.target))
         return self._run(emit, x_shape, "float32")

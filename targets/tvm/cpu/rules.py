@@ -55,6 +55,14 @@ def vector_lanes(target: Target, dtype_bits: int = 32) -> int:
     return max(1, bits // dtype_bits)
 
 
+def target_cores(target: Target | None) -> int:
+    """The target's `num-cores` (what `host.cpu_target` sets), 0 when it has none."""
+    try:
+        return int(target.attrs.get("num-cores", 0)) if target is not None else 0
+    except (TypeError, ValueError):
+        return 0
+
+
 def _extent(sch: s_tir.Schedule, loop) -> int | None:
     ext = sch.get(loop).extent
     return int(ext) if isinstance(ext, tirx.IntImm) else None

@@ -14,11 +14,26 @@ from __future__ import annotations
 from graphopt.targets.tvm.cpu.conv import transpose8
 
 
-def token_tile(m: int, r: int) -> int:
+def token_tile(m: int, r: int, lanes: int = 8, cores: int = 0) -> int:
     """Tokens per task (the vector length of the inner loop): 16 for blocks of 4+ rows, 32 for 1-2 rows (the index
     load and weight broadcast are then shared by more FMAs), keeping the R x V accumulator in registers; measured on
-    128 x 768 x 768 at 80-95% sparsity (v=8/16/32/64). Never more than M: the last tile overlaps the one before."""
+    128 x 768 x 768 at 80-95% sparsity (v=8/16/32/64) with 8-lane vectors. Never more than M: the last tile overlaps
+    the one before.
+
+    With 16-lane vectors (`lanes`, AVX-512) blocks of 4+ rows take 64 tokens where M is whole 64-token tiles, else
+    32, each only while it leaves a tile for each of the target's `cores`: 16 tokens were one zmm accumulator per
+    block row, 4 dependent FMA chains for a 4x4 block. Kernel alone (Emerald Rapids, 2 threads, 80 / 90%
+    sparsity), against 16 tokens: 4x4 linears at 128 tokens 0.63-0.76x with 64 (32: 0.87-0.95x), 8x1 on 768x768
+    0.69-0.91x, 4x4 at 384 tokens 0.64-0.84x; 4x4 pointwise convs 0.48-0.91x with 32 (MobileNetV2's 96x576x196
+    at 90% 46 -> 22 us; 64 pixels were no faster on 196 and 784 pixels, whose last tile then overlaps most). CSR
+    (1-row blocks) keeps 32: 64 tokens were even on 768x768 at 80% and slower tiled (its x^T slice no longer fits
+    L1)."""
     v = 16 if r >= 4 else 32
+    if lanes >= 16 and r >= 4:
+        for wide in (64, 32):
+            if (wide == 32 or m % wide == 0) and -(-m // wide) >= max(cores, 1):
+                v = wide
+                break
     while v > m:
         v //= 2
     return v
@@ -90,14 +105,14 @@ def _token_tasks(m: int, k: int, n: int, v: int, y_t: bool = True) -> tuple[str,
     return head, _local_transpose("yT[{i}, {j}]", f"out[{m0} + {{j}}, {{i}}]", n, v, "        ") if y_t else ""
 
 
-def bsr_linear_source(m: int, k: int, n: int, r: int, c: int, nnzb: int) -> str:
+def bsr_linear_source(m: int, k: int, n: int, r: int, c: int, nnzb: int, lanes: int = 8, cores: int = 0) -> str:
     """out[M, N] = x[M, K] @ W.T with W in BSR, M >= 4. One parallel loop over tiles of V tokens (the last tile
     starts at M - V, so any M works); each task: x rows -> private x^T, every block-row with an R x V tile of y^T in
     registers, and y^T -> its output rows. With blocks of 4 or 8 rows the block-rows run in groups of 8 output rows
     whose [8, V] tile of y^T is transposed straight into the output (the last group overlaps the one before);
     else through a private y^T [N, V], transposed at the end. Measured against y^T (128 tokens, 2 threads): 8x1
     blocks at 90% 1.42x on 768x768 and 1.10x on 384->1536, 4x4 at 95% 1.06-1.11x, at 80% even; CSR 0.88-0.97x."""
-    nb, v = n // r, token_tile(m, r)
+    nb, v = n // r, token_tile(m, r, lanes, cores)
     grouped = r in (4, 8) and n >= 8
     head, tail = _token_tasks(m, k, n, v, y_t=not grouped)
     if grouped:
@@ -128,11 +143,12 @@ def bsr_linear(x: T.Buffer(({m}, {k}), "float32"), data: T.Buffer(({nnzb}, {r}, 
 """
 
 
-def bsr_matmul_t(m: int, k: int, n: int, r: int, c: int, nnzb: int):
-    """PrimFunc(x[M, K], data[nnzb, R, C], indices[nnzb], indptr[N/R+1], out[M, N]) for M >= 4."""
+def bsr_matmul_t(m: int, k: int, n: int, r: int, c: int, nnzb: int, lanes: int = 8, cores: int = 0):
+    """PrimFunc(x[M, K], data[nnzb, R, C], indices[nnzb], indptr[N/R+1], out[M, N]) for M >= 4 (`token_tile`:
+    lanes, cores)."""
     import tvm
     from tvm.script import tirx as T
-    return tvm.script.parse(bsr_linear_source(m, k, n, r, c, nnzb), extra_vars={"T": T})
+    return tvm.script.parse(bsr_linear_source(m, k, n, r, c, nnzb, lanes, cores), extra_vars={"T": T})
 
 
 def bsr_rows_source(m: int, k: int, n: int, r: int, c: int, nnzb: int) -> str:
@@ -249,9 +265,10 @@ def use_rows(m: int) -> bool:
 
 
 def emit_bsr_linear(bb, x, data, indices, indptr, bias, x_shape, n: int, block: tuple[int, int], nnzb: int,
-                    arrays=None):
+                    arrays=None, lanes: int = 8, cores: int = 0):
     """Emit y = x @ W.T (+ bias) with W given as Relax BSR tensors; x [..., K] -> [..., N]. `arrays`: the same
-    three as numpy, when known at compile time: CSR weights then take the k-tiled kernel where it pays."""
+    three as numpy, when known at compile time: CSR weights then take the k-tiled kernel where it pays. `lanes`
+    and `cores` (the target's vector lanes and cores) size the token tiles (`token_tile`)."""
     import math
 
     import tvm
@@ -273,7 +290,7 @@ def emit_bsr_linear(bb, x, data, indices, indptr, bias, x_shape, n: int, block: 
         gv = bb.add_func(bsr_matmul_rows(m, k, n, r, c, nnzb), f"bsr_rows_{tag}")
         y = bb.emit(relax.call_tir(gv, [x2, data, indices, indptr], relax.TensorType((m, n), "float32")))
     else:
-        gv = bb.add_func(bsr_matmul_t(m, k, n, r, c, nnzb), f"bsr_t_{tag}")
+        gv = bb.add_func(bsr_matmul_t(m, k, n, r, c, nnzb, lanes, cores), f"bsr_t_{tag}")
         y = bb.emit(relax.call_tir(gv, [x2, data, indices, indptr], relax.TensorType((m, n), "float32")))
     if bias is not None:
         y = bb.emit(relax.op.add(y, bias))
@@ -281,7 +298,8 @@ def emit_bsr_linear(bb, x, data, indices, indptr, bias, x_shape, n: int, block: 
 
 
 def bsr_conv1x1_source(p: int, k: int, n: int, r: int, c: int, nnzb: int,
-                       clamp: tuple[float, float] | None = None, residual: bool = False, copy: bool = False) -> str:
+                       clamp: tuple[float, float] | None = None, residual: bool = False, copy: bool = False,
+                       lanes: int = 8, cores: int = 0) -> str:
     """out[N, P] = W x + bias (+ residual, then clamp) for a batch-1 pointwise conv, x [K = Cin, P] as NCHW stores
     it, W [N = Cout, K] in BSR. The linear kernel's inner loop without its transposes: the rows of x already are
     the contiguous pixel vectors it reads (its x^T), and the R x V tile of outputs in registers is a tile of output
@@ -294,7 +312,7 @@ def bsr_conv1x1_source(p: int, k: int, n: int, r: int, c: int, nnzb: int,
     20 -> 8 us, 320x960x49 1.03-1.12x (kernel alone, two threads; see `int8.quad_chunks` for the same effect).
     On 14x14 maps it was 0.92-1.11x and on 56x56 0.88x (four halves) to 0.4x (two), so they keep the pixel split."""
     from graphopt.targets.tvm.cpu.conv import _clamped
-    nb, v = n // r, token_tile(p, r)
+    nb, v = n // r, token_tile(p, r, lanes, cores)
     tiles = -(-p // v)
     halves = 2 if tiles < 8 and nb >= 2 else 1
     p0 = f"T.min(po * {v}, {p - v})"
@@ -335,10 +353,10 @@ def bsr_conv1x1(x: T.Buffer(({k}, {p}), "float32"), data: T.Buffer(({nnzb}, {r},
 
 
 def emit_bsr_conv1x1(bb, x, data, indices, indptr, bias, x_shape, n: int, block: tuple[int, int], nnzb: int,
-                     clamp: tuple[float, float] | None = None, residual=None):
+                     clamp: tuple[float, float] | None = None, residual=None, lanes: int = 8, cores: int = 0):
     """Emit a pointwise conv of x [B, Cin, H, W] (the kernel loops over the samples) with its weight [n, Cin] given
     as Relax BSR tensors, bias (a Relax value [n] or None), a residual of the output's shape and a clamp fused into
-    the store."""
+    the store. `lanes`, `cores`: the target's, for the pixel tiles (`token_tile`)."""
     import numpy as np
     import tvm
     from tvm import relax
@@ -350,7 +368,7 @@ def emit_bsr_conv1x1(bb, x, data, indices, indptr, bias, x_shape, n: int, block:
     p, (r, c) = h * w, block
     # 1-2 row blocks (CSR): a private copy of the task's pixel columns, so each nonzero's x row is one compact
     # cache-line pair (1280x320x49 CSR at 90%: 2.9 -> 3.6x dense); blocks of 4 rows gained nothing from it
-    src = batch_source(bsr_conv1x1_source(p, k, n, r, c, nnzb, clamp, residual is not None, copy=r < 4), bn,
+    src = batch_source(bsr_conv1x1_source(p, k, n, r, c, nnzb, clamp, residual is not None, r < 4, lanes, cores), bn,
                        ["x", "out"] + ([] if residual is None else ["res"]))
     tag = (f"{n}x{k}x{p}_b{r}x{c}_nnz{nnzb}" + ("_res" if residual is not None else "") + ("_clamp" if clamp else "")
            + (f"_n{bn}" if bn > 1 else ""))
