@@ -242,7 +242,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         layout = _int8_sparse(node, "qlinear", wt.numpy(), math.prod(x_shape[:-1]))
         if layout == "bsr8x4":
             from graphopt.targets.tvm.cpu.sparse import emit_bsr_qlinear
-            return emit_bsr_qlinear(bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, x_shape, dot)
+            return emit_bsr_qlinear(bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, x_shape, dot, vector_lanes(target))
         if layout == "csr":
             from graphopt.targets.tvm.cpu.sparse import emit_csr_qlinear
             return emit_csr_qlinear(bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, x_shape, dot)

@@ -1932,6 +1932,53 @@ def test_int8_bsr_kernel_is_exact(m, k, n, dot):
     assert np.abs(out.numpy().reshape(m, n) - ref).max() <= 1e-6 * np.abs(ref).max()
 
 
+@pytest.mark.parametrize("m,k,n,dot", [(13, 64, 32, "exact"), (30, 64, 16, "exact"), (2, 32, 8, "exact"),
+                                       (13, 64, 32, "vnni"), (40, 128, 48, "vnni")])
+def test_int8_bsr_token_pairs_are_exact(m, k, n, dot):
+    """The 16-lane int8 BSR linear through its emitter (tokens paired by `pair_tokens`, two a 512-bit vector):
+    an odd token count (its last pair's second token never stored), 15 pairs in two overlapping tiles of 8, a
+    single pair; an empty block-row, full-range int8 weights and activations, a float bias; the exact product on
+    any CPU, `vpdpbusd` where this one has VNNI."""
+    from tvm import relax
+
+    from graphopt.ir.sparse_ops import to_bsr
+    from graphopt.targets.tvm.cpu.pipeline import build_cpu
+    from graphopt.targets.tvm.cpu.sparse import emit_bsr_qlinear
+    if dot == "vnni" and not _vnni_here():
+        pytest.skip("this CPU has no VNNI")
+    rng = np.random.default_rng(6)
+    keep = rng.random((n // 8, k // 4)) < 0.3
+    keep[1:2] = False  # (an empty block-row where there are two)
+    keep[0, 0] = True
+    w = (rng.integers(-127, 128, (n, k)) * np.kron(keep, np.ones((8, 4), np.int64))).astype(np.int8)
+    x = rng.integers(-128, 128, (m, k)).astype(np.int8)
+    ws, sx, zx, bias = rng.uniform(1e-3, 2e-3, n), 0.05, -3, rng.standard_normal(n).astype(np.float32)
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType((m, k), "int8"))
+    with bb.function("main", [xv]):
+        with bb.dataflow():
+            y = bb.emit_output(emit_bsr_qlinear(bb, xv, w, ws, bias, sx, zx, (m, k), dot, lanes=16))
+        bb.emit_func_output(y)
+    mod = bb.get()
+    assert any(gv.name_hint.startswith(f"bsr_qlinear_{dot}_pairs") for gv in mod.get_global_vars())
+    got = relax.VirtualMachine(build_cpu(mod, cpu_target()), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    ref = ((x.astype(np.int64) - zx) @ w.astype(np.int64).T) * ws * sx + bias
+    # (the bias is stored at the accumulator's scale: half a step of sx * ws off at most, `epilogue_constants`)
+    assert np.abs(got - ref).max() <= 0.5 * sx * ws.max() + 1e-5 * np.abs(ref).max()
+    assert 0 < to_bsr(torch.from_numpy(w), (8, 4)).nnzb < (n // 8) * (k // 4)  # (a sparse weight)
+
+
+def test_int8_bsr_token_pairs_use_512_bit_vpdpbusd():
+    """The pair kernel's reduction on an AVX-512 VNNI CPU: zmm `vpdpbusd` into 8 accumulators, none stored."""
+    from tvm.script import tirx as T
+
+    from graphopt.targets.tvm.cpu.sparse import bsr_qlinear_pairs_source
+    f = tvm.script.parse(bsr_qlinear_pairs_source(32, 64, 32, 12, "vnni"), extra_vars={"T": T})
+    loop = _inner_fma_loop(_asm(f, "sapphirerapids"), r"vpdpbusd")
+    assert len(set(re.findall(r"vpdpbusd\s+[^\n]*, (%zmm\d+)$", loop, re.M))) == 8
+    assert not re.search(r"vmovdq\w*\s+%zmm\d+, ", loop) and "call" not in loop
+
+
 @pytest.mark.parametrize("m,k,n,float_bias,dot", [(20, 72, 24, False, "ubsw"), (75, 64, 200, True, "ubsw"),
                                                    (75, 64, 200, True, "vnni")])
 def test_int8_csr_linear_kernel_is_exact(m, k, n, float_bias, dot):

@@ -220,7 +220,7 @@ class CpuCostOracle:
                     y = bb.emit(relax.op.matmul(relax.op.astype(x, "float32"),
                                                 relax.const(w.T.astype(np.float32))))
                 return y
-            return emit_bsr_qlinear(bb, x, w, scales, None, 0.02, 0, (m, k), dot)
+            return emit_bsr_qlinear(bb, x, w, scales, None, 0.02, 0, (m, k), dot, vector_lanes(self.target))
         return self._run(emit, (m, k), "int8")
 
     @staticmethod
