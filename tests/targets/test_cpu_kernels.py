@@ -1935,7 +1935,7 @@ def test_int8_bsr_kernel_is_exact(m, k, n, dot):
 @pytest.mark.parametrize("m,k,n,dot", [(13, 64, 32, "exact"), (30, 64, 16, "exact"), (2, 32, 8, "exact"),
                                        (13, 64, 32, "vnni"), (40, 128, 48, "vnni")])
 def test_int8_bsr_token_pairs_are_exact(m, k, n, dot):
-    """The 16-lane int8 BSR linear through its emitter (tokens paired by `pair_tokens`, two a 512-bit vector):
+    """The 16-lane int8 BSR linear through its emitter (tokens paired by `pair_tokens_source`, two a 512-bit vector):
     an odd token count (its last pair's second token never stored), 15 pairs in two overlapping tiles of 8, a
     single pair; an empty block-row, full-range int8 weights and activations, a float bias; the exact product on
     any CPU, `vpdpbusd` where this one has VNNI."""

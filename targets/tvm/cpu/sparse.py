@@ -405,7 +405,7 @@ QPAIRS = 8  # token pairs per task of the 16-lane int8 BSR kernel: 8 zmm accumul
 
 def bsr_qlinear_pairs_source(m: int, k: int, n: int, nnzb: int, dot: str, float_bias: bool = False) -> str:
     """`bsr_qlinear_source` on 512-bit vectors: each accumulator holds the 8 output rows of a block-row for two
-    tokens, lane 2r + u = row r of token 2i + u. The activation comes paired (`pair_tokens`: ap[M/2, K/4, 2, 4],
+    tokens, lane 2r + u = row r of token 2i + u. The activation comes paired (`pair_tokens_source`: ap[M/2, K/4, 2] quads,
     the two tokens' quads of one block column side by side), so a pair's operand is one 8-byte broadcast; the
     block's 32 bytes are loaded once and spread to match (each row's quad twice, one shuffle shared by the task's
     pairs), so the weight is stored as the 8-lane kernel stores it. The stores take the even and odd lanes apart.
@@ -419,7 +419,7 @@ def bsr_qlinear_pairs_source(m: int, k: int, n: int, nnzb: int, dot: str, float_
     p0 = f"T.min((t // {nb}) * {pt}, {mp - pt})"
     ib = f"(t % {nb})"
     quad = (f'T.reinterpret("uint8x64", T.broadcast(T.reinterpret("int64", '
-            f'ap[T.ramp((({p0} + i) * {k4} + indices[jj]) * 8, 1, 8)]), 8))')
+            f'ap[T.ramp((({p0} + i) * {k4} + indices[jj]) * 2, 1, 2)]), 8))')
     block = 'T.reinterpret("int32x8", data[T.ramp(jj * 32, 1, 32)])'
     spread = f'T.reinterpret("int8x64", T.Shuffle([{block}, {block}], {[q for q in range(8) for _ in (0, 1)]}))'
     acc = "acc[T.ramp(i * 16, 1, 16)]"
@@ -436,7 +436,7 @@ def bsr_qlinear_pairs_source(m: int, k: int, n: int, nnzb: int, dot: str, float_
                 {dst} = {val}""")
     return f"""
 @T.prim_func(private=True)
-def bsr_qlinear_pairs(ap: T.Buffer(({mp * k4 * 8},), "uint8"), data: T.Buffer(({nnzb * r * c},), "int8"),
+def bsr_qlinear_pairs(ap: T.Buffer(({mp * k4 * 2},), "int32"), data: T.Buffer(({nnzb * r * c},), "int8"),
                       indices: T.Buffer(({nnzb},), "int32"), indptr: T.Buffer(({nb + 1},), "int32"),
                       off: T.Buffer(({n},), "int32"), mult: T.Buffer(({n},), "float32"),{bias_arg}
                       out: T.Buffer(({m * n},), "float32")):
@@ -454,15 +454,36 @@ def bsr_qlinear_pairs(ap: T.Buffer(({mp * k4 * 8},), "uint8"), data: T.Buffer(({
 """
 
 
-def pair_tokens(bb, a, m: int, k: int):
-    """The uint8 activation a [M, K] as token pairs, ap [ceil(M/2) * K/4 * 8]: pair p, block column q holds
-    token 2p's quad then token 2p + 1's (an odd M's last pair is completed with zeros, never stored)."""
-    from tvm import relax
-    if m % 2:
-        a = bb.emit(relax.op.concat([a, relax.op.zeros((1, k), "uint8")], axis=0))
-    mp = -(-m // 2)
-    a = bb.emit(relax.op.permute_dims(relax.op.reshape(a, (mp, 2, k // 4, 4)), [0, 2, 1, 3]))
-    return bb.emit(relax.op.reshape(a, (mp * k * 2,)))
+def pair_tokens_source(m: int, k: int) -> str:
+    """xq int8 [M, K] -> the uint8 quads of xq + 128, as int32 [ceil(M/2), K/4, 2]: pair p, block column q holds
+    token 2p's quad then token 2p + 1's (an odd M's last pair repeats its token, never stored). Four quads of each
+    token a step, interleaved as int32 lanes by one shuffle; +128 is a flip of every byte's top bit (`flip` [1] =
+    0x80808080). The same relayout as Relax ops (reshape + permute_dims fused with the +128) took 50 us on 128 x
+    768, the kernel it feeds 61. Opaque to Relax's fusion (its int32 view of x cannot merge with a producer's
+    buffer), and two inputs, so Relax does not check it for a reshape (TVM 0.27 fails on a kernel without blocks)."""
+    k4, mp = k // 4, -(-m // 2)
+    rows = [f"2 * p * {k4}", f"T.min(2 * p + 1, {m - 1}) * {k4}"]
+    body = ""
+    if k4 // 4:
+        halves = ", ".join(f"x32[T.ramp({r} + q * 4, 1, 4)]" for r in rows)
+        body += f"""
+        for q in T.serial({k4 // 4}):
+            a32[T.ramp((p * {k4} + q * 4) * 2, 1, 8)] = T.bitwise_xor(T.Shuffle([{halves}], [0, 4, 1, 5, 2, 6, 3, 7]),
+                                                                     T.broadcast(flip[0], 8))"""
+    if k4 % 4:
+        body += f"""
+        for q in T.serial({k4 % 4}):
+            for u in T.unroll(2):
+                a32[(p * {k4} + {k4 // 4 * 4} + q) * 2 + u] = T.bitwise_xor(
+                    x32[T.if_then_else(u == 0, {rows[0]}, {rows[1]}) + {k4 // 4 * 4} + q], flip[0])"""
+    return f"""
+@T.prim_func(private=True)
+def pair_tokens(x: T.Buffer(({m * k},), "int8"), flip: T.Buffer((1,), "int32"),
+                a32: T.Buffer(({mp * k4 * 2},), "int32")):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
+    for p in T.parallel({mp}):
+        x32 = T.decl_buffer(({m * k4},), "int32", data=x.data){body}
+"""
 
 
 def bsr_qlinear_source(m: int, k: int, n: int, nnzb: int, dot: str, float_bias: bool = False) -> str:
@@ -526,9 +547,14 @@ def emit_bsr_qlinear(bb, xq, wq, w_scales, bias, sx: float, zx: int, x_shape, do
     src = (bsr_qlinear_pairs_source if wide else bsr_qlinear_source)(m, k, n, s.nnzb, dot, fb is not None)
     gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}),
                      f"bsr_qlinear_{dot}{'_pairs' if wide else ''}_{m}x{k}x{n}_nnz{s.nnzb}")
-    a = relax.op.astype(relax.op.add(relax.op.astype(xq, "int16"), relax.const(128, "int16")), "uint8")
-    a = (pair_tokens(bb, bb.emit(relax.op.reshape(bb.emit(a), (m, k))), m, k) if wide
-         else bb.emit(relax.op.reshape(bb.emit(a), (m * k,))))
+    if wide:
+        pair = bb.add_func(tvm.script.parse(pair_tokens_source(m, k), extra_vars={"T": T}), f"pair_tokens_{m}x{k}")
+        a = bb.emit(relax.call_tir(pair, [bb.emit(relax.op.reshape(xq, (m * k,))),
+                                          relax.const(np.array([-2139062144], np.int32))],
+                                   relax.TensorType((-(-m // 2) * (k // 2),), "int32")))
+    else:
+        a = relax.op.astype(relax.op.add(relax.op.astype(xq, "int16"), relax.const(128, "int16")), "uint8")
+        a = bb.emit(relax.op.reshape(bb.emit(a), (m * k,)))
     consts = [relax.const(s.data.numpy().reshape(-1)), relax.const(s.indices.numpy()), relax.const(s.indptr.numpy()),
               *(relax.const(v[:n]) for v in (off, mult, fb) if v is not None)]
     y = bb.emit(relax.call_tir(gv, [a, *consts], relax.TensorType((m * n,), "float32")))
