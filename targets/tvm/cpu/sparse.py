@@ -405,13 +405,14 @@ QPAIRS = 8  # token pairs per task of the 16-lane int8 BSR kernel: 8 zmm accumul
 
 def bsr_qlinear_pairs_source(m: int, k: int, n: int, nnzb: int, dot: str, float_bias: bool = False) -> str:
     """`bsr_qlinear_source` on 512-bit vectors: each accumulator holds the 8 output rows of a block-row for two
-    tokens, lane 2r + u = row r of token 2i + u. The activation comes paired (`pair_tokens_source`: ap[M/2, K/4, 2] quads,
-    the two tokens' quads of one block column side by side), so a pair's operand is one 8-byte broadcast; the
-    block's 32 bytes are loaded once and spread to match (each row's quad twice, one shuffle shared by the task's
-    pairs), so the weight is stored as the 8-lane kernel stores it. The stores take the even and odd lanes apart.
-    Kernel alone (Emerald Rapids, 2 threads, 80 / 90% sparse, exact against int64): 0.55-0.82x the 8-lane
-    kernel's time on 128 x 768 x 768, 128 x 384 x 1536, 128 x 1536 x 384 and 384 x 768 x 768 (127 tokens: 0.69-0.82);
-    12 pairs a task 0.56-0.98x, 6 pairs 0.66-0.92x; the block stored pre-spread (64 bytes) was no faster."""
+    tokens, lane 2r + u = row r of token 2i + u. The activation comes paired (`pair_tokens_source`: quads
+    ap[M/2, K/4, 2], the two tokens' quads of one block column side by side), so a pair's operand is one 8-byte
+    broadcast; the block's 32 bytes are loaded once and spread to match (each row's quad twice, one shuffle shared
+    by the task's pairs), so the weight is stored as the 8-lane kernel stores it. The stores take the even and odd
+    lanes apart. Kernel alone (Emerald Rapids, 2 threads, 80 / 90% sparse, exact against int64): 0.55-0.82x the
+    8-lane kernel's time on 128 x 768 x 768, 128 x 384 x 1536, 128 x 1536 x 384 and 384 x 768 x 768 (127 tokens:
+    0.69-0.82); 12 pairs a task 0.56-0.98x, 6 pairs 0.66-0.92x; the block stored pre-spread (64 bytes) was no
+    faster."""
     from graphopt.targets.tvm.cpu.int8 import quad_dot
     r, c = QBLOCK
     nb, k4, mp = n // r, k // c, -(-m // 2)
