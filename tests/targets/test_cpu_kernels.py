@@ -1932,16 +1932,19 @@ def test_int8_bsr_kernel_is_exact(m, k, n, dot):
     assert np.abs(out.numpy().reshape(m, n) - ref).max() <= 1e-6 * np.abs(ref).max()
 
 
-@pytest.mark.parametrize("m,k,n,dot", [(13, 64, 32, "exact"), (30, 64, 16, "exact"), (2, 32, 8, "exact"),
-                                       (13, 64, 32, "vnni"), (40, 128, 48, "vnni")])
-def test_int8_bsr_token_pairs_are_exact(m, k, n, dot):
+@pytest.mark.parametrize("m,k,n,dot,tiny", [(13, 64, 32, "exact", False), (30, 72, 16, "exact", False),
+                                            (2, 32, 8, "exact", False), (1, 40, 16, "exact", True),
+                                            (13, 64, 32, "vnni", False), (40, 128, 48, "vnni", True)])
+def test_int8_bsr_token_pairs_are_exact(m, k, n, dot, tiny):
     """The 16-lane int8 BSR linear through its emitter (tokens paired by `pair_tokens_source`, two a 512-bit vector):
-    an odd token count (its last pair's second token never stored), 15 pairs in two overlapping tiles of 8, a
-    single pair; an empty block-row, full-range int8 weights and activations, a float bias; the exact product on
-    any CPU, `vpdpbusd` where this one has VNNI."""
+    odd token counts (the last pair's second token never stored; one token), 15 pairs in two overlapping tiles of
+    8, a single pair, K not whole groups of 4 quads (72, 40); an empty block-row, full-range int8 weights and
+    activations, a bias (`tiny` weight scales: a bias too large for int32 at the accumulator's scale, added as a
+    float); the exact product on any CPU, `vpdpbusd` where this one has VNNI."""
     from tvm import relax
 
     from graphopt.ir.sparse_ops import to_bsr
+    from graphopt.targets.tvm.cpu.int8 import epilogue_constants
     from graphopt.targets.tvm.cpu.pipeline import build_cpu
     from graphopt.targets.tvm.cpu.sparse import emit_bsr_qlinear
     if dot == "vnni" and not _vnni_here():
@@ -1952,7 +1955,8 @@ def test_int8_bsr_token_pairs_are_exact(m, k, n, dot):
     keep[0, 0] = True
     w = (rng.integers(-127, 128, (n, k)) * np.kron(keep, np.ones((8, 4), np.int64))).astype(np.int8)
     x = rng.integers(-128, 128, (m, k)).astype(np.int8)
-    ws, sx, zx, bias = rng.uniform(1e-3, 2e-3, n), 0.05, -3, rng.standard_normal(n).astype(np.float32)
+    ws, sx, zx = rng.uniform(1e-3, 2e-3, n) * (1e-8 if tiny else 1), 0.05, -3
+    bias = rng.standard_normal(n).astype(np.float32)
     bb = relax.BlockBuilder()
     xv = relax.Var("x", relax.TensorType((m, k), "int8"))
     with bb.function("main", [xv]):
@@ -1965,6 +1969,7 @@ def test_int8_bsr_token_pairs_are_exact(m, k, n, dot):
     ref = ((x.astype(np.int64) - zx) @ w.astype(np.int64).T) * ws * sx + bias
     # (the bias is stored at the accumulator's scale: half a step of sx * ws off at most, `epilogue_constants`)
     assert np.abs(got - ref).max() <= 0.5 * sx * ws.max() + 1e-5 * np.abs(ref).max()
+    assert (epilogue_constants(w, ws, bias, sx, zx + 128, -(-n // 6))[2] is not None) == tiny
     assert 0 < to_bsr(torch.from_numpy(w), (8, 4)).nnzb < (n // 8) * (k // 4)  # (a sparse weight)
 
 
