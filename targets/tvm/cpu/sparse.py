@@ -412,7 +412,7 @@ def bsr_qlinear_pairs_source(m: int, k: int, n: int, nnzb: int, dot: str, float_
     lanes apart. Kernel alone (Emerald Rapids, 2 threads, 80 / 90% sparse, exact against int64): 0.55-0.82x the
     8-lane kernel's time on 128 x 768 x 768, 128 x 384 x 1536, 128 x 1536 x 384 and 384 x 768 x 768 (127 tokens:
     0.69-0.82); 12 pairs a task 0.56-0.98x, 6 pairs 0.66-0.92x; the block stored pre-spread (64 bytes) was no
-    faster."""
+    faster. Whole calls against 8 pairs a task (QPAIRS): 12 pairs 0.76-1.32x, 16 pairs 1.06-1.69x."""
     from graphopt.targets.tvm.cpu.int8 import quad_dot
     r, c = QBLOCK
     nb, k4, mp = n // r, k // c, -(-m // 2)
