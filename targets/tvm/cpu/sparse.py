@@ -25,7 +25,8 @@ def token_tile(m: int, r: int, lanes: int = 8, cores: int = 0) -> int:
     block row, 4 dependent FMA chains for a 4x4 block. Kernel alone (Emerald Rapids, 2 threads, 80 / 90%
     sparsity), against 16 tokens: 4x4 linears at 128 tokens 0.63-0.76x with 64 (32: 0.87-0.95x), 8x1 on 768x768
     0.69-0.91x, 4x4 at 384 tokens 0.64-0.84x; 4x4 pointwise convs 0.48-0.91x with 32 (MobileNetV2's 96x576x196
-    at 90% 46 -> 22 us; 64 pixels were no faster on 196 and 784 pixels, whose last tile then overlaps most). CSR
+    at 90% 46 -> 22 us; 64 pixels were no faster on 196 and 784 pixels, whose last tile then overlaps most; on
+    whole 64-pixel tiles, 3136, 12544 and 256 pixels, 64 took 0.56-0.93x, 8x1 blocks included). CSR
     (1-row blocks) keeps 32: 64 tokens were even on 768x768 at 80% and slower tiled (its x^T slice no longer fits
     L1)."""
     v = 16 if r >= 4 else 32
