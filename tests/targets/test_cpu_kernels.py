@@ -2144,6 +2144,48 @@ def test_int8_sparse_pointwise_kernel_equals_the_dense_one(cout, cin, p, out_int
     assert np.abs(dense).max() > 0 and (dense != dense[0, 0, 0, 0]).any()
 
 
+@pytest.mark.parametrize("cout,cin,p,dot", [(32, 64, 196, "exact"), (48, 63, 49, "exact"), (16, 24, 16, "exact"),
+                                           (16, 24, 12, "exact"), (40, 64, 196, "vnni")])
+def test_int8_bsr_pointwise_on_16_pixel_vectors_equals_the_dense_kernel(cout, cin, p, dot):
+    """With 16 lanes the int8 BSR pointwise kernel takes 16 pixels a 512-bit vector (`bsr_pixels16`): int8 stores
+    equal to the dense kernel's for the same weight, with an overlapping last block (196, 49), exactly 16 pixels,
+    Cin not a multiple of 4, an empty block-row, full-range int8 weights; 12 pixels keep 8-pixel blocks. The exact
+    product on any CPU, `vpdpbusd` where this one has VNNI."""
+    from tvm import relax
+
+    from graphopt.targets.tvm.cpu.int8 import bsr_pixels16, emit_qconv1x1
+    from graphopt.targets.tvm.cpu.pipeline import build_cpu
+    if dot == "vnni" and not _vnni_here():
+        pytest.skip("this CPU has no VNNI")
+    rng = np.random.default_rng(7)
+    keep = rng.random((cout // 8, -(-cin // 4))) < 0.3
+    keep[0, :2] = True
+    keep[1] = False
+    w = (rng.integers(-127, 128, (cout, cin)) * np.kron(keep, np.ones((8, 4), np.int64))[:, :cin]).astype(np.int8)
+    w = w.reshape(cout, cin, 1, 1)
+    ws, bias = rng.uniform(1e-3, 2e-3, cout), rng.uniform(-1, 1, cout).astype(np.float32)
+    x = rng.integers(-128, 128, (1, cin, p, 1)).astype(np.int8)
+    outs = []
+    for sparse in ("", "bsr8x4"):
+        bb = relax.BlockBuilder()
+        xv = relax.Var("x", relax.TensorType(x.shape, "int8"))
+        with bb.function("main", [xv]):
+            with bb.dataflow():
+                y = emit_qconv1x1(bb, xv, w, ws, bias, 0.02, -5, x.shape, (0.0, 6.0), (0.05, 3, -128, 127), dot=dot,
+                                  sparse=sparse, lanes=16)
+                out = bb.emit_output(y)
+            bb.emit_func_output(out)
+        mod = bb.get()
+        names = [g.name_hint for g in mod.get_global_vars()]
+        if sparse:
+            assert any(n.startswith(f"qconv1x1_bsr_{dot}_v16_") for n in names) == (p >= 16), names
+        vm = relax.VirtualMachine(build_cpu(mod, cpu_target()), tvm.cpu())
+        outs.append(vm["main"](tvm.runtime.tensor(x)).numpy())
+    assert bsr_pixels16(p, dot, 16) == (p >= 16) and not bsr_pixels16(p, dot, 8) and not bsr_pixels16(p, "ubsw", 16)
+    np.testing.assert_array_equal(outs[1], outs[0])
+    assert (outs[0] != outs[0].flat[0]).any()
+
+
 @pytest.mark.parametrize("batch,k,stride,pad,hw", [(1, 3, 2, 1, (23, 20)), (2, 2, None, 0, (9, 10)),
                                                    (1, 3, 1, 1, (7, 9))])
 def test_max_pool_runs_on_the_row_kernel(batch, k, stride, pad, hw):
