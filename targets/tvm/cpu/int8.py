@@ -148,6 +148,16 @@ def _tile_store(co: str, c0: str, nv: int, p: int, clamp, out_q, dequantized: bo
 DOTS = ("ubsw", "vnni", "exact")
 
 
+# every byte's top bit as an int32 (0x80808080): XOR with it adds 128 to four int8 bytes read as uint8
+BYTE_TOPS = -2139062144
+
+
+def wide_quads(dot: str | None, lanes: int) -> bool:
+    """Whether the quad kernels can run 512-bit: a 16-lane target and a quad product with a 16-lane form (`quad_dot`:
+    VNNI, or the exact reference; `vpmaddubsw` is AVX2's 8 lanes only)."""
+    return lanes >= 16 and dot in ("vnni", "exact")
+
+
 def quad_dot(acc: str, u8: str, s8: str, dot: str, lanes: int = 8) -> str:
     """TVMScript of acc (int32 x lanes) plus, per lane, the 4 products of u8 (uint8 x 4 lanes) and s8 (int8 x 4
     lanes) bytes 4l..4l+3:
@@ -394,7 +404,7 @@ def qconv1x1_knobs(p: int, dot: str | None = None, lanes: int = 8) -> tuple[dict
     memory-bound 96x16x12544. One 16-pixel vector (6 accumulators) took 0.78-1.14x; 64 pixels 0.64-0.96x; two
     channel blocks (12 rows) of 16 or 32 pixels, 0.51-1.10x by layer, are candidates with the 8-lane rule."""
     pair = [{"nv": 1, "tiles": 2}] if dot == "vnni" else []
-    if lanes >= 16 and dot in ("vnni", "exact") and p >= 16:
+    if wide_quads(dot, lanes) and p >= 16:
         wide = [{"nv": 4, "lanes": 16}] if p >= 32 else []
         wide += [{"nv": 2, "lanes": 16}, {"nv": 2, "lanes": 16, "tiles": 2}]
         wide += [{"nv": 4, "lanes": 16, "tiles": 2}] if p >= 32 else []
@@ -411,7 +421,7 @@ def bsr_pixels16(p: int, dot: str, lanes: int) -> bool:
     pixels as two 8-lane vectors 0.62-1.37x, 32 pixels 0.81-2.01x. In the whole sparse80+int8 MobileNetV2 (every
     layer the layout pass made sparse on it) 0.90-1.03x, median 0.96, over 10 interleaved rounds; outputs
     identical."""
-    return lanes >= 16 and dot in ("vnni", "exact") and p >= 16
+    return wide_quads(dot, lanes) and p >= 16
 
 
 def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | None, sx: float, zx: int,
@@ -698,7 +708,7 @@ def qbmm_source(bt: int, m: int, k: int, n: int, dot: str = "vnni") -> str:
     colsum = "".join(f"""
                 {cs8.format(h=h * 8)} = {quad_dot(cs8.format(h=h * 8), ones_u8, packed(h), dot)}""" for h in range(2))
     a_quad = f'T.reinterpret("int32", a[T.ramp(({row} * {k4} + q) * 4, 1, 4)])'
-    a_u8 = f'T.reinterpret("uint8x32", T.broadcast(T.bitwise_xor({a_quad}, T.int32(-2139062144)), 8))'  # + 128
+    a_u8 = f'T.reinterpret("uint8x32", T.broadcast(T.bitwise_xor({a_quad}, T.int32({BYTE_TOPS})), 8))'  # + 128
     steps = "".join(f"""
                         {acc8.format(h=h * 8)} = {quad_dot(acc8.format(h=h * 8), a_u8, packed(h), dot)}"""
                     for h in range(2))

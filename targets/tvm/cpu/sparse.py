@@ -395,12 +395,6 @@ def bsr_qlinear_applies(m: int, k: int, n: int, block: tuple[int, int]) -> str:
     return ""
 
 
-def bsr_qlinear_wide(dot: str, lanes: int) -> bool:
-    """Whether the int8 BSR linear runs two tokens a 512-bit vector (`bsr_qlinear_pairs_source`): 16 lanes and a
-    quad product that has a 512-bit form (VNNI, or the exact reference)."""
-    return lanes >= 16 and dot in ("vnni", "exact")
-
-
 QPAIRS = 8  # token pairs per task of the 16-lane int8 BSR kernel: 8 zmm accumulators
 
 
@@ -460,8 +454,8 @@ def pair_tokens_source(m: int, k: int) -> str:
     """xq int8 [M, K] -> the uint8 quads of xq + 128, as int32 [ceil(M/2), K/4, 2]: pair p, block column q holds
     token 2p's quad then token 2p + 1's (an odd M's last pair repeats its token, never stored). Four quads of each
     token a step, interleaved as int32 lanes by one shuffle; +128 is a flip of every byte's top bit (`flip` [1] =
-    0x80808080). The same relayout as Relax ops (reshape + permute_dims fused with the +128) took 50 us on 128 x
-    768, the kernel it feeds 61. Opaque to Relax's fusion (its int32 view of x cannot merge with a producer's
+    `int8.BYTE_TOPS`). The same relayout as Relax ops (reshape + permute_dims fused with the +128) took 50 us on
+    128 x 768, the kernel it feeds 61. Opaque to Relax's fusion (its int32 view of x cannot merge with a producer's
     buffer), and two inputs, so Relax does not check it for a reshape (TVM 0.27 fails on a kernel without blocks)."""
     k4, mp = k // 4, -(-m // 2)
     rows = [f"2 * p * {k4}", f"T.min(2 * p + 1, {m - 1}) * {k4}"]
@@ -528,7 +522,7 @@ def bsr_qlinear(a: T.Buffer(({m * k},), "uint8"), data: T.Buffer(({nnzb * r * c}
 
 def emit_bsr_qlinear(bb, xq, wq, w_scales, bias, sx: float, zx: int, x_shape, dot: str, lanes: int = 8):
     """qlinear of xq int8 [..., K] with a constant int8 weight [N, K] (numpy, mostly zero 8x4 blocks) on the int8
-    BSR kernel -> float32 [..., N]; with 16 `lanes` and a 512-bit quad product, two tokens a vector
+    BSR kernel -> float32 [..., N]; where the quads run 512-bit (`int8.wide_quads`), two tokens a vector
     (`bsr_qlinear_pairs_source`)."""
     import math
 
@@ -539,20 +533,20 @@ def emit_bsr_qlinear(bb, xq, wq, w_scales, bias, sx: float, zx: int, x_shape, do
     from tvm.script import tirx as T
 
     from graphopt.ir.sparse_ops import to_bsr
-    from graphopt.targets.tvm.cpu.int8 import MR, epilogue_constants
+    from graphopt.targets.tvm.cpu.int8 import BYTE_TOPS, MR, epilogue_constants, wide_quads
 
     lead, k = tuple(int(d) for d in x_shape[:-1]), int(x_shape[-1])
     m, n = math.prod(lead), int(wq.shape[0])
     s = to_bsr(torch.from_numpy(np.ascontiguousarray(wq, np.int8)), QBLOCK)
     off, mult, fb = epilogue_constants(wq, w_scales, bias, sx, zx + 128, -(-n // MR))
-    wide = bsr_qlinear_wide(dot, lanes)
+    wide = wide_quads(dot, lanes)
     src = (bsr_qlinear_pairs_source if wide else bsr_qlinear_source)(m, k, n, s.nnzb, dot, fb is not None)
     gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}),
                      f"bsr_qlinear_{dot}{'_pairs' if wide else ''}_{m}x{k}x{n}_nnz{s.nnzb}")
     if wide:
         pair = bb.add_func(tvm.script.parse(pair_tokens_source(m, k), extra_vars={"T": T}), f"pair_tokens_{m}x{k}")
         a = bb.emit(relax.call_tir(pair, [bb.emit(relax.op.reshape(xq, (m * k,))),
-                                          relax.const(np.array([-2139062144], np.int32))],
+                                          relax.const(np.array([BYTE_TOPS], np.int32))],
                                    relax.TensorType((-(-m // 2) * (k // 2),), "int32")))
     else:
         a = relax.op.astype(relax.op.add(relax.op.astype(xq, "int16"), relax.const(128, "int16")), "uint8")
