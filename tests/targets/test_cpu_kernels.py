@@ -536,11 +536,14 @@ def test_residual_add_stays_separate_when_its_operand_comes_later():
                                                (12, 7, 5, 1, torch.nn.ReLU6()), (20, 14, 3, 1, torch.nn.Identity()),
                                                (16, 14, 5, 1, torch.nn.ReLU6()),  # 5x5, 14 wide: 2 rows a step
                                                (8, 11, 5, 1, torch.nn.Identity()),  # 11 rows: the last pair overlaps
-                                               (8, 28, 5, 1, torch.nn.ReLU6())])  # 5x5 on 28x28: a 32 KB tile
+                                               (8, 28, 5, 1, torch.nn.ReLU6()),  # 5x5 on 28x28: a 32 KB tile
+                                               (136, 7, 3, 1, torch.nn.ReLU6()),  # 17 groups: 2 a task, 1 left
+                                               (260, 14, 3, 2, torch.nn.Identity())])  # 33 groups, 4 a task
 def test_small_map_depthwise_runs_over_channel_groups(c, hw, k, stride, act):
     """7x7 / 14x14 maps (and 28x28 ones with 5x5 taps) take the channel-blocked kernel: 8x8 transposes back to
-    NCHW (the last block of 8 pixels overlapping), odd sizes with stride 2, tiny maps (3x3: 9 outputs), and a last
-    group of fewer than 8 channels (12, 20)."""
+    NCHW (the last block of 8 pixels overlapping), odd sizes with stride 2, tiny maps (3x3: 9 outputs), a last
+    group of fewer than 8 channels (12, 20, 260), and tasks of several groups whose last task is short (136, 260:
+    `cb_groups_per_task`)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(c, c, k, stride, k // 2, groups=c), act).eval()
     x = torch.randn(1, c, hw, hw)

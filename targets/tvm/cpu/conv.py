@@ -862,8 +862,9 @@ def transpose8(src: str, dst: str, pad: str) -> str:
 
 
 def _cb_zero_border(hp: int, wq: int, ph: int, pw: int, rows: int, cols: int, lanes: int) -> str:
-    """Zero the channel-blocked tile's padding only (its pad rows, and the pad columns of the input rows); the fill
-    writes the rest. Zeroing all of it was hp * wq vector stores a task, as many as a 3x3 stride-2 layer's taps."""
+    """Zero the channel-blocked tile's padding only (its pad rows, and the pad columns of the input rows), once a
+    task: each group's fill writes the rest. Zeroing all of it was hp * wq vector stores a group, as many as a 3x3
+    stride-2 layer's taps."""
     code = ""
     for y0, y1 in ((0, ph), (ph + rows, hp)):
         if y1 > y0:
@@ -884,8 +885,8 @@ def _cb_fill(h: int, wd: int, ph: int, pw: int, rows: int, cols: int, lanes: int
     """The channel-blocked tile's fill: 8 channels x 8 input pixels a step, made channel-last by an 8x8 transpose.
     Input rows of 8+ used columns go row by row in blocks of 8 columns (the last one overlapping the one before),
     every tile address known at compile time; narrower maps (7x7) in blocks of 8 consecutive pixels of the flat
-    map, each pixel's row and column computed and checked. Those divisions, checks and addresses cost more than
-    the transposes. With the border-only zeroing (`_cb_zero_border`), kernel alone on Zen 4 (fp32, 11 interleaved
+    map, unrolled where there are at most 16 blocks so that each pixel's row and column are constants. The flat
+    fill's divisions, checks and addresses at run time had cost more than the transposes. With the border-only zeroing (`_cb_zero_border`), kernel alone on Zen 4 (fp32, 11 interleaved
     rounds, outputs bit-identical): 14x14 outputs of stride-2 layers 0.59-0.69x the old fill's time at 1 and 2
     threads (192x28x28 3x3 39.8 -> 24.9 us, 576x14x14 3x3 43.8 -> 25.9, 672x14x14 5x5 73.4 -> 50.6, one thread),
     14x14 stride 1 0.71-0.85x, 28x28 5x5 0.88x, 7x7 maps (the flat fill, zeroing only) 0.89-0.95x; with an int8
@@ -901,16 +902,34 @@ def _cb_fill(h: int, wd: int, ph: int, pw: int, rows: int, cols: int, lanes: int
                     tile[yy + {ph}, j + {x0 + pw}, hf * 8 + l] = tb[j, l]""" for x0 in blocks)
         return f"""
         for yy, hf in T.grid({rows}, {lanes // 8}):{steps}"""
+    blocks = -(-(h * wd) // 8)
+    loop = "T.unroll" if blocks <= 16 else "T.serial"  # unrolled, each pixel's row and column are constants
     return f"""
-        for q, hf in T.grid({-(-(h * wd) // 8)}, {lanes // 8}):
-            p0: T.let = T.min(q * 8, {h * wd - 8})
-            for r in T.unroll(8):
-                for l in T.vectorized(8):
-                    ta[r, l] = x[{xc}, p0 + l]{transpose8("ta", "tb", " " * 12)}
-            for j in T.unroll(8):
-                if (p0 + j) // {wd} < {rows} and (p0 + j) % {wd} < {cols}:
+        for hf in T.serial({lanes // 8}):
+            for q in {loop}({blocks}):
+                p0: T.let = T.min(q * 8, {h * wd - 8})
+                for r in T.unroll(8):
                     for l in T.vectorized(8):
-                        tile[(p0 + j) // {wd} + {ph}, (p0 + j) % {wd} + {pw}, hf * 8 + l] = tb[j, l]"""
+                        ta[r, l] = x[{xc}, p0 + l]{transpose8("ta", "tb", " " * 16)}
+                for j in T.unroll(8):
+                    if (p0 + j) // {wd} < {rows} and (p0 + j) % {wd} < {cols}:
+                        for l in T.vectorized(8):
+                            tile[(p0 + j) // {wd} + {ph}, (p0 + j) % {wd} + {pw}, hf * 8 + l] = tb[j, l]"""
+
+
+def _indent(code: str, n: int) -> str:
+    """TVMScript `code` (lines starting with a newline) moved n spaces deeper."""
+    return code.replace("\n", "\n" + " " * n)
+
+
+def cb_groups_per_task(groups: int) -> int:
+    """Channel groups per task of the channel-blocked depthwise kernel: 8, 4 or 2 while that leaves 8 tasks or more
+    (threads to spare on machines with more cores than the build's), else 1. Its tile and output buffers (2-58 KB)
+    live on the heap: TVM allocates them at every iteration of the parallel loop that declares them, and a group's
+    work is short (960x7x7: ~170 ns). Kernel alone on Zen 4 against a task a group (interleaved, fp32): 960x7x7
+    0.77-0.78x with 8 groups a task, 576x14x14 stride 2 0.77x, 1152x7x7 5x5 0.88x, 384x14x14 0.92-0.93x (4 a
+    task; 2, 4 and 8 alike), 192x28x28 stride 2 0.90-0.93x (2), at one and two threads."""
+    return next((per for per in (8, 4, 2) if groups >= 8 * per), 1)
 
 
 def depthwise_cb_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int, stride: int, ph: int, pw: int,
@@ -971,19 +990,7 @@ def depthwise_cb_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: 
             for r in T.unroll(8):{lane_guard("r", " " * 16)}
                     for l in T.vectorized(8):
                         out[g * {L} + hf * 8 + r, p0 + l] = {_clamped("tb[r, l]", clamp, out_q)}"""
-    return f"""
-@T.prim_func(private=True)
-def depthwise_cb(x: T.Buffer(({c}, {h * wd}), "float32"), {w_arg},
-                 bias: T.Buffer(({groups * L},), "float32"), out: T.Buffer(({c}, {n_out}), "{ot_type}")):
-    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
-    for g in T.parallel({groups}):{widen}
-        tile = T.decl_buffer(({hp}, {wq}, {L}), "float32", scope="global")
-        ot = T.decl_buffer(({n_out}, {L}), "float32", scope="global")
-        ta = T.decl_buffer((8, 8), "float32", scope="global")
-        tb = T.decl_buffer((8, 8), "float32", scope="global")
-        s1 = T.decl_buffer((8, 8), "float32", scope="global")
-        s2 = T.decl_buffer((8, 8), "float32", scope="global")
-{_cb_zero_border(hp, wq, ph, pw, rows, cols, L)}{_cb_fill(h, wd, ph, pw, rows, cols, L, xc)}
+    body = f"""{_cb_fill(h, wd, ph, pw, rows, cols, L, xc)}
         for yb in T.serial({-(-oh // ry)}):
             y0: T.let = T.min(yb * {ry}, {oh - ry})
             for b in T.serial({nblk}):
@@ -1000,6 +1007,25 @@ def depthwise_cb(x: T.Buffer(({c}, {h * wd}), "float32"), {w_arg},
                                 for l in T.vectorized({L}):
                                     acc[r, xx, l] = acc[r, xx, l] + wv[{wg}, i * {kw} + j, l] * tile[
                                         (y0 + r) * {s} + i, (x0 + xx) * {s} + j, l]{store}
+"""
+    # tasks of `per` groups (`cb_groups_per_task`): the tile and output buffers, past the 1 KB TVM keeps on the
+    # stack, are allocated once a task, not once a group
+    per = cb_groups_per_task(groups)
+    return f"""
+@T.prim_func(private=True)
+def depthwise_cb(x: T.Buffer(({c}, {h * wd}), "float32"), {w_arg},
+                 bias: T.Buffer(({groups * L},), "float32"), out: T.Buffer(({c}, {n_out}), "{ot_type}")):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
+    for gc in T.parallel({-(-groups // per)}):
+        tile = T.decl_buffer(({hp}, {wq}, {L}), "float32", scope="global")
+        ot = T.decl_buffer(({n_out}, {L}), "float32", scope="global")
+        ta = T.decl_buffer((8, 8), "float32", scope="global")
+        tb = T.decl_buffer((8, 8), "float32", scope="global")
+        s1 = T.decl_buffer((8, 8), "float32", scope="global")
+        s2 = T.decl_buffer((8, 8), "float32", scope="global"){_cb_zero_border(hp, wq, ph, pw, rows, cols, L)}
+        for gi in T.serial({per}):
+            g: T.let = gc * {per} + gi
+            if g < {groups}:{_indent(widen + body, 8)}
 """
 
 
