@@ -886,11 +886,11 @@ def _cb_fill(h: int, wd: int, ph: int, pw: int, rows: int, cols: int, lanes: int
     Input rows of 8+ used columns go row by row in blocks of 8 columns (the last one overlapping the one before),
     every tile address known at compile time; narrower maps (7x7) in blocks of 8 consecutive pixels of the flat
     map, unrolled where there are at most 16 blocks so that each pixel's row and column are constants. The flat
-    fill's divisions, checks and addresses at run time had cost more than the transposes. With the border-only zeroing (`_cb_zero_border`), kernel alone on Zen 4 (fp32, 11 interleaved
-    rounds, outputs bit-identical): 14x14 outputs of stride-2 layers 0.59-0.69x the old fill's time at 1 and 2
-    threads (192x28x28 3x3 39.8 -> 24.9 us, 576x14x14 3x3 43.8 -> 25.9, 672x14x14 5x5 73.4 -> 50.6, one thread),
-    14x14 stride 1 0.71-0.85x, 28x28 5x5 0.88x, 7x7 maps (the flat fill, zeroing only) 0.89-0.95x; with an int8
-    store 0.59-0.89x."""
+    fill's divisions, checks and addresses at run time had cost more than the transposes. With the border-only
+    zeroing (`_cb_zero_border`), kernel alone on Zen 4 (fp32, 11 interleaved rounds, outputs bit-identical): 14x14
+    outputs of stride-2 layers 0.59-0.69x the old fill's time at 1 and 2 threads (192x28x28 3x3 39.8 -> 24.9 us,
+    576x14x14 3x3 43.8 -> 25.9, 672x14x14 5x5 73.4 -> 50.6, one thread), 14x14 stride 1 0.71-0.85x, 28x28 5x5
+    0.88x, 7x7 maps (then still rolled: the zeroing only) 0.89-0.95x; with an int8 store 0.59-0.89x."""
     if cols >= 8:
         blocks = sorted({min(b * 8, cols - 8) for b in range(-(-cols // 8))})
         steps = "".join(f"""
@@ -926,9 +926,11 @@ def cb_groups_per_task(groups: int) -> int:
     """Channel groups per task of the channel-blocked depthwise kernel: 8, 4 or 2 while that leaves 8 tasks or more
     (threads to spare on machines with more cores than the build's), else 1. Its tile and output buffers (2-58 KB)
     live on the heap: TVM allocates them at every iteration of the parallel loop that declares them, and a group's
-    work is short (960x7x7: ~170 ns). Kernel alone on Zen 4 against a task a group (interleaved, fp32): 960x7x7
-    0.77-0.78x with 8 groups a task, 576x14x14 stride 2 0.77x, 1152x7x7 5x5 0.88x, 384x14x14 0.92-0.93x (4 a
-    task; 2, 4 and 8 alike), 192x28x28 stride 2 0.90-0.93x (2), at one and two threads."""
+    work is short (960x7x7: ~170 ns). Kernel alone on Zen 4 against a task a group, with the padding's zeroing
+    moved to once a task and the 7x7 fill unrolled in the same change (interleaved, outputs bit-identical, one and
+    two threads, fp32 and int8 store): 960x7x7 0.68-0.76x, 1152x7x7 5x5 0.81-0.82x, 576x14x14 stride 2 0.87x,
+    384x14x14 0.89-0.93x, 28x28 maps 0.96-0.98x. The buffers alone hoisted: 2, 4 or 8 groups a task measured alike
+    on 384x14x14 and 192x28x28 (0.90-0.95x), 8 best on the 7x7 maps (0.77-0.88x)."""
     return next((per for per in (8, 4, 2) if groups >= 8 * per), 1)
 
 
