@@ -106,8 +106,13 @@ def test_pointwise_conv_uses_packed_kernel_with_fused_clamp(cout, cin, hw, act):
                                                (12, 9, 5, 2, torch.nn.ReLU()), (4, 40, 5, 1, torch.nn.Identity()),
                                                (6, 70, 3, 2, torch.nn.ReLU6()), (4, 81, 5, 2, torch.nn.Identity()),
                                                (5, 28, 5, 2, torch.nn.ReLU()), (3, 50, 5, 2, torch.nn.ReLU6()),
-                                               (4, 13, 3, 1, torch.nn.ReLU6()), (3, 22, 5, 1, torch.nn.Identity())])
+                                               (4, 13, 3, 1, torch.nn.ReLU6()), (3, 22, 5, 1, torch.nn.Identity()),
+                                               # tasks of 2 channels, the last one short (`cb_groups_per_task`):
+                                               (17, 64, 5, 2, torch.nn.ReLU6()),  # the stride-2 phase kernel
+                                               (17, 30, 5, 1, torch.nn.Identity())])  # the padded tile kernel
 def test_depthwise_conv_kernel_handles_padding_in_the_kernel(c, hw, k, stride, act):
+    """Depthwise convs on the row, tile and phase kernels pad inside the kernel; the tile and phase kernels' tasks
+    take several channels (17: two a task, one in the last) and zero their tile's padding once a task."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(c, c, k, stride, k // 2, groups=c), act).eval()
     x = torch.randn(1, c, hw, hw)
