@@ -107,7 +107,7 @@ def test_pointwise_conv_uses_packed_kernel_with_fused_clamp(cout, cin, hw, act):
                                                (6, 70, 3, 2, torch.nn.ReLU6()), (4, 81, 5, 2, torch.nn.Identity()),
                                                (5, 28, 5, 2, torch.nn.ReLU()), (3, 50, 5, 2, torch.nn.ReLU6()),
                                                (4, 13, 3, 1, torch.nn.ReLU6()), (3, 22, 5, 1, torch.nn.Identity()),
-                                               # tasks of 2 channels, the last one short (`cb_groups_per_task`):
+                                               # tasks of 2 channels, the last one short (`depthwise_per_task`):
                                                (17, 64, 5, 2, torch.nn.ReLU6()),  # the stride-2 phase kernel
                                                (17, 30, 5, 1, torch.nn.Identity())])  # the padded tile kernel
 def test_depthwise_conv_kernel_handles_padding_in_the_kernel(c, hw, k, stride, act):
@@ -548,7 +548,7 @@ def test_small_map_depthwise_runs_over_channel_groups(c, hw, k, stride, act):
     """7x7 / 14x14 maps (and 28x28 ones with 5x5 taps) take the channel-blocked kernel: 8x8 transposes back to
     NCHW (the last block of 8 pixels overlapping), odd sizes with stride 2, tiny maps (3x3: 9 outputs), a last
     group of fewer than 8 channels (12, 20, 260), and tasks of several groups whose last task is short (136, 260:
-    `cb_groups_per_task`)."""
+    `depthwise_per_task`)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(c, c, k, stride, k // 2, groups=c), act).eval()
     x = torch.randn(1, c, hw, hw)

@@ -602,7 +602,7 @@ def _channel_tile_kernel(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw:
     stack and rebuilt with four inserts at every use: 2x slower than this vector load.
 
     `tile_once` (code) declares the tile and zeroes what no channel's fill writes: it runs once a task, and a task
-    takes `cb_groups_per_task(c)` channels (a tile over 1 KB is a heap workspace, allocated at every iteration of
+    takes `depthwise_per_task(c)` channels (a tile over 1 KB is a heap workspace, allocated at every iteration of
     the parallel loop that declares it). Kernel alone on Zen 4 against a task a channel (outputs bit-identical):
     EfficientNet-Lite0's stride-2 144x56x56 5x5 on the phase kernel 0.83-0.92x (one and two threads, int8 store
     alike), 72x112x112 5x5 0.99x; layers of under 16 channels keep a task a channel."""
@@ -610,7 +610,7 @@ def _channel_tile_kernel(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw:
                     acc[T.ramp({r * lanes + q * 8}, 1, 8)] = acc[T.ramp({r * lanes + q * 8}, 1, 8)] + wb[T.ramp((i * {kw} + j) * 8, 1, 8)] * {xs(r, q)}"""
                    for r in range(rb) for q in range(lanes // 8))
     wsrc = f'T.Cast("float32", w8[ch * {kh * kw} + k]) * ws[ch]' if int8_weight else f"w[ch, k // {kw}, k % {kw}]"
-    per = cb_groups_per_task(c)
+    per = depthwise_per_task(c)
     body = f"""
         for k in T.serial({kh * kw}):
             wb[T.ramp(k * 8, 1, 8)] = T.broadcast({wsrc}, 8){tile}
@@ -934,9 +934,10 @@ def _indent(code: str, n: int) -> str:
     return code.replace("\n", "\n" + " " * n)
 
 
-def cb_groups_per_task(groups: int) -> int:
-    """Channel groups per task of the channel-blocked depthwise kernel: 8, 4 or 2 while that leaves 8 tasks or more
-    (threads to spare on machines with more cores than the build's), else 1. Its tile and output buffers (2-58 KB)
+def depthwise_per_task(groups: int) -> int:
+    """Channel groups per task of the channel-blocked depthwise kernel (channels, of the tile and phase kernels'
+    `_channel_tile_kernel`): 8, 4 or 2 while that leaves 8 tasks or more (threads to spare on machines with more
+    cores than the build's), else 1. The channel-blocked kernel's tile and output buffers (2-58 KB)
     live on the heap: TVM allocates them at every iteration of the parallel loop that declares them, and a group's
     work is short (960x7x7: ~170 ns). Kernel alone on Zen 4 against a task a group, with the padding's zeroing
     moved to once a task and the 7x7 fill unrolled in the same change (interleaved, outputs bit-identical, one and
@@ -1022,9 +1023,9 @@ def depthwise_cb_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: 
                                     acc[r, xx, l] = acc[r, xx, l] + wv[{wg}, i * {kw} + j, l] * tile[
                                         (y0 + r) * {s} + i, (x0 + xx) * {s} + j, l]{store}
 """
-    # tasks of `per` groups (`cb_groups_per_task`): the tile and output buffers, past the 1 KB TVM keeps on the
+    # tasks of `per` groups (`depthwise_per_task`): the tile and output buffers, past the 1 KB TVM keeps on the
     # stack, are allocated once a task, not once a group
-    per = cb_groups_per_task(groups)
+    per = depthwise_per_task(groups)
     return f"""
 @T.prim_func(private=True)
 def depthwise_cb(x: T.Buffer(({c}, {h * wd}), "float32"), {w_arg},
