@@ -592,9 +592,9 @@ def depthwise(x: T.Buffer(({c}, {h}, {wd}), "float32"), {w_arg},
 
 def _channel_tile_kernel(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int, w_arg: str, ot: str,
                          int8_weight: bool, tile: str, xs: Callable[[int, int], str], clamp, out_q, lanes: int,
-                         rb: int, tile_once: str = "") -> str:
-    """The frame the depthwise tile kernels share: one task per channel broadcasts its taps into wb, builds its
-    tile (`tile`: code declaring and filling it), then runs rb output rows of `lanes` lanes at a time (the last
+                         rb: int, tile_once: str) -> str:
+    """The frame the depthwise tile kernels share: for each of its channels a task broadcasts the taps into wb,
+    fills its tile (`tile`: code), then runs rb output rows of `lanes` lanes at a time (the last
     step overlapping the one before: same values), acc[r, 0:lanes] += the tap's 8 broadcast copies x `xs(r, q)`
     (the 8 inputs of tap (i, j) for row r, chunk q): rb * lanes / 8 independent accumulator chains sharing each
     tap load (one row of 8-16 lanes was 1-2 chains, bound by the FMA latency). A scalar tap broadcast in the loop
@@ -630,7 +630,7 @@ def _channel_tile_kernel(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw:
         wb = T.decl_buffer(({kh * kw * 8},), "float32", scope="global"){tile_once}
         for ci in T.serial({per}):
             ch: T.let = cc * {per} + ci
-            if ch < {c}:{_indent(body, 8)}
+            if ch < {c}:{deeper(body, 8)}
 """
 
 
@@ -929,22 +929,24 @@ def _cb_fill(h: int, wd: int, ph: int, pw: int, rows: int, cols: int, lanes: int
                             tile[(p0 + j) // {wd} + {ph}, (p0 + j) % {wd} + {pw}, hf * 8 + l] = tb[j, l]"""
 
 
-def _indent(code: str, n: int) -> str:
-    """TVMScript `code` (lines starting with a newline) moved n spaces deeper."""
+def deeper(code: str, n: int = 4) -> str:
+    """TVMScript `code` (its lines each starting after a newline) moved n spaces deeper, for a loop or branch
+    around it."""
     return code.replace("\n", "\n" + " " * n)
 
 
-def depthwise_per_task(groups: int) -> int:
-    """Channel groups per task of the channel-blocked depthwise kernel (channels, of the tile and phase kernels'
-    `_channel_tile_kernel`): 8, 4 or 2 while that leaves 8 tasks or more (threads to spare on machines with more
-    cores than the build's), else 1. The channel-blocked kernel's tile and output buffers (2-58 KB)
-    live on the heap: TVM allocates them at every iteration of the parallel loop that declares them, and a group's
+def depthwise_per_task(units: int) -> int:
+    """How many of a depthwise layer's `units` one task takes: channel groups in the channel-blocked kernel,
+    channels in the tile and phase kernels (`_channel_tile_kernel`). 8, 4 or 2 while that leaves 8 tasks or more
+    (threads to spare on machines with more cores than the build's), else 1. The channel-blocked kernel's tile and
+    output buffers (2-58 KB) live on the heap: TVM allocates them at every iteration of the parallel loop that
+    declares them, and a group's
     work is short (960x7x7: ~170 ns). Kernel alone on Zen 4 against a task a group, with the padding's zeroing
     moved to once a task and the 7x7 fill unrolled in the same change (interleaved, outputs bit-identical, one and
     two threads, fp32 and int8 store): 960x7x7 0.68-0.76x, 1152x7x7 5x5 0.81-0.82x, 576x14x14 stride 2 0.87x,
     384x14x14 0.89-0.93x, 28x28 maps 0.96-0.98x. The buffers alone hoisted: 2, 4 or 8 groups a task measured alike
     on 384x14x14 and 192x28x28 (0.90-0.95x), 8 best on the 7x7 maps (0.77-0.88x)."""
-    return next((per for per in (8, 4, 2) if groups >= 8 * per), 1)
+    return next((per for per in (8, 4, 2) if units >= 8 * per), 1)
 
 
 def depthwise_cb_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int, stride: int, ph: int, pw: int,
@@ -1040,7 +1042,7 @@ def depthwise_cb(x: T.Buffer(({c}, {h * wd}), "float32"), {w_arg},
         s2 = T.decl_buffer((8, 8), "float32", scope="global"){_cb_zero_border(hp, wq, ph, pw, rows, cols, L)}
         for gi in T.serial({per}):
             g: T.let = gc * {per} + gi
-            if g < {groups}:{_indent(widen + body, 8)}
+            if g < {groups}:{deeper(widen + body, 8)}
 """
 
 

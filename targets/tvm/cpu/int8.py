@@ -18,7 +18,7 @@ import numpy as np
 
 from graphopt.targets.tvm.cpu.batch import batch_source
 
-from graphopt.targets.tvm.cpu.conv import _clamped, in_grid_steps, store_params
+from graphopt.targets.tvm.cpu.conv import _clamped, deeper, in_grid_steps, store_params
 from graphopt.targets.tvm.cpu.knobs import Site, bind, pick
 
 MR = 6
@@ -195,7 +195,6 @@ def stage_quads(cin: int, p: int, nv: int, origin: str, slot: str, blocks: str) 
                     xq[T.ramp(({slot} * {k4} + {q}) * {nr * 4} + {v * 32}, 1, 32)] = T.reinterpret("uint8x32", T.bitwise_xor(
                         T.Shuffle([{", ".join(rows)}], {order}), T.broadcast(T.int8(-128), 32)))"""
     whole, part = divmod(cin, 4)
-    deeper = lambda text: text.replace("\n", "\n    ")  # noqa: E731
     stage = f"""
         for q in T.serial({whole}):
             {blocks}{deeper("".join(quad("q", v, 4) for v in range(nv)))}"""

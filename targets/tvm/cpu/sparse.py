@@ -11,7 +11,7 @@ touches them.
 """
 from __future__ import annotations
 
-from graphopt.targets.tvm.cpu.conv import transpose8
+from graphopt.targets.tvm.cpu.conv import deeper, transpose8
 
 
 def token_tile(m: int, r: int, lanes: int = 8, cores: int = 0) -> int:
@@ -85,7 +85,7 @@ def _block_row(r: int, c: int, v: int, x_row: str, pad: str = "") -> str:
                     for ci in T.unroll({c}):
                         for vi in T.vectorized({v}):
                             acc[ri, vi] = acc[ri, vi] + data[indptr[ib] + j, ri, ci] * {x}"""
-    return body.replace("\n", "\n" + pad)
+    return deeper(body, len(pad))
 
 
 def _token_start(m: int, v: int) -> str:
@@ -337,7 +337,7 @@ def bsr_conv1x1_source(p: int, k: int, n: int, r: int, c: int, nnzb: int,
         for ib in T.serial({nb}):{_block_row(r, c, v, x_row)}{store}"""
     else:  # the block-row loop starts at 0 (TVM 0.27 mis-lowers inner loops reading a loop that starts above 0)
         half = -(-nb // halves)
-        store_deeper = store.replace("\n", "\n    ")  # inside the `if True:` below
+        store_deeper = deeper(store)  # inside the `if True:` below
         loop = f"""
     for t in T.parallel({tiles * halves}):
         po: T.let = t % {tiles}{staged}
