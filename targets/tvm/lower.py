@@ -323,6 +323,15 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         """Whether `node` is a qconv2d the depthwise kernel takes (that reads its input as floats)."""
         return getattr(node.target, "__name__", "") == "qconv2d.default" and _qconv_kind(node)[0] == "depthwise"
 
+    def _int8_depthwise_input(node) -> bool:
+        """Whether `node` is a depthwise qconv2d whose kernel reads its int8 input itself (`depthwise_int8_input`)."""
+        from graphopt.targets.tvm.cpu.conv import depthwise_int8_input
+        from graphopt.targets.tvm.cpu.rules import vector_lanes
+        if not _fast_depthwise(node):
+            return False
+        (c, oh, ow), (kh, kw) = node.meta["val"].shape[1:], node.args[3].meta["val"].shape[2:]
+        return depthwise_int8_input(*(int(d) for d in (c, oh, ow, kh, kw, node.args[6][0])), lanes=vector_lanes(target))
+
     def _fast_float_conv(node) -> bool:
         """Whether `node` is a qconv2d the depthwise or direct kernel takes (both pad inside, in float)."""
         return (getattr(node.target, "__name__", "") == "qconv2d.default"
@@ -364,9 +373,11 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         ph, pw = int(padding[0]), int(padding[1])
         w_real = (wt.double() * wst.double().reshape(-1, 1, 1, 1)).float().numpy()
         # a depthwise consumer computes in float: hand it the int8 grid's float values rather than int8 (converting
-        # int8 inside the depthwise kernel costs more than the wider store: on Zen 4 a per-tap convert made the
-        # 112x112 and 56x56 depthwise kernels 0.66-0.81x, while the float store costs 96x16x12544 147 vs 101 us)
-        dq = quant is not None and all(_fast_depthwise(u) for u in quant.users)
+        # int8 at every tap inside the depthwise kernel costs more than the wider store: on Zen 4 a per-tap convert
+        # made the 112x112 and 56x56 depthwise kernels 0.66-0.81x, while the float store costs 96x16x12544 147 vs
+        # 101 us), unless its kernel converts each channel's plane once (the row kernel: large maps)
+        dq = (quant is not None and all(_fast_depthwise(u) for u in quant.users)
+              and not all(_int8_depthwise_input(u) for u in quant.users))
         dot, full, lanes = int8_dot(target), (ph, ph, pw, pw), vector_lanes(target)
         if node.args[0] in quant_pads:  # the producer left the zero pad out: it joins this conv's padding
             left, right, top, bottom, x_shape = quant_pads[node.args[0]]
@@ -421,9 +432,10 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             if y is None:
                 return None
         elif kind == "depthwise":
-            x = xq if node.args[0] in dequantized else _dequantized(bb, xq, sx, zx)
-            y = k.emit_depthwise(bb, x, wt.numpy(), b, x_shape, int(stride[0]), full, clamp, out_q,
-                                 w_scale=wst.double().numpy(), lanes=vector_lanes(target))
+            int8_in = node.args[0] not in dequantized
+            y = k.emit_depthwise(bb, xq, wt.numpy(), b, x_shape, int(stride[0]), full, clamp, out_q,
+                                 w_scale=wst.double().numpy(), lanes=vector_lanes(target),
+                                 x_q=(float(sx), int(zx)) if int8_in else None)
             dq = False
         else:
             return None

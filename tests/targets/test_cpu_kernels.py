@@ -558,6 +558,51 @@ def test_small_map_depthwise_runs_over_channel_groups(c, hw, k, stride, act):
     _assert_built_matches(g, model, x)
 
 
+@pytest.mark.parametrize("c,h,wd,k,stride,pad", [
+    (5, 40, 42, 3, 2, (1, 1, 1, 1)),    # stride 2: even/odd planes from 16- and 8-byte chunks, a scalar tail
+    (3, 24, 37, 3, 1, (1, 1, 1, 1)),    # stride 1: one padded plane; 37 = 4 chunks of 8 + 4 + 1 scalar
+    (4, 71, 73, 5, 2, (2, 2, 2, 2)),    # 5x5 stride 2 (the rule's phase kernel), odd sizes
+    (3, 40, 40, 3, 2, (0, 1, 0, 1)),    # TF "SAME": zero padding right and bottom only
+    (2, 200, 12, 3, 1, (1, 1, 1, 1))])  # 8-15 output columns: 8-lane vectors
+def test_depthwise_reads_int8_input_as_the_float_kernel_reads_its_floats(c, h, wd, k, stride, pad):
+    """With x_q the row and phase kernels take the int8 input and convert each channel's rows to the floats of its
+    grid into column phase planes of the padded row (`_depthwise_int8_planes`): the same products summed in the
+    same order as the float kernel on the dequantized input, so float outputs and int8 stores are equal, and both
+    match torch."""
+    from tvm import relax
+
+    from graphopt.targets.tvm.cpu import conv as k_
+    from graphopt.targets.tvm.cpu.pipeline import build_cpu
+    rng = np.random.default_rng(3)
+    sx, zx = 0.04, 7
+    xq = rng.integers(-128, 128, (1, c, h, wd)).astype(np.int8)
+    xf = ((xq.astype(np.float32) - zx) * np.float32(sx)).astype(np.float32)
+    w8, ws = rng.integers(-127, 128, (c, 1, k, k)).astype(np.int8), rng.uniform(0.005, 0.02, c)
+    b = rng.standard_normal(c).astype(np.float32)
+
+    def run(x, out_q):
+        bb = relax.BlockBuilder()
+        xv = relax.Var("x", relax.TensorType(x.shape, str(x.dtype)))
+        with bb.function("main", [xv]):
+            with bb.dataflow():
+                y = bb.emit_output(k_.emit_depthwise(bb, xv, w8, b, x.shape, stride, pad, (0.0, 6.0), out_q,
+                                                     w_scale=ws, x_q=(sx, zx) if x.dtype == np.int8 else None))
+            bb.emit_func_output(y)
+        mod = bb.get()
+        names = {gv.name_hint for gv in mod.get_global_vars() if "depthwise" in gv.name_hint}
+        assert all(n.startswith("depthwise_i8in_") == (x.dtype == np.int8) for n in names) and names, names
+        return relax.VirtualMachine(build_cpu(mod, cpu_target()), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+
+    got = run(xq, None)
+    w_real = torch.from_numpy((w8.astype(np.float64) * ws.reshape(-1, 1, 1, 1)).astype(np.float32))
+    ref = torch.nn.functional.conv2d(torch.nn.functional.pad(torch.from_numpy(xf), (pad[2], pad[3], pad[0], pad[1])),
+                                     w_real, torch.from_numpy(b), stride, groups=c).clamp(0, 6).numpy()
+    assert got.shape == ref.shape and np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+    np.testing.assert_array_equal(got, run(xf, None))
+    q = (0.03, -5, -128, 127)
+    np.testing.assert_array_equal(run(xq, q), run(xf, q))
+
+
 @pytest.mark.parametrize("c,hw,k,stride,pad", [(32, 7, 5, 1, (2, 2, 2, 2)), (40, 14, 3, 1, (1, 1, 1, 1)),  # 40: 16+16+8
                                                  (36, 14, 5, 2, (1, 2, 1, 2)),   # TF "SAME", 36 = 16+16+4 channels
                                                  (16, 11, 3, 2, (1, 1, 1, 1)), (24, 28, 5, 1, (2, 2, 2, 2))])
@@ -1122,8 +1167,9 @@ def test_quantized_dilated_conv_runs_int8_im2col(stride, batch):
 # (lane stores, transposes), row vectors; batch > 1: every kernel loops over the samples
 def test_quantized_mobilenet_block_keeps_int8_between_kernels(hw, batch):
     """pw -> ReLU6 -> depthwise -> ReLU6 -> pw: each conv's store does the next quantize (int8 into the pointwise
-    kernel, the int8 grid's floats into the depthwise one), so no separate quantize/requantize function is left
-    except the one on the model input; the result matches the reference integer ops."""
+    kernel; into the depthwise one int8 where its row kernel reads int8 (16 outputs a row and more), else the int8
+    grid's floats), so no separate quantize/requantize function is left except the one on the model input; the
+    result matches the reference integer ops."""
     model = torch.nn.Sequential(torch.nn.Conv2d(8, 24, 1), torch.nn.ReLU6(),
                                 torch.nn.Conv2d(24, 24, 3, padding=1, groups=24), torch.nn.ReLU6(),
                                 torch.nn.Conv2d(24, 16, 1))
@@ -1131,8 +1177,10 @@ def test_quantized_mobilenet_block_keeps_int8_between_kernels(hw, batch):
     names = _func_names(q)
     nt = f"_n{batch}" if batch > 1 else ""
     pw = "qconv1x1_vnni_" if _vnni_here() else "qconv1x1_"  # with VNNI every int8 weight takes the quad kernel
-    assert any(n.startswith(pw + "24x8") and n.endswith("_clamp_qdq" + nt) for n in names), names
-    dw = "depthwise_cb_24x" if hw <= 14 else "depthwise_24x"
+    rows = hw > 14  # the row kernel, which converts its int8 input itself
+    assert any(n.startswith(pw + "24x8") and n.endswith(("_clamp_q" if rows else "_clamp_qdq") + nt)
+               for n in names), names
+    dw = "depthwise_cb_24x" if not rows else "depthwise_i8in_24x"
     assert any(n.startswith(dw) and n.endswith("_clamp_q_w8" + nt) for n in names), names  # int8 weight
     assert any(n.startswith(pw + "16x24") and n.endswith(nt) for n in names), names
     assert len([n for n in names if "round" in n]) <= 1, names  # only the model input's quantize
@@ -1141,8 +1189,9 @@ def test_quantized_mobilenet_block_keeps_int8_between_kernels(hw, batch):
     assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()
 
 
-@pytest.mark.parametrize("first", ["pointwise", "depthwise"])  # float or int8 handed to the padded depthwise conv
-def test_quantized_tf_same_pad_joins_the_depthwise_kernel(first):
+@pytest.mark.parametrize("first,hw", [("pointwise", 28), ("depthwise", 28), ("pointwise", 64)])
+# float or int8 handed to the padded depthwise conv; at 64x64 (the row kernel) int8 from the pointwise conv too
+def test_quantized_tf_same_pad_joins_the_depthwise_kernel(first, hw):
     """EfficientNet's asymmetric zero pad between the expansion's ReLU6 and a stride-2 depthwise conv is done by
     the depthwise kernel; no padded copy (a pad function) is built."""
     head = torch.nn.Conv2d(8, 24, 1) if first == "pointwise" else torch.nn.Sequential(
@@ -1150,10 +1199,11 @@ def test_quantized_tf_same_pad_joins_the_depthwise_kernel(first):
     model = torch.nn.Sequential(head, torch.nn.ReLU6(), torch.nn.ZeroPad2d((0, 1, 0, 1)),
                                 torch.nn.Conv2d(24, 24, 3, stride=2, groups=24), torch.nn.ReLU6(),
                                 torch.nn.Conv2d(24, 16, 1))
-    q, got, ref = _quantized_block(model, (1, 8, 28, 28))
+    q, got, ref = _quantized_block(model, (1, 8, hw, hw))
     names = _func_names(q)
     assert not [n for n in names if "pad" in n], names
-    assert any(n.startswith("depthwise_cb_24x28x28_k3s2") for n in names), names  # a 14x14 output
+    dw = "depthwise_cb_24x28x28_k3s2" if hw == 28 else "depthwise_i8in_24x64x64_k3s2"  # 14x14, 32x32 outputs
+    assert any(n.startswith(dw) for n in names), names
     assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()
 
 

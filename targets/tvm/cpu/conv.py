@@ -581,10 +581,11 @@ def strided_vector(row: str, base: str, v: int, s: int) -> str:
     return f"T.Shuffle([{lo}, {hi}], {lanes})"
 
 
-def _depthwise_head(c: int, h: int, wd: int, oh: int, ow: int, w_arg: str, ot: str) -> str:
-    """The depthwise kernels' signature: x, the weight arguments (w_arg), bias, the store parameters, out."""
+def _depthwise_head(c: int, h: int, wd: int, oh: int, ow: int, w_arg: str, ot: str, xt: str = "float32") -> str:
+    """The depthwise kernels' signature: x (of dtype xt), the weight arguments (w_arg), bias, the store parameters,
+    out."""
     return f"""@T.prim_func(private=True)
-def depthwise(x: T.Buffer(({c}, {h}, {wd}), "float32"), {w_arg},
+def depthwise(x: T.Buffer(({c}, {h}, {wd}), "{xt}"), {w_arg},
               bias: T.Buffer(({c},), "float32"), qp: T.Buffer((4,), "float32"),
               out: T.Buffer(({c}, {oh}, {ow}), "{ot}")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})"""
@@ -636,13 +637,15 @@ def _channel_tile_kernel(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw:
 
 def depthwise_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int, stride: int, ph: int, pw: int,
                      clamp: tuple[float, float] | None, out_q: tuple[float, int, int, int] | None = None,
-                     int8_weight: bool = False, rows: int = 4) -> str:
+                     int8_weight: bool = False, rows: int = 4, int8_input: bool = False) -> str:
     """out[c, y, x] = bias[c] + sum w[c, i, j] * x[c, y*s + i - ph, x*s + j - pw] (zero outside the image).
 
     Padding is handled in the kernel, not by a padded copy: rows out of the image are skipped (one scalar branch
     per tap row), the interior columns are vectorized without checks, and the few border columns (and the interior
     remainder) run a scalar loop with guarded loads. With `int8_weight` the weight is stored as int8 with a float
-    scale per channel (w[c] = w8[c] * ws[c]), converted once per task into a small float buffer. The store's bounds
+    scale per channel (w[c] = w8[c] * ws[c]), converted once per task into a small float buffer. With `int8_input`
+    x is int8 and the row kernel converts it itself (`_depthwise_int8_planes`; an extra argument xqp holds the
+    input's scale and zero point, after the weight arguments). The store's bounds
     and grid come from the `qp` buffer (`store_params`): layers of one shape share one function.
 
     On the large maps (the row kernel: 3x3 taps on outputs 16 or more wide, 5x5 on outputs wider than 32 or whose
@@ -676,10 +679,9 @@ def depthwise_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int
     hp, wp = (oh - 1) * s + kh, (ow - 1) * s + kw  # the padded rows/columns the taps read
     lanes = -(-ow // 8) * 8  # whole vectors: a 7- or 14-lane row was assembled from 4-, 2- and 1-lane pieces per tap
     wpl = max(wp, (lanes - 1) * s + kw)  # the tile is wide enough for the extra lanes to read zeros
-    # (a 5x5 kernel's scalar border columns cost more than the copy even on a 59x67 tile; 3x3 ones, since the row
-    # kernel below takes 4 rows a task, only under 16 columns: 192x28x28 1.04x int8, 1.20x fp32, 16x28x28 1.09x
-    # against the tile; 5x5 240x28x28 0.45x)
-    if (ow <= 32 and hp * wpl <= 4096) if kw >= 5 else (ow < 16 and hp * wpl <= 2048):
+    if _small_tile(oh, ow, kh, kw, s):
+        if int8_input:
+            raise ValueError("int8 input is for the row kernel (depthwise_int8_input)")
         # small images (the 14x14 and 7x7 stages): with 5x5 taps most columns are borders, so copy each channel
         # into a zeroed padded tile on the stack and run every output row as whole unguarded vectors
         rows, cols = min(h, hp - ph), min(wd, wp - pw)
@@ -699,6 +701,9 @@ def depthwise_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int
 
     rb = min(oh, rows)
     nb = -(-oh // rb)
+    if int8_input:
+        return _depthwise_int8_planes(c, h, wd, oh, ow, kh, kw, s, ph, pw, w_arg, ot, task_widen, clamped, rb,
+                                      "wt" if int8_weight else None)
     body = depthwise_rows(rb, h, wd, ow, kh, kw, s, ph, pw, lambda row: f"x[ch, {row}, ",
                           lambda row, col: f"x[ch, {row}, {col}]",
                           (lambda ki, kj: f"wt[{ki * kw + kj if isinstance(ki, int) else f'{ki} * {kw} + {kj}'}]")
@@ -709,6 +714,107 @@ def depthwise_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int
         ch: T.let = t // {nb}
         y0: T.let = T.min((t % {nb}) * {rb}, {oh - rb}){task_widen}{body}
 """
+
+
+def _depthwise_int8_planes(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int, s: int, ph: int, pw: int,
+                           w_arg: str, ot: str, task_widen: str, clamped: Callable[[str], str], rb: int,
+                           wt: str | None) -> str:
+    """The row kernel for an int8 input x on the grid xqp = [scale, zero point]: a task a channel, which converts
+    its rows to the floats of the grid, (q - zero point) * scale as the producer's float store would have written
+    them, into s column phase planes of the zero-padded row (plane p, column u: padded column s * u + p; at stride
+    2 the bytes are split into even and odd before they are widened), each row just before the first row block
+    that reads it. The taps then read plain vectors, plane kj % s at column offset kj // s: no border columns and,
+    at stride 2, no shuffles. Rows outside the image are skipped as in `depthwise_rows`; each output's taps are
+    summed in the same order."""
+    wq = ow + (kw - 1) // s  # each plane's columns
+    v = 16 if ow >= 16 else 8
+    if ow < 8 or s not in (1, 2):
+        raise ValueError("the int8-input depthwise kernel takes stride 1 or 2 and 8 outputs a row or more")
+    cv = lambda e, n: f'(T.Cast("float32x{n}", {e}) - T.broadcast(xqp[1], {n})) * T.broadcast(xqp[0], {n})'  # noqa
+    at = lambda plane, row, col: f"(({plane} * {h} + {row}) * {wq} + {col})"  # noqa: E731
+    # conversion of row `row`: input column j goes to plane (j + pw) % s, column (j + pw) // s
+    fill, written = "", set()
+    chunks = [8] * (wd // (8 * s)) + ([4] if wd % (8 * s) >= 4 * s else [])  # lanes a plane per chunk
+    j0 = 0
+    for n in chunks:
+        src = f"x[ch, row, T.ramp({j0}, 1, {n * s})]"
+        for q in range(s):  # bytes j = j0 + s * i + q
+            plane, col = (q + pw) % s, (j0 + q + pw) // s
+            e = src if s == 1 else f"T.Shuffle([{src}], {[s * i + q for i in range(n)]})"
+            fill += f"""
+                xf[T.ramp({at(plane, "row", col)}, 1, {n})] = {cv(e, n)}"""
+            written.update((plane, col + i) for i in range(n))
+        j0 += n * s
+    for j in range(j0, wd):
+        plane, col = (j + pw) % s, (j + pw) // s
+        if col < wq:
+            fill += f"""
+                xf[{at(plane, "row", col)}] = (T.Cast("float32", x[ch, row, {j}]) - xqp[1]) * xqp[0]"""
+            written.add((plane, col))
+    for plane in range(s):
+        for col in range(wq):
+            if (plane, col) not in written:
+                fill += f"""
+                xf[{at(plane, "row", col)}] = T.float32(0)"""
+    last = lambda y: f"T.min({(rb - 1) * s + kh - ph} + {y} * {s}, {h})"  # noqa: E731  (rows a block needs)
+    tap = (lambda ki, kj: f"{wt}[{ki * kw + kj}]") if wt else (lambda ki, kj: f"w[ch, {ki}, {kj}]")
+    steps = ""
+    for ii in range((rb - 1) * s + kh):  # the input rows the block's rb output rows read, each loaded once
+        row = f"y0 * {s} + {ii - ph}"
+        fmas = ""
+        for kj in range(kw):
+            xv = f"xf[T.ramp({at(kj % s, row, f'x0 + {kj // s}')}, 1, {v})]"
+            for r in range(rb):
+                if 0 <= ii - r * s < kh:
+                    acc = f"acc[T.ramp({r * v}, 1, {v})]"
+                    fmas += f"""
+                    {acc} = {acc} + T.broadcast({tap(ii - r * s, kj)}, {v}) * {xv}"""
+        steps += f"""
+                if {row} >= 0 and {row} < {h}:{fmas}"""
+    return f"""
+{_depthwise_head(c, h, wd, oh, ow, w_arg + ', xqp: T.Buffer((2,), "float32")', ot, "int8")}
+    for ch in T.parallel({c}):
+        xf = T.decl_buffer(({s * h * wq},), "float32", scope="global"){task_widen}
+        for yb in T.serial({-(-oh // rb)}):
+            y0: T.let = T.min(yb * {rb}, {oh - rb})
+            lo: T.let = T.if_then_else(yb > 0, {last(f"T.min((yb - 1) * {rb}, {oh - rb})")}, 0)
+            for yy in T.serial({last("y0")} - lo):
+                row: T.let = lo + yy{fill}
+            for xo in T.serial({-(-ow // v)}):
+                x0: T.let = T.min(xo * {v}, {ow - v})
+                acc = T.decl_buffer(({rb * v},), "float32", scope="global")
+                for u in T.vectorized({rb * v}):
+                    acc[u] = bias[ch]{steps}
+                for r in T.unroll({rb}):
+                    for u in T.vectorized({v}):
+                        out[ch, y0 + r, x0 + u] = {clamped(f"acc[r * {v} + u]")}
+"""
+
+
+def _small_tile(oh: int, ow: int, kh: int, kw: int, s: int) -> bool:
+    """Whether `depthwise_source` takes the padded-tile kernel (small images) rather than the row kernel. A 5x5
+    kernel's scalar border columns cost more than the copy even on a 59x67 tile; 3x3 ones, since the row kernel
+    takes 4 rows a task, only under 16 columns: 192x28x28 1.04x int8, 1.20x fp32, 16x28x28 1.09x against the tile;
+    5x5 240x28x28 0.45x."""
+    hp, wp = (oh - 1) * s + kh, (ow - 1) * s + kw
+    wpl = max(wp, (-(-ow // 8) * 8 - 1) * s + kw)
+    return (ow <= 32 and hp * wpl <= 4096) if kw >= 5 else (ow < 16 and hp * wpl <= 2048)
+
+
+def depthwise_int8_input(c: int, oh: int, ow: int, kh: int, kw: int, stride: int, lanes: int = 8) -> bool:
+    """Whether the depthwise kernel for this layer reads its input as int8 (`_depthwise_int8_planes`), so that the
+    int8 conv before it stores int8 rather than the floats of its grid: where the rule takes the row or phase
+    kernel (the large maps). The producer's store and the depthwise kernel's read move a quarter of the bytes; the
+    kernel converts every input value instead (about a uop a value, as much as a stride-2 3x3 layer's FMAs).
+
+    Zen 4, int8 MobileNetV2 and EfficientNet-Lite0 against the float hand-off (outputs within a grid step: the
+    int8 and float stores round a tie apart now and then), whole models timed in shuffled interleaved rounds: one
+    thread 0.95-0.98x and 0.985x; two threads with the second vCPU busy elsewhere 0.79x and 0.83x (the same
+    fastest runs). Limiting it to inputs of 1 or 2 MB of floats or more (only the 112x112 and 56x56 layers) gained
+    less: 0.98-0.99x. Kernel alone with a hot input the int8 kernel takes 1.07-1.28x the float kernel's time, with
+    inputs rotated through 38 MB 0.43x (96x112x112 stride 2) and 0.51x (32x112x112)."""
+    return (stride in (1, 2) and ow >= 8 and not _small_tile(oh, ow, kh, kw, stride)
+            and depthwise_knobs(c, oh, ow, kh, kw, stride, lanes)[0]["kernel"] in ("rows", "phases"))
 
 
 def depthwise_rows(rb: int, h: int, wd: int, ow: int, kh: int, kw: int, s: int, ph: int, pw: int,
@@ -1104,12 +1210,14 @@ def depthwise_applies(x_shape, w_shape, stride, padding, dilation, groups, trans
 
 def emit_depthwise(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, stride: int, padding,
                    clamp: tuple[float, float] | None, out_q: tuple[float, int, int, int] | None = None,
-                   w_scale: np.ndarray | None = None, lanes: int = 8):
+                   w_scale: np.ndarray | None = None, lanes: int = 8, x_q: tuple[float, int] | None = None):
     """Emit a depthwise conv (+ bias, clamp) for x [N, C, H, W] with a constant weight [C, 1, kh, kw].
 
     `padding` is (top, bottom, left, right), so an asymmetric zero pad before the conv (TF "SAME") folds in. With
     out_q the output is int8 on that grid (the next quantize done in the store). With w_scale, w is int8 and
     w_scale its float scale per channel: the artifact keeps the int8 weight. `lanes`: the target's vector lanes.
+    With x_q = (scale, zero point) x is int8 on that grid: the row kernel converts each channel's plane itself
+    (`depthwise_int8_input`), the others get the floats from a dequantize before them.
     """
     import tvm
     from tvm import relax
@@ -1127,6 +1235,12 @@ def emit_depthwise(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
     kernel, gl = knobs["kernel"], knobs.get("lanes", 8)
     if kernel == "channels" and h * wd < 8:  # its fill transposes blocks of 8 input pixels
         kernel = "rows"
+    int8_in = (x_q is not None and kernel in ("rows", "phases") and ow >= 8
+               and not _small_tile(oh, ow, kh, kw, stride))
+    if x_q is not None and not int8_in:
+        x = bb.emit(relax.op.multiply(bb.emit(relax.op.subtract(bb.emit(relax.op.astype(x, "float32")),
+                                                                relax.const(np.float32(x_q[1])))),
+                                      relax.const(np.float32(x_q[0]))))
     if kernel == "channels":
         cp = -(-c // gl) * gl
 
@@ -1161,16 +1275,20 @@ def emit_depthwise(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
     else:
         w_scale, bias = in_grid_steps(np.broadcast_to(np.asarray(w_scale, np.float32).reshape(-1), (c,)).copy(), bias, out_q)
         weights = [relax.const(np.ascontiguousarray(w.reshape(-1).astype(np.int8))), relax.const(w_scale)]
-    if kernel == "phases":
+    if kernel == "phases" and not int8_in:
         src, kind = depthwise_phases_source(c, h, wd, oh, ow, kh, kw, pt, pl, clamp, out_q, w_scale is not None), "ph"
     else:
-        src, kind = depthwise_source(c, h, wd, oh, ow, kh, kw, stride, pt, pl, clamp, out_q, w_scale is not None), ""
+        src = depthwise_source(c, h, wd, oh, ow, kh, kw, stride, pt, pl, clamp, out_q, w_scale is not None,
+                               int8_input=int8_in)
+        kind = "i8in" if int8_in else ""
     func = tvm.script.parse(batch_source(src, n, ["x", "out"]), extra_vars={"T": T})
     gv = bb.add_func(func, f"depthwise_{kind + '_' if kind else ''}{tag}")
     bind(site, gv.name_hint)
     x3 = bb.emit(relax.op.reshape(x, _batched(n, c, h, wd)))
     b = bias if bias is not None else np.zeros(c, np.float32)
-    y = bb.emit(relax.call_tir(gv, [x3, *weights, relax.const(b.astype(np.float32)), relax.const(store_params(clamp, out_q))],
+    xqp = [relax.const(np.array([x_q[0], x_q[1]], np.float32))] if int8_in else []
+    y = bb.emit(relax.call_tir(gv, [x3, *weights, *xqp, relax.const(b.astype(np.float32)),  # (xqp after w_arg)
+                                    relax.const(store_params(clamp, out_q))],
                                relax.TensorType(_batched(n, c, oh, ow), _out_dtype(out_q, False))))
     return bb.emit(relax.op.reshape(y, (n, c, oh, ow)))
 
