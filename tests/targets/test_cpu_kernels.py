@@ -603,6 +603,47 @@ def test_depthwise_reads_int8_input_as_the_float_kernel_reads_its_floats(c, h, w
     np.testing.assert_array_equal(run(xq, q), run(xf, q))
 
 
+def test_depthwise_int8_input_on_a_tuned_float_kernel_is_dequantized_first():
+    """A layer whose rule kernel reads int8 (so its producer stores int8) but which tuning moved to the
+    channel-blocked kernel gets its input dequantized by a function before that kernel: the same outputs as that
+    kernel on the float input."""
+    from tvm import relax
+
+    from graphopt.targets.tvm.cpu import conv as k_
+    from graphopt.targets.tvm.cpu import knobs
+    from graphopt.targets.tvm.cpu.pipeline import build_cpu
+    rng = np.random.default_rng(4)
+    c, hw, sx, zx = 8, 28, 0.05, -3
+    assert k_.depthwise_int8_input(c, hw, hw, 3, 3, 1)  # the rule: the row kernel, int8 in
+    xq = rng.integers(-128, 128, (1, c, hw, hw)).astype(np.int8)
+    xf = ((xq.astype(np.float32) - zx) * np.float32(sx)).astype(np.float32)
+    w8, ws = rng.integers(-127, 128, (c, 1, 3, 3)).astype(np.int8), rng.uniform(0.005, 0.02, c)
+    b = rng.standard_normal(c).astype(np.float32)
+
+    def module(x):
+        bb = relax.BlockBuilder()
+        xv = relax.Var("x", relax.TensorType(x.shape, str(x.dtype)))
+        with bb.function("main", [xv]):
+            with bb.dataflow():
+                y = bb.emit_output(k_.emit_depthwise(bb, xv, w8, b, x.shape, 1, (1, 1, 1, 1), (0.0, 6.0), None,
+                                                     w_scale=ws, x_q=(sx, zx) if x.dtype == np.int8 else None))
+            bb.emit_func_output(y)
+        return bb.get()
+
+    with knobs.collecting() as col:
+        module(xq)
+    (site,) = col.sites
+    outs = []
+    for x in (xq, xf):
+        with knobs.applied({site: {"kernel": "channels"}}):
+            mod = module(x)
+        names = {gv.name_hint for gv in mod.get_global_vars()}
+        assert any(n.startswith("depthwise_cb_") for n in names) and not any("i8in" in n for n in names), names
+        outs.append(relax.VirtualMachine(build_cpu(mod, cpu_target()), tvm.cpu())["main"](
+            tvm.runtime.tensor(x)).numpy())
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("c,hw,k,stride,pad", [(32, 7, 5, 1, (2, 2, 2, 2)), (40, 14, 3, 1, (1, 1, 1, 1)),  # 40: 16+16+8
                                                  (36, 14, 5, 2, (1, 2, 1, 2)),   # TF "SAME", 36 = 16+16+4 channels
                                                  (16, 11, 3, 2, (1, 1, 1, 1)), (24, 28, 5, 1, (2, 2, 2, 2))])
