@@ -1738,14 +1738,25 @@ def test_quad_kernels_are_exact_for_full_range_int8_weights(dot, kernel):
     16-column panels a task (64 columns: 4, 2 and 1 tasks per row tile). The conv also with
     two channel blocks per register tile (`tiles=2`, VNNI's tuning candidate; 13 channels: the second block of the
     last pair is past the weight and must not be stored), and with 16-lane vectors of 16 or 32 pixels, one or two
-    channel blocks (the 512-bit rule and its candidates)."""
+    channel blocks (the 512-bit rule and its candidates); on 49, 40 and 41 pixels (last blocks overlapping the
+    one before by 15, 8 and 7 pixels at 16 a block). A map narrower than a block is refused."""
+    if dot == "vnni" and not _vnni_here():
+        pytest.skip("this CPU has no VNNI (the exact variant checks the same kernel's layout)")
+    rng = np.random.default_rng(3)
+    for p in ((None,) if kernel == "gemm" else (49, 40, 41)):
+        _check_quad_kernel(kernel, dot, rng, p)
+    if kernel == "conv":
+        from graphopt.targets.tvm.cpu.int8 import qconv1x1_ubsw_source
+        with pytest.raises(ValueError, match="32 pixels or more, not 24"):
+            qconv1x1_ubsw_source(13, 63, 24, 4, dot=dot, lanes=16)
+
+
+def _check_quad_kernel(kernel, dot, rng, p):
+    """`test_quad_kernels_are_exact_for_full_range_int8_weights` for one kernel (and pixel count)."""
     from graphopt.targets.tvm.cpu.conv import store_params
     from graphopt.targets.tvm.cpu.int8 import (MR, epilogue_constants, pack_gemm_quads, pack_quads,
                                                qconv1x1_ubsw_source, qgemm_ubsw_source, ubsw_exact)
     from tvm.script import tirx as T
-    if dot == "vnni" and not _vnni_here():
-        pytest.skip("this CPU has no VNNI (the exact variant checks the same kernel's layout)")
-    rng = np.random.default_rng(3)
     if kernel == "gemm":
         m, k, n = 13, 64, 64
         x = rng.integers(-128, 128, (m, k)).astype(np.int16)
@@ -1764,7 +1775,7 @@ def test_quad_kernels_are_exact_for_full_range_int8_weights(dot, kernel):
         out = np.zeros(m * n, np.float32)
         ref = ((x.astype(np.int64) - 5) @ w.astype(np.int64).T) * ws
     else:
-        cout, cin, p = 13, 63, 49
+        cout, cin = 13, 63
         x = rng.integers(-128, 128, (cin, p)).astype(np.int8)
         x[:, 0] = 127
         w = rng.integers(-128, 128, (cout, cin)).astype(np.int8)

@@ -238,6 +238,8 @@ def qconv1x1_ubsw_source(cout: int, cin: int, p: int, nv: int, clamp: tuple[floa
     if tiles > 1 and (bsr_blocks is not None or nv != 1 and (lanes == 8 or nv > 4)):
         raise ValueError("paired channel blocks are for the dense kernel with 8 pixels (nv=1), or at most 32 with "
                          "16 lanes (nv <= 4)")
+    if p < nr:  # (its last pixel block would start before the map)
+        raise ValueError(f"the int8 pointwise kernel with {nr}-pixel blocks needs {nr} pixels or more, not {p}")
     if lanes not in (8, 16) or nr % lanes or lanes == 16 and dot == "ubsw":
         raise ValueError(f"int8 pointwise kernel with lanes={lanes}, nv={nv} ({nr}-pixel blocks), dot='{dot}': lanes "
                          "is 8, or 16 with the 'vnni' or 'exact' product and blocks of a multiple of 16 pixels")
