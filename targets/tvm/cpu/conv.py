@@ -758,19 +758,8 @@ def _depthwise_int8_planes(c: int, h: int, wd: int, oh: int, ow: int, kh: int, k
                 xf[{at(plane, "row", col)}] = T.float32(0)"""
     last = lambda y: f"T.min({(rb - 1) * s + kh - ph} + {y} * {s}, {h})"  # noqa: E731  (rows a block needs)
     tap = (lambda ki, kj: f"{wt}[{ki * kw + kj}]") if wt else (lambda ki, kj: f"w[ch, {ki}, {kj}]")
-    steps = ""
-    for ii in range((rb - 1) * s + kh):  # the input rows the block's rb output rows read, each loaded once
-        row = f"y0 * {s} + {ii - ph}"
-        fmas = ""
-        for kj in range(kw):
-            xv = f"xf[T.ramp({at(kj % s, row, f'x0 + {kj // s}')}, 1, {v})]"
-            for r in range(rb):
-                if 0 <= ii - r * s < kh:
-                    acc = f"acc[T.ramp({r * v}, 1, {v})]"
-                    fmas += f"""
-                    {acc} = {acc} + T.broadcast({tap(ii - r * s, kj)}, {v}) * {xv}"""
-        steps += f"""
-                if {row} >= 0 and {row} < {h}:{fmas}"""
+    steps = _tap_rows(rb, s, h, kh, kw, ph, v, tap,
+                      lambda row, kj: f"xf[T.ramp({at(kj % s, row, f'x0 + {kj // s}')}, 1, {v})]", " " * 16)
     return f"""
 {_depthwise_head(c, h, wd, oh, ow, w_arg + ', xqp: T.Buffer((2,), "float32")', ot, "int8")}
     for ch in T.parallel({c}):
@@ -817,6 +806,27 @@ def depthwise_int8_input(c: int, oh: int, ow: int, kh: int, kw: int, stride: int
             and depthwise_knobs(c, oh, ow, kh, kw, stride, lanes)[0]["kernel"] in ("rows", "phases"))
 
 
+def _tap_rows(rb: int, s: int, h: int, kh: int, kw: int, ph: int, v: int, tap: Callable, vector: Callable,
+              pad: str) -> str:
+    """TVMScript (its `if` lines at `pad`) of a row block's taps: for each input row the block's rb output rows read
+    (rows outside the image skipped), each tap column's v-vector (`vector(row, kj)`) loaded once and multiplied
+    into every output row's accumulator acc[r * v: (r + 1) * v] that reads it, with weight `tap(ki, kj)`."""
+    steps = ""
+    for ii in range((rb - 1) * s + kh):  # the input rows the block's rb output rows read, each loaded once
+        row = f"y0 * {s} + {ii - ph}"
+        fmas = ""
+        for kj in range(kw):
+            xv = vector(row, kj)
+            for r in range(rb):
+                if 0 <= ii - r * s < kh:
+                    a = f"acc[T.ramp({r * v}, 1, {v})]"
+                    fmas += f"""
+{pad}    {a} = {a} + T.broadcast({tap(ii - r * s, kj)}, {v}) * {xv}"""
+        steps += f"""
+{pad}if {row} >= 0 and {row} < {h}:{fmas}"""
+    return steps
+
+
 def depthwise_rows(rb: int, h: int, wd: int, ow: int, kh: int, kw: int, s: int, ph: int, pw: int,
                    row_of: Callable[[str], str], at: Callable[[str, str], str], tap: Callable,
                    bias: str, out_row: str, clamped: Callable[[str], str]) -> str:
@@ -832,19 +842,8 @@ def depthwise_rows(rb: int, h: int, wd: int, ow: int, kh: int, kw: int, s: int, 
     segments, scalar_ranges = _column_plan(ow, wd, kw, s, pw)
     body = ""
     for seg, (x0, v, nv) in enumerate(segments):
-        steps = ""
-        for ii in range((rb - 1) * s + kh):  # the input rows the block's rb output rows read, each loaded once
-            row = f"y0 * {s} + {ii - ph}"
-            fmas = ""
-            for kj in range(kw):
-                xv = strided_vector(row_of(row), f"({x0} + xo * {v}) * {s} + {kj - pw}", v, s)
-                for r in range(rb):
-                    if 0 <= ii - r * s < kh:
-                        a = f"acc[T.ramp({r * v}, 1, {v})]"
-                        fmas += f"""
-                {a} = {a} + T.broadcast({tap(ii - r * s, kj)}, {v}) * {xv}"""
-            steps += f"""
-            if {row} >= 0 and {row} < {h}:{fmas}"""
+        steps = _tap_rows(rb, s, h, kh, kw, ph, v, tap, lambda row, kj: strided_vector(
+            row_of(row), f"({x0} + xo * {v}) * {s} + {kj - pw}", v, s), " " * 12)
         body += f"""
         for xo in T.serial({nv}):
             acc = T.decl_buffer(({rb * v},), "float32", scope="global")
