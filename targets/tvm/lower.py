@@ -320,7 +320,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         return _conv_kernel(x_shape, wt.shape, (stride, padding, dilation, False, None, groups)), wt, wst, bt
 
     def _fast_depthwise(node) -> bool:
-        """Whether `node` is a qconv2d the depthwise kernel takes (that reads its input as floats)."""
+        """Whether `node` is a qconv2d the depthwise kernels take (which compute in float: they read the floats of
+        the int8 grid, or int8 where `_int8_depthwise_input`)."""
         return getattr(node.target, "__name__", "") == "qconv2d.default" and _qconv_kind(node)[0] == "depthwise"
 
     def _int8_depthwise_input(node) -> bool:
@@ -375,7 +376,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         # a depthwise consumer computes in float: hand it the int8 grid's float values rather than int8 (converting
         # int8 at every tap inside the depthwise kernel costs more than the wider store: on Zen 4 a per-tap convert
         # made the 112x112 and 56x56 depthwise kernels 0.66-0.81x, while the float store costs 96x16x12544 147 vs
-        # 101 us), unless its kernel converts each channel's plane once (the row kernel: large maps)
+        # 101 us), unless its kernel converts each input row once (the row and phase kernels: the large maps)
         dq = (quant is not None and all(_fast_depthwise(u) for u in quant.users)
               and not all(_int8_depthwise_input(u) for u in quant.users))
         dot, full, lanes = int8_dot(target), (ph, ph, pw, pw), vector_lanes(target)
