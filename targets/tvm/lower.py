@@ -62,9 +62,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
 
     def _dequantized(bb, q, scale, zp):
         """(float(q) - zp) * scale, per tensor."""
-        y = bb.emit(relax.op.astype(q, "float32"))
-        y = bb.emit(relax.op.subtract(y, f32(zp)))
-        return bb.emit(relax.op.multiply(y, f32(scale)))
+        from graphopt.targets.tvm.cpu.conv import dequantized
+        return dequantized(bb, q, scale, zp)
 
     def dequantize_per_tensor(node, importer):
         return _dequantized(importer.block_builder, importer.env[node.args[0]], *node.args[1:3])

@@ -790,6 +790,21 @@ def _small_tile(oh: int, ow: int, kh: int, kw: int, s: int) -> bool:
     return (ow <= 32 and hp * wpl <= 4096) if kw >= 5 else (ow < 16 and hp * wpl <= 2048)
 
 
+def _reads_int8(kernel: str, oh: int, ow: int, kh: int, kw: int, stride: int) -> bool:
+    """Whether depthwise kernel `kernel` (a knob value) takes an int8 input for this layer: the row and phase
+    kernels' layers outside the small-image tile, stride 1 or 2, 8 outputs a row or more (`_depthwise_int8_planes`)."""
+    return (kernel in ("rows", "phases") and stride in (1, 2) and ow >= 8
+            and not _small_tile(oh, ow, kh, kw, stride))
+
+
+def dequantized(bb, q, scale: float, zero_point: int):
+    """Emit (float(q) - zero point) * scale for an int8 Relax value q, per tensor: the floats of its grid."""
+    from tvm import relax
+    y = bb.emit(relax.op.astype(q, "float32"))
+    y = bb.emit(relax.op.subtract(y, relax.const(float(zero_point), "float32")))
+    return bb.emit(relax.op.multiply(y, relax.const(float(scale), "float32")))
+
+
 def depthwise_int8_input(c: int, oh: int, ow: int, kh: int, kw: int, stride: int, lanes: int = 8) -> bool:
     """Whether the depthwise kernel for this layer reads its input as int8 (`_depthwise_int8_planes`), so that the
     int8 conv before it stores int8 rather than the floats of its grid: where the rule takes the row or phase
@@ -802,8 +817,7 @@ def depthwise_int8_input(c: int, oh: int, ow: int, kh: int, kw: int, stride: int
     fastest runs). Limiting it to inputs of 1 or 2 MB of floats or more (only the 112x112 and 56x56 layers) gained
     less: 0.98-0.99x. Kernel alone with a hot input the int8 kernel takes 1.07-1.28x the float kernel's time, with
     inputs rotated through 38 MB 0.43x (96x112x112 stride 2) and 0.51x (32x112x112)."""
-    return (stride in (1, 2) and ow >= 8 and not _small_tile(oh, ow, kh, kw, stride)
-            and depthwise_knobs(c, oh, ow, kh, kw, stride, lanes)[0]["kernel"] in ("rows", "phases"))
+    return _reads_int8(depthwise_knobs(c, oh, ow, kh, kw, stride, lanes)[0]["kernel"], oh, ow, kh, kw, stride)
 
 
 def _tap_rows(rb: int, s: int, h: int, kh: int, kw: int, ph: int, v: int, tap: Callable, vector: Callable,
@@ -1215,8 +1229,8 @@ def emit_depthwise(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
     `padding` is (top, bottom, left, right), so an asymmetric zero pad before the conv (TF "SAME") folds in. With
     out_q the output is int8 on that grid (the next quantize done in the store). With w_scale, w is int8 and
     w_scale its float scale per channel: the artifact keeps the int8 weight. `lanes`: the target's vector lanes.
-    With x_q = (scale, zero point) x is int8 on that grid: the row kernel converts each channel's plane itself
-    (`depthwise_int8_input`), the others get the floats from a dequantize before them.
+    With x_q = (scale, zero point) x is int8 on that grid: the row and phase kernels' layers convert each input
+    row themselves (`_depthwise_int8_planes`), the others get the floats from a dequantize before them.
     """
     import tvm
     from tvm import relax
@@ -1234,12 +1248,9 @@ def emit_depthwise(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
     kernel, gl = knobs["kernel"], knobs.get("lanes", 8)
     if kernel == "channels" and h * wd < 8:  # its fill transposes blocks of 8 input pixels
         kernel = "rows"
-    int8_in = (x_q is not None and kernel in ("rows", "phases") and ow >= 8
-               and not _small_tile(oh, ow, kh, kw, stride))
-    if x_q is not None and not int8_in:
-        x = bb.emit(relax.op.multiply(bb.emit(relax.op.subtract(bb.emit(relax.op.astype(x, "float32")),
-                                                                relax.const(np.float32(x_q[1])))),
-                                      relax.const(np.float32(x_q[0]))))
+    int8_in = x_q is not None and _reads_int8(kernel, oh, ow, kh, kw, stride)
+    if x_q is not None and not int8_in:  # (tuning moved the layer to a kernel that reads floats)
+        x = dequantized(bb, x, *x_q)
     if kernel == "channels":
         cp = -(-c // gl) * gl
 
