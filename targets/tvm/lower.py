@@ -450,17 +450,20 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                 dequantized.add(quant)
         return y
 
+    def _weight_arrays(node):
+        """A sparse op's data, indices and indptr as numpy where all three are constants of the graph, else None."""
+        tensors = [(lifted or {}).get(getattr(a, "name", None)) for a in node.args[1:4]]
+        return None if any(t is None for t in tensors) else [t.detach().numpy() for t in tensors]
+
     def bsr_linear(node, importer):
         from graphopt.targets.tvm.cpu.rules import target_cores, vector_lanes
         from graphopt.targets.tvm.cpu.sparse import emit_bsr_linear
         x, data, indices, indptr = (importer.env[a] for a in node.args[:4])
         bias = importer.env[node.args[4]] if node.args[4] is not None else None
         dshape = node.args[1].meta["val"].shape
-        tensors = [(lifted or {}).get(getattr(a, "name", None)) for a in node.args[1:4]]
-        arrays = None if any(t is None for t in tensors) else [t.detach().numpy() for t in tensors]
         return emit_bsr_linear(importer.block_builder, x, data, indices, indptr, bias, node.args[0].meta["val"].shape,
-                               int(node.args[5]), (int(dshape[1]), int(dshape[2])), int(dshape[0]), arrays,
-                               vector_lanes(target), target_cores(target))
+                               int(node.args[5]), (int(dshape[1]), int(dshape[2])), int(dshape[0]),
+                               _weight_arrays(node), vector_lanes(target), target_cores(target))
 
     def bsr_conv1x1(node, importer):
         """The sparse pointwise conv, with bias, a residual add and a clamp after it fused into the store, as the
@@ -478,7 +481,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         return emit_bsr_conv1x1(importer.block_builder, x, data, indices, indptr, bias, x_shape, int(node.args[5]),
                                 (int(dshape[1]), int(dshape[2])), int(dshape[0]), clamp,
                                 None if residual is None else importer.env[residual], vector_lanes(target),
-                                target_cores(target))
+                                target_cores(target), _weight_arrays(node))
 
     def linear(node, importer):
         # constant float weights go to the packed GEMM micro-kernel (weights laid out at compile time)

@@ -953,6 +953,16 @@ def test_bsr_kernel_assembly_accumulates_in_registers():
     assert "call" not in loop  # no workspace allocation (or any call) inside the reduction
 
 
+def test_csr_stream_loads_one_scalar_a_nonzero_into_two_chains():
+    """CSR weights as one stream (`csr_stream`): per nonzero one 64-bit load (value and x^T offset), no 32-bit index
+    load or broadcast from memory, and its four 32-token FMAs go to one of two accumulator chains (8 registers)."""
+    loop = _inner_fma_loop(_asm(bsr_matmul_t(32, 64, 64, 1, 1, 700, stream=True)))
+    accs = re.findall(r"^\s+vfmadd\w+\s+.*, (%ymm\d+)$", loop, re.M)
+    scalars = re.findall(r"^\s+movq\s+-?\d*\(%\w+(?:,%\w+)?(?:,\d)?\), %r", loop, re.M)
+    assert len(accs) >= 8 and len(set(accs)) == 8 and len(accs) == 4 * len(scalars)
+    assert "movslq" not in loop and not re.search(r"vbroadcastss\s+-?\d*\(", loop)
+
+
 @pytest.mark.parametrize("m,block,k,n", [(32, (4, 4), 128, 64), (16, (1, 1), 128, 64), (64, (1, 1), 128, 64),
                                          (64, (2, 8), 128, 64), (2, (1, 16), 128, 64), (1, (8, 1), 128, 64),
                                          (12, (4, 4), 128, 64), (50, (1, 1), 100, 64), (20, (4, 4), 100, 64),
@@ -1975,12 +1985,16 @@ def test_small_map_pointwise_layers_take_the_channels_in_vector_kernel_with_16_l
 @pytest.mark.parametrize("cout,cin,p,block,lanes", [(64, 96, 49, (4, 4), 8), (40, 24, 196, (1, 1), 8),
                                                     (32, 64, 3, (1, 16), 8), (24, 16, 3136, (8, 1), 8),
                                                     (36, 32, 49, (4, 4), 8), (64, 96, 49, (4, 4), 16),
-                                                    (24, 32, 196, (8, 1), 16), (36, 32, 128, (4, 4), 16)])
+                                                    (24, 32, 196, (8, 1), 16), (36, 32, 128, (4, 4), 16),
+                                                    (40, 96, 196, (1, 1), 8), (36, 128, 49, (1, 1), 8),
+                                                    (48, 96, 100, (1, 1), 16)])
 def test_sparse_pointwise_kernel_matches_dense(cout, cin, p, block, lanes):
     """The BSR pointwise conv (x read in place as NCHW stores it, bias + residual + ReLU6 in the store): pixel
     counts that are not whole tiles (49, 196: the last tile overlaps), fewer pixels than a vector (3), CSR and
     row/column blocks; an empty block-row included; small maps split the block-rows in halves (9 block-rows: the
-    second half ends early). With 16 lanes: 32-pixel tiles (49, 196) and 64 (128 pixels)."""
+    second half ends early). With 16 lanes: 32-pixel tiles (49, 196) and 64 (128 pixels). CSR rows of 8+
+    nonzeros on average read the one weight stream (`csr_stream`: 96 and 128 inputs), two chains, an odd
+    count of nonzeros in some rows; 24 inputs keep data and indices."""
     from tvm import relax
 
     from graphopt.targets.tvm.cpu.pipeline import build_cpu
@@ -1997,11 +2011,15 @@ def test_sparse_pointwise_kernel_matches_dense(cout, cin, p, block, lanes):
     xv, rv = relax.Var("x", relax.TensorType(x.shape, "float32")), relax.Var("r", relax.TensorType(res.shape, "float32"))
     with bb.function("main", [xv, rv]):
         with bb.dataflow():
-            y = emit_bsr_conv1x1(bb, xv, *(relax.const(a.numpy()) for a in (s.data, s.indices, s.indptr)),
-                                 relax.const(b), x.shape, cout, block, s.nnzb, (0.0, 6.0), rv, lanes, 2)
+            arrays = [a.numpy() for a in (s.data, s.indices, s.indptr)]
+            y = emit_bsr_conv1x1(bb, xv, *(relax.const(a) for a in arrays), relax.const(b), x.shape, cout, block,
+                                 s.nnzb, (0.0, 6.0), rv, lanes, 2, arrays)
             out = bb.emit_output(y)
         bb.emit_func_output(out)
-    vm = relax.VirtualMachine(build_cpu(bb.get(), cpu_target()), tvm.cpu())
+    mod = bb.get()
+    kernel = next(f for gv, f in mod.functions.items() if gv.name_hint.startswith("bsr_conv1x1"))
+    assert any(prm.name == "nz" for prm in kernel.params) == (block == (1, 1) and cin >= 96)
+    vm = relax.VirtualMachine(build_cpu(mod, cpu_target()), tvm.cpu())
     got = vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(res)).numpy().reshape(cout, p)
     ref = np.clip(w @ x.reshape(cin, p) + b[:, None] + res.reshape(cout, p), 0.0, 6.0)
     assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()

@@ -276,9 +276,10 @@ class CpuCostOracle:
                                     vector_lanes(self.target), None)
             if conv:
                 s = to_bsr(weight, block)
-                return emit_bsr_conv1x1(bb, x, relax.const(s.data.numpy()), relax.const(s.indices.numpy()),
-                                        relax.const(s.indptr.numpy()), None, x_shape, n, block, s.nnzb,
-                                        lanes=vector_lanes(self.target), cores=target_cores(self.target))
+                arrays = [s.data.numpy(), s.indices.numpy(), s.indptr.numpy()]
+                return emit_bsr_conv1x1(bb, x, *(relax.const(a) for a in arrays), None, x_shape, n, block, s.nnzb,
+                                        lanes=vector_lanes(self.target), cores=target_cores(self.target),
+                                        arrays=arrays)
             if block is None:  # what the compiler emits for a dense linear: packed GEMM, else matmul
                 y = emit_packed_linear(bb, x, weight.contiguous().numpy(), None, (m, k), vector_lanes(self.target))
                 if y is None:

@@ -68,10 +68,47 @@ def _local_transpose(src: str, dst: str, rows: int, cols: int, indent: str) -> s
 """
 
 
-def _block_row(r: int, c: int, v: int, x_row: str, pad: str = "") -> str:
+def csr_stream(data, indices, scale: int):
+    """CSR weights as one int64 a nonzero for the fp32 CSR kernels: the value's float32 bits in the low half, its
+    column times `scale` (the element offset of that column's row in the row-major [K, scale] x^T the kernel
+    reads) in the high half. The inner loop then loads one scalar a nonzero instead of two (value and column), and
+    needs no shift: unstructured CSR is bound by its loads (a nonzero's two 64-byte x^T rows, plus the scalars),
+    and the one stream made the k-tiled 768x768 kernel at 128 tokens 0.87-0.91x as slow at 80-95% sparsity (Zen
+    4, two threads; indices all 0, so every x^T row in L1, was only 5% faster than the real ones)."""
+    import numpy as np
+    bits = np.ascontiguousarray(np.asarray(data, np.float32).reshape(-1)).view(np.uint32).astype(np.int64)
+    return np.ascontiguousarray((np.asarray(indices, np.int64).reshape(-1) * scale) << 32 | bits)
+
+
+def streams(block: tuple[int, int], nnz: int, n: int, arrays) -> bool:
+    """Whether an untiled CSR kernel (`_stream_row`) reads its weights as a `csr_stream`: 1x1 blocks known at
+    compile time (`arrays`), with 8+ nonzeros a row on average (nnz over n rows)."""
+    return block == (1, 1) and arrays is not None and nnz >= 8 * n
+
+
+def _stream_const(data, indices, scale: int):
+    """`csr_stream` as a Relax constant (int64 said outright: `relax.const` makes int64 arrays int32)."""
+    from tvm import relax
+    return relax.const(csr_stream(data, indices, scale), "int64")
+
+
+def _nz_value(e: str) -> str:
+    """TVMScript: the float weight of `csr_stream` entry e (buffer `nz`)."""
+    return f'T.reinterpret("float32", T.Cast("int32", nz[{e}] & T.int64(4294967295)))'
+
+
+def _nz_offset(e: str) -> str:
+    """TVMScript: the x^T element offset of `csr_stream` entry e (buffer `nz`)."""
+    return f'T.Cast("int32", T.shift_right(nz[{e}], T.int64(32)))'
+
+
+def _block_row(r: int, c: int, v: int, x_row: str, pad: str = "", stream: bool = False) -> str:
     """TVMScript (inside `for ib` of a parallel body, `pad` deeper than its 12 spaces) summing block-row ib into an
     R x V register tile `acc`: per stored block, per weight value, one broadcast times the V-vector x_row (a format
-    string in {k}, the input index) of contiguous activations."""
+    string in {k}, the input index) of contiguous activations. With `stream` (CSR: 1x1 blocks) the weights are one
+    `csr_stream` buffer `nz`, {k} is the element offset of the x^T row, for a flat x^T view (`_stream_row`)."""
+    if stream:
+        return _stream_row(v, x_row, pad)
     x = x_row.format(k=f"indices[indptr[ib] + j] * {c} + ci")
     # scope "global" inside the parallel body becomes a stack alloca LLVM keeps in registers; "local" becomes a
     # heap workspace it cannot promote (3x slower: every FMA stored and reloaded)
@@ -85,6 +122,31 @@ def _block_row(r: int, c: int, v: int, x_row: str, pad: str = "") -> str:
                     for ci in T.unroll({c}):
                         for vi in T.vectorized({v}):
                             acc[ri, vi] = acc[ri, vi] + data[indptr[ib] + j, ri, ci] * {x}"""
+    return deeper(body, len(pad))
+
+
+def _stream_row(v: int, x_row: str, pad: str = "") -> str:
+    """`_block_row` for a CSR stream (`csr_stream`): row ib's nonzeros summed into `acc` [1, V] in two accumulator
+    chains over alternate nonzeros, added at the end. With one chain each FMA waited on the one before (4 cycles);
+    two, with the one-load stream, measured 0.84-0.96x the data + indices kernel's time on MobileNetV2's pointwise
+    shapes at 90% sparsity (96x576x196, 1280x320x49, 576x96x196; Zen 4, two threads), but 1.03x where rows have
+    ~2 nonzeros (144x24x3136), so `emit_bsr_conv1x1` / `emit_bsr_linear` stream only rows of 8+ on average."""
+    fma = lambda acc, e: f"""for vi in T.vectorized({v}):
+                    {acc} = {acc} + {_nz_value(e)} * {x_row.format(k=_nz_offset(e))}"""  # noqa: E731
+    body = f"""
+            acc = T.decl_buffer((1, {v}), "float32", scope="global")
+            a1 = T.decl_buffer(({v},), "float32", scope="global")
+            for vi in T.vectorized({v}):
+                acc[0, vi] = T.float32(0)
+            for vi in T.vectorized({v}):
+                a1[vi] = T.float32(0)
+            for j in T.serial((indptr[ib + 1] - indptr[ib]) // 2):
+                {fma("acc[0, vi]", "indptr[ib] + j * 2")}
+                {fma("a1[vi]", "indptr[ib] + j * 2 + 1")}
+            for j in T.serial((indptr[ib + 1] - indptr[ib]) % 2):
+                {fma("acc[0, vi]", "indptr[ib + 1] - 1")}
+            for vi in T.vectorized({v}):
+                acc[0, vi] = acc[0, vi] + a1[vi]"""
     return deeper(body, len(pad))
 
 
@@ -106,14 +168,25 @@ def _token_tasks(m: int, k: int, n: int, v: int, y_t: bool = True) -> tuple[str,
     return head, _local_transpose("yT[{i}, {j}]", f"out[{m0} + {{j}}, {{i}}]", n, v, "        ") if y_t else ""
 
 
-def bsr_linear_source(m: int, k: int, n: int, r: int, c: int, nnzb: int, lanes: int = 8, cores: int = 0) -> str:
+def _weight_params(nnzb: int, r: int, c: int, stream: bool) -> str:
+    """The float sparse kernels' weight parameters: BSR data and indices, or one CSR stream (`csr_stream`)."""
+    if stream:
+        return f'nz: T.Buffer(({nnzb},), "int64")'
+    return f'data: T.Buffer(({nnzb}, {r}, {c}), "float32"), indices: T.Buffer(({nnzb},), "int32")'
+
+
+def bsr_linear_source(m: int, k: int, n: int, r: int, c: int, nnzb: int, lanes: int = 8, cores: int = 0,
+                      stream: bool = False) -> str:
     """out[M, N] = x[M, K] @ W.T with W in BSR, M >= 4. One parallel loop over tiles of V tokens (the last tile
     starts at M - V, so any M works); each task: x rows -> private x^T, every block-row with an R x V tile of y^T in
     registers, and y^T -> its output rows. With blocks of 4 or 8 rows the block-rows run in groups of 8 output rows
     whose [8, V] tile of y^T is transposed straight into the output (the last group overlaps the one before);
     else through a private y^T [N, V], transposed at the end. Measured against y^T (128 tokens, 2 threads): 8x1
-    blocks at 90% 1.42x on 768x768 and 1.10x on 384->1536, 4x4 at 95% 1.06-1.11x, at 80% even; CSR 0.88-0.97x."""
+    blocks at 90% 1.42x on 768x768 and 1.10x on 384->1536, 4x4 at 95% 1.06-1.11x, at 80% even; CSR 0.88-0.97x.
+    `stream` (CSR only): the weights are one `csr_stream(data, indices, V)` buffer `nz` [nnz] instead of data and
+    indices."""
     nb, v = n // r, token_tile(m, r, lanes, cores)
+    assert not stream or (r, c) == (1, 1), "the CSR stream holds 1x1 blocks"
     grouped = r in (4, 8) and n >= 8
     head, tail = _token_tasks(m, k, n, v, y_t=not grouped)
     if grouped:
@@ -128,15 +201,17 @@ def bsr_linear_source(m: int, k: int, n: int, r: int, c: int, nnzb: int, lanes: 
                         yg[gb * {r} + ri, vi] = acc[ri, vi]
 {_local_transpose("yg[{i}, {j}]", f"out[{m0} + {{j}}, T.min(g * 8, {n - 8}) + {{i}}]", 8, v, "            ")}"""
     else:
-        body = f"""
-        for ib in T.serial({nb}):{_block_row(r, c, v, "xT[{k}, vi]")}
+        flat = f"""
+        xTf = T.decl_buffer(({k * v},), "float32", data=xT.data)""" if stream else ""
+        body = f"""{flat}
+        for ib in T.serial({nb}):{_block_row(r, c, v, "xTf[{k} + vi]" if stream else "xT[{k}, vi]", stream=stream)}
             for ri in T.unroll({r}):
                 for vi in T.vectorized({v}):
                     yT[ib * {r} + ri, vi] = acc[ri, vi]"""
     return f"""
 @T.prim_func(private=True)
-def bsr_linear(x: T.Buffer(({m}, {k}), "float32"), data: T.Buffer(({nnzb}, {r}, {c}), "float32"),
-               indices: T.Buffer(({nnzb},), "int32"), indptr: T.Buffer(({nb + 1},), "int32"),
+def bsr_linear(x: T.Buffer(({m}, {k}), "float32"), {_weight_params(nnzb, r, c, stream)},
+               indptr: T.Buffer(({nb + 1},), "int32"),
                out: T.Buffer(({m}, {n}), "float32")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
 {head}{body}
@@ -144,12 +219,13 @@ def bsr_linear(x: T.Buffer(({m}, {k}), "float32"), data: T.Buffer(({nnzb}, {r}, 
 """
 
 
-def bsr_matmul_t(m: int, k: int, n: int, r: int, c: int, nnzb: int, lanes: int = 8, cores: int = 0):
+def bsr_matmul_t(m: int, k: int, n: int, r: int, c: int, nnzb: int, lanes: int = 8, cores: int = 0,
+                 stream: bool = False):
     """PrimFunc(x[M, K], data[nnzb, R, C], indices[nnzb], indptr[N/R+1], out[M, N]) for M >= 4 (`token_tile`:
-    lanes, cores)."""
+    lanes, cores); with `stream`, (x, nz[nnzb], indptr, out)."""
     import tvm
     from tvm.script import tirx as T
-    return tvm.script.parse(bsr_linear_source(m, k, n, r, c, nnzb, lanes, cores), extra_vars={"T": T})
+    return tvm.script.parse(bsr_linear_source(m, k, n, r, c, nnzb, lanes, cores, stream), extra_vars={"T": T})
 
 
 def bsr_rows_source(m: int, k: int, n: int, r: int, c: int, nnzb: int) -> str:
@@ -224,21 +300,21 @@ def csr_tiled_pack(data, indices, indptr, k: int):
 
 
 def csr_tiled_source(m: int, k: int, n: int, nnz: int) -> str:
-    """out[M, N] = x[M, K] @ W.T with W in k-tiled CSR (`csr_tiled_pack`), M >= 4: per task of 32 tokens, x^T
-    private as in the BSR kernel; for each k-tile, every row's nonzeros in it are summed into its y^T row (loaded,
-    two accumulator chains over alternate nonzeros, stored)."""
+    """out[M, N] = x[M, K] @ W.T with W in k-tiled CSR (`csr_tiled_pack`) as one `csr_stream(values, columns, 32)`
+    buffer `nz`, M >= 4: per task of 32 tokens, x^T private as in the BSR kernel; for each k-tile, every row's
+    nonzeros in it are summed into its y^T row (loaded, two accumulator chains over alternate nonzeros, stored)."""
     v, tiles = token_tile(m, 1), -(-k // CSR_TILE)
     head, tail = _token_tasks(m, k, n, v)
     start, end = f"indptr[t * {n} + row]", f"indptr[t * {n} + row + 1]"
     fma = lambda acc, e: f"""for vi in T.vectorized({v}):
-                        {acc}[vi] = {acc}[vi] + data[{e}] * xT[indices[{e}], vi]"""  # noqa: E731
+                        {acc}[vi] = {acc}[vi] + {_nz_value(e)} * xTf[{_nz_offset(e)} + vi]"""  # noqa: E731
     return f"""
 @T.prim_func(private=True)
-def csr_tiled(x: T.Buffer(({m}, {k}), "float32"), data: T.Buffer(({nnz},), "float32"),
-              indices: T.Buffer(({nnz},), "int32"), indptr: T.Buffer(({tiles * n + 1},), "int32"),
-              out: T.Buffer(({m}, {n}), "float32")):
+def csr_tiled(x: T.Buffer(({m}, {k}), "float32"), nz: T.Buffer(({nnz},), "int64"),
+              indptr: T.Buffer(({tiles * n + 1},), "int32"), out: T.Buffer(({m}, {n}), "float32")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
 {head}
+        xTf = T.decl_buffer(({k * v},), "float32", data=xT.data)
         for row in T.serial({n}):
             for vi in T.vectorized({v}):
                 yT[row, vi] = T.float32(0)
@@ -268,8 +344,9 @@ def use_rows(m: int) -> bool:
 def emit_bsr_linear(bb, x, data, indices, indptr, bias, x_shape, n: int, block: tuple[int, int], nnzb: int,
                     arrays=None, lanes: int = 8, cores: int = 0):
     """Emit y = x @ W.T (+ bias) with W given as Relax BSR tensors; x [..., K] -> [..., N]. `arrays`: the same
-    three as numpy, when known at compile time: CSR weights then take the k-tiled kernel where it pays. `lanes`
-    and `cores` (the target's vector lanes and cores) size the token tiles (`token_tile`)."""
+    three as numpy, when known at compile time: CSR weights then take the k-tiled kernel where it pays, and both
+    CSR kernels read them as one stream (`csr_stream`). `lanes` and `cores` (the target's vector lanes and cores)
+    size the token tiles (`token_tile`)."""
     import math
 
     import tvm
@@ -285,14 +362,16 @@ def emit_bsr_linear(bb, x, data, indices, indptr, bias, x_shape, n: int, block: 
         vals, cols, ptr = csr_tiled_pack(*arrays, k)
         gv = bb.add_func(tvm.script.parse(csr_tiled_source(m, k, n, nnzb), extra_vars={"T": T}),
                          f"csr_tiled_{m}x{k}x{n}_nnz{nnzb}")
-        y = bb.emit(relax.call_tir(gv, [x2, relax.const(vals), relax.const(cols), relax.const(ptr)],
-                                   relax.TensorType((m, n), "float32")))
+        nz = _stream_const(vals, cols, token_tile(m, 1))
+        y = bb.emit(relax.call_tir(gv, [x2, nz, relax.const(ptr)], relax.TensorType((m, n), "float32")))
     elif use_rows(m):
         gv = bb.add_func(bsr_matmul_rows(m, k, n, r, c, nnzb), f"bsr_rows_{tag}")
         y = bb.emit(relax.call_tir(gv, [x2, data, indices, indptr], relax.TensorType((m, n), "float32")))
     else:
-        gv = bb.add_func(bsr_matmul_t(m, k, n, r, c, nnzb, lanes, cores), f"bsr_t_{tag}")
-        y = bb.emit(relax.call_tir(gv, [x2, data, indices, indptr], relax.TensorType((m, n), "float32")))
+        stream = streams(block, nnzb, n, arrays)
+        gv = bb.add_func(bsr_matmul_t(m, k, n, r, c, nnzb, lanes, cores, stream), f"bsr_t_{tag}")
+        weights = [_stream_const(*arrays[:2], token_tile(m, r, lanes, cores))] if stream else [data, indices]
+        y = bb.emit(relax.call_tir(gv, [x2, *weights, indptr], relax.TensorType((m, n), "float32")))
     if bias is not None:
         y = bb.emit(relax.op.add(y, bias))
     return bb.emit(relax.op.reshape(y, (*lead, n))) if lead != (m,) else y
@@ -300,7 +379,7 @@ def emit_bsr_linear(bb, x, data, indices, indptr, bias, x_shape, n: int, block: 
 
 def bsr_conv1x1_source(p: int, k: int, n: int, r: int, c: int, nnzb: int,
                        clamp: tuple[float, float] | None = None, residual: bool = False, copy: bool = False,
-                       lanes: int = 8, cores: int = 0) -> str:
+                       lanes: int = 8, cores: int = 0, stream: bool = False) -> str:
     """out[N, P] = W x + bias (+ residual, then clamp) for a batch-1 pointwise conv, x [K = Cin, P] as NCHW stores
     it, W [N = Cout, K] in BSR. The linear kernel's inner loop without its transposes: the rows of x already are
     the contiguous pixel vectors it reads (its x^T), and the R x V tile of outputs in registers is a tile of output
@@ -311,11 +390,20 @@ def bsr_conv1x1_source(p: int, k: int, n: int, r: int, c: int, nnzb: int,
     Maps of under 8 pixel tiles (7x7) also split the block-rows in two halves, half-major, so the threads split
     the output channels rather than the pixels of every row: 1280x320x49 at 95% 29-31 -> 17-20 us, 960x160x49
     20 -> 8 us, 320x960x49 1.03-1.12x (kernel alone, two threads; see `int8.quad_chunks` for the same effect).
-    On 14x14 maps it was 0.92-1.11x and on 56x56 0.88x (four halves) to 0.4x (two), so they keep the pixel split."""
+    On 14x14 maps it was 0.92-1.11x and on 56x56 0.88x (four halves) to 0.4x (two), so they keep the pixel split.
+    With `copy` (CSR), each half copies its pixel columns again: on 14x14 maps CSR's 32-pixel tiles (7) made the
+    copy ~40% of 96x576x196's time, and the pixel split alone measured 0.70-0.84x on the projections (64x384x196,
+    96x576x196 at 80-95%) but 1.05-1.06x on the expansions (384x64x196, 576x96x196): projections (K > N) with 4+
+    tiles keep the pixel split (Zen 4, two threads).
+
+    `stream` (CSR with `copy`): the weights are one `csr_stream(data, indices, V)` buffer `nz`, offsets into the
+    copied [K, V] pixel columns."""
     from graphopt.targets.tvm.cpu.conv import _clamped
     nb, v = n // r, token_tile(p, r, lanes, cores)
+    assert not stream or ((r, c) == (1, 1) and copy), "the CSR stream holds 1x1 blocks, read from the pixel copy"
     tiles = -(-p // v)
-    halves = 2 if tiles < 8 and nb >= 2 else 1
+    # a copied pixel tile is copied once per half: a projection (K > N) with 4+ tiles splits the pixels only
+    halves = 2 if tiles < 8 and nb >= 2 and not (copy and tiles >= 4 and k > n) else 1
     p0 = f"T.min(po * {v}, {p - v})"
     val = "acc[ri, vi] + bias[ib * {r} + ri]".format(r=r)
     if residual:
@@ -326,7 +414,10 @@ def bsr_conv1x1_source(p: int, k: int, n: int, r: int, c: int, nnzb: int,
         for kk in T.serial({k}):
             for vi in T.vectorized({v}):
                 xs[kk, vi] = x[kk, {p0} + vi]""" if copy else ""
-    x_row = "xs[{k}, vi]" if copy else f"x[{{k}}, {p0} + vi]"
+    if stream:
+        staged += f"""
+        xsf = T.decl_buffer(({k * v},), "float32", data=xs.data)"""
+    x_row = "xsf[{k} + vi]" if stream else "xs[{k}, vi]" if copy else f"x[{{k}}, {p0} + vi]"
     store = f"""
             for ri in T.unroll({r}):
                 for vi in T.vectorized({v}):
@@ -334,7 +425,7 @@ def bsr_conv1x1_source(p: int, k: int, n: int, r: int, c: int, nnzb: int,
     if halves == 1:
         loop = f"""
     for po in T.parallel({tiles}):{staged}
-        for ib in T.serial({nb}):{_block_row(r, c, v, x_row)}{store}"""
+        for ib in T.serial({nb}):{_block_row(r, c, v, x_row, stream=stream)}{store}"""
     else:  # the block-row loop starts at 0 (TVM 0.27 mis-lowers inner loops reading a loop that starts above 0)
         half = -(-nb // halves)
         store_deeper = deeper(store)  # inside the `if True:` below
@@ -343,21 +434,23 @@ def bsr_conv1x1_source(p: int, k: int, n: int, r: int, c: int, nnzb: int,
         po: T.let = t % {tiles}{staged}
         for ih in T.serial({half}):
             ib: T.let = T.min((t // {tiles}) * {half} + ih, {nb - 1})
-            if True:{_block_row(r, c, v, x_row, pad="    ")}{store_deeper}"""
+            if True:{_block_row(r, c, v, x_row, pad="    ", stream=stream)}{store_deeper}"""
     return f"""
 @T.prim_func(private=True)
-def bsr_conv1x1(x: T.Buffer(({k}, {p}), "float32"), data: T.Buffer(({nnzb}, {r}, {c}), "float32"),
-                indices: T.Buffer(({nnzb},), "int32"), indptr: T.Buffer(({nb + 1},), "int32"),
+def bsr_conv1x1(x: T.Buffer(({k}, {p}), "float32"), {_weight_params(nnzb, r, c, stream)},
+                indptr: T.Buffer(({nb + 1},), "int32"),
                 bias: T.Buffer(({n},), "float32"),{res_arg} out: T.Buffer(({n}, {p}), "float32")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}}){loop}
 """
 
 
 def emit_bsr_conv1x1(bb, x, data, indices, indptr, bias, x_shape, n: int, block: tuple[int, int], nnzb: int,
-                     clamp: tuple[float, float] | None = None, residual=None, lanes: int = 8, cores: int = 0):
+                     clamp: tuple[float, float] | None = None, residual=None, lanes: int = 8, cores: int = 0,
+                     arrays=None):
     """Emit a pointwise conv of x [B, Cin, H, W] (the kernel loops over the samples) with its weight [n, Cin] given
     as Relax BSR tensors, bias (a Relax value [n] or None), a residual of the output's shape and a clamp fused into
-    the store. `lanes`, `cores`: the target's, for the pixel tiles (`token_tile`)."""
+    the store. `lanes`, `cores`: the target's, for the pixel tiles (`token_tile`). `arrays`: data, indices and
+    indptr as numpy when known at compile time; CSR weights then go to the kernel as one stream (`csr_stream`)."""
     import numpy as np
     import tvm
     from tvm import relax
@@ -369,15 +462,17 @@ def emit_bsr_conv1x1(bb, x, data, indices, indptr, bias, x_shape, n: int, block:
     p, (r, c) = h * w, block
     # 1-2 row blocks (CSR): a private copy of the task's pixel columns, so each nonzero's x row is one compact
     # cache-line pair (1280x320x49 CSR at 90%: 2.9 -> 3.6x dense); blocks of 4 rows gained nothing from it
-    src = batch_source(bsr_conv1x1_source(p, k, n, r, c, nnzb, clamp, residual is not None, r < 4, lanes, cores), bn,
-                       ["x", "out"] + ([] if residual is None else ["res"]))
+    stream = streams(block, nnzb, n, arrays)
+    src = batch_source(bsr_conv1x1_source(p, k, n, r, c, nnzb, clamp, residual is not None, r < 4, lanes, cores,
+                                          stream), bn, ["x", "out"] + ([] if residual is None else ["res"]))
     tag = (f"{n}x{k}x{p}_b{r}x{c}_nnz{nnzb}" + ("_res" if residual is not None else "") + ("_clamp" if clamp else "")
            + (f"_n{bn}" if bn > 1 else ""))
     gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), f"bsr_conv1x1_{tag}")
     b = bias if bias is not None else relax.const(np.zeros(n, np.float32))
     shape = lambda rows: (bn, rows, p) if bn > 1 else (rows, p)  # noqa: E731  (batch_source's per-sample views)
     extra = [] if residual is None else [bb.emit(relax.op.reshape(residual, shape(n)))]
-    y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, shape(k))), data, indices, indptr, b, *extra],
+    weights = [_stream_const(*arrays[:2], token_tile(p, r, lanes, cores))] if stream else [data, indices]
+    y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, shape(k))), *weights, indptr, b, *extra],
                                relax.TensorType(shape(n), "float32")))
     return bb.emit(relax.op.reshape(y, (bn, n, h, w)))
 
