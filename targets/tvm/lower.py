@@ -348,7 +348,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         from graphopt.targets.tvm.cpu.int8 import (emit_flat_qconv, emit_im2col_qconv, emit_qconv1x1,
                                                    flat_qconv_applies, im2col_beats_flat, int8_dot, qconv1x1_applies,
                                                    tok_qconv_applies)
-        from graphopt.targets.tvm.cpu.rules import vector_lanes
+        from graphopt.targets.tvm.cpu.rules import target_cores, vector_lanes
         kind, wt, wst, bt = _qconv_kind(node)
         groups = int(node.args[9])
         if (kind is None and cpu_kernels and wt is not None and wst is not None and groups > 1
@@ -392,7 +392,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             if kind == "pointwise" and qconv1x1_applies(x_shape_) and dot is not None:
                 return emit_qconv1x1(bb, xq_, w_, ws_, b_, sx, zx, x_shape_, clamp, out_q, dq, dot,
                                      _int8_sparse(node, "qconv1x1", w_.reshape(w_.shape[0], -1),
-                                                  int(x_shape_[2]) * int(x_shape_[3])) if sparse else "", lanes)
+                                                  int(x_shape_[2]) * int(x_shape_[3])) if sparse else "", lanes,
+                                     target_cores(target))
             if kind in ("im2col", "direct") and im2col_beats_flat(int(x_shape_[1]), s_, dot) and \
                     qconv1x1_applies(node.meta["val"].shape):
                 return emit_im2col_qconv(bb, xq_, w_, ws_, b_, sx, zx, x_shape_, s_, full, clamp, out_q, dq,

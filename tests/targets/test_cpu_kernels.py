@@ -2314,6 +2314,45 @@ def test_int8_bsr_pointwise_on_16_pixel_vectors_equals_the_dense_kernel(cout, ci
     assert (outs[0] != outs[0].flat[0]).any()
 
 
+@pytest.mark.parametrize("cout,cin,p,split", [(32, 576, 196, True), (24, 576, 196, False), (16, 602, 144, True)])
+def test_int8_bsr_pointwise_row_split_on_two_cores_equals_the_dense_kernel(cout, cin, p, split):
+    """On two cores, where the pixel chunks leave one channel group (deep inputs: one 16-pixel block a chunk), the
+    int8 BSR kernel splits the output rows into two groups that each stage the whole map (`bsr_row_split`): two
+    tasks with an even count of 8-row blocks (32, 16 rows), the chunks as before with an odd count (24 rows: three),
+    or with the cores not known. int8 stores equal to the dense kernel's either way (an empty block-row, an
+    overlapping last pixel block, Cin not a multiple of 4)."""
+    from tvm import relax
+
+    from graphopt.targets.tvm.cpu.int8 import emit_qconv1x1, qconv1x1_ubsw_source
+    from graphopt.targets.tvm.cpu.pipeline import build_cpu
+    rng = np.random.default_rng(11)
+    keep = rng.random((cout // 8, -(-cin // 4))) < 0.2
+    keep[1] = False
+    w = (rng.integers(-127, 128, (cout, cin)) * np.kron(keep, np.ones((8, 4), np.int64))[:, :cin]).astype(np.int8)
+    w = w.reshape(cout, cin, 1, 1)
+    ws, bias = rng.uniform(1e-3, 2e-3, cout), rng.uniform(-1, 1, cout).astype(np.float32)
+    x = rng.integers(-128, 128, (1, cin, p, 1)).astype(np.int8)
+    for cores in (0, 2):
+        src = qconv1x1_ubsw_source(cout, cin, p, 2, None, None, False, False, "exact", int(keep.sum()), lanes=16,
+                                   cores=cores)
+        assert ("T.parallel(2)" in src) == (split and cores == 2)
+    outs = []
+    for sparse, cores in (("", 2), ("bsr8x4", 0), ("bsr8x4", 2)):
+        bb = relax.BlockBuilder()
+        xv = relax.Var("x", relax.TensorType(x.shape, "int8"))
+        with bb.function("main", [xv]):
+            with bb.dataflow():
+                y = emit_qconv1x1(bb, xv, w, ws, bias, 0.02, -5, x.shape, (0.0, 6.0), (0.05, 3, -128, 127),
+                                  dot="exact", sparse=sparse, lanes=16, cores=cores)
+                out = bb.emit_output(y)
+            bb.emit_func_output(out)
+        vm = relax.VirtualMachine(build_cpu(bb.get(), cpu_target()), tvm.cpu())
+        outs.append(vm["main"](tvm.runtime.tensor(x)).numpy())
+    np.testing.assert_array_equal(outs[1], outs[0])
+    np.testing.assert_array_equal(outs[2], outs[0])
+    assert (outs[0] != outs[0].flat[0]).any()
+
+
 @pytest.mark.parametrize("batch,k,stride,pad,hw", [(1, 3, 2, 1, (23, 20)), (2, 2, None, 0, (9, 10)),
                                                    (1, 3, 1, 1, (7, 9))])
 def test_max_pool_runs_on_the_row_kernel(batch, k, stride, pad, hw):

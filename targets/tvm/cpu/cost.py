@@ -195,7 +195,7 @@ class CpuCostOracle:
         from tvm import relax
 
         from graphopt.targets.tvm.cpu.int8 import emit_qconv1x1, emit_qlinear, int8_dot
-        from graphopt.targets.tvm.cpu.rules import vector_lanes
+        from graphopt.targets.tvm.cpu.rules import target_cores, vector_lanes
         from graphopt.targets.tvm.cpu.sparse import emit_bsr_qlinear, emit_csr_qlinear
 
         m, k, n = shape
@@ -207,7 +207,7 @@ class CpuCostOracle:
             x_shape = (1, k, m, 1)
             return self._run(lambda bb, x: emit_qconv1x1(bb, x, w.reshape(n, k, 1, 1), scales, None, 0.02, 0,
                                                          x_shape, None, None, False, dot, sparse,
-                                                         vector_lanes(self.target)),
+                                                         vector_lanes(self.target), target_cores(self.target)),
                              x_shape, "int8")
 
         def emit(bb, x):

@@ -207,7 +207,7 @@ def stage_quads(cin: int, p: int, nv: int, origin: str, slot: str, blocks: str) 
 def qconv1x1_ubsw_source(cout: int, cin: int, p: int, nv: int, clamp: tuple[float, float] | None = None,
                          out_q: tuple[float, int, int, int] | None = None, dequantized: bool = False,
                          float_bias: bool = False, dot: str = "ubsw", bsr_blocks: int | None = None,
-                         tiles: int = 1, lanes: int = 8) -> str:
+                         tiles: int = 1, lanes: int = 8, cores: int = 0) -> str:
     """The pointwise kernel for weights where u8 x s8 pairs cannot saturate (`ubsw_exact`, 7-bit weights): each
     task takes a chunk of pixel blocks (8nv pixels each) and a group of channel blocks. It first rewrites its
     pixels once as uint8 quads (x + 128; 4 channels of a pixel side by side: [block, Cin/4, 8nv, 4]), so that every
@@ -248,6 +248,8 @@ def qconv1x1_ubsw_source(cout: int, cin: int, p: int, nv: int, clamp: tuple[floa
     trows, mg = rows * tiles, -(-mt // tiles)  # a register tile's rows; register tiles
     chunks, nblk = quad_chunks(cb, k4, nr)
     groups = max(1, min(mg, -(-8 // chunks)))  # enough tasks for the threads; each group re-reads its chunk once
+    if bsr_blocks is not None and groups == 1 and mg % 2 == 0 and 0 < cores <= 2:
+        chunks, nblk, groups = bsr_row_split(cb, k4, nr)
     bias_arg = f' bias: T.Buffer(({mt * rows},), "float32"),' if float_bias else ""
     c0 = f"T.min(b * {nr}, {p - nr})"
     off0 = f"off[T.min(c * {trows} + i, {mt * rows - 1})]"  # the accumulator starts at -offset (rows past Cout: any)
@@ -415,6 +417,27 @@ def qconv1x1_knobs(p: int, dot: str | None = None, lanes: int = 8) -> tuple[dict
     return {"nv": 2}, [{"nv": 2}, {"nv": 1}] + pair
 
 
+BSR_QUADS_L2 = 256 * 1024  # bytes of staged quads a task of the row-split int8 BSR kernel may hold
+
+
+def bsr_row_split(cb: int, k4: int, nr: int) -> tuple[int, int, int]:
+    """(chunks, longest chunk, channel groups) of the int8 BSR pointwise kernel where `quad_chunks` leaves one channel
+    group (chunks >= 8: deep inputs on small maps, 96x576x196) on a target of two cores, with an even count of 8-row
+    blocks: two groups, each staging as few chunks as keep its quads within `BSR_QUADS_L2` (one on the shapes it
+    takes in the zoo), so each thread stages the whole map once, reading whole rows of x, and writes whole output
+    rows. With one group the two threads took a contiguous run of the one-block chunks each, so they wrote the two
+    halves of every output row (the split `quad_chunks` describes) and staged 16 bytes from each of Cin rows a
+    block. Kernel alone (Zen 4, two threads, shuffled rounds, a fresh process each): 96x576x196 at 90% 0.90-0.97x
+    (three processes), at 80% 0.78-0.96x, 112x672x196 at 80% 0.94-0.95x; the old split ran in two modes, fast or
+    ~1.3x slower, the row split in one. At one thread the one-chunk staging alone took the kernel to 0.70x. An odd
+    count of row blocks splits unevenly (24x144x3136's 3: 1.36-1.41x the time; 40x240x784's 5: 0.57x and 1.09x), so
+    those keep `quad_chunks`; 32x192x784's 4 measured 0.51-1.02x. The dense int8 kernel, which re-reads each staged
+    block for every channel block, gained less from the same split (0.93-0.97x on 96x576x196, 0.96-1.06x on
+    112x672x196) and keeps `quad_chunks`, as do other core counts (unmeasured)."""
+    chunks = max(1, -(-cb * k4 * 4 * nr // BSR_QUADS_L2))
+    return chunks, -(-cb // chunks), 2
+
+
 def bsr_pixels16(p: int, dot: str, lanes: int) -> bool:
     """Whether the int8 BSR pointwise kernel takes 16-pixel blocks in one 512-bit vector (`vpdpbusd` zmm: 16 lanes,
     the VNNI or exact product, 16 pixels or more) instead of 8. Kernel alone (Emerald Rapids, 2 threads, 80 / 90%
@@ -427,13 +450,14 @@ def bsr_pixels16(p: int, dot: str, lanes: int) -> bool:
 
 def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | None, sx: float, zx: int,
                   x_shape, clamp: tuple[float, float] | None, out_q: tuple[float, int, int, int] | None,
-                  dequantized: bool = False, dot: str = "ubsw", sparse: str = "", lanes: int = 8):
+                  dequantized: bool = False, dot: str = "ubsw", sparse: str = "", lanes: int = 8, cores: int = 0):
     """Pointwise qconv2d of xq int8 [N, Cin, H, W] -> [N, Cout, H, W] (the kernel loops over the samples): int8 on out_q's grid (or the floats of that
     grid with `dequantized`), else float32. `dot` is the target's quad product (`int8_dot`). `sparse` (the layout
     select-sparse-layout chose): "bsr8x4", the weight goes in as int8 BSR with 8 x 4 blocks (Cout % 8 == 0, and the
     quad product must be exact for it: VNNI or `ubsw_exact`); "csr", as pair CSR on the `vpmaddwd` kernel (exact
     for any int8 weight; H * W >= 16). `lanes`: the target's vector width in int32 lanes (`rules.vector_lanes`);
-    with 16 the dense quad kernel runs 512-bit `vpdpbusd` (`qconv1x1_knobs`)."""
+    with 16 the dense quad kernel runs 512-bit `vpdpbusd` (`qconv1x1_knobs`). `cores`: the target's (0: not
+    known), for how the int8 BSR kernel splits its work (`bsr_row_split`)."""
     import tvm
     from tvm import relax
     from tvm.script import tirx as T
@@ -478,7 +502,8 @@ def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray
         bsr = to_bsr(torch.from_numpy(wpad), (8, 4))
         wide = bsr_pixels16(p, dot, lanes)
         src = batch_source(qconv1x1_ubsw_source(cout, cin, p, 2 if wide else 1, clamp, out_q, dequantized,
-                                                consts[2] is not None, dot, bsr.nnzb, lanes=16 if wide else 8),
+                                                consts[2] is not None, dot, bsr.nnzb, lanes=16 if wide else 8,
+                                                cores=cores),
                            n, ["x", "out"])
         gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}),
                          f"qconv1x1_bsr_{dot}{'_v16' if wide else ''}_{tag}_nnz{bsr.nnzb}")
