@@ -73,8 +73,8 @@ def csr_stream(data, indices, scale: int):
     column times `scale` (the element offset of that column's row in the row-major [K, scale] x^T the kernel
     reads) in the high half. The inner loop then loads one scalar a nonzero instead of two (value and column), and
     needs no shift: unstructured CSR is bound by its loads (a nonzero's two 64-byte x^T rows, plus the scalars),
-    and the one stream made the k-tiled 768x768 kernel at 128 tokens 0.87-0.91x as slow at 80-95% sparsity (Zen
-    4, two threads; indices all 0, so every x^T row in L1, was only 5% faster than the real ones)."""
+    and with the one stream the k-tiled 768x768 kernel at 128 tokens took 0.87-0.91x the time at 80-95% sparsity
+    (Zen 4, two threads; with every index 0, so every x^T row in L1, it had been only 5% faster)."""
     import numpy as np
     bits = np.ascontiguousarray(np.asarray(data, np.float32).reshape(-1)).view(np.uint32).astype(np.int64)
     return np.ascontiguousarray((np.asarray(indices, np.int64).reshape(-1) * scale) << 32 | bits)
