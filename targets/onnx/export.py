@@ -40,17 +40,22 @@ def export_onnx(graph: Graph, path: str | Path, opset: int = 18) -> Path:
 
 
 class _quiet:
-    """Silence the exporter's progress prints on stdout and its registry's warnings (torchvision ops it skips,
-    which a graph never uses) on stderr."""
+    """Silence the exporter's progress prints on stdout and, on stderr, its registry's warnings (torchvision ops it
+    skips, which a graph never uses) and onnxscript's constant folder's (a node it could not evaluate stays as it
+    is: "Evaluation failed: cannot reshape array of size 1 into shape (1,128)" on a sparsified MiniLM's mask)."""
+
+    LOGGERS = ("torch.onnx", "onnxscript")
 
     def __enter__(self):
         import contextlib
-        self._log = logging.getLogger("torch.onnx")
-        self._level = self._log.level
-        self._log.setLevel(logging.ERROR)
+        self._logs = [logging.getLogger(name) for name in self.LOGGERS]
+        self._levels = [log_.level for log_ in self._logs]
+        for log_ in self._logs:
+            log_.setLevel(logging.ERROR)
         self._ctx = contextlib.redirect_stdout(io.StringIO())
         return self._ctx.__enter__()
 
     def __exit__(self, *exc):
-        self._log.setLevel(self._level)
+        for log_, level in zip(self._logs, self._levels):
+            log_.setLevel(level)
         return self._ctx.__exit__(*exc)
