@@ -963,6 +963,21 @@ def test_csr_stream_loads_one_scalar_a_nonzero_into_two_chains():
     assert "movslq" not in loop and not re.search(r"vbroadcastss\s+-?\d*\(", loop)
 
 
+def test_csr_stream_refuses_what_it_cannot_hold():
+    """The stream packs 1x1 blocks (values and int32 x^T offsets): block shapes it does not hold, a pointwise kernel
+    without its pixel copy and offsets past int32 are errors naming what to change, not wrong kernels."""
+    from graphopt.targets.tvm.cpu import sparse as S
+    with pytest.raises(ValueError, match="1x1 blocks, not 4x4"):
+        S.bsr_linear_source(32, 64, 64, 4, 4, 10, stream=True)
+    with pytest.raises(ValueError, match="copy=True"):
+        S.bsr_conv1x1_source(49, 64, 32, 1, 1, 40, copy=False, stream=True)
+    with pytest.raises(ValueError, match="must fit int32"):
+        S.csr_stream(np.ones(2, np.float32), np.array([0, 2 ** 27]), 32)
+    nz = S.csr_stream(np.array([1.5, -2.0], np.float32), np.array([3, 5]), 32)
+    assert (nz >> 32).tolist() == [96, 160]
+    assert (nz & 0xFFFFFFFF).astype(np.uint32).view(np.float32).tolist() == [1.5, -2.0]
+
+
 @pytest.mark.parametrize("m,block,k,n", [(32, (4, 4), 128, 64), (16, (1, 1), 128, 64), (64, (1, 1), 128, 64),
                                          (64, (2, 8), 128, 64), (2, (1, 16), 128, 64), (1, (8, 1), 128, 64),
                                          (12, (4, 4), 128, 64), (50, (1, 1), 100, 64), (20, (4, 4), 100, 64),

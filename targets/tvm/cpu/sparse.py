@@ -77,7 +77,11 @@ def csr_stream(data, indices, scale: int):
     (Zen 4, two threads; with every index 0, so every x^T row in L1, it had been only 5% faster)."""
     import numpy as np
     bits = np.ascontiguousarray(np.asarray(data, np.float32).reshape(-1)).view(np.uint32).astype(np.int64)
-    return np.ascontiguousarray((np.asarray(indices, np.int64).reshape(-1) * scale) << 32 | bits)
+    offsets = np.asarray(indices, np.int64).reshape(-1) * scale
+    if offsets.size and (offsets.min() < 0 or offsets.max() >= 2 ** 31):
+        raise ValueError(f"csr_stream: column offsets (column x {scale}) must fit int32, got "
+                         f"{offsets.min()}..{offsets.max()}")
+    return np.ascontiguousarray(offsets << 32 | bits)
 
 
 def streams(block: tuple[int, int], nnz: int, n: int, arrays) -> bool:
@@ -125,26 +129,32 @@ def _block_row(r: int, c: int, v: int, x_row: str, pad: str = "", stream: bool =
     return deeper(body, len(pad))
 
 
+def _stream_pairs(a0: str, a1: str, start: str, end: str, v: int, x_row: str, pad: str) -> str:
+    """TVMScript (its `for` lines at `pad`) summing `csr_stream` entries start..end - 1 into two accumulator chains
+    over alternate nonzeros, a0 and a1 (element expressions in vi), the odd last one into a0; x_row: the x^T
+    V-vector, a format string in {k}, the row's element offset."""
+    fma = lambda acc, e: f"""
+{pad}    for vi in T.vectorized({v}):
+{pad}        {acc} = {acc} + {_nz_value(e)} * {x_row.format(k=_nz_offset(e))}"""  # noqa: E731
+    return f"""
+{pad}for j in T.serial(({end} - {start}) // 2):{fma(a0, f"{start} + j * 2")}{fma(a1, f"{start} + j * 2 + 1")}
+{pad}for j in T.serial(({end} - {start}) % 2):{fma(a0, f"{end} - 1")}"""
+
+
 def _stream_row(v: int, x_row: str, pad: str = "") -> str:
     """`_block_row` for a CSR stream (`csr_stream`): row ib's nonzeros summed into `acc` [1, V] in two accumulator
     chains over alternate nonzeros, added at the end. With one chain each FMA waited on the one before (4 cycles);
     two, with the one-load stream, measured 0.84-0.96x the data + indices kernel's time on MobileNetV2's pointwise
     shapes at 90% sparsity (96x576x196, 1280x320x49, 576x96x196; Zen 4, two threads), but 1.03x where rows have
     ~2 nonzeros (144x24x3136), so `emit_bsr_conv1x1` / `emit_bsr_linear` stream only rows of 8+ on average."""
-    fma = lambda acc, e: f"""for vi in T.vectorized({v}):
-                    {acc} = {acc} + {_nz_value(e)} * {x_row.format(k=_nz_offset(e))}"""  # noqa: E731
     body = f"""
             acc = T.decl_buffer((1, {v}), "float32", scope="global")
             a1 = T.decl_buffer(({v},), "float32", scope="global")
             for vi in T.vectorized({v}):
                 acc[0, vi] = T.float32(0)
             for vi in T.vectorized({v}):
-                a1[vi] = T.float32(0)
-            for j in T.serial((indptr[ib + 1] - indptr[ib]) // 2):
-                {fma("acc[0, vi]", "indptr[ib] + j * 2")}
-                {fma("a1[vi]", "indptr[ib] + j * 2 + 1")}
-            for j in T.serial((indptr[ib + 1] - indptr[ib]) % 2):
-                {fma("acc[0, vi]", "indptr[ib + 1] - 1")}
+                a1[vi] = T.float32(0){_stream_pairs("acc[0, vi]", "a1[vi]", "indptr[ib]", "indptr[ib + 1]", v, x_row,
+                                                  " " * 12)}
             for vi in T.vectorized({v}):
                 acc[0, vi] = acc[0, vi] + a1[vi]"""
     return deeper(body, len(pad))
@@ -186,7 +196,8 @@ def bsr_linear_source(m: int, k: int, n: int, r: int, c: int, nnzb: int, lanes: 
     `stream` (CSR only): the weights are one `csr_stream(data, indices, V)` buffer `nz` [nnz] instead of data and
     indices."""
     nb, v = n // r, token_tile(m, r, lanes, cores)
-    assert not stream or (r, c) == (1, 1), "the CSR stream holds 1x1 blocks"
+    if stream and (r, c) != (1, 1):
+        raise ValueError(f"the CSR weight stream (csr_stream) holds 1x1 blocks, not {r}x{c}: pass stream=False")
     grouped = r in (4, 8) and n >= 8
     head, tail = _token_tasks(m, k, n, v, y_t=not grouped)
     if grouped:
@@ -305,9 +316,8 @@ def csr_tiled_source(m: int, k: int, n: int, nnz: int) -> str:
     nonzeros in it are summed into its y^T row (loaded, two accumulator chains over alternate nonzeros, stored)."""
     v, tiles = token_tile(m, 1), -(-k // CSR_TILE)
     head, tail = _token_tasks(m, k, n, v)
-    start, end = f"indptr[t * {n} + row]", f"indptr[t * {n} + row + 1]"
-    fma = lambda acc, e: f"""for vi in T.vectorized({v}):
-                        {acc}[vi] = {acc}[vi] + {_nz_value(e)} * xTf[{_nz_offset(e)} + vi]"""  # noqa: E731
+    pairs = _stream_pairs("a0[vi]", "a1[vi]", f"indptr[t * {n} + row]", f"indptr[t * {n} + row + 1]", v,
+                          "xTf[{k} + vi]", " " * 16)
     return f"""
 @T.prim_func(private=True)
 def csr_tiled(x: T.Buffer(({m}, {k}), "float32"), nz: T.Buffer(({nnz},), "int64"),
@@ -325,12 +335,7 @@ def csr_tiled(x: T.Buffer(({m}, {k}), "float32"), nz: T.Buffer(({nnz},), "int64"
                 for vi in T.vectorized({v}):
                     a0[vi] = yT[row, vi]
                 for vi in T.vectorized({v}):
-                    a1[vi] = T.float32(0)
-                for j in T.serial(({end} - {start}) // 2):
-                    {fma("a0", f"{start} + j * 2")}
-                    {fma("a1", f"{start} + j * 2 + 1")}
-                for j in T.serial(({end} - {start}) % 2):
-                    {fma("a0", f"{end} - 1")}
+                    a1[vi] = T.float32(0){pairs}
                 for vi in T.vectorized({v}):
                     yT[row, vi] = a0[vi] + a1[vi]
 {tail}
@@ -400,7 +405,9 @@ def bsr_conv1x1_source(p: int, k: int, n: int, r: int, c: int, nnzb: int,
     copied [K, V] pixel columns."""
     from graphopt.targets.tvm.cpu.conv import _clamped
     nb, v = n // r, token_tile(p, r, lanes, cores)
-    assert not stream or ((r, c) == (1, 1) and copy), "the CSR stream holds 1x1 blocks, read from the pixel copy"
+    if stream and ((r, c) != (1, 1) or not copy):
+        raise ValueError(f"the CSR weight stream (csr_stream) holds 1x1 blocks (not {r}x{c}) read from the copied "
+                         f"pixel columns (copy=True, not {copy}): pass stream=False")
     tiles = -(-p // v)
     # a copied pixel tile is copied once per half: a projection (K > N) with 4+ tiles splits the pixels only
     halves = 2 if tiles < 8 and nb >= 2 and not (copy and tiles >= 4 and k > n) else 1
