@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one linear and one conv shape, two sparsities")
     ap.add_argument("--patterns", default="block4x4,unstructured,int7-block8x4,int8-unstructured",
                     help="weight patterns to time (comma-separated); rows of the others already in --out are kept")
+    ap.add_argument("--shapes", default=None,
+                    help="layer shapes to time, by name (comma-separated; default all: "
+                         f"{', '.join(s[0] for s in SHAPES)}); rows of the others already in --out are kept")
     ap.add_argument("--out", default="benchmarks/results/sparse_kernels.json")
     from graphopt.plots import add_plot_options, replot_asked
     add_plot_options(ap, "speed-up over the dense kernel against sparsity, a panel per layer shape, a line per "
@@ -95,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
 
     oracle = CpuCostOracle(cache=os.path.join(tempfile.gettempdir(), "graphopt-bench-layout-costs.json"))
     shapes = [SHAPES[2], SHAPES[4]] if args.quick else SHAPES
+    if args.shapes:
+        names = args.shapes.split(",")
+        if any(nm not in [s[0] for s in SHAPES] for nm in names):
+            ap.error(f"--shapes: {args.shapes!r}; choose from {', '.join(s[0] for s in SHAPES)}")
+        shapes = [s for s in SHAPES if s[0] in names]
     known = ["block4x4", "unstructured", "int7-block8x4", "int8-unstructured"]
     wanted = args.patterns.split(",")
     if any(p not in known for p in wanted):
@@ -155,9 +163,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"{row['chosen_us']:8.1f} us  x{row['speedup_vs_tvm_dense']:.2f} vs tvm dense, "
                       f"x{row['speedup_vs_ort_dense']:.2f} vs ORT (goal x{row['goal_0.5_over_density']})",
                       flush=True)
-    if os.path.exists(args.out) and set(wanted) != set(known):
-        with open(args.out) as f:  # a partial run: keep the other patterns' rows of the last full one
-            rows = [r for r in json.load(f)["rows"] if r["pattern"] not in wanted] + rows
+    timed = {s[0] for s in shapes}
+    if os.path.exists(args.out) and (set(wanted) != set(known) or timed != {s[0] for s in SHAPES}):
+        with open(args.out) as f:  # a partial run: keep the rows of the other patterns and shapes from the last
+            rows = [r for r in json.load(f)["rows"] if r["pattern"] not in wanted or r["shape"] not in timed] + rows
     doc = {"threads": args.threads, "target": oracle.describe(), "rows": rows}
     atomic_write_bytes(args.out, json.dumps(doc, indent=1).encode())
     print(f"wrote {args.out}")

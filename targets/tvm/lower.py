@@ -457,14 +457,14 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         return None if any(t is None for t in tensors) else [t.detach().numpy() for t in tensors]
 
     def bsr_linear(node, importer):
-        from graphopt.targets.tvm.cpu.rules import target_cores, vector_lanes
+        from graphopt.targets.tvm.cpu.rules import has_gather, target_cores, vector_lanes
         from graphopt.targets.tvm.cpu.sparse import emit_bsr_linear
         x, data, indices, indptr = (importer.env[a] for a in node.args[:4])
         bias = importer.env[node.args[4]] if node.args[4] is not None else None
         dshape = node.args[1].meta["val"].shape
         return emit_bsr_linear(importer.block_builder, x, data, indices, indptr, bias, node.args[0].meta["val"].shape,
                                int(node.args[5]), (int(dshape[1]), int(dshape[2])), int(dshape[0]),
-                               _weight_arrays(node), vector_lanes(target), target_cores(target))
+                               _weight_arrays(node), vector_lanes(target), target_cores(target), has_gather(target))
 
     def bsr_conv1x1(node, importer):
         """The sparse pointwise conv, with bias, a residual add and a clamp after it fused into the store, as the

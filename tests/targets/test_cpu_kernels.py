@@ -1000,6 +1000,64 @@ def test_bsr_kernels_match_dense(m, block, k, n):
     assert np.abs(got - (x @ w.t()).numpy()).max() < 1e-4
 
 
+@pytest.mark.parametrize("m,k,n,density", [(1, 100, 64, 0.15), (2, 128, 64, 0.5), (3, 37, 10, 0.3),
+                                            (1, 1280, 40, 0.1), (1, 64, 8, 0.0)])
+def test_csr_gemv_matches_dense(m, k, n, density):
+    """The gather kernel for CSR weights under 4 rows of x: rows whose nonzeros are whole 16s, 16s plus a group of 8,
+    and a masked partial last group (its loads and gather read no lane past the row), empty rows, an all-zero
+    weight, 1-3 x rows gathered with the same columns."""
+    from graphopt.targets.tvm.cpu.sparse import csr_gemv
+    torch.manual_seed(3)
+    w = torch.randn(n, k) * (torch.rand(n, k) < density)
+    w[:, :2] = 0
+    w[0, :24] = 1.5  # a row of 22 nonzeros: one 16, a masked 6
+    if n > 8:
+        w[1] = 0  # an empty row
+        w[2, :] = 0
+        w[2, 5:13] = -2.0  # exactly one group of 8
+    s = to_bsr(w, (1, 1))
+    x = torch.randn(m, k)
+    lib = tvm.compile(tvm.IRModule({"main": csr_gemv(m, k, n, s.nnzb).with_attr("global_symbol", "main")}),
+                      target=cpu_target())
+    out = tvm.runtime.tensor(np.zeros((m, n), "float32"))
+    lib["main"](*[tvm.runtime.tensor(a.numpy()) for a in (x, s.data, s.indices, s.indptr)], out)
+    np.testing.assert_allclose(out.numpy(), (x @ w.t()).numpy(), rtol=1e-5, atol=1e-4)
+
+
+def test_csr_gemv_gathers_in_two_chains():
+    """Its reduction: per 16 nonzeros two 8-lane gathers, each multiplied into its own accumulator (two FMA chains);
+    the partial last group by masked loads. Batch-1 CSR linears take it where the target has AVX2, else the row
+    kernel."""
+    from tvm import relax
+
+    from graphopt.targets.tvm.cpu.sparse import csr_gemv, emit_bsr_linear
+    asm = _asm(csr_gemv(1, 256, 64, 1000))
+    loop = _inner_fma_loop(asm)
+    fmas = re.findall(r"vfmadd132ps\s+-?\w*\([^)]*\), (%ymm\d+), (%ymm\d+)", loop)  # (accumulator in, sum out)
+    assert len(re.findall(r"vgatherdps", loop)) == len(fmas) >= 2 and len(fmas) % 2 == 0, loop
+    assert all(fmas[i][0] == fmas[i - 2][1] != fmas[i - 1][1] for i in range(2, len(fmas))), loop
+    assert re.search(r"vmaskmovps", asm) and re.search(r"vpmaskmovd", asm)
+    from graphopt.targets.tvm.cpu.pipeline import build_cpu
+    from graphopt.targets.tvm.cpu.rules import has_gather
+    assert has_gather(cpu_target(AVX2)) and not has_gather(cpu_target("sandybridge"))  # AVX without AVX2
+    w = torch.randn(64, 256) * (torch.rand(64, 256) < 0.1)
+    sp = to_bsr(w, (1, 1))
+    x = torch.randn(1, 256)
+    for gather in (True, False):
+        bb = relax.BlockBuilder()
+        xv = relax.Var("x", relax.TensorType((1, 256), "float32"))
+        with bb.function("main", [xv]):
+            with bb.dataflow():
+                y = bb.emit_output(emit_bsr_linear(bb, xv, *(relax.const(a.numpy()) for a in (sp.data, sp.indices,
+                                                   sp.indptr)), None, (1, 256), 64, (1, 1), sp.nnzb, gather=gather))
+            bb.emit_func_output(y)
+        mod = bb.get()
+        names = [gv.name_hint for gv in mod.get_global_vars() if gv.name_hint != "main"]
+        assert names == [f"csr_gemv_1x256x64_b1x1_nnz{sp.nnzb}" if gather else f"bsr_rows_1x256x64_b1x1_nnz{sp.nnzb}"]
+        got = relax.VirtualMachine(build_cpu(mod, cpu_target()), tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
+        np.testing.assert_allclose(got.numpy(), (x @ w.t()).numpy(), rtol=1e-5, atol=1e-4)
+
+
 def test_bsr_token_tiles_widen_with_16_lanes():
     """With 16-lane vectors, blocks of 4+ rows take 64 tokens where M is whole 64-token tiles, else 32, each while
     every core keeps a tile; CSR (1-row blocks) and 8-lane targets keep their tiles."""

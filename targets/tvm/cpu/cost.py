@@ -264,7 +264,7 @@ class CpuCostOracle:
 
         from graphopt.targets.tvm.cpu.conv import emit_conv1x1
         from graphopt.targets.tvm.cpu.gemm import emit_packed_linear
-        from graphopt.targets.tvm.cpu.rules import target_cores, vector_lanes
+        from graphopt.targets.tvm.cpu.rules import has_gather, target_cores, vector_lanes
         from graphopt.targets.tvm.cpu.sparse import emit_bsr_conv1x1, emit_bsr_linear
 
         m, k, n = shape
@@ -288,5 +288,5 @@ class CpuCostOracle:
             s = to_bsr(weight, block)
             arrays = [s.data.numpy(), s.indices.numpy(), s.indptr.numpy()]
             return emit_bsr_linear(bb, x, *(relax.const(a) for a in arrays), None, (m, k), n, block, s.nnzb, arrays,
-                                   vector_lanes(self.target), target_cores(self.target))
+                                   vector_lanes(self.target), target_cores(self.target), has_gather(self.target))
         return self._run(emit, x_shape, "float32")

@@ -55,6 +55,15 @@ def vector_lanes(target: Target, dtype_bits: int = 32) -> int:
     return max(1, bits // dtype_bits)
 
 
+def has_gather(target: Target | None) -> bool:
+    """Whether the target has AVX2's vector gathers (`csr_gemv`)."""
+    from tvm.target import codegen
+    try:
+        return target is not None and bool(codegen.llvm_cpu_has_features(["avx2"], target))
+    except Exception:
+        return False
+
+
 def target_cores(target: Target | None) -> int:
     """The target's `num-cores` (what `host.cpu_target` sets), 0 when it has none."""
     try:
