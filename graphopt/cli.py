@@ -43,8 +43,10 @@ def _shapes(args) -> dict[str, tuple[int, ...]] | None:
 def _add_pm_options(p: argparse.ArgumentParser) -> None:
     _add_shape_option(p)
     p.add_argument("--pipeline", default=DEFAULT_PIPELINE,
-                   help=f"pass pipeline text, e.g. 'fold-bn,fold-constants', or a .yaml recipe (default: {DEFAULT_PIPELINE}; "
-                        "a default pass with nothing to do is listed in the pass table, not warned about)")
+                   help="pass pipeline text, e.g. 'fold-bn,prune-channels{ratio=0.5 importance=l2}' (passes separated "
+                        "by commas, a pass's options by spaces, a list value's items by commas; `graphopt passes` "
+                        f"lists every option), or a .yaml recipe (default: {DEFAULT_PIPELINE}; a default pass with "
+                        "nothing to do is listed in the pass table, not warned about)")
     p.add_argument("--verify-each", action="store_true",
                    help="after each pass, run the graph against the previous one on the inputs and check the pass's "
                         "numerical contract; a violation writes a reproducer")

@@ -1,6 +1,7 @@
 """Pipeline text (`fold-bn,prune-channels{ratio=0.5 importance=l2}`) and YAML recipes, both to PassSpec lists."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,12 @@ def parse_pipeline(text: str) -> list[PassSpec]:
                     value = text[vstart:i]
                     if not value:
                         raise PipelineSyntaxError(text, vstart, f"option '{key}' of '{name}' has no value")
+                    joined = re.search(r",\s*([a-z][a-z0-9_-]*)=", value, re.I)
+                    if joined:  # "{a=1,b=2}": a comma separates list items, a space separates options
+                        raise PipelineSyntaxError(
+                            text, vstart + joined.start(), f"options of '{name}' are separated by spaces, not commas: "
+                            f"write '{key}={value[:joined.start()]} {value[joined.start() + 1:].lstrip()}' (a comma "
+                            f"separates the items of a list value; quote a value that holds '=')")
                 if key in spec.options:
                     raise PipelineSyntaxError(text, kstart, f"option '{key}' given twice for '{name}'")
                 spec.options[key] = value

@@ -16,8 +16,8 @@ def test_parse_names_and_options():
 
 
 def test_quoted_values():
-    (spec,) = parse_pipeline('x{name="a b}" other=1}')
-    assert spec.options == {"name": "a b}", "other": "1"}
+    (spec,) = parse_pipeline('x{name="a b}" other=1 pat="a,b=c"}')
+    assert spec.options == {"name": "a b}", "other": "1", "pat": "a,b=c"}
 
 
 @pytest.mark.parametrize("text,col,what", [
@@ -29,6 +29,8 @@ def test_quoted_values():
     ("fold-bn{=3}", 8, "expected an option name"),
     ("fold-bn{a=1 a=2}", 12, "given twice"),
     ("fold-bn,,dce", 8, "expected a pass name"),
+    ("mixed-precision{budget=latency,target=0.7}", 30, "write 'budget=latency target=0.7'"),
+    ("select{candidates=dense,csr,min-speedup=2}", 27, "separated by spaces, not commas"),
 ])
 def test_syntax_errors_point_at_column(text, col, what):
     with pytest.raises(PipelineSyntaxError) as e:
