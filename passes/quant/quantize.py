@@ -256,11 +256,18 @@ class Quantize(Pass):
         as_linear = linears_from_matmuls(graph, o.exclude)  # (x @ W.T, GPT-2's addmm: weight passes take linears)
         weights, auto_reason = _resolve_width(o.weights, ctx)
         ops, skipped = quantizable_ops(graph, o.exclude)
+        # layers mixed-precision measured and left in float stay float: its choice, not quantize's default width
+        chosen = graph.meta.get("weight_bits") or {}
+        kept_float = [op.name for op in ops if chosen.get(op.name) == "fp32"]
+        for name in kept_float:
+            skipped[name] = "kept fp32 by mixed-precision"
+        ops = [op for op in ops if op.name not in kept_float]
         kept_bits = prequantized_ops(graph, o.exclude) if o.activations == "int8" else []
         for op in kept_bits:
             skipped.pop(op.name, None)
         if not ops and not kept_bits:
-            return PassResult(graph, False, {"skipped": skipped}, "no conv or linear with a float weight to quantize")
+            return PassResult(graph, False, {"skipped": skipped}, "no conv or linear with a float weight to quantize"
+                              + (f" ({len(kept_float)} kept fp32 by mixed-precision)" if kept_float else ""))
         observers, matmuls, attention_kept = {}, [], {}
         if o.activations == "int8":
             if not ctx.data:
@@ -301,7 +308,7 @@ class Quantize(Pass):
         graph.meta["weight_bits"] = {**graph.meta.get("weight_bits", {}), **bits}
         return PassResult(graph, True, {"weights_quantized": len(ops), "matmuls_as_linears": as_linear,
                                         "half_model_computed_in_float32": half,
-                                        "weight_bits_kept": len(kept_bits),
+                                        "weight_bits_kept": len(kept_bits), "kept_fp32": len(kept_float),
                                         "activations_quantized": len(act_q), "matmuls_quantized": len(matmuls),
                                         "attention_kept_fused": attention_kept,
                                         "weight_bits": weights, "pair_width_kept_int8": kept_int8,

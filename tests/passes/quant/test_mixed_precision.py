@@ -160,3 +160,25 @@ def test_latency_budget_mixes_int8_and_a_pair_width(narrow):
     assert float((got - ref).norm() / ref.norm()) < 0.05
     with pytest.raises(graphopt.PassOptionError, match="saves no bytes"):
         graphopt.optimize(g, f"mixed-precision{{candidates=int8,{narrow}}}", data=data)
+
+
+def test_quantize_after_it_keeps_the_layers_it_left_float(digits):
+    """`mixed-precision,...,quantize`: quantize adds the activations to the layers mixed-precision narrowed and
+    leaves the ones it measured and kept fp32 in float (before, quantize gave them its default int8, silently
+    undoing the choice); the outputs stay within int8 tolerance of the float model."""
+    model, (xtr, xte, ytr, yte) = digits[0]
+    g = graphopt.optimize(graphopt.trace(model, (xtr[:64],)), "fold-bn")
+    data = batches(xtr)[:4]
+    mp = graphopt.optimize(g, "mixed-precision{target=0.6 candidates=fp32,int8}", data=data)
+    bits = mp.meta["weight_bits"]
+    assert set(bits.values()) == {"fp32", "int8"}
+    q = graphopt.optimize(mp, "quantize", data=data)
+    st = q.meta["history"][-1]["stats"]
+    assert st["kept_fp32"] == sum(v == "fp32" for v in bits.values()) and st["weights_quantized"] == 0
+    assert st["weight_bits_kept"] == sum(v == "int8" for v in bits.values())
+    assert q.meta["weight_bits"] == bits
+    aten = torch.ops.aten
+    layers = [n for n in q.gm.graph.nodes if n.target in (aten.linear.default, aten.conv2d.default)]
+    deq = {n.name for n in layers if n.args[1].target is torch.ops.graphopt.dequantize_per_channel.default}
+    assert deq == {n for n, v in bits.items() if v == "int8"}
+    assert abs(accuracy(q.gm, xte, yte) - accuracy(g.gm, xte, yte)) <= 0.02
