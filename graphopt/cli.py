@@ -136,7 +136,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_pm_options(o)
 
     i = sub.add_parser("inspect", help="print a model's inputs, outputs, statistics and IR")
-    i.add_argument("model", help=MODEL_HELP + "; or an artifact folder (prints its manifest)")
+    i.add_argument("model", help=MODEL_HELP + "; or an artifact folder (prints what it holds: interface, target, "
+                                              "passes, size, widths, sparse layouts, tuning)")
+    i.add_argument("--json", action="store_true", help="on an artifact folder: print its whole manifest.json")
     i.add_argument("--ir", action="store_true", help="print the whole IR")
     _add_shape_option(i)
     i.add_argument("--groups", action="store_true", help="print the channel dependency groups prune-channels "
@@ -319,7 +321,11 @@ def cmd_inspect(args) -> int:
     from graphopt.ir.stats import human
     if Path(args.model).is_dir():
         from graphopt.targets.artifact import read_manifest
-        print(json.dumps(read_manifest(args.model), indent=1))
+        if args.json:
+            print(json.dumps(read_manifest(args.model), indent=1))
+        else:
+            from graphopt.report import artifact_summary
+            print(artifact_summary(Path(args.model)), end="")
         return 0
     from graphopt.api import load_model
     g = load_model(args.model, _shapes(args))

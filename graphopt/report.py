@@ -33,31 +33,23 @@ def pass_table(history: Sequence[dict[str, Any]]) -> str:
 DOT_NAMES = {"vnni": "vpdpbusd (VNNI)", "ubsw": "vpmaddubsw/vpmaddwd (AVX2)"}
 
 
-def compile_report(reference: Graph, optimized: Graph, artifact: Path, manifest: dict[str, Any],
-                   fidelity: dict | None, latency: dict | None, fidelity_source: str = "") -> str:
-    """The text report; also written as report.json beside the artifact."""
-    before, after = reference.stats(), optimized.stats()
-    size = sum(p.stat().st_size for p in Path(artifact).iterdir() if p.is_file())
+def _target_line(manifest: dict[str, Any], int8: bool) -> str:
     tinfo = manifest.get("target_info", {})
-    int8 = any(op in after.ops for op in ("qlinear.default", "qconv2d.default"))  # the product matters only then
-    lines = [
-        f"graphopt compile report: {reference.meta.get('source') or 'model'} -> {artifact}",
-        f"  target     {tinfo.get('kind', manifest.get('target'))} (mcpu={tinfo.get('mcpu', '-')}, "
-        f"cores={tinfo.get('num_cores', '-')}"
-        + (f", kernels shaped for {tinfo['vector_bits']}-bit vectors" if tinfo.get("vector_bits") else "")
-        + (f", int8 products on {DOT_NAMES.get(tinfo['int8_dot'], tinfo['int8_dot'])}" if int8 and tinfo.get("int8_dot")
-           else "")
-        + ")",
-        f"  pipeline   {optimized.meta.get('pipeline') or '(none)'}",
-    ]
-    if optimized.meta.get("history"):
-        lines += ["  passes", pass_table(optimized.meta["history"])]
-    lines += [
-        f"  params     {human(before.params)} -> {human(after.params)}",
-        f"  MACs       {human(before.macs)} -> {human(after.macs)}",
-        f"  weights    {human(before.bytes, 'B')} -> {human(after.bytes, 'B')}",
-    ]
-    widths = Counter((optimized.meta.get("weight_bits") or {}).values())
+    return (f"  target     {tinfo.get('kind', manifest.get('target'))} (mcpu={tinfo.get('mcpu', '-')}, "
+            f"cores={tinfo.get('num_cores', '-')}"
+            + (f", kernels shaped for {tinfo['vector_bits']}-bit vectors" if tinfo.get("vector_bits") else "")
+            + (f", int8 products on {DOT_NAMES.get(tinfo['int8_dot'], tinfo['int8_dot'])}"
+               if int8 and tinfo.get("int8_dot") else "")
+            + ")")
+
+
+def _artifact_lines(artifact: Path, manifest: dict[str, Any], weight_bits: dict | None = None) -> list[str]:
+    """The report's lines read from a CPU artifact and its manifest: widths (the graph's `weight_bits`, else the
+    manifest's), size, one-thread kernels, sparse layouts, tuning."""
+    tinfo = manifest.get("target_info", {})
+    size = sum(p.stat().st_size for p in artifact.iterdir() if p.is_file())
+    lines = []
+    widths = Counter(((manifest.get("weight_bits") if weight_bits is None else weight_bits) or {}).values())
     if widths:  # quantize / mixed-precision: how many layers at each width (int7, int8s keep some layers int8)
         lines.append("  widths     " + ", ".join(f"{n} layer(s) {w}" for w, n in widths.most_common())
                      + "; per layer in manifest.json")
@@ -94,6 +86,27 @@ def compile_report(reference: Graph, optimized: Graph, artifact: Path, manifest:
     else:
         lines.append("  tuning     none (graphopt's own kernels run their rules' knobs; --tune-trials N or "
                      "--tune-minutes M measures those and tunes the rest)")
+    return lines
+
+
+def compile_report(reference: Graph, optimized: Graph, artifact: Path, manifest: dict[str, Any],
+                   fidelity: dict | None, latency: dict | None, fidelity_source: str = "") -> str:
+    """The text report; also written as report.json beside the artifact."""
+    before, after = reference.stats(), optimized.stats()
+    int8 = any(op in after.ops for op in ("qlinear.default", "qconv2d.default"))  # the product matters only then
+    lines = [
+        f"graphopt compile report: {reference.meta.get('source') or 'model'} -> {artifact}",
+        _target_line(manifest, int8),
+        f"  pipeline   {optimized.meta.get('pipeline') or '(none)'}",
+    ]
+    if optimized.meta.get("history"):
+        lines += ["  passes", pass_table(optimized.meta["history"])]
+    lines += [
+        f"  params     {human(before.params)} -> {human(after.params)}",
+        f"  MACs       {human(before.macs)} -> {human(after.macs)}",
+        f"  weights    {human(before.bytes, 'B')} -> {human(after.bytes, 'B')}",
+    ]
+    lines += _artifact_lines(Path(artifact), manifest, optimized.meta.get("weight_bits") or {})
     if fidelity:
         parts = []
         if fidelity.get("top1") is not None:
@@ -156,3 +169,37 @@ def gpu_build_report(artifact: Path) -> str:
     lines.append("  measure    no timing here: run `graphopt run` or benchmarks/gpu_check.sh on the GPU machine "
                  "(the artifact needs the TVM runtime and a driver there, no compiler)")
     return "\n".join(lines) + "\n"
+
+
+def artifact_summary(artifact: Path) -> str:
+    """What an artifact folder holds, from its manifest, for `graphopt inspect DIR`: where it came from, its
+    interface, target, pipeline and passes, size, widths, sparse layouts, tuning, and the library versions."""
+    from graphopt.targets.artifact import read_manifest
+    artifact = Path(artifact)
+    m = read_manifest(artifact)
+    t = m.get("target_info", {})
+    head = [f"graphopt artifact {artifact}: from {m.get('source') or 'a model'}, built {m.get('created', '?')}"]
+    head += [f"  {kind:<10} {io['name']} {list(io['shape'])} {io['dtype']}"
+             for kind, key in (("input", "inputs"), ("output", "outputs")) for io in m.get(key, [])]
+    tail = ["  versions   " + ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items())]
+    if (artifact / "report.txt").exists():
+        tail.append("  report     report.txt: the compile's fidelity and latency lines")
+    tail.append("  manifest   manifest.json: every per-layer record (`graphopt inspect DIR --json` prints it)")
+    if t.get("device") == "cuda":
+        body = gpu_build_report(artifact).splitlines()[1:-1]  # (not its title, nor the line on measuring)
+        return "\n".join(head + body + tail) + "\n"
+    ir = artifact / "graph.ir"
+    int8 = ir.exists() and any(op in ir.read_text() for op in ("graphopt.qconv2d", "graphopt.qlinear"))
+    passes = m.get("passes") or []
+    before, after = (passes[0]["before"] if passes else m.get("stats", {})), m.get("stats", {})
+    export = t.get("kind") in ("onnx", "pt2")
+    target = (f"  target     {t['kind']} export ({', '.join(m.get('files') or {}) or 'no files listed'})" if export
+              else _target_line(m, int8))
+    lines = head + [target, f"  pipeline   {m.get('pipeline') or '(none)'}"]
+    if passes:
+        lines += ["  passes", pass_table(passes)]
+    for label, key, unit in (("params", "params", ""), ("MACs", "macs", ""), ("weights", "bytes", "B")):
+        if key in after:
+            lines.append(f"  {label:<10} {human(before.get(key, after[key]), unit)} -> {human(after[key], unit)}")
+    lines += [ln for ln in _artifact_lines(artifact, m) if not (export and ln.startswith("  tuning"))]
+    return "\n".join(lines + tail) + "\n"

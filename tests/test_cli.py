@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import shutil
 import os
 import subprocess
@@ -82,6 +83,12 @@ def test_opt_inspect_compile_run_bench(tmp_path, onnx_model, capsys):
     assert res.returncode == 0, res.stderr
     assert "graphopt compile report" in res.stdout and "latency" in res.stdout and "ONNX Runtime" in res.stdout
     assert (tmp_path / "art" / "report.json").exists()
+    res = cli_inproc(capsys, "inspect", tmp_path / "art")  # an artifact: what it holds, readable
+    assert res.returncode == 0 and "graphopt artifact" in res.stdout and "input      x [1, 3, 16, 16] float32" in res.stdout
+    assert "pipeline   dce" in res.stdout and "  1  dce " in res.stdout and "versions   python" in res.stdout
+    assert re.search(r"artifact   [\d.]+[kM]?B in ", res.stdout) and "report     report.txt" in res.stdout
+    res = cli_inproc(capsys, "inspect", tmp_path / "art", "--json")
+    assert json.loads(res.stdout)["format"] == "graphopt-artifact"
     np.save(tmp_path / "x.npy", x.numpy())
     res = cli_inproc(capsys, "run", tmp_path / "art", "--input", tmp_path / "x.npy", "-o", tmp_path / "y.npz")
     assert res.returncode == 0, res.stderr
@@ -212,3 +219,27 @@ def test_compile_report_names_the_int8_product_only_for_int8_graphs(tmp_path):
                                  "w3": {"choice": "csr", "best_speedup": 2.5, "timing_source": "measured"}}
     assert "sparse     3 layer(s) measured: 2 csr, 1 dense (best 3.10x dense)" in compile_report(
         g, q, tmp_path, manifest, None, None)
+
+
+def test_inspect_summarizes_export_and_gpu_artifacts(tmp_path, onnx_model, capsys):
+    """`inspect DIR` on an ONNX export names the exported file and no CPU tuning; on a CUDA artifact (its manifest
+    as a cuda-sparse build writes it) the architectures and each 2:4 layer's decision; a folder without a manifest
+    is a one-line error."""
+    path, _, _ = onnx_model
+    res = cli_inproc(capsys, "compile", path, "--target", "onnx", "--no-report", "-o", tmp_path / "exp")
+    assert res.returncode == 0, res.stderr
+    res = cli_inproc(capsys, "inspect", tmp_path / "exp")
+    assert "target     onnx export (model.onnx)" in res.stdout and "tuning" not in res.stdout
+    m = json.loads((tmp_path / "exp" / "manifest.json").read_text())
+    m["target_info"] = {"kind": "cuda-sparse", "device": "cuda", "archs": ["sm_80", "sm_90"], "precision": "fp16",
+                        "kernels": [{"source_bytes": 2000, "fatbin_bytes": 1000}],
+                        "sparse_kernels": {"fc_weight": {"shape": [1, 64, 32], "choice": "sp24",
+                                                         "decision": "sp24 (measured 1.40x)"}}}
+    (tmp_path / "gpu").mkdir()
+    (tmp_path / "gpu" / "manifest.json").write_text(json.dumps(m))
+    res = cli_inproc(capsys, "inspect", tmp_path / "gpu")
+    assert "target     cuda-sparse for sm_80, sm_90" in res.stdout and "1 of 1 layer(s) on sparse" in res.stdout
+    assert "fc_weight" in res.stdout and "graphopt compile report" not in res.stdout
+    assert "no timing here" not in res.stdout and "manifest   manifest.json" in res.stdout
+    (tmp_path / "empty").mkdir()
+    one_line_error(cli_inproc(capsys, "inspect", tmp_path / "empty"), "empty", "not a graphopt artifact")
