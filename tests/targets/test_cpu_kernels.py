@@ -13,6 +13,7 @@ import tvm
 
 import graphopt
 from graphopt.ir.sparse_ops import to_bsr
+from graphopt.passes.prune.masks import expand_blocks
 from graphopt.targets.tvm.build import build_executable
 from graphopt.targets.tvm.cpu.gemm import gemm_packed, pack_weight
 from graphopt.targets.tvm.cpu.sparse import bsr_matmul_rows, bsr_matmul_t
@@ -1056,6 +1057,37 @@ def test_csr_gemv_gathers_in_two_chains():
         assert names == [f"csr_gemv_1x256x64_b1x1_nnz{sp.nnzb}" if gather else f"bsr_rows_1x256x64_b1x1_nnz{sp.nnzb}"]
         got = relax.VirtualMachine(build_cpu(mod, cpu_target()), tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
         np.testing.assert_allclose(got.numpy(), (x @ w.t()).numpy(), rtol=1e-5, atol=1e-4)
+
+
+def test_sparse_layers_of_one_shape_share_one_parsed_kernel():
+    """The float sparse kernels' stored-block count is symbolic (bound by the weight tensors at the call): two 4x4
+    BSR linears of one shape and different block counts lower to one kernel, parsed once (`parse_kernel`), and
+    each still matches its own dense product."""
+    from tvm import relax
+
+    from graphopt.targets.tvm.cpu.parse import parse_kernel
+    from graphopt.targets.tvm.cpu.pipeline import build_cpu
+    from graphopt.targets.tvm.cpu.sparse import emit_bsr_linear
+    torch.manual_seed(4)
+    ws = [torch.randn(64, 96) * expand_blocks(torch.rand(16, 24) > p, (4, 4)) for p in (0.7, 0.9)]
+    sps = [to_bsr(w, (4, 4)) for w in ws]
+    assert sps[0].nnzb != sps[1].nnzb
+    hits = parse_kernel.cache_info().hits
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType((32, 96), "float32"))
+    with bb.function("main", [xv]):
+        with bb.dataflow():
+            ys = [emit_bsr_linear(bb, xv, *(relax.const(a.numpy()) for a in (sp.data, sp.indices, sp.indptr)),
+                                  None, (32, 96), 64, (4, 4), sp.nnzb) for sp in sps]
+            y = bb.emit_output(relax.Tuple(ys))
+        bb.emit_func_output(y)
+    mod = bb.get()
+    assert len([gv for gv in mod.get_global_vars() if gv.name_hint.startswith("bsr_t_")]) == 1
+    assert parse_kernel.cache_info().hits > hits
+    x = torch.randn(32, 96)
+    got = relax.VirtualMachine(build_cpu(mod, cpu_target()), tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
+    for g, w in zip(got, ws):
+        np.testing.assert_allclose(g.numpy(), (x @ w.t()).numpy(), rtol=1e-5, atol=1e-4)
 
 
 def test_bsr_token_tiles_widen_with_16_lanes():

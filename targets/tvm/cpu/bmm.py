@@ -13,6 +13,8 @@ tiles the shape this kernel measured the same (MiniLM's 12 x 128 x 32 heads: 1.0
 """
 from __future__ import annotations
 
+from graphopt.targets.tvm.cpu.parse import parse_kernel
+
 MIN_TASKS = 8  # row chunks per batch until there are this many tasks (ViT: 3 heads of 197 rows)
 
 
@@ -113,13 +115,11 @@ def bmm_applies(batch: int, m: int, k: int, n: int, lanes: int) -> bool:
 def emit_bmm(bb, a, w, batch: int, m: int, k: int, n: int, trans_b: bool, lanes: int, alpha: float = 1.0):
     """c = a @ (alpha w) (a [B, M, K]; w [B, K, N], or [B, N, K] with trans_b), Relax values, float32; alpha
     scales w as it is staged, each element rounded as PyTorch's own scaling of it."""
-    import tvm
     from tvm import relax
-    from tvm.script import tirx as T
 
     mr, nr = bmm_tiles(n, lanes)
     src = bmm_source(batch, m, k, n, mr, nr, trans_b, alpha)
-    gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}),
+    gv = bb.add_func(parse_kernel(src),
                      f"bmm_{batch}x{m}x{k}x{n}" + ("_bt" if trans_b else "") + ("_scaled" if alpha != 1.0 else ""))
     return bb.emit(relax.call_tir(gv, [a, w], relax.TensorType((batch, m, n), "float32")))
 

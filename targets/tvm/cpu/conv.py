@@ -15,6 +15,7 @@ import numpy as np
 
 from graphopt.targets.tvm.cpu.batch import batch_source
 from graphopt.targets.tvm.cpu.knobs import Site, bind, knob_str, pick
+from graphopt.targets.tvm.cpu.parse import parse_kernel
 
 MR = 6
 PREFETCH = 64
@@ -388,10 +389,8 @@ def pointwise_cols(p: int, lanes: int) -> int:
 
 def conv1x1_packed(cout: int, cin: int, p: int, nr: int, clamp: tuple[float, float] | None = None,
                    res: bool = False, knobs: dict | None = None):
-    import tvm
-    from tvm.script import tirx as T
     src = conv1x1_source(cout, cin, p, nr, clamp, res, knobs)
-    return tvm.script.parse(src, extra_vars={"T": T})
+    return parse_kernel(src)
 
 
 def pack_rows(w: np.ndarray, rows: int = MR) -> np.ndarray:
@@ -420,9 +419,7 @@ def _conv1x1_call(bb, x2, w: np.ndarray, bias: np.ndarray | None, n: int, cin: i
                   clamp: tuple[float, float] | None, residual=None, per_sample: bool = False):
     """The packed pointwise kernel's call on x2 [(N,) Cin, P]; returns [(N,) Cout, P]. `per_sample`: w is [N, Cout,
     Cin] and bias [N, Cout], each sample with its own (the groups of a grouped conv as the samples of one call)."""
-    import tvm
     from tvm import relax
-    from tvm.script import tirx as T
 
     cout = int(w.shape[-2] if per_sample else w.shape[0])
     nr = pointwise_cols(p, lanes)
@@ -445,7 +442,7 @@ def _conv1x1_call(bb, x2, w: np.ndarray, bias: np.ndarray | None, n: int, cin: i
               else pack(w.reshape(-1, cout, cin)[0] if per_sample else w.reshape(cout, cin)))
     b = b if own or not per_sample else b.reshape(-1, b.shape[-1])[0]
     name = f"conv1x1_packed_{tag}"
-    gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), name)
+    gv = bb.add_func(parse_kernel(src), name)
     bind(site, gv.name_hint)
     extra = [] if residual is None else [bb.emit(relax.op.reshape(residual, _batched(n, cout, p)))]
     return bb.emit(relax.call_tir(gv, [x2, relax.const(packed), relax.const(b.astype(np.float32)), *extra],
@@ -1232,9 +1229,7 @@ def emit_depthwise(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
     With x_q = (scale, zero point) x is int8 on that grid: the row and phase kernels' layers convert each input
     row themselves (`_depthwise_int8_planes`), the others get the floats from a dequantize before them.
     """
-    import tvm
     from tvm import relax
-    from tvm.script import tirx as T
 
     n, c, h, wd = (int(d) for d in x_shape)
     kh, kw = int(w.shape[2]), int(w.shape[3])
@@ -1272,7 +1267,7 @@ def emit_depthwise(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
             weights = [relax.const(grouped(w, np.int8)), relax.const(padded(w_scale))]
         src = batch_source(depthwise_cb_source(c, h, wd, oh, ow, kh, kw, stride, pt, pl, clamp, out_q,
                                                w_scale is not None, gl), n, ["x", "out"])
-        gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), f"depthwise_cb{gl if gl != 8 else ''}_{tag}")
+        gv = bb.add_func(parse_kernel(src), f"depthwise_cb{gl if gl != 8 else ''}_{tag}")
         bind(site, gv.name_hint)
         b = padded(bias if bias is not None else np.zeros(c, np.float32))
         y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, _batched(n, c, h * wd))), *weights,
@@ -1291,7 +1286,7 @@ def emit_depthwise(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
         src = depthwise_source(c, h, wd, oh, ow, kh, kw, stride, pt, pl, clamp, out_q, w_scale is not None,
                                int8_input=int8_in)
         kind = "i8in" if int8_in else ""
-    func = tvm.script.parse(batch_source(src, n, ["x", "out"]), extra_vars={"T": T})
+    func = parse_kernel(batch_source(src, n, ["x", "out"]))
     gv = bb.add_func(func, f"depthwise_{kind + '_' if kind else ''}{tag}")
     bind(site, gv.name_hint)
     x3 = bb.emit(relax.op.reshape(x, _batched(n, c, h, wd)))
@@ -1433,9 +1428,7 @@ def emit_direct_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, str
                      clamp: tuple[float, float] | None, out_q: tuple[float, int, int, int] | None = None,
                      dequantized: bool = False):
     """Emit the direct conv for x [N, Cin, H, W], weight [Cout, Cin, kh, kw]; padding (top, bottom, left, right)."""
-    import tvm
     from tvm import relax
-    from tvm.script import tirx as T
 
     n, cin, h, wd = (int(d) for d in x_shape)
     cout, _, kh, kw = (int(d) for d in w.shape)
@@ -1451,7 +1444,7 @@ def emit_direct_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, str
         b[:cout] = bias
     src = batch_source(direct_conv_source(cout, cin, h, wd, oh, ow, kh, kw, stride, pt, pl, clamp, out_q,
                                           dequantized), n, ["x", "out"])
-    gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), f"conv_direct_{cout}x{cin}x{h}x{wd}_k{kh}s{stride}"
+    gv = bb.add_func(parse_kernel(src), f"conv_direct_{cout}x{cin}x{h}x{wd}_k{kh}s{stride}"
                      + ("" if clamp is None else "_clamp") + _qtag(out_q, dequantized) + _ntag(n))
     x3 = bb.emit(relax.op.reshape(x, _batched(n, cin, h, wd)))
     y = bb.emit(relax.call_tir(gv, [x3, relax.const(wp), relax.const(b)],
@@ -1932,9 +1925,7 @@ def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
     its store (the flat ones' vector and masked stores with `masked`: the CPU has AVX). A `stem` (few input channels, long reduction) always takes the staged kernel.
     `per_sample`: w is [N, Cout, Cin, kh, kw] and bias [N, Cout], sample n convolved with its own weights (the
     groups of a grouped conv as the samples of one call). `lanes`: the target's vector lanes (`tok_channels`)."""
-    import tvm
     from tvm import relax
-    from tvm.script import tirx as T
 
     n, cin, h, wd = (int(d) for d in x_shape)
     cout, _, kh, kw = (int(d) for d in w.shape[-4:])
@@ -1954,8 +1945,8 @@ def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
     ps = 1 if kernel == "tok" else stride  # the pixel-row conv reads the padded map itself, not its phases
     _, _, hq, wq = flat_geometry(h, wd, kh, kw, ps, padding)
     pgeo = f"{cin}x{h}x{wd}_k{kh}x{kw}s{ps}_p{pads}"
-    gv = bb.add_func(tvm.script.parse(batch_source(pad_phases_source(cin, h, wd, kh, kw, ps, padding), n,
-                                                   ["x", "xp"], per_sample), extra_vars={"T": T}),
+    gv = bb.add_func(parse_kernel(batch_source(pad_phases_source(cin, h, wd, kh, kw, ps, padding), n,
+                                                   ["x", "xp"], per_sample)),
                      f"pad_phases_{pgeo}{_ntag(n)}" + ("_across" if per_sample else ""))
     xp = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, _batched(n, cin, h, wd))),
                                      relax.const(np.zeros(1, np.float32))],
@@ -1965,7 +1956,7 @@ def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
         nr = tok_channels(cout, lanes)
         src = batch_source(tok_conv_source(cout, cin, h, wd, kh, kw, stride, padding, clamp,
                                            res=residual is not None, nr=nr), n, names)
-        gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), f"conv_tok_{tag}")
+        gv = bb.add_func(parse_kernel(src), f"conv_tok_{tag}")
         bind(site, gv.name_hint)
         b = np.zeros(-(-cout // nr) * nr, np.float32)
         if bias is not None:
@@ -1978,7 +1969,7 @@ def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
     names = ["xp", "out"] + ([] if residual is None else ["res"]) + (["wp", "bias"] if per_sample else [])
     src = batch_source(source(cout, cin, h, wd, kh, kw, stride, padding, clamp, masked=masked,
                               res=residual is not None), n, names, per_sample)
-    gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), f"conv_{kernel}_{tag}")
+    gv = bb.add_func(parse_kernel(src), f"conv_{kernel}_{tag}")
     if site is not None:
         bind(site, gv.name_hint)
     ws, biases = (w, bias) if per_sample else (w[None], None if bias is None else bias[None])
@@ -2014,9 +2005,7 @@ def emit_im2col(bb, x, x_shape, kh: int, kw: int, stride, padding, fill: np.gene
     """The [N, Cin * kh * kw, OH * OW] columns of x [N, Cin, H, W] (per sample; the activation goes in as it is,
     see im2col_source), `fill` (a numpy scalar of x's dtype) outside the image, taps `dilation` apart, `stride` an
     int or (along H, along W); returns (columns, OH, OW)."""
-    import tvm
     from tvm import relax
-    from tvm.script import tirx as T
 
     n, cin, h, wd = (int(d) for d in x_shape)
     pt, pb, pl, pr = (int(q) for q in padding)
@@ -2031,7 +2020,7 @@ def emit_im2col(bb, x, x_shape, kh: int, kw: int, stride, padding, fill: np.gene
             + ("" if d == 1 else f"d{d}")
             + ("" if dtype == "float32" else f"_{dtype}") + ("_tm" if tap_major else "")
             + ("_across" if across else ""))
-    gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), name + _ntag(n))
+    gv = bb.add_func(parse_kernel(src), name + _ntag(n))
     col = bb.emit(relax.call_tir(gv, [x, relax.const(np.full(1, fill, dtype))],
                                  relax.TensorType(_batched(n, cin * kh * kw, oh * ow), dtype)))
     return col, oh, ow
@@ -2089,12 +2078,10 @@ def depth_taps(x: T.Buffer(({n}, {c}, {d}, {hw}), "float32"), fill: T.Buffer((1,
 
 def emit_depth_taps(bb, x, x_shape, kd: int, sd: int, pd: int, od: int):
     """[N * OD, C * kd, H, W] from a 3-D conv's input x [N, C, D, H, W] (`depth_taps_source`)."""
-    import tvm
     from tvm import relax
-    from tvm.script import tirx as T
 
     n, c, d, h, w = (int(v) for v in x_shape)
-    gv = bb.add_func(tvm.script.parse(depth_taps_source(n, c, d, h * w, kd, sd, pd, od), extra_vars={"T": T}),
+    gv = bb.add_func(parse_kernel(depth_taps_source(n, c, d, h * w, kd, sd, pd, od)),
                      f"depth_taps_{n}x{c}x{d}x{h}x{w}_k{kd}s{sd}p{pd}")
     y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, (n, c, d, h * w))),
                                     relax.const(np.zeros(1, np.float32))],

@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 from graphopt.targets.tvm.cpu.knobs import Site, bind, pick
+from graphopt.targets.tvm.cpu.parse import parse_kernel
 
 MR = 6
 
@@ -81,9 +82,7 @@ def gemm(a: T.Buffer(({m}, {k}), "float32"), bp: T.Buffer(({nt}, {k}, {nr}), "fl
 
 def gemm_packed(m: int, k: int, n: int, mr: int, nr: int, vec: int = 0):
     """PrimFunc(a[M, K], bp[N/nr, K, nr], c[M, N])."""
-    import tvm
-    from tvm.script import tirx as T
-    return tvm.script.parse(gemm_source(m, k, n, mr, nr, vec), extra_vars={"T": T})
+    return parse_kernel(gemm_source(m, k, n, mr, nr, vec))
 
 
 def pack_weight(w: np.ndarray, nr: int) -> np.ndarray:
@@ -197,9 +196,7 @@ def call_gemv(bb, x, k: int, n: int, nr: int, packed: np.ndarray, consts: list, 
               quant_bits: int | None, name: str):
     """Emit the one-row weight stream: x flattened to [K], the packed weight, `consts` (after the weight, before
     the bias), the bias padded to whole panels; returns y [N] (panel padding sliced off)."""
-    import tvm
     from tvm import relax
-    from tvm.script import tirx as T
 
     n_pad = -(-n // nr) * nr
     args = [bb.emit(relax.op.reshape(x, (k,))), relax.const(np.ascontiguousarray(packed).reshape(-1)),
@@ -207,7 +204,7 @@ def call_gemv(bb, x, k: int, n: int, nr: int, packed: np.ndarray, consts: list, 
     if bias_np is not None:
         args.append(relax.const(np.pad(bias_np.astype(np.float32), (0, n_pad - n))))
     src = gemv_source(k, n_pad, nr, bias_np is not None, quant_bits)
-    gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), name)
+    gv = bb.add_func(parse_kernel(src), name)
     y = bb.emit(relax.call_tir(gv, args, relax.TensorType((n_pad,), "float32")))
     if n_pad != n:
         y = bb.emit(relax.op.strided_slice(y, axes=[0], begin=[0], end=[n]))

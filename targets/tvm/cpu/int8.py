@@ -20,6 +20,7 @@ from graphopt.targets.tvm.cpu.batch import batch_source
 
 from graphopt.targets.tvm.cpu.conv import _clamped, deeper, in_grid_steps, store_params
 from graphopt.targets.tvm.cpu.knobs import Site, bind, pick
+from graphopt.targets.tvm.cpu.parse import parse_kernel
 
 MR = 6
 PAIR_ORDER = [j for i in range(8) for j in (i, i + 8)]  # byte interleave of two 8-byte rows
@@ -458,9 +459,7 @@ def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray
     for any int8 weight; H * W >= 16). `lanes`: the target's vector width in int32 lanes (`rules.vector_lanes`);
     with 16 the dense quad kernel runs 512-bit `vpdpbusd` (`qconv1x1_knobs`). `cores`: the target's (0: not
     known), for how the int8 BSR kernel splits its work (`bsr_row_split`)."""
-    import tvm
     from tvm import relax
-    from tvm.script import tirx as T
 
     n, cin, h, w = (int(d) for d in x_shape)
     cout, p = int(wq.shape[0]), h * w
@@ -488,7 +487,7 @@ def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray
         pw, cols, ptr = csr_qpairs(w2, v)
         src = batch_source(csr_qconv1x1_source(cout, cin, p, len(pw), clamp, out_q, dequantized, consts[2] is not None,
                                                v, dot), n, ["x", "out"])
-        gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}),
+        gv = bb.add_func(parse_kernel(src),
                          f"qconv1x1_csr{'_vnni' if dot == 'vnni' else ''}_{tag}_pairs{len(pw)}")
         weights = qcsr_weight_consts(pw, cols, ptr)
         consts = [c if c is None else c[:cout] for c in consts]
@@ -505,7 +504,7 @@ def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray
                                                 consts[2] is not None, dot, bsr.nnzb, lanes=16 if wide else 8,
                                                 cores=cores),
                            n, ["x", "out"])
-        gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}),
+        gv = bb.add_func(parse_kernel(src),
                          f"qconv1x1_bsr_{dot}{'_v16' if wide else ''}_{tag}_nnz{bsr.nnzb}")
         weights = [relax.const(np.ascontiguousarray(bsr.data.numpy()).view(np.int32).reshape(-1)),
                    relax.const(bsr.indices.numpy()), relax.const(bsr.indptr.numpy())]
@@ -518,7 +517,7 @@ def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray
         src = qconv1x1_source(cout, cin, p, nv, clamp, out_q, dequantized, wbits, consts[2] is not None)
         packed, name = pack_pairs(w2, mt, wbits), f"qconv1x1_{tag}"
     if not sparse:
-        gv = bb.add_func(tvm.script.parse(batch_source(src, n, ["x", "out"]), extra_vars={"T": T}), name)
+        gv = bb.add_func(parse_kernel(batch_source(src, n, ["x", "out"])), name)
         bind(site, gv.name_hint)
         weights = [relax.const(packed)]
     dtype = "int8" if out_q and not dequantized else "float32"
@@ -787,13 +786,11 @@ def emit_qbmm(bb, a, b, a_shape, b_shape, sa: float, za: int, sb: float, zb: int
     `qbmm_applies` first): float32 [..., M, N]."""
     import math
 
-    import tvm
     from tvm import relax
-    from tvm.script import tirx as T
     m, k, n = int(a_shape[-2]), int(a_shape[-1]), int(b_shape[-1])
     lead = [int(d) for d in a_shape[:-2]]
     bt = math.prod(lead)
-    gv = bb.add_func(tvm.script.parse(qbmm_source(bt, m, k, n, dot), extra_vars={"T": T}),
+    gv = bb.add_func(parse_kernel(qbmm_source(bt, m, k, n, dot)),
                      f"qbmm_{dot}_{bt}x{m}x{k}x{n}")
     flat_a, flat_b = bb.emit(relax.op.reshape(a, (bt * m * k,))), bb.emit(relax.op.reshape(b, (bt * k * n,)))
     y = bb.emit(relax.call_tir(gv, [flat_a, flat_b, relax.const(np.array([za, zb], np.int32)),
@@ -896,16 +893,14 @@ def _emit_qgemv_quads(bb, xq, w: np.ndarray, mult: np.ndarray, bias: np.ndarray 
                       dot: str, m: int):
     """`emit_qgemv`'s quad kernel for m rows and the panel-padded int8 weight w [N', K]: y [N] for one row, else
     [m, N]."""
-    import tvm
     from tvm import relax
-    from tvm.script import tirx as T
     n_pad = int(w.shape[0])
     off = ((int(zx) + 128) * w.astype(np.int64).sum(1)).astype(np.int32)
     args = [bb.emit(relax.op.reshape(xq, (m * k,))), relax.const(pack_gemv_quads(w)), relax.const(off),
             relax.const(mult)]
     if bias is not None:
         args.append(relax.const(np.pad(np.asarray(bias, np.float32), (0, n_pad - n))))
-    gv = bb.add_func(tvm.script.parse(qgemv_quads_source(k, n_pad, bias is not None, dot, m), extra_vars={"T": T}),
+    gv = bb.add_func(parse_kernel(qgemv_quads_source(k, n_pad, bias is not None, dot, m)),
                      f"qgemv_{dot}_{k}x{n_pad}" + (f"_m{m}" if m > 1 else ""))
     shape = (n_pad,) if m == 1 else (m, n_pad)
     y = bb.emit(relax.call_tir(gv, args, relax.TensorType((m * n_pad,), "float32")))
@@ -922,9 +917,7 @@ def emit_qlinear(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray 
     its vector width in int32 lanes (`rules.vector_lanes`): with 16 the VNNI GEMM runs 512-bit `vpdpbusd`."""
     import math
 
-    import tvm
     from tvm import relax
-    from tvm.script import tirx as T
 
     lead, k = tuple(int(d) for d in x_shape[:-1]), int(x_shape[-1])
     m, n = math.prod(lead), int(wq.shape[0])
@@ -953,7 +946,7 @@ def emit_qlinear(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray 
         src, packed, name = qgemm_source(mq, k, n_pad, fb is not None), pack_gemm_pairs(w), "qgemm"
         a = relax.op.astype(xq, "int16")
     tag = f"{mq}x{k}x{n_pad}" + (f"_v16p{panels}" if vl == 16 and ubsw else "")
-    gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), f"{name}_{tag}")
+    gv = bb.add_func(parse_kernel(src), f"{name}_{tag}")
     a = bb.emit(relax.op.reshape(bb.emit(a), (m, k)))
     if mq != m:
         a = bb.emit(relax.op.nn.pad(a, [0, mq - m, 0, 0]))
@@ -1176,9 +1169,7 @@ def emit_flat_qconv(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarr
     input's zero point as padding: exact on the grid), then `qconv_flat_source` with its epilogue. For weights the
     quad product is exact on (VNNI, or `ubsw_exact`: 7-bit weights on AVX2). `tok`: the pixel-row int8 conv
     (`qconv_tok_source`) over the padded quad planes at stride 1 instead."""
-    import tvm
     from tvm import relax
-    from tvm.script import tirx as T
 
     from graphopt.targets.tvm.cpu.conv import NR_TOK, _batched, _ntag, flat_geometry
     n, cin, h, wd = (int(d) for d in x_shape)
@@ -1189,8 +1180,8 @@ def emit_flat_qconv(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarr
     size = -(-cin // 4) * ps * ps * hq * wqd * 4
     pads = ''.join(str(int(q)) for q in padding)
     geo = f"{cin}x{h}x{wd}_k{kh}x{kw}s{stride}_p{pads}"
-    gv = bb.add_func(tvm.script.parse(batch_source(quad_planes_source(cin, h, wd, kh, kw, ps, padding), n,
-                                                   ["x", "xq"]), extra_vars={"T": T}),
+    gv = bb.add_func(parse_kernel(batch_source(quad_planes_source(cin, h, wd, kh, kw, ps, padding), n,
+                                                   ["x", "xq"])),
                      f"quad_planes_{cin}x{h}x{wd}_k{kh}x{kw}s{ps}_p{pads}{_ntag(n)}")
     planes = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(xq, _batched(n, cin, h, wd))),
                                          relax.const(np.full(1, (int(zx) + 128) % 256, np.uint8))],
@@ -1207,7 +1198,7 @@ def emit_flat_qconv(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarr
                                 consts[2] is not None, dot)
     tag = (f"{cout}x{geo}" + ("" if clamp is None else "_clamp") + ("_q" if out_q else "") + ("dq" if dequantized else "")
            + _ntag(n))
-    gv = bb.add_func(tvm.script.parse(batch_source(src, n, ["xq", "out"]), extra_vars={"T": T}),
+    gv = bb.add_func(parse_kernel(batch_source(src, n, ["xq", "out"])),
                      f"qconv_{'tok' if tok else 'flat'}_{dot}_{tag}")
     dtype = "int8" if out_q and not dequantized else "float32"
     y = bb.emit(relax.call_tir(gv, [planes, relax.const(pack_flat_quads(wq, NR_TOK if tok else MR)),

@@ -5,6 +5,8 @@ row as a chain of scalar steps: MiniLM's 128 x 384 layer norm took 52 us a call 
 softmax over 12 x 128 rows of 128 (with the quantize after it) 262 us."""
 from __future__ import annotations
 
+from graphopt.targets.tvm.cpu.parse import parse_kernel
+
 import math
 
 LANES = 8
@@ -27,13 +29,11 @@ def _tail(dim: int) -> tuple[str, str]:
 
 def _call_rows(bb, source: str, name: str, x, extra: list, x_shape):
     """Emit one row kernel (TVMScript `source`, taking x flat, the `extra` Relax inputs, y flat) on x [..., D]."""
-    import tvm
     from tvm import relax
-    from tvm.script import tirx as T
 
     dims = tuple(int(d) for d in x_shape)
     size = math.prod(dims)
-    gv = bb.add_func(tvm.script.parse(source, extra_vars={"T": T}), f"{name}_{size // dims[-1]}x{dims[-1]}")
+    gv = bb.add_func(parse_kernel(source), f"{name}_{size // dims[-1]}x{dims[-1]}")
     flat = bb.emit(relax.op.reshape(x, (size,)))
     y = bb.emit(relax.call_tir(gv, [flat, *extra], relax.TensorType((size,), "float32")))
     return bb.emit(relax.op.reshape(y, dims))
@@ -364,11 +364,9 @@ def emit_row_mean(bb, x, rows: int, dim: int, out_shape, kind: str = "mean"):
     its points, F.normalize's norm. Relax's mean ran a reduction at 2-7x PyTorch's time on large maps (96x112x112:
     299 us against 42), its max over 1024 rows of 2048 2.9 ms (PyTorch 1.0-1.3)."""
     import numpy as np
-    import tvm
     from tvm import relax
-    from tvm.script import tirx as T
 
-    gv = bb.add_func(tvm.script.parse(row_reduce_source(rows, dim, kind), extra_vars={"T": T}),
+    gv = bb.add_func(parse_kernel(row_reduce_source(rows, dim, kind)),
                      f"row_{kind}_{rows}x{dim}")
     y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, (rows * dim,))),
                                     relax.const(np.full(1, 1.0 / dim if kind == "mean" else 1.0, np.float32))],

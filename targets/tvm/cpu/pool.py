@@ -11,6 +11,7 @@ import numpy as np
 
 from graphopt.targets.tvm.cpu.batch import batch_source
 from graphopt.targets.tvm.cpu.conv import _batched, _ntag
+from graphopt.targets.tvm.cpu.parse import parse_kernel
 
 
 def max_pool_applies(x_shape, kernel, stride, padding, dilation, ceil_mode) -> bool:
@@ -59,15 +60,13 @@ def max_pool(x: T.Buffer(({c}, {h}, {w}), "float32"), fill: T.Buffer((1,), "floa
 def emit_max_pool(bb, x, x_shape, kernel, stride, padding):
     """max_pool2d of x [N, C, H, W] (per sample); `fill` [1] holds -inf, the value outside the image (opaque with two
     inputs, as im2col is)."""
-    import tvm
     from tvm import relax
-    from tvm.script import tirx as T
 
     n, c, h, w = (int(d) for d in x_shape)
     (kh, kw), (sh, sw), (ph, pw) = ((int(a), int(b)) for a, b in (kernel, stride, padding))
     oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
     src = batch_source(max_pool_source(c, h, w, kernel, stride, padding), n, ["x", "out"])
-    gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}),
+    gv = bb.add_func(parse_kernel(src),
                      f"max_pool_{c}x{h}x{w}_k{kh}x{kw}s{sh}x{sw}p{ph}x{pw}" + _ntag(n))
     y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, _batched(n, c, h, w))),
                                     relax.const(np.full(1, -np.inf, np.float32))],
@@ -104,16 +103,14 @@ def emit_pad(bb, x, x_shape, pads, value: float, dtype: str):
     """constant_pad_nd of x (a Relax value) with aten's `pads` on the last one or two axes only, non-negative."""
     import math
 
-    import tvm
     from tvm import relax
-    from tvm.script import tirx as T
 
     dims = [int(d) for d in x_shape]
     left, right = int(pads[0]), int(pads[1])
     top, bottom = (int(pads[2]), int(pads[3])) if len(pads) == 4 else (0, 0)
     h, w = (dims[-2], dims[-1]) if len(pads) == 4 else (1, dims[-1])
     rows = math.prod(dims) // (h * w)
-    gv = bb.add_func(tvm.script.parse(pad_source(rows, h, w, top, bottom, left, right, dtype), extra_vars={"T": T}),
+    gv = bb.add_func(parse_kernel(pad_source(rows, h, w, top, bottom, left, right, dtype)),
                      f"pad_{rows}x{h}x{w}_{top}_{bottom}_{left}_{right}")
     oh, ow = h + top + bottom, w + left + right
     y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, (rows, h, w))),
@@ -175,17 +172,14 @@ def emit_edge_pad(bb, x, x_shape, pads, mode: str):
     replicate pad 9x."""
     import math
 
-    import tvm
     from tvm import relax
-    from tvm.script import tirx as T
 
     dims = [int(d) for d in x_shape]
     left, right = int(pads[0]), int(pads[1])
     top, bottom = (int(pads[2]), int(pads[3])) if len(pads) == 4 else (0, 0)
     h, w = (dims[-2], dims[-1]) if len(pads) == 4 else (1, dims[-1])
     rows = math.prod(dims) // (h * w)
-    gv = bb.add_func(tvm.script.parse(edge_pad_source(rows, h, w, top, bottom, left, right, mode),
-                                      extra_vars={"T": T}), f"{mode}_pad_{rows}x{h}x{w}_{top}_{bottom}_{left}_{right}")
+    gv = bb.add_func(parse_kernel(edge_pad_source(rows, h, w, top, bottom, left, right, mode)), f"{mode}_pad_{rows}x{h}x{w}_{top}_{bottom}_{left}_{right}")
     oh, ow = h + top + bottom, w + left + right
     y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, (rows, h, w))), relax.const(np.zeros(1, np.int32))],
                                relax.TensorType((rows, oh, ow), "float32")))
@@ -232,9 +226,7 @@ def emit_roll(bb, x, x_shape, shifts, dims):
     """torch.roll(x, shifts, dims) of a float32 x (a Relax value) with constant sizes; dims None rolls the flat
     tensor. aten's decomposition (an index_select per axis) took 3.4x PyTorch's time on Swin's 56x56x96 window
     shift."""
-    import tvm
     from tvm import relax
-    from tvm.script import tirx as T
 
     shape = [int(d) for d in x_shape] if dims is not None else [math.prod(int(d) for d in x_shape)]
     dims = [0] if dims is None else [int(d) % len(shape) for d in dims]
@@ -244,7 +236,7 @@ def emit_roll(bb, x, x_shape, shifts, dims):
     last = max(dims)
     prefix, inner = shape[:last], math.prod(shape[last + 1:])
     src = roll_source(prefix, [total[d] for d in range(last)], shape[last], inner, total[last])
-    gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}),
+    gv = bb.add_func(parse_kernel(src),
                      "roll_" + "x".join(map(str, shape)) + "_" + "_".join(map(str, total)))
     rows, width = math.prod(prefix), shape[last] * inner
     y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, (rows, width))), relax.const(np.zeros(1, np.int32))],
@@ -288,16 +280,14 @@ def flip(x: T.Buffer(({rows}, {width}), "float32"), zero: T.Buffer((1,), "int32"
 def emit_flip(bb, x, x_shape, dims):
     """torch.flip(x, dims) of a float32 x (a Relax value) with constant sizes, on the row copy above. Relax's flip
     ran a generic loop at 2-3.4x PyTorch's time (64x56x56 over the width: 77-80 us against 24-39)."""
-    import tvm
     from tvm import relax
-    from tvm.script import tirx as T
 
     shape = [int(d) for d in x_shape]
     dims = sorted({int(d) % len(shape) for d in dims})
     last = dims[-1]
     prefix, inner = shape[:last], math.prod(shape[last + 1:])
     src = flip_source(prefix, [d in dims for d in range(last)], shape[last], inner, True)
-    gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}),
+    gv = bb.add_func(parse_kernel(src),
                      "flip_" + "x".join(map(str, shape)) + "_" + "_".join(map(str, dims)))
     rows, width = math.prod(prefix), shape[last] * inner
     y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, (rows, width))), relax.const(np.zeros(1, np.int32))],
@@ -365,13 +355,11 @@ def emit_transpose(bb, x, x_shape, perm):
     """x (a float32 Relax value of constant shape) permuted by `perm`, a batched_transpose. Relax's transpose ran a
     generic loop reading down the columns: 1.7 ms for SAGAN's 1024 x 1024 map, 224 us for MLP-Mixer's 196 x 512
     tokens, 2.4x PyTorch's time from NHWC to NCHW."""
-    import tvm
     from tvm import relax
-    from tvm.script import tirx as T
 
     shape = [int(d) for d in x_shape]
     b, r, c = batched_transpose(shape, perm)
-    gv = bb.add_func(tvm.script.parse(transpose_source(b, r, c), extra_vars={"T": T}), f"transpose_{b}x{r}x{c}")
+    gv = bb.add_func(parse_kernel(transpose_source(b, r, c)), f"transpose_{b}x{r}x{c}")
     y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, (b, r, c))), relax.const(np.zeros(1, np.int32))],
                                relax.TensorType((b, c, r), "float32")))
     return bb.emit(relax.op.reshape(y, tuple(shape[int(p)] for p in perm)))
@@ -384,9 +372,7 @@ def emit_crop(bb, x, x_shape, h: int, w: int):
     input that the body reads (as im2col's; with one unread, the build failed in Relax's reshape detection)."""
     import math
 
-    import tvm
     from tvm import relax
-    from tvm.script import tirx as T
 
     dims = [int(d) for d in x_shape]
     hi, wi = dims[-2], dims[-1]
@@ -400,7 +386,7 @@ def crop(x: T.Buffer(({rows}, {hi}, {wi}), "float32"), fill: T.Buffer((1,), "flo
         for ox in T.serial({w}):
             y[t // {h}, t % {h}, ox] = x[t // {h}, t % {h}, ox] + fill[0]
 """
-    gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), f"crop_{rows}x{hi}x{wi}_to_{h}x{w}")
+    gv = bb.add_func(parse_kernel(src), f"crop_{rows}x{hi}x{wi}_to_{h}x{w}")
     y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, (rows, hi, wi))),
                                     relax.const(np.zeros(1, np.float32))], relax.TensorType((rows, h, w), "float32")))
     return bb.emit(relax.op.reshape(y, (*dims[:-2], h, w)))
@@ -444,13 +430,11 @@ def emit_adaptive_avg(bb, x, x_shape, out_hw):
     """adaptive_avg_pool2d of float32 x [N, C, H, W] (a Relax value) to out_hw. Relax's op (aten's
     _adaptive_avg_pool2d) ran a generic loop at 1.4-1.9x PyTorch's time (PSPNet's pyramid pools of 512x60x60: 1.1-
     1.4 ms)."""
-    import tvm
     from tvm import relax
-    from tvm.script import tirx as T
 
     n, c, h, w = (int(d) for d in x_shape)
     oh, ow = (int(d) for d in out_hw)
-    gv = bb.add_func(tvm.script.parse(adaptive_avg_source(n * c, h, w, oh, ow), extra_vars={"T": T}),
+    gv = bb.add_func(parse_kernel(adaptive_avg_source(n * c, h, w, oh, ow)),
                      f"adaptive_avg_{n * c}x{h}x{w}_to_{oh}x{ow}")
     tables = [*adaptive_windows(oh, h), *adaptive_windows(ow, w)]
     y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, (n * c, h, w))), *map(relax.const, tables)],

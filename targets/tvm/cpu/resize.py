@@ -4,6 +4,8 @@ index and weight tables computed at compile time (a vector gather). TVM's resize
 every output element in float and took 1.7x PyTorch's time (64x28x28 -> 56x56: 388 us against 223)."""
 from __future__ import annotations
 
+from graphopt.targets.tvm.cpu.parse import parse_kernel
+
 import numpy as np
 
 CHUNK = 16  # output columns a step: one 16-lane gather
@@ -85,16 +87,14 @@ def _emit_planes(bb, x, x_shape, out_hw, align_corners: bool, scales, kind: str)
     """x [N, C, H, W] (a Relax value) resized to out_hw by `kind`'s row kernel ("bilinear" / "bicubic") over its
     N C planes, with its tables of PyTorch's source rows / columns and weights (`scales`: PyTorch's scale factors,
     which it uses in place of in / out when given)."""
-    import tvm
     from tvm import relax
-    from tvm.script import tirx as T
 
     n, c, h, w = (int(d) for d in x_shape)
     oh, ow = (int(d) for d in out_hw)
     sh, sw = (None, None) if not scales else (float(scales[0]), float(scales[1]))
     taps, source = (_source_index, bilinear_source) if kind == "bilinear" else (_cubic_taps, bicubic_source)
     tables = [*taps(oh, h, align_corners, sh), *taps(ow, w, align_corners, sw)]
-    gv = bb.add_func(tvm.script.parse(source(n * c, h, w, oh, ow), extra_vars={"T": T}),
+    gv = bb.add_func(parse_kernel(source(n * c, h, w, oh, ow)),
                      f"{kind}_{n * c}x{h}x{w}_to_{oh}x{ow}")
     y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, (n * c, h, w))), *map(relax.const, tables)],
                                relax.TensorType((n * c, oh, ow), "float32")))
@@ -118,9 +118,7 @@ def emit_nearest(bb, x, x_shape, out_hw):
     copies input row oy // sh, each input pixel sw times. As Relax's resize2d it fused with the SiLU before it and
     the concat after it (a YOLO neck) into one generic loop that recomputed the SiLU for every output pixel: 2.2
     ms for 128x20x20 -> 40x40 and a 192-channel concat."""
-    import tvm
     from tvm import relax
-    from tvm.script import tirx as T
 
     n, c, h, w = (int(d) for d in x_shape)
     oh, ow = (int(d) for d in out_hw)
@@ -135,7 +133,7 @@ def nearest(x: T.Buffer(({n * c}, {h}, {w}), "float32"), fill: T.Buffer((1,), "f
             for a in T.unroll({sw}):
                 y[t // {oh}, t % {oh}, ix * {sw} + a] = x[t // {oh}, t % {oh} // {sh}, ix] + fill[0]
 """
-    gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), f"nearest_{n * c}x{h}x{w}_to_{oh}x{ow}")
+    gv = bb.add_func(parse_kernel(src), f"nearest_{n * c}x{h}x{w}_to_{oh}x{ow}")
     y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, (n * c, h, w))), relax.const(np.zeros(1, np.float32))],
                                relax.TensorType((n * c, oh, ow), "float32")))
     return bb.emit(relax.op.reshape(y, (n, c, oh, ow)))
@@ -163,9 +161,7 @@ def emit_trilinear(bb, x, x_shape, out_dhw, align_corners: bool, scales=None):
     its scale factors, used in place of in / out when given): the bilinear kernel over the N C D planes, then a
     lerp between the two source planes of each output depth. aten's decomposition failed TVM's build ("Cannot
     convert infinity to BigInt"). Needs bilinear_applies on the planes (output width >= 16)."""
-    import tvm
     from tvm import relax
-    from tvm.script import tirx as T
 
     n, c, d, h, w = (int(v) for v in x_shape)
     od, oh, ow = (int(v) for v in out_dhw)
@@ -174,7 +170,7 @@ def emit_trilinear(bb, x, x_shape, out_dhw, align_corners: bool, scales=None):
                       align_corners, None if sh is None or sw is None else [sh, sw])
     if od == d and not align_corners and (sd is None or sd == 1.0):
         return bb.emit(relax.op.reshape(y, (n, c, od, oh, ow)))
-    gv = bb.add_func(tvm.script.parse(depth_lerp_source(n * c, d, od, oh * ow), extra_vars={"T": T}),
+    gv = bb.add_func(parse_kernel(depth_lerp_source(n * c, d, od, oh * ow)),
                      f"depth_lerp_{n * c}x{d}_to_{od}x{oh * ow}")
     z = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(y, (n * c, d, oh * ow))),
                                     *map(relax.const, _source_index(od, d, align_corners, sd))],

@@ -12,6 +12,7 @@ touches them.
 from __future__ import annotations
 
 from graphopt.targets.tvm.cpu.conv import deeper, transpose8
+from graphopt.targets.tvm.cpu.parse import parse_kernel
 
 
 def token_tile(m: int, r: int, lanes: int = 8, cores: int = 0) -> int:
@@ -178,11 +179,16 @@ def _token_tasks(m: int, k: int, n: int, v: int, y_t: bool = True) -> tuple[str,
     return head, _local_transpose("yT[{i}, {j}]", f"out[{m0} + {{j}}, {{i}}]", n, v, "        ") if y_t else ""
 
 
-def _weight_params(nnzb: int, r: int, c: int, stream: bool) -> str:
-    """The float sparse kernels' weight parameters: BSR data and indices, or one CSR stream (`csr_stream`)."""
+NNZ = '"nnz"'  # the float sparse kernels' stored-block count: a symbolic dim, bound by the weight tensors at the call
+
+
+def _weight_params(r: int, c: int, stream: bool) -> str:
+    """The float sparse kernels' weight parameters: BSR data and indices, or one CSR stream (`csr_stream`), with
+    the stored-block count symbolic (`NNZ`): the kernel's code does not depend on it (its loops run over indptr),
+    so one parsed kernel serves every layer of the same shape (`parse.parse_kernel`)."""
     if stream:
-        return f'nz: T.Buffer(({nnzb},), "int64")'
-    return f'data: T.Buffer(({nnzb}, {r}, {c}), "float32"), indices: T.Buffer(({nnzb},), "int32")'
+        return f'nz: T.Buffer(({NNZ},), "int64")'
+    return f'data: T.Buffer(({NNZ}, {r}, {c}), "float32"), indices: T.Buffer(({NNZ},), "int32")'
 
 
 def bsr_linear_source(m: int, k: int, n: int, r: int, c: int, nnzb: int, lanes: int = 8, cores: int = 0,
@@ -221,10 +227,10 @@ def bsr_linear_source(m: int, k: int, n: int, r: int, c: int, nnzb: int, lanes: 
                     yT[ib * {r} + ri, vi] = acc[ri, vi]"""
     return f"""
 @T.prim_func(private=True)
-def bsr_linear(x: T.Buffer(({m}, {k}), "float32"), {_weight_params(nnzb, r, c, stream)},
+def bsr_linear(x: T.Buffer(({m}, {k}), "float32"), {_weight_params(r, c, stream)},
                indptr: T.Buffer(({nb + 1},), "int32"),
                out: T.Buffer(({m}, {n}), "float32")):
-    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
 {head}{body}
 {tail}
 """
@@ -234,9 +240,7 @@ def bsr_matmul_t(m: int, k: int, n: int, r: int, c: int, nnzb: int, lanes: int =
                  stream: bool = False):
     """PrimFunc(x[M, K], data[nnzb, R, C], indices[nnzb], indptr[N/R+1], out[M, N]) for M >= 4 (`token_tile`:
     lanes, cores); with `stream`, (x, nz[nnzb], indptr, out)."""
-    import tvm
-    from tvm.script import tirx as T
-    return tvm.script.parse(bsr_linear_source(m, k, n, r, c, nnzb, lanes, cores, stream), extra_vars={"T": T})
+    return parse_kernel(bsr_linear_source(m, k, n, r, c, nnzb, lanes, cores, stream))
 
 
 def bsr_rows_source(m: int, k: int, n: int, r: int, c: int, nnzb: int) -> str:
@@ -245,10 +249,10 @@ def bsr_rows_source(m: int, k: int, n: int, r: int, c: int, nnzb: int) -> str:
     nb = n // r
     return f"""
 @T.prim_func(private=True)
-def bsr_rows(x: T.Buffer(({m}, {k}), "float32"), data: T.Buffer(({nnzb}, {r}, {c}), "float32"),
-             indices: T.Buffer(({nnzb},), "int32"), indptr: T.Buffer(({nb + 1},), "int32"),
+def bsr_rows(x: T.Buffer(({m}, {k}), "float32"), {_weight_params(r, c, False)},
+             indptr: T.Buffer(({nb + 1},), "int32"),
              out: T.Buffer(({m}, {n}), "float32")):
-    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
     for ib in T.parallel({nb}):
         for mi in T.serial({m}):
             acc = T.decl_buffer(({r}, {c}), "float32", scope="global")
@@ -270,9 +274,7 @@ def bsr_rows(x: T.Buffer(({m}, {k}), "float32"), data: T.Buffer(({nnzb}, {r}, {c
 
 def bsr_matmul_rows(m: int, k: int, n: int, r: int, c: int, nnzb: int):
     """PrimFunc(x[M, K], data, indices, indptr, out[M, N]) for small M."""
-    import tvm
-    from tvm.script import tirx as T
-    return tvm.script.parse(bsr_rows_source(m, k, n, r, c, nnzb), extra_vars={"T": T})
+    return parse_kernel(bsr_rows_source(m, k, n, r, c, nnzb))
 
 
 def csr_gemv_source(m: int, k: int, n: int, nnz: int) -> str:
@@ -302,11 +304,11 @@ def csr_gemv_source(m: int, k: int, n: int, nnz: int) -> str:
     at = "p0 + cnt // 8 * 8"
     return f"""
 @T.prim_func(private=True)
-def csr_gemv(x: T.Buffer(({m}, {k}), "float32"), data: T.Buffer(({nnz}, 1, 1), "float32"),
-             indices: T.Buffer(({nnz},), "int32"), indptr: T.Buffer(({n + 1},), "int32"),
+def csr_gemv(x: T.Buffer(({m}, {k}), "float32"), {_weight_params(1, 1, False)},
+             indptr: T.Buffer(({n + 1},), "int32"),
              out: T.Buffer(({m}, {n}), "float32")):
-    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
-    vals = T.decl_buffer(({nnz},), "float32", data=data.data)
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
+    vals = T.decl_buffer((data.shape[0],), "float32", data=data.data)
     for r in T.parallel({n}):
         acc = T.decl_buffer(({m * 16},), "float32", scope="global")
         for i in T.unroll({m * 2}):
@@ -330,9 +332,7 @@ def csr_gemv(x: T.Buffer(({m}, {k}), "float32"), data: T.Buffer(({nnz}, 1, 1), "
 
 def csr_gemv(m: int, k: int, n: int, nnz: int):
     """PrimFunc(x[M, K], data[nnz, 1, 1], indices, indptr, out[M, N]): `csr_gemv_source`."""
-    import tvm
-    from tvm.script import tirx as T
-    return tvm.script.parse(csr_gemv_source(m, k, n, nnz), extra_vars={"T": T})
+    return parse_kernel(csr_gemv_source(m, k, n, nnz))
 
 
 CSR_TILE = 192  # inputs per k-tile of the tiled CSR kernel: its [192, 32] slice of x^T (24 KB) stays in L1
@@ -380,9 +380,9 @@ def csr_tiled_source(m: int, k: int, n: int, nnz: int) -> str:
                           "xTf[{k} + vi]", " " * 16)
     return f"""
 @T.prim_func(private=True)
-def csr_tiled(x: T.Buffer(({m}, {k}), "float32"), nz: T.Buffer(({nnz},), "int64"),
+def csr_tiled(x: T.Buffer(({m}, {k}), "float32"), {_weight_params(1, 1, True)},
               indptr: T.Buffer(({tiles * n + 1},), "int32"), out: T.Buffer(({m}, {n}), "float32")):
-    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
 {head}
         xTf = T.decl_buffer(({k * v},), "float32", data=xT.data)
         for row in T.serial({n}):
@@ -411,12 +411,11 @@ def emit_bsr_linear(bb, x, data, indices, indptr, bias, x_shape, n: int, block: 
     """Emit y = x @ W.T (+ bias) with W given as Relax BSR tensors; x [..., K] -> [..., N]. `arrays`: the same
     three as numpy, when known at compile time: CSR weights then take the k-tiled kernel where it pays, and both
     CSR kernels read them as one stream (`csr_stream`). `lanes` and `cores` (the target's vector lanes and cores)
-    size the token tiles (`token_tile`)."""
+    size the token tiles (`token_tile`). `gather`: the target has AVX2's gathers, which CSR weights under 4 rows of
+    x take (`csr_gemv`)."""
     import math
 
-    import tvm
     from tvm import relax
-    from tvm.script import tirx as T
 
     lead, k = tuple(int(d) for d in x_shape[:-1]), int(x_shape[-1])
     m = math.prod(lead) if lead else 1
@@ -425,8 +424,7 @@ def emit_bsr_linear(bb, x, data, indices, indptr, bias, x_shape, n: int, block: 
     tag = f"{m}x{k}x{n}_b{r}x{c}_nnz{nnzb}"
     if block == (1, 1) and arrays is not None and csr_tiled_applies(m, k, n, nnzb):
         vals, cols, ptr = csr_tiled_pack(*arrays, k)
-        gv = bb.add_func(tvm.script.parse(csr_tiled_source(m, k, n, nnzb), extra_vars={"T": T}),
-                         f"csr_tiled_{m}x{k}x{n}_nnz{nnzb}")
+        gv = bb.add_func(parse_kernel(csr_tiled_source(m, k, n, nnzb)), f"csr_tiled_{m}x{k}x{n}_nnz{nnzb}")
         nz = _stream_const(vals, cols, token_tile(m, 1))
         y = bb.emit(relax.call_tir(gv, [x2, nz, relax.const(ptr)], relax.TensorType((m, n), "float32")))
     elif use_rows(m) and block == (1, 1) and gather:
@@ -507,10 +505,10 @@ def bsr_conv1x1_source(p: int, k: int, n: int, r: int, c: int, nnzb: int,
             if True:{_block_row(r, c, v, x_row, pad="    ", stream=stream)}{store_deeper}"""
     return f"""
 @T.prim_func(private=True)
-def bsr_conv1x1(x: T.Buffer(({k}, {p}), "float32"), {_weight_params(nnzb, r, c, stream)},
+def bsr_conv1x1(x: T.Buffer(({k}, {p}), "float32"), {_weight_params(r, c, stream)},
                 indptr: T.Buffer(({nb + 1},), "int32"),
                 bias: T.Buffer(({n},), "float32"),{res_arg} out: T.Buffer(({n}, {p}), "float32")):
-    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}}){loop}
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}}){loop}
 """
 
 
@@ -522,9 +520,7 @@ def emit_bsr_conv1x1(bb, x, data, indices, indptr, bias, x_shape, n: int, block:
     the store. `lanes`, `cores`: the target's, for the pixel tiles (`token_tile`). `arrays`: data, indices and
     indptr as numpy when known at compile time; CSR weights then go to the kernel as one stream (`csr_stream`)."""
     import numpy as np
-    import tvm
     from tvm import relax
-    from tvm.script import tirx as T
 
     from graphopt.targets.tvm.cpu.batch import batch_source
 
@@ -537,7 +533,7 @@ def emit_bsr_conv1x1(bb, x, data, indices, indptr, bias, x_shape, n: int, block:
                                           stream), bn, ["x", "out"] + ([] if residual is None else ["res"]))
     tag = (f"{n}x{k}x{p}_b{r}x{c}_nnz{nnzb}" + ("_res" if residual is not None else "") + ("_clamp" if clamp else "")
            + (f"_n{bn}" if bn > 1 else ""))
-    gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), f"bsr_conv1x1_{tag}")
+    gv = bb.add_func(parse_kernel(src), f"bsr_conv1x1_{tag}")
     b = bias if bias is not None else relax.const(np.zeros(n, np.float32))
     shape = lambda rows: (bn, rows, p) if bn > 1 else (rows, p)  # noqa: E731  (batch_source's per-sample views)
     extra = [] if residual is None else [bb.emit(relax.op.reshape(residual, shape(n)))]
@@ -693,9 +689,7 @@ def emit_bsr_qlinear(bb, xq, wq, w_scales, bias, sx: float, zx: int, x_shape, do
 
     import numpy as np
     import torch
-    import tvm
     from tvm import relax
-    from tvm.script import tirx as T
 
     from graphopt.ir.sparse_ops import to_bsr
     from graphopt.targets.tvm.cpu.int8 import BYTE_TOPS, MR, epilogue_constants, wide_quads
@@ -706,10 +700,10 @@ def emit_bsr_qlinear(bb, xq, wq, w_scales, bias, sx: float, zx: int, x_shape, do
     off, mult, fb = epilogue_constants(wq, w_scales, bias, sx, zx + 128, -(-n // MR))
     wide = wide_quads(dot, lanes)
     src = (bsr_qlinear_pairs_source if wide else bsr_qlinear_source)(m, k, n, s.nnzb, dot, fb is not None)
-    gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}),
+    gv = bb.add_func(parse_kernel(src),
                      f"bsr_qlinear_{dot}{'_pairs' if wide else ''}_{m}x{k}x{n}_nnz{s.nnzb}")
     if wide:
-        pair = bb.add_func(tvm.script.parse(pair_tokens_source(m, k), extra_vars={"T": T}), f"pair_tokens_{m}x{k}")
+        pair = bb.add_func(parse_kernel(pair_tokens_source(m, k)), f"pair_tokens_{m}x{k}")
         a = bb.emit(relax.call_tir(pair, [bb.emit(relax.op.reshape(xq, (m * k,))),
                                           relax.const(np.array([BYTE_TOPS], np.int32))],
                                    relax.TensorType((-(-m // 2) * (k // 2),), "int32")))
@@ -934,9 +928,7 @@ def emit_csr_qlinear(bb, xq, wq, w_scales, bias, sx: float, zx: int, x_shape, do
     import math
 
     import numpy as np
-    import tvm
     from tvm import relax
-    from tvm.script import tirx as T
 
     from graphopt.targets.tvm.cpu.int8 import MR, epilogue_constants
 
@@ -947,7 +939,7 @@ def emit_csr_qlinear(bb, xq, wq, w_scales, bias, sx: float, zx: int, x_shape, do
     off, mult, fb = epilogue_constants(w, w_scales, bias, sx, zx, -(-n // MR))
     src = csr_qlinear_source(m, k, n, len(pw), fb is not None, dot)
     name = f"csr_qlinear{'_vnni' if dot == 'vnni' else ''}_{m}x{k}x{n}_pairs{len(pw)}"
-    gv = bb.add_func(tvm.script.parse(src, extra_vars={"T": T}), name)
+    gv = bb.add_func(parse_kernel(src), name)
     consts = qcsr_weight_consts(pw, cols, ptr) + [relax.const(v[:n]) for v in (off, mult, fb) if v is not None]
     y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(xq, (m * k,))), *consts],
                                relax.TensorType((m * n,), "float32")))
