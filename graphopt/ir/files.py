@@ -11,6 +11,11 @@ from typing import Iterator
 from graphopt.errors import ArtifactError
 
 
+def user_cache_dir() -> Path:
+    """graphopt's cache folder: $GRAPHOPT_CACHE, else ~/.cache/graphopt (layout timings, parsed kernels)."""
+    return Path(os.environ.get("GRAPHOPT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "graphopt"))
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` through a temporary file in the same folder and a rename."""
     path = Path(path)

@@ -12,13 +12,12 @@ import functools
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from graphopt.ir.files import atomic_write_bytes
+from graphopt.ir.files import atomic_write_bytes, user_cache_dir
 from graphopt.ir.sparse_ops import layout_block, to_bsr
 
 log = logging.getLogger(__name__)
@@ -38,8 +37,7 @@ def kernels_tag() -> str:
 
 
 def default_cache() -> Path:
-    base = os.environ.get("GRAPHOPT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "graphopt")
-    return Path(base) / "layout_costs.json"
+    return user_cache_dir() / "layout_costs.json"
 
 
 class CpuCostOracle:
