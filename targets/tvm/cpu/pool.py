@@ -179,7 +179,8 @@ def emit_edge_pad(bb, x, x_shape, pads, mode: str):
     top, bottom = (int(pads[2]), int(pads[3])) if len(pads) == 4 else (0, 0)
     h, w = (dims[-2], dims[-1]) if len(pads) == 4 else (1, dims[-1])
     rows = math.prod(dims) // (h * w)
-    gv = bb.add_func(parse_kernel(edge_pad_source(rows, h, w, top, bottom, left, right, mode)), f"{mode}_pad_{rows}x{h}x{w}_{top}_{bottom}_{left}_{right}")
+    gv = bb.add_func(parse_kernel(edge_pad_source(rows, h, w, top, bottom, left, right, mode)),
+                     f"{mode}_pad_{rows}x{h}x{w}_{top}_{bottom}_{left}_{right}")
     oh, ow = h + top + bottom, w + left + right
     y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, (rows, h, w))), relax.const(np.zeros(1, np.int32))],
                                relax.TensorType((rows, oh, ow), "float32")))

@@ -6,8 +6,8 @@ tokens: each transposes its own V rows of x into a private x^T [K, V], walks eve
 [N, V] into its V rows of the output. No phase waits for another task, and both transposes stay in the core's
 cache (one shared x^T, transposed by all threads, then block-rows in parallel, cost a third of the time at 95%
 sparsity in barriers and cross-core traffic). For M < 4 (batch-1 classifier heads) the row variant vectorizes along
-the block's columns instead, and CSR there gathers its inputs (`csr_gemv`, AVX2). Both are generated fully scheduled (no MetaSchedule needed) and tagged so no rule
-touches them.
+the block's columns instead, and CSR there gathers its inputs (`csr_gemv`, AVX2). Both are generated fully scheduled
+(no MetaSchedule needed) and tagged so no rule touches them.
 """
 from __future__ import annotations
 
