@@ -182,3 +182,53 @@ def test_quantize_after_it_keeps_the_layers_it_left_float(digits):
     deq = {n.name for n in layers if n.args[1].target is torch.ops.graphopt.dequantize_per_channel.default}
     assert deq == {n for n, v in bits.items() if v == "int8"}
     assert abs(accuracy(q.gm, xte, yte) - accuracy(g.gm, xte, yte)) <= 0.02
+
+
+def test_latency_sensitivity_replays_only_what_follows_each_layer():
+    """budget=latency's sensitivity runs the float graph once per batch with its values recorded, then recomputes
+    only each layer and the nodes after it (a skip connection's earlier value comes from the record): the output
+    equals a whole run with that layer's input quantized and its weight replaced, bit for bit."""
+    import torch.fx as fx
+
+    from graphopt.passes.quant.mixed_precision import _dequantized, _downstream, _Recorded
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 1)
+            self.c3, self.fc = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            a = torch.relu(self.c1(x))
+            b = torch.relu(self.c2(a)) + a  # a reaches the add around c2
+            return self.fc(torch.relu(self.c3(b)).mean((2, 3)))
+
+    class Whole(fx.Interpreter):  # the definition: the whole graph run with the one layer changed
+        def __init__(self, gm, node, qp, w):
+            super().__init__(gm)
+            self.node, self.qp, self.w = node, qp, w
+
+        def run_node(self, n):
+            if n is not self.node:
+                return super().run_node(n)
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            x = (torch.clamp(torch.round(args[0] / self.qp[0]) + self.qp[1], -128, 127) - self.qp[1]) * self.qp[0]
+            return n.target(x, self.w, *args[2:], **kwargs)
+
+    torch.manual_seed(0)
+    g = graphopt.trace(Net().eval(), (torch.randn(2, 3, 8, 8),))
+    x = torch.randn(2, 3, 8, 8)
+    layers = [n for n in g.gm.graph.nodes if n.op == "call_function" and n.target in
+              (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)]
+    assert len(layers) == 4
+    with torch.no_grad():
+        rec = _Recorded(g.gm)
+        rec.run(x)
+        for op in layers:
+            w = _dequantized(g.get_param(op.args[1].target), "int8")
+            got = _Recorded(g.gm, rec.values, op, (0.05, 3), w, _downstream(op)).run(x)
+            want = Whole(g.gm, op, (0.05, 3), w).run(x)
+            got, want = (v[0] if isinstance(v, (tuple, list)) else v for v in (got, want))
+            assert torch.equal(got, want), op.name
+            ref = g.gm(x)
+            assert not torch.equal(got, ref[0] if isinstance(ref, (tuple, list)) else ref), op.name  # it reached
