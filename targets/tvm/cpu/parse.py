@@ -28,15 +28,20 @@ def parse_kernel(source: str):
     select-sparse-layout's time per layer), and a model's layers of one shape share a source: MiniLM's 36 linears
     have 4, MobileNetV2's blocks repeat, and the float sparse kernels leave their stored-block count symbolic
     (`sparse.NNZ`) so that every layer of a shape shares one. On disk each parsed kernel is TVM's JSON of the
-    PrimFunc, compressed, named by a digest of the TVM version and the source (so another TVM, or a changed
-    kernel generator, never reads an old one): loading MobileNetV2's 54 took 1.4 s against 9 s. A file that does
-    not load is parsed again and rewritten. PrimFuncs are immutable, so the cached one is shared safely."""
+    PrimFunc, compressed, named by a digest of the TVM and tvm-ffi versions and the source (so another TVM, or a
+    changed kernel generator, never reads an old one): loading MobileNetV2's 54 took 1.4 s against 9 s. A file
+    that does not load is parsed again and rewritten. PrimFuncs are immutable, so the cached one is shared."""
     import tvm
     from tvm.script import tirx as T
     folder = kernel_cache_dir()
     path = None
     if folder is not None:
-        key = hashlib.sha256(f"{tvm.__version__}\0{source}".encode()).hexdigest()[:40]
+        try:
+            import tvm_ffi
+            ffi = getattr(tvm_ffi, "__version__", "")
+        except ImportError:
+            ffi = ""
+        key = hashlib.sha256(f"{tvm.__version__}\0{ffi}\0{source}".encode()).hexdigest()[:40]
         path = folder / f"{key}.json.z"
         if path.exists():
             try:
