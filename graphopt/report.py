@@ -20,8 +20,9 @@ def pass_table(history: Sequence[dict[str, Any]]) -> str:
     for r in history:
         d_params = r["after"]["params"] - r["before"]["params"]
         d_macs = r["after"]["macs"] - r["before"]["macs"]
+        # the counts a pass reports, less the zeros (quantize's read "matmuls_quantized=0, bias_corrected=0, ...")
         note = r.get("reason") or ", ".join(f"{k}={v}" for k, v in r.get("stats", {}).items()
-                                            if isinstance(v, (int, float)))
+                                            if isinstance(v, (int, float)) and v)
         if r.get("verify"):
             v = r["verify"]["step"]
             note += f"; verify: max|err| {v['max_abs_err']:.2g}"

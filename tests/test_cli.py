@@ -244,3 +244,16 @@ def test_inspect_summarizes_export_and_gpu_artifacts(tmp_path, onnx_model, capsy
     assert "no timing here" not in res.stdout and "manifest   manifest.json" in res.stdout
     (tmp_path / "empty").mkdir()
     one_line_error(cli_inproc(capsys, "inspect", tmp_path / "empty"), "empty", "not a graphopt artifact")
+
+
+def test_pass_table_notes_leave_out_zero_counts():
+    """A pass's note lists its nonzero counts and true flags: quantize's had read 'matmuls_as_linears=0,
+    half_model_computed_in_float32=False, weight_bits_kept=0, ...' around the two counts that said anything."""
+    from graphopt.report import pass_table
+    row = {"index": 1, "pipeline": "quantize", "changed": True, "seconds": 0.5, "reason": "",
+           "before": {"params": 10, "macs": 5}, "after": {"params": 10, "macs": 5},
+           "stats": {"weights_quantized": 3, "matmuls_quantized": 0, "half": False, "shift": 0.0, "exact": True,
+                     "sqnr": 21.5, "skipped": {"a": "b"}}}
+    line = pass_table([row]).splitlines()[1]
+    assert line.endswith("weights_quantized=3, exact=True, sqnr=21.5"), line
+    assert pass_table([{**row, "reason": "no pad", "changed": False}]).splitlines()[1].endswith("no pad")
