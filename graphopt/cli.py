@@ -139,7 +139,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("model", help=MODEL_HELP + "; or an artifact folder (prints what it holds: interface, target, "
                                               "passes, size, widths, sparse layouts, tuning)")
     i.add_argument("--json", action="store_true", help="on an artifact folder: print its whole manifest.json")
-    i.add_argument("--ir", action="store_true", help="print the whole IR")
+    i.add_argument("--ir", action="store_true", help="print the whole IR (an artifact folder: the IR it was built "
+                                                       "from, its graph.ir)")
     _add_shape_option(i)
     i.add_argument("--groups", action="store_true", help="print the channel dependency groups prune-channels "
                    "works on: each as a chain with its size, its l2 score range, or why it is pinned")
@@ -319,14 +320,26 @@ def cmd_opt(args) -> int:
 
 def cmd_inspect(args) -> int:
     from graphopt.ir.stats import human
+    from graphopt.errors import GraphoptError
     if Path(args.model).is_dir():
         from graphopt.targets.artifact import read_manifest
+        if args.groups:
+            raise GraphoptError("--groups reads a model (the channel groups prune-channels would cut), not an "
+                                f"artifact folder: inspect the model '{args.model}' was compiled from")
         if args.json:
             print(json.dumps(read_manifest(args.model), indent=1))
         else:
             from graphopt.report import artifact_summary
             print(artifact_summary(Path(args.model)), end="")
+        ir = Path(args.model) / "graph.ir"
+        if args.ir:
+            if not ir.exists():
+                raise GraphoptError(f"artifact '{args.model}' holds no graph.ir (ONNX / .pt2 exports carry their "
+                                    "model file instead; inspect that)")
+            print(ir.read_text(), end="")
         return 0
+    if args.json:
+        raise GraphoptError("--json prints an artifact folder's manifest; for a model, leave it out")
     from graphopt.api import load_model
     g = load_model(args.model, _shapes(args))
     s = g.stats()

@@ -90,6 +90,8 @@ def test_opt_inspect_compile_run_bench(tmp_path, onnx_model, capsys):
     assert re.search(r"artifact   [\d.]+[kM]?B in ", res.stdout) and "report     report.txt" in res.stdout
     res = cli_inproc(capsys, "inspect", tmp_path / "art", "--json")
     assert json.loads(res.stdout)["format"] == "graphopt-artifact"
+    res = cli_inproc(capsys, "inspect", tmp_path / "art", "--ir")  # the IR the artifact was built from
+    assert res.returncode == 0 and (tmp_path / "art" / "graph.ir").read_text() in res.stdout
     np.save(tmp_path / "x.npy", x.numpy())
     res = cli_inproc(capsys, "run", tmp_path / "art", "--input", tmp_path / "x.npy", "-o", tmp_path / "y.npz")
     assert res.returncode == 0, res.stderr
@@ -244,6 +246,9 @@ def test_inspect_summarizes_export_and_gpu_artifacts(tmp_path, onnx_model, capsy
     assert "no timing here" not in res.stdout and "manifest   manifest.json" in res.stdout
     (tmp_path / "empty").mkdir()
     one_line_error(cli_inproc(capsys, "inspect", tmp_path / "empty"), "empty", "not a graphopt artifact")
+    one_line_error(cli_inproc(capsys, "inspect", tmp_path / "exp", "--ir"), "holds no graph.ir")
+    one_line_error(cli_inproc(capsys, "inspect", tmp_path / "exp", "--groups"), "--groups reads a model")
+    one_line_error(cli_inproc(capsys, "inspect", path, "--json"), "--json prints an artifact folder's manifest")
 
 
 def test_pass_table_notes_leave_out_zero_counts():
