@@ -62,3 +62,40 @@ def test_compare_variants_times_every_variant_with_shared_baselines_once_a_round
     assert round(got["untuned"].torch_s * 1e3) == round(got["tuned"].torch_s * 1e3) == 5
     assert (round(got["pruned"].ort_s * 1e3), round(got["pruned"].torch_s * 1e3)) == (6, 7)
     assert got["tuned"].ratios()["vs_ort"] == pytest.approx(0.5)
+
+
+def test_reference_onnx_is_exported_once_per_graph_and_reexported_when_damaged(tmp_path, monkeypatch):
+    """The ORT baseline's ONNX file is kept under a digest of the graph: a second compile of one model copies it
+    instead of exporting again; another weight is another file; a damaged file is exported again; `off` keeps
+    nothing."""
+    import graphopt.targets.onnx.export as export_mod
+    monkeypatch.setenv("GRAPHOPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("GRAPHOPT_REFERENCE_CACHE", raising=False)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+    x = torch.randn(2, 8)
+    g = graphopt.trace(model, (x,))
+    exports = []
+    real = export_mod.export_onnx
+    monkeypatch.setattr(export_mod, "export_onnx", lambda *a, **k: (exports.append(1), real(*a, **k))[1])
+    first = reference_onnx(g, str(tmp_path / "a"))
+    second = reference_onnx(graphopt.trace(model, (x,)), str(tmp_path / "b"))  # traced again: same digest
+    assert len(exports) == 1 and first != second and first.read_bytes() == second.read_bytes()
+    (cached,) = (tmp_path / "cache" / "reference").iterdir()
+    name = ort_session(second, 1).get_inputs()[0].name
+    np.testing.assert_allclose(ort_session(second, 1).run(None, {name: x.numpy()})[0], model(x).detach().numpy(),
+                               rtol=1e-5, atol=1e-5)
+    bias = model[2].bias.detach().clone()
+    with torch.no_grad():
+        model[2].bias[0] += 1.0  # one changed value: another graph, another file
+    reference_onnx(graphopt.trace(model, (x,)), str(tmp_path / "c"))
+    assert len(exports) == 2 and len(list((tmp_path / "cache" / "reference").iterdir())) == 2
+    cached.write_bytes(b"not onnx")
+    with torch.no_grad():
+        model[2].bias.copy_(bias)
+    again = reference_onnx(graphopt.trace(model, (x,)), str(tmp_path / "d"))
+    assert len(exports) == 3 and again.read_bytes() == first.read_bytes() == cached.read_bytes()
+    monkeypatch.setenv("GRAPHOPT_REFERENCE_CACHE", "off")
+    monkeypatch.setenv("GRAPHOPT_CACHE", str(tmp_path / "other"))
+    reference_onnx(g, str(tmp_path / "e"))
+    assert len(exports) == 4 and not (tmp_path / "other").exists()

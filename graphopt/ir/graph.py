@@ -346,6 +346,20 @@ class Graph:
             warnings.simplefilter("ignore", FutureWarning)  # torch's pytree specs warn when deep-copied
             return torch.export.export(self.gm, example, strict=False)
 
+    def digest(self) -> str:
+        """A hex digest of what the graph computes: its fx code, interface and every attribute tensor's dtype, shape
+        and bytes (not `meta`, whose pass history holds timings). Equal graphs traced in different processes have
+        equal digests; any changed weight, op or argument changes it."""
+        import hashlib
+        h = hashlib.sha256(self.gm.code.encode())
+        for spec in self.inputs + self.outputs:
+            h.update(f"\0{spec.name}:{spec.dtype}:{tuple(spec.shape)}".encode())
+        for name, t in sorted(self.params().items()):
+            t = t.detach().cpu().reshape(-1).contiguous()
+            h.update(f"\0{name}:{t.dtype}:{tuple(getattr(self.gm, name).shape)}\0".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()
+
     # ---- views --------------------------------------------------------------------------------------------
     def text(self) -> str:
         from graphopt.ir.printer import graph_text
