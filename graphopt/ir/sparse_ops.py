@@ -103,13 +103,20 @@ def _(x, data, indices, indptr, bias, n):
 SPARSE_OPS = ("bsr_linear.default", "bsr_conv1x1.default")
 
 
+def sparse_layout_names(graph: "Graph") -> list[str]:
+    """The nodes select-sparse-layout rewrote to bsr_linear / bsr_conv1x1 (no dense weight left to rewrite)."""
+    return [n.name for n in graph.gm.graph.nodes
+            if n.op == "call_function" and getattr(n.target, "__name__", "") in SPARSE_OPS]
+
+
 def densify(graph: "Graph") -> "Graph":
     """A clone of `graph` with every bsr_linear / bsr_conv1x1 back to aten.linear / aten.conv2d over the dense
     weight (for targets, such as ONNX, that have no sparse op; the zeros stay exact)."""
     g = graph.clone()
     changed = False
+    sparse = set(sparse_layout_names(g))
     for node in list(g.gm.graph.nodes):
-        if node.op != "call_function" or getattr(node.target, "__name__", "") not in SPARSE_OPS:
+        if node.name not in sparse:
             continue
         x, d, i, p, bias, n = node.args
         conv = node.target is torch.ops.graphopt.bsr_conv1x1.default

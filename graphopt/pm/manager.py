@@ -8,8 +8,9 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from graphopt.errors import GraphoptError, PassFailedError
+from graphopt.errors import GraphoptError, PassFailedError, PassOptionError
 from graphopt.ir.graph import Graph
+from graphopt.ir.sparse_ops import sparse_layout_names
 from graphopt.ir.stats import graph_stats
 from graphopt.pm.instruments import DumpDir, IRPrinter, write_reproducer
 from graphopt.pm.numerics import Comparison, compare, within_exact
@@ -48,6 +49,22 @@ def build_passes(specs: list[PassSpec]) -> list[Pass]:
     return out
 
 
+def _check_order(passes: list[Pass]) -> None:
+    """select-sparse-layout turns masked layers into sparse ops that the weight passes cannot see: a weight pass
+    after it (sparsify,select-sparse-layout,quantize) quantized nothing, with a warning, after minutes of layout
+    timing. Refused before anything runs, with the order that works."""
+    layout = next((i for i, p in enumerate(passes) if p.name == "select-sparse-layout"), None)
+    late = [p for p in passes[layout + 1:] if p.rewrites_weights] if layout is not None else []
+    if late:
+        fixed = [p for p in passes if p.name != "select-sparse-layout"] + \
+            [p for p in passes if p.name == "select-sparse-layout"]
+        raise PassOptionError(
+            f"pipeline order: '{late[0].name}' (#{passes.index(late[0]) + 1}) comes after 'select-sparse-layout' "
+            f"(#{layout + 1}), which rewrites masked layers into sparse ops that '{late[0].name}' cannot read or "
+            "change; select the layouts after the passes that change weights (select-sparse-layout has int8 "
+            f"kernels for quantized layers): {','.join(p.spec_text() for p in fixed)}")
+
+
 class PassManager:
     """Runs passes in order; each gets a clone, so the caller's graph is never mutated."""
 
@@ -57,6 +74,7 @@ class PassManager:
         if isinstance(pipeline, str):
             pipeline = load_pipeline(pipeline)
         self.passes: list[Pass] = [p if isinstance(p, Pass) else build_passes([p])[0] for p in pipeline]
+        _check_order(self.passes)
         self.verify, self.strict = verify, strict
         # a pass that changes nothing is a warning when the user asked for it; in a default pipeline it is normal
         # (the record and the report say so either way)
@@ -82,6 +100,13 @@ class PassManager:
         if self.dump:
             self.dump.dump(0, "input", current)
         for i, p in enumerate(self.passes, start=1):
+            laid_out = sparse_layout_names(current) if p.rewrites_weights else []
+            if laid_out:
+                raise PassFailedError(
+                    f"pass #{i} '{p.name}' rewrites dense conv/linear weights, but {len(laid_out)} layer(s) of this "
+                    f"graph are already in a sparse layout ('{laid_out[0]}'{', ...' if len(laid_out) > 1 else ''}; "
+                    f"select-sparse-layout made them): run '{p.name}' on the graph from before select-sparse-layout "
+                    "and select it after the passes that change weights")
             before_stats = graph_stats(current)
             work = current.clone()
             t0 = time.perf_counter()

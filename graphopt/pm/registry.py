@@ -57,6 +57,9 @@ class Pass:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     contract: ClassVar[Contract] = Contract.EXACT
+    # reads and rewrites conv/linear weights as dense float tensors, so it must run before select-sparse-layout
+    # turns layers into sparse ops it cannot see (the pass manager refuses the other order)
+    rewrites_weights: ClassVar[bool] = False
     # verify-each tolerances: exact passes compare max error relative to the output's range; bounded ones use SQNR
     rtol: ClassVar[float] = 1e-4
     min_sqnr_db: ClassVar[float] = 30.0

@@ -55,6 +55,7 @@ class Recover(Pass):
     summary = ("Fine-tune with knowledge distillation from the unpruned/unquantized input graph on the context's data "
                "(labels optional, via ctx extras 'labels'); sparsity masks stay fixed.")
     contract = Contract.TRAINING
+    rewrites_weights = True
 
     @dataclass
     class Options(TrainOptions):

@@ -185,8 +185,11 @@ class SelectSparseLayout(Pass):
             graph.gm.graph.erase_node(node)
             rewritten += 1
         if not choices:
+            qdq = any(n.target is torch.ops.graphopt.dequantize_per_channel.default for n in graph.gm.graph.nodes)
             raise LayoutError("select-sparse-layout: no masked linear or conv weight in the graph; run sparsify, "
-                              "sparsify-nm, lottery-ticket or rigl first")
+                              "sparsify-nm, lottery-ticket or rigl first" + (
+                                  "; quantized weights are measured as the int8 layers fold-qdq makes of them "
+                                  "(quantize,fold-qdq,select-sparse-layout)" if qdq and not gpu else ""))
         graph.gm.graph.eliminate_dead_code()
         graph.remove_unused_params()
         graph.meta.setdefault("sparse_layout", {}).update(choices)

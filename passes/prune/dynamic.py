@@ -75,6 +75,7 @@ class _Updater:
 
 class _DynamicSparse(Pass):
     contract = Contract.TRAINING
+    rewrites_weights = True
     grow = "gradient"
 
     @dataclass

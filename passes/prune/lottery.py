@@ -29,6 +29,7 @@ class LotteryTicket(Pass):
     summary = ("Iterative magnitude pruning with rewinding: train, prune `rate` of the remaining weights, rewind the "
                "survivors to their early values; repeat `rounds` times, then train the ticket.")
     contract = Contract.TRAINING
+    rewrites_weights = True
 
     @dataclass
     class Options(TrainOptions):

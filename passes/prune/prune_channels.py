@@ -454,6 +454,7 @@ class PruneChannels(Pass):
     summary = ("Remove whole channels/heads along dependency groups (conv/linear out -> norms -> consumers' in, "
                "residual adds, concat/split, depthwise, flatten, attention heads). Output shape never changes.")
     contract = Contract.TRAINING
+    rewrites_weights = True
 
     @dataclass
     class Options:

@@ -39,6 +39,7 @@ class Sparsify(Pass):
     summary = ("Unstructured magnitude pruning of conv/linear weights: one-shot, or gradual (GMP, Zhu & Gupta) with "
                "distillation fine-tuning between steps. Masks are kept in the IR.")
     contract = Contract.TRAINING
+    rewrites_weights = True
 
     @dataclass
     class Options(TrainOptions):
@@ -122,6 +123,7 @@ class SparsifyNM(Pass):
     summary = ("N:M semi-structured sparsity (2:4 for sparse tensor cores): in every group of M consecutive input "
                "channels keep the N largest weights. One-shot; follow with `recover` to fine-tune.")
     contract = Contract.TRAINING
+    rewrites_weights = True
 
     @dataclass
     class Options:

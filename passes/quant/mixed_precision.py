@@ -57,6 +57,7 @@ class MixedPrecision(Pass):
     summary = ("Per-layer bit widths (fp32/int8/int8s/int7/int4) from measured sensitivity under a size or "
                "measured-latency budget; the choice is printed, kept in the graph and written to the manifest.")
     contract = Contract.BOUNDED
+    rewrites_weights = True
     min_sqnr_db = 12.0
 
     @dataclass

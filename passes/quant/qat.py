@@ -50,6 +50,7 @@ class QAT(Pass):
     summary = ("Quantization-aware training of a Q/DQ graph (after `quantize`): fake-quant with a straight-through "
                "estimator, optional learned scales (LSQ), distillation from the fp32 pipeline input by default.")
     contract = Contract.TRAINING
+    rewrites_weights = True
 
     @dataclass
     class Options(TrainOptions):

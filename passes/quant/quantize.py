@@ -213,6 +213,7 @@ class Quantize(Pass):
     summary = ("Post-training quantization to Q/DQ: per-channel symmetric int8/int8s/int7/int4 weights, optional "
                "per-tensor affine int8 activations calibrated on the context's data (streaming).")
     contract = Contract.BOUNDED
+    rewrites_weights = True
     min_sqnr_db = 12.0  # int4 weights on small layers sit around 15-20 dB; below 12 something is wrong
 
     @dataclass

@@ -97,6 +97,36 @@ def test_errors():
         graphopt.optimize(dense, "select-sparse-layout", target=_ScriptedOracle(1.0))
 
 
+@pytest.mark.parametrize("late", ["quantize", "mixed-precision", "prune-channels{ratio=0.5}", "sparsify-nm",
+                                  "recover{epochs=1}", "rigl{sparsity=0.95}"])
+def test_weight_passes_after_the_layouts_are_refused_with_the_order_that_works(late):
+    """A weight pass after select-sparse-layout cannot see the layers it made sparse (quantize quantized nothing,
+    with a warning, and recover crashed on the sparse op's missing gradient): the pipeline is refused before it runs,
+    naming the order that works, and a graph that already holds sparse layouts is refused by the weight pass."""
+    g, x = _sparse_graph()
+    data = [(torch.randn(32, 256),) for _ in range(2)]
+    name = late.split("{")[0]
+    with pytest.raises(graphopt.PassOptionError, match=rf"pipeline order: '{name}' \(#3\) comes after "
+                       rf"'select-sparse-layout' \(#2\).*: dce,{late.replace('{', '.').replace('}', '.')},"
+                       "select-sparse-layout$"):
+        graphopt.optimize(g, f"dce,select-sparse-layout,{late}", target=_ScriptedOracle(2.0), data=data)
+    laid_out = graphopt.optimize(g, "select-sparse-layout", target=_ScriptedOracle(2.0))
+    assert torch.ops.graphopt.bsr_linear.default in [n.target for n in laid_out.nodes("call_function")]
+    with pytest.raises(graphopt.PassFailedError, match=rf"pass #1 '{name}' rewrites dense conv/linear weights, but "
+                       r"2 layer\(s\) of this graph are already in a sparse layout"):
+        graphopt.optimize(laid_out, late, data=data)
+    # passes that leave weights alone still run after it, and the right order runs
+    graphopt.optimize(laid_out, "fold-constants,dce")
+    if name == "mixed-precision":  # (weight-only: its layers stay dequantize -> linear, with no sparse kernel)
+        return
+    if name == "quantize":  # Q/DQ weights are measured as the int8 layers fold-qdq makes of them
+        with pytest.raises(graphopt.PassFailedError, match=r"quantize,fold-qdq,select-sparse-layout\)"):
+            graphopt.optimize(g, f"{late},select-sparse-layout", target=_Int8Oracle(2.0), data=data)
+        late += ",fold-qdq"
+    ok = graphopt.optimize(g, f"{late},select-sparse-layout", target=_Int8Oracle(2.0), data=data)
+    assert ok.meta["history"][-1]["name"] == "select-sparse-layout" and ok.meta["sparse_layout"]
+
+
 def test_compiled_sparse_artifact_matches_reference_and_records_choices(tmp_path):
     g, x = _sparse_graph()
     out = graphopt.optimize(g, "select-sparse-layout{candidates=dense,bsr4x4,csr}",
