@@ -16,17 +16,22 @@ def _fmt_ms(s: float | None) -> str:
 
 
 def pass_table(history: Sequence[dict[str, Any]]) -> str:
-    rows = [f"  {'#':>2}  {'pass':<22} {'changed':<7} {'time':>7}  {'Δparams':>9} {'ΔMACs':>9}  note"]
+    # as wide as the longest pass with its options (cut at 40): 22 columns showed "prune-channels{ratio=0"
+    width = max([22] + [min(40, len(r["pipeline"])) for r in history])
+    rows = [f"  {'#':>2}  {'pass':<{width}} {'changed':<7} {'time':>7}  {'Δparams':>9} {'ΔMACs':>9}  note"]
     for r in history:
         d_params = r["after"]["params"] - r["before"]["params"]
         d_macs = r["after"]["macs"] - r["before"]["macs"]
-        # the counts a pass reports, less the zeros (quantize's read "matmuls_quantized=0, bias_corrected=0, ...")
-        note = r.get("reason") or ", ".join(f"{k}={v}" for k, v in r.get("stats", {}).items()
+        # the counts a pass reports, less the zeros (quantize's read "matmuls_quantized=0, bias_corrected=0, ...");
+        # floats to 4 digits (recover's "loss_first=5.222804069519043")
+        note = r.get("reason") or ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                            for k, v in r.get("stats", {}).items()
                                             if isinstance(v, (int, float)) and v)
         if r.get("verify"):
             v = r["verify"]["step"]
             note += f"; verify: max|err| {v['max_abs_err']:.2g}"
-        rows.append(f"  {r['index']:>2}  {r['pipeline'][:22]:<22} {'yes' if r['changed'] else 'no':<7} "
+        spec = r["pipeline"] if len(r["pipeline"]) <= width else r["pipeline"][:width - 3] + "..."
+        rows.append(f"  {r['index']:>2}  {spec:<{width}} {'yes' if r['changed'] else 'no':<7} "
                     f"{r['seconds']:>6.2f}s  {human(d_params):>9} {human(d_macs):>9}  {note}")
     return "\n".join(rows)
 

@@ -262,3 +262,10 @@ def test_pass_table_notes_leave_out_zero_counts():
     line = pass_table([row]).splitlines()[1]
     assert line.endswith("weights_quantized=3, exact=True, sqnr=21.5"), line
     assert pass_table([{**row, "reason": "no pad", "changed": False}]).splitlines()[1].endswith("no pad")
+    # floats to 4 digits; a pass's options shown whole up to 40 columns (22 had cut "prune-channels{ratio=0")
+    trained = {**row, "pipeline": "prune-channels{ratio=0.3}", "stats": {"loss_first": 5.222804069519043}}
+    lines = pass_table([row, trained]).splitlines()
+    assert " prune-channels{ratio=0.3} yes " in lines[2] and lines[2].endswith("loss_first=5.223"), lines
+    assert lines[0].index("changed") == lines[1].index("yes") == lines[2].index("yes"), lines
+    long = {**row, "pipeline": "select-sparse-layout{candidates=dense,csr,bsr4x4 min-speedup=1.5}"}
+    assert " select-sparse-layout{candidates=dense... yes " in pass_table([long]).splitlines()[1]
