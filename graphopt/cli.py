@@ -175,11 +175,28 @@ def _setup_logging(verbose: int) -> None:
     logging.getLogger("tvm").setLevel(logging.WARNING if verbose < 2 else logging.DEBUG)
 
 
+def _zoo_name(model: str, graph) -> str | None:
+    """The shipped model a run is about: `zoo:NAME`, or a saved graph made from one (its recorded source) whose
+    inputs still have the shipped model's shapes, so its calibration and evaluation data fit."""
+    if model.startswith("zoo:"):
+        return model[4:]
+    source = str(graph.meta.get("source", ""))
+    if not source.startswith("zoo:"):
+        return None
+    from graphopt.zoo import ZOO
+    entry = ZOO.get(source[4:])
+    if entry is None:
+        return None
+    shapes = [(tuple(t.shape), str(t.dtype).replace("torch.", "")) for t in entry.example()]
+    return source[4:] if shapes == [(tuple(s.shape), s.dtype) for s in graph.inputs] else None
+
+
 def _data(args, graph):
     if not getattr(args, "inputs", None):
-        if str(getattr(args, "model", "")).startswith("zoo:"):  # shipped models calibrate on shipped data
+        zoo = _zoo_name(str(getattr(args, "model", "")), graph)
+        if zoo:  # shipped models (and graphs saved from them) calibrate on shipped data
             from graphopt.zoo import calibration_inputs
-            return calibration_inputs(args.model[4:])
+            return calibration_inputs(zoo)
         return None
     from graphopt.pm.instruments import load_inputs_npz
     return load_inputs_npz(args.inputs, graph)
@@ -265,13 +282,13 @@ def _measure(model: str, graph, art, threads: int, user_inputs=None):
     from graphopt.bench import compare_latency, fidelity, reference_onnx, set_threads
     set_threads(threads)
     torch_fn = None
-    if model.startswith("zoo:"):
+    name = _zoo_name(model, graph)
+    if name:  # (a graph saved from a shipped model: its photos or sentences, PyTorch running the saved graph)
         from graphopt.zoo import eval_inputs, zoo_entry
-        name = model[4:]
         inputs = eval_inputs(name)
         classification = zoo_entry(name).kind == "image"
         source = "shipped photo crops" if classification else "sentences"
-        torch_fn = zoo_entry(name).build()
+        torch_fn = zoo_entry(name).build() if model.startswith("zoo:") else graph.gm
     else:
         inputs = [graph.example_inputs(seed=s) for s in range(3)]
         source, classification = "random inputs", None

@@ -269,3 +269,27 @@ def test_pass_table_notes_leave_out_zero_counts():
     assert lines[0].index("changed") == lines[1].index("yes") == lines[2].index("yes"), lines
     long = {**row, "pipeline": "select-sparse-layout{candidates=dense,csr,bsr4x4 min-speedup=1.5}"}
     assert " select-sparse-layout{candidates=dense... yes " in pass_table([long]).splitlines()[1]
+
+
+def test_a_graph_saved_from_a_zoo_model_calibrates_on_its_shipped_data(tmp_path, capsys):
+    """`graphopt opt zoo:mobilenet_v2 ... -o m.gopt` then `graphopt compile m.gopt --pipeline quantize,...` failed
+    for want of calibration data the zoo model itself gets by default: a saved graph whose recorded source is a
+    shipped model, with that model's input shapes, calibrates on the shipped photos too; other inputs do not."""
+    import graphopt
+    from graphopt.cli import _data, _zoo_name
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 8, stride=8), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(8, 4)).eval()
+    g = graphopt.trace(net, (torch.randn(1, 3, 224, 224),))
+    g.meta["source"] = "zoo:mobilenet_v2"
+    g.save(tmp_path / "m.gopt")
+    res = cli_inproc(capsys, "opt", tmp_path / "m.gopt", "--pipeline", "quantize", "-o", tmp_path / "q.gopt")
+    assert res.returncode == 0, res.stderr
+    assert "activations_quantized=" in res.stdout
+    assert _zoo_name(str(tmp_path / "m.gopt"), g) == "mobilenet_v2" and _zoo_name("zoo:minilm", g) == "minilm"
+    batches = _data(type("A", (), {"inputs": None, "model": str(tmp_path / "m.gopt")})(), g)
+    assert len(batches) == 20 and tuple(batches[0][0].shape) == (1, 3, 224, 224)
+    small = graphopt.trace(net, (torch.randn(1, 3, 64, 64),))
+    for source in ("zoo:mobilenet_v2", "zoo:nonexistent", "m.onnx"):  # other shapes, unknown names, files
+        small.meta["source"] = source
+        assert _zoo_name("m.gopt", small) is None, source
