@@ -47,10 +47,33 @@ def pair_bounded_scales(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return torch.maximum(scales.double(), worst / (PAIR_BOUND - 1)).to(scales.dtype)
 
 
+def _quantize_per_tensor(x, scale, zero_point, qmin, qmax, dtype):
+    return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax).to(dtype)
+
+
+def _dequantize_per_tensor(q, scale, zero_point):
+    return (q.to(torch.float32) - zero_point) * scale
+
+
+def _dequantize_per_channel(q, scales, zero_points, axis):
+    shape = [1] * q.dim()
+    shape[axis] = -1
+    return (q.to(torch.float32) - zero_points.reshape(shape).to(torch.float32)) * scales.reshape(shape)
+
+
+def plain_decompositions() -> dict:
+    """The Q/DQ ops as plain ATen (for `ExportedProgram.run_decompositions`): a program holding them then loads
+    and runs in a PyTorch without graphopt, its int8 weights kept."""
+    go = torch.ops.graphopt
+    return {go.quantize_per_tensor.default: _quantize_per_tensor,
+            go.dequantize_per_tensor.default: _dequantize_per_tensor,
+            go.dequantize_per_channel.default: _dequantize_per_channel}
+
+
 @torch.library.custom_op("graphopt::quantize_per_tensor", mutates_args=())
 def quantize_per_tensor(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int,
                         dtype: torch.dtype) -> torch.Tensor:
-    return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax).to(dtype)
+    return _quantize_per_tensor(x, scale, zero_point, qmin, qmax, dtype)
 
 
 @quantize_per_tensor.register_fake
@@ -60,7 +83,7 @@ def _(x, scale, zero_point, qmin, qmax, dtype):
 
 @torch.library.custom_op("graphopt::dequantize_per_tensor", mutates_args=())
 def dequantize_per_tensor(q: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
-    return (q.to(torch.float32) - zero_point) * scale
+    return _dequantize_per_tensor(q, scale, zero_point)
 
 
 @dequantize_per_tensor.register_fake
@@ -71,9 +94,7 @@ def _(q, scale, zero_point):
 @torch.library.custom_op("graphopt::dequantize_per_channel", mutates_args=())
 def dequantize_per_channel(q: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor,
                            axis: int) -> torch.Tensor:
-    shape = [1] * q.dim()
-    shape[axis] = -1
-    return (q.to(torch.float32) - zero_points.reshape(shape).to(torch.float32)) * scales.reshape(shape)
+    return _dequantize_per_channel(q, scales, zero_points, axis)
 
 
 @dequantize_per_channel.register_fake
