@@ -180,7 +180,7 @@ def _zoo_name(model: str, graph) -> str | None:
     inputs still have the shipped model's shapes, so its calibration and evaluation data fit."""
     if model.startswith("zoo:"):
         return model[4:]
-    source = str(graph.meta.get("source", ""))
+    source = str(graph.meta.get("source", "")) if graph is not None else ""
     if not source.startswith("zoo:"):
         return None
     from graphopt.zoo import ZOO
