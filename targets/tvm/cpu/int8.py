@@ -261,7 +261,8 @@ def qconv1x1_ubsw_source(cout: int, cin: int, p: int, nv: int, clamp: tuple[floa
     else:
         q, wquad = "indices[indptr[c] + j]", "data[(indptr[c] + j) * 8 + i]"
         reduce = "for j in T.serial(indptr[c + 1] - indptr[c]):"
-        w_args = (f'data: T.Buffer(({bsr_blocks * 8},), "int32"), indices: T.Buffer(({bsr_blocks},), "int32"),\n'
+        # the stored-block count symbolic (as in the float sparse kernels): one parsed kernel per layer shape
+        w_args = ('data: T.Buffer(("ndata",), "int32"), indices: T.Buffer(("nnz",), "int32"),\n'
                   f'                  indptr: T.Buffer(({mt + 1},), "int32"),')
 
     stage = stage_quads(cin, p, nv, c0, "(b - b0)", f"for b in T.serial(b0, (t % {chunks} + 1) * {cb} // {chunks}):")
@@ -287,7 +288,7 @@ def qconv1x1_{dot}(x: T.Buffer(({cin * p},), "int8"), {w_args}
                   off: T.Buffer(({mt * rows},), "int32"), mult: T.Buffer(({mt * rows},), "float32"),{bias_arg}
                   qp: T.Buffer((4,), "float32"),
                   out: T.Buffer(({cout * p},), "{'int8' if out_q and not dequantized else 'float32'}")):
-    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True{', "op_pattern": 8' if bsr_blocks is not None else ''}}})
     for t in T.parallel({chunks * groups}):
         b0: T.let = (t % {chunks}) * {cb} // {chunks}
         xq = T.decl_buffer(({nblk * k4 * nr * 4},), "uint8", scope="global"){stage}
@@ -485,7 +486,7 @@ def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray
         from graphopt.targets.tvm.cpu.sparse import csr_qconv1x1_source, csr_qpairs, qcsr_tile, qcsr_weight_consts
         v = qcsr_tile(p)
         pw, cols, ptr = csr_qpairs(w2, v)
-        src = batch_source(csr_qconv1x1_source(cout, cin, p, len(pw), clamp, out_q, dequantized, consts[2] is not None,
+        src = batch_source(csr_qconv1x1_source(cout, cin, p, clamp, out_q, dequantized, consts[2] is not None,
                                                v, dot), n, ["x", "out"])
         gv = bb.add_func(parse_kernel(src),
                          f"qconv1x1_csr{'_vnni' if dot == 'vnni' else ''}_{tag}_pairs{len(pw)}")

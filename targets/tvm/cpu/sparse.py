@@ -559,7 +559,7 @@ def bsr_qlinear_applies(m: int, k: int, n: int, block: tuple[int, int]) -> str:
 QPAIRS = 8  # token pairs per task of the 16-lane int8 BSR kernel: 8 zmm accumulators
 
 
-def bsr_qlinear_pairs_source(m: int, k: int, n: int, nnzb: int, dot: str, float_bias: bool = False) -> str:
+def bsr_qlinear_pairs_source(m: int, k: int, n: int, dot: str, float_bias: bool = False) -> str:
     """`bsr_qlinear_source` on 512-bit vectors: each accumulator holds the 8 output rows of a block-row for two
     tokens, lane 2r + u = row r of token 2i + u. The activation comes paired (`pair_tokens_source`: quads
     ap[M/2, K/4, 2], the two tokens' quads of one block column side by side), so a pair's operand is one 8-byte
@@ -593,11 +593,11 @@ def bsr_qlinear_pairs_source(m: int, k: int, n: int, nnzb: int, dot: str, float_
                 {dst} = {val}""")
     return f"""
 @T.prim_func(private=True)
-def bsr_qlinear_pairs(ap: T.Buffer(({mp * k4 * 2},), "int32"), data: T.Buffer(({nnzb * r * c},), "int8"),
-                      indices: T.Buffer(({nnzb},), "int32"), indptr: T.Buffer(({nb + 1},), "int32"),
+def bsr_qlinear_pairs(ap: T.Buffer(({mp * k4 * 2},), "int32"), data: T.Buffer(("ndata",), "int8"),
+                      indices: T.Buffer(("nnz",), "int32"), indptr: T.Buffer(({nb + 1},), "int32"),
                       off: T.Buffer(({n},), "int32"), mult: T.Buffer(({n},), "float32"),{bias_arg}
                       out: T.Buffer(({m * n},), "float32")):
-    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
     for t in T.parallel({-(-mp // pt) * nb}):
         acc = T.decl_buffer(({pt * 16},), "int32", scope="global")
         for i in T.unroll({pt}):
@@ -643,7 +643,7 @@ def pair_tokens(x: T.Buffer(({m * k},), "int8"), flip: T.Buffer((1,), "int32"),
 """
 
 
-def bsr_qlinear_source(m: int, k: int, n: int, nnzb: int, dot: str, float_bias: bool = False) -> str:
+def bsr_qlinear_source(m: int, k: int, n: int, dot: str, float_bias: bool = False) -> str:
     """out[M, N] (float) = dequant(a[M, K] @ W^T) for a uint8 (the int8 activation + 128) and W int8 in BSR with
     8 x 4 blocks. A block's 32 bytes (8 rows x 4 inputs, row-major) are one vector: per token, the broadcast quad
     a[t, 4c:4c+4] against it is one `quad_dot` step (`vpdpbusd`, or `vpmaddubsw` + `vpmaddwd` under `ubsw_exact`)
@@ -663,11 +663,11 @@ def bsr_qlinear_source(m: int, k: int, n: int, nnzb: int, dot: str, float_bias: 
     bias_arg = f' bias: T.Buffer(({n},), "float32"),' if float_bias else ""
     return f"""
 @T.prim_func(private=True)
-def bsr_qlinear(a: T.Buffer(({m * k},), "uint8"), data: T.Buffer(({nnzb * r * c},), "int8"),
-                indices: T.Buffer(({nnzb},), "int32"), indptr: T.Buffer(({nb + 1},), "int32"),
+def bsr_qlinear(a: T.Buffer(({m * k},), "uint8"), data: T.Buffer(("ndata",), "int8"),
+                indices: T.Buffer(("nnz",), "int32"), indptr: T.Buffer(({nb + 1},), "int32"),
                 off: T.Buffer(({n},), "int32"), mult: T.Buffer(({n},), "float32"),{bias_arg}
                 out: T.Buffer(({m * n},), "float32")):
-    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
     for t in T.parallel({mt * nb}):
         acc = T.decl_buffer(({mt_rows * 8},), "int32", scope="global")
         for i in T.unroll({mt_rows}):
@@ -699,7 +699,7 @@ def emit_bsr_qlinear(bb, xq, wq, w_scales, bias, sx: float, zx: int, x_shape, do
     s = to_bsr(torch.from_numpy(np.ascontiguousarray(wq, np.int8)), QBLOCK)
     off, mult, fb = epilogue_constants(wq, w_scales, bias, sx, zx + 128, -(-n // MR))
     wide = wide_quads(dot, lanes)
-    src = (bsr_qlinear_pairs_source if wide else bsr_qlinear_source)(m, k, n, s.nnzb, dot, fb is not None)
+    src = (bsr_qlinear_pairs_source if wide else bsr_qlinear_source)(m, k, n, dot, fb is not None)
     gv = bb.add_func(parse_kernel(src),
                      f"bsr_qlinear_{dot}{'_pairs' if wide else ''}_{m}x{k}x{n}_nnz{s.nnzb}")
     if wide:
@@ -852,7 +852,7 @@ def _stage_transposed(k: int, v: int, pad: str) -> str:
     return code
 
 
-def csr_qlinear_source(m: int, k: int, n: int, pairs: int, float_bias: bool = False, dot: str = "ubsw") -> str:
+def csr_qlinear_source(m: int, k: int, n: int, float_bias: bool = False, dot: str = "ubsw") -> str:
     """out[M, N] (float) = dequant(x[M, K] @ W^T) for int8 x and W int8 in pair CSR (`csr_qpairs` with the tile
     `qcsr_tile(M)`), M >= 16. Each task takes a tile of V tokens (the last overlaps the one before) and a group
     of rows (the last group overlaps the one before: sizes are compile-time constants): it stages its tokens'
@@ -870,11 +870,11 @@ def csr_qlinear_source(m: int, k: int, n: int, pairs: int, float_bias: bool = Fa
     b = f" + T.broadcast(bias[r], {v})" if float_bias else ""
     return f"""
 @T.prim_func(private=True)
-def csr_qlinear(x: T.Buffer(({m * k},), "int8"), pw: T.Buffer(({max(pairs, 1)},), "int32"),
-                cols: T.Buffer(({max(2 * pairs, 1)},), "int32"), ptr: T.Buffer(({n + 1},), "int64"),
+def csr_qlinear(x: T.Buffer(({m * k},), "int8"), pw: T.Buffer(("npairs",), "int32"),
+                cols: T.Buffer(("ncols",), "int32"), ptr: T.Buffer(({n + 1},), "int64"),
                 off: T.Buffer(({n},), "int32"), mult: T.Buffer(({n},), "float32"),{bias_arg}
                 out: T.Buffer(({m * n},), "float32")):
-    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
     for t in T.parallel({tiles * groups}):
         t0: T.let = T.min((t // {groups}) * {v}, {m - v})
         r0: T.let = T.min((t % {groups}) * {ng}, {n - ng})
@@ -886,7 +886,7 @@ def csr_qlinear(x: T.Buffer(({m * k},), "int8"), pw: T.Buffer(({max(pairs, 1)},)
 {_local_transpose(f"yT[({{i}}) * {v} + {{j}}]", f"out[(t0 + {{j}}) * {n} + r0 + {{i}}]", ng, v, "        ")}"""
 
 
-def csr_qconv1x1_source(cout: int, cin: int, p: int, pairs: int, clamp: tuple[float, float] | None = None,
+def csr_qconv1x1_source(cout: int, cin: int, p: int, clamp: tuple[float, float] | None = None,
                         out_q: tuple[float, int, int, int] | None = None, dequantized: bool = False,
                         float_bias: bool = False, v: int = QCSR_TILE, dot: str = "ubsw") -> str:
     """The int8 pointwise conv (x int8 [Cin, P] as NCHW stores it -> out [Cout, P]) with its weight in pair CSR
@@ -908,12 +908,12 @@ def csr_qconv1x1_source(cout: int, cin: int, p: int, pairs: int, clamp: tuple[fl
                     for h in range(0, v, 16))
     return f"""
 @T.prim_func(private=True)
-def csr_qconv1x1(x: T.Buffer(({cin * p},), "int8"), pw: T.Buffer(({max(pairs, 1)},), "int32"),
-                 cols: T.Buffer(({max(2 * pairs, 1)},), "int32"), ptr: T.Buffer(({cout + 1},), "int64"),
+def csr_qconv1x1(x: T.Buffer(({cin * p},), "int8"), pw: T.Buffer(("npairs",), "int32"),
+                 cols: T.Buffer(("ncols",), "int32"), ptr: T.Buffer(({cout + 1},), "int64"),
                  off: T.Buffer(({cout},), "int32"), mult: T.Buffer(({cout},), "float32"),{bias_arg}
                  qp: T.Buffer((4,), "float32"),
                  out: T.Buffer(({cout * p},), "{'int8' if out_q and not dequantized else 'float32'}")):
-    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
     for t in T.parallel({tiles * groups}):
         xs = T.decl_buffer(({cin * v},), "int16", scope="global")
         acc = T.decl_buffer(({v},), "int32", scope="global")
@@ -937,7 +937,7 @@ def emit_csr_qlinear(bb, xq, wq, w_scales, bias, sx: float, zx: int, x_shape, do
     w = np.ascontiguousarray(wq, np.int8)
     pw, cols, ptr = csr_qpairs(w, qcsr_tile(m))
     off, mult, fb = epilogue_constants(w, w_scales, bias, sx, zx, -(-n // MR))
-    src = csr_qlinear_source(m, k, n, len(pw), fb is not None, dot)
+    src = csr_qlinear_source(m, k, n, fb is not None, dot)
     name = f"csr_qlinear{'_vnni' if dot == 'vnni' else ''}_{m}x{k}x{n}_pairs{len(pw)}"
     gv = bb.add_func(parse_kernel(src), name)
     consts = qcsr_weight_consts(pw, cols, ptr) + [relax.const(v[:n]) for v in (off, mult, fb) if v is not None]
