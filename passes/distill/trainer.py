@@ -216,6 +216,7 @@ class Trainer:
         bar = tqdm(total=total, desc=desc or self.cfg.desc, unit="step", leave=False,
                    disable=True if not self.cfg.progress or self.rank != 0 else None)
         first = last = None
+        losses: list[float] = []
         done = 0
         epoch = 0
         bn_train = self.cfg.bn == "train" or (self.cfg.bn == "auto" and all(
@@ -249,6 +250,7 @@ class Trainer:
                         masks = {n: self.student.masks[n] for n in self.params if n in self.student.masks}
                     last = value
                     first = value if first is None else first
+                    losses.append(value)
                     self.step += 1
                     done += 1
                     bar.update(1)
@@ -263,7 +265,25 @@ class Trainer:
             for p in self.params.values():
                 p.requires_grad_(False)
                 p.grad = None
-        return {"steps": done, "loss_first": first, "loss_last": last}
+        stats = {"steps": done, "loss_first": first, "loss_last": last}
+        rose = loss_rose(losses)
+        if rose:
+            stats["loss_rose"] = True
+            log.warning("%s: the training loss rose (mean of the first %d steps %.4g, of the last %d %.4g): lr=%g "
+                        "is likely too high for this model; try a lower lr=", self.cfg.desc, rose[0], rose[1],
+                        rose[0], rose[2], self.cfg.lr)
+        return stats
+
+
+def loss_rose(losses: Sequence[float]) -> tuple[int, float, float] | None:
+    """(steps compared, first steps' mean loss, last steps' mean) when the last quarter of a fit's steps (at least
+    8 steps) averaged 10% above its first quarter, else None: the mark of a learning rate too high for the model
+    (one batch's loss alone is too noisy to tell)."""
+    q = len(losses) // 4
+    if len(losses) < 8:
+        return None
+    head, tail = sum(losses[:q]) / q, sum(losses[-q:]) / q
+    return (q, head, tail) if tail > 1.1 * head and tail > head + 1e-6 else None
 
 
 def trainer_from_ctx(student: Graph, ctx: Any, cfg: DistillConfig, kd: bool = True) -> Trainer:
