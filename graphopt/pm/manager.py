@@ -116,7 +116,10 @@ class PassManager:
             except GraphoptError as e:
                 repro = write_reproducer(self.dump_root, i, p.spec_text(), current, inputs or [current.example_inputs()],
                                          f"pass '{p.name}' raised: {e}")
-                raise PassFailedError(f"pass #{i} '{p.name}' failed: {e}", str(repro)) from e
+                # (torch.fx's interpreter appends "While executing %node ... Original traceback: None Use tlparse
+                # ..." to an error raised inside it, such as calibration's NaN check, which names its layer already)
+                msg = str(e).split("\n\nWhile executing ")[0]
+                raise PassFailedError(f"pass #{i} '{p.name}' failed: {msg}", str(repro)) from e
             except Exception as e:
                 repro = write_reproducer(self.dump_root, i, p.spec_text(), current, inputs or [current.example_inputs()],
                                          f"pass '{p.name}' crashed:\n{traceback.format_exc()}")
