@@ -1,8 +1,11 @@
 """PyTorch frontend: torch.export -> Graph, and safe loading of weight files."""
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import pickle
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,12 +32,26 @@ def trace(module: torch.nn.Module, example_inputs: Sequence[Any] | Any, *, input
     # wrapper in train mode around an eval-mode model left the model in train mode)
     modes = [(m, m.training) for m in module.modules()]
     module.eval()
+    # on a failed trace torch logs a warning with the partial graph and prints that graph to stderr again; the
+    # error below says what failed (what stderr got is replayed after a trace that works, logged at debug after one
+    # that fails)
+    shapes_log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level = shapes_log.level
+    shapes_log.setLevel(logging.ERROR)
+    err = io.StringIO()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), contextlib.redirect_stderr(err):
             ep = torch.export.export(module, tuple(example_inputs), strict=False)
+        sys.stderr.write(err.getvalue())
     except Exception as e:
-        raise GraphoptError(f"torch.export could not trace {type(module).__name__}: {str(e).splitlines()[0]}") from e
+        log.debug("torch.export's output before it failed:\n%s", err.getvalue())
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        hint = ("; the model branches on, or sizes a tensor by, tensor values (a Python `if` on a tensor, x[mask], "
+                ".item()), and graphopt compiles one static graph: use torch.where or a fixed-size form, or "
+                "torch.cond for a branch") if "data-dependent" in first else ""
+        raise GraphoptError(f"torch.export could not trace {type(module).__name__}: {first}{hint}") from e
     finally:
+        shapes_log.setLevel(level)
         for m, training in modes:
             m.training = training
     return Graph.from_exported_program(ep, input_names, output_names, source=f"torch:{type(module).__name__}")

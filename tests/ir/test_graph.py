@@ -43,6 +43,30 @@ def test_trace_restores_each_submodules_own_mode(cnn):
     assert wrapper.training and not any(m.training for m in model.modules())
 
 
+def test_a_data_dependent_branch_is_one_error_with_the_fix_and_no_graph_dumps(capfd):
+    """A Python `if` on a tensor cannot be traced to one static graph: the error says so and what to write
+    instead, and torch's two WARNING dumps of the partial graph stay off stderr."""
+    class Branchy(nn.Module):
+        def forward(self, x):
+            return x * 2 if x.sum() > 0 else x - 1
+
+    with pytest.raises(graphopt.GraphoptError, match=r"could not trace Branchy: .*data-dependent.*torch\.where"):
+        graphopt.trace(Branchy(), (torch.randn(4),))
+    err = capfd.readouterr().err
+    assert "def forward" not in err, err
+    import logging
+    assert logging.getLogger("torch.fx.experimental.symbolic_shapes").level == logging.NOTSET  # given back
+
+    class Chatty(nn.Module):  # a trace that works gives back what was written to stderr meanwhile
+        def forward(self, x):
+            import sys
+            print("model says hello", file=sys.stderr)
+            return x + 1
+
+    graphopt.trace(Chatty(), (torch.randn(4),))
+    assert "model says hello" in capfd.readouterr().err
+
+
 def test_text_is_stable_and_readable(cnn_graph):
     g, _, _ = cnn_graph
     t1, t2 = g.text(), g.clone().text()
