@@ -123,6 +123,26 @@ def test_output_overwrite_rules(tmp_path, built):
     assert (again / "model.so").exists() and not list(tmp_path.glob(".art*"))
 
 
+def test_artifacts_are_readable_by_other_users_under_the_usual_umask(tmp_path, built):
+    """Atomic writes went through mkstemp / mkdtemp, so the artifact folder was 0700 and manifest.json 0600: a
+    service account could not read what a build user compiled. Files and folders now get the modes a plain write
+    would (0644 / 0755 under umask 022), and a stricter umask still rules."""
+    import os
+    g = built[0]
+    old = os.umask(0o022)
+    try:
+        out = graphopt.compile(g, "llvm", output=tmp_path / "art")
+        assert out.stat().st_mode & 0o777 == 0o755
+        for name in ("manifest.json", "model.so", "graph.ir"):
+            assert (out / name).stat().st_mode & 0o044 == 0o044, (name, oct((out / name).stat().st_mode))
+        os.umask(0o077)
+        private = graphopt.compile(g, "llvm", output=tmp_path / "private")
+        assert private.stat().st_mode & 0o777 == 0o700
+        assert (private / "manifest.json").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+
+
 def test_reloading_a_recompiled_artifact_runs_the_new_model(tmp_path):
     """Compiling into the same folder again and loading it returned the library loaded first (the dynamic loader
     keys libraries by path), so the old model ran without a word; each load now maps its own link to model.so."""
