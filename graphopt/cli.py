@@ -145,9 +145,11 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--groups", action="store_true", help="print the channel dependency groups prune-channels "
                    "works on: each as a chain with its size, its l2 score range, or why it is pinned")
 
-    r = sub.add_parser("run", help="run a compiled artifact on .npy inputs")
+    r = sub.add_parser("run", help="run a compiled artifact on .npy / .npz inputs")
     r.add_argument("artifact", help="artifact folder written by graphopt compile")
-    r.add_argument("--input", action="append", default=[], metavar="NPY", help="one .npy per model input, in order")
+    r.add_argument("--input", action="append", default=[], metavar="NPY|NPZ",
+                   help="one .npy per model input, in order (repeat the flag), or one .npz holding every input "
+                        "under its name (as `graphopt inspect` lists them)")
     r.add_argument("-o", "--output", help="write the outputs to this .npz (default: print a summary)")
 
     b = sub.add_parser("bench", help="time an artifact against ONNX Runtime and PyTorch on the same inputs")
@@ -400,9 +402,19 @@ def cmd_run(args) -> int:
     arrays = []
     for p in args.input:
         try:
-            arrays.append(np.load(p, allow_pickle=False))
+            loaded = np.load(p, allow_pickle=False)
         except Exception as e:
             raise InputMismatchError(f"cannot read input '{p}': {e}") from None
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            arrays.append(loaded)
+            continue
+        names = [spec["name"] for spec in art.inputs]
+        with loaded:
+            if len(args.input) > 1 or sorted(loaded.files) != sorted(names):
+                raise InputMismatchError(
+                    f"'{p}' holds {', '.join(loaded.files) or 'no arrays'}; an .npz input holds every model input "
+                    f"under its name ({', '.join(names)}) and comes alone (or give one .npy per input)")
+            arrays = [loaded[n] for n in names]
     outs = art(*arrays)
     if args.output:
         from graphopt.ir.files import atomic_file

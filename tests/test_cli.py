@@ -97,6 +97,13 @@ def test_opt_inspect_compile_run_bench(tmp_path, onnx_model, capsys):
     assert res.returncode == 0, res.stderr
     y = np.load(tmp_path / "y.npz")
     np.testing.assert_allclose(list(y.values())[0], model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+    np.savez(tmp_path / "x.npz", x=x.numpy())  # one .npz with every input under its name runs too
+    res = cli_inproc(capsys, "run", tmp_path / "art", "--input", tmp_path / "x.npz", "-o", tmp_path / "y2.npz")
+    assert res.returncode == 0, res.stderr
+    np.testing.assert_array_equal(list(np.load(tmp_path / "y2.npz").values())[0], list(y.values())[0])
+    np.savez(tmp_path / "other.npz", image=x.numpy())
+    one_line_error(cli_inproc(capsys, "run", tmp_path / "art", "--input", tmp_path / "other.npz"),
+                   "other.npz' holds image; an .npz input holds every model input under its name (x)")
     res = cli_inproc(capsys, "bench", tmp_path / "art", "--model", path, "--runs", "3", "--json", tmp_path / "b.json")
     assert res.returncode == 0, res.stderr
     assert "ONNX Runtime" in res.stdout
