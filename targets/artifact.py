@@ -7,10 +7,12 @@ import platform
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from graphopt.ir.files import atomic_write_bytes
-from graphopt.ir.graph import Graph
+
+if TYPE_CHECKING:  # (a process that only loads artifacts imports this module without torch)
+    from graphopt.ir.graph import Graph
 
 MANIFEST_FORMAT = "graphopt-artifact"
 MANIFEST_VERSION = 1

@@ -94,12 +94,21 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
     return cls
 
 
+def _builtin_passes() -> None:
+    """Register the built-in passes on the first lookup: `import graphopt` no longer imports them (a process that
+    only runs artifacts never needs them), so the registry loads them when a pipeline first asks."""
+    import graphopt.passes  # noqa: F401  (the registry is the passes' plugin point, as entry points would be)
+
+
 def registered_passes() -> dict[str, type[Pass]]:
-    """Every registered pass (the built-in ones register when `graphopt` is imported)."""
+    """Every registered pass: the built-in ones and any registered by the caller."""
+    _builtin_passes()
     return dict(sorted(_REGISTRY.items()))
 
 
 def get_pass(name: str) -> type[Pass]:
+    if name not in _REGISTRY:
+        _builtin_passes()
     if name not in _REGISTRY:
         import difflib
         close = difflib.get_close_matches(name, _REGISTRY, n=1)

@@ -123,6 +123,28 @@ def test_output_overwrite_rules(tmp_path, built):
     assert (again / "model.so").exists() and not list(tmp_path.glob(".art*"))
 
 
+def test_a_process_without_torch_loads_and_runs_an_artifact(tmp_path, built):
+    """Deploying means `import graphopt; graphopt.load(dir)` with numpy and the TVM runtime only: `import graphopt`
+    had imported torch, the passes and the frontends. In a process where torch cannot be imported the artifact
+    loads and gives the graph's outputs; the compiler's names still import on first use."""
+    import subprocess
+    import sys
+    g, model, x, out = built
+    np.save(tmp_path / "x.npy", x.numpy())
+    script = ("import sys; sys.modules['torch'] = None; import numpy as np, graphopt; "
+              "m = graphopt.load(sys.argv[1]); np.save(sys.argv[3], m(np.load(sys.argv[2]))[0]); "
+              "assert sys.modules['torch'] is None; print(sorted(k for k in sys.modules if k.startswith('graphopt')))")
+    res = subprocess.run([sys.executable, "-c", script, str(out), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "graphopt.passes" not in res.stdout and "graphopt.api" not in res.stdout, res.stdout
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+    res = subprocess.run([sys.executable, "-c", "import graphopt; print(graphopt.optimize.__module__, "
+                          "graphopt.Graph.__name__, graphopt.Tuning.__name__, 'optimize' in dir(graphopt))"],
+                         capture_output=True, text=True)
+    assert res.stdout.split() == ["graphopt.api", "Graph", "Tuning", "True"], res.stdout + res.stderr
+
+
 def test_artifacts_are_readable_by_other_users_under_the_usual_umask(tmp_path, built):
     """Atomic writes went through mkstemp / mkdtemp, so the artifact folder was 0700 and manifest.json 0600: a
     service account could not read what a build user compiled. Files and folders now get the modes a plain write
