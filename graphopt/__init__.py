@@ -10,6 +10,8 @@ __version__ = "0.1.0"
 from graphopt.errors import (ArtifactError, GraphoptError, InputMismatchError, ModelFileError,  # noqa: E402
                              PassFailedError, PassOptionError, PipelineSyntaxError, TargetError, UnsupportedOpError)
 
+from graphopt.lazy import PASS_LOADERS, lazy_attributes  # noqa: E402
+
 _LAZY = {"trace": "graphopt.api", "load_onnx": "graphopt.api", "load_model": "graphopt.api",
          "optimize": "graphopt.api", "compile": "graphopt.api", "load": "graphopt.runtime",
          "Tuning": "graphopt.targets.tvm.tuning", "Graph": "graphopt.ir", "TensorSpec": "graphopt.ir"}
@@ -19,14 +21,11 @@ __all__ = ["trace", "load_onnx", "load_model", "optimize", "compile", "load", "G
            "PassFailedError", "TargetError", "ArtifactError", "__version__"]
 
 
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'graphopt' has no attribute '{name}'")
-    import importlib
-    value = getattr(importlib.import_module(_LAZY[name]), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_attributes("graphopt", _LAZY, globals())
 
 
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+def _load_builtin_passes() -> None:
+    import graphopt.passes  # noqa: F401  (importing registers them)
+
+
+PASS_LOADERS.append(_load_builtin_passes)  # the pass registry loads the built-in passes on its first lookup

@@ -11,6 +11,7 @@ import torch
 
 from graphopt.errors import PassOptionError
 from graphopt.ir.graph import Graph
+from graphopt.lazy import PASS_LOADERS
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +96,9 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
 
 
 def _builtin_passes() -> None:
-    """Register the built-in passes on the first lookup: `import graphopt` no longer imports them (a process that
-    only runs artifacts never needs them), so the registry loads them when a pipeline first asks."""
-    import graphopt.passes  # noqa: F401  (the registry is the passes' plugin point, as entry points would be)
+    """Run the pass loaders the top-level package gave (`graphopt.lazy.PASS_LOADERS`): the built-in passes."""
+    while PASS_LOADERS:
+        PASS_LOADERS.pop(0)()
 
 
 def registered_passes() -> dict[str, type[Pass]]:
