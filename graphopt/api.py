@@ -197,7 +197,8 @@ def compile(graph: Graph, target: str = "llvm", tuning: Any = None, output: str 
     raise GraphoptError(f"unknown target '{target}' (choose llvm, cuda, cuda-sparse, onnx or pt2)")
 
 
-def load(folder: str | Path):
-    """Load a compiled llvm artifact folder as a callable (numpy in, tuple of numpy out)."""
+def load(folder: str | Path, threads: int | None = None):
+    """Load an artifact folder as a callable (numpy in, tuple of numpy out): a TVM build on the TVM runtime, an
+    `onnx` export on ONNX Runtime (`threads`: its intra-op threads), a `pt2` export on PyTorch."""
     from graphopt.runtime import load as _load
-    return _load(folder)
+    return _load(folder, threads)

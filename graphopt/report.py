@@ -49,6 +49,15 @@ def _target_line(manifest: dict[str, Any], int8: bool) -> str:
             + ")")
 
 
+EXPORT_RUNNERS = {"onnx": "model.onnx on ONNX Runtime", "pt2": "model.pt2 on PyTorch"}
+
+
+def _export_target_line(manifest: dict[str, Any]) -> str:
+    kind = manifest.get("target_info", {}).get("kind")
+    return (f"  target     {kind} export ({', '.join(manifest.get('files') or {}) or 'no files listed'}; runs on "
+            f"{EXPORT_RUNNERS[kind].split(' on ')[1]})")
+
+
 def _artifact_lines(artifact: Path, manifest: dict[str, Any], weight_bits: dict | None = None) -> list[str]:
     """The report's lines read from a CPU artifact and its manifest: widths (the graph's `weight_bits`, else the
     manifest's), size, one-thread kernels, sparse layouts, tuning."""
@@ -100,9 +109,11 @@ def compile_report(reference: Graph, optimized: Graph, artifact: Path, manifest:
     """The text report; also written as report.json beside the artifact."""
     before, after = reference.stats(), optimized.stats()
     int8 = any(op in after.ops for op in ("qlinear.default", "qconv2d.default"))  # the product matters only then
+    kind = manifest.get("target_info", {}).get("kind")
+    export = kind in EXPORT_RUNNERS
     lines = [
         f"graphopt compile report: {reference.meta.get('source') or 'model'} -> {artifact}",
-        _target_line(manifest, int8),
+        _export_target_line(manifest) if export else _target_line(manifest, int8),
         f"  pipeline   {optimized.meta.get('pipeline') or '(none)'}",
     ]
     if optimized.meta.get("history"):
@@ -113,6 +124,8 @@ def compile_report(reference: Graph, optimized: Graph, artifact: Path, manifest:
         f"  weights    {human(before.bytes, 'B')} -> {human(after.bytes, 'B')}",
     ]
     lines += _artifact_lines(Path(artifact), manifest, optimized.meta.get("weight_bits") or {})
+    if export:  # (no kernels of graphopt's: nothing tuned)
+        lines = [ln for ln in lines if not ln.startswith("  tuning")]
     if fidelity:
         parts = []
         if fidelity.get("top1") is not None:
@@ -128,10 +141,13 @@ def compile_report(reference: Graph, optimized: Graph, artifact: Path, manifest:
                      + ", ".join(parts))
     if latency:
         g = latency["graphopt_ms"] / 1e3
-        parts = [f"graphopt {_fmt_ms(g)}"]
+        who = "the export" if export else "graphopt"
+        on = " on the input model" if export else ""
+        parts = [f"{EXPORT_RUNNERS[kind] if export else 'graphopt'} {_fmt_ms(g)}"]
         for key, label in (("ort_ms", "ONNX Runtime"), ("torch_ms", "PyTorch")):
             if latency.get(key):
-                parts.append(f"{label} {_fmt_ms(latency[key] / 1e3)} (graphopt is {g / (latency[key] / 1e3):.2f}x its time)")
+                parts.append(f"{label}{on} {_fmt_ms(latency[key] / 1e3)} ({who} is {g / (latency[key] / 1e3):.2f}x "
+                             "its time)")
         lines.append(f"  latency    median, {latency['threads']} thread(s): " + " | ".join(parts))
     return "\n".join(lines) + "\n"
 
@@ -198,9 +214,8 @@ def artifact_summary(artifact: Path) -> str:
     int8 = ir.exists() and any(op in ir.read_text() for op in ("graphopt.qconv2d", "graphopt.qlinear"))
     passes = m.get("passes") or []
     before, after = (passes[0]["before"] if passes else m.get("stats", {})), m.get("stats", {})
-    export = t.get("kind") in ("onnx", "pt2")
-    target = (f"  target     {t['kind']} export ({', '.join(m.get('files') or {}) or 'no files listed'})" if export
-              else _target_line(m, int8))
+    export = t.get("kind") in EXPORT_RUNNERS
+    target = _export_target_line(m) if export else _target_line(m, int8)
     lines = head + [target, f"  pipeline   {m.get('pipeline') or '(none)'}"]
     if passes:
         lines += ["  passes", pass_table(passes)]

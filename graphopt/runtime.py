@@ -7,44 +7,31 @@ from typing import Any
 
 import numpy as np
 
-from graphopt.errors import ArtifactError, InputMismatchError
+from graphopt.errors import ArtifactError, GraphoptError, InputMismatchError
 from graphopt.targets.artifact import read_manifest
 from graphopt.targets.tvm.gpu.device import cuda_available, cuda_runtime_loaded  # noqa: F401  (re-exported)
 
 
-class CompiledModel:
-    """A callable over numpy arrays: checks inputs against the manifest, returns a tuple of numpy outputs."""
+class _ArtifactModel:
+    """What every artifact's runner shares: the manifest, inputs checked against it, timing. Call it with one
+    array per input (numpy, or anything numpy or torch can hand over); it returns a tuple of numpy outputs."""
+
+    device_kind = "cpu"
 
     def __init__(self, folder: str | Path):
-        import tvm
-        from tvm.runtime.vm import VirtualMachine  # relax's VM; importable from a runtime-only TVM too
-
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
-        lib_path = self.folder / "model.so"
-        if not lib_path.exists():
-            raise ArtifactError(f"artifact '{folder}' has no model.so")
-        self.device_kind = self.manifest.get("target_info", {}).get("device", "cpu")
-        if self.device_kind == "cuda":
-            self.device = _cuda_device(self.manifest)
-        else:
-            _check_isa(self.manifest)
-            self.device = tvm.cpu()
-        private = _private_link(lib_path)
-        try:
-            self._lib = tvm.runtime.load_module(str(private))
-            self._vm = VirtualMachine(self._lib, self.device)
-        except Exception as e:
-            raise ArtifactError(f"cannot load '{lib_path}': {e}") from None
-        finally:
-            private.unlink(missing_ok=True)  # (the loaded library stays mapped)
-        self._fn = self._vm[self.manifest.get("entry", "main")]
-        self._tvm = tvm
         self.inputs = self.manifest["inputs"]
         self.outputs = self.manifest["outputs"]
         self._dtypes = [_np_dtype(s["dtype"]) for s in self.inputs]
 
-    def _convert(self, args: tuple[Any, ...]) -> list:
+    def _file(self, name: str) -> Path:
+        path = self.folder / name
+        if not path.exists():
+            raise ArtifactError(f"artifact '{self.folder}' has no {name}")
+        return path
+
+    def _check(self, args: tuple[Any, ...]) -> list[np.ndarray]:
         if len(args) != len(self.inputs):
             names = ", ".join(f"{s['name']}: {s['dtype']}{s['shape']}" for s in self.inputs)
             raise InputMismatchError(f"expected {len(self.inputs)} input(s) ({names}), got {len(args)}")
@@ -65,8 +52,65 @@ class CompiledModel:
                     raise InputMismatchError(
                         f"input '{spec['name']}' holds {a[at]} at {list(at)} ({bad.size} value(s) out of range): "
                         f"it indexes the embedding '{spec.get('range_node', '?')}', which takes {lo}..{hi - 1}")
-            out.append(self._tensor(a))
+            out.append(a)
         return out
+
+    def __call__(self, *args: Any) -> tuple[np.ndarray, ...]:
+        raise NotImplementedError
+
+    def prepared(self, *args: Any):
+        """A no-argument callable running the model on these inputs, for timing loops: the whole call a user
+        makes (inputs checked and passed, outputs copied out), as ONNX Runtime's `run` is timed."""
+        self._check(args)  # (a bad input fails here, not in the timing loop)
+        return lambda: self(*args)
+
+    def sync(self) -> None:
+        """Wait for the device (GPU kernels run asynchronously; a timing must end here)."""
+
+    def latency(self, *args: Any, warmup: int = 3, runs: int = 20) -> float:
+        """Median seconds of one call (`prepared`: on the CPU the whole call, inputs and outputs included)."""
+        call = self.prepared(*args)
+        for _ in range(warmup):
+            call()
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t)
+        return float(np.median(times))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}('{self.folder}', inputs={self.inputs}, target={self.manifest.get('target')})"
+
+
+class CompiledModel(_ArtifactModel):
+    """A TVM artifact (model.so, CPU or CUDA), run by TVM's Relax VM: numpy and the TVM runtime only."""
+
+    def __init__(self, folder: str | Path):
+        import tvm
+        from tvm.runtime.vm import VirtualMachine  # relax's VM; importable from a runtime-only TVM too
+
+        super().__init__(folder)
+        lib_path = self._file("model.so")
+        self.device_kind = self.manifest.get("target_info", {}).get("device", "cpu")
+        if self.device_kind == "cuda":
+            self.device = _cuda_device(self.manifest)
+        else:
+            _check_isa(self.manifest)
+            self.device = tvm.cpu()
+        private = _private_link(lib_path)
+        try:
+            self._lib = tvm.runtime.load_module(str(private))
+            self._vm = VirtualMachine(self._lib, self.device)
+        except Exception as e:
+            raise ArtifactError(f"cannot load '{lib_path}': {e}") from None
+        finally:
+            private.unlink(missing_ok=True)  # (the loaded library stays mapped)
+        self._fn = self._vm[self.manifest.get("entry", "main")]
+        self._tvm = tvm
+
+    def _convert(self, args: tuple[Any, ...]) -> list:
+        return [self._tensor(a) for a in self._check(args)]
 
     def _tensor(self, a: np.ndarray):
         """An input as a TVM tensor. On the CPU a C-contiguous array on a 64-byte boundary (what TVM's and
@@ -101,13 +145,10 @@ class CompiledModel:
         return tuple(self._numpy(r) for r in res)
 
     def prepared(self, *args: Any):
-        """A no-argument callable running the model on these inputs, for timing loops. On the CPU it is the
-        whole call a user makes (inputs checked and passed, outputs copied out), as ONNX Runtime's `run` is timed;
-        on a GPU the inputs are copied to the device once, and it returns when the kernels have finished (they run
-        asynchronously)."""
+        """As `_ArtifactModel.prepared` on the CPU; on a GPU the inputs are copied to the device once, and the
+        callable returns when the kernels have finished (they run asynchronously)."""
         if self.device_kind == "cpu":
-            self._convert(args)  # (a bad input fails here, not in the timing loop)
-            return lambda: self(*args)
+            return super().prepared(*args)
         conv = self._convert(args)
 
         def call():
@@ -117,24 +158,55 @@ class CompiledModel:
         return call
 
     def sync(self) -> None:
-        """Wait for the device (GPU kernels run asynchronously; a timing must end here)."""
         if self.device_kind != "cpu":
             self.device.sync()
 
-    def latency(self, *args: Any, warmup: int = 3, runs: int = 20) -> float:
-        """Median seconds of one call (`prepared`: on the CPU the whole call, inputs and outputs included)."""
-        call = self.prepared(*args)
-        for _ in range(warmup):
-            call()
-        times = []
-        for _ in range(runs):
-            t = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - t)
-        return float(np.median(times))
 
-    def __repr__(self) -> str:
-        return f"CompiledModel('{self.folder}', inputs={self.inputs}, target={self.manifest.get('target')})"
+class OnnxExport(_ArtifactModel):
+    """An `onnx` target artifact (model.onnx) run by ONNX Runtime on the CPU, with the interface of a compiled one:
+    `graphopt run` and `bench`, and the compile report, run what the user deploys. `threads`: ORT's intra-op
+    threads (default: ORT's own choice, one per physical core)."""
+
+    def __init__(self, folder: str | Path, threads: int | None = None):
+        super().__init__(folder)
+        path = self._file("model.onnx")
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ArtifactError(f"'{path}' runs on ONNX Runtime, which is not installed: pip install onnxruntime") \
+                from None
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+        so.log_severity_level = 3
+        try:
+            self._sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - ORT raises its own kinds on a damaged or unsupported file
+            raise ArtifactError(f"ONNX Runtime cannot load '{path}': {str(e).splitlines()[0][:300]}") from None
+        self._names = [i.name for i in self._sess.get_inputs()]
+
+    def __call__(self, *args: Any) -> tuple[np.ndarray, ...]:
+        return tuple(np.asarray(o) for o in self._sess.run(None, dict(zip(self._names, self._check(args)))))
+
+
+class Pt2Export(_ArtifactModel):
+    """A `pt2` target artifact (model.pt2) run by PyTorch eager (the program's `module()`), read without
+    unpickling anything, with the interface of a compiled one. PyTorch's thread count is the process's."""
+
+    def __init__(self, folder: str | Path):
+        super().__init__(folder)
+        from graphopt.frontends.torch_export import read_exported_program
+        try:
+            self._module = read_exported_program(self._file("model.pt2")).module()
+        except GraphoptError as e:
+            raise ArtifactError(str(e)) from None
+
+    def __call__(self, *args: Any) -> tuple[np.ndarray, ...]:
+        import torch
+        with torch.inference_mode():
+            out = self._module(*[torch.from_numpy(np.ascontiguousarray(a)) for a in self._check(args)])
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        return tuple(_to_numpy(o) for o in outs)
 
 
 def _wrap(a: np.ndarray):
@@ -220,6 +292,13 @@ def _private_link(lib_path: Path) -> Path:
     return Path(tmp)
 
 
-def load(folder: str | Path) -> CompiledModel:
-    """Load an artifact folder written by graphopt.compile / `graphopt compile`."""
+def load(folder: str | Path, threads: int | None = None) -> _ArtifactModel:
+    """Load an artifact folder written by graphopt.compile / `graphopt compile`: a TVM build (CPU or CUDA) runs on
+    the TVM runtime, an `onnx` export on ONNX Runtime (`threads`: its intra-op threads), a `pt2` export on PyTorch.
+    Each is called the same way: one array per input, a tuple of numpy outputs back."""
+    kind = read_manifest(Path(folder)).get("target_info", {}).get("kind")
+    if kind == "onnx":
+        return OnnxExport(folder, threads)
+    if kind == "pt2":
+        return Pt2Export(folder)
     return CompiledModel(folder)

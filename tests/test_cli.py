@@ -110,6 +110,48 @@ def test_opt_inspect_compile_run_bench(tmp_path, onnx_model, capsys):
     assert json.loads((tmp_path / "b.json").read_text())["ratio_vs_ort"] > 0
 
 
+@pytest.mark.parametrize("target,runner", [("onnx", "model.onnx on ONNX Runtime"), ("pt2", "model.pt2 on PyTorch")])
+def test_export_targets_are_measured_run_and_benched_as_their_users_run_them(tmp_path, onnx_model, capsys, target,
+                                                                            runner):
+    """An int8 ONNX / .pt2 export gets the compile report (fidelity and latency of the exported file, run by ONNX
+    Runtime / PyTorch), and `run` and `bench` take its folder (they failed: 'artifact has no model.so'). `run` gives
+    what ORT / torch give on the exported file itself."""
+    import onnxruntime as ort
+    path, model, x = onnx_model
+    out = tmp_path / "exp"
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).standard_normal((8, 3, 16, 16), np.float32))
+    res = cli_inproc(capsys, "compile", path, "--target", target, "--pipeline", "fold-bn,quantize,fold-qdq",
+                     "--inputs", tmp_path / "calib.npz", "-o", out)
+    assert res.returncode == 0, res.stderr
+    lat = next(ln for ln in res.stdout.splitlines() if ln.startswith("  latency"))
+    assert f"{runner} " in lat and "ONNX Runtime on the input model" in lat and "the export is" in lat, lat
+    assert "tuning" not in res.stdout and "widths     " in res.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["fidelity"]["cosine"] > 0.99 and report["latency"]["graphopt_ms"] > 0
+    np.save(tmp_path / "x.npy", x.numpy())
+    res = cli_inproc(capsys, "run", out, "--input", tmp_path / "x.npy", "-o", tmp_path / "y.npz")
+    assert res.returncode == 0, res.stderr
+    y = list(np.load(tmp_path / "y.npz").values())[0]
+    if target == "onnx":
+        direct = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(
+            None, {"x": x.numpy()})[0]
+    else:
+        direct = torch.export.load(str(out / "model.pt2")).module()(x)[0].detach().numpy()
+    np.testing.assert_array_equal(y, direct)
+    ref = model(x).detach().numpy()
+    assert np.abs(y - ref).max() < 0.1 * np.abs(ref).max()  # int8: within a tenth of the output's range
+    res = cli_inproc(capsys, "bench", out, "--model", path, "--runs", "3")
+    assert res.returncode == 0, res.stderr
+    label = {"onnx": "export (ORT)", "pt2": "export (torch)"}[target]
+    assert re.search(rf"^{re.escape(label)} +[\d.]+ +1\.00$", res.stdout, re.M), res.stdout
+    np.save(tmp_path / "bad.npy", np.zeros((1, 3, 8, 8), np.float32))
+    one_line_error(cli_inproc(capsys, "run", out, "--input", tmp_path / "bad.npy"),
+                   "input 'x' has shape [1, 3, 8, 8], expected [1, 3, 16, 16]")
+    victim = out / f"model.{target}"
+    victim.write_bytes(victim.read_bytes()[:300])
+    one_line_error(cli_inproc(capsys, "run", out, "--input", tmp_path / "x.npy"), str(victim))
+
+
 def test_bad_inputs_are_one_line_errors(tmp_path, onnx_model, capsys):
     """Each bad input is one `graphopt: error:` line naming what to fix, exit status 1. The first case runs the real
     entry point in a subprocess; the rest run the CLI in this process (a subprocess each cost ~6 s of imports)."""
@@ -239,7 +281,7 @@ def test_inspect_summarizes_export_and_gpu_artifacts(tmp_path, onnx_model, capsy
     res = cli_inproc(capsys, "compile", path, "--target", "onnx", "--no-report", "-o", tmp_path / "exp")
     assert res.returncode == 0, res.stderr
     res = cli_inproc(capsys, "inspect", tmp_path / "exp")
-    assert "target     onnx export (model.onnx)" in res.stdout and "tuning" not in res.stdout
+    assert "target     onnx export (model.onnx; runs on ONNX Runtime)" in res.stdout and "tuning" not in res.stdout
     m = json.loads((tmp_path / "exp" / "manifest.json").read_text())
     m["target_info"] = {"kind": "cuda-sparse", "device": "cuda", "archs": ["sm_80", "sm_90"], "precision": "fp16",
                         "kernels": [{"source_bytes": 2000, "fatbin_bytes": 1000}],

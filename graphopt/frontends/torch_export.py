@@ -128,9 +128,9 @@ def _check_pt2_safe(path: Path, zf: zipfile.ZipFile) -> None:
                                         f"({str(e).splitlines()[0][:120]})") from None
 
 
-def load_pt2(path: str | Path) -> Graph:
-    """Import a torch.export archive (`torch.export.save(ep, "m.pt2")`, or graphopt's `--target pt2`) into a Graph,
-    after checking that reading it unpickles nothing and loads no compiled code (ModelFileError otherwise)."""
+def read_exported_program(path: str | Path):
+    """The ExportedProgram in a torch.export archive (its program named 'model', else the first by name), after
+    checking that reading it unpickles nothing and loads no compiled code (ModelFileError otherwise)."""
     path = Path(path)
     if not path.exists():
         raise ModelFileError(f"model '{path}' does not exist")
@@ -152,4 +152,11 @@ def load_pt2(path: str | Path) -> Graph:
     if len(programs) > 1:
         log.warning("%s holds %d exported programs (%s); importing '%s'", path, len(programs),
                     ", ".join(sorted(programs)), name)
-    return Graph.from_exported_program(programs[name], source=f"pt2:{path.name}")
+    return programs[name]
+
+
+def load_pt2(path: str | Path) -> Graph:
+    """Import a torch.export archive (`torch.export.save(ep, "m.pt2")`, or graphopt's `--target pt2`) into a Graph
+    (`read_exported_program`: nothing unpickled)."""
+    path = Path(path)
+    return Graph.from_exported_program(read_exported_program(path), source=f"pt2:{path.name}")
