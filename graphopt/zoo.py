@@ -109,8 +109,17 @@ def minilm_path() -> str:
 
 
 def minilm() -> nn.Module:
+    """The shipped encoder, mean-pooled. transformers' "Loading weights" bar is off while it loads (it printed
+    into every compile's output of a model whose loading takes 0.1 s) and back as it was after."""
     from transformers import AutoModel
-    return MeanPooledEncoder(AutoModel.from_pretrained(minilm_path()).eval()).eval()
+    from transformers.utils import logging as hf_logging
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return MeanPooledEncoder(AutoModel.from_pretrained(minilm_path()).eval()).eval()
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 def tokenize(sentences: list[str], seq_len: int = 128) -> tuple[torch.Tensor, torch.Tensor]:

@@ -51,6 +51,19 @@ def test_efficientnet_lite0_fold_compile(tmp_path, zoo):
     np.testing.assert_allclose(art(x.numpy())[0], g.run(x)[0].numpy(), rtol=1e-3, atol=1e-3)
 
 
+def test_minilm_loads_without_transformers_progress_bar(zoo, capfd):
+    """Building the shipped MiniLM prints nothing (transformers' "Loading weights" bar came out in every compile
+    of it) and leaves transformers' bar setting as it found it."""
+    from transformers.utils import logging as hf_logging
+    for enabled in (True, False):
+        (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+        capfd.readouterr()
+        zoo.minilm()
+        out, err = capfd.readouterr()
+        assert "Loading" not in out + err and hf_logging.is_progress_bar_enabled() == enabled
+    hf_logging.enable_progress_bar()
+
+
 def test_minilm_compile_keeps_embeddings(tmp_path, zoo):
     g = zoo.zoo_graph("minilm")
     assert [s.name for s in g.inputs] == ["input_ids", "attention_mask"]
