@@ -33,9 +33,10 @@ def export_onnx(graph: Graph, path: str | Path, opset: int = 18) -> Path:
     except Exception as e:
         raise TargetError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     model = prog.model_proto
-    from graphopt.targets.onnx.qdq import fold_weight_transposes, quantize_biases
+    from graphopt.targets.onnx.qdq import fold_pads_into_convs, fold_weight_transposes, quantize_biases
     fold_weight_transposes(model)  # (the forms ONNX Runtime fuses into integer kernels; see each)
     quantize_biases(model)
+    fold_pads_into_convs(model)
     onnx.checker.check_model(model)
     with atomic_file(path) as tmp:
         onnx.save(model, str(tmp))

@@ -152,3 +152,89 @@ def quantize_biases(model: onnx.ModelProto) -> int:
     for name in [i.name for i in g.initializer if i.name not in used]:
         g.initializer.remove(inits[name])
     return done
+
+
+def fold_pads_into_convs(model: onnx.ModelProto) -> int:
+    """Fold each zero Pad of the spatial dims that reaches only Convs, directly or through one quantize /
+    dequantize pair, into the Convs' `pads` (the exporter writes EfficientNet's TF "SAME" pads, which torch's conv
+    cannot hold, as Pad ops). Exact: a zero pad quantizes to the zero point and dequantizes back to zero. Left in,
+    each Pad ran in float between a ReLU6 and its Quantize, so neither the conv before (its ReLU6 no longer next to
+    a Quantize) nor the one after fused into integer kernels: an int8 EfficientNet-Lite0 export ran 2.2x ORT's fp32
+    time, 7 of its 28 ms in the Pads. Returns how many Pads it removed (in place)."""
+    from onnx import numpy_helper
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    users: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    outputs = {o.name for o in g.output}
+
+    def const(name: str):
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        c = producer.get(name)
+        if c is not None and c.op_type == "Constant" and c.attribute and c.attribute[0].name == "value":
+            return numpy_helper.to_array(c.attribute[0].t)
+        return None
+
+    def convs_reached(name: str, through_q: bool):
+        """The Convs (as data input) `name` feeds, through at most one Quantize -> Dequantize; None if anything
+        else reads it."""
+        got = []
+        if name in outputs:
+            return None
+        for u in users.get(name, []):
+            if u.op_type == "Conv" and u.input[0] == name and len(u.input) >= 2:
+                got.append(u)
+            elif through_q and u.op_type == "QuantizeLinear" and u.input[0] == name:
+                for d in users.get(u.output[0], []):
+                    if d.op_type != "DequantizeLinear" or u.output[0] in outputs:
+                        return None
+                    more = convs_reached(d.output[0], False)
+                    if more is None:
+                        return None
+                    got += more
+            else:
+                return None
+        return got
+
+    dead = []
+    for pad in g.node:
+        if pad.op_type != "Pad" or len(pad.input) < 2:
+            continue
+        mode = next((a.s for a in pad.attribute if a.name == "mode"), b"constant")
+        pads = const(pad.input[1])
+        value = const(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else 0
+        axes = pad.input[3] if len(pad.input) > 3 else ""
+        if mode != b"constant" or pads is None or value is None or axes or float(value) != 0.0:
+            continue
+        pads = [int(v) for v in pads.reshape(-1)]
+        rank = len(pads) // 2
+        if rank < 3 or any(pads[i] or pads[rank + i] for i in range(2)) or min(pads) < 0:
+            continue
+        convs = convs_reached(pad.output[0], True)
+        if not convs or any(a.name == "auto_pad" and a.s not in (b"", b"NOTSET") for c in convs for a in c.attribute):
+            continue
+        spatial = rank - 2
+        for c in convs:
+            old = next((list(a.ints) for a in c.attribute if a.name == "pads"), [0] * (2 * spatial))
+            new = [old[i] + pads[2 + i] for i in range(spatial)] + [old[spatial + i] + pads[rank + 2 + i]
+                                                                  for i in range(spatial)]
+            for a in list(c.attribute):
+                if a.name == "pads":
+                    c.attribute.remove(a)
+            c.attribute.append(onnx.helper.make_attribute("pads", new))
+        for u in users.get(pad.output[0], []):  # the Quantize (or the Convs) read the unpadded tensor
+            for k, i in enumerate(u.input):
+                if i == pad.output[0]:
+                    u.input[k] = pad.input[0]
+        dead.append(pad)
+    for pad in dead:
+        g.node.remove(pad)
+    used = {i for n in g.node for i in n.input}
+    for name in [i.name for i in g.initializer if i.name not in used]:
+        g.initializer.remove(inits[name])
+    return len(dead)

@@ -182,3 +182,45 @@ def test_quantized_biases_move_at_most_half_an_accumulator_step():
     got = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     assert np.abs(got[0] - ref[0]).max() <= float(step.max())
     assert quantize_biases(model(np.full(4, 1e9, np.float32))) == 0  # 1e9 / 5e-5 does not fit int32
+
+
+def test_zero_pads_fold_into_the_convs_they_feed_through_quantize():
+    """fold_pads_into_convs: ReLU6 -> Pad (TF "SAME", bottom/right only) -> Q -> DQ -> Conv becomes ReLU6 -> Q -> DQ
+    -> Conv with the pad in its `pads`, with the same outputs (a zero pad quantizes to the zero point); a Pad with a
+    non-zero value, or read by anything but the Q -> DQ -> Conv chain, stays."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from graphopt.targets.onnx.qdq import fold_pads_into_convs
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(4, 3, 3, 3)).astype(np.float32)
+
+    def model(value=0.0, extra_reader=False):
+        inits = [numpy_helper.from_array(np.array([0, 0, 0, 0, 0, 0, 1, 1], np.int64), "pads"),
+                 numpy_helper.from_array(np.float32(value), "pv"), numpy_helper.from_array(w, "w"),
+                 numpy_helper.from_array(np.float32(6 / 255), "s"), numpy_helper.from_array(np.int8(-128), "z"),
+                 numpy_helper.from_array(np.float32(0), "lo"), numpy_helper.from_array(np.float32(6), "hi")]
+        nodes = [helper.make_node("Clip", ["x", "lo", "hi"], ["r"]),
+                 helper.make_node("Pad", ["r", "pads", "pv"], ["p"], mode="constant"),
+                 helper.make_node("QuantizeLinear", ["p", "s", "z"], ["q"]),
+                 helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]),
+                 helper.make_node("Conv", ["d", "w"], ["y"], strides=[2, 2])]
+        outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+        if extra_reader:
+            nodes.append(helper.make_node("Relu", ["p"], ["y2"]))
+            outs.append(helper.make_tensor_value_info("y2", TensorProto.FLOAT, None))
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                                  outs, inits)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+    x = {"x": rng.normal(0, 4, size=(1, 3, 8, 8)).astype(np.float32)}
+    ref = ort.InferenceSession(model().SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    m = model()
+    assert fold_pads_into_convs(m) == 1
+    assert [n.op_type for n in m.graph.node] == ["Clip", "QuantizeLinear", "DequantizeLinear", "Conv"]
+    conv = m.graph.node[-1]
+    assert [list(a.ints) for a in conv.attribute if a.name == "pads"] == [[0, 0, 1, 1]]
+    got = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    assert got.shape == ref.shape == (1, 4, 4, 4)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    assert fold_pads_into_convs(model(value=1.0)) == 0
+    assert fold_pads_into_convs(model(extra_reader=True)) == 0
