@@ -12,7 +12,7 @@ from graphopt.targets.artifact import read_manifest
 from graphopt.targets.tvm.gpu.device import cuda_available, cuda_runtime_loaded  # noqa: F401  (re-exported)
 
 
-class _ArtifactModel:
+class ArtifactModel:
     """What every artifact's runner shares: the manifest, inputs checked against it, timing. Call it with one
     array per input (numpy, or anything numpy or torch can hand over); it returns a tuple of numpy outputs."""
 
@@ -83,7 +83,7 @@ class _ArtifactModel:
         return f"{type(self).__name__}('{self.folder}', inputs={self.inputs}, target={self.manifest.get('target')})"
 
 
-class CompiledModel(_ArtifactModel):
+class CompiledModel(ArtifactModel):
     """A TVM artifact (model.so, CPU or CUDA), run by TVM's Relax VM: numpy and the TVM runtime only."""
 
     def __init__(self, folder: str | Path):
@@ -145,7 +145,7 @@ class CompiledModel(_ArtifactModel):
         return tuple(self._numpy(r) for r in res)
 
     def prepared(self, *args: Any):
-        """As `_ArtifactModel.prepared` on the CPU; on a GPU the inputs are copied to the device once, and the
+        """As `ArtifactModel.prepared` on the CPU; on a GPU the inputs are copied to the device once, and the
         callable returns when the kernels have finished (they run asynchronously)."""
         if self.device_kind == "cpu":
             return super().prepared(*args)
@@ -162,7 +162,7 @@ class CompiledModel(_ArtifactModel):
             self.device.sync()
 
 
-class OnnxExport(_ArtifactModel):
+class OnnxExport(ArtifactModel):
     """An `onnx` target artifact (model.onnx) run by ONNX Runtime on the CPU, with the interface of a compiled one:
     `graphopt run` and `bench`, and the compile report, run what the user deploys. `threads`: ORT's intra-op
     threads (default: ORT's own choice, one per physical core)."""
@@ -189,7 +189,7 @@ class OnnxExport(_ArtifactModel):
         return tuple(np.asarray(o) for o in self._sess.run(None, dict(zip(self._names, self._check(args)))))
 
 
-class Pt2Export(_ArtifactModel):
+class Pt2Export(ArtifactModel):
     """A `pt2` target artifact (model.pt2) run by PyTorch eager (the program's `module()`), read without
     unpickling anything, with the interface of a compiled one. PyTorch's thread count is the process's."""
 
@@ -292,7 +292,7 @@ def _private_link(lib_path: Path) -> Path:
     return Path(tmp)
 
 
-def load(folder: str | Path, threads: int | None = None) -> _ArtifactModel:
+def load(folder: str | Path, threads: int | None = None) -> ArtifactModel:
     """Load an artifact folder written by graphopt.compile / `graphopt compile`: a TVM build (CPU or CUDA) runs on
     the TVM runtime, an `onnx` export on ONNX Runtime (`threads`: its intra-op threads), a `pt2` export on PyTorch.
     Each is called the same way: one array per input, a tuple of numpy outputs back."""
