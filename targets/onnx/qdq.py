@@ -31,6 +31,23 @@ def translation_table() -> dict:
             torch.ops.graphopt.dequantize_per_channel.default: dequantize_per_channel}
 
 
+def _index(g: onnx.GraphProto) -> tuple[dict, dict, dict]:
+    """A graph's initializers by name, each value's producing node, and each value's reading nodes."""
+    inits = {i.name: i for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    users: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    return inits, producer, users
+
+
+def _drop_unused_initializers(g: onnx.GraphProto, inits: dict) -> None:
+    used = {i for n in g.node for i in n.input}
+    for name in [i.name for i in g.initializer if i.name not in used]:
+        g.initializer.remove(inits[name])
+
+
 def fold_weight_transposes(model: onnx.ModelProto) -> int:
     """Store each int8 weight that the exporter dequantizes and then transposes (a linear's `x @ W.T` goes out as
     DequantizeLinear -> Transpose -> MatMul) already transposed, dequantized along the other axis, feeding the
@@ -40,19 +57,14 @@ def fold_weight_transposes(model: onnx.ModelProto) -> int:
     from onnx import numpy_helper
 
     g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    uses: dict[str, int] = {}
-    for n in g.node:
-        for i in n.input:
-            uses[i] = uses.get(i, 0) + 1
-    for o in g.output:
-        uses[o.name] = uses.get(o.name, 0) + 1
+    inits, producer, users = _index(g)
+    outputs = {o.name for o in g.output}
     dead, done = [], 0
     for t in g.node:
         perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), None)
         dq = producer.get(t.input[0]) if t.op_type == "Transpose" else None
-        if dq is None or dq.op_type != "DequantizeLinear" or perm != [1, 0] or uses.get(dq.output[0]) != 1:
+        if dq is None or dq.op_type != "DequantizeLinear" or perm != [1, 0] or len(users[dq.output[0]]) != 1 \
+                or dq.output[0] in outputs:
             continue
         if not all(i in inits for i in dq.input if i):
             continue
@@ -73,9 +85,7 @@ def fold_weight_transposes(model: onnx.ModelProto) -> int:
         done += 1
     for t in dead:
         g.node.remove(t)
-    used = {i for n in g.node for i in n.input}
-    for name in [i.name for i in g.initializer if i.name not in used]:  # the untransposed copies
-        g.initializer.remove(inits[name])
+    _drop_unused_initializers(g, inits)
     return done
 
 
@@ -90,12 +100,7 @@ def quantize_biases(model: onnx.ModelProto) -> int:
     from onnx import numpy_helper
 
     g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    users: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            users.setdefault(i, []).append(n)
+    inits, producer, users = _index(g)
 
     def const_dq(name: str):
         dq = producer.get(name)
@@ -148,9 +153,7 @@ def quantize_biases(model: onnx.ModelProto) -> int:
         nodes = [m for k, n in enumerate(g.node) for m in (*before.get(k, ()), n)]
         del g.node[:]
         g.node.extend(nodes)
-    used = {i for n in g.node for i in n.input}
-    for name in [i.name for i in g.initializer if i.name not in used]:
-        g.initializer.remove(inits[name])
+    _drop_unused_initializers(g, inits)
     return done
 
 
@@ -164,12 +167,7 @@ def fold_pads_into_convs(model: onnx.ModelProto) -> int:
     from onnx import numpy_helper
 
     g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    users: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            users.setdefault(i, []).append(n)
+    inits, producer, users = _index(g)
     outputs = {o.name for o in g.output}
 
     def const(name: str):
@@ -234,7 +232,5 @@ def fold_pads_into_convs(model: onnx.ModelProto) -> int:
         dead.append(pad)
     for pad in dead:
         g.node.remove(pad)
-    used = {i for n in g.node for i in n.input}
-    for name in [i.name for i in g.initializer if i.name not in used]:
-        g.initializer.remove(inits[name])
+    _drop_unused_initializers(g, inits)
     return len(dead)
