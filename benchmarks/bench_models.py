@@ -58,12 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         entry = zoo_entry(name)
         graph = zoo_graph(name, args.batch)
         module = entry.build()
-        inputs = eval_inputs(name)
-        if args.batch > 1:  # the real inputs, N at a time (cycling through them when there are fewer than N)
-            import torch
-            n = len(inputs)
-            inputs = [tuple(torch.cat([inputs[(i + j) % n][t] for j in range(args.batch)])
-                            for t in range(len(inputs[0]))) for i in range(0, max(n - args.batch + 1, 1), args.batch)]
+        # the real inputs, N at a time (cycling through them when there are fewer than N)
+        inputs = eval_inputs(name, shapes=[tuple(s.shape) for s in graph.inputs])
         refs = [graph.run(*b)[0].numpy() for b in inputs]
         row = {"model": name, "params": graph.stats().params, "macs": graph.stats().macs, "variants": {}}
         variants = [("untuned", args.pipeline, None)]

@@ -24,14 +24,15 @@ def load_onnx(path: str | Path, input_shapes: dict[str, Sequence[int]] | None = 
 
 def load_model(spec: str | Path, input_shapes: dict[str, Sequence[int]] | None = None) -> Graph:
     """A model given on the command line: an .onnx file, a torch.export archive (.pt2), a saved graph (.gopt), or
-    `zoo:<name>` (shipped models). input_shapes {input name: shape} fixes an ONNX model's dynamic dims."""
+    `zoo:<name>` (shipped models). input_shapes {input name: shape} fixes an ONNX model's dynamic dims, or the
+    shapes a shipped model is traced at (another batch, image size or sequence length)."""
     spec = str(spec)
-    if input_shapes and not (spec.lower().endswith(".onnx")):
-        raise GraphoptError(f"input shapes apply to ONNX models with dynamic dims; '{spec}' has the fixed shapes "
-                            "it was traced or saved with")
+    if input_shapes and not (spec.lower().endswith(".onnx") or spec.startswith("zoo:")):
+        raise GraphoptError(f"input shapes apply to ONNX models with dynamic dims and to zoo: models; '{spec}' has "
+                            "the fixed shapes it was traced or saved with")
     if spec.startswith("zoo:"):
         from graphopt.zoo import zoo_graph
-        return zoo_graph(spec[4:])
+        return zoo_graph(spec[4:], shapes=input_shapes)
     path = Path(spec)
     suffix = path.suffix.lower()
     if suffix == ".onnx":

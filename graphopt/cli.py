@@ -33,7 +33,10 @@ def _input_shape(text: str) -> tuple[str, tuple[int, ...]]:
 def _add_shape_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-shape", action="append", type=_input_shape, default=[], metavar="NAME=DIMS",
                    help="fix a dynamic dim of an ONNX model's input, e.g. --input-shape input_ids=1x128 (repeat per "
-                        "input; a dynamic batch dim alone defaults to 1, any other dynamic dim needs this)")
+                        "input; a dynamic batch dim alone defaults to 1, any other dynamic dim needs this); for a "
+                        "zoo: model, the shape it is traced at, e.g. --input-shape image=8x3x224x224 (its shipped "
+                        "calibration and evaluation data follow: crops of that size, sentences of that length, "
+                        "grouped by the batch)")
 
 
 def _shapes(args) -> dict[str, tuple[int, ...]] | None:
@@ -181,18 +184,18 @@ def _setup_logging(verbose: int) -> None:
 
 def _zoo_name(model: str, graph) -> str | None:
     """The shipped model a run is about: `zoo:NAME`, or a saved graph made from one (its recorded source) whose
-    inputs still have the shipped model's shapes, so its calibration and evaluation data fit."""
+    inputs are still shapes the shipped model takes, so its calibration and evaluation data can be made to fit."""
     if model.startswith("zoo:"):
         return model[4:]
     source = str(graph.meta.get("source", "")) if graph is not None else ""
     if not source.startswith("zoo:"):
         return None
-    from graphopt.zoo import ZOO
-    entry = ZOO.get(source[4:])
-    if entry is None:
-        return None
-    shapes = [(tuple(t.shape), str(t.dtype).replace("torch.", "")) for t in entry.example()]
-    return source[4:] if shapes == [(tuple(s.shape), s.dtype) for s in graph.inputs] else None
+    from graphopt.zoo import ZOO, fits
+    return source[4:] if source[4:] in ZOO and fits(source[4:], graph) else None
+
+
+def _zoo_shapes(graph) -> list[tuple[int, ...]]:
+    return [tuple(s.shape) for s in graph.inputs]
 
 
 def _data(args, graph):
@@ -200,7 +203,7 @@ def _data(args, graph):
         zoo = _zoo_name(str(getattr(args, "model", "")), graph)
         if zoo:  # shipped models (and graphs saved from them) calibrate on shipped data
             from graphopt.zoo import calibration_inputs
-            return calibration_inputs(zoo)
+            return calibration_inputs(zoo, _zoo_shapes(graph))
         return None
     from graphopt.pm.instruments import load_inputs_npz
     return load_inputs_npz(args.inputs, graph)
@@ -289,9 +292,12 @@ def _measure(model: str, graph, art, threads: int, user_inputs=None):
     name = _zoo_name(model, graph)
     if name:  # (a graph saved from a shipped model: its photos or sentences, PyTorch running the saved graph)
         from graphopt.zoo import eval_inputs, zoo_entry
-        inputs = eval_inputs(name)
+        inputs = eval_inputs(name, shapes=_zoo_shapes(graph))
         classification = zoo_entry(name).kind == "image"
         source = "shipped photo crops" if classification else "sentences"
+        batch = graph.inputs[0].shape[0]
+        if batch > 1:  # (fidelity counts batches)
+            source = f"batches of {batch} {source}"
         torch_fn = zoo_entry(name).build() if model.startswith("zoo:") else graph.gm
     else:
         inputs = [graph.example_inputs(seed=s) for s in range(3)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -143,33 +143,37 @@ def photos() -> dict[str, np.ndarray]:
     return {k: (np.stack([v] * 3, -1) if v.ndim == 2 else v[..., :3]).astype(np.uint8) for k, v in out.items()}
 
 
-def preprocess(img: np.ndarray, style: str = "imagenet", resize: int = 256, crop: int = 224,
+def preprocess(img: np.ndarray, style: str = "imagenet", resize: int | None = None, crop: int | tuple[int, int] = 224,
                offset: tuple[float, float] = (0.5, 0.5), flip: bool = False) -> torch.Tensor:
-    """Resize the shorter side, crop (centre by default), normalize; returns a [1,3,crop,crop] tensor."""
+    """Resize the shorter side (to 256/224 of the crop by default), crop (centre by default; `crop` is a side or
+    (height, width)), normalize; returns a [1,3,height,width] tensor."""
     from PIL import Image
+    ch, cw = (crop, crop) if isinstance(crop, int) else crop
+    resize = resize or round(max(ch, cw) * 256 / 224)
     im = Image.fromarray(img)
     w, h = im.size
     scale = resize / min(w, h)
-    im = im.resize((max(crop, round(w * scale)), max(crop, round(h * scale))), Image.BILINEAR)
+    im = im.resize((max(cw, round(w * scale)), max(ch, round(h * scale))), Image.BILINEAR)
     w, h = im.size
-    left, top = int((w - crop) * offset[0]), int((h - crop) * offset[1])
-    arr = np.asarray(im.crop((left, top, left + crop, top + crop)), dtype=np.float32) / 255.0
+    left, top = int((w - cw) * offset[0]), int((h - ch) * offset[1])
+    arr = np.asarray(im.crop((left, top, left + cw, top + ch)), dtype=np.float32) / 255.0
     if flip:
         arr = arr[:, ::-1]
     arr = (arr - IMAGENET_MEAN) / IMAGENET_STD if style == "imagenet" else (arr * 255.0 - 127.0) / 128.0
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))[None]
 
 
-def photo_batches(style: str, names: list[str] | None = None, crops_per_photo: int = 2, seed: int = 0):
-    """[1,3,224,224] inputs: centre crop plus seeded random crops/flips of each photo."""
+def photo_batches(style: str, names: list[str] | None = None, crops_per_photo: int = 2, seed: int = 0,
+                  crop: int | tuple[int, int] = 224):
+    """[1,3,224,224] inputs (or `crop`'s size): centre crop plus seeded random crops/flips of each photo."""
     rng = np.random.default_rng(seed)
     out = []
     for name, img in photos().items():
         if names is not None and name not in names:
             continue
-        out.append(preprocess(img, style))
+        out.append(preprocess(img, style, crop=crop))
         for _ in range(crops_per_photo - 1):
-            out.append(preprocess(img, style, offset=(float(rng.uniform()), float(rng.uniform())),
+            out.append(preprocess(img, style, crop=crop, offset=(float(rng.uniform()), float(rng.uniform())),
                                   flip=bool(rng.integers(2))))
     return out
 
@@ -205,31 +209,102 @@ def zoo_entry(name: str) -> ZooModel:
     return ZOO[name]
 
 
-def zoo_graph(name: str, batch: int = 1) -> Graph:
-    """Trace a shipped model at `batch` (1 by default)."""
+MIN_SIDE = 32  # the CNNs downsample 32x
+MAX_TOKENS = 512  # MiniLM's position embeddings
+
+
+def input_shapes(name: str, shapes: dict[str, Sequence[int]] | None = None, batch: int = 1) -> list[tuple[int, ...]]:
+    """The shapes a shipped model is traced at: its defaults (images [1,3,224,224]; MiniLM's two inputs [1,128]) at
+    `batch`, or `shapes` {input name: dims} (`--input-shape`): any batch, image sides from 32, 1-512 tokens (MiniLM's
+    mask takes the ids' shape). A shape the model cannot take is an error saying which dims it can."""
     entry = zoo_entry(name)
-    example = tuple(torch.cat([t] * batch) for t in entry.example())
+    default = [(batch, *t.shape[1:]) for t in entry.example()]
+    if not shapes:
+        return default
+    unknown = sorted(set(shapes) - set(entry.input_names))
+    if unknown:
+        raise GraphoptError(f"zoo:{name} has no input {', '.join(map(repr, unknown))} (its inputs: "
+                            f"{', '.join(entry.input_names)})")
+    given = {k: tuple(int(d) for d in v) for k, v in shapes.items()}
+    if entry.kind == "text":
+        if len(set(given.values())) > 1:
+            raise GraphoptError(f"zoo:{name}: {' and '.join(entry.input_names)} take one shape [batch, tokens], "
+                                f"got {', '.join(f'{k}={list(v)}' for k, v in given.items())}")
+        shape = next(iter(given.values()))
+        if len(shape) != 2 or not 1 <= shape[1] <= MAX_TOKENS:
+            raise GraphoptError(f"zoo:{name} takes [batch, tokens] with 1-{MAX_TOKENS} tokens, got {list(shape)}")
+        return [shape] * len(entry.input_names)
+    shape = given[entry.input_names[0]]
+    if len(shape) != 4 or shape[1] != 3 or min(shape[2:]) < MIN_SIDE:
+        raise GraphoptError(f"zoo:{name} takes [batch, 3, height, width] with sides from {MIN_SIDE}, got {list(shape)}")
+    return [shape]
+
+
+def example_inputs(name: str, shapes: list[tuple[int, ...]]) -> tuple[torch.Tensor, ...]:
+    """Inputs to trace at `shapes` (from `input_shapes`): zero images, or the first sentences tokenized."""
+    entry = zoo_entry(name)
+    if entry.kind == "text":
+        batch, tokens = shapes[0]
+        return tokenize([SENTENCES[i % len(SENTENCES)] for i in range(batch)], seq_len=tokens)
+    return tuple(torch.zeros(s) for s in shapes)
+
+
+def zoo_graph(name: str, batch: int = 1, shapes: dict[str, Sequence[int]] | None = None) -> Graph:
+    """Trace a shipped model at `batch` (1 by default), or at `shapes` (see `input_shapes`)."""
+    entry = zoo_entry(name)
+    example = example_inputs(name, input_shapes(name, shapes, batch))
     g = trace(entry.build(), example, input_names=entry.input_names)
     g.meta["source"] = f"zoo:{name}"
     return g
 
 
+def fits(name: str, graph: Graph) -> bool:
+    """Whether a graph's inputs are a shape the shipped model `name` can be traced at (so its data fits)."""
+    entry = zoo_entry(name)
+    if len(graph.inputs) != len(entry.input_names):
+        return False
+    try:  # (by position: a graph traced from the module under other input names takes the same data)
+        want = input_shapes(name, {n: s.shape for n, s in zip(entry.input_names, graph.inputs)})
+    except GraphoptError:
+        return False
+    dtypes = [str(t.dtype).replace("torch.", "") for t in entry.example()]
+    return want == [tuple(s.shape) for s in graph.inputs] and dtypes == [s.dtype for s in graph.inputs]
+
+
+def _at(samples: list[tuple[torch.Tensor, ...]], shapes: list[tuple[int, ...]] | None):
+    """Batch-1 samples grouped `shapes`' batch at a time (cycling through them where there are fewer)."""
+    batch = shapes[0][0] if shapes else 1
+    if batch == 1:
+        return samples
+    n = len(samples)
+    return [tuple(torch.cat([samples[(i + j) % n][t] for j in range(batch)]) for t in range(len(samples[0])))
+            for i in range(0, max(n - batch + 1, 1), batch)]
+
+
 CALIB_PHOTOS = ["astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "china"]
 
 
-def calibration_inputs(name: str):
+def calibration_inputs(name: str, shapes: list[tuple[int, ...]] | None = None):
     """Default calibration data for a shipped model: 4 crops each of five shipped photos (seeded differently from
-    `eval_inputs`), or the first three sentences for MiniLM."""
+    `eval_inputs`), or the first three sentences for MiniLM; at `shapes` (from `input_shapes`) when given: crops of
+    that size, sentences at that length, grouped by its batch."""
     entry = zoo_entry(name)
     if entry.kind == "text":
-        return [tokenize([s]) for s in SENTENCES[:3]]
-    return [(x,) for x in photo_batches(entry.style, CALIB_PHOTOS, crops_per_photo=4, seed=1)]
+        tokens = shapes[0][1] if shapes else 128
+        return _at([tokenize([s], seq_len=tokens) for s in SENTENCES[:3]], shapes)
+    crop = tuple(shapes[0][2:]) if shapes else 224
+    return _at([(x,) for x in photo_batches(entry.style, CALIB_PHOTOS, crops_per_photo=4, seed=1, crop=crop)],
+               shapes)
 
 
-def eval_inputs(name: str, n_photos: int | None = None, crops_per_photo: int = 2, seed: int = 0):
-    """Real inputs to measure fidelity on: photo crops for image models, sentences for MiniLM."""
+def eval_inputs(name: str, n_photos: int | None = None, crops_per_photo: int = 2, seed: int = 0,
+                shapes: list[tuple[int, ...]] | None = None):
+    """Real inputs to measure fidelity on: photo crops for image models, sentences for MiniLM (at `shapes`, as
+    `calibration_inputs`)."""
     entry = zoo_entry(name)
     if entry.kind == "text":
-        return [tokenize([s]) for s in SENTENCES]
-    batches = [(x,) for x in photo_batches(entry.style, crops_per_photo=crops_per_photo, seed=seed)]
-    return batches[:n_photos] if n_photos else batches
+        tokens = shapes[0][1] if shapes else 128
+        return _at([tokenize([s], seq_len=tokens) for s in SENTENCES], shapes)
+    crop = tuple(shapes[0][2:]) if shapes else 224
+    batches = [(x,) for x in photo_batches(entry.style, crops_per_photo=crops_per_photo, seed=seed, crop=crop)]
+    return _at(batches[:n_photos] if n_photos else batches, shapes)

@@ -323,7 +323,8 @@ def test_pass_table_notes_leave_out_zero_counts():
 def test_a_graph_saved_from_a_zoo_model_calibrates_on_its_shipped_data(tmp_path, capsys):
     """`graphopt opt zoo:mobilenet_v2 ... -o m.gopt` then `graphopt compile m.gopt --pipeline quantize,...` failed
     for want of calibration data the zoo model itself gets by default: a saved graph whose recorded source is a
-    shipped model, with that model's input shapes, calibrates on the shipped photos too; other inputs do not."""
+    shipped model, with input shapes that model takes, calibrates on the shipped photos too (at its shapes); other
+    inputs do not."""
     import graphopt
     from graphopt.cli import _data, _zoo_name
     torch.manual_seed(0)
@@ -338,7 +339,14 @@ def test_a_graph_saved_from_a_zoo_model_calibrates_on_its_shipped_data(tmp_path,
     assert _zoo_name(str(tmp_path / "m.gopt"), g) == "mobilenet_v2" and _zoo_name("zoo:minilm", g) == "minilm"
     batches = _data(type("A", (), {"inputs": None, "model": str(tmp_path / "m.gopt")})(), g)
     assert len(batches) == 20 and tuple(batches[0][0].shape) == (1, 3, 224, 224)
-    small = graphopt.trace(net, (torch.randn(1, 3, 64, 64),))
-    for source in ("zoo:mobilenet_v2", "zoo:nonexistent", "m.onnx"):  # other shapes, unknown names, files
+    small = graphopt.trace(net, (torch.randn(2, 3, 64, 64),))  # another shape the shipped model takes: data follows
+    small.meta["source"] = "zoo:mobilenet_v2"
+    assert _zoo_name("m.gopt", small) == "mobilenet_v2"
+    batches = _data(type("A", (), {"inputs": None, "model": "m.gopt"})(), small)
+    assert len(batches) == 10 and tuple(batches[0][0].shape) == (2, 3, 64, 64)
+    gray = graphopt.trace(torch.nn.Conv2d(1, 4, 3), (torch.randn(1, 1, 64, 64),))
+    gray.meta["source"] = "zoo:mobilenet_v2"
+    assert _zoo_name("m.gopt", gray) is None  # one channel: the photos cannot fit
+    for source in ("zoo:nonexistent", "m.onnx"):  # unknown names, files
         small.meta["source"] = source
         assert _zoo_name("m.gopt", small) is None, source

@@ -158,3 +158,29 @@ def test_cli_calibrates_zoo_models_on_shipped_photos():
     data = _data(argparse.Namespace(inputs=None, model="zoo:mobilenet_v2"), None)
     assert len(data) == 20 and tuple(data[0][0].shape) == (1, 3, 224, 224)
     assert _data(argparse.Namespace(inputs=None, model="some.onnx"), None) is None
+
+
+def test_zoo_models_trace_at_the_shapes_asked_and_their_data_follows(tmp_path, capsys):
+    """`--input-shape` on a zoo: model traces it at that batch / image size / sequence length (it was refused:
+    "input shapes apply to ONNX models"), and its shipped calibration data is made at those shapes (crops of that
+    size, grouped by the batch); shapes the model cannot take are one-line errors saying what it takes."""
+    from conftest import cli_main
+    rc = cli_main("opt", "zoo:mobilenet_v2", "--input-shape", "image=2x3x96x96", "--pipeline", "fold-bn,quantize",
+                  "-o", str(tmp_path / "q.gopt"))
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "activations_quantized=" in out.out
+    g = graphopt.load_model(str(tmp_path / "q.gopt"))
+    assert [list(s.shape) for s in g.inputs] == [[2, 3, 96, 96]] and g.meta["source"] == "zoo:mobilenet_v2"
+    rc = cli_main("inspect", "zoo:minilm", "--input-shape", "input_ids=2x32")
+    out = capsys.readouterr()
+    assert rc == 0 and "input_ids: int64[2,32]" in out.out and "attention_mask: int64[2,32]" in out.out, out
+    for shape, says in (("image=1x1x96x96", "takes [batch, 3, height, width] with sides from 32"),
+                        ("image=1x3x16x16", "with sides from 32"), ("pixels=1x3x96x96", "has no input 'pixels'")):
+        assert cli_main("inspect", "zoo:mobilenet_v2", "--input-shape", shape) == 1
+        assert says in capsys.readouterr().err, shape
+    assert cli_main("inspect", "zoo:minilm", "--input-shape", "input_ids=1x600") == 1
+    assert "1-512 tokens" in capsys.readouterr().err
+    assert cli_main("inspect", "zoo:minilm", "--input-shape", "input_ids=1x32", "--input-shape",
+                    "attention_mask=1x64") == 1
+    assert "take one shape [batch, tokens]" in capsys.readouterr().err
