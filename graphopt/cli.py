@@ -194,8 +194,9 @@ def _zoo_name(model: str, graph) -> str | None:
     return source[4:] if source[4:] in ZOO and fits(source[4:], graph) else None
 
 
-def _zoo_shapes(graph) -> list[tuple[int, ...]]:
-    return [tuple(s.shape) for s in graph.inputs]
+def _zoo_shapes(graph) -> list[tuple[int, ...]] | None:
+    """The graph's input shapes, for the shipped data (None without a graph: the model's defaults)."""
+    return None if graph is None else [tuple(s.shape) for s in graph.inputs]
 
 
 def _data(args, graph):
