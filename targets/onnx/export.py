@@ -27,20 +27,57 @@ def export_onnx(graph: Graph, path: str | Path, opset: int = 18) -> Path:
             warnings.simplefilter("ignore")
             from graphopt.targets.onnx.qdq import translation_table
             prog = torch.onnx.export(ep, (), dynamo=True, opset_version=opset, verbose=False,
-                                     custom_translation_table=translation_table(),
-                                     input_names=[s.name for s in graph.inputs],
-                                     output_names=[s.name for s in graph.outputs], optimize=True)
+                                     custom_translation_table=translation_table(), optimize=True)
     except Exception as e:
         raise TargetError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     model = prog.model_proto
+    _name_interface(model, [s.name for s in graph.inputs], [s.name for s in graph.outputs])
     from graphopt.targets.onnx.qdq import fold_pads_into_convs, fold_weight_transposes, quantize_biases
     fold_weight_transposes(model)  # (the forms ONNX Runtime fuses into integer kernels; see each)
     quantize_biases(model)
     fold_pads_into_convs(model)
-    onnx.checker.check_model(model)
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        raise TargetError(f"ONNX export wrote an invalid model: {str(e).splitlines()[0]}") from None
     with atomic_file(path) as tmp:
         onnx.save(model, str(tmp))
     return Path(path)
+
+
+def _name_interface(model, inputs: list[str], outputs: list[str]) -> None:
+    """Give the exported graph's inputs and outputs the Graph's names, renaming first any other value that already
+    holds one of them. (Asked of the exporter through input_names / output_names, a tiny GPT-2's output
+    'view_23' was also the name of an unrelated Reshape's output: two definitions, an invalid model.)"""
+    g = model.graph
+    if len(g.input) != len(inputs) or len(g.output) != len(outputs):
+        raise TargetError(f"ONNX export has {len(g.input)} input(s) and {len(g.output)} output(s), the graph "
+                          f"{len(inputs)} and {len(outputs)}")
+    taken = {o for n in g.node for o in n.output} | {i.name for i in g.input} | {i.name for i in g.initializer}
+    wanted = set(inputs) | set(outputs)
+
+    def rename(old: str, new: str) -> None:
+        for n in g.node:
+            n.input[:] = [new if i == old else i for i in n.input]
+            n.output[:] = [new if o == old else o for o in n.output]
+        for coll in (g.input, g.output, g.value_info, g.initializer):
+            for v in coll:
+                if v.name == old:
+                    v.name = new
+        taken.discard(old)
+        taken.add(new)
+
+    pairs = [(v.name, want) for v, want in zip(list(g.input) + list(g.output), inputs + outputs)]
+    interface = {old for old, _ in pairs}
+    for old, want in pairs:
+        if old == want:
+            continue
+        if want in taken and want not in interface:  # an internal value holds the name: move it aside first
+            k = 1
+            while f"{want}__{k}" in taken or f"{want}__{k}" in wanted:
+                k += 1
+            rename(want, f"{want}__{k}")
+        rename(old, want)
 
 
 class _quiet:

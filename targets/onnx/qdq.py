@@ -42,6 +42,13 @@ def _index(g: onnx.GraphProto) -> tuple[dict, dict, dict]:
     return inits, producer, users
 
 
+def _drop_value_info(g: onnx.GraphProto, names: set[str]) -> None:
+    """Forget the recorded shapes of values a rewrite reshaped or removed: ONNX Runtime trusts a stale one (a conv
+    fed a tensor recorded at its padded size inferred a wrong output shape)."""
+    for v in [v for v in g.value_info if v.name in names]:
+        g.value_info.remove(v)
+
+
 def _drop_unused_initializers(g: onnx.GraphProto, inits: dict) -> None:
     used = {i for n in g.node for i in n.input}
     for name in [i.name for i in g.initializer if i.name not in used]:
@@ -59,7 +66,7 @@ def fold_weight_transposes(model: onnx.ModelProto) -> int:
     g = model.graph
     inits, producer, users = _index(g)
     outputs = {o.name for o in g.output}
-    dead, done = [], 0
+    dead, done, gone = [], 0, set()
     for t in g.node:
         perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), None)
         dq = producer.get(t.input[0]) if t.op_type == "Transpose" else None
@@ -80,11 +87,13 @@ def fold_weight_transposes(model: onnx.ModelProto) -> int:
         dq.input[0] = name
         del dq.attribute[:]
         dq.attribute.append(onnx.helper.make_attribute("axis", 1))
+        gone.add(dq.output[0])
         dq.output[0] = t.output[0]  # (the Transpose's consumers now read the DequantizeLinear)
         dead.append(t)
         done += 1
     for t in dead:
         g.node.remove(t)
+    _drop_value_info(g, gone)
     _drop_unused_initializers(g, inits)
     return done
 
@@ -199,7 +208,7 @@ def fold_pads_into_convs(model: onnx.ModelProto) -> int:
                 return None
         return got
 
-    dead = []
+    dead, resized = [], set()
     for pad in g.node:
         if pad.op_type != "Pad" or len(pad.input) < 2:
             continue
@@ -229,8 +238,12 @@ def fold_pads_into_convs(model: onnx.ModelProto) -> int:
             for k, i in enumerate(u.input):
                 if i == pad.output[0]:
                     u.input[k] = pad.input[0]
+            if u.op_type == "QuantizeLinear":  # (its output and the dequantized one shrink)
+                resized.add(u.output[0])
+                resized.update(d.output[0] for d in users.get(u.output[0], []))
         dead.append(pad)
     for pad in dead:
         g.node.remove(pad)
+    _drop_value_info(g, resized | {p.output[0] for p in dead})
     _drop_unused_initializers(g, inits)
     return len(dead)
