@@ -9,7 +9,7 @@ import torch
 from graphopt.errors import GraphoptError
 from graphopt.ir.graph import Graph
 from graphopt.ir.names import unmatched_patterns
-from graphopt.passes.analysis.weights import weighted_ops
+from graphopt.passes.analysis.weights import linears_from_matmuls, weighted_ops
 
 
 class SparsityError(GraphoptError):
@@ -17,10 +17,14 @@ class SparsityError(GraphoptError):
 
 
 def prunable_weights(graph: Graph, protect: Iterable[str] = (), who: str = "sparsify") -> dict[str, torch.Tensor]:
-    """Float weights (>= 2-D) read as the weight of a conv or linear node, by parameter name, minus `protect`."""
+    """Float weights (>= 2-D) read as the weight of a conv or linear node, by parameter name, minus `protect`.
+    Products with a constant weight (`x @ W.T`, GPT-2's `addmm`) are rewritten into linears first
+    (`linears_from_matmuls`, as quantize does): the sparsity passes had found "no prunable weights" in GPT-2 and
+    Falcon."""
     protect = list(protect)
     for pat in unmatched_patterns(graph, protect):
         raise SparsityError(f"{who} option 'protect': '{pat}' matches no node or parameter")
+    linears_from_matmuls(graph, protect)
     ops, _ = weighted_ops(graph, protect)
     out = {n.args[1].target: graph.get_param(n.args[1].target) for n in ops
            if graph.get_param(n.args[1].target).dim() >= 2}
