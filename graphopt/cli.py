@@ -408,6 +408,10 @@ def cmd_run(args) -> int:
     from graphopt.errors import InputMismatchError
     from graphopt.runtime import load
     art = load(args.artifact)
+    if not args.input:
+        names = ", ".join(f"{s['name']}: {s['dtype']}{s['shape']}" for s in art.inputs)
+        raise InputMismatchError(f"no inputs given: the model takes {names}; give one --input x.npy per input, in "
+                                 "order, or one --input x.npz holding each under its name")
     arrays = []
     for p in args.input:
         try:

@@ -101,6 +101,8 @@ def test_opt_inspect_compile_run_bench(tmp_path, onnx_model, capsys):
     res = cli_inproc(capsys, "run", tmp_path / "art", "--input", tmp_path / "x.npz", "-o", tmp_path / "y2.npz")
     assert res.returncode == 0, res.stderr
     np.testing.assert_array_equal(list(np.load(tmp_path / "y2.npz").values())[0], list(y.values())[0])
+    one_line_error(cli_inproc(capsys, "run", tmp_path / "art"),
+                   "no inputs given: the model takes x: float32[1, 3, 16, 16]", "--input x.npy")
     np.savez(tmp_path / "other.npz", image=x.numpy())
     one_line_error(cli_inproc(capsys, "run", tmp_path / "art", "--input", tmp_path / "other.npz"),
                    "other.npz' holds image; an .npz input holds every model input under its name (x)")
