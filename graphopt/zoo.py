@@ -284,27 +284,28 @@ def _at(samples: list[tuple[torch.Tensor, ...]], shapes: list[tuple[int, ...]] |
 CALIB_PHOTOS = ["astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "china"]
 
 
+def _shipped(name: str, sentences: list[str], shapes: list[tuple[int, ...]] | None, **photo_options):
+    """Sentences (MiniLM) or photo crops (`photo_batches(**photo_options)`) at `shapes`' size and batch (the
+    defaults, batch 1 at 224x224 / 128 tokens, without it)."""
+    entry = zoo_entry(name)
+    if entry.kind == "text":
+        tokens = shapes[0][1] if shapes else 128
+        return _at([tokenize([s], seq_len=tokens) for s in sentences], shapes)
+    crop = tuple(shapes[0][2:]) if shapes else 224
+    n = photo_options.pop("n_photos", None)
+    batches = [(x,) for x in photo_batches(entry.style, crop=crop, **photo_options)]
+    return _at(batches[:n] if n else batches, shapes)
+
+
 def calibration_inputs(name: str, shapes: list[tuple[int, ...]] | None = None):
     """Default calibration data for a shipped model: 4 crops each of five shipped photos (seeded differently from
     `eval_inputs`), or the first three sentences for MiniLM; at `shapes` (from `input_shapes`) when given: crops of
     that size, sentences at that length, grouped by its batch."""
-    entry = zoo_entry(name)
-    if entry.kind == "text":
-        tokens = shapes[0][1] if shapes else 128
-        return _at([tokenize([s], seq_len=tokens) for s in SENTENCES[:3]], shapes)
-    crop = tuple(shapes[0][2:]) if shapes else 224
-    return _at([(x,) for x in photo_batches(entry.style, CALIB_PHOTOS, crops_per_photo=4, seed=1, crop=crop)],
-               shapes)
+    return _shipped(name, SENTENCES[:3], shapes, names=CALIB_PHOTOS, crops_per_photo=4, seed=1)
 
 
 def eval_inputs(name: str, n_photos: int | None = None, crops_per_photo: int = 2, seed: int = 0,
                 shapes: list[tuple[int, ...]] | None = None):
     """Real inputs to measure fidelity on: photo crops for image models, sentences for MiniLM (at `shapes`, as
     `calibration_inputs`)."""
-    entry = zoo_entry(name)
-    if entry.kind == "text":
-        tokens = shapes[0][1] if shapes else 128
-        return _at([tokenize([s], seq_len=tokens) for s in SENTENCES], shapes)
-    crop = tuple(shapes[0][2:]) if shapes else 224
-    batches = [(x,) for x in photo_batches(entry.style, crops_per_photo=crops_per_photo, seed=seed, crop=crop)]
-    return _at(batches[:n_photos] if n_photos else batches, shapes)
+    return _shipped(name, SENTENCES, shapes, n_photos=n_photos, crops_per_photo=crops_per_photo, seed=seed)
