@@ -518,6 +518,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("graphopt: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`graphopt passes | head`): stop quietly, as a shell tool does, and keep Python's
+        # flush at exit from raising the same error again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

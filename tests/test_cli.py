@@ -65,6 +65,17 @@ def test_passes_lists_options_from_registry():
     assert "fold-bn  [exact]" in res.stdout and "max-growth: float = 4.0" in res.stdout
 
 
+def test_output_into_a_closed_pipe_stops_quietly():
+    """`graphopt passes | head -2`: the reader leaves early; no BrokenPipeError traceback on the user's terminal."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen([sys.executable, "-m", "graphopt", "passes"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # before the child has printed anything (it is still importing)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
 def test_opt_inspect_compile_run_bench(tmp_path, onnx_model, capsys):
     """opt and compile through the real entry point (subprocesses); inspect, run and bench in this process."""
     path, model, x = onnx_model
