@@ -201,20 +201,32 @@ class Importer:
             self.node_name = node.name or (node.output[0] if node.output else node.op_type)
             self.op = node.op_type
             self.n_outputs = len(node.output)
-            if node.domain not in ("", "ai.onnx"):
-                raise UnsupportedOpError(self.node_name, f"{node.domain}.{node.op_type}",
-                                         "custom-domain ops are not supported; export with standard ONNX ops")
-            handler = HANDLERS.get(node.op_type)
+            key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+            handler = HANDLERS.get(key)
+            if key in _DYNAMIC_QUANT:
+                raise UnsupportedOpError(self.node_name, key, "this is ONNX Runtime's dynamic quantization "
+                                         "(quantize_dynamic), whose activation scales are computed on every call; "
+                                         "graphopt's int8 kernels take calibrated scales. Give the float model and "
+                                         "quantize it here (--pipeline quantize,fold-qdq with --inputs), or use ORT's "
+                                         "quantize_static, whose QDQ and QOperator files import")
+            if handler is None and node.domain not in ("", "ai.onnx"):
+                contrib = sorted(k for k in HANDLERS if "." in k)
+                raise UnsupportedOpError(self.node_name, key, "custom-domain op; supported: ONNX's standard ops and "
+                                         f"{', '.join(contrib)}. Export the model with standard ONNX ops")
             if handler is None:
+                std = sorted(k for k in HANDLERS if "." not in k)
                 raise UnsupportedOpError(self.node_name, node.op_type,
-                                         f"no importer for this ONNX op (supported: {', '.join(sorted(HANDLERS))})")
+                                         f"no importer for this ONNX op (supported: {', '.join(std)})")
             ins = [self.env[n] if n else None for n in node.input]
             for n, v in zip(node.input, ins):
                 if n and v is None:
                     raise ModelFileError(f"node '{self.node_name}' reads '{n}', which nothing produces")
             attrs = {a.name: _attr(a) for a in node.attribute}
             try:
-                outs = handler(self, ins, attrs)
+                if any(_coded(v) for v in ins) and key not in _READS_CODES and "." not in key:
+                    outs = _on_codes(self, key, handler, ins, attrs)
+                else:
+                    outs = handler(self, ins, attrs)
             except (UnsupportedOpError, ModelFileError):
                 raise
             except Exception as e:
@@ -481,9 +493,20 @@ def _conv_op(im, ins, at):
     pads = _spatial_pads(im, at, im.shape(x), kernel, strides, dil)
     begins, ends = pads[:nd], pads[nd:]
     if begins != ends:
-        x = im.emit(F.pad, x, _torch_pad_order(begins, ends))
+        x = _pad_quantized(im, x, _torch_pad_order(begins, ends))
         begins = [0] * nd
     return im.emit(_conv, x, w, b, strides, begins, dil, int(at.get("group", 1)))
+
+
+def _pad_quantized(im, x, pads) -> Value:
+    """Zero-pad a conv's input; a dequantized one (a Q/DQ or QOperator file) is quantized again onto its grid
+    after the pad (exact: 0 is the zero point's code), so fold-qdq still finds the conv's quantized input."""
+    y = im.emit(F.pad, x, pads)
+    if isinstance(x, Dyn) and x.node.target is torch.ops.graphopt.dequantize_per_tensor.default:
+        scale, zp = float(x.node.args[1]), int(x.node.args[2])
+        q = _emit_quantize(im, y, scale, zp, False)
+        y = im.emit(torch.ops.graphopt.dequantize_per_tensor.default, q, scale, zp)
+    return y
 
 
 def _conv_transpose(x, w, b, stride, output_padding, dilation, groups, crop_begin, crop_end):
@@ -1181,9 +1204,21 @@ def _quantize_linear(im, ins, at):
                                  "supported")
     if not scale > 0:
         raise UnsupportedOpError(im.node_name, "QuantizeLinear", f"scale {scale} is not positive")
+    if isinstance(x, Const):  # a quantized constant (x * 4 in a QOperator file): its codes as ONNX types them
+        lo, hi = (0, 255) if zp_t.dtype == torch.uint8 else (-128, 127)
+        code_zp = zp + 128 if zp_t.dtype == torch.uint8 else zp
+        return Const(torch.clamp(torch.round(x.t.float() / scale) + code_zp, lo, hi).to(zp_t.dtype))
+    return _emit_quantize(im, x, scale, zp, zp_t.dtype == torch.uint8)
+
+
+def _emit_quantize(im, x, scale: float, zp: int, uint8: bool) -> Value:
+    """quantize_per_tensor into int8 codes (zp already moved down by 128 for a uint8 grid); the codes remember
+    their grid (`onnx_qparams`), which ops that ONNX Runtime runs on the codes themselves need (see _on_codes)."""
     y = im.emit(torch.ops.graphopt.quantize_per_tensor.default, x, scale, zp, -128, 127, torch.int8)
-    if zp_t.dtype == torch.uint8 and isinstance(y, Dyn):
-        y.node.meta["onnx_uint8"] = True  # a DequantizeLinear without a zero point must shift it back too
+    if isinstance(y, Dyn):
+        y.node.meta["onnx_qparams"] = (scale, zp)
+        if uint8:
+            y.node.meta["onnx_uint8"] = True  # a DequantizeLinear without a zero point must shift it back too
     return y
 
 
@@ -1236,7 +1271,8 @@ def _dequantize_linear(im, ins, at):
     rank = len(im.shape(q))
     axis = int(at.get("axis", 1)) % max(rank, 1)
     qdt = im.example(q).dtype
-    if isinstance(q, Const) and qdt not in (torch.int8, torch.uint8):  # int32 bias (or anything else constant)
+    if isinstance(q, Const) and (qdt not in (torch.int8, torch.uint8) or q.t.dim() < 2):
+        # an int32 bias, a quantized scalar (x * 4 in a QDQ file) or vector: no layer's weight, dequantized now
         return im.emit(_dequantize_ref, q, Const(scale), Const(zp), axis)
     # uint8 grids are stored as int8 (see QuantizeLinear); without a zero point the type is the input's
     was_uint8 = isinstance(q, Dyn) and q.node.meta.get("onnx_uint8", False)
@@ -1258,6 +1294,169 @@ def _dequantize_linear(im, ins, at):
         shift = 0
     return im.emit(torch.ops.graphopt.dequantize_per_tensor.default, q, float(scale.reshape(-1)[0]),
                    int(zp.reshape(-1)[0]) - shift)
+
+
+# ---- ONNX Runtime's QOperator format (quantize_static(quant_format=QOperator), the ONNX model zoo's int8 models) --
+# Each QLinear* op is its float op between a dequantize of every quantized input and a quantize of the output: the
+# same Q/DQ graph the QDQ format gives, which fold-qdq turns into integer ops.
+
+def _float_op(im, op_type: str, ins, at) -> Value:
+    """The float handler of op_type on already dequantized inputs (im.op set to it: some handlers read it)."""
+    saved, im.op = im.op, op_type
+    try:
+        y = HANDLERS[op_type](im, ins, at)
+    finally:
+        im.op = saved
+    return y[0] if isinstance(y, (list, tuple)) else y
+
+
+def _dq_input(im, x, scale, zp) -> Value:
+    """A QLinear op's activation operand dequantized; a constant one (x 4 written as a QLinearMul) at import."""
+    if isinstance(x, Const):
+        zp_t = im.const(zp, "zero point") if zp is not None else torch.zeros(1)
+        return Const(_dequantize_ref(x.t, im.const(scale, "scale"), zp_t, 0))
+    return _dequantize_linear(im, [x, scale, zp], {})
+
+
+def _dq_weight_input(im, w, scale, zp, axis: int) -> Value:
+    """A QLinear op's quantized operand: per-channel along `axis` when it is a constant (a weight), per-tensor
+    otherwise."""
+    if isinstance(w, Const):
+        return _dequantize_linear(im, [w, scale, zp], {"axis": axis})
+    return _dq_input(im, w, scale, zp)
+
+
+def _int32_bias(im, b, x_scale, w_scale) -> Const | None:
+    """An int32 bias at the accumulator's scale (x_scale x w_scale, per output channel) as float."""
+    if b is None:
+        return None
+    s = im.const(x_scale, "input scale").double().reshape(-1) * im.const(w_scale, "weight scale").double().reshape(-1)
+    return Const((im.const(b, "bias").double().reshape(-1) * s).float(), b.name)
+
+
+def _q_output(im, y, scale, zp) -> Value:
+    return y if scale is None else _quantize_linear(im, [y, scale, zp], {})
+
+
+def _no_channels_last(im, at):
+    if at.get("channels_last", 0):
+        raise UnsupportedOpError(im.node_name, im.op, "channels_last=1 (NHWC) is not supported; ONNX Runtime "
+                                 "writes it only when optimizing for NHWC: give the model as quantized, before that")
+
+
+def _opt(ins, k):
+    return ins[k] if len(ins) > k else None
+
+
+@op("QLinearConv")
+def _qlinear_conv(im, ins, at):
+    x, xs, xz, w, ws, wz, ys, yz = (_opt(ins, k) for k in range(8))
+    wf = _dq_weight_input(im, w, ws, wz, 0)
+    return _q_output(im, _float_op(im, "Conv", [_dq_input(im, x, xs, xz), wf, _int32_bias(im, _opt(ins, 8), xs, ws)],
+                                   at), ys, yz)
+
+
+@op("QLinearMatMul")
+def _qlinear_matmul(im, ins, at):
+    a, as_, az, b, bs, bz, ys, yz = (_opt(ins, k) for k in range(8))
+    bf = _dq_weight_input(im, b, bs, bz, len(im.shape(b)) - 1)
+    return _q_output(im, _float_op(im, "MatMul", [_dq_input(im, a, as_, az), bf], at), ys, yz)
+
+
+@op("com.microsoft.QGemm")
+def _qgemm(im, ins, at):
+    a, as_, az, b, bs, bz, c, ys, yz = (_opt(ins, k) for k in range(9))
+    bf = _dq_weight_input(im, b, bs, bz, 0 if at.get("transB", 0) else 1)
+    y = _float_op(im, "Gemm", [_dq_input(im, a, as_, az), bf, _int32_bias(im, c, as_, bs)],
+                  {k: v for k, v in at.items() if k in ("transA", "transB", "alpha")})
+    return _q_output(im, y, ys, yz)
+
+
+def _qlinear_binary(op_type):
+    def handler(im, ins, at):
+        a, as_, az, b, bs, bz, ys, yz = (_opt(ins, k) for k in range(8))
+        return _q_output(im, _float_op(im, op_type, [_dq_input(im, a, as_, az), _dq_input(im, b, bs, bz)], at),
+                         ys, yz)
+    return handler
+
+
+def _qlinear_unary(op_type):
+    def handler(im, ins, at):
+        _no_channels_last(im, at)
+        x, xs, xz, ys, yz = (_opt(ins, k) for k in range(5))
+        at = {k: v for k, v in at.items() if k != "channels_last"}
+        return _q_output(im, _float_op(im, op_type, [_dq_input(im, x, xs, xz)], at), ys, yz)
+    return handler
+
+
+for _name in ("Add", "Mul"):
+    HANDLERS[f"com.microsoft.QLinear{_name}"] = _qlinear_binary(_name)
+for _name in ("GlobalAveragePool", "AveragePool", "Sigmoid", "LeakyRelu", "Softmax"):
+    HANDLERS[f"com.microsoft.QLinear{_name}"] = _qlinear_unary(_name)
+
+
+@op("com.microsoft.QLinearConcat")
+def _qlinear_concat(im, ins, at):
+    ys, yz, rest = ins[0], ins[1], ins[2:]
+    parts = [_dq_input(im, *rest[k:k + 3]) for k in range(0, len(rest), 3)]
+    return _q_output(im, _float_op(im, "Concat", parts, at), ys, yz)
+
+
+# Ops that ONNX Runtime's QOperator files apply to the uint8/int8 codes themselves. Moving codes around is exact
+# on graphopt's int8 codes (uint8 ones are kept shifted down by 128, an order-preserving shift), and the result keeps
+# its input's grid; Resize and Pad (whose constant is a code) run on the dequantized values and are quantized back
+# onto the same grid. Any other op reads the raw codes, as ONNX defines (uint8 ones shifted back first).
+_CODE_MOVES = {"Reshape", "Squeeze", "Unsqueeze", "Transpose", "Flatten", "Split", "Gather", "Slice", "Concat",
+               "MaxPool", "Identity", "Expand", "Tile", "DepthToSpace", "SpaceToDepth", "ArgMax", "ArgMin"}
+_ON_DEQUANTIZED = {"Resize", "Upsample", "Pad"}
+_READS_CODES = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "Shape", "Size"}
+
+
+def _coded(v) -> bool:
+    return isinstance(v, Dyn) and "onnx_qparams" in v.node.meta
+
+
+def _on_codes(im, key: str, handler, ins, at):
+    """Run a float op's handler on inputs of which some are int8 codes of a QOperator file (see _CODE_MOVES)."""
+    coded = [v for v in ins if _coded(v)]
+    grids = {(v.node.meta["onnx_qparams"], bool(v.node.meta.get("onnx_uint8"))) for v in coded}
+    if key in _CODE_MOVES:
+        outs = handler(im, ins, at)
+        if len(grids) == 1:
+            (qparams, uint8), = grids
+            for o in outs if isinstance(outs, (list, tuple)) else [outs]:
+                if isinstance(o, Dyn) and o.example.dtype == torch.int8:
+                    o.node.meta["onnx_qparams"] = qparams
+                    if uint8:
+                        o.node.meta["onnx_uint8"] = True
+        return outs
+    if key in _ON_DEQUANTIZED:
+        if len(grids) != 1:
+            raise UnsupportedOpError(im.node_name, key, "quantized inputs on different grids")
+        ((scale, zp), uint8), = grids
+        deq = [im.emit(torch.ops.graphopt.dequantize_per_tensor.default, v, scale, zp) if _coded(v) else v
+               for v in ins]
+        if key == "Pad":  # its constant is a code on the input's grid
+            code_zp = zp + 128 if uint8 else zp
+            if len(deq) > 2 and deq[2] is not None:
+                deq[2] = Const((im.const(deq[2], "constant value").double() - code_zp).float() * scale)
+            elif "value" in at:
+                at = dict(at, value=(float(at["value"]) - code_zp) * scale)
+            elif im.opset >= 11:  # no constant: pads with code 0, which is not the grid's zero
+                deq = (deq + [None] * 3)[:2] + [Const(torch.tensor(-code_zp * scale, dtype=torch.float32))]
+            else:
+                at = dict(at, value=-code_zp * scale)
+        outs = handler(im, deq, at)
+        single = not isinstance(outs, (list, tuple))
+        outs = [_emit_quantize(im, o, scale, zp, uint8) if im.example(o).is_floating_point() else o
+                for o in ([outs] if single else outs)]
+        return outs[0] if single else outs
+    return handler(im, [im.emit(_int8_to_uint8, v) if _coded(v) and v.node.meta.get("onnx_uint8") else v
+                        for v in ins], at)
+
+
+_DYNAMIC_QUANT = {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "com.microsoft.DynamicQuantizeMatMul",
+                  "com.microsoft.MatMulIntegerToFloat", "com.microsoft.DynamicQuantizeLSTM"}
 
 
 @op("Shape")

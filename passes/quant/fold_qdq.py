@@ -32,10 +32,22 @@ def _one(v, default: int) -> int:
     return int(v)
 
 
+# ops that move or select int8 codes without changing any (ONNX Runtime's QOperator files apply MaxPool, Reshape,
+# Transpose ... to the codes themselves): a dequantize after them still reads codes of the quantize before them
+CODE_MOVES = {aten.max_pool2d.default, aten.max_pool1d.default, aten.view.default, aten.reshape.default,
+              aten._unsafe_view.default, aten.permute.default, aten.transpose.int, aten.t.default, aten.slice.Tensor,
+              aten.select.int, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
+              aten.flatten.using_ints, aten.clone.default, aten.expand.default}
+
+
 def _quantized(x) -> bool:
-    """x is dequantize_per_tensor(quantize_per_tensor(...))."""
-    return (isinstance(x, fx.Node) and x.target is go.dequantize_per_tensor.default
-            and isinstance(x.args[0], fx.Node) and x.args[0].target is go.quantize_per_tensor.default)
+    """x is dequantize_per_tensor(quantize_per_tensor(...)), with code moves (CODE_MOVES) in between allowed."""
+    if not (isinstance(x, fx.Node) and x.target is go.dequantize_per_tensor.default):
+        return False
+    q = x.args[0]
+    while isinstance(q, fx.Node) and q.target in CODE_MOVES:
+        q = q.args[0]
+    return isinstance(q, fx.Node) and q.target is go.quantize_per_tensor.default
 
 
 def check(graph: Graph, op: fx.Node) -> str:
