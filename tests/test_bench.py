@@ -10,17 +10,20 @@ import graphopt
 from graphopt.bench import ort_quantize_static, ort_session, reference_onnx
 
 
-@pytest.mark.parametrize("reduce_range", [False, True])
-def test_ort_quantize_static_writes_a_calibrated_qdq_model(tmp_path, reduce_range):
+@pytest.mark.parametrize("reduce_range,activations", [(False, "int8"), (True, "int8"), (False, "uint8")])
+def test_ort_quantize_static_writes_a_calibrated_qdq_model(tmp_path, reduce_range, activations):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16)).eval()
     x = torch.randn(8, 32)
     fp32 = reference_onnx(graphopt.trace(model, (x,)), str(tmp_path))
     name = ort_session(fp32, 1).get_inputs()[0].name
     feeds = [{name: torch.randn(8, 32).numpy()} for _ in range(4)]
-    q = ort_quantize_static(fp32, tmp_path / "int8.onnx", feeds, reduce_range=reduce_range)
-    ops = {n.op_type for n in onnx.load(str(q)).graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    q = ort_quantize_static(fp32, tmp_path / "int8.onnx", feeds, reduce_range=reduce_range, activations=activations)
+    model_q = onnx.load(str(q))
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in model_q.graph.node}
+    zero_points = {i.data_type for i in model_q.graph.initializer if i.name.endswith("zero_point")
+                   and i.dims == []}  # the activations' (per-tensor) zero points: their type is the grid's
+    assert zero_points == {onnx.TensorProto.INT8 if activations == "int8" else onnx.TensorProto.UINT8}
     got = ort_session(q, 1).run(None, {name: x.numpy()})[0]
     ref = model(x).detach().numpy()
     # quantized (not bit-equal to fp32) and calibrated: without reduce_range ORT's u8 x s8 pairs saturate int16 on
