@@ -65,6 +65,19 @@ def interleaved_medians(calls: dict[str, Callable[[], Any]], runs: int = 50, rou
     return {k: float(np.median([t for r in v for t in r])) for k, v in got.items()}
 
 
+def calibration_reader(feeds: Sequence[dict]):
+    """ONNX Runtime's `CalibrationDataReader` over `feeds` (one {input name: array} per batch)."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(list(feeds))
+
+        def get_next(self):
+            return next(self.it, None)
+    return Reader()
+
+
 def ort_quantize_static(fp32_path: str | Path, out_path: str | Path, feeds: Sequence[dict], *,
                         reduce_range: bool = False, calibrate_method=None, activations: str = "int8") -> Path:
     """ONNX Runtime's int8 baseline of an fp32 model: `quantize_static` (QDQ, per channel, int8 weights), calibrated
@@ -73,19 +86,13 @@ def ort_quantize_static(fp32_path: str | Path, out_path: str | Path, feeds: Sequ
     MobileNetV2 and MiniLM, so a benchmark that claims to beat ORT int8 times both). reduce_range: 7-bit weights
     (ORT's advice for AVX2 without VNNI); calibrate_method: a `CalibrationMethod` (ORT's default, MinMax, when
     None)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(list(feeds))
-
-        def get_next(self):
-            return next(self.it, None)
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     if activations not in ("int8", "uint8"):
         raise ValueError(f"activations={activations!r}: int8 or uint8")
     extra = {} if calibrate_method is None else {"calibrate_method": calibrate_method}
-    quantize_static(str(fp32_path), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+    quantize_static(str(fp32_path), str(out_path), calibration_reader(feeds), quant_format=QuantFormat.QDQ,
+                    per_channel=True,
                     activation_type=QuantType.QInt8 if activations == "int8" else QuantType.QUInt8,
                     weight_type=QuantType.QInt8, reduce_range=reduce_range, **extra)
     return Path(out_path)

@@ -28,7 +28,8 @@ def _reference(path, x):
 @pytest.fixture(scope="module")
 def ort_quantized(tmp_path_factory):
     """A conv -> ReLU6 -> 1x1 conv -> flatten -> linear net quantized by ORT with int8 and with uint8 activations."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from graphopt.bench import calibration_reader
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     tmp = tmp_path_factory.mktemp("qdq")
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU6(), torch.nn.Conv2d(8, 4, 1),
@@ -39,18 +40,12 @@ def ort_quantized(tmp_path_factory):
         torch.onnx.export(net, (torch.randn(1, 3, 8, 8),), str(fp32), dynamo=False, input_names=["image"],
                           opset_version=13)
     feeds = [{"image": torch.randn(1, 3, 8, 8).numpy()} for _ in range(8)]
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(feeds)
-
-        def get_next(self):
-            return next(self.it, None)
     out = {}
     for name, act in (("s8", QuantType.QInt8), ("u8", QuantType.QUInt8)):
         out[name] = tmp / f"net_{name}.onnx"
         with contextlib.redirect_stderr(io.StringIO()):
-            quantize_static(str(fp32), str(out[name]), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+            quantize_static(str(fp32), str(out[name]), calibration_reader(feeds),
+                            quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=act, weight_type=QuantType.QInt8)
     return out, tmp
 

@@ -66,7 +66,8 @@ def _reference(path, x):
 
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory):
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
+    from graphopt.bench import calibration_reader
+    from onnxruntime.quantization import (QuantFormat, QuantType, quantize_dynamic,
                                           quantize_static)
     tmp = tmp_path_factory.mktemp("qop")
     torch.manual_seed(0)
@@ -80,13 +81,6 @@ def quantized(tmp_path_factory):
     onnx.save(model, str(fp32))
     rng = np.random.default_rng(0)
     feeds = [{"image": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(8)]
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(feeds)
-
-        def get_next(self):
-            return next(self.it, None)
     out = {}
     with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -94,7 +88,8 @@ def quantized(tmp_path_factory):
                                ("qop_s8", QuantFormat.QOperator, QuantType.QInt8),
                                ("qdq_u8", QuantFormat.QDQ, QuantType.QUInt8)):
             out[name] = tmp / f"{name}.onnx"
-            quantize_static(str(fp32), str(out[name]), Reader(), quant_format=fmt, per_channel=True,
+            quantize_static(str(fp32), str(out[name]), calibration_reader(feeds),
+                            quant_format=fmt, per_channel=True,
                             activation_type=act, weight_type=QuantType.QInt8)
         out["dynamic"] = tmp / "dynamic.onnx"
         quantize_dynamic(str(fp32), str(out["dynamic"]))
