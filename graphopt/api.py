@@ -156,6 +156,19 @@ def _hint_unfolded_qdq(graph: Graph) -> None:
                     ", ..." if len(foldable) > 3 else "")
 
 
+def _hint_dynamic_quantize(graph: Graph) -> None:
+    """An ONNX Runtime quantize_dynamic model compiles exactly as it is: its layers' inputs are rounded onto a grid
+    computed on every call, and the layers run as float ones (graphopt has no dynamic-scale int8 kernels). Say how
+    to get int8 kernels: calibrated static scales."""
+    dyn = [n.name for n in graph.nodes("call_function")
+           if getattr(n.target, "__name__", "") == "dynamic_quantize.default"]
+    if dyn:
+        log.warning("compile: %d layer input(s) are quantized dynamically (an ONNX Runtime quantize_dynamic model: "
+                    "%s%s); their layers run as float ops on the rounded input. \"--pipeline quantize,fold-qdq "
+                    "--inputs calib.npz\" calibrates static scales for them and runs the layers as int8 kernels",
+                    len(dyn), ", ".join(dyn[:3]), ", ..." if len(dyn) > 3 else "")
+
+
 def compile(graph: Graph, target: str = "llvm", tuning: Any = None, output: str | Path = "graphopt-out", *,  # noqa: A001
             cuda_arch: str = "sm_80,sm_90", precision: str = "fp16", sparse_min_speedup: float = 1.1,
             cpu: str | None = None) -> Path:
@@ -173,6 +186,7 @@ def compile(graph: Graph, target: str = "llvm", tuning: Any = None, output: str 
     if target in ("llvm", "cuda", "cuda-sparse"):  # (exports keep the graph's ops as they are)
         _hint_unfolded_batch_norms(graph)
         _hint_unfolded_qdq(graph)
+        _hint_dynamic_quantize(graph)
     if cpu is not None and target != "llvm":
         raise GraphoptError(f"cpu='{cpu}' names a CPU to compile for; it applies to the llvm target, not '{target}'")
     if target == "llvm":

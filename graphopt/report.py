@@ -134,8 +134,10 @@ def compile_report(reference: Graph, optimized: Graph, artifact: Path, manifest:
         sq = fidelity.get("sqnr_db")
         parts += [f"cosine {fidelity['cosine']:.5f}", f"SQNR {'inf' if sq is None else f'{sq:.1f}'} dB"]
         quantized_input = any(op.startswith(("quantize_per_tensor", "qconv2d", "qlinear")) for op in before.ops)
+        dynamic_input = any(op.startswith("dynamic_quantize") for op in before.ops)
         half = [s.dtype for s in reference.outputs if s.dtype in ("float16", "bfloat16")]
         against = ("the input Q/DQ model" if quantized_input
+                   else "the input dynamically quantized model" if dynamic_input
                    else f"the {half[0]} model (PyTorch's {half[0]} ops)" if half else "fp32")
         lines.append(f"  fidelity   vs {against} on {fidelity['samples']} {fidelity_source or 'inputs'}: "
                      + ", ".join(parts))

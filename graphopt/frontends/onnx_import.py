@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from graphopt.errors import InputMismatchError, ModelFileError, UnsupportedOpError
 from graphopt.ir.graph import Graph
 from graphopt.ir.names import input_name
+from graphopt.ir.quant_ops import dynamic_qparams  # (also registers torch.ops.graphopt)
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +246,7 @@ class Importer:
             outputs.append(v.node)
             out_names.append(o.name)
         self.g.output(tuple(outputs))
+        self.g.eliminate_dead_code()  # e.g. a dynamic layer's integer form, superseded by its float one
         gm = fx.GraphModule(self.root, self.g)
         try:
             ep = torch.export.export(gm, tuple(self.example_inputs), strict=False)
@@ -1192,7 +1194,6 @@ def _scalar(im, v, what: str) -> float:
 def _quantize_linear(im, ins, at):
     """x -> graphopt.quantize_per_tensor. uint8 (ORT's default activation type) is kept as int8 with the zero
     point moved down by 128: the same grid, so fold-qdq and the int8 kernels take it."""
-    import graphopt.ir.quant_ops  # noqa: F401  registers torch.ops.graphopt
     x = ins[0]
     scale = float(_scalar(im, ins[1], "scale"))
     zp_t = im.const(ins[2], "zero point") if len(ins) > 2 and ins[2] is not None else torch.zeros(1, dtype=torch.uint8)
@@ -1263,7 +1264,6 @@ def _dequantize_linear(im, ins, at):
     """int8/uint8 activations (from QuantizeLinear) -> graphopt.dequantize_per_tensor; a constant int8/uint8
     weight -> graphopt.dequantize_per_channel on the integer parameter (per-tensor scales repeated along axis 0),
     which fold-qdq turns into an integer conv/linear; a constant int32 bias is dequantized at import."""
-    import graphopt.ir.quant_ops  # noqa: F401
     q = ins[0]
     scale = im.const(ins[1], "scale").to(torch.float32)
     has_zp = len(ins) > 2 and ins[2] is not None
@@ -1455,8 +1455,154 @@ def _on_codes(im, key: str, handler, ins, at):
                         for v in ins], at)
 
 
-_DYNAMIC_QUANT = {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "com.microsoft.DynamicQuantizeMatMul",
-                  "com.microsoft.MatMulIntegerToFloat", "com.microsoft.DynamicQuantizeLSTM"}
+_DYNAMIC_QUANT = {"com.microsoft.DynamicQuantizeLSTM"}
+
+
+# ---- ONNX Runtime's dynamic quantization (quantize_dynamic: Hugging Face Optimum's and transformers.js's
+# "model_quantized.onnx"): x -> DynamicQuantizeLinear -> (codes, scale, zero point), MatMulInteger / ConvInteger of
+# the codes and an integer weight, Cast, and a Mul by (scale x the weight's scale). Every op imports exactly on its
+# own (integer values in float); where the whole pattern is there, the layer becomes what it computes: a float
+# linear / conv of graphopt.dynamic_quantize(x) (x on its own per-call uint8 grid) and the dequantized int8 weight,
+# which `quantize` makes static (calibrated) and fold-qdq turns into integer kernels.
+
+def _dyn_codes(x):
+    scale, zp = dynamic_qparams(x)
+    return torch.clamp(torch.round(x / scale) + zp, 0, 255).to(torch.uint8)
+
+
+def _dyn_scale(x):
+    return dynamic_qparams(x)[0]
+
+
+def _dyn_zero_point(x):
+    return dynamic_qparams(x)[1].to(torch.uint8)
+
+
+def _dynq(v) -> dict | None:
+    """What a DynamicQuantizeLinear output (or a product of its scale) is, from the importer's notes."""
+    return v.node.meta.get("onnx_dynq") if isinstance(v, Dyn) else None
+
+
+@op("DynamicQuantizeLinear")
+def _dynamic_quantize_linear(im, ins, at):
+    x = ins[0]
+    if im.example(x).dtype != torch.float32:
+        raise UnsupportedOpError(im.node_name, "DynamicQuantizeLinear", "a float32 input is supported")
+    outs = [im.emit(f, x) for f in (_dyn_codes, _dyn_scale, _dyn_zero_point)]
+    if isinstance(x, Dyn):
+        for role, v in zip(("codes", "scale", "zp"), outs):
+            v.node.meta["onnx_dynq"] = {"role": role, "x": x, "id": id(outs[0].node)}
+    return outs
+
+
+def _shifted(im, q, zp, axis: int) -> Value:
+    """float(q) - zero point (a scalar, or a vector along `axis`): the integer operand an integer op multiplies."""
+    zp = zp if zp is not None else Const(torch.zeros((), dtype=torch.float32))
+    return im.emit(_minus_zero_point, q, zp, axis)
+
+
+def _minus_zero_point(q, zp, axis):
+    shape = [1] * q.dim()
+    shape[axis] = -1
+    zp = zp.to(torch.float32)
+    return q.to(torch.float32) - (zp.reshape(shape) if zp.numel() > 1 else zp.reshape(()))
+
+
+def _integer_op(op_type: str):
+    """MatMulInteger / ConvInteger: the float op of the zero-point-shifted integer operands (exact while the sums
+    stay under 2^24), as int32; noted for the Mul that scales it when A is a DynamicQuantizeLinear's codes."""
+    def handler(im, ins, at):
+        a, b = ins[0], ins[1]
+        a_zp = ins[2] if len(ins) > 2 else None
+        b_zp = ins[3] if len(ins) > 3 else None
+        b_axis = 1 if op_type == "MatMul" else 0  # a MatMul's B zero points are per column, a Conv's per filter
+        acc = _float_op(im, op_type, [_shifted(im, a, a_zp, 0), _shifted(im, b, b_zp, b_axis)], at)
+        y = im.emit(torch.Tensor.to, im.emit(torch.round, acc), torch.int32)
+        dq, dz = _dynq(a), _dynq(a_zp)
+        if (isinstance(y, Dyn) and dq and dq["role"] == "codes" and dz and dz["role"] == "zp" and dz["id"] == dq["id"]
+                and isinstance(b, Const) and b.t.dtype in (torch.int8, torch.uint8) and b.t.dim() >= 2
+                and (b_zp is None or isinstance(b_zp, Const))):
+            y.node.meta["onnx_dyn_acc"] = {"op": op_type, "dynq": dq, "w": b, "w_zp": b_zp, "at": dict(at)}
+        return y
+    return handler
+
+
+HANDLERS["MatMulInteger"] = _integer_op("MatMul")
+HANDLERS["ConvInteger"] = _integer_op("Conv")
+
+
+def _dynamic_layer(im, acc: dict, w_scale: torch.Tensor) -> Value:
+    """linear / conv of dynamic_quantize(x) and the dequantized integer weight: what MatMulInteger -> Cast -> Mul
+    by (x's scale x the weight's) computes."""
+    dq = acc["dynq"]
+    cache = im.__dict__.setdefault("_dynamic_quantized", {})
+    if dq["id"] not in cache:
+        cache[dq["id"]] = im.emit(torch.ops.graphopt.dynamic_quantize.default, dq["x"])
+    w, w_zp = acc["w"], acc["w_zp"]
+    axis = 1 if acc["op"] == "MatMul" else 0
+    zp = w_zp.t if w_zp is not None else torch.zeros((), dtype=w.t.dtype)
+    w_dq = _dequantize_linear(im, [w, Const(w_scale.reshape(-1)), Const(zp.reshape(-1))], {"axis": axis})
+    return _float_op(im, acc["op"], [cache[dq["id"]], w_dq], acc["at"])
+
+
+def _mul_dynamic(im, ins, at):
+    """Mul, noting a DynamicQuantizeLinear scale times a constant (the weight's scale), and completing the dynamic
+    layer pattern when an integer op's accumulator is multiplied by that product."""
+    y = im.emit(torch.mul, ins[0], ins[1])
+    for p, q in ((ins[0], ins[1]), (ins[1], ins[0])):
+        d = _dynq(p)
+        if d and d["role"] == "scale" and isinstance(q, Const) and isinstance(y, Dyn):
+            y.node.meta["onnx_dynq"] = {"role": "scale_product", "id": d["id"], "w_scale": q.t.to(torch.float32)}
+        acc = p.node.meta.get("onnx_dyn_acc") if isinstance(p, Dyn) else None
+        prod = _dynq(q)
+        if acc and prod and prod["role"] == "scale_product" and prod["id"] == acc["dynq"]["id"]:
+            n_out = acc["w"].t.shape[1 if acc["op"] == "MatMul" else 0]
+            if prod["w_scale"].numel() in (1, n_out):
+                return _dynamic_layer(im, acc, prod["w_scale"])
+    return y
+
+
+HANDLERS["Mul"] = _mul_dynamic
+
+
+def _cast_keeping_notes(im, ins, at):
+    """Cast; an integer op's accumulator cast to float stays noted (ORT writes MatMulInteger -> Cast -> Mul)."""
+    y = _cast(im, ins, at)
+    acc = ins[0].node.meta.get("onnx_dyn_acc") if isinstance(ins[0], Dyn) else None
+    if acc and isinstance(y, Dyn) and y.example.dtype == torch.float32:
+        y.node.meta["onnx_dyn_acc"] = acc
+    return y
+
+
+@op("com.microsoft.DynamicQuantizeMatMul")
+def _dynamic_quantize_matmul(im, ins, at):
+    """A = float; B integer, its scale and zero point; optional bias: linear(dynamic_quantize(A), dequantized B)."""
+    a, b, b_scale = ins[0], ins[1], ins[2]
+    b_zp = ins[3] if len(ins) > 3 else None
+    bias = ins[4] if len(ins) > 4 else None
+    a_q = im.emit(torch.ops.graphopt.dynamic_quantize.default, a)
+    zp = b_zp if b_zp is not None else Const(torch.zeros((), dtype=im.example(b).dtype))
+    y = _float_op(im, "MatMul", [a_q, _dequantize_linear(im, [b, b_scale, zp], {"axis": 1})], {})
+    return im.emit(torch.add, y, bias) if bias is not None else y
+
+
+@op("com.microsoft.MatMulIntegerToFloat")
+def _matmul_integer_to_float(im, ins, at):
+    """(A - a_zp) a_scale @ (B - b_zp) b_scale (+ bias); A's scale may be computed (a DynamicQuantizeLinear's)."""
+    a, b, a_scale, b_scale = ins[:4]
+    a_zp = ins[4] if len(ins) > 4 else None
+    b_zp = ins[5] if len(ins) > 5 else None
+    bias = ins[6] if len(ins) > 6 else None
+    dq, ds = _dynq(a), _dynq(a_scale)
+    if (dq and dq["role"] == "codes" and ds and ds["role"] == "scale" and ds["id"] == dq["id"]
+            and isinstance(b, Const) and isinstance(b_scale, Const) and (b_zp is None or isinstance(b_zp, Const))):
+        acc = {"op": "MatMul", "dynq": dq, "w": b, "w_zp": b_zp, "at": {}}
+        y = _dynamic_layer(im, acc, b_scale.t.to(torch.float32))
+    else:
+        a_f = im.emit(torch.mul, _shifted(im, a, a_zp, 0), a_scale)
+        b_f = im.emit(torch.mul, _shifted(im, b, b_zp, 1), b_scale)
+        y = _float_op(im, "MatMul", [a_f, b_f], {})
+    return im.emit(torch.add, y, bias) if bias is not None else y
 
 
 @op("Shape")
@@ -1496,6 +1642,9 @@ def _range(im, ins, at):
 @op("Cast")
 def _cast(im, ins, at):
     return im.emit(torch.Tensor.to, ins[0], _onnx_dtype(int(at["to"])))
+
+
+HANDLERS["Cast"] = _cast_keeping_notes
 
 
 @op("CastLike")

@@ -61,13 +61,29 @@ def _dequantize_per_channel(q, scales, zero_points, axis):
     return (q.to(torch.float32) - zero_points.reshape(shape).to(torch.float32)) * scales.reshape(shape)
 
 
+def dynamic_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ONNX DynamicQuantizeLinear's uint8 grid for x, computed from x itself (ONNX Runtime's quantize_dynamic
+    quantizes every MatMul / Conv input this way, per call): the range [min(x, 0), max(x, 0)] over 255 steps (scale
+    1 where that range is empty), zero point round-half-even(clamp(-min / scale, 0, 255)); as float 0-d tensors."""
+    lo = torch.clamp(x.amin(), max=0.0).to(torch.float32)
+    hi = torch.clamp(x.amax(), min=0.0).to(torch.float32)
+    scale = torch.where(hi == lo, torch.ones_like(hi), (hi - lo) / 255)
+    return scale, torch.round(torch.clamp(-lo / scale, 0, 255))
+
+
+def _dynamic_quantize(x):
+    scale, zp = dynamic_qparams(x)
+    return (torch.clamp(torch.round(x / scale) + zp, 0, 255) - zp) * scale
+
+
 def plain_decompositions() -> dict:
     """The Q/DQ ops as plain ATen (for `ExportedProgram.run_decompositions`): a program holding them then loads
     and runs in a PyTorch without graphopt, its int8 weights kept."""
     go = torch.ops.graphopt
     return {go.quantize_per_tensor.default: _quantize_per_tensor,
             go.dequantize_per_tensor.default: _dequantize_per_tensor,
-            go.dequantize_per_channel.default: _dequantize_per_channel}
+            go.dequantize_per_channel.default: _dequantize_per_channel,
+            go.dynamic_quantize.default: _dynamic_quantize}
 
 
 @torch.library.custom_op("graphopt::quantize_per_tensor", mutates_args=())
@@ -100,6 +116,19 @@ def dequantize_per_channel(q: torch.Tensor, scales: torch.Tensor, zero_points: t
 @dequantize_per_channel.register_fake
 def _(q, scales, zero_points, axis):
     return torch.empty_like(q, dtype=torch.float32)
+
+
+@torch.library.custom_op("graphopt::dynamic_quantize", mutates_args=())
+def dynamic_quantize(x: torch.Tensor) -> torch.Tensor:
+    """x rounded onto its own uint8 grid (`dynamic_qparams`), computed on every call: an ONNX Runtime
+    quantize_dynamic model's DynamicQuantizeLinear as its dequantized value. `quantize` replaces it with a
+    calibrated static quantize / dequantize pair, which fold-qdq turns into integer kernels."""
+    return _dynamic_quantize(x)
+
+
+@dynamic_quantize.register_fake
+def _(x):
+    return torch.empty_like(x)
 
 
 def _grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
@@ -244,7 +273,7 @@ def _(xq, x_scale, x_zp, wq, w_scales, bias, stride, padding, dilation, groups):
 
 
 QUANT_OPS = ("quantize_per_tensor", "dequantize_per_tensor", "dequantize_per_channel", "qlinear", "qconv2d",
-             "qmatmul", "requantize", "qlinear_i32", "qconv2d_i32")
+             "qmatmul", "requantize", "qlinear_i32", "qconv2d_i32", "dynamic_quantize")
 
 
 _go = torch.ops.graphopt

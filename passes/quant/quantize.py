@@ -207,6 +207,34 @@ def activation_matmuls(graph: Graph, exclude: list[str]) -> list[fx.Node]:
     return out
 
 
+def _drop_dynamic_quantize(graph: Graph) -> int:
+    """Remove every graphopt.dynamic_quantize (an ONNX Runtime quantize_dynamic model's per-call activation
+    rounding): its layers, whose weights are already int8 behind a dequantize, then get calibrated static
+    activation scales like any other (prequantized_ops), which fold-qdq can turn into integer kernels."""
+    dyn = [n for n in graph.gm.graph.nodes if n.target is torch.ops.graphopt.dynamic_quantize.default]
+    for n in dyn:
+        n.replace_all_uses_with(n.args[0])
+        graph.gm.graph.erase_node(n)
+    return len(dyn)
+
+
+def _symmetric_weights(graph: Graph, ops: list[fx.Node], per_channel: bool) -> int:
+    """Kept integer weights with nonzero zero points (uint8 weights of an imported ONNX Runtime model) become
+    symmetric int8 again from their dequantized values (one more rounding, at most half an int8 step): graphopt's
+    integer kernels, which fold-qdq targets, take symmetric weights."""
+    n_done = 0
+    for op in ops:
+        dq = op.args[1]
+        q, scales, zps = (graph.get_param(a.target) for a in dq.args[:3])
+        if not bool((zps != 0).any()):
+            continue
+        w = torch.ops.graphopt.dequantize_per_channel.default(q, scales, zps, int(dq.args[3]))
+        op.args = (op.args[0], graph.add_param(f"{dq.args[0].target}_float", w, before=op), *op.args[2:])
+        quantize_op_weight(graph, op, "int8", per_channel)
+        n_done += 1
+    return n_done
+
+
 @register_pass
 class Quantize(Pass):
     name = "quantize"
@@ -255,6 +283,7 @@ class Quantize(Pass):
         for pat in unmatched_patterns(graph, o.exclude):
             raise CalibrationError(f"quantize option 'exclude': '{pat}' matches no node or parameter")
         as_linear = linears_from_matmuls(graph, o.exclude)  # (x @ W.T, GPT-2's addmm: weight passes take linears)
+        made_static = _drop_dynamic_quantize(graph) if o.activations == "int8" else 0
         weights, auto_reason = _resolve_width(o.weights, ctx)
         ops, skipped = quantizable_ops(graph, o.exclude)
         # layers mixed-precision measured and left in float stay float: its choice, not quantize's default width
@@ -266,6 +295,7 @@ class Quantize(Pass):
         kept_bits = prequantized_ops(graph, o.exclude) if o.activations == "int8" else []
         for op in kept_bits:
             skipped.pop(op.name, None)
+        made_symmetric = _symmetric_weights(graph, kept_bits, o.per_channel)
         if not ops and not kept_bits:
             return PassResult(graph, False, {"skipped": skipped}, "no conv or linear with a float weight to quantize"
                               + (f" ({len(kept_float)} kept fp32 by mixed-precision)" if kept_float else ""))
@@ -311,6 +341,8 @@ class Quantize(Pass):
                                         "half_model_computed_in_float32": half,
                                         "weight_bits_kept": len(kept_bits), "kept_fp32": len(kept_float),
                                         "activations_quantized": len(act_q), "matmuls_quantized": len(matmuls),
+                                        "dynamic_made_static": made_static,
+                                        "asymmetric_weights_made_symmetric": made_symmetric,
                                         "attention_kept_fused": attention_kept,
                                         "weight_bits": weights, "pair_width_kept_int8": kept_int8,
                                         **({"weights_auto": auto_reason} if auto_reason else {}),

@@ -1,0 +1,190 @@
+"""ONNX Runtime's dynamically quantized files (quantize_dynamic: Hugging Face Optimum's and transformers.js's
+model_quantized.onnx): DynamicQuantizeLinear, MatMulInteger, ConvInteger and com.microsoft's DynamicQuantizeMatMul
+/ MatMulIntegerToFloat import with ONNX Runtime's results; each quantized layer becomes a float conv / linear of
+graphopt.dynamic_quantize(x) and its int8 weight, which `quantize` makes static for fold-qdq's integer kernels.
+
+ONNX Runtime is compared exactly only where its kernels are exact: uint8 x uint8 products. Its uint8 x int8
+MatMulInteger on AVX2 CPUs without VNNI adds pairs of products in int16 (vpmaddubsw), which saturates, so there
+the int8-weight files are held to ONNX Runtime's own distance from the float model instead."""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+import graphopt
+from graphopt.errors import UnsupportedOpError
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2)
+        self.fc, self.fc2 = torch.nn.Linear(8 * 4 * 4, 10), torch.nn.Linear(10, 6, bias=False)
+
+    def forward(self, x):
+        y = self.c2(torch.relu(self.c1(x))).flatten(1)
+        return self.fc2(torch.relu(self.fc(y)))
+
+
+def _ort(path, feeds: dict) -> list[np.ndarray]:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    tmp = tmp_path_factory.mktemp("dyn")
+    torch.manual_seed(0)
+    fp32 = tmp / "net.onnx"
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_Net().eval(), (torch.randn(1, 3, 8, 8),), str(fp32), dynamo=False,
+                          input_names=["image"], output_names=["logits"], opset_version=17)
+    out = {"fp32": fp32}
+    with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, wt, pc in (("u8", QuantType.QUInt8, False), ("u8_pc", QuantType.QUInt8, True),
+                             ("s8", QuantType.QInt8, False)):
+            out[name] = tmp / f"{name}.onnx"
+            quantize_dynamic(str(fp32), str(out[name]), weight_type=wt, per_channel=pc,
+                             op_types_to_quantize=["Conv", "MatMul", "Gemm"])
+    return out, tmp
+
+
+def _ops(g) -> Counter:
+    return Counter(getattr(n.target, "__name__", str(n.target)).split(".")[0] for n in g.nodes("call_function"))
+
+
+def _images(n: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((1, 3, 8, 8)).astype(np.float32) for _ in range(n)]
+
+
+@pytest.mark.parametrize("name", ["u8", "u8_pc"])
+def test_dynamic_file_imports_as_layers_of_rounded_inputs_with_ort_results(files, name):
+    paths, _ = files
+    types = {n.op_type for n in onnx.load(str(paths[name])).graph.node}
+    assert {"DynamicQuantizeLinear", "ConvInteger", "MatMulInteger", "Cast"} <= types and "Conv" not in types
+    g = graphopt.load_onnx(paths[name])
+    ops = _ops(g)
+    # every layer is the float op of its rounded input and dequantized integer weight; the integer form is gone
+    assert ops["dynamic_quantize"] == 4 and ops["conv2d"] == 2 and ops["linear"] == 2
+    assert ops["dequantize_per_channel"] == 4 and not ops["amin"] and not ops["round"]
+    for x in _images(3, 1):
+        got, ref = g.run(torch.from_numpy(x))[0].numpy(), _ort(paths[name], {"image": x})[0]
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)  # the same integers, scaled
+
+
+def test_int8_weight_file_is_at_least_as_close_to_the_float_model_as_ort(files):
+    paths, _ = files
+    g = graphopt.load_onnx(paths["s8"])
+    assert _ops(g)["dynamic_quantize"] == 4
+    for x in _images(3, 2):
+        ref = _ort(paths["fp32"], {"image": x})[0]
+        ours = np.abs(g.run(torch.from_numpy(x))[0].numpy() - ref).max()
+        theirs = np.abs(_ort(paths["s8"], {"image": x})[0] - ref).max()
+        assert ours <= theirs * 1.01 + 1e-6 and ours < 0.05 * np.abs(ref).max()
+
+
+def _model(nodes, inputs, outputs, inits, path):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    onnx.save(model, str(path))
+    return path
+
+
+def _f(name, shape):
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def test_dynamic_quantize_outputs_used_any_other_way_import_exactly(tmp_path):
+    """Both MatMulInteger operands computed (no layer), and the codes, scale and zero point as graph outputs: the
+    ops' own integer semantics."""
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
+             helper.make_node("DynamicQuantizeLinear", ["y"], ["yq", "ys", "yz"]),
+             helper.make_node("MatMulInteger", ["xq", "yq", "xz", "yz"], ["acc"]),
+             helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["xs", "ys"], ["s"]),
+             helper.make_node("Mul", ["accf", "s"], ["out"])]
+    outs = [_f("out", [4, 5]), helper.make_tensor_value_info("xq", TensorProto.UINT8, [4, 6]),
+            _f("xs", []), helper.make_tensor_value_info("xz", TensorProto.UINT8, [])]
+    path = _model(nodes, [_f("x", [4, 6]), _f("y", [6, 5])], outs, {}, tmp_path / "mm.onnx")
+    g = graphopt.load_onnx(path)
+    rng = np.random.default_rng(3)
+    for _ in range(3):
+        x, y = rng.standard_normal((4, 6)).astype(np.float32), rng.standard_normal((6, 5)).astype(np.float32) + 0.5
+        got = [t.numpy() for t in g.run(torch.from_numpy(x), torch.from_numpy(y))]
+        ref = _ort(path, {"x": x, "y": y})
+        np.testing.assert_allclose(got[0], ref[0], rtol=1e-5, atol=1e-6)
+        assert got[1].dtype == np.uint8 and np.array_equal(got[1], ref[1])  # the codes
+        assert float(got[2]) == pytest.approx(float(ref[2]), rel=1e-7) and int(got[3]) == int(ref[3])
+
+
+def test_contrib_dynamic_matmuls_import_with_ort_results(tmp_path):
+    rng = np.random.default_rng(4)
+    w1, w2 = (rng.integers(0, 256, (6, 5), dtype=np.uint8) for _ in range(2))
+    inits = {"w1": w1, "w1s": np.float32(0.02), "w1z": np.uint8(120), "b1": rng.standard_normal(5).astype(np.float32),
+             "w2": w2, "w2s": np.float32(0.03), "w2z": np.uint8(131)}
+    nodes = [helper.make_node("DynamicQuantizeMatMul", ["x", "w1", "w1s", "w1z", "b1"], ["h"], domain="com.microsoft"),
+             helper.make_node("Concat", ["h", "h1"], ["h6"], axis=1),
+             helper.make_node("DynamicQuantizeLinear", ["h6"], ["hq", "hs", "hz"]),
+             helper.make_node("MatMulIntegerToFloat", ["hq", "w2", "hs", "w2s", "hz", "w2z"], ["out"],
+                              domain="com.microsoft")]
+    inits["h1"] = rng.standard_normal((3, 1)).astype(np.float32)
+    path = _model(nodes, [_f("x", [3, 6])], [_f("out", [3, 5])], inits, tmp_path / "contrib.onnx")
+    g = graphopt.load_onnx(path)
+    ops = _ops(g)
+    assert ops["dynamic_quantize"] == 2 and ops["linear"] == 2
+    for _ in range(3):
+        x = rng.standard_normal((3, 6)).astype(np.float32)
+        np.testing.assert_allclose(g.run(torch.from_numpy(x))[0].numpy(), _ort(path, {"x": x})[0],
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_makes_the_dynamic_layers_static_and_fold_qdq_folds_them(files):
+    paths, _ = files
+    g = graphopt.load_onnx(paths["u8_pc"])
+    calib = [(torch.from_numpy(x),) for x in _images(4, 5)]
+    q = graphopt.optimize(g, "quantize,fold-qdq", data=calib)
+    stats = [h["stats"] for h in q.meta["history"][-2:]]
+    assert stats[0]["dynamic_made_static"] == 4 and stats[0]["weight_bits_kept"] == 4
+    assert stats[0]["asymmetric_weights_made_symmetric"] >= 1  # uint8 weights: zero points near 128
+    assert stats[1]["folded"] == 4 and not stats[1]["kept"]
+    assert not _ops(q)["dynamic_quantize"]
+    for x in _images(3, 6):
+        ref = g.run(torch.from_numpy(x))[0].numpy()
+        err = q.run(torch.from_numpy(x))[0].numpy() - ref
+        sqnr = 10 * np.log10((ref ** 2).sum() / (err ** 2).sum())
+        # static int8 activations from 4 calibration images against per-call grids: 25-45 dB on these inputs
+        assert sqnr > 20
+
+
+def test_dynamic_file_compiles_as_it_is_and_says_how_to_get_int8_kernels(files, caplog):
+    paths, tmp = files
+    g = graphopt.load_onnx(paths["u8"])
+    with caplog.at_level(logging.WARNING):
+        art = graphopt.load(graphopt.compile(g, "llvm", output=tmp / "art"))
+    assert "4 layer input(s) are quantized dynamically" in caplog.text and "quantize,fold-qdq" in caplog.text
+    for x in _images(2, 7):
+        np.testing.assert_allclose(art(x)[0], g.run(torch.from_numpy(x))[0].numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_dynamic_quantized_lstm_is_refused_with_what_to_do(tmp_path):
+    node = helper.make_node("DynamicQuantizeLSTM", ["x"], ["y"], domain="com.microsoft", name="lstm")
+    path = _model([node], [_f("x", [1, 2, 4])], [_f("y", [1, 2, 4])], {}, tmp_path / "lstm.onnx")
+    with pytest.raises(UnsupportedOpError, match=r"DynamicQuantizeLSTM.*quantize_dynamic"):
+        graphopt.load_onnx(path)
