@@ -24,11 +24,19 @@ def dequantize_per_channel(q, scales, zero_points, axis: int):
     return op.DequantizeLinear(q, scales, op.Cast(zero_points, to=onnx.TensorProto.INT8), axis=axis)
 
 
+def dynamic_quantize(x):
+    """ONNX's own op for the per-call uint8 grid, then back to float (what an ORT quantize_dynamic model computes
+    before each integer layer)."""
+    q, scale, zp = op.DynamicQuantizeLinear(x)
+    return op.DequantizeLinear(q, scale, zp)
+
+
 def translation_table() -> dict:
     import torch
     return {torch.ops.graphopt.quantize_per_tensor.default: quantize_per_tensor,
             torch.ops.graphopt.dequantize_per_tensor.default: dequantize_per_tensor,
-            torch.ops.graphopt.dequantize_per_channel.default: dequantize_per_channel}
+            torch.ops.graphopt.dequantize_per_channel.default: dequantize_per_channel,
+            torch.ops.graphopt.dynamic_quantize.default: dynamic_quantize}
 
 
 def _index(g: onnx.GraphProto) -> tuple[dict, dict, dict]:

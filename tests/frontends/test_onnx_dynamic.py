@@ -173,14 +173,19 @@ def test_quantize_makes_the_dynamic_layers_static_and_fold_qdq_folds_them(files)
         assert sqnr > 20
 
 
-def test_dynamic_file_compiles_as_it_is_and_says_how_to_get_int8_kernels(files, caplog):
+def test_dynamic_file_compiles_and_exports_as_it_is_and_says_how_to_get_int8_kernels(files, caplog):
     paths, tmp = files
     g = graphopt.load_onnx(paths["u8"])
     with caplog.at_level(logging.WARNING):
         art = graphopt.load(graphopt.compile(g, "llvm", output=tmp / "art"))
     assert "4 layer input(s) are quantized dynamically" in caplog.text and "quantize,fold-qdq" in caplog.text
+    onnx_dir = graphopt.compile(g, "onnx", output=tmp / "export")  # as DynamicQuantizeLinear -> DequantizeLinear
+    types = {n.op_type for n in onnx.load(str(onnx_dir / "model.onnx")).graph.node}
+    assert "DynamicQuantizeLinear" in types
     for x in _images(2, 7):
-        np.testing.assert_allclose(art(x)[0], g.run(torch.from_numpy(x))[0].numpy(), rtol=1e-4, atol=1e-5)
+        want = g.run(torch.from_numpy(x))[0].numpy()
+        np.testing.assert_allclose(art(x)[0], want, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(_ort(onnx_dir / "model.onnx", {"image": x})[0], want, rtol=1e-4, atol=1e-5)
 
 
 def test_dynamic_quantized_lstm_is_refused_with_what_to_do(tmp_path):
