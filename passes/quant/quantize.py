@@ -218,21 +218,28 @@ def _drop_dynamic_quantize(graph: Graph) -> int:
     return len(dyn)
 
 
-def _symmetric_weights(graph: Graph, ops: list[fx.Node], per_channel: bool) -> int:
-    """Kept integer weights with nonzero zero points (uint8 weights of an imported ONNX Runtime model) become
-    symmetric int8 again from their dequantized values (one more rounding, at most half an int8 step): graphopt's
-    integer kernels, which fold-qdq targets, take symmetric weights."""
-    n_done = 0
+def _rewidth_kept(graph: Graph, ops: list[fx.Node], width: str, per_channel: bool, chosen: dict
+                  ) -> tuple[int, dict[str, str]]:
+    """Kept integer weights that graphopt's kernels would not take as they are get rounded again from their
+    dequantized values (one more rounding): nonzero zero points (uint8 weights of an imported ONNX Runtime model)
+    become symmetric int8, the kernels' form; and where the run asks for a pair width (int8s / int7: weights=auto
+    on a CPU without VNNI), imported full-range int8 weights take it, for the exact u8 x s8 pair kernels. Widths
+    that mixed-precision chose (`chosen`) stay. Returns (weights made symmetric, {op: new width})."""
+    symmetric, widths = 0, {}
     for op in ops:
         dq = op.args[1]
         q, scales, zps = (graph.get_param(a.target) for a in dq.args[:3])
-        if not bool((zps != 0).any()):
+        asymmetric = bool((zps != 0).any())
+        bits = layer_width(op, width) if width in PAIR_WIDTHS and op.name not in chosen else "int8"
+        if not asymmetric and bits == "int8":
             continue
         w = torch.ops.graphopt.dequantize_per_channel.default(q, scales, zps, int(dq.args[3]))
         op.args = (op.args[0], graph.add_param(f"{dq.args[0].target}_float", w, before=op), *op.args[2:])
-        quantize_op_weight(graph, op, "int8", per_channel)
-        n_done += 1
-    return n_done
+        quantize_op_weight(graph, op, bits, per_channel)
+        symmetric += asymmetric
+        if bits != "int8":
+            widths[op.name] = bits
+    return symmetric, widths
 
 
 @register_pass
@@ -253,7 +260,8 @@ class Quantize(Pass):
                     "s8 kernel adds (input channels 2m, 2m+1 at one tap) can saturate int16: that kernel's speed "
                     "(~1.25x the int8 GEMM without VNNI) at a median 1.3x the int8 step; int7: values in [-63, 63], "
                     "the same kernel at 2x the step. Depthwise convs and one-row linears, which no such kernel "
-                    "reads, stay int8 under both"})
+                    "reads, stay int8 under both. An imported int8 model's weights (ORT QDQ / dynamic files) keep "
+                    "their int8 unless int8s or int7 is asked for (or auto resolves to one)"})
         activations: Literal["int8", "none"] = field(default="int8", metadata={
             "help": "int8: quantize conv/linear inputs (needs data); none: weight-only"})
         calibrator: Literal["minmax", "percentile", "mse", "entropy"] = field(default="minmax", metadata={
@@ -295,7 +303,7 @@ class Quantize(Pass):
         kept_bits = prequantized_ops(graph, o.exclude) if o.activations == "int8" else []
         for op in kept_bits:
             skipped.pop(op.name, None)
-        made_symmetric = _symmetric_weights(graph, kept_bits, o.per_channel)
+        made_symmetric, rewidth = _rewidth_kept(graph, kept_bits, weights, o.per_channel, chosen)
         if not ops and not kept_bits:
             return PassResult(graph, False, {"skipped": skipped}, "no conv or linear with a float weight to quantize"
                               + (f" ({len(kept_float)} kept fp32 by mixed-precision)" if kept_float else ""))
@@ -336,13 +344,14 @@ class Quantize(Pass):
         for mm in matmuls:
             mm.args = (dequantized(mm.args[0]), dequantized(mm.args[1]), *mm.args[2:])
         eliminate_dead_code(graph)
-        graph.meta["weight_bits"] = {**graph.meta.get("weight_bits", {}), **bits}
+        graph.meta["weight_bits"] = {**graph.meta.get("weight_bits", {}), **rewidth, **bits}
         return PassResult(graph, True, {"weights_quantized": len(ops), "matmuls_as_linears": as_linear,
                                         "half_model_computed_in_float32": half,
                                         "weight_bits_kept": len(kept_bits), "kept_fp32": len(kept_float),
                                         "activations_quantized": len(act_q), "matmuls_quantized": len(matmuls),
                                         "dynamic_made_static": made_static,
                                         "asymmetric_weights_made_symmetric": made_symmetric,
+                                        "kept_weights_rounded_to_pair_width": len(rewidth),
                                         "attention_kept_fused": attention_kept,
                                         "weight_bits": weights, "pair_width_kept_int8": kept_int8,
                                         **({"weights_auto": auto_reason} if auto_reason else {}),
