@@ -7,8 +7,8 @@ CPU's fastest exact width W where that is not int8 (`--width`; by default what
 `quantize{weights=auto}` takes: int8s, the u8 x s8 kernels' exact width, on AVX2 CPUs without VNNI; int8 with VNNI),
 and `prune-channels{ratio=R}` + W for each ratio; ONNX Runtime fp32 and int8 of the unpruned model, the int8 in
 both of its forms (QDQ, per-channel): "int8" with int8 activations (S8S8, the default its docs recommend for CPUs)
-and "int8 u8" with uint8 activations (U8S8, its faster x86 kernels: about 2x S8S8 on a Zen 4); "/ORT int8" divides
-by the faster of the two. Latency is batch 1 at the zoo's input shape, timed in
+and "int8 u8" with uint8 activations (U8S8, its faster x86 kernels: about 2x S8S8 on a Zen 4), and "int8 dynamic"
+(`quantize_dynamic`, per-call activation grids: on MiniLM faster than both); "/ORT int8" divides by the fastest. Latency is batch 1 at the zoo's input shape, timed in
 interleaved rounds with the same thread count. Fidelity is against the fp32 model on the zoo's evaluation inputs
 (top-1 agreement for the image models, mean cosine of the sentence embeddings for MiniLM). Pruned rows have no
 fine-tuning unless `--recover-epochs` is given: then `recover` distills from the unpruned model, for MiniLM on
@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     import graphopt
-    from graphopt.bench import fidelity, interleaved_medians, ort_quantize_static, ort_session, reference_onnx
+    from graphopt.bench import (fidelity, interleaved_medians, ort_quantize_dynamic, ort_quantize_static, ort_session,
+                                reference_onnx)
     from graphopt.ir.files import atomic_write_bytes
     from graphopt.zoo import calibration_inputs, eval_inputs, zoo_entry, zoo_graph
 
@@ -158,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
             q8 = ort_quantize_static(onnx32, work / f"{name}-ort-{acts}.onnx",
                                      [{n: np.asarray(t) for n, t in zip(names, b)} for b in calib], activations=acts)
             sess[key] = ort_session(q8, args.threads)
+        sess["onnxruntime int8 dynamic"] = ort_session(
+            ort_quantize_dynamic(onnx32, work / f"{name}-ort-dynamic.onnx"), args.threads)
+        for key in ("onnxruntime int8", "onnxruntime int8 u8", "onnxruntime int8 dynamic"):
             fid[key] = fidelity(refs, [sess[key].run(None, {n: np.asarray(t) for n, t in zip(names, b)})[0]
                                        for b in evals], classification=not text).to_json()
 
@@ -166,14 +170,14 @@ def main(argv: list[str] | None = None) -> int:
         calls = {**{k: a.prepared(*x) for k, a in arts.items()},
                  **{k: (lambda s=s: s.run(None, feed)) for k, s in sess.items()}}
         lat = interleaved_medians(calls, runs=args.runs)
-        ort8 = min(lat["onnxruntime int8"], lat["onnxruntime int8 u8"])  # ORT's faster int8 form here
+        ort8 = min(lat[k] for k in ("onnxruntime int8", "onnxruntime int8 u8", "onnxruntime int8 dynamic"))
         metric = "cosine" if text else "top1"
-        lines.append(f"{name:<18} {'runtime':<22} {'ms':>7} {'/ORT fp32':>9} {'/ORT int8':>9} {'x faster':>8} "
+        lines.append(f"{name:<18} {'runtime':<24} {'ms':>7} {'/ORT fp32':>9} {'/ORT int8':>9} {'x faster':>8} "
                      f"{metric:>8} {'file MB':>7}   ({args.threads} threads)")
         for k, v in lat.items():
             f = fid.get(k)
             val = "-" if f is None else f"{f[metric]:.3f}" if text else f"{f[metric] * 100:.1f}%"
-            lines.append(f"{'':<18} {k:<22} {v * 1e3:>7.2f} {v / lat['onnxruntime fp32']:>9.2f} "
+            lines.append(f"{'':<18} {k:<24} {v * 1e3:>7.2f} {v / lat['onnxruntime fp32']:>9.2f} "
                          f"{v / ort8:>9.2f} {lat['onnxruntime fp32'] / v:>7.2f}x {val:>8} "
                          + (f"{size[k] / 1e6:>7.1f}" if k in size else f"{'':>7}")
                          + (f"   held-out cos {f['cosine_wordnet_heldout']:.3f}" if f and "cosine_wordnet_heldout" in f
