@@ -22,6 +22,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
+from tests.frontends.quiet_export import export_legacy
 from graphopt.errors import UnsupportedOpError
 
 
@@ -49,10 +50,8 @@ def files(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dyn")
     torch.manual_seed(0)
     fp32 = tmp / "net.onnx"
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(_Net().eval(), (torch.randn(1, 3, 8, 8),), str(fp32), dynamo=False,
-                          input_names=["image"], output_names=["logits"], opset_version=17)
+    export_legacy(_Net().eval(), (torch.randn(1, 3, 8, 8),), fp32, input_names=["image"], output_names=["logits"],
+                  opset_version=17)
     out = {"fp32": fp32}
     with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")

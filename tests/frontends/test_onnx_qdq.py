@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import warnings
 
 import numpy as np
 import onnx
@@ -14,6 +13,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
+from tests.frontends.quiet_export import export_legacy
 from graphopt.errors import UnsupportedOpError
 
 
@@ -35,10 +35,7 @@ def ort_quantized(tmp_path_factory):
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU6(), torch.nn.Conv2d(8, 4, 1),
                               torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 5)).eval()
     fp32 = tmp / "net.onnx"
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net, (torch.randn(1, 3, 8, 8),), str(fp32), dynamo=False, input_names=["image"],
-                          opset_version=13)
+    export_legacy(net, (torch.randn(1, 3, 8, 8),), fp32, input_names=["image"], opset_version=13)
     feeds = [{"image": torch.randn(1, 3, 8, 8).numpy()} for _ in range(8)]
     out = {}
     for name, act in (("s8", QuantType.QInt8), ("u8", QuantType.QUInt8)):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from onnx import helper
 
 import graphopt
+from tests.frontends.quiet_export import export_legacy
 from graphopt.errors import UnsupportedOpError
 
 
@@ -71,10 +72,8 @@ def quantized(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("qop")
     torch.manual_seed(0)
     fp32 = tmp / "net.onnx"
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(_Net().eval(), (torch.randn(1, 3, 16, 16),), str(fp32), dynamo=False,
-                          input_names=["image"], output_names=["logits", "probs"], opset_version=13)
+    export_legacy(_Net().eval(), (torch.randn(1, 3, 16, 16),), fp32, input_names=["image"],
+                  output_names=["logits", "probs"], opset_version=13)
     model = onnx.load(str(fp32))
     _fold_pad_into_conv(model)
     onnx.save(model, str(fp32))
