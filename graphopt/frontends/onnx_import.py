@@ -69,6 +69,7 @@ class Importer:
         self.example_inputs: list[torch.Tensor] = []
         self.input_names: list[str] = []
         self.node_name = ""
+        self.dynamic_quantized: dict[int, Value] = {}  # a DynamicQuantizeLinear's dynamic_quantize(x), made once
 
     # ---- values -------------------------------------------------------------------------------------------
     def _param_node(self, t: torch.Tensor, hint: str) -> fx.Node:
@@ -1535,7 +1536,7 @@ def _dynamic_layer(im, acc: dict, w_scale: torch.Tensor) -> Value:
     """linear / conv of dynamic_quantize(x) and the dequantized integer weight: what MatMulInteger -> Cast -> Mul
     by (x's scale x the weight's) computes."""
     dq = acc["dynq"]
-    cache = im.__dict__.setdefault("_dynamic_quantized", {})
+    cache = im.dynamic_quantized
     if dq["id"] not in cache:
         cache[dq["id"]] = im.emit(torch.ops.graphopt.dynamic_quantize.default, dq["x"])
     w, w_zp = acc["w"], acc["w_zp"]
