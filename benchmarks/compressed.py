@@ -6,10 +6,10 @@ Rows: graphopt fp32, int8 (and the same int8 graph exported to ONNX and run by O
 CPU's fastest exact width W where that is not int8 (`--width`; by default what
 `quantize{weights=auto}` takes: int8s, the u8 x s8 kernels' exact width, on AVX2 CPUs without VNNI; int8 with VNNI),
 and `prune-channels{ratio=R}` + W for each ratio; ONNX Runtime fp32 and int8 of the unpruned model, the int8 in
-both of its forms (QDQ, per-channel): "int8" with int8 activations (S8S8, the default its docs recommend for CPUs)
+its static forms (QDQ, per-channel): "int8" with int8 activations (S8S8, the default its docs recommend for CPUs)
 and "int8 u8" with uint8 activations (U8S8, its faster x86 kernels: about 2x S8S8 on a Zen 4), and "int8 dynamic"
-(`quantize_dynamic`, per-call activation grids: on MiniLM faster than both); "/ORT int8" divides by the fastest. Latency is batch 1 at the zoo's input shape, timed in
-interleaved rounds with the same thread count. Fidelity is against the fp32 model on the zoo's evaluation inputs
+(`quantize_dynamic`, per-call activation grids: on MiniLM faster than both); "/ORT int8" divides by the fastest.
+Latency is batch 1 at the zoo's input shape, timed in interleaved rounds with the same thread count. Fidelity is against the fp32 model on the zoo's evaluation inputs
 (top-1 agreement for the image models, mean cosine of the sentence embeddings for MiniLM). Pruned rows have no
 fine-tuning unless `--recover-epochs` is given: then `recover` distills from the unpruned model, for MiniLM on
 WordNet noun definitions (Debian's `wordnet-base`, as `wordnet_probe.py` fetches it; `--recover-samples` of them,
