@@ -207,11 +207,14 @@ def activation_matmuls(graph: Graph, exclude: list[str]) -> list[fx.Node]:
     return out
 
 
-def _drop_dynamic_quantize(graph: Graph) -> int:
-    """Remove every graphopt.dynamic_quantize (an ONNX Runtime quantize_dynamic model's per-call activation
-    rounding): its layers, whose weights are already int8 behind a dequantize, then get calibrated static
-    activation scales like any other (prequantized_ops), which fold-qdq can turn into integer kernels."""
-    dyn = [n for n in graph.gm.graph.nodes if n.target is torch.ops.graphopt.dynamic_quantize.default]
+def _drop_dynamic_quantize(graph: Graph, layers: list[fx.Node]) -> int:
+    """Remove each graphopt.dynamic_quantize (an ONNX Runtime quantize_dynamic model's per-call activation
+    rounding) that only `layers` read (the prequantized layers this run quantizes): they, whose weights are
+    already int8 behind a dequantize, then get calibrated static activation scales like any other, which fold-qdq
+    can turn into integer kernels. One that an excluded layer also reads stays, and keeps its rounding."""
+    keep = set(layers)
+    dyn = [n for n in graph.gm.graph.nodes if n.target is torch.ops.graphopt.dynamic_quantize.default
+           and n.users and set(n.users) <= keep]
     for n in dyn:
         n.replace_all_uses_with(n.args[0])
         graph.gm.graph.erase_node(n)
@@ -291,7 +294,6 @@ class Quantize(Pass):
         for pat in unmatched_patterns(graph, o.exclude):
             raise CalibrationError(f"quantize option 'exclude': '{pat}' matches no node or parameter")
         as_linear = linears_from_matmuls(graph, o.exclude)  # (x @ W.T, GPT-2's addmm: weight passes take linears)
-        made_static = _drop_dynamic_quantize(graph) if o.activations == "int8" else 0
         weights, auto_reason = _resolve_width(o.weights, ctx)
         ops, skipped = quantizable_ops(graph, o.exclude)
         # layers mixed-precision measured and left in float stay float: its choice, not quantize's default width
@@ -303,6 +305,7 @@ class Quantize(Pass):
         kept_bits = prequantized_ops(graph, o.exclude) if o.activations == "int8" else []
         for op in kept_bits:
             skipped.pop(op.name, None)
+        made_static = _drop_dynamic_quantize(graph, kept_bits)
         made_symmetric, rewidth = _rewidth_kept(graph, kept_bits, weights, o.per_channel, chosen)
         if not ops and not kept_bits:
             return PassResult(graph, False, {"skipped": skipped}, "no conv or linear with a float weight to quantize"

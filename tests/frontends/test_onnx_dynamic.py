@@ -164,6 +164,10 @@ def test_quantize_makes_the_dynamic_layers_static_and_fold_qdq_folds_them(files)
     assert stats[0]["asymmetric_weights_made_symmetric"] >= 1  # uint8 weights: zero points near 128
     assert stats[1]["folded"] == 4 and not stats[1]["kept"]
     assert not _ops(q)["dynamic_quantize"]
+    # a layer left out keeps its file's per-call rounding (and stays a float op)
+    part = graphopt.optimize(g, "quantize{exclude=linear_1},fold-qdq", data=calib)
+    assert part.meta["history"][-2]["stats"]["dynamic_made_static"] == 3 and _ops(part)["dynamic_quantize"] == 1
+    assert part.meta["history"][-1]["stats"]["folded"] == 3
     for x in _images(3, 6):
         ref = g.run(torch.from_numpy(x))[0].numpy()
         err = q.run(torch.from_numpy(x))[0].numpy() - ref
