@@ -215,3 +215,12 @@ def test_dynamic_quantized_lstm_is_refused_with_what_to_do(tmp_path):
     path = _model([node], [_f("x", [1, 2, 4])], [_f("y", [1, 2, 4])], {}, tmp_path / "lstm.onnx")
     with pytest.raises(UnsupportedOpError, match=r"DynamicQuantizeLSTM.*quantize_dynamic"):
         graphopt.load_onnx(path)
+
+
+def test_dynamic_quantize_of_a_non_float32_input_names_the_node(tmp_path):
+    node = helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"], name="dql")
+    outs = [helper.make_tensor_value_info("q", TensorProto.UINT8, [2, 3])]
+    path = _model([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2, 3])], outs, {},
+                  tmp_path / "h.onnx")
+    with pytest.raises(UnsupportedOpError, match=r"DynamicQuantizeLinear.*'dql'.*float32 input"):
+        graphopt.load_onnx(path)
