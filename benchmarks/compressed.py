@@ -9,6 +9,7 @@ and `prune-channels{ratio=R}` + W for each ratio; ONNX Runtime fp32 and int8 of 
 its static forms (QDQ, per-channel): "int8" with int8 activations (S8S8, the default its docs recommend for CPUs)
 and "int8 u8" with uint8 activations (U8S8, its faster x86 kernels: about 2x S8S8 on a Zen 4), and "int8 dynamic"
 (`quantize_dynamic`, per-call activation grids: on MiniLM faster than both); "/ORT int8" divides by the fastest.
+"graphopt ORT-dynamic file" is that dynamic file compiled by graphopt as it is (default pipeline, no calibration).
 Latency is batch 1 at the zoo's input shape, timed in interleaved rounds with the same thread count. Fidelity is against the fp32 model on the zoo's evaluation inputs
 (top-1 agreement for the image models, mean cosine of the sentence embeddings for MiniLM). Pruned rows have no
 fine-tuning unless `--recover-epochs` is given: then `recover` distills from the unpruned model, for MiniLM on
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     import graphopt
+    from graphopt.cli import DEFAULT_PIPELINE
     from graphopt.bench import (fidelity, interleaved_medians, ort_quantize_dynamic, ort_quantize_static, ort_session,
                                 reference_onnx)
     from graphopt.ir.files import atomic_write_bytes
@@ -159,8 +161,15 @@ def main(argv: list[str] | None = None) -> int:
             q8 = ort_quantize_static(onnx32, work / f"{name}-ort-{acts}.onnx",
                                      [{n: np.asarray(t) for n, t in zip(names, b)} for b in calib], activations=acts)
             sess[key] = ort_session(q8, args.threads)
-        sess["onnxruntime int8 dynamic"] = ort_session(
-            ort_quantize_dynamic(onnx32, work / f"{name}-ort-dynamic.onnx"), args.threads)
+        dyn = ort_quantize_dynamic(onnx32, work / f"{name}-ort-dynamic.onnx")
+        sess["onnxruntime int8 dynamic"] = ort_session(dyn, args.threads)
+        # the user who already has that file (transformers.js / Optimum ship it) compiling it as it is: its int8
+        # linears run graphopt's int8 kernels on each call's grid, as ORT does (convs stay float on rounded inputs)
+        key, folder = "graphopt ORT-dynamic file", work / f"{name}-graphopt-dynamic"
+        arts[key] = graphopt.load(graphopt.compile(graphopt.optimize(graphopt.load_onnx(dyn), DEFAULT_PIPELINE),
+                                                   "llvm", output=folder))
+        size[key] = (folder / "model.so").stat().st_size
+        fid[key] = fidelity(refs, run_all(lambda *a: arts[key](*a)[0]), classification=not text).to_json()
         for key in ("onnxruntime int8", "onnxruntime int8 u8", "onnxruntime int8 dynamic"):
             fid[key] = fidelity(refs, [sess[key].run(None, {n: np.asarray(t) for n, t in zip(names, b)})[0]
                                        for b in evals], classification=not text).to_json()

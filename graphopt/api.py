@@ -156,17 +156,38 @@ def _hint_unfolded_qdq(graph: Graph) -> None:
                     ", ..." if len(foldable) > 3 else "")
 
 
-def _hint_dynamic_quantize(graph: Graph) -> None:
+def _hint_dynamic_quantize(graph: Graph, target: str) -> None:
     """An ONNX Runtime quantize_dynamic model compiles exactly as it is: its layers' inputs are rounded onto a grid
-    computed on every call, and the layers run as float ones (graphopt has no dynamic-scale int8 kernels). Say how
-    to get int8 kernels: calibrated static scales."""
-    dyn = [n.name for n in graph.nodes("call_function")
-           if getattr(n.target, "__name__", "") == "dynamic_quantize.default"]
-    if dyn:
-        log.warning("compile: %d layer input(s) are quantized dynamically (an ONNX Runtime quantize_dynamic model: "
-                    "%s%s); their layers run as float ops on the rounded input. \"--pipeline quantize,fold-qdq "
-                    "--inputs calib.npz\" calibrates static scales for them and runs the layers as int8 kernels",
-                    len(dyn), ", ".join(dyn[:3]), ", ..." if len(dyn) > 3 else "")
+    computed on every call. On the CPU its linears with int8 weights (which fold-constants keeps integer) run
+    graphopt's int8 kernels on that grid, as ONNX Runtime does; its other layers (convs, uint8 weights, and every
+    layer on a GPU) run as float ops on the rounded input. Say which, and how to get int8 kernels for all:
+    calibrated static scales."""
+    dyn = [n for n in graph.nodes("call_function") if getattr(n.target, "__name__", "") == "dynamic_quantize.default"]
+    if not dyn:
+        return
+
+    def int8_weight(w) -> bool:  # a symmetric int8 weight kept integer (uint8 ones have zero points)
+        kind = getattr(w.target, "__name__", "") if getattr(w, "op", "") == "call_function" else ""
+        if kind == "dequantize_per_tensor.default":
+            return int(w.args[2]) == 0
+        return kind == "dequantize_per_channel.default" and getattr(w.args[2], "op", "") == "get_attr" and \
+            not bool(graph.get_param(w.args[2].target).any())
+
+    layers = [u for n in dyn for u in n.users]
+    floats = [u.name for u in layers if target != "llvm" or getattr(u.target, "__name__", "") != "linear.default"
+              or not int8_weight(u.args[1])]
+    how = ("\"--pipeline quantize,fold-qdq --inputs calib.npz\" calibrates static scales for them and runs the "
+           "layers as int8 kernels")
+    if not floats:
+        log.info("compile: %d linear(s) read inputs quantized dynamically (an ONNX Runtime quantize_dynamic model) "
+                 "and run graphopt's int8 kernels on each call's grid; %s without the per-call min and max",
+                 len(layers), how)
+        return
+    log.warning("compile: %d layer input(s) are quantized dynamically (an ONNX Runtime quantize_dynamic model: "
+                "%s%s); %d of their %d layers run as float ops on the rounded input (%s%s%s). %s",
+                len(dyn), ", ".join(n.name for n in dyn[:3]), ", ..." if len(dyn) > 3 else "", len(floats),
+                len(layers), ", ".join(floats[:3]), ", ..." if len(floats) > 3 else "",
+                "" if target == "llvm" else "; the GPU targets have no dynamic int8 kernels", how)
 
 
 def compile(graph: Graph, target: str = "llvm", tuning: Any = None, output: str | Path = "graphopt-out", *,  # noqa: A001
@@ -186,7 +207,7 @@ def compile(graph: Graph, target: str = "llvm", tuning: Any = None, output: str 
     if target in ("llvm", "cuda", "cuda-sparse"):  # (exports keep the graph's ops as they are)
         _hint_unfolded_batch_norms(graph)
         _hint_unfolded_qdq(graph)
-        _hint_dynamic_quantize(graph)
+        _hint_dynamic_quantize(graph, target)
     if cpu is not None and target != "llvm":
         raise GraphoptError(f"cpu='{cpu}' names a CPU to compile for; it applies to the llvm target, not '{target}'")
     if target == "llvm":

@@ -14,6 +14,40 @@ from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, regist
 NONDETERMINISTIC = ("rand", "dropout", "bernoulli", "normal", "uniform", "empty", "multinomial")
 
 
+def _target(n) -> str:
+    return getattr(n.target, "__name__", str(n.target)) if isinstance(n, fx.Node) else ""
+
+
+def kept_integer_weight(n: fx.Node, consts: dict[fx.Node, torch.Tensor]) -> bool:
+    """n dequantizes an integer parameter that only dynamically quantized linears read, as their weight (an ONNX
+    Runtime quantize_dynamic model's MatMulInteger): folding it would store the weight as float (4x the bytes),
+    and the CPU target runs those layers as int8 kernels on it (the other targets dequantize it when they lower)."""
+    if _target(n) not in ("dequantize_per_channel.default", "dequantize_per_tensor.default") or not n.users:
+        return False
+    q = n.args[0]
+    if not isinstance(q, fx.Node) or q.op != "get_attr" or q not in consts or consts[q].dtype.is_floating_point:
+        return False
+    return all(_target(u) == "linear.default" and len(u.args) > 1 and u.args[1] is n and
+               _target(u.args[0]) == "dynamic_quantize.default" for u in n.users)
+
+
+def dequantize_kept_weights(graph: Graph) -> Graph:
+    """A clone of `graph` with the weights fold-constants keeps integer (kept_integer_weight) folded to float, for
+    targets that have no int8 kernel for them."""
+    consts = {n: graph.get_param(n.target) for n in graph.gm.graph.nodes if n.op == "get_attr"}
+    if not any(n.op == "call_function" and kept_integer_weight(n, consts) for n in graph.gm.graph.nodes):
+        return graph
+    graph = graph.clone()
+    consts = {n: graph.get_param(n.target) for n in graph.gm.graph.nodes if n.op == "get_attr"}
+    for n in [n for n in graph.gm.graph.nodes if n.op == "call_function" and kept_integer_weight(n, consts)]:
+        with torch.no_grad():
+            value = n.target(*_value(n.args, consts), **_value(n.kwargs, consts))
+        n.replace_all_uses_with(graph.add_param(f"{n.name}_folded", value.contiguous(), before=n))
+    eliminate_dead_code(graph)
+    graph.refresh()
+    return graph
+
+
 def _is_const(a, consts: dict[fx.Node, torch.Tensor]) -> bool:
     if isinstance(a, fx.Node):
         return a in consts
@@ -55,6 +89,9 @@ class FoldConstants(Pass):
                 continue
             name = getattr(n.target, "__name__", str(n.target))
             if any(k in name for k in NONDETERMINISTIC):
+                continue
+            if kept_integer_weight(n, consts):
+                skipped[n.name] = "int8 weight of a dynamically quantized linear: kept integer (int8 kernel)"
                 continue
             with torch.no_grad():
                 value = n.target(*_value(n.args, consts), **_value(n.kwargs, consts))

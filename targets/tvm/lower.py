@@ -492,11 +492,21 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         x, w = importer.env[node.args[0]], importer.env[node.args[1]]
         bias = importer.env[node.args[2]] if len(node.args) > 2 and node.args[2] is not None else None
         const = (lifted or {}).get(getattr(node.args[1], "name", None))
+        b_const = (lifted or {}).get(getattr(node.args[2], "name", None)) if bias is not None else None
+        deq = _dequantized_weight(node.args[1]) if const is None else None
+        if deq is not None:  # an int8 weight fold-constants kept: the int8 kernel, else dequantized here
+            wq, ws, wz = deq
+            if (bias is None or b_const is not None) and not wz.any():
+                y = _dynamic_qlinear(node, importer, wq, ws, b_const)
+                if y is not None:
+                    return y
+            const = torch.from_numpy(((wq.astype("int32") - wz[:, None]).astype("float32") * ws[:, None]))
         if const is not None and const.dtype == torch.float32:
-            b_const = (lifted or {}).get(getattr(node.args[2], "name", None)) if bias is not None else None
             y = _constant_linear(node, importer, const.detach().numpy(), bias, b_const)
             if y is not None:
                 return y
+            if deq is not None:  # (not the weight dequantized on every call)
+                w = relax.const(const.numpy())
         return bb.emit(relax.op.linear(x, w, bias, "float32"))
 
     def _constant_linear(node, importer, w, bias, b_const, x_node=None):
@@ -971,21 +981,79 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
     def _static(val) -> bool:
         return val.dim() > 0 and all(isinstance(d, int) for d in val.shape)
 
+    dynamic_grids: dict = {}
+
+    def _dynamic_grid(importer, node):
+        """(codes, scale, zero point) of graphopt.dynamic_quantize `node`: x's per-call uint8 grid, as
+        graphopt.ir.quant_ops.dynamic_qparams (a min and a max over x, then one elementwise pass; codes as float32 in
+        [0, 255]); emitted once, its readers share it."""
+        if node not in dynamic_grids:
+            src, bb = node.args[0], importer.block_builder
+            axes = list(range(src.meta["val"].dim()))
+            lo = bb.emit(relax.op.minimum(_extreme(importer, src, axes, False, (), "min"), f32(0)))
+            hi = bb.emit(relax.op.maximum(_extreme(importer, src, axes, False, (), "max"), f32(0)))
+            span = bb.emit(relax.op.subtract(hi, lo))
+            scale = bb.emit(relax.op.where(bb.emit(relax.op.equal(span, f32(0))), f32(1),
+                                           bb.emit(relax.op.divide(span, f32(255)))))
+            zp = bb.emit(relax.op.round(bb.emit(relax.op.clip(bb.emit(relax.op.divide(
+                bb.emit(relax.op.negative(lo)), scale)), 0, 255))))
+            q = bb.emit(relax.op.round(bb.emit(relax.op.divide(importer.env[src], scale))))
+            q = bb.emit(relax.op.clip(bb.emit(relax.op.add(q, zp)), 0, 255))
+            dynamic_grids[node] = (q, scale, zp)
+        return dynamic_grids[node]
+
     def dynamic_quantize(node, importer):
-        """x on its own per-call uint8 grid, as graphopt.ir.quant_ops.dynamic_qparams: a quantize_dynamic model's
-        activations that `quantize` has not made static (a min and a max over x, then one elementwise pass)."""
-        src, bb = node.args[0], importer.block_builder
-        axes = list(range(src.meta["val"].dim()))
-        lo = bb.emit(relax.op.minimum(_extreme(importer, src, axes, False, (), "min"), f32(0)))
-        hi = bb.emit(relax.op.maximum(_extreme(importer, src, axes, False, (), "max"), f32(0)))
-        span = bb.emit(relax.op.subtract(hi, lo))
-        scale = bb.emit(relax.op.where(bb.emit(relax.op.equal(span, f32(0))), f32(1),
-                                       bb.emit(relax.op.divide(span, f32(255)))))
-        zp = bb.emit(relax.op.round(bb.emit(relax.op.clip(bb.emit(relax.op.divide(
-            bb.emit(relax.op.negative(lo)), scale)), 0, 255))))
-        q = bb.emit(relax.op.round(bb.emit(relax.op.divide(importer.env[src], scale))))
-        q = bb.emit(relax.op.clip(bb.emit(relax.op.add(q, zp)), 0, 255))
+        """x on its own per-call uint8 grid: a quantize_dynamic model's activations that `quantize` has not made
+        static (the linears reading it with an int8 weight take its codes instead: `_dynamic_qlinear`)."""
+        q, scale, zp = _dynamic_grid(importer, node)
+        bb = importer.block_builder
         return bb.emit(relax.op.multiply(bb.emit(relax.op.subtract(q, zp)), scale))
+
+    def _dynamic_qlinear(node, importer, wq, ws, b_const):
+        """linear(dynamic_quantize(x), the dequantized int8 weight wq [N, K] with scales ws [N]) as ONNX Runtime's
+        MatMulInteger computes it: x's per-call uint8 codes (less 128, as int8) times wq on graphopt's int8 GEMM
+        with scale 1 and zero point 0, so the kernel's store applies ws alone (y0), then the call's scale and zero
+        point in one elementwise pass: y = sx (y0 - (zx - 128) ws sum_k w) + b. The artifact stores the int8
+        weight. None where the int8 kernels do not apply (the caller runs the layer in float)."""
+        import numpy as np
+
+        from graphopt.targets.tvm.cpu.int8 import emit_qlinear, int8_dot
+        from graphopt.targets.tvm.cpu.rules import vector_lanes
+        x_node = node.args[0]
+        dot = int8_dot(target) if cpu_kernels else None
+        if dot is None or target_name(getattr(x_node, "target", None)) != "graphopt.dynamic_quantize.default":
+            return None
+        bb = importer.block_builder
+        codes, scale, zp = _dynamic_grid(importer, x_node)
+        xq = bb.emit(relax.op.astype(bb.emit(relax.op.subtract(codes, f32(128))), "int8"))
+        y = emit_qlinear(bb, xq, wq, ws, None, 1.0, 0, x_node.meta["val"].shape, dot, vector_lanes(target))
+        if y is None:
+            return None
+        c = (ws.astype(np.float64) * wq.astype(np.int64).sum(axis=1)).astype(np.float32)
+        shift = bb.emit(relax.op.multiply(relax.const(c), bb.emit(relax.op.subtract(zp, f32(128)))))
+        y = bb.emit(relax.op.multiply(bb.emit(relax.op.subtract(y, shift)), scale))
+        if b_const is not None:
+            y = bb.emit(relax.op.add(y, relax.const(b_const.detach().float().numpy())))
+        return y
+
+    def _dequantized_weight(w_node):
+        """(int8 codes [N, K], float32 scales [N], zero points [N]) of a constant weight behind a per-row or
+        per-tensor dequantize (fold-constants keeps a dynamically quantized linear's int8 weight so), else None."""
+        import numpy as np
+        import torch
+        name = target_name(getattr(w_node, "target", None))
+        if name not in ("graphopt.dequantize_per_channel.default", "graphopt.dequantize_per_tensor.default"):
+            return None
+        q = (lifted or {}).get(getattr(w_node.args[0], "name", None))
+        if q is None or q.dtype != torch.int8 or q.dim() != 2:
+            return None
+        if name.endswith("per_tensor.default"):
+            s, z = torch.full((q.shape[0],), float(w_node.args[1])), torch.full((q.shape[0],), int(w_node.args[2]))
+        else:
+            s, z = ((lifted or {}).get(getattr(a, "name", None)) for a in w_node.args[1:3])
+            if s is None or z is None or int(w_node.args[3]) != 0:
+                return None
+        return q.numpy(), np.ascontiguousarray(s.detach().float().numpy().reshape(-1)), z.numpy().reshape(-1)
 
     def max_dim(node, importer):
         """max over one axis as (values, indices): `_extreme`'s values (PointNet's max over 2048 points ran TVM's
@@ -1873,6 +1941,7 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
     this machine's CPU); "cuda" keeps plain Relax ops, and with `sparse24` (a dict: min_speedup, records filled
     in) puts 2:4 weights on the sparse tensor-core kernel, with `gpu_dense` (see `_quant_converters`) dense linears
     on the dense one."""
+    from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 
     import torch
@@ -1898,7 +1967,9 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
                    *(getattr(aten, f"{kind}_pad{d}d").default for kind in ("reflection", "replication")
                      for d in (1, 2, 3))):
             table.pop(op, None)
-    if device != "cpu":
+    if device != "cpu":  # (the int8 weights fold-constants keeps are for the CPU's int8 kernels)
+        from graphopt.passes.canonicalize.fold_constants import dequantize_kept_weights
+        graph = dequantize_kept_weights(graph)
         for n in graph.gm.graph.nodes:
             if n.op == "call_function" and target_name(n.target) in ("graphopt.bsr_linear.default",
                                                                      "graphopt.bsr_conv1x1.default"):
@@ -1936,7 +2007,9 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
         raise
     except Exception as e:
         raise TargetError(f"TVM could not import the graph: {type(e).__name__}: {e}") from None
-    return _bounded_takes(mod)
+    # converters that take another op's inputs instead of its result (an int8 linear reading a dynamic quantize's
+    # codes, not its float output) leave that result unused: dropped here, not computed on every call
+    return relax.transform.DeadCodeElimination()(_bounded_takes(mod))
 
 
 def _bounded_takes(mod):

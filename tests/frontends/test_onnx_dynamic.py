@@ -224,3 +224,85 @@ def test_dynamic_quantize_of_a_non_float32_input_names_the_node(tmp_path):
                   tmp_path / "h.onnx")
     with pytest.raises(UnsupportedOpError, match=r"DynamicQuantizeLinear.*'dql'.*float32 input"):
         graphopt.load_onnx(path)
+
+
+class _Tokens(torch.nn.Module):
+    """A transformers.js-style block: linears over 8 tokens (the int8 GEMM's shape), a one-token head (its GEMV)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = torch.nn.Linear(64, 48), torch.nn.Linear(48, 32), torch.nn.Linear(32, 24)
+
+    def forward(self, x):
+        y = self.b(torch.relu(self.a(x)))
+        return y, self.head(y[:, 0])
+
+
+@pytest.fixture(scope="module")
+def token_files(tmp_path_factory):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    tmp = tmp_path_factory.mktemp("tok")
+    torch.manual_seed(1)
+    fp32 = tmp / "tok.onnx"
+    export_legacy(_Tokens().eval(), (torch.randn(1, 8, 64),), fp32, input_names=["x"], output_names=["y", "h"],
+                  opset_version=17)
+    out = {}
+    with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, wt, pc in (("s8", QuantType.QInt8, True), ("u8_pc", QuantType.QUInt8, True)):
+            out[name] = tmp / f"{name}.onnx"
+            quantize_dynamic(str(fp32), str(out[name]), weight_type=wt, per_channel=pc)
+    return out, tmp
+
+
+def _tokens(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((1, 8, 64)).astype(np.float32)
+
+
+def test_default_compile_runs_int8_weight_linears_as_int8_kernels_on_the_per_call_grid(token_files, caplog):
+    """fold-constants keeps a dynamically quantized linear's int8 weight integer (folded, the artifact stored it as
+    float: MiniLM 22.7 -> 54.7 MB), and the CPU target runs the layer as ONNX Runtime's MatMulInteger does: the
+    per-call uint8 codes times the int8 weight on graphopt's int8 kernels (GEMM over tokens, GEMV for one row), the
+    call's scale and zero point applied after. Equal to the float layer on the rounded input up to float rounding."""
+    from graphopt.targets.tvm.cpu.int8 import int8_dot
+    from graphopt.targets.tvm.host import cpu_target
+    from graphopt.targets.tvm.lower import lower_to_relax
+    paths, tmp = token_files
+    g = graphopt.load_onnx(paths["s8"])
+    opt = graphopt.optimize(g, "fold-bn,fold-pad,fold-constants,dce")
+    skipped = opt.meta["history"][2]["stats"]["skipped"]
+    assert len(skipped) == 3 and all("kept integer" in why for why in skipped.values())
+    assert _ops(opt)["dequantize_per_channel"] == 3 and opt.stats().bytes < 0.4 * (64 * 48 + 48 * 32 + 32 * 24) * 4
+    if int8_dot(cpu_target()) is None:
+        pytest.skip("this CPU has no int8 kernels (AVX2 or newer)")
+    funcs = {gv.name_hint for gv in lower_to_relax(opt).functions}
+    assert sum(f.startswith("qgemm") for f in funcs) == 2 and sum(f.startswith("qgemv") for f in funcs) == 1
+    with caplog.at_level(logging.INFO):
+        art = graphopt.load(graphopt.compile(opt, "llvm", output=tmp / "art"))
+    assert "3 linear(s) read inputs quantized dynamically" in caplog.text and "int8 kernels" in caplog.text
+    for s in range(3):
+        x = _tokens(s)
+        for got, want in zip(art(x), g.run(torch.from_numpy(x))):
+            # (a value at a rounding boundary may take the next code: one step of a layer's grid)
+            np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-3 * np.abs(want.numpy()).max())
+
+
+def test_uint8_weights_with_zero_points_run_dequantized_and_gpus_fold_the_kept_weights(token_files, caplog):
+    from graphopt.passes.canonicalize.fold_constants import dequantize_kept_weights
+    paths, tmp = token_files
+    g = graphopt.load_onnx(paths["u8_pc"])
+    opt = graphopt.optimize(g, "fold-constants")
+    zps = [opt.get_param(n.args[2].target) for n in opt.nodes("call_function")
+           if getattr(n.target, "__name__", "") == "dequantize_per_channel.default"]
+    assert len(zps) == 3 and any(bool(z.any()) for z in zps)  # asymmetric: no int8 kernel takes them
+    with caplog.at_level(logging.WARNING):
+        art = graphopt.load(graphopt.compile(opt, "llvm", output=tmp / "u8"))
+    assert "run as float ops on the rounded input" in caplog.text
+    folded = dequantize_kept_weights(opt)  # what the cuda targets lower
+    assert not _ops(folded)["dequantize_per_channel"] and _ops(opt)["dequantize_per_channel"] == 3
+    for s in range(2):
+        x = _tokens(s + 5)
+        want = g.run(torch.from_numpy(x))
+        for got, f, w in zip(art(x), folded.run(torch.from_numpy(x)), want):
+            np.testing.assert_allclose(got, w.numpy(), rtol=1e-4, atol=1e-3 * np.abs(w.numpy()).max())
+            np.testing.assert_allclose(f.numpy(), w.numpy(), rtol=1e-6, atol=1e-6)
