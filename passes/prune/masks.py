@@ -29,8 +29,15 @@ def prunable_weights(graph: Graph, protect: Iterable[str] = (), who: str = "spar
     out = {n.args[1].target: graph.get_param(n.args[1].target) for n in ops
            if graph.get_param(n.args[1].target).dim() >= 2}
     if not out:
+        quantized = [n.name for n in graph.nodes("call_function") if n.target in (
+            torch.ops.aten.linear.default, torch.ops.aten.conv2d.default, torch.ops.aten.convolution.default)
+            and len(n.args) > 1 and getattr(n.args[1], "op", "") == "call_function"
+            and getattr(n.args[1].target, "__name__", "").startswith("dequantize_per_")]
+        why = (f" {len(quantized)} layer(s) ({', '.join(quantized[:3])}{', ...' if len(quantized) > 3 else ''}) "
+               "read integer weights through a dequantize (a quantized model): sparsify or prune the float "
+               "model, then quantize it") if quantized else ""
         raise SparsityError(f"{who}: the graph has no prunable weights (conv/linear weights that are float "
-                            "parameters and not protected); nothing to sparsify")
+                            f"parameters and not protected); nothing to sparsify.{why}")
     return out
 
 

@@ -306,3 +306,11 @@ def test_uint8_weights_with_zero_points_run_dequantized_and_gpus_fold_the_kept_w
         for got, f, w in zip(art(x), folded.run(torch.from_numpy(x)), want):
             np.testing.assert_allclose(got, w.numpy(), rtol=1e-4, atol=1e-3 * np.abs(w.numpy()).max())
             np.testing.assert_allclose(f.numpy(), w.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_sparsifying_a_quantized_files_integer_weights_says_to_start_from_the_float_model(token_files):
+    paths, _ = token_files
+    opt = graphopt.optimize(graphopt.load_onnx(paths["s8"]), "fold-constants")
+    with pytest.raises(graphopt.errors.GraphoptError, match=r"3 layer\(s\) \(linear, linear_1, linear_2\) read "
+                                                            r"integer weights.*sparsify or prune the float model"):
+        graphopt.optimize(opt, "sparsify{sparsity=0.5}")
