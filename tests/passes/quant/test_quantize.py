@@ -512,3 +512,90 @@ def test_mixed_precision_takes_products_and_half_models():
         got = g.run(*xs[0])[0].float().numpy()
         cos = float((got * ref).sum() / (np.linalg.norm(got) * np.linalg.norm(ref)))
         assert cos >= 0.97, (cos, g.meta["weight_bits"])
+
+
+class _TinyEncoder(torch.nn.Module):
+    """Token and position embeddings (the table most of a small transformer's bytes), a layer norm, a linear;
+    `tied` reads the token table again as the output head's weight (GPT-2's tying), `sliced` adds its first rows."""
+
+    def __init__(self, tie: str = ""):
+        super().__init__()
+        self.tok, self.pos = torch.nn.Embedding(500, 64), torch.nn.Embedding(16, 64)
+        self.norm, self.fc = torch.nn.LayerNorm(64), torch.nn.Linear(64, 64)
+        self.tie = tie
+
+    def forward(self, ids):
+        h = self.norm(self.tok(ids) + self.pos(torch.arange(ids.shape[1])))
+        h = torch.relu(self.fc(h))
+        if self.tie == "tied":
+            return h @ self.tok.weight.t()
+        return h + self.tok.weight[:16] if self.tie == "sliced" else h
+
+
+def _ids(seed: int) -> torch.Tensor:
+    return torch.randint(0, 500, (1, 16), generator=torch.Generator().manual_seed(seed))
+
+
+def test_embedding_tables_are_stored_as_int8_rows_with_a_scale_each(tmp_path):
+    """quantize stores embedding tables as int8 with one scale per row, gathered with the row: each value within
+    half a step of the float one (its row's largest magnitude / 254), the graph's weights ~4x smaller, and the
+    compiled CPU artifact and the ONNX export (run by ONNX Runtime) agree with the graph. (int7 weights for the
+    linear: ONNX Runtime's u8 x s8 kernels saturate full-range int8 on AVX2 CPUs without VNNI.)"""
+    torch.manual_seed(0)
+    model = _TinyEncoder().eval()
+    g = graphopt.trace(model, (_ids(0),))
+    data = [(_ids(s),) for s in range(1, 5)]
+    keep = graphopt.optimize(g, "quantize{weights=int7 embeddings=fp32}", data=data)
+    q = graphopt.optimize(g, "quantize{weights=int7}", data=data)
+    assert q.meta["history"][-1]["stats"]["embeddings_quantized"] == 2
+    assert keep.meta["history"][-1]["stats"]["embeddings_quantized"] == 0
+    tables = {k: t for k, t in q.params().items() if t.dim() == 2 and t.shape[0] in (500, 16) and t.shape[1] == 64}
+    assert len(tables) == 2 and all(t.dtype == torch.int8 for t in tables.values())
+    assert q.stats().bytes < 0.3 * keep.stats().bytes + 4 * 64 * 64 + 4096
+    emb = [n for n in q.nodes("call_function") if n.target is torch.ops.aten.embedding.default]
+    assert len(emb) == 4  # rows and scales for each table
+    # the gathered rows: the float table rounded per row, within half a step
+    table = model.tok.weight.detach()
+    step = table.abs().amax(1, keepdim=True) / 127
+    rows = next(n for n in q.nodes("call_function") if n.target is torch.ops.aten.mul.Tensor)
+    ids = _ids(7)
+    gathered = torch.fx.GraphModule(q.gm, _output_graph(q.gm.graph, rows))(ids)
+    assert float((gathered - table[ids]).abs().sub(step[ids] / 2).max()) <= 1e-7
+    assert float((gathered - table[ids]).abs().max()) > 0  # (rounded: not the float table)
+    for s in range(2):
+        x = _ids(20 + s)
+        want, ref = q.run(x)[0], keep.run(x)[0]
+        assert float((want - ref).abs().max()) < 0.05 * float(ref.abs().max())  # the table's rounding, no more
+    art = graphopt.load(graphopt.compile(q, "llvm", output=tmp_path / "cpu"))
+    onnx_art = graphopt.load(graphopt.compile(q, "onnx", output=tmp_path / "onnx"))
+    for s in range(2):
+        x = _ids(30 + s)
+        want = q.run(x)[0].numpy()
+        for got in (art(x.numpy())[0], onnx_art(x.numpy())[0]):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=0.02 * np.abs(want).max())
+
+
+def _output_graph(graph: torch.fx.Graph, node: torch.fx.Node) -> torch.fx.Graph:
+    """A copy of `graph` returning `node`'s value."""
+    new, env = torch.fx.Graph(), {}
+    new.graph_copy(graph, env)
+    new.output(env[node])
+    new.eliminate_dead_code()
+    return new
+
+
+def test_a_table_read_another_way_stays_float_and_a_tied_head_rounds_alike():
+    torch.manual_seed(0)
+    sliced = graphopt.optimize(graphopt.trace(_TinyEncoder("sliced").eval(), (_ids(0),)),
+                               "quantize{activations=none}")
+    stats = sliced.meta["history"][-1]["stats"]
+    assert stats["embeddings_quantized"] == 1  # the position table
+    assert any("embedding table also read by" in why for why in stats["skipped"].values())
+    # a head tied to the table is a linear of it, quantized per vocabulary row like the table: both int8
+    g = graphopt.trace(_TinyEncoder("tied").eval(), (_ids(0),))
+    tied = graphopt.optimize(g, "quantize{activations=none}")
+    assert tied.meta["history"][-1]["stats"]["embeddings_quantized"] == 2
+    assert not [t for t in tied.params().values() if t.is_floating_point() and t.shape == (500, 64)]
+    x = _ids(3)
+    want = g.run(x)[0].numpy()
+    np.testing.assert_allclose(tied.run(x)[0].numpy(), want, atol=0.03 * np.abs(want).max())
