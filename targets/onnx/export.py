@@ -21,7 +21,7 @@ def export_onnx(graph: Graph, path: str | Path, opset: int = 18) -> Path:
     from graphopt.ir.sparse_ops import densify
     from graphopt.ir.quant_ops import unfold_integer_ops
     # ONNX has no block-sparse op: sparse layers go out dense (exact zeros); integer ops go out in QDQ form
-    ep = unfold_integer_ops(densify(graph)).to_exported_program()
+    ep = _without_exporter_names(unfold_integer_ops(densify(graph))).to_exported_program()
     try:
         with warnings.catch_warnings(), _quiet():
             warnings.simplefilter("ignore")
@@ -43,6 +43,40 @@ def export_onnx(graph: Graph, path: str | Path, opset: int = 18) -> Path:
     with atomic_file(path) as tmp:
         onnx.save(model, str(tmp))
     return Path(path)
+
+
+def _without_exporter_names(graph: Graph) -> Graph:
+    """`graph` with its parameters and values named like the ones torch's ONNX exporter makes up ("val_123") renamed
+    "p_val_123". A model that exporter wrote, imported back (ONNX Runtime's quantize_dynamic of a torch export, the
+    zoo's MiniLM as ONNX), has such names, and the exporter then registered its own constant under a name taken:
+    "Initializer 'val_123' is already registered", no export at all."""
+    import re
+    pattern = re.compile(r"val_\d+$")
+    if not any(pattern.match(n.name) or (n.op == "get_attr" and pattern.match(str(n.target)))
+               for n in graph.gm.graph.nodes):
+        return graph
+    graph = graph.clone()
+    taken = {n.name for n in graph.gm.graph.nodes} | set(dict(graph.gm.named_parameters())) | set(
+        dict(graph.gm.named_buffers()))
+
+    def fresh(base: str) -> str:
+        name, k = f"p_{base}", 1
+        while name in taken:
+            name, k = f"p_{base}_{k}", k + 1
+        taken.add(name)
+        return name
+
+    for n in graph.gm.graph.nodes:
+        if n.op == "get_attr" and pattern.match(str(n.target)):
+            value = graph.get_param(n.target)
+            new = fresh(n.target)
+            delattr(graph.gm, n.target)
+            graph.gm.register_buffer(new, value)
+            n.target = new
+        if pattern.match(n.name):
+            n._rename(fresh(n.name))
+    graph.gm.recompile()
+    return graph
 
 
 def _name_interface(model, inputs: list[str], outputs: list[str]) -> None:

@@ -8,20 +8,30 @@ from onnxscript import opset18 as op
 import graphopt.ir.quant_ops  # noqa: F401  the ops must exist before they can be looked up
 
 
-def _int8_scalar(v: int):
-    return op.Constant(value=onnx.helper.make_tensor("zp", onnx.TensorProto.INT8, [], [int(v)]))
+def _int8_scalar(v: int, uint8: bool = False):
+    kind = onnx.TensorProto.UINT8 if uint8 else onnx.TensorProto.INT8
+    return op.Constant(value=onnx.helper.make_tensor("zp", kind, [], [int(v)]))
+
+
+def _is_uint8(q) -> bool:
+    """q holds uint8 codes (an imported ONNX Runtime table kept as stored: a quantize_dynamic model's Gather), so its
+    zero point must be uint8 too (DequantizeLinear binds both to one type)."""
+    return str(getattr(q, "dtype", "")).upper().endswith("UINT8")
 
 
 def quantize_per_tensor(x, scale: float, zero_point: int, qmin: int, qmax: int, dtype):
-    return op.QuantizeLinear(x, op.Constant(value_float=float(scale)), _int8_scalar(zero_point))
+    import torch
+    return op.QuantizeLinear(x, op.Constant(value_float=float(scale)),
+                             _int8_scalar(zero_point, dtype == torch.uint8))
 
 
 def dequantize_per_tensor(q, scale: float, zero_point: int):
-    return op.DequantizeLinear(q, op.Constant(value_float=float(scale)), _int8_scalar(zero_point))
+    return op.DequantizeLinear(q, op.Constant(value_float=float(scale)), _int8_scalar(zero_point, _is_uint8(q)))
 
 
 def dequantize_per_channel(q, scales, zero_points, axis: int):
-    return op.DequantizeLinear(q, scales, op.Cast(zero_points, to=onnx.TensorProto.INT8), axis=axis)
+    kind = onnx.TensorProto.UINT8 if _is_uint8(q) else onnx.TensorProto.INT8
+    return op.DequantizeLinear(q, scales, op.Cast(zero_points, to=kind), axis=axis)
 
 
 def dynamic_quantize(x):

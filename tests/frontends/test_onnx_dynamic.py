@@ -314,3 +314,22 @@ def test_sparsifying_a_quantized_files_integer_weights_says_to_start_from_the_fl
     with pytest.raises(graphopt.errors.GraphoptError, match=r"3 layer\(s\) \(linear, linear_1, linear_2\) read "
                                                             r"integer weights.*sparsify or prune the float model"):
         graphopt.optimize(opt, "sparsify{sparsity=0.5}")
+
+
+def test_a_uint8_vocabulary_round_trips_through_onnx_export(tmp_path):
+    """quantize_dynamic's Gather of a uint8 table and its DequantizeLinear import as stored (uint8, zero point 200);
+    exported, the zero point had gone out as int8, and ONNX Runtime refused the model (DequantizeLinear binds the
+    codes and the zero point to one type)."""
+    rng = np.random.default_rng(0)
+    table = rng.integers(0, 256, (10, 4)).astype(np.uint8)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["rows"]),
+             helper.make_node("DequantizeLinear", ["rows", "s", "z"], ["out"])]
+    path = _model(nodes, [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 3])], [_f("out", [1, 3, 4])],
+                  {"table": table, "s": np.array(0.05, np.float32), "z": np.array(200, np.uint8)},
+                  tmp_path / "vocab.onnx")
+    g = graphopt.load_onnx(path)
+    out = graphopt.compile(g, "onnx", output=tmp_path / "export")
+    ids = np.array([[0, 7, 9]], np.int64)
+    want = (table[ids].astype(np.float32) - 200) * np.float32(0.05)
+    np.testing.assert_allclose(g.run(torch.from_numpy(ids))[0].numpy(), want, rtol=1e-6)
+    np.testing.assert_allclose(_ort(out / "model.onnx", {"ids": ids})[0], want, rtol=1e-6)

@@ -250,3 +250,35 @@ def test_onnx_export_names_the_interface_without_clashing_with_internal_values(t
     got = sess.run(None, {g.inputs[0].name: ids.numpy()})
     for y, ref in zip(got, g.run(ids)):
         np.testing.assert_allclose(y, ref.numpy(), rtol=1e-4, atol=1e-4)
+
+
+class _Heads(torch.nn.Module):
+    """Reshapes into heads and back around two linears: the exporter makes up shape constants ("val_N") for it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(32, 32), torch.nn.Linear(32, 16)
+
+    def forward(self, x):
+        h = self.a(x).reshape(1, 8, 4, 8).transpose(1, 2).reshape(1, 8, 32)
+        return self.b(torch.relu(h))
+
+
+def test_an_onnx_model_torch_exported_imports_and_exports_again(tmp_path):
+    """A model torch's ONNX exporter wrote (the zoo's MiniLM as ONNX, ONNX Runtime's quantize_dynamic of one) names
+    its initializers "val_N"; imported, they became parameters of those names, and exporting again failed on the
+    exporter's own "val_N" constants ("Initializer 'val_123' is already registered"). And a uint8 table dequantized
+    (quantize_dynamic's Gather) exported with an int8 zero point, which ONNX Runtime refused to load."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 32)
+    first = tmp_path / "first.onnx"
+    torch.onnx.export(_Heads().eval(), (x,), str(first), dynamo=True, input_names=["x"], output_names=["y"])
+    import onnx
+    inits = [i.name for i in onnx.load(str(first)).graph.initializer]
+    g = graphopt.load_onnx(first)
+    names = {n.target for n in g.nodes("get_attr")}
+    assert any(n.startswith("val_") for n in inits) and names & set(inits)
+    again = graphopt.compile(g, "onnx", output=tmp_path / "again")
+    got = ort.InferenceSession(str(again / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})
+    np.testing.assert_allclose(got[0], g.run(x)[0].numpy(), rtol=1e-5, atol=1e-5)
+    assert {n.target for n in g.nodes("get_attr")} == names  # (the caller's graph keeps its names)
