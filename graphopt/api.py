@@ -179,11 +179,12 @@ def _hint_dynamic_quantize(graph: Graph, target: str) -> None:
     how = ("\"--pipeline quantize,fold-qdq --inputs calib.npz\" calibrates static scales for them and runs the "
            "layers as int8 kernels")
     if not floats:
-        log.info("compile: %d linear(s) read inputs quantized dynamically (an ONNX Runtime quantize_dynamic model) "
-                 "and run graphopt's int8 kernels on each call's grid; %s without the per-call min and max",
+        log.info("compile: %d linear(s) read inputs quantized dynamically (an ONNX Runtime quantize_dynamic model, "
+                 "or quantize{activations=dynamic}) and run graphopt's int8 kernels on each call's grid; %s "
+                 "without the per-call min and max",
                  len(layers), how)
         return
-    log.warning("compile: %d layer input(s) are quantized dynamically (an ONNX Runtime quantize_dynamic model: "
+    log.warning("compile: %d layer input(s) are quantized dynamically (ONNX Runtime's quantize_dynamic or graphopt's: "
                 "%s%s); %d of their %d layers run as float ops on the rounded input (%s%s%s). %s",
                 len(dyn), ", ".join(n.name for n in dyn[:3]), ", ..." if len(dyn) > 3 else "", len(floats),
                 len(layers), ", ".join(floats[:3]), ", ..." if len(floats) > 3 else "",

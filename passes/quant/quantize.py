@@ -257,6 +257,22 @@ def _drop_dynamic_quantize(graph: Graph, layers: list[fx.Node]) -> int:
     return len(dyn)
 
 
+def _quantize_dynamically(graph: Graph, layers: list[fx.Node]) -> int:
+    """Each of `layers` (linears with int8 weights) reads its input through graphopt.dynamic_quantize (one per
+    input, shared by the layers reading it; an input already rounded so stays as it is). Returns how many were
+    added."""
+    g, added = graph.gm.graph, {}
+    for op in layers:
+        x = op.args[0]
+        if not isinstance(x, fx.Node) or x.target is torch.ops.graphopt.dynamic_quantize.default:
+            continue
+        if x not in added:
+            with g.inserting_after(x):
+                added[x] = g.call_function(torch.ops.graphopt.dynamic_quantize.default, (x,))
+        op.args = (added[x], *op.args[1:])
+    return len(added)
+
+
 def _rewidth_kept(graph: Graph, ops: list[fx.Node], width: str, per_channel: bool, chosen: dict
                   ) -> tuple[int, dict[str, str]]:
     """Kept integer weights that graphopt's kernels would not take as they are get rounded again from their
@@ -304,8 +320,10 @@ class Quantize(Pass):
         embeddings: Literal["int8", "fp32"] = field(default="int8", metadata={
             "help": "embedding tables (token vocabularies): int8 rows with one scale per row, gathered with the "
                     "row (~4x smaller; most of a small transformer's bytes), or fp32 (kept float)"})
-        activations: Literal["int8", "none"] = field(default="int8", metadata={
-            "help": "int8: quantize conv/linear inputs (needs data); none: weight-only"})
+        activations: Literal["int8", "dynamic", "none"] = field(default="int8", metadata={
+            "help": "int8: quantize conv/linear inputs on calibrated static grids (needs data); dynamic: linears "
+                    "only, each input rounded onto a uint8 grid computed from it on every call (ONNX Runtime's "
+                    "quantize_dynamic; no data needed; the CPU runs them on int8 kernels); none: weight-only"})
         calibrator: Literal["minmax", "percentile", "mse", "entropy"] = field(default="minmax", metadata={
             "help": "how activation ranges are chosen"})
         calib_batches: int = field(default=32, metadata={"help": "calibration batches used at most"})
@@ -341,13 +359,22 @@ class Quantize(Pass):
         for name in kept_float:
             skipped[name] = "kept fp32 by mixed-precision"
         ops = [op for op in ops if op.name not in kept_float]
-        kept_bits = prequantized_ops(graph, o.exclude) if o.activations == "int8" else []
+        dynamic = o.activations == "dynamic"
+        kept_bits = prequantized_ops(graph, o.exclude) if o.activations in ("int8", "dynamic") else []
+        if dynamic:  # linears only: a conv's weight alone would buy nothing (the target runs it in float)
+            for op in [op for op in ops + kept_bits if op.target is not aten.linear.default]:
+                skipped[op.name] = ("activations=dynamic quantizes linears only (graphopt has no int8 conv kernel "
+                                    "on a per-call grid): kept as it was")
+            ops = [op for op in ops if op.target is aten.linear.default]
+            kept_bits = [op for op in kept_bits if op.target is aten.linear.default]
         for op in kept_bits:
             skipped.pop(op.name, None)
-        made_static = _drop_dynamic_quantize(graph, kept_bits)
+        made_static = 0 if dynamic else _drop_dynamic_quantize(graph, kept_bits)
         made_symmetric, rewidth = _rewidth_kept(graph, kept_bits, weights, o.per_channel, chosen)
         if not ops and not kept_bits:
-            return PassResult(graph, False, {"skipped": skipped}, "no conv or linear with a float weight to quantize"
+            return PassResult(graph, False, {"skipped": skipped}, ("no linear with a float weight to quantize "
+                                                                   "dynamically" if dynamic else
+                                                                   "no conv or linear with a float weight to quantize")
                               + (f" ({len(kept_float)} kept fp32 by mixed-precision)" if kept_float else ""))
         observers, matmuls, attention_kept = {}, [], {}
         if o.activations == "int8":
@@ -385,6 +412,7 @@ class Quantize(Pass):
                 op.args = (dequantized(x), *op.args[1:])
         for mm in matmuls:
             mm.args = (dequantized(mm.args[0]), dequantized(mm.args[1]), *mm.args[2:])
+        dynamic_inputs = _quantize_dynamically(graph, ops + kept_bits) if dynamic else 0
         tables = quantize_embeddings(graph, o.exclude, skipped) if o.embeddings == "int8" else []
         eliminate_dead_code(graph)
         graph.meta["weight_bits"] = {**graph.meta.get("weight_bits", {}), **rewidth, **bits}
@@ -393,6 +421,7 @@ class Quantize(Pass):
                                         "weight_bits_kept": len(kept_bits), "kept_fp32": len(kept_float),
                                         "activations_quantized": len(act_q), "matmuls_quantized": len(matmuls),
                                         "embeddings_quantized": len(tables),
+                                        "inputs_quantized_dynamically": dynamic_inputs,
                                         "dynamic_made_static": made_static,
                                         "asymmetric_weights_made_symmetric": made_symmetric,
                                         "kept_weights_rounded_to_pair_width": len(rewidth),

@@ -599,3 +599,27 @@ def test_a_table_read_another_way_stays_float_and_a_tied_head_rounds_alike():
     x = _ids(3)
     want = g.run(x)[0].numpy()
     np.testing.assert_allclose(tied.run(x)[0].numpy(), want, atol=0.03 * np.abs(want).max())
+
+
+def test_dynamic_activations_need_no_data_and_run_linears_on_int8_kernels(tmp_path, digits):
+    """quantize{activations=dynamic} (ONNX Runtime's quantize_dynamic, PyTorch's dynamic quantization): int8
+    linears whose inputs are rounded onto a grid computed from each call's values, no calibration data; convs are
+    left as they were, and say why. Accuracy as fp32's; the CPU artifact (the int8 kernels on the per-call grid)
+    equals the graph but for rounding ties."""
+    from graphopt.targets.tvm.lower import lower_to_relax
+    model, (xtr, xte, _, yte) = digits[0]
+    g = graphopt.optimize(graphopt.trace(model, (xtr[:64],)), "fold-bn")
+    q = graphopt.optimize(g, "quantize{activations=dynamic},fold-qdq")  # no data
+    stats = q.meta["history"][1]["stats"]
+    linears = [n for n in g.nodes("call_function") if n.target is torch.ops.aten.linear.default]
+    assert stats["weights_quantized"] == len(linears) >= 2 and stats["inputs_quantized_dynamically"] == len(linears)
+    assert sum("linears only" in why for why in stats["skipped"].values()) == 4 - len(linears)
+    dyn = [n for n in q.nodes("call_function") if n.target is torch.ops.graphopt.dynamic_quantize.default]
+    assert len(dyn) == len(linears) and not q.meta["history"][2]["changed"]  # (nothing static to fold)
+    assert abs(accuracy(model, xte, yte) - accuracy(q.gm, xte, yte)) <= 0.01
+    assert any(gv.name_hint.startswith(("qgemm", "qgemv")) for gv in lower_to_relax(q).functions)
+    art = graphopt.load(graphopt.compile(q, "llvm", output=tmp_path / "dyn"))
+    x = xte[:64]
+    got, want = art(x.numpy())[0], q.run(x)[0].numpy()
+    assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
+    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.98
