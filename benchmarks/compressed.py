@@ -9,7 +9,8 @@ and `prune-channels{ratio=R}` + W for each ratio; ONNX Runtime fp32 and int8 of 
 its static forms (QDQ, per-channel): "int8" with int8 activations (S8S8, the default its docs recommend for CPUs)
 and "int8 u8" with uint8 activations (U8S8, its faster x86 kernels: about 2x S8S8 on a Zen 4), and "int8 dynamic"
 (`quantize_dynamic`, per-call activation grids: on MiniLM faster than both); "/ORT int8" divides by the fastest.
-"graphopt ORT-dynamic file" is that dynamic file compiled by graphopt as it is (default pipeline, no calibration).
+"graphopt ORT-dynamic file" is that dynamic file compiled by graphopt as it is (default pipeline, no calibration),
+and for MiniLM "graphopt dynamic W" is graphopt's own `quantize{activations=dynamic weights=W}` of the fp32 model.
 Latency is batch 1 at the zoo's input shape, timed in interleaved rounds with the same thread count. Fidelity is against the fp32 model on the zoo's evaluation inputs
 (top-1 agreement for the image models, mean cosine of the sentence embeddings for MiniLM). Pruned rows have no
 fine-tuning unless `--recover-epochs` is given: then `recover` distills from the unpruned model, for MiniLM on
@@ -113,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         pipes = {"fp32": None, "int8": f"quantize{{calibrator={cal}}},fold-qdq"}
         if fast != "int8":
             pipes[fast] = f"quantize{{calibrator={cal} weights={fast}}},fold-qdq"
+        if text:  # graphopt's own dynamic quantization (no calibration data): linears on per-call grids
+            pipes[f"dynamic {fast}"] = f"quantize{{activations=dynamic weights={fast}}},fold-qdq"
         for r in fractions["prune"]:
             pipes[f"prune{round(r * 100)}+{fast}"] = (f"prune-channels{{ratio={r}}}{recover},"
                                                       f"quantize{{calibrator={cal} weights={fast}}},fold-qdq")
