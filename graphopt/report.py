@@ -123,6 +123,10 @@ def compile_report(reference: Graph, optimized: Graph, artifact: Path, manifest:
         f"  MACs       {human(before.macs)} -> {human(after.macs)}",
         f"  weights    {human(before.bytes, 'B')} -> {human(after.bytes, 'B')}",
     ]
+    dynamic = after.ops.get("dynamic_quantize.default", 0)
+    if dynamic and not export:  # (their linears' int8 kernels: targets/tvm/lower.py `_dynamic_qlinear`)
+        lines.append(f"  dynamic    {dynamic} layer input(s) rounded onto each call's own uint8 grid (dynamic "
+                     "quantization: no calibrated scales; the compile log names any layer left in float)")
     lines += _artifact_lines(Path(artifact), manifest, optimized.meta.get("weight_bits") or {})
     if export:  # (no kernels of graphopt's: nothing tuned)
         lines = [ln for ln in lines if not ln.startswith("  tuning")]

@@ -280,6 +280,11 @@ def test_default_compile_runs_int8_weight_linears_as_int8_kernels_on_the_per_cal
     with caplog.at_level(logging.INFO):
         art = graphopt.load(graphopt.compile(opt, "llvm", output=tmp / "art"))
     assert "3 linear(s) read inputs quantized dynamically" in caplog.text and "int8 kernels" in caplog.text
+    # the command line's report says so
+    from conftest import cli_main
+    assert cli_main("compile", paths["s8"], "-o", tmp / "cli") == 0
+    report = (tmp / "cli" / "report.txt").read_text()
+    assert "dynamic    3 layer input(s) rounded onto each call's own uint8 grid" in report
     for s in range(3):
         x = _tokens(s)
         for got, want in zip(art(x), g.run(torch.from_numpy(x))):
