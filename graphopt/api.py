@@ -52,6 +52,10 @@ def load_model(spec: str | Path, input_shapes: dict[str, Sequence[int]] | None =
     raise ModelFileError(f"'{path}': unknown model file type '{suffix}' (expected .onnx, .pt2, .gopt or zoo:<name>)")
 
 
+# ctx extras the passes read (labels for training passes, teacher/loss/optimizer for distillation and recovery)
+_PASS_EXTRAS = ("labels", "teacher", "loss", "optimizer")
+
+
 def optimize(graph: Graph, pipeline: str, *, data: Sequence[Any] | None = None, verify: bool = False,
              dump_dir: str | Path | None = None, strict: bool = False, print_ir_after_all: bool = False,
              print_ir_after_change: bool = False, seed: int = 0, target: Any = "llvm", warn_unchanged: bool = True,
@@ -70,6 +74,14 @@ def optimize(graph: Graph, pipeline: str, *, data: Sequence[Any] | None = None, 
     if not isinstance(graph, Graph):
         raise GraphoptError(f"optimize() needs a graphopt Graph (see graphopt.trace / load_onnx), got "
                             f"{type(graph).__name__}")
+    unknown = sorted(set(extras) - set(_PASS_EXTRAS))
+    if unknown:
+        hints = {"calibration": "data", "calib": "data", "calibration_data": "data", "inputs": "data",
+                 "targets": "labels", "y": "labels", "teacher_model": "teacher"}
+        said = ", ".join(f"{k!r}" + (f" (did you mean {hints[k]}=?)" if k in hints else "") for k in unknown)
+        raise GraphoptError(f"optimize() got unknown keyword argument(s) {said}; it takes data=, verify=, dump_dir=, "
+                            f"strict=, seed=, target=, cpu=, print_ir_after_all=, print_ir_after_change=, "
+                            f"warn_unchanged= and the pass extras {', '.join(_PASS_EXTRAS)}")
     pm = PassManager(pipeline, verify=verify, strict=strict, dump_dir=str(dump_dir) if dump_dir else None,
                      print_ir_after_all=print_ir_after_all, print_ir_after_change=print_ir_after_change,
                      warn_unchanged=warn_unchanged)

@@ -75,11 +75,15 @@ def _artifact_lines(artifact: Path, manifest: dict[str, Any], weight_bits: dict 
                      f"under {tinfo.get('one_thread_under_us', 3):g} us a fork); names in manifest.json")
     sparse = manifest.get("sparse_layout") or {}
     if sparse and str(tinfo.get("kind", manifest.get("target"))) == "llvm":  # the GPU report has its own
-        counts = Counter(r.get("choice", "dense") for r in sparse.values())
-        best = max((r.get("best_speedup", 0) for r in sparse.values() if r.get("choice") != "dense"), default=0)
-        lines.append(f"  sparse     {len(sparse)} layer(s) measured: "
-                     + ", ".join(f"{n} {lay}" for lay, n in counts.most_common())
-                     + (f" (best {best:.2f}x dense)" if best else "") + "; timings per layer in manifest.json")
+        timed = [r for r in sparse.values() if not r.get("reason")]  # a reason: left dense before measuring
+        counts = Counter(r.get("choice", "dense") for r in timed)
+        best = max((r.get("best_speedup", 0) for r in timed if r.get("choice") != "dense"), default=0)
+        skipped = len(sparse) - len(timed)
+        lines.append(f"  sparse     {len(timed)} layer(s) measured"
+                     + (": " + ", ".join(f"{n} {lay}" for lay, n in counts.most_common()) if timed else "")
+                     + (f" (best {best:.2f}x dense)" if best else "")
+                     + (f"; {skipped} masked layer(s) left dense unmeasured, reasons in manifest.json" if skipped
+                        else "; timings per layer in manifest.json"))
     tuning = manifest.get("tuning")
     if tuning:
         lines.append(f"  tuning     {tuning.get('trials', 0)} trials over {tuning.get('tasks_tuned', 0)} task(s) "

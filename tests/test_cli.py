@@ -284,6 +284,9 @@ def test_compile_report_names_the_int8_product_only_for_int8_graphs(tmp_path):
                                  "w3": {"choice": "csr", "best_speedup": 2.5, "timing_source": "measured"}}
     assert "sparse     3 layer(s) measured: 2 csr, 1 dense (best 3.10x dense)" in compile_report(
         g, q, tmp_path, manifest, None, None)
+    manifest["sparse_layout"]["w4"] = {"choice": "dense", "reason": "no sparse kernel for aten.conv1d.default"}
+    assert ("sparse     3 layer(s) measured: 2 csr, 1 dense (best 3.10x dense); 1 masked layer(s) left dense "
+            "unmeasured, reasons in manifest.json") in compile_report(g, q, tmp_path, manifest, None, None)
 
 
 def test_inspect_summarizes_export_and_gpu_artifacts(tmp_path, onnx_model, capsys):

@@ -8,6 +8,7 @@ always measured."""
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -103,6 +104,7 @@ class SelectSparseLayout(Pass):
         if not gpu:  # int8 linears and convs (quantize + fold-qdq): their zeros are exact, with or without a mask
             layers += [n for n in graph.gm.graph.nodes if n.op == "call_function" and n.target in int8_ops
                        and getattr(n.args[3], "op", None) == "get_attr"]
+        covered = {(n.args[3] if n.target in int8_ops else n.args[1]).target for n in layers}
         int8_chosen = 0
         for node in tqdm(layers, desc="select-sparse-layout", unit="layer", leave=False):
             qconv = node.target is torch.ops.graphopt.qconv2d.default
@@ -184,6 +186,16 @@ class SelectSparseLayout(Pass):
             node.replace_all_uses_with(new)
             graph.gm.graph.erase_node(node)
             rewritten += 1
+        for node in graph.gm.graph.nodes:  # masked weights of ops no sparse kernel covers stay dense, and say why
+            if node.op != "call_function" or node.target in kinds or node.target in int8_ops:
+                continue
+            for a in node.args:
+                if getattr(a, "op", None) == "get_attr" and a.target in graph.masks and a.target not in covered:
+                    covered.add(a.target)
+                    kernels = "linear" if gpu else "linear and 1x1 conv2d"
+                    choices[a.target] = {"node": node.name, "op": str(node.target), "choice": "dense",
+                                         "timings_us": {}, "timing_source": source,
+                                         "reason": f"no sparse kernel for {node.target} (they cover {kernels})"}
         if not choices:
             qdq = any(n.target is torch.ops.graphopt.dequantize_per_channel.default for n in graph.gm.graph.nodes)
             raise LayoutError("select-sparse-layout: no masked linear or conv weight in the graph; run sparsify, "
@@ -200,5 +212,15 @@ class SelectSparseLayout(Pass):
                                                                               "sp24": on_tensor_cores,
                                                                    "measured": len(choices),
                                                  "choices": {k: v["choice"] for k, v in choices.items()}},
-                          reason="" if rewritten or on_tensor_cores or int8_chosen else
-                          "dense was fastest (or within min-speedup) for every layer")
+                          reason="" if rewritten or on_tensor_cores or int8_chosen else _unchanged_reason(choices))
+
+
+def _unchanged_reason(choices: dict) -> str:
+    """Why every layer stayed dense: measured slower, or skipped (below min-sparsity, no kernel, ...), by count."""
+    skipped = [r["reason"] for r in choices.values() if r.get("reason")]
+    timed = len(choices) - len(skipped)
+    parts = [f"dense was fastest (or within min-speedup) for {timed} measured layer(s)"] if timed else []
+    for why, count in sorted(Counter(r.split(" (")[0] for r in skipped).items()):
+        parts.append(f"{count} layer(s): {why}")
+    return "; ".join(parts)
+

@@ -64,6 +64,17 @@ def test_noop_warns_and_strict_fails(cnn_graph, caplog):
     assert out.meta["history"][-1]["changed"] is False
 
 
+def test_unknown_keyword_is_refused_not_ignored(cnn_graph):
+    """optimize(..., calibration=batches) had been taken as a pass extra nobody reads, and quantize then failed
+    asking for calibration data: a keyword no pass reads is refused, with the name that was meant."""
+    g, _, x = cnn_graph
+    with pytest.raises(graphopt.GraphoptError, match=r"unknown keyword argument\(s\) 'calibration' \(did you mean "
+                       r"data=\?\).*pass extras labels, teacher, loss, optimizer"):
+        graphopt.optimize(g, "fold-bn", calibration=[(x,)])
+    out = graphopt.optimize(g, "fold-bn", labels=None)  # the pass extras still reach the passes
+    assert out.meta["history"][0]["changed"]
+
+
 def test_history_and_pipeline_recorded(cnn_graph):
     g, _, _ = cnn_graph
     out = graphopt.optimize(g, "fold-bn,dce", verify=True)

@@ -97,6 +97,35 @@ def test_errors():
         graphopt.optimize(dense, "select-sparse-layout", target=_ScriptedOracle(1.0))
 
 
+class _Conv1d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(8, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean(-1))
+
+
+def test_masked_weights_without_a_sparse_kernel_stay_dense_and_say_why():
+    """A masked conv1d has no sparse kernel: it is recorded dense with the reason, never measured, and the pass
+    reports why it changed nothing (it had said 'no masked linear or conv weight' after sparsify masked it)."""
+    torch.manual_seed(0)
+    g = graphopt.trace(_Conv1d().eval(), (torch.randn(1, 8, 12),))
+    masked = graphopt.optimize(g, "sparsify{sparsity=0.8}")
+    oracle = _ScriptedOracle(0.1)
+    out = graphopt.optimize(masked, "select-sparse-layout", target=oracle)
+    rec = out.meta["sparse_layout"]
+    assert rec["conv_weight"]["choice"] == "dense" and "no sparse kernel for aten.conv1d" in rec["conv_weight"]["reason"]
+    assert [c for c in oracle.calls if c[1][1] == 24] == []  # the conv1d ([16, 8*3]) was never timed
+    assert rec["fc_weight"]["choice"] != "dense"  # the masked linear beside it still gets its sparse layout
+    last = out.meta["history"][-1]
+    assert last["changed"] and last["stats"]["rewritten"] == 1
+    conv_only = graphopt.optimize(g, "sparsify{sparsity=0.8 protect=fc*},select-sparse-layout", target=oracle)
+    last = conv_only.meta["history"][-1]
+    assert not last["changed"] and last["reason"] == "1 layer(s): no sparse kernel for aten.conv1d.default"
+
+
 @pytest.mark.parametrize("late", ["quantize", "mixed-precision", "prune-channels{ratio=0.5}", "sparsify-nm",
                                   "recover{epochs=1}", "rigl{sparsity=0.95}"])
 def test_weight_passes_after_the_layouts_are_refused_with_the_order_that_works(late):
