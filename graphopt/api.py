@@ -63,7 +63,8 @@ def optimize(graph: Graph, pipeline: str, *, data: Sequence[Any] | None = None, 
     """Run the pipeline text (or a .yaml recipe path) over a clone of `graph` and return the new Graph.
 
     `target` answers the cost questions of measuring passes (select-sparse-layout): "llvm" (the host CPU, built on
-    first use), "cuda" (the GPU when present, else the documented 2:4 cost table, marked estimated), an object with
+    first use), "cuda" (the GPU when present, else the documented 2:4 cost table, marked estimated), "onnx" (an ONNX
+    export for ONNX Runtime: measures nothing; `quantize{weights=auto}` takes int8s for its kernels), an object with
     `measure(op, shape, layout, weight)` and/or `measure_variants(key, variants)` (mixed-precision{budget=latency}),
     or None. `cpu` (with "llvm"; an LLVM CPU name, as `compile(cpu=)`) asks that CPU instead of this one: its int8
     product (`quantize{weights=auto}`) and which kernels it has; timing its kernels needs a machine that can run
@@ -137,8 +138,19 @@ def _cost_oracle(target: Any, cpu: str | None = None):
     if target in ("cuda", "cuda-sparse"):
         from graphopt.targets.tvm.gpu.cost import CudaCostOracle
         return CudaCostOracle()
-    raise GraphoptError(f"optimize(target=...) must be 'llvm', 'cuda', None or a cost oracle (an object with measure() "
-                        f"and/or measure_variants()); got {target!r}")
+    if target == "onnx":
+        return _OnnxRuntimeTarget()
+    raise GraphoptError(f"optimize(target=...) must be 'llvm', 'cuda', 'onnx', None or a cost oracle (an object with "
+                        f"measure() and/or measure_variants()); got {target!r}")
+
+
+class _OnnxRuntimeTarget:
+    """target='onnx': the graph leaves as an ONNX export that ONNX Runtime runs, on whatever CPU its user has.
+    Measures nothing; says which int8 kernels read the weights (quantize{weights=auto}: ONNX Runtime's u8 x s8
+    kernels, which add weight pairs in int16 on x86 CPUs without VNNI)."""
+
+    def int8_product(self) -> str:
+        return "onnxruntime"
 
 
 def _hint_unfolded_batch_norms(graph: Graph) -> None:
@@ -233,15 +245,15 @@ def compile(graph: Graph, target: str = "llvm", tuning: Any = None, output: str 
     if target in ("onnx", "pt2"):
         from graphopt.ir.files import atomic_dir
         from graphopt.targets.artifact import build_manifest, write_manifest
+        info: dict[str, Any] = {"kind": target}
         with atomic_dir(output) as tmp:
             if target == "onnx":
                 from graphopt.targets.onnx.export import export_onnx
-                export_onnx(graph, tmp / "model.onnx")
+                export_onnx(graph, tmp / "model.onnx", report=info)
             else:
                 from graphopt.targets.torch.export import export_pt2
                 export_pt2(graph, tmp / "model.pt2")
-            write_manifest(tmp, build_manifest(graph, target, {"kind": target}, tuning=None, build_seconds=0.0,
-                                               folder=tmp))
+            write_manifest(tmp, build_manifest(graph, target, info, tuning=None, build_seconds=0.0, folder=tmp))
         return Path(output)
     raise GraphoptError(f"unknown target '{target}' (choose llvm, cuda, cuda-sparse, onnx or pt2)")
 

@@ -130,10 +130,11 @@ def _parser() -> argparse.ArgumentParser:
                    "torch.export program: torch.export.load(path).module() runs it in PyTorch)")
     o.add_argument("--plot", metavar="PNG", help="also draw output channels and weight bits per layer, before vs "
                    "after the pipeline")
-    o.add_argument("--target", default="llvm", choices=["llvm", "cuda", "cuda-sparse"], help="the target the "
+    o.add_argument("--target", default=None, choices=["llvm", "cuda", "cuda-sparse", "onnx"], help="the target the "
                    "measuring passes choose for (select-sparse-layout, mixed-precision{budget=latency}, "
-                   "quantize{weights=auto}): llvm, this CPU (default), or the one --cpu names; cuda / cuda-sparse: "
-                   "the GPU when one is here, else the documented 2:4 cost table (choices marked estimated)")
+                   "quantize{weights=auto}): llvm, this CPU (the default), or the one --cpu names; cuda / "
+                   "cuda-sparse: the GPU when one is here, else the documented 2:4 cost table (choices marked "
+                   "estimated); onnx (the default for -o *.onnx): ONNX Runtime's kernels, measuring nothing")
     o.add_argument("--cpu", metavar="NAME", help="llvm: choose for this CPU (an LLVM name, as compile --cpu) "
                    "instead of this machine's; timing its kernels needs a machine that runs them")
     _add_pm_options(o)
@@ -230,7 +231,7 @@ def _check_cpu(args) -> None:
 def _optimize(args, graph):
     """The pipeline, its measuring passes asking the target the artifact is for (a GPU's, or --cpu's CPU)."""
     from graphopt.api import optimize
-    target = "cuda" if args.target in ("cuda", "cuda-sparse") else "llvm"
+    target = "cuda" if args.target in ("cuda", "cuda-sparse") else "onnx" if args.target == "onnx" else "llvm"
     return optimize(graph, args.pipeline, data=_data(args, graph), verify=args.verify_each, dump_dir=args.dump_dir,
                     strict=args.strict, print_ir_after_all=args.print_ir_after_all,
                     print_ir_after_change=args.print_ir_after_change, seed=args.seed,
@@ -318,6 +319,8 @@ def _measure(model: str, graph, art, threads: int, user_inputs=None):
 
 def cmd_opt(args) -> int:
     from graphopt.api import load_model
+    if args.target is None:  # an ONNX file is for ONNX Runtime's kernels; anything else for this CPU's
+        args.target = "onnx" if Path(args.output).suffix == ".onnx" and not args.cpu else "llvm"
     _check_cpu(args)
     _refuse_overwriting_model(args)
     dest = Path(args.output)

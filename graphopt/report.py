@@ -134,6 +134,11 @@ def compile_report(reference: Graph, optimized: Graph, artifact: Path, manifest:
     lines += _artifact_lines(Path(artifact), manifest, optimized.meta.get("weight_bits") or {})
     if export:  # (no kernels of graphopt's: nothing tuned)
         lines = [ln for ln in lines if not ln.startswith("  tuning")]
+        saturating = manifest.get("target_info", {}).get("ort_pair_saturation") or {}
+        if saturating:
+            lines.append(f"  ORT int8   {len(saturating)} int8 weight(s) with pairs past 128: ONNX Runtime saturates "
+                         "them on x86 CPUs without VNNI (AVX2, AVX-512F); quantize{weights=int8s} or auto for "
+                         "target onnx makes them exact; names in manifest.json")
     if fidelity:
         parts = []
         if fidelity.get("top1") is not None:

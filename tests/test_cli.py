@@ -202,6 +202,33 @@ def test_default_pipeline_passes_with_nothing_to_do_are_not_warnings(tmp_path, o
     assert res.returncode == 0 and "WARNING: pass 'fold-pad' changed nothing: no pad" in res.stderr, res.stderr
 
 
+def test_opt_to_onnx_quantizes_for_onnxruntime_kernels(tmp_path, onnx_model, capsys):
+    """opt -o *.onnx (or --target onnx) asks ONNX Runtime's kernels, not this CPU's: int8s takes the one-row
+    classifier too (ORT's u8 x s8 GEMM pairs its weights; graphopt's own kernel streams them, so llvm keeps it
+    int8), and the file holds the same weights as the graph optimized for target onnx."""
+    import onnx
+    from onnx import numpy_helper
+
+    from graphopt.api import load_model
+    path, _, _ = onnx_model
+    pipe = "fold-bn,quantize{weights=int8s activations=none}"
+    widths = {}
+    for target in ("onnx", "llvm"):
+        res = cli_inproc(capsys, "opt", path, "--pipeline", pipe, "--target", target, "-o", tmp_path / f"{target}.gopt")
+        assert res.returncode == 0, res.stderr
+        g = load_model(str(tmp_path / f"{target}.gopt"))
+        widths[target] = g.meta["weight_bits"]
+        fc = next(n.args[1].args[0].target for n in g.nodes("call_function", torch.ops.aten.linear.default))
+        if target == "onnx":
+            want = g.get_param(fc).numpy()
+    assert widths["onnx"]["linear"] == "int8s" and widths["llvm"]["linear"] == "int8"
+    res = cli_inproc(capsys, "opt", path, "--pipeline", pipe, "-o", tmp_path / "m.onnx")
+    assert res.returncode == 0, res.stderr
+    stored = [numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "m.onnx")).graph.initializer]
+    assert any(a.shape in (want.shape, want.T.shape) and (np.array_equal(a, want) or np.array_equal(a, want.T))
+               for a in stored if a.dtype == np.int8)
+
+
 def test_opt_never_overwrites_input_on_failure(tmp_path, onnx_model, capsys):
     path, _, _ = onnx_model
     original = path.read_bytes()

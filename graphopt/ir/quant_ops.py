@@ -30,20 +30,38 @@ def weight_pairs(w: torch.Tensor) -> torch.Tensor:
     return w.reshape(w.shape[0], w.shape[1] // 2, 2, *w.shape[2:]).movedim(2, -1)
 
 
+def flat_pairs(w: torch.Tensor) -> torch.Tensor:
+    """w [Cout, Cin, *taps] (or [N, K]) as [Cout, ceil(taps x Cin / 2), 2]: the pairs ONNX Runtime's u8 x s8
+    kernels add, consecutive weights of each output channel's filter flattened channels-last (its NHWC im2col
+    order: (kh, kw, c)). The same pairs as `weight_pairs` where Cin is even; with an odd Cin (a stem's 3 colours)
+    a pair crosses from one tap to the next."""
+    flat = w.movedim(1, -1).reshape(w.shape[0], -1)
+    if flat.shape[1] % 2:
+        flat = torch.cat([flat, flat.new_zeros(w.shape[0], 1)], 1)
+    return flat.reshape(w.shape[0], -1, 2)
+
+
+def worst_pair_sums(pairs: torch.Tensor) -> torch.Tensor:
+    """Per output channel (dim 0), the largest same-sign sum of magnitudes over the pairs in `pairs` [..., 2]."""
+    flat = pairs.reshape(pairs.shape[0], -1, 2)
+    return torch.maximum(flat.clamp(min=0).sum(-1).amax(1), (-flat).clamp(min=0).sum(-1).amax(1))
+
+
 def pairs_bounded(q: torch.Tensor) -> bool:
     """Whether every pair of integer weights q [Cout, Cin, ...] stays within PAIR_BOUND (the u8 x s8 kernels are
     exact on it)."""
-    pairs = weight_pairs(q.int())
-    return max(int(pairs.clamp(min=0).sum(-1).max()), int((-pairs).clamp(min=0).sum(-1).max())) <= PAIR_BOUND
+    return int(worst_pair_sums(weight_pairs(q.int())).max()) <= PAIR_BOUND
 
 
 def pair_bounded_scales(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """Per output channel, the smallest scale >= `scales` at which w's rounded pairs stay within PAIR_BOUND:
+    """Per output channel, the smallest scale >= `scales` at which w's rounded pairs stay within PAIR_BOUND (in
+    graphopt's pairing and ONNX Runtime's):
     round(a / s) + round(b / s) <= P / s + 1 <= PAIR_BOUND for P (the channel's largest same-sign pair sum)
     <= (PAIR_BOUND - 1) x s."""
-    pairs = weight_pairs(w.detach().double())
-    flat = pairs.reshape(w.shape[0], -1, 2)
-    worst = torch.maximum(flat.clamp(min=0).sum(-1).amax(1), (-flat).clamp(min=0).sum(-1).amax(1))
+    w = w.detach().double()
+    # both pairings: graphopt's kernels (channel pairs at a tap) and ONNX Runtime's (flattened channels-last), so an
+    # int8s weight is exact on either; they differ only for an odd number of input channels
+    worst = torch.maximum(worst_pair_sums(weight_pairs(w)), worst_pair_sums(flat_pairs(w)))
     return torch.maximum(scales.double(), worst / (PAIR_BOUND - 1)).to(scales.dtype)
 
 

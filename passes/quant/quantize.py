@@ -67,14 +67,20 @@ def quantize_weight(w: torch.Tensor, bits: str, per_channel: bool = True
 PAIR_WIDTHS = ("int7", "int8s")  # the widths that exist for the u8 x s8 pair kernels
 
 
-def pair_kernel_skips(op: fx.Node) -> str:
+def pair_kernel_skips(op: fx.Node, ort: bool = False) -> str:
     """Why no u8 x s8 pair kernel reads `op`'s weight ("" when one does), so `quantize{weights=int7|int8s}` keeps
     it at plain int8. Those widths buy speed only where an integer kernel multiplies activation and weight as u8 x
     s8 pairs (AVX2's `vpmaddubsw`, exact when no pair can saturate): linears with rows to tile and convs with one
     group (pointwise, im2col, the flat int8 conv, stems included). A depthwise or grouped conv and a one-row
     linear (a weight stream) compute in float on the dequantized weight, where a coarser step only costs
     resolution: on MobileNetV2 int7 everywhere had 12.7 dB SQNR to fp32 against int8's 16.4, and 15.2 dB with
-    those layers int8; EfficientNet-Lite0 14.9 -> 16.3 (int8 19.6)."""
+    those layers int8; EfficientNet-Lite0 14.9 -> 16.3 (int8 19.6). `ort`: the layer runs on ONNX Runtime (an
+    ONNX export), whose u8 x s8 kernels read every linear and every conv but a depthwise one."""
+    groups = op.args[8] if op.target is aten.convolution.default else op.args[6] if len(op.args) > 6 else 1
+    if ort:
+        w = op.args[1].meta.get("val") if isinstance(op.args[1], fx.Node) else None
+        depthwise = op.target is not aten.linear.default and int(groups) > 1 and w is not None and w.shape[1] == 1
+        return "ONNX Runtime's depthwise int8 conv adds no pairs" if depthwise else ""
     if op.target is aten.linear.default:
         val = op.args[0].meta.get("val") if isinstance(op.args[0], fx.Node) else None
         rows = 1
@@ -82,7 +88,6 @@ def pair_kernel_skips(op: fx.Node) -> str:
             rows *= int(d)
         return (f"a linear of {rows} row(s) (under 6) has no u8 x s8 kernel" if val is not None and rows < 6
                 else "")
-    groups = op.args[8] if op.target is aten.convolution.default else op.args[6] if len(op.args) > 6 else 1
     return "" if int(groups) == 1 else f"a conv of {int(groups)} groups has no u8 x s8 kernel"
 
 
@@ -94,6 +99,9 @@ def _resolve_width(weights: str, ctx: PassContext) -> tuple[str, str]:
         return weights, ""
     ask = getattr(ctx.target, "int8_product", None)
     product = ask() if callable(ask) else None
+    if product == "onnxruntime":
+        return "int8s", ("int8s: the export runs on ONNX Runtime, whose u8 x s8 kernels add weight pairs in int16 on "
+                         "x86 CPUs without VNNI (exact there and everywhere at int8s)")
     if product == "ubsw":
         return "int8s", "int8s: the target multiplies int8 with vpmaddubsw (AVX2, no VNNI)"
     if product == "vnni":
@@ -103,9 +111,16 @@ def _resolve_width(weights: str, ctx: PassContext) -> tuple[str, str]:
     return "int8", ("int8: the target has no u8 x s8 int8 kernels" if callable(ask) else "int8: no target to ask")
 
 
-def layer_width(op: fx.Node, bits: str) -> str:
-    """The width `quantize{weights=bits}` stores `op`'s weight at: `bits`, or int8 where a pair width buys nothing."""
-    return "int8" if bits in PAIR_WIDTHS and pair_kernel_skips(op) else bits
+def layer_width(op: fx.Node, bits: str, ort: bool = False) -> str:
+    """The width `quantize{weights=bits}` stores `op`'s weight at: `bits`, or int8 where a pair width buys nothing
+    (on ONNX Runtime when `ort`)."""
+    return "int8" if bits in PAIR_WIDTHS and pair_kernel_skips(op, ort) else bits
+
+
+def runs_on_ort(ctx: PassContext) -> bool:
+    """Whether the run's target is an ONNX export (its int8 kernels are ONNX Runtime's)."""
+    ask = getattr(ctx.target, "int8_product", None)
+    return callable(ask) and ask() == "onnxruntime"
 
 
 def quantize_op_weight(graph: Graph, op: fx.Node, bits: str, per_channel: bool = True) -> None:
@@ -173,7 +188,7 @@ def insert_qdq(graph: Graph, x: fx.Node, qparams: tuple[float, int], done: dict[
     return done[x.name]
 
 
-def correct_biases(graph: Graph, ops: list[fx.Node], batches, bits: str, per_channel: bool = True
+def correct_biases(graph: Graph, ops: list[fx.Node], batches, bits: str, per_channel: bool = True, ort: bool = False
                    ) -> dict[str, float]:
     """Bias correction: weight rounding shifts each output channel's mean by E[op(x, W - dequant(q(W)))]; measure
     that shift on the calibration data (float inputs, streamed: one running sum per channel) and add it to the bias.
@@ -185,7 +200,7 @@ def correct_biases(graph: Graph, ops: list[fx.Node], batches, bits: str, per_cha
     err_w, sums, counts = {}, {}, {}
     for op in ops:
         w = graph.get_param(op.args[1].target).float()
-        q, scales, _ = quantize_weight(w, layer_width(op, bits), per_channel)
+        q, scales, _ = quantize_weight(w, layer_width(op, bits, ort), per_channel)
         err_w[op.name] = w - q.float() * scales.reshape(-1, *[1] * (w.dim() - 1))
 
     def record(name: str, x: torch.Tensor) -> None:
@@ -273,7 +288,7 @@ def _quantize_dynamically(graph: Graph, layers: list[fx.Node]) -> int:
     return len(added)
 
 
-def _rewidth_kept(graph: Graph, ops: list[fx.Node], width: str, per_channel: bool, chosen: dict
+def _rewidth_kept(graph: Graph, ops: list[fx.Node], width: str, per_channel: bool, chosen: dict, ort: bool = False
                   ) -> tuple[int, dict[str, str]]:
     """Kept integer weights that graphopt's kernels would not take as they are get rounded again from their
     dequantized values (one more rounding): nonzero zero points (uint8 weights of an imported ONNX Runtime model)
@@ -285,7 +300,7 @@ def _rewidth_kept(graph: Graph, ops: list[fx.Node], width: str, per_channel: boo
         dq = op.args[1]
         q, scales, zps = (graph.get_param(a.target) for a in dq.args[:3])
         asymmetric = bool((zps != 0).any())
-        bits = layer_width(op, width) if width in PAIR_WIDTHS and op.name not in chosen else "int8"
+        bits = layer_width(op, width, ort) if width in PAIR_WIDTHS and op.name not in chosen else "int8"
         if not asymmetric and bits == "int8":
             continue
         w = torch.ops.graphopt.dequantize_per_channel.default(q, scales, zps, int(dq.args[3]))
@@ -310,13 +325,16 @@ class Quantize(Pass):
     class Options:
         weights: Literal["int8", "int8s", "int7", "int4", "auto"] = field(default="int8", metadata={
             "help": "weight bit width. auto: int8s where the target multiplies int8 with AVX2's vpmaddubsw (no "
-                    "VNNI), else int8 (compile/opt ask the run's target: this CPU, --cpu's, or the GPU). int8s: "
+                    "VNNI), else int8 (compile/opt ask the run's target: this CPU, --cpu's, or the GPU; for an "
+                    "ONNX export (target onnx), ONNX Runtime's kernels: int8s, which no x86 CPU saturates). int8s: "
                     "int8 whose per-channel scale is just coarse enough that no pair of weights AVX2's exact u8 x "
-                    "s8 kernel adds (input channels 2m, 2m+1 at one tap) can saturate int16: that kernel's speed "
-                    "(~1.25x the int8 GEMM without VNNI) at a median 1.3x the int8 step; int7: values in [-63, 63], "
-                    "the same kernel at 2x the step. Depthwise convs and one-row linears, which no such kernel "
-                    "reads, stay int8 under both. An imported int8 model's weights (ORT QDQ / dynamic files) keep "
-                    "their int8 unless int8s or int7 is asked for (or auto resolves to one)"})
+                    "s8 kernel adds (input channels 2m, 2m+1 at one tap; ONNX Runtime's: neighbours in the filter "
+                    "flattened channels-last) can saturate int16: that kernel's speed (~1.25x the int8 GEMM "
+                    "without VNNI) at a median 1.3x the int8 step; int7: values in [-63, 63], the same kernel at 2x "
+                    "the step. Depthwise convs and one-row linears, which no such kernel of graphopt's reads, stay "
+                    "int8 under both (for target onnx only depthwise convs: ONNX Runtime pairs the rest). An "
+                    "imported int8 model's weights (ORT QDQ / dynamic files) keep their int8 unless int8s or int7 "
+                    "is asked for (or auto resolves to one)"})
         embeddings: Literal["int8", "fp32"] = field(default="int8", metadata={
             "help": "embedding tables (token vocabularies): int8 rows with one scale per row, gathered with the "
                     "row (~4x smaller; most of a small transformer's bytes), or fp32 (kept float)"})
@@ -352,6 +370,7 @@ class Quantize(Pass):
             raise CalibrationError(f"quantize option 'exclude': '{pat}' matches no node or parameter")
         as_linear = linears_from_matmuls(graph, o.exclude)  # (x @ W.T, GPT-2's addmm: weight passes take linears)
         weights, auto_reason = _resolve_width(o.weights, ctx)
+        ort = runs_on_ort(ctx)  # (an ONNX export: ONNX Runtime's kernels decide which layers pair weights)
         ops, skipped = quantizable_ops(graph, o.exclude)
         # layers mixed-precision measured and left in float stay float: its choice, not quantize's default width
         chosen = graph.meta.get("weight_bits") or {}
@@ -370,7 +389,7 @@ class Quantize(Pass):
         for op in kept_bits:
             skipped.pop(op.name, None)
         made_static = 0 if dynamic else _drop_dynamic_quantize(graph, kept_bits)
-        made_symmetric, rewidth = _rewidth_kept(graph, kept_bits, weights, o.per_channel, chosen)
+        made_symmetric, rewidth = _rewidth_kept(graph, kept_bits, weights, o.per_channel, chosen, ort)
         if not ops and not kept_bits:
             return PassResult(graph, False, {"skipped": skipped}, ("no linear with a float weight to quantize "
                                                                    "dynamically" if dynamic else
@@ -392,7 +411,8 @@ class Quantize(Pass):
             if not ctx.data:
                 raise CalibrationError("quantize{bias-correction=true} measures the rounding shift on data: give "
                                        "calibration data (optimize(..., data=...) or --inputs)")
-            corrected = correct_biases(graph, ops, list(ctx.data)[: o.calib_batches], weights, o.per_channel)
+            corrected = correct_biases(graph, ops, list(ctx.data)[: o.calib_batches], weights, o.per_channel,
+                                       ort)
         qmin, qmax, _ = DTYPE_RANGES["int8"]
         g = graph.gm.graph
         act_q = {}
@@ -403,9 +423,9 @@ class Quantize(Pass):
         kept_int8, bits = {}, {}
         for op in [n for n in g.nodes if n in set(ops) | set(kept_bits)]:
             if op not in kept_bits:
-                bits[op.name] = layer_width(op, weights)
+                bits[op.name] = layer_width(op, weights, ort)
                 if bits[op.name] != weights:
-                    kept_int8[op.name] = pair_kernel_skips(op)
+                    kept_int8[op.name] = pair_kernel_skips(op, ort)
                 quantize_op_weight(graph, op, bits[op.name], o.per_channel)
             x = op.args[0]
             if observers and isinstance(x, fx.Node) and x.name in observers:

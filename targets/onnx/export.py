@@ -13,8 +13,10 @@ from graphopt.ir.graph import Graph
 log = logging.getLogger(__name__)
 
 
-def export_onnx(graph: Graph, path: str | Path, opset: int = 18) -> Path:
-    """Write `graph` as an ONNX model (torch's dynamo exporter over the re-exported program)."""
+def export_onnx(graph: Graph, path: str | Path, opset: int = 18, report: dict | None = None) -> Path:
+    """Write `graph` as an ONNX model (torch's dynamo exporter over the re-exported program). `report`, when given,
+    receives "ort_pair_saturation": the int8 weights whose pairs can saturate ONNX Runtime's u8 x s8 kernels on x86
+    CPUs without VNNI (weight name -> largest pair sum; warned about)."""
     import onnx
     import torch
 
@@ -33,11 +35,22 @@ def export_onnx(graph: Graph, path: str | Path, opset: int = 18) -> Path:
     model = prog.model_proto
     _name_interface(model, [s.name for s in graph.inputs], [s.name for s in graph.outputs])
     from graphopt.targets.onnx.qdq import (dynamic_matmuls_to_integer, fold_pads_into_convs, fold_weight_transposes,
-                                           quantize_biases)
+                                           ort_saturating_layers, quantize_biases)
     fold_weight_transposes(model)  # (the forms ONNX Runtime fuses into integer kernels; see each)
     dynamic_matmuls_to_integer(model)
     quantize_biases(model)
     fold_pads_into_convs(model)
+    saturating = ort_saturating_layers(model)
+    if report is not None:
+        report["ort_pair_saturation"] = saturating
+    if saturating:
+        names = list(saturating)
+        log.warning("onnx export: %d int8 weight(s) (%s%s) have pairs past 128 in magnitude: ONNX Runtime's u8 x "
+                    "s8 kernels add such pairs in int16 on x86 CPUs without VNNI (AVX2, AVX-512F) and saturate, so "
+                    "its outputs there drift from this graph's. Quantize with weights=int8s or auto for target "
+                    "'onnx' (graphopt.optimize(..., target='onnx'); the CLI's compile --target onnx and opt -o "
+                    "*.onnx do): its pairs stay within 128, exact on every CPU", len(names), ", ".join(names[:3]),
+                    ", ..." if len(names) > 3 else "")
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:

@@ -337,3 +337,46 @@ def dynamic_matmuls_to_integer(model: onnx.ModelProto) -> int:
         _drop_value_info(g, dead)
         _drop_unused_initializers(g, inits)
     return done
+
+
+def ort_saturating_layers(model: onnx.ModelProto) -> dict[str, int]:
+    """The layers ONNX Runtime runs on its u8 x s8 kernels whose int8 weights can saturate them: MatMul, Gemm and
+    (not depthwise) Conv of a quantized input (QuantizeLinear or DynamicQuantizeLinear, then DequantizeLinear) and
+    a constant int8 weight behind a DequantizeLinear. ONNX Runtime fuses those into integer kernels that, on x86
+    CPUs without VNNI (AVX2, AVX-512F), add pairs of u8 x s8 products in int16 (`vpmaddubsw`): a pair of same-sign
+    weights whose magnitudes sum past 128 overflows it for large inputs (MobileNetV2 int8: 17.9 dB SQNR to fp32 in
+    graphopt's kernels, 9.4 dB in ONNX Runtime on a Zen 3). Pairs are consecutive weights of each output channel's
+    filter flattened channels-last, as its NHWC im2col reads them (checked against ONNX Runtime 1.32 on crafted
+    weights). Returns the int8 weight's name -> its largest same-sign pair sum, for the layers over 128."""
+    import torch
+    from onnx import helper, numpy_helper
+
+    from graphopt.ir.quant_ops import PAIR_BOUND, flat_pairs, worst_pair_sums
+
+    g = model.graph
+    inits, producer, _ = _index(g)
+    found = {}
+    for node in g.node:
+        if node.op_type not in ("MatMul", "Gemm", "Conv") or len(node.input) < 2:
+            continue
+        xdq, wdq = producer.get(node.input[0]), producer.get(node.input[1])
+        xq = producer.get(xdq.input[0]) if xdq is not None and xdq.op_type == "DequantizeLinear" else None
+        if xq is None or xq.op_type not in ("QuantizeLinear", "DynamicQuantizeLinear") \
+                or wdq is None or wdq.op_type != "DequantizeLinear" or wdq.input[0] not in inits:
+            continue
+        q = numpy_helper.to_array(inits[wdq.input[0]])
+        if q.dtype.name != "int8" or q.ndim < 2:
+            continue  # (uint8 weights: ONNX Runtime's u8 x u8 kernels widen to int16 first and cannot saturate)
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Conv":
+            if int(attrs.get("group", 1)) > 1 and q.shape[1] == 1:
+                continue  # depthwise: its own kernel, no pairs
+            w = torch.from_numpy(q.astype("int32"))  # [M, C/g, kh, kw]
+        elif node.op_type == "Gemm" and attrs.get("transB", 0):
+            w = torch.from_numpy(q.astype("int32"))  # [N, K]
+        else:
+            w = torch.from_numpy(q.astype("int32")).T  # [K, N] -> [N, K]
+        worst = int(worst_pair_sums(flat_pairs(w)).max())
+        if worst > PAIR_BOUND:
+            found[wdq.input[0]] = worst
+    return found
