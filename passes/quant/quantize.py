@@ -28,10 +28,11 @@ def quantizable_ops(graph: Graph, exclude: list[str]) -> tuple[list[fx.Node], di
     return weighted_ops(graph, exclude)
 
 
-def prequantized_ops(graph: Graph, exclude: list[str]) -> list[fx.Node]:
+def prequantized_ops(graph: Graph, exclude: list[str], quantized_input: bool = False) -> list[fx.Node]:
     """conv2d/linear nodes whose weight is already a per-channel dequantized parameter (mixed-precision's output,
     or a weight-only quantize) and whose input is still float: quantize adds their activation Q/DQ and keeps the
-    weight's bit width."""
+    weight's bit width. `quantized_input`: those whose input is already dequantized from int8 instead (a Q/DQ
+    model's layers, imported or quantized before)."""
     go = torch.ops.graphopt
     out = []
     for n in graph.gm.graph.nodes:
@@ -44,7 +45,7 @@ def prequantized_ops(graph: Graph, exclude: list[str]) -> list[fx.Node]:
             continue
         if (isinstance(w, fx.Node) and w.target is go.dequantize_per_channel.default
                 and all(isinstance(a, fx.Node) and a.op == "get_attr" for a in w.args[:3])
-                and isinstance(x, fx.Node) and x.target is not go.dequantize_per_tensor.default):
+                and isinstance(x, fx.Node) and (x.target is go.dequantize_per_tensor.default) == quantized_input):
             out.append(n)
     return out
 
@@ -334,7 +335,8 @@ class Quantize(Pass):
                     "the step. Depthwise convs and one-row linears, which no such kernel of graphopt's reads, stay "
                     "int8 under both (for target onnx only depthwise convs: ONNX Runtime pairs the rest). An "
                     "imported int8 model's weights (ORT QDQ / dynamic files) keep their int8 unless int8s or int7 "
-                    "is asked for (or auto resolves to one)"})
+                    "is asked for (or auto resolves to one); a Q/DQ model's layers keep their activation grids and "
+                    "need no calibration data for that"})
         embeddings: Literal["int8", "fp32"] = field(default="int8", metadata={
             "help": "embedding tables (token vocabularies): int8 rows with one scale per row, gathered with the "
                     "row (~4x smaller; most of a small transformer's bytes), or fp32 (kept float)"})
@@ -390,6 +392,20 @@ class Quantize(Pass):
             skipped.pop(op.name, None)
         made_static = 0 if dynamic else _drop_dynamic_quantize(graph, kept_bits)
         made_symmetric, rewidth = _rewidth_kept(graph, kept_bits, weights, o.per_channel, chosen, ort)
+        # a Q/DQ model's layers (an ONNX Runtime QDQ / QOperator file): their activation grids stay; a pair width
+        # rounds their int8 weights again, for the exact u8 x s8 kernels (ONNX Runtime's, for an export)
+        full = prequantized_ops(graph, o.exclude, quantized_input=True) if weights in PAIR_WIDTHS else []
+        full_symmetric, full_widths = _rewidth_kept(graph, full, weights, o.per_channel, chosen, ort)
+        made_symmetric += full_symmetric
+        rewidth.update(full_widths)
+        if not ops and not kept_bits and (full_widths or full_symmetric):
+            eliminate_dead_code(graph)
+            graph.meta["weight_bits"] = {**graph.meta.get("weight_bits", {}), **rewidth}
+            return PassResult(graph, True, {"weights_quantized": 0, "kept_weights_rounded_to_pair_width": len(rewidth),
+                                            "asymmetric_weights_made_symmetric": made_symmetric,
+                                            "weight_bits": weights,
+                                            **({"weights_auto": auto_reason} if auto_reason else {}),
+                                            "skipped": skipped})
         if not ops and not kept_bits:
             return PassResult(graph, False, {"skipped": skipped}, ("no linear with a float weight to quantize "
                                                                    "dynamically" if dynamic else

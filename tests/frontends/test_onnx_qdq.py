@@ -67,6 +67,38 @@ def test_ort_qdq_model_imports_exactly_and_folds_to_integer_ops(ort_quantized, a
     assert np.abs(art(x)[0] - ref).max() <= 2 * out_scale  # integer kernels: within a rounding step or two
 
 
+def test_a_pair_width_rounds_an_imported_qdq_models_weights_again_without_calibration(ort_quantized):
+    """quantize{weights=int8s} (or auto, for an AVX2 CPU or an ONNX export) on a Q/DQ file's layers: the weights are
+    rounded again to the pair width, the file's activation grids stay, and no calibration data is needed (it had
+    changed nothing: 'no conv or linear with a float weight to quantize'). For target onnx the one-row linear takes
+    it too (ONNX Runtime pairs its weights), not for graphopt's kernels (they stream it); the model moves by about
+    the coarser step."""
+    from graphopt.ir.quant_ops import flat_pairs, pairs_bounded, worst_pair_sums
+    paths, _ = ort_quantized
+    g = graphopt.load_onnx(paths["s8"])
+    dq = "graphopt.dequantize_per_channel.default"
+    weights = {n.args[0].target for n in g.gm.graph.nodes if str(n.target) == dq}
+    assert any(not pairs_bounded(g.get_param(w)) for w in weights)  # (ORT's full-range int8)
+    grids = sorted((float(n.args[1]), int(n.args[2])) for n in g.gm.graph.nodes
+                   if str(n.target) == "graphopt.quantize_per_tensor.default")
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32))
+    ref = g.run(x)[0]
+    for target, widths in (("llvm", {"conv2d": "int8s", "conv2d_1": "int8s"}),
+                           ("onnx", {"conv2d": "int8s", "conv2d_1": "int8s", "linear": "int8s"})):
+        q = graphopt.optimize(g, "quantize{weights=int8s}", target=target)
+        rec = q.meta["history"][-1]
+        assert rec["changed"] and rec["stats"]["kept_weights_rounded_to_pair_width"] == len(widths)
+        assert q.meta["weight_bits"] == widths
+        assert grids == sorted((float(n.args[1]), int(n.args[2])) for n in q.gm.graph.nodes
+                               if str(n.target) == "graphopt.quantize_per_tensor.default")
+        for n in q.gm.graph.nodes:
+            if str(n.target) == dq and any(u.name in widths for u in n.users):
+                w = q.get_param(n.args[0].target)
+                assert int(worst_pair_sums(flat_pairs(w.int())).max()) <= 128 and pairs_bounded(w)
+        err = float((q.run(x)[0] - ref).abs().max() / ref.abs().max())
+        assert 0 < err < 0.1, err
+
+
 def _matmul_qdq(path, per_axis_activation: bool = False):
     """x [2, 6] -> Q/DQ -> MatMul with a DQ'd int8 weight [6, 4] (scales per column, axis 1) -> y."""
     rng = np.random.default_rng(0)
