@@ -273,10 +273,12 @@ def dynamic_matmuls_to_integer(model: onnx.ModelProto) -> int:
     DequantizeLinear in ONNX Runtime's own quantize_dynamic form: MatMulInteger of the codes and the int8 weight
     (zero point: the call's), Cast to float, Mul by the call's scale times the weight's scales. The same numbers
     by ONNX's definitions; ONNX Runtime fuses this form into DynamicQuantizeMatMul, while the dequantized form it
-    ran in float at 1.9x the time (MiniLM). Only weights within [-64, 64] (`quantize{weights=int7}`) go this way:
-    ONNX Runtime's u8 x s8 kernels add pairs of products in int16 on AVX2 CPUs without VNNI, and full-range int8
-    weights saturated them (a test layer off by 21-30% of its range, as on ORT's own quantize_dynamic files), so
-    those stay in the exact dequantized form. A Gemm's bias is added after. Returns the count."""
+    ran in float at 1.9x the time (MiniLM). Only weights whose neighbours along the reduction pair within 128
+    (int7, int8s: `quantize{weights=auto}` for target onnx) go this way: ONNX Runtime's u8 x s8 kernels add pairs
+    of products in int16 on x86 CPUs without VNNI, and full-range int8 weights saturated them (a test layer off by
+    21-30% of its range, as on ORT's own quantize_dynamic files). Those stay dequantized, which ORT runs in float
+    for a MatMul but still fuses into its integer QGemm for a Gemm (the export names them:
+    `ort_saturating_layers`). A Gemm's bias is added after. Returns the count."""
     import numpy as np
     from onnx import helper, numpy_helper
 
@@ -301,7 +303,8 @@ def dynamic_matmuls_to_integer(model: onnx.ModelProto) -> int:
         scale = numpy_helper.to_array(inits[wdq.input[1]]).astype(np.float32)
         zp = numpy_helper.to_array(inits[wdq.input[2]]) if len(wdq.input) > 2 and wdq.input[2] else np.zeros(1)
         axis = next((a.i for a in wdq.attribute if a.name == "axis"), 1) % 2 if q.ndim == 2 else None
-        if q.dtype != np.int8 or q.ndim != 2 or np.any(zp != 0) or int(np.abs(q.astype(np.int16)).max()) > 64:
+        if q.dtype != np.int8 or q.ndim != 2 or np.any(zp != 0) or not _pairs_bounded_kn(q.T if not (
+                mm.op_type == "Gemm" and attrs.get("transB", 0)) else q):
             continue
         transb = mm.op_type == "Gemm" and attrs.get("transB", 0)
         per_row = scale.ndim == 1 and scale.size > 1
@@ -337,6 +340,15 @@ def dynamic_matmuls_to_integer(model: onnx.ModelProto) -> int:
         _drop_value_info(g, dead)
         _drop_unused_initializers(g, inits)
     return done
+
+
+def _pairs_bounded_kn(w_nk) -> bool:
+    """Whether an int8 weight [N, K] has no pair of neighbours along K past 128 (ONNX Runtime's u8 x s8 kernels are
+    exact on it on every CPU: int7 and int8s weights)."""
+    import torch
+
+    from graphopt.ir.quant_ops import PAIR_BOUND, flat_pairs, worst_pair_sums
+    return int(worst_pair_sums(flat_pairs(torch.from_numpy(w_nk.astype("int32")))).max()) <= PAIR_BOUND
 
 
 def ort_saturating_layers(model: onnx.ModelProto) -> dict[str, int]:
