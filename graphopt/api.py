@@ -149,6 +149,8 @@ class _OnnxRuntimeTarget:
     Measures nothing; says which int8 kernels read the weights (quantize{weights=auto}: ONNX Runtime's u8 x s8
     kernels, which add weight pairs in int16 on x86 CPUs without VNNI)."""
 
+    name = "onnx"
+
     def int8_product(self) -> str:
         return "onnxruntime"
 

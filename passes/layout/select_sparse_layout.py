@@ -81,6 +81,10 @@ class SelectSparseLayout(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
         oracle = ctx.target
+        if getattr(oracle, "name", "") == "onnx":
+            raise LayoutError("select-sparse-layout chooses graphopt's sparse kernels, and an ONNX export has none "
+                              "(ONNX stores the weights dense, with their zeros; ONNX Runtime runs them dense): drop "
+                              "it from the pipeline, or compile for --target llvm / cuda-sparse")
         if oracle is None or not hasattr(oracle, "measure"):
             raise LayoutError("select-sparse-layout measures kernels on a target: call optimize(..., target='llvm') "
                               "or use graphopt compile/opt (they give the host CPU)")

@@ -228,6 +228,9 @@ def _run_latency(o, graph: Graph, ctx: PassContext, ops, cands, batches) -> Pass
     from graphopt.pm.manager import PassManager
 
     oracle = ctx.target
+    if getattr(oracle, "name", "") == "onnx":
+        raise MixedPrecisionError("mixed-precision{budget=latency} times layers on graphopt's own kernels, which an "
+                                  "ONNX export does not run: use budget=size for --target onnx, or compile for llvm")
     if oracle is None or not hasattr(oracle, "measure_variants"):
         raise MixedPrecisionError("mixed-precision{budget=latency} measures layers on a target: call "
                                   "optimize(..., target='llvm') or use graphopt compile/opt (they give the host CPU)")

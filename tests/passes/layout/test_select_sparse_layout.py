@@ -87,6 +87,8 @@ def test_errors():
     g, _ = _sparse_graph()
     with pytest.raises(graphopt.PassFailedError, match="measures kernels on a target"):
         graphopt.optimize(g, "select-sparse-layout", target=None)
+    with pytest.raises(graphopt.PassFailedError, match="an ONNX export has none"):  # (compile --target onnx)
+        graphopt.optimize(g, "select-sparse-layout", target="onnx")
     with pytest.raises(graphopt.PassOptionError, match="unknown sparse layout 'coo'"):
         graphopt.optimize(g, "select-sparse-layout{candidates=dense,coo}")
     with pytest.raises(graphopt.PassOptionError, match="never slower than dense"):

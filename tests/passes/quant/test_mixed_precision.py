@@ -44,6 +44,8 @@ def test_errors(cnn):
         graphopt.optimize(g, "mixed-precision{candidates=fp32,int3}")
     with pytest.raises(graphopt.PassFailedError, match="measures layers on a target"):
         graphopt.optimize(g, "mixed-precision{budget=latency}", data=[(x,)], target=None)
+    with pytest.raises(graphopt.PassFailedError, match="use budget=size for --target onnx"):
+        graphopt.optimize(g, "mixed-precision{budget=latency}", data=[(x,)], target="onnx")
     with pytest.raises(graphopt.PassFailedError, match="narrowest candidate"):
         graphopt.optimize(g, "mixed-precision{target=0.05 candidates=fp32,int8}")
 
