@@ -431,6 +431,13 @@ def cmd_run(args) -> int:
                     f"'{p}' holds {', '.join(loaded.files) or 'no arrays'}; an .npz input holds every model input "
                     f"under its name ({', '.join(names)}) and comes alone (or give one .npy per input)")
             arrays = [loaded[n] for n in names]
+    for spec, a in zip(art.inputs, arrays):  # (an int8 model rounds NaN to a finite code: the output looks fine)
+        bad = int(np.size(a) - np.isfinite(a).sum()) if np.issubdtype(np.asarray(a).dtype, np.floating) else 0
+        if bad:
+            logging.getLogger("graphopt").warning(
+                "input '%s' holds %d NaN / infinite value(s) of %d; the outputs computed from it mean nothing%s",
+                spec["name"], bad, np.size(a), " (quantized layers round NaN to a finite code, so they can look "
+                "normal)" if "int8" in json.dumps(art.manifest.get("weight_bits") or {}) else "")
     outs = art(*arrays)
     if args.output:
         from graphopt.ir.files import atomic_file

@@ -114,6 +114,11 @@ def test_opt_inspect_compile_run_bench(tmp_path, onnx_model, capsys):
     np.testing.assert_array_equal(list(np.load(tmp_path / "y2.npz").values())[0], list(y.values())[0])
     one_line_error(cli_inproc(capsys, "run", tmp_path / "art"),
                    "no inputs given: the model takes x: float32[1, 3, 16, 16]", "--input x.npy")
+    bad = x.numpy().copy()
+    bad[0, 0, :2, :3] = np.nan  # run, and say the outputs mean nothing
+    np.save(tmp_path / "nan.npy", bad)
+    res = cli_inproc(capsys, "run", tmp_path / "art", "--input", tmp_path / "nan.npy")
+    assert res.returncode == 0 and "input 'x' holds 6 NaN / infinite value(s) of 768" in res.stderr, res.stderr
     np.savez(tmp_path / "other.npz", image=x.numpy())
     one_line_error(cli_inproc(capsys, "run", tmp_path / "art", "--input", tmp_path / "other.npz"),
                    "other.npz' holds image; an .npz input holds every model input under its name (x)")
