@@ -173,6 +173,25 @@ def quantize_embeddings(graph: Graph, exclude: list[str], skipped: dict[str, str
     return done
 
 
+def residual_adds(graph: Graph) -> list[fx.Node]:
+    """aten.add.Tensor nodes of two float activations of one 4-D shape where one is a conv's output (residual
+    connections)."""
+    out = []
+    for n in graph.gm.graph.nodes:
+        if n.op != "call_function" or n.target is not aten.add.Tensor or len(n.args) != 2:
+            continue
+        a, b = n.args
+        if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or a.op == "get_attr" or b.op == "get_attr":
+            continue
+        va, vb = a.meta.get("val"), b.meta.get("val")
+        if va is None or vb is None or va.dim() != 4 or tuple(va.shape) != tuple(vb.shape) \
+                or not va.dtype.is_floating_point:
+            continue
+        if any(x.target in (aten.conv2d.default, aten.convolution.default) for x in (a, b)):
+            out.append(n)
+    return out
+
+
 def insert_qdq(graph: Graph, x: fx.Node, qparams: tuple[float, int], done: dict[str, fx.Node]) -> fx.Node:
     """x -> int8 quantize -> dequantize, returning the dequantize; one pair per activation (`done` caches them by
     name), shared by its readers."""
@@ -352,6 +371,11 @@ class Quantize(Pass):
         matmul: bool = field(default=True, metadata={
             "help": "also quantize activation x activation matmuls (both operands per-tensor int8): attention's "
                     "scores and outputs; scaled_dot_product_attention is rewritten into explicit matmuls first"})
+        adds: Literal["auto", "true", "false"] = field(default="auto", metadata={
+            "help": "also quantize residual adds of a conv's output: both inputs and the output on int8 grids (one "
+                    "more rounding of each branch), the form ONNX Runtime runs in integer end to end (QLinearAdd; "
+                    "the convs before them become QLinearConv). auto: true for target onnx (MobileNetV2 in ORT "
+                    "1.44x faster, 0.9 dB SQNR lost), false for graphopt's kernels (no faster there)"})
         per_channel: bool = field(default=True, metadata={
             "help": "weights: one scale per output channel (true) or one per tensor (false)"})
         symmetric: bool = field(default=False, metadata={
@@ -411,7 +435,7 @@ class Quantize(Pass):
                                                                    "dynamically" if dynamic else
                                                                    "no conv or linear with a float weight to quantize")
                               + (f" ({len(kept_float)} kept fp32 by mixed-precision)" if kept_float else ""))
-        observers, matmuls, attention_kept = {}, [], {}
+        observers, matmuls, attention_kept, adds = {}, [], {}, []
         if o.activations == "int8":
             if not ctx.data:
                 raise CalibrationError("quantize{activations=int8} needs calibration data (optimize(..., data=...) "
@@ -421,6 +445,8 @@ class Quantize(Pass):
                 matmuls = activation_matmuls(graph, o.exclude)
             watched = [(op.args[0], op.name) for op in ops + kept_bits if isinstance(op.args[0], fx.Node)]
             watched += [(t, mm.name) for mm in matmuls for t in mm.args[:2]]
+            adds = residual_adds(graph) if o.adds == "true" or (o.adds == "auto" and ort) else []
+            watched += [(t, a.name) for a in adds for t in (*a.args[:2], a)]
             observers = calibrate(graph, watched, list(ctx.data)[: o.calib_batches], o.calibrator)
         corrected = {}
         if o.bias_correction:
@@ -448,6 +474,11 @@ class Quantize(Pass):
                 op.args = (dequantized(x), *op.args[1:])
         for mm in matmuls:
             mm.args = (dequantized(mm.args[0]), dequantized(mm.args[1]), *mm.args[2:])
+        for add in (adds if observers else []):
+            made = set(act_q.values())  # (a residual add's output, already rerouted to its dequantize)
+            add.args = tuple(a if a in made else dequantized(a) for a in add.args[:2]) + tuple(add.args[2:])
+            out = dequantized(add)
+            add.replace_all_uses_with(out, delete_user_cb=lambda u, q=out.args[0]: u is not q)
         dynamic_inputs = _quantize_dynamically(graph, ops + kept_bits) if dynamic else 0
         tables = quantize_embeddings(graph, o.exclude, skipped) if o.embeddings == "int8" else []
         eliminate_dead_code(graph)

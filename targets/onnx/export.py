@@ -34,12 +34,13 @@ def export_onnx(graph: Graph, path: str | Path, opset: int = 18, report: dict | 
         raise TargetError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     model = prog.model_proto
     _name_interface(model, [s.name for s in graph.inputs], [s.name for s in graph.outputs])
-    from graphopt.targets.onnx.qdq import (dynamic_matmuls_to_integer, fold_pads_into_convs, fold_weight_transposes,
-                                           ort_saturating_layers, quantize_biases)
+    from graphopt.targets.onnx.qdq import (activations_to_uint8, dynamic_matmuls_to_integer, fold_pads_into_convs,
+                                           fold_weight_transposes, ort_saturating_layers, quantize_biases)
     fold_weight_transposes(model)  # (the forms ONNX Runtime fuses into integer kernels; see each)
     dynamic_matmuls_to_integer(model)
     quantize_biases(model)
     fold_pads_into_convs(model)
+    activations_to_uint8(model)
     saturating = ort_saturating_layers(model)
     if report is not None:
         report["ort_pair_saturation"] = saturating

@@ -392,3 +392,43 @@ def ort_saturating_layers(model: onnx.ModelProto) -> dict[str, int]:
         if worst > PAIR_BOUND:
             found[wdq.input[0]] = worst
     return found
+
+
+def activations_to_uint8(model: onnx.ModelProto) -> int:
+    """Move each int8 activation grid (a QuantizeLinear with a constant scalar int8 zero point whose codes only
+    DequantizeLinears with the same scale and zero point read) to uint8: zero point + 128, the same grid and the
+    same numbers by ONNX's definitions; ONNX Runtime fuses residual adds (QLinearAdd) only on uint8 activations.
+    Returns the count."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    g = model.graph
+    inits, _, users = _index(g)
+    outputs = {o.name for o in g.output}
+
+    def const(name):
+        return numpy_helper.to_array(inits[name]) if name in inits else None
+
+    done = 0
+    for q in [n for n in g.node if n.op_type == "QuantizeLinear" and len(n.input) == 3]:
+        zp, scale = const(q.input[2]), const(q.input[1])
+        readers = users.get(q.output[0], [])
+        if zp is None or scale is None or zp.dtype != np.int8 or zp.size != 1 or scale.size != 1 \
+                or not readers or q.output[0] in outputs:
+            continue
+        if not all(r.op_type == "DequantizeLinear" and len(r.input) == 3 and r.input[0] == q.output[0]
+                   and const(r.input[1]) is not None and const(r.input[2]) is not None
+                   and const(r.input[2]).dtype == np.int8 and np.array_equal(const(r.input[1]), scale)
+                   and np.array_equal(const(r.input[2]), zp) for r in readers):
+            continue
+        name = f"{q.input[2]}_u8"
+        if name not in inits:
+            inits[name] = numpy_helper.from_array((zp.astype(np.int16) + 128).astype(np.uint8), name)
+            g.initializer.append(inits[name])
+        for n in (q, *readers):
+            n.input[2] = name
+        done += 1
+    if done:
+        _drop_value_info(g, {q.output[0] for q in g.node if q.op_type == "QuantizeLinear"})
+        _drop_unused_initializers(g, inits)
+    return done
