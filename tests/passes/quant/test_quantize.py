@@ -64,6 +64,12 @@ def test_bias_correction_moves_biases_and_halves_int4_output_error(digits):
     biases = [n for n in q.gm.graph.nodes if n.op == "get_attr" and n.target.endswith("_bias_corrected")]
     assert len(biases) == 4  # every layer reads a new, corrected bias
     assert errs["true"] < 0.7 * errs["false"], errs
+    # the default (auto) corrects the convs whenever there is data, not the linears; without data, nothing
+    auto = graphopt.optimize(g, "quantize{weights=int4}", data=batches(xtr)[:8])
+    corrected = [n.target for n in auto.gm.graph.nodes if n.op == "get_attr" and n.target.endswith("_bias_corrected")]
+    assert auto.meta["history"][-1]["stats"]["bias_corrected"] == 2 and all("conv" in t for t in corrected), corrected
+    alone = graphopt.optimize(g, "quantize{weights=int4 activations=none}")
+    assert alone.meta["history"][-1]["stats"]["bias_corrected"] == 0
 
 
 def test_bias_correction_needs_data(cnn):
@@ -296,7 +302,7 @@ def test_int7_narrows_only_the_layers_a_pair_kernel_reads():
     x = torch.randn(1, 3, 12, 12)
     data = [(torch.randn(1, 3, 12, 12),) for _ in range(4)]
     g = graphopt.trace(model, (x,))
-    q = graphopt.optimize(g, "quantize{weights=int7}", data=data)
+    q = graphopt.optimize(g, "quantize{weights=int7 bias-correction=false}", data=data)  # (the widths' error alone)
     amax = {k.removesuffix(".weight_q").removesuffix("_weight_q"): int(t.abs().max())
             for k, t in q.params().items() if t.dtype == torch.int8}
     assert amax == {"stem": 63, "dw": 127, "pw": 63, "head": 127}, amax
@@ -310,7 +316,7 @@ def test_int7_narrows_only_the_layers_a_pair_kernel_reads():
     saved = quantize.pair_kernel_skips
     quantize.pair_kernel_skips = lambda op, ort=False: ""
     try:
-        everywhere = graphopt.optimize(g, "quantize{weights=int7}", data=data)
+        everywhere = graphopt.optimize(g, "quantize{weights=int7 bias-correction=false}", data=data)
     finally:
         quantize.pair_kernel_skips = saved
     assert all(int(t.abs().max()) == 63 for t in everywhere.params().values() if t.dtype == torch.int8)
@@ -450,6 +456,7 @@ def test_fold_qdq_keeps_an_unbatched_conv1d_and_says_why():
     model = torch.nn.Conv1d(4, 8, 3).eval()
     xs = torch.randn(4, 4, 32)
     q = graphopt.optimize(graphopt.trace(model, (xs[0],)), "quantize", data=[(x,) for x in xs[:3]])
+    assert q.meta["history"][-1]["stats"]["bias_corrected"] == 1  # (its channels are dim 0: it had crashed)
     f = graphopt.optimize(q, "fold-qdq")
     rec = f.meta["history"][-1]
     assert rec["stats"]["folded"] == 0 and any("unbatched conv1d" in r for r in rec["stats"]["kept"].values()), rec
