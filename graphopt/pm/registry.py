@@ -51,6 +51,12 @@ class PassContext:
             return [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in self.data]
         return [graph.example_inputs(seed=self.seed + i) for i in range(n)]
 
+    @property
+    def onnx_export(self) -> bool:
+        """Whether the run is for an ONNX export (optimize(target="onnx"), compile --target onnx, opt -o *.onnx):
+        ONNX Runtime's kernels run the result, none of graphopt's."""
+        return getattr(self.target, "name", "") == "onnx"
+
 
 class Pass:
     """A named graph rewrite. Subclasses set `name`, `summary`, `contract`, `Options` and implement `run`."""

@@ -81,7 +81,7 @@ class SelectSparseLayout(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
         oracle = ctx.target
-        if getattr(oracle, "name", "") == "onnx":
+        if ctx.onnx_export:
             raise LayoutError("select-sparse-layout chooses graphopt's sparse kernels, and an ONNX export has none "
                               "(ONNX stores the weights dense, with their zeros; ONNX Runtime runs them dense): drop "
                               "it from the pipeline, or compile for --target llvm / cuda-sparse")
@@ -227,4 +227,3 @@ def _unchanged_reason(choices: dict) -> str:
     for why, count in sorted(Counter(r.split(" (")[0] for r in skipped).items()):
         parts.append(f"{count} layer(s): {why}")
     return "; ".join(parts)
-

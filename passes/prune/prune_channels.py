@@ -499,7 +499,7 @@ class PruneChannels(Pass):
             raise PruneError("prune-channels importance=taylor needs data (optimize(..., data=...) or --inputs)")
         macs0 = graph.stats().macs
         # (channel counts ONNX Runtime's int8 convs run well: multiples of 8; graphopt's own kernels take any)
-        round_to = o.round_to or (8 if getattr(ctx.target, "name", "") == "onnx" else 1)
+        round_to = o.round_to or (8 if ctx.onnx_export else 1)
         if o.ratio is not None:
             plan = plan_pruning(graph, o.ratio, o.importance, o.scope, round_to, o.protect, batches, o.heads_only)
             reference = graph.clone() if o.bias_correction or o.reconstruct else None

@@ -228,7 +228,7 @@ def _run_latency(o, graph: Graph, ctx: PassContext, ops, cands, batches) -> Pass
     from graphopt.pm.manager import PassManager
 
     oracle = ctx.target
-    if getattr(oracle, "name", "") == "onnx":
+    if ctx.onnx_export:
         raise MixedPrecisionError("mixed-precision{budget=latency} times layers on graphopt's own kernels, which an "
                                   "ONNX export does not run: use budget=size for --target onnx, or compile for llvm")
     if oracle is None or not hasattr(oracle, "measure_variants"):

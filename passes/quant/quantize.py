@@ -118,12 +118,6 @@ def layer_width(op: fx.Node, bits: str, ort: bool = False) -> str:
     return "int8" if bits in PAIR_WIDTHS and pair_kernel_skips(op, ort) else bits
 
 
-def runs_on_ort(ctx: PassContext) -> bool:
-    """Whether the run's target is an ONNX export (its int8 kernels are ONNX Runtime's)."""
-    ask = getattr(ctx.target, "int8_product", None)
-    return callable(ask) and ask() == "onnxruntime"
-
-
 def quantize_op_weight(graph: Graph, op: fx.Node, bits: str, per_channel: bool = True) -> None:
     """Store `op`'s weight as per-channel int8/int4 behind a dequantize node (the op reads the dequantized weight)."""
     w = op.args[1]
@@ -400,7 +394,7 @@ class Quantize(Pass):
             raise CalibrationError(f"quantize option 'exclude': '{pat}' matches no node or parameter")
         as_linear = linears_from_matmuls(graph, o.exclude)  # (x @ W.T, GPT-2's addmm: weight passes take linears)
         weights, auto_reason = _resolve_width(o.weights, ctx)
-        ort = runs_on_ort(ctx)  # (an ONNX export: ONNX Runtime's kernels decide which layers pair weights)
+        ort = ctx.onnx_export  # (an ONNX export: ONNX Runtime's kernels decide which layers pair weights)
         ops, skipped = quantizable_ops(graph, o.exclude)
         # layers mixed-precision measured and left in float stay float: its choice, not quantize's default width
         chosen = graph.meta.get("weight_bits") or {}
