@@ -1,6 +1,7 @@
 """Load a compiled artifact and call it. Needs only numpy and the TVM runtime (no torch at call time)."""
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,14 @@ class ArtifactModel:
 
 
 class CompiledModel(ArtifactModel):
-    """A TVM artifact (model.so, CPU or CUDA), run by TVM's Relax VM: numpy and the TVM runtime only."""
+    """A TVM artifact (model.so, CPU or CUDA), run by TVM's Relax VM: numpy and the TVM runtime only.
+
+    Safe to call from several threads at once (a server's request threads): a Relax VM keeps its registers and
+    frames in the VM object, and two threads calling one VM crashed the process (a segfault within a few calls),
+    so on the CPU each calling thread runs its own VM over the one loaded library (a VM costs microseconds and no
+    memory: the constants stay the library's). TVM gives each calling thread its own worker pool, so N threads
+    calling at once run N x `TVM_NUM_THREADS` workers. On a GPU, where a VM copies the constants to the device,
+    calls take turns on one VM."""
 
     def __init__(self, folder: str | Path):
         import tvm
@@ -101,13 +109,35 @@ class CompiledModel(ArtifactModel):
         private = _private_link(lib_path)
         try:
             self._lib = tvm.runtime.load_module(str(private))
-            self._vm = VirtualMachine(self._lib, self.device)
+            self._vm_class = VirtualMachine
+            self._fn = self._new_function()
         except Exception as e:
             raise ArtifactError(f"cannot load '{lib_path}': {e}") from None
         finally:
             private.unlink(missing_ok=True)  # (the loaded library stays mapped)
-        self._fn = self._vm[self.manifest.get("entry", "main")]
         self._tvm = tvm
+        self._owner = threading.get_ident()  # the thread whose VM is self._fn
+        self._local = threading.local()
+        self._gpu_lock = threading.Lock() if self.device_kind != "cpu" else None
+
+    def _new_function(self):
+        """The entry function of a fresh VM over the loaded library."""
+        return self._vm_class(self._lib, self.device)[self.manifest.get("entry", "main")]
+
+    def _function(self):
+        """This thread's entry function (see the class doc): the loading thread's is self._fn."""
+        if self._gpu_lock is not None or threading.get_ident() == self._owner:
+            return self._fn
+        fn = getattr(self._local, "fn", None)
+        if fn is None:
+            fn = self._local.fn = self._new_function()
+        return fn
+
+    def _invoke(self, args: list):
+        if self._gpu_lock is None:
+            return self._function()(*args)
+        with self._gpu_lock:
+            return self._fn(*args)
 
     def _convert(self, args: tuple[Any, ...]) -> list:
         return [self._tensor(a) for a in self._check(args)]
@@ -139,7 +169,7 @@ class CompiledModel(ArtifactModel):
         return r.numpy()
 
     def __call__(self, *args: Any) -> tuple[np.ndarray, ...]:
-        res = self._fn(*self._convert(args))
+        res = self._invoke(self._convert(args))
         if hasattr(res, "numpy"):
             return (self._numpy(res),)
         return tuple(self._numpy(r) for r in res)
@@ -152,7 +182,7 @@ class CompiledModel(ArtifactModel):
         conv = self._convert(args)
 
         def call():
-            out = self._fn(*conv)
+            out = self._invoke(conv)
             self.sync()
             return out
         return call
