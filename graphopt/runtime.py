@@ -1,6 +1,7 @@
 """Load a compiled artifact and call it. Needs only numpy and the TVM runtime (no torch at call time)."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -135,6 +136,8 @@ class CompiledModel(ArtifactModel):
 
     def _invoke(self, args: list):
         if self._gpu_lock is None:
+            if _fork.thread == threading.get_ident():
+                return _fork.helper().submit(lambda: self._function()(*args)).result()
             return self._function()(*args)
         with self._gpu_lock:
             return self._fn(*args)
@@ -237,6 +240,33 @@ class Pt2Export(ArtifactModel):
             out = self._module(*[torch.from_numpy(np.ascontiguousarray(a)) for a in self._check(args)])
         outs = out if isinstance(out, (tuple, list)) else (out,)
         return tuple(_to_numpy(o) for o in outs)
+
+
+class _Fork:
+    """TVM's worker pool belongs to the thread that launched kernels, and a forked child inherits it without its
+    workers: a model loaded and called in a parent, then called in a child forked from it (multiprocessing's
+    default on Linux, gunicorn's --preload), waited forever at its first parallel kernel. In a forked child the
+    thread that forked (the child's only thread then) hands its calls to a helper thread, which gets a fresh pool;
+    threads the child starts itself have fresh pools already."""
+
+    thread: int | None = None  # in a forked child: the thread that forked
+    _helper = None
+
+    @classmethod
+    def after_fork_in_child(cls) -> None:
+        cls.thread, cls._helper = threading.get_ident(), None
+
+    @classmethod
+    def helper(cls):
+        if cls._helper is None:
+            from concurrent.futures import ThreadPoolExecutor
+            cls._helper = ThreadPoolExecutor(1, thread_name_prefix="graphopt-after-fork")
+        return cls._helper
+
+
+_fork = _Fork
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_Fork.after_fork_in_child)
 
 
 def _wrap(a: np.ndarray):

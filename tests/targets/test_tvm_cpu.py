@@ -178,6 +178,36 @@ print(len(bad), errors)
     assert res.stdout.split()[0] == "0" and res.stdout.strip().endswith("[]"), res.stdout
 
 
+def test_a_process_forked_after_calls_runs_the_artifact(tmp_path, built):
+    """multiprocessing's default on Linux (and gunicorn --preload) forks a process that has loaded and called the
+    model: the child inherited TVM's worker pool without its workers and waited forever at its first parallel
+    kernel. Children forked after calls now run it and get the parent's outputs (2 threads, so kernels fork)."""
+    import os
+    import subprocess
+    import sys
+    _, _, _, out = built
+    script = """
+import sys, multiprocessing as mp, numpy as np, graphopt
+m = graphopt.load(sys.argv[1])
+x = np.random.RandomState(0).randn(1, 3, 16, 16).astype(np.float32)
+ref = m(x)[0]
+def child(q):
+    q.put(bool(np.array_equal(m(x)[0], ref)))
+ctx = mp.get_context("fork")
+q = ctx.Queue()
+ps = [ctx.Process(target=child, args=(q,)) for _ in range(2)]
+[p.start() for p in ps]
+try:
+    print([q.get(timeout=60) for _ in ps])
+finally:
+    [p.kill() for p in ps]
+"""
+    env = dict(os.environ, TVM_NUM_THREADS="2")
+    res = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, timeout=300,
+                         env=env)
+    assert res.returncode == 0 and res.stdout.strip() == "[True, True]", (res.stdout, res.stderr[-2000:])
+
+
 def test_artifacts_are_readable_by_other_users_under_the_usual_umask(tmp_path, built):
     """Atomic writes went through mkstemp / mkdtemp, so the artifact folder was 0700 and manifest.json 0600: a
     service account could not read what a build user compiled. Files and folders now get the modes a plain write
