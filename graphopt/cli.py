@@ -118,7 +118,8 @@ def _parser() -> argparse.ArgumentParser:
                    "trials default to 2000)")
     c.add_argument("--tune-db", metavar="DIR", help="existing folder for the tuning database and the knob records "
                    "(kernel_knobs.json), reused across runs and models (workloads already in it are not tuned again)")
-    c.add_argument("--no-report", action="store_true", help="skip fidelity and latency measurement")
+    c.add_argument("--no-report", action="store_true", help="skip fidelity and latency measurement (the report still lists the passes, "
+                   "with --verify-each's findings, sizes and the build)")
     c.add_argument("--threads", type=int, default=None, help="threads for every runtime in the report (default: cores)")
     _add_pm_options(c)
 
@@ -265,16 +266,17 @@ def cmd_compile(args) -> int:
         from graphopt.report import gpu_build_report
         print(gpu_build_report(Path(out)), end="")
         return 0
-    if args.no_report:
-        print(f"wrote {out}")
-        return 0
+    from graphopt.report import compile_report, write_report
     from graphopt.runtime import missing_isa
     from graphopt.targets.artifact import read_manifest
     missing = missing_isa(read_manifest(out))
-    if missing:
-        print(f"wrote {out} (built for --cpu {args.cpu}; not measured: this CPU lacks {', '.join(missing)})")
+    if args.no_report or missing:  # (the report without its measured lines: passes, sizes, the build)
+        text = compile_report(graph, optimized, Path(out), read_manifest(out), None, None)
+        text += ("  measured   no (--no-report)\n" if args.no_report else
+                 f"  measured   no: built for --cpu {args.cpu}, and this CPU lacks {', '.join(missing)}\n")
+        write_report(Path(out), {"fidelity": None, "latency": None, "manifest": read_manifest(out)}, text)
+        print(text, end="")
         return 0
-    from graphopt.report import compile_report, write_report
     from graphopt.runtime import load
     art = load(out, threads)  # (an onnx / pt2 export: run by ONNX Runtime / PyTorch, as its user will)
     user_inputs = _data(args, graph) if getattr(args, "inputs", None) else None

@@ -321,6 +321,20 @@ def test_compile_report_names_the_int8_product_only_for_int8_graphs(tmp_path):
             "unmeasured, reasons in manifest.json") in compile_report(g, q, tmp_path, manifest, None, None)
 
 
+def test_compile_without_measuring_still_reports_the_passes(tmp_path, onnx_model, capsys):
+    """`compile --no-report --verify-each` printed only "wrote DIR": the pass table with --verify-each's findings,
+    sizes and the build are no measurement and are printed (and saved) all the same."""
+    path, _, _ = onnx_model
+    res = cli_inproc(capsys, "compile", path, "--no-report", "--verify-each", "--pipeline",
+                     "fold-bn,sparsify{sparsity=0.5}", "-o", tmp_path / "art")
+    assert res.returncode == 0, res.stderr
+    assert "graphopt compile report" in res.stdout and "measured   no (--no-report)" in res.stdout, res.stdout
+    row = next(ln for ln in res.stdout.splitlines() if "sparsify{sparsity=0.5}" in ln and "yes" in ln)
+    assert "verify: SQNR" in row and "vs input" in row, row
+    assert "latency" not in res.stdout and "fidelity" not in res.stdout
+    assert (tmp_path / "art" / "report.txt").read_text() == res.stdout
+
+
 def test_inspect_summarizes_export_and_gpu_artifacts(tmp_path, onnx_model, capsys):
     """`inspect DIR` on an ONNX export names the exported file and no CPU tuning; on a CUDA artifact (its manifest
     as a cuda-sparse build writes it) the architectures and each 2:4 layer's decision; a folder without a manifest
@@ -367,6 +381,32 @@ def test_pass_table_notes_leave_out_zero_counts():
     long = {**row, "pipeline": "select-sparse-layout{candidates=dense,csr,bsr4x4 min-speedup=1.5}"}
     assert " select-sparse-layout{candidates=dense... yes " in pass_table([long]).splitlines()[1]
 
+
+
+def test_verify_each_notes_say_which_pass_lost_the_accuracy():
+    """The pass table's verify note had been the step's max error alone (13 after prune-channels, 0.057 after
+    quantize: no scale, no total). Exact passes keep their max error; the others give SQNR (and a classifier's
+    top-1 agreement) against the graph before them and against the pipeline's input."""
+    from graphopt.report import pass_table
+    base = {"changed": True, "seconds": 0.1, "reason": "", "stats": {}, "before": {"params": 1, "macs": 1},
+            "after": {"params": 1, "macs": 1}}
+    rows = [{**base, "index": 1, "pipeline": "fold-bn", "verify": {
+                "contract": "exact", "step": {"max_abs_err": 2.1e-5, "sqnr_db": 101.0},
+                "vs_reference": {"max_abs_err": 2.1e-5, "sqnr_db": 101.0}}},
+            {**base, "index": 2, "pipeline": "prune-channels{ratio=0.3}", "verify": {
+                "contract": "training", "step": {"max_abs_err": 13.0, "sqnr_db": 0.43},
+                "vs_reference": {"max_abs_err": 13.0, "sqnr_db": 0.42}}},
+            {**base, "index": 3, "pipeline": "quantize", "verify": {
+                "contract": "bounded", "step": {"max_abs_err": 0.057, "sqnr_db": 24.04, "top1": 0.85},
+                "vs_reference": {"max_abs_err": 13.1, "sqnr_db": 0.4, "top1": 0.05}}},
+            {**base, "index": 4, "pipeline": "fold-qdq", "verify": {
+                "contract": "bounded", "step": {"max_abs_err": 0.0, "sqnr_db": None},
+                "vs_reference": {"max_abs_err": float("inf"), "sqnr_db": None}}}]
+    lines = pass_table(rows).splitlines()[1:]
+    assert lines[0].endswith("verify: max|err| 2.1e-05"), lines[0]
+    assert lines[1].endswith("verify: SQNR 0.4 dB (vs input 0.4 dB)"), lines[1]
+    assert lines[2].endswith("verify: SQNR 24.0 dB, top-1 85% (vs input 0.4 dB, top-1 5%)"), lines[2]
+    assert lines[3].endswith("verify: SQNR exact (vs input -inf dB)"), lines[3]
 
 def test_a_graph_saved_from_a_zoo_model_calibrates_on_its_shipped_data(tmp_path, capsys):
     """`graphopt opt zoo:mobilenet_v2 ... -o m.gopt` then `graphopt compile m.gopt --pipeline quantize,...` failed

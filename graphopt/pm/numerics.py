@@ -15,14 +15,34 @@ class Comparison:
     max_abs_err: float
     max_ref: float
     sqnr_db: float
+    top1: float | None = None  # classifier outputs ([N, C] floats): the share of rows whose argmax agrees
 
     def to_json(self) -> dict:
-        return {"max_abs_err": self.max_abs_err, "max_ref": self.max_ref,
-                "sqnr_db": None if math.isinf(self.sqnr_db) else self.sqnr_db}
+        out = {"max_abs_err": self.max_abs_err, "max_ref": self.max_ref,
+               "sqnr_db": None if math.isinf(self.sqnr_db) else self.sqnr_db}
+        if self.top1 is not None:
+            out["top1"] = self.top1
+        return out
 
     def __str__(self) -> str:
         sq = "inf" if math.isinf(self.sqnr_db) else f"{self.sqnr_db:.1f}"
-        return f"max|err|={self.max_abs_err:.3g} (max|ref|={self.max_ref:.3g}), SQNR={sq} dB"
+        top1 = "" if self.top1 is None else f", top-1 agreement {100 * self.top1:.0f}%"
+        return f"max|err|={self.max_abs_err:.3g} (max|ref|={self.max_ref:.3g}), SQNR={sq} dB{top1}"
+
+
+def _top1(expected: Sequence[Sequence[torch.Tensor]], actual: Sequence[Sequence[torch.Tensor]]) -> float | None:
+    """Argmax agreement of the first output over all batches, when it is a float [N, C] (C >= 2) classifier
+    output; None otherwise."""
+    same = total = 0
+    for exp_outs, act_outs in zip(expected, actual):
+        if not exp_outs or not act_outs:
+            return None
+        e, a = torch.as_tensor(exp_outs[0]), torch.as_tensor(act_outs[0])
+        if e.dim() != 2 or e.shape[1] < 2 or not e.is_floating_point() or e.shape != a.shape:
+            return None
+        same += int((e.argmax(1) == a.argmax(1)).sum())
+        total += e.shape[0]
+    return same / total if total else None
 
 
 def compare(expected: Sequence[Sequence[torch.Tensor]], actual: Sequence[Sequence[torch.Tensor]]) -> Comparison:
@@ -49,7 +69,7 @@ def compare(expected: Sequence[Sequence[torch.Tensor]], actual: Sequence[Sequenc
         sqnr = -math.inf
     else:
         sqnr = 10.0 * math.log10(sig / noise)
-    return Comparison(max_err, max_ref, sqnr)
+    return Comparison(max_err, max_ref, sqnr, _top1(expected, actual))
 
 
 def within_exact(c: Comparison, rtol: float, atol: float = 1e-6) -> bool:

@@ -136,6 +136,24 @@ def test_verify_each_passes_for_exact_passes_on_random_inputs(cnn_graph):
     torch.testing.assert_close(out.run(x)[0], model(x), rtol=1e-4, atol=1e-5)
 
 
+def test_verify_each_records_a_classifiers_top1_agreement(cnn_graph):
+    """A classifier's ([N, C]) verify record carries top-1 agreement with the graph before the pass and with the
+    input; the comparison counts rows whose argmax moved, and leaves other outputs without one."""
+    from graphopt.pm.numerics import compare
+    g, _, _ = cnn_graph
+    out = graphopt.optimize(g, "fold-bn,sparsify{sparsity=0.9}", verify=True)
+    fold, sparse = out.meta["history"]
+    assert fold["verify"]["step"]["top1"] == 1.0
+    assert 0.0 <= sparse["verify"]["vs_reference"]["top1"] <= 1.0
+    e = torch.tensor([[0.0, 1.0, 0.5], [2.0, 0.0, 1.0], [0.0, 0.0, 3.0], [1.0, 0.0, 0.0]])
+    a = e.clone()
+    a[1, 2] = 5.0
+    assert compare([(e,)], [(a,)]).top1 == 0.75
+    assert compare([(e,), (e,)], [(e,), (a,)]).top1 == 7 / 8
+    assert compare([(e[:, :1],)], [(a[:, :1],)]).top1 is None
+    assert compare([(e.unsqueeze(0),)], [(a.unsqueeze(0),)]).top1 is None
+
+
 def test_inputs_npz_with_several_fixed_batches_splits_them(tmp_path):
     """An .npz array holding several of a batch-1 graph's inputs (4 calibration images) becomes 4 batches; a first
     dimension that is no multiple of the graph's batch is refused with the shape it has and the one expected."""
