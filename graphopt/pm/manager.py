@@ -146,8 +146,12 @@ class PassManager:
                 if not ok:
                     repro = write_reproducer(self.dump_root, i, p.spec_text(), current, inputs,
                                              f"pass '{p.name}' broke its {p.contract.value} contract: {step}")
+                    bound = (f"; its bound is SQNR >= {p.min_sqnr_db:g} dB against the graph before it: if this "
+                             "loss is what the options ask for (int4, a coarse width), run without --verify-each "
+                             "and judge the result by the compile report's fidelity line"
+                             if p.contract == Contract.BOUNDED else "")
                     raise PassFailedError(f"pass #{i} '{p.name}' broke its {p.contract.value} numerical contract: "
-                                          f"{step}", str(repro))
+                                          f"{step}{bound}", str(repro))
                 prev_outputs = outs
             self.printer.after_pass(i, p.name, current, after, res.changed)
             if self.dump:
