@@ -37,6 +37,35 @@ def weighted_ops(graph: Graph, exclude: Iterable[str] = ()) -> tuple[list[fx.Nod
     return ops, skipped
 
 
+# where each layer op reads the tensors it learns (weight, bias): argument positions
+_LEARNED_ARGS = {**{op: (1, 2) for op in WEIGHT_OPS},
+                 aten.layer_norm.default: (2, 3), aten.group_norm.default: (2, 3),
+                 aten.batch_norm.default: (1, 2), aten._native_batch_norm_legit_no_training.default: (1, 2),
+                 aten.instance_norm.default: (1, 2), aten.embedding.default: (0,), aten.prelu.default: (1,)}
+
+
+def learnable_params(graph: Graph) -> dict[str, torch.nn.Parameter]:
+    """The float tensors training may update, as nn.Parameters by attribute name: the graph's float parameters,
+    and float buffers a conv / linear / norm / embedding / prelu reads as its weight or bias. An ONNX import's
+    initializers are buffers (ONNX has no parameters), so recover, qat, lottery-ticket, rigl and set had stopped on
+    "no trainable parameters" and taylor importance crashed on every imported model; those buffers become
+    parameters here, in place (requires_grad off; the trainer turns it on). Other buffers (running statistics,
+    masks, constant tables) stay as they are."""
+    gm = graph.gm
+    buffers = dict(gm.named_buffers())
+    for n in gm.graph.nodes:
+        slots = _LEARNED_ARGS.get(n.target) if n.op == "call_function" else None
+        for i in slots or ():
+            a = n.args[i] if i < len(n.args) else None
+            if not isinstance(a, fx.Node) or a.op != "get_attr" or a.target not in buffers:
+                continue
+            t = buffers.pop(a.target)
+            if t.is_floating_point() and "." not in a.target:
+                delattr(gm, a.target)
+                gm.register_parameter(a.target, torch.nn.Parameter(t.detach(), requires_grad=False))
+    return {name: p for name, p in gm.named_parameters() if p.is_floating_point()}
+
+
 _TRANSPOSES = ("numpy_T.default", "t.default", "mT.default")
 
 

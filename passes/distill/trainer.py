@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from graphopt.errors import GraphoptError
 from graphopt.ir.graph import Graph
+from graphopt.passes.analysis.weights import learnable_params
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ class Trainer:
         self.batches = [batches[i] for i in idx]
         self.labels = [labels[i] for i in idx] if labels is not None else None
         self.loss_fn = loss_fn
-        self.params = {n: p for n, p in student.gm.named_parameters() if p.is_floating_point()}
+        self.params = learnable_params(student)
         if not self.params:
             raise TrainingError("the student graph has no trainable parameters")
         self.make_optimizer = make_optimizer

@@ -20,6 +20,7 @@ from graphopt.ir.graph import Graph
 from graphopt.ir.names import matches, node_labels, unmatched_patterns
 from graphopt.ir.observe import observe_outputs
 from graphopt.passes.analysis.channel_groups import ChannelAnalysis, ChannelGroup, Unit, shape_of
+from graphopt.passes.analysis.weights import learnable_params
 from graphopt.passes.canonicalize.dce import eliminate_dead_code
 from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, register_pass
 
@@ -108,8 +109,8 @@ def score_units(graph: Graph, group: ChannelGroup, importance: str, grads: dict[
 def taylor_grads(graph: Graph, batches) -> dict[str, torch.Tensor]:
     """Gradients of a label-free loss (the model's own argmax for logits, else the output's energy)."""
     gm = graph.gm
-    params = {n.target: getattr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"
-              if isinstance(getattr(gm, n.target), torch.nn.Parameter)}
+    learnable = learnable_params(graph)
+    params = {n.target: learnable[n.target] for n in gm.graph.nodes if n.op == "get_attr" and n.target in learnable}
     for p in params.values():
         p.requires_grad_(True)
         p.grad = None
