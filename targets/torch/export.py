@@ -1,6 +1,7 @@
 """`.pt2` export (torch.export's archive) for PyTorch users, written atomically."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from graphopt.errors import TargetError
@@ -20,7 +21,9 @@ def export_pt2(graph: Graph, path: str | Path) -> Path:
     try:
         ep = unfold_integer_ops(densify(graph)).to_exported_program()
         if _graphopt_ops(ep):
-            ep = ep.run_decompositions(plain_decompositions())
+            with warnings.catch_warnings():  # (torch deep-copies its pytree specs, which warn: not the user's)
+                warnings.simplefilter("ignore", FutureWarning)
+                ep = ep.run_decompositions(plain_decompositions())
     except Exception as e:
         raise TargetError(f".pt2 export failed: {type(e).__name__}: {e}") from None
     left = _graphopt_ops(ep)
