@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -14,6 +15,8 @@ import numpy as np
 import torch
 
 from graphopt.ir.graph import Graph
+
+log = logging.getLogger("graphopt")
 
 
 def set_threads(n: int) -> None:
@@ -274,9 +277,14 @@ def compare_variants(variants: dict[str, tuple[Any, "str | Path | None", "Callab
     for _, onnx_path, torch_fn in variants.values():
         if onnx_path is not None and str(onnx_path) not in baselines["ort"]:
             key = baselines["ort"][str(onnx_path)] = f"ort:{len(baselines['ort'])}"
-            sess = ort_session(onnx_path, threads)
-            feed = {i.name: a for i, a in zip(sess.get_inputs(), np_inputs)}
-            calls[key] = lambda sess=sess, feed=feed: sess.run(None, feed)
+            try:
+                sess = ort_session(onnx_path, threads)
+            except Exception as e:  # noqa: BLE001 - ORT's own kinds: a file it cannot run (graphopt could)
+                log.warning("ONNX Runtime cannot run '%s', so there is no ORT time to compare with: %s", onnx_path,
+                            str(e).splitlines()[0][:300])
+            else:
+                feed = {i.name: a for i, a in zip(sess.get_inputs(), np_inputs)}
+                calls[key] = lambda sess=sess, feed=feed: sess.run(None, feed)
         if torch_fn is not None and id(torch_fn) not in baselines["torch"]:
             key = baselines["torch"][id(torch_fn)] = f"torch:{len(baselines['torch'])}"
             t_inputs = [torch.from_numpy(a) for a in np_inputs]
@@ -289,7 +297,7 @@ def compare_variants(variants: dict[str, tuple[Any, "str | Path | None", "Callab
     out = {}
     for label, (_, onnx_path, torch_fn) in variants.items():
         res = out[label] = Comparison(threads, got[f"graphopt:{label}"])
-        if onnx_path is not None:
+        if onnx_path is not None and baselines["ort"][str(onnx_path)] in got:
             res.ort_s = got[baselines["ort"][str(onnx_path)]]
         if torch_fn is not None:
             res.torch_s = got[baselines["torch"][id(torch_fn)]]

@@ -81,6 +81,29 @@ def test_compare_variants_times_every_variant_with_shared_baselines_once_a_round
     assert got["tuned"].ratios()["vs_ort"] == pytest.approx(0.5)
 
 
+
+def test_a_model_onnx_runtime_cannot_load_is_timed_without_it(tmp_path, monkeypatch, caplog):
+    """A user's ONNX file graphopt compiles but ORT refuses (one with external data ORT's shape inference cannot
+    read) crashed the compile report with ORT's traceback, after the artifact was built. The report now times
+    graphopt and PyTorch and says why ORT has no time."""
+    import logging
+
+    import graphopt.bench as bench
+    monkeypatch.setattr(bench, "interleaved_medians",
+                        lambda calls, runs, rounds: {k: 0.001 * (i + 1) for i, k in enumerate(calls)})
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not an onnx model")
+    model = torch.nn.Linear(4, 3).eval()
+
+    class Art:
+        def prepared(self, *args):
+            return lambda: None
+    with caplog.at_level(logging.WARNING, logger="graphopt"):
+        got = bench.compare_latency(Art(), [torch.randn(2, 4)], threads=1, onnx_path=bad, torch_fn=model, runs=3,
+                                    rounds=1)
+    assert got.ort_s is None and got.torch_s == pytest.approx(0.002)
+    assert any("ONNX Runtime cannot run" in r.getMessage() and "bad.onnx" in r.getMessage() for r in caplog.records)
+
 def test_reference_onnx_is_exported_once_per_graph_and_reexported_when_damaged(tmp_path, monkeypatch):
     """The ORT baseline's ONNX file is kept under a digest of the graph: a second compile of one model copies it
     instead of exporting again; another weight is another file; a damaged file is exported again; `off` keeps
