@@ -49,3 +49,11 @@ class TargetError(GraphoptError):
 
 class ArtifactError(GraphoptError):
     """An artifact directory that is missing, incomplete or would overwrite something not ours."""
+
+
+def cast_hint(got: str, want: str) -> str:
+    """How to fix a float input of the wrong width (numpy makes float64 unless told): the cast to write."""
+    if got.startswith("float") and want.startswith(("float", "bfloat")):
+        np_name = "ml_dtypes.bfloat16" if want == "bfloat16" else f"np.{want}"
+        return f" (cast it: x.astype({np_name}) in numpy, x.to(torch.{want}) in PyTorch)"
+    return ""

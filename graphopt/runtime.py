@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from graphopt.errors import ArtifactError, GraphoptError, InputMismatchError
+from graphopt.errors import ArtifactError, GraphoptError, InputMismatchError, cast_hint
 from graphopt.targets.artifact import read_manifest
 from graphopt.targets.tvm.gpu.device import cuda_available, cuda_runtime_loaded  # noqa: F401  (re-exported)
 
@@ -45,7 +45,8 @@ class ArtifactModel:
             if list(a.shape) != list(spec["shape"]):
                 raise InputMismatchError(f"input '{spec['name']}' has shape {list(a.shape)}, expected {spec['shape']}")
             if a.dtype != want and str(a.dtype) != spec["dtype"]:  # (str(dtype) alone took 5 us)
-                raise InputMismatchError(f"input '{spec['name']}' has dtype {a.dtype}, expected {spec['dtype']}")
+                raise InputMismatchError(f"input '{spec['name']}' has dtype {a.dtype}, expected {spec['dtype']}"
+                                         + cast_hint(str(a.dtype), spec["dtype"]))
             if "range" in spec and a.size:
                 lo, hi = spec["range"]
                 bad = np.flatnonzero((a < lo) | (a >= hi))

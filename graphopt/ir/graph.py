@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from graphopt.errors import InputMismatchError
+from graphopt.errors import InputMismatchError, cast_hint
 
 DTYPE_NAMES = {
     torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64",
@@ -285,7 +285,8 @@ class Graph:
             if tuple(t.shape) != spec.shape:
                 raise InputMismatchError(f"input '{spec.name}' has shape {list(t.shape)}, expected {list(spec.shape)}")
             if dtype_name(t.dtype) != spec.dtype:
-                raise InputMismatchError(f"input '{spec.name}' has dtype {dtype_name(t.dtype)}, expected {spec.dtype}")
+                raise InputMismatchError(f"input '{spec.name}' has dtype {dtype_name(t.dtype)}, expected {spec.dtype}"
+                                         + cast_hint(dtype_name(t.dtype), spec.dtype))
             out.append(t)
         return out
 
