@@ -255,4 +255,7 @@ def artifact_summary(artifact: Path) -> str:
         if key in after:
             lines.append(f"  {label:<10} {human(before.get(key, after[key]), unit)} -> {human(after[key], unit)}")
     lines += [ln for ln in _artifact_lines(artifact, m) if not (export and ln.startswith("  tuning"))]
+    if not export:
+        tail.insert(0, "  run        graphopt.load(DIR) in Python (numpy + the TVM runtime); from C++ without Python: "
+                       "run_artifact.cc, built by `python -m graphopt.targets.tvm.deploy --build`")
     return "\n".join(lines + tail) + "\n"

@@ -99,6 +99,7 @@ def test_opt_inspect_compile_run_bench(tmp_path, onnx_model, capsys):
     assert "input      x [1, 3, 16, 16] float32" in res.stdout
     assert "pipeline   dce" in res.stdout and "  1  dce " in res.stdout and "versions   python" in res.stdout
     assert re.search(r"artifact   [\d.]+[kM]?B in ", res.stdout) and "report     report.txt" in res.stdout
+    assert "run        graphopt.load(DIR)" in res.stdout and "graphopt.targets.tvm.deploy" in res.stdout
     res = cli_inproc(capsys, "inspect", tmp_path / "art", "--json")
     assert json.loads(res.stdout)["format"] == "graphopt-artifact"
     res = cli_inproc(capsys, "inspect", tmp_path / "art", "--ir")  # the IR the artifact was built from
