@@ -105,7 +105,10 @@ def _artifact_lines(artifact: Path, manifest: dict[str, Any], weight_bits: dict 
     if tuning:
         lines.append(f"  tuning     {tuning.get('trials', 0)} trials over {tuning.get('tasks_tuned', 0)} task(s) "
                      f"(heaviest first), {tuning.get('tasks_reused', 0)} reused from the database, "
-                     f"{tuning.get('tasks_skipped', 0)} left untuned, {tuning.get('seconds', 0):.0f} s; "
+                     f"{tuning.get('tasks_skipped', 0)} left untuned"
+                     + (f" ({tuning['tasks_own']} of graphopt's own kernels: their knobs, below)"
+                        if tuning.get("tasks_own") else "")
+                     + f", {tuning.get('seconds', 0):.0f} s; "
                      f"{tuning.get('kept_tuned', 0)} tuned kernel(s) used, {tuning.get('kept_rules', 0)} beaten by the "
                      "rule-scheduled ones"
                      + (f", stopped: {tuning['stopped']}" if tuning.get("stopped") else ""))

@@ -354,6 +354,45 @@ def test_tasks_are_tuned_heaviest_first():
     assert costs[big] >= 2 * 8 * 256 * 256 and "matmul" in big
 
 
+class _ConvThenComputedLinear(torch.nn.Module):
+    """A conv (graphopt's own kernel, scheduled already) and a linear with a computed weight (left to TVM)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(8, 32, 3, padding=1)
+        self.w = torch.nn.Parameter(torch.randn(4, 32) * 0.1)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(torch.relu(self.conv(x)).mean((2, 3)), self.w * 2.0)
+
+
+def test_tuning_leaves_graphopts_own_kernels_to_their_knobs(tmp_path):
+    """graphopt's own kernels come scheduled: MetaSchedule's only candidate is the kernel itself, and its records
+    are not applied to them. They had taken the FLOP-weighted trial budget (a --tune-minutes run on a small CNN
+    spent all 2000 trials on five of them, one trial each, and tuned nothing else); they are now counted apart and
+    the trials go to the tasks TVM schedules."""
+    from graphopt.targets.tvm.lower import lower_to_relax
+    from graphopt.targets.tvm.tuning import _is_scheduled, fuse_for_tuning
+    from tvm.s_tir import meta_schedule as ms
+    torch.manual_seed(0)
+    model = _ConvThenComputedLinear().eval()
+    x = torch.randn(1, 8, 16, 16)
+    g = graphopt.trace(model, (x,))
+    tgt = cpu_target()
+    tasks = ms.relax_integration.extract_tasks(fuse_for_tuning(lower_to_relax(g), tgt), tgt)
+    own = [t.task_name for t in tasks if _is_scheduled(t)]
+    assert own and any("conv" in n for n in own), [t.task_name for t in tasks]
+    assert any("matmul" in t.task_name for t in tasks if not _is_scheduled(t))
+    tuning = graphopt.Tuning(trials=4, trials_per_iter=2, progress=False)
+    out = graphopt.compile(g, "llvm", tuning=tuning, output=tmp_path / "t")
+    summary = json.loads((out / "manifest.json").read_text())["tuning"]
+    assert summary["tasks_own"] == len(own) and summary["tasks"] == len(tasks) - len(own)
+    tuned = [r["task"] for r in summary["per_task"]]
+    assert not set(tuned) & set(own) and any("matmul" in n and r["best_us"] for n, r in
+                                             zip(tuned, summary["per_task"])), summary["per_task"]
+    np.testing.assert_allclose(graphopt.load(out)(x.numpy())[0], model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_compile_names_batch_norms_it_was_not_asked_to_fold(tmp_path, caplog):
     """compile() builds what it is given; a traced MobileNetV2 with its batch norms unfolded ran 1.56x the time of
     the folded build. It says which batch norms fold-bn would fold (and only those: a batch norm after an add is
