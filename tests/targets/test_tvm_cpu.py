@@ -327,17 +327,30 @@ def test_a_budget_under_one_batch_still_tunes_the_heaviest_task(tmp_path):
 
     from graphopt.targets.tvm.tuning import TuningSummary, _tune_by_flops
     runs = []
+    used = [None]  # trials each fake task measures (None: its whole share)
+
+    def tune_tasks(**kw):
+        runs.append((kw["tasks"][0], kw["max_trials_global"], kw["num_trials_per_iter"]))
+        n = kw["max_trials_global"] if used[0] is None else used[0]
+        kw["measure_callbacks"][-1]._inst.apply(None, 0, [None] * n, [], [])  # (the progress callback counts them)
     fake_ms = SimpleNamespace(
         search_strategy=SimpleNamespace(EvolutionarySearch=lambda **kw: None),
         cost_model=SimpleNamespace(CostModel=SimpleNamespace(create=lambda *a, **kw: None)),
         relax_integration=SimpleNamespace(extracted_tasks_to_tune_contexts=lambda tasks, *a, **kw: (tasks, [1])),
         measure_callback=SimpleNamespace(MeasureCallback=SimpleNamespace(create=lambda kind: [])),
-        tune=SimpleNamespace(tune_tasks=lambda **kw: runs.append((kw["tasks"][0], kw["max_trials_global"],
-                                                                   kw["num_trials_per_iter"]))))
-    tasks = [SimpleNamespace(task_name=f"t{i}", dispatched=[None], weight=1) for i in range(3)]
+        tune=SimpleNamespace(tune_tasks=tune_tasks))
+    tasks = [SimpleNamespace(task_name=f"t{i}", dispatched=[None], weight=1) for i in range(6)]
     summary = TuningSummary()
-    _tune_by_flops(fake_ms, tasks, str(tmp_path), None, graphopt.Tuning(trials=8, progress=False), summary, 0.0)
+    _tune_by_flops(fake_ms, tasks[:3], str(tmp_path), None, graphopt.Tuning(trials=8, progress=False), summary, 0.0)
     assert runs == [(tasks[0], 8, 8)] and summary.tasks_tuned == 1 and summary.tasks_skipped == 2
+    # a task that measures fewer trials than its share (a reshape: one candidate) leaves them to the next ones:
+    # MobileNetV2's 64 trials had gone to four reshapes at 16 each, 4 measured, 30 tasks left untuned
+    runs.clear()
+    used[0] = 1
+    summary = TuningSummary()
+    _tune_by_flops(fake_ms, tasks, str(tmp_path), None, graphopt.Tuning(trials=32, progress=False), summary, 0.0)
+    assert [r[0] for r in runs] == tasks and summary.tasks_tuned == 6 and summary.tasks_skipped == 0
+    assert runs[0][1:] == (16, 16) and summary.trials == 6
 
 
 def test_tasks_are_tuned_heaviest_first():
