@@ -36,10 +36,10 @@ def pass_table(history: Sequence[dict[str, Any]]) -> str:
 
 
 def _verify_note(v: dict[str, Any]) -> str:
-    """--verify-each's finding for one pass: an exact pass's max error; any other's SQNR (and, for a classifier,
-    top-1 agreement) against the graph before it and against the pipeline's input, so the pass that lost the
-    accuracy stands out (max errors alone, 13 after prune-channels and 0.057 after quantize, said nothing of how
-    much each kept)."""
+    """--verify-each's finding for one pass: an exact pass's max error; any other's SQNR (and, for [N, C] outputs
+    such as logits, argmax agreement: a classifier's top-1) against the graph before it and against the pipeline's
+    input, so the pass that lost the accuracy stands out (max errors alone, 13 after prune-channels and 0.057
+    after quantize, said nothing of how much each kept)."""
     step, total = v["step"], v.get("vs_reference") or v["step"]
     if v.get("contract") == "exact":
         return f"max|err| {step['max_abs_err']:.2g}"
@@ -49,7 +49,7 @@ def _verify_note(v: dict[str, Any]) -> str:
             text = "exact" if c["max_abs_err"] == 0 else "-inf dB"
         else:
             text = f"{c['sqnr_db']:.1f} dB"
-        return text if c.get("top1") is None else f"{text}, top-1 {100 * c['top1']:.0f}%"
+        return text if c.get("top1") is None else f"{text}, argmax {100 * c['top1']:.0f}%"
     return f"SQNR {db(step)} (vs input {db(total)})"
 
 

@@ -406,7 +406,7 @@ def test_verify_each_notes_say_which_pass_lost_the_accuracy():
     lines = pass_table(rows).splitlines()[1:]
     assert lines[0].endswith("verify: max|err| 2.1e-05"), lines[0]
     assert lines[1].endswith("verify: SQNR 0.4 dB (vs input 0.4 dB)"), lines[1]
-    assert lines[2].endswith("verify: SQNR 24.0 dB, top-1 85% (vs input 0.4 dB, top-1 5%)"), lines[2]
+    assert lines[2].endswith("verify: SQNR 24.0 dB, argmax 85% (vs input 0.4 dB, argmax 5%)"), lines[2]
     assert lines[3].endswith("verify: SQNR exact (vs input -inf dB)"), lines[3]
 
 def test_a_graph_saved_from_a_zoo_model_calibrates_on_its_shipped_data(tmp_path, capsys):

@@ -15,7 +15,7 @@ class Comparison:
     max_abs_err: float
     max_ref: float
     sqnr_db: float
-    top1: float | None = None  # classifier outputs ([N, C] floats): the share of rows whose argmax agrees
+    top1: float | None = None  # [N, C] float outputs (logits): the share of rows whose argmax agrees
 
     def to_json(self) -> dict:
         out = {"max_abs_err": self.max_abs_err, "max_ref": self.max_ref,
@@ -26,7 +26,7 @@ class Comparison:
 
     def __str__(self) -> str:
         sq = "inf" if math.isinf(self.sqnr_db) else f"{self.sqnr_db:.1f}"
-        top1 = "" if self.top1 is None else f", top-1 agreement {100 * self.top1:.0f}%"
+        top1 = "" if self.top1 is None else f", argmax agreement {100 * self.top1:.0f}%"
         return f"max|err|={self.max_abs_err:.3g} (max|ref|={self.max_ref:.3g}), SQNR={sq} dB{top1}"
 
 
