@@ -118,8 +118,9 @@ def _parser() -> argparse.ArgumentParser:
                    "trials default to 2000)")
     c.add_argument("--tune-db", metavar="DIR", help="existing folder for the tuning database and the knob records "
                    "(kernel_knobs.json), reused across runs and models (workloads already in it are not tuned again)")
-    c.add_argument("--no-report", action="store_true", help="skip fidelity and latency measurement (the report still lists the passes, "
-                   "with --verify-each's findings, sizes and the build)")
+    c.add_argument("--no-report", action="store_true",
+                   help="skip fidelity and latency measurement (the report still lists the passes, with "
+                        "--verify-each's findings, sizes and the build)")
     c.add_argument("--threads", type=int, default=None, help="threads for every runtime in the report (default: cores)")
     _add_pm_options(c)
 

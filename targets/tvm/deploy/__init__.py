@@ -35,7 +35,8 @@ def cxx_command(output: str | Path = "run_artifact", source: str | Path = SOURCE
     cxx = cxx or shutil.which("g++") or shutil.which("clang++") or "c++"
     return [cxx, "-std=c++17", "-O2", str(source), "-o", str(output),
             f"-I{tvm_root / 'include'}", f"-I{ffi_root / 'include'}",
-            f"-L{tvm_root / 'lib'}", f"-L{ffi_root / 'lib'}", "-Wl,--no-as-needed", "-ltvm_runtime", "-ltvm_ffi", "-ldl", "-lpthread",
+            f"-L{tvm_root / 'lib'}", f"-L{ffi_root / 'lib'}",
+            "-Wl,--no-as-needed", "-ltvm_runtime", "-ltvm_ffi", "-ldl", "-lpthread",
             f"-Wl,-rpath,{tvm_root / 'lib'}", f"-Wl,-rpath,{ffi_root / 'lib'}"]
 
 
