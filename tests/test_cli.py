@@ -334,6 +334,15 @@ def test_compile_without_measuring_still_reports_the_passes(tmp_path, onnx_model
     assert "verify: SQNR" in row and "vs input" in row, row
     assert "latency" not in res.stdout and "fidelity" not in res.stdout
     assert (tmp_path / "art" / "report.txt").read_text() == res.stdout
+    # built for a CPU this one is not: the same report, and why nothing was measured
+    res = cli_inproc(capsys, "compile", path, "--cpu", "sapphirerapids", "-o", tmp_path / "spr")
+    assert res.returncode == 0, res.stderr
+    from graphopt.runtime import missing_isa
+    missing = missing_isa(json.loads((tmp_path / "spr" / "manifest.json").read_text()))
+    assert "graphopt compile report" in res.stdout
+    if missing:  # (a host with every extension sapphirerapids code uses measures it)
+        assert "latency" not in res.stdout, res.stdout
+        assert f"measured   no: built for --cpu sapphirerapids, and this CPU lacks {missing[0]}" in res.stdout
 
 
 def test_inspect_summarizes_export_and_gpu_artifacts(tmp_path, onnx_model, capsys):
