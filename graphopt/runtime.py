@@ -85,6 +85,13 @@ class ArtifactModel:
     def __repr__(self) -> str:
         return f"{type(self).__name__}('{self.folder}', inputs={self.inputs}, target={self.manifest.get('target')})"
 
+    def __reduce__(self):
+        """Pickled as its folder (a loaded library cannot be): multiprocessing's spawn and Pool workers, or a
+        process pool handed the model, load the artifact again from the folder, which must be readable there; an
+        artifact compiled again in between is refused (the manifest's file digests differ). Pickling had failed
+        with "Module[library] does not support SaveToBytes" after a screen of TVM warnings."""
+        return _reload, (str(self.folder.resolve()), getattr(self, "_threads", None), self.manifest.get("files"))
+
 
 class CompiledModel(ArtifactModel):
     """A TVM artifact (model.so, CPU or CUDA), run by TVM's Relax VM: numpy and the TVM runtime only.
@@ -209,6 +216,7 @@ class OnnxExport(ArtifactModel):
         except ImportError:
             raise ArtifactError(f"'{path}' runs on ONNX Runtime, which is not installed: pip install onnxruntime") \
                 from None
+        self._threads = threads
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
@@ -351,6 +359,15 @@ def _private_link(lib_path: Path) -> Path:
     except OSError:  # another file system
         shutil.copyfile(lib_path, tmp)
     return Path(tmp)
+
+
+def _reload(folder: str, threads: int | None, files: dict | None) -> ArtifactModel:
+    """Unpickling an ArtifactModel: the artifact loaded again from its folder, if it is the one pickled."""
+    model = load(folder, threads)
+    if files and model.manifest.get("files") != files:
+        raise ArtifactError(f"the artifact in '{folder}' changed since this model was pickled (compiled again?): "
+                            "load it anew with graphopt.load")
+    return model
 
 
 def load(folder: str | Path, threads: int | None = None) -> ArtifactModel:

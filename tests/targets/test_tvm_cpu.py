@@ -208,6 +208,25 @@ finally:
     assert res.returncode == 0 and res.stdout.strip() == "[True, True]", (res.stdout, res.stderr[-2000:])
 
 
+def test_a_loaded_model_pickles_as_its_folder(tmp_path):
+    """multiprocessing's spawn and process pools pickle what they are handed: a loaded model failed ("does not
+    support SaveToBytes", after a screen of TVM warnings). It pickles as its folder and loads again there; an
+    artifact compiled again in between is refused rather than silently run."""
+    import pickle
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4)).eval()
+    x = torch.randn(2, 8)
+    out = graphopt.compile(graphopt.trace(model, (x,)), "llvm", output=tmp_path / "art")
+    m = graphopt.load(out)
+    blob = pickle.dumps(m)
+    again = pickle.loads(blob)
+    np.testing.assert_array_equal(again(x.numpy())[0], m(x.numpy())[0])
+    torch.nn.init.zeros_(model[0].weight)
+    graphopt.compile(graphopt.trace(model, (x,)), "llvm", output=tmp_path / "art")
+    with pytest.raises(ArtifactError, match="changed since this model was pickled"):
+        pickle.loads(blob)
+
+
 def test_artifacts_are_readable_by_other_users_under_the_usual_umask(tmp_path, built):
     """Atomic writes went through mkstemp / mkdtemp, so the artifact folder was 0700 and manifest.json 0600: a
     service account could not read what a build user compiled. Files and folders now get the modes a plain write
