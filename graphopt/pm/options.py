@@ -94,9 +94,17 @@ def build_options(pass_name: str, options_cls: type, values: dict[str, Any]) -> 
         opts = options_cls(**kwargs)
     except TypeError as e:
         raise PassOptionError(f"pass '{pass_name}': {e}") from None
+    object.__setattr__(opts, "_given", frozenset(kwargs))  # (which options the pipeline spelled out: `was_given`)
     check = getattr(opts, "validate", None)
     if check is not None:
         problem = check()
         if problem:
             raise PassOptionError(f"pass '{pass_name}' {problem}")
     return opts
+
+
+def was_given(options, name: str) -> bool:
+    """Whether the pipeline text set option `name` (its attribute name) rather than leaving the default; options
+    built in code, not from a pipeline, count as given."""
+    given = getattr(options, "_given", None)
+    return True if given is None else name in given
