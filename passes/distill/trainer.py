@@ -74,8 +74,7 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, ki
     temperature); mse: mean squared error; cosine: 1 - the mean cosine similarity of each sample's output (for
     embeddings, where only the direction matters, e.g. a sentence encoder); auto: kl for [N, C > 1] outputs, else
     mse."""
-    if kind == "auto":
-        kind = "kl" if student.dim() == 2 and student.shape[1] > 1 else "mse"
+    kind = _kd_kind(student, kind)
     if kind == "kl":
         t = temperature
         return F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="batchmean") * t * t
@@ -83,6 +82,13 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, ki
         rows = student.shape[0] if student.dim() > 1 else 1
         return 1 - F.cosine_similarity(student.reshape(rows, -1), teacher.reshape(rows, -1), dim=1).mean()
     return F.mse_loss(student, teacher)
+
+
+def _kd_kind(student: torch.Tensor, kind: str) -> str:
+    """kd-loss=auto resolved on the output: kl for [N, C > 1] outputs (logits), else mse."""
+    if kind != "auto":
+        return kind
+    return "kl" if student.dim() == 2 and student.shape[1] > 1 else "mse"
 
 
 def feature_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -296,8 +302,7 @@ def _matched_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> fl
     kd_loss gives it) 1e-3, cosine distance 1e-4, MSE 1e-4 of the teacher's mean square (40 dB SQNR). Quantized and
     recovered, a small CNN's KD loss wandered between 1e-5 and 1e-4 and its last steps averaged 30% above its first
     ones: the trainer had said its lr was too high."""
-    if kind == "auto":
-        kind = "kl" if student.dim() == 2 and student.shape[1] > 1 else "mse"
+    kind = _kd_kind(student, kind)
     if kind == "kl":
         return 1e-3
     if kind == "cosine":
