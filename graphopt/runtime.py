@@ -144,8 +144,8 @@ class CompiledModel(ArtifactModel):
 
     def _invoke(self, args: list):
         if self._gpu_lock is None:
-            if _fork.thread == threading.get_ident():
-                return _fork.helper().submit(lambda: self._function()(*args)).result()
+            if _Fork.thread == threading.get_ident():
+                return _Fork.helper().submit(lambda: self._function()(*args)).result()
             return self._function()(*args)
         with self._gpu_lock:
             return self._fn(*args)
@@ -273,7 +273,6 @@ class _Fork:
         return cls._helper
 
 
-_fork = _Fork
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_Fork.after_fork_in_child)
 
