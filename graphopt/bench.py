@@ -222,7 +222,7 @@ def reference_onnx(graph: Graph, folder: str | None = None) -> Path:
             return dest
         except Exception:  # damaged or from an onnx that reads it differently: export again, overwrite it
             pass
-    export_onnx(graph, dest)
+    export_onnx(graph, dest, dynamic_batch=False)  # (the baseline runs at the traced batch)
     if cached is not None:
         try:
             with atomic_file(cached) as tmp:

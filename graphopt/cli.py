@@ -415,7 +415,8 @@ def cmd_run(args) -> int:
     from graphopt.runtime import load
     art = load(args.artifact)
     if not args.input:
-        names = ", ".join(f"{s['name']}: {s['dtype']}{s['shape']}" for s in art.inputs)
+        from graphopt.targets.artifact import shape_text
+        names = ", ".join(f"{s['name']}: {s['dtype']}{shape_text(s)}" for s in art.inputs)
         raise InputMismatchError(f"no inputs given: the model takes {names}; give one --input x.npy per input, in "
                                  "order, or one --input x.npz holding each under its name")
     arrays = []

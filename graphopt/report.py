@@ -154,7 +154,15 @@ def compile_report(reference: Graph, optimized: Graph, artifact: Path, manifest:
     lines += _artifact_lines(Path(artifact), manifest, optimized.meta.get("weight_bits") or {})
     if export:  # (no kernels of graphopt's: nothing tuned)
         lines = [ln for ln in lines if not ln.startswith("  tuning")]
-        saturating = manifest.get("target_info", {}).get("ort_pair_saturation") or {}
+        info = manifest.get("target_info", {})
+        if info.get("dynamic_batch"):
+            names = ", ".join(f"{k} '{v}'" for k, v in info["dynamic_batch"].items())
+            lines.append(f"  batch      any: dim 0 dynamic as the model came ({names}); checked in ONNX Runtime, a "
+                         "batch of rows against each row alone")
+        elif info.get("batch_fixed"):
+            lines.append(f"  batch      fixed at the traced batch, though the model came with a dynamic one: "
+                         f"{info['batch_fixed']}")
+        saturating = info.get("ort_pair_saturation") or {}
         if saturating:
             lines.append(f"  ORT int8   {len(saturating)} int8 weight(s) with pairs past 128: ONNX Runtime saturates "
                          "them on x86 CPUs without VNNI (AVX2, AVX-512F); quantize{weights=int8s} or auto for "
@@ -231,12 +239,12 @@ def gpu_build_report(artifact: Path) -> str:
 def artifact_summary(artifact: Path) -> str:
     """What an artifact folder holds, from its manifest, for `graphopt inspect DIR`: where it came from, its
     interface, target, pipeline and passes, size, widths, sparse layouts, tuning, and the library versions."""
-    from graphopt.targets.artifact import read_manifest
+    from graphopt.targets.artifact import read_manifest, shape_text
     artifact = Path(artifact)
     m = read_manifest(artifact)
     t = m.get("target_info", {})
     head = [f"graphopt artifact {artifact}: from {m.get('source') or 'a model'}, built {m.get('created', '?')}"]
-    head += [f"  {kind:<10} {io['name']} {list(io['shape'])} {io['dtype']}"
+    head += [f"  {kind:<10} {io['name']} {shape_text(io)} {io['dtype']}"
              for kind, key in (("input", "inputs"), ("output", "outputs")) for io in m.get(key, [])]
     tail = ["  versions   " + ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items())]
     if (artifact / "report.txt").exists():

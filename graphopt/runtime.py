@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from graphopt.errors import ArtifactError, GraphoptError, InputMismatchError, cast_hint
-from graphopt.targets.artifact import read_manifest
+from graphopt.targets.artifact import read_manifest, shape_text
 from graphopt.targets.tvm.gpu.device import cuda_available, cuda_runtime_loaded  # noqa: F401  (re-exported)
 
 
@@ -35,15 +35,16 @@ class ArtifactModel:
 
     def _check(self, args: tuple[Any, ...]) -> list[np.ndarray]:
         if len(args) != len(self.inputs):
-            names = ", ".join(f"{s['name']}: {s['dtype']}{s['shape']}" for s in self.inputs)
+            names = ", ".join(f"{s['name']}: {s['dtype']}{shape_text(s)}" for s in self.inputs)
             raise InputMismatchError(f"expected {len(self.inputs)} input(s) ({names}), got {len(args)}")
         out = []
         for spec, want, a in zip(self.inputs, self._dtypes, args):
             if hasattr(a, "detach"):
                 a = _to_numpy(a)
             a = np.asarray(a)
-            if list(a.shape) != list(spec["shape"]):
-                raise InputMismatchError(f"input '{spec['name']}' has shape {list(a.shape)}, expected {spec['shape']}")
+            if list(a.shape) != list(spec["shape"]) and not _any_batch(spec, a.shape):
+                raise InputMismatchError(f"input '{spec['name']}' has shape {list(a.shape)}, expected "
+                                         f"{shape_text(spec)}")
             if a.dtype != want and str(a.dtype) != spec["dtype"]:  # (str(dtype) alone took 5 us)
                 raise InputMismatchError(f"input '{spec['name']}' has dtype {a.dtype}, expected {spec['dtype']}"
                                          + cast_hint(str(a.dtype), spec["dtype"]))
@@ -91,6 +92,13 @@ class ArtifactModel:
         artifact compiled again in between is refused (the manifest's file digests differ). Pickling had failed
         with "Module[library] does not support SaveToBytes" after a screen of TVM warnings."""
         return _reload, (str(self.folder.resolve()), getattr(self, "_threads", None), self.manifest.get("files"))
+
+
+def _any_batch(spec: dict, shape: tuple[int, ...]) -> bool:
+    """An input whose dim 0 the artifact takes at any size (an ONNX export of a model that came with a dynamic batch:
+    spec "batch_dim", its name), the other dims as recorded."""
+    return ("batch_dim" in spec and len(shape) == len(spec["shape"]) >= 1 and shape[0] >= 1
+            and list(shape[1:]) == list(spec["shape"][1:]))
 
 
 class CompiledModel(ArtifactModel):

@@ -49,6 +49,19 @@ def _input_specs(graph: Graph) -> list[dict]:
     return out
 
 
+def _with_batch_dims(specs: list[dict], target_info: dict[str, Any]) -> list[dict]:
+    """`specs` with "batch_dim" (its name) on each input or output whose dim 0 the artifact takes at any size: an
+    ONNX export's, where the model came with a dynamic batch (target_info "dynamic_batch")."""
+    dims = target_info.get("dynamic_batch") or {}
+    return [dict(s, batch_dim=dims[s["name"]]) if s["name"] in dims else s for s in specs]
+
+
+def shape_text(spec: dict) -> str:
+    """An input's or output's shape as messages show it: [batch, 3, 224, 224] where dim 0 takes any size."""
+    dims = [spec["batch_dim"]] + list(spec["shape"][1:]) if "batch_dim" in spec and spec["shape"] else spec["shape"]
+    return "[" + ", ".join(map(str, dims)) + "]"
+
+
 def build_manifest(graph: Graph, target: str, target_info: dict[str, Any], *, tuning: dict | None,
                    build_seconds: float, folder: Path) -> dict[str, Any]:
     stats = graph.stats()
@@ -57,8 +70,8 @@ def build_manifest(graph: Graph, target: str, target_info: dict[str, Any], *, tu
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "inputs": _input_specs(graph),
-        "outputs": [s.to_json() for s in graph.outputs],
+        "inputs": _with_batch_dims(_input_specs(graph), target_info),
+        "outputs": _with_batch_dims([s.to_json() for s in graph.outputs], target_info),
         "pipeline": graph.meta.get("pipeline", ""),
         "passes": graph.meta.get("history", []),
         "source": graph.meta.get("source", ""),

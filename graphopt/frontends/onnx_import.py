@@ -70,6 +70,7 @@ class Importer:
         self.input_names: list[str] = []
         self.node_name = ""
         self.dynamic_quantized: dict[int, Value] = {}  # a DynamicQuantizeLinear's dynamic_quantize(x), made once
+        self.dynamic_batch: dict[str, str] = {}  # input -> its dynamic dim 0's name, where no shape was given for it
 
     # ---- values -------------------------------------------------------------------------------------------
     def _param_node(self, t: torch.Tensor, hint: str) -> fx.Node:
@@ -185,8 +186,9 @@ class Importer:
                 if d.HasField("dim_value") and d.dim_value > 0:
                     dims.append(int(d.dim_value))
                 elif k == 0:
-                    log.warning("input '%s' has a dynamic batch dim '%s'; importing with batch 1 (choose with "
-                                "--input-shape %s=..., input_shapes= in Python)", inp.name, d.dim_param, inp.name)
+                    log.warning("input '%s' has a dynamic batch dim '%s'; tracing and compiling at batch 1 (an ONNX "
+                                "export keeps it dynamic; choose another with --input-shape %s=..., input_shapes= in "
+                                "Python)", inp.name, d.dim_param, inp.name)
                     dims.append(1)
                 else:
                     raise UnsupportedOpError(inp.name, "dynamic shape", f"dim {k} of input '{inp.name}' is "
@@ -195,6 +197,9 @@ class Importer:
             dt = _onnx_dtype(tt.elem_type)
             ex = torch.randn(dims).to(dt) if dt.is_floating_point else torch.zeros(dims, dtype=dt)
             safe = input_name(inp.name)
+            first = tt.shape.dim[0] if len(tt.shape.dim) else None
+            if given is None and first is not None and not (first.HasField("dim_value") and first.dim_value > 0):
+                self.dynamic_batch[safe] = first.dim_param or "batch"
             node = self.g.placeholder(safe)
             self.env[inp.name] = Dyn(node, ex)
             self.example_inputs.append(ex)
@@ -253,8 +258,24 @@ class Importer:
             ep = torch.export.export(gm, tuple(self.example_inputs), strict=False)
         except Exception as e:
             raise ModelFileError(f"the imported ONNX graph could not be exported to ATen: {e}") from e
-        return Graph.from_exported_program(ep, self.input_names, out_names, source="onnx",
-                                           source_names=self.source_names)
+        g = Graph.from_exported_program(ep, self.input_names, out_names, source="onnx",
+                                        source_names=self.source_names)
+        if self.dynamic_batch:  # what an ONNX export gives back (targets/onnx/batch.py): the interface taken in
+            g.meta["dynamic_batch"] = {"inputs": dict(self.dynamic_batch), "outputs": _output_batch_dims(graph)}
+        return g
+
+
+def _output_batch_dims(graph) -> dict[str, str | None]:
+    """Each output's declared dim 0: its name where dynamic, None where the model does not declare it (a fixed dim 0
+    is left out)."""
+    out: dict[str, str | None] = {}
+    for o in graph.output:
+        dims = o.type.tensor_type.shape.dim
+        if not len(dims):
+            out[o.name] = None
+        elif not (dims[0].HasField("dim_value") and dims[0].dim_value > 0):
+            out[o.name] = dims[0].dim_param or None
+    return out
 
 
 def _attr(a):

@@ -13,10 +13,13 @@ from graphopt.ir.graph import Graph
 log = logging.getLogger(__name__)
 
 
-def export_onnx(graph: Graph, path: str | Path, opset: int = 18, report: dict | None = None) -> Path:
+def export_onnx(graph: Graph, path: str | Path, opset: int = 18, report: dict | None = None,
+                dynamic_batch: bool = True) -> Path:
     """Write `graph` as an ONNX model (torch's dynamo exporter over the re-exported program). `report`, when given,
     receives "ort_pair_saturation": the int8 weights whose pairs can saturate ONNX Runtime's u8 x s8 kernels on x86
-    CPUs without VNNI (weight name -> largest pair sum; warned about)."""
+    CPUs without VNNI (weight name -> largest pair sum; warned about), and for a model imported with a dynamic batch
+    dim "dynamic_batch" (input / output -> dim name) where the export keeps it (`dynamic_batch`, checked in ONNX
+    Runtime; see batch.py) or "batch_fixed" (why not)."""
     import onnx
     import torch
 
@@ -53,6 +56,9 @@ def export_onnx(graph: Graph, path: str | Path, opset: int = 18, report: dict | 
                     "(graphopt.optimize(..., target='onnx'), which compile --target onnx and opt -o *.onnx are), "
                     "whose pairs stay within 128, exact on every CPU", len(names), ", ".join(names[:3]),
                     ", ..." if len(names) > 3 else "")
+    dims = graph.meta.get("dynamic_batch") if dynamic_batch else None
+    if dims:
+        model = _with_dynamic_batch(graph, model, dims, report)
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:
@@ -60,6 +66,25 @@ def export_onnx(graph: Graph, path: str | Path, opset: int = 18, report: dict | 
     with atomic_file(path) as tmp:
         onnx.save(model, str(tmp))
     return Path(path)
+
+
+def _with_dynamic_batch(graph: Graph, model, dims: dict, report: dict | None):
+    """`model` taking any batch where the imported model did (see batch.py); else as it is, with a warning why."""
+    from graphopt.targets.onnx.batch import make_batch_dynamic
+    batched = [s for s in graph.inputs if s.name in dims.get("inputs", {})]
+    batch = batched[0].shape[0] if batched and batched[0].shape else 1
+    model, why = make_batch_dynamic(model, dims, batch)
+    if why:
+        log.warning("onnx export: the model came with a dynamic batch dim, but the export takes batch %d only: %s. "
+                    "Batch-%d calls work; for another batch give its shape (--input-shape NAME=DIMS, input_shapes= "
+                    "in Python)", batch, why, batch)
+        if report is not None:
+            report["batch_fixed"] = why
+    elif report is not None:
+        report["dynamic_batch"] = {v.name: v.type.tensor_type.shape.dim[0].dim_param
+                                   for v in list(model.graph.input) + list(model.graph.output)
+                                   if v.type.tensor_type.shape.dim[0].dim_param}
+    return model
 
 
 def _without_exporter_names(graph: Graph) -> Graph:
