@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from graphopt.errors import ArtifactError, GraphoptError, InputMismatchError, cast_hint
-from graphopt.targets.artifact import read_manifest, shape_text
+from graphopt.targets.artifact import file_sha256, read_manifest, shape_text
 from graphopt.targets.tvm.gpu.device import cuda_available, cuda_runtime_loaded  # noqa: F401  (re-exported)
 
 
@@ -28,9 +28,22 @@ class ArtifactModel:
         self._dtypes = [_np_dtype(s["dtype"]) for s in self.inputs]
 
     def _file(self, name: str) -> Path:
+        """The artifact's file `name`, as built: its size and sha256 as the manifest records them. (A model.so cut
+        short by a partial copy crashed the process with SIGBUS when the loader mapped it; a changed one is not
+        what the manifest describes.)"""
         path = self.folder / name
         if not path.exists():
             raise ArtifactError(f"artifact '{self.folder}' has no {name}")
+        built = (self.manifest.get("files") or {}).get(name)
+        if built:
+            size = path.stat().st_size
+            again = "copy the folder again, or build it again with graphopt compile"
+            if size != built.get("bytes", size):
+                raise ArtifactError(f"'{path}' is damaged: it has {size} bytes, the artifact was built with "
+                                    f"{built['bytes']} (a partial copy?); {again}")
+            if built.get("sha256") and file_sha256(path) != built["sha256"]:
+                raise ArtifactError(f"'{path}' is damaged: it is not the file the artifact was built with (its "
+                                    f"sha256 differs from the manifest's); {again}")
         return path
 
     def _check(self, args: tuple[Any, ...]) -> list[np.ndarray]:

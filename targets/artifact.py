@@ -28,7 +28,7 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -65,7 +65,8 @@ def shape_text(spec: dict) -> str:
 def build_manifest(graph: Graph, target: str, target_info: dict[str, Any], *, tuning: dict | None,
                    build_seconds: float, folder: Path) -> dict[str, Any]:
     stats = graph.stats()
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(folder.iterdir()) if p.is_file()}
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+             for p in sorted(folder.iterdir()) if p.is_file()}
     return {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,

@@ -194,6 +194,13 @@ def test_bad_inputs_are_one_line_errors(tmp_path, onnx_model, capsys):
     assert cli("compile", path, "--no-report", "-o", tmp_path / "art").returncode == 0
     np.save(tmp_path / "small.npy", np.zeros((1, 3, 8, 8), np.float32))
     one_line_error(cli("run", tmp_path / "art", "--input", tmp_path / "small.npy"), "input 'x' has shape")
+    # a damaged artifact: model.so cut short (the loader's mapping of it killed the process with SIGBUS), or changed
+    lib = tmp_path / "art" / "model.so"
+    whole = lib.read_bytes()
+    lib.write_bytes(whole[:1000])
+    one_line_error(cli("run", tmp_path / "art", "--input", tmp_path / "small.npy"), "model.so' is damaged: it has 1000 bytes")
+    lib.write_bytes(whole[:-1] + bytes([whole[-1] ^ 1]))
+    one_line_error(cli("run", tmp_path / "art", "--input", tmp_path / "small.npy"), "model.so' is damaged: it is not the file")
 
 
 def test_default_pipeline_passes_with_nothing_to_do_are_not_warnings(tmp_path, onnx_model, capsys):
