@@ -24,12 +24,12 @@ def load_onnx(path: str | Path, input_shapes: dict[str, Sequence[int]] | None = 
 
 def load_model(spec: str | Path, input_shapes: dict[str, Sequence[int]] | None = None) -> Graph:
     """A model given on the command line: an .onnx file, a torch.export archive (.pt2), a saved graph (.gopt), or
-    `zoo:<name>` (shipped models). input_shapes {input name: shape} fixes an ONNX model's dynamic dims, or the
-    shapes a shipped model is traced at (another batch, image size or sequence length)."""
+    `zoo:<name>` (shipped models). input_shapes {input name: shape} fixes an ONNX model's or a .pt2 program's dynamic
+    dims, or the shapes a shipped model is traced at (another batch, image size or sequence length)."""
     spec = str(spec)
-    if input_shapes and not (spec.lower().endswith(".onnx") or spec.startswith("zoo:")):
-        raise GraphoptError(f"input shapes apply to ONNX models with dynamic dims and to zoo: models; '{spec}' has "
-                            "the fixed shapes it was traced or saved with")
+    if input_shapes and not (spec.lower().endswith((".onnx", ".pt2")) or spec.startswith("zoo:")):
+        raise GraphoptError(f"input shapes apply to ONNX models and torch.export programs (.pt2) with dynamic dims "
+                            f"and to zoo: models; '{spec}' has the fixed shapes it was traced or saved with")
     if spec.startswith("zoo:"):
         from graphopt.zoo import zoo_graph
         return zoo_graph(spec[4:], shapes=input_shapes)
@@ -41,7 +41,7 @@ def load_model(spec: str | Path, input_shapes: dict[str, Sequence[int]] | None =
         return Graph.load(path)
     if suffix == ".pt2":
         from graphopt.frontends.torch_export import load_pt2
-        return load_pt2(path)
+        return load_pt2(path, input_shapes)
     if suffix in (".pth", ".pt", ".bin", ".ckpt", ".pkl"):
         raise ModelFileError(f"'{path}' is a PyTorch weights/pickle file: it holds no graph, and graphopt never "
                              "unpickles files. Trace the model in Python (graphopt.trace(model, inputs).save('m.gopt')), "

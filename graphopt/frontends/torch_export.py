@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
-from graphopt.errors import GraphoptError, ModelFileError
+from graphopt.errors import GraphoptError, InputMismatchError, ModelFileError, UnsupportedOpError
 from graphopt.ir.graph import Graph
 
 log = logging.getLogger(__name__)
@@ -155,8 +155,90 @@ def read_exported_program(path: str | Path):
     return programs[name]
 
 
-def load_pt2(path: str | Path) -> Graph:
+def load_pt2(path: str | Path, input_shapes: dict[str, Sequence[int]] | None = None) -> Graph:
     """Import a torch.export archive (`torch.export.save(ep, "m.pt2")`, or graphopt's `--target pt2`) into a Graph
-    (`read_exported_program`: nothing unpickled)."""
+    (`read_exported_program`: nothing unpickled).
+
+    A program exported with dynamic dims (`dynamic_shapes=`) is traced again at static ones, as an ONNX model's are:
+    `input_shapes` {input name: shape} where given, else a dynamic batch dim at 1 (or its export's lower bound),
+    with a warning; any other dynamic dim must be given. (Such a program had been taken at its example's sizes
+    without a word, a batch of 2 as often as not, and --input-shape was refused for it.) The batch stays dynamic in
+    an ONNX export (graph.meta "dynamic_batch")."""
     path = Path(path)
-    return Graph.from_exported_program(read_exported_program(path), source=f"pt2:{path.name}")
+    ep = read_exported_program(path)
+    users = _user_inputs(ep)
+    names = [n.name for n in users]
+    given = dict(input_shapes or {})
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise InputMismatchError(f"input shape given for {', '.join(map(repr, unknown))}, which the model does not "
+                                 f"have; its inputs: {', '.join(map(repr, names))}")
+    dynamic = {n.name: [k for k, d in enumerate(n.meta["val"].shape) if not isinstance(d, int)] for n in users}
+    if not any(dynamic.values()):
+        if given:
+            raise GraphoptError(f"input shapes apply to a program's dynamic dims; '{path}' has none (it was "
+                                "exported at fixed shapes): export it again with dynamic_shapes=")
+        return Graph.from_exported_program(ep, source=f"pt2:{path.name}")
+    examples, batch_dims = [], {}
+    for n in users:
+        val = n.meta["val"]
+        if n.name in given:
+            shape = _given_pt2_shape(n.name, val, given[n.name])
+        else:
+            shape = []
+            for k, d in enumerate(val.shape):
+                if isinstance(d, int):
+                    shape.append(d)
+                elif k == 0:
+                    shape.append(_lowest_batch(ep, d))
+                    batch_dims[n.name] = "batch"  # (a saved program keeps its symbols, s0.., not the Dim's name)
+                else:
+                    raise UnsupportedOpError(n.name, "dynamic shape", f"dim {k} of input '{n.name}' is dynamic "
+                                             f"({d}); give a static shape with --input-shape {n.name}=DxDx... "
+                                             "(input_shapes= in Python)")
+            if n.name in batch_dims:
+                log.warning("input '%s' has a dynamic batch dim; tracing and compiling at batch %d (an ONNX export "
+                            "keeps it dynamic; choose another with --input-shape %s=..., input_shapes= in Python)",
+                            n.name, shape[0], n.name)
+        examples.append(torch.zeros(shape, dtype=val.dtype) if not val.dtype.is_floating_point
+                        else torch.randn(shape, dtype=val.dtype))
+    outputs = list(ep.graph_signature.user_outputs)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            static = torch.export.export(ep.module(), tuple(examples), strict=False)
+    except Exception as e:
+        raise InputMismatchError(f"'{path}' does not run at shapes "
+                                 f"{', '.join(f'{k}={list(x.shape)}' for k, x in zip(names, examples))}: "
+                                 f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+    graph = Graph.from_exported_program(static, names, outputs, source=f"pt2:{path.name}")
+    if batch_dims:
+        graph.meta["dynamic_batch"] = {"inputs": batch_dims, "outputs": {}}
+    return graph
+
+
+def _user_inputs(ep) -> list:
+    users = set(ep.graph_signature.user_inputs)
+    return [n for n in ep.graph.nodes if n.op == "placeholder" and n.name in users]
+
+
+def _lowest_batch(ep, dim) -> int:
+    """1, or the smallest batch the program's range constraints allow (torch.export's Dim defaults to 2..)."""
+    try:
+        lower = int(ep.range_constraints[dim.node.expr].lower)
+    except Exception:
+        lower = 1
+    return max(1, lower)
+
+
+def _given_pt2_shape(name: str, val, given) -> list[int]:
+    dims = [int(x) for x in given]
+    if any(d <= 0 for d in dims):
+        raise InputMismatchError(f"input '{name}': shape {dims} has a dim <= 0")
+    if len(dims) != len(val.shape):
+        raise InputMismatchError(f"input '{name}' has rank {len(val.shape)} in the model, the given shape {dims} "
+                                 f"has {len(dims)} dims")
+    for k, d in enumerate(val.shape):
+        if isinstance(d, int) and d != dims[k]:
+            raise InputMismatchError(f"input '{name}': dim {k} is fixed at {d} in the model, the given shape {dims} "
+                                     f"says {dims[k]}")
+    return dims

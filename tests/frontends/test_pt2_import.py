@@ -156,3 +156,47 @@ def test_opt_writes_pt2_that_imports_again(tmp_path, capsys):
     assert g.stats().params < load_model(path).stats().params
     torch.testing.assert_close(_first(g.gm(x)), _first(torch.export.load(str(out)).module()(x)),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_a_program_with_dynamic_dims_is_traced_at_chosen_shapes_and_its_onnx_export_keeps_the_batch(tmp_path,
+                                                                                                      caplog):
+    """dynamic_shapes= programs: the batch defaults to 1 with a warning (it had been taken at the example's 2,
+    silently, and --input-shape refused), a given shape is taken, any other dynamic dim must be given; an ONNX
+    export takes any batch again."""
+    import logging
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from graphopt.errors import InputMismatchError, UnsupportedOpError
+    from graphopt.targets.onnx.export import export_onnx
+    torch.manual_seed(0)
+    net = Net().eval()
+    batch, length = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("length", min=3, max=64)
+    path, both = tmp_path / "dyn.pt2", tmp_path / "dyn_len.pt2"
+    torch.export.save(torch.export.export(net, (torch.randn(2, 4, 10),), dynamic_shapes=({0: batch},)), str(path))
+    torch.export.save(torch.export.export(net, (torch.randn(2, 4, 10),), dynamic_shapes=({0: batch, 2: length},)),
+                      str(both))
+    with caplog.at_level(logging.WARNING):
+        g = load_model(path)
+    assert "dynamic batch dim; tracing and compiling at batch 1" in caplog.text
+    assert g.inputs[0].shape == (1, 4, 10) and g.meta["dynamic_batch"]["inputs"] == {"x": "batch"}
+    assert load_model(path, {"x": (3, 4, 10)}).inputs[0].shape == (3, 4, 10)
+    with pytest.raises(UnsupportedOpError, match="dim 2 of input 'x' is dynamic.*--input-shape x="):
+        load_model(both)
+    g7 = load_model(both, {"x": (2, 4, 7)})
+    x = torch.randn(2, 4, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(_first(g7.gm(x)), net(x), rtol=1e-5, atol=1e-6)
+    for bad, msg in [({"x": (2, 5, 7)}, "dim 1 is fixed at 4"), ({"y": (1, 4, 10)}, "its inputs: 'x'")]:
+        with pytest.raises(InputMismatchError, match=msg):
+            load_model(both, bad)
+    out = export_onnx(g, tmp_path / "dyn.onnx")
+    x4 = torch.randn(4, 4, 10)
+    got = ort.InferenceSession(str(out)).run(None, {"x": x4.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, net(x4).numpy(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(Exception, match="has none"):  # (a fixed-shape program takes no shapes)
+        static = tmp_path / "static.pt2"
+        torch.export.save(torch.export.export(net, (torch.randn(2, 4, 10),)), str(static))
+        load_model(static, {"x": (3, 4, 10)})
