@@ -34,9 +34,9 @@ def _add_shape_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-shape", action="append", type=_input_shape, default=[], metavar="NAME=DIMS",
                    help="fix a dynamic dim of an ONNX model's or a .pt2 program's input, e.g. --input-shape "
                         "input_ids=1x128 (repeat per input; a dynamic batch dim alone defaults to 1, any other "
-                        "dynamic dim needs this); for a zoo: model, the shape it is traced at, e.g. --input-shape image=8x3x224x224 (its shipped "
-                        "calibration and evaluation data follow: crops of that size, sentences of that length, "
-                        "grouped by the batch)")
+                        "dynamic dim needs this; an ONNX export keeps a defaulted batch dynamic); for a zoo: model, "
+                        "the shape it is traced at, e.g. --input-shape image=8x3x224x224 (its shipped calibration and "
+                        "evaluation data follow: crops of that size, sentences of that length, grouped by the batch)")
 
 
 def _shapes(args) -> dict[str, tuple[int, ...]] | None:
