@@ -57,8 +57,10 @@ def _add_pm_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--print-ir-after-all", action="store_true", help="print the IR after every pass (stderr)")
     p.add_argument("--print-ir-after-change", action="store_true", help="print the IR after passes that changed it")
     p.add_argument("--strict", action="store_true", help="a pass that changes nothing is an error, not a warning")
-    p.add_argument("--inputs", metavar="NPZ", help="inputs for --verify-each and calibration (.npz, one array per "
-                   "graph input, or b<batch>_<input> keys); default for zoo: models: crops of five shipped photos (the "
+    p.add_argument("--inputs", metavar="NPZ", help="inputs for --verify-each, calibration and training passes (.npz, "
+                   "one array per graph input, or b<batch>_<input> keys; integer class ids under 'labels', one per "
+                   "sample, add a task loss to the training passes' distillation, and kd=false trains on them "
+                   "alone); default for zoo: models: crops of five shipped photos (the "
                    "first three shipped sentences for minilm); otherwise seeded random inputs for --verify-each and no "
                    "calibration data (quantize then asks for --inputs)")
     p.add_argument("--seed", type=int, default=0, help="seed for generated inputs and randomized passes (default 0)")
@@ -234,11 +236,18 @@ def _optimize(args, graph):
     """The pipeline, its measuring passes asking the target the artifact is for (a GPU's, or --cpu's CPU)."""
     from graphopt.api import optimize
     target = "cuda" if args.target in ("cuda", "cuda-sparse") else "onnx" if args.target == "onnx" else "llvm"
-    return optimize(graph, args.pipeline, data=_data(args, graph), verify=args.verify_each, dump_dir=args.dump_dir,
+    data = _data(args, graph)
+    extras = {}
+    if getattr(args, "inputs", None) and data:  # (class ids under 'labels': the training passes' task loss)
+        from graphopt.pm.instruments import load_labels_npz
+        labels = load_labels_npz(args.inputs, graph, data)
+        if labels is not None:
+            extras["labels"] = labels
+    return optimize(graph, args.pipeline, data=data, verify=args.verify_each, dump_dir=args.dump_dir,
                     strict=args.strict, print_ir_after_all=args.print_ir_after_all,
                     print_ir_after_change=args.print_ir_after_change, seed=args.seed,
                     warn_unchanged=args.pipeline != DEFAULT_PIPELINE, target=target,
-                    cpu=args.cpu if target == "llvm" else None)
+                    cpu=args.cpu if target == "llvm" else None, **extras)
 
 
 def cmd_compile(args) -> int:

@@ -455,3 +455,31 @@ def test_a_graph_saved_from_a_zoo_model_calibrates_on_its_shipped_data(tmp_path,
     for source in ("zoo:nonexistent", "m.onnx"):  # unknown names, files
         small.meta["source"] = source
         assert _zoo_name("m.gopt", small) is None, source
+
+
+def test_training_passes_take_labels_from_the_inputs_npz(tmp_path, onnx_model, capsys):
+    """Class ids under 'labels' in --inputs reach the training passes (kd=false trains on them alone; it had no
+    way to get labels from the command line), split as the inputs are; bad labels and stray keys are one-line
+    errors naming what to fix (a stray key had been dropped without a word)."""
+    path, model, x = onnx_model
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((6,) + tuple(x.shape[1:])).astype(np.float32)
+    classes = int(model(x).shape[1])
+    cli = lambda *args: cli_inproc(capsys, *args)  # noqa: E731
+    pipeline = "sparsify{sparsity=0.5},recover{epochs=1 kd=false}"
+    np.savez(tmp_path / "unlabeled.npz", x=images)
+    one_line_error(cli("opt", path, "--pipeline", pipeline, "--inputs", tmp_path / "unlabeled.npz",
+                       "-o", tmp_path / "o.gopt"), "needs labels", "'labels' in the --inputs")
+    np.savez(tmp_path / "labeled.npz", x=images, labels=rng.integers(0, classes, 6))
+    res = cli("opt", path, "--pipeline", pipeline, "--inputs", tmp_path / "labeled.npz", "-o", tmp_path / "o.gopt")
+    assert res.returncode == 0, res.stderr
+    assert "recover" in res.stdout and (tmp_path / "o.gopt").exists()
+    for name, arrays, needle in [
+            ("range", dict(x=images, labels=np.full(6, classes)), f"has {classes} classes"),
+            ("count", dict(x=images, labels=np.zeros(5, np.int64)), "one label per sample, 6"),
+            ("float", dict(x=images, labels=np.zeros(6, np.float32)), "integer class ids"),
+            ("stray", dict(x=images, lables=np.zeros(6, np.int64)), "'lables' name no graph input")]:
+        np.savez(tmp_path / f"{name}.npz", **arrays)
+        one_line_error(cli("opt", path, "--pipeline", pipeline, "--inputs", tmp_path / f"{name}.npz",
+                           "-o", tmp_path / f"{name}.gopt"), needle)
+        assert not (tmp_path / f"{name}.gopt").exists()

@@ -82,18 +82,64 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return (t.float() if t.dtype == torch.bfloat16 else t).numpy()  # (exact: every bfloat16 is a float32)
 
 
+def _is_labels_key(key: str, names: list[str]) -> bool:
+    return "labels" not in names and re.fullmatch(r"(b\d+_)?labels", key) is not None
+
+
+def load_labels_npz(path: str | os.PathLike, graph: Graph,
+                    batches: list[tuple[torch.Tensor, ...]]) -> list[torch.Tensor] | None:
+    """The labels an inputs .npz holds for training passes (None where it holds none): "labels", one per sample
+    (split as the inputs were: batches of the graph's batch size), or "b<batch>_labels" beside b<batch>_<input>
+    keys. Integer class ids for the trainer's cross-entropy."""
+    from graphopt.errors import InputMismatchError
+    data = np.load(path, allow_pickle=False)
+    names = [s.name for s in graph.inputs]
+    keys = [k for k in data.keys() if _is_labels_key(k, names)]
+    if not keys:
+        return None
+    sizes = [int(b[0].shape[0]) if b and b[0].dim() else 1 for b in batches]
+    if "labels" in keys:
+        arr = data["labels"]
+        if arr.ndim == 0 or arr.shape[0] != sum(sizes):
+            raise InputMismatchError(f"'{path}': 'labels' has shape {list(arr.shape)}; it needs one label per sample, "
+                                     f"{sum(sizes)} for the inputs' {len(batches)} batch(es)")
+        cuts = np.cumsum([0] + sizes)
+        parts = [arr[cuts[i]:cuts[i + 1]] for i in range(len(batches))]
+    else:
+        found = {int(re.fullmatch(r"b(\d+)_labels", k).group(1)): data[k] for k in keys}
+        order = sorted(found)
+        if len(order) != len(batches):
+            raise InputMismatchError(f"'{path}': {len(order)} b<batch>_labels key(s) for {len(batches)} batch(es) "
+                                     "of inputs: give every batch its labels, or none")
+        parts = [found[b] for b in order]
+        for b, part, size in zip(order, parts, sizes):
+            if part.ndim == 0 or part.shape[0] != size:
+                raise InputMismatchError(f"'{path}': b{b}_labels has shape {list(part.shape)}; its batch has {size} "
+                                         "sample(s)")
+    if not all(np.issubdtype(p.dtype, np.integer) for p in parts):
+        raise InputMismatchError(f"'{path}': labels must be integer class ids (they are {parts[0].dtype}); a "
+                                 "regression target needs a loss of your own (optimize(..., loss=...))")
+    return [torch.from_numpy(np.ascontiguousarray(p).astype(np.int64)) for p in parts]
+
+
 def load_inputs_npz(path: str | os.PathLike, graph: Graph) -> list[tuple[torch.Tensor, ...]]:
     """Batches from an .npz written by write_reproducer (b<batch>_<input index>; b<batch>_<input name> too) or with
     one array per input; an array whose first dimension is a multiple of the graph's fixed batch (8 images for a
-    batch-1 model) is split into that many batches."""
+    batch-1 model) is split into that many batches. "labels" keys are the training passes' (load_labels_npz); any
+    other key that names no input is refused."""
     from graphopt.errors import InputMismatchError
     try:
         data = np.load(path, allow_pickle=False)
     except Exception as e:
         raise InputMismatchError(f"cannot read inputs file '{path}': {e}") from None
-    keys = list(data.keys())
-    n_in = len(graph.inputs)
     names = [s.name for s in graph.inputs]
+    keys = [k for k in data.keys() if not _is_labels_key(k, names)]
+    n_in = len(graph.inputs)
+    if all(n in keys for n in names):
+        extra = [k for k in keys if k not in names]
+        if extra:  # (an array meant for something else had been dropped without a word)
+            raise InputMismatchError(f"'{path}': key(s) {', '.join(map(repr, extra))} name no graph input (the "
+                                     f"inputs: {', '.join(names)}; 'labels' holds class ids for training passes)")
     tagged = [re.fullmatch(r"b(\d+)_(.+)", k) for k in keys]
     if keys and all(tagged) and not all(n in keys for n in names):
         # b<batch>_<input>: the input by its index (write_reproducer's keys) or by its name ("b0_input.1")

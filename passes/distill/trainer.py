@@ -194,6 +194,8 @@ class Trainer:
                                         f"the teacher's {list(t.shape)} (pick a node whose width pruning kept)")
                 loss = loss + self.cfg.feature_weight * feature_loss(s, t)
         if has_labels:
+            if self.loss_fn is None:
+                _check_class_ids(self.labels[k], out, k)
             task = self.loss_fn(out, self.labels[k]) if self.loss_fn else F.cross_entropy(out, self.labels[k])
             weight = (1 - self.cfg.kd_weight) if self.teacher_mod is not None else 1.0
             loss = loss + weight * task
@@ -310,13 +312,31 @@ def _matched_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> fl
     return 1e-4 * float(teacher.detach().pow(2).mean())
 
 
+def _check_class_ids(labels: torch.Tensor, out: torch.Tensor, k: int) -> None:
+    """Labels the default cross-entropy can take for this output: one integer class id per sample, each in
+    range (torch's own error was "Target 12 is out of bounds", or an IndexError, from inside the loss)."""
+    labels = torch.as_tensor(labels)
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise TrainingError(f"batch {k}: labels are {labels.dtype}; the default task loss (cross-entropy) takes "
+                            "integer class ids; give those, or a loss of your own (optimize(..., loss=...))")
+    if out.dim() < 2 or labels.shape[:1] != out.shape[:1] or labels.dim() != out.dim() - 1:
+        raise TrainingError(f"batch {k}: labels have shape {list(labels.shape)}, the model's output "
+                            f"{list(out.shape)}: cross-entropy needs one class id per sample "
+                            f"({list(out.shape[:1]) + list(out.shape[2:])})")
+    classes, ids = out.shape[1], labels[labels != -100]  # (-100: cross-entropy's ignored position)
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= classes):
+        raise TrainingError(f"batch {k}: labels hold class ids {int(ids.min())}..{int(ids.max())}, the model's "
+                            f"output has {classes} classes (0..{classes - 1}; -100 marks a position to ignore)")
+
+
 def trainer_from_ctx(student: Graph, ctx: Any, cfg: DistillConfig, kd: bool = True) -> Trainer:
     """A Trainer fed from the pass context: data, labels/loss/optimizer extras, teacher = the pipeline's input."""
     if not ctx.data:
         raise TrainingError(f"{cfg.desc} needs training data: optimize(..., data=[batches]) or --inputs")
     labels = ctx.extras.get("labels")
     if not kd and labels is None:
-        raise TrainingError("training without distillation (kd=false) needs labels (optimize(..., labels=[...]))")
+        raise TrainingError("training without distillation (kd=false) needs labels (optimize(..., labels=[...]), or "
+                            "class ids under 'labels' in the --inputs .npz)")
     teacher = None
     if kd:
         teacher = ctx.extras.get("teacher") or ctx.reference or student.clone()

@@ -199,6 +199,29 @@ def test_inputs_npz_batch_keys_take_input_names_and_refuse_unknown_ones(tmp_path
         load_inputs_npz(tmp_path / "bad.npz", g)
 
 
+def test_labels_in_the_inputs_npz_split_as_the_inputs_do(tmp_path):
+    """'labels' (one per sample) is cut at the inputs' batches; b<batch>_labels go with their batch; a batch without
+    labels among labeled ones is refused."""
+    from graphopt.errors import InputMismatchError
+    from graphopt.pm.instruments import load_inputs_npz, load_labels_npz
+    g = graphopt.trace(torch.nn.Sequential(torch.nn.Linear(4, 3)).eval(), (torch.randn(2, 4),))
+    name = g.inputs[0].name
+    xs = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
+    np.savez(tmp_path / "p.npz", **{name: xs, "labels": np.array([0, 1, 2, 2, 1, 0])})
+    batches = load_inputs_npz(tmp_path / "p.npz", g)
+    labels = load_labels_npz(tmp_path / "p.npz", g, batches)
+    assert len(batches) == 3 and [t.tolist() for t in labels] == [[0, 1], [2, 2], [1, 0]]
+    assert labels[0].dtype == torch.int64
+    np.savez(tmp_path / "b.npz", b0_0=xs[:2], b1_0=xs[2:4], b0_labels=np.array([1, 1]), b1_labels=np.array([2, 0]))
+    batches = load_inputs_npz(tmp_path / "b.npz", g)
+    assert [t.tolist() for t in load_labels_npz(tmp_path / "b.npz", g, batches)] == [[1, 1], [2, 0]]
+    np.savez(tmp_path / "half.npz", b0_0=xs[:2], b1_0=xs[2:4], b0_labels=np.array([1, 1]))
+    with pytest.raises(InputMismatchError, match="1 b<batch>_labels key"):
+        load_labels_npz(tmp_path / "half.npz", g, load_inputs_npz(tmp_path / "half.npz", g))
+    np.savez(tmp_path / "none.npz", **{name: xs})
+    assert load_labels_npz(tmp_path / "none.npz", g, load_inputs_npz(tmp_path / "none.npz", g)) is None
+
+
 def test_inputs_npz_accepts_the_onnx_input_name(tmp_path):
     """An ONNX model's input "input.1" is the graph's input_1; --inputs keys may use either name."""
     from graphopt.frontends.onnx_import import load_onnx
