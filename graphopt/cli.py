@@ -290,16 +290,21 @@ def cmd_compile(args) -> int:
     from graphopt.runtime import load
     art = load(out, threads)  # (an onnx / pt2 export: run by ONNX Runtime / PyTorch, as its user will)
     user_inputs = _data(args, graph) if getattr(args, "inputs", None) else None
-    fid, lat, source = _measure(args.model, graph, art, threads, user_inputs)
+    labels = None
+    if user_inputs:
+        from graphopt.pm.instruments import load_labels_npz
+        labels = load_labels_npz(args.inputs, graph, user_inputs)
+    fid, lat, source = _measure(args.model, graph, art, threads, user_inputs, labels)
     text = compile_report(graph, optimized, Path(out), art.manifest, fid, lat, source)
     write_report(Path(out), {"fidelity": fid, "latency": lat, "manifest": art.manifest}, text)
     print(text, end="")
     return 0
 
 
-def _measure(model: str, graph, art, threads: int, user_inputs=None):
+def _measure(model: str, graph, art, threads: int, user_inputs=None, labels=None):
     """Fidelity on real inputs (the user's --inputs, else shipped photos/sentences for zoo models, else random
-    inputs with token ids over the whole vocabulary) and latency vs ORT and PyTorch."""
+    inputs with token ids over the whole vocabulary), accuracy where --inputs holds labels, and latency vs ORT and
+    PyTorch."""
     from graphopt.bench import compare_latency, fidelity, reference_onnx, set_threads
     set_threads(threads)
     torch_fn = None
@@ -323,10 +328,28 @@ def _measure(model: str, graph, art, threads: int, user_inputs=None):
     refs = [graph.run(*b)[0].numpy() for b in inputs]
     outs = [art(*[x.numpy() for x in b])[0] for b in inputs]
     fid = fidelity(refs, outs, classification).to_json()
+    if user_inputs and labels is not None:
+        fid["accuracy"] = _accuracy(refs, outs, labels)
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = model if model.endswith(".onnx") else reference_onnx(graph, tmp)
         lat = compare_latency(art, inputs[0], threads=threads, onnx_path=onnx_path, torch_fn=torch_fn).to_json()
     return fid, lat, source
+
+
+def _accuracy(refs, outs, labels) -> dict | None:
+    """Top-1 accuracy of the input model and of the artifact against the --inputs labels (class ids along the
+    outputs' dim 1; -100 positions left out); None where the outputs do not take them so."""
+    import numpy as np
+    hits_ref = hits_art = count = 0
+    for r, o, lab in zip(refs, outs, labels):
+        lab = lab.numpy()
+        if r.ndim != lab.ndim + 1 or r.shape[:1] != lab.shape[:1]:
+            return None
+        keep = lab != -100
+        hits_ref += int((r.argmax(1) == lab)[keep].sum())
+        hits_art += int((np.asarray(o).argmax(1) == lab)[keep].sum())
+        count += int(keep.sum())
+    return {"reference": hits_ref / count, "artifact": hits_art / count, "samples": count} if count else None
 
 
 def cmd_opt(args) -> int:

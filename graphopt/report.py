@@ -182,6 +182,10 @@ def compile_report(reference: Graph, optimized: Graph, artifact: Path, manifest:
                    else f"the {half[0]} model (PyTorch's {half[0]} ops)" if half else "fp32")
         lines.append(f"  fidelity   vs {against} on {fidelity['samples']} {fidelity_source or 'inputs'}: "
                      + ", ".join(parts))
+        acc = fidelity.get("accuracy")
+        if acc:
+            lines.append(f"  accuracy   {acc['artifact'] * 100:.1f}% on {acc['samples']} labeled samples from --inputs "
+                         f"(the input model: {acc['reference'] * 100:.1f}%)")
     if latency:
         g = latency["graphopt_ms"] / 1e3
         who = "the export" if export else "graphopt"

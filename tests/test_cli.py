@@ -463,17 +463,33 @@ def test_training_passes_take_labels_from_the_inputs_npz(tmp_path, onnx_model, c
     errors naming what to fix (a stray key had been dropped without a word)."""
     path, model, x = onnx_model
     rng = np.random.default_rng(0)
-    images = rng.standard_normal((6,) + tuple(x.shape[1:])).astype(np.float32)
+    images = 5 * rng.standard_normal((6,) + tuple(x.shape[1:])).astype(np.float32)  # (5x: away from the biases)
     classes = int(model(x).shape[1])
     cli = lambda *args: cli_inproc(capsys, *args)  # noqa: E731
     pipeline = "sparsify{sparsity=0.5},recover{epochs=1 kd=false}"
     np.savez(tmp_path / "unlabeled.npz", x=images)
     one_line_error(cli("opt", path, "--pipeline", pipeline, "--inputs", tmp_path / "unlabeled.npz",
                        "-o", tmp_path / "o.gopt"), "needs labels", "'labels' in the --inputs")
-    np.savez(tmp_path / "labeled.npz", x=images, labels=rng.integers(0, classes, 6))
+    with torch.no_grad():
+        predicted = model(torch.from_numpy(images)).argmax(1).numpy()
+    truth = np.where(np.arange(6) < 4, predicted, (predicted + 1) % classes)  # (the model right on 4 of 6)
+    np.savez(tmp_path / "labeled.npz", x=images, labels=truth)
     res = cli("opt", path, "--pipeline", pipeline, "--inputs", tmp_path / "labeled.npz", "-o", tmp_path / "o.gopt")
     assert res.returncode == 0, res.stderr
     assert "recover" in res.stdout and (tmp_path / "o.gopt").exists()
+    # compile's report: accuracy against the labels, of the input model and the artifact
+    want = 4 / 6
+    res = cli("compile", path, "--target", "onnx", "--pipeline", "sparsify{sparsity=0.95}", "--inputs",
+              tmp_path / "labeled.npz", "-o", tmp_path / "art")
+    assert res.returncode == 0, res.stderr
+    line = re.search(r"^  accuracy   ([\d.]+)% on 6 labeled samples from --inputs \(the input model: ([\d.]+)%\)$",
+                     res.stdout, re.M)
+    assert line and float(line.group(2)) == pytest.approx(want * 100, abs=0.05), res.stdout
+    import graphopt
+    art = graphopt.load(tmp_path / "art")
+    got = np.mean([art(images[i:i + 1])[0].argmax(1)[0] == truth[i] for i in range(6)])
+    assert got != want  # (95% of the weights gone changed the predictions: the two numbers are told apart)
+    assert float(line.group(1)) == pytest.approx(got * 100, abs=0.05)
     for name, arrays, needle in [
             ("range", dict(x=images, labels=np.full(6, classes)), f"has {classes} classes"),
             ("count", dict(x=images, labels=np.zeros(5, np.int64)), "one label per sample, 6"),
