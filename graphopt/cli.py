@@ -337,19 +337,15 @@ def _measure(model: str, graph, art, threads: int, user_inputs=None, labels=None
 
 
 def _accuracy(refs, outs, labels) -> dict | None:
-    """Top-1 accuracy of the input model and of the artifact against the --inputs labels (class ids along the
-    outputs' dim 1; -100 positions left out); None where the outputs do not take them so."""
+    """Top-1 accuracy of the input model and of the artifact against the --inputs labels; None where the outputs
+    do not take them (numerics.accuracy)."""
     import numpy as np
-    hits_ref = hits_art = count = 0
-    for r, o, lab in zip(refs, outs, labels):
-        lab = lab.numpy()
-        if r.ndim != lab.ndim + 1 or r.shape[:1] != lab.shape[:1]:
-            return None
-        keep = lab != -100
-        hits_ref += int((r.argmax(1) == lab)[keep].sum())
-        hits_art += int((np.asarray(o).argmax(1) == lab)[keep].sum())
-        count += int(keep.sum())
-    return {"reference": hits_ref / count, "artifact": hits_art / count, "samples": count} if count else None
+
+    from graphopt.pm.numerics import accuracy
+    ref, art = accuracy(refs, labels), accuracy([np.asarray(o) for o in outs], labels)
+    if ref is None or art is None:
+        return None
+    return {"reference": ref[0], "artifact": art[0], "samples": ref[1]}
 
 
 def cmd_opt(args) -> int:

@@ -50,7 +50,9 @@ def _verify_note(v: dict[str, Any]) -> str:
         else:
             text = f"{c['sqnr_db']:.1f} dB"
         return text if c.get("top1") is None else f"{text}, argmax {100 * c['top1']:.0f}%"
-    return f"SQNR {db(step)} (vs input {db(total)})"
+    acc = v.get("accuracy")
+    labeled = f"; accuracy {100 * acc['after']:.1f}% (input {100 * acc['input']:.1f}%)" if acc else ""
+    return f"SQNR {db(step)} (vs input {db(total)}){labeled}"
 
 
 DOT_NAMES = {"vnni": "vpdpbusd (VNNI)", "ubsw": "vpmaddubsw/vpmaddwd (AVX2)"}

@@ -459,8 +459,9 @@ def test_a_graph_saved_from_a_zoo_model_calibrates_on_its_shipped_data(tmp_path,
 
 def test_training_passes_take_labels_from_the_inputs_npz(tmp_path, onnx_model, capsys):
     """Class ids under 'labels' in --inputs reach the training passes (kd=false trains on them alone; it had no
-    way to get labels from the command line), split as the inputs are; bad labels and stray keys are one-line
-    errors naming what to fix (a stray key had been dropped without a word)."""
+    way to get labels from the command line), split as the inputs are, and give compile's report and --verify-each
+    accuracies; bad labels and stray keys are one-line errors naming what to fix (a stray key had been dropped
+    without a word)."""
     path, model, x = onnx_model
     rng = np.random.default_rng(0)
     images = 5 * rng.standard_normal((6,) + tuple(x.shape[1:])).astype(np.float32)  # (5x: away from the biases)
@@ -490,6 +491,11 @@ def test_training_passes_take_labels_from_the_inputs_npz(tmp_path, onnx_model, c
     got = np.mean([art(images[i:i + 1])[0].argmax(1)[0] == truth[i] for i in range(6)])
     assert got != want  # (95% of the weights gone changed the predictions: the two numbers are told apart)
     assert float(line.group(1)) == pytest.approx(got * 100, abs=0.05)
+    # --verify-each: each pass's accuracy beside the input's (which pass lost it)
+    res = cli("opt", path, "--pipeline", "sparsify{sparsity=0.95}", "--verify-each", "--inputs",
+              tmp_path / "labeled.npz", "-o", tmp_path / "v.gopt")
+    assert res.returncode == 0, res.stderr
+    assert f"accuracy {got * 100:.1f}% (input {want * 100:.1f}%)" in res.stdout, res.stdout
     for name, arrays, needle in [
             ("range", dict(x=images, labels=np.full(6, classes)), f"has {classes} classes"),
             ("count", dict(x=images, labels=np.zeros(5, np.int64)), "one label per sample, 6"),

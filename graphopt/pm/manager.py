@@ -13,7 +13,7 @@ from graphopt.ir.graph import Graph
 from graphopt.ir.sparse_ops import sparse_layout_names
 from graphopt.ir.stats import graph_stats
 from graphopt.pm.instruments import DumpDir, IRPrinter, write_reproducer
-from graphopt.pm.numerics import Comparison, compare, within_exact
+from graphopt.pm.numerics import Comparison, accuracy, compare, within_exact
 from graphopt.pm.options import build_options
 from graphopt.pm.pipeline import PassSpec, load_pipeline
 from graphopt.pm.registry import Contract, Pass, PassContext, get_pass
@@ -96,6 +96,9 @@ class PassManager:
         inputs = ctx.batches(graph) if self.verify else []
         prev_outputs = [graph.run(*b) for b in inputs]
         ref_outputs = prev_outputs
+        # labels for the data (ctx extras: optimize(labels=), --inputs 'labels'): each pass's accuracy on them
+        labels = ctx.extras.get("labels") if ctx.data and len(ctx.extras.get("labels") or ()) == len(inputs) else None
+        input_accuracy = accuracy([o[0] for o in ref_outputs], labels) if labels is not None else None
         current = graph
         if self.dump:
             self.dump.dump(0, "input", current)
@@ -142,6 +145,9 @@ class PassManager:
                 ok = self._within_contract(p, step)
                 rec.verify = {"step": step.to_json(), "vs_reference": total.to_json(), "contract": p.contract.value,
                               "ok": ok}
+                acc = accuracy([o[0] for o in outs], labels) if input_accuracy is not None else None
+                if acc is not None:
+                    rec.verify["accuracy"] = {"after": acc[0], "input": input_accuracy[0], "samples": acc[1]}
                 log.info("verify #%d %s: %s (vs reference: %s)", i, p.name, step, total)
                 if not ok:
                     repro = write_reproducer(self.dump_root, i, p.spec_text(), current, inputs,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -43,6 +43,21 @@ def _top1(expected: Sequence[Sequence[torch.Tensor]], actual: Sequence[Sequence[
         same += int((e.argmax(1) == a.argmax(1)).sum())
         total += e.shape[0]
     return same / total if total else None
+
+
+def accuracy(outputs: Sequence[Any], labels: Sequence[Any]) -> tuple[float, int] | None:
+    """Top-1 accuracy of first outputs (one per batch: logits with classes along dim 1) against integer class ids
+    (one tensor per batch; -100 positions left out), and the count it is over; None where the outputs do not take
+    the labels so."""
+    hits = count = 0
+    for out, lab in zip(outputs, labels):
+        out, lab = torch.as_tensor(out), torch.as_tensor(lab)
+        if out.dim() != lab.dim() + 1 or out.shape[:1] != lab.shape[:1] or lab.is_floating_point():
+            return None
+        keep = lab != -100
+        hits += int((out.argmax(1) == lab)[keep].sum())
+        count += int(keep.sum())
+    return (hits / count, count) if count else None
 
 
 def compare(expected: Sequence[Sequence[torch.Tensor]], actual: Sequence[Sequence[torch.Tensor]]) -> Comparison:
