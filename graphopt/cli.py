@@ -18,15 +18,17 @@ MODEL_HELP = ("the model: an .onnx file (from either torch exporter), a torch.ex
               "zoo:mobilenet_v2 | zoo:efficientnet_lite0 | zoo:minilm (needs the [models] extra)")
 
 
-def _input_shape(text: str) -> tuple[str, tuple[int, ...]]:
-    """NAME=DIMS, DIMS as 1x128 or 1,128."""
+def _input_shape(text: str) -> tuple[str, tuple[int | None, ...]]:
+    """NAME=DIMS, DIMS as 1x128 or 1,128; a first dim N (any name) leaves the batch open: None."""
     name, sep, dims = text.rpartition("=")
+    parts = dims.replace(",", "x").split("x")
     try:
-        shape = tuple(int(d) for d in dims.replace(",", "x").split("x"))
+        shape = tuple(None if k == 0 and d.isalpha() else int(d) for k, d in enumerate(parts))
     except ValueError:
         shape = ()
-    if not sep or not name or not shape or min(shape) <= 0:
-        raise argparse.ArgumentTypeError(f"'{text}' is not NAME=DIMS (e.g. input_ids=1x128 or pixel_values=1,3,224,224)")
+    if not sep or not name or not shape or min((d for d in shape if d is not None), default=1) <= 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not NAME=DIMS (e.g. input_ids=1x128, pixel_values=1,3,224,224, "
+                                         "or input_ids=Nx128: any batch in an ONNX export, traced at 1)")
     return name, shape
 
 
@@ -34,7 +36,8 @@ def _add_shape_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-shape", action="append", type=_input_shape, default=[], metavar="NAME=DIMS",
                    help="fix a dynamic dim of an ONNX model's or a .pt2 program's input, e.g. --input-shape "
                         "input_ids=1x128 (repeat per input; a dynamic batch dim alone defaults to 1, any other "
-                        "dynamic dim needs this; an ONNX export keeps a defaulted batch dynamic); for a zoo: model, "
+                        "dynamic dim needs this; an ONNX export keeps a defaulted batch dynamic, and a first dim N, "
+                        "input_ids=Nx128, leaves it open: traced at 1, any batch in the export); for a zoo: model, "
                         "the shape it is traced at, e.g. --input-shape image=8x3x224x224 (its shipped calibration and "
                         "evaluation data follow: crops of that size, sentences of that length, grouped by the batch)")
 

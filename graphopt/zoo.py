@@ -251,10 +251,16 @@ def example_inputs(name: str, shapes: list[tuple[int, ...]]) -> tuple[torch.Tens
 
 def zoo_graph(name: str, batch: int = 1, shapes: dict[str, Sequence[int]] | None = None) -> Graph:
     """Trace a shipped model at `batch` (1 by default), or at `shapes` (see `input_shapes`)."""
+    from graphopt.frontends import open_batch
     entry = zoo_entry(name)
+    opened = [k for k, v in (shapes or {}).items() if open_batch(k, v)]  # (None first: any batch in an ONNX export)
+    if shapes:
+        shapes = {k: (batch, *v[1:]) if k in opened else v for k, v in shapes.items()}
     example = example_inputs(name, input_shapes(name, shapes, batch))
     g = trace(entry.build(), example, input_names=entry.input_names)
     g.meta["source"] = f"zoo:{name}"
+    if opened:  # (MiniLM's mask follows its ids)
+        g.meta["dynamic_batch"] = {"inputs": {n: "batch" for n in entry.input_names}, "outputs": {}}
     return g
 
 

@@ -19,6 +19,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from graphopt.errors import InputMismatchError, ModelFileError, UnsupportedOpError
+from graphopt.frontends import open_batch
 from graphopt.ir.graph import Graph
 from graphopt.ir.names import input_name
 from graphopt.ir.quant_ops import dynamic_qparams  # (also registers torch.ops.graphopt)
@@ -70,7 +71,7 @@ class Importer:
         self.input_names: list[str] = []
         self.node_name = ""
         self.dynamic_quantized: dict[int, Value] = {}  # a DynamicQuantizeLinear's dynamic_quantize(x), made once
-        self.dynamic_batch: dict[str, str] = {}  # input -> its dynamic dim 0's name, where no shape was given for it
+        self.dynamic_batch: dict[str, str] = {}  # input -> its dynamic dim 0's name, unless a shape fixed it
 
     # ---- values -------------------------------------------------------------------------------------------
     def _param_node(self, t: torch.Tensor, hint: str) -> fx.Node:
@@ -149,10 +150,12 @@ class Importer:
     @staticmethod
     def _given_shape(name: str, tt, given) -> list[int]:
         """A user-given shape for input `name`, checked against the rank and the fixed dims the model declares."""
-        dims = [int(x) for x in given]
+        declared = list(tt.shape.dim)
+        fixed0 = declared[0].dim_value if declared and declared[0].HasField("dim_value") else 0
+        # None first: any batch, traced at 1 (or at the model's fixed batch)
+        dims = [(fixed0 or 1) if k == 0 and open_batch(name, given) else int(x) for k, x in enumerate(given)]
         if any(d <= 0 for d in dims):
             raise InputMismatchError(f"input '{name}': shape {dims} has a dim <= 0")
-        declared = list(tt.shape.dim)
         if declared and len(declared) != len(dims):
             raise InputMismatchError(f"input '{name}' has rank {len(declared)} in the model, the given shape "
                                      f"{dims} has {len(dims)} dims")
@@ -198,7 +201,8 @@ class Importer:
             ex = torch.randn(dims).to(dt) if dt.is_floating_point else torch.zeros(dims, dtype=dt)
             safe = input_name(inp.name)
             first = tt.shape.dim[0] if len(tt.shape.dim) else None
-            if given is None and first is not None and not (first.HasField("dim_value") and first.dim_value > 0):
+            if (given is None or open_batch(inp.name, given)) and first is not None and not (
+                    first.HasField("dim_value") and first.dim_value > 0):
                 self.dynamic_batch[safe] = first.dim_param or "batch"
             node = self.g.placeholder(safe)
             self.env[inp.name] = Dyn(node, ex)

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from graphopt.errors import GraphoptError, InputMismatchError, ModelFileError, UnsupportedOpError
+from graphopt.frontends import open_batch
 from graphopt.ir.graph import Graph
 
 log = logging.getLogger(__name__)
@@ -183,7 +184,9 @@ def load_pt2(path: str | Path, input_shapes: dict[str, Sequence[int]] | None = N
     for n in users:
         val = n.meta["val"]
         if n.name in given:
-            shape = _given_pt2_shape(n.name, val, given[n.name])
+            shape = _given_pt2_shape(n.name, val, given[n.name], ep)
+            if open_batch(n.name, given[n.name]) and not isinstance(val.shape[0], int):  # (traced at 1)
+                batch_dims[n.name] = "batch"
         else:
             shape = []
             for k, d in enumerate(val.shape):
@@ -230,8 +233,14 @@ def _lowest_batch(ep, dim) -> int:
     return max(1, lower)
 
 
-def _given_pt2_shape(name: str, val, given) -> list[int]:
-    dims = [int(x) for x in given]
+def _given_pt2_shape(name: str, val, given, ep) -> list[int]:
+    dims = []
+    for k, x in enumerate(given):
+        if k == 0 and open_batch(name, given):  # any batch: traced at the lowest the program takes (or its fixed)
+            d = val.shape[0]
+            dims.append(d if isinstance(d, int) else _lowest_batch(ep, d))
+        else:
+            dims.append(int(x))
     if any(d <= 0 for d in dims):
         raise InputMismatchError(f"input '{name}': shape {dims} has a dim <= 0")
     if len(dims) != len(val.shape):

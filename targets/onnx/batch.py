@@ -51,6 +51,7 @@ def make_batch_dynamic(model: onnx.ModelProto, dims: dict, batch: int) -> tuple[
     del og.value_info[:]  # (inferred again by ONNX Runtime; they said batch `batch`)
     _follow_batch_in_reshapes(og, shapes, batch)
     _expand_constants_in_concats(og, shapes, batch)
+    _per_sample_gathers(og, shapes, batch)
     try:
         _check(out, list(names), batch)
     except _NotBatchable as e:
@@ -167,6 +168,53 @@ def _expand_constants_in_concats(g: onnx.GraphProto, shapes: dict[str, list[int]
                 g.node.insert(at + j, m)
             n.input[k] = out
             changed += 1
+    return changed
+
+
+def _per_sample_gathers(g: onnx.GraphProto, shapes: dict[str, list[int]], batch: int) -> int:
+    """Rewrite each GatherND whose constant indices pick, in index b, from data row b (batch-led data): the traced
+    form of a per-sample lookup (a Hugging Face attention mask built with vmap: mask[batch_idx, kv_idx], batch_idx
+    traced as the constants 0..batch-1), which at another batch read row 0 for every sample. It becomes GatherND
+    with batch_dims=1 over the indices without their batch coordinate, expanded to the batch. Returns how many."""
+    inits = {i.name: i for i in g.initializer}
+    consts = {n.output[0]: n for n in g.node if n.op_type == "Constant" and n.output}
+    taken = set(inits) | {o for n in g.node for o in n.output}
+
+    def fresh(base: str) -> str:
+        name, k = base, 1
+        while name in taken:
+            name, k = f"{base}{k}", k + 1
+        taken.add(name)
+        return name
+
+    changed = 0
+    for n in list(g.node):
+        if n.op_type != "GatherND" or any(a.name == "batch_dims" and a.i != 0 for a in n.attribute):
+            continue
+        data = shapes.get(n.input[0])
+        idx = _constant(n.input[1], inits, consts)
+        if not data or data[0] != batch or idx is None or idx.ndim < 2 or idx.shape[0] != batch or idx.shape[-1] < 2:
+            continue
+        rows = np.arange(batch).reshape((batch,) + (1,) * (idx.ndim - 1))
+        if not np.array_equal(idx[..., 0], np.broadcast_to(rows[..., 0], idx.shape[:-1])):
+            continue
+        rest = fresh(f"{n.input[1]}_per_sample")
+        g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(idx[:1, ..., 1:]).astype(np.int64), rest))
+        dim0, tail, target, wide = (fresh(f"{n.name}_{k}") for k in ("batch_dim", "tail_dims", "shape", "indices"))
+        g.initializer.append(numpy_helper.from_array(np.array(idx.shape[1:-1] + (idx.shape[-1] - 1,), np.int64),
+                                                     tail))
+        made = [onnx.helper.make_node("Shape", [n.input[0]], [dim0], start=0, end=1, name=fresh(f"{n.name}_dim0")),
+                onnx.helper.make_node("Concat", [dim0, tail], [target], axis=0, name=fresh(f"{n.name}_shape")),
+                onnx.helper.make_node("Expand", [rest, target], [wide], name=fresh(f"{n.name}_expand"))]
+        at = list(g.node).index(n)
+        for j, m in enumerate(made):
+            g.node.insert(at + j, m)
+        n.input[1] = wide
+        for a in list(n.attribute):
+            if a.name == "batch_dims":
+                n.attribute.remove(a)
+        n.attribute.append(onnx.helper.make_attribute("batch_dims", 1))
+        changed += 1
     return changed
 
 

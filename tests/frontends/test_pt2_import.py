@@ -184,6 +184,9 @@ def test_a_program_with_dynamic_dims_is_traced_at_chosen_shapes_and_its_onnx_exp
     assert load_model(path, {"x": (3, 4, 10)}).inputs[0].shape == (3, 4, 10)
     with pytest.raises(UnsupportedOpError, match="dim 2 of input 'x' is dynamic.*--input-shape x="):
         load_model(both)
+    open_ = load_model(both, {"x": (None, 4, 7)})  # (--input-shape x=Nx4x7: the batch stays open)
+    assert open_.inputs[0].shape == (1, 4, 7) and open_.meta["dynamic_batch"]["inputs"] == {"x": "batch"}
+    assert "dynamic_batch" not in load_model(both, {"x": (2, 4, 7)}).meta
     g7 = load_model(both, {"x": (2, 4, 7)})
     x = torch.randn(2, 4, 7)
     with torch.no_grad():

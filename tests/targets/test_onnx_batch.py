@@ -146,3 +146,38 @@ def test_the_check_refuses_an_export_that_mixes_rows():
     assert out is model and "differs from the same row run alone" in why
     out, why = make_batch_dynamic(_batch_mean_model(axis=1), dims, 1)
     assert why == "" and _dims(out) == {"x": ["N", 4], "y": ["N", 4]}
+
+
+def test_a_shape_given_with_an_open_batch_keeps_it_dynamic(tmp_path, capsys):
+    """Batch and sequence both dynamic (a Hugging Face encoder's export): the sequence must be given, and
+    `--input-shape ids=Nx7` (None first in Python) leaves the batch open: traced at 1, any batch in the export."""
+    from tests.frontends.test_onnx_import import _dynamic_model
+    from conftest import cli_main
+    src = _dynamic_model(tmp_path / "pool.onnx")
+    g = graphopt.load_model(src, {"ids": (None, 7)})
+    assert g.inputs[0].shape == (1, 7) and g.meta["dynamic_batch"]["inputs"] == {"ids": "batch"}
+    out = export_onnx(g, tmp_path / "pool_out.onnx")
+    assert _dims(out)["ids"] == ["batch", 7]
+    ids = np.random.default_rng(0).integers(0, 50, (5, 7)).astype(np.int64)
+    np.testing.assert_allclose(ort.InferenceSession(str(out)).run(None, {"ids": ids})[0],
+                               ort.InferenceSession(str(src)).run(None, {"ids": ids})[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(InputMismatchError, match="only the batch can stay dynamic"):
+        graphopt.load_model(src, {"ids": (2, None)})
+    assert cli_main("inspect", str(src), "--input-shape", "ids=Nx7") == 0
+    assert "ids: int64[1,7]" in capsys.readouterr().out
+
+
+def test_a_per_sample_gather_follows_the_batch():
+    """GatherND whose constant indices pick data row b in index b (a Hugging Face attention mask built by vmap,
+    traced at batch 1: always row 0) becomes a batch_dims=1 gather: each sample reads its own row."""
+    idx = np.array([[[0, 3], [0, 1]]], np.int64)  # [1, 2, 2]: (row, column) pairs of sample 0
+    nodes = [helper.make_node("GatherND", ["x", "idx"], ["g"]), helper.make_node("Relu", ["g"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+                              initializer=[onnx.numpy_helper.from_array(idx, "idx")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    out, why = make_batch_dynamic(model, {"inputs": {"x": "N"}, "outputs": {"y": "N"}}, 1)
+    assert why == ""
+    x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    got = ort.InferenceSession(out.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, np.maximum(x[:, [3, 1]], 0))
