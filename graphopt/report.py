@@ -159,10 +159,10 @@ def compile_report(reference: Graph, optimized: Graph, artifact: Path, manifest:
         info = manifest.get("target_info", {})
         if info.get("dynamic_batch"):
             names = ", ".join(f"{k} '{v}'" for k, v in info["dynamic_batch"].items())
-            lines.append(f"  batch      any: dim 0 dynamic as the model came ({names}); checked in ONNX Runtime, a "
-                         "batch of rows against each row alone")
+            lines.append(f"  batch      any (dim 0 dynamic: {names}); checked in ONNX Runtime, a batch of rows "
+                         "against each row alone")
         elif info.get("batch_fixed"):
-            lines.append(f"  batch      fixed at the traced batch, though the model came with a dynamic one: "
+            lines.append(f"  batch      fixed at the traced batch, though a dynamic one was asked for: "
                          f"{info['batch_fixed']}")
         saturating = info.get("ort_pair_saturation") or {}
         if saturating:
