@@ -75,7 +75,8 @@ def _with_dynamic_batch(graph: Graph, model, dims: dict, report: dict | None):
     batch = batched[0].shape[0] if batched and batched[0].shape else 1
     model, why = make_batch_dynamic(model, dims, batch)
     if why:
-        log.warning("onnx export: the model came with a dynamic batch dim, but the export takes batch %d only: %s. "
+        log.warning("onnx export: the batch dim is dynamic (the model came so, or --input-shape left it open), but "
+                    "the export takes batch %d only: %s. "
                     "Batch-%d calls work; for another batch give its shape (--input-shape NAME=DIMS, input_shapes= "
                     "in Python)", batch, why, batch)
         if report is not None:
