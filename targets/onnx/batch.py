@@ -5,7 +5,8 @@ torch's exporter writes that batch into the file: into the interface, and into e
 model that took any batch came back taking one, and a deploy pipeline that batches requests failed on the first
 batch of 4 ("Got invalid dimensions for input: x ... Got: 4 Expected: 1"). `make_batch_dynamic` gives the interface
 its dynamic dim back and rewrites each Reshape whose target names the traced batch so that it follows the batch
-(-1 for the dim the batch is in, or 0, ONNX's "copy the input's dim", beside another -1), then checks the result in
+(-1 for the dim the batch is in, or 0, ONNX's "copy the input's dim", beside another -1), each constant concatenated
+to batch-led activations, each per-sample GatherND and each Resize to a fixed size likewise, then checks the result in
 ONNX Runtime: a batch of several rows must give each row what it gives that row alone. A model whose
 batch is pinned some other way (a class token expanded to the traced batch, a Slice or Gather over dim 0) fails
 that check and keeps its fixed batch, with the reason.
@@ -49,9 +50,12 @@ def make_batch_dynamic(model: onnx.ModelProto, dims: dict, batch: int) -> tuple[
         _set_dim0(o, dims.get("outputs", {}).get(o.name) or default)
     shapes = _static_shapes(model)
     del og.value_info[:]  # (inferred again by ONNX Runtime; they said batch `batch`)
+    read_before = {i for n in og.node for i in n.input}
     _follow_batch_in_reshapes(og, shapes, batch)
     _expand_constants_in_concats(og, shapes, batch)
     _per_sample_gathers(og, shapes, batch)
+    _resize_spatial_only(og, shapes, batch)
+    _drop_orphans(og, read_before)
     try:
         _check(out, list(names), batch)
     except _NotBatchable as e:
@@ -86,7 +90,7 @@ def _follow_batch_in_reshapes(g: onnx.GraphProto, shapes: dict[str, list[int]], 
     inits = {i.name: i for i in g.initializer}
     consts = {n.output[0]: n for n in g.node if n.op_type == "Constant" and n.output}
     taken = set(inits) | {o for n in g.node for o in n.output}
-    changed, replaced = 0, set()
+    changed = 0
     for n in g.node:
         if n.op_type != "Reshape" or len(n.input) < 2 or n.input[0] not in shapes:
             continue
@@ -111,22 +115,24 @@ def _follow_batch_in_reshapes(g: onnx.GraphProto, shapes: dict[str, list[int]], 
             name, k = f"{n.input[1]}_batch{k}", k + 1
         taken.add(name)
         g.initializer.append(numpy_helper.from_array(np.array([new] + rest, dtype=np.int64), name))
-        replaced.add(n.input[1])
         n.input[1] = name
         if new == 0:
             for a in n.attribute:
                 if a.name == "allowzero":
                     a.i = 0
         changed += 1
-    if replaced:  # the targets they read before, where nothing else does
-        read = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-        keep = [i for i in g.initializer if i.name in read or i.name not in replaced]
-        del g.initializer[:]
-        g.initializer.extend(keep)
-        dead = [n for n in g.node if n.op_type == "Constant" and n.output and n.output[0] in replaced - read]
-        for n in dead:
-            g.node.remove(n)
     return changed
+
+
+def _drop_orphans(g: onnx.GraphProto, read_before: set[str]) -> None:
+    """Remove the constants the rewrites left unread (ONNX Runtime warns of each on loading)."""
+    read = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    orphaned = read_before - read
+    keep = [i for i in g.initializer if i.name not in orphaned]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    for n in [n for n in g.node if n.op_type == "Constant" and n.output and n.output[0] in orphaned]:
+        g.node.remove(n)
 
 
 def _expand_constants_in_concats(g: onnx.GraphProto, shapes: dict[str, list[int]], batch: int) -> int:
@@ -214,6 +220,33 @@ def _per_sample_gathers(g: onnx.GraphProto, shapes: dict[str, list[int]], batch:
             if a.name == "batch_dims":
                 n.attribute.remove(a)
         n.attribute.append(onnx.helper.make_attribute("batch_dims", 1))
+        changed += 1
+    return changed
+
+
+def _resize_spatial_only(g: onnx.GraphProto, shapes: dict[str, list[int]], batch: int) -> int:
+    """Give each Resize whose constant `sizes` lead with the traced batch and the data's channels (an interpolate
+    to a given size) those sizes for its other axes only (opset 18's `axes`), so that it keeps any batch. Returns
+    how many."""
+    inits = {i.name: i for i in g.initializer}
+    consts = {n.output[0]: n for n in g.node if n.op_type == "Constant" and n.output}
+    taken = set(inits) | {o for n in g.node for o in n.output}
+    changed = 0
+    for n in g.node:
+        if n.op_type != "Resize" or len(n.input) < 4 or not n.input[3] or any(a.name == "axes" for a in n.attribute):
+            continue
+        data, sizes = shapes.get(n.input[0]), _constant(n.input[3], inits, consts)
+        if not data or sizes is None or sizes.ndim != 1 or len(sizes) != len(data) or len(data) < 3:
+            continue
+        if data[0] != batch or sizes[0] != batch or sizes[1] != data[1]:
+            continue
+        name, k = f"{n.input[3]}_spatial", 1
+        while name in taken:
+            name, k = f"{n.input[3]}_spatial{k}", k + 1
+        taken.add(name)
+        g.initializer.append(numpy_helper.from_array(np.asarray(sizes[2:], dtype=np.int64), name))
+        n.input[3] = name
+        n.attribute.append(onnx.helper.make_attribute("axes", list(range(2, len(data)))))
         changed += 1
     return changed
 

@@ -60,6 +60,18 @@ class _Vit(nn.Module):
         return self.head(self.attn(y)[:, 0])
 
 
+class _Upsample(nn.Module):
+    """A strided conv, then interpolate back to the input's size: a Resize whose constant sizes hold the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.Linear(4 * 8 * 8, 5)
+
+    def forward(self, x):
+        up = nn.functional.interpolate(torch.relu(self.conv(x)), size=x.shape[2:], mode="bilinear")
+        return self.fc(up.flatten(1))
+
+
 def _export(module: nn.Module, path, shape=(2, 3, 8, 8)):
     torch.manual_seed(0)
     module = module.eval()
@@ -77,7 +89,7 @@ def _dims(model):
             for v in list(m.graph.input) + list(m.graph.output)}
 
 
-@pytest.mark.parametrize("module", [_Cnn, _Vit])
+@pytest.mark.parametrize("module", [_Cnn, _Vit, _Upsample])
 def test_an_export_takes_any_batch_where_the_model_did(tmp_path, module):
     src = _export(module(), tmp_path / "src.onnx")
     g = graphopt.load_model(src)  # (traced at batch 1, with a warning)
