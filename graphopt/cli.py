@@ -409,8 +409,11 @@ def cmd_inspect(args) -> int:
     g = load_model(args.model, _shapes(args))
     s = g.stats()
     print(f"model    {args.model}")
+    open_batch = (g.meta.get("dynamic_batch") or {}).get("inputs", {})
     for spec in g.inputs:
-        print(f"input    {spec}")
+        dim = open_batch.get(spec.name)
+        print(f"input    {spec}" + (f"  (batch dim '{dim}' dynamic: traced at {spec.shape[0]}, any batch in an ONNX "
+                                    "export)" if dim else ""))
     for spec in g.outputs:
         print(f"output   {spec}")
     print(f"params   {human(s.params)} ({human(s.bytes, 'B')})   MACs {human(s.macs)}   ops {s.nodes}")

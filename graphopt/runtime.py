@@ -57,7 +57,7 @@ class ArtifactModel:
             a = np.asarray(a)
             if list(a.shape) != list(spec["shape"]) and not _any_batch(spec, a.shape):
                 raise InputMismatchError(f"input '{spec['name']}' has shape {list(a.shape)}, expected "
-                                         f"{shape_text(spec)}")
+                                         f"{shape_text(spec)}" + _batch_hint(spec, a.shape))
             if a.dtype != want and str(a.dtype) != spec["dtype"]:  # (str(dtype) alone took 5 us)
                 raise InputMismatchError(f"input '{spec['name']}' has dtype {a.dtype}, expected {spec['dtype']}"
                                          + cast_hint(str(a.dtype), spec["dtype"]))
@@ -105,6 +105,17 @@ class ArtifactModel:
         artifact compiled again in between is refused (the manifest's file digests differ). Pickling had failed
         with "Module[library] does not support SaveToBytes" after a screen of TVM warnings."""
         return _reload, (str(self.folder.resolve()), getattr(self, "_threads", None), self.manifest.get("files"))
+
+
+def _batch_hint(spec: dict, shape: tuple[int, ...]) -> str:
+    """Where only the batch differs from a fixed-batch artifact's: how to get one for that batch."""
+    want = list(spec["shape"])
+    if "batch_dim" in spec or len(shape) != len(want) or not want or list(shape[1:]) != want[1:]:
+        return ""
+    dims = "x".join(str(d) for d in [shape[0]] + want[1:])
+    return (f": this artifact was built for batch {want[0]}; call it per batch of {want[0]}, or build one for "
+            f"batch {shape[0]} (graphopt compile ... --input-shape {spec['name']}={dims}; an ONNX export of a model "
+            "with a dynamic batch takes any)")
 
 
 def _any_batch(spec: dict, shape: tuple[int, ...]) -> bool:

@@ -194,6 +194,9 @@ def test_bad_inputs_are_one_line_errors(tmp_path, onnx_model, capsys):
     assert cli("compile", path, "--no-report", "-o", tmp_path / "art").returncode == 0
     np.save(tmp_path / "small.npy", np.zeros((1, 3, 8, 8), np.float32))
     one_line_error(cli("run", tmp_path / "art", "--input", tmp_path / "small.npy"), "input 'x' has shape")
+    np.save(tmp_path / "two.npy", np.zeros((2, 3, 16, 16), np.float32))  # (only the batch differs: how to get one)
+    one_line_error(cli("run", tmp_path / "art", "--input", tmp_path / "two.npy"), "built for batch 1",
+                   "--input-shape x=2x3x16x16")
     # a damaged artifact: model.so cut short (the loader's mapping of it killed the process with SIGBUS), or changed
     lib = tmp_path / "art" / "model.so"
     whole = lib.read_bytes()

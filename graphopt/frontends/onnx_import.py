@@ -173,6 +173,8 @@ class Importer:
             arr = nh.to_array(init)
             self.env[init.name] = Const(torch.from_numpy(np.array(arr, copy=True)), init.name)
         names = [inp.name for inp in graph.input if inp.name not in inits]
+        safe_names = {input_name(n): n for n in names}  # (the graph's name, "input_1" for "input.1", is taken too)
+        self.input_shapes = {k if k in names else safe_names.get(k, k): v for k, v in self.input_shapes.items()}
         unknown = sorted(set(self.input_shapes) - set(names))
         if unknown:
             raise InputMismatchError(f"input shape given for {', '.join(map(repr, unknown))}, which the model does "

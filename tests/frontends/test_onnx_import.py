@@ -201,3 +201,17 @@ def test_missing_external_weights_are_a_clear_error(tmp_path):
     with pytest.raises(ModelFileError, match="external data.*Keep the data file"):
         graphopt.load_onnx(path)
 
+
+
+def test_a_given_shape_may_name_the_input_as_the_graph_does(tmp_path):
+    """An ONNX input "ids.1" is the graph's "ids_1" (what artifacts, reports and error hints call it); a shape
+    given under either name fixes it (the graph's name was "not an input of the model")."""
+    x = helper.make_tensor_value_info("ids.1", TensorProto.FLOAT, ["batch", "seq"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq"])
+    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["ids.1"], ["y"])], "g", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    for name in ("ids.1", "ids_1"):
+        g = graphopt.load_model(path, {name: (2, 5)})
+        assert g.inputs[0].name == "ids_1" and g.inputs[0].shape == (2, 5)
