@@ -83,13 +83,26 @@ def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     return shapes
 
 
+def _namer(g: onnx.GraphProto):
+    """A function giving names no initializer or node output of `g` has (nor any it gave before)."""
+    taken = {i.name for i in g.initializer} | {o for n in g.node for o in n.output}
+
+    def fresh(base: str) -> str:
+        name, k = base, 1
+        while name in taken:
+            name, k = f"{base}{k}", k + 1
+        taken.add(name)
+        return name
+    return fresh
+
+
 def _follow_batch_in_reshapes(g: onnx.GraphProto, shapes: dict[str, list[int]], batch: int) -> int:
     """Rewrite the constant target shape of each Reshape that carries the batch so that it follows it: a target
     leading with the batch (or with the batch times the data's next dims, the batch merged into rows) gets -1
     there, or 0 beside another -1 where the data leads with the batch too. Returns how many were rewritten."""
     inits = {i.name: i for i in g.initializer}
     consts = {n.output[0]: n for n in g.node if n.op_type == "Constant" and n.output}
-    taken = set(inits) | {o for n in g.node for o in n.output}
+    fresh = _namer(g)
     changed = 0
     for n in g.node:
         if n.op_type != "Reshape" or len(n.input) < 2 or n.input[0] not in shapes:
@@ -110,10 +123,7 @@ def _follow_batch_in_reshapes(g: onnx.GraphProto, shapes: dict[str, list[int]], 
             new = -1
         if new is None:
             continue
-        name, k = f"{n.input[1]}_batch", 1
-        while name in taken:
-            name, k = f"{n.input[1]}_batch{k}", k + 1
-        taken.add(name)
+        name = fresh(f"{n.input[1]}_batch")
         g.initializer.append(numpy_helper.from_array(np.array([new] + rest, dtype=np.int64), name))
         n.input[1] = name
         if new == 0:
@@ -140,14 +150,7 @@ def _expand_constants_in_concats(g: onnx.GraphProto, shapes: dict[str, list[int]
     batch: a ViT's class token, one row written as a constant of the traced batch, took no other. Returns how many
     were expanded."""
     inits = {i.name: i for i in g.initializer}
-    taken = set(inits) | {o for n in g.node for o in n.output}
-
-    def fresh(base: str) -> str:
-        name, k = base, 1
-        while name in taken:
-            name, k = f"{base}{k}", k + 1
-        taken.add(name)
-        return name
+    fresh = _namer(g)
 
     changed, nodes = 0, list(g.node)
     for n in nodes:
@@ -184,14 +187,7 @@ def _per_sample_gathers(g: onnx.GraphProto, shapes: dict[str, list[int]], batch:
     with batch_dims=1 over the indices without their batch coordinate, expanded to the batch. Returns how many."""
     inits = {i.name: i for i in g.initializer}
     consts = {n.output[0]: n for n in g.node if n.op_type == "Constant" and n.output}
-    taken = set(inits) | {o for n in g.node for o in n.output}
-
-    def fresh(base: str) -> str:
-        name, k = base, 1
-        while name in taken:
-            name, k = f"{base}{k}", k + 1
-        taken.add(name)
-        return name
+    fresh = _namer(g)
 
     changed = 0
     for n in list(g.node):
@@ -230,7 +226,7 @@ def _resize_spatial_only(g: onnx.GraphProto, shapes: dict[str, list[int]], batch
     how many."""
     inits = {i.name: i for i in g.initializer}
     consts = {n.output[0]: n for n in g.node if n.op_type == "Constant" and n.output}
-    taken = set(inits) | {o for n in g.node for o in n.output}
+    fresh = _namer(g)
     changed = 0
     for n in g.node:
         if n.op_type != "Resize" or len(n.input) < 4 or not n.input[3] or any(a.name == "axes" for a in n.attribute):
@@ -240,10 +236,7 @@ def _resize_spatial_only(g: onnx.GraphProto, shapes: dict[str, list[int]], batch
             continue
         if data[0] != batch or sizes[0] != batch or sizes[1] != data[1]:
             continue
-        name, k = f"{n.input[3]}_spatial", 1
-        while name in taken:
-            name, k = f"{n.input[3]}_spatial{k}", k + 1
-        taken.add(name)
+        name = fresh(f"{n.input[3]}_spatial")
         g.initializer.append(numpy_helper.from_array(np.asarray(sizes[2:], dtype=np.int64), name))
         n.input[3] = name
         n.attribute.append(onnx.helper.make_attribute("axes", list(range(2, len(data)))))
