@@ -13,3 +13,27 @@ def open_batch(name: str, given: Sequence[int | None]) -> bool:
         raise InputMismatchError(f"input '{name}': shape {list(given)} leaves a dim other than the batch (dim 0) "
                                  "open; only the batch can stay dynamic")
     return len(given) > 0 and given[0] is None
+
+
+def given_shape(name: str, given: Sequence[int | None], declared: Sequence[int | None] | None,
+                open_at: int = 1) -> list[int]:
+    """A user-given shape for input `name`, checked against the model's declared dims (an int where fixed, None where
+    dynamic; `declared` None: no shape declared): no dim <= 0, the model's rank and its fixed dims. An open batch
+    (None first) is traced at the model's fixed batch, else at `open_at`."""
+    opened = open_batch(name, given)  # (refuses None past the batch first)
+    dims = [int(x) for x in given[1:]]
+    if opened:
+        first = declared[0] if declared else None
+        dims.insert(0, first if first is not None else open_at)
+    else:
+        dims.insert(0, int(given[0]))
+    if any(d <= 0 for d in dims):
+        raise InputMismatchError(f"input '{name}': shape {dims} has a dim <= 0")
+    if declared and len(declared) != len(dims):
+        raise InputMismatchError(f"input '{name}' has rank {len(declared)} in the model, the given shape {dims} has "
+                                 f"{len(dims)} dims")
+    for k, d in enumerate(declared or ()):
+        if d is not None and d != dims[k]:
+            raise InputMismatchError(f"input '{name}': dim {k} is fixed at {d} in the model, the given shape {dims} "
+                                     f"says {dims[k]}")
+    return dims

@@ -19,7 +19,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from graphopt.errors import InputMismatchError, ModelFileError, UnsupportedOpError
-from graphopt.frontends import open_batch
+from graphopt.frontends import given_shape, open_batch
 from graphopt.ir.graph import Graph
 from graphopt.ir.names import input_name
 from graphopt.ir.quant_ops import dynamic_qparams  # (also registers torch.ops.graphopt)
@@ -150,20 +150,8 @@ class Importer:
     @staticmethod
     def _given_shape(name: str, tt, given) -> list[int]:
         """A user-given shape for input `name`, checked against the rank and the fixed dims the model declares."""
-        declared = list(tt.shape.dim)
-        fixed0 = declared[0].dim_value if declared and declared[0].HasField("dim_value") else 0
-        # None first: any batch, traced at 1 (or at the model's fixed batch)
-        dims = [(fixed0 or 1) if k == 0 and open_batch(name, given) else int(x) for k, x in enumerate(given)]
-        if any(d <= 0 for d in dims):
-            raise InputMismatchError(f"input '{name}': shape {dims} has a dim <= 0")
-        if declared and len(declared) != len(dims):
-            raise InputMismatchError(f"input '{name}' has rank {len(declared)} in the model, the given shape "
-                                     f"{dims} has {len(dims)} dims")
-        for k, d in enumerate(declared):
-            if d.HasField("dim_value") and d.dim_value > 0 and d.dim_value != dims[k]:
-                raise InputMismatchError(f"input '{name}': dim {k} is fixed at {d.dim_value} in the model, the "
-                                         f"given shape {dims} says {dims[k]}")
-        return dims
+        declared = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim]
+        return given_shape(name, given, declared or None)
 
     def run(self) -> Graph:
         import onnx.numpy_helper as nh

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from graphopt.errors import GraphoptError, InputMismatchError, ModelFileError, UnsupportedOpError
-from graphopt.frontends import open_batch
+from graphopt.frontends import given_shape, open_batch
 from graphopt.ir.graph import Graph
 
 log = logging.getLogger(__name__)
@@ -234,20 +234,6 @@ def _lowest_batch(ep, dim) -> int:
 
 
 def _given_pt2_shape(name: str, val, given, ep) -> list[int]:
-    dims = []
-    for k, x in enumerate(given):
-        if k == 0 and open_batch(name, given):  # any batch: traced at the lowest the program takes (or its fixed)
-            d = val.shape[0]
-            dims.append(d if isinstance(d, int) else _lowest_batch(ep, d))
-        else:
-            dims.append(int(x))
-    if any(d <= 0 for d in dims):
-        raise InputMismatchError(f"input '{name}': shape {dims} has a dim <= 0")
-    if len(dims) != len(val.shape):
-        raise InputMismatchError(f"input '{name}' has rank {len(val.shape)} in the model, the given shape {dims} "
-                                 f"has {len(dims)} dims")
-    for k, d in enumerate(val.shape):
-        if isinstance(d, int) and d != dims[k]:
-            raise InputMismatchError(f"input '{name}': dim {k} is fixed at {d} in the model, the given shape {dims} "
-                                     f"says {dims[k]}")
-    return dims
+    declared = [d if isinstance(d, int) else None for d in val.shape]
+    lowest = 1 if isinstance(val.shape[0], int) else _lowest_batch(ep, val.shape[0])
+    return given_shape(name, given, declared, open_at=lowest)
