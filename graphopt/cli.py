@@ -173,6 +173,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--runs", type=int, default=20,
                    help="timed runs per runtime after warm-up, spread over 5 interleaved rounds (graphopt, ORT, "
                         "PyTorch in turn); the median of the round medians is reported")
+    b.add_argument("--batch", type=int, default=None,
+                   help="time at this batch (an ONNX export whose batch stayed dynamic takes any; ONNX Runtime runs "
+                        "the original .onnx at it too, PyTorch a zoo: model's module); the table adds per-sample "
+                        "times. Default: the artifact's own batch")
     b.add_argument("--json", metavar="FILE", help="also write the result as JSON")
 
     sub.add_parser("passes", help="list every pass with its options and defaults")
@@ -501,29 +505,54 @@ def cmd_bench(args) -> int:
     import torch
 
     from graphopt.ir.graph import DTYPES
-    inputs = [torch.zeros(s["shape"], dtype=DTYPES[s["dtype"]]) if not DTYPES[s["dtype"]].is_floating_point
-              else torch.randn(s["shape"]) for s in art.inputs]
+    shapes = [list(s["shape"]) for s in art.inputs]
+    batch = args.batch
+    if batch is not None:
+        from graphopt.errors import GraphoptError
+        fixed = [s["name"] for s in art.inputs if "batch_dim" not in s and s["shape"] and s["shape"][0] != batch]
+        if batch < 1 or fixed:
+            raise GraphoptError(f"--batch {batch}: " + ("must be >= 1" if batch < 1 else
+                                f"input '{fixed[0]}' of this artifact takes batch {art.inputs[0]['shape'][0]} only "
+                                "(a TVM build, or an export whose batch could not stay dynamic); build one for that "
+                                f"batch with --input-shape {fixed[0]}=...") )
+        shapes = [[batch] + sh[1:] if "batch_dim" in s else sh for s, sh in zip(art.inputs, shapes)]
+    inputs = [torch.zeros(sh, dtype=DTYPES[s["dtype"]]) if not DTYPES[s["dtype"]].is_floating_point
+              else torch.randn(sh) for s, sh in zip(art.inputs, shapes)]
     onnx_path, torch_fn = None, None
     with tempfile.TemporaryDirectory(prefix="graphopt-bench-") as tmp:  # the ORT baseline's ONNX file
         if args.model:
             from graphopt.api import load_model
-            graph = load_model(args.model, _shapes(args))
+            given = _shapes(args)
+            if batch is not None and args.model.startswith("zoo:") and not given:  # (traced at the batch timed)
+                given = {s["name"]: tuple(sh) for s, sh in zip(art.inputs, shapes)}
+            graph = load_model(args.model, given)
             onnx_path = args.model if args.model.endswith(".onnx") else reference_onnx(graph, tmp)
             torch_fn = graph.gm
             if args.model.startswith("zoo:"):
                 from graphopt.zoo import zoo_entry
                 torch_fn = zoo_entry(args.model[4:]).build()
+            elif batch is not None and [list(s.shape) for s in graph.inputs] != shapes:
+                torch_fn = None  # (the traced graph takes its own batch only)
+                logging.getLogger("graphopt").warning("bench --batch %d: no PyTorch baseline (the traced graph takes batch %d only; a zoo: "
+                            "model's module takes any)", batch, graph.inputs[0].shape[0])
+            if batch is not None and onnx_path is not None and not args.model.endswith(".onnx") and \
+                    [list(s.shape) for s in graph.inputs] != shapes:
+                onnx_path = None  # (graphopt's fp32 export of the graph: its own batch only)
         res = compare_latency(art, inputs, threads=threads, onnx_path=onnx_path, torch_fn=torch_fn,
                               runs=args.runs)
     d = res.to_json()
-    print(f"{'runtime':<14} {'median ms':>10} {'graphopt / it':>14}   ({threads} threads, {args.runs} runs)")
+    n = inputs[0].shape[0] if inputs and inputs[0].dim() else 1
+    d["batch"] = n
+    per = f" {'ms / sample':>12}" if batch is not None else ""
+    print(f"{'runtime':<14} {'median ms':>10} {'graphopt / it':>14}{per}   ({threads} threads, {args.runs} runs"
+          + (f", batch {n})" if batch is not None else ")"))
     label = {"onnx": "export (ORT)", "pt2": "export (torch)"}.get(art.manifest.get("target_info", {}).get("kind"),
                                                                   "graphopt")
-    print(f"{label:<14} {d['graphopt_ms']:>10.3f} {1.0:>14.2f}")
-    if d["ort_ms"] is not None:
-        print(f"{'ONNX Runtime':<14} {d['ort_ms']:>10.3f} {d['ratio_vs_ort']:>14.2f}")
-    if d["torch_ms"] is not None:
-        print(f"{'PyTorch eager':<14} {d['torch_ms']:>10.3f} {d['ratio_vs_torch']:>14.2f}")
+    rows = [(label, d["graphopt_ms"], 1.0), ("ONNX Runtime", d["ort_ms"], d["ratio_vs_ort"]),
+            ("PyTorch eager", d["torch_ms"], d["ratio_vs_torch"])]
+    for name, ms, ratio in rows:
+        if ms is not None:
+            print(f"{name:<14} {ms:>10.3f} {ratio:>14.2f}" + (f" {ms / n:>12.3f}" if batch is not None else ""))
     if args.json:
         from graphopt.ir.files import atomic_write_bytes
         atomic_write_bytes(args.json, json.dumps(d, indent=1).encode())

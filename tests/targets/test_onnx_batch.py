@@ -193,3 +193,20 @@ def test_a_per_sample_gather_follows_the_batch():
     x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
     got = ort.InferenceSession(out.SerializeToString()).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, np.maximum(x[:, [3, 1]], 0))
+
+
+def test_bench_times_a_dynamic_export_at_the_batch_asked(tmp_path, capsys):
+    """`graphopt bench --batch N`: the export and ORT on the original .onnx at batch N, per-sample times beside;
+    a fixed-batch artifact is refused with how to get one."""
+    from conftest import cli_main
+    src = _export(_Cnn(), tmp_path / "src.onnx")
+    dynamic = graphopt.compile(graphopt.load_model(src), "onnx", output=tmp_path / "dyn")
+    fixed = graphopt.compile(graphopt.load_model(src, {"x": (1, 3, 8, 8)}), "onnx", output=tmp_path / "fixed")
+    capsys.readouterr()
+    assert cli_main("bench", str(dynamic), "--model", str(src), "--batch", "3", "--runs", "2") == 0
+    out = capsys.readouterr().out
+    assert "batch 3)" in out and "ms / sample" in out
+    ort_row = next(line for line in out.splitlines() if line.startswith("ONNX Runtime")).split()
+    assert float(ort_row[-1]) == pytest.approx(float(ort_row[2]) / 3, abs=0.0011)  # (per sample; printed to us)
+    assert cli_main("bench", str(fixed), "--model", str(src), "--batch", "3") == 1
+    assert "takes batch 1 only" in capsys.readouterr().err
