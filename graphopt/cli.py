@@ -533,8 +533,9 @@ def cmd_bench(args) -> int:
                 torch_fn = zoo_entry(args.model[4:]).build()
             elif batch is not None and [list(s.shape) for s in graph.inputs] != shapes:
                 torch_fn = None  # (the traced graph takes its own batch only)
-                logging.getLogger("graphopt").warning("bench --batch %d: no PyTorch baseline (the traced graph takes batch %d only; a zoo: "
-                            "model's module takes any)", batch, graph.inputs[0].shape[0])
+                logging.getLogger("graphopt").warning(
+                    "bench --batch %d: no PyTorch baseline (the traced graph takes batch %d only; a zoo: model's "
+                    "module takes any)", batch, graph.inputs[0].shape[0])
             if batch is not None and onnx_path is not None and not args.model.endswith(".onnx") and \
                     [list(s.shape) for s in graph.inputs] != shapes:
                 onnx_path = None  # (graphopt's fp32 export of the graph: its own batch only)
