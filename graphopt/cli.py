@@ -175,7 +175,7 @@ def _parser() -> argparse.ArgumentParser:
                         "PyTorch in turn); the median of the round medians is reported")
     b.add_argument("--batch", type=int, default=None,
                    help="time at this batch (an ONNX export whose batch stayed dynamic takes any; ONNX Runtime runs "
-                        "the original .onnx at it too, PyTorch a zoo: model's module); the table adds per-sample "
+                        "the original .onnx at it too, PyTorch the model traced at it); the table adds per-sample "
                         "times. Default: the artifact's own batch")
     b.add_argument("--json", metavar="FILE", help="also write the result as JSON")
 
@@ -523,8 +523,10 @@ def cmd_bench(args) -> int:
         if args.model:
             from graphopt.api import load_model
             given = _shapes(args)
-            if batch is not None and args.model.startswith("zoo:") and not given:  # (traced at the batch timed)
-                given = {s["name"]: tuple(sh) for s, sh in zip(art.inputs, shapes)}
+            if batch is not None and (args.model.startswith("zoo:") or args.model.lower().endswith((".onnx", ".pt2"))):
+                # traced at the batch timed: PyTorch runs that graph, ORT graphopt's export of a shipped model
+                given = ({k: (batch, *v[1:]) for k, v in given.items()} if given else
+                         {s["name"]: tuple(sh) for s, sh in zip(art.inputs, shapes)})
             graph = load_model(args.model, given)
             onnx_path = args.model if args.model.endswith(".onnx") else reference_onnx(graph, tmp)
             torch_fn = graph.gm

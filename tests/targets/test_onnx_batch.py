@@ -196,7 +196,8 @@ def test_a_per_sample_gather_follows_the_batch():
 
 
 def test_bench_times_a_dynamic_export_at_the_batch_asked(tmp_path, capsys):
-    """`graphopt bench --batch N`: the export and ORT on the original .onnx at batch N, per-sample times beside;
+    """`graphopt bench --batch N`: the export, ORT on the original .onnx and PyTorch on it traced at batch N,
+    per-sample times beside;
     a fixed-batch artifact is refused with how to get one."""
     from conftest import cli_main
     src = _export(_Cnn(), tmp_path / "src.onnx")
@@ -205,7 +206,7 @@ def test_bench_times_a_dynamic_export_at_the_batch_asked(tmp_path, capsys):
     capsys.readouterr()
     assert cli_main("bench", str(dynamic), "--model", str(src), "--batch", "3", "--runs", "2") == 0
     out = capsys.readouterr().out
-    assert "batch 3)" in out and "ms / sample" in out
+    assert "batch 3)" in out and "ms / sample" in out and "PyTorch eager" in out  # (the model traced at batch 3)
     ort_row = next(line for line in out.splitlines() if line.startswith("ONNX Runtime")).split()
     assert float(ort_row[-1]) == pytest.approx(float(ort_row[2]) / 3, abs=0.0011)  # (per sample; printed to us)
     assert cli_main("bench", str(fixed), "--model", str(src), "--batch", "3") == 1
