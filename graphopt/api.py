@@ -17,7 +17,8 @@ __all__ = ["trace", "load_onnx", "load_model", "optimize", "compile", "load"]
 
 def load_onnx(path: str | Path, input_shapes: dict[str, Sequence[int]] | None = None) -> Graph:
     """Import an ONNX file (from either torch exporter or elsewhere) into graphopt's Graph; input_shapes
-    {input name: shape} fixes dynamic dims (a dynamic batch dim alone defaults to 1)."""
+    {input name: shape} fixes dynamic dims (a dynamic batch dim alone defaults to 1, and stays dynamic in an ONNX
+    export, as one given as None does)."""
     from graphopt.frontends.onnx_import import load_onnx as _load
     return _load(path, input_shapes)
 
@@ -25,7 +26,9 @@ def load_onnx(path: str | Path, input_shapes: dict[str, Sequence[int]] | None = 
 def load_model(spec: str | Path, input_shapes: dict[str, Sequence[int]] | None = None) -> Graph:
     """A model given on the command line: an .onnx file, a torch.export archive (.pt2), a saved graph (.gopt), or
     `zoo:<name>` (shipped models). input_shapes {input name: shape} fixes an ONNX model's or a .pt2 program's dynamic
-    dims, or the shapes a shipped model is traced at (another batch, image size or sequence length)."""
+    dims, or the shapes a shipped model is traced at (another batch, image size or sequence length); a shape with
+    None first, (None, 128), leaves the batch open: traced at 1, any batch in an ONNX export (as a dynamic batch
+    left to its default is)."""
     spec = str(spec)
     if input_shapes and not (spec.lower().endswith((".onnx", ".pt2")) or spec.startswith("zoo:")):
         raise GraphoptError(f"input shapes apply to ONNX models and torch.export programs (.pt2) with dynamic dims "
