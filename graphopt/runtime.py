@@ -70,6 +70,11 @@ class ArtifactModel:
                         f"input '{spec['name']}' holds {a[at]} at {list(at)} ({bad.size} value(s) out of range): "
                         f"it indexes the embedding '{spec.get('range_node', '?')}', which takes {lo}..{hi - 1}")
             out.append(a)
+        batches = {spec["name"]: a.shape[0] for spec, a in zip(self.inputs, out) if "batch_dim" in spec}
+        if len(set(batches.values())) > 1:  # (ONNX Runtime failed inside, on the first op joining two of them)
+            sizes = ", ".join(f"'{k}' {v}" for k, v in batches.items())
+            raise InputMismatchError(f"the inputs' batches differ ({sizes}); every input that takes any batch "
+                                     "takes the same one in a call")
         return out
 
     def __call__(self, *args: Any) -> tuple[np.ndarray, ...]:
@@ -260,7 +265,13 @@ class OnnxExport(ArtifactModel):
         self._names = [i.name for i in self._sess.get_inputs()]
 
     def __call__(self, *args: Any) -> tuple[np.ndarray, ...]:
-        return tuple(np.asarray(o) for o in self._sess.run(None, dict(zip(self._names, self._check(args)))))
+        feed = dict(zip(self._names, self._check(args)))
+        try:
+            outs = self._sess.run(None, feed)
+        except Exception as e:  # noqa: BLE001 - ORT raises its own kinds (a bad id, a node it cannot run)
+            raise GraphoptError(f"ONNX Runtime failed running '{self.folder / 'model.onnx'}': "
+                                f"{str(e).strip().splitlines()[0][:300]}") from None
+        return tuple(np.asarray(o) for o in outs)
 
 
 class Pt2Export(ArtifactModel):

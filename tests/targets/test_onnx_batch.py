@@ -211,3 +211,22 @@ def test_bench_times_a_dynamic_export_at_the_batch_asked(tmp_path, capsys):
     assert float(ort_row[-1]) == pytest.approx(float(ort_row[2]) / 3, abs=0.0011)  # (per sample; printed to us)
     assert cli_main("bench", str(fixed), "--model", str(src), "--batch", "3") == 1
     assert "takes batch 1 only" in capsys.readouterr().err
+
+
+def test_inputs_that_take_any_batch_take_the_same_one(tmp_path):
+    """Two batch-led inputs of different batches: one error naming both (ONNX Runtime failed inside, on the first
+    op joining them, and the CLI showed its traceback)."""
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, a, b):
+            return self.fc(a * b)
+    export_legacy(Two().eval(), (torch.randn(2, 4), torch.randn(2, 4)), tmp_path / "two.onnx", input_names=["a", "b"],
+                  output_names=["y"], dynamic_axes={"a": {0: "N"}, "b": {0: "N"}, "y": {0: "N"}})
+    model = graphopt.load(graphopt.compile(graphopt.load_model(tmp_path / "two.onnx"), "onnx", output=tmp_path / "a"))
+    a = np.ones((3, 4), np.float32)
+    assert model(a, a)[0].shape == (3, 2)
+    with pytest.raises(InputMismatchError, match="batches differ \\('a' 3, 'b' 2\\)"):
+        model(a, a[:2])
