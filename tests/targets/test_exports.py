@@ -451,3 +451,23 @@ def test_residual_adds_quantized_for_onnxruntime_run_in_integer_end_to_end(tmp_p
     art = graphopt.load(graphopt.compile(cpu_adds, "llvm", output=tmp_path / "cpu"))
     want = cpu_adds.run(x)[0].numpy()
     assert np.abs(art(x.numpy())[0] - want).max() <= 0.02 * np.abs(want).max()
+
+
+def test_onnxruntime_failing_on_an_input_is_an_error_naming_the_export(tmp_path):
+    """A gather index out of range (not an embedding table's ids, which the manifest bounds-checks): ORT fails
+    inside the run; graphopt.load's export says which file failed and ORT's first line (it was ORT's own exception
+    type, a traceback from the CLI)."""
+    import onnx
+    from onnx import TensorProto, helper
+    from graphopt.errors import GraphoptError
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
+    i = helper.make_tensor_value_info("i", TensorProto.INT64, [3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
+    model = helper.make_model(helper.make_graph([helper.make_node("Gather", ["x", "i"], ["y"], axis=1)], "g", [x, i],
+                                                [y]), opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(tmp_path / "gather.onnx"))
+    art = graphopt.load(graphopt.compile(graphopt.load_model(tmp_path / "gather.onnx"), "onnx", output=tmp_path / "a"))
+    ones = np.ones((2, 4), np.float32)
+    np.testing.assert_array_equal(art(ones, np.array([0, 3, 1]))[0], np.ones((2, 3), np.float32))
+    with pytest.raises(GraphoptError, match="ONNX Runtime failed running '.*model.onnx'"):
+        art(ones, np.array([0, 9, 1]))
