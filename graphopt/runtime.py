@@ -257,7 +257,7 @@ class OnnxExport(ArtifactModel):
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-        so.log_severity_level = 3
+        so.log_severity_level = 4  # (its error logs repeat the exception, which __call__ words as ours)
         try:
             self._sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 - ORT raises its own kinds on a damaged or unsupported file
