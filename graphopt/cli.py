@@ -457,7 +457,7 @@ def cmd_run(args) -> int:
         names = ", ".join(f"{s['name']}: {s['dtype']}{shape_text(s)}" for s in art.inputs)
         raise InputMismatchError(f"no inputs given: the model takes {names}; give one --input x.npy per input, in "
                                  "order, or one --input x.npz holding each under its name")
-    arrays = []
+    arrays, labels = [], None
     for p in args.input:
         try:
             loaded = np.load(p, allow_pickle=False)
@@ -468,11 +468,15 @@ def cmd_run(args) -> int:
             continue
         names = [spec["name"] for spec in art.inputs]
         with loaded:
-            if len(args.input) > 1 or sorted(loaded.files) != sorted(names):
+            held = [f for f in loaded.files if f != "labels" or "labels" in names]
+            if len(args.input) > 1 or sorted(held) != sorted(names):
                 raise InputMismatchError(
                     f"'{p}' holds {', '.join(loaded.files) or 'no arrays'}; an .npz input holds every model input "
-                    f"under its name ({', '.join(names)}) and comes alone (or give one .npy per input)")
+                    f"under its name ({', '.join(names)}) and comes alone (or give one .npy per input); class ids "
+                    "under 'labels' may come with them, for an accuracy")
             arrays = [loaded[n] for n in names]
+            if len(held) < len(loaded.files):  # (the --inputs file of opt / compile, labels and all)
+                labels = loaded["labels"]
     for spec, a in zip(art.inputs, arrays):  # (an int8 model rounds NaN to a finite code: the output looks fine)
         bad = int(np.size(a) - np.isfinite(a).sum()) if np.issubdtype(np.asarray(a).dtype, np.floating) else 0
         if bad:
@@ -492,6 +496,13 @@ def cmd_run(args) -> int:
             flat = o.reshape(-1)
             extra = f" argmax={int(o.reshape(o.shape[0], -1)[0].argmax())}" if o.ndim == 2 else ""
             print(f"{spec['name']}: {o.dtype}{list(o.shape)} first={flat[:5].tolist()}{extra}")
+    if labels is not None:
+        from graphopt.pm.numerics import accuracy
+        acc = accuracy([outs[0]], [labels]) if np.issubdtype(labels.dtype, np.integer) else None
+        if acc is None:
+            raise InputMismatchError(f"'labels' (shape {list(labels.shape)}, {labels.dtype}) are not integer class "
+                                     f"ids for the first output ({list(outs[0].shape)}): one per sample")
+        print(f"accuracy {acc[0] * 100:.1f}% on {acc[1]} labeled sample(s)")
     return 0
 
 

@@ -494,6 +494,12 @@ def test_training_passes_take_labels_from_the_inputs_npz(tmp_path, onnx_model, c
     got = np.mean([art(images[i:i + 1])[0].argmax(1)[0] == truth[i] for i in range(6)])
     assert got != want  # (95% of the weights gone changed the predictions: the two numbers are told apart)
     assert float(line.group(1)) == pytest.approx(got * 100, abs=0.05)
+    # run: the same .npz, labels and all, for an artifact of its batch: the accuracy beside the outputs
+    np.savez(tmp_path / "one.npz", x=images[:1], labels=truth[:1])
+    res = cli("run", tmp_path / "art", "--input", tmp_path / "one.npz")
+    assert res.returncode == 0, res.stderr
+    hit = art(images[:1])[0].argmax(1)[0] == truth[0]
+    assert f"accuracy {100.0 * hit:.1f}% on 1 labeled sample(s)" in res.stdout, res.stdout
     # --verify-each: each pass's accuracy beside the input's (which pass lost it)
     res = cli("opt", path, "--pipeline", "sparsify{sparsity=0.95}", "--verify-each", "--inputs",
               tmp_path / "labeled.npz", "-o", tmp_path / "v.gopt")
