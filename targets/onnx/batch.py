@@ -48,18 +48,21 @@ def make_batch_dynamic(model: onnx.ModelProto, dims: dict, batch: int) -> tuple[
             _set_dim0(i, names[i.name])
     for o in og.output:
         _set_dim0(o, dims.get("outputs", {}).get(o.name) or default)
-    shapes = _static_shapes(model)
-    del og.value_info[:]  # (inferred again by ONNX Runtime; they said batch `batch`)
-    read_before = {i for n in og.node for i in n.input}
-    _follow_batch_in_reshapes(og, shapes, batch)
-    _expand_constants_in_concats(og, shapes, batch)
-    _per_sample_gathers(og, shapes, batch)
-    _resize_spatial_only(og, shapes, batch)
-    _drop_orphans(og, read_before)
     try:
+        shapes = _static_shapes(model)
+        del og.value_info[:]  # (inferred again by ONNX Runtime; they said batch `batch`)
+        read_before = {i for n in og.node for i in n.input}
+        _follow_batch_in_reshapes(og, shapes, batch)
+        _expand_constants_in_concats(og, shapes, batch)
+        _per_sample_gathers(og, shapes, batch)
+        _resize_spatial_only(og, shapes, batch)
+        _drop_orphans(og, read_before)
         _check(out, list(names), batch)
     except _NotBatchable as e:
         return model, str(e)
+    except Exception as e:  # noqa: BLE001 - a rewrite meeting a graph it did not foresee costs the dynamic batch,
+        # never the export (the fixed-batch model is whole)
+        return model, f"the batch rewrite failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
     return out, ""
 
 

@@ -230,3 +230,26 @@ def test_inputs_that_take_any_batch_take_the_same_one(tmp_path):
     assert model(a, a)[0].shape == (3, 2)
     with pytest.raises(InputMismatchError, match="batches differ \\('a' 3, 'b' 2\\)"):
         model(a, a[:2])
+
+
+def test_a_rewrite_that_fails_costs_the_dynamic_batch_not_the_export(tmp_path, monkeypatch, caplog):
+    """Anything a rewrite did not foresee (here: shape inference raising) leaves the fixed-batch export whole,
+    with the reason in the report and a warning."""
+    import logging
+
+    from graphopt.targets.onnx import batch
+
+    def broken(model):
+        raise ValueError("cannot infer")
+    monkeypatch.setattr(batch, "_static_shapes", broken)
+    g = graphopt.load_model(_export(_Cnn(), tmp_path / "src.onnx"))
+    info: dict = {}
+    with caplog.at_level(logging.WARNING):
+        out = export_onnx(g, tmp_path / "out.onnx", report=info)
+    assert "the batch rewrite failed (ValueError: cannot infer)" in info["batch_fixed"]
+    assert "takes batch 1 only" in caplog.text
+    assert _dims(out) == {"x": [1, 3, 8, 8], "y": [1, 5]}
+    x = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        np.testing.assert_allclose(ort.InferenceSession(str(out)).run(None, {"x": x})[0],
+                                   g.gm(torch.from_numpy(x))[0].numpy(), rtol=1e-4, atol=1e-5)
