@@ -92,9 +92,10 @@ def load_labels_npz(path: str | os.PathLike, graph: Graph,
     (split as the inputs were: batches of the graph's batch size), or "b<batch>_labels" beside b<batch>_<input>
     keys. Integer class ids for the trainer's cross-entropy."""
     from graphopt.errors import InputMismatchError
-    data = np.load(path, allow_pickle=False)
     names = [s.name for s in graph.inputs]
-    keys = [k for k in data.keys() if _is_labels_key(k, names)]
+    with np.load(path, allow_pickle=False) as npz:  # (the labels only, read and the file closed)
+        data = {k: npz[k] for k in npz.files if _is_labels_key(k, names)}
+    keys = list(data)
     if not keys:
         return None
     sizes = [int(b[0].shape[0]) if b and b[0].dim() else 1 for b in batches]
