@@ -248,6 +248,8 @@ class OnnxExport(ArtifactModel):
     def __init__(self, folder: str | Path, threads: int | None = None):
         super().__init__(folder)
         path = self._file("model.onnx")
+        if "model.onnx.data" in (self.manifest.get("files") or {}):  # (the weights of an export past 2 GB)
+            self._file("model.onnx.data")
         try:
             import onnxruntime as ort
         except ImportError:

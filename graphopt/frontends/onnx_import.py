@@ -1768,8 +1768,14 @@ def load_onnx(path: str | Path, input_shapes: dict[str, Sequence[int]] | None = 
     path = Path(path)
     if not path.exists():
         raise ModelFileError(f"ONNX file '{path}' does not exist")
+    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
+        # a model whose weights lie beside it is checked from its file below: loaded, it may pass protobuf's 2 GB
+        # limit, past which the in-memory check cannot serialize it (a 2.1 GB linear had failed "to serialize proto")
+        external = any(uses_external_data(t) for t in model.graph.initializer)
+        if external:
+            load_external_data_for_model(model, str(path.parent))
     except onnx.checker.ValidationError as e:  # external data (weights beside the .onnx) missing or unreadable
         raise ModelFileError(f"'{path}': its weights are stored outside it (external data) and could not be read: "
                              f"{str(e).splitlines()[0].rstrip('.')}. Keep the data file(s) next to the .onnx, as exported") \
@@ -1780,7 +1786,7 @@ def load_onnx(path: str | Path, input_shapes: dict[str, Sequence[int]] | None = 
     if not model.graph.node:
         raise ModelFileError(f"'{path}' holds no ONNX graph nodes (corrupt, truncated, or not an ONNX model)")
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(str(path) if external else model)
     except onnx.checker.ValidationError as e:
         raise ModelFileError(f"'{path}' is not a valid ONNX model: {str(e).splitlines()[0]}") from None
     return Importer(model, input_shapes).run()

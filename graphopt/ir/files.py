@@ -22,7 +22,7 @@ def _umask() -> int:
     return mask
 
 
-def _plain_mode(path: str | os.PathLike, directory: bool = False) -> None:
+def plain_mode(path: str | os.PathLike, directory: bool = False) -> None:
     """Give a temporary file or folder the mode a plain open() / mkdir() would have (0644 / 0755 under the usual
     umask): mkstemp's 0600 and mkdtemp's 0700 made every artifact unreadable to the other users of a deploy
     machine (a service account serving what a build user compiled)."""
@@ -39,7 +39,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        _plain_mode(tmp)
+        plain_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -56,7 +56,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        _plain_mode(tmp)
+        plain_mode(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -85,7 +85,7 @@ def atomic_dir(path: str | os.PathLike, marker: str = MARKER) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        _plain_mode(tmp, directory=True)
+        plain_mode(tmp, directory=True)
         old = None
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))

@@ -14,6 +14,7 @@ that check and keeps its fixed batch, with the reason.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -27,10 +28,12 @@ TOLERANCE = 1e-3
 TOLERANCE_DYNAMIC_QUANT = 0.15
 
 
-def make_batch_dynamic(model: onnx.ModelProto, dims: dict, batch: int) -> tuple[onnx.ModelProto, str]:
+def make_batch_dynamic(model: onnx.ModelProto, dims: dict, batch: int,
+                       folder: Path | None = None) -> tuple[onnx.ModelProto, str]:
     """`model` (written at batch `batch`) with the inputs and outputs `dims` names ({"inputs": {name: dim name},
     "outputs": {name: dim name or None}}) taking any batch, checked in ONNX Runtime. Returns (the dynamic model,
-    "") or, where the check fails, (`model` unchanged, why)."""
+    "") or, where the check fails, (`model` unchanged, why). `folder`: where the weights `model` refers to lie,
+    for a model past 2 GB (its small constants stay in it)."""
     g = model.graph
     inputs = {i.name: i for i in g.input}
     names = {k: v for k, v in dims.get("inputs", {}).items() if k in inputs}
@@ -57,7 +60,7 @@ def make_batch_dynamic(model: onnx.ModelProto, dims: dict, batch: int) -> tuple[
         _per_sample_gathers(og, shapes, batch)
         _resize_spatial_only(og, shapes, batch)
         _drop_orphans(og, read_before)
-        _check(out, list(names), batch)
+        _check(out, list(names), batch, folder)
     except _NotBatchable as e:
         return model, str(e)
     except Exception as e:  # noqa: BLE001 - a rewrite meeting a graph it did not foresee costs the dynamic batch,
@@ -260,7 +263,7 @@ def _constant(name: str, inits: dict, consts: dict) -> np.ndarray | None:
     return None
 
 
-def _check(dynamic: onnx.ModelProto, batched: list[str], batch: int) -> None:
+def _check(dynamic: onnx.ModelProto, batched: list[str], batch: int, folder: Path | None = None) -> None:
     """Raise _NotBatchable unless `dynamic` run on rows batched together gives each row what it gives that row
     alone. (Both runs on the dynamic model: ONNX Runtime fuses a fixed-shape QDQ model differently, into QGemm, and
     that alone moved one random MiniLM input 4.5% while the unfused, dynamic form kept to QDQ's own arithmetic.)"""
@@ -269,7 +272,12 @@ def _check(dynamic: onnx.ModelProto, batched: list[str], batch: int) -> None:
     opts.log_severity_level = 3
     opts.intra_op_num_threads = 1
     try:
-        sess = ort.InferenceSession(dynamic.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        if folder is None:
+            sess = ort.InferenceSession(dynamic.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        else:  # (ONNX Runtime finds external data beside the model's file)
+            onnx.save_model(dynamic, str(folder / ".batch_check.onnx"))
+            sess = ort.InferenceSession(str(folder / ".batch_check.onnx"), opts, providers=["CPUExecutionProvider"])
+            (folder / ".batch_check.onnx").unlink()
     except Exception as e:
         raise _NotBatchable(f"ONNX Runtime refused it: {_first_line(e)}") from None
     rows = 3 if batch != 3 else 2

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import tempfile
 import warnings
 from pathlib import Path
 
 from graphopt.errors import TargetError
-from graphopt.ir.files import atomic_file
+from graphopt.ir.files import atomic_file, plain_mode
 from graphopt.ir.graph import Graph
 
 log = logging.getLogger(__name__)
@@ -57,23 +59,61 @@ def export_onnx(graph: Graph, path: str | Path, opset: int = 18, report: dict | 
                     "whose pairs stay within 128, exact on every CPU", len(names), ", ".join(names[:3]),
                     ", ..." if len(names) > 3 else "")
     dims = graph.meta.get("dynamic_batch") if dynamic_batch else None
-    if dims:
-        model = _with_dynamic_batch(graph, model, dims, report)
+    path = Path(path)
+    if _weight_bytes(model) <= SINGLE_FILE_LIMIT:
+        if dims:
+            model = _with_dynamic_batch(graph, model, dims, report)
+        _check_model(model)
+        with atomic_file(path) as tmp:
+            onnx.save(model, str(tmp))
+        return path
+    # past protobuf's 2 GB one file cannot hold the model ("Failed to serialize proto"): its weights go beside it in
+    # `<name>.data`, ONNX's external data, which ONNX Runtime and onnx.load read from the model's folder
+    data = f"{path.name}.data"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as staging:
+        stage = Path(staging)
+        onnx.save_model(model, str(stage / path.name), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data, size_threshold=EXTERNAL_TENSOR_BYTES)  # (the proto refers to them now)
+        if dims:
+            model = _with_dynamic_batch(graph, model, dims, report, folder=stage)
+            onnx.save_model(model, str(stage / path.name))
+        _check_model(stage / path.name)
+        for name in [n for n in (data, path.name) if (stage / n).exists()]:  # (the model last: a reader finding it
+            plain_mode(stage / name)  # finds its weights; onnx writes them 0600)
+            os.replace(stage / name, path.parent / name)
+    log.info("onnx export: %s past 2 GB: weights written beside it in %s", path, data)
+    return path
+
+
+SINGLE_FILE_LIMIT = (2 << 30) - (64 << 20)  # weights past this go to external data (protobuf's 2 GB, less the graph)
+EXTERNAL_TENSOR_BYTES = 1 << 20  # and there each tensor of this size or more (small constants stay in the model)
+
+
+def _weight_bytes(model) -> int:
+    """The bytes of `model`'s initializers, from their shapes (a proto past 2 GB cannot even say its ByteSize)."""
+    import numpy as np
+    from onnx import TensorProto, helper
+    return sum(int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+               for t in model.graph.initializer if t.data_type != TensorProto.STRING)
+
+
+def _check_model(model) -> None:
+    """onnx's checker on `model` (a ModelProto, or the path of one whose weights lie beside it)."""
+    import onnx
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(str(model) if isinstance(model, Path) else model)
     except onnx.checker.ValidationError as e:
         raise TargetError(f"ONNX export wrote an invalid model: {str(e).splitlines()[0]}") from None
-    with atomic_file(path) as tmp:
-        onnx.save(model, str(tmp))
-    return Path(path)
 
 
-def _with_dynamic_batch(graph: Graph, model, dims: dict, report: dict | None):
-    """`model` taking any batch where the imported model did (see batch.py); else as it is, with a warning why."""
+def _with_dynamic_batch(graph: Graph, model, dims: dict, report: dict | None, folder: Path | None = None):
+    """`model` taking any batch where the imported model did (see batch.py); else as it is, with a warning why.
+    `folder`: where the weights `model` refers to lie (external data)."""
     from graphopt.targets.onnx.batch import make_batch_dynamic
     batched = [s for s in graph.inputs if s.name in dims.get("inputs", {})]
     batch = batched[0].shape[0] if batched and batched[0].shape else 1
-    model, why = make_batch_dynamic(model, dims, batch)
+    model, why = make_batch_dynamic(model, dims, batch, folder)
     if why:
         log.warning("onnx export: the batch dim is dynamic (the model came so, or --input-shape left it open), but "
                     "the export takes batch %d only: %s. "

@@ -471,3 +471,40 @@ def test_onnxruntime_failing_on_an_input_is_an_error_naming_the_export(tmp_path)
     np.testing.assert_array_equal(art(ones, np.array([0, 3, 1]))[0], np.ones((2, 3), np.float32))
     with pytest.raises(GraphoptError, match="ONNX Runtime failed running '.*model.onnx'"):
         art(ones, np.array([0, 9, 1]))
+
+
+def test_an_export_past_2gb_puts_its_weights_beside_it(tmp_path, monkeypatch, caplog):
+    """Past protobuf's 2 GB one .onnx cannot hold a model: the export failed "to serialize proto" (a traceback
+    from `graphopt opt big.onnx -o out.onnx` on a 2.1 GB linear). Its weights go to `model.onnx.data` beside it
+    (ONNX's external data), readable by every user as model.onnx is, with the batch kept dynamic and checked, and
+    the artifact checks that file too. (The limits lowered stand in for the 2 GB.)"""
+    import logging
+    import onnx
+    from graphopt.errors import ArtifactError
+    from graphopt.targets.onnx import export as ex
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10)).eval()
+    torch.onnx.export(model, (torch.randn(2, 64),), str(tmp_path / "in.onnx"), dynamo=False, input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "N"}, "y": {0: "N"}})
+    g = graphopt.load_model(tmp_path / "in.onnx")
+    monkeypatch.setattr(ex, "SINGLE_FILE_LIMIT", 16 << 10)
+    monkeypatch.setattr(ex, "EXTERNAL_TENSOR_BYTES", 4 << 10)
+    with caplog.at_level(logging.WARNING):
+        out = graphopt.compile(g, "onnx", output=tmp_path / "a")
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "model.onnx.data"]
+    assert "takes batch" not in caplog.text
+    for name in ("model.onnx", "model.onnx.data"):
+        assert (out / name).stat().st_mode & 0o044 == 0o044, name
+    inline = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert {t.name for t in inline.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}  # weights out
+    assert (out / "model.onnx").stat().st_size < (out / "model.onnx.data").stat().st_size
+    x = torch.randn(3, 64)
+    y = ort.InferenceSession(str(out / "model.onnx")).run(None, {"x": x.numpy()})[0]
+    np.testing.assert_allclose(y, model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(graphopt.load(out)(x.numpy())[0], y, rtol=1e-6, atol=1e-6)
+    data = (out / "model.onnx.data").read_bytes()
+    (out / "model.onnx.data").write_bytes(data[:-4])
+    with pytest.raises(ArtifactError, match="model.onnx.data' is damaged"):
+        graphopt.load(out)
+    # opt -o FILE.onnx writes the pair as well, and leaves no staging folder
+    ex.export_onnx(g, tmp_path / "o" / "m.onnx")
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["m.onnx", "m.onnx.data"]
