@@ -597,8 +597,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.print_help()
         return 2
     _setup_logging(args.verbose)
-    from graphopt.errors import GraphoptError
+    from graphopt.errors import GraphoptError, ModelFileError
     try:
+        model = getattr(args, "model", None)
+        if model and not str(model).startswith("zoo:") and not Path(model).exists():
+            # (before the commands import torch and TVM: a mistyped path took 3.4 s to be told so)
+            raise ModelFileError(f"model '{model}' does not exist")
         return COMMANDS[args.cmd](args)
     except GraphoptError as e:
         if args.traceback or os.environ.get("GRAPHOPT_TRACEBACK"):
