@@ -889,11 +889,14 @@ def _resize_op(im, ins, at):
     rank = len(im.shape(x))
     mode = at.get("mode", "nearest")
     mode = mode.decode() if isinstance(mode, bytes) else mode
-    coord = at.get("coordinate_transformation_mode", "half_pixel" if im.op == "Resize" else "asymmetric")
+    # opset 10's Resize is Upsample's (X, scales), asymmetric with floor: its later attributes did not exist yet
+    # (it had read scales from a third input: "neither scales nor sizes given" for torch's opset-10 exports)
+    upsample = im.op == "Upsample" or im.opset < 11
+    coord = at.get("coordinate_transformation_mode", "asymmetric" if upsample else "half_pixel")
     coord = coord.decode() if isinstance(coord, bytes) else coord
-    nearest = at.get("nearest_mode", "round_prefer_floor")
+    nearest = at.get("nearest_mode", "floor" if upsample else "round_prefer_floor")
     nearest = nearest.decode() if isinstance(nearest, bytes) else nearest
-    if im.op == "Upsample":
+    if upsample:
         scales, sizes = im.const(ins[1], "scales").tolist(), None
     else:
         scales = im.const(ins[2], "scales").tolist() if len(ins) > 2 and ins[2] is not None else []

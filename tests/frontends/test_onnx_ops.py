@@ -155,6 +155,20 @@ def test_one_hot_and_quantize_linear_uint8_output_match_onnxruntime(tmp_path):
         np.testing.assert_array_equal(got, ref)
 
 
+@pytest.mark.parametrize("op,opset", [("Upsample", 9), ("Resize", 10)])
+def test_old_opset_nearest_upsampling_floors_as_onnxruntime_does(op, opset, tmp_path):
+    """Upsample (opset 9) and opset 10's Resize take (X, scales) and floor: at scale 3 Upsample was read with
+    round-half rounding (2.6 off ORT, silently), and opset 10's Resize failed "neither scales nor sizes given"."""
+    path = tmp_path / "u.onnx"
+    m = _model(op, [1, 2, 4, 5], [(F32, [1, 2, 12, 15])], [("scales", np.array([1, 1, 3, 3], np.float32))],
+               mode="nearest")
+    m.opset_import[0].version = opset
+    onnx.save(m, str(path))
+    x = RNG.standard_normal((1, 2, 4, 5)).astype(np.float32)
+    ref = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(graphopt.load_onnx(path).run(torch.from_numpy(x))[0].numpy(), ref)
+
+
 def test_antialiased_downscaling_resize_is_refused_by_name(tmp_path):
     path = tmp_path / "r.onnx"
     m = _model("Resize", [1, 1, 6, 6], [(F32, [1, 1, 3, 3])], [("roi", None), ("scales", None),
