@@ -865,7 +865,7 @@ def _topk(x, k: int, axis: int, largest: bool):
 @op("TopK")
 def _topk_op(im, ins, at):
     axis = int(at.get("axis", -1)) % len(im.shape(ins[0]))
-    k = im.ints(ins[1], "K")[0]
+    k = int(at["k"]) if im.opset < 10 else im.ints(ins[1], "K")[0]  # (an attribute before opset 10)
     out = im.emit(_topk, ins[0], k, axis, bool(at.get("largest", 1)))
     if isinstance(out, Const):
         return [Const(out.t[0]), Const(out.t[1])]

@@ -169,6 +169,20 @@ def test_old_opset_nearest_upsampling_floors_as_onnxruntime_does(op, opset, tmp_
     np.testing.assert_array_equal(graphopt.load_onnx(path).run(torch.from_numpy(x))[0].numpy(), ref)
 
 
+def test_opset_9_topk_takes_k_from_its_attribute(tmp_path):
+    """Before opset 10 TopK's k is an attribute (torch's opset-9 export writes it so): the import read a second
+    input that is not there ("IndexError: list index out of range")."""
+    path = tmp_path / "t.onnx"
+    m = _model("TopK", [2, 7], [(F32, [2, 3]), (I64, [2, 3])], k=3, axis=1)
+    m.opset_import[0].version = 9
+    onnx.save(m, str(path))
+    x = RNG.standard_normal((2, 7)).astype(np.float32)
+    ref = ort.InferenceSession(str(path)).run(None, {"x": x})
+    got = graphopt.load_onnx(path).run(torch.from_numpy(x))
+    for r, y in zip(ref, got):
+        np.testing.assert_array_equal(y.numpy(), r)
+
+
 def test_antialiased_downscaling_resize_is_refused_by_name(tmp_path):
     path = tmp_path / "r.onnx"
     m = _model("Resize", [1, 1, 6, 6], [(F32, [1, 1, 3, 3])], [("roi", None), ("scales", None),
