@@ -896,8 +896,9 @@ def _resize_op(im, ins, at):
     coord = coord.decode() if isinstance(coord, bytes) else coord
     nearest = at.get("nearest_mode", "floor" if upsample else "round_prefer_floor")
     nearest = nearest.decode() if isinstance(nearest, bytes) else nearest
-    if upsample:
-        scales, sizes = im.const(ins[1], "scales").tolist(), None
+    if upsample:  # (opset 7-8's Upsample holds its scales as an attribute)
+        scales = [float(v) for v in at["scales"]] if "scales" in at else im.const(ins[1], "scales").tolist()
+        sizes = None
     else:
         scales = im.const(ins[2], "scales").tolist() if len(ins) > 2 and ins[2] is not None else []
         sizes = im.ints(ins[3], "sizes") if len(ins) > 3 and ins[3] is not None else None

@@ -155,18 +155,61 @@ def test_one_hot_and_quantize_linear_uint8_output_match_onnxruntime(tmp_path):
         np.testing.assert_array_equal(got, ref)
 
 
-@pytest.mark.parametrize("op,opset", [("Upsample", 9), ("Resize", 10)])
+@pytest.mark.parametrize("op,opset", [("Upsample", 7), ("Upsample", 9), ("Resize", 10)])
 def test_old_opset_nearest_upsampling_floors_as_onnxruntime_does(op, opset, tmp_path):
     """Upsample (opset 9) and opset 10's Resize take (X, scales) and floor: at scale 3 Upsample was read with
-    round-half rounding (2.6 off ORT, silently), and opset 10's Resize failed "neither scales nor sizes given"."""
+    round-half rounding (2.6 off ORT, silently), and opset 10's Resize failed "neither scales nor sizes given".
+    Opset 7-8's Upsample holds its scales as an attribute (the old model zoo's files): an IndexError before."""
     path = tmp_path / "u.onnx"
-    m = _model(op, [1, 2, 4, 5], [(F32, [1, 2, 12, 15])], [("scales", np.array([1, 1, 3, 3], np.float32))],
-               mode="nearest")
+    scales = np.array([1, 1, 3, 3], np.float32)
+    m = _model(op, [1, 2, 4, 5], [(F32, [1, 2, 12, 15])], [] if opset < 9 else [("scales", scales)],
+               mode="nearest", **({"scales": scales.tolist()} if opset < 9 else {}))
     m.opset_import[0].version = opset
     onnx.save(m, str(path))
     x = RNG.standard_normal((1, 2, 4, 5)).astype(np.float32)
     ref = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
     np.testing.assert_array_equal(graphopt.load_onnx(path).run(torch.from_numpy(x))[0].numpy(), ref)
+
+
+def test_an_opset_7_model_in_the_old_model_zoos_forms_matches_onnxruntime(tmp_path):
+    """The ONNX model zoo's older files (opset 7, IR 3: initializers listed as graph inputs) hold their options as
+    attributes that later opsets turned into inputs: Clip's bounds, Pad's pads and value, Slice's starts / ends /
+    axes, Split's sizes, ReduceMean's and Squeeze's / Unsqueeze's axes, Upsample's scales, Dropout's ratio;
+    BatchNormalization has `spatial`. One graph of all of them against ONNX Runtime."""
+    def w(name, *shape, lo=None):
+        a = RNG.uniform(lo, 2.0, shape) if lo else RNG.standard_normal(shape) * 0.3
+        return numpy_helper.from_array(a.astype(np.float32), name)
+    inits = [w("w1", 8, 3, 3, 3), w("b1", 8), w("g", 8, lo=0.5), w("bb", 8), w("mu", 8), w("var", 8, lo=0.5),
+             w("wf", 10, 32), w("bf", 10), numpy_helper.from_array(np.array([1, -1], np.int64), "shp")]
+    n = helper.make_node
+    nodes = [n("Conv", ["x", "w1", "b1"], ["c"], pads=[1, 1, 1, 1], strides=[2, 2]),
+             n("BatchNormalization", ["c", "g", "bb", "mu", "var"], ["bn"], epsilon=1e-3, spatial=1),
+             n("Clip", ["bn"], ["r6"], min=0.0, max=6.0),
+             n("Pad", ["r6"], ["p"], pads=[0, 0, 1, 0, 0, 0, 0, 1], value=0.25, mode="constant"),
+             n("Upsample", ["p"], ["u"], scales=[1.0, 1.0, 3.0, 2.0], mode="nearest"),
+             n("MaxPool", ["u"], ["mp"], kernel_shape=[3, 3], strides=[3, 3]),
+             n("Slice", ["mp"], ["sl"], starts=[1, 0], ends=[1000, -1], axes=[1, 3]),
+             n("Split", ["sl"], ["s1", "s2"], axis=1, split=[3, 4]),
+             n("ReduceMean", ["s1"], ["rm"], axes=[1], keepdims=1),
+             n("Mul", ["s2", "rm"], ["m"]), n("Sum", ["m", "s2", "s2"], ["sm"]),
+             n("GlobalAveragePool", ["sm"], ["gap"]), n("Squeeze", ["gap"], ["sq"], axes=[2, 3]),
+             n("Unsqueeze", ["sq"], ["us"], axes=[0]), n("Flatten", ["us"], ["fl"], axis=1),
+             n("Concat", ["fl"] * 8, ["cc"], axis=1), n("Reshape", ["cc", "shp"], ["rs"]),
+             n("Dropout", ["rs"], ["dr"], ratio=0.3),
+             n("Gemm", ["dr", "wf", "bf"], ["gm"], transB=1, alpha=0.5, beta=2.0), n("Softmax", ["gm"], ["y"], axis=1)]
+    graph = helper.make_graph(
+        nodes, "zoo7", [helper.make_tensor_value_info("x", F32, [1, 3, 16, 16])]
+        + [helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in inits],
+        [helper.make_tensor_value_info("y", F32, [1, 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 7)])
+    model.ir_version = 3
+    path = tmp_path / "zoo7.onnx"
+    onnx.save(model, str(path))
+    x = RNG.standard_normal((1, 3, 16, 16)).astype(np.float32)
+    ref = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+    g = graphopt.load_onnx(path)
+    assert [s.name for s in g.inputs] == ["x"]
+    np.testing.assert_allclose(g.run(torch.from_numpy(x))[0].numpy(), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_opset_9_topk_takes_k_from_its_attribute(tmp_path):
