@@ -1012,6 +1012,42 @@ def _gpool(im, ins, at):
     return im.emit(fn, ins[0], dims, True)
 
 
+def _lp_normalize(x, p: int, axis: int):
+    return x / torch.linalg.vector_norm(x, p, dim=axis, keepdim=True)
+
+
+@op("LpNormalization")
+def _lp_normalize_op(im, ins, at):
+    """x over its L1 or L2 norm along `axis` (no epsilon, as ONNX: a zero vector gives NaN there too); face
+    recognition models write it for their embeddings."""
+    p = int(at.get("p", 2))
+    if p not in (1, 2):
+        raise UnsupportedOpError(im.node_name, "LpNormalization", f"p={p} (ONNX defines p 1 and 2 only)")
+    return im.emit(_lp_normalize, ins[0], p, int(at.get("axis", -1)))
+
+
+def _global_lp_pool(x, p: int, dims: list[int]):
+    return torch.linalg.vector_norm(x, p, dim=dims, keepdim=True)
+
+
+@op("GlobalLpPool")
+def _global_lp_pool_op(im, ins, at):
+    return im.emit(_global_lp_pool, ins[0], int(at.get("p", 2)), list(range(2, len(im.shape(ins[0])))))
+
+
+def _mean_variance_normalize(x, axes: list[int]):
+    centered = x - x.mean(axes, keepdim=True)
+    return centered / torch.sqrt((centered * centered).mean(axes, keepdim=True) + 1e-9)
+
+
+@op("MeanVarianceNormalization")
+def _mean_variance_normalize_op(im, ins, at):
+    """(x - mean) / sqrt(variance + 1e-9) over `axes` (default N, H, W: per channel), ONNX's definition."""
+    rank = len(im.shape(ins[0]))
+    axes = sorted(int(a) % rank for a in at.get("axes", [0, 2, 3]))
+    return im.emit(_mean_variance_normalize, ins[0], axes)
+
+
 @op("MaxPool", "AveragePool")
 def _pool(im, ins, at):
     x = ins[0]

@@ -102,6 +102,13 @@ CASES = {
                              [("i", RNG.integers(-4, 4, (3, 2, 5)).astype(np.int64)),
                               ("u", np.arange(30, dtype=np.float32).reshape(3, 2, 5))],
                              {"axis": 1, "reduction": "add"}),
+    # (they had no importer: a face model's embedding normalization, a style-transfer net's)
+    "lp_normalization": ("LpNormalization", [2, 3, 4, 4], [(F32, None)], [], {"axis": 1}),
+    "lp_normalization_l1": ("LpNormalization", [2, 3, 4], [(F32, None)], [], {"p": 1}),
+    "global_lp_pool": ("GlobalLpPool", [2, 3, 4, 5], [(F32, None)], [], {"p": 2}),
+    "mean_variance_normalization": ("MeanVarianceNormalization", [2, 3, 4, 5], [(F32, None)], [], {}),
+    "mean_variance_normalization_hw": ("MeanVarianceNormalization", [2, 3, 4, 5], [(F32, None)], [],
+                                       {"axes": [2, 3]}),
     # training_mode=1: this input's own statistics (BiT's weight standardization exports so; it was refused)
     **{f"batchnorm_training_{n}": ("BatchNormalization", [4, 3, 5, 5], [(F32, None)] * n,
                                    [(k, RNG.random(3).astype(np.float32) + 0.5) for k in ("s", "b", "m", "v")],
