@@ -153,6 +153,51 @@ class Importer:
         declared = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim]
         return given_shape(name, given, declared or None)
 
+    def import_nodes(self, nodes) -> None:
+        """Import `nodes` in order (the graph's, or a constant-condition If's branch), each output into env."""
+        for node in nodes:
+            self.node_name = node.name or (node.output[0] if node.output else node.op_type)
+            self.op = node.op_type
+            self.n_outputs = len(node.output)
+            key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+            handler = HANDLERS.get(key)
+            if key in ("Loop", "Scan"):
+                raise UnsupportedOpError(self.node_name, key, "a loop run at run time (control flow); graphopt "
+                                         "compiles one static graph: export the model traced (torch.onnx.export "
+                                         "unrolls a Python loop over fixed sizes), or cut the loop out")
+            if key in _DYNAMIC_QUANT:
+                raise UnsupportedOpError(self.node_name, key, "this is ONNX Runtime's dynamic quantization "
+                                         "(quantize_dynamic), whose activation scales are computed on every call; "
+                                         "graphopt's int8 kernels take calibrated scales. Give the float model and "
+                                         "quantize it here (--pipeline quantize,fold-qdq with --inputs), or use ORT's "
+                                         "quantize_static, whose QDQ and QOperator files import")
+            if handler is None and node.domain not in ("", "ai.onnx"):
+                contrib = sorted(k for k in HANDLERS if "." in k)
+                raise UnsupportedOpError(self.node_name, key, "custom-domain op; supported: ONNX's standard ops and "
+                                         f"{', '.join(contrib)}. Export the model with standard ONNX ops")
+            if handler is None:
+                std = sorted(k for k in HANDLERS if "." not in k)
+                raise UnsupportedOpError(self.node_name, node.op_type,
+                                         f"no importer for this ONNX op (supported: {', '.join(std)})")
+            ins = [self.env[n] if n else None for n in node.input]
+            for n, v in zip(node.input, ins):
+                if n and v is None:
+                    raise ModelFileError(f"node '{self.node_name}' reads '{n}', which nothing produces")
+            attrs = {a.name: _attr(a) for a in node.attribute}
+            try:
+                if any(_coded(v) for v in ins) and key not in _READS_CODES and "." not in key:
+                    outs = _on_codes(self, key, handler, ins, attrs)
+                else:
+                    outs = handler(self, ins, attrs)
+            except (UnsupportedOpError, ModelFileError):
+                raise
+            except Exception as e:
+                raise UnsupportedOpError(self.node_name, node.op_type, f"import failed: {type(e).__name__}: {e}") from e
+            outs = outs if isinstance(outs, (list, tuple)) else [outs]
+            for name, v in zip(node.output, outs):
+                if name:
+                    self.env[name] = v
+
     def run(self) -> Graph:
         import onnx.numpy_helper as nh
         graph = self.model.graph
@@ -198,44 +243,7 @@ class Importer:
             self.env[inp.name] = Dyn(node, ex)
             self.example_inputs.append(ex)
             self.input_names.append(safe)
-        for node in graph.node:
-            self.node_name = node.name or (node.output[0] if node.output else node.op_type)
-            self.op = node.op_type
-            self.n_outputs = len(node.output)
-            key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
-            handler = HANDLERS.get(key)
-            if key in _DYNAMIC_QUANT:
-                raise UnsupportedOpError(self.node_name, key, "this is ONNX Runtime's dynamic quantization "
-                                         "(quantize_dynamic), whose activation scales are computed on every call; "
-                                         "graphopt's int8 kernels take calibrated scales. Give the float model and "
-                                         "quantize it here (--pipeline quantize,fold-qdq with --inputs), or use ORT's "
-                                         "quantize_static, whose QDQ and QOperator files import")
-            if handler is None and node.domain not in ("", "ai.onnx"):
-                contrib = sorted(k for k in HANDLERS if "." in k)
-                raise UnsupportedOpError(self.node_name, key, "custom-domain op; supported: ONNX's standard ops and "
-                                         f"{', '.join(contrib)}. Export the model with standard ONNX ops")
-            if handler is None:
-                std = sorted(k for k in HANDLERS if "." not in k)
-                raise UnsupportedOpError(self.node_name, node.op_type,
-                                         f"no importer for this ONNX op (supported: {', '.join(std)})")
-            ins = [self.env[n] if n else None for n in node.input]
-            for n, v in zip(node.input, ins):
-                if n and v is None:
-                    raise ModelFileError(f"node '{self.node_name}' reads '{n}', which nothing produces")
-            attrs = {a.name: _attr(a) for a in node.attribute}
-            try:
-                if any(_coded(v) for v in ins) and key not in _READS_CODES and "." not in key:
-                    outs = _on_codes(self, key, handler, ins, attrs)
-                else:
-                    outs = handler(self, ins, attrs)
-            except (UnsupportedOpError, ModelFileError):
-                raise
-            except Exception as e:
-                raise UnsupportedOpError(self.node_name, node.op_type, f"import failed: {type(e).__name__}: {e}") from e
-            outs = outs if isinstance(outs, (list, tuple)) else [outs]
-            for name, v in zip(node.output, outs):
-                if name:
-                    self.env[name] = v
+        self.import_nodes(graph.node)
         outputs, out_names = [], []
         for o in graph.output:
             v = self.env[o.name]
@@ -1792,6 +1800,26 @@ def _tile(im, ins, at):
 @op("Einsum")
 def _einsum(im, ins, at):
     return im.emit(torch.einsum, at["equation"], *ins)
+
+
+@op("If")
+def _if_op(im, ins, at):
+    """An If whose condition is known at import (a shape check an exporter left in, a constant flag): the branch
+    it takes, inlined (its nodes read the outer graph's values as ONNX scoping allows). One whose condition depends on
+    the input data is refused by name: graphopt compiles one static graph."""
+    name = im.node_name
+    cond = ins[0]
+    if isinstance(cond, Dyn):
+        raise UnsupportedOpError(name, "If", "its condition depends on the input data (a branch chosen at run time); "
+                                 "graphopt compiles one static graph: export the model with the branch fixed "
+                                 "(torch.onnx.export's tracing records the path taken), or cut the If out")
+    import onnx.numpy_helper as nh
+    branch = at["then_branch"] if bool(cond.t.reshape(-1)[0]) else at["else_branch"]
+    for init in branch.initializer:
+        im.env[init.name] = Const(torch.from_numpy(np.array(nh.to_array(init), copy=True)), init.name)
+    im.import_nodes(branch.node)
+    im.node_name, im.op = name, "If"
+    return [im.env[o.name] for o in branch.output]
 
 
 @op("Trilu")

@@ -219,6 +219,50 @@ def test_an_opset_7_model_in_the_old_model_zoos_forms_matches_onnxruntime(tmp_pa
     np.testing.assert_allclose(g.run(torch.from_numpy(x))[0].numpy(), ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_an_if_on_a_shape_takes_its_branch_and_one_on_data_is_named(batch, tmp_path):
+    """Exporters leave Ifs on shapes (a check that the batch is 1, say): known at import, the branch taken is
+    inlined, reading outer values and its own initializers ("no importer for this ONNX op" before). An If on the
+    input data, a Loop or a Scan is refused by name as control flow."""
+    n = helper.make_node
+    v = helper.make_tensor_value_info
+    then_g = helper.make_graph([n("Mul", ["x", "two"], ["t"])], "then", [], [v("t", F32, None)],
+                               [numpy_helper.from_array(np.float32(2.0), "two")])
+    else_g = helper.make_graph([n("Neg", ["x"], ["e0"]), n("Relu", ["e0"], ["e"])], "else", [], [v("e", F32, None)])
+    one = numpy_helper.from_array(np.array([1], np.int64), "one")
+    zero = numpy_helper.from_array(np.array([0], np.int64), "zero")
+    nodes = [n("Shape", ["x"], ["s"]), n("Gather", ["s", "zero"], ["b"], axis=0), n("Equal", ["b", "one"], ["c1"]),
+             n("Squeeze", ["c1", "zero"], ["cond"]),
+             n("If", ["cond"], ["i"], then_branch=then_g, else_branch=else_g, name="batch_check"),
+             n("Add", ["i", "x"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [v("x", F32, [batch, 4])], [v("y", F32, [batch, 4])], [one, zero])
+    path = tmp_path / "if.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    x = RNG.standard_normal((batch, 4)).astype(np.float32)
+    ref = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+    g = graphopt.load_onnx(path)
+    np.testing.assert_allclose(g.run(torch.from_numpy(x))[0].numpy(), ref, rtol=1e-6)
+    np.testing.assert_allclose(graphopt.load(graphopt.compile(g, "llvm", output=tmp_path / "a"))(x)[0], ref,
+                               rtol=1e-6)
+    # on the data
+    nodes = [n("ReduceSum", ["x"], ["sum"], keepdims=0), n("Greater", ["sum", "z"], ["cond"]),
+             n("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g, name="data_branch")]
+    graph = helper.make_graph(nodes, "g", [v("x", F32, [batch, 4])], [v("y", F32, [batch, 4])],
+                              [numpy_helper.from_array(np.float32(0), "z")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    with pytest.raises(UnsupportedOpError, match="'data_branch'.*depends on the input data"):
+        graphopt.load_onnx(path)
+    body = helper.make_graph([n("Identity", ["c"], ["c_out"]), n("Identity", ["acc"], ["acc_out"])], "body",
+                             [v("i", I64, []), v("c", TensorProto.BOOL, []), v("acc", F32, [batch, 4])],
+                             [v("c_out", TensorProto.BOOL, []), v("acc_out", F32, [batch, 4])])
+    loop = n("Loop", ["trips", "", "x"], ["y"], body=body, name="the_loop")
+    graph = helper.make_graph([loop], "g", [v("x", F32, [batch, 4])], [v("y", F32, [batch, 4])],
+                              [numpy_helper.from_array(np.int64(3), "trips")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    with pytest.raises(UnsupportedOpError, match="'the_loop'.*control flow"):
+        graphopt.load_onnx(path)
+
+
 def test_opset_9_topk_takes_k_from_its_attribute(tmp_path):
     """Before opset 10 TopK's k is an attribute (torch's opset-9 export writes it so): the import read a second
     input that is not there ("IndexError: list index out of range")."""
