@@ -195,7 +195,7 @@ class CompiledModel(ArtifactModel):
         torch's allocators give, and what a kernel may assume of its arguments) is passed as it is, through DLPack:
         tvm.runtime.tensor's allocate-and-copy took ~25 us of Python a call, more than a small model's kernels. No
         kernel writes its inputs, and outputs are copied out (`_numpy`), so the caller's array is never aliased."""
-        a = np.ascontiguousarray(a)
+        a = np.ascontiguousarray(a).reshape(a.shape)  # (keeping a 0-d input 0-d: ascontiguousarray gives 1-d)
         if self.device_kind == "cpu":
             try:
                 t = _wrap(a)
@@ -291,7 +291,7 @@ class Pt2Export(ArtifactModel):
     def __call__(self, *args: Any) -> tuple[np.ndarray, ...]:
         import torch
         with torch.inference_mode():
-            out = self._module(*[torch.from_numpy(np.ascontiguousarray(a)) for a in self._check(args)])
+            out = self._module(*[torch.from_numpy(np.ascontiguousarray(a).reshape(a.shape)) for a in self._check(args)])
         outs = out if isinstance(out, (tuple, list)) else (out,)
         return tuple(_to_numpy(o) for o in outs)
 

@@ -279,7 +279,7 @@ class Graph:
                                      f"got {len(inputs)}")
         out = []
         for spec, x in zip(self.inputs, inputs):
-            t = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
+            t = torch.from_numpy(np.ascontiguousarray(x).reshape(x.shape)) if isinstance(x, np.ndarray) else x
             if not isinstance(t, torch.Tensor):
                 raise InputMismatchError(f"input '{spec.name}' must be a tensor or numpy array, got {type(x).__name__}")
             if tuple(t.shape) != spec.shape:

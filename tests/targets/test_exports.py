@@ -508,3 +508,24 @@ def test_an_export_past_2gb_puts_its_weights_beside_it(tmp_path, monkeypatch, ca
     # opt -o FILE.onnx writes the pair as well, and leaves no staging folder
     ex.export_onnx(g, tmp_path / "o" / "m.onnx")
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["m.onnx", "m.onnx.data"]
+
+
+def test_a_0_d_input_reaches_every_artifact_as_0_d(tmp_path):
+    """A scalar input (a temperature, a threshold) beside a bool mask: the artifact's call made it 1-d on the way in
+    (np.ascontiguousarray's ndim >= 1), and TVM refused it ("expect Tensor with ndim 0 but get 1")."""
+    import onnx
+    from onnx import TensorProto as T, helper
+    v = helper.make_tensor_value_info
+    nodes = [helper.make_node("Mul", ["x", "s"], ["xs"]), helper.make_node("Cast", ["m"], ["mf"], to=T.FLOAT),
+             helper.make_node("Mul", ["xs", "mf"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [v("x", T.FLOAT, [2, 4]), v("s", T.FLOAT, []), v("m", T.BOOL, [2, 4])],
+                              [v("y", T.FLOAT, [2, 4])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "s.onnx"))
+    g = graphopt.load_model(tmp_path / "s.onnx")
+    x = np.random.default_rng(0).random((2, 4), np.float32)
+    s, m = np.array(3.0, np.float32), np.array([[True, False, True, True], [False, True, False, True]])
+    want = x * 3.0 * m
+    np.testing.assert_allclose(g.run(x, s, m)[0].numpy(), want, rtol=1e-6)
+    for target in ("llvm", "onnx", "pt2"):
+        art = graphopt.load(graphopt.compile(g, target, output=tmp_path / target))
+        np.testing.assert_allclose(art(x, s, m)[0], want, rtol=1e-6, err_msg=target)
