@@ -162,15 +162,17 @@ def load_inputs_npz(path: str | os.PathLike, graph: Graph) -> list[tuple[torch.T
         order = names if all(n in keys for n in names) else keys
         arrays = [data[k] for k in order[:n_in]]
         batches = [tuple(torch.from_numpy(a) for a in arrays)]
-        # arrays holding several of the graph's fixed batches (4 images for a batch-1 model): one batch each
+        # arrays holding several of the graph's fixed batches (4 images for a batch-1 model): one batch each; a
+        # scalar input (0-d: a temperature, a threshold) goes with every batch (it had made the file one batch)
         shapes = [list(s.shape) for s in graph.inputs]
-        if (len(arrays) == n_in and n_in and all(
+        split = [(a, sh) for a, sh in zip(arrays, shapes) if sh or a.ndim]
+        if (len(arrays) == n_in and split and all(
                 len(a.shape) == len(sh) and len(sh) and isinstance(sh[0], int) and sh[0] > 0
-                and list(a.shape[1:]) == sh[1:] and a.shape[0] % sh[0] == 0 for a, sh in zip(arrays, shapes))
-                and len({a.shape[0] // sh[0] for a, sh in zip(arrays, shapes)}) == 1):
-            n_b = arrays[0].shape[0] // shapes[0][0]
-            batches = [tuple(torch.from_numpy(np.ascontiguousarray(a[b * sh[0]:(b + 1) * sh[0]]))
-                             for a, sh in zip(arrays, shapes)) for b in range(n_b)]
+                and list(a.shape[1:]) == sh[1:] and a.shape[0] % sh[0] == 0 for a, sh in split)
+                and len({a.shape[0] // sh[0] for a, sh in split}) == 1):
+            n_b = split[0][0].shape[0] // split[0][1][0]
+            batches = [tuple(torch.from_numpy(np.ascontiguousarray(a[b * sh[0]:(b + 1) * sh[0]])) if sh or a.ndim
+                             else torch.from_numpy(a) for a, sh in zip(arrays, shapes)) for b in range(n_b)]
     # numpy has no bfloat16: float32 arrays for bfloat16 inputs (what write_reproducer saves) are rounded to it
     half = [DTYPES[s.dtype] if s.dtype == "bfloat16" else None for s in graph.inputs]
     batches = [tuple(t.to(h) if h is not None and t.dtype == torch.float32 else t for t, h in zip(b, half))

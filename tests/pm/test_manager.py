@@ -180,6 +180,23 @@ def test_inputs_npz_with_several_fixed_batches_splits_them(tmp_path):
         load_inputs_npz(tmp_path / "odd.npz", g)
 
 
+def test_inputs_npz_gives_a_scalar_input_to_every_batch(tmp_path):
+    """A 0-d input (a temperature) beside images: the images split into the graph's batches as alone, and the
+    scalar goes with each (the file was taken as one batch: "has shape [4, 3, 8, 8], expected [1, 3, 8, 8]")."""
+    from graphopt.pm.instruments import load_inputs_npz
+
+    class Scaled(torch.nn.Module):
+        def forward(self, x, t):
+            return torch.relu(x) * t
+    g = graphopt.trace(Scaled(), (torch.randn(1, 3, 8, 8), torch.tensor(2.0)))
+    images = np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "cal.npz", **{g.inputs[0].name: images, g.inputs[1].name: np.float32(0.5)})
+    batches = load_inputs_npz(tmp_path / "cal.npz", g)
+    assert [tuple(b[0].shape) for b in batches] == [(1, 3, 8, 8)] * 4
+    assert all(b[1].shape == () and float(b[1]) == 0.5 for b in batches)
+    assert np.array_equal(batches[3][0].numpy()[0], images[3])
+
+
 def test_inputs_npz_batch_keys_take_input_names_and_refuse_unknown_ones(tmp_path):
     """b<batch>_<input> keys name the input by index (write_reproducer's), by the graph's name or by the ONNX
     input's own ("b0_input.1" for the graph's input_1); a key naming no input, or a batch missing an input, is
