@@ -72,6 +72,7 @@ class Importer:
         self.node_name = ""
         self.dynamic_quantized: dict[int, Value] = {}  # a DynamicQuantizeLinear's dynamic_quantize(x), made once
         self.dynamic_batch: dict[str, str] = {}  # input -> its dynamic dim 0's name, unless a shape fixed it
+        self.decided_ifs: list[str] = []  # If nodes whose condition was known at import (their branch inlined)
 
     # ---- values -------------------------------------------------------------------------------------------
     def _param_node(self, t: torch.Tensor, hint: str) -> fx.Node:
@@ -262,6 +263,14 @@ class Importer:
             raise ModelFileError(f"the imported ONNX graph could not be exported to ATen: {e}") from e
         g = Graph.from_exported_program(ep, self.input_names, out_names, source="onnx",
                                         source_names=self.source_names)
+        if self.dynamic_batch and self.decided_ifs:
+            # (an If on the traced batch would run its batch-1 branch on every batch of a dynamic export, and the
+            # export's own check, rows batched against rows alone, runs that one branch both ways)
+            shapes = dict(zip(self.input_names, self.example_inputs))
+            log.warning("the model's If node(s) %s were decided at import, at the traced shapes: an ONNX export "
+                        "keeps the traced batch (%s)", ", ".join(map(repr, self.decided_ifs)),
+                        ", ".join(f"{k}: {list(shapes[k].shape)}" for k in self.dynamic_batch))
+            self.dynamic_batch = {}
         if self.dynamic_batch:  # what an ONNX export gives back (targets/onnx/batch.py): the interface taken in
             g.meta["dynamic_batch"] = {"inputs": dict(self.dynamic_batch), "outputs": _output_batch_dims(graph)}
         return g
@@ -1815,6 +1824,7 @@ def _if_op(im, ins, at):
                                  "(torch.onnx.export's tracing records the path taken), or cut the If out")
     import onnx.numpy_helper as nh
     branch = at["then_branch"] if bool(cond.t.reshape(-1)[0]) else at["else_branch"]
+    im.decided_ifs.append(name)
     for init in branch.initializer:
         im.env[init.name] = Const(torch.from_numpy(np.array(nh.to_array(init), copy=True)), init.name)
     im.import_nodes(branch.node)

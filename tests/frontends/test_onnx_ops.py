@@ -242,6 +242,12 @@ def test_an_if_on_a_shape_takes_its_branch_and_one_on_data_is_named(batch, tmp_p
     ref = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
     g = graphopt.load_onnx(path)
     np.testing.assert_allclose(g.run(torch.from_numpy(x))[0].numpy(), ref, rtol=1e-6)
+    # with a dynamic batch the If decided at batch 1 would hold for every batch of an export: it keeps batch 1
+    dynamic = onnx.load(str(path))
+    for value in (dynamic.graph.input[0], dynamic.graph.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_param = "N"
+    onnx.save(dynamic, str(tmp_path / "dyn.onnx"))
+    assert "dynamic_batch" not in graphopt.load_model(tmp_path / "dyn.onnx").meta
     np.testing.assert_allclose(graphopt.load(graphopt.compile(g, "llvm", output=tmp_path / "a"))(x)[0], ref,
                                rtol=1e-6)
     # on the data
