@@ -166,6 +166,7 @@ def _name_interface(model, inputs: list[str], outputs: list[str]) -> None:
     """Give the exported graph's inputs and outputs the Graph's names, renaming first any other value that already
     holds one of them. (Asked of the exporter through input_names / output_names, a tiny GPT-2's output
     'view_23' was also the name of an unrelated Reshape's output: two definitions, an invalid model.)"""
+    import onnx
     g = model.graph
     if len(g.input) != len(inputs) or len(g.output) != len(outputs):
         raise TargetError(f"ONNX export has {len(g.input)} input(s) and {len(g.output)} output(s), the graph "
@@ -184,17 +185,35 @@ def _name_interface(model, inputs: list[str], outputs: list[str]) -> None:
         taken.discard(old)
         taken.add(new)
 
+    # an output that is an input passed through comes as Identity(input): ONNX lets the output be the input itself,
+    # and under the input's name it must (renamed, the Identity's output had defined 'x' twice: an invalid model)
+    producers = {o: nd for nd in g.node for o in nd.output}
+    for out, want in zip(g.output, outputs):
+        src = producers.get(out.name)
+        if want in inputs and src is not None and src.op_type == "Identity" and src.input[0] == g.input[
+                inputs.index(want)].name:
+            g.node.remove(src)
+            out.name = src.input[0]
     pairs = [(v.name, want) for v, want in zip(list(g.input) + list(g.output), inputs + outputs)]
     interface = {old for old, _ in pairs}
+    done: set[tuple[str, str]] = set()
     for old, want in pairs:
-        if old == want:
+        if old == want or (old, want) in done:  # (an input passed through is renamed once, with its output)
             continue
+        done.add((old, want))
         if want in taken and want not in interface:  # an internal value holds the name: move it aside first
             k = 1
             while f"{want}__{k}" in taken or f"{want}__{k}" in wanted:
                 k += 1
             rename(want, f"{want}__{k}")
         rename(old, want)
+    # an output that is a constant comes as an initializer, which the clean-ups below drop as read by no node (an
+    # output defined nowhere, an invalid model): it is read by an Identity giving the output
+    inits = {i.name: i for i in g.initializer}
+    for out in g.output:
+        if out.name in inits:
+            inits[out.name].name = f"{out.name}__value"
+            g.node.append(onnx.helper.make_node("Identity", [f"{out.name}__value"], [out.name]))
 
 
 class _quiet:

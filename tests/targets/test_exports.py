@@ -529,3 +529,23 @@ def test_a_0_d_input_reaches_every_artifact_as_0_d(tmp_path):
     for target in ("llvm", "onnx", "pt2"):
         art = graphopt.load(graphopt.compile(g, target, output=tmp_path / target))
         np.testing.assert_allclose(art(x, s, m)[0], want, rtol=1e-6, err_msg=target)
+
+
+def test_onnx_exports_of_an_input_passed_through_and_a_constant_output(tmp_path):
+    """An ONNX model whose outputs include its input itself, or a constant: the export renamed the input's Identity
+    to the input's name ('x' defined twice) or lost the constant ("Graph output 'c' is not an output of any node"),
+    invalid models both. TVM and pt2 builds of them ran."""
+    import onnx
+    from onnx import TensorProto as T, helper, numpy_helper
+    v = helper.make_tensor_value_info
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [v("x", T.FLOAT, [2, 3])],
+                              [v("y", T.FLOAT, [2, 3]), v("x", T.FLOAT, [2, 3]), v("c", T.FLOAT, [3])],
+                              [numpy_helper.from_array(np.arange(3, dtype=np.float32), "c")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "in.onnx"))
+    x = np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)
+    want = ort.InferenceSession(str(tmp_path / "in.onnx")).run(None, {"x": x})
+    out = graphopt.compile(graphopt.load_model(tmp_path / "in.onnx"), "onnx", output=tmp_path / "a")
+    sess = ort.InferenceSession(str(out / "model.onnx"))
+    assert [o.name for o in sess.get_outputs()] == ["y", "x", "c"]
+    for got, ref in zip(sess.run(None, {"x": x}), want):
+        np.testing.assert_array_equal(got, ref)
