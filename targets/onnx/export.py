@@ -221,7 +221,8 @@ class _quiet:
     skips, which a graph never uses) and onnxscript's constant folder's (a node it could not evaluate stays as it
     is: "Evaluation failed: cannot reshape array of size 1 into shape (1,128)" on a sparsified MiniLM's mask)."""
 
-    LOGGERS = ("torch.onnx", "onnxscript")
+    LOGGERS = ("torch.onnx", "onnxscript", "onnx_ir")  # (onnx_ir: "Skipped deduplication of initializer ..." on a
+    # constant output)
 
     def __enter__(self):
         import contextlib
