@@ -14,6 +14,7 @@ import graphopt.ir.quant_ops  # noqa: F401  registers the graphopt ops
 from graphopt.ir.quant_ops import unfold_integer_ops  # noqa: F401  (its home is the IR; kept importable here)
 from graphopt.ir.graph import Graph
 from graphopt.passes.canonicalize.dce import eliminate_dead_code
+from graphopt.passes.quant.quantize import before_in_graph
 from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, register_pass
 
 aten = torch.ops.aten
@@ -194,7 +195,10 @@ class FoldQDQ(Pass):
                 elif op.target is aten.conv1d.default:
                     # a conv2d on a one-row map (graphopt's int8 kernels; as a Relax conv1d on the dequantized
                     # weight it ran TVM's generic loop: a quantized PointNet 2.2x its fp32 time)
-                    wq2 = graph.add_param(f"{wq.target}_2d", graph.get_param(wq.target).unsqueeze(2), before=op)
+                    wq2 = before_in_graph(graph, op, lambda n: n.meta.get("unsqueezed_from") == wq.target)
+                    if wq2 is None:  # (once for a weight several convs read)
+                        wq2 = graph.add_param(f"{wq.target}_2d", graph.get_param(wq.target).unsqueeze(2), before=op)
+                        wq2.meta["unsqueezed_from"] = wq.target
                     args = (g.call_function(aten.unsqueeze.default, (q_x, 2)), scale, zp, wq2, ws, bias,
                             [1, _one(_arg(op, 3, [1]), 1)], [0, _one(_arg(op, 4, [0]), 0)],
                             [1, _one(_arg(op, 5, [1]), 1)], int(_arg(op, 6, 1)))

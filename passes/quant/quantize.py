@@ -25,8 +25,19 @@ from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, regist
 
 aten = torch.ops.aten
 def quantizable_ops(graph: Graph, exclude: list[str]) -> tuple[list[fx.Node], dict[str, str]]:
-    """The conv/linear nodes with a float weight (the shared walk), minus `exclude`, and why others were skipped."""
-    return weighted_ops(graph, exclude)
+    """The conv/linear nodes with a float weight (the shared walk), minus `exclude` and those whose input no graph
+    input reaches (a constant: an unrolled LSTM's first step reads its initial state, zeros, and calibration stopped
+    on "calibration data reaching 'linear_1' is constant (0)"; fold-constants folds such a layer), and why others
+    were skipped."""
+    ops, skipped = weighted_ops(graph, exclude)
+    fed: set[fx.Node] = set()
+    for n in graph.gm.graph.nodes:
+        if n.op == "placeholder" or any(a in fed for a in n.all_input_nodes):
+            fed.add(n)
+    for n in ops:
+        if n.args[0] not in fed:
+            skipped[n.name] = "reads no input data (a constant; fold-constants folds it)"
+    return [n for n in ops if n.args[0] in fed], skipped
 
 
 def prequantized_ops(graph: Graph, exclude: list[str], quantized_input: bool = False) -> list[fx.Node]:
@@ -120,16 +131,34 @@ def layer_width(op: fx.Node, bits: str, ort: bool = False) -> str:
 
 
 def quantize_op_weight(graph: Graph, op: fx.Node, bits: str, per_channel: bool = True) -> None:
-    """Store `op`'s weight as per-channel int8/int4 behind a dequantize node (the op reads the dequantized weight)."""
+    """Store `op`'s weight as per-channel int8/int4 behind a dequantize node (the op reads the dequantized weight).
+    A weight several ops read (a conv applied twice, an RNN's cell unrolled over its steps, ALBERT's shared layers)
+    is stored once at a width: each op had got its own copy, a 50-step unrolled LSTM 50 of them."""
     w = op.args[1]
+    key = (str(w.target), bits, per_channel)
+    made = before_in_graph(graph, op, lambda n: n.meta.get("quantized_from") == key)
+    if made is not None:
+        op.args = (op.args[0], made, *op.args[2:])
+        return
     q, scales, zps = quantize_weight(graph.get_param(w.target), bits, per_channel)
     nq = graph.add_param(f"{w.target}_q", q, before=op)
     ns = graph.add_param(f"{w.target}_scale", scales, before=op)
     nz = graph.add_param(f"{w.target}_zp", zps, before=op)
     with graph.gm.graph.inserting_before(op):
         dq = graph.gm.graph.call_function(torch.ops.graphopt.dequantize_per_channel.default, (nq, ns, nz, 0))
+    dq.meta["quantized_from"] = key
     nq.meta["source_fqn"] = w.meta.get("source_fqn", w.target)
     op.args = (op.args[0], dq, *op.args[2:])
+
+
+def before_in_graph(graph: Graph, op: fx.Node, test) -> fx.Node | None:
+    """The first node ahead of `op` in `graph` for which `test` holds (one it may read), or None."""
+    for n in graph.gm.graph.nodes:
+        if n is op:
+            return None
+        if test(n):
+            return n
+    return None
 
 
 def quantize_embeddings(graph: Graph, exclude: list[str], skipped: dict[str, str]) -> list[str]:

@@ -1,0 +1,77 @@
+"""A weight several layers read (a conv applied twice, an LSTM cell unrolled over its steps) is quantized once."""
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import graphopt
+
+
+class _TwiceApplied(nn.Module):
+    """One 3x3 conv applied twice, and one conv1d-like pointwise conv applied twice (fold-qdq's 2-D copy)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.shared = nn.Conv2d(8, 8, 3, padding=1)
+        self.point = nn.Conv1d(8, 8, 1)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        a = F.relu(self.stem(x))
+        b = F.relu(self.shared(F.relu(self.shared(a))))
+        seq = b.flatten(2)
+        return self.head(F.relu(self.point(F.relu(self.point(seq)))).mean(2))
+
+
+def _int8_bytes(graph) -> dict[str, int]:
+    return {k: v.numel() for k, v in graph.params().items() if v.dtype == torch.int8}
+
+
+def test_a_weight_two_convs_read_is_stored_once_at_int8(tmp_path):
+    """Each use had got its own int8 copy (the shared 8x8x3x3 weight twice, and its scales and zero points):
+    quantizing added bytes a float model shares."""
+    torch.manual_seed(0)
+    model = _TwiceApplied().eval()
+    x = torch.randn(1, 3, 12, 12)
+    g = graphopt.trace(model, (x,))
+    data = [(torch.randn(1, 3, 12, 12),) for _ in range(8)]
+    q = graphopt.optimize(g, "quantize,fold-qdq", data=data)
+    ints = _int8_bytes(q)
+    assert sum(ints.values()) == sum(v.numel() for k, v in g.params().items() if k.endswith("weight")), ints
+    assert len([k for k in ints if k.startswith("shared_weight")]) == 1
+    assert len([k for k in ints if k.startswith("point_weight")]) == 1
+    ref = model(x)
+    got = q.run(x)[0]
+    assert F.cosine_similarity(ref.flatten(), got.flatten(), 0) > 0.99
+    built = graphopt.load(graphopt.compile(q, "llvm", output=tmp_path / "a"))(x.numpy())[0]
+    np.testing.assert_allclose(built, got.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_an_unrolled_onnx_lstm_quantizes_with_one_recurrent_weight(tmp_path):
+    """An ONNX LSTM imports unrolled over its steps, every step reading the one recurrent weight: quantize stopped
+    on the first step (it reads the initial state, a constant: "calibration data reaching 'linear_1' is constant
+    (0)"), and would have stored the weight once per step. That layer is skipped (fold-constants folds it), the
+    recurrent weight is stored once at int8, and the outputs stay close to fp32."""
+    torch.manual_seed(0)
+    lstm = nn.LSTM(16, 32, batch_first=True).eval()
+    x = torch.randn(1, 20, 16)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(lstm, (x,), str(tmp_path / "lstm.onnx"), dynamo=False, opset_version=17)
+    g = graphopt.load_onnx(tmp_path / "lstm.onnx")
+    data = [(torch.randn(1, 20, 16),) for _ in range(8)]
+    q = graphopt.optimize(g, "quantize", data=data)
+    rec = q.meta["history"][0]
+    assert rec["changed"]
+    assert any("reads no input data" in why for why in rec["stats"]["skipped"].values()), rec["stats"]
+    ints = _int8_bytes(q)
+    assert sorted(ints.values()) == [128 * 16, 128 * 32], ints  # input and recurrent weights, once each
+    ref, got = lstm(x)[0], q.run(x)[0]
+    assert F.cosine_similarity(ref.flatten(), got.flatten(), 0) > 0.99
