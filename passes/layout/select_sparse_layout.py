@@ -12,6 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
+import torch.fx as fx
 
 from graphopt.errors import GraphoptError
 from graphopt.ir.graph import Graph
@@ -110,6 +111,7 @@ class SelectSparseLayout(Pass):
                        and getattr(n.args[3], "op", None) == "get_attr"]
         covered = {(n.args[3] if n.target in int8_ops else n.args[1]).target for n in layers}
         int8_chosen = 0
+        stored: dict[tuple[str, str], tuple[fx.Node, fx.Node, fx.Node]] = {}  # (weight, layout) -> its arrays
         for node in tqdm(layers, desc="select-sparse-layout", unit="layer", leave=False):
             qconv = node.target is torch.ops.graphopt.qconv2d.default
             int8 = qconv or node.target is torch.ops.graphopt.qlinear.default
@@ -180,9 +182,11 @@ class SelectSparseLayout(Pass):
                 int8_chosen += 1
                 continue
             with graph.gm.graph.inserting_before(node):
-                data = graph.add_param(f"{name}_bsr_data", s.data, before=node)
-                idx = graph.add_param(f"{name}_bsr_indices", s.indices, before=node)
-                ptr = graph.add_param(f"{name}_bsr_indptr", s.indptr, before=node)
+                if (name, rec["choice"]) not in stored:  # (once for a weight several layers read: each had its own)
+                    stored[name, rec["choice"]] = (graph.add_param(f"{name}_bsr_data", s.data, before=node),
+                                                   graph.add_param(f"{name}_bsr_indices", s.indices, before=node),
+                                                   graph.add_param(f"{name}_bsr_indptr", s.indptr, before=node))
+                data, idx, ptr = stored[name, rec["choice"]]
                 bias = node.args[2] if len(node.args) > 2 else None
                 op = torch.ops.graphopt.bsr_conv1x1.default if conv else torch.ops.graphopt.bsr_linear.default
                 new = graph.gm.graph.call_function(op, (node.args[0], data, idx, ptr, bias, int(n)))

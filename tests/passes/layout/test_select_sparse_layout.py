@@ -421,3 +421,23 @@ def test_int8_pointwise_convs_take_the_int8_bsr_kernel(tmp_path):
     assert abs(got - dense).max() <= 1e-6 * abs(dense).max()
     ref = out.run(x)[0].numpy()
     assert abs(got - ref).max() <= 0.05 * abs(ref).max()
+
+
+def test_a_weight_two_layers_read_is_laid_out_once(tmp_path):
+    """A linear applied twice (a weight-tied block): each use had got its own BSR arrays, twice the sparse bytes."""
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(256, 256)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.fc(x)))
+    torch.manual_seed(0)
+    x = torch.randn(32, 256)
+    g = graphopt.optimize(graphopt.trace(Twice().eval(), (x,)), "sparsify{sparsity=0.9 block=4x4}")
+    out = graphopt.optimize(g, "select-sparse-layout{candidates=dense,bsr4x4}", target=_ScriptedOracle(2.0))
+    ops = [n for n in out.gm.graph.nodes if n.target is torch.ops.graphopt.bsr_linear.default]
+    assert len(ops) == 2 and ops[0].args[1:4] == ops[1].args[1:4]
+    assert sorted(k for k in out.params() if "_bsr_" in k) == ["fc_weight_bsr_data", "fc_weight_bsr_indices",
+                                                                 "fc_weight_bsr_indptr"]
+    torch.testing.assert_close(out.run(x)[0], g.run(x)[0], rtol=1e-5, atol=1e-5)
