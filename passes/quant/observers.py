@@ -42,6 +42,10 @@ class Observer:
     def clip_range(self) -> tuple[float, float]:
         return self.lo, self.hi
 
+    def all_zero(self) -> bool:
+        """Every value seen was zero (to 1e-12): nothing for a grid to represent."""
+        return self.count > 0 and max(abs(self.lo), abs(self.hi)) <= 1e-12
+
     def qparams(self, qmin: int, qmax: int, symmetric: bool = False) -> tuple[float, int]:
         if self.count == 0:
             raise CalibrationError(f"no calibration batch reached '{self.where}': the data loader yielded nothing")

@@ -4,6 +4,7 @@ context's data, as a quantize -> dequantize pair at each conv/linear input. `fol
 ops; until then every graph still runs with the reference kernels."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -23,7 +24,11 @@ from graphopt.passes.quant.observers import CALIBRATORS, CalibrationError
 from graphopt.pm.options import was_given
 from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, register_pass
 
+log = logging.getLogger(__name__)
+
 aten = torch.ops.aten
+
+
 def quantizable_ops(graph: Graph, exclude: list[str]) -> tuple[list[fx.Node], dict[str, str]]:
     """The conv/linear nodes with a float weight (the shared walk), minus `exclude` and those whose input no graph
     input reaches (a constant: an unrolled LSTM's first step reads its initial state, zeros, and calibration stopped
@@ -463,7 +468,8 @@ class Quantize(Pass):
                                             "asymmetric_weights_made_symmetric": made_symmetric,
                                             "weight_bits": weights,
                                             **({"weights_auto": auto_reason} if auto_reason else {}),
-                                            "skipped": skipped})
+                                            "skipped": skipped,
+                                        **({"zero_inputs_kept_float": zero_kept} if zero_kept else {})})
         if not ops and not kept_bits:
             return PassResult(graph, False, {"skipped": skipped}, ("no linear with a float weight to quantize "
                                                                    "dynamically" if dynamic else
@@ -500,9 +506,18 @@ class Quantize(Pass):
         act_q = {}
 
         def dequantized(x: fx.Node) -> fx.Node:
+            if x.op != "placeholder" and observers[x.name].all_zero():
+                # zero on every batch inside the model while its inputs vary (a norm over a 1x1 map, a masked
+                # branch): it stays float, exact (it had stopped calibration, "is constant"; zero data for the
+                # model's own inputs still is that error)
+                if x.name not in zero_kept:
+                    log.warning("quantize: '%s' was 0 on every calibration batch; the layers reading it keep a float "
+                                "input", x.name)
+                zero_kept[x.name] = ", ".join(u.name for u in x.users)
+                return x
             return insert_qdq(graph, x, observers[x.name].qparams(qmin, qmax, o.symmetric), act_q)
 
-        kept_int8, bits = {}, {}
+        kept_int8, bits, zero_kept = {}, {}, {}
         for op in [n for n in g.nodes if n in set(ops) | set(kept_bits)]:
             if op not in kept_bits:
                 bits[op.name] = layer_width(op, weights, ort)
@@ -538,4 +553,5 @@ class Quantize(Pass):
                                         "calibrator": o.calibrator if observers else None,
                                         "bias_corrected": len(corrected),
                                         "largest_bias_shift": max(corrected.values(), default=0.0),
-                                        "skipped": skipped})
+                                        "skipped": skipped,
+                                        **({"zero_inputs_kept_float": zero_kept} if zero_kept else {})})

@@ -75,3 +75,32 @@ def test_an_unrolled_onnx_lstm_quantizes_with_one_recurrent_weight(tmp_path):
     assert sorted(ints.values()) == [128 * 16, 128 * 32], ints  # input and recurrent weights, once each
     ref, got = lstm(x)[0], q.run(x)[0]
     assert F.cosine_similarity(ref.flatten(), got.flatten(), 0) > 0.99
+
+
+def test_a_layer_whose_input_is_zero_on_every_batch_keeps_it_float(tmp_path):
+    """A map centred over its own 1x1 extent (a norm over one value per group) is 0 whatever the image (a tiny
+    MobileViT's pooled stage was): quantize stopped on "calibration data reaching 'conv2d_1' is constant"; that input stays float
+    (exact) and the rest quantizes. Zero data for the model's own input is still that error."""
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.gate = nn.Conv2d(8, 8, 1)
+            self.out = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            a = torch.relu(self.stem(x))
+            p = F.adaptive_avg_pool2d(a, 1)
+            g = self.gate(p - p.mean((2, 3), keepdim=True))  # centred over one value: 0
+            return self.out(a * torch.sigmoid(g))
+    torch.manual_seed(0)
+    model = Head().eval()
+    x = torch.randn(1, 3, 8, 8)
+    g = graphopt.trace(model, (x,))
+    q = graphopt.optimize(g, "quantize,fold-qdq", data=[(torch.randn(1, 3, 8, 8),) for _ in range(4)])
+    stats = q.meta["history"][0]["stats"]
+    assert list(stats["zero_inputs_kept_float"].values()) == ["conv2d_1"], stats
+    assert stats["activations_quantized"] == 2  # the stem's and the output conv's inputs
+    assert F.cosine_similarity(model(x).flatten(), q.run(x)[0].flatten(), 0) > 0.999
+    built = graphopt.load(graphopt.compile(q, "llvm", output=tmp_path / "a"))(x.numpy())[0]
+    np.testing.assert_allclose(built, q.run(x)[0].numpy(), rtol=1e-4, atol=1e-4)
