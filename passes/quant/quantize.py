@@ -468,8 +468,7 @@ class Quantize(Pass):
                                             "asymmetric_weights_made_symmetric": made_symmetric,
                                             "weight_bits": weights,
                                             **({"weights_auto": auto_reason} if auto_reason else {}),
-                                            "skipped": skipped,
-                                        **({"zero_inputs_kept_float": zero_kept} if zero_kept else {})})
+                                            "skipped": skipped})
         if not ops and not kept_bits:
             return PassResult(graph, False, {"skipped": skipped}, ("no linear with a float weight to quantize "
                                                                    "dynamically" if dynamic else
