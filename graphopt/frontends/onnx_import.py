@@ -57,8 +57,9 @@ def _onnx_dtype(elem_type: int) -> torch.dtype:
 class Importer:
     """Walks the ONNX graph in order, keeping a Value per tensor name."""
 
-    def __init__(self, model, input_shapes: dict[str, Sequence[int]] | None):
+    def __init__(self, model, input_shapes: dict[str, Sequence[int]] | None, base_dir: str = ""):
         self.model = model
+        self.base_dir = base_dir  # the folder external data is read from (load_onnx leaves it out of the proto)
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
         self.g = fx.Graph()
         self.root = torch.nn.Module()
@@ -204,7 +205,11 @@ class Importer:
         graph = self.model.graph
         inits = {i.name for i in graph.initializer}
         for init in graph.initializer:
-            arr = nh.to_array(init)
+            try:
+                arr = nh.to_array(init, self.base_dir)  # (weights in external data are read from their file here)
+            except (OSError, ValueError) as e:  # (a data file cut short)
+                raise ModelFileError(f"initializer '{init.name}' could not be read ({type(e).__name__}: "
+                                     f"{str(e).splitlines()[0] if str(e) else ''}); is its data file whole?") from None
             self.env[init.name] = Const(torch.from_numpy(np.array(arr, copy=True)), init.name)
         names = [inp.name for inp in graph.input if inp.name not in inits]
         safe_names = {input_name(n): n for n in names}  # (the graph's name, "input_1" for "input.1", is taken too)
@@ -262,7 +267,7 @@ class Importer:
         except Exception as e:
             raise ModelFileError(f"the imported ONNX graph could not be exported to ATen: {e}") from e
         g = Graph.from_exported_program(ep, self.input_names, out_names, source="onnx",
-                                        source_names=self.source_names)
+                                        source_names=self.source_names, copy=False)
         if self.dynamic_batch and self.decided_ifs:
             # (an If on the traced batch would run its batch-1 branch on every batch of a dynamic export, and the
             # export's own check, rows batched against rows alone, runs that one branch both ways)
@@ -1846,14 +1851,12 @@ def load_onnx(path: str | Path, input_shapes: dict[str, Sequence[int]] | None = 
     path = Path(path)
     if not path.exists():
         raise ModelFileError(f"ONNX file '{path}' does not exist")
-    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+    from onnx.external_data_helper import uses_external_data
     try:
         model = onnx.load(str(path), load_external_data=False)
         # a model whose weights lie beside it is checked from its file below: loaded, it may pass protobuf's 2 GB
         # limit, past which the in-memory check cannot serialize it (a 2.1 GB linear had failed "to serialize proto")
         external = any(uses_external_data(t) for t in model.graph.initializer)
-        if external:
-            load_external_data_for_model(model, str(path.parent))
     except onnx.checker.ValidationError as e:  # external data (weights beside the .onnx) missing or unreadable
         raise ModelFileError(f"'{path}': its weights are stored outside it (external data) and could not be read: "
                              f"{str(e).splitlines()[0].rstrip('.')}. Keep the data file(s) next to the .onnx, as exported") \
@@ -1863,8 +1866,18 @@ def load_onnx(path: str | Path, input_shapes: dict[str, Sequence[int]] | None = 
                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if not model.graph.node:
         raise ModelFileError(f"'{path}' holds no ONNX graph nodes (corrupt, truncated, or not an ONNX model)")
+    if external:
+        from onnx.external_data_helper import ExternalDataInfo
+        for t in model.graph.initializer:
+            where = ExternalDataInfo(t).location if uses_external_data(t) else ""
+            if where and not (path.parent / where).is_file():
+                raise ModelFileError(f"'{path}': its weights are stored outside it (external data) and could not be "
+                                     f"read: '{where}' (tensor '{t.name}') is not beside it. Keep the data file(s) "
+                                     "next to the .onnx, as exported")
     try:
         onnx.checker.check_model(str(path) if external else model)
     except onnx.checker.ValidationError as e:
         raise ModelFileError(f"'{path}' is not a valid ONNX model: {str(e).splitlines()[0]}") from None
-    return Importer(model, input_shapes).run()
+    # weights in external data are read tensor by tensor as the import copies them, never into the proto (which
+    # holds what it parsed until the import ends: a 2.16 GB linear's import had peaked at 4x its size)
+    return Importer(model, input_shapes, str(path.parent) if external else "").run()

@@ -96,8 +96,11 @@ class Graph:
     @classmethod
     def from_exported_program(cls, ep: torch.export.ExportedProgram, input_names: Sequence[str] | None = None,
                               output_names: Sequence[str] | None = None, source: str = "",
-                              source_names: dict[str, str] | None = None) -> "Graph":
-        """Turn an ExportedProgram into graphopt's canonical form: flat inputs, params as get_attr attributes."""
+                              source_names: dict[str, str] | None = None, copy: bool = True) -> "Graph":
+        """Turn an ExportedProgram into graphopt's canonical form: flat inputs, params as get_attr attributes.
+        `copy`: the parameters are copies (a traced model's are the user's own tensors); False adopts them, for a
+        program whose tensors nobody else holds (an ONNX import's: a copy had been a fourth of a 2 GB model's peak
+        memory)."""
         from torch.export.graph_signature import InputKind, OutputKind
 
         sig = ep.graph_signature
@@ -117,7 +120,7 @@ class Graph:
             if node.op == "placeholder":
                 if node.name in lifted:
                     fqn, kind = lifted[node.name]
-                    value = state[fqn].detach().clone()
+                    value = state[fqn].detach().clone() if copy else state[fqn].detach()
                     attr = _attr_name(fqn, taken)
                     if kind == InputKind.PARAMETER and value.is_floating_point():
                         root.register_parameter(attr, torch.nn.Parameter(value, requires_grad=False))
