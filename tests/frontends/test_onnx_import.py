@@ -197,8 +197,13 @@ def test_missing_external_weights_are_a_clear_error(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path),
               save_as_external_data=True, all_tensors_to_one_file=True, location="ext.onnx.data", size_threshold=0)
     assert graphopt.load_onnx(path).run(torch.ones(1, 4))[0].sum() == 16.0
+    data = (tmp_path / "ext.onnx.data").read_bytes()
+    (tmp_path / "ext.onnx.data").write_bytes(data[:10])  # cut short: named with its tensor
+    with pytest.raises(ModelFileError, match="initializer 'w' could not be read.*data file whole"):
+        graphopt.load_onnx(path)
     (tmp_path / "ext.onnx.data").unlink()
-    with pytest.raises(ModelFileError, match="external data.*Keep the data file"):
+    with pytest.raises(ModelFileError, match="external data.*'ext.onnx.data' .tensor 'w'. is not beside it.*Keep "
+                                             "the data file"):
         graphopt.load_onnx(path)
 
 
