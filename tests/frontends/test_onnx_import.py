@@ -186,16 +186,23 @@ def test_indexing_ops_match_onnxruntime_and_compile(tmp_path):
         np.testing.assert_allclose(np.asarray(o), r, rtol=1e-6, atol=1e-6)
 
 
+def _external_matmul(path, w: np.ndarray):
+    """x @ w saved at `path` with w beside it in `<name>.data` (ONNX's external data, as exporters write big
+    models)."""
+    from onnx import numpy_helper
+    node = helper.make_node("MatMul", ["x", "w"], ["y"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, w.shape[0]])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, w.shape[1]])],
+                              initializer=[numpy_helper.from_array(w, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path),
+              save_as_external_data=True, all_tensors_to_one_file=True, location=f"{path.name}.data",
+              size_threshold=0)
+
+
 def test_missing_external_weights_are_a_clear_error(tmp_path):
     """Exporters put big weights beside the .onnx (external data); without that file the model cannot load."""
-    from onnx import numpy_helper
-    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
-    node = helper.make_node("MatMul", ["x", "w"], ["y"])
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], initializer=[w])
     path = tmp_path / "ext.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path),
-              save_as_external_data=True, all_tensors_to_one_file=True, location="ext.onnx.data", size_threshold=0)
+    _external_matmul(path, np.ones((4, 4), np.float32))
     assert graphopt.load_onnx(path).run(torch.ones(1, 4))[0].sum() == 16.0
     data = (tmp_path / "ext.onnx.data").read_bytes()
     (tmp_path / "ext.onnx.data").write_bytes(data[:10])  # cut short: named with its tensor
@@ -211,17 +218,12 @@ def test_a_model_past_protobufs_2gb_in_external_data_imports(tmp_path, monkeypat
     """Weights beside the .onnx, together past protobuf's 2 GB: onnx's in-memory check cannot serialize the loaded
     model (a 2.1 GB linear's file failed "to serialize proto", a traceback); such a model is checked from its file.
     (onnx's limit lowered to 1 kB stands in for the 2 GB.)"""
-    from onnx import numpy_helper
-    w = numpy_helper.from_array(np.arange(64 * 32, dtype=np.float32).reshape(64, 32) / 1000, "w")
-    node = helper.make_node("MatMul", ["x", "w"], ["y"])
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])], initializer=[w])
+    w = np.arange(64 * 32, dtype=np.float32).reshape(64, 32) / 1000
     path = tmp_path / "big.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path),
-              save_as_external_data=True, all_tensors_to_one_file=True, location="big.onnx.data", size_threshold=0)
+    _external_matmul(path, w)
     monkeypatch.setattr(onnx.checker, "MAXIMUM_PROTOBUF", 1024)
     y = graphopt.load_onnx(path).run(torch.ones(1, 64))[0]
-    torch.testing.assert_close(y, torch.from_numpy(numpy_helper.to_array(w)).sum(0, keepdim=True))
+    torch.testing.assert_close(y, torch.from_numpy(w).sum(0, keepdim=True))
 
 
 
