@@ -223,11 +223,39 @@ def _data(args, graph):
 
 
 def _refuse_overwriting_model(args) -> None:
+    """-o must not name what the user gave: the model file, a folder holding it (compile replaces its output folder:
+    an artifact's own model.onnx compiled into that artifact's folder had been replaced), or, for an ONNX model, a
+    weights file it reads (an export past 2 GB writes FILE.onnx.data beside FILE.onnx)."""
     from graphopt.errors import GraphoptError
     model, out = Path(args.model), Path(args.output)
-    if not args.model.startswith("zoo:") and model.exists() and out.exists() and out.resolve() == model.resolve():
+    if args.model.startswith("zoo:") or not model.exists():
+        return
+    given, target = model.resolve(), out.resolve()
+    if target == given:
         raise GraphoptError(f"output '{out}' is the input model; graphopt never overwrites what you gave it: "
                             "choose another -o")
+    files = [given] + _external_data_files(given)
+    if args.cmd == "compile" and any(target in f.parents for f in files):
+        raise GraphoptError(f"the input model ('{model}' or a file it reads) lies inside the output folder '{out}', "
+                            "which the build replaces; graphopt never overwrites what you gave it: choose another -o")
+    written = target.parent / f"{target.name}.data"
+    if args.cmd == "opt" and written in files:
+        raise GraphoptError(f"'{written}' holds the input model's weights, and an ONNX export past 2 GB writes its "
+                            f"own there; choose another -o")
+
+
+def _external_data_files(model: Path) -> list[Path]:
+    """The files an .onnx model keeps its weights in (external data), resolved; none for other models."""
+    if model.suffix.lower() != ".onnx":
+        return []
+    try:
+        import onnx
+        from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+        proto = onnx.load(str(model), load_external_data=False)
+    except Exception:  # noqa: BLE001 - an unreadable model is the loader's error to report, with its words
+        return []
+    return sorted({(model.parent / ExternalDataInfo(t).location).resolve() for t in proto.graph.initializer
+                   if uses_external_data(t)})
 
 
 def _check_cpu(args) -> None:

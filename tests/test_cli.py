@@ -254,6 +254,28 @@ def test_opt_to_onnx_quantizes_for_onnxruntime_kernels(tmp_path, onnx_model, cap
                for a in stored if a.dtype == np.int8)
 
 
+def test_an_output_that_would_replace_the_input_or_its_weights_is_refused(tmp_path, onnx_model, capsys):
+    """compile replaces its output folder: an artifact's own model.onnx compiled into that folder had been replaced
+    (and the report timed the new file as "the input model"). And opt -o FILE.onnx may write FILE.onnx.data (past
+    2 GB): never the input's own weights file."""
+    import onnx
+    path, _, _ = onnx_model
+    art = tmp_path / "art"
+    assert cli_inproc(capsys, "compile", path, "--target", "onnx", "--no-report", "-o", art).returncode == 0
+    before = (art / "model.onnx").read_bytes()
+    one_line_error(cli_inproc(capsys, "compile", art / "model.onnx", "--target", "onnx", "--no-report", "-o", art),
+                   "lies inside the output folder")
+    assert (art / "model.onnx").read_bytes() == before
+    onnx.save_model(onnx.load(str(path)), str(tmp_path / "ext.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="g.onnx.data", size_threshold=0)
+    weights = (tmp_path / "g.onnx.data").read_bytes()
+    one_line_error(cli_inproc(capsys, "opt", tmp_path / "ext.onnx", "--pipeline", "fold-bn", "-o",
+                              tmp_path / "g.onnx"), "holds the input model's weights")
+    assert (tmp_path / "g.onnx.data").read_bytes() == weights and not (tmp_path / "g.onnx").exists()
+    assert cli_inproc(capsys, "opt", tmp_path / "ext.onnx", "--pipeline", "fold-bn", "-o",
+                      tmp_path / "h.onnx").returncode == 0
+
+
 def test_opt_never_overwrites_input_on_failure(tmp_path, onnx_model, capsys):
     path, _, _ = onnx_model
     original = path.read_bytes()

@@ -1831,7 +1831,7 @@ def _if_op(im, ins, at):
     branch = at["then_branch"] if bool(cond.t.reshape(-1)[0]) else at["else_branch"]
     im.decided_ifs.append(name)
     for init in branch.initializer:
-        im.env[init.name] = Const(torch.from_numpy(np.array(nh.to_array(init), copy=True)), init.name)
+        im.env[init.name] = Const(torch.from_numpy(np.array(nh.to_array(init, im.base_dir), copy=True)), init.name)
     im.import_nodes(branch.node)
     im.node_name, im.op = name, "If"
     return [im.env[o.name] for o in branch.output]
