@@ -79,8 +79,8 @@ def test_an_unrolled_onnx_lstm_quantizes_with_one_recurrent_weight(tmp_path):
 
 def test_a_layer_whose_input_is_zero_on_every_batch_keeps_it_float(tmp_path):
     """A map centred over its own 1x1 extent (a norm over one value per group) is 0 whatever the image (a tiny
-    MobileViT's pooled stage was): quantize stopped on "calibration data reaching 'conv2d_1' is constant"; that input stays float
-    (exact) and the rest quantizes. Zero data for the model's own input is still that error."""
+    MobileViT's pooled stage was): quantize stopped on "calibration data reaching 'conv2d_1' is constant"; that
+    input stays float (exact) and the rest quantizes. Zero data for the model's own input is still that error."""
     class Head(nn.Module):
         def __init__(self):
             super().__init__()
