@@ -19,9 +19,12 @@ from graphopt.ir.graph import Graph
 log = logging.getLogger(__name__)
 
 
-def trace(module: torch.nn.Module, example_inputs: Sequence[Any] | Any, *, input_names: Sequence[str] | None = None,
+def trace(module: torch.nn.Module, example_inputs: Sequence[Any] | Any = (), *,
+          example_kwargs: dict[str, Any] | None = None, input_names: Sequence[str] | None = None,
           output_names: Sequence[str] | None = None) -> Graph:
-    """Export `module` with static shapes taken from `example_inputs` and return graphopt's Graph.
+    """Export `module` with static shapes taken from `example_inputs` (positional) and `example_kwargs` (keyword:
+    `model(input_ids=..., attention_mask=...)`, as Hugging Face models are called) and return graphopt's Graph,
+    whose inputs are the positional ones then the keyword ones, by name (`graph.inputs`).
 
     The module is put in eval mode on a copy of its state only for the duration of the export and is not modified.
     """
@@ -29,6 +32,8 @@ def trace(module: torch.nn.Module, example_inputs: Sequence[Any] | Any, *, input
         raise GraphoptError(f"trace() needs a torch.nn.Module, got {type(module).__name__}")
     if isinstance(example_inputs, (torch.Tensor,)) or not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
+    if not example_inputs and not example_kwargs:
+        raise GraphoptError("trace() needs example inputs: trace(model, (x,)) or trace(model, example_kwargs={...})")
     # each submodule's own mode back afterwards (module.train(flag) would set every submodule to the top's flag: a
     # wrapper in train mode around an eval-mode model left the model in train mode)
     modes = [(m, m.training) for m in module.modules()]
@@ -42,7 +47,7 @@ def trace(module: torch.nn.Module, example_inputs: Sequence[Any] | Any, *, input
     err = io.StringIO()
     try:
         with torch.no_grad(), contextlib.redirect_stderr(err):
-            ep = torch.export.export(module, tuple(example_inputs), strict=False)
+            ep = torch.export.export(module, tuple(example_inputs), kwargs=example_kwargs or None, strict=False)
         sys.stderr.write(err.getvalue())
     except Exception as e:
         log.debug("torch.export's output before it failed:\n%s", err.getvalue())

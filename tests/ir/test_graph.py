@@ -172,3 +172,30 @@ def test_failed_save_leaves_existing_file(tmp_path, cnn_graph, monkeypatch):
     with pytest.raises(RuntimeError):
         g.save(path)
     assert path.read_bytes() == b"precious"
+
+
+def test_trace_takes_keyword_inputs_as_hugging_face_models_are_called(tmp_path):
+    """`model(input_ids=..., attention_mask=...)`: trace had no way to give keyword inputs (a TypeError), so an
+    optional mask could not be traced in. The graph takes them after the positional ones, by name."""
+    import numpy as np
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e = nn.Embedding(50, 8)
+
+        def forward(self, input_ids, attention_mask=None):
+            h = self.e(input_ids)
+            return (h if attention_mask is None else h * attention_mask[..., None]).sum(1)
+    torch.manual_seed(0)
+    m = Masked().eval()
+    ids, mask = torch.randint(0, 50, (2, 5)), torch.ones(2, 5)
+    mask[0, 3:] = 0
+    g = graphopt.trace(m, example_kwargs={"input_ids": ids, "attention_mask": mask})
+    assert [s.name for s in g.inputs] == ["input_ids", "attention_mask"]
+    want = m(ids, attention_mask=mask).detach()
+    torch.testing.assert_close(g.run(ids, mask)[0], want)
+    art = graphopt.load(graphopt.compile(g, "llvm", output=tmp_path / "a"))
+    np.testing.assert_allclose(art(ids.numpy(), mask.numpy())[0], want.numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(graphopt.GraphoptError, match="needs example inputs"):
+        graphopt.trace(m)
