@@ -1848,7 +1848,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         """adaptive_max_pool2d (x, output_size) -> (values, indices); TVM's importer has no converter (CBAM's
         channel attention did not compile). Output 1x1: `_extreme` over H and W (NaN kept), the indices Relax's
         argmax over the flattened map; sizes that divide the map: max pooling with kernel = stride = the quotient
-        (graphopt's kernel), where no graph may read the indices. Uneven windows are refused with the node's name."""
+        (graphopt's kernel); uneven windows: the max of each window's rows, then of its columns. No graph may read the
+        indices (refused with the node's name)."""
         x_val = node.args[0].meta["val"]
         oh, ow = (int(v) for v in node.args[1])
         bb, x = importer.block_builder, importer.env[node.args[0]]
@@ -1865,12 +1866,25 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             idx = bb.emit(relax.op.maximum(idx, relax.const(0, "int64")))
             return bb.emit(relax.Tuple([values, bb.emit(relax.op.reshape(idx, (n, c, 1, 1)))]))
         reads_indices = any(getattr(u.target, "__name__", "") != "getitem" or u.args[1] != 0 for u in node.users)
-        if h % oh or w % ow or reads_indices:
-            raise UnsupportedOpError(node.name, "aten.adaptive_max_pool2d", "graphopt takes output sizes that divide "
-                                     "the map (or 1x1), without reading the indices; use nn.MaxPool2d with the "
-                                     "window you want")
-        from graphopt.targets.tvm.cpu.pool import emit_max_pool
-        y = emit_max_pool(bb, x, x_val.shape, (h // oh, w // ow), (h // oh, w // ow), (0, 0))
+        if reads_indices:
+            raise UnsupportedOpError(node.name, "aten.adaptive_max_pool2d", "graphopt computes the values only, "
+                                     "without the indices; use nn.MaxPool2d with the window you want")
+        if h % oh == 0 and w % ow == 0:
+            from graphopt.targets.tvm.cpu.pool import emit_max_pool
+            y = emit_max_pool(bb, x, x_val.shape, (h // oh, w // ow), (h // oh, w // ow), (0, 0))
+        else:  # uneven windows (a 7x9 map to 3x4; refused before): PyTorch's window i spans
+            # [floor(i * size / out), ceil((i + 1) * size / out)); a rectangle's max is its rows' max of column maxima,
+            # and a window holding a NaN gives NaN as PyTorch's (Relax's max drops it: a flag map is pooled beside)
+            def windows(t):
+                for axis, size, out in ((2, h, oh), (3, w, ow)):
+                    t = bb.emit(relax.op.concat([bb.emit(relax.op.max(bb.emit(relax.op.strided_slice(
+                        t, [axis], [i * size // out], [-(-(i + 1) * size // out)])), axis=[axis], keepdims=True))
+                        for i in range(out)], axis=axis))
+                return t
+            dtype = str(x_val.dtype).replace("torch.", "")
+            nan = windows(bb.emit(relax.op.astype(bb.emit(relax.op.isnan(x)), dtype)))
+            y = bb.emit(relax.op.where(bb.emit(relax.op.greater(nan, relax.const(0, dtype))),
+                                       relax.const(float("nan"), dtype), windows(x)))
         return bb.emit(relax.Tuple([y, bb.emit(relax.op.zeros((n, c, oh, ow), "int64"))]))
 
     def max_pool2d(node, importer, name: str = "max_pool2d.default"):
