@@ -1874,6 +1874,12 @@ def load_onnx(path: str | Path, input_shapes: dict[str, Sequence[int]] | None = 
                 raise ModelFileError(f"'{path}': its weights are stored outside it (external data) and could not be "
                                      f"read: '{where}' (tensor '{t.name}') is not beside it. Keep the data file(s) "
                                      "next to the .onnx, as exported")
+    shapeless = [o for o in model.graph.output if o.type.HasField("tensor_type")
+                 and not o.type.tensor_type.HasField("shape")]
+    for o in shapeless:  # (ONNX Runtime runs a file whose outputs declare no shape, onnx's checker refuses it:
+        o.type.tensor_type.shape.SetInParent()  # the import computes every shape and reads only the outputs' names)
+    if shapeless:
+        log.info("outputs %s declare no shape; taken as the graph computes them", [o.name for o in shapeless])
     try:
         onnx.checker.check_model(str(path) if external else model)
     except onnx.checker.ValidationError as e:

@@ -239,3 +239,20 @@ def test_a_given_shape_may_name_the_input_as_the_graph_does(tmp_path):
     for name in ("ids.1", "ids_1"):
         g = graphopt.load_model(path, {name: (2, 5)})
         assert g.inputs[0].name == "ids_1" and g.inputs[0].shape == (2, 5)
+
+
+def test_outputs_that_declare_no_shape_import_as_onnxruntime_runs_them(tmp_path):
+    """An output with a type but no shape: ONNX Runtime runs the file, onnx's checker refused it ("Field 'shape' of
+    'type' is required but missing"), and so did the import. The graph computes every shape itself."""
+    v = helper.make_tensor_value_info
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Neg", ["x"], ["z"])], "g",
+                              [v("x", TensorProto.FLOAT, [2, 3])], [v("y", TensorProto.FLOAT, None),
+                                                                    v("z", TensorProto.FLOAT, [2, 3])])
+    path = tmp_path / "noshape.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    x = np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)
+    want = ort.InferenceSession(str(path)).run(None, {"x": x})
+    g = graphopt.load_onnx(path)
+    assert [(s.name, tuple(s.shape)) for s in g.outputs] == [("y", (2, 3)), ("z", (2, 3))]
+    for got, ref in zip(g.run(torch.from_numpy(x)), want):
+        np.testing.assert_array_equal(got.numpy(), ref)
