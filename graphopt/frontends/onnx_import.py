@@ -1857,10 +1857,8 @@ def load_onnx(path: str | Path, input_shapes: dict[str, Sequence[int]] | None = 
         # a model whose weights lie beside it is checked from its file below: loaded, it may pass protobuf's 2 GB
         # limit, past which the in-memory check cannot serialize it (a 2.1 GB linear had failed "to serialize proto")
         external = any(uses_external_data(t) for t in model.graph.initializer)
-    except onnx.checker.ValidationError as e:  # external data (weights beside the .onnx) missing or unreadable
-        raise ModelFileError(f"'{path}': its weights are stored outside it (external data) and could not be read: "
-                             f"{str(e).splitlines()[0].rstrip('.')}. Keep the data file(s) next to the .onnx, as exported") \
-            from None
+    except onnx.checker.ValidationError as e:  # (external data is read later, tensor by tensor: see below)
+        raise ModelFileError(f"'{path}' is not a valid ONNX model: {str(e).splitlines()[0]}") from None
     except (DecodeError, ValueError, RuntimeError, OSError) as e:
         raise ModelFileError(f"'{path}' is not a readable ONNX model (corrupt or truncated?): "
                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None

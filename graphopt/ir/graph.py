@@ -108,6 +108,7 @@ class Graph:
         state = dict(ep.state_dict)
         state.update(ep.constants)
         lifted = {}
+        adopted: set[int] = set()  # storages of the tensors taken as they are (copy=False)
         for spec in sig.input_specs:
             if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
                 lifted[spec.arg.name] = (spec.target, spec.kind)
@@ -120,7 +121,11 @@ class Graph:
             if node.op == "placeholder":
                 if node.name in lifted:
                     fqn, kind = lifted[node.name]
-                    value = state[fqn].detach().clone() if copy else state[fqn].detach()
+                    value = state[fqn].detach()
+                    storage = value.untyped_storage().data_ptr()
+                    if copy or storage in adopted:  # (two adopted tensors sharing memory: a pass writing one in
+                        value = value.clone()  # place, sparsify's masking, training, would change the other)
+                    adopted.add(storage)
                     attr = _attr_name(fqn, taken)
                     if kind == InputKind.PARAMETER and value.is_floating_point():
                         root.register_parameter(attr, torch.nn.Parameter(value, requires_grad=False))

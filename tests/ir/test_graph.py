@@ -199,3 +199,25 @@ def test_trace_takes_keyword_inputs_as_hugging_face_models_are_called(tmp_path):
     np.testing.assert_allclose(art(ids.numpy(), mask.numpy())[0], want.numpy(), rtol=1e-5, atol=1e-6)
     with pytest.raises(graphopt.GraphoptError, match="needs example inputs"):
         graphopt.trace(m)
+
+
+def test_adopting_an_exported_programs_tensors_never_shares_memory_between_parameters():
+    """copy=False (an ONNX import's own tensors, adopted: no second copy of a 2 GB model) still copies a tensor whose
+    memory another parameter already holds, so a pass writing one in place (sparsify's masks, training) leaves the
+    other as it was."""
+    class Views(nn.Module):
+        def __init__(self):
+            super().__init__()
+            t = torch.arange(8.0)
+            self.register_buffer("a", t)
+            self.register_buffer("b", t[:4])
+
+        def forward(self, x):
+            return x * self.a[:4] + self.b
+    ep = torch.export.export(Views(), (torch.ones(4),), strict=False)
+    g = Graph.from_exported_program(ep, copy=False)
+    a, b = (t for _, t in sorted(g.params().items()))
+    assert a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
+    a.mul_(0)
+    torch.testing.assert_close(b, torch.arange(4.0))
+    torch.testing.assert_close(g.run(torch.ones(4))[0], torch.arange(4.0))
