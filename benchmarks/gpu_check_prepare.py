@@ -2,13 +2,13 @@
   - tvm-runtime.tar.xz: TVM's runtime alone (the compiler library left out: the kernels are compiled here),
   - wheels/: apache-tvm-ffi for the GPU machine's Python (3.12),
   - kernels/*.so + kernels/index.json: GEMM and conv kernels (MiniLM-L6 and MobileNetV2 shapes, and large GEMMs),
-    dlight's dense fp16 and int8, graphopt's dense tensor-core kernels (mma.sync fp16 and int8) and 2:4 sparse fp16
-    and int8 (mma.sp; the simple kernel and the one staging activations in shared memory), the tiled ones in several
-    tile shapes, weights as inputs, cross-compiled for sm_90 with nvcc,
+    dlight's dense fp16 and int8, graphopt's multistage tensor-core kernels (dense on mma.sync and 2:4 on mma.sp,
+    fp16 and int8, at the tiles the build picks and one other shape) and its simple 2:4 kernel, weights as inputs,
+    cross-compiled for sm_90 with nvcc (--quick: the multistage kernels alone),
   - minilm/ (by default; --models adds minilm_int8, mobilenet_v2, efficientnet_lite0): fp16 cuda artifacts of
     shipped models and their fp32 PyTorch outputs on the shipped sentences or photos.
 
-    python benchmarks/gpu_check_prepare.py [--arch sm_90] [--skip-model] [--models minilm,mobilenet_v2]
+    python benchmarks/gpu_check_prepare.py [--arch sm_90] [--quick] [--skip-model] [--models minilm,mobilenet_v2]
 """
 from __future__ import annotations
 
@@ -32,11 +32,10 @@ GEMMS = [("minilm qkv/out 128x384x384", 128, 384, 384), ("minilm ffn-up 128x384x
          ("mnv2 pw 28x28 32->192", 784, 32, 192), ("mnv2 pw 14x14 384->64", 196, 384, 64),
          ("mnv2 pw 7x7 960->320", 49, 960, 320), ("mnv2 pw 7x7 320->1280", 49, 320, 1280),
          ("large 2048^3", 2048, 2048, 2048), ("large 4096^3", 4096, 4096, 4096), ("large 8192^3", 8192, 8192, 8192)]
-# tile shapes (row tiles per warp, column tiles per warp, row warps, column warps[, pipelined]) tried besides the
-# default (2, 4, 4, 2): on every GEMM the pipelined default; on the large ones also 128 x 128 blocks with more reuse
-# of each weight (2, 8, 4, 2) or activation (4, 4, 2, 4) register, and the pipelined 128 x 128
-TILE_VARIANTS_SMALL = [(2, 4, 4, 2, 1)]
-TILE_VARIANTS = [(2, 8, 4, 2), (4, 4, 2, 4), (2, 4, 4, 2, 1), (2, 8, 4, 2, 1)]
+# the multistage kernels (targets/tvm/gpu/gemm.py): (row tiles per warp, column tiles per warp, row warps, column
+# warps, k-steps per stage, stages). Each GEMM gets the tiles the build picks (gemm.pipeline_tiles) and the other
+# shape of the two the build chooses between; 2026-12-04's runs measured more (see pipeline_tiles).
+PIPE_VARIANTS = {False: [(1, 4, 2, 2, 2, 4), (4, 8, 2, 2, 2, 4)], True: [(1, 4, 2, 2, 1, 4), (4, 8, 2, 2, 2, 4)]}
 # (name, c_in, c_out, size, kernel, stride, groups)
 CONVS = [("mnv2 stem 3->32 3x3/2 224", 3, 32, 224, 3, 2, 1), ("mnv2 dw 144 3x3 56", 144, 144, 56, 3, 1, 144),
          ("mnv2 pw 56x56 24->144", 24, 144, 56, 1, 1, 1), ("mnv2 pw 14x14 384->64", 384, 64, 14, 1, 1, 1)]
@@ -58,12 +57,14 @@ def _relax_main(params, body):
     return bb.get()
 
 
-def build_kernels(arch: str, out: Path) -> list[dict]:
+def build_kernels(arch: str, out: Path, quick: bool = False) -> list[dict]:
+    """Every kernel to measure; quick: graphopt's multistage tensor-core kernels only (every variant), without
+    dlight's kernels, the simple 2:4 kernel and the convs."""
     from tvm import relax
 
+    from graphopt.targets.tvm.gpu.gemm import pipeline_fit, pipeline_tiles, tc_kernel_pipelined
     from graphopt.targets.tvm.gpu.pipeline import build_cuda, cuda_target
-    from graphopt.targets.tvm.gpu.sparse import (DENSE_FORMATS, FORMATS, dense_kernel_tiled, sp24_kernel,
-                                                 sp24_kernel_tiled)
+    from graphopt.targets.tvm.gpu.sparse import DENSE_FORMATS, FORMATS, sp24_kernel
     tgt = cuda_target(arch)
     index = []
 
@@ -73,54 +74,43 @@ def build_kernels(arch: str, out: Path) -> list[dict]:
         index.append({"name": name, "kind": kind, "shape": list(shape), "file": file, "tiles": tiles})
         print(f"  built {kind:<8} {name} {tiles or ''}", flush=True)
 
-    def call(kern, name, ydtype, m, n):
+    def call(kern, ydtype, m, n):
         def body(bb, *args):
-            gv = bb.add_func(kern, name)
+            gv = bb.add_func(kern, "tc")
             return bb.emit(relax.call_tir(gv, list(args), relax.TensorType((m, n), ydtype)))
         return body
 
+    def packed_params(m, k, n, xdtype, f, sparse):
+        params = [("x", (m, k), xdtype), ("wv", (n // 16, k // f.tile_k, 32, 4), "uint32")]
+        params += [("wm", (n // 16, k // f.tile_k, 32), "uint32")] if sparse else []
+        return params + [("b", (n,), "float32")]
+
     for name, m, k, n in GEMMS:
+        # graphopt's multistage tensor-core kernels (targets/tvm/gpu/gemm.py): the default tiles and the variants
+        for kind, fmt, sparse, xdtype, ydtype in (("dense16p", "f16", False, "float16", "float32"),
+                                                  ("int8p", "s8", False, "int8", "int32"),
+                                                  ("sp24p", "f16", True, "float16", "float32"),
+                                                  ("sp24ps8", "s8", True, "int8", "int32")):
+            f = (FORMATS if sparse else DENSE_FORMATS)[fmt]
+            for tiles in PIPE_VARIANTS[sparse]:
+                if pipeline_fit(m, k, n, sparse, fmt, tiles):
+                    continue
+                build(name, kind, (m, k, n), packed_params(m, k, n, xdtype, f, sparse),
+                      call(tc_kernel_pipelined(m, k, n, False, fmt, sparse, tiles), ydtype, m, n), list(tiles))
+                index[-1]["build_default"] = tiles == pipeline_tiles(m, n, sparse)
+        if quick:
+            continue
         build(name, "dense16", (m, k, n), [("x", (m, k), "float16"), ("w", (n, k), "float16")],
               lambda bb, x, w: bb.emit(relax.op.matmul(x, bb.emit(relax.op.permute_dims(w)), out_dtype="float32")))
         build(name, "int8", (m, k, n), [("x", (m, k), "int8"), ("w", (n, k), "int8")],
               lambda bb, x, w: bb.emit(relax.op.matmul(x, bb.emit(relax.op.permute_dims(w)), out_dtype="int32")))
-        for kind, fmt, xdtype, ydtype in (("sp24", "f16", "float16", "float32"), ("sp24s8", "s8", "int8", "int32"),
-                                          ("sp24t", "f16", "float16", "float32"),
-                                          ("sp24ts8", "s8", "int8", "int32")):
-            tk = FORMATS[fmt].tile_k
-            if n % 16 or k % tk:
+        # the simple 2:4 kernel (no shared memory: what 1x1 convs at batch 1 run on)
+        for kind, fmt, xdtype, ydtype in (("sp24", "f16", "float16", "float32"), ("sp24s8", "s8", "int8", "int32")):
+            if n % 16 or k % FORMATS[fmt].tile_k:
                 continue
-            kern = (sp24_kernel_tiled(m, k, n, False, fmt) if kind.startswith("sp24t")
-                    else sp24_kernel(m, k, n, False, "tk", xdtype, fmt))
-
-            def sparse_body(bb, x, wv, wm, b, kern=kern, m=m, n=n, ydtype=ydtype):
-                gv = bb.add_func(kern, "sp24")
-                return bb.emit(relax.call_tir(gv, [x, wv, wm, b], relax.TensorType((m, n), ydtype)))
-            build(name, kind, (m, k, n), [("x", (m, k), xdtype), ("wv", (n // 16, k // tk, 32, 4), "uint32"),
-                                          ("wm", (n // 16, k // tk, 32), "uint32"), ("b", (n,), "float32")],
-                  sparse_body)
-        # graphopt's own dense tensor-core kernels (the 2:4 kernel's design on mma.sync), default tiles and, on the
-        # large GEMMs, the other tile shapes worth measuring
-        variants = [None] + (TILE_VARIANTS if m >= 2048 else TILE_VARIANTS_SMALL)
-        for tiles in variants:
-            for kind, fmt, xdtype, ydtype in (("dense16t", "f16", "float16", "float32"),
-                                              ("int8t", "s8", "int8", "int32")):
-                if n % 16 or k % 64:
-                    continue
-                build(name, kind, (m, k, n), [("x", (m, k), xdtype),
-                                              ("wv", (n // 16, k // DENSE_FORMATS[fmt].tile_k, 32, 4), "uint32"),
-                                              ("b", (n,), "float32")],
-                      call(dense_kernel_tiled(m, k, n, False, fmt, tiles), "dense", ydtype, m, n), tiles)
-            if tiles:
-                for kind, fmt, xdtype, ydtype in (("sp24t", "f16", "float16", "float32"),
-                                                  ("sp24ts8", "s8", "int8", "int32")):
-                    tk = FORMATS[fmt].tile_k
-                    if n % 16 or k % tk:
-                        continue
-                    build(name, kind, (m, k, n), [("x", (m, k), xdtype), ("wv", (n // 16, k // tk, 32, 4), "uint32"),
-                                                  ("wm", (n // 16, k // tk, 32), "uint32"), ("b", (n,), "float32")],
-                          call(sp24_kernel_tiled(m, k, n, False, fmt, tiles), "sp24", ydtype, m, n), tiles)
-    for name, cin, cout, size, ks, stride, groups in CONVS:
+            build(name, kind, (m, k, n), packed_params(m, k, n, xdtype, FORMATS[fmt], True),
+                  call(sp24_kernel(m, k, n, False, "tk", xdtype, fmt), ydtype, m, n))
+    for name, cin, cout, size, ks, stride, groups in ([] if quick else CONVS):
         build(name, "conv16", (cin, cout, size, ks, stride, groups),
               [("x", (1, cin, size, size), "float16"), ("w", (cout, cin // groups, ks, ks), "float16")],
               lambda bb, x, w, s=stride, p=ks // 2, g=groups: bb.emit(relax.op.nn.conv2d(
@@ -175,6 +165,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="sm_90", help="GPU architecture to compile for (the H200 is sm_90)")
     ap.add_argument("--skip-model", action="store_true", help="kernels only (no model artifacts)")
+    ap.add_argument("--quick", action="store_true",
+                    help="graphopt's multistage tensor-core kernels only (no dlight kernels, no simple 2:4 kernel, no "
+                         "convs): a shorter run on the GPU")
     ap.add_argument("--models", default="minilm",
                     help="comma-separated artifacts to build, from: " + ", ".join(m[0] for m in MODELS)
                          + " (default minilm: the one on graphopt's tensor-core kernels; MiniLM's 44 MiB and the "
@@ -188,7 +181,7 @@ def main() -> int:
         work = Path(tmp)
         (work / "kernels").mkdir()
         print("building kernels ...", flush=True)
-        index = build_kernels(args.arch, work / "kernels")
+        index = build_kernels(args.arch, work / "kernels", args.quick)
         (work / "kernels" / "index.json").write_text(json.dumps({"arch": args.arch, "kernels": index}, indent=1))
         runtime_tarball(work)
         ffi_wheel(work)

@@ -98,7 +98,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
     def _dense_tc(bb, node, x, wname, bias, fmt):
         """x @ w^T (+ bias) on graphopt's dense tensor-core kernel for the constant weight `wname`, or None where
         the kernel does not apply (the caller emits the plain op)."""
-        from graphopt.targets.tvm.gpu.sparse import dense_tc_applies, emit_dense_tc, tc_tiles
+        from graphopt.targets.tvm.gpu.gemm import pipeline_tiles
+        from graphopt.targets.tvm.gpu.sparse import dense_tc_applies, emit_dense_tc
         wt = (lifted or {}).get(wname)
         x_shape = node.args[0].meta["val"].shape
         if wt is None or wt.dim() != 2 or fmt is None:
@@ -107,12 +108,12 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         cols = math.prod(int(d) for d in x_shape[:-1])
         if dense_tc_applies(n, k, fmt) or cols == 0:
             return None
-        tiles = tc_tiles(cols, n)
+        tiles = pipeline_tiles(cols, n)
         x2 = bb.emit(relax.op.reshape(x, (cols, k)))
         y = emit_dense_tc(bb, x2, wt.detach().float().numpy(), bias, cols, fmt, tiles)
         param = gpu_dense.get("names", {}).get(wname, wname)
         gpu_dense["records"][param] = {"shape": [cols, k, n], "format": fmt, "tiles": list(tiles),
-                                       "kernel": "graphopt dense tensor-core (mma.sync)"}
+                                       "kernel": "graphopt dense tensor-core (mma.sync, multistage)"}
         return bb.emit(relax.op.reshape(y, [int(d) for d in x_shape[:-1]] + [n]))
 
     def _sparse_int8_acc(bb, node, xq):

@@ -48,7 +48,7 @@ class CudaCostOracle:
         from tvm import relax
 
         from graphopt.targets.tvm.gpu.pipeline import build_cuda, cuda_target
-        from graphopt.targets.tvm.gpu.sparse import dense_tc_applies, emit_dense_tc, emit_sp24, tc_tiles
+        from graphopt.targets.tvm.gpu.sparse import dense_tc_applies, emit_dense_tc, emit_sp24
         dev = tvm.cuda(0)
         arch = self.arch or "sm_" + str(dev.compute_version).replace(".", "")
         w = weight.detach().float().numpy() if hasattr(weight, "detach") else np.asarray(weight, np.float32)
@@ -59,7 +59,7 @@ class CudaCostOracle:
                 if layout == "sp24":
                     y = emit_sp24(bb, x, w, None, m, "tk")
                 elif not dense_tc_applies(*w.shape):  # the dense kernel the build would use
-                    y = emit_dense_tc(bb, x, w, None, m, "f16", tc_tiles(m, w.shape[0]))
+                    y = emit_dense_tc(bb, x, w, None, m, "f16")
                 else:
                     y = bb.emit(relax.op.matmul(x, relax.const(np.ascontiguousarray(w.T))))
                 out = bb.emit_output(y)

@@ -437,235 +437,19 @@ def sp24_kernel(cols: int, k: int, n: int, bias: bool, activations: str = "tk", 
     return kernel
 
 
-TILED_WARPS_N, TILED_WARPS_C = 4, 2  # warps per block along weight rows and along activation columns
-
-
-def tiled_row_words(fmt: str = "f16") -> int:
-    """Words per staged column in shared memory: the k step's 16 words plus 4 of padding (16-byte aligned rows
-    whose fragment reads fall in distinct banks)."""
-    f = fmt_of(fmt)
-    return f.tile_k // f.per_reg + 4
-
-
-def sp24_kernel_tiled(cols: int, k: int, n: int, bias: bool, fmt: str = "f16", tiles: tuple | None = None):
-    """The 2:4 kernel with activation tiles staged in shared memory, for a linear (x [cols, k] of the instruction's
-    element type, y [cols, n]): by default a block of 4 x 2 warps covers 128 weight rows x 64 columns, and each step
-    over k loads the block's 64 x tile_k activation tile once (16-byte loads, one per thread) into shared memory,
-    from which all four row-warps read their B fragments (rows padded to 20 words: the fragment reads hit 32
-    distinct banks). Weights and metadata come from global memory in fragment order as in `sp24_kernel`."""
-    return tc_kernel_tiled(cols, k, n, bias, fmt, True, tiles)
-
-
-def dense_kernel_tiled(cols: int, k: int, n: int, bias: bool, fmt: str = "f16", tiles: tuple | None = None):
-    """The same kernel on the dense instruction (`mma.sync`, m16n8k16 fp16/bf16, m16n8k32 int8): the weight is
-    packed in fragment order at compile time (`pack_dense_fragments`), x [cols, k] is staged in shared memory, and
-    each stage covers two instruction steps over k, so the staging is the 2:4 kernel's."""
-    return tc_kernel_tiled(cols, k, n, bias, fmt, False, tiles)
-
-
-DEFAULT_TILES = (M_TILES_PER_WARP, COLS_PER_WARP, TILED_WARPS_N, TILED_WARPS_C)
-
-
-def tiles_fit(tiles: tuple) -> str:
-    """'' when (row tiles per warp, column tiles per warp, row warps, column warps[, pipelined]) stage evenly; else
-    why not."""
-    if len(tiles) not in (4, 5):
-        return (f"tiles {tiles}: give (row tiles per warp, column tiles per warp, row warps, column warps"
-                "[, pipelined])")
-    mt, j, wn, wc = tiles[:4]
-    if min(tiles[:4]) < 1 or wn * wc > 32 or (4 * j) % wn or ((4 * j) // wn) % 4:
-        return (f"tiles {tiles}: each thread must stage a whole number of 16-byte words (4 j / wn a multiple of 4) "
-                "with at most 32 warps")
-    return ""
-
-
-def tc_kernel_tiled(cols: int, k: int, n: int, bias: bool, fmt: str, sparse: bool, tiles: tuple | None = None):
-    """PrimFunc of the shared-memory tensor-core linear: sparse (x, values, metadata, bias) -> y on mma.sp, or dense
-    (x, values, bias) -> y on mma.sync. tiles = (row tiles of 16 per warp, column tiles of 8 per warp, warps along
-    rows, warps along columns[, pipelined]). Every stage over k moves 16 words of each of the block's columns into
-    shared memory (tid-contiguous 16-byte loads) and runs one sparse or two dense instructions per (row tile, column
-    tile). Pipelined: two shared buffers, and the next stage's activations and weight registers are loaded while
-    this stage's instructions run (one barrier per stage)."""
-    import tvm.backend.cuda  # noqa: F401  (registers T.ptx)
-    from tvm.script import tirx as T
-
-    f = fmt_of(fmt) if sparse else dense_fmt_of(fmt)
-    tiles = tuple(tiles or DEFAULT_TILES)
-    why = tiles_fit(tiles)
-    if why:
-        raise TargetError(why)
-    MT, J, wn_, wc_ = tiles[:4]
-    pipe = len(tiles) > 4 and bool(tiles[4])
-    e = f.per_reg
-    ksub = 1 if sparse else 2  # instruction steps per stage
-    stage_k = f.tile_k * ksub
-    if k % stage_k or n % TILE_M:
-        raise TargetError(f"a tensor-core linear ({f.name}) needs rows % {TILE_M} == 0 and inputs % {stage_k} == 0, "
-                          f"got {n}x{k}")
-    nt, kt, ks = n // TILE_M, k // f.tile_k, k // stage_k
-    words = stage_k // e  # 32-bit words of one column's stage (16)
-    bregs = 4 // ksub  # B registers per instruction
-    stride = words + 4
-    bcols = wc_ * J * TILE_N
-    rows_tiles = wn_ * MT
-    threads = 32 * wn_ * wc_
-    per_thread = bcols * words // threads  # words each thread stages (a multiple of 4: 16-byte loads)
-    grid_n, grid_c = (nt + rows_tiles - 1) // rows_tiles, (cols + bcols - 1) // bcols
-    integer = f.name == "s8"
-    reg_acc = "uint32" if integer else f.acc
-    xdtype = f.value
-
-    def result(acc_value, bias_value):
-        if integer:
-            return T.reinterpret("int32", acc_value)
-        return acc_value + bias_value if bias else acc_value
-
-    def mma(acc, a, bf, meta, m, j, s):
-        q = (m * J + j) * 4
-        ar = (m * ksub + s) * 4
-        br = (j * ksub + s) * bregs
-        if sparse:
-            return T.ptx[f.ptx](acc[q], acc[q + 1], acc[q + 2], acc[q + 3], a[ar], a[ar + 1], a[ar + 2], a[ar + 3],
-                                bf[br], bf[br + 1], bf[br + 2], bf[br + 3], acc[q], acc[q + 1], acc[q + 2],
-                                acc[q + 3], meta[m], 0)
-        return T.ptx[f.ptx](acc[q], acc[q + 1], acc[q + 2], acc[q + 3], a[ar], a[ar + 1], a[ar + 2], a[ar + 3],
-                            bf[br], bf[br + 1], acc[q], acc[q + 1], acc[q + 2], acc[q + 3])
-
-    @T.macro
-    def stage_x(xr, xw, by, tid, k0):
-        """This thread's per_thread words of the block's activation tile for stage k0 into registers xr."""
-        for it in T.unroll(per_thread // 4):
-            for v in T.vectorized(4):
-                xr[it * 4 + v] = T.if_then_else(
-                    by * bcols + (tid * per_thread + it * 4) // words < cols,
-                    xw[T.min(by * bcols + (tid * per_thread + it * 4) // words, cols - 1),
-                       k0 * words + (tid * per_thread + it * 4) % words + v], T.uint32(0))
-
-    @T.macro
-    def store_x(sb, xr, tid, half):
-        for it in T.unroll(per_thread // 4):
-            for v in T.vectorized(4):
-                sb[half * (bcols * stride) + (tid * per_thread + it * 4) // words * stride
-                   + (tid * per_thread + it * 4) % words + v] = xr[it * 4 + v]
-
-    @T.macro
-    def load_w(a, meta, wv, wm, first, k0, lane):
-        for m in T.unroll(MT):
-            if first + m < nt:
-                for s in T.unroll(ksub):
-                    for r in T.vectorized(4):
-                        a[(m * ksub + s) * 4 + r] = wv[first + m, k0 * ksub + s, lane, r]
-                if sparse:
-                    meta[m] = wm[first + m, k0, lane]
-
-    @T.macro
-    def compute(sb, half, acc, a, bf, meta, first, lane, warp):
-        """B fragments of this warp's columns from shared buffer `half`, then every (row tile, column tile) step."""
-        for j in T.unroll(J):
-            for s in T.unroll(ksub):
-                for r in T.unroll(bregs):
-                    bf[(j * ksub + s) * bregs + r] = sb[
-                        half * (bcols * stride)
-                        + ((warp // wn_) * (J * TILE_N) + j * TILE_N + b_coords(lane, r, e)[1]) * stride
-                        + s * (f.tile_k // e) + b_coords(lane, r, e)[0] // e]
-        for m in T.unroll(MT):
-            if first + m < nt:
-                for j in T.unroll(J):
-                    for s in T.unroll(ksub):
-                        mma(acc, a, bf, meta, m, j, s)
-
-    @T.macro
-    def epilogue(acc, b, y, first, col0, lane):
-        for m in T.unroll(MT):
-            if first + m < nt:
-                for j in T.unroll(J):
-                    for i in T.unroll(4):
-                        row = (first + m) * TILE_M + c_coords(lane, i)[0]
-                        c = col0 + j * TILE_N + c_coords(lane, i)[1]
-                        if c < cols:
-                            y[c, row] = result(acc[(m * J + j) * 4 + i], b[row])
-
-    @T.macro
-    def body(xb, wv, wm, b, y):
-        bx = T.launch_thread("blockIdx.x", grid_n)
-        by = T.launch_thread("blockIdx.y", grid_c)
-        lane = T.launch_thread("threadIdx.x", 32)
-        warp = T.launch_thread("threadIdx.y", wn_ * wc_)
-        sb = T.alloc_buffer(((2 if pipe else 1) * bcols * stride,), "uint32", scope="shared")
-        acc = T.alloc_buffer((MT * J * 4,), reg_acc, scope="local")
-        a = T.alloc_buffer((MT * ksub * 4,), "uint32", scope="local")
-        meta = T.alloc_buffer((MT,), "uint32", scope="local")
-        bf = T.alloc_buffer((J * 4,), "uint32", scope="local")
-        xr = T.alloc_buffer((per_thread,), "uint32", scope="local")
-        xw = xb.view("uint32")
-        first = bx * rows_tiles + (warp % wn_) * MT
-        col0 = by * bcols + (warp // wn_) * (J * TILE_N)
-        tid = warp * 32 + lane
-        for i in T.unroll(MT * J * 4):
-            acc[i] = T.Cast(reg_acc, 0)
-        if pipe:
-            an = T.alloc_buffer((MT * ksub * 4,), "uint32", scope="local")
-            mn = T.alloc_buffer((MT,), "uint32", scope="local")
-            stage_x(xr, xw, by, tid, 0)
-            store_x(sb, xr, tid, 0)
-            load_w(a, meta, wv, wm, first, 0, lane)
-            T.tvm_storage_sync("shared")
-            for k0 in range(ks):
-                if k0 + 1 < ks:  # next stage's loads in flight while this stage computes
-                    stage_x(xr, xw, by, tid, k0 + 1)
-                    load_w(an, mn, wv, wm, first, k0 + 1, lane)
-                compute(sb, k0 % 2, acc, a, bf, meta, first, lane, warp)
-                if k0 + 1 < ks:
-                    store_x(sb, xr, tid, (k0 + 1) % 2)
-                    for i in T.unroll(MT * ksub * 4):
-                        a[i] = an[i]
-                    for i in T.unroll(MT):
-                        meta[i] = mn[i]
-                T.tvm_storage_sync("shared")
-        else:
-            for k0 in range(ks):
-                stage_x(xr, xw, by, tid, k0)
-                store_x(sb, xr, tid, 0)
-                T.tvm_storage_sync("shared")
-                load_w(a, meta, wv, wm, first, k0, lane)
-                compute(sb, 0, acc, a, bf, meta, first, lane, warp)
-                T.tvm_storage_sync("shared")
-        epilogue(acc, b, y, first, col0, lane)
-
-    if sparse:
-        @T.prim_func(private=True)
-        def kernel(xb: T.Buffer((cols, k), xdtype), wv: T.Buffer((nt, kt, 32, 4), "uint32"),
-                   wm: T.Buffer((nt, kt, 32), "uint32"), b: T.Buffer((n,), "float32"),
-                   y: T.Buffer((cols, n), f.acc)):
-            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-            body(xb, wv, wm, b, y)
-        return kernel
-
-    @T.prim_func(private=True)
-    def dense_kernel(xb: T.Buffer((cols, k), xdtype), wv: T.Buffer((nt, kt, 32, 4), "uint32"),
-                     b: T.Buffer((n,), "float32"), y: T.Buffer((cols, n), f.acc)):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        body(xb, wv, None, b, y)
-    return dense_kernel
-
-
 def emit_sp24(bb, x, w: np.ndarray, bias: np.ndarray | None, cols: int, activations: str, fmt: str = "f16"):
     """call_tir of the 2:4 kernel with the packed weight as constants; x is [cols, k] ("tk") or [k, cols] ("kt")."""
     from tvm import relax
     f = fmt_of(fmt)
     n, k = w.shape
+    if activations == "tk":  # a linear: the multistage kernel (activations in the instruction's type)
+        from graphopt.targets.tvm.gpu.gemm import emit_tc
+        return emit_tc(bb, x, w, bias, cols, fmt, sparse=True)
     wv, wm = pack_fragments(w, fmt)
-    if activations == "tk":  # a linear: activations in the instruction's type, staged through shared memory
-        if f.name != "s8":
-            x = bb.emit(relax.op.astype(x, f.value))
-        kernel = sp24_kernel_tiled(cols, k, n, bias is not None, fmt)
-    else:
-        kernel = sp24_kernel(cols, k, n, bias is not None, activations, "int8" if f.name == "s8" else "float32",
-                             fmt)
+    kernel = sp24_kernel(cols, k, n, bias is not None, activations, "int8" if f.name == "s8" else "float32", fmt)
     gv = bb.add_func(kernel, f"graphopt_sp24_{fmt}_{activations}_{cols}x{k}x{n}")
     b = relax.const(np.zeros(n, np.float32) if bias is None else bias.astype(np.float32))
-    out = relax.TensorType((cols, n) if activations == "tk" else (n, cols), f.acc)
-    return bb.emit(relax.call_tir(gv, [x, relax.const(wv), relax.const(wm), b], out))
+    return bb.emit(relax.call_tir(gv, [x, relax.const(wv), relax.const(wm), b], relax.TensorType((n, cols), f.acc)))
 
 
 def dense_tc_applies(n: int, k: int, fmt: str = "f16") -> str:
@@ -676,39 +460,24 @@ def dense_tc_applies(n: int, k: int, fmt: str = "f16") -> str:
     return ""
 
 
-def tc_tiles(cols: int, n: int) -> tuple:
-    """Tile shape of the tensor-core kernels for a [cols, k] x [k, n] GEMM: 128 x 128 blocks (2 x 8 tiles a warp)
-    once both sides are large, else the default 128 x 64. On an H200 (2026-11-30) the larger blocks ran the dense
-    fp16 kernel 8-13% faster at 2048^3, 4096^3 and 8192^3 (8192^3: 5.34 vs 6.15 ms); smaller GEMMs were measured
-    with the default tiles only, and the 1024 threshold lies between the two (not measured itself)."""
-    return (2, 8, 4, 2) if cols >= 1024 and n >= 1024 else DEFAULT_TILES
-
-
 def emit_dense_tc(bb, x, w: np.ndarray, bias: np.ndarray | None, cols: int, fmt: str = "f16",
                   tiles: tuple | None = None):
-    """call_tir of the dense tensor-core linear with the weight packed in fragment order as a constant; x is
-    [cols, k] (cast to the instruction's element type for fp16/bf16; int8 as is), y [cols, n] float32 (+ bias) or
-    the int32 accumulator."""
-    from tvm import relax
-    f = dense_fmt_of(fmt)
-    n, k = w.shape
-    if f.name != "s8":
-        x = bb.emit(relax.op.astype(x, f.value))
-    kernel = dense_kernel_tiled(cols, k, n, bias is not None, fmt, tiles)
-    gv = bb.add_func(kernel, f"graphopt_tc_{fmt}_{cols}x{k}x{n}")
-    b = relax.const(np.zeros(n, np.float32) if bias is None else bias.astype(np.float32))
-    return bb.emit(relax.call_tir(gv, [x, relax.const(pack_dense_fragments(w, fmt)), b],
-                                  relax.TensorType((cols, n), f.acc)))
+    """call_tir of the dense tensor-core linear (the multistage kernel of gemm.py; tiles are its 6-tuples, default
+    gemm.pipeline_tiles) with the weight packed in fragment order as a constant."""
+    from graphopt.targets.tvm.gpu.gemm import emit_tc
+    return emit_tc(bb, x, w, bias, cols, fmt, sparse=False, tiles=tiles)
 
 
 # -- when to use it ---------------------------------------------------------------------------------------------------
 
-# Estimated speedup of the 2:4 kernel over graphopt's dense tensor-core kernel (same design, same tiles) by GEMM size
-# (multiply-accumulates), used when no GPU is present to measure on. Measured on an H200 (benchmarks/gpu_check.py,
-# 2026-11-30, fp16; int8 alike): MiniLM-L6 and MobileNetV2 linears (<= 0.5G MACs) 0.99-1.02x (launch-bound),
-# 2048^3 1.08x, 4096^3 1.25x, 8192^3 1.43x. The sparse instruction halves the tensor-core work and the weight bytes
-# but not the activation traffic or the launch. Recorded in the manifest as "estimated", never as measured.
-COST_TABLE = ((2 << 30, 1.0), (32 << 30, 1.08), (256 << 30, 1.25), (float("inf"), 1.43))
+# Estimated speedup of the 2:4 kernel over graphopt's dense tensor-core kernel (the multistage kernels of gemm.py at
+# their pipeline_tiles) by GEMM size (multiply-accumulates), used when no GPU is present to measure on. Measured on an
+# H200 (benchmarks/gpu_check.py --quick, 2026-12-04, two runs): fp16 2048^3 1.25-1.30x, 4096^3 1.19x, 8192^3
+# 1.25-1.32x; int8 1.14-1.15x, 1.19-1.20x, 1.23-1.25x; MiniLM-L6 and MobileNetV2 linears (<= 0.5G MACs) 0.59-1.0x
+# (launch-bound, and a 2:4 step holds twice the activation words of a dense one). The sparse instruction halves the
+# tensor-core work and the weight bytes but not the activation traffic or the launch. Recorded in the manifest as
+# "estimated", never as measured.
+COST_TABLE = ((2 << 30, 1.0), (32 << 30, 1.2), (256 << 30, 1.19), (float("inf"), 1.25))
 
 
 def estimated_speedup(cols: int, k: int, n: int) -> float:
