@@ -36,6 +36,11 @@ GEMMS = [("minilm qkv/out 128x384x384", 128, 384, 384), ("minilm ffn-up 128x384x
 # warps, k-steps per stage, stages). Each GEMM gets the tiles the build picks (gemm.pipeline_tiles) and the other
 # shape of the two the build chooses between; 2026-12-04's runs measured more (see pipeline_tiles).
 PIPE_VARIANTS = {False: [(1, 4, 2, 2, 2, 4), (4, 8, 2, 2, 2, 4)], True: [(1, 4, 2, 2, 1, 4), (4, 8, 2, 2, 2, 4)]}
+# --explore: the large GEMMs alone, in shapes the build does not pick yet -- a grouped raster (7th entry: row blocks
+# per group, for L2 reuse) and stages of 4 instruction steps
+EXPLORE_VARIANTS = {False: [(4, 8, 2, 2, 2, 4), (4, 8, 2, 2, 2, 4, 8), (4, 8, 2, 2, 2, 4, 16), (4, 8, 2, 2, 4, 2),
+                            (4, 8, 2, 2, 4, 2, 16)],
+                    True: [(4, 8, 2, 2, 2, 4), (4, 8, 2, 2, 2, 4, 16), (4, 8, 2, 2, 4, 2)]}
 # (name, c_in, c_out, size, kernel, stride, groups)
 CONVS = [("mnv2 stem 3->32 3x3/2 224", 3, 32, 224, 3, 2, 1), ("mnv2 dw 144 3x3 56", 144, 144, 56, 3, 1, 144),
          ("mnv2 pw 56x56 24->144", 24, 144, 56, 1, 1, 1), ("mnv2 pw 14x14 384->64", 384, 64, 14, 1, 1, 1)]
@@ -57,9 +62,58 @@ def _relax_main(params, body):
     return bb.get()
 
 
-def build_kernels(arch: str, out: Path, quick: bool = False) -> list[dict]:
+PEAK_BLOCKS, PEAK_ITERS, PEAK_TILES = 132 * 8, 512, 32
+
+
+def mma_peak_kernel(fmt: str, sparse: bool):
+    """The tensor-core instruction alone, to tell the kernels' ceiling: PEAK_BLOCKS blocks of 4 warps, each warp
+    PEAK_ITERS rounds of one instruction on each of PEAK_TILES independent accumulator tiles, operands in registers
+    (seeded from x so nothing folds away), y[thread] = the sum of its accumulators."""
+    import tvm.backend.cuda  # noqa: F401  (registers T.ptx)
+    from tvm.script import tirx as T
+
+    from graphopt.targets.tvm.gpu.sparse import dense_fmt_of, fmt_of
+    f = fmt_of(fmt) if sparse else dense_fmt_of(fmt)
+    reg_acc = "uint32" if f.name == "s8" else "float32"
+    threads = PEAK_BLOCKS * 128
+
+    def mma(acc, a, b, meta, q):
+        if sparse:
+            return T.ptx[f.ptx](acc[q], acc[q + 1], acc[q + 2], acc[q + 3], a[0], a[1], a[2], a[3], b[0], b[1],
+                                b[2], b[3], acc[q], acc[q + 1], acc[q + 2], acc[q + 3], meta[0], 0)
+        return T.ptx[f.ptx](acc[q], acc[q + 1], acc[q + 2], acc[q + 3], a[0], a[1], a[2], a[3], b[0], b[1],
+                            acc[q], acc[q + 1], acc[q + 2], acc[q + 3])
+
+    @T.prim_func(private=True)
+    def kernel(x: T.Buffer((threads,), "uint32"), y: T.Buffer((threads,), "float32")):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        bx = T.launch_thread("blockIdx.x", PEAK_BLOCKS)
+        tx = T.launch_thread("threadIdx.x", 128)
+        acc = T.alloc_buffer((PEAK_TILES * 4,), reg_acc, scope="local")
+        a = T.alloc_buffer((4,), "uint32", scope="local")
+        b = T.alloc_buffer((4,), "uint32", scope="local")
+        meta = T.alloc_buffer((1,), "uint32", scope="local")
+        meta[0] = T.uint32(0x44444444) | (x[bx * 128 + tx] & T.uint32(0))  # chunks keep inputs 0 and 1: valid
+        for i in T.unroll(4):
+            a[i] = x[bx * 128 + tx] & T.uint32(0x3C003C00 if f.name != "s8" else 0x01010101)
+            b[i] = x[bx * 128 + tx] & T.uint32(0x3C003C00 if f.name != "s8" else 0x01010101)
+        for i in T.unroll(PEAK_TILES * 4):
+            acc[i] = T.Cast(reg_acc, 0)
+        for _it in range(PEAK_ITERS):
+            for t in T.unroll(PEAK_TILES):
+                mma(acc, a, b, meta, t * 4)
+        total = T.alloc_buffer((1,), "float32", scope="local")
+        total[0] = T.float32(0)
+        for i in T.unroll(PEAK_TILES * 4):
+            total[0] = total[0] + T.Cast("float32", acc[i])
+        y[bx * 128 + tx] = total[0]
+    return kernel
+
+
+def build_kernels(arch: str, out: Path, quick: bool = False, explore: bool = False) -> list[dict]:
     """Every kernel to measure; quick: graphopt's multistage tensor-core kernels only (every variant), without
-    dlight's kernels, the simple 2:4 kernel and the convs."""
+    dlight's kernels, the simple 2:4 kernel and the convs; explore: EXPLORE_VARIANTS on the large GEMMs alone."""
+    quick = quick or explore
     from tvm import relax
 
     from graphopt.targets.tvm.gpu.gemm import pipeline_fit, pipeline_tiles, tc_kernel_pipelined
@@ -77,7 +131,7 @@ def build_kernels(arch: str, out: Path, quick: bool = False) -> list[dict]:
     def call(kern, ydtype, m, n):
         def body(bb, *args):
             gv = bb.add_func(kern, "tc")
-            return bb.emit(relax.call_tir(gv, list(args), relax.TensorType((m, n), ydtype)))
+            return bb.emit(relax.call_tir(gv, list(args), relax.TensorType((m, n) if n else (m,), ydtype)))
         return body
 
     def packed_params(m, k, n, xdtype, f, sparse):
@@ -85,14 +139,20 @@ def build_kernels(arch: str, out: Path, quick: bool = False) -> list[dict]:
         params += [("wm", (n // 16, k // f.tile_k, 32), "uint32")] if sparse else []
         return params + [("b", (n,), "float32")]
 
-    for name, m, k, n in GEMMS:
+    for kind, fmt, sparse, ops in (("peak_f16", "f16", False, 16 * 8 * 16 * 2), ("peak_s8", "s8", False, 16 * 8 * 32 * 2),
+                                   ("peak_sp_f16", "f16", True, 16 * 8 * 32 * 2)):
+        threads = PEAK_BLOCKS * 128
+        build(f"{fmt} {'mma.sp' if sparse else 'mma.sync'} alone", kind, (threads,),
+              [("x", (threads,), "uint32")], call(mma_peak_kernel(fmt, sparse), "float32", threads, None))
+        index[-1]["ops"] = PEAK_BLOCKS * 4 * PEAK_ITERS * PEAK_TILES * ops  # dense-equivalent multiply-adds x 2
+    for name, m, k, n in [g for g in GEMMS if g[1] >= 2048] if explore else GEMMS:
         # graphopt's multistage tensor-core kernels (targets/tvm/gpu/gemm.py): the default tiles and the variants
         for kind, fmt, sparse, xdtype, ydtype in (("dense16p", "f16", False, "float16", "float32"),
                                                   ("int8p", "s8", False, "int8", "int32"),
                                                   ("sp24p", "f16", True, "float16", "float32"),
                                                   ("sp24ps8", "s8", True, "int8", "int32")):
             f = (FORMATS if sparse else DENSE_FORMATS)[fmt]
-            for tiles in PIPE_VARIANTS[sparse]:
+            for tiles in (EXPLORE_VARIANTS if explore else PIPE_VARIANTS)[sparse]:
                 if pipeline_fit(m, k, n, sparse, fmt, tiles):
                     continue
                 build(name, kind, (m, k, n), packed_params(m, k, n, xdtype, f, sparse),
@@ -168,6 +228,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true",
                     help="graphopt's multistage tensor-core kernels only (no dlight kernels, no simple 2:4 kernel, no "
                          "convs): a shorter run on the GPU")
+    ap.add_argument("--explore", action="store_true",
+                    help="the large GEMMs alone, in the tile shapes of EXPLORE_VARIANTS (implies --quick)")
     ap.add_argument("--models", default="minilm",
                     help="comma-separated artifacts to build, from: " + ", ".join(m[0] for m in MODELS)
                          + " (default minilm: the one on graphopt's tensor-core kernels; MiniLM's 44 MiB and the "
@@ -181,7 +243,7 @@ def main() -> int:
         work = Path(tmp)
         (work / "kernels").mkdir()
         print("building kernels ...", flush=True)
-        index = build_kernels(args.arch, work / "kernels", args.quick)
+        index = build_kernels(args.arch, work / "kernels", args.quick, args.explore)
         (work / "kernels" / "index.json").write_text(json.dumps({"arch": args.arch, "kernels": index}, indent=1))
         runtime_tarball(work)
         ffi_wheel(work)

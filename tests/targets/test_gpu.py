@@ -165,9 +165,22 @@ def test_multistage_tiles_that_do_not_fit_are_refused():
     assert "give (row tiles" in gemm.pipeline_fit(128, 384, 384, False, "f16", (2, 4, 4, 2))
     with pytest.raises(TargetError, match="multistage tensor-core kernel: .*2\\+ stages"):
         gemm.tc_kernel_pipelined(64, 64, 64, False, "f16", False, (1, 4, 2, 2, 2, 1))
-    # the build's choice: 128 x 128 blocks for large GEMMs, 32 x 64 for MiniLM/MobileNetV2 sizes (enough blocks)
-    assert gemm.pipeline_tiles(4096, 4096) == (4, 8, 2, 2, 2, 4) == gemm.pipeline_tiles(2048, 2048, True)
+    assert "group >= 0" in gemm.pipeline_fit(128, 384, 384, False, "f16", (4, 8, 2, 2, 2, 4, -1))
+    # the build's choice: 128 x 128 blocks for large GEMMs (grouped raster from 8192 on a side, dense), 32 x 64 for
+    # MiniLM/MobileNetV2 sizes (enough blocks)
+    assert gemm.pipeline_tiles(4096, 4096) == (4, 8, 2, 2, 2, 4) == gemm.pipeline_tiles(8192, 8192, True)
+    assert gemm.pipeline_tiles(8192, 8192) == (4, 8, 2, 2, 2, 4, 8)
     assert gemm.pipeline_tiles(128, 1536) == (1, 4, 2, 2, 2, 4) and gemm.pipeline_tiles(128, 1536, True)[4] == 1
+
+
+@pytest.mark.parametrize("grid_n,grid_c,group", [(64, 64, 8), (13, 5, 8), (16, 3, 16), (7, 9, 3), (5, 5, 8)])
+def test_grouped_raster_visits_every_block_once(grid_n, grid_c, group):
+    from graphopt.targets.tvm.gpu import gemm
+    seen = [gemm.raster(pid, grid_n, grid_c, group) for pid in range(grid_n * grid_c)]
+    assert sorted(seen) == [(bx, by) for bx in range(grid_n) for by in range(grid_c)]
+    # consecutive blocks walk the group's row blocks first
+    assert [b[0] for b in seen[:min(group, grid_n)]] == list(range(min(group, grid_n))) and seen[0][1] == seen[1][1] \
+        or grid_n == 1
 
 
 @pytest.mark.parametrize("sparse", [False, True])
@@ -202,15 +215,15 @@ def test_multistage_ldmatrix_rows_give_each_lane_its_b_registers_without_bank_co
 @needs_nvcc
 @pytest.mark.parametrize("fmt,sparse,tiles", [("f16", False, None), ("s8", False, (1, 4, 2, 2, 2, 4)),
                                               ("bf16", False, (4, 8, 2, 2, 4, 3)), ("f16", True, (1, 4, 2, 2, 1, 4)),
-                                              ("s8", True, (4, 8, 2, 2, 2, 4))])
+                                              ("s8", True, (4, 8, 2, 2, 2, 4)), ("f16", False, (1, 4, 2, 2, 2, 3, 2))])
 def test_multistage_kernel_compiles_to_cp_async_ldmatrix_and_tensor_core_instructions(tmp_path, fmt, sparse, tiles):
     import tvm
 
     from graphopt.targets.tvm.gpu import gemm
     from graphopt.targets.tvm.gpu.fatbin import compile_ptx
     f = sp.FORMATS[fmt] if sparse else sp.DENSE_FORMATS[fmt]
-    mt, j, _wn, _wc, ks, stages = tiles or gemm.DEFAULT_PIPELINE
-    kern = gemm.tc_kernel_pipelined(100, 2 * ks * f.tile_k, 272, True, fmt, sparse, tiles)
+    mt, j, _wn, _wc, ks, stages = (tiles or gemm.DEFAULT_PIPELINE)[:6]
+    kern = gemm.tc_kernel_pipelined(300, 2 * ks * f.tile_k, 272, True, fmt, sparse, tiles)
     for arch in ("sm_80", "sm_90"):
         lib = tvm.compile(tvm.IRModule({"k": kern.with_attr("global_symbol", "k")}),
                           target=tvm.target.Target({"kind": "cuda", "arch": arch}, host={"kind": "llvm"}))
@@ -222,6 +235,7 @@ def test_multistage_kernel_compiles_to_cp_async_ldmatrix_and_tensor_core_instruc
         n = ptx.count(f.ptx)
         assert n >= mt * j * ks and n % (mt * j) == 0, n  # every (row tile, column tile) pair, each step of a stage
         assert ("mma.sp" in ptx) == sparse
+        assert ("blockIdx.y" in src) == (tiles is None or len(tiles) == 6)  # a grouped raster runs a 1-D grid
 
 
 def test_24_packing_refuses_dense_weights():

@@ -42,13 +42,23 @@ def ldsm_register(lane: int, q: int, row_addr) -> tuple[int, int]:
     return col, word + lane % 4
 
 
+def raster(pid, grid_n: int, grid_c: int, group: int, minimum=min):
+    """(row block, column block) of block `pid` in the grouped raster: groups of `group` row blocks (the last one
+    smaller when group does not divide grid_n), walked row block first, then column, so that the blocks in flight
+    together share both their weight rows and their activation columns in L2. Python ints or TIR expressions
+    (minimum=T.min)."""
+    first = pid // (group * grid_c) * group
+    size = minimum(grid_n - first, group)
+    return first + pid % (group * grid_c) % size, pid % (group * grid_c) // size
+
+
 def pipeline_fit(cols: int, k: int, n: int, sparse: bool, fmt: str, tiles: tuple) -> str:
     """'' when the multistage kernel takes this GEMM with these tiles; else why not."""
     f = fmt_of(fmt) if sparse else dense_fmt_of(fmt)
-    if len(tiles) != 6 or min(tiles) < 1:
+    if len(tiles) not in (6, 7) or min(tiles[:6]) < 1 or min(tiles) < 0:
         return (f"tiles {tiles}: give (row tiles per warp, column tiles per warp, row warps, column warps, "
-                "k-steps per stage, stages), all >= 1")
-    mt, j, wn, wc, ks, stages = tiles
+                "k-steps per stage, stages[, raster group]), all >= 1 (the group >= 0)")
+    mt, j, wn, wc, ks, stages = tiles[:6]
     ws = f.tile_k // f.per_reg  # words of a column one instruction consumes
     if (ks * ws) % 16:
         return f"tiles {tiles}: a stage must cover whole ldmatrix.x4 loads (k-steps x {ws} words a multiple of 16)"
@@ -64,7 +74,7 @@ def pipeline_fit(cols: int, k: int, n: int, sparse: bool, fmt: str, tiles: tuple
 
 def smem_bytes(sparse: bool, fmt: str, tiles: tuple) -> int:
     f = fmt_of(fmt) if sparse else dense_fmt_of(fmt)
-    mt, j, wn, wc, ks, stages = tiles
+    mt, j, wn, wc, ks, stages = tiles[:6]
     words = ks * (f.tile_k // f.per_reg)
     per_stage = wc * j * TILE_N * (words + 4) + wn * mt * ks * 128 + (wn * mt * ks * 32 if sparse else 0)
     return 4 * stages * per_stage
@@ -82,7 +92,8 @@ def tc_kernel_pipelined(cols: int, k: int, n: int, bias: bool, fmt: str = "f16",
     if why:
         raise TargetError(f"multistage tensor-core kernel: {why}")
     f = fmt_of(fmt) if sparse else dense_fmt_of(fmt)
-    MT, J, WN, WC, KS, P = tiles
+    MT, J, WN, WC, KS, P = tiles[:6]
+    G = tiles[6] if len(tiles) > 6 else 0  # row blocks per raster group (0: a plain 2-D grid)
     e = f.per_reg
     ws = f.tile_k // e  # words of a column per instruction step (8 dense, 16 sparse)
     bregs = ws // 4  # B registers per instruction
@@ -186,8 +197,13 @@ def tc_kernel_pipelined(cols: int, k: int, n: int, bias: bool, fmt: str = "f16",
 
     @T.macro
     def body(xb, wv, wm, b, y):
-        bx = T.launch_thread("blockIdx.x", grid_n)
-        by = T.launch_thread("blockIdx.y", grid_c)
+        if G > 0:  # grouped raster: consecutive blocks walk G row blocks, then the next columns (L2 reuse of both)
+            pid = T.launch_thread("blockIdx.x", grid_n * grid_c)
+            bx = raster(pid, grid_n, grid_c, G, T.min)[0]
+            by = raster(pid, grid_n, grid_c, G, T.min)[1]
+        else:
+            bx = T.launch_thread("blockIdx.x", grid_n)
+            by = T.launch_thread("blockIdx.y", grid_c)
         lane = T.launch_thread("threadIdx.x", 32)
         warp = T.launch_thread("threadIdx.y", WN * WC)
         sm = T.alloc_buffer((P * stage_words,), "uint32", scope="shared.dyn")
@@ -237,7 +253,11 @@ def pipeline_tiles(cols: int, n: int, sparse: bool = False) -> tuple:
     64 int8 inputs; 2:4: 64 / 128), were the fastest at 2048^3, 4096^3 and 8192^3 or within the runs' 5% noise of
     it (3 or 5 stages, one-step 2:4 stages, 128 x 256 or 128 x 64 blocks measured slower); at MiniLM-L6 and
     MobileNetV2 sizes (<= 1536 on a side) 32 x 64 blocks, which give the GPU's 132 SMs enough blocks, beat the
-    larger ones by 1-64%. The 1024 threshold lies between the sizes measured."""
+    larger ones by 1-64%. The 1024 threshold lies between the sizes measured. Grouped rasters (groups of 8 or 16
+    row blocks) ran the dense kernels 2-9% faster at 8192^3 and no faster at 2048^3 and 4096^3 (one run, --explore);
+    the 2:4 kernels gained nothing from them."""
+    if cols >= 8192 and n >= 8192 and not sparse:
+        return (4, 8, 2, 2, 2, 4, 8)
     if cols >= 1024 and n >= 1024:
         return (4, 8, 2, 2, 2, 4)
     return (1, 4, 2, 2, 1 if sparse else 2, 4)
