@@ -16,9 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # kernel kinds (gpu_check_prepare.py): dlight's ("dense16", "int8"), the simple 2:4 kernel ("sp24", "sp24s8") and
-# the multistage tensor-core kernels ("...p", targets/tvm/gpu/gemm.py)
-GEMM_KINDS = ("dense16", "int8", "sp24", "sp24s8", "dense16p", "int8p", "sp24p", "sp24ps8")
-INT8_KINDS = ("int8", "sp24s8", "int8p", "sp24ps8")
+# the multistage tensor-core kernels ("...p", targets/tvm/gpu/gemm.py) and the Hopper wgmma ones ("...w", wgmma.py)
+GEMM_KINDS = ("dense16", "int8", "sp24", "sp24s8", "dense16p", "int8p", "sp24p", "sp24ps8", "dense16w", "int8w")
+INT8_KINDS = ("int8", "sp24s8", "int8p", "sp24ps8", "int8w")
 
 
 def cuda_time(fn, runs: int) -> float:
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                             for lane in range(4):
                                 print(f"  int8 metadata, lane {lane}: nibbles -> [row, chunk] "
                                       f"{[meta_[f'{lane}.{q}'] for q in range(8)]}", flush=True)
-                    elif entry["kind"] == "int8p":
+                    elif entry["kind"] in ("int8p", "int8w"):
                         if ("d8",) + key not in packs:
                             packs[("d8",) + key] = kernels.pack_dense_fragments(wi.cpu().numpy().astype(np.float32),
                                                                                  "s8")
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                             rec["torch_sparse_s"] = cuda_time(lambda: torch.nn.functional.linear(x, ws), 20)
                         except Exception as e:  # noqa: BLE001 - shape limits of the semi-structured kernels
                             rec["torch_sparse_note"] = f"{type(e).__name__}: {e}"[:160]
-                    elif entry["kind"] == "dense16p":
+                    elif entry["kind"] in ("dense16p", "dense16w"):
                         if ("d16",) + key not in packs:
                             packs[("d16",) + key] = kernels.pack_dense_fragments(w.float().cpu().numpy(), "f16")
                         args_ = [tv(x), tvm.runtime.tensor(packs[("d16",) + key], device=dev),

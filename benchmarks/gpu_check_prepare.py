@@ -3,8 +3,9 @@
   - wheels/: apache-tvm-ffi for the GPU machine's Python (3.12),
   - kernels/*.so + kernels/index.json: GEMM and conv kernels (MiniLM-L6 and MobileNetV2 shapes, and large GEMMs),
     dlight's dense fp16 and int8, graphopt's multistage tensor-core kernels (dense on mma.sync and 2:4 on mma.sp,
-    fp16 and int8, at the tiles the build picks and one other shape) and its simple 2:4 kernel, weights as inputs,
-    cross-compiled for sm_90 with nvcc (--quick: the multistage kernels alone),
+    fp16 and int8, at the tiles the build picks and one other shape), its simple 2:4 kernel and the Hopper wgmma
+    kernels (sm_90a, not used by the build yet), weights as inputs, cross-compiled for sm_90 with nvcc (--quick: the
+    tensor-core kernels alone; --explore: the large GEMMs and the instructions alone),
   - minilm/ (by default; --models adds minilm_int8, mobilenet_v2, efficientnet_lite0): fp16 cuda artifacts of
     shipped models and their fp32 PyTorch outputs on the shipped sentences or photos.
 
@@ -36,11 +37,13 @@ GEMMS = [("minilm qkv/out 128x384x384", 128, 384, 384), ("minilm ffn-up 128x384x
 # warps, k-steps per stage, stages). Each GEMM gets the tiles the build picks (gemm.pipeline_tiles) and the other
 # shape of the two the build chooses between; 2026-12-04's runs measured more (see pipeline_tiles).
 PIPE_VARIANTS = {False: [(1, 4, 2, 2, 2, 4), (4, 8, 2, 2, 2, 4)], True: [(1, 4, 2, 2, 1, 4), (4, 8, 2, 2, 2, 4)]}
-# --explore: the large GEMMs alone, in shapes the build does not pick yet -- a grouped raster (7th entry: row blocks
-# per group, for L2 reuse) and stages of 4 instruction steps
-EXPLORE_VARIANTS = {False: [(4, 8, 2, 2, 2, 4), (4, 8, 2, 2, 2, 4, 8), (4, 8, 2, 2, 2, 4, 16), (4, 8, 2, 2, 4, 2),
-                            (4, 8, 2, 2, 4, 2, 16)],
-                    True: [(4, 8, 2, 2, 2, 4), (4, 8, 2, 2, 2, 4, 16), (4, 8, 2, 2, 4, 2)]}
+# the Hopper wgmma kernels (targets/tvm/gpu/wgmma.py, sm_90a): (warpgroups, columns a block, k-steps a stage,
+# stages[, 128-byte swizzle])
+WG_VARIANTS = [(2, 128, 4, 4), (2, 128, 4, 4, 1), (2, 128, 2, 4), (2, 128, 4, 3, 1), (2, 256, 4, 3, 1)]
+# --explore: the large GEMMs alone: the multistage kernels at the build's tiles (with and without the grouped raster
+# of the 8192-sided ones), every wgmma variant, the instructions alone. (2026-12-04's first explore run also measured
+# groups of 16 and stages of 4 instruction steps: benchmarks/results/gpu_check_h200_s49_explore.json.)
+EXPLORE_VARIANTS = {False: [(4, 8, 2, 2, 2, 4), (4, 8, 2, 2, 2, 4, 8)], True: [(4, 8, 2, 2, 2, 4)]}
 # (name, c_in, c_out, size, kernel, stride, groups)
 CONVS = [("mnv2 stem 3->32 3x3/2 224", 3, 32, 224, 3, 2, 1), ("mnv2 dw 144 3x3 56", 144, 144, 56, 3, 1, 144),
          ("mnv2 pw 56x56 24->144", 24, 144, 56, 1, 1, 1), ("mnv2 pw 14x14 384->64", 384, 64, 14, 1, 1, 1)]
@@ -119,12 +122,14 @@ def build_kernels(arch: str, out: Path, quick: bool = False, explore: bool = Fal
     from graphopt.targets.tvm.gpu.gemm import pipeline_fit, pipeline_tiles, tc_kernel_pipelined
     from graphopt.targets.tvm.gpu.pipeline import build_cuda, cuda_target
     from graphopt.targets.tvm.gpu.sparse import DENSE_FORMATS, FORMATS, sp24_kernel
+    from graphopt.targets.tvm.gpu.wgmma import wg_fit, wgmma_kernel
     tgt = cuda_target(arch)
     index = []
 
-    def build(name, kind, shape, params, body, tiles=None):
+    def build(name, kind, shape, params, body, tiles=None, kernel_arch=None):
         file = f"{kind}_{len(index)}.so"
-        _export(build_cuda(_relax_main(params, body), tgt, "fp32"), out / file, arch)
+        target = cuda_target(kernel_arch) if kernel_arch else tgt
+        _export(build_cuda(_relax_main(params, body), target, "fp32"), out / file, kernel_arch or arch)
         index.append({"name": name, "kind": kind, "shape": list(shape), "file": file, "tiles": tiles})
         print(f"  built {kind:<8} {name} {tiles or ''}", flush=True)
 
@@ -139,7 +144,8 @@ def build_kernels(arch: str, out: Path, quick: bool = False, explore: bool = Fal
         params += [("wm", (n // 16, k // f.tile_k, 32), "uint32")] if sparse else []
         return params + [("b", (n,), "float32")]
 
-    for kind, fmt, sparse, ops in (("peak_f16", "f16", False, 16 * 8 * 16 * 2), ("peak_s8", "s8", False, 16 * 8 * 32 * 2),
+    for kind, fmt, sparse, ops in (("peak_f16", "f16", False, 16 * 8 * 16 * 2),
+                                   ("peak_s8", "s8", False, 16 * 8 * 32 * 2),
                                    ("peak_sp_f16", "f16", True, 16 * 8 * 32 * 2)):
         threads = PEAK_BLOCKS * 128
         build(f"{fmt} {'mma.sp' if sparse else 'mma.sync'} alone", kind, (threads,),
@@ -158,6 +164,14 @@ def build_kernels(arch: str, out: Path, quick: bool = False, explore: bool = Fal
                 build(name, kind, (m, k, n), packed_params(m, k, n, xdtype, f, sparse),
                       call(tc_kernel_pipelined(m, k, n, False, fmt, sparse, tiles), ydtype, m, n), list(tiles))
                 index[-1]["build_default"] = tiles == pipeline_tiles(m, n, sparse)
+        # the wgmma kernels, compiled for sm_90a (the arch-specific Hopper target wgmma needs)
+        for kind, fmt, xdtype, ydtype in (("dense16w", "f16", "float16", "float32"), ("int8w", "s8", "int8", "int32")):
+            f = DENSE_FORMATS[fmt]
+            for tiles in WG_VARIANTS if m >= 2048 else WG_VARIANTS[:1] + WG_VARIANTS[3:4]:
+                if wg_fit(m, k, n, fmt, tiles):
+                    continue
+                build(name, kind, (m, k, n), packed_params(m, k, n, xdtype, f, False),
+                      call(wgmma_kernel(m, k, n, False, fmt, tiles), ydtype, m, n), list(tiles), "sm_90a")
         if quick:
             continue
         build(name, "dense16", (m, k, n), [("x", (m, k), "float16"), ("w", (n, k), "float16")],

@@ -166,10 +166,9 @@ def test_multistage_tiles_that_do_not_fit_are_refused():
     with pytest.raises(TargetError, match="multistage tensor-core kernel: .*2\\+ stages"):
         gemm.tc_kernel_pipelined(64, 64, 64, False, "f16", False, (1, 4, 2, 2, 2, 1))
     assert "group >= 0" in gemm.pipeline_fit(128, 384, 384, False, "f16", (4, 8, 2, 2, 2, 4, -1))
-    # the build's choice: 128 x 128 blocks for large GEMMs (grouped raster from 8192 on a side, dense), 32 x 64 for
-    # MiniLM/MobileNetV2 sizes (enough blocks)
+    # the build's choice: 128 x 128 blocks for large GEMMs, 32 x 64 for MiniLM/MobileNetV2 sizes (enough blocks)
     assert gemm.pipeline_tiles(4096, 4096) == (4, 8, 2, 2, 2, 4) == gemm.pipeline_tiles(8192, 8192, True)
-    assert gemm.pipeline_tiles(8192, 8192) == (4, 8, 2, 2, 2, 4, 8)
+    assert gemm.pipeline_tiles(8192, 8192) == (4, 8, 2, 2, 2, 4)
     assert gemm.pipeline_tiles(128, 1536) == (1, 4, 2, 2, 2, 4) and gemm.pipeline_tiles(128, 1536, True)[4] == 1
 
 
@@ -236,6 +235,64 @@ def test_multistage_kernel_compiles_to_cp_async_ldmatrix_and_tensor_core_instruc
         assert n >= mt * j * ks and n % (mt * j) == 0, n  # every (row tile, column tile) pair, each step of a stage
         assert ("mma.sp" in ptx) == sparse
         assert ("blockIdx.y" in src) == (tiles is None or len(tiles) == 6)  # a grouped raster runs a 1-D grid
+
+
+@pytest.mark.parametrize("ks,swizzle", [(2, False), (4, False), (4, True)])
+def test_wgmma_activation_chunks_land_where_the_descriptor_reads_them(ks, swizzle):
+    """The wgmma kernel's cp.async chunks (wgmma.b_chunk) put byte b of column c of a stage where the instruction
+    reads it through the descriptor the kernel encodes (wgmma.b_read: K-major, no swizzle with LBO 128 B and SBO a
+    stage's core matrices, or the 128-byte swizzle); every byte of the stage is written once."""
+    from graphopt.targets.tvm.gpu import wgmma
+    chunks, bn = ks * 2, 64  # 16-byte chunks a column (32 bytes a k-step), columns a block
+    where = {}
+    for c in range(bn * chunks):
+        col, kw, off = wgmma.b_chunk(c, chunks, swizzle)
+        for i in range(16):
+            where[(col, kw * 16 + i)] = off + i
+    assert sorted(where.values()) == list(range(bn * chunks * 16))
+    for col in range(bn):
+        for step in range(ks):
+            for kb in range(32):
+                assert wgmma.b_read(col, kb, step, chunks, swizzle) == where[(col, step * 32 + kb)], (col, step, kb)
+    # consecutive threads store to 8 distinct 16-byte bank groups (conflict-free) and read whole 32-byte sectors
+    assert sorted(wgmma.b_chunk(c, chunks, swizzle)[2] % 128 for c in range(8)) == [16 * i for i in range(8)]
+    assert {wgmma.b_chunk(c, chunks, swizzle)[0] for c in range(16)} == set(range(8))
+
+
+def test_wgmma_tiles_that_do_not_fit_are_refused():
+    from graphopt.targets.tvm.gpu import wgmma
+    assert wgmma.wg_fit(2048, 2048, 2048, "f16", wgmma.WG_DEFAULT) == ""
+    assert "8-256 columns" in wgmma.wg_fit(2048, 2048, 2048, "s8", (2, 256, 2, 3))  # int8 stops at 224
+    assert "8-256 columns" in wgmma.wg_fit(2048, 2048, 2048, "f16", (2, 100, 2, 3))
+    assert "3+ stages" in wgmma.wg_fit(2048, 2048, 2048, "f16", (2, 128, 4, 2))  # one prefetching, one draining
+    assert "128-byte swizzle" in wgmma.wg_fit(2048, 2048, 2048, "f16", (2, 128, 2, 4, 1))
+    assert "inputs % 64" in wgmma.wg_fit(2048, 96, 2048, "f16", wgmma.WG_DEFAULT)
+    assert "shared memory" in wgmma.wg_fit(2048, 2048, 2048, "f16", (4, 256, 8, 4))
+    with pytest.raises(TargetError, match="wgmma kernel: .*3\\+ stages"):
+        wgmma.wgmma_kernel(64, 64, 64, False, "f16", (1, 64, 2, 1))
+
+
+@needs_nvcc
+@pytest.mark.parametrize("fmt,tiles", [("f16", None), ("s8", (1, 64, 2, 3)), ("f16", (2, 128, 4, 3, 1))])
+def test_wgmma_kernel_compiles_for_sm90a_with_async_proxy_fences(tmp_path, fmt, tiles):
+    import tvm
+
+    from graphopt.targets.tvm.gpu import wgmma
+    from graphopt.targets.tvm.gpu.fatbin import compile_ptx
+    f = sp.DENSE_FORMATS[fmt]
+    wgs, bn, ks, stages = (tiles or wgmma.WG_DEFAULT)[:4]
+    kern = wgmma.wgmma_kernel(300, 2 * ks * f.tile_k, 272, True, fmt, tiles).with_attr("global_symbol", "k")
+    lib = tvm.compile(tvm.IRModule({"k": kern}), target=tvm.target.Target({"kind": "cuda", "arch": "sm_90a"},
+                                                                          host={"kind": "llvm"}))
+    ptx = compile_ptx(lib.mod.imports[0].inspect_source(), "sm_90a", tmp_path)
+    shape = f"m64n{bn}k{16 if fmt == 'f16' else 32}"
+    assert ptx.count(f"wgmma.mma_async.sync.aligned.{shape}") >= ks and ".target sm_90a" in ptx
+    # cp.async's generic-proxy writes are fenced for wgmma's async-proxy reads before the stage's barrier
+    body = ptx[ptx.index("cp.async.wait_group"):]
+    assert body.index("fence.proxy.async.shared::cta") < body.index("bar.sync")
+    # the next stage's wgmmas are issued before the previous stage's are waited for (one group in flight)
+    assert "wgmma.fence.sync.aligned" in ptx and "wgmma.wait_group.sync.aligned 1" in ptx
+    assert "wgmma.wait_group.sync.aligned 0" in ptx[ptx.rindex("wgmma.wait_group.sync.aligned 1"):]
 
 
 def test_24_packing_refuses_dense_weights():

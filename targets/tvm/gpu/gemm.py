@@ -253,11 +253,9 @@ def pipeline_tiles(cols: int, n: int, sparse: bool = False) -> tuple:
     64 int8 inputs; 2:4: 64 / 128), were the fastest at 2048^3, 4096^3 and 8192^3 or within the runs' 5% noise of
     it (3 or 5 stages, one-step 2:4 stages, 128 x 256 or 128 x 64 blocks measured slower); at MiniLM-L6 and
     MobileNetV2 sizes (<= 1536 on a side) 32 x 64 blocks, which give the GPU's 132 SMs enough blocks, beat the
-    larger ones by 1-64%. The 1024 threshold lies between the sizes measured. Grouped rasters (groups of 8 or 16
-    row blocks) ran the dense kernels 2-9% faster at 8192^3 and no faster at 2048^3 and 4096^3 (one run, --explore);
-    the 2:4 kernels gained nothing from them."""
-    if cols >= 8192 and n >= 8192 and not sparse:
-        return (4, 8, 2, 2, 2, 4, 8)
+    larger ones by 1-64%. The 1024 threshold lies between the sizes measured. A grouped raster (the optional 7th
+    entry) is not picked: groups of 8 row blocks ran the dense 8192^3 9% faster in one run and 10% slower in the next
+    (run-to-run spread there is about 10%), and were within noise at 2048^3 and 4096^3 and for 2:4."""
     if cols >= 1024 and n >= 1024:
         return (4, 8, 2, 2, 2, 4)
     return (1, 4, 2, 2, 1 if sparse else 2, 4)

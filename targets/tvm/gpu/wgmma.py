@@ -1,0 +1,209 @@
+"""Hopper dense linears on `wgmma.mma_async` (sm_90a only): y [cols, n] = x [cols, k] @ W[n, k]^T, fp16 (fp32
+accumulation) or int8 (int32).
+
+A block is `warpgroups` groups of 4 warps; each warpgroup computes 64 weight rows x `n_block` activation columns with
+one m64nNk16 (int8: k32) instruction a k-step. A (the weight) comes from registers: the fragment-packed weight of
+sparse.pack_dense_fragments is exactly each warp's 16-row slice of wgmma's register A (the mma.sync m16n8k16 / k32
+A layout), staged through shared memory by cp.async and read as one 16-byte load a lane. B (the activations) stays in
+shared memory, read by the tensor cores through a matrix descriptor: K-major without swizzle, i.e. core matrices of
+8 columns x 16 bytes (8 fp16 / 16 int8 inputs) stored as 128 contiguous bytes, the next 16 bytes of inputs one core
+matrix on (LBO = 128 B), the next 8 columns a stage's worth of core matrices on (SBO). The accumulator of each warp
+is the mma.sync C layout per 8-column chunk (c_coords). cp.async writes through the generic proxy, so each stage
+fences (fence.proxy.async) before the barrier that hands it to wgmma's async proxy. Stages are pipelined: stage
+s + stages - 2 is copied in while stage s's wgmmas are issued and stage s - 1's may still run (one group in flight,
+two A register sets); the 128-byte swizzle (tiles[4]) stores a column's 128 bytes as one row of a 1 KiB atom.
+
+Status: not used by the build. On an H200 (2026-12-04) the first version (no swizzle, every stage's wgmmas waited
+for before the next stage) was correct (int8 exact) and 1.4-1.6x slower than gemm.py's mma.sync kernel; this
+version has not run on a GPU yet (benchmarks/gpu_check_prepare.py --explore builds it).
+"""
+from __future__ import annotations
+
+from graphopt.errors import TargetError
+from graphopt.targets.tvm.gpu.sparse import TILE_M, c_coords, dense_fmt_of
+
+WG_DEFAULT = (2, 128, 4, 4)  # (warpgroups, activation columns a block = wgmma N, k-steps a stage, stages)
+
+
+def b_chunk(c, chunks: int, swizzle: bool = False):
+    """(column within the block, 16-byte chunk along k, byte offset in the stage's B area) of cp.async chunk c of a
+    stage with `chunks` 16-byte chunks a column. Consecutive threads take 8 columns' same chunk, then the next chunk
+    (each column's bytes in whole 32-byte sectors). Without swizzle the 8 columns' chunk is one 128-byte core matrix;
+    with the 128-byte swizzle (chunks == 8) a column's 128 bytes are one row of a 1 KiB atom of 8 columns, its chunk
+    j stored at j XOR (column % 8) -- conflict-free stores either way."""
+    group, kw, row = c // (8 * chunks), c // 8 % chunks, c % 8
+    if swizzle:
+        return group * 8 + row, kw, group * 1024 + row * 128 + (kw ^ row) * 16
+    return group * 8 + row, kw, (group * chunks + kw) * 128 + row * 16
+
+
+def b_read(col: int, kbyte: int, step: int, chunks: int, swizzle: bool = False) -> int:
+    """Byte offset in the stage's B area at which wgmma reads byte kbyte (of 32) of column col at k-step `step`,
+    per the descriptor the kernel encodes. No swizzle (K-major core matrices): start (the step's first core matrix,
+    step 256 B) + (col // 8) SBO + (col % 8) 16 + (kbyte // 16) LBO + kbyte % 16 with LBO = 128, SBO = chunks 128.
+    128-byte swizzle: start + step 32 B, rows of 128 B, SBO 1 KiB, and the hardware XORs address bits 4-6 (the
+    16-byte chunk) with bits 7-9 (the row within the 1 KiB-aligned atom)."""
+    if swizzle:
+        return (col // 8) * 1024 + (col % 8) * 128 + (((2 * step + kbyte // 16) ^ (col % 8)) * 16) + kbyte % 16
+    return step * 256 + (col // 8) * chunks * 128 + (col % 8) * 16 + (kbyte // 16) * 128 + kbyte % 16
+
+
+def wg_fit(cols: int, k: int, n: int, fmt: str, tiles: tuple) -> str:
+    """'' when the wgmma kernel takes this GEMM with these tiles; else why not."""
+    f = dense_fmt_of(fmt)
+    if len(tiles) not in (4, 5) or min(tiles) < 0 or min(tiles[:4]) < 1:
+        return f"tiles {tiles}: give (warpgroups, columns a block, k-steps a stage, stages[, swizzle]), all >= 1"
+    wgs, bn, ks, stages = tiles[:4]
+    if bn % 8 or not 8 <= bn <= (224 if f.name == "s8" else 256) or stages < 3 or wgs > 4:
+        return f"tiles {tiles}: wgmma takes 8-256 columns in steps of 8 (int8 at most 224), 3+ stages, <= 4 groups"
+    if len(tiles) > 4 and tiles[4] and ks != 4:
+        return f"tiles {tiles}: the 128-byte swizzle takes 4 k-steps a stage (128 bytes a column)"
+    if n % TILE_M or k % (ks * f.tile_k):
+        return f"shape {cols}x{k}x{n}: needs output features % 16 == 0 and inputs % {ks * f.tile_k} == 0"
+    if wg_smem_bytes(tiles) > 200 * 1024:
+        return f"tiles {tiles}: {wg_smem_bytes(tiles)} bytes of shared memory (at most 200 KiB)"
+    return ""
+
+
+def wg_smem_bytes(tiles: tuple) -> int:
+    wgs, bn, ks, stages = tiles[:4]
+    return stages * (bn * ks * 32 + wgs * 4 * ks * 512) + 1024  # + 1 KiB to align the stages for the swizzle
+
+
+def wgmma_kernel(cols: int, k: int, n: int, bias: bool, fmt: str = "f16", tiles: tuple | None = None):
+    """PrimFunc (x [cols, k], packed weight, bias) -> y [cols, n] for sm_90a."""
+    import tvm.backend.cuda  # noqa: F401  (registers T.ptx)
+    from tvm.script import tirx as T
+    f = dense_fmt_of(fmt)
+    tiles = tuple(tiles or WG_DEFAULT)
+    why = wg_fit(cols, k, n, fmt, tiles)
+    if why:
+        raise TargetError(f"wgmma kernel: {why}")
+    WGS, BN, KS, P = tiles[:4]
+    SW = bool(len(tiles) > 4 and tiles[4])  # 128-byte swizzle of the activation tile
+    e = f.per_reg
+    BK = KS * 32  # bytes of a column a stage (32 a k-step: k16 fp16 / k32 int8)
+    nt, kt = n // TILE_M, k // f.tile_k
+    nstage = kt // KS
+    BMT = WGS * 4  # row tiles of 16 a block
+    threads = 128 * WGS
+    grid_n, grid_c = (nt + BMT - 1) // BMT, (cols + BN - 1) // BN
+    x_words = BN * BK // 4  # activation words a stage (a multiple of 256: stages stay 1 KiB-aligned)
+    v_words = BMT * KS * 128
+    stage_words = x_words + v_words
+    x_chunks, v_chunks = BN * BK // 16, BMT * KS * 32
+    integer = f.name == "s8"
+    reg_acc = "uint32" if integer else "float32"
+    ptx = (f"wgmma.mma_async.sync.aligned.m64n{BN}k32.s32.s8.s8" if integer
+           else f"wgmma.mma_async.sync.aligned.m64n{BN}k16.f32.f16.f16")
+    NA = BN // 2  # accumulator registers a thread
+    # descriptor fields (bytes): no swizzle: LBO the next core matrix along k, SBO the next 8 columns; 128-byte
+    # swizzle: LBO unused (1), SBO one 1 KiB atom of 8 columns
+    LBO, SBO, LAYOUT = (16, 1024, 1) if SW else (128, (BK // 16) * 128, 0)
+
+    def cp16(dst, src, ok):
+        return T.ptx["cp.async.cg.shared.global"](dst, src, 16, T.Cast("uint32", T.if_then_else(ok, 16, 0)))
+
+    @T.macro
+    def issue(sm, pad, xb, wv, bx, by, tid, s, buf):
+        base = pad + buf * stage_words
+        for it in T.unroll((x_chunks + threads - 1) // threads):
+            if it * threads + tid < x_chunks:
+                c = it * threads + tid
+                col = by * BN + b_chunk(c, BK // 16, SW)[0]
+                cp16(T.address_of(sm[base + b_chunk(c, BK // 16, SW)[2] // 4]),
+                     T.address_of(xb[T.min(col, cols - 1), (s * BK + b_chunk(c, BK // 16, SW)[1] * 16) // (4 // e)]),
+                     col < cols)
+        for it in T.unroll((v_chunks + threads - 1) // threads):
+            if it * threads + tid < v_chunks:
+                c = it * threads + tid
+                tile = bx * BMT + c // (KS * 32)
+                cp16(T.address_of(sm[base + x_words + c * 4]),
+                     T.address_of(wv[T.min(tile, nt - 1), s * KS + (c // 32) % KS, c % 32, 0]), tile < nt)
+
+    def wgmma(acc, a, desc):
+        args = [acc[i] for i in range(NA)] + [a[0], a[1], a[2], a[3], desc, T.ptx.pred(1)]
+        if integer:
+            return T.ptx[ptx](*args)
+        return T.ptx[ptx](*args, 1, 1, 0)
+
+    @T.macro
+    def stage(sm, pad, a, acc, xb, wv, bx, by, tid, wg, warp, lane, s, h):
+        """Stage s (register set h = s % 2): its copies landed, the copies of stage s + P - 2 issued, its wgmmas
+        issued on A registers of set h while stage s - 1's may still run, then stage s - 1 waited for."""
+        T.ptx["cp.async.wait_group"](P - 3)
+        T.ptx["fence.proxy.async.shared::cta"]()  # cp.async wrote through the generic proxy; wgmma reads async
+        T.tvm_storage_sync("shared")
+        if s + P - 2 < nstage:  # into the buffer of stage s - 2, whose wgmmas every warpgroup has waited for
+            issue(sm, pad, xb, wv, bx, by, tid, s + P - 2, (s + P - 2) % P)
+        T.ptx["cp.async.commit_group"]()
+        for st in T.unroll(KS):
+            for r in T.vectorized(4):
+                a[(h * KS + st) * 4 + r] = sm[pad + s % P * stage_words + x_words + ((wg * 4 + warp) * KS + st) * 128
+                                              + lane * 4 + r]
+        T.ptx["wgmma.fence.sync.aligned"]()
+        for st in T.unroll(KS):
+            wgmma(acc, _Slice(a, (h * KS + st) * 4),
+                  desc_of(T, T.cuda.cvta_generic_to_shared(
+                      T.address_of(sm[pad + s % P * stage_words + b_read(0, 0, st, BK // 16, SW) // 4])),
+                      LBO, SBO, LAYOUT))
+        T.ptx["wgmma.commit_group.sync.aligned"]()
+        T.ptx["wgmma.wait_group.sync.aligned"](1)
+
+    @T.macro
+    def body(xb, wv, b, y):
+        bx = T.launch_thread("blockIdx.x", grid_n)
+        by = T.launch_thread("blockIdx.y", grid_c)
+        tid = T.launch_thread("threadIdx.x", threads)
+        sm = T.alloc_buffer((P * stage_words + 256,), "uint32", scope="shared.dyn")
+        acc = T.alloc_buffer((NA,), reg_acc, scope="local")
+        a = T.alloc_buffer((2 * KS * 4,), "uint32", scope="local")  # two stages' A: one in flight, one loading
+        # words to the first 1 KiB boundary: the swizzle's atoms must be 1 KiB-aligned
+        # (a multiple of 4 words, as dynamic shared memory is 16-byte aligned: the A loads stay 16-byte vectors)
+        pad = T.Cast("int32", ((T.uint32(1024) - (T.cuda.cvta_generic_to_shared(T.address_of(sm[0])) & T.uint32(1023)))
+                               & T.uint32(1023)) >> T.uint32(4)) * 4
+        wg = tid // 128
+        warp = tid % 128 // 32
+        lane = tid % 32
+        for i in T.unroll(NA):
+            acc[i] = T.Cast(reg_acc, 0)
+        for s in T.unroll(P - 2):
+            if s < nstage:
+                issue(sm, pad, xb, wv, bx, by, tid, s, s)
+            T.ptx["cp.async.commit_group"]()
+        for s2 in range((nstage + 1) // 2):  # unrolled by two: the A register set is static
+            for h in T.unroll(2):
+                if s2 * 2 + h < nstage:
+                    stage(sm, pad, a, acc, xb, wv, bx, by, tid, wg, warp, lane, s2 * 2 + h, h)
+        T.ptx["wgmma.wait_group.sync.aligned"](0)
+        row0 = (bx * BMT + wg * 4 + warp) * TILE_M
+        for j in T.unroll(BN // 8):
+            for i in T.unroll(4):
+                if bx * BMT + wg * 4 + warp < nt:
+                    if by * BN + j * 8 + c_coords(lane, i)[1] < cols:
+                        y[by * BN + j * 8 + c_coords(lane, i)[1], row0 + c_coords(lane, i)[0]] = (
+                            T.reinterpret("int32", acc[j * 4 + i]) if integer
+                            else (acc[j * 4 + i] + b[row0 + c_coords(lane, i)[0]] if bias else acc[j * 4 + i]))
+
+    @T.prim_func(private=True)
+    def kernel(xb: T.Buffer((cols, k), f.value), wv: T.Buffer((nt, kt, 32, 4), "uint32"),
+               b: T.Buffer((n,), "float32"), y: T.Buffer((cols, n), f.acc)):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        body(xb, wv, b, y)
+    return kernel
+
+
+class _Slice:
+    def __init__(self, buf, off):
+        self.buf, self.off = buf, off
+
+    def __getitem__(self, i):
+        return self.buf[self.off + i]
+
+
+def desc_of(T, saddr, lbo, sbo, layout):
+    """The 64-bit shared-memory matrix descriptor: start address, leading and stride byte offsets (each in 16-byte
+    units), layout (bits 62-63: 0 none, 1 the 128-byte swizzle); base offset 0 (the kernel aligns its atoms)."""
+    return (T.Cast("uint64", (saddr >> 4) & T.uint32(0x3FFF))
+            | (T.uint64(lbo >> 4) << T.uint64(16)) | (T.uint64(sbo >> 4) << T.uint64(32))
+            | (T.uint64(layout) << T.uint64(62)))
