@@ -162,13 +162,19 @@ def test_multistage_tiles_that_do_not_fit_are_refused():
     assert "inputs % 32" in gemm.pipeline_fit(128, 48, 384, False, "f16", gemm.DEFAULT_PIPELINE)
     assert "inputs % 64" in gemm.pipeline_fit(128, 96, 384, False, "s8", gemm.DEFAULT_PIPELINE)
     assert "shared memory" in gemm.pipeline_fit(4096, 4096, 4096, False, "f16", (4, 8, 2, 8, 8, 6))
+    # every tile shape the build picks fits an sm_86 / sm_89 block (99 KiB), which a multi-arch binary must
+    assert "sm_86" in gemm.pipeline_fit(4096, 4096, 4096, True, "f16", (4, 8, 2, 2, 2, 4))  # 112 KiB
+    for sparse in (False, True):
+        for fmt in ("f16", "s8"):
+            for cols, n in ((128, 384), (4096, 4096)):
+                assert gemm.pipeline_fit(cols, 4096, n, sparse, fmt, gemm.pipeline_tiles(cols, n, sparse)) == ""
     assert "give (row tiles" in gemm.pipeline_fit(128, 384, 384, False, "f16", (2, 4, 4, 2))
     with pytest.raises(TargetError, match="multistage tensor-core kernel: .*2\\+ stages"):
         gemm.tc_kernel_pipelined(64, 64, 64, False, "f16", False, (1, 4, 2, 2, 2, 1))
     assert "group >= 0" in gemm.pipeline_fit(128, 384, 384, False, "f16", (4, 8, 2, 2, 2, 4, -1))
     # the build's choice: 128 x 128 blocks for large GEMMs, 32 x 64 for MiniLM/MobileNetV2 sizes (enough blocks)
-    assert gemm.pipeline_tiles(4096, 4096) == (4, 8, 2, 2, 2, 4) == gemm.pipeline_tiles(8192, 8192, True)
-    assert gemm.pipeline_tiles(8192, 8192) == (4, 8, 2, 2, 2, 4)
+    assert gemm.pipeline_tiles(4096, 4096) == (4, 8, 2, 2, 2, 4) == gemm.pipeline_tiles(8192, 8192)
+    assert gemm.pipeline_tiles(8192, 8192, True) == (4, 8, 2, 2, 2, 3)
     assert gemm.pipeline_tiles(128, 1536) == (1, 4, 2, 2, 2, 4) and gemm.pipeline_tiles(128, 1536, True)[4] == 1
 
 
@@ -213,8 +219,8 @@ def test_multistage_ldmatrix_rows_give_each_lane_its_b_registers_without_bank_co
 
 @needs_nvcc
 @pytest.mark.parametrize("fmt,sparse,tiles", [("f16", False, None), ("s8", False, (1, 4, 2, 2, 2, 4)),
-                                              ("bf16", False, (4, 8, 2, 2, 4, 3)), ("f16", True, (1, 4, 2, 2, 1, 4)),
-                                              ("s8", True, (4, 8, 2, 2, 2, 4)), ("f16", False, (1, 4, 2, 2, 2, 3, 2))])
+                                              ("bf16", False, (4, 8, 2, 2, 4, 2)), ("f16", True, (1, 4, 2, 2, 1, 4)),
+                                              ("s8", True, (4, 8, 2, 2, 2, 3)), ("f16", False, (1, 4, 2, 2, 2, 3, 2))])
 def test_multistage_kernel_compiles_to_cp_async_ldmatrix_and_tensor_core_instructions(tmp_path, fmt, sparse, tiles):
     import tvm
 
