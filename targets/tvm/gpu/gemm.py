@@ -1,7 +1,8 @@
 """Multistage tensor-core linears: y [cols, n] = x [cols, k] @ W[n, k]^T on `mma.sync` (dense) or `mma.sp` (2:4),
 with the weight packed in fragment order at compile time (sparse.pack_dense_fragments / pack_fragments).
 
-The design of the kernels in sparse.py (tc_kernel_tiled), rebuilt around the memory pipeline that design lacked:
+The design of the one-stage kernel this replaced (activation tiles in shared memory, fragment-packed weights, one
+barrier a stage), rebuilt around the memory pipeline it lacked:
 - every operand moves global -> shared by `cp.async` (16-byte copies, no registers held while they fly), `stages`
   buffers deep: stage s + stages - 1 is requested while stage s computes, with one barrier per stage;
 - the weight fragments go to shared memory once per block (each warp along the columns used to load its own copy
@@ -11,7 +12,7 @@ The design of the kernels in sparse.py (tc_kernel_tiled), rebuilt around the mem
   `words` 32-bit words is padded to words + 4, which puts the 8 rows each ldmatrix phase reads in 8 different groups
   of 4 banks (conflict-free) and keeps the rows 16-byte aligned.
 
-Register layout per lane as in sparse.py: A (the weight tile) by a_coords, B by b_coords (word t + 4 r of column g
+Register layout per lane as in sparse.py's helpers: A (the weight tile) by a_coords, B by b_coords (word t + 4 r of column g
 for every format: fp16 packs 2 inputs a word, int8 4, and the instruction's k covers 8 words of a column dense,
 16 sparse), C/D by c_coords. ldmatrix (m8n8, b16, not transposed) gives lane L row L // 4, 32-bit word L % 4 of
 each 8 x 4-word matrix, whose row addresses lanes 8 q .. 8 q + 7 supply: with row = column g of the tile and matrix q
