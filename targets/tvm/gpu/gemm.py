@@ -12,11 +12,11 @@ barrier a stage), rebuilt around the memory pipeline it lacked:
   `words` 32-bit words is padded to words + 4, which puts the 8 rows each ldmatrix phase reads in 8 different groups
   of 4 banks (conflict-free) and keeps the rows 16-byte aligned.
 
-Register layout per lane as in sparse.py's helpers: A (the weight tile) by a_coords, B by b_coords (word t + 4 r of column g
-for every format: fp16 packs 2 inputs a word, int8 4, and the instruction's k covers 8 words of a column dense,
-16 sparse), C/D by c_coords. ldmatrix (m8n8, b16, not transposed) gives lane L row L // 4, 32-bit word L % 4 of
-each 8 x 4-word matrix, whose row addresses lanes 8 q .. 8 q + 7 supply: with row = column g of the tile and matrix q
-= words 4 q .. 4 q + 3, register q of lane L is word L % 4 + 4 q of column L // 4 -- B register q.
+Register layout per lane as in sparse.py's helpers: A (the weight tile) by a_coords, B by b_coords (word t + 4 r of
+column g for every format: fp16 packs 2 inputs a word, int8 4, and the instruction's k covers 8 words of a column
+dense, 16 sparse), C/D by c_coords. ldmatrix (m8n8, b16, not transposed) gives lane L row L // 4, 32-bit word L % 4
+of each 8 x 4-word matrix, whose row addresses lanes 8 q .. 8 q + 7 supply: with row = column g of the tile and
+matrix q = words 4 q .. 4 q + 3, register q of lane L is word L % 4 + 4 q of column L // 4 -- B register q.
 """
 from __future__ import annotations
 
