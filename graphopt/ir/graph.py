@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.fx as fx
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from graphopt.errors import InputMismatchError, cast_hint
 
@@ -25,6 +26,23 @@ DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
 def dtype_name(dtype: torch.dtype) -> str:
     """'float32' for torch.float32; the name used in text, manifests and serialized graphs."""
     return DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+class _TiesInIndexOrder(TorchDispatchMode):
+    """aten.topk with equal values in index order, the lower index first: ONNX's TopK rule, and what TVM's topk (so
+    every llvm/cuda artifact) and ONNX Runtime do; torch.topk leaves the order of ties unspecified (on the CPU it
+    returned indices 1, 6, 4 of [1, 3, 3, 2, 3, 0, 3] where the artifact and ONNX Runtime give 1, 2, 4)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten.topk.default:
+            return _topk_ties_in_order(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _topk_ties_in_order(x, k, dim=-1, largest=True, sorted=True):  # noqa: A002 - aten's own argument name
+    values, indices = torch.sort(x, dim=dim, descending=largest, stable=True)
+    return values.narrow(dim, 0, k), indices.narrow(dim, 0, k)
 
 
 @dataclass(frozen=True)
@@ -300,8 +318,14 @@ class Graph:
 
     @torch.no_grad()
     def run(self, *inputs: Any) -> tuple[torch.Tensor, ...]:
-        """Run the graph eagerly (reference kernels) and return its outputs as a tuple."""
-        outs = self.gm(*self.check_inputs(inputs))
+        """Run the graph eagerly (reference kernels) and return its outputs as a tuple. topk breaks ties by index
+        (see _TiesInIndexOrder), as the compiled artifacts and ONNX do."""
+        args = self.check_inputs(inputs)
+        if any(n.op == "call_function" and n.target is torch.ops.aten.topk.default for n in self.graph.nodes):
+            with _TiesInIndexOrder():
+                outs = self.gm(*args)
+        else:
+            outs = self.gm(*args)
         return tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
 
     def example_inputs(self, seed: int = 0) -> tuple[torch.Tensor, ...]:

@@ -69,6 +69,7 @@ CASES = {
     "cumsum_excl_rev": ("CumSum", [3, 5], [(F32, None)], [("axis", np.array(1, np.int64))],
                         {"exclusive": 1, "reverse": 1}),
     "topk": ("TopK", [2, 9], [(F32, None), (I64, None)], [("k", np.array([3], np.int64))], {"largest": 0}),
+    "topk_largest": ("TopK", [3, 11], [(F32, None), (I64, None)], [("k", np.array([5], np.int64))], {"axis": 1}),
     # (twenty-sixth session) negative steps on an activation (torch.flip exports as a step -1 Slice: refused
     # before), AveragePool's SAME_UPPER pad left out of the count (it was averaged in), nearest modes PyTorch's
     # nearest has no mode for (index tables), and ops that had no importer
@@ -121,8 +122,8 @@ def test_op_matches_onnxruntime_imported_and_compiled(case, tmp_path):
     op, x_shape, outs, inits, attrs = CASES[case]
     path = tmp_path / f"{case}.onnx"
     x = RNG.standard_normal(x_shape).astype(np.float32)
-    if op.startswith("Arg"):
-        x = np.round(x)  # ties: which index wins is part of the op
+    if op.startswith("Arg") or op == "TopK":
+        x = np.round(x)  # ties: which index wins is part of the op (TopK: the lower index first)
     model = _model(op, x_shape, outs, inits, **attrs)
     ref = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})
     # exporters write every output's shape (onnx.checker requires the field): take them from ORT's run
