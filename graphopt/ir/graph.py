@@ -29,9 +29,9 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 class _TiesInIndexOrder(TorchDispatchMode):
-    """aten.topk with equal values in index order, the lower index first: ONNX's TopK rule, and what TVM's topk (so
-    every llvm/cuda artifact) and ONNX Runtime do; torch.topk leaves the order of ties unspecified (on the CPU it
-    returned indices 1, 6, 4 of [1, 3, 3, 2, 3, 0, 3] where the artifact and ONNX Runtime give 1, 2, 4)."""
+    """aten.topk with equal values in index order, the lower index first: ONNX's TopK rule, and what TVM's topk in
+    the llvm artifacts and ONNX Runtime do; torch.topk leaves the order of ties unspecified (on the CPU it returned
+    indices 1, 6, 4 of [1, 3, 3, 2, 3, 0, 3] where the artifact and ONNX Runtime give 1, 2, 4)."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
