@@ -1997,6 +1997,14 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's pytree specs warn when deep-copied
         ep = graph.to_exported_program().run_decompositions(table)
+    for n in ep.graph_module.graph.nodes:
+        # topk(sorted=False) lets the values come in any order: TVM's importer takes only sorted ("Currently supports
+        # only sorted output"), which is one of those orders
+        if n.op == "call_function" and n.target is torch.ops.aten.topk.default:
+            if len(n.args) > 4:
+                n.args = n.args[:4] + (True,)
+            elif "sorted" in n.kwargs:
+                n.kwargs = {**n.kwargs, "sorted": True}
     try:
         mod = from_exported_program(ep, keep_params_as_input=False, custom_convert_map=_converters(ep, device, sparse24, target,
                                                                                 graph.meta.get("sparse_layout"),
