@@ -1936,6 +1936,26 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             **{k: _activation(k) for k in ("relu.default", "relu6.default", "hardtanh.default", "clamp.default")}}
 
 
+def _col2im_as_conv_transpose(x, output_size, kernel_size, dilation, padding, stride):
+    """F.fold (aten.col2im) as a grouped transposed conv: block element k of channel c, input channel c K + k, adds
+    into its kernel position ki, kj through a one-hot [C K, 1, kh, kw] weight (groups = C) -- the same sums, where
+    core ATen's decomposition (an index_put with broadcast index tensors) did not build in TVM for batch > 1."""
+    import torch
+    if x.dim() == 2:  # unbatched [C K, L]
+        return _col2im_as_conv_transpose(x[None], output_size, kernel_size, dilation, padding, stride)[0]
+    kh, kw = kernel_size
+    n, ck, _ = x.shape
+    c = ck // (kh * kw)
+    grid = [(output_size[i] + 2 * padding[i] - dilation[i] * (kernel_size[i] - 1) - 1) // stride[i] + 1
+            for i in range(2)]
+    weight = torch.eye(kh * kw, dtype=x.dtype).reshape(kh * kw, 1, kh, kw).repeat(c, 1, 1, 1)
+    # output padding: the rows and columns past the last block (fewer than a stride), which no block covers: zeros
+    extra = [output_size[i] + 2 * padding[i] - ((grid[i] - 1) * stride[i] + dilation[i] * (kernel_size[i] - 1) + 1)
+             for i in range(2)]
+    return torch.nn.functional.conv_transpose2d(x.reshape(n, ck, grid[0], grid[1]), weight, None, stride, padding,
+                                                extra, c, dilation)
+
+
 def _converters(ep, device: str, sparse24: dict | None, target=None, layouts: dict | None = None,
                 gpu_dense: dict | None = None):
     names = {spec.arg.name: spec.target for spec in ep.graph_signature.input_specs if spec.target is not None}
@@ -1971,6 +1991,7 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
     table.pop(torch.ops.aten.upsample_nearest3d.vec, None)  # (its index gathers do not import; nearest_take)
     table.pop(torch.ops.aten.upsample_trilinear3d.vec, None)  # (nor do trilinear's; trilinear)
     table.pop(torch.ops.aten.heaviside.default, None)  # (its decomposition mixed dtypes in a where; more_ops)
+    table[torch.ops.aten.col2im.default] = _col2im_as_conv_transpose  # (its index_put did not build past batch 1)
     if device == "cpu":  # layer norm whole, for its row kernel (norm.py); not native_layer_norm's 3 outputs
         table.pop(torch.ops.aten.layer_norm.default, None)
         # instance norm, roll, im2col (F.unfold), linear / bicubic resizing and the reflect / replicate /

@@ -185,3 +185,16 @@ def test_topk_unsorted_builds():
     ref = fn(x)
     for o, r in zip(got, ref):
         np.testing.assert_array_equal(np.sort(o, axis=1), np.sort(r.numpy(), axis=1))
+
+
+@pytest.mark.parametrize("batch", [None, 1, 3])
+def test_fold_builds_at_any_batch(batch):
+    """F.fold (col2im): core ATen's decomposition, an index_put with broadcast index tensors, did not build in TVM
+    past batch 1 ("Cannot broadcast index shapes"); it runs as a grouped transposed conv. Overlapping, padded,
+    dilated and strided blocks, and an output with rows and columns no block covers."""
+    g = torch.Generator().manual_seed(0)
+    shape = (2 * 3 * 3, 16) if batch is None else (batch, 2 * 3 * 3, 16)
+    _check(lambda c: (torch.nn.functional.fold(c[..., :9], (6, 6), 3, padding=1, stride=2),
+                      torch.nn.functional.fold(c, (10, 10), 3, stride=2),  # (row and column 9: no block)
+                      torch.nn.functional.fold(c, (6, 6), 3, padding=1, stride=1, dilation=2)),
+           torch.randn(shape, generator=g), rtol=1e-5, atol=1e-5)
