@@ -240,10 +240,11 @@ def main() -> int:
     ap.add_argument("--arch", default="sm_90", help="GPU architecture to compile for (the H200 is sm_90)")
     ap.add_argument("--skip-model", action="store_true", help="kernels only (no model artifacts)")
     ap.add_argument("--quick", action="store_true",
-                    help="graphopt's multistage tensor-core kernels only (no dlight kernels, no simple 2:4 kernel, no "
-                         "convs): a shorter run on the GPU")
+                    help="graphopt's tensor-core kernels only (multistage mma.sync / mma.sp and wgmma; no dlight "
+                         "kernels, no simple 2:4 kernel, no convs): a shorter run on the GPU")
     ap.add_argument("--explore", action="store_true",
-                    help="the large GEMMs alone, in the tile shapes of EXPLORE_VARIANTS (implies --quick)")
+                    help="the large GEMMs alone: the multistage kernels in the shapes of EXPLORE_VARIANTS, every wgmma "
+                         "variant (WG_VARIANTS), and the tensor-core instructions timed alone (implies --quick)")
     ap.add_argument("--models", default="minilm",
                     help="comma-separated artifacts to build, from: " + ", ".join(m[0] for m in MODELS)
                          + " (default minilm: the one on graphopt's tensor-core kernels; MiniLM's 44 MiB and the "
