@@ -1936,6 +1936,27 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             **{k: _activation(k) for k in ("relu.default", "relu6.default", "hardtanh.default", "clamp.default")}}
 
 
+def _with_conv_transpose_3d(inner):
+    """The convolution converter, taking 5-D transposed convs itself (TVM 0.27's torch importer refuses them:
+    "Unsupported transposed convolution dimensionality: 5", though Relax has conv3d_transpose); the rest go to
+    `inner` (graphopt's converter for this device) or TVM's own."""
+    def convert(node, importer):
+        from tvm import relax
+        x, w = node.args[0], node.args[1]
+        if not (node.args[6] and len(x.meta["val"].shape) == 5):
+            return inner(node, importer) if inner is not None else importer._convolution(node)
+        bb = importer.block_builder
+        stride, padding, dilation, out_pad = ([int(v) for v in node.args[i]] for i in (3, 4, 5, 7))
+        y = bb.emit(relax.op.nn.conv3d_transpose(importer.env[x], importer.env[w], strides=stride, padding=padding,
+                                                 output_padding=out_pad, dilation=dilation,
+                                                 groups=int(node.args[8]), data_layout="NCDHW",
+                                                 kernel_layout="IODHW"))
+        if node.args[2] is not None:
+            y = bb.emit(relax.op.add(y, relax.op.reshape(importer.env[node.args[2]], (1, -1, 1, 1, 1))))
+        return y
+    return convert
+
+
 def _col2im_as_conv_transpose(x, output_size, kernel_size, dilation, padding, stride):
     """F.fold (aten.col2im) as a grouped transposed conv: block element k of channel c, input channel c K + k, adds
     into its kernel position ki, kj through a one-hot [C K, 1, kh, kw] weight (groups = C) -- the same sums, where
@@ -2027,9 +2048,9 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
             elif "sorted" in n.kwargs:
                 n.kwargs = {**n.kwargs, "sorted": True}
     try:
-        mod = from_exported_program(ep, keep_params_as_input=False, custom_convert_map=_converters(ep, device, sparse24, target,
-                                                                                graph.meta.get("sparse_layout"),
-                                                                                gpu_dense),
+        convert = _converters(ep, device, sparse24, target, graph.meta.get("sparse_layout"), gpu_dense)
+        convert["convolution.default"] = _with_conv_transpose_3d(convert.get("convolution.default"))
+        mod = from_exported_program(ep, keep_params_as_input=False, custom_convert_map=convert,
                                     run_ep_decomposition=False)
     except AssertionError as e:
         # the Relax importer asserts on ops it has no converter for; name the node for the user

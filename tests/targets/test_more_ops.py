@@ -198,3 +198,14 @@ def test_fold_builds_at_any_batch(batch):
                       torch.nn.functional.fold(c, (10, 10), 3, stride=2),  # (row and column 9: no block)
                       torch.nn.functional.fold(c, (6, 6), 3, padding=1, stride=1, dilation=2)),
            torch.randn(shape, generator=g), rtol=1e-5, atol=1e-5)
+
+
+def test_transposed_3d_convs_build():
+    """ConvTranspose3d did not build: TVM 0.27's torch importer refuses transposed convs of 5-D inputs ("Unsupported
+    transposed convolution dimensionality: 5") though Relax has conv3d_transpose; graphopt's converter maps them
+    (strides, padding, output padding, dilation, groups, bias)."""
+    torch.manual_seed(0)
+    a = torch.nn.ConvTranspose3d(4, 6, 3, stride=2, padding=1, output_padding=1).eval()
+    b = torch.nn.ConvTranspose3d(4, 6, 2, stride=(1, 2, 2), groups=2, dilation=2, bias=False).eval()
+    x = torch.randn(2, 4, 3, 5, 4)
+    _check(lambda x: (a(x), b(x)), x, rtol=1e-5, atol=1e-5)
