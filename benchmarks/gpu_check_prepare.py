@@ -40,6 +40,7 @@ PIPE_VARIANTS = {False: [(1, 4, 2, 2, 2, 4), (4, 8, 2, 2, 2, 4)], True: [(1, 4, 
 # the Hopper wgmma kernels (targets/tvm/gpu/wgmma.py, sm_90a): (warpgroups, columns a block, k-steps a stage,
 # stages[, 128-byte swizzle])
 WG_VARIANTS = [(2, 128, 4, 4), (2, 128, 4, 4, 1), (2, 128, 2, 4), (2, 128, 4, 3, 1), (2, 256, 4, 3, 1)]
+WG_VARIANTS_SMALL = WG_VARIANTS[:2]  # MiniLM / MobileNetV2 sizes: the default, with and without the swizzle
 # --explore: the large GEMMs alone: the multistage kernels at the build's tiles (with and without the grouped raster
 # of the 8192-sided ones), every wgmma variant, the instructions alone. (2026-12-04's first explore run also measured
 # groups of 16 and stages of 4 instruction steps: benchmarks/results/gpu_check_h200_s49_explore.json.)
@@ -167,7 +168,7 @@ def build_kernels(arch: str, out: Path, quick: bool = False, explore: bool = Fal
         # the wgmma kernels, compiled for sm_90a (the arch-specific Hopper target wgmma needs)
         for kind, fmt, xdtype, ydtype in (("dense16w", "f16", "float16", "float32"), ("int8w", "s8", "int8", "int32")):
             f = DENSE_FORMATS[fmt]
-            for tiles in WG_VARIANTS if m >= 2048 else WG_VARIANTS[:1] + WG_VARIANTS[3:4]:
+            for tiles in WG_VARIANTS if m >= 2048 else WG_VARIANTS_SMALL:
                 if wg_fit(m, k, n, fmt, tiles):
                     continue
                 build(name, kind, (m, k, n), packed_params(m, k, n, xdtype, f, False),
