@@ -38,13 +38,14 @@ GEMMS = [("minilm qkv/out 128x384x384", 128, 384, 384), ("minilm ffn-up 128x384x
 # shape of the two the build chooses between; 2026-12-04's runs measured more (see pipeline_tiles).
 PIPE_VARIANTS = {False: [(1, 4, 2, 2, 2, 4), (4, 8, 2, 2, 2, 4)], True: [(1, 4, 2, 2, 1, 4), (4, 8, 2, 2, 2, 3)]}
 # the Hopper wgmma kernels (targets/tvm/gpu/wgmma.py, sm_90a): (warpgroups, columns a block, k-steps a stage,
-# stages[, 128-byte swizzle])
-WG_VARIANTS = [(2, 128, 4, 4), (2, 128, 4, 4, 1), (2, 128, 2, 4), (2, 128, 4, 3, 1), (2, 256, 4, 3, 1)]
-WG_VARIANTS_SMALL = WG_VARIANTS[:2]  # MiniLM / MobileNetV2 sizes: the default, with and without the swizzle
-# --explore: the large GEMMs alone: the multistage kernels at the build's tiles (with and without the grouped raster
-# of the 8192-sided ones), every wgmma variant, the instructions alone. (2026-12-04's first explore run also measured
-# groups of 16 and stages of 4 instruction steps: benchmarks/results/gpu_check_h200_s49_explore.json.)
-EXPLORE_VARIANTS = {False: [(4, 8, 2, 2, 2, 4), (4, 8, 2, 2, 2, 4, 8)], True: [(4, 8, 2, 2, 2, 3)]}
+# stages[, 128-byte swizzle]); the first two are the build's large tiles (wgmma.WG_LARGE). Measured on the H200
+# (2026-12-04, benchmarks/results/gpu_check_h200_s50*.json): 2 x 128 columns, 5-6 stages, 3 warpgroups, and every
+# tile without the swizzle (1.9-2x) slower.
+WG_VARIANTS = [(2, 256, 4, 4, 1), (4, 128, 4, 4, 1), (2, 192, 4, 4, 1), (2, 224, 4, 4, 1)]
+WG_VARIANTS_SMALL = [(2, 128, 4, 3, 1), (1, 64, 4, 3, 1), (1, 32, 4, 3, 1), (1, 16, 4, 4, 1)]  # MiniLM / MNv2 sizes
+# --explore: MiniLM's and the large GEMMs alone: the multistage kernels at the build's tiles, every wgmma variant, the
+# instructions alone. (2026-12-04's explore runs also measured a grouped raster, groups of 16 and stages of 4
+# instruction steps: benchmarks/results/gpu_check_h200_s49_explore.json.)
 # (name, c_in, c_out, size, kernel, stride, groups)
 CONVS = [("mnv2 stem 3->32 3x3/2 224", 3, 32, 224, 3, 2, 1), ("mnv2 dw 144 3x3 56", 144, 144, 56, 3, 1, 144),
          ("mnv2 pw 56x56 24->144", 24, 144, 56, 1, 1, 1), ("mnv2 pw 14x14 384->64", 384, 64, 14, 1, 1, 1)]
@@ -116,7 +117,8 @@ def mma_peak_kernel(fmt: str, sparse: bool):
 
 def build_kernels(arch: str, out: Path, quick: bool = False, explore: bool = False) -> list[dict]:
     """Every kernel to measure; quick: graphopt's multistage tensor-core kernels only (every variant), without
-    dlight's kernels, the simple 2:4 kernel and the convs; explore: EXPLORE_VARIANTS on the large GEMMs alone."""
+    dlight's kernels, the simple 2:4 kernel and the convs; explore: MiniLM's and the large GEMMs, the build's tiles and
+    every wgmma variant."""
     quick = quick or explore
     from tvm import relax
 
@@ -152,14 +154,14 @@ def build_kernels(arch: str, out: Path, quick: bool = False, explore: bool = Fal
         build(f"{fmt} {'mma.sp' if sparse else 'mma.sync'} alone", kind, (threads,),
               [("x", (threads,), "uint32")], call(mma_peak_kernel(fmt, sparse), "float32", threads, None))
         index[-1]["ops"] = PEAK_BLOCKS * 4 * PEAK_ITERS * PEAK_TILES * ops  # dense-equivalent multiply-adds x 2
-    for name, m, k, n in [g for g in GEMMS if g[1] >= 2048] if explore else GEMMS:
+    for name, m, k, n in [g for g in GEMMS if g[1] >= 2048 or g[1] == 128] if explore else GEMMS:
         # graphopt's multistage tensor-core kernels (targets/tvm/gpu/gemm.py): the default tiles and the variants
         for kind, fmt, sparse, xdtype, ydtype in (("dense16p", "f16", False, "float16", "float32"),
                                                   ("int8p", "s8", False, "int8", "int32"),
                                                   ("sp24p", "f16", True, "float16", "float32"),
                                                   ("sp24ps8", "s8", True, "int8", "int32")):
             f = (FORMATS if sparse else DENSE_FORMATS)[fmt]
-            for tiles in (EXPLORE_VARIANTS if explore else PIPE_VARIANTS)[sparse]:
+            for tiles in [pipeline_tiles(m, n, sparse)] if explore else PIPE_VARIANTS[sparse]:
                 if pipeline_fit(m, k, n, sparse, fmt, tiles):
                     continue
                 build(name, kind, (m, k, n), packed_params(m, k, n, xdtype, f, sparse),
@@ -210,10 +212,11 @@ def ffi_wheel(out: Path) -> None:
                     "--python-version", "3.12", "-d", str(wheels), f"apache-tvm-ffi=={v}"], check=True)
 
 
-# (artifact folder, zoo model, pipeline): MiniLM's linears run on graphopt's dense tensor-core kernel, the CNNs' convs
-# on dlight; the int8 MiniLM's on the int8 one.
+# (artifact folder, zoo model, pipeline[, --cuda-arch]): MiniLM's linears run on graphopt's dense tensor-core kernel,
+# the CNNs' convs on dlight; the int8 MiniLM's on the int8 one; the _90a ones are sm_90a builds (linears on wgmma).
 MODELS = (("mobilenet_v2", "mobilenet_v2", "fold-bn"), ("efficientnet_lite0", "efficientnet_lite0", "fold-bn"),
-          ("minilm", "minilm", ""), ("minilm_int8", "minilm", "quantize,fold-qdq"))
+          ("minilm", "minilm", ""), ("minilm_int8", "minilm", "quantize,fold-qdq"),
+          ("minilm_90a", "minilm", "", "sm_90a"), ("minilm_int8_90a", "minilm", "quantize,fold-qdq", "sm_90a"))
 
 
 def model_artifact(out: Path, arch: str, folder: str, name: str, pipeline: str) -> None:
@@ -230,7 +233,7 @@ def model_artifact(out: Path, arch: str, folder: str, name: str, pipeline: str) 
     if pipeline:  # what the optimized graph computes (int8 for quantize): the GPU artifact must match it, too
         io["ref_graph"] = np.stack([g.run(*s)[0].numpy() for s in samples])
     np.savez_compressed(out / f"{folder}_io.npz", **io)
-    print(f"  built {folder} fp16 artifact", flush=True)
+    print(f"  built {folder} fp16 artifact ({arch})", flush=True)
 
 
 CARRY_LIMIT = 60 << 20  # the device tool carries 64 MiB with the working tree (about 2 MiB)
@@ -244,7 +247,7 @@ def main() -> int:
                     help="graphopt's tensor-core kernels only (multistage mma.sync / mma.sp and wgmma; no dlight "
                          "kernels, no simple 2:4 kernel, no convs): a shorter run on the GPU")
     ap.add_argument("--explore", action="store_true",
-                    help="the large GEMMs alone: the multistage kernels in the shapes of EXPLORE_VARIANTS, every wgmma "
+                    help="MiniLM's and the large GEMMs alone: the multistage kernels at the build's tiles, every wgmma "
                          "variant (WG_VARIANTS), and the tensor-core instructions timed alone (implies --quick)")
     ap.add_argument("--models", default="minilm",
                     help="comma-separated artifacts to build, from: " + ", ".join(m[0] for m in MODELS)
@@ -264,9 +267,9 @@ def main() -> int:
         runtime_tarball(work)
         ffi_wheel(work)
         if not args.skip_model:
-            for folder, name, pipeline in MODELS:
+            for folder, name, pipeline, *arch in MODELS:
                 if folder in wanted:
-                    model_artifact(work, args.arch, folder, name, pipeline)
+                    model_artifact(work, arch[0] if arch else args.arch, folder, name, pipeline)
         size = sum(p.stat().st_size for p in work.rglob("*") if p.is_file())
         if size > CARRY_LIMIT:
             print(f"gpu_check_prepare: {size / 2**20:.1f} MiB is more than the device carries with the repo "

@@ -224,7 +224,8 @@ def compile(graph: Graph, target: str = "llvm", tuning: Any = None, output: str 
             cuda_arch: str = "sm_80,sm_90", precision: str = "fp16", sparse_min_speedup: float = 1.1,
             cpu: str | None = None) -> Path:
     """Compile to an artifact folder: `llvm` (TVM for this CPU, model.so), `cuda` / `cuda-sparse` (TVM for NVIDIA
-    GPUs, model.so with a fatbin for each of `cuda_arch`; no GPU needed to build), `onnx` (model.onnx) or `pt2`.
+    GPUs, model.so with a fatbin for each of `cuda_arch`; no GPU needed to build; "sm_90a" alone: H100/H200-only
+    code, dense linears on wgmma), `onnx` (model.onnx) or `pt2`.
 
     `tuning` is None (no tuning) or `graphopt.Tuning(trials=..., db=...)` (llvm only). `precision` (cuda targets):
     fp16 or bf16 (convs and matmuls on half-width operands, fp32 accumulation) or fp32. `sparse_min_speedup`

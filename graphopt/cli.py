@@ -106,7 +106,9 @@ def _parser() -> argparse.ArgumentParser:
                    "pipeline's measuring passes choose for that CPU too (quantize{weights=auto}: its int8 product)")
     c.add_argument("--cuda-arch", default="sm_80,sm_90", metavar="ARCHS", help="GPU architectures the cuda targets "
                    "compile machine code for, comma-separated (default sm_80,sm_90: A100 and H100/H200); the "
-                   "artifact also carries PTX of the newest for later GPUs")
+                   "artifact also carries PTX of the newest for later GPUs. sm_90a alone: an H100/H200-only "
+                   "artifact whose dense linears run Hopper's wgmma instructions (faster there; no other GPU "
+                   "loads it)")
     c.add_argument("--sparse-min-speedup", type=float, default=1.1, metavar="X", help="cuda-sparse: a 2:4 layer "
                    "runs on sparse tensor cores when measured (select-sparse-layout on a GPU) or estimated (the "
                    "documented cost table, without one) to be at least X times faster than dense (default 1.1)")

@@ -235,7 +235,9 @@ def gpu_build_report(artifact: Path) -> str:
     tc = t.get("tensor_core_linears") or {}
     if tc:
         fmts = sorted({r.get("format", "?") for r in tc.values()})
-        lines.append(f"  dense      {len(tc)} linear(s) on graphopt's dense tensor-core kernel (mma.sync, "
+        wg = sum("wgmma" in r.get("kernel", "") for r in tc.values())
+        how = f"wgmma for {wg}, mma.sync for {len(tc) - wg}" if 0 < wg < len(tc) else "wgmma" if wg else "mma.sync"
+        lines.append(f"  dense      {len(tc)} linear(s) on graphopt's dense tensor-core kernel ({how}, "
                      f"{'/'.join(fmts)}); other convs and matmuls on dlight's schedules")
     lines.append("  measure    no timing here: run `graphopt run` or benchmarks/gpu_check.sh on the GPU machine "
                  "(the artifact needs the TVM runtime and a driver there, no compiler)")

@@ -380,11 +380,31 @@ def _cuda_device(manifest: dict):
                             "here; run it on the GPU machine, or compile with --target llvm for this CPU")
     dev = tvm.cuda(0)
     have = "sm_" + str(dev.compute_version).replace(".", "")
-    built = manifest.get("target_info", {}).get("archs", [])
-    if built and int(have[3:]) < int(built[0][3:]):
-        raise ArtifactError(f"this GPU is {have}; the artifact's kernels need at least {built[0]} (built for "
-                            f"{archs}): compile again with --cuda-arch {have}")
+    why = gpu_mismatch(manifest.get("target_info", {}).get("archs", []), have)
+    if why:
+        raise ArtifactError(why)
     return dev
+
+
+def gpu_mismatch(built: list[str], have: str) -> str:
+    """'' when kernels built for the architectures `built` run on a GPU of architecture `have` (e.g. "sm_86");
+    else why not. sm_XY code runs on sm_XY and later GPUs (their PTX on newer ones); sm_90a (Hopper's wgmma) on
+    sm_90 alone."""
+    import re
+
+    def number(arch: str) -> int:
+        return int(re.match(r"sm_(\d+)", arch).group(1))
+    archs = ",".join(built)
+    if "sm_90a" in built and have != "sm_90":
+        return (f"this GPU is {have}; the artifact was built for sm_90a, whose Hopper-only kernels run on H100/H200 "
+                "(sm_90) alone: compile again with --cuda-arch sm_80,sm_90 (portable kernels; PTX for later GPUs)")
+    if number(have) < 80:
+        return (f"this GPU is {have}; graphopt's CUDA kernels need sm_80 or later (A100, RTX 30-series and newer): "
+                "compile with --target llvm and run on the CPU")
+    if built and number(have) < number(built[0]):
+        return (f"this GPU is {have}; the artifact's kernels need at least {built[0]} (built for {archs}): compile "
+                f"again with --cuda-arch {have}")
+    return ""
 
 
 def _private_link(lib_path: Path) -> Path:

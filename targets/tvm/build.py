@@ -24,13 +24,18 @@ GPU_TARGETS = ("cuda", "cuda-sparse")
 
 def parse_archs(arch: str | list[str] | tuple[str, ...]) -> list[str]:
     """"sm_80,sm_90" -> ["sm_80", "sm_90"], checked against what graphopt builds for (lowest first)."""
-    from graphopt.targets.tvm.gpu.pipeline import ARCHS
+    from graphopt.targets.tvm.gpu.pipeline import ARCHS, HOPPER_ONLY
     archs = [a.strip() for a in (arch.split(",") if isinstance(arch, str) else arch) if a.strip()]
     bad = [a for a in archs if a not in ARCHS]
     if not archs or bad:
         raise TargetError(f"unknown CUDA architecture {', '.join(bad) or repr(arch)} (choose from: {', '.join(ARCHS)};"
                           " several as sm_80,sm_90)")
-    return sorted(set(archs), key=lambda a: int(a[3:]))
+    archs = sorted(set(archs), key=lambda a: int(a[3:5]))
+    if HOPPER_ONLY in archs and len(archs) > 1:
+        raise TargetError(f"--cuda-arch {','.join(archs)}: {HOPPER_ONLY} builds Hopper-only kernels (wgmma), which no "
+                          f"other GPU runs: give {HOPPER_ONLY} alone for H100/H200, or sm_90 with the others for one "
+                          "artifact that runs on all of them")
+    return archs
 
 
 def _check_precision(precision: str) -> None:
@@ -44,7 +49,7 @@ def build_gpu_executable(graph: Graph, target: str = "cuda", archs=("sm_80", "sm
     """Lower and build for CUDA (no GPU needed); returns (executable, tvm Target, seconds, 2:4 layer records,
     records of the linears on graphopt's dense tensor-core kernel). The kernel source is generated for the lowest
     architecture in `archs` and compiled for each of them when the library is exported."""
-    from graphopt.targets.tvm.gpu.pipeline import build_cuda, cuda_target
+    from graphopt.targets.tvm.gpu.pipeline import HOPPER_ONLY, build_cuda, cuda_target
 
     if target not in GPU_TARGETS:
         raise TargetError(f"'{target}' is not a GPU target (choose one of: {', '.join(GPU_TARGETS)})")
@@ -62,8 +67,9 @@ def build_gpu_executable(graph: Graph, target: str = "cuda", archs=("sm_80", "sm
         if not sparse_min_speedup >= 1.0:
             raise TargetError(f"sparse min-speedup must be >= 1 (never slower than dense), got {sparse_min_speedup}")
         sparse24 = {"min_speedup": float(sparse_min_speedup), "format": "bf16" if precision == "bf16" else "f16",
-                    "measured": graph.meta.get("sparse_layout", {})}
-    dense_tc = {"format": {"fp16": "f16", "bf16": "bf16"}.get(precision), "records": {}}
+                    "measured": graph.meta.get("sparse_layout", {}), "wgmma": archs == [HOPPER_ONLY]}
+    dense_tc = {"format": {"fp16": "f16", "bf16": "bf16"}.get(precision), "records": {},
+                "wgmma": archs == [HOPPER_ONLY]}
     mod = lower_to_relax(graph, device="cuda", sparse24=sparse24, gpu_dense=dense_tc)
     t0 = time.perf_counter()
     try:

@@ -33,8 +33,9 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
     shapes for `target`, by default this machine's CPU); False keeps every op a plain Relax op, for GPU targets,
     whose schedules come from dlight. `layouts`: select-sparse-layout's record per weight placeholder (int8
     linears it chose bsr8x4 for run the int8 BSR kernel). `gpu_dense` (GPU targets: {"format": "f16" | "bf16" |
-    None, "records": {}}): linears with constant weights that fit the tile run graphopt's dense tensor-core kernel
-    (int8 ones always, float ones in the half format; fp32 builds keep float linears on dlight), each recorded."""
+    None, "records": {}, "wgmma": sm_90a build}): linears with constant weights that fit the tile run graphopt's
+    dense tensor-core kernel (int8 ones always, float ones in the half format; fp32 builds keep float linears on
+    dlight), each recorded."""
     from tvm import relax
 
     from graphopt.targets.tvm.host import cpu_target
@@ -96,10 +97,12 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         return _minus_zero_point(bb, acc, wsum, zx, shape), shape
 
     def _dense_tc(bb, node, x, wname, bias, fmt):
-        """x @ w^T (+ bias) on graphopt's dense tensor-core kernel for the constant weight `wname`, or None where
-        the kernel does not apply (the caller emits the plain op)."""
+        """x @ w^T (+ bias) on graphopt's dense tensor-core kernel for the constant weight `wname` (wgmma for
+        sm_90a builds where the shape fits it, else the multistage mma.sync kernel), or None where neither applies
+        (the caller emits the plain op)."""
         from graphopt.targets.tvm.gpu.gemm import pipeline_tiles
         from graphopt.targets.tvm.gpu.sparse import dense_tc_applies, emit_dense_tc
+        from graphopt.targets.tvm.gpu.wgmma import emit_wgmma, wg_applies, wg_tiles
         wt = (lifted or {}).get(wname)
         x_shape = node.args[0].meta["val"].shape
         if wt is None or wt.dim() != 2 or fmt is None:
@@ -108,12 +111,16 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         cols = math.prod(int(d) for d in x_shape[:-1])
         if dense_tc_applies(n, k, fmt) or cols == 0:
             return None
-        tiles = pipeline_tiles(cols, n)
         x2 = bb.emit(relax.op.reshape(x, (cols, k)))
-        y = emit_dense_tc(bb, x2, wt.detach().float().numpy(), bias, cols, fmt, tiles)
+        w = wt.detach().float().numpy()
+        if gpu_dense.get("wgmma") and not wg_applies(n, k, fmt):
+            tiles, kernel = wg_tiles(cols, n, fmt), "graphopt dense tensor-core (wgmma, sm_90a)"
+            y = emit_wgmma(bb, x2, w, bias, cols, fmt, tiles)
+        else:
+            tiles, kernel = pipeline_tiles(cols, n), "graphopt dense tensor-core (mma.sync, multistage)"
+            y = emit_dense_tc(bb, x2, w, bias, cols, fmt, tiles)
         param = gpu_dense.get("names", {}).get(wname, wname)
-        gpu_dense["records"][param] = {"shape": [cols, k, n], "format": fmt, "tiles": list(tiles),
-                                       "kernel": "graphopt dense tensor-core (mma.sync, multistage)"}
+        gpu_dense["records"][param] = {"shape": [cols, k, n], "format": fmt, "tiles": list(tiles), "kernel": kernel}
         return bb.emit(relax.op.reshape(y, [int(d) for d in x_shape[:-1]] + [n]))
 
     def _sparse_int8_acc(bb, node, xq):
@@ -1778,7 +1785,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         param = sparse24["names"].get(wname, wname)
         chosen = sparse24.get("measured", {}).get(param) or {}
         rec = sp24_decision(param, w, cols, sparse24.get("min_speedup", 1.1), chosen.get("timings_us"),
-                            chosen.get("timing_source", "measured"), fmt)
+                            chosen.get("timing_source", "measured"), fmt, sparse24.get("wgmma", False))
         sparse24["records"][param] = rec
         if rec["choice"] != "sp24":
             return None

@@ -279,7 +279,8 @@ def test_wgmma_tiles_that_do_not_fit_are_refused():
 
 
 @needs_nvcc
-@pytest.mark.parametrize("fmt,tiles", [("f16", None), ("s8", (1, 64, 2, 3)), ("f16", (2, 128, 4, 3, 1))])
+@pytest.mark.parametrize("fmt,tiles", [("f16", (2, 128, 4, 4)), ("s8", (1, 64, 2, 3)), ("bf16", None),
+                                       ("f16", (2, 256, 4, 4, 1))])
 def test_wgmma_kernel_compiles_for_sm90a_with_async_proxy_fences(tmp_path, fmt, tiles):
     import tvm
 
@@ -291,8 +292,10 @@ def test_wgmma_kernel_compiles_for_sm90a_with_async_proxy_fences(tmp_path, fmt, 
     lib = tvm.compile(tvm.IRModule({"k": kern}), target=tvm.target.Target({"kind": "cuda", "arch": "sm_90a"},
                                                                           host={"kind": "llvm"}))
     ptx = compile_ptx(lib.mod.imports[0].inspect_source(), "sm_90a", tmp_path)
-    shape = f"m64n{bn}k{16 if fmt == 'f16' else 32}"
-    assert ptx.count(f"wgmma.mma_async.sync.aligned.{shape}") >= ks and ".target sm_90a" in ptx
+    shape = f"m64n{bn}k{32 if fmt == 's8' else 16}"
+    types = {"f16": "f32.f16.f16", "bf16": "f32.bf16.bf16", "s8": "s32.s8.s8"}[fmt]
+    assert ptx.count(f"wgmma.mma_async.sync.aligned.{shape}.{types}") >= ks
+    assert ".target sm_90a" in ptx
     # cp.async's generic-proxy writes are fenced for wgmma's async-proxy reads before the stage's barrier
     body = ptx[ptx.index("cp.async.wait_group"):]
     assert body.index("fence.proxy.async.shared::cta") < body.index("bar.sync")
@@ -395,6 +398,70 @@ def test_cuda_puts_linears_that_fit_the_tile_on_the_dense_tensor_core_kernel(tmp
     assert [r["format"] for r in tc8.values()] == ["s8"]
     ptx = compile_ptx("\n".join(cuda_sources(ex.mod)), "sm_90", tmp_path)
     assert sp.DENSE_FORMATS["s8"].ptx in ptx
+
+
+@needs_nvcc
+def test_sm90a_builds_put_linears_that_fit_on_wgmma_and_the_rest_on_mma_sync(tmp_path):
+    from graphopt.report import gpu_build_report
+    from graphopt.targets.artifact import read_manifest
+    from graphopt.targets.tvm.build import build_gpu_executable
+    from graphopt.targets.tvm.gpu.fatbin import artifact_cuda_modules, compile_ptx, cuda_sources
+    torch.manual_seed(0)
+    # 128 -> 256 fits wgmma (inputs % 64); 256 -> 96 -> 48: 96 inputs fit mma.sync's 32 but not wgmma's 64; 40 rows
+    # fit neither (rows % 16): dlight
+    m = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 96), nn.Linear(96, 48), nn.Linear(48, 40)).eval()
+    g = graphopt.trace(m, (torch.randn(32, 128),))
+    ex, _, _, _, tc = build_gpu_executable(g, "cuda", ["sm_90a"], "fp16")
+    kernels = {tuple(r["shape"]): r["kernel"] for r in tc.values()}
+    assert kernels == {(32, 128, 256): "graphopt dense tensor-core (wgmma, sm_90a)",
+                       (32, 256, 96): "graphopt dense tensor-core (wgmma, sm_90a)",
+                       (32, 96, 48): "graphopt dense tensor-core (mma.sync, multistage)"}, kernels
+    ptx = compile_ptx("\n".join(cuda_sources(ex.mod)), "sm_90a", tmp_path)
+    assert ptx.count("wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16") >= 8  # 4 k-steps a stage, 2 linears
+    assert sp.DENSE_FORMATS["f16"].ptx in ptx
+    # portable builds (any list without sm_90a) never take wgmma
+    _, _, _, _, tc90 = build_gpu_executable(g, "cuda", ["sm_90"], "fp16")
+    assert all("mma.sync" in r["kernel"] for r in tc90.values()) and len(tc90) == 3
+    # int8 linears take the int8 wgmma kernel
+    q = graphopt.optimize(g, "quantize,fold-qdq", data=[(torch.randn(32, 128),) for _ in range(4)])
+    _, _, _, _, tc8 = build_gpu_executable(q, "cuda", ["sm_90a"], "fp16")
+    assert [r["kernel"].split()[-2] for r in tc8.values() if r["format"] == "s8"][:1] == ["(wgmma,"], tc8
+    art = graphopt.compile(g, "cuda", output=tmp_path / "a", cuda_arch="sm_90a")
+    assert read_manifest(art)["target_info"]["archs"] == ["sm_90a"]
+    # (a fatbin entry's header holds the number alone: sm_90a machine code reads as sm_90)
+    assert ("elf", "sm_90") in {(e["kind"], e["arch"]) for e in artifact_cuda_modules(art / "model.so")[0]["entries"]}
+    assert "3 linear(s) on graphopt's dense tensor-core kernel (wgmma for 2, mma.sync for 1, f16)" in \
+        gpu_build_report(art)
+
+
+def test_sm90a_is_built_alone_and_loads_on_hopper_alone():
+    from graphopt.runtime import gpu_mismatch
+    from graphopt.targets.tvm.build import parse_archs
+    assert parse_archs("sm_90a") == ["sm_90a"] and parse_archs("sm_90,sm_80") == ["sm_80", "sm_90"]
+    with pytest.raises(TargetError, match="sm_90a builds Hopper-only kernels .* give sm_90a alone"):
+        parse_archs("sm_80,sm_90a")
+    assert gpu_mismatch(["sm_90a"], "sm_90") == "" and gpu_mismatch(["sm_80", "sm_90"], "sm_120") == ""
+    assert "run on H100/H200 (sm_90) alone" in gpu_mismatch(["sm_90a"], "sm_100")
+    assert "need at least sm_90" in gpu_mismatch(["sm_90"], "sm_86")
+    assert "need sm_80 or later" in gpu_mismatch(["sm_80"], "sm_75")
+
+
+def test_wgmma_tiles_give_the_gpu_enough_blocks_and_24_loses_to_wgmma():
+    from graphopt.targets.tvm.gpu import wgmma
+    # large GEMMs: the measured fastest large tiles; MiniLM's (128 rows) too few blocks at any tile: the smallest
+    assert wgmma.wg_tiles(2048, 2048, "f16") == (2, 256, 4, 4, 1) and wgmma.wg_blocks(2048, 2048, (2, 256)) == 128
+    assert wgmma.wg_tiles(8192, 8192, "s8") == (4, 128, 4, 4, 1)
+    assert wgmma.wg_tiles(128, 384, "f16") == (1, 16, 4, 4, 1)
+    assert wgmma.wg_tiles(1024, 1024, "f16") == (2, 128, 4, 3, 1)  # 8 x 4 blocks of 2 x 256 are too few
+    assert wgmma.wg_tiles(512, 1024, "f16") == (1, 64, 4, 3, 1)
+    assert all(wgmma.wg_fit(c, 1024, n, f, wgmma.wg_tiles(c, n, f)) == "" for c in (49, 128, 4096)
+               for n in (64, 384, 4096) for f in ("f16", "s8"))
+    assert "inputs % 128" in wgmma.wg_applies(256, 192, "s8") and wgmma.wg_applies(256, 256, "s8") == ""
+    # the 2:4 kernel (mma.sp) is slower than wgmma's dense one on Hopper: an sm_90a build keeps 2:4 layers dense
+    w = random_24(4096, 4096)
+    rec = sp.sp24_decision("w", w, 4096, 1.1, {"dense": 2.0, "sp24": 1.0}, wgmma=True)
+    assert rec["choice"] == "dense" and rec["speedup"] < 1 and "wgmma" in rec["source"]
+    assert sp.sp24_decision("w", w, 4096, 1.1, {"dense": 2.0, "sp24": 1.0})["choice"] == "sp24"
 
 
 @needs_nvcc

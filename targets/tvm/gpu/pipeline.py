@@ -12,7 +12,9 @@ from tvm.s_tir import dlight as dl
 
 log = logging.getLogger(__name__)
 
-ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
+ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_90a")
+# sm_90a: Hopper's architecture-specific code (H100/H200 and no other GPU): dense linears on wgmma (gpu/wgmma.py)
+HOPPER_ONLY = "sm_90a"
 PRECISIONS = ("fp16", "bf16", "fp32")
 
 

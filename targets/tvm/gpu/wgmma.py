@@ -1,5 +1,5 @@
-"""Hopper dense linears on `wgmma.mma_async` (sm_90a only): y [cols, n] = x [cols, k] @ W[n, k]^T, fp16 (fp32
-accumulation) or int8 (int32).
+"""Hopper dense linears on `wgmma.mma_async` (sm_90a only): y [cols, n] = x [cols, k] @ W[n, k]^T, fp16 or bf16
+(fp32 accumulation) or int8 (int32).
 
 A block is `warpgroups` groups of 4 warps; each warpgroup computes 64 weight rows x `n_block` activation columns with
 one m64nNk16 (int8: k32) instruction a k-step. A (the weight) comes from registers: the fragment-packed weight of
@@ -13,16 +13,70 @@ fences (fence.proxy.async) before the barrier that hands it to wgmma's async pro
 s + stages - 2 is copied in while stage s's wgmmas are issued and stage s - 1's may still run (one group in flight,
 two A register sets); the 128-byte swizzle (tiles[4]) stores a column's 128 bytes as one row of a 1 KiB atom.
 
-Status: not used by the build. On an H200 (2026-12-04) the first version (no swizzle, every stage's wgmmas waited
-for before the next stage) was correct (int8 exact) and 1.4-1.6x slower than gemm.py's mma.sync kernel; this
-version has not run on a GPU yet (benchmarks/gpu_check_prepare.py --explore builds it).
+Used by the build for `--cuda-arch sm_90a` (H100/H200 only): dense linears whose shape fits (wg_applies) run it
+at the tiles of wg_tiles. On an H200 (2026-12-04, benchmarks/results/gpu_check_h200_s50*.json) it was correct (fp16
+within fp16 rounding of fp32 PyTorch, int8 exact) and at 2048^3-8192^3 fp16 1.17-1.41x cuBLAS's time (gemm.py's
+mma.sync kernel: 1.9-2.1x), int8 0.76-0.82x torch._int_mm's. Without the swizzle the same tiles ran 1.9-2x slower
+(bank conflicts of the tensor cores' B reads).
 """
 from __future__ import annotations
 
 from graphopt.errors import TargetError
 from graphopt.targets.tvm.gpu.sparse import TILE_M, c_coords, dense_fmt_of
 
-WG_DEFAULT = (2, 128, 4, 4)  # (warpgroups, activation columns a block = wgmma N, k-steps a stage, stages)
+WG_DEFAULT = (2, 128, 4, 3, 1)  # (warpgroups, activation columns a block = wgmma N, k-steps a stage, stages, swizzle)
+# The build's tiles (wg_tiles): the largest block that still gives MIN_BLOCKS blocks. Measured on an H200
+# (2026-12-04, benchmarks/results/gpu_check_h200_s50_explore2.json; 2 x 128 columns in two runs): at 2048^3-8192^3
+# two warpgroups of 64 rows x 256 columns, 4 stages, were the fastest fp16 tiles (1.17-1.41x cuBLAS; 2 x 128
+# columns 1.41-1.66x, 4 x 128 1.26-1.53x, 5 or 6 stages slower), four warpgroups x 128 columns the fastest int8
+# ones (0.76-0.82x torch._int_mm); on MiniLM-L6's GEMMs (128 activation rows, 48 or fewer blocks at any tile) one
+# warpgroup x 16 columns was fastest or within 0.5 us of it.
+WG_LARGE = {"f16": (2, 256, 4, 4, 1), "bf16": (2, 256, 4, 4, 1), "s8": (4, 128, 4, 4, 1)}
+WG_SMALLER = ((2, 128, 4, 3, 1), (1, 64, 4, 3, 1), (1, 32, 4, 3, 1), (1, 16, 4, 4, 1))
+MIN_BLOCKS = 64  # about half the SMs of an H100/H200 (114-132): fewer blocks leave the GPU idle
+_PTX_TYPE = {"f16": "f16", "bf16": "bf16"}
+
+
+def wg_blocks(cols: int, n: int, tiles: tuple) -> int:
+    """Thread blocks the kernel launches for a [cols, k] x [k, n] GEMM."""
+    wgs, bn = tiles[:2]
+    return -(-n // (TILE_M * 4 * wgs)) * -(-cols // bn)
+
+
+def wg_tiles(cols: int, n: int, fmt: str = "f16") -> tuple:
+    """The build's tiles for the GEMM: the first of WG_LARGE[fmt], WG_SMALLER giving >= MIN_BLOCKS blocks (else the
+    smallest)."""
+    for tiles in (WG_LARGE[dense_fmt_of(fmt).name], *WG_SMALLER):
+        if wg_blocks(cols, n, tiles) >= MIN_BLOCKS:
+            return tiles
+    return WG_SMALLER[-1]
+
+
+def wg_applies(n: int, k: int, fmt: str = "f16") -> str:
+    """'' when the wgmma kernel (at 4 k-steps a stage, which the swizzle takes) can take a weight [n, k]; else why."""
+    f = dense_fmt_of(fmt)
+    if n % TILE_M or k % (4 * f.tile_k):
+        return f"shape {n}x{k}: the wgmma kernel needs rows % {TILE_M} == 0 and inputs % {4 * f.tile_k} == 0"
+    return ""
+
+
+def emit_wgmma(bb, x, w, bias, cols: int, fmt: str = "f16", tiles: tuple | None = None):
+    """call_tir of the wgmma linear with the weight packed in fragment order as a constant (the caller checked
+    wg_applies); x [cols, k] (cast to the instruction's type unless int8), y [cols, n] float32 (+ bias) or the int32
+    accumulator."""
+    import numpy as np
+    from tvm import relax
+
+    from graphopt.targets.tvm.gpu.sparse import pack_dense_fragments
+    f = dense_fmt_of(fmt)
+    n, k = w.shape
+    tiles = tuple(tiles or wg_tiles(cols, n, fmt))
+    if f.name != "s8":
+        x = bb.emit(relax.op.astype(x, f.value))
+    gv = bb.add_func(wgmma_kernel(cols, k, n, bias is not None, fmt, tiles), f"graphopt_wgmma_{fmt}_{cols}x{k}x{n}")
+    b = relax.const(np.zeros(n, np.float32) if bias is None else np.asarray(bias, np.float32))
+    return bb.emit(relax.call_tir(gv, [x, relax.const(pack_dense_fragments(w, fmt)), b],
+                                  relax.TensorType((cols, n), f.acc)))
 
 
 def b_chunk(c, chunks: int, swizzle: bool = False):
@@ -95,7 +149,7 @@ def wgmma_kernel(cols: int, k: int, n: int, bias: bool, fmt: str = "f16", tiles:
     integer = f.name == "s8"
     reg_acc = "uint32" if integer else "float32"
     ptx = (f"wgmma.mma_async.sync.aligned.m64n{BN}k32.s32.s8.s8" if integer
-           else f"wgmma.mma_async.sync.aligned.m64n{BN}k16.f32.f16.f16")
+           else f"wgmma.mma_async.sync.aligned.m64n{BN}k16.f32.{_PTX_TYPE[f.name]}.{_PTX_TYPE[f.name]}")
     NA = BN // 2  # accumulator registers a thread
     # descriptor fields (bytes): no swizzle: LBO the next core matrix along k, SBO the next 8 columns; 128-byte
     # swizzle: LBO unused (1), SBO one 1 KiB atom of 8 columns
