@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # kernel kinds (gpu_check_prepare.py): dlight's ("dense16", "int8"), the simple 2:4 kernel ("sp24", "sp24s8") and
 # the multistage tensor-core kernels ("...p", targets/tvm/gpu/gemm.py) and the Hopper wgmma ones ("...w", wgmma.py)
-GEMM_KINDS = ("dense16", "int8", "sp24", "sp24s8", "dense16p", "int8p", "sp24p", "sp24ps8", "dense16w", "int8w")
-INT8_KINDS = ("int8", "sp24s8", "int8p", "sp24ps8", "int8w")
+GEMM_KINDS = ("dense16", "int8", "sp24", "sp24s8", "dense16p", "int8p", "sp24p", "sp24ps8", "dense16w", "int8w",
+              "sp24w", "sp24ws8")
+INT8_KINDS = ("int8", "sp24s8", "int8p", "sp24ps8", "int8w", "sp24ws8")
 
 
 def cuda_time(fn, runs: int) -> float:
@@ -217,13 +218,14 @@ def main(argv: list[str] | None = None) -> int:
                         weights[("i8",) + key] = (xi, wi)
                     xi, wi = weights[("i8",) + key]
                     ref = xi.double() @ wi.double().T  # exact: |sums| < 2^53
-                    if entry["kind"] in ("sp24s8", "sp24ps8"):
+                    if entry["kind"] in ("sp24s8", "sp24ps8", "sp24ws8"):
                         wv, wm = packed(("s8",) + key, lambda: wi.cpu().numpy().astype(np.float32), "s8")
                         args_ = [tv(xi), tvm.runtime.tensor(wv, device=dev), tvm.runtime.tensor(wm, device=dev),
                                  tv(torch.zeros(n, device="cuda"))]
                         # which reading of the int8 metadata layout the hardware agrees with (exact results)
                         rec["meta_layouts_exact"] = {}
-                        for layout in ("rows-inner", "rows-outer", "pairs") if entry["kind"] == "sp24s8" else ():
+                        for layout in (("rows-inner", "rows-outer", "pairs")
+                                       if entry["kind"] in ("sp24s8", "sp24ws8") else ()):
                             wv_, wm_ = packed(("s8", layout) + key, lambda: wi.cpu().numpy().astype(np.float32),
                                               "s8", layout)
                             got_ = to_torch(vm["main"](tv(xi), tvm.runtime.tensor(wv_, device=dev),
@@ -253,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     ref = (x.float() @ w.float().T)
                     rec["torch_s"] = cuda_time(lambda: torch.nn.functional.linear(x, w), 20)
-                    if entry["kind"] in ("sp24", "sp24p"):
+                    if entry["kind"] in ("sp24", "sp24p", "sp24w"):
                         wv, wm = packed(("f16",) + key, lambda: w.float().cpu().numpy(), "f16")
                         args_ = [tv(x), tvm.runtime.tensor(wv, device=dev), tvm.runtime.tensor(wm, device=dev),
                                  tv(torch.zeros(n, device="cuda"))]
@@ -301,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     # ratios: graphopt vs PyTorch (CUDA-graph time, kernels only); 2:4 vs dense for the same shape and weight: the
     # simple 2:4 kernel against dlight's, the multistage 2:4 kernel against the multistage dense one, each at the
     # tiles the build picks (build_default)
-    dense_of = {"sp24": "dense16", "sp24s8": "int8", "sp24p": "dense16p", "sp24ps8": "int8p"}
+    dense_of = {"sp24": "dense16", "sp24s8": "int8", "sp24p": "dense16p", "sp24ps8": "int8p", "sp24w": "dense16w",
+                "sp24ws8": "int8w"}
     timed = {(r["kind"], tuple(r["shape"])): r for r in report["kernels"]
              if r.get("graphopt_s") and r.get("build_default", True)}
     for r in report["kernels"]:

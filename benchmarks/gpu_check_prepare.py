@@ -43,6 +43,10 @@ PIPE_VARIANTS = {False: [(1, 4, 2, 2, 2, 4), (4, 8, 2, 2, 2, 4)], True: [(1, 4, 
 # tile without the swizzle (1.9-2x) slower.
 WG_VARIANTS = [(2, 256, 4, 4, 1), (4, 128, 4, 4, 1), (2, 192, 4, 4, 1), (2, 224, 4, 4, 1)]
 WG_VARIANTS_SMALL = [(2, 128, 4, 3, 1), (1, 64, 4, 3, 1), (1, 32, 4, 3, 1), (1, 16, 4, 4, 1)]  # MiniLM / MNv2 sizes
+# 2:4 on wgmma.mma_async.sp (a k-step reads 64 bytes of a column: 2 a stage fill the swizzle's 128), not yet measured:
+# the dense kernel's best blocks, and deeper pipelines (a 2:4 stage holds half the weight bytes of a dense one)
+WG_SPARSE_VARIANTS = [(2, 256, 2, 4, 1), (4, 128, 2, 4, 1), (2, 128, 2, 6, 1), (2, 128, 2, 4, 1)]
+WG_SPARSE_VARIANTS_SMALL = [(1, 16, 2, 4, 1), (1, 32, 2, 3, 1)]  # wg_tiles picks one of these
 # --explore: MiniLM's and the large GEMMs alone: the multistage kernels at the build's tiles, every wgmma variant, the
 # instructions alone. (2026-12-04's explore runs also measured a grouped raster, groups of 16 and stages of 4
 # instruction steps: benchmarks/results/gpu_check_h200_s49_explore.json.)
@@ -125,7 +129,7 @@ def build_kernels(arch: str, out: Path, quick: bool = False, explore: bool = Fal
     from graphopt.targets.tvm.gpu.gemm import pipeline_fit, pipeline_tiles, tc_kernel_pipelined
     from graphopt.targets.tvm.gpu.pipeline import build_cuda, cuda_target
     from graphopt.targets.tvm.gpu.sparse import DENSE_FORMATS, FORMATS, sp24_kernel
-    from graphopt.targets.tvm.gpu.wgmma import wg_fit, wgmma_kernel
+    from graphopt.targets.tvm.gpu.wgmma import wg_fit, wg_tiles, wgmma_kernel
     tgt = cuda_target(arch)
     index = []
 
@@ -167,14 +171,20 @@ def build_kernels(arch: str, out: Path, quick: bool = False, explore: bool = Fal
                 build(name, kind, (m, k, n), packed_params(m, k, n, xdtype, f, sparse),
                       call(tc_kernel_pipelined(m, k, n, False, fmt, sparse, tiles), ydtype, m, n), list(tiles))
                 index[-1]["build_default"] = tiles == pipeline_tiles(m, n, sparse)
-        # the wgmma kernels, compiled for sm_90a (the arch-specific Hopper target wgmma needs)
-        for kind, fmt, xdtype, ydtype in (("dense16w", "f16", "float16", "float32"), ("int8w", "s8", "int8", "int32")):
-            f = DENSE_FORMATS[fmt]
-            for tiles in WG_VARIANTS if m >= 2048 else WG_VARIANTS_SMALL:
-                if wg_fit(m, k, n, fmt, tiles):
+        # the wgmma kernels, compiled for sm_90a (the arch-specific Hopper target wgmma needs); 2:4 on
+        # wgmma.mma_async.sp (not in the build yet)
+        for kind, fmt, sparse, xdtype, ydtype in (("dense16w", "f16", False, "float16", "float32"),
+                                                  ("int8w", "s8", False, "int8", "int32"),
+                                                  ("sp24w", "f16", True, "float16", "float32"),
+                                                  ("sp24ws8", "s8", True, "int8", "int32")):
+            f = (FORMATS if sparse else DENSE_FORMATS)[fmt]
+            large = WG_SPARSE_VARIANTS if sparse else WG_VARIANTS
+            for tiles in large if m >= 2048 else WG_SPARSE_VARIANTS_SMALL if sparse else WG_VARIANTS_SMALL:
+                if wg_fit(m, k, n, fmt, tiles, sparse):
                     continue
-                build(name, kind, (m, k, n), packed_params(m, k, n, xdtype, f, False),
-                      call(wgmma_kernel(m, k, n, False, fmt, tiles), ydtype, m, n), list(tiles), "sm_90a")
+                build(name, kind, (m, k, n), packed_params(m, k, n, xdtype, f, sparse),
+                      call(wgmma_kernel(m, k, n, False, fmt, tiles, sparse), ydtype, m, n), list(tiles), "sm_90a")
+                index[-1]["build_default"] = tiles == wg_tiles(m, n, fmt, sparse)
         if quick:
             continue
         build(name, "dense16", (m, k, n), [("x", (m, k), "float16"), ("w", (n, k), "float16")],

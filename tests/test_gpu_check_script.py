@@ -90,8 +90,9 @@ def test_gpu_check_glue_against_a_fake_gpu(tmp_path, monkeypatch):
                 for i, (k, t, d) in enumerate([
                     ("dense16p", [1, 4, 2, 2, 2, 4], True), ("int8p", [1, 4, 2, 2, 2, 4], True),
                     ("sp24p", [1, 4, 2, 2, 1, 4], True), ("sp24ps8", [1, 4, 2, 2, 1, 4], True),
-                    ("dense16p", [4, 8, 2, 2, 2, 4], False), ("dense16w", [2, 128, 4, 4], None),
-                    ("int8w", [2, 128, 4, 4, 1], None)], start=10)]
+                    ("dense16p", [4, 8, 2, 2, 2, 4], False), ("dense16w", [2, 128, 4, 4], True),
+                    ("int8w", [2, 128, 4, 4, 1], True), ("sp24w", [2, 128, 2, 4, 1], True),
+                    ("sp24ws8", [1, 16, 2, 4, 1], True)], start=10)]
     kernels.append({"name": "f16 mma.sync alone", "kind": "peak_f16", "shape": [256], "file": "peak_f16_30.so",
                     "ops": 10 ** 9})
     kernels.append({"name": "mnv2 stem 3->32 3x3/2", "kind": "conv16", "shape": [3, 8, 16, 3, 2, 1],
@@ -132,6 +133,9 @@ def test_gpu_check_glue_against_a_fake_gpu(tmp_path, monkeypatch):
     # graphopt's dense kernels: exact int8; the 2:4 multistage kernel against the dense one at its build tiles
     assert recs["int8p"]["max_rel_err"] == 0 and recs["int8w"]["max_rel_err"] == 0 and recs["dense16w"]["ok"]
     assert recs["sp24p"]["speedup_vs_dense"] == pytest.approx(1.0)
+    # the 2:4 wgmma kernels against the dense wgmma ones; int8's metadata layouts probed as for mma.sp
+    assert recs["sp24w"]["ok"] and recs["sp24w"]["speedup_vs_dense"] == pytest.approx(1.0)
+    assert recs["sp24ws8"]["max_rel_err"] == 0 and recs["sp24ws8"]["meta_layouts_exact"]["rows-inner"]
     other = [r for r in report["kernels"] if r.get("build_default") is False]
     assert len(other) == 1 and other[0]["ok"] and other[0]["tiles"] == [4, 8, 2, 2, 2, 4]
     assert recs["sp24s8"]["meta_layouts_exact"] == {"rows-inner": True, "rows-outer": False, "pairs": False}

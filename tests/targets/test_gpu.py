@@ -3,6 +3,7 @@ checked for the sparse tensor-core instruction, the 2:4 packing checked against 
 fragment layout. Running the artifacts needs a GPU: those tests skip cleanly without one."""
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
@@ -243,13 +244,15 @@ def test_multistage_kernel_compiles_to_cp_async_ldmatrix_and_tensor_core_instruc
         assert ("blockIdx.y" in src) == (tiles is None or len(tiles) == 6)  # a grouped raster runs a 1-D grid
 
 
-@pytest.mark.parametrize("ks,swizzle", [(2, False), (4, False), (4, True)])
-def test_wgmma_activation_chunks_land_where_the_descriptor_reads_them(ks, swizzle):
+@pytest.mark.parametrize("ks,swizzle,step_bytes", [(2, False, 32), (4, False, 32), (4, True, 32), (1, False, 64),
+                                                    (2, True, 64)])
+def test_wgmma_activation_chunks_land_where_the_descriptor_reads_them(ks, swizzle, step_bytes):
     """The wgmma kernel's cp.async chunks (wgmma.b_chunk) put byte b of column c of a stage where the instruction
     reads it through the descriptor the kernel encodes (wgmma.b_read: K-major, no swizzle with LBO 128 B and SBO a
-    stage's core matrices, or the 128-byte swizzle); every byte of the stage is written once."""
+    stage's core matrices, or the 128-byte swizzle); every byte of the stage is written once. A dense k-step reads
+    32 bytes of a column, a 2:4 one (wgmma.mma_async.sp: k32 fp16 / k64 int8) 64."""
     from graphopt.targets.tvm.gpu import wgmma
-    chunks, bn = ks * 2, 64  # 16-byte chunks a column (32 bytes a k-step), columns a block
+    chunks, bn = ks * step_bytes // 16, 64  # 16-byte chunks a column, columns a block
     where = {}
     for c in range(bn * chunks):
         col, kw, off = wgmma.b_chunk(c, chunks, swizzle)
@@ -258,8 +261,8 @@ def test_wgmma_activation_chunks_land_where_the_descriptor_reads_them(ks, swizzl
     assert sorted(where.values()) == list(range(bn * chunks * 16))
     for col in range(bn):
         for step in range(ks):
-            for kb in range(32):
-                assert wgmma.b_read(col, kb, step, chunks, swizzle) == where[(col, step * 32 + kb)], (col, step, kb)
+            for kb in range(step_bytes):
+                assert wgmma.b_read(col, kb, step, chunks, swizzle, step_bytes) == where[(col, step * step_bytes + kb)]
     # consecutive threads store to 8 distinct 16-byte bank groups (conflict-free) and read whole 32-byte sectors
     assert sorted(wgmma.b_chunk(c, chunks, swizzle)[2] % 128 for c in range(8)) == [16 * i for i in range(8)]
     assert {wgmma.b_chunk(c, chunks, swizzle)[0] for c in range(16)} == set(range(8))
@@ -274,27 +277,37 @@ def test_wgmma_tiles_that_do_not_fit_are_refused():
     assert "128-byte swizzle" in wgmma.wg_fit(2048, 2048, 2048, "f16", (2, 128, 2, 4, 1))
     assert "inputs % 64" in wgmma.wg_fit(2048, 96, 2048, "f16", wgmma.WG_DEFAULT)
     assert "shared memory" in wgmma.wg_fit(2048, 2048, 2048, "f16", (4, 256, 8, 4))
+    # 2:4: a k-step reads 64 bytes of a column, so the swizzle's 128-byte rows take 2 k-steps a stage
+    assert wgmma.wg_fit(2048, 2048, 2048, "f16", wgmma.WG_SPARSE_DEFAULT, sparse=True) == ""
+    assert "takes 2 k-steps" in wgmma.wg_fit(2048, 2048, 2048, "f16", (2, 128, 4, 3, 1), sparse=True)
+    assert "inputs % 64" in wgmma.wg_fit(2048, 96, 2048, "f16", wgmma.WG_SPARSE_DEFAULT, sparse=True)
+    assert "multiples of 16" in wgmma.wg_fit(2048, 2048, 2048, "s8", (2, 40, 4, 3))
     with pytest.raises(TargetError, match="wgmma kernel: .*3\\+ stages"):
         wgmma.wgmma_kernel(64, 64, 64, False, "f16", (1, 64, 2, 1))
 
 
 @needs_nvcc
-@pytest.mark.parametrize("fmt,tiles", [("f16", (2, 128, 4, 4)), ("s8", (1, 64, 2, 3)), ("bf16", None),
-                                       ("f16", (2, 256, 4, 4, 1))])
-def test_wgmma_kernel_compiles_for_sm90a_with_async_proxy_fences(tmp_path, fmt, tiles):
+@pytest.mark.parametrize("fmt,tiles,sparse", [("f16", (2, 128, 4, 4), False), ("s8", (1, 64, 2, 3), False),
+                                              ("bf16", None, False), ("f16", (2, 256, 4, 4, 1), False),
+                                              ("f16", None, True), ("s8", (1, 16, 2, 4, 1), True),
+                                              ("bf16", (1, 32, 1, 3), True)])
+def test_wgmma_kernel_compiles_for_sm90a_with_async_proxy_fences(tmp_path, fmt, tiles, sparse):
     import tvm
 
     from graphopt.targets.tvm.gpu import wgmma
     from graphopt.targets.tvm.gpu.fatbin import compile_ptx
-    f = sp.DENSE_FORMATS[fmt]
-    wgs, bn, ks, stages = (tiles or wgmma.WG_DEFAULT)[:4]
-    kern = wgmma.wgmma_kernel(300, 2 * ks * f.tile_k, 272, True, fmt, tiles).with_attr("global_symbol", "k")
+    f = (sp.FORMATS if sparse else sp.DENSE_FORMATS)[fmt]
+    wgs, bn, ks, stages = (tiles or (wgmma.WG_SPARSE_DEFAULT if sparse else wgmma.WG_DEFAULT))[:4]
+    kern = wgmma.wgmma_kernel(300, 2 * ks * f.tile_k, 272, True, fmt, tiles, sparse).with_attr("global_symbol", "k")
     lib = tvm.compile(tvm.IRModule({"k": kern}), target=tvm.target.Target({"kind": "cuda", "arch": "sm_90a"},
                                                                           host={"kind": "llvm"}))
     ptx = compile_ptx(lib.mod.imports[0].inspect_source(), "sm_90a", tmp_path)
-    shape = f"m64n{bn}k{32 if fmt == 's8' else 16}"
     types = {"f16": "f32.f16.f16", "bf16": "f32.bf16.bf16", "s8": "s32.s8.s8"}[fmt]
-    assert ptx.count(f"wgmma.mma_async.sync.aligned.{shape}.{types}") >= ks
+    op = "wgmma.mma_async.sp.sync.aligned" if sparse else "wgmma.mma_async.sync.aligned"
+    assert ptx.count(f"{op}.m64n{bn}k{f.tile_k}.{types}") >= ks  # 2:4: k32 fp16 / k64 int8
+    assert ("mma_async.sp" in ptx) == sparse
+    if sparse:  # the metadata register and selector 0 follow the descriptor (d, a, b-desc, sp-meta, sp-sel, ...)
+        assert re.search(r"mma_async\.sp\.[^;]*\}, %rd\d+, %r\d+, 0, ", ptx)
     assert ".target sm_90a" in ptx
     # cp.async's generic-proxy writes are fenced for wgmma's async-proxy reads before the stage's barrier
     body = ptx[ptx.index("cp.async.wait_group"):]
