@@ -214,7 +214,8 @@ def gpu_build_report(artifact: Path) -> str:
     size = sum(p.stat().st_size for p in Path(artifact).iterdir() if p.is_file())
     stats = m.get("stats", {})
     lines = [f"graphopt compile report: {m.get('source') or 'model'} -> {artifact}",
-             f"  target     {t.get('kind')} for {', '.join(t.get('archs', []))} (+ PTX of the newest), "
+             f"  target     {t.get('kind')} for {', '.join(t.get('archs', []))} "
+             f"{'(H100/H200 only)' if 'sm_90a' in t.get('archs', []) else '(+ PTX of the newest)'}, "
              f"{t.get('precision')} compute",
              f"  pipeline   {m.get('pipeline') or '(none)'}"]
     if m.get("passes"):

@@ -443,8 +443,9 @@ def test_sm90a_builds_put_linears_that_fit_on_wgmma_and_the_rest_on_mma_sync(tmp
     assert read_manifest(art)["target_info"]["archs"] == ["sm_90a"]
     # (a fatbin entry's header holds the number alone: sm_90a machine code reads as sm_90)
     assert ("elf", "sm_90") in {(e["kind"], e["arch"]) for e in artifact_cuda_modules(art / "model.so")[0]["entries"]}
-    assert "3 linear(s) on graphopt's dense tensor-core kernel (wgmma for 2, mma.sync for 1, f16)" in \
-        gpu_build_report(art)
+    report = gpu_build_report(art)
+    assert "3 linear(s) on graphopt's dense tensor-core kernel (wgmma for 2, mma.sync for 1, f16)" in report
+    assert "cuda for sm_90a (H100/H200 only), fp16" in report
 
 
 def test_sm90a_is_built_alone_and_loads_on_hopper_alone():
