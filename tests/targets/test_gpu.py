@@ -551,6 +551,41 @@ def test_a_dlight_rule_that_fails_on_a_function_falls_through_to_the_next():
     assert ex is not None
 
 
+def test_dlight_matmul_takes_float_matmuls_with_an_int8_mask_epilogue_and_declines_int8_operands():
+    """The int8 MiniLM's attention scores (fp16 q @ k^T fused with `where(int8 mask, ...)`) were declined by the
+    matmul rule for the int8 mask parameter and took dlight's reduction rule (one 256-thread block an output
+    element); only the reduction's own operands decide now. int8 x int8 matmuls still decline (TVM 0.27's int8
+    tensor-core path does not lower)."""
+    from tvm import relax
+
+    from graphopt.targets.tvm.gpu.pipeline import _FloatMatmul, cuda_target, fuse_for_cuda
+
+    def fused_matmul(dtype):
+        bb = relax.BlockBuilder()
+        q = relax.Var("q", relax.TensorType((1, 2, 32, 16), dtype))
+        k = relax.Var("k", relax.TensorType((1, 2, 16, 32), dtype))
+        mask = relax.Var("mask", relax.TensorType((1, 1, 32, 32), "int8"))
+        with bb.function("main", [q, k, mask]):
+            with bb.dataflow():
+                s = bb.emit(relax.op.matmul(q, k, out_dtype="float32"))
+                s = bb.emit(relax.op.multiply(s, relax.const(0.25, "float32")))
+                keep = bb.emit(relax.op.not_equal(mask, relax.const(0, "int8")))
+                out = bb.emit_output(bb.emit(relax.op.where(keep, s, relax.const(-1e4, "float32"))))
+            bb.emit_func_output(out)
+        tgt = cuda_target("sm_80")
+        fused = fuse_for_cuda(bb.get(), tgt, "fp32")
+        [func] = [f for gv, f in fused.functions.items() if "matmul" in gv.name_hint]
+        assert any(str(p.dtype) == "int8" for p in func.params)  # the mask is the fused function's parameter
+        return func, tgt
+
+    func, tgt = fused_matmul("float16")
+    with tgt:
+        assert _FloatMatmul().apply(func, tgt, False) is not None
+    func, tgt = fused_matmul("int8")
+    with tgt:
+        assert _FloatMatmul().apply(func, tgt, False) is None
+
+
 def test_half_precision_stores_embedding_tables_in_half_width():
     """MiniLM's artifact was mostly its fp32 word-embedding table: with fp16/bf16 the table is stored and gathered
     in half width and the rows widened back to fp32; fp32 keeps it."""

@@ -26,12 +26,29 @@ def cuda_target(arch: str = "sm_80"):
 
 class _FloatMatmul(dl.gpu.Matmul):
     """dlight's GPU matmul rule for float operands only: its int8 tensor-core path fails to lower in TVM 0.27
-    (software pipelining finds no WMMA fragment), so int8 matmuls take the reduction/fallback rules."""
+    (software pipelining finds no WMMA fragment), so int8 matmuls take the reduction/fallback rules. Only the
+    reduction's operands count: the int8 MiniLM's attention scores (fp16 q @ k^T fused with an int8 mask's `where`)
+    were declined for the mask and took dlight's reduction rule -- one block of 256 threads an output element."""
 
     def apply(self, func, target, tunable):
-        if any(str(getattr(p, "dtype", "")) in ("int8", "uint8") for p in func.params):
+        if _reduces_int8(func):
             return None
         return super().apply(func, target, tunable)
+
+
+def _reduces_int8(func) -> bool:
+    """Whether a reduction block of the PrimFunc reads an int8 / uint8 buffer."""
+    from tvm import s_tir
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+    try:
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+    except Exception:  # noqa: BLE001 - not analysable: decide by the parameters, as before
+        infos = None
+    if infos is None:
+        return any(str(getattr(p, "dtype", "")) in ("int8", "uint8") for p in func.params)
+    return any(str(r.source.dtype) in ("int8", "uint8") for info in infos if info.is_reduction()
+               for r in sch.get(info.block_rv).reads)
 
 
 class _Guarded(dl.ScheduleRule):
