@@ -21,7 +21,7 @@ matrix q = words 4 q .. 4 q + 3, register q of lane L is word L % 4 + 4 q of col
 from __future__ import annotations
 
 from graphopt.errors import TargetError
-from graphopt.targets.tvm.gpu.sparse import TILE_M, TILE_N, c_coords, dense_fmt_of, fmt_of
+from graphopt.targets.tvm.gpu.sparse import TILE_M, TILE_N, c_coords, dense_fmt_of, fmt_of, tc_prim_func
 
 # (row tiles of 16 per warp, column tiles of 8 per warp, warps along rows, warps along columns, instruction k-steps
 # per stage, stages)
@@ -235,21 +235,7 @@ def tc_kernel_pipelined(cols: int, k: int, n: int, bias: bool, fmt: str = "f16",
             compute(sm, s % P, acc, a, bf, bf2, meta, wr, wcol, lane)
         epilogue(acc, b, y, bx * BMT + wr * MT, by * BN + wcol * J * TILE_N, lane)
 
-    if sparse:
-        @T.prim_func(private=True)
-        def kernel(xb: T.Buffer((cols, k), f.value), wv: T.Buffer((nt, kt, 32, 4), "uint32"),
-                   wm: T.Buffer((nt, kt, 32), "uint32"), b: T.Buffer((n,), "float32"),
-                   y: T.Buffer((cols, n), f.acc)):
-            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-            body(xb, wv, wm, b, y)
-        return kernel
-
-    @T.prim_func(private=True)
-    def dense_kernel(xb: T.Buffer((cols, k), f.value), wv: T.Buffer((nt, kt, 32, 4), "uint32"),
-                     b: T.Buffer((n,), "float32"), y: T.Buffer((cols, n), f.acc)):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        body(xb, wv, None, b, y)
-    return dense_kernel
+    return tc_prim_func(body, cols, k, n, f, sparse)
 
 
 def pipeline_tiles(cols: int, n: int, sparse: bool = False) -> tuple:

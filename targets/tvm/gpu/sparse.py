@@ -210,6 +210,28 @@ def dense_fmt_of(name: str) -> Format:
     return DENSE_FORMATS[name]
 
 
+def tc_prim_func(body, cols: int, k: int, n: int, f: Format, sparse: bool):
+    """The PrimFunc (x [cols, k], fragment-packed weight [n/16, k/tile_k, 32, 4], 2:4 metadata [n/16, k/tile_k, 32]
+    when sparse, bias [n]) -> y [cols, n] around a tensor-core kernel's body macro body(x, wv, wm or None, b, y)."""
+    from tvm.script import tirx as T
+    nt, kt = n // TILE_M, k // f.tile_k
+    if sparse:
+        @T.prim_func(private=True)
+        def kernel(xb: T.Buffer((cols, k), f.value), wv: T.Buffer((nt, kt, 32, 4), "uint32"),
+                   wm: T.Buffer((nt, kt, 32), "uint32"), b: T.Buffer((n,), "float32"),
+                   y: T.Buffer((cols, n), f.acc)):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            body(xb, wv, wm, b, y)
+        return kernel
+
+    @T.prim_func(private=True)
+    def dense_kernel(xb: T.Buffer((cols, k), f.value), wv: T.Buffer((nt, kt, 32, 4), "uint32"),
+                     b: T.Buffer((n,), "float32"), y: T.Buffer((cols, n), f.acc)):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        body(xb, wv, None, b, y)
+    return dense_kernel
+
+
 def pack_dense_fragments(w: np.ndarray, fmt: str = "f16") -> np.ndarray:
     """W [N, K] (N % 16 == 0, K % (2 tile_k) == 0) -> uint32 [N/16, K/tile_k, 32, 4]: lane l's four A registers of
     each 16 x tile_k tile at [tile, k step, l], in the format's element type."""

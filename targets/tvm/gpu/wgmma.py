@@ -28,7 +28,7 @@ mma.sync kernel: 1.9-2.1x), int8 0.76-0.82x torch._int_mm's. Without the swizzle
 from __future__ import annotations
 
 from graphopt.errors import TargetError
-from graphopt.targets.tvm.gpu.sparse import TILE_M, c_coords, dense_fmt_of
+from graphopt.targets.tvm.gpu.sparse import TILE_M, c_coords, dense_fmt_of, tc_prim_func
 
 WG_DEFAULT = (2, 128, 4, 3, 1)  # (warpgroups, activation columns a block = wgmma N, k-steps a stage, stages, swizzle)
 WG_SPARSE_DEFAULT = (2, 128, 2, 3, 1)  # 2:4: a k-step reads 64 bytes of a column, so 2 a stage fill the swizzle row
@@ -170,27 +170,23 @@ def register_sparse_wgmma() -> None:
         return
     head = (tb.ModifierSlot("action", ("mma_async",)), tb.ModifierSlot("sp", ("sp",)),
             tb.ModifierSlot("sync", ("sync",)), tb.ModifierSlot("aligned", ("aligned",)))
-    fp = tb.InstructionEntry(
-        name="graphopt_wgmma_sp_f16_rs", mnemonic="wgmma", cert_arch="sm_90a",
-        slots=(*head, tb.ModifierSlot("shape", tuple(f"m64n{n}k32" for n in tb._WGMMA_N_FULL)),
-               tb.ModifierSlot("dtype", ("f32",)), tb.ModifierSlot("atype", ("f16", "bf16")),
-               tb.ModifierSlot("btype", ("f16", "bf16"))),
-        operands=(tb.OperandSlot("d", rw="rw", dtype="f32", lanes=tb._wgmma_acc_lanes),
-                  tb.OperandSlot("a", dtype="u32", lanes=4), tb.OperandSlot("b_desc", dtype="u64"),
-                  tb.OperandSlot("sp_meta", dtype="u32"), tb.OperandSlot("sp_sel", kind="imm", choices=("0", "1")),
-                  tb.OperandSlot("scale_d", dtype="pred"),
-                  tb.OperandSlot("scale_a", kind="imm", choices=("-1", "1")),
-                  tb.OperandSlot("scale_b", kind="imm", choices=("-1", "1")),
-                  tb.OperandSlot("trans_b", kind="imm", choices=("0", "1"))))
-    s8 = tb.InstructionEntry(
-        name="graphopt_wgmma_sp_s8_rs", mnemonic="wgmma", cert_arch="sm_90a",
-        slots=(*head, tb.ModifierSlot("shape", tuple(f"m64n{n}k64" for n in tb._WGMMA_N_S8)),
-               tb.ModifierSlot("dtype", ("s32",)), tb.ModifierSlot("atype", ("s8", "u8")),
-               tb.ModifierSlot("btype", ("s8", "u8"))),
-        operands=(tb.OperandSlot("d", rw="rw", dtype="u32", lanes=tb._wgmma_acc_lanes),
-                  tb.OperandSlot("a", dtype="u32", lanes=4), tb.OperandSlot("b_desc", dtype="u64"),
-                  tb.OperandSlot("sp_meta", dtype="u32"), tb.OperandSlot("sp_sel", kind="imm", choices=("0",)),
-                  tb.OperandSlot("scale_d", dtype="pred")))
+
+    def entry(name, k, ns, dtype, carrier, types, sels, tail=()):
+        return tb.InstructionEntry(
+            name=name, mnemonic="wgmma", cert_arch="sm_90a",
+            slots=(*head, tb.ModifierSlot("shape", tuple(f"m64n{n}k{k}" for n in ns)),
+                   tb.ModifierSlot("dtype", (dtype,)), tb.ModifierSlot("atype", types),
+                   tb.ModifierSlot("btype", types)),
+            operands=(tb.OperandSlot("d", rw="rw", dtype=carrier, lanes=tb._wgmma_acc_lanes),
+                      tb.OperandSlot("a", dtype="u32", lanes=4), tb.OperandSlot("b_desc", dtype="u64"),
+                      tb.OperandSlot("sp_meta", dtype="u32"), tb.OperandSlot("sp_sel", kind="imm", choices=sels),
+                      tb.OperandSlot("scale_d", dtype="pred"), *tail))
+    fp = entry("graphopt_wgmma_sp_f16_rs", 32, tb._WGMMA_N_FULL, "f32", "f32", ("f16", "bf16"), ("0", "1"),
+               (tb.OperandSlot("scale_a", kind="imm", choices=("-1", "1")),
+                tb.OperandSlot("scale_b", kind="imm", choices=("-1", "1")),
+                tb.OperandSlot("trans_b", kind="imm", choices=("0", "1"))))
+    # (an .s32 accumulator rides a u32 carrier register, as in TVM's own int8 wgmma entries)
+    s8 = entry("graphopt_wgmma_sp_s8_rs", 64, tb._WGMMA_N_S8, "s32", "u32", ("s8", "u8"), ("0",))
     try:
         families = T.ptx._by_family
     except AttributeError:
@@ -337,21 +333,7 @@ def wgmma_kernel(cols: int, k: int, n: int, bias: bool, fmt: str = "f16", tiles:
                             T.reinterpret("int32", acc[j * 4 + i]) if integer
                             else (acc[j * 4 + i] + b[row0 + c_coords(lane, i)[0]] if bias else acc[j * 4 + i]))
 
-    if sparse:
-        @T.prim_func(private=True)
-        def sparse_kernel(xb: T.Buffer((cols, k), f.value), wv: T.Buffer((nt, kt, 32, 4), "uint32"),
-                          wm: T.Buffer((nt, kt, 32), "uint32"), b: T.Buffer((n,), "float32"),
-                          y: T.Buffer((cols, n), f.acc)):
-            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-            body(xb, wv, wm, b, y)
-        return sparse_kernel
-
-    @T.prim_func(private=True)
-    def kernel(xb: T.Buffer((cols, k), f.value), wv: T.Buffer((nt, kt, 32, 4), "uint32"),
-               b: T.Buffer((n,), "float32"), y: T.Buffer((cols, n), f.acc)):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        body(xb, wv, None, b, y)
-    return kernel
+    return tc_prim_func(body, cols, k, n, f, sparse)
 
 
 class _Slice:
