@@ -1984,6 +1984,44 @@ def _col2im_as_conv_transpose(x, output_size, kernel_size, dilation, padding, st
                                                 extra, c, dilation)
 
 
+def _refuse_side_effects(graph: Graph, ep) -> None:
+    """Ops with a runtime side effect (torch.linalg.inv / solve / cholesky check their input and raise on a singular
+    one) export as `with_effects` calls threaded by a token input, which TVM's importer rejects ("Unsupported input
+    kind: InputKind.TOKEN"); name the op and the graph node instead."""
+    import torch
+    for n in ep.graph_module.graph.nodes:
+        if n.op == "call_function" and n.target is torch.ops.higher_order.with_effects:
+            effect = target_name(n.args[1]) if len(n.args) > 1 else "a side effect"
+            api = str(n.args[3]) if len(n.args) > 3 else ""
+            stem = api.split(".")[-1]
+            node = next((m.name for m in graph.gm.graph.nodes if m.op == "call_function" and stem
+                         and stem in target_name(m.target)), "(from a decomposition)")
+            raise UnsupportedOpError(node, f"{api or effect} ({effect})",
+                                     "it checks its input at run time and raises (a singular or non-positive-definite "
+                                     "matrix), a side effect TVM cannot compile: compute it outside the model, or "
+                                     "export with --target pt2")
+
+
+def _signbit(x):
+    """torch.signbit as the sign copysign gives 1 (TVM's importer has no signbit): true for -0.0 as signbit is, where
+    x < 0 is not (a NaN reads as positive: TVM's copysign drops a NaN's sign)."""
+    import torch
+    if not x.is_floating_point():
+        return x < 0
+    return torch.copysign(torch.ones_like(x), x) < 0
+
+
+def _index_add_as_matmul(x, dim, index, source, alpha=1):
+    """torch.index_add (Tensor.index_add_) as x + alpha * source @ one_hot(index) along `dim`: row i of the source
+    adds into row index[i] (repeated indices accumulate, as in index_add); core ATen's decomposition is an
+    index_put with a None index, which TVM's importer rejects ("IndexPut requires the number of index tensors")."""
+    import torch
+    dim = dim % max(x.dim(), 1)
+    onehot = (index.reshape(-1, 1) == torch.arange(x.shape[dim], device=x.device).reshape(1, -1)).to(source.dtype)
+    contrib = torch.matmul(source.movedim(dim, -1), onehot).movedim(-1, dim)
+    return x + contrib * alpha if alpha != 1 else x + contrib
+
+
 def _converters(ep, device: str, sparse24: dict | None, target=None, layouts: dict | None = None,
                 gpu_dense: dict | None = None):
     names = {spec.arg.name: spec.target for spec in ep.graph_signature.input_specs if spec.target is not None}
@@ -2020,6 +2058,8 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
     table.pop(torch.ops.aten.upsample_trilinear3d.vec, None)  # (nor do trilinear's; trilinear)
     table.pop(torch.ops.aten.heaviside.default, None)  # (its decomposition mixed dtypes in a where; more_ops)
     table[torch.ops.aten.col2im.default] = _col2im_as_conv_transpose  # (its index_put did not build past batch 1)
+    table[torch.ops.aten.index_add.default] = _index_add_as_matmul  # (its index_put did not import)
+    table[torch.ops.aten.signbit.default] = _signbit  # (no converter)
     if device == "cpu":  # layer norm whole, for its row kernel (norm.py); not native_layer_norm's 3 outputs
         table.pop(torch.ops.aten.layer_norm.default, None)
         # instance norm, roll, im2col (F.unfold), linear / bicubic resizing and the reflect / replicate /
@@ -2054,6 +2094,7 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
                 n.args = n.args[:4] + (True,)
             elif "sorted" in n.kwargs:
                 n.kwargs = {**n.kwargs, "sorted": True}
+    _refuse_side_effects(graph, ep)
     try:
         convert = _converters(ep, device, sparse24, target, graph.meta.get("sparse_layout"), gpu_dense)
         convert["convolution.default"] = _with_conv_transpose_3d(convert.get("convolution.default"))
@@ -2081,24 +2122,49 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
         raise TargetError(f"TVM could not import the graph: {type(e).__name__}: {e}") from None
     # converters that take another op's inputs instead of its result (an int8 linear reading a dynamic quantize's
     # codes, not its float output) leave that result unused: dropped here, not computed on every call
-    return relax.transform.DeadCodeElimination()(_bounded_takes(mod))
+    return relax.transform.DeadCodeElimination()(_post_import_fixes(mod))
 
 
-def _bounded_takes(mod):
-    """Every `take` in "fast" mode (TVM's importer uses it for index_select, advanced indexing, gathers) becomes
-    "wrap" (the index modulo the axis): fast mode reads out of bounds on a bad index, and the .so must stay
-    memory-safe on any input; a negative index counts from the end, as in PyTorch (`qkv[..., [-2]]`, Falcon's
-    key heads: "clip" had taken index 0 and computed a wrong model)."""
+def _post_import_fixes(mod):
+    """Rewrites of the imported module, each for a way TVM 0.27 fails on a valid graph:
+    - every `take` in "fast" mode (TVM's importer uses it for index_select, advanced indexing, gathers) becomes
+      "wrap" (the index modulo the axis): fast mode reads out of bounds on a bad index, and the .so must stay
+      memory-safe on any input; a negative index counts from the end, as in PyTorch (`qkv[..., [-2]]`, Falcon's
+      key heads: "clip" had taken index 0 and computed a wrong model);
+    - bool * bool and bool + bool become logical and / or (TVM's LLVM codegen fails on the bool arithmetic
+      torch.logaddexp decomposes into);
+    - a concat drops operands that are empty along its axis (torch.block_diag's zero-width padding blocks,
+      `torch.cat([torch.empty(0, d), x])`): folded to zero-element constants they made a library that TVM saved
+      but could not load ("Invalid DLTensor file format")."""
     from tvm import relax
 
-    take = tvm_op("relax.take")
+    take, concat = tvm_op("relax.take"), tvm_op("relax.concat")
+    bool_ops = {tvm_op("relax.multiply"): relax.op.logical_and, tvm_op("relax.add"): relax.op.logical_or}
+
+    def extent(expr, axis):
+        shape = getattr(getattr(expr, "ty", None), "shape", None)
+        values = getattr(shape, "values", None)
+        if values is None or not -len(values) <= axis < len(values):
+            return None
+        v = values[axis]
+        return int(v.value) if hasattr(v, "value") else None
 
     @relax.expr_functor.mutator
     class Bound(relax.PyExprMutator):
         def visit_call_(self, call):
             call = super().visit_call_(call)
+            for op, logical in bool_ops.items():  # ATen's bool * bool / bool + bool (torch.logaddexp's isfinite
+                # test): TVM's LLVM codegen fails on a bool multiply ("MatchesCode(kDLFloat)")
+                if call.op.same_as(op) and all(str(getattr(getattr(a, "ty", None), "dtype", "")) == "bool"
+                                               for a in call.args):
+                    return logical(*call.args)
             if call.op.same_as(take) and str(call.attrs.mode) == "fast":
                 return relax.op.take(call.args[0], call.args[1], call.attrs.axis, mode="wrap")
+            if call.op.same_as(concat) and hasattr(call.args[0], "fields") and call.attrs.axis is not None:
+                fields = list(call.args[0].fields)
+                kept = [f for f in fields if extent(f, int(call.attrs.axis)) != 0]
+                if kept and len(kept) < len(fields):
+                    return kept[0] if len(kept) == 1 else relax.op.concat(kept, int(call.attrs.axis))
             return call
 
     for gv, func in list(mod.functions.items()):

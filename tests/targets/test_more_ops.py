@@ -209,3 +209,54 @@ def test_transposed_3d_convs_build():
     b = torch.nn.ConvTranspose3d(4, 6, 2, stride=(1, 2, 2), groups=2, dilation=2, bias=False).eval()
     x = torch.randn(2, 4, 3, 5, 4)
     _check(lambda x: (a(x), b(x)), x, rtol=1e-5, atol=1e-5)
+
+
+def test_concat_with_empty_operands_builds_a_library_that_loads(tmp_path):
+    """torch.block_diag pads with zero-width blocks and `torch.cat` may take an empty tensor: folded to zero-element
+    constants they made a library TVM saved but could not load ("Invalid DLTensor file format"). The concat drops
+    operands empty along its axis."""
+    g = torch.Generator().manual_seed(0)
+    _check(lambda x: (torch.block_diag(x[0, :, :2], x[1, :2, :3]),
+                      torch.cat([x.new_zeros(2, 3, 0), x, x.new_zeros(2, 3, 0)], -1),
+                      torch.cat([x.new_zeros(0, 3, 8), x], 0)),
+           torch.randn(2, 3, 8, generator=g))
+
+
+def test_bool_arithmetic_and_logaddexp_build():
+    """torch.logaddexp decomposes into bool * bool, on which TVM's LLVM codegen failed ("MatchesCode(kDLFloat)");
+    bool * bool and bool + bool build as logical and / or. Infinities and NaN included."""
+    x = torch.tensor([[-2.0, 0.5, float("inf"), -float("inf"), float("nan"), 3.0, 0.0, -1e30]])
+    y = torch.tensor([[1.0, 0.5, 2.0, -float("inf"), 1.0, float("inf"), -0.0, 1e30]])
+    _check(lambda x, y: (torch.logaddexp(x, y), torch.logaddexp2(x, y), (x > 0) * (y > 0), (x > 0) + (y < 0)),
+           x, y, rtol=1e-6, atol=1e-6)
+
+
+def test_index_add_builds():
+    """index_add's core-ATen decomposition is an index_put with a None index, which TVM's importer rejected
+    ("IndexPut requires the number of index tensors (2) to match the data tensor dimensions (3)"); it runs as a
+    one-hot matmul: repeated indices accumulate, alpha scales, a negative dim counts from the end."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 8, generator=g)
+    _check(lambda x: (torch.zeros(2, 5, 8).index_add(1, torch.tensor([0, 2, 4]), x),
+                      x.index_add(2, torch.tensor([0, 2, 2, 1, 0, 7, 7, 3]), x * 2, alpha=0.5),
+                      x.index_add(-3, torch.tensor([1, 1]), x)), x, rtol=1e-6, atol=1e-6)
+
+
+def test_signbit_builds_and_reads_negative_zero():
+    """TVM's importer has no signbit; it builds as copysign's sign, so -0.0 and -inf read negative (x < 0 would
+    miss -0.0). Integers compare with 0."""
+    x = torch.tensor([[-0.0, 0.0, -1.0, 2.0, -float("inf"), float("inf"), 3.0, -5.0]])
+    _check(lambda x: (torch.signbit(x), torch.signbit((x.clamp(-9, 9) * 4).int())), x)
+
+
+@pytest.mark.parametrize("fn", [lambda x: torch.linalg.inv(x), lambda x: torch.linalg.cholesky(x)],
+                         ids=["inv", "cholesky"])
+def test_ops_that_raise_at_run_time_are_refused_by_name(fn, tmp_path):
+    """torch.linalg.inv / cholesky check their input and raise; exported, the check is a side effect threaded by a
+    token, which TVM's importer rejected with "Unsupported input kind: InputKind.TOKEN". The error names the node
+    and the op."""
+    x = torch.eye(3) * 2
+    g = graphopt.trace(_Fn(fn).eval(), (x,))
+    with pytest.raises(UnsupportedOpError, match=r"at node 'linalg_(inv|cholesky)': it checks its input at run time"):
+        graphopt.compile(g, "llvm", output=tmp_path / "a")
+    assert not (tmp_path / "a").exists()
