@@ -2011,6 +2011,18 @@ def _signbit(x):
     return torch.copysign(torch.ones_like(x), x) < 0
 
 
+def _bilinear(x1, x2, weight, bias=None):
+    """F.bilinear, y[..., o] = x1 W[o] x2 + b[o], as one matmul and a product-sum: core ATen's decomposition is
+    aten._trilinear, which TVM's importer has no converter for."""
+    import torch
+    out, i, j = weight.shape
+    lead = x1.shape[:-1]
+    t = torch.matmul(x1.reshape(-1, i), weight.permute(1, 0, 2).reshape(i, out * j)).reshape(-1, out, j)
+    y = (t * x2.reshape(-1, 1, j)).sum(-1)
+    y = y if bias is None else y + bias
+    return y.reshape(*lead, out)
+
+
 def _index_add_as_matmul(x, dim, index, source, alpha=1):
     """torch.index_add (Tensor.index_add_) as x + alpha * source @ one_hot(index) along `dim`: row i of the source
     adds into row index[i] (repeated indices accumulate, as in index_add); core ATen's decomposition is an
@@ -2060,6 +2072,7 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
     table[torch.ops.aten.col2im.default] = _col2im_as_conv_transpose  # (its index_put did not build past batch 1)
     table[torch.ops.aten.index_add.default] = _index_add_as_matmul  # (its index_put did not import)
     table[torch.ops.aten.signbit.default] = _signbit  # (no converter)
+    table[torch.ops.aten.bilinear.default] = _bilinear  # (its _trilinear has no converter)
     if device == "cpu":  # layer norm whole, for its row kernel (norm.py); not native_layer_norm's 3 outputs
         table.pop(torch.ops.aten.layer_norm.default, None)
         # instance norm, roll, im2col (F.unfold), linear / bicubic resizing and the reflect / replicate /

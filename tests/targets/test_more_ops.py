@@ -260,3 +260,13 @@ def test_ops_that_raise_at_run_time_are_refused_by_name(fn, tmp_path):
     with pytest.raises(UnsupportedOpError, match=r"at node 'linalg_(inv|cholesky)': it checks its input at run time"):
         graphopt.compile(g, "llvm", output=tmp_path / "a")
     assert not (tmp_path / "a").exists()
+
+
+def test_bilinear_builds():
+    """F.bilinear / nn.Bilinear decompose into aten._trilinear, which TVM's importer has no converter for; it runs
+    as one matmul and a product-sum, with and without bias, over leading dims."""
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(4, 8, 6, generator=g), torch.randn(4, generator=g)
+    x = torch.randn(2, 3, 8, generator=g)
+    _check(lambda x: (torch.nn.functional.bilinear(x, x[..., :6].flip(-1), w, b),
+                      torch.nn.functional.bilinear(x[0], x[1, :, 2:], w)), x, rtol=1e-5, atol=1e-5)
