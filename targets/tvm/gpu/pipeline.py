@@ -92,7 +92,11 @@ class _HalfCompute(relax.PyExprMutator):
             # an embedding table: stored and gathered in half width, the gathered rows widened back to fp32
             table, idx = call.args[0], call.args[1]
             axis = call.attrs.axis if call.attrs is not None else None
-            return relax.op.astype(relax.op.take(relax.op.astype(table, self.dtype), idx, axis), "float32")
+            # the gather keeps its bounds mode (the embedding's "nan": a NaN row for an id outside the table; the
+            # default "fast" reads past the table on a bad id)
+            mode = str(call.attrs.mode) if call.attrs is not None else "wrap"
+            return relax.op.astype(relax.op.take(relax.op.astype(table, self.dtype), idx, axis, mode=mode),
+                                   "float32")
         if name not in ("relax.nn.conv2d", "relax.matmul"):
             return call
         x, w = call.args[:2]
