@@ -1993,9 +1993,9 @@ def _refuse_side_effects(graph: Graph, ep) -> None:
         if n.op == "call_function" and n.target is torch.ops.higher_order.with_effects:
             effect = target_name(n.args[1]) if len(n.args) > 1 else "a side effect"
             api = str(n.args[3]) if len(n.args) > 3 else ""
-            stem = api.split(".")[-1]
-            node = next((m.name for m in graph.gm.graph.nodes if m.op == "call_function" and stem
-                         and stem in target_name(m.target)), "(from a decomposition)")
+            key = api.replace(".", "_")  # linalg.inv -> the graph's aten.linalg_inv (not any op holding "inv")
+            node = next((m.name for m in graph.gm.graph.nodes if m.op == "call_function" and key
+                         and key in target_name(m.target)), "(from a decomposition)")
             raise UnsupportedOpError(node, f"{api or effect} ({effect})",
                                      "it checks its input at run time and raises (a singular or non-positive-definite "
                                      "matrix), a side effect TVM cannot compile: compute it outside the model, or "

@@ -249,8 +249,9 @@ def test_signbit_builds_and_reads_negative_zero():
     _check(lambda x: (torch.signbit(x), torch.signbit((x.clamp(-9, 9) * 4).int())), x)
 
 
-@pytest.mark.parametrize("fn", [lambda x: torch.linalg.inv(x), lambda x: torch.linalg.cholesky(x)],
-                         ids=["inv", "cholesky"])
+@pytest.mark.parametrize("fn", [lambda x: torch.linalg.inv(x), lambda x: torch.linalg.cholesky(x),
+                                lambda x: torch.linalg.inv(torch.erfinv(x * 0.1))],
+                         ids=["inv", "cholesky", "inv-after-erfinv"])
 def test_ops_that_raise_at_run_time_are_refused_by_name(fn, tmp_path):
     """torch.linalg.inv / cholesky check their input and raise; exported, the check is a side effect threaded by a
     token, which TVM's importer rejected with "Unsupported input kind: InputKind.TOKEN". The error names the node
