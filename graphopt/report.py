@@ -227,8 +227,10 @@ def gpu_build_report(artifact: Path) -> str:
                           for k in kern)]
     sparse = t.get("sparse_kernels") or {}
     if sparse:
-        on = sum(1 for r in sparse.values() if r.get("choice") == "sp24")
-        lines.append(f"  2:4        {on} of {len(sparse)} layer(s) on sparse tensor cores (mma.sp), the rest dense "
+        on = [r.get("sp24_kernel", "mma.sp").split()[0] for r in sparse.values() if r.get("choice") == "sp24"]
+        how = ", ".join(f"{kern} for {on.count(kern)}" for kern in sorted(set(on))) if len(set(on)) > 1 else \
+            (on or ["mma.sp"])[0]
+        lines.append(f"  2:4        {len(on)} of {len(sparse)} layer(s) on sparse tensor cores ({how}), the rest dense "
                      "[cols x k x n]:")
         for name, r in sparse.items():
             lines.append(f"    {name:<32} {'x'.join(str(d) for d in r.get('shape', [])):<16} "

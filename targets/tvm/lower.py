@@ -123,18 +123,28 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         gpu_dense["records"][param] = {"shape": [cols, k, n], "format": fmt, "tiles": list(tiles), "kernel": kernel}
         return bb.emit(relax.op.reshape(y, [int(d) for d in x_shape[:-1]] + [n]))
 
+    def _emit_24(bb, x2, w, bias, cols, fmt, rec):
+        """y [cols, n] of the 2:4 linear x2 [cols, k] @ w^T on the kernel sp24_decision chose (`rec`): wgmma.sp in
+        sm_90a builds where the wgmma kernels take the weight, else the multistage mma.sp kernel."""
+        if rec.get("sp24_kernel", "").startswith("wgmma"):
+            from graphopt.targets.tvm.gpu.wgmma import emit_wgmma, wg_tiles
+            tiles = wg_tiles(cols, w.shape[0], fmt, sparse=True)
+            rec["tiles"] = list(tiles)
+            return emit_wgmma(bb, x2, w, bias, cols, fmt, tiles, sparse=True)
+        from graphopt.targets.tvm.gpu.sparse import emit_sp24
+        return emit_sp24(bb, x2, w, bias, cols, "tk", fmt)
+
     def _sparse_int8_acc(bb, node, xq):
         x_shape = node.args[0].meta["val"].shape
         wname = getattr(node.args[3], "name", None)
         if str(node.args[0].meta["val"].dtype) != "torch.int8" or \
-                sparse24_layer(node, wname, x_shape, False, "s8") is None:
+                (rec := sparse24_layer(node, wname, x_shape, False, "s8")) is None:
             return None
-        from graphopt.targets.tvm.gpu.sparse import emit_sp24
         k = int(x_shape[-1])
         cols = math.prod(int(d) for d in x_shape[:-1])
         x2 = bb.emit(relax.op.reshape(xq, (cols, k)))
         w = lifted[wname].detach().numpy().astype("float32")
-        y = emit_sp24(bb, x2, w, None, cols, "tk", "s8")
+        y = _emit_24(bb, x2, w, None, cols, "s8", rec)
         out = [int(d) for d in x_shape[:-1]] + [int(w.shape[0])]
         return bb.emit(relax.op.reshape(y, out))
 
@@ -1785,7 +1795,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         param = sparse24["names"].get(wname, wname)
         chosen = sparse24.get("measured", {}).get(param) or {}
         rec = sp24_decision(param, w, cols, sparse24.get("min_speedup", 1.1), chosen.get("timings_us"),
-                            chosen.get("timing_source", "measured"), fmt, sparse24.get("wgmma", False))
+                            chosen.get("timing_source", "measured"), fmt, sparse24.get("wgmma", False) and not as_conv)
         sparse24["records"][param] = rec
         if rec["choice"] != "sp24":
             return None
@@ -1797,15 +1807,15 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         bname = getattr(node.args[2], "name", None) if len(node.args) > 2 and node.args[2] is not None else None
         bt = (lifted or {}).get(bname) if bname else None
         if sparse24 is not None and str(node.args[0].meta["val"].dtype) == "torch.float32" and \
-                (bname is None or bt is not None) and sparse24_layer(node, wname, x_shape, False) is not None:
-            from graphopt.targets.tvm.gpu.sparse import emit_sp24
+                (bname is None or bt is not None) and \
+                (rec := sparse24_layer(node, wname, x_shape, False)) is not None:
             bb = importer.block_builder
             k = int(x_shape[-1])
             cols = math.prod(int(d) for d in x_shape[:-1])
             x2 = bb.emit(relax.op.reshape(importer.env[node.args[0]], (cols, k)))
             w = lifted[wname].detach().float().numpy()
-            y = emit_sp24(bb, x2, w, None if bt is None else bt.detach().float().numpy(), cols, "tk",
-                          sparse24.get("format", "f16"))
+            y = _emit_24(bb, x2, w, None if bt is None else bt.detach().float().numpy(), cols,
+                         sparse24.get("format", "f16"), rec)
             return bb.emit(relax.op.reshape(y, tuple(int(d) for d in node.meta["val"].shape)))
         if gpu_dense is not None and str(node.args[0].meta["val"].dtype) == "torch.float32" and \
                 (bname is None or bt is not None):

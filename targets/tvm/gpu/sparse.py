@@ -502,11 +502,12 @@ def emit_dense_tc(bb, x, w: np.ndarray, bias: np.ndarray | None, cols: int, fmt:
 COST_TABLE = ((2 << 30, 1.0), (32 << 30, 1.2), (256 << 30, 1.19), (float("inf"), 1.25))
 
 
-# The same against the wgmma dense kernel of sm_90a builds (gpu/wgmma.py): Hopper's mma.sp (the 2:4 kernel) is only
-# 1.5x its mma.sync, and wgmma's dense kernel beats the 2:4 one. Measured on an H200 (2026-12-04,
-# benchmarks/results/gpu_check_h200_s50_explore2.json): fp16 2048^3-8192^3 0.83-0.84x, int8 0.84-0.87x, MiniLM-L6's
-# linears 0.65-0.92x. So an sm_90a build keeps 2:4 layers dense (unless min-speedup is below these).
-COST_TABLE_WGMMA = ((2 << 30, 0.8), (float("inf"), 0.84))
+# The same for sm_90a builds (gpu/wgmma.py), where a 2:4 layer runs the 2:4 wgmma kernel (wgmma.mma_async.sp) and a
+# dense one the dense wgmma kernel, each at wg_tiles. Measured on an H200 (2026-12-04,
+# benchmarks/results/gpu_check_h200_s51_explore.json, both correct): fp16 2048^3 1.16x, 4096^3 1.18x, 8192^3
+# 1.25x; int8 1.15x, 1.21x, 1.25x; MiniLM-L6's linears (19-75M MACs, launch-bound) fp16 0.89-1.04x, int8
+# 0.92-1.13x. (Hopper's mma.sp -- the kernel above -- lost to the dense wgmma kernel: 0.83-0.87x.)
+COST_TABLE_WGMMA = ((2 << 30, 0.9), (32 << 30, 1.15), (256 << 30, 1.18), (float("inf"), 1.25))
 
 
 def estimated_speedup(cols: int, k: int, n: int, wgmma: bool = False) -> float:
@@ -531,8 +532,9 @@ def sp24_applies(w: np.ndarray, fmt: str = "f16") -> str:
 def sp24_decision(name: str, w: np.ndarray, cols: int, min_speedup: float, measured: dict | None = None,
                   measured_source: str = "measured", fmt: str = "f16", wgmma: bool = False) -> dict:
     """Whether layer `name` runs on the 2:4 kernel: the times select-sparse-layout recorded (measured on a GPU, or
-    its estimates) when given, else the cost table. In an sm_90a build (`wgmma`) dense layers run the wgmma kernel,
-    which select-sparse-layout does not time: the wgmma cost table decides. Returns the manifest record."""
+    its estimates) when given, else the cost table. In an sm_90a build (`wgmma`) a weight the wgmma kernels take
+    (wgmma.wg_applies) runs the 2:4 wgmma kernel or the dense one, which select-sparse-layout does not time: their
+    cost table decides. Returns the manifest record ("sp24_kernel": the 2:4 kernel it runs if chosen)."""
     n, k = w.shape
     rec = {"shape": [cols, k, n], "dtype": {"f16": "fp16 x fp16 -> fp32", "bf16": "bf16 x bf16 -> fp32",
                                             "s8": "int8 x int8 -> int32"}[fmt]}
@@ -542,11 +544,12 @@ def sp24_decision(name: str, w: np.ndarray, cols: int, min_speedup: float, measu
     from graphopt.targets.tvm.gpu.wgmma import wg_applies
     wgmma = wgmma and not wg_applies(n, k, fmt)
     if wgmma:
-        speed, source = estimated_speedup(cols, k, n, True), "estimated (cost table against sm_90a's wgmma kernel)"
+        speed, source = estimated_speedup(cols, k, n, True), "estimated (cost table of sm_90a's wgmma kernels)"
     elif measured and measured.get("sp24") and measured.get("dense"):
         speed, source = measured["dense"] / measured["sp24"], f"select-sparse-layout, {measured_source}"
     else:
         speed, source = estimated_speedup(cols, k, n), "estimated (cost table, no GPU here)"
+    rec["sp24_kernel"] = "wgmma.sp (sm_90a)" if wgmma else "mma.sp"
     choice = "sp24" if speed >= min_speedup else "dense"
     return {**rec, "choice": choice, "speedup": round(speed, 3), "source": source,
             "decision": f"{choice} ({source}: {speed:.2f}x vs dense, min-speedup {min_speedup})"}

@@ -16,8 +16,12 @@ two A register sets); the 128-byte swizzle (tiles[4]) stores a column's 128 byte
 2:4 (sparse=True, `wgmma.mma_async.sp`, registered into TVM's T.ptx table by register_sparse_wgmma): the same
 kernel with the weight in sparse.pack_fragments' layout -- a warp's compressed 16 x (tile_k / 2) values are its
 register A (the mma.sp A layout), its metadata word the sp-meta operand (selector 0) -- and k-steps of 32 fp16 / 64
-int8 inputs, 64 bytes of an activation column, so 2 k-steps a stage fill the swizzle's 128-byte rows. Built and
-compiled (ptxas) here; not yet run on a GPU, so not in the build.
+int8 inputs, 64 bytes of an activation column, so 2 k-steps a stage fill the swizzle's 128-byte rows. sm_90a
+`cuda-sparse` builds run it for 2:4 linears the cost table (sparse.COST_TABLE_WGMMA) gives a gain. On an H200
+(2026-12-04, benchmarks/results/gpu_check_h200_s51*.json, two runs) it was correct (fp16 within fp16 rounding, int8
+exact) and 1.15-1.16x / 1.18-1.22x / 1.23-1.25x as fast as the dense wgmma kernel at 2048^3 / 4096^3 / 8192^3
+(fp16 and int8 alike); a whole sm_90a MLP with two 2:4 2048 x 2048 linears on 1024 tokens ran 1.11x (fp16) and
+1.06x (int8) as fast as its dense build.
 
 Used by the build for `--cuda-arch sm_90a` (H100/H200 only): dense linears whose shape fits (wg_applies) run it
 at the tiles of wg_tiles. On an H200 (2026-12-04, benchmarks/results/gpu_check_h200_s50*.json) it was correct (fp16
@@ -52,8 +56,8 @@ def wg_blocks(cols: int, n: int, tiles: tuple) -> int:
 
 def wg_tiles(cols: int, n: int, fmt: str = "f16", sparse: bool = False) -> tuple:
     """The build's tiles for the GEMM: the first of WG_LARGE[fmt], WG_SMALLER giving >= MIN_BLOCKS blocks (else the
-    smallest). 2:4 (not in the build yet, unmeasured): the same blocks with 2 k-steps a stage (the swizzle's 128
-    bytes of a column)."""
+    smallest). 2:4: the same blocks with 2 k-steps a stage (the swizzle's 128 bytes of a column), also the fastest
+    2:4 tiles measured (2 x 256 columns fp16, 4 x 128 int8; 4 x 128 with 5 stages and 2 x 128 slower)."""
     cands = (WG_LARGE[dense_fmt_of(fmt).name], *WG_SMALLER)
     if sparse:
         cands = tuple((*t[:2], 2, *t[3:]) for t in cands)
@@ -68,23 +72,24 @@ def wg_applies(n: int, k: int, fmt: str = "f16") -> str:
     return ""
 
 
-def emit_wgmma(bb, x, w, bias, cols: int, fmt: str = "f16", tiles: tuple | None = None):
-    """call_tir of the wgmma linear with the weight packed in fragment order as a constant (the caller checked
-    wg_applies); x [cols, k] (cast to the instruction's type unless int8), y [cols, n] float32 (+ bias) or the int32
-    accumulator."""
+def emit_wgmma(bb, x, w, bias, cols: int, fmt: str = "f16", tiles: tuple | None = None, sparse: bool = False):
+    """call_tir of the wgmma linear with the weight packed in fragment order as constants (the caller checked
+    wg_applies; sparse: the 2:4 kernel, the caller also checked sparse.sp24_applies); x [cols, k] (cast to the
+    instruction's type unless int8), y [cols, n] float32 (+ bias) or the int32 accumulator."""
     import numpy as np
     from tvm import relax
 
-    from graphopt.targets.tvm.gpu.sparse import pack_dense_fragments
-    f = dense_fmt_of(fmt)
+    from graphopt.targets.tvm.gpu.sparse import pack_dense_fragments, pack_fragments
+    f = _formats(fmt, sparse)
     n, k = w.shape
-    tiles = tuple(tiles or wg_tiles(cols, n, fmt))
+    tiles = tuple(tiles or wg_tiles(cols, n, fmt, sparse))
     if f.name != "s8":
         x = bb.emit(relax.op.astype(x, f.value))
-    gv = bb.add_func(wgmma_kernel(cols, k, n, bias is not None, fmt, tiles), f"graphopt_wgmma_{fmt}_{cols}x{k}x{n}")
+    gv = bb.add_func(wgmma_kernel(cols, k, n, bias is not None, fmt, tiles, sparse),
+                     f"graphopt_wgmma{'_sp24' if sparse else ''}_{fmt}_{cols}x{k}x{n}")
     b = relax.const(np.zeros(n, np.float32) if bias is None else np.asarray(bias, np.float32))
-    return bb.emit(relax.call_tir(gv, [x, relax.const(pack_dense_fragments(w, fmt)), b],
-                                  relax.TensorType((cols, n), f.acc)))
+    consts = [relax.const(a) for a in pack_fragments(w, fmt)] if sparse else [relax.const(pack_dense_fragments(w, fmt))]
+    return bb.emit(relax.call_tir(gv, [x, *consts, b], relax.TensorType((cols, n), f.acc)))
 
 
 def b_chunk(c, chunks: int, swizzle: bool = False):
