@@ -338,12 +338,15 @@ def main(argv: list[str] | None = None) -> int:
             if ref.ndim == 3 and ref.shape[-1] == 1000:  # classifiers: top-1 agreement with fp32
                 rec["top1_agreement_vs_fp32"] = float((outs.reshape(len(ref), -1).argmax(-1)
                                                        == ref.reshape(len(ref), -1).argmax(-1)).mean())
-            tc = json.loads((mdir / "manifest.json").read_text())["target_info"].get("tensor_core_linears") or {}
+            info = json.loads((mdir / "manifest.json").read_text())["target_info"]
+            tc = info.get("tensor_core_linears") or {}
             rec["tensor_core_linears"] = len(tc)
+            rec["sp24_layers"] = sum(r.get("choice") == "sp24" for r in (info.get("sparse_kernels") or {}).values())
             print(f"  {name} fp16 artifact: cosine {cos:.5f} (vs the optimized graph: "
                   f"{rec.get('cosine_vs_graph', float('nan')):.5f}), top-1 agreement "
                   f"{rec.get('top1_agreement_vs_fp32', float('nan')):.3f}, {lat * 1e3:.3f} ms, "
-                  f"{len(tc)} linears on graphopt's tensor-core kernel", flush=True)
+                  f"{len(tc)} dense linears on graphopt's tensor-core kernel, {rec['sp24_layers']} on 2:4",
+                  flush=True)
         except Exception as e:  # noqa: BLE001
             rec = {"name": name, "error": f"{type(e).__name__}: {e}"[:300]}
             print(f"  {name}: {rec['error']}", flush=True)

@@ -4,7 +4,7 @@
   - kernels/*.so + kernels/index.json: GEMM and conv kernels (MiniLM-L6 and MobileNetV2 shapes, and large GEMMs),
     dlight's dense fp16 and int8, graphopt's multistage tensor-core kernels (dense on mma.sync and 2:4 on mma.sp,
     fp16 and int8, at the tiles the build picks and one other shape), its simple 2:4 kernel and the Hopper wgmma
-    kernels (sm_90a, not used by the build yet), weights as inputs, cross-compiled for sm_90 with nvcc (--quick: the
+    kernels (sm_90a builds), weights as inputs, cross-compiled for sm_90 with nvcc (--quick: the
     tensor-core kernels alone; --explore: the large GEMMs and the instructions alone),
   - minilm/ (by default; --models adds minilm_int8, mobilenet_v2, efficientnet_lite0): fp16 cuda artifacts of
     shipped models and their fp32 PyTorch outputs on the shipped sentences or photos.
@@ -43,9 +43,11 @@ PIPE_VARIANTS = {False: [(1, 4, 2, 2, 2, 4), (4, 8, 2, 2, 2, 4)], True: [(1, 4, 
 # tile without the swizzle (1.9-2x) slower.
 WG_VARIANTS = [(2, 256, 4, 4, 1), (4, 128, 4, 4, 1), (2, 192, 4, 4, 1), (2, 224, 4, 4, 1)]
 WG_VARIANTS_SMALL = [(2, 128, 4, 3, 1), (1, 64, 4, 3, 1), (1, 32, 4, 3, 1), (1, 16, 4, 4, 1)]  # MiniLM / MNv2 sizes
-# 2:4 on wgmma.mma_async.sp (a k-step reads 64 bytes of a column: 2 a stage fill the swizzle's 128), not yet measured:
-# the dense kernel's best blocks, and deeper pipelines (a 2:4 stage holds half the weight bytes of a dense one)
-WG_SPARSE_VARIANTS = [(2, 256, 2, 4, 1), (4, 128, 2, 4, 1), (2, 128, 2, 6, 1), (2, 128, 2, 4, 1)]
+# 2:4 on wgmma.mma_async.sp (a k-step reads 64 bytes of a column: 2 a stage fill the swizzle's 128): the dense
+# kernel's best blocks, and deeper pipelines (a 2:4 stage holds half the weight bytes of a dense one). Measured on the
+# H200 (2026-12-04, benchmarks/results/gpu_check_h200_s51_explore.json): 2 x 256 x 4 stages fastest in fp16 (1.16-1.25x
+# the dense wgmma kernel), 4 x 128 in int8; 2 x 128 with 6 stages slower than with 4.
+WG_SPARSE_VARIANTS = [(2, 256, 2, 4, 1), (4, 128, 2, 4, 1), (4, 128, 2, 5, 1), (2, 128, 2, 4, 1)]
 WG_SPARSE_VARIANTS_SMALL = [(1, 16, 2, 4, 1), (1, 32, 2, 3, 1)]  # wg_tiles picks one of these
 # --explore: MiniLM's and the large GEMMs alone: the multistage kernels at the build's tiles, every wgmma variant, the
 # instructions alone. (2026-12-04's explore runs also measured a grouped raster, groups of 16 and stages of 4
@@ -172,7 +174,7 @@ def build_kernels(arch: str, out: Path, quick: bool = False, explore: bool = Fal
                       call(tc_kernel_pipelined(m, k, n, False, fmt, sparse, tiles), ydtype, m, n), list(tiles))
                 index[-1]["build_default"] = tiles == pipeline_tiles(m, n, sparse)
         # the wgmma kernels, compiled for sm_90a (the arch-specific Hopper target wgmma needs); 2:4 on
-        # wgmma.mma_async.sp (not in the build yet)
+        # wgmma.mma_async.sp
         for kind, fmt, sparse, xdtype, ydtype in (("dense16w", "f16", False, "float16", "float32"),
                                                   ("int8w", "s8", False, "int8", "int32"),
                                                   ("sp24w", "f16", True, "float16", "float32"),
@@ -224,26 +226,51 @@ def ffi_wheel(out: Path) -> None:
 
 # (artifact folder, zoo model, pipeline[, --cuda-arch]): MiniLM's linears run on graphopt's dense tensor-core kernel,
 # the CNNs' convs on dlight; the int8 MiniLM's on the int8 one; the _90a ones are sm_90a builds (linears on wgmma).
+# mlp24*: a self-built MLP whose two 2048 x 2048 linears (1024 tokens: 4.3G multiply-adds each) are 2:4 -- on an
+# sm_90a cuda-sparse build they run the 2:4 wgmma kernel; the _dense twins are the same masked weights built as cuda
+# (the dense wgmma kernel): the model-level 2:4 speedup, fp16 and int8.
 MODELS = (("mobilenet_v2", "mobilenet_v2", "fold-bn"), ("efficientnet_lite0", "efficientnet_lite0", "fold-bn"),
           ("minilm", "minilm", ""), ("minilm_int8", "minilm", "quantize,fold-qdq"),
-          ("minilm_90a", "minilm", "", "sm_90a"), ("minilm_int8_90a", "minilm", "quantize,fold-qdq", "sm_90a"))
+          ("minilm_90a", "minilm", "", "sm_90a"), ("minilm_int8_90a", "minilm", "quantize,fold-qdq", "sm_90a"),
+          ("mlp24_90a", "mlp", "sparsify-nm{n=2 m=4}", "sm_90a", "cuda-sparse"),
+          ("mlp24_dense_90a", "mlp", "sparsify-nm{n=2 m=4}", "sm_90a", "cuda"),
+          ("mlp24_int8_90a", "mlp", "sparsify-nm{n=2 m=4},quantize,fold-qdq", "sm_90a", "cuda-sparse"),
+          ("mlp24_int8_dense_90a", "mlp", "sparsify-nm{n=2 m=4},quantize,fold-qdq", "sm_90a", "cuda"))
 
 
-def model_artifact(out: Path, arch: str, folder: str, name: str, pipeline: str) -> None:
-    """The fp16 cuda artifact of a shipped model (optimized by `pipeline`) and its fp32 PyTorch outputs on the
-    shipped photos or sentences (inputs x0, x1, ... stacked over samples; ref stacked likewise)."""
+def mlp_model():
+    """(graph, calibration data, eval inputs) of the 2:4 test MLP: 64 -> 2048 -> 2048 -> 2048 -> 64 on 1024 tokens
+    (small inputs and outputs to carry, two large GEMMs inside)."""
+    import torch
+    from torch import nn
+
+    import graphopt
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 2048), nn.GELU(), nn.Linear(2048, 2048), nn.GELU(), nn.Linear(2048, 2048),
+                      nn.GELU(), nn.Linear(2048, 64)).eval()
+    data = [(torch.randn(1024, 64),) for _ in range(3)]
+    return graphopt.trace(m, data[0]), data[1:], data
+
+
+def model_artifact(out: Path, arch: str, folder: str, name: str, pipeline: str, target: str = "cuda") -> None:
+    """The fp16 `target` artifact of a shipped model (or the test MLP) optimized by `pipeline` and its fp32 PyTorch
+    outputs on the shipped photos or sentences (inputs x0, x1, ... stacked over samples; ref stacked likewise)."""
     import graphopt
     from graphopt.zoo import calibration_inputs, eval_inputs
-    g0 = graphopt.load_model(f"zoo:{name}")
-    g = graphopt.optimize(g0, pipeline, data=calibration_inputs(name)) if pipeline else g0
-    graphopt.compile(g, "cuda", output=out / folder, cuda_arch=arch, precision="fp16")
-    samples = eval_inputs(name)
+    if name == "mlp":
+        g0, calib, samples = mlp_model()
+    else:
+        g0, calib, samples = graphopt.load_model(f"zoo:{name}"), calibration_inputs(name), eval_inputs(name)
+    g = graphopt.optimize(g0, pipeline, data=calib) if pipeline else g0
+    graphopt.compile(g, target, output=out / folder, cuda_arch=arch, precision="fp16")
+    if name == "mlp":  # the reference is the masked model: what the 2:4 kernels must compute
+        g0 = graphopt.optimize(g0, pipeline.split(",")[0])
     io = {f"x{i}": np.stack([s[i].numpy() for s in samples]) for i in range(len(samples[0]))}
     io["ref"] = np.stack([g0.run(*s)[0].numpy() for s in samples])
     if pipeline:  # what the optimized graph computes (int8 for quantize): the GPU artifact must match it, too
         io["ref_graph"] = np.stack([g.run(*s)[0].numpy() for s in samples])
     np.savez_compressed(out / f"{folder}_io.npz", **io)
-    print(f"  built {folder} fp16 artifact ({arch})", flush=True)
+    print(f"  built {folder} fp16 {target} artifact ({arch})", flush=True)
 
 
 CARRY_LIMIT = 60 << 20  # the device tool carries 64 MiB with the working tree (about 2 MiB)
@@ -279,7 +306,7 @@ def main() -> int:
         if not args.skip_model:
             for folder, name, pipeline, *arch in MODELS:
                 if folder in wanted:
-                    model_artifact(work, arch[0] if arch else args.arch, folder, name, pipeline)
+                    model_artifact(work, arch[0] if arch else args.arch, folder, name, pipeline, *arch[1:])
         size = sum(p.stat().st_size for p in work.rglob("*") if p.is_file())
         if size > CARRY_LIMIT:
             print(f"gpu_check_prepare: {size / 2**20:.1f} MiB is more than the device carries with the repo "
