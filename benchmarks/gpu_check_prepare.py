@@ -39,15 +39,16 @@ GEMMS = [("minilm qkv/out 128x384x384", 128, 384, 384), ("minilm ffn-up 128x384x
 PIPE_VARIANTS = {False: [(1, 4, 2, 2, 2, 4), (4, 8, 2, 2, 2, 4)], True: [(1, 4, 2, 2, 1, 4), (4, 8, 2, 2, 2, 3)]}
 # the Hopper wgmma kernels (targets/tvm/gpu/wgmma.py, sm_90a): (warpgroups, columns a block, k-steps a stage,
 # stages[, 128-byte swizzle]); the first two are the build's large tiles (wgmma.WG_LARGE). Measured on the H200
-# (2026-12-04, benchmarks/results/gpu_check_h200_s50*.json): 2 x 128 columns, 5-6 stages, 3 warpgroups, and every
-# tile without the swizzle (1.9-2x) slower.
-WG_VARIANTS = [(2, 256, 4, 4, 1), (4, 128, 4, 4, 1), (2, 192, 4, 4, 1), (2, 224, 4, 4, 1)]
+# (2026-12-04, benchmarks/results/gpu_check_h200_s50*.json, ..._s51*.json): 2 x 128, 2 x 192 and 2 x 224 columns,
+# 5-6 stages, 3 warpgroups, and every tile without the swizzle (1.9-2x) slower; a grouped raster of 8 or 16 row
+# blocks (as gemm.raster, tried in ..._s51_int8.json) within 2% either way, dense and 2:4 alike.
+WG_VARIANTS = [(2, 256, 4, 4, 1), (4, 128, 4, 4, 1), (2, 192, 4, 4, 1)]
 WG_VARIANTS_SMALL = [(2, 128, 4, 3, 1), (1, 64, 4, 3, 1), (1, 32, 4, 3, 1), (1, 16, 4, 4, 1)]  # MiniLM / MNv2 sizes
 # 2:4 on wgmma.mma_async.sp (a k-step reads 64 bytes of a column: 2 a stage fill the swizzle's 128): the dense
 # kernel's best blocks, and deeper pipelines (a 2:4 stage holds half the weight bytes of a dense one). Measured on the
-# H200 (2026-12-04, benchmarks/results/gpu_check_h200_s51_explore.json): 2 x 256 x 4 stages fastest in fp16 (1.16-1.25x
-# the dense wgmma kernel), 4 x 128 in int8; 2 x 128 with 6 stages slower than with 4.
-WG_SPARSE_VARIANTS = [(2, 256, 2, 4, 1), (4, 128, 2, 4, 1), (4, 128, 2, 5, 1), (2, 128, 2, 4, 1)]
+# H200 (2026-12-04, benchmarks/results/gpu_check_h200_s51*.json): 2 x 256 x 4 stages fastest in fp16 (1.15-1.26x
+# the dense wgmma kernel), 4 x 128 in int8; 4 x 128 with 5 stages, 2 x 128 with 6 slower than with 4.
+WG_SPARSE_VARIANTS = [(2, 256, 2, 4, 1), (4, 128, 2, 4, 1), (2, 128, 2, 4, 1)]
 WG_SPARSE_VARIANTS_SMALL = [(1, 16, 2, 4, 1), (1, 32, 2, 3, 1)]  # wg_tiles picks one of these
 # --explore: MiniLM's and the large GEMMs alone: the multistage kernels at the build's tiles, every wgmma variant, the
 # instructions alone. (2026-12-04's explore runs also measured a grouped raster, groups of 16 and stages of 4
