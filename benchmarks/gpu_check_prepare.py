@@ -6,10 +6,12 @@
     fp16 and int8, at the tiles the build picks and one other shape), its simple 2:4 kernel and the Hopper wgmma
     kernels (sm_90a builds), weights as inputs, cross-compiled for sm_90 with nvcc (--quick: the
     tensor-core kernels alone; --explore: the large GEMMs and the instructions alone),
-  - minilm/ (by default; --models adds minilm_int8, mobilenet_v2, efficientnet_lite0): fp16 cuda artifacts of
-    shipped models and their fp32 PyTorch outputs on the shipped sentences or photos.
+  - minilm/ (by default; --models picks others from MODELS: the int8 MiniLM, the CNNs, sm_90a builds, CUDA-graph
+    builds, the 2:4 MLP): fp16 cuda artifacts of shipped models and their fp32 PyTorch outputs on the shipped
+    sentences or photos.
 
-    python benchmarks/gpu_check_prepare.py [--arch sm_90] [--quick] [--skip-model] [--models minilm,mobilenet_v2]
+    python benchmarks/gpu_check_prepare.py [--arch sm_90] [--quick | --explore | --skip-kernels] [--skip-model]
+        [--models minilm,mobilenet_v2]
 """
 from __future__ import annotations
 
@@ -225,18 +227,23 @@ def ffi_wheel(out: Path) -> None:
                     "--python-version", "3.12", "-d", str(wheels), f"apache-tvm-ffi=={v}"], check=True)
 
 
-# (artifact folder, zoo model, pipeline[, --cuda-arch]): MiniLM's linears run on graphopt's dense tensor-core kernel,
-# the CNNs' convs on dlight; the int8 MiniLM's on the int8 one; the _90a ones are sm_90a builds (linears on wgmma).
+# (artifact folder, zoo model, pipeline, graphopt.compile options): MiniLM's linears run on graphopt's dense
+# tensor-core kernel, the CNNs' convs on dlight; the int8 MiniLM's on the int8 one; the _90a ones are sm_90a builds
+# (linears on wgmma); mobilenet_v2_graph / minilm_graph / minilm_int8_graph replay one CUDA graph (--cuda-graph),
+# the others launch each kernel.
 # mlp24*: a self-built MLP whose two 2048 x 2048 linears (1024 tokens: 4.3G multiply-adds each) are 2:4 -- on an
 # sm_90a cuda-sparse build they run the 2:4 wgmma kernel; the _dense twins are the same masked weights built as cuda
 # (the dense wgmma kernel): the model-level 2:4 speedup, fp16 and int8.
-MODELS = (("mobilenet_v2", "mobilenet_v2", "fold-bn"), ("efficientnet_lite0", "efficientnet_lite0", "fold-bn"),
-          ("minilm", "minilm", ""), ("minilm_int8", "minilm", "quantize,fold-qdq"),
-          ("minilm_90a", "minilm", "", "sm_90a"), ("minilm_int8_90a", "minilm", "quantize,fold-qdq", "sm_90a"),
-          ("mlp24_90a", "mlp", "sparsify-nm{n=2 m=4}", "sm_90a", "cuda-sparse"),
-          ("mlp24_dense_90a", "mlp", "sparsify-nm{n=2 m=4}", "sm_90a", "cuda"),
-          ("mlp24_int8_90a", "mlp", "sparsify-nm{n=2 m=4},quantize,fold-qdq", "sm_90a", "cuda-sparse"),
-          ("mlp24_int8_dense_90a", "mlp", "sparsify-nm{n=2 m=4},quantize,fold-qdq", "sm_90a", "cuda"))
+_90A, _24 = {"cuda_arch": "sm_90a"}, "sparsify-nm{n=2 m=4}"
+MODELS = (("mobilenet_v2", "mobilenet_v2", "fold-bn", {}), ("efficientnet_lite0", "efficientnet_lite0", "fold-bn", {}),
+          ("minilm", "minilm", "", {}), ("minilm_int8", "minilm", "quantize,fold-qdq", {}),
+          ("mobilenet_v2_graph", "mobilenet_v2", "fold-bn", {"cuda_graph": True}),
+          ("minilm_graph", "minilm", "", {"cuda_graph": True}),
+          ("minilm_int8_graph", "minilm", "quantize,fold-qdq", {"cuda_graph": True}),
+          ("minilm_90a", "minilm", "", _90A), ("minilm_int8_90a", "minilm", "quantize,fold-qdq", _90A),
+          ("mlp24_90a", "mlp", _24, {**_90A, "target": "cuda-sparse"}), ("mlp24_dense_90a", "mlp", _24, _90A),
+          ("mlp24_int8_90a", "mlp", _24 + ",quantize,fold-qdq", {**_90A, "target": "cuda-sparse"}),
+          ("mlp24_int8_dense_90a", "mlp", _24 + ",quantize,fold-qdq", _90A))
 
 
 def mlp_model():
@@ -253,7 +260,8 @@ def mlp_model():
     return graphopt.trace(m, data[0]), data[1:], data
 
 
-def model_artifact(out: Path, arch: str, folder: str, name: str, pipeline: str, target: str = "cuda") -> None:
+def model_artifact(out: Path, arch: str, folder: str, name: str, pipeline: str, target: str = "cuda",
+                   cuda_arch: str | None = None, cuda_graph: bool = False) -> None:
     """The fp16 `target` artifact of a shipped model (or the test MLP) optimized by `pipeline` and its fp32 PyTorch
     outputs on the shipped photos or sentences (inputs x0, x1, ... stacked over samples; ref stacked likewise)."""
     import graphopt
@@ -263,7 +271,8 @@ def model_artifact(out: Path, arch: str, folder: str, name: str, pipeline: str, 
     else:
         g0, calib, samples = graphopt.load_model(f"zoo:{name}"), calibration_inputs(name), eval_inputs(name)
     g = graphopt.optimize(g0, pipeline, data=calib) if pipeline else g0
-    graphopt.compile(g, target, output=out / folder, cuda_arch=arch, precision="fp16")
+    arch = cuda_arch or arch
+    graphopt.compile(g, target, output=out / folder, cuda_arch=arch, precision="fp16", cuda_graph=cuda_graph)
     if name == "mlp":  # the reference is the masked model: what the 2:4 kernels must compute
         g0 = graphopt.optimize(g0, pipeline.split(",")[0])
     io = {f"x{i}": np.stack([s[i].numpy() for s in samples]) for i in range(len(samples[0]))}
@@ -271,7 +280,7 @@ def model_artifact(out: Path, arch: str, folder: str, name: str, pipeline: str, 
     if pipeline:  # what the optimized graph computes (int8 for quantize): the GPU artifact must match it, too
         io["ref_graph"] = np.stack([g.run(*s)[0].numpy() for s in samples])
     np.savez_compressed(out / f"{folder}_io.npz", **io)
-    print(f"  built {folder} fp16 {target} artifact ({arch})", flush=True)
+    print(f"  built {folder} fp16 {target} artifact ({arch}{', CUDA graph' if cuda_graph else ''})", flush=True)
 
 
 CARRY_LIMIT = 60 << 20  # the device tool carries 64 MiB with the working tree (about 2 MiB)
@@ -281,6 +290,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="sm_90", help="GPU architecture to compile for (the H200 is sm_90)")
     ap.add_argument("--skip-model", action="store_true", help="kernels only (no model artifacts)")
+    ap.add_argument("--skip-kernels", action="store_true", help="model artifacts only (room for more of them under "
+                    "the carry limit)")
     ap.add_argument("--quick", action="store_true",
                     help="graphopt's tensor-core kernels only (multistage mma.sync / mma.sp and wgmma; no dlight "
                          "kernels, no simple 2:4 kernel, no convs): a shorter run on the GPU")
@@ -300,14 +311,14 @@ def main() -> int:
         work = Path(tmp)
         (work / "kernels").mkdir()
         print("building kernels ...", flush=True)
-        index = build_kernels(args.arch, work / "kernels", args.quick, args.explore)
+        index = [] if args.skip_kernels else build_kernels(args.arch, work / "kernels", args.quick, args.explore)
         (work / "kernels" / "index.json").write_text(json.dumps({"arch": args.arch, "kernels": index}, indent=1))
         runtime_tarball(work)
         ffi_wheel(work)
         if not args.skip_model:
-            for folder, name, pipeline, *arch in MODELS:
+            for folder, name, pipeline, opts in MODELS:
                 if folder in wanted:
-                    model_artifact(work, arch[0] if arch else args.arch, folder, name, pipeline, *arch[1:])
+                    model_artifact(work, args.arch, folder, name, pipeline, **opts)
         size = sum(p.stat().st_size for p in work.rglob("*") if p.is_file())
         if size > CARRY_LIMIT:
             print(f"gpu_check_prepare: {size / 2**20:.1f} MiB is more than the device carries with the repo "

@@ -222,7 +222,7 @@ def _hint_dynamic_quantize(graph: Graph, target: str) -> None:
 
 def compile(graph: Graph, target: str = "llvm", tuning: Any = None, output: str | Path = "graphopt-out", *,  # noqa: A001
             cuda_arch: str = "sm_80,sm_90", precision: str = "fp16", sparse_min_speedup: float = 1.1,
-            cpu: str | None = None) -> Path:
+            cpu: str | None = None, cuda_graph: bool = False) -> Path:
     """Compile to an artifact folder: `llvm` (TVM for this CPU, model.so), `cuda` / `cuda-sparse` (TVM for NVIDIA
     GPUs, model.so with a fatbin for each of `cuda_arch`; no GPU needed to build; "sm_90a" alone: H100/H200-only
     code, dense linears on wgmma), `onnx` (model.onnx) or `pt2`.
@@ -230,7 +230,8 @@ def compile(graph: Graph, target: str = "llvm", tuning: Any = None, output: str 
     `tuning` is None (no tuning) or `graphopt.Tuning(trials=..., db=...)` (llvm only). `precision` (cuda targets):
     fp16 or bf16 (convs and matmuls on half-width operands, fp32 accumulation) or fp32. `sparse_min_speedup`
     (cuda-sparse): a 2:4 layer runs on the sparse kernel when it is (measured, or estimated from the cost table) at
-    least this many times faster than dense. `cpu` (llvm): an LLVM CPU name to cross-compile for (e.g.
+    least this many times faster than dense. `cuda_graph` (cuda targets): replay the model's kernels as one CUDA
+    graph, captured on the first call (default: one launch a kernel; not yet measured on a GPU). `cpu` (llvm): an LLVM CPU name to cross-compile for (e.g.
     "sapphirerapids", "znver4": AVX-512 and VNNI int8 kernels) instead of this machine's. Returns the folder.
     """
     if not isinstance(graph, Graph):
@@ -239,6 +240,8 @@ def compile(graph: Graph, target: str = "llvm", tuning: Any = None, output: str 
         _hint_unfolded_batch_norms(graph)
         _hint_unfolded_qdq(graph)
         _hint_dynamic_quantize(graph, target)
+    if cuda_graph and target not in ("cuda", "cuda-sparse"):
+        raise GraphoptError(f"cuda_graph=True applies to the cuda targets, not '{target}'")
     if cpu is not None and target != "llvm":
         raise GraphoptError(f"cpu='{cpu}' names a CPU to compile for; it applies to the llvm target, not '{target}'")
     if target == "llvm":
@@ -247,7 +250,7 @@ def compile(graph: Graph, target: str = "llvm", tuning: Any = None, output: str 
     if target in ("cuda", "cuda-sparse"):
         from graphopt.targets.tvm.build import compile_gpu_to_dir
         return compile_gpu_to_dir(graph, output, target, cuda_arch, precision, tuning,
-                                  sparse_min_speedup=sparse_min_speedup)
+                                  sparse_min_speedup=sparse_min_speedup, cuda_graph=cuda_graph)
     if target in ("onnx", "pt2"):
         from graphopt.ir.files import atomic_dir
         from graphopt.targets.artifact import build_manifest, write_manifest

@@ -112,6 +112,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--sparse-min-speedup", type=float, default=1.1, metavar="X", help="cuda-sparse: a 2:4 layer "
                    "runs on sparse tensor cores when measured (select-sparse-layout on a GPU) or estimated (the "
                    "documented cost table, without one) to be at least X times faster than dense (default 1.1)")
+    c.add_argument("--cuda-graph", action="store_true", help="cuda targets: replay the model's kernels as one "
+                   "CUDA graph (captured on the first call, one launch after that; small models are launch-bound) "
+                   "instead of launching each kernel (the default until it is measured on a GPU)")
     c.add_argument("--gpu-precision", default="fp16", choices=["fp16", "bf16", "fp32"], help="cuda targets: fp16 "
                    "(default) or bf16 runs convs and matmuls on half-width operands with fp32 accumulation (tensor "
                    "cores), fp32 keeps fp32 (2:4 layers of cuda-sparse compute in fp16 then, bf16 with bf16); int8 "
@@ -264,6 +267,10 @@ def _check_cpu(args) -> None:
     if args.cpu and args.target != "llvm":
         from graphopt.errors import GraphoptError
         raise GraphoptError(f"--cpu applies to --target llvm (this run's target is {args.target})")
+    if getattr(args, "cuda_graph", False) and args.target not in ("cuda", "cuda-sparse"):
+        from graphopt.errors import GraphoptError
+        raise GraphoptError(f"--cuda-graph applies to --target cuda / cuda-sparse (this run's target is "
+                            f"{args.target})")
     if args.cpu:
         from graphopt.targets.tvm.host import cpu_target
         cpu_target(args.cpu)  # a misspelt name fails here, before the passes run
@@ -308,6 +315,7 @@ def cmd_compile(args) -> int:
     optimized = _optimize(args, graph)
     out = compile_graph(optimized, args.target, tuning, args.output, cuda_arch=args.cuda_arch,
                         precision=args.gpu_precision, sparse_min_speedup=args.sparse_min_speedup,
+                        cuda_graph=args.cuda_graph,
                         **({"cpu": args.cpu} if args.cpu else {}))
     if args.target in ("cuda", "cuda-sparse"):
         from graphopt.report import gpu_build_report

@@ -216,7 +216,9 @@ def gpu_build_report(artifact: Path) -> str:
     lines = [f"graphopt compile report: {m.get('source') or 'model'} -> {artifact}",
              f"  target     {t.get('kind')} for {', '.join(t.get('archs', []))} "
              f"{'(H100/H200 only)' if 'sm_90a' in t.get('archs', []) else '(+ PTX of the newest)'}, "
-             f"{t.get('precision')} compute",
+             f"{t.get('precision')} compute, "
+             + ("kernels replayed as one CUDA graph (captured on the first call)" if t.get("cuda_graph")
+                else "one launch a kernel (no CUDA graph)"),
              f"  pipeline   {m.get('pipeline') or '(none)'}"]
     if m.get("passes"):
         lines += ["  passes", pass_table(m["passes"])]

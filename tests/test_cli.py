@@ -316,7 +316,9 @@ def test_measuring_passes_ask_the_target_the_run_is_for(tmp_path, capsys, monkey
                    "sapphirerapids", "lacks avx512f", "leave out --cpu")
     one_line_error(cli_inproc(capsys, "opt", tmp_path / "m.gopt", "--target", "cuda", "--cpu", "znver3",
                               "--pipeline", "dce", "-o", tmp_path / "x.gopt"), "--cpu applies to --target llvm")
-    assert not (tmp_path / "x.gopt").exists()
+    one_line_error(cli_inproc(capsys, "compile", tmp_path / "m.gopt", "--cuda-graph", "-o", tmp_path / "x"),
+                   "--cuda-graph applies to --target cuda")
+    assert not (tmp_path / "x.gopt").exists() and not (tmp_path / "x").exists()
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None and not os.path.exists("/usr/local/cuda/bin/nvcc"),

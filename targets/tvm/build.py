@@ -45,7 +45,7 @@ def _check_precision(precision: str) -> None:
 
 
 def build_gpu_executable(graph: Graph, target: str = "cuda", archs=("sm_80", "sm_90"), precision: str = "fp16",
-                         tuning: Tuning | None = None, sparse_min_speedup: float = 1.1):
+                         tuning: Tuning | None = None, sparse_min_speedup: float = 1.1, cuda_graph: bool = False):
     """Lower and build for CUDA (no GPU needed); returns (executable, tvm Target, seconds, 2:4 layer records,
     records of the linears on graphopt's dense tensor-core kernel). The kernel source is generated for the lowest
     architecture in `archs` and compiled for each of them when the library is exported."""
@@ -80,7 +80,7 @@ def build_gpu_executable(graph: Graph, target: str = "cuda", archs=("sm_80", "sm
             from graphopt.targets.tvm.gpu.pipeline import tune_cuda
             work = tuning.db or tempfile.mkdtemp(prefix="graphopt-cuda-tune-")
             database = tune_cuda(mod, tgt, precision, tuning.trials, str(work))
-        ex = build_cuda(mod, tgt, precision, database)
+        ex = build_cuda(mod, tgt, precision, database, cuda_graph)
     except TargetError:
         raise
     except Exception as e:
@@ -157,20 +157,21 @@ def build_executable(graph: Graph, target: str = "llvm", tuning: Tuning | None =
 
 
 def compile_gpu_to_dir(graph: Graph, output: str | Path, target: str = "cuda", archs=("sm_80", "sm_90"),
-                       precision: str = "fp16", tuning: Tuning | None = None, sparse_min_speedup: float = 1.1) -> Path:
+                       precision: str = "fp16", tuning: Tuning | None = None, sparse_min_speedup: float = 1.1,
+                       cuda_graph: bool = False) -> Path:
     """Build for CUDA and write the artifact: model.so whose CUDA kernels are a fatbin for every arch in `archs`
     (compiled here with nvcc, so the GPU machine needs only the TVM runtime and a driver)."""
     from graphopt.targets.tvm.gpu.fatbin import fatbin_packer
 
     archs = parse_archs(archs)
     ex, tgt, seconds, sparse, dense_tc = build_gpu_executable(graph, target, archs, precision, tuning,
-                                                               sparse_min_speedup)
+                                                               sparse_min_speedup, cuda_graph)
     record: dict = {}
     with atomic_dir(output) as tmp:
         t0 = time.perf_counter()
         ex.export_library(str(tmp / "model.so"), fpack_imports=fatbin_packer(archs, record), options=["-s"])
         (tmp / "graph.ir").write_text(graph.text())
-        info = {"kind": target, "device": "cuda", "archs": archs, "precision": precision,
+        info = {"kind": target, "device": "cuda", "archs": archs, "precision": precision, "cuda_graph": bool(cuda_graph),
                 "kernels": record.get("cuda_modules", []),
                 "sparse_kernels": sparse, "tensor_core_linears": dense_tc}
         manifest = build_manifest(graph, str(tgt), info, tuning=None,

@@ -355,6 +355,26 @@ def test_cuda_artifact_carries_fatbins_for_each_arch(tmp_path):
     from graphopt.targets.artifact import read_manifest
     info = read_manifest(out)["target_info"]
     assert info["device"] == "cuda" and info["archs"] == ["sm_80", "sm_90"] and info["precision"] == "fp16"
+    assert info["cuda_graph"] is False
+
+
+@needs_nvcc
+def test_cuda_builds_replay_the_kernels_between_input_and_output_as_one_cuda_graph(tmp_path):
+    """cuda_graph=True lifts the kernels that read only constants and planned buffers into one function the VM
+    captures as a CUDA graph on the first call and replays after; by default each kernel is launched."""
+    from graphopt.report import gpu_build_report
+    from graphopt.targets.tvm.build import build_gpu_executable
+    g = head_graph(False)
+    text = build_gpu_executable(g, "cuda", ["sm_80"], "fp16", cuda_graph=True)[0].as_text()
+    assert "vm.builtin.cuda_graph.run_or_capture" in text
+    captured = text[text.index("@main_cuda_graph_capture:"):].split("\n@")[0]
+    assert captured.count("  call  fused_") + captured.count("  call  graphopt_") >= 3, captured
+    plain = build_gpu_executable(g, "cuda", ["sm_80"], "fp16")[0].as_text()
+    assert "cuda_graph" not in plain
+    out = graphopt.compile(g, "cuda", output=tmp_path / "a", cuda_arch="sm_80", cuda_graph=True)
+    assert "kernels replayed as one CUDA graph" in gpu_build_report(out)
+    with pytest.raises(graphopt.GraphoptError, match="cuda_graph=True applies to the cuda targets"):
+        graphopt.compile(g, "llvm", output=tmp_path / "b", cuda_graph=True)
 
 
 @needs_nvcc
@@ -694,13 +714,14 @@ def test_loading_a_cuda_artifact_without_a_gpu_says_so(tmp_path):
 @needs_gpu
 @needs_nvcc
 @pytest.mark.parametrize("target", ["cuda", "cuda-sparse"])
-def test_cuda_artifact_matches_the_graph_on_the_gpu(tmp_path, target):
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_cuda_artifact_matches_the_graph_on_the_gpu(tmp_path, target, cuda_graph):
     g = head_graph(target == "cuda-sparse")
-    out = graphopt.compile(g, target, output=tmp_path / "a", sparse_min_speedup=1.0)
-    x = torch.randn(1, 3, 8, 8)
-    ref = g.run(x)[0].numpy()
-    got = graphopt.load(out)(x.numpy())[0]
-    np.testing.assert_allclose(got, ref, rtol=2e-2, atol=2e-2)  # fp16 compute
+    out = graphopt.compile(g, target, output=tmp_path / "a", sparse_min_speedup=1.0, cuda_graph=cuda_graph)
+    art = graphopt.load(out)
+    for _ in range(3):  # the CUDA graph captured on the first call must read each call's input
+        x = torch.randn(1, 3, 8, 8)
+        np.testing.assert_allclose(art(x.numpy())[0], g.run(x)[0].numpy(), rtol=2e-2, atol=2e-2)  # fp16 compute
 
 
 class Mlp(nn.Module):

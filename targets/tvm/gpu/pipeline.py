@@ -224,8 +224,12 @@ def cuda_pipeline(target, precision: str = "fp16", database=None):
     return _pipeline
 
 
-def build_cuda(mod, target, precision: str = "fp16", database=None):
-    with target, tvm.transform.PassContext(opt_level=3):
+def build_cuda(mod, target, precision: str = "fp16", database=None, cuda_graph: bool = False):
+    """relax.build for CUDA. cuda_graph: TVM's RewriteCUDAGraph lifts the kernels that read only constants and
+    statically planned buffers (all but the first kernels reading the inputs and the last writing the outputs) into
+    one CUDA graph, captured on the first call and replayed after -- one launch instead of one a kernel. Off by
+    default until measured on a GPU (benchmarks/gpu_check_prepare.py builds mobilenet_v2 / _graph to compare)."""
+    with target, tvm.transform.PassContext(opt_level=3, config={"relax.backend.use_cuda_graph": bool(cuda_graph)}):
         if database is not None:
             with database:
                 return relax.build(mod, target=target, relax_pipeline=cuda_pipeline(target, precision, database))
