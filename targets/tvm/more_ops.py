@@ -8,7 +8,7 @@ Wrong before: `x != y` at NaN (false: TVM's ordered float compare; `x != x`, the
 dims did not import, nor did a compare of two bool tensors build. Left as TVM computes them: relu / clamp / max
 pooling of a NaN give a number (PyTorch propagates the NaN), sort puts NaN first (PyTorch last).
 Failing before: hypot, copysign, fmax / fmin, heaviside, ldexp, erfinv, i0, bit shifts, searchsorted, kthvalue,
-cummax / cummin, logcumsumexp, histc.
+cummax / cummin, logcumsumexp, histc; later embedding_bag (nn.EmbeddingBag).
 
 The scans (cummax, cummin, logcumsumexp) compare every position with every earlier one: [.., L, L] elements per
 row of L, which is cheap at the lengths such ops see in models (a few hundred) and refused by name past
@@ -396,6 +396,65 @@ def cat(node, importer):
     return bb.emit(relax.op.concat([importer.env[t] for t in kept], axis=dim % nd))
 
 
+def embedding_bag(node, importer):
+    """nn.EmbeddingBag / F.embedding_bag (aten._embedding_bag[_forward_only]): per bag (indices[offsets[b]:
+    offsets[b + 1]]) the sum, mean or max of the rows, times per_sample_weights (sum), without padding_idx's rows;
+    an empty bag gives zeros, an id outside the table a bag of NaN (float tables). Bags are a [bags, indices]
+    membership mask: sum and mean one matmul with the gathered rows, max a masked reduction over [bags, indices,
+    dim]. Only the bag values are computed: a graph reading offset2bag, bag_size or max_indices is refused."""
+    bb = importer.block_builder
+    w_val, i_val, o_val = (node.args[k].meta["val"] for k in range(3))
+    if any(getattr(u.target, "__name__", "") != "getitem" or u.args[1] != 0 for u in node.users):
+        raise UnsupportedOpError(node.name, str(node.target), "graphopt computes the bags' values only, not "
+                                 "offset2bag, bag_size or max_indices; read output 0 alone")
+    if i_val.dim() != 1 or o_val.dim() != 1 or w_val.dim() != 2:
+        raise UnsupportedOpError(node.name, str(node.target), "graphopt takes 1-D indices and offsets and a 2-D "
+                                 "table (nn.EmbeddingBag's form)")
+    mode = int(_arg(node, 4, "mode", 0))
+    psw = _arg(node, 6, "per_sample_weights", None)
+    last = bool(_arg(node, 7, "include_last_offset", False))
+    pad = _arg(node, 8, "padding_idx", None)
+    n, nb, rows_in_table = int(i_val.shape[0]), int(o_val.shape[0]), int(w_val.shape[0])
+    dt = _dtype(w_val)
+    bags = nb - 1 if last else nb
+    ids = _operand(importer, node.args[1], "int64")
+    offs = _operand(importer, node.args[2], "int64")
+    rows = bb.emit(relax.op.take(importer.env[node.args[0]], ids, axis=0, mode="clip"))  # [n, dim]
+    starts = bb.emit(relax.op.strided_slice(offs, axes=[0], begin=[0], end=[bags]))
+    ends = bb.emit(relax.op.strided_slice(offs, axes=[0], begin=[1], end=[nb])) if last else \
+        bb.emit(relax.op.concat([bb.emit(relax.op.strided_slice(offs, axes=[0], begin=[1], end=[nb])),
+                                 _const(np.array([n], np.int64), "int64")], axis=0))
+    j = relax.const(np.arange(n, dtype=np.int64)[None, :])
+    member = bb.emit(relax.op.logical_and(
+        bb.emit(relax.op.less_equal(bb.emit(relax.op.expand_dims(starts, [1])), j)),
+        bb.emit(relax.op.less(j, bb.emit(relax.op.expand_dims(ends, [1]))))))  # [bags, n]
+    if pad is not None and int(pad) >= 0:
+        keep = bb.emit(relax.op.not_equal(ids, _const(int(pad), "int64")))
+        member = bb.emit(relax.op.logical_and(member, bb.emit(relax.op.expand_dims(keep, [0]))))
+    if psw is not None:
+        rows = bb.emit(relax.op.multiply(rows, bb.emit(relax.op.expand_dims(_operand(importer, psw, dt), [1]))))
+    m = bb.emit(relax.op.astype(member, dt))
+    if mode in (0, 1):
+        out = bb.emit(relax.op.matmul(m, rows))
+        if mode == 1:
+            count = bb.emit(relax.op.sum(m, axis=[1], keepdims=True))
+            out = bb.emit(relax.op.divide(out, bb.emit(relax.op.maximum(count, _const(1, dt)))))
+    else:
+        low = _const(float("-inf") if dt.startswith("float") else np.iinfo(dt).min, dt)
+        spread = bb.emit(relax.op.where(bb.emit(relax.op.expand_dims(member, [2])),
+                                        bb.emit(relax.op.expand_dims(rows, [0])), low))
+        out = bb.emit(relax.op.max(spread, axis=[1]))
+        empty = bb.emit(relax.op.equal(bb.emit(relax.op.sum(m, axis=[1], keepdims=True)), _const(0, dt)))
+        out = bb.emit(relax.op.where(empty, _const(0, dt), out))
+    if dt.startswith("float"):  # an id outside the table: its bag is NaN (the rows were clipped to stay in bounds)
+        bad = bb.emit(relax.op.logical_or(bb.emit(relax.op.less(ids, _const(0, "int64"))),
+                                          bb.emit(relax.op.greater_equal(ids, _const(rows_in_table, "int64")))))
+        hit = bb.emit(relax.op.greater(bb.emit(relax.op.matmul(m, bb.emit(relax.op.expand_dims(
+            bb.emit(relax.op.astype(bad, dt)), [1])))), _const(0, dt)))  # [bags, 1]
+        out = bb.emit(relax.op.where(hit, _const(float("nan"), dt), out))
+    return bb.emit(relax.Tuple([out]))
+
+
 CONVERTERS = {
     **{f"{k}.{form}": float_compare(k) for k in ("eq", "ne", "lt", "le", "gt", "ge")
        for form in ("Tensor", "Scalar")},
@@ -411,4 +470,5 @@ CONVERTERS = {
     "bucketize.Scalar": searchsorted, "kthvalue.default": kthvalue,
     "cummax.default": cumulative_extreme("max"), "cummin.default": cumulative_extreme("min"),
     "logcumsumexp.default": logcumsumexp, "histc.default": histc, "cat.default": cat,
+    "_embedding_bag.default": embedding_bag, "_embedding_bag_forward_only.default": embedding_bag,
 }

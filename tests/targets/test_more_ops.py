@@ -271,3 +271,25 @@ def test_bilinear_builds():
     x = torch.randn(2, 3, 8, generator=g)
     _check(lambda x: (torch.nn.functional.bilinear(x, x[..., :6].flip(-1), w, b),
                       torch.nn.functional.bilinear(x[0], x[1, :, 2:], w)), x, rtol=1e-5, atol=1e-5)
+
+
+def test_embedding_bag_builds_every_mode_and_keeps_bad_ids_in_their_bag(tmp_path):
+    """nn.EmbeddingBag (aten._embedding_bag) had no converter. Sum / mean / max over bags given by offsets, with an
+    empty bag (zeros), padding_idx left out, per-sample weights, include_last_offset and the 2-D fixed-size form.
+    An id outside the table (PyTorch raises) gives its own bag NaN and leaves the others as they were."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(50, 8, generator=g)
+    ids, offs = torch.tensor([1, 2, 4, 5, 4, 3, 2, 9]), torch.tensor([0, 4, 4, 6])
+    psw = torch.rand(8, generator=g)
+    F = torch.nn.functional
+    _check(lambda i, o: (F.embedding_bag(i, w, o, mode="sum"), F.embedding_bag(i, w, o, mode="mean"),
+                         F.embedding_bag(i, w, o, mode="max"), F.embedding_bag(i, w, o, mode="max", padding_idx=4),
+                         F.embedding_bag(i, w, o, mode="mean", padding_idx=2),
+                         F.embedding_bag(i, w, o, mode="sum", include_last_offset=True),
+                         F.embedding_bag(i, w, o, mode="sum", per_sample_weights=psw),
+                         F.embedding_bag(i.reshape(4, 2), w, mode="mean")), ids, offs, rtol=1e-6, atol=1e-6)
+    gr = graphopt.trace(_Fn(lambda i, o: F.embedding_bag(i, w, o, mode="sum")).eval(), (ids, offs))
+    art = graphopt.load(graphopt.compile(gr, "llvm", output=tmp_path / "a"))
+    got = art(np.array([1, 2, 4, 5, 4, 3, 77, 9]), offs.numpy())[0]
+    assert np.isnan(got[3]).all() and not np.isnan(got[:3]).any(), got  # bags 0:4, 4:4, 4:6, 6:8
+    np.testing.assert_allclose(got[0], w[[1, 2, 4, 5]].sum(0).numpy(), rtol=1e-6)
