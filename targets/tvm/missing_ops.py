@@ -162,21 +162,21 @@ def count_nonzero(node, importer):
     return bb.emit(relax.op.sum(nz, axis=axes))
 
 
-def _scatter(node, importer, reduction: str):
-    """Relax's scatter_elements of (self, dim, index, src) with `reduction`; src cut to the index's shape, indices
-    wrapped when negative and clipped into the axis, so a bad index cannot write outside the buffer (PyTorch
-    raises)."""
+def _scatter(node, importer, reduction: str, data=None):
+    """Relax's scatter_elements of (self or `data`, dim, index, src) with `reduction`; src cut to the index's shape,
+    indices wrapped when negative and clipped into the axis, so a bad index cannot write outside the buffer
+    (PyTorch raises)."""
     bb = importer.block_builder
-    data, index, src = (importer.env[a] for a in (node.args[0], node.args[2], node.args[3]))
+    src = importer.env[node.args[3]]
     d_val, i_val, s_val = (a.meta["val"] for a in (node.args[0], node.args[2], node.args[3]))
     dim = int(node.args[1]) % d_val.dim()
     if tuple(s_val.shape) != tuple(i_val.shape):
         src = bb.emit(relax.op.strided_slice(src, axes=list(range(i_val.dim())), begin=[0] * i_val.dim(),
                                              end=[int(v) for v in i_val.shape]))
-    n, it = int(d_val.shape[dim]), _dtype(i_val)
-    index = bb.emit(relax.op.where(bb.emit(relax.op.less(index, relax.const(0, it))),
-                                   bb.emit(relax.op.add(index, relax.const(n, it))), index))
-    index = bb.emit(relax.op.clip(index, 0, n - 1))
+    if data is not None and _dtype(s_val) != _dtype(d_val):
+        src = bb.emit(relax.op.astype(src, _dtype(d_val)))
+    index = _clipped_index(node, importer)
+    data = importer.env[node.args[0]] if data is None else data
     return bb.emit(relax.op.scatter_elements(data, index, src, axis=dim, reduction=reduction))
 
 
@@ -187,15 +187,50 @@ def scatter_add(node, importer):
 
 def scatter_reduce(node, importer):
     """scatter_reduce(self, dim, index, src, reduce, include_self=True) as Relax's scatter_elements with the same
-    reduction (ONNX ScatterElements / ScatterND with add, mul, max, min). include_self=False and "mean" are
-    refused by name."""
+    reduction (ONNX ScatterElements / ScatterND with add, mul, max, min). "mean" is the sum over the count of
+    values each position receives (+ 1 with self; integers floor-divide, as PyTorch); include_self=False reduces
+    the scattered values alone, from the reduction's identity, where a position receives any (the others keep
+    self)."""
+    bb = importer.block_builder
     reduce = str(node.args[4])
-    kinds = {"sum": "add", "prod": "mul", "amax": "max", "amin": "min"}
-    if reduce not in kinds or not bool(_arg(node, 5, "include_self", True)):
-        raise UnsupportedOpError(node.name, "aten.scatter_reduce", f"reduce={reduce!r} with include_self="
-                                 f"{_arg(node, 5, 'include_self', True)}; graphopt takes sum / prod / amax / amin "
-                                 "including the destination's own values")
-    return _scatter(node, importer, kinds[reduce])
+    kinds = {"sum": "add", "prod": "mul", "amax": "max", "amin": "min", "mean": "add"}
+    if reduce not in kinds:
+        raise UnsupportedOpError(node.name, "aten.scatter_reduce", f"reduce={reduce!r}; graphopt takes sum, prod, "
+                                 "amax, amin and mean")
+    include_self = bool(_arg(node, 5, "include_self", True))
+    if include_self and reduce != "mean":
+        return _scatter(node, importer, kinds[reduce])
+    d_val = node.args[0].meta["val"]
+    dt, shape = _dtype(d_val), [int(v) for v in d_val.shape]
+    floating = dt.startswith("float") or dt.startswith("bfloat")
+    big = float("inf") if floating else int(np.iinfo(dt).max)
+    small = -big if floating else int(np.iinfo(dt).min)
+    identity = {"sum": 0, "mean": 0, "prod": 1, "amax": small, "amin": big}[reduce]
+    self_ = importer.env[node.args[0]]
+    start = bb.emit(relax.op.add(bb.emit(relax.op.zeros(shape, dt)), relax.const(identity, dt)))  # (R.full's
+    red = _scatter(node, importer, kinds[reduce], start)  # legalization fails on its dtype in TVM 0.27)
+    ones = bb.emit(relax.op.ones([int(v) for v in node.args[2].meta["val"].shape], dt))
+    count = bb.emit(relax.op.scatter_elements(bb.emit(relax.op.zeros(shape, dt)), _clipped_index(node, importer),
+                                              ones, axis=int(node.args[1]) % d_val.dim(), reduction="add"))
+    if reduce == "mean":
+        if include_self:
+            red, count = bb.emit(relax.op.add(red, self_)), bb.emit(relax.op.add(count, relax.const(1, dt)))
+        div = relax.op.divide if floating else relax.op.floor_divide
+        red = bb.emit(div(red, bb.emit(relax.op.maximum(count, relax.const(1, dt)))))
+        if include_self:
+            return red
+    return bb.emit(relax.op.where(bb.emit(relax.op.greater(count, relax.const(0, dt))), red, self_))
+
+
+def _clipped_index(node, importer):
+    """scatter's index, wrapped when negative and clipped into the axis (as _scatter)."""
+    bb = importer.block_builder
+    d_val, i_val = node.args[0].meta["val"], node.args[2].meta["val"]
+    n, it = int(d_val.shape[int(node.args[1]) % d_val.dim()]), _dtype(i_val)
+    index = importer.env[node.args[2]]
+    index = bb.emit(relax.op.where(bb.emit(relax.op.less(index, relax.const(0, it))),
+                                   bb.emit(relax.op.add(index, relax.const(n, it))), index))
+    return bb.emit(relax.op.clip(index, 0, n - 1))
 
 
 def cdist(node, importer):

@@ -293,3 +293,19 @@ def test_embedding_bag_builds_every_mode_and_keeps_bad_ids_in_their_bag(tmp_path
     got = art(np.array([1, 2, 4, 5, 4, 3, 77, 9]), offs.numpy())[0]
     assert np.isnan(got[3]).all() and not np.isnan(got[:3]).any(), got  # bags 0:4, 4:4, 4:6, 6:8
     np.testing.assert_allclose(got[0], w[[1, 2, 4, 5]].sum(0).numpy(), rtol=1e-6)
+
+
+def test_scatter_reduce_builds_mean_and_without_self():
+    """scatter_reduce refused "mean" and include_self=False by name. Every reduction, with and without the
+    destination's own values, float and integer (mean floor-divides integers, as PyTorch); positions no index
+    reaches keep self."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 4, generator=g)
+    i = torch.randint(0, 3, (5, 4), generator=g)
+    i[:, 3], i[:, 2] = 0, 1  # columns where only one row is reached
+    xi = torch.randint(-9, 9, (5, 4), generator=g)
+    base_i = torch.arange(12).reshape(3, 4) * 3 - 7
+    _check(lambda x, i, xi: tuple(
+        out for r in ("sum", "prod", "amax", "amin", "mean") for inc in (True, False)
+        for out in ((torch.zeros(3, 4) + 0.5).scatter_reduce(0, i, x, r, include_self=inc),
+                    base_i.scatter_reduce(1, i[:3] % 4, xi[:3], r, include_self=inc))), x, i, xi, rtol=1e-6)
