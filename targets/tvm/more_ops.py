@@ -8,7 +8,8 @@ Wrong before: `x != y` at NaN (false: TVM's ordered float compare; `x != x`, the
 dims did not import, nor did a compare of two bool tensors build. Left as TVM computes them: relu / clamp / max
 pooling of a NaN give a number (PyTorch propagates the NaN), sort puts NaN first (PyTorch last).
 Failing before: hypot, copysign, fmax / fmin, heaviside, ldexp, erfinv, i0, bit shifts, searchsorted, kthvalue,
-cummax / cummin, logcumsumexp, histc; later embedding_bag (nn.EmbeddingBag).
+cummax / cummin, logcumsumexp, histc; later embedding_bag (nn.EmbeddingBag), triu / tril_indices, and
+advanced indexing with a slice among the indices (index.Tensor: an outer product before).
 
 The scans (cummax, cummin, logcumsumexp) compare every position with every earlier one: [.., L, L] elements per
 row of L, which is cheap at the lengths such ops see in models (a few hundred) and refused by name past
@@ -424,7 +425,7 @@ def embedding_bag(node, importer):
     ends = bb.emit(relax.op.strided_slice(offs, axes=[0], begin=[1], end=[nb])) if last else \
         bb.emit(relax.op.concat([bb.emit(relax.op.strided_slice(offs, axes=[0], begin=[1], end=[nb])),
                                  _const(np.array([n], np.int64), "int64")], axis=0))
-    j = relax.const(np.arange(n, dtype=np.int64)[None, :])
+    j = relax.const(np.arange(n, dtype=np.int64)[None, :], "int64")
     member = bb.emit(relax.op.logical_and(
         bb.emit(relax.op.less_equal(bb.emit(relax.op.expand_dims(starts, [1])), j)),
         bb.emit(relax.op.less(j, bb.emit(relax.op.expand_dims(ends, [1]))))))  # [bags, n]
@@ -455,6 +456,57 @@ def embedding_bag(node, importer):
     return bb.emit(relax.Tuple([out]))
 
 
+def tri_indices(kind: str):
+    """triu_indices / tril_indices(row, col, offset): the [2, K] coordinates are known at compile time: a constant
+    (numpy's triu/tril_indices, in PyTorch's row-major order)."""
+    def convert(node, importer):
+        row, col = int(node.args[0]), int(node.args[1])
+        offset = int(_arg(node, 2, "offset", 0))
+        rc = (np.triu_indices if kind == "triu" else np.tril_indices)(row, offset, col)
+        dt = _dtype(node.meta["val"])  # (relax.const narrows an int64 array to int32 unless told the dtype)
+        return relax.const(np.stack(rc).astype(dt).reshape(2, -1), dt)
+    return convert
+
+
+def index_tensor(node, importer):
+    """x[..., i, ..., j, ...] (aten.index.Tensor) with PyTorch's advanced indexing: the index tensors broadcast
+    together and pick jointly; their dims replace the indexed axes in place when those are adjacent, else come
+    first. TVM's converter took one index after the other when a full slice (None) was among them -- an outer
+    product, x[:, r, c] came out [B, K, K] instead of [B, K] -- and took in its unchecked mode. Here the indexed
+    axes move first for one relax index_tensor; negative indices wrap and every index is clipped into its axis,
+    so a bad one cannot read outside the tensor (PyTorch raises)."""
+    bb = importer.block_builder
+    x_val = node.args[0].meta["val"]
+    nd = x_val.dim()
+    adv = [(k, a) for k, a in enumerate(node.args[1]) if a is not None]
+    if any(str(a.meta["val"].dtype) == "torch.bool" for _, a in adv):
+        raise UnsupportedOpError(node.name, "aten.index", "a boolean mask index has a data-dependent size; use "
+                                 "torch.where or multiply by the mask")
+    idxs = []
+    for k, a in adv:
+        n, v = int(x_val.shape[k]), importer.env[a]
+        if v.ty.dtype != "int64":  # (as built: a folded constant index may be narrower than its node says)
+            v = bb.emit(relax.op.astype(v, "int64"))
+        v = bb.emit(relax.op.where(bb.emit(relax.op.less(v, _const(0, "int64"))),
+                                   bb.emit(relax.op.add(v, _const(n, "int64"))), v))
+        idxs.append(bb.emit(relax.op.clip(v, 0, n - 1)))
+    axes = [k for k, _ in adv]
+    x = importer.env[node.args[0]]
+    if len(axes) == 1:  # one index: a take along its axis (no transposes)
+        return bb.emit(relax.op.take(x, idxs[0], axis=axes[0]))
+    perm = axes + [k for k in range(nd) if k not in axes]
+    if perm != list(range(nd)):
+        x = bb.emit(relax.op.permute_dims(x, perm))
+    y = bb.emit(relax.op.index_tensor(x, idxs))
+    out_nd = node.meta["val"].dim()
+    nb = out_nd - (nd - len(axes))  # the broadcast index dims, first in y
+    if axes == list(range(axes[0], axes[-1] + 1)) and axes[0] > 0:  # adjacent: back in place
+        first = axes[0]
+        y = bb.emit(relax.op.permute_dims(y, list(range(nb, nb + first)) + list(range(nb))
+                                          + list(range(nb + first, out_nd))))
+    return y
+
+
 CONVERTERS = {
     **{f"{k}.{form}": float_compare(k) for k in ("eq", "ne", "lt", "le", "gt", "ge")
        for form in ("Tensor", "Scalar")},
@@ -471,4 +523,6 @@ CONVERTERS = {
     "cummax.default": cumulative_extreme("max"), "cummin.default": cumulative_extreme("min"),
     "logcumsumexp.default": logcumsumexp, "histc.default": histc, "cat.default": cat,
     "_embedding_bag.default": embedding_bag, "_embedding_bag_forward_only.default": embedding_bag,
+    "triu_indices.default": tri_indices("triu"), "tril_indices.default": tri_indices("tril"),
+    "index.Tensor": index_tensor,
 }

@@ -309,3 +309,26 @@ def test_scatter_reduce_builds_mean_and_without_self():
         out for r in ("sum", "prod", "amax", "amin", "mean") for inc in (True, False)
         for out in ((torch.zeros(3, 4) + 0.5).scatter_reduce(0, i, x, r, include_self=inc),
                     base_i.scatter_reduce(1, i[:3] % 4, xi[:3], r, include_self=inc))), x, i, xi, rtol=1e-6)
+
+
+def test_advanced_indexing_follows_pytorch_with_slices_between_and_negative_indices():
+    """x[:, r, c] built as an outer product ([2, 10, 10, 3] for [2, 10, 3]: TVM's importer took one index after
+    the other when a full slice was among them), x[:, i2, j] lost a dim, x[:, i2, :, j] did not import, and
+    x[j, i] with a negative j read outside the tensor (values like 2e34). PyTorch's rules: the indices broadcast and
+    pick jointly, their dims in place when the indexed axes are adjacent, first when a slice separates them."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 5, 3, generator=g)
+    r, c = torch.triu_indices(4, 5, 1)
+    i2, j = torch.tensor([[0, 1], [3, 2]]), torch.tensor([1, -1])
+    _check(lambda x: (x[:, r, c], x[r % 2, :, c], x[:, i2, j], x[:, :, j], x[i2 % 2], x[j, i2 % 4], x[:, i2, :, j % 3],
+                      x[..., j], x[1:, r[:2], c[:2], 1:]), x)
+
+
+def test_triu_and_tril_indices_build_as_constants():
+    """triu_indices / tril_indices (pairwise features: the upper triangle of a similarity matrix) had no
+    converter; their coordinates are a compile-time constant, with offsets and non-square shapes."""
+    x = torch.randn(2, 4, 5)
+    _check(lambda x: (x[:, torch.triu_indices(4, 5, 1)[0], torch.triu_indices(4, 5, 1)[1]],
+                      torch.tril_indices(4, 5, -1), torch.triu_indices(3, 3), torch.tril_indices(3, 6, 2,
+                                                                                                  dtype=torch.int32)),
+           x)
