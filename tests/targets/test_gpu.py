@@ -571,7 +571,7 @@ def test_cuda_tuning_tunes_the_fused_functions_and_builds_with_the_database(monk
         seen.update(trials=trials, work_dir=work_dir, precision=precision)
         return "the-database"
 
-    def fake_build(mod, target, precision, database=None):
+    def fake_build(mod, target, precision, database=None, cuda_graph=False):
         seen["database"] = database
         raise RuntimeError("stop here")
 
