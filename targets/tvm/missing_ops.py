@@ -222,15 +222,20 @@ def scatter_reduce(node, importer):
     return bb.emit(relax.op.where(bb.emit(relax.op.greater(count, relax.const(0, dt))), red, self_))
 
 
-def _clipped_index(node, importer):
-    """scatter's index, wrapped when negative and clipped into the axis (as _scatter)."""
-    bb = importer.block_builder
-    d_val, i_val = node.args[0].meta["val"], node.args[2].meta["val"]
-    n, it = int(d_val.shape[int(node.args[1]) % d_val.dim()]), _dtype(i_val)
-    index = importer.env[node.args[2]]
+def wrap_clip(bb, index, n: int):
+    """Indices into an axis of n: negative ones wrapped (as PyTorch), then every one clipped into [0, n), so a bad
+    index cannot read or write outside the tensor (PyTorch raises)."""
+    it = index.ty.dtype
     index = bb.emit(relax.op.where(bb.emit(relax.op.less(index, relax.const(0, it))),
                                    bb.emit(relax.op.add(index, relax.const(n, it))), index))
     return bb.emit(relax.op.clip(index, 0, n - 1))
+
+
+def _clipped_index(node, importer):
+    """scatter's index, wrapped and clipped into its axis."""
+    d_val = node.args[0].meta["val"]
+    n = int(d_val.shape[int(node.args[1]) % d_val.dim()])
+    return wrap_clip(importer.block_builder, importer.env[node.args[2]], n)
 
 
 def cdist(node, importer):

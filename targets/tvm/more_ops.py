@@ -24,7 +24,7 @@ import numpy as np
 from tvm import relax
 
 from graphopt.errors import UnsupportedOpError
-from graphopt.targets.tvm.missing_ops import _arg, _axes, _dtype, builtin_converter, compare_bool
+from graphopt.targets.tvm.missing_ops import _arg, _axes, _dtype, builtin_converter, compare_bool, wrap_clip
 
 SCAN_LIMIT = 1 << 26  # [.., L, L] elements a scan may expand to (256 MB of float32)
 
@@ -34,10 +34,11 @@ def _is_node(a) -> bool:
 
 
 def _operand(importer, a, dt: str):
-    """Node or number `a` as a Relax value of dtype `dt`."""
+    """Node or number `a` as a Relax value of dtype `dt` (checked on the value as built: a folded int64 constant
+    may have been narrowed to int32 by relax.const)."""
     if _is_node(a):
         v = importer.env[a]
-        return v if _dtype(a.meta["val"]) == dt else importer.block_builder.emit(relax.op.astype(v, dt))
+        return v if getattr(v.ty, "dtype", None) == dt else importer.block_builder.emit(relax.op.astype(v, dt))
     return relax.const(a, dt)
 
 
@@ -484,12 +485,7 @@ def index_tensor(node, importer):
                                  "torch.where or multiply by the mask")
     idxs = []
     for k, a in adv:
-        n, v = int(x_val.shape[k]), importer.env[a]
-        if v.ty.dtype != "int64":  # (as built: a folded constant index may be narrower than its node says)
-            v = bb.emit(relax.op.astype(v, "int64"))
-        v = bb.emit(relax.op.where(bb.emit(relax.op.less(v, _const(0, "int64"))),
-                                   bb.emit(relax.op.add(v, _const(n, "int64"))), v))
-        idxs.append(bb.emit(relax.op.clip(v, 0, n - 1)))
+        idxs.append(wrap_clip(bb, _operand(importer, a, "int64"), int(x_val.shape[k])))
     axes = [k for k, _ in adv]
     x = importer.env[node.args[0]]
     if len(axes) == 1:  # one index: a take along its axis (no transposes)
