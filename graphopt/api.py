@@ -231,7 +231,8 @@ def compile(graph: Graph, target: str = "llvm", tuning: Any = None, output: str 
     fp16 or bf16 (convs and matmuls on half-width operands, fp32 accumulation) or fp32. `sparse_min_speedup`
     (cuda-sparse): a 2:4 layer runs on the sparse kernel when it is (measured, or estimated from the cost table) at
     least this many times faster than dense. `cuda_graph` (cuda targets): replay the model's kernels as one CUDA
-    graph, captured on the first call (default: one launch a kernel; not yet measured on a GPU). `cpu` (llvm): an LLVM CPU name to cross-compile for (e.g.
+    graph, captured on the first call (default: one launch a kernel; not yet measured on a GPU). `cpu` (llvm): an
+    LLVM CPU name to cross-compile for (e.g.
     "sapphirerapids", "znver4": AVX-512 and VNNI int8 kernels) instead of this machine's. Returns the folder.
     """
     if not isinstance(graph, Graph):

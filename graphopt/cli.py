@@ -263,7 +263,8 @@ def _external_data_files(model: Path) -> list[Path]:
                    if uses_external_data(t)})
 
 
-def _check_cpu(args) -> None:
+def _check_target_options(args) -> None:
+    """--cpu (llvm only, a known CPU name) and --cuda-graph (cuda targets only), before any pass runs."""
     if args.cpu and args.target != "llvm":
         from graphopt.errors import GraphoptError
         raise GraphoptError(f"--cpu applies to --target llvm (this run's target is {args.target})")
@@ -304,7 +305,7 @@ def cmd_compile(args) -> int:
     if args.threads:  # (without it TVM_NUM_THREADS is the user's, or host_cores() from host.default_threads)
         os.environ["TVM_NUM_THREADS"] = str(threads)
     tuning = None
-    _check_cpu(args)
+    _check_target_options(args)
     if args.tune_trials is not None or args.tune_db or args.tune_minutes:
         default_trials = 2000 if args.tune_minutes else 64
         trials = args.tune_trials if args.tune_trials is not None else default_trials  # 0 is an error, not "default"
@@ -397,7 +398,7 @@ def cmd_opt(args) -> int:
     from graphopt.api import load_model
     if args.target is None:  # an ONNX file is for ONNX Runtime's kernels; anything else for this CPU's
         args.target = "onnx" if Path(args.output).suffix == ".onnx" and not args.cpu else "llvm"
-    _check_cpu(args)
+    _check_target_options(args)
     _refuse_overwriting_model(args)
     dest = Path(args.output)
     if dest.suffix not in (".gopt", ".onnx", ".pt2"):  # say so before running a possibly long pipeline

@@ -171,7 +171,8 @@ def compile_gpu_to_dir(graph: Graph, output: str | Path, target: str = "cuda", a
         t0 = time.perf_counter()
         ex.export_library(str(tmp / "model.so"), fpack_imports=fatbin_packer(archs, record), options=["-s"])
         (tmp / "graph.ir").write_text(graph.text())
-        info = {"kind": target, "device": "cuda", "archs": archs, "precision": precision, "cuda_graph": bool(cuda_graph),
+        info = {"kind": target, "device": "cuda", "archs": archs, "precision": precision,
+                "cuda_graph": bool(cuda_graph),
                 "kernels": record.get("cuda_modules", []),
                 "sparse_kernels": sparse, "tensor_core_linears": dense_tc}
         manifest = build_manifest(graph, str(tgt), info, tuning=None,

@@ -256,17 +256,8 @@ def emit_tc(bb, x, w, bias, cols: int, fmt: str = "f16", sparse: bool = False, t
     """call_tir of the multistage tensor-core linear with the weight packed in fragment order as constants; x is
     [cols, k] (cast to the instruction's element type for fp16/bf16; int8 as is), y [cols, n] float32 (+ bias) or
     the int32 accumulator. The caller checked the weight fits (sparse.dense_tc_applies / sp24_applies)."""
-    import numpy as np
-    from tvm import relax
-
-    from graphopt.targets.tvm.gpu.sparse import pack_dense_fragments, pack_fragments
-    f = fmt_of(fmt) if sparse else dense_fmt_of(fmt)
+    from graphopt.targets.tvm.gpu.sparse import emit_tc_call
     n, k = w.shape
     tiles = tuple(tiles or pipeline_tiles(cols, n, sparse))
-    if f.name != "s8":
-        x = bb.emit(relax.op.astype(x, f.value))
-    kernel = tc_kernel_pipelined(cols, k, n, bias is not None, fmt, sparse, tiles)
-    gv = bb.add_func(kernel, f"graphopt_{'sp24' if sparse else 'tc'}_{fmt}_{cols}x{k}x{n}")
-    b = relax.const(np.zeros(n, np.float32) if bias is None else np.asarray(bias, np.float32))
-    consts = [relax.const(a) for a in pack_fragments(w, fmt)] if sparse else [relax.const(pack_dense_fragments(w, fmt))]
-    return bb.emit(relax.call_tir(gv, [x, *consts, b], relax.TensorType((cols, n), f.acc)))
+    return emit_tc_call(bb, tc_kernel_pipelined(cols, k, n, bias is not None, fmt, sparse, tiles),
+                        f"graphopt_{'sp24' if sparse else 'tc'}_{fmt}_{cols}x{k}x{n}", x, w, bias, cols, fmt, sparse)

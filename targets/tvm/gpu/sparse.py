@@ -459,6 +459,21 @@ def sp24_kernel(cols: int, k: int, n: int, bias: bool, activations: str = "tk", 
     return kernel
 
 
+def emit_tc_call(bb, kernel, name: str, x, w: np.ndarray, bias, cols: int, fmt: str, sparse: bool):
+    """call_tir of a tensor-core linear PrimFunc (tc_prim_func's signature) under `name`: x cast to the
+    instruction's element type (int8 as is), the weight packed in fragment order (2:4: values and metadata) and the
+    bias (zeros if None) as constants; y [cols, n] float32 or the int32 accumulator."""
+    from tvm import relax
+    f = fmt_of(fmt) if sparse else dense_fmt_of(fmt)
+    n = w.shape[0]
+    if f.name != "s8":
+        x = bb.emit(relax.op.astype(x, f.value))
+    gv = bb.add_func(kernel, name)
+    b = relax.const(np.zeros(n, np.float32) if bias is None else np.asarray(bias, np.float32))
+    consts = [relax.const(a) for a in pack_fragments(w, fmt)] if sparse else [relax.const(pack_dense_fragments(w, fmt))]
+    return bb.emit(relax.call_tir(gv, [x, *consts, b], relax.TensorType((cols, n), f.acc)))
+
+
 def emit_sp24(bb, x, w: np.ndarray, bias: np.ndarray | None, cols: int, activations: str, fmt: str = "f16"):
     """call_tir of the 2:4 kernel with the packed weight as constants; x is [cols, k] ("tk") or [k, cols] ("kt")."""
     from tvm import relax

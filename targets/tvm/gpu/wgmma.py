@@ -76,20 +76,12 @@ def emit_wgmma(bb, x, w, bias, cols: int, fmt: str = "f16", tiles: tuple | None 
     """call_tir of the wgmma linear with the weight packed in fragment order as constants (the caller checked
     wg_applies; sparse: the 2:4 kernel, the caller also checked sparse.sp24_applies); x [cols, k] (cast to the
     instruction's type unless int8), y [cols, n] float32 (+ bias) or the int32 accumulator."""
-    import numpy as np
-    from tvm import relax
-
-    from graphopt.targets.tvm.gpu.sparse import pack_dense_fragments, pack_fragments
-    f = _formats(fmt, sparse)
+    from graphopt.targets.tvm.gpu.sparse import emit_tc_call
     n, k = w.shape
     tiles = tuple(tiles or wg_tiles(cols, n, fmt, sparse))
-    if f.name != "s8":
-        x = bb.emit(relax.op.astype(x, f.value))
-    gv = bb.add_func(wgmma_kernel(cols, k, n, bias is not None, fmt, tiles, sparse),
-                     f"graphopt_wgmma{'_sp24' if sparse else ''}_{fmt}_{cols}x{k}x{n}")
-    b = relax.const(np.zeros(n, np.float32) if bias is None else np.asarray(bias, np.float32))
-    consts = [relax.const(a) for a in pack_fragments(w, fmt)] if sparse else [relax.const(pack_dense_fragments(w, fmt))]
-    return bb.emit(relax.call_tir(gv, [x, *consts, b], relax.TensorType((cols, n), f.acc)))
+    return emit_tc_call(bb, wgmma_kernel(cols, k, n, bias is not None, fmt, tiles, sparse),
+                        f"graphopt_wgmma{'_sp24' if sparse else ''}_{fmt}_{cols}x{k}x{n}", x, w, bias, cols, fmt,
+                        sparse)
 
 
 def b_chunk(c, chunks: int, swizzle: bool = False):
