@@ -503,6 +503,94 @@ def index_tensor(node, importer):
     return y
 
 
+def _masked_put(node, importer, k: int, mask, values, accumulate: bool):
+    """x[..., mask] = values (index_put with one bool index over axes k.., its shape theirs) as a where: values
+    must broadcast without the selected count (a number, or one value per trailing position), else their size
+    depends on the mask and is refused."""
+    bb = importer.block_builder
+    shape = [int(s) for s in node.args[0].meta["val"].shape]
+    m = mask.meta["val"].dim()
+    v_shape = [int(s) for s in node.args[2].meta["val"].shape]
+    r_nd = len(shape) - m + 1  # x[mask]: shape[:k] + [count] + shape[k + m:]
+    vp = [1] * (r_nd - len(v_shape)) + v_shape
+    if len(v_shape) > r_nd or vp[k] != 1:
+        raise UnsupportedOpError(node.name, "aten.index_put (a boolean mask index)",
+                                 f"values of shape {v_shape} give one value per selected element, a size that depends "
+                                 "on the mask; assign a number or one value per remaining position, or use "
+                                 "torch.where")
+    v = bb.emit(relax.op.reshape(values, vp[:k] + [1] * m + vp[k + 1:]))
+    sel = bb.emit(relax.op.reshape(importer.env[mask], [1] * k + [int(s) for s in mask.meta["val"].shape]
+                                   + [1] * (len(shape) - k - m)))
+    x = importer.env[node.args[0]]
+    if accumulate:
+        return bb.emit(relax.op.add(x, bb.emit(relax.op.where(sel, v, bb.emit(relax.op.zeros_like(v))))))
+    return bb.emit(relax.op.where(sel, bb.emit(relax.op.broadcast_to(v, shape)), x))
+
+
+def index_put(node, importer):
+    """x[indices] = values / += values (aten.index_put; `x[i] = v`, index_copy, KV-cache writes) with PyTorch's
+    advanced indexing: the index tensors broadcast together, their dims in place of the indexed axes when those are
+    adjacent, else first; values broadcast to that result. TVM's converter refused fewer index tensors than dims
+    (`x[rows] = v` on a matrix did not import), read the values flat without broadcasting them (`x[:, cols] =
+    row` read past the values: 1.7e38), placed a non-adjacent pair's dims wrongly, and accumulated repeated indices
+    in parallel tasks that lost updates (200000 ones added into one element gave 110484). Here every position's flat
+    offset is computed (non-indexed axes by arange) and one serial scatter writes them in order, repeated indices
+    last-wins or summed; indices are wrapped and clipped into their axes. A bool mask index is a where."""
+    bb = importer.block_builder
+    x_node, idx_nodes, v_node = node.args[:3]
+    accumulate = bool(_arg(node, 3, "accumulate", False))
+    x_val = x_node.meta["val"]
+    shape = [int(s) for s in x_val.shape]
+    nd, dt = len(shape), _dtype(x_val)
+    values = _operand(importer, v_node, dt)
+    idx = list(idx_nodes) + [None] * (nd - len(idx_nodes))
+    adv = [(k, a) for k, a in enumerate(idx) if a is not None]
+    masks = [k for k, a in adv if str(a.meta["val"].dtype) == "torch.bool"]
+    if masks:
+        if len(adv) > 1:
+            raise UnsupportedOpError(node.name, "aten.index_put (a boolean mask index)",
+                                     "a mask together with other indices selects a data-dependent set; index with "
+                                     "the mask alone, or use torch.where")
+        return _masked_put(node, importer, masks[0], adv[0][1], values, accumulate)
+    axes = [k for k, _ in adv]
+    b_shape = [int(s) for s in torch_broadcast([a.meta["val"].shape for _, a in adv])]
+    nb = len(b_shape)
+    rest = [d for d in range(nd) if d not in axes]
+    first = axes[0] if axes == list(range(axes[0], axes[-1] + 1)) else 0  # where the index dims go in the result
+    r_shape = shape[:first] + b_shape + [shape[d] for d in rest if d >= first] if first else \
+        b_shape + [shape[d] for d in rest]
+    r_pos = {d: (p if p < first else p + nb) for p, d in enumerate(rest)} if first else \
+        {d: nb + p for p, d in enumerate(rest)}
+    if math.prod(r_shape) == 0:
+        return importer.env[x_node]
+    strides = [math.prod(shape[d + 1:]) for d in range(nd)]
+    flat = None
+    for d in range(nd):
+        if d in axes:
+            a = dict(adv)[d]
+            i = wrap_clip(bb, _operand(importer, a, "int64"), shape[d])
+            a_shape = [int(s) for s in a.meta["val"].shape]
+            i = bb.emit(relax.op.reshape(i, [1] * first + [1] * (nb - len(a_shape)) + a_shape
+                                         + [1] * (len(r_shape) - first - nb)))
+        else:
+            at = [1] * len(r_shape)
+            at[r_pos[d]] = shape[d]
+            i = relax.const(np.arange(shape[d], dtype=np.int64).reshape(at), "int64")
+        term = bb.emit(relax.op.multiply(i, relax.const(strides[d], "int64"))) if strides[d] != 1 else i
+        flat = term if flat is None else bb.emit(relax.op.add(flat, term))
+    flat = bb.emit(relax.op.reshape(bb.emit(relax.op.broadcast_to(flat, r_shape)), [-1]))
+    v = bb.emit(relax.op.reshape(bb.emit(relax.op.broadcast_to(values, r_shape)), [-1]))
+    out = bb.emit(relax.op.scatter_elements(bb.emit(relax.op.reshape(importer.env[x_node], [-1])), flat, v, axis=0,
+                                            reduction="add" if accumulate else "update"))
+    return bb.emit(relax.op.reshape(out, shape))
+
+
+def torch_broadcast(shapes) -> list[int]:
+    """The broadcast of several shapes (PyTorch's rules)."""
+    import torch
+    return list(torch.broadcast_shapes(*shapes))
+
+
 CONVERTERS = {
     **{f"{k}.{form}": float_compare(k) for k in ("eq", "ne", "lt", "le", "gt", "ge")
        for form in ("Tensor", "Scalar")},
@@ -520,5 +608,5 @@ CONVERTERS = {
     "logcumsumexp.default": logcumsumexp, "histc.default": histc, "cat.default": cat,
     "_embedding_bag.default": embedding_bag, "_embedding_bag_forward_only.default": embedding_bag,
     "triu_indices.default": tri_indices("triu"), "tril_indices.default": tri_indices("tril"),
-    "index.Tensor": index_tensor,
+    "index.Tensor": index_tensor, "index_put.default": index_put, "index_put_.default": index_put,
 }

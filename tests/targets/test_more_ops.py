@@ -332,3 +332,63 @@ def test_triu_and_tril_indices_build_as_constants():
                       torch.tril_indices(4, 5, -1), torch.triu_indices(3, 3), torch.tril_indices(3, 6, 2,
                                                                                                   dtype=torch.int32)),
            x)
+
+
+def _put(idx, val, acc=False):
+    """x -> x with x[idx] = val (or += val), written as a model writes it (an in-place update of a copy)."""
+    def fn(x, v=None):
+        x = x.clone()
+        value = val if v is None else v
+        if acc:
+            x[idx] += value
+        else:
+            x[idx] = value
+        return x
+    return fn
+
+
+def test_index_put_follows_pytorch_with_rows_broadcast_values_and_repeats():
+    """x[rows] = v on a matrix did not import (TVM's converter wants an index per dim), x[:, cols] = row read past
+    the values (1.7e38: they were read flat, not broadcast), x[i, :, j] = v put values in the wrong places, and
+    repeated indices under += lost updates in parallel tasks (200000 ones into one element gave 110484). Now every
+    form follows PyTorch: broadcast values, negative indices, adjacent and separated index pairs, repeats summed
+    (+=) or the last kept (=, as PyTorch's CPU kernel), index_copy, and integer tensors."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 5, 6, generator=g)
+    rows, cols = torch.tensor([0, -1]), torch.tensor([[1, 4], [2, 2]])
+    _check(_put((rows,), 2.5), x)
+    _check(_put((slice(None), cols), torch.arange(6.0)), x)
+    _check(_put((rows, slice(None), torch.tensor([0, 5])), torch.tensor([[1.0], [2.0]]).expand(2, 5)), x)
+    _check(_put((slice(None), cols, torch.tensor([3, -2])), torch.ones(4, 2, 2)), x)
+    _check(_put((torch.tensor([1, 3, 1, 1]),), torch.randn(4, 5, 6, generator=g), acc=True), x)
+    _check(_put((torch.tensor([2, 0, 2]),), None), x, torch.randn(3, 5, 6, generator=g))
+    _check(lambda x, s, t: (x.index_copy(0, torch.tensor([3, 1, 0]), s), x.index_copy(2, torch.tensor([5, 0]), t)),
+           x, torch.randn(3, 5, 6, generator=g), torch.randn(4, 5, 2, generator=g))
+    _check(_put((slice(None), torch.tensor([1, 1, 0])), torch.tensor([7, 8, 9]), acc=True),
+           torch.arange(12).reshape(4, 3))
+    _check(lambda v: torch.zeros(3).index_put((torch.zeros(200000, dtype=torch.long),), v, accumulate=True),
+           torch.ones(200000))
+
+
+def test_kv_cache_write_at_a_position_input():
+    """A decoder's cache update, cache[:, :, pos] = new with pos an input tensor: the step's keys land at pos."""
+    cache, new = torch.randn(1, 2, 8, 4), torch.randn(1, 2, 1, 4)
+    _check(lambda c, n, p: _put((slice(None), slice(None), p), None)(c, n), cache, new, torch.tensor([5]))
+
+
+def test_masked_assignment_is_a_where_and_per_element_values_are_refused():
+    """x[mask] = value (clamping, masking scores) with a number or one value per trailing position is a where (and
+    += adds where the mask holds); values with one entry per selected element have a size that depends on the mask:
+    refused by name, as are a mask together with other indices."""
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    _check(lambda x: (_put(x < 0, 0.0)(x), x.index_put((x > 0.5,), torch.tensor(-1.0), accumulate=True),
+                      _put(torch.tensor([True, False, True]), torch.arange(4.0))(x),
+                      _put((slice(None), torch.tensor([False, True, True, False])), torch.tensor([[5.0], [6.0],
+                                                                                                  [7.0]]))(x)), x)
+    from graphopt.targets.tvm.lower import lower_to_relax
+    with pytest.raises(UnsupportedOpError, match="index_put.*depends on the mask"):
+        lower_to_relax(graphopt.trace(_Fn(lambda x, v: _put(torch.tensor([True, False, True]), None)(x, v)),
+                                      (x, torch.randn(2, 4))))
+    with pytest.raises(UnsupportedOpError, match="index_put.*mask together with other indices"):
+        lower_to_relax(graphopt.trace(_Fn(_put((torch.tensor([True, False, True]), torch.tensor([1, 2])), 1.0)),
+                                      (x,)))
