@@ -2158,10 +2158,27 @@ def _post_import_fixes(mod):
       torch.logaddexp decomposes into);
     - a concat drops operands that are empty along its axis (torch.block_diag's zero-width padding blocks,
       `torch.cat([torch.empty(0, d), x])`): folded to zero-element constants they made a library that TVM saved
-      but could not load ("Invalid DLTensor file format")."""
+      but could not load ("Invalid DLTensor file format");
+    - x / 0.0 and x % 0.0 (a one-element zero constant: TVM's simplifier stopped the build with "Divide by zero")
+      become x * +-inf and x * NaN, IEEE's results, and x * 0.0 becomes 0 where x is finite, else NaN (TVM folded
+      it to 0: the NaN PyTorch gives for an inf or NaN x was lost); -x of an unsigned tensor is 0 - x (its lowering
+      did not build)."""
+    import tvm
     from tvm import relax
 
     take, concat = tvm_op("relax.take"), tvm_op("relax.concat")
+    divide, floor_mod, negative = tvm_op("relax.divide"), tvm_op("relax.floor_mod"), tvm_op("relax.negative")
+    multiply = tvm_op("relax.multiply")
+
+    def dtype_of(expr) -> str:
+        return str(getattr(getattr(expr, "ty", None), "dtype", ""))
+
+    def _scalar_zero(expr) -> bool:
+        """A one-element float constant equal to (+-) zero: TVM inlines it as an immediate and folds with it."""
+        if not isinstance(expr, tvm.ir.expr.Constant) or not dtype_of(expr).startswith(("float", "bfloat")):
+            return False
+        v = expr.value.numpy()
+        return v.size == 1 and float(v.reshape(-1)[0]) == 0.0
     bool_ops = {tvm_op("relax.multiply"): relax.op.logical_and, tvm_op("relax.add"): relax.op.logical_or}
 
     def extent(expr, axis):
@@ -2181,6 +2198,22 @@ def _post_import_fixes(mod):
                 if call.op.same_as(op) and all(str(getattr(getattr(a, "ty", None), "dtype", "")) == "bool"
                                                for a in call.args):
                     return logical(*call.args)
+            if call.op.same_as(divide) and _scalar_zero(call.args[1]):  # x / 0.0: TVM's simplifier stops the
+                # build ("Divide by zero"); x * +-inf is IEEE's x / +-0.0 (+-inf by sign, NaN at 0 and NaN)
+                zero = float(call.args[1].value.numpy().reshape(-1)[0])
+                return relax.op.multiply(call.args[0], relax.const(math.copysign(math.inf, zero), dtype_of(call)))
+            if call.op.same_as(multiply) and len(call.args) == 2:  # x * 0.0: TVM folds it to 0, losing IEEE's NaN
+                # at inf and NaN (its zero is +0.0 where x * 0.0 gives -0.0 for a negative x)
+                for zero, other in ((call.args[1], call.args[0]), (call.args[0], call.args[1])):
+                    if _scalar_zero(zero) and len(zero.ty.shape) <= len(getattr(other.ty, "shape", None) or ()):
+                        dt = dtype_of(call)
+                        return relax.op.where(relax.op.isfinite(other), relax.const(0.0, dt),
+                                              relax.const(math.nan, dt))
+            if call.op.same_as(floor_mod) and _scalar_zero(call.args[1]):  # x % 0.0: NaN (the same build stop)
+                return relax.op.multiply(call.args[0], relax.const(math.nan, dtype_of(call)))
+            if call.op.same_as(negative) and dtype_of(call).startswith("uint"):  # -x modulo 2^bits (TVM's
+                # lowering multiplied by -1, no unsigned value: the build stopped)
+                return relax.op.subtract(relax.op.zeros_like(call.args[0]), call.args[0])
             if call.op.same_as(take) and str(call.attrs.mode) == "fast":
                 return relax.op.take(call.args[0], call.args[1], call.attrs.axis, mode="wrap")
             if call.op.same_as(concat) and hasattr(call.args[0], "fields") and call.attrs.axis is not None:

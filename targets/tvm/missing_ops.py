@@ -152,6 +152,20 @@ def prod(node, importer):
     return bb.emit(relax.op.prod(x, axis=axes, keepdims=keep))
 
 
+def scan(kind: str):
+    """cumsum / cumprod in the result's dtype: PyTorch sums bool and integer tensors in int64 (or the dtype asked
+    for); TVM's converter kept the input's, so a uint8 cumsum wrapped past 255, an int32 one came back int32, and
+    one over bool did not build ("MatchesCode(kDLFloat)")."""
+    def convert(node, importer):
+        bb = importer.block_builder
+        x, dt = importer.env[node.args[0]], _dtype(node.meta["val"])
+        if str(x.ty.dtype) != dt:
+            x = bb.emit(relax.op.astype(x, dt))
+        axis = int(node.args[1]) % max(node.args[0].meta["val"].dim(), 1)
+        return bb.emit((relax.op.cumsum if kind == "sum" else relax.op.cumprod)(x, axis))
+    return convert
+
+
 def count_nonzero(node, importer):
     bb, x = importer.block_builder, importer.env[node.args[0]]
     x_val = node.args[0].meta["val"]
@@ -281,7 +295,8 @@ def cdist(node, importer):
 CONVERTERS = {
     "elu.default": elu, "rrelu_with_noise_functional.default": rrelu, "sinh.default": hyperbolic("sinh"),
     "cosh.default": hyperbolic("cosh"), "exp2.default": exp2, "var_mean.correction": var_mean,
-    "prod.dim_int": prod, "prod.default": prod, "count_nonzero.dim_IntList": count_nonzero,
+    "prod.dim_int": prod, "prod.default": prod, "cumsum.default": scan("sum"), "cumprod.default": scan("prod"),
+    "count_nonzero.dim_IntList": count_nonzero,
     "count_nonzero.default": count_nonzero, "scatter_add.default": scatter_add,
     "scatter_reduce.two": scatter_reduce, "_cdist_forward.default": cdist,
     "cdist.default": cdist, **{f"{k}.Scalar": compare_bool(k) for k in ("eq", "ne", "lt", "le", "gt", "ge")},
