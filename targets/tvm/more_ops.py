@@ -9,7 +9,8 @@ dims did not import, nor did a compare of two bool tensors build. Left as TVM co
 pooling of a NaN give a number (PyTorch propagates the NaN), sort puts NaN first (PyTorch last).
 Failing before: hypot, copysign, fmax / fmin, heaviside, ldexp, erfinv, i0, bit shifts, searchsorted, kthvalue,
 cummax / cummin, logcumsumexp, histc; later embedding_bag (nn.EmbeddingBag), triu / tril_indices, and
-advanced indexing with a slice among the indices (index.Tensor: an outer product before).
+advanced indexing with a slice among the indices (index.Tensor: an outer product before); index_put (`x[rows] = v`
+did not import, broadcast values were read past their end, repeated += indices lost updates), Tensor.unfold, erfc.
 
 The scans (cummax, cummin, logcumsumexp) compare every position with every earlier one: [.., L, L] elements per
 row of L, which is cheap at the lengths such ops see in models (a few hundred) and refused by name past
@@ -194,6 +195,32 @@ def erfinv(node, importer):
     y = bb.emit(relax.op.where(bb.emit(relax.op.equal(ax, one)),
                                bb.emit(relax.op.multiply(x, _const(float("inf"), dt))), y))
     return bb.emit(relax.op.where(bb.emit(relax.op.greater(ax, one)), _const(float("nan"), dt), y))
+
+
+def erfc(node, importer):
+    """1 - erf(x) without the cancellation (1 - erf is 0 in float32 past x = 3.9, erfc(5) is 1.5e-12): Numerical
+    Recipes' Chebyshev fit t exp(-x^2 + P(t)), t = 1 / (1 + |x| / 2), fractional error < 1.2e-7, with x^2 split as
+    z^2 + (x - z)(x + z), z = |x| on a 1/256 grid (z^2 exact in float32), each part through its own exp (the first
+    shifted by e^40, taken back by the last multiply, so the tail reaches float32's subnormals as PyTorch's does);
+    2 - that below zero; |x| clipped at 12 (erfc(12) underflows), NaN kept. Within 4.1e-7 relative of float64's
+    erfc from -6 to 10 (PyTorch's: 8.5e-8)."""
+    bb, dt = importer.block_builder, _dtype(node.meta["val"])
+    x = _operand(importer, node.args[0], dt)
+    ax = bb.emit(relax.op.clip(bb.emit(relax.op.abs(x)), 0.0, 12.0))
+    t = bb.emit(relax.op.divide(_const(1.0, dt), bb.emit(relax.op.add(_const(1.0, dt), bb.emit(
+        relax.op.multiply(ax, _const(0.5, dt)))))))
+    p = _poly(bb, t, [-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.27886807, -1.13520398,
+                      1.48851587, -0.82215223, 0.17087277], dt)
+    z = bb.emit(relax.op.divide(bb.emit(relax.op.floor(bb.emit(relax.op.multiply(ax, _const(256.0, dt))))),
+                                _const(256.0, dt)))
+    rest = bb.emit(relax.op.multiply(bb.emit(relax.op.subtract(ax, z)), bb.emit(relax.op.add(ax, z))))
+    big = bb.emit(relax.op.exp(bb.emit(relax.op.subtract(_const(40.0, dt), bb.emit(relax.op.multiply(z, z))))))
+    small = bb.emit(relax.op.exp(bb.emit(relax.op.subtract(p, rest))))
+    y = bb.emit(relax.op.multiply(bb.emit(relax.op.multiply(bb.emit(relax.op.multiply(t, small)), big)),
+                                  _const(math.exp(-40.0), dt)))
+    y = bb.emit(relax.op.where(bb.emit(relax.op.less(x, _const(0.0, dt))),
+                               bb.emit(relax.op.subtract(_const(2.0, dt), y)), y))
+    return bb.emit(relax.op.where(bb.emit(relax.op.isnan(x)), x, y))
 
 
 def i0(node, importer):
@@ -585,6 +612,22 @@ def index_put(node, importer):
     return bb.emit(relax.op.reshape(out, shape))
 
 
+def unfold(node, importer):
+    """Tensor.unfold(dim, size, step): the windows of `size` along dim, `step` apart, as a new last axis (framing
+    audio, patch extraction); one take with the window positions as a constant, then the window axis moved last."""
+    bb = importer.block_builder
+    shape = [int(s) for s in node.args[0].meta["val"].shape]
+    if not shape:
+        raise UnsupportedOpError(node.name, "aten.unfold", "unfolding a 0-d tensor: reshape it to 1-d first")
+    dim, size, step = int(node.args[1]) % len(shape), int(node.args[2]), int(node.args[3])
+    windows = (shape[dim] - size) // step + 1
+    at = (np.arange(windows)[:, None] * step + np.arange(size)[None]).reshape(-1)
+    y = bb.emit(relax.op.take(importer.env[node.args[0]], relax.const(at.astype(np.int64), "int64"), axis=dim))
+    y = bb.emit(relax.op.reshape(y, shape[:dim] + [windows, size] + shape[dim + 1:]))
+    perm = [d for d in range(len(shape) + 1) if d != dim + 1] + [dim + 1]
+    return bb.emit(relax.op.permute_dims(y, perm)) if perm != list(range(len(shape) + 1)) else y
+
+
 def torch_broadcast(shapes) -> list[int]:
     """The broadcast of several shapes (PyTorch's rules)."""
     import torch
@@ -597,7 +640,7 @@ CONVERTERS = {
     "any.default": any_, "any.dim": any_, "any.dims": any_, "hypot.default": hypot,
     "copysign.Tensor": copysign, "copysign.Scalar": copysign, "fmax.default": nan_ignoring("fmax"),
     "fmin.default": nan_ignoring("fmin"), "heaviside.default": heaviside, "ldexp.Tensor": ldexp,
-    "erfinv.default": erfinv, "i0.default": i0,
+    "erfinv.default": erfinv, "erfc.default": erfc, "i0.default": i0,
     **{f"{op}.{form}": shift(kind) for op, kind in (("__lshift__", "left"), ("__rshift__", "right"),
                                                      ("bitwise_left_shift", "left"),
                                                      ("bitwise_right_shift", "right"))
@@ -609,4 +652,5 @@ CONVERTERS = {
     "_embedding_bag.default": embedding_bag, "_embedding_bag_forward_only.default": embedding_bag,
     "triu_indices.default": tri_indices("triu"), "tril_indices.default": tri_indices("tril"),
     "index.Tensor": index_tensor, "index_put.default": index_put, "index_put_.default": index_put,
+    "unfold.default": unfold,
 }

@@ -68,7 +68,8 @@ def test_compares_keep_ieee_nan_semantics_and_bool_operands_build():
 
 def test_elementwise_special_functions_match_torch():
     """hypot (no overflow at 1e30, inf beside NaN), copysign (-0.0 is negative), fmax / fmin (NaN loses), heaviside
-    (0 at NaN), ldexp, erfinv (+-inf at +-1, NaN beyond, tails to 1 - 1e-7), i0 (both branches, large x)."""
+    (0 at NaN), ldexp, erfinv (+-inf at +-1, NaN beyond, tails to 1 - 1e-7), i0 (both branches, large x), erfc
+    (had no converter; its tail relative to PyTorch's, down to the subnormals, where 1 - erf is 0)."""
     a = torch.tensor([3.0, -0.0, 3e30, float("inf"), float("nan"), -5.0, 0.0, 2.0])
     b = torch.tensor([4.0, -0.0, 4e30, float("nan"), 1.0, float("nan"), -0.0, -7.5])
     p = torch.cat([torch.tensor([0.0, 0.3, -0.5, 0.9, -0.99, 0.999999, -1.0, 1.0, 1.5, -0.9999999, 0.5, 1e-6]),
@@ -80,6 +81,9 @@ def test_elementwise_special_functions_match_torch():
            names=["hypot", "copysign", "copysign scalar", "fmax", "fmin", "heaviside", "ldexp"])
     _check(torch.erfinv, p, rtol=5e-7, atol=1e-7)
     _check(torch.i0, z, rtol=2e-6)
+    e = torch.cat([torch.linspace(-6.0, 10.2, 2001), torch.tensor([0.0, -0.0, float("inf"), -float("inf"),
+                                                                   float("nan")])])
+    _check(torch.special.erfc, e, rtol=5e-7, atol=3e-45)  # (a subnormal has few bits: one step is 1.4e-45)
 
 
 def test_shifts_match_torch_past_the_width():
@@ -392,3 +396,33 @@ def test_masked_assignment_is_a_where_and_per_element_values_are_refused():
     with pytest.raises(UnsupportedOpError, match="index_put.*mask together with other indices"):
         lower_to_relax(graphopt.trace(_Fn(_put((torch.tensor([True, False, True]), torch.tensor([1, 2])), 1.0)),
                                       (x,)))
+
+
+def test_zero_constants_keep_ieee_results_and_build():
+    """x / 0.0 (and floor / trunc division, x % 0.0) stopped the build inside TVM's simplifier ("Divide by zero");
+    x * 0.0 and 0.0 / x were folded to 0 where PyTorch gives NaN (an inf or NaN x; 0 / 0); -x of a uint8 tensor did
+    not build. Now each gives PyTorch's values (a zero's sign aside: +0.0 where x * 0.0 gives -0.0)."""
+    x = torch.tensor([[1.0, -2.0, 0.0, float("nan"), float("inf"), -float("inf"), 3.5]])
+    _check(lambda x: (x / 0.0, x / -0.0, x / torch.tensor(0.0), torch.floor_divide(x, 0.0),
+                      torch.div(x, 0.0, rounding_mode="trunc"), torch.remainder(x, 0.0), 0.0 / x,
+                      (x * 0.0).abs(), (0.0 * x).abs()), x)
+    _check(lambda u: (-u, u * 3), torch.tensor([0, 1, 200, 255], dtype=torch.uint8))
+
+
+def test_scans_over_bool_and_integers_sum_in_int64():
+    """cumsum / cumprod of a bool or integer tensor run in int64 as in PyTorch: over bool they did not build, a
+    uint8 cumsum wrapped past 255, an int32 one came back int32; a dtype asked for is kept."""
+    i = torch.tensor([[3, -1, 4, 1], [-5, 9, 2, -6]], dtype=torch.int32)
+    _check(lambda x, i, u: (torch.cumsum(x > 0, 1), torch.cumprod(x > -1, 1), torch.cumsum(i, 0),
+                            torch.cumprod(i, 1), torch.cumsum(u, 1), torch.cumsum(i, 1, dtype=torch.float32)),
+           torch.randn(2, 4, generator=torch.Generator().manual_seed(0)), i,
+           torch.tensor([[200, 100, 50, 255]], dtype=torch.uint8))
+
+
+def test_tensor_unfold_windows_match_torch():
+    """Tensor.unfold(dim, size, step) (framing a signal, cutting patches) had no converter: windows along any dim,
+    overlapping or strided with a remainder left out, twice for 2-D patches, on floats and integers."""
+    g = torch.Generator().manual_seed(0)
+    _check(lambda s, img, i: (s.unfold(-1, 4, 2), s.unfold(1, 3, 3), img.unfold(2, 4, 4).unfold(3, 4, 4),
+                              i.unfold(0, 2, 3)),
+           torch.randn(2, 3, 11, generator=g), torch.randn(1, 3, 8, 8, generator=g), torch.arange(10))
