@@ -10,7 +10,8 @@ pooling of a NaN give a number (PyTorch propagates the NaN), sort puts NaN first
 Failing before: hypot, copysign, fmax / fmin, heaviside, ldexp, erfinv, i0, bit shifts, searchsorted, kthvalue,
 cummax / cummin, logcumsumexp, histc; later embedding_bag (nn.EmbeddingBag), triu / tril_indices, and
 advanced indexing with a slice among the indices (index.Tensor: an outer product before); index_put (`x[rows] = v`
-did not import, broadcast values were read past their end, repeated += indices lost updates), Tensor.unfold, erfc.
+did not import, broadcast values were read past their end, repeated += indices lost updates), Tensor.unfold, erfc,
+min over a dim, stable sort.
 
 The scans (cummax, cummin, logcumsumexp) compare every position with every earlier one: [.., L, L] elements per
 row of L, which is cheap at the lengths such ops see in models (a few hundred) and refused by name past
@@ -628,6 +629,38 @@ def unfold(node, importer):
     return bb.emit(relax.op.permute_dims(y, perm)) if perm != list(range(len(shape) + 1)) else y
 
 
+def min_dim(node, importer):
+    """(values, indices) = x.min(dim, keepdim) (aten.min.dim had no converter; max.dim's is a top-1): the bottom-1
+    of a topk, the first of tied minima, a NaN counting as the minimum as in PyTorch."""
+    bb = importer.block_builder
+    nd = max(node.args[0].meta["val"].dim(), 1)
+    dim, keep = int(node.args[1]) % nd, bool(_arg(node, 2, "keepdim", False))
+    x = importer.env[node.args[0]]
+    both = bb.emit(relax.op.topk(x, k=1, axis=dim, largest=False, ret_type="both", dtype="int64"))
+    values, indices = (bb.emit(relax.TupleGetItem(both, i)) for i in (0, 1))
+    if _dtype(node.args[0].meta["val"]).startswith(("float", "bfloat")):  # (topk sorts NaN as the largest)
+        nan = bb.emit(relax.op.astype(bb.emit(relax.op.isnan(x)), "int8"))
+        has = bb.emit(relax.op.greater(bb.emit(relax.op.max(nan, axis=[dim], keepdims=True)),
+                                       relax.const(0, "int8")))
+        values = bb.emit(relax.op.where(has, relax.const(math.nan, str(values.ty.dtype)), values))
+        indices = bb.emit(relax.op.where(has, bb.emit(relax.op.argmax(nan, axis=dim, keepdims=True)), indices))
+    if not keep:
+        values, indices = (bb.emit(relax.op.squeeze(v, axis=[dim])) for v in (values, indices))
+    return bb.emit(relax.Tuple([values, indices]))
+
+
+def sort_stable(node, importer):
+    """torch.sort(x, stable=True, dim=, descending=) (aten.sort.stable): TVM's sort keeps tied elements in input
+    order, which is what stable asks for; the converter took only sort.default."""
+    bb = importer.block_builder
+    nd = max(node.args[0].meta["val"].dim(), 1)
+    dim = int(node.kwargs.get("dim", -1)) % nd
+    desc = bool(node.kwargs.get("descending", False))
+    x = importer.env[node.args[0]]
+    idx = bb.emit(relax.op.argsort(x, axis=dim, descending=desc, dtype="int64"))
+    return bb.emit(relax.Tuple([bb.emit(relax.op.gather_elements(x, idx, dim)), idx]))
+
+
 def torch_broadcast(shapes) -> list[int]:
     """The broadcast of several shapes (PyTorch's rules)."""
     import torch
@@ -652,5 +685,5 @@ CONVERTERS = {
     "_embedding_bag.default": embedding_bag, "_embedding_bag_forward_only.default": embedding_bag,
     "triu_indices.default": tri_indices("triu"), "tril_indices.default": tri_indices("tril"),
     "index.Tensor": index_tensor, "index_put.default": index_put, "index_put_.default": index_put,
-    "unfold.default": unfold,
+    "unfold.default": unfold, "min.dim": min_dim, "sort.stable": sort_stable,
 }

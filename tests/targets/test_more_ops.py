@@ -426,3 +426,15 @@ def test_tensor_unfold_windows_match_torch():
     _check(lambda s, img, i: (s.unfold(-1, 4, 2), s.unfold(1, 3, 3), img.unfold(2, 4, 4).unfold(3, 4, 4),
                               i.unfold(0, 2, 3)),
            torch.randn(2, 3, 11, generator=g), torch.randn(1, 3, 8, 8, generator=g), torch.arange(10))
+
+
+def test_min_over_a_dim_and_stable_sort_match_torch():
+    """x.min(dim) (aten.min.dim) and torch.sort(..., stable=True) (aten.sort.stable) had no converter. min: the
+    first of tied minima, a NaN's row NaN at its first NaN, keepdim, integers; stable sort: ties in input order,
+    ascending and descending, along either dim, on long rows of many ties."""
+    t = torch.tensor([[1.0, 0.0, 3.0, 0.0, 3.0], [2.0, 2.0, -1.0, -1.0, 5.0],
+                      [0.0, float("nan"), -1.0, float("nan"), 2.0]])
+    ties = (torch.randn(3, 300, generator=torch.Generator().manual_seed(0)) * 3).round()
+    _check(lambda t, i, r: (*t.min(dim=1), *t[:2].min(dim=0, keepdim=True), *i.min(dim=-1),
+                            *torch.sort(r, stable=True), *torch.sort(r, dim=0, stable=True, descending=True)),
+           t, torch.tensor([[1, 5, 1], [5, 2, 2]]), ties)
