@@ -10,6 +10,7 @@ import math
 from graphopt.errors import TargetError, UnsupportedOpError
 from graphopt.ir.graph import Graph
 from graphopt.ir.printer import target_name
+from graphopt.targets.tvm.complex import complex_as_real
 from graphopt.targets.tvm.precision import float32_compute
 from graphopt.targets.tvm.missing_ops import CONVERTERS as MISSING_OPS, builtin_converter, with_promotion
 from graphopt.targets.tvm.more_ops import CONVERTERS as MORE_OPS
@@ -2070,6 +2071,7 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
     import torch
     from torch.export import default_decompositions
 
+    graph = complex_as_real(graph)  # (TVM has no complex dtype: Llama's rotary embedding as (real, imag) pairs)
     if device == "cpu":
         graph = float32_compute(graph)
     # core-ATen decomposition, except linear: decomposed, it becomes permute + addmm and hides the constant weight

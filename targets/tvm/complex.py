@@ -1,0 +1,236 @@
+"""Complex tensors as (real, imag) pairs, for TVM, which has no complex dtype: rotary embeddings written as Meta's
+Llama reference writes them (`torch.view_as_complex`, `torch.polar`, a complex64 `freqs_cis` buffer, a complex
+product, `torch.view_as_real`) did not import ("no converter for view_as_complex").
+
+`complex_as_real` rewrites the graph before it is exported to TVM: every complex value becomes a float tensor with
+a trailing axis of 2 (view_as_real's layout), complex buffers are stored that way, and the ops on them become real
+arithmetic (a product: four multiplies). Shape ops move their dims off the trailing pair. An op on a complex value
+outside the list (a complex matmul, an FFT) is refused by name; so are complex inputs and outputs (a model's
+inputs and outputs stay real)."""
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from graphopt.errors import UnsupportedOpError
+from graphopt.ir.graph import Graph
+from graphopt.ir.printer import target_name
+
+aten = torch.ops.aten
+
+
+def _is_complex(v) -> bool:
+    val = v.meta.get("val") if isinstance(v, fx.Node) else None
+    return isinstance(val, torch.Tensor) and val.is_complex()
+
+
+def has_complex(graph: Graph) -> bool:
+    """Whether any value or parameter of the graph is complex."""
+    return any(_is_complex(n) for n in graph.gm.graph.nodes) or any(
+        t.is_complex() for _, t in list(graph.gm.named_parameters()) + list(graph.gm.named_buffers()))
+
+
+class _Rewriter:
+    def __init__(self, graph: Graph):
+        self.g = graph
+        self.new = fx.Graph()
+        self.env: dict[fx.Node, fx.Node] = {}
+
+    # ---- building blocks on the new graph (z: a complex value as [..., 2]) ----------------------------------
+    def call(self, op, *args, **kwargs) -> fx.Node:
+        return self.new.call_function(op, args, kwargs)
+
+    def re(self, z):
+        return self.call(aten.select.int, z, -1, 0)
+
+    def im(self, z):
+        return self.call(aten.select.int, z, -1, 1)
+
+    def pack(self, re, im):
+        return self.call(aten.stack.default, [re, im], -1)
+
+    def real_as_pair(self, x):
+        return self.pack(x, self.call(aten.zeros_like.default, x))
+
+    def product(self, a, b):
+        ar, ai, br, bi = self.re(a), self.im(a), self.re(b), self.im(b)
+        mul, sub, add = aten.mul.Tensor, aten.sub.Tensor, aten.add.Tensor
+        return self.pack(self.call(sub, self.call(mul, ar, br), self.call(mul, ai, bi)),
+                         self.call(add, self.call(mul, ar, bi), self.call(mul, ai, br)))
+
+    def conj(self, z):
+        return self.pack(self.re(z), self.call(aten.neg.default, self.im(z)))
+
+    # ---- the rewrite -------------------------------------------------------------------------------------------
+    def refuse(self, node: fx.Node, why: str):
+        raise UnsupportedOpError(node.name, target_name(node.target) if node.op == "call_function" else node.op,
+                                 f"{why}; graphopt computes complex tensors as (real, imag) pairs for rotary "
+                                 "embeddings (view_as_complex / view_as_real, polar, complex, products, sums, "
+                                 "conj, abs, angle, exp, reciprocal, shape ops): compute this part outside the "
+                                 "model, or use --target pt2")
+
+    def run(self) -> Graph:
+        gm = self.g.gm
+        for n in gm.graph.nodes:
+            if n.op == "placeholder":
+                if _is_complex(n):
+                    self.refuse(n, f"input '{n.name}' is complex")
+                self.env[n] = self.new.node_copy(n, lambda a: self.env[a])
+            elif n.op == "get_attr":
+                t = getattr(gm, n.target)
+                if isinstance(t, torch.Tensor) and t.is_complex():
+                    name = f"{n.target}_as_real"
+                    gm.register_buffer(name, torch.view_as_real(t.detach()).clone())
+                    self.env[n] = self.new.get_attr(name)
+                else:
+                    self.env[n] = self.new.node_copy(n, lambda a: self.env[a])
+            elif n.op == "output":
+                for a in fx.node.map_aggregate(n.args, lambda a: a):
+                    for v in (a if isinstance(a, (list, tuple)) else [a]):
+                        if _is_complex(v):
+                            self.refuse(n, f"output '{v.name}' is complex (return torch.view_as_real of it)")
+                self.new.node_copy(n, lambda a: self.env[a])
+            elif n.op == "call_function" and (_is_complex(n) or any(_is_complex(a) for a in n.all_input_nodes)):
+                self.env[n] = self.convert(n)
+            else:
+                self.env[n] = self.new.node_copy(n, lambda a: self.env[a])
+        gm.graph = self.new
+        for name, t in list(gm.named_buffers(recurse=False)):
+            if t.is_complex():
+                delattr(gm, name)
+        self.g.refresh()
+        return self.g
+
+    def convert(self, n: fx.Node) -> fx.Node:
+        op = n.target
+        e = lambda a: self.env[a] if isinstance(a, fx.Node) else a  # noqa: E731
+        args = [fx.node.map_aggregate(a, e) for a in n.args]
+        src = n.args[0] if n.args else None
+        rank = src.meta["val"].dim() if isinstance(src, fx.Node) and "val" in src.meta else 0
+        norm = lambda d, r=rank: int(d) % max(r, 1)  # noqa: E731  (a dim of the complex value, off the pair)
+        if op in (aten.view_as_complex.default, aten.view_as_real.default, aten.clone.default,
+                  aten.contiguous.default, aten.alias.default, aten.detach.default, aten.resolve_conj.default,
+                  aten.lift_fresh_copy.default):
+            return args[0]
+        if op is aten._assert_tensor_metadata.default:
+            return None
+        if op is aten.polar.default:
+            mag, ang = args
+            return self.pack(self.call(aten.mul.Tensor, mag, self.call(aten.cos.default, ang)),
+                             self.call(aten.mul.Tensor, mag, self.call(aten.sin.default, ang)))
+        if op is aten.complex.default:
+            return self.pack(*args)
+        if op is aten.real.default:
+            return self.re(args[0])
+        if op is aten.imag.default:
+            return self.im(args[0])
+        if op in (aten.conj.default, aten._conj.default, aten.conj_physical.default):
+            return self.conj(args[0])
+        if op is aten.abs.default:
+            return self.call(aten.hypot.default, self.re(args[0]), self.im(args[0]))
+        if op is aten.angle.default:
+            return self.call(aten.atan2.default, self.im(args[0]), self.re(args[0]))
+        if op is aten.reciprocal.default:
+            return self.arith_real_over_complex(n, 1.0, args[0])
+        if op is aten.neg.default:
+            return self.call(aten.neg.default, args[0])
+        if op is aten.exp.default:
+            mag = self.call(aten.exp.default, self.re(args[0]))
+            ang = self.im(args[0])
+            return self.pack(self.call(aten.mul.Tensor, mag, self.call(aten.cos.default, ang)),
+                             self.call(aten.mul.Tensor, mag, self.call(aten.sin.default, ang)))
+        if op in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.add.Tensor,
+                  aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar):
+            return self.arith(n, args)
+        if op in (aten.to.dtype, aten._to_copy.default, aten.type_as.default):
+            dt = n.meta["val"].dtype
+            if dt.is_complex:
+                return args[0] if _is_complex(n.args[0]) else self.real_as_pair(args[0])
+            return self.call(aten.to.dtype, self.re(args[0]), dt)  # complex -> real keeps the real part
+        # shape ops: the complex value's dims, the pair last
+        if op in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
+            return self.call(aten.reshape.default, args[0], [*args[1], 2])
+        if op is aten.expand.default:
+            return self.call(aten.expand.default, args[0], [*args[1], 2])
+        if op is aten.repeat.default:
+            return self.call(aten.repeat.default, args[0], [*args[1], 1])
+        if op is aten.slice.Tensor:
+            rest = list(args[2:]) if len(args) > 2 else []
+            return self.call(aten.slice.Tensor, args[0], norm(args[1] if len(args) > 1 else 0), *rest)
+        if op is aten.select.int:
+            return self.call(aten.select.int, args[0], norm(args[1]), args[2])
+        if op is aten.index_select.default:
+            return self.call(aten.index_select.default, args[0], norm(args[1]), args[2])
+        if op is aten.unsqueeze.default:
+            return self.call(aten.unsqueeze.default, args[0], norm(args[1], rank + 1))
+        if op in (aten.squeeze.dim, aten.squeeze.dims):
+            dims = args[1] if isinstance(args[1], (list, tuple)) else [args[1]]
+            return self.call(aten.squeeze.dims, args[0], [norm(d) for d in dims])
+        if op is aten.permute.default:
+            return self.call(aten.permute.default, args[0], [norm(d) for d in args[1]] + [rank])
+        if op is aten.transpose.int:
+            return self.call(aten.transpose.int, args[0], norm(args[1]), norm(args[2]))
+        if op is aten.flatten.using_ints:
+            start = norm(args[1] if len(args) > 1 else 0)
+            end = norm(args[2] if len(args) > 2 else -1)
+            return self.call(aten.flatten.using_ints, args[0], start, end)
+        if op in (aten.cat.default, aten.stack.default):
+            parts = n.args[0]
+            if not all(_is_complex(p) for p in parts):
+                self.refuse(n, "joining complex and real tensors")
+            r = parts[0].meta["val"].dim() + (1 if op is aten.stack.default else 0)
+            return self.call(op, args[0], norm(args[1] if len(args) > 1 else 0, r))
+        if op in (aten.sum.dim_IntList, aten.mean.dim):
+            dims = args[1] if isinstance(args[1], (list, tuple)) and args[1] else list(range(rank))
+            return self.call(op, args[0], [norm(d) for d in dims], *args[2:])
+        self.refuse(n, "an op on a complex tensor outside those graphopt rewrites")
+
+    def arith(self, n: fx.Node, args):
+        """+, -, *, / with a complex operand: the other complex, a real tensor or a number."""
+        op = n.target
+        kind = target_name(op).split(".")[1]
+        a, b = args[0], args[1]
+        ca, cb = _is_complex(n.args[0]), _is_complex(n.args[1])
+        if len(args) > 2 or n.kwargs.get("alpha", 1) != 1:
+            self.refuse(n, "a complex sum with alpha")
+        if isinstance(n.args[1], complex) or isinstance(n.args[0], complex):
+            self.refuse(n, "a complex number constant")
+        if not isinstance(n.args[1], fx.Node):  # a real number
+            if kind in ("add", "sub"):
+                return self.pack(self.call(getattr(aten, kind).Tensor, self.re(a), b), self.im(a))
+            return self.call(getattr(aten, kind).Tensor, a, b)
+        if ca and cb:
+            if kind in ("add", "sub"):
+                return self.call(getattr(aten, kind).Tensor, a, b)
+            if kind == "mul":
+                return self.product(a, b)
+            den = self.call(aten.add.Tensor, self.call(aten.mul.Tensor, self.re(b), self.re(b)),
+                            self.call(aten.mul.Tensor, self.im(b), self.im(b)))
+            return self.call(aten.div.Tensor, self.product(a, self.conj(b)),
+                             self.call(aten.unsqueeze.default, den, -1))
+        if kind in ("add", "sub"):  # complex +- real, real +- complex
+            if ca:
+                return self.pack(self.call(getattr(aten, kind).Tensor, self.re(a), b), self.im(a))
+            im = self.im(b) if kind == "add" else self.call(aten.neg.default, self.im(b))
+            return self.pack(self.call(getattr(aten, kind).Tensor, a, self.re(b)), im)
+        if kind == "mul":
+            z, r = (a, b) if ca else (b, a)
+            return self.call(aten.mul.Tensor, z, self.call(aten.unsqueeze.default, r, -1))
+        if ca:  # complex / real
+            return self.call(aten.div.Tensor, a, self.call(aten.unsqueeze.default, b, -1))
+        return self.arith_real_over_complex(n, a, b)
+
+    def arith_real_over_complex(self, n, a, b):
+        den = self.call(aten.add.Tensor, self.call(aten.mul.Tensor, self.re(b), self.re(b)),
+                        self.call(aten.mul.Tensor, self.im(b), self.im(b)))
+        scale = self.call(aten.div.Tensor, a, den) if isinstance(a, fx.Node) else self.call(aten.reciprocal.default,
+                                                                                               den)
+        return self.call(aten.mul.Tensor, self.conj(b), self.call(aten.unsqueeze.default, scale, -1))
+
+
+def complex_as_real(graph: Graph) -> Graph:
+    """`graph` with its complex values as (real, imag) pairs (a rewritten copy), or `graph` itself if it has
+    none."""
+    if not has_complex(graph):
+        return graph
+    return _Rewriter(graph.clone()).run()
