@@ -561,7 +561,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             y = _constant_linear(node, importer, w if transposed else np.ascontiguousarray(w.T), None, None)
             if y is not None:
                 return y
-        return _builtin(importer, "mm.default")(node)
+        return MORE_OPS["mm.default"](node, importer)
 
     def addmm(node, importer):
         """bias + x @ W with W a constant float32 matrix [K, N] and a bias of N values (GPT-2's Conv1D, a linear
@@ -776,7 +776,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         a_val, b_val = node.args[0].meta["val"], node.args[1].meta["val"]
         if (str(a_val.dtype) != "torch.float32" or str(b_val.dtype) != "torch.float32" or a_val.dim() != 3
                 or b_val.dim() != 3):
-            return _builtin(importer, "bmm.default")(node)
+            return MORE_OPS["bmm.default"](node, importer)
         m, n = int(a_val.shape[1]), int(b_val.shape[2])
         mp = m if m % 4 == 0 else -(-m // 8) * 8
         np_ = n if n % 8 == 0 else -(-n // 16) * 16
@@ -1126,7 +1126,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         shape = (_trailing_rows(node, args[2]) if isinstance(args[1], (int, float)) and float(args[1]) == 2.0
                  and node.kwargs.get("dtype") is None else None)
         if shape is None:
-            return _builtin(importer, "linalg_vector_norm.default")(node)
+            return MORE_OPS["linalg_vector_norm.default"](node, importer)
         return emit_row_mean(importer.block_builder, importer.env[node.args[0]], *shape, node.meta["val"].shape,
                              "norm2")
 
@@ -2034,6 +2034,18 @@ def _bilinear(x1, x2, weight, bias=None):
     return y.reshape(*lead, out)
 
 
+def _narrow_copy(x, dim, start, length):
+    """Tensor.narrow_copy: a slice (TVM's importer has no converter for it)."""
+    import torch
+    return torch.narrow(x, dim, start, length).clone()
+
+
+def _dist(a, b, p=2):
+    """torch.dist(a, b, p): the p-norm of a - b over every element (no converter)."""
+    import torch
+    return torch.linalg.vector_norm(a - b, p)
+
+
 def _index_add_as_matmul(x, dim, index, source, alpha=1):
     """torch.index_add (Tensor.index_add_) as x + alpha * source @ one_hot(index) along `dim`: row i of the source
     adds into row index[i] (repeated indices accumulate, as in index_add); core ATen's decomposition is an
@@ -2085,6 +2097,8 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
     table[torch.ops.aten.index_add.default] = _index_add_as_matmul  # (its index_put did not import)
     table[torch.ops.aten.signbit.default] = _signbit  # (no converter)
     table[torch.ops.aten.bilinear.default] = _bilinear  # (its _trilinear has no converter)
+    table[torch.ops.aten.narrow_copy.default] = _narrow_copy  # (no converter)
+    table[torch.ops.aten.dist.default] = _dist  # (no converter)
     if device == "cpu":  # layer norm whole, for its row kernel (norm.py); not native_layer_norm's 3 outputs
         table.pop(torch.ops.aten.layer_norm.default, None)
         # instance norm, roll, im2col (F.unfold), linear / bicubic resizing and the reflect / replicate /

@@ -661,6 +661,33 @@ def sort_stable(node, importer):
     return bb.emit(relax.Tuple([bb.emit(relax.op.gather_elements(x, idx, dim)), idx]))
 
 
+def vector_norm(node, importer):
+    """linalg.vector_norm with ord 0 (the count of nonzeros; torch.dist(a, b, 0)): TVM's converter divided by the
+    order (a ZeroDivisionError at import); other orders go to it."""
+    if float(_arg(node, 1, "ord", 2)) != 0:
+        return builtin_converter(importer, "linalg_vector_norm.default")(node)
+    bb = importer.block_builder
+    x_val = node.args[0].meta["val"]
+    dims = _arg(node, 2, "dim", None)
+    keep = bool(_arg(node, 3, "keepdim", False))
+    dt = _dtype(node.meta["val"])
+    nz = bb.emit(relax.op.astype(unequal(bb, importer.env[node.args[0]], relax.const(0, _dtype(x_val)),
+                                         nan_b=False), dt))
+    return bb.emit(relax.op.sum(nz, axis=_axes(dims, max(x_val.dim(), 1)) if x_val.dim() else None, keepdims=keep))
+
+
+def int_matmul(name: str):
+    """mm / bmm / matmul of two integer tensors in their dtype, as PyTorch: TVM's converters computed every matmul
+    into float32 (an int64 result came back float32, its products past 2^24 rounded). Float ones go to them."""
+    def convert(node, importer):
+        dt = _dtype(node.meta["val"])
+        if not dt.startswith(("int", "uint")):
+            return builtin_converter(importer, name)(node)
+        a, b = (_operand(importer, v, dt) for v in node.args[:2])
+        return importer.block_builder.emit(relax.op.matmul(a, b, out_dtype=dt))
+    return convert
+
+
 def torch_broadcast(shapes) -> list[int]:
     """The broadcast of several shapes (PyTorch's rules)."""
     import torch
@@ -686,4 +713,6 @@ CONVERTERS = {
     "triu_indices.default": tri_indices("triu"), "tril_indices.default": tri_indices("tril"),
     "index.Tensor": index_tensor, "index_put.default": index_put, "index_put_.default": index_put,
     "unfold.default": unfold, "min.dim": min_dim, "sort.stable": sort_stable,
+    "linalg_vector_norm.default": vector_norm,
+    **{f"{op}.default": int_matmul(f"{op}.default") for op in ("mm", "bmm", "matmul")},
 }
