@@ -685,16 +685,30 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
     def upsample_linear1d(node, importer):
         """F.interpolate(mode="linear") on [N, C, L] (input, output_size, align_corners, scale_factors): the bilinear
         kernel on a one-row map. aten's decomposition into index gathers failed TVM's build ("Cannot convert
-        infinity to BigInt"); outputs under one 16-column gather or other dtypes are refused with the node's name."""
+        infinity to BigInt"). Outputs under one 16-column gather (the kernel's least) go to Relax's resize2d on a
+        two-row map, which maps positions as PyTorch does unless a scale factor other than the sizes' ratio was
+        given (refused with the node's name, as are other dtypes)."""
         from graphopt.targets.tvm.cpu.resize import bilinear_applies, emit_bilinear
         x_val, out = node.args[0].meta["val"], node.meta["val"]
         args = list(node.args) + [None] * (4 - len(node.args))
         n, c, length = (int(d) for d in x_val.shape)
-        if str(x_val.dtype) != "torch.float32" or not bilinear_applies((n, c, 1, length), (1, int(out.shape[2]))):
-            raise UnsupportedOpError(node.name, "aten.upsample_linear1d", "graphopt resizes float32 rows to at "
-                                     "least 16 values linearly; resize outside the model or use mode='nearest'")
         bb = importer.block_builder
         scales = None if not args[3] else [1.0, float(args[3][0])]
+        width = int(out.shape[2])
+        if str(x_val.dtype) == "torch.float32" and not bilinear_applies((n, c, 1, length), (1, width)) and (
+                bool(args[2]) or scales is None or math.isclose(scales[1], width / length)):
+            if width == 1 and args[2]:  # (align_corners with one output takes the first input, as PyTorch)
+                return bb.emit(relax.op.strided_slice(importer.env[node.args[0]], [2], [0], [1]))
+            # on two equal rows: resize2d's align_corners divides by the rows less one
+            rows = bb.emit(relax.op.broadcast_to(bb.emit(relax.op.reshape(importer.env[node.args[0]],
+                                                                          (n, c, 1, length))), (n, c, 2, length)))
+            y = bb.emit(relax.op.image.resize2d(rows, (2, width), method="linear", coordinate_transformation_mode=(
+                "align_corners" if args[2] else "half_pixel")))
+            return bb.emit(relax.op.reshape(bb.emit(relax.op.strided_slice(y, [2], [0], [1])), (n, c, width)))
+        if str(x_val.dtype) != "torch.float32" or not bilinear_applies((n, c, 1, length), (1, width)):
+            raise UnsupportedOpError(node.name, "aten.upsample_linear1d", "graphopt resizes float32 rows linearly "
+                                     "(under 16 outputs only by their sizes' ratio, not another scale factor); "
+                                     "resize outside the model, give the size, or use mode='nearest'")
         y = emit_bilinear(bb, bb.emit(relax.op.reshape(importer.env[node.args[0]], (n, c, 1, length))),
                           (n, c, 1, length), (1, int(out.shape[2])), bool(args[2]), scales)
         return bb.emit(relax.op.reshape(y, (n, c, int(out.shape[2]))))

@@ -3402,15 +3402,20 @@ def test_volumetric_nearest_resize_imports_and_picks_pytorchs_voxels(kw, shape):
 
 @pytest.mark.parametrize("kw,shape", [(dict(size=25), (1, 2, 13)), (dict(scale_factor=1.7), (2, 3, 13)),
                                       (dict(size=40, align_corners=True), (1, 4, 13)), (dict(size=30), (1, 2, 60)),
-                                      (dict(size=7), (1, 2, 13))])  # under one 16-column gather: refused
+                                      (dict(size=7), (1, 2, 13)), (dict(size=5, align_corners=True), (2, 3, 7)),
+                                      (dict(size=1), (1, 2, 7)), (dict(size=1, align_corners=True), (1, 2, 7)),
+                                      (dict(scale_factor=2.0), (1, 2, 7)),
+                                      (dict(scale_factor=1.5), (1, 2, 7))])  # under 16, a scale not the ratio
 def test_linear_1d_resizing_runs_the_bilinear_kernel_on_one_row(kw, shape):
     """F.interpolate(mode="linear") on [N, C, L] (audio features, vocoders): aten's decomposition failed TVM's
     build; it runs the bilinear kernel on a one-row map, matching torch within 1e-6 (sizes, a scale factor,
-    align_corners, downsampling, batch 2); outputs under 16 values are refused with the node's name."""
+    align_corners, downsampling, batch 2). Outputs under 16 values (refused before) resize on Relax's resize2d,
+    down to one value; there a scale factor other than the sizes' ratio is refused with the node's name."""
     model = _Fn(lambda x: torch.nn.functional.interpolate(x, mode="linear", **kw)).eval()
     x = torch.randn(*shape)
     g = graphopt.trace(model, (x,))
-    if model(x).shape[-1] < 16:
+    out = model(x).shape[-1]
+    if out < 16 and kw.get("scale_factor") not in (None, out / shape[-1]):
         with pytest.raises(graphopt.errors.UnsupportedOpError, match="upsample_linear1d"):
             build_executable(g)
         return
