@@ -46,10 +46,13 @@ class Observer:
         """Every value seen was zero (to 1e-12): nothing for a grid to represent."""
         return self.count > 0 and max(abs(self.lo), abs(self.hi)) <= 1e-12
 
-    def qparams(self, qmin: int, qmax: int, symmetric: bool = False) -> tuple[float, int]:
+    def qparams(self, qmin: int, qmax: int, symmetric: bool = False,
+                bounds: tuple[float, float] | None = None) -> tuple[float, int]:
+        """(scale, zero point) of the int8 grid over the calibrated range, or over `bounds`: the whole range of an
+        op whose outputs are bounded (softmax's [0, 1]), which calibration may not have reached."""
         if self.count == 0:
             raise CalibrationError(f"no calibration batch reached '{self.where}': the data loader yielded nothing")
-        lo, hi = self.clip_range()
+        lo, hi = bounds if bounds is not None else self.clip_range()
         lo, hi = min(lo, 0.0), max(hi, 0.0)  # zero must be exact (padding, ReLU outputs)
         if hi - lo <= 1e-12 * max(1.0, abs(hi)):
             raise CalibrationError(f"calibration data reaching '{self.where}' is constant ({self.lo:g}); "
