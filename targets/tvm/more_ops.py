@@ -688,6 +688,17 @@ def int_matmul(name: str):
     return convert
 
 
+def view_dtype(node, importer):
+    """x.view(dtype) between dtypes of one width (float32 <-> int32, float16 <-> int16): the same bits read as the
+    other dtype (had no converter). Other widths change the shape: refused by name."""
+    src, dt = _dtype(node.args[0].meta["val"]), _dtype(node.meta["val"])
+    if node.args[0].meta["val"].element_size() != node.meta["val"].element_size():
+        raise UnsupportedOpError(node.name, "aten.view.dtype", f"viewing {src} as {dt} changes the last dim's size; "
+                                 "graphopt reinterprets between dtypes of one width")
+    from tvm import topi
+    return importer.block_builder.emit_te(topi.reinterpret, importer.env[node.args[0]], dt)
+
+
 def torch_broadcast(shapes) -> list[int]:
     """The broadcast of several shapes (PyTorch's rules)."""
     import torch
@@ -713,6 +724,6 @@ CONVERTERS = {
     "triu_indices.default": tri_indices("triu"), "tril_indices.default": tri_indices("tril"),
     "index.Tensor": index_tensor, "index_put.default": index_put, "index_put_.default": index_put,
     "unfold.default": unfold, "min.dim": min_dim, "sort.stable": sort_stable,
-    "linalg_vector_norm.default": vector_norm,
+    "linalg_vector_norm.default": vector_norm, "view.dtype": view_dtype,
     **{f"{op}.default": int_matmul(f"{op}.default") for op in ("mm", "bmm", "matmul")},
 }

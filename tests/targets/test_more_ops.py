@@ -453,3 +453,14 @@ def test_integer_matmul_narrow_copy_and_dist_match_torch():
                                      torch.dist(a, b, float("inf")), torch.dist(a, b.round(), 0),
                                      torch.linalg.vector_norm(a.round(), 0, dim=1)),
            big, small, a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_view_as_another_dtype_of_one_width_keeps_the_bits():
+    """x.view(torch.int32) of a float32 tensor (bit tricks: sign and mantissa masks) and back had no converter;
+    the same bits read as the other dtype, NaN / inf / subnormal bits included; other widths refused by name."""
+    v = torch.tensor([1.0, -2.5, 0.0, -0.0, float("nan"), float("inf"), 1e-40])
+    _check(lambda a, i: (a.view(torch.int32) & 0x7FFFFF, (i + 1).view(torch.float32), a.half().view(torch.int16)),
+           v, torch.tensor([1065353215, -2, 0], dtype=torch.int32))
+    from graphopt.targets.tvm.lower import lower_to_relax
+    with pytest.raises(UnsupportedOpError, match="view.dtype.*one width"):
+        lower_to_relax(graphopt.trace(_Fn(lambda a: a.view(torch.uint8)), (v,)))
