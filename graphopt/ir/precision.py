@@ -26,12 +26,26 @@ def _widen_arg(a):
     return a
 
 
+_aten = torch.ops.aten
+# ops that only cast or move values: a graph whose half values come from these alone rounds on purpose
+_MOVES = {_aten._to_copy.default, _aten.to.dtype, _aten.to.dtype_layout, _aten.type_as.default, _aten.view.default,
+          _aten.reshape.default, _aten._unsafe_view.default, _aten.permute.default, _aten.transpose.int,
+          _aten.expand.default, _aten.clone.default, _aten.contiguous.default, _aten.squeeze.dim, _aten.squeeze.dims,
+          _aten.unsqueeze.default, _aten.slice.Tensor, _aten.select.int, _aten.flatten.using_ints,
+          _aten.alias.default, _aten.detach.default}
+
+
 def is_half(graph: Graph) -> bool:
-    """Whether `graph` is a half-precision model: a float16 / bfloat16 input, parameter or buffer. (A float32 model
-    that rounds through bfloat16 on purpose, `x.bfloat16().float()`, is not: its casts are kept.)"""
+    """Whether `graph` is a half-precision model: a float16 / bfloat16 input, parameter or buffer, or an op that
+    computes in half (a `torch.autocast` region in forward: its linears ran in bfloat16 with mixed-dtype bias adds
+    TVM refused). (A float32 model that rounds through bfloat16 on purpose, `x.bfloat16().float()`, is not: its
+    casts are kept.)"""
     if any(DTYPES[s.dtype] in HALF for s in graph.inputs):
         return True
-    return any(t.dtype in HALF for t in list(graph.gm.parameters()) + list(graph.gm.buffers()))
+    if any(t.dtype in HALF for t in list(graph.gm.parameters()) + list(graph.gm.buffers())):
+        return True
+    return any(n.op == "call_function" and n.target not in _MOVES and isinstance(n.meta.get("val"), torch.Tensor)
+               and n.meta["val"].dtype in HALF for n in graph.gm.graph.nodes)
 
 
 def widen_half(graph: Graph) -> Graph:

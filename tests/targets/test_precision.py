@@ -91,3 +91,32 @@ def test_non_tensor_outputs_are_left_out_with_a_warning(tmp_path, caplog):
     assert "#1 (3), #2 (None)" in caplog.text
     got = graphopt.load(graphopt.compile(g, "llvm", output=tmp_path / "a"))(np.arange(4.0, dtype=np.float32))
     assert len(got) == 2 and got[0].tolist() == [0, 2, 4, 6] and float(got[1]) == 6.0
+
+
+class _Autocast(torch.nn.Module):
+    """A float32 model with a bfloat16 autocast region in forward (mixed-precision inference code)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(16, 32), torch.nn.Linear(32, 8)
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = self.b(torch.relu(self.a(x)))
+        return y.float() * 2
+
+
+def test_autocast_region_traces_and_computes_in_float32(tmp_path):
+    """`with torch.autocast(...)` in forward exported as a wrapper op around a submodule, and trace failed with
+    "'Module' object has no attribute 'submod_1'"; traced inline, its linears ran in bfloat16 and TVM refused the
+    float32 / bfloat16 bias add. Now it compiles as a half model: float32 compute, so within 1e-6 of the model
+    without autocast and within bfloat16's rounding of PyTorch's autocast run."""
+    torch.manual_seed(0)
+    m, x = _Autocast().eval(), torch.randn(4, 16)
+    art = graphopt.load(graphopt.compile(graphopt.trace(m, (x,)), "llvm", output=tmp_path / "a"))
+    got, = art(x.numpy())
+    with torch.no_grad():
+        ref = m(x)
+        plain = m.b(torch.relu(m.a(x))) * 2
+    np.testing.assert_allclose(got, plain.numpy(), rtol=1e-5, atol=1e-6)
+    assert np.abs(got - ref.numpy()).max() <= 4 * torch.finfo(torch.bfloat16).eps * float(ref.abs().max())
