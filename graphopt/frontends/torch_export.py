@@ -60,12 +60,6 @@ def trace(module: torch.nn.Module, example_inputs: Sequence[Any] | Any = (), *,
         shapes_log.setLevel(level)
         for m, training in modes:
             m.training = training
-    if any(n.op == "call_function" and isinstance(n.target, torch._ops.HigherOrderOperator)
-           and n.target.name().startswith("wrap_with") for n in ep.graph.nodes):
-        # a `with torch.autocast(...)` (or set_grad_enabled) region in forward exports as a wrapper op around a
-        # submodule, which the graph IR does not hold ("'Module' object has no attribute 'submod_1'"); retraced
-        # to ATen it is inline, autocast's casts explicit
-        ep = ep.run_decompositions({})
     return Graph.from_exported_program(ep, input_names, output_names, source=f"torch:{type(module).__name__}")
 
 

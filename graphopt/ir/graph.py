@@ -121,6 +121,12 @@ class Graph:
         memory)."""
         from torch.export.graph_signature import InputKind, OutputKind
 
+        if any(n.op == "call_function" and isinstance(n.target, torch._ops.HigherOrderOperator)
+               and n.target.name().startswith("wrap_with") for n in ep.graph.nodes):
+            # a `with torch.autocast(...)` (or set_grad_enabled) region in forward exports as a wrapper op around
+            # a submodule, which the graph does not hold ("'Module' object has no attribute 'submod_1'"); retraced
+            # to ATen it is inline, autocast's casts explicit
+            ep = ep.run_decompositions({})
         sig = ep.graph_signature
         _refuse_data_dependent_shapes(ep)
         state = dict(ep.state_dict)

@@ -110,7 +110,7 @@ def test_autocast_region_traces_and_computes_in_float32(tmp_path):
     """`with torch.autocast(...)` in forward exported as a wrapper op around a submodule, and trace failed with
     "'Module' object has no attribute 'submod_1'"; traced inline, its linears ran in bfloat16 and TVM refused the
     float32 / bfloat16 bias add. Now it compiles as a half model: float32 compute, so within 1e-6 of the model
-    without autocast and within bfloat16's rounding of PyTorch's autocast run."""
+    without autocast and within bfloat16's rounding of PyTorch's autocast run. A .pt2 archive of it loads too."""
     torch.manual_seed(0)
     m, x = _Autocast().eval(), torch.randn(4, 16)
     art = graphopt.load(graphopt.compile(graphopt.trace(m, (x,)), "llvm", output=tmp_path / "a"))
@@ -120,3 +120,5 @@ def test_autocast_region_traces_and_computes_in_float32(tmp_path):
         plain = m.b(torch.relu(m.a(x))) * 2
     np.testing.assert_allclose(got, plain.numpy(), rtol=1e-5, atol=1e-6)
     assert np.abs(got - ref.numpy()).max() <= 4 * torch.finfo(torch.bfloat16).eps * float(ref.abs().max())
+    torch.export.save(torch.export.export(m, (x,)), tmp_path / "m.pt2")  # the same model as a .pt2 archive
+    np.testing.assert_array_equal(graphopt.load_model(str(tmp_path / "m.pt2")).run(x)[0].numpy(), ref.numpy())
