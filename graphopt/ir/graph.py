@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import operator
 import logging
 import re
 import warnings
@@ -73,6 +74,36 @@ def _attr_name(fqn: str, taken: set[str]) -> str:
         name, i = f"{base}_{i}", i + 1
     taken.add(name)
     return name
+
+
+def _inlined_cond(new: fx.Graph, node: fx.Node, owner: torch.nn.Module, env: dict) -> bool:
+    """Copy a torch.cond (and what reads it) into `new` as both branches inlined and a where per output, the
+    predicate choosing: a static graph computes both sides (TVM has no branch on data here; the branches of a cond
+    have the same output shapes and no side effects). True when `node` was one of its parts: the branch modules'
+    get_attr (nothing to copy), the cond (a tuple of its outputs' nodes in env), a getitem of it."""
+    if node.op == "get_attr" and isinstance(getattr(owner, node.target, None), fx.GraphModule):
+        return True
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(env.get(node.args[0]), tuple):
+        env[node] = env[node.args[0]][node.args[1]]
+        return True
+    if not (node.op == "call_function" and node.target is torch.ops.higher_order.cond):
+        return False
+    pred, true_gm, false_gm, operands = node.args[:4]
+    operands = [env[a] if isinstance(a, fx.Node) else a for a in operands]
+    sides = []
+    for branch in (true_gm, false_gm):
+        sub = getattr(owner, branch.target)
+        local = dict(zip([n for n in sub.graph.nodes if n.op == "placeholder"], operands))
+        for n in sub.graph.nodes:
+            if n.op == "output":
+                sides.append([fx.node.map_arg(o, lambda a: local[a]) for o in n.args[0]])
+            elif n.op != "placeholder" and not _inlined_cond(new, n, sub, local):
+                local[n] = new.node_copy(n, lambda a: local[a])
+    if not isinstance(pred, fx.Node):  # a predicate known at export: its side alone
+        env[node] = tuple(sides[0] if pred else sides[1])
+        return True
+    env[node] = tuple(new.call_function(torch.ops.aten.where.self, (env[pred], t, f)) for t, f in zip(*sides))
+    return True
 
 
 def _refuse_data_dependent_shapes(ep) -> None:
@@ -169,7 +200,7 @@ class Graph:
                         "output(s) %s of the model are not tensors; the graph returns its tensor outputs only",
                         ", ".join(dropped))
                 new.output(tuple(env[a] for a in outs if isinstance(a, fx.Node)))
-            else:
+            elif not _inlined_cond(new, node, ep.graph_module, env):
                 env[node] = new.node_copy(node, lambda n: env[n])
         taken_inputs = set()
         if input_names:

@@ -67,6 +67,42 @@ def test_a_data_dependent_branch_is_one_error_with_the_fix_and_no_graph_dumps(ca
     assert "model says hello" in capfd.readouterr().err
 
 
+class _Cond(nn.Module):
+    """The branch the trace error suggests: torch.cond on the data, a module's parameters in one side, a nested
+    cond, two outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        def pos(x):
+            return self.lin(x) * 2, x.sum(0)
+
+        def neg(x):
+            inner = torch.cond(x.mean() < -0.5, lambda x: x * 0 - 7, lambda x: x - 1, (x,))
+            return inner, x.amax(0)
+
+        return torch.cond(x.sum() > 0, pos, neg, (x,))
+
+
+def test_torch_cond_builds_both_branches_and_picks_at_run_time(tmp_path):
+    """torch.cond, which the data-dependent-branch error recommends, failed in trace ("'Module' object has no
+    attribute 'true_graph_0'"): its branches are submodules the graph did not hold. Both are inlined and a where
+    per output picks the side; the artifact follows the predicate of each call's data, nested conds included."""
+    m = _Cond().eval()
+    g = graphopt.trace(m, (torch.ones(3, 4),))
+    assert not any("cond" in str(n.target) for n in g.graph.nodes)
+    art = graphopt.load(graphopt.compile(g, "llvm", output=tmp_path / "c"))
+    for x in (torch.ones(3, 4), -torch.ones(3, 4), torch.full((3, 4), -0.1)):  # each side, the inner cond's too
+        with torch.no_grad():
+            ref = m(x)
+        for got, r in zip(art(x.numpy()), ref):
+            torch.testing.assert_close(torch.from_numpy(got), r, rtol=1e-6, atol=1e-6)
+        for got, r in zip(g.run(x), ref):
+            torch.testing.assert_close(got, r, rtol=1e-6, atol=1e-6)
+
+
 def test_text_is_stable_and_readable(cnn_graph):
     g, _, _ = cnn_graph
     t1, t2 = g.text(), g.clone().text()
