@@ -1820,21 +1820,35 @@ def _einsum(im, ins, at):
 def _if_op(im, ins, at):
     """An If whose condition is known at import (a shape check an exporter left in, a constant flag): the branch
     it takes, inlined (its nodes read the outer graph's values as ONNX scoping allows). One whose condition depends on
-    the input data is refused by name: graphopt compiles one static graph."""
+    the input data: both branches inlined and a where per output picking the side on each call (both computed), when
+    the branches' outputs have one shape and dtype; else refused by name (graphopt compiles one static graph)."""
     name = im.node_name
     cond = ins[0]
-    if isinstance(cond, Dyn):
-        raise UnsupportedOpError(name, "If", "its condition depends on the input data (a branch chosen at run time); "
-                                 "graphopt compiles one static graph: export the model with the branch fixed "
-                                 "(torch.onnx.export's tracing records the path taken), or cut the If out")
     import onnx.numpy_helper as nh
+
+    def branch_outputs(branch):
+        for init in branch.initializer:
+            im.env[init.name] = Const(torch.from_numpy(np.array(nh.to_array(init, im.base_dir), copy=True)),
+                                      init.name)
+        im.import_nodes(branch.node)
+        im.node_name, im.op = name, "If"
+        return [im.env[o.name] for o in branch.output]
+
+    if isinstance(cond, Dyn):  # on the data: both branches, a where per output (one static graph)
+        sides = [branch_outputs(at["then_branch"]), branch_outputs(at["else_branch"])]
+        shape = lambda v: tuple(v.t.shape if isinstance(v, Const) else v.example.shape)  # noqa: E731
+        dtype = lambda v: v.t.dtype if isinstance(v, Const) else v.example.dtype  # noqa: E731
+        for k, (t, f) in enumerate(zip(*sides)):
+            if shape(t) != shape(f) or dtype(t) != dtype(f):
+                raise UnsupportedOpError(name, "If", f"its condition depends on the input data and its branches' "
+                                         f"output {k} differ ({list(shape(t))} {dtype(t)} against {list(shape(f))} "
+                                         f"{dtype(f)}); graphopt compiles one static graph: export the model with "
+                                         "the branch fixed, or cut the If out")
+        pick = im.emit(torch.reshape, cond, [])
+        return [im.emit(torch.where, pick, t, f) for t, f in zip(*sides)]
     branch = at["then_branch"] if bool(cond.t.reshape(-1)[0]) else at["else_branch"]
     im.decided_ifs.append(name)
-    for init in branch.initializer:
-        im.env[init.name] = Const(torch.from_numpy(np.array(nh.to_array(init, im.base_dir), copy=True)), init.name)
-    im.import_nodes(branch.node)
-    im.node_name, im.op = name, "If"
-    return [im.env[o.name] for o in branch.output]
+    return branch_outputs(branch)
 
 
 @op("Trilu")

@@ -224,7 +224,8 @@ def test_an_opset_7_model_in_the_old_model_zoos_forms_matches_onnxruntime(tmp_pa
 def test_an_if_on_a_shape_takes_its_branch_and_one_on_data_is_named(batch, tmp_path):
     """Exporters leave Ifs on shapes (a check that the batch is 1, say): known at import, the branch taken is
     inlined, reading outer values and its own initializers ("no importer for this ONNX op" before). An If on the
-    input data, a Loop or a Scan is refused by name as control flow."""
+    input data builds both branches and picks per call (refused before); one whose branches give different
+    shapes, a Loop or a Scan is refused by name as control flow."""
     n = helper.make_node
     v = helper.make_tensor_value_info
     then_g = helper.make_graph([n("Mul", ["x", "two"], ["t"])], "then", [], [v("t", F32, None)],
@@ -257,7 +258,17 @@ def test_an_if_on_a_shape_takes_its_branch_and_one_on_data_is_named(batch, tmp_p
     graph = helper.make_graph(nodes, "g", [v("x", F32, [batch, 4])], [v("y", F32, [batch, 4])],
                               [numpy_helper.from_array(np.float32(0), "z")])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    with pytest.raises(UnsupportedOpError, match="'data_branch'.*depends on the input data"):
+    art = graphopt.load(graphopt.compile(graphopt.load_onnx(path), "llvm", output=tmp_path / "data_if"))
+    for sign in (1.0, -1.0):  # each side taken at run time, as ORT takes it
+        xs = np.abs(x) * sign
+        np.testing.assert_allclose(art(xs)[0], ort.InferenceSession(str(path)).run(None, {"x": xs})[0], rtol=1e-6)
+    wide = helper.make_graph([n("Concat", ["x", "x"], ["w"], axis=1)], "wide", [], [v("w", F32, None)])
+    nodes[-1] = n("If", ["cond"], ["y"], then_branch=then_g, else_branch=wide, name="data_branch")
+    graph = helper.make_graph(nodes, "g", [v("x", F32, [batch, 4])], [v("y", F32, None)],
+                              [numpy_helper.from_array(np.float32(0), "z")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    with pytest.raises(UnsupportedOpError, match="'data_branch'.*depends on the input data and its branches' "
+                                                 "output 0 differ"):
         graphopt.load_onnx(path)
     body = helper.make_graph([n("Identity", ["c"], ["c_out"]), n("Identity", ["acc"], ["acc_out"])], "body",
                              [v("i", I64, []), v("c", TensorProto.BOOL, []), v("acc", F32, [batch, 4])],
