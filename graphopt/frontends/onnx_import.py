@@ -163,7 +163,7 @@ class Importer:
             self.n_outputs = len(node.output)
             key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
             handler = HANDLERS.get(key)
-            if key in ("Loop", "Scan"):
+            if key == "Scan":
                 raise UnsupportedOpError(self.node_name, key, "a loop run at run time (control flow); graphopt "
                                          "compiles one static graph: export the model traced (torch.onnx.export "
                                          "unrolls a Python loop over fixed sizes), or cut the loop out")
@@ -1849,6 +1849,58 @@ def _if_op(im, ins, at):
     branch = at["then_branch"] if bool(cond.t.reshape(-1)[0]) else at["else_branch"]
     im.decided_ifs.append(name)
     return branch_outputs(branch)
+
+
+LOOP_NODES = 200_000  # body nodes a Loop may unroll to in all (iterations x body size)
+
+
+@op("Loop")
+def _loop_op(im, ins, at):
+    """A Loop whose trip count and stopping condition are known at import (a scripted `for i in range(n)` over
+    fixed sizes, a loop an exporter kept): unrolled, each iteration's body imported with its iteration number a
+    constant and the carried values of the one before; the scan outputs stacked. One that runs a number of times the
+    input data decides is refused by name (graphopt compiles one static graph)."""
+    import onnx.numpy_helper as nh
+    name, body = im.node_name, at["body"]
+    trips_in = ins[0] if ins else None
+    cond_in = ins[1] if len(ins) > 1 else None
+
+    def refuse(why: str):
+        raise UnsupportedOpError(name, "Loop", f"{why}; graphopt compiles one static graph: export the model traced "
+                                 "(torch.onnx.export unrolls a Python loop over fixed sizes), or cut the loop out")
+
+    if isinstance(trips_in, Dyn) or isinstance(cond_in, Dyn):
+        refuse("its trip count or first condition depends on the input data (a loop run at run time)")
+    trips = None if trips_in is None else int(trips_in.t.reshape(-1)[0])
+    keep = True if cond_in is None else bool(cond_in.t.reshape(-1)[0])
+    if trips is None and cond_in is None:
+        refuse("it has neither a trip count nor a condition (an endless loop)")
+    b_in, b_out = [i.name for i in body.input], [o.name for o in body.output]
+    carried = list(ins[2:])
+    scans: list[list] = [[] for _ in range(len(b_out) - 1 - len(carried))]
+    inits = {i.name: Const(torch.from_numpy(np.array(nh.to_array(i, im.base_dir), copy=True)), i.name)
+             for i in body.initializer}
+    i = 0
+    while keep and (trips is None or i < trips):
+        if (i + 1) * max(len(body.node), 1) > LOOP_NODES:
+            refuse(f"unrolled it would pass {LOOP_NODES} nodes ({len(body.node)} a step)")
+        im.env.update(inits)
+        im.env[b_in[0]] = Const(torch.tensor(i, dtype=torch.int64))
+        im.env[b_in[1]] = Const(torch.tensor(keep))
+        im.env.update(zip(b_in[2:], carried))
+        im.import_nodes(body.node)
+        im.node_name, im.op = name, "Loop"
+        outs = [im.env[o] for o in b_out]
+        if isinstance(outs[0], Dyn):
+            refuse("it stops on a condition computed from the input data (a loop run at run time)")
+        keep = bool(outs[0].t.reshape(-1)[0])
+        carried = outs[1:1 + len(carried)]
+        for acc, v in zip(scans, outs[1 + len(carried):]):
+            acc.append(v)
+        i += 1
+    if scans and i == 0:
+        refuse("it runs no iteration, so its scan outputs have no shape to take")
+    return carried + [im.emit(torch.stack, acc, 0) for acc in scans]
 
 
 @op("Trilu")

@@ -225,7 +225,7 @@ def test_an_if_on_a_shape_takes_its_branch_and_one_on_data_is_named(batch, tmp_p
     """Exporters leave Ifs on shapes (a check that the batch is 1, say): known at import, the branch taken is
     inlined, reading outer values and its own initializers ("no importer for this ONNX op" before). An If on the
     input data builds both branches and picks per call (refused before); one whose branches give different
-    shapes, a Loop or a Scan is refused by name as control flow."""
+    shapes is refused by name."""
     n = helper.make_node
     v = helper.make_tensor_value_info
     then_g = helper.make_graph([n("Mul", ["x", "two"], ["t"])], "then", [], [v("t", F32, None)],
@@ -277,7 +277,38 @@ def test_an_if_on_a_shape_takes_its_branch_and_one_on_data_is_named(batch, tmp_p
     graph = helper.make_graph([loop], "g", [v("x", F32, [batch, 4])], [v("y", F32, [batch, 4])],
                               [numpy_helper.from_array(np.int64(3), "trips")])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    with pytest.raises(UnsupportedOpError, match="'the_loop'.*control flow"):
+    np.testing.assert_allclose(graphopt.load_onnx(path).run(torch.from_numpy(x))[0].numpy(), x)  # (unrolled: below)
+
+
+def test_a_loop_with_a_known_trip_count_unrolls_and_one_run_by_the_data_is_named(tmp_path):
+    """An ONNX Loop was refused as control flow. One whose trip count and condition are known at import is
+    unrolled: its iteration number a constant in each step, values carried, an outer value read, a scan output
+    stacked, and a condition that turns false (computed from the iteration number) stopping it early; as ORT runs
+    it. A trip count from the data is refused by name."""
+    n, v = helper.make_node, helper.make_tensor_value_info
+    body = helper.make_graph(
+        [n("Cast", ["i"], ["fi"], to=F32), n("Mul", ["acc", "two"], ["a2"]), n("Add", ["a2", "fi"], ["a3"]),
+         n("Add", ["a3", "x"], ["acc_out"]), n("Less", ["i", "four"], ["c_out"]), n("Identity", ["acc_out"], ["s"])],
+        "body", [v("i", I64, []), v("c", TensorProto.BOOL, []), v("acc", F32, [2, 3])],
+        [v("c_out", TensorProto.BOOL, []), v("acc_out", F32, [2, 3]), v("s", F32, [2, 3])],
+        [numpy_helper.from_array(np.float32(2.0), "two"), numpy_helper.from_array(np.int64(4), "four")])
+    path = tmp_path / "loop.onnx"
+    for trips in (3, 9):  # 9: the condition stops it after the step with i = 4
+        graph = helper.make_graph([n("Loop", ["trips", "", "x"], ["y", "steps"], body=body, name="the_loop")], "g",
+                                  [v("x", F32, [2, 3])], [v("y", F32, [2, 3]), v("steps", F32, None)],
+                                  [numpy_helper.from_array(np.int64(trips), "trips")])
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+        x = RNG.standard_normal((2, 3)).astype(np.float32)
+        ref = ort.InferenceSession(str(path)).run(None, {"x": x})
+        art = graphopt.load(graphopt.compile(graphopt.load_onnx(path), "llvm", output=tmp_path / f"l{trips}"))
+        for got, r in zip(art(x), ref):
+            assert got.shape == r.shape
+            np.testing.assert_allclose(got, r, rtol=1e-6, atol=1e-6)
+    nodes = [n("ReduceSum", ["x"], ["sum"], keepdims=0), n("Cast", ["sum"], ["trips"], to=I64),
+             n("Loop", ["trips", "", "x"], ["y", "steps"], body=body, name="the_loop")]
+    graph = helper.make_graph(nodes, "g", [v("x", F32, [2, 3])], [v("y", F32, [2, 3]), v("steps", F32, None)])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    with pytest.raises(UnsupportedOpError, match="'the_loop'.*trip count or first condition depends on the input"):
         graphopt.load_onnx(path)
 
 
