@@ -41,6 +41,13 @@ class Dyn:
     example: torch.Tensor
 
 
+@dataclass
+class Seq:
+    """An ONNX sequence (SequenceEmpty / SequenceInsert ... ConcatFromSequence, as torch's exporter writes a list
+    appended to in a loop): its tensors, known at import as a list (loops that build one are unrolled)."""
+    items: list
+
+
 Value = Const | Dyn
 
 
@@ -1849,6 +1856,61 @@ def _if_op(im, ins, at):
     branch = at["then_branch"] if bool(cond.t.reshape(-1)[0]) else at["else_branch"]
     im.decided_ifs.append(name)
     return branch_outputs(branch)
+
+
+def _seq(im, v, what: str) -> list:
+    if not isinstance(v, Seq):
+        raise UnsupportedOpError(im.node_name, im.op, f"its {what} is not a sequence built in the model")
+    return v.items
+
+
+def _index(im, v, n: int, what: str, insert: bool = False) -> int:
+    """A sequence position known at import, counted from the back when negative (ONNX: [-n, n - 1], or [-n, n]
+    to insert)."""
+    if isinstance(v, Dyn):
+        raise UnsupportedOpError(im.node_name, im.op, f"its {what} depends on the input data")
+    i, top = int(v.t.reshape(-1)[0]), n + 1 if insert else n
+    if not -n <= i < top:
+        raise UnsupportedOpError(im.node_name, im.op, f"{what} {i} is outside a sequence of {n}")
+    return i + n if i < 0 else i
+
+
+@op("SequenceEmpty")
+def _sequence_empty(im, ins, at):
+    return Seq([])
+
+
+@op("SequenceConstruct")
+def _sequence_construct(im, ins, at):
+    return Seq(list(ins))
+
+
+@op("SequenceInsert")
+def _sequence_insert(im, ins, at):
+    items = list(_seq(im, ins[0], "first input"))
+    pos = len(items) if len(ins) < 3 or ins[2] is None else _index(im, ins[2], len(items), "position", True)
+    items.insert(pos, ins[1])
+    return Seq(items)
+
+
+@op("SequenceAt")
+def _sequence_at(im, ins, at):
+    items = _seq(im, ins[0], "first input")
+    return items[_index(im, ins[1], len(items), "position")]
+
+
+@op("SequenceLength")
+def _sequence_length(im, ins, at):
+    return Const(torch.tensor(len(_seq(im, ins[0], "input")), dtype=torch.int64))
+
+
+@op("ConcatFromSequence")
+def _concat_from_sequence(im, ins, at):
+    items = _seq(im, ins[0], "input")
+    if not items:
+        raise UnsupportedOpError(im.node_name, "ConcatFromSequence", "its sequence is empty")
+    axis = int(at["axis"])
+    return im.emit(torch.stack if at.get("new_axis", 0) else torch.cat, list(items), axis)
 
 
 LOOP_NODES = 200_000  # body nodes a Loop may unroll to in all (iterations x body size)

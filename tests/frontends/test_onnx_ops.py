@@ -416,3 +416,48 @@ def test_col2im_matches_onnxruntime_imported_and_compiled(tmp_path, attrs):
     np.testing.assert_allclose(g.run(x)[0].numpy(), ref, rtol=1e-5, atol=1e-5)
     built = graphopt.load(graphopt.compile(g, "llvm", output=tmp_path / "art"))(x)[0]
     np.testing.assert_allclose(built, ref, rtol=1e-5, atol=1e-5)
+
+
+class _ScriptedRecurrence(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        h, outs = torch.zeros_like(x[:, 0]), []
+        for t in range(x.size(1)):
+            h = torch.tanh(self.lin(h) + x[:, t])
+            outs.append(h)
+        return torch.stack(outs, 1)
+
+
+def test_a_scripted_loop_appending_to_a_list_imports_as_its_unrolled_steps(tmp_path):
+    """torch.onnx.export of a scripted module with a Python for-loop appending to a list writes a Loop over
+    SequenceEmpty / SequenceInsert and a ConcatFromSequence: the sequence ops had no importer. A sequence is a list
+    at import (the loop unrolls), so the file compiles and matches ORT; the other sequence ops too (construct,
+    at with a negative position, insert at a position, length, concat along an existing axis)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(torch.jit.script(_ScriptedRecurrence().eval()), (torch.randn(2, 5, 4),),
+                          str(tmp_path / "rnn.onnx"), dynamo=False, opset_version=17)
+    x = RNG.standard_normal((2, 5, 4)).astype(np.float32)
+    sess = ort.InferenceSession(str(tmp_path / "rnn.onnx"))
+    ref = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    art = graphopt.load(graphopt.compile(graphopt.load_onnx(tmp_path / "rnn.onnx"), "llvm", output=tmp_path / "a"))
+    np.testing.assert_allclose(art(x)[0], ref, rtol=1e-6, atol=1e-6)
+    n, v = helper.make_node, helper.make_tensor_value_info
+    c = lambda val, name: numpy_helper.from_array(np.array(val, np.int64), name)  # noqa: E731
+    nodes = [n("Neg", ["x"], ["nx"]), n("SequenceConstruct", ["x", "nx"], ["s"]),
+             n("SequenceInsert", ["s", "x", "zero"], ["s2"]), n("SequenceAt", ["s2", "minus1"], ["last"]),
+             n("SequenceLength", ["s2"], ["len"]), n("ConcatFromSequence", ["s2"], ["cat"], axis=1),
+             n("ConcatFromSequence", ["s2"], ["stk"], axis=0, new_axis=1)]
+    graph = helper.make_graph(nodes, "g", [v("x", F32, [2, 3])],
+                              [v("last", F32, None), v("len", I64, None), v("cat", F32, None), v("stk", F32, None)],
+                              [c(0, "zero"), c(-1, "minus1")])
+    path = tmp_path / "seq.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    x = RNG.standard_normal((2, 3)).astype(np.float32)
+    for got, r in zip(graphopt.load_onnx(path).run(torch.from_numpy(x)), ort.InferenceSession(str(path)).run(
+            None, {"x": x})):
+        np.testing.assert_array_equal(got.numpy(), r)
