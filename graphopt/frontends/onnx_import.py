@@ -170,10 +170,6 @@ class Importer:
             self.n_outputs = len(node.output)
             key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
             handler = HANDLERS.get(key)
-            if key == "Scan":
-                raise UnsupportedOpError(self.node_name, key, "a loop run at run time (control flow); graphopt "
-                                         "compiles one static graph: export the model traced (torch.onnx.export "
-                                         "unrolls a Python loop over fixed sizes), or cut the loop out")
             if key in _DYNAMIC_QUANT:
                 raise UnsupportedOpError(self.node_name, key, "this is ONNX Runtime's dynamic quantization "
                                          "(quantize_dynamic), whose activation scales are computed on every call; "
@@ -1963,6 +1959,52 @@ def _loop_op(im, ins, at):
     if scans and i == 0:
         refuse("it runs no iteration, so its scan outputs have no shape to take")
     return carried + [im.emit(torch.stack, acc, 0) for acc in scans]
+
+
+@op("Scan")
+def _scan_op(im, ins, at):
+    """Scan (tf2onnx's recurrences): unrolled over the scan inputs' length, known at import, each step's body
+    imported on that step's slices (reversed where a direction is 1) and the states of the one before; the scan
+    outputs stacked along their axes (in reverse where asked)."""
+    name, body = im.node_name, at["body"]
+    m = int(at["num_scan_inputs"])
+    states, xs = list(ins[:len(ins) - m]), list(ins[len(ins) - m:])
+    in_axes = list(at.get("scan_input_axes", [0] * m))
+    in_dirs = list(at.get("scan_input_directions", [0] * m))
+    shape = lambda v: tuple(v.t.shape if isinstance(v, Const) else v.example.shape)  # noqa: E731
+    lengths = {shape(x)[a % len(shape(x))] for x, a in zip(xs, in_axes)}
+    if len(lengths) != 1:
+        raise UnsupportedOpError(name, "Scan", f"its scan inputs have different lengths ({sorted(lengths)})")
+    steps = lengths.pop()
+    if steps * max(len(body.node), 1) > LOOP_NODES:
+        raise UnsupportedOpError(name, "Scan", f"unrolled it would pass {LOOP_NODES} nodes ({len(body.node)} a "
+                                 "step); graphopt compiles one static graph")
+    b_in, b_out = [i.name for i in body.input], [o.name for o in body.output]
+    k = len(b_out) - len(states)
+    out_axes = list(at.get("scan_output_axes", [0] * k))
+    out_dirs = list(at.get("scan_output_directions", [0] * k))
+    scans: list[list] = [[] for _ in range(k)]
+    import onnx.numpy_helper as nh
+    inits = {i.name: Const(torch.from_numpy(np.array(nh.to_array(i, im.base_dir), copy=True)), i.name)
+             for i in body.initializer}
+    for t in range(steps):
+        im.env.update(inits)
+        im.env.update(zip(b_in, states))
+        for nm, x, a, d in zip(b_in[len(states):], xs, in_axes, in_dirs):
+            im.env[nm] = im.emit(torch.select, x, a % len(shape(x)), steps - 1 - t if d else t)
+        im.import_nodes(body.node)
+        im.node_name, im.op = name, "Scan"
+        outs = [im.env[o] for o in b_out]
+        states = outs[:len(states)]
+        for acc, v in zip(scans, outs[len(states):]):
+            acc.append(v)
+    stacked = []
+    for acc, a, d in zip(scans, out_axes, out_dirs):
+        if not acc:
+            raise UnsupportedOpError(name, "Scan", "its scan inputs are empty, so its outputs have no shape")
+        rank = len(shape(acc[0])) + 1
+        stacked.append(im.emit(torch.stack, acc[::-1] if d else acc, a % rank))
+    return states + stacked
 
 
 @op("Trilu")

@@ -461,3 +461,28 @@ def test_a_scripted_loop_appending_to_a_list_imports_as_its_unrolled_steps(tmp_p
     for got, r in zip(graphopt.load_onnx(path).run(torch.from_numpy(x)), ort.InferenceSession(str(path)).run(
             None, {"x": x})):
         np.testing.assert_array_equal(got.numpy(), r)
+
+
+@pytest.mark.parametrize("directions", [(0, 0, 0), (1, 0, 1)])
+def test_scan_unrolls_over_its_inputs_length(tmp_path, directions):
+    """ONNX Scan (tf2onnx's recurrences) was refused as control flow: it unrolls over the scan inputs' length
+    (known at import), states threaded, each step's slice taken along the input's axis (from the back where the
+    direction is 1), scan outputs stacked along their axes (reversed where asked); as ORT runs it."""
+    n, v = helper.make_node, helper.make_tensor_value_info
+    in_dir, out_dir0, out_dir1 = directions
+    body = helper.make_graph(
+        [n("Add", ["h", "xt"], ["h2"]), n("Tanh", ["h2"], ["h_out"]), n("Mul", ["h_out", "w"], ["y0"]),
+         n("Identity", ["h2"], ["y1"])], "body", [v("h", F32, [3]), v("xt", F32, [3])],
+        [v("h_out", F32, [3]), v("y0", F32, [3]), v("y1", F32, [3])], [numpy_helper.from_array(np.float32(0.5), "w")])
+    scan = n("Scan", ["h0", "x"], ["hT", "ys", "zs"], body=body, num_scan_inputs=1, scan_input_axes=[1],
+             scan_input_directions=[in_dir], scan_output_axes=[0, 1], scan_output_directions=[out_dir0, out_dir1])
+    graph = helper.make_graph([scan], "g", [v("h0", F32, [3]), v("x", F32, [3, 5])],
+                              [v("hT", F32, None), v("ys", F32, None), v("zs", F32, None)])
+    path = tmp_path / "scan.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    h0, x = RNG.standard_normal(3).astype(np.float32), RNG.standard_normal((3, 5)).astype(np.float32)
+    ref = ort.InferenceSession(str(path)).run(None, {"h0": h0, "x": x})
+    got = graphopt.load_onnx(path).run(torch.from_numpy(h0), torch.from_numpy(x))
+    for o, r in zip(got, ref):
+        assert tuple(o.shape) == r.shape
+        np.testing.assert_allclose(o.numpy(), r, rtol=1e-6, atol=1e-6)
