@@ -1819,6 +1819,13 @@ def _einsum(im, ins, at):
     return im.emit(torch.einsum, at["equation"], *ins)
 
 
+def _subgraph_constants(im, graph) -> dict:
+    """A control-flow body's own initializers (an If branch's, a Loop or Scan body's) as constants by name."""
+    import onnx.numpy_helper as nh
+    return {i.name: Const(torch.from_numpy(np.array(nh.to_array(i, im.base_dir), copy=True)), i.name)
+            for i in graph.initializer}
+
+
 @op("If")
 def _if_op(im, ins, at):
     """An If whose condition is known at import (a shape check an exporter left in, a constant flag): the branch
@@ -1827,12 +1834,9 @@ def _if_op(im, ins, at):
     the branches' outputs have one shape and dtype; else refused by name (graphopt compiles one static graph)."""
     name = im.node_name
     cond = ins[0]
-    import onnx.numpy_helper as nh
 
     def branch_outputs(branch):
-        for init in branch.initializer:
-            im.env[init.name] = Const(torch.from_numpy(np.array(nh.to_array(init, im.base_dir), copy=True)),
-                                      init.name)
+        im.env.update(_subgraph_constants(im, branch))
         im.import_nodes(branch.node)
         im.node_name, im.op = name, "If"
         return [im.env[o.name] for o in branch.output]
@@ -1918,7 +1922,6 @@ def _loop_op(im, ins, at):
     fixed sizes, a loop an exporter kept): unrolled, each iteration's body imported with its iteration number a
     constant and the carried values of the one before; the scan outputs stacked. One that runs a number of times the
     input data decides is refused by name (graphopt compiles one static graph)."""
-    import onnx.numpy_helper as nh
     name, body = im.node_name, at["body"]
     trips_in = ins[0] if ins else None
     cond_in = ins[1] if len(ins) > 1 else None
@@ -1936,8 +1939,7 @@ def _loop_op(im, ins, at):
     b_in, b_out = [i.name for i in body.input], [o.name for o in body.output]
     carried = list(ins[2:])
     scans: list[list] = [[] for _ in range(len(b_out) - 1 - len(carried))]
-    inits = {i.name: Const(torch.from_numpy(np.array(nh.to_array(i, im.base_dir), copy=True)), i.name)
-             for i in body.initializer}
+    inits = _subgraph_constants(im, body)
     i = 0
     while keep and (trips is None or i < trips):
         if (i + 1) * max(len(body.node), 1) > LOOP_NODES:
@@ -1984,9 +1986,7 @@ def _scan_op(im, ins, at):
     out_axes = list(at.get("scan_output_axes", [0] * k))
     out_dirs = list(at.get("scan_output_directions", [0] * k))
     scans: list[list] = [[] for _ in range(k)]
-    import onnx.numpy_helper as nh
-    inits = {i.name: Const(torch.from_numpy(np.array(nh.to_array(i, im.base_dir), copy=True)), i.name)
-             for i in body.initializer}
+    inits = _subgraph_constants(im, body)
     for t in range(steps):
         im.env.update(inits)
         im.env.update(zip(b_in, states))
