@@ -364,7 +364,8 @@ def _binary(fn):
 for _name, _fn in {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Pow": torch.pow, "Equal": torch.eq,
                    "Less": torch.lt, "Greater": torch.gt, "LessOrEqual": torch.le, "GreaterOrEqual": torch.ge,
                    "And": torch.logical_and, "Or": torch.logical_or, "Xor": torch.logical_xor,
-                   "BitShift": None}.items():
+                   "BitwiseAnd": torch.bitwise_and, "BitwiseOr": torch.bitwise_or,
+                   "BitwiseXor": torch.bitwise_xor}.items():
     if _fn is not None:
         HANDLERS[_name] = _binary(_fn)
 
@@ -387,7 +388,9 @@ for _name, _fn in {"Relu": torch.relu, "Sigmoid": torch.sigmoid, "Tanh": torch.t
                    "Reciprocal": torch.reciprocal, "Not": torch.logical_not, "Floor": torch.floor,
                    "Ceil": torch.ceil, "Sin": torch.sin, "Cos": torch.cos, "Sign": torch.sign,
                    "Softplus": F.softplus, "HardSwish": F.hardswish, "Round": torch.round,
-                   "IsNaN": torch.isnan}.items():
+                   "IsNaN": torch.isnan, "Tan": torch.tan, "Asin": torch.asin, "Acos": torch.acos,
+                   "Atan": torch.atan, "Sinh": torch.sinh, "Cosh": torch.cosh, "Asinh": torch.asinh,
+                   "Acosh": torch.acosh, "Atanh": torch.atanh, "BitwiseNot": torch.bitwise_not}.items():
     HANDLERS[_name] = (lambda f: (lambda im, ins, at: im.emit(f, ins[0])))(_fn)
 
 
@@ -609,6 +612,84 @@ def _arg_op(im, ins, at):
     axis = int(at.get("axis", 0)) % len(im.shape(ins[0]))
     return im.emit(_arg_reduce, ins[0], axis, bool(at.get("keepdims", 1)), im.op == "ArgMax",
                    bool(at.get("select_last_index", 0)))
+
+
+@op("BitShift")
+def _bit_shift(im, ins, at):
+    """ONNX's BitShift is on unsigned integers only: a shift by the width or more gives 0, as C on uint64 gives."""
+    left = at["direction"] == "LEFT"
+    return im.emit(torch.bitwise_left_shift if left else torch.bitwise_right_shift, ins[0], ins[1])
+
+
+@op("Swish")
+def _swish(im, ins, at):
+    alpha = float(at.get("alpha", 1.0))
+    return im.emit(F.silu, ins[0]) if alpha == 1.0 else im.emit(torch.mul, ins[0], im.emit(
+        torch.sigmoid, im.emit(torch.mul, ins[0], alpha)))
+
+
+def _grid_sample_onnx(x, grid, mode: str, padding: str, align: bool):
+    return F.grid_sample(x, grid, mode=mode, padding_mode=padding, align_corners=align)
+
+
+@op("GridSample")
+def _grid_sample(im, ins, at):
+    """GridSample (torch's F.grid_sample exports to it from opset 16): ONNX's modes by their torch names (opset 20
+    renamed bilinear / bicubic to linear / cubic)."""
+    mode = {"linear": "bilinear", "cubic": "bicubic"}.get(at.get("mode", "bilinear"), at.get("mode", "bilinear"))
+    return im.emit(_grid_sample_onnx, ins[0], ins[1], mode, at.get("padding_mode", "zeros"),
+                   bool(at.get("align_corners", 0)))
+
+
+@op("AffineGrid")
+def _affine_grid(im, ins, at):
+    return im.emit(F.affine_grid, ins[0], [int(d) for d in im.ints(ins[1], "size")],
+                   align_corners=bool(at.get("align_corners", 0)))
+
+
+@op("GroupNormalization")
+def _group_norm(im, ins, at):
+    """GroupNormalization (opset 21: a scale and bias per channel; onnx's checker refuses opset 18's per-group
+    form as deprecated)."""
+    return im.emit(F.group_norm, ins[0], int(at["num_groups"]), ins[1], ins[2], float(at.get("epsilon", 1e-5)))
+
+
+def _rms_norm_onnx(x, scale, axis: int, eps: float):
+    dims = list(range(axis % x.dim(), x.dim()))
+    return x * torch.rsqrt((x * x).mean(dims, keepdim=True) + eps) * scale
+
+
+@op("RMSNormalization")
+def _rms_norm(im, ins, at):
+    return im.emit(_rms_norm_onnx, ins[0], ins[1], int(at.get("axis", -1)), float(at.get("epsilon", 1e-5)))
+
+
+@op("EyeLike")
+def _eye_like(im, ins, at):
+    """Ones on the k-th diagonal of the input's 2-D shape (a constant)."""
+    n, m = (int(d) for d in im.example(ins[0]).shape)
+    dtype = _onnx_dtype(at["dtype"]) if "dtype" in at else im.example(ins[0]).dtype
+    return Const((torch.arange(m)[None] - torch.arange(n)[:, None] == int(at.get("k", 0))).to(dtype))
+
+
+def _window(kind: str, size: int, periodic: bool, dtype):
+    n = torch.arange(size, dtype=torch.float64)
+    length = size if periodic else size - 1
+    a = 2 * torch.pi * n / max(length, 1)
+    if kind == "HannWindow":
+        w = 0.5 - 0.5 * torch.cos(a)
+    elif kind == "HammingWindow":
+        w = 25 / 46 - 21 / 46 * torch.cos(a)
+    else:
+        w = 0.42 - 0.5 * torch.cos(a) + 0.08 * torch.cos(2 * a)
+    return w.to(dtype)
+
+
+@op("HannWindow", "HammingWindow", "BlackmanWindow")
+def _windows(im, ins, at):
+    """The spectral windows (a constant of the size given): ONNX's definitions (Hamming's 25/46, 21/46)."""
+    return Const(_window(im.op, int(im.const(ins[0], "size").reshape(-1)[0]), bool(at.get("periodic", 1)),
+                         _onnx_dtype(at.get("output_datatype", 1))))
 
 
 @op("InstanceNormalization")
@@ -1891,6 +1972,29 @@ def _sequence_insert(im, ins, at):
     pos = len(items) if len(ins) < 3 or ins[2] is None else _index(im, ins[2], len(items), "position", True)
     items.insert(pos, ins[1])
     return Seq(items)
+
+
+@op("SequenceErase")
+def _sequence_erase(im, ins, at):
+    items = list(_seq(im, ins[0], "first input"))
+    if not items:
+        raise UnsupportedOpError(im.node_name, "SequenceErase", "its sequence is empty")
+    del items[len(items) - 1 if len(ins) < 2 or ins[1] is None else _index(im, ins[1], len(items), "position")]
+    return Seq(items)
+
+
+@op("SplitToSequence")
+def _split_to_sequence(im, ins, at):
+    x, axis = im.example(ins[0]), int(at.get("axis", 0))
+    size = x.shape[axis]
+    if len(ins) < 2 or ins[1] is None:  # each slice alone, the axis kept or dropped
+        parts = [im.emit(torch.narrow, ins[0], axis, i, 1) for i in range(size)]
+        return Seq(parts if at.get("keepdims", 1) else [im.emit(torch.squeeze, p, axis) for p in parts])
+    split = im.const(ins[1], "split").reshape(-1).tolist()
+    sizes = [int(split[0])] * (size // int(split[0])) + ([size % int(split[0])] if size % int(split[0]) else []) \
+        if len(split) == 1 else [int(v) for v in split]
+    starts = np.cumsum([0] + sizes[:-1]).tolist()
+    return Seq([im.emit(torch.narrow, ins[0], axis, int(a), int(b)) for a, b in zip(starts, sizes)])
 
 
 @op("SequenceAt")

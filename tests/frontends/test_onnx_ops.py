@@ -486,3 +486,77 @@ def test_scan_unrolls_over_its_inputs_length(tmp_path, directions):
     for o, r in zip(got, ref):
         assert tuple(o.shape) == r.shape
         np.testing.assert_allclose(o.numpy(), r, rtol=1e-6, atol=1e-6)
+
+
+_U8 = TensorProto.UINT8
+_MORE_ONNX_OPS = {  # name: (opset, nodes, inputs [(name, elem type, array)], initializers {name: array})
+    "trig": (17, [("Tan", ["a"], ["t"]), ("Asin", ["s"], ["as"]), ("Acos", ["s"], ["ac"]), ("Atan", ["a"], ["at"]),
+                  ("Sinh", ["a"], ["sh"]), ("Cosh", ["a"], ["ch"]), ("Asinh", ["a"], ["ash"]),
+                  ("Acosh", ["g"], ["ach"]), ("Atanh", ["s"], ["ath"])],
+             [("a", F32, RNG.standard_normal((2, 5)).astype(np.float32)),
+              ("s", F32, RNG.uniform(-0.99, 0.99, (2, 5)).astype(np.float32)),
+              ("g", F32, RNG.uniform(1.0, 5.0, (2, 5)).astype(np.float32))], {}),
+    "bitwise": (18, [("BitwiseAnd", ["u", "v"], ["and"]), ("BitwiseOr", ["u", "v"], ["or"]),
+                     ("BitwiseXor", ["u", "v"], ["xor"]), ("BitwiseNot", ["u"], ["not"]),
+                     ("BitShift", ["u", "k"], ["left"], {"direction": "LEFT"}),
+                     ("BitShift", ["u", "k"], ["right"], {"direction": "RIGHT"})],
+                [("u", _U8, RNG.integers(0, 256, (2, 6)).astype(np.uint8)),
+                 ("v", _U8, RNG.integers(0, 256, (2, 6)).astype(np.uint8))],
+                {"k": np.array([0, 1, 3, 7, 2, 5], np.uint8)}),
+    "grid_sample": (20, [("GridSample", ["a", "grid"], ["y0"], {"mode": "linear", "padding_mode": "border"}),
+                         ("GridSample", ["a", "grid"], ["y1"], {"mode": "nearest", "align_corners": 1}),
+                         ("GridSample", ["a", "grid"], ["y2"], {"mode": "cubic", "padding_mode": "reflection"})],
+                    [("a", F32, RNG.standard_normal((1, 2, 5, 6)).astype(np.float32)),
+                     ("grid", F32, RNG.uniform(-1.2, 1.2, (1, 3, 4, 2)).astype(np.float32))], {}),
+    "affine_grid": (20, [("AffineGrid", ["theta", "size"], ["y"], {"align_corners": 0})],
+                    [("theta", F32, RNG.standard_normal((2, 2, 3)).astype(np.float32))],
+                    {"size": np.array([2, 3, 4, 5], np.int64)}),
+    "group_norm_21": (21, [("GroupNormalization", ["a", "sc", "b"], ["y"], {"num_groups": 2, "epsilon": 1e-3})],
+                      [("a", F32, RNG.standard_normal((2, 4, 3, 3)).astype(np.float32))],
+                      {"sc": RNG.standard_normal(4).astype(np.float32), "b": RNG.standard_normal(4).astype(np.float32)}),
+    "rms_norm": (23, [("RMSNormalization", ["a", "sc"], ["y"], {"axis": -1, "epsilon": 1e-6})],
+                 [("a", F32, RNG.standard_normal((2, 3, 8)).astype(np.float32))],
+                 {"sc": RNG.standard_normal(8).astype(np.float32)}),
+    "eye_windows_swish": (24, [("EyeLike", ["e"], ["eye0"]), ("EyeLike", ["e"], ["eye1"], {"k": 2}),
+                               ("EyeLike", ["e"], ["eye2"], {"k": -1}), ("HannWindow", ["n"], ["hann"]),
+                               ("HammingWindow", ["n"], ["hamming"], {"periodic": 0}),
+                               ("BlackmanWindow", ["n"], ["blackman"]), ("Swish", ["e"], ["sw"], {"alpha": 0.7})],
+                          [("e", F32, RNG.standard_normal((3, 5)).astype(np.float32))], {"n": np.array(8, np.int64)}),
+    "split_to_sequence": (17, [("SplitToSequence", ["a"], ["s1"], {"axis": 1, "keepdims": 0}),
+                               ("SequenceErase", ["s1", "m1"], ["s2"]), ("SequenceLength", ["s2"], ["n2"]),
+                               ("ConcatFromSequence", ["s2"], ["c"], {"axis": 0, "new_axis": 1}),
+                               ("SplitToSequence", ["a", "two"], ["s3"], {"axis": 1}),
+                               ("ConcatFromSequence", ["s3"], ["d"], {"axis": 1})],
+                          [("a", F32, RNG.standard_normal((2, 5)).astype(np.float32))],
+                          {"m1": np.array(-1, np.int64), "two": np.array(2, np.int64)}),
+}
+
+
+@pytest.mark.parametrize("case", list(_MORE_ONNX_OPS))
+def test_trig_bitwise_sampling_norm_window_and_sequence_ops_match_ort(case, tmp_path):
+    """ONNX ops that had no importer (the trig and hyperbolic functions, bitwise ops and BitShift, GridSample --
+    what torch's F.grid_sample exports to -- AffineGrid, GroupNormalization, RMSNormalization, EyeLike, the
+    spectral windows, Swish, SplitToSequence / SequenceErase), each against ORT on the same file, as the graph and
+    as the compiled artifact."""
+    opset, nodes, inputs, inits = _MORE_ONNX_OPS[case]
+    made = [helper.make_node(op, i, o, **(rest[0] if rest else {})) for op, i, o, *rest in nodes]
+    read = {i for _, ins, _, *_ in nodes for i in ins}
+    outs = sorted(o for _, _, produced, *_ in nodes for o in produced if o not in read)  # (the tensors left)
+    graph = helper.make_graph(made, "g", [helper.make_tensor_value_info(n, t, a.shape) for n, t, a in inputs], [],
+                              [numpy_helper.from_array(a, n) for n, a in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    typed = {v.name: v for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    model.graph.output.extend(typed.get(o) or helper.make_tensor_value_info(o, inputs[0][1], None)
+                              for o in outs)  # (ORT wants the outputs' types)
+    path = tmp_path / f"{case}.onnx"
+    onnx.save(model, str(path))
+    feed = {n: a for n, _, a in inputs}
+    ref = ort.InferenceSession(str(path)).run(None, feed)
+    g = graphopt.load_onnx(path)
+    art = graphopt.load(graphopt.compile(g, "llvm", output=tmp_path / "art"))
+    for got in (g.run(*[torch.from_numpy(a) for _, _, a in inputs]), art(*feed.values())):
+        assert len(got) == len(ref)
+        for name, o, r in zip(outs, got, ref):
+            o = np.asarray(o)
+            assert o.shape == r.shape and o.dtype == r.dtype, name
+            np.testing.assert_allclose(o, r, rtol=2e-5, atol=2e-6, err_msg=name)
