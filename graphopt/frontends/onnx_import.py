@@ -692,6 +692,67 @@ def _windows(im, ins, at):
                          _onnx_dtype(at.get("output_datatype", 1))))
 
 
+def _attention_onnx(q, k, v, mask, past_k, past_v, nonpad, scale, causal: bool, q_heads, kv_heads, softcap: float,
+                    mode: int):
+    """ONNX Attention (opset 23+; torch's exporter writes scaled_dot_product_attention as it from opset 23), as
+    ONNX's reference computes it: 3-D inputs split into heads, the past keys / values prepended (and returned), a
+    mask shorter than the keys padded as masked, a bool mask (True attends) or an additive one, a causal mask
+    aligned bottom-right (a query sees the past and itself), per-batch valid lengths (nonpad_kv_seqlen), grouped
+    key / value heads repeated, Q and K each scaled by sqrt(scale), softcap before the mask, a row with no key
+    allowed all zero. Returns (Y, present_key, present_value, the QK output `mode` asks for)."""
+    three = q.dim() == 3
+    if three:
+        b = q.shape[0]
+        q = q.reshape(b, q.shape[1], q_heads, -1).transpose(1, 2)
+        k = k.reshape(b, k.shape[1], kv_heads, -1).transpose(1, 2)
+        v = v.reshape(b, v.shape[1], kv_heads, -1).transpose(1, 2)
+    if past_k is not None:
+        k, v = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
+    present_k, present_v = k, v
+    lq, lk = q.shape[2], k.shape[2]
+    s = math.sqrt(scale if scale is not None else 1.0 / math.sqrt(q.shape[3]))
+    inf = torch.tensor(float("-inf"), dtype=q.dtype)
+    bias = torch.zeros(lq, lk, dtype=q.dtype)
+    if mask is not None:
+        if mask.shape[-1] < lk:
+            fill = torch.zeros if mask.dtype == torch.bool else (lambda *sh, dtype: torch.full(sh, float("-inf"),
+                                                                                               dtype=dtype))
+            mask = torch.cat([mask, fill(*mask.shape[:-1], lk - mask.shape[-1], dtype=mask.dtype)], -1)
+        bias = bias + (torch.where(mask, torch.zeros((), dtype=q.dtype), inf) if mask.dtype == torch.bool else mask)
+    rows, cols = torch.arange(lq)[:, None], torch.arange(lk)[None]
+    if causal:
+        if past_k is None and nonpad is not None:  # per batch: j <= i + valid[b] - lq
+            allowed = cols[None] <= rows[None] + (nonpad.reshape(-1, 1, 1) - lq)
+            bias = bias + torch.where(allowed, 0.0, inf)[:, None]
+        else:
+            bias = bias + torch.where(cols <= rows + (past_k.shape[2] if past_k is not None else 0), 0.0, inf)
+    if nonpad is not None:
+        bias = bias + torch.where(cols[0] < nonpad.reshape(-1, 1), 0.0, inf).reshape(-1, 1, 1, lk)
+    if k.shape[1] != q.shape[1]:  # grouped-query attention: each key / value head serves its group
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], 1) for t in (k, v))
+    qk = torch.matmul(q * s, k.transpose(-1, -2) * s)
+    if softcap > 0:
+        qk = torch.tanh(qk / softcap) * softcap
+    scores = qk + bias
+    p = torch.softmax(scores, -1)
+    p = torch.where(torch.amax(bias, -1, keepdim=True) == float("-inf"), torch.zeros((), dtype=p.dtype), p)
+    y = torch.matmul(p, v)
+    if three:
+        y = y.transpose(1, 2).reshape(y.shape[0], lq, -1)
+    return y, present_k, present_v, {0: qk, 1: qk, 2: scores}.get(mode, p)
+
+
+@op("Attention")
+def _attention(im, ins, at):
+    ins = list(ins) + [None] * (7 - len(ins))
+    if at.get("left_window_size", -1) != -1 or at.get("right_window_size", -1) != -1:
+        raise UnsupportedOpError(im.node_name, "Attention", "a sliding-window Attention; export with the window "
+                                 "as an attention mask")
+    out = im.emit(_attention_onnx, *ins[:7], at.get("scale"), bool(at.get("is_causal", 0)), at.get("q_num_heads"),
+                  at.get("kv_num_heads"), float(at.get("softcap", 0.0)), int(at.get("qk_matmul_output_mode", 0)))
+    return [im.emit(_getitem, out, i) for i in range(im.n_outputs)]
+
+
 @op("InstanceNormalization")
 def _instance_norm(im, ins, at):
     return im.emit(F.instance_norm, ins[0], None, None, ins[1], ins[2], True, 0.0, float(at.get("epsilon", 1e-5)))
