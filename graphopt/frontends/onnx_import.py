@@ -1025,6 +1025,41 @@ def _cumsum_op(im, ins, at):
     return im.emit(_cumsum, ins[0], axis, bool(at.get("exclusive", 0)), bool(at.get("reverse", 0)))
 
 
+def _cumprod(x, axis: int, exclusive: bool, reverse: bool):
+    """CumProd: exclusive shifts the products one place (a leading 1), not a division (zeros stay exact)."""
+    y = torch.flip(x, [axis]) if reverse else x
+    if exclusive:
+        ones = torch.ones_like(y.narrow(axis, 0, 1))
+        y = torch.cat([ones, y.narrow(axis, 0, y.shape[axis] - 1)], axis)
+    y = torch.cumprod(y, axis)
+    return torch.flip(y, [axis]) if reverse else y
+
+
+@op("CumProd")
+def _cumprod_op(im, ins, at):
+    axis = int(im.ints(ins[1], "axis")[0]) % len(im.shape(ins[0]))
+    return im.emit(_cumprod, ins[0], axis, bool(at.get("exclusive", 0)), bool(at.get("reverse", 0)))
+
+
+def _tensor_scatter(cache, update, where, axis: int, circular: bool):
+    """TensorScatter (opset 24, a static KV cache's write): update's positions along `axis` written into the cache
+    from where[b] on for each batch b (wrapping in circular mode)."""
+    steps = update.shape[axis]
+    starts = torch.zeros(cache.shape[0], dtype=torch.int64) if where is None else where.to(torch.int64)
+    pos = starts.reshape(-1, *[1] * (cache.dim() - 1)) + torch.arange(steps).reshape(
+        [steps if d == axis else 1 for d in range(cache.dim())])
+    if circular:
+        pos = pos % cache.shape[axis]
+    return cache.scatter(axis, pos.expand(update.shape), update)
+
+
+@op("TensorScatter")
+def _tensor_scatter_op(im, ins, at):
+    rank = len(im.shape(ins[0]))
+    return im.emit(_tensor_scatter, ins[0], ins[1], ins[2] if len(ins) > 2 else None,
+                   int(at.get("axis", -2)) % rank, at.get("mode", "linear") == "circular")
+
+
 def _topk(x, k: int, axis: int, largest: bool):
     return torch.topk(x, k, axis, largest, True)
 

@@ -488,6 +488,10 @@ def test_scan_unrolls_over_its_inputs_length(tmp_path, directions):
         np.testing.assert_allclose(o.numpy(), r, rtol=1e-6, atol=1e-6)
 
 
+def _r(*shape):
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
 _U8 = TensorProto.UINT8
 _MORE_ONNX_OPS = {  # name: (opset, nodes, inputs [(name, elem type, array)], initializers {name: array})
     "trig": (17, [("Tan", ["a"], ["t"]), ("Asin", ["s"], ["as"]), ("Acos", ["s"], ["ac"]), ("Atan", ["a"], ["at"]),
@@ -523,6 +527,14 @@ _MORE_ONNX_OPS = {  # name: (opset, nodes, inputs [(name, elem type, array)], in
                                ("HammingWindow", ["n"], ["hamming"], {"periodic": 0}),
                                ("BlackmanWindow", ["n"], ["blackman"]), ("Swish", ["e"], ["sw"], {"alpha": 0.7})],
                           [("e", F32, RNG.standard_normal((3, 5)).astype(np.float32))], {"n": np.array(8, np.int64)}),
+    "cumprod": (26, [("CumProd", ["a", "ax"], ["p0"]), ("CumProd", ["a", "ax"], ["p1"], {"exclusive": 1}),
+                     ("CumProd", ["a", "ax"], ["p2"], {"exclusive": 1, "reverse": 1})],
+                [("a", F32, RNG.uniform(-2, 2, (2, 5)).astype(np.float32))], {"ax": np.array(1, np.int64)}),
+    "tensor_scatter": (24, [("TensorScatter", ["c", "u", "w"], ["lin"]),
+                            ("TensorScatter", ["c", "u", "w"], ["circ"], {"mode": "circular"}),
+                            ("TensorScatter", ["c", "u1", "w1"], ["ax1"], {"axis": 1})],
+                       [("c", F32, _r(2, 3, 5, 4)), ("u", F32, _r(2, 3, 2, 4)), ("u1", F32, _r(2, 2, 5, 4)),
+                        ("w", I64, np.array([3, 0])), ("w1", I64, np.array([1, 0]))], {}),
     "split_to_sequence": (17, [("SplitToSequence", ["a"], ["s1"], {"axis": 1, "keepdims": 0}),
                                ("SequenceErase", ["s1", "m1"], ["s2"]), ("SequenceLength", ["s2"], ["n2"]),
                                ("ConcatFromSequence", ["s2"], ["c"], {"axis": 0, "new_axis": 1}),
@@ -537,8 +549,8 @@ _MORE_ONNX_OPS = {  # name: (opset, nodes, inputs [(name, elem type, array)], in
 def test_trig_bitwise_sampling_norm_window_and_sequence_ops_match_ort(case, tmp_path):
     """ONNX ops that had no importer (the trig and hyperbolic functions, bitwise ops and BitShift, GridSample --
     what torch's F.grid_sample exports to -- AffineGrid, GroupNormalization, RMSNormalization, EyeLike, the
-    spectral windows, Swish, SplitToSequence / SequenceErase), each against ORT on the same file, as the graph and
-    as the compiled artifact."""
+    spectral windows, Swish, SplitToSequence / SequenceErase, CumProd, TensorScatter -- a static KV cache's write,
+    linear and circular), each against ORT on the same file, as the graph and as the compiled artifact."""
     opset, nodes, inputs, inits = _MORE_ONNX_OPS[case]
     made = [helper.make_node(op, i, o, **(rest[0] if rest else {})) for op, i, o, *rest in nodes]
     read = {i for _, ins, _, *_ in nodes for i in ins}
@@ -575,10 +587,6 @@ def _attention_case(opset, inputs, attrs, n_out=1):
                                             for nm, a in inputs.items()],
                               [helper.make_tensor_value_info(o, F32, None) for o in outs])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-
-
-def _r(*shape):
-    return RNG.standard_normal(shape).astype(np.float32)
 
 
 _ATTENTION = {
