@@ -2060,6 +2060,14 @@ def _dist(a, b, p=2):
     return torch.linalg.vector_norm(a - b, p)
 
 
+def _pdist(x, p=2.0):
+    """torch.pdist: the upper triangle (row-major, as PyTorch lists it) of cdist(x, x), whose converter exists."""
+    import torch
+    n = x.shape[0]
+    iu = torch.triu_indices(n, n, 1)
+    return torch.cdist(x, x, p)[iu[0], iu[1]]
+
+
 def _index_add_as_matmul(x, dim, index, source, alpha=1):
     """torch.index_add (Tensor.index_add_) as x + alpha * source @ one_hot(index) along `dim`: row i of the source
     adds into row index[i] (repeated indices accumulate, as in index_add); core ATen's decomposition is an
@@ -2113,6 +2121,7 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
     table[torch.ops.aten.bilinear.default] = _bilinear  # (its _trilinear has no converter)
     table[torch.ops.aten.narrow_copy.default] = _narrow_copy  # (no converter)
     table[torch.ops.aten.dist.default] = _dist  # (no converter)
+    table[torch.ops.aten._pdist_forward.default] = _pdist  # (no converter)
     if device == "cpu":  # layer norm whole, for its row kernel (norm.py); not native_layer_norm's 3 outputs
         table.pop(torch.ops.aten.layer_norm.default, None)
         # instance norm, roll, im2col (F.unfold), linear / bicubic resizing and the reflect / replicate /

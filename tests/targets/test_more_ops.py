@@ -442,12 +442,13 @@ def test_min_over_a_dim_and_stable_sort_match_torch():
 
 def test_integer_matmul_narrow_copy_and_dist_match_torch():
     """a @ b of int32 / int64 tensors came back float32 (the importer computed every matmul in float32: int64
-    products past 2^24 lost digits); narrow_copy and torch.dist (p = 2, 1, inf, 0) had no converter, and a vector
-    norm of order 0 (a count of nonzeros) failed at import (TVM's converter divided by the order)."""
+    products past 2^24 lost digits); narrow_copy, torch.dist (p = 2, 1, inf, 0) and torch.pdist had no converter,
+    and a vector norm of order 0 (a count of nonzeros) failed at import (TVM's converter divided by the order)."""
     g = torch.Generator().manual_seed(0)
     big = torch.randint(-(1 << 20), 1 << 20, (3, 4), generator=g)
     small = torch.randint(-50, 50, (4, 2), generator=g)
     a, b = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)
+    _check(lambda a: (torch.pdist(a), torch.pdist(a, 1)), torch.randn(30, 6, generator=g), rtol=1e-5, atol=1e-5)
     _check(lambda big, small, a, b: (big @ small + 1, big.int() @ small.int(), torch.bmm(big[None], small[None]),
                                      a.narrow_copy(1, 2, 3), torch.dist(a, b), torch.dist(a, b, 1),
                                      torch.dist(a, b, float("inf")), torch.dist(a, b.round(), 0),
