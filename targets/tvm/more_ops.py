@@ -11,7 +11,7 @@ Failing before: hypot, copysign, fmax / fmin, heaviside, ldexp, erfinv, i0, bit 
 cummax / cummin, logcumsumexp, histc; later embedding_bag (nn.EmbeddingBag), triu / tril_indices, and
 advanced indexing with a slice among the indices (index.Tensor: an outer product before); index_put (`x[rows] = v`
 did not import, broadcast values were read past their end, repeated += indices lost updates), Tensor.unfold, erfc,
-min over a dim, stable sort.
+min over a dim, stable sort, lgamma, digamma.
 
 The scans (cummax, cummin, logcumsumexp) compare every position with every earlier one: [.., L, L] elements per
 row of L, which is cheap at the lengths such ops see in models (a few hundred) and refused by name past
@@ -222,6 +222,65 @@ def erfc(node, importer):
     y = bb.emit(relax.op.where(bb.emit(relax.op.less(x, _const(0.0, dt))),
                                bb.emit(relax.op.subtract(_const(2.0, dt), y)), y))
     return bb.emit(relax.op.where(bb.emit(relax.op.isnan(x)), x, y))
+
+
+_LANCZOS = [0.99999999999980993, 676.5203681218851, -1259.1392167224028, 771.32342877765313, -176.61502916214059,
+            12.507343278686905, -0.13857109526572012, 9.9843695780195716e-6, 1.5056327351493116e-7]
+
+
+def _lgamma64(bb, x):
+    """log|Gamma(x)| of a float64 Relax value: Lanczos (g = 7, 9 terms) at x >= 0.5, the reflection formula
+    log(pi / |sin(pi x)|) - lgamma(1 - x) below; inf at 0 and the negative integers."""
+    op, c = relax.op, (lambda v: _const(v, "float64"))
+    small = bb.emit(op.less(x, c(0.5)))
+    z = bb.emit(op.subtract(bb.emit(op.where(small, bb.emit(op.subtract(c(1.0), x)), x)), c(1.0)))
+    a = c(_LANCZOS[0])
+    for i, coeff in enumerate(_LANCZOS[1:], 1):
+        a = bb.emit(op.add(a, bb.emit(op.divide(c(coeff), bb.emit(op.add(z, c(float(i))))))))
+    t = bb.emit(op.add(z, c(7.5)))
+    big = bb.emit(op.add(bb.emit(op.subtract(bb.emit(op.multiply(bb.emit(op.add(z, c(0.5))), bb.emit(op.log(t)))), t)),
+                         bb.emit(op.add(c(0.5 * math.log(2 * math.pi)), bb.emit(op.log(a))))))
+    sin = bb.emit(op.abs(bb.emit(op.sin(bb.emit(op.multiply(x, c(math.pi)))))))
+    reflected = bb.emit(op.subtract(bb.emit(op.log(bb.emit(op.divide(c(math.pi), sin)))), big))
+    y = bb.emit(op.where(small, reflected, big))
+    pole = bb.emit(op.logical_and(bb.emit(op.less_equal(x, c(0.0))), bb.emit(op.equal(x, bb.emit(op.floor(x))))))
+    y = bb.emit(op.where(pole, c(math.inf), y))
+    return bb.emit(op.where(bb.emit(op.equal(x, c(math.inf))), c(math.inf), y))
+
+
+def lgamma(node, importer):
+    """log|Gamma(x)| (torch.lgamma, and mvlgamma through it; had no converter), computed in float64."""
+    bb, dt = importer.block_builder, _dtype(node.meta["val"])
+    x = bb.emit(relax.op.astype(_operand(importer, node.args[0], dt), "float64"))
+    y = bb.emit(relax.op.where(bb.emit(relax.op.isnan(x)), x, _lgamma64(bb, x)))
+    return bb.emit(relax.op.astype(y, dt))
+
+
+def digamma(node, importer):
+    """The digamma function (torch.digamma; had no converter), computed in float64: the reflection formula below
+    0.5, then six recurrence steps up and the asymptotic series from there; -1/x at +-0 (as PyTorch), NaN at
+    the negative integers."""
+    bb, dt = importer.block_builder, _dtype(node.meta["val"])
+    op, c = relax.op, (lambda v: _const(v, "float64"))
+    x = bb.emit(op.astype(_operand(importer, node.args[0], dt), "float64"))
+    small = bb.emit(op.less(x, c(0.5)))
+    w = bb.emit(op.where(small, bb.emit(op.subtract(c(1.0), x)), x))
+    shift = c(0.0)
+    for k in range(6):
+        shift = bb.emit(op.add(shift, bb.emit(op.divide(c(1.0), bb.emit(op.add(w, c(float(k))))))))
+    y = bb.emit(op.add(w, c(6.0)))
+    inv2 = bb.emit(op.divide(c(1.0), bb.emit(op.multiply(y, y))))
+    series = _poly(bb, inv2, [0.0, -1 / 12, 1 / 120, -1 / 252, 1 / 240, -1 / 132], "float64")
+    psi = bb.emit(op.subtract(bb.emit(op.add(bb.emit(op.subtract(bb.emit(op.log(y)), bb.emit(op.divide(
+        c(0.5), y)))), series)), shift))
+    reflected = bb.emit(op.subtract(psi, bb.emit(op.divide(c(math.pi), bb.emit(op.tan(bb.emit(
+        op.multiply(x, c(math.pi)))))))))
+    out = bb.emit(op.where(small, reflected, psi))
+    neg_int = bb.emit(op.logical_and(bb.emit(op.less(x, c(0.0))), bb.emit(op.equal(x, bb.emit(op.floor(x))))))
+    at_zero = bb.emit(op.divide(c(-1.0), x))  # (-inf at 0.0, +inf at -0.0, as PyTorch's -1/x there)
+    out = bb.emit(op.where(neg_int, c(math.nan), bb.emit(op.where(bb.emit(op.equal(x, c(0.0))), at_zero, out))))
+    out = bb.emit(op.where(bb.emit(op.equal(x, c(math.inf))), c(math.inf), out))
+    return bb.emit(op.astype(bb.emit(op.where(bb.emit(op.isnan(x)), x, out)), dt))
 
 
 def i0(node, importer):
@@ -711,7 +770,8 @@ CONVERTERS = {
     "any.default": any_, "any.dim": any_, "any.dims": any_, "hypot.default": hypot,
     "copysign.Tensor": copysign, "copysign.Scalar": copysign, "fmax.default": nan_ignoring("fmax"),
     "fmin.default": nan_ignoring("fmin"), "heaviside.default": heaviside, "ldexp.Tensor": ldexp,
-    "erfinv.default": erfinv, "erfc.default": erfc, "i0.default": i0,
+    "erfinv.default": erfinv, "erfc.default": erfc, "i0.default": i0, "lgamma.default": lgamma,
+    "digamma.default": digamma,
     **{f"{op}.{form}": shift(kind) for op, kind in (("__lshift__", "left"), ("__rshift__", "right"),
                                                      ("bitwise_left_shift", "left"),
                                                      ("bitwise_right_shift", "right"))
