@@ -640,7 +640,7 @@ def index_put(node, importer):
                                      "the mask alone, or use torch.where")
         return _masked_put(node, importer, masks[0], adv[0][1], values, accumulate)
     axes = [k for k, _ in adv]
-    b_shape = [int(s) for s in torch_broadcast([a.meta["val"].shape for _, a in adv])]
+    b_shape = [int(s) for s in np.broadcast_shapes(*(tuple(a.meta["val"].shape) for _, a in adv))]
     nb = len(b_shape)
     rest = [d for d in range(nd) if d not in axes]
     first = axes[0] if axes == list(range(axes[0], axes[-1] + 1)) else 0  # where the index dims go in the result
@@ -756,12 +756,6 @@ def view_dtype(node, importer):
                                  "graphopt reinterprets between dtypes of one width")
     from tvm import topi
     return importer.block_builder.emit_te(topi.reinterpret, importer.env[node.args[0]], dt)
-
-
-def torch_broadcast(shapes) -> list[int]:
-    """The broadcast of several shapes (PyTorch's rules)."""
-    import torch
-    return list(torch.broadcast_shapes(*shapes))
 
 
 CONVERTERS = {
