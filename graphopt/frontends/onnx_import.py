@@ -753,6 +753,63 @@ def _attention(im, ins, at):
     return [im.emit(_getitem, out, i) for i in range(im.n_outputs)]
 
 
+def _lp_pool_onnx(x, kernel, strides, pads, p: float, ceil: bool):
+    """LpPool: (sum over each window of |x|^p)^(1/p), padding counting as zeros (as ORT): an average pool of |x|^p
+    that counts the padding, times the window's size."""
+    nd = len(kernel)
+    pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[nd]
+    if any(pads[i] != pads[i + nd] for i in range(nd)):  # (uneven padding first, the pool's own even)
+        x = F.pad(x, [v for i in reversed(range(nd)) for v in (pads[i], pads[i + nd])])
+        pads = [0] * (2 * nd)
+    mean = pool(x.abs() ** p, kernel, strides, pads[:nd], ceil, True)
+    return (mean * math.prod(kernel)) ** (1.0 / p)
+
+
+@op("LpPool")
+def _lp_pool(im, ins, at):
+    kernel = list(at["kernel_shape"])
+    nd = len(kernel)
+    if at.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID") or any(d != 1 for d in at.get("dilations", [])):
+        raise UnsupportedOpError(im.node_name, "LpPool", "auto_pad SAME_* or dilations; give explicit pads, no "
+                                 "dilation")
+    return im.emit(_lp_pool_onnx, ins[0], kernel, list(at.get("strides", [1] * nd)),
+                   list(at.get("pads", [0] * 2 * nd)), float(at.get("p", 2)), bool(at.get("ceil_mode", 0)))
+
+
+def _reverse_sequence(x, lens, batch_axis: int, time_axis: int):
+    """Each batch entry's first lens[b] steps along the time axis reversed, the rest kept (a gather)."""
+    t = torch.arange(x.shape[time_axis]).reshape([-1 if d == time_axis else 1 for d in range(x.dim())])
+    n = lens.to(torch.int64).reshape([-1 if d == batch_axis else 1 for d in range(x.dim())])
+    return torch.gather(x, time_axis, torch.where(t < n, n - 1 - t, t).expand(x.shape))
+
+
+@op("ReverseSequence")
+def _reverse_sequence_op(im, ins, at):
+    return im.emit(_reverse_sequence, ins[0], ins[1], int(at.get("batch_axis", 1)), int(at.get("time_axis", 0)))
+
+
+def _center_crop_pad(x, shape, axes):
+    """Each axis cut or zero-padded to its size about the centre (an odd difference's extra at the end)."""
+    for a, size in zip(axes, shape):
+        dim = x.shape[a]
+        if size < dim:
+            x = x.narrow(a, (dim - size) // 2, size)
+        elif size > dim:
+            before = (size - dim) // 2
+            zeros = [list(x.shape) for _ in range(2)]
+            zeros[0][a], zeros[1][a] = before, size - dim - before
+            x = torch.cat([x.new_zeros(zeros[0]), x, x.new_zeros(zeros[1])], a)
+    return x
+
+
+@op("CenterCropPad")
+def _center_crop_pad_op(im, ins, at):
+    rank = len(im.shape(ins[0]))
+    shape = [int(v) for v in im.ints(ins[1], "shape")]
+    axes = [int(a) % rank for a in at.get("axes", range(rank))]
+    return im.emit(_center_crop_pad, ins[0], shape, axes)
+
+
 @op("InstanceNormalization")
 def _instance_norm(im, ins, at):
     return im.emit(F.instance_norm, ins[0], None, None, ins[1], ins[2], True, 0.0, float(at.get("epsilon", 1e-5)))

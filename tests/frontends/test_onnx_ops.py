@@ -535,6 +535,17 @@ _MORE_ONNX_OPS = {  # name: (opset, nodes, inputs [(name, elem type, array)], in
                             ("TensorScatter", ["c", "u1", "w1"], ["ax1"], {"axis": 1})],
                        [("c", F32, _r(2, 3, 5, 4)), ("u", F32, _r(2, 3, 2, 4)), ("u1", F32, _r(2, 2, 5, 4)),
                         ("w", I64, np.array([3, 0])), ("w1", I64, np.array([1, 0]))], {}),
+    "lp_pool": (18, [("LpPool", ["a"], ["l2"], {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}),
+                     ("LpPool", ["a"], ["l3"], {"kernel_shape": [2, 3], "p": 3, "pads": [0, 1, 1, 0],
+                                                "ceil_mode": 1, "strides": [2, 2]})],
+                [("a", F32, _r(1, 2, 7, 6))], {}),
+    "reverse_sequence": (10, [("ReverseSequence", ["a", "lens"], ["tb"]),
+                              ("ReverseSequence", ["b", "lens"], ["bt"], {"batch_axis": 0, "time_axis": 1})],
+                         [("a", F32, _r(5, 3, 2)), ("b", F32, _r(3, 5, 2))], {"lens": np.array([5, 0, 2], np.int64)}),
+    "center_crop_pad": (18, [("CenterCropPad", ["a", "sh"], ["cp"]),
+                             ("CenterCropPad", ["a", "sh2"], ["cp2"], {"axes": [-1, 1]})],
+                        [("a", F32, _r(2, 5, 6))], {"sh": np.array([3, 2, 9], np.int64),
+                                                   "sh2": np.array([3, 8], np.int64)}),
     "split_to_sequence": (17, [("SplitToSequence", ["a"], ["s1"], {"axis": 1, "keepdims": 0}),
                                ("SequenceErase", ["s1", "m1"], ["s2"]), ("SequenceLength", ["s2"], ["n2"]),
                                ("ConcatFromSequence", ["s2"], ["c"], {"axis": 0, "new_axis": 1}),
@@ -550,7 +561,8 @@ def test_trig_bitwise_sampling_norm_window_and_sequence_ops_match_ort(case, tmp_
     """ONNX ops that had no importer (the trig and hyperbolic functions, bitwise ops and BitShift, GridSample --
     what torch's F.grid_sample exports to -- AffineGrid, GroupNormalization, RMSNormalization, EyeLike, the
     spectral windows, Swish, SplitToSequence / SequenceErase, CumProd, TensorScatter -- a static KV cache's write,
-    linear and circular), each against ORT on the same file, as the graph and as the compiled artifact."""
+    linear and circular -- LpPool, ReverseSequence, CenterCropPad), each against ORT on the same file, as the graph
+    and as the compiled artifact."""
     opset, nodes, inputs, inits = _MORE_ONNX_OPS[case]
     made = [helper.make_node(op, i, o, **(rest[0] if rest else {})) for op, i, o, *rest in nodes]
     read = {i for _, ins, _, *_ in nodes for i in ins}
