@@ -2077,8 +2077,7 @@ def _if_op(im, ins, at):
 
     if isinstance(cond, Dyn):  # on the data: both branches, a where per output (one static graph)
         sides = [branch_outputs(at["then_branch"]), branch_outputs(at["else_branch"])]
-        shape = lambda v: tuple(v.t.shape if isinstance(v, Const) else v.example.shape)  # noqa: E731
-        dtype = lambda v: v.t.dtype if isinstance(v, Const) else v.example.dtype  # noqa: E731
+        shape, dtype = im.shape, (lambda v: im.example(v).dtype)
         for k, (t, f) in enumerate(zip(*sides)):
             if shape(t) != shape(f) or dtype(t) != dtype(f):
                 raise UnsupportedOpError(name, "If", f"its condition depends on the input data and its branches' "
@@ -2101,9 +2100,7 @@ def _seq(im, v, what: str) -> list:
 def _index(im, v, n: int, what: str, insert: bool = False) -> int:
     """A sequence position known at import, counted from the back when negative (ONNX: [-n, n - 1], or [-n, n]
     to insert)."""
-    if isinstance(v, Dyn):
-        raise UnsupportedOpError(im.node_name, im.op, f"its {what} depends on the input data")
-    i, top = int(v.t.reshape(-1)[0]), n + 1 if insert else n
+    i, top = im.ints(v, what)[0], n + 1 if insert else n
     if not -n <= i < top:
         raise UnsupportedOpError(im.node_name, im.op, f"{what} {i} is outside a sequence of {n}")
     return i + n if i < 0 else i
@@ -2230,7 +2227,7 @@ def _scan_op(im, ins, at):
     states, xs = list(ins[:len(ins) - m]), list(ins[len(ins) - m:])
     in_axes = list(at.get("scan_input_axes", [0] * m))
     in_dirs = list(at.get("scan_input_directions", [0] * m))
-    shape = lambda v: tuple(v.t.shape if isinstance(v, Const) else v.example.shape)  # noqa: E731
+    shape = im.shape
     lengths = {shape(x)[a % len(shape(x))] for x, a in zip(xs, in_axes)}
     if len(lengths) != 1:
         raise UnsupportedOpError(name, "Scan", f"its scan inputs have different lengths ({sorted(lengths)})")

@@ -27,12 +27,13 @@ def _widen_arg(a):
 
 
 _aten = torch.ops.aten
-# ops that only cast or move values: a graph whose half values come from these alone rounds on purpose
-_MOVES = {_aten._to_copy.default, _aten.to.dtype, _aten.to.dtype_layout, _aten.type_as.default, _aten.view.default,
-          _aten.reshape.default, _aten._unsafe_view.default, _aten.permute.default, _aten.transpose.int,
-          _aten.expand.default, _aten.clone.default, _aten.contiguous.default, _aten.squeeze.dim, _aten.squeeze.dims,
-          _aten.unsqueeze.default, _aten.slice.Tensor, _aten.select.int, _aten.flatten.using_ints,
-          _aten.alias.default, _aten.detach.default}
+# ops that only move or copy values (views, copies, slices: no arithmetic, no cast)
+VALUE_MOVES = {_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default, _aten.permute.default,
+               _aten.transpose.int, _aten.expand.default, _aten.clone.default, _aten.contiguous.default,
+               _aten.squeeze.dim, _aten.squeeze.dims, _aten.unsqueeze.default, _aten.slice.Tensor, _aten.select.int,
+               _aten.flatten.using_ints, _aten.alias.default, _aten.detach.default}
+# those and casts: a graph whose half values come from these alone rounds on purpose
+_MOVES = VALUE_MOVES | {_aten._to_copy.default, _aten.to.dtype, _aten.to.dtype_layout, _aten.type_as.default}
 
 
 def is_half(graph: Graph) -> bool:

@@ -15,7 +15,7 @@ import graphopt.ir.quant_ops  # noqa: F401  registers the graphopt ops
 from graphopt.ir.graph import Graph
 from graphopt.ir.names import matches, node_labels, unmatched_patterns
 from graphopt.ir.observe import observe_outputs
-from graphopt.ir.precision import is_half, widen_half
+from graphopt.ir.precision import VALUE_MOVES, is_half, widen_half
 from graphopt.ir.quant_ops import DTYPE_RANGES, pair_bounded_scales
 from graphopt.passes.analysis.weights import linears_from_matmuls, weighted_ops
 from graphopt.passes.canonicalize.dce import eliminate_dead_code
@@ -228,15 +228,12 @@ def residual_adds(graph: Graph) -> list[fx.Node]:
 # cosine would drop 0.938 -> 0.912 at [0, 1]).
 BOUNDED = {aten._softmax.default: (0.0, 1.0), aten.softmax.int: (0.0, 1.0), aten._safe_softmax.default: (0.0, 1.0),
            aten.sigmoid.default: (0.0, 1.0), aten.hardsigmoid.default: (0.0, 1.0), aten.tanh.default: (-1.0, 1.0)}
-_SAME_VALUES = {aten.clone.default, aten.view.default, aten.reshape.default, aten._unsafe_view.default,
-                aten.contiguous.default, aten.expand.default, aten.permute.default, aten.transpose.int,
-                aten.alias.default, aten.detach.default}
 
 
 def output_bounds(x: fx.Node) -> tuple[float, float] | None:
     """The range every value of activation x lies in when it is a bounded op's output (`BOUNDED`), read through
-    ops that only move values (views, copies); else None."""
-    while x.op == "call_function" and x.target in _SAME_VALUES and isinstance(x.args[0], fx.Node):
+    ops that only move values (views, copies, slices: `VALUE_MOVES`); else None."""
+    while x.op == "call_function" and x.target in VALUE_MOVES and isinstance(x.args[0], fx.Node):
         x = x.args[0]
     return BOUNDED.get(x.target) if x.op == "call_function" else None
 
