@@ -34,6 +34,20 @@ class PassResult:
     reason: str = ""
 
 
+def reasons_by_op(reasons: dict[str, str], shown: int = 3) -> str:
+    """One line of why a pass left ops alone ({op name: reason}), ops that share a reason listed together: "linear,
+    linear_1, linear_2 and 33 more: input is not quantized". A reason per op had printed the same sentence 36
+    times for MiniLM's linears after a dynamic quantize."""
+    groups: dict[str, list[str]] = {}
+    for name, why in reasons.items():
+        groups.setdefault(str(why), []).append(name)
+    parts = []
+    for why, names in groups.items():
+        head = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+        parts.append(f"{head}: {why}")
+    return "; ".join(parts)
+
+
 @dataclass
 class PassContext:
     """What passes may use besides the graph: data, the reference, the target's cost oracle, seed, strictness."""

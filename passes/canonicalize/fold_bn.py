@@ -13,7 +13,7 @@ import torch.fx as fx
 
 from graphopt.ir.graph import Graph
 from graphopt.passes.canonicalize.dce import eliminate_dead_code
-from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, register_pass
+from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, reasons_by_op, register_pass
 
 aten = torch.ops.aten
 CONVS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default)
@@ -141,5 +141,5 @@ class FoldBatchNorm(Pass):
             eliminate_dead_code(graph)
         reason = ""
         if not folded:
-            reason = "no batch norm found" if not skipped else "; ".join(f"{k}: {v}" for k, v in skipped.items())
+            reason = "no batch norm found" if not skipped else reasons_by_op(skipped)
         return PassResult(graph, bool(folded), {"folded": len(folded), "skipped": skipped, "pairs": folded}, reason)

@@ -12,7 +12,7 @@ import torch.fx as fx
 
 from graphopt.ir.graph import Graph
 from graphopt.passes.canonicalize.dce import eliminate_dead_code
-from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, register_pass
+from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, reasons_by_op, register_pass
 
 aten = torch.ops.aten
 PADS = (aten.pad.default, aten.constant_pad_nd.default)
@@ -71,5 +71,5 @@ class FoldPad(Pass):
             folded.append(pad.name)
         if folded:
             eliminate_dead_code(graph)
-        reason = "" if folded else ("; ".join(f"{k}: {v}" for k, v in kept.items()) or "no pad")
+        reason = "" if folded else (reasons_by_op(kept) or "no pad")
         return PassResult(graph, bool(folded), {"folded": len(folded), "kept": kept}, reason)

@@ -15,7 +15,7 @@ from graphopt.ir.quant_ops import unfold_integer_ops  # noqa: F401  (its home is
 from graphopt.ir.graph import Graph
 from graphopt.passes.canonicalize.dce import eliminate_dead_code
 from graphopt.passes.quant.quantize import before_in_graph
-from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, register_pass
+from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, reasons_by_op, register_pass
 
 aten = torch.ops.aten
 go = torch.ops.graphopt
@@ -214,7 +214,7 @@ class FoldQDQ(Pass):
             eliminate_dead_code(graph)
         fixed, float_kept = (fixed_point_requantize(graph) if self.options.requantize == "fixed" and folded
                              else (0, {}))
-        reason = "" if folded else ("nothing to fold: " + "; ".join(f"{k}: {v}" for k, v in kept.items())
+        reason = "" if folded else ("nothing to fold: " + reasons_by_op(kept)
                                     if kept else "no quantized conv2d or linear (run quantize first)")
         stats = {"folded": len(folded), "kept": kept}
         if self.options.requantize == "fixed":

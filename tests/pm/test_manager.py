@@ -263,3 +263,19 @@ def test_a_bounded_pass_past_its_bound_says_what_to_do(cnn_graph):
     with pytest.raises(PassFailedError, match=r"'test-lossy-bounded' broke its bounded numerical contract: .*SQNR=.*"
                                               r"its bound is SQNR >= 12 dB .*run without --verify-each"):
         graphopt.optimize(g, "test-lossy-bounded{factor=3}", verify=True, data=[(x,)])
+
+
+def test_ops_left_alone_for_one_reason_are_named_once(caplog):
+    """A pass that changed nothing says why per op; ops sharing a reason are listed together, the first few by
+    name (fold-qdq after a dynamic quantize had printed the same sentence for each of MiniLM's 36 linears)."""
+    from graphopt.pm.registry import reasons_by_op
+    assert reasons_by_op({"a": "x", "b": "y", "c": "x"}) == "a, c: x; b: y"
+    many = {f"linear_{i}": "input is not quantized" for i in range(6)}
+    assert reasons_by_op(many) == "linear_0, linear_1, linear_2 and 3 more: input is not quantized"
+    net = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(5)]).eval()
+    g = graphopt.trace(net, (torch.randn(2, 8),))
+    with caplog.at_level(logging.WARNING, logger="graphopt.pm"):
+        q = graphopt.optimize(g, "quantize{activations=dynamic},fold-qdq")
+    assert not q.meta["history"][-1]["changed"]
+    msg = next(r.message for r in caplog.records if "'fold-qdq' changed nothing" in r.message)
+    assert msg.count("input is not quantized") == 1 and "and 2 more" in msg, msg
