@@ -1,4 +1,6 @@
-"""fold-bn: fold inference batch norm into the preceding conv or linear (exact up to float rounding).
+"""fold-bn: fold inference batch norm into the preceding conv or linear (exact up to float rounding), and a constant
+added per output channel after one into its bias (ONNX files that write the bias as its own Add: ONNX Runtime's
+quantize_dynamic output, converters from other frameworks), so the conv's kernel adds it in its epilogue.
 
 A rewrite rule in three parts (onnxscript's habit): `match` finds the pattern, `check` says why it may not
 apply, `rewrite` replaces it. Every batch norm that is left alone gets a reason in the pass stats.
@@ -17,6 +19,7 @@ from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, reason
 
 aten = torch.ops.aten
 CONVS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default)
+LINEAR = aten.linear.default
 BN_OPS = (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default)
 
 
@@ -61,23 +64,48 @@ def match(graph: Graph, bn: fx.Node) -> Match | str:
     return Match(bn, x, outputs, *tensors, float(eps))
 
 
+def match_bias_add(graph: Graph, add: fx.Node) -> Match | None:
+    """add(conv or linear, constant) with the constant one value per output channel (or one value), as a batch
+    norm of mean 0, variance 1 and the constant as its shift; None where the add is not of that form."""
+    if add.target is not aten.add.Tensor or add.kwargs.get("alpha", 1) != 1 or len(add.args) != 2:
+        return None
+    for x, c in (add.args, add.args[::-1]):
+        producer = isinstance(x, fx.Node) and x.op == "call_function" and (x.target in CONVS or x.target is LINEAR)
+        if not (producer and isinstance(c, fx.Node) and c.op == "get_attr"):
+            continue
+        out, const = x.meta.get("val"), graph.get_param(c.target)
+        if out is None or const.dtype != out.dtype or const.dim() > out.dim():
+            return None
+        shape = [1] * (out.dim() - const.dim()) + list(const.shape)
+        channel = out.dim() - 1 if x.target is LINEAR else 1
+        if any(d != 1 for i, d in enumerate(shape) if i != channel) or shape[channel] not in (1, out.shape[channel]):
+            return None
+        shift = const.reshape(-1).expand(int(out.shape[channel])).clone()
+        ones = torch.ones_like(shift)
+        return Match(add, x, [add], None, shift, torch.zeros_like(shift), ones, 0.0)
+    return None
+
+
 def check(graph: Graph, m: Match) -> str:
     """Empty when the rewrite is safe, else why not."""
     p = m.producer
     if len(p.users) != 1:
-        return f"'{p.name}' has other users besides the batch norm"
+        return f"'{p.name}' has other users besides " + ("the batch norm" if m.bn.target in BN_OPS else f"'{m.bn.name}'")
     if p.target is aten.convolution.default and p.args[6]:
         return f"'{p.name}' is a transposed convolution"
+    bias = p.args[2] if len(p.args) > 2 else p.kwargs.get("bias")
+    if bias is not None and (not isinstance(bias, fx.Node) or bias.op != "get_attr" or len(bias.users) != 1):
+        return f"bias of '{p.name}' is computed or shared"
+    if m.bn.target not in BN_OPS:  # a bias add changes the bias only: any weight
+        channels = int(p.meta["val"].shape[-1 if p.target is LINEAR else 1])
+        return "" if m.mean.numel() == channels else f"'{m.bn.name}' does not add one value per output channel"
     w_node = p.args[1]
     if not isinstance(w_node, fx.Node) or w_node.op != "get_attr":
         return f"'{p.name}' has a computed weight"
     readers = [n for n in graph.gm.graph.nodes if n.op == "get_attr" and n.target == w_node.target]
     if len(readers) != 1 or len(w_node.users) != 1:
         return f"weight '{w_node.target}' of '{p.name}' is shared with other ops"
-    bias = p.args[2] if len(p.args) > 2 else p.kwargs.get("bias")
-    if bias is not None and (not isinstance(bias, fx.Node) or bias.op != "get_attr" or len(bias.users) != 1):
-        return f"bias of '{p.name}' is computed or shared"
-    if p.target is aten.linear.default:
+    if p.target is LINEAR and m.bn.target in BN_OPS:
         out = p.meta.get("val")
         if out is None or out.dim() != 2:
             return f"'{p.name}' output is not 2-D, so the batch norm's channel dim is not the linear's features"
@@ -90,19 +118,21 @@ def check(graph: Graph, m: Match) -> str:
 def rewrite(graph: Graph, m: Match) -> None:
     p = m.producer
     w_node = p.args[1]
-    w = graph.get_param(w_node.target).double()
     inv = torch.rsqrt(m.var.double() + m.eps)
     scale = inv * (m.weight.double() if m.weight is not None else 1.0)
     shift = (m.bias.double() if m.bias is not None else 0.0) - m.mean.double() * scale
     bias_node = p.args[2] if len(p.args) > 2 else p.kwargs.get("bias")
     old_bias = graph.get_param(bias_node.target).double() if bias_node is not None else torch.zeros_like(scale)
-    dtype = graph.get_param(w_node.target).dtype
-    graph.set_param(w_node.target, (w * scale.reshape(-1, *([1] * (w.dim() - 1)))).to(dtype))
+    dtype = p.meta["val"].dtype
+    if m.bn.target in BN_OPS:  # (a bias add leaves the weight as it is)
+        w = graph.get_param(w_node.target).double()
+        graph.set_param(w_node.target, (w * scale.reshape(-1, *([1] * (w.dim() - 1)))).to(dtype))
     new_bias = (old_bias * scale + shift).to(dtype)
     if bias_node is not None:
         graph.set_param(bias_node.target, new_bias)
     else:
-        node = graph.add_param(f"{w_node.target}_folded_bias", new_bias, before=p)
+        stem = w_node.target if isinstance(w_node, fx.Node) and w_node.op == "get_attr" else p.name
+        node = graph.add_param(f"{stem}_folded_bias", new_bias, before=p)
         args = list(p.args)
         if "bias" in p.kwargs:
             kwargs = dict(p.kwargs)
@@ -120,7 +150,8 @@ def rewrite(graph: Graph, m: Match) -> None:
 @register_pass
 class FoldBatchNorm(Pass):
     name = "fold-bn"
-    summary = "Fold inference batch norm into the preceding conv/linear weights and bias (exact)."
+    summary = ("Fold inference batch norm into the preceding conv/linear weights and bias, and per-channel constant "
+               "adds into that bias (exact).")
     contract = Contract.EXACT
 
     @dataclass
@@ -137,9 +168,21 @@ class FoldBatchNorm(Pass):
                 continue
             rewrite(graph, m)
             folded.append(f"{bn.name} -> {m.producer.name}")
-        if folded:
+        biases = []
+        for add in [n for n in graph.gm.graph.nodes if n.op == "call_function" and n.target is aten.add.Tensor]:
+            m = match_bias_add(graph, add)
+            if m is None:
+                continue
+            reason = check(graph, m)
+            if reason:
+                skipped[add.name] = reason
+                continue
+            rewrite(graph, m)
+            biases.append(f"{add.name} -> {m.producer.name}")
+        if folded or biases:
             eliminate_dead_code(graph)
         reason = ""
-        if not folded:
+        if not folded and not biases:
             reason = "no batch norm found" if not skipped else reasons_by_op(skipped)
-        return PassResult(graph, bool(folded), {"folded": len(folded), "skipped": skipped, "pairs": folded}, reason)
+        return PassResult(graph, bool(folded or biases), {"folded": len(folded), "bias_adds": len(biases),
+                                                          "skipped": skipped, "pairs": folded + biases}, reason)

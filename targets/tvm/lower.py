@@ -1016,15 +1016,26 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
 
     dynamic_grids: dict = {}
 
-    def _dynamic_grid(importer, node):
+    def _dynamic_grid(importer, node, dequantized: bool = False):
         """(codes, scale, zero point) of graphopt.dynamic_quantize `node`: x's per-call uint8 grid, as
         graphopt.ir.quant_ops.dynamic_qparams (a min and a max over x, then one elementwise pass; codes as float32 in
-        [0, 255]); emitted once, its readers share it."""
-        if node not in dynamic_grids:
+        [0, 255]); emitted once, its readers share it. `dequantized`: on graphopt's CPU kernel, the values the codes
+        stand for in place of the codes (None elsewhere)."""
+        if (node, dequantized) not in dynamic_grids:
             src, bb = node.args[0], importer.block_builder
-            axes = list(range(src.meta["val"].dim()))
-            lo = bb.emit(relax.op.minimum(_extreme(importer, src, axes, False, (), "min"), f32(0)))
-            hi = bb.emit(relax.op.maximum(_extreme(importer, src, axes, False, (), "max"), f32(0)))
+            val = src.meta["val"]
+            kernel = cpu_kernels and _static(val) and str(val.dtype) == "torch.float32" and val.numel() >= 16
+            if dequantized and not kernel:
+                return None
+            axes = list(range(val.dim()))
+            lo_x, hi_x = (_extreme(importer, src, axes, False, (), kind) for kind in ("min", "max"))
+            if kernel:
+                from graphopt.targets.tvm.cpu.int8 import emit_dynamic_grid
+                grid = emit_dynamic_grid(bb, importer.env[src], lo_x, hi_x, val.shape, dequantized=dequantized)
+                dynamic_grids[node, dequantized] = grid
+                return grid
+            lo = bb.emit(relax.op.minimum(lo_x, f32(0)))
+            hi = bb.emit(relax.op.maximum(hi_x, f32(0)))
             span = bb.emit(relax.op.subtract(hi, lo))
             scale = bb.emit(relax.op.where(bb.emit(relax.op.equal(span, f32(0))), f32(1),
                                            bb.emit(relax.op.divide(span, f32(255)))))
@@ -1032,12 +1043,15 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                 bb.emit(relax.op.negative(lo)), scale)), 0, 255))))
             q = bb.emit(relax.op.round(bb.emit(relax.op.divide(importer.env[src], scale))))
             q = bb.emit(relax.op.clip(bb.emit(relax.op.add(q, zp)), 0, 255))
-            dynamic_grids[node] = (q, scale, zp)
-        return dynamic_grids[node]
+            dynamic_grids[node, dequantized] = (q, scale, zp)
+        return dynamic_grids[node, dequantized]
 
     def dynamic_quantize(node, importer):
         """x on its own per-call uint8 grid: a quantize_dynamic model's activations that `quantize` has not made
         static (the linears reading it with an int8 weight take its codes instead: `_dynamic_qlinear`)."""
+        values = _dynamic_grid(importer, node, dequantized=True)
+        if values is not None:
+            return values[0]
         q, scale, zp = _dynamic_grid(importer, node)
         bb = importer.block_builder
         return bb.emit(relax.op.multiply(bb.emit(relax.op.subtract(q, zp)), scale))

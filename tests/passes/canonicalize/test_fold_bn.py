@@ -71,3 +71,41 @@ def test_leaves_bn_after_non_conv_and_says_why(caplog):
     assert any("is not a conv or linear" in r for r in rec["stats"]["skipped"].values())
     for a, b in zip(out.run(x), m(x)):
         torch.testing.assert_close(a, b, **TOL)
+
+
+def test_constants_added_per_output_channel_become_the_bias():
+    """A conv or linear followed by the add of a constant per output channel (one value, [C], [1, C, 1, 1]; either
+    operand order), as ONNX files that write the bias as an Add import: the constant joins the layer's bias, so
+    the kernel adds it in its epilogue; a constant that varies along another axis, or a producer read elsewhere,
+    stays an add."""
+    torch.manual_seed(2)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 4, 3, bias=False), nn.Conv2d(4, 4, 1)
+            self.c3 = nn.Conv2d(4, 4, 1)
+            self.fc = nn.Linear(4 * 6 * 6, 5)
+            self.b1 = nn.Parameter(torch.randn(1, 4, 1, 1))
+            self.b2 = nn.Parameter(torch.randn(4, 1, 1))
+            self.per_pixel = nn.Parameter(torch.randn(1, 4, 6, 6))
+            self.bf = nn.Parameter(torch.randn(5))
+
+        def forward(self, x):
+            y = self.c1(x) + self.b1                  # no bias before: one is made
+            y = self.b2 + self.c2(y)                  # constant first, bias already there
+            z = self.c3(y)
+            y = z + self.per_pixel + z                # varies per pixel (and z is read twice): kept
+            return self.fc(y.flatten(1)) + self.bf    # a linear's features
+
+    model = M().eval()
+    x = torch.randn(2, 3, 8, 8)
+    g = graphopt.trace(model, (x,))
+    out = graphopt.optimize(g, "fold-bn")
+    stats = out.meta["history"][-1]["stats"]
+    assert stats["folded"] == 0 and stats["bias_adds"] == 3, stats
+    adds = [n for n in out.graph.nodes if n.target is torch.ops.aten.add.Tensor]
+    assert len(adds) == 2, out.text()
+    layers = [n for n in out.graph.nodes if n.target in (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)]
+    assert all(n.args[2] is not None for n in layers)
+    torch.testing.assert_close(out.run(x)[0], model(x), **TOL)
