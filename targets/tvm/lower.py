@@ -1191,6 +1191,32 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             return _extreme(importer, node.args[0], axes, keep, node.meta["val"].shape, kind)
         return convert
 
+    def arg_extreme(kind: str):
+        def convert(node, importer):
+            """argmax / argmin (x, dim=None for all, keepdim): the first extreme's index, and on floats the first
+            NaN's where a reduced row holds one, as PyTorch's (Relax's argmax passed over a NaN)."""
+            x_val, bb = node.args[0].meta["val"], importer.block_builder
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            keep = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
+            x = importer.env[node.args[0]]
+            nd = x_val.dim()
+            if dim is None and nd > 1:  # (over everything: the flat index)
+                x, dim, flat = bb.emit(relax.op.reshape(x, (x_val.numel(),))), 0, True
+            else:
+                dim, flat = (0 if dim is None else int(dim) % max(nd, 1)), False
+            op = relax.op.argmax if kind == "max" else relax.op.argmin
+            axis = None if nd == 0 else dim
+            y = bb.emit(op(x, axis=axis, keepdims=keep and not flat))
+            if x_val.dtype.is_floating_point and nd > 0:
+                nan = bb.emit(relax.op.astype(bb.emit(relax.op.isnan(x)), "int8"))
+                has = bb.emit(relax.op.greater(bb.emit(relax.op.max(nan, axis=[dim], keepdims=keep and not flat)),
+                                               relax.const(0, "int8")))
+                y = bb.emit(relax.op.where(has, bb.emit(relax.op.argmax(nan, axis=dim, keepdims=keep and not flat)), y))
+            y = bb.emit(relax.op.astype(y, "int64"))
+            shape = tuple(int(d) for d in node.meta["val"].shape)
+            return bb.emit(relax.op.reshape(y, shape)) if flat else y
+        return convert
+
     def softmax(node, importer):
         # float32 softmax over the last axis: one vectorized pass per row (norm.py); SDPA's where that zeroes
         # rows of -inf done in the same kernel (as Relax ops it was a generic reduction + select, 0.13 ms a
@@ -1975,6 +2001,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             "roll.default": roll, "flip.default": flip, "permute.default": permute, "where.self": where,
             "max.dim": max_dim, "_log_softmax.default": log_softmax,
             "amax.default": amax_amin("max"), "amin.default": amax_amin("min"), "sum.dim_IntList": sum_dim,
+            "max.default": amax_amin("max"), "min.default": amax_amin("min"),
+            "argmax.default": arg_extreme("max"), "argmin.default": arg_extreme("min"),
             "linalg_vector_norm.default": vector_norm, "im2col.default": im2col,
             **{f"{kind}_pad{d}d.default": edge_pad(mode) for kind, mode in (("reflection", "reflect"),
                                                                            ("replication", "replicate"))

@@ -482,3 +482,19 @@ def test_lgamma_and_digamma_match_float64_at_float32_rounding():
         assert (np.abs(got[fin] - ref64[fin]) / np.maximum(np.abs(ref64[fin]), 1.0)).max() < 1e-7, fn
     _check(lambda a: torch.mvlgamma(a.abs() + 2, 3), torch.randn(4, 5, generator=torch.Generator().manual_seed(0)),
            rtol=1e-6, atol=1e-6)
+
+
+def test_max_min_over_everything_and_argmax_argmin_see_nan_as_pytorch_does():
+    """x.max() / x.min() over all values gave the largest number past a NaN, and argmax / argmin (per row and
+    flat) pointed past it (Relax's reductions skip a NaN unless it comes last): PyTorch's answer is NaN and the
+    first NaN's index, before or after an infinity. Rows without NaN, ints, keepdim and the flat index as before."""
+    x = torch.randn(4, 37)
+    x[1, 5], x[3, 0], x[0, 3], x[2, 30] = float("nan"), float("nan"), float("inf"), -float("inf")
+    x[1, 2] = float("inf")  # (an inf before the row's NaN)
+    xi = torch.randint(-5, 5, (4, 6), dtype=torch.int32)
+    for fn in (lambda t: t.max(), lambda t: t.min(), lambda t: t.argmax(), lambda t: t.argmin(),
+               lambda t: t.argmax(1), lambda t: t.argmin(-1, keepdim=True), lambda t: torch.argmax(t, keepdim=True),
+               lambda t: t.reshape(2, -1, t.shape[-1]).argmax(0)):
+        _check(fn, x)
+        _check(fn, x[[0, 2]])  # (no NaN)
+        _check(fn, xi)
