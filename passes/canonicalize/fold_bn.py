@@ -1,6 +1,7 @@
 """fold-bn: fold inference batch norm into the preceding conv or linear (exact up to float rounding), and a constant
-added per output channel after one into its bias (ONNX files that write the bias as its own Add: ONNX Runtime's
-quantize_dynamic output, converters from other frameworks), so the conv's kernel adds it in its epilogue.
+added to or multiplied with one per output channel into its bias / weight (ONNX files that write the bias as its own
+Add, ONNX Runtime's quantize_dynamic output; a batch norm written as Mul and Add by other converters), so the conv's
+kernel applies it in its epilogue.
 
 A rewrite rule in three parts (onnxscript's habit): `match` finds the pattern, `check` says why it may not
 apply, `rewrite` replaces it. Every batch norm that is left alone gets a reason in the pass stats.
@@ -64,10 +65,14 @@ def match(graph: Graph, bn: fx.Node) -> Match | str:
     return Match(bn, x, outputs, *tensors, float(eps))
 
 
-def match_bias_add(graph: Graph, add: fx.Node) -> Match | None:
-    """add(conv or linear, constant) with the constant one value per output channel (or one value), as a batch
-    norm of mean 0, variance 1 and the constant as its shift; None where the add is not of that form."""
-    if add.target is not aten.add.Tensor or add.kwargs.get("alpha", 1) != 1 or len(add.args) != 2:
+AFFINE = (aten.add.Tensor, aten.mul.Tensor)
+
+
+def match_affine(graph: Graph, add: fx.Node) -> Match | None:
+    """add or mul (conv or linear, constant) with the constant one value per output channel (or one value), as a
+    batch norm of mean 0 and variance 1 with the constant as its shift (add) or its weight (mul; the layer's
+    weight and bias are scaled); None where the op is not of that form."""
+    if add.target not in AFFINE or add.kwargs.get("alpha", 1) != 1 or len(add.args) != 2:
         return None
     for x, c in (add.args, add.args[::-1]):
         producer = isinstance(x, fx.Node) and x.op == "call_function" and (x.target in CONVS or x.target is LINEAR)
@@ -80,9 +85,11 @@ def match_bias_add(graph: Graph, add: fx.Node) -> Match | None:
         channel = out.dim() - 1 if x.target is LINEAR else 1
         if any(d != 1 for i, d in enumerate(shape) if i != channel) or shape[channel] not in (1, out.shape[channel]):
             return None
-        shift = const.reshape(-1).expand(int(out.shape[channel])).clone()
-        ones = torch.ones_like(shift)
-        return Match(add, x, [add], None, shift, torch.zeros_like(shift), ones, 0.0)
+        value = const.reshape(-1).expand(int(out.shape[channel])).clone()
+        zeros, ones = torch.zeros_like(value), torch.ones_like(value)
+        if add.target is aten.mul.Tensor:
+            return Match(add, x, [add], value, None, zeros, ones, 0.0)
+        return Match(add, x, [add], None, value, zeros, ones, 0.0)
     return None
 
 
@@ -96,16 +103,17 @@ def check(graph: Graph, m: Match) -> str:
     bias = p.args[2] if len(p.args) > 2 else p.kwargs.get("bias")
     if bias is not None and (not isinstance(bias, fx.Node) or bias.op != "get_attr" or len(bias.users) != 1):
         return f"bias of '{p.name}' is computed or shared"
-    if m.bn.target not in BN_OPS:  # a bias add changes the bias only: any weight
-        channels = int(p.meta["val"].shape[-1 if p.target is LINEAR else 1])
-        return "" if m.mean.numel() == channels else f"'{m.bn.name}' does not add one value per output channel"
+    if m.bn.target is aten.add.Tensor:  # a bias add changes the bias only: any weight (one value a channel: matched)
+        return ""
     w_node = p.args[1]
     if not isinstance(w_node, fx.Node) or w_node.op != "get_attr":
         return f"'{p.name}' has a computed weight"
     readers = [n for n in graph.gm.graph.nodes if n.op == "get_attr" and n.target == w_node.target]
     if len(readers) != 1 or len(w_node.users) != 1:
         return f"weight '{w_node.target}' of '{p.name}' is shared with other ops"
-    if p.target is LINEAR and m.bn.target in BN_OPS:
+    if m.bn.target is aten.mul.Tensor:  # (its channel axis is the layer's outputs: matched so, any rank)
+        return ""
+    if p.target is LINEAR:
         out = p.meta.get("val")
         if out is None or out.dim() != 2:
             return f"'{p.name}' output is not 2-D, so the batch norm's channel dim is not the linear's features"
@@ -124,7 +132,7 @@ def rewrite(graph: Graph, m: Match) -> None:
     bias_node = p.args[2] if len(p.args) > 2 else p.kwargs.get("bias")
     old_bias = graph.get_param(bias_node.target).double() if bias_node is not None else torch.zeros_like(scale)
     dtype = p.meta["val"].dtype
-    if m.bn.target in BN_OPS:  # (a bias add leaves the weight as it is)
+    if m.bn.target is not aten.add.Tensor:  # (a bias add leaves the weight as it is)
         w = graph.get_param(w_node.target).double()
         graph.set_param(w_node.target, (w * scale.reshape(-1, *([1] * (w.dim() - 1)))).to(dtype))
     new_bias = (old_bias * scale + shift).to(dtype)
@@ -151,7 +159,7 @@ def rewrite(graph: Graph, m: Match) -> None:
 class FoldBatchNorm(Pass):
     name = "fold-bn"
     summary = ("Fold inference batch norm into the preceding conv/linear weights and bias, and per-channel constant "
-               "adds into that bias (exact).")
+               "muls / adds into them (exact).")
     contract = Contract.EXACT
 
     @dataclass
@@ -168,9 +176,10 @@ class FoldBatchNorm(Pass):
                 continue
             rewrite(graph, m)
             folded.append(f"{bn.name} -> {m.producer.name}")
-        biases = []
-        for add in [n for n in graph.gm.graph.nodes if n.op == "call_function" and n.target is aten.add.Tensor]:
-            m = match_bias_add(graph, add)
+        biases = []  # (muls first: a conv -> mul -> add chain folds whole)
+        for add in [n for kind in (aten.mul.Tensor, aten.add.Tensor) for n in graph.gm.graph.nodes
+                    if n.op == "call_function" and n.target is kind]:
+            m = match_affine(graph, add)
             if m is None:
                 continue
             reason = check(graph, m)
@@ -178,11 +187,12 @@ class FoldBatchNorm(Pass):
                 skipped[add.name] = reason
                 continue
             rewrite(graph, m)
+            graph.gm.graph.erase_node(add)  # (now unread: a mul's add after it sees the layer's one user)
             biases.append(f"{add.name} -> {m.producer.name}")
         if folded or biases:
             eliminate_dead_code(graph)
         reason = ""
         if not folded and not biases:
             reason = "no batch norm found" if not skipped else reasons_by_op(skipped)
-        return PassResult(graph, bool(folded or biases), {"folded": len(folded), "bias_adds": len(biases),
+        return PassResult(graph, bool(folded or biases), {"folded": len(folded), "affine_ops": len(biases),
                                                           "skipped": skipped, "pairs": folded + biases}, reason)

@@ -103,9 +103,43 @@ def test_constants_added_per_output_channel_become_the_bias():
     g = graphopt.trace(model, (x,))
     out = graphopt.optimize(g, "fold-bn")
     stats = out.meta["history"][-1]["stats"]
-    assert stats["folded"] == 0 and stats["bias_adds"] == 3, stats
+    assert stats["folded"] == 0 and stats["affine_ops"] == 3, stats
     adds = [n for n in out.graph.nodes if n.target is torch.ops.aten.add.Tensor]
     assert len(adds) == 2, out.text()
     layers = [n for n in out.graph.nodes if n.target in (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)]
     assert all(n.args[2] is not None for n in layers)
     torch.testing.assert_close(out.run(x)[0], model(x), **TOL)
+
+
+def test_constant_scales_per_output_channel_fold_into_weight_and_bias():
+    """A batch norm written as Mul and Add of per-channel constants after a conv (what some converters write, and
+    FrozenBatchNorm2d once fold-constants has computed its scale) folds whole: the mul into the weight and bias,
+    the add into the bias. Muls after layers of one tied weight stay, and say why."""
+    torch.manual_seed(3)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.fc, self.fc2 = nn.Conv2d(3, 4, 3), nn.Linear(4, 3, bias=False), nn.Linear(4, 3)
+            self.fc3 = nn.Linear(4, 5)
+            self.fc2.weight = self.fc.weight  # (tied: scaling it for one would change the other)
+            self.s, self.t = nn.Parameter(torch.rand(1, 4, 1, 1) + 0.5), nn.Parameter(torch.randn(1, 4, 1, 1))
+            self.fs, self.fs2 = nn.Parameter(torch.rand(3) + 0.5), nn.Parameter(torch.rand(3) + 0.5)
+            self.fs3 = nn.Parameter(torch.rand(5) - 0.5)
+
+        def forward(self, x):
+            y = (self.c(x) * self.s + self.t).mean((2, 3))
+            return self.fc(y) * self.fs, self.fc2(y) * self.fs2, self.fs3 * self.fc3(y)
+
+    model = M().eval()
+    x = torch.randn(2, 3, 8, 8)
+    g = graphopt.trace(model, (x,))
+    out = graphopt.optimize(g, "fold-bn")
+    stats = out.meta["history"][-1]["stats"]
+    assert stats["affine_ops"] == 3, stats  # conv's mul and add, fc3's mul
+    assert sorted(stats["skipped"].values()) == [f"weight 'fc2_weight' of '{n}' is shared with other ops"
+                                                 for n in ("linear", "linear_1")], stats
+    left = [n for n in out.graph.nodes if n.target in (torch.ops.aten.mul.Tensor, torch.ops.aten.add.Tensor)]
+    assert len(left) == 2, out.text()  # the tied linears' muls
+    for a, b in zip(out.run(x), model(x)):
+        torch.testing.assert_close(a, b, **TOL)
