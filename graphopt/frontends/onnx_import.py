@@ -1323,6 +1323,8 @@ def _pool(im, ins, at):
         begins = [0] * nd
     if is_max:
         fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[nd]
+        if im.n_outputs > 1:
+            return _max_pool_indices(im, ins, at, x, fn, kernel, strides, begins, dil, ceil)
         return [im.emit(fn, x, kernel, strides, begins, dil, ceil)]
     fn = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[nd]
     include = bool(at.get("count_include_pad", 0))
@@ -1333,6 +1335,42 @@ def _pool(im, ins, at):
         share = fn(inside, kernel, strides, begins, ceil, True)
         return [im.emit(torch.div, im.emit(fn, x, kernel, strides, begins, ceil, True), Const(share))]
     return [im.emit(fn, x, kernel, strides, begins, ceil, include)]
+
+
+def _plane_offsets(shape) -> torch.Tensor:
+    """(n * C + c) * H * W ... per plane of an [N, C, *spatial] tensor, shaped [N, C, 1, ...]: ONNX's pooling
+    indices count over the whole tensor, PyTorch's within a plane."""
+    n, c, *sp = (int(d) for d in shape)
+    return (torch.arange(n * c, dtype=torch.int64) * math.prod(sp)).reshape(n, c, *[1] * len(sp))
+
+
+def _max_pool_indices(im, ins, at, x, fn, kernel, strides, begins, dil, ceil):
+    """MaxPool's second output, Indices (SegNet / ENet encoders, for a MaxUnpool): PyTorch's plane-local argmax
+    indices plus each plane's offset, as ONNX counts them (row-major over the whole input)."""
+    if x is not ins[0] or int(at.get("storage_order", 0)):
+        raise UnsupportedOpError(im.node_name, "MaxPool", "its Indices output with asymmetric pads or "
+                                 "storage_order=1; use symmetric pads and row-major indices")
+    both = im.emit(fn, x, kernel, strides, begins, dil, ceil, True)
+    values, local = im.emit(_getitem, both, 0), im.emit(_getitem, both, 1)
+    return [values, im.emit(torch.add, local, Const(_plane_offsets(im.shape(x))))]
+
+
+@op("MaxUnpool")
+def _max_unpool(im, ins, at):
+    """MaxUnpool(X, I[, output_shape]): X's values at ONNX's whole-tensor indices I in a zero tensor (2-D maps:
+    PyTorch's max_unpool2d on the plane-local indices)."""
+    shape = im.shape(ins[0])
+    kernel = list(at["kernel_shape"])
+    nd = len(kernel)
+    if nd != 2:
+        raise UnsupportedOpError(im.node_name, "MaxUnpool", f"{nd}-D unpooling (2-D maps only)")
+    strides, pads = list(at.get("strides", [1] * nd)), list(at.get("pads", [0] * 2 * nd))
+    if len(ins) > 2 and ins[2] is not None:
+        out = [int(d) for d in im.ints(ins[2], "output_shape")]
+    else:
+        out = [*shape[:2], *((shape[2 + i] - 1) * strides[i] - pads[i] - pads[nd + i] + kernel[i] for i in range(nd))]
+    local = im.emit(torch.sub, ins[1], Const(_plane_offsets(out)))
+    return [im.emit(F.max_unpool2d, ins[0], local, kernel, strides, pads[:nd], out[2:])]
 
 
 @op("Flatten")

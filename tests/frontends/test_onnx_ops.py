@@ -546,6 +546,12 @@ _MORE_ONNX_OPS = {  # name: (opset, nodes, inputs [(name, elem type, array)], in
                              ("CenterCropPad", ["a", "sh2"], ["cp2"], {"axes": [-1, 1]})],
                         [("a", F32, _r(2, 5, 6))], {"sh": np.array([3, 2, 9], np.int64),
                                                    "sh2": np.array([3, 8], np.int64)}),
+    "max_unpool": (11, [("MaxPool", ["a"], ["p", "i"], {"kernel_shape": [2, 2], "strides": [2, 2]}),
+                        ("MaxUnpool", ["p", "i"], ["u"], {"kernel_shape": [2, 2], "strides": [2, 2]}),
+                        ("Identity", ["i"], ["indices"]),
+                        ("MaxPool", ["b"], ["pb", "ib"], {"kernel_shape": [2, 2], "strides": [2, 2]}),
+                        ("MaxUnpool", ["pb", "ib", "bshape"], ["ub"], {"kernel_shape": [2, 2], "strides": [2, 2]})],
+                   [("a", F32, _r(2, 3, 6, 4)), ("b", F32, _r(1, 2, 5, 7))], {"bshape": np.array([1, 2, 5, 7])}),
     "split_to_sequence": (17, [("SplitToSequence", ["a"], ["s1"], {"axis": 1, "keepdims": 0}),
                                ("SequenceErase", ["s1", "m1"], ["s2"]), ("SequenceLength", ["s2"], ["n2"]),
                                ("ConcatFromSequence", ["s2"], ["c"], {"axis": 0, "new_axis": 1}),
@@ -561,8 +567,8 @@ def test_trig_bitwise_sampling_norm_window_and_sequence_ops_match_ort(case, tmp_
     """ONNX ops that had no importer (the trig and hyperbolic functions, bitwise ops and BitShift, GridSample --
     what torch's F.grid_sample exports to -- AffineGrid, GroupNormalization, RMSNormalization, EyeLike, the
     spectral windows, Swish, SplitToSequence / SequenceErase, CumProd, TensorScatter -- a static KV cache's write,
-    linear and circular -- LpPool, ReverseSequence, CenterCropPad), each against ORT on the same file, as the graph
-    and as the compiled artifact."""
+    linear and circular -- LpPool, ReverseSequence, CenterCropPad, MaxPool's Indices and MaxUnpool as SegNet's
+    export writes them), each against ORT on the same file, as the graph and as the compiled artifact."""
     opset, nodes, inputs, inits = _MORE_ONNX_OPS[case]
     made = [helper.make_node(op, i, o, **(rest[0] if rest else {})) for op, i, o, *rest in nodes]
     read = {i for _, ins, _, *_ in nodes for i in ins}
