@@ -342,14 +342,91 @@ def searchsorted(node, importer):
     return bb.emit(relax.op.astype(count, _dtype(node.meta["val"])))
 
 
+def nan_last_order(bb, x, dim: int, descending: bool, floating: bool, first: int | None = None):
+    """argsort of x along dim (int64; its `first` entries if given) with PyTorch's NaN rule: NaN after every number
+    ascending, before every number descending. TVM's sort compares with `<`, which a NaN answers false both ways, so
+    one NaN scrambled its whole row ([3, nan, 1, inf, 2, nan, -1] sorted as [1, 3, nan, -1, 2, inf, nan]). Floats
+    are sorted on a float64 key where NaN is +inf and +inf the largest finite float64, so NaN orders past +inf in
+    one sort (TVM's argsort keeps ties in order)."""
+    if floating:
+        f64 = bb.emit(relax.op.astype(x, "float64"))
+        top = bb.emit(relax.op.where(bb.emit(relax.op.equal(f64, relax.const(math.inf, "float64"))),
+                                     relax.const(np.finfo(np.float64).max, "float64"), f64))
+        x = bb.emit(relax.op.where(bb.emit(relax.op.isnan(f64)), relax.const(math.inf, "float64"), top))
+    order = bb.emit(relax.op.argsort(x, axis=dim, descending=descending, dtype="int64"))
+    if first is not None:
+        order = bb.emit(relax.op.strided_slice(order, axes=[dim], begin=[0], end=[first]))
+    return order
+
+
+def _floating(node) -> bool:
+    return _dtype(node.args[0].meta["val"]).startswith(("float", "bfloat"))
+
+
+def sort(node, importer):
+    """(values, indices) of torch.sort (aten.sort.default / aten.sort.stable) on `nan_last_order`: stable, NaN
+    placed as PyTorch places it."""
+    bb = importer.block_builder
+    nd = max(node.args[0].meta["val"].dim(), 1)
+    if node.target.__name__.endswith("stable"):
+        dim, desc = int(node.kwargs.get("dim", -1)) % nd, bool(node.kwargs.get("descending", False))
+    else:
+        dim, desc = int(_arg(node, 1, "dim", -1)) % nd, bool(_arg(node, 2, "descending", False))
+    x = importer.env[node.args[0]]
+    idx = nan_last_order(bb, x, dim, desc, _floating(node))
+    return bb.emit(relax.Tuple([bb.emit(relax.op.gather_elements(x, idx, dim)), idx]))
+
+
+def topk(node, importer):
+    """(values, indices) of torch.topk on floats: the first k of `nan_last_order` (NaN counts as the largest, as
+    PyTorch's: first when largest, last when smallest; TVM's topk passed over it, or scrambled the row): one sort
+    of the row, as TVM's topk is on the CPU."""
+    x_val = node.args[0].meta["val"]
+    if not _floating(node):
+        return builtin_converter(importer, "topk.default")(node)
+    bb, x = importer.block_builder, importer.env[node.args[0]]
+    k = int(node.args[1])
+    dim = int(_arg(node, 2, "dim", -1)) % max(x_val.dim(), 1)
+    idx = nan_last_order(bb, x, dim, bool(_arg(node, 3, "largest", True)), True, first=k)
+    return bb.emit(relax.Tuple([bb.emit(relax.op.gather_elements(x, idx, dim)), idx]))
+
+
+def median(node, importer):
+    """torch.median (aten.median.dim / .default): the lower median, (n - 1) // 2 in `nan_last_order`, and NaN with
+    the first NaN's index where the row holds one, as PyTorch's (TVM's gave a number)."""
+    bb, x = importer.block_builder, importer.env[node.args[0]]
+    x_val = node.args[0].meta["val"]
+    whole = node.target.__name__.startswith("median.default")
+    if whole:
+        x, dim, keep = bb.emit(relax.op.reshape(x, (x_val.numel(),))), 0, False
+    else:
+        dim, keep = int(_arg(node, 1, "dim", -1)) % max(x_val.dim(), 1), bool(_arg(node, 2, "keepdim", False))
+    size = x_val.numel() if whole else int(x_val.shape[dim]) if x_val.dim() else 1
+    order = nan_last_order(bb, x, dim, False, _floating(node))
+    mid = (size - 1) // 2
+    idx = bb.emit(relax.op.strided_slice(order, axes=[dim], begin=[mid], end=[mid + 1]))
+    val = bb.emit(relax.op.gather_elements(x, idx, dim))
+    if _floating(node):
+        nan = bb.emit(relax.op.astype(bb.emit(relax.op.isnan(x)), "int8"))
+        has = bb.emit(relax.op.greater(bb.emit(relax.op.max(nan, axis=[dim], keepdims=True)), relax.const(0, "int8")))
+        val = bb.emit(relax.op.where(has, relax.const(math.nan, _dtype(x_val)), val))
+        first = bb.emit(relax.op.astype(bb.emit(relax.op.argmax(nan, axis=dim, keepdims=True)), "int64"))
+        idx = bb.emit(relax.op.where(has, first, idx))
+    if whole:
+        return bb.emit(relax.op.reshape(val, ()))
+    if not keep:
+        idx, val = bb.emit(relax.op.squeeze(idx, [dim])), bb.emit(relax.op.squeeze(val, [dim]))
+    return bb.emit(relax.Tuple([val, idx]))
+
+
 def kthvalue(node, importer):
-    """(k-th smallest along dim, its index): a sort and a take."""
+    """(k-th smallest along dim, its index): a sort (`nan_last_order`: NaN the largest) and a take."""
     bb, x = importer.block_builder, importer.env[node.args[0]]
     x_val = node.args[0].meta["val"]
     k = int(node.args[1])
     dim = int(_arg(node, 2, "dim", -1)) % max(x_val.dim(), 1)
     keep = bool(_arg(node, 3, "keepdim", False))
-    order = bb.emit(relax.op.argsort(x, axis=dim))
+    order = nan_last_order(bb, x, dim, False, _floating(node))
     idx = bb.emit(relax.op.strided_slice(order, axes=[dim], begin=[k - 1], end=[k]))
     val = bb.emit(relax.op.gather_elements(x, idx, axis=dim))
     if not keep:
@@ -708,18 +785,6 @@ def min_dim(node, importer):
     return bb.emit(relax.Tuple([values, indices]))
 
 
-def sort_stable(node, importer):
-    """torch.sort(x, stable=True, dim=, descending=) (aten.sort.stable): TVM's sort keeps tied elements in input
-    order, which is what stable asks for; the converter took only sort.default."""
-    bb = importer.block_builder
-    nd = max(node.args[0].meta["val"].dim(), 1)
-    dim = int(node.kwargs.get("dim", -1)) % nd
-    desc = bool(node.kwargs.get("descending", False))
-    x = importer.env[node.args[0]]
-    idx = bb.emit(relax.op.argsort(x, axis=dim, descending=desc, dtype="int64"))
-    return bb.emit(relax.Tuple([bb.emit(relax.op.gather_elements(x, idx, dim)), idx]))
-
-
 def vector_norm(node, importer):
     """linalg.vector_norm with ord 0 (the count of nonzeros; torch.dist(a, b, 0)): TVM's converter divided by the
     order (a ZeroDivisionError at import); other orders go to it."""
@@ -777,7 +842,8 @@ CONVERTERS = {
     "_embedding_bag.default": embedding_bag, "_embedding_bag_forward_only.default": embedding_bag,
     "triu_indices.default": tri_indices("triu"), "tril_indices.default": tri_indices("tril"),
     "index.Tensor": index_tensor, "index_put.default": index_put, "index_put_.default": index_put,
-    "unfold.default": unfold, "min.dim": min_dim, "sort.stable": sort_stable,
+    "unfold.default": unfold, "min.dim": min_dim, "sort.stable": sort, "sort.default": sort, "topk.default": topk,
+    "median.dim": median, "median.default": median,
     "linalg_vector_norm.default": vector_norm, "view.dtype": view_dtype,
     **{f"{op}.default": int_matmul(f"{op}.default") for op in ("mm", "bmm", "matmul")},
 }

@@ -498,3 +498,20 @@ def test_max_min_over_everything_and_argmax_argmin_see_nan_as_pytorch_does():
         _check(fn, x)
         _check(fn, x[[0, 2]])  # (no NaN)
         _check(fn, xi)
+
+
+def test_sort_topk_kthvalue_median_order_nan_as_pytorch_does():
+    """One NaN in a row scrambled TVM's sort of the whole row ([3, nan, 1, inf, 2, nan, -1] came back [1, 3, nan,
+    -1, 2, inf, nan]: its comparisons answer false both ways at NaN), topk passed over NaN and median gave a
+    number: NaN now sorts after every number ascending and before descending, counts as the largest for topk and
+    kthvalue, and makes the median NaN at its first index, as PyTorch. Values distinct (tie order is PyTorch's
+    own choice)."""
+    nan, inf = float("nan"), float("inf")
+    x = torch.tensor([[3.0, nan, 1.0, inf, 2.0, nan, -1.0, 0.5], [0.5, -inf, 4.0, 7.0, -2.0, 1.0, 0.25, 9.0]])
+    r = torch.randn(3, 40)
+    for t in (x, r):
+        _check(lambda a: (*a.sort(1), *a.sort(1, descending=True), *torch.sort(a, dim=0, stable=True)), t)
+        _check(lambda a: (a.argsort(1), a.argsort(1, descending=True), torch.msort(a)), t)
+        _check(lambda a: (*a.topk(2, 1), *a.topk(3, 1, largest=False), *a.kthvalue(3, 1), *a.kthvalue(2, 0)), t)
+        _check(lambda a: (*a.median(1), *a.median(0, keepdim=True), a.median()), t)
+    _check(lambda a: (*torch.sort(a, dim=1, stable=True), *a.median(1)), torch.randperm(30).reshape(3, 10))
