@@ -13,7 +13,7 @@ from graphopt.ir.printer import target_name
 from graphopt.targets.tvm.complex import complex_as_real
 from graphopt.targets.tvm.precision import float32_compute
 from graphopt.targets.tvm.missing_ops import CONVERTERS as MISSING_OPS, builtin_converter, with_promotion
-from graphopt.targets.tvm.more_ops import CONVERTERS as MORE_OPS
+from graphopt.targets.tvm.more_ops import CONVERTERS as MORE_OPS, first_nan
 
 log = logging.getLogger(__name__)
 
@@ -1207,12 +1207,10 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             op = relax.op.argmax if kind == "max" else relax.op.argmin
             axis = None if nd == 0 else dim
             y = bb.emit(op(x, axis=axis, keepdims=keep and not flat))
-            if x_val.dtype.is_floating_point and nd > 0:
-                nan = bb.emit(relax.op.astype(bb.emit(relax.op.isnan(x)), "int8"))
-                has = bb.emit(relax.op.greater(bb.emit(relax.op.max(nan, axis=[dim], keepdims=keep and not flat)),
-                                               relax.const(0, "int8")))
-                y = bb.emit(relax.op.where(has, bb.emit(relax.op.argmax(nan, axis=dim, keepdims=keep and not flat)), y))
             y = bb.emit(relax.op.astype(y, "int64"))
+            if x_val.dtype.is_floating_point and nd > 0:
+                has, first = first_nan(bb, x, dim, keep and not flat)
+                y = bb.emit(relax.op.where(has, first, y))
             shape = tuple(int(d) for d in node.meta["val"].shape)
             return bb.emit(relax.op.reshape(y, shape)) if flat else y
         return convert

@@ -342,6 +342,14 @@ def searchsorted(node, importer):
     return bb.emit(relax.op.astype(count, _dtype(node.meta["val"])))
 
 
+def first_nan(bb, x, dim: int, keepdims: bool):
+    """(whether each row of x along dim holds a NaN, the first NaN's index there as int64): what PyTorch's
+    argmax / min / median answer for such a row."""
+    nan = bb.emit(relax.op.astype(bb.emit(relax.op.isnan(x)), "int8"))
+    has = bb.emit(relax.op.greater(bb.emit(relax.op.max(nan, axis=[dim], keepdims=keepdims)), relax.const(0, "int8")))
+    return has, bb.emit(relax.op.astype(bb.emit(relax.op.argmax(nan, axis=dim, keepdims=keepdims)), "int64"))
+
+
 def nan_last_order(bb, x, dim: int, descending: bool, floating: bool, first: int | None = None):
     """argsort of x along dim (int64; its `first` entries if given) with PyTorch's NaN rule: NaN after every number
     ascending, before every number descending. TVM's sort compares with `<`, which a NaN answers false both ways, so
@@ -407,10 +415,8 @@ def median(node, importer):
     idx = bb.emit(relax.op.strided_slice(order, axes=[dim], begin=[mid], end=[mid + 1]))
     val = bb.emit(relax.op.gather_elements(x, idx, dim))
     if _floating(node):
-        nan = bb.emit(relax.op.astype(bb.emit(relax.op.isnan(x)), "int8"))
-        has = bb.emit(relax.op.greater(bb.emit(relax.op.max(nan, axis=[dim], keepdims=True)), relax.const(0, "int8")))
+        has, first = first_nan(bb, x, dim, True)
         val = bb.emit(relax.op.where(has, relax.const(math.nan, _dtype(x_val)), val))
-        first = bb.emit(relax.op.astype(bb.emit(relax.op.argmax(nan, axis=dim, keepdims=True)), "int64"))
         idx = bb.emit(relax.op.where(has, first, idx))
     if whole:
         return bb.emit(relax.op.reshape(val, ()))
@@ -774,12 +780,10 @@ def min_dim(node, importer):
     x = importer.env[node.args[0]]
     both = bb.emit(relax.op.topk(x, k=1, axis=dim, largest=False, ret_type="both", dtype="int64"))
     values, indices = (bb.emit(relax.TupleGetItem(both, i)) for i in (0, 1))
-    if _dtype(node.args[0].meta["val"]).startswith(("float", "bfloat")):  # (topk sorts NaN as the largest)
-        nan = bb.emit(relax.op.astype(bb.emit(relax.op.isnan(x)), "int8"))
-        has = bb.emit(relax.op.greater(bb.emit(relax.op.max(nan, axis=[dim], keepdims=True)),
-                                       relax.const(0, "int8")))
+    if _floating(node):  # (topk sorts NaN as the largest)
+        has, first = first_nan(bb, x, dim, True)
         values = bb.emit(relax.op.where(has, relax.const(math.nan, str(values.ty.dtype)), values))
-        indices = bb.emit(relax.op.where(has, bb.emit(relax.op.argmax(nan, axis=dim, keepdims=True)), indices))
+        indices = bb.emit(relax.op.where(has, first, indices))
     if not keep:
         values, indices = (bb.emit(relax.op.squeeze(v, axis=[dim])) for v in (values, indices))
     return bb.emit(relax.Tuple([values, indices]))
