@@ -1369,6 +1369,11 @@ def _max_unpool(im, ins, at):
         out = [int(d) for d in im.ints(ins[2], "output_shape")]
     else:
         out = [*shape[:2], *((shape[2 + i] - 1) * strides[i] - pads[i] - pads[nd + i] + kernel[i] for i in range(nd))]
+    least = [(shape[2 + i] - 1) * strides[i] + 1 for i in range(nd)]  # (the last window's first row / column)
+    if len(out) != 4 or out[:2] != list(shape[:2]) or any(o < m for o, m in zip(out[2:], least)):
+        raise ModelFileError(f"node '{im.node_name}' (MaxUnpool): output_shape {out} does not fit its input "
+                             f"{list(shape)} (N and C as the input's, each map at least {least}); give the "
+                             "unpooled tensor's shape, as the MaxPool's input had it")
     local = im.emit(torch.sub, ins[1], Const(_plane_offsets(out)))
     return [im.emit(F.max_unpool2d, ins[0], local, kernel, strides, pads[:nd], out[2:])]
 

@@ -292,6 +292,14 @@ def _(xq, x_scale, x_zp, wq, w_scales, bias, stride, padding, dilation, groups):
 
 QUANT_OPS = ("quantize_per_tensor", "dequantize_per_tensor", "dequantize_per_channel", "qlinear", "qconv2d",
              "qmatmul", "requantize", "qlinear_i32", "qconv2d_i32", "dynamic_quantize")
+# ops that round activations onto a grid: a float rounding difference before one can move a value a whole step
+ROUNDING_OPS = ("quantize_per_tensor", "dynamic_quantize", "fake_quant_per_tensor", "requantize")
+
+
+def rounds_activations(graph: "Graph") -> bool:
+    """Whether the graph rounds activations onto a grid somewhere (a quantized or dynamically quantized graph)."""
+    return any(n.op == "call_function" and getattr(n.target, "__name__", "").split(".")[0] in ROUNDING_OPS
+               for n in graph.gm.graph.nodes)
 
 
 _go = torch.ops.graphopt

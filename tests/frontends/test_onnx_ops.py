@@ -337,6 +337,19 @@ def test_antialiased_downscaling_resize_is_refused_by_name(tmp_path):
         graphopt.load_onnx(path)
 
 
+@pytest.mark.parametrize("shape", [[1, 2, 3], [2, 2, 6, 6], [1, 2, 3, 6]])
+def test_max_unpool_output_shape_that_cannot_hold_its_input_is_named(tmp_path, shape):
+    """MaxUnpool's output_shape of another rank, another N or C, or maps too small for its 3x3 input at stride 2
+    (at least 5x5): a ModelFileError naming the node and the shapes, not a torch error from inside the import."""
+    from graphopt.errors import ModelFileError
+    path = tmp_path / "u.onnx"
+    onnx.save(_model("MaxUnpool", [1, 2, 3, 3], [(F32, None)], [("i", np.zeros((1, 2, 3, 3), np.int64)),
+                                                                  ("osh", np.array(shape, np.int64))],
+                     kernel_shape=[2, 2], strides=[2, 2]), str(path))
+    with pytest.raises(ModelFileError, match=r"the_node.*MaxUnpool.*output_shape.*does not fit.*\[5, 5\]"):
+        graphopt.load_onnx(path)
+
+
 def test_resize_modes_without_a_faithful_mapping_are_named(tmp_path):
     path = tmp_path / "r.onnx"
     onnx.save(_model("Resize", [1, 1, 2, 2], [(F32, [1, 1, 4, 4])], [("roi", None),
