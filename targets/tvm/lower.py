@@ -338,18 +338,20 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         return _conv_kernel(x_shape, wt.shape, (stride, padding, dilation, False, None, groups)), wt, wst, bt
 
     def _fast_depthwise(node) -> bool:
-        """Whether `node` is a qconv2d the depthwise kernels take (which compute in float: they read the floats of
-        the int8 grid, or int8 where `_int8_depthwise_input`)."""
+        """Whether `node` is a qconv2d the depthwise kernels take (the float ones read the floats of the int8 grid,
+        or int8 where `_int8_depthwise_input`; the int8 kernel, with AVX512-VNNI and VBMI, reads int8)."""
         return getattr(node.target, "__name__", "") == "qconv2d.default" and _qconv_kind(node)[0] == "depthwise"
 
     def _int8_depthwise_input(node) -> bool:
         """Whether `node` is a depthwise qconv2d whose kernel reads its int8 input itself (`depthwise_int8_input`)."""
         from graphopt.targets.tvm.cpu.conv import depthwise_int8_input
+        from graphopt.targets.tvm.cpu.qdepthwise import int8_depthwise_dot
         from graphopt.targets.tvm.cpu.rules import vector_lanes
         if not _fast_depthwise(node):
             return False
         (c, oh, ow), (kh, kw) = node.meta["val"].shape[1:], node.args[3].meta["val"].shape[2:]
-        return depthwise_int8_input(*(int(d) for d in (c, oh, ow, kh, kw, node.args[6][0])), lanes=vector_lanes(target))
+        return depthwise_int8_input(*(int(d) for d in (c, oh, ow, kh, kw, node.args[6][0])), lanes=vector_lanes(target),
+                                    qdot=int8_depthwise_dot(target))
 
     def _fast_float_conv(node) -> bool:
         """Whether `node` is a qconv2d the depthwise or direct kernel takes (both pad inside, in float)."""
@@ -367,6 +369,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         from graphopt.targets.tvm.cpu.int8 import (emit_flat_qconv, emit_im2col_qconv, emit_qconv1x1,
                                                    flat_qconv_applies, im2col_beats_flat, int8_dot, qconv1x1_applies,
                                                    tok_qconv_applies)
+        from graphopt.targets.tvm.cpu.qdepthwise import int8_depthwise_dot
         from graphopt.targets.tvm.cpu.rules import target_cores, vector_lanes
         kind, wt, wst, bt = _qconv_kind(node)
         groups = int(node.args[9])
@@ -394,7 +397,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         # a depthwise consumer computes in float: hand it the int8 grid's float values rather than int8 (converting
         # int8 at every tap inside the depthwise kernel costs more than the wider store: on Zen 4 a per-tap convert
         # made the 112x112 and 56x56 depthwise kernels 0.66-0.81x, while the float store costs 96x16x12544 147 vs
-        # 101 us), unless its kernel converts each input row once (the row and phase kernels: the large maps)
+        # 101 us), unless its kernel converts each input row once (the row and phase kernels: the large maps) or
+        # computes in int8 itself (`qdepthwise`: every map it takes)
         dq = (quant is not None and all(_fast_depthwise(u) for u in quant.users)
               and not all(_int8_depthwise_input(u) for u in quant.users))
         dot, full, lanes = int8_dot(target), (ph, ph, pw, pw), vector_lanes(target)
@@ -455,7 +459,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             int8_in = node.args[0] not in dequantized
             y = k.emit_depthwise(bb, xq, wt.numpy(), b, x_shape, int(stride[0]), full, clamp, out_q,
                                  w_scale=wst.double().numpy(), lanes=vector_lanes(target),
-                                 x_q=(float(sx), int(zx)) if int8_in else None)
+                                 x_q=(float(sx), int(zx)) if int8_in else None, qdot=int8_depthwise_dot(target))
             dq = False
         else:
             return None

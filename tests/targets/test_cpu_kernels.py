@@ -49,6 +49,14 @@ def _assert_built_matches(g, model, x):
     assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-6
 
 
+@pytest.fixture
+def float_depthwise(monkeypatch):
+    """int8 graphs' depthwise layers on the float kernels, as on CPUs without AVX512-VNNI and VBMI (the int8
+    depthwise kernel's own tests: test_qdepthwise.py)."""
+    from graphopt.targets.tvm.cpu import qdepthwise
+    monkeypatch.setattr(qdepthwise, "int8_depthwise_dot", lambda target: None)
+
+
 def _func_names(g, cpu: str | None = None):
     return {gv.name_hint for gv in lower_to_relax(g, target=cpu_target(cpu) if cpu else None).get_global_vars()}
 
@@ -753,7 +761,7 @@ def test_stride2_wide_depthwise_reads_column_phases(c, hw, k, pad, batch):
     _assert_built_matches(g, model, x)
 
 
-def test_stride2_wide_depthwise_with_int8_weights_and_output():
+def test_stride2_wide_depthwise_with_int8_weights_and_output(float_depthwise):
     """The phase kernel in an int8 graph: int8 taps widened per channel, the next quantize in its store."""
     model = torch.nn.Sequential(torch.nn.Conv2d(8, 24, 1), torch.nn.ReLU6(),
                                 torch.nn.Conv2d(24, 24, 5, stride=2, padding=2, groups=24), torch.nn.ReLU6(),
@@ -1357,7 +1365,7 @@ def test_quantized_dilated_conv_runs_int8_im2col(stride, batch):
 
 @pytest.mark.parametrize("hw,batch", [(7, 1), (14, 1), (56, 1), (14, 3), (20, 2)])  # channel-blocked depthwise
 # (lane stores, transposes), row vectors; batch > 1: every kernel loops over the samples
-def test_quantized_mobilenet_block_keeps_int8_between_kernels(hw, batch):
+def test_quantized_mobilenet_block_keeps_int8_between_kernels(hw, batch, float_depthwise):
     """pw -> ReLU6 -> depthwise -> ReLU6 -> pw: each conv's store does the next quantize (int8 into the pointwise
     kernel; into the depthwise one int8 where its row kernel reads int8 (16 outputs a row and more), else the int8
     grid's floats), so no separate quantize/requantize function is left except the one on the model input; the
@@ -1383,7 +1391,7 @@ def test_quantized_mobilenet_block_keeps_int8_between_kernels(hw, batch):
 
 @pytest.mark.parametrize("first,hw", [("pointwise", 28), ("depthwise", 28), ("pointwise", 64)])
 # float or int8 handed to the padded depthwise conv; at 64x64 (the row kernel) int8 from the pointwise conv too
-def test_quantized_tf_same_pad_joins_the_depthwise_kernel(first, hw):
+def test_quantized_tf_same_pad_joins_the_depthwise_kernel(first, hw, float_depthwise):
     """EfficientNet's asymmetric zero pad between the expansion's ReLU6 and a stride-2 depthwise conv is done by
     the depthwise kernel; no padded copy (a pad function) is built."""
     head = torch.nn.Conv2d(8, 24, 1) if first == "pointwise" else torch.nn.Sequential(

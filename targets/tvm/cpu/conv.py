@@ -788,10 +788,11 @@ def _small_tile(oh: int, ow: int, kh: int, kw: int, s: int) -> bool:
 
 
 def _reads_int8(kernel: str, oh: int, ow: int, kh: int, kw: int, stride: int) -> bool:
-    """Whether depthwise kernel `kernel` (a knob value) takes an int8 input for this layer: the row and phase
-    kernels' layers outside the small-image tile, stride 1 or 2, 8 outputs a row or more (`_depthwise_int8_planes`)."""
-    return (kernel in ("rows", "phases") and stride in (1, 2) and ow >= 8
-            and not _small_tile(oh, ow, kh, kw, stride))
+    """Whether depthwise kernel `kernel` (a knob value) takes an int8 input for this layer: the int8 kernel
+    (`qdepthwise`), and the row and phase kernels' layers outside the small-image tile, stride 1 or 2, 8 outputs a
+    row or more (`_depthwise_int8_planes`)."""
+    return kernel == "vnni" or (kernel in ("rows", "phases") and stride in (1, 2) and ow >= 8
+                                and not _small_tile(oh, ow, kh, kw, stride))
 
 
 def dequantized(bb, q, scale: float, zero_point: int):
@@ -802,7 +803,8 @@ def dequantized(bb, q, scale: float, zero_point: int):
     return bb.emit(relax.op.multiply(y, relax.const(float(scale), "float32")))
 
 
-def depthwise_int8_input(c: int, oh: int, ow: int, kh: int, kw: int, stride: int, lanes: int = 8) -> bool:
+def depthwise_int8_input(c: int, oh: int, ow: int, kh: int, kw: int, stride: int, lanes: int = 8,
+                         qdot: str | None = None) -> bool:
     """Whether the depthwise kernel for this layer reads its input as int8 (`_depthwise_int8_planes`), so that the
     int8 conv before it stores int8 rather than the floats of its grid: where the rule takes the row or phase
     kernel (the large maps). The producer's store and the depthwise kernel's read move a quarter of the bytes; the
@@ -814,7 +816,7 @@ def depthwise_int8_input(c: int, oh: int, ow: int, kh: int, kw: int, stride: int
     fastest runs). Limiting it to inputs of 1 or 2 MB of floats or more (only the 112x112 and 56x56 layers) gained
     less: 0.98-0.99x. Kernel alone with a hot input the int8 kernel takes 1.07-1.28x the float kernel's time, with
     inputs rotated through 38 MB 0.43x (96x112x112 stride 2) and 0.51x (32x112x112)."""
-    return _reads_int8(depthwise_knobs(c, oh, ow, kh, kw, stride, lanes)[0]["kernel"], oh, ow, kh, kw, stride)
+    return _reads_int8(depthwise_knobs(c, oh, ow, kh, kw, stride, lanes, qdot)[0]["kernel"], oh, ow, kh, kw, stride)
 
 
 def _tap_rows(rb: int, s: int, h: int, kh: int, kw: int, ph: int, v: int, tap: Callable, vector: Callable,
@@ -1183,7 +1185,7 @@ CB16_MIN_CHANNELS = 192  # 16-channel groups from here (fewer groups than this l
 
 
 def depthwise_knobs(c: int, oh: int, ow: int, kh: int, kw: int, stride: int,
-                    lanes: int = 8) -> tuple[dict, list[dict]]:
+                    lanes: int = 8, qdot: str | None = None) -> tuple[dict, list[dict]]:
     """The rule's depthwise kernel and the candidates tuning may measure (`knobs.py`): `kernel` = rows (vectors
     along output rows, any shape), channels (groups of 8 channels over a channel-last tile, where the padded tile
     fits in 32 KB; with 512-bit vectors (`lanes` 16) also groups of 16, "lanes": 16) or phases (stride 2: the input
@@ -1208,6 +1210,10 @@ def depthwise_knobs(c: int, oh: int, ow: int, kh: int, kw: int, stride: int,
         rule = {"kernel": "channels", "lanes": 16} if cb16 and c >= CB16_MIN_CHANNELS else {"kernel": "channels"}
     else:
         rule = {"kernel": "phases" if depthwise_phases_applies(oh, ow, kh, kw, stride) else "rows"}
+    from graphopt.targets.tvm.cpu.qdepthwise import qdepthwise_applies
+    if qdot is not None and qdepthwise_applies(c, oh, ow, kh, kw, stride):
+        rule = {"kernel": "vnni"}
+        cands.append(rule)
     return rule, cands
 
 
@@ -1220,14 +1226,17 @@ def depthwise_applies(x_shape, w_shape, stride, padding, dilation, groups, trans
 
 def emit_depthwise(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, stride: int, padding,
                    clamp: tuple[float, float] | None, out_q: tuple[float, int, int, int] | None = None,
-                   w_scale: np.ndarray | None = None, lanes: int = 8, x_q: tuple[float, int] | None = None):
+                   w_scale: np.ndarray | None = None, lanes: int = 8, x_q: tuple[float, int] | None = None,
+                   qdot: str | None = None):
     """Emit a depthwise conv (+ bias, clamp) for x [N, C, H, W] with a constant weight [C, 1, kh, kw].
 
     `padding` is (top, bottom, left, right), so an asymmetric zero pad before the conv (TF "SAME") folds in. With
     out_q the output is int8 on that grid (the next quantize done in the store). With w_scale, w is int8 and
     w_scale its float scale per channel: the artifact keeps the int8 weight. `lanes`: the target's vector lanes.
     With x_q = (scale, zero point) x is int8 on that grid: the row and phase kernels' layers convert each input
-    row themselves (`_depthwise_int8_planes`), the others get the floats from a dequantize before them.
+    row themselves (`_depthwise_int8_planes`), the others get the floats from a dequantize before them. With x_q,
+    w_scale and `qdot` (`qdepthwise.int8_depthwise_dot`: the target has the int8 kernel's instructions) the layers
+    `qdepthwise_applies` takes run on the int8 kernel (`qdepthwise`), a tuning candidate among the float ones.
     """
     from tvm import relax
 
@@ -1237,10 +1246,16 @@ def emit_depthwise(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
     oh, ow = (h + pt + pb - kh) // stride + 1, (wd + pl + pr - kw) // stride + 1
     tag = (f"{c}x{h}x{wd}_k{kh}s{stride}" + ("" if clamp is None else "_clamp") + _qtag(out_q, False)
            + ("_w8" if w_scale is not None else "") + _ntag(n))
-    rule, cands = depthwise_knobs(c, oh, ow, kh, kw, stride, lanes)
+    qdot = qdot if x_q is not None and w_scale is not None else None
+    rule, cands = depthwise_knobs(c, oh, ow, kh, kw, stride, lanes, qdot)
     site = Site("depthwise", f"{tag}|p{pt}{pb}{pl}{pr}", rule, cands, n * c * oh * ow * kh * kw)
     knobs = pick(site)
     kernel, gl = knobs["kernel"], knobs.get("lanes", 8)
+    if kernel == "vnni":
+        from graphopt.targets.tvm.cpu.qdepthwise import emit_qdepthwise
+        y = emit_qdepthwise(bb, x, w, w_scale, bias, *x_q, x_shape, stride, padding, clamp, out_q, qdot, tag)
+        bind(site, y[1])
+        return y[0]
     if kernel == "channels" and h * wd < 8:  # its fill transposes blocks of 8 input pixels
         kernel = "rows"
     int8_in = x_q is not None and _reads_int8(kernel, oh, ow, kh, kw, stride)
