@@ -187,3 +187,37 @@ def test_int8_depthwise_takes_a_tf_same_pad(monkeypatch):
     assert not [n for n in names if "pad" in n], names
     assert any(n.startswith(f"qdepthwise_{DOT}_16x32x32_k3s2") for n in names), names
     assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()
+
+
+def test_int8_depthwise_is_one_tuning_candidate_among_the_float_kernels(monkeypatch):
+    """The int8 kernel is the rule for the layers it takes and one candidate of the depthwise knob: a build with
+    every layer on each candidate runs the kernel it was told (a float one on the dequantized int8 input) and
+    matches the reference integer ops within a rounding step."""
+    from tvm import relax
+
+    from graphopt.targets.tvm.cpu import knobs, qdepthwise
+    from graphopt.targets.tvm.cpu.pipeline import build_cpu
+    monkeypatch.setattr(qdepthwise, "int8_depthwise_dot", lambda target: DOT)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 1), torch.nn.ReLU6(),
+                                torch.nn.Conv2d(16, 16, 3, padding=1, groups=16), torch.nn.ReLU6(),
+                                torch.nn.Conv2d(16, 16, 5, stride=2, padding=2, groups=16), torch.nn.ReLU6(),
+                                torch.nn.Conv2d(16, 8, 1)).eval()
+    x = torch.rand(1, 8, 28, 28)
+    q = graphopt.optimize(graphopt.trace(model, (x,)), "quantize,fold-qdq", data=[(torch.rand(1, 8, 28, 28),)])
+    ref = q.run(x)[0].numpy()
+    with knobs.collecting() as col:
+        lower_to_relax(q, target=cpu_target())
+    sites = [s for s in col.sites.values() if s.family == "depthwise"]
+    assert len(sites) == 2 and all(s.default == {"kernel": "vnni"} and len(s.candidates) >= 3 for s in sites)
+    for i in range(max(len(s.candidates) for s in sites)):
+        chosen = {s.name: s.candidates[min(i, len(s.candidates) - 1)] for s in sites}
+        with knobs.applied(chosen):
+            mod = lower_to_relax(q, target=cpu_target())
+        names = [gv.name_hint for gv in mod.functions]
+        n_int8 = sum(kn["kernel"] == "vnni" for kn in chosen.values())
+        assert len([n for n in names if n.startswith("qdepthwise")]) == n_int8, (chosen, names)
+        assert len([n for n in names if n.startswith("depthwise")]) == 2 - n_int8, (chosen, names)
+        out = relax.VirtualMachine(build_cpu(mod, cpu_target()), tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
+        out = (out[0] if not hasattr(out, "numpy") else out).numpy()
+        assert np.abs(out - ref).max() <= 0.02 * np.abs(ref).max(), chosen
