@@ -370,7 +370,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                                                    flat_qconv_applies, im2col_beats_flat, int8_dot, qconv1x1_applies,
                                                    tok_qconv_applies)
         from graphopt.targets.tvm.cpu.qdepthwise import int8_depthwise_dot
-        from graphopt.targets.tvm.cpu.rules import target_cores, vector_lanes
+        from graphopt.targets.tvm.cpu.rules import half_width_vnni, target_cores, vector_lanes
         kind, wt, wst, bt = _qconv_kind(node)
         groups = int(node.args[9])
         if (kind is None and cpu_kernels and wt is not None and wst is not None and groups > 1
@@ -401,7 +401,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         # computes in int8 itself (`qdepthwise`: every map it takes)
         dq = (quant is not None and all(_fast_depthwise(u) for u in quant.users)
               and not all(_int8_depthwise_input(u) for u in quant.users))
-        dot, full, lanes = int8_dot(target), (ph, ph, pw, pw), vector_lanes(target)
+        dot, full, lanes, half = int8_dot(target), (ph, ph, pw, pw), vector_lanes(target), half_width_vnni(target)
         if node.args[0] in quant_pads:  # the producer left the zero pad out: it joins this conv's padding
             left, right, top, bottom, x_shape = quant_pads[node.args[0]]
             full = (ph + top, ph + bottom, pw + left, pw + right)
@@ -416,11 +416,11 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                 return emit_qconv1x1(bb, xq_, w_, ws_, b_, sx, zx, x_shape_, clamp, out_q, dq, dot,
                                      _int8_sparse(node, "qconv1x1", w_.reshape(w_.shape[0], -1),
                                                   int(x_shape_[2]) * int(x_shape_[3])) if sparse else "", lanes,
-                                     target_cores(target))
+                                     target_cores(target), half)
             if kind in ("im2col", "direct") and im2col_beats_flat(int(x_shape_[1]), s_, dot) and \
                     qconv1x1_applies(node.meta["val"].shape):
                 return emit_im2col_qconv(bb, xq_, w_, ws_, b_, sx, zx, x_shape_, s_, full, clamp, out_q, dq,
-                                         dot, lanes=lanes)  # RGB stems: the taps packed into whole quads
+                                         dot, lanes=lanes, half_width=half)  # RGB stems: the taps in whole quads
             if (kind in ("im2col", "direct") and tok_qconv_applies(w_.shape, s_, node.meta["val"].shape, dot)
                     and flat_qconv_applies(w_, dot)):
                 return emit_flat_qconv(bb, xq_, w_, ws_, b_, sx, zx, x_shape_, s_, full, clamp, out_q, dq, dot,
@@ -430,10 +430,10 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                 return emit_flat_qconv(bb, xq_, w_, ws_, b_, sx, zx, x_shape_, s_, full, clamp, out_q, dq, dot)
             if kind == "im2col" and dot is not None:
                 return emit_im2col_qconv(bb, xq_, w_, ws_, b_, sx, zx, x_shape_, s_, full, clamp, out_q, dq, dot,
-                                         lanes=lanes)
+                                         lanes=lanes, half_width=half)
             if kind == "dilated":
                 return emit_im2col_qconv(bb, xq_, w_, ws_, b_, sx, zx, x_shape_, s_, full, clamp, out_q, dq, dot,
-                                         dilation[0], lanes)
+                                         dilation[0], lanes, half)
             if kind == "direct":
                 return k.emit_direct_conv(bb, _dequantized(bb, xq_, sx, zx), w_real_, b_, x_shape_, s_, full,
                                           clamp, out_q, dq)

@@ -175,8 +175,9 @@ def _int8_pointwise_pair():
 
 def test_int8_pointwise_pixel_tile_candidates_compute_the_same(monkeypatch):
     """A quantized pointwise conv on a 7x7 map (49 pixels, the last tile overlapping) built with 16- and 8-pixel
-    tiles (8-lane vectors, as on AVX2 and Zen 4): each build runs the tile it was told (its accumulator holds 6 x 16
-    or 6 x 8 int32) and both give the same int8 outputs, equal to the model's within a quantization step."""
+    tiles (8-lane vectors, as on AVX2): each build runs the tile it was told (its accumulator holds 6 x 16 or 6 x 8
+    int32) and both give the same int8 outputs, equal to the model's within a quantization step. For Zen 4 (VNNI on
+    half-width AVX-512) the rule is one 16-pixel zmm vector, the 8-lane tiles candidates."""
     import tvm
     from tvm import relax
 
@@ -184,6 +185,8 @@ def test_int8_pointwise_pixel_tile_candidates_compute_the_same(monkeypatch):
     from graphopt.targets.tvm.cpu.pipeline import build_cpu
     from graphopt.targets.tvm.lower import lower_to_relax
     monkeypatch.setattr(rules, "AVX512_VECTOR_BITS", 256)  # (an AVX-512 host: its 16-lane rule is tested below)
+    half_width_vnni = rules.half_width_vnni
+    monkeypatch.setattr(rules, "half_width_vnni", lambda target: False)  # (a Zen 4 host: its rule, below)
     model, x, g = _int8_pointwise_pair()
     with knobs.collecting() as col:
         lower_to_relax(g, target=cpu_target())
@@ -204,10 +207,12 @@ def test_int8_pointwise_pixel_tile_candidates_compute_the_same(monkeypatch):
     # with VNNI tuning may also take 8 pixels x two channel blocks (12 x 8 int32 in registers); the same outputs
     from graphopt.targets.tvm.cpu.int8 import int8_dot
     vnni = cpu_target("znver4")
+    monkeypatch.setattr(rules, "half_width_vnni", half_width_vnni)
     with knobs.collecting() as col:
         lower_to_relax(g, target=vnni)
     sites = [s for s in col.sites.values() if s.family == "qconv1x1"]
-    assert len(sites) == 2 and all({"nv": 1, "tiles": 2} in s.candidates for s in sites)
+    assert len(sites) == 2 and all({"nv": 1, "tiles": 2} in s.candidates and {"nv": 2} in s.candidates
+                                   and s.default == {"nv": 2, "lanes": 16} for s in sites)
     with knobs.applied({s.name: {"nv": 1, "tiles": 2} for s in sites}):
         mod = lower_to_relax(g, target=vnni)
     kernels = [mod[gv].script() for gv in mod.functions if gv.name_hint.startswith("qconv1x1")]

@@ -396,7 +396,7 @@ def quad_weights(w2: np.ndarray, dot: str) -> bool:
     return not fits_int4(w2) and (dot != "ubsw" or ubsw_exact(np.pad(w2, ((0, 0), (0, w2.shape[1] % 2)))))
 
 
-def qconv1x1_knobs(p: int, dot: str | None = None, lanes: int = 8) -> tuple[dict, list[dict]]:
+def qconv1x1_knobs(p: int, dot: str | None = None, lanes: int = 8, half_width: bool = False) -> tuple[dict, list[dict]]:
     """The rule's pixel tile of the dense int8 pointwise kernels (`nv` vectors of 8 pixels) and the candidates
     tuning may measure (`knobs.py`): on maps of 16 pixels or more, 16 (the rule) or 8; on smaller ones 8 only.
     Inside int7 MobileNetV2 the 8-pixel tile's 19 layers summed to 0.99x the rule's in two paired measurements.
@@ -409,8 +409,18 @@ def qconv1x1_knobs(p: int, dot: str | None = None, lanes: int = 8) -> tuple[dict
     Rapids, 2 threads, float out, interleaved) 0.50-0.80x the 8-lane rule's time on MobileNetV2's pointwise shapes
     from 3136 pixels down to 49 (960x160x49 40 -> 25 us, 1280x320x49 93 -> 55, 576x96x196 48 -> 33), 0.93 on the
     memory-bound 96x16x12544. One 16-pixel vector (6 accumulators) took 0.78-1.14x; 64 pixels 0.64-0.96x; two
-    channel blocks (12 rows) of 16 or 32 pixels, 0.51-1.10x by layer, are candidates with the 8-lane rule."""
+    channel blocks (12 rows) of 16 or 32 pixels, 0.51-1.10x by layer, are candidates with the 8-lane rule.
+
+    `half_width` (`rules.half_width_vnni`: Zen 4, whose float kernels keep 8 lanes): one 16-pixel zmm vector a row
+    (6 accumulators) is the rule. Kernel alone on Zen 4 (2 threads, int8 out) against 8-pixel ymm pairs it took
+    0.85-0.97x the time on 96x16x12544, 144x24x3136, 576x96x196, 960x160x49, 384x64x196 and 192x32x784 (the
+    short reductions most: a 16-byte narrowing store per 16 outputs instead of two 8-byte ones); whole int8
+    MobileNetV2 0.96x, EfficientNet-Lite0 0.97-0.98x (interleaved rounds). 32-pixel tiles measured as the 8-lane
+    rule."""
     pair = [{"nv": 1, "tiles": 2}] if dot == "vnni" else []
+    if dot == "vnni" and half_width and p >= 16:
+        rule = {"nv": 2, "lanes": 16}
+        return rule, [rule, {"nv": 2}, {"nv": 1}, *pair] + ([{"nv": 4, "lanes": 16}] if p >= 32 else [])
     if wide_quads(dot, lanes) and p >= 16:
         wide = [{"nv": 4, "lanes": 16}] if p >= 32 else []
         wide += [{"nv": 2, "lanes": 16}, {"nv": 2, "lanes": 16, "tiles": 2}]
@@ -454,14 +464,15 @@ def bsr_pixels16(p: int, dot: str, lanes: int) -> bool:
 
 def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | None, sx: float, zx: int,
                   x_shape, clamp: tuple[float, float] | None, out_q: tuple[float, int, int, int] | None,
-                  dequantized: bool = False, dot: str = "ubsw", sparse: str = "", lanes: int = 8, cores: int = 0):
+                  dequantized: bool = False, dot: str = "ubsw", sparse: str = "", lanes: int = 8, cores: int = 0,
+                  half_width: bool = False):
     """Pointwise qconv2d of xq int8 [N, Cin, H, W] -> [N, Cout, H, W] (the kernel loops over the samples): int8 on out_q's grid (or the floats of that
     grid with `dequantized`), else float32. `dot` is the target's quad product (`int8_dot`). `sparse` (the layout
     select-sparse-layout chose): "bsr8x4", the weight goes in as int8 BSR with 8 x 4 blocks (Cout % 8 == 0, and the
     quad product must be exact for it: VNNI or `ubsw_exact`); "csr", as pair CSR on the `vpmaddwd` kernel (exact
     for any int8 weight; H * W >= 16). `lanes`: the target's vector width in int32 lanes (`rules.vector_lanes`);
     with 16 the dense quad kernel runs 512-bit `vpdpbusd` (`qconv1x1_knobs`). `cores`: the target's (0: not
-    known), for how the int8 BSR kernel splits its work (`bsr_row_split`)."""
+    known), for how the int8 BSR kernel splits its work (`bsr_row_split`). `half_width`: see `qconv1x1_knobs`."""
     from tvm import relax
 
     n, cin, h, w = (int(d) for d in x_shape)
@@ -480,7 +491,7 @@ def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray
            + ("_w4" if wbits == 4 and not sparse else "") + (f"_n{n}" if n > 1 else ""))
     site = None
     if not sparse:
-        rule, cands = qconv1x1_knobs(p, dot if ubsw else None, lanes)
+        rule, cands = qconv1x1_knobs(p, dot if ubsw else None, lanes, half_width)
         site = Site("qconv1x1", f"{'quad_' + dot if ubsw else 'pairs'}|{tag}", rule, cands, n * cout * cin * p)
         knobs = pick(site)
         nv, tiles, kl = knobs["nv"], knobs.get("tiles", 1), knobs.get("lanes", 8)
@@ -534,12 +545,12 @@ def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray
 
 def emit_im2col_qconv(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | None, sx: float, zx: int,
                       x_shape, stride: int, padding, clamp, out_q, dequantized: bool = False, dot: str = "ubsw",
-                      dilation: int = 1, lanes: int = 8):
+                      dilation: int = 1, lanes: int = 8, half_width: bool = False):
     """A dense k x k qconv2d of xq int8 [N, Cin, H, W] as int8 im2col (the input's zero point outside the image, so
     padding is exact on the grid) then the pointwise int8 kernel over the [Cin * k * k, OH * OW] columns, with its
     epilogue (bias, clamp, the next quantize). TVM's generic int8 conv took 4-6 ms for each ResNet-18 3x3 layer
-    here, twice the fp32 model's time. `dilation`: the taps that many pixels apart (atrous convs); `lanes`: as
-    `emit_qconv1x1`'s."""
+    here, twice the fp32 model's time. `dilation`: the taps that many pixels apart (atrous convs); `lanes` and
+    `half_width`: as `emit_qconv1x1`'s."""
     from tvm import relax
 
     from graphopt.targets.tvm.cpu.conv import emit_im2col
@@ -549,7 +560,7 @@ def emit_im2col_qconv(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.nda
                               dilation=dilation)
     cols = int(x_shape[1]) * kh * kw
     y = emit_qconv1x1(bb, col, wq.transpose(0, 2, 3, 1).reshape(cout, cols), w_scales, bias, sx, zx,
-                      (n, cols, oh, ow), clamp, out_q, dequantized, dot, lanes=lanes)
+                      (n, cols, oh, ow), clamp, out_q, dequantized, dot, lanes=lanes, half_width=half_width)
     return bb.emit(relax.op.reshape(y, (n, cout, oh, ow)))
 
 

@@ -37,6 +37,16 @@ def avx512_vector_bits(target: Target) -> int:
     return 256 if str(target.attrs.get("mcpu", "")) in HALF_WIDTH_AVX512 else 512
 
 
+def half_width_vnni(target: Target) -> bool:
+    """AVX512-VNNI on a CPU that runs AVX-512 as two 256-bit halves (`HALF_WIDTH_AVX512`): the float kernels keep
+    256-bit tiles there, but the int8 pointwise kernel's 512-bit `vpdpbusd` tile is faster (`int8.qconv1x1_knobs`)."""
+    from tvm.target import codegen
+    try:
+        return codegen.llvm_cpu_has_features(["avx512vnni"], target) and avx512_vector_bits(target) == 256
+    except Exception:
+        return False
+
+
 def vector_lanes(target: Target, dtype_bits: int = 32) -> int:
     """Lanes of the vectors graphopt's kernels use on the CPU (fp32: 8 with AVX2, 8 or 16 with AVX-512 by
     `avx512_vector_bits`; 4 otherwise).
