@@ -295,7 +295,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         xq, wq, ws = importer.env[node.args[0]], importer.env[node.args[3]], importer.env[node.args[4]]
         sx, zx = node.args[1], node.args[2]
         bias = importer.env[node.args[5]] if node.args[5] is not None else None
-        fast = _qconv_fast(node, bb, xq, sx, zx)
+        fast = _qconv_fast(node, bb, xq, sx, zx, importer)
         if fast is not None:
             return fast
         acc, shape = _conv_acc(bb, node, xq, wq, zx)
@@ -358,7 +358,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         return (getattr(node.target, "__name__", "") == "qconv2d.default"
                 and _qconv_kind(node)[0] in ("depthwise", "direct"))
 
-    def _qconv_fast(node, bb, xq, sx, zx):
+    def _qconv_fast(node, bb, xq, sx, zx, importer):
         """qconv2d with constant weights on graphopt's kernels: pointwise -> the int8 vpmaddwd kernel,
         depthwise and the stem -> the float kernels on the dequantized input. Each fuses the bias, a following
         ReLU/ReLU6 and, when that is all that consumes it, the next quantize: the activation between two such convs
@@ -405,6 +405,14 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         if node.args[0] in quant_pads:  # the producer left the zero pad out: it joins this conv's padding
             left, right, top, bottom, x_shape = quant_pads[node.args[0]]
             full = (ph + top, ph + bottom, pw + left, pw + right)
+        residual = None
+        if (quant is None and act is None and kind == "pointwise" and groups == 1 and dot is not None
+                and qconv1x1_applies(x_shape) and not (layouts or {}).get(node.args[3].name)
+                and _residual_add(node, importer) is not None):
+            # a projection whose float output only meets a residual add (MobileNetV2's blocks): the add, and a
+            # clamp after it, in the int8 kernel's store
+            other, clamp = _fused_epilogue(node, importer, True)
+            residual = importer.env[other]
         def dense(xq_, w_, ws_, b_, x_shape_, w_real_, sparse: bool):
             """The dense conv on its kernel (None: no graphopt kernel takes it)."""
             s_ = int(stride[0])
@@ -416,7 +424,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                 return emit_qconv1x1(bb, xq_, w_, ws_, b_, sx, zx, x_shape_, clamp, out_q, dq, dot,
                                      _int8_sparse(node, "qconv1x1", w_.reshape(w_.shape[0], -1),
                                                   int(x_shape_[2]) * int(x_shape_[3])) if sparse else "", lanes,
-                                     target_cores(target), half)
+                                     target_cores(target), half, residual)
             if kind in ("im2col", "direct") and im2col_beats_flat(int(x_shape_[1]), s_, dot) and \
                     qconv1x1_applies(node.meta["val"].shape):
                 return emit_im2col_qconv(bb, xq_, w_, ws_, b_, sx, zx, x_shape_, s_, full, clamp, out_q, dq,

@@ -1389,6 +1389,32 @@ def test_quantized_mobilenet_block_keeps_int8_between_kernels(hw, batch, float_d
     assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()
 
 
+class _ResidualBlock(torch.nn.Module):
+    """x + project(relu6(expand(x))), a ReLU after the add when `relu`: MobileNetV2's residual block."""
+
+    def __init__(self, relu: bool):
+        super().__init__()
+        self.expand, self.project, self.relu = torch.nn.Conv2d(8, 24, 1), torch.nn.Conv2d(24, 8, 1), relu
+
+    def forward(self, x):
+        y = x + self.project(torch.nn.functional.relu6(self.expand(x)))
+        return torch.relu(y) if self.relu else y
+
+
+@pytest.mark.parametrize("weights,relu,batch", [("int8", False, 1), ("int8", True, 2), ("int4", True, 1)])
+def test_quantized_residual_add_joins_the_int8_pointwise_store(weights, relu, batch):
+    """The projection's float output meets only the residual add: the add (and a ReLU after it) happen in the int8
+    kernel's store (the quad kernel, or the pair kernel for int4 weights), so no add function is built; the result
+    matches the reference integer ops."""
+    q, got, ref = _quantized_block(_ResidualBlock(relu), (batch, 8, 14, 14), weights)
+    names = _func_names(q)
+    assert any(n.startswith("qconv1x1_") and "_8x24x196" in n and "_res" in n for n in names), names
+    assert not [n for n in names if "add" in n and "round" not in n], names  # (the input's quantize adds its zp)
+    assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()
+    if relu:
+        assert got.min() >= 0.0
+
+
 @pytest.mark.parametrize("first,hw", [("pointwise", 28), ("depthwise", 28), ("pointwise", 64)])
 # float or int8 handed to the padded depthwise conv; at 64x64 (the row kernel) int8 from the pointwise conv too
 def test_quantized_tf_same_pad_joins_the_depthwise_kernel(first, hw, float_depthwise):

@@ -68,10 +68,11 @@ def widen(wbits: int, base: str, j: str) -> str:
 
 def qconv1x1_source(cout: int, cin: int, p: int, nv: int, clamp: tuple[float, float] | None = None,
                     out_q: tuple[float, int, int, int] | None = None, dequantized: bool = False,
-                    wbits: int = 8, float_bias: bool = False) -> str:
+                    wbits: int = 8, float_bias: bool = False, residual: bool = False) -> str:
     """TVMScript of the kernel for x int8 [Cin, P] -> out [Cout, P]: int8 when out_q = (scale, zero point, qmin,
     qmax), else float32; with `dequantized` the int8 values are stored as the floats they stand for (for a
-    depthwise consumer, which computes in float). nv vectors of 8 pixels per tile (P >= 8 * nv). Weights are
+    depthwise consumer, which computes in float); with `residual` (float output) a float res [Cout, P] is added in
+    the store, before the clamp (argument `res` before qp). nv vectors of 8 pixels per tile (P >= 8 * nv). Weights are
     stored as int8 (wbits=8) or packed int4 (wbits=4) and widened to int16 pairs once per task. The store's bounds,
     zero point and scale come from the `qp` buffer (`store_params`), so layers of one shape share one function."""
     nr = 8 * nv
@@ -99,11 +100,12 @@ def qconv1x1_source(cout: int, cin: int, p: int, nv: int, clamp: tuple[float, fl
         return out
 
     co = f"(t // {nch}) * {MR} + i"
-    store = _tile_store(co, c0, nv, p, clamp, out_q, dequantized, float_bias, " " * 20)
+    store = _tile_store(co, c0, nv, p, clamp, out_q, dequantized, float_bias, " " * 20, residual=residual)
+    res_arg = f' res: T.Buffer(({cout * p},), "float32"),' if residual else ""
     return f"""
 @T.prim_func(private=True)
 def qconv1x1(x: T.Buffer(({cin * p},), "int8"), w8: T.Buffer(({mt * k4 * MR * wbits // 4},), "int8"),
-             off: T.Buffer(({mt * MR},), "int32"), mult: T.Buffer(({mt * MR},), "float32"),{bias_arg}
+             off: T.Buffer(({mt * MR},), "int32"), mult: T.Buffer(({mt * MR},), "float32"),{bias_arg}{res_arg}
              qp: T.Buffer((4,), "float32"),
              out: T.Buffer(({cout * p},), "{'int8' if out_q and not dequantized else 'float32'}")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
@@ -133,15 +135,23 @@ def _requantized(acc: str, co: str, clamp, out_q, dequantized: bool, float_bias:
 
 
 def _tile_store(co: str, c0: str, nv: int, p: int, clamp, out_q, dequantized: bool, float_bias: bool, pad: str,
-                row: str = "i", offset_in_acc: bool = False, lanes: int = 8) -> str:
+                row: str = "i", offset_in_acc: bool = False, lanes: int = 8, residual: bool = False) -> str:
     """Store row `row` of a 6 x 8nv int32 tile `acc` (channel co, pixels c0..): (acc - offset) * mult (+ float
     bias), clamped, and rounded to the output grid when out_q; offset holds the zero point's sum and the int32 bias,
     and with out_q mult is in the output's grid steps (emit scales it). `offset_in_acc`: see `_requantized`.
-    `lanes=16`: the tile is in buffers acc0, acc1, .. of one 16-pixel vector a row each (`qconv1x1_ubsw_source`)."""
+    `lanes=16`: the tile is in buffers acc0, acc1, .. of one 16-pixel vector a row each (`qconv1x1_ubsw_source`).
+    `residual` (float output only): the value plus res at the same place, then the clamp (a residual add and the
+    ReLU after it)."""
+    if residual and out_q is not None:
+        raise ValueError("a residual add joins the int8 pointwise store only with a float output")
     nr, store = 8 * nv, ""
     for v in range(nr // lanes):
         acc = f"acc[{row} * {nr} + {v * 8} + u]" if lanes == 8 else f"acc{v}[{row} * {lanes} + u]"
-        val = _requantized(acc, co, clamp, out_q, dequantized, float_bias, offset_in_acc)
+        if residual:
+            val = _clamped(f"{_requantized(acc, co, None, None, False, float_bias, offset_in_acc)} + "
+                           f"res[({co}) * {p} + {c0} + {v * lanes} + u]", clamp, None, qp="qp")
+        else:
+            val = _requantized(acc, co, clamp, out_q, dequantized, float_bias, offset_in_acc)
         store += f"""
 {pad}for u in T.vectorized({lanes}):
 {pad}    out[({co}) * {p} + {c0} + {v * lanes} + u] = {val}"""
@@ -210,7 +220,7 @@ def stage_quads(cin: int, p: int, nv: int, origin: str, slot: str, blocks: str) 
 def qconv1x1_ubsw_source(cout: int, cin: int, p: int, nv: int, clamp: tuple[float, float] | None = None,
                          out_q: tuple[float, int, int, int] | None = None, dequantized: bool = False,
                          float_bias: bool = False, dot: str = "ubsw", bsr_blocks: int | None = None,
-                         tiles: int = 1, lanes: int = 8, cores: int = 0) -> str:
+                         tiles: int = 1, lanes: int = 8, cores: int = 0, residual: bool = False) -> str:
     """The pointwise kernel for weights where u8 x s8 pairs cannot saturate (`ubsw_exact`, 7-bit weights): each
     task takes a chunk of pixel blocks (8nv pixels each) and a group of channel blocks. It first rewrites its
     pixels once as uint8 quads (x + 128; 4 channels of a pixel side by side: [block, Cin/4, 8nv, 4]), so that every
@@ -236,7 +246,7 @@ def qconv1x1_ubsw_source(cout: int, cin: int, p: int, nv: int, clamp: tuple[floa
     one subtract per 8 outputs: kernel alone on Zen 4, 1.02-1.09x on MobileNetV2's pointwise shapes (the short
     reductions most: 96x16x12544 int8 out 91 -> 84 us), the BSR kernel 1.02-1.04x. Each row's two 8-lane halves
     start from their own broadcast: one 16-lane broadcast made LLVM carry the accumulators as zmm pairs through the
-    reduction, split and rejoined every step (0.55-0.66x on the deeper layers)."""
+    reduction, split and rejoined every step (0.55-0.66x on the deeper layers). `residual`: as `qconv1x1_source`'s."""
     nr, k4 = 8 * nv, -(-cin // 4)
     if tiles > 1 and (bsr_blocks is not None or nv != 1 and (lanes == 8 or nv > 4)):
         raise ValueError("paired channel blocks are for the dense kernel with 8 pixels (nv=1), or at most 32 with "
@@ -283,11 +293,12 @@ def qconv1x1_ubsw_source(cout: int, cin: int, p: int, nv: int, clamp: tuple[floa
         init += f"""
                         {acc} = T.broadcast(-{off0}, {lanes})"""
     store = _tile_store(f"c * {trows} + i", c0, nv, p, clamp, out_q, dequantized, float_bias, " " * 24,
-                        offset_in_acc=True, lanes=lanes)
+                        offset_in_acc=True, lanes=lanes, residual=residual)
+    res_arg = f' res: T.Buffer(({cout * p},), "float32"),' if residual else ""
     return f"""
 @T.prim_func(private=True)
 def qconv1x1_{dot}(x: T.Buffer(({cin * p},), "int8"), {w_args}
-                  off: T.Buffer(({mt * rows},), "int32"), mult: T.Buffer(({mt * rows},), "float32"),{bias_arg}
+                  off: T.Buffer(({mt * rows},), "int32"), mult: T.Buffer(({mt * rows},), "float32"),{bias_arg}{res_arg}
                   qp: T.Buffer((4,), "float32"),
                   out: T.Buffer(({cout * p},), "{'int8' if out_q and not dequantized else 'float32'}")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True{', "op_pattern": 8' if bsr_blocks is not None else ''}}})
@@ -465,14 +476,16 @@ def bsr_pixels16(p: int, dot: str, lanes: int) -> bool:
 def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | None, sx: float, zx: int,
                   x_shape, clamp: tuple[float, float] | None, out_q: tuple[float, int, int, int] | None,
                   dequantized: bool = False, dot: str = "ubsw", sparse: str = "", lanes: int = 8, cores: int = 0,
-                  half_width: bool = False):
+                  half_width: bool = False, residual=None):
     """Pointwise qconv2d of xq int8 [N, Cin, H, W] -> [N, Cout, H, W] (the kernel loops over the samples): int8 on out_q's grid (or the floats of that
     grid with `dequantized`), else float32. `dot` is the target's quad product (`int8_dot`). `sparse` (the layout
     select-sparse-layout chose): "bsr8x4", the weight goes in as int8 BSR with 8 x 4 blocks (Cout % 8 == 0, and the
     quad product must be exact for it: VNNI or `ubsw_exact`); "csr", as pair CSR on the `vpmaddwd` kernel (exact
     for any int8 weight; H * W >= 16). `lanes`: the target's vector width in int32 lanes (`rules.vector_lanes`);
     with 16 the dense quad kernel runs 512-bit `vpdpbusd` (`qconv1x1_knobs`). `cores`: the target's (0: not
-    known), for how the int8 BSR kernel splits its work (`bsr_row_split`). `half_width`: see `qconv1x1_knobs`."""
+    known), for how the int8 BSR kernel splits its work (`bsr_row_split`). `half_width`: see `qconv1x1_knobs`.
+    `residual`: a float Relax value of the output's shape added in the store before the clamp (a residual add;
+    float output, dense layout only)."""
     from tvm import relax
 
     n, cin, h, w = (int(d) for d in x_shape)
@@ -483,11 +496,14 @@ def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray
     ubsw = quad_weights(w2, dot)  # else the pair kernel: int4 weights, or full-range int8 ones without VNNI
     if sparse not in ("", "bsr8x4", "csr"):
         raise ValueError(f"no int8 sparse pointwise kernel for layout '{sparse}' (bsr8x4 or csr)")
+    if residual is not None and (sparse or out_q is not None or dequantized):
+        raise ValueError("a residual add joins the dense int8 pointwise kernel with a float output only")
     if not qconv1x1_applies(x_shape):  # (its last 8-pixel block overlaps the one before: it would start before 0)
         raise ValueError(f"the int8 pointwise kernels need 8 pixels or more, not {p}")
     quads = sparse == "bsr8x4" or (ubsw and not sparse)  # the quad kernels read x + 128 (uint8)
     consts = epilogue_constants(wq, w_scales, bias, sx, zx + 128 * quads, mt, out_q)
     tag = (f"{cout}x{cin}x{p}" + ("" if clamp is None else "_clamp") + ("_q" if out_q else "") + ("dq" if dequantized else "")
+           + ("_res" if residual is not None else "")
            + ("_w4" if wbits == 4 and not sparse else "") + (f"_n{n}" if n > 1 else ""))
     site = None
     if not sparse:
@@ -525,19 +541,23 @@ def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray
         consts = [c if c is None else c[:cout] for c in consts]
     elif ubsw:
         src = qconv1x1_ubsw_source(cout, cin, p, nv, clamp, out_q, dequantized, consts[2] is not None, dot,
-                                   tiles=tiles, lanes=kl)
+                                   tiles=tiles, lanes=kl, residual=residual is not None)
         packed, name = pack_quads(w2, mt), f"qconv1x1_{dot}_{tag}"
     else:
-        src = qconv1x1_source(cout, cin, p, nv, clamp, out_q, dequantized, wbits, consts[2] is not None)
+        src = qconv1x1_source(cout, cin, p, nv, clamp, out_q, dequantized, wbits, consts[2] is not None,
+                              residual is not None)
         packed, name = pack_pairs(w2, mt, wbits), f"qconv1x1_{tag}"
     if not sparse:
-        gv = bb.add_func(parse_kernel(batch_source(src, n, ["x", "out"])), name)
+        gv = bb.add_func(parse_kernel(batch_source(src, n, ["x", "out"] + (["res"] if residual is not None else []))),
+                         name)
         bind(site, gv.name_hint)
         weights = [relax.const(packed)]
     dtype = "int8" if out_q and not dequantized else "float32"
     flat = lambda size: (n, size) if n > 1 else (size,)  # noqa: E731  (batch_source's per-sample buffers)
     y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(xq, flat(cin * p))), *weights,
                                     *(relax.const(c) for c in consts if c is not None),
+                                    *([bb.emit(relax.op.reshape(residual, flat(cout * p)))] if residual is not None
+                                      else []),
                                     relax.const(store_params(clamp, out_q))],
                                relax.TensorType(flat(cout * p), dtype)))
     return bb.emit(relax.op.reshape(y, (n, cout, h, w)))
