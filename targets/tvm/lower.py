@@ -359,10 +359,12 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                 and _qconv_kind(node)[0] in ("depthwise", "direct"))
 
     def _qconv_fast(node, bb, xq, sx, zx, importer):
-        """qconv2d with constant weights on graphopt's kernels: pointwise -> the int8 vpmaddwd kernel,
-        depthwise and the stem -> the float kernels on the dequantized input. Each fuses the bias, a following
-        ReLU/ReLU6 and, when that is all that consumes it, the next quantize: the activation between two such convs
-        is int8 (or, into a depthwise conv, the floats of the int8 grid) and no other pass touches it."""
+        """qconv2d with constant weights on graphopt's kernels: pointwise -> the int8 quad (VNNI) or pair kernels,
+        depthwise -> the int8 kernel (VNNI + VBMI) or the float ones, the stem -> int8 im2col or the flat conv.
+        Each fuses the bias, a following ReLU/ReLU6 and, when that is all that consumes it, the next quantize: the
+        activation between two such convs is int8 (or, into a float depthwise kernel, the floats of the int8 grid)
+        and no other pass touches it; a pointwise conv whose float output meets only a residual add takes the add
+        (and a ReLU after it) into its store. `importer`: the converter's, for the add's other operand."""
         import numpy as np
 
         from graphopt.targets.tvm.cpu import conv as k
