@@ -29,6 +29,11 @@ def _compile(src: str, cpu: str | None = None):
     return tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target(cpu))
 
 
+def _asm(src: str, cpu: str) -> str:
+    lib = _compile(src, cpu)
+    return lib.mod.inspect_source("asm") if hasattr(lib, "mod") else lib.inspect_source("asm")
+
+
 def _reference(x, w, ws, bias, sx, zx, stride, pad, oh, ow):
     """The integer conv of (x - zx) with w, the bias rounded to int32 at the accumulator's scale, scaled."""
     pt, pb, pl, pr = pad
@@ -128,15 +133,12 @@ def test_int8_depthwise_kernel_assembly():
     """Built for Zen 4 (AVX512-VNNI, VBMI): the row kernel's taps are `vpermb` of a loaded row and `vpdpbusd`,
     each permuted row shared by the output rows that read it (fewer permutes than dot products), with no byte
     inserts or extracts per tap; the narrow-map kernel wraps two windows with `vpermt2b` where a chunk needs them."""
-    asm = _compile(qdepthwise_source(144, 56, 56, 56, 56, 3, 3, 1, 1, 1, (0.0, 6.0), (0.05, 3, -128, 127)),
-                   "znver4")
-    text = asm.mod.inspect_source("asm") if hasattr(asm, "mod") else asm.inspect_source("asm")
+    text = _asm(qdepthwise_source(144, 56, 56, 56, 56, 3, 3, 1, 1, 1, (0.0, 6.0), (0.05, 3, -128, 127)), "znver4")
     dots, perms = len(re.findall(r"\bvpdpbusd\b", text)), len(re.findall(r"\bvpermb\b", text))
     assert dots >= 12 and 0 < perms <= dots // 2, (dots, perms)  # 4 rows a block: 6 permutes, 12 products
     # byte inserts: only the pad byte's broadcast, once a task (per tap they would be dozens)
     assert len(re.findall(r"\bvpinsrb\b", text)) <= 8 and not re.search(r"\bvpextrb\b", text)
-    asm = _compile(qdepthwise_source(64, 14, 14, 7, 7, 3, 3, 2, 0, 0, None, (0.05, 3, -128, 127)), "znver4")
-    text = asm.mod.inspect_source("asm") if hasattr(asm, "mod") else asm.inspect_source("asm")
+    text = _asm(qdepthwise_source(64, 14, 14, 7, 7, 3, 3, 2, 0, 0, None, (0.05, 3, -128, 127)), "znver4")
     assert re.search(r"\bvperm[ti]2b\b", text) and re.search(r"\bvpdpbusd\b", text)
 
 

@@ -246,6 +246,8 @@ def emit_qdepthwise(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarr
 
     n, c, h, wd = (int(d) for d in x_shape)
     kh, kw = int(wq.shape[2]), int(wq.shape[3])
+    if not -128 <= int(zx) <= 127:  # (its pad byte, zx + 128, must be a uint8)
+        raise ValueError(f"the int8 depthwise kernel takes an int8 input grid; zero point {zx} is outside [-128, 127]")
     pt, pb, pl, pr = (int(q) for q in padding)
     oh, ow = (h + pt + pb - kh) // stride + 1, (wd + pl + pr - kw) // stride + 1
     w = np.asarray(wq, np.int8).reshape(c, kh, kw)
