@@ -18,9 +18,11 @@ from graphopt.targets.tvm.cpu.parse import parse_kernel
 MR = 6
 
 
-def _gemm_nest(rows: int, nr: int, k: int, row0: str, panel: str, n_tiles: int, name: str, vec: int = 0) -> str:
+def _gemm_nest(rows: int, nr: int, k: int, row0: str, panel: str, n_tiles: int, name: str, vec: int = 0,
+               bias: bool = False) -> str:
     """One parallel loop over tiles of `rows` x nr outputs; row0 / panel are expressions of the tile index t. With
-    `vec` (16: AVX-512) the tile is nr / vec buffers of rows x vec, each step written as explicit vectors."""
+    `vec` (16: AVX-512) the tile is nr / vec buffers of rows x vec, each step written as explicit vectors. `bias`:
+    the store adds bias[column]."""
     if vec and nr % vec == 0 and nr > vec:
         names = [f"{name}{j}" for j in range(nr // vec)]
         decl = "".join(f"""
@@ -33,6 +35,7 @@ def _gemm_nest(rows: int, nr: int, k: int, row0: str, panel: str, n_tiles: int, 
                     * bp[{panel}, kk, T.ramp({j * vec}, 1, {vec})])""" for j, a in enumerate(names))
         store = "".join(f"""
             c[{row0} + i, T.ramp(({panel}) * {nr} + {j * vec}, 1, {vec})] = {a}[T.ramp(i * {vec}, 1, {vec})]"""
+                        + (f" + bias[T.ramp(({panel}) * {nr} + {j * vec}, 1, {vec})]" if bias else "")
                         for j, a in enumerate(names))
         return f"""
     for t in T.parallel({n_tiles}):{decl}
@@ -53,11 +56,11 @@ def _gemm_nest(rows: int, nr: int, k: int, row0: str, panel: str, n_tiles: int, 
                     {name}[i, v] = {name}[i, v] + a[{row0} + i, kk] * bp[{panel}, kk, v]
         for i in T.unroll({rows}):
             for v in T.vectorized({nr}):
-                c[{row0} + i, ({panel}) * {nr} + v] = {name}[i, v]
+                c[{row0} + i, ({panel}) * {nr} + v] = {name}[i, v]{f" + bias[({panel}) * {nr} + v]" if bias else ""}
 """
 
 
-def gemm_source(m: int, k: int, n: int, mr: int, nr: int, vec: int = 0) -> str:
+def gemm_source(m: int, k: int, n: int, mr: int, nr: int, vec: int = 0, bias: bool = False) -> str:
     """a[M, K] @ bp[N/nr, K, nr] -> c[M, N] for N % nr == 0; the last M % mr rows get one smaller tile per panel.
     Tiles are panel-major, so a panel is reused from L2 by every row tile. The accumulator tile is a stack array
     (scope "global" inside the parallel body) that LLVM keeps in registers (see sparse.py). Row-tile-major (each
@@ -68,21 +71,25 @@ def gemm_source(m: int, k: int, n: int, mr: int, nr: int, vec: int = 0) -> str:
     (`_gemm_nest`), which lets it reach 6 x 64 (24 zmm accumulators; one 2D buffer that size is over the 1 KB TVM
     keeps on the stack). Kernel alone (Emerald Rapids, 2 threads, interleaved, hot): 6 x 32 in that form 0.93-0.98x
     the 2D buffer's time, 6 x 64 0.80-0.87x (512^3 1448 -> 1195 us, 128x1536x384 856 -> 703, 128x384x384 183 ->
-    153); 8 x 48 0.81-0.86x, 12 x 32 0.92-0.93x, 5 or 7 x 64 0.86-0.91x."""
+    153); 8 x 48 0.81-0.86x, 12 x 32 0.92-0.93x, 5 or 7 x 64 0.86-0.91x.
+
+    `bias`: a linear's bias [N] added in the store (it had been a separate elementwise kernel after each linear,
+    reading and writing the output again: MiniLM's 36 linears, 30 of them with no activation to fuse it into)."""
     mt, nt, rem = m // mr, n // nr, m % mr
-    body = _gemm_nest(mr, nr, k, f"(t % {mt}) * {mr}", f"t // {mt}", mt * nt, "acc", vec) if mt else ""
+    body = _gemm_nest(mr, nr, k, f"(t % {mt}) * {mr}", f"t // {mt}", mt * nt, "acc", vec, bias) if mt else ""
     if rem:
-        body += _gemm_nest(rem, nr, k, str(mt * mr), "t", nt, "acc_tail", vec)
+        body += _gemm_nest(rem, nr, k, str(mt * mr), "t", nt, "acc_tail", vec, bias)
+    bias_arg = f' bias: T.Buffer(({n},), "float32"),' if bias else ""
     return f"""
 @T.prim_func(private=True)
-def gemm(a: T.Buffer(({m}, {k}), "float32"), bp: T.Buffer(({nt}, {k}, {nr}), "float32"),
+def gemm(a: T.Buffer(({m}, {k}), "float32"), bp: T.Buffer(({nt}, {k}, {nr}), "float32"),{bias_arg}
          c: T.Buffer(({m}, {n}), "float32")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "graphopt.knobs": "mr={mr},nr={nr}"}}){body}"""
 
 
-def gemm_packed(m: int, k: int, n: int, mr: int, nr: int, vec: int = 0):
-    """PrimFunc(a[M, K], bp[N/nr, K, nr], c[M, N])."""
-    return parse_kernel(gemm_source(m, k, n, mr, nr, vec))
+def gemm_packed(m: int, k: int, n: int, mr: int, nr: int, vec: int = 0, bias: bool = False):
+    """PrimFunc(a[M, K], bp[N/nr, K, nr], [bias[N],] c[M, N])."""
+    return parse_kernel(gemm_source(m, k, n, mr, nr, vec, bias))
 
 
 def pack_weight(w: np.ndarray, nr: int) -> np.ndarray:
@@ -239,12 +246,14 @@ def emit_packed_linear(bb, x, w: np.ndarray, bias, x_shape, lanes: int):
     x2 = bb.emit(relax.op.reshape(x, (m, k)))
     if n_pad != n:
         w = np.concatenate([w, np.zeros((n_pad - n, k), w.dtype)])
-    gv = bb.add_func(gemm_packed(m, k, n_pad, kn["mr"], nr, lanes if lanes >= 16 else 0),
-                     f"gemm_packed_{m}x{k}x{n_pad}")
+    fused = bias is not None and n_pad == n  # (a padded layer's bias is added after the slice)
+    gv = bb.add_func(gemm_packed(m, k, n_pad, kn["mr"], nr, lanes if lanes >= 16 else 0, fused),
+                     f"gemm_packed_{m}x{k}x{n_pad}" + ("_bias" if fused else ""))
     bind(site, gv.name_hint)
-    y = bb.emit(relax.call_tir(gv, [x2, relax.const(pack_weight(w, nr))], relax.TensorType((m, n_pad), "float32")))
+    args = [x2, relax.const(pack_weight(w, nr))] + ([bias] if fused else [])  # (bias: [N], as linear's)
+    y = bb.emit(relax.call_tir(gv, args, relax.TensorType((m, n_pad), "float32")))
     if n_pad != n:
         y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n]))
-    if bias is not None:
+    if bias is not None and not fused:
         y = bb.emit(relax.op.add(y, bias))
     return bb.emit(relax.op.reshape(y, (*lead, n))) if lead != (m,) else y
