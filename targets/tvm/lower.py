@@ -982,7 +982,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         if geo["mask_node"] is not None:
             bias = importer.env[geo["mask_node"]]
             if str(geo["mask_node"].meta["val"].dtype) == "torch.bool":
-                bias = bb.emit(relax.op.where(bias, f32(0.0), f32(float("-inf"))))
+                bias = _mask_bias(importer, geo["mask_node"])
         b, h, l, ev = geo["b"], geo["h"], geo["l"], geo["ev"]
         perm = _sdpa_output_permute(node)
         geo["strides"]["out"] = (l * h * ev, ev, h * ev) if perm is not None else (h * l * ev, l * ev, ev)
@@ -1269,6 +1269,56 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             return bb.emit(relax.op.reshape(y, shape)) if flat else y
         return convert
 
+    mask_biases: dict = {}  # boolean attention mask node -> its additive float32 form (0 / -inf)
+
+    def _mask_bias(importer, keep):
+        """where(keep, 0, -inf) of boolean mask node `keep`, emitted once for all the layers that read it (a
+        transformer's layers share one padding mask: 6 elementwise kernels of 16-36 us in MiniLM before)."""
+        if keep not in mask_biases:
+            mask_biases[keep] = importer.block_builder.emit(
+                relax.op.where(importer.env[keep], f32(0.0), f32(float("-inf"))))
+        return mask_biases[keep]
+
+    def _masked_softmax_q(node):
+        """(scores, alpha, keep mask, its (batch, head, row) strides, quantize, its grid) where softmax `node` over
+        the last axis of [B, H, L, S] float32 reads where(logical_not(keep), -inf, scores * alpha) (the int8
+        attention `passes.quant.attention` writes, decomposed) with a boolean keep of shape [1|B, 1|H, 1|L, S],
+        and its only user is an int8 quantize (the probabilities for the int8 P V); else None."""
+        from graphopt.targets.tvm.cpu.norm import masked_softmax_q_applies
+        x_val, where = node.meta["val"], node.args[0]
+        users = list(node.users)
+        if (int(node.args[1]) % 4 != 3 or x_val.dim() != 4 or str(x_val.dtype) != "torch.float32"
+                or not masked_softmax_q_applies(int(x_val.shape[-1])) or len(users) != 1
+                or target_name(users[0].target) != "graphopt.quantize_per_tensor.default"
+                or str(users[0].args[5]) != "torch.int8"
+                or (len(node.args) > 2 and node.args[2]) or target_name(where.target) != "aten.where.self"
+                or len(where.users) != 1 or len(where.args) != 3):
+            return None
+        cond, fill, scaled = where.args
+        fill_val = getattr(fill, "meta", {}).get("val") if isinstance(fill, type(node)) else fill
+        if isinstance(fill, type(node)):
+            if target_name(fill.target) != "aten.scalar_tensor.default" or fill.args[0] != float("-inf"):
+                return None
+        elif fill_val != float("-inf"):
+            return None
+        if (target_name(cond.target) != "aten.logical_not.default" or target_name(scaled.target) != "aten.mul.Tensor"
+                or not isinstance(scaled.args[1], (int, float)) or not isinstance(scaled.args[0], type(node))):
+            return None
+        keep = cond.args[0]
+        kv = keep.meta.get("val")
+        if kv is None or str(kv.dtype) != "torch.bool" or kv.dim() > 4:
+            return None
+        dims = [1] * (4 - kv.dim()) + [int(d) for d in kv.shape]
+        full = [int(d) for d in x_val.shape]
+        if dims[3] != full[3] or any(d not in (1, f) for d, f in zip(dims[:3], full[:3])):
+            return None
+        s = full[3]
+        mstr = (dims[1] * dims[2] * s if dims[0] > 1 else 0, dims[2] * s if dims[1] > 1 else 0,
+                s if dims[2] > 1 else 0)
+        q = users[0]
+        return (scaled.args[0], float(scaled.args[1]), keep, mstr, q,
+                (float(q.args[1]), int(q.args[2]), int(q.args[3]), int(q.args[4])))
+
     def softmax(node, importer):
         # float32 softmax over the last axis: one vectorized pass per row (norm.py); SDPA's where that zeroes
         # rows of -inf done in the same kernel (as Relax ops it was a generic reduction + select, 0.13 ms a
@@ -1276,6 +1326,15 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         from graphopt.targets.tvm.cpu.norm import emit_softmax, rows_apply
         x_val = node.args[0].meta["val"]
         dim, half_to_float = int(node.args[1]), bool(node.args[2]) if len(node.args) > 2 else False
+        masked = _masked_softmax_q(node)
+        if masked is not None:  # int8 attention's scale, mask, softmax and quantize in one kernel
+            from graphopt.targets.tvm.cpu.norm import emit_masked_softmax_q
+            scores, alpha, keep, mstr, quant, grid = masked
+            bb = importer.block_builder
+            bias = _mask_bias(importer, keep)
+            y = emit_masked_softmax_q(bb, importer.env[scores], bias, x_val.shape, alpha, mstr, grid)
+            fused_quants[quant] = y
+            return y
         if (dim in (-1, x_val.dim() - 1) and not half_to_float
                 and rows_apply(int(x_val.shape[-1]), str(x_val.dtype).replace("torch.", ""))):
             where = _safe_softmax_where(node)
@@ -1308,6 +1367,15 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         from graphopt.targets.tvm.cpu.norm import emit_softmax, rows_apply
         x_val = node.args[0].meta["val"]
         dim, half_to_float = int(node.args[1]), bool(node.args[2]) if len(node.args) > 2 else False
+        masked = _masked_softmax_q(node)
+        if masked is not None:  # int8 attention's scale, mask, softmax and quantize in one kernel
+            from graphopt.targets.tvm.cpu.norm import emit_masked_softmax_q
+            scores, alpha, keep, mstr, quant, grid = masked
+            bb = importer.block_builder
+            bias = _mask_bias(importer, keep)
+            y = emit_masked_softmax_q(bb, importer.env[scores], bias, x_val.shape, alpha, mstr, grid)
+            fused_quants[quant] = y
+            return y
         if (x_val.dim() and dim % x_val.dim() == x_val.dim() - 1 and not half_to_float
                 and rows_apply(int(x_val.shape[-1]), str(x_val.dtype).replace("torch.", ""))):
             return emit_softmax(importer.block_builder, importer.env[node.args[0]], x_val.shape, log=True)

@@ -176,3 +176,32 @@ def test_a_graph_with_an_attention_the_kernel_does_not_take_decomposes_all():
     assert not [n for n in names if n.startswith("attention_")] and [n for n in names if "softmax" in n], names
     ref = model(x).detach().numpy()
     np.testing.assert_allclose(_built(g, x), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("b,h,l,s,mshape", [(1, 12, 128, 128, (1, 1, 128, 128)),  # MiniLM's expanded mask
+                                            (2, 3, 16, 24, (2, 1, 1, 24)),  # a padding mask per sequence
+                                            (1, 2, 8, 64, (1, 2, 8, 64))])  # a mask per head and row
+def test_int8_attention_probabilities_kernel_gives_torchs_codes(b, h, l, s, mshape):
+    """int8 attention's scale, boolean mask, softmax and quantize in one row kernel give exactly the codes
+    PyTorch's float softmax rounds to on the grid (scale 1/255, zero point -128); a row masked everywhere gives
+    the zero point (probability 0, as PyTorch's SDPA)."""
+    from tvm.script import tirx as T
+
+    from graphopt.targets.tvm.cpu.norm import masked_softmax_q_source
+    from graphopt.targets.tvm.host import cpu_target
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((b, h, l, s)) * 5).astype(np.float32)
+    keep = rng.random(mshape) > 0.3
+    keep.reshape(-1, s)[1] = False
+    alpha, grid = 0.17, (1 / 255, -128, -128, 127)
+    bias = np.where(keep, 0, -np.inf).astype(np.float32)
+    p = torch.softmax(torch.tensor(x) * alpha + torch.tensor(bias), -1).numpy()
+    want = np.clip(np.round(np.nan_to_num(p, nan=0.0) / grid[0]) + grid[1], -128, 127)
+    mstr = tuple(int(np.prod(mshape[i + 1:])) if mshape[i] > 1 else 0 for i in range(3))
+    f = tvm.script.parse(masked_softmax_q_source(b, h, l, s, alpha, mstr, grid), extra_vars={"T": T})
+    lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target())
+    out = tvm.runtime.tensor(np.zeros(b * h * l * s, np.int8))
+    lib["main"](tvm.runtime.tensor(x.reshape(-1)), tvm.runtime.tensor(bias.reshape(-1)), out)
+    got = out.numpy().reshape(b, h, l, s).astype(int)
+    np.testing.assert_array_equal(got, want)
+    assert (got.reshape(-1, s)[np.all(~np.broadcast_to(keep, (b, h, l, s)).reshape(-1, s), -1)] == -128).all()

@@ -297,6 +297,79 @@ def emit_softmax(bb, x, x_shape, safe: bool = False, log: bool = False):
                       + ("_safe" if safe else ""), x, [relax.const(np.ones(1, np.float32))], x_shape)
 
 
+def masked_softmax_q_source(b: int, h: int, l: int, dim: int, alpha: float, mask: tuple[int, int, int],
+                            out_q: tuple[float, int, int, int]) -> str:
+    """TVMScript of int8 attention probabilities: per row of scores x [B, H, L, S], q = quantize(softmax(x * alpha
+    + bias)) on the grid out_q, the additive mask `bias` (0 / -inf) read through its (batch, head, row) strides
+    `mask`: the int8 attention's scale, mask, softmax and quantize (four elementwise passes over the scores
+    before) in one kernel. The row's scaled, masked scores go to a stack buffer with their max, the exponentials
+    replace them with their sum, and the store writes codes. A row masked everywhere gives probability 0 (the zero
+    point), as PyTorch's SDPA does. S whole vectors (`masked_softmax_q_applies`)."""
+    from graphopt.targets.tvm.cpu.conv import _clamped
+    steps, lane = dim // LANES, f"T.ramp(0, 1, {LANES})"
+    mb, mh, ml = mask
+    v = f"T.ramp(j * {LANES}, 1, {LANES})"
+    mrow = f"bi * {mb} + hi * {mh} + li * {ml}"
+    exp = _exp_stmts(f"row[{v}]", f"row[{v}] - T.broadcast(stat[0], {LANES})", " " * 16)
+    code = _clamped(f"row[j * {LANES} + u] * stat[1]", None, out_q, times=f"T.float32({1.0 / out_q[0]!r})")
+    zero = _clamped("T.float32(0)", None, out_q, times=f"T.float32({1.0 / out_q[0]!r})")
+    msize = (b - 1) * mb + (h - 1) * mh + (l - 1) * ml + dim
+    return f"""
+@T.prim_func(private=True)
+def softmax_masked_q(x: T.Buffer(({b * h * l * dim},), "float32"), bias: T.Buffer(({msize},), "float32"),
+                     y: T.Buffer(({b * h * l * dim},), "int8")):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
+    for r in T.parallel({b * h * l}):
+        bi: T.let = r // {h * l}
+        hi: T.let = r // {l} % {h}
+        li: T.let = r % {l}
+        row = T.decl_buffer(({dim},), "float32", scope="global")
+        acc = T.decl_buffer(({LANES},), "float32", scope="global")
+        t = T.decl_buffer(({LANES},), "float32", scope="global")
+        n = T.decl_buffer(({LANES},), "float32", scope="global")
+        stat = T.decl_buffer((2,), "float32", scope="global")
+        acc[{lane}] = T.broadcast(T.float32("-inf"), {LANES})
+        for j in T.serial({steps}):
+            row[{v}] = x[T.ramp(r * {dim} + j * {LANES}, 1, {LANES})] * {_vconst(alpha)} + bias[T.ramp({mrow} + j * {
+                LANES}, 1, {LANES})]
+            acc[{lane}] = T.max(acc[{lane}], row[{v}])
+        stat[0] = acc[0]
+        for u in T.serial(1, {LANES}):
+            stat[0] = T.max(stat[0], acc[u])
+        if stat[0] < T.float32(-3.4028234663852886e38):
+            for j in T.serial({dim}):
+                y[r * {dim} + j] = {zero}
+        else:
+            acc[{lane}] = {_vconst(0.0)}
+            for j in T.serial({steps}):{exp}
+                acc[{lane}] = acc[{lane}] + row[{v}]
+            stat[1] = T.float32(0)
+            for u in T.serial({LANES}):
+                stat[1] = stat[1] + acc[u]
+            stat[1] = T.float32(1) / stat[1]
+            for j in T.serial({steps}):
+                for u in T.vectorized({LANES}):
+                    y[r * {dim} + j * {LANES} + u] = {code}
+"""
+
+
+def masked_softmax_q_applies(dim: int) -> bool:
+    return dim >= LANES and dim % LANES == 0
+
+
+def emit_masked_softmax_q(bb, x, bias, x_shape, alpha: float, mask: tuple[int, int, int], out_q):
+    """int8 codes of softmax(x * alpha + bias) over the last axis of x [B, H, L, S] (`masked_softmax_q_source`)."""
+    from tvm import relax
+    b, h, l, dim = (int(d) for d in x_shape)
+    mb, mh, ml = mask
+    msize = (b - 1) * mb + (h - 1) * mh + (l - 1) * ml + dim
+    gv = bb.add_func(parse_kernel(masked_softmax_q_source(b, h, l, dim, alpha, mask, out_q)),
+                     f"softmax_masked_q_{b * h * l}x{dim}")
+    flat = [bb.emit(relax.op.reshape(x, (b * h * l * dim,))), bb.emit(relax.op.reshape(bias, (msize,)))]
+    y = bb.emit(relax.call_tir(gv, flat, relax.TensorType((b * h * l * dim,), "int8")))
+    return bb.emit(relax.op.reshape(y, (b, h, l, dim)))
+
+
 def emit_softmax_cols(bb, x, x_shape, dim: int, log: bool = False):
     """softmax (log: log_softmax) of x (a Relax value, float32) over axis `dim`, not the last one, whose trailing
     axes hold at least one vector (`softmax_cols_source`)."""

@@ -125,6 +125,29 @@ def test_attention_qmatmuls_take_the_int8_kernel_where_the_cpu_has_vnni(monkeypa
         assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()  # a rounding tie may land one step away
 
 
+def test_int8_attention_softmax_runs_one_kernel_with_its_mask_and_quantize():
+    """The int8 attention's scores scaled, masked (a padding mask), softmaxed and quantized for the P V matmul run
+    one row kernel (`softmax_masked_q`): no where, softmax or quantize function of their own, one mask conversion
+    for the layer; the build matches the folded graph within 2% of the output's range (a rounding tie may land
+    one step away)."""
+    from tvm import relax
+
+    from graphopt.targets.tvm.build import build_executable
+    from graphopt.targets.tvm.lower import lower_to_relax
+    torch.manual_seed(0)
+    g = graphopt.trace(Attention(mask="bool").eval(), _inputs(1))
+    f = graphopt.optimize(g, "quantize,fold-qdq", data=[_inputs(s) for s in range(2, 8)])
+    mod = relax.transform.DeadCodeElimination()(lower_to_relax(f))
+    names = [gv.name_hint for gv in mod.get_global_vars()]
+    assert [n for n in names if n.startswith("softmax_masked_q")] and not [n for n in names if "softmax_rows" in n]
+    assert mod.script().count("R.where") == 1, names
+    vm = relax.VirtualMachine(build_executable(f)[0], tvm.cpu())
+    for b in [_inputs(s) for s in (20, 21)]:
+        want = f.run(*b)[0].numpy()
+        got = vm["main"](*[tvm.runtime.tensor(t.numpy()) for t in b])[0].numpy()
+        assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
+
+
 @pytest.mark.parametrize("k", [40, 300])
 def test_generic_qmatmul_path_is_exact(k):
     """A qmatmul the int8 kernel does not take (8 columns) lowers to a Relax matmul of the centered codes: in float32
