@@ -1367,15 +1367,6 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         from graphopt.targets.tvm.cpu.norm import emit_softmax, rows_apply
         x_val = node.args[0].meta["val"]
         dim, half_to_float = int(node.args[1]), bool(node.args[2]) if len(node.args) > 2 else False
-        masked = _masked_softmax_q(node)
-        if masked is not None:  # int8 attention's scale, mask, softmax and quantize in one kernel
-            from graphopt.targets.tvm.cpu.norm import emit_masked_softmax_q
-            scores, alpha, keep, mstr, quant, grid = masked
-            bb = importer.block_builder
-            bias = _mask_bias(importer, keep)
-            y = emit_masked_softmax_q(bb, importer.env[scores], bias, x_val.shape, alpha, mstr, grid)
-            fused_quants[quant] = y
-            return y
         if (x_val.dim() and dim % x_val.dim() == x_val.dim() - 1 and not half_to_float
                 and rows_apply(int(x_val.shape[-1]), str(x_val.dtype).replace("torch.", ""))):
             return emit_softmax(importer.block_builder, importer.env[node.args[0]], x_val.shape, log=True)
