@@ -1295,11 +1295,9 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                 or len(where.users) != 1 or len(where.args) != 3):
             return None
         cond, fill, scaled = where.args
-        fill_val = getattr(fill, "meta", {}).get("val") if isinstance(fill, type(node)) else fill
-        if isinstance(fill, type(node)):
-            if target_name(fill.target) != "aten.scalar_tensor.default" or fill.args[0] != float("-inf"):
-                return None
-        elif fill_val != float("-inf"):
+        if isinstance(fill, type(node)):  # (the decomposition's scalar_tensor(-inf), or -inf itself)
+            fill = fill.args[0] if target_name(fill.target) == "aten.scalar_tensor.default" else None
+        if fill != float("-inf"):
             return None
         if (target_name(cond.target) != "aten.logical_not.default" or target_name(scaled.target) != "aten.mul.Tensor"
                 or not isinstance(scaled.args[1], (int, float)) or not isinstance(scaled.args[0], type(node))):
