@@ -1284,7 +1284,9 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         the last axis of [B, H, L, S] float32 reads where(logical_not(keep), -inf, scores * alpha) (the int8
         attention `passes.quant.attention` writes, decomposed) with a boolean keep of shape [1|B, 1|H, 1|L, S],
         and its only user is an int8 quantize (the probabilities for the int8 P V); else None."""
-        from graphopt.targets.tvm.cpu.norm import masked_softmax_q_applies
+        import torch.fx as fx
+
+        from graphopt.targets.tvm.cpu.norm import mask_strides, masked_softmax_q_applies
         x_val, where = node.meta["val"], node.args[0]
         users = list(node.users)
         if (int(node.args[1]) % 4 != 3 or x_val.dim() != 4 or str(x_val.dtype) != "torch.float32"
@@ -1295,24 +1297,18 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                 or len(where.users) != 1 or len(where.args) != 3):
             return None
         cond, fill, scaled = where.args
-        if isinstance(fill, type(node)):  # (the decomposition's scalar_tensor(-inf), or -inf itself)
+        if isinstance(fill, fx.Node):  # (the decomposition's scalar_tensor(-inf), or -inf itself)
             fill = fill.args[0] if target_name(fill.target) == "aten.scalar_tensor.default" else None
         if fill != float("-inf"):
             return None
         if (target_name(cond.target) != "aten.logical_not.default" or target_name(scaled.target) != "aten.mul.Tensor"
-                or not isinstance(scaled.args[1], (int, float)) or not isinstance(scaled.args[0], type(node))):
+                or not isinstance(scaled.args[1], (int, float)) or not isinstance(scaled.args[0], fx.Node)):
             return None
         keep = cond.args[0]
         kv = keep.meta.get("val")
-        if kv is None or str(kv.dtype) != "torch.bool" or kv.dim() > 4:
+        mstr = mask_strides(tuple(kv.shape), x_val.shape) if kv is not None and str(kv.dtype) == "torch.bool" else None
+        if mstr is None:
             return None
-        dims = [1] * (4 - kv.dim()) + [int(d) for d in kv.shape]
-        full = [int(d) for d in x_val.shape]
-        if dims[3] != full[3] or any(d not in (1, f) for d, f in zip(dims[:3], full[:3])):
-            return None
-        s = full[3]
-        mstr = (dims[1] * dims[2] * s if dims[0] > 1 else 0, dims[2] * s if dims[1] > 1 else 0,
-                s if dims[2] > 1 else 0)
         q = users[0]
         return (scaled.args[0], float(scaled.args[1]), keep, mstr, q,
                 (float(q.args[1]), int(q.args[2]), int(q.args[3]), int(q.args[4])))
@@ -2125,13 +2121,14 @@ def _sdpa_geometry(node, lanes: int) -> dict | None:
     dropout, value width in whole vectors of `lanes` (8 or 4 floats also do, on narrower vectors), a boolean or
     float32 mask broadcasting over batch, heads and query rows but spanning the keys. q, k and v given as a
     [B, L, H, E] tensor's permute(0, 2, 1, 3) (a linear's heads) are read in place: their strides are those."""
+    import torch.fx as fx
     args = list(node.args) + [None] * (4 - len(node.args))
     q, k, v, mask = args[:4]
     kw = node.kwargs
     dropout = node.args[4] if len(node.args) > 4 else kw.get("dropout_p", 0.0)
     causal = bool(node.args[5] if len(node.args) > 5 else kw.get("is_causal", False))
     mask = kw.get("attn_mask", mask)
-    if dropout or kw.get("enable_gqa", False) or not all(isinstance(t, type(node)) for t in (q, k, v)):
+    if dropout or kw.get("enable_gqa", False) or not all(isinstance(t, fx.Node) for t in (q, k, v)):
         return None
     vals = [t.meta.get("val") for t in (q, k, v)]
     if any(getattr(t, "dtype", None) is None or str(t.dtype) != "torch.float32" or t.dim() not in (3, 4)
@@ -2143,28 +2140,25 @@ def _sdpa_geometry(node, lanes: int) -> dict | None:
     b, h = (int(qv.shape[0]), int(qv.shape[1])) if qv.dim() == 4 else (int(qv.shape[0]), 1)
     l, e, s, ev = int(qv.shape[-2]), int(qv.shape[-1]), int(kv.shape[-2]), int(vv.shape[-1])
     from graphopt.targets.tvm.cpu.attention import attention_applies
+    from graphopt.targets.tvm.cpu.norm import mask_strides
     lanes = next((n for n in (lanes, 8, 4) if n <= lanes and ev % n == 0), 0)
     if not lanes or not attention_applies(l, s, e, ev, lanes) or b * h * l * s == 0:
         return None
     mstr = None
     if mask is not None:
-        mv = mask.meta.get("val") if isinstance(mask, type(node)) else None
-        if (mv is None or str(mv.dtype) not in ("torch.bool", "torch.float32") or mv.dim() > 4 or causal
-                or not all(isinstance(d, int) for d in mv.shape)):
+        mv = mask.meta.get("val") if isinstance(mask, fx.Node) else None
+        if mv is None or str(mv.dtype) not in ("torch.bool", "torch.float32") or causal:
             return None
-        dims = [1] * (4 - mv.dim()) + [int(d) for d in mv.shape]
-        full = [b, h, l, s]
-        if dims[3] != s or any(d not in (1, f) for d, f in zip(dims[:3], full[:3])):
+        mstr = mask_strides(tuple(mv.shape), (b, h, l, s))
+        if mstr is None:
             return None
-        mstr = (dims[1] * dims[2] * s if dims[0] > 1 else 0, dims[2] * s if dims[1] > 1 else 0,
-                s if dims[2] > 1 else 0)
 
     def strides(t, rows: int, width: int) -> tuple[tuple[int, int, int], object]:
         """(batch, head, row) strides and the node whose value the kernel reads."""
         src = t
         if (qv.dim() == 4 and getattr(t, "op", None) == "call_function"
                 and target_name(t.target) == "aten.permute.default"
-                and [int(p) % 4 for p in t.args[1]] == [0, 2, 1, 3] and isinstance(t.args[0], type(node))):
+                and [int(p) % 4 for p in t.args[1]] == [0, 2, 1, 3] and isinstance(t.args[0], fx.Node)):
             return (rows * h * width, width, h * width), t.args[0]
         return (h * rows * width, rows * width, width), src
     (qs, qsrc), (ks, ksrc), (vs, vsrc) = strides(q, l, e), strides(k, s, e), strides(v, s, ev)

@@ -8,8 +8,9 @@ at 128 tokens spent 19% of its fp32 time there (Zen 4, 2 threads), at 512 tokens
 
 Here a task takes one (batch, head) and a run of query-row blocks: it copies that head's keys transposed into
 kt [E, S'] (S' = S in whole vectors; the columns past S score -inf), then for each block of R rows
-- scores: tiles of 4 rows x 2 vectors of keys accumulate q[r, e] (broadcast) * kt[e, :] over E, scaled, plus the
-  additive mask (a boolean mask comes as 0 / -inf), -inf above the diagonal when causal;
+- scores: tiles of 4 rows x 4 vectors of keys (2 with AVX2's 16 registers) accumulate q[r, e] (broadcast) *
+  kt[e, :] over E, scaled, plus the additive mask (a boolean mask comes as 0 / -inf), -inf above the diagonal
+  when causal;
 - softmax per row in place: the max, exp(s - max) by TVM's fast_exp polynomial (norm.py) and the sum, kept as
   1 / sum; a row that is -inf everywhere (every key masked) gives zeros, as PyTorch's SDPA does;
 - out: tiles of 4 rows x up to 4 vectors of the value width accumulate p[r, s] (broadcast) * v[s, :] over S, then
@@ -19,7 +20,7 @@ output are read where they are (no transposed copy) and the result can be writte
 output projection reads."""
 from __future__ import annotations
 
-from graphopt.targets.tvm.cpu.norm import _exp_stmts, _vconst
+from graphopt.targets.tvm.cpu.norm import _exp_stmts, _vconst, mask_elements
 from graphopt.targets.tvm.cpu.parse import parse_kernel
 
 MR = 4  # query rows of a register tile
@@ -78,7 +79,7 @@ def attention_source(b: int, h: int, l: int, s: int, e: int, ev: int, strides: d
     if mask is not None:
         mb, mh, ml = mask
         score += f" + bias[bi * {mb} + hi * {mh} + ({row_at}) * {ml} + {col_at}]"
-        mask_arg = f' bias: T.Buffer(({(b - 1) * mb + (h - 1) * mh + (l - 1) * ml + s},), "float32"),'
+        mask_arg = f' bias: T.Buffer(({mask_elements(b, h, l, s, mask)},), "float32"),'
     if causal:  # PyTorch's is_causal: key j is seen by query i where j <= i
         score = f"T.Select({col_at} <= {row_at}, {score}, {ninf})"
 
@@ -201,7 +202,6 @@ def emit_attention(bb, q, k, v, bias, geometry: dict, lanes: int, regs: int):
     b, h, l, s, e, ev = (g[x] for x in ("b", "h", "l", "s", "e", "ev"))
     sizes = [b * h * l * e, b * h * s * e, b * h * s * ev]
     if bias is not None:
-        mb, mh, ml = g["mask"]
-        sizes.append((b - 1) * mb + (h - 1) * mh + (l - 1) * ml + s)
+        sizes.append(mask_elements(b, h, l, s, g["mask"]))
     flat = [bb.emit(relax.op.reshape(t, (n,))) for t, n in zip([q, k, v, bias], sizes)]
     return bb.emit(relax.call_tir(gv, flat, relax.TensorType((g["b"] * g["h"] * g["l"] * g["ev"],), "float32")))

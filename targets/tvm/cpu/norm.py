@@ -297,6 +297,25 @@ def emit_softmax(bb, x, x_shape, safe: bool = False, log: bool = False):
                       + ("_safe" if safe else ""), x, [relax.const(np.ones(1, np.float32))], x_shape)
 
 
+def mask_strides(mask_shape, full) -> tuple[int, int, int] | None:
+    """(batch, head, query row) strides of an attention mask of `mask_shape` (up to 4 dims, broadcasting from the
+    right) read against scores `full` [B, H, L, S]: 0 where it broadcasts; None unless it spans the keys and each
+    other dim is 1 or the scores' own."""
+    if len(mask_shape) > 4 or not all(isinstance(d, int) for d in mask_shape):
+        return None
+    dims = [1] * (4 - len(mask_shape)) + [int(d) for d in mask_shape]
+    s = int(full[3])
+    if dims[3] != s or any(d not in (1, int(f)) for d, f in zip(dims[:3], full[:3])):
+        return None
+    return (dims[1] * dims[2] * s if dims[0] > 1 else 0, dims[2] * s if dims[1] > 1 else 0, s if dims[2] > 1 else 0)
+
+
+def mask_elements(b: int, h: int, l: int, s: int, strides: tuple[int, int, int]) -> int:
+    """Elements of a contiguous mask whose `mask_strides` these are (its flat buffer's size)."""
+    mb, mh, ml = strides
+    return (b - 1) * mb + (h - 1) * mh + (l - 1) * ml + s
+
+
 def masked_softmax_q_source(b: int, h: int, l: int, dim: int, alpha: float, mask: tuple[int, int, int],
                             out_q: tuple[float, int, int, int]) -> str:
     """TVMScript of int8 attention probabilities: per row of scores x [B, H, L, S], q = quantize(softmax(x * alpha
@@ -313,7 +332,7 @@ def masked_softmax_q_source(b: int, h: int, l: int, dim: int, alpha: float, mask
     exp = _exp_stmts(f"row[{v}]", f"row[{v}] - T.broadcast(stat[0], {LANES})", " " * 16)
     code = _clamped(f"row[j * {LANES} + u] * stat[1]", None, out_q, times=f"T.float32({1.0 / out_q[0]!r})")
     zero = _clamped("T.float32(0)", None, out_q, times=f"T.float32({1.0 / out_q[0]!r})")
-    msize = (b - 1) * mb + (h - 1) * mh + (l - 1) * ml + dim
+    msize = mask_elements(b, h, l, dim, mask)
     return f"""
 @T.prim_func(private=True)
 def softmax_masked_q(x: T.Buffer(({b * h * l * dim},), "float32"), bias: T.Buffer(({msize},), "float32"),
@@ -361,8 +380,7 @@ def emit_masked_softmax_q(bb, x, bias, x_shape, alpha: float, mask: tuple[int, i
     """int8 codes of softmax(x * alpha + bias) over the last axis of x [B, H, L, S] (`masked_softmax_q_source`)."""
     from tvm import relax
     b, h, l, dim = (int(d) for d in x_shape)
-    mb, mh, ml = mask
-    msize = (b - 1) * mb + (h - 1) * mh + (l - 1) * ml + dim
+    msize = mask_elements(b, h, l, dim, mask)
     gv = bb.add_func(parse_kernel(masked_softmax_q_source(b, h, l, dim, alpha, mask, out_q)),
                      f"softmax_masked_q_{b * h * l}x{dim}")
     flat = [bb.emit(relax.op.reshape(x, (b * h * l * dim,))), bb.emit(relax.op.reshape(bias, (msize,)))]
