@@ -127,13 +127,32 @@ def registered_passes() -> dict[str, type[Pass]]:
     return dict(sorted(_REGISTRY.items()))
 
 
+# names other tools give these rewrites (words all in the unknown name) -> what graphopt calls them
+_OTHER_NAMES = (
+    (("unstructured",), "unstructured magnitude pruning is 'sparsify{sparsity=0.8}'"),
+    (("magnitude",), "unstructured magnitude pruning is 'sparsify{sparsity=0.8}'"),
+    (("2", "4"), "2:4 (N:M) sparsity is 'sparsify-nm{n=2 m=4}'"),
+    (("nm",), "2:4 (N:M) sparsity is 'sparsify-nm{n=2 m=4}'"),
+    (("semi", "structured"), "2:4 (N:M) sparsity is 'sparsify-nm{n=2 m=4}'"),
+    (("structured",), "structured (channel / head) pruning is 'prune-channels{ratio=0.3}'"),
+    (("head",), "attention heads are pruned by 'prune-channels{heads-only=true ratio=0.3}'"),
+    (("ptq",), "post-training quantization is 'quantize' (then 'fold-qdq' for int8 kernels)"),
+    (("int8",), "int8 quantization is 'quantize' (then 'fold-qdq' for int8 kernels)"),
+    (("int4",), "int4 weights come from 'quantize{weights=int4}' or 'mixed-precision{candidates=int8,int4}'"),
+    (("distil",), "distillation is part of the training passes: 'recover' (after pruning) and 'qat'"),
+    (("lottery",), "the lottery-ticket pass is 'lottery-ticket'"),
+    (("layout",), "sparse layouts are chosen by 'select-sparse-layout'"),
+)
+
+
 def get_pass(name: str) -> type[Pass]:
     if name not in _REGISTRY:
         _builtin_passes()
     if name not in _REGISTRY:
         import difflib
         close = difflib.get_close_matches(name, _REGISTRY, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+        hint = next((f"; {meant}" for words, meant in _OTHER_NAMES if all(w in name.lower() for w in words)),
+                    f"; did you mean '{close[0]}'?" if close else "")
         raise PassOptionError(f"unknown pass '{name}'{hint} (run `graphopt passes` for the list)")
     return _REGISTRY[name]
 

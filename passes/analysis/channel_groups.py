@@ -100,7 +100,24 @@ class ChannelAnalysis:
         self.producers: set[tuple[str, int]] = set()   # output-channel param dims other than dim 0 (for labels)
         self.coupled: set[tuple[str, int]] = set()     # dims some rule related to another tensor
         self.nodes = {n.name: n for n in graph.gm.graph.nodes}
+        # a reshape that splits one dim into several (or merges several into one) can couple only one of the
+        # several dims to the flat one; `levels` names which (default the outermost). Where that dim turns out
+        # pinned anyway (MultiheadAttention's packed q/k/v: linear -> unflatten(-1, (3, E)) -> select q, k, v),
+        # the analysis is rebuilt coupling the next dim, strided over the pinned outer ones, so the heads inside
+        # E stay removable
+        self.levels: dict[str, int] = {}
+        self._reshapes: dict[str, tuple[str, int, int]] = {}  # reshape node -> (node, multi dim, count) it may move
+        self._level_pins: set[tuple[str, int]] = set()  # dims pinned only by a reshape's choice of coupled dim
         self._build()
+        while self._deepen_levels():
+            self.parent.clear()
+            self.pins.clear()
+            self.dim_graph.clear()
+            for kept in (self.consumers, self.producers, self.coupled):
+                kept.clear()
+            self._reshapes.clear()
+            self._level_pins.clear()
+            self._build()
 
     # ---- union-find -------------------------------------------------------------------------------------------
     def _find(self, e: Elem) -> Elem:
@@ -197,11 +214,18 @@ class ChannelAnalysis:
             if isinstance(src, fx.Node) and src.target in (aten.split.Tensor, aten.split_with_sizes.default,
                                                             aten.chunk.default):
                 return  # handled by the split rule
+            if isinstance(src, fx.Node) and src.target is aten.unbind.int:  # timm's q, k, v = qkv.unbind(0)
+                self._select(src.args[0], src.args[1] if len(src.args) > 1 else 0, n)
+                return
             if isinstance(src, fx.Node) and src.target in (aten._native_batch_norm_legit_no_training.default,) \
                     and args[1] == 0:
                 self._identity(src.args[0], n)
                 return
             self.pin_all(n, f"getitem of {src.target}")
+            return
+        if t is aten.unbind.int:  # the getitems of its results are selects
+            if any(u.target is not operator.getitem for u in n.users):
+                self.pin_all(n, f"unbind '{n.name}' result used whole")
             return
         if out_shape is None and t not in (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default):
             self.pin_all(n, f"'{n.name}' ({t}) returns no single tensor")
@@ -214,14 +238,8 @@ class ChannelAnalysis:
         elif t in (aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar):
             for a in args[:3]:
                 self._broadcast(a, n)
-        elif t is aten.select.int:  # x[..., i, ...]: the selected dim disappears, every other dim passes through
-            x = args[0]
-            rank = len(shape_of(x))
-            dim = args[1] % rank
-            self.pin(x, dim, f"one index selected by '{n.name}'")
-            for d in range(rank):
-                if d != dim:
-                    self.couple(x, d, n, d if d < dim else d - 1)
+        elif t is aten.select.int:
+            self._select(args[0], args[1], n)
         elif t in CONVS or t in CONV_TRANSPOSES:
             self._conv(n)
         elif t is aten.linear.default:
@@ -334,6 +352,15 @@ class ChannelAnalysis:
         else:
             self.pin_all(n, f"op {getattr(t, '__name__', t)} at '{n.name}' is not understood by the channel analysis")
 
+    def _select(self, x: fx.Node, dim: int, n: fx.Node) -> None:
+        """x[..., i, ...] (select, or one result of unbind): the dim disappears, every other dim passes through."""
+        rank = len(shape_of(x))
+        dim = dim % rank
+        self.pin(x, dim, f"one index selected by '{n.name}'")
+        for d in range(rank):
+            if d != dim:
+                self.couple(x, d, n, d if d < dim else d - 1)
+
     def _conv(self, n: fx.Node) -> None:
         x, w = n.args[0], n.args[1]
         b = n.args[2] if len(n.args) > 2 else None
@@ -439,18 +466,49 @@ class ChannelAnalysis:
                     break
             ins, outs = list(range(i0, i)), list(range(j0, j))
             if len(ins) > 1 and len(outs) == 1:      # merge: outer input dim maps to blocks of the flat dim
-                self.couple_blocks(x, ins[0], n, outs[0], math.prod(sin[i] for i in ins[1:]))
-                for d in ins[1:]:
-                    self.pin(x, d, f"inner dim merged by '{n.name}'")
+                self._couple_level(n, x, ins, n, outs[0], "merged")
             elif len(ins) == 1 and len(outs) > 1:    # split: blocks of the input dim become the outer output dim
-                self.couple_blocks(n, outs[0], x, ins[0], math.prod(sout[o] for o in outs[1:]))
-                for d in outs[1:]:
-                    self.pin(n, d, f"inner dim split by '{n.name}'")
+                self._couple_level(n, n, outs, x, ins[0], "split")
             else:
                 for d in ins:
                     self.pin(x, d, f"reshaped by '{n.name}'")
                 for d in outs:
                     self.pin(n, d, f"reshaped by '{n.name}'")
+
+    def _couple_level(self, n: fx.Node, multi: fx.Node, dims: list[int], flat: fx.Node, flat_dim: int,
+                      verb: str) -> None:
+        """Couple one of `multi`'s dims `dims` (row-major factors of `flat`'s dim flat_dim) to the flat dim: index i
+        of dims[level] <-> every flat index whose coordinate there is i (a block of the inner dims, repeated over
+        the outer ones). The other dims are pinned: an outer one as taken whole, an inner one as before."""
+        level = min(self.levels.get(n.name, 0), len(dims) - 1)
+        self._reshapes[n.name] = (multi.name, dims[level], len(dims))
+        sizes = [shape_of(multi)[d] for d in dims]
+        flat_index = torch.arange(math.prod(sizes)).reshape(sizes)
+        fd = flat_dim % len(shape_of(flat))
+        for i in range(sizes[level]):
+            for k in flat_index.select(level, i).reshape(-1).tolist():
+                self._union((multi.name, dims[level], i), (flat.name, fd, k))
+        self.dim_graph.add_edge((multi.name, dims[level]), (flat.name, fd))
+        self.coupled |= {(multi.name, dims[level]), (flat.name, fd)}
+        for d in dims[:level]:
+            self.pin(multi, d, f"outer dim {verb} by '{n.name}', kept whole (its channels are pinned elsewhere)")
+        for d in dims[level + 1:]:
+            self.pin(multi, d, f"inner dim {verb} by '{n.name}'")
+        self._level_pins |= {(multi.name, d) for d in dims if d != dims[level]}
+
+    def _deepen_levels(self) -> bool:
+        """After a build: move each split/merge whose coupled dim is pinned in every unit to its next dim. Only pins
+        of ops count: a dim pinned only by another reshape's choice of dim may come free when that one moves."""
+        pinned_roots = {self._find((name, d, i)) for (name, d) in self.pins if (name, d) not in self._level_pins
+                        for i in range(shape_of(self.nodes[name])[d])}
+        moved = False
+        for rname, (name, d, count) in self._reshapes.items():
+            level = self.levels.get(rname, 0)
+            if level + 1 < count and all(self._find((name, d, i)) in pinned_roots
+                                         for i in range(shape_of(self.nodes[name])[d])):
+                self.levels[rname] = level + 1
+                moved = True
+        return moved
 
     def _cat(self, n: fx.Node) -> None:
         rank = len(shape_of(n))

@@ -45,6 +45,19 @@ def test_unknown_pass_suggests():
         build_passes(parse_pipeline("fold-bm"))
 
 
+@pytest.mark.parametrize("name, meant", [("prune-unstructured", "'sparsify{sparsity=0.8}'"),
+                                         ("nm-sparsity", "'sparsify-nm{n=2 m=4}'"),
+                                         ("prune-heads", "'prune-channels{heads-only=true"),
+                                         ("ptq", "is 'quantize'")])
+def test_unknown_pass_named_as_other_tools_name_it(name, meant):
+    """A rewrite asked for by another tool's name gets graphopt's pass (and a working option) in the error."""
+    with pytest.raises(PassOptionError) as e:
+        build_passes(parse_pipeline(name))
+    assert meant in str(e.value)
+    passes = build_passes(parse_pipeline(str(e.value).split("'")[3]))  # the suggested text itself parses
+    assert passes
+
+
 def test_unknown_and_bad_options_name_pass_and_option():
     with pytest.raises(PassOptionError, match="pass 'fold-constants' has no option 'max-grow'.*max-growth"):
         build_passes(parse_pipeline("fold-constants{max-grow=2}"))

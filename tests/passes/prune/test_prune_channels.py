@@ -138,7 +138,52 @@ def test_sdpa_attention_heads():
             return self.o(y.transpose(1, 2).reshape(n, t, 16))
 
     torch.manual_seed(0)
-    check_oracle(SDPA(), (torch.randn(1, 6, 16),), 0.5, expect_removed=False)
+    _, work, _ = check_oracle(SDPA(), (torch.randn(1, 6, 16),), 0.5)
+    shapes = {n.meta.get("source_fqn"): tuple(work.get_param(n.target).shape) for n in work.graph.nodes
+              if n.op == "get_attr"}
+    # the packed projection split as (3, heads, dim): 2 of 4 heads go from q, k and v at once
+    assert shapes["qkv.weight"] == (24, 16) and shapes["o.weight"] == (16, 8)
+
+
+class TimmAttention(nn.Module):
+    """timm's ViT attention: one packed q/k/v linear, reshape(B, N, 3, H, D), permute, unbind; explicit scores."""
+
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        a = (q * (c // self.heads) ** -0.5) @ k.transpose(-2, -1)
+        return self.proj((a.softmax(-1) @ v).transpose(1, 2).reshape(b, n, c)) + x
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.MultiheadAttention(32, 4, batch_first=True),  # in_proj -> unflatten(-1, (3, 32)) -> select
+    TimmAttention,
+    lambda: nn.TransformerEncoderLayer(32, 4, 48, dropout=0.0, batch_first=True),
+], ids=["multihead-attention", "timm-unbind", "transformer-encoder-layer"])
+def test_packed_qkv_heads(make):
+    """Heads of a packed q/k/v projection: the split's outer (q, k, v) dim is taken whole by select / unbind, so
+    the analysis couples the head dim, strided over q, k and v, instead of pinning everything."""
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = make()
+
+        def forward(self, x):
+            y = self.m(x, x, x, need_weights=False)[0] if isinstance(self.m, nn.MultiheadAttention) else self.m(x)
+            return y
+
+    torch.manual_seed(0)
+    _, work, plan = check_oracle(Wrap(), (torch.randn(1, 7, 32),), 0.5, heads_only=True)
+    packed = next(tuple(work.get_param(n.target).shape) for n in work.graph.nodes if n.op == "get_attr"
+                  and str(n.meta.get("source_fqn")).endswith(("in_proj_weight", "qkv.weight")))
+    assert packed == (48, 32)  # 2 of 4 heads x 8 dims, from q, k and v
 
 
 def test_llama_block_keeps_gqa_structure():
