@@ -1023,6 +1023,21 @@ def _recurrent_both(kind: str, x, ws, rs, bs, h0s, c0s, directions, linear_befor
     return y, y_h, y_c
 
 
+def _recurrent_torch(kind: str, x, params: list, h0, c0, bidirectional: bool):
+    """ONNX's LSTM / GRU as PyTorch's one recurrent layer (weights already in PyTorch's gate order), with ONNX's
+    outputs: Y [T, D, N, H], Y_h, Y_c [D, N, H]. Kept whole in the graph (aten.lstm.input / aten.gru.input), so
+    the compiler's recurrence kernels take it."""
+    if kind == "LSTM":
+        y, y_h, y_c = torch.lstm(x, (h0, c0), params, len(params) > 2 * (2 if bidirectional else 1), 1, 0.0, False,
+                                 bidirectional, False)
+    else:
+        y, y_h = torch.gru(x, h0, params, len(params) > 2 * (2 if bidirectional else 1), 1, 0.0, False,
+                           bidirectional, False)
+        y_c = y_h
+    d = 2 if bidirectional else 1
+    return y.reshape(y.shape[0], y.shape[1], d, -1).permute(0, 2, 1, 3), y_h, y_c
+
+
 @op("LSTM", "GRU", "RNN")
 def _recurrent_op(im, ins, at):
     """torch.onnx's nn.LSTM / nn.GRU / nn.RNN: ONNX's recurrent ops with their default activations, forward,
@@ -1059,6 +1074,27 @@ def _recurrent_op(im, ins, at):
             return Const(zeros.clone())
         return Const(im.const(v, "initial state")[d].clone()) if isinstance(v, Const) else im.emit(_getitem, v, d)
     d_range = range(len(directions))
+    if kind != "RNN" and directions != [True] and (kind == "LSTM" or int(at.get("linear_before_reset", 0))):
+        # PyTorch's layer (the form torch.onnx exported it from): gates reordered from ONNX's (LSTM i o f c, GRU
+        # z r h) to PyTorch's (i f g o, r z n); GRU's linear_before_reset=1 is PyTorch's reset gate
+        g = rt.shape[1] // hidden
+        order = [0, 2, 3, 1] if kind == "LSTM" else [1, 0, 2]
+
+        def gates(v):
+            return Const(torch.cat([v[k * hidden:(k + 1) * hidden] for k in order]).contiguous())
+        params = []
+        for d in d_range:
+            params += [gates(wt[d]), gates(rt[d])]
+            if bt is not None:
+                params += [gates(bt[d][:g * hidden]), gates(bt[d][g * hidden:])]
+
+        def states(v):
+            if v is None:
+                return Const(torch.zeros(len(directions), n, hidden, dtype=wt.dtype))
+            return Const(im.const(v, "initial state").clone()) if isinstance(v, Const) else v
+        out = im.emit(_recurrent_torch, kind, x, params, states(h0), states(c0) if kind == "LSTM" else None,
+                      len(directions) == 2)
+        return [im.emit(_getitem, out, i) for i in range(3 if kind == "LSTM" else 2)]
     out = im.emit(_recurrent_both, kind, x, [Const(wt[d].contiguous()) for d in d_range],
                   [Const(rt[d].contiguous()) for d in d_range],
                   [None if bt is None else Const(bt[d].contiguous()) for d in d_range],

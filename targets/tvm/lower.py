@@ -959,6 +959,49 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             return _builtin(importer, "roll.default")(node)
         return emit_roll(importer.block_builder, importer.env[node.args[0]], x_val.shape, shifts, dims or None)
 
+    def recurrent(node, importer):
+        """aten.lstm.input / aten.gru.input on graphopt's recurrence kernels (cpu/rnn.py): per layer and direction
+        the input projections of all steps as one packed GEMM and the steps in one kernel. `lower_to_relax` keeps
+        them whole only where `_rnn_geometry` takes every one of the graph's (else all decompose). Against core
+        ATen's unrolled steps compiled (Zen 4, 2 threads, interleaved): 2-layer 256-unit LSTM / GRU over 50 steps
+        1.22 -> 0.84 / 1.00 -> 0.71 ms, a bidirectional 128-unit LSTM over 100 steps 1.01 -> 0.55 ms."""
+        from graphopt.targets.tvm.cpu.rnn import emit_rnn_layer
+        from graphopt.targets.tvm.cpu.rules import vector_lanes
+        geo = _rnn_geometry(node)
+        bb = importer.block_builder
+        t, n, h, dirs = geo["t"], geo["n"], geo["h"], geo["dirs"]
+        weights = [lifted[p.name].detach().float().numpy() for p in geo["params"]]
+        per = 4 if geo["biases"] else 2
+        x = importer.env[node.args[0]]
+        if geo["batch_first"]:
+            x = bb.emit(relax.op.permute_dims(x, [1, 0, 2]))
+        hx = node.args[1]
+        h0 = importer.env[hx[0] if isinstance(hx, (list, tuple)) else hx]
+        c0 = importer.env[hx[1]] if geo["kind"] == "lstm" else None
+        hs, cs = [], []
+        for layer in range(geo["layers"]):
+            ys = []
+            for d in range(dirs):
+                w = weights[(layer * dirs + d) * per:(layer * dirs + d + 1) * per]
+                idx = layer * dirs + d
+
+                def state(s, idx=idx):
+                    return bb.emit(relax.op.reshape(bb.emit(relax.op.strided_slice(
+                        s, axes=[0], begin=[idx], end=[idx + 1])), (n, h)))
+                y, hn, cn = emit_rnn_layer(bb, geo["kind"], x, t, n, int(w[0].shape[1]), h, w[0], w[1],
+                                           w[2] if per == 4 else None, w[3] if per == 4 else None, state(h0),
+                                           None if c0 is None else state(c0), d == 1, vector_lanes(target))
+                ys.append(y)
+                hs.append(hn)
+                cs.append(cn)
+            x = ys[0] if dirs == 1 else bb.emit(relax.op.concat(ys, axis=2))
+        if geo["batch_first"]:
+            x = bb.emit(relax.op.permute_dims(x, [1, 0, 2]))
+        out = [x, bb.emit(relax.op.stack(hs, axis=0))]
+        if geo["kind"] == "lstm":
+            out.append(bb.emit(relax.op.stack(cs, axis=0)))
+        return tuple(out)
+
     attention_outputs: dict = {}  # permute(0, 2, 1, 3) node -> the fused attention's output as [B, L, H, Ev]
 
     def sdpa(node, importer):
@@ -2094,6 +2137,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             "_softmax.default": softmax, "native_group_norm.default": native_group_norm,
             "upsample_bilinear2d.vec": upsample_bilinear2d, "upsample_bicubic2d.vec": upsample_bicubic2d,
             "bmm.default": bmm, "scaled_dot_product_attention.default": sdpa,
+            "lstm.input": recurrent, "gru.input": recurrent,
             "select.int": select, "upsample_nearest2d.vec": upsample_nearest2d,
             "mean.dim": mean,
             "constant_pad_nd.default": constant_pad_nd, "bsr_linear.default": bsr_linear,
@@ -2113,6 +2157,41 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                                                                            ("replication", "replicate"))
                for d in (1, 2, 3)}, "_pad_circular.default": edge_pad("circular"),
             **{k: _activation(k) for k in ("relu.default", "relu6.default", "hardtanh.default", "clamp.default")}}
+
+
+def _rnn_geometry(node) -> dict | None:
+    """What the recurrence kernels (cpu/rnn.py) need of aten.lstm.input / aten.gru.input `node`, or None where they
+    do not take it: float32 input [T, N, I] (or [N, T, I] batch-first) with static sizes and a batch of at most
+    rnn.MAX_BATCH, inference (train=False), constant float32 weights (w_ih, w_hh[, b_ih, b_hh] per layer and
+    direction; an LSTM with projections has a fifth and is not taken)."""
+    import torch
+    import torch.fx as fx
+
+    from graphopt.targets.tvm.cpu.rnn import rnn_applies
+    kind = {torch.ops.aten.lstm.input: "lstm", torch.ops.aten.gru.input: "gru"}.get(node.target)
+    if kind is None or len(node.args) < 9:
+        return None
+    x, hx, params, biases, layers, _, train, bidirectional, batch_first = node.args[:9]
+    xv = x.meta.get("val") if isinstance(x, fx.Node) else None
+    if (train or xv is None or str(xv.dtype) != "torch.float32" or xv.dim() != 3
+            or not all(isinstance(d, int) for d in xv.shape)):
+        return None
+    dirs = 2 if bidirectional else 1
+    per = 4 if biases else 2
+    if len(params) != layers * dirs * per or not all(
+            isinstance(p, fx.Node) and p.op in ("get_attr", "placeholder")
+            and str(getattr(p.meta.get("val"), "dtype", "")) == "torch.float32" for p in params):
+        return None
+    t, n = (int(xv.shape[1]), int(xv.shape[0])) if batch_first else (int(xv.shape[0]), int(xv.shape[1]))
+    g = 4 if kind == "lstm" else 3
+    h = int(params[1].meta["val"].shape[1])
+    if any(tuple(params[k * per + 1].meta["val"].shape) != (g * h, h) or params[k * per].meta["val"].dim() != 2
+           or int(params[k * per].meta["val"].shape[0]) != g * h for k in range(layers * dirs)):
+        return None
+    if not rnn_applies(kind, t, n, int(xv.shape[2]), h):
+        return None
+    return {"kind": kind, "t": t, "n": n, "h": h, "dirs": dirs, "layers": int(layers), "biases": bool(biases),
+            "batch_first": bool(batch_first), "params": list(params)}
 
 
 def _sdpa_geometry(node, lanes: int) -> dict | None:
@@ -2357,6 +2436,11 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
                 and n.target is aten.scaled_dot_product_attention.default]
         if sdpa and all(_sdpa_geometry(n, lanes) is not None for n in sdpa):
             table.pop(aten.scaled_dot_product_attention.default, None)
+        # LSTM and GRU layers whole, for the recurrence kernels, where they take every one (else all decompose)
+        for op in (aten.lstm.input, aten.gru.input):
+            rnns = [n for n in graph.gm.graph.nodes if n.op == "call_function" and n.target is op]
+            if rnns and all(_rnn_geometry(n) is not None for n in rnns):
+                table.pop(op, None)
     if device != "cpu":  # (the int8 weights fold-constants keeps are for the CPU's int8 kernels)
         from graphopt.passes.canonicalize.fold_constants import dequantize_kept_weights
         graph = dequantize_kept_weights(graph)

@@ -392,6 +392,39 @@ def test_recurrent_ops_match_onnxruntime_imported_and_compiled(kind, tmp_path):
         np.testing.assert_allclose(np.asarray(b), r, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind,direction,lbr,whole", [
+    ("LSTM", "forward", 0, True), ("LSTM", "bidirectional", 0, True), ("LSTM", "reverse", 0, False),
+    ("GRU", "bidirectional", 1, True), ("GRU", "forward", 0, False)])
+def test_recurrent_op_with_states_as_inputs_matches_onnxruntime(tmp_path, kind, direction, lbr, whole):
+    """A hand-written LSTM / GRU (random W, R, B in ONNX's gate order; initial states as graph inputs) against ORT,
+    imported and built. Forward and bidirectional LSTMs and linear_before_reset GRUs import as PyTorch's layer
+    (gates reordered; the compiler's recurrence kernels take it), reverse-only ones and reset-before GRUs unroll."""
+    g, hidden, t, n, i = (4 if kind == "LSTM" else 3), 5, 6, 2, 3
+    d = 2 if direction == "bidirectional" else 1
+    inits = [numpy_helper.from_array(RNG.standard_normal(s).astype(np.float32) * 0.5, name) for name, s in
+             (("w", (d, g * hidden, i)), ("r", (d, g * hidden, hidden)), ("b", (d, 2 * g * hidden)))]
+    state_names = ["h0", "c0"] if kind == "LSTM" else ["h0"]
+    outs = ["y", "yh", "yc"] if kind == "LSTM" else ["y", "yh"]
+    node = helper.make_node(kind, ["x", "w", "r", "b", "", *state_names], outs, hidden_size=hidden,
+                            direction=direction, **({"linear_before_reset": lbr} if kind == "GRU" else {}))
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", F32, [t, n, i])] +
+        [helper.make_tensor_value_info(s, F32, [d, n, hidden]) for s in state_names],
+        [helper.make_tensor_value_info("y", F32, [t, d, n, hidden])] +
+        [helper.make_tensor_value_info(o, F32, [d, n, hidden]) for o in outs[1:]], initializer=inits)
+    path = tmp_path / "rnn.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    feed = {"x": RNG.standard_normal((t, n, i)).astype(np.float32),
+            **{s: RNG.standard_normal((d, n, hidden)).astype(np.float32) for s in state_names}}
+    ref = ort.InferenceSession(str(path)).run(None, feed)
+    gr = graphopt.load_onnx(path)
+    ops = {str(x.target) for x in gr.gm.graph.nodes if x.op == "call_function"}
+    assert (f"aten.{kind.lower()}.input" in ops) == whole, ops
+    built = graphopt.load(graphopt.compile(gr, "llvm", output=tmp_path / "art"))(*feed.values())
+    for r, b in zip(ref, built):
+        np.testing.assert_allclose(np.asarray(b), r, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("attrs,match", [(dict(activations=["Relu"]), "activations"),
                                          (dict(direction="sideways"), "direction 'sideways'")])
 def test_recurrent_op_with_other_activations_is_refused_by_name(tmp_path, attrs, match):
