@@ -101,13 +101,12 @@ class ChannelAnalysis:
         self.coupled: set[tuple[str, int]] = set()     # dims some rule related to another tensor
         self.nodes = {n.name: n for n in graph.gm.graph.nodes}
         # a reshape that splits one dim into several (or merges several into one) can couple only one of the
-        # several dims to the flat one; `levels` names which (default the outermost). Where that dim turns out
-        # pinned anyway (MultiheadAttention's packed q/k/v: linear -> unflatten(-1, (3, E)) -> select q, k, v),
-        # the analysis is rebuilt coupling the next dim, strided over the pinned outer ones, so the heads inside
-        # E stay removable
+        # several dims to the flat one; `levels` names which (default the outermost). Where a split's outer dim is
+        # taken apart by select / unbind anyway (MultiheadAttention's packed q/k/v: linear -> unflatten(-1,
+        # (3, E)) -> select q, k, v), the analysis is rebuilt coupling the next dim, strided over the outer one,
+        # so the heads inside E stay removable
         self.levels: dict[str, int] = {}
         self._reshapes: dict[str, tuple[str, int, int]] = {}  # reshape node -> (node, multi dim, count) it may move
-        self._level_pins: set[tuple[str, int]] = set()  # dims pinned only by a reshape's choice of coupled dim
         self._build()
         while self._deepen_levels():
             self.parent.clear()
@@ -116,7 +115,6 @@ class ChannelAnalysis:
             for kept in (self.consumers, self.producers, self.coupled):
                 kept.clear()
             self._reshapes.clear()
-            self._level_pins.clear()
             self._build()
 
     # ---- union-find -------------------------------------------------------------------------------------------
@@ -494,18 +492,20 @@ class ChannelAnalysis:
             self.pin(multi, d, f"outer dim {verb} by '{n.name}', kept whole (its channels are pinned elsewhere)")
         for d in dims[level + 1:]:
             self.pin(multi, d, f"inner dim {verb} by '{n.name}'")
-        self._level_pins |= {(multi.name, d) for d in dims if d != dims[level]}
 
     def _deepen_levels(self) -> bool:
-        """After a build: move each split/merge whose coupled dim is pinned in every unit to its next dim. Only pins
-        of ops count: a dim pinned only by another reshape's choice of dim may come free when that one moves."""
-        pinned_roots = {self._find((name, d, i)) for (name, d) in self.pins if (name, d) not in self._level_pins
-                        for i in range(shape_of(self.nodes[name])[d])}
+        """After a build: move each split whose coupled dim is taken apart index by index (every unit of it meets a
+        select or an unbind: q, k, v) to its next dim. Only that pin counts: a dim pinned for another reason (a
+        norm over channels) moved past would make the next dim removable, and when that dim is a spatial one
+        (a linear unflattened to C x H x W, a pooled map flattened into a classifier) removing its positions
+        would change the computation, not shrink it."""
+        pinned_roots = {self._find((name, d, i)) for (name, d), why in self.pins.items()
+                        if why.startswith("one index selected by ") for i in range(shape_of(self.nodes[name])[d])}
         moved = False
         for rname, (name, d, count) in self._reshapes.items():
             level = self.levels.get(rname, 0)
-            if level + 1 < count and all(self._find((name, d, i)) in pinned_roots
-                                         for i in range(shape_of(self.nodes[name])[d])):
+            if rname == name and level + 1 < count and all(self._find((name, d, i)) in pinned_roots
+                                                           for i in range(shape_of(self.nodes[name])[d])):
                 self.levels[rname] = level + 1
                 moved = True
         return moved

@@ -462,6 +462,10 @@ class Quantize(Pass):
         for name in kept_float:
             skipped[name] = "kept fp32 by mixed-precision"
         ops = [op for op in ops if op.name not in kept_float]
+        for n in graph.gm.graph.nodes:  # (one op each; the CPU's recurrence kernels are float32)
+            if n.op == "call_function" and n.target in (aten.lstm.input, aten.gru.input, aten.rnn_tanh.input,
+                                                        aten.rnn_relu.input):
+                skipped[n.name] = "recurrent layer (LSTM / GRU / RNN): its weights stay float32"
         dynamic = o.activations == "dynamic"
         kept_bits = prequantized_ops(graph, o.exclude) if o.activations in ("int8", "dynamic") else []
         if dynamic:  # linears only: a conv's weight alone would buy nothing (the target runs it in float)

@@ -527,6 +527,15 @@ def test_fuzz_random_architectures(blocks, width, ratio, seed, head, scope):
         assert "node" in str(e) or "nothing" in str(e)
 
 
+def test_a_pooled_map_flattened_into_a_classifier_keeps_its_positions():
+    """Channels pinned by a LayerNorm, then a 2x2 pooled map flattened into the classifier: the flatten's channel
+    dim is pinned for a reason other than select / unbind, so the analysis must not move on to its spatial dims
+    (it once did, and removed pooled positions with the classifier's columns: a crash, 'a and b must have same
+    reduction dim')."""
+    check_oracle(RandomNet(["conv", "attn"], 2, 0, "flatten"), (torch.randn(1, 3, 6, 6),), 0.5,
+                 expect_removed=False)
+
+
 def test_bias_correction_keeps_the_mean_output():
     """A removed hidden unit's mean contribution moves into the next layer's bias: on the calibration data the
     mean output is preserved exactly (the consumer is linear), and it is not without the correction."""

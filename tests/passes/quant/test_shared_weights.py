@@ -6,6 +6,7 @@ import io
 import warnings
 
 import numpy as np
+import onnx
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -54,18 +55,31 @@ def test_a_weight_two_convs_read_is_stored_once_at_int8(tmp_path):
     np.testing.assert_allclose(built, got.numpy(), rtol=1e-4, atol=1e-4)
 
 
-def test_an_unrolled_onnx_lstm_quantizes_with_one_recurrent_weight(tmp_path):
-    """An ONNX LSTM imports unrolled over its steps, every step reading the one recurrent weight: quantize stopped
-    on the first step (it reads the initial state, a constant: "calibration data reaching 'linear_1' is constant
-    (0)"), and would have stored the weight once per step. That layer is skipped (fold-constants folds it), the
-    recurrent weight is stored once at int8, and the outputs stay close to fp32."""
+def _lstm_onnx(tmp_path, direction: str):
     torch.manual_seed(0)
     lstm = nn.LSTM(16, 32, batch_first=True).eval()
     x = torch.randn(1, 20, 16)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         torch.onnx.export(lstm, (x,), str(tmp_path / "lstm.onnx"), dynamo=False, opset_version=17)
-    g = graphopt.load_onnx(tmp_path / "lstm.onnx")
+    model = onnx.load(str(tmp_path / "lstm.onnx"))
+    node = next(n for n in model.graph.node if n.op_type == "LSTM")
+    for a in node.attribute:
+        if a.name == "direction":
+            a.s = direction.encode()
+    if not any(a.name == "direction" for a in node.attribute):
+        node.attribute.append(onnx.helper.make_attribute("direction", direction))
+    onnx.save(model, str(tmp_path / "lstm.onnx"))
+    return graphopt.load_onnx(tmp_path / "lstm.onnx"), x
+
+
+def test_an_unrolled_onnx_lstm_quantizes_with_one_recurrent_weight(tmp_path):
+    """An ONNX LSTM that imports unrolled over its steps (a reverse-only one; forward and bidirectional ones import
+    as one layer), every step reading the one recurrent weight: quantize stopped on the first step (it reads the
+    initial state, a constant: "calibration data reaching 'linear_1' is constant (0)"), and would have stored the
+    weight once per step. That layer is skipped (fold-constants folds it), the recurrent weight is stored once at
+    int8, and the outputs stay close to fp32."""
+    g, x = _lstm_onnx(tmp_path, "reverse")
     data = [(torch.randn(1, 20, 16),) for _ in range(8)]
     q = graphopt.optimize(g, "quantize", data=data)
     rec = q.meta["history"][0]
@@ -73,8 +87,19 @@ def test_an_unrolled_onnx_lstm_quantizes_with_one_recurrent_weight(tmp_path):
     assert any("reads no input data" in why for why in rec["stats"]["skipped"].values()), rec["stats"]
     ints = _int8_bytes(q)
     assert sorted(ints.values()) == [128 * 16, 128 * 32], ints  # input and recurrent weights, once each
-    ref, got = lstm(x)[0], q.run(x)[0]
+    ref, got = g.run(x)[0], q.run(x)[0]
     assert F.cosine_similarity(ref.flatten(), got.flatten(), 0) > 0.99
+
+
+def test_a_whole_lstm_layer_stays_float_and_says_so(tmp_path):
+    """A forward ONNX LSTM imports as PyTorch's layer (one op, for the float recurrence kernels): quantize leaves
+    its weights float and lists it as skipped, with the reason, instead of passing over it silently."""
+    g, x = _lstm_onnx(tmp_path, "forward")
+    q = graphopt.optimize(g, "quantize", data=[(torch.randn(1, 20, 16),) for _ in range(4)], warn_unchanged=False)
+    skipped = q.meta["history"][0]["stats"]["skipped"]
+    assert any("recurrent layer" in why for why in skipped.values()), skipped
+    assert not _int8_bytes(q)
+    np.testing.assert_array_equal(q.run(x)[0].numpy(), g.run(x)[0].numpy())
 
 
 def test_a_layer_whose_input_is_zero_on_every_batch_keeps_it_float(tmp_path):
