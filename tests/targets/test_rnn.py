@@ -66,8 +66,8 @@ def test_recurrent_layers_match_torch(kind, t, n, i, h, layers, bidir, batch_fir
         shape = (layers * (2 if bidir else 1), n, h)
         hx = (torch.randn(shape), torch.randn(shape)) if kind == "lstm" else (torch.randn(shape),)
     names = _check(m, (x, *hx), tmp_path)
-    # one kernel per direction, shared by the layers (they have the same steps, rows and units)
-    expect = {f"{kind}_{t}x{n}x{h}"} | ({f"{kind}_{t}x{n}x{h}_reverse"} if bidir else set())
+    # one kernel for both directions, shared by the layers (they have the same steps, rows and units)
+    expect = {f"{kind}_{t}x{n}x{h}" + ("_bidirectional" if bidir else "")}
     assert {f for f in names if f.startswith(kind + "_")} == expect
 
 
