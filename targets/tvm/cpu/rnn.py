@@ -11,10 +11,10 @@ Here a layer is two calls:
 - the recurrence kernel: for each step, tasks over the unit blocks of every direction (a bidirectional layer's
   second direction runs the steps backwards in the same parallel loop; split over the threads) compute the
   block's G x U gate sums h_{t-1} W_hh^T (the packed weight wp [D, UB, H, G, U]: per input unit, the block's
-  G x U weights are one contiguous 64-float run for an LSTM) on top of xg, then the gates (sigmoid / tanh by TVM's fast_exp polynomial, tanh x = 2 sigmoid(2 x) - 1)
-  and the cell update in registers, and store h_t (into the other half of a double buffer, since other tasks
-  still read h_{t-1}) and y[t]. The cell state of a block belongs to its task; the step's end (the parallel
-  loop's join) orders one step's writes before the next step's reads.
+  G x U weights are one contiguous 64-float run for an LSTM) on top of xg, then the gates (sigmoid / tanh by TVM's
+  fast_exp polynomial, tanh x = 2 sigmoid(2 x) - 1) and the cell update in registers, and store h_t (into the other
+  half of a double buffer, since other tasks still read h_{t-1}) and y[t]. The cell state of a block belongs to its
+  task; the step's end (the parallel loop's join) orders one step's writes before the next step's reads.
 Padding units (H not a multiple of 16) have zero weights and biases, so their state stays zero.
 
 Measured (Zen 4, 2 threads, batch 1, interleaved against the unrolled form): 2-layer 256-unit LSTM over 50 steps
