@@ -302,6 +302,7 @@ class ChannelAnalysis:
                 self.couple(x, d, n, d)
             for d in range(rank - (1 if "1d" in str(t) else 2), rank):
                 self.pin(x, d, f"pooled by '{n.name}'")
+                self.pin(n, d, f"pooled by '{n.name}'")
         elif t in (aten.permute.default, aten.transpose.int, aten.t.default, aten.numpy_T.default):
             x = args[0]
             rank = len(out_shape)
@@ -362,6 +363,9 @@ class ChannelAnalysis:
     def _conv(self, n: fx.Node) -> None:
         x, w = n.args[0], n.args[1]
         b = n.args[2] if len(n.args) > 2 else None
+        for t in (x, n):  # positions of a map are not removable (a split reaching them by `levels` must stop)
+            for d in range(2, len(shape_of(t) or ())):
+                self.pin(t, d, f"spatial dim of '{n.name}'")
         if n.target is aten.convolution.default:
             transposed, groups = bool(n.args[6]), n.args[8]
         else:
@@ -489,7 +493,7 @@ class ChannelAnalysis:
         self.dim_graph.add_edge((multi.name, dims[level]), (flat.name, fd))
         self.coupled |= {(multi.name, dims[level]), (flat.name, fd)}
         for d in dims[:level]:
-            self.pin(multi, d, f"outer dim {verb} by '{n.name}', kept whole (its channels are pinned elsewhere)")
+            self.pin(multi, d, f"outer dim {verb} by '{n.name}', taken apart by select / unbind")
         for d in dims[level + 1:]:
             self.pin(multi, d, f"inner dim {verb} by '{n.name}'")
 

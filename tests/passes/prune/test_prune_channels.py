@@ -536,6 +536,26 @@ def test_a_pooled_map_flattened_into_a_classifier_keeps_its_positions():
                  expect_removed=False)
 
 
+def test_a_linear_split_into_two_maps_keeps_their_positions():
+    """A linear's output viewed as (2, H, W) and taken apart by select into two maps (a decoder's two planes):
+    the analysis moves past the selected dim to H, but a conv's spatial dims are pinned, so no map row is removed
+    with the linear's weight rows (without that pin, pruning removed rows and the conv's output lost its shape)."""
+
+    class TwoPlanes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2 * 6 * 6)
+            self.a = nn.Conv2d(1, 3, 3, padding=1)
+            self.b = nn.Conv2d(1, 3, 3, padding=1)
+
+        def forward(self, z):
+            m = self.fc(z).view(1, 2, 6, 6)
+            return self.a(m[:, 0].unsqueeze(1)) + self.b(m[:, 1].unsqueeze(1))
+
+    torch.manual_seed(0)
+    check_oracle(TwoPlanes(), (torch.randn(1, 4),), 0.5, expect_removed=False)
+
+
 def test_bias_correction_keeps_the_mean_output():
     """A removed hidden unit's mean contribution moves into the next layer's bias: on the calibration data the
     mean output is preserved exactly (the consumer is linear), and it is not without the correction."""
