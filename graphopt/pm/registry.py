@@ -127,8 +127,10 @@ def registered_passes() -> dict[str, type[Pass]]:
     return dict(sorted(_REGISTRY.items()))
 
 
-# names other tools give these rewrites (words all in the unknown name) -> what graphopt calls them
+# names other tools give these rewrites (words all in the unknown name) -> what graphopt calls them; the first match
+# wins, so the narrower words come first ('int4' holds a 4 but is not 2:4)
 _OTHER_NAMES = (
+    (("int4",), "int4 weights come from 'quantize{weights=int4}' or 'mixed-precision{candidates=int8,int4}'"),
     (("unstructured",), "unstructured magnitude pruning is 'sparsify{sparsity=0.8}'"),
     (("magnitude",), "unstructured magnitude pruning is 'sparsify{sparsity=0.8}'"),
     (("2", "4"), "2:4 (N:M) sparsity is 'sparsify-nm{n=2 m=4}'"),
@@ -138,7 +140,6 @@ _OTHER_NAMES = (
     (("head",), "attention heads are pruned by 'prune-channels{heads-only=true ratio=0.3}'"),
     (("ptq",), "post-training quantization is 'quantize' (then 'fold-qdq' for int8 kernels)"),
     (("int8",), "int8 quantization is 'quantize' (then 'fold-qdq' for int8 kernels)"),
-    (("int4",), "int4 weights come from 'quantize{weights=int4}' or 'mixed-precision{candidates=int8,int4}'"),
     (("distil",), "distillation is part of the training passes: 'recover' (after pruning) and 'qat'"),
     (("lottery",), "the lottery-ticket pass is 'lottery-ticket'"),
     (("layout",), "sparse layouts are chosen by 'select-sparse-layout'"),

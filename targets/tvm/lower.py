@@ -968,7 +968,10 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         kernel per direction, then both in one)."""
         from graphopt.targets.tvm.cpu.rnn import emit_rnn_layer
         from graphopt.targets.tvm.cpu.rules import vector_lanes
-        geo = _rnn_geometry(node)
+        geo = _rnn_geometry(node, lifted)
+        if geo is None:  # (not reached: lower_to_relax decomposes every recurrent layer unless all fit)
+            raise UnsupportedOpError(node.name, str(node.target), "this recurrent layer does not fit graphopt's "
+                                     "recurrence kernel and was not decomposed; please report it")
         bb = importer.block_builder
         t, n, h, dirs = geo["t"], geo["n"], geo["h"], geo["dirs"]
         weights = [lifted[p.name].detach().float().numpy() for p in geo["params"]]
@@ -2156,11 +2159,13 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             **{k: _activation(k) for k in ("relu.default", "relu6.default", "hardtanh.default", "clamp.default")}}
 
 
-def _rnn_geometry(node) -> dict | None:
+def _rnn_geometry(node, lifted: dict | None = None) -> dict | None:
     """What the recurrence kernels (cpu/rnn.py) need of aten.lstm.input / aten.gru.input `node`, or None where they
     do not take it: float32 input [T, N, I] (or [N, T, I] batch-first) with static sizes and a batch of at most
     rnn.MAX_BATCH, inference (train=False), constant float32 weights (w_ih, w_hh[, b_ih, b_hh] per layer and
-    direction; an LSTM with projections has a fifth and is not taken)."""
+    direction; an LSTM with projections has a fifth and is not taken). Constant: a parameter (get_attr) of the
+    graph, or, in the exported program (`lifted`: its lifted parameters by placeholder name), one of those; weights
+    the model takes as inputs are not (they decompose)."""
     import torch
     import torch.fx as fx
 
@@ -2176,7 +2181,7 @@ def _rnn_geometry(node) -> dict | None:
     dirs = 2 if bidirectional else 1
     per = 4 if biases else 2
     if len(params) != layers * dirs * per or not all(
-            isinstance(p, fx.Node) and p.op in ("get_attr", "placeholder")
+            isinstance(p, fx.Node) and (p.op == "get_attr" or p.op == "placeholder" and p.name in (lifted or {}))
             and str(getattr(p.meta.get("val"), "dtype", "")) == "torch.float32" for p in params):
         return None
     t, n = (int(xv.shape[1]), int(xv.shape[0])) if batch_first else (int(xv.shape[0]), int(xv.shape[1]))

@@ -48,7 +48,8 @@ def test_unknown_pass_suggests():
 @pytest.mark.parametrize("name, meant", [("prune-unstructured", "'sparsify{sparsity=0.8}'"),
                                          ("nm-sparsity", "'sparsify-nm{n=2 m=4}'"),
                                          ("prune-heads", "'prune-channels{heads-only=true"),
-                                         ("ptq", "is 'quantize'")])
+                                         ("ptq", "is 'quantize'"),
+                                         ("fp32-to-int4", "'quantize{weights=int4}'")])
 def test_unknown_pass_named_as_other_tools_name_it(name, meant):
     """A rewrite asked for by another tool's name gets graphopt's pass (and a working option) in the error."""
     with pytest.raises(PassOptionError) as e:

@@ -90,6 +90,19 @@ def test_large_batch_decomposes(tmp_path):
     _check(m, (torch.randn(9, 3, 4),), tmp_path, kernel=False)
 
 
+def test_weights_given_as_inputs_decompose(tmp_path):
+    """An LSTM whose weights are model inputs (not parameters) has no weights to pack at compile time: it runs as
+    the unrolled steps instead of failing to import ("KeyError: 'wih'" before)."""
+
+    class InputWeights(nn.Module):
+        def forward(self, x, wih, whh):
+            return torch.lstm(x, (torch.zeros(1, 1, 8), torch.zeros(1, 1, 8)), [wih, whh], False, 1, 0.0, False,
+                              False, True)[:1]
+
+    torch.manual_seed(0)
+    _check(InputWeights(), (torch.randn(1, 5, 4), torch.randn(32, 4), torch.randn(32, 8)), tmp_path, kernel=False)
+
+
 def test_recurrence_kernel_is_one_function_per_layer_shape():
     """A 50-step layer is one kernel and one GEMM, not 50 copies of a step (the unrolled form had 49 distinct
     per-step functions per layer)."""
