@@ -1012,10 +1012,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         Against PyTorch's math decomposition compiled (its two batched matmuls, the mask's add, the softmax and
         the transposes; Zen 4, 2 threads, instrument hook): MiniLM's 6 layers at 128 tokens 1447 -> 1052 us (whole
         model 15.17 -> 14.94 ms, interleaved), at 512 tokens 27.8 -> 15.5 ms (model 82 -> 67 ms, 0.65x ORT)."""
-        from tvm.target import codegen
-
         from graphopt.targets.tvm.cpu.attention import emit_attention
-        from graphopt.targets.tvm.cpu.rules import vector_lanes
+        from graphopt.targets.tvm.cpu.rules import vector_lanes, vector_registers
         geo = _sdpa_geometry(node, vector_lanes(target))
         if geo is None:  # (not reached: lower_to_relax decomposes every SDPA unless all fit)
             return _builtin(importer, "scaled_dot_product_attention.default")(node)
@@ -1029,11 +1027,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         b, h, l, ev = geo["b"], geo["h"], geo["l"], geo["ev"]
         perm = _sdpa_output_permute(node)
         geo["strides"]["out"] = (l * h * ev, ev, h * ev) if perm is not None else (h * l * ev, l * ev, ev)
-        try:
-            regs = 32 if codegen.llvm_cpu_has_features(["avx512f"], target) else 16
-        except Exception:
-            regs = 16
-        y = emit_attention(bb, q, k, v, bias, geo, geo["lanes"], regs)
+        y = emit_attention(bb, q, k, v, bias, geo, geo["lanes"], vector_registers(target))
         if perm is None:
             return bb.emit(relax.op.reshape(y, tuple(int(d) for d in node.meta["val"].shape)))
         attention_outputs[perm] = bb.emit(relax.op.reshape(y, (b, l, h, ev)))
@@ -1589,13 +1583,14 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
     def _emit_conv(bb, x, w, b, x_shape, kind: str, stride: int, full: tuple, clamp, residual):
         """A float conv on graphopt's kernel `kind` (`_conv_kernel`), with bias, clamp and residual in its store."""
         from graphopt.targets.tvm.cpu import conv as k
-        from graphopt.targets.tvm.cpu.rules import vector_lanes
+        from graphopt.targets.tvm.cpu.rules import target_cores, vector_lanes, vector_registers
         if kind == "pointwise":
             return k.emit_conv1x1(bb, x, w, b, x_shape, vector_lanes(target), clamp, residual)
         if (kind == "im2col" or (kind == "direct" and w.shape[1] > 8)) and (
                 k.tok_conv_applies(w.shape, stride) or k.flat_conv_applies(x_shape, w.shape, stride, full)):
             lanes = vector_lanes(target)
-            return k.emit_flat_conv(bb, x, w, b, x_shape, stride, full, clamp, residual, lanes >= 8, lanes=lanes)
+            return k.emit_flat_conv(bb, x, w, b, x_shape, stride, full, clamp, residual, lanes >= 8, lanes=lanes,
+                                    registers=vector_registers(target), cores=target_cores(target))
         if kind == "direct" and k.staged_conv_applies(x_shape, w.shape, stride, full):
             return k.emit_flat_conv(bb, x, w, b, x_shape, stride, full, clamp, None, vector_lanes(target) >= 8,
                                     stem=True)

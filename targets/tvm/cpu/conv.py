@@ -1914,7 +1914,7 @@ def _flat_tiles(h: int, wd: int, kh: int, kw: int, stride: int, padding) -> int:
 
 
 def conv_kxk_knobs(h: int, wd: int, kh: int, kw: int, stride: int, padding,
-                   tok: bool = True) -> tuple[dict, list[dict]]:
+                   tok: bool = True, winograd: bool = False, winograd_rule: bool = False) -> tuple[dict, list[dict]]:
     """The rule's kernel for a dense kxk conv, and the candidates tuning may measure (`knobs.py`): `kernel` = tok
     (`tok_conv_source`: output pixels broadcast, output channels in the vectors), staged (`staged_conv_source`)
     or flat (`flat_conv_source`, the taps read from the phase planes in place); the last two only where the flat
@@ -1927,24 +1927,31 @@ def conv_kxk_knobs(h: int, wd: int, kh: int, kw: int, stride: int, padding,
     of more than 16 tiles and flat on smaller ones, measured inside ResNet-18 (`knobs.measure_in_model`, per-layer
     times paired by round, 2 threads), staged / flat time: 64->64 at 56x56 0.89-0.91, 128->128 at 28x28
     0.85-1.02, 64->128 stride 2 at 56x56 0.85; 256->256 at 14x14 (14 tiles) 0.92-1.03, 512->512 at 7x7 (4 tiles)
-    1.01-1.12."""
+    1.01-1.12.
+    `winograd`: the conv may run as Winograd F(2x2, 3x3) (`winograd.winograd_source`, a candidate then), and
+    `winograd_rule`: the rule takes it (`winograd.winograd_wins`)."""
     oh, ow, _, wq = flat_geometry(h, wd, kh, kw, stride, padding)
     cands = [{"kernel": "tok"}] if tok else []
     if (oh - 1) * wq + ow >= NR_FLAT:
         cands += [{"kernel": "staged"}, {"kernel": "flat"}]
+    if winograd:
+        cands.append({"kernel": "winograd"})
     rule = "tok" if tok else "staged" if _flat_tiles(h, wd, kh, kw, stride, padding) > 16 else "flat"
-    return {"kernel": rule}, cands
+    return {"kernel": "winograd" if winograd and winograd_rule else rule}, cands
 
 
 def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, stride: int, padding,
                    clamp: tuple[float, float] | None, residual=None, masked: bool = False, stem: bool = False,
-                   per_sample: bool = False, lanes: int = 8):
+                   per_sample: bool = False, lanes: int = 8, registers: int = 16, cores: int = 1):
     """A dense kxk conv of x [N, Cin, H, W] (per sample): the zero-padded map, then the pixel-row conv, or the phase
     planes and the staged or in-place flat implicit GEMM (`conv_kxk_knobs`), with bias / residual add / clamp in
     its store (the flat ones' vector and masked stores with `masked`: the CPU has AVX). A `stem` (few input channels, long reduction) always takes the staged kernel.
     `per_sample`: w is [N, Cout, Cin, kh, kw] and bias [N, Cout], sample n convolved with its own weights (the
-    groups of a grouped conv as the samples of one call). `lanes`: the target's vector lanes (`tok_channels`)."""
+    groups of a grouped conv as the samples of one call). `lanes`: the target's vector lanes (`tok_channels`);
+    `registers`: its vector registers (Winograd's tile, `winograd.winograd_geometry`), `cores` its cores."""
     from tvm import relax
+
+    from graphopt.targets.tvm.cpu import winograd as wg
 
     n, cin, h, wd = (int(d) for d in x_shape)
     cout, _, kh, kw = (int(d) for d in w.shape[-4:])
@@ -1957,19 +1964,36 @@ def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
     if stem:
         kernel = "staged"
     else:
+        wino = not per_sample and wg.winograd_applies(w.shape, stride, x_shape, padding, registers)
         rule, cands = conv_kxk_knobs(h, wd, kh, kw, stride, padding,
-                                     tok=not per_sample and tok_conv_applies(w.shape, stride))
+                                     tok=not per_sample and tok_conv_applies(w.shape, stride), winograd=wino,
+                                     winograd_rule=wino and wg.winograd_wins(cout, cin))
         site = Site("conv_kxk", tag, rule, cands, n * cout * cin * kh * kw * oh * ow)
         kernel = pick(site)["kernel"]
-    ps = 1 if kernel == "tok" else stride  # the pixel-row conv reads the padded map itself, not its phases
-    _, _, hq, wq = flat_geometry(h, wd, kh, kw, ps, padding)
-    pgeo = f"{cin}x{h}x{wd}_k{kh}x{kw}s{ps}_p{pads}"
-    gv = bb.add_func(parse_kernel(batch_source(pad_phases_source(cin, h, wd, kh, kw, ps, padding), n,
+    ps = 1 if kernel in ("tok", "winograd") else stride  # those read the padded map itself, not its phases
+    # Winograd's 4x4 reads may need zeros past the conv's own padding (`winograd_geometry`)
+    xpad = wg.winograd_geometry(h, wd, padding, registers)["pad"] if kernel == "winograd" else padding
+    _, _, hq, wq = flat_geometry(h, wd, kh, kw, ps, xpad)
+    pgeo = f"{cin}x{h}x{wd}_k{kh}x{kw}s{ps}_p{''.join(str(int(q)) for q in xpad)}"
+    gv = bb.add_func(parse_kernel(batch_source(pad_phases_source(cin, h, wd, kh, kw, ps, xpad), n,
                                                    ["x", "xp"], per_sample)),
                      f"pad_phases_{pgeo}{_ntag(n)}" + ("_across" if per_sample else ""))
     xp = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, _batched(n, cin, h, wd))),
                                      relax.const(np.zeros(1, np.float32))],
                                 relax.TensorType(_batched(n, cin * ps * ps * hq * wq), "float32")))
+    extra = [] if residual is None else [bb.emit(relax.op.reshape(residual, _batched(n, cout, oh, ow)))]
+    if kernel == "winograd":
+        src = batch_source(wg.winograd_source(cout, cin, h, wd, padding, clamp, residual is not None, registers,
+                                              cores), n,
+                           ["xp", "out"] + ([] if residual is None else ["res"]))
+        gv = bb.add_func(parse_kernel(src), f"conv_winograd_{tag}")
+        bind(site, gv.name_hint)
+        b = np.zeros(-(-cout // wg.PANEL) * wg.PANEL, np.float32)
+        if bias is not None:
+            b[:cout] = bias
+        y = bb.emit(relax.call_tir(gv, [xp, relax.const(wg.pack_winograd(w)), relax.const(b), *extra],
+                                   relax.TensorType(_batched(n, cout, oh, ow), "float32")))
+        return bb.emit(relax.op.reshape(y, (n, cout, oh, ow)))
     if kernel == "tok":
         names = ["xp", "out"] + ([] if residual is None else ["res"])
         nr = tok_channels(cout, lanes)
@@ -1980,7 +2004,6 @@ def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
         b = np.zeros(-(-cout // nr) * nr, np.float32)
         if bias is not None:
             b[:cout] = bias
-        extra = [] if residual is None else [bb.emit(relax.op.reshape(residual, _batched(n, cout, oh, ow)))]
         y = bb.emit(relax.call_tir(gv, [xp, relax.const(pack_taps(w, nr)), relax.const(b), *extra],
                                    relax.TensorType(_batched(n, cout, oh, ow), "float32")))
         return bb.emit(relax.op.reshape(y, (n, cout, oh, ow)))
@@ -1997,7 +2020,6 @@ def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
         b[:, :cout] = biases
     wp = np.stack([pack_taps(wi) for wi in ws])
     wp, b = (wp, b) if per_sample and n > 1 else (wp[0], b[0])
-    extra = [] if residual is None else [bb.emit(relax.op.reshape(residual, _batched(n, cout, oh, ow)))]
     y = bb.emit(relax.call_tir(gv, [xp, relax.const(wp), relax.const(b), *extra],
                                relax.TensorType(_batched(n, cout, oh, ow), "float32")))
     return bb.emit(relax.op.reshape(y, (n, cout, oh, ow)))

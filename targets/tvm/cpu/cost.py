@@ -30,7 +30,7 @@ def kernels_tag() -> str:
     file is part of it too: how a layer is timed changes what the numbers mean."""
     digest, here = hashlib.sha1(), Path(__file__).parent
     for path in [here / f"{name}.py" for name in ("conv", "gemm", "int8", "sparse", "rules", "pipeline", "threads",
-                                                  "norm", "cost")] + [
+                                                  "norm", "cost", "winograd")] + [
             here.parent / "lower.py"]:  # which kernel a layer gets is decided there
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]

@@ -65,6 +65,16 @@ def vector_lanes(target: Target, dtype_bits: int = 32) -> int:
     return max(1, bits // dtype_bits)
 
 
+def vector_registers(target: Target) -> int:
+    """The vector registers a kernel's register tile may fill: 32 with AVX-512 (also where it runs at 256 bits), 16
+    otherwise."""
+    from tvm.target import codegen
+    try:
+        return 32 if codegen.llvm_cpu_has_features(["avx512f"], target) else 16
+    except Exception:
+        return 16
+
+
 def has_gather(target: Target | None) -> bool:
     """Whether the target has AVX2's vector gathers (`csr_gemv`)."""
     from tvm.target import codegen

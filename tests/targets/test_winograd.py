@@ -1,0 +1,116 @@
+"""Winograd F(2x2, 3x3) for dense 3x3 stride-1 float convs (targets/tvm/cpu/winograd.py): the transforms'
+arithmetic against a direct conv in numpy, the kernel chosen by the rule where it wins, and built models (odd maps,
+a partial output panel, bias-free, residual + ReLU, batch 2, AVX2's smaller tile, panel groups) matching PyTorch."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import tvm
+
+import graphopt
+from graphopt.targets.tvm.build import build_executable
+from graphopt.targets.tvm.cpu import knobs
+from graphopt.targets.tvm.cpu import winograd as wg
+from graphopt.targets.tvm.host import cpu_target
+from graphopt.targets.tvm.lower import lower_to_relax
+
+AVX2 = "znver3"  # 16 vector registers: 4-6 tiles per register tile; its code runs on every x86 host here
+
+
+def _names(g, cpu: str | None = None) -> set[str]:
+    return {gv.name_hint for gv in lower_to_relax(g, target=cpu_target(cpu)).get_global_vars()}
+
+
+def _run(g, x: torch.Tensor, cpu: str | None = None) -> np.ndarray:
+    from tvm import relax
+    ex, *_ = build_executable(g, cpu=cpu)
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
+    return (got if hasattr(got, "numpy") else got[0]).numpy()
+
+
+def test_transforms_compute_the_conv():
+    """The kernel's arithmetic in numpy: pack_winograd's U, the input transform B^T d B as the kernel writes it
+    (row then column differences) and A^T (U . V) A give each 2x2 block of a direct 3x3 conv, within float64
+    rounding of U's one float32 rounding."""
+    rng = np.random.default_rng(0)
+    cout, cin = 20, 3
+    w = rng.standard_normal((cout, cin, 3, 3)).astype(np.float32)
+    d = rng.standard_normal((cin, 4, 4))
+    u = wg.pack_winograd(w).reshape(16, 2, cin, 16).transpose(0, 1, 3, 2).reshape(16, 32, cin)[:, :cout]
+    rows = np.stack([d[:, :, 0] - d[:, :, 2], d[:, :, 1] + d[:, :, 2], d[:, :, 2] - d[:, :, 1],
+                     d[:, :, 1] - d[:, :, 3]], -1)  # [cin, i, j]
+    v = np.stack([rows[:, 0] - rows[:, 2], rows[:, 1] + rows[:, 2], rows[:, 2] - rows[:, 1],
+                  rows[:, 1] - rows[:, 3]], 1)  # [cin, e_i, e_j]
+    m = np.einsum("eoc,ce->eo", u, v.reshape(cin, 16)).reshape(4, 4, cout)
+    s = np.stack([m[0] + m[1] + m[2], m[1] - m[2] - m[3]])  # A^T M
+    y = np.stack([s[:, 0] + s[:, 1] + s[:, 2], s[:, 1] - s[:, 2] - s[:, 3]], 1)  # [a, b, cout]
+    ref = np.array([[np.einsum("cij,ocij->o", d[:, a:a + 3, b:b + 3], w.astype(np.float64)) for b in (0, 1)]
+                    for a in (0, 1)])
+    np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_geometry():
+    """Tiles per register tile of least overlap (28-tile rows: 7; 10: 6 with 32 registers, 5 with 16), the zeros
+    the 4x4 reads need past the conv's padding (an odd output: a row and a column; the last block's 18-column
+    read), and no Winograd on maps under 11 columns."""
+    g = wg.winograd_geometry(56, 56, (1, 1, 1, 1))
+    assert (g["nt"], g["ncx"], g["blocks"], g["pad"]) == (7, 4, 112, (1, 1, 1, 3))
+    assert wg.winograd_geometry(20, 20, (1, 1, 1, 1))["nt"] == 6
+    assert wg.winograd_geometry(20, 20, (1, 1, 1, 1), registers=16)["nt"] == 5
+    odd = wg.winograd_geometry(13, 13, (1, 1, 1, 1))
+    assert (odd["oh"], odd["th"], odd["tw"], odd["pad"][1]) == (13, 7, 7, 2)
+    assert wg.winograd_geometry(7, 7, (1, 1, 1, 1)) is None and wg.winograd_geometry(10, 10, (0, 0, 0, 0)) is None
+    assert wg.panel_groups(7, 16, 2) == 2 and wg.panel_groups(112, 4, 2) == 1 and wg.panel_groups(7, 1, 2) == 1
+
+
+class _Block(torch.nn.Module):
+    """Two 3x3 convs, the second with the residual add and ReLU in its store."""
+
+    def __init__(self, cin: int, cout: int, bias: bool = True):
+        super().__init__()
+        self.a = torch.nn.Conv2d(cin, cout, 3, padding=1, bias=bias)
+        self.b = torch.nn.Conv2d(cout, cout, 3, padding=1, bias=bias)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        return torch.relu(self.b(y) + y)
+
+
+@pytest.mark.parametrize("cin,cout,hw,batch,cpu,bias", [
+    (16, 32, 24, 1, None, True),  # 12-tile rows: two blocks of 6
+    (24, 40, 13, 2, None, False),  # odd map (the last outputs of a tile skipped), partial panel, batch 2, no bias
+    (32, 64, (20, 29), 1, AVX2, True),  # non-square; AVX2: 16 registers, 5 tiles a register tile
+    (64, 48, 14, 1, None, True),  # 7 blocks on 2 cores: 2 panel groups
+])
+def test_block_runs_on_winograd_and_matches_torch(cin, cout, hw, batch, cpu, bias):
+    torch.manual_seed(0)
+    h, w = (hw, hw) if isinstance(hw, int) else hw
+    model, x = _Block(cin, cout, bias).eval(), torch.randn(batch, cin, h, w)
+    g = graphopt.trace(model, (x,))
+    names = _names(g, cpu)
+    tag = f"_n{batch}" if batch > 1 else ""
+    for conv in (f"conv_winograd_{cout}x{cin}x{h}x{w}_k3x3s1_p1111_clamp{tag}",
+                 f"conv_winograd_{cout}x{cout}x{h}x{w}_k3x3s1_p1111_res_clamp{tag}"):
+        assert conv in names, (conv, names)
+    got, ref = _run(g, x, cpu), model(x).detach().numpy()
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-6
+
+
+def test_rule_and_candidates():
+    """The rule takes Winograd with 16+ input and 32+ output channels, the pixel-row conv below (16 -> 16: 0.81x);
+    Winograd is a tuning candidate wherever it applies, and a record for the pixel-row conv turns it off."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, 32, 3, padding=1)).eval()
+    x = torch.randn(1, 16, 24, 24)
+    g = graphopt.trace(model, (x,))
+    with knobs.collecting() as col:
+        lower_to_relax(g, target=cpu_target())
+    sites = sorted(col.sites.values(), key=lambda s: s.key)
+    assert [s.default["kernel"] for s in sites] == ["tok", "winograd"], [s.key for s in sites]
+    assert all({"kernel": "winograd"} in s.candidates for s in sites)
+    with knobs.applied({s.name: {"kernel": k} for s, k in zip(sites, ("winograd", "tok"))}):
+        names = _names(g)
+        assert {"conv_winograd_16x16x24x24_k3x3s1_p1111_clamp", "conv_tok_32x16x24x24_k3x3s1_p1111"} <= names
+        np.testing.assert_allclose(_run(g, x), model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
