@@ -77,13 +77,19 @@ class _Block(torch.nn.Module):
         return torch.relu(self.b(y) + y)
 
 
-@pytest.mark.parametrize("cin,cout,hw,batch,cpu,bias", [
-    (16, 32, 24, 1, None, True),  # 12-tile rows: two blocks of 6
-    (24, 40, 13, 2, None, False),  # odd map (the last outputs of a tile skipped), partial panel, batch 2, no bias
-    (32, 64, (20, 29), 1, AVX2, True),  # non-square; AVX2: 16 registers, 5 tiles a register tile
-    (64, 48, 14, 1, None, True),  # 7 blocks on 2 cores: 2 panel groups
+@pytest.mark.parametrize("cin,cout,hw,batch,cpu,bias,lanes", [
+    (16, 32, 24, 1, None, True, None),  # 12-tile rows: two blocks of 6
+    (24, 40, 13, 2, None, False, None),  # odd map (a tile's last outputs skipped), partial panel, batch 2, no bias
+    (32, 64, (20, 29), 1, AVX2, True, None),  # non-square; AVX2: 16 registers, 5 tiles a register tile
+    (64, 48, 14, 1, None, True, None),  # 7 blocks on 2 cores: 2 panel groups
+    (24, 40, 13, 2, None, True, 4),  # no AVX (4 lanes): the map zero-padded first, then read in place
 ])
-def test_block_runs_on_winograd_and_matches_torch(cin, cout, hw, batch, cpu, bias):
+def test_block_runs_on_winograd_and_matches_torch(cin, cout, hw, batch, cpu, bias, lanes, monkeypatch):
+    """Both convs of the block on Winograd, reading the map itself by masked loads (no zero-padded copy) where the
+    CPU has AVX; the outputs equal PyTorch's within 1e-5 of their range."""
+    if lanes is not None:
+        from graphopt.targets.tvm.cpu import rules
+        monkeypatch.setattr(rules, "vector_lanes", lambda target, dtype_bits=32: lanes * 32 // dtype_bits)
     torch.manual_seed(0)
     h, w = (hw, hw) if isinstance(hw, int) else hw
     model, x = _Block(cin, cout, bias).eval(), torch.randn(batch, cin, h, w)
@@ -93,6 +99,10 @@ def test_block_runs_on_winograd_and_matches_torch(cin, cout, hw, batch, cpu, bia
     for conv in (f"conv_winograd_{cout}x{cin}x{h}x{w}_k3x3s1_p1111_clamp{tag}",
                  f"conv_winograd_{cout}x{cout}x{h}x{w}_k3x3s1_p1111_res_clamp{tag}"):
         assert conv in names, (conv, names)
+    pads = sorted(n for n in names if n.startswith("pad_phases"))
+    # 13x13: 7 tiles a row, 7 rows: a row of zeros past the conv's padding for the odd output, three columns for
+    # the block's 18-column read
+    assert pads == ([] if lanes is None else [f"pad_phases_{c}x13x13_k3x3s1_p1214_n2" for c in (24, 40)]), pads
     got, ref = _run(g, x, cpu), model(x).detach().numpy()
     assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-6
 

@@ -1970,21 +1970,24 @@ def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
                                      winograd_rule=wino and wg.winograd_wins(cout, cin))
         site = Site("conv_kxk", tag, rule, cands, n * cout * cin * kh * kw * oh * ow)
         kernel = pick(site)["kernel"]
-    ps = 1 if kernel in ("tok", "winograd") else stride  # those read the padded map itself, not its phases
-    # Winograd's 4x4 reads may need zeros past the conv's own padding (`winograd_geometry`)
-    xpad = wg.winograd_geometry(h, wd, padding, registers)["pad"] if kernel == "winograd" else padding
-    _, _, hq, wq = flat_geometry(h, wd, kh, kw, ps, xpad)
-    pgeo = f"{cin}x{h}x{wd}_k{kh}x{kw}s{ps}_p{''.join(str(int(q)) for q in xpad)}"
-    gv = bb.add_func(parse_kernel(batch_source(pad_phases_source(cin, h, wd, kh, kw, ps, xpad), n,
-                                                   ["x", "xp"], per_sample)),
-                     f"pad_phases_{pgeo}{_ntag(n)}" + ("_across" if per_sample else ""))
-    xp = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, _batched(n, cin, h, wd))),
-                                     relax.const(np.zeros(1, np.float32))],
-                                relax.TensorType(_batched(n, cin * ps * ps * hq * wq), "float32")))
     extra = [] if residual is None else [bb.emit(relax.op.reshape(residual, _batched(n, cout, oh, ow)))]
+    if kernel == "winograd" and masked:  # reads the map itself, its edges by masked loads
+        xp = bb.emit(relax.op.reshape(x, _batched(n, cin * h * wd)))
+    else:
+        ps = 1 if kernel in ("tok", "winograd") else stride  # those read the padded map itself, not its phases
+        # Winograd's 4x4 reads may need zeros past the conv's own padding (`winograd_geometry`)
+        xpad = wg.winograd_geometry(h, wd, padding, registers)["pad"] if kernel == "winograd" else padding
+        _, _, hq, wq = flat_geometry(h, wd, kh, kw, ps, xpad)
+        pgeo = f"{cin}x{h}x{wd}_k{kh}x{kw}s{ps}_p{''.join(str(int(q)) for q in xpad)}"
+        gv = bb.add_func(parse_kernel(batch_source(pad_phases_source(cin, h, wd, kh, kw, ps, xpad), n,
+                                                   ["x", "xp"], per_sample)),
+                         f"pad_phases_{pgeo}{_ntag(n)}" + ("_across" if per_sample else ""))
+        xp = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, _batched(n, cin, h, wd))),
+                                         relax.const(np.zeros(1, np.float32))],
+                                    relax.TensorType(_batched(n, cin * ps * ps * hq * wq), "float32")))
     if kernel == "winograd":
         src = batch_source(wg.winograd_source(cout, cin, h, wd, padding, clamp, residual is not None, registers,
-                                              cores), n,
+                                              cores, masked), n,
                            ["xp", "out"] + ([] if residual is None else ["res"]))
         gv = bb.add_func(parse_kernel(src), f"conv_winograd_{tag}")
         bind(site, gv.name_hint)

@@ -79,19 +79,34 @@ def pack_winograd(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(up.reshape(16, panels, PANEL, cin).transpose(0, 1, 3, 2)).astype(np.float32).ravel()
 
 
-def _input_transform(hq: int, wq: int, vs: int, nt: int, pad: str) -> str:
+def _input_transform(hq: int, wq: int, vs: int, nt: int, pad: str, edges: tuple | None = None) -> str:
     """Statements transforming input channel `ci` of the task's tiles (tile row ty, tiles tx0 .. tx0 + 7) into the
     task's vb[e * vs + ci * nt + tile]. Each of the 4 input rows is three 8-float loads (columns 2 tx0 + 0..17),
     split by shuffles into the even and odd columns the 8 tiles' columns 0..3 are; the row transform (d0 - d2,
     d1 + d2, d2 - d1, d1 - d3) runs on those vectors, then the column transform on the rows. Lanes past nt are
     written too: into the next channel's slot, which that channel then overwrites (the last channel's spill into
-    the `8 - nt` floats past its element)."""
+    the `8 - nt` floats past its element). The input is the padded map xp [Cin, hq, wq], or with `edges` = (H, W,
+    top, left) the map x [Cin, H, W] itself, read by masked loads (AVX `vmaskmovps`: lanes outside the map read
+    as 0 and do not touch memory, so the zero pad is never written)."""
     even, odd = list(range(0, 16, 2)), list(range(1, 16, 2))
     even2, odd2 = list(range(2, 16, 2)) + [22], list(range(3, 16, 2)) + [23]
     out = ""
     for i in range(4):
-        base = f"ci * {hq * wq} + (ty * 2 + {i}) * {wq} + tx0 * 2"
-        lo, hi, tail = (f"xp[T.ramp({base} + {o}, 1, 8)]" for o in (0, 8, 10))
+        if edges is None:
+            base = f"ci * {hq * wq} + (ty * 2 + {i}) * {wq} + tx0 * 2"
+            lo, hi, tail = (f"xp[T.ramp({base} + {o}, 1, 8)]" for o in (0, 8, 10))
+        else:
+            h, wd, top, left = edges
+            y, c = f"(ty * 2 + {i - top})", f"(tx0 * 2 - {left})"
+            inside = f"T.broadcast(0 <= {y} and {y} < {h}, 8)"
+
+            def load(o: int) -> str:
+                cols = f"T.ramp({c} + {o}, 1, 8)"
+                mask = (f'T.Cast("int32x8", T.bitwise_and(T.bitwise_and({cols} >= T.broadcast(0, 8), {cols} < '
+                        f'T.broadcast({wd}, 8)), {inside})) * T.broadcast(-1, 8)')
+                return (f'T.call_llvm_pure_intrin("float32x8", "llvm.x86.avx.maskload.ps.256", '
+                        f'T.address_of(xp[ci * {h * wd} + {y} * {wd} + {c} + {o}]), {mask})')
+            lo, hi, tail = (load(o) for o in (0, 8, 10))
         d0, d1 = f"T.Shuffle([{lo}, {hi}], {even})", f"T.Shuffle([{lo}, {hi}], {odd})"
         d2, d3 = f"T.Shuffle([{lo}, {hi}, {tail}], {even2})", f"T.Shuffle([{lo}, {hi}, {tail}], {odd2})"
         for j, e in enumerate((f"{d0} - {d2}", f"{d1} + {d2}", f"{d2} - {d1}", f"{d1} - {d3}")):
@@ -113,15 +128,19 @@ def panel_groups(blocks: int, panels: int, cores: int) -> int:
 
 
 def winograd_source(cout: int, cin: int, h: int, wd: int, padding, clamp: tuple[float, float] | None,
-                    res: bool = False, registers: int = 32, cores: int = 1) -> str:
+                    res: bool = False, registers: int = 32, cores: int = 1, masked: bool = False) -> str:
     """TVMScript of the whole F(2x2, 3x3) conv (module docstring) over xp, the input zero-padded to
     `winograd_geometry`'s `pad` ([Cin, Hq, Wq] flat: `conv.pad_phases_source` at stride 1), with the packed U
     (`pack_winograd`), bias [panels * 16] and optionally the residual [Cout, OH, OW], into out [Cout, OH, OW].
     Per panel and element the nt x 16 accumulators go to the task's m; the output transform then reads the 16
     elements of each tile as 16-channel vectors and stores its 2x2 outputs channel by channel (the pixel-row conv's
-    store), skipping outputs past an odd OH or OW. `cores`: the panels split into `panel_groups` per block."""
+    store), skipping outputs past an odd OH or OW. `cores`: the panels split into `panel_groups` per block.
+    `masked` (AVX): xp is the input map itself, [Cin, H, W], read by masked loads (`_input_transform`); inside
+    ResNet-18 the zero-padded copies before its ten Winograd convs had cost ~1 ms of the model's ~17."""
     g = winograd_geometry(h, wd, padding, registers)
     nt, ncx, tw, oh, ow, hq, wq = (g[k] for k in ("nt", "ncx", "tw", "oh", "ow", "hq", "wq"))
+    edges = (h, wd, int(padding[0]), int(padding[2])) if masked else None
+    size = cin * h * wd if masked else cin * hq * wq
     vs = cin * nt + 8 - nt
     panels = -(-cout // PANEL)
     groups = panel_groups(g["blocks"], panels, cores)
@@ -140,7 +159,7 @@ def winograd_source(cout: int, cin: int, h: int, wd: int, padding, clamp: tuple[
     res_arg = f'res: T.Buffer(({cout}, {oh}, {ow}), "float32"), ' if res else ""
     return f"""
 @T.prim_func(private=True)
-def winograd(xp: T.Buffer(({cin * hq * wq},), "float32"), u: T.Buffer(({16 * panels * cin * PANEL},), "float32"),
+def winograd(xp: T.Buffer(({size},), "float32"), u: T.Buffer(({16 * panels * cin * PANEL},), "float32"),
              bias: T.Buffer(({panels * PANEL},), "float32"), {res_arg}out: T.Buffer(({cout}, {oh}, {ow}), "float32")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
     for t in T.parallel({g["blocks"] * groups}):
@@ -148,7 +167,7 @@ def winograd(xp: T.Buffer(({cin * hq * wq},), "float32"), u: T.Buffer(({16 * pan
         tx0: T.let = T.min(t // {groups} % {ncx} * {nt}, {tw - nt})
         hb = T.decl_buffer((16, 8), "float32", scope="global")
         vb = T.decl_buffer(({16 * vs},), "float32", scope="global")
-        for ci in T.serial({cin}):{_input_transform(hq, wq, vs, nt, " " * 12)}
+        for ci in T.serial({cin}):{_input_transform(hq, wq, vs, nt, " " * 12, edges)}
         m = T.decl_buffer((16, {nt}, {PANEL}), "float32", scope="global")
         acc = T.decl_buffer(({nt}, {PANEL}), "float32", scope="global")
         yb = T.decl_buffer((4, {PANEL}), "float32", scope="global")
