@@ -124,3 +124,17 @@ def test_rule_and_candidates():
         names = _names(g)
         assert {"conv_winograd_16x16x24x24_k3x3s1_p1111_clamp", "conv_tok_32x16x24x24_k3x3s1_p1111"} <= names
         np.testing.assert_allclose(_run(g, x), model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_uneven_and_no_padding():
+    """A TF "SAME" conv (the zero pad before it joins its padding: none top and left, one bottom and right) and an
+    unpadded one: the masked reads take each edge as it is, and the outputs match PyTorch."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.ZeroPad2d((0, 1, 0, 1)), torch.nn.Conv2d(32, 32, 3), torch.nn.ReLU(),
+                                torch.nn.Conv2d(32, 48, 3)).eval()
+    x = torch.randn(1, 32, 26, 23)
+    g = graphopt.trace(model, (x,))
+    names = _names(g)
+    assert {"conv_winograd_32x32x26x23_k3x3s1_p0101_clamp", "conv_winograd_48x32x25x22_k3x3s1_p0000"} <= names, names
+    got, ref = _run(g, x), model(x).detach().numpy()
+    assert got.shape == ref.shape and np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-6
