@@ -1843,6 +1843,18 @@ def tok_channels(cout: int, lanes: int) -> int:
     return 2 * lanes if lanes >= 16 and cout % (2 * lanes) == 0 else NR_TOK
 
 
+def channel_store(value: str, co: str, at: str, cout: int, nr: int, out_hw: tuple[int, int], res: bool,
+                  clamp: tuple[float, float] | None, indent: int) -> tuple[str, str]:
+    """The per-output store of the kernels whose vectors hold `nr` output channels (the pixel-row conv, Winograd):
+    out[co, at] = value (+ res[co, at]) clamped, behind `co < Cout` where Cout is not a multiple of nr (the
+    guarded store on a line of its own, `indent` spaces in), and the residual's parameter declaration (or "")."""
+    val = _clamped(value + (f" + res[{co}, {at}]" if res else ""), clamp)
+    store = f"out[{co}, {at}] = {val}"
+    if cout % nr:
+        store = f"if {co} < {cout}:\n{' ' * indent}{store}"
+    return store, (f'res: T.Buffer(({cout}, {out_hw[0]}, {out_hw[1]}), "float32"), ' if res else "")
+
+
 def tok_conv_source(cout: int, cin: int, h: int, wd: int, kh: int, kw: int, stride: int, padding,
                     clamp: tuple[float, float] | None, res: bool = False, nr: int = NR_TOK) -> str:
     """A dense kxk conv with the flat kernels' orientation turned over (the rule: `conv_kxk_knobs`): output pixels
@@ -1860,12 +1872,8 @@ def tok_conv_source(cout: int, cin: int, h: int, wd: int, kh: int, kw: int, stri
     hp, wp_, oh, ow, p, mr, nt, pt_, panel, tile, at = tok_tiling(cout, cin, h, wd, kh, kw, stride, padding, k, "ci",
                                                                   nr)
     pix = "(p0 + r)"
-    co = f"{panel} * {nr} + v"
-    val = _clamped("acc[r, v]" + (f" + res[{co}, {pix} // {ow}, {pix} % {ow}]" if res else ""), clamp)
-    store = f"out[{co}, {pix} // {ow}, {pix} % {ow}] = {val}"
-    if cout % nr:
-        store = f"if {co} < {cout}:\n                    {store}"
-    res_arg = f'res: T.Buffer(({cout}, {oh}, {ow}), "float32"), ' if res else ""
+    store, res_arg = channel_store("acc[r, v]", f"{panel} * {nr} + v", f"{pix} // {ow}, {pix} % {ow}", cout, nr,
+                                   (oh, ow), res, clamp, 20)
     return f"""
 @T.prim_func(private=True)
 def conv_tok(xp: T.Buffer(({cin * hp * wp_},), "float32"), wp: T.Buffer(({nt}, {k}, {nr}), "float32"),

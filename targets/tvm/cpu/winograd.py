@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from graphopt.targets.tvm.cpu.conv import _clamped
+from graphopt.targets.tvm.cpu.conv import channel_store
 
 PANEL = 16  # output channels per register tile: one 16-float vector (a zmm, or two ymm)
 # F(2x2, 3x3)'s weight transform; the input (B^T) and output (A^T) transforms are written out in the sources
@@ -151,12 +151,8 @@ def winograd_source(cout: int, cin: int, h: int, wd: int, padding, clamp: tuple[
     ys = [f"{s[0]} + {s[1]} + {s[2]} + {bias}" if b == 0 else f"{s[1]} - {s[2]} - {s[3]} + {bias}"
           for s in (s0, s1) for b in (0, 1)]  # output (a, b) at index 2a + b
     outputs = "".join(f"\n                yb[{k}, T.ramp(0, 1, {PANEL})] = {y}" for k, y in enumerate(ys))
-    co = f"p * {PANEL} + v"
-    val = _clamped("yb[a * 2 + b, v]" + (f" + res[{co}, oy, ox]" if res else ""), clamp)
-    store = f"out[{co}, oy, ox] = {val}"
-    if cout % PANEL:
-        store = f"if {co} < {cout}:\n{' ' * 36}{store}"
-    res_arg = f'res: T.Buffer(({cout}, {oh}, {ow}), "float32"), ' if res else ""
+    store, res_arg = channel_store("yb[a * 2 + b, v]", f"p * {PANEL} + v", "oy, ox", cout, PANEL, (oh, ow), res,
+                                   clamp, 36)
     return f"""
 @T.prim_func(private=True)
 def winograd(xp: T.Buffer(({size},), "float32"), u: T.Buffer(({16 * panels * cin * PANEL},), "float32"),
