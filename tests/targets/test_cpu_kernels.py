@@ -800,11 +800,12 @@ def test_stride2_wide_depthwise_with_int8_weights_and_output(float_depthwise):
                                                       (8, 4, 9, 5, 2, (2, 2, 2, 2)),
                                                       (6, 3, 40, 3, 2, (1, 1, 1, 1)),  # 19 interior columns: the
                                                       (7, 3, 37, 3, 1, (1, 1, 1, 1)),  # last 16 overlap the first
-                                                      (16, 3, 40, 7, 2, (3, 3, 3, 3))])  # ResNet's stem
+                                                      (16, 3, 40, 7, 2, (3, 3, 3, 3)),  # ResNet's stem
+                                                      (24, 3, 40, 7, 2, (3, 3, 3, 3))])  # a partial 16-channel tile
 def test_stem_conv_direct_kernel(cout, cin, hw, k, stride, pad):
     """Few-input-channel stems: the direct kernel, or where the reduction (Cin x kh x kw) passes 64 steps, the
-    staged flat conv, or with output rows under 16 pixels im2col + the packed GEMM; the pad and the clamp fused;
-    matches PyTorch."""
+    pixel-row conv (Cout a multiple of 16) or the staged flat conv, or with output rows under 16 pixels im2col +
+    the packed GEMM; the pad and the clamp fused; matches PyTorch."""
     torch.manual_seed(0)
 
     class Stem(torch.nn.Module):
@@ -819,7 +820,8 @@ def test_stem_conv_direct_kernel(cout, cin, hw, k, stride, pad):
     g = graphopt.trace(model, (x,))
     text = lower_to_relax(g).script()
     narrow = (hw + pad[0] + pad[1] - k) // stride + 1 < 16
-    kernel = "conv_staged_" if cin * k * k > 64 else "im2col_" if narrow else "conv_direct_"
+    long = "conv_tok_" if cout % 16 == 0 else "conv_staged_"
+    kernel = long if cin * k * k > 64 else "im2col_" if narrow else "conv_direct_"
     assert kernel in text and "R.nn.pad" not in text and "R.clip" not in text
     _assert_built_matches(g, model, x)
 

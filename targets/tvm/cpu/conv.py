@@ -1747,6 +1747,16 @@ def staged_conv_applies(x_shape, w_shape, stride: int, padding) -> bool:
     return cin * kh * kw > 64 and (oh - 1) * wq + ow >= NR_FLAT
 
 
+def stem_takes_tok(w_shape, stride: int) -> bool:
+    """Whether a long-reduction stem (`staged_conv_applies`) runs on the pixel-row conv rather than the staged one:
+    where Cout fills whole 16-channel tiles. Single-conv models (+ ReLU, 2 threads, Zen 4), staged / pixel-row time
+    with the pad before each: ResNet's 7x7 stride-2 3->64 at 224 1.65 / 1.48 ms (inside ResNet-18 1.72 -> 1.45
+    ms, the model 0.98x), 7x7 stride-1 3->16 at 96 0.32 / 0.26, 5x5 5->32 at 64 and 3->32 stride 2 at 128
+    0.93x; 7x7 stride-2 3->24 at 224 0.54 / 0.63 (a third of the second tile's lanes idle), so that one stays
+    staged. A conv_kxk tuning site either way it goes to the pixel-row conv."""
+    return int(w_shape[0]) % NR_TOK == 0 and tok_conv_applies(w_shape, stride)
+
+
 def staged_tiling(cout: int, h: int, wd: int, kh: int, kw: int, stride: int, padding, steps: int) -> dict:
     """The task layout the staged flat convs (float `staged_conv_source`, int8 `int8.qconv_flat_source`) share:
     16-pixel blocks over the flat output range, cut into even chunks whose staged `steps` reduction rows per block
@@ -1953,7 +1963,9 @@ def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
                    per_sample: bool = False, lanes: int = 8, registers: int = 16, cores: int = 1):
     """A dense kxk conv of x [N, Cin, H, W] (per sample): the zero-padded map, then the pixel-row conv, or the phase
     planes and the staged or in-place flat implicit GEMM (`conv_kxk_knobs`), with bias / residual add / clamp in
-    its store (the flat ones' vector and masked stores with `masked`: the CPU has AVX). A `stem` (few input channels, long reduction) always takes the staged kernel.
+    its store (the flat ones' vector and masked stores with `masked`: the CPU has AVX). A `stem` (few input
+    channels, long reduction) takes the pixel-row conv where its output channels fill whole 16-channel tiles, else
+    the staged kernel (`stem_takes_tok`).
     `per_sample`: w is [N, Cout, Cin, kh, kw] and bias [N, Cout], sample n convolved with its own weights (the
     groups of a grouped conv as the samples of one call). `lanes`: the target's vector lanes (`tok_channels`);
     `registers`: its vector registers (Winograd's tile, `winograd.winograd_geometry`), `cores` its cores."""
@@ -1969,7 +1981,7 @@ def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
     tag = (f"{cout}x{geo}" + ("" if residual is None else "_res") + ("" if clamp is None else "_clamp") + _ntag(n)
            + ("_own_weights" if per_sample else ""))
     site = None
-    if stem:
+    if stem and not stem_takes_tok(w.shape, stride):
         kernel = "staged"
     else:
         wino = not per_sample and wg.winograd_applies(w.shape, stride, x_shape, padding, registers)
