@@ -115,3 +115,25 @@ def test_attention_matmuls_on_odd_token_counts_get_the_rule(tokens, head):
     g = graphopt.trace(_Attention(head).eval(), (x,))
     fast, _, _, _ = build_executable(g)
     np.testing.assert_allclose(run(fast, x), _Attention(head)(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+class _SiluChunk(torch.nn.Module):
+    """YOLO's C2f split: an activation Relax fuses with the chunk after it (one function, two outputs)."""
+    def forward(self, x):
+        a, b = torch.nn.functional.silu(x).chunk(2, 1)
+        return a * 2.0, b
+
+
+def test_elementwise_rule_schedules_functions_with_several_outputs():
+    """A spatial function with two outputs (SiLU fused with a chunk) gets the elementwise rule, each output its own
+    parallel vectorized loop: the rule had inlined all blocks but the last and given up on the first output, and
+    TVM's default loop nest ran it serially (475 us for 96x80x80 against PyTorch's 134)."""
+    x = torch.randn(1, 32, 20, 20)
+    funcs = scheduled_functions(_SiluChunk(), x)
+    split = [k for k in funcs if "split" in k]
+    assert split and all(funcs[k] for k in split), funcs
+    g = graphopt.trace(_SiluChunk().eval(), (x,))
+    ex, _, _, _ = build_executable(g)
+    out = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
+    for got, want in zip(out, _SiluChunk()(x)):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-6)

@@ -220,13 +220,19 @@ class Elementwise(ScheduleRule):
         infos = normalize_prim_func(sch)
         if infos is None or not all(_is_spatial(b) for b in infos):
             return None
+        # every block but the outputs inlined; several outputs (a split or chunk Relax fused with the activation
+        # before it) each get their own loop nest: with one, the rule gave up and TVM's default loop ran the
+        # function serially and unvectorized (SiLU + chunk on 96x80x80: 475 us against PyTorch's 134)
         try:
-            for b in infos[:-1]:
-                sch.compute_inline(b.block_rv)
+            outputs = {sch.get(b).name_hint for b in sch.get_output_blocks("root")}
+            for b in infos:
+                if b.name not in outputs:
+                    sch.compute_inline(b.block_rv)
         except Exception:
             return None
-        if not _parallel_vectorize(sch, infos[-1].block_rv, vector_lanes(target)):
-            return None
+        for b in infos:
+            if b.name in outputs and not _parallel_vectorize(sch, b.block_rv, vector_lanes(target)):
+                return None
         return sch
 
 
