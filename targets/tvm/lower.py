@@ -1897,6 +1897,22 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             return None
         return other
 
+    def cat(node, importer):
+        """torch.cat of static-shape tensors of one dtype whose runs per outer index are long (`concat_geometry`)
+        as graphopt's copy kernel; others (a rotary embedding's half-rows) stay Relax's, fused with their
+        neighbours."""
+        from graphopt.targets.tvm.cpu.pool import concat_geometry, emit_concat
+        tensors = node.args[0]
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        vals = [getattr(t, "meta", {}).get("val") for t in tensors]
+        if (all(v is not None for v in vals) and len({str(v.dtype) for v in vals}) == 1
+                and str(vals[0].dtype) in ("torch.float32", "torch.int8", "torch.uint8")
+                and all(isinstance(d, int) for v in vals for d in v.shape)
+                and concat_geometry([tuple(v.shape) for v in vals], int(dim)) is not None):
+            return emit_concat(importer.block_builder, [importer.env[t] for t in tensors],
+                               [tuple(v.shape) for v in vals], int(dim), str(vals[0].dtype).replace("torch.", ""))
+        return _builtin(importer, "cat.default")(node)
+
     def add(node, importer):
         if node in fused_adds:  # computed by the conv kernel's epilogue
             return importer.env[fused_adds[node]]
@@ -2137,7 +2153,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             "mean.dim": mean,
             "constant_pad_nd.default": constant_pad_nd, "bsr_linear.default": bsr_linear,
             "bsr_conv1x1.default": bsr_conv1x1, "linear.default": linear, "mm.default": mm, "addmm.default": addmm,
-            "add.Tensor": add, "max_pool2d.default": max_pool2d,
+            "add.Tensor": add, "cat.default": cat, "max_pool2d.default": max_pool2d,
             "max_pool2d_with_indices.default": max_pool2d_with_indices, "instance_norm.default": instance_norm,
             "upsample_linear1d.vec": upsample_linear1d,
             "adaptive_max_pool2d.default": adaptive_max_pool2d,

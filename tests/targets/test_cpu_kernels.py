@@ -2555,11 +2555,12 @@ def test_int8_bsr_pointwise_row_split_on_two_cores_equals_the_dense_kernel(cout,
 
 
 @pytest.mark.parametrize("batch,k,stride,pad,hw", [(1, 3, 2, 1, (23, 20)), (2, 2, None, 0, (9, 10)),
-                                                   (1, 3, 1, 1, (7, 9))])
+                                                   (1, 3, 1, 1, (7, 9)), (1, 5, 1, 2, (40, 37)),  # YOLO's SPPF
+                                                   (1, 3, 2, 1, (40, 40))])  # more rows than one task's band
 def test_max_pool_runs_on_the_row_kernel(batch, k, stride, pad, hw):
-    """Max pooling (ResNet's stem pool: 3x3 stride 2, padding 1; stride defaulting to the kernel; stride 1): the
-    row kernel, exact against PyTorch, batch 2 looping over the samples (TVM's pooling took 1.1 ms for ResNet-18's
-    64x112x112 map, this 0.22)."""
+    """Max pooling (ResNet's stem pool: 3x3 stride 2, padding 1; stride defaulting to the kernel; stride 1; YOLO's
+    5x5 stride 1): the separable kernel, exact against PyTorch, batch 2 looping over the samples (TVM's pooling took
+    1.1 ms for ResNet-18's 64x112x112 map, the row kernel 0.10, this 0.06)."""
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.MaxPool2d(k, stride, pad)).eval()
     x = torch.randn(batch, 3, *hw)
     g = graphopt.trace(model, (x,))
@@ -2567,6 +2568,48 @@ def test_max_pool_runs_on_the_row_kernel(batch, k, stride, pad, hw):
     assert any(n.startswith("max_pool_8x") for n in names) and "max_pool2d" not in names, names
     _assert_built_matches(g, model, x)
 
+
+def test_max_pool_keeps_nan_and_infinities():
+    """A NaN anywhere in a window gives NaN (PyTorch's max pooling), -inf and +inf pass as values, and windows
+    at the edges see only the image (the taps outside read the nearest row or column inside, which the window
+    holds anyway)."""
+    model = torch.nn.Sequential(torch.nn.Identity(), torch.nn.MaxPool2d(3, 2, 1)).eval()
+    x = torch.randn(1, 4, 11, 12) - 10.0
+    x[0, 0, 5, 6] = float("nan")
+    x[0, 1, 0, 0] = float("nan")  # a corner: in the first window only
+    x[0, 2, 10, 11] = float("inf")
+    x[0, 3] = float("-inf")
+    g = graphopt.trace(model, (x,))
+    got = _run_built(g, x)
+    want = model(x).numpy()
+    assert np.isnan(got).sum() == np.isnan(want).sum() > 0
+    np.testing.assert_array_equal(np.nan_to_num(got, nan=1.0), np.nan_to_num(want, nan=1.0))
+
+
+class _Concat(torch.nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x, y):
+        return torch.cat([x * 2.0, y, x], self.dim) + 1.0
+
+
+@pytest.mark.parametrize("xs,ys,dim,kernel", [((1, 16, 10, 12), (1, 8, 10, 12), 1, True),  # channels (YOLO, UNet)
+                                              ((2, 4, 9, 30), (2, 3, 9, 30), 1, True),  # batch 2: outer 2
+                                              ((1, 3, 40, 20), (1, 3, 13, 20), 2, True),  # rows
+                                              ((1, 64, 8), (1, 64, 24), -1, False)])  # runs under 256: Relax's
+def test_concat_runs_on_the_copy_kernel(xs, ys, dim, kernel):
+    """torch.cat whose inputs are long contiguous runs per outer index is one copy kernel (Relax's concatenate
+    chose each vector's input lane by lane: 541 us for YOLO's 3 x 48 x 80 x 80, this 87); short runs (a rotary
+    embedding's half-rows) stay Relax's, fused with their neighbours. Exact either way."""
+    model = _Concat(dim).eval()
+    x, y = torch.randn(xs), torch.randn(ys)
+    g = graphopt.trace(model, (x, y))
+    names = _func_names(g)
+    assert any(n.startswith("concat_") for n in names) == kernel, names
+    got = _run_built(g, x, y)
+    np.testing.assert_array_equal(got, model(x, y).numpy())
 
 @pytest.mark.parametrize("dim,affine,kernel", [(384, True, True), (40, True, True), (36, True, True),
                                                (64, False, True), (300, False, True), (6, True, False)])

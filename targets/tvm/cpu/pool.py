@@ -1,8 +1,6 @@
-"""Max pooling for NCHW float maps (ResNet's stem pool): one task per output row, a row of maxima updated tap by
-tap (rows outside the image skipped), the columns whose tap lies inside the image in a plain loop LLVM vectorizes
-(stride 2 as interleaved loads), the border columns guarded. TVM's pooling with the schedule rules took 1.1 ms
-for ResNet-18's 3x3 stride-2 pool on 64x112x112. A NaN in a window gives NaN, as in PyTorch (TVM's max keeps a
-NaN only when it is the second operand)."""
+"""Copy-like and pooling kernels for float maps: max pooling (separable, `max_pool_source`), constant and edge
+pads, roll, flip, transposes, crops, concatenation and adaptive average pooling, each a plain loop nest LLVM
+vectorizes where Relax's legalized op ran a generic per-element loop."""
 from __future__ import annotations
 
 import math
@@ -21,45 +19,61 @@ def max_pool_applies(x_shape, kernel, stride, padding, dilation, ceil_mode) -> b
             and all(2 * int(p) <= int(k) for p, k in zip(padding, kernel)))  # PyTorch's own limit on padding
 
 
+POOL_BAND = 16  # output rows one max-pool task computes
+
+
 def max_pool_source(c: int, h: int, w: int, kernel, stride, padding) -> str:
+    """TVMScript of max pooling, separably: one task per channel and band of POOL_BAND output rows; for each output
+    row the maxima down the kernel's kh input rows go into a row buffer (whole rows, contiguous), then each output
+    is the maximum of kw of those along the row: kh + kw comparisons an output instead of kh x kw, and the strided
+    reads (stride 2) only on the output rows. A tap outside the image reads the nearest row or column inside it
+    instead, which lies in the same window (every window holds one inside: PyTorch's padding is at most half the
+    kernel), so the maximum is the same and no load is guarded; each loop is plain code LLVM vectorizes. A NaN in
+    a window gives NaN, as in PyTorch (TVM's max keeps a NaN only when it is the second operand). `zero` [1] holds
+    0, added to an index (a second input the body reads keeps Relax from taking the function for a reshape)."""
     (kh, kw), (sh, sw), (ph, pw) = ((int(a), int(b)) for a, b in (kernel, stride, padding))
     oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
     lo = min(ow, -(-pw // sw))  # first output column whose taps are all inside
     hi = max(lo, min(ow, (w - kw + pw) // sw + 1))  # one past the last
-    row = lambda i: f"(r % {oh}) * {sh} + {i - ph}"  # noqa: E731
+    band = min(oh, POOL_BAND)
+    nb = -(-oh // band)
 
-    def cols(a: int, b: int, j: int, guarded: bool, i: int) -> str:
+    def maxima(srcs, pad: str) -> str:
+        """Let-bindings of the running maximum of `srcs` (m0 .. m{k-1}), a NaN kept."""
+        lines = [f"m0: T.let = {srcs[0]}"]
+        for k, src in enumerate(srcs[1:], 1):
+            lines += [f"v{k}: T.let = {src}",
+                      f"m{k}: T.let = T.Select(T.Or(T.isnan(v{k}), v{k} > m{k - 1}), v{k}, m{k - 1})"]
+        return "".join(f"\n{pad}{ln}" for ln in lines)
+
+    def cols(a: int, b: int, inside: bool) -> str:
         if b <= a:
             return ""
-        col = f"(ox + {a}) * {sw} + {j - pw}"
-        src = f"x[r // {oh}, {row(i)}, {col}]"
-        if guarded:
-            src = f"T.if_then_else({col} >= 0 and {col} < {w}, {src}, fill[0])"
+        at = (lambda j: f"(ox + {a}) * {sw} + {j - pw}") if inside else (
+            lambda j: f"T.max(T.min((ox + {a}) * {sw} + {j - pw}, {w - 1}), 0)")
         return f"""
-                for ox in T.serial({b - a}):
-                    v: T.let = {src}
-                    acc[ox + {a}] = T.Select(T.Or(T.isnan(v), v > acc[ox + {a}]), v, acc[ox + {a}])"""
-    taps = "".join(f"""
-        if {row(i)} >= 0 and {row(i)} < {h}:""" + "".join(cols(0, lo, j, True, i) + cols(lo, hi, j, False, i)
-                                                          + cols(hi, ow, j, True, i) for j in range(kw))
-                   for i in range(kh))
+                for ox in T.serial({b - a}):{maxima([f"vr[{at(j)}]" for j in range(kw)], " " * 20)}
+                    out[ch, oy, ox + {a}] = m{kw - 1}"""
+    rows = [f"x[ch, T.max(T.min(oy * {sh} + {i - ph}, {h - 1}), 0), u]" for i in range(kh)]
     return f"""
 @T.prim_func(private=True)
-def max_pool(x: T.Buffer(({c}, {h}, {w}), "float32"), fill: T.Buffer((1,), "float32"),
+def max_pool(x: T.Buffer(({c}, {h}, {w}), "float32"), zero: T.Buffer((1,), "int32"),
              out: T.Buffer(({c}, {oh}, {ow}), "float32")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
-    for r in T.parallel({c * oh}):
-        acc = T.decl_buffer(({ow},), "float32")
-        for ox in T.serial({ow}):
-            acc[ox] = fill[0]{taps}
-        for ox in T.serial({ow}):
-            out[r // {oh}, r % {oh}, ox] = acc[ox]
+    for t in T.parallel({c * nb}):
+        ch: T.let = t // {nb}
+        vr = T.decl_buffer(({w},), "float32")
+        for q in T.serial({band}):
+            oy: T.let = (t % {nb}) * {band} + q + zero[0]
+            if oy < {oh}:
+                for u in T.serial({w}):{maxima(rows, " " * 20)}
+                    vr[u] = m{kh - 1}{cols(0, lo, False) + cols(lo, hi, True) + cols(hi, ow, False)}
 """
 
 
 def emit_max_pool(bb, x, x_shape, kernel, stride, padding):
-    """max_pool2d of x [N, C, H, W] (per sample); `fill` [1] holds -inf, the value outside the image (opaque with two
-    inputs, as im2col is)."""
+    """max_pool2d of x [N, C, H, W] (per sample). TVM's pooling with the schedule rules took 1.1 ms for ResNet-18's
+    3x3 stride-2 pool on 64x112x112."""
     from tvm import relax
 
     n, c, h, w = (int(d) for d in x_shape)
@@ -69,7 +83,7 @@ def emit_max_pool(bb, x, x_shape, kernel, stride, padding):
     gv = bb.add_func(parse_kernel(src),
                      f"max_pool_{c}x{h}x{w}_k{kh}x{kw}s{sh}x{sw}p{ph}x{pw}" + _ntag(n))
     y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, _batched(n, c, h, w))),
-                                    relax.const(np.full(1, -np.inf, np.float32))],
+                                    relax.const(np.zeros(1, np.int32))],
                                relax.TensorType(_batched(n, c, oh, ow), "float32")))
     return bb.emit(relax.op.reshape(y, (n, c, oh, ow)))
 
@@ -364,6 +378,70 @@ def emit_transpose(bb, x, x_shape, perm):
     y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, (b, r, c))), relax.const(np.zeros(1, np.int32))],
                                relax.TensorType((b, c, r), "float32")))
     return bb.emit(relax.op.reshape(y, tuple(shape[int(p)] for p in perm)))
+
+
+CONCAT_CHUNK = 4096  # elements one task of the concat copies (16 KB of floats)
+CONCAT_MIN_RUN = 256  # the shortest contiguous run per input and outer index the concat kernel takes
+
+
+def concat_geometry(shapes, dim: int) -> tuple[int, list[int]] | None:
+    """(outer, runs) of torch.cat(tensors of `shapes`, dim): each input is `outer` contiguous runs of runs[i]
+    elements (its size along dim times the axes after it), and the output row o is input 0's run o, input 1's run o,
+    and so on. None where a run is shorter than CONCAT_MIN_RUN (a rotary embedding's half-rows: Relax fuses those
+    concats with the arithmetic around them, which an opaque copy would split) or the shapes do not concatenate."""
+    if len(shapes) < 2 or any(len(sh) != len(shapes[0]) for sh in shapes):
+        return None
+    nd = len(shapes[0])
+    dim %= nd
+    if any(tuple(sh[:dim]) + tuple(sh[dim + 1:]) != tuple(shapes[0][:dim]) + tuple(shapes[0][dim + 1:])
+           for sh in shapes):
+        return None
+    outer = math.prod(int(d) for d in shapes[0][:dim])
+    runs = [math.prod(int(d) for d in sh[dim:]) for sh in shapes]
+    if min(runs) < CONCAT_MIN_RUN:
+        return None
+    return outer, runs
+
+
+def concat_source(outer: int, runs, dtype: str) -> str:
+    """TVMScript of the concat of inputs x_i [outer, runs[i]] into out [outer, sum(runs)]: one parallel loop over
+    chunks of CONCAT_CHUNK elements of every input's runs, each a plain copy loop (LLVM makes it vector moves)."""
+    width = sum(runs)
+    params = ", ".join(f'x{i}: T.Buffer(({outer}, {r}), "{dtype}")' for i, r in enumerate(runs))
+    body, first, off = [], 0, 0
+    for i, r in enumerate(runs):
+        per = -(-r // CONCAT_CHUNK)
+        n = outer * per
+        body.append(f"""
+        {"if" if i == 0 else "elif" if i < len(runs) - 1 else "else"}{f" t < {first + n}" if i < len(runs) - 1 else ""}:
+            o: T.let = (t - {first}) // {per}
+            c0: T.let = ((t - {first}) % {per}) * {CONCAT_CHUNK}
+            for j in T.serial(T.min({CONCAT_CHUNK}, {r} - c0)):
+                out[o, {off} + c0 + j] = x{i}[o, c0 + j]""")
+        first += n
+        off += r
+    return f"""
+@T.prim_func(private=True)
+def concat({params}, out: T.Buffer(({outer}, {width}), "{dtype}")):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
+    for t in T.parallel({first}):{"".join(body)}
+"""
+
+
+def emit_concat(bb, xs, shapes, dim: int, dtype: str):
+    """torch.cat(xs, dim) of Relax values of constant `shapes` (`concat_geometry` not None) as one copy kernel.
+    Relax's concatenate ran one loop over the output whose vectors chose their input per lane: YOLO's 3 x 48 x 80
+    x 80 -> 144 x 80 x 80 took 541 us, 1.9x ONNX Runtime's time."""
+    from tvm import relax
+
+    outer, runs = concat_geometry(shapes, dim)
+    gv = bb.add_func(parse_kernel(concat_source(outer, runs, dtype)),
+                     f"concat_{outer}x" + "_".join(map(str, runs)))
+    y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, (outer, r))) for x, r in zip(xs, runs)],
+                               relax.TensorType((outer, sum(runs)), dtype)))
+    out = list(int(d) for d in shapes[0])
+    out[dim % len(out)] = sum(int(sh[dim % len(out)]) for sh in shapes)
+    return bb.emit(relax.op.reshape(y, tuple(out)))
 
 
 def emit_crop(bb, x, x_shape, h: int, w: int):
