@@ -1911,7 +1911,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                 and concat_geometry([tuple(v.shape) for v in vals], int(dim)) is not None):
             return emit_concat(importer.block_builder, [importer.env[t] for t in tensors],
                                [tuple(v.shape) for v in vals], int(dim), str(vals[0].dtype).replace("torch.", ""))
-        return _builtin(importer, "cat.default")(node)
+        return MORE_OPS["cat.default"](node, importer)  # (legacy empty inputs skipped, as PyTorch does)
 
     def add(node, importer):
         if node in fused_adds:  # computed by the conv kernel's epilogue
