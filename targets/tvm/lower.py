@@ -2478,11 +2478,16 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
             elif "sorted" in n.kwargs:
                 n.kwargs = {**n.kwargs, "sorted": True}
     _refuse_side_effects(graph, ep)
+    from graphopt.targets.tvm.cpu.batch import samples_across
+    from graphopt.targets.tvm.cpu.rules import target_cores
+    from graphopt.targets.tvm.host import cpu_target
+    cores = target_cores(target if target is not None else cpu_target()) if device == "cpu" else 0
     try:
         convert = _converters(ep, device, sparse24, target, graph.meta.get("sparse_layout"), gpu_dense)
         convert["convolution.default"] = _with_conv_transpose_3d(convert.get("convolution.default"))
-        mod = from_exported_program(ep, keep_params_as_input=False, custom_convert_map=convert,
-                                    run_ep_decomposition=False)
+        with samples_across(cores):
+            mod = from_exported_program(ep, keep_params_as_input=False, custom_convert_map=convert,
+                                        run_ep_decomposition=False)
     except AssertionError as e:
         # the Relax importer asserts on ops it has no converter for; name the node for the user
         # (its message lists them: "Unsupported function types ['index_reduce.default']"; matched by op name, not

@@ -335,18 +335,29 @@ class _Block(torch.nn.Module):
         return self.dw_tiny(self.dw_small(self.expand(y)))
 
 
-@pytest.mark.parametrize("batch", [2, 3])
+@pytest.mark.parametrize("batch", [2, 3, 4])
 def test_batched_convs_run_the_batch1_kernels_per_sample(batch):
     """Batch N > 1 takes graphopt's conv kernels, each looping over the samples (before, it fell back to TVM's
-    conv: MobileNetV2 at batch 4 took 2.65x ORT's time, now ~1.0x), and matches PyTorch sample by sample."""
+    conv: MobileNetV2 at batch 4 took 2.65x ORT's time, now ~1.0x), and matches PyTorch sample by sample. Where
+    the build's cores divide the batch, the threads split the samples (one fork a call; each thread runs whole
+    samples, their tasks in turn); otherwise each sample's tasks are split."""
+    from graphopt.targets.tvm.cpu.rules import target_cores
     torch.manual_seed(0)
     model, x = _Block().eval(), torch.randn(batch, 3, 80, 80)
     g = graphopt.trace(model, (x,))
-    names = _func_names(g)
+    mod = lower_to_relax(g, target=cpu_target())
+    names = {gv.name_hint for gv in mod.get_global_vars()}
     for kernel in ("conv_direct_8x3x80x80", "conv1x1_packed_24x8x1600", "depthwise_24x40x40",
                    "depthwise_cb_24x20x20_k5s2", "conv1x1_packed_8x24x1600_res"):
         assert any(n.startswith(kernel) and n.endswith(f"_n{batch}") for n in names), (kernel, names)
     assert not any(n.startswith("conv2d") for n in names), names
+    cores = target_cores(cpu_target())
+    across = cores > 1 and batch % cores == 0
+    for gv, f in mod.functions.items():
+        if gv.name_hint.startswith("conv1x1_packed_24x8x1600"):
+            text = f.script()
+            assert (f"n_ in T.parallel({batch})" in text) == across, text[:600]
+            assert ("T.parallel(" in text.replace(f"n_ in T.parallel({batch})", "")) != across, text[:600]
     _assert_built_matches(g, model, x)
 
 

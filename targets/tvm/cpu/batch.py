@@ -8,8 +8,26 @@ stay in cache across samples; each sample's parallel loop still spreads over the
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+
+# The cores the kernels being generated run on (`samples_across`); None outside a lowering.
+_CORES: int | None = None
+
+
+@contextlib.contextmanager
+def samples_across(cores: int):
+    """Within: kernels over a batch that the cores divide split the samples between the threads (`batch_source`'s
+    `across`). Each thread runs whole samples: one fork per kernel call instead of one per sample, no task
+    imbalance on small maps. MobileNetV2 at batch 4, 2 threads, interleaved: 0.95-0.97x the time in a quiet
+    phase of the machine, 0.84x in a busy one (ResNet-18 at batch 4: 0.99x)."""
+    global _CORES
+    before, _CORES = _CORES, int(cores)
+    try:
+        yield
+    finally:
+        _CORES = before
 
 
 def _param(head: str, name: str) -> re.Match:
@@ -23,9 +41,10 @@ def batch_source(src: str, n: int, per_sample: list[str], across: bool = False) 
     """The kernel `src` (one @T.prim_func whose body follows its T.func_attr line) over n samples of the buffers
     named in per_sample; n == 1 returns src unchanged. `across`: the threads split the samples and each runs its
     samples' tasks in turn (the body's parallel loops made serial), for many samples of little work each (the
-    groups of a grouped conv)."""
+    groups of a grouped conv), and, inside `samples_across`, wherever the cores divide n."""
     if n == 1:
         return src
+    across = across or (_CORES is not None and _CORES > 1 and n % _CORES == 0)
     head, sep, rest = src.partition("T.func_attr(")
     if not sep:
         raise ValueError("kernel source has no T.func_attr line")
