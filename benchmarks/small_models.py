@@ -1,11 +1,14 @@
 """Small models users compile for the edge, against ONNX Runtime and PyTorch in one run: a CIFAR ResNet-20, a
 keyword-spotting DS-CNN (49 x 10 MFCC frames), a 784-512-256-10 MLP at batch 1 and 64, an 8x8-digit CNN, a
 ViT-Tiny-style 6-layer encoder on 32x32 patches, TinyYOLO at 160x160, a 2-layer GRU over 50 steps and a 3-level
-UNet at 64x64. Random weights and batch-norm statistics (what compiling costs, not accuracy); graphopt through
-the CLI's default pipeline (fold-bn, fold-pad, fold-constants, dce); ORT on graphopt's ONNX export of the same
-traced graph (torch's exporter where that fails); every runtime timed as a user calls it (numpy in, numpy out),
-the same thread count, in interleaved rounds. These models take 0.03-3 ms a call, so per-call and per-kernel
-costs decide; ratios are time / ORT's time.
+UNet at 64x64; and two larger ones users bring: a YOLOv8-style detector body at 320x320 (SiLU, C2f split /
+concat blocks, SPPF's chained 5x5 max pools, nearest upsampling) and a 6-layer Llama-style decoder (d 512, RMS
+norms, rotary embeddings, grouped-query causal attention, SwiGLU, 8000-token head) over 128 tokens. Random
+weights and batch-norm statistics (what compiling costs, not accuracy); graphopt through the CLI's default
+pipeline (fold-bn, fold-pad, fold-constants, dce); ORT on graphopt's ONNX export of the same traced graph
+(torch's exporter where that fails); every runtime timed as a user calls it (numpy in, numpy out), the same
+thread count, in interleaved rounds. The small models take 0.03-3 ms a call, so per-call and per-kernel costs
+decide; ratios are time / ORT's time.
 
     python benchmarks/small_models.py [--threads 2] [--runs 140] [--only resnet20,mlp] [--out PATH]
 """
@@ -113,9 +116,95 @@ def _models() -> dict:
             b = self.c2(torch.cat([self.u2(c), b], 1))
             return self.out(self.c1(torch.cat([self.u1(b), a], 1)))
 
+    def cbs(cin: int, cout: int, k: int = 1, s: int = 1):  # YOLOv5/v8's conv + batch norm + SiLU
+        return nn.Sequential(nn.Conv2d(cin, cout, k, s, k // 2, bias=False), nn.BatchNorm2d(cout), nn.SiLU())
+
+    class C2f(nn.Module):  # YOLOv8's split / bottlenecks / concat block
+        def __init__(self, c: int):
+            super().__init__()
+            self.cv1, self.cv2 = cbs(c, c), cbs(3 * c // 2, c)
+            self.m = nn.Sequential(cbs(c // 2, c // 2, 3), cbs(c // 2, c // 2, 3))
+
+        def forward(self, x):
+            a, b = self.cv1(x).chunk(2, 1)
+            return self.cv2(torch.cat([a, b, self.m(b)], 1))
+
+    class SPPF(nn.Module):  # three chained 5x5 stride-1 max pools, concatenated
+        def __init__(self, c: int):
+            super().__init__()
+            self.cv1, self.cv2, self.pool = cbs(c, c // 2), cbs(2 * c, c), nn.MaxPool2d(5, 1, 2)
+
+        def forward(self, x):
+            x = self.cv1(x)
+            y1 = self.pool(x)
+            y2 = self.pool(y1)
+            return self.cv2(torch.cat([x, y1, y2, self.pool(y2)], 1))
+
+    class YoloC2f(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.d1, self.c1, self.d2 = cbs(3, 16, 3, 2), cbs(16, 32, 3, 2), C2f(32), cbs(32, 64, 3, 2)
+            self.sppf, self.c2, self.head = SPPF(64), C2f(96), nn.Conv2d(96, 18, 1)
+
+        def forward(self, x):
+            a = self.c1(self.d1(self.stem(x)))
+            b = F.interpolate(self.sppf(self.d2(a)), scale_factor=2.0, mode="nearest")
+            return self.head(self.c2(torch.cat([b, a], 1)))
+
+    class RMSNorm(nn.Module):
+        def __init__(self, d: int):
+            super().__init__()
+            self.w = nn.Parameter(1.0 + 0.1 * torch.randn(d))
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.w
+
+    class LlamaBlock(nn.Module):  # RMS norms, rotary embeddings, grouped-query causal attention, SwiGLU
+        def __init__(self, d: int, heads: int, kv_heads: int, ff: int):
+            super().__init__()
+            self.h, self.kvh, self.hd = heads, kv_heads, d // heads
+            self.n1, self.n2 = RMSNorm(d), RMSNorm(d)
+            self.q, self.o = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
+            self.k, self.v = nn.Linear(d, kv_heads * self.hd, bias=False), nn.Linear(d, kv_heads * self.hd, bias=False)
+            self.g, self.u = nn.Linear(d, ff, bias=False), nn.Linear(d, ff, bias=False)
+            self.dn = nn.Linear(ff, d, bias=False)
+
+        def forward(self, x, cos, sin):
+            def rope(t):
+                half = t.shape[-1] // 2
+                return t * cos + torch.cat([-t[..., half:], t[..., :half]], -1) * sin
+            b, n, d = x.shape
+            y = self.n1(x)
+            q = rope(self.q(y).view(b, n, self.h, self.hd).transpose(1, 2))
+            k = rope(self.k(y).view(b, n, self.kvh, self.hd).transpose(1, 2)).repeat_interleave(self.h // self.kvh, 1)
+            v = self.v(y).view(b, n, self.kvh, self.hd).transpose(1, 2).repeat_interleave(self.h // self.kvh, 1)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, n, d)
+            x = x + self.o(a)
+            y = self.n2(x)
+            return x + self.dn(F.silu(self.g(y)) * self.u(y))
+
+    class Llama(nn.Module):
+        def __init__(self, vocab: int = 8000, d: int = 512, layers: int = 6, tokens: int = 128):
+            super().__init__()
+            self.emb, self.norm = nn.Embedding(vocab, d), RMSNorm(d)
+            self.blocks = nn.ModuleList([LlamaBlock(d, 8, 2, 1408) for _ in range(layers)])
+            self.head = nn.Linear(d, vocab, bias=False)
+            hd = d // 8
+            f = torch.outer(torch.arange(tokens).float(), 1.0 / 10000 ** (torch.arange(0, hd, 2).float() / hd))
+            self.register_buffer("cos", torch.cat([f, f], -1).cos())
+            self.register_buffer("sin", torch.cat([f, f], -1).sin())
+
+        def forward(self, ids):
+            x = self.emb(ids)
+            for blk in self.blocks:
+                x = blk(x, self.cos, self.sin)
+            return self.head(self.norm(x))
+
     return {"resnet20": resnet20, "dscnn": dscnn, "mlp": lambda: mlp(1), "mlp_b64": lambda: mlp(64),
             "digits_cnn": digits_cnn, "vit_tiny": lambda: (ViT(), (1, 3, 32, 32)), "tinyyolo": tinyyolo,
-            "gru": lambda: (GRU(), (1, 50, 40)), "unet": lambda: (UNet(), (1, 3, 64, 64))}
+            "gru": lambda: (GRU(), (1, 50, 40)), "unet": lambda: (UNet(), (1, 3, 64, 64)),
+            "yolo_c2f": lambda: (YoloC2f(), (1, 3, 320, 320)),
+            "llama_6l": lambda: (Llama(), (1, 128), 8000)}
 
 
 def _randomize_batch_norms(model) -> None:
@@ -166,10 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         t0 = time.perf_counter()
         torch.manual_seed(0)
-        model, shape = models[name]()
+        model, shape, *vocab = models[name]()
         model = model.eval()
         _randomize_batch_norms(model)
-        x = torch.randn(*shape)
+        x = torch.randint(0, vocab[0], shape) if vocab else torch.randn(*shape)  # (token ids for a language model)
         g = graphopt.optimize(graphopt.trace(model, (x,)), "fold-bn,fold-pad,fold-constants,dce")
         art = graphopt.load(graphopt.compile(g, "llvm", output=work / name))
         onnx_path = _onnx(g, model, x, work / f"{name}-onnx")
