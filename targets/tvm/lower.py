@@ -1478,8 +1478,14 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         if name in ("relu6.default",):
             return (0.0, 6.0)
         if name in ("hardtanh.default", "clamp.default"):
-            lo = user.args[1] if len(user.args) > 1 else None
-            hi = user.args[2] if len(user.args) > 2 else None
+            # hardtanh's bounds default to -1 and 1; clamp's missing one is no bound
+            lo_name, hi_name, lo0, hi0 = (("min_val", "max_val", -1.0, 1.0) if name == "hardtanh.default"
+                                          else ("min", "max", None, None))
+            lo = user.args[1] if len(user.args) > 1 else user.kwargs.get(lo_name, lo0)
+            hi = user.args[2] if len(user.args) > 2 else user.kwargs.get(hi_name, hi0)
+            if lo is None and hi is None:
+                return None
+            lo, hi = (float("-inf") if lo is None else lo), (float("inf") if hi is None else hi)
             if isinstance(lo, (int, float)) and isinstance(hi, (int, float)):
                 return (float(lo), float(hi))
         return None
@@ -1965,6 +1971,16 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         def convert(node, importer):
             if node in fused_acts:  # already applied in the conv kernel's epilogue
                 return importer.env[node.args[0]]
+            bounds = _clamp_of(node)
+            if bounds is not None and str(node.args[0].meta["val"].dtype) == "torch.float32":
+                # as max(lo, min(hi, x)): TVM's max / min keep a NaN in their second operand only (its ReLU,
+                # max(x, 0), turned a NaN into 0; PyTorch's keeps it)
+                bb, y = importer.block_builder, importer.env[node.args[0]]
+                if bounds[1] < float("inf"):
+                    y = bb.emit(relax.op.minimum(relax.const(bounds[1], "float32"), y))
+                if bounds[0] > float("-inf"):
+                    y = bb.emit(relax.op.maximum(relax.const(bounds[0], "float32"), y))
+                return y
             return _builtin(importer, original)(node)
         return convert
 

@@ -2597,6 +2597,36 @@ def test_max_pool_keeps_nan_and_infinities():
     np.testing.assert_array_equal(np.nan_to_num(got, nan=1.0), np.nan_to_num(want, nan=1.0))
 
 
+
+class _Clamps(torch.nn.Module):
+    def forward(self, x):
+        return torch.cat([torch.relu(x), torch.nn.functional.hardtanh(x), torch.clamp(x, min=0.5),
+                          torch.clamp(x, max=-0.5), torch.clamp(x, -1.0, 2.0)], 1)
+
+
+@pytest.mark.parametrize("model,cin,hw", [
+    (torch.nn.Sequential(torch.nn.Conv2d(4, 8, 1), torch.nn.ReLU()), 4, 16),  # pointwise kernel's store
+    (torch.nn.Sequential(torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU6()), 16, 16),  # Winograd
+    (torch.nn.Sequential(torch.nn.Conv2d(4, 16, 3, padding=1), torch.nn.ReLU()), 4, 20),  # pixel-row / flat
+    (torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1, groups=8), torch.nn.ReLU6()), 8, 16),  # depthwise
+    (torch.nn.Sequential(torch.nn.Conv2d(4, 8, 1), torch.nn.Hardtanh()), 4, 16),  # hardtanh's default bounds
+    (torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 64), torch.nn.ReLU()), 4, 8),
+    (_Clamps(), 4, 8)])  # Relax's own elementwise ops
+def test_relu_and_clamps_keep_nan(model, cin, hw):
+    """A NaN passes ReLU, ReLU6, hardtanh and clamp as in PyTorch, fused into a conv kernel's store or not:
+    bounds go first in max / min (TVM's keep a NaN in their second operand only); max(x, 0) had turned it into 0,
+    hiding where a model's NaN came from."""
+    model = model.eval()
+    torch.manual_seed(0)
+    x = torch.randn(1, cin, hw, hw) * 4
+    x[0, :, 3, 5] = float("nan")
+    g = graphopt.trace(model, (x,))
+    got, want = _run_built(g, x), model(x).detach().numpy()
+    assert np.isnan(want).any()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    ok = ~np.isnan(want)  # (none for the linear: its one NaN input reaches every output)
+    np.testing.assert_allclose(got[ok], want[ok], rtol=1e-5, atol=1e-4)
+
 class _Concat(torch.nn.Module):
     def __init__(self, dim: int):
         super().__init__()

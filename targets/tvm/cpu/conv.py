@@ -519,7 +519,9 @@ def _clamped(e: str, clamp: tuple[float, float] | None, out_q: tuple[float, int,
         return f'T.Cast("int8", T.max(T.min(T.reinterpret("int32", {v}), {bound_hi}), {bound_lo}))'
     e = e if times is None else f"{e} * {times}"
     if out_q is None:
-        return e if clamp is None else f"T.max(T.min({e}, {hi}), {lo})"
+        # bounds first: TVM's max / min keep a NaN in their second operand (a select on an ordered compare,
+        # vmaxps / vminps on x86), so a NaN passes the clamp as it passes PyTorch's ReLU, at no cost
+        return e if clamp is None else f"T.max({lo}, T.min({hi}, {e}))"
     # llvm.nearbyint rounds half to even like torch.round; TVM's vectorizer scalarizes T.nearbyint mixed with
     # anything else, so the intrinsic is called directly
     r = f'T.max(T.min(T.call_llvm_pure_intrin("float32", "llvm.nearbyint", {e}), {hi}), {lo})'
@@ -1673,7 +1675,7 @@ def _flat_store(cout: int, co: str, ow: int, wq: int, clamp: tuple[float, float]
     lo, hi = (f"T.broadcast(T.float32({float(b)!r}), 8)" for b in store_params(clamp, None)[:2])
     val8 = f"acc[r, T.ramp(hv * 8, 1, 8)]{res8}"
     if clamp is not None:
-        val8 = f"T.max(T.min({val8}, {hi}), {lo})"
+        val8 = f"T.max({lo}, T.min({hi}, {val8}))"  # (a NaN kept, as in _clamped)
     whole = _clamped("acc[r, v]" + (f" + res[{co}, y0, x0 + v]" if res else ""), clamp)
     return f"""
         y0: T.let = q0 // {wq}
