@@ -176,7 +176,9 @@ def fuse_for_tuning(mod, target):
         dispatch = list(relax_pipeline.library_dispatch_passes(target))
     except (ValueError, AttributeError):
         dispatch = []
-    seq = tvm.transform.Sequential([*dispatch, relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+    from graphopt.targets.tvm.cpu.pipeline import legalize_ops
+    legalize = legalize_ops() if str(target.kind.name) == "llvm" else relax.transform.LegalizeOps()
+    seq = tvm.transform.Sequential([*dispatch, legalize, relax.transform.AnnotateTIROpPattern(),
                                     relax.transform.FoldConstant(), relax.transform.FuseOps(),
                                     relax.transform.FuseTIR()])
     with target, tvm.transform.PassContext(opt_level=3):

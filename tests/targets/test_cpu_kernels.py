@@ -1796,6 +1796,34 @@ def test_elementwise_rule_keeps_int8_round_trips_vectorized():
     assert "vinsertps" not in asm and "vextractps" not in asm
 
 
+
+class _QuantizeImage(torch.nn.Module):
+    """An int8 model's input quantize on a 4-D image, and torch.round in a float model."""
+    def forward(self, x):
+        q = torch.ops.graphopt.quantize_per_tensor(x, 0.04, -4, -128, 127, torch.int8)
+        return q, torch.round(x * 2.5)
+
+
+def test_round_runs_vectorized_and_half_to_even():
+    """relax.round (a quantize's rounding, torch.round) is LLVM's nearbyint element by element: TVM's T.nearbyint
+    made its vectorizer scalarize the whole expression of a 4-D elementwise function, with the indices' divisions
+    per lane (a 3x320x320 input quantize: 296 us alone against 18, 9x the int8 stem conv after it). Ties round to
+    even as in PyTorch."""
+    from tvm import relax
+    import graphopt.ir.quant_ops  # noqa: F401  registers the ops
+    x = torch.randn(1, 3, 320, 320) * 3  # (rows of 320: smaller maps had vectorized)
+    x[0, 0, 0, :24] = torch.arange(-12, 12) * 0.4 + 0.2  # x * 2.5 = k + 0.5
+    x[0, 1, 0, :16] = (torch.arange(-8, 8) + 0.5) * 0.04  # x / 0.04 = k + 0.5
+    g = graphopt.trace(_QuantizeImage(), (x,))
+    ex, *_ = build_executable(g)
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
+    for o, want in zip(got, g.run(x)):
+        np.testing.assert_array_equal(o.numpy(), want.numpy())
+    np.testing.assert_array_equal(got[1].numpy(), torch.round(x * 2.5).numpy())
+    asm = "".join(m.inspect_source("s") for m in [ex.mod, *ex.mod.imports] if m.kind == "llvm")
+    assert re.search(r"vroundps|vrndscaleps", asm)
+    assert "vpextrb" not in asm  # (the scalarized quantize stored its int8 codes byte by byte)
+
 @pytest.mark.parametrize("k,n,bias,bits", [(1280, 1000, True, 8), (63, 40, False, 8), (63, 40, True, 4)])
 def test_quantized_batch1_linear_streams_int8_weights(k, n, bias, bits):
     """A one-row qlinear (an int8 classifier head) runs a weight-stream kernel padded to whole panels of 16 columns

@@ -11,6 +11,25 @@ from graphopt.targets.tvm.cpu.rules import default_cpu_rules
 from graphopt.targets.tvm.cpu.threads import serialize_small
 
 
+def _round_half_even(bb, call):
+    """relax.round of a float32 tensor as LLVM's nearbyint intrinsic, element by element (half to even, as
+    torch.round). TVM legalizes it to T.nearbyint, which its vectorizer scalarizes together with the whole
+    expression around it: a quantize of a 3x320x320 input (divide, round, add, clip, cast) took 296 us, against
+    18 with the intrinsic, which LLVM vectorizes (`vrndscaleps`)."""
+    from tvm import te, tirx, topi
+    x = call.args[0]
+    if str(getattr(x.ty, "dtype", "")) != "float32":
+        return bb.call_te(topi.round, x, primfunc_name_hint="tir_round")
+    return bb.call_te(lambda t: te.compute(
+        t.shape, lambda *i: tirx.call_llvm_pure_intrin("float32", "llvm.nearbyint", t(*i)), name="round"),
+        x, primfunc_name_hint="tir_round")
+
+
+def legalize_ops():
+    """Relax's LegalizeOps for the CPU, with relax.round on LLVM's nearbyint (`_round_half_even`)."""
+    return relax.transform.LegalizeOps(customize_legalize_map={"relax.round": _round_half_even})
+
+
 def cpu_pipeline(target, database=None, rules: bool = True, stats: dict | None = None):
     """A relax_pipeline for relax.build. With a database its records win; the rules schedule the rest; kernels
     too small to pay for a fork run on one thread (their names land in stats["one_thread"] when stats is given)."""
@@ -20,8 +39,8 @@ def cpu_pipeline(target, database=None, rules: bool = True, stats: dict | None =
         with target:
             # polynomial exp/erf/tanh and fast softmax: vectorizable (libm's are scalar calls), error ~1e-7
             mod = relax.transform.FastMathTransform()(mod)
-            mod = tvm.transform.Sequential(list(cpu_generic.library_dispatch_passes(target))
-                                           + list(cpu_generic.legalize_passes(target)))(mod)
+            mod = tvm.transform.Sequential(list(cpu_generic.library_dispatch_passes(target)) + [legalize_ops()]
+                                           + list(cpu_generic.legalize_passes(target))[1:])(mod)
             if database is not None:
                 mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
             if rules:
