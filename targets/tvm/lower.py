@@ -1487,7 +1487,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                 return None
             lo, hi = (float("-inf") if lo is None else lo), (float("inf") if hi is None else hi)
             if isinstance(lo, (int, float)) and isinstance(hi, (int, float)):
-                return (float(lo), float(hi))
+                return (float(min(lo, hi)), float(hi))  # (min above max: every value becomes max, as in PyTorch)
         return None
 
     def _conv_kernel(x_shape, w_shape, args):

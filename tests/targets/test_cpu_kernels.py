@@ -2596,7 +2596,7 @@ def test_int8_bsr_pointwise_row_split_on_two_cores_equals_the_dense_kernel(cout,
 @pytest.mark.parametrize("batch,k,stride,pad,hw", [(1, 3, 2, 1, (23, 20)), (2, 2, None, 0, (9, 10)),
                                                    (1, 3, 1, 1, (7, 9)), (1, 5, 1, 2, (40, 37)),  # YOLO's SPPF
                                                    (1, 3, 2, 1, (40, 40))])  # more rows than one task's band
-def test_max_pool_runs_on_the_row_kernel(batch, k, stride, pad, hw):
+def test_max_pool_runs_on_the_separable_kernel(batch, k, stride, pad, hw):
     """Max pooling (ResNet's stem pool: 3x3 stride 2, padding 1; stride defaulting to the kernel; stride 1; YOLO's
     5x5 stride 1): the separable kernel, exact against PyTorch, batch 2 looping over the samples (TVM's pooling took
     1.1 ms for ResNet-18's 64x112x112 map, the row kernel 0.10, this 0.06)."""
@@ -2629,7 +2629,8 @@ def test_max_pool_keeps_nan_and_infinities():
 class _Clamps(torch.nn.Module):
     def forward(self, x):
         return torch.cat([torch.relu(x), torch.nn.functional.hardtanh(x), torch.clamp(x, min=0.5),
-                          torch.clamp(x, max=-0.5), torch.clamp(x, -1.0, 2.0)], 1)
+                          torch.clamp(x, max=-0.5), torch.clamp(x, -1.0, 2.0),
+                          torch.clamp(x, 2.0, 1.0)], 1)  # min above max: all max, NaN kept
 
 
 @pytest.mark.parametrize("model,cin,hw", [
