@@ -1,7 +1,6 @@
 """fold-constants: evaluate ops whose inputs are all parameters or constants, and store the result as a parameter."""
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -56,6 +55,10 @@ def _is_const(a, consts: dict[fx.Node, torch.Tensor]) -> bool:
     return True
 
 
+def _numel(v) -> int:
+    return v.numel() if isinstance(v, torch.Tensor) else sum(t.numel() for t in v)
+
+
 def _value(a, consts):
     if isinstance(a, fx.Node):
         return consts[a]
@@ -95,11 +98,11 @@ class FoldConstants(Pass):
                 continue
             with torch.no_grad():
                 value = n.target(*_value(n.args, consts), **_value(n.kwargs, consts))
-            if n.target is operator.getitem or not isinstance(value, torch.Tensor):
-                if isinstance(value, torch.Tensor):
-                    consts[n] = value
+            if not isinstance(value, torch.Tensor):
+                if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
+                    consts[n] = value  # a split / chunk / unbind of a parameter: its getitems fold to parameters
                 continue
-            in_numel = sum(consts[a].numel() for a in n.all_input_nodes)
+            in_numel = sum(_numel(consts[a]) for a in n.all_input_nodes)
             if value.numel() > self.options.max_growth * max(in_numel, 1):
                 skipped[n.name] = f"result has {value.numel()} values from {in_numel} (max-growth)"
                 continue
