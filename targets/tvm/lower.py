@@ -1564,14 +1564,14 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                                       None if bt is None else bt.detach().numpy(), x_shape,
                                       tuple(int(v) for v in node.args[3]), _full_padding(node, None),
                                       vector_lanes(target), clamp, None if residual is None else importer.env[residual])
+        if kind is None and constant and pads is None and _dilated_applies(node, x_shape, wt):
+            return _dilated_conv(node, importer, x_shape, wt, bt)
         if kind is None and constant and pads is None and _dilated_im2col_applies(node, x_shape, wt):
             residual, clamp = _fused_epilogue(node, importer, True)
             return k.emit_im2col_conv(importer.block_builder, importer.env[node.args[0]], wt.detach().numpy(),
                                       None if bt is None else bt.detach().numpy(), x_shape, int(node.args[3][0]),
                                       _full_padding(node, None), vector_lanes(target), clamp,
                                       None if residual is None else importer.env[residual], int(node.args[5][0]))
-        if kind is None and constant and pads is None and _dilated_applies(node, x_shape, wt):
-            return _dilated_conv(node, importer, x_shape, wt, bt)
         if kind is None:
             return importer._convolution(node)
         residual, clamp = _fused_epilogue(node, importer, kind in ("pointwise", "im2col"))
@@ -1808,11 +1808,11 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         return oh >= 1 and ow >= 1 and k.im2col_pays(int(wt.shape[1]), kh, kw, oh * ow)
 
     def _dilated_im2col_applies(node, x_shape, wt) -> bool:
-        """A dense conv with one dilation d > 1 (DeepLab's atrous convs), square stride: im2col with taps d apart
-        and one packed GEMM over the whole map, where the columns are at most 1M values (or, strided, where
-        `conv.im2col_pays`). Against the phase images at stride 1 (`_dilated_conv`; 2 threads, Zen 4): 64 channels
-        at 28x28 d2 330 vs 390 us, 16 at 17x17 d4 25 vs 100; with 2.5M+ values the GEMM over long columns lost to
-        the flat conv the phase images take (256 at 33x33 d6 10-12 vs 9.6-19 ms, 512 at 28x28 d2 31-38 vs 19-24).
+        """A dense conv with one dilation d > 1 (DeepLab's atrous convs), square stride, that the pixel-row conv
+        does not take (`_dilated_applies`: stride 3 and up): im2col with taps d apart and one packed GEMM over the
+        whole map, where the columns are at most 1M values (or, strided, where `conv.im2col_pays`). At stride 1 the
+        pixel-row conv took 0.70-1.03x this one's time (alone, interleaved, 2 threads, Zen 4: 32 channels at 32x32
+        d2 0.70x, 16 at 17x17 d4 0.76x, 64 at 28x28 d2 0.93x; 64 -> 64 at 56x56 d2 stride 2 1.02x).
         At stride 2 TVM's dilated conv had taken 11.5x PyTorch's time."""
         from graphopt.targets.tvm.cpu import conv as k
         stride, padding, dilation, transposed = node.args[3:7]
@@ -1829,46 +1829,34 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             s > 1 or values <= 1 << 20)
 
     def _dilated_applies(node, x_shape, wt) -> bool:
-        """A dense conv with one dilation d > 1 and stride 1 (DeepLab's atrous convs) whose d x d phase images a
-        graphopt kernel takes (`_dilated_conv`)."""
+        """A dense conv with one dilation d > 1 and square stride 1 or 2 (DeepLab's atrous convs): the pixel-row
+        conv with its taps d apart (`_dilated_conv`)."""
+        from graphopt.targets.tvm.cpu import conv as k
         stride, padding, dilation, transposed = node.args[3:7]
         groups = int(node.args[8]) if len(node.args) > 8 else 1
-        d = int(dilation[0])
+        d, s = int(dilation[0]), int(stride[0])
         if (len(x_shape) != 4 or groups != 1 or transposed or d < 2 or len(set(int(v) for v in dilation)) != 1
-                or any(int(v) != 1 for v in stride)):
+                or len(set(int(v) for v in stride)) != 1 or not k.tok_conv_applies(wt.shape, s)):
             return False
-        hq = -(-(int(x_shape[2]) + 2 * int(padding[0])) // d)
-        wq = -(-(int(x_shape[3]) + 2 * int(padding[1])) // d)
-        sub = (int(x_shape[0]) * d * d, int(x_shape[1]), hq, wq)
-        return hq >= int(wt.shape[2]) and wq >= int(wt.shape[3]) and _conv_kernel(
-            sub, wt.shape, ([1, 1], [0, 0], [1, 1], False, None, 1)) not in (None, "depthwise")
+        oh = (int(x_shape[2]) + 2 * int(padding[0]) - d * (int(wt.shape[2]) - 1) - 1) // s + 1
+        ow = (int(x_shape[3]) + 2 * int(padding[1]) - d * (int(wt.shape[3]) - 1) - 1) // s + 1
+        return oh >= 1 and ow >= 1
 
     def _dilated_conv(node, importer, x_shape, wt, bt):
-        """A dilated conv (dilation d, stride 1) as an ordinary conv over its d x d phase images: output pixel (d u
-        + a, d v + b) reads only input pixels of phase (a, b), so the padded input, rows and columns split by
-        phase into a batch of d^2 images, goes through graphopt's kernel for a k x k conv with no padding, and the
-        outputs interleave back (TF's space-to-batch). TVM's dilated conv2d under the rules took 13x PyTorch's
-        time (64 channels at 28x28, dilation 2: 4.4 ms against 0.33)."""
-        from tvm import relax
-        n, c, h, wd = (int(v) for v in x_shape)
-        (ph, pw), d = (int(v) for v in node.args[4]), int(node.args[5][0])
-        cout, kh, kw = int(wt.shape[0]), int(wt.shape[2]), int(wt.shape[3])
-        oh, ow = h + 2 * ph - d * (kh - 1), wd + 2 * pw - d * (kw - 1)
-        hq, wq = -(-(h + 2 * ph) // d), -(-(wd + 2 * pw) // d)
-        sub = (n * d * d, c, hq, wq)
-        kind = _conv_kernel(sub, wt.shape, ([1, 1], [0, 0], [1, 1], False, None, 1))
-        _, clamp = _fused_epilogue(node, importer, False)
-        bb = importer.block_builder
-        x = bb.emit(relax.op.nn.pad(importer.env[node.args[0]],
-                                    [0, 0, 0, 0, ph, hq * d - h - ph, pw, wq * d - wd - pw]))
-        x = bb.emit(relax.op.reshape(x, (n, c, hq, d, wq, d)))
-        x = bb.emit(relax.op.reshape(bb.emit(relax.op.permute_dims(x, [0, 3, 5, 1, 2, 4])), sub))
-        y = _emit_conv(bb, x, wt.detach().numpy(), None if bt is None else bt.detach().numpy(), sub, kind, 1,
-                       (0, 0, 0, 0), clamp, None)
-        uo, vo = hq - kh + 1, wq - kw + 1
-        y = bb.emit(relax.op.reshape(y, (n, d, d, cout, uo, vo)))
-        y = bb.emit(relax.op.reshape(bb.emit(relax.op.permute_dims(y, [0, 3, 4, 1, 5, 2])), (n, cout, uo * d, vo * d)))
-        return bb.emit(relax.op.strided_slice(y, axes=[2, 3], begin=[0, 0], end=[oh, ow]))
+        """A dilated conv on the pixel-row conv, which reads its taps d apart in the zero-padded map (each tap a
+        broadcast wherever it lies), bias / residual / clamp in its store. It had run as an ordinary conv over the
+        d x d phase images (TF's space-to-batch), whose splitting and interleaving copies took more than the conv:
+        DeepLab's ASPP at 128x128 (64 -> 16 channels, d 2 / 4 / 6) 2.7-3.3 ms a branch in copies against 1.6 in
+        the conv. TVM's dilated conv2d under the rules took 13x PyTorch's time (64 channels at 28x28, d 2: 4.4 ms
+        against 0.33)."""
+        from graphopt.targets.tvm.cpu import conv as k
+        from graphopt.targets.tvm.cpu.rules import vector_lanes
+        residual, clamp = _fused_epilogue(node, importer, True)
+        return k.emit_flat_conv(importer.block_builder, importer.env[node.args[0]], wt.detach().numpy(),
+                                None if bt is None else bt.detach().numpy(), x_shape, int(node.args[3][0]),
+                                _full_padding(node, None), clamp,
+                                None if residual is None else importer.env[residual], lanes=vector_lanes(target),
+                                dilation=int(node.args[5][0]))
 
     fused_adds: dict = {}  # add node -> the conv whose kernel computed it
 

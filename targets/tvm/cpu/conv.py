@@ -1827,15 +1827,16 @@ NR_TOK = 16  # output channels per tile of the pixel-row conv: two 8-lane vector
 
 
 def tok_tiling(cout: int, rows: int, h: int, wd: int, kh: int, kw: int, stride: int, padding, steps: int,
-               row: str, nr: int = NR_TOK) -> tuple:
+               row: str, nr: int = NR_TOK, dilation: int = 1) -> tuple:
     """The pixel-row convs' geometry and task layout (float `tok_conv_source`, int8 `int8.qconv_tok_source`):
     (Hp, Wp, OH, OW, P, pixels per tile, channel panels, pixel tiles, the panel and tile of task t, and the padded
-    map's element of pixel p0 + r at tap (i, j) of `row`, one of `rows` rows of Hp x Wp). Tasks are panel-major,
-    or tile-major where the padded map (rows x Hp x Wp elements) outweighs the weights (`steps` x `nr` per panel):
-    64x64 at 56x56 1.24 -> 0.88x the staged kernel's time."""
+    map's element of pixel p0 + r at tap (i, j) of `row`, one of `rows` rows of Hp x Wp; the taps `dilation`
+    apart). Tasks are panel-major, or tile-major where the padded map (rows x Hp x Wp elements) outweighs the
+    weights (`steps` x `nr` per panel): 64x64 at 56x56 1.24 -> 0.88x the staged kernel's time."""
     pt, pb, pl, pr = (int(q) for q in padding)
     hp, wp_ = h + pt + pb, wd + pl + pr
-    oh, ow = (hp - kh) // stride + 1, (wp_ - kw) // stride + 1
+    d = dilation
+    oh, ow = (hp - d * (kh - 1) - 1) // stride + 1, (wp_ - d * (kw - 1) - 1) // stride + 1
     p = oh * ow
     mr = min(MR, p)
     nt, pt_ = -(-cout // nr), -(-p // mr)
@@ -1843,7 +1844,8 @@ def tok_tiling(cout: int, rows: int, h: int, wd: int, kh: int, kw: int, stride: 
         panel, tile = f"(t % {nt})", f"(t // {nt})"
     else:
         panel, tile = f"(t // {pt_})", f"(t % {pt_})"
-    at = f"{row} * {hp * wp_} + ((p0 + r) // {ow} * {stride} + i) * {wp_} + (p0 + r) % {ow} * {stride} + j"
+    i, j = ("i", "j") if d == 1 else (f"i * {d}", f"j * {d}")
+    at = f"{row} * {hp * wp_} + ((p0 + r) // {ow} * {stride} + {i}) * {wp_} + (p0 + r) % {ow} * {stride} + {j}"
     return hp, wp_, oh, ow, p, mr, nt, pt_, panel, tile, at
 
 
@@ -1868,7 +1870,7 @@ def channel_store(value: str, co: str, at: str, cout: int, nr: int, out_hw: tupl
 
 
 def tok_conv_source(cout: int, cin: int, h: int, wd: int, kh: int, kw: int, stride: int, padding,
-                    clamp: tuple[float, float] | None, res: bool = False, nr: int = NR_TOK) -> str:
+                    clamp: tuple[float, float] | None, res: bool = False, nr: int = NR_TOK, dilation: int = 1) -> str:
     """A dense kxk conv with the flat kernels' orientation turned over (the rule: `conv_kxk_knobs`): output pixels
     are the rows of a 6 x 16 register tile (each input value broadcast, as a token's activation is in the packed
     linear GEMM) and `nr` (16 or 32: `tok_channels`) output channels its columns (vector loads of the packed weight
@@ -1879,10 +1881,11 @@ def tok_conv_source(cout: int, cin: int, h: int, wd: int, kh: int, kw: int, stri
     Tasks are panel-major (a panel's weights stay in L2 across the pixel tiles) or, where the padded input is the
     larger operand, tile-major; the last pixel tile overlaps the one before it (its outputs are written twice,
     with the same values). The store is per output (a tile's 96 outputs lie in 16 channel rows), with bias, the
-    residual and the clamp."""
+    residual and the clamp. A dilated conv (DeepLab's atrous ones) reads its taps `dilation` apart in the same map:
+    a broadcast per tap wherever it lies."""
     k = cin * kh * kw
     hp, wp_, oh, ow, p, mr, nt, pt_, panel, tile, at = tok_tiling(cout, cin, h, wd, kh, kw, stride, padding, k, "ci",
-                                                                  nr)
+                                                                  nr, dilation)
     pix = "(p0 + r)"
     store, res_arg = channel_store("acc[r, v]", f"{panel} * {nr} + v", f"{pix} // {ow}, {pix} % {ow}", cout, nr,
                                    (oh, ow), res, clamp, 20)
@@ -1962,7 +1965,8 @@ def conv_kxk_knobs(h: int, wd: int, kh: int, kw: int, stride: int, padding,
 
 def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, stride: int, padding,
                    clamp: tuple[float, float] | None, residual=None, masked: bool = False, stem: bool = False,
-                   per_sample: bool = False, lanes: int = 8, registers: int = 16, cores: int = 1):
+                   per_sample: bool = False, lanes: int = 8, registers: int = 16, cores: int = 1,
+                   dilation: int = 1):
     """A dense kxk conv of x [N, Cin, H, W] (per sample): the zero-padded map, then the pixel-row conv, or the phase
     planes and the staged or in-place flat implicit GEMM (`conv_kxk_knobs`), with bias / residual add / clamp in
     its store (the flat ones' vector and masked stores with `masked`: the CPU has AVX). A `stem` (few input
@@ -1970,20 +1974,23 @@ def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
     the staged kernel (`stem_takes_tok`).
     `per_sample`: w is [N, Cout, Cin, kh, kw] and bias [N, Cout], sample n convolved with its own weights (the
     groups of a grouped conv as the samples of one call). `lanes`: the target's vector lanes (`tok_channels`);
-    `registers`: its vector registers (Winograd's tile, `winograd.winograd_geometry`), `cores` its cores."""
+    `registers`: its vector registers (Winograd's tile, `winograd.winograd_geometry`), `cores` its cores.
+    `dilation` > 1 (one group): the pixel-row conv, its taps that far apart in the padded map."""
     from tvm import relax
 
     from graphopt.targets.tvm.cpu import winograd as wg
 
     n, cin, h, wd = (int(d) for d in x_shape)
     cout, _, kh, kw = (int(d) for d in w.shape[-4:])
-    oh, ow, _, _ = flat_geometry(h, wd, kh, kw, stride, padding)
+    oh, ow = tok_tiling(cout, cin, h, wd, kh, kw, stride, padding, 1, "ci", dilation=dilation)[2:4]
     pads = "".join(str(int(q)) for q in padding)
-    geo = f"{cin}x{h}x{wd}_k{kh}x{kw}s{stride}_p{pads}"
+    geo = f"{cin}x{h}x{wd}_k{kh}x{kw}s{stride}" + (f"d{dilation}" if dilation > 1 else "") + f"_p{pads}"
     tag = (f"{cout}x{geo}" + ("" if residual is None else "_res") + ("" if clamp is None else "_clamp") + _ntag(n)
            + ("_own_weights" if per_sample else ""))
     site = None
-    if stem and not stem_takes_tok(w.shape, stride):
+    if dilation > 1:
+        kernel = "tok"
+    elif stem and not stem_takes_tok(w.shape, stride):
         kernel = "staged"
     else:
         wino = not per_sample and wg.winograd_applies(w.shape, stride, x_shape, padding, registers)
@@ -2023,9 +2030,10 @@ def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
         names = ["xp", "out"] + ([] if residual is None else ["res"])
         nr = tok_channels(cout, lanes)
         src = batch_source(tok_conv_source(cout, cin, h, wd, kh, kw, stride, padding, clamp,
-                                           res=residual is not None, nr=nr), n, names)
+                                           res=residual is not None, nr=nr, dilation=dilation), n, names)
         gv = bb.add_func(parse_kernel(src), f"conv_tok_{tag}")
-        bind(site, gv.name_hint)
+        if site is not None:
+            bind(site, gv.name_hint)
         b = np.zeros(-(-cout // nr) * nr, np.float32)
         if bias is not None:
             b[:cout] = bias
