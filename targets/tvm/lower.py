@@ -2127,20 +2127,31 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         """Float NCHW max pooling on graphopt's kernel (any batch); other cases keep TVM's op."""
         from graphopt.targets.tvm.cpu.pool import emit_max_pool, max_pool_applies
         args = list(node.args) + [None] * (6 - len(node.args))
-
-        def pair(v, default):
-            """aten's int-or-list argument as [h, w]; None or [] -> default (stride: the kernel)."""
-            if v is None or (not isinstance(v, int) and len(v) == 0):
-                return default
-            v = [int(v)] if isinstance(v, int) else [int(a) for a in v]
-            return v * 2 if len(v) == 1 else v
-        kernel = pair(args[1], None)
-        stride, padding, dilation = pair(args[2], kernel), pair(args[3], [0, 0]), pair(args[4], [1, 1])
+        kernel = _pair(args[1], None)
+        stride, padding, dilation = _pair(args[2], kernel), _pair(args[3], [0, 0]), _pair(args[4], [1, 1])
         x_shape = node.args[0].meta["val"].shape
         if (str(node.args[0].meta["val"].dtype) == "torch.float32" and kernel is not None
                 and max_pool_applies(x_shape, kernel, stride, padding, dilation, bool(args[5]))):
             return emit_max_pool(importer.block_builder, importer.env[node.args[0]], x_shape, kernel, stride, padding)
         return _builtin(importer, name)(node)
+
+    def avg_pool2d(node, importer):
+        """Float NCHW average pooling without ceil_mode on graphopt's kernel (any batch; `pool.avg_pool_source`),
+        PyTorch's count_include_pad and divisor_override kept; other cases go to the converter before."""
+        from graphopt.targets.tvm.cpu.pool import avg_pool_applies, emit_avg_pool
+        args = list(node.args) + [None] * (7 - len(node.args))
+        kw = node.kwargs
+        kernel = _pair(args[1], None)
+        stride, padding = _pair(args[2] or kw.get("stride"), kernel), _pair(args[3] or kw.get("padding"), [0, 0])
+        ceil = bool(args[4] if args[4] is not None else kw.get("ceil_mode", False))
+        count_pad = bool(args[5] if args[5] is not None else kw.get("count_include_pad", True))
+        divisor = args[6] if args[6] is not None else kw.get("divisor_override")
+        x_shape = node.args[0].meta["val"].shape
+        if (str(node.args[0].meta["val"].dtype) == "torch.float32" and kernel is not None
+                and avg_pool_applies(x_shape, kernel, stride, padding, ceil)):
+            return emit_avg_pool(importer.block_builder, importer.env[node.args[0]], x_shape, kernel, stride,
+                                 padding, count_pad, None if divisor is None else int(divisor))
+        return generic["avg_pool2d.default"](node, importer)
 
     if not cpu_kernels:
         if sparse24 is not None or gpu_dense is not None:
@@ -2157,7 +2168,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             "mean.dim": mean,
             "constant_pad_nd.default": constant_pad_nd, "bsr_linear.default": bsr_linear,
             "bsr_conv1x1.default": bsr_conv1x1, "linear.default": linear, "mm.default": mm, "addmm.default": addmm,
-            "add.Tensor": add, "cat.default": cat, "max_pool2d.default": max_pool2d,
+            "add.Tensor": add, "cat.default": cat, "max_pool2d.default": max_pool2d, "avg_pool2d.default": avg_pool2d,
             "max_pool2d_with_indices.default": max_pool2d_with_indices, "instance_norm.default": instance_norm,
             "upsample_linear1d.vec": upsample_linear1d,
             "adaptive_max_pool2d.default": adaptive_max_pool2d,
@@ -2389,6 +2400,14 @@ def _index_add_as_matmul(x, dim, index, source, alpha=1):
     onehot = (index.reshape(-1, 1) == torch.arange(x.shape[dim], device=x.device).reshape(1, -1)).to(source.dtype)
     contrib = torch.matmul(source.movedim(dim, -1), onehot).movedim(-1, dim)
     return x + contrib * alpha if alpha != 1 else x + contrib
+
+
+def _pair(v, default):
+    """aten's int-or-list pooling argument as [h, w]; None or [] -> default (a stride: the kernel)."""
+    if v is None or (not isinstance(v, int) and len(v) == 0):
+        return default
+    v = [int(v)] if isinstance(v, int) else [int(a) for a in v]
+    return v * 2 if len(v) == 1 else v
 
 
 def _converters(ep, device: str, sparse24: dict | None, target=None, layouts: dict | None = None,

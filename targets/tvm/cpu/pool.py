@@ -1,6 +1,6 @@
-"""Copy-like and pooling kernels for float maps: max pooling (separable, `max_pool_source`), constant and edge
-pads, roll, flip, transposes, crops, concatenation and adaptive average pooling, each a plain loop nest LLVM
-vectorizes where Relax's legalized op ran a generic per-element loop."""
+"""Copy-like and pooling kernels for float maps: max and average pooling (separable, `max_pool_source`,
+`avg_pool_source`), constant and edge pads, roll, flip, transposes, crops, concatenation and adaptive average
+pooling, each a plain loop nest LLVM vectorizes where Relax's legalized op ran a generic per-element loop."""
 from __future__ import annotations
 
 import math
@@ -17,6 +17,12 @@ def max_pool_applies(x_shape, kernel, stride, padding, dilation, ceil_mode) -> b
     return (len(x_shape) == 4 and len(kernel) == 2 and len(stride) == 2 and len(padding) == 2
             and all(int(d) == 1 for d in dilation) and not ceil_mode
             and all(2 * int(p) <= int(k) for p, k in zip(padding, kernel)))  # PyTorch's own limit on padding
+
+
+def avg_pool_applies(x_shape, kernel, stride, padding, ceil_mode) -> bool:
+    """NCHW, 2-d kernel and stride, symmetric padding at most half the kernel, floor mode."""
+    return (len(x_shape) == 4 and len(kernel) == 2 and len(stride) == 2 and len(padding) == 2 and not ceil_mode
+            and all(2 * int(p) <= int(k) for p, k in zip(padding, kernel)))
 
 
 POOL_BAND = 16  # output rows one max-pool task computes
@@ -82,6 +88,63 @@ def emit_max_pool(bb, x, x_shape, kernel, stride, padding):
     src = batch_source(max_pool_source(c, h, w, kernel, stride, padding), n, ["x", "out"])
     gv = bb.add_func(parse_kernel(src),
                      f"max_pool_{c}x{h}x{w}_k{kh}x{kw}s{sh}x{sw}p{ph}x{pw}" + _ntag(n))
+    y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, _batched(n, c, h, w))),
+                                    relax.const(np.zeros(1, np.int32))],
+                               relax.TensorType(_batched(n, c, oh, ow), "float32")))
+    return bb.emit(relax.op.reshape(y, (n, c, oh, ow)))
+
+
+def avg_pool_source(c: int, h: int, w: int, kernel, stride, padding, count_pad: bool, divisor: int | None) -> str:
+    """TVMScript of average pooling, separably as `max_pool_source`: per output row the sums down the kernel's kh
+    input rows go into a row buffer whose pw columns either side hold zeros (a row outside the image adds 0), then
+    each output sums kw of those along the row and scales: by 1 / divisor, 1 / (kh x kw) with `count_pad` (PyTorch's
+    count_include_pad: without ceil_mode every window lies inside the padded map), else by 1 / the window's taps
+    inside the image."""
+    (kh, kw), (sh, sw), (ph, pw) = ((int(a), int(b)) for a, b in (kernel, stride, padding))
+    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    band = min(oh, POOL_BAND)
+    nb = -(-oh // band)
+    rows = " + ".join(f"T.Select(oy * {sh} + {i - ph} >= 0 and oy * {sh} + {i - ph} < {h}, "
+                      f"x[ch, T.max(T.min(oy * {sh} + {i - ph}, {h - 1}), 0), u], T.float32(0))" for i in range(kh))
+    total = " + ".join(f"vr[ox * {sw} + {j}]" for j in range(kw))
+    if divisor is not None or count_pad:
+        scaled = f"({total}) * T.float32({1.0 / (divisor or kh * kw)!r})"
+    else:
+        y0, x0 = f"oy * {sh} - {ph}", f"ox * {sw} - {pw}"
+        taps = (f"(T.min({y0} + {kh}, {h}) - T.max({y0}, 0)) * (T.min({x0} + {kw}, {w}) - T.max({x0}, 0))")
+        scaled = f"({total}) / T.Cast(\"float32\", {taps})"
+    return f"""
+@T.prim_func(private=True)
+def avg_pool(x: T.Buffer(({c}, {h}, {w}), "float32"), zero: T.Buffer((1,), "int32"),
+             out: T.Buffer(({c}, {oh}, {ow}), "float32")):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
+    for t in T.parallel({c * nb}):
+        ch: T.let = t // {nb}
+        vr = T.decl_buffer(({w + 2 * pw},), "float32")
+        for u in T.serial({pw}):
+            vr[u] = T.float32(0)
+            vr[{w + pw} + u] = T.float32(0)
+        for q in T.serial({band}):
+            oy: T.let = (t % {nb}) * {band} + q + zero[0]
+            if oy < {oh}:
+                for u in T.serial({w}):
+                    vr[{pw} + u] = {rows}
+                for ox in T.serial({ow}):
+                    out[ch, oy, ox] = {scaled}
+"""
+
+
+def emit_avg_pool(bb, x, x_shape, kernel, stride, padding, count_pad: bool, divisor: int | None):
+    """avg_pool2d of x [N, C, H, W] (per sample; `avg_pool_source`). Relax's op under the schedule rules took 482
+    us for an Inception block's 3x3 stride-1 pool of 288x35x35 (ORT's whole block: 1.3 ms)."""
+    from tvm import relax
+
+    n, c, h, w = (int(d) for d in x_shape)
+    (kh, kw), (sh, sw), (ph, pw) = ((int(a), int(b)) for a, b in (kernel, stride, padding))
+    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    src = batch_source(avg_pool_source(c, h, w, kernel, stride, padding, count_pad, divisor), n, ["x", "out"])
+    tag = "" if divisor is None and (count_pad or (ph, pw) == (0, 0)) else f"_d{divisor}" if divisor else "_exclude_pad"
+    gv = bb.add_func(parse_kernel(src), f"avg_pool_{c}x{h}x{w}_k{kh}x{kw}s{sh}x{sw}p{ph}x{pw}{tag}" + _ntag(n))
     y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, _batched(n, c, h, w))),
                                     relax.const(np.zeros(1, np.int32))],
                                relax.TensorType(_batched(n, c, oh, ow), "float32")))
