@@ -1369,7 +1369,8 @@ def test_quantized_dense_convs_run_on_the_pixel_row_int8_kernel(monkeypatch, bat
 
 def test_quantized_grouped_conv_runs_one_int8_kernel_per_group():
     """int8 grouped convs (3x3 in 4 groups, then a grouped 1x1 in 2 groups) run each group on the int8 kernels,
-    with the next quantize in each group's store (the activation between them stays int8), and match the
+    with the next quantize in each group's store (the activation between them stays int8), their outputs joined
+    by the copy kernel (Relax's concatenate of ResNeXt's 32 groups took 1.6 ms, 3x the convs), and match the
     reference integer ops within a rounding step; TVM's generic int8 grouped conv is gone."""
     model = torch.nn.Sequential(torch.nn.Conv2d(32, 32, 3, 1, 1, groups=4), torch.nn.ReLU(),
                                 torch.nn.Conv2d(32, 48, 1, groups=2), torch.nn.ReLU())
@@ -1377,7 +1378,9 @@ def test_quantized_grouped_conv_runs_one_int8_kernel_per_group():
     names = _func_names(q, "znver4")
     assert any(n.startswith("qconv_flat_vnni_8x8x14x14_k3x3s1_p1111_clamp_q") for n in names), names
     assert any(n.startswith("qconv1x1_vnni_24x16x196_clamp") for n in names), names
-    assert "R.nn.conv2d" not in lower_to_relax(q, target=cpu_target("znver4")).script()
+    assert any(n.startswith("concat_1x1568_1568_1568_1568") for n in names), names
+    text = lower_to_relax(q, target=cpu_target("znver4")).script()
+    assert "R.nn.conv2d" not in text and "R.concat" not in text
     assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()
 
 
