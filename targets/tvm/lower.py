@@ -460,12 +460,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             ys = [dense(bb.emit(relax.TupleGetItem(parts, g)), wt.numpy()[g * cog:(g + 1) * cog],
                         wst.numpy()[g * cog:(g + 1) * cog], None if b is None else b[g * cog:(g + 1) * cog], g_shape,
                         w_real[g * cog:(g + 1) * cog], False) for g in range(groups)]
-            # the groups' outputs joined by the copy kernel where their runs are long: Relax's concatenate of
-            # ResNeXt's 32 groups (4 channels at 56x56 each) took 1.6 ms, 3x the 32 convs
-            from graphopt.targets.tvm.cpu.pool import concat_geometry, emit_concat
-            shapes = [tuple(int(d) for d in v.ty.shape.values) for v in ys]
-            y = (emit_concat(bb, ys, shapes, 1, str(ys[0].ty.dtype)) if concat_geometry(shapes, 1) is not None
-                 else bb.emit(relax.op.concat(ys, axis=1)))
+            y = _join_groups(bb, ys)
         elif kind != "depthwise":
             y = dense(xq, wt.numpy(), wst.numpy(), b, x_shape, w_real, True)
             if y is None:
@@ -1654,8 +1649,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         ys = [_emit_conv(bb, bb.emit(relax.TupleGetItem(parts, g)), w[g * cog:(g + 1) * cog],
                          None if b is None else b[g * cog:(g + 1) * cog], g_shape, kind, s, full, clamp, None)
               for g in range(groups)]
-        return bb.emit(relax.op.reshape(bb.emit(relax.op.concat(ys, axis=1)),
-                                        tuple(int(d) for d in node.meta["val"].shape)))
+        return bb.emit(relax.op.reshape(_join_groups(bb, ys), tuple(int(d) for d in node.meta["val"].shape)))
 
     def _conv3d(node, importer, x_shape, wt, bt):
         """A dense 3-D conv (video, volumetric models) as a 2-D one over the output depths as samples: sample (n,
@@ -2413,6 +2407,19 @@ def _index_add_as_matmul(x, dim, index, source, alpha=1):
     onehot = (index.reshape(-1, 1) == torch.arange(x.shape[dim], device=x.device).reshape(1, -1)).to(source.dtype)
     contrib = torch.matmul(source.movedim(dim, -1), onehot).movedim(-1, dim)
     return x + contrib * alpha if alpha != 1 else x + contrib
+
+
+def _join_groups(bb, ys):
+    """The outputs of a grouped conv's groups (Relax values [N, C_g, ...]) concatenated along the channels, by the
+    copy kernel where their runs are long (`pool.concat_geometry`): Relax's concatenate of ResNeXt's 32 int8 groups
+    (4 channels at 56x56 each) took 1.6 ms, 3x the 32 convs."""
+    from tvm import relax
+
+    from graphopt.targets.tvm.cpu.pool import concat_geometry, emit_concat
+    shapes = [tuple(int(d) for d in v.ty.shape.values) for v in ys]
+    if concat_geometry(shapes, 1) is not None:
+        return emit_concat(bb, ys, shapes, 1, str(ys[0].ty.dtype))
+    return bb.emit(relax.op.concat(ys, axis=1))
 
 
 def _pair(v, default):
