@@ -1095,7 +1095,7 @@ def qconv_flat_{dot}(xq: T.Buffer(({k4 * ph * plane * 4},), "uint8"), w4: T.Buff
 
 def qconv_tok_source(cout: int, cin: int, h: int, wd: int, kh: int, kw: int, stride: int, padding,
                      clamp: tuple[float, float] | None = None, out_q: tuple[float, int, int, int] | None = None,
-                     dequantized: bool = False, float_bias: bool = False, dot: str = "vnni") -> str:
+                     dequantized: bool = False, float_bias: bool = False, dot: str = "vnni", dilation: int = 1) -> str:
     """The int8 pixel-row conv (the float one: `conv.tok_conv_source`): a 6-pixel x 16-channel int32 tile whose
     pixels each broadcast one 4-channel quad of the zero-padded quad planes (`quad_planes_source` at stride 1,
     read in place at any stride) against the packed weight's 16 channels x 4 bytes of that (quad, tap), two quad
@@ -1103,11 +1103,12 @@ def qconv_tok_source(cout: int, cin: int, h: int, wd: int, kh: int, kw: int, str
     planes' extra columns and round up per tile, as the float flat conv's do. The epilogue requantizes each
     pixel's 16 channels as vectors (per-channel offset and multiplier) and stores them per output. Tasks are
     panel-major, or tile-major where the planes outweigh the weights; the last pixel tile overlaps the one before
-    it."""
+    it. A dilated conv reads its taps `dilation` apart in the same planes (as the float one)."""
     from graphopt.targets.tvm.cpu.conv import NR_TOK, tok_tiling
     k4, nr = -(-cin // 4), NR_TOK
     kq = k4 * kh * kw
-    hp, wp_, oh, ow, p, mr, nt, pt_, panel, tile, at = tok_tiling(cout, k4, h, wd, kh, kw, stride, padding, kq, "qc")
+    hp, wp_, oh, ow, p, mr, nt, pt_, panel, tile, at = tok_tiling(cout, k4, h, wd, kh, kw, stride, padding, kq, "qc",
+                                                                  dilation=dilation)
     pix = "(p0 + r)"
     u8 = f'T.reinterpret("uint8x32", T.broadcast(T.reinterpret("int32", xq[T.ramp(({at}) * 4, 1, 4)]), 8))'
     steps = ""
@@ -1198,22 +1199,24 @@ def im2col_beats_flat(cin: int, stride: int, dot: str | None) -> bool:
 
 def emit_flat_qconv(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | None, sx: float, zx: int,
                     x_shape, stride: int, padding, clamp, out_q, dequantized: bool = False, dot: str = "ubsw",
-                    tok: bool = False):
+                    tok: bool = False, dilation: int = 1):
     """A dense k x k qconv2d of xq int8 [N, Cin, H, W] on the flat int8 conv (per sample): the quad planes (the
     input's zero point as padding: exact on the grid), then `qconv_flat_source` with its epilogue. For weights the
     quad product is exact on (VNNI, or `ubsw_exact`: 7-bit weights on AVX2). `tok`: the pixel-row int8 conv
-    (`qconv_tok_source`) over the padded quad planes at stride 1 instead."""
+    (`qconv_tok_source`) over the padded quad planes at stride 1 instead, the only one for `dilation` > 1."""
     from tvm import relax
 
-    from graphopt.targets.tvm.cpu.conv import NR_TOK, _batched, _ntag, flat_geometry
+    from graphopt.targets.tvm.cpu.conv import NR_TOK, _batched, _ntag, flat_geometry, tok_tiling
     n, cin, h, wd = (int(d) for d in x_shape)
     cout, _, kh, kw = (int(d) for d in wq.shape)
-    oh, ow, _, _ = flat_geometry(h, wd, kh, kw, stride, padding)
+    if dilation > 1 and not tok:
+        raise ValueError("a dilated int8 conv runs on the pixel-row int8 conv (tok=True) only")
+    oh, ow = tok_tiling(cout, cin, h, wd, kh, kw, stride, padding, 1, "qc", dilation=dilation)[2:4]
     ps = 1 if tok else stride  # the pixel-row conv reads the padded planes themselves, not their phases
     _, _, hq, wqd = flat_geometry(h, wd, kh, kw, ps, padding)
     size = -(-cin // 4) * ps * ps * hq * wqd * 4
     pads = ''.join(str(int(q)) for q in padding)
-    geo = f"{cin}x{h}x{wd}_k{kh}x{kw}s{stride}_p{pads}"
+    geo = f"{cin}x{h}x{wd}_k{kh}x{kw}s{stride}" + (f"d{dilation}" if dilation > 1 else "") + f"_p{pads}"
     gv = bb.add_func(parse_kernel(batch_source(quad_planes_source(cin, h, wd, kh, kw, ps, padding), n,
                                                    ["x", "xq"])),
                      f"quad_planes_{cin}x{h}x{wd}_k{kh}x{kw}s{ps}_p{pads}{_ntag(n)}")
@@ -1225,7 +1228,7 @@ def emit_flat_qconv(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarr
         consts = tuple(None if c is None else c[:width]
                        for c in epilogue_constants(wq, w_scales, bias, sx, zx + 128, -(-width // MR), out_q))
         src = qconv_tok_source(cout, cin, h, wd, kh, kw, stride, padding, clamp, out_q, dequantized,
-                               consts[2] is not None, dot)
+                               consts[2] is not None, dot, dilation)
     else:
         consts = epilogue_constants(wq, w_scales, bias, sx, zx + 128, -(-cout // MR), out_q)
         src = qconv_flat_source(cout, cin, h, wd, kh, kw, stride, padding, clamp, out_q, dequantized,
