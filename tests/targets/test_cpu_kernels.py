@@ -1509,6 +1509,19 @@ def test_quantized_input_pad_joins_the_stem_kernel():
         assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()
 
 
+def test_quantized_waveform_conv_runs_int8_im2col():
+    """An audio model's first conv on the raw waveform (wav2vec2: 1 channel, 10 taps, stride 5) runs int8 im2col
+    with VNNI (10 taps in 3 whole quads, not 10 quads three-quarters zeros: 465 -> ~60 us at 16000 samples), and
+    the strided conv1d after it (stride 2, a (2, 2) stride on the one-row map) a graphopt int8 kernel."""
+    model = torch.nn.Sequential(torch.nn.Conv1d(1, 32, 10, 5, bias=False), torch.nn.ReLU(),
+                                torch.nn.Conv1d(32, 32, 3, 2), torch.nn.ReLU(), torch.nn.Conv1d(32, 8, 1))
+    q, got, ref = _quantized_block(model, (1, 1, 2000))  # (the flat conv takes a strided map this long)
+    names = _func_names(q, "znver4")
+    assert any(n.startswith("im2col_1x1x2000_k1s5") for n in names) and "qconv1x1_vnni_32x10x399" in names, names
+    assert "R.nn.conv" not in lower_to_relax(q, target=cpu_target("znver4")).script()
+    assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()
+
+
 @pytest.mark.parametrize("m,k,n", [(13, 64, 32), (6, 128, 16), (40, 96, 48)])
 def test_int8_gemm_kernel_is_exact_and_uses_vpmaddwd(m, k, n):
     """qlinear's kernel: int16-widened activations, int8 weights packed in pairs, exact int32 accumulation,

@@ -1188,13 +1188,14 @@ def flat_qconv_applies(wq: np.ndarray, dot: str) -> bool:
 
 def im2col_beats_flat(cin: int, stride: int, dot: str | None) -> bool:
     """Whether a dense int8 k x k conv with `cin` input channels at `stride` runs faster as int8 im2col + the
-    pointwise quad kernel (`emit_im2col_qconv`) than on the flat conv: stride 2 with Cin not a multiple of 4 (RGB
-    stems), with VNNI. The flat conv reads one quad of channels per tap, a quarter of it zeros at Cin 3, from four
+    pointwise quad kernel (`emit_im2col_qconv`) than on the flat conv: stride 2 or more with Cin not a multiple of
+    4 (RGB stems; audio models' waveform convs: wav2vec2's 1 channel, 10 taps, stride 5 at 16000 samples 465 ->
+    ~60 us), with VNNI. The flat conv reads one quad of channels per tap, a quarter of it zeros at Cin 3, from four
     phase planes built first; im2col packs Cin x kh x kw into whole quads (27 values: 7 quads, not 9). Kernel alone
     on Zen 4 (2 threads, 11-15 interleaved rounds in a quiet phase): MobileNetV2's and EfficientNet-Lite0's 32x3x224
     3x3 stem 105 -> 76 us (1.37-1.39x), a 5x5 one 1.31x, ResNet's 7x7 stem 486 -> 381 us (1.28x), 32x6x112 3x3
     1.61x; at stride 1 im2col was 0.86-1.04x (16x3x112, 32x3x224) and on deep convs 0.56-0.82x."""
-    return dot == "vnni" and stride == 2 and cin % 4 != 0
+    return dot == "vnni" and stride >= 2 and cin % 4 != 0
 
 
 def emit_flat_qconv(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | None, sx: float, zx: int,

@@ -426,8 +426,9 @@ def test_auto_width_follows_the_targets_int8_product():
 def test_fold_qdq_makes_1d_convs_integer_convs_on_one_row(tmp_path):
     """Quantized conv1d layers (PointNet, TCNs, audio) become qconv2d on a one-row map (unsqueeze, a [Cout, Cin, 1, k]
     int8 weight, squeeze), so they run graphopt's int8 kernels: kept as conv1d on the dequantized weight they ran
-    TVM's generic loop (a quantized PointNet took 2.2x its fp32 time, 6.5 ms; now 1.06 ms). Strides, padding, a
-    depthwise conv1d and a pointwise one; the artifact agrees with the folded graph as the 2-D test's does."""
+    TVM's generic loop (a quantized PointNet took 2.2x its fp32 time, 6.5 ms; now 1.06 ms). Strides (the same on
+    both axes of the one-row map), padding, a depthwise conv1d and a pointwise one; the artifact agrees with the
+    folded graph as the 2-D test's does."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv1d(4, 16, 5, stride=2, padding=2), torch.nn.ReLU(),
                                 torch.nn.Conv1d(16, 16, 3, padding=1, groups=16), torch.nn.ReLU(),
@@ -441,8 +442,11 @@ def test_fold_qdq_makes_1d_convs_integer_convs_on_one_row(tmp_path):
     targets = [str(n.target) for n in f.graph.nodes if n.op == "call_function"]
     assert targets.count("graphopt.qconv2d.default") == 3 and "aten.conv1d.default" not in targets, targets
     from graphopt.targets.tvm.lower import lower_to_relax
-    names = {gv.name_hint for gv in lower_to_relax(f).get_global_vars()}
-    assert not any("conv1d" in n for n in names) and any(n.startswith("qconv") for n in names), names
+    mod = lower_to_relax(f)
+    names = {gv.name_hint for gv in mod.get_global_vars()}
+    # no TVM conv at all: the strided one's (1, s) stride had sent it to TVM's generic int8 conv2d (a wav2vec2
+    # feature conv, 256 channels at 3199 samples, took 94 ms); it is (s, s) on the one row now
+    assert "R.nn.conv" not in mod.script() and any(n.startswith("qconv") for n in names), names
     art = graphopt.load(graphopt.compile(f, "llvm", output=tmp_path / "int8"))
     got, ref = art(xs[9].numpy())[0], f.run(xs[9])[0].numpy()
     assert got.shape == ref.shape == (1, 8, 32)
