@@ -1,0 +1,261 @@
+"""Architectures users bring, fp32 and int8, against ONNX Runtime fp32 and int8 and PyTorch in one run: a
+ConvNeXt-style net (7x7 depthwise convs, channels-last LayerNorm, GELU MLPs, layer scale) at 224x224, ResNeXt
+blocks (32 groups of 4 channels) at 112x112, a DeepLab-style ASPP head (dilated 3x3 convs at d 2 / 4 / 6, image
+pooling, bilinear upsampling) at 256x256, an Inception block (1x7 / 7x1 and 5x5 convs, a 3x3 average pool) on
+288x35x35, a Swin-style pair of window-attention blocks (shifted windows by torch.roll, relative position bias)
+at 128x128, a DETR-style 2-layer transformer decoder (cross attention to 400 memory tokens), a Conformer conv
+module (GLU, a 15-tap depthwise conv1d) over 256 frames, and a wav2vec2-style feature encoder + grouped positional
+conv on 1 s of 16 kHz audio.
+
+Random weights with randomized batch-norm statistics (what compiling and quantizing cost, not accuracy).
+graphopt fp32: the CLI's default pipeline (fold-bn, fold-pad, fold-constants, dce); graphopt int8: + quantize,
+fold-qdq, calibrated on 6 random inputs; ORT fp32 on graphopt's ONNX export of the same graph, ORT int8 its
+`quantize_static` (QDQ, per channel, U8S8: its faster form on x86) on the same calibration inputs. Latency:
+medians of interleaved rounds, the same thread count everywhere; ratios are time / ORT fp32's time, and int8
+against ORT int8's. Errors: max |output - PyTorch fp32| / max |PyTorch fp32|.
+
+    python benchmarks/architectures.py [--threads 2] [--runs 60] [--only deeplab,resnext] [--out PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _models() -> dict:  # noqa: C901 - one small nn.Module per architecture
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class ConvNeXtBlock(nn.Module):
+        def __init__(self, c: int):
+            super().__init__()
+            self.dw, self.ln = nn.Conv2d(c, c, 7, padding=3, groups=c), nn.LayerNorm(c, eps=1e-6)
+            self.p1, self.p2 = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+            self.gamma = nn.Parameter(0.1 * torch.randn(c))
+
+        def forward(self, x):
+            y = self.dw(x).permute(0, 2, 3, 1)
+            return x + (self.p2(F.gelu(self.p1(self.ln(y)))) * self.gamma).permute(0, 3, 1, 2)
+
+    class ConvNeXt(nn.Module):
+        def __init__(self, dims=(64, 128), depth: int = 2):
+            super().__init__()
+            self.stem, self.norm = nn.Conv2d(3, dims[0], 4, 4), nn.GroupNorm(1, dims[0])
+            self.s1 = nn.Sequential(*[ConvNeXtBlock(dims[0]) for _ in range(depth)])
+            self.down = nn.Conv2d(dims[0], dims[1], 2, 2)
+            self.s2 = nn.Sequential(*[ConvNeXtBlock(dims[1]) for _ in range(depth)])
+            self.head = nn.Linear(dims[1], 10)
+
+        def forward(self, x):
+            return self.head(self.s2(self.down(self.s1(self.norm(self.stem(x))))).mean((2, 3)))
+
+    class ResNeXtBlock(nn.Module):
+        def __init__(self, c: int, groups: int = 32, width: int = 4):
+            super().__init__()
+            m = groups * width
+            self.body = nn.Sequential(
+                nn.Conv2d(c, m, 1, bias=False), nn.BatchNorm2d(m), nn.ReLU(),
+                nn.Conv2d(m, m, 3, 1, 1, groups=groups, bias=False), nn.BatchNorm2d(m), nn.ReLU(),
+                nn.Conv2d(m, c, 1, bias=False), nn.BatchNorm2d(c))
+
+        def forward(self, x):
+            return F.relu(x + self.body(x))
+
+    def resnext():
+        return nn.Sequential(nn.Conv2d(3, 128, 3, 2, 1, bias=False), nn.BatchNorm2d(128), nn.ReLU(),
+                             ResNeXtBlock(128), ResNeXtBlock(128), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(128, 10))
+
+    class DeepLab(nn.Module):
+        def __init__(self, c: int = 64):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, c, 3, 2, 1), nn.ReLU())
+            self.aspp = nn.ModuleList([nn.Conv2d(c, 16, 1)] + [nn.Conv2d(c, 16, 3, padding=d, dilation=d)
+                                                               for d in (2, 4, 6)])
+            self.pool, self.proj = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, 16, 1)), nn.Conv2d(80, 5, 1)
+
+        def forward(self, x):
+            y = self.stem(x)
+            p = F.interpolate(self.pool(y), size=tuple(y.shape[2:]), mode="bilinear", align_corners=False)
+            z = self.proj(torch.cat([F.relu(a(y)) for a in self.aspp] + [p], 1))
+            return F.interpolate(z, scale_factor=2, mode="bilinear", align_corners=True)
+
+    class Inception(nn.Module):
+        def __init__(self, c: int = 288):
+            super().__init__()
+            self.b1 = nn.Conv2d(c, 32, 1)
+            self.b2 = nn.Sequential(nn.Conv2d(c, 24, 1), nn.ReLU(), nn.Conv2d(24, 32, (1, 7), padding=(0, 3)),
+                                    nn.ReLU(), nn.Conv2d(32, 32, (7, 1), padding=(3, 0)))
+            self.b3 = nn.Sequential(nn.AvgPool2d(3, 1, 1), nn.Conv2d(c, 32, 1))
+            self.b4 = nn.Sequential(nn.Conv2d(c, 16, 1), nn.ReLU(), nn.Conv2d(16, 32, 5, padding=2))
+
+        def forward(self, x):
+            return F.relu(torch.cat([self.b1(x), self.b2(x), self.b3(x), self.b4(x)], 1))
+
+    class SwinBlock(nn.Module):
+        def __init__(self, c: int, window: int = 4, heads: int = 2, shift: int = 2):
+            super().__init__()
+            self.ws, self.h, self.shift = window, heads, shift
+            self.n1, self.qkv, self.proj = nn.LayerNorm(c), nn.Linear(c, 3 * c), nn.Linear(c, c)
+            self.n2, self.mlp = nn.LayerNorm(c), nn.Sequential(nn.Linear(c, 2 * c), nn.GELU(), nn.Linear(2 * c, c))
+            self.bias = nn.Parameter(0.1 * torch.randn(heads, window * window, window * window))
+
+        def forward(self, x):  # x [B, H, W, C]
+            b, h, w, c = x.shape
+            ws, t = self.ws, self.ws * self.ws
+            y = torch.roll(self.n1(x), (-self.shift, -self.shift), (1, 2))
+            y = y.view(b, h // ws, ws, w // ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, t, c)
+            q, k, v = self.qkv(y).reshape(y.shape[0], t, 3, self.h, c // self.h).permute(2, 0, 3, 1, 4)
+            a = (q @ k.transpose(-2, -1)) * (c // self.h) ** -0.5 + self.bias
+            y = (a.softmax(-1) @ v).transpose(1, 2).reshape(-1, t, c)
+            y = self.proj(y).view(b, h // ws, w // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
+            x = x + torch.roll(y, (self.shift, self.shift), (1, 2))
+            return x + self.mlp(self.n2(x))
+
+    class Swin(nn.Module):
+        def __init__(self, c: int = 96):
+            super().__init__()
+            self.embed = nn.Conv2d(3, c, 4, 4)
+            self.blocks = nn.Sequential(SwinBlock(c, shift=0), SwinBlock(c))
+            self.head = nn.Linear(c, 10)
+
+        def forward(self, x):
+            return self.head(self.blocks(self.embed(x).permute(0, 2, 3, 1)).mean((1, 2)))
+
+    class Detr(nn.Module):
+        def __init__(self, d: int = 256):
+            super().__init__()
+            layer = nn.TransformerDecoderLayer(d, 4, 64, dropout=0.0, batch_first=True)
+            self.dec, self.queries, self.box = nn.TransformerDecoder(layer, 2), nn.Parameter(torch.randn(1, 6, d)), \
+                nn.Linear(d, 4)
+
+        def forward(self, memory):
+            return self.box(self.dec(self.queries.expand(memory.shape[0], -1, -1), memory)).sigmoid()
+
+    class Conformer(nn.Module):
+        def __init__(self, d: int = 256):
+            super().__init__()
+            self.ln, self.pw1 = nn.LayerNorm(d), nn.Conv1d(d, 2 * d, 1)
+            self.dw, self.bn = nn.Conv1d(d, d, 15, padding=7, groups=d), nn.BatchNorm1d(d)
+            self.pw2 = nn.Conv1d(d, d, 1)
+
+        def forward(self, x):  # x [B, T, D]
+            y = F.glu(self.pw1(self.ln(x).transpose(1, 2)), dim=1)
+            return x + self.pw2(F.silu(self.bn(self.dw(y)))).transpose(1, 2)
+
+    class Wav2Vec(nn.Module):
+        def __init__(self, d: int = 256):
+            super().__init__()
+            self.c0, self.gn = nn.Conv1d(1, d, 10, 5, bias=False), nn.GroupNorm(d, d)
+            self.c1 = nn.Conv1d(d, d, 3, 2, bias=False)
+            self.pos = nn.utils.parametrizations.weight_norm(nn.Conv1d(d, d, 16, padding=8, groups=4), dim=2)
+
+        def forward(self, x):
+            y = F.gelu(self.c1(F.gelu(self.gn(self.c0(x)))))
+            return (y + F.gelu(self.pos(y)[:, :, :-1])).transpose(1, 2)
+
+    return {"convnext": lambda: (ConvNeXt(), (1, 3, 224, 224)), "resnext": lambda: (resnext(), (1, 3, 112, 112)),
+            "deeplab": lambda: (DeepLab(), (1, 3, 256, 256)), "inception": lambda: (Inception(), (1, 288, 35, 35)),
+            "swin": lambda: (Swin(), (1, 3, 128, 128)), "detr": lambda: (Detr(), (1, 400, 256)),
+            "conformer": lambda: (Conformer(), (1, 256, 256)), "wav2vec": lambda: (Wav2Vec(), (1, 1, 16000))}
+
+
+def _randomize_batch_norms(model) -> None:
+    """Trained-looking statistics, so folding them changes the weights."""
+    import torch
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+            m.running_mean.uniform_(-0.5, 0.5, generator=g)
+            m.running_var.uniform_(0.5, 2.0, generator=g)
+
+
+def _rel_err(got, ref: np.ndarray) -> float:
+    return float(np.abs(np.asarray(got) - ref).max() / max(1e-6, float(np.abs(ref).max())))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=60, help="timed calls per runtime over interleaved rounds")
+    ap.add_argument("--only", default="", help="comma-separated model names (default: all)")
+    ap.add_argument("--out", default="benchmarks/results/architectures.json")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    import graphopt
+    from graphopt.bench import (interleaved_medians, ort_quantize_static, ort_session, reference_onnx,
+                                set_threads, write_results)
+    set_threads(args.threads)
+    models = _models()
+    names = [n for n in args.only.split(",") if n] or list(models)
+    unknown = [n for n in names if n not in models]
+    if unknown:
+        ap.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(models)}")
+    work = Path(tempfile.mkdtemp(prefix="graphopt-architectures-"))
+    results = []
+    for name in names:
+        t0 = time.perf_counter()
+        torch.manual_seed(0)
+        model, shape = models[name]()
+        model = model.eval()
+        _randomize_batch_norms(model)
+        x = torch.randn(*shape)
+        calib = [(torch.randn(*shape),) for _ in range(6)]
+        g = graphopt.optimize(graphopt.trace(model, (x,)), "fold-bn,fold-pad,fold-constants,dce")
+        q = graphopt.optimize(g, "quantize,fold-qdq", data=calib)
+        fp32 = graphopt.load(graphopt.compile(g, "llvm", output=work / f"{name}-fp32"), threads=args.threads)
+        int8 = graphopt.load(graphopt.compile(q, "llvm", output=work / f"{name}-int8"), threads=args.threads)
+        onnx32 = reference_onnx(g, str(work / f"{name}-onnx"))
+        sess32 = ort_session(onnx32, args.threads)
+        feed_name = sess32.get_inputs()[0].name
+        onnx8 = ort_quantize_static(onnx32, work / f"{name}-int8.onnx", [{feed_name: c[0].numpy()} for c in calib],
+                                    activations="uint8")
+        sess8 = ort_session(onnx8, args.threads)
+        xn = x.numpy()
+        with torch.no_grad():
+            ref = model(x).numpy()
+        errs = {"graphopt_fp32": _rel_err(fp32(xn)[0], ref), "graphopt_int8": _rel_err(int8(xn)[0], ref),
+                "ort_fp32": _rel_err(sess32.run(None, {feed_name: xn})[0], ref),
+                "ort_int8": _rel_err(sess8.run(None, {feed_name: xn})[0], ref)}
+
+        def torch_call(m=model, t=x):
+            with torch.inference_mode():
+                return m(t)
+        calls = {"graphopt_fp32": fp32.prepared(xn), "graphopt_int8": int8.prepared(xn),
+                 "ort_fp32": lambda s=sess32, f={feed_name: xn}: s.run(None, f),
+                 "ort_int8": lambda s=sess8, f={feed_name: xn}: s.run(None, f), "torch": torch_call}
+        lat = {k: v * 1e3 for k, v in interleaved_medians(calls, runs=args.runs).items()}
+        results.append({"model": name, "input": list(shape), "macs": int(g.stats().macs),
+                        **{f"{k}_ms": v for k, v in lat.items()}, "rel_err_vs_pytorch": errs,
+                        "fp32_vs_ort_fp32": lat["graphopt_fp32"] / lat["ort_fp32"],
+                        "int8_vs_ort_fp32": lat["graphopt_int8"] / lat["ort_fp32"],
+                        "int8_vs_ort_int8": lat["graphopt_int8"] / lat["ort_int8"],
+                        "int8_speedup_vs_fp32": lat["graphopt_fp32"] / lat["graphopt_int8"]})
+        print(f"[{name}] {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+
+    print(f"{'model':10s} {'MACs':>8s} {'go fp32':>8s} {'go int8':>8s} {'ORT fp32':>9s} {'ORT int8':>9s}"
+          f" {'PyTorch':>8s} {'fp32/ORT':>9s} {'int8/ORT':>9s} {'int8/ORT8':>10s} {'err fp32':>9s} {'err int8':>9s}"
+          f" {'ORT8 err':>9s}   (ms, {args.threads} threads)")
+    for r in results:
+        e = r["rel_err_vs_pytorch"]
+        print(f"{r['model']:10s} {r['macs'] / 1e6:7.0f}M {r['graphopt_fp32_ms']:8.3f} {r['graphopt_int8_ms']:8.3f}"
+              f" {r['ort_fp32_ms']:9.3f} {r['ort_int8_ms']:9.3f} {r['torch_ms']:8.3f} {r['fp32_vs_ort_fp32']:9.2f}"
+              f" {r['int8_vs_ort_fp32']:9.2f} {r['int8_vs_ort_int8']:10.2f} {e['graphopt_fp32']:9.1e}"
+              f" {e['graphopt_int8']:9.3f} {e['ort_int8']:9.3f}")
+    geo = math.exp(np.mean([math.log(r["int8_vs_ort_int8"]) for r in results])) if results else float("nan")
+    print(f"geometric mean, graphopt int8 / ORT int8: {geo:.2f}")
+    write_results(args.out, args.threads, args.runs, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
