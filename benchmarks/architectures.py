@@ -210,8 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         _randomize_batch_norms(model)
         x = torch.randn(*shape)
         calib = [(torch.randn(*shape),) for _ in range(6)]
-        g = graphopt.optimize(graphopt.trace(model, (x,)), "fold-bn,fold-pad,fold-constants,dce")
-        q = graphopt.optimize(g, "quantize,fold-qdq", data=calib)
+        g = graphopt.optimize(graphopt.trace(model, (x,)), "fold-bn,fold-pad,fold-constants,dce",
+                              warn_unchanged=False)
+        q = graphopt.optimize(g, "quantize,fold-qdq", data=calib, warn_unchanged=False)
         fp32 = graphopt.load(graphopt.compile(g, "llvm", output=work / f"{name}-fp32"), threads=args.threads)
         int8 = graphopt.load(graphopt.compile(q, "llvm", output=work / f"{name}-int8"), threads=args.threads)
         onnx32 = reference_onnx(g, str(work / f"{name}-onnx"))

@@ -25,7 +25,7 @@ def avg_pool_applies(x_shape, kernel, stride, padding, ceil_mode) -> bool:
             and all(2 * int(p) <= int(k) for p, k in zip(padding, kernel)))
 
 
-POOL_BAND = 16  # output rows one max-pool task computes
+POOL_BAND = 16  # output rows one pooling task computes
 
 
 def max_pool_source(c: int, h: int, w: int, kernel, stride, padding) -> str:
@@ -77,21 +77,28 @@ def max_pool(x: T.Buffer(({c}, {h}, {w}), "float32"), zero: T.Buffer((1,), "int3
 """
 
 
-def emit_max_pool(bb, x, x_shape, kernel, stride, padding):
-    """max_pool2d of x [N, C, H, W] (per sample). TVM's pooling with the schedule rules took 1.1 ms for ResNet-18's
-    3x3 stride-2 pool on 64x112x112."""
+def _emit_pool(bb, x, x_shape, kernel, stride, padding, src: str, name: str, suffix: str = ""):
+    """A pooling kernel's TVMScript `src` for one sample of x [N, C, H, W] called on all of x (`batch_source`),
+    its `zero` input a constant; the output [N, C, OH, OW]. `suffix` ends the function's name."""
     from tvm import relax
 
     n, c, h, w = (int(d) for d in x_shape)
     (kh, kw), (sh, sw), (ph, pw) = ((int(a), int(b)) for a, b in (kernel, stride, padding))
     oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-    src = batch_source(max_pool_source(c, h, w, kernel, stride, padding), n, ["x", "out"])
-    gv = bb.add_func(parse_kernel(src),
-                     f"max_pool_{c}x{h}x{w}_k{kh}x{kw}s{sh}x{sw}p{ph}x{pw}" + _ntag(n))
+    gv = bb.add_func(parse_kernel(batch_source(src, n, ["x", "out"])),
+                     f"{name}_{c}x{h}x{w}_k{kh}x{kw}s{sh}x{sw}p{ph}x{pw}{suffix}" + _ntag(n))
     y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, _batched(n, c, h, w))),
                                     relax.const(np.zeros(1, np.int32))],
                                relax.TensorType(_batched(n, c, oh, ow), "float32")))
     return bb.emit(relax.op.reshape(y, (n, c, oh, ow)))
+
+
+def emit_max_pool(bb, x, x_shape, kernel, stride, padding):
+    """max_pool2d of x [N, C, H, W] (per sample). TVM's pooling with the schedule rules took 1.1 ms for ResNet-18's
+    3x3 stride-2 pool on 64x112x112."""
+    _, c, h, w = (int(d) for d in x_shape)
+    return _emit_pool(bb, x, x_shape, kernel, stride, padding, max_pool_source(c, h, w, kernel, stride, padding),
+                      "max_pool")
 
 
 def avg_pool_source(c: int, h: int, w: int, kernel, stride, padding, count_pad: bool, divisor: int | None) -> str:
@@ -137,18 +144,11 @@ def avg_pool(x: T.Buffer(({c}, {h}, {w}), "float32"), zero: T.Buffer((1,), "int3
 def emit_avg_pool(bb, x, x_shape, kernel, stride, padding, count_pad: bool, divisor: int | None):
     """avg_pool2d of x [N, C, H, W] (per sample; `avg_pool_source`). Relax's op under the schedule rules took 482
     us for an Inception block's 3x3 stride-1 pool of 288x35x35 (ORT's whole block: 1.3 ms)."""
-    from tvm import relax
-
-    n, c, h, w = (int(d) for d in x_shape)
-    (kh, kw), (sh, sw), (ph, pw) = ((int(a), int(b)) for a, b in (kernel, stride, padding))
-    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-    src = batch_source(avg_pool_source(c, h, w, kernel, stride, padding, count_pad, divisor), n, ["x", "out"])
+    _, c, h, w = (int(d) for d in x_shape)
+    ph, pw = (int(p) for p in padding)
     tag = "" if divisor is None and (count_pad or (ph, pw) == (0, 0)) else f"_d{divisor}" if divisor else "_exclude_pad"
-    gv = bb.add_func(parse_kernel(src), f"avg_pool_{c}x{h}x{w}_k{kh}x{kw}s{sh}x{sw}p{ph}x{pw}{tag}" + _ntag(n))
-    y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, _batched(n, c, h, w))),
-                                    relax.const(np.zeros(1, np.int32))],
-                               relax.TensorType(_batched(n, c, oh, ow), "float32")))
-    return bb.emit(relax.op.reshape(y, (n, c, oh, ow)))
+    src = avg_pool_source(c, h, w, kernel, stride, padding, count_pad, divisor)
+    return _emit_pool(bb, x, x_shape, kernel, stride, padding, src, "avg_pool", tag)
 
 
 def pad_source(rows: int, h: int, w: int, top: int, bottom: int, left: int, right: int, dtype: str) -> str:
