@@ -1697,12 +1697,23 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         positional conv: 16 groups, 128 taps in the base models) as `_grouped_conv` over that map: TVM's took 2.9
         ms for 64 channels in 4 groups, 16 taps, length 199 (1.1 GMAC/s), most of a small wav2vec2's time."""
         from tvm import relax
+        from graphopt.targets.tvm.cpu import conv as kc
+        from graphopt.targets.tvm.cpu.rules import vector_lanes
         stride, padding, dilation, transposed = node.args[3:7]
-        if transposed or int(dilation[0]) != 1:
-            return None
         n, c, length = (int(v) for v in x_shape)
-        s, p, k = int(stride[0]), int(padding[0]), int(wt.shape[2])
+        s, p, k, d = int(stride[0]), int(padding[0]), int(wt.shape[2]), int(dilation[0])
         x4, w4 = (n, c, 1, length), wt.reshape(int(wt.shape[0]), int(wt.shape[1]), 1, k)
+        if transposed or (d != 1 and (groups != 1 or not kc.tok_conv_applies(w4.shape, s)
+                                      or length + 2 * p < d * (k - 1) + 1)):
+            return None
+        if d != 1:  # a dilated one (TCNs, WaveNet) on the pixel-row conv, its taps d apart (`_dilated_conv`)
+            residual, clamp = _fused_epilogue(node, importer, True)
+            bb = importer.block_builder
+            y = kc.emit_flat_conv(bb, bb.emit(relax.op.reshape(importer.env[node.args[0]], x4)), w4.detach().numpy(),
+                                  None if bt is None else bt.detach().numpy(), x4, s, (0, 0, p, p), clamp,
+                                  None if residual is None else importer.env[residual], lanes=vector_lanes(target),
+                                  dilation=d)
+            return bb.emit(relax.op.reshape(y, tuple(int(v) for v in node.meta["val"].shape)))
         if groups > 1 and _conv_kernel(x4, w4.shape, ([s, s], [0, p], [1, 1], False, None, groups)) == "depthwise":
             # (Conformer's and ConvNeXt-1D's depthwise convs, 15-31 taps: TVM's conv1d took 92 us for 256 channels
             # at length 256, 15 taps, with its SiLU)
