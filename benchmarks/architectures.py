@@ -4,8 +4,9 @@ blocks (32 groups of 4 channels) at 112x112, a DeepLab-style ASPP head (dilated 
 pooling, bilinear upsampling) at 256x256, an Inception block (1x7 / 7x1 and 5x5 convs, a 3x3 average pool) on
 288x35x35, a Swin-style pair of window-attention blocks (shifted windows by torch.roll, relative position bias)
 at 128x128, a DETR-style 2-layer transformer decoder (cross attention to 400 memory tokens), a Conformer conv
-module (GLU, a 15-tap depthwise conv1d) over 256 frames, and a wav2vec2-style feature encoder + grouped positional
-conv on 1 s of 16 kHz audio.
+module (GLU, a 15-tap depthwise conv1d) over 256 frames, a wav2vec2-style feature encoder + grouped positional
+conv on 1 s of 16 kHz audio, a MobileViT block (2x2 patches as tokens, 4 heads of width 24) on 64x32x32, and a
+WaveNet-style TCN (8 dilated causal conv1d pairs, gated activations) over 2000 steps.
 
 Random weights with randomized batch-norm statistics (what compiling and quantizing cost, not accuracy).
 graphopt fp32: the CLI's default pipeline (fold-bn, fold-pad, fold-constants, dce); graphopt int8: + quantize,
@@ -161,10 +162,42 @@ def _models() -> dict:  # noqa: C901 - one small nn.Module per architecture
             y = F.gelu(self.c1(F.gelu(self.gn(self.c0(x)))))
             return (y + F.gelu(self.pos(y)[:, :, :-1])).transpose(1, 2)
 
+    class MobileViT(nn.Module):  # local conv, 2x2 patches unfolded into tokens, a transformer layer, folded back
+        def __init__(self, c: int = 64, d: int = 96):
+            super().__init__()
+            self.local, self.proj, self.back = nn.Conv2d(c, c, 3, 1, 1), nn.Conv2d(c, d, 1), nn.Conv2d(d, c, 1)
+            self.layer = nn.TransformerEncoderLayer(d, 4, 2 * d, 0.0, batch_first=True, norm_first=True)
+            self.fuse = nn.Conv2d(2 * c, c, 3, 1, 1)
+
+        def forward(self, x):
+            b, _, h, w = x.shape
+            y = self.proj(F.silu(self.local(x)))
+            d = y.shape[1]
+            y = y.reshape(b, d, h // 2, 2, w // 2, 2).permute(0, 3, 5, 2, 4, 1).reshape(b * 4, h * w // 4, d)
+            y = self.layer(y).reshape(b, 2, 2, h // 2, w // 2, d).permute(0, 5, 3, 1, 4, 2).reshape(b, d, h, w)
+            return self.fuse(torch.cat([x, self.back(y)], 1))
+
+    class TCN(nn.Module):  # WaveNet-style: dilated causal conv1d pairs, gated tanh x sigmoid, residual + skip
+        def __init__(self, c: int = 64, layers: int = 8):
+            super().__init__()
+            self.inp, self.out = nn.Conv1d(8, c, 1), nn.Conv1d(c, 4, 1)
+            self.f = nn.ModuleList([nn.Conv1d(c, c, 3, dilation=2 ** i) for i in range(layers)])
+            self.g = nn.ModuleList([nn.Conv1d(c, c, 3, dilation=2 ** i) for i in range(layers)])
+            self.r = nn.ModuleList([nn.Conv1d(c, c, 1) for _ in range(layers)])
+
+        def forward(self, x):
+            x, skip = self.inp(x), 0
+            for i, (f, g, r) in enumerate(zip(self.f, self.g, self.r)):
+                p = F.pad(x, (2 * 2 ** i, 0))
+                h = torch.tanh(f(p)) * torch.sigmoid(g(p))
+                x, skip = x + r(h), skip + h
+            return self.out(F.relu(skip))
+
     return {"convnext": lambda: (ConvNeXt(), (1, 3, 224, 224)), "resnext": lambda: (resnext(), (1, 3, 112, 112)),
             "deeplab": lambda: (DeepLab(), (1, 3, 256, 256)), "inception": lambda: (Inception(), (1, 288, 35, 35)),
             "swin": lambda: (Swin(), (1, 3, 128, 128)), "detr": lambda: (Detr(), (1, 400, 256)),
-            "conformer": lambda: (Conformer(), (1, 256, 256)), "wav2vec": lambda: (Wav2Vec(), (1, 1, 16000))}
+            "conformer": lambda: (Conformer(), (1, 256, 256)), "wav2vec": lambda: (Wav2Vec(), (1, 1, 16000)),
+            "mobilevit": lambda: (MobileViT(), (1, 64, 32, 32)), "tcn": lambda: (TCN(), (1, 8, 2000))}
 
 
 def _randomize_batch_norms(model) -> None:
