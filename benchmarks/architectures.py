@@ -200,16 +200,6 @@ def _models() -> dict:  # noqa: C901 - one small nn.Module per architecture
             "mobilevit": lambda: (MobileViT(), (1, 64, 32, 32)), "tcn": lambda: (TCN(), (1, 8, 2000))}
 
 
-def _randomize_batch_norms(model) -> None:
-    """Trained-looking statistics, so folding them changes the weights."""
-    import torch
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
-            m.running_mean.uniform_(-0.5, 0.5, generator=g)
-            m.running_var.uniform_(0.5, 2.0, generator=g)
-
-
 def _rel_err(got, ref: np.ndarray) -> float:
     return float(np.abs(np.asarray(got) - ref).max() / max(1e-6, float(np.abs(ref).max())))
 
@@ -225,14 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import graphopt
-    from graphopt.bench import (interleaved_medians, ort_quantize_static, ort_session, reference_onnx,
-                                set_threads, write_results)
+    from graphopt.bench import (interleaved_medians, ort_quantize_static, ort_session, randomize_batch_norms,
+                                reference_onnx, selected, set_threads, write_results)
     set_threads(args.threads)
     models = _models()
-    names = [n for n in args.only.split(",") if n] or list(models)
-    unknown = [n for n in names if n not in models]
-    if unknown:
-        ap.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(models)}")
+    names = selected(ap, args.only, models)
     work = Path(tempfile.mkdtemp(prefix="graphopt-architectures-"))
     results = []
     for name in names:
@@ -240,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         model, shape = models[name]()
         model = model.eval()
-        _randomize_batch_norms(model)
+        randomize_batch_norms(model, 0.5, (0.5, 2.0))
         x = torch.randn(*shape)
         calib = [(torch.randn(*shape),) for _ in range(6)]
         g = graphopt.optimize(graphopt.trace(model, (x,)), "fold-bn,fold-pad,fold-constants,dce",

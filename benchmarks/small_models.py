@@ -207,16 +207,6 @@ def _models() -> dict:
             "llama_6l": lambda: (Llama(), (1, 128), 8000)}
 
 
-def _randomize_batch_norms(model) -> None:
-    """Trained-looking statistics, so folding them changes the weights."""
-    import torch
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2, generator=g)
-            m.running_var.uniform_(0.5, 1.5, generator=g)
-
-
 def _onnx(graph, model, x, folder: Path) -> Path:
     """graphopt's ONNX export of the traced graph, or torch's exporter where graphopt's has no form for an op."""
     import torch
@@ -243,13 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import graphopt
-    from graphopt.bench import compare_latency, set_threads, write_results
+    from graphopt.bench import compare_latency, randomize_batch_norms, selected, set_threads, write_results
     set_threads(args.threads)
     models = _models()
-    names = [n for n in args.only.split(",") if n] or list(models)
-    unknown = [n for n in names if n not in models]
-    if unknown:
-        ap.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(models)}")
+    names = selected(ap, args.only, models)
     work = Path(tempfile.mkdtemp(prefix="graphopt-small-models-"))
     results = []
     for name in names:
@@ -257,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         model, shape, *vocab = models[name]()
         model = model.eval()
-        _randomize_batch_norms(model)
+        randomize_batch_norms(model)
         x = torch.randint(0, vocab[0], shape) if vocab else torch.randn(*shape)  # (token ids for a language model)
         g = graphopt.optimize(graphopt.trace(model, (x,)), "fold-bn,fold-pad,fold-constants,dce")
         art = graphopt.load(graphopt.compile(g, "llvm", output=work / name))

@@ -27,6 +27,27 @@ def set_threads(n: int) -> None:
     tvm_threads(n)
 
 
+def randomize_batch_norms(model: torch.nn.Module, mean: float = 0.2, var: tuple[float, float] = (0.5, 1.5),
+                          seed: int = 0) -> None:
+    """Trained-looking batch-norm statistics for a benchmark's randomly initialized model, so that folding them
+    changes the weights: running means uniform in [-mean, mean], running variances uniform in `var`."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            m.running_mean.uniform_(-mean, mean, generator=g)
+            m.running_var.uniform_(*var, generator=g)
+
+
+def selected(parser, only: str, choices: dict) -> list[str]:
+    """The names a benchmark's comma-separated --only picks from `choices` (all of them when empty); an unknown one
+    is the parser's error, naming the choices."""
+    names = [n for n in only.split(",") if n] or list(choices)
+    unknown = [n for n in names if n not in choices]
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(choices)}")
+    return names
+
+
 def _run_times(fn: Callable[[], Any], warmup: int = 3, runs: int = 20, max_seconds: float = 20.0) -> list[float]:
     """Wall times of fn() after warm-up; stops early (keeping >= 3 runs) if it would take too long."""
     for _ in range(warmup):

@@ -139,3 +139,25 @@ def test_reference_onnx_is_exported_once_per_graph_and_reexported_when_damaged(t
     monkeypatch.setenv("GRAPHOPT_CACHE", str(tmp_path / "other"))
     reference_onnx(g, str(tmp_path / "e"))
     assert len(exports) == 4 and not (tmp_path / "other").exists()
+
+
+def test_benchmark_helpers_randomize_batch_norms_and_pick_models():
+    """Benchmarks' random models get trained-looking batch-norm statistics (1-D and 2-D) within the asked ranges,
+    the same for the same seed; --only picks models by name, and an unknown name is a usage error naming the
+    choices."""
+    import argparse
+
+    from graphopt.bench import randomize_batch_norms, selected
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(8), torch.nn.BatchNorm1d(4))
+    randomize_batch_norms(model, 0.5, (0.5, 2.0))
+    for bn in model:
+        assert 0 < bn.running_mean.abs().max() <= 0.5
+        assert 0.5 <= bn.running_var.min() and bn.running_var.max() <= 2.0 and bn.running_var.std() > 0
+    again = torch.nn.Sequential(torch.nn.BatchNorm2d(8), torch.nn.BatchNorm1d(4))
+    randomize_batch_norms(again, 0.5, (0.5, 2.0))
+    torch.testing.assert_close(again[0].running_var, model[0].running_var)
+    ap = argparse.ArgumentParser(prog="bench")
+    choices = {"a": 1, "b": 2, "c": 3}
+    assert selected(ap, "", choices) == ["a", "b", "c"] and selected(ap, "c,a", choices) == ["c", "a"]
+    with pytest.raises(SystemExit):
+        selected(ap, "a,zz", choices)
