@@ -51,6 +51,43 @@ def _quantized(x) -> bool:
     return isinstance(q, fx.Node) and q.target is go.quantize_per_tensor.default
 
 
+def requantized_moves(graph: Graph) -> int:
+    """quantize(moves(dequantize(q))) onto the grid q is already on -> moves(q), the codes moved as they are (ONNX
+    Runtime's QDQ files put a Q/DQ pair around every reshape / transpose: in a Swin file one such chain, kept as
+    float arithmetic fused with the transpose, took 490 us of 3.1 ms). Exact: the dequantize's scale and zero point
+    are the quantize's, and the codes come from a quantize of the same dtype whose range lies within this one's
+    (so the clamp changes nothing), through CODE_MOVES (ops that move codes without changing any). Returns how
+    many quantizes were dropped; the float chain stays for other readers (dead code otherwise)."""
+    g = graph.gm.graph
+    done = 0
+    for qn in [n for n in g.nodes if n.op == "call_function" and n.target is go.quantize_per_tensor.default]:
+        chain, x = [], qn.args[0]
+        while isinstance(x, fx.Node) and x.target in CODE_MOVES:
+            chain.append(x)
+            x = x.args[0]
+        if not (isinstance(x, fx.Node) and x.target is go.dequantize_per_tensor.default
+                and (float(x.args[1]), int(x.args[2])) == (float(qn.args[1]), int(qn.args[2]))):
+            continue
+        src = x.args[0]
+        while isinstance(src, fx.Node) and src.target in CODE_MOVES:
+            src = src.args[0]
+        if not (isinstance(src, fx.Node) and src.target is go.quantize_per_tensor.default
+                and _arg(src, 5, None) == _arg(qn, 5, None)
+                and int(src.args[3]) >= int(qn.args[3]) and int(src.args[4]) <= int(qn.args[4])):
+            continue
+        codes = x.args[0]
+        with g.inserting_before(qn):
+            for m in reversed(chain):
+                codes = g.call_function(m.target, (codes, *m.args[1:]), dict(m.kwargs))
+        qn.replace_all_uses_with(codes)
+        g.erase_node(qn)
+        done += 1
+    if done:
+        eliminate_dead_code(graph)
+        graph.refresh()
+    return done
+
+
 def check(graph: Graph, op: fx.Node) -> str:
     """Empty if `op` can become an integer op, else why not."""
     if op.target in MATMULS:
@@ -166,6 +203,7 @@ class FoldQDQ(Pass):
                     "int8 grid (for integer-only targets; the CPU target runs it with generic kernels)"})
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        moved = requantized_moves(graph)
         g = graph.gm.graph
         folded, kept = [], {}
         for op in [n for n in g.nodes if n.op == "call_function" and n.target in (
@@ -219,9 +257,9 @@ class FoldQDQ(Pass):
             eliminate_dead_code(graph)
         fixed, float_kept = (fixed_point_requantize(graph) if self.options.requantize == "fixed" and folded
                              else (0, {}))
-        reason = "" if folded else ("nothing to fold: " + reasons_by_op(kept)
-                                    if kept else "no quantized conv2d or linear (run quantize first)")
-        stats = {"folded": len(folded), "kept": kept}
+        reason = "" if folded or moved else ("nothing to fold: " + reasons_by_op(kept)
+                                             if kept else "no quantized conv2d or linear (run quantize first)")
+        stats = {"folded": len(folded), "kept": kept, "requantized_moves": moved}
         if self.options.requantize == "fixed":
             stats.update(fixed_point_requantized=fixed, float_requantize=float_kept)
-        return PassResult(graph, bool(folded), stats, reason)
+        return PassResult(graph, bool(folded or moved), stats, reason)

@@ -659,3 +659,47 @@ def test_the_default_weight_width_for_an_onnx_export_is_the_one_ort_runs_exactly
     assert set(graphopt.optimize(g, "quantize", data=data).meta["weight_bits"].values()) == {"int8"}
     q = next(v for k, v in default.params().items() if k.endswith("weight_q") and v.dim() == 4)
     assert pairs_bounded(q) and int(worst_pair_sums(flat_pairs(q.int())).max()) <= 128
+
+
+class _HeadsMove(torch.nn.Module):
+    """A linear, its output split into heads by reshape + transpose, another linear on the moved tensor: ONNX
+    Runtime's quantize_static puts a Q/DQ pair around the reshape and around the transpose."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(16, 32), torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.a(x).reshape(x.shape[0], x.shape[1], 4, 8).transpose(1, 2)
+        return self.b(torch.relu(y))
+
+
+def test_fold_qdq_moves_codes_instead_of_requantizing_around_reshapes(tmp_path):
+    """quantize(reshape / transpose (dequantize(q))) onto q's own grid becomes the reshape / transpose of the int8
+    codes (exact: the same outputs, bit for bit), so the linear after the moves folds to an integer op too; in
+    ORT's Swin / DETR / MobileViT QDQ files 28-64 quantizes went (Swin 1.09x -> 0.90x ORT int8's time on its own
+    file, DETR 1.08x -> 0.65x)."""
+    import contextlib
+    import io
+    import warnings
+
+    from graphopt.bench import ort_quantize_static
+    from graphopt.passes.quant.fold_qdq import requantized_moves
+    torch.manual_seed(0)
+    model, x = _HeadsMove().eval(), torch.randn(2, 5, 16)
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["x"], opset_version=13)
+    q8 = ort_quantize_static(path, tmp_path / "m8.onnx", [{"x": torch.randn(2, 5, 16).numpy()} for _ in range(4)])
+    g = graphopt.load_onnx(q8)
+    moved = g.clone()
+    quantizes = lambda gr: sum(1 for n in gr.graph.nodes if "quantize_per_tensor" in str(n.target)  # noqa: E731
+                               and "dequantize" not in str(n.target))
+    assert requantized_moves(moved) >= 1 and quantizes(moved) < quantizes(g)
+    torch.testing.assert_close(moved.run(x)[0], g.run(x)[0], rtol=0, atol=0)
+    f = graphopt.optimize(g, "fold-qdq", verify=True, data=[(torch.randn(2, 5, 16),) for _ in range(2)])
+    rec = f.meta["history"][-1]
+    assert rec["stats"]["requantized_moves"] >= 1 and rec["stats"]["folded"] == 2 and rec["verify"]["ok"], rec
+    targets = [str(n.target) for n in f.graph.nodes if n.op == "call_function"]
+    assert targets.count("graphopt.qlinear.default") == 2 and "aten.linear.default" not in targets, targets
