@@ -237,10 +237,10 @@ class FoldQDQ(Pass):
                     if wq2 is None:  # (once for a weight several convs read)
                         wq2 = graph.add_param(f"{wq.target}_2d", graph.get_param(wq.target).unsqueeze(2), before=op)
                         wq2.meta["unsqueezed_from"] = wq.target
-                    # the stride on both axes (the one row gives one output row either way): graphopt's kernels
-                    # take square strides and dilations, and with (1, s) a wav2vec2 feature conv (256 channels, 3 taps, stride 2
-                    # on 3199 samples) ran TVM's generic int8 conv, 94 ms
-                    # (so is the dilation: a TCN's dilated convs took the generic conv the same way)
+                    # the stride and the dilation on both axes (the one row gives one output row either way):
+                    # graphopt's kernels take square ones, and with (1, s) a wav2vec2 feature conv (256 channels,
+                    # 3 taps, stride 2 on 3199 samples) ran TVM's generic int8 conv, 94 ms (a TCN's dilated convs
+                    # with (1, d) the same way)
                     stride, dilation = _one(_arg(op, 3, [1]), 1), _one(_arg(op, 5, [1]), 1)
                     args = (g.call_function(aten.unsqueeze.default, (q_x, 2)), scale, zp, wq2, ws, bias,
                             [stride, stride], [0, _one(_arg(op, 4, [0]), 0)], [dilation, dilation],
