@@ -176,8 +176,8 @@ def _hint_unfolded_qdq(graph: Graph) -> None:
     `quantize` leaves) run as float ops with the rounding around them, not as int8 kernels, unless fold-qdq turned
     them into integer ops (quantized MobileNetV2 without fold-qdq: 117 ms against 3.9 ms with it, 2 threads). Say
     which: the ops fold-qdq's own `check` accepts."""
-    from graphopt.passes.quant.fold_qdq import check
-    foldable = [n.name for n in graph.nodes("call_function") if not check(graph, n)]
+    from graphopt.passes.quant.fold_qdq import foldable_ops
+    foldable = foldable_ops(graph)
     if foldable:
         log.warning("compile: %d quantized conv/linear/matmul op(s) are still dequantize -> float op -> quantize "
                     "(%s%s); they run as float ops, far slower than int8 kernels. Add fold-qdq after quantize in the "

@@ -53,7 +53,7 @@ def _shapes(args) -> dict[str, tuple[int, ...]] | None:
 
 def _add_pm_options(p: argparse.ArgumentParser) -> None:
     _add_shape_option(p)
-    p.add_argument("--pipeline", default=DEFAULT_PIPELINE,
+    p.add_argument("--pipeline", default=None,
                    help="pass pipeline text, e.g. 'fold-bn,prune-channels{ratio=0.5 importance=l2}' (passes separated "
                         "by commas, a pass's options by spaces, a list value's items by commas; `graphopt passes` "
                         f"lists every option), or a .yaml recipe (default: {DEFAULT_PIPELINE}, or "
@@ -294,24 +294,18 @@ def _optimize(args, graph):
         labels = load_labels_npz(args.inputs, graph, data)
         if labels is not None:
             extras["labels"] = labels
-    pipeline = args.pipeline
-    if pipeline == DEFAULT_PIPELINE and _pre_quantized(graph):
-        # with the float default, fold-constants turned an ONNX Runtime QDQ file's int8 weights into float ones
-        # (4x the bytes) and its convs ran in float between the activations' Q/DQ: DeepLab's ASPP 1.65x ORT's
-        # time on the same file, 0.88x with fold-qdq first
-        pipeline = DEFAULT_QDQ_PIPELINE
-        log.info("the model is quantized (Q/DQ around its convs / linears): default pipeline %s", pipeline)
-    return optimize(graph, pipeline, data=data, verify=args.verify_each, dump_dir=args.dump_dir,
+    chosen = args.pipeline is not None  # (a pipeline the user named runs as named, and warns of idle passes)
+    if not chosen:
+        from graphopt.passes.quant.fold_qdq import foldable_ops
+        # a quantized model (Q/DQ around its convs / linears): with the float default, fold-constants turned an
+        # ONNX Runtime QDQ file's int8 weights into float ones (4x the bytes) and its convs ran in float between
+        # the activations' Q/DQ: DeepLab's ASPP 1.65x ORT's time on the same file, 0.78x with fold-qdq first
+        args.pipeline = DEFAULT_QDQ_PIPELINE if foldable_ops(graph) else DEFAULT_PIPELINE
+        log.info("default pipeline: %s", args.pipeline)
+    return optimize(graph, args.pipeline, data=data, verify=args.verify_each, dump_dir=args.dump_dir,
                     strict=args.strict, print_ir_after_all=args.print_ir_after_all,
                     print_ir_after_change=args.print_ir_after_change, seed=args.seed,
-                    warn_unchanged=pipeline not in (DEFAULT_PIPELINE, DEFAULT_QDQ_PIPELINE), target=target,
-                    cpu=args.cpu if target == "llvm" else None, **extras)
-
-
-def _pre_quantized(graph) -> bool:
-    """Whether some conv / linear / matmul of `graph` is one fold-qdq folds (dequantized input and weight)."""
-    from graphopt.passes.quant.fold_qdq import check
-    return any(not check(graph, n) for n in graph.nodes("call_function"))
+                    warn_unchanged=chosen, target=target, cpu=args.cpu if target == "llvm" else None, **extras)
 
 
 def cmd_compile(args) -> int:

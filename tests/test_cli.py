@@ -244,6 +244,11 @@ def test_default_pipeline_of_a_quantized_model_folds_its_qdq_first(tmp_path, onn
     assert any(p["name"] == "fold-qdq" and p["changed"] for p in manifest["passes"]), manifest["passes"]
     res = cli_inproc(capsys, "compile", path, "-o", tmp_path / "f", "--no-report")
     assert res.returncode == 0 and f"pipeline   {DEFAULT_PIPELINE}" in res.stdout, res.stdout
+    # a pipeline the user names runs as named, even the float default's text; opt's pass table lists every pass
+    res = cli_inproc(capsys, "compile", q8, "-o", tmp_path / "named", "--no-report", "--pipeline", DEFAULT_PIPELINE)
+    assert res.returncode == 0 and f"pipeline   {DEFAULT_PIPELINE}" in res.stdout, res.stdout
+    res = cli_inproc(capsys, "opt", q8, "-o", tmp_path / "q.gopt")
+    assert res.returncode == 0 and all(p in res.stdout for p in DEFAULT_QDQ_PIPELINE.split(",")), res.stdout
 
 
 def test_opt_to_onnx_quantizes_for_onnxruntime_kernels(tmp_path, onnx_model, capsys):

@@ -41,13 +41,20 @@ CODE_MOVES = {aten.max_pool2d.default, aten.max_pool1d.default, aten.view.defaul
               aten.flatten.using_ints, aten.clone.default, aten.expand.default}
 
 
+def _through_moves(x) -> tuple[object, list[fx.Node]]:
+    """(what x reads through code moves (CODE_MOVES), the moves from x back to it)."""
+    chain = []
+    while isinstance(x, fx.Node) and x.target in CODE_MOVES:
+        chain.append(x)
+        x = x.args[0]
+    return x, chain
+
+
 def _quantized(x) -> bool:
     """x is dequantize_per_tensor(quantize_per_tensor(...)), with code moves (CODE_MOVES) in between allowed."""
     if not (isinstance(x, fx.Node) and x.target is go.dequantize_per_tensor.default):
         return False
-    q = x.args[0]
-    while isinstance(q, fx.Node) and q.target in CODE_MOVES:
-        q = q.args[0]
+    q, _ = _through_moves(x.args[0])
     return isinstance(q, fx.Node) and q.target is go.quantize_per_tensor.default
 
 
@@ -61,16 +68,11 @@ def requantized_moves(graph: Graph) -> int:
     g = graph.gm.graph
     done = 0
     for qn in [n for n in g.nodes if n.op == "call_function" and n.target is go.quantize_per_tensor.default]:
-        chain, x = [], qn.args[0]
-        while isinstance(x, fx.Node) and x.target in CODE_MOVES:
-            chain.append(x)
-            x = x.args[0]
+        x, chain = _through_moves(qn.args[0])
         if not (isinstance(x, fx.Node) and x.target is go.dequantize_per_tensor.default
                 and (float(x.args[1]), int(x.args[2])) == (float(qn.args[1]), int(qn.args[2]))):
             continue
-        src = x.args[0]
-        while isinstance(src, fx.Node) and src.target in CODE_MOVES:
-            src = src.args[0]
+        src, _ = _through_moves(x.args[0])
         if not (isinstance(src, fx.Node) and src.target is go.quantize_per_tensor.default
                 and _arg(src, 5, None) == _arg(qn, 5, None)
                 and int(src.args[3]) >= int(qn.args[3]) and int(src.args[4]) <= int(qn.args[4])):
@@ -86,6 +88,11 @@ def requantized_moves(graph: Graph) -> int:
         eliminate_dead_code(graph)
         graph.refresh()
     return done
+
+
+def foldable_ops(graph: Graph) -> list[str]:
+    """The names of the ops fold-qdq would turn into integer ops (`check` passes): a quantized graph's."""
+    return [n.name for n in graph.nodes("call_function") if not check(graph, n)]
 
 
 def check(graph: Graph, op: fx.Node) -> str:

@@ -28,6 +28,12 @@ def avg_pool_applies(x_shape, kernel, stride, padding, ceil_mode) -> bool:
 POOL_BAND = 16  # output rows one pooling task computes
 
 
+def pool_geometry(h: int, w: int, kernel, stride, padding) -> tuple:
+    """((kh, kw), (sh, sw), (ph, pw), (OH, OW)) of a floor-mode 2-D pool of an H x W map, as ints."""
+    (kh, kw), (sh, sw), (ph, pw) = ((int(a), int(b)) for a, b in (kernel, stride, padding))
+    return (kh, kw), (sh, sw), (ph, pw), ((h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1)
+
+
 def max_pool_source(c: int, h: int, w: int, kernel, stride, padding) -> str:
     """TVMScript of max pooling, separably: one task per channel and band of POOL_BAND output rows; for each output
     row the maxima down the kernel's kh input rows go into a row buffer (whole rows, contiguous), then each output
@@ -37,8 +43,7 @@ def max_pool_source(c: int, h: int, w: int, kernel, stride, padding) -> str:
     kernel), so the maximum is the same and no load is guarded; each loop is plain code LLVM vectorizes. A NaN in
     a window gives NaN, as in PyTorch (TVM's max keeps a NaN only when it is the second operand). `zero` [1] holds
     0, added to an index (a second input the body reads keeps Relax from taking the function for a reshape)."""
-    (kh, kw), (sh, sw), (ph, pw) = ((int(a), int(b)) for a, b in (kernel, stride, padding))
-    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    (kh, kw), (sh, sw), (ph, pw), (oh, ow) = pool_geometry(h, w, kernel, stride, padding)
     lo = min(ow, -(-pw // sw))  # first output column whose taps are all inside
     hi = max(lo, min(ow, (w - kw + pw) // sw + 1))  # one past the last
     band = min(oh, POOL_BAND)
@@ -83,8 +88,7 @@ def _emit_pool(bb, x, x_shape, kernel, stride, padding, src: str, name: str, suf
     from tvm import relax
 
     n, c, h, w = (int(d) for d in x_shape)
-    (kh, kw), (sh, sw), (ph, pw) = ((int(a), int(b)) for a, b in (kernel, stride, padding))
-    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    (kh, kw), (sh, sw), (ph, pw), (oh, ow) = pool_geometry(h, w, kernel, stride, padding)
     gv = bb.add_func(parse_kernel(batch_source(src, n, ["x", "out"])),
                      f"{name}_{c}x{h}x{w}_k{kh}x{kw}s{sh}x{sw}p{ph}x{pw}{suffix}" + _ntag(n))
     y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, _batched(n, c, h, w))),
@@ -107,8 +111,7 @@ def avg_pool_source(c: int, h: int, w: int, kernel, stride, padding, count_pad: 
     each output sums kw of those along the row and scales: by 1 / divisor, 1 / (kh x kw) with `count_pad` (PyTorch's
     count_include_pad: without ceil_mode every window lies inside the padded map), else by 1 / the window's taps
     inside the image."""
-    (kh, kw), (sh, sw), (ph, pw) = ((int(a), int(b)) for a, b in (kernel, stride, padding))
-    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    (kh, kw), (sh, sw), (ph, pw), (oh, ow) = pool_geometry(h, w, kernel, stride, padding)
     band = min(oh, POOL_BAND)
     nb = -(-oh // band)
     rows = " + ".join(f"T.Select(oy * {sh} + {i - ph} >= 0 and oy * {sh} + {i - ph} < {h}, "
