@@ -19,7 +19,9 @@ from graphopt.passes.canonicalize.dce import eliminate_dead_code
 from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, reasons_by_op, register_pass
 
 aten = torch.ops.aten
-CONVS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default)
+CONVS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
+         aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input)
+TRANSPOSED = CONVS[4:]  # (input, weight, bias, stride, padding, output_padding, groups, dilation)
 LINEAR = aten.linear.default
 BN_OPS = (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default)
 
@@ -98,8 +100,6 @@ def check(graph: Graph, m: Match) -> str:
     p = m.producer
     if len(p.users) != 1:
         return f"'{p.name}' has other users besides " + ("the batch norm" if m.bn.target in BN_OPS else f"'{m.bn.name}'")
-    if p.target is aten.convolution.default and p.args[6]:
-        return f"'{p.name}' is a transposed convolution"
     bias = p.args[2] if len(p.args) > 2 else p.kwargs.get("bias")
     if bias is not None and (not isinstance(bias, fx.Node) or bias.op != "get_attr" or len(bias.users) != 1):
         return f"bias of '{p.name}' is computed or shared"
@@ -117,10 +117,33 @@ def check(graph: Graph, m: Match) -> str:
         out = p.meta.get("val")
         if out is None or out.dim() != 2:
             return f"'{p.name}' output is not 2-D, so the batch norm's channel dim is not the linear's features"
-    channels = graph.get_param(w_node.target).shape[0]
+    channels = _out_channels(p, graph.get_param(w_node.target))
     if m.mean.numel() != channels:
         return f"batch norm has {m.mean.numel()} channels but '{p.name}' has {channels} outputs"
     return ""
+
+
+def _transposed(p: fx.Node) -> int:
+    """A transposed conv's groups (its weight is [Cin, Cout / groups, *k]), 0 for any other layer."""
+    if p.target in TRANSPOSED:
+        return int(p.args[6]) if len(p.args) > 6 else int(p.kwargs.get("groups", 1))
+    if p.target is aten.convolution.default and p.args[6]:
+        return int(p.args[8])
+    return 0
+
+
+def _out_channels(p: fx.Node, w: torch.Tensor) -> int:
+    groups = _transposed(p)
+    return int(w.shape[1]) * groups if groups else int(w.shape[0])
+
+
+def _scaled(p: fx.Node, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """w with output channel j scaled by scale[j]: axis 0, or a transposed conv's axis 1 within each group."""
+    groups = _transposed(p)
+    if not groups:
+        return w * scale.reshape(-1, *([1] * (w.dim() - 1)))
+    cin, cog, rest = int(w.shape[0]), int(w.shape[1]), [1] * (w.dim() - 2)
+    return (w.reshape(groups, cin // groups, cog, *w.shape[2:]) * scale.reshape(groups, 1, cog, *rest)).reshape(w.shape)
 
 
 def rewrite(graph: Graph, m: Match) -> None:
@@ -134,7 +157,7 @@ def rewrite(graph: Graph, m: Match) -> None:
     dtype = p.meta["val"].dtype
     if m.bn.target is not aten.add.Tensor:  # (a bias add leaves the weight as it is)
         w = graph.get_param(w_node.target).double()
-        graph.set_param(w_node.target, (w * scale.reshape(-1, *([1] * (w.dim() - 1)))).to(dtype))
+        graph.set_param(w_node.target, _scaled(p, w, scale).to(dtype))
     new_bias = (old_bias * scale + shift).to(dtype)
     if bias_node is not None:
         graph.set_param(bias_node.target, new_bias)

@@ -1543,7 +1543,9 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             if kind is None and pads is None and k.unpooling_applies(x_shape, wt.shape, *node.args[3:9]):
                 return k.emit_unpooling_conv(importer.block_builder, importer.env[node.args[0]],
                                              wt.detach().numpy(), None if bt is None else bt.detach().numpy(),
-                                             x_shape, int(node.args[3][0]), vector_lanes(target))
+                                             x_shape, vector_lanes(target))
+        if node.args[6] and len(x_shape) == 5:  # any other 3-D transposed conv: Relax's (TVM's importer has none)
+            return _conv3d_transpose_relax(node, importer)
         groups = int(node.args[8]) if len(node.args) > 8 else 1
         if kind is None and constant and pads is None and _one_pixel_pointwise(node, x_shape, wt, groups):
             y = _pixel_linear(node, importer, x_shape, wt, bt)
@@ -1584,6 +1586,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         return _emit_conv(importer.block_builder, importer.env[node.args[0]], w, b, x_shape, kind,
                           int(node.args[3][0]), _full_padding(node, pads), clamp,
                           None if residual is None else importer.env[residual])
+
+    convolution.takes_3d_transposed = True
 
     def _full_padding(node, pads) -> tuple:
         """(top, bottom, left, right) of a conv node, with a zero pad before it that was left out (`pads`)."""
@@ -1663,17 +1667,19 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         (a copy of kd times the input); the outputs [N OD, Cout, OH, OW] go back to [N, Cout, OD, OH, OW]. TVM's
         conv3d under the rules took 3-3.4x PyTorch's time (16 and 64 channels, 8x28x28: 12.5 -> 0.69 ms and 145 ->
         9.7 ms), 19x on a (3, 7, 7) stride (1, 2, 2) RGB stem (16.9 -> 0.95 ms). None where no 2-D kernel takes it
-        (uneven H / W strides, dilation, transposed) and for (kd, 1, 1) kernels, whose conv3d the rules ran at
-        0.67x PyTorch's time (R(2+1)D's temporal convs: 32 channels, batch 2, 4x14x14 71 us, this way 125)."""
+        (uneven H / W strides, dilation, transposed). (kd, 1, 1) kernels of stride 1 (R(2+1)D's temporal convs,
+        3-D UNets' 1x1x1 heads) need no copy: a 2-D conv with a kd x 1 kernel over [N, C, D, H W]; TVM's conv3d
+        took 2.8 ms for 16 channels over 8x56x56 with 3 taps (7 GMAC/s)."""
         from tvm import relax
         stride, padding, dilation, transposed = node.args[3:7]
-        if (transposed or any(int(d) != 1 for d in dilation) or int(stride[1]) != int(stride[2])
-                or tuple(int(v) for v in wt.shape[3:]) == (1, 1)):
+        if transposed or any(int(d) != 1 for d in dilation) or int(stride[1]) != int(stride[2]):
             return None
         n, c, dd, h, wd = (int(v) for v in x_shape)
         cout, _, kd, kh, kw = (int(v) for v in wt.shape)
         sd, s = int(stride[0]), int(stride[1])
         pd, ph, pw = (int(v) for v in padding)
+        if (kh, kw) == (1, 1):
+            return _temporal_conv3d(node, importer, x_shape, wt, bt)
         od = (dd + 2 * pd - kd) // sd + 1
         sub = (n * od, c * kd, h, wd)
         kind = _conv_kernel(sub, (cout, c * kd, kh, kw), ([s, s], [ph, pw], [1, 1], False, None, 1))
@@ -1689,6 +1695,28 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         oh, ow = (int(v) for v in node.meta["val"].shape[3:])
         y = bb.emit(relax.op.reshape(y, (n, od, cout, oh, ow)))
         return bb.emit(relax.op.permute_dims(y, [0, 2, 1, 3, 4]))
+
+    def _temporal_conv3d(node, importer, x_shape, wt, bt):
+        """A (kd, 1, 1) conv3d of stride 1, padded in depth only, as a 2-D conv over [N, C, D, H W] with a kd x 1
+        kernel (`_conv3d`); None where no graphopt kernel takes that or the conv has other strides / padding."""
+        from tvm import relax
+        stride, padding = node.args[3:5]
+        if any(int(v) != 1 for v in stride) or int(padding[1]) or int(padding[2]):
+            return None
+        n, c, dd, h, wd = (int(v) for v in x_shape)
+        cout, kd, pd = int(wt.shape[0]), int(wt.shape[2]), int(padding[0])
+        x4, w4 = (n, c, dd, h * wd), wt.detach().numpy().reshape(cout, c, kd, 1)
+        kind = _conv_kernel(x4, w4.shape, ([1, 1], [pd, 0], [1, 1], False, None, 1))
+        if kind in (None, "depthwise"):
+            return None
+        residual, clamp = _fused_epilogue(node, importer, kind in ("pointwise", "im2col"))
+        bb = importer.block_builder
+        od = dd + 2 * pd - kd + 1
+        y = _emit_conv(bb, bb.emit(relax.op.reshape(importer.env[node.args[0]], x4)), w4,
+                       None if bt is None else bt.detach().numpy(), x4, kind, 1, (pd, pd, 0, 0), clamp,
+                       None if residual is None else bb.emit(relax.op.reshape(importer.env[residual],
+                                                                              (n, cout, od, h * wd))))
+        return bb.emit(relax.op.reshape(y, tuple(int(v) for v in node.meta["val"].shape)))
 
     def _conv1d(node, importer, x_shape, wt, bt, groups: int = 1):
         """A 1-D conv [N, C, L] (audio, time series, TCNs) as a 2-D one on a [N, C, 1, L] map with a 1 x k
@@ -1786,6 +1814,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             taps = -(-k // s)
             q0 = min(p // s, taps - 1)  # rows q < p // s hold only outputs before the first
             return taps, q0, taps - 1 - q0, -(-(p + o) // s) - size
+        if h == 1 and wd == 1:
+            return _one_pixel_transposed(node, importer, w, bt, (ph, pw), (oh, ow))
         jh, qh, pt, pb = axis(h, sh, ph, kh, oh)
         jw, qw, pl, pr = axis(wd, sw, pw, kw, ow)
         if min(pb, pr) < 0:
@@ -1815,6 +1845,33 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         top, left = ph - qh * sh, pw - qw * sw
         y = bb.emit(relax.op.strided_slice(y, axes=[2, 3], begin=[top, left], end=[top + oh, left + ow]))
         return bb.emit(relax.op.reshape(y, (n, cout, ow))) if one_d else y
+
+    def _one_pixel_transposed(node, importer, w, bt, padding, out_hw):
+        """A transposed conv of a 1 x 1 map (DCGAN's and other generators' first layer, z [N, Cin, 1, 1] -> Cout x
+        4 x 4): output pixel o is tap o + p of the kernel (zero past it), so the layer is a linear with Cout OH OW
+        outputs on the packed GEMV / GEMM. As a phase conv over the map padded by k - 1 no kernel took it, and
+        TVM's conv2d_transpose took 7.2 ms (batch 8, 64 -> 256 channels, 4 x 4: 2 M MACs)."""
+        import numpy as np
+        from tvm import relax
+
+        from graphopt.targets.tvm.cpu.gemm import emit_packed_gemv, emit_packed_linear
+        from graphopt.targets.tvm.cpu.rules import vector_lanes
+        cin, cout, kh, kw = (int(v) for v in w.shape)
+        (ph, pw), (oh, ow) = padding, out_hw
+        rows = np.zeros((cout, oh, ow, cin), np.float32)
+        ys, xs = slice(ph, min(kh, ph + oh)), slice(pw, min(kw, pw + ow))
+        taps = w[:, :, ys, xs].transpose(1, 2, 3, 0)
+        rows[:, :taps.shape[1], :taps.shape[2]] = taps
+        b = None if bt is None else np.repeat(bt.detach().numpy().astype(np.float32), oh * ow)
+        bb = importer.block_builder
+        n = int(node.args[0].meta["val"].shape[0])
+        x = bb.emit(relax.op.reshape(importer.env[node.args[0]], (n, cin)))
+        rows = rows.reshape(cout * oh * ow, cin)
+        y = (emit_packed_gemv(bb, x, rows, b, cin, vector_lanes(target)) if n == 1 else
+             emit_packed_linear(bb, x, rows, None if b is None else relax.const(b), (n, cin), vector_lanes(target)))
+        if y is None:
+            return None
+        return bb.emit(relax.op.reshape(y, tuple(int(v) for v in node.meta["val"].shape)))
 
     def _uneven_stride_applies(node, x_shape, wt, groups: int) -> bool:
         """A dense conv whose strides along H and W differ (text recognizers' and spectrogram CNNs' (2, 1)), no
@@ -2176,6 +2233,53 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                                  padding, count_pad, None if divisor is None else int(divisor))
         return generic["avg_pool2d.default"](node, importer)
 
+    def pool3d(node, importer):
+        """max_pool3d (with indices unread) / avg_pool3d whose depth windows tile the depth (kernel = stride, no
+        padding; (1, k, k) video pools and 3-D UNets' 2x2x2) on graphopt's 2-D pooling kernel over [N, C D, H,
+        W], its row maxima / sums running over the kd planes of a window too. Relax's pools took 220 us for
+        R(2+1)D's (1, 2, 2) average over 32x8x56x56 and 311 us for a 3-D UNet's 2x2x2 max over 16x32x64x64.
+        Others: TVM's op."""
+        from graphopt.targets.tvm.cpu.pool import avg_pool_applies, emit_avg_pool, emit_max_pool, max_pool_applies
+        from graphopt.targets.tvm.missing_ops import _indices_used
+        name = node.target.__name__
+        avg, indices = name.startswith("avg"), "indices" in name
+        args = list(node.args) + [None] * (7 - len(node.args))
+        kw = node.kwargs
+        kernel = _pair(args[1], None, 3)
+        stride = _pair(args[2] or kw.get("stride"), kernel, 3)
+        padding = _pair(args[3] or kw.get("padding"), [0, 0, 0], 3)
+        if avg:
+            dilation, ceil = [1, 1, 1], bool(args[4] if args[4] is not None else kw.get("ceil_mode", False))
+            count_pad = bool(args[5] if args[5] is not None else kw.get("count_include_pad", True))
+            divisor = args[6] if args[6] is not None else kw.get("divisor_override")
+        else:
+            dilation = _pair(args[4] or kw.get("dilation"), [1, 1, 1], 3)
+            ceil, divisor = bool(args[5] if args[5] is not None else kw.get("ceil_mode", False)), None
+        x_val = node.args[0].meta["val"]
+
+        def fallback():
+            return generic[name](node, importer) if name in generic else _builtin(importer, name)(node)
+        if (str(x_val.dtype) != "torch.float32" or x_val.dim() != 5 or kernel is None or divisor is not None
+                or (indices and _indices_used(node))):
+            return fallback()
+        n, c, d, h, w = (int(v) for v in x_val.shape)
+        kd = kernel[0]
+        x2 = (n, c * d, h, w)
+        ok = (kd == stride[0] and padding[0] == 0 and dilation[0] == 1 and d % kd == 0 and not ceil
+              and (avg_pool_applies(x2, kernel[1:], stride[1:], padding[1:], False) if avg else
+                   max_pool_applies(x2, kernel[1:], stride[1:], padding[1:], dilation[1:], False)))
+        if not ok:
+            return fallback()
+        bb = importer.block_builder
+        x = bb.emit(relax.op.reshape(importer.env[node.args[0]], x2))
+        y = (emit_avg_pool(bb, x, x2, kernel[1:], stride[1:], padding[1:], count_pad, None, kd) if avg
+             else emit_max_pool(bb, x, x2, kernel[1:], stride[1:], padding[1:], kd))
+        out = [int(v) for v in (node.meta["val"][0] if indices else node.meta["val"]).shape]
+        y = bb.emit(relax.op.reshape(y, out))
+        if indices:
+            return bb.emit(relax.Tuple([y, bb.emit(relax.op.zeros(y.ty.shape, "int64"))]))
+        return y
+
     if not cpu_kernels:
         if sparse24 is not None or gpu_dense is not None:
             generic = {**generic, "linear.default": sparse_linear, "convolution.default": sparse_conv}
@@ -2193,6 +2297,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             "bsr_conv1x1.default": bsr_conv1x1, "linear.default": linear, "mm.default": mm, "addmm.default": addmm,
             "add.Tensor": add, "cat.default": cat, "max_pool2d.default": max_pool2d, "avg_pool2d.default": avg_pool2d,
             "max_pool2d_with_indices.default": max_pool2d_with_indices, "instance_norm.default": instance_norm,
+            "max_pool3d.default": pool3d, "max_pool3d_with_indices.default": pool3d, "avg_pool3d.default": pool3d,
             "upsample_linear1d.vec": upsample_linear1d,
             "adaptive_max_pool2d.default": adaptive_max_pool2d,
             "_adaptive_avg_pool2d.default": adaptive_avg_pool2d,
@@ -2314,24 +2419,30 @@ def _sdpa_output_permute(node):
     return None
 
 
+def _conv3d_transpose_relax(node, importer):
+    """A 5-D transposed conv as Relax's conv3d_transpose (TVM 0.27's torch importer refuses them: "Unsupported
+    transposed convolution dimensionality: 5", though Relax has the op)."""
+    from tvm import relax
+    x, w = node.args[0], node.args[1]
+    bb = importer.block_builder
+    stride, padding, dilation, out_pad = ([int(v) for v in node.args[i]] for i in (3, 4, 5, 7))
+    y = bb.emit(relax.op.nn.conv3d_transpose(importer.env[x], importer.env[w], strides=stride, padding=padding,
+                                             output_padding=out_pad, dilation=dilation, groups=int(node.args[8]),
+                                             data_layout="NCDHW", kernel_layout="IODHW"))
+    if node.args[2] is not None:
+        y = bb.emit(relax.op.add(y, relax.op.reshape(importer.env[node.args[2]], (1, -1, 1, 1, 1))))
+    return y
+
+
 def _with_conv_transpose_3d(inner):
-    """The convolution converter, taking 5-D transposed convs itself (TVM 0.27's torch importer refuses them:
-    "Unsupported transposed convolution dimensionality: 5", though Relax has conv3d_transpose); the rest go to
-    `inner` (graphopt's converter for this device) or TVM's own."""
+    """The convolution converter, taking 5-D transposed convs itself unless `inner` (graphopt's converter for this
+    device) does (`takes_3d_transposed`: the CPU one runs kernel == stride ones on its kernels); the rest go to
+    `inner` or TVM's own."""
     def convert(node, importer):
-        from tvm import relax
-        x, w = node.args[0], node.args[1]
-        if not (node.args[6] and len(x.meta["val"].shape) == 5):
-            return inner(node, importer) if inner is not None else importer._convolution(node)
-        bb = importer.block_builder
-        stride, padding, dilation, out_pad = ([int(v) for v in node.args[i]] for i in (3, 4, 5, 7))
-        y = bb.emit(relax.op.nn.conv3d_transpose(importer.env[x], importer.env[w], strides=stride, padding=padding,
-                                                 output_padding=out_pad, dilation=dilation,
-                                                 groups=int(node.args[8]), data_layout="NCDHW",
-                                                 kernel_layout="IODHW"))
-        if node.args[2] is not None:
-            y = bb.emit(relax.op.add(y, relax.op.reshape(importer.env[node.args[2]], (1, -1, 1, 1, 1))))
-        return y
+        if (node.args[6] and len(node.args[0].meta["val"].shape) == 5
+                and not getattr(inner, "takes_3d_transposed", False)):
+            return _conv3d_transpose_relax(node, importer)
+        return inner(node, importer) if inner is not None else importer._convolution(node)
     return convert
 
 
@@ -2438,12 +2549,13 @@ def _join_groups(bb, ys):
     return bb.emit(relax.op.concat(ys, axis=1))
 
 
-def _pair(v, default):
-    """aten's int-or-list pooling argument as [h, w]; None or [] -> default (a stride: the kernel)."""
+def _pair(v, default, n: int = 2):
+    """aten's int-or-list pooling argument as [h, w] (n = 3: [d, h, w]); None or [] -> default (a stride: the
+    kernel)."""
     if v is None or (not isinstance(v, int) and len(v) == 0):
         return default
     v = [int(v)] if isinstance(v, int) else [int(a) for a in v]
-    return v * 2 if len(v) == 1 else v
+    return v * n if len(v) == 1 else v
 
 
 def _converters(ep, device: str, sparse24: dict | None, target=None, layouts: dict | None = None,

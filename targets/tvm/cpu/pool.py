@@ -34,7 +34,7 @@ def pool_geometry(h: int, w: int, kernel, stride, padding) -> tuple:
     return (kh, kw), (sh, sw), (ph, pw), ((h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1)
 
 
-def max_pool_source(c: int, h: int, w: int, kernel, stride, padding) -> str:
+def max_pool_source(c: int, h: int, w: int, kernel, stride, padding, depth: int = 1) -> str:
     """TVMScript of max pooling, separably: one task per channel and band of POOL_BAND output rows; for each output
     row the maxima down the kernel's kh input rows go into a row buffer (whole rows, contiguous), then each output
     is the maximum of kw of those along the row: kh + kw comparisons an output instead of kh x kw, and the strided
@@ -42,7 +42,9 @@ def max_pool_source(c: int, h: int, w: int, kernel, stride, padding) -> str:
     instead, which lies in the same window (every window holds one inside: PyTorch's padding is at most half the
     kernel), so the maximum is the same and no load is guarded; each loop is plain code LLVM vectorizes. A NaN in
     a window gives NaN, as in PyTorch (TVM's max keeps a NaN only when it is the second operand). `zero` [1] holds
-    0, added to an index (a second input the body reads keeps Relax from taking the function for a reshape)."""
+    0, added to an index (a second input the body reads keeps Relax from taking the function for a reshape).
+    `depth` > 1: a 3-D pool whose depth windows tile the depth (x holds c depth planes of each output plane in
+    turn): the row maxima run down the kh rows of those planes too."""
     (kh, kw), (sh, sw), (ph, pw), (oh, ow) = pool_geometry(h, w, kernel, stride, padding)
     lo = min(ow, -(-pw // sw))  # first output column whose taps are all inside
     hi = max(lo, min(ow, (w - kw + pw) // sw + 1))  # one past the last
@@ -50,11 +52,16 @@ def max_pool_source(c: int, h: int, w: int, kernel, stride, padding) -> str:
     nb = -(-oh // band)
 
     def maxima(srcs, pad: str) -> str:
-        """Let-bindings of the running maximum of `srcs` (m0 .. m{k-1}), a NaN kept."""
+        """Let-bindings of the running maximum of `srcs` (m0 .. m{k-1}), a NaN kept. The lets are substituted into
+        one expression, so past 3 taps each step names the one before once (T.max(v, m) keeps m's NaN, the Select
+        v's): with m named twice a step the expression doubled with each tap, and a 7 x 7 pool's build did not
+        finish (5 x 5: 2.3 s, this way 0.4). Up to 3 taps the two-reference form stays: 5-8% faster (ResNet's 3x3
+        stride-2 pool over 64x112x112: 73-76 against 77-81 us)."""
         lines = [f"m0: T.let = {srcs[0]}"]
         for k, src in enumerate(srcs[1:], 1):
-            lines += [f"v{k}: T.let = {src}",
-                      f"m{k}: T.let = T.Select(T.Or(T.isnan(v{k}), v{k} > m{k - 1}), v{k}, m{k - 1})"]
+            step = (f"T.Select(T.Or(T.isnan(v{k}), v{k} > m{k - 1}), v{k}, m{k - 1})" if len(srcs) <= 3 else
+                    f"T.Select(T.isnan(v{k}), v{k}, T.max(v{k}, m{k - 1}))")
+            lines += [f"v{k}: T.let = {src}", f"m{k}: T.let = {step}"]
         return "".join(f"\n{pad}{ln}" for ln in lines)
 
     def cols(a: int, b: int, inside: bool) -> str:
@@ -65,10 +72,11 @@ def max_pool_source(c: int, h: int, w: int, kernel, stride, padding) -> str:
         return f"""
                 for ox in T.serial({b - a}):{maxima([f"vr[{at(j)}]" for j in range(kw)], " " * 20)}
                     out[ch, oy, ox + {a}] = m{kw - 1}"""
-    rows = [f"x[ch, T.max(T.min(oy * {sh} + {i - ph}, {h - 1}), 0), u]" for i in range(kh)]
+    rows = [f"x[ch * {depth} + {t}, T.max(T.min(oy * {sh} + {i - ph}, {h - 1}), 0), u]" for t in range(depth)
+            for i in range(kh)]
     return f"""
 @T.prim_func(private=True)
-def max_pool(x: T.Buffer(({c}, {h}, {w}), "float32"), zero: T.Buffer((1,), "int32"),
+def max_pool(x: T.Buffer(({c * depth}, {h}, {w}), "float32"), zero: T.Buffer((1,), "int32"),
              out: T.Buffer(({c}, {oh}, {ow}), "float32")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
     for t in T.parallel({c * nb}):
@@ -78,54 +86,59 @@ def max_pool(x: T.Buffer(({c}, {h}, {w}), "float32"), zero: T.Buffer((1,), "int3
             oy: T.let = (t % {nb}) * {band} + q + zero[0]
             if oy < {oh}:
                 for u in T.serial({w}):{maxima(rows, " " * 20)}
-                    vr[u] = m{kh - 1}{cols(0, lo, False) + cols(lo, hi, True) + cols(hi, ow, False)}
+                    vr[u] = m{kh * depth - 1}{cols(0, lo, False) + cols(lo, hi, True) + cols(hi, ow, False)}
 """
 
 
-def _emit_pool(bb, x, x_shape, kernel, stride, padding, src: str, name: str, suffix: str = ""):
+def _emit_pool(bb, x, x_shape, kernel, stride, padding, src: str, name: str, suffix: str = "", depth: int = 1):
     """A pooling kernel's TVMScript `src` for one sample of x [N, C, H, W] called on all of x (`batch_source`),
-    its `zero` input a constant; the output [N, C, OH, OW]. `suffix` ends the function's name."""
+    its `zero` input a constant; the output [N, C / depth, OH, OW]. `suffix` ends the function's name."""
     from tvm import relax
 
     n, c, h, w = (int(d) for d in x_shape)
     (kh, kw), (sh, sw), (ph, pw), (oh, ow) = pool_geometry(h, w, kernel, stride, padding)
+    tag = f"k{depth}x{kh}x{kw}" if depth > 1 else f"k{kh}x{kw}"
     gv = bb.add_func(parse_kernel(batch_source(src, n, ["x", "out"])),
-                     f"{name}_{c}x{h}x{w}_k{kh}x{kw}s{sh}x{sw}p{ph}x{pw}{suffix}" + _ntag(n))
+                     f"{name}_{c}x{h}x{w}_{tag}s{sh}x{sw}p{ph}x{pw}{suffix}" + _ntag(n))
     y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, _batched(n, c, h, w))),
                                     relax.const(np.zeros(1, np.int32))],
-                               relax.TensorType(_batched(n, c, oh, ow), "float32")))
-    return bb.emit(relax.op.reshape(y, (n, c, oh, ow)))
+                               relax.TensorType(_batched(n, c // depth, oh, ow), "float32")))
+    return bb.emit(relax.op.reshape(y, (n, c // depth, oh, ow)))
 
 
-def emit_max_pool(bb, x, x_shape, kernel, stride, padding):
-    """max_pool2d of x [N, C, H, W] (per sample). TVM's pooling with the schedule rules took 1.1 ms for ResNet-18's
-    3x3 stride-2 pool on 64x112x112."""
+def emit_max_pool(bb, x, x_shape, kernel, stride, padding, depth: int = 1):
+    """max_pool2d of x [N, C, H, W] (per sample); with `depth`, a 3-D pool over windows of `depth` planes (C / depth
+    output planes; `max_pool_source`). TVM's pooling with the schedule rules took 1.1 ms for ResNet-18's 3x3
+    stride-2 pool on 64x112x112."""
     _, c, h, w = (int(d) for d in x_shape)
-    return _emit_pool(bb, x, x_shape, kernel, stride, padding, max_pool_source(c, h, w, kernel, stride, padding),
-                      "max_pool")
+    return _emit_pool(bb, x, x_shape, kernel, stride, padding,
+                      max_pool_source(c // depth, h, w, kernel, stride, padding, depth), "max_pool", depth=depth)
 
 
-def avg_pool_source(c: int, h: int, w: int, kernel, stride, padding, count_pad: bool, divisor: int | None) -> str:
+def avg_pool_source(c: int, h: int, w: int, kernel, stride, padding, count_pad: bool, divisor: int | None,
+                    depth: int = 1) -> str:
     """TVMScript of average pooling, separably as `max_pool_source`: per output row the sums down the kernel's kh
     input rows go into a row buffer whose pw columns either side hold zeros (a row outside the image adds 0), then
     each output sums kw of those along the row and scales: by 1 / divisor, 1 / (kh x kw) with `count_pad` (PyTorch's
     count_include_pad: without ceil_mode every window lies inside the padded map), else by 1 / the window's taps
-    inside the image."""
+    inside the image. `depth`: as `max_pool_source`'s (the rows of `depth` planes summed, counted in the divisor)."""
     (kh, kw), (sh, sw), (ph, pw), (oh, ow) = pool_geometry(h, w, kernel, stride, padding)
     band = min(oh, POOL_BAND)
     nb = -(-oh // band)
     rows = " + ".join(f"T.Select(oy * {sh} + {i - ph} >= 0 and oy * {sh} + {i - ph} < {h}, "
-                      f"x[ch, T.max(T.min(oy * {sh} + {i - ph}, {h - 1}), 0), u], T.float32(0))" for i in range(kh))
+                      f"x[ch * {depth} + {t}, T.max(T.min(oy * {sh} + {i - ph}, {h - 1}), 0), u], T.float32(0))"
+                      for t in range(depth) for i in range(kh))
     total = " + ".join(f"vr[ox * {sw} + {j}]" for j in range(kw))
     if divisor is not None or count_pad:
-        scaled = f"({total}) * T.float32({1.0 / (divisor or kh * kw)!r})"
+        scaled = f"({total}) * T.float32({1.0 / (divisor or kh * kw * depth)!r})"
     else:
         y0, x0 = f"oy * {sh} - {ph}", f"ox * {sw} - {pw}"
-        taps = (f"(T.min({y0} + {kh}, {h}) - T.max({y0}, 0)) * (T.min({x0} + {kw}, {w}) - T.max({x0}, 0))")
+        taps = (f"(T.min({y0} + {kh}, {h}) - T.max({y0}, 0)) * (T.min({x0} + {kw}, {w}) - T.max({x0}, 0))"
+                + (f" * {depth}" if depth > 1 else ""))
         scaled = f"({total}) / T.Cast(\"float32\", {taps})"
     return f"""
 @T.prim_func(private=True)
-def avg_pool(x: T.Buffer(({c}, {h}, {w}), "float32"), zero: T.Buffer((1,), "int32"),
+def avg_pool(x: T.Buffer(({c * depth}, {h}, {w}), "float32"), zero: T.Buffer((1,), "int32"),
              out: T.Buffer(({c}, {oh}, {ow}), "float32")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
     for t in T.parallel({c * nb}):
@@ -144,14 +157,15 @@ def avg_pool(x: T.Buffer(({c}, {h}, {w}), "float32"), zero: T.Buffer((1,), "int3
 """
 
 
-def emit_avg_pool(bb, x, x_shape, kernel, stride, padding, count_pad: bool, divisor: int | None):
-    """avg_pool2d of x [N, C, H, W] (per sample; `avg_pool_source`). Relax's op under the schedule rules took 482
-    us for an Inception block's 3x3 stride-1 pool of 288x35x35 (ORT's whole block: 1.3 ms)."""
+def emit_avg_pool(bb, x, x_shape, kernel, stride, padding, count_pad: bool, divisor: int | None, depth: int = 1):
+    """avg_pool2d of x [N, C, H, W] (per sample; `avg_pool_source`; `depth` as `emit_max_pool`'s). Relax's op under
+    the schedule rules took 482 us for an Inception block's 3x3 stride-1 pool of 288x35x35 (ORT's whole block: 1.3
+    ms)."""
     _, c, h, w = (int(d) for d in x_shape)
     ph, pw = (int(p) for p in padding)
     tag = "" if divisor is None and (count_pad or (ph, pw) == (0, 0)) else f"_d{divisor}" if divisor else "_exclude_pad"
-    src = avg_pool_source(c, h, w, kernel, stride, padding, count_pad, divisor)
-    return _emit_pool(bb, x, x_shape, kernel, stride, padding, src, "avg_pool", tag)
+    src = avg_pool_source(c // depth, h, w, kernel, stride, padding, count_pad, divisor, depth)
+    return _emit_pool(bb, x, x_shape, kernel, stride, padding, src, "avg_pool", tag, depth)
 
 
 def pad_source(rows: int, h: int, w: int, top: int, bottom: int, left: int, right: int, dtype: str) -> str:

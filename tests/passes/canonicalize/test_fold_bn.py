@@ -143,3 +143,34 @@ def test_constant_scales_per_output_channel_fold_into_weight_and_bias():
     assert len(left) == 2, out.text()  # the tied linears' muls
     for a, b in zip(out.run(x), model(x)):
         torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.parametrize("dims,groups", [(2, 1), (2, 2), (1, 1), (3, 1)])
+def test_folds_batch_norm_after_a_transposed_conv(dims, groups):
+    """DCGAN / UNet decoders: BatchNorm after ConvTranspose folds into the weight along its axis 1 (output channels
+    within each group: the weight is [Cin, Cout / groups, *k]) and the bias, one added where the layer had none; a
+    per-channel constant multiply after one folds the same way."""
+    torch.manual_seed(4)
+    conv_t = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[dims]
+    norm = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims]
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.bn = conv_t(4, 6, 3, 2, 1, 1, groups=groups, bias=False), norm(6)
+            self.up2 = conv_t(6, 4, 2, 2)
+            self.s = nn.Parameter(torch.rand(1, 4, *[1] * dims) + 0.5)
+            self.bn.running_mean.uniform_(-1, 1)
+            self.bn.running_var.uniform_(0.3, 3)
+            self.bn.weight.data.uniform_(0.5, 1.5)
+            self.bn.bias.data.uniform_(-0.5, 0.5)
+
+        def forward(self, x):
+            return self.up2(torch.relu(self.bn(self.up(x)))) * self.s
+
+    model = M().eval()
+    x = torch.randn(2, 4, *[5] * dims)
+    g = graphopt.trace(model, (x,))
+    out = graphopt.optimize(g, "fold-bn")
+    assert bn_count(out) == 0 and not any(n.target is torch.ops.aten.mul.Tensor for n in out.graph.nodes), out.text()
+    torch.testing.assert_close(out.run(x)[0], model(x), **TOL)
