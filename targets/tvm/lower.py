@@ -2280,6 +2280,98 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             return bb.emit(relax.Tuple([y, bb.emit(relax.op.zeros(y.ty.shape, "int64"))]))
         return y
 
+    def _row_index(i_node, dim: int, x_shape):
+        """The index vector behind a scatter's index whose entries along every axis but `dim` repeat one value and
+        span x's axes (GNNs' `dst[:, None].expand(-1, D)`, ONNX ScatterND's row offsets): that [.., E, ..] node
+        (its other axes 1), or None."""
+        import torch.fx as fx
+        i_shape = [int(v) for v in i_node.meta["val"].shape]
+        if len(i_shape) != len(x_shape) or any(i_shape[k] != int(x_shape[k]) for k in range(len(i_shape)) if k != dim):
+            return None
+        v = i_node
+        while all(int(s) == 1 for k, s in enumerate(v.meta["val"].shape) if k != dim) is False:
+            if not (isinstance(v, fx.Node) and target_name(v.target) == "aten.expand.default"):
+                return None
+            v = v.args[0]
+            if not isinstance(v, fx.Node) or v.meta["val"].dim() != len(i_shape) or int(v.meta["val"].shape[dim]) != \
+                    i_shape[dim]:
+                return None
+        return v
+
+    def scatter_rows(node, importer):
+        """scatter_add / scatter (src) / scatter_reduce(sum, include_self) whose index repeats along every axis but
+        dim (`_row_index`): whole rows on the row scatter kernel (`cpu.scatter`), repeated indices accumulating (or
+        the last winning); others go to the converter before."""
+        import torch.fx as fx
+
+        from graphopt.targets.tvm.cpu.rules import target_cores
+        from graphopt.targets.tvm.cpu.scatter import emit_scatter_rows
+        from graphopt.targets.tvm.missing_ops import _dtype
+        name = node.target.__name__
+        x_val = node.args[0].meta["val"]
+        dim = int(node.args[1]) % max(x_val.dim(), 1)
+        src_node = node.args[3] if len(node.args) > 3 else None
+        reduce_ok = name != "scatter_reduce.two" or (
+            str(node.args[4]) == "sum" and bool(node.args[5] if len(node.args) > 5 else
+                                                node.kwargs.get("include_self", True)))
+        v = (_row_index(node.args[2], dim, x_val.shape) if reduce_ok and isinstance(src_node, fx.Node)
+             and x_val.dim() > 0 and src_node.meta["val"].dtype == x_val.dtype else None)
+        if v is None:
+            return generic[name](node, importer) if name in generic else _builtin(importer, name)(node)
+        bb = importer.block_builder
+        i_shape = [int(d) for d in node.args[2].meta["val"].shape]
+        src = importer.env[src_node]
+        if [int(d) for d in src_node.meta["val"].shape] != i_shape:
+            src = bb.emit(relax.op.strided_slice(src, axes=list(range(len(i_shape))), begin=[0] * len(i_shape),
+                                                 end=i_shape))
+        return emit_scatter_rows(bb, importer.env[node.args[0]], importer.env[v], src, x_val.shape, dim,
+                                 i_shape[dim], _dtype(x_val), _dtype(v.meta["val"]), name != "scatter.src",
+                                 target_cores(target))
+
+    def index_add(node, importer):
+        """x.index_add(dim, index, source, alpha): source's rows along dim added into x's rows index[i], in order
+        (repeated indices accumulate), on the row scatter kernel (`cpu.scatter`)."""
+        from graphopt.targets.tvm.cpu.rules import target_cores
+        from graphopt.targets.tvm.cpu.scatter import emit_scatter_rows
+        from graphopt.targets.tvm.missing_ops import _dtype
+        x_val = node.args[0].meta["val"]
+        dim = int(node.args[1]) % max(x_val.dim(), 1)
+        alpha = node.args[4] if len(node.args) > 4 else node.kwargs.get("alpha", 1)
+        bb = importer.block_builder
+        src = importer.env[node.args[3]]
+        if alpha != 1:
+            src = bb.emit(relax.op.multiply(src, relax.const(alpha, _dtype(x_val))))
+        rows = max(int(node.args[2].meta["val"].numel()), 1)
+        return emit_scatter_rows(bb, importer.env[node.args[0]], importer.env[node.args[2]], src,
+                                 x_val.shape if x_val.dim() else [1], dim, rows, _dtype(x_val),
+                                 _dtype(node.args[2].meta["val"]), True, target_cores(target))
+
+    def index_put(node, importer):
+        """x[index] = values / += values with one integer index vector on the first axis (KV-cache rows, `x[idx]
+        += v` message passing): whole rows on the row scatter kernel; other forms go to the converter before."""
+        import numpy as np
+        import torch.fx as fx
+
+        from graphopt.targets.tvm.cpu.rules import target_cores
+        from graphopt.targets.tvm.cpu.scatter import emit_scatter_rows
+        from graphopt.targets.tvm.missing_ops import _dtype
+        x_val, idx = node.args[0].meta["val"], list(node.args[1])
+        name = node.target.__name__
+        if (x_val.dim() < 2 or len(idx) != 1 or idx[0] is None or idx[0].meta["val"].dim() != 1
+                or idx[0].meta["val"].dtype.is_floating_point or str(idx[0].meta["val"].dtype) == "torch.bool"):
+            return generic[name](node, importer)
+        accumulate = bool(node.args[3] if len(node.args) > 3 else node.kwargs.get("accumulate", False))
+        bb = importer.block_builder
+        rows = int(idx[0].meta["val"].shape[0])
+        shape = [rows] + [int(d) for d in x_val.shape[1:]]
+        values = importer.env[node.args[2]] if isinstance(node.args[2], fx.Node) else \
+            relax.const(np.asarray(node.args[2], _dtype(x_val)), _dtype(x_val))
+        if isinstance(node.args[2], fx.Node) and node.args[2].meta["val"].dtype != x_val.dtype:
+            values = bb.emit(relax.op.astype(values, _dtype(x_val)))
+        values = bb.emit(relax.op.broadcast_to(values, shape))
+        return emit_scatter_rows(bb, importer.env[node.args[0]], importer.env[idx[0]], values, x_val.shape, 0, rows,
+                                 _dtype(x_val), _dtype(idx[0].meta["val"]), accumulate, target_cores(target))
+
     if not cpu_kernels:
         if sparse24 is not None or gpu_dense is not None:
             generic = {**generic, "linear.default": sparse_linear, "convolution.default": sparse_conv}
@@ -2298,6 +2390,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             "add.Tensor": add, "cat.default": cat, "max_pool2d.default": max_pool2d, "avg_pool2d.default": avg_pool2d,
             "max_pool2d_with_indices.default": max_pool2d_with_indices, "instance_norm.default": instance_norm,
             "max_pool3d.default": pool3d, "max_pool3d_with_indices.default": pool3d, "avg_pool3d.default": pool3d,
+            "scatter_add.default": scatter_rows, "scatter.src": scatter_rows, "scatter_reduce.two": scatter_rows,
+            "index_add.default": index_add, "index_put.default": index_put, "index_put_.default": index_put,
             "upsample_linear1d.vec": upsample_linear1d,
             "adaptive_max_pool2d.default": adaptive_max_pool2d,
             "_adaptive_avg_pool2d.default": adaptive_avg_pool2d,
@@ -2595,7 +2689,10 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
     table.pop(torch.ops.aten.upsample_trilinear3d.vec, None)  # (nor do trilinear's; trilinear)
     table.pop(torch.ops.aten.heaviside.default, None)  # (its decomposition mixed dtypes in a where; more_ops)
     table[torch.ops.aten.col2im.default] = _col2im_as_conv_transpose  # (its index_put did not build past batch 1)
-    table[torch.ops.aten.index_add.default] = _index_add_as_matmul  # (its index_put did not import)
+    if device != "cpu":  # (its index_put did not import; the CPU converter runs the row scatter kernel)
+        table[torch.ops.aten.index_add.default] = _index_add_as_matmul
+    else:
+        table.pop(torch.ops.aten.index_add.default, None)
     table[torch.ops.aten.signbit.default] = _signbit  # (no converter)
     table[torch.ops.aten.bilinear.default] = _bilinear  # (its _trilinear has no converter)
     table[torch.ops.aten.narrow_copy.default] = _narrow_copy  # (no converter)
