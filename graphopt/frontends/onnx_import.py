@@ -928,6 +928,35 @@ def _col2im(im, ins, at):
                    [int(v) for v in at.get("strides", [1] * nd)])
 
 
+def _dft(x, length, axis: int, inverse: bool, onesided: bool):
+    """ONNX DFT of x [..., 1] (real) or [..., 2] ((re, im) pairs) along signal axis `axis`, by torch.fft's
+    transforms (which graphopt's lowering runs as DFT-matrix GEMMs): the complex result as pairs, IRFFT's real one
+    as [..., 1]."""
+    z = torch.view_as_complex(x) if x.shape[-1] == 2 else x[..., 0]
+    if onesided and inverse:
+        return torch.fft.irfft(z, n=length, dim=axis)[..., None]
+    if onesided:
+        return torch.view_as_real(torch.fft.rfft(z, n=length, dim=axis))
+    return torch.view_as_real((torch.fft.ifft if inverse else torch.fft.fft)(z, n=length, dim=axis))
+
+
+@op("DFT")
+def _dft_op(im, ins, at):
+    """DFT (opset 17: axis an attribute, 20: an input) with its constant dft_length; onesided forward (RFFT) and
+    inverse (IRFFT, opset 20's real output)."""
+    rank = len(im.shape(ins[0]))
+    length = int(im.const(ins[1], "dft_length").reshape(-1)[0]) if len(ins) > 1 and ins[1] else None
+    if im.opset >= 20:
+        axis = int(im.const(ins[2], "axis").reshape(-1)[0]) if len(ins) > 2 and ins[2] else -2
+    else:
+        axis = int(at.get("axis", 1))
+    axis %= rank
+    if axis == rank - 1:
+        raise UnsupportedOpError(im.node_name, "DFT", "the axis is the last one, which holds (real, imag): "
+                                 "transform a signal axis")
+    return im.emit(_dft, ins[0], length, axis, bool(at.get("inverse", 0)), bool(at.get("onesided", 0)))
+
+
 @op("OneHot")
 def _one_hot_op(im, ins, at):
     depth = int(_scalar(im, ins[1], "depth"))

@@ -4,11 +4,16 @@ product, `torch.view_as_real`) did not import ("no converter for view_as_complex
 
 `complex_as_real` rewrites the graph before it is exported to TVM: every complex value becomes a float tensor with
 a trailing axis of 2 (view_as_real's layout), complex buffers are stored that way, and the ops on them become real
-arithmetic (a product: four multiplies). Shape ops move their dims off the trailing pair. An op on a complex value
-outside the list (a complex matmul, an FFT) is refused by name; so are complex inputs and outputs (a model's
-inputs and outputs stay real)."""
+arithmetic (a product: four multiplies). Shape ops move their dims off the trailing pair. FFTs (torch.fft's fft,
+ifft, rfft, irfft and their 2-D / n-D forms: FNet, GFNet, Fourier neural operators) become one GEMM per axis with a
+constant DFT matrix over the interleaved (real, imag) values, which graphopt's packed GEMM runs; complex einsums and
+matmuls are four real ones. An op on a complex value outside the list is refused by name; so are complex inputs and
+outputs (a model's inputs and outputs stay real)."""
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 from torch import fx
 
@@ -35,6 +40,7 @@ class _Rewriter:
         self.g = graph
         self.new = fx.Graph()
         self.env: dict[fx.Node, fx.Node] = {}
+        self.constants: list[str] = []
 
     # ---- building blocks on the new graph (z: a complex value as [..., 2]) ----------------------------------
     def call(self, op, *args, **kwargs) -> fx.Node:
@@ -65,9 +71,146 @@ class _Rewriter:
     def refuse(self, node: fx.Node, why: str):
         raise UnsupportedOpError(node.name, target_name(node.target) if node.op == "call_function" else node.op,
                                  f"{why}; graphopt computes complex tensors as (real, imag) pairs for rotary "
-                                 "embeddings (view_as_complex / view_as_real, polar, complex, products, sums, "
-                                 "conj, abs, angle, exp, reciprocal, shape ops): compute this part outside the "
-                                 "model, or use --target pt2")
+                                 "embeddings and FFTs (view_as_complex / view_as_real, polar, complex, products, "
+                                 "sums, conj, abs, angle, exp, reciprocal, einsum / matmul, torch.fft's fft / "
+                                 "ifft / rfft / irfft and their 2-D / n-D forms, shape ops): compute this part "
+                                 "outside the model, or use --target pt2")
+
+    # ---- FFTs as DFT matrices -----------------------------------------------------------------------------------
+    def constant(self, value: np.ndarray) -> fx.Node:
+        name = f"_dft_matrix_{len(self.constants)}"
+        self.constants.append(name)
+        self.g.gm.register_buffer(name, torch.from_numpy(np.ascontiguousarray(value, np.float32)))
+        return self.new.get_attr(name)
+
+    def along(self, x, shape: list[int], dim: int, pair: bool, width_in: int, matrix: np.ndarray, out: int,
+              pair_out: bool):
+        """x (a pair tensor of complex `shape`, or a real one of `shape`) with its axis `dim` (of `width_in`
+        entries, interleaved with the pair's) multiplied by `matrix` [out entries (x2 when pair_out), width_in
+        (x2 when pair)]: the axis moved last (beside the pair), flattened with it, one linear, moved back.
+        Returns (the value, its new complex / real shape)."""
+        last = len(shape) - 1
+        if dim != last:
+            x = self.call(aten.transpose.int, x, dim, last)
+        moved = list(shape)
+        moved[dim], moved[last] = moved[last], moved[dim]
+        lead = moved[:-1]
+        x = self.call(aten.reshape.default, x, [*lead, width_in * (2 if pair else 1)])
+        y = self.call(aten.linear.default, x, self.constant(matrix))
+        y = self.call(aten.reshape.default, y, [*lead, out, 2] if pair_out else [*lead, out])
+        if dim != last:
+            y = self.call(aten.transpose.int, y, dim, last)
+        shape = list(shape)
+        shape[dim] = out
+        return y, shape
+
+    @staticmethod
+    def dft(rows: int, n: int, cols: int, sign: float, scale: float) -> np.ndarray:
+        """M [rows, cols] = scale exp(sign 2 pi i j k / n) for input rows j < n (rows past n are cut: zero),
+        output entries k < cols."""
+        j = np.arange(rows)[:, None]
+        k = np.arange(cols)[None, :]
+        m = scale * np.exp(sign * 2j * np.pi * (j * k % n) / n)
+        m[j[:, 0] >= n] = 0
+        return m
+
+    @staticmethod
+    def interleaved(m: np.ndarray, real_in: bool) -> np.ndarray:
+        """The linear weight [2 cols, 2 rows] (or [2 cols, rows] for a real input) computing y = x M on values
+        interleaved as (re, im) pairs."""
+        rows, cols = m.shape
+        if real_in:
+            w = np.empty((2 * cols, rows))
+            w[0::2], w[1::2] = m.real.T, m.imag.T
+            return w
+        w = np.empty((2 * cols, 2 * rows))
+        w[0::2, 0::2], w[0::2, 1::2] = m.real.T, -m.imag.T
+        w[1::2, 0::2], w[1::2, 1::2] = m.imag.T, m.real.T
+        return w
+
+    @staticmethod
+    def scale(norm, n: int, inverse: bool) -> float:
+        norm = norm or "backward"
+        if norm == "ortho":
+            return 1 / math.sqrt(n)
+        return 1 / n if (norm == "backward") == inverse else 1.0
+
+    def fft(self, n: fx.Node, args) -> fx.Node:
+        """torch.fft's fft / ifft / rfft / irfft (1-D, 2-D, n-D) as one DFT-matrix GEMM per transformed axis,
+        inputs cut or zero-padded to the requested sizes as PyTorch does."""
+        name = target_name(n.target).split(".")[1][4:]  # fft, ifft2, rfftn, irfft, ...
+        if name not in _FFTS:
+            self.refuse(n, f"torch.fft.{name}")
+        kind = name.rstrip("2n")
+        src = n.args[0]
+        in_shape = [int(d) for d in src.meta["val"].shape]
+        rank = len(in_shape)
+        kw = dict(n.kwargs)
+        names = ["n", "dim", "norm"] if name[-1] not in "2n" else ["s", "dim", "norm"]
+        for key, v in zip(names, args[1:]):
+            kw[key] = v
+        norm = kw.get("norm")
+        if name[-1] in "2n":
+            dims = kw.get("dim")
+            sizes = kw.get("s")
+            if dims is None:
+                dims = [-2, -1] if name.endswith("2") else list(range(-(len(sizes) if sizes else rank), 0))
+            dims = [int(d) % rank for d in dims]
+            sizes = [None] * len(dims) if sizes is None else [None if v in (None, -1) else int(v) for v in sizes]
+        else:
+            dims, sizes = [int(kw.get("dim", -1) if kw.get("dim") is not None else -1) % rank], [kw.get("n")]
+        inverse = kind in ("ifft", "irfft")
+        z, shape, pair = args[0], list(in_shape), _is_complex(src)
+        if kind == "rfft":  # the last axis real -> half spectrum, then the others complex
+            d = dims[-1]
+            size = sizes[-1] or shape[d]
+            m = self.dft(shape[d], size, size // 2 + 1, -1.0, self.scale(norm, size, False))
+            z, shape = self.along(z, shape, d, False, shape[d], self.interleaved(m, True), size // 2 + 1, True)
+            pair, dims, sizes = True, dims[:-1], sizes[:-1]
+        last = None
+        if kind == "irfft":
+            last, dims, last_size = dims[-1], dims[:-1], sizes[-1]
+            sizes = sizes[:-1]
+        if not pair:
+            z, pair = self.real_as_pair(z), True
+        for d, size in zip(dims, sizes):
+            size = size or shape[d]
+            m = self.dft(shape[d], size, size, 1.0 if inverse else -1.0, self.scale(norm, size, inverse))
+            z, shape = self.along(z, shape, d, True, shape[d], self.interleaved(m, False), size, True)
+        if last is None:
+            return z
+        size = last_size or 2 * (shape[last] - 1)
+        half = min(shape[last], size // 2 + 1)  # (pocketfft's c2r reads the first n // 2 + 1 entries)
+        k = np.arange(shape[last])[:, None]
+        t = np.arange(size)[None, :]
+        weight = np.where(k == 0, 1.0, 2.0) * (k < half)
+        if size % 2 == 0:
+            weight = np.where(k == size // 2, 1.0, weight)
+        angle = 2 * np.pi * (k * t % size) / size
+        scale = self.scale(norm, size, True)
+        w = np.empty((size, 2 * shape[last]))
+        w[:, 0::2], w[:, 1::2] = (scale * weight * np.cos(angle)).T, (-scale * weight * np.sin(angle)).T
+        y, _ = self.along(z, shape, last, True, shape[last], w, size, False)
+        return y
+
+    def bilinear(self, n: fx.Node, args) -> fx.Node:
+        """einsum / matmul / mm / bmm with complex operands: four real products (two with one real operand)."""
+        if n.target is aten.einsum.default:
+            eq, ops, srcs = args[0], list(args[1]), list(n.args[1])
+            if len(ops) != 2:
+                self.refuse(n, "a complex einsum of other than two operands")
+            prod = lambda a, b: self.call(aten.einsum.default, eq, [a, b])  # noqa: E731
+        else:
+            ops, srcs = list(args[:2]), list(n.args[:2])
+            prod = lambda a, b: self.call(n.target, a, b)  # noqa: E731
+        (a, b), (ca, cb) = ops, [_is_complex(v) for v in srcs]
+        if ca and cb:
+            ar, ai, br, bi = self.re(a), self.im(a), self.re(b), self.im(b)
+            return self.pack(self.call(aten.sub.Tensor, prod(ar, br), prod(ai, bi)),
+                             self.call(aten.add.Tensor, prod(ar, bi), prod(ai, br)))
+        if ca:
+            return self.pack(prod(self.re(a), b), prod(self.im(a), b))
+        return self.pack(prod(a, self.re(b)), prod(a, self.im(b)))
 
     def run(self) -> Graph:
         gm = self.g.gm
@@ -114,6 +257,15 @@ class _Rewriter:
             return args[0]
         if op is aten._assert_tensor_metadata.default:
             return None
+        if target_name(op).startswith("aten.fft_"):
+            return self.fft(n, args)
+        if op in (aten.einsum.default, aten.matmul.default, aten.mm.default, aten.bmm.default):
+            return self.bilinear(n, args)
+        if op is aten.zeros_like.default:
+            return self.call(aten.zeros_like.default, args[0])
+        if op is aten.copy_.default:  # (into a slice of a complex value: both sides pairs, the view kept)
+            value = args[1] if _is_complex(n.args[1]) else self.real_as_pair(args[1])
+            return self.call(aten.copy_.default, args[0], value)
         if op is aten.polar.default:
             mag, ang = args
             return self.pack(self.call(aten.mul.Tensor, mag, self.call(aten.cos.default, ang)),
@@ -226,6 +378,9 @@ class _Rewriter:
         scale = self.call(aten.div.Tensor, a, den) if isinstance(a, fx.Node) else self.call(aten.reciprocal.default,
                                                                                                den)
         return self.call(aten.mul.Tensor, self.conj(b), self.call(aten.unsqueeze.default, scale, -1))
+
+
+_FFTS = {f"{p}{kind}{suffix}" for p in ("", "i", "r", "ir") for kind in ("fft",) for suffix in ("", "2", "n")}
 
 
 def complex_as_real(graph: Graph) -> Graph:

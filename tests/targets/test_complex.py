@@ -8,6 +8,7 @@ import torch
 
 import graphopt
 from graphopt.errors import UnsupportedOpError
+from tests.targets.test_missing_ops import _run_all
 from tests.targets.test_more_ops import _Fn, _check
 
 
@@ -48,11 +49,109 @@ def test_complex_ops_match_torch():
            a, b, f, rtol=1e-5, atol=1e-6)
 
 
+V = torch.view_as_real
+FFTS = {
+    "fft": lambda x: V(torch.fft.fft(x)),
+    "fft-n-dim-ortho": lambda x: V(torch.fft.fft(x, n=10, dim=1, norm="ortho")),  # zero-padded, a middle axis
+    "ifft-of-fft": lambda x: V(torch.fft.ifft(torch.fft.fft(x, dim=-2), dim=-2)),
+    "rfft-cut-forward": lambda x: V(torch.fft.rfft(x, n=7, norm="forward")),  # cut to 7, an odd length
+    "irfft-n": lambda x: (torch.fft.irfft(torch.fft.rfft(x)), torch.fft.irfft(torch.fft.rfft(x), n=9),
+                          torch.fft.irfft(torch.fft.rfft(x)[..., :4], n=16)),  # fewer bins than n // 2 + 1
+    "fnet": lambda x: torch.fft.fft(torch.fft.fft(x, dim=-1), dim=-2).real,  # FNet's token mixing
+    "fft2": lambda x: torch.fft.fft2(x).imag,
+    "gfnet": lambda x: torch.fft.irfft2(torch.fft.rfft2(x, norm="ortho") * torch.polar(torch.ones(8, 7),
+                                                                                        torch.ones(8, 7)),
+                                        s=x.shape[-2:], norm="ortho"),  # GFNet's global filter
+    "rfftn-s": lambda x: V(torch.fft.rfftn(x, s=(6, 6), norm="ortho")),
+    "ifftn": lambda x: V(torch.fft.ifftn(x, dim=(0, 2))),
+    "abs-rfft": lambda x: torch.fft.rfft(x).abs(),
+}
+
+
+@pytest.mark.parametrize("name", list(FFTS))
+def test_ffts_are_dft_matrix_gemms_and_match_torch(name):
+    """torch.fft's transforms of every kind (norms, sizes cut or padded, 1-D / 2-D / n-D, chosen axes) as one
+    DFT-matrix linear per axis over the interleaved (re, im) values: no FFT left in the lowered graph."""
+    from graphopt.targets.tvm.lower import lower_to_relax
+    x = torch.randn(2, 8, 12, generator=torch.Generator().manual_seed(0))
+    text = lower_to_relax(graphopt.trace(_Fn(FFTS[name]), (x,))).script()
+    assert "fft" not in text.replace("_dft_matrix", ""), text
+    _check(FFTS[name], x, rtol=1e-5, atol=2e-5)
+
+
+class SpectralConv(torch.nn.Module):
+    """A Fourier neural operator layer: rfft2, a complex einsum on the low modes written into zeros, irfft2."""
+    def __init__(self, c=4, modes=4):
+        super().__init__()
+        self.modes = modes
+        self.w = torch.nn.Parameter(torch.randn(c, c, modes, modes, dtype=torch.cfloat) * 0.1)
+        self.skip = torch.nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        f = torch.fft.rfft2(x)
+        out = torch.zeros_like(f)
+        m = self.modes
+        out[:, :, :m, :m] = torch.einsum("bixy,ioxy->boxy", f[:, :, :m, :m], self.w)
+        return torch.nn.functional.gelu(torch.fft.irfft2(out, s=x.shape[-2:]) + self.skip(x))
+
+
+def test_fourier_neural_operator_layer_matches_torch():
+    """A complex einsum with a complex weight, a slice of complex zeros written in place, both transforms."""
+    torch.manual_seed(0)
+    _check(SpectralConv().eval(), torch.randn(2, 4, 16, 16), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("fn,match", [
     (lambda x: torch.view_as_complex(x), "output .* is complex"),
-    (lambda x: torch.view_as_real(torch.fft.fft(torch.view_as_complex(x))), "outside those graphopt rewrites"),
-], ids=["complex-output", "fft"])
+    (lambda x: torch.fft.hfft(torch.view_as_complex(x)), "torch.fft.hfft"),
+    (lambda x: torch.view_as_real(torch.view_as_complex(x).sqrt()), "outside those graphopt rewrites"),
+], ids=["complex-output", "hfft", "sqrt"])
 def test_complex_outside_the_rewrites_is_refused_by_name(fn, match):
     from graphopt.targets.tvm.lower import lower_to_relax
     with pytest.raises(UnsupportedOpError, match=match):
         lower_to_relax(graphopt.trace(_Fn(fn), (torch.randn(4, 3, 2),)))
+
+
+@pytest.mark.parametrize("opset,shape,attrs,length,axis", [
+    (20, (2, 12, 1), {}, None, None),  # a real signal, the default axis (-2)
+    (20, (2, 12, 2), {"inverse": 1}, None, None),
+    (20, (3, 10, 6, 1), {"onesided": 1}, 8, 1),  # RFFT, cut to 8, a middle axis
+    (20, (2, 7, 2), {"onesided": 1, "inverse": 1}, None, None),  # IRFFT: 12 real samples
+    (17, (2, 12, 5, 2), {}, 16, 1),  # opset 17: the axis an attribute; zero-padded to 16
+])
+def test_onnx_dft_imports_as_torch_fft_and_matches_numpy(tmp_path, opset, shape, attrs, length, axis):
+    """ONNX DFT (real or (re, im) inputs, inverse, onesided both ways, dft_length, opset 17's attribute axis and
+    20's input) imports as torch.fft's transforms, which build as DFT-matrix GEMMs."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    inits, ins = [], ["x", "", ""]  # (x, dft_length, axis), empty names for absent inputs
+    if length is not None:
+        ins[1] = "len"
+        inits.append(helper.make_tensor("len", TensorProto.INT64, [], [length]))
+    if opset >= 20 and axis is not None:
+        ins[2] = "axis"
+        inits.append(helper.make_tensor("axis", TensorProto.INT64, [], [axis]))
+    elif axis is not None:
+        attrs = dict(attrs, axis=axis)
+    while not ins[-1]:
+        ins.pop()
+    node = helper.make_node("DFT", ins, ["y"], **attrs)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=inits)
+    path = tmp_path / "dft.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), str(path))
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    ax = (axis if axis is not None else -2) % len(shape)
+    z = x[..., 0] if shape[-1] == 1 else x[..., 0] + 1j * x[..., 1]
+    if attrs.get("onesided") and attrs.get("inverse"):
+        want = np.fft.irfft(z, n=length, axis=ax)[..., None]
+    elif attrs.get("onesided"):
+        want = np.fft.rfft(z, n=length, axis=ax)
+    else:
+        want = (np.fft.ifft if attrs.get("inverse") else np.fft.fft)(z, n=length, axis=ax)
+    if np.iscomplexobj(want):
+        want = np.stack([want.real, want.imag], -1)
+    got = _run_all(graphopt.load_onnx(str(path)), torch.from_numpy(x))[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
