@@ -38,7 +38,8 @@ def test_3d_up_convolution_is_the_packed_pointwise_gemm(k, shape):
     x = torch.randn(*shape)
     g, text, names = _lowered(model, x)
     kd, kh, kw = (k,) * 3 if isinstance(k, int) else k
-    assert "conv3d_transpose" not in text and any(n.startswith(f"conv1x1_packed_{6 * kd * kh * kw}x8") for n in names), names
+    packed = f"conv1x1_packed_{6 * kd * kh * kw}x8"
+    assert "conv3d_transpose" not in text and any(n.startswith(packed) for n in names), names
     _matches(g, model, x)
 
 
