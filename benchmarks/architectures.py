@@ -6,7 +6,10 @@ pooling, bilinear upsampling) at 256x256, an Inception block (1x7 / 7x1 and 5x5 
 at 128x128, a DETR-style 2-layer transformer decoder (cross attention to 400 memory tokens), a Conformer conv
 module (GLU, a 15-tap depthwise conv1d) over 256 frames, a wav2vec2-style feature encoder + grouped positional
 conv on 1 s of 16 kHz audio, a MobileViT block (2x2 patches as tokens, 4 heads of width 24) on 64x32x32, and a
-WaveNet-style TCN (8 dilated causal conv1d pairs, gated activations) over 2000 steps.
+WaveNet-style TCN (8 dilated causal conv1d pairs, gated activations) over 2000 steps; since the sixtieth session a
+3-D UNet on a 32x64x64 volume, an R(2+1)D video block on 8 frames of 112x112, a DCGAN generator (batch 8, 1x1
+latent to 32x32), a two-layer GCN on a fixed 2000-node, 10000-edge graph, an FNet block (FFT token mixing, 128
+tokens) and a GFNet block (a global filter by rfft2 / irfft2 on 14x14 tokens).
 
 Random weights with randomized batch-norm statistics (what compiling and quantizing cost, not accuracy).
 graphopt fp32: the CLI's default pipeline (fold-bn, fold-pad, fold-constants, dce); graphopt int8: + quantize,
@@ -193,11 +196,77 @@ def _models() -> dict:  # noqa: C901 - one small nn.Module per architecture
                 x, skip = x + r(h), skip + h
             return self.out(F.relu(skip))
 
+    class UNet3D(nn.Module):  # conv3d + BN + ReLU, 2x2x2 max pool, a 2x2x2 up-convolution, a 1x1x1 head
+        def __init__(self, c: int = 16):
+            super().__init__()
+            block = lambda i, o: nn.Sequential(nn.Conv3d(i, o, 3, 1, 1), nn.BatchNorm3d(o), nn.ReLU())  # noqa: E731
+            self.e1, self.e2, self.up = block(1, c), block(c, 2 * c), nn.ConvTranspose3d(2 * c, c, 2, 2)
+            self.d, self.head = block(2 * c, c), nn.Conv3d(c, 3, 1)
+
+        def forward(self, x):
+            a = self.e1(x)
+            return self.head(self.d(torch.cat([a, self.up(self.e2(F.max_pool3d(a, 2)))], 1)))
+
+    class R2Plus1D(nn.Module):  # video: (1, 3, 3) spatial and (3, 1, 1) temporal convs, a (1, 2, 2) average pool
+        def __init__(self, c: int = 32):
+            super().__init__()
+            self.s, self.t = nn.Conv3d(3, c, (1, 3, 3), (1, 2, 2), (0, 1, 1)), nn.Conv3d(c, c, (3, 1, 1), 1, (1, 0, 0))
+            self.bn, self.b, self.fc = nn.BatchNorm3d(c), nn.Conv3d(c, 2 * c, 3, 2, 1), nn.Linear(2 * c, 10)
+
+        def forward(self, x):
+            x = F.avg_pool3d(F.relu(self.bn(self.t(self.s(x)))), (1, 2, 2))
+            return self.fc(F.relu(self.b(x)).mean((2, 3, 4)))
+
+    def dcgan(z: int = 64, c: int = 64):  # generator: transposed convs from a 1x1 latent to 32x32
+        up = lambda i, o, *a: [nn.ConvTranspose2d(i, o, 4, *a, bias=False), nn.BatchNorm2d(o), nn.ReLU()]  # noqa
+        return nn.Sequential(*up(z, 4 * c, 1, 0), *up(4 * c, 2 * c, 2, 1), *up(2 * c, c, 2, 1),
+                             nn.ConvTranspose2d(c, 3, 4, 2, 1), nn.Tanh())
+
+    class GCN(nn.Module):  # two graph conv layers over a fixed graph (index_select, index_add, degree norm)
+        def __init__(self, nodes: int = 2000, edges: int = 10000, d: int = 64):
+            super().__init__()
+            g = torch.Generator().manual_seed(0)
+            self.register_buffer("src", torch.randint(0, nodes, (edges,), generator=g))
+            self.register_buffer("dst", torch.randint(0, nodes, (edges,), generator=g))
+            self.l1, self.l2 = nn.Linear(d, d), nn.Linear(d, 8)
+
+        def conv(self, h):
+            deg = torch.zeros(h.shape[0]).index_add(0, self.dst, torch.ones(self.dst.shape[0])) + 1
+            return torch.zeros_like(h).index_add(0, self.dst, h[self.src]) / deg[:, None] + h / deg[:, None]
+
+        def forward(self, x):
+            return self.l2(self.conv(F.relu(self.l1(self.conv(x)))))
+
+    class FNet(nn.Module):  # token mixing by a 2-D FFT's real part, then an MLP
+        def __init__(self, d: int = 256):
+            super().__init__()
+            self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
+            self.ff = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+        def forward(self, x):
+            x = self.n1(x + torch.fft.fft(torch.fft.fft(x, dim=-1), dim=-2).real)
+            return self.n2(x + self.ff(x))
+
+    class GFNet(nn.Module):  # a global filter: rfft2 over the token grid, a complex weight, irfft2; then an MLP
+        def __init__(self, d: int = 384, h: int = 14):
+            super().__init__()
+            self.w = nn.Parameter(0.02 * torch.randn(h, h // 2 + 1, d, 2))
+            self.n = nn.LayerNorm(d)
+            self.ff = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+        def forward(self, x):  # x [B, H, W, C]
+            y = torch.fft.rfft2(self.n(x), dim=(1, 2), norm="ortho") * torch.view_as_complex(self.w)
+            x = x + torch.fft.irfft2(y, s=x.shape[1:3], dim=(1, 2), norm="ortho")
+            return x + self.ff(x)
+
     return {"convnext": lambda: (ConvNeXt(), (1, 3, 224, 224)), "resnext": lambda: (resnext(), (1, 3, 112, 112)),
             "deeplab": lambda: (DeepLab(), (1, 3, 256, 256)), "inception": lambda: (Inception(), (1, 288, 35, 35)),
             "swin": lambda: (Swin(), (1, 3, 128, 128)), "detr": lambda: (Detr(), (1, 400, 256)),
             "conformer": lambda: (Conformer(), (1, 256, 256)), "wav2vec": lambda: (Wav2Vec(), (1, 1, 16000)),
-            "mobilevit": lambda: (MobileViT(), (1, 64, 32, 32)), "tcn": lambda: (TCN(), (1, 8, 2000))}
+            "mobilevit": lambda: (MobileViT(), (1, 64, 32, 32)), "tcn": lambda: (TCN(), (1, 8, 2000)),
+            "unet3d": lambda: (UNet3D(), (1, 1, 32, 64, 64)), "r2plus1d": lambda: (R2Plus1D(), (1, 3, 8, 112, 112)),
+            "dcgan": lambda: (dcgan(), (8, 64, 1, 1)), "gcn": lambda: (GCN(), (2000, 64)),
+            "fnet": lambda: (FNet(), (1, 128, 256)), "gfnet": lambda: (GFNet(), (1, 14, 14, 384))}
 
 
 def _rel_err(got, ref: np.ndarray) -> float:
