@@ -309,7 +309,7 @@ CONVERTERS = {
 # did not import. Here each tensor operand whose dtype is not the result's is cast to it first.
 PROMOTED = (
     *(f"{op}.{form}" for op in ("add", "sub", "mul", "div", "rsub") for form in ("Tensor", "Scalar")),
-    "pow.Tensor_Scalar", "pow.Tensor_Tensor", "maximum.default", "minimum.default", "clamp.default",
+    "pow.Tensor_Scalar", "pow.Tensor_Tensor", "pow.Scalar", "maximum.default", "minimum.default", "clamp.default",
     "clamp.Tensor", "atan2.default", "fmod.Tensor", "fmod.Scalar", "remainder.Tensor", "remainder.Scalar",
     *(f"{op}.default" for op in ("exp", "exp2", "expm1", "log", "log2", "log10", "log1p", "sigmoid", "tanh", "sin",
                                  "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "asinh", "acosh", "atanh",

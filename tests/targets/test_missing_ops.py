@@ -135,14 +135,16 @@ class _Promoted(torch.nn.Module):
                 i.abs().to(torch.uint8) * 0.5, torch.sigmoid(i), torch.exp(i * -0.1), torch.reciprocal(i.abs() + 1),
                 i.abs().sum(-1) * 0.5, torch.arange(12) * 0.5 + x, i / i.clamp(min=1), i // 3, x // 3,
                 torch.div(i, 3, rounding_mode="trunc"), torch.div(-i, -4, rounding_mode="trunc"),
-                torch.div(x, 0.3, rounding_mode="trunc"), i.clamp(max=2))
+                torch.div(x, 0.3, rounding_mode="trunc"), i.clamp(max=2), 2.0 ** (i.abs() % 5), 1.5 ** i.clamp(-3, 3))
 
 
 def test_integer_and_bool_operands_are_promoted_as_in_pytorch():
     """An int64 tensor times 0.5 is float32 in PyTorch; TVM's converters computed it in the tensor's dtype
     (torch.arange(12) * 0.5 came out all zeros, i / 4 truncated, (i > 0) * 0.5 a bool), sigmoid / exp of ints did
     not import, `i // 3` and `x // 3` (an int32 constant) neither, `i.clamp(min=1)` failed TVM's build (an
-    infinite bound in an int clip). Every output's dtype and value as torch's (exact but for the float maths)."""
+    infinite bound in an int clip), a number to an int tensor's power (NeRF's `2.0 ** torch.arange(10)`) failed
+    TVM's build ("power only applies to float"). Every output's dtype and value as torch's (exact but for the
+    float maths)."""
     torch.manual_seed(0)
     x = torch.randn(2, 12) * 3
     i = (torch.randn(2, 12) * 5).long()
