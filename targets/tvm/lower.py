@@ -642,6 +642,13 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             return _builtin(importer, "log1p.default" if plus_one else "log.default")(node)
         return emit_log(bb, x, plus_one)
 
+    def sin(node, importer, cos: bool = False):
+        """sin / cos of float32 on graphopt's polynomial (`vmath`); Relax's legalize to scalar libm calls."""
+        from graphopt.targets.tvm.cpu.vmath import emit_sin
+        if str(node.args[0].meta["val"].dtype) != "torch.float32":
+            return _builtin(importer, "cos.default" if cos else "sin.default")(node)
+        return emit_sin(importer.block_builder, importer.env[node.args[0]], cos)
+
     def layer_norm(node, importer):
         # float32 layer norm over the last axis: one vectorized pass per row (norm.py); else Relax's layer norm.
         # A missing weight / bias is ones / zeros (TVM's own converter fails on them; they used to be decomposed)
@@ -2414,6 +2421,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         return generic
     return {**generic, "gelu.default": gelu, "sigmoid.default": sigmoid, "rsqrt.default": rsqrt,
             "log.default": log, "log1p.default": lambda node, importer: log(node, importer, True),
+            "sin.default": sin, "cos.default": lambda node, importer: sin(node, importer, True),
             "convolution.default": convolution, "layer_norm.default": layer_norm,
             "_softmax.default": softmax, "native_group_norm.default": native_group_norm,
             "upsample_bilinear2d.vec": upsample_bilinear2d, "upsample_bicubic2d.vec": upsample_bicubic2d,
