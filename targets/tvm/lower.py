@@ -2317,7 +2317,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         if len(i_shape) != len(x_shape) or any(i_shape[k] != int(x_shape[k]) for k in range(len(i_shape)) if k != dim):
             return None
         v = i_node
-        while all(int(s) == 1 for k, s in enumerate(v.meta["val"].shape) if k != dim) is False:
+        while not all(int(s) == 1 for k, s in enumerate(v.meta["val"].shape) if k != dim):
             if not (isinstance(v, fx.Node) and target_name(v.target) == "aten.expand.default"):
                 return None
             v = v.args[0]
@@ -2370,9 +2370,10 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         if alpha != 1:
             src = bb.emit(relax.op.multiply(src, relax.const(alpha, _dtype(x_val))))
         rows = max(int(node.args[2].meta["val"].numel()), 1)
-        return emit_scatter_rows(bb, importer.env[node.args[0]], importer.env[node.args[2]], src,
-                                 x_val.shape if x_val.dim() else [1], dim, rows, _dtype(x_val),
-                                 _dtype(node.args[2].meta["val"]), True, target_cores(target))
+        y = emit_scatter_rows(bb, importer.env[node.args[0]], importer.env[node.args[2]], src,
+                              x_val.shape if x_val.dim() else [1], dim, rows, _dtype(x_val),
+                              _dtype(node.args[2].meta["val"]), True, target_cores(target))
+        return y if x_val.dim() else bb.emit(relax.op.reshape(y, ()))
 
     def index_put(node, importer):
         """x[index] = values / += values with one integer index vector on the first axis (KV-cache rows, `x[idx]
