@@ -2784,11 +2784,17 @@ class _Concat(torch.nn.Module):
 @pytest.mark.parametrize("xs,ys,dim,kernel", [((1, 16, 10, 12), (1, 8, 10, 12), 1, True),  # channels (YOLO, UNet)
                                               ((2, 4, 9, 30), (2, 3, 9, 30), 1, True),  # batch 2: outer 2
                                               ((1, 3, 40, 20), (1, 3, 13, 20), 2, True),  # rows
-                                              ((1, 64, 8), (1, 64, 24), -1, False)])  # runs under 256: Relax's
+                                              ((1, 64, 8), (1, 64, 24), -1, False),  # runs under 256: Relax's
+                                              ((300, 10), (300, 30), -1, True),  # NeRF-like rows of 10 + 30 + 10
+                                              ((1, 300, 16), (1, 300, 32), -1, False),  # aligned: Relax's
+                                              ((300, 5), (300, 4), -1, False),  # rows under 48 floats: Relax's
+                                              ((100, 3), (100, 30), -1, False)])  # under 256 rows: Relax's
 def test_concat_runs_on_the_copy_kernel(xs, ys, dim, kernel):
     """torch.cat whose inputs are long contiguous runs per outer index is one copy kernel (Relax's concatenate
-    chose each vector's input lane by lane: 541 us for YOLO's 3 x 48 x 80 x 80, this 87); short runs (a rotary
-    embedding's half-rows) stay Relax's, fused with their neighbours. Exact either way."""
+    chose each vector's input lane by lane: 541 us for YOLO's 3 x 48 x 80 x 80, this 87); so are many rows of 48
+    floats or more with a run that is not whole 16-float vectors (NeRF's encoding: 728 -> 154 us, copying row by
+    row); other short runs (a rotary embedding's half-rows) stay Relax's, fused with their neighbours. Exact
+    either way."""
     model = _Concat(dim).eval()
     x, y = torch.randn(xs), torch.randn(ys)
     g = graphopt.trace(model, (x, y))

@@ -468,7 +468,12 @@ def concat_geometry(shapes, dim: int) -> tuple[int, list[int]] | None:
     """(outer, runs) of torch.cat(tensors of `shapes`, dim): each input is `outer` contiguous runs of runs[i]
     elements (its size along dim times the axes after it), and the output row o is input 0's run o, input 1's run o,
     and so on. None where a run is shorter than CONCAT_MIN_RUN (a rotary embedding's half-rows: Relax fuses those
-    concats with the arithmetic around them, which an opaque copy would split) or the shapes do not concatenate."""
+    concats with the arithmetic around them, which an opaque copy would split) or the shapes do not concatenate,
+    unless some run is not a whole number of 16-float vectors, the rows are 48 floats or wider and there are
+    CONCAT_MIN_RUN rows or more: Relax's fused concat chose each lane's input there (NeRF's [3 | 30 | 30] encoding
+    of 4096 points with its sin / cos: 728 us, now 154 + the sin / cos; [64 | 63] with a ReLU: 458 -> 110 us);
+    those rows copy as short runs (`concat_source`). Narrower rows stay fused: a rotary embedding of head width 24
+    (halves of 12) took 114 us fused, 149 as a copy; width 80 the same both ways (338 / 341 us)."""
     if len(shapes) < 2 or any(len(sh) != len(shapes[0]) for sh in shapes):
         return None
     nd = len(shapes[0])
@@ -478,16 +483,28 @@ def concat_geometry(shapes, dim: int) -> tuple[int, list[int]] | None:
         return None
     outer = math.prod(int(d) for d in shapes[0][:dim])
     runs = [math.prod(int(d) for d in sh[dim:]) for sh in shapes]
-    if min(runs) < CONCAT_MIN_RUN:
+    if min(runs) < CONCAT_MIN_RUN and (outer < CONCAT_MIN_RUN or sum(runs) < 48 or all(r % 16 == 0 for r in runs)):
         return None
     return outer, runs
 
 
 def concat_source(outer: int, runs, dtype: str) -> str:
     """TVMScript of the concat of inputs x_i [outer, runs[i]] into out [outer, sum(runs)]: one parallel loop over
-    chunks of CONCAT_CHUNK elements of every input's runs, each a plain copy loop (LLVM makes it vector moves)."""
+    chunks of CONCAT_CHUNK elements of every input's runs, each a plain copy loop (LLVM makes it vector moves);
+    with short runs (under CONCAT_MIN_RUN) one parallel loop over the rows, each copying its runs in turn."""
     width = sum(runs)
     params = ", ".join(f'x{i}: T.Buffer(({outer}, {r}), "{dtype}")' for i, r in enumerate(runs))
+    if max(runs) < CONCAT_MIN_RUN:
+        offs = [sum(runs[:i]) for i in range(len(runs))]
+        copies = "".join(f"""
+        for j in T.serial({r}):
+            out[o, {off} + j] = x{i}[o, j]""" for i, (r, off) in enumerate(zip(runs, offs)))
+        return f"""
+@T.prim_func(private=True)
+def concat({params}, out: T.Buffer(({outer}, {width}), "{dtype}")):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
+    for o in T.parallel({outer}):{copies}
+"""
     body, first, off = [], 0, 0
     for i, r in enumerate(runs):
         per = -(-r // CONCAT_CHUNK)
