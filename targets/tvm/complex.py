@@ -40,7 +40,7 @@ class _Rewriter:
         self.g = graph
         self.new = fx.Graph()
         self.env: dict[fx.Node, fx.Node] = {}
-        self.constants: list[str] = []
+        self.constants: dict[tuple, str] = {}
 
     # ---- building blocks on the new graph (z: a complex value as [..., 2]) ----------------------------------
     def call(self, op, *args, **kwargs) -> fx.Node:
@@ -78,10 +78,13 @@ class _Rewriter:
 
     # ---- FFTs as DFT matrices -----------------------------------------------------------------------------------
     def constant(self, value: np.ndarray) -> fx.Node:
-        name = f"_dft_matrix_{len(self.constants)}"
-        self.constants.append(name)
-        self.g.gm.register_buffer(name, torch.from_numpy(np.ascontiguousarray(value, np.float32)))
-        return self.new.get_attr(name)
+        """A DFT matrix as a buffer, one per distinct matrix (FNet's and GFNet's layers share theirs)."""
+        value = np.ascontiguousarray(value, np.float32)
+        key = (value.shape, value.tobytes())
+        if key not in self.constants:
+            self.constants[key] = f"_dft_matrix_{len(self.constants)}"
+            self.g.gm.register_buffer(self.constants[key], torch.from_numpy(value))
+        return self.new.get_attr(self.constants[key])
 
     def along(self, x, shape: list[int], dim: int, pair: bool, width_in: int, matrix: np.ndarray, out: int,
               pair_out: bool):
@@ -158,7 +161,8 @@ class _Rewriter:
             dims = [int(d) % rank for d in dims]
             sizes = [None] * len(dims) if sizes is None else [None if v in (None, -1) else int(v) for v in sizes]
         else:
-            dims, sizes = [int(kw.get("dim", -1) if kw.get("dim") is not None else -1) % rank], [kw.get("n")]
+            dim = kw.get("dim")
+            dims, sizes = [int(-1 if dim is None else dim) % rank], [kw.get("n")]
         inverse = kind in ("ifft", "irfft")
         z, shape, pair = args[0], list(in_shape), _is_complex(src)
         if kind == "rfft":  # the last axis real -> half spectrum, then the others complex
@@ -380,7 +384,7 @@ class _Rewriter:
         return self.call(aten.mul.Tensor, self.conj(b), self.call(aten.unsqueeze.default, scale, -1))
 
 
-_FFTS = {f"{p}{kind}{suffix}" for p in ("", "i", "r", "ir") for kind in ("fft",) for suffix in ("", "2", "n")}
+_FFTS = {f"{p}fft{suffix}" for p in ("", "i", "r", "ir") for suffix in ("", "2", "n")}  # (not hfft / ihfft)
 
 
 def complex_as_real(graph: Graph) -> Graph:

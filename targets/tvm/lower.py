@@ -1211,18 +1211,14 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         as the graph says, the dequantize made the weight a computed value and the conv TVM's generic op: int8
         R(2+1)D's 3-D convs took 4x ORT's time, a 3-D UNet's 5x. None for any other weight."""
         import torch
-
-        from graphopt.ir.quant_ops import _dequantize_per_channel, _dequantize_per_tensor
+        import torch.fx as fx
         name = target_name(getattr(w_node, "target", None))
         if name not in ("graphopt.dequantize_per_channel.default", "graphopt.dequantize_per_tensor.default"):
             return None
-        q = (lifted or {}).get(getattr(w_node.args[0], "name", None))
-        if q is None or q.dtype not in (torch.int8, torch.uint8):
+        args = [(lifted or {}).get(a.name) if isinstance(a, fx.Node) else a for a in w_node.args]
+        if any(a is None for a in args) or args[0].dtype not in (torch.int8, torch.uint8):
             return None
-        if name.endswith("per_tensor.default"):
-            return _dequantize_per_tensor(q, float(w_node.args[1]), int(w_node.args[2]))
-        s, z = ((lifted or {}).get(getattr(a, "name", None)) for a in w_node.args[1:3])
-        return None if s is None or z is None else _dequantize_per_channel(q, s, z, int(w_node.args[3]) % q.dim())
+        return w_node.target(*args)  # (the op itself on the constants: its reference semantics)
 
     def max_dim(node, importer):
         """max over one axis as (values, indices): `_extreme`'s values (PointNet's max over 2048 points ran TVM's
@@ -2321,8 +2317,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             if not (isinstance(v, fx.Node) and target_name(v.target) == "aten.expand.default"):
                 return None
             v = v.args[0]
-            if not isinstance(v, fx.Node) or v.meta["val"].dim() != len(i_shape) or int(v.meta["val"].shape[dim]) != \
-                    i_shape[dim]:
+            val = v.meta["val"] if isinstance(v, fx.Node) else None
+            if val is None or val.dim() != len(i_shape) or int(val.shape[dim]) != i_shape[dim]:
                 return None
         return v
 

@@ -155,3 +155,15 @@ def test_onnx_dft_imports_as_torch_fft_and_matches_numpy(tmp_path, opset, shape,
         want = np.stack([want.real, want.imag], -1)
     got = _run_all(graphopt.load_onnx(str(path)), torch.from_numpy(x))[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_equal_dft_matrices_are_one_buffer():
+    """Two transforms of one size and kind (FNet's layers) share their DFT matrix; another size gets its own."""
+    from graphopt.targets.tvm.complex import complex_as_real
+    fn = lambda x: (torch.fft.fft(x).real + torch.fft.fft(x * 2).real,  # noqa: E731
+                    torch.fft.fft(x[..., :6]).imag)
+    x = torch.randn(2, 8, 12)
+    g = complex_as_real(graphopt.trace(_Fn(fn), (x,)))
+    assert sorted(n for n, _ in g.gm.named_buffers() if n.startswith("_dft_matrix")) == ["_dft_matrix_0",
+                                                                                        "_dft_matrix_1"]
+    _check(fn, x, rtol=1e-5, atol=2e-5)
