@@ -2993,6 +2993,29 @@ def test_sin_and_cos_are_vector_polynomials():
     np.testing.assert_allclose(got[ok], ref[ok], rtol=0, atol=1.2e-7)
 
 
+class _BroadcastPolynomial(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, a, b):
+        return self.fn(a)[:, :, None] * 2.0 + b
+
+
+@pytest.mark.parametrize("fn", [lambda a: torch.log(a.abs() + 1), torch.sin,
+                                lambda a: -torch.logsumexp(a, 1, keepdim=True)])  # (Sinkhorn's potentials)
+def test_log_and_sin_broadcast_into_a_product_build(fn):
+    """A log / sin broadcast over a new axis and scaled (Sinkhorn's -logsumexp added back over the cost matrix):
+    fused into its consumer, the polynomial's once-read input was the same in every vector lane, and TVM's
+    vectorizer refused the function ("Let cannot bind the same var to two different values"); it now keeps its own
+    loop there, and the build matches torch."""
+    torch.manual_seed(0)
+    a, b = torch.randn(4, 16), torch.randn(4, 16, 32)
+    model = _BroadcastPolynomial(fn).eval()
+    got, ref = _run_built(graphopt.trace(model, (a, b)), a, b), model(a, b).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("groups,c,spatial,batch,affine", [(8, 32, (7, 7), 2, True),  # 49 pixels: overlapping tail
                                                            (4, 64, (16, 16), 1, False), (2, 12, (100,), 1, True),
                                                            (4, 16, (2, 2), 1, True)])  # 4 pixels: Relax's op

@@ -225,15 +225,33 @@ class Elementwise(ScheduleRule):
         # function serially and unvectorized (SiLU + chunk on 96x80x80: 475 us against PyTorch's 134)
         try:
             outputs = {sch.get(b).name_hint for b in sch.get_output_blocks("root")}
+            widest = max(_elements(sch, b.block_rv) for b in infos if b.name in outputs)
+            own = [b for b in infos if b.name not in outputs and _let_broadcast(sch, b.block_rv, widest)]
             for b in infos:
-                if b.name not in outputs:
+                if b.name not in outputs and b not in own:
                     sch.compute_inline(b.block_rv)
         except Exception:
             return None
         for b in infos:
-            if b.name in outputs and not _parallel_vectorize(sch, b.block_rv, vector_lanes(target)):
+            if (b.name in outputs or b in own) and not _parallel_vectorize(sch, b.block_rv, vector_lanes(target)):
                 return None
         return sch
+
+
+def _elements(sch: s_tir.Schedule, block) -> int:
+    n = 1
+    for e in sch.get(block).writes[0].source.shape:
+        n *= int(e) if isinstance(e, tirx.IntImm) else 1 << 30
+    return n
+
+
+def _let_broadcast(sch: s_tir.Schedule, block, consumer_elements: int) -> bool:
+    """Whether `block` binds a Let (vmath's log / sin read their input once through one) and writes fewer values
+    than its consumer: inlined there, the Let's value is the same in every lane of the consumer's vector, and TVM's
+    vectorizer visits such a Let twice under a multiply and refuses it ("Let cannot bind the same var to two
+    different values": Sinkhorn's -logsumexp broadcast back over the cost matrix). Such a block keeps its own
+    loop."""
+    return "T.Let(" in str(sch.get(block).body) and _elements(sch, block) < consumer_elements
 
 
 def _parallel_vectorize(sch: s_tir.Schedule, block, lanes: int) -> bool:
