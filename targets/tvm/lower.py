@@ -820,7 +820,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         m, n = int(a_val.shape[1]), int(b_val.shape[2])
         mp = m if m % 4 == 0 else -(-m // 8) * 8
         np_ = n if n % 8 == 0 else -(-n // 16) * 16
-        from graphopt.targets.tvm.cpu.bmm import bmm_applies, emit_bmm
+        from graphopt.targets.tvm.cpu.bmm import bmm_applies, bmm_beats_rule, emit_bmm
         from graphopt.targets.tvm.cpu.rules import vector_lanes
         batch, k = int(a_val.shape[0]), int(a_val.shape[2])
         lanes = vector_lanes(target)
@@ -829,24 +829,39 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             if (keys is not None and keys[1] == 1.0 and k >= 256 and not bmm_applies(batch, m, k, n, lanes)
                     and bmm_applies(batch, n, k, m, lanes)):
                 return _swapped_bmm(importer, node, keys[0], batch, m, k, n, lanes)
-            return _builtin(importer, "bmm.default")(node)
-        if bmm_applies(batch, m, k, n, lanes):
+            if not bmm_beats_rule(k, n):
+                return _builtin(importer, "bmm.default")(node)
+        keys = _transposed_operand(node.args[1])
+        if bmm_applies(batch, m, k, n, lanes) and keys is not None:
+            # attention's K^T: the kernel reads K's rows (scaled), no transposed copy
             bb = importer.block_builder
-            keys = _transposed_operand(node.args[1])
-            if keys is not None:  # attention's K^T: the kernel reads K's rows (scaled), no transposed copy
-                w = bb.emit(relax.op.reshape(importer.env[keys[0]], (batch, n, k)))
-                return emit_bmm(bb, importer.env[node.args[0]], w, batch, m, k, n, True, lanes, keys[1])
-            return emit_bmm(bb, importer.env[node.args[0]], importer.env[node.args[1]], batch, m, k, n, False,
-                            lanes)
-        bb = importer.block_builder
-        a, b = importer.env[node.args[0]], importer.env[node.args[1]]
+            w = bb.emit(relax.op.reshape(importer.env[keys[0]], (batch, n, k)))
+            return emit_bmm(bb, importer.env[node.args[0]], w, batch, m, k, n, True, lanes, keys[1])
+        return _bmm_values(importer.block_builder, importer.env[node.args[0]], importer.env[node.args[1]],
+                           batch, m, k, n)
+
+    def _bmm_values(bb, a, b, batch: int, m: int, k: int, n: int):
+        """a [B, M, K] @ b [B, K, N], float32 Relax values: graphopt's batched kernel (bmm.py) on large right
+        operands (`bmm_beats_rule`), else Relax's matmul under the schedule rule where it tiles the shape, else the
+        kernel where its staged panels fit, else Relax's matmul on zero-padded operands, the pad cut from the
+        result."""
+        from graphopt.targets.tvm.cpu.bmm import bmm_applies, bmm_beats_rule, emit_bmm
+        from graphopt.targets.tvm.cpu.pool import emit_crop
+        from graphopt.targets.tvm.cpu.rules import vector_lanes
+        lanes = vector_lanes(target)
+        mp = m if m % 4 == 0 else -(-m // 8) * 8
+        np_ = n if n % 8 == 0 else -(-n // 16) * 16
+        if bmm_beats_rule(k, n) and bmm_applies(batch, m, k, n, lanes, per_panel=True):
+            return emit_bmm(bb, a, b, batch, m, k, n, False, lanes)
+        if (mp, np_) == (m, n):
+            return bb.emit(relax.op.matmul(a, b))
+        if bmm_applies(batch, m, k, n, lanes):
+            return emit_bmm(bb, a, b, batch, m, k, n, False, lanes)
         if mp != m:
             a = bb.emit(relax.op.nn.pad(a, [0, 0, 0, mp - m, 0, 0]))
         if np_ != n:
             b = bb.emit(relax.op.nn.pad(b, [0, 0, 0, 0, 0, np_ - n]))
-        from graphopt.targets.tvm.cpu.pool import emit_crop
-        y = bb.emit(relax.op.matmul(a, b))
-        return emit_crop(bb, y, (int(a_val.shape[0]), mp, np_), m, n)
+        return emit_crop(bb, bb.emit(relax.op.matmul(a, b)), (batch, mp, np_), m, n)
 
     def upsample_nearest2d(node, importer):
         """float32 NCHW nearest upsampling by whole factors on its own kernel (resize.py); else
@@ -1603,6 +1618,10 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                                       None if bt is None else bt.detach().numpy(), x_shape, int(node.args[3][0]),
                                       _full_padding(node, None), vector_lanes(target), clamp,
                                       None if residual is None else importer.env[residual], int(node.args[5][0]))
+        if wt is None and bt is None:
+            y = _runtime_weight_conv(node, importer, x_shape, pads, groups)
+            if y is not None:
+                return y
         if kind is None:
             return importer._convolution(node)
         residual, clamp = _fused_epilogue(node, importer, kind in ("pointwise", "im2col"))
@@ -1612,6 +1631,42 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                           None if residual is None else importer.env[residual])
 
     convolution.takes_3d_transposed = True
+
+    def _runtime_weight_conv(node, importer, x_shape, pads, groups: int):
+        """A float32 2-D conv whose weight the graph computes (StyleGAN's modulated / demodulated convs, weight
+        standardization left unfolded, hypernetworks) as graphopt's im2col columns times the weight, one batched
+        matmul over samples x groups (`_bmm_values`); TVM's conv2d on such a weight ran its generic loop nest
+        (StyleGAN2's 4 x 256 -> 256 modulated 3x3 at 16x16: 640 ms). None where it does not apply."""
+        import numpy as np
+
+        from graphopt.targets.tvm.cpu.conv import emit_im2col
+        x_val, w_val, out = node.args[0].meta["val"], node.args[1].meta["val"], node.meta["val"]
+        bnode = node.args[2] if len(node.args) > 2 else None
+        if (len(x_shape) != 4 or node.args[6] or w_val.dim() != 4 or not _static(w_val) or not _static(x_val)
+                or str(w_val.dtype) != "torch.float32" or str(x_val.dtype) != "torch.float32"
+                or len({int(d) for d in node.args[5]}) != 1
+                or (bnode is not None and str(bnode.meta["val"].dtype) != "torch.float32")):
+            return None
+        n, c, h, wd = (int(d) for d in x_shape)
+        co, cig, kh, kw = (int(d) for d in w_val.shape)
+        cog, kk = co // groups, cig * kh * kw
+        oh, ow = int(out.shape[2]), int(out.shape[3])
+        stride, full = tuple(int(v) for v in node.args[3]), _full_padding(node, pads)
+        bb, x = importer.block_builder, importer.env[node.args[0]]
+        if (kh, kw, *stride, *full) == (1, 1, 1, 1, 0, 0, 0, 0):
+            col = x  # a 1x1 conv's columns are its input
+        else:
+            col, _, _ = emit_im2col(bb, x, (n, c, h, wd), kh, kw, stride, full, np.float32(0),
+                                    dilation=int(node.args[5][0]))
+        col = bb.emit(relax.op.reshape(col, (n * groups, kk, oh * ow)))
+        w = bb.emit(relax.op.reshape(importer.env[node.args[1]], (groups, cog, kk)))
+        if n > 1:  # every sample's groups take the same weights
+            w = bb.emit(relax.op.reshape(relax.op.broadcast_to(relax.op.reshape(w, (1, groups, cog, kk)),
+                                                               (n, groups, cog, kk)), (n * groups, cog, kk)))
+        y = bb.emit(relax.op.reshape(_bmm_values(bb, w, col, n * groups, cog, kk, oh * ow), (n, co, oh, ow)))
+        if bnode is not None:
+            y = bb.emit(relax.op.add(y, relax.op.reshape(importer.env[bnode], (1, co, 1, 1))))
+        return y
 
     def _full_padding(node, pads) -> tuple:
         """(top, bottom, left, right) of a conv node, with a zero pad before it that was left out (`pads`)."""

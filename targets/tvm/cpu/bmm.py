@@ -16,6 +16,7 @@ from __future__ import annotations
 from graphopt.targets.tvm.cpu.parse import parse_kernel
 
 MIN_TASKS = 8  # row chunks per batch until there are this many tasks (ViT: 3 heads of 197 rows)
+STAGE_ALL_BYTES = 1 << 20  # a task's staged panels, all at once (a core's L2 here)
 
 
 def bmm_tiles(n: int, lanes: int) -> tuple[int, int]:
@@ -26,7 +27,11 @@ def bmm_tiles(n: int, lanes: int) -> tuple[int, int]:
 def bmm_source(batch: int, m: int, k: int, n: int, mr: int, nr: int, trans_b: bool, alpha: float = 1.0) -> str:
     nt = -(-n // nr)
     tiles = -(-m // mr)
-    chunks = max(1, min(tiles, -(-MIN_TASKS // batch)))
+    # all panels staged once a task while they fit a core's L2; past that each panel right before its row tiles,
+    # and fewer row chunks, each of which stages every panel again (4 x 256 x 2304 x 256: 8 tasks 91, 4 tasks 103
+    # GMAC/s)
+    per_panel = nt * nr * k * 4 > STAGE_ALL_BYTES
+    chunks = max(1, min(tiles, -(-(MIN_TASKS // 2 if per_panel else MIN_TASKS) // batch)))
     rows_per = -(-tiles // chunks) * mr
     chunks = -(-m // rows_per)
     last_rows = m - (chunks - 1) * rows_per
@@ -36,7 +41,7 @@ def bmm_source(batch: int, m: int, k: int, n: int, mr: int, nr: int, trans_b: bo
     full = n // nr  # panels with every column inside N
 
     def stage(p0: str, count: int, guard: bool) -> str:
-        if count == 0:
+        if count == 0 or per_panel:
             return ""
         src = f"T.if_then_else(p * {nr} + v < {n}, {w_at}, T.float32(0))" if guard else w_at
         return f"""
@@ -45,6 +50,15 @@ def bmm_source(batch: int, m: int, k: int, n: int, mr: int, nr: int, trans_b: bo
                 for v in T.vectorized({nr}):
                     p: T.let = {p0} + pp
                     wp[p, kk, v] = {src}"""
+
+    def stage_panel(p: str, guard: bool, indent: str) -> str:
+        """Panel p alone into wp[0] (`per_panel`), right before the row tiles that read it."""
+        src = (f"T.if_then_else({p} * {nr} + v < {n}, {w_at}, T.float32(0))" if guard else w_at).replace(
+            "p * ", f"{p} * ")
+        return f"""
+{indent}for kk in T.serial({k}):
+{indent}    for v in T.vectorized({nr}):
+{indent}        wp[0, kk, v] = {src}"""
 
     names = iter(range(1 << 30))
 
@@ -63,7 +77,7 @@ def bmm_source(batch: int, m: int, k: int, n: int, mr: int, nr: int, trans_b: bo
 {indent}for kk in T.serial({k}):
 {indent}    for i in T.unroll({rows}):
 {indent}        for v in T.vectorized({nr}):
-{indent}            {acc}[i, v] = {acc}[i, v] + a[bi, {r0} + i, kk] * wp[{p}, kk, v]
+{indent}            {acc}[i, v] = {acc}[i, v] + a[bi, {r0} + i, kk] * wp[{"0" if per_panel else p}, kk, v]
 {indent}for i in T.unroll({rows}):{store}"""
 
     def rows_body(rows: int, indent: str) -> str:
@@ -75,7 +89,7 @@ def bmm_source(batch: int, m: int, k: int, n: int, mr: int, nr: int, trans_b: bo
                 continue
             p = "p" if count > 1 else str(p0)
             inner = indent + "    " if count > 1 else indent
-            body = ""
+            body = stage_panel(p, p0 == full, inner) if per_panel else ""
             if mt:
                 body += f"""
 {inner}for ti in T.serial({mt}):""" + tile(mr, f"r0 + ti * {mr}", p, cols, inner + "    ")
@@ -99,17 +113,27 @@ def bmm(a: T.Buffer(({batch}, {m}, {k}), "float32"), w: T.Buffer({w_shape}, "flo
     for t in T.parallel({batch * chunks}):
         bi: T.let = t // {chunks}
         r0: T.let = (t % {chunks}) * {rows_per}
-        wp = T.decl_buffer(({nt}, {k}, {nr}), "float32", scope="global"){stage("0", full, False)}{
+        wp = T.decl_buffer(({1 if per_panel else nt}, {k}, {nr}), "float32", scope="global"){stage("0", full, False)}{
             stage(str(full), nt - full, True)}{compute}
 """
 
 
-def bmm_applies(batch: int, m: int, k: int, n: int, lanes: int) -> bool:
-    """Right operands whose staged panels take at most 1 MB a task (a core's L2 here). Against Relax's matmul on
-    padded operands (SDPA, 2 threads, Zen 4): DETR's 8 x 850 x 32 heads 0.55x its time, ViT-B/384's 12 x 577 x 64
-    0.54x, 16 x 1025 x 64 (262 KB staged) 0.55x, Whisper's 6 x 1500 x 64 (384 KB) 0.91x."""
+def bmm_applies(batch: int, m: int, k: int, n: int, lanes: int, per_panel: bool = False) -> bool:
+    """Right operands whose staged panels take at most 1 MB a task (a core's L2 here); with `per_panel`, whose one
+    panel does (it is then staged right before its row tiles). Against Relax's matmul on padded operands (SDPA, 2
+    threads, Zen 4): DETR's 8 x 850 x 32 heads 0.55x its time, ViT-B/384's 12 x 577 x 64 0.54x, 16 x 1025 x 64
+    (262 KB staged) 0.55x, Whisper's 6 x 1500 x 64 (384 KB) 0.91x."""
     mr, nr = bmm_tiles(n, lanes)
-    return m >= 1 and k >= 1 and n >= 1 and -(-n // nr) * nr * k * 4 <= 1 << 20
+    staged = nr * k * 4 if per_panel else -(-n // nr) * nr * k * 4
+    return m >= 1 and k >= 1 and n >= 1 and staged <= STAGE_ALL_BYTES
+
+
+def bmm_beats_rule(k: int, n: int) -> bool:
+    """Where the kernel beats Relax's matmul under the schedule rule even on shapes the rule tiles: large right
+    operands (K N >= 2^17; 2 threads, Zen 4, GMAC/s kernel vs rule: 8 x 256 x 512 x 256 94 vs 84, 512^3 92 vs 70,
+    StyleGAN2's 4 x 256 x 2304 x 256 94-103 vs 69-75); on smaller ones the rule is ahead (12 x 128 x 64 x 128 93
+    vs 103, 4 x 64 x 1024 x 64 88 vs 98)."""
+    return k * n >= 1 << 17
 
 
 def emit_bmm(bb, a, w, batch: int, m: int, k: int, n: int, trans_b: bool, lanes: int, alpha: float = 1.0):

@@ -1,0 +1,74 @@
+"""Convs whose weight the graph computes (StyleGAN2's modulated convs, weight standardization, hypernetworks) run
+graphopt's im2col columns times the weight on the batched matmul kernel, not TVM's generic conv2d loop nest."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import tvm
+from tvm import relax
+
+import graphopt
+from graphopt.targets.tvm.build import build_executable
+from graphopt.targets.tvm.lower import lower_to_relax
+
+
+class _Computed(torch.nn.Module):
+    def __init__(self, co, ci, k, stride=1, padding=0, dilation=1, groups=1, bias=False):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(co, ci // groups, k, k) * 0.2)
+        self.b = torch.nn.Parameter(torch.randn(co)) if bias else None
+        self.args = (stride, padding, dilation, groups)
+
+    def forward(self, x, s):
+        b = None if self.b is None else self.b * s.mean()  # a bias the graph computes too
+        return F.conv2d(x, self.w * s.reshape(1, -1, 1, 1), b, *self.args)
+
+
+class _Modulated(torch.nn.Module):
+    """StyleGAN2: per-sample weights demodulated, the batch folded into the groups of one conv."""
+    def __init__(self, i=8, o=12, w=6):
+        super().__init__()
+        self.aff, self.weight, self.i, self.o = torch.nn.Linear(w, i), torch.nn.Parameter(torch.randn(o, i, 3, 3)), i, o
+
+    def forward(self, x, lat):
+        b = x.shape[0]
+        w = self.weight[None] * (self.aff(lat) + 1)[:, None, :, None, None]
+        w = w * torch.rsqrt((w * w).sum(dim=(2, 3, 4)) + 1e-8)[:, :, None, None, None]
+        y = F.conv2d(x.reshape(1, b * self.i, *x.shape[2:]), w.reshape(b * self.o, self.i, 3, 3), padding=1, groups=b)
+        return F.leaky_relu(y.reshape(b, self.o, *y.shape[2:]), 0.2)
+
+
+def _check(model, *xs):
+    g = graphopt.trace(model.eval(), xs)
+    mod = lower_to_relax(g)
+    names, text = {gv.name_hint for gv in mod.get_global_vars()}, mod.script()
+    assert any(n.startswith("bmm_") for n in names) or "R.matmul(" in text, names
+    assert "conv2d" not in text
+    ex, *_ = build_executable(g)
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](*(tvm.runtime.tensor(x.numpy()) for x in xs))
+    got = (got if hasattr(got, "numpy") else got[0]).numpy()
+    with torch.no_grad():
+        ref = model(*xs).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("co,ci,k,stride,padding,dilation,groups,bias,shape", [
+    (16, 8, 3, 1, 1, 1, 1, False, (1, 8, 12, 12)),
+    (16, 8, 3, 2, 1, 1, 1, True, (1, 8, 13, 11)),  # stride 2 on odd maps, a computed bias
+    (12, 8, 1, 1, 0, 1, 1, False, (2, 8, 9, 9)),  # 1x1: its columns are its input; batch 2
+    (16, 8, 3, 1, 2, 2, 1, False, (1, 8, 10, 10)),  # dilated
+    (16, 8, 3, 1, 1, 1, 4, True, (3, 8, 7, 7)),  # groups, batch 3: every sample's groups take the same weights
+    (64, 64, 3, 1, 1, 1, 1, False, (1, 64, 39, 39)),  # large right operand: panels staged one at a time
+])
+def test_a_computed_weight_conv_runs_im2col_and_a_batched_matmul(co, ci, k, stride, padding, dilation, groups, bias,
+                                                                  shape):
+    torch.manual_seed(0)
+    _check(_Computed(co, ci, k, stride, padding, dilation, groups, bias), torch.randn(shape),
+           torch.rand(ci // groups) + 0.5)
+
+
+def test_stylegan2_modulated_conv():
+    torch.manual_seed(0)
+    _check(_Modulated(), torch.randn(3, 8, 10, 10), torch.randn(3, 6))
