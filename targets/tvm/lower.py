@@ -2467,6 +2467,23 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         return emit_topk(importer.block_builder, importer.env[node.args[0]], x_val.shape, k,
                          bool(_arg(node, 3, "largest", True)))
 
+    def scan(product: bool):
+        def convert(node, importer):
+            """float32 cumsum / cumprod with whole vectors of values behind the axis (causal linear attention's
+            running k v^T sums) on graphopt's chunked scan (`cpu.scan`); others the generic converter's."""
+            from graphopt.targets.tvm.cpu.rules import vector_lanes
+            from graphopt.targets.tvm.cpu.scan import emit_scan, scan_geometry
+            x_val, name = node.args[0].meta["val"], "cumprod.default" if product else "cumsum.default"
+            geometry = None
+            if str(x_val.dtype) == "torch.float32" and str(node.meta["val"].dtype) == "torch.float32" and \
+                    x_val.dim() > 0 and _static(x_val):
+                geometry = scan_geometry(x_val.shape, int(node.args[1]) % x_val.dim(), vector_lanes(target))
+            if geometry is None:
+                return generic[name](node, importer)
+            return emit_scan(importer.block_builder, importer.env[node.args[0]], x_val.shape, geometry,
+                             vector_lanes(target), product)
+        return convert
+
     if not cpu_kernels:
         if sparse24 is not None or gpu_dense is not None:
             generic = {**generic, "linear.default": sparse_linear, "convolution.default": sparse_conv}
@@ -2488,7 +2505,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             "max_pool3d.default": pool3d, "max_pool3d_with_indices.default": pool3d, "avg_pool3d.default": pool3d,
             "scatter_add.default": scatter_rows, "scatter.src": scatter_rows, "scatter_reduce.two": scatter_rows,
             "index_add.default": index_add, "index_put.default": index_put, "index_put_.default": index_put,
-            "topk.default": topk,
+            "topk.default": topk, "cumsum.default": scan(False), "cumprod.default": scan(True),
             "upsample_linear1d.vec": upsample_linear1d,
             "adaptive_max_pool2d.default": adaptive_max_pool2d,
             "_adaptive_avg_pool2d.default": adaptive_avg_pool2d,
