@@ -2283,15 +2283,16 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         return bb.emit(relax.Tuple([y, bb.emit(relax.op.zeros((n, c, oh, ow), "int64"))]))
 
     def max_pool2d(node, importer, name: str = "max_pool2d.default"):
-        """Float NCHW max pooling on graphopt's kernel (any batch); other cases keep TVM's op."""
+        """Float NCHW max pooling on graphopt's kernel (any batch, floor or ceil mode); other cases keep TVM's op."""
         from graphopt.targets.tvm.cpu.pool import emit_max_pool, max_pool_applies
         args = list(node.args) + [None] * (6 - len(node.args))
         kernel = _pair(args[1], None)
         stride, padding, dilation = _pair(args[2], kernel), _pair(args[3], [0, 0]), _pair(args[4], [1, 1])
         x_shape = node.args[0].meta["val"].shape
         if (str(node.args[0].meta["val"].dtype) == "torch.float32" and kernel is not None
-                and max_pool_applies(x_shape, kernel, stride, padding, dilation, bool(args[5]))):
-            return emit_max_pool(importer.block_builder, importer.env[node.args[0]], x_shape, kernel, stride, padding)
+                and max_pool_applies(x_shape, kernel, stride, padding, dilation)):
+            return emit_max_pool(importer.block_builder, importer.env[node.args[0]], x_shape, kernel, stride, padding,
+                                 ceil=bool(args[5] if args[5] is not None else node.kwargs.get("ceil_mode", False)))
         return _builtin(importer, name)(node)
 
     def avg_pool2d(node, importer):
@@ -2346,7 +2347,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         x2 = (n, c * d, h, w)
         ok = (kd == stride[0] and padding[0] == 0 and dilation[0] == 1 and d % kd == 0 and not ceil
               and (avg_pool_applies(x2, kernel[1:], stride[1:], padding[1:], False) if avg else
-                   max_pool_applies(x2, kernel[1:], stride[1:], padding[1:], dilation[1:], False)))
+                   max_pool_applies(x2, kernel[1:], stride[1:], padding[1:], dilation[1:])))
         if not ok:
             return fallback()
         bb = importer.block_builder

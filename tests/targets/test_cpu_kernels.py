@@ -2664,6 +2664,24 @@ def test_max_pool_runs_on_the_separable_kernel(batch, k, stride, pad, hw):
     _assert_built_matches(g, model, x)
 
 
+@pytest.mark.parametrize("k,stride,pad,hw", [(3, 2, 0, (55, 54)),  # SqueezeNet's / GoogLeNet's pools
+                                             (2, 2, 0, (7, 9)), (3, 2, 1, (10, 10)), (5, 3, 2, (9, 16)),
+                                             (2, 2, 1, (5, 6))])  # a last window past the padding: dropped
+def test_max_pool_with_ceil_mode_runs_on_the_separable_kernel(k, stride, pad, hw):
+    """ceil_mode (SqueezeNet, GoogLeNet): PyTorch's last partial window, dropped where it would start past the
+    image and its padding; its taps past the edge read the last row / column (inside the window). It ran TVM's
+    pooling (110 us for SqueezeNet's 3x3 / 2 over 32x111x111). Exact against PyTorch, a NaN in the last window."""
+    model = torch.nn.Sequential(torch.nn.Identity(), torch.nn.MaxPool2d(k, stride, pad, ceil_mode=True)).eval()
+    x = torch.randn(2, 3, *hw)
+    x[1, 2, -1, -1] = float("nan")
+    g = graphopt.trace(model, (x,))
+    names = _func_names(g)
+    assert any(n.startswith("max_pool_3x") and "_ceil" in n for n in names) and "max_pool2d" not in names, names
+    got, want = _run_built(g, x), model(x).numpy()
+    assert got.shape == want.shape and np.isnan(want[1, 2, -1, -1])
+    np.testing.assert_array_equal(got, want)
+
+
 def test_large_max_pool_source_grows_linearly_and_builds():
     """YOLOv3-SPP's 9x9 and 13x13 pools: each running-maximum step names the one before once (the lets are
     substituted into one expression: with two names a step it doubled with each tap and a 7x7 pool's build did not

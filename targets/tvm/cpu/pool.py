@@ -12,10 +12,10 @@ from graphopt.targets.tvm.cpu.conv import _batched, _ntag
 from graphopt.targets.tvm.cpu.parse import parse_kernel
 
 
-def max_pool_applies(x_shape, kernel, stride, padding, dilation, ceil_mode) -> bool:
-    """NCHW, 2-d kernel, stride and symmetric padding, no dilation, floor mode (others keep TVM's op)."""
+def max_pool_applies(x_shape, kernel, stride, padding, dilation) -> bool:
+    """NCHW, 2-d kernel, stride and symmetric padding, no dilation (others keep TVM's op); floor or ceil mode."""
     return (len(x_shape) == 4 and len(kernel) == 2 and len(stride) == 2 and len(padding) == 2
-            and all(int(d) == 1 for d in dilation) and not ceil_mode
+            and all(int(d) == 1 for d in dilation)
             and all(2 * int(p) <= int(k) for p, k in zip(padding, kernel)))  # PyTorch's own limit on padding
 
 
@@ -28,13 +28,20 @@ def avg_pool_applies(x_shape, kernel, stride, padding, ceil_mode) -> bool:
 POOL_BAND = 16  # output rows one pooling task computes
 
 
-def pool_geometry(h: int, w: int, kernel, stride, padding) -> tuple:
-    """((kh, kw), (sh, sw), (ph, pw), (OH, OW)) of a floor-mode 2-D pool of an H x W map, as ints."""
+def pool_geometry(h: int, w: int, kernel, stride, padding, ceil: bool = False) -> tuple:
+    """((kh, kw), (sh, sw), (ph, pw), (OH, OW)) of a 2-D pool of an H x W map, as ints; `ceil`: PyTorch's
+    ceil_mode (a last, partial window wherever it starts inside the image or its left / top padding)."""
     (kh, kw), (sh, sw), (ph, pw) = ((int(a), int(b)) for a, b in (kernel, stride, padding))
-    return (kh, kw), (sh, sw), (ph, pw), ((h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1)
+
+    def size(n: int, k: int, st: int, p: int) -> int:
+        if not ceil:
+            return (n + 2 * p - k) // st + 1
+        o = -(-(n + 2 * p - k) // st) + 1
+        return o - 1 if (o - 1) * st >= n + p else o
+    return (kh, kw), (sh, sw), (ph, pw), (size(h, kh, sh, ph), size(w, kw, sw, pw))
 
 
-def max_pool_source(c: int, h: int, w: int, kernel, stride, padding, depth: int = 1) -> str:
+def max_pool_source(c: int, h: int, w: int, kernel, stride, padding, depth: int = 1, ceil: bool = False) -> str:
     """TVMScript of max pooling, separably: one task per channel and band of POOL_BAND output rows; for each output
     row the maxima down the kernel's kh input rows go into a row buffer (whole rows, contiguous), then each output
     is the maximum of kw of those along the row: kh + kw comparisons an output instead of kh x kw, and the strided
@@ -44,8 +51,9 @@ def max_pool_source(c: int, h: int, w: int, kernel, stride, padding, depth: int 
     a window gives NaN, as in PyTorch (TVM's max keeps a NaN only when it is the second operand). `zero` [1] holds
     0, added to an index (a second input the body reads keeps Relax from taking the function for a reshape).
     `depth` > 1: a 3-D pool whose depth windows tile the depth (x holds c depth planes of each output plane in
-    turn): the row maxima run down the kh rows of those planes too."""
-    (kh, kw), (sh, sw), (ph, pw), (oh, ow) = pool_geometry(h, w, kernel, stride, padding)
+    turn): the row maxima run down the kh rows of those planes too. `ceil`: PyTorch's ceil_mode, whose last window
+    still starts inside the image, so its taps past the edge read the last row / column, inside it too."""
+    (kh, kw), (sh, sw), (ph, pw), (oh, ow) = pool_geometry(h, w, kernel, stride, padding, ceil)
     lo = min(ow, -(-pw // sw))  # first output column whose taps are all inside
     hi = max(lo, min(ow, (w - kw + pw) // sw + 1))  # one past the last
     band = min(oh, POOL_BAND)
@@ -90,14 +98,16 @@ def max_pool(x: T.Buffer(({c * depth}, {h}, {w}), "float32"), zero: T.Buffer((1,
 """
 
 
-def _emit_pool(bb, x, x_shape, kernel, stride, padding, src: str, name: str, suffix: str = "", depth: int = 1):
+def _emit_pool(bb, x, x_shape, kernel, stride, padding, src: str, name: str, suffix: str = "", depth: int = 1,
+               ceil: bool = False):
     """A pooling kernel's TVMScript `src` for one sample of x [N, C, H, W] called on all of x (`batch_source`),
     its `zero` input a constant; the output [N, C / depth, OH, OW]. `suffix` ends the function's name."""
     from tvm import relax
 
     n, c, h, w = (int(d) for d in x_shape)
-    (kh, kw), (sh, sw), (ph, pw), (oh, ow) = pool_geometry(h, w, kernel, stride, padding)
+    (kh, kw), (sh, sw), (ph, pw), (oh, ow) = pool_geometry(h, w, kernel, stride, padding, ceil)
     tag = f"k{depth}x{kh}x{kw}" if depth > 1 else f"k{kh}x{kw}"
+    suffix += "_ceil" if ceil else ""
     gv = bb.add_func(parse_kernel(batch_source(src, n, ["x", "out"])),
                      f"{name}_{c}x{h}x{w}_{tag}s{sh}x{sw}p{ph}x{pw}{suffix}" + _ntag(n))
     y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, _batched(n, c, h, w))),
@@ -106,13 +116,14 @@ def _emit_pool(bb, x, x_shape, kernel, stride, padding, src: str, name: str, suf
     return bb.emit(relax.op.reshape(y, (n, c // depth, oh, ow)))
 
 
-def emit_max_pool(bb, x, x_shape, kernel, stride, padding, depth: int = 1):
+def emit_max_pool(bb, x, x_shape, kernel, stride, padding, depth: int = 1, ceil: bool = False):
     """max_pool2d of x [N, C, H, W] (per sample); with `depth`, a 3-D pool over windows of `depth` planes (C / depth
     output planes; `max_pool_source`). TVM's pooling with the schedule rules took 1.1 ms for ResNet-18's 3x3
     stride-2 pool on 64x112x112."""
     _, c, h, w = (int(d) for d in x_shape)
     return _emit_pool(bb, x, x_shape, kernel, stride, padding,
-                      max_pool_source(c // depth, h, w, kernel, stride, padding, depth), "max_pool", depth=depth)
+                      max_pool_source(c // depth, h, w, kernel, stride, padding, depth, ceil), "max_pool", depth=depth,
+                      ceil=ceil)
 
 
 def avg_pool_source(c: int, h: int, w: int, kernel, stride, padding, count_pad: bool, divisor: int | None,
