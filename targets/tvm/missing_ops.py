@@ -292,7 +292,23 @@ def cdist(node, importer):
     return bb.emit(relax.op.power(s, relax.const(1.0 / p, dt)))
 
 
+def full(name: str):
+    """torch.full / full_like (new_full decomposes to full) with an infinite or NaN fill (a causal mask's -inf above the diagonal):
+    TVM's legalization of R.full checks the fill's dtype as a string and failed on a PrimType ("argument of type
+    'PrimType' is not iterable") for those values; they broadcast a scalar constant instead. Finite fills: the
+    importer's converter."""
+    def convert(node, importer):
+        fill, val = node.args[1] if len(node.args) > 1 else None, node.meta["val"]
+        if not isinstance(fill, (int, float)) or math.isfinite(fill) or not all(
+                isinstance(d, int) for d in val.shape):
+            return builtin_converter(importer, name)(node)
+        value = relax.const(np.array(fill, _dtype(val)), _dtype(val))
+        return importer.block_builder.emit(relax.op.broadcast_to(value, tuple(int(d) for d in val.shape)))
+    return convert
+
+
 CONVERTERS = {
+    "full.default": full("full.default"), "full_like.default": full("full_like.default"),
     "elu.default": elu, "rrelu_with_noise_functional.default": rrelu, "sinh.default": hyperbolic("sinh"),
     "cosh.default": hyperbolic("cosh"), "exp2.default": exp2, "var_mean.correction": var_mean,
     "prod.dim_int": prod, "prod.default": prod, "cumsum.default": scan("sum"), "cumprod.default": scan("prod"),

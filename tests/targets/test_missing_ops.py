@@ -267,3 +267,21 @@ def test_squares_and_cubes_are_products():
         np.testing.assert_array_equal(np.isnan(o), np.isnan(r), err_msg=name)
         np.testing.assert_array_equal(np.signbit(o[~np.isnan(r)]), np.signbit(r[~np.isnan(r)]), err_msg=name)
         np.testing.assert_allclose(o, r, rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+class _InfiniteFills(torch.nn.Module):
+    def forward(self, x):
+        t = x.shape[1]
+        mask = torch.triu(torch.full((t, t), float("-inf")), diagonal=1)  # a decoder's causal mask
+        scores = torch.softmax(x @ x.transpose(1, 2) + mask, -1)
+        return scores, torch.full_like(x, float("nan")), x.new_full((3,), float("inf"))
+
+
+def test_full_with_an_infinite_or_nan_fill_builds():
+    """torch.full / full_like / new_full of -inf, NaN or inf (nn.TransformerDecoderLayer under a causal mask built
+    with torch.full(-inf)): TVM's legalization of R.full failed ("argument of type 'PrimType' is not iterable");
+    a broadcast scalar constant now, matching torch."""
+    x = torch.randn(2, 6, 4)
+    got = _run_all(graphopt.trace(_InfiniteFills().eval(), (x,)), x)
+    for o, r in zip(got, _InfiniteFills()(x)):
+        np.testing.assert_allclose(o, r.numpy(), rtol=1e-6, atol=1e-6)
