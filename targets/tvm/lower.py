@@ -1337,10 +1337,20 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                 x, dim, flat = bb.emit(relax.op.reshape(x, (x_val.numel(),))), 0, True
             else:
                 dim, flat = (0 if dim is None else int(dim) % max(nd, 1)), False
+            if str(x_val.dtype) == "torch.float32" and nd > 0 and _static(x_val):
+                from graphopt.targets.tvm.cpu.rules import vector_lanes
+                from graphopt.targets.tvm.cpu.select import arg_extreme_geometry, emit_arg_extreme
+                lanes = vector_lanes(target)
+                geometry = arg_extreme_geometry((x_val.numel(),) if flat else x_val.shape, dim, lanes)
+                if geometry is not None:  # graphopt's kernel, NaN rule included
+                    y = emit_arg_extreme(bb, x, geometry, lanes, kind == "max")
+                    return bb.emit(relax.op.reshape(y, tuple(int(d) for d in node.meta["val"].shape)))
             op = relax.op.argmax if kind == "max" else relax.op.argmin
             axis = None if nd == 0 else dim
             y = bb.emit(op(x, axis=axis, keepdims=keep and not flat))
             y = bb.emit(relax.op.astype(y, "int64"))
+            if x_val.dtype.is_floating_point:  # (Relax's answer for a run of -inf (+inf for argmin): -1; PyTorch: 0)
+                y = bb.emit(relax.op.maximum(y, relax.const(0, "int64")))
             if x_val.dtype.is_floating_point and nd > 0:
                 has, first = first_nan(bb, x, dim, keep and not flat)
                 y = bb.emit(relax.op.where(has, first, y))

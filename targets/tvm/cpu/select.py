@@ -68,3 +68,100 @@ def emit_topk(bb, x, shape, k: int, largest: bool, dtype: str = "float32"):
     vals = bb.emit(relax.op.reshape(bb.emit(relax.TupleGetItem(out, 0)), (*shape[:-1], k)))
     idxs = bb.emit(relax.op.reshape(bb.emit(relax.TupleGetItem(out, 1)), (*shape[:-1], k)))
     return bb.emit(relax.Tuple([vals, idxs]))
+
+
+def arg_extreme_source(outer: int, r: int, inner: int, lanes: int, largest: bool) -> str:
+    """TVMScript of argmax (argmin) of x [outer, R, inner] over R -> int64 [outer, inner], PyTorch's answer: the
+    first NaN's index where a reduced run holds one, else the first extreme's. Each vector lane keeps its best
+    value and index (a strict compare keeps the earlier one) and its first NaN. `inner` > 1 (whole vectors; a
+    segmentation head's classes over its pixels): the lanes are the inner values, each its own answer. `inner` == 1
+    (a classifier's or greedy decoder's rows): the lanes take a row's values in turn and are merged at its end."""
+    cmp = ">" if largest else "<"
+    if inner > 1:
+        chunk = max(c for c in range(lanes, min(inner, 256) + 1, lanes) if inner % c == 0)
+        chunks = inner // chunk
+        return f"""
+@T.prim_func(private=True)
+def arg_extreme(x: T.Buffer(({outer}, {r}, {inner}), "float32"), zero: T.Buffer((1,), "int32"),
+                out: T.Buffer(({outer}, {inner}), "int64")):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
+    for t in T.parallel({outer * chunks}):
+        o: T.let = t // {chunks}
+        c0: T.let = (t % {chunks}) * {chunk}
+        bv = T.decl_buffer(({lanes},), "float32")
+        bi = T.decl_buffer(({lanes},), "int32")
+        ni = T.decl_buffer(({lanes},), "int32")
+        for j in T.serial({chunk // lanes}):
+            for v in T.vectorized({lanes}):
+                bv[v] = x[o, 0, c0 + j * {lanes} + v]
+                bi[v] = zero[0]
+                ni[v] = T.Select(T.isnan(x[o, 0, c0 + j * {lanes} + v]), 0, {r})
+            for k in T.serial(1, {r}):
+                for v in T.vectorized({lanes}):
+                    ni[v] = T.min(ni[v], T.Select(T.isnan(x[o, k, c0 + j * {lanes} + v]), k, {r}))
+                    bi[v] = T.Select(x[o, k, c0 + j * {lanes} + v] {cmp} bv[v], k, bi[v])
+                    bv[v] = T.Select(x[o, k, c0 + j * {lanes} + v] {cmp} bv[v], x[o, k, c0 + j * {lanes} + v], bv[v])
+            for v in T.vectorized({lanes}):
+                out[o, c0 + j * {lanes} + v] = T.Cast("int64", T.Select(ni[v] < {r}, ni[v], bi[v]))
+"""
+    full = r // lanes * lanes
+    return f"""
+@T.prim_func(private=True)
+def arg_extreme(x: T.Buffer(({outer}, {r}), "float32"), zero: T.Buffer((1,), "int32"),
+                out: T.Buffer(({outer},), "int64")):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
+    for o in T.parallel({outer}):
+        bv = T.decl_buffer(({lanes},), "float32")
+        bi = T.decl_buffer(({lanes},), "int32")
+        ni = T.decl_buffer(({lanes},), "int32")
+        best = T.decl_buffer((2,), "int32")
+        bestv = T.decl_buffer((1,), "float32")
+        for v in T.vectorized({lanes}):
+            bv[v] = x[o, v]
+            bi[v] = v + zero[0]
+            ni[v] = T.Select(T.isnan(x[o, v]), v, {r})
+        for j in T.serial(1, {full // lanes}):
+            for v in T.vectorized({lanes}):
+                ni[v] = T.min(ni[v], T.Select(T.isnan(x[o, j * {lanes} + v]), j * {lanes} + v, {r}))
+                bi[v] = T.Select(x[o, j * {lanes} + v] {cmp} bv[v], j * {lanes} + v, bi[v])
+                bv[v] = T.Select(x[o, j * {lanes} + v] {cmp} bv[v], x[o, j * {lanes} + v], bv[v])
+        for i in T.serial({full}, {r}):
+            ni[i % {lanes}] = T.min(ni[i % {lanes}], T.Select(T.isnan(x[o, i]), i, {r}))
+            bi[i % {lanes}] = T.Select(x[o, i] {cmp} bv[i % {lanes}], i, bi[i % {lanes}])
+            bv[i % {lanes}] = T.Select(x[o, i] {cmp} bv[i % {lanes}], x[o, i], bv[i % {lanes}])
+        best[0] = ni[0]
+        best[1] = bi[0]
+        bestv[0] = bv[0]
+        for v in T.serial(1, {lanes}):
+            best[0] = T.min(best[0], ni[v])
+            if bv[v] {cmp} bestv[0] or (bv[v] == bestv[0] and bi[v] < best[1]):
+                best[1] = bi[v]
+                bestv[0] = bv[v]
+        out[o] = T.Cast("int64", T.Select(best[0] < {r}, best[0], best[1]))
+"""
+
+
+def arg_extreme_geometry(shape, dim: int, lanes: int) -> tuple[int, int, int] | None:
+    """(outer, R, inner) of a float32 argmax / argmin over `dim`, or None where the kernel does not apply: a
+    last-axis run of at least two vectors, or whole vectors of values behind the axis."""
+    import math
+
+    shape = [int(d) for d in shape]
+    outer, r, inner = math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1:])
+    if r < 2 or (inner == 1 and r < 2 * lanes) or (inner > 1 and (inner < lanes or inner % lanes)):
+        return None
+    return outer, r, inner
+
+
+def emit_arg_extreme(bb, x, geometry: tuple[int, int, int], lanes: int, largest: bool):
+    """argmax (argmin) indices (int64, [outer, inner] or [outer]) of the float32 Relax value x over the axis
+    `arg_extreme_geometry` gave `geometry` for; the caller reshapes them."""
+    import numpy as np
+    from tvm import relax
+
+    outer, r, inner = geometry
+    src = arg_extreme_source(outer, r, inner, lanes, largest)
+    shape = (outer, r, inner) if inner > 1 else (outer, r)
+    gv = bb.add_func(parse_kernel(src), f"{'argmax' if largest else 'argmin'}_{outer}x{r}x{inner}")
+    return bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, shape)), relax.const(np.zeros(1, np.int32))],
+                                  relax.TensorType((outer, inner) if inner > 1 else (outer,), "int64")))
