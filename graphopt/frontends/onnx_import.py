@@ -957,6 +957,31 @@ def _dft_op(im, ins, at):
     return im.emit(_dft, ins[0], length, axis, bool(at.get("inverse", 0)), bool(at.get("onesided", 0)))
 
 
+def _stft(x, step: int, window, frame_length: int, onesided: bool):
+    """ONNX STFT of a real signal x [batch, length, 1]: torch.stft without centring or normalization (graphopt's
+    lowering runs it as frames x one DFT-matrix GEMM), as [batch, frames, bins, (re, im)]."""
+    y = torch.stft(x[..., 0], frame_length, step, frame_length, window, center=False, onesided=onesided,
+                   return_complex=True)
+    return torch.view_as_real(y.transpose(-1, -2))
+
+
+@op("STFT")
+def _stft_op(im, ins, at):
+    """STFT (opset 17) of a real signal with a constant frame step and frame length (the window's, when not
+    given)."""
+    if im.shape(ins[0])[-1] != 1:
+        raise UnsupportedOpError(im.node_name, "STFT", "the signal is complex: graphopt's STFT takes real signals")
+    step = int(im.const(ins[1], "frame_step").reshape(-1)[0])
+    window = ins[2] if len(ins) > 2 and ins[2] else None
+    if len(ins) > 3 and ins[3]:
+        length = int(im.const(ins[3], "frame_length").reshape(-1)[0])
+    elif window is not None:
+        length = int(im.shape(window)[0])
+    else:
+        raise UnsupportedOpError(im.node_name, "STFT", "neither a window nor a frame_length gives the frame size")
+    return im.emit(_stft, ins[0], step, window, length, bool(at.get("onesided", 1)))
+
+
 @op("OneHot")
 def _one_hot_op(im, ins, at):
     depth = int(_scalar(im, ins[1], "depth"))

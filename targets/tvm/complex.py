@@ -73,8 +73,8 @@ class _Rewriter:
                                  f"{why}; graphopt computes complex tensors as (real, imag) pairs for rotary "
                                  "embeddings and FFTs (view_as_complex / view_as_real, polar, complex, products, "
                                  "sums, conj, abs, angle, exp, reciprocal, einsum / matmul, torch.fft's fft / "
-                                 "ifft / rfft / irfft and their 2-D / n-D forms, shape ops): compute this part "
-                                 "outside the model, or use --target pt2")
+                                 "ifft / rfft / irfft and their 2-D / n-D forms, torch.stft, shape ops): compute "
+                                 "this part outside the model, or use --target pt2")
 
     # ---- FFTs as DFT matrices -----------------------------------------------------------------------------------
     def constant(self, value: np.ndarray) -> fx.Node:
@@ -197,6 +197,40 @@ class _Rewriter:
         y, _ = self.along(z, shape, last, True, shape[last], w, size, False)
         return y
 
+    def stft(self, n: fx.Node, args) -> fx.Node:
+        """torch.stft of a real signal [..., T] (center padding, when asked, is already in the graph: torch pads
+        before calling aten.stft): the frames gathered by one constant index [frames x n_fft], times the window
+        (zero-padded to n_fft, centred, when shorter), then one DFT-matrix GEMM to the (onesided) spectrum, moved to
+        PyTorch's [..., freq, frames] order."""
+        src = n.args[0]
+        if _is_complex(src):
+            self.refuse(n, "torch.stft of a complex signal")
+        names = ["input", "n_fft", "hop_length", "win_length", "window", "normalized", "onesided", "return_complex"]
+        kw = {**dict(zip(names, args)), **{k: v for k, v in n.kwargs.items() if k in names}}
+        shape = [int(d) for d in src.meta["val"].shape]
+        n_fft = int(kw["n_fft"])
+        hop = int(kw.get("hop_length") or n_fft // 4)
+        win_length = int(kw.get("win_length") or n_fft)
+        frames = 1 + (shape[-1] - n_fft) // hop
+        idx = (np.arange(frames)[:, None] * hop + np.arange(n_fft)[None, :]).reshape(-1)
+        name = f"_stft_frames_{len(self.constants)}_{frames}x{n_fft}s{hop}"
+        self.constants[(name,)] = name
+        self.g.gm.register_buffer(name, torch.from_numpy(idx.astype(np.int64)))
+        x = self.call(aten.index_select.default, kw["input"], len(shape) - 1, self.new.get_attr(name))
+        x = self.call(aten.reshape.default, x, [*shape[:-1], frames, n_fft])
+        window = kw.get("window")
+        if window is not None:
+            if win_length < n_fft:
+                left = (n_fft - win_length) // 2
+                window = self.call(aten.constant_pad_nd.default, window, [left, n_fft - win_length - left])
+            x = self.call(aten.mul.Tensor, x, window)
+        onesided = kw.get("onesided")
+        cols = n_fft // 2 + 1 if onesided is None or onesided else n_fft
+        m = self.dft(n_fft, n_fft, cols, -1.0, 1 / math.sqrt(n_fft) if kw.get("normalized") else 1.0)
+        y = self.call(aten.linear.default, x, self.constant(self.interleaved(m, True)))
+        y = self.call(aten.reshape.default, y, [*shape[:-1], frames, cols, 2])
+        return self.call(aten.transpose.int, y, -3, -2)
+
     def bilinear(self, n: fx.Node, args) -> fx.Node:
         """einsum / matmul / mm / bmm with complex operands: four real products (two with one real operand)."""
         if n.target is aten.einsum.default:
@@ -263,6 +297,8 @@ class _Rewriter:
             return None
         if target_name(op).startswith("aten.fft_"):
             return self.fft(n, args)
+        if op is aten.stft.default:
+            return self.stft(n, args)
         if op in (aten.einsum.default, aten.matmul.default, aten.mm.default, aten.bmm.default):
             return self.bilinear(n, args)
         if op is aten.zeros_like.default:

@@ -167,3 +167,52 @@ def test_equal_dft_matrices_are_one_buffer():
     assert sorted(n for n, _ in g.gm.named_buffers() if n.startswith("_dft_matrix")) == ["_dft_matrix_0",
                                                                                         "_dft_matrix_1"]
     _check(fn, x, rtol=1e-5, atol=2e-5)
+
+
+class _Stft(torch.nn.Module):
+    def __init__(self, window: bool, **kw):
+        super().__init__()
+        self.window, self.kw = window, kw
+
+    def forward(self, x, w):
+        return torch.view_as_real(torch.stft(x, window=w if self.window else None, return_complex=True, **self.kw))
+
+
+@pytest.mark.parametrize("shape,kw,win", [
+    ((2, 400), dict(n_fft=64, hop_length=16), 64),  # centred, reflect-padded, a Hann window
+    ((1000,), dict(n_fft=128), 128),  # one signal, the default hop (n_fft / 4)
+    ((3, 300), dict(n_fft=64, hop_length=20, win_length=40, center=False), 40),  # a short window, centred in n_fft
+    ((2, 256), dict(n_fft=32, hop_length=8, normalized=True, onesided=False, pad_mode="constant"), 32),
+    ((2, 256), dict(n_fft=32, hop_length=8), None),  # no window: rectangular
+])
+def test_stft_is_frames_times_a_dft_matrix_and_matches_torch(shape, kw, win):
+    """torch.stft (audio front ends: spectrograms, mel features) was refused by name: it is the frames gathered by
+    one constant index, times the window, times a DFT matrix (one GEMM), as PyTorch's [..., freq, frames]."""
+    torch.manual_seed(0)
+    x, w = torch.randn(shape), torch.hann_window(win or 8)
+    _check(_Stft(win is not None, **kw), x, w, rtol=1e-5, atol=2e-5 * 8)
+
+
+def test_onnx_stft_imports_and_matches_numpy(tmp_path):
+    """ONNX STFT (opset 17; what torch.onnx.export writes for torch.stft): frame step and window as inputs, the
+    frame length the window's; [batch, frames, bins, (re, im)] against numpy's FFT of the windowed frames."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    n_fft, hop, length = 32, 10, 200
+    win = np.hanning(n_fft + 1)[:-1].astype(np.float32)
+    inits = [helper.make_tensor("step", TensorProto.INT64, [], [hop]),
+             helper.make_tensor("win", TensorProto.FLOAT, [n_fft], win.tolist())]
+    node = helper.make_node("STFT", ["x", "step", "win"], ["y"], onesided=1)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, length, 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=inits)
+    path = tmp_path / "stft.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    x = np.random.default_rng(0).standard_normal((2, length, 1)).astype(np.float32)
+    frames = 1 + (length - n_fft) // hop
+    idx = np.arange(frames)[:, None] * hop + np.arange(n_fft)[None, :]
+    want = np.fft.rfft(x[:, idx, 0] * win, axis=-1)
+    want = np.stack([want.real, want.imag], -1)
+    got = _run_all(graphopt.load_onnx(str(path)), torch.from_numpy(x))[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
