@@ -9,7 +9,10 @@ conv on 1 s of 16 kHz audio, a MobileViT block (2x2 patches as tokens, 4 heads o
 WaveNet-style TCN (8 dilated causal conv1d pairs, gated activations) over 2000 steps; since the sixtieth session a
 3-D UNet on a 32x64x64 volume, an R(2+1)D video block on 8 frames of 112x112, a DCGAN generator (batch 8, 1x1
 latent to 32x32), a two-layer GCN on a fixed 2000-node, 10000-edge graph, an FNet block (FFT token mixing, 128
-tokens) and a GFNet block (a global filter by rfft2 / irfft2 on 14x14 tokens).
+tokens) and a GFNet block (a global filter by rfft2 / irfft2 on 14x14 tokens); since the sixty-first two
+StyleGAN2 modulated convs (per-sample weights computed in the graph, batch 4 as groups, 256 channels at 16x16),
+causal linear attention (running k v^T sums by cumsum over 256 tokens) and 10 Sinkhorn iterations between two
+sets of 256 points (log-domain, logsumexp).
 
 Random weights with randomized batch-norm statistics (what compiling and quantizing cost, not accuracy).
 graphopt fp32: the CLI's default pipeline (fold-bn, fold-pad, fold-constants, dce); graphopt int8: + quantize,
@@ -259,6 +262,45 @@ def _models() -> dict:  # noqa: C901 - one small nn.Module per architecture
             x = x + torch.fft.irfft2(y, s=x.shape[1:3], dim=(1, 2), norm="ortho")
             return x + self.ff(x)
 
+    class StyleGAN2(nn.Module):  # modulated, demodulated 3x3 convs: per-sample weights, the batch in the groups
+        def __init__(self, c: int = 256, w: int = 512):
+            super().__init__()
+            self.map = nn.Sequential(nn.Linear(c, w), nn.LeakyReLU(0.2), nn.Linear(w, w))
+            self.aff = nn.ModuleList([nn.Linear(w, c) for _ in range(2)])
+            self.weight = nn.ParameterList([nn.Parameter(torch.randn(c, c, 3, 3)) for _ in range(2)])
+
+        def forward(self, x):
+            b, c = x.shape[:2]
+            lat = self.map(x.mean((2, 3)))
+            for aff, weight in zip(self.aff, self.weight):
+                wt = weight[None] * (aff(lat) + 1)[:, None, :, None, None]
+                wt = wt * torch.rsqrt((wt * wt).sum(dim=(2, 3, 4)) + 1e-8)[:, :, None, None, None]
+                x = F.conv2d(x.reshape(1, b * c, *x.shape[2:]), wt.reshape(b * c, c, 3, 3), padding=1, groups=b)
+                x = F.leaky_relu(x.reshape(b, c, *x.shape[2:]), 0.2)
+            return x
+
+    class LinearAttention(nn.Module):  # causal linear attention (elu + 1 features): running sums of k v^T
+        def __init__(self, d: int = 64):
+            super().__init__()
+            self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).chunk(3, -1)
+            q, k = F.elu(q) + 1, F.elu(k) + 1
+            kv = torch.cumsum(k.unsqueeze(-1) * v.unsqueeze(-2), dim=1)
+            z = 1 / (torch.einsum("btd,btd->bt", q, torch.cumsum(k, 1)) + 1e-6)
+            return self.out(torch.einsum("btd,btde->bte", q, kv) * z[..., None])
+
+    class Sinkhorn(nn.Module):  # entropic optimal transport between two point sets: 10 log-domain iterations
+        def forward(self, x):
+            a, b = x[:, :256], x[:, 256:]
+            lk = -torch.cdist(a, b) ** 2 / 10.0
+            u, v = torch.zeros(lk.shape[:2]), torch.zeros(lk.shape[0], lk.shape[2])
+            for _ in range(10):
+                u = -torch.logsumexp(lk + v[:, None, :], dim=2)
+                v = -torch.logsumexp(lk + u[:, :, None], dim=1)
+            return torch.exp(lk + u[:, :, None] + v[:, None, :])
+
     return {"convnext": lambda: (ConvNeXt(), (1, 3, 224, 224)), "resnext": lambda: (resnext(), (1, 3, 112, 112)),
             "deeplab": lambda: (DeepLab(), (1, 3, 256, 256)), "inception": lambda: (Inception(), (1, 288, 35, 35)),
             "swin": lambda: (Swin(), (1, 3, 128, 128)), "detr": lambda: (Detr(), (1, 400, 256)),
@@ -266,7 +308,9 @@ def _models() -> dict:  # noqa: C901 - one small nn.Module per architecture
             "mobilevit": lambda: (MobileViT(), (1, 64, 32, 32)), "tcn": lambda: (TCN(), (1, 8, 2000)),
             "unet3d": lambda: (UNet3D(), (1, 1, 32, 64, 64)), "r2plus1d": lambda: (R2Plus1D(), (1, 3, 8, 112, 112)),
             "dcgan": lambda: (dcgan(), (8, 64, 1, 1)), "gcn": lambda: (GCN(), (2000, 64)),
-            "fnet": lambda: (FNet(), (1, 128, 256)), "gfnet": lambda: (GFNet(), (1, 14, 14, 384))}
+            "fnet": lambda: (FNet(), (1, 128, 256)), "gfnet": lambda: (GFNet(), (1, 14, 14, 384)),
+            "stylegan2": lambda: (StyleGAN2(), (4, 256, 16, 16)),
+            "linattn": lambda: (LinearAttention(), (1, 256, 64)), "sinkhorn": lambda: (Sinkhorn(), (1, 512, 64))}
 
 
 def _rel_err(got, ref: np.ndarray) -> float:
