@@ -824,14 +824,13 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         from graphopt.targets.tvm.cpu.rules import vector_lanes
         batch, k = int(a_val.shape[0]), int(a_val.shape[2])
         lanes = vector_lanes(target)
+        keys = _transposed_operand(node.args[1])
         if (mp, np_) == (m, n):
-            keys = _transposed_operand(node.args[1])
             if (keys is not None and keys[1] == 1.0 and k >= 256 and not bmm_applies(batch, m, k, n, lanes)
                     and bmm_applies(batch, n, k, m, lanes)):
                 return _swapped_bmm(importer, node, keys[0], batch, m, k, n, lanes)
             if not bmm_beats_rule(k, n):
                 return _builtin(importer, "bmm.default")(node)
-        keys = _transposed_operand(node.args[1])
         if bmm_applies(batch, m, k, n, lanes) and keys is not None:
             # attention's K^T: the kernel reads K's rows (scaled), no transposed copy
             bb = importer.block_builder
@@ -1665,7 +1664,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                                       None if bt is None else bt.detach().numpy(), x_shape, int(node.args[3][0]),
                                       _full_padding(node, None), vector_lanes(target), clamp,
                                       None if residual is None else importer.env[residual], int(node.args[5][0]))
-        if wt is None and bt is None:
+        if wt is None:  # a weight the graph computes (its bias constant or computed too)
             y = _runtime_weight_conv(node, importer, x_shape, pads, groups)
             if y is not None:
                 return y

@@ -22,7 +22,7 @@ class _Computed(torch.nn.Module):
         self.args = (stride, padding, dilation, groups)
 
     def forward(self, x, s):
-        b = None if self.b is None else self.b * s.mean()  # a bias the graph computes too
+        b = None if self.b is None else self.b * s.mean() if self.args[3] > 1 else self.b  # computed or constant
         return F.conv2d(x, self.w * s.reshape(1, -1, 1, 1), b, *self.args)
 
 
