@@ -72,3 +72,28 @@ def test_a_computed_weight_conv_runs_im2col_and_a_batched_matmul(co, ci, k, stri
 def test_stylegan2_modulated_conv():
     torch.manual_seed(0)
     _check(_Modulated(), torch.randn(3, 8, 10, 10), torch.randn(3, 6))
+
+
+@pytest.mark.parametrize("batch,m,k,n", [(1, 13, 4000, 100),  # few rows: tasks split the panels, a partial last one
+                                         (2, 20, 1152, 1000), (1, 8, 9000, 20),  # one full panel + a partial one
+                                         (3, 200, 3000, 50)])  # many rows: row chunks, each panel staged in turn
+def test_batched_matmul_stages_one_panel_at_a_time(batch, m, k, n):
+    """Right operands past a core's L2 are staged one panel at a time; with few rows the tasks take ranges of
+    panels (each staged once: a 64-channel computed-weight conv over 56x56 pixels 0.62-0.89x the row-chunk time),
+    else ranges of rows. Against float64 numpy."""
+    from graphopt.targets.tvm.cpu.bmm import bmm_source, emit_bmm
+    from graphopt.targets.tvm.cpu.pipeline import build_cpu
+    from graphopt.targets.tvm.host import cpu_target
+    assert ("pc: T.let" in bmm_source(batch, m, k, n, 6, 16, False)) == (m <= 96)
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((batch, m, k)).astype(np.float32)
+    w = rng.standard_normal((batch, k, n)).astype(np.float32)
+    bb = relax.BlockBuilder()
+    av, wv = relax.Var("a", relax.TensorType(a.shape, "float32")), relax.Var("w", relax.TensorType(w.shape, "float32"))
+    with bb.function("main", [av, wv]):
+        with bb.dataflow():
+            out = bb.emit_output(emit_bmm(bb, av, wv, batch, m, k, n, False, 8))
+        bb.emit_func_output(out)
+    vm = relax.VirtualMachine(build_cpu(bb.get(), cpu_target()), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(w)).numpy()
+    np.testing.assert_allclose(got, a.astype(np.float64) @ w, rtol=0, atol=1e-5 * np.sqrt(k) * 4)

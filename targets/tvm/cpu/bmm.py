@@ -17,6 +17,7 @@ from graphopt.targets.tvm.cpu.parse import parse_kernel
 
 MIN_TASKS = 8  # row chunks per batch until there are this many tasks (ViT: 3 heads of 197 rows)
 STAGE_ALL_BYTES = 1 << 20  # a task's staged panels, all at once (a core's L2 here)
+SPLIT_PANELS_TILES = 16  # row tiles up to which per-panel staging splits the panels over the tasks, not the rows
 
 
 def bmm_tiles(n: int, lanes: int) -> tuple[int, int]:
@@ -32,9 +33,14 @@ def bmm_source(batch: int, m: int, k: int, n: int, mr: int, nr: int, trans_b: bo
     # GMAC/s)
     per_panel = nt * nr * k * 4 > STAGE_ALL_BYTES
     chunks = max(1, min(tiles, -(-(MIN_TASKS // 2 if per_panel else MIN_TASKS) // batch)))
+    # few rows and many panels (a 64-channel computed-weight conv over 56x56 pixels): tasks take ranges of panels
+    # with every row instead, each panel staged once
+    pchunks = max(1, min(nt, -(-MIN_TASKS // batch)))
+    split = per_panel and tiles <= SPLIT_PANELS_TILES and pchunks > 1
     rows_per = -(-tiles // chunks) * mr
     chunks = -(-m // rows_per)
     last_rows = m - (chunks - 1) * rows_per
+    tasks = pchunks if split else chunks
     w_shape = (batch, n, k) if trans_b else (batch, k, n)
     w_at = "w[bi, p * {nr} + v, kk]" if trans_b else "w[bi, kk, p * {nr} + v]"
     w_at = w_at.format(nr=nr) + ("" if alpha == 1.0 else f" * T.float32({alpha!r})")
@@ -99,7 +105,29 @@ def bmm_source(batch: int, m: int, k: int, n: int, mr: int, nr: int, trans_b: bo
 {indent}for p in T.serial({p0}, {p0 + count}):""" if count > 1 else "") + body
         return out
 
-    if chunks == 1 or last_rows == rows_per:
+    if split:  # every row of the batch, over this task's range of panels (the partial one with the last range)
+        mt, rem = divmod(m, mr)
+        per = -(-full // pchunks) if full else 0
+        compute = ""
+        if full:
+            body = stage_panel("p", False, " " * 12)
+            if mt:
+                body += f"""
+            for ti in T.serial({mt}):""" + tile(mr, f"ti * {mr}", "p", nr, " " * 16)
+            if rem:
+                body += tile(rem, str(mt * mr), "p", nr, " " * 12)
+            compute += f"""
+        for p in T.serial(T.min(pc * {per}, {full}), T.min(pc * {per} + {per}, {full})):{body}"""
+        if nt > full:
+            body = stage_panel(str(full), True, " " * 12)
+            if mt:
+                body += f"""
+            for ti in T.serial({mt}):""" + tile(mr, f"ti * {mr}", str(full), n - full * nr, " " * 16)
+            if rem:
+                body += tile(rem, str(mt * mr), str(full), n - full * nr, " " * 12)
+            compute += f"""
+        if pc == {pchunks - 1}:{body}"""
+    elif chunks == 1 or last_rows == rows_per:
         compute = rows_body(rows_per if chunks > 1 else m, "        ")
     else:
         compute = f"""
@@ -110,9 +138,9 @@ def bmm_source(batch: int, m: int, k: int, n: int, mr: int, nr: int, trans_b: bo
 def bmm(a: T.Buffer(({batch}, {m}, {k}), "float32"), w: T.Buffer({w_shape}, "float32"),
         c: T.Buffer(({batch}, {m}, {n}), "float32")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
-    for t in T.parallel({batch * chunks}):
-        bi: T.let = t // {chunks}
-        r0: T.let = (t % {chunks}) * {rows_per}
+    for t in T.parallel({batch * tasks}):
+        bi: T.let = t // {tasks}
+        {"pc" if split else "r0"}: T.let = (t % {tasks}){"" if split else f" * {rows_per}"}
         wp = T.decl_buffer(({1 if per_panel else nt}, {k}, {nr}), "float32", scope="global"){stage("0", full, False)}{
             stage(str(full), nt - full, True)}{compute}
 """
