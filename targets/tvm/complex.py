@@ -273,6 +273,12 @@ class _Rewriter:
                 self.new.node_copy(n, lambda a: self.env[a])
             elif n.op == "call_function" and (_is_complex(n) or any(_is_complex(a) for a in n.all_input_nodes)):
                 self.env[n] = self.convert(n)
+            elif _squared_magnitude(n) and all(_squared_magnitude(u) for u in n.args[0].users):
+                # |z|^2 (a power spectrum; abs kept z's pair for it): re^2 + im^2, no hypot then square
+                z = self.env[n.args[0]]
+                re, im = self.re(z), self.im(z)
+                self.env[n] = self.call(aten.add.Tensor, self.call(aten.mul.Tensor, re, re),
+                                        self.call(aten.mul.Tensor, im, im))
             else:
                 self.env[n] = self.new.node_copy(n, lambda a: self.env[a])
         gm.graph = self.new
@@ -319,6 +325,8 @@ class _Rewriter:
         if op in (aten.conj.default, aten._conj.default, aten.conj_physical.default):
             return self.conj(args[0])
         if op is aten.abs.default:
+            if all(_squared_magnitude(u) for u in n.users):
+                return args[0]  # (every user squares it: they read the pair)
             return self.call(aten.hypot.default, self.re(args[0]), self.im(args[0]))
         if op is aten.angle.default:
             return self.call(aten.atan2.default, self.im(args[0]), self.re(args[0]))
@@ -418,6 +426,13 @@ class _Rewriter:
         scale = self.call(aten.div.Tensor, a, den) if isinstance(a, fx.Node) else self.call(aten.reciprocal.default,
                                                                                                den)
         return self.call(aten.mul.Tensor, self.conj(b), self.call(aten.unsqueeze.default, scale, -1))
+
+
+def _squared_magnitude(n) -> bool:
+    """Whether `n` is abs(z) ** 2 of a complex z (a spectrogram's power)."""
+    a = n.args[0] if n.op == "call_function" and n.target is aten.pow.Tensor_Scalar and n.args[1] == 2 else None
+    return (isinstance(a, fx.Node) and a.op == "call_function" and a.target is aten.abs.default
+            and _is_complex(a.args[0]))
 
 
 _FFTS = {f"{p}fft{suffix}" for p in ("", "i", "r", "ir") for suffix in ("", "2", "n")}  # (not hfft / ihfft)

@@ -216,3 +216,18 @@ def test_onnx_stft_imports_and_matches_numpy(tmp_path):
     want = np.stack([want.real, want.imag], -1)
     got = _run_all(graphopt.load_onnx(str(path)), torch.from_numpy(x))[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_a_squared_magnitude_is_re2_plus_im2():
+    """abs(z) ** 2 (a spectrogram's power) reads the (re, im) pair as re^2 + im^2, no hypot then square; an abs
+    with another user keeps its hypot for that one."""
+    from graphopt.targets.tvm.complex import complex_as_real
+    x = torch.randn(2, 256)
+    power = lambda x: torch.stft(x, 32, 8, window=torch.hann_window(32), return_complex=True).abs().pow(2)  # noqa: E731
+    g = complex_as_real(graphopt.trace(_Fn(power), (x,)))
+    assert not any("hypot" in str(n.target) for n in g.gm.graph.nodes)
+    _check(power, x, rtol=1e-5, atol=1e-4)
+    both = lambda x: (lambda a: (a.pow(2), a + 1))(torch.fft.rfft(x).abs())  # noqa: E731
+    g = complex_as_real(graphopt.trace(_Fn(both), (x,)))
+    assert any("hypot" in str(n.target) for n in g.gm.graph.nodes)
+    _check(both, x, rtol=1e-5, atol=1e-4)
