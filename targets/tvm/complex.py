@@ -41,6 +41,7 @@ class _Rewriter:
         self.new = fx.Graph()
         self.env: dict[fx.Node, fx.Node] = {}
         self.constants: dict[tuple, str] = {}
+        self.frame_indices: dict[tuple[int, int, int], str] = {}  # (frames, n_fft, hop) -> an STFT's frame index
 
     # ---- building blocks on the new graph (z: a complex value as [..., 2]) ----------------------------------
     def call(self, op, *args, **kwargs) -> fx.Node:
@@ -197,6 +198,16 @@ class _Rewriter:
         y, _ = self.along(z, shape, last, True, shape[last], w, size, False)
         return y
 
+    def frame_index(self, frames: int, n_fft: int, hop: int) -> fx.Node:
+        """The int64 positions of `frames` frames of n_fft samples, hop apart, as one buffer per geometry (the
+        STFTs of one size share it)."""
+        key = (frames, n_fft, hop)
+        if key not in self.frame_indices:
+            self.frame_indices[key] = f"_stft_frames_{frames}x{n_fft}s{hop}"
+            idx = (np.arange(frames)[:, None] * hop + np.arange(n_fft)[None, :]).reshape(-1)
+            self.g.gm.register_buffer(self.frame_indices[key], torch.from_numpy(idx.astype(np.int64)))
+        return self.new.get_attr(self.frame_indices[key])
+
     def stft(self, n: fx.Node, args) -> fx.Node:
         """torch.stft of a real signal [..., T] (center padding, when asked, is already in the graph: torch pads
         before calling aten.stft): the frames gathered by one constant index [frames x n_fft], times the window
@@ -212,11 +223,7 @@ class _Rewriter:
         hop = int(kw.get("hop_length") or n_fft // 4)
         win_length = int(kw.get("win_length") or n_fft)
         frames = 1 + (shape[-1] - n_fft) // hop
-        idx = (np.arange(frames)[:, None] * hop + np.arange(n_fft)[None, :]).reshape(-1)
-        name = f"_stft_frames_{len(self.constants)}_{frames}x{n_fft}s{hop}"
-        self.constants[(name,)] = name
-        self.g.gm.register_buffer(name, torch.from_numpy(idx.astype(np.int64)))
-        x = self.call(aten.index_select.default, kw["input"], len(shape) - 1, self.new.get_attr(name))
+        x = self.call(aten.index_select.default, kw["input"], len(shape) - 1, self.frame_index(frames, n_fft, hop))
         x = self.call(aten.reshape.default, x, [*shape[:-1], frames, n_fft])
         window = kw.get("window")
         if window is not None:

@@ -231,3 +231,16 @@ def test_a_squared_magnitude_is_re2_plus_im2():
     g = complex_as_real(graphopt.trace(_Fn(both), (x,)))
     assert any("hypot" in str(n.target) for n in g.gm.graph.nodes)
     _check(both, x, rtol=1e-5, atol=1e-4)
+
+
+def test_stfts_of_one_geometry_share_their_frame_index_and_dft_matrix():
+    """Two STFTs of one size (a stereo pair's channels) gather their frames by one index buffer and share one DFT
+    matrix; the DFT matrices keep their own numbering."""
+    from graphopt.targets.tvm.complex import complex_as_real
+    spec = lambda x: torch.stft(x, 32, 8, window=torch.hann_window(32), return_complex=True).abs()  # noqa: E731
+    fn = lambda x: spec(x[:, 0]) + spec(x[:, 1])  # noqa: E731
+    x = torch.randn(2, 2, 256)
+    g = complex_as_real(graphopt.trace(_Fn(fn), (x,)))
+    buffers = sorted(n for n, _ in g.gm.named_buffers() if n.startswith(("_stft_frames", "_dft_matrix")))
+    assert buffers == ["_dft_matrix_0", "_stft_frames_33x32s8"], buffers
+    _check(fn, x, rtol=1e-5, atol=1e-4)
