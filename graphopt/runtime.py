@@ -165,6 +165,8 @@ class CompiledModel(ArtifactModel):
         self._owner = threading.get_ident()  # the thread whose VM is self._fn
         self._local = threading.local()
         self._gpu_lock = threading.Lock() if self.device_kind != "cpu" else None
+        fresh = self.manifest.get("target_info", {}).get("fresh_outputs") or []
+        self._fresh = [f is True for f in fresh] if len(fresh) == len(self.manifest.get("outputs") or []) else []
 
     def _new_function(self):
         """The entry function of a fresh VM over the loaded library."""
@@ -206,21 +208,25 @@ class CompiledModel(ArtifactModel):
                 pass  # a read-only array (numpy < 2.1), ml_dtypes' bfloat16: copied below
         return self._tvm.runtime.tensor(a, device=self.device)
 
-    def _numpy(self, r) -> np.ndarray:
-        """An output as a fresh numpy array (a copy: the VM may hand back a constant or an input it was given).
-        Through DLPack on the CPU: Tensor.numpy() spent ~10 us of Python on each output."""
+    def _numpy(self, r, fresh: bool = False) -> np.ndarray:
+        """An output as a numpy array of its own. Through DLPack on the CPU (Tensor.numpy() spent ~10 us of Python
+        on each output): the VM's own tensor where the build found it allocated for this output in this call
+        (manifest target_info "fresh_outputs", `pipeline.fresh_outputs`), else a copy: the VM may hand back a
+        constant, an input it was given, or two views of one tensor."""
         if self.device_kind == "cpu":
             try:
-                return np.from_dlpack(r).copy()
+                a = np.from_dlpack(r)
+                return a if fresh else a.copy()
             except (BufferError, RuntimeError, TypeError, ValueError):
                 pass  # bfloat16, which numpy's DLPack import lacks
         return r.numpy()
 
     def __call__(self, *args: Any) -> tuple[np.ndarray, ...]:
         res = self._invoke(self._convert(args))
+        fresh = self._fresh
         if hasattr(res, "numpy"):
-            return (self._numpy(res),)
-        return tuple(self._numpy(r) for r in res)
+            return (self._numpy(res, bool(fresh) and fresh[0]),)
+        return tuple(self._numpy(r, i < len(fresh) and fresh[i]) for i, r in enumerate(res))
 
     def prepared(self, *args: Any):
         """As `ArtifactModel.prepared` on the CPU; on a GPU the inputs are copied to the device once, and the

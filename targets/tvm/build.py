@@ -196,7 +196,8 @@ def compile_to_dir(graph: Graph, output: str | Path, target: str = "llvm", tunin
                                                     "isa": target_isa(tgt), "int8_dot": int8_dot(tgt),
                                                     "vector_bits": 32 * vector_lanes(tgt),
                                                     "one_thread_kernels": stats.get("one_thread", []),
-                                                    "one_thread_under_us": SERIAL_US},
+                                                    "one_thread_under_us": SERIAL_US,
+                                                    "fresh_outputs": stats.get("fresh_outputs", [])},
                                   tuning=(summary or TuningSummary()).to_json() if tuning else None,
                                   build_seconds=round(seconds, 2), folder=tmp)
         write_manifest(tmp, manifest)
