@@ -3034,6 +3034,28 @@ def test_log_and_sin_broadcast_into_a_product_build(fn):
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
 
 
+class _CutoffSum(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, d, h):
+        return (self.fn(d)[:, :, None] * h[None]).sum(1)
+
+
+@pytest.mark.parametrize("fn", [lambda d: 0.5 * (torch.cos(d * 0.6) + 1) * (d < 5.0).float(),  # (SchNet's cutoff)
+                                lambda d: torch.sin(d) * d])
+def test_cos_and_sin_broadcast_into_a_reduction_build(fn):
+    """The same Let broadcast into a reduction (SchNet's cosine cutoff on pair distances, times the neighbours'
+    features, summed over the neighbours): the reduction rule had inlined it and the build failed the same way;
+    the producer keeps its own loop there too."""
+    torch.manual_seed(0)
+    d, h = torch.rand(20, 20) * 6, torch.randn(20, 16)
+    model = _CutoffSum(fn).eval()
+    got, ref = _run_built(graphopt.trace(model, (d, h)), d, h), model(d, h).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=2e-6)
+
+
 @pytest.mark.parametrize("groups,c,spatial,batch,affine", [(8, 32, (7, 7), 2, True),  # 49 pixels: overlapping tail
                                                            (4, 64, (16, 16), 1, False), (2, 12, (100,), 1, True),
                                                            (4, 16, (2, 2), 1, True)])  # 4 pixels: Relax's op

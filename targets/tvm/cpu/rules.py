@@ -139,9 +139,14 @@ class ReductionTile(ScheduleRule):
         for b in infos[idx + 1:]:  # same-shape epilogue (bias, activation) joins the tile; a pad after it does not
             same = not tail and [int(it.dom) for it in b.iters] == out_shape
             (epilogue if same else tail).append(b)
+        # a producer binding a Let that is broadcast into the reduction keeps its own loop (`_let_broadcast`:
+        # SchNet's cosine cutoff on the pair distances, summed over neighbours times their features)
+        domain = 1
+        for it in red.iters:
+            domain *= int(it.dom) if isinstance(it.dom, (int, tirx.IntImm)) else 1 << 30
         try:
             for b in infos[:idx]:
-                if window:
+                if window or _let_broadcast(sch, b.block_rv, domain):
                     _parallel_vectorize(sch, b.block_rv, vector_lanes(target))
                 else:
                     sch.compute_inline(b.block_rv)
