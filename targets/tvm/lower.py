@@ -1755,6 +1755,10 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         g_shape = (n, cig, *(int(d) for d in x_shape[2:]))
         conv_args = tuple(node.args[3:8]) if conv_args is None else conv_args  # (a conv1d's, as 2-D: `_conv1d`)
         kind = _conv_kernel(g_shape, (cog, *wt.shape[1:]), (*conv_args, 1))
+        if kind is None and full is None and len(x_shape) == 4:
+            y = _grouped_dilated_conv(node, importer, x_shape, wt, bt, pads, groups, g_shape)
+            if y is not None:
+                return y
         if kind is None or kind == "depthwise":
             return None if full is not None else importer._convolution(node)
         _, clamp = _fused_epilogue(node, importer, False)
@@ -1784,6 +1788,49 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                          None if b is None else b[g * cog:(g + 1) * cog], g_shape, kind, s, full, clamp, None)
               for g in range(groups)]
         return bb.emit(relax.op.reshape(_join_groups(bb, ys), tuple(int(d) for d in node.meta["val"].shape)))
+
+    def _grouped_dilated_conv(node, importer, x_shape, wt, bt, pads, groups: int, g_shape):
+        """A grouped conv with one dilation d > 1 (SKNet's and ResNeSt's dilated branches, grouped ASPP): each group
+        on the pixel-row conv with taps d apart, concatenated; at batch 1, where a group's columns are at most 2^17
+        values or the stride is 2, dilated im2col + the packed GEMM with the groups as samples, each with its own
+        weights (one call). Alone, interleaved, 2 threads (emeraldrapids), pixel-row / im2col time: 32 channels a
+        group at 28x28 0.82x, 16 at 56x56 0.76x; 16 at 16x16 1.62x, 32 at 14x14 1.15x, 32 at 33x33 stride 2 1.42x.
+        TVM's grouped dilated conv2d took 43x ORT's time (128 channels in 4 groups at 28x28, d 2: 37 ms)."""
+        from tvm import relax
+
+        from graphopt.targets.tvm.cpu import conv as k
+        from graphopt.targets.tvm.cpu.rules import vector_lanes
+        stride, _, dilation, transposed = node.args[3:7]
+        d, s = int(dilation[0]), int(stride[0])
+        if transposed or d < 2 or len(set(int(v) for v in dilation)) != 1 or len(set(int(v) for v in stride)) != 1:
+            return None
+        n, cin = int(x_shape[0]), int(x_shape[1])
+        cig, cog = cin // groups, int(wt.shape[0]) // groups
+        kh, kw = int(wt.shape[2]), int(wt.shape[3])
+        full = _full_padding(node, pads)
+        oh = (int(x_shape[2]) + int(full[0]) + int(full[1]) - d * (kh - 1) - 1) // s + 1
+        ow = (int(x_shape[3]) + int(full[2]) + int(full[3]) - d * (kw - 1) - 1) // s + 1
+        if oh < 1 or ow < 1 or cig * kh * kw * oh * ow > 1 << 20:
+            return None
+        w, b = wt.detach().numpy(), None if bt is None else bt.detach().numpy()
+        bb = importer.block_builder
+        tok = k.tok_conv_applies(wt.shape, s)
+        if n == 1 and (not tok or s > 1 or cig * kh * kw * oh * ow <= 1 << 17):
+            _, clamp = _fused_epilogue(node, importer, False)
+            x = bb.emit(relax.op.reshape(importer.env[node.args[0]], (groups, cig, *g_shape[2:])))
+            y = k.emit_im2col_conv(bb, x, w.reshape(groups, cog, cig, kh, kw),
+                                   None if b is None else b.reshape(groups, cog), (groups, cig, *g_shape[2:]), s,
+                                   full, vector_lanes(target), clamp, dilation=d, per_sample=True)
+            return bb.emit(relax.op.reshape(y, tuple(int(v) for v in node.meta["val"].shape)))
+        if not tok:
+            return None
+        _, clamp = _fused_epilogue(node, importer, False)
+        parts = bb.emit(relax.op.split(importer.env[node.args[0]], groups, axis=1))
+        ys = [k.emit_flat_conv(bb, bb.emit(relax.TupleGetItem(parts, g)), w[g * cog:(g + 1) * cog],
+                               None if b is None else b[g * cog:(g + 1) * cog], g_shape, s, full, clamp,
+                               lanes=vector_lanes(target), dilation=d)
+              for g in range(groups)]
+        return bb.emit(relax.op.reshape(_join_groups(bb, ys), tuple(int(v) for v in node.meta["val"].shape)))
 
     def _conv3d(node, importer, x_shape, wt, bt):
         """A dense 3-D conv (video, volumetric models) as a 2-D one over the output depths as samples: sample (n,
