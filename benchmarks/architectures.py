@@ -12,7 +12,9 @@ latent to 32x32), a two-layer GCN on a fixed 2000-node, 10000-edge graph, an FNe
 tokens) and a GFNet block (a global filter by rfft2 / irfft2 on 14x14 tokens); since the sixty-first two
 StyleGAN2 modulated convs (per-sample weights computed in the graph, batch 4 as groups, 256 channels at 16x16),
 causal linear attention (running k v^T sums by cumsum over 256 tokens) and 10 Sinkhorn iterations between two
-sets of 256 points (log-domain, logsumexp).
+sets of 256 points (log-domain, logsumexp); since the sixty-second a selective-kernel unit (grouped 3x3 and
+dilated 3x3 branches weighted per channel by a softmax, 128 channels at 28x28) and EfficientNet-B0 (SiLU,
+squeeze-excite) at 224x224.
 
 Random weights with randomized batch-norm statistics (what compiling and quantizing cost, not accuracy).
 graphopt fp32: the CLI's default pipeline (fold-bn, fold-pad, fold-constants, dce); graphopt int8: + quantize,
@@ -301,6 +303,45 @@ def _models() -> dict:  # noqa: C901 - one small nn.Module per architecture
                 v = -torch.logsumexp(lk + u[:, :, None], dim=1)
             return torch.exp(lk + u[:, :, None] + v[:, None, :])
 
+    class SKUnit(nn.Module):  # selective kernel: a 3x3 and a dilated 3x3 grouped branch, softmax-weighted by channel
+        def __init__(self, c=128):
+            super().__init__()
+            self.b1 = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=4), nn.BatchNorm2d(c), nn.ReLU())
+            self.b2 = nn.Sequential(nn.Conv2d(c, c, 3, padding=2, dilation=2, groups=4), nn.BatchNorm2d(c), nn.ReLU())
+            self.fc, self.fcs = nn.Sequential(nn.Linear(c, 32), nn.ReLU()), nn.Linear(32, 2 * c)
+
+        def forward(self, x):
+            u1, u2 = self.b1(x), self.b2(x)
+            a = torch.softmax(self.fcs(self.fc((u1 + u2).mean((2, 3)))).view(-1, 2, x.shape[1]), 1)
+            return u1 * a[:, 0, :, None, None] + u2 * a[:, 1, :, None, None]
+
+    class MBConv(nn.Module):  # EfficientNet's inverted residual: SiLU, squeeze-excite
+        def __init__(self, ci, co, e, k, st):
+            super().__init__()
+            cm, self.res = ci * e, st == 1 and ci == co
+            self.exp = nn.Sequential(nn.Conv2d(ci, cm, 1, bias=False), nn.BatchNorm2d(cm), nn.SiLU()) if e != 1 \
+                else nn.Identity()
+            self.dw = nn.Sequential(nn.Conv2d(cm, cm, k, st, k // 2, groups=cm, bias=False), nn.BatchNorm2d(cm),
+                                    nn.SiLU())
+            self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(cm, max(1, ci // 4), 1), nn.SiLU(),
+                                    nn.Conv2d(max(1, ci // 4), cm, 1), nn.Sigmoid())
+            self.pr = nn.Sequential(nn.Conv2d(cm, co, 1, bias=False), nn.BatchNorm2d(co))
+
+        def forward(self, x):
+            y = self.dw(self.exp(x))
+            y = self.pr(y * self.se(y))
+            return x + y if self.res else y
+
+    def efficientnet_b0():
+        layers, ci = [nn.Conv2d(3, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.SiLU()], 32
+        for e, co, n, k, st in [(1, 16, 1, 3, 1), (6, 24, 2, 3, 2), (6, 40, 2, 5, 2), (6, 80, 3, 3, 2),
+                                (6, 112, 3, 5, 1), (6, 192, 4, 5, 2), (6, 320, 1, 3, 1)]:
+            for i in range(n):
+                layers.append(MBConv(ci, co, e, k, st if i == 0 else 1))
+                ci = co
+        return nn.Sequential(*layers, nn.Conv2d(ci, 1280, 1, bias=False), nn.BatchNorm2d(1280), nn.SiLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1280, 1000))
+
     return {"convnext": lambda: (ConvNeXt(), (1, 3, 224, 224)), "resnext": lambda: (resnext(), (1, 3, 112, 112)),
             "deeplab": lambda: (DeepLab(), (1, 3, 256, 256)), "inception": lambda: (Inception(), (1, 288, 35, 35)),
             "swin": lambda: (Swin(), (1, 3, 128, 128)), "detr": lambda: (Detr(), (1, 400, 256)),
@@ -310,7 +351,8 @@ def _models() -> dict:  # noqa: C901 - one small nn.Module per architecture
             "dcgan": lambda: (dcgan(), (8, 64, 1, 1)), "gcn": lambda: (GCN(), (2000, 64)),
             "fnet": lambda: (FNet(), (1, 128, 256)), "gfnet": lambda: (GFNet(), (1, 14, 14, 384)),
             "stylegan2": lambda: (StyleGAN2(), (4, 256, 16, 16)),
-            "linattn": lambda: (LinearAttention(), (1, 256, 64)), "sinkhorn": lambda: (Sinkhorn(), (1, 512, 64))}
+            "linattn": lambda: (LinearAttention(), (1, 256, 64)), "sinkhorn": lambda: (Sinkhorn(), (1, 512, 64)),
+            "sknet": lambda: (SKUnit(), (1, 128, 28, 28)), "effnet_b0": lambda: (efficientnet_b0(), (1, 3, 224, 224))}
 
 
 def _rel_err(got, ref: np.ndarray) -> float:
