@@ -9,6 +9,8 @@ The values are summed (multiplied) in PyTorch's order, one step at a time, so th
 serial scan's."""
 from __future__ import annotations
 
+import math
+
 from graphopt.targets.tvm.cpu.parse import parse_kernel
 
 CHUNK = 256  # floats a task runs down the axis (16 vectors of 16: a few KB of the row before it in L1)
@@ -26,6 +28,8 @@ def scan_geometry(shape, axis: int, lanes: int) -> tuple[int, int, int, int] | N
             length = d
         else:
             inner *= d
+    if lanes > 8 and inner % lanes and inner % (lanes // 2) == 0:
+        lanes //= 2  # (24 values behind the axis on a 16-lane CPU: 8-float vectors)
     if inner < lanes or inner % lanes or length < 2:
         return None
     chunk = max(c for c in range(lanes, min(inner, CHUNK) + 1, lanes) if inner % c == 0)
@@ -60,6 +64,7 @@ def emit_scan(bb, x, shape, geometry: tuple[int, int, int, int], lanes: int, pro
     from tvm import relax
 
     outer, length, inner, chunk = geometry
+    lanes = math.gcd(lanes, chunk)  # (half vectors where `scan_geometry` took them)
     src = scan_source(outer, length, inner, chunk, lanes, product)
     gv = bb.add_func(parse_kernel(src), f"{'cumprod' if product else 'cumsum'}_{outer}x{length}x{inner}")
     x3 = bb.emit(relax.op.reshape(x, (outer, length, inner)))

@@ -148,6 +148,8 @@ def arg_extreme_geometry(shape, dim: int, lanes: int) -> tuple[int, int, int] | 
 
     shape = [int(d) for d in shape]
     outer, r, inner = math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1:])
+    if inner > 1 and lanes > 8 and inner % lanes and inner % (lanes // 2) == 0:
+        lanes //= 2  # (24 values behind the axis on a 16-lane CPU: 8-float vectors; `emit_arg_extreme` follows)
     if r < 2 or (inner == 1 and r < 2 * lanes) or (inner > 1 and (inner < lanes or inner % lanes)):
         return None
     return outer, r, inner
@@ -156,10 +158,14 @@ def arg_extreme_geometry(shape, dim: int, lanes: int) -> tuple[int, int, int] | 
 def emit_arg_extreme(bb, x, geometry: tuple[int, int, int], lanes: int, largest: bool):
     """argmax (argmin) indices (int64, [outer, inner] or [outer]) of the float32 Relax value x over the axis
     `arg_extreme_geometry` gave `geometry` for; the caller reshapes them."""
+    import math
+
     import numpy as np
     from tvm import relax
 
     outer, r, inner = geometry
+    if inner > 1:
+        lanes = math.gcd(lanes, inner)
     src = arg_extreme_source(outer, r, inner, lanes, largest)
     shape = (outer, r, inner) if inner > 1 else (outer, r)
     gv = bb.add_func(parse_kernel(src), f"{'argmax' if largest else 'argmin'}_{outer}x{r}x{inner}")
