@@ -8,6 +8,7 @@ import torch
 
 import graphopt
 from graphopt.errors import UnsupportedOpError
+from graphopt.targets.tvm.complex import complex_as_real
 from tests.targets.test_missing_ops import _run_all
 from tests.targets.test_more_ops import _Fn, _check
 
@@ -77,6 +78,33 @@ def test_ffts_are_dft_matrix_gemms_and_match_torch(name):
     text = lower_to_relax(graphopt.trace(_Fn(FFTS[name]), (x,))).script()
     assert "fft" not in text.replace("_dft_matrix", ""), text
     _check(FFTS[name], x, rtol=1e-5, atol=2e-5)
+
+
+LONG_FFTS = {  # lengths past FOUR_STEP_MIN with a divisor pair: two short DFTs and twiddles
+    "fft-512": (lambda x: V(torch.fft.fft(x)), (3, 512), 512),
+    "ifft-600-middle-ortho": (lambda x: V(torch.fft.ifft(x, dim=1, norm="ortho").resolve_conj()), (2, 600, 3), 600),
+    "rfft-padded": (lambda x: V(torch.fft.rfft(x, n=512)), (3, 300), 512),  # a long conv's zero padding
+    "rfft-cut-forward": (lambda x: V(torch.fft.rfft(x, n=300, norm="forward")), (2, 333), 300),
+    "irfft-long-conv": (lambda x: torch.fft.irfft(torch.fft.rfft(x, n=512) * 1.5, n=512)[..., :256], (2, 256), 512),
+    "irfft-odd": (lambda x: torch.fft.irfft(torch.fft.rfft(x), n=375), (2, 375), 375),
+    "irfft-few-bins": (lambda x: torch.fft.irfft(torch.fft.rfft(x)[..., :100], n=512), (2, 512), 512),
+    "fft2-256": (lambda x: torch.fft.fft2(x).real, (2, 256, 256), 256),
+    "prime-257": (lambda x: V(torch.fft.fft(x)), (2, 257), 257),  # no divisor pair: the matrix
+}
+
+
+@pytest.mark.parametrize("name", list(LONG_FFTS))
+def test_long_ffts_run_as_two_short_dfts_and_match_torch(name):
+    """A transform of n = n1 n2 >= 256 points runs as n1- and n2-point DFT matrices with the twiddles between
+    (Cooley-Tukey's four steps: 4 n (n1 + n2) multiply-adds a row, not 4 n^2; a Hyena-style long conv over 1024
+    steps, rfft / irfft at 2048 points, 16.9 -> 7.9 ms): no matrix of n x n is built; cut, padded, odd, inverse,
+    middle-axis and 2-D transforms match torch. A prime length keeps the matrix."""
+    fn, shape, n = LONG_FFTS[name]
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    g = complex_as_real(graphopt.trace(_Fn(fn), (x,)))
+    widest = max(max(b.shape) for k, b in g.gm.named_buffers() if k.startswith("_dft_matrix"))
+    assert (widest >= n) == (name == "prime-257"), widest
+    _check(fn, x, rtol=1e-5, atol=3e-6 * max(1.0, float(fn(x).abs().max())))
 
 
 class SpectralConv(torch.nn.Module):
