@@ -88,6 +88,16 @@ class _Rewriter:
             self.g.gm.register_buffer(self.constants[key], torch.from_numpy(value))
         return self.new.get_attr(self.constants[key])
 
+    def axis_last(self, x, shape: list[int], dim: int):
+        """x (a pair or real tensor of `shape`) with axis `dim` swapped with the last (complex) axis, and the shape
+        of the axes before it then."""
+        last = len(shape) - 1
+        if dim != last:
+            x = self.call(aten.transpose.int, x, dim, last)
+        moved = list(shape)
+        moved[dim], moved[last] = moved[last], moved[dim]
+        return x, moved[:-1]
+
     def along(self, x, shape: list[int], dim: int, pair: bool, width_in: int, matrix: np.ndarray, out: int,
               pair_out: bool):
         """x (a pair tensor of complex `shape`, or a real one of `shape`) with its axis `dim` (of `width_in`
@@ -95,11 +105,7 @@ class _Rewriter:
         (x2 when pair)]: the axis moved last (beside the pair), flattened with it, one linear, moved back.
         Returns (the value, its new complex / real shape)."""
         last = len(shape) - 1
-        if dim != last:
-            x = self.call(aten.transpose.int, x, dim, last)
-        moved = list(shape)
-        moved[dim], moved[last] = moved[last], moved[dim]
-        lead = moved[:-1]
+        x, lead = self.axis_last(x, shape, dim)
         x = self.call(aten.reshape.default, x, [*lead, width_in * (2 if pair else 1)])
         y = self.call(aten.linear.default, x, self.constant(matrix))
         y = self.call(aten.reshape.default, y, [*lead, out, 2] if pair_out else [*lead, out])
@@ -149,11 +155,7 @@ class _Rewriter:
         n = shape[d]
         n1, n2 = _four_step_split(n)
         last = len(shape) - 1
-        if d != last:
-            z = self.call(aten.transpose.int, z, d, last)
-        moved = list(shape)
-        moved[d], moved[last] = moved[last], moved[d]
-        lead = moved[:-1]
+        z, lead = self.axis_last(z, shape, d)
         z = self.call(aten.reshape.default, z, [*lead, n1, n2, 2])
         z = self.call(aten.transpose.int, z, -3, -2)  # [..., j2, j1, 2]
         z = self.call(aten.reshape.default, z, [*lead, n2, 2 * n1])
