@@ -7,9 +7,8 @@ Functions a rule does not understand keep TVM's default schedule; MetaSchedule r
 """
 from __future__ import annotations
 
-import math
-
 import logging
+import math
 
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
