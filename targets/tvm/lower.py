@@ -1792,6 +1792,10 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
               for g in range(groups)]
         return bb.emit(relax.op.reshape(_join_groups(bb, ys), tuple(int(d) for d in node.meta["val"].shape)))
 
+    GROUPED_DILATED_MIN_CHANNELS = 4  # a group's input channels (fewer: depthwise-like, one-channel GEMMs)
+    GROUPED_DILATED_MAX_SPLIT = 8  # groups run as separate pixel-row convs (more: one call each, then a concat;
+    # a dilated depthwise conv at batch 2 as 32 of them took 2.6x TVM's time)
+
     def _grouped_dilated_conv(node, importer, x_shape, wt, bt, pads, groups: int, g_shape):
         """A grouped conv with one dilation d > 1 (SKNet's and ResNeSt's dilated branches, grouped ASPP): each group
         on the pixel-row conv with taps d apart, concatenated; at batch 1, where a group's columns are at most 2^17
@@ -1813,11 +1817,11 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         full = _full_padding(node, pads)
         oh = (int(x_shape[2]) + int(full[0]) + int(full[1]) - d * (kh - 1) - 1) // s + 1
         ow = (int(x_shape[3]) + int(full[2]) + int(full[3]) - d * (kw - 1) - 1) // s + 1
-        if oh < 1 or ow < 1 or cig * kh * kw * oh * ow > 1 << 20:
-            return None
+        if oh < 1 or ow < 1 or cig * kh * kw * oh * ow > 1 << 20 or cig < GROUPED_DILATED_MIN_CHANNELS:
+            return None  # (dilated depthwise convs keep TVM's: 1x64x56x56 383 us there, 491 either way here)
         w, b = wt.detach().numpy(), None if bt is None else bt.detach().numpy()
         bb = importer.block_builder
-        tok = k.tok_conv_applies(wt.shape, s)
+        tok = k.tok_conv_applies(wt.shape, s) and groups <= GROUPED_DILATED_MAX_SPLIT
         if n == 1 and (not tok or s > 1 or cig * kh * kw * oh * ow <= 1 << 17):
             _, clamp = _fused_epilogue(node, importer, False)
             x = bb.emit(relax.op.reshape(importer.env[node.args[0]], (groups, cig, *g_shape[2:])))

@@ -295,6 +295,20 @@ def test_grouped_dilated_conv_runs_on_graphopt_kernels(c, cout, groups, d, strid
     _assert_built_matches(g, model, x)
 
 
+@pytest.mark.parametrize("c,groups,batch", [(32, 32, 2), (48, 16, 1), (64, 16, 2)])
+def test_depthwise_like_or_many_group_dilated_convs_keep_one_call(c, groups, batch):
+    """Dilated convs with under 4 channels a group (dilated depthwise) skip the grouped paths (as one-channel
+    GEMMs or one pixel-row conv a group they took 1.3-2.6x TVM's time), and at batch > 1 more than 8 groups are
+    not split into separate convs; each still matches torch."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(c, c, 3, 1, 2, dilation=2, groups=groups), torch.nn.ReLU()).eval()
+    x = torch.randn(batch, c, 14, 14)
+    g = graphopt.trace(model, (x,))
+    names = {gv.name_hint for gv in lower_to_relax(g).get_global_vars()}
+    assert not any(n.startswith(("conv_tok", "im2col")) for n in names), names
+    _assert_built_matches(g, model, x)
+
+
 @pytest.mark.parametrize("cin,cout,k,stride,pad,length,batch,bias,groups", [(64, 64, 5, 1, 2, 300, 1, True, 1),
                                                                            (32, 48, 3, 2, 1, 101, 1, True, 1),
                                                                            (16, 32, 1, 1, 0, 50, 2, False, 1),
