@@ -2585,6 +2585,17 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                              vector_lanes(target), product)
         return convert
 
+    def logcumsumexp(node, importer):
+        """float32 logcumsumexp on graphopt's running-maximum scan (`cpu.scan`: O(L) a row; the generic converter
+        compares every pair of positions and refuses long axes, minGRU's log-space scan over 512 steps)."""
+        from graphopt.targets.tvm.cpu.rules import vector_lanes
+        from graphopt.targets.tvm.cpu.scan import emit_logcumsumexp
+        x_val = node.args[0].meta["val"]
+        if str(x_val.dtype) != "torch.float32" or x_val.dim() == 0 or not _static(x_val):
+            return generic["logcumsumexp.default"](node, importer)
+        return emit_logcumsumexp(importer.block_builder, importer.env[node.args[0]], x_val.shape,
+                                 int(node.args[1]) % x_val.dim(), vector_lanes(target))
+
     if not cpu_kernels:
         if sparse24 is not None or gpu_dense is not None:
             generic = {**generic, "linear.default": sparse_linear, "convolution.default": sparse_conv}
@@ -2607,6 +2618,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             "scatter_add.default": scatter_rows, "scatter.src": scatter_rows, "scatter_reduce.two": scatter_rows,
             "index_add.default": index_add, "index_put.default": index_put, "index_put_.default": index_put,
             "topk.default": topk, "cumsum.default": scan(False), "cumprod.default": scan(True),
+            "logcumsumexp.default": logcumsumexp,
             "upsample_linear1d.vec": upsample_linear1d,
             "adaptive_max_pool2d.default": adaptive_max_pool2d,
             "_adaptive_avg_pool2d.default": adaptive_avg_pool2d,

@@ -15,7 +15,7 @@ min over a dim, stable sort, lgamma, digamma.
 
 The scans (cummax, cummin, logcumsumexp) compare every position with every earlier one: [.., L, L] elements per
 row of L, which is cheap at the lengths such ops see in models (a few hundred) and refused by name past
-`SCAN_LIMIT` elements.
+`SCAN_LIMIT` elements. On the CPU target float32 logcumsumexp runs an O(L) scan kernel instead (`cpu.scan`).
 """
 from __future__ import annotations
 

@@ -71,3 +71,36 @@ def test_causal_linear_attention():
     names, got = _run(_LinearAttention(), q, k, v)
     assert "cumsum_2x48x256" in names and "cumsum_2x48x16" in names, names
     np.testing.assert_allclose(got, _LinearAttention()(q, k, v).numpy(), rtol=1e-4, atol=1e-5)
+
+
+class _LogCumSumExp(torch.nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x):
+        return torch.logcumsumexp(x, self.dim)
+
+
+@pytest.mark.parametrize("shape,dim,kernel", [
+    ((2, 2048, 32), 1, "logcumsumexp_2x2048x32"),  # minGRU's log-space scan; 2048^2 pairs were refused
+    ((3, 300), 1, "logcumsumexp_1x300x"),  # along the last axis: the rows go behind it, padded to vectors
+    ((5, 7, 3), 0, "logcumsumexp_1x5x"),
+])
+def test_logcumsumexp_runs_the_running_maximum_scan(shape, dim, kernel):
+    """Within float32 rounding of float64 torch at values spread over +-30 (the sum rescaled at each new maximum:
+    no overflow, no underflow); -inf prefixes stay -inf, +inf stays +inf, a NaN propagates down the axis."""
+    torch.manual_seed(0)
+    x = torch.randn(shape) * 30
+    flat = x.movedim(dim, 0).reshape(shape[dim], -1)  # a view: writes land in x
+    flat[:3, 0] = float("-inf")
+    flat[4, 1] = float("inf")
+    flat[2, 2] = float("nan")
+    names, got = _run(_LogCumSumExp(dim), x)
+    assert any(n.startswith(kernel) for n in names), names
+    ref = torch.logcumsumexp(x.double(), dim).float().numpy()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    np.testing.assert_array_equal(got[np.isinf(ref)], ref[np.isinf(ref)])
+    ok = np.isfinite(ref)
+    assert np.isfinite(got[ok]).all()
+    np.testing.assert_allclose(got[ok], ref[ok], rtol=2e-7, atol=2e-6)
