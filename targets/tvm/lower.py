@@ -2479,9 +2479,11 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         return v
 
     def scatter_rows(node, importer):
-        """scatter_add / scatter (src) / scatter_reduce(sum, include_self) whose index repeats along every axis but
-        dim (`_row_index`): whole rows on the row scatter kernel (`cpu.scatter`), repeated indices accumulating (or
-        the last winning); others go to the converter before."""
+        """scatter_add / scatter (src) / scatter_reduce (sum, prod, amax, amin, mean; with or without self) whose
+        index repeats along every axis but dim (`_row_index`): whole rows on the row scatter kernel (`cpu.scatter`),
+        repeated indices reducing in order (or the last winning); others go to the converter before. Reductions
+        other than sum take floating tensors (integer means floor-divide: the converter before)."""
+        import numpy as np
         import torch.fx as fx
 
         from graphopt.targets.tvm.cpu.rules import target_cores
@@ -2489,12 +2491,17 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         from graphopt.targets.tvm.missing_ops import _dtype
         name = node.target.__name__
         x_val = node.args[0].meta["val"]
+        dt = _dtype(x_val)
         dim = int(node.args[1]) % max(x_val.dim(), 1)
         src_node = node.args[3] if len(node.args) > 3 else None
-        reduce_ok = name != "scatter_reduce.two" or (
-            str(node.args[4]) == "sum" and bool(node.args[5] if len(node.args) > 5 else
-                                                node.kwargs.get("include_self", True)))
-        v = (_row_index(node.args[2], dim, x_val.shape) if reduce_ok and isinstance(src_node, fx.Node)
+        reduce, include_self = {"scatter.src": "put"}.get(name, "sum"), True
+        if name == "scatter_reduce.two":
+            reduce = {"sum": "sum", "prod": "prod", "amax": "max", "amin": "min", "mean": "mean"}.get(
+                str(node.args[4]))
+            include_self = bool(node.args[5] if len(node.args) > 5 else node.kwargs.get("include_self", True))
+            if reduce != "sum" and not dt.startswith("float"):
+                reduce = None
+        v = (_row_index(node.args[2], dim, x_val.shape) if reduce is not None and isinstance(src_node, fx.Node)
              and x_val.dim() > 0 and src_node.meta["val"].dtype == x_val.dtype else None)
         if v is None:
             return generic[name](node, importer) if name in generic else _builtin(importer, name)(node)
@@ -2504,9 +2511,20 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         if [int(d) for d in src_node.meta["val"].shape] != i_shape:
             src = bb.emit(relax.op.strided_slice(src, axes=list(range(len(i_shape))), begin=[0] * len(i_shape),
                                                  end=i_shape))
-        return emit_scatter_rows(bb, importer.env[node.args[0]], importer.env[v], src, x_val.shape, dim,
-                                 i_shape[dim], _dtype(x_val), _dtype(v.meta["val"]), name != "scatter.src",
-                                 target_cores(target))
+        index, it, cores = importer.env[v], _dtype(v.meta["val"]), target_cores(target)
+        x = importer.env[node.args[0]]
+        out = emit_scatter_rows(bb, x, index, src, x_val.shape, dim, i_shape[dim], dt, it,
+                                "sum" if reduce == "mean" else reduce, cores, include_self)
+        if reduce != "mean":
+            return out
+        # the mean: the sum over how many values each row receives (+ 1 for self's); a row no index names keeps
+        # self's (its sum is self's, its count 0)
+        n = int(x_val.shape[dim])
+        count = emit_scatter_rows(bb, relax.const(np.full(n, float(include_self), dt)), index,
+                                  relax.const(np.ones(i_shape[dim], dt)), [n], 0, i_shape[dim], dt, it, "sum", cores)
+        count = bb.emit(relax.op.maximum(count, relax.const(1.0, dt)))
+        count = bb.emit(relax.op.reshape(count, [n] + [1] * (x_val.dim() - dim - 1)))
+        return bb.emit(relax.op.divide(out, count))
 
     def index_add(node, importer):
         """x.index_add(dim, index, source, alpha): source's rows along dim added into x's rows index[i], in order
@@ -2524,7 +2542,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         rows = max(int(node.args[2].meta["val"].numel()), 1)
         y = emit_scatter_rows(bb, importer.env[node.args[0]], importer.env[node.args[2]], src,
                               x_val.shape if x_val.dim() else [1], dim, rows, _dtype(x_val),
-                              _dtype(node.args[2].meta["val"]), True, target_cores(target))
+                              _dtype(node.args[2].meta["val"]), "sum", target_cores(target))
         return y if x_val.dim() else bb.emit(relax.op.reshape(y, ()))
 
     def index_put(node, importer):
@@ -2551,7 +2569,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             values = bb.emit(relax.op.astype(values, _dtype(x_val)))
         values = bb.emit(relax.op.broadcast_to(values, shape))
         return emit_scatter_rows(bb, importer.env[node.args[0]], importer.env[idx[0]], values, x_val.shape, 0, rows,
-                                 _dtype(x_val), _dtype(idx[0].meta["val"]), accumulate, target_cores(target))
+                                 _dtype(x_val), _dtype(idx[0].meta["val"]), "sum" if accumulate else "put",
+                                 target_cores(target))
 
     def topk(node, importer):
         """torch.topk of float32 rows along the last axis with k <= 64 of >= 512 entries: one pass a row keeping

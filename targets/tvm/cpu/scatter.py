@@ -14,14 +14,42 @@ from graphopt.targets.tvm.cpu.parse import parse_kernel
 SCATTER_CHUNK = 16  # fewest columns a thread takes
 
 
+# reduce -> the new value of out[o, r, c] from it and src[o, e, c]
+_REDUCE = {"put": "{s}", "sum": "{o} + {s}", "prod": "{o} * {s}", "max": "T.max({o}, {s})", "min": "T.min({o}, {s})"}
+
+
+def _identity(reduce: str, dtype: str) -> str:
+    """The value a reset row starts from: the reduction's identity in dtype."""
+    import numpy as np
+    if reduce in ("sum", "prod"):
+        return f"T.{dtype}({int(reduce == 'prod')})"
+    if dtype.startswith(("float", "bfloat")):
+        return f"T.{dtype}({'-inf' if reduce == 'max' else 'inf'!r})"
+    info = np.iinfo(dtype) if dtype != "bool" else None
+    extreme = (info.min if reduce == "max" else info.max) if info else int(reduce == "min")
+    return f"T.{dtype}({extreme})"
+
+
 def scatter_rows_source(outer: int, n: int, rows: int, inner: int, dtype: str, index_dtype: str,
-                        accumulate: bool, cores: int = 2) -> str:
-    """TVMScript of out [outer, n, inner] = x, then for e in order: out[o, index[e], :] += src[o, e, :] (or = when
-    not `accumulate`), index wrapped when negative and clipped into [0, n) (PyTorch raises on a bad index; here it
-    cannot write outside the buffer). The copy runs parallel over the rows, the scatter over (o, column chunks)."""
+                        reduce: str = "sum", cores: int = 2, include_self: bool = True) -> str:
+    """TVMScript of out [outer, n, inner] = x, then for e in order: out[o, index[e], :] = reduce(out[o, index[e],
+    :], src[o, e, :]) ("put": src's row, the last one winning; "sum", "prod", "max", "min"), index wrapped when
+    negative and clipped into [0, n) (PyTorch raises on a bad index; here it cannot write outside the buffer).
+    Without `include_self` every row an index names starts from the reduction's identity instead of x's row
+    (scatter_reduce(include_self=False): rows no index names keep x's). The copy runs parallel over the rows, the
+    scatter over (o, column chunks)."""
     chunk = max(min(SCATTER_CHUNK, inner), -(-inner // max(cores, 1)))
     chunks = -(-inner // chunk)
-    new = "out[o, r, c0 + j] + src[o, e, c0 + j]" if accumulate else "src[o, e, c0 + j]"
+    new = _REDUCE[reduce].format(o="out[o, r, c0 + j]", s="src[o, e, c0 + j]")
+    row = f"""
+        for e in T.serial({rows}):
+            r: T.let = T.max(T.min(T.Select(index[e] < T.{index_dtype}(0), index[e] + T.{index_dtype}({n}),
+                                            index[e]), T.{index_dtype}({n - 1})), T.{index_dtype}(0))
+            for j in T.serial(T.min({chunk}, {inner} - c0)):"""
+    reset = ""
+    if not include_self and reduce != "put":
+        reset = row + f"""
+                out[o, r, c0 + j] = {_identity(reduce, dtype)}"""
     return f"""
 @T.prim_func(private=True)
 def scatter_rows(x: T.Buffer(({outer}, {n}, {inner}), "{dtype}"), index: T.Buffer(({rows},), "{index_dtype}"),
@@ -33,28 +61,25 @@ def scatter_rows(x: T.Buffer(({outer}, {n}, {inner}), "{dtype}"), index: T.Buffe
             out[t // {n}, t % {n}, i] = x[t // {n}, t % {n}, i]
     for t in T.parallel({outer * chunks}):
         o: T.let = t // {chunks}
-        c0: T.let = (t % {chunks}) * {chunk}
-        for e in T.serial({rows}):
-            r: T.let = T.max(T.min(T.Select(index[e] < T.{index_dtype}(0), index[e] + T.{index_dtype}({n}),
-                                            index[e]), T.{index_dtype}({n - 1})), T.{index_dtype}(0))
-            for j in T.serial(T.min({chunk}, {inner} - c0)):
+        c0: T.let = (t % {chunks}) * {chunk}{reset}{row}
                 out[o, r, c0 + j] = {new}
 """
 
 
 def emit_scatter_rows(bb, x, index, src, shape, dim: int, rows: int, dtype: str, index_dtype: str,
-                      accumulate: bool, cores: int = 2):
-    """out = x (a Relax value of `shape`) with src's rows [.., rows, ..] added into (or written over) x's rows
-    index[e] along `dim` (index: a Relax vector of `rows` entries)."""
+                      reduce: str = "sum", cores: int = 2, include_self: bool = True):
+    """out = x (a Relax value of `shape`) with src's rows [.., rows, ..] reduced into (added into, or written over:
+    `reduce` as `scatter_rows_source`'s) x's rows index[e] along `dim` (index: a Relax vector of `rows`
+    entries)."""
     import math
 
     from tvm import relax
 
     shape = [int(d) for d in shape]
     outer, n, inner = math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1:])
-    src_text = scatter_rows_source(outer, n, rows, inner, dtype, index_dtype, accumulate, cores)
-    gv = bb.add_func(parse_kernel(src_text),
-                     f"scatter_rows_{'add' if accumulate else 'put'}_{outer}x{n}x{inner}_e{rows}")
+    src_text = scatter_rows_source(outer, n, rows, inner, dtype, index_dtype, reduce, cores, include_self)
+    kind = ("add" if reduce == "sum" else reduce) + ("" if include_self or reduce == "put" else "_reset")
+    gv = bb.add_func(parse_kernel(src_text), f"scatter_rows_{kind}_{outer}x{n}x{inner}_e{rows}")
     y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, (outer, n, inner))),
                                     bb.emit(relax.op.reshape(index, (rows,))),
                                     bb.emit(relax.op.reshape(src, (outer, rows, inner)))],
