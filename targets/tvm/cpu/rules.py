@@ -306,6 +306,7 @@ def _walk(e, visit) -> None:
 
 PARTITION_MAX = 64  # most pieces a concat's axis is cut into
 PARALLEL_ROWS_MIN = 16  # fewest rows before a concat's axis its threads split (fewer: each piece's run is split)
+PIECE_RUN_MIN = 4  # the shortest piece (times the axes after the concat's) worth a vector loop of its own
 
 
 def _concat_pieces(sch: s_tir.Schedule, block) -> tuple[int, list[int]] | None:
@@ -385,6 +386,8 @@ def _partitioned(sch: s_tir.Schedule, block, loops, exts, lanes: int) -> bool:
         return False
     axis, pieces = found
     inner = math.prod(exts[axis + 1:])
+    if min(pieces) * inner < PIECE_RUN_MIN:
+        return False  # (x and y coordinates stacked into [.., 2]: vectors across the rows, as before)
     outer = sch.fuse(*loops[:axis]) if axis > 1 else loops[0]
     parts = sch.loop_partition(loops[axis], [*pieces[:-1], None])
     cands = (lanes * 2, lanes, lanes // 2, 4)
