@@ -2604,6 +2604,24 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                              vector_lanes(target), product)
         return convert
 
+    def sort(node, importer):
+        """float32 torch.sort along the last axis of rows up to SORT_MAX_ROW on graphopt's sorting network
+        (`cpu.select.sort_source`: stable, NaN the largest, as the converter before); others that converter's."""
+        from graphopt.targets.tvm.cpu.rules import vector_lanes
+        from graphopt.targets.tvm.cpu.select import emit_sort, sort_applies
+        from graphopt.targets.tvm.missing_ops import _arg
+        x_val, name = node.args[0].meta["val"], node.target.__name__
+        nd = max(x_val.dim(), 1)
+        if name.endswith("stable"):
+            dim, desc = int(node.kwargs.get("dim", -1)) % nd, bool(node.kwargs.get("descending", False))
+        else:
+            dim, desc = int(_arg(node, 1, "dim", -1)) % nd, bool(_arg(node, 2, "descending", False))
+        if (str(x_val.dtype) != "torch.float32" or x_val.dim() == 0 or dim != x_val.dim() - 1
+                or not _static(x_val) or not sort_applies(int(x_val.shape[-1]))):
+            return generic[name](node, importer)
+        return emit_sort(importer.block_builder, importer.env[node.args[0]], x_val.shape, desc,
+                         vector_lanes(target))
+
     def logcumsumexp(node, importer):
         """float32 logcumsumexp on graphopt's running-maximum scan (`cpu.scan`: O(L) a row; the generic converter
         compares every pair of positions and refuses long axes, minGRU's log-space scan over 512 steps)."""
@@ -2638,6 +2656,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             "index_add.default": index_add, "index_put.default": index_put, "index_put_.default": index_put,
             "topk.default": topk, "cumsum.default": scan(False), "cumprod.default": scan(True),
             "logcumsumexp.default": logcumsumexp,
+            "sort.default": sort, "sort.stable": sort,
             "upsample_linear1d.vec": upsample_linear1d,
             "adaptive_max_pool2d.default": adaptive_max_pool2d,
             "_adaptive_avg_pool2d.default": adaptive_avg_pool2d,

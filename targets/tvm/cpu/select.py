@@ -171,3 +171,89 @@ def emit_arg_extreme(bb, x, geometry: tuple[int, int, int], lanes: int, largest:
     gv = bb.add_func(parse_kernel(src), f"{'argmax' if largest else 'argmin'}_{outer}x{r}x{inner}")
     return bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, shape)), relax.const(np.zeros(1, np.int32))],
                                   relax.TensorType((outer, inner) if inner > 1 else (outer,), "int64")))
+
+
+SORT_MAX_ROW = 256  # longest row the sorting network takes (n log^2 n compare-exchanges a group of rows)
+
+
+def sort_applies(n: int) -> bool:
+    return 2 <= n <= SORT_MAX_ROW
+
+
+def sort_source(rows: int, n: int, descending: bool, lanes: int) -> str:
+    """TVMScript of torch.sort(x, -1, descending, stable=True) for x [rows, n]: values and int64 indices. A
+    bitonic network over the row padded to a power of two, `lanes` rows at a time, one row a vector lane (the
+    group's rows staged column by column into a buffer), each compare-exchange a few vector selects. The order
+    is PyTorch's: NaN counts as the largest (first descending, last ascending), equal values keep index order
+    (ties are broken on the index, so the network's result is the stable one), the padding after everything.
+    TVM's argsort (the converter before) took 2.9 ms for 1024 rows of 64 (TabNet's sparsemax), a serial sort a
+    row."""
+    n2 = 1 << max(n - 1, 1).bit_length()
+    logn = n2.bit_length() - 1
+    groups = -(-rows // lanes)
+    at = "T.ramp({} * {}, 1, {})"
+    a, b = f"v[{at.format('i', lanes, lanes)}]", f"v[{at.format('l', lanes, lanes)}]"
+    ia, ib = f"ix[{at.format('i', lanes, lanes)}]", f"ix[{at.format('l', lanes, lanes)}]"
+
+    def gt(p: str, q: str) -> str:  # p > q with NaN the largest
+        return f"T.Or({p} > {q}, T.And(T.isnan({p}), T.Not(T.isnan({q}))))"
+    eq = f"T.Or({a} == {b}, T.And(T.isnan({a}), T.isnan({b})))"
+    core = f"T.Or({gt(a, b) if descending else gt(b, a)}, T.And({eq}, {ia} < {ib}))"
+    pa, pb = f"{ia} >= T.broadcast({n}, {lanes})", f"{ib} >= T.broadcast({n}, {lanes})"
+    before = f"T.And(T.Not({pa}), T.Or({pb}, {core}))"  # (two pads: either order)
+    lane = f"T.ramp(0, 1, {lanes})"
+    kept = f"keep[{lane}] == T.broadcast(1, {lanes})"
+    return f"""
+@T.prim_func(private=True)
+def sort_rows(x: T.Buffer(({rows}, {n}), "float32"), zero: T.Buffer((1,), "int32"),
+              vals: T.Buffer(({rows}, {n}), "float32"), idxs: T.Buffer(({rows}, {n}), "int64")):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
+    for g in T.parallel({groups}):
+        v = T.decl_buffer(({n2 * lanes},), "float32")
+        ix = T.decl_buffer(({n2 * lanes},), "int32")
+        keep = T.decl_buffer(({lanes},), "int32")
+        t = T.decl_buffer(({lanes},), "float32")
+        ti = T.decl_buffer(({lanes},), "int32")
+        for j in T.serial({n2}):
+            for u in T.vectorized({lanes}):
+                v[j * {lanes} + u] = T.Select(j < {n}, x[T.min(g * {lanes} + u, {rows - 1}), T.min(j, {n - 1})],
+                                              T.float32(0))
+                ix[j * {lanes} + u] = j + zero[0]
+        for kk in T.serial(1, {logn + 1}):
+            for jj in T.serial(kk):
+                for i in T.serial({n2}):
+                    l: T.let = T.bitwise_xor(i, T.shift_left(1, kk - 1 - jj))
+                    if l > i:
+                        up: T.let = T.Select(T.bitwise_and(i, T.shift_left(1, kk)) == 0, 1, 0)
+                        keep[{lane}] = T.Select({before}, T.broadcast(up, {lanes}),
+                                                               T.broadcast(1 - up, {lanes}))
+                        t[{lane}] = {a}
+                        ti[{lane}] = {ia}
+                        {a} = T.Select({kept}, {a}, {b})
+                        {ia} = T.Select({kept}, {ia}, {ib})
+                        {b} = T.Select({kept}, {b}, t[{lane}])
+                        {ib} = T.Select({kept}, {ib}, ti[{lane}])
+        for j in T.serial({n}):
+            for u in T.vectorized({lanes}):
+                vals[T.min(g * {lanes} + u, {rows - 1}), j] = v[j * {lanes} + u]
+                idxs[T.min(g * {lanes} + u, {rows - 1}), j] = T.Cast("int64", ix[j * {lanes} + u])
+"""
+
+
+def emit_sort(bb, x, shape, descending: bool, lanes: int):
+    """(values, indices) of a stable torch.sort of the float32 Relax value x (`shape`) along its last axis as a
+    Relax tuple, on `sort_source` (`sort_applies` must hold for the last axis)."""
+    import math
+
+    import numpy as np
+    from tvm import relax
+
+    shape = [int(d) for d in shape]
+    n, rows = shape[-1], math.prod(shape[:-1])
+    gv = bb.add_func(parse_kernel(sort_source(rows, n, descending, lanes)),
+                     f"sort_{'desc' if descending else 'asc'}_{rows}x{n}")
+    out = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, (rows, n))), relax.const(np.zeros(1, np.int32))],
+                                 [relax.TensorType((rows, n), "float32"), relax.TensorType((rows, n), "int64")]))
+    vals = bb.emit(relax.op.reshape(bb.emit(relax.TupleGetItem(out, 0)), shape))
+    idxs = bb.emit(relax.op.reshape(bb.emit(relax.TupleGetItem(out, 1)), shape))
+    return bb.emit(relax.Tuple([vals, idxs]))
