@@ -767,18 +767,23 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
 
     def _transposed_operand(node):
         """(X, alpha) where `node` is view(clone(expand(alpha * permute(X)))) with the permute swapping X's last
-        two axes, the expand and view changing no element's place and alpha an optional constant scale (torch's
-        decomposition of q @ k.transpose(-2, -1), and SDPA's, which scales k^T by sqrt(scale)): the bmm operand
-        is alpha times X's transpose, batch by batch. None otherwise."""
+        two axes (unit axes aside: einsum's "bij,bcj->bci" permutes the map as [1, 1, N, K] -> [K, N, 1, 1]), the
+        expand and view changing no element's place and alpha an optional constant scale (torch's decomposition
+        of q @ k.transpose(-2, -1), and SDPA's, which scales k^T by sqrt(scale)): the bmm operand is alpha times
+        X's transpose, batch by batch. None otherwise."""
         alpha, steps = 1.0, 0
         while getattr(node, "op", None) == "call_function" and steps < 6:
             name = getattr(node.target, "__name__", "")
             if name == "permute.default":
                 src = node.args[0].meta["val"]
                 nd = src.dim()
-                perm = [int(p) % nd for p in node.args[1]]
-                if nd >= 3 and perm == [*range(nd - 2), nd - 1, nd - 2] and src.dtype == node.meta["val"].dtype \
-                        and all(isinstance(d, int) for d in src.shape):
+                if not all(isinstance(d, int) for d in src.shape) or src.dtype != node.meta["val"].dtype:
+                    return None
+                # the axes that are not unit ones (einsum's decomposition permutes [1, 1, N, K] to [K, N, 1, 1])
+                keep = [a for a in range(nd) if int(src.shape[a]) != 1]
+                perm = [keep.index(int(p) % nd) for p in node.args[1] if int(src.shape[int(p) % nd]) != 1]
+                nk = len(keep)
+                if (nd >= 3 or nk < nd) and nk >= 2 and perm == [*range(nk - 2), nk - 1, nk - 2]:
                     return node.args[0], alpha
                 return None
             if name in ("mul.Scalar", "mul.Tensor") and alpha == 1.0 and not node.kwargs \
@@ -1071,6 +1076,10 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         from graphopt.targets.tvm.cpu.pool import batched_transpose, emit_transpose
         x_val = node.args[0].meta["val"]
         perm = [int(p) % max(x_val.dim(), 1) for p in node.args[1]]
+        moved = [p for p in perm if not (_static(x_val) and int(x_val.shape[p]) == 1)]
+        if _static(x_val) and moved == sorted(moved):  # only unit axes move (einsum's unsqueeze + permute pairs):
+            return importer.block_builder.emit(relax.op.reshape(  # the same memory order, a reshape
+                importer.env[node.args[0]], [int(x_val.shape[p]) for p in perm]))
         if (str(x_val.dtype) != "torch.float32" or not _static(x_val)
                 or batched_transpose(x_val.shape, perm) is None):
             return _builtin(importer, "permute.default")(node)

@@ -404,11 +404,15 @@ def emit_flip(bb, x, x_shape, dims):
 def batched_transpose(shape, perm) -> tuple[int, int, int] | None:
     """(B, R, C) when permuting `shape` by `perm` is B transposes of R x C matrices with R and C at least 64: the
     last two axes swapped (SAGAN's 1024 x 1024 attention map, MLP-Mixer's token mixing), or runs of axes that
-    stay together swapped the same way (NCHW <-> NHWC: C against H W, ConvNeXt's and TF ports' layout changes).
-    Smaller ones (attention heads' K^T) stay in Relax, fused with their neighbours; None otherwise."""
+    stay together swapped the same way (NCHW <-> NHWC: C against H W, ConvNeXt's and TF ports' layout changes),
+    unit axes anywhere. Smaller ones (attention heads' K^T) stay in Relax, fused with their neighbours; None
+    otherwise."""
     nd = len(shape)
     if nd < 2 or sorted(perm) != list(range(nd)):
         return None
+    if any(int(d) == 1 for d in shape):  # unit axes move no data: the permutation of the others (einsum's
+        keep = [a for a in range(nd) if int(shape[a]) != 1]  # [1, 1, N, N] -> [N, N, 1, 1] transposes)
+        return batched_transpose([shape[a] for a in keep], [keep.index(int(p)) for p in perm if int(shape[p]) != 1])
     groups = [[int(perm[0])]]  # runs of input axes kept adjacent and in order, in output order
     for a in perm[1:]:
         if int(a) == groups[-1][-1] + 1:
