@@ -138,7 +138,8 @@ def test_pointwise_conv_uses_packed_kernel_with_fused_clamp(cout, cin, hw, act):
                                                (4, 13, 3, 1, torch.nn.ReLU6()), (3, 22, 5, 1, torch.nn.Identity()),
                                                # tasks of 2 channels, the last one short (`depthwise_per_task`):
                                                (17, 64, 5, 2, torch.nn.ReLU6()),  # the stride-2 phase kernel
-                                               (17, 30, 5, 1, torch.nn.Identity())])  # the padded tile kernel
+                                               (17, 30, 5, 1, torch.nn.Identity()),  # the padded tile kernel
+                                               (5, 20, 13, 1, torch.nn.ReLU())])  # large taps: rows in a loop
 def test_depthwise_conv_kernel_handles_padding_in_the_kernel(c, hw, k, stride, act):
     """Depthwise convs on the row, tile and phase kernels pad inside the kernel; the tile and phase kernels' tasks
     take several channels (17: two a task, one in the last) and zero their tile's padding once a task."""
@@ -151,6 +152,17 @@ def test_depthwise_conv_kernel_handles_padding_in_the_kernel(c, hw, k, stride, a
     assert any(n.startswith("depthwise_") for n in names), names
     assert "R.nn.pad" not in mod.script()  # borders are guarded inside the kernel, no padded copy
     _assert_built_matches(g, model, x)
+
+
+def test_large_tap_tile_kernel_loops_over_tap_rows():
+    """Past 81 taps the tile kernel runs its tap rows as a loop (each row's taps unrolled): RepLKNet's 31 x 31
+    unrolled whole was ~77 KB of code a channel, front-end bound (128 x 28 x 28: 4.0 -> 2.5 ms; 13 x 13 481 ->
+    406 us); 9 x 9 and smaller stay unrolled."""
+    from graphopt.targets.tvm.cpu.conv import depthwise_source
+    big = depthwise_source(8, 20, 20, 20, 20, 13, 13, 1, 6, 6, None)
+    small = depthwise_source(8, 20, 20, 20, 20, 9, 9, 1, 4, 4, None)
+    assert "for i in T.serial(13)" in big and "for j in T.unroll(13)" in big
+    assert "for i in T.unroll(9)" in small
 
 
 @pytest.mark.parametrize("c,h,w,k,stride,pad", [(3, 3, 70, 3, 1, (1, 1, 1, 1)),   # 3 output rows: a 3-row block

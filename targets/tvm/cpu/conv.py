@@ -590,6 +590,9 @@ def depthwise(x: T.Buffer(({c}, {h}, {wd}), "{xt}"), {w_arg},
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})"""
 
 
+TILE_UNROLL_TAPS = 81  # most taps the tile kernel unrolls whole (past it, the tap rows are a loop)
+
+
 def _channel_tile_kernel(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int, w_arg: str, ot: str,
                          int8_weight: bool, tile: str, xs: Callable[[int, int], str], clamp, out_q, lanes: int,
                          rb: int, tile_once: str) -> str:
@@ -619,7 +622,7 @@ def _channel_tile_kernel(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw:
             acc = T.decl_buffer(({rb * lanes},), "float32", scope="global")
             for u in T.vectorized({rb * lanes}):
                 acc[u] = bias[ch]
-            for i in T.unroll({kh}):
+            for i in T.{"unroll" if kh * kw <= TILE_UNROLL_TAPS else "serial"}({kh}):
                 for j in T.unroll({kw}):{fmas}
             for r in T.unroll({rb}):
                 for u in T.vectorized({ow}):
