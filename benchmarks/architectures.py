@@ -14,7 +14,10 @@ StyleGAN2 modulated convs (per-sample weights computed in the graph, batch 4 as 
 causal linear attention (running k v^T sums by cumsum over 256 tokens) and 10 Sinkhorn iterations between two
 sets of 256 points (log-domain, logsumexp); since the sixty-second a selective-kernel unit (grouped 3x3 and
 dilated 3x3 branches weighted per channel by a softmax, 128 channels at 28x28) and EfficientNet-B0 (SiLU,
-squeeze-excite) at 224x224.
+squeeze-excite) at 224x224; since the sixty-third PNA (max / min / mean / std aggregators by scatter_reduce over a
+2000-node, 20000-edge graph, degree scalers, concats of the aggregates), three TabNet steps (sparsemax masks: a
+sort of 1024 rows of 64), a minGRU layer's log-space scan (logcumsumexp over 512 tokens) and a DDPM UNet stage
+(GroupNorm + SiLU res block, einsum attention over 32x32 pixels).
 
 Random weights with randomized batch-norm statistics (what compiling and quantizing cost, not accuracy).
 graphopt fp32: the CLI's default pipeline (fold-bn, fold-pad, fold-constants, dce); graphopt int8: + quantize,
@@ -342,6 +345,77 @@ def _models() -> dict:  # noqa: C901 - one small nn.Module per architecture
         return nn.Sequential(*layers, nn.Conv2d(ci, 1280, 1, bias=False), nn.BatchNorm2d(1280), nn.SiLU(),
                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1280, 1000))
 
+    class PNA(nn.Module):  # principal neighbourhood aggregation: mean / max / min / std over edges, degree scalers
+        def __init__(self, n=2000, e=20000, f=64):
+            super().__init__()
+            g = torch.Generator().manual_seed(1)
+            src, dst = torch.randint(0, n, (e,), generator=g), torch.randint(0, n, (e,), generator=g)
+            self.register_buffer("src", src)
+            self.register_buffer("dst", dst)
+            self.register_buffer("deg", torch.zeros(n).index_add_(0, dst, torch.ones(e)).clamp(min=1))
+            self.pre, self.post, self.n = nn.Linear(2 * f, f), nn.Linear(13 * f, f), n
+
+        def forward(self, x):
+            m = self.pre(torch.cat([x[self.src], x[self.dst]], -1))
+            idx, z = self.dst[:, None].expand_as(m), torch.zeros(self.n, m.shape[1])
+            mean = z.index_add(0, self.dst, m) / self.deg[:, None]
+            mx = z.scatter_reduce(0, idx, m, "amax", include_self=False)
+            mn = z.scatter_reduce(0, idx, m, "amin", include_self=False)
+            std = torch.sqrt(torch.relu(z.index_add(0, self.dst, m * m) / self.deg[:, None] - mean * mean) + 1e-5)
+            agg, sc = torch.cat([mean, mx, mn, std], -1), (torch.log(self.deg + 1) / 2.3)[:, None]
+            return self.post(torch.cat([x, agg, agg * sc, agg / sc], -1))
+
+    def sparsemax(z):
+        zs = torch.sort(z, -1, descending=True).values
+        cs = zs.cumsum(-1) - 1
+        k = torch.arange(1, z.shape[-1] + 1, dtype=z.dtype)
+        kz = (k * zs > cs).to(z.dtype).sum(-1, keepdim=True)
+        return torch.clamp(z - cs.gather(-1, kz.long() - 1) / kz, min=0)
+
+    class TabNet(nn.Module):  # TabNet's attentive transformer steps: sparsemax feature masks (a sort a row)
+        def __init__(self, f=64, d=32, steps=3):
+            super().__init__()
+            self.att = nn.ModuleList(nn.Sequential(nn.Linear(d, f), nn.BatchNorm1d(f)) for _ in range(steps))
+            self.ft = nn.ModuleList(nn.Sequential(nn.Linear(f, 4 * d), nn.BatchNorm1d(4 * d))
+                                    for _ in range(steps + 1))
+            self.d, self.out = d, nn.Linear(d, 3)
+
+        def forward(self, x):
+            prior, h, out = torch.ones_like(x), F.glu(self.ft[0](x))[:, self.d:], 0
+            for i, att in enumerate(self.att):
+                m = sparsemax(att(h) * prior)
+                prior = prior * (1.3 - m)
+                z = F.glu(self.ft[i + 1](x * m))
+                out, h = out + F.relu(z[:, :self.d]), z[:, self.d:]
+            return self.out(out)
+
+    class MinGRU(nn.Module):  # minGRU's parallel form: a log-space scan (logcumsumexp) over the tokens
+        def __init__(self, d=256, h=512):
+            super().__init__()
+            self.zh, self.o = nn.Linear(d, 2 * h), nn.Linear(h, d)
+
+        def forward(self, x):
+            k, hh = self.zh(x).chunk(2, -1)
+            log_z, log_1mz = -F.softplus(-k), -F.softplus(k)
+            log_h = torch.where(hh >= 0, torch.log(F.relu(hh) + 0.5), -F.softplus(-hh))
+            a_star = torch.cumsum(log_1mz, 1)
+            return self.o(torch.exp(a_star + torch.logcumsumexp(log_z + log_h - a_star, 1)))
+
+    class DiffusionBlock(nn.Module):  # a DDPM UNet stage: GroupNorm + SiLU res block, einsum attention over pixels
+        def __init__(self, c=128):
+            super().__init__()
+            self.n1, self.c1 = nn.GroupNorm(8, c), nn.Conv2d(c, c, 3, padding=1)
+            self.n2, self.c2 = nn.GroupNorm(8, c), nn.Conv2d(c, c, 3, padding=1)
+            self.na, self.qkv, self.po = nn.GroupNorm(8, c), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
+            self.temb = nn.Parameter(torch.randn(1, c, 1, 1) * 0.1)  # (the timestep's embedding, fixed here)
+
+        def forward(self, x):
+            h = x + self.c2(F.silu(self.n2(self.c1(F.silu(self.n1(x))) + self.temb)))
+            b, c, hh, ww = h.shape
+            q, k, v = self.qkv(self.na(h)).reshape(b, 3, c, hh * ww).unbind(1)
+            a = torch.softmax(torch.einsum("bci,bcj->bij", q, k) / c ** 0.5, -1)
+            return h + self.po(torch.einsum("bij,bcj->bci", a, v).reshape(b, c, hh, ww))
+
     return {"convnext": lambda: (ConvNeXt(), (1, 3, 224, 224)), "resnext": lambda: (resnext(), (1, 3, 112, 112)),
             "deeplab": lambda: (DeepLab(), (1, 3, 256, 256)), "inception": lambda: (Inception(), (1, 288, 35, 35)),
             "swin": lambda: (Swin(), (1, 3, 128, 128)), "detr": lambda: (Detr(), (1, 400, 256)),
@@ -352,7 +426,9 @@ def _models() -> dict:  # noqa: C901 - one small nn.Module per architecture
             "fnet": lambda: (FNet(), (1, 128, 256)), "gfnet": lambda: (GFNet(), (1, 14, 14, 384)),
             "stylegan2": lambda: (StyleGAN2(), (4, 256, 16, 16)),
             "linattn": lambda: (LinearAttention(), (1, 256, 64)), "sinkhorn": lambda: (Sinkhorn(), (1, 512, 64)),
-            "sknet": lambda: (SKUnit(), (1, 128, 28, 28)), "effnet_b0": lambda: (efficientnet_b0(), (1, 3, 224, 224))}
+            "sknet": lambda: (SKUnit(), (1, 128, 28, 28)), "effnet_b0": lambda: (efficientnet_b0(), (1, 3, 224, 224)),
+            "pna": lambda: (PNA(), (2000, 64)), "tabnet": lambda: (TabNet(), (1024, 64)),
+            "mingru": lambda: (MinGRU(), (1, 512, 256)), "ddpm": lambda: (DiffusionBlock(), (1, 128, 32, 32))}
 
 
 def _rel_err(got, ref: np.ndarray) -> float:

@@ -181,6 +181,8 @@ class _FeatureConcat(torch.nn.Module):
     def forward(self, x, y):
         if self.kind == "flat":
             return torch.cat([torch.relu(x[:, :16]), y * 2.0], -1)
+        if self.kind == "flattened":  # a reshape Relax fuses after the concat: the rows' pieces found modulo 48
+            return torch.cat([torch.relu(x[:, :16]), y * 2.0], -1).reshape(-1)
         if self.kind == "nested":
             agg = torch.cat([x, torch.sqrt(torch.relu(y) + 1e-5)], -1)
             return torch.cat([x, agg, agg * 0.5], -1)
@@ -190,6 +192,7 @@ class _FeatureConcat(torch.nn.Module):
 
 @pytest.mark.parametrize("kind,shapes,pieces", [
     ("flat", ((300, 64), (300, 32)), [16, 32]),
+    ("flattened", ((300, 64), (300, 32)), [16, 32]),
     ("nested", ((200, 24), (200, 24)), [24, 24, 24, 24, 24]),
     ("rope", ((1, 4, 64, 24), (64, 24)), [12, 12])])
 def test_elementwise_concat_runs_one_vector_loop_per_piece(kind, shapes, pieces):
