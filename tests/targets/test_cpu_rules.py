@@ -139,6 +139,15 @@ def test_elementwise_rule_schedules_functions_with_several_outputs():
         np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
 
 
+def _rule_scripts(g, part: str) -> list[str]:
+    """The TVMScript of each function of graph g whose name holds `part`, as the CPU rules schedule it."""
+    tgt = cpu_target()
+    mod = fuse_for_tuning(lower_to_relax(g), tgt)
+    with tgt:
+        out = dl.ApplyDefaultSchedule(*default_cpu_rules())(mod)
+    return [f.script() for gv, f in out.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and part in gv.name_hint]
+
+
 class _ChannelScale(torch.nn.Module):
     """SKNet's / squeeze-excite's per-channel weights over a map: u1 * a0[c] + u2 * a1[c]."""
     def forward(self, u, a):
@@ -155,12 +164,7 @@ def test_elementwise_vectors_stay_inside_a_broadcast_run(c, h, w):
     torch.manual_seed(0)
     u, a = torch.randn(1, c, h, w), torch.randn(1, 2, c)
     g = graphopt.trace(_ChannelScale().eval(), (u, a))
-    tgt = cpu_target()
-    mod = fuse_for_tuning(lower_to_relax(g), tgt)
-    with tgt:
-        out = dl.ApplyDefaultSchedule(*default_cpu_rules())(mod)
-    texts = [f.script() for gv, f in out.functions.items()
-             if isinstance(f, tvm.tirx.PrimFunc) and "multiply" in gv.name_hint]
+    texts = _rule_scripts(g, "multiply")
     assert texts
     for text in texts:
         widths = [int(v) for v in re.findall(r"T\.vectorized\(T\.int64\((\d+)\)\)", text)]
@@ -206,13 +210,8 @@ def test_elementwise_concat_runs_one_vector_loop_per_piece(kind, shapes, pieces)
     x, y = (torch.randn(*s) for s in shapes)
     model = _FeatureConcat(kind).eval()
     g = graphopt.trace(model, (x, y))
-    tgt = cpu_target()
-    mod = fuse_for_tuning(lower_to_relax(g), tgt)
-    with tgt:
-        out = dl.ApplyDefaultSchedule(*default_cpu_rules())(mod)
-    texts = [f.script() for gv, f in out.functions.items()
-             if isinstance(f, tvm.tirx.PrimFunc) and "concat" in gv.name_hint]
-    assert len(texts) == 1, [gv.name_hint for gv in out.functions]
+    texts = _rule_scripts(g, "concat")
+    assert len(texts) == 1, texts
     loops = re.findall(r"T\.vectorized\(T\.int64\((\d+)\)(?:, T\.int64\((\d+)\))?\)", texts[0])
     widths = [int(b) - int(a) if b else int(a) for a, b in loops]  # (a piece's loop runs from its start)
     assert sorted(widths) == sorted(pieces), (widths, texts[0])
