@@ -2469,6 +2469,18 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             return bb.emit(relax.Tuple([y, bb.emit(relax.op.zeros(y.ty.shape, "int64"))]))
         return y
 
+    def _unwrapped_index(node):
+        """The index under ONNX import's negative-index wrap, where(i < 0, i + n, i) (the row kernel wraps and
+        clips its indices itself), else `node`."""
+        import torch.fx as fx
+        if (isinstance(node, fx.Node) and target_name(node.target) == "aten.where.self"
+                and isinstance(node.args[2], fx.Node) and isinstance(node.args[1], fx.Node)
+                and target_name(node.args[1].target) == "aten.add.Tensor" and node.args[1].args[0] is node.args[2]
+                and isinstance(node.args[0], fx.Node) and target_name(node.args[0].target) == "aten.lt.Scalar"
+                and node.args[0].args[0] is node.args[2]):
+            return node.args[2]
+        return node
+
     def _row_index(i_node, dim: int, x_shape):
         """The index vector behind a scatter's index whose entries along every axis but `dim` repeat one value and
         span x's axes (GNNs' `dst[:, None].expand(-1, D)`, ONNX ScatterND's row offsets): that [.., E, ..] node
@@ -2477,11 +2489,12 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         i_shape = [int(v) for v in i_node.meta["val"].shape]
         if len(i_shape) != len(x_shape) or any(i_shape[k] != int(x_shape[k]) for k in range(len(i_shape)) if k != dim):
             return None
-        v = i_node
+        v = _unwrapped_index(i_node)
         while not all(int(s) == 1 for k, s in enumerate(v.meta["val"].shape) if k != dim):
-            if not (isinstance(v, fx.Node) and target_name(v.target) == "aten.expand.default"):
-                return None
-            v = v.args[0]
+            if not (isinstance(v, fx.Node) and target_name(v.target) in ("aten.expand.default",
+                                                                          "aten.expand_as.default")):
+                return None  # (expand_as: ONNX import's ScatterND rows)
+            v = _unwrapped_index(v.args[0])
             val = v.meta["val"] if isinstance(v, fx.Node) else None
             if val is None or val.dim() != len(i_shape) or int(val.shape[dim]) != i_shape[dim]:
                 return None
@@ -2584,12 +2597,25 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
     def topk(node, importer):
         """torch.topk of float32 rows along the last axis with k <= 64 of >= 512 entries: one pass a row keeping
         the k best (`cpu.select`; the converter before sorts the whole row: 2.2 ms for CenterNet's 10 of 49152);
-        others go to that converter."""
-        from graphopt.targets.tvm.cpu.select import emit_topk, topk_applies
+        rows of up to 256 on the sorting network (ONNX exports torch.sort as a TopK of the whole row: TabNet's
+        8.2 ms against 1.7 traced); others go to that converter."""
+        from graphopt.targets.tvm.cpu.select import emit_topk, sort_applies, topk_applies
         from graphopt.targets.tvm.missing_ops import _arg
         x_val = node.args[0].meta["val"]
         k = int(node.args[1])
         dim = int(_arg(node, 2, "dim", -1)) % max(x_val.dim(), 1)
+        if (str(x_val.dtype) == "torch.float32" and x_val.dim() > 0 and dim == x_val.dim() - 1 and _static(x_val)
+                and not topk_applies(int(x_val.shape[-1]), k) and sort_applies(int(x_val.shape[-1]))):
+            # short rows (ONNX exports torch.sort as TopK of the whole row): the sorting network, its first k
+            from graphopt.targets.tvm.cpu.rules import vector_lanes
+            from graphopt.targets.tvm.cpu.select import emit_sort
+            bb = importer.block_builder
+            both = emit_sort(bb, importer.env[node.args[0]], x_val.shape, bool(_arg(node, 3, "largest", True)),
+                             vector_lanes(target))
+            ax, n = x_val.dim() - 1, int(x_val.shape[-1])
+            return bb.emit(relax.Tuple([
+                bb.emit(relax.op.strided_slice(bb.emit(relax.TupleGetItem(both, i)), axes=[ax], begin=[0], end=[k]))
+                if k < n else bb.emit(relax.TupleGetItem(both, i)) for i in (0, 1)]))
         if (str(x_val.dtype) != "torch.float32" or x_val.dim() == 0 or dim != x_val.dim() - 1
                 or not topk_applies(int(x_val.shape[-1]), k)):
             return generic["topk.default"](node, importer)

@@ -157,3 +157,34 @@ def test_scatter_rows_source_splits_columns_not_rows():
     src = scatter_rows_source(1, 10, 100, 64, "float32", "int64", "sum", cores=2)
     scatter = src[src.index("index[e]") - 400:]
     assert "for e in T.serial(100)" in scatter and "T.parallel(2)" in scatter
+
+
+def test_onnx_scatter_elements_max_over_expanded_rows_runs_the_row_kernel(tmp_path):
+    """ONNX ScatterElements (reduction max) whose index is a row vector expanded over the features: the importer
+    wraps negative indices with a where, which the row kernel sees through (TVM's element scatter took 8.5 ms for
+    a 2000-node, 20000-edge graph's 64 features)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Unsqueeze", ["dst", "ax"], ["col"]),
+             helper.make_node("Expand", ["col", "shape"], ["idx"]),
+             helper.make_node("ScatterElements", ["data", "idx", "updates"], ["out"], axis=0, reduction="max")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("data", TensorProto.FLOAT, [16, 24]),
+                     helper.make_tensor_value_info("dst", TensorProto.INT64, [50]),
+                     helper.make_tensor_value_info("updates", TensorProto.FLOAT, [50, 24])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [16, 24])],
+        [helper.make_tensor("ax", TensorProto.INT64, [1], [1]), helper.make_tensor("shape", TensorProto.INT64, [2],
+                                                                                    [50, 24])])
+    path = tmp_path / "scatter_max.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    g = graphopt.load_onnx(str(path))
+    names = {gv.name_hint for gv in lower_to_relax(g).get_global_vars()}
+    assert any(n.startswith("scatter_rows_max") for n in names), names
+    rng = np.random.default_rng(0)
+    data, upd = rng.standard_normal((16, 24), np.float32), rng.standard_normal((50, 24), np.float32)
+    dst = rng.integers(-16, 16, 50)
+    want = data.copy()
+    np.maximum.at(want, np.where(dst < 0, dst + 16, dst), upd)
+    got = _run_built(g, torch.from_numpy(data), torch.from_numpy(dst), torch.from_numpy(upd))
+    np.testing.assert_array_equal(got, want)

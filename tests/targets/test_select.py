@@ -127,3 +127,18 @@ def test_sort_runs_the_sorting_network(shape, descending, stable, kernel):
     want_v, want_i = torch.sort(x, dim=model.dim, descending=descending, stable=True)
     np.testing.assert_array_equal(got_v, want_v.numpy())
     np.testing.assert_array_equal(got_i, want_i.numpy())
+
+
+def test_topk_of_short_rows_runs_the_sorting_network():
+    """topk over rows of up to 256 (an ONNX export's TopK of a whole row, torch.sort's form there) takes the
+    sorting network and its first k: PyTorch's values and indices, NaN first when largest."""
+    torch.manual_seed(0)
+    x = torch.randn(300, 64)
+    x[0, 5] = float("nan")  # (no ties: PyTorch's topk leaves their order open)
+    for k, largest in ((64, True), (10, False)):
+        model = TopK(k, largest=largest).eval()
+        assert any(n.startswith("sort_") for n in _names(model, x))
+        got_v, got_i = _run_all(graphopt.trace(model, (x,)), x)
+        want_v, want_i = model(x)
+        np.testing.assert_array_equal(np.nan_to_num(got_v, nan=7.0), np.nan_to_num(want_v.numpy(), nan=7.0))
+        np.testing.assert_array_equal(got_i, want_i.numpy())
