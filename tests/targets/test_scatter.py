@@ -128,7 +128,6 @@ def test_index_put_with_one_index_vector_writes_rows(accumulate, v_shape, value)
 
 def test_onnx_scatternd_with_add_over_rows_runs_the_row_kernel(tmp_path):
     """ONNX ScatterND (reduction add) whose index tuples address rows: the importer's row form runs the kernel."""
-    import onnx
     from onnx import TensorProto, helper
 
     node = helper.make_node("ScatterND", ["data", "indices", "updates"], ["out"], reduction="add")
@@ -136,11 +135,7 @@ def test_onnx_scatternd_with_add_over_rows_runs_the_row_kernel(tmp_path):
                                             helper.make_tensor_value_info("indices", TensorProto.INT64, [50, 1]),
                                             helper.make_tensor_value_info("updates", TensorProto.FLOAT, [50, 24])],
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, [16, 24])])
-    path = tmp_path / "scatter.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
-    g = graphopt.load_onnx(str(path))
-    names = {gv.name_hint for gv in lower_to_relax(g).get_global_vars()}
-    assert any(n.startswith("scatter_rows_add") for n in names), names
+    g = _onnx_on_row_kernel(tmp_path, graph, "scatter_rows_add")
     rng = np.random.default_rng(0)
     data, upd = rng.standard_normal((16, 24), np.float32), rng.standard_normal((50, 24), np.float32)
     idx = rng.integers(0, 16, (50, 1))
@@ -163,7 +158,6 @@ def test_onnx_scatter_elements_max_over_expanded_rows_runs_the_row_kernel(tmp_pa
     """ONNX ScatterElements (reduction max) whose index is a row vector expanded over the features: the importer
     wraps negative indices with a where, which the row kernel sees through (TVM's element scatter took 8.5 ms for
     a 2000-node, 20000-edge graph's 64 features)."""
-    import onnx
     from onnx import TensorProto, helper
 
     nodes = [helper.make_node("Unsqueeze", ["dst", "ax"], ["col"]),
@@ -176,11 +170,7 @@ def test_onnx_scatter_elements_max_over_expanded_rows_runs_the_row_kernel(tmp_pa
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, [16, 24])],
         [helper.make_tensor("ax", TensorProto.INT64, [1], [1]), helper.make_tensor("shape", TensorProto.INT64, [2],
                                                                                     [50, 24])])
-    path = tmp_path / "scatter_max.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
-    g = graphopt.load_onnx(str(path))
-    names = {gv.name_hint for gv in lower_to_relax(g).get_global_vars()}
-    assert any(n.startswith("scatter_rows_max") for n in names), names
+    g = _onnx_on_row_kernel(tmp_path, graph, "scatter_rows_max")
     rng = np.random.default_rng(0)
     data, upd = rng.standard_normal((16, 24), np.float32), rng.standard_normal((50, 24), np.float32)
     dst = rng.integers(-16, 16, 50)
@@ -188,3 +178,15 @@ def test_onnx_scatter_elements_max_over_expanded_rows_runs_the_row_kernel(tmp_pa
     np.maximum.at(want, np.where(dst < 0, dst + 16, dst), upd)
     got = _run_built(g, torch.from_numpy(data), torch.from_numpy(dst), torch.from_numpy(upd))
     np.testing.assert_array_equal(got, want)
+
+
+def _onnx_on_row_kernel(tmp_path, graph, kernel: str):
+    """The ONNX `graph` saved (opset 18) and imported; it lowers to the row kernel `kernel`."""
+    import onnx
+    from onnx import helper
+    path = tmp_path / "scatter.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    g = graphopt.load_onnx(str(path))
+    names = {gv.name_hint for gv in lower_to_relax(g).get_global_vars()}
+    assert any(n.startswith(kernel) for n in names), names
+    return g

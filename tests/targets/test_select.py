@@ -35,8 +35,13 @@ def test_topk_of_long_rows_runs_the_selection_kernel(shape, k, largest):
     x.view(-1, shape[-1])[0, 5] = float("nan")  # NaN: the largest (first when largest, last when smallest)
     x.view(-1, shape[-1])[0, 7:10] = 2.5  # ties: in index order
     x.view(-1, shape[-1])[-1, 11], x.view(-1, shape[-1])[-1, 12] = float("inf"), float("-inf")
-    model = TopK(k, largest=largest).eval()
-    assert any(n.startswith("topk_") for n in _names(model, x))
+    _check_topk(TopK(k, largest=largest).eval(), x, "topk_")
+
+
+def _check_topk(model, x, kernel: str):
+    """`model` (a TopK) lowers to a kernel whose name starts `kernel`, and its build gives PyTorch's values (NaN
+    where it has NaN) and indices."""
+    assert any(n.startswith(kernel) for n in _names(model, x))
     got_v, got_i = _run_all(graphopt.trace(model, (x,)), x)
     want_v, want_i = model(x)
     np.testing.assert_array_equal(np.nan_to_num(got_v, nan=7.0), np.nan_to_num(want_v.numpy(), nan=7.0))
@@ -136,9 +141,4 @@ def test_topk_of_short_rows_runs_the_sorting_network():
     x = torch.randn(300, 64)
     x[0, 5] = float("nan")  # (no ties: PyTorch's topk leaves their order open)
     for k, largest in ((64, True), (10, False)):
-        model = TopK(k, largest=largest).eval()
-        assert any(n.startswith("sort_") for n in _names(model, x))
-        got_v, got_i = _run_all(graphopt.trace(model, (x,)), x)
-        want_v, want_i = model(x)
-        np.testing.assert_array_equal(np.nan_to_num(got_v, nan=7.0), np.nan_to_num(want_v.numpy(), nan=7.0))
-        np.testing.assert_array_equal(got_i, want_i.numpy())
+        _check_topk(TopK(k, largest=largest).eval(), x, "sort_")
