@@ -2469,15 +2469,16 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             return bb.emit(relax.Tuple([y, bb.emit(relax.op.zeros(y.ty.shape, "int64"))]))
         return y
 
-    def _unwrapped_index(node):
-        """The index under ONNX import's negative-index wrap, where(i < 0, i + n, i) (the row kernel wraps and
-        clips its indices itself), else `node`."""
+    def _unwrapped_index(node, n: int):
+        """The index under ONNX import's negative-index wrap into an axis of n, where(i < 0, i + n, i) (the row
+        kernel wraps by n and clips its indices itself), else `node`."""
         import torch.fx as fx
         if (isinstance(node, fx.Node) and target_name(node.target) == "aten.where.self"
                 and isinstance(node.args[2], fx.Node) and isinstance(node.args[1], fx.Node)
                 and target_name(node.args[1].target) == "aten.add.Tensor" and node.args[1].args[0] is node.args[2]
+                and isinstance(node.args[1].args[1], int) and node.args[1].args[1] == n
                 and isinstance(node.args[0], fx.Node) and target_name(node.args[0].target) == "aten.lt.Scalar"
-                and node.args[0].args[0] is node.args[2]):
+                and node.args[0].args[0] is node.args[2] and node.args[0].args[1] == 0):
             return node.args[2]
         return node
 
@@ -2489,12 +2490,13 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         i_shape = [int(v) for v in i_node.meta["val"].shape]
         if len(i_shape) != len(x_shape) or any(i_shape[k] != int(x_shape[k]) for k in range(len(i_shape)) if k != dim):
             return None
-        v = _unwrapped_index(i_node)
+        n = int(x_shape[dim])
+        v = _unwrapped_index(i_node, n)
         while not all(int(s) == 1 for k, s in enumerate(v.meta["val"].shape) if k != dim):
             if not (isinstance(v, fx.Node) and target_name(v.target) in ("aten.expand.default",
                                                                           "aten.expand_as.default")):
                 return None  # (expand_as: ONNX import's ScatterND rows)
-            v = _unwrapped_index(v.args[0])
+            v = _unwrapped_index(v.args[0], n)
             val = v.meta["val"] if isinstance(v, fx.Node) else None
             if val is None or val.dim() != len(i_shape) or int(val.shape[dim]) != i_shape[dim]:
                 return None
@@ -2644,13 +2646,9 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         (`cpu.select.sort_source`: stable, NaN the largest, as the converter before); others that converter's."""
         from graphopt.targets.tvm.cpu.rules import vector_lanes
         from graphopt.targets.tvm.cpu.select import emit_sort, sort_applies
-        from graphopt.targets.tvm.missing_ops import _arg
+        from graphopt.targets.tvm.more_ops import sort_args
         x_val, name = node.args[0].meta["val"], node.target.__name__
-        nd = max(x_val.dim(), 1)
-        if name.endswith("stable"):
-            dim, desc = int(node.kwargs.get("dim", -1)) % nd, bool(node.kwargs.get("descending", False))
-        else:
-            dim, desc = int(_arg(node, 1, "dim", -1)) % nd, bool(_arg(node, 2, "descending", False))
+        dim, desc = sort_args(node)
         if (str(x_val.dtype) != "torch.float32" or x_val.dim() == 0 or dim != x_val.dim() - 1
                 or not _static(x_val) or not sort_applies(int(x_val.shape[-1]))):
             return generic[name](node, importer)

@@ -371,15 +371,20 @@ def _floating(node) -> bool:
     return _dtype(node.args[0].meta["val"]).startswith(("float", "bfloat"))
 
 
+def sort_args(node) -> tuple[int, bool]:
+    """(dim, descending) of an aten.sort.default / aten.sort.stable node (the stable form takes them as keywords),
+    dim non-negative."""
+    nd = max(node.args[0].meta["val"].dim(), 1)
+    if node.target.__name__.endswith("stable"):
+        return int(node.kwargs.get("dim", -1)) % nd, bool(node.kwargs.get("descending", False))
+    return int(_arg(node, 1, "dim", -1)) % nd, bool(_arg(node, 2, "descending", False))
+
+
 def sort(node, importer):
     """(values, indices) of torch.sort (aten.sort.default / aten.sort.stable) on `nan_last_order`: stable, NaN
     placed as PyTorch places it."""
     bb = importer.block_builder
-    nd = max(node.args[0].meta["val"].dim(), 1)
-    if node.target.__name__.endswith("stable"):
-        dim, desc = int(node.kwargs.get("dim", -1)) % nd, bool(node.kwargs.get("descending", False))
-    else:
-        dim, desc = int(_arg(node, 1, "dim", -1)) % nd, bool(_arg(node, 2, "descending", False))
+    dim, desc = sort_args(node)
     x = importer.env[node.args[0]]
     idx = nan_last_order(bb, x, dim, desc, _floating(node))
     return bb.emit(relax.Tuple([bb.emit(relax.op.gather_elements(x, idx, dim)), idx]))

@@ -190,3 +190,15 @@ def _onnx_on_row_kernel(tmp_path, graph, kernel: str):
     names = {gv.name_hint for gv in lower_to_relax(g).get_global_vars()}
     assert any(n.startswith(kernel) for n in names), names
     return g
+
+
+@pytest.mark.parametrize("wrap,kernel", [(16, "scatter_rows_max_reset"), (7, None)])
+def test_negative_index_wrap_is_seen_through_only_by_the_axis_size(wrap, kernel):
+    """where(i < 0, i + n, i) over an expanded row index (ONNX import's wrap) runs the row kernel, which wraps by
+    the axis's size itself; a wrap by another size (7 on an axis of 16) keeps Relax's scatter_elements. Both
+    builds match PyTorch."""
+    class Wrapped(torch.nn.Module):
+        def forward(self, h, d):
+            i = d[:, None].expand(-1, h.shape[1])
+            return h.scatter_reduce(0, torch.where(i < 0, i + wrap, i), h[:10] * 2.0, "amax", include_self=False)
+    _check(Wrapped(), torch.randn(16, 4), torch.randint(-7, 16, (10,)), kernel=kernel)
