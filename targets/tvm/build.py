@@ -9,10 +9,11 @@ from graphopt.errors import TargetError
 from graphopt.ir.files import atomic_dir
 from graphopt.ir.graph import Graph
 from graphopt.targets.artifact import build_manifest, write_manifest
+from graphopt.targets.tvm.cpu.amx import amx_usable, uses_amx
 from graphopt.targets.tvm.cpu.int8 import int8_dot
 from graphopt.targets.tvm.cpu.rules import vector_lanes
 from graphopt.targets.tvm.cpu.threads import SERIAL_US
-from graphopt.targets.tvm.host import cpu_target, host_cpu, missing_here, target_isa
+from graphopt.targets.tvm.host import AMX_FLAGS, cpu_target, host_cpu, missing_here, target_isa
 from graphopt.targets.tvm.lower import lower_to_relax
 from graphopt.targets.tvm.tuning import Tuning, TuningSummary, tune
 
@@ -122,7 +123,8 @@ def build_executable(graph: Graph, target: str = "llvm", tuning: Tuning | None =
     Tuned kernels come from the MetaSchedule database; every other kernel gets graphopt's CPU schedule rules
     (rules=False leaves those to TVM's default loop nests, for comparison). `cpu` (an LLVM CPU name) cross-compiles
     for that CPU instead of this one: its vector width and int8 dot product (VNNI `vpdpbusd` where it has one).
-    `stats` (a dict), when given, receives what the build decided: "one_thread", the kernels run serially."""
+    `stats` (a dict), when given, receives what the build decided: "one_thread", the kernels run serially; "amx",
+    whether an AMX tile kernel was built (the artifact then needs AMX where it runs)."""
     from graphopt.targets.tvm.cpu.pipeline import build_cpu
 
     if target != "llvm":
@@ -130,7 +132,7 @@ def build_executable(graph: Graph, target: str = "llvm", tuning: Tuning | None =
     tgt = cpu_target(cpu)
     if tuning is not None:
         tuning.validate()
-        missing = missing_here(target_isa(tgt))
+        missing = missing_here(target_isa(tgt) + (list(AMX_FLAGS) if amx_usable(tgt) else []))
         if missing:
             raise TargetError(f"tuning measures kernels on this machine ({host_cpu()}), which lacks "
                               f"{', '.join(missing)} that --cpu {cpu} code uses: tune on a {cpu} machine, "
@@ -139,6 +141,8 @@ def build_executable(graph: Graph, target: str = "llvm", tuning: Tuning | None =
         mod, knobs_summary, tuning = _lower_with_tuned_knobs(graph, tgt, tuning)
     else:
         mod = lower_to_relax(graph, target=tgt)
+    if stats is not None:
+        stats["amx"] = uses_amx(mod)
     t0 = time.perf_counter()
     summary = None
     try:
@@ -193,7 +197,9 @@ def compile_to_dir(graph: Graph, output: str | Path, target: str = "llvm", tunin
         (tmp / "graph.ir").write_text(graph.text())
         manifest = build_manifest(graph, str(tgt), {"kind": target, "mcpu": str(tgt.attrs.get("mcpu", "")),
                                                     "num_cores": int(tgt.attrs.get("num-cores", 0)),
-                                                    "isa": target_isa(tgt), "int8_dot": int8_dot(tgt),
+                                                    "isa": target_isa(tgt) + (list(AMX_FLAGS) if stats.get("amx")
+                                                                              else []),
+                                                    "int8_dot": int8_dot(tgt), "amx": bool(stats.get("amx")),
                                                     "vector_bits": 32 * vector_lanes(tgt),
                                                     "one_thread_kernels": stats.get("one_thread", []),
                                                     "one_thread_under_us": SERIAL_US,

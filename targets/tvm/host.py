@@ -45,6 +45,9 @@ def cpu_target(mcpu: str | None = None, cores: int | None = None):
 ISA_FLAGS = {"sse4.2": "sse4_2", "avx": "avx", "avx2": "avx2", "fma": "fma", "f16c": "f16c", "bmi2": "bmi2",
              "avx512f": "avx512f", "avx512bw": "avx512bw", "avx512dq": "avx512dq", "avx512vl": "avx512vl",
              "avx512vnni": "avx512_vnni", "avx512bf16": "avx512_bf16", "avxvnni": "avx_vnni"}
+# AMX (tile registers, int8 tile products): listed for an artifact only when an AMX kernel was built into it
+# (`cpu.amx`), since an AMX CPU's VM may hide the tiles and every other kernel would still run there
+AMX_FLAGS = {"amx-tile": "amx_tile", "amx-int8": "amx_int8"}
 
 
 def target_isa(target) -> list[str]:
@@ -54,7 +57,7 @@ def target_isa(target) -> list[str]:
 
 
 def host_isa() -> set[str] | None:
-    """ISA_FLAGS extensions this machine has, from /proc/cpuinfo (no LLVM: the runtime may be TVM's runtime
+    """ISA_FLAGS and AMX_FLAGS extensions this machine has, from /proc/cpuinfo (no LLVM: the runtime may be TVM's runtime
     alone); None where that file does not exist (not Linux)."""
     try:
         text = open("/proc/cpuinfo").read()
@@ -65,7 +68,7 @@ def host_isa() -> set[str] | None:
         if line.startswith("flags"):
             flags = set(line.split(":", 1)[1].split())
             break
-    return {f for f, linux in ISA_FLAGS.items() if linux in flags}
+    return {f for f, linux in (ISA_FLAGS | AMX_FLAGS).items() if linux in flags}
 
 
 def set_threads(n: int) -> None:

@@ -245,6 +245,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
 
     def _qlinear_fast(node, bb, xq, sx, zx):
         """qlinear with constant weight, scales and bias, >= 6 rows -> the int8 vpmaddwd GEMM (epilogue fused)."""
+        from graphopt.targets.tvm.cpu.amx import amx_cores
         from graphopt.targets.tvm.cpu.int8 import emit_qlinear, int8_dot
         from graphopt.targets.tvm.cpu.rules import vector_lanes
         wt = (lifted or {}).get(getattr(node.args[3], "name", None))
@@ -264,7 +265,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         if layout == "csr":
             from graphopt.targets.tvm.cpu.sparse import emit_csr_qlinear
             return emit_csr_qlinear(bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, x_shape, dot)
-        return emit_qlinear(bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, x_shape, dot, vector_lanes(target))
+        return emit_qlinear(bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, x_shape, dot, vector_lanes(target),
+                            amx_cores(target))
 
     def _int8_sparse(node, op: str, w, m: int) -> str:
         """The int8 sparse layout select-sparse-layout chose for this int8 layer ("" for dense) when this target
@@ -1193,6 +1195,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         weight. None where the int8 kernels do not apply (the caller runs the layer in float)."""
         import numpy as np
 
+        from graphopt.targets.tvm.cpu.amx import amx_cores
         from graphopt.targets.tvm.cpu.int8 import emit_qlinear, int8_dot
         from graphopt.targets.tvm.cpu.rules import vector_lanes
         x_node = node.args[0]
@@ -1202,7 +1205,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         bb = importer.block_builder
         codes, scale, zp = _dynamic_grid(importer, x_node)
         xq = bb.emit(relax.op.astype(bb.emit(relax.op.subtract(codes, f32(128))), "int8"))
-        y = emit_qlinear(bb, xq, wq, ws, None, 1.0, 0, x_node.meta["val"].shape, dot, vector_lanes(target))
+        y = emit_qlinear(bb, xq, wq, ws, None, 1.0, 0, x_node.meta["val"].shape, dot, vector_lanes(target),
+                         amx_cores(target))
         if y is None:
             return None
         c = (ws.astype(np.float64) * wq.astype(np.int64).sum(axis=1)).astype(np.float32)

@@ -2169,8 +2169,10 @@ def _int8_block():
 def test_full_int8_layers_take_the_quad_kernels_with_vnni(monkeypatch):
     """quantize (full int8 weights): lowered for a VNNI CPU, every pointwise conv and linear takes a quad kernel on
     `vpdpbusd`; for AVX2 alone they keep the exact int16 kernels (u8 x s8 pairs could saturate). The same lowering
-    built here with the exact quad product equals the graph, so the VNNI artifact's layout and offsets are right."""
+    built here with the exact quad product equals the graph, so the VNNI artifact's layout and offsets are right.
+    (AMX off: on AMX CPUs the linears take the tile GEMM instead, test_amx.py.)"""
     from graphopt.targets.tvm.cpu import int8
+    monkeypatch.setenv("GRAPHOPT_AMX", "0")
     q, x = _int8_block()
     vnni = {gv.name_hint for gv in lower_to_relax(q, target=cpu_target("sapphirerapids")).get_global_vars()}
     assert len([n for n in vnni if n.startswith("qconv1x1_vnni_")]) == 2, vnni

@@ -192,6 +192,7 @@ class CpuCostOracle:
         speed does not depend on them)."""
         from tvm import relax
 
+        from graphopt.targets.tvm.cpu.amx import amx_cores
         from graphopt.targets.tvm.cpu.int8 import emit_qconv1x1, emit_qlinear, int8_dot
         from graphopt.targets.tvm.cpu.rules import target_cores, vector_lanes
         from graphopt.targets.tvm.cpu.sparse import emit_bsr_qlinear, emit_csr_qlinear
@@ -211,8 +212,8 @@ class CpuCostOracle:
             if sparse == "csr":
                 return emit_csr_qlinear(bb, x, w, scales, None, 0.02, 0, (m, k), dot)
             if block is None:
-                y = (emit_qlinear(bb, x, w, scales, None, 0.02, 0, (m, k), dot, vector_lanes(self.target)) if dot
-                     else None)
+                y = (emit_qlinear(bb, x, w, scales, None, 0.02, 0, (m, k), dot, vector_lanes(self.target),
+                                  amx_cores(self.target)) if dot else None)
                 if y is None:  # no int8 kernel for this shape: TVM's generic integer lowering
                     y = bb.emit(relax.op.matmul(relax.op.astype(x, "float32"),
                                                 relax.const(w.T.astype(np.float32))))

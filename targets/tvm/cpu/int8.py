@@ -945,16 +945,21 @@ def _emit_qgemv_quads(bb, xq, w: np.ndarray, mult: np.ndarray, bias: np.ndarray 
 
 
 def emit_qlinear(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | None, sx: float, zx: int,
-                 x_shape, dot: str = "ubsw", lanes: int = 8):
+                 x_shape, dot: str = "ubsw", lanes: int = 8, amx_cores: int = 0):
     """qlinear of xq int8 [..., K] with a constant int8 weight [N, K] -> float32 [..., N]; None when the kernel
     does not apply (the caller lowers it generically). `dot` is the target's quad product (`int8_dot`), `lanes`
-    its vector width in int32 lanes (`rules.vector_lanes`): with 16 the VNNI GEMM runs 512-bit `vpdpbusd`."""
+    its vector width in int32 lanes (`rules.vector_lanes`): with 16 the VNNI GEMM runs 512-bit `vpdpbusd`.
+    `amx_cores` > 0 (the target's cores, where `amx.amx_usable`): 16 rows or more run the AMX tile GEMM."""
     import math
 
     from tvm import relax
 
+    from graphopt.targets.tvm.cpu import amx
+
     lead, k = tuple(int(d) for d in x_shape[:-1]), int(x_shape[-1])
     m, n = math.prod(lead), int(wq.shape[0])
+    if amx_cores and amx.amx_qlinear_applies(m, k):
+        return _emit_amx_qlinear(bb, xq, wq, w_scales, bias, sx, zx, lead, k, amx_cores)
     quads = dot in ("vnni", "exact")
     if n >= 16 and (m == 1 or m < MR and quads and (m <= QGEMV_ROWS or not qgemm_applies(MR, k))):
         return bb.emit(relax.op.reshape(emit_qgemv(bb, xq, wq, w_scales, bias, sx, zx, k, dot, m), (*lead, n)))
@@ -986,6 +991,37 @@ def emit_qlinear(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray 
         a = bb.emit(relax.op.nn.pad(a, [0, mq - m, 0, 0]))
     a = bb.emit(relax.op.reshape(a, (mq * k,)))
     y = bb.emit(relax.call_tir(gv, [a, relax.const(packed),
+                                    *(relax.const(c[:n_pad]) for c in (off, mult, fb) if c is not None)],
+                               relax.TensorType((mq * n_pad,), "float32")))
+    y = bb.emit(relax.op.reshape(y, (mq, n_pad)))
+    if n_pad != n or mq != m:
+        y = bb.emit(relax.op.strided_slice(y, axes=[0, 1], begin=[0, 0], end=[m, n]))
+    return bb.emit(relax.op.reshape(y, (*lead, n)))
+
+
+def _emit_amx_qlinear(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | None, sx: float, zx: int,
+                      lead: tuple[int, ...], k: int, cores: int):
+    """`emit_qlinear` on the AMX tile GEMM (`amx.qgemm_amx_source`): the int8 activation as the quantize wrote it
+    (signed x signed tiles: the offset is the zero point's alone), rows padded to one 32-row block where fewer, K
+    to whole 64-byte steps (zero weights there), N to 32-column blocks (sliced off)."""
+    import math
+
+    from tvm import relax
+
+    from graphopt.targets.tvm.cpu import amx
+    m, n = math.prod(lead), int(wq.shape[0])
+    mq, kp, n_pad = amx.padded_shape(m, k, n)
+    w = np.zeros((n_pad, kp), np.int8)
+    w[:n, :k] = wq
+    off, mult, fb = epilogue_constants(w, np.pad(w_scales, (0, n_pad - n)), None if bias is None else
+                                       np.pad(bias, (0, n_pad - n)), sx, zx, n_pad // MR + 1)
+    gv = bb.add_func(parse_kernel(amx.qgemm_amx_source(mq, kp, n_pad, fb is not None, cores)),
+                     f"{amx.KERNEL_PREFIX}_{mq}x{kp}x{n_pad}")
+    a = bb.emit(relax.op.reshape(xq, (m, k)))
+    if mq != m or kp != k:
+        a = bb.emit(relax.op.nn.pad(a, [0, mq - m, 0, kp - k], pad_value=float(zx)))
+    a = bb.emit(relax.op.reshape(a, (mq * kp,)))
+    y = bb.emit(relax.call_tir(gv, [a, relax.const(pack_gemm_quads(w)), relax.const(amx.tile_config()),
                                     *(relax.const(c[:n_pad]) for c in (off, mult, fb) if c is not None)],
                                relax.TensorType((mq * n_pad,), "float32")))
     y = bb.emit(relax.op.reshape(y, (mq, n_pad)))
