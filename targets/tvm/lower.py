@@ -2489,11 +2489,17 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
     def _row_index(i_node, dim: int, x_shape):
         """The index vector behind a scatter's index whose entries along every axis but `dim` repeat one value and
         span x's axes (GNNs' `dst[:, None].expand(-1, D)`, ONNX ScatterND's row offsets): that [.., E, ..] node
-        (its other axes 1), or None."""
+        (its other axes 1), or None. A constant index (torch's ONNX export writes an expanded index out whole, and
+        fold-constants folds one computed from constants) that repeats so gives its [.., E, ..] slice as a tensor."""
+        import torch
         import torch.fx as fx
         i_shape = [int(v) for v in i_node.meta["val"].shape]
         if len(i_shape) != len(x_shape) or any(i_shape[k] != int(x_shape[k]) for k in range(len(i_shape)) if k != dim):
             return None
+        const = (lifted or {}).get(getattr(i_node, "name", None))
+        if isinstance(const, torch.Tensor) and not const.is_floating_point() and const.dim() == len(i_shape):
+            rows = const[tuple(slice(None) if k == dim else slice(0, 1) for k in range(const.dim()))]
+            return rows.contiguous() if bool((const == rows).all()) else None
         n = int(x_shape[dim])
         v = _unwrapped_index(i_node, n)
         while not all(int(s) == 1 for k, s in enumerate(v.meta["val"].shape) if k != dim):
@@ -2539,7 +2545,11 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         if [int(d) for d in src_node.meta["val"].shape] != i_shape:
             src = bb.emit(relax.op.strided_slice(src, axes=list(range(len(i_shape))), begin=[0] * len(i_shape),
                                                  end=i_shape))
-        index, it, cores = importer.env[v], _dtype(v.meta["val"]), target_cores(target)
+        if isinstance(v, fx.Node):
+            index, it = importer.env[v], _dtype(v.meta["val"])
+        else:  # a constant index's rows (`_row_index`)
+            index, it = relax.const(v.numpy(), _dtype(v)), _dtype(v)  # (int64 numpy: int32 unless named)
+        cores = target_cores(target)
         x = importer.env[node.args[0]]
         out = emit_scatter_rows(bb, x, index, src, x_val.shape, dim, i_shape[dim], dt, it,
                                 "sum" if reduce == "mean" else reduce, cores, include_self)
