@@ -370,6 +370,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         import numpy as np
 
         from graphopt.targets.tvm.cpu import conv as k
+        from graphopt.targets.tvm.cpu.amx import amx_cores, amx_flat_qconv_applies
         from graphopt.targets.tvm.cpu.int8 import (emit_flat_qconv, emit_im2col_qconv, emit_qconv1x1,
                                                    flat_qconv_applies, im2col_beats_flat, int8_dot, qconv1x1_applies,
                                                    tok_qconv_applies)
@@ -409,6 +410,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         dq = (quant is not None and all(_fast_depthwise(u) for u in quant.users)
               and not all(_int8_depthwise_input(u) for u in quant.users))
         dot, full, lanes, half = int8_dot(target), (ph, ph, pw, pw), vector_lanes(target), half_width_vnni(target)
+        amx = amx_cores(target)
         if node.args[0] in quant_pads:  # the producer left the zero pad out: it joins this conv's padding
             left, right, top, bottom, x_shape = quant_pads[node.args[0]]
             full = (ph + top, ph + bottom, pw + left, pw + right)
@@ -436,6 +438,14 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                     qconv1x1_applies(node.meta["val"].shape):
                 return emit_im2col_qconv(bb, xq_, w_, ws_, b_, sx, zx, x_shape_, s_, full, clamp, out_q, dq,
                                          dot, lanes=lanes, half_width=half)  # RGB stems: the taps in whole quads
+            if (amx and kind in ("im2col", "direct") and flat_qconv_applies(w_, dot)
+                    and k.flat_conv_applies(x_shape_, w_.shape, s_, full)
+                    and amx_flat_qconv_applies(int(x_shape_[1]), int(x_shape_[0]),
+                                               k.staged_tiling(1, int(x_shape_[2]), int(x_shape_[3]), int(w_.shape[2]),
+                                                               int(w_.shape[3]), s_, full, 1)["qmax"])):
+                # AMX tiles over the quad planes in place (`cpu.amx`)
+                return emit_flat_qconv(bb, xq_, w_, ws_, b_, sx, zx, x_shape_, s_, full, clamp, out_q, dq, dot,
+                                       amx_cores=amx)
             if (kind in ("im2col", "direct") and tok_qconv_applies(w_.shape, s_, node.meta["val"].shape, dot)
                     and flat_qconv_applies(w_, dot)):
                 return emit_flat_qconv(bb, xq_, w_, ws_, b_, sx, zx, x_shape_, s_, full, clamp, out_q, dq, dot,

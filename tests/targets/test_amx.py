@@ -138,3 +138,65 @@ def test_amx_artifact_refused_where_the_tiles_are_missing(monkeypatch):
     monkeypatch.setattr(host, "host_isa", lambda: {"avx2", "avx512f"})
     assert missing_isa({"target_info": {"isa": ["avx2", "amx-tile", "amx-int8"]}}) == ["amx-tile", "amx-int8"]
     assert missing_isa({"target_info": {"isa": ["avx2", "avx512f"]}}) == []
+
+
+def test_amx_flat_conv_assembly():
+    """The k x k int8 conv's tile form built for an AMX CPU: signed weights x unsigned quad planes (`tdpbsud`),
+    four per step, the tiles configured once per thread; no VNNI products."""
+    asm = _conv_kernel(64, 64, 20, 20, 3, 1, cpu=AMX_CPU).mod.inspect_source("asm")
+    dots = re.findall(r"^\s+tdpbsud\s+(%tmm\d), (%tmm\d), (%tmm\d)", asm, re.M)
+    assert dots and len(dots) % 4 == 0 and {d[2] for d in dots} == {"%tmm0", "%tmm1", "%tmm2", "%tmm3"}
+    assert not re.search(r"^\s+(tdpbssd|vpdpbusd)\s", asm, re.M)
+    assert len(re.findall(r"^\s+tileloadd\s", asm, re.M)) == len(dots)
+
+
+def _conv_kernel(cout, cin, h, w, k, stride, cpu=None):
+    from tvm.script import tirx as T
+    f = tvm.script.parse(amx.qconv_flat_amx_source(cout, cin, h, w, k, k, stride, (k // 2,) * 4),
+                         extra_vars={"T": T})
+    return tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target(cpu))
+
+
+def test_amx_flat_conv_shapes():
+    """Reduction steps: all of Cin's quads at a tap up to 64 channels, 16 quads where Cin % 64 == 0, else none;
+    the weight packs each channel's row as (tap, quad, channel), zero-padded to 32 rows."""
+    assert [amx.flat_quads_step(c) for c in (3, 32, 64, 96, 128, 512)] == [1, 8, 16, 0, 16, 16]
+    w = np.arange(2 * 5 * 3 * 3).reshape(2, 5, 3, 3).astype(np.int8)
+    packed = amx.pack_flat_weight(w).reshape(32, 9, 8)
+    assert packed[1, 4, 2] == w[1, 2, 1, 1] and not packed[1, :, 5:].any() and not packed[2:].any()
+    with pytest.raises(ValueError, match="Cin <= 64 or Cin % 64"):
+        amx.qconv_flat_amx_source(32, 96, 14, 14, 3, 3, 1, (1, 1, 1, 1))
+
+
+class _ConvBlock(torch.nn.Module):
+    def __init__(self, cin, cout, stride, act):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(cin, cout, 3, stride, padding=1)
+        self.act = act
+
+    def forward(self, x):
+        y = self.conv(x)
+        return {"relu6": torch.nn.functional.relu6, "relu": torch.relu, "none": lambda v: v}[self.act](y) + 0.5
+
+
+@pytest.mark.parametrize("cin,cout,hw,stride,act", [(64, 64, 20, 1, "relu"), (32, 40, 41, 2, "relu6"),
+                                                    (128, 64, 9, 1, "none")])
+def test_amx_flat_conv_lowering_and_results(cin, cout, hw, stride, act, tmp_path, monkeypatch):
+    """Cross-compiled for an AMX CPU the int8 3x3 conv takes the tile form (not for Zen 4, nor with
+    GRAPHOPT_AMX=0); where this machine grants AMX, its build equals the VNNI build exactly (blocks crossing
+    output rows and the planes' extra columns, 40 channels padded to 64, stride 2, a float or requantized store)
+    and PyTorch within the int8 grid's error."""
+    torch.manual_seed(cin)
+    model = _ConvBlock(cin, cout, stride, act).eval()
+    x = torch.randn(1, cin, hw, hw)
+    q = graphopt.optimize(graphopt.trace(model, (x,)), "quantize,fold-qdq", data=[(x,)])
+    assert any(nm.startswith(f"{amx.KERNEL_PREFIX}_flat") for nm in _names(q, AMX_CPU))
+    assert not any(nm.startswith(amx.KERNEL_PREFIX) for nm in _names(q, "znver4"))
+    if not amx.amx_usable(cpu_target()):
+        return
+    got = graphopt.load(graphopt.compile(q, "llvm", output=tmp_path / "amx"))(x.numpy())[0]
+    monkeypatch.setenv("GRAPHOPT_AMX", "0")
+    assert not any(nm.startswith(amx.KERNEL_PREFIX) for nm in _names(q, AMX_CPU))
+    np.testing.assert_array_equal(got, graphopt.load(graphopt.compile(q, "llvm", output=tmp_path / "v"))(x.numpy())[0])
+    ref = model(x).detach().numpy()
+    assert np.abs(got - ref).max() <= 0.03 * np.abs(ref).max()

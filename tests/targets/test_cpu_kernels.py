@@ -1426,7 +1426,9 @@ def _quantized_block(model, shape, weights: str = "int8"):
 def test_quantized_dense_convs_run_on_the_pixel_row_int8_kernel(monkeypatch, batch):
     """int8 3x3 convs with VNNI (16 -> 24 channels at stride 2, 12x12 to 6x6; 24 -> 13 at 6x6: a partial
     16-channel panel) run on the pixel-row int8 conv, with the next quantize in the store; bit-identical to the
-    kernels they replace and within a rounding step of the reference integer ops."""
+    kernels they replace and within a rounding step of the reference integer ops. (AMX off: on AMX CPUs the
+    stride-1 conv takes the tile form, test_amx.py.)"""
+    monkeypatch.setenv("GRAPHOPT_AMX", "0")
     from graphopt.targets.tvm.cpu import int8
     if not _vnni_here():
         pytest.skip("the int8 pixel-row conv needs VNNI")
@@ -1720,14 +1722,16 @@ def test_pair_width_quantized_pointwise_convs_take_the_quad_kernel(weights):
 
 
 @pytest.mark.parametrize("weights,batch", [("int8", 1), ("int7", 2), ("int8s", 1)])
-def test_quantized_dense_convs_run_on_the_int8_kernels(weights, batch):
+def test_quantized_dense_convs_run_on_the_int8_kernels(weights, batch, monkeypatch):
     """A quantized ResNet basic block: where the quad product is exact (7-bit or pair-bounded int8s weights on
     AVX2, any int8 weight with VNNI) its stride-1 3x3 convs are the flat int8 conv (the input's quad planes, padded
     with its zero point, then the implicit GEMM; with VNNI the pixel-row int8 conv over them); otherwise, and for the strided 3x3 conv with a small output and
     the strided 1x1 shortcut, int8 im2col (the zero point outside the image; tap-major rows, so int8s's channel
     pairs are the kernel's pairs there too) then the pointwise int8 kernel. ReLU and the next quantize are
     in the stores; no TVM conv is left (its generic int8 conv made a quantized ResNet-18 twice as slow as the fp32
-    one). The artifact agrees with the graph's own integer ops within a rounding step of the int8 grids between."""
+    one). The artifact agrees with the graph's own integer ops within a rounding step of the int8 grids between.
+    (AMX off: on AMX CPUs the stride-1 convs take the tile form, test_amx.py.)"""
+    monkeypatch.setenv("GRAPHOPT_AMX", "0")
     from graphopt.targets.tvm.cpu.int8 import int8_dot
     torch.manual_seed(0)
     model = _BasicBlock().eval()
@@ -1801,7 +1805,8 @@ def test_flat_int8_conv_equals_im2col_and_the_pointwise_kernel(x_shape, cout, k,
 def test_quantized_big_map_conv_after_a_pad_runs_on_the_flat_int8_conv():
     """A dense 3x3 conv on a map too big for im2col's columns (16 x 9 x 100 x 100 > 4 M) took the float direct
     kernel on the dequantized input; with 7-bit weights it is the flat int8 conv (with VNNI the pixel-row one), and
-    the zero pad before its input's quantize (TF "SAME" padding) joins its padding. Within a rounding step of the graph's integer ops."""
+    the zero pad before its input's quantize (TF "SAME" padding) joins its padding (on AMX CPUs: the tile form over
+    the same planes). Within a rounding step of the graph's integer ops."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 1), torch.nn.ReLU(), torch.nn.ZeroPad2d((0, 1, 0, 1)),
                                 torch.nn.Conv2d(16, 16, 3, stride=1), torch.nn.ReLU()).eval()
@@ -1809,8 +1814,8 @@ def test_quantized_big_map_conv_after_a_pad_runs_on_the_flat_int8_conv():
     q = graphopt.optimize(graphopt.trace(model, (x,)), "quantize{weights=int7},fold-qdq",
                           data=[(torch.randn(1, 3, 200, 200),) for _ in range(2)])
     names = _func_names(q)
-    assert any(n.startswith(("qconv_flat_", "qconv_tok_")) and "_16x16x200x200_k3x3s1_p0101" in n
-               for n in names), names
+    assert any(n.startswith(("qconv_flat_", "qconv_tok_", "qgemm_amx_flat_")) and "_16x16x200x200_k3x3s1_p0101" in n
+               for n in names), names  # (qgemm_amx_flat: the tile form, on AMX CPUs)
     assert not any(n.startswith(("conv_direct", "constant_pad")) for n in names), names
     got, ref = _built_and_reference(q, x)
     assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()

@@ -82,12 +82,18 @@ def uses_amx(mod) -> bool:
     return any(gv.name_hint.startswith(KERNEL_PREFIX) for gv in mod.functions)
 
 
-def tile_config() -> np.ndarray:
-    """`ldtilecfg`'s 64 bytes: palette 1, tiles 0-7 of 16 rows x 64 bytes."""
+def tile_config(step: int = KSTEP) -> np.ndarray:
+    """`ldtilecfg`'s 64 bytes: palette 1; accumulator tiles 0-3 of 16 rows x 16 int32; A tiles 4-5 of 16 rows x
+    `step` bytes (the reduction step: 64, or a short K rounded up to 4), B tiles 6-7 of step / 4 rows x 64 bytes."""
+    if step % 4 or not 4 <= step <= KSTEP:
+        raise ValueError(f"an AMX reduction step is 4..64 bytes in fours, not {step}")
     cfg = np.zeros(64, np.uint8)
     cfg[0] = 1
-    cfg[16:32].view(np.uint16)[:] = KSTEP
-    cfg[48:56] = 16
+    colsb, rows = cfg[16:32].view(np.uint16), cfg[48:56]
+    colsb[:8] = KSTEP
+    colsb[4:6] = step
+    rows[:8] = 16
+    rows[6:8] = step // 4
     return cfg
 
 
@@ -101,8 +107,55 @@ def padded_shape(m: int, k: int, n: int) -> tuple[int, int, int]:
     return max(m, ROWS), -(-k // KSTEP) * KSTEP, -(-n // COLS) * COLS
 
 
+def flat_quads_step(cin: int) -> int:
+    """Input quads per reduction step of the flat conv (`qconv_flat_amx_source`), 0 where it does not apply: all
+    of Cin's quads at a tap when 16 or fewer (Cin <= 64), else 16 when they divide them (Cin % 64 == 0)."""
+    k4 = -(-cin // 4)
+    return k4 if k4 <= 16 else (16 if k4 % 16 == 0 else 0)
+
+
+def amx_flat_qconv_applies(cin: int, n: int, qmax: int) -> bool:
+    """Batch 1, a reduction step (`flat_quads_step`) and a flat output range of one 32-position block at least."""
+    return n == 1 and flat_quads_step(cin) > 0 and qmax >= COLS
+
+
+def pack_flat_weight(wq: np.ndarray) -> np.ndarray:
+    """int8 W [Cout, Cin, kh, kw] -> int8 [Cout padded to 32, kh * kw * ceil(Cin / 4) * 4]: each output channel's
+    row in the flat conv's reduction order (tap, input quad, the quad's 4 channels); zeros pad both."""
+    cout, cin, kh, kw = wq.shape
+    k4 = -(-cin // 4)
+    w = np.zeros((-(-cout // ROWS) * ROWS, k4 * 4, kh, kw), np.int8)
+    w[:cout, :cin] = wq
+    return np.ascontiguousarray(w.transpose(0, 2, 3, 1)).reshape(-1)
+
+
 def _intrin(name: str, *args: str) -> str:
     return f'T.evaluate(T.call_llvm_intrin("void", "llvm.x86.{name}"{"".join(", " + a for a in args)}))'
+
+
+def _block(a_tiles: list[str], a_stride: str, b_tiles: list[str], b_stride: str, dot: str = "tdpbssd",
+           halves: bool = False) -> tuple[str, str, str]:
+    """TVMScript of a 32 x 32 output block's tile code: (zero the four accumulators, at 12 spaces; one reduction
+    step: two A and two B tile loads from the given addresses and row strides, four `dot` (`tdpbssd`: signed x
+    signed; `tdpbsud`: signed A x unsigned B), at 16; store the
+    accumulators to the 32 x 32 int32 buffer `acc`, at 12; with `halves`, to two 32 x 16 buffers acc0 and acc1,
+    the block's left and right 16 columns: `int8._tile_store`'s 16-lane layout)."""
+    nl = "\n" + " " * 16
+    step = "".join(nl + _intrin("tileloadd64", f"T.int8({4 + h})", a_tiles[h], f"T.int64({a_stride})")
+                   for h in range(2))
+    step += "".join(nl + _intrin("tileloadd64", f"T.int8({6 + j})", b_tiles[j], f"T.int64({b_stride})")
+                    for j in range(2))
+    step += "".join(nl + _intrin(dot, f"T.int8({c})", f"T.int8({4 + c // 2})", f"T.int8({6 + c % 2})")
+                    for c in range(4))
+    nl = "\n" + " " * 12
+    zero = "".join(nl + _intrin("tilezero", f"T.int8({c})") for c in range(4))
+    if halves:
+        dest = [(f"acc{c % 2}[{(c // 2) * 16 * 16}]", 64) for c in range(4)]
+    else:
+        dest = [(f"acc[{(c // 2) * ROWS * COLS // 2 + (c % 2) * 16}]", 4 * COLS) for c in range(4)]
+    store = "".join(nl + _intrin("tilestored64", f"T.int8({c})", f"T.address_of({dest[c][0]})", f"T.int64({dest[c][1]})")
+                    for c in range(4))
+    return zero, step, store
 
 
 def qgemm_amx_source(m: int, k: int, n: int, float_bias: bool = False, cores: int = 2) -> str:
@@ -115,15 +168,7 @@ def qgemm_amx_source(m: int, k: int, n: int, float_bias: bool = False, cores: in
     workers = max(1, min(int(cores) or 1, tasks))
     a_tile = [f"T.address_of(a[(r0 + {16 * h}) * {k} + kk * {KSTEP}])" for h in range(2)]
     b_tile = [f"T.address_of(wp[((p0 + {j}) * {kq} + kk * 16) * 64])" for j in range(2)]
-    step = "".join(f"\n                {_intrin('tileloadd64', f'T.int8({4 + h})', a_tile[h], f'T.int64({k})')}"
-                   for h in range(2))
-    step += "".join(f"\n                {_intrin('tileloadd64', f'T.int8({6 + j})', b_tile[j], 'T.int64(64)')}"
-                    for j in range(2))
-    step += "".join(f"\n                {_intrin('tdpbssd', f'T.int8({c})', f'T.int8({4 + c // 2})', f'T.int8({6 + c % 2})')}"
-                    for c in range(4))
-    zero = "".join(f"\n            {_intrin('tilezero', f'T.int8({c})')}" for c in range(4))
-    store = "".join(f"\n            {_intrin('tilestored64', f'T.int8({c})', f'T.address_of(acc[{(c // 2) * 512 + (c % 2) * 16}])', 'T.int64(128)')}"
-                    for c in range(4))
+    zero, step, store = _block(a_tile, str(k), b_tile, "64")
     cols = "T.ramp(p0 * 16 + h * 16, 1, 16)"
     value = f'T.Cast("float32x16", acc[T.ramp(i * 32 + h * 16, 1, 16)] - off[{cols}]) * mult[{cols}]'
     if float_bias:
@@ -134,7 +179,7 @@ def {KERNEL_PREFIX}(a: T.Buffer(({m * k},), "int8"), wp: T.Buffer(({n * k},), "i
               off: T.Buffer(({n},), "int32"), mult: T.Buffer(({n},), "float32"),{' bias: T.Buffer((' + str(n) + ',), "float32"),' if float_bias else ''}
               out: T.Buffer(({m * n},), "float32")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
-    assert T.call_extern("int64", "syscall", T.int64({SYS_ARCH_PRCTL}), T.int64({ARCH_REQ_XCOMP_PERM}), T.int64({XFEATURE_XTILEDATA})) == T.int64(0), "the OS refused this process AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM); compile with GRAPHOPT_AMX=0 for this machine"
+{_permission()}
     for w in T.parallel({workers}):
         acc = T.decl_buffer(({ROWS * COLS},), "int32", scope="global")
         {_intrin('ldtilecfg', 'T.address_of(cfg[0])')}
@@ -145,5 +190,82 @@ def {KERNEL_PREFIX}(a: T.Buffer(({m * k},), "int8"), wp: T.Buffer(({n * k},), "i
             for i in T.serial({ROWS}):
                 for h in T.unroll(2):
                     out[T.ramp((r0 + i) * {n} + p0 * 16 + h * 16, 1, 16)] = {value}
+        {_intrin('tilerelease')}
+"""
+
+
+def _permission() -> str:
+    return (f'    assert T.call_extern("int64", "syscall", T.int64({SYS_ARCH_PRCTL}), T.int64({ARCH_REQ_XCOMP_PERM}), '
+            f'T.int64({XFEATURE_XTILEDATA})) == T.int64(0), "the OS refused this process AMX tile state (arch_prctl '
+            f'ARCH_REQ_XCOMP_PERM); compile with GRAPHOPT_AMX=0 for this machine"')
+
+
+def qconv_flat_amx_source(cout: int, cin: int, h: int, wd: int, kh: int, kw: int, stride: int, padding,
+                          clamp=None, out_q=None, dequantized: bool = False, float_bias: bool = False,
+                          cores: int = 2) -> str:
+    """TVMScript of the int8 dense k x k conv on AMX tiles, over the quad planes of `int8.quad_planes_source` (the
+    input + 128 as uint8, 4 channels of a pixel side by side, split into stride phases, the zero point as padding):
+    the implicit GEMM of `int8.qconv_flat_source` with output channels as A's rows (`pack_flat_weight`) and the
+    flat output positions (numbered over the planes' width) as B's columns. A reduction step is one tap and up to
+    16 input quads (`flat_quads_step`): each B tile row is one quad's run of 16 positions, read in place from the
+    planes (rows a plane apart), so nothing is staged or copied. `tdpbsud` (signed weights x unsigned planes);
+    the offsets hold (zero point + 128) x sum(w). Each task takes a 32-channel x 32-position block (the last
+    overlapping the one before it) and stores its valid positions: 16-lane vectors where the 16 lie in one output
+    row, else position by position."""
+    from graphopt.targets.tvm.cpu.conv import staged_tiling
+    from graphopt.targets.tvm.cpu.int8 import _requantized
+    sq = flat_quads_step(cin)
+    if not sq:
+        raise ValueError(f"qconv_flat_amx needs Cin <= 64 or Cin % 64 == 0, not {cin}")
+    k4 = -(-cin // 4)
+    g = staged_tiling(cout, h, wd, kh, kw, stride, padding, k4 * kh * kw)
+    oh, ow, wq, plane, ph, qmax, offs = (g[n] for n in ("oh", "ow", "wq", "plane", "ph", "qmax", "offs"))
+    if qmax < COLS:
+        raise ValueError(f"qconv_flat_amx needs {COLS} flat output positions or more, not {qmax}")
+    kbytes = kh * kw * k4 * 4
+    cpad = -(-cout // ROWS) * ROWS
+    pb = -(-qmax // COLS)
+    tasks = cpad // ROWS * pb
+    workers = max(1, min(int(cores) or 1, tasks))
+    a_tile = [f"T.address_of(w[(r0 + {16 * hh}) * {kbytes} + (tp * {k4} + qb * {sq}) * 4])" for hh in range(2)]
+    b_tile = [f"T.address_of(xq[(qb * {sq * ph * plane} + tap_off + q0 + {16 * j}) * 4])" for j in range(2)]
+    zero, body, store = _block(a_tile, str(kbytes), b_tile, str(ph * plane * 4), "tdpbsud", halves=True)
+    body = body.replace("\n" + " " * 16, "\n" + " " * 20)
+    otype = "int8" if out_q and not dequantized else "float32"
+    bias_arg = f' bias: T.Buffer(({cpad},), "float32"),' if float_bias else ""
+
+    def val(hh: int) -> str:
+        return _requantized(f"acc{hh}[i * 16 + v]", "r0 + i", clamp, out_q, dequantized, float_bias)
+    halves = ""
+    for hh in range(2):
+        x, y = f"((q0 + {16 * hh}) % {wq})", f"((q0 + {16 * hh}) // {wq})"
+        halves += f"""
+                    if {x} + 16 <= {ow}:
+                        for v in T.vectorized(16):
+                            out[(r0 + i) * {oh * ow} + {y} * {ow} + {x} + v] = {val(hh)}
+                    else:
+                        for v in T.serial(16):
+                            if ({x} + v) % {wq} < {ow}:
+                                out[(r0 + i) * {oh * ow} + ({y} + ({x} + v) // {wq}) * {ow} + ({x} + v) % {wq}] = {val(hh)}"""
+    return f"""
+@T.prim_func(private=True)
+def {KERNEL_PREFIX}_flat(xq: T.Buffer(({k4 * ph * plane * 4},), "uint8"), w: T.Buffer(({cpad * kbytes},), "int8"),
+              cfg: T.Buffer((64,), "uint8"), off: T.Buffer(({cpad},), "int32"), mult: T.Buffer(({cpad},), "float32"),{bias_arg}
+              offs: T.Buffer(({len(offs)},), "int32"), qp: T.Buffer((4,), "float32"),
+              out: T.Buffer(({cout * oh * ow},), "{otype}")):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
+{_permission()}
+    for wk in T.parallel({workers}):
+        acc0 = T.decl_buffer(({ROWS * 16},), "int32", scope="global")
+        acc1 = T.decl_buffer(({ROWS * 16},), "int32", scope="global")
+        {_intrin('ldtilecfg', 'T.address_of(cfg[0])')}
+        for t in T.serial(wk * {tasks} // {workers}, (wk + 1) * {tasks} // {workers}):
+            r0 = (t // {pb}) * {ROWS}
+            q0 = T.min((t % {pb}) * {COLS}, {qmax - COLS}){zero}
+            for tp in T.serial({kh * kw}):
+                tap_off = offs[tp]
+                for qb in T.serial({k4 // sq}):{body}{store}
+            for i in T.serial({ROWS}):
+                if r0 + i < {cout}:{halves}
         {_intrin('tilerelease')}
 """

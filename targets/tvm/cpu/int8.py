@@ -1236,14 +1236,16 @@ def im2col_beats_flat(cin: int, stride: int, dot: str | None) -> bool:
 
 def emit_flat_qconv(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | None, sx: float, zx: int,
                     x_shape, stride: int, padding, clamp, out_q, dequantized: bool = False, dot: str = "ubsw",
-                    tok: bool = False, dilation: int = 1):
+                    tok: bool = False, dilation: int = 1, amx_cores: int = 0):
     """A dense k x k qconv2d of xq int8 [N, Cin, H, W] on the flat int8 conv (per sample): the quad planes (the
     input's zero point as padding: exact on the grid), then `qconv_flat_source` with its epilogue. For weights the
     quad product is exact on (VNNI, or `ubsw_exact`: 7-bit weights on AVX2). `tok`: the pixel-row int8 conv
-    (`qconv_tok_source`) over the padded quad planes at stride 1 instead, the only one for `dilation` > 1."""
+    (`qconv_tok_source`) over the padded quad planes at stride 1 instead, the only one for `dilation` > 1.
+    `amx_cores` > 0 (not with tok): the AMX tile form over the same planes (`amx.qconv_flat_amx_source`; the caller
+    checks `amx.amx_flat_qconv_applies`)."""
     from tvm import relax
 
-    from graphopt.targets.tvm.cpu.conv import NR_TOK, _batched, _ntag, flat_geometry, tok_tiling
+    from graphopt.targets.tvm.cpu.conv import NR_TOK, _batched, _ntag, flat_geometry, staged_tiling, tok_tiling
     n, cin, h, wd = (int(d) for d in x_shape)
     cout, _, kh, kw = (int(d) for d in wq.shape)
     if dilation > 1 and not tok:
@@ -1260,6 +1262,24 @@ def emit_flat_qconv(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarr
     planes = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(xq, _batched(n, cin, h, wd))),
                                          relax.const(np.full(1, (int(zx) + 128) % 256, np.uint8))],
                                     relax.TensorType(_batched(n, size), "uint8")))
+    if amx_cores and not tok:
+        from graphopt.targets.tvm.cpu import amx
+        cpad = -(-cout // amx.ROWS) * amx.ROWS
+        consts = tuple(None if c is None else c[:cpad]
+                       for c in epilogue_constants(wq, w_scales, bias, sx, zx + 128, cpad // MR + 1, out_q))
+        src = amx.qconv_flat_amx_source(cout, cin, h, wd, kh, kw, stride, padding, clamp, out_q, dequantized,
+                                        consts[2] is not None, amx_cores)
+        tag = (f"{cout}x{geo}" + ("" if clamp is None else "_clamp") + ("_q" if out_q else "")
+               + ("dq" if dequantized else ""))
+        gv = bb.add_func(parse_kernel(src), f"{amx.KERNEL_PREFIX}_flat_{tag}")
+        offs = staged_tiling(cout, h, wd, kh, kw, stride, padding, 1)["offs"]
+        y = bb.emit(relax.call_tir(gv, [planes, relax.const(amx.pack_flat_weight(wq)),
+                                        relax.const(amx.tile_config(4 * amx.flat_quads_step(cin))),
+                                        *(relax.const(c) for c in consts if c is not None),
+                                        relax.const(np.asarray(offs, np.int32)), relax.const(store_params(clamp, out_q))],
+                                   relax.TensorType((cout * oh * ow,), "int8" if out_q and not dequantized
+                                                    else "float32")))
+        return bb.emit(relax.op.reshape(y, (n, cout, oh, ow)))
     if tok:
         width = -(-cout // NR_TOK) * NR_TOK
         consts = tuple(None if c is None else c[:width]
