@@ -440,9 +440,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                                          dot, lanes=lanes, half_width=half)  # RGB stems: the taps in whole quads
             if (amx and kind in ("im2col", "direct") and flat_qconv_applies(w_, dot)
                     and k.flat_conv_applies(x_shape_, w_.shape, s_, full)
-                    and amx_flat_qconv_applies(int(x_shape_[1]), int(x_shape_[0]),
-                                               k.staged_tiling(1, int(x_shape_[2]), int(x_shape_[3]), int(w_.shape[2]),
-                                                               int(w_.shape[3]), s_, full, 1)["qmax"])):
+                    and amx_flat_qconv_applies(int(x_shape_[1]), int(x_shape_[0]), k.flat_positions(
+                        int(x_shape_[2]), int(x_shape_[3]), int(w_.shape[2]), int(w_.shape[3]), s_, full))):
                 # AMX tiles over the quad planes in place (`cpu.amx`)
                 return emit_flat_qconv(bb, xq_, w_, ws_, b_, sx, zx, x_shape_, s_, full, clamp, out_q, dq, dot,
                                        amx_cores=amx)

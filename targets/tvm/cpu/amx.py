@@ -1,4 +1,4 @@
-"""int8 GEMM on AMX tiles (Intel Sapphire Rapids and later: AMX-INT8, `tdpbssd`).
+"""int8 GEMMs and k x k convs on AMX tiles (Intel Sapphire Rapids and later: AMX-INT8, `tdpbssd` / `tdpbsud`).
 
 A tile register holds 16 rows of 64 bytes; one `tdpbssd` multiplies a 16 x 64 int8 tile by a 64 x 16 one (stored
 as 16 rows of 16 columns x 4 consecutive k: the quad layout `int8.pack_gemm_quads` already writes) into a 16 x 16
@@ -12,7 +12,8 @@ the packed weight): four `tdpbssd` per four tile loads. Each thread takes a cont
 configures the tiles once (`ldtilecfg`, a 64-byte constant the artifact carries), writes each finished block to a
 4 KB stack buffer (`tilestored64`) and runs the epilogue from there -- (acc - offset) * multiplier (+ float bias)
 in 16-lane vectors -- then releases the tiles. The last row block overlaps the one before it (M >= 32; fewer rows
-are padded), N and K are padded to 32 and 64 (zero weights).
+are padded), N and K are padded to 32 and 64 (zero weights). The dense k x k int8 conv runs the same blocks over
+its quad planes read in place (`qconv_flat_amx_source`).
 
 Linux hands out the 8 KB of tile state per process on request (`arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)`);
 an AMX instruction before that stops the process. Every kernel therefore asks first (one syscall per call, ~0.1
@@ -137,9 +138,8 @@ def _block(a_tiles: list[str], a_stride: str, b_tiles: list[str], b_stride: str,
            halves: bool = False) -> tuple[str, str, str]:
     """TVMScript of a 32 x 32 output block's tile code: (zero the four accumulators, at 12 spaces; one reduction
     step: two A and two B tile loads from the given addresses and row strides, four `dot` (`tdpbssd`: signed x
-    signed; `tdpbsud`: signed A x unsigned B), at 16; store the
-    accumulators to the 32 x 32 int32 buffer `acc`, at 12; with `halves`, to two 32 x 16 buffers acc0 and acc1,
-    the block's left and right 16 columns: `int8._tile_store`'s 16-lane layout)."""
+    signed; `tdpbsud`: signed A x unsigned B), at 16; store the accumulators to the 32 x 32 int32 buffer `acc`,
+    at 12, or with `halves` to two 32 x 16 buffers acc0 and acc1, the block's left and right 16 columns)."""
     nl = "\n" + " " * 16
     step = "".join(nl + _intrin("tileloadd64", f"T.int8({4 + h})", a_tiles[h], f"T.int64({a_stride})")
                    for h in range(2))

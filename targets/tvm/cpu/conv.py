@@ -1609,14 +1609,19 @@ def flat_geometry(h: int, wd: int, kh: int, kw: int, stride: int, padding) -> tu
     return oh, ow, oh + (kh - 1) // stride, ow + (kw - 1) // stride
 
 
+def flat_positions(h: int, wd: int, kh: int, kw: int, stride: int, padding) -> int:
+    """The flat convs' output range: positions numbered over the planes' width up to the last output pixel."""
+    oh, ow, _, wq = flat_geometry(h, wd, kh, kw, stride, padding)
+    return (oh - 1) * wq + ow
+
+
 def flat_conv_applies(x_shape, w_shape, stride: int, padding) -> bool:
     """kxk kernels (1x1 strided ones gather a quarter of the input: im2col's copy is smaller) whose flat output
     range holds a whole tile; strided ones only on maps of more than 16 tiles. Strided convs with small outputs
     ran at half the GMAC/s of stride 1 in either task order (ResNet-18's 128->256 at 28x28 and 256->512 at 14x14,
     2.8 ms each against ~1.5-2 for im2col + the packed GEMM; an A/B build with tile-major order: 1.33 / 2.15 ms
     against im2col's 1.18 / 1.60); the cause is not found."""
-    oh, ow, _, wq = flat_geometry(int(x_shape[2]), int(x_shape[3]), int(w_shape[2]), int(w_shape[3]), stride, padding)
-    qmax = (oh - 1) * wq + ow
+    qmax = flat_positions(int(x_shape[2]), int(x_shape[3]), int(w_shape[2]), int(w_shape[3]), stride, padding)
     return (tuple(int(d) for d in w_shape[2:]) != (1, 1) and qmax >= NR_FLAT
             and (stride == 1 or qmax > 16 * NR_FLAT))
 
