@@ -57,8 +57,8 @@ def target_isa(target) -> list[str]:
 
 
 def host_isa() -> set[str] | None:
-    """ISA_FLAGS and AMX_FLAGS extensions this machine has, from /proc/cpuinfo (no LLVM: the runtime may be TVM's runtime
-    alone); None where that file does not exist (not Linux)."""
+    """ISA_FLAGS and AMX_FLAGS extensions this machine has, from /proc/cpuinfo (no LLVM: the runtime may be TVM's
+    runtime alone); None where that file does not exist (not Linux)."""
     try:
         text = open("/proc/cpuinfo").read()
     except OSError:

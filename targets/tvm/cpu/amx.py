@@ -153,8 +153,8 @@ def _block(a_tiles: list[str], a_stride: str, b_tiles: list[str], b_stride: str,
         dest = [(f"acc{c % 2}[{(c // 2) * 16 * 16}]", 64) for c in range(4)]
     else:
         dest = [(f"acc[{(c // 2) * ROWS * COLS // 2 + (c % 2) * 16}]", 4 * COLS) for c in range(4)]
-    store = "".join(nl + _intrin("tilestored64", f"T.int8({c})", f"T.address_of({dest[c][0]})", f"T.int64({dest[c][1]})")
-                    for c in range(4))
+    store = "".join(nl + _intrin("tilestored64", f"T.int8({c})", f"T.address_of({addr})", f"T.int64({stride})")
+                    for c, (addr, stride) in enumerate(dest))
     return zero, step, store
 
 
@@ -171,12 +171,13 @@ def qgemm_amx_source(m: int, k: int, n: int, float_bias: bool = False, cores: in
     zero, step, store = _block(a_tile, str(k), b_tile, "64")
     cols = "T.ramp(p0 * 16 + h * 16, 1, 16)"
     value = f'T.Cast("float32x16", acc[T.ramp(i * 32 + h * 16, 1, 16)] - off[{cols}]) * mult[{cols}]'
+    bias_arg = f' bias: T.Buffer(({n},), "float32"),' if float_bias else ""
     if float_bias:
         value += f" + bias[{cols}]"
     return f"""
 @T.prim_func(private=True)
 def {KERNEL_PREFIX}(a: T.Buffer(({m * k},), "int8"), wp: T.Buffer(({n * k},), "int8"), cfg: T.Buffer((64,), "uint8"),
-              off: T.Buffer(({n},), "int32"), mult: T.Buffer(({n},), "float32"),{' bias: T.Buffer((' + str(n) + ',), "float32"),' if float_bias else ''}
+              off: T.Buffer(({n},), "int32"), mult: T.Buffer(({n},), "float32"),{bias_arg}
               out: T.Buffer(({m * n},), "float32")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
 {_permission()}
@@ -246,11 +247,13 @@ def qconv_flat_amx_source(cout: int, cin: int, h: int, wd: int, kh: int, kw: int
                     else:
                         for v in T.serial(16):
                             if ({x} + v) % {wq} < {ow}:
-                                out[(r0 + i) * {oh * ow} + ({y} + ({x} + v) // {wq}) * {ow} + ({x} + v) % {wq}] = {val(hh)}"""
+                                out[(r0 + i) * {oh * ow} + ({y} + ({x} + v) // {wq}) * {ow}
+                                    + ({x} + v) % {wq}] = {val(hh)}"""
     return f"""
 @T.prim_func(private=True)
 def {KERNEL_PREFIX}_flat(xq: T.Buffer(({k4 * ph * plane * 4},), "uint8"), w: T.Buffer(({cpad * kbytes},), "int8"),
-              cfg: T.Buffer((64,), "uint8"), off: T.Buffer(({cpad},), "int32"), mult: T.Buffer(({cpad},), "float32"),{bias_arg}
+              cfg: T.Buffer((64,), "uint8"), off: T.Buffer(({cpad},), "int32"),
+              mult: T.Buffer(({cpad},), "float32"),{bias_arg}
               offs: T.Buffer(({len(offs)},), "int32"), qp: T.Buffer((4,), "float32"),
               out: T.Buffer(({cout * oh * ow},), "{otype}")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})

@@ -1276,7 +1276,8 @@ def emit_flat_qconv(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarr
         y = bb.emit(relax.call_tir(gv, [planes, relax.const(amx.pack_flat_weight(wq)),
                                         relax.const(amx.tile_config(4 * amx.flat_quads_step(cin))),
                                         *(relax.const(c) for c in consts if c is not None),
-                                        relax.const(np.asarray(offs, np.int32)), relax.const(store_params(clamp, out_q))],
+                                        relax.const(np.asarray(offs, np.int32)),
+                                        relax.const(store_params(clamp, out_q))],
                                    relax.TensorType((cout * oh * ow,), "int8" if out_q and not dequantized
                                                     else "float32")))
         return bb.emit(relax.op.reshape(y, (n, cout, oh, ow)))
