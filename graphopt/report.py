@@ -65,7 +65,7 @@ def _target_line(manifest: dict[str, Any], int8: bool) -> str:
             + (f", kernels shaped for {tinfo['vector_bits']}-bit vectors" if tinfo.get("vector_bits") else "")
             + (f", int8 products on {DOT_NAMES.get(tinfo['int8_dot'], tinfo['int8_dot'])}"
                if int8 and tinfo.get("int8_dot") else "")
-            + (", int8 GEMMs on AMX tiles (tdpbssd)" if int8 and tinfo.get("amx") else "")
+            + (", int8 GEMMs and k x k convs on AMX tiles" if int8 and tinfo.get("amx") else "")
             + ")")
 
 
