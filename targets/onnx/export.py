@@ -101,7 +101,8 @@ def _row_adds(graph: Graph) -> list:
             continue
         if n.target is aten.index_add.default:
             out.append(n)
-        elif (n.target is aten.index_put.default and len(n.args) > 3 and bool(n.args[3])
+        elif (n.target is aten.index_put.default
+              and bool(n.args[3] if len(n.args) > 3 else n.kwargs.get("accumulate", False))
               and len(n.args[1]) == 1 and n.args[1][0] is not None and n.args[1][0].meta["val"].dim() == 1
               and not n.args[1][0].meta["val"].dtype == torch.bool):
             out.append(n)

@@ -244,7 +244,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         return bb.emit(relax.op.astype(y, "int8"))
 
     def _qlinear_fast(node, bb, xq, sx, zx):
-        """qlinear with constant weight, scales and bias, >= 6 rows -> the int8 vpmaddwd GEMM (epilogue fused)."""
+        """qlinear with constant weight, scales and bias -> graphopt's int8 GEMMs (`int8.emit_qlinear`: VNNI / AVX2
+        quad or pair kernels, AMX tiles where usable; epilogue fused), or its int8 sparse kernels."""
         from graphopt.targets.tvm.cpu.amx import amx_cores
         from graphopt.targets.tvm.cpu.int8 import emit_qlinear, int8_dot
         from graphopt.targets.tvm.cpu.rules import vector_lanes

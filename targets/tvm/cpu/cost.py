@@ -30,7 +30,7 @@ def kernels_tag() -> str:
     file is part of it too: how a layer is timed changes what the numbers mean."""
     digest, here = hashlib.sha1(), Path(__file__).parent
     for path in [here / f"{name}.py" for name in ("conv", "gemm", "int8", "sparse", "rules", "pipeline", "threads",
-                                                  "norm", "cost", "winograd")] + [
+                                                  "norm", "cost", "winograd", "amx")] + [
             here.parent / "lower.py"]:  # which kernel a layer gets is decided there
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
@@ -85,6 +85,9 @@ class CpuCostOracle:
             w = np.asarray(weight.numpy() if hasattr(weight, "numpy") else weight).reshape(weight.shape[0], -1)
             key += "|w4" if fits_int4(w) else ("|w7" if ubsw_exact(np.pad(w, ((0, 0), (0, -w.shape[1] % 4))))
                                                else "|w8")
+        if op == "qlinear":  # the dense int8 GEMM is AMX tiles or VNNI as the build will pick (GRAPHOPT_AMX)
+            from graphopt.targets.tvm.cpu.amx import amx_usable
+            key += "|amx" if amx_usable(self.target) else ""
         return key
 
     def applies(self, layout: str, weight, op: str = "linear", tokens: int | None = None) -> str:

@@ -441,3 +441,18 @@ def test_a_weight_two_layers_read_is_laid_out_once(tmp_path):
     assert sorted(k for k in out.params() if "_bsr_" in k) == ["fc_weight_bsr_data", "fc_weight_bsr_indices",
                                                                  "fc_weight_bsr_indptr"]
     torch.testing.assert_close(out.run(x)[0], g.run(x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_cost_keys_of_int8_layers_name_the_amx_choice(monkeypatch, tmp_path):
+    """On an AMX target the dense int8 GEMM is the tile GEMM unless GRAPHOPT_AMX=0: cached int8 linear timings of
+    one must not serve the other (float layers' and int8 pointwise convs' keys do not change)."""
+    from graphopt.targets.tvm.cpu.cost import CpuCostOracle
+    from graphopt.targets.tvm.host import cpu_target
+    o = CpuCostOracle(target=cpu_target("sapphirerapids"), cache=tmp_path / "c.json")
+    w = torch.randint(-100, 100, (64, 128)).to(torch.int8)
+    on = (o._key("qlinear", (32, 128, 64), "dense", 0, w), o._key("linear", (32, 128, 64), "dense", 0),
+          o._key("qconv1x1", (49, 128, 64), "dense", 0, w))
+    monkeypatch.setenv("GRAPHOPT_AMX", "0")
+    off = (o._key("qlinear", (32, 128, 64), "dense", 0, w), o._key("linear", (32, 128, 64), "dense", 0),
+           o._key("qconv1x1", (49, 128, 64), "dense", 0, w))
+    assert on[0].endswith("|amx") and on[0] != off[0] and on[1:] == off[1:]
