@@ -22,10 +22,11 @@ crops (five photos: expect little).
 `--sparse S` adds `sparsify{sparsity=S block=8x4}` + W + `select-sparse-layout` rows: 8x4 zero blocks that the
 int8 BSR kernels take where the layout pass measures them faster (no fine-tuning either, unless recovering).
 `--sparse-int8 S` adds `sparsify{sparsity=S}` (unstructured) + int8 (full range) + `select-sparse-layout` rows, for
-the int8 CSR kernels.
+the int8 CSR kernels. `--sparse-amx S` (CPUs with AMX tiles) adds `sparsify{sparsity=S block=16x64}` + int8 +
+`select-sparse-layout` rows, for the tile BSR kernel of the int8 linears.
 
     python benchmarks/compressed.py [--models mobilenet_v2,efficientnet_lite0,minilm] [--prune 0.3,0.5] [--sparse 0.8]
-                                    [--sparse-int8 0.9]
+                                    [--sparse-int8 0.9] [--sparse-amx 0.8]
 """
 from __future__ import annotations
 
@@ -62,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
                     "select-sparse-layout rows (int8 BSR kernels where measured faster; default: none)")
     ap.add_argument("--sparse-int8", default="", help="comma-separated sparsities: unstructured sparsify + int8 + "
                     "select-sparse-layout rows (int8 CSR kernels where measured faster; default: none)")
+    ap.add_argument("--sparse-amx", default="", help="comma-separated sparsities: sparsify{block=16x64} + int8 + "
+                    "select-sparse-layout rows (AMX tile BSR kernels of the int8 linears where measured faster; "
+                    "CPUs with AMX only; default: none)")
     ap.add_argument("--recover-epochs", type=int, default=0, help="recover epochs after pruning (0: none)")
     ap.add_argument("--recover-samples", type=int, default=1000, help="MiniLM: WordNet definitions to recover on")
     ap.add_argument("--threads", type=int, default=2)
@@ -76,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     if replot_asked(ap, args, plot):
         return 0
     fractions = {}
-    for opt in ("prune", "sparse", "sparse_int8"):  # checked before any model is loaded
+    for opt in ("prune", "sparse", "sparse_int8", "sparse_amx"):  # checked before any model is loaded
         try:
             fractions[opt] = [float(v) for v in getattr(args, opt).split(",") if v.strip()]
         except ValueError:
@@ -96,8 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     from graphopt.ir.files import atomic_write_bytes
     from graphopt.zoo import calibration_inputs, eval_inputs, zoo_entry, zoo_graph
 
+    from graphopt.targets.tvm.cpu.amx import amx_usable
     from graphopt.targets.tvm.cpu.int8 import int8_dot
     from graphopt.targets.tvm.host import cpu_target, host_cpu
+    if fractions["sparse_amx"] and not amx_usable(cpu_target()):
+        print("--sparse-amx: this CPU has no AMX tiles (or GRAPHOPT_AMX=0); those rows are left out")
     # the int8 width this CPU's kernels run fastest and exactly: any int8 on VNNI, pair-bounded int8s on AVX2
     fast = args.width or ("int8" if int8_dot(cpu_target()) == "vnni" else "int8s")
     work = Path(tempfile.mkdtemp(prefix="graphopt-compressed-"))
@@ -124,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
             pipes[f"sparse{round(sp * 100)}+{fast}"] = (f"sparsify{{sparsity={sp} block=8x4}}{recover},"
                                                         f"quantize{{calibrator={cal} weights={fast}}},fold-qdq,"
                                                         "select-sparse-layout{candidates=dense,bsr8x4}")
+        for sp in fractions["sparse_amx"] if amx_usable(cpu_target()) else []:
+            pipes[f"sparse{round(sp * 100)}b16x64+int8"] = (f"sparsify{{sparsity={sp} block=16x64}}{recover},"
+                                                           f"quantize{{calibrator={cal}}},fold-qdq,"
+                                                           "select-sparse-layout{candidates=dense,bsr16x64}")
         for sp in fractions["sparse_int8"]:
             pipes[f"sparse{round(sp * 100)}u+int8"] = (f"sparsify{{sparsity={sp}}}{recover},"
                                                        f"quantize{{calibrator={cal}}},fold-qdq,"
@@ -188,12 +199,12 @@ def main(argv: list[str] | None = None) -> int:
         lat = interleaved_medians(calls, runs=args.runs)
         ort8 = min(lat[k] for k in ("onnxruntime int8", "onnxruntime int8 u8", "onnxruntime int8 dynamic"))
         metric = "cosine" if text else "top1"
-        lines.append(f"{name:<18} {'runtime':<24} {'ms':>7} {'/ORT fp32':>9} {'/ORT int8':>9} {'x faster':>8} "
+        lines.append(f"{name:<18} {'runtime':<28} {'ms':>7} {'/ORT fp32':>9} {'/ORT int8':>9} {'x faster':>8} "
                      f"{metric:>8} {'file MB':>7}   ({args.threads} threads)")
         for k, v in lat.items():
             f = fid.get(k)
             val = "-" if f is None else f"{f[metric]:.3f}" if text else f"{f[metric] * 100:.1f}%"
-            lines.append(f"{'':<18} {k:<24} {v * 1e3:>7.2f} {v / lat['onnxruntime fp32']:>9.2f} "
+            lines.append(f"{'':<18} {k:<28} {v * 1e3:>7.2f} {v / lat['onnxruntime fp32']:>9.2f} "
                          f"{v / ort8:>9.2f} {lat['onnxruntime fp32'] / v:>7.2f}x {val:>8} "
                          + (f"{size[k] / 1e6:>7.1f}" if k in size else f"{'':>7}")
                          + (f"   held-out cos {f['cosine_wordnet_heldout']:.3f}" if f and "cosine_wordnet_heldout" in f

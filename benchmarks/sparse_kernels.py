@@ -4,9 +4,10 @@ and PyTorch dense.
 
 Goal (issue 6): at >= 80% sparsity the chosen sparse kernel is >= 0.5/density times faster than dense; where sparse
 loses, dense is chosen. Masks are block-structured (sparsify{block=4x4}) or unstructured (csr); int8 rows time
-the int8 BSR kernel (int7-block8x4: 7-bit weights, 8x4 zero blocks) and the int8 CSR kernel (int8-unstructured:
-full-range int8 weights, unstructured zeros, 16+ tokens) against graphopt's dense int8 kernel for the same weight
-(and report fp32 dense and ORT fp32).
+the int8 BSR kernel (int7-block8x4: 7-bit weights, 8x4 zero blocks), the int8 CSR kernel (int8-unstructured:
+full-range int8 weights, unstructured zeros, 16+ tokens) and, on CPUs with AMX, the tile BSR kernel
+(int8-block16x64: full-range int8 weights, 16 x 64 zero blocks, linears of 16+ tokens) against graphopt's dense
+int8 kernel for the same weight (and report fp32 dense and ORT fp32).
 
     python benchmarks/sparse_kernels.py [--threads 2] [--quick] [--patterns int8-unstructured]
 """
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sparsities", default="0.5,0.8,0.9,0.95")
     ap.add_argument("--quick", action="store_true", help="one linear and one conv shape, two sparsities")
-    ap.add_argument("--patterns", default="block4x4,unstructured,int7-block8x4,int8-unstructured",
+    ap.add_argument("--patterns", default="block4x4,unstructured,int7-block8x4,int8-unstructured,int8-block16x64",
                     help="weight patterns to time (comma-separated); rows of the others already in --out are kept")
     ap.add_argument("--shapes", default=None,
                     help="layer shapes to time, by name (comma-separated; default all: "
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         if any(nm not in [s[0] for s in SHAPES] for nm in names):
             ap.error(f"--shapes: {args.shapes!r}; choose from {', '.join(s[0] for s in SHAPES)}")
         shapes = [s for s in SHAPES if s[0] in names]
-    known = ["block4x4", "unstructured", "int7-block8x4", "int8-unstructured"]
+    known = ["block4x4", "unstructured", "int7-block8x4", "int8-unstructured", "int8-block16x64"]
     wanted = args.patterns.split(",")
     if any(p not in known for p in wanted):
         ap.error(f"--patterns: {args.patterns!r}; choose from {', '.join(known)}")
@@ -126,6 +127,12 @@ def main(argv: list[str] | None = None) -> int:
         # graphopt's dense int8 kernel for the same layer
         patterns = ["block4x4", "unstructured"] + (["int7-block8x4"] if op == "conv1x1" or m >= 6 else []) + (
             ["int8-unstructured"] if m >= 16 else [])
+        amx_why = oracle.applies("bsr16x64", torch.zeros(n, k, dtype=torch.int8), "qlinear", m) \
+            if op == "linear" else "a layout of linears"
+        if amx_why:
+            print(f"{name:15} int8-block16x64 not timed: {amx_why}")
+        else:
+            patterns.append("int8-block16x64")  # AMX tiles: full-range int8 weights, 16 x 64 zero blocks
         patterns = [p for p in patterns if p in wanted]
         for s in sparsities:
             for pattern in patterns:
@@ -134,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
                     mask = expand_blocks(torch.rand(n // 8, k // 4) >= s, (8, 4))
                     w = (torch.randint(-63, 64, (n, k)) * mask).to(torch.int8)
                     mop, lays = "q" + op, ["bsr8x4"]
+                elif pattern == "int8-block16x64":
+                    mask = expand_blocks(torch.rand(n // 16, k // 64) >= s, (16, 64))
+                    w = (torch.randint(-128, 128, (n, k)) * mask).to(torch.int8)
+                    mop, lays = "q" + op, ["bsr16x64"]
                 elif pattern == "int8-unstructured":
                     w = (torch.randint(-128, 128, (n, k)) * (torch.rand(n, k) >= s)).to(torch.int8)
                     mop, lays = "q" + op, ["csr"]

@@ -56,10 +56,12 @@ class SelectSparseLayout(Pass):
     @dataclass
     class Options:
         candidates: list[str] = field(default_factory=lambda: ["dense", "csr", "bsr4x4", "bsr1x16", "bsr8x1",
-                                                               "bsr8x4"],
+                                                               "bsr8x4", "bsr16x64"],
                                       metadata={"help": "layouts to measure: dense, csr, bsrRxC (R x C blocks) on "
-                                                "the CPU (int8 linears and pointwise convs: csr, bsr8x4); dense, sp24 "
-                                                "(2:4 on sparse tensor cores) with target cuda"})
+                                                "the CPU (int8 linears and pointwise convs: csr, bsr8x4; int8 linears "
+                                                "on CPUs with AMX tiles: bsr16x64 too); dense, sp24 (2:4 on sparse "
+                                                "tensor cores) with target cuda. A block layout that would store "
+                                                "1/min-speedup of the weight or more is not measured"})
         min_speedup: float = field(default=1.1, metadata={
             "help": "a sparse layout must be at least this many times faster than dense to be chosen"})
         min_sparsity: float = field(default=0.5, metadata={
@@ -154,6 +156,14 @@ class SelectSparseLayout(Pass):
                 if block is not None and (n % block[0] or k % block[1]):
                     rec["timings_us"][lay] = None  # shape not divisible into these blocks
                     continue
+                if block is not None and block != (1, 1):
+                    kept = to_bsr(w, block).nnzb * block[0] * block[1] / (n * k)
+                    if kept * o.min_speedup > 1:  # its kernel would have to beat dense's per stored weight
+                        rec["timings_us"][lay] = None
+                        rec.setdefault("not_measured", {})[lay] = (
+                            f"{lay} would store {kept:.0%} of the weight (blocks with a nonzero): it cannot be "
+                            f"min-speedup {o.min_speedup:g}x faster than dense")
+                        continue
                 why = oracle.applies(lay, w, op, tokens=m) if int8 and hasattr(oracle, "applies") else ""
                 if why:  # no int8 kernel for this layout here (the target says why)
                     rec["timings_us"][lay] = None

@@ -260,6 +260,9 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         b = None if bt is None else bt.detach().numpy().astype("float32")
         x_shape = node.args[0].meta["val"].shape
         layout = _int8_sparse(node, "qlinear", wt.numpy(), math.prod(x_shape[:-1]))
+        if layout == "bsr16x64":
+            from graphopt.targets.tvm.cpu.sparse import emit_amx_bsr_qlinear
+            return emit_amx_bsr_qlinear(bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, x_shape, amx_cores(target))
         if layout == "bsr8x4":
             from graphopt.targets.tvm.cpu.sparse import emit_bsr_qlinear
             return emit_bsr_qlinear(bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, x_shape, dot, vector_lanes(target))
@@ -272,24 +275,30 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
     def _int8_sparse(node, op: str, w, m: int) -> str:
         """The int8 sparse layout select-sparse-layout chose for this int8 layer ("" for dense) when this target
         can run it exactly: bsr8x4 with VNNI or weights under the `vpmaddubsw` bound; csr (`vpmaddwd`, exact for any
-        int8 weight) over at least 16 tokens (pixels) m."""
+        int8 weight) over at least 16 tokens (pixels) m; bsr16x64 (linears) on AMX tiles over at least 16 tokens."""
         import numpy as np
 
         from graphopt.targets.tvm.cpu.int8 import int8_dot, ubsw_exact
         from graphopt.targets.tvm.cpu.sparse import qcsr_applies
         rec = (layouts or {}).get(node.args[3].name) or {}
         choice = rec.get("choice")
-        if rec.get("op") != op or choice not in ("bsr8x4", "csr"):
+        if rec.get("op") != op or choice not in ("bsr8x4", "csr", "bsr16x64") or \
+                (choice == "bsr16x64" and op != "qlinear"):
             return ""
         if choice == "csr":
             why = qcsr_applies(int(m))
+        elif choice == "bsr16x64":
+            from graphopt.targets.tvm.cpu.amx import amx_bsr_applies, amx_usable
+            why = ("this target has no AMX tiles (or GRAPHOPT_AMX=0)" if not amx_usable(target) else
+                   amx_bsr_applies(int(m), w.shape[1], w.shape[0]))
         elif int8_dot(target) == "vnni" or ubsw_exact(np.pad(w, ((0, 0), (0, -w.shape[1] % 4)))):
             why = ""
         else:
             why = "this target (no VNNI) cannot multiply these full-range weights exactly with it"
         if why:
-            log.warning("%s: select-sparse-layout chose the int8 %s kernel, but %s; the layer stays dense",
-                        node.name, choice, why)
+            logging.getLogger(__name__).warning(  # (`log` in here is the aten.log converter below)
+                "%s: select-sparse-layout chose the int8 %s kernel, but %s; the layer stays dense", node.name,
+                choice, why)
             return ""
         return choice
 

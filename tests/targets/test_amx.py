@@ -200,3 +200,148 @@ def test_amx_flat_conv_lowering_and_results(cin, cout, hw, stride, act, tmp_path
     np.testing.assert_array_equal(got, graphopt.load(graphopt.compile(q, "llvm", output=tmp_path / "v"))(x.numpy())[0])
     ref = model(x).detach().numpy()
     assert np.abs(got - ref).max() <= 0.03 * np.abs(ref).max()
+
+
+def _bsr_kernel(m: int, k: int, n: int, nnzb: int, float_bias: bool = False, cpu: str | None = None):
+    from tvm.script import tirx as T
+    f = tvm.script.parse(amx.qbsr_amx_source(m, k, n, nnzb, float_bias, cores=2), extra_vars={"T": T})
+    return tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target(cpu))
+
+
+def _block_sparse_int8(n: int, k: int, keep: float, seed: int = 0) -> np.ndarray:
+    """A full-range int8 [n, k] weight whose 16 x 64 blocks are kept with probability `keep`, block row 0 empty."""
+    rng = np.random.default_rng(seed)
+    kept = rng.random((n // 16, k // 64)) < keep
+    kept[0] = False
+    w = rng.integers(-128, 128, (n, k)).astype(np.int8)
+    return (w.reshape(n // 16, 16, k // 64, 64) * kept[:, None, :, None]).reshape(n, k).astype(np.int8)
+
+
+def test_amx_bsr_kernel_assembly():
+    """The block-sparse kernel built for an AMX CPU: per stored 16 x 64 block one weight tile (tmm6) and two
+    activation tiles (tmm4-5) into two accumulators (tmm0-1), `tdpbssd`; tiles configured and released, the OS's
+    permission asked first, no VNNI products."""
+    asm = _bsr_kernel(64, 256, 64, 6, cpu=AMX_CPU).mod.inspect_source("asm")
+    dots = re.findall(r"^\s+tdpbssd\s+(%tmm\d), (%tmm\d), (%tmm\d)", asm, re.M)
+    assert set(dots) == {("%tmm6", "%tmm4", "%tmm0"), ("%tmm6", "%tmm5", "%tmm1")}  # (AT&T: B, A, accumulator)
+    assert len(re.findall(r"^\s+tileloadd\s", asm, re.M)) * 2 == len(dots) * 3  # (LLVM may unroll the blocks)
+    for op in ("ldtilecfg", "tilerelease", "tilezero", "tilestored"):
+        assert re.search(rf"^\s+{op}\s", asm, re.M), op
+    assert "vpdpbusd" not in asm
+    assert re.search(r"call.*syscall", asm) and asm.index("syscall") < asm.index("ldtilecfg")
+
+
+def test_amx_bsr_blocks_and_shapes():
+    """Each stored 16 x 64 block packs as the B tile `tdpbssd` reads (16 quads x 16 outputs x 4 k); rows, and
+    weights that do not divide into blocks, are refused by name."""
+    data = np.random.default_rng(0).integers(-128, 128, (3, 16, 64)).astype(np.int8)
+    packed = amx.pack_bsr_blocks(data).reshape(3, 16, 16, 4)
+    b, q, o, j = np.meshgrid(*(np.arange(s) for s in (3, 16, 16, 4)), indexing="ij")
+    np.testing.assert_array_equal(packed, data[b, o, 4 * q + j])
+    with pytest.raises(ValueError, match=r"\[nnzb, 16, 64\]"):
+        amx.pack_bsr_blocks(data[:, :8])
+    assert "16 or more" in amx.amx_bsr_applies(8, 64, 16)
+    assert "16x64 blocks" in amx.amx_bsr_applies(32, 96, 16) and "16x64 blocks" in amx.amx_bsr_applies(32, 64, 24)
+    assert amx.amx_bsr_applies(16, 128, 32) == ""
+    with pytest.raises(ValueError, match="qbsr_amx needs"):
+        amx.qbsr_amx_source(16, 64, 16, 1)
+
+
+@needs_amx
+@pytest.mark.parametrize("m,k,n,keep,float_bias", [(128, 256, 64, 0.3, False), (40, 192, 48, 0.5, True),
+                                                   (32, 64, 32, 1.0, False)])
+def test_amx_bsr_kernel_is_exact(m, k, n, keep, float_bias):
+    """(a @ W^T - offset) * multiplier (+ float bias) from the stored blocks equals the int64 product with the
+    dense weight: an empty block row (its outputs the epilogue of zero), 40 rows overlapping the last 32-row
+    chunk with the one before it, every block stored."""
+    from graphopt.ir.sparse_ops import to_bsr
+    rng = np.random.default_rng(m)
+    a = rng.integers(-128, 128, (m, k)).astype(np.int8)
+    w = _block_sparse_int8(n, k, keep, seed=m)
+    s = to_bsr(torch.from_numpy(w), amx.QBSR_BLOCK)
+    ws, bias = rng.uniform(1e-3, 2e-3, n), rng.uniform(-1, 1, n).astype(np.float32)
+    off, mult, _ = epilogue_constants(w, ws, bias, 0.02, 3, n // MR + 1)
+    args = [a.reshape(-1), amx.pack_bsr_blocks(s.data.numpy()), s.indices.numpy(), s.indptr.numpy(),
+            amx.tile_config(), off[:n], mult[:n]]
+    if float_bias:
+        args[5] = (3 * w.astype(np.int64).sum(1)).astype(np.int32)
+        args.append(bias)
+    out = tvm.runtime.tensor(np.zeros(m * n, np.float32))
+    _bsr_kernel(m, k, n, s.nnzb, float_bias)["main"](*(tvm.runtime.tensor(v) for v in args), out)
+    acc = (a.astype(np.int64) - 3) @ w.astype(np.int64).T
+    if float_bias:
+        ref = acc * mult[:n].astype(np.float64) + bias
+    else:
+        ref = (acc + np.round(bias / (ws * 0.02))) * mult[:n].astype(np.float64)
+    assert np.abs(out.numpy().reshape(m, n) - ref).max() <= 1e-6 * np.abs(ref).max()
+
+
+class _AmxOracle:
+    """Scripted costs in the CPU oracle's terms: int8 linears have dense and bsr16x64 (AMX) kernels, the sparse
+    one costing its stored blocks' share of dense."""
+
+    def __init__(self):
+        self.calls = []
+
+    def applies(self, layout, weight, op="linear", tokens=None):
+        return "" if layout in ("dense", "bsr16x64") and op == "qlinear" else "scripted: no such kernel"
+
+    def measure(self, op, shape, layout, weight):
+        from graphopt.ir.sparse_ops import to_bsr
+        self.calls.append((op, shape, layout))
+        if layout == "dense":
+            return 1e-4
+        s = to_bsr(weight, amx.QBSR_BLOCK)
+        return 1e-4 * s.nnzb * 16 * 64 / weight.numel()
+
+
+class _TwoLinears(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(256, 128), torch.nn.Linear(128, 64)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_select_sparse_layout_puts_16x64_blocks_on_amx_tiles(tmp_path, caplog):
+    """sparsify{block=16x64} + int8: select-sparse-layout measures bsr16x64 against dense for each int8 linear
+    and records it; cross-compiled for an AMX CPU both linears run the tile BSR kernel, for Zen 4 (no AMX) they
+    stay dense, with a warning naming the layer; where this machine grants the tiles, the artifact equals the
+    dense int8 one exactly."""
+    torch.manual_seed(0)
+    x = torch.randn(48, 256)
+    q = graphopt.optimize(graphopt.trace(_TwoLinears().eval(), (x,)),
+                          "sparsify{sparsity=0.75 block=16x64},quantize,fold-qdq", data=[(x,)])
+    oracle = _AmxOracle()
+    out = graphopt.optimize(q, "select-sparse-layout{candidates=dense,bsr16x64}", target=oracle)
+    recs = list(out.meta["sparse_layout"].values())
+    assert [r["choice"] for r in recs] == ["bsr16x64"] * 2 and all(r["op"] == "qlinear" for r in recs), recs
+    assert {c[2] for c in oracle.calls} == {"dense", "bsr16x64"} and out.text() == q.text()
+    names = _names(out, AMX_CPU)
+    assert {nm for nm in names if nm.startswith(f"{amx.KERNEL_PREFIX}_bsr16x64")} == {
+        f"{amx.KERNEL_PREFIX}_bsr16x64_48x256x128_nnz{recs[0]['stored_blocks']}",
+        f"{amx.KERNEL_PREFIX}_bsr16x64_48x128x64_nnz{recs[1]['stored_blocks']}"}, names
+    with caplog.at_level("WARNING", logger="graphopt.targets.tvm.lower"):
+        assert not any(nm.startswith(amx.KERNEL_PREFIX) for nm in _names(out, "znver4"))
+    assert "chose the int8 bsr16x64 kernel, but this target has no AMX tiles" in caplog.text
+    if not amx.amx_usable(cpu_target()):
+        return
+    got = graphopt.load(graphopt.compile(out, "llvm", output=tmp_path / "sparse"))(x.numpy())[0]
+    dense = graphopt.load(graphopt.compile(q, "llvm", output=tmp_path / "dense"))(x.numpy())[0]
+    np.testing.assert_array_equal(got, dense)
+
+
+def test_cpu_oracle_offers_bsr16x64_where_amx_runs(tmp_path, monkeypatch):
+    """The CPU cost oracle's rule: bsr16x64 for int8 linears of 16+ tokens on a target with AMX, named reasons
+    for pointwise convs, few tokens, CPUs without AMX and GRAPHOPT_AMX=0."""
+    from graphopt.targets.tvm.cpu.cost import CpuCostOracle
+    w = torch.zeros(64, 128, dtype=torch.int8)
+    on = CpuCostOracle(cpu_target(AMX_CPU), cache=tmp_path / "c.json")
+    assert on.applies("bsr16x64", w, "qlinear", 32) == ""
+    assert "16 or more" in on.applies("bsr16x64", w, "qlinear", 8)
+    assert "pointwise convs take bsr8x4 or csr" in on.applies("bsr16x64", w, "qconv1x1", 196)
+    assert "does not have" in CpuCostOracle(cpu_target("znver4"), cache=tmp_path / "c.json").applies(
+        "bsr16x64", w, "qlinear", 32)
+    monkeypatch.setenv("GRAPHOPT_AMX", "0")
+    assert "does not have" in on.applies("bsr16x64", w, "qlinear", 32)

@@ -272,3 +272,84 @@ def {KERNEL_PREFIX}_flat(xq: T.Buffer(({k4 * ph * plane * 4},), "uint8"), w: T.B
                 if r0 + i < {cout}:{halves}
         {_intrin('tilerelease')}
 """
+
+
+QBSR_BLOCK = (16, KSTEP)  # bsr16x64: 16 output rows x 64 inputs, one B tile (a 16 x 16 x 4 quad panel)
+
+
+def amx_bsr_applies(m: int, k: int, n: int) -> str:
+    """Why the AMX block-sparse int8 linear cannot take this layer ("" when it can): 16+ rows and a weight of
+    whole 16 x 64 blocks."""
+    if m < 16:
+        return f"{m} row(s): the AMX block-sparse kernel takes 16 or more (one tile of rows)"
+    if n % QBSR_BLOCK[0] or k % QBSR_BLOCK[1]:
+        return f"weight [{n}, {k}] does not divide into {QBSR_BLOCK[0]}x{QBSR_BLOCK[1]} blocks (bsr16x64)"
+    return ""
+
+
+def pack_bsr_blocks(data: np.ndarray) -> np.ndarray:
+    """int8 BSR blocks [nnzb, 16, 64] (rows = outputs, columns = inputs) -> int8 [nnzb, 16 quads, 16 outputs, 4]:
+    each block the B tile `tdpbssd` reads, 1 KB."""
+    if data.ndim != 3 or tuple(data.shape[1:]) != QBSR_BLOCK:
+        raise ValueError(f"bsr16x64 blocks are [nnzb, 16, 64], not {list(data.shape)}")
+    quads = data.astype(np.int8).reshape(len(data), 16, 16, 4)  # block, output, quad, k
+    return np.ascontiguousarray(quads.transpose(0, 2, 1, 3)).reshape(-1)
+
+
+def qbsr_amx_source(m: int, k: int, n: int, nnzb: int, float_bias: bool = False, cores: int = 2) -> str:
+    """TVMScript of out[M, N] = (a[M, K] @ W^T - off) * mult (+ bias) for int8 a and W in 16 x 64 blocks
+    (`pack_bsr_blocks`; `indptr` [N/16 + 1] and `indices` (the block's K / 64) as to_bsr gives them), M >= 32.
+    A task is one block row (16 outputs) x 32 rows of a (accumulator tiles tmm0-1); per stored block one B tile
+    load (tmm6), two A loads (tmm4-5) and two `tdpbssd`, so zero blocks cost nothing. (64 rows a task, four
+    accumulators and an A register loaded twice a block, ran 1.5-1.7x slower at 50-100% of the blocks: the second
+    load waits for the product reading the register.) Tasks run the block rows of one row chunk in turn (its rows
+    stay in cache); the last chunk overlaps the one before it. A block row with no stored block skips the tiles
+    and stores the epilogue of zero."""
+    if n % QBSR_BLOCK[0] or k % QBSR_BLOCK[1] or m < ROWS:
+        raise ValueError(f"qbsr_amx needs M >= {ROWS}, N % 16 == 0, K % 64 == 0; got {m}x{k}x{n}")
+    rt = 2
+    rows, nbr = 16 * rt, n // 16
+    chunks = -(-m // rows)
+    tasks = chunks * nbr
+    workers = max(1, min(int(cores) or 1, tasks))
+    a_regs = [4, 5]
+    nl = "\n" + " " * 20
+    step = nl + "kb = indices[j]"
+    step += nl + _intrin("tileloadd64", "T.int8(6)", "T.address_of(wb[j * 1024])", "T.int64(64)")
+    for c, reg in enumerate(a_regs):
+        step += nl + _intrin("tileloadd64", f"T.int8({reg})", f"T.address_of(a[(r0 + {16 * c}) * {k} + kb * {KSTEP}])",
+                             f"T.int64({k})")
+        step += nl + _intrin("tdpbssd", f"T.int8({c})", f"T.int8({reg})", "T.int8(6)")
+    nl = "\n" + " " * 16
+    zero = "".join(nl + _intrin("tilezero", f"T.int8({c})") for c in range(rt))
+    store = "".join(nl + _intrin("tilestored64", f"T.int8({c})", f"T.address_of(acc[{c * 256}])", "T.int64(64)")
+                    for c in range(rt))
+    cols = "T.ramp(p * 16, 1, 16)"
+    value = f'T.Cast("float32x16", acc[T.ramp(i * 16, 1, 16)] - off[{cols}]) * mult[{cols}]'
+    bias_arg = f' bias: T.Buffer(({n},), "float32"),' if float_bias else ""
+    if float_bias:
+        value += f" + bias[{cols}]"
+    empty = value.replace("acc[T.ramp(i * 16, 1, 16)]", "T.Broadcast(T.int32(0), 16)")
+    return f"""
+@T.prim_func(private=True)
+def {KERNEL_PREFIX}_bsr(a: T.Buffer(({m * k},), "int8"), wb: T.Buffer(({nnzb * 1024},), "int8"),
+              indices: T.Buffer(({nnzb},), "int32"), indptr: T.Buffer(({nbr + 1},), "int32"),
+              cfg: T.Buffer((64,), "uint8"), off: T.Buffer(({n},), "int32"), mult: T.Buffer(({n},), "float32"),
+             {bias_arg} out: T.Buffer(({m * n},), "float32")):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
+{_permission()}
+    for w in T.parallel({workers}):
+        acc = T.decl_buffer(({rows * 16},), "int32", scope="global")
+        {_intrin('ldtilecfg', 'T.address_of(cfg[0])')}
+        for t in T.serial(w * {tasks} // {workers}, (w + 1) * {tasks} // {workers}):
+            r0 = T.min((t // {nbr}) * {rows}, {m - rows})
+            p = t % {nbr}
+            if indptr[p] < indptr[p + 1]:{zero}
+                for j in T.serial(indptr[p], indptr[p + 1]):{step}{store}
+                for i in T.serial({rows}):
+                    out[T.ramp((r0 + i) * {n} + p * 16, 1, 16)] = {value}
+            else:  # a block row with no stored block: its outputs are the epilogue of zero
+                for i in T.serial({rows}):
+                    out[T.ramp((r0 + i) * {n} + p * 16, 1, 16)] = {empty}
+        {_intrin('tilerelease')}
+"""

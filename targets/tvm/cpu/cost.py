@@ -94,7 +94,8 @@ class CpuCostOracle:
         """Why `layout` has no kernel for this weight here ("" when it has one). Float layers: every layout whose
         blocks tile the weight. int8 linears and pointwise convs ("qlinear", "qconv1x1"): dense; csr over at least
         16 tokens (pixels; `tokens`, when given) on any CPU with int8 kernels; bsr8x4 where the target's quad
-        product is exact for the weight (VNNI, or 7-bit weights on AVX2)."""
+        product is exact for the weight (VNNI, or 7-bit weights on AVX2); bsr16x64 for linears of 16+ tokens where
+        the target has AMX tiles."""
         block = layout_block(layout)
         if op in ("qlinear", "qconv1x1") and layout == "csr":
             from graphopt.targets.tvm.cpu.int8 import int8_dot
@@ -109,6 +110,13 @@ class CpuCostOracle:
             return f"weight [{n}, {k}] is not divisible into {block[0]}x{block[1]} blocks"
         if op not in ("qlinear", "qconv1x1") or block is None:
             return ""
+        from graphopt.targets.tvm.cpu import amx
+        if block == amx.QBSR_BLOCK:
+            if op != "qlinear":
+                return "bsr16x64 (AMX tiles) is a layout of int8 linears; int8 pointwise convs take bsr8x4 or csr"
+            if not amx.amx_usable(self.target):
+                return "bsr16x64 runs on AMX tiles, which this target does not have (or GRAPHOPT_AMX=0)"
+            return amx.amx_bsr_applies(16 if tokens is None else tokens, k, n)
         from graphopt.targets.tvm.cpu.int8 import int8_dot, ubsw_exact
         from graphopt.targets.tvm.cpu.sparse import bsr_qlinear_applies
         why = bsr_qlinear_applies(1, k, n, block)
@@ -198,13 +206,13 @@ class CpuCostOracle:
         from graphopt.targets.tvm.cpu.amx import amx_cores
         from graphopt.targets.tvm.cpu.int8 import emit_qconv1x1, emit_qlinear, int8_dot
         from graphopt.targets.tvm.cpu.rules import target_cores, vector_lanes
-        from graphopt.targets.tvm.cpu.sparse import emit_bsr_qlinear, emit_csr_qlinear
+        from graphopt.targets.tvm.cpu.sparse import emit_amx_bsr_qlinear, emit_bsr_qlinear, emit_csr_qlinear
 
         m, k, n = shape
         w = weight.numpy().astype(np.int8)
         scales = np.full(n, 1e-2)
         dot = int8_dot(self.target)
-        sparse = "" if block is None else ("csr" if block == (1, 1) else "bsr8x4")
+        sparse = "" if block is None else {(1, 1): "csr", (16, 64): "bsr16x64"}.get(block, "bsr8x4")
         if conv:
             x_shape = (1, k, m, 1)
             return (lambda bb, x: emit_qconv1x1(bb, x, w.reshape(n, k, 1, 1), scales, None, 0.02, 0, x_shape, None,
@@ -214,6 +222,8 @@ class CpuCostOracle:
         def emit(bb, x):
             if sparse == "csr":
                 return emit_csr_qlinear(bb, x, w, scales, None, 0.02, 0, (m, k), dot)
+            if sparse == "bsr16x64":
+                return emit_amx_bsr_qlinear(bb, x, w, scales, None, 0.02, 0, (m, k), amx_cores(self.target))
             if block is None:
                 y = (emit_qlinear(bb, x, w, scales, None, 0.02, 0, (m, k), dot, vector_lanes(self.target),
                                   amx_cores(self.target)) if dot else None)

@@ -716,6 +716,43 @@ def emit_bsr_qlinear(bb, xq, wq, w_scales, bias, sx: float, zx: int, x_shape, do
     return bb.emit(relax.op.reshape(y, (*lead, n)))
 
 
+
+def emit_amx_bsr_qlinear(bb, xq, wq, w_scales, bias, sx: float, zx: int, x_shape, cores: int = 2):
+    """qlinear of xq int8 [..., K] (16+ rows) with a constant int8 weight [N, K] (numpy, mostly zero 16 x 64
+    blocks: bsr16x64) on the AMX block-sparse kernel (`amx.qbsr_amx_source`) -> float32 [..., N]. The activation
+    goes in as the quantize wrote it (signed x signed tiles), rows padded with the zero point to 32 where fewer."""
+    import math
+
+    import numpy as np
+    import torch
+    from tvm import relax
+
+    from graphopt.ir.sparse_ops import to_bsr
+    from graphopt.targets.tvm.cpu import amx
+    from graphopt.targets.tvm.cpu.int8 import MR, epilogue_constants
+
+    lead, k = tuple(int(d) for d in x_shape[:-1]), int(x_shape[-1])
+    m, n = math.prod(lead), int(wq.shape[0])
+    why = amx.amx_bsr_applies(m, k, n)
+    if why:
+        raise ValueError(why)
+    s = to_bsr(torch.from_numpy(np.ascontiguousarray(wq, np.int8)), amx.QBSR_BLOCK)
+    off, mult, fb = epilogue_constants(wq, w_scales, bias, sx, zx, -(-n // MR))
+    mq = max(m, amx.ROWS)
+    src = amx.qbsr_amx_source(mq, k, n, s.nnzb, fb is not None, cores)
+    gv = bb.add_func(parse_kernel(src), f"{amx.KERNEL_PREFIX}_bsr16x64_{mq}x{k}x{n}_nnz{s.nnzb}")
+    a = bb.emit(relax.op.reshape(xq, (m, k)))
+    if mq != m:
+        a = bb.emit(relax.op.nn.pad(a, [0, mq - m, 0, 0], pad_value=float(zx)))
+    a = bb.emit(relax.op.reshape(a, (mq * k,)))
+    consts = [relax.const(amx.pack_bsr_blocks(s.data.numpy())), relax.const(s.indices.numpy()),
+              relax.const(s.indptr.numpy()), relax.const(amx.tile_config()),
+              *(relax.const(v[:n]) for v in (off, mult, fb) if v is not None)]
+    y = bb.emit(relax.call_tir(gv, [a, *consts], relax.TensorType((mq * n,), "float32")))
+    if mq != m:
+        y = bb.emit(relax.op.strided_slice(bb.emit(relax.op.reshape(y, (mq, n))), axes=[0], begin=[0], end=[m]))
+    return bb.emit(relax.op.reshape(y, (*lead, n)))
+
 QCSR_TILE = 16  # the int8 CSR kernels' least token (pixel) tile: two int32x8 accumulators per output row
 # vpunpcklwd / vpunpckhwd interleave inside each 128-bit half (int16 lanes 0-3 and 8-11 go low, 4-7 and 12-15
 # high), so for tokens staged in order a 16-token group's two accumulators hold tokens [0-3, 8-11] and [4-7,

@@ -75,6 +75,23 @@ def test_picks_the_measured_fastest_and_keeps_numerics():
     assert ("linear", (32, 256, 256), "bsr4x4") in oracle.calls
 
 
+def test_block_layouts_storing_most_of_the_weight_are_not_measured():
+    """4x4 zero blocks at 90%: 1x16 blocks store about a third of the weight and are measured; 16x64 ones store
+    all of it (every such block holds a kept 4x4 block), cannot beat dense by min-speedup and are not measured,
+    and the record says why; with min-speedup 4 the 1x16 layout (~34% stored) is left out too."""
+    g, _ = _sparse_graph()
+    oracle = _ScriptedOracle(sparse_factor=2.0)
+    out = graphopt.optimize(g, "select-sparse-layout{candidates=dense,bsr1x16,bsr16x64}", target=oracle)
+    rec = out.meta["sparse_layout"]["fc1_weight"]
+    assert rec["timings_us"]["bsr16x64"] is None and rec["timings_us"]["bsr1x16"] > 0
+    assert "would store 100% of the weight" in rec["not_measured"]["bsr16x64"]
+    assert not any(c[2] == "bsr16x64" for c in oracle.calls)
+    oracle = _ScriptedOracle(sparse_factor=0.5)
+    out = graphopt.optimize(g, "select-sparse-layout{candidates=dense,bsr1x16,bsr4x4 min-speedup=4}", target=oracle)
+    rec = out.meta["sparse_layout"]["fc1_weight"]
+    assert rec["timings_us"]["bsr1x16"] is None and rec["timings_us"]["bsr4x4"] > 0 and rec["choice"] == "bsr4x4"
+
+
 def test_dense_is_kept_when_sparse_loses():
     g, _ = _sparse_graph()
     oracle = _ScriptedOracle(sparse_factor=20.0)  # sparse 2x slower than dense even at 10% density
