@@ -193,12 +193,13 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         bb = importer.block_builder
         a, b = importer.env[node.args[0]], importer.env[node.args[3]]
         a_shape, b_shape = node.args[0].meta["val"].shape, node.args[3].meta["val"].shape
-        if cpu_kernels:  # graphopt's int8 kernel: quad products (VNNI), the zero points off in its store
+        if cpu_kernels:  # graphopt's int8 kernel: quad products (VNNI) or AMX tiles, zero points off in the store
+            from graphopt.targets.tvm.cpu.amx import amx_cores
             from graphopt.targets.tvm.cpu.int8 import emit_qbmm, int8_dot, qbmm_applies
             dot = int8_dot(target)
             if not qbmm_applies(a_shape, b_shape, dot):
                 return emit_qbmm(bb, a, b, a_shape, b_shape, float(node.args[1]), int(node.args[2]),
-                                 float(node.args[4]), int(node.args[5]), dot)
+                                 float(node.args[4]), int(node.args[5]), dot, amx_cores(target))
         k = int(a_shape[-1])
         dtype = "float32" if k * 255 * 255 < 2 ** 24 else "int32"
 

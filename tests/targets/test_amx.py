@@ -345,3 +345,87 @@ def test_cpu_oracle_offers_bsr16x64_where_amx_runs(tmp_path, monkeypatch):
         "bsr16x64", w, "qlinear", 32)
     monkeypatch.setenv("GRAPHOPT_AMX", "0")
     assert "does not have" in on.applies("bsr16x64", w, "qlinear", 32)
+
+
+def test_amx_attention_matmul_assembly_and_shapes():
+    """The attention matmul on tiles, built for an AMX CPU: four `tdpbssd` per reduction step into tmm0-3 (32 x 32
+    blocks), tiles configured and released, the permission asked first; 32 or whole 64 inputs, 32+ rows and whole
+    32-column blocks, else the VNNI kernel (named reasons from the source)."""
+    from tvm.script import tirx as T
+    f = tvm.script.parse(amx.qbmm_amx_source(4, 64, 32, 64, 2), extra_vars={"T": T})
+    lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target(AMX_CPU))
+    asm = lib.mod.inspect_source("asm")
+    dots = re.findall(r"^\s+tdpbssd\s+(%tmm\d), (%tmm\d), (%tmm\d)", asm, re.M)
+    assert dots and {d[2] for d in dots} == {"%tmm0", "%tmm1", "%tmm2", "%tmm3"}
+    for op in ("ldtilecfg", "tilerelease", "tilestored"):
+        assert re.search(rf"^\s+{op}\s", asm, re.M), op
+    assert asm.index("syscall") < asm.index("ldtilecfg")
+    assert [amx.amx_qbmm_step(k) for k in (16, 32, 48, 64, 96, 128, 256)] == [0, 32, 0, 64, 0, 64, 64]
+    assert amx.amx_qbmm_applies(32, 32, 32) and not amx.amx_qbmm_applies(16, 32, 32)
+    assert not amx.amx_qbmm_applies(64, 32, 48) and not amx.amx_qbmm_applies(64, 48, 64)
+    with pytest.raises(ValueError, match="qbmm_amx needs"):
+        amx.qbmm_amx_source(1, 64, 48, 64)
+
+
+def _attention_int8(t: int, d: int = 64, heads: int = 2):
+    """One attention block (tests/passes/quant's), quantized and folded: two int8 activation matmuls per head."""
+    from tests.passes.quant.test_attention_quant import Attention
+    torch.manual_seed(0)
+    model = Attention(d=d, heads=heads, mask="bool").eval()
+    x = (torch.randn(1, t, d), torch.ones(1, t))
+    return x, graphopt.optimize(graphopt.optimize(graphopt.trace(model, x), "quantize", data=[x]), "fold-qdq")
+
+
+def test_amx_attention_matmuls_lowering_and_results(tmp_path, monkeypatch):
+    """An int8 attention block of two heads of 32: at 64 tokens, cross-compiled for an AMX CPU, both activation
+    matmuls (scores 64x32x64, output 64x64x32) run on tiles; at 40 tokens neither does (40 columns are not whole
+    32-column blocks, 40 inputs no tile step) and both keep the VNNI kernel, as for Zen 4 or with GRAPHOPT_AMX=0.
+    Where this machine grants the tiles, the artifact equals the VNNI build exactly."""
+    x, q = _attention_int8(t=64)
+    tiled = f"{amx.KERNEL_PREFIX}_qbmm"
+    assert {nm for nm in _names(q, AMX_CPU) if nm.startswith(tiled)} == {f"{tiled}_2x64x32x64", f"{tiled}_2x64x64x32"}
+    _, q40 = _attention_int8(t=40)
+    names = _names(q40, AMX_CPU)
+    assert not any(nm.startswith(tiled) for nm in names)
+    assert len([nm for nm in names if nm.startswith("qbmm_vnni")]) == 2
+    assert not any(nm.startswith(amx.KERNEL_PREFIX) for nm in _names(q, "znver4"))
+    if not amx.amx_usable(cpu_target()):
+        return
+    feeds = [v.numpy() for v in x]
+    got = graphopt.load(graphopt.compile(q, "llvm", output=tmp_path / "amx"))(*feeds)[0]
+    monkeypatch.setenv("GRAPHOPT_AMX", "0")
+    assert not any(nm.startswith(amx.KERNEL_PREFIX) for nm in _names(q, AMX_CPU))
+    np.testing.assert_array_equal(got, graphopt.load(graphopt.compile(q, "llvm", output=tmp_path / "v"))(*feeds)[0])
+
+
+@needs_amx
+@pytest.mark.parametrize("shape,zps", [((2, 3, 40, 32, 64), (-7, 5)), ((12, 128, 128, 32), (0, -128)),
+                                       ((1, 2, 32, 64, 96), (127, 3))])
+def test_amx_attention_matmul_kernel_is_exact(shape, zps):
+    """qbmm on tiles against graphopt::qmatmul's float64 reference, to float32 rounding: zero points on either
+    side, the worst-case row and column, 40 rows overlapping the last 32-row block, K of 32, 64 and 128 (two
+    steps), batches of 6, 12 and 2 split across the threads' runs."""
+    from tvm import relax
+
+    from graphopt.ir.quant_ops import qmatmul
+    from graphopt.targets.tvm.cpu.int8 import emit_qbmm
+    from graphopt.targets.tvm.cpu.pipeline import build_cpu
+    *lead, m, k, n = shape
+    rng = np.random.default_rng(0)
+    a = rng.integers(-128, 128, (*lead, m, k)).astype(np.int8)
+    b = rng.integers(-128, 128, (*lead, k, n)).astype(np.int8)
+    a.reshape(-1, m, k)[0, 0] = 127
+    b.reshape(-1, k, n)[0, :, 0] = -128
+    (za, zb), sa, sb = zps, 0.02, 0.03
+    ref = qmatmul(torch.from_numpy(a), sa, za, torch.from_numpy(b), sb, zb).numpy()
+    bb = relax.BlockBuilder()
+    av, bv = relax.Var("a", relax.TensorType(a.shape, "int8")), relax.Var("b", relax.TensorType(b.shape, "int8"))
+    with bb.function("main", [av, bv]):
+        with bb.dataflow():
+            y = bb.emit_output(emit_qbmm(bb, av, bv, a.shape, b.shape, sa, za, sb, zb, "vnni", amx_cores=2))
+        bb.emit_func_output(y)
+    mod = bb.get()
+    assert any(gv.name_hint.startswith(f"{amx.KERNEL_PREFIX}_qbmm") for gv in mod.get_global_vars())
+    got = relax.VirtualMachine(build_cpu(mod, cpu_target()), tvm.cpu())["main"](
+        tvm.runtime.tensor(a), tvm.runtime.tensor(b)).numpy()
+    assert got.shape == ref.shape and np.abs(got - ref).max() <= 1e-6 * np.abs(ref).max()

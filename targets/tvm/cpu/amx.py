@@ -353,3 +353,91 @@ def {KERNEL_PREFIX}_bsr(a: T.Buffer(({m * k},), "int8"), wb: T.Buffer(({nnzb * 1
                     out[T.ramp((r0 + i) * {n} + p * 16, 1, 16)] = {empty}
         {_intrin('tilerelease')}
 """
+
+
+def amx_qbmm_step(k: int) -> int:
+    """The reduction step (bytes of an A tile row) of the attention matmul on tiles: 32 or 64 where K is 32 or
+    whole 64s (attention's head widths), else 0 (no tile form; a's row sums go 32 bytes at a time)."""
+    return k if k in (32, KSTEP) else (KSTEP if k % KSTEP == 0 else 0)
+
+
+def amx_qbmm_applies(m: int, k: int, n: int) -> bool:
+    """A 32-row block of a at least, whole 32-column blocks of b and a reduction step (`amx_qbmm_step`)."""
+    return m >= ROWS and n % COLS == 0 and amx_qbmm_step(k) > 0
+
+
+def qbmm_amx_source(bt: int, m: int, k: int, n: int, cores: int = 2) -> str:
+    """out[b] = ((a[b] - za) @ (b[b] - zb)) * scale for int8 a [B, M, K], b [B, K, N] known only at run time
+    (attention's scores and outputs), float32 out, on AMX tiles: `int8.qbmm_source`'s task on 32 x 32 blocks.
+    A task is one batch's run of 32-row blocks; its first packs the batch's b as B tiles (16 columns x 4 inputs a
+    64-byte row, the layout the VNNI kernel packs) and each column's sum, then every block runs `tdpbssd` over
+    a's rows read in place (signed x signed) and stores (acc - zb * rowsum(a) - za * colsum(b) + K za zb) *
+    scale, exact in int32. `tile_config(amx_qbmm_step(K))`."""
+    from graphopt.targets.tvm.cpu.int8 import quad_dot
+    step = amx_qbmm_step(k)
+    if not amx_qbmm_applies(m, k, n):
+        raise ValueError(f"qbmm_amx needs M >= {ROWS}, N % {COLS} == 0 and K = 32 or K % 64 == 0; "
+                         f"got {m}x{k}x{n}")
+    k4, npn, mb = k // 4, n // 16, -(-m // ROWS)
+    tasks = bt * mb
+    workers = max(1, min(int(cores) or 1, tasks))
+    order = [j * 16 + c for c in range(16) for j in range(4)]
+    rows = ", ".join(f"b[T.ramp((bi * {k} + 4 * q + {j}) * {n} + pn * 16, 1, 16)]" for j in range(4))
+    ones_u8 = "T.broadcast(T.uint8(1), 32)"
+    cs8 = "cs[T.ramp(pn * 16 + {h}, 1, 8)]"
+    packed = lambda h: f'T.reinterpret("int8x32", bq[T.ramp((pn * {k4} + q) * 16 + {h * 8}, 1, 8)])'  # noqa: E731
+    colsum = "".join(f"""
+                        {cs8.format(h=h * 8)} = {quad_dot(cs8.format(h=h * 8), ones_u8, packed(h), "vnni")}"""
+                     for h in range(2))
+    a_u8 = (f'T.bitwise_xor(T.reinterpret("uint8x32", a[T.ramp((bi * {m} + r0 + i) * {k} + q * 32, 1, 32)]), '
+            f'T.broadcast(T.uint8(128), 32))')  # 32 bytes of a row + 128
+    ones_s8 = 'T.reinterpret("int8x32", T.broadcast(T.int32(16843009), 8))'
+    a_tile = [f"T.address_of(a[(bi * {m} + r0 + {16 * h}) * {k} + kk * {step}])" for h in range(2)]
+    b_tile = [f"T.address_of(bq[((p0 + {j}) * {k4} + kk * {step // 4}) * 16])" for j in range(2)]
+    zero, body, store = _block(a_tile, str(k), b_tile, "64")
+    body = body.replace("\n" + " " * 16, "\n" + " " * 20)
+    zero = zero.replace("\n" + " " * 12, "\n" + " " * 16)
+    store = store.replace("\n" + " " * 12, "\n" + " " * 16)
+    cols = "T.ramp(p0 * 16 + h * 16, 1, 16)"
+    return f"""
+@T.prim_func(private=True)
+def {KERNEL_PREFIX}_qbmm(a: T.Buffer(({bt * m * k},), "int8"), b: T.Buffer(({bt * k * n},), "int8"),
+              cfg: T.Buffer((64,), "uint8"), zp: T.Buffer((2,), "int32"), scale: T.Buffer((1,), "float32"),
+              out: T.Buffer(({bt * m * n},), "float32")):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
+{_permission()}
+    for w in T.parallel({workers}):
+        acc = T.decl_buffer(({ROWS * COLS},), "int32", scope="global")
+        bq = T.decl_buffer(({npn * k4 * 16},), "int32", scope="global")
+        cs = T.decl_buffer(({n},), "int32", scope="global")
+        rs = T.decl_buffer(({ROWS},), "int32", scope="global")
+        rv = T.decl_buffer((8,), "int32", scope="global")
+        {_intrin('ldtilecfg', 'T.address_of(cfg[0])')}
+        for t in T.serial(w * {tasks} // {workers}, (w + 1) * {tasks} // {workers}):
+            bi = t // {mb}
+            if T.Or(t == w * {tasks} // {workers}, t % {mb} == 0):  # this batch's b as B tiles, and its column sums
+                for pn in T.serial({npn}):
+                    for h in T.unroll(2):
+                        {cs8.format(h="h * 8")} = T.broadcast(T.int32(0), 8)
+                    for q in T.serial({k4}):
+                        bq[T.ramp((pn * {k4} + q) * 16, 1, 16)] = T.reinterpret("int32x16", T.Shuffle([{rows}],
+                                                                                                     {order})){colsum}
+                    for h in T.unroll(2):  # za colsum(b) - K zb (za + 128): the column part, rowsum(a + 128) below
+                        {cs8.format(h="h * 8")} = ({cs8.format(h="h * 8")} * T.broadcast(zp[0], 8)
+                                                     - T.broadcast({k} * zp[1] * (zp[0] + 128), 8))
+            r0 = T.min((t % {mb}) * {ROWS}, {m - ROWS})
+            for i in T.serial({ROWS}):
+                rv[T.ramp(0, 1, 8)] = T.broadcast(T.int32(0), 8)
+                for q in T.serial({k // 32}):
+                    rv[T.ramp(0, 1, 8)] = {quad_dot('rv[T.ramp(0, 1, 8)]', a_u8, ones_s8, 'vnni')}
+                rs[i] = (rv[0] + rv[1] + rv[2] + rv[3] + rv[4] + rv[5] + rv[6] + rv[7]) * zp[1]
+            for pb in T.serial({npn // 2}):
+                p0 = pb * 2{zero}
+                for kk in T.serial({k // step}):{body}{store}
+                for i in T.serial({ROWS}):
+                    for h in T.unroll(2):
+                        out[T.ramp((bi * {m} + r0 + i) * {n} + p0 * 16 + h * 16, 1, 16)] = T.Cast("float32x16",
+                            acc[T.ramp(i * 32 + h * 16, 1, 16)] - T.broadcast(rs[i], 16) - cs[{cols}]) * T.broadcast(
+                            scale[0], 16)
+        {_intrin('tilerelease')}
+"""

@@ -815,19 +815,27 @@ def qbmm_{dot}(a: T.Buffer(({bt * m * k},), "int8"), b: T.Buffer(({bt * k * n},)
 """
 
 
-def emit_qbmm(bb, a, b, a_shape, b_shape, sa: float, za: int, sb: float, zb: int, dot: str):
+def emit_qbmm(bb, a, b, a_shape, b_shape, sa: float, za: int, sb: float, zb: int, dot: str, amx_cores: int = 0):
     """Emit `qbmm_source` for qmatmul a [..., M, K] @ b [..., K, N] (int8, per-tensor zero points and scales; check
-    `qbmm_applies` first): float32 [..., M, N]."""
+    `qbmm_applies` first): float32 [..., M, N]. With `amx_cores` (AMX usable: `amx.amx_cores`) the tile form
+    (`amx.qbmm_amx_source`) where its shapes apply (32+ rows, N % 32 == 0, K = 32 or K % 64 == 0)."""
     import math
 
     from tvm import relax
+
+    from graphopt.targets.tvm.cpu import amx
     m, k, n = int(a_shape[-2]), int(a_shape[-1]), int(b_shape[-1])
     lead = [int(d) for d in a_shape[:-2]]
     bt = math.prod(lead)
-    gv = bb.add_func(parse_kernel(qbmm_source(bt, m, k, n, dot)),
-                     f"qbmm_{dot}_{bt}x{m}x{k}x{n}")
+    tiles = amx_cores > 0 and amx.amx_qbmm_applies(m, k, n)
+    if tiles:
+        gv = bb.add_func(parse_kernel(amx.qbmm_amx_source(bt, m, k, n, amx_cores)),
+                         f"{amx.KERNEL_PREFIX}_qbmm_{bt}x{m}x{k}x{n}")
+    else:
+        gv = bb.add_func(parse_kernel(qbmm_source(bt, m, k, n, dot)), f"qbmm_{dot}_{bt}x{m}x{k}x{n}")
     flat_a, flat_b = bb.emit(relax.op.reshape(a, (bt * m * k,))), bb.emit(relax.op.reshape(b, (bt * k * n,)))
-    y = bb.emit(relax.call_tir(gv, [flat_a, flat_b, relax.const(np.array([za, zb], np.int32)),
+    cfg = [relax.const(amx.tile_config(amx.amx_qbmm_step(k)))] if tiles else []
+    y = bb.emit(relax.call_tir(gv, [flat_a, flat_b, *cfg, relax.const(np.array([za, zb], np.int32)),
                                     relax.const(np.array([sa * sb], np.float32))],
                                relax.TensorType((bt * m * n,), "float32")))
     return bb.emit(relax.op.reshape(y, (*lead, m, n)))
