@@ -307,23 +307,21 @@ def qbsr_amx_source(m: int, k: int, n: int, nnzb: int, float_bias: bool = False,
     and stores the epilogue of zero."""
     if n % QBSR_BLOCK[0] or k % QBSR_BLOCK[1] or m < ROWS:
         raise ValueError(f"qbsr_amx needs M >= {ROWS}, N % 16 == 0, K % 64 == 0; got {m}x{k}x{n}")
-    rt = 2
-    rows, nbr = 16 * rt, n // 16
+    rows, nbr = ROWS, n // 16
     chunks = -(-m // rows)
     tasks = chunks * nbr
     workers = max(1, min(int(cores) or 1, tasks))
-    a_regs = [4, 5]
     nl = "\n" + " " * 20
     step = nl + "kb = indices[j]"
     step += nl + _intrin("tileloadd64", "T.int8(6)", "T.address_of(wb[j * 1024])", "T.int64(64)")
-    for c, reg in enumerate(a_regs):
-        step += nl + _intrin("tileloadd64", f"T.int8({reg})", f"T.address_of(a[(r0 + {16 * c}) * {k} + kb * {KSTEP}])",
-                             f"T.int64({k})")
-        step += nl + _intrin("tdpbssd", f"T.int8({c})", f"T.int8({reg})", "T.int8(6)")
+    for c in range(2):  # accumulator c: rows r0 + 16c .. r0 + 16c + 15, their activation tile in tmm4 + c
+        tile = f"T.address_of(a[(r0 + {16 * c}) * {k} + kb * {KSTEP}])"
+        step += nl + _intrin("tileloadd64", f"T.int8({4 + c})", tile, f"T.int64({k})")
+        step += nl + _intrin("tdpbssd", f"T.int8({c})", f"T.int8({4 + c})", "T.int8(6)")
     nl = "\n" + " " * 16
-    zero = "".join(nl + _intrin("tilezero", f"T.int8({c})") for c in range(rt))
+    zero = "".join(nl + _intrin("tilezero", f"T.int8({c})") for c in range(2))
     store = "".join(nl + _intrin("tilestored64", f"T.int8({c})", f"T.address_of(acc[{c * 256}])", "T.int64(64)")
-                    for c in range(rt))
+                    for c in range(2))
     cols = "T.ramp(p * 16, 1, 16)"
     value = f'T.Cast("float32x16", acc[T.ramp(i * 16, 1, 16)] - off[{cols}]) * mult[{cols}]'
     bias_arg = f' bias: T.Buffer(({n},), "float32"),' if float_bias else ""

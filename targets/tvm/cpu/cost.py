@@ -203,7 +203,7 @@ class CpuCostOracle:
         speed does not depend on them)."""
         from tvm import relax
 
-        from graphopt.targets.tvm.cpu.amx import amx_cores
+        from graphopt.targets.tvm.cpu.amx import QBSR_BLOCK, amx_cores
         from graphopt.targets.tvm.cpu.int8 import emit_qconv1x1, emit_qlinear, int8_dot
         from graphopt.targets.tvm.cpu.rules import target_cores, vector_lanes
         from graphopt.targets.tvm.cpu.sparse import emit_amx_bsr_qlinear, emit_bsr_qlinear, emit_csr_qlinear
@@ -212,7 +212,7 @@ class CpuCostOracle:
         w = weight.numpy().astype(np.int8)
         scales = np.full(n, 1e-2)
         dot = int8_dot(self.target)
-        sparse = "" if block is None else {(1, 1): "csr", (16, 64): "bsr16x64"}.get(block, "bsr8x4")
+        sparse = "" if block is None else {(1, 1): "csr", QBSR_BLOCK: "bsr16x64"}.get(block, "bsr8x4")
         if conv:
             x_shape = (1, k, m, 1)
             return (lambda bb, x: emit_qconv1x1(bb, x, w.reshape(n, k, 1, 1), scales, None, 0.02, 0, x_shape, None,
