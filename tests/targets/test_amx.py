@@ -101,12 +101,18 @@ def test_amx_kernel_is_exact(m, k, n, float_bias):
         args.append(fb)
     out = tvm.runtime.tensor(np.zeros(m * n, np.float32))
     _kernel(m, k, n, float_bias)["main"](*(tvm.runtime.tensor(v) for v in args), out)
+    _check_epilogue(out.numpy().reshape(m, n), a, w, ws, bias, mult[:n], float_bias)
+
+
+def _check_epilogue(got, a, w, ws, bias, mult, float_bias: bool):
+    """The int8 linear kernels' output against (a - 3) @ W^T in int64 with epilogue_constants' store (sx 0.02,
+    zero point 3): the bias as int32 accumulator steps, or float after the multiply (`float_bias`)."""
     acc = (a.astype(np.int64) - 3) @ w.astype(np.int64).T
     if float_bias:
-        ref = acc * mult[:n].astype(np.float64) + bias
+        ref = acc * mult.astype(np.float64) + bias
     else:
-        ref = (acc + np.round(bias / (ws * 0.02))) * mult[:n].astype(np.float64)
-    assert np.abs(out.numpy().reshape(m, n) - ref).max() <= 1e-6 * np.abs(ref).max()
+        ref = (acc + np.round(bias / (ws * 0.02))) * mult.astype(np.float64)
+    assert np.abs(got - ref).max() <= 1e-6 * np.abs(ref).max()
 
 
 @needs_amx
@@ -268,12 +274,7 @@ def test_amx_bsr_kernel_is_exact(m, k, n, keep, float_bias):
         args.append(bias)
     out = tvm.runtime.tensor(np.zeros(m * n, np.float32))
     _bsr_kernel(m, k, n, s.nnzb, float_bias)["main"](*(tvm.runtime.tensor(v) for v in args), out)
-    acc = (a.astype(np.int64) - 3) @ w.astype(np.int64).T
-    if float_bias:
-        ref = acc * mult[:n].astype(np.float64) + bias
-    else:
-        ref = (acc + np.round(bias / (ws * 0.02))) * mult[:n].astype(np.float64)
-    assert np.abs(out.numpy().reshape(m, n) - ref).max() <= 1e-6 * np.abs(ref).max()
+    _check_epilogue(out.numpy().reshape(m, n), a, w, ws, bias, mult[:n], float_bias)
 
 
 class _AmxOracle:
@@ -405,27 +406,7 @@ def test_amx_attention_matmul_kernel_is_exact(shape, zps):
     """qbmm on tiles against graphopt::qmatmul's float64 reference, to float32 rounding: zero points on either
     side, the worst-case row and column, 40 rows overlapping the last 32-row block, K of 32, 64 and 128 (two
     steps), batches of 6, 12 and 2 split across the threads' runs."""
-    from tvm import relax
-
-    from graphopt.ir.quant_ops import qmatmul
-    from graphopt.targets.tvm.cpu.int8 import emit_qbmm
-    from graphopt.targets.tvm.cpu.pipeline import build_cpu
-    *lead, m, k, n = shape
-    rng = np.random.default_rng(0)
-    a = rng.integers(-128, 128, (*lead, m, k)).astype(np.int8)
-    b = rng.integers(-128, 128, (*lead, k, n)).astype(np.int8)
-    a.reshape(-1, m, k)[0, 0] = 127
-    b.reshape(-1, k, n)[0, :, 0] = -128
-    (za, zb), sa, sb = zps, 0.02, 0.03
-    ref = qmatmul(torch.from_numpy(a), sa, za, torch.from_numpy(b), sb, zb).numpy()
-    bb = relax.BlockBuilder()
-    av, bv = relax.Var("a", relax.TensorType(a.shape, "int8")), relax.Var("b", relax.TensorType(b.shape, "int8"))
-    with bb.function("main", [av, bv]):
-        with bb.dataflow():
-            y = bb.emit_output(emit_qbmm(bb, av, bv, a.shape, b.shape, sa, za, sb, zb, "vnni", amx_cores=2))
-        bb.emit_func_output(y)
-    mod = bb.get()
+    from tests.targets.test_cpu_kernels import qbmm_case
+    got, ref, mod = qbmm_case(shape, zps, "vnni", amx_cores=2)
     assert any(gv.name_hint.startswith(f"{amx.KERNEL_PREFIX}_qbmm") for gv in mod.get_global_vars())
-    got = relax.VirtualMachine(build_cpu(mod, cpu_target()), tvm.cpu())["main"](
-        tvm.runtime.tensor(a), tvm.runtime.tensor(b)).numpy()
     assert got.shape == ref.shape and np.abs(got - ref).max() <= 1e-6 * np.abs(ref).max()

@@ -2524,6 +2524,34 @@ def test_int8_bsr_kernel_emits_vpdpbusd_for_vnni():
     assert not re.search(r"vmovdq[au](?:32|64)?\s+%ymm\d+, ", loop)
 
 
+def qbmm_case(shape, zps, dot: str, amx_cores: int = 0):
+    """(qbmm's output built here, graphopt::qmatmul's float64 reference, the Relax module) for int8 a [..., M, K]
+    @ b [..., K, N] (`shape` = (*lead, M, K, N)) with zero points `zps`: full-range random codes and the worst case
+    (a = 127 along one row, b = -128 down one column)."""
+    from tvm import relax
+
+    from graphopt.ir.quant_ops import qmatmul
+    from graphopt.targets.tvm.cpu.int8 import emit_qbmm
+    from graphopt.targets.tvm.cpu.pipeline import build_cpu
+    *lead, m, k, n = shape
+    rng = np.random.default_rng(0)
+    a = rng.integers(-128, 128, (*lead, m, k)).astype(np.int8)
+    b = rng.integers(-128, 128, (*lead, k, n)).astype(np.int8)
+    a.reshape(-1, m, k)[0, 0] = 127
+    b.reshape(-1, k, n)[0, :, 0] = -128
+    (za, zb), sa, sb = zps, 0.02, 0.03
+    ref = qmatmul(torch.from_numpy(a), sa, za, torch.from_numpy(b), sb, zb).numpy()
+    bb = relax.BlockBuilder()
+    av, bv = relax.Var("a", relax.TensorType(a.shape, "int8")), relax.Var("b", relax.TensorType(b.shape, "int8"))
+    with bb.function("main", [av, bv]):
+        with bb.dataflow():
+            y = bb.emit_output(emit_qbmm(bb, av, bv, a.shape, b.shape, sa, za, sb, zb, dot, amx_cores))
+        bb.emit_func_output(y)
+    mod = bb.get()
+    vm = relax.VirtualMachine(build_cpu(mod, cpu_target()), tvm.cpu())
+    return vm["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b)).numpy(), ref, mod
+
+
 @pytest.mark.parametrize("dot", ["exact", "vnni"])
 @pytest.mark.parametrize("shape,zps", [((2, 3, 16, 32, 128), (-7, 5)), ((1, 12, 20, 36, 17), (0, -128)),
                                        ((3, 6, 64, 16), (127, 0))])
@@ -2533,30 +2561,12 @@ def test_int8_activation_matmul_kernel_matches_the_reference(dot, shape, zps):
     range codes with the worst case (a = 127, b = -128 everywhere in one row and column), rows and columns that are
     not whole 6 x 16 tiles (the last tile overlaps), K that is not whole 32-byte row sums (36: a scalar tail), and a
     batch of 3 dims flattened. "exact" (widened arithmetic) runs anywhere; "vnni" where this CPU has it."""
-    from tvm import relax
-
-    from graphopt.ir.quant_ops import qmatmul
-    from graphopt.targets.tvm.cpu.int8 import emit_qbmm, qbmm_applies
-    from graphopt.targets.tvm.cpu.pipeline import build_cpu
+    from graphopt.targets.tvm.cpu.int8 import qbmm_applies
     if dot == "vnni" and not _vnni_here():
         pytest.skip("this CPU has no VNNI (the exact variant checks the same kernel)")
     *lead, m, k, n = shape
-    rng = np.random.default_rng(0)
-    a = rng.integers(-128, 128, (*lead, m, k)).astype(np.int8)
-    b = rng.integers(-128, 128, (*lead, k, n)).astype(np.int8)
-    a.reshape(-1, m, k)[0, 0] = 127
-    b.reshape(-1, k, n)[0, :, 0] = -128
-    (za, zb), sa, sb = zps, 0.02, 0.03
-    assert qbmm_applies(a.shape, b.shape, dot) == ""
-    ref = qmatmul(torch.from_numpy(a), sa, za, torch.from_numpy(b), sb, zb).numpy()
-    bb = relax.BlockBuilder()
-    av, bv = relax.Var("a", relax.TensorType(a.shape, "int8")), relax.Var("b", relax.TensorType(b.shape, "int8"))
-    with bb.function("main", [av, bv]):
-        with bb.dataflow():
-            y = bb.emit_output(emit_qbmm(bb, av, bv, a.shape, b.shape, sa, za, sb, zb, dot))
-        bb.emit_func_output(y)
-    vm = relax.VirtualMachine(build_cpu(bb.get(), cpu_target()), tvm.cpu())
-    got = vm["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b)).numpy()
+    assert qbmm_applies((*lead, m, k), (*lead, k, n), dot) == ""
+    got, ref, _ = qbmm_case(shape, zps, dot)
     assert got.shape == ref.shape
     assert np.abs(got - ref).max() <= 1e-6 * np.abs(ref).max()
 
