@@ -127,12 +127,11 @@ def main(argv: list[str] | None = None) -> int:
         # graphopt's dense int8 kernel for the same layer
         patterns = ["block4x4", "unstructured"] + (["int7-block8x4"] if op == "conv1x1" or m >= 6 else []) + (
             ["int8-unstructured"] if m >= 16 else [])
-        amx_why = oracle.applies("bsr16x64", torch.zeros(n, k, dtype=torch.int8), "qlinear", m) \
-            if op == "linear" else "a layout of linears"
-        if amx_why:
-            print(f"{name:15} int8-block16x64 not timed: {amx_why}")
-        else:
+        amx_why = oracle.applies("bsr16x64", torch.zeros(n, k, dtype=torch.int8), "q" + op, m)
+        if not amx_why:
             patterns.append("int8-block16x64")  # AMX tiles: full-range int8 weights, 16 x 64 zero blocks
+        elif "int8-block16x64" in wanted:
+            print(f"{name:15} int8-block16x64 not timed: {amx_why}")
         patterns = [p for p in patterns if p in wanted]
         for s in sparsities:
             for pattern in patterns:
