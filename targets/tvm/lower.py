@@ -1642,6 +1642,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
 
         from graphopt.targets.tvm.cpu import conv as k
         from graphopt.targets.tvm.cpu.rules import vector_lanes
+        if node in expanded_dw:  # computed with the pointwise conv before it (`_expand_depthwise`)
+            return expanded_dw[node]
         x_shape = node.args[0].meta["val"].shape
         spatial = len(x_shape) - 2
         if spatial > 1:  # conv2d(padding="valid") decomposes with padding [0]: one value for every spatial dim
@@ -1706,6 +1708,10 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                 return y
         if kind is None:
             return importer._convolution(node)
+        if kind == "pointwise" and pads is None and int(x_shape[0]) == 1:
+            y = _expand_depthwise(node, importer, x_shape, wt, bt)
+            if y is not None:
+                return y
         residual, clamp = _fused_epilogue(node, importer, kind in ("pointwise", "im2col"))
         w, b = wt.detach().numpy(), None if bt is None else bt.detach().numpy()
         return _emit_conv(importer.block_builder, importer.env[node.args[0]], w, b, x_shape, kind,
@@ -2151,6 +2157,48 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                                 dilation=int(node.args[5][0]))
 
     fused_adds: dict = {}  # add node -> the conv whose kernel computed it
+
+    expanded_dw: dict = {}  # depthwise conv node -> the fused kernel's output that computed it
+
+    def _expand_depthwise(node, importer, x_shape, wt, bt):
+        """A pointwise conv whose output (after a lone clamp) meets only a depthwise conv that graphopt's row
+        kernel would run, as one fused kernel (`conv.expand_dw_source`: the expanded map is never stored); both
+        clamps go into it. None where `expand_dw_plan` declines or the depthwise is not a plain float one."""
+        import torch
+
+        from graphopt.targets.tvm.cpu import conv as k
+        from graphopt.targets.tvm.cpu.rules import target_cores, vector_lanes
+        users = list(node.users)
+        head = users[0] if len(users) == 1 and _clamp_of(users[0]) is not None else node
+        after = list(head.users)
+        if len(users) != 1 or len(after) != 1:
+            return None
+        dw = after[0]
+        if getattr(dw.target, "__name__", "") != "convolution.default" or dw.args[0] is not head or dw.kwargs:
+            return None
+        dwt = (lifted or {}).get(getattr(dw.args[1], "name", None))
+        dbn = dw.args[2] if len(dw.args) > 2 else None
+        dbt = (lifted or {}).get(getattr(dbn, "name", None)) if dbn is not None else None
+        if dwt is None or dwt.dtype != torch.float32 or (dbn is not None and dbt is None) or dwt.dim() != 4:
+            return None
+        y_shape = head.meta["val"].shape
+        stride, padding, dilation, transposed, _, groups = dw.args[3:9]
+        kk = int(dwt.shape[-1])
+        if (_conv_kernel(y_shape, dwt.shape, dw.args[3:9]) != "depthwise" or int(dwt.shape[-2]) != kk
+                or any(int(q) != kk // 2 for q in padding) or any(int(d) != 1 for d in dilation)):
+            return None
+        plan = k.expand_dw_plan(int(x_shape[1]), int(y_shape[1]), int(x_shape[2]), int(x_shape[3]), kk,
+                                int(stride[0]), vector_lanes(target), target_cores(target))
+        if plan is None:
+            return None
+        _, clamp_e = _fused_epilogue(node, importer, False)
+        _, clamp_d = _fused_epilogue(dw, importer, False)
+        y = k.emit_expand_dw(importer.block_builder, importer.env[node.args[0]], wt.detach().numpy(),
+                             None if bt is None else bt.detach().numpy(), dwt.detach().numpy(),
+                             None if dbt is None else dbt.detach().numpy(), x_shape, int(stride[0]), plan,
+                             vector_lanes(target), clamp_e, clamp_d)
+        expanded_dw[dw] = y
+        return y
 
     def _fused_epilogue(node, importer, residual_ok: bool):
         """What a conv kernel's store takes over from the ops after `node`: the other operand of a residual add

@@ -665,6 +665,75 @@ def test_residual_add_stays_separate_when_its_operand_comes_later():
     _assert_built_matches(g, model, x)
 
 
+class _Inverted(torch.nn.Module):
+    """MobileNetV2's inverted residual: pointwise expand (`act_e` after it) -> k x k depthwise (stride s, "same"
+    padding; `act_d` after it) -> pointwise project; `tap`: the expanded map also feeds the output (a second user)."""
+
+    def __init__(self, cin, c, k, s, act_e, act_d, bias=True, tap=False):
+        super().__init__()
+        self.expand = torch.nn.Conv2d(cin, c, 1)
+        self.dw = torch.nn.Conv2d(c, c, k, s, k // 2, groups=c, bias=bias)
+        self.project = torch.nn.Conv2d(c, cin, 1)
+        self.act_e, self.act_d, self.tap = act_e, act_d, tap
+        for m in (self.expand, self.dw):  # biases that move the clamps
+            if m.bias is not None:
+                torch.nn.init.uniform_(m.bias, -0.5, 0.5)
+
+    def forward(self, x):
+        e = self.act_e(self.expand(x))
+        y = self.project(self.act_d(self.dw(e)))
+        return (y, e.mean()) if self.tap else y
+
+
+def _unfused(monkeypatch):
+    from graphopt.targets.tvm.cpu import conv
+    monkeypatch.setattr(conv, "expand_dw_plan", lambda *a, **kw: None)
+
+
+@pytest.mark.parametrize("cin,c,hw,k,s,act_e,act_d,bias", [
+    (8, 24, 40, 3, 1, torch.nn.ReLU6(), torch.nn.ReLU6(), True),  # one band of 40 rows
+    (8, 24, 64, 3, 2, torch.nn.ReLU6(), torch.nn.ReLU6(), True),  # three bands of 11 output rows (halos shared)
+    (16, 48, 56, 3, 1, torch.nn.ReLU(), torch.nn.Identity(), False),  # two bands, no depthwise bias or clamp
+    (8, 30, 36, 5, 1, torch.nn.Identity(), torch.nn.ReLU6(), True),  # 5x5 taps, no clamp on the expansion
+])
+def test_expansion_and_depthwise_run_as_one_kernel(cin, c, hw, k, s, act_e, act_d, bias, monkeypatch):
+    """A pointwise expansion whose output (after a clamp) meets only a depthwise conv the row kernel takes runs
+    with it in one kernel (the expanded map never stored): no pointwise or depthwise kernel of those layers is
+    left, the outputs match PyTorch, and they are bit-identical to the two kernels' (the same sums in the same
+    order)."""
+    torch.manual_seed(0)
+    model, x = _Inverted(cin, c, k, s, act_e, act_d, bias).eval(), torch.randn(1, cin, hw, hw)
+    g = graphopt.trace(model, (x,))
+    names = _func_names(g)
+    assert any(n.startswith(f"expand_dw_{c}x{cin}x{hw}x{hw}_k{k}s{s}") for n in names), names
+    assert not any(n.startswith((f"conv1x1_packed_{c}x{cin}x", f"depthwise_{c}x", "depthwise_cb")) for n in names)
+    fused = _run_built(g, x)
+    ref = model(x).detach().numpy()
+    assert np.abs(fused - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-6
+    _unfused(monkeypatch)
+    assert any(n.startswith(f"depthwise_{c}x{hw}x{hw}_k{k}s{s}") for n in _func_names(g))
+    assert np.array_equal(fused, _run_built(g, x))
+
+
+def test_expansion_with_a_second_user_or_a_small_map_keeps_its_own_kernels():
+    """The expanded map read elsewhere too (it has to be stored), and a 14x14 map (its depthwise layer on the
+    channel-group kernel): no fusion, outputs still PyTorch's."""
+    from graphopt.targets.tvm.cpu.conv import expand_dw_plan
+    torch.manual_seed(0)
+    for model, x in ((_Inverted(8, 24, 3, 1, torch.nn.ReLU6(), torch.nn.ReLU6(), tap=True), torch.randn(1, 8, 40, 40)),
+                     (_Inverted(16, 96, 3, 1, torch.nn.ReLU6(), torch.nn.ReLU6()), torch.randn(1, 16, 14, 14))):
+        g = graphopt.trace(model.eval(), (x,))
+        names = _func_names(g)
+        assert not any(n.startswith("expand_dw") for n in names), names
+        got = _run_built(g, x)
+        ref = model(x)
+        ref = (ref[0] if isinstance(ref, tuple) else ref).detach().numpy()
+        assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-6
+    assert expand_dw_plan(16, 96, 112, 112, 3, 2, 16) == (8, 7)  # MobileNetV2's first expansion: 7 bands of 8 rows
+    assert expand_dw_plan(16, 100, 112, 112, 3, 2, 16) is None  # channels not in whole panels of 6
+    assert expand_dw_plan(64, 384, 14, 14, 3, 1, 16) is None  # channel-group depthwise kernel
+
+
 @pytest.mark.parametrize("c,hw,k,stride,act", [(16, 7, 5, 1, torch.nn.ReLU6()), (24, 14, 3, 1, torch.nn.Identity()),
                                                (8, 14, 5, 2, torch.nn.ReLU()), (32, 13, 3, 2, torch.nn.ReLU6()),
                                                (16, 4, 3, 1, torch.nn.Identity()), (8, 3, 3, 1, torch.nn.ReLU6()),

@@ -1322,6 +1322,112 @@ def emit_depthwise(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
     return bb.emit(relax.op.reshape(y, (n, c, oh, ow)))
 
 
+EXPAND_DW_BAND_BYTES = 46 * 1024  # one task's expanded band (MR channels x its input rows): within a 48 KB L1
+EXPAND_DW_MAX_RECOMPUTE = 1.15  # most expanded pixels a fused layer may compute per pixel of the map (band halos)
+
+
+def expand_dw_plan(cin: int, c: int, h: int, wd: int, k: int, stride: int, lanes: int,
+                   cores: int = 2) -> tuple[int, int] | None:
+    """(band rows, bands) of the fused expand + depthwise kernel (`expand_dw_source`) for a pointwise conv of cin ->
+    c channels on an h x wd map whose only consumer is a k x k depthwise conv ("same" padding, `stride`), or None
+    where it does not apply: c a multiple of MR, a depthwise layer the rule gives the row kernel (large maps), and
+    a split of the output rows into bands whose expanded input rows (MR channels) fit EXPAND_DW_BAND_BYTES while
+    the rows the bands share (their halos, computed twice) stay within EXPAND_DW_MAX_RECOMPUTE, with at least two
+    tasks a core."""
+    if c % MR or k % 2 == 0 or stride not in (1, 2) or h < k or wd < k:
+        return None
+    oh, ow = (h - 1) // stride + 1, (wd - 1) // stride + 1
+    if depthwise_knobs(c, oh, ow, k, k, stride, lanes)[0]["kernel"] != "rows":
+        return None
+    most = EXPAND_DW_BAND_BYTES // (MR * wd * 4)
+    for nb in range(1, oh + 1):
+        br = -(-oh // nb)
+        rows = min((br - 1) * stride + k, h)
+        if rows <= most and (c // MR) * nb >= 2 * cores:
+            break
+    else:
+        return None
+    if nb * rows > EXPAND_DW_MAX_RECOMPUTE * h or rows * wd < 2 * lanes:
+        return None
+    return br, nb
+
+
+def expand_dw_source(cin: int, c: int, h: int, wd: int, k: int, stride: int, br: int, nr: int,
+                     clamp_e: tuple[float, float] | None, clamp_d: tuple[float, float] | None) -> str:
+    """An inverted-residual block's expansion and depthwise conv in one kernel: out = dw(clamp_e(We x + be)) + bd,
+    clamped by clamp_d, for x [cin, h * wd], the expansion's weight packed in MR-channel panels (`pack_rows`), the
+    depthwise's [c, k, k] ("same" padding). A task takes one panel and a band of `br` output rows: it computes the
+    expansion for the band's input rows into a stack-sized buffer (each panel x pixel tile as the pointwise
+    kernel's, over the band's contiguous pixels, the last tile overlapping the one before), then runs the row
+    kernel (`depthwise_rows`) on it, so the expanded map (MobileNetV2's 96 x 112 x 112: 4.8 MB) is never
+    written out and read back. Bands overlap by the depthwise's halo rows, computed in both; the sums are the two
+    kernels' in the same order (outputs bit-identical)."""
+    s, p = stride, k // 2
+    oh, ow = (h - 1) // s + 1, (wd - 1) // s + 1
+    rows = min((br - 1) * s + k, h)
+    npx = rows * wd
+    npan, nb = c // MR, -(-oh // br)
+    rb = min(4, br)
+
+    def clamped_e(e: str) -> str:
+        return _clamped(e, clamp_e)
+
+    dw = depthwise_rows(rb, h, wd, ow, k, k, s, p, p, lambda row: f"band[cl, {row} - rs, ",
+                        lambda row, col: f"band[cl, {row} - rs, {col}]", lambda ki, kj: f"wdw[ch, {ki}, {kj}]",
+                        "bd[ch]", "out[ch, ", lambda e: _clamped(e, clamp_d))
+    return f"""
+@T.prim_func(private=True)
+def expand_dw(x: T.Buffer(({cin}, {h * wd}), "float32"), wp: T.Buffer(({npan}, {cin}, {MR}), "float32"),
+              be: T.Buffer(({c},), "float32"), wdw: T.Buffer(({c}, {k}, {k}), "float32"),
+              bd: T.Buffer(({c},), "float32"), out: T.Buffer(({c}, {oh}, {ow}), "float32")):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
+    for t in T.parallel({npan * nb}):
+        pan: T.let = t % {npan}
+        b0: T.let = T.min((t // {npan}) * {br}, {oh - br})
+        rs: T.let = T.max(0, T.min(b0 * {s} - {p}, {h - rows}))
+        band = T.decl_buffer(({MR}, {rows}, {wd}), "float32", scope="global")
+        bandf = T.decl_buffer(({MR * npx},), "float32", data=band.data)
+        for pt in T.serial({-(-npx // nr)}):
+            p0: T.let = T.min(pt * {nr}, {npx - nr})
+            acc_e = T.decl_buffer(({MR}, {nr}), "float32", scope="global")
+            for i in T.unroll({MR}):
+                for v in T.vectorized({nr}):
+                    acc_e[i, v] = be[pan * {MR} + i]
+            for kk in T.serial({cin}):
+                for i in T.unroll({MR}):
+                    for v in T.vectorized({nr}):
+                        acc_e[i, v] = acc_e[i, v] + wp[pan, kk, i] * x[kk, rs * {wd} + p0 + v]
+            for i in T.unroll({MR}):
+                for v in T.vectorized({nr}):
+                    bandf[i * {npx} + p0 + v] = {clamped_e("acc_e[i, v]")}
+        for cl, yb in T.grid({MR}, {-(-br // rb)}):
+            ch: T.let = pan * {MR} + cl
+            y0: T.let = b0 + T.min(yb * {rb}, {br - rb}){deeper(dw, 4)}
+"""
+
+
+def emit_expand_dw(bb, x, we: np.ndarray, be: np.ndarray | None, wdw: np.ndarray, bd: np.ndarray | None, x_shape,
+                   stride: int, plan: tuple[int, int], lanes: int, clamp_e: tuple[float, float] | None,
+                   clamp_d: tuple[float, float] | None):
+    """Emit the fused expansion + depthwise conv (`expand_dw_source`, `plan` from `expand_dw_plan`) for x [1, Cin,
+    H, W], the pointwise weight we [C, Cin(, 1, 1)] and the depthwise's wdw [C, 1, k, k]; returns [1, C, OH, OW]."""
+    from tvm import relax
+
+    _, cin, h, wd = (int(d) for d in x_shape)
+    c, k = int(wdw.shape[0]), int(wdw.shape[-1])
+    oh, ow = (h - 1) // stride + 1, (wd - 1) // stride + 1
+    zeros = np.zeros(c, np.float32)
+    src = expand_dw_source(cin, c, h, wd, k, stride, plan[0], 2 * lanes, clamp_e, clamp_d)
+    tag = f"{c}x{cin}x{h}x{wd}_k{k}s{stride}" + ("" if clamp_d is None else "_clamp")
+    gv = bb.add_func(parse_kernel(src), f"expand_dw_{tag}")
+    args = [bb.emit(relax.op.reshape(x, (cin, h * wd))), relax.const(pack_rows(we.reshape(c, cin))),
+            relax.const((zeros if be is None else be).astype(np.float32)),
+            relax.const(np.ascontiguousarray(wdw.reshape(c, k, k).astype(np.float32))),
+            relax.const((zeros if bd is None else bd).astype(np.float32))]
+    y = bb.emit(relax.call_tir(gv, args, relax.TensorType((c, oh, ow), "float32")))
+    return bb.emit(relax.op.reshape(y, (1, c, oh, ow)))
+
+
 def direct_conv_source(cout: int, cin: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int, stride: int,
                        pt: int, pl: int, clamp: tuple[float, float] | None,
                        out_q: tuple[float, int, int, int] | None = None, dequantized: bool = False) -> str:
