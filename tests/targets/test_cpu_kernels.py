@@ -665,6 +665,21 @@ def test_residual_add_stays_separate_when_its_operand_comes_later():
     _assert_built_matches(g, model, x)
 
 
+def test_stem_tasks_read_back_the_split_rows_their_thread_wrote():
+    """The stride-2 direct conv's column split and its tasks both run row-major (output row outer, channel panel
+    inner), so each thread's static share of the tasks reads the split rows its own share wrote (not the other
+    core's: the 224x224 stem at 2 threads 266 -> 198 us); outputs stay PyTorch's."""
+    from graphopt.targets.tvm.cpu.conv import direct_conv_source
+    src = direct_conv_source(32, 3, 224, 224, 112, 112, 3, 3, 2, 1, 1, (0.0, 6.0))
+    assert "xe[r % 3, r // 3, " in src and "xe[r // 224" not in src
+    assert "out[(t % 6) * 6 + r, t // 6, " in src and "t % 112" not in src
+    torch.manual_seed(0)
+    model, x = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, 2, 1), torch.nn.ReLU6()).eval(), torch.randn(1, 3, 66, 66)
+    g = graphopt.trace(model, (x,))
+    assert any(n.startswith("conv_direct_16x3x66x66_k3s2") for n in _func_names(g))
+    _assert_built_matches(g, model, x)
+
+
 class _Inverted(torch.nn.Module):
     """MobileNetV2's inverted residual: pointwise expand (`act_e` after it) -> k x k depthwise (stride s, "same"
     padding; `act_d` after it) -> pointwise project; `tap`: the expanded map also feeds the output (a second user)."""
