@@ -2182,7 +2182,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         if dwt is None or dwt.dtype != torch.float32 or (dbn is not None and dbt is None) or dwt.dim() != 4:
             return None
         y_shape = head.meta["val"].shape
-        stride, padding, dilation, transposed, _, groups = dw.args[3:9]
+        stride, padding, dilation = dw.args[3:6]
         kk = int(dwt.shape[-1])
         if (_conv_kernel(y_shape, dwt.shape, dw.args[3:9]) != "depthwise" or int(dwt.shape[-2]) != kk
                 or any(int(q) != kk // 2 for q in padding) or any(int(d) != 1 for d in dilation)):
