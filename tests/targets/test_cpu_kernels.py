@@ -708,7 +708,7 @@ def _unfused(monkeypatch):
 @pytest.mark.parametrize("cin,c,hw,k,s,act_e,act_d,bias", [
     (8, 24, 40, 3, 1, torch.nn.ReLU6(), torch.nn.ReLU6(), True),  # one band of 40 rows
     (8, 24, 64, 3, 2, torch.nn.ReLU6(), torch.nn.ReLU6(), True),  # three bands of 11 output rows (halos shared)
-    (16, 48, 56, 3, 1, torch.nn.ReLU(), torch.nn.Identity(), False),  # two bands, no depthwise bias or clamp
+    (16, 24, 56, 3, 1, torch.nn.ReLU(), torch.nn.Identity(), False),  # two bands, no depthwise bias or clamp
     (8, 30, 36, 5, 1, torch.nn.Identity(), torch.nn.ReLU6(), True),  # 5x5 taps, no clamp on the expansion
 ])
 def test_expansion_and_depthwise_run_as_one_kernel(cin, c, hw, k, s, act_e, act_d, bias, monkeypatch):
