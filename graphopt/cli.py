@@ -137,7 +137,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--no-report", action="store_true",
                    help="skip fidelity and latency measurement (the report still lists the passes, with "
                         "--verify-each's findings, sizes and the build)")
-    c.add_argument("--threads", type=int, default=None, help="threads for every runtime in the report (default: cores)")
+    c.add_argument("--threads", type=int, default=None,
+                   help="threads for every runtime in the report (default: TVM_NUM_THREADS or OMP_NUM_THREADS if set, "
+                        "else cores)")
     _add_pm_options(c)
 
     o = sub.add_parser("opt", help="run a pass pipeline: model in, model out (like mlir-opt)", description=(
@@ -180,7 +182,8 @@ def _parser() -> argparse.ArgumentParser:
                    "export is timed on ONNX Runtime / PyTorch)")
     b.add_argument("--model", help="the original model (" + MODEL_HELP + ") for the ORT and PyTorch baselines")
     _add_shape_option(b)
-    b.add_argument("--threads", type=int, default=None, help="threads for every runtime (default: cores)")
+    b.add_argument("--threads", type=int, default=None,
+                   help="threads for every runtime (default: TVM_NUM_THREADS or OMP_NUM_THREADS if set, else cores)")
     b.add_argument("--runs", type=int, default=20,
                    help="timed runs per runtime after warm-up, spread over 5 interleaved rounds (graphopt, ORT, "
                         "PyTorch in turn); the median of the round medians is reported")
@@ -311,10 +314,10 @@ def _optimize(args, graph):
 def cmd_compile(args) -> int:
     from graphopt.api import compile as compile_graph
     from graphopt.api import load_model
-    from graphopt.targets.tvm.host import host_cores
+    from graphopt.targets.tvm.host import chosen_threads
     from graphopt.targets.tvm.tuning import Tuning
 
-    threads = args.threads or host_cores()
+    threads = args.threads or chosen_threads()
     if args.threads:  # (without it TVM_NUM_THREADS is the user's, or host_cores() from host.default_threads)
         os.environ["TVM_NUM_THREADS"] = str(threads)
     tuning = None
@@ -561,8 +564,8 @@ def cmd_run(args) -> int:
 def cmd_bench(args) -> int:
     from graphopt.bench import compare_latency, reference_onnx, set_threads
     from graphopt.runtime import load
-    from graphopt.targets.tvm.host import host_cores
-    threads = args.threads or host_cores()
+    from graphopt.targets.tvm.host import chosen_threads
+    threads = args.threads or chosen_threads()
     set_threads(threads)
     art = load(args.artifact, threads)
     import torch

@@ -191,3 +191,21 @@ def test_tvm_runs_on_the_physical_cores_unless_the_user_chose():
     assert _fresh_python(probe) == [str(host_cores()), str(host_cores())]
     assert _fresh_python(probe, OMP_NUM_THREADS="1") == ["None", "1"]
     assert _fresh_python(probe, TVM_NUM_THREADS="1") == ["1", "1"]
+
+
+def test_reports_measure_every_runtime_on_the_users_thread_count(monkeypatch):
+    """Without --threads, `graphopt compile`'s report and `graphopt bench` give ONNX Runtime and PyTorch the
+    TVM_NUM_THREADS (or else OMP_NUM_THREADS) the user set, as the artifact runs; every core only where neither is
+    set (or one is not a positive integer)."""
+    from graphopt.targets.tvm.host import chosen_threads, host_cores
+    for name in ("TVM_NUM_THREADS", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    assert chosen_threads() == host_cores()
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert chosen_threads() == 3
+    monkeypatch.setenv("TVM_NUM_THREADS", "1")
+    assert chosen_threads() == 1
+    monkeypatch.setenv("TVM_NUM_THREADS", "0")
+    assert chosen_threads() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "four")
+    assert chosen_threads() == host_cores()
