@@ -27,7 +27,7 @@ XPREFETCH_MAX_COUT = 32
 
 def _tile(rows: int, cols: int, r0: str, c0: str, k: int, clamp: tuple[float, float] | None, name: str,
           pad: str = " " * 12, res: bool = False, prefetch: int = 0, xcol: str | None = None,
-          xnext: str | None = None) -> str:
+          xnext: str | None = None, dest: str | None = None) -> str:
     """One `rows` x `cols` output tile at (r0, c0), accumulated in registers over all k, then stored (plus the
     residual `res` at the same place, before the clamp, when `res`). `prefetch` > 0 asks for the packed weight that
     many k steps ahead at every step (the address runs on into the next panel, which the next tile reads). With
@@ -36,7 +36,8 @@ def _tile(rows: int, cols: int, r0: str, c0: str, k: int, clamp: tuple[float, fl
     tile's K rows lie P floats apart, too many streams for the hardware prefetcher, and with few output channels
     only few panels share each tile's misses. Measured in the model (interleaved perf profiles, 1 thread): 24x144
     at 56x56 0.48 -> 0.34 ms (MobileNetV2 0.52 -> 0.41), 16x32 at 112x112 0.33 -> 0.25; layers with many panels
-    per tile (96x16, 144x24, 672x112) gained nothing, hence XPREFETCH_MAX_COUT."""
+    per tile (96x16, 144x24, 672x112) gained nothing, hence XPREFETCH_MAX_COUT. `dest`: where element (i, v) of
+    the tile is stored instead of out[r0 + i, c0 + v] (the fused expansion's band buffer)."""
     val = _clamped(f"{name}[i, v]" + (f" + res[{r0} + i, {c0} + v]" if res else ""), clamp)
     xv = f"x[kk, {c0} + v]" if xcol is None else f"xs[(({xcol}) * {k} + kk) * {cols} + v]"
     pf = "" if not prefetch else f"""
@@ -55,7 +56,7 @@ def _tile(rows: int, cols: int, r0: str, c0: str, k: int, clamp: tuple[float, fl
 {pad}            {name}[i, v] = {name}[i, v] + wp[({r0}) // {MR}, kk, ({r0}) % {MR} + i] * {xv}
 {pad}for i in T.unroll({rows}):
 {pad}    for v in T.vectorized({cols}):
-{pad}        out[{r0} + i, {c0} + v] = {val}"""
+{pad}        {dest or f"out[{r0} + i, {c0} + v]"} = {val}"""
 
 
 def _tile_nest(rows: int, cols: int, r0: str, c0: str, n_tiles: str, k: int, clamp: tuple[float, float] | None,
@@ -1369,16 +1370,15 @@ def expand_dw_source(cin: int, c: int, h: int, wd: int, k: int, stride: int, br:
     npan, nb = c // MR, -(-oh // br)
     rb = min(4, br)
 
-    def clamped_e(e: str) -> str:
-        return _clamped(e, clamp_e)
-
+    expand = _tile(MR, nr, f"pan * {MR}", f"rs * {wd} + p0", cin, clamp_e, "acc_e", " " * 12,
+                   dest=f"bandf[i * {npx} + p0 + v]")
     dw = depthwise_rows(rb, h, wd, ow, k, k, s, p, p, lambda row: f"band[cl, {row} - rs, ",
                         lambda row, col: f"band[cl, {row} - rs, {col}]", lambda ki, kj: f"wdw[ch, {ki}, {kj}]",
                         "bd[ch]", "out[ch, ", lambda e: _clamped(e, clamp_d))
     return f"""
 @T.prim_func(private=True)
 def expand_dw(x: T.Buffer(({cin}, {h * wd}), "float32"), wp: T.Buffer(({npan}, {cin}, {MR}), "float32"),
-              be: T.Buffer(({c},), "float32"), wdw: T.Buffer(({c}, {k}, {k}), "float32"),
+              bias: T.Buffer(({c},), "float32"), wdw: T.Buffer(({c}, {k}, {k}), "float32"),
               bd: T.Buffer(({c},), "float32"), out: T.Buffer(({c}, {oh}, {ow}), "float32")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
     for t in T.parallel({npan * nb}):
@@ -1388,18 +1388,7 @@ def expand_dw(x: T.Buffer(({cin}, {h * wd}), "float32"), wp: T.Buffer(({npan}, {
         band = T.decl_buffer(({MR}, {rows}, {wd}), "float32", scope="global")
         bandf = T.decl_buffer(({MR * npx},), "float32", data=band.data)
         for pt in T.serial({-(-npx // nr)}):
-            p0: T.let = T.min(pt * {nr}, {npx - nr})
-            acc_e = T.decl_buffer(({MR}, {nr}), "float32", scope="global")
-            for i in T.unroll({MR}):
-                for v in T.vectorized({nr}):
-                    acc_e[i, v] = be[pan * {MR} + i]
-            for kk in T.serial({cin}):
-                for i in T.unroll({MR}):
-                    for v in T.vectorized({nr}):
-                        acc_e[i, v] = acc_e[i, v] + wp[pan, kk, i] * x[kk, rs * {wd} + p0 + v]
-            for i in T.unroll({MR}):
-                for v in T.vectorized({nr}):
-                    bandf[i * {npx} + p0 + v] = {clamped_e("acc_e[i, v]")}
+            p0: T.let = T.min(pt * {nr}, {npx - nr}){expand}
         for cl, yb in T.grid({MR}, {-(-br // rb)}):
             ch: T.let = pan * {MR} + cl
             y0: T.let = b0 + T.min(yb * {rb}, {br - rb}){deeper(dw, 4)}
