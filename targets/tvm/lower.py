@@ -2189,10 +2189,19 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             return None
         plan = k.expand_dw_plan(int(x_shape[1]), int(y_shape[1]), int(x_shape[2]), int(x_shape[3]), kk,
                                 int(stride[0]), vector_lanes(target), target_cores(target))
-        if plan is None:
+        cb = plan is None and k.expand_cb_applies(int(y_shape[1]), int(x_shape[2]), int(x_shape[3]), kk,
+                                                  int(stride[0]), vector_lanes(target))
+        if plan is None and not cb:
             return None
         _, clamp_e = _fused_epilogue(node, importer, False)
         _, clamp_d = _fused_epilogue(dw, importer, False)
+        if cb:
+            y = k.emit_expand_cb(importer.block_builder, importer.env[node.args[0]], wt.detach().numpy(),
+                                 None if bt is None else bt.detach().numpy(), dwt.detach().numpy(),
+                                 None if dbt is None else dbt.detach().numpy(), x_shape, int(stride[0]), clamp_e,
+                                 clamp_d, target_cores(target))
+            expanded_dw[dw] = y
+            return y
         y = k.emit_expand_dw(importer.block_builder, importer.env[node.args[0]], wt.detach().numpy(),
                              None if bt is None else bt.detach().numpy(), dwt.detach().numpy(),
                              None if dbt is None else dbt.detach().numpy(), x_shape, int(stride[0]), plan,

@@ -747,6 +747,39 @@ def test_expansion_with_a_second_user_or_a_small_map_keeps_its_own_kernels():
     assert expand_dw_plan(16, 96, 112, 112, 3, 2, 16) == (8, 7)  # MobileNetV2's first expansion: 7 bands of 8 rows
     assert expand_dw_plan(16, 100, 112, 112, 3, 2, 16) is None  # channels not in whole panels of 6
     assert expand_dw_plan(64, 384, 14, 14, 3, 1, 16) is None  # channel-group depthwise kernel
+    from graphopt.targets.tvm.cpu.conv import expand_cb_applies
+    assert expand_cb_applies(384, 14, 14, 3, 1, 16)  # which takes it with 16 lanes (MobileNetV2's 14x14 blocks)
+    assert not expand_cb_applies(384, 14, 14, 3, 1, 8)  # 8-lane CPUs: not measured
+    assert not expand_cb_applies(960, 7, 7, 3, 1, 16)  # 7x7 maps: no gain
+    assert not expand_cb_applies(96, 14, 14, 3, 1, 16)  # under CB16_MIN_CHANNELS: 8-channel groups
+
+
+@pytest.mark.parametrize("cin,c,hw,k,s,act_e,act_d,bias", [
+    (16, 192, 14, 3, 1, torch.nn.ReLU6(), torch.nn.ReLU6(), True),  # a 14x14 block: 6 pairs of 16-channel groups
+    (24, 208, 14, 3, 2, torch.nn.ReLU(), torch.nn.Identity(), False),  # stride 2; 13 groups: the last one alone
+    (32, 320, 10, 3, 1, torch.nn.Identity(), torch.nn.ReLU6(), True),  # 10-pixel rows, no expansion clamp
+    (16, 192, 14, 5, 1, torch.nn.ReLU6(), torch.nn.ReLU6(), True),  # 5x5 taps
+])
+def test_expansion_and_channel_group_depthwise_run_as_one_kernel(cin, c, hw, k, s, act_e, act_d, bias,
+                                                                   monkeypatch):
+    """With 16-lane vectors an expansion whose depthwise conv takes the 16-channel group kernel (maps 8-14 pixels
+    wide, 192+ channels) runs with it as one kernel that fills each pair of groups' tiles with the expansion
+    itself: no pointwise or depthwise kernel of those layers is left, and the outputs match PyTorch and the two
+    kernels'."""
+    from graphopt.targets.tvm.cpu import conv, rules
+    monkeypatch.setattr(rules, "AVX512_VECTOR_BITS", 512)
+    torch.manual_seed(0)
+    model, x = _Inverted(cin, c, k, s, act_e, act_d, bias).eval(), torch.randn(1, cin, hw, hw)
+    g = graphopt.trace(model, (x,))
+    names = _func_names(g, "sapphirerapids")
+    assert any(n.startswith(f"expand_cb16_{c}x{cin}x{hw}x{hw}_k{k}s{s}") for n in names), names
+    assert not any(n.startswith((f"conv1x1_packed_{c}x{cin}x", "depthwise_")) for n in names), names
+    fused = _run_built(g, x)  # (on a host without AVX-512: 8 lanes, the two kernels)
+    ref = model(x).detach().numpy()
+    assert np.abs(fused - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-6
+    monkeypatch.setattr(conv, "expand_cb_applies", lambda *a, **kw: False)
+    assert any(n.startswith(f"depthwise_cb16_{c}x{hw}x{hw}_k{k}s{s}") for n in _func_names(g, "sapphirerapids"))
+    assert np.abs(fused - _run_built(g, x)).max() <= 1e-6 * np.abs(ref).max()
 
 
 @pytest.mark.parametrize("c,hw,k,stride,act", [(16, 7, 5, 1, torch.nn.ReLU6()), (24, 14, 3, 1, torch.nn.Identity()),

@@ -1053,6 +1053,9 @@ def _cb_fill(h: int, wd: int, ph: int, pw: int, rows: int, cols: int, lanes: int
                             tile[(p0 + j) // {wd} + {ph}, (p0 + j) % {wd} + {pw}, hf * 8 + l] = tb[j, l]"""
 
 
+EXPAND_CB_PIXELS = 14  # widest input row the fused expansion takes (`_expand_cb_source`: 2 accumulators a pixel)
+
+
 def deeper(code: str, n: int = 4) -> str:
     """TVMScript `code` (its lines each starting after a newline) moved n spaces deeper, for a loop or branch
     around it."""
@@ -1075,7 +1078,8 @@ def depthwise_per_task(units: int) -> int:
 
 def depthwise_cb_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: int, stride: int, ph: int, pw: int,
                         clamp: tuple[float, float] | None, out_q: tuple[float, int, int, int] | None = None,
-                        int8_weight: bool = False, lanes: int = 8) -> str:
+                        int8_weight: bool = False, lanes: int = 8,
+                        expand: tuple[int, tuple[float, float] | None] | None = None, per: int = 0) -> str:
     """Depthwise conv for small maps (7x7, 14x14), vectorized over 8 channels instead of over a row: each task takes
     8 channels into a zero-padded channel-last tile [rows, cols, 8], so every tap is one FMA of the tap's 8 weights
     (packed so at compile time: wv[C/8, kh*kw, 8]) against 8 channels of one input pixel, with no border cases
@@ -1088,9 +1092,16 @@ def depthwise_cb_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: 
     `depthwise_source` (the int8 taps of a group are widened once per task).
 
     `lanes` 16 (512-bit vectors) takes 16 channels a task: half the FMAs of 8-lane vectors for the same work, the
-    fill and store still 8x8 transposes (two per 8 pixels, one per half of the group)."""
+    fill and store still 8x8 transposes (two per 8 pixels, one per half of the group).
+
+    `expand` = (cin, clamp_e): the pointwise expansion before the layer runs in this kernel (`expand_cb_applies`):
+    x is then the expansion's input [cin, H * W], and each group's tile is filled by the expansion itself
+    (`_expand_cb_source`) instead of by transposes of x, so the expanded map is never stored; `per` then counts
+    pairs of groups."""
     if lanes not in (8, 16):
         raise ValueError(f"channel groups are 8 or 16 lanes, not {lanes}")
+    if expand is not None and (out_q is not None or int8_weight):
+        raise ValueError("the fused expansion (expand=) computes a float layer: out_q and int8_weight must be unset")
     L = lanes
     s = stride
     hp, wq = (oh - 1) * s + kh, (ow - 1) * s + kw
@@ -1131,7 +1142,7 @@ def depthwise_cb_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: 
             for r in T.unroll(8):{lane_guard("r", " " * 16)}
                     for l in T.vectorized(8):
                         out[g * {L} + hf * 8 + r, p0 + l] = {_clamped("tb[r, l]", clamp, out_q)}"""
-    body = f"""{_cb_fill(h, wd, ph, pw, rows, cols, L, xc)}
+    dw = f"""
         for yb in T.serial({-(-oh // ry)}):
             y0: T.let = T.min(yb * {ry}, {oh - ry})
             for b in T.serial({nblk}):
@@ -1149,9 +1160,12 @@ def depthwise_cb_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: 
                                     acc[r, xx, l] = acc[r, xx, l] + wv[{wg}, i * {kw} + j, l] * tile[
                                         (y0 + r) * {s} + i, (x0 + xx) * {s} + j, l]{store}
 """
+    if expand is not None:
+        return _expand_cb_source(c, groups, L, hp, wq, ph, pw, rows, cols, h, wd, n_out, w_arg, dw, expand, per)
+    body = _cb_fill(h, wd, ph, pw, rows, cols, L, xc) + dw
     # tasks of `per` groups (`depthwise_per_task`): the tile and output buffers, past the 1 KB TVM keeps on the
     # stack, are allocated once a task, not once a group
-    per = depthwise_per_task(groups)
+    per = per or depthwise_per_task(groups)
     return f"""
 @T.prim_func(private=True)
 def depthwise_cb(x: T.Buffer(({c}, {h * wd}), "float32"), {w_arg},
@@ -1167,6 +1181,69 @@ def depthwise_cb(x: T.Buffer(({c}, {h * wd}), "float32"), {w_arg},
         for gi in T.serial({per}):
             g: T.let = gc * {per} + gi
             if g < {groups}:{deeper(widen + body, 8)}
+"""
+
+
+def _expand_cb_source(c: int, groups: int, L: int, hp: int, wq: int, ph: int, pw: int, rows: int, cols: int,
+                      h: int, wd: int, n_out: int, w_arg: str, dw: str, expand: tuple[int, tuple[float, float] | None],
+                      per: int) -> str:
+    """`depthwise_cb_source` with the expansion before the layer in it (`expand` = (cin, clamp_e)): x is the
+    expansion's input [cin, H * W], the expansion's weight we [groups, cin, L] and bias be. A task takes `per` pairs
+    of channel groups; for a pair, input row by input row, the two groups' channels of each of the row's `cols`
+    pixels are summed over the cin inputs in registers (2 x cols accumulators: each pixel's input broadcast once
+    against both groups' weight vectors), clamped and stored channel-last into the pair's two tiles, which `dw`
+    (one group's depthwise conv and store, from `tile` for group `g`) then reads. The expanded map is never stored;
+    the sums are the pointwise kernel's, in the same order (bias first, then k = 0..cin-1). An odd last group
+    computes its pair's second half from itself and stores nothing of it. Against one group a step (each input
+    broadcast for one weight vector), alone on the Xeon: 0.91-0.93x at 2 threads, 0.91-0.93x at 1."""
+    import re
+    cin, clamp_e = expand
+    pairs = -(-groups // 2)
+    dw_b = re.sub(r"\bg\b", "g1", dw)
+    for a, b in (("tile[", "tile_b["), ("acc[", "acc_b["), ("acc =", "acc_b ="), ("y0", "y0b"), ("x0", "x0b"),
+                 ("p0", "p0b")):
+        dw_b = dw_b.replace(a, b)
+    g1 = f"T.min(g + 1, {groups - 1})" if groups % 2 else "g + 1"
+    steps = "".join(f"""
+                    for l in T.vectorized({L}):
+                        acc_e[{h}, xx, l] = acc_e[{h}, xx, l] + we[{gh}, kk, l] * x[kk, yy * {wd} + xx]"""
+                    for h, gh in ((0, "g"), (1, g1)))
+    fill = f"""
+        for yy in T.serial({rows}):
+            acc_e = T.decl_buffer((2, {cols}, {L}), "float32", scope="global")
+            for xx in T.unroll({cols}):
+                for l in T.vectorized({L}):
+                    acc_e[0, xx, l] = be[g * {L} + l]
+                for l in T.vectorized({L}):
+                    acc_e[1, xx, l] = be[({g1}) * {L} + l]
+            for kk in T.serial({cin}):
+                for xx in T.unroll({cols}):{steps}
+            for xx in T.unroll({cols}):
+                for l in T.vectorized({L}):
+                    tile[yy + {ph}, xx + {pw}, l] = {_clamped("acc_e[0, xx, l]", clamp_e)}
+                for l in T.vectorized({L}):
+                    tile_b[yy + {ph}, xx + {pw}, l] = {_clamped("acc_e[1, xx, l]", clamp_e)}"""
+    zero = _cb_zero_border(hp, wq, ph, pw, rows, cols, L)
+    return f"""
+@T.prim_func(private=True)
+def expand_cb(x: T.Buffer(({cin}, {h * wd}), "float32"), we: T.Buffer(({groups}, {cin}, {L}), "float32"),
+              be: T.Buffer(({groups * L},), "float32"), {w_arg},
+              bias: T.Buffer(({groups * L},), "float32"), out: T.Buffer(({c}, {n_out}), "float32")):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
+    for gc in T.parallel({-(-pairs // per)}):
+        tile = T.decl_buffer(({hp}, {wq}, {L}), "float32", scope="global")
+        tile_b = T.decl_buffer(({hp}, {wq}, {L}), "float32", scope="global")
+        ot = T.decl_buffer(({n_out}, {L}), "float32", scope="global")
+        ta = T.decl_buffer((8, 8), "float32", scope="global")
+        tb = T.decl_buffer((8, 8), "float32", scope="global")
+        s1 = T.decl_buffer((8, 8), "float32", scope="global")
+        s2 = T.decl_buffer((8, 8), "float32", scope="global"){zero}{zero.replace("tile[", "tile_b[")}
+        for gi in T.serial({per}):
+            gp: T.let = gc * {per} + gi
+            if gp < {pairs}:
+                g: T.let = gp * 2{deeper(fill + dw, 8)}
+                if g + 1 < {groups}:
+                    g1: T.let = g + 1{deeper(dw_b, 12)}
 """
 
 
@@ -1414,6 +1491,60 @@ def emit_expand_dw(bb, x, we: np.ndarray, be: np.ndarray | None, wdw: np.ndarray
             relax.const(np.ascontiguousarray(wdw.reshape(c, k, k).astype(np.float32))),
             relax.const((zeros if bd is None else bd).astype(np.float32))]
     y = bb.emit(relax.call_tir(gv, args, relax.TensorType((c, oh, ow), "float32")))
+    return bb.emit(relax.op.reshape(y, (1, c, oh, ow)))
+
+
+def expand_cb_applies(c: int, h: int, wd: int, k: int, stride: int, lanes: int) -> bool:
+    """Whether a pointwise expansion to c channels on an h x wd map, whose only consumer is a k x k depthwise conv
+    ("same" padding, `stride`), runs with it in the channel-blocked kernel (`depthwise_cb_source` with `expand`):
+    where the rule gives that layer 16-channel groups (512-bit vectors; 8-lane CPUs not measured), c a multiple
+    of 16, input rows of 8 to EXPAND_CB_PIXELS pixels (MobileNetV2's and EfficientNet-Lite0's 14x14 maps).
+
+    In-model A/Bs against the two kernels (the Xeon, interleaved, 30 rounds a run, outputs within 5e-6):
+    MobileNetV2 (its four 384 x 64 and three 576 x 96 pairs) 0.971-0.989x in four runs at 2 threads, 0.946-0.981x
+    in three at 1; EfficientNet-Lite0 (three 480 x 80 and 672 x 112 pairs) 0.978-0.998x at 2. Alone (hot, the
+    two kernels' call overhead included) 0.64-0.73x at 2 threads, 0.85-0.88x at 1. Fusing MobileNetV2's 7x7 maps
+    too (960 x 160: rows of 7, one or two a step, one group a step) was 1.00-1.02x without them: that expanded map
+    is 188 KB, in L2 either way."""
+    if lanes < 16 or c % 16 or k % 2 == 0 or stride not in (1, 2) or not 8 <= wd <= EXPAND_CB_PIXELS:
+        return False
+    oh, ow = (h - 1) // stride + 1, (wd - 1) // stride + 1
+    return depthwise_knobs(c, oh, ow, k, k, stride, lanes)[0] == {"kernel": "channels", "lanes": 16}
+
+
+def expand_cb_per(units: int, cores: int) -> int:
+    """Units (pairs of channel groups) a task of the fused kernel: at most `depthwise_per_task`'s (8+ tasks), the
+    most that keeps the busiest of `cores` threads (the tasks split in contiguous runs) at its least number of
+    units: 576 channels (18 pairs) 1 a task, 18 tasks, where 2 made 9 (5 and 4 a thread at 2 threads)."""
+    most = depthwise_per_task(units)
+
+    def busiest(per: int) -> int:
+        return -(-(-(-units // per)) // max(cores, 1)) * per
+    return min(range(most, 0, -1), key=lambda per: (busiest(per), -per))
+
+
+def emit_expand_cb(bb, x, we: np.ndarray, be: np.ndarray | None, wdw: np.ndarray, bd: np.ndarray | None, x_shape,
+                   stride: int, clamp_e: tuple[float, float] | None, clamp_d: tuple[float, float] | None,
+                   cores: int = 2):
+    """Emit the expansion + depthwise conv as one channel-blocked kernel (`expand_cb_applies`) for x [1, Cin, H,
+    W], the pointwise weight we [C, Cin(, 1, 1)] and the depthwise's wdw [C, 1, k, k]; returns [1, C, OH, OW]."""
+    from tvm import relax
+
+    _, cin, h, wd = (int(d) for d in x_shape)
+    c, k, lanes = int(wdw.shape[0]), int(wdw.shape[-1]), 16
+    oh, ow = (h - 1) // stride + 1, (wd - 1) // stride + 1
+    groups = c // lanes
+    zeros = np.zeros(c, np.float32)
+    src = depthwise_cb_source(c, h, wd, oh, ow, k, k, stride, k // 2, k // 2, clamp_d, lanes=lanes,
+                              expand=(cin, clamp_e), per=expand_cb_per(-(-groups // 2), cores))
+    tag = f"{c}x{cin}x{h}x{wd}_k{k}s{stride}" + ("" if clamp_d is None else "_clamp")
+    gv = bb.add_func(parse_kernel(src), f"expand_cb16_{tag}")
+    wg = np.ascontiguousarray(we.reshape(groups, lanes, cin).transpose(0, 2, 1).astype(np.float32))
+    wv = np.ascontiguousarray(wdw.reshape(groups, lanes, k * k).transpose(0, 2, 1).astype(np.float32))
+    args = [bb.emit(relax.op.reshape(x, (cin, h * wd))), relax.const(wg),
+            relax.const((zeros if be is None else be).astype(np.float32)), relax.const(wv),
+            relax.const((zeros if bd is None else bd).astype(np.float32))]
+    y = bb.emit(relax.call_tir(gv, args, relax.TensorType((c, oh * ow), "float32")))
     return bb.emit(relax.op.reshape(y, (1, c, oh, ow)))
 
 
