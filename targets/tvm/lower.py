@@ -2162,8 +2162,9 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
 
     def _expand_depthwise(node, importer, x_shape, wt, bt):
         """A pointwise conv whose output (after a lone clamp) meets only a depthwise conv that graphopt's row
-        kernel would run, as one fused kernel (`conv.expand_dw_source`: the expanded map is never stored); both
-        clamps go into it. None where `expand_dw_plan` declines or the depthwise is not a plain float one."""
+        kernel would run, as one fused kernel (`conv.expand_dw_source`: the expanded map is never stored), or one
+        the 16-channel group kernel would run on a 14x14-like map (`conv.expand_cb_applies`); both clamps go into
+        it. None where neither applies or the depthwise is not a plain float one."""
         import torch
 
         from graphopt.targets.tvm.cpu import conv as k
@@ -2195,17 +2196,15 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             return None
         _, clamp_e = _fused_epilogue(node, importer, False)
         _, clamp_d = _fused_epilogue(dw, importer, False)
+        weights = (wt.detach().numpy(), None if bt is None else bt.detach().numpy(), dwt.detach().numpy(),
+                   None if dbt is None else dbt.detach().numpy())
+        x = importer.env[node.args[0]]
         if cb:
-            y = k.emit_expand_cb(importer.block_builder, importer.env[node.args[0]], wt.detach().numpy(),
-                                 None if bt is None else bt.detach().numpy(), dwt.detach().numpy(),
-                                 None if dbt is None else dbt.detach().numpy(), x_shape, int(stride[0]), clamp_e,
-                                 clamp_d, target_cores(target))
-            expanded_dw[dw] = y
-            return y
-        y = k.emit_expand_dw(importer.block_builder, importer.env[node.args[0]], wt.detach().numpy(),
-                             None if bt is None else bt.detach().numpy(), dwt.detach().numpy(),
-                             None if dbt is None else dbt.detach().numpy(), x_shape, int(stride[0]), plan,
-                             vector_lanes(target), clamp_e, clamp_d)
+            y = k.emit_expand_cb(importer.block_builder, x, *weights, x_shape, int(stride[0]), clamp_e, clamp_d,
+                                 target_cores(target))
+        else:
+            y = k.emit_expand_dw(importer.block_builder, x, *weights, x_shape, int(stride[0]), plan,
+                                 vector_lanes(target), clamp_e, clamp_d)
         expanded_dw[dw] = y
         return y
 
