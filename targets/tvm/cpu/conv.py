@@ -1504,8 +1504,8 @@ def expand_cb_applies(c: int, h: int, wd: int, k: int, stride: int, lanes: int) 
     MobileNetV2 (its four 384 x 64 and three 576 x 96 pairs) 0.971-0.989x in four runs at 2 threads, 0.946-0.981x
     in three at 1; EfficientNet-Lite0 (three 480 x 80 and 672 x 112 pairs) 0.978-0.998x at 2. Alone (hot, the
     two kernels' call overhead included) 0.64-0.73x at 2 threads, 0.85-0.88x at 1. Fusing MobileNetV2's 7x7 maps
-    too (960 x 160: rows of 7, one or two a step, one group a step) was 1.00-1.02x without them: that expanded map
-    is 188 KB, in L2 either way."""
+    too (960 x 160, rows of 7) was 1.00-1.02x without them with one group a step, 0.99-1.05x with pairs: that
+    expanded map is 188 KB, in L2 either way."""
     if lanes < 16 or c % 16 or k % 2 == 0 or stride not in (1, 2) or not 8 <= wd <= EXPAND_CB_PIXELS:
         return False
     oh, ow = (h - 1) // stride + 1, (wd - 1) // stride + 1
