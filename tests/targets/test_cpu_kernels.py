@@ -752,6 +752,10 @@ def test_expansion_with_a_second_user_or_a_small_map_keeps_its_own_kernels():
     assert not expand_cb_applies(384, 14, 14, 3, 1, 8)  # 8-lane CPUs: not measured
     assert not expand_cb_applies(960, 7, 7, 3, 1, 16)  # 7x7 maps: no gain
     assert not expand_cb_applies(96, 14, 14, 3, 1, 16)  # under CB16_MIN_CHANNELS: 8-channel groups
+    from graphopt.targets.tvm.cpu.conv import expand_cb_per
+    # tasks sized so that the busiest of two threads has the fewest units: 36 in threes (6 tasks each), not in
+    # fours (9 tasks: 5 and 4); 12 pairs one a task; with 4 threads 36 units in threes too (12 tasks, 3 each)
+    assert (expand_cb_per(36, 2), expand_cb_per(12, 2), expand_cb_per(36, 4)) == (3, 1, 3)
 
 
 @pytest.mark.parametrize("cin,c,hw,k,s,act_e,act_d,bias", [
