@@ -499,7 +499,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             int8_in = node.args[0] not in dequantized
             y = k.emit_depthwise(bb, xq, wt.numpy(), b, x_shape, int(stride[0]), full, clamp, out_q,
                                  w_scale=wst.double().numpy(), lanes=vector_lanes(target),
-                                 x_q=(float(sx), int(zx)) if int8_in else None, qdot=int8_depthwise_dot(target))
+                                 x_q=(float(sx), int(zx)) if int8_in else None, qdot=int8_depthwise_dot(target),
+                                 cores=target_cores(target))
             dq = False
         else:
             return None
@@ -1779,7 +1780,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         if kind == "im2col" or (kind == "direct" and k.rows_too_narrow(x_shape, w.shape, stride, full)):
             return k.emit_im2col_conv(bb, x, w, b, x_shape, stride, full, vector_lanes(target), clamp, residual)
         if kind == "depthwise":
-            return k.emit_depthwise(bb, x, w, b, x_shape, stride, full, clamp, lanes=vector_lanes(target))
+            return k.emit_depthwise(bb, x, w, b, x_shape, stride, full, clamp, lanes=vector_lanes(target),
+                                    cores=target_cores(target))
         return k.emit_direct_conv(bb, x, w, b, x_shape, stride, full, clamp)
 
     def _grouped_conv(node, importer, x_shape, wt, bt, pads, groups: int, conv_args=None, full=None):

@@ -752,10 +752,10 @@ def test_expansion_with_a_second_user_or_a_small_map_keeps_its_own_kernels():
     assert not expand_cb_applies(384, 14, 14, 3, 1, 8)  # 8-lane CPUs: not measured
     assert not expand_cb_applies(960, 7, 7, 3, 1, 16)  # 7x7 maps: no gain
     assert not expand_cb_applies(96, 14, 14, 3, 1, 16)  # under CB16_MIN_CHANNELS: 8-channel groups
-    from graphopt.targets.tvm.cpu.conv import expand_cb_per
+    from graphopt.targets.tvm.cpu.conv import balanced_per_task
     # tasks sized so that the busiest of two threads has the fewest units: 36 in threes (6 tasks each), not in
     # fours (9 tasks: 5 and 4); 12 pairs one a task; with 4 threads 36 units in threes too (12 tasks, 3 each)
-    assert (expand_cb_per(36, 2), expand_cb_per(12, 2), expand_cb_per(36, 4)) == (3, 1, 3)
+    assert (balanced_per_task(36, 2), balanced_per_task(12, 2), balanced_per_task(36, 4)) == (3, 1, 3)
 
 
 @pytest.mark.parametrize("cin,c,hw,k,s,act_e,act_d,bias", [
@@ -794,13 +794,13 @@ def test_expansion_and_channel_group_depthwise_run_as_one_kernel(cin, c, hw, k, 
                                                (16, 14, 5, 1, torch.nn.ReLU6()),  # 5x5, 14 wide: 2 rows a step
                                                (8, 11, 5, 1, torch.nn.Identity()),  # 11 rows: the last pair overlaps
                                                (8, 28, 5, 1, torch.nn.ReLU6()),  # 5x5 on 28x28: a 32 KB tile
-                                               (136, 7, 3, 1, torch.nn.ReLU6()),  # 17 groups: 2 a task, 1 left
-                                               (260, 14, 3, 2, torch.nn.Identity())])  # 33 groups, 4 a task
+                                               (152, 7, 3, 1, torch.nn.ReLU6()),  # 19 groups: 2 a task, 1 left
+                                               (276, 14, 3, 2, torch.nn.Identity())])  # 35 groups, 3 a task
 def test_small_map_depthwise_runs_over_channel_groups(c, hw, k, stride, act):
     """7x7 / 14x14 maps (and 28x28 ones with 5x5 taps) take the channel-blocked kernel: 8x8 transposes back to
     NCHW (the last block of 8 pixels overlapping), odd sizes with stride 2, tiny maps (3x3: 9 outputs), a last
-    group of fewer than 8 channels (12, 20, 260), and tasks of several groups whose last task is short (136, 260:
-    `depthwise_per_task`)."""
+    group of fewer than 8 channels (12, 20, 276), and tasks of several groups whose last task is short (152, 276
+    on a 2-core host: `balanced_per_task`)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(c, c, k, stride, k // 2, groups=c), act).eval()
     x = torch.randn(1, c, hw, hw)

@@ -1163,8 +1163,8 @@ def depthwise_cb_source(c: int, h: int, wd: int, oh: int, ow: int, kh: int, kw: 
     if expand is not None:
         return _expand_cb_source(c, groups, L, hp, wq, ph, pw, rows, cols, h, wd, n_out, w_arg, dw, expand, per)
     body = _cb_fill(h, wd, ph, pw, rows, cols, L, xc) + dw
-    # tasks of `per` groups (`depthwise_per_task`): the tile and output buffers, past the 1 KB TVM keeps on the
-    # stack, are allocated once a task, not once a group
+    # tasks of `per` groups (`depthwise_per_task`, or the caller's `balanced_per_task`): the tile and output
+    # buffers, past the 1 KB TVM keeps on the stack, are allocated once a task, not once a group
     per = per or depthwise_per_task(groups)
     return f"""
 @T.prim_func(private=True)
@@ -1314,7 +1314,7 @@ def depthwise_applies(x_shape, w_shape, stride, padding, dilation, groups, trans
 def emit_depthwise(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, stride: int, padding,
                    clamp: tuple[float, float] | None, out_q: tuple[float, int, int, int] | None = None,
                    w_scale: np.ndarray | None = None, lanes: int = 8, x_q: tuple[float, int] | None = None,
-                   qdot: str | None = None):
+                   qdot: str | None = None, cores: int = 0):
     """Emit a depthwise conv (+ bias, clamp) for x [N, C, H, W] with a constant weight [C, 1, kh, kw].
 
     `padding` is (top, bottom, left, right), so an asymmetric zero pad before the conv (TF "SAME") folds in. With
@@ -1324,6 +1324,9 @@ def emit_depthwise(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
     row themselves (`_depthwise_int8_planes`), the others get the floats from a dequantize before them. With x_q,
     w_scale and `qdot` (`qdepthwise.int8_depthwise_dot`: the target has the int8 kernel's instructions) the layers
     `qdepthwise_applies` takes run on the int8 kernel (`qdepthwise`), a tuning candidate among the float ones.
+    `cores` (the target's; 0: unknown) sizes the channel-group kernel's tasks (`balanced_per_task`): MobileNetV2
+    (960 x 7 x 7: 3 groups a task, 20 tasks, instead of 4 and 15) 0.978-0.996x in four interleaved runs at 2
+    threads; EfficientNet-Lite0 (1152 x 7 x 7: 6 a task instead of 8) 0.91-1.02x, noise.
     """
     from tvm import relax
 
@@ -1368,7 +1371,8 @@ def emit_depthwise(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
                                           bias, out_q)
             weights = [relax.const(grouped(w, np.int8)), relax.const(padded(w_scale))]
         src = batch_source(depthwise_cb_source(c, h, wd, oh, ow, kh, kw, stride, pt, pl, clamp, out_q,
-                                               w_scale is not None, gl), n, ["x", "out"])
+                                               w_scale is not None, gl, per=balanced_per_task(cp // gl, cores)),
+                           n, ["x", "out"])
         gv = bb.add_func(parse_kernel(src), f"depthwise_cb{gl if gl != 8 else ''}_{tag}")
         bind(site, gv.name_hint)
         b = padded(bias if bias is not None else np.zeros(c, np.float32))
@@ -1512,10 +1516,13 @@ def expand_cb_applies(c: int, h: int, wd: int, k: int, stride: int, lanes: int) 
     return depthwise_knobs(c, oh, ow, k, k, stride, lanes)[0] == {"kernel": "channels", "lanes": 16}
 
 
-def expand_cb_per(units: int, cores: int) -> int:
-    """Units (pairs of channel groups) a task of the fused kernel: at most `depthwise_per_task`'s (8+ tasks), the
-    most that keeps the busiest of `cores` threads (the tasks split in contiguous runs) at its least number of
-    units: 576 channels (18 pairs) 1 a task, 18 tasks, where 2 made 9 (5 and 4 a thread at 2 threads)."""
+def balanced_per_task(units: int, cores: int) -> int:
+    """Units (channel groups, or the fused kernel's pairs of them) a task of the channel-group kernels: at most
+    `depthwise_per_task`'s (8+ tasks), the most that keeps the busiest of `cores` threads (the tasks split in
+    contiguous runs) at its least number of units; `depthwise_per_task`'s where cores is 0 (not known). 576
+    channels in pairs (18) 1 a task, 18 tasks, where 2 made 9 (5 and 4 a thread at 2 threads)."""
+    if not cores:
+        return depthwise_per_task(units)
     most = depthwise_per_task(units)
 
     def busiest(per: int) -> int:
@@ -1536,7 +1543,7 @@ def emit_expand_cb(bb, x, we: np.ndarray, be: np.ndarray | None, wdw: np.ndarray
     groups = c // lanes
     zeros = np.zeros(c, np.float32)
     src = depthwise_cb_source(c, h, wd, oh, ow, k, k, stride, k // 2, k // 2, clamp_d, lanes=lanes,
-                              expand=(cin, clamp_e), per=expand_cb_per(-(-groups // 2), cores))
+                              expand=(cin, clamp_e), per=balanced_per_task(-(-groups // 2), cores))
     tag = f"{c}x{cin}x{h}x{wd}_k{k}s{stride}" + ("" if clamp_d is None else "_clamp")
     gv = bb.add_func(parse_kernel(src), f"expand_cb16_{tag}")
     wg = np.ascontiguousarray(we.reshape(groups, lanes, cin).transpose(0, 2, 1).astype(np.float32))
