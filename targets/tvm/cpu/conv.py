@@ -1532,7 +1532,7 @@ def balanced_per_task(units: int, cores: int) -> int:
 
 def emit_expand_cb(bb, x, we: np.ndarray, be: np.ndarray | None, wdw: np.ndarray, bd: np.ndarray | None, x_shape,
                    stride: int, clamp_e: tuple[float, float] | None, clamp_d: tuple[float, float] | None,
-                   cores: int = 2):
+                   cores: int = 0):
     """Emit the expansion + depthwise conv as one channel-blocked kernel (`expand_cb_applies`) for x [1, Cin, H,
     W], the pointwise weight we [C, Cin(, 1, 1)] and the depthwise's wdw [C, 1, k, k]; returns [1, C, OH, OW]."""
     from tvm import relax
