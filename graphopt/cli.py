@@ -37,6 +37,17 @@ def _input_shape(text: str) -> tuple[str, tuple[int | None, ...]]:
     return name, shape
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type for counts that must be 1 or more (threads, runs)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a positive integer (1 or more)")
+    return value
+
+
 def _add_shape_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-shape", action="append", type=_input_shape, default=[], metavar="NAME=DIMS",
                    help="fix a dynamic dim of an ONNX model's or a .pt2 program's input, e.g. --input-shape "
@@ -137,7 +148,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--no-report", action="store_true",
                    help="skip fidelity and latency measurement (the report still lists the passes, with "
                         "--verify-each's findings, sizes and the build)")
-    c.add_argument("--threads", type=int, default=None,
+    c.add_argument("--threads", type=_positive_int, default=None,
                    help="threads for every runtime in the report (default: TVM_NUM_THREADS or OMP_NUM_THREADS if set, "
                         "else cores)")
     _add_pm_options(c)
@@ -182,9 +193,9 @@ def _parser() -> argparse.ArgumentParser:
                    "export is timed on ONNX Runtime / PyTorch)")
     b.add_argument("--model", help="the original model (" + MODEL_HELP + ") for the ORT and PyTorch baselines")
     _add_shape_option(b)
-    b.add_argument("--threads", type=int, default=None,
+    b.add_argument("--threads", type=_positive_int, default=None,
                    help="threads for every runtime (default: TVM_NUM_THREADS or OMP_NUM_THREADS if set, else cores)")
-    b.add_argument("--runs", type=int, default=20,
+    b.add_argument("--runs", type=_positive_int, default=20,
                    help="timed runs per runtime after warm-up, spread over 5 interleaved rounds (graphopt, ORT, "
                         "PyTorch in turn); the median of the round medians is reported")
     b.add_argument("--batch", type=int, default=None,

@@ -571,3 +571,17 @@ def test_training_passes_take_labels_from_the_inputs_npz(tmp_path, onnx_model, c
         one_line_error(cli("opt", path, "--pipeline", pipeline, "--inputs", tmp_path / f"{name}.npz",
                            "-o", tmp_path / f"{name}.gopt"), needle)
         assert not (tmp_path / f"{name}.gopt").exists()
+
+
+@pytest.mark.parametrize("args", [("compile", "zoo:mobilenet_v2", "-o", "never", "--threads", "0"),
+                                  ("bench", "never", "--threads", "-1"), ("bench", "never", "--runs", "zero")])
+def test_thread_and_run_counts_must_be_positive(args, capsys, tmp_path, monkeypatch):
+    """--threads and --runs below 1 (or not numbers) are refused by the option parser, naming the option, before
+    anything runs or is written (torch had raised a traceback at --threads -1)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        cli_main(*args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {args[-2]}: '{args[-1]}' is not a positive integer" in err and "Traceback" not in err
+    assert not (tmp_path / "never").exists()
