@@ -178,6 +178,37 @@ def rewrite(graph: Graph, m: Match) -> None:
         out.replace_all_uses_with(p)
 
 
+def fold(graph: Graph) -> tuple[list[str], list[str], dict[str, str]]:
+    """Fold every batch norm, then every per-channel constant mul / add, that fits into its conv or linear (in
+    place). Returns the folded batch norms and affine ops ("node -> layer") and why each other one stayed."""
+    folded, skipped = [], {}
+    for bn in [n for n in graph.gm.graph.nodes if n.op == "call_function" and n.target in BN_OPS]:
+        m = match(graph, bn)
+        reason = m if isinstance(m, str) else check(graph, m)
+        if reason:
+            skipped[bn.name] = reason
+            continue
+        rewrite(graph, m)
+        folded.append(f"{bn.name} -> {m.producer.name}")
+    biases = []  # (muls first: a conv -> mul -> add chain folds whole)
+    for add in [n for kind in (aten.mul.Tensor, aten.add.Tensor) for n in graph.gm.graph.nodes
+                if n.op == "call_function" and n.target is kind]:
+        m = match_affine(graph, add)
+        if m is None:
+            continue
+        reason = check(graph, m)
+        if reason:
+            skipped[add.name] = reason
+            continue
+        rewrite(graph, m)
+        graph.gm.graph.erase_node(add)  # (now unread: a mul's add after it sees the layer's one user)
+        biases.append(f"{add.name} -> {m.producer.name}")
+    if folded or biases:
+        eliminate_dead_code(graph)
+        graph.gm.recompile()  # (runnable at once: mixed-precision runs the graph inside its own pass)
+    return folded, biases, skipped
+
+
 @register_pass
 class FoldBatchNorm(Pass):
     name = "fold-bn"
@@ -190,30 +221,7 @@ class FoldBatchNorm(Pass):
         pass
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        folded, skipped = [], {}
-        for bn in [n for n in graph.gm.graph.nodes if n.op == "call_function" and n.target in BN_OPS]:
-            m = match(graph, bn)
-            reason = m if isinstance(m, str) else check(graph, m)
-            if reason:
-                skipped[bn.name] = reason
-                continue
-            rewrite(graph, m)
-            folded.append(f"{bn.name} -> {m.producer.name}")
-        biases = []  # (muls first: a conv -> mul -> add chain folds whole)
-        for add in [n for kind in (aten.mul.Tensor, aten.add.Tensor) for n in graph.gm.graph.nodes
-                    if n.op == "call_function" and n.target is kind]:
-            m = match_affine(graph, add)
-            if m is None:
-                continue
-            reason = check(graph, m)
-            if reason:
-                skipped[add.name] = reason
-                continue
-            rewrite(graph, m)
-            graph.gm.graph.erase_node(add)  # (now unread: a mul's add after it sees the layer's one user)
-            biases.append(f"{add.name} -> {m.producer.name}")
-        if folded or biases:
-            eliminate_dead_code(graph)
+        folded, biases, skipped = fold(graph)
         reason = ""
         if not folded and not biases:
             reason = "no batch norm found" if not skipped else reasons_by_op(skipped)

@@ -234,3 +234,19 @@ def test_latency_sensitivity_replays_only_what_follows_each_layer():
             assert torch.equal(got, want), op.name
             ref = g.gm(x)
             assert not torch.equal(got, ref[0] if isinstance(ref, (tuple, list)) else ref), op.name  # it reached
+
+
+def test_batch_norms_fold_first_so_the_int8_layers_stay_whole(digits):
+    """mixed-precision rounds weights in place; a batch norm left after one of them could not fold any more (its
+    layer's weight is computed) and would run in float after the int8 conv. It folds them first, as quantize does:
+    the same graph as fold-bn,mixed-precision."""
+    model, (xtr, xte, _, _) = digits[0]
+    g = graphopt.trace(model, (xtr[:64],))
+    bns = sum(1 for n in g.nodes("call_function") if "batch_norm" in str(n.target))
+    pipe = "mixed-precision{target=0.2},quantize,fold-qdq"
+    mp = graphopt.optimize(g, pipe, data=batches(xtr)[:4])
+    assert mp.meta["history"][0]["stats"]["batch_norms_folded"] == bns >= 2
+    assert not any("batch_norm" in str(n.target) for n in mp.nodes("call_function"))
+    ref = graphopt.optimize(g, "fold-bn," + pipe, data=batches(xtr)[:4])
+    assert mp.meta["weight_bits"] == ref.meta["weight_bits"]
+    torch.testing.assert_close(mp.run(xte[:64])[0], ref.run(xte[:64])[0], rtol=0, atol=0)

@@ -704,3 +704,26 @@ def test_fold_qdq_moves_codes_instead_of_requantizing_around_reshapes(tmp_path):
     assert rec["stats"]["requantized_moves"] >= 1 and rec["stats"]["folded"] == 2 and rec["verify"]["ok"], rec
     targets = [str(n.target) for n in f.graph.nodes if n.op == "call_function"]
     assert targets.count("graphopt.qlinear.default") == 2 and "aten.linear.default" not in targets, targets
+
+
+def test_quantize_folds_the_batch_norms_after_its_layers_first(tmp_path, digits, caplog):
+    """A batch norm left after a quantized conv runs in float on that conv's float output, so the int8 kernel cannot
+    requantize in its epilogue (int8 MobileNetV2 3.5x the time). quantize folds them first, as fold-bn does: the
+    same graph as fold-bn,quantize; fold-bn=false keeps them, and compile says what that costs."""
+    model, (xtr, xte, ytr, yte) = digits[0]
+    g = graphopt.trace(model, (xtr[:64],))
+    bns = sum(1 for n in g.nodes("call_function") if "batch_norm" in str(n.target))
+    assert bns >= 2
+    q = graphopt.optimize(g, "quantize,fold-qdq", data=batches(xtr)[:8])
+    assert q.meta["history"][0]["stats"]["batch_norms_folded"] == bns
+    targets = [str(n.target) for n in q.nodes("call_function")]
+    assert not any("batch_norm" in t for t in targets) and "graphopt.qconv2d.default" in targets
+    ref = graphopt.optimize(g, "fold-bn,quantize,fold-qdq", data=batches(xtr)[:8])
+    x = xte[:64]
+    torch.testing.assert_close(q.run(x)[0], ref.run(x)[0], rtol=0, atol=0)
+    assert accuracy(q.gm, xte, yte) >= accuracy(model, xte, yte) - 0.01
+    kept = graphopt.optimize(g, "quantize{fold-bn=false},fold-qdq", data=batches(xtr)[:8])
+    assert sum(1 for n in kept.nodes("call_function") if "batch_norm" in str(n.target)) == bns
+    with caplog.at_level("WARNING", logger="graphopt"):
+        graphopt.compile(kept, "llvm", output=tmp_path / "kept")
+    assert f"{bns} batch norm(s) run in float after an int8 conv" in caplog.text
