@@ -2166,7 +2166,9 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         """A pointwise conv whose output (after a lone clamp) meets only a depthwise conv that graphopt's row
         kernel would run, as one fused kernel (`conv.expand_dw_source`: the expanded map is never stored), or one
         the 16-channel group kernel would run on a 14x14-like map (`conv.expand_cb_applies`); both clamps go into
-        it. None where neither applies or the depthwise is not a plain float one."""
+        it, and a zero pad between them whose output is "same"'s size (TF "SAME" at stride 2: EfficientNet-Lite0's
+        four stride-2 layers, `conv.expand_pads`). None where neither applies or the depthwise is not a plain
+        float one."""
         import torch
 
         from graphopt.targets.tvm.cpu import conv as k
@@ -2176,8 +2178,13 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         after = list(head.users)
         if len(users) != 1 or len(after) != 1:
             return None
-        dw = after[0]
-        if getattr(dw.target, "__name__", "") != "convolution.default" or dw.args[0] is not head or dw.kwargs:
+        dw, pad = after[0], None
+        if getattr(dw.target, "__name__", "") == "constant_pad_nd.default":
+            pad, later = dw, list(dw.users)
+            if not _zero_hw_pad(pad) or len(later) != 1:
+                return None
+            dw = later[0]
+        if getattr(dw.target, "__name__", "") != "convolution.default" or dw.args[0] is not (pad or head) or dw.kwargs:
             return None
         dwt = (lifted or {}).get(getattr(dw.args[1], "name", None))
         dbn = dw.args[2] if len(dw.args) > 2 else None
@@ -2187,9 +2194,12 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         y_shape = head.meta["val"].shape
         stride, padding, dilation = dw.args[3:6]
         kk = int(dwt.shape[-1])
+        pads = k.expand_pads(int(y_shape[2]), int(y_shape[3]), kk, int(stride[0]),
+                             _full_padding(dw, None if pad is None else tuple(int(q) for q in pad.args[1])))
         if (_conv_kernel(y_shape, dwt.shape, dw.args[3:9]) != "depthwise" or int(dwt.shape[-2]) != kk
-                or any(int(q) != kk // 2 for q in padding) or any(int(d) != 1 for d in dilation)):
+                or pads is None or any(int(d) != 1 for d in dilation)):
             return None
+        pads = None if pads == (kk // 2, kk // 2) else pads
         plan = k.expand_dw_plan(int(x_shape[1]), int(y_shape[1]), int(x_shape[2]), int(x_shape[3]), kk,
                                 int(stride[0]), vector_lanes(target), target_cores(target))
         cb = plan is None and k.expand_cb_applies(int(y_shape[1]), int(x_shape[2]), int(x_shape[3]), kk,
@@ -2203,10 +2213,12 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         x = importer.env[node.args[0]]
         if cb:
             y = k.emit_expand_cb(importer.block_builder, x, *weights, x_shape, int(stride[0]), clamp_e, clamp_d,
-                                 target_cores(target))
+                                 target_cores(target), pads)
         else:
             y = k.emit_expand_dw(importer.block_builder, x, *weights, x_shape, int(stride[0]), plan,
-                                 vector_lanes(target), clamp_e, clamp_d)
+                                 vector_lanes(target), clamp_e, clamp_d, pads)
+        if pad is not None:  # (its converter then emits nothing)
+            fused_acts.add(pad)
         expanded_dw[dw] = y
         return y
 
@@ -2263,6 +2275,12 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         return _builtin(importer, "add.Tensor")(node)
 
     absorbed_pads: dict = {}
+
+    def _zero_hw_pad(node) -> bool:
+        """A constant_pad_nd of zeros on H and W of a 4-D tensor (what a conv kernel can do itself)."""
+        value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)
+        return (getattr(node.target, "__name__", "") == "constant_pad_nd.default" and len(node.args[1]) == 4
+                and float(value) == 0.0 and len(node.args[0].meta["val"].shape) == 4)
 
     def constant_pad_nd(node, importer):
         if node in fused_acts:  # left out by a quantized conv; the depthwise conv after it pads instead

@@ -684,10 +684,12 @@ class _Inverted(torch.nn.Module):
     """MobileNetV2's inverted residual: pointwise expand (`act_e` after it) -> k x k depthwise (stride s, "same"
     padding; `act_d` after it) -> pointwise project; `tap`: the expanded map also feeds the output (a second user)."""
 
-    def __init__(self, cin, c, k, s, act_e, act_d, bias=True, tap=False):
+    def __init__(self, cin, c, k, s, act_e, act_d, bias=True, tap=False, pad=None, pad_value=0.0):
         super().__init__()
         self.expand = torch.nn.Conv2d(cin, c, 1)
-        self.dw = torch.nn.Conv2d(c, c, k, s, k // 2, groups=c, bias=bias)
+        # `pad` (left, right, top, bottom): an explicit pad before an unpadded depthwise conv (TF "SAME")
+        self.pad = torch.nn.Identity() if pad is None else torch.nn.ConstantPad2d(pad, pad_value)
+        self.dw = torch.nn.Conv2d(c, c, k, s, k // 2 if pad is None else 0, groups=c, bias=bias)
         self.project = torch.nn.Conv2d(c, cin, 1)
         self.act_e, self.act_d, self.tap = act_e, act_d, tap
         for m in (self.expand, self.dw):  # biases that move the clamps
@@ -696,7 +698,7 @@ class _Inverted(torch.nn.Module):
 
     def forward(self, x):
         e = self.act_e(self.expand(x))
-        y = self.project(self.act_d(self.dw(e)))
+        y = self.project(self.act_d(self.dw(self.pad(e))))
         return (y, e.mean()) if self.tap else y
 
 
@@ -784,6 +786,50 @@ def test_expansion_and_channel_group_depthwise_run_as_one_kernel(cin, c, hw, k, 
     monkeypatch.setattr(conv, "expand_cb_applies", lambda *a, **kw: False)
     assert any(n.startswith(f"depthwise_cb16_{c}x{hw}x{hw}_k{k}s{s}") for n in _func_names(g, "sapphirerapids"))
     assert np.abs(fused - _run_built(g, x)).max() <= 1e-6 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("cin,c,hw,k,s,pad,kernel", [
+    (8, 24, 64, 3, 2, (0, 1, 0, 1), "expand_dw"),  # TF "SAME" at stride 2 (EfficientNet-Lite0's 96 x 112 x 112)
+    (8, 24, 40, 3, 1, (0, 2, 1, 1), "expand_dw"),  # top 1, left 0
+    (16, 192, 14, 5, 2, (1, 2, 1, 2), "expand_cb16"),  # EfficientNet-Lite0's 672 x 14 x 14 5x5 stride 2
+    (24, 208, 14, 3, 2, (1, 0, 0, 1), "expand_cb16"),  # top 0, left 1
+])
+def test_a_same_pad_between_expansion_and_depthwise_joins_the_fused_kernel(cin, c, hw, k, s, pad, kernel, monkeypatch):
+    """A zero pad between the expansion and its depthwise conv whose output is "same" padding's size (TF "SAME",
+    more at the bottom / right) is done by the fused kernel; outputs match PyTorch and the unfused kernels."""
+    from graphopt.targets.tvm.cpu import conv, rules
+    monkeypatch.setattr(rules, "AVX512_VECTOR_BITS", 512)
+    torch.manual_seed(0)
+    model = _Inverted(cin, c, k, s, torch.nn.ReLU6(), torch.nn.ReLU6(), pad=pad).eval()
+    x = torch.randn(1, cin, hw, hw)
+    g = graphopt.trace(model, (x,))
+    names = _func_names(g, "sapphirerapids")
+    assert any(n.startswith(f"{kernel}_{c}x{cin}x{hw}x{hw}_k{k}s{s}_clamp_p{pad[2]}{pad[0]}") for n in names), names
+    assert not any(n.startswith((f"conv1x1_packed_{c}x{cin}x", "depthwise_", "pad")) for n in names), names
+    fused = _run_built(g, x)
+    ref = model(x).detach().numpy()
+    assert np.abs(fused - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-6
+    monkeypatch.setattr(conv, "expand_pads", lambda *a, **kw: None)
+    assert not any(n.startswith("expand_") for n in _func_names(g, "sapphirerapids"))
+    assert np.abs(fused - _run_built(g, x)).max() <= 1e-6 * np.abs(ref).max()
+
+
+def test_other_pads_before_the_depthwise_keep_the_kernels_apart():
+    """More padding at the top than k // 2, or a pad of ones: not the fused kernels' "same" zero padding."""
+    from graphopt.targets.tvm.cpu.conv import expand_pads
+    assert expand_pads(112, 112, 3, 2, (0, 1, 0, 1)) == (0, 0)
+    assert expand_pads(14, 14, 5, 2, (1, 2, 1, 2)) == (1, 1)
+    assert expand_pads(40, 40, 3, 1, (2, 0, 1, 1)) is None  # 2 rows above a 3x3 tap
+    assert expand_pads(40, 40, 3, 1, (0, 0, 1, 1)) is None  # output 38 rows, not 40
+    torch.manual_seed(0)
+    for pad, value in (((0, 0, 2, 0), 0.0), ((0, 1, 0, 1), 1.0)):
+        model = _Inverted(8, 24, 3, 1 if value == 0.0 else 2, torch.nn.ReLU6(), torch.nn.ReLU6(), pad=pad,
+                          pad_value=value).eval()
+        x = torch.randn(1, 8, 40, 40)
+        g = graphopt.trace(model, (x,))
+        assert not any(n.startswith("expand_") for n in _func_names(g)), pad
+        ref = model(x).detach().numpy()
+        assert np.abs(_run_built(g, x) - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-6
 
 
 @pytest.mark.parametrize("c,hw,k,stride,act", [(16, 7, 5, 1, torch.nn.ReLU6()), (24, 14, 3, 1, torch.nn.Identity()),

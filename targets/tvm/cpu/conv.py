@@ -1404,6 +1404,23 @@ def emit_depthwise(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
     return bb.emit(relax.op.reshape(y, (n, c, oh, ow)))
 
 
+def expand_pads(h: int, wd: int, k: int, stride: int, full) -> tuple[int, int] | None:
+    """(top, left) zero padding of a depthwise conv the fused expansion kernels take, from its (top, bottom, left,
+    right) (`full`: the conv's own with a zero pad before it, such as TF "SAME"'s, folded in): any split whose
+    output is the size "same" padding gives ((h - 1) // stride + 1 rows) with at most k // 2 before, or None.
+    EfficientNet-Lite0's stride-2 layers pad 0 / 1 (3x3) and 1 / 2 (5x5) so."""
+    pt, pb, pl, pr = (int(q) for q in full)
+    if min(pt, pb, pl, pr) < 0 or max(pt, pl) > k // 2:
+        return None
+    if (h + pt + pb - k) // stride != (h - 1) // stride or (wd + pl + pr - k) // stride != (wd - 1) // stride:
+        return None
+    return pt, pl
+
+
+def _pad_tag(pads: tuple[int, int] | None) -> str:
+    return "" if pads is None else f"_p{pads[0]}{pads[1]}"
+
+
 EXPAND_DW_BAND_BYTES = 46 * 1024  # one task's expanded band (MR channels x its input rows): within a 48 KB L1
 EXPAND_DW_MAX_RECOMPUTE = 1.15  # most expanded pixels a fused layer may compute per pixel of the map (band halos)
 
@@ -1435,7 +1452,8 @@ def expand_dw_plan(cin: int, c: int, h: int, wd: int, k: int, stride: int, lanes
 
 
 def expand_dw_source(cin: int, c: int, h: int, wd: int, k: int, stride: int, br: int, nr: int,
-                     clamp_e: tuple[float, float] | None, clamp_d: tuple[float, float] | None) -> str:
+                     clamp_e: tuple[float, float] | None, clamp_d: tuple[float, float] | None,
+                     pads: tuple[int, int] | None = None) -> str:
     """An inverted-residual block's expansion and depthwise conv in one kernel: out = dw(clamp_e(We x + be)) + bd,
     clamped by clamp_d, for x [cin, h * wd], the expansion's weight packed in MR-channel panels (`pack_rows`), the
     depthwise's [c, k, k] ("same" padding). A task takes one panel and a band of `br` output rows: it computes the
@@ -1443,8 +1461,10 @@ def expand_dw_source(cin: int, c: int, h: int, wd: int, k: int, stride: int, br:
     kernel's, over the band's contiguous pixels, the last tile overlapping the one before), then runs the row
     kernel (`depthwise_rows`) on it, so the expanded map (MobileNetV2's 96 x 112 x 112: 4.8 MB) is never
     written out and read back. Bands overlap by the depthwise's halo rows, computed in both; the sums are the two
-    kernels' in the same order (outputs bit-identical)."""
+    kernels' in the same order (outputs bit-identical). `pads` = (top, left) zero padding where it is not k // 2
+    (TF "SAME" at stride 2: more at the bottom and right, as `expand_pads` takes it); the output size is "same"'s."""
     s, p = stride, k // 2
+    pt, pl = pads if pads is not None else (p, p)
     oh, ow = (h - 1) // s + 1, (wd - 1) // s + 1
     rows = min((br - 1) * s + k, h)
     npx = rows * wd
@@ -1453,7 +1473,7 @@ def expand_dw_source(cin: int, c: int, h: int, wd: int, k: int, stride: int, br:
 
     expand = _tile(MR, nr, f"pan * {MR}", f"rs * {wd} + p0", cin, clamp_e, "acc_e", " " * 12,
                    dest=f"bandf[i * {npx} + p0 + v]")
-    dw = depthwise_rows(rb, h, wd, ow, k, k, s, p, p, lambda row: f"band[cl, {row} - rs, ",
+    dw = depthwise_rows(rb, h, wd, ow, k, k, s, pt, pl, lambda row: f"band[cl, {row} - rs, ",
                         lambda row, col: f"band[cl, {row} - rs, {col}]", lambda ki, kj: f"wdw[ch, {ki}, {kj}]",
                         "bd[ch]", "out[ch, ", lambda e: _clamped(e, clamp_d))
     return f"""
@@ -1465,7 +1485,7 @@ def expand_dw(x: T.Buffer(({cin}, {h * wd}), "float32"), wp: T.Buffer(({npan}, {
     for t in T.parallel({npan * nb}):
         pan: T.let = t % {npan}
         b0: T.let = T.min((t // {npan}) * {br}, {oh - br})
-        rs: T.let = T.max(0, T.min(b0 * {s} - {p}, {h - rows}))
+        rs: T.let = T.max(0, T.min(b0 * {s} - {pt}, {h - rows}))
         band = T.decl_buffer(({MR}, {rows}, {wd}), "float32", scope="global")
         bandf = T.decl_buffer(({MR * npx},), "float32", data=band.data)
         for pt in T.serial({-(-npx // nr)}):
@@ -1478,17 +1498,18 @@ def expand_dw(x: T.Buffer(({cin}, {h * wd}), "float32"), wp: T.Buffer(({npan}, {
 
 def emit_expand_dw(bb, x, we: np.ndarray, be: np.ndarray | None, wdw: np.ndarray, bd: np.ndarray | None, x_shape,
                    stride: int, plan: tuple[int, int], lanes: int, clamp_e: tuple[float, float] | None,
-                   clamp_d: tuple[float, float] | None):
+                   clamp_d: tuple[float, float] | None, pads: tuple[int, int] | None = None):
     """Emit the fused expansion + depthwise conv (`expand_dw_source`, `plan` from `expand_dw_plan`) for x [1, Cin,
-    H, W], the pointwise weight we [C, Cin(, 1, 1)] and the depthwise's wdw [C, 1, k, k]; returns [1, C, OH, OW]."""
+    H, W], the pointwise weight we [C, Cin(, 1, 1)] and the depthwise's wdw [C, 1, k, k]; returns [1, C, OH, OW].
+    `pads`: (top, left) where they are not k // 2 (`expand_pads`)."""
     from tvm import relax
 
     _, cin, h, wd = (int(d) for d in x_shape)
     c, k = int(wdw.shape[0]), int(wdw.shape[-1])
     oh, ow = (h - 1) // stride + 1, (wd - 1) // stride + 1
     zeros = np.zeros(c, np.float32)
-    src = expand_dw_source(cin, c, h, wd, k, stride, plan[0], 2 * lanes, clamp_e, clamp_d)
-    tag = f"{c}x{cin}x{h}x{wd}_k{k}s{stride}" + ("" if clamp_d is None else "_clamp")
+    src = expand_dw_source(cin, c, h, wd, k, stride, plan[0], 2 * lanes, clamp_e, clamp_d, pads)
+    tag = f"{c}x{cin}x{h}x{wd}_k{k}s{stride}" + ("" if clamp_d is None else "_clamp") + _pad_tag(pads)
     gv = bb.add_func(parse_kernel(src), f"expand_dw_{tag}")
     args = [bb.emit(relax.op.reshape(x, (cin, h * wd))), relax.const(pack_rows(we.reshape(c, cin))),
             relax.const((zeros if be is None else be).astype(np.float32)),
@@ -1532,9 +1553,10 @@ def balanced_per_task(units: int, cores: int) -> int:
 
 def emit_expand_cb(bb, x, we: np.ndarray, be: np.ndarray | None, wdw: np.ndarray, bd: np.ndarray | None, x_shape,
                    stride: int, clamp_e: tuple[float, float] | None, clamp_d: tuple[float, float] | None,
-                   cores: int = 0):
+                   cores: int = 0, pads: tuple[int, int] | None = None):
     """Emit the expansion + depthwise conv as one channel-blocked kernel (`expand_cb_applies`) for x [1, Cin, H,
-    W], the pointwise weight we [C, Cin(, 1, 1)] and the depthwise's wdw [C, 1, k, k]; returns [1, C, OH, OW]."""
+    W], the pointwise weight we [C, Cin(, 1, 1)] and the depthwise's wdw [C, 1, k, k]; returns [1, C, OH, OW].
+    `pads`: (top, left) where they are not k // 2 (`expand_pads`)."""
     from tvm import relax
 
     _, cin, h, wd = (int(d) for d in x_shape)
@@ -1542,9 +1564,10 @@ def emit_expand_cb(bb, x, we: np.ndarray, be: np.ndarray | None, wdw: np.ndarray
     oh, ow = (h - 1) // stride + 1, (wd - 1) // stride + 1
     groups = c // lanes
     zeros = np.zeros(c, np.float32)
-    src = depthwise_cb_source(c, h, wd, oh, ow, k, k, stride, k // 2, k // 2, clamp_d, lanes=lanes,
+    pt, pl = pads if pads is not None else (k // 2, k // 2)
+    src = depthwise_cb_source(c, h, wd, oh, ow, k, k, stride, pt, pl, clamp_d, lanes=lanes,
                               expand=(cin, clamp_e), per=balanced_per_task(-(-groups // 2), cores))
-    tag = f"{c}x{cin}x{h}x{wd}_k{k}s{stride}" + ("" if clamp_d is None else "_clamp")
+    tag = f"{c}x{cin}x{h}x{wd}_k{k}s{stride}" + ("" if clamp_d is None else "_clamp") + _pad_tag(pads)
     gv = bb.add_func(parse_kernel(src), f"expand_cb16_{tag}")
     wg = np.ascontiguousarray(we.reshape(groups, lanes, cin).transpose(0, 2, 1).astype(np.float32))
     wv = np.ascontiguousarray(wdw.reshape(groups, lanes, k * k).transpose(0, 2, 1).astype(np.float32))
