@@ -1464,7 +1464,7 @@ def expand_dw_source(cin: int, c: int, h: int, wd: int, k: int, stride: int, br:
     kernels' in the same order (outputs bit-identical). `pads` = (top, left) zero padding where it is not k // 2
     (TF "SAME" at stride 2: more at the bottom and right, as `expand_pads` takes it); the output size is "same"'s."""
     s, p = stride, k // 2
-    pt, pl = pads if pads is not None else (p, p)
+    top, left = pads if pads is not None else (p, p)
     oh, ow = (h - 1) // s + 1, (wd - 1) // s + 1
     rows = min((br - 1) * s + k, h)
     npx = rows * wd
@@ -1473,7 +1473,7 @@ def expand_dw_source(cin: int, c: int, h: int, wd: int, k: int, stride: int, br:
 
     expand = _tile(MR, nr, f"pan * {MR}", f"rs * {wd} + p0", cin, clamp_e, "acc_e", " " * 12,
                    dest=f"bandf[i * {npx} + p0 + v]")
-    dw = depthwise_rows(rb, h, wd, ow, k, k, s, pt, pl, lambda row: f"band[cl, {row} - rs, ",
+    dw = depthwise_rows(rb, h, wd, ow, k, k, s, top, left, lambda row: f"band[cl, {row} - rs, ",
                         lambda row, col: f"band[cl, {row} - rs, {col}]", lambda ki, kj: f"wdw[ch, {ki}, {kj}]",
                         "bd[ch]", "out[ch, ", lambda e: _clamped(e, clamp_d))
     return f"""
@@ -1485,7 +1485,7 @@ def expand_dw(x: T.Buffer(({cin}, {h * wd}), "float32"), wp: T.Buffer(({npan}, {
     for t in T.parallel({npan * nb}):
         pan: T.let = t % {npan}
         b0: T.let = T.min((t // {npan}) * {br}, {oh - br})
-        rs: T.let = T.max(0, T.min(b0 * {s} - {pt}, {h - rows}))
+        rs: T.let = T.max(0, T.min(b0 * {s} - {top}, {h - rows}))
         band = T.decl_buffer(({MR}, {rows}, {wd}), "float32", scope="global")
         bandf = T.decl_buffer(({MR * npx},), "float32", data=band.data)
         for pt in T.serial({-(-npx // nr)}):
