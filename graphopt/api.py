@@ -163,7 +163,7 @@ class _OnnxRuntimeTarget:
 def _hint_unfolded_batch_norms(graph: Graph) -> None:
     """compile() builds what it is given; batch norms right after a conv or linear run as kernels of their own
     unless fold-bn folded them first (a traced MobileNetV2: 1.56x the time of the folded build), and after an int8
-    layer they keep it from requantizing in its epilogue (int8 MobileNetV2 3.5x the time). Say so."""
+    or sparse layer they keep it from applying them in its epilogue (int8 MobileNetV2 3.5x the time). Say so."""
     from graphopt.passes.canonicalize.fold_bn import BN_OPS, Match, match
     bns = [n for n in graph.nodes("call_function") if n.target in BN_OPS]
     foldable = [n.name for n in bns if isinstance(match(graph, n), Match)]
@@ -172,13 +172,14 @@ def _hint_unfolded_batch_norms(graph: Graph) -> None:
                     "kernels. graphopt.optimize(graph, \"fold-bn,fold-pad,fold-constants,dce\") first folds them, "
                     "as the CLI's default pipeline does", len(foldable), ", ".join(foldable[:3]),
                     ", ..." if len(foldable) > 3 else "")
-    after_int8 = [n.name for n in bns if isinstance(n.args[0], fx.Node)
-                  and getattr(n.args[0].target, "__name__", "") in ("qconv2d.default", "qlinear.default")]
-    if after_int8:
-        log.warning("compile: %d batch norm(s) run in float after an int8 conv or linear (%s%s), which then cannot "
-                    "requantize in its own kernel. Fold them before quantizing: fold-bn before quantize in the "
-                    "pipeline, or quantize's default fold-bn=true", len(after_int8), ", ".join(after_int8[:3]),
-                    ", ..." if len(after_int8) > 3 else "")
+    rewritten = ("qconv2d.default", "qlinear.default", "bsr_conv1x1.default", "bsr_linear.default")
+    after = [n.name for n in bns if isinstance(n.args[0], fx.Node)
+             and getattr(n.args[0].target, "__name__", "") in rewritten]
+    if after:
+        log.warning("compile: %d batch norm(s) run as their own ops after an int8 or sparse conv or linear (%s%s), "
+                    "which then cannot apply them in its own kernel. Fold them before those passes: fold-bn first "
+                    "in the pipeline (quantize, mixed-precision and select-sparse-layout fold them themselves)",
+                    len(after), ", ".join(after[:3]), ", ..." if len(after) > 3 else "")
 
 
 def _hint_unfolded_qdq(graph: Graph) -> None:

@@ -473,3 +473,56 @@ def test_cost_keys_of_int8_layers_name_the_amx_choice(monkeypatch, tmp_path):
     off = (o._key("qlinear", (32, 128, 64), "dense", 0, w), o._key("linear", (32, 128, 64), "dense", 0),
            o._key("qconv1x1", (49, 128, 64), "dense", 0, w))
     assert on[0].endswith("|amx") and on[0] != off[0] and on[1:] == off[1:]
+
+
+class _PointwiseBN(nn.Module):
+    """Pointwise convs each followed by a batch norm (running statistics moved off 0 / 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand, self.bn1 = nn.Conv2d(64, 128, 1, bias=False), nn.BatchNorm2d(128)
+        self.project, self.bn2 = nn.Conv2d(128, 64, 1, bias=False), nn.BatchNorm2d(64)
+        for bn in (self.bn1, self.bn2):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.data.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        return self.bn2(self.project(torch.nn.functional.relu6(self.bn1(self.expand(x)))))
+
+
+def test_batch_norms_after_the_layers_fold_first(tmp_path, caplog):
+    """A batch norm after a conv the pass makes sparse could not fold into it afterwards (fold-bn matches convs and
+    linears only) and would run as its own op: the pass folds them first, and the outputs stay the graph's."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 64, 14, 14)
+    g = graphopt.optimize(graphopt.trace(_PointwiseBN().eval(), (x,)), "sparsify{sparsity=0.9 block=4x4}")
+    out = graphopt.optimize(g, "select-sparse-layout{candidates=dense,bsr4x4}", target=_ScriptedOracle(2.0))
+    assert out.meta["history"][-1]["stats"]["batch_norms_folded"] == 2
+    ops = [n.target for n in out.nodes("call_function")]
+    assert ops.count(torch.ops.graphopt.bsr_conv1x1.default) == 2
+    assert not any("batch_norm" in str(t) for t in ops)
+    ref = g.run(x)[0]
+    assert (out.run(x)[0] - ref).abs().max() <= 1e-5 * ref.abs().max()
+    # a batch norm left after a sparse layer (the fold switched off here) is named at compile time
+    from graphopt.passes.layout import select_sparse_layout as pass_module
+    with mock.patch.object(pass_module, "fold_batch_norms", lambda graph: ([], [], {})):
+        kept = graphopt.optimize(g, "select-sparse-layout{candidates=dense,bsr4x4}", target=_ScriptedOracle(2.0))
+    assert sum("batch_norm" in str(n.target) for n in kept.nodes("call_function")) == 2
+    with caplog.at_level("WARNING", logger="graphopt"):
+        graphopt.compile(kept, "llvm", output=tmp_path / "kept")
+    assert "2 batch norm(s) run as their own ops after an int8 or sparse conv" in caplog.text
+
+
+def test_a_sparse_layer_feeding_another_directly():
+    """Two masked linears back to back (a bottleneck MLP with no activation between): the second reads the first's
+    sparse op, made in the same pass (it had crashed on that op's missing shape)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 64)).eval()
+    x = torch.randn(32, 256)
+    g = graphopt.optimize(graphopt.trace(model, (x,)), "sparsify{sparsity=0.9 block=4x4}")
+    out = graphopt.optimize(g, "select-sparse-layout{candidates=dense,bsr4x4}", target=_ScriptedOracle(2.0))
+    ops = [n.target for n in out.nodes("call_function")]
+    assert ops.count(torch.ops.graphopt.bsr_linear.default) == 2
+    ref = g.run(x)[0]
+    assert (out.run(x)[0] - ref).abs().max() <= 1e-5 * ref.abs().max()
