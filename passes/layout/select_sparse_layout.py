@@ -19,6 +19,7 @@ from graphopt.ir.graph import Graph
 from graphopt.ir.precision import widen_half
 from graphopt.ir.sparse_ops import layout_block, to_bsr
 from graphopt.passes.canonicalize.fold_bn import fold as fold_batch_norms
+from graphopt.pm.options import was_given
 from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, register_pass
 
 aten = torch.ops.aten
@@ -61,8 +62,9 @@ class SelectSparseLayout(Pass):
                                       metadata={"help": "layouts to measure: dense, csr, bsrRxC (R x C blocks) on "
                                                 "the CPU (int8 linears and pointwise convs: csr, bsr8x4; int8 linears "
                                                 "on CPUs with AMX tiles: bsr16x64 too); dense, sp24 (2:4 on sparse "
-                                                "tensor cores) with target cuda. A block layout that would store "
-                                                "1/min-speedup of the weight or more is not measured"})
+                                                "tensor cores) with target cuda, which is the default there. A "
+                                                "block layout that would store 1/min-speedup of the weight or more "
+                                                "is not measured"})
         min_speedup: float = field(default=1.1, metadata={
             "help": "a sparse layout must be at least this many times faster than dense to be chosen"})
         min_sparsity: float = field(default=0.5, metadata={
@@ -94,10 +96,12 @@ class SelectSparseLayout(Pass):
                               "or use graphopt compile/opt (they give the host CPU)")
         from tqdm.auto import tqdm
         gpu = "sp24" in getattr(oracle, "layouts", ())
-        if gpu and any(c not in ("dense", "sp24") for c in o.candidates):
+        # the GPU's candidates when none are given (the CPU layouts' list had been an error with target cuda)
+        candidates = ["dense", "sp24"] if gpu and not was_given(o, "candidates") else o.candidates
+        if gpu and any(c not in ("dense", "sp24") for c in candidates):
             raise LayoutError("select-sparse-layout: with a cuda target the candidates are dense and sp24 (2:4 on "
                               "sparse tensor cores); csr/bsr kernels exist for the CPU (target llvm)")
-        if not gpu and "sp24" in o.candidates:
+        if not gpu and "sp24" in candidates:
             raise LayoutError("select-sparse-layout: candidate sp24 runs on GPU sparse tensor cores; optimize with "
                               "target='cuda' (graphopt opt/compile --target cuda-sparse)")
         source = "estimated (cost table, no GPU here)" if getattr(oracle, "estimated", False) else "measured"
@@ -155,7 +159,7 @@ class SelectSparseLayout(Pass):
                 if why:
                     rec["reason"] = why
                     continue
-            for lay in dict.fromkeys(["dense", *o.candidates]):
+            for lay in dict.fromkeys(["dense", *candidates]):
                 block = None if lay == "sp24" else layout_block(lay)
                 if block is not None and (n % block[0] or k % block[1]):
                     rec["timings_us"][lay] = None  # shape not divisible into these blocks

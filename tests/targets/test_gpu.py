@@ -755,6 +755,9 @@ def test_select_sparse_layout_for_cuda_uses_the_cost_table_without_a_gpu(tmp_pat
     assert strict.meta["sparse_layout"]["big_weight"]["choice"] == "dense"
     with pytest.raises(graphopt.GraphoptError, match="candidates are dense and sp24"):
         graphopt.optimize(g, "select-sparse-layout{candidates=dense,csr}", target="cuda")
+    # no candidates given: the GPU's (the CPU's default list had been that error)
+    plain = graphopt.optimize(g, "select-sparse-layout{min-speedup=1.05}", target="cuda")
+    assert {r["choice"] for r in plain.meta["sparse_layout"].values()} == {"sp24", "dense"}
     with pytest.raises(graphopt.GraphoptError, match="target='cuda'"):
         graphopt.optimize(g, "select-sparse-layout{candidates=dense,sp24}", target="llvm")
     if shutil.which("nvcc") or __import__("os").path.exists("/usr/local/cuda/bin/nvcc"):
