@@ -52,7 +52,9 @@ def _verify_note(v: dict[str, Any]) -> str:
         return text if c.get("top1") is None else f"{text}, argmax {100 * c['top1']:.0f}%"
     acc = v.get("accuracy")
     labeled = f"; accuracy {100 * acc['after']:.1f}% (input {100 * acc['input']:.1f}%)" if acc else ""
-    return f"SQNR {db(step)} (vs input {db(total)}){labeled}"
+    forced = v.get("step_teacher_forced")  # (each rounding fed the graph before's values: what the pass changed)
+    local = f"; teacher-forced {db(forced)}" if forced else ""
+    return f"SQNR {db(step)}{local} (vs input {db(total)}){labeled}"
 
 
 DOT_NAMES = {"vnni": "vpdpbusd (VNNI)", "ubsw": "vpmaddubsw/vpmaddwd (AVX2)"}
