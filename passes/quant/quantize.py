@@ -412,7 +412,9 @@ class Quantize(Pass):
         activations: Literal["int8", "dynamic", "none"] = field(default="int8", metadata={
             "help": "int8: quantize conv/linear inputs on calibrated static grids (needs data); dynamic: linears "
                     "only, each input rounded onto a uint8 grid computed from it on every call (ONNX Runtime's "
-                    "quantize_dynamic; no data needed; the CPU runs them on int8 kernels); none: weight-only"})
+                    "quantize_dynamic; no data needed; the CPU runs them on int8 kernels); none: weight-only "
+                    "(the ONNX export keeps the int8 weights; graphopt's CPU and GPU builds run such layers in "
+                    "float and store their weights dequantized, at fp32's size)"})
         calibrator: Literal["minmax", "percentile", "mse", "entropy"] = field(default="minmax", metadata={
             "help": "how activation ranges are chosen: minmax, the range seen (a softmax, sigmoid or tanh output: the "
                     "op's whole range, which a decoder's first step reaches); percentile / mse / entropy clip rare "

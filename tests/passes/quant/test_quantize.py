@@ -727,3 +727,20 @@ def test_quantize_folds_the_batch_norms_after_its_layers_first(tmp_path, digits,
     with caplog.at_level("WARNING", logger="graphopt"):
         graphopt.compile(kept, "llvm", output=tmp_path / "kept")
     assert f"{bns} batch norm(s) run as their own ops after an int8 or sparse conv" in caplog.text
+
+
+def test_compile_says_weight_only_layers_are_stored_as_fp32(tmp_path, digits, caplog):
+    """Weight-only int8 (activations=none) layers run as float ops with their weights dequantized at build, so the
+    artifact is fp32's size: compile says so, and what keeps them int8; a graph fold-qdq made int8 gets no such
+    warning."""
+    model, (xtr, _, _, _) = digits[0]
+    g = graphopt.optimize(graphopt.trace(model, (xtr[:64],)), "fold-bn")
+    wo = graphopt.optimize(g, "quantize{activations=none}")
+    with caplog.at_level("WARNING", logger="graphopt"):
+        graphopt.compile(wo, "llvm", output=tmp_path / "wo")
+    assert "4 layer(s) have int8 weights and float inputs" in caplog.text
+    caplog.clear()
+    full = graphopt.optimize(g, "quantize,fold-qdq", data=batches(xtr)[:4])
+    with caplog.at_level("WARNING", logger="graphopt"):
+        graphopt.compile(full, "llvm", output=tmp_path / "full")
+    assert "int8 weights and float inputs" not in caplog.text
