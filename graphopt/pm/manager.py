@@ -148,7 +148,7 @@ class PassManager:
                 ok = self._within_contract(p, step, rounds)
                 forced = None
                 if not ok and rounds:  # (a step moved by rounding early on spreads through a quantized network)
-                    pairs = teacher_forced(current, after, inputs)
+                    pairs = teacher_forced(current, after, inputs, prev_outputs)
                     forced = compare(*pairs) if pairs is not None else None
                     ok = forced is not None and self._within_contract(p, forced, rounds)
                 rec.verify = {"step": step.to_json(), "vs_reference": total.to_json(), "contract": p.contract.value,

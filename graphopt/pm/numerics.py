@@ -104,49 +104,48 @@ def _rounding(n) -> bool:
 
 
 @torch.no_grad()
-def teacher_forced(before, after, batches: Sequence[Sequence[Any]]) -> tuple[list[tuple], list[tuple]] | None:
-    """(expected, actual) per batch for a comparison of `after` with `before` (Graphs) segment by segment: every
-    activation rounding (quantize, requantize, ...) of `before` that `after` has too (same node name and op) takes
-    `before`'s codes in `after`, and what is compared is the float each such rounding receives, plus the outputs.
-    So each stretch of ops between two roundings is checked on the inputs the graph before the pass gave it, and
-    a change anywhere still shows: in a deep quantized network a float rounding difference that moves a few
-    codes a grid step early on spreads layer by layer (fold-qdq, exact but for rounding ties, against
-    MobileNetV2's Q/DQ graph: 16.8 dB end to end, a handful of codes differing after the second layer and 90% at
-    the last), which says nothing of the pass. None where no rounding of `before` is in `after`."""
+def teacher_forced(before, after, batches: Sequence[Sequence[Any]], before_outputs: Sequence[Sequence[torch.Tensor]]
+                   ) -> tuple[list[tuple], list[tuple]] | None:
+    """(expected, actual) per batch for a comparison of `after` with `before` (Graphs; `before_outputs` its outputs
+    on `batches`) segment by segment: every activation rounding (quantize, requantize, ...) of `before` that `after`
+    has too (same node name and op) takes `before`'s codes in `after`, and what is compared is the float each such
+    rounding receives, plus the outputs. So each stretch of ops between two roundings is checked on the inputs the
+    graph before the pass gave it, and a change anywhere still shows: in a deep quantized network a float rounding
+    difference that moves a few codes a grid step early on spreads layer by layer (fold-qdq, exact but for
+    rounding ties, against MobileNetV2's Q/DQ graph: 16.8 dB end to end, a handful of codes differing after the
+    second layer and 90% at the last), which says nothing of the pass. None where no rounding of `before` is in
+    `after`."""
+    from graphopt.ir.observe import observe_outputs
     kept = {n.name: n for n in before.gm.graph.nodes if _rounding(n)}
     shared = [n.name for n in after.gm.graph.nodes
               if _rounding(n) and n.name in kept and n.target is kept[n.name].target]
     if not shared:
         return None
+    feeds = {k: kept[k].args[0].name for k in shared if isinstance(kept[k].args[0], torch.fx.Node)}
 
     class Forced(torch.fx.Interpreter):
-        """Records each shared rounding's input and output (record), or compares its input and returns the
-        recorded output (replay)."""
+        """`after` with each shared rounding's input kept (`received`) and its output `before`'s codes."""
 
-        def __init__(self, gm, codes: dict, received: dict, replay: bool):
+        def __init__(self, gm, codes: dict, received: dict):
             super().__init__(gm)
-            self.codes, self.received, self.replay = codes, received, replay
+            self.codes, self.received = codes, received
 
         def run_node(self, n):
-            if n.name not in self.codes and not (n.name in shared and not self.replay):
+            if n.name not in self.codes:
                 return super().run_node(n)
-            x = self.fetch_args_kwargs_from_env(n)[0][0]
-            self.received[n.name] = x.clone() if isinstance(x, torch.Tensor) else x
-            if self.replay:
-                return self.codes[n.name]
-            self.codes[n.name] = value = super().run_node(n)
-            return value
+            self.received[n.name] = self.fetch_args_kwargs_from_env(n)[0][0]
+            return self.codes[n.name]
 
     expected, actual = [], []
-    for b in batches:
-        codes, seen, got = {}, {}, {}
-        want = Forced(before.gm, codes, seen, False).run(*before.check_inputs(b))
-        out = Forced(after.gm, codes, got, True).run(*after.check_inputs(b))
-        pairs = [(seen[k], got[k]) for k in shared if k in seen and k in got and isinstance(seen[k], torch.Tensor)
-                 and isinstance(got[k], torch.Tensor) and seen[k].shape == got[k].shape
-                 and seen[k].is_floating_point() and got[k].is_floating_point()]
-        want = tuple(want) if isinstance(want, (tuple, list)) else (want,)
+    for b, want in zip(batches, before_outputs):
+        seen: dict = {}
+        observe_outputs(before, [*shared, *feeds.values()], [tuple(before.check_inputs(b))], seen.__setitem__)
+        got: dict = {}
+        out = Forced(after.gm, {k: seen[k] for k in shared if k in seen}, got).run(*after.check_inputs(b))
+        pairs = [(seen[feeds[k]], got[k]) for k in shared if k in feeds and feeds[k] in seen and k in got
+                 and isinstance(got[k], torch.Tensor) and seen[feeds[k]].shape == got[k].shape
+                 and seen[feeds[k]].is_floating_point() and got[k].is_floating_point()]
         out = tuple(out) if isinstance(out, (tuple, list)) else (out,)
-        expected.append(tuple(e for e, _ in pairs) + want)
+        expected.append(tuple(e for e, _ in pairs) + tuple(want))
         actual.append(tuple(a for _, a in pairs) + out)
     return expected, actual
