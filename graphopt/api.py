@@ -208,8 +208,8 @@ def _hint_weight_only(graph: Graph) -> None:
               and not (isinstance(n.args[0], fx.Node) and getattr(n.args[0].target, "__name__", "") in dq)]
     if layers:
         log.warning("compile: %d layer(s) have int8 weights and float inputs (weight-only, quantize{activations=none}: "
-                    "%s%s); they run as float ops, and the artifact stores their weights dequantized to fp32 (fp32's "
-                    "size and speed). int8 kernels and int8 storage need quantized activations "
+                    "%s%s); they run as float ops, and the artifact stores their weights dequantized to float (the "
+                    "float build's size and speed). int8 kernels and int8 storage need quantized activations "
                     "(\"quantize,fold-qdq\" with calibration data); an ONNX export (--target onnx) keeps the int8 "
                     "weights", len(layers), ", ".join(layers[:3]), ", ..." if len(layers) > 3 else "")
 

@@ -209,6 +209,13 @@ def fold(graph: Graph) -> tuple[list[str], list[str], dict[str, str]]:
     return folded, biases, skipped
 
 
+def fold_first(graph: Graph) -> dict[str, int]:
+    """`fold` for passes that rewrite layers into ops fold-bn cannot fold into (int8, sparse): their stats entries,
+    the batch norms and affine ops folded (zeros left out)."""
+    folded, biases, _ = fold(graph)
+    return {k: v for k, v in (("batch_norms_folded", len(folded)), ("affine_ops_folded", len(biases))) if v}
+
+
 @register_pass
 class FoldBatchNorm(Pass):
     name = "fold-bn"

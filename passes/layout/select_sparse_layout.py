@@ -18,7 +18,7 @@ from graphopt.errors import GraphoptError
 from graphopt.ir.graph import Graph
 from graphopt.ir.precision import widen_half
 from graphopt.ir.sparse_ops import layout_block, to_bsr
-from graphopt.passes.canonicalize.fold_bn import fold as fold_batch_norms
+from graphopt.passes.canonicalize.fold_bn import fold_first
 from graphopt.pm.options import was_given
 from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, register_pass
 
@@ -109,7 +109,7 @@ class SelectSparseLayout(Pass):
             graph = widen_half(graph)  # (the CPU's sparse kernels are float32; float16 / bfloat16 graphs compute in it)
         # a batch norm after a layer this pass makes sparse could not fold into it any more and would run as its own
         # op (sparsify,select-sparse-layout on MobileNetV2 left 52): fold them first, as quantize does
-        bns, affine, _ = fold_batch_norms(graph)
+        folded = fold_first(graph)
 
         choices, rewritten = {}, 0
         kinds = (aten.linear.default,) if gpu else (aten.linear.default, aten.conv2d.default)
@@ -234,9 +234,8 @@ class SelectSparseLayout(Pass):
         graph.refresh()
         on_tensor_cores = sum(1 for r in choices.values() if r["choice"] == "sp24")
         changed = rewritten + on_tensor_cores + int8_chosen > 0
-        return PassResult(graph, changed or bool(bns or affine),
-                          {"rewritten": rewritten, "int8_sparse": int8_chosen, "sp24": on_tensor_cores,
-                           "batch_norms_folded": len(bns), "affine_ops_folded": len(affine),
+        return PassResult(graph, changed or bool(folded),
+                          {"rewritten": rewritten, "int8_sparse": int8_chosen, "sp24": on_tensor_cores, **folded,
                            "measured": len(choices), "choices": {k: v["choice"] for k, v in choices.items()}},
                           reason="" if changed else _unchanged_reason(choices))
 

@@ -26,7 +26,7 @@ from graphopt.ir.precision import widen_half
 from graphopt.ir.printer import target_name
 from graphopt.ir.quant_ops import DTYPE_RANGES
 from graphopt.passes.analysis.weights import linears_from_matmuls
-from graphopt.passes.canonicalize.fold_bn import fold as fold_batch_norms
+from graphopt.passes.canonicalize.fold_bn import fold_first
 from graphopt.passes.quant.quantize import (PAIR_WIDTHS, layer_width, quantizable_ops, quantize_op_weight,
                                            quantize_weight)
 from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, register_pass
@@ -97,11 +97,10 @@ class MixedPrecision(Pass):
         for pat in unmatched_patterns(graph, o.exclude):
             raise MixedPrecisionError(f"mixed-precision option 'exclude': '{pat}' matches no node or parameter")
         # as quantize does: a batch norm left after a rounded weight would keep its layer from an int8 kernel
-        bns, affine, _ = fold_batch_norms(graph)
+        folded = fold_first(graph)
         result = self._choose(graph, ctx)
-        if bns or affine:
-            result.changed = True
-            result.stats.update(batch_norms_folded=len(bns), affine_ops_folded=len(affine))
+        result.changed = result.changed or bool(folded)
+        result.stats.update(folded)
         return result
 
     def _choose(self, graph: Graph, ctx: PassContext) -> PassResult:

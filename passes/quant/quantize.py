@@ -19,7 +19,7 @@ from graphopt.ir.precision import VALUE_MOVES, is_half, widen_half
 from graphopt.ir.quant_ops import DTYPE_RANGES, pair_bounded_scales
 from graphopt.passes.analysis.weights import linears_from_matmuls, weighted_ops
 from graphopt.passes.canonicalize.dce import eliminate_dead_code
-from graphopt.passes.canonicalize.fold_bn import fold as fold_batch_norms
+from graphopt.passes.canonicalize.fold_bn import fold_first
 from graphopt.passes.quant.attention import decompose_attention
 from graphopt.passes.quant.observers import CALIBRATORS, CalibrationError
 from graphopt.pm.options import was_given
@@ -455,7 +455,7 @@ class Quantize(Pass):
         for pat in unmatched_patterns(graph, o.exclude):
             raise CalibrationError(f"quantize option 'exclude': '{pat}' matches no node or parameter")
         # a batch norm left after a layer would run in float on that layer's float output: fold it first
-        bn_folded = fold_batch_norms(graph)[:2] if o.fold_bn else ([], [])
+        folded = fold_first(graph) if o.fold_bn else {}
         as_linear = linears_from_matmuls(graph, o.exclude)  # (x @ W.T, GPT-2's addmm: weight passes take linears)
         # for an ONNX export the default width is the one ONNX Runtime runs exactly on every CPU (auto: int8s);
         # full-range int8 exported by default ran an SE-block CNN in ORT 11% off its graph on an AVX2 CPU
@@ -500,12 +500,12 @@ class Quantize(Pass):
                                             "asymmetric_weights_made_symmetric": made_symmetric,
                                             "weight_bits": weights,
                                             **({"weights_auto": auto_reason} if auto_reason else {}),
-                                            "skipped": skipped})
+                                            **folded, "skipped": skipped})
         if not ops and not kept_bits:
             why = ("no linear with a float weight to quantize dynamically" if dynamic else
                    "no conv or linear with a float weight to quantize")
             why += f" ({len(kept_float)} kept fp32 by mixed-precision)" if kept_float else ""
-            return PassResult(graph, bool(bn_folded[0] or bn_folded[1]), {"skipped": skipped}, why)
+            return PassResult(graph, bool(folded), {**folded, "skipped": skipped}, why)
         observers, matmuls, attention_kept, adds = {}, [], {}, []
         if o.activations == "int8":
             if not ctx.data:
@@ -573,8 +573,7 @@ class Quantize(Pass):
         eliminate_dead_code(graph)
         graph.meta["weight_bits"] = {**graph.meta.get("weight_bits", {}), **rewidth, **bits}
         return PassResult(graph, True, {"weights_quantized": len(ops), "matmuls_as_linears": as_linear,
-                                        "batch_norms_folded": len(bn_folded[0]),
-                                        "affine_ops_folded": len(bn_folded[1]),
+                                        **folded,
                                         "half_model_computed_in_float32": half,
                                         "weight_bits_kept": len(kept_bits), "kept_fp32": len(kept_float),
                                         "activations_quantized": len(act_q), "matmuls_quantized": len(matmuls),

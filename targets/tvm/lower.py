@@ -2290,10 +2290,11 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         x_shape = node.args[0].meta["val"].shape
         pad = list(node.args[1])
         value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)
+        zero_hw = _zero_hw_pad(node)
         if all(int(p) == 0 for p in pad):  # TF "SAME" padding works out to none here: no copy (was a kernel call)
             return importer.env[node.args[0]]
         users = list(node.users)
-        if (len(pad) == 4 and float(value) == 0.0 and len(x_shape) == 4 and len(users) == 1
+        if (zero_hw and len(users) == 1
                 and getattr(users[0].target, "__name__", "") == "convolution.default" and users[0].args[0] is node):
             conv = users[0]
             wt = (lifted or {}).get(getattr(conv.args[1], "name", None))
@@ -2306,7 +2307,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         # unpadded input and letting the conv pad is the same. The padded quantize had no whole-vector length
         # (3 x 225 x 225) and ran scalar: 388 us, 15% of a pruned int7 EfficientNet-Lite0.
         quant = users[0] if len(users) == 1 else None
-        if (len(pad) == 4 and float(value) == 0.0 and len(x_shape) == 4 and quant is not None
+        if (zero_hw and quant is not None
                 and getattr(quant.target, "__name__", "") == "quantize_per_tensor.default"
                 and str(quant.args[5]) == "torch.int8" and int(quant.args[3]) <= int(quant.args[2]) <= int(quant.args[4])
                 and quant.users and all(_fast_float_conv(u) for u in quant.users)):

@@ -506,7 +506,7 @@ def test_batch_norms_after_the_layers_fold_first(tmp_path, caplog):
     assert (out.run(x)[0] - ref).abs().max() <= 1e-5 * ref.abs().max()
     # a batch norm left after a sparse layer (the fold switched off here) is named at compile time
     from graphopt.passes.layout import select_sparse_layout as pass_module
-    with mock.patch.object(pass_module, "fold_batch_norms", lambda graph: ([], [], {})):
+    with mock.patch.object(pass_module, "fold_first", lambda graph: {}):
         kept = graphopt.optimize(g, "select-sparse-layout{candidates=dense,bsr4x4}", target=_ScriptedOracle(2.0))
     assert sum("batch_norm" in str(n.target) for n in kept.nodes("call_function")) == 2
     with caplog.at_level("WARNING", logger="graphopt"):
