@@ -1516,14 +1516,15 @@ def test_pack_weight_layout():
                                                             (40, 24, 3136, True, True, 7), (13, 64, 24, False, True, -7)])
 def test_int8_pointwise_kernel_is_exact_and_uses_vpmaddwd(cout, cin, p, out_int8, relu, wbits):
     """int8 in, exact int32 accumulation, the requantize epilogue in registers; odd Cin, a partial channel tile,
-    an overlapping last pixel block (24, 49 pixels), pixel blocks split unevenly into chunks (196, 3136 pixels) and
-    weights stored as int8 or packed int4 (widened once per task) included. wbits=-8: one channel's weight scale
+    an overlapping last pixel block (24, 49 pixels) and pixel blocks split unevenly into chunks (196, 3136 pixels)
+    included; the pair kernel's int8 weights are widened once per task. wbits=-8: one channel's weight scale
     is ~0, so its bias does not fit int32 at the accumulator's scale and the kernel keeps a float bias. wbits=7:
-    7-bit weights on the u8 quad kernel (`vpmaddubsw`), Cin not a multiple of 4 (63, 190, 18) included."""
+    7-bit weights on the u8 quad kernel (`vpmaddubsw`), Cin not a multiple of 4 (63, 190, 18) included; wbits=4:
+    int4 weights on the same kernel, stored as nibbles and widened per channel block."""
     degenerate, wbits = wbits < 0, abs(wbits)
     from graphopt.targets.tvm.cpu.conv import store_params
     from graphopt.targets.tvm.cpu.int8 import (MR, epilogue_constants, int8_kernels_available, pack_pairs, pack_quads,
-                                               qconv1x1_source, qconv1x1_ubsw_source, ubsw_exact)
+                                               pack_quads_w4, qconv1x1_source, qconv1x1_ubsw_source, ubsw_exact)
     if not int8_kernels_available(cpu_target()):
         pytest.skip("needs AVX2")
     rng = np.random.default_rng(0)
@@ -1536,22 +1537,22 @@ def test_int8_pointwise_kernel_is_exact_and_uses_vpmaddwd(cout, cin, p, out_int8
     if degenerate:
         ws[3] = 1e-12
     out_q = (0.05, 3, -128, 127) if out_int8 else None
-    consts = epilogue_constants(w, ws, bias, sx, zx + 128 * (wbits == 7), mt, out_q)
+    consts = epilogue_constants(w, ws, bias, sx, zx + 128 * (wbits < 8), mt, out_q)
     assert (consts[2] is not None) == degenerate
     from tvm.script import tirx as T
     clamp = (0.0, 6.0) if relu else None
-    if wbits == 7:
-        f = tvm.script.parse(qconv1x1_ubsw_source(cout, cin, p, nv, clamp, out_q, float_bias=degenerate),
-                             extra_vars={"T": T})
+    if wbits < 8:
+        f = tvm.script.parse(qconv1x1_ubsw_source(cout, cin, p, nv, clamp, out_q, float_bias=degenerate,
+                                                  wbits=4 if wbits == 4 else 8), extra_vars={"T": T})
         if cin >= 128:  # (a shorter reduction is unrolled whole: no loop to read)
             loop = _inner_fma_loop(_asm(f), r"vpmaddubsw")
             assert len(re.findall(r"vpmaddubsw", loop)) >= MR and "vpunpck" not in loop  # quads read whole
-        packed = pack_quads(w, mt)
+        packed = pack_quads_w4(w, mt) if wbits == 4 else pack_quads(w, mt)
     else:
-        f = tvm.script.parse(qconv1x1_source(cout, cin, p, nv, clamp, out_q, wbits=wbits, float_bias=degenerate),
+        f = tvm.script.parse(qconv1x1_source(cout, cin, p, nv, clamp, out_q, float_bias=degenerate),
                              extra_vars={"T": T})
-        packed = pack_pairs(w, mt, wbits)
-    if cin >= 32 and wbits != 7:  # (a shorter reduction is unrolled whole: no loop to read)
+        packed = pack_pairs(w, mt)
+    if cin >= 32 and wbits == 8:  # (a shorter reduction is unrolled whole: no loop to read)
         loop = _inner_fma_loop(_asm(f), r"vpmaddwd")
         assert len(re.findall(r"vpmaddwd", loop)) >= MR  # one per output row of the tile, in the reduction loop
         assert re.search(r"vpmovsxbw", loop)  # int8 read and widened in registers: no int16 copy of the activation
@@ -1575,6 +1576,37 @@ def test_int8_pointwise_kernel_is_exact_and_uses_vpmaddwd(cout, cin, p, out_int8
         assert (got == ref).mean() > 0.99
     else:
         assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("nv,tiles,lanes", [(2, 1, 8), (1, 2, 8), (2, 1, 16), (4, 2, 16)])
+def test_int4_quad_kernel_matches_its_int8_form(nv, tiles, lanes):
+    """The quad pointwise kernel with int4 weights stored as nibbles (`pack_quads_w4`, widened per channel block
+    into a local buffer) gives exactly the outputs of the same kernel reading the weights as int8 words, for every
+    register tile form (two channel blocks: each block widened; 16 lanes); on the exact quad product, so on any
+    CPU. 40 output channels: 7 blocks, the last partial (tiles=2 pairs it with a clamped repeat)."""
+    from graphopt.targets.tvm.cpu.conv import store_params
+    from graphopt.targets.tvm.cpu.int8 import MR, epilogue_constants, pack_quads, pack_quads_w4, qconv1x1_ubsw_source
+    from tvm.script import tirx as T
+    rng = np.random.default_rng(1)
+    cout, cin, p = 40, 70, 49
+    mt = -(-cout // MR)
+    x = rng.integers(-128, 128, (cin, p)).astype(np.int8)
+    w = rng.integers(-8, 8, (cout, cin)).astype(np.int8)
+    w[0], w[1] = 7, -8
+    out_q = (0.05, 3, -128, 127)
+    consts = epilogue_constants(w, rng.uniform(0.02, 0.04, cout), None, 0.02, -7 + 128, mt, out_q)
+    outs = []
+    for wbits, packed in ((8, pack_quads(w, mt)), (4, pack_quads_w4(w, mt))):
+        f = tvm.script.parse(qconv1x1_ubsw_source(cout, cin, p, nv, (0.0, 6.0), out_q, dot="exact", tiles=tiles,
+                                                  lanes=lanes, wbits=wbits), extra_vars={"T": T})
+        lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target())
+        out = tvm.runtime.tensor(np.zeros(cout * p, np.int8))
+        lib["main"](*(tvm.runtime.tensor(a) for a in (x.reshape(-1), packed, *consts[:2],
+                                                      store_params((0.0, 6.0), out_q))), out)
+        outs.append(out.numpy())
+    assert packed.nbytes == mt * 24 * MR * 2  # two bytes a quad; 18 quads a row padded to 24
+    np.testing.assert_array_equal(outs[1], outs[0])
+    assert len(np.unique(outs[0])) > 20  # (not a clamped constant)
 
 
 def _quantized_block(model, shape, weights: str = "int8"):
@@ -1704,7 +1736,7 @@ class _ResidualBlock(torch.nn.Module):
 @pytest.mark.parametrize("weights,relu,batch", [("int8", False, 1), ("int8", True, 2), ("int4", True, 1)])
 def test_quantized_residual_add_joins_the_int8_pointwise_store(weights, relu, batch):
     """The projection's float output meets only the residual add: the add (and a ReLU after it) happen in the int8
-    kernel's store (the quad kernel, or the pair kernel for int4 weights), so no add function is built; the result
+    kernel's store (the quad kernel, its int4 weights as nibbles too), so no add function is built; the result
     matches the reference integer ops."""
     q, got, ref = _quantized_block(_ResidualBlock(relu), (batch, 8, 14, 14), weights)
     names = _func_names(q)
@@ -2106,8 +2138,9 @@ def test_round_runs_vectorized_and_half_to_even():
 @pytest.mark.parametrize("k,n,bias,bits", [(1280, 1000, True, 8), (63, 40, False, 8), (63, 40, True, 4)])
 def test_quantized_batch1_linear_streams_int8_weights(k, n, bias, bits):
     """A one-row qlinear (an int8 classifier head) runs a weight-stream kernel padded to whole panels of 16 columns
-    and matches the reference integer op within float rounding: with VNNI int8 weights stream as quads into
-    `vpdpbusd`; without it (and int4 weights, two per byte, anywhere) they are converted to float as loaded."""
+    and matches the reference integer op within float rounding: with VNNI the weights stream as quads into
+    `vpdpbusd` (int4 ones as nibbles, two bytes a quad, widened as read); without it they are converted to float
+    as loaded."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(k, 32), torch.nn.ReLU(), torch.nn.Linear(32, k),
                                 torch.nn.Linear(k, n, bias=bias)).eval()
@@ -2115,7 +2148,7 @@ def test_quantized_batch1_linear_streams_int8_weights(k, n, bias, bits):
     q = graphopt.optimize(graphopt.trace(model, (x,)), f"quantize{{weights=int{bits}}},fold-qdq",
                           data=[(torch.rand(1, k),) for _ in range(4)])
     names = _func_names(q)
-    quads = bits == 8 and int8_dot(cpu_target()) == "vnni"
+    quads = int8_dot(cpu_target()) == "vnni"
     assert any(nm.startswith(f"qgemv_vnni_{k}x" if quads else f"qgemv_{k}x") and nm.endswith("_w4") == (bits == 4)
                for nm in names), names
     from tvm import relax
@@ -2142,18 +2175,20 @@ def test_quantized_linear_of_two_to_five_rows(rows):
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
-@pytest.mark.parametrize("k,n", [(1280, 1000), (50, 40), (8, 16)])  # 50: a partial last quad and a tail sum
-def test_quad_gemv_is_exact(k, n):
+@pytest.mark.parametrize("k,n,bits", [(1280, 1000, 8), (50, 40, 8), (8, 16, 8), (1280, 1000, 4), (50, 40, 4)])
+def test_quad_gemv_is_exact(k, n, bits):
     """The quad GEMV (`qgemv_quads_source`) against the float-converting weight stream and the integer reference:
     sum (x - zx) w is exact in int32 before the scale, on the exact quad product everywhere and `vpdpbusd` where
-    the CPU has it; zero points and padded columns (40 -> 48) included."""
+    the CPU has it; zero points and padded columns (40 -> 48) included (50: a partial last quad and a tail sum).
+    bits=4: int4 weights, stored as nibbles by both kernels."""
     from tvm import relax
 
     from graphopt.targets.tvm.cpu.int8 import emit_qgemv
     from graphopt.targets.tvm.cpu.pipeline import build_cpu
     rng = np.random.default_rng(0)
-    wq = rng.integers(-128, 128, (n, k)).astype(np.int8)
-    wq[0] = 127  # the largest sums
+    lim = 2 ** (bits - 1)
+    wq = rng.integers(-lim, lim, (n, k)).astype(np.int8)
+    wq[0], wq[1] = lim - 1, -lim  # the largest sums; every nibble's sign bit
     ws, b = rng.uniform(1e-3, 2e-3, n), rng.standard_normal(n).astype(np.float32)
     sx, zx = 0.05, -7
     x = rng.integers(-128, 128, (1, k)).astype(np.int8)
@@ -2168,7 +2203,8 @@ def test_quad_gemv_is_exact(k, n):
                 y = bb.emit_output(emit_qgemv(bb, xv, wq, ws, b, sx, zx, k, dot))
             bb.emit_func_output(y)
         mod = bb.get()
-        assert any(g.name_hint.startswith(f"qgemv_{dot + '_' if dot else ''}{k}x") for g in mod.get_global_vars())
+        assert any(g.name_hint.startswith(f"qgemv_{dot + '_' if dot else ''}{k}x")
+                   and g.name_hint.endswith("_w4") == (bits == 4) for g in mod.get_global_vars())
         got = relax.VirtualMachine(build_cpu(mod, cpu_target()), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
         assert got.shape == (n,)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())

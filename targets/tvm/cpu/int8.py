@@ -1,7 +1,7 @@
 """int8 pointwise convolution for AVX2 CPUs without VNNI: exact int16 pair products with `vpmaddwd`, reading int8
 activations as they are stored (NCHW) and writing the next layer's int8 activations (or floats) from registers.
 
-The weight is stored in the artifact as int8 (or two int4 per byte) in pairs per output channel, and each task
+The weight is stored in the artifact as int8 in pairs per output channel, and each task
 first widens its 6-channel block to int16 pairs on the stack, so one 32-bit broadcast holds
 (w[co, 2k], w[co, 2k+1]). In the reduction loop, 8 pixels of input channels 2k and 2k+1 are loaded as int8, byte
 interleaved (`vpunpcklbw`) and sign-extended (`vpmovsxbw`); one `vpmaddwd` then does 16 multiply-adds into 8 int32
@@ -56,24 +56,14 @@ def kpad(cin: int) -> int:
     return -(-(-(-cin // 2)) // 4) * 4
 
 
-def widen(wbits: int, base: str, j: str) -> str:
-    """8 int32 words of int16 pairs (vector j of a channel block) from the stored int8 bytes (16 per vector) or
-    int4 nibbles (8 bytes per vector; a byte holds a pair, the even channel in the low nibble)."""
-    if wbits == 8:
-        return f'T.reinterpret("int32x8", T.Cast("int16x16", w8[T.ramp({base} + {j} * 16, 1, 16)]))'
-    b = f'T.Cast("int32x8", w8[T.ramp({base} + {j} * 8, 1, 8)])'  # sign-extended bytes
-    return (f"T.bitwise_or(T.bitwise_and(T.shift_right(T.shift_left({b}, T.broadcast(28, 8)), T.broadcast(28, 8)), "
-            f"T.broadcast(65535, 8)), T.shift_left(T.shift_right({b}, T.broadcast(4, 8)), T.broadcast(16, 8)))")
-
-
 def qconv1x1_source(cout: int, cin: int, p: int, nv: int, clamp: tuple[float, float] | None = None,
                     out_q: tuple[float, int, int, int] | None = None, dequantized: bool = False,
-                    wbits: int = 8, float_bias: bool = False, residual: bool = False) -> str:
+                    float_bias: bool = False, residual: bool = False) -> str:
     """TVMScript of the kernel for x int8 [Cin, P] -> out [Cout, P]: int8 when out_q = (scale, zero point, qmin,
     qmax), else float32; with `dequantized` the int8 values are stored as the floats they stand for (for a
     depthwise consumer, which computes in float); with `residual` (float output) a float res [Cout, P] is added in
     the store, before the clamp (argument `res` before qp). nv vectors of 8 pixels per tile (P >= 8 * nv). Weights are
-    stored as int8 (wbits=8) or packed int4 (wbits=4) and widened to int16 pairs once per task. The store's bounds,
+    stored as int8 and widened to int16 pairs once per task (int4 ones run on the quad kernel). The store's bounds,
     zero point and scale come from the `qp` buffer (`store_params`), so layers of one shape share one function."""
     nr = 8 * nv
     kp, odd = divmod(cin, 2)
@@ -104,7 +94,7 @@ def qconv1x1_source(cout: int, cin: int, p: int, nv: int, clamp: tuple[float, fl
     res_arg = f' res: T.Buffer(({cout * p},), "float32"),' if residual else ""
     return f"""
 @T.prim_func(private=True)
-def qconv1x1(x: T.Buffer(({cin * p},), "int8"), w8: T.Buffer(({mt * k4 * MR * wbits // 4},), "int8"),
+def qconv1x1(x: T.Buffer(({cin * p},), "int8"), w8: T.Buffer(({mt * k4 * MR * 2},), "int8"),
              off: T.Buffer(({mt * MR},), "int32"), mult: T.Buffer(({mt * MR},), "float32"),{bias_arg}{res_arg}
              qp: T.Buffer((4,), "float32"),
              out: T.Buffer(({cout * p},), "{'int8' if out_q and not dequantized else 'float32'}")):
@@ -112,7 +102,8 @@ def qconv1x1(x: T.Buffer(({cin * p},), "int8"), w8: T.Buffer(({mt * k4 * MR * wb
     for t in T.parallel({mt * nch}):
         wl = T.decl_buffer(({k4 * MR},), "int32", scope="global")
         for j in T.serial({k4 * MR // 8}):
-            wl[T.ramp(j * 8, 1, 8)] = {widen(wbits, f"(t // {nch}) * {k4 * MR * wbits // 4}", "j")}
+            wl[T.ramp(j * 8, 1, 8)] = T.reinterpret("int32x8", T.Cast("int16x16", w8[T.ramp((t // {nch}) * {
+                k4 * MR * 2} + j * 16, 1, 16)]))
         acc = T.decl_buffer(({MR * nr},), "int32", scope="global")
         for b in T.serial((t % {nch}) * {cb} // {nch}, (t % {nch} + 1) * {cb} // {nch}):
             for i in T.unroll({MR}):
@@ -220,7 +211,8 @@ def stage_quads(cin: int, p: int, nv: int, origin: str, slot: str, blocks: str) 
 def qconv1x1_ubsw_source(cout: int, cin: int, p: int, nv: int, clamp: tuple[float, float] | None = None,
                          out_q: tuple[float, int, int, int] | None = None, dequantized: bool = False,
                          float_bias: bool = False, dot: str = "ubsw", bsr_blocks: int | None = None,
-                         tiles: int = 1, lanes: int = 8, cores: int = 0, residual: bool = False) -> str:
+                         tiles: int = 1, lanes: int = 8, cores: int = 0, residual: bool = False,
+                         wbits: int = 8) -> str:
     """The pointwise kernel for weights where u8 x s8 pairs cannot saturate (`ubsw_exact`, 7-bit weights): each
     task takes a chunk of pixel blocks (8nv pixels each) and a group of channel blocks. It first rewrites its
     pixels once as uint8 quads (x + 128; 4 channels of a pixel side by side: [block, Cin/4, 8nv, 4]), so that every
@@ -246,8 +238,14 @@ def qconv1x1_ubsw_source(cout: int, cin: int, p: int, nv: int, clamp: tuple[floa
     one subtract per 8 outputs: kernel alone on Zen 4, 1.02-1.09x on MobileNetV2's pointwise shapes (the short
     reductions most: 96x16x12544 int8 out 91 -> 84 us), the BSR kernel 1.02-1.04x. Each row's two 8-lane halves
     start from their own broadcast: one 16-lane broadcast made LLVM carry the accumulators as zmm pairs through the
-    reduction, split and rejoined every step (0.55-0.66x on the deeper layers). `residual`: as `qconv1x1_source`'s."""
+    reduction, split and rejoined every step (0.55-0.66x on the deeper layers). `residual`: as `qconv1x1_source`'s.
+
+    `wbits=4` (dense only): the weight is stored as int4 nibbles, two bytes a quad (`pack_quads_w4`), and each
+    task widens its channel block's quads to int8 words in a local buffer before the block's pixels
+    (`widen_quads`), so the reduction is the int8 kernel's."""
     nr, k4 = 8 * nv, -(-cin // 4)
+    if wbits not in (4, 8) or wbits == 4 and bsr_blocks is not None:
+        raise ValueError(f"the int8 pointwise quad kernel stores weights as int8 or (dense) int4, not {wbits}-bit")
     if tiles > 1 and (bsr_blocks is not None or nv != 1 and (lanes == 8 or nv > 4)):
         raise ValueError("paired channel blocks are for the dense kernel with 8 pixels (nv=1), or at most 32 with "
                          "16 lanes (nv <= 4)")
@@ -270,6 +268,10 @@ def qconv1x1_ubsw_source(cout: int, cin: int, p: int, nv: int, clamp: tuple[floa
         blk = "c" if tiles == 1 else f"T.min(c * {tiles} + i // {MR}, {mt - 1})"  # (past the last: not stored)
         q, wquad, reduce = "q", f"w4[({blk} * {k4} + q) * {MR} + i % {MR}]", f"for q in T.serial({k4}):"
         w_args = f'w4: T.Buffer(({mt * k4 * MR},), "int32"),'
+        if wbits == 4:
+            k4p = w4_quads(cin)
+            wquad = f"wl[({'i // %d * %d + ' % (MR, k4p) if tiles > 1 else ''}q) * {MR} + i % {MR}]"
+            w_args = f'wn: T.Buffer(({mt * k4p * MR * 2},), "int8"),'
     else:
         q, wquad = "indices[indptr[c] + j]", "data[(indptr[c] + j) * 8 + i]"
         reduce = "for j in T.serial(indptr[c + 1] - indptr[c]):"
@@ -295,6 +297,16 @@ def qconv1x1_ubsw_source(cout: int, cin: int, p: int, nv: int, clamp: tuple[floa
     store = _tile_store(f"c * {trows} + i", c0, nv, p, clamp, out_q, dequantized, float_bias, " " * 24,
                         offset_in_acc=True, lanes=lanes, residual=residual)
     res_arg = f' res: T.Buffer(({cout * p},), "float32"),' if residual else ""
+    wl_decl, widen_block = "", ""
+    if wbits == 4:
+        k4p = w4_quads(cin)
+        wl_decl = f"""
+        wl = T.decl_buffer(({tiles * k4p * MR},), "int32", scope="global")"""
+        widen_block = f"""
+            for tb in T.serial({tiles}):
+                for j in T.serial({k4p * MR // 16}):
+                    wl[T.ramp(tb * {k4p * MR} + j * 16, 1, 16)] = {
+                        widen_quads("wn", f"T.min(c * {tiles} + tb, {mt - 1}) * {k4p * MR * 2} + j * 32")}"""
     return f"""
 @T.prim_func(private=True)
 def qconv1x1_{dot}(x: T.Buffer(({cin * p},), "int8"), {w_args}
@@ -304,8 +316,8 @@ def qconv1x1_{dot}(x: T.Buffer(({cin * p},), "int8"), {w_args}
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True{', "op_pattern": 8' if bsr_blocks is not None else ''}}})
     for t in T.parallel({chunks * groups}):
         b0: T.let = (t % {chunks}) * {cb} // {chunks}
-        xq = T.decl_buffer(({nblk * k4 * nr * 4},), "uint8", scope="global"){stage}
-        for c in T.serial((t // {chunks}) * {mg} // {groups}, (t // {chunks} + 1) * {mg} // {groups}):
+        xq = T.decl_buffer(({nblk * k4 * nr * 4},), "uint8", scope="global"){wl_decl}{stage}
+        for c in T.serial((t // {chunks}) * {mg} // {groups}, (t // {chunks} + 1) * {mg} // {groups}):{widen_block}
             for b in T.serial(b0, (t % {chunks} + 1) * {cb} // {chunks}):{decl}
                 for i in T.unroll({trows}):{init}
                 {reduce}
@@ -325,6 +337,39 @@ def pack_quads(wq: np.ndarray, mt: int) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(mt, MR, k4, 4).transpose(0, 2, 1, 3)).view(np.int32).reshape(-1)
 
 
+def w4_quads(cin: int) -> int:
+    """Input-channel quads a channel block of int4 quad weights stores: a multiple of 8, so its 6-channel rows
+    widen in whole 16-word vectors."""
+    return -(-(-(-cin // 4)) // 8) * 8
+
+
+def nibble_quads(words: np.ndarray) -> np.ndarray:
+    """int32 quad words of int4-valued bytes -> flat int8, two bytes of nibbles a word, its first byte in the low
+    nibble of the first (`widen_quads` undoes it)."""
+    q = np.ascontiguousarray(words, np.int32).reshape(-1).view(np.int8).reshape(-1, 4)
+    return np.stack([nibbles(q[:, 0], q[:, 1]), nibbles(q[:, 2], q[:, 3])], -1).reshape(-1)
+
+
+def pack_quads_w4(wq: np.ndarray, mt: int) -> np.ndarray:
+    """int4-valued W [Cout, Cin] -> int8 [Cout/MR, w4_quads(Cin), MR, 2]: `pack_quads`' words as nibbles
+    (`nibble_quads`), with the quads padded to w4_quads."""
+    cout, cin = wq.shape
+    return nibble_quads(pack_quads(np.pad(wq, ((0, 0), (0, 4 * w4_quads(cin) - cin))), mt))
+
+
+def widen_quads(buf: str, base: str, words: int = 16) -> str:
+    """`words` int32 quad words (4 int8 weights each) from the 2 * words bytes of int4 nibbles at buf[base:]
+    (`pack_quads_w4`): low and high nibbles masked apart, interleaved byte by byte, then sign-extended byte-wise
+    ((v ^ 8) - 8); 7 vector operations for 16 words."""
+    nb = 2 * words
+    b = f"{buf}[T.ramp({base}, 1, {nb})]"
+    lo = f"T.bitwise_and({b}, T.broadcast(T.int8(15), {nb}))"
+    hi = f"T.bitwise_and(T.shift_right({b}, T.broadcast(T.int8(4), {nb})), T.broadcast(T.int8(15), {nb}))"
+    both = f"T.Shuffle([{lo}, {hi}], {[j for i in range(nb) for j in (i, i + nb)]})"
+    return (f'T.reinterpret("int32x{words}", T.bitwise_xor({both}, T.broadcast(T.int8(8), {2 * nb}))'
+            f' - T.broadcast(T.int8(8), {2 * nb}))')
+
+
 def fits_int4(w: np.ndarray) -> bool:
     """int4 weights (or any that fit [-8, 7]): stored as nibbles, losslessly."""
     return bool(w.min() >= -8 and w.max() <= 7)
@@ -338,17 +383,14 @@ def nibbles(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return (u_lo | (u_hi << 4)).astype(np.uint8).view(np.int8)
 
 
-def pack_pairs(wq: np.ndarray, mt: int, wbits: int = 8) -> np.ndarray:
-    """int8 W [Cout, Cin] -> the stored weight [Cout/MR, Cin pairs (kpad), MR, 2] as int8 bytes, or with wbits=4
-    as int4 nibbles (the even channel of a pair in the low nibble); zero-padded rows and channels."""
+def pack_pairs(wq: np.ndarray, mt: int) -> np.ndarray:
+    """int8 W [Cout, Cin] -> the stored weight [Cout/MR, Cin pairs (kpad), MR, 2] as int8 bytes; zero-padded rows
+    and channels."""
     cout, cin = wq.shape
     k4 = kpad(cin)
     w = np.zeros((mt * MR, 2 * k4), np.int8)
     w[:cout, :cin] = wq
-    pairs = np.ascontiguousarray(w.reshape(mt, MR, k4, 2).transpose(0, 2, 1, 3))
-    if wbits == 4:
-        return nibbles(pairs[..., 0], pairs[..., 1]).reshape(-1)
-    return pairs.reshape(-1)
+    return np.ascontiguousarray(w.reshape(mt, MR, k4, 2).transpose(0, 2, 1, 3)).reshape(-1)
 
 
 def int8_kernels_available(target) -> bool:
@@ -402,9 +444,9 @@ def epilogue_constants(wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | 
 
 def quad_weights(w2: np.ndarray, dot: str) -> bool:
     """Whether the int8 pointwise weight w2 [Cout, Cin] runs on the quad kernels (`qconv1x1_ubsw_source`) with
-    quad product `dot`: every weight with VNNI, 7-bit ones on AVX2 (no u8 x s8 pair can saturate); int4 weights
-    stay nibbles on the pair kernel (the artifact size is why they were chosen)."""
-    return not fits_int4(w2) and (dot != "ubsw" or ubsw_exact(np.pad(w2, ((0, 0), (0, w2.shape[1] % 2)))))
+    quad product `dot`: every weight with VNNI, 7-bit ones on AVX2 (no u8 x s8 pair can saturate), int4 ones
+    (stored as nibbles, widened per task: `qconv1x1_ubsw_source`'s wbits) on both."""
+    return dot != "ubsw" or fits_int4(w2) or ubsw_exact(np.pad(w2, ((0, 0), (0, w2.shape[1] % 2))))
 
 
 def qconv1x1_knobs(p: int, dot: str | None = None, lanes: int = 8, half_width: bool = False) -> tuple[dict, list[dict]]:
@@ -493,7 +535,7 @@ def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray
     mt = -(-cout // MR)
     w2 = wq.reshape(cout, cin)
     wbits = 4 if fits_int4(w2) else 8
-    ubsw = quad_weights(w2, dot)  # else the pair kernel: int4 weights, or full-range int8 ones without VNNI
+    ubsw = quad_weights(w2, dot)  # else the pair kernel: full-range int8 weights without VNNI
     if sparse not in ("", "bsr8x4", "csr"):
         raise ValueError(f"no int8 sparse pointwise kernel for layout '{sparse}' (bsr8x4 or csr)")
     if residual is not None and (sparse or out_q is not None or dequantized):
@@ -541,12 +583,13 @@ def emit_qconv1x1(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray
         consts = [c if c is None else c[:cout] for c in consts]
     elif ubsw:
         src = qconv1x1_ubsw_source(cout, cin, p, nv, clamp, out_q, dequantized, consts[2] is not None, dot,
-                                   tiles=tiles, lanes=kl, residual=residual is not None)
-        packed, name = pack_quads(w2, mt), f"qconv1x1_{dot}_{tag}"
+                                   tiles=tiles, lanes=kl, residual=residual is not None, wbits=wbits)
+        packed = pack_quads_w4(w2, mt) if wbits == 4 else pack_quads(w2, mt)
+        name = f"qconv1x1_{dot}_{tag}"
     else:
-        src = qconv1x1_source(cout, cin, p, nv, clamp, out_q, dequantized, wbits, consts[2] is not None,
+        src = qconv1x1_source(cout, cin, p, nv, clamp, out_q, dequantized, consts[2] is not None,
                               residual is not None)
-        packed, name = pack_pairs(w2, mt, wbits), f"qconv1x1_{tag}"
+        packed, name = pack_pairs(w2, mt), f"qconv1x1_{tag}"
     if not sparse:
         gv = bb.add_func(parse_kernel(batch_source(src, n, ["x", "out"] + (["res"] if residual is not None else []))),
                          name)
@@ -847,13 +890,15 @@ QGEMV_ACCS = 8  # accumulators per 16 output columns: partial sums over k quads 
 QGEMV_ROWS = 2
 
 
-def qgemv_quads_source(k: int, n: int, with_bias: bool, dot: str = "vnni", m: int = 1) -> str:
+def qgemv_quads_source(k: int, n: int, with_bias: bool, dot: str = "vnni", m: int = 1, wbits: int = 8) -> str:
     """y[r, n] = (sum_k (x[r, k] + 128) w[n, k] - off[n]) * mult[n] (+ b[n]) for m < 6 int8 rows x [m, K] (a
     classifier head at batch 1-5, a short sequence) and an int8 weight packed as quads (`pack_gemv_quads`: [N/16,
     K/4, 16] words, each the 4 bytes w[n, 4q:4q+4]); off[n] = (zx + 128) * sum_k w[n, k], so the sum is exactly
     sum (x - zx) w, in int32. x + 128 is staged once as uint8 quads; each task streams a panel of 16 columns once
     for all rows, one quad product (`quad_dot`: `vpdpbusd` with VNNI) per 4 inputs x 8 columns x row against the
-    row's broadcast quad of x, into QGEMV_ACCS accumulators (partial sums over the quads while rows are few)."""
+    row's broadcast quad of x, into QGEMV_ACCS accumulators (partial sums over the quads while rows are few).
+    `wbits=4`: the words are stored as nibbles (`nibble_quads`, 2 bytes a word) and widened as read
+    (`widen_quads`)."""
     nr, k4 = NR_GEMM, -(-k // 4)
     p = max(1, QGEMV_ACCS // (2 * m))  # partial sums per row
     kq, kr = divmod(k4, p)
@@ -863,18 +908,20 @@ def qgemv_quads_source(k: int, n: int, with_bias: bool, dot: str = "vnni", m: in
         for r in range(m):
             for hv in range(2):
                 a = f"acc[T.ramp({((r * p + h) * 2 + hv) * 8}, 1, 8)]"
+                wv = (f'T.reinterpret("int8x32", w4[T.ramp((t * {k4} + {q}) * {nr} + {hv * 8}, 1, 8)])' if wbits == 8
+                      else f'T.reinterpret("int8x32", {widen_quads("wn", f"((t * {k4} + {q}) * {nr} + {hv * 8}) * 2", 8)})')
                 out += f"""
-{pad}{a} = {quad_dot(a, f'T.reinterpret("uint8x32", T.broadcast(xw[{r * k4} + {q}], 8))',
-                     f'T.reinterpret("int8x32", w4[T.ramp((t * {k4} + {q}) * {nr} + {hv * 8}, 1, 8)])', dot)}"""
+{pad}{a} = {quad_dot(a, f'T.reinterpret("uint8x32", T.broadcast(xw[{r * k4} + {q}], 8))', wv, dot)}"""
         return out
     body = "".join(step(f"qq * {p} + {h}", h, " " * 12) for h in range(p))
     rest = "".join(step(str(kq * p + h), h, " " * 8) for h in range(kr))
     total = " + ".join(f"acc[(r * {p} + {h}) * {nr} + v]" for h in range(p))
     b = f" + bias[t * {nr} + v]" if with_bias else ""
     bias_arg = f' bias: T.Buffer(({n},), "float32"),' if with_bias else ""
+    w_arg = f'w4: T.Buffer(({n * k4},), "int32")' if wbits == 8 else f'wn: T.Buffer(({n * k4 * 2},), "int8")'
     return f"""
 @T.prim_func(private=True)
-def qgemv_{dot}(x: T.Buffer(({m * k},), "int8"), w4: T.Buffer(({n * k4},), "int32"), off: T.Buffer(({n},), "int32"),
+def qgemv_{dot}(x: T.Buffer(({m * k},), "int8"), {w_arg}, off: T.Buffer(({n},), "int32"),
                mult: T.Buffer(({n},), "float32"),{bias_arg} out: T.Buffer(({m * n},), "float32")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
     xw = T.decl_buffer(({m * k4},), "int32", scope="global")
@@ -920,8 +967,8 @@ def emit_qgemv(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | 
     mult = np.zeros(w.shape[0], np.float32)
     mult[:n] = (np.asarray(w_scales, np.float64) * float(sx)).astype(np.float32)
     wbits = 4 if fits_int4(w) else 8
-    if dot in ("vnni", "exact") and (wbits == 8 or m > 1):
-        return _emit_qgemv_quads(bb, xq, w, mult, bias, zx, k, n, dot, m)
+    if dot in ("vnni", "exact"):
+        return _emit_qgemv_quads(bb, xq, w, mult, bias, zx, k, n, dot, m, wbits)
     if m != 1:
         raise ValueError(f"the float-converting weight stream takes one row, not {m}: pass the quad product (dot)")
     packed = pack_weight(w, nr)  # [N/16, K, 16]
@@ -932,18 +979,19 @@ def emit_qgemv(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | 
 
 
 def _emit_qgemv_quads(bb, xq, w: np.ndarray, mult: np.ndarray, bias: np.ndarray | None, zx: int, k: int, n: int,
-                      dot: str, m: int):
+                      dot: str, m: int, wbits: int = 8):
     """`emit_qgemv`'s quad kernel for m rows and the panel-padded int8 weight w [N', K]: y [N] for one row, else
     [m, N]."""
     from tvm import relax
     n_pad = int(w.shape[0])
     off = ((int(zx) + 128) * w.astype(np.int64).sum(1)).astype(np.int32)
-    args = [bb.emit(relax.op.reshape(xq, (m * k,))), relax.const(pack_gemv_quads(w)), relax.const(off),
-            relax.const(mult)]
+    packed = pack_gemv_quads(w)
+    args = [bb.emit(relax.op.reshape(xq, (m * k,))), relax.const(packed if wbits == 8 else nibble_quads(packed)),
+            relax.const(off), relax.const(mult)]
     if bias is not None:
         args.append(relax.const(np.pad(np.asarray(bias, np.float32), (0, n_pad - n))))
-    gv = bb.add_func(parse_kernel(qgemv_quads_source(k, n_pad, bias is not None, dot, m)),
-                     f"qgemv_{dot}_{k}x{n_pad}" + (f"_m{m}" if m > 1 else ""))
+    gv = bb.add_func(parse_kernel(qgemv_quads_source(k, n_pad, bias is not None, dot, m, wbits)),
+                     f"qgemv_{dot}_{k}x{n_pad}" + (f"_m{m}" if m > 1 else "") + ("_w4" if wbits == 4 else ""))
     shape = (n_pad,) if m == 1 else (m, n_pad)
     y = bb.emit(relax.call_tir(gv, args, relax.TensorType((m * n_pad,), "float32")))
     y = bb.emit(relax.op.reshape(y, shape)) if m > 1 else y
