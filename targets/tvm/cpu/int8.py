@@ -908,10 +908,11 @@ def qgemv_quads_source(k: int, n: int, with_bias: bool, dot: str = "vnni", m: in
         for r in range(m):
             for hv in range(2):
                 a = f"acc[T.ramp({((r * p + h) * 2 + hv) * 8}, 1, 8)]"
-                wv = (f'T.reinterpret("int8x32", w4[T.ramp((t * {k4} + {q}) * {nr} + {hv * 8}, 1, 8)])' if wbits == 8
-                      else f'T.reinterpret("int8x32", {widen_quads("wn", f"((t * {k4} + {q}) * {nr} + {hv * 8}) * 2", 8)})')
+                word = f"(t * {k4} + {q}) * {nr} + {hv * 8}"
+                wv = (f'w4[T.ramp({word}, 1, 8)]' if wbits == 8 else widen_quads("wn", f"({word}) * 2", 8))
                 out += f"""
-{pad}{a} = {quad_dot(a, f'T.reinterpret("uint8x32", T.broadcast(xw[{r * k4} + {q}], 8))', wv, dot)}"""
+{pad}{a} = {quad_dot(a, f'T.reinterpret("uint8x32", T.broadcast(xw[{r * k4} + {q}], 8))',
+                     f'T.reinterpret("int8x32", {wv})', dot)}"""
         return out
     body = "".join(step(f"qq * {p} + {h}", h, " " * 12) for h in range(p))
     rest = "".join(step(str(kq * p + h), h, " " * 8) for h in range(kr))
