@@ -2159,6 +2159,40 @@ def test_quantized_batch1_linear_streams_int8_weights(k, n, bias, bits):
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
+@pytest.mark.parametrize("rows,amx", [(12, "0"), (40, "1")])
+def test_int4_gemm_weights_stay_nibbles_in_the_artifact(monkeypatch, rows, amx):
+    """int4 linears on the int8 GEMMs (VNNI or AVX2 quads; 40 rows: AMX tiles where the CPU has them) keep their
+    weights as nibbles in the built executable (half the int8 bytes) and widen them at each call: the build's
+    constant folding does not evaluate the widening; the outputs equal those of the same build storing int8."""
+    from tvm import relax
+
+    from graphopt.targets.tvm.cpu import int8
+    monkeypatch.setenv("GRAPHOPT_AMX", amx)
+    if not int8.int8_kernels_available(cpu_target()):
+        pytest.skip("needs AVX2")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.ReLU(), torch.nn.Linear(48, 64)).eval()
+    x = torch.rand(1, rows, 64)
+    q = graphopt.optimize(graphopt.trace(model, (x,)), "quantize{weights=int4},fold-qdq",
+                          data=[(torch.rand(1, rows, 64),) for _ in range(4)])
+
+    def built():
+        ex, *_ = build_executable(q)
+        out = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
+        pool = next(line for line in ex.stats().split("\n") if "Constant pool" in line)
+        return ex.as_text(), (out if hasattr(out, "numpy") else out[0]).numpy(), pool
+
+    text, got, pool = built()
+    monkeypatch.setattr(int8, "weight_const", lambda bb, packed, live: relax.const(packed))
+    text8, want, pool8 = built()
+    assert "widen_nibbles" in text and "widen_nibbles" not in text8  # a run-time call, not folded at build
+    sizes = lambda p: sum(int(v) for v in re.findall(r", \[(\d+)\]", p))  # noqa: E731 (1-D constants' lengths)
+    assert sizes(pool8) - sizes(pool) >= (48 * 64 + 64 * 48) // 2  # both weights' bytes halved
+    np.testing.assert_array_equal(got, want)
+    ref = q.run(x)[0].numpy()  # (the kernels round the bias to the accumulator's grid, the reference does not)
+    assert np.abs(got - ref).max() <= 0.01 * np.abs(ref).max()
+
+
 @pytest.mark.parametrize("rows", [2, 3, 5])
 def test_quantized_linear_of_two_to_five_rows(rows):
     """A qlinear of 2-5 rows (a classifier head at batch 2-5, a short sequence) fell to TVM's generic int8 matmul,

@@ -370,6 +370,38 @@ def widen_quads(buf: str, base: str, words: int = 16) -> str:
             f' - T.broadcast(T.int8(8), {2 * nb}))')
 
 
+def widen_nibbles_source(nbytes: int, live_dtype: str) -> str:
+    """TVMScript that widens a packed int8 weight stored as nibbles (`nibble_quads`: nbytes / 2 bytes) back to its
+    nbytes (a multiple of 64) int8 bytes, 64 a step (`widen_quads`), in parallel: the GEMMs' int4 weights, which
+    stay nibbles in the artifact and are widened at each call (`weight_const`)."""
+    if nbytes % 64:
+        raise ValueError(f"nibble weights widen 64 bytes a step; {nbytes} bytes is not a multiple of 64")
+    return f"""
+@T.prim_func(private=True)
+def widen_nibbles(wn: T.Buffer(({nbytes // 2},), "int8"), unread: T.Buffer(("n_live",), "{live_dtype}"),
+                  w: T.Buffer(({nbytes},), "int8")):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})  # (opaque: never fused)
+    T.evaluate(unread[0])  # (named in the body: a call with one used input would pass for a reshape in the build)
+    for j in T.parallel({nbytes // 64}):
+        w[T.ramp(j * 64, 1, 64)] = T.reinterpret("int8x64", {widen_quads("wn", "j * 32")})
+"""
+
+
+def weight_const(bb, packed: np.ndarray, live):
+    """The packed int8 weight of a GEMM as a Relax value: a constant, or where every value fits int4 (and the
+    bytes are whole 64-byte steps) the nibbles as the constant and `widen_nibbles_source` making the bytes at run
+    time, so an int4 layer's weight stays 4 bits a value in the artifact. `live`: a run-time value (the GEMM's
+    activation) the widening takes unread: the build's constant folding evaluates calls whose arguments are all
+    constants, and would store the widened bytes."""
+    from tvm import relax
+    if packed.size % 64 or not fits_int4(packed):
+        return relax.const(packed)
+    dtype = live.ty.dtype
+    gv = bb.add_func(parse_kernel(widen_nibbles_source(packed.size, dtype)), f"widen_nibbles_{packed.size}_{dtype}")
+    return bb.emit(relax.call_tir(gv, [relax.const(nibble_quads(packed.view(np.int32))), live],
+                                  relax.TensorType((packed.size,), "int8")))
+
+
 def fits_int4(w: np.ndarray) -> bool:
     """int4 weights (or any that fit [-8, 7]): stored as nibbles, losslessly."""
     return bool(w.min() >= -8 and w.max() <= 7)
@@ -1047,7 +1079,7 @@ def emit_qlinear(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray 
     if mq != m:
         a = bb.emit(relax.op.nn.pad(a, [0, mq - m, 0, 0]))
     a = bb.emit(relax.op.reshape(a, (mq * k,)))
-    y = bb.emit(relax.call_tir(gv, [a, relax.const(packed),
+    y = bb.emit(relax.call_tir(gv, [a, weight_const(bb, packed, a),
                                     *(relax.const(c[:n_pad]) for c in (off, mult, fb) if c is not None)],
                                relax.TensorType((mq * n_pad,), "float32")))
     y = bb.emit(relax.op.reshape(y, (mq, n_pad)))
@@ -1078,7 +1110,7 @@ def _emit_amx_qlinear(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.nda
     if mq != m or kp != k:
         a = bb.emit(relax.op.nn.pad(a, [0, mq - m, 0, kp - k], pad_value=float(zx)))
     a = bb.emit(relax.op.reshape(a, (mq * kp,)))
-    y = bb.emit(relax.call_tir(gv, [a, relax.const(pack_gemm_quads(w)), relax.const(amx.tile_config()),
+    y = bb.emit(relax.call_tir(gv, [a, weight_const(bb, pack_gemm_quads(w), a), relax.const(amx.tile_config()),
                                     *(relax.const(c[:n_pad]) for c in (off, mult, fb) if c is not None)],
                                relax.TensorType((mq * n_pad,), "float32")))
     y = bb.emit(relax.op.reshape(y, (mq, n_pad)))
