@@ -15,7 +15,7 @@ aten = torch.ops.aten
 
 @dataclass
 class GraphStats:
-    """params: weight values; macs: multiply-accumulates for one run; bytes: weight storage."""
+    """params: weight values; macs: multiply-accumulates for one run; bytes: weight storage (`weight_bytes`)."""
 
     params: int
     macs: int
@@ -78,6 +78,14 @@ def node_macs(n: fx.Node) -> int:
     return 0
 
 
+def weight_bytes(t: torch.Tensor) -> int:
+    """Bytes a weight takes stored: its elements' size, but 4 bits a value for an int8 tensor whose values all fit
+    int4 ([-8, 7]: `quantize{weights=int4}`'s), which graphopt's int8 kernels keep as nibbles."""
+    if t.dtype == torch.int8 and t.numel() and int(t.min()) >= -8 and int(t.max()) <= 7:
+        return -(-t.numel() // 2)
+    return t.numel() * t.element_size()
+
+
 def graph_stats(g: Graph) -> GraphStats:
     params = g.params()
     ops = Counter()
@@ -89,7 +97,7 @@ def graph_stats(g: Graph) -> GraphStats:
     return GraphStats(
         params=sum(t.numel() for t in params.values()),
         macs=macs,
-        bytes=sum(t.numel() * t.element_size() for t in params.values()),
+        bytes=sum(weight_bytes(t) for t in params.values()),
         nodes=sum(1 for n in g.gm.graph.nodes if n.op == "call_function"),
         ops=ops,
     )

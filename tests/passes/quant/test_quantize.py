@@ -30,6 +30,7 @@ def test_weights_shrink_and_graph_round_trips(tmp_path, digits):
     assert g.stats().bytes / q8.stats().bytes >= 3.5
     ints = [t for t in q4.params().values() if t.dtype == torch.int8]
     assert ints and all(int(t.min()) >= -7 and int(t.max()) <= 7 for t in ints)
+    assert q4.stats().bytes == q8.stats().bytes - sum(t.numel() // 2 for t in ints)  # int4: 4 bits a value
     q8.save(tmp_path / "q.gopt")
     back = graphopt.Graph.load(tmp_path / "q.gopt")
     x = xte[:64]
