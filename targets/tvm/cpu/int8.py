@@ -370,36 +370,42 @@ def widen_quads(buf: str, base: str, words: int = 16) -> str:
             f' - T.broadcast(T.int8(8), {2 * nb}))')
 
 
-def widen_nibbles_source(nbytes: int, live_dtype: str) -> str:
-    """TVMScript that widens a packed int8 weight stored as nibbles (`nibble_quads`: nbytes / 2 bytes) back to its
-    nbytes (a multiple of 64) int8 bytes, 64 a step (`widen_quads`), in parallel: the GEMMs' int4 weights, which
-    stay nibbles in the artifact and are widened at each call (`weight_const`)."""
-    if nbytes % 64:
-        raise ValueError(f"nibble weights widen 64 bytes a step; {nbytes} bytes is not a multiple of 64")
+def widen_nibbles_source(live_dtype: str, dtype: str = "int8") -> str:
+    """TVMScript that widens a packed int8 weight stored as nibbles (`nibble_quads`: half its bytes) back to its
+    bytes, or the int32 words of 4 of them (`dtype`), 64 bytes a step (`widen_quads`; the weight's bytes a
+    multiple of 64, its length symbolic: one function for every layer), in parallel: int4 weights of the kernels
+    that read a whole int8 weight (the GEMMs, the flat convs), which stay nibbles in the artifact and are widened
+    at each call (`weight_const`)."""
+    words = dtype == "int32"
+    value = widen_quads("wn", "j * 32")
     return f"""
 @T.prim_func(private=True)
-def widen_nibbles(wn: T.Buffer(({nbytes // 2},), "int8"), unread: T.Buffer(("n_live",), "{live_dtype}"),
-                  w: T.Buffer(({nbytes},), "int8")):
+def widen_nibbles(wn_h: T.handle, unread: T.Buffer(("n_live",), "{live_dtype}"), w_h: T.handle):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})  # (opaque: never fused)
+    nh, nw = T.int32(), T.int32()
+    wn = T.match_buffer(wn_h, (nh,), "int8")
+    w = T.match_buffer(w_h, (nw,), "{dtype}")
     T.evaluate(unread[0])  # (named in the body: a call with one used input would pass for a reshape in the build)
-    for j in T.parallel({nbytes // 64}):
-        w[T.ramp(j * 64, 1, 64)] = T.reinterpret("int8x64", {widen_quads("wn", "j * 32")})
+    for j in T.parallel(nw // {16 if words else 64}):
+        w[T.ramp(j * {16 if words else 64}, 1, {16 if words else 64})] = {
+            value if words else f'T.reinterpret("int8x64", {value})'}
 """
 
 
 def weight_const(bb, packed: np.ndarray, live):
-    """The packed int8 weight of a GEMM as a Relax value: a constant, or where every value fits int4 (and the
-    bytes are whole 64-byte steps) the nibbles as the constant and `widen_nibbles_source` making the bytes at run
-    time, so an int4 layer's weight stays 4 bits a value in the artifact. `live`: a run-time value (the GEMM's
-    activation) the widening takes unread: the build's constant folding evaluates calls whose arguments are all
-    constants, and would store the widened bytes."""
+    """A packed weight (int8 bytes, or int32 words of 4) as a Relax value: a constant, or where every byte fits
+    int4 (and the bytes are whole 64-byte steps) the nibbles as the constant and `widen_nibbles_source` making
+    the weight at run time, so an int4 layer stays 4 bits a value in the artifact. `live`: a run-time value (the
+    kernel's activation) the widening takes unread: the build's constant folding evaluates calls whose
+    arguments are all constants, and would store the widened weight."""
     from tvm import relax
-    if packed.size % 64 or not fits_int4(packed):
+    data = packed.reshape(-1).view(np.int8)
+    if data.size % 64 or not fits_int4(data):
         return relax.const(packed)
-    dtype = live.ty.dtype
-    gv = bb.add_func(parse_kernel(widen_nibbles_source(packed.size, dtype)), f"widen_nibbles_{packed.size}_{dtype}")
-    return bb.emit(relax.call_tir(gv, [relax.const(nibble_quads(packed.view(np.int32))), live],
-                                  relax.TensorType((packed.size,), "int8")))
+    dtype, live_dtype = str(packed.dtype), str(live.ty.dtype)
+    gv = bb.add_func(parse_kernel(widen_nibbles_source(live_dtype, dtype)), f"widen_nibbles_{dtype}_{live_dtype}")
+    return bb.emit(relax.call_tir(gv, [relax.const(nibble_quads(data.view(np.int32))), live],
+                                  relax.TensorType((packed.size,), dtype)))
 
 
 def fits_int4(w: np.ndarray) -> bool:
@@ -1298,11 +1304,9 @@ def pack_flat_quads(wq: np.ndarray, panel: int = MR) -> np.ndarray:
 
 def flat_qconv_applies(wq: np.ndarray, dot: str) -> bool:
     """Whether the flat int8 conv takes this int8 weight [Cout, Cin, kh, kw]: where the pointwise kernel would use
-    the quad product for the im2col columns (not int4-sized weights, which stay nibble-packed on the int16 kernel;
-    on AVX2 only weights `vpmaddubsw` is exact for, paired as the kernel pairs them: channels 2m, 2m + 1 of a tap)."""
+    the quad product for the im2col columns (int4 weights too: `emit_flat_qconv` keeps them nibbles; on AVX2 only
+    weights `vpmaddubsw` is exact for, paired as the kernel pairs them: channels 2m, 2m + 1 of a tap)."""
     cout, cin, kh, kw = wq.shape
-    if fits_int4(wq.reshape(cout, -1)):
-        return False
     if dot != "ubsw":
         return True
     k4 = -(-cin // 4)
@@ -1362,7 +1366,7 @@ def emit_flat_qconv(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarr
                + ("dq" if dequantized else ""))
         gv = bb.add_func(parse_kernel(src), f"{amx.KERNEL_PREFIX}_flat_{tag}")
         offs = staged_tiling(cout, h, wd, kh, kw, stride, padding, 1)["offs"]
-        y = bb.emit(relax.call_tir(gv, [planes, relax.const(amx.pack_flat_weight(wq)),
+        y = bb.emit(relax.call_tir(gv, [planes, weight_const(bb, amx.pack_flat_weight(wq), planes),
                                         relax.const(amx.tile_config(4 * amx.flat_quads_step(cin))),
                                         *(relax.const(c) for c in consts if c is not None),
                                         relax.const(np.asarray(offs, np.int32)),
@@ -1385,7 +1389,7 @@ def emit_flat_qconv(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarr
     gv = bb.add_func(parse_kernel(batch_source(src, n, ["xq", "out"])),
                      f"qconv_{'tok' if tok else 'flat'}_{dot}_{tag}")
     dtype = "int8" if out_q and not dequantized else "float32"
-    y = bb.emit(relax.call_tir(gv, [planes, relax.const(pack_flat_quads(wq, NR_TOK if tok else MR)),
+    y = bb.emit(relax.call_tir(gv, [planes, weight_const(bb, pack_flat_quads(wq, NR_TOK if tok else MR), planes),
                                     *(relax.const(c) for c in consts if c is not None),
                                     relax.const(store_params(clamp, out_q))],
                                relax.TensorType(_batched(n, cout * oh * ow), dtype)))
