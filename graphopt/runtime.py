@@ -157,6 +157,7 @@ class CompiledModel(ArtifactModel):
             self._lib = tvm.runtime.load_module(str(private))
             self._vm_class = VirtualMachine
             self._fn = self._new_function()
+            self._weights = self._prepared_weights()
         except Exception as e:
             raise ArtifactError(f"cannot load '{lib_path}': {e}") from None
         finally:
@@ -172,6 +173,15 @@ class CompiledModel(ArtifactModel):
         """The entry function of a fresh VM over the loaded library."""
         return self._vm_class(self._lib, self.device)[self.manifest.get("entry", "main")]
 
+    def _prepared_weights(self) -> list:
+        """The weights the artifact makes once, at load (int4 weights its kernels read widened: targets/tvm/cpu/
+        prepared.py), passed to every call after the inputs; none for other artifacts."""
+        if not self.manifest.get("target_info", {}).get("prepared_weights"):
+            return []
+        import tvm
+        seed = tvm.runtime.tensor(np.zeros(1, np.int8), self.device)  # (never read)
+        return list(self._vm_class(self._lib, self.device)["prepare"](seed))
+
     def _function(self):
         """This thread's entry function (see the class doc): the loading thread's is self._fn."""
         if self._gpu_lock is not None or threading.get_ident() == self._owner:
@@ -182,6 +192,7 @@ class CompiledModel(ArtifactModel):
         return fn
 
     def _invoke(self, args: list):
+        args = args + self._weights if self._weights else args
         if self._gpu_lock is None:
             if _Fork.thread == threading.get_ident():
                 return _Fork.helper().submit(lambda: self._function()(*args)).result()

@@ -117,14 +117,16 @@ def _lower_with_tuned_knobs(graph: Graph, tgt, tuning: Tuning):
 
 
 def build_executable(graph: Graph, target: str = "llvm", tuning: Tuning | None = None, rules: bool = True,
-                     cpu: str | None = None, stats: dict | None = None):
+                     cpu: str | None = None, stats: dict | None = None, prepare: bool = False):
     """Lower and build; returns (executable, tvm Target, TuningSummary or None, seconds to build).
 
     Tuned kernels come from the MetaSchedule database; every other kernel gets graphopt's CPU schedule rules
     (rules=False leaves those to TVM's default loop nests, for comparison). `cpu` (an LLVM CPU name) cross-compiles
     for that CPU instead of this one: its vector width and int8 dot product (VNNI `vpdpbusd` where it has one).
     `stats` (a dict), when given, receives what the build decided: "one_thread", the kernels run serially; "amx",
-    whether an AMX tile kernel was built (the artifact then needs AMX where it runs)."""
+    whether an AMX tile kernel was built (the artifact then needs AMX where it runs). `prepare`: int4 weights the
+    kernels widen are made once, by the executable's function `prepare`, and passed to `main` after the inputs
+    (`cpu.prepared`; how many: stats["prepared_weights"]); without it main widens them at every call."""
     from graphopt.targets.tvm.cpu.pipeline import build_cpu
 
     if target != "llvm":
@@ -143,6 +145,11 @@ def build_executable(graph: Graph, target: str = "llvm", tuning: Tuning | None =
         mod = lower_to_relax(graph, target=tgt)
     if stats is not None:
         stats["amx"] = uses_amx(mod)
+    if prepare:
+        from graphopt.targets.tvm.cpu.prepared import hoist_widening
+        mod, count = hoist_widening(mod)
+        if stats is not None:
+            stats["prepared_weights"] = count
     t0 = time.perf_counter()
     summary = None
     try:
@@ -190,7 +197,7 @@ def compile_to_dir(graph: Graph, output: str | Path, target: str = "llvm", tunin
     """Build and write the artifact folder `output` (replaced atomically; a foreign folder is never overwritten).
     The manifest lists the ISA extensions the code may use (`isa`); `graphopt.load` checks them against the CPU."""
     stats: dict = {}
-    ex, tgt, summary, seconds = build_executable(graph, target, tuning, cpu=cpu, stats=stats)
+    ex, tgt, summary, seconds = build_executable(graph, target, tuning, cpu=cpu, stats=stats, prepare=True)
     with atomic_dir(output) as tmp:
         # -s: no debug sections (generated kernels have no source to step through; they were a tenth of an int8 .so)
         ex.export_library(str(tmp / "model.so"), options=["-s"])
@@ -203,7 +210,8 @@ def compile_to_dir(graph: Graph, output: str | Path, target: str = "llvm", tunin
                                                     "vector_bits": 32 * vector_lanes(tgt),
                                                     "one_thread_kernels": stats.get("one_thread", []),
                                                     "one_thread_under_us": SERIAL_US,
-                                                    "fresh_outputs": stats.get("fresh_outputs", [])},
+                                                    "fresh_outputs": stats.get("fresh_outputs", []),
+                                                    "prepared_weights": stats.get("prepared_weights", 0)},
                                   tuning=(summary or TuningSummary()).to_json() if tuning else None,
                                   build_seconds=round(seconds, 2), folder=tmp)
         write_manifest(tmp, manifest)

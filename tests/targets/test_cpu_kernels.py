@@ -2166,7 +2166,7 @@ def test_int4_weights_stay_nibbles_in_the_artifact(tmp_path, monkeypatch, layers
     nibbles in the exported library and widen them at each call (one widening function, whatever the sizes): the
     build's constant folding does not evaluate the widening, and the library is smaller than the same build
     storing the int8 bytes by 40% of the weights' values at least (half, less the widening's code); the outputs
-    are identical."""
+    are identical, and those of the compiled artifact, which widens them once at load."""
     from tvm import relax
 
     from graphopt.targets.tvm.cpu import int8
@@ -2199,6 +2199,11 @@ def test_int4_weights_stay_nibbles_in_the_artifact(tmp_path, monkeypatch, layers
     np.testing.assert_array_equal(got, want)
     ref = q.run(x)[0].numpy()  # (the kernels round the bias to the accumulator's grid, the reference does not)
     assert np.abs(got - ref).max() <= 0.01 * np.abs(ref).max()
+    monkeypatch.undo()  # the artifact: the widening moves into `prepare`, run once at load (cpu/prepared.py)
+    monkeypatch.setenv("GRAPHOPT_AMX", amx)
+    art = graphopt.load(graphopt.compile(q, "llvm", output=tmp_path / "art"))
+    assert art.manifest["target_info"]["prepared_weights"] == 2
+    np.testing.assert_array_equal(art(x.numpy())[0], got)
 
 
 @pytest.mark.parametrize("rows", [2, 3, 5])

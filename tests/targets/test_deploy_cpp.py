@@ -79,3 +79,24 @@ def test_cpp_runner_takes_int64_inputs_and_returns_every_output(tmp_path, runner
         got = np.load(tmp_path / f"o{i}.npy")
         assert got.dtype == w.dtype and got.shape == w.shape, (i, got.dtype, got.shape)
         np.testing.assert_array_equal(got, w)
+
+
+def test_cpp_runner_passes_the_prepared_int4_weights(tmp_path, runner):
+    """An int4 artifact whose GEMMs read widened weights (made once by its `prepare` function and passed to every
+    call of main after the inputs): the runner calls prepare and gives graphopt.load's outputs bit for bit."""
+    from graphopt.targets.tvm.cpu.int8 import int8_kernels_available
+    from graphopt.targets.tvm.host import cpu_target
+    if not int8_kernels_available(cpu_target()):
+        pytest.skip("needs AVX2")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 64)).eval()
+    x = torch.rand(1, 12, 64)
+    q = graphopt.optimize(graphopt.trace(model, (x,)), "quantize{weights=int4},fold-qdq",
+                          data=[(torch.rand(1, 12, 64),) for _ in range(2)])
+    out = graphopt.compile(q, "llvm", output=tmp_path / "art")
+    assert graphopt.load(out).manifest["target_info"]["prepared_weights"] == 2
+    np.save(tmp_path / "x.npy", x.numpy())
+    res = subprocess.run([str(runner), str(out), str(tmp_path / "x.npy"), "-o", str(tmp_path / "y")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "y0.npy"), graphopt.load(out)(x.numpy())[0])

@@ -7,7 +7,8 @@
 // median in ms. Threads: TVM_NUM_THREADS if set, else this process's physical cores, as graphopt.load. Build it
 // with the command `python -m graphopt.targets.tvm.deploy` prints (headers and libraries come with the apache-tvm
 // and apache-tvm-ffi wheels). The calls below are what graphopt.load does in Python:
-// load the library, create the Relax VM with the pooled allocator on the CPU, call "main".
+// load the library, create the Relax VM with the pooled allocator on the CPU, call "prepare" once where the
+// artifact has it, call "main".
 #include <dlpack/dlpack.h>
 #include <tvm/ffi/container/array.h>
 #include <tvm/ffi/container/shape.h>
@@ -196,6 +197,13 @@ int main(int argc, char** argv) {
     std::vector<ffi::AnyView> args;
     std::vector<Tensor> tensors;
     for (const std::string& p : inputs) tensors.push_back(ReadNpy(p));
+    // weights the artifact makes once, at load (int4 weights its kernels read widened): "prepare" returns them
+    // and every call of "main" takes them after the inputs (the manifest's target_info.prepared_weights counts them)
+    if (auto prepare = vm->GetFunction("prepare")) {
+      Tensor seed = Tensor::FromNDAlloc(AlignedAlloc(), tvm::ffi::Shape({1}), DLDataType{kDLInt, 8, 1},
+                                        DLDevice{kDLCPU, 0});  // (never read)
+      for (const ffi::Any& w : (*prepare)(seed).cast<ffi::Array<ffi::Any>>()) tensors.push_back(w.cast<Tensor>());
+    }
     for (const Tensor& t : tensors) args.emplace_back(t);
     ffi::Any result;
     main_fn.CallPacked(args.data(), static_cast<int>(args.size()), &result);
