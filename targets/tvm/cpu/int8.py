@@ -360,7 +360,7 @@ def pack_quads_w4(wq: np.ndarray, mt: int) -> np.ndarray:
 def widen_quads(buf: str, base: str, words: int = 16) -> str:
     """`words` int32 quad words (4 int8 weights each) from the 2 * words bytes of int4 nibbles at buf[base:]
     (`pack_quads_w4`): low and high nibbles masked apart, interleaved byte by byte, then sign-extended byte-wise
-    ((v ^ 8) - 8); 7 vector operations for 16 words."""
+    ((v ^ 8) - 8); with GFNI and AVX512-VBMI LLVM makes 4 instructions of it (`vgf2p8affineqb`, `vpermt2b`)."""
     nb = 2 * words
     b = f"{buf}[T.ramp({base}, 1, {nb})]"
     lo = f"T.bitwise_and({b}, T.broadcast(T.int8(15), {nb}))"
@@ -375,7 +375,7 @@ def widen_nibbles_source(live_dtype: str, dtype: str = "int8") -> str:
     bytes, or the int32 words of 4 of them (`dtype`), 64 bytes a step (`widen_quads`; the weight's bytes a
     multiple of 64, its length symbolic: one function for every layer), in parallel: int4 weights of the kernels
     that read a whole int8 weight (the GEMMs, the flat convs), which stay nibbles in the artifact and are widened
-    at each call (`weight_const`)."""
+    at each call (`weight_const`), or in an artifact once, at load (`prepared.hoist_widening`)."""
     words = dtype == "int32"
     value = widen_quads("wn", "j * 32")
     return f"""
