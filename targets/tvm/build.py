@@ -1,6 +1,7 @@
 """Build a Graph for the host CPU with TVM and write the artifact: model.so + manifest.json, atomically."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -89,15 +90,16 @@ def build_gpu_executable(graph: Graph, target: str = "cuda", archs=("sm_80", "sm
     return ex, tgt, time.perf_counter() - t0, (sparse24 or {}).get("records", {}), dense_tc["records"]
 
 
-def _lower_with_tuned_knobs(graph: Graph, tgt, tuning: Tuning):
+def _lower_with_tuned_knobs(graph: Graph, tgt, tuning: Tuning, final=contextlib.nullcontext):
     """Lower, measure the knobs of graphopt's own kernels inside the model (`cpu/knobs.py`: MetaSchedule cannot
     rewrite them) within half the time budget at most, and lower again with the records where any differs from the
-    rule. Returns the module, the KnobSummary, and the Tuning for MetaSchedule with what is left of the budget."""
+    rule. Returns the module, the KnobSummary, and the Tuning for MetaSchedule with what is left of the budget.
+    `final`: a context the returned module's lowerings run in (not the measured ones)."""
     import dataclasses
 
     from graphopt.targets.tvm.cpu import knobs
     start = knobs._now()
-    with knobs.collecting() as col:
+    with knobs.collecting() as col, final():
         mod = lower_to_relax(graph, target=tgt)
     deadline = None if tuning.minutes is None else start + 30.0 * tuning.minutes
     inputs = [t.numpy() for t in graph.example_inputs()]
@@ -108,7 +110,7 @@ def _lower_with_tuned_knobs(graph: Graph, tgt, tuning: Tuning):
 
     records, summary = knobs.tune_sites(col.sites, tgt, measure, tuning.db, deadline, tuning.retune)
     if any(records[name] != col.sites[name].default for name in records):
-        with knobs.applied(records):
+        with knobs.applied(records), final():
             mod = lower_to_relax(graph, target=tgt)
     if tuning.minutes is not None:
         spent = (knobs._now() - start) / 60.0
@@ -124,9 +126,10 @@ def build_executable(graph: Graph, target: str = "llvm", tuning: Tuning | None =
     (rules=False leaves those to TVM's default loop nests, for comparison). `cpu` (an LLVM CPU name) cross-compiles
     for that CPU instead of this one: its vector width and int8 dot product (VNNI `vpdpbusd` where it has one).
     `stats` (a dict), when given, receives what the build decided: "one_thread", the kernels run serially; "amx",
-    whether an AMX tile kernel was built (the artifact then needs AMX where it runs). `prepare`: int4 weights the
-    kernels widen are made once, by the executable's function `prepare`, and passed to `main` after the inputs
-    (`cpu.prepared`; how many: stats["prepared_weights"]); without it main widens them at every call."""
+    whether an AMX tile kernel was built (the artifact then needs AMX where it runs). `prepare` (artifacts): int4
+    weights of the kernels that read a whole int8 weight are stored as nibbles and made once, by the
+    executable's function `prepare`, and passed to `main` after the inputs (`cpu.prepared`; how many:
+    stats["prepared_weights"]); without it they are int8 constants."""
     from graphopt.targets.tvm.cpu.pipeline import build_cpu
 
     if target != "llvm":
@@ -139,10 +142,13 @@ def build_executable(graph: Graph, target: str = "llvm", tuning: Tuning | None =
             raise TargetError(f"tuning measures kernels on this machine ({host_cpu()}), which lacks "
                               f"{', '.join(missing)} that --cpu {cpu} code uses: tune on a {cpu} machine, "
                               "or build untuned here")
+    from graphopt.targets.tvm.cpu.int8 import nibble_weights
+    final = nibble_weights if prepare else contextlib.nullcontext
     if tuning is not None:
-        mod, knobs_summary, tuning = _lower_with_tuned_knobs(graph, tgt, tuning)
+        mod, knobs_summary, tuning = _lower_with_tuned_knobs(graph, tgt, tuning, final)
     else:
-        mod = lower_to_relax(graph, target=tgt)
+        with final():
+            mod = lower_to_relax(graph, target=tgt)
     if stats is not None:
         stats["amx"] = uses_amx(mod)
     if prepare:

@@ -2163,10 +2163,10 @@ def test_quantized_batch1_linear_streams_int8_weights(k, n, bias, bits):
 def test_int4_weights_stay_nibbles_in_the_artifact(tmp_path, monkeypatch, layers, amx):
     """int4 layers on kernels that read a whole int8 weight (the int8 GEMMs: VNNI or AVX2 quads, AMX tiles for 40
     rows where the CPU has them; 3x3 convs on the flat / pixel-row int8 convs or AMX tiles) keep their weights as
-    nibbles in the exported library and widen them at each call (one widening function, whatever the sizes): the
-    build's constant folding does not evaluate the widening, and the library is smaller than the same build
-    storing the int8 bytes by 40% of the weights' values at least (half, less the widening's code); the outputs
-    are identical, and those of the compiled artifact, which widens them once at load."""
+    nibbles where lowered for an artifact (`nibble_weights`): a widening call (one function, whatever the sizes)
+    that the build's constant folding does not evaluate, and a library smaller than the plain build's (int8
+    constants) by 40% of the weights' values at least (half, less the widening's code); the outputs are identical,
+    and those of the compiled artifact, which widens them once at load (`prepare`)."""
     from tvm import relax
 
     from graphopt.targets.tvm.cpu import int8
@@ -2191,18 +2191,17 @@ def test_int4_weights_stay_nibbles_in_the_artifact(tmp_path, monkeypatch, layers
         ex.export_library(str(tmp_path / name), options=["-s"])  # (stripped, as compile writes it)
         return ex.as_text(), (out if hasattr(out, "numpy") else out[0]).numpy(), (tmp_path / name).stat().st_size
 
-    text, got, size = built("int4.so")
-    monkeypatch.setattr(int8, "weight_const", lambda bb, packed, live: relax.const(packed))
+    with int8.nibble_weights():
+        text, got, size = built("int4.so")
     text8, want, size8 = built("int8.so")
     assert "widen_nibbles" in text and "widen_nibbles" not in text8  # a run-time call, not folded at build
     assert size8 - size >= 0.4 * sum(p.numel() for p in model.parameters() if p.dim() > 1)
     np.testing.assert_array_equal(got, want)
     ref = q.run(x)[0].numpy()  # (the kernels round the bias to the accumulator's grid, the reference does not)
     assert np.abs(got - ref).max() <= 0.01 * np.abs(ref).max()
-    monkeypatch.undo()  # the artifact: the widening moves into `prepare`, run once at load (cpu/prepared.py)
-    monkeypatch.setenv("GRAPHOPT_AMX", amx)
     art = graphopt.load(graphopt.compile(q, "llvm", output=tmp_path / "art"))
     assert art.manifest["target_info"]["prepared_weights"] == 2
+    assert (tmp_path / "art" / "model.so").stat().st_size < size8 - 0.4 * (size8 - size)
     np.testing.assert_array_equal(art(x.numpy())[0], got)
 
 

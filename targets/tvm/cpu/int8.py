@@ -14,6 +14,8 @@ starts at P - 16), so 49- and 196-pixel images need no tail code.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import numpy as np
@@ -392,15 +394,31 @@ def widen_nibbles(wn_h: T.handle, unread: T.Buffer(("n_live",), "{live_dtype}"),
 """
 
 
+_NIBBLE_WEIGHTS = contextvars.ContextVar("graphopt_nibble_weights", default=False)
+
+
+@contextlib.contextmanager
+def nibble_weights():
+    """Within it `weight_const` lowers int4 weights as nibbles widened by a call, for an artifact, which makes them
+    once at load (`prepared.hoist_widening`; `build_executable(prepare=True)`). Outside it they are int8
+    constants, as fast as the artifact's prepared ones: the builds that time kernels (the cost oracle, knob
+    tuning) and plain test builds."""
+    token = _NIBBLE_WEIGHTS.set(True)
+    try:
+        yield
+    finally:
+        _NIBBLE_WEIGHTS.reset(token)
+
+
 def weight_const(bb, packed: np.ndarray, live):
-    """A packed weight (int8 bytes, or int32 words of 4) as a Relax value: a constant, or where every byte fits
-    int4 (and the bytes are whole 64-byte steps) the nibbles as the constant and `widen_nibbles_source` making
-    the weight at run time, so an int4 layer stays 4 bits a value in the artifact. `live`: a run-time value (the
-    kernel's activation) the widening takes unread: the build's constant folding evaluates calls whose
-    arguments are all constants, and would store the widened weight."""
+    """A packed weight (int8 bytes, or int32 words of 4) as a Relax value: a constant, or within `nibble_weights`
+    where every byte fits int4 (and the bytes are whole 64-byte steps) the nibbles as the constant and
+    `widen_nibbles_source` making the weight at run time, so an int4 layer stays 4 bits a value in the artifact.
+    `live`: a run-time value (the kernel's activation) the widening takes unread: the build's constant folding
+    evaluates calls whose arguments are all constants, and would store the widened weight."""
     from tvm import relax
     data = packed.reshape(-1).view(np.int8)
-    if data.size % 64 or not fits_int4(data):
+    if not _NIBBLE_WEIGHTS.get() or data.size % 64 or not fits_int4(data):
         return relax.const(packed)
     dtype, live_dtype = str(packed.dtype), str(live.ty.dtype)
     gv = bb.add_func(parse_kernel(widen_nibbles_source(live_dtype, dtype)), f"widen_nibbles_{dtype}_{live_dtype}")
