@@ -1,9 +1,9 @@
 """Weights the artifact makes once, when it is loaded, instead of at every call.
 
 int4 weights of the kernels that read a whole int8 weight (the int8 GEMMs, the flat and AMX convs) are stored as
-nibbles and widened by `int8.widen_nibbles_source` (`int8.weight_const`). In a plain build that widening runs at
-every call: on MiniLM int4 (36 GEMM weights, 10.6 MB once widened) it cost 4-13% of the call, the widened weights
-written out and read back each time. `hoist_widening` moves those calls out of `main` into a function `prepare`
+nibbles in an artifact and widened by `int8.widen_nibbles_source` (`int8.weight_const`, within
+`int8.nibble_weights`). Left in `main`, that widening runs at every call: on MiniLM int4 (36 GEMM weights, 10.6 MB
+once widened) it cost 3-14% of the call, the widened weights written out and read back each time. `hoist_widening` moves those calls out of `main` into a function `prepare`
 that returns them all (its one argument, a 1-byte seed, keeps the build's constant folding from evaluating the
 widening at compile time and storing the int8 bytes), and `main` takes them as extra arguments after the model's
 inputs. The loaders call `prepare` once and pass its results with every call: `graphopt.load` (runtime.py) and
