@@ -126,10 +126,10 @@ def build_executable(graph: Graph, target: str = "llvm", tuning: Tuning | None =
     (rules=False leaves those to TVM's default loop nests, for comparison). `cpu` (an LLVM CPU name) cross-compiles
     for that CPU instead of this one: its vector width and int8 dot product (VNNI `vpdpbusd` where it has one).
     `stats` (a dict), when given, receives what the build decided: "one_thread", the kernels run serially; "amx",
-    whether an AMX tile kernel was built (the artifact then needs AMX where it runs). `prepare` (artifacts): int4
-    weights of the kernels that read a whole int8 weight are stored as nibbles and made once, by the
-    executable's function `prepare`, and passed to `main` after the inputs (`cpu.prepared`; how many:
-    stats["prepared_weights"]); without it they are int8 constants."""
+    whether an AMX tile kernel was built (the artifact then needs AMX where it runs). `prepare` (artifacts): the
+    weights with a load-time kernel (int4 nibbles of the kernels that read a whole int8 weight) are stored narrow
+    and made once, by the executable's function `prepare`, and passed to `main` after the inputs (`cpu.prepared`;
+    how many: stats["prepared_weights"]); without it they are stored whole."""
     from graphopt.targets.tvm.cpu.pipeline import build_cpu
 
     if target != "llvm":
@@ -142,8 +142,8 @@ def build_executable(graph: Graph, target: str = "llvm", tuning: Tuning | None =
             raise TargetError(f"tuning measures kernels on this machine ({host_cpu()}), which lacks "
                               f"{', '.join(missing)} that --cpu {cpu} code uses: tune on a {cpu} machine, "
                               "or build untuned here")
-    from graphopt.targets.tvm.cpu.int8 import nibble_weights
-    final = nibble_weights if prepare else contextlib.nullcontext
+    from graphopt.targets.tvm.cpu.prepared import hoist, load_time_weights
+    final = load_time_weights if prepare else contextlib.nullcontext
     if tuning is not None:
         mod, knobs_summary, tuning = _lower_with_tuned_knobs(graph, tgt, tuning, final)
     else:
@@ -152,8 +152,7 @@ def build_executable(graph: Graph, target: str = "llvm", tuning: Tuning | None =
     if stats is not None:
         stats["amx"] = uses_amx(mod)
     if prepare:
-        from graphopt.targets.tvm.cpu.prepared import hoist_widening
-        mod, count = hoist_widening(mod)
+        mod, count = hoist(mod)
         if stats is not None:
             stats["prepared_weights"] = count
     t0 = time.perf_counter()

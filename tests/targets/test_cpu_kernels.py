@@ -2162,11 +2162,11 @@ def test_quantized_batch1_linear_streams_int8_weights(k, n, bias, bits):
 @pytest.mark.parametrize("layers,amx", [("linear12", "0"), ("linear40", "1"), ("conv3x3", "0"), ("conv3x3", "1")])
 def test_int4_weights_stay_nibbles_in_the_artifact(tmp_path, monkeypatch, layers, amx):
     """int4 layers on kernels that read a whole int8 weight (the int8 GEMMs: VNNI or AVX2 quads, AMX tiles for 40
-    rows where the CPU has them; 3x3 convs on the flat / pixel-row int8 convs or AMX tiles) keep their weights as
-    nibbles where lowered for an artifact (`nibble_weights`): a widening call (one function, whatever the sizes)
-    that the build's constant folding does not evaluate, and a library smaller than the plain build's (int8
-    constants) by 40% of the weights' values at least (half, less the widening's code); the outputs are identical,
-    and those of the compiled artifact, which widens them once at load (`prepare`)."""
+    rows where the CPU has them; 3x3 convs on the flat / pixel-row int8 convs or AMX tiles), built for an artifact
+    (`prepare=True`), keep their weights as nibbles: `main` takes them widened, from the executable's `prepare`
+    (one widening function, whatever the sizes), which the build's constant folding did not evaluate, and the
+    library is smaller than the plain build's (int8 constants) by 40% of the weights' values at least (half, less
+    the widening's code); the outputs are identical, and those of the compiled artifact."""
     from tvm import relax
 
     from graphopt.targets.tvm.cpu import int8
@@ -2185,23 +2185,26 @@ def test_int4_weights_stay_nibbles_in_the_artifact(tmp_path, monkeypatch, layers
     q = graphopt.optimize(graphopt.trace(model.eval(), (x,)), "quantize{weights=int4},fold-qdq",
                           data=[(torch.rand(*shape),) for _ in range(4)])
 
-    def built(name):
-        ex, *_ = build_executable(q)
-        out = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
+    def built(name, prepare):
+        stats = {}
+        ex, *_ = build_executable(q, stats=stats, prepare=prepare)
+        vm = relax.VirtualMachine(ex, tvm.cpu())
+        weights = list(vm["prepare"](tvm.runtime.tensor(np.zeros(1, np.int8)))) if prepare else []
+        assert len(weights) == stats.get("prepared_weights", 0)
+        out = vm["main"](tvm.runtime.tensor(x.numpy()), *weights)
         ex.export_library(str(tmp_path / name), options=["-s"])  # (stripped, as compile writes it)
         return ex.as_text(), (out if hasattr(out, "numpy") else out[0]).numpy(), (tmp_path / name).stat().st_size
 
-    with int8.nibble_weights():
-        text, got, size = built("int4.so")
-    text8, want, size8 = built("int8.so")
-    assert "widen_nibbles" in text and "widen_nibbles" not in text8  # a run-time call, not folded at build
+    text, got, size = built("int4.so", True)
+    text8, want, size8 = built("int8.so", False)
+    assert "widen_nibbles" in text and "widen_nibbles" not in text8 and "@prepare" in text
+    assert "widen_nibbles" not in text.split("@main")[1].split("\n\n@")[0]  # (made by prepare, not each call)
     assert size8 - size >= 0.4 * sum(p.numel() for p in model.parameters() if p.dim() > 1)
     np.testing.assert_array_equal(got, want)
     ref = q.run(x)[0].numpy()  # (the kernels round the bias to the accumulator's grid, the reference does not)
     assert np.abs(got - ref).max() <= 0.01 * np.abs(ref).max()
     art = graphopt.load(graphopt.compile(q, "llvm", output=tmp_path / "art"))
     assert art.manifest["target_info"]["prepared_weights"] == 2
-    assert (tmp_path / "art" / "model.so").stat().st_size < size8 - 0.4 * (size8 - size)
     np.testing.assert_array_equal(art(x.numpy())[0], got)
 
 

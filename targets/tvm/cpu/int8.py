@@ -14,17 +14,17 @@ starts at P - 16), so 49- and 196-pixel images need no tail code.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
 
 import numpy as np
 
+from graphopt.targets.tvm.cpu import prepared
 from graphopt.targets.tvm.cpu.batch import batch_source
 
 from graphopt.targets.tvm.cpu.conv import _clamped, deeper, in_grid_steps, store_params
 from graphopt.targets.tvm.cpu.knobs import Site, bind, pick
 from graphopt.targets.tvm.cpu.parse import parse_kernel
+from graphopt.targets.tvm.cpu.prepared import LOAD_TIME
 
 MR = 6
 PAIR_ORDER = [j for i in range(8) for j in (i, i + 8)]  # byte interleave of two 8-byte rows
@@ -372,58 +372,41 @@ def widen_quads(buf: str, base: str, words: int = 16) -> str:
             f' - T.broadcast(T.int8(8), {2 * nb}))')
 
 
-def widen_nibbles_source(live_dtype: str, dtype: str = "int8") -> str:
+def widen_nibbles_source(dtype: str = "int8") -> str:
     """TVMScript that widens a packed int8 weight stored as nibbles (`nibble_quads`: half its bytes) back to its
     bytes, or the int32 words of 4 of them (`dtype`), 64 bytes a step (`widen_quads`; the weight's bytes a
-    multiple of 64, its length symbolic: one function for every layer), in parallel: int4 weights of the kernels
-    that read a whole int8 weight (the GEMMs, the flat convs), which stay nibbles in the artifact and are widened
-    at each call (`weight_const`), or in an artifact once, at load (`prepared.hoist_widening`)."""
+    multiple of 64, its length symbolic: one function for every layer), in parallel: a load-time kernel
+    (`prepared.py`; its last argument the unread seed) for int4 weights of the kernels that read a whole int8
+    weight (the GEMMs, the flat convs), which stay nibbles in the artifact (`weight_const`)."""
     words = dtype == "int32"
     value = widen_quads("wn", "j * 32")
     return f"""
 @T.prim_func(private=True)
-def widen_nibbles(wn_h: T.handle, unread: T.Buffer(("n_live",), "{live_dtype}"), w_h: T.handle):
-    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})  # (opaque: never fused)
+def widen_nibbles(wn_h: T.handle, seed: T.Buffer((1,), "int8"), w_h: T.handle):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8, "{LOAD_TIME}": True}})
     nh, nw = T.int32(), T.int32()
     wn = T.match_buffer(wn_h, (nh,), "int8")
     w = T.match_buffer(w_h, (nw,), "{dtype}")
-    T.evaluate(unread[0])  # (named in the body: a call with one used input would pass for a reshape in the build)
+    T.evaluate(seed[0])  # (named in the body: a call with one used input would pass for a reshape in the build)
     for j in T.parallel(nw // {16 if words else 64}):
         w[T.ramp(j * {16 if words else 64}, 1, {16 if words else 64})] = {
             value if words else f'T.reinterpret("int8x64", {value})'}
 """
 
 
-_NIBBLE_WEIGHTS = contextvars.ContextVar("graphopt_nibble_weights", default=False)
-
-
-@contextlib.contextmanager
-def nibble_weights():
-    """Within it `weight_const` lowers int4 weights as nibbles widened by a call, for an artifact, which makes them
-    once at load (`prepared.hoist_widening`; `build_executable(prepare=True)`). Outside it they are int8
-    constants, as fast as the artifact's prepared ones: the builds that time kernels (the cost oracle, knob
-    tuning) and plain test builds."""
-    token = _NIBBLE_WEIGHTS.set(True)
-    try:
-        yield
-    finally:
-        _NIBBLE_WEIGHTS.reset(token)
-
-
-def weight_const(bb, packed: np.ndarray, live):
-    """A packed weight (int8 bytes, or int32 words of 4) as a Relax value: a constant, or within `nibble_weights`
-    where every byte fits int4 (and the bytes are whole 64-byte steps) the nibbles as the constant and
-    `widen_nibbles_source` making the weight at run time, so an int4 layer stays 4 bits a value in the artifact.
-    `live`: a run-time value (the kernel's activation) the widening takes unread: the build's constant folding
-    evaluates calls whose arguments are all constants, and would store the widened weight."""
+def weight_const(bb, packed: np.ndarray):
+    """A packed weight (int8 bytes, or int32 words of 4) as a Relax value: a constant, or when lowering for an
+    artifact (`prepared.load_time_weights`) where every byte fits int4 (and the bytes are whole 64-byte steps) the
+    nibbles as the constant and `widen_nibbles_source` making the weight when the artifact is loaded, so an int4
+    layer stays 4 bits a value in it."""
     from tvm import relax
     data = packed.reshape(-1).view(np.int8)
-    if not _NIBBLE_WEIGHTS.get() or data.size % 64 or not fits_int4(data):
+    if not prepared.active() or data.size % 64 or not fits_int4(data):
         return relax.const(packed)
-    dtype, live_dtype = str(packed.dtype), str(live.ty.dtype)
-    gv = bb.add_func(parse_kernel(widen_nibbles_source(live_dtype, dtype)), f"widen_nibbles_{dtype}_{live_dtype}")
-    return bb.emit(relax.call_tir(gv, [relax.const(nibble_quads(data.view(np.int32))), live],
-                                  relax.TensorType((packed.size,), dtype)))
+    dtype = str(packed.dtype)
+    gv = bb.add_func(parse_kernel(widen_nibbles_source(dtype)), f"widen_nibbles_{dtype}")
+    return prepared.load_time_call(bb, gv, [relax.const(nibble_quads(data.view(np.int32)))],
+                                   relax.TensorType((packed.size,), dtype))
 
 
 def fits_int4(w: np.ndarray) -> bool:
@@ -1103,7 +1086,7 @@ def emit_qlinear(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray 
     if mq != m:
         a = bb.emit(relax.op.nn.pad(a, [0, mq - m, 0, 0]))
     a = bb.emit(relax.op.reshape(a, (mq * k,)))
-    y = bb.emit(relax.call_tir(gv, [a, weight_const(bb, packed, a),
+    y = bb.emit(relax.call_tir(gv, [a, weight_const(bb, packed),
                                     *(relax.const(c[:n_pad]) for c in (off, mult, fb) if c is not None)],
                                relax.TensorType((mq * n_pad,), "float32")))
     y = bb.emit(relax.op.reshape(y, (mq, n_pad)))
@@ -1134,7 +1117,7 @@ def _emit_amx_qlinear(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.nda
     if mq != m or kp != k:
         a = bb.emit(relax.op.nn.pad(a, [0, mq - m, 0, kp - k], pad_value=float(zx)))
     a = bb.emit(relax.op.reshape(a, (mq * kp,)))
-    y = bb.emit(relax.call_tir(gv, [a, weight_const(bb, pack_gemm_quads(w), a), relax.const(amx.tile_config()),
+    y = bb.emit(relax.call_tir(gv, [a, weight_const(bb, pack_gemm_quads(w)), relax.const(amx.tile_config()),
                                     *(relax.const(c[:n_pad]) for c in (off, mult, fb) if c is not None)],
                                relax.TensorType((mq * n_pad,), "float32")))
     y = bb.emit(relax.op.reshape(y, (mq, n_pad)))
@@ -1384,7 +1367,7 @@ def emit_flat_qconv(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarr
                + ("dq" if dequantized else ""))
         gv = bb.add_func(parse_kernel(src), f"{amx.KERNEL_PREFIX}_flat_{tag}")
         offs = staged_tiling(cout, h, wd, kh, kw, stride, padding, 1)["offs"]
-        y = bb.emit(relax.call_tir(gv, [planes, weight_const(bb, amx.pack_flat_weight(wq), planes),
+        y = bb.emit(relax.call_tir(gv, [planes, weight_const(bb, amx.pack_flat_weight(wq)),
                                         relax.const(amx.tile_config(4 * amx.flat_quads_step(cin))),
                                         *(relax.const(c) for c in consts if c is not None),
                                         relax.const(np.asarray(offs, np.int32)),
@@ -1407,7 +1390,7 @@ def emit_flat_qconv(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarr
     gv = bb.add_func(parse_kernel(batch_source(src, n, ["xq", "out"])),
                      f"qconv_{'tok' if tok else 'flat'}_{dot}_{tag}")
     dtype = "int8" if out_q and not dequantized else "float32"
-    y = bb.emit(relax.call_tir(gv, [planes, weight_const(bb, pack_flat_quads(wq, NR_TOK if tok else MR), planes),
+    y = bb.emit(relax.call_tir(gv, [planes, weight_const(bb, pack_flat_quads(wq, NR_TOK if tok else MR)),
                                     *(relax.const(c) for c in consts if c is not None),
                                     relax.const(store_params(clamp, out_q))],
                                relax.TensorType(_batched(n, cout * oh * ow), dtype)))
