@@ -127,9 +127,10 @@ def build_executable(graph: Graph, target: str = "llvm", tuning: Tuning | None =
     for that CPU instead of this one: its vector width and int8 dot product (VNNI `vpdpbusd` where it has one).
     `stats` (a dict), when given, receives what the build decided: "one_thread", the kernels run serially; "amx",
     whether an AMX tile kernel was built (the artifact then needs AMX where it runs). `prepare` (artifacts): the
-    weights with a load-time kernel (int4 nibbles of the kernels that read a whole int8 weight) are stored narrow
-    and made once, by the executable's function `prepare`, and passed to `main` after the inputs (`cpu.prepared`;
-    how many: stats["prepared_weights"]); without it they are stored whole."""
+    weights with a load-time kernel (int4 nibbles of the kernels that read a whole int8 weight, the int8 codes of
+    weight-only linears on the packed GEMM) are stored narrow and made once, by the executable's function
+    `prepare`, and passed to `main` after the inputs (`cpu.prepared`; how many: stats["prepared_weights"]);
+    without it they are stored whole."""
     from graphopt.targets.tvm.cpu.pipeline import build_cpu
 
     if target != "llvm":

@@ -566,16 +566,18 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                     return y
             const = torch.from_numpy(((wq.astype("int32") - wz[:, None]).astype("float32") * ws[:, None]))
         if const is not None and const.dtype == torch.float32:
-            y = _constant_linear(node, importer, const.detach().numpy(), bias, b_const)
+            codes = (deq[0], deq[1]) if deq is not None and not deq[2].any() else None
+            y = _constant_linear(node, importer, const.detach().numpy(), bias, b_const, codes=codes)
             if y is not None:
                 return y
             if deq is not None:  # (not the weight dequantized on every call)
                 w = relax.const(const.numpy())
         return bb.emit(relax.op.linear(x, w, bias, "float32"))
 
-    def _constant_linear(node, importer, w, bias, b_const, x_node=None):
+    def _constant_linear(node, importer, w, bias, b_const, x_node=None, codes=None):
         """x @ w.T (+ bias) for a constant float32 w [N, K] on the packed GEMM (GEMV for one row), or None where
-        those do not apply; x is x_node (node.args[0] by default)."""
+        those do not apply; x is x_node (node.args[0] by default); `codes`: the int8 codes and scales w
+        dequantizes, which an artifact keeps (`gemm.packed_weight`)."""
         from graphopt.targets.tvm.cpu.gemm import emit_packed_gemv, emit_packed_linear
         from graphopt.targets.tvm.cpu.rules import vector_lanes
         x_node = node.args[0] if x_node is None else x_node
@@ -587,7 +589,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                                      int(x_shape[-1]), vector_lanes(target))
                 if y is not None:
                     return bb.emit(relax.op.reshape(y, tuple(int(d) for d in node.meta["val"].shape)))
-        return emit_packed_linear(bb, x, w, bias, x_shape, vector_lanes(target))
+        return emit_packed_linear(bb, x, w, bias, x_shape, vector_lanes(target), codes)
 
     def mm(node, importer):
         """x @ W with W a constant float32 matrix, or its transpose (`x @ self.weight.t()`, GCN's support = x @ W,

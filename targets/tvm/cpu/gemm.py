@@ -228,8 +228,46 @@ def emit_packed_gemv(bb, x, w: np.ndarray, bias_np: np.ndarray | None, k: int, l
     return call_gemv(bb, x, k, n, nr, pack_weight(wpad, nr), [], bias_np, None, f"gemv_packed_{k}x{wpad.shape[0]}")
 
 
-def emit_packed_linear(bb, x, w: np.ndarray, bias, x_shape, lanes: int):
-    """Emit y = x @ w.T (+ bias) with the packed kernel; None when it does not apply (caller emits plain linear)."""
+def dequantize_panels_source(panels: int, k: int, nr: int) -> str:
+    """TVMScript of a load-time kernel (`prepared.py`: the unread int8 seed last) making the packed GEMM's float
+    weight [panels, K, nr] from the int8 one packed alike and a float32 scale per column: a weight-only int8 linear
+    (`quantize{activations=none}`) stays int8 in the artifact."""
+    from graphopt.targets.tvm.cpu.prepared import LOAD_TIME
+    return f"""
+@T.prim_func(private=True)
+def dequantize_panels(w: T.Buffer(({panels * k * nr},), "int8"), s: T.Buffer(({panels * nr},), "float32"),
+                      seed: T.Buffer((1,), "int8"), out: T.Buffer(({panels}, {k}, {nr}), "float32")):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8, "{LOAD_TIME}": True}})
+    T.evaluate(seed[0])  # (named in the body: a call with one used input would pass for a reshape in the build)
+    for p in T.parallel({panels}):
+        for kk in T.serial({k}):
+            for c in T.vectorized({nr}):
+                out[p, kk, c] = T.Cast("float32", w[(p * {k} + kk) * {nr} + c]) * s[p * {nr} + c]
+"""
+
+
+def packed_weight(bb, w: np.ndarray, nr: int, codes=None):
+    """The packed GEMM's weight `pack_weight(w, nr)` as a Relax value: a constant, or when lowering for an artifact
+    (`prepared.load_time_weights`) and `codes` = (int8 [N, K], float32 scale [N]) give w (w = codes * scale, the
+    same rows), the int8 codes packed alike as the constant and `dequantize_panels_source` making the floats when
+    the artifact is loaded."""
+    from tvm import relax
+
+    from graphopt.targets.tvm.cpu import prepared
+    if codes is None or not prepared.active():
+        return relax.const(pack_weight(w, nr))
+    q, scale = codes
+    n, k = w.shape
+    q = np.concatenate([q, np.zeros((n - q.shape[0], k), np.int8)])  # (panel padding: zero rows)
+    scale = np.concatenate([np.asarray(scale, np.float32), np.zeros(n - len(scale), np.float32)])
+    gv = bb.add_func(parse_kernel(dequantize_panels_source(n // nr, k, nr)), f"dequantize_panels_{n}x{k}_{nr}")
+    return prepared.load_time_call(bb, gv, [relax.const(pack_weight(q, nr).reshape(-1)), relax.const(scale)],
+                                   relax.TensorType((n // nr, k, nr), "float32"))
+
+
+def emit_packed_linear(bb, x, w: np.ndarray, bias, x_shape, lanes: int, codes=None):
+    """Emit y = x @ w.T (+ bias) with the packed kernel; None when it does not apply (caller emits plain linear).
+    `codes`: the int8 codes and per-row scales w dequantizes (`packed_weight`: kept int8 in an artifact)."""
     from tvm import relax
 
     lead, k = tuple(int(d) for d in x_shape[:-1]), int(x_shape[-1])
@@ -250,7 +288,7 @@ def emit_packed_linear(bb, x, w: np.ndarray, bias, x_shape, lanes: int):
     gv = bb.add_func(gemm_packed(m, k, n_pad, kn["mr"], nr, lanes if lanes >= 16 else 0, fused),
                      f"gemm_packed_{m}x{k}x{n_pad}" + ("_bias" if fused else ""))
     bind(site, gv.name_hint)
-    args = [x2, relax.const(pack_weight(w, nr))] + ([bias] if fused else [])  # (bias: [N], as linear's)
+    args = [x2, packed_weight(bb, w, nr, codes)] + ([bias] if fused else [])  # (bias: [N], as linear's)
     y = bb.emit(relax.call_tir(gv, args, relax.TensorType((m, n_pad), "float32")))
     if n_pad != n:
         y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n]))
