@@ -200,14 +200,14 @@ def _hint_weight_only(graph: Graph, target: str) -> None:
     """Layers with int8 weights and float inputs (quantize{activations=none}: weight-only) run as float ops: the
     build dequantizes their weights once, so the artifact stores them as fp32 (weight-only MobileNetV2: 14.5 MB,
     as its fp32 build, where the report's weights line said 3.7 MB). Say so, and what keeps them int8. On the CPU
-    (llvm) linears of 2+ rows and 16+ outputs (the packed GEMM) are exempt: the artifact keeps their int8 codes and
+    (llvm) linears of 16+ outputs (the packed GEMM and GEMV) are exempt: the artifact keeps their int8 codes and
     makes the floats when it is loaded (targets/tvm/cpu/prepared.py; MiniLM weight-only 55.0 -> 23.3 MB)."""
     dq = ("dequantize_per_channel.default", "dequantize_per_tensor.default")
 
     def kept_int8(n) -> bool:
         val = n.meta.get("val")
         return (target == "llvm" and getattr(n.target, "__name__", "") == "linear.default" and val is not None
-                and val.dim() >= 1 and int(val.shape[-1]) >= 16 and val.numel() // int(val.shape[-1]) >= 2)
+                and val.dim() >= 1 and int(val.shape[-1]) >= 16)
 
     layers = [n.name for n in graph.nodes("call_function")
               if getattr(n.target, "__name__", "") in ("conv2d.default", "convolution.default", "linear.default",

@@ -586,7 +586,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         if math.prod(int(d) for d in x_shape[:-1]) == 1:  # one row: a weight stream (classifier heads)
             if bias is None or b_const is not None:
                 y = emit_packed_gemv(bb, x, w, None if b_const is None else b_const.detach().numpy(),
-                                     int(x_shape[-1]), vector_lanes(target))
+                                     int(x_shape[-1]), vector_lanes(target), codes)
                 if y is not None:
                     return bb.emit(relax.op.reshape(y, tuple(int(d) for d in node.meta["val"].shape)))
         return emit_packed_linear(bb, x, w, bias, x_shape, vector_lanes(target), codes)

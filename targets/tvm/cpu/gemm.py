@@ -199,15 +199,16 @@ def padded_rows(w: np.ndarray, nr: int) -> np.ndarray:
     return out
 
 
-def call_gemv(bb, x, k: int, n: int, nr: int, packed: np.ndarray, consts: list, bias_np: np.ndarray | None,
+def call_gemv(bb, x, k: int, n: int, nr: int, packed, consts: list, bias_np: np.ndarray | None,
               quant_bits: int | None, name: str):
-    """Emit the one-row weight stream: x flattened to [K], the packed weight, `consts` (after the weight, before
-    the bias), the bias padded to whole panels; returns y [N] (panel padding sliced off)."""
+    """Emit the one-row weight stream: x flattened to [K], the packed weight (an array, or a flat Relax value:
+    `packed_weight`), `consts` (after the weight, before the bias), the bias padded to whole panels; returns y [N]
+    (panel padding sliced off)."""
     from tvm import relax
 
     n_pad = -(-n // nr) * nr
-    args = [bb.emit(relax.op.reshape(x, (k,))), relax.const(np.ascontiguousarray(packed).reshape(-1)),
-            *(relax.const(c) for c in consts)]
+    weight = relax.const(np.ascontiguousarray(packed).reshape(-1)) if isinstance(packed, np.ndarray) else packed
+    args = [bb.emit(relax.op.reshape(x, (k,))), weight, *(relax.const(c) for c in consts)]
     if bias_np is not None:
         args.append(relax.const(np.pad(bias_np.astype(np.float32), (0, n_pad - n))))
     src = gemv_source(k, n_pad, nr, bias_np is not None, quant_bits)
@@ -218,51 +219,56 @@ def call_gemv(bb, x, k: int, n: int, nr: int, packed: np.ndarray, consts: list, 
     return y
 
 
-def emit_packed_gemv(bb, x, w: np.ndarray, bias_np: np.ndarray | None, k: int, lanes: int):
-    """Batch-1 y = x @ w.T (+ bias) for x [..., K] with one row; returns y [N] or None when it does not apply."""
+def emit_packed_gemv(bb, x, w: np.ndarray, bias_np: np.ndarray | None, k: int, lanes: int, codes=None):
+    """Batch-1 y = x @ w.T (+ bias) for x [..., K] with one row; returns y [N] or None when it does not apply.
+    `codes`: as `emit_packed_linear`'s."""
     n = int(w.shape[0])
     nr = panel_width(n, lanes)
     if not nr or w.dtype != np.float32:
         return None
     wpad = padded_rows(w, nr)
-    return call_gemv(bb, x, k, n, nr, pack_weight(wpad, nr), [], bias_np, None, f"gemv_packed_{k}x{wpad.shape[0]}")
+    return call_gemv(bb, x, k, n, nr, packed_weight(bb, wpad, nr, codes, flat=True), [], bias_np, None,
+                     f"gemv_packed_{k}x{wpad.shape[0]}")
 
 
-def dequantize_panels_source(panels: int, k: int, nr: int) -> str:
+def dequantize_panels_source(panels: int, k: int, nr: int, flat: bool = False) -> str:
     """TVMScript of a load-time kernel (`prepared.py`: the unread int8 seed last) making the packed GEMM's float
-    weight [panels, K, nr] from the int8 one packed alike and a float32 scale per column: a weight-only int8 linear
-    (`quantize{activations=none}`) stays int8 in the artifact."""
+    weight [panels, K, nr] (`flat`: the GEMV's, as one dimension) from the int8 one packed alike and a float32
+    scale per column: a weight-only int8 linear (`quantize{activations=none}`) stays int8 in the artifact."""
+    shape, at = ((panels * k * nr,), f"(p * {k} + kk) * {nr} + c") if flat else ((panels, k, nr), "p, kk, c")
     from graphopt.targets.tvm.cpu.prepared import LOAD_TIME
     return f"""
 @T.prim_func(private=True)
 def dequantize_panels(w: T.Buffer(({panels * k * nr},), "int8"), s: T.Buffer(({panels * nr},), "float32"),
-                      seed: T.Buffer((1,), "int8"), out: T.Buffer(({panels}, {k}, {nr}), "float32")):
+                      seed: T.Buffer((1,), "int8"), out: T.Buffer({shape}, "float32")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8, "{LOAD_TIME}": True}})
     T.evaluate(seed[0])  # (named in the body: a call with one used input would pass for a reshape in the build)
     for p in T.parallel({panels}):
         for kk in T.serial({k}):
             for c in T.vectorized({nr}):
-                out[p, kk, c] = T.Cast("float32", w[(p * {k} + kk) * {nr} + c]) * s[p * {nr} + c]
+                out[{at}] = T.Cast("float32", w[(p * {k} + kk) * {nr} + c]) * s[p * {nr} + c]
 """
 
 
-def packed_weight(bb, w: np.ndarray, nr: int, codes=None):
-    """The packed GEMM's weight `pack_weight(w, nr)` as a Relax value: a constant, or when lowering for an artifact
-    (`prepared.load_time_weights`) and `codes` = (int8 [N, K], float32 scale [N]) give w (w = codes * scale, the
-    same rows), the int8 codes packed alike as the constant and `dequantize_panels_source` making the floats when
-    the artifact is loaded."""
+def packed_weight(bb, w: np.ndarray, nr: int, codes=None, flat: bool = False):
+    """The packed GEMM's weight `pack_weight(w, nr)` as a Relax value (`flat`: one dimension, the GEMV's): a
+    constant, or when lowering for an artifact (`prepared.load_time_weights`) and `codes` = (int8 [N, K], float32
+    scale [N]) give w (w = codes * scale, the same rows), the int8 codes packed alike as the constant and
+    `dequantize_panels_source` making the floats when the artifact is loaded."""
     from tvm import relax
 
     from graphopt.targets.tvm.cpu import prepared
     if codes is None or not prepared.active():
-        return relax.const(pack_weight(w, nr))
+        packed = pack_weight(w, nr)
+        return relax.const(packed.reshape(-1) if flat else packed)
     q, scale = codes
     n, k = w.shape
     q = np.concatenate([q, np.zeros((n - q.shape[0], k), np.int8)])  # (panel padding: zero rows)
     scale = np.concatenate([np.asarray(scale, np.float32), np.zeros(n - len(scale), np.float32)])
-    gv = bb.add_func(parse_kernel(dequantize_panels_source(n // nr, k, nr)), f"dequantize_panels_{n}x{k}_{nr}")
+    gv = bb.add_func(parse_kernel(dequantize_panels_source(n // nr, k, nr, flat)),
+                     f"dequantize_panels_{n}x{k}_{nr}" + ("_flat" if flat else ""))
     return prepared.load_time_call(bb, gv, [relax.const(pack_weight(q, nr).reshape(-1)), relax.const(scale)],
-                                   relax.TensorType((n // nr, k, nr), "float32"))
+                                   relax.TensorType((n * k,) if flat else (n // nr, k, nr), "float32"))
 
 
 def emit_packed_linear(bb, x, w: np.ndarray, bias, x_shape, lanes: int, codes=None):

@@ -733,8 +733,9 @@ def test_quantize_folds_the_batch_norms_after_its_layers_first(tmp_path, digits,
 def test_compile_says_weight_only_layers_are_stored_as_fp32(tmp_path, digits, caplog):
     """Weight-only int8 (activations=none) layers run as float ops with their weights dequantized at build, so the
     artifact stores them at fp32's size: compile says so, and what keeps them int8 (the two convs and the 10-output
-    head here); a linear on the packed GEMM (fc1: 64 rows, 64 outputs) keeps its int8 codes in the artifact, which
-    makes the floats at load, with the same outputs; a graph fold-qdq made int8 gets no such warning."""
+    head here); a linear on the packed GEMM (fc1: 64 rows, 64 outputs; at batch 1 the GEMV) keeps its int8 codes
+    in the artifact, which makes the floats at load, with the same outputs; a graph fold-qdq made int8 gets no
+    such warning."""
     model, (xtr, _, _, _) = digits[0]
     g = graphopt.optimize(graphopt.trace(model, (xtr[:64],)), "fold-bn")
     wo = graphopt.optimize(g, "quantize{activations=none}")
@@ -753,6 +754,12 @@ def test_compile_says_weight_only_layers_are_stored_as_fp32(tmp_path, digits, ca
     graphopt.compile(g, "llvm", output=fp32)
     fc1 = 64 * 32 * 4 * 4  # fc1's weight values: 4 bytes each in float, 1 as int8
     assert (fp32 / "model.so").stat().st_size - (tmp_path / "wo" / "model.so").stat().st_size >= 2.5 * fc1
+    one = graphopt.optimize(graphopt.optimize(graphopt.trace(model, (xtr[:1],)), "fold-bn"),
+                            "quantize{activations=none}")  # batch 1: fc1 on the one-row weight stream (GEMV)
+    art1 = graphopt.load(graphopt.compile(one, "llvm", output=tmp_path / "one"))
+    assert art1.manifest["target_info"]["prepared_weights"] == 1
+    plain = relax.VirtualMachine(build_executable(one)[0], tvm.cpu())["main"](tvm.runtime.tensor(x[:1]))
+    np.testing.assert_array_equal(art1(x[:1])[0], (plain if hasattr(plain, "numpy") else plain[0]).numpy())
     caplog.clear()
     full = graphopt.optimize(g, "quantize,fold-qdq", data=batches(xtr)[:4])
     with caplog.at_level("WARNING", logger="graphopt"):
