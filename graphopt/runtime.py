@@ -174,13 +174,19 @@ class CompiledModel(ArtifactModel):
         return self._vm_class(self._lib, self.device)[self.manifest.get("entry", "main")]
 
     def _prepared_weights(self) -> list:
-        """The weights the artifact makes once, at load (int4 weights its kernels read widened: targets/tvm/cpu/
-        prepared.py), passed to every call after the inputs; none for other artifacts."""
-        if not self.manifest.get("target_info", {}).get("prepared_weights"):
+        """The weights the artifact makes once, at load (int4 nibbles widened, weight-only int8 codes dequantized:
+        targets/tvm/cpu/prepared.py), passed to every call after the inputs; none for other artifacts."""
+        count = int(self.manifest.get("target_info", {}).get("prepared_weights") or 0)
+        if not count:
             return []
         import tvm
         seed = tvm.runtime.tensor(np.zeros(1, np.int8), self.device)  # (never read)
-        return list(self._vm_class(self._lib, self.device)["prepare"](seed))
+        weights = list(self._vm_class(self._lib, self.device)["prepare"](seed))
+        if len(weights) != count:
+            raise ArtifactError(f"the manifest's target_info.prepared_weights says {count}, but the library's "
+                                f"prepare function made {len(weights)}: the manifest and model.so come from "
+                                "different compiles; compile the model again")
+        return weights
 
     def _function(self):
         """This thread's entry function (see the class doc): the loading thread's is self._fn."""

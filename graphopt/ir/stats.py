@@ -80,7 +80,8 @@ def node_macs(n: fx.Node) -> int:
 
 def weight_bytes(t: torch.Tensor) -> int:
     """Bytes a weight takes stored: its elements' size, but 4 bits a value for an int8 tensor whose values all fit
-    int4 ([-8, 7]: `quantize{weights=int4}`'s), which graphopt's int8 kernels keep as nibbles."""
+    int4 ([-8, 7]: `quantize{weights=int4}`'s), which graphopt's int8 CPU kernels keep as nibbles (all but the
+    depthwise convs, whose taps stay int8: a few percent of a CNN's weights)."""
     if t.dtype == torch.int8 and t.numel() and int(t.min()) >= -8 and int(t.max()) <= 7:
         return -(-t.numel() // 2)
     return t.numel() * t.element_size()

@@ -2206,6 +2206,14 @@ def test_int4_weights_stay_nibbles_in_the_artifact(tmp_path, monkeypatch, layers
     art = graphopt.load(graphopt.compile(q, "llvm", output=tmp_path / "art"))
     assert art.manifest["target_info"]["prepared_weights"] == 2
     np.testing.assert_array_equal(art(x.numpy())[0], got)
+    if layers == "linear12":  # a manifest from another compile: refused at load, naming the field
+        import json
+        path = tmp_path / "art" / "manifest.json"
+        manifest = json.loads(path.read_text())
+        manifest["target_info"]["prepared_weights"] = 3
+        path.write_text(json.dumps(manifest))
+        with pytest.raises(graphopt.ArtifactError, match="target_info.prepared_weights says 3, but .* made 2"):
+            graphopt.load(tmp_path / "art")
 
 
 @pytest.mark.parametrize("rows", [2, 3, 5])

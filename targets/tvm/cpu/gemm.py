@@ -235,14 +235,15 @@ def dequantize_panels_source(panels: int, k: int, nr: int, flat: bool = False) -
     """TVMScript of a load-time kernel (`prepared.py`: the unread int8 seed last) making the packed GEMM's float
     weight [panels, K, nr] (`flat`: the GEMV's, as one dimension) from the int8 one packed alike and a float32
     scale per column: a weight-only int8 linear (`quantize{activations=none}`) stays int8 in the artifact."""
+    from graphopt.targets.tvm.cpu.prepared import kernel_head
+    attrs, read_seed = kernel_head()
     shape, at = ((panels * k * nr,), f"(p * {k} + kk) * {nr} + c") if flat else ((panels, k, nr), "p, kk, c")
-    from graphopt.targets.tvm.cpu.prepared import LOAD_TIME
     return f"""
 @T.prim_func(private=True)
 def dequantize_panels(w: T.Buffer(({panels * k * nr},), "int8"), s: T.Buffer(({panels * nr},), "float32"),
                       seed: T.Buffer((1,), "int8"), out: T.Buffer({shape}, "float32")):
-    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8, "{LOAD_TIME}": True}})
-    T.evaluate(seed[0])  # (named in the body: a call with one used input would pass for a reshape in the build)
+{attrs}
+{read_seed}
     for p in T.parallel({panels}):
         for kk in T.serial({k}):
             for c in T.vectorized({nr}):

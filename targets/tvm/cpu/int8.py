@@ -24,7 +24,6 @@ from graphopt.targets.tvm.cpu.batch import batch_source
 from graphopt.targets.tvm.cpu.conv import _clamped, deeper, in_grid_steps, store_params
 from graphopt.targets.tvm.cpu.knobs import Site, bind, pick
 from graphopt.targets.tvm.cpu.parse import parse_kernel
-from graphopt.targets.tvm.cpu.prepared import LOAD_TIME
 
 MR = 6
 PAIR_ORDER = [j for i in range(8) for j in (i, i + 8)]  # byte interleave of two 8-byte rows
@@ -380,14 +379,15 @@ def widen_nibbles_source(dtype: str = "int8") -> str:
     weight (the GEMMs, the flat convs), which stay nibbles in the artifact (`weight_const`)."""
     words = dtype == "int32"
     value = widen_quads("wn", "j * 32")
+    attrs, read_seed = prepared.kernel_head()
     return f"""
 @T.prim_func(private=True)
 def widen_nibbles(wn_h: T.handle, seed: T.Buffer((1,), "int8"), w_h: T.handle):
-    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8, "{LOAD_TIME}": True}})
+{attrs}
     nh, nw = T.int32(), T.int32()
     wn = T.match_buffer(wn_h, (nh,), "int8")
     w = T.match_buffer(w_h, (nw,), "{dtype}")
-    T.evaluate(seed[0])  # (named in the body: a call with one used input would pass for a reshape in the build)
+{read_seed}
     for j in T.parallel(nw // {16 if words else 64}):
         w[T.ramp(j * {16 if words else 64}, 1, {16 if words else 64})] = {
             value if words else f'T.reinterpret("int8x64", {value})'}

@@ -21,6 +21,16 @@ import contextvars
 
 PREPARE = "prepare"  # the artifact's function that makes the prepared weights
 LOAD_TIME = "graphopt_load_time"  # the PrimFunc attribute of a load-time kernel
+SEED_DTYPE = "int8"  # prepare's one argument, a 1-element tensor never read (the loaders pass zeros)
+
+
+def kernel_head(pad: str = "    ") -> tuple[str, str]:
+    """The two TVMScript lines a load-time kernel's body needs (its last parameter `seed: T.Buffer((1,), "int8")`):
+    its attributes (opaque to fusion, `LOAD_TIME`), and the read that names the seed in the body, to go after any
+    match_buffer (a call with one used input would pass for a reshape in the build's RewriteDataflowReshape, which
+    crashed on these kernels)."""
+    return (f'{pad}T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8, '
+            f'"{LOAD_TIME}": True}})', f"{pad}T.evaluate(seed[0])")
 
 _ACTIVE = contextvars.ContextVar("graphopt_load_time_weights", default=False)
 
@@ -45,7 +55,7 @@ def load_time_call(bb, gv, consts: list, out_ty):
     placeholder seed stands in until `hoist` moves the call into `prepare`."""
     import numpy as np
     from tvm import relax
-    return bb.emit(relax.call_tir(gv, [*consts, relax.const(np.zeros(1, np.int8))], out_ty))
+    return bb.emit(relax.call_tir(gv, [*consts, relax.const(np.zeros(1, SEED_DTYPE))], out_ty))
 
 
 def _load_time(mod, value) -> bool:
@@ -75,7 +85,7 @@ def hoist(mod):
     new_main = relax.Function(list(main.params) + list(params.values()), relax.SeqExpr(blocks, body.body),
                               main.ret_ty, main.is_pure, main.attrs)
     bb = relax.BlockBuilder(mod)
-    seed = relax.Var("seed", relax.TensorType((1,), "int8"))
+    seed = relax.Var("seed", relax.TensorType((1,), SEED_DTYPE))
     with bb.function(PREPARE, [seed]):
         outs = [bb.emit(relax.call_tir(b.value.args[0], [*b.value.args[1].fields[:-1], seed], b.var.ty))
                 for b in found]

@@ -197,8 +197,9 @@ int main(int argc, char** argv) {
     std::vector<ffi::AnyView> args;
     std::vector<Tensor> tensors;
     for (const std::string& p : inputs) tensors.push_back(ReadNpy(p));
-    // weights the artifact makes once, at load (int4 weights its kernels read widened): "prepare" returns them
-    // and every call of "main" takes them after the inputs (the manifest's target_info.prepared_weights counts them)
+    // weights the artifact makes once, at load (int4 nibbles widened, weight-only int8 codes dequantized):
+    // "prepare" returns them and every call of "main" takes them after the inputs (the manifest's
+    // target_info.prepared_weights counts them)
     if (auto prepare = vm->GetFunction("prepare")) {
       Tensor seed = Tensor::FromNDAlloc(AlignedAlloc(), tvm::ffi::Shape({1}), DLDataType{kDLInt, 8, 1},
                                         DLDevice{kDLCPU, 0});  // (never read)
