@@ -111,7 +111,13 @@ def check(graph: Graph, m: Match) -> str:
     readers = [n for n in graph.gm.graph.nodes if n.op == "get_attr" and n.target == w_node.target]
     if len(readers) != 1 or len(w_node.users) != 1:
         return f"weight '{w_node.target}' of '{p.name}' is shared with other ops"
-    if m.bn.target is aten.mul.Tensor:  # (its channel axis is the layer's outputs: matched so, any rank)
+    return _shape_reason(graph, m)
+
+
+def _shape_reason(graph: Graph, m: Match) -> str:
+    """Why the folded channels would not be the layer's output channels, or empty."""
+    p, w_node = m.producer, m.producer.args[1]
+    if m.bn.target in AFFINE:  # (an add: any weight; a mul: its channel axis is the layer's outputs, any rank)
         return ""
     if p.target is LINEAR:
         out = p.meta.get("val")
@@ -146,13 +152,15 @@ def _scaled(p: fx.Node, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (w.reshape(groups, cin // groups, cog, *w.shape[2:]) * scale.reshape(groups, 1, cog, *rest)).reshape(w.shape)
 
 
-def rewrite(graph: Graph, m: Match) -> None:
+def rewrite(graph: Graph, m: Match, tied: list[Match] = ()) -> None:
+    """Fold `m` into its layer; `tied`: matches at other layers of the same weight (and bias) whose batch norm or
+    constant is the same, which then read the folded weight and the one bias."""
     p = m.producer
     w_node = p.args[1]
     inv = torch.rsqrt(m.var.double() + m.eps)
     scale = inv * (m.weight.double() if m.weight is not None else 1.0)
     shift = (m.bias.double() if m.bias is not None else 0.0) - m.mean.double() * scale
-    bias_node = p.args[2] if len(p.args) > 2 else p.kwargs.get("bias")
+    bias_node = _bias(p)
     old_bias = graph.get_param(bias_node.target).double() if bias_node is not None else torch.zeros_like(scale)
     dtype = p.meta["val"].dtype
     if m.bn.target is not aten.add.Tensor:  # (a bias add leaves the weight as it is)
@@ -164,45 +172,99 @@ def rewrite(graph: Graph, m: Match) -> None:
     else:
         stem = w_node.target if isinstance(w_node, fx.Node) and w_node.op == "get_attr" else p.name
         node = graph.add_param(f"{stem}_folded_bias", new_bias, before=p)
-        args = list(p.args)
-        if "bias" in p.kwargs:
-            kwargs = dict(p.kwargs)
-            kwargs["bias"] = node
-            p.kwargs = kwargs
-        else:
-            while len(args) < 3:
-                args.append(None)
-            args[2] = node
-            p.args = tuple(args)
-    for out in m.outputs:
-        out.replace_all_uses_with(p)
+        for layer in [p] + [t.producer for t in tied]:
+            if "bias" in layer.kwargs:
+                layer.kwargs = {**layer.kwargs, "bias": node}
+            else:
+                layer.args = tuple(layer.args[:2]) + (node,) + tuple(layer.args[3:])
+    for one in [m, *tied]:
+        for out in one.outputs:
+            out.replace_all_uses_with(one.producer)
+
+
+def _bias(p: fx.Node) -> fx.Node | None:
+    return p.args[2] if len(p.args) > 2 else p.kwargs.get("bias")
+
+
+def _tie_key(m: Match) -> str | None:
+    """The weight's name where `m` was refused only because its layer's weight or bias is read by other layers too
+    (a Siamese branch, a block applied twice), else None."""
+    p, w = m.producer, m.producer.args[1]
+    b = _bias(p)
+    if len(p.users) != 1 or not (isinstance(w, fx.Node) and w.op == "get_attr"):
+        return None
+    return w.target if b is None or isinstance(b, fx.Node) and b.op == "get_attr" else None
+
+
+def _readers(graph: Graph, target: str) -> set[fx.Node]:
+    return {u for n in graph.gm.graph.nodes if n.op == "get_attr" and n.target == target for u in n.users}
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return a is None and b is None or a is not None and b is not None and a.shape == b.shape and torch.equal(a, b)
+
+
+def check_tied(graph: Graph, group: list[Match]) -> str:
+    """Empty when the layers of one weight can all take the same fold: every reader of the weight (and bias) is one
+    of them, one kind of layer, each followed by the same batch norm or constant. Else why not."""
+    m, p = group[0], group[0].producer
+    w, names = p.args[1].target, ", ".join(f"'{t.producer.name}'" for t in group[1:])
+    if _readers(graph, w) != {t.producer for t in group}:
+        return f"weight '{w}' of '{p.name}' is shared with other ops"
+    biases = {getattr(_bias(t.producer), "target", None) for t in group}
+    what = ("bias" if len(biases) != 1 else "batch norm" if m.bn.target in BN_OPS else "constant")
+    if len(biases) == 1 and len({(t.producer.target, _transposed(t.producer), t.bn.target) for t in group}) == 1 \
+            and all(_same(m.weight, t.weight) and _same(m.bias, t.bias) and _same(m.mean, t.mean)
+                    and _same(m.var, t.var) and m.eps == t.eps for t in group):
+        b = next(iter(biases))
+        return "" if b is None or _readers(graph, b) <= {t.producer for t in group} else \
+            f"bias '{b}' of '{p.name}' is shared with other ops"
+    return (f"weight '{w}' of '{p.name}' is shared with {names}, whose {what} differs (folding would need a copy of "
+            "the weight for each)")
+
+
+def _fold_all(graph: Graph, nodes: list[fx.Node], matcher, skipped: dict[str, str]) -> list[Match]:
+    """Fold each node's match (`matcher`: a Match, a reason, or None for no pattern) that `check` allows, matched in
+    order so that a fold can make the next node's pattern (a second batch norm, an add after a folded mul); then
+    each group of layers of one weight that `check_tied` allows. Other reasons go into `skipped`. Returns the
+    folded matches."""
+    done, tied = [], {}
+    for node in nodes:
+        m = matcher(graph, node)
+        reason = m if isinstance(m, str) else check(graph, m) if m is not None else ""
+        key = _tie_key(m) if reason and isinstance(m, Match) else None
+        if key is not None:
+            tied.setdefault(key, []).append((m, reason))
+        elif reason:
+            skipped[node.name] = reason
+        elif m is not None:
+            rewrite(graph, m)
+            done.append(m)
+    order = {n: i for i, n in enumerate(graph.gm.graph.nodes)}
+    for pairs in tied.values():
+        group = sorted((m for m, _ in pairs), key=lambda t: order[t.producer])
+        reason = (check_tied(graph, group) or _shape_reason(graph, group[0])) if len(pairs) > 1 else pairs[0][1]
+        if reason:
+            skipped.update((t.bn.name, reason) for t in group)
+            continue
+        rewrite(graph, group[0], group[1:])
+        done.extend(group)
+    return done
 
 
 def fold(graph: Graph) -> tuple[list[str], list[str], dict[str, str]]:
     """Fold every batch norm, then every per-channel constant mul / add, that fits into its conv or linear (in
-    place). Returns the folded batch norms and affine ops ("node -> layer") and why each other one stayed."""
-    folded, skipped = [], {}
-    for bn in [n for n in graph.gm.graph.nodes if n.op == "call_function" and n.target in BN_OPS]:
-        m = match(graph, bn)
-        reason = m if isinstance(m, str) else check(graph, m)
-        if reason:
-            skipped[bn.name] = reason
-            continue
-        rewrite(graph, m)
-        folded.append(f"{bn.name} -> {m.producer.name}")
+    place); layers that share one weight fold together where their batch norms (constants) are the same. Returns
+    the folded batch norms and affine ops ("node -> layer") and why each other one stayed."""
+    skipped: dict[str, str] = {}
+    bns = [n for n in graph.gm.graph.nodes if n.op == "call_function" and n.target in BN_OPS]
+    folded = [f"{m.bn.name} -> {m.producer.name}" for m in _fold_all(graph, bns, match, skipped)]
     biases = []  # (muls first: a conv -> mul -> add chain folds whole)
-    for add in [n for kind in (aten.mul.Tensor, aten.add.Tensor) for n in graph.gm.graph.nodes
-                if n.op == "call_function" and n.target is kind]:
-        m = match_affine(graph, add)
-        if m is None:
-            continue
-        reason = check(graph, m)
-        if reason:
-            skipped[add.name] = reason
-            continue
-        rewrite(graph, m)
-        graph.gm.graph.erase_node(add)  # (now unread: a mul's add after it sees the layer's one user)
-        biases.append(f"{add.name} -> {m.producer.name}")
+    for kind in (aten.mul.Tensor, aten.add.Tensor):
+        nodes = [n for n in graph.gm.graph.nodes if n.op == "call_function" and n.target is kind]
+        for m in _fold_all(graph, nodes, match_affine, skipped):
+            graph.gm.graph.erase_node(m.bn)  # (now unread: a mul's add after it sees the layer's one user)
+            biases.append(f"{m.bn.name} -> {m.producer.name}")
     if folded or biases:
         eliminate_dead_code(graph)
         graph.gm.recompile()  # (runnable at once: mixed-precision runs the graph inside its own pass)
