@@ -37,3 +37,19 @@ def given_shape(name: str, given: Sequence[int | None], declared: Sequence[int |
             raise InputMismatchError(f"input '{name}': dim {k} is fixed at {d} in the model, the given shape {dims} "
                                      f"says {dims[k]}")
     return dims
+
+
+def dynamic_dims_error(inputs: Sequence[tuple[str, Sequence[int | str]]]) -> InputMismatchError:
+    """The error for inputs with dynamic dims besides the batch (`inputs`: each one's name and declared dims, an int
+    where fixed, the dim's name where dynamic): every such input at once, its declared shape and the --input-shape
+    to give, so that one try shows all that is missing."""
+    lines, flags = [], []
+    for name, dims in inputs:
+        shown = ", ".join(str(d) for d in dims)
+        lines.append(f"'{name}' [{shown}]")
+        flags.append(f"--input-shape {name}=" + "x".join(
+            str(d) if isinstance(d, int) else "N" if k == 0 else f"<{d}>" for k, d in enumerate(dims)))
+    return InputMismatchError(
+        f"input{'s' if len(lines) > 1 else ''} {', '.join(lines)} ha{'ve' if len(lines) > 1 else 's'} dynamic dims "
+        f"besides the batch, and compiling needs them fixed: give {' '.join(flags)} with numbers for the <dims> "
+        "(a first dim N keeps the batch dynamic; input_shapes={name: (dims)} in Python)")

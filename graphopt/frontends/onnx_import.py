@@ -19,7 +19,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from graphopt.errors import InputMismatchError, ModelFileError, UnsupportedOpError
-from graphopt.frontends import given_shape, open_batch
+from graphopt.frontends import dynamic_dims_error, given_shape, open_batch
 from graphopt.ir.graph import Graph
 from graphopt.ir.names import input_name
 from graphopt.ir.quant_ops import dynamic_qparams  # (also registers torch.ops.graphopt)
@@ -221,6 +221,12 @@ class Importer:
         if unknown:
             raise InputMismatchError(f"input shape given for {', '.join(map(repr, unknown))}, which the model does "
                                      f"not have; its inputs: {', '.join(map(repr, names))}")
+        unfixed = [(inp.name, [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else d.dim_param or "?"
+                               for d in inp.type.tensor_type.shape.dim])
+                   for inp in graph.input if inp.name not in inits and inp.name not in self.input_shapes]
+        unfixed = [(n, dims) for n, dims in unfixed if any(isinstance(d, str) for d in dims[1:])]
+        if unfixed:
+            raise dynamic_dims_error(unfixed)
         for inp in graph.input:
             if inp.name in inits:
                 continue
@@ -232,15 +238,11 @@ class Importer:
             for k, d in enumerate(tt.shape.dim if given is None else ()):
                 if d.HasField("dim_value") and d.dim_value > 0:
                     dims.append(int(d.dim_value))
-                elif k == 0:
+                else:  # (the batch: any other dynamic dim was refused above)
                     log.warning("input '%s' has a dynamic batch dim '%s'; tracing and compiling at batch 1 (an ONNX "
                                 "export keeps it dynamic; choose another with --input-shape %s=..., input_shapes= in "
                                 "Python)", inp.name, d.dim_param, inp.name)
                     dims.append(1)
-                else:
-                    raise UnsupportedOpError(inp.name, "dynamic shape", f"dim {k} of input '{inp.name}' is "
-                                             f"'{d.dim_param or '?'}'; give a static shape with --input-shape "
-                                             f"{inp.name}=DxDx... (input_shapes= in Python)")
             dt = _onnx_dtype(tt.elem_type)
             ex = torch.randn(dims).to(dt) if dt.is_floating_point else torch.zeros(dims, dtype=dt)
             safe = input_name(inp.name)

@@ -12,8 +12,8 @@ from typing import Any, Sequence
 
 import torch
 
-from graphopt.errors import GraphoptError, InputMismatchError, ModelFileError, UnsupportedOpError
-from graphopt.frontends import given_shape, open_batch
+from graphopt.errors import GraphoptError, InputMismatchError, ModelFileError
+from graphopt.frontends import dynamic_dims_error, given_shape, open_batch
 from graphopt.ir.graph import Graph
 
 log = logging.getLogger(__name__)
@@ -185,6 +185,10 @@ def load_pt2(path: str | Path, input_shapes: dict[str, Sequence[int]] | None = N
             raise GraphoptError(f"input shapes apply to a program's dynamic dims; '{path}' has none (it was "
                                 "exported at fixed shapes): export it again with dynamic_shapes=")
         return Graph.from_exported_program(ep, source=f"pt2:{path.name}")
+    unfixed = [(n.name, [d if isinstance(d, int) else str(d) for d in n.meta["val"].shape]) for n in users
+               if n.name not in given and any(not isinstance(d, int) for d in n.meta["val"].shape[1:])]
+    if unfixed:
+        raise dynamic_dims_error(unfixed)
     examples, batch_dims = [], {}
     for n in users:
         val = n.meta["val"]
@@ -197,13 +201,9 @@ def load_pt2(path: str | Path, input_shapes: dict[str, Sequence[int]] | None = N
             for k, d in enumerate(val.shape):
                 if isinstance(d, int):
                     shape.append(d)
-                elif k == 0:
+                else:  # (the batch: any other dynamic dim was refused above)
                     shape.append(_lowest_batch(ep, d))
                     batch_dims[n.name] = "batch"  # (a saved program keeps its symbols, s0.., not the Dim's name)
-                else:
-                    raise UnsupportedOpError(n.name, "dynamic shape", f"dim {k} of input '{n.name}' is dynamic "
-                                             f"({d}); give a static shape with --input-shape {n.name}=DxDx... "
-                                             "(input_shapes= in Python)")
             if n.name in batch_dims:
                 log.warning("input '%s' has a dynamic batch dim; tracing and compiling at batch %d (an ONNX export "
                             "keeps it dynamic; choose another with --input-shape %s=..., input_shapes= in Python)",

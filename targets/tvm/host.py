@@ -54,10 +54,16 @@ def cpu_target(mcpu: str | None = None, cores: int | None = None):
     return tvm.target.Target({"kind": "llvm", "mcpu": mcpu or host_cpu(), "num-cores": int(cores or host_cores())})
 
 
-# ISA extensions graphopt's CPU code may use, LLVM's name -> the flag Linux lists in /proc/cpuinfo
+# ISA extensions graphopt's CPU code may use, LLVM's name -> the flag Linux lists in /proc/cpuinfo: graphopt's
+# kernels' intrinsics and whatever LLVM picks for the CPU it builds for (for int4 nibbles it emits GFNI's
+# `vgf2p8affineqb` and VBMI's `vpermt2b`, the int8 depthwise kernel VBMI's `vpermb`; an artifact built on an Ice
+# Lake or newer then died on a Cascade Lake, which has AVX-512 and VNNI but neither, of an illegal instruction)
 ISA_FLAGS = {"sse4.2": "sse4_2", "avx": "avx", "avx2": "avx2", "fma": "fma", "f16c": "f16c", "bmi2": "bmi2",
              "avx512f": "avx512f", "avx512bw": "avx512bw", "avx512dq": "avx512dq", "avx512vl": "avx512vl",
-             "avx512vnni": "avx512_vnni", "avx512bf16": "avx512_bf16", "avxvnni": "avx_vnni"}
+             "avx512cd": "avx512cd", "avx512vnni": "avx512_vnni", "avx512bf16": "avx512_bf16", "avxvnni": "avx_vnni",
+             "avx512vbmi": "avx512vbmi", "avx512vbmi2": "avx512_vbmi2", "avx512bitalg": "avx512_bitalg",
+             "avx512vpopcntdq": "avx512_vpopcntdq", "avx512ifma": "avx512ifma", "avx512fp16": "avx512_fp16",
+             "gfni": "gfni", "vaes": "vaes", "vpclmulqdq": "vpclmulqdq"}
 # AMX (tile registers, int8 tile products): listed for an artifact only when an AMX kernel was built into it
 # (`cpu.amx`), since an AMX CPU's VM may hide the tiles and every other kernel would still run there
 AMX_FLAGS = {"amx-tile": "amx_tile", "amx-int8": "amx_int8"}

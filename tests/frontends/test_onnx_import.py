@@ -125,8 +125,18 @@ def _dynamic_model(path):
 def test_dynamic_dims_take_given_shapes(tmp_path):
     from graphopt.errors import InputMismatchError
     path = _dynamic_model(tmp_path / "dyn.onnx")
-    with pytest.raises(UnsupportedOpError, match="--input-shape ids="):
+    with pytest.raises(InputMismatchError, match=r"input 'ids' \[batch, seq\] has dynamic dims besides the batch.*"
+                                                 r"--input-shape ids=Nx<seq> with numbers"):
         graphopt.load_model(path)
+    # every input that needs a shape in one error: the user learns all of them from one try
+    xy = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["b", "s", 4]) for n in ("x", "y")]
+    two = tmp_path / "two.onnx"
+    onnx.save(helper.make_model(helper.make_graph([helper.make_node("Add", ["x", "y"], ["z"])], "g", xy,
+                                                  [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)])), two)
+    with pytest.raises(InputMismatchError, match=r"inputs 'x' \[b, s, 4\], 'y' \[b, s, 4\] have dynamic dims.*"
+                                                 r"--input-shape x=Nx<s>x4 --input-shape y=Nx<s>x4"):
+        graphopt.load_model(two)
+    assert graphopt.load_model(two, {"x": (None, 5, 4), "y": (None, 5, 4)}).inputs[1].shape == (1, 5, 4)
     g = graphopt.load_model(path, {"ids": (3, 11)})
     ids = np.random.default_rng(0).integers(0, 50, (3, 11)).astype(np.int64)
     ref = ort.InferenceSession(str(path)).run(None, {"ids": ids})[0]

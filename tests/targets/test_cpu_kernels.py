@@ -2469,11 +2469,20 @@ def test_cross_compiled_artifact_records_its_isa_and_refuses_a_cpu_without_it(tm
     monkeypatch.setattr(host, "host_isa", lambda: {"sse4.2", "avx", "avx2", "fma", "f16c", "bmi2"})
     with pytest.raises(ArtifactError, match="avx512f.*avx512vnni"):
         graphopt.load(out)
+    # built for an Ice Lake or newer, the code may hold VBMI / GFNI instructions (LLVM picks them for int4 nibbles,
+    # the int8 depthwise kernel permutes bytes with vpermb): a Cascade Lake (AVX-512 + VNNI, neither) is refused
+    icx = graphopt.compile(q, "llvm", output=tmp_path / "icx", cpu="icelake-server")
+    assert {"avx512vbmi", "gfni"} <= set(read_manifest(icx)["target_info"]["isa"])
+    cascadelake = {"sse4.2", "avx", "avx2", "fma", "f16c", "bmi2", "avx512f", "avx512bw", "avx512dq", "avx512vl",
+                   "avx512cd", "avx512vnni"}
+    monkeypatch.setattr(host, "host_isa", lambda: cascadelake)
+    with pytest.raises(ArtifactError, match="avx512vbmi.*gfni"):
+        graphopt.load(icx)
     with pytest.raises(TargetError, match="sapphirerapids"):
         graphopt.compile(q, "llvm", output=tmp_path / "bad", cpu="sapphirerapid")
     with pytest.raises(graphopt.GraphoptError, match="applies to the llvm target"):
         graphopt.compile(q, "onnx", output=tmp_path / "bad", cpu="znver4")
-    with pytest.raises(TargetError, match="tuning measures kernels on this machine.*avx512vnni"):
+    with pytest.raises(TargetError, match="tuning measures kernels on this machine.*avx512vbmi"):
         graphopt.compile(q, "llvm", graphopt.Tuning(trials=1), output=tmp_path / "bad", cpu="znver4")
     assert not (tmp_path / "bad").exists()
 
