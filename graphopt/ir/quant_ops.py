@@ -101,7 +101,7 @@ def plain_decompositions() -> dict:
     return {go.quantize_per_tensor.default: _quantize_per_tensor,
             go.dequantize_per_tensor.default: _dequantize_per_tensor,
             go.dequantize_per_channel.default: _dequantize_per_channel,
-            go.dynamic_quantize.default: _dynamic_quantize}
+            go.dynamic_quantize.default: _dynamic_quantize, go.lut.default: _lut}
 
 
 @torch.library.custom_op("graphopt::quantize_per_tensor", mutates_args=())
@@ -226,6 +226,22 @@ def _(aq, a_scale, a_zp, bq, b_scale, b_zp):
     return torch.matmul(aq.to(torch.float32), bq.to(torch.float32))
 
 
+def _lut(q, table):
+    return table[q.to(torch.int64) + 128]
+
+
+@torch.library.custom_op("graphopt::lut", mutates_args=())
+def lut(q: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """An int8 -> int8 function as a 256-entry table (`fold-qdq`: an activation function between two int8 grids,
+    dequantize -> SiLU / GELU / sigmoid ... -> quantize, evaluated once for every code): table[q + 128]."""
+    return _lut(q, table)
+
+
+@lut.register_fake
+def _(q, table):
+    return torch.empty_like(q, dtype=table.dtype)
+
+
 def fixed_point_multiplier(real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """real multipliers (> 0) as int32 Q31 mantissas in [2^30, 2^31) and right shifts: real ~= m * 2^-(31 + shift)
     (gemmlowp / TFLite convention; shift may be negative for multipliers >= 1)."""
@@ -291,7 +307,7 @@ def _(xq, x_scale, x_zp, wq, w_scales, bias, stride, padding, dilation, groups):
 
 
 QUANT_OPS = ("quantize_per_tensor", "dequantize_per_tensor", "dequantize_per_channel", "qlinear", "qconv2d",
-             "qmatmul", "requantize", "qlinear_i32", "qconv2d_i32", "dynamic_quantize")
+             "qmatmul", "requantize", "qlinear_i32", "qconv2d_i32", "dynamic_quantize", "lut")
 # ops that round activations onto a grid: a float rounding difference before one can move a value a whole step
 ROUNDING_OPS = ("quantize_per_tensor", "dynamic_quantize", "fake_quant_per_tensor", "requantize")
 

@@ -1,6 +1,8 @@
 """fold-qdq: rewrite dequantize -> conv1d/conv2d/linear/matmul (fed by quantizes) into graphopt's integer ops: int8 x
 int8 with exact int32 accumulation and one float rescale per output channel (a conv1d as a conv2d on a one-row map).
 Equal to the Q/DQ graph up to float rounding; Q/DQ pairs that do not fit stay and are reported with the reason.
+An activation function between two int8 grids (dequantize -> SiLU / GELU ... -> quantize, as `quantize{tables}`
+leaves them) becomes a 256-entry table on the codes (`lookup_tables`, graphopt.lut).
 """
 from __future__ import annotations
 
@@ -51,11 +53,38 @@ def _through_moves(x) -> tuple[object, list[fx.Node]]:
 
 
 def _quantized(x) -> bool:
-    """x is dequantize_per_tensor(quantize_per_tensor(...)), with code moves (CODE_MOVES) in between allowed."""
+    """x is dequantize_per_tensor of int8 codes made by quantize_per_tensor (or a table lookup, `lookup_tables`),
+    with code moves (CODE_MOVES) in between allowed."""
     if not (isinstance(x, fx.Node) and x.target is go.dequantize_per_tensor.default):
         return False
     q, _ = _through_moves(x.args[0])
-    return isinstance(q, fx.Node) and q.target is go.quantize_per_tensor.default
+    return isinstance(q, fx.Node) and q.target in (go.quantize_per_tensor.default, go.lut.default)
+
+
+def lookup_tables(graph: Graph) -> list[str]:
+    """Each int8 quantize of an elementwise function of one int8 dequantize (dequantize -> SiLU / GELU / sigmoid
+    ... -> quantize, `tables.backward_chain`) becomes graphopt.lut on the codes, its table the quantize's codes for
+    each of the 256 inputs (`tables.table`): exact against the float chain it replaces. Returns the names of the
+    quantizes replaced."""
+    from graphopt.passes.quant.tables import backward_chain, table
+    g, done = graph.gm.graph, []
+    for qn in [n for n in g.nodes if n.op == "call_function" and n.target is go.quantize_per_tensor.default]:
+        found = backward_chain(graph, qn.args[0]) if isinstance(qn.args[0], fx.Node) and \
+            _arg(qn, 5, None) == torch.int8 else None
+        if found is None:
+            continue
+        chain, source = found
+        codes = table(graph, chain, source, qn)
+        with g.inserting_before(qn):
+            t = graph.add_param(f"{qn.name}_table", codes, before=qn)
+            new = g.call_function(go.lut.default, (source.args[0], t))
+        qn.replace_all_uses_with(new)
+        g.erase_node(qn)
+        done.append(qn.name)
+    if done:
+        eliminate_dead_code(graph)
+        graph.refresh()
+    return done
 
 
 def requantized_moves(graph: Graph) -> int:
@@ -211,6 +240,7 @@ class FoldQDQ(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         moved = requantized_moves(graph)
+        tables = lookup_tables(graph)
         g = graph.gm.graph
         folded, kept = [], {}
         for op in [n for n in g.nodes if n.op == "call_function" and n.target in (
@@ -264,9 +294,9 @@ class FoldQDQ(Pass):
             eliminate_dead_code(graph)
         fixed, float_kept = (fixed_point_requantize(graph) if self.options.requantize == "fixed" and folded
                              else (0, {}))
-        reason = "" if folded or moved else ("nothing to fold: " + reasons_by_op(kept)
-                                             if kept else "no quantized conv2d or linear (run quantize first)")
-        stats = {"folded": len(folded), "kept": kept, "requantized_moves": moved}
+        reason = "" if folded or moved or tables else (
+            "nothing to fold: " + reasons_by_op(kept) if kept else "no quantized conv2d or linear (run quantize first)")
+        stats = {"folded": len(folded), "kept": kept, "requantized_moves": moved, "lookup_tables": len(tables)}
         if self.options.requantize == "fixed":
             stats.update(fixed_point_requantized=fixed, float_requantize=float_kept)
-        return PassResult(graph, bool(folded or moved), stats, reason)
+        return PassResult(graph, bool(folded or moved or tables), stats, reason)

@@ -41,9 +41,17 @@ def dynamic_quantize(x):
     return op.DequantizeLinear(q, scale, zp)
 
 
+def lut(q, table):
+    """table[q + 128] (an activation function between int8 grids): a Gather of the 256 table bytes."""
+    idx = op.Add(op.Cast(q, to=onnx.TensorProto.INT32),
+                 op.Constant(value=onnx.helper.make_tensor("c128", onnx.TensorProto.INT32, [], [128])))
+    return op.Gather(table, idx, axis=0)
+
+
 def translation_table() -> dict:
     import torch
-    return {torch.ops.graphopt.quantize_per_tensor.default: quantize_per_tensor,
+    return {torch.ops.graphopt.lut.default: lut,
+            torch.ops.graphopt.quantize_per_tensor.default: quantize_per_tensor,
             torch.ops.graphopt.dequantize_per_tensor.default: dequantize_per_tensor,
             torch.ops.graphopt.dequantize_per_channel.default: dequantize_per_channel,
             torch.ops.graphopt.dynamic_quantize.default: dynamic_quantize}

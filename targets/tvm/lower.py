@@ -62,6 +62,18 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         y = bb.emit(relax.op.clip(y, int(qmin), int(qmax)))
         return bb.emit(relax.op.astype(y, str(dtype).replace("torch.", "")))
 
+    def lut(node, importer):
+        """graphopt.lut: table[q + 128] (an activation function between int8 grids); graphopt's byte-permute kernel
+        on the CPU (`cpu/lut.py`), a take elsewhere."""
+        bb = importer.block_builder
+        xq, table = importer.env[node.args[0]], importer.env[node.args[1]]
+        shape = node.args[0].meta["val"].shape
+        if cpu_kernels and all(isinstance(d, int) for d in shape):
+            from graphopt.targets.tvm.cpu.lut import emit_lut
+            return emit_lut(bb, xq, table, shape, target)
+        idx = bb.emit(relax.op.add(bb.emit(relax.op.astype(xq, "int32")), relax.const(128, "int32")))
+        return bb.emit(relax.op.take(table, idx, axis=0))
+
     def _dequantized(bb, q, scale, zp):
         """(float(q) - zp) * scale, per tensor."""
         from graphopt.targets.tvm.cpu.conv import dequantized
@@ -2368,7 +2380,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                "requantize.default": requantize, "quantize_per_tensor.default": quantize_per_tensor,
                "dequantize_per_tensor.default": dequantize_per_tensor,
                "dequantize_per_channel.default": dequantize_per_channel,
-               "dynamic_quantize.default": dynamic_quantize, **MISSING_OPS,
+               "dynamic_quantize.default": dynamic_quantize, "lut.default": lut, **MISSING_OPS,
                **MORE_OPS}
 
     def sparse24_layer(node, wname, x_shape, as_conv, fmt=None):
