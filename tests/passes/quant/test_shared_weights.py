@@ -122,7 +122,9 @@ def test_a_layer_whose_input_is_zero_on_every_batch_keeps_it_float(tmp_path):
     model = Head().eval()
     x = torch.randn(1, 3, 8, 8)
     g = graphopt.trace(model, (x,))
-    q = graphopt.optimize(g, "quantize,fold-qdq", data=[(torch.randn(1, 3, 8, 8),) for _ in range(4)])
+    # (tables=false: the gate's sigmoid as a table would round the float gate conv's output onto a grid, where a
+    # float rounding difference in the build can move a code, beyond the 1e-4 the build is held to below)
+    q = graphopt.optimize(g, "quantize{tables=false},fold-qdq", data=[(torch.randn(1, 3, 8, 8),) for _ in range(4)])
     stats = q.meta["history"][0]["stats"]
     assert list(stats["zero_inputs_kept_float"].values()) == ["conv2d_1"], stats
     assert stats["activations_quantized"] == 2  # the stem's and the output conv's inputs
