@@ -4,7 +4,7 @@ grids, `passes/quant/tables.py`).
 With AVX512-VBMI one `vpermi2b` looks up 64 codes in 128 table bytes (two 64-byte registers, chosen by the index's
 bit 6, the byte by its low six bits): the codes as they are index table half [128, 256) for x >= 0 and, through
 their sign bit, half [0, 128) for x < 0 (x & 0x7f = x + 128 there), so two lookups and a byte blend by the sign
-make 64 outputs, about as fast as copying the map. Without VBMI, a byte load per element."""
+make 64 outputs (not timed alone; whole models in the README). Without VBMI, a byte load per element."""
 from __future__ import annotations
 
 from graphopt.targets.tvm.cpu.parse import parse_kernel
