@@ -138,3 +138,33 @@ def test_table_models_compile_and_export(tmp_path):
         out = graphopt.compile(folded, target, output=tmp_path / target)
         got = graphopt.load(out)(x.numpy())[0]
         np.testing.assert_allclose(got, ref, atol=0.02, err_msg=target)  # (sigmoid outputs: 2% of the range)
+
+
+def test_an_onnx_runtime_qdq_files_activation_becomes_a_table(tmp_path):
+    """ONNX Runtime's quantize_static (QDQ) writes DequantizeLinear -> Sigmoid -> QuantizeLinear between two convs:
+    fold-qdq makes it a table too, with the graph's outputs unchanged."""
+    import contextlib
+    import io
+    import warnings
+
+    from graphopt.bench import ort_quantize_static
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.b(torch.sigmoid(self.a(x)))
+    torch.manual_seed(0)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(M().eval(), (torch.randn(1, 3, 8, 8),), str(tmp_path / "m.onnx"), input_names=["x"],
+                          dynamo=False)
+    feeds = [{"x": torch.randn(1, 3, 8, 8).numpy()} for _ in range(4)]
+    g = graphopt.load_onnx(ort_quantize_static(tmp_path / "m.onnx", tmp_path / "q.onnx", feeds))
+    folded = graphopt.optimize(g, "fold-qdq")
+    assert folded.meta["history"][-1]["stats"]["lookup_tables"] == 1 and _count(folded, go.lut.default) == 1
+    assert _count(folded, torch.ops.aten.sigmoid.default) == 0
+    x = torch.randn(1, 3, 8, 8)
+    torch.testing.assert_close(folded.run(x)[0], g.run(x)[0], rtol=0, atol=1e-6)
