@@ -2159,6 +2159,21 @@ def test_quantized_batch1_linear_streams_int8_weights(k, n, bias, bits):
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
+@pytest.mark.parametrize("dtype,nbytes", [("int8", 64), ("int8", 100), ("int32", 28512), ("int32", 68)])
+def test_widen_nibbles_restores_weights_of_any_whole_word_length(dtype, nbytes):
+    """The load-time kernel that widens int4 nibbles back to the packed int8 weight restores every byte where the
+    weight is not whole 64-byte steps too (its last step overlaps the one before): an int4 3x3 conv of 64 output
+    channels on AVX2's 6-channel panels packs 28512 bytes and had stayed int8 in the artifact."""
+    from graphopt.targets.tvm.cpu.int8 import nibble_quads, widen_nibbles_source
+    from graphopt.targets.tvm.cpu.parse import parse_kernel
+    data = np.random.default_rng(nbytes).integers(-8, 8, nbytes).astype(np.int8)
+    f = parse_kernel(widen_nibbles_source(dtype))
+    lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target())
+    w = tvm.runtime.tensor(np.full(nbytes // (4 if dtype == "int32" else 1), 99, dtype))
+    lib["main"](tvm.runtime.tensor(nibble_quads(data.view(np.int32))), tvm.runtime.tensor(np.zeros(1, np.int8)), w)
+    np.testing.assert_array_equal(w.numpy().view(np.int8), data)
+
+
 @pytest.mark.parametrize("layers,amx", [("linear12", "0"), ("linear40", "1"), ("conv3x3", "0"), ("conv3x3", "1")])
 def test_int4_weights_stay_nibbles_in_the_artifact(tmp_path, monkeypatch, layers, amx):
     """int4 layers on kernels that read a whole int8 weight (the int8 GEMMs: VNNI or AVX2 quads, AMX tiles for 40

@@ -373,12 +373,14 @@ def widen_quads(buf: str, base: str, words: int = 16) -> str:
 
 def widen_nibbles_source(dtype: str = "int8") -> str:
     """TVMScript that widens a packed int8 weight stored as nibbles (`nibble_quads`: half its bytes) back to its
-    bytes, or the int32 words of 4 of them (`dtype`), 64 bytes a step (`widen_quads`; the weight's bytes a
-    multiple of 64, its length symbolic: one function for every layer), in parallel: a load-time kernel
+    bytes, or the int32 words of 4 of them (`dtype`), 64 bytes a step (`widen_quads`; its length symbolic: one
+    function for every layer; 64 bytes at least and whole words, the last step overlapping the one before where
+    they are not a multiple of 64: the same bytes written twice), in parallel: a load-time kernel
     (`prepared.py`; its last argument the unread seed) for int4 weights of the kernels that read a whole int8
     weight (the GEMMs, the flat convs), which stay nibbles in the artifact (`weight_const`)."""
     words = dtype == "int32"
-    value = widen_quads("wn", "j * 32")
+    step = 16 if words else 64  # (w's elements a step)
+    value = widen_quads("wn", "T.min(j * 32, nh - 32)")  # (nh: half w's bytes)
     attrs, read_seed = prepared.kernel_head()
     return f"""
 @T.prim_func(private=True)
@@ -388,20 +390,20 @@ def widen_nibbles(wn_h: T.handle, seed: T.Buffer((1,), "int8"), w_h: T.handle):
     wn = T.match_buffer(wn_h, (nh,), "int8")
     w = T.match_buffer(w_h, (nw,), "{dtype}")
 {read_seed}
-    for j in T.parallel(nw // {16 if words else 64}):
-        w[T.ramp(j * {16 if words else 64}, 1, {16 if words else 64})] = {
+    for j in T.parallel((nw + {step - 1}) // {step}):
+        w[T.ramp(T.min(j * {step}, nw - {step}), 1, {step})] = {
             value if words else f'T.reinterpret("int8x64", {value})'}
 """
 
 
 def weight_const(bb, packed: np.ndarray):
     """A packed weight (int8 bytes, or int32 words of 4) as a Relax value: a constant, or when lowering for an
-    artifact (`prepared.load_time_weights`) where every byte fits int4 (and the bytes are whole 64-byte steps) the
-    nibbles as the constant and `widen_nibbles_source` making the weight when the artifact is loaded, so an int4
+    artifact (`prepared.load_time_weights`) where every byte fits int4 (64 bytes or more, whole words: an int4 3x3
+    conv of 64 channels on AVX2's 6-channel panels is 28512 bytes, not whole 64-byte steps) the nibbles as the constant and `widen_nibbles_source` making the weight when the artifact is loaded, so an int4
     layer stays 4 bits a value in it."""
     from tvm import relax
     data = packed.reshape(-1).view(np.int8)
-    if not prepared.active() or data.size % 64 or not fits_int4(data):
+    if not prepared.active() or data.size % 4 or data.size < 64 or not fits_int4(data):
         return relax.const(packed)
     dtype = str(packed.dtype)
     gv = bb.add_func(parse_kernel(widen_nibbles_source(dtype)), f"widen_nibbles_{dtype}")
