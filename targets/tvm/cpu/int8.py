@@ -399,8 +399,9 @@ def widen_nibbles(wn_h: T.handle, seed: T.Buffer((1,), "int8"), w_h: T.handle):
 def weight_const(bb, packed: np.ndarray):
     """A packed weight (int8 bytes, or int32 words of 4) as a Relax value: a constant, or when lowering for an
     artifact (`prepared.load_time_weights`) where every byte fits int4 (64 bytes or more, whole words: an int4 3x3
-    conv of 64 channels on AVX2's 6-channel panels is 28512 bytes, not whole 64-byte steps) the nibbles as the constant and `widen_nibbles_source` making the weight when the artifact is loaded, so an int4
-    layer stays 4 bits a value in it."""
+    conv of 64 channels on AVX2's 6-channel panels is 28512 bytes, not whole 64-byte steps) the nibbles as the
+    constant and `widen_nibbles_source` making the weight when the artifact is loaded, so an int4 layer stays 4
+    bits a value in it."""
     from tvm import relax
     data = packed.reshape(-1).view(np.int8)
     if not prepared.active() or data.size % 4 or data.size < 64 or not fits_int4(data):
