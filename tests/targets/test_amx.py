@@ -15,14 +15,14 @@ from graphopt.targets.tvm.cpu import amx
 from graphopt.targets.tvm.cpu.int8 import MR, epilogue_constants, pack_gemm_quads
 from graphopt.targets.tvm.host import cpu_target
 from graphopt.targets.tvm.lower import lower_to_relax
+from graphopt.targets.tvm.cpu.parse import parse_kernel
 
 AMX_CPU = "sapphirerapids"  # an AMX CPU to cross-compile for
 needs_amx = pytest.mark.skipif(not amx.amx_usable(cpu_target()), reason="this machine's OS grants no AMX tiles")
 
 
 def _kernel(m: int, k: int, n: int, float_bias: bool = False, cpu: str | None = None):
-    from tvm.script import tirx as T
-    f = tvm.script.parse(amx.qgemm_amx_source(m, k, n, float_bias, cores=2), extra_vars={"T": T})
+    f = parse_kernel(amx.qgemm_amx_source(m, k, n, float_bias, cores=2))
     return tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target(cpu))
 
 
@@ -157,9 +157,7 @@ def test_amx_flat_conv_assembly():
 
 
 def _conv_kernel(cout, cin, h, w, k, stride, cpu=None):
-    from tvm.script import tirx as T
-    f = tvm.script.parse(amx.qconv_flat_amx_source(cout, cin, h, w, k, k, stride, (k // 2,) * 4),
-                         extra_vars={"T": T})
+    f = parse_kernel(amx.qconv_flat_amx_source(cout, cin, h, w, k, k, stride, (k // 2,) * 4))
     return tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target(cpu))
 
 
@@ -209,8 +207,7 @@ def test_amx_flat_conv_lowering_and_results(cin, cout, hw, stride, act, tmp_path
 
 
 def _bsr_kernel(m: int, k: int, n: int, nnzb: int, float_bias: bool = False, cpu: str | None = None):
-    from tvm.script import tirx as T
-    f = tvm.script.parse(amx.qbsr_amx_source(m, k, n, nnzb, float_bias, cores=2), extra_vars={"T": T})
+    f = parse_kernel(amx.qbsr_amx_source(m, k, n, nnzb, float_bias, cores=2))
     return tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target(cpu))
 
 
@@ -352,8 +349,7 @@ def test_amx_attention_matmul_assembly_and_shapes():
     """The attention matmul on tiles, built for an AMX CPU: four `tdpbssd` per reduction step into tmm0-3 (32 x 32
     blocks), tiles configured and released, the permission asked first; 32 or whole 64 inputs, 32+ rows and whole
     32-column blocks, else the VNNI kernel (named reasons from the source)."""
-    from tvm.script import tirx as T
-    f = tvm.script.parse(amx.qbmm_amx_source(4, 64, 32, 64, 2), extra_vars={"T": T})
+    f = parse_kernel(amx.qbmm_amx_source(4, 64, 32, 64, 2))
     lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target(AMX_CPU))
     asm = lib.mod.inspect_source("asm")
     dots = re.findall(r"^\s+tdpbssd\s+(%tmm\d), (%tmm\d), (%tmm\d)", asm, re.M)

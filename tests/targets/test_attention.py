@@ -11,6 +11,7 @@ import tvm
 import graphopt
 from graphopt.targets.tvm.build import build_executable
 from graphopt.targets.tvm.lower import lower_to_relax
+from graphopt.targets.tvm.cpu.parse import parse_kernel
 
 F = torch.nn.functional
 
@@ -35,7 +36,6 @@ def test_attention_kernel_matches_torch_sdpa(b, h, l, s, e, ev, mask, causal, he
     """softmax(q k^T * scale + mask) v per batch and head within 1e-6 of the output's range (torch.float32 SDPA's
     own rounding differs: it scales q and k by sqrt(scale) each), through [B, H, L, E] or [B, L, H, E] strides;
     a row masked everywhere gives zeros, as PyTorch's SDPA does."""
-    from tvm.script import tirx as T
 
     from graphopt.targets.tvm.cpu.attention import attention_source
     from graphopt.targets.tvm.host import cpu_target
@@ -66,7 +66,7 @@ def test_attention_kernel_matches_torch_sdpa(b, h, l, s, e, ev, mask, causal, he
         mstr = tuple(int(np.prod(bias.shape[i + 1:])) if bias.shape[i] > 1 else 0 for i in range(3))
         args.append(bias)
     src = attention_source(b, h, l, s, e, ev, strides, float(scale), mstr, causal, lanes)
-    f = tvm.script.parse(src, extra_vars={"T": T})
+    f = parse_kernel(src)
     lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target())
     out = tvm.runtime.tensor(np.full(b * h * l * ev, np.nan, np.float32))
     lib["main"](*(tvm.runtime.tensor(a.reshape(-1)) for a in args), out)
@@ -200,7 +200,6 @@ def test_int8_attention_probabilities_kernel_gives_torchs_codes(b, h, l, s, msha
     """int8 attention's scale, boolean mask, softmax and quantize in one row kernel give exactly the codes
     PyTorch's float softmax rounds to on the grid (scale 1/255, zero point -128); a row masked everywhere gives
     the zero point (probability 0, as PyTorch's SDPA)."""
-    from tvm.script import tirx as T
 
     from graphopt.targets.tvm.cpu.norm import masked_softmax_q_source
     from graphopt.targets.tvm.host import cpu_target
@@ -213,7 +212,7 @@ def test_int8_attention_probabilities_kernel_gives_torchs_codes(b, h, l, s, msha
     p = torch.softmax(torch.tensor(x) * alpha + torch.tensor(bias), -1).numpy()
     want = np.clip(np.round(np.nan_to_num(p, nan=0.0) / grid[0]) + grid[1], -128, 127)
     mstr = tuple(int(np.prod(mshape[i + 1:])) if mshape[i] > 1 else 0 for i in range(3))
-    f = tvm.script.parse(masked_softmax_q_source(b, h, l, s, alpha, mstr, grid), extra_vars={"T": T})
+    f = parse_kernel(masked_softmax_q_source(b, h, l, s, alpha, mstr, grid))
     lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target())
     out = tvm.runtime.tensor(np.zeros(b * h * l * s, np.int8))
     lib["main"](tvm.runtime.tensor(x.reshape(-1)), tvm.runtime.tensor(bias.reshape(-1)), out)

@@ -18,6 +18,7 @@ from graphopt.targets.tvm.build import build_executable
 from graphopt.targets.tvm.cpu.gemm import gemm_packed, pack_weight
 from graphopt.targets.tvm.cpu.sparse import bsr_matmul_rows, bsr_matmul_t
 from graphopt.targets.tvm.cpu.int8 import int8_dot
+from graphopt.targets.tvm.cpu.parse import parse_kernel
 from graphopt.targets.tvm.cpu.rules import vector_lanes
 from graphopt.targets.tvm.host import cpu_target
 from graphopt.targets.tvm.lower import lower_to_relax
@@ -554,7 +555,6 @@ def test_flat_conv_vector_store_equals_the_per_lane_one(hw, k, stride, pad, res)
     store does, with bias, residual add and ReLU6; `vmaskmovps` is emitted, and the only scalar stores left are
     masks that keep one lane (LLVM narrows those to `vmovss` once it knows the tile: at most one per channel and
     one-lane piece, where the per-lane store loops over every pixel)."""
-    from tvm.script import tirx as T
 
     from graphopt.targets.tvm.cpu.conv import MR, NR_FLAT, flat_geometry
     from graphopt.targets.tvm.cpu.conv import flat_conv_source
@@ -569,8 +569,7 @@ def test_flat_conv_vector_store_equals_the_per_lane_one(hw, k, stride, pad, res)
     args, out_shape = _flat_conv_args(cin, cout, hw, k, stride, pad, res)
     outs = {}
     for masked in (False, True):
-        f = tvm.script.parse(flat_conv_source(cout, cin, *hw, k, k, stride, pad, (0.0, 6.0), res, masked),
-                             extra_vars={"T": T})
+        f = parse_kernel(flat_conv_source(cout, cin, *hw, k, k, stride, pad, (0.0, 6.0), res, masked))
         outs[masked] = _run_kernel(f, args, out_shape)
         stores = re.findall(r"vmovss\s+%xmm\d+, -?\d*\(|vmaskmovps", _asm(f))  # scalar float stores, masked ones
         assert ("vmaskmovps" in stores) == masked and (masked or stores)
@@ -637,7 +636,6 @@ def test_im2col_is_the_patch_matrix(w, dtype):
     """The im2col kernel alone equals torch's unfold, for stride 1 and 2 with padding on every side (outside the
     image: the fill value), in channel-major and tap-major row order, float and int8."""
     from graphopt.targets.tvm.cpu.conv import im2col_source
-    from tvm.script import tirx as T
     for stride, (pt, pl), k in ((1, (1, 1), 3), (2, (1, 0), 3), (1, (0, 2), 3), (2, (3, 3), 7), (2, (1, 1), 3)):
         c, h = 3, 7
         oh, ow = (h + 2 * pt - k) // stride + 1, (w + 2 * pl - k) // stride + 1
@@ -646,8 +644,8 @@ def test_im2col_is_the_patch_matrix(w, dtype):
         ref = torch.nn.functional.unfold(torch.nn.functional.pad(x[None].double() - fill, (pl, pl, pt, pt)), k,
                                          stride=stride)[0][:, :oh * ow] + fill
         for tap_major in (False, True):
-            f = tvm.script.parse(im2col_source(c, h, w, oh, ow, k, k, stride, pt, pl, dtype=dtype,
-                                               tap_major=tap_major), extra_vars={"T": T})
+            f = parse_kernel(im2col_source(c, h, w, oh, ow, k, k, stride, pt, pl, dtype=dtype,
+                                           tap_major=tap_major))
             lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target())
             out = tvm.runtime.tensor(np.zeros((c * k * k, oh * ow), dtype))
             lib["main"](tvm.runtime.tensor(x.numpy()), tvm.runtime.tensor(np.full(1, fill, dtype)), out)
@@ -1114,7 +1112,6 @@ def test_staged_conv_equals_the_flat_one(hw, k, stride, pad, cout, res):
     """The staged kernel (the rule for dense kxk convs) and the in-place flat one (its knob candidate) sum the
     same products in the same order: bit-identical outputs with bias, residual add and ReLU6, on maps whose tiles
     cross rows (7x7), strided, and with a partial channel panel (13)."""
-    from tvm.script import tirx as T
 
     from graphopt.targets.tvm.cpu.conv import flat_conv_source, staged_conv_source
     cin = 6
@@ -1122,8 +1119,7 @@ def test_staged_conv_equals_the_flat_one(hw, k, stride, pad, cout, res):
     masked = vector_lanes(cpu_target()) >= 8
     outs = []
     for source in (flat_conv_source, staged_conv_source):
-        f = tvm.script.parse(source(cout, cin, *hw, k, k, stride, pad, (0.0, 6.0), masked=masked, res=res),
-                             extra_vars={"T": T})
+        f = parse_kernel(source(cout, cin, *hw, k, k, stride, pad, (0.0, 6.0), masked=masked, res=res))
         outs.append(_run_kernel(f, args, out_shape))
     assert not np.isnan(outs[0]).any() and (outs[0] > 0).any() and (outs[0] < 6).any()
     np.testing.assert_array_equal(outs[1], outs[0])
@@ -1204,13 +1200,12 @@ def test_few_channel_pointwise_kernel_prefetches_its_next_pixel_tile(cout, cin, 
 
 def _assert_conv1x1_relu6_res(src: str, cout: int, cin: int, p: int):
     """Build the pointwise kernel source `src` (clamp to [0, 6], a residual) and compare it with numpy's."""
-    from tvm.script import tirx as T
     from graphopt.targets.tvm.cpu import conv
     rng = np.random.default_rng(0)
     w = rng.standard_normal((cout, cin)).astype(np.float32) / 8
     x, res = rng.standard_normal((cin, p)).astype(np.float32), rng.standard_normal((cout, p)).astype(np.float32)
     b = rng.standard_normal(cout).astype(np.float32)
-    f = tvm.script.parse(src, extra_vars={"T": T}).with_attr("global_symbol", "main")
+    f = parse_kernel(src).with_attr("global_symbol", "main")
     lib = tvm.compile(tvm.IRModule({"main": f}), target=cpu_target())
     args = [tvm.runtime.tensor(a) for a in (x, conv.pack_rows(w), b, res, np.zeros((cout, p), np.float32))]
     lib["main"](*args)
@@ -1539,18 +1534,16 @@ def test_int8_pointwise_kernel_is_exact_and_uses_vpmaddwd(cout, cin, p, out_int8
     out_q = (0.05, 3, -128, 127) if out_int8 else None
     consts = epilogue_constants(w, ws, bias, sx, zx + 128 * (wbits < 8), mt, out_q)
     assert (consts[2] is not None) == degenerate
-    from tvm.script import tirx as T
     clamp = (0.0, 6.0) if relu else None
     if wbits < 8:
-        f = tvm.script.parse(qconv1x1_ubsw_source(cout, cin, p, nv, clamp, out_q, float_bias=degenerate,
-                                                  wbits=4 if wbits == 4 else 8), extra_vars={"T": T})
+        f = parse_kernel(qconv1x1_ubsw_source(cout, cin, p, nv, clamp, out_q, float_bias=degenerate,
+                                              wbits=4 if wbits == 4 else 8))
         if cin >= 128:  # (a shorter reduction is unrolled whole: no loop to read)
             loop = _inner_fma_loop(_asm(f), r"vpmaddubsw")
             assert len(re.findall(r"vpmaddubsw", loop)) >= MR and "vpunpck" not in loop  # quads read whole
         packed = pack_quads_w4(w, mt) if wbits == 4 else pack_quads(w, mt)
     else:
-        f = tvm.script.parse(qconv1x1_source(cout, cin, p, nv, clamp, out_q, float_bias=degenerate),
-                             extra_vars={"T": T})
+        f = parse_kernel(qconv1x1_source(cout, cin, p, nv, clamp, out_q, float_bias=degenerate))
         packed = pack_pairs(w, mt)
     if cin >= 32 and wbits == 8:  # (a shorter reduction is unrolled whole: no loop to read)
         loop = _inner_fma_loop(_asm(f), r"vpmaddwd")
@@ -1586,7 +1579,6 @@ def test_int4_quad_kernel_matches_its_int8_form(nv, tiles, lanes):
     CPU. 40 output channels: 7 blocks, the last partial (tiles=2 pairs it with a clamped repeat)."""
     from graphopt.targets.tvm.cpu.conv import store_params
     from graphopt.targets.tvm.cpu.int8 import MR, epilogue_constants, pack_quads, pack_quads_w4, qconv1x1_ubsw_source
-    from tvm.script import tirx as T
     rng = np.random.default_rng(1)
     cout, cin, p = 40, 70, 49
     mt = -(-cout // MR)
@@ -1597,8 +1589,8 @@ def test_int4_quad_kernel_matches_its_int8_form(nv, tiles, lanes):
     consts = epilogue_constants(w, rng.uniform(0.02, 0.04, cout), None, 0.02, -7 + 128, mt, out_q)
     outs = []
     for wbits, packed in ((8, pack_quads(w, mt)), (4, pack_quads_w4(w, mt))):
-        f = tvm.script.parse(qconv1x1_ubsw_source(cout, cin, p, nv, (0.0, 6.0), out_q, dot="exact", tiles=tiles,
-                                                  lanes=lanes, wbits=wbits), extra_vars={"T": T})
+        f = parse_kernel(qconv1x1_ubsw_source(cout, cin, p, nv, (0.0, 6.0), out_q, dot="exact", tiles=tiles,
+                                              lanes=lanes, wbits=wbits))
         lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target())
         out = tvm.runtime.tensor(np.zeros(cout * p, np.int8))
         lib["main"](*(tvm.runtime.tensor(a) for a in (x.reshape(-1), packed, *consts[:2],
@@ -1806,8 +1798,7 @@ def test_int8_gemm_kernel_is_exact_and_uses_vpmaddwd(m, k, n):
                                                qgemm_source)
     if not int8_kernels_available(cpu_target()):
         pytest.skip("needs AVX2")
-    from tvm.script import tirx as T
-    f = tvm.script.parse(qgemm_source(m, k, n), extra_vars={"T": T})
+    f = parse_kernel(qgemm_source(m, k, n))
     loop = _inner_fma_loop(_asm(f), r"vpmaddwd")
     assert len(re.findall(r"vpmaddwd", loop)) >= 2 * MR  # a 6 x 16 tile: 12 accumulators
     assert len(re.findall(r"vpmovsxbw", loop)) >= 2  # int8 weights widened as they are loaded
@@ -1859,8 +1850,7 @@ def test_int8_gemm_ubsw_kernel_is_exact_at_the_saturation_edge(m, k, n):
                                                qgemm_ubsw_source, ubsw_exact)
     if not int8_kernels_available(cpu_target()):
         pytest.skip("needs AVX2")
-    from tvm.script import tirx as T
-    f = tvm.script.parse(qgemm_ubsw_source(m, k, n), extra_vars={"T": T})
+    f = parse_kernel(qgemm_ubsw_source(m, k, n))
     loop = _inner_fma_loop(_asm(f), r"vpmaddubsw")
     assert len(re.findall(r"vpmaddubsw", loop)) >= 2 * MR and "vpmovsxbw" not in loop
     rng = np.random.default_rng(2)
@@ -2064,7 +2054,6 @@ def test_int8_store_rounds_through_the_float_bits_and_clamps_any_value(literals,
     clamped as int32 and narrowed. Against round-half-to-even of value + zero point, clamped to the grid and ReLU6
     bounds (or the int8 range alone), for ties of both signs, the bounds' edges, values past 2^22 and 2^24 (other
     float exponents), and values below -1.5 * 2^23 (negative floats, whose bits are negative ints)."""
-    from tvm.script import tirx as T
 
     from graphopt.targets.tvm.cpu.conv import _clamped, grid_bounds, store_params
     out_q = (0.05, 3, -128, 127)
@@ -2081,7 +2070,7 @@ def main(x: T.Buffer(({len(x)},), "float32"), qp: T.Buffer((4,), "float32"), out
         for u in T.vectorized(8):
             out[i * 8 + u] = {store}
 """
-    f = tvm.script.parse(src, extra_vars={"T": T})
+    f = parse_kernel(src)
     lib = tvm.compile(tvm.IRModule({"main": f}), target=cpu_target())
     out = tvm.runtime.tensor(np.zeros(len(x), np.int8))
     lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(store_params(clamp, out_q)), out)
@@ -2287,10 +2276,9 @@ def test_vnni_gemm_with_16_lanes_emits_512_bit_vpdpbusd():
     16 columns per 4 inputs with one zmm `vpdpbusd`, four panels a task (24 in the reduction loop, 24 accumulators
     in registers); the lowering picks it there, with as many panels as divide N's (64 columns: 4, 32: 2), and
     keeps the 8-lane form for Zen 4."""
-    from tvm.script import tirx as T
 
     from graphopt.targets.tvm.cpu.int8 import MR, qgemm_ubsw_source
-    f = tvm.script.parse(qgemm_ubsw_source(13, 256, 64, dot="vnni", lanes=16, panels=4), extra_vars={"T": T})
+    f = parse_kernel(qgemm_ubsw_source(13, 256, 64, dot="vnni", lanes=16, panels=4))
     lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}),
                       target=cpu_target("sapphirerapids"))
     loop = _inner_fma_loop(lib.mod.inspect_source("asm"), r"vpdpbusd")
@@ -2313,11 +2301,9 @@ def test_vnni_pointwise_with_16_lanes_keeps_its_tile_in_zmm_registers(nv, tiles)
     """Cross-compiled for a full-width AVX-512 CPU, the int8 pointwise kernel's 16-lane tiles (32 pixels x 6 or 12
     channels: 12 or 24 accumulators in buffers of one vector a row) reduce with zmm `vpdpbusd` on registers only
     and store no accumulator in the loop."""
-    from tvm.script import tirx as T
 
     from graphopt.targets.tvm.cpu.int8 import MR, qconv1x1_ubsw_source
-    f = tvm.script.parse(qconv1x1_ubsw_source(24, 64, 196, nv, dot="vnni", tiles=tiles, lanes=16),
-                         extra_vars={"T": T})
+    f = parse_kernel(qconv1x1_ubsw_source(24, 64, 196, nv, dot="vnni", tiles=tiles, lanes=16))
     lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}),
                       target=cpu_target("sapphirerapids"))
     loop = _inner_fma_loop(lib.mod.inspect_source("asm"), r"vpdpbusd")
@@ -2350,12 +2336,11 @@ def test_vnni_kernels_emit_vpdpbusd(cpu, encoding):
     u8 x s8 step with one `vpdpbusd` into an int32 accumulator held in a register: 12 in the GEMM's reduction
     loop (6 x 16 tile), 12 in the pointwise conv's (6 channels x 16 pixels), no `vpmaddubsw` / `vpmaddwd` pair."""
     from graphopt.targets.tvm.cpu.int8 import MR, int8_dot, qconv1x1_ubsw_source, qgemm_ubsw_source
-    from tvm.script import tirx as T
     tgt = cpu_target(cpu)
     assert int8_dot(tgt) == "vnni"
     for src in (qgemm_ubsw_source(13, 256, 32, dot="vnni"),
                 qconv1x1_ubsw_source(40, 190, 196, 2, (0.0, 6.0), (0.05, 3, -128, 127), dot="vnni")):
-        f = tvm.script.parse(src, extra_vars={"T": T})
+        f = parse_kernel(src)
         lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=tgt)
         asm = lib.mod.inspect_source("asm") if hasattr(lib, "mod") else lib.inspect_source("asm")
         loop = _inner_fma_loop(asm, r"vpdpbusd")
@@ -2393,7 +2378,6 @@ def _check_quad_kernel(kernel, dot, rng, p):
     from graphopt.targets.tvm.cpu.conv import store_params
     from graphopt.targets.tvm.cpu.int8 import (MR, epilogue_constants, pack_gemm_quads, pack_quads,
                                                qconv1x1_ubsw_source, qgemm_ubsw_source, ubsw_exact)
-    from tvm.script import tirx as T
     if kernel == "gemm":
         m, k, n = 13, 64, 64
         x = rng.integers(-128, 128, (m, k)).astype(np.int16)
@@ -2405,8 +2389,7 @@ def _check_quad_kernel(kernel, dot, rng, p):
         ws = rng.uniform(1e-3, 2e-3, n)
         off, mult, _ = epilogue_constants(w, ws, None, 1.0, 5 + 128, n // MR + 1)
         wide = dot == "exact" or vector_lanes(cpu_target()) == 16
-        fs = [tvm.script.parse(qgemm_ubsw_source(m, k, n, dot=dot, lanes=lanes, panels=panels),
-                               extra_vars={"T": T})
+        fs = [parse_kernel(qgemm_ubsw_source(m, k, n, dot=dot, lanes=lanes, panels=panels))
               for lanes, panels in ((8, 1), (16, 1), (16, 2), (16, 4))[:4 if wide else 1]]
         args = ((x + 128).astype(np.uint8).reshape(-1), pack_gemm_quads(w), off[:n], mult[:n])
         out = np.zeros(m * n, np.float32)
@@ -2421,8 +2404,7 @@ def _check_quad_kernel(kernel, dot, rng, p):
         ws, zx = rng.uniform(1e-3, 2e-3, cout), -7
         consts = epilogue_constants(w, ws, None, 1.0, zx + 128, mt)
         wide = dot == "exact" or vector_lanes(cpu_target()) == 16
-        fs = [tvm.script.parse(qconv1x1_ubsw_source(cout, cin, p, nv, dot=dot, tiles=tiles, lanes=lanes),
-                               extra_vars={"T": T})
+        fs = [parse_kernel(qconv1x1_ubsw_source(cout, cin, p, nv, dot=dot, tiles=tiles, lanes=lanes))
               for nv, tiles, lanes in ((2, 1, 8), (1, 2, 8), (4, 1, 16), (2, 2, 16), (4, 2, 16))[:5 if wide else 2]]
         args = (x.reshape(-1), pack_quads(w, mt), consts[0], consts[1], store_params(None, None))
         out = np.zeros(cout * p, np.float32)
@@ -2565,7 +2547,6 @@ def test_channels_in_vector_pointwise_kernel_matches(cout, cin, p, res, clamp):
     last panel is padded), the residual before the clamp, the pixel tile plans of `cv_rows` (accumulators in
     groups of at most CV_GROUP pixels); with 32-channel panels (16-lane vectors, the rule) and 16-channel ones
     (the 8-lane CPUs' tuning candidate). The next panel's prefetch runs past the last panel: it must not fault."""
-    from tvm.script import tirx as T
 
     from graphopt.targets.tvm.cpu import conv
     rng = np.random.default_rng(7)
@@ -2574,7 +2555,7 @@ def test_channels_in_vector_pointwise_kernel_matches(cout, cin, p, res, clamp):
     ref = w @ x + b[:, None] + (r if res else 0)
     ref = np.clip(ref, *clamp) if clamp else ref
     for nr in (32, 16):
-        f = tvm.script.parse(conv.conv1x1_cv_source(cout, cin, p, nr, clamp, res), extra_vars={"T": T})
+        f = parse_kernel(conv.conv1x1_cv_source(cout, cin, p, nr, clamp, res))
         lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target())
         nt = -(-cout // nr)
         out = np.full((cout, p), np.nan, np.float32)
@@ -2672,7 +2653,6 @@ def test_int8_bsr_kernel_is_exact(m, k, n, dot):
     from graphopt.ir.sparse_ops import to_bsr
     from graphopt.targets.tvm.cpu.int8 import MR, epilogue_constants, ubsw_exact
     from graphopt.targets.tvm.cpu.sparse import QBLOCK, bsr_qlinear_source
-    from tvm.script import tirx as T
     if dot == "vnni" and not _vnni_here():
         pytest.skip("this CPU has no VNNI")
     rng = np.random.default_rng(5)
@@ -2688,7 +2668,7 @@ def test_int8_bsr_kernel_is_exact(m, k, n, dot):
     x[0] = 127
     ws, zx = rng.uniform(1e-3, 2e-3, n), -3
     off, mult, _ = epilogue_constants(w, ws, None, 1.0, zx + 128, -(-n // MR))
-    f = tvm.script.parse(bsr_qlinear_source(m, k, n, dot), extra_vars={"T": T})
+    f = parse_kernel(bsr_qlinear_source(m, k, n, dot))
     lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target())
     out = tvm.runtime.tensor(np.zeros(m * n, np.float32))
     args = ((x.astype(np.int16) + 128).astype(np.uint8).reshape(-1), s.data.numpy().reshape(-1), s.indices.numpy(),
@@ -2741,10 +2721,9 @@ def test_int8_bsr_token_pairs_are_exact(m, k, n, dot, tiny):
 
 def test_int8_bsr_token_pairs_use_512_bit_vpdpbusd():
     """The pair kernel's reduction on an AVX-512 VNNI CPU: zmm `vpdpbusd` into 8 accumulators, none stored."""
-    from tvm.script import tirx as T
 
     from graphopt.targets.tvm.cpu.sparse import bsr_qlinear_pairs_source
-    f = tvm.script.parse(bsr_qlinear_pairs_source(32, 64, 32, "vnni"), extra_vars={"T": T})
+    f = parse_kernel(bsr_qlinear_pairs_source(32, 64, 32, "vnni"))
     loop = _inner_fma_loop(_asm(f, "sapphirerapids"), r"vpdpbusd")
     assert len(set(re.findall(r"vpdpbusd\s+[^\n]*, (%zmm\d+)$", loop, re.M))) == 8
     assert not re.search(r"vmovdq\w*\s+%zmm\d+, ", loop) and "call" not in loop
@@ -2759,7 +2738,6 @@ def test_int8_csr_linear_kernel_is_exact(m, k, n, float_bias, dot):
     pair), a float bias."""
     from graphopt.targets.tvm.cpu.int8 import MR, epilogue_constants
     from graphopt.targets.tvm.cpu.sparse import csr_qlinear_source, csr_qpairs, qcsr_tile
-    from tvm.script import tirx as T
     if dot == "vnni" and not _vnni_here():
         pytest.skip("this CPU has no VNNI")
     rng = np.random.default_rng(9)
@@ -2773,7 +2751,7 @@ def test_int8_csr_linear_kernel_is_exact(m, k, n, float_bias, dot):
     bias = rng.uniform(-1, 1, n) if float_bias else None
     off, mult, fb = epilogue_constants(w, ws, None, 1.0, zx, -(-n // MR))
     pw, cols, ptr = csr_qpairs(w, qcsr_tile(m))
-    f = tvm.script.parse(csr_qlinear_source(m, k, n, float_bias, dot), extra_vars={"T": T})
+    f = parse_kernel(csr_qlinear_source(m, k, n, float_bias, dot))
     lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target())
     out = tvm.runtime.tensor(np.zeros(m * n, np.float32))
     args = (x.reshape(-1), pw, cols, ptr, off[:n], mult[:n]) + ((bias.astype(np.float32),) if float_bias else ())
@@ -2787,10 +2765,9 @@ def test_int8_csr_kernels_emit_vpdpwssd_for_vnni():
     products accumulated in place; no `vpmaddwd` + `vpaddd`), 4 per pair with the linear's 32 tokens and 2 with
     the 16 pixels of a small conv."""
     from graphopt.targets.tvm.cpu.sparse import csr_qconv1x1_source, csr_qlinear_source
-    from tvm.script import tirx as T
     for src, per_pair in ((csr_qlinear_source(128, 256, 64, False, "vnni"), 4),
                           (csr_qconv1x1_source(64, 96, 20, dot="vnni"), 2)):
-        f = tvm.script.parse(src, extra_vars={"T": T})
+        f = parse_kernel(src)
         lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target("znver4"))
         loop = _inner_fma_loop(lib.mod.inspect_source("asm"), r"vpdpwssd")
         n = len(re.findall(r"vpdpwssd", loop))
@@ -2799,8 +2776,7 @@ def test_int8_csr_kernels_emit_vpdpwssd_for_vnni():
 
 def test_int8_bsr_kernel_emits_vpdpbusd_for_vnni():
     from graphopt.targets.tvm.cpu.sparse import bsr_qlinear_source
-    from tvm.script import tirx as T
-    f = tvm.script.parse(bsr_qlinear_source(128, 256, 64, "vnni"), extra_vars={"T": T})
+    f = parse_kernel(bsr_qlinear_source(128, 256, 64, "vnni"))
     lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target("znver4"))
     loop = _inner_fma_loop(lib.mod.inspect_source("asm") if hasattr(lib, "mod") else lib.inspect_source("asm"),
                            r"vpdpbusd")
@@ -2860,8 +2836,7 @@ def test_int8_activation_matmul_kernel_applies_and_emits_vpdpbusd():
     registers); it declines (with the reason) what it cannot run: broadcast batch dims, K not a multiple of 4, under
     6 rows or 16 columns, no exact quad product (AVX2's `vpmaddubsw` saturates on full-range codes)."""
     from graphopt.targets.tvm.cpu.int8 import qbmm_applies, qbmm_source
-    from tvm.script import tirx as T
-    f = tvm.script.parse(qbmm_source(4, 128, 32, 128, "vnni"), extra_vars={"T": T})
+    f = parse_kernel(qbmm_source(4, 128, 32, 128, "vnni"))
     lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target("znver4"))
     loop = _inner_fma_loop(lib.mod.inspect_source("asm"), r"vpdpbusd")
     assert len(re.findall(r"vpdpbusd", loop)) >= 12
@@ -3259,7 +3234,6 @@ def test_kernels_bind_scalars_without_a_workspace_call_per_task():
     """In TVM 0.27's TVMScript `x = expr` in a kernel is a one-element local buffer, which `LowerTVMBuiltin` makes a
     TVMBackendAllocWorkspace/Free pair per parallel task (the int8 BSR linear ran 1.2-1.9x slower for it); the
     kernels bind scalars as `x: T.let = expr`. Lowered, none of them asks for a workspace of one scalar."""
-    from tvm.script import tirx as T
 
     from graphopt.targets.tvm.cpu import conv as C
     from graphopt.targets.tvm.cpu import int8 as I
@@ -3287,7 +3261,7 @@ def test_kernels_bind_scalars_without_a_workspace_call_per_task():
                 lowered[name] = str(mod)
 
     for name, src in sources.items():
-        f = tvm.script.parse(src, extra_vars={"T": T})
+        f = parse_kernel(src)
         with tvm.transform.PassContext(instruments=[AfterBuiltins()]):
             tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target())
         scalars = re.findall(r"(\w+) = T\.decl_buffer\(\(1,\), \"\w+\", data=T\.TVMBackendAllocWorkspace", lowered[name])
@@ -3859,13 +3833,12 @@ def test_batched_kernel_source_parses_for_every_row_and_column_split(lanes):
     """Row chunks whose full tiles and last partial tile land in one scope, next to a single full panel, declared
     the accumulator twice: TVMScript refused the kernel and the graph did not compile (216 of 1364 shapes over
     M 1..29, 49, 197 and N 1..197, among them any 20-token attention: a seq-first TransformerEncoderLayer)."""
-    from tvm.script import tirx as T
 
     from graphopt.targets.tvm.cpu.bmm import bmm_source, bmm_tiles
     for m in (*range(1, 14), 20, 49):
         for n in (5, 17, 20, 33):
             mr, nr = bmm_tiles(n, lanes)
-            tvm.script.parse(bmm_source(2, m, 7, n, mr, nr, True, 0.5), extra_vars={"T": T})
+            parse_kernel(bmm_source(2, m, 7, n, mr, nr, True, 0.5))
 
 
 def test_sdpa_rows_masked_everywhere_are_zeros_in_the_softmax_kernel():

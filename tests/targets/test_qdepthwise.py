@@ -19,13 +19,13 @@ from graphopt.targets.tvm.cpu.qdepthwise import (flat_chunks, int8_depthwise_dot
                                                  qdepthwise_applies, qdepthwise_source)
 from graphopt.targets.tvm.host import cpu_target
 from graphopt.targets.tvm.lower import lower_to_relax
+from graphopt.targets.tvm.cpu.parse import parse_kernel
 
 DOT = int8_depthwise_dot(cpu_target()) or "exact"
 
 
 def _compile(src: str, cpu: str | None = None):
-    from tvm.script import tirx as T
-    f = tvm.script.parse(src, extra_vars={"T": T})
+    f = parse_kernel(src)
     return tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target(cpu))
 
 

@@ -11,13 +11,13 @@ import pytest
 import torch
 import tvm
 from tvm import relax, tirx
-from tvm.script import tirx as T
 
 import graphopt
 from graphopt.targets.tvm.build import build_executable
 from graphopt.targets.tvm.cpu import threads
 from graphopt.targets.tvm.cpu.gemm import gemm_packed
 from graphopt.targets.tvm.cpu.pool import pad_source
+from graphopt.targets.tvm.cpu.parse import parse_kernel
 
 
 def _kinds(stmt, out):
@@ -41,7 +41,7 @@ def _kinds(stmt, out):
 
 
 def _pad(rows, h, w):
-    return tvm.script.parse(pad_source(rows, h, w, 1, 1, 1, 1, "float32"), extra_vars={"T": T})
+    return parse_kernel(pad_source(rows, h, w, 1, 1, 1, 1, "float32"))
 
 
 def test_estimate_scales_with_the_work_and_counts_the_forks():
@@ -56,7 +56,7 @@ def test_estimate_scales_with_the_work_and_counts_the_forks():
 
 
 def test_a_kernel_the_walk_cannot_bound_keeps_its_threads():
-    scan = tvm.script.parse("""
+    scan = parse_kernel("""
 @T.prim_func(private=True)
 def scan(x: T.Buffer((64,), "float32"), y: T.Buffer((64,), "float32")):
     for t in T.parallel(4):
@@ -65,7 +65,7 @@ def scan(x: T.Buffer((64,), "float32"), y: T.Buffer((64,), "float32")):
         while i[0] < 16:
             y[t * 16 + i[0]] = x[t * 16 + i[0]]
             i[0] = i[0] + 1
-""", extra_vars={"T": T})
+""")
     us, forks = threads.estimate(scan)
     assert forks == 1 and us == float("inf")
     mod, names = threads.serialize_small(tvm.IRModule({"scan": scan}))
