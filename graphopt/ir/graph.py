@@ -46,6 +46,37 @@ def _topk_ties_in_order(x, k, dim=-1, largest=True, sorted=True):  # noqa: A002 
     return values.narrow(dim, 0, k), indices.narrow(dim, 0, k)
 
 
+_CIA_MATERIALIZED: list = [None]  # the dispatcher's CompositeImplicitAutograd ops when last materialized
+
+
+def run_decompositions(ep, table: dict | None = None):
+    """`ep.run_decompositions(table)`, without torch's fixed cost of a quarter second a call.
+
+    torch walks its C++ dispatcher's CompositeImplicitAutograd registrations (thousands of ops, a getattr each to put
+    them in `torch.ops`) once per op namespace, twice a call: ~54 walks, 0.26 s, for a graph of any size (10% of a
+    kernel test file's time, where every test lowers a small graph). A walk only creates attributes the first one
+    made, so while the registrations are those of the last walk, this call makes none; a library registered since
+    (a new registration list) gets one walk. torch's function is swapped back when the call returns."""
+    import torch._export.utils as export_utils
+
+    original = export_utils._materialize_cpp_cia_ops
+
+    def materialize_once():
+        regs = frozenset(torch._C._dispatch_get_registrations_for_dispatch_key("CompositeImplicitAutograd"))
+        if regs != _CIA_MATERIALIZED[0]:
+            original()
+            _CIA_MATERIALIZED[0] = regs
+        export_utils._materialize_cpp_cia_ops = lambda: None  # the rest of this call: nothing can register
+
+    export_utils._materialize_cpp_cia_ops = materialize_once
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's pytree specs warn when deep-copied: not the user's
+            return ep.run_decompositions(table if table is not None else {})
+    finally:
+        export_utils._materialize_cpp_cia_ops = original
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """Name, static shape and dtype of a graph input or output."""
@@ -157,7 +188,7 @@ class Graph:
             # a `with torch.autocast(...)` (or set_grad_enabled) region in forward exports as a wrapper op around
             # a submodule, which the graph does not hold ("'Module' object has no attribute 'submod_1'"); retraced
             # to ATen it is inline, autocast's casts explicit
-            ep = ep.run_decompositions({})
+            ep = run_decompositions(ep)
         sig = ep.graph_signature
         _refuse_data_dependent_shapes(ep)
         state = dict(ep.state_dict)

@@ -1,12 +1,11 @@
 """`.pt2` export (torch.export's archive) for PyTorch users, written atomically."""
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 from graphopt.errors import TargetError
 from graphopt.ir.files import atomic_file
-from graphopt.ir.graph import Graph
+from graphopt.ir.graph import Graph, run_decompositions
 
 
 def export_pt2(graph: Graph, path: str | Path) -> Path:
@@ -21,9 +20,7 @@ def export_pt2(graph: Graph, path: str | Path) -> Path:
     try:
         ep = unfold_integer_ops(densify(graph)).to_exported_program()
         if _graphopt_ops(ep):
-            with warnings.catch_warnings():  # (torch deep-copies its pytree specs, which warn: not the user's)
-                warnings.simplefilter("ignore", FutureWarning)
-                ep = ep.run_decompositions(plain_decompositions())
+            ep = run_decompositions(ep, plain_decompositions())
     except Exception as e:
         raise TargetError(f".pt2 export failed: {type(e).__name__}: {e}") from None
     left = _graphopt_ops(ep)

@@ -3156,10 +3156,8 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
                                          "the CPU): run select-sparse-layout with target='cuda' "
                                          "(candidates=dense,sp24) on the masked graph, or compile with --target "
                                          "llvm")
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch's pytree specs warn when deep-copied
-        ep = graph.to_exported_program().run_decompositions(table)
+    from graphopt.ir.graph import run_decompositions
+    ep = run_decompositions(graph.to_exported_program(), table)
     for n in ep.graph_module.graph.nodes:
         # topk(sorted=False) lets the values come in any order: TVM's importer takes only sorted ("Currently supports
         # only sorted output"), which is one of those orders
