@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from graphopt.errors import GraphoptError
 from graphopt.ir.graph import Graph
 
 log = logging.getLogger("graphopt")
@@ -63,22 +64,41 @@ def _run_times(fn: Callable[[], Any], warmup: int = 3, runs: int = 20, max_secon
     return times
 
 
+def round_pause() -> float:
+    """Seconds of rest before each timing round: $GRAPHOPT_BENCH_PAUSE, else 0.3 (see `interleaved_medians`). The
+    report's latency line takes 15 of them (4.5 s, however fast the model); on a quiet machine, or where a rough
+    number will do (graphopt's tests use 0.02), a shorter one is enough. A value that is not a number >= 0 is an
+    error naming the variable."""
+    text = os.environ.get("GRAPHOPT_BENCH_PAUSE", "").strip()
+    if not text:
+        return 0.3
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise GraphoptError(f"GRAPHOPT_BENCH_PAUSE={text!r}: give the seconds to rest before each timing round, a "
+                            "number >= 0 (default 0.3), or unset it")
+    return value
+
+
 def interleaved_medians(calls: dict[str, Callable[[], Any]], runs: int = 50, rounds: int | None = None,
-                        pause: float = 0.3, best_round: bool = False) -> dict[str, float]:
-    """Median seconds per call for several runtimes, timed in interleaved rounds with a pause before each: ORT's and
-    PyTorch's thread pools spin for a while after a call and would otherwise steal the cores from whoever is timed
-    next, and a shared machine drifts between rounds. Each runtime's `runs` are spread over `rounds` rounds (by
-    default one per 4 runs, 3 to 9) and the median of all its runs is returned. On the development machine one
-    loaded artifact timed in 14 rounds of 30 calls read 0.63-1.18 ms (both threads busy throughout, while
-    single-core, cache-resident code ran steady): with 3 long rounds such a phase could cover two of a runtime's
-    three samples; with more, shorter rounds every runtime sees about the same share of it. (Separately, one
-    artifact instance can stay slow through all its rounds while a rebuild of the same layer is not, seen on a
-    stride-2 conv whose per-thread working set is about the 1 MB L2: no timing scheme removes that.)
+                        pause: float | None = None, best_round: bool = False) -> dict[str, float]:
+    """Median seconds per call for several runtimes, timed in interleaved rounds with a pause before each (`pause`
+    seconds, default `round_pause()`): ORT's and PyTorch's thread pools spin for a while after a call and would
+    otherwise steal the cores from whoever is timed next, and a shared machine drifts between rounds. Each runtime's
+    `runs` are spread over `rounds` rounds (by default one per 4 runs, 3 to 9) and the median of all its runs is
+    returned. On the development machine one loaded artifact timed in 14 rounds of 30 calls read 0.63-1.18 ms (both
+    threads busy throughout, while single-core, cache-resident code ran steady): with 3 long rounds such a phase could
+    cover two of a runtime's three samples; with more, shorter rounds every runtime sees about the same share of it.
+    (Separately, one artifact instance can stay slow through all its rounds while a rebuild of the same layer is not,
+    seen on a stride-2 conv whose per-thread working set is about the 1 MB L2: no timing scheme removes that.)
 
     `best_round`: the lowest of each runtime's per-round medians instead, for calls well under a millisecond: a
     0.6 ms layer read 0.60 ms in some runs of this function and 1.1-1.15 ms in others, for whichever runtime the
     slow spell fell on, while its other rounds stayed at 0.6."""
     rounds = rounds or min(9, max(3, runs // 4))
+    pause = round_pause() if pause is None else pause
     got: dict[str, list[list[float]]] = {k: [] for k in calls}
     for _ in range(rounds):
         for key, fn in calls.items():

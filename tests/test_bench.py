@@ -82,6 +82,31 @@ def test_compare_variants_times_every_variant_with_shared_baselines_once_a_round
 
 
 
+def test_timing_rounds_rest_as_long_as_graphopt_bench_pause_says(monkeypatch):
+    """Every round of every runtime rests `round_pause()` seconds first: 0.3 by default, GRAPHOPT_BENCH_PAUSE when
+    set (0 included); an explicit pause wins; a value that is no number >= 0 is an error naming the variable."""
+    import graphopt.bench as bench
+    from graphopt.errors import GraphoptError
+    rests = []
+    monkeypatch.setattr(bench.time, "sleep", rests.append)
+    calls = {"a": lambda: None, "b": lambda: None}
+    for value, want in ((None, 0.3), ("0.05", 0.05), ("0", 0.0)):
+        if value is None:
+            monkeypatch.delenv("GRAPHOPT_BENCH_PAUSE", raising=False)
+        else:
+            monkeypatch.setenv("GRAPHOPT_BENCH_PAUSE", value)
+        rests.clear()
+        bench.interleaved_medians(calls, runs=6, rounds=3)
+        assert rests == [want] * 6, (value, rests)
+    rests.clear()
+    bench.interleaved_medians(calls, runs=6, rounds=2, pause=0.01)
+    assert rests == [0.01] * 4
+    for bad in ("-1", "soon", "nan"):
+        monkeypatch.setenv("GRAPHOPT_BENCH_PAUSE", bad)
+        with pytest.raises(GraphoptError, match=f"GRAPHOPT_BENCH_PAUSE='{bad}'.*number >= 0"):
+            bench.interleaved_medians(calls, runs=6, rounds=3)
+
+
 def test_a_model_onnx_runtime_cannot_load_is_timed_without_it(tmp_path, monkeypatch, caplog):
     """A user's ONNX file graphopt compiles but ORT refuses (one with external data ORT's shape inference cannot
     read) crashed the compile report with ORT's traceback, after the artifact was built. The report now times

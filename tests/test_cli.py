@@ -86,9 +86,9 @@ def test_output_into_a_closed_pipe_stops_quietly():
 
 
 def test_opt_inspect_compile_run_bench(tmp_path, onnx_model, capsys):
-    """opt and compile through the real entry point (subprocesses); inspect, run and bench in this process."""
+    """compile through the real entry point (a subprocess); opt, inspect, run and bench in this process."""
     path, model, x = onnx_model
-    res = run_cli("opt", path, "--pipeline", "fold-bn,fold-constants,dce", "--verify-each", "--print-ir-after-change",
+    res = cli_inproc(capsys, "opt", path, "--pipeline", "fold-bn,fold-constants,dce", "--verify-each", "--print-ir-after-change",
                   "--dump-dir", tmp_path / "dump", "--plot", tmp_path / "layers.png", "-o", tmp_path / "m.gopt")
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -347,7 +347,7 @@ def test_measuring_passes_ask_the_target_the_run_is_for(tmp_path, capsys, monkey
 
 @pytest.mark.skipif(shutil.which("nvcc") is None and not os.path.exists("/usr/local/cuda/bin/nvcc"),
                     reason="the cuda targets cross-compile with nvcc")
-def test_compile_for_cuda_sparse_prints_the_gpu_report(tmp_path, onnx_model):
+def test_compile_for_cuda_sparse_prints_the_gpu_report(tmp_path, onnx_model, capsys):
     path, _, _ = onnx_model
     res = run_cli("compile", path, "--target", "cuda-sparse", "--cuda-arch", "sm_90", "--pipeline",
                   "fold-bn,sparsify-nm{n=2 m=4}", "--sparse-min-speedup", "1.0", "-o", tmp_path / "g")
@@ -355,8 +355,8 @@ def test_compile_for_cuda_sparse_prints_the_gpu_report(tmp_path, onnx_model):
     assert "cuda-sparse for sm_90" in res.stdout and "on sparse tensor cores (mma.sp)" in res.stdout
     assert "not 2:4" not in res.stdout  # sparsify-nm made every linear 2:4; the 8x10 head misfits the tile instead
     assert "rows % 16" in res.stdout
-    one_line_error(run_cli("compile", path, "--target", "cuda", "--cuda-arch", "sm_75", "-o", tmp_path / "h"),
-                   "unknown CUDA architecture sm_75")
+    one_line_error(cli_inproc(capsys, "compile", path, "--target", "cuda", "--cuda-arch", "sm_75", "-o",
+                              tmp_path / "h"), "unknown CUDA architecture sm_75")
 
 
 def test_compile_report_names_the_int8_product_only_for_int8_graphs(tmp_path):

@@ -492,12 +492,13 @@ def test_max_min_over_everything_and_argmax_argmin_see_nan_as_pytorch_does():
     x[1, 5], x[3, 0], x[0, 3], x[2, 30] = float("nan"), float("nan"), float("inf"), -float("inf")
     x[1, 2] = float("inf")  # (an inf before the row's NaN)
     xi = torch.randint(-5, 5, (4, 6), dtype=torch.int32)
-    for fn in (lambda t: t.max(), lambda t: t.min(), lambda t: t.argmax(), lambda t: t.argmin(),
-               lambda t: t.argmax(1), lambda t: t.argmin(-1, keepdim=True), lambda t: torch.argmax(t, keepdim=True),
-               lambda t: t.reshape(2, -1, t.shape[-1]).argmax(0)):
-        _check(fn, x)
-        _check(fn, x[[0, 2]])  # (no NaN)
-        _check(fn, xi)
+    fns = {"max()": lambda t: t.max(), "min()": lambda t: t.min(), "argmax()": lambda t: t.argmax(),
+           "argmin()": lambda t: t.argmin(), "argmax(1)": lambda t: t.argmax(1),
+           "argmin(-1, keepdim)": lambda t: t.argmin(-1, keepdim=True),
+           "argmax(keepdim)": lambda t: torch.argmax(t, keepdim=True),
+           "argmax(0) of 3-d": lambda t: t.reshape(2, -1, t.shape[-1]).argmax(0)}
+    for t in (x, x[[0, 2]], xi):  # (x[[0, 2]]: no NaN) one graph of every reduction per input: one build each
+        _check(lambda a: tuple(fn(a) for fn in fns.values()), t, names=list(fns))
 
 
 def test_sort_topk_kthvalue_median_order_nan_as_pytorch_does():
@@ -509,9 +510,9 @@ def test_sort_topk_kthvalue_median_order_nan_as_pytorch_does():
     nan, inf = float("nan"), float("inf")
     x = torch.tensor([[3.0, nan, 1.0, inf, 2.0, nan, -1.0, 0.5], [0.5, -inf, 4.0, 7.0, -2.0, 1.0, 0.25, 9.0]])
     r = torch.randn(3, 40)
-    for t in (x, r):
-        _check(lambda a: (*a.sort(1), *a.sort(1, descending=True), *torch.sort(a, dim=0, stable=True)), t)
-        _check(lambda a: (a.argsort(1), a.argsort(1, descending=True), torch.msort(a)), t)
-        _check(lambda a: (*a.topk(2, 1), *a.topk(3, 1, largest=False), *a.kthvalue(3, 1), *a.kthvalue(2, 0)), t)
-        _check(lambda a: (*a.median(1), *a.median(0, keepdim=True), a.median()), t)
+    for t in (x, r):  # one graph of every op per input: one build each
+        _check(lambda a: (*a.sort(1), *a.sort(1, descending=True), *torch.sort(a, dim=0, stable=True),
+                          a.argsort(1), a.argsort(1, descending=True), torch.msort(a),
+                          *a.topk(2, 1), *a.topk(3, 1, largest=False), *a.kthvalue(3, 1), *a.kthvalue(2, 0),
+                          *a.median(1), *a.median(0, keepdim=True), a.median()), t)
     _check(lambda a: (*torch.sort(a, dim=1, stable=True), *a.median(1)), torch.randperm(30).reshape(3, 10))
