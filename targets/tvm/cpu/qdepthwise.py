@@ -26,7 +26,7 @@ import numpy as np
 
 from graphopt.targets.tvm.cpu.batch import batch_source
 from graphopt.targets.tvm.cpu.conv import deeper, store_params
-from graphopt.targets.tvm.cpu.int8 import MR, _requantized, epilogue_constants, quad_dot
+from graphopt.targets.tvm.cpu.int8 import MR, _requantized, epilogue_constants, quad_dot_stmt
 from graphopt.targets.tvm.cpu.parse import parse_kernel
 
 LANES = 16  # outputs per accumulator (512-bit int32)
@@ -139,7 +139,7 @@ for u in T.vectorized({LANES}):
                 for r in range(rb):
                     if 0 <= ii - r * s < kh:
                         a = f"acc[T.ramp({r * LANES}, 1, {LANES})]"
-                        dots += f"\n{a} = {quad_dot(a, win, weight(ii - r * s, k), dot, LANES)}"
+                        dots += "\n" + quad_dot_stmt(a, win, weight(ii - r * s, k), dot, LANES, f"p{ii}_{k}_{r}")
         body = f"""
 for yb in T.serial({-(-oh // rb)}):
     y0: T.let = T.min(yb * {rb}, {oh - rb})
@@ -157,7 +157,8 @@ for yb in T.serial({-(-oh // rb)}):
                 for k in range(nk):
                     srcs = ", ".join(window(f"{base + o + i * wb + 4 * k}") for o in wins)
                     a = f"acc{t}[T.ramp(0, 1, {LANES})]"
-                    dots += f"\n{a} = {quad_dot(a, f'T.Shuffle([{srcs}], {idx})', weight(i, k), dot, LANES)}"
+                    dots += "\n" + quad_dot_stmt(a, f"T.Shuffle([{srcs}], {idx})", weight(i, k), dot, LANES,
+                                                  f"p{t}_{i}_{k}")
             body += f"""
 acc{t} = T.decl_buffer(({LANES},), "int32", scope="global")
 acc{t}[T.ramp(0, 1, {LANES})] = {init}{dots}
