@@ -3942,11 +3942,12 @@ class _GridSample(torch.nn.Module):
 
 @pytest.mark.parametrize("kw", [dict(mode="bilinear", padding_mode="zeros", align_corners=False),
                                 dict(mode="nearest", padding_mode="border", align_corners=True),
-                                dict(mode="bicubic", padding_mode="reflection", align_corners=False)])
+                                dict(mode="bicubic", padding_mode="border", align_corners=False)])
 def test_grid_sample_reads_pytorchs_grid_layout(kw):
     """grid_sample (spatial transformers, flow warping) on a grid computed in the graph from an input theta: TVM's
     converter handed PyTorch's [N, H, W, 2] grid to a Relax op that reads [N, 2, H, W] (an 8 x 10 image sampled on a
-    5 x 7 grid came out 7 x 2); the grid is transposed first. Matches torch for each mode and padding, batch 2."""
+    5 x 7 grid came out 7 x 2); the grid is transposed first. Matches torch for each mode, batch 2. (Bicubic with
+    reflection padding, 12 s of TVM's build, is in the ONNX GridSample test against ONNX Runtime.)"""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 10)
     theta = torch.tensor([[[0.9, 0.2, 0.1], [-0.1, 1.1, -0.2]], [[1.2, 0.0, 0.3], [0.1, 0.8, 0.0]]])
