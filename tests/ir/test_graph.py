@@ -257,3 +257,34 @@ def test_adopting_an_exported_programs_tensors_never_shares_memory_between_param
     a.mul_(0)
     torch.testing.assert_close(b, torch.arange(4.0))
     torch.testing.assert_close(g.run(torch.ones(4))[0], torch.arange(4.0))
+
+
+def test_run_decompositions_gives_torchs_program_and_leaves_torch_as_it_was(cnn_graph):
+    """graphopt.ir.graph.run_decompositions skips torch's re-walk of the CompositeImplicitAutograd registrations
+    while they are unchanged: the program is the one torch's own call gives, with linear kept or decomposed as the
+    table says; the walk runs again when the registrations change, and torch's function is back afterwards."""
+    import torch._export.utils as export_utils
+    from torch.export import default_decompositions
+
+    from graphopt.ir import graph as graph_mod
+    g, _, _ = cnn_graph
+    ep = g.to_exported_program()
+    original = export_utils._materialize_cpp_cia_ops
+    for keep_linear in (False, True):
+        table = default_decompositions()
+        if keep_linear:
+            table.pop(torch.ops.aten.linear.default, None)
+        ours = graph_mod.run_decompositions(ep, table)
+        assert export_utils._materialize_cpp_cia_ops is original
+        theirs = ep.run_decompositions(table)
+        assert str(ours.graph) == str(theirs.graph)
+        assert ("aten.linear.default" in str(ours.graph)) == keep_linear
+    walks = []
+    export_utils._materialize_cpp_cia_ops = lambda: walks.append(1)
+    try:
+        graph_mod._CIA_MATERIALIZED[0] = None  # as after a library registered new ops
+        graph_mod.run_decompositions(ep, default_decompositions())
+        graph_mod.run_decompositions(ep, default_decompositions())
+    finally:
+        export_utils._materialize_cpp_cia_ops = original
+    assert walks == [1]
