@@ -669,6 +669,9 @@ def main(argv: list[str] | None = None) -> int:
         if model and not str(model).startswith("zoo:") and not Path(model).exists():
             # (before the commands import torch and TVM: a mistyped path took 3.4 s to be told so)
             raise ModelFileError(f"model '{model}' does not exist")
+        if args.cmd in ("compile", "bench") and not getattr(args, "no_report", False):
+            from graphopt.bench import round_pause
+            round_pause()  # (a bad GRAPHOPT_BENCH_PAUSE is refused now, not at the latency line after the build)
         return COMMANDS[args.cmd](args)
     except GraphoptError as e:
         if args.traceback or os.environ.get("GRAPHOPT_TRACEBACK"):

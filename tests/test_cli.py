@@ -88,8 +88,9 @@ def test_output_into_a_closed_pipe_stops_quietly():
 def test_opt_inspect_compile_run_bench(tmp_path, onnx_model, capsys):
     """compile through the real entry point (a subprocess); opt, inspect, run and bench in this process."""
     path, model, x = onnx_model
-    res = cli_inproc(capsys, "opt", path, "--pipeline", "fold-bn,fold-constants,dce", "--verify-each", "--print-ir-after-change",
-                  "--dump-dir", tmp_path / "dump", "--plot", tmp_path / "layers.png", "-o", tmp_path / "m.gopt")
+    res = cli_inproc(capsys, "opt", path, "--pipeline", "fold-bn,fold-constants,dce", "--verify-each",
+                     "--print-ir-after-change", "--dump-dir", tmp_path / "dump", "--plot", tmp_path / "layers.png",
+                     "-o", tmp_path / "m.gopt")
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "IR after #1 fold-bn" in res.stderr
@@ -178,6 +179,20 @@ def test_export_targets_are_measured_run_and_benched_as_their_users_run_them(tmp
     victim = out / f"model.{target}"
     victim.write_bytes(victim.read_bytes()[:300])
     one_line_error(cli_inproc(capsys, "run", out, "--input", tmp_path / "x.npy"), str(victim))
+
+
+def test_a_bad_bench_pause_is_refused_before_the_build(tmp_path, onnx_model, capsys, monkeypatch):
+    """GRAPHOPT_BENCH_PAUSE that is no number >= 0: compile and bench stop at once with a one-line error naming the
+    variable (it was read at the latency line, after the whole build), and nothing is written; --no-report does not
+    read it."""
+    path, _, _ = onnx_model
+    monkeypatch.setenv("GRAPHOPT_BENCH_PAUSE", "soon")
+    one_line_error(cli_inproc(capsys, "compile", path, "-o", tmp_path / "a"), "GRAPHOPT_BENCH_PAUSE='soon'",
+                   "number >= 0")
+    assert not (tmp_path / "a").exists()
+    one_line_error(cli_inproc(capsys, "bench", tmp_path / "a", "--model", path), "GRAPHOPT_BENCH_PAUSE='soon'")
+    res = cli_inproc(capsys, "compile", path, "--no-report", "-o", tmp_path / "b")
+    assert res.returncode == 0, res.stderr
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path, onnx_model, capsys):
