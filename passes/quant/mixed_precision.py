@@ -26,6 +26,7 @@ from graphopt.ir.precision import widen_half
 from graphopt.ir.printer import target_name
 from graphopt.ir.quant_ops import DTYPE_RANGES
 from graphopt.passes.analysis.weights import linears_from_matmuls
+from graphopt.passes.canonicalize.transposed import convs_from_transposed
 from graphopt.passes.canonicalize.fold_bn import fold_first
 from graphopt.passes.quant.quantize import (PAIR_WIDTHS, layer_width, quantizable_ops, quantize_op_weight,
                                            quantize_weight)
@@ -106,6 +107,7 @@ class MixedPrecision(Pass):
     def _choose(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
         linears_from_matmuls(graph, o.exclude)  # (x @ W.T, GPT-2's addmm: the weight passes take linears)
+        convs_from_transposed(graph, o.exclude)  # (as quantize does: its layers are the ones measured here)
         ops, _ = quantizable_ops(graph, o.exclude)
         if not ops:
             raise MixedPrecisionError("mixed-precision: no conv or linear with a float weight to quantize")

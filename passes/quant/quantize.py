@@ -20,6 +20,7 @@ from graphopt.ir.quant_ops import DTYPE_RANGES, pair_bounded_scales
 from graphopt.passes.analysis.weights import linears_from_matmuls, weighted_ops
 from graphopt.passes.canonicalize.dce import eliminate_dead_code
 from graphopt.passes.canonicalize.fold_bn import fold_first
+from graphopt.passes.canonicalize.transposed import convs_from_transposed
 from graphopt.passes.quant.attention import decompose_attention
 from graphopt.passes.quant.observers import CALIBRATORS, CalibrationError
 from graphopt.pm.options import was_given
@@ -485,6 +486,9 @@ class Quantize(Pass):
         # a batch norm left after a layer would run in float on that layer's float output: fold it first
         folded = fold_first(graph) if o.fold_bn else {}
         as_linear = linears_from_matmuls(graph, o.exclude)  # (x @ W.T, GPT-2's addmm: weight passes take linears)
+        # transposed convs (generators', UNet decoders') as a conv of their phase kernels (or a linear): they had
+        # stayed float; dynamic activations quantize linears only, so they stay as they are there
+        as_conv = convs_from_transposed(graph, o.exclude) if o.activations != "dynamic" else []
         # for an ONNX export the default width is the one ONNX Runtime runs exactly on every CPU (auto: int8s);
         # full-range int8 exported by default ran an SE-block CNN in ORT 11% off its graph on an AVX2 CPU
         default_for_ort = ctx.onnx_export and not was_given(o, "weights")
@@ -614,6 +618,7 @@ class Quantize(Pass):
         eliminate_dead_code(graph)
         graph.meta["weight_bits"] = {**graph.meta.get("weight_bits", {}), **rewidth, **bits}
         return PassResult(graph, True, {"weights_quantized": len(ops), "matmuls_as_linears": as_linear,
+                                        "transposed_convs_as_convs": len(as_conv),
                                         **folded,
                                         "half_model_computed_in_float32": half,
                                         "weight_bits_kept": len(kept_bits), "kept_fp32": len(kept_float),

@@ -1,0 +1,179 @@
+"""Transposed convs as ordinary convs, the form the weight passes (quantize) and the int8 kernels take.
+
+A transposed conv (1-D or 2-D, one group, no dilation) with stride s, padding p and a k-tap kernel writes output
+pixel o = i s - p + t from tap t of input pixel i. Output o has phase r = (o + p) mod s and reads only taps
+t = r + s j, so with q = (o + p - r) / s the phase is y_r[q] = sum_j x[q - j] w[r + s j]: a stride-1 conv with a
+ceil(k / s)-tap kernel, flipped, over the input padded by ceil(k / s) - 1. The s_h s_w phases read the same input,
+so their kernels stack as s_h s_w Cout output channels of ONE conv (as many multiply-adds as the transposed conv);
+its outputs interleave (a pixel shuffle: output row q s + r) and the rows before p and past the output are cut.
+A transposed conv of a 1 x 1 map (generators' first layer: z -> Cout x 4 x 4) reads tap o + p at output o: a
+linear with Cout OH OW outputs. The CPU target lowers float transposed convs the same way (`lower.py`); this is
+the graph-level form, so `quantize` can put int8 weights and activation grids on them (they had stayed float:
+a DCGAN generator "quantized" kept every layer fp32).
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.fx as fx
+
+from graphopt.ir.graph import Graph
+from graphopt.ir.names import matches, node_labels
+
+aten = torch.ops.aten
+_TRANSPOSED = (aten.conv_transpose1d.default, aten.conv_transpose2d.input)
+
+
+def _arguments(n: fx.Node):
+    """(x, weight, bias, stride, padding, output_padding, groups, dilation) of a 1-D / 2-D transposed conv node,
+    else None."""
+    if n.op != "call_function" or n.kwargs:
+        return None
+    if n.target in _TRANSPOSED:
+        defaults = (None, None, None, 1, 0, 0, 1, 1)
+        a = tuple(n.args) + defaults[len(n.args):]
+        return a
+    if n.target is aten.convolution.default and len(n.args) == 9 and n.args[6]:
+        x, w, b, stride, padding, dilation, _, out_pad, groups = n.args
+        return x, w, b, stride, padding, out_pad, groups, dilation
+    return None
+
+
+def _pair(v, dims: int) -> list[int]:
+    v = [int(a) for a in v] if isinstance(v, (list, tuple)) else [int(v)]
+    return v * dims if len(v) == 1 else v
+
+
+def _phase_plan(size: int, s: int, p: int, k: int, out: int) -> tuple[int, int, int, int]:
+    """Along one axis: (taps per phase, rows of q skipped at the start, padding before, padding after)."""
+    taps = -(-k // s)
+    q0 = min(p // s, taps - 1)  # rows q < p // s hold only outputs before the first
+    return taps, q0, taps - 1 - q0, -(-(p + out) // s) - size
+
+
+def phase_weight(w: torch.Tensor, stride: tuple[int, int], taps: tuple[int, int]) -> torch.Tensor:
+    """The stacked phase kernels [s_h s_w Cout, Cin, jh, jw] of a transposed conv weight [Cin, Cout, kh, kw]:
+    phase (rh, rw)'s tap (m, v) is the weight's tap (rh + s_h (jh - 1 - m), rw + s_w (jw - 1 - v)), zero past
+    the kernel."""
+    (sh, sw), (jh, jw) = stride, taps
+    cin, cout, kh, kw = w.shape
+    g = torch.zeros(sh, sw, cout, cin, jh, jw, dtype=w.dtype)
+    for rh in range(sh):
+        for rw in range(sw):
+            for m in range(jh):
+                for v in range(jw):
+                    th, tw = rh + sh * (jh - 1 - m), rw + sw * (jw - 1 - v)
+                    if th < kh and tw < kw:
+                        g[rh, rw, :, :, m, v] = w[:, :, th, tw].t()
+    return g.reshape(sh * sw * cout, cin, jh, jw)
+
+
+def _rewrite(graph: Graph, n: fx.Node, args) -> bool:
+    x, wn, bn, stride, padding, out_pad, groups, dilation = args
+    val = x.meta.get("val") if isinstance(x, fx.Node) else None
+    if val is None or not val.is_floating_point() or val.dim() not in (3, 4) or int(groups) != 1:
+        return False
+    dims = val.dim() - 2
+    if any(d != 1 for d in _pair(dilation, dims)):
+        return False
+    if not (isinstance(wn, fx.Node) and wn.op == "get_attr"):
+        return False
+    w = graph.get_param(wn.target)
+    if not w.is_floating_point() or w.dim() != val.dim():
+        return False
+    b = None
+    if bn is not None:
+        if not (isinstance(bn, fx.Node) and bn.op == "get_attr"):
+            return False
+        b = graph.get_param(bn.target)
+    one_d = dims == 1
+    lift = (lambda v, fill: [fill, *_pair(v, 1)]) if one_d else (lambda v, fill: _pair(v, 2))
+    (sh, sw), (ph, pw), (oph, opw) = lift(stride, 1), lift(padding, 0), lift(out_pad, 0)
+    w4 = w[:, :, None, :] if one_d else w
+    n_, cin = int(val.shape[0]), int(val.shape[1])
+    h, wd = (1, int(val.shape[2])) if one_d else (int(val.shape[2]), int(val.shape[3]))
+    cout, kh, kw = int(w4.shape[1]), int(w4.shape[2]), int(w4.shape[3])
+    oh, ow = (h - 1) * sh - 2 * ph + kh + oph, (wd - 1) * sw - 2 * pw + kw + opw
+    g = graph.gm.graph
+    src = wn.meta.get("source_fqn", wn.target)
+    call = lambda op, *a: g.call_function(op, a)  # noqa: E731
+
+    if h == 1 and wd == 1:  # a 1 x 1 map: a linear with Cout OH OW outputs
+        rows = torch.zeros(cout, oh, ow, cin, dtype=w.dtype)
+        taps = w4[:, :, ph:min(kh, ph + oh), pw:min(kw, pw + ow)].permute(1, 2, 3, 0)
+        rows[:, :taps.shape[1], :taps.shape[2]] = taps
+        weight = graph.add_param(f"{wn.target}_as_linear", rows.reshape(cout * oh * ow, cin).contiguous(), before=n)
+        weight.meta["source_fqn"] = src
+        bias = None
+        if b is not None:
+            bias = graph.add_param(f"{bn.target}_as_linear", b.repeat_interleave(oh * ow).contiguous(), before=n)
+        with g.inserting_before(n):
+            flat = call(aten.reshape.default, x, [n_, cin])
+            y = call(aten.linear.default, flat, weight, *(() if bias is None else (bias,)))
+            out = call(aten.reshape.default, y, [n_, cout, ow] if one_d else [n_, cout, oh, ow])
+        y.meta["transposed_from"] = n.name
+    else:
+        jh, qh, pt, pb = _phase_plan(h, sh, ph, kh, oh)
+        jw, qw, pl, pr = _phase_plan(wd, sw, pw, kw, ow)
+        if min(pb, pr) < 0:
+            return False
+        kernel = phase_weight(w4, (sh, sw), (jh, jw))
+        if one_d:
+            kernel = kernel[:, :, 0, :]
+        weight = graph.add_param(f"{wn.target}_phases", kernel.contiguous(), before=n)
+        weight.meta["source_fqn"] = src
+        bias = None
+        if b is not None:
+            bias = graph.add_param(f"{bn.target}_phases", b.repeat(sh * sw).contiguous(), before=n)
+        qy, qx = h + pt + pb - jh + 1, wd + pl + pr - jw + 1
+        with g.inserting_before(n):
+            src_x, pad = x, ([pl, pr] if one_d else [pl, pr, pt, pb])
+            even = pl == pr and pt == pb
+            if not even:
+                src_x = call(aten.constant_pad_nd.default, x, pad, 0.0)
+            conv_pad = ([pl] if one_d else [pt, pl]) if even else ([0] if one_d else [0, 0])
+            conv = aten.conv1d.default if one_d else aten.conv2d.default
+            y = call(conv, src_x, weight, bias, [1] * dims, conv_pad, [1] * dims, 1)
+            if one_d:
+                out = call(aten.reshape.default, y, [n_, sw, cout, qx])
+                out = call(aten.permute.default, out, [0, 2, 3, 1])
+                out = call(aten.reshape.default, out, [n_, cout, qx * sw])
+            else:
+                out = call(aten.reshape.default, y, [n_, sh, sw, cout, qy, qx])
+                out = call(aten.permute.default, out, [0, 3, 4, 1, 5, 2])
+                out = call(aten.reshape.default, out, [n_, cout, qy * sh, qx * sw])
+                top = ph - qh * sh
+                if (top, oh) != (0, qy * sh):  # (a cut of nothing is left out)
+                    out = call(aten.slice.Tensor, out, 2, top, top + oh)
+            left = pw - qw * sw
+            if (left, ow) != (0, qx * sw):
+                out = call(aten.slice.Tensor, out, dims + 1, left, left + ow)
+        y.meta["transposed_from"] = n.name
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+        if key in n.meta:
+            y.meta[key] = n.meta[key]
+    n.replace_all_uses_with(out)
+    g.erase_node(n)
+    return True
+
+
+def convs_from_transposed(graph: Graph, exclude: Iterable[str] = ()) -> list[str]:
+    """Rewrite every 1-D / 2-D transposed conv with a float parameter weight, one group and no dilation as an
+    ordinary conv of its stacked phase kernels and a pixel shuffle (a linear, for a 1 x 1 input map); returns the
+    rewritten nodes' names. One that `exclude` names (the node or its weight) stays as it is."""
+    exclude, done = list(exclude), []
+    for n in list(graph.gm.graph.nodes):
+        args = _arguments(n)
+        if args is None:
+            continue
+        if exclude and matches(node_labels(n) | (node_labels(args[1]) if isinstance(args[1], fx.Node) else set()),
+                               exclude):
+            continue
+        if _rewrite(graph, n, args):
+            done.append(n.name)
+    if done:
+        graph.gm.graph.eliminate_dead_code()
+        graph.remove_unused_params()
+        graph.refresh()
+    return done

@@ -1,0 +1,98 @@
+"""Transposed convs as ordinary convs (`convs_from_transposed`, the form quantize puts int8 on): the same outputs,
+and the quantized generator / decoder they make runs graphopt's int8 kernels."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+import graphopt
+from graphopt.passes.canonicalize.transposed import convs_from_transposed
+
+
+def _targets(g) -> list[str]:
+    return [str(n.target) for n in g.graph.nodes if n.op == "call_function"]
+
+
+def test_transposed_convs_become_phase_convs_with_the_same_outputs():
+    """1-D and 2-D, strides 1-3 (uneven ones too), padding, output padding, kernels smaller than, equal to and
+    larger than the stride, with and without bias, 1 x 1 input maps (a linear), batch 2: no transposed conv is left
+    and the outputs are PyTorch's within float rounding (1e-5 of the outputs' range). A kernel of one tap with
+    padding (a crop larger than what the phases give) stays as it was."""
+    torch.manual_seed(0)
+    cases = [  # (dims, k, stride, padding, output_padding, input map, bias)
+        (2, 4, 2, 1, 0, (5, 7), True), (2, 3, 2, 1, 1, (6, 6), False), (2, 2, 2, 0, 0, (4, 5), True),
+        (2, 5, 3, 2, 2, (4, 4), True), (2, 3, 1, 1, 0, (5, 5), True), (2, (3, 5), (2, 1), (1, 2), 0, (5, 6), True),
+        (2, 4, 1, 0, 0, (1, 1), True), (2, 4, 2, 1, 0, (1, 1), False), (1, 4, 2, 1, 0, (9,), True),
+        (1, 16, 8, 4, 0, (7,), True), (1, 7, 3, 3, 2, (1,), False),
+    ]
+    for dims, k, s, p, op, hw, bias in cases:
+        conv = (nn.ConvTranspose2d if dims == 2 else nn.ConvTranspose1d)(3, 5, k, s, p, op, bias=bias).eval()
+        x = torch.randn(2, 3, *hw)
+        g = graphopt.trace(conv, (x,))
+        done = convs_from_transposed(g)
+        targets = _targets(g)
+        assert len(done) == 1 and not any("conv_transpose" in t for t in targets), (k, s, p, hw, targets)
+        assert any(t in ("aten.conv2d.default", "aten.conv1d.default", "aten.linear.default") for t in targets)
+        with torch.no_grad():
+            want = conv(x)
+        got = g.run(x)[0]
+        assert got.shape == want.shape, (k, s, p, hw)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.detach().abs().max()))
+    one_tap = graphopt.trace(nn.ConvTranspose2d(3, 5, 1, 3, 2).eval(), (torch.randn(1, 3, 5, 7),))
+    assert convs_from_transposed(one_tap) == [] and "aten.conv_transpose2d.input" in _targets(one_tap)
+
+
+class _Generator(nn.Module):
+    """A DCGAN-style generator: a latent 1 x 1 map to 4 x 4 (a linear), 4x4 stride-2 transposed convs with batch
+    norms and ReLUs, a 2x2 stride-2 one (UNet's up-convolution) and a tanh."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.ConvTranspose2d(16, 32, 4, 1, 0), nn.BatchNorm2d(32), nn.ReLU(),
+                                 nn.ConvTranspose2d(32, 16, 4, 2, 1), nn.BatchNorm2d(16), nn.ReLU(),
+                                 nn.ConvTranspose2d(16, 8, 2, 2), nn.ReLU(), nn.Conv2d(8, 3, 3, 1, 1), nn.Tanh())
+
+    def forward(self, z):
+        return self.net(z)
+
+
+def test_quantize_puts_int8_on_transposed_convs_and_they_run_int8_kernels(tmp_path):
+    """quantize had found "no conv or linear" in a generator of transposed convs and kept every layer float (a
+    DCGAN's int8 build was its fp32 one). Now each becomes its phase conv (the first, on the 1 x 1 latent, a
+    linear) with int8 weights and activation grids; fold-qdq makes them integer ops, quantizes each before its
+    pixel shuffle (so the conv stores int8 and the shuffle moves codes), and the CPU build agrees with the folded
+    graph (one activation step) and with fp32 within int8's error. `exclude` keeps a transposed conv as it was."""
+    torch.manual_seed(0)
+    model = _Generator().eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.running_var.uniform_(0.5, 2.0)
+    zs = torch.randn(10, 2, 16, 1, 1)
+    g = graphopt.trace(model, (zs[0],))
+    q = graphopt.optimize(g, "quantize", data=[(z,) for z in zs[:8]])
+    stats = q.meta["history"][-1]["stats"]
+    assert stats["transposed_convs_as_convs"] == 3 and stats["weights_quantized"] == 4, stats
+    f = graphopt.optimize(q, "fold-qdq", verify=True, data=[(z,) for z in zs[8:]])
+    rec = f.meta["history"][-1]
+    assert rec["verify"]["ok"] and rec["stats"]["folded"] == 4 and rec["stats"]["quantized_before_moves"] == 2, rec
+    targets = _targets(f)
+    assert targets.count("graphopt.qconv2d.default") == 3 and targets.count("graphopt.qlinear.default") == 1
+    assert not any("conv_transpose" in t for t in targets), targets
+    for n in f.graph.nodes:  # each phase conv's only reader is its ReLU, and the ReLU's its int8 quantize
+        if n.target is torch.ops.graphopt.qconv2d.default and n.meta["val"].shape[1] != 3:
+            (act,) = n.users
+            assert str(act.target) == "aten.relu.default", act.target
+            assert [str(u.target) for u in act.users] == ["graphopt.quantize_per_tensor.default"]
+    art = graphopt.load(graphopt.compile(f, "llvm", output=tmp_path / "int8"))
+    z = zs[9]
+    got, ref = art(z.numpy())[0], f.run(z)[0].numpy()
+    assert got.shape == ref.shape == (2, 3, 16, 16)
+    assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()
+    with torch.no_grad():
+        fp32 = model(z).numpy()
+    assert np.abs(got - fp32).max() <= 0.08 * np.abs(fp32).max()
+    kept = graphopt.optimize(g, "quantize{exclude=net.3.weight}", data=[(z,) for z in zs[:4]])
+    assert kept.meta["history"][-1]["stats"]["transposed_convs_as_convs"] == 2
+    assert _targets(kept).count("aten.conv_transpose2d.input") == 1
