@@ -2983,6 +2983,22 @@ def _col2im_as_conv_transpose(x, output_size, kernel_size, dilation, padding, st
                                                 extra, c, dilation)
 
 
+def _decomposed_from(ep, graph: Graph, ops: set[str]) -> tuple[str, str]:
+    """(the graph node, "aten.op (what aten.source decomposes into)") for the first node of the decomposed program
+    `ep` whose op is one of `ops` (names without the overload), traced back through torch's provenance (the
+    node's meta["from_node"]) to the graph node it came from; ("(from a decomposition)", "") where none is found."""
+    names = {n.name: n for n in graph.gm.graph.nodes if n.op == "call_function"}
+    for n in ep.graph_module.graph.nodes:
+        if n.op != "call_function" or target_name(n.target).split(".")[1] not in ops:
+            continue
+        for src in n.meta.get("from_node") or []:
+            origin = names.get(getattr(src, "name", None))
+            if origin is not None:
+                return origin.name, (f"{'.'.join(target_name(n.target).split('.')[:2])} (what "
+                                     f"{'.'.join(target_name(origin.target).split('.')[:2])} decomposes into)")
+    return "(from a decomposition)", ""
+
+
 def _refuse_side_effects(graph: Graph, ep) -> None:
     """Ops with a runtime side effect (torch.linalg.inv / solve / cholesky check their input and raise on a singular
     one) export as `with_effects` calls threaded by a token input, which TVM's importer rejects ("Unsupported input
@@ -3040,6 +3056,66 @@ def _pdist(x, p=2.0):
     n = x.shape[0]
     iu = torch.triu_indices(n, n, 1)
     return torch.cdist(x, x, p)[iu[0], iu[1]]
+
+
+def _lu_pivots(a):
+    """(the U diagonal, the permutation's sign) of the LU factorization with partial pivoting of a [..., n, n]
+    float matrix, as elementary ops (n is static: unrolled). At each column the row of the largest magnitude is
+    swapped up (gather); a zero column leaves a zero pivot (its factors are 0, not NaN), so the determinant is 0."""
+    import torch
+    n = a.shape[-1]
+    rows = torch.arange(n, device=a.device)
+    sign = torch.ones(a.shape[:-2], dtype=a.dtype, device=a.device)
+    diag = []
+    for k in range(n):
+        p = torch.argmax(a[..., k:, k].abs(), dim=-1) + k
+        pk = p[..., None]
+        order = torch.where(rows == k, pk, torch.where(rows == pk, k, rows))
+        a = torch.gather(a, -2, order[..., None].expand(a.shape))
+        sign = torch.where(p != k, -sign, sign)
+        piv = a[..., k, k]
+        diag.append(piv)
+        if k + 1 < n:
+            safe = torch.where(piv == 0, torch.ones_like(piv), piv)
+            factors = a[..., k + 1:, k] / safe[..., None]
+            below = a[..., k + 1:, :] - factors[..., None] * a[..., k:k + 1, :]
+            a = torch.cat([a[..., :k + 1, :], below], dim=-2)
+    return torch.stack(diag, -1), sign
+
+
+def _det(a):
+    """torch.linalg.det / torch.det (no converter: its _linalg_det returns the LU factors too): the closed forms
+    for 1 x 1 to 3 x 3 matrices (geometry's orientation and volume tests), else the product of the LU pivots with
+    partial pivoting (`_lu_pivots`)."""
+    import torch
+    n = a.shape[-1]
+    if n == 1:
+        return a[..., 0, 0]
+    if n == 2:
+        return a[..., 0, 0] * a[..., 1, 1] - a[..., 0, 1] * a[..., 1, 0]
+    if n == 3:
+        c0 = a[..., 1, 1] * a[..., 2, 2] - a[..., 1, 2] * a[..., 2, 1]
+        c1 = a[..., 1, 0] * a[..., 2, 2] - a[..., 1, 2] * a[..., 2, 0]
+        c2 = a[..., 1, 0] * a[..., 2, 1] - a[..., 1, 1] * a[..., 2, 0]
+        return a[..., 0, 0] * c0 - a[..., 0, 1] * c1 + a[..., 0, 2] * c2
+    diag, sign = _lu_pivots(a)
+    return sign * torch.prod(diag, -1)
+
+
+def _slogdet(a):
+    """torch.linalg.slogdet: (sign, log |det|) from the LU pivots (a sum of logs: no overflow of the product);
+    a singular matrix gives (0, -inf), as PyTorch's."""
+    import torch
+    diag, sign = _lu_pivots(a)
+    sign = sign * torch.prod(torch.sign(diag), -1)
+    return sign, torch.sum(torch.log(diag.abs()), -1)
+
+
+def _logdet(a):
+    """torch.logdet: log det, NaN for a negative determinant, -inf for a singular matrix (PyTorch's values)."""
+    import torch
+    sign, logabs = _slogdet(a)
+    return torch.where(sign < 0, torch.full_like(logabs, float("nan")), logabs)
 
 
 def _index_add_as_matmul(x, dim, index, source, alpha=1):
@@ -3121,6 +3197,9 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
     table[torch.ops.aten.narrow_copy.default] = _narrow_copy  # (no converter)
     table[torch.ops.aten.dist.default] = _dist  # (no converter)
     table[torch.ops.aten._pdist_forward.default] = _pdist  # (no converter)
+    table[torch.ops.aten.linalg_det.default] = _det  # (no converter; _linalg_det returns its LU factors too)
+    table[torch.ops.aten.linalg_slogdet.default] = _slogdet
+    table[torch.ops.aten.logdet.default] = _logdet
     if device == "cpu":  # layer norm whole, for its row kernel (norm.py); not native_layer_norm's 3 outputs
         table.pop(torch.ops.aten.layer_norm.default, None)
         # instance norm, roll, im2col (F.unfold), linear / bicubic resizing and the reflect / replicate /
@@ -3189,7 +3268,8 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
             if n.op == "call_function" and target_name(n.target).split(".")[1] in listed:
                 raise UnsupportedOpError(n.name, target_name(n.target), hint) from None
         if listed:
-            raise UnsupportedOpError("(from a decomposition)", "aten." + ", aten.".join(sorted(listed)),
+            node, op = _decomposed_from(ep, graph, listed)
+            raise UnsupportedOpError(node, op or "aten." + ", aten.".join(sorted(listed)),
                                      hint.replace("for it", "for it (an op another op of the graph decomposes "
                                                   "into)")) from None
         raise TargetError(f"TVM could not import the graph: {msg}") from None

@@ -248,6 +248,46 @@ def test_an_op_without_converter_is_named_not_a_neighbour():
         lower_to_relax(graphopt.trace(M(), (torch.randn(2, 3),)))
 
 
+def test_an_op_a_decomposition_makes_is_blamed_on_the_node_it_came_from():
+    """An op with no converter that torch's decompositions make (svdvals -> _linalg_svd) was reported at node
+    "(from a decomposition)"; the node it came from is named now (torch's provenance, meta["from_node"])."""
+    from graphopt.errors import UnsupportedOpError
+    from graphopt.targets.tvm.lower import lower_to_relax
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return torch.linalg.svdvals(x) * 2
+    with pytest.raises(UnsupportedOpError, match=r"aten._linalg_svd \(what aten.linalg_svdvals decomposes into\)' "
+                                                 r"at node 'linalg_svdvals'"):
+        lower_to_relax(graphopt.trace(M(), (torch.randn(2, 4, 4),)))
+
+
+class _Determinants(torch.nn.Module):
+    def forward(self, a3, a2, a4, a1):
+        return torch.linalg.det(a3), torch.det(a2), torch.linalg.det(a4), torch.logdet(a4), torch.linalg.det(a1)
+
+
+def test_determinants_match_torch():
+    """torch.linalg.det / det / slogdet / logdet had no converter (geometry: orientation and volume tests; flows'
+    log-determinants): closed forms to 3 x 3, LU with partial pivoting past it. Within 1e-5 relative of PyTorch;
+    a singular matrix (a zero column) gives 0 and -inf, a row swap -1, a negative determinant a NaN logdet, as
+    PyTorch's. (Rows dependent only up to rounding leave a pivot of rounding error, whose sign is that rounding's.)"""
+    torch.manual_seed(0)
+    a4 = torch.randn(6, 4, 4)
+    a4[2, :, 3] = 0
+    a4[3] = torch.eye(4)[[1, 0, 2, 3]]
+    xs = (torch.randn(4, 3, 3), torch.randn(2, 2), a4, torch.randn(3, 1, 1))
+    got = _run_all(graphopt.trace(_Determinants().eval(), xs), *xs)
+    names = ["det 3x3", "det 2x2", "det 4x4", "logdet 4x4", "det 1x1"]
+    for name, o, r in zip(names, got, _Determinants()(*xs)):
+        r = r.numpy()
+        assert o.shape == r.shape, name
+        assert (np.isnan(o) == np.isnan(r)).all() and (np.isinf(o) == np.isinf(r)).all(), (name, o, r)
+        fin = np.isfinite(r)
+        np.testing.assert_allclose(o[fin], r[fin], rtol=1e-5, atol=1e-5, err_msg=name)
+    assert got[2][2] == 0 and got[2][3] == -1 and np.isneginf(got[3][2]) and np.isnan(got[3]).any()
+
+
 class _Powers(torch.nn.Module):
     def forward(self, x, i):
         return (x ** 2, torch.pow(x, 3), F.gelu(x, approximate="tanh"), (i ** 2).float(), x ** 2.5)
