@@ -397,8 +397,9 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         from graphopt.targets.tvm.cpu.int8 import (emit_flat_qconv, emit_im2col_qconv, emit_qconv1x1,
                                                    flat_qconv_applies, im2col_beats_flat, int8_dot, qconv1x1_applies,
                                                    tok_qconv_applies)
+        from graphopt.targets.tvm.cpu import winograd as wg
         from graphopt.targets.tvm.cpu.qdepthwise import int8_depthwise_dot
-        from graphopt.targets.tvm.cpu.rules import half_width_vnni, target_cores, vector_lanes
+        from graphopt.targets.tvm.cpu.rules import half_width_vnni, target_cores, vector_lanes, vector_registers
         kind, wt, wst, bt = _qconv_kind(node)
         groups = int(node.args[9])
         if (kind is None and cpu_kernels and wt is not None and wst is not None and groups > 1
@@ -445,9 +446,22 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             # clamp after it, in the int8 kernel's store
             other, clamp = _fused_epilogue(node, importer, True)
             residual = importer.env[other]
+        float_store = []  # set when `dense` ran the conv in float: its quantize (and pad) then run after it
+
         def dense(xq_, w_, ws_, b_, x_shape_, w_real_, sparse: bool):
             """The dense conv on its kernel (None: no graphopt kernel takes it)."""
             s_ = int(stride[0])
+            if (groups == 1 and kind in ("im2col", "direct") and dot != "vnni" and not amx
+                    and not flat_qconv_applies(w_, dot or "ubsw")
+                    and wg.winograd_applies(w_.shape, s_, x_shape_, full, vector_registers(target))
+                    and wg.winograd_wins(int(w_.shape[0]), int(w_.shape[1]))):
+                # no exact int8 kernel takes this 3x3 conv (full-range int8 weights on AVX2, whose u8 x s8 pairs
+                # could saturate): the float conv on the dequantized codes, as Winograd, rather than the float
+                # direct kernel (2.4x its time: a UNet decoder's 256 -> 128 at 56x56 21.5 ms against 7.1; int8
+                # im2col's exact int16 pairs 1.8x) or im2col's exact int16 pairs (1.8x)
+                float_store.append(True)
+                return _emit_conv(bb, _dequantized(bb, xq_, sx, zx), w_real_, b_, x_shape_, kind, s_, full, clamp,
+                                  None)
             if kind in ("im2col", "dilated") and not qconv1x1_applies(node.meta["val"].shape):
                 # im2col's columns go to the pointwise kernel, which needs 8 output pixels or more: a 3x3 stride-2
                 # conv to 2x2 (HF ResNet's last stage at 64x64) wrote before its output buffer (heap corruption)
@@ -518,6 +532,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             return None
         if act is not None:
             fused_acts.add(act)
+        if float_store:  # (a float output: the quantize and a pad after it are their own ops)
+            return y
         if pad is not None:
             fused_acts.add(pad)
             quant_pads[quant] = (*(int(v) for v in pad.args[1]), node.meta["val"].shape)
