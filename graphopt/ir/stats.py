@@ -35,6 +35,41 @@ def _shape(n) -> tuple[int, ...] | None:
     return tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
 
 
+def einsum_macs(equation: str, shapes: list[tuple[int, ...]]) -> int:
+    """Multiply-accumulates of torch.einsum(equation, *operands of `shapes`) contracted left to right, as torch
+    does without opt_einsum: each step's product spans every index of the two operands (sizes broadcast), and
+    keeps the indices a later operand or the output reads. One operand (a sum or a transpose) does none."""
+    lhs, _, out = equation.replace(" ", "").partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(shapes) or len(terms) < 2:
+        return 0
+    rank = max((len(sh) - len(t.replace("...", "")) for t, sh in zip(terms, shapes) if "..." in t), default=0)
+    spare = [chr(0x100 + i) for i in range(rank)]  # the ellipsis' dims, right-aligned as they broadcast
+
+    def expand(term: str, ndim: int) -> str:
+        if "..." not in term:
+            return term
+        k = ndim - len(term.replace("...", ""))
+        return term.replace("...", "".join(spare[rank - k:]))
+    terms = [expand(t, len(sh)) for t, sh in zip(terms, shapes)]
+    if not out and not _:  # implicit output: the indices used once, in order
+        out = "".join(sorted(c for c in set("".join(terms)) if "".join(terms).count(c) == 1))
+    out = out.replace("...", "".join(spare))
+    size: dict[str, int] = {}
+    for t, sh in zip(terms, shapes):
+        if len(t) != len(sh):
+            return 0
+        for c, d in zip(t, sh):
+            size[c] = max(size.get(c, 1), int(d))
+    macs, cur = 0, terms[0]
+    for i, t in enumerate(terms[1:], 1):
+        both = set(cur) | set(t)
+        macs += math.prod(size[c] for c in both)
+        later = set(out).union(*terms[i + 1:])
+        cur = "".join(c for c in both if c in later)
+    return macs
+
+
 def node_macs(n: fx.Node) -> int:
     """Multiply-accumulates of one node from its recorded shapes (0 for ops that do no dot products)."""
     if n.op != "call_function":
@@ -75,6 +110,9 @@ def node_macs(n: fx.Node) -> int:
     if t is aten.baddbmm.default:
         a = _shape(n.args[1])
         return numel * a[-1] if a else 0
+    if t is aten.einsum.default and isinstance(n.args[0], str):  # (MoE experts, einsum attention)
+        shapes = [_shape(a) for a in n.args[1]]
+        return einsum_macs(n.args[0], shapes) if all(sh is not None for sh in shapes) else 0
     return 0
 
 

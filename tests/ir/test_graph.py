@@ -137,6 +137,25 @@ def test_stats_counts_macs_exactly():
     assert s.bytes == 4 * s.params
 
 
+def test_stats_count_einsum_products():
+    """einsum counted no work (a mixture of experts' expert MLPs by einsum reported 0 MACs beside its gate): each
+    pairwise contraction counts every index it spans, an ellipsis broadcast, three operands left to right."""
+    from graphopt.ir.stats import einsum_macs
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, 8, 5))
+
+        def forward(self, x):
+            return torch.einsum("td,edf->tef", x, self.w), torch.einsum("...ij,...jk->...ik", x[None], x.t())
+
+    g = graphopt.trace(M().eval(), (torch.randn(4, 8),))
+    assert g.stats().macs == 4 * 8 * 3 * 5 + 4 * 8 * 4
+    assert einsum_macs("ij,jk,kl->il", [(2, 3), (3, 4), (4, 5)]) == 2 * 3 * 4 + 2 * 4 * 5
+    assert einsum_macs("ii->i", [(3, 3)]) == 0 and einsum_macs("ij,jk", [(2, 3), (3, 4)]) == 24
+
+
 def test_input_checks_name_the_input(cnn_graph):
     g, _, x = cnn_graph
     with pytest.raises(InputMismatchError, match="input 'x' has shape"):
