@@ -416,6 +416,114 @@ def _models() -> dict:  # noqa: C901 - one small nn.Module per architecture
             a = torch.softmax(torch.einsum("bci,bcj->bij", q, k) / c ** 0.5, -1)
             return h + self.po(torch.einsum("bij,bcj->bci", a, v).reshape(b, c, hh, ww))
 
+    class LlamaBlock(nn.Module):  # RMSNorm, rotary embeddings, grouped-query attention (repeat_interleave), SwiGLU
+        def __init__(self, d=512, heads=8, kv=2, ff=1408, t=128):
+            super().__init__()
+            self.h, self.kv, self.hd = heads, kv, d // heads
+            self.n1, self.n2 = nn.Parameter(torch.rand(d) + 0.5), nn.Parameter(torch.rand(d) + 0.5)
+            self.q, self.o = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
+            self.k, self.v = nn.Linear(d, kv * self.hd, bias=False), nn.Linear(d, kv * self.hd, bias=False)
+            self.g, self.u, self.dn = nn.Linear(d, ff, bias=False), nn.Linear(d, ff, bias=False), nn.Linear(ff, d,
+                                                                                                          bias=False)
+            inv = 1.0 / (10000 ** (torch.arange(0, self.hd, 2).float() / self.hd))
+            f = torch.outer(torch.arange(t).float(), inv)
+            self.register_buffer("cos", torch.cat([f, f], -1).cos())
+            self.register_buffer("sin", torch.cat([f, f], -1).sin())
+
+        @staticmethod
+        def rms(x, w):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+
+        def rope(self, x):
+            half = x.shape[-1] // 2
+            return x * self.cos + torch.cat([-x[..., half:], x[..., :half]], -1) * self.sin
+
+        def forward(self, x):
+            b, t, d = x.shape
+            y = self.rms(x, self.n1)
+            q = self.rope(self.q(y).view(b, t, self.h, self.hd).transpose(1, 2))
+            k = self.rope(self.k(y).view(b, t, self.kv, self.hd).transpose(1, 2))
+            v = self.v(y).view(b, t, self.kv, self.hd).transpose(1, 2)
+            k, v = (z.repeat_interleave(self.h // self.kv, dim=1) for z in (k, v))
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + self.o(a.transpose(1, 2).reshape(b, t, d))
+            y = self.rms(x, self.n2)
+            return x + self.dn(F.silu(self.g(y)) * self.u(y))
+
+    class ShuffleStage(nn.Module):  # ShuffleNetV2 units: channel split, depthwise branch, channel shuffle
+        def __init__(self, c=116, units=3):
+            super().__init__()
+            b = c // 2
+            self.branches = nn.ModuleList(nn.Sequential(
+                nn.Conv2d(b, b, 1, bias=False), nn.BatchNorm2d(b), nn.ReLU(),
+                nn.Conv2d(b, b, 3, 1, 1, groups=b, bias=False), nn.BatchNorm2d(b),
+                nn.Conv2d(b, b, 1, bias=False), nn.BatchNorm2d(b), nn.ReLU()) for _ in range(units))
+            self.shuffle = nn.ChannelShuffle(2)
+
+        def forward(self, x):
+            for br in self.branches:
+                a, b = x.chunk(2, 1)
+                x = self.shuffle(torch.cat([a, br(b)], 1))
+            return x
+
+    class MoE(nn.Module):  # a top-2 mixture of 8 expert MLPs over 128 tokens (dense dispatch by the gate's weights)
+        def __init__(self, d=256, experts=8, ff=512):
+            super().__init__()
+            self.gate = nn.Linear(d, experts)
+            self.w1 = nn.Parameter(torch.randn(experts, d, ff) / d ** 0.5)
+            self.w2 = nn.Parameter(torch.randn(experts, ff, d) / ff ** 0.5)
+
+        def forward(self, x):  # [T, d]
+            logits = self.gate(x)
+            val, idx = logits.topk(2, -1)
+            weights = torch.zeros_like(logits).scatter(-1, idx, torch.softmax(val, -1))
+            h = F.gelu(torch.einsum("td,edf->tef", x, self.w1))
+            return (torch.einsum("tef,efd->ted", h, self.w2) * weights[..., None]).sum(1)
+
+    class Perceiver(nn.Module):  # 64 learned latents cross-attending to 1024 inputs, then a latent MLP
+        def __init__(self, d=256, latents=64):
+            super().__init__()
+            self.lat = nn.Parameter(torch.randn(1, latents, d))
+            self.att = nn.MultiheadAttention(d, 8, batch_first=True)
+            self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
+            self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+        def forward(self, x):
+            q = self.lat.expand(x.shape[0], -1, -1)
+            h = self.n1(q + self.att(q, x, x, need_weights=False)[0])
+            return self.n2(h + self.mlp(h))
+
+    class Involution(nn.Module):  # involution (RedNet): per-pixel kernels from the pixel, applied through F.unfold
+        def __init__(self, c=64, k=7, groups=4):
+            super().__init__()
+            self.k, self.g = k, groups
+            self.reduce, self.span = nn.Conv2d(c, c // 4, 1), nn.Conv2d(c // 4, k * k * groups, 1)
+            self.out = nn.Conv2d(c, c, 1)
+
+        def forward(self, x):
+            b, c, h, w = x.shape
+            ker = self.span(F.relu(self.reduce(x))).view(b, self.g, 1, self.k * self.k, h, w)
+            cols = F.unfold(x, self.k, padding=self.k // 2).view(b, self.g, c // self.g, self.k * self.k, h, w)
+            return self.out((ker * cols).sum(3).view(b, c, h, w))
+
+    class UNetDecoder(nn.Module):  # UNet's up path: 2x2 stride-2 transposed convs, skip concats, 3x3 conv pairs
+        def __init__(self, c=(256, 128, 64)):
+            super().__init__()
+            self.ups = nn.ModuleList(nn.ConvTranspose2d(c[i], c[i + 1], 2, 2) for i in range(len(c) - 1))
+            self.convs = nn.ModuleList(nn.Sequential(
+                nn.Conv2d(2 * c[i + 1], c[i + 1], 3, padding=1), nn.BatchNorm2d(c[i + 1]), nn.ReLU(),
+                nn.Conv2d(c[i + 1], c[i + 1], 3, padding=1), nn.BatchNorm2d(c[i + 1]), nn.ReLU())
+                for i in range(len(c) - 1))
+            self.skips = nn.ModuleList(nn.Conv2d(c[0], c[i + 1], 1) for i in range(len(c) - 1))
+
+        def forward(self, x):
+            y = x
+            for i, (up, conv, skip) in enumerate(zip(self.ups, self.convs, self.skips)):
+                y = up(y)
+                s = skip(F.interpolate(x, scale_factor=2 ** (i + 1)))  # (the encoder's feature at that scale)
+                y = conv(torch.cat([y, s], 1))
+            return y
+
     return {"convnext": lambda: (ConvNeXt(), (1, 3, 224, 224)), "resnext": lambda: (resnext(), (1, 3, 112, 112)),
             "deeplab": lambda: (DeepLab(), (1, 3, 256, 256)), "inception": lambda: (Inception(), (1, 288, 35, 35)),
             "swin": lambda: (Swin(), (1, 3, 128, 128)), "detr": lambda: (Detr(), (1, 400, 256)),
@@ -428,7 +536,10 @@ def _models() -> dict:  # noqa: C901 - one small nn.Module per architecture
             "linattn": lambda: (LinearAttention(), (1, 256, 64)), "sinkhorn": lambda: (Sinkhorn(), (1, 512, 64)),
             "sknet": lambda: (SKUnit(), (1, 128, 28, 28)), "effnet_b0": lambda: (efficientnet_b0(), (1, 3, 224, 224)),
             "pna": lambda: (PNA(), (2000, 64)), "tabnet": lambda: (TabNet(), (1024, 64)),
-            "mingru": lambda: (MinGRU(), (1, 512, 256)), "ddpm": lambda: (DiffusionBlock(), (1, 128, 32, 32))}
+            "mingru": lambda: (MinGRU(), (1, 512, 256)), "ddpm": lambda: (DiffusionBlock(), (1, 128, 32, 32)),
+            "llama": lambda: (LlamaBlock(), (1, 128, 512)), "shufflenet": lambda: (ShuffleStage(), (1, 116, 28, 28)),
+            "moe": lambda: (MoE(), (128, 256)), "perceiver": lambda: (Perceiver(), (1, 1024, 256)),
+            "involution": lambda: (Involution(), (1, 64, 28, 28)), "unet_dec": lambda: (UNetDecoder(), (1, 256, 28, 28))}
 
 
 def _rel_err(got, ref: np.ndarray) -> float:
