@@ -1780,12 +1780,15 @@ def test_quantized_input_pad_joins_the_stem_kernel():
 def test_quantized_waveform_conv_runs_int8_im2col():
     """An audio model's first conv on the raw waveform (wav2vec2: 1 channel, 10 taps, stride 5) runs int8 im2col
     with VNNI (10 taps in 3 whole quads, not 10 quads three-quarters zeros: 465 -> ~60 us at 16000 samples), and
-    the strided conv1d after it (stride 2, a (2, 2) stride on the one-row map) a graphopt int8 kernel."""
+    the strided conv1d after it (stride 2, a (2, 2) stride on the one-row map) a graphopt int8 kernel. Each conv1d's
+    ReLU and next quantize are in its store (fold-qdq quantizes before the squeeze back to 1-D: `_clamp_q`)."""
     model = torch.nn.Sequential(torch.nn.Conv1d(1, 32, 10, 5, bias=False), torch.nn.ReLU(),
                                 torch.nn.Conv1d(32, 32, 3, 2), torch.nn.ReLU(), torch.nn.Conv1d(32, 8, 1))
     q, got, ref = _quantized_block(model, (1, 1, 2000))  # (the flat conv takes a strided map this long)
     names = _func_names(q, "znver4")
-    assert any(n.startswith("im2col_1x1x2000_k1s5") for n in names) and "qconv1x1_vnni_32x10x399" in names, names
+    assert any(n.startswith("im2col_1x1x2000_k1s5") for n in names) and "qconv1x1_vnni_32x10x399_clamp_q" in names, \
+        names
+    assert "qconv1x1_vnni_32x96x199_clamp_q" in names, names
     assert "R.nn.conv" not in lower_to_relax(q, target=cpu_target("znver4")).script()
     assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()
 
