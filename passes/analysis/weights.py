@@ -4,6 +4,7 @@ One walk for every pass that rewrites weights (quantize, mixed-precision, sparsi
 they agree on what a "layer" is and on how an exclude/protect pattern applies (glob on the node and its weight)."""
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
@@ -86,13 +87,95 @@ def _transposed_param(graph: Graph, n):
     return None
 
 
+def _einsum_plan(equation: str, x_shape, w_shape):
+    """For torch.einsum(equation, x, w) with w a weight: (batch letters, contraction letters, free letters, output
+    letters) when it is a linear, x [batch..., contraction...] against w's contraction and free letters (every
+    letter of w in x or the output, none in all three: "td,edf->tef" is, an expert's "tef,efd->ted" is not; x's
+    contraction letters last, so a reshape merges them), else None. An ellipsis in x and the output (leading)
+    counts as batch letters."""
+    lhs, arrow, out = equation.replace(" ", "").partition("->")
+    terms = lhs.split(",")
+    if not arrow or len(terms) != 2 or "..." in terms[1]:
+        return None
+    xt, wt = terms
+    if xt.startswith("...") and out.startswith("..."):
+        extra = len(x_shape) - (len(xt) - 3)
+        if extra < 0:
+            return None
+        spare = "".join(chr(0x100 + i) for i in range(extra))
+        xt, out = spare + xt[3:], spare + out[3:]
+    if "." in xt + out or len(xt) != len(x_shape) or len(wt) != len(w_shape):
+        return None
+    if len(set(xt)) != len(xt) or len(set(wt)) != len(wt) or len(set(out)) != len(out):
+        return None
+    contract = [c for c in xt if c in wt and c not in out]
+    batch = [c for c in xt if c in out and c not in wt]
+    free = [c for c in wt if c in out and c not in xt]
+    if (not contract or len(batch) + len(contract) != len(xt) or len(free) + len(contract) != len(wt)
+            or sorted(out) != sorted(batch + free) or xt[len(batch):] != "".join(contract)):
+        return None
+    return batch, contract, free, out
+
+
+def einsums_as_linears(graph: Graph, exclude: Iterable[str] = ()) -> int:
+    """Rewrite einsum(x, W) with W a float parameter that is a linear (`_einsum_plan`: "td,edf->tef", "bld,dhk->blhk")
+    into reshape -> aten.linear -> reshape (-> permute where the output puts a weight letter before a batch
+    letter), the weight stored [free, contraction] once: quantize had kept such layers float (a mixture of experts'
+    first einsum). Returns how many; one `exclude` names (the node or its weight) is left as it is."""
+    g, count, exclude = graph.gm.graph, 0, list(exclude)
+    for n in list(g.nodes):
+        if n.op != "call_function" or n.target is not aten.einsum.default or n.kwargs or len(n.args) != 2:
+            continue
+        equation, operands = n.args
+        if not isinstance(equation, str) or len(operands) != 2:
+            continue
+        x, w = operands
+        if not (isinstance(w, fx.Node) and w.op == "get_attr" and graph.get_param(w.target).is_floating_point()):
+            continue
+        val = x.meta.get("val") if isinstance(x, fx.Node) else None
+        if val is None or not val.is_floating_point():
+            continue
+        weight = graph.get_param(w.target)
+        plan = _einsum_plan(equation, tuple(val.shape), tuple(weight.shape))
+        if plan is None:
+            continue
+        if exclude and matches(node_labels(n) | node_labels(w), exclude):
+            continue
+        batch, contract, free, out = plan
+        wt = equation.replace(" ", "").split("->")[0].split(",")[1]
+        size = {c: int(d) for c, d in zip(wt, weight.shape)}
+        k = math.prod(size[c] for c in contract)
+        order = [wt.index(c) for c in free] + [wt.index(c) for c in contract]
+        mat = weight.detach().permute(order).reshape(-1, k).contiguous()
+        wn = graph.add_param(f"{w.target}_linear", mat, before=n)
+        wn.meta["source_fqn"] = w.meta.get("source_fqn", w.target)
+        lead = [int(d) for d in val.shape[:len(batch)]]
+        with g.inserting_before(n):
+            y = g.call_function(aten.reshape.default, (x, lead + [k]))
+            lin = g.call_function(aten.linear.default, (y, wn))
+            y = g.call_function(aten.reshape.default, (lin, lead + [size[c] for c in free]))
+            now = "".join(batch + free)
+            if now != out:
+                y = g.call_function(aten.permute.default, (y, [now.index(c) for c in out]))
+        lin.meta["einsum"] = equation
+        n.replace_all_uses_with(y)
+        g.erase_node(n)
+        count += 1
+    if count:
+        g.eliminate_dead_code()
+        graph.remove_unused_params()
+        graph.refresh()
+    return count
+
+
 def linears_from_matmuls(graph: Graph, exclude: Iterable[str] = ()) -> int:
     """Rewrite products with a constant weight into aten.linear, the form every weight pass takes: `x @ W.T`
     (Falcon's and other hand-written linears), `x @ W` / `addmm(b, x, W)` (GPT-2's Conv1D, W stored [in, out]: the
-    transposed copy becomes the linear's weight). Returns how many; quantize and mixed-precision skipped these
+    transposed copy becomes the linear's weight), einsums that are linears (`einsums_as_linears`). Returns how many; quantize and mixed-precision skipped these
     layers before (a GPT-2 "quantized" to int8 had every weight left float). A product that `exclude` names (the
     node or its weight) is left as it is; a transposed copy keeps its weight's source name."""
-    g, count, exclude = graph.gm.graph, 0, list(exclude)
+    count = einsums_as_linears(graph, exclude)
+    g, exclude = graph.gm.graph, list(exclude)
     for n in list(g.nodes):
         if n.op != "call_function" or n.kwargs:
             continue

@@ -507,6 +507,50 @@ def test_products_with_a_weight_quantize_as_linears(tmp_path):
     assert kept.stats().ops.get("qlinear.default") == 3 and kept.stats().ops.get("addmm.default") == 1
 
 
+class _EinsumLayers(torch.nn.Module):
+    """Linears written as einsums with a parameter (Flax ports' attention projections, a mixture of experts' first
+    layer over all experts, an ellipsis), and an expert's per-expert product, which is not a linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Parameter(torch.randn(32, 4, 8) * 0.2)   # d -> heads x head_dim
+        self.up = torch.nn.Parameter(torch.randn(3, 32, 16) * 0.2)    # d -> experts x hidden
+        self.down = torch.nn.Parameter(torch.randn(3, 16, 32) * 0.2)  # per expert: hidden -> d
+        self.head = torch.nn.Parameter(torch.randn(10, 32) * 0.2)
+
+    def forward(self, x):  # [B, L, 32]
+        q = torch.einsum("bld,dhk->bhlk", x, self.proj).relu()      # (the output puts h before l: a permute)
+        h = torch.einsum("bld,edf->blef", x, self.up).relu()
+        y = torch.einsum("blef,efd->bld", h, self.down)
+        return torch.einsum("...d,od->...o", y, self.head) + q.sum((1, 3))[..., None]
+
+
+def test_einsums_that_are_linears_quantize_as_linears(tmp_path):
+    """An einsum with a weight took no part in quantize (a mixture of experts' expert layers stayed float). One
+    that is a linear (x's contraction letters last, every weight letter in x or the output, none in all three)
+    becomes reshape -> linear -> reshape (-> permute), exact, and runs as an int8 linear; the per-expert product
+    ("blef,efd->bld": e in both operands and kept) stays an einsum."""
+    from graphopt.passes.analysis.weights import einsums_as_linears
+    torch.manual_seed(0)
+    m = _EinsumLayers().eval()
+    xs = [(torch.randn(2, 5, 32),) for _ in range(4)]
+    g = graphopt.trace(m, xs[0])
+    rewritten = g.clone()
+    assert einsums_as_linears(rewritten) == 3
+    assert rewritten.stats().ops.get("einsum.default") == 1 and rewritten.stats().ops.get("linear.default") == 3
+    torch.testing.assert_close(rewritten.run(*xs[0])[0], g.run(*xs[0])[0], rtol=1e-5, atol=1e-5)
+    assert rewritten.stats().macs == g.stats().macs
+    q = graphopt.optimize(g, "quantize,fold-qdq", data=xs)
+    assert q.meta["history"][0]["stats"]["matmuls_as_linears"] == 3
+    assert q.stats().ops.get("qlinear.default") == 3, q.stats().ops
+    art = graphopt.load(graphopt.compile(q, "llvm", output=tmp_path / "a"))
+    with torch.no_grad():
+        ref = m(xs[0][0]).numpy()
+    got = art(xs[0][0].numpy())[0]
+    np.testing.assert_allclose(got, q.run(*xs[0])[0].numpy(), rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    assert np.abs(got - ref).max() <= 0.03 * np.abs(ref).max()
+
+
 def test_mixed_precision_takes_products_and_half_models():
     """mixed-precision shares quantize's two preparations: products with a weight become linears (GPT-2's addmm,
     x @ W.T) and a float16 graph computes in float32 behind its float16 interface; under a size budget it then
