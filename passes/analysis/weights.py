@@ -171,9 +171,10 @@ def einsums_as_linears(graph: Graph, exclude: Iterable[str] = ()) -> int:
 def linears_from_matmuls(graph: Graph, exclude: Iterable[str] = ()) -> int:
     """Rewrite products with a constant weight into aten.linear, the form every weight pass takes: `x @ W.T`
     (Falcon's and other hand-written linears), `x @ W` / `addmm(b, x, W)` (GPT-2's Conv1D, W stored [in, out]: the
-    transposed copy becomes the linear's weight), einsums that are linears (`einsums_as_linears`). Returns how many; quantize and mixed-precision skipped these
-    layers before (a GPT-2 "quantized" to int8 had every weight left float). A product that `exclude` names (the
-    node or its weight) is left as it is; a transposed copy keeps its weight's source name."""
+    transposed copy becomes the linear's weight), einsums that are linears (`einsums_as_linears`). Returns how many;
+    quantize and mixed-precision skipped these layers before (a GPT-2 "quantized" to int8 had every weight left
+    float). A product that `exclude` names (the node or its weight) is left as it is; a transposed copy keeps its
+    weight's source name."""
     count = einsums_as_linears(graph, exclude)
     g, exclude = graph.gm.graph, list(exclude)
     for n in list(g.nodes):
