@@ -808,15 +808,41 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             if isinstance(args[3], (list, tuple)):  # the .vec form: (input, output_size, align_corners, scales)
                 args[3:5] = list(args[3]) if len(args[3]) == 2 else [None, None]
             up = all(int(o) >= int(i) for o, i in zip(out.shape[2:], x_val.shape[2:]))
-            if (kind != "bilinear" or not up or bool(args[2]) or not cpu_kernels
-                    or str(x_val.dtype) != "torch.float32" or not bilinear_applies(x_val.shape, out.shape[2:])):
-                raise UnsupportedOpError(node.name, f"aten._upsample_{kind}2d_aa", "antialiased resizing is "
-                                         "implemented for float bilinear upsampling (align_corners=False) on the CPU "
-                                         "only; resize with antialias=False, or outside the model")
-            scales = None if args[3] is None or args[4] is None else [float(args[3]), float(args[4])]
-            return emit_bilinear(importer.block_builder, importer.env[node.args[0]], x_val.shape, out.shape[2:],
-                                 bool(args[2]), scales)
+            if (kind == "bilinear" and up and not bool(args[2]) and cpu_kernels
+                    and str(x_val.dtype) == "torch.float32" and bilinear_applies(x_val.shape, out.shape[2:])):
+                scales = None if args[3] is None or args[4] is None else [float(args[3]), float(args[4])]
+                return emit_bilinear(importer.block_builder, importer.env[node.args[0]], x_val.shape, out.shape[2:],
+                                     bool(args[2]), scales)
+            if not str(x_val.dtype).startswith("torch.float"):
+                raise UnsupportedOpError(node.name, f"aten._upsample_{kind}2d_aa", "antialiased resizing takes a "
+                                         "float input; cast it first, or resize outside the model")
+            return _separable_resize(importer.block_builder, importer.env[node.args[0]], node, kind, args)
         return convert
+
+    def _separable_resize(bb, x, node, kind: str, args):
+        """An antialiased resize (downsampling, align_corners, bicubic: torchvision's Resize default, preprocessing
+        kept in the model) as out = A_h x A_w^T: PyTorch's filter is separable, so each axis is a constant [out,
+        in] matrix, read off PyTorch's own op applied to the identity (one axis at a time, the other kept at its
+        size), and two matmuls apply them. Had been refused."""
+        import numpy as np
+        import torch
+        x_val, out = node.args[0].meta["val"], node.meta["val"]
+        (h, w), (oh, ow) = (int(d) for d in x_val.shape[2:]), (int(d) for d in out.shape[2:])
+        op = getattr(torch.ops.aten, f"_upsample_{kind}2d_aa").default
+
+        def axis(size: int, out_size: int, scale) -> np.ndarray:
+            # the identity's rows as channels, along H, two columns wide (PyTorch's filter over a width of 1 gave
+            # every output row the same value)
+            eye = torch.eye(size, dtype=torch.float64)[:, :, None].expand(size, size, 2).reshape(1, size, size, 2)
+            m = op(eye.contiguous(), [out_size, 2], bool(args[2]), None if scale is None else float(scale), None)
+            return m[0, :, :, 0].t().float().numpy()  # [out, in]
+        a_h = axis(h, oh, args[3])
+        a_wt = np.ascontiguousarray(axis(w, ow, args[4]).T)
+        dtype = str(x_val.dtype).replace("torch.", "")
+        xf = x if dtype == "float32" else bb.emit(relax.op.astype(x, "float32"))
+        y = bb.emit(relax.op.matmul(relax.const(a_h), xf))
+        y = bb.emit(relax.op.matmul(y, relax.const(a_wt)))
+        return y if dtype == "float32" else bb.emit(relax.op.astype(y, dtype))
 
     def _transposed_operand(node):
         """(X, alpha) where `node` is view(clone(expand(alpha * permute(X)))) with the permute swapping X's last
