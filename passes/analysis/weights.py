@@ -87,6 +87,15 @@ def _transposed_param(graph: Graph, n):
     return None
 
 
+def tidied(graph: Graph, count: int) -> int:
+    """`count`, after dropping the nodes and parameters the rewrites left unread and recomputing shapes."""
+    if count:
+        graph.gm.graph.eliminate_dead_code()
+        graph.remove_unused_params()
+        graph.refresh()
+    return count
+
+
 def _einsum_plan(equation: str, x_shape, w_shape):
     """For torch.einsum(equation, x, w) with w a weight: (batch letters, contraction letters, free letters, output
     letters) when it is a linear, x [batch..., contraction...] against w's contraction and free letters (every
@@ -161,11 +170,7 @@ def einsums_as_linears(graph: Graph, exclude: Iterable[str] = ()) -> int:
         n.replace_all_uses_with(y)
         g.erase_node(n)
         count += 1
-    if count:
-        g.eliminate_dead_code()
-        graph.remove_unused_params()
-        graph.refresh()
-    return count
+    return tidied(graph, count)
 
 
 def linears_from_matmuls(graph: Graph, exclude: Iterable[str] = ()) -> int:
@@ -207,8 +212,4 @@ def linears_from_matmuls(graph: Graph, exclude: Iterable[str] = ()) -> int:
         n.replace_all_uses_with(lin)
         g.erase_node(n)
         count += 1
-    if count:
-        g.eliminate_dead_code()
-        graph.remove_unused_params()
-        graph.refresh()
-    return count
+    return tidied(graph, count)

@@ -20,6 +20,7 @@ import torch.fx as fx
 
 from graphopt.ir.graph import Graph
 from graphopt.ir.names import matches, node_labels
+from graphopt.passes.analysis.weights import tidied
 
 aten = torch.ops.aten
 _TRANSPOSED = (aten.conv_transpose1d.default, aten.conv_transpose2d.input)
@@ -45,7 +46,7 @@ def _pair(v, dims: int) -> list[int]:
     return v * dims if len(v) == 1 else v
 
 
-def _phase_plan(size: int, s: int, p: int, k: int, out: int) -> tuple[int, int, int, int]:
+def phase_plan(size: int, s: int, p: int, k: int, out: int) -> tuple[int, int, int, int]:
     """Along one axis: (taps per phase, rows of q skipped at the start, padding before, padding after)."""
     taps = -(-k // s)
     q0 = min(p // s, taps - 1)  # rows q < p // s hold only outputs before the first
@@ -114,8 +115,8 @@ def _rewrite(graph: Graph, n: fx.Node, args) -> bool:
             out = call(aten.reshape.default, y, [n_, cout, ow] if one_d else [n_, cout, oh, ow])
         y.meta["transposed_from"] = n.name
     else:
-        jh, qh, pt, pb = _phase_plan(h, sh, ph, kh, oh)
-        jw, qw, pl, pr = _phase_plan(wd, sw, pw, kw, ow)
+        jh, qh, pt, pb = phase_plan(h, sh, ph, kh, oh)
+        jw, qw, pl, pr = phase_plan(wd, sw, pw, kw, ow)
         if min(pb, pr) < 0:
             return False
         kernel = phase_weight(w4, (sh, sw), (jh, jw))
@@ -172,8 +173,5 @@ def convs_from_transposed(graph: Graph, exclude: Iterable[str] = ()) -> list[str
             continue
         if _rewrite(graph, n, args):
             done.append(n.name)
-    if done:
-        graph.gm.graph.eliminate_dead_code()
-        graph.remove_unused_params()
-        graph.refresh()
+    tidied(graph, len(done))
     return done

@@ -52,6 +52,26 @@ def _through_moves(x) -> tuple[object, list[fx.Node]]:
     return x, chain
 
 
+def _replay_moves(g: fx.Graph, chain: list[fx.Node], value: fx.Node) -> fx.Node:
+    """The moves of `chain` (as `_through_moves` lists them, the last one first) applied to `value` anew."""
+    for m in reversed(chain):
+        value = g.call_function(m.target, (value, *m.args[1:]), dict(m.kwargs))
+    return value
+
+
+def _replace(graph: Graph, old: fx.Node, new: fx.Node) -> None:
+    old.replace_all_uses_with(new)
+    graph.gm.graph.erase_node(old)
+
+
+def _tidied(graph: Graph, done: int) -> int:
+    """`done`, after dropping what the rewrites left unread and recomputing shapes (when there were any)."""
+    if done:
+        eliminate_dead_code(graph)
+        graph.refresh()
+    return done
+
+
 def _quantized(x) -> bool:
     """x is dequantize_per_tensor of int8 codes made by quantize_per_tensor (or a table lookup, `lookup_tables`),
     with code moves (CODE_MOVES) in between allowed."""
@@ -106,17 +126,11 @@ def requantized_moves(graph: Graph) -> int:
                 and _arg(src, 5, None) == _arg(qn, 5, None)
                 and int(src.args[3]) >= int(qn.args[3]) and int(src.args[4]) <= int(qn.args[4])):
             continue
-        codes = x.args[0]
         with g.inserting_before(qn):
-            for m in reversed(chain):
-                codes = g.call_function(m.target, (codes, *m.args[1:]), dict(m.kwargs))
-        qn.replace_all_uses_with(codes)
-        g.erase_node(qn)
+            codes = _replay_moves(g, chain, x.args[0])
+        _replace(graph, qn, codes)
         done += 1
-    if done:
-        eliminate_dead_code(graph)
-        graph.refresh()
-    return done
+    return _tidied(graph, done)
 
 
 # ops that only move values (each output is one input value), through which a quantize may go first
@@ -148,16 +162,10 @@ def quantize_before_moves(graph: Graph) -> int:
             continue
         with g.inserting_before(qn):
             y = x if clamp is None else g.call_function(clamp.target, (x, *clamp.args[1:]), dict(clamp.kwargs))
-            y = g.call_function(qn.target, (y, *qn.args[1:]), dict(qn.kwargs))
-            for m in reversed(chain):
-                y = g.call_function(m.target, (y, *m.args[1:]), dict(m.kwargs))
-        qn.replace_all_uses_with(y)
-        g.erase_node(qn)
+            y = _replay_moves(g, chain, g.call_function(qn.target, (y, *qn.args[1:]), dict(qn.kwargs)))
+        _replace(graph, qn, y)
         done += 1
-    if done:
-        eliminate_dead_code(graph)
-        graph.refresh()
-    return done
+    return _tidied(graph, done)
 
 
 def foldable_ops(graph: Graph) -> list[str]:

@@ -2072,7 +2072,10 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         under the schedule rules took 90x PyTorch's time (4x4, stride 2, 128 -> 64 channels at 14x14: 33 ms
         against 0.36). None where no graphopt kernel takes the phase conv."""
         import numpy as np
+        import torch
         from tvm import relax
+
+        from graphopt.passes.canonicalize.transposed import phase_plan, phase_weight
         stride, padding, dilation, _, out_pad = node.args[3:8]
         if any(int(d) != 1 for d in dilation) or len(x_shape) not in (3, 4):
             return None
@@ -2085,26 +2088,13 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         cout, kh, kw = int(w.shape[1]), int(w.shape[2]), int(w.shape[3])
         oh, ow = (h - 1) * sh - 2 * ph + kh + oph, (wd - 1) * sw - 2 * pw + kw + opw
 
-        def axis(size, s, p, k, o):
-            """(taps, rows of q skipped at the start, top padding, bottom padding) along one axis"""
-            taps = -(-k // s)
-            q0 = min(p // s, taps - 1)  # rows q < p // s hold only outputs before the first
-            return taps, q0, taps - 1 - q0, -(-(p + o) // s) - size
         if h == 1 and wd == 1:
             return _one_pixel_transposed(node, importer, w, bt, (ph, pw), (oh, ow))
-        jh, qh, pt, pb = axis(h, sh, ph, kh, oh)
-        jw, qw, pl, pr = axis(wd, sw, pw, kw, ow)
+        jh, qh, pt, pb = phase_plan(h, sh, ph, kh, oh)
+        jw, qw, pl, pr = phase_plan(wd, sw, pw, kw, ow)
         if min(pb, pr) < 0:
             return None
-        g = np.zeros((sh, sw, cout, cin, jh, jw), np.float32)
-        for rh in range(sh):
-            for rw in range(sw):
-                for m in range(jh):
-                    for v in range(jw):
-                        th, tw = rh + sh * (jh - 1 - m), rw + sw * (jw - 1 - v)
-                        if th < kh and tw < kw:
-                            g[rh, rw, :, :, m, v] = w[:, :, th, tw].T
-        g = g.reshape(sh * sw * cout, cin, jh, jw)
+        g = phase_weight(torch.from_numpy(np.ascontiguousarray(w, np.float32)), (sh, sw), (jh, jw)).numpy()
         sub = (n, cin, h, wd)
         kind = _conv_kernel(sub, g.shape, ([1, 1], [pt, pl], [1, 1], False, None, 1))
         if kind in (None, "depthwise"):
