@@ -39,7 +39,7 @@ def einsum_macs(equation: str, shapes: list[tuple[int, ...]]) -> int:
     """Multiply-accumulates of torch.einsum(equation, *operands of `shapes`) contracted left to right, as torch
     does without opt_einsum: each step's product spans every index of the two operands (sizes broadcast), and
     keeps the indices a later operand or the output reads. One operand (a sum or a transpose) does none."""
-    lhs, _, out = equation.replace(" ", "").partition("->")
+    lhs, arrow, out = equation.replace(" ", "").partition("->")
     terms = lhs.split(",")
     if len(terms) != len(shapes) or len(terms) < 2:
         return 0
@@ -52,7 +52,7 @@ def einsum_macs(equation: str, shapes: list[tuple[int, ...]]) -> int:
         k = ndim - len(term.replace("...", ""))
         return term.replace("...", "".join(spare[rank - k:]))
     terms = [expand(t, len(sh)) for t, sh in zip(terms, shapes)]
-    if not out and not _:  # implicit output: the indices used once, in order
+    if not arrow:  # implicit output: the indices used once, in order
         out = "".join(sorted(c for c in set("".join(terms)) if "".join(terms).count(c) == 1))
     out = out.replace("...", "".join(spare))
     size: dict[str, int] = {}
