@@ -78,11 +78,11 @@ def _add_pm_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--print-ir-after-change", action="store_true", help="print the IR after passes that changed it")
     p.add_argument("--strict", action="store_true", help="a pass that changes nothing is an error, not a warning")
     p.add_argument("--inputs", metavar="NPZ", help="inputs for --verify-each, calibration and training passes (.npz, "
-                   "one array per graph input, or b<batch>_<input> keys; integer class ids under 'labels', one per "
-                   "sample, add a task loss to the training passes' distillation, and kd=false trains on them "
-                   "alone); default for zoo: models: crops of five shipped photos (the "
-                   "first three shipped sentences for minilm); otherwise seeded random inputs for --verify-each and no "
-                   "calibration data (quantize then asks for --inputs)")
+                   "one array per graph input, or b<batch>_<input> keys, or an .npy for a model of one input; "
+                   "integer class ids under 'labels', one per sample, add a task loss to the training passes' "
+                   "distillation, and kd=false trains on them alone); default for zoo: models: crops of five "
+                   "shipped photos (the first three shipped sentences for minilm); otherwise seeded random inputs "
+                   "for --verify-each and no calibration data (quantize then asks for --inputs)")
     p.add_argument("--seed", type=int, default=0, help="seed for generated inputs and randomized passes (default 0)")
 
 

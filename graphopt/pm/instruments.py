@@ -93,7 +93,10 @@ def load_labels_npz(path: str | os.PathLike, graph: Graph,
     keys. Integer class ids for the trainer's cross-entropy."""
     from graphopt.errors import InputMismatchError
     names = [s.name for s in graph.inputs]
-    with np.load(path, allow_pickle=False) as npz:  # (the labels only, read and the file closed)
+    loaded = np.load(path, allow_pickle=False)
+    if isinstance(loaded, np.ndarray):  # (an .npy: one input's array, no labels)
+        return None
+    with loaded as npz:  # (the labels only, read and the file closed)
         data = {k: npz[k] for k in npz.files if _is_labels_key(k, names)}
     keys = list(data)
     if not keys:
@@ -125,17 +128,23 @@ def load_labels_npz(path: str | os.PathLike, graph: Graph,
 
 def load_inputs_npz(path: str | os.PathLike, graph: Graph) -> list[tuple[torch.Tensor, ...]]:
     """Batches from an .npz written by write_reproducer (b<batch>_<input index>; b<batch>_<input name> too) or with
-    one array per input; an array whose first dimension is a multiple of the graph's fixed batch (8 images for a
-    batch-1 model) is split into that many batches. "labels" keys are the training passes' (load_labels_npz); any
-    other key that names no input is refused."""
+    one array per input, or from an .npy (one array) for a graph of one input; an array whose first dimension is a
+    multiple of the graph's fixed batch (8 images for a batch-1 model) is split into that many batches. "labels"
+    keys are the training passes' (load_labels_npz); any other key that names no input is refused."""
     from graphopt.errors import InputMismatchError
     try:
         data = np.load(path, allow_pickle=False)
     except Exception as e:
         raise InputMismatchError(f"cannot read inputs file '{path}': {e}") from None
     names = [s.name for s in graph.inputs]
-    keys = [k for k in data.keys() if not _is_labels_key(k, names)]
     n_in = len(graph.inputs)
+    if isinstance(data, np.ndarray):  # an .npy: the one input's array (it had crashed on data.keys())
+        if n_in != 1:
+            raise InputMismatchError(f"'{path}' holds one array (.npy) and the graph has {n_in} inputs "
+                                     f"({', '.join(names)}): write an .npz with one array per input "
+                                     f"(numpy.savez(path, {names[0]}=..., ...))")
+        data = {names[0]: data}
+    keys = [k for k in data.keys() if not _is_labels_key(k, names)]
     if all(n in keys for n in names):
         extra = [k for k in keys if k not in names]
         if extra:  # (an array meant for something else had been dropped without a word)

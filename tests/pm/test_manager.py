@@ -180,6 +180,28 @@ def test_inputs_npz_with_several_fixed_batches_splits_them(tmp_path):
         load_inputs_npz(tmp_path / "odd.npz", g)
 
 
+def test_an_npy_file_is_the_inputs_of_a_one_input_graph(tmp_path):
+    """`--inputs images.npy` crashed in the CLI ("'numpy.ndarray' object has no attribute 'keys'"): an .npy is the
+    one input's array (split into the graph's batches as an .npz array is) and holds no labels; for a graph of
+    several inputs it is refused with the inputs' names and what to write instead."""
+    from graphopt.errors import InputMismatchError
+    from graphopt.pm.instruments import load_inputs_npz, load_labels_npz
+    g = graphopt.trace(torch.nn.Conv2d(3, 4, 3).eval(), (torch.randn(1, 3, 8, 8),))
+    images = np.random.default_rng(0).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "cal.npy", images)
+    batches = load_inputs_npz(tmp_path / "cal.npy", g)
+    assert [tuple(b[0].shape) for b in batches] == [(1, 3, 8, 8)] * 3
+    assert np.array_equal(batches[1][0].numpy()[0], images[1])
+    assert load_labels_npz(tmp_path / "cal.npy", g, batches) is None
+
+    class Two(torch.nn.Module):
+        def forward(self, x, y):
+            return x + y
+    two = graphopt.trace(Two(), (torch.randn(2, 3), torch.randn(2, 3)))
+    with pytest.raises(InputMismatchError, match=r"holds one array \(.npy\) and the graph has 2 inputs \(x, y\)"):
+        load_inputs_npz(tmp_path / "cal.npy", two)
+
+
 def test_inputs_npz_gives_a_scalar_input_to_every_batch(tmp_path):
     """A 0-d input (a temperature) beside images: the images split into the graph's batches as alone, and the
     scalar goes with each (the file was taken as one batch: "has shape [4, 3, 8, 8], expected [1, 3, 8, 8]")."""
