@@ -539,7 +539,8 @@ def _models() -> dict:  # noqa: C901 - one small nn.Module per architecture
             "mingru": lambda: (MinGRU(), (1, 512, 256)), "ddpm": lambda: (DiffusionBlock(), (1, 128, 32, 32)),
             "llama": lambda: (LlamaBlock(), (1, 128, 512)), "shufflenet": lambda: (ShuffleStage(), (1, 116, 28, 28)),
             "moe": lambda: (MoE(), (128, 256)), "perceiver": lambda: (Perceiver(), (1, 1024, 256)),
-            "involution": lambda: (Involution(), (1, 64, 28, 28)), "unet_dec": lambda: (UNetDecoder(), (1, 256, 28, 28))}
+            "involution": lambda: (Involution(), (1, 64, 28, 28)),
+            "unet_dec": lambda: (UNetDecoder(), (1, 256, 28, 28))}
 
 
 def _rel_err(got, ref: np.ndarray) -> float:

@@ -23,12 +23,11 @@ from graphopt.ir.names import matches, node_labels
 from graphopt.passes.analysis.weights import tidied
 
 aten = torch.ops.aten
-_TRANSPOSED = (aten.conv_transpose1d.default, aten.conv_transpose2d.input)
+_TRANSPOSED = (aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input)
 
 
 def _arguments(n: fx.Node):
-    """(x, weight, bias, stride, padding, output_padding, groups, dilation) of a 1-D / 2-D transposed conv node,
-    else None."""
+    """(x, weight, bias, stride, padding, output_padding, groups, dilation) of a transposed conv node, else None."""
     if n.op != "call_function" or n.kwargs:
         return None
     if n.target in _TRANSPOSED:
@@ -70,23 +69,28 @@ def phase_weight(w: torch.Tensor, stride: tuple[int, int], taps: tuple[int, int]
     return g.reshape(sh * sw * cout, cin, jh, jw)
 
 
-def _rewrite(graph: Graph, n: fx.Node, args) -> bool:
+def _rewrite(graph: Graph, n: fx.Node, args) -> str:
+    """Rewrite transposed conv `n` (its `_arguments`); "" when done, else why it stays."""
     x, wn, bn, stride, padding, out_pad, groups, dilation = args
     val = x.meta.get("val") if isinstance(x, fx.Node) else None
-    if val is None or not val.is_floating_point() or val.dim() not in (3, 4) or int(groups) != 1:
-        return False
+    if val is None or not val.is_floating_point():
+        return "its input is not a float tensor"
+    if val.dim() not in (3, 4):
+        return "a 3-D transposed conv (1-D and 2-D ones become convs)"
+    if int(groups) != 1:
+        return f"a transposed conv of {int(groups)} groups (one group only)"
     dims = val.dim() - 2
     if any(d != 1 for d in _pair(dilation, dims)):
-        return False
-    if not (isinstance(wn, fx.Node) and wn.op == "get_attr"):
-        return False
+        return "a dilated transposed conv"
+    if not (isinstance(wn, fx.Node) and wn.op == "get_attr") or not graph.get_param(wn.target).is_floating_point():
+        return "weight is computed or already quantized"
     w = graph.get_param(wn.target)
-    if not w.is_floating_point() or w.dim() != val.dim():
-        return False
+    if w.dim() != val.dim():
+        return "an unbatched input"
     b = None
     if bn is not None:
         if not (isinstance(bn, fx.Node) and bn.op == "get_attr"):
-            return False
+            return "bias is computed"
         b = graph.get_param(bn.target)
     one_d = dims == 1
     lift = (lambda v, fill: [fill, *_pair(v, 1)]) if one_d else (lambda v, fill: _pair(v, 2))
@@ -118,7 +122,7 @@ def _rewrite(graph: Graph, n: fx.Node, args) -> bool:
         jh, qh, pt, pb = phase_plan(h, sh, ph, kh, oh)
         jw, qw, pl, pr = phase_plan(wd, sw, pw, kw, ow)
         if min(pb, pr) < 0:
-            return False
+            return "padding past the kernel's reach (a crop the phases do not give)"
         kernel = phase_weight(w4, (sh, sw), (jh, jw))
         if one_d:
             kernel = kernel[:, :, 0, :]
@@ -156,13 +160,15 @@ def _rewrite(graph: Graph, n: fx.Node, args) -> bool:
             y.meta[key] = n.meta[key]
     n.replace_all_uses_with(out)
     g.erase_node(n)
-    return True
+    return ""
 
 
-def convs_from_transposed(graph: Graph, exclude: Iterable[str] = ()) -> list[str]:
+def convs_from_transposed(graph: Graph, exclude: Iterable[str] = (), kept: dict[str, str] | None = None
+                          ) -> list[str]:
     """Rewrite every 1-D / 2-D transposed conv with a float parameter weight, one group and no dilation as an
     ordinary conv of its stacked phase kernels and a pixel shuffle (a linear, for a 1 x 1 input map); returns the
-    rewritten nodes' names. One that `exclude` names (the node or its weight) stays as it is."""
+    rewritten nodes' names, and puts why each other transposed conv stays into `kept` (by node name; quantize's
+    `skipped`). One that `exclude` names (the node or its weight) stays as it is."""
     exclude, done = list(exclude), []
     for n in list(graph.gm.graph.nodes):
         args = _arguments(n)
@@ -171,7 +177,10 @@ def convs_from_transposed(graph: Graph, exclude: Iterable[str] = ()) -> list[str
         if exclude and matches(node_labels(n) | (node_labels(args[1]) if isinstance(args[1], fx.Node) else set()),
                                exclude):
             continue
-        if _rewrite(graph, n, args):
+        why = _rewrite(graph, n, args)
+        if not why:
             done.append(n.name)
+        elif kept is not None:
+            kept[n.name] = f"{why}: stays a float transposed conv"
     tidied(graph, len(done))
     return done

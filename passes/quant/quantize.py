@@ -488,7 +488,8 @@ class Quantize(Pass):
         as_linear = linears_from_matmuls(graph, o.exclude)  # (x @ W.T, GPT-2's addmm: weight passes take linears)
         # transposed convs (generators', UNet decoders') as a conv of their phase kernels (or a linear): they had
         # stayed float; dynamic activations quantize linears only, so they stay as they are there
-        as_conv = convs_from_transposed(graph, o.exclude) if o.activations != "dynamic" else []
+        transposed_kept: dict[str, str] = {}
+        as_conv = convs_from_transposed(graph, o.exclude, transposed_kept) if o.activations != "dynamic" else []
         # for an ONNX export the default width is the one ONNX Runtime runs exactly on every CPU (auto: int8s);
         # full-range int8 exported by default ran an SE-block CNN in ORT 11% off its graph on an AVX2 CPU
         default_for_ort = ctx.onnx_export and not was_given(o, "weights")
@@ -497,6 +498,7 @@ class Quantize(Pass):
             auto_reason = "the default for target onnx; " + auto_reason
         ort = ctx.onnx_export  # (an ONNX export: ONNX Runtime's kernels decide which layers pair weights)
         ops, skipped = quantizable_ops(graph, o.exclude)
+        skipped.update(transposed_kept)
         # layers mixed-precision measured and left in float stay float: its choice, not quantize's default width
         chosen = graph.meta.get("weight_bits") or {}
         kept_float = [op.name for op in ops if chosen.get(op.name) == "fp32"]

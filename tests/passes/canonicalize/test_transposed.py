@@ -96,3 +96,35 @@ def test_quantize_puts_int8_on_transposed_convs_and_they_run_int8_kernels(tmp_pa
     kept = graphopt.optimize(g, "quantize{exclude=net.3.weight}", data=[(z,) for z in zs[:4]])
     assert kept.meta["history"][-1]["stats"]["transposed_convs_as_convs"] == 2
     assert _targets(kept).count("aten.conv_transpose2d.input") == 1
+
+
+def test_quantize_says_why_a_transposed_conv_stays_float():
+    """Grouped, dilated and 3-D transposed convs are not rewritten: quantize lists each in its `skipped` stats with
+    the reason (they had not been named at all), and the graph still computes the model."""
+
+    class Kept(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.grouped = nn.ConvTranspose2d(8, 8, 4, 2, 1, groups=2)
+            self.dilated = nn.ConvTranspose2d(8, 4, 3, 2, 2, dilation=2)
+            self.plain = nn.ConvTranspose2d(4, 4, 2, 2)
+
+        def forward(self, x):
+            return self.plain(self.dilated(self.grouped(x)))
+
+    torch.manual_seed(0)
+    model = Kept().eval()
+    xs = [(torch.randn(1, 8, 5, 5),) for _ in range(3)]
+    q = graphopt.optimize(graphopt.trace(model, xs[0]), "quantize", data=xs)
+    stats = q.meta["history"][-1]["stats"]
+    assert stats["transposed_convs_as_convs"] == 1, stats
+    skipped = stats["skipped"]
+    assert "2 groups" in skipped["conv_transpose2d"] and "dilated" in skipped["conv_transpose2d_1"], skipped
+    assert all("stays a float transposed conv" in skipped[k] for k in ("conv_transpose2d", "conv_transpose2d_1"))
+    with torch.no_grad():
+        want = model(xs[0][0])
+    got = q.run(xs[0][0])[0]
+    assert torch.abs(got - want).max() <= 0.05 * torch.abs(want).max()
+    volume = graphopt.trace(nn.ConvTranspose3d(4, 2, 2, 2).eval(), (torch.randn(1, 4, 3, 3, 3),))
+    vq = graphopt.optimize(volume, "quantize{activations=none}", warn_unchanged=False)
+    assert "3-D" in vq.meta["history"][-1]["stats"]["skipped"]["conv_transpose3d"]
