@@ -1,15 +1,21 @@
 """Transposed convs as ordinary convs, the form the weight passes (quantize) and the int8 kernels take.
 
-A transposed conv (1-D or 2-D, one group, no dilation) with stride s, padding p and a k-tap kernel writes output
+A transposed conv (1-D or 2-D, one group) with stride s, padding p and a k-tap kernel writes output
 pixel o = i s - p + t from tap t of input pixel i. Output o has phase r = (o + p) mod s and reads only taps
 t = r + s j, so with q = (o + p - r) / s the phase is y_r[q] = sum_j x[q - j] w[r + s j]: a stride-1 conv with a
 ceil(k / s)-tap kernel, flipped, over the input padded by ceil(k / s) - 1. The s_h s_w phases read the same input,
-so their kernels stack as s_h s_w Cout output channels of ONE conv (as many multiply-adds as the transposed conv);
+so their kernels stack as s_h s_w Cout output channels of ONE conv;
 its outputs interleave (a pixel shuffle: output row q s + r) and the rows before p and past the output are cut.
 A transposed conv of a 1 x 1 map (generators' first layer: z -> Cout x 4 x 4) reads tap o + p at output o: a
 linear with Cout OH OW outputs. The CPU target lowers float transposed convs the same way (`lower.py`); this is
 the graph-level form, so `quantize` can put int8 weights and activation grids on them (they had stayed float:
 a DCGAN generator "quantized" kept every layer fp32).
+
+The phases share one padded input, so each computes a row and a column more than its share of the output (the
+rows and columns that are cut): on a 4 x 4 map (k 4, stride 2) 5 x 5 phase outputs for 4 x 4, 1.56x the MACs.
+Where that exceeds FOLD_WASTE, or the taps are dilated, the layer is a GEMM and F.fold instead (`fold_pays`):
+the pointwise conv with the weight as [Cout kh kw, Cin] gives each input pixel's output block, and aten.col2im
+adds the blocks into place (the transposed conv's own MACs; the CPU target runs the fold as one kernel).
 """
 from __future__ import annotations
 
@@ -52,6 +58,25 @@ def phase_plan(size: int, s: int, p: int, k: int, out: int) -> tuple[int, int, i
     return taps, q0, taps - 1 - q0, -(-(p + out) // s) - size
 
 
+# Past this many times the transposed conv's MACs in its phase conv, the layer is a GEMM + fold (module doc). k 4,
+# stride 2 (interleaved, Zen 3, 2 threads): at 8 x 8 and 16 x 16 maps (1.27x, 1.13x) the fold took 0.80-1.02x the
+# phase conv's time (0.70x at batch 4); at 32 x 32 and 64 x 64 (1.07x, 1.03x) the phase conv's one pass over the
+# output won (0.74-0.87x the fold's time). The CPU target's float lowering uses the same rule.
+FOLD_WASTE = 1.1
+
+
+def fold_pays(size: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+              kernel: tuple[int, int], out: tuple[int, int]) -> bool:
+    """Whether a transposed conv (2-D sizes; a 1-D one as 1 x W) runs as GEMM + fold rather than as its phase
+    conv: the phase conv would do more than FOLD_WASTE times the MACs, or cannot crop the output
+    (`phase_plan`'s padding after < 0)."""
+    (h, w), (sh, sw), (ph, pw), (kh, kw), (oh, ow) = size, stride, padding, kernel, out
+    jh, _, pt, pb = phase_plan(h, sh, ph, kh, oh)
+    jw, _, pl, pr = phase_plan(w, sw, pw, kw, ow)
+    qy, qx = h + pt + pb - jh + 1, w + pl + pr - jw + 1
+    return min(pb, pr) < 0 or qy * qx * sh * sw * jh * jw > FOLD_WASTE * h * w * kh * kw
+
+
 def phase_weight(w: torch.Tensor, stride: tuple[int, int], taps: tuple[int, int]) -> torch.Tensor:
     """The stacked phase kernels [s_h s_w Cout, Cin, jh, jw] of a transposed conv weight [Cin, Cout, kh, kw]:
     phase (rh, rw)'s tap (m, v) is the weight's tap (rh + s_h (jh - 1 - m), rw + s_w (jw - 1 - v)), zero past
@@ -80,8 +105,6 @@ def _rewrite(graph: Graph, n: fx.Node, args) -> str:
     if int(groups) != 1:
         return f"a transposed conv of {int(groups)} groups (one group only)"
     dims = val.dim() - 2
-    if any(d != 1 for d in _pair(dilation, dims)):
-        return "a dilated transposed conv"
     if not (isinstance(wn, fx.Node) and wn.op == "get_attr") or not graph.get_param(wn.target).is_floating_point():
         return "weight is computed or already quantized"
     w = graph.get_param(wn.target)
@@ -95,16 +118,35 @@ def _rewrite(graph: Graph, n: fx.Node, args) -> str:
     one_d = dims == 1
     lift = (lambda v, fill: [fill, *_pair(v, 1)]) if one_d else (lambda v, fill: _pair(v, 2))
     (sh, sw), (ph, pw), (oph, opw) = lift(stride, 1), lift(padding, 0), lift(out_pad, 0)
+    dh, dw = lift(dilation, 1)
     w4 = w[:, :, None, :] if one_d else w
     n_, cin = int(val.shape[0]), int(val.shape[1])
     h, wd = (1, int(val.shape[2])) if one_d else (int(val.shape[2]), int(val.shape[3]))
     cout, kh, kw = int(w4.shape[1]), int(w4.shape[2]), int(w4.shape[3])
-    oh, ow = (h - 1) * sh - 2 * ph + kh + oph, (wd - 1) * sw - 2 * pw + kw + opw
+    oh, ow = (h - 1) * sh - 2 * ph + dh * (kh - 1) + 1 + oph, (wd - 1) * sw - 2 * pw + dw * (kw - 1) + 1 + opw
     g = graph.gm.graph
     src = wn.meta.get("source_fqn", wn.target)
     call = lambda op, *a: g.call_function(op, a)  # noqa: E731
 
-    if h == 1 and wd == 1:  # a 1 x 1 map: a linear with Cout OH OW outputs
+    if (dh, dw) != (1, 1) or ((h, wd) != (1, 1) and fold_pays((h, wd), (sh, sw), (ph, pw), (kh, kw), (oh, ow))):
+        # a GEMM (the pointwise conv of the weight as [Cout kh kw, Cin]) and F.fold (module doc)
+        rows = w4.permute(1, 2, 3, 0).reshape(cout * kh * kw, cin, 1, 1)
+        weight = graph.add_param(f"{wn.target}_blocks", (rows[..., 0] if one_d else rows).contiguous(), before=n)
+        weight.meta["source_fqn"] = src
+        bias = None
+        if b is not None:
+            bias = graph.add_param(f"{bn.target}_folded", b.reshape(cout, 1, 1).contiguous(), before=n)
+        with g.inserting_before(n):
+            conv = aten.conv1d.default if one_d else aten.conv2d.default
+            y = call(conv, x, weight, None, [1] * dims, [0] * dims, [1] * dims, 1)
+            cols = call(aten.reshape.default, y, [n_, cout * kh * kw, h * wd])
+            out = call(aten.col2im.default, cols, [oh, ow], [kh, kw], [dh, dw], [ph, pw], [sh, sw])
+            if bias is not None:
+                out = call(aten.add.Tensor, out, bias)
+            if one_d:
+                out = call(aten.reshape.default, out, [n_, cout, ow])
+        y.meta["transposed_from"] = n.name
+    elif h == 1 and wd == 1:  # a 1 x 1 map: a linear with Cout OH OW outputs
         rows = torch.zeros(cout, oh, ow, cin, dtype=w.dtype)
         taps = w4[:, :, ph:min(kh, ph + oh), pw:min(kw, pw + ow)].permute(1, 2, 3, 0)
         rows[:, :taps.shape[1], :taps.shape[2]] = taps
@@ -121,8 +163,6 @@ def _rewrite(graph: Graph, n: fx.Node, args) -> str:
     else:
         jh, qh, pt, pb = phase_plan(h, sh, ph, kh, oh)
         jw, qw, pl, pr = phase_plan(wd, sw, pw, kw, ow)
-        if min(pb, pr) < 0:
-            return "padding past the kernel's reach (a crop the phases do not give)"
         kernel = phase_weight(w4, (sh, sw), (jh, jw))
         if one_d:
             kernel = kernel[:, :, 0, :]
@@ -158,6 +198,8 @@ def _rewrite(graph: Graph, n: fx.Node, args) -> str:
     for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
         if key in n.meta:
             y.meta[key] = n.meta[key]
+    if "val" in n.meta:  # (a transposed conv reading this one's output reads its shape there, before the refresh)
+        out.meta["val"] = n.meta["val"]
     n.replace_all_uses_with(out)
     g.erase_node(n)
     return ""
@@ -165,8 +207,9 @@ def _rewrite(graph: Graph, n: fx.Node, args) -> str:
 
 def convs_from_transposed(graph: Graph, exclude: Iterable[str] = (), kept: dict[str, str] | None = None
                           ) -> list[str]:
-    """Rewrite every 1-D / 2-D transposed conv with a float parameter weight, one group and no dilation as an
-    ordinary conv of its stacked phase kernels and a pixel shuffle (a linear, for a 1 x 1 input map); returns the
+    """Rewrite every 1-D / 2-D transposed conv with a float parameter weight and one group as an ordinary conv
+    of its stacked phase kernels and a pixel shuffle (a linear, for a 1 x 1 input map; a pointwise conv and a
+    fold, where the phases would waste work or the taps are dilated: module doc); returns the
     rewritten nodes' names, and puts why each other transposed conv stays into `kept` (by node name; quantize's
     `skipped`). One that `exclude` names (the node or its weight) stays as it is."""
     exclude, done = list(exclude), []

@@ -194,8 +194,9 @@ def test_topk_unsorted_builds():
 @pytest.mark.parametrize("batch", [None, 1, 3])
 def test_fold_builds_at_any_batch(batch):
     """F.fold (col2im): core ATen's decomposition, an index_put with broadcast index tensors, did not build in TVM
-    past batch 1 ("Cannot broadcast index shapes"); it runs as a grouped transposed conv. Overlapping, padded,
-    dilated and strided blocks, and an output with rows and columns no block covers."""
+    past batch 1 ("Cannot broadcast index shapes"); it runs on graphopt's fold kernel (a grouped transposed conv on
+    TVM's generic op before). Overlapping, padded, dilated and strided blocks, and an output with rows and columns
+    no block covers."""
     g = torch.Generator().manual_seed(0)
     shape = (2 * 3 * 3, 16) if batch is None else (batch, 2 * 3 * 3, 16)
     _check(lambda c: (torch.nn.functional.fold(c[..., :9], (6, 6), 3, padding=1, stride=2),

@@ -2399,6 +2399,60 @@ def emit_unpooling_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, 
     return bb.emit(relax.op.reshape(y, (n, cout, *(s * k for s, k in zip(sizes, ks)))))
 
 
+def col2im_source(planes: int, kh: int, kw: int, gh: int, gw: int, oh: int, ow: int, stride, padding, dilation,
+                  channels: int, clamp: tuple[float, float] | None) -> str:
+    """TVMScript of F.fold (aten.col2im) on `planes` (N C) planes: cols [N C, kh, kw, GH, GW] (tap (t, u) of grid
+    point (i, j)) adds into out [N C, OH, OW] at (i s_h - p_h + t d_h, j s_w - p_w + u d_w). Each plane is set to
+    its bias (b [C]: plane p's is b[p % C]; zeros for none, and a second input Relax's reshape detection needs, as
+    `depth_taps_source`'s fill), then each tap's grid points add in: for a tap the rows i it lands inside the
+    output are a range (computed, no test per point), so the loops are branch-free. Then the clamp (a fused
+    ReLU). One plane per task: its adds stay in L1."""
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    lo = lambda g, s, p, d, t: f"T.max(0, ({p} - {t} * {d} + {s - 1}) // {s})"  # noqa: E731
+    hi = lambda g, o, s, p, d, t: f"T.min({g}, ({o - 1 + p} - {t} * {d}) // {s} + 1)"  # noqa: E731
+    clamped = ""
+    if clamp is not None:
+        low, high = (f"T.float32({float(v)!r})" for v in clamp)
+        clamped = f"""
+        for y, x in T.grid({oh}, {ow}):
+            out[p, y, x] = T.max({low}, T.min({high}, out[p, y, x]))"""
+    return f"""
+@T.prim_func(private=True)
+def col2im(cols: T.Buffer(({planes}, {kh}, {kw}, {gh}, {gw}), "float32"), b: T.Buffer(({channels},), "float32"),
+           out: T.Buffer(({planes}, {oh}, {ow}), "float32")):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
+    for p in T.parallel({planes}):
+        for y, x in T.grid({oh}, {ow}):
+            out[p, y, x] = b[p % {channels}]
+        for t, u in T.grid({kh}, {kw}):
+            i0: T.let = {lo(gh, sh, ph, dh, "t")}
+            j0: T.let = {lo(gw, sw, pw, dw, "u")}
+            for i in T.serial(T.max(0, {hi(gh, oh, sh, ph, dh, "t")} - i0)):
+                for j in T.serial(T.max(0, {hi(gw, ow, sw, pw, dw, "u")} - j0)):
+                    out[p, (i0 + i) * {sh} - {ph} + t * {dh}, (j0 + j) * {sw} - {pw} + u * {dw}] = (
+                        out[p, (i0 + i) * {sh} - {ph} + t * {dh}, (j0 + j) * {sw} - {pw} + u * {dw}]
+                        + cols[p, t, u, i0 + i, j0 + j]){clamped}
+"""
+
+
+def emit_col2im(bb, cols, n: int, c: int, kernel, grid, out_hw, stride, padding, dilation,
+                bias: np.ndarray | None = None, clamp: tuple[float, float] | None = None):
+    """out [N, C, OH, OW] from cols [N, C kh kw, GH GW] (any shape of those elements, in that order) as F.fold
+    (`col2im_source`), bias [C] and a clamp fused."""
+    from tvm import relax
+
+    (kh, kw), (gh, gw), (oh, ow) = kernel, grid, out_hw
+    (sh, sw), (ph, pw), (dh, dw) = ((int(a), int(b)) for a, b in (stride, padding, dilation))
+    src = col2im_source(n * c, kh, kw, gh, gw, oh, ow, (sh, sw), (ph, pw), (dh, dw), c, clamp)
+    name = (f"col2im_{c}x{gh}x{gw}_k{kh}x{kw}s{sh}x{sw}p{ph}x{pw}" + ("" if (dh, dw) == (1, 1) else f"d{dh}x{dw}")
+            + ("" if clamp is None else "_clamp") + _ntag(n))
+    gv = bb.add_func(parse_kernel(src), name)
+    b = np.zeros(c, np.float32) if bias is None else np.ascontiguousarray(bias, np.float32)
+    y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(cols, (n * c, kh, kw, gh, gw))), relax.const(b)],
+                               relax.TensorType((n * c, oh, ow), "float32")))
+    return bb.emit(relax.op.reshape(y, (n, c, oh, ow)))
+
+
 def depth_taps_source(n: int, c: int, d: int, hw: int, kd: int, sd: int, pd: int, od: int) -> str:
     """TVMScript of y[n, o, c, t, :] = x[n, c, o sd + t - pd, :] (zeros outside the depth): a 3-D conv's input
     with each output depth's kd input slices side by side as channels, one contiguous H W copy per (n, o, c, t).
