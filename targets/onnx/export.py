@@ -28,7 +28,8 @@ def export_onnx(graph: Graph, path: str | Path, opset: int = 18, report: dict | 
     from graphopt.ir.sparse_ops import densify
     from graphopt.ir.quant_ops import unfold_integer_ops
     # ONNX has no block-sparse op: sparse layers go out dense (exact zeros); integer ops go out in QDQ form
-    ep = _without_exporter_names(_exportable(unfold_integer_ops(densify(graph)))).to_exported_program()
+    from graphopt.targets.onnx.decompose import for_exporter
+    ep = for_exporter(_without_exporter_names(_exportable(unfold_integer_ops(densify(graph)))).to_exported_program())
     try:
         with warnings.catch_warnings(), _quiet():
             warnings.simplefilter("ignore")
@@ -36,7 +37,7 @@ def export_onnx(graph: Graph, path: str | Path, opset: int = 18, report: dict | 
             prog = torch.onnx.export(ep, (), dynamo=True, opset_version=opset, verbose=False,
                                      custom_translation_table=translation_table(), optimize=True)
     except Exception as e:
-        raise TargetError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise TargetError(_export_failure(e)) from None
     model = prog.model_proto
     _name_interface(model, [s.name for s in graph.inputs], [s.name for s in graph.outputs])
     from graphopt.targets.onnx.qdq import (activations_to_uint8, dynamic_matmuls_to_integer, fold_pads_into_convs,
@@ -181,6 +182,21 @@ def _exportable(graph: Graph) -> Graph:
         fx_graph.erase_node(node)
     g.refresh()
     return g
+
+
+def _export_failure(e: Exception) -> str:
+    """The error for a failed torch.onnx.export: the op it has no ONNX function for and the graph node holding it,
+    where its message says (the first line alone said only "Failed to convert the exported program")."""
+    import re
+    text = str(e)
+    op = re.search(r"No ONNX function found for <OpOverload\(op='([\w.]+)', overload='(\w+)'\)>", text)
+    node = re.search(r"Error when translating node %(\w+)", text)
+    if op:
+        where = f" (node '{node.group(1)}')" if node else ""
+        return (f"ONNX export failed: torch's ONNX exporter has no ONNX function for {op.group(1)}.{op.group(2)}"
+                f"{where}: graphopt's own targets compile it (--target llvm), or replace the op in the model")
+    first = text.splitlines()[0] if text else ""
+    return f"ONNX export failed: {type(e).__name__}: {first}" + (f" (at node '{node.group(1)}')" if node else "")
 
 
 def _weight_bytes(model) -> int:

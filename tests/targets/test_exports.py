@@ -633,3 +633,53 @@ def test_onnx_export_of_row_adds_runs_in_onnxruntime_threads_as_pytorch(tmp_path
     for _ in range(3):
         got = sess.run(None, {sess.get_inputs()[0].name: h.numpy()})[0]
         np.testing.assert_allclose(got, model(h).numpy(), rtol=1e-5, atol=1e-5)
+
+
+class _ExporterGaps(torch.nn.Module):
+    """Ops torch's ONNX exporter has no function for, or refuses in the form a model writes them."""
+
+    def __init__(self):
+        super().__init__()
+        self.p = torch.nn.Parameter(torch.randn(7, 6))
+        self.bag = torch.nn.EmbeddingBag(40, 6, mode="max", padding_idx=2)
+        self.bag_w = torch.nn.EmbeddingBag(40, 6, mode="sum")
+
+    def forward(self, x, ids, flat, offsets, w):
+        d = torch.cdist(x, self.p, p=1.0) + torch.cdist(x, self.p) + torch.cdist(x, self.p, p=3.0)  # cdist
+        r = torch.nn.functional.rrelu(x, training=False)  # rrelu in eval mode
+        pooled = torch.nn.functional.adaptive_max_pool2d(x[None], (3, 4))[0]  # windows of uneven sizes
+        bound = x - x.abs().amax()  # amax over every dim
+        order = torch.sort(x, dim=1, descending=True, stable=True).values
+        scans = torch.cummax(x, 1).values + torch.cummin(x, 0).values
+        bags = self.bag(ids) + self.bag_w(flat, offsets, per_sample_weights=w)  # bags of a row; offsets, weights
+        return d, r, pooled, bound, order, scans, bags
+
+
+def test_onnx_export_of_ops_the_exporter_lacks_runs_in_onnxruntime_as_pytorch(tmp_path):
+    """torch.cdist (p = 1, 2, 3), rrelu in eval mode, adaptive max pooling, amax over every dim, a stable sort,
+    cummax / cummin values and nn.EmbeddingBag (max with padding_idx over rows, sum with offsets, an empty bag and
+    per-sample weights) compiled with graphopt but failed `--target onnx` ("No ONNX function found for
+    aten._cdist_forward"; EmbeddingBag: an invalid model). They go out decomposed (targets/onnx/decompose.py) and
+    ONNX Runtime computes PyTorch's outputs. cummax's indices read are still refused, naming the op and node."""
+    from graphopt.targets.onnx.export import export_onnx
+    torch.manual_seed(0)
+    model = _ExporterGaps().eval()
+    ids = torch.randint(0, 40, (3, 5))
+    ids[0] = 2  # a bag of padding only: zeros
+    ids[1, 1] = 2
+    args = (torch.randn(5, 6), ids, torch.randint(0, 40, (9,)), torch.tensor([0, 4, 4]), torch.rand(9))
+    path = export_onnx(graphopt.trace(model, args), tmp_path / "m.onnx")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {i.name: a.numpy() for i, a in zip(sess.get_inputs(), args)})
+    with torch.no_grad():
+        want = model(*args)
+    assert len(got) == len(want) == 7
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w.numpy(), rtol=1e-5, atol=1e-5)
+
+    class Indices(torch.nn.Module):
+        def forward(self, x):
+            return torch.cummax(x, 1).indices
+    with pytest.raises(graphopt.errors.TargetError, match=r"no ONNX function for aten\.cummax.*\(node 'cummax'\)"):
+        export_onnx(graphopt.trace(Indices().eval(), (torch.randn(2, 5),)), tmp_path / "i.onnx")
+    assert not (tmp_path / "i.onnx").exists()

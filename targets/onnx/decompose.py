@@ -1,0 +1,169 @@
+"""Ops torch's ONNX exporter has no function for, or refuses in one of their forms, written as ops it has: run on
+the exported program before the export. Each was a model that compiled with graphopt and whose `--target onnx`
+failed ("No ONNX function found for aten._cdist_forward", "Required parameter 'dim' is not provided")."""
+from __future__ import annotations
+
+import math
+
+
+def _amax_amin(op_name: str):
+    def decompose(x, dim=(), keepdim=False):
+        """amax / amin over every dim (torch.amax(x) with no dims, as in x.abs().amax() for a clamp bound): the
+        exporter's function requires the dims, so they are written out."""
+        import torch
+        if len(dim) or x.dim() == 0:
+            return NotImplemented
+        return getattr(torch.ops.aten, op_name).default(x, list(range(x.dim())), keepdim)
+    return decompose
+
+
+def _sort_stable(x, *, stable=None, dim=-1, descending=False):
+    """torch.sort(..., stable=True): the exporter has sort.default only, which it writes as TopK; ONNX TopK puts the
+    lower index first among equal values, the order a stable sort gives."""
+    import torch
+    return torch.ops.aten.sort.default(x, dim, descending)
+
+
+def _rrelu(x, noise, lower=1.0 / 8.0, upper=1.0 / 3.0, training=False, generator=None):
+    """rrelu in eval mode (F.rrelu(training=False), nn.RReLU in an eval model): a leaky ReLU of slope
+    (lower + upper) / 2; the noise goes out as it came."""
+    import torch
+    if training:
+        return NotImplemented
+    return torch.ops.aten.leaky_relu.default(x, (float(lower) + float(upper)) / 2.0), noise
+
+
+def _rrelu_whole(x, lower=1.0 / 8.0, upper=1.0 / 3.0, training=False, generator=None):
+    """F.rrelu as the graph holds it (see `_rrelu`)."""
+    if training:
+        return NotImplemented
+    import torch
+    return torch.ops.aten.leaky_relu.default(x, (float(lower) + float(upper)) / 2.0)
+
+
+def _cdist(x1, x2, p=2.0, compute_mode=None):
+    """torch.cdist as the differences of every pair of rows ([..., M, N, D], reduced over D): exact for every p
+    (p = 2 as the square root of the summed squares, p = 0 counting the differing coordinates, p = inf the largest
+    difference)."""
+    import torch
+    d = (x1.unsqueeze(-2) - x2.unsqueeze(-3)).abs()
+    p = float(p)
+    if p == 0.0:
+        return (d != 0).to(x1.dtype).sum(-1)
+    if p == 1.0:
+        return d.sum(-1)
+    if p == 2.0:
+        return torch.sqrt((d * d).sum(-1))
+    if math.isinf(p):
+        return d.amax(-1)
+    return d.pow(p).sum(-1).pow(1.0 / p)
+
+
+def _windows(size: int, out: int) -> list[tuple[int, int]]:
+    """Adaptive pooling's windows along one axis: output i reads [floor(i size / out), ceil((i + 1) size / out))."""
+    return [(i * size // out, -(-(i + 1) * size // out)) for i in range(out)]
+
+
+def _adaptive_max_pool2d(x, output_size):
+    """Adaptive max pooling's values (CBAM's, SPP's), the max over each output cell's window taken along H, then
+    along W (the max of a rectangle is the max of its rows' maxima: exact). Only where the indices go unread
+    (`for_exporter` checks); the exporter has no function for the op."""
+    import torch
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    oh, ow = (int(v) if v is not None else d for v, d in zip(output_size, (h, w)))
+    rows = torch.cat([x[..., a:b, :].amax(-2, keepdim=True) for a, b in _windows(h, oh)], -2)
+    values = torch.cat([rows[..., a:b].amax(-1, keepdim=True) for a, b in _windows(w, ow)], -1)
+    return values, torch.zeros(values.shape, dtype=torch.int64)
+
+
+def _cumulative(op_name: str):
+    def decompose(x, dim):
+        """cummax / cummin's values as a scan of log2(n) steps: step k takes the max (min) with the values 2^k
+        before, the shifted-in ones padded with the values themselves (exact; ONNX has no cumulative max). Only
+        where the indices go unread (`for_exporter` checks)."""
+        import torch
+        if x.dim() == 0:
+            return NotImplemented
+        dim = dim % x.dim()
+        n, v, step = int(x.shape[dim]), x, 1
+        pick = torch.maximum if op_name == "cummax" else torch.minimum
+        while step < n:
+            v = torch.cat([v.narrow(dim, 0, step), pick(v.narrow(dim, step, n - step), v.narrow(dim, 0, n - step))],
+                          dim)
+            step *= 2
+        return v, torch.zeros(v.shape, dtype=torch.int64)
+    return decompose
+
+
+def _embedding_bag(weight, indices, offsets, scale_grad_by_freq=False, mode=0, sparse=False,
+                   per_sample_weights=None, include_last_offset=False, padding_idx=None):
+    """nn.EmbeddingBag (DLRM's tables) as a gather and a segment reduction: position j of the flat indices belongs
+    to bag (number of offsets <= j) - 1; sum and mean add the (weighted) rows into their bags (index_add, which
+    the export writes as a scatter add), max takes a scatter amax; padding_idx's rows count for nothing, and a bag
+    with no rows is zeros, as in PyTorch. torch's exporter wrote an invalid model for every mode ("Nodes in a graph
+    must be topologically sorted"). The other three outputs are zeros: only where they go unread."""
+    import torch
+    if indices.dim() == 2:  # [B, L]: bags of L (offsets unused)
+        bags, length = int(indices.shape[0]), int(indices.shape[1])
+        indices = indices.reshape(-1)
+        bag = torch.arange(bags * length, dtype=torch.int64) // length
+        if per_sample_weights is not None:
+            per_sample_weights = per_sample_weights.reshape(-1)
+    else:
+        starts = offsets[:-1] if include_last_offset else offsets
+        bags = int(starts.shape[0])
+        bag = (torch.arange(int(indices.shape[0]), dtype=torch.int64)[:, None] >= starts[None, :]).sum(1) - 1
+    rows = torch.ops.aten.embedding.default(weight, indices)
+    valid = torch.ones(indices.shape, dtype=weight.dtype) if padding_idx is None or padding_idx < 0 else \
+        (indices != padding_idx).to(weight.dtype)
+    count = torch.zeros(bags, dtype=weight.dtype).index_add(0, bag, valid)
+    if int(mode) == 2:
+        lowest = torch.full_like(rows, float("-inf"))
+        taken = torch.where(valid[:, None] > 0, rows, lowest)
+        out = torch.full((bags, int(weight.shape[1])), float("-inf"), dtype=weight.dtype).scatter_reduce(
+            0, bag[:, None].expand(rows.shape), taken, "amax")
+        out = torch.where(count[:, None] > 0, out, torch.zeros_like(out))
+    else:
+        if per_sample_weights is not None:
+            rows = rows * per_sample_weights[:, None]
+        out = torch.zeros(bags, int(weight.shape[1]), dtype=weight.dtype).index_add(0, bag, rows * valid[:, None])
+        if int(mode) == 1:
+            out = out / count.clamp_min(1.0)[:, None]
+    none = torch.zeros(1, dtype=torch.int64)
+    return out, none, none, none
+
+
+def exporter_table() -> dict:
+    """The decompositions above, by the op the graph holds (torch.cdist and F.rrelu are still whole there; the
+    exporter's own decompositions would make them _cdist_forward and rrelu_with_noise_functional, which it lacks)."""
+    import torch
+    aten = torch.ops.aten
+    return {aten.amax.default: _amax_amin("amax"), aten.amin.default: _amax_amin("amin"),
+            aten.sort.stable: _sort_stable, aten.rrelu.default: _rrelu_whole,
+            aten.rrelu_with_noise_functional.default: _rrelu, aten.cdist.default: _cdist,
+            aten._cdist_forward.default: _cdist, aten.adaptive_max_pool2d.default: _adaptive_max_pool2d,
+            aten.cummax.default: _cumulative("cummax"), aten.cummin.default: _cumulative("cummin"),
+            aten.embedding_bag.default: _embedding_bag, aten.embedding_bag.padding_idx: _embedding_bag,
+            aten._embedding_bag.default: _embedding_bag, aten._embedding_bag_forward_only.default: _embedding_bag}
+
+
+# ops whose decomposition above computes the first output only (the others are zeros): taken where nothing reads
+# the others
+_VALUES_ONLY = ("adaptive_max_pool2d", "cummax", "cummin", "embedding_bag", "_embedding_bag",
+                "_embedding_bag_forward_only")
+
+
+def for_exporter(ep):
+    """`ep` with the ops of `exporter_table` decomposed, or `ep` itself where it has none."""
+    import operator
+
+    from graphopt.ir.graph import run_decompositions
+    table = exporter_table()
+    for n in ep.graph.nodes:
+        name = getattr(n.target, "_opname", None)
+        if n.op == "call_function" and name in _VALUES_ONLY and any(
+                u.target is not operator.getitem or (u.args[1] != 0 and u.users) for u in n.users):
+            table.pop(n.target, None)  # (its indices are read: left to the exporter, which names the op)
+    if not any(n.op == "call_function" and n.target in table for n in ep.graph.nodes):
+        return ep
+    return run_decompositions(ep, table)
