@@ -47,6 +47,12 @@ def load_model(spec: str | Path, input_shapes: dict[str, Sequence[int]] | None =
     if suffix == ".pt2":
         from graphopt.frontends.torch_export import load_pt2
         return load_pt2(path, input_shapes)
+    if suffix in (".pth", ".pt", ".bin", ".ckpt", ".pkl") and _is_torchscript(path):
+        raise ModelFileError(f"'{path}' is a TorchScript archive (torch.jit.save): graphopt does not read "
+                             "TorchScript. Its graph goes to ONNX with torch's TorchScript exporter: "
+                             f"torch.onnx.export(torch.jit.load('{path}'), example_inputs, 'model.onnx', "
+                             "dynamo=False), then pass model.onnx; or export the Python model with torch.export "
+                             "(torch.export.save as .pt2)")
     if suffix in (".pth", ".pt", ".bin", ".ckpt", ".pkl"):
         raise ModelFileError(f"'{path}' is a PyTorch weights/pickle file: it holds no graph, and graphopt never "
                              "unpickles files. Trace the model in Python (graphopt.trace(model, inputs).save('m.gopt')), "
@@ -55,6 +61,16 @@ def load_model(spec: str | Path, input_shapes: dict[str, Sequence[int]] | None =
     if not path.exists():
         raise ModelFileError(f"model '{path}' does not exist")
     raise ModelFileError(f"'{path}': unknown model file type '{suffix}' (expected .onnx, .pt2, .gopt or zoo:<name>)")
+
+
+def _is_torchscript(path: Path) -> bool:
+    """Whether `path` is a torch.jit.save archive (a zip with TorchScript code in it), from its file list only."""
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any("/code/__torch__/" in f"/{name}" for name in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 # ctx extras the passes read (labels for training passes, teacher/loss/optimizer for distillation and recovery)

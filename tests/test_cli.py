@@ -205,6 +205,10 @@ def test_bad_inputs_are_one_line_errors(tmp_path, onnx_model, capsys):
     cli = lambda *args: cli_inproc(capsys, *args)  # noqa: E731
     torch.save({"w": torch.ones(1)}, tmp_path / "w.pth")
     one_line_error(cli("inspect", tmp_path / "w.pth"), "never unpickles")
+    # a TorchScript archive holds a graph: the error says how it becomes one graphopt reads (jit.load is not run)
+    torch.jit.save(torch.jit.trace(torch.nn.Linear(3, 2).eval(), torch.randn(1, 3)), tmp_path / "ts.pt")
+    one_line_error(cli("inspect", tmp_path / "ts.pt"), "TorchScript archive", "torch.onnx.export(torch.jit.load(",
+                   "dynamo=False")
     one_line_error(cli("opt", path, "--pipeline", "fold-bn{", "-o", tmp_path / "o.gopt"), "column 9")
     one_line_error(cli("opt", path, "--pipeline", "fold-bnn", "-o", tmp_path / "o.gopt"), "unknown pass 'fold-bnn'")
     one_line_error(cli("opt", path, "--pipeline", "fold-constants{speed=3}", "-o", tmp_path / "o.gopt"),
