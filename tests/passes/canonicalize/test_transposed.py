@@ -31,7 +31,8 @@ def test_transposed_convs_become_phase_convs_with_the_same_outputs():
         (2, 3, 2, 2, 1, (5, 6), True, 2, True), (2, (3, 2), (1, 2), (2, 0), 0, (4, 4), False, (2, 3), True),
         (2, 1, 3, 2, 0, (5, 7), True, 1, True),  # one tap, a crop of 2: the phases cannot give it
         (1, 4, 2, 1, 0, (9,), True, 1, True), (1, 4, 2, 1, 0, (40,), True, 1, False),
-        (1, 16, 8, 4, 0, (7,), True, 1, True), (1, 7, 3, 3, 2, (1,), False, 1, False), (1, 3, 2, 2, 1, (8,), True, 3, True),
+        (1, 16, 8, 4, 0, (7,), True, 1, True), (1, 7, 3, 3, 2, (1,), False, 1, False),
+        (1, 3, 2, 2, 1, (8,), True, 3, True),
     ]
     for dims, k, s, p, op, hw, bias, d, fold in cases:
         conv = (nn.ConvTranspose2d if dims == 2 else nn.ConvTranspose1d)(3, 5, k, s, p, op, bias=bias, dilation=d)
