@@ -3077,6 +3077,27 @@ def _decomposed_from(ep, graph: Graph, ops: set[str]) -> tuple[str, str]:
     return "(from a decomposition)", ""
 
 
+# ops that draw random numbers (a VAE's reparameterization, gumbel_softmax, noise injection): TVM's importer compiled
+# randn / randn_like as ONE draw made at compile time, the same numbers on every call, exponential_ as zeros
+# (gumbel_softmax then gave NaN everywhere) and bernoulli(p) as its input, all without a word
+_RANDOM_OPS = frozenset({
+    "randn", "randn_like", "rand", "rand_like", "randint", "randint_like", "randperm", "bernoulli", "bernoulli_",
+    "exponential", "exponential_", "normal", "normal_", "normal_functional", "uniform", "uniform_", "multinomial",
+    "poisson", "cauchy", "cauchy_", "log_normal", "log_normal_", "geometric", "geometric_", "random", "random_",
+    "native_dropout", "rrelu_with_noise", "rrelu_with_noise_"})
+
+
+def _refuse_random(graph: Graph) -> None:
+    """A graph op that draws random numbers is an error naming it: a compiled artifact is a function of its inputs."""
+    for n in graph.gm.graph.nodes:
+        if n.op == "call_function" and getattr(n.target, "_opname", None) in _RANDOM_OPS:
+            raise UnsupportedOpError(n.name, target_name(n.target),
+                                     "it draws random numbers, and graphopt's artifact is a deterministic function "
+                                     "of its inputs: pass the noise in as a model input (eps = torch.randn_like(mu) "
+                                     "by the caller, z = mu + std * eps in the model), or export with --target "
+                                     "onnx / pt2, whose runtimes sample")
+
+
 def _refuse_side_effects(graph: Graph, ep) -> None:
     """Ops with a runtime side effect (torch.linalg.inv / solve / cholesky check their input and raise on a singular
     one) export as `with_effects` calls threaded by a token input, which TVM's importer rejects ("Unsupported input
@@ -3255,6 +3276,7 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
     import torch
     from torch.export import default_decompositions
 
+    _refuse_random(graph)
     graph = complex_as_real(graph)  # (TVM has no complex dtype: Llama's rotary embedding as (real, imag) pairs)
     if device == "cpu":
         graph = float32_compute(graph)

@@ -254,6 +254,23 @@ def test_signbit_builds_and_reads_negative_zero():
     _check(lambda x: (torch.signbit(x), torch.signbit((x.clamp(-9, 9) * 4).int())), x)
 
 
+@pytest.mark.parametrize("fn,node", [
+    (lambda x: x + torch.randn_like(x), "randn_like"),  # a VAE's reparameterization
+    (lambda x: torch.nn.functional.gumbel_softmax(x, tau=0.5, hard=True), "exponential_"),
+    (lambda x: torch.bernoulli(torch.sigmoid(x)), "bernoulli"),
+    (lambda x: x * torch.rand(5), "rand"),
+], ids=["randn_like", "gumbel", "bernoulli", "rand"])
+def test_random_ops_are_refused_by_name(fn, node, tmp_path):
+    """Ops that draw random numbers had compiled without a word into something else: TVM's importer made randn_like
+    one draw at compile time (the same "noise" on every call), exponential_ zeros (gumbel_softmax gave NaN
+    everywhere) and bernoulli(p) its input p. They are an error naming the node, saying how to pass the noise in;
+    the ONNX export keeps them (ONNX Runtime samples)."""
+    g = graphopt.trace(_Fn(fn).eval(), (torch.randn(3, 5),))
+    with pytest.raises(UnsupportedOpError, match=rf"at node '{node}': it draws random numbers.*as a model input"):
+        graphopt.compile(g, "llvm", output=tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
 @pytest.mark.parametrize("fn", [lambda x: torch.linalg.inv(x), lambda x: torch.linalg.cholesky(x),
                                 lambda x: torch.linalg.inv(torch.erfinv(x * 0.1))],
                          ids=["inv", "cholesky", "inv-after-erfinv"])
