@@ -3280,6 +3280,8 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
     graph = complex_as_real(graph)  # (TVM has no complex dtype: Llama's rotary embedding as (real, imag) pairs)
     if device == "cpu":
         graph = float32_compute(graph)
+        from graphopt.passes.canonicalize.transposed import grouped_as_convs
+        graph = grouped_as_convs(graph)  # (grouped transposed convs as grouped convs, for the kernels)
     # core-ATen decomposition, except linear: decomposed, it becomes permute + addmm and hides the constant weight
     # the packed GEMM needs
     table = default_decompositions()

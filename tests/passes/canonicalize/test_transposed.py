@@ -20,7 +20,9 @@ def test_transposed_convs_become_phase_convs_with_the_same_outputs():
     left and the outputs are PyTorch's within float rounding (1e-5 of the outputs' range). Small maps, where the
     phase conv would compute more than FOLD_WASTE times the MACs (also a 3-tap kernel at stride 2 on any map: its
     phases hold 2 x 2 taps of 3 x 3, one a zero), dilated taps and a one-tap kernel with a crop larger than the
-    phases give become a pointwise conv and a fold (aten.col2im); larger maps and stride 1 the phase conv."""
+    phases give become a pointwise conv and a fold (aten.col2im); larger maps and stride 1 the phase conv. Grouped
+    ones (depthwise upsampling, its channel multiplier, 2 groups) take the grouped phase conv on any map (the fold
+    for dilated taps and a 1 x 1 map)."""
     torch.manual_seed(0)
     cases = [  # (dims, k, stride, padding, output_padding, input map, bias, dilation, fold)
         (2, 4, 2, 1, 0, (5, 7), True, 1, True), (2, 3, 2, 1, 1, (6, 6), False, 1, True),
@@ -34,13 +36,20 @@ def test_transposed_convs_become_phase_convs_with_the_same_outputs():
         (1, 16, 8, 4, 0, (7,), True, 1, True), (1, 7, 3, 3, 2, (1,), False, 1, False),
         (1, 3, 2, 2, 1, (8,), True, 3, True),
     ]
-    for dims, k, s, p, op, hw, bias, d, fold in cases:
-        conv = (nn.ConvTranspose2d if dims == 2 else nn.ConvTranspose1d)(3, 5, k, s, p, op, bias=bias, dilation=d)
-        x = torch.randn(2, 3, *hw)
+    grouped = [  # (groups, in, out) appended: depthwise, its channel multiplier, 2 groups; 1-D; a 1 x 1 map
+        (2, 4, 2, 1, 0, (6, 5), True, 1, False, (6, 6, 6)), (2, 4, 2, 1, 0, (3, 4), True, 1, False, (4, 4, 8)),
+        (2, 3, 2, 1, 1, (5, 5), False, 1, False, (2, 4, 6)), (1, 4, 2, 1, 0, (9,), True, 1, False, (2, 4, 6)),
+        (2, 4, 2, 1, 0, (1, 1), True, 1, True, (2, 4, 6)), (2, 3, 2, 2, 1, (5, 6), True, 2, True, (2, 4, 6)),
+    ]
+    for dims, k, s, p, op, hw, bias, d, fold, *grouping in cases + grouped:
+        groups, cin, cout = grouping[0] if grouping else (1, 3, 5)
+        conv = (nn.ConvTranspose2d if dims == 2 else nn.ConvTranspose1d)(cin, cout, k, s, p, op, bias=bias,
+                                                                          dilation=d, groups=groups)
+        x = torch.randn(2, cin, *hw)
         g = graphopt.trace(conv.eval(), (x,))
         done = convs_from_transposed(g)
         targets = _targets(g)
-        case = (dims, k, s, p, hw, d)
+        case = (dims, k, s, p, hw, d, groups)
         assert len(done) == 1 and not any("conv_transpose" in t for t in targets), (case, targets)
         assert any(t in ("aten.conv2d.default", "aten.conv1d.default", "aten.linear.default") for t in targets)
         assert ("aten.col2im.default" in targets) == fold, (case, targets)
@@ -114,8 +123,9 @@ def test_quantize_puts_int8_on_transposed_convs_and_they_run_int8_kernels(tmp_pa
 
 
 def test_quantize_says_why_a_transposed_conv_stays_float():
-    """Grouped and 3-D transposed convs are not rewritten: quantize lists each in its `skipped` stats with the
-    reason (they had not been named at all), and the graph still computes the model. A dilated one is (a fold)."""
+    """3-D transposed convs are not rewritten: quantize lists each in its `skipped` stats with the reason (they
+    had not been named at all), and the graph still computes the model. Grouped and dilated ones are (a grouped
+    phase conv, a fold), and chained ones."""
 
     class Kept(nn.Module):
         def __init__(self):
@@ -132,10 +142,7 @@ def test_quantize_says_why_a_transposed_conv_stays_float():
     xs = [(torch.randn(1, 8, 5, 5),) for _ in range(3)]
     q = graphopt.optimize(graphopt.trace(model, xs[0]), "quantize", data=xs)
     stats = q.meta["history"][-1]["stats"]
-    assert stats["transposed_convs_as_convs"] == 2, stats
-    skipped = stats["skipped"]
-    assert "2 groups" in skipped["conv_transpose2d"] and "conv_transpose2d_1" not in skipped, skipped
-    assert "stays a float transposed conv" in skipped["conv_transpose2d"]
+    assert stats["transposed_convs_as_convs"] == 3 and not stats["skipped"], stats
     with torch.no_grad():
         want = model(xs[0][0])
     got = q.run(xs[0][0])[0]
