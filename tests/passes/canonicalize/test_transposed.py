@@ -20,7 +20,8 @@ def test_transposed_convs_become_phase_convs_with_the_same_outputs():
     left and the outputs are PyTorch's within float rounding (1e-5 of the outputs' range). Small maps, where the
     phase conv would compute more than FOLD_WASTE times the MACs (also a 3-tap kernel at stride 2 on any map: its
     phases hold 2 x 2 taps of 3 x 3, one a zero), dilated taps and a one-tap kernel with a crop larger than the
-    phases give become a pointwise conv and a fold (aten.col2im); larger maps and stride 1 the phase conv. Grouped
+    phases give become a pointwise conv and a fold (aten.col2im), and 1-D ones at any length; larger maps and
+    stride 1 the phase conv. Grouped
     ones (depthwise upsampling, its channel multiplier, 2 groups) take the grouped phase conv on any map (the fold
     for dilated taps and a 1 x 1 map)."""
     torch.manual_seed(0)
@@ -32,7 +33,7 @@ def test_transposed_convs_become_phase_convs_with_the_same_outputs():
         (2, 4, 1, 0, 0, (1, 1), True, 1, False), (2, 4, 2, 1, 0, (1, 1), False, 1, False),
         (2, 3, 2, 2, 1, (5, 6), True, 2, True), (2, (3, 2), (1, 2), (2, 0), 0, (4, 4), False, (2, 3), True),
         (2, 1, 3, 2, 0, (5, 7), True, 1, True),  # one tap, a crop of 2: the phases cannot give it
-        (1, 4, 2, 1, 0, (9,), True, 1, True), (1, 4, 2, 1, 0, (40,), True, 1, False),
+        (1, 4, 2, 1, 0, (9,), True, 1, True), (1, 4, 2, 1, 0, (40,), True, 1, True),
         (1, 16, 8, 4, 0, (7,), True, 1, True), (1, 7, 3, 3, 2, (1,), False, 1, False),
         (1, 3, 2, 2, 1, (8,), True, 3, True),
     ]
