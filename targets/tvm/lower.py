@@ -1843,7 +1843,11 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         from graphopt.targets.tvm.cpu.rules import target_cores, vector_lanes, vector_registers
         if kind == "pointwise":
             return k.emit_conv1x1(bb, x, w, b, x_shape, vector_lanes(target), clamp, residual)
-        if (kind == "im2col" or (kind == "direct" and w.shape[1] > 8)) and (
+        # a conv of one row (conv1d: TCNs, audio) takes im2col + the packed GEMM below, not the flat / pixel-row
+        # kernels: interleaved on a Zen 3, 64 -> 64 k5 at 1000 steps 0.585 -> 0.380 ms, 128 k3 at 500 0.549 ->
+        # 0.425, 256 k3 at 250 1.075 -> 0.986, 32 -> 64 k7 at 4000 1.265 -> 0.943, 512 k3 at 100 1.676 -> 1.182
+        one_row = int(x_shape[2]) == 1 and int(w.shape[2]) == 1 and kind == "im2col"
+        if not one_row and (kind == "im2col" or (kind == "direct" and w.shape[1] > 8)) and (
                 k.tok_conv_applies(w.shape, stride) or k.flat_conv_applies(x_shape, w.shape, stride, full)):
             lanes = vector_lanes(target)
             return k.emit_flat_conv(bb, x, w, b, x_shape, stride, full, clamp, residual, lanes >= 8, lanes=lanes,
