@@ -1,11 +1,11 @@
 """Transposed convs as ordinary convs, the form the weight passes (quantize) and the int8 kernels take.
 
-A transposed conv (1-D or 2-D, one group) with stride s, padding p and a k-tap kernel writes output
-pixel o = i s - p + t from tap t of input pixel i. Output o has phase r = (o + p) mod s and reads only taps
-t = r + s j, so with q = (o + p - r) / s the phase is y_r[q] = sum_j x[q - j] w[r + s j]: a stride-1 conv with a
-ceil(k / s)-tap kernel, flipped, over the input padded by ceil(k / s) - 1. The s_h s_w phases read the same input,
-so their kernels stack as s_h s_w Cout output channels of ONE conv;
-its outputs interleave (a pixel shuffle: output row q s + r) and the rows before p and past the output are cut.
+A transposed conv (1-D or 2-D; a grouped one is G of them side by side) with stride s, padding p and a k-tap
+kernel writes output pixel o = i s - p + t from tap t of input pixel i. Output o has phase r = (o + p) mod s and
+reads only taps t = r + s j, so with q = (o + p - r) / s the phase is y_r[q] = sum_j x[q - j] w[r + s j]: a
+stride-1 conv with a ceil(k / s)-tap kernel, flipped, over the input padded by ceil(k / s) - 1. The s_h s_w phases
+read the same input, so their kernels stack as s_h s_w Cout output channels of ONE conv; its outputs interleave
+(a pixel shuffle: output row q s + r) and the rows before p and past the output are cut.
 A transposed conv of a 1 x 1 map (generators' first layer: z -> Cout x 4 x 4) reads tap o + p at output o: a
 linear with Cout OH OW outputs. The CPU target lowers float transposed convs the same way (`lower.py`); this is
 the graph-level form, so `quantize` can put int8 weights and activation grids on them (they had stayed float:
@@ -224,9 +224,10 @@ def _rewrite(graph: Graph, n: fx.Node, args) -> str:
 
 def convs_from_transposed(graph: Graph, exclude: Iterable[str] = (), kept: dict[str, str] | None = None
                           ) -> list[str]:
-    """Rewrite every 1-D / 2-D transposed conv with a float parameter weight and one group as an ordinary conv
-    of its stacked phase kernels and a pixel shuffle (a linear, for a 1 x 1 input map; a pointwise conv and a
-    fold, where the phases would waste work or the taps are dilated: module doc); returns the
+    """Rewrite every 1-D / 2-D transposed conv with a float parameter weight as an ordinary conv (of G groups for
+    a grouped one) of its stacked phase kernels and a pixel shuffle (a linear, for a 1 x 1 input map; a pointwise
+    conv and a fold, where the phases would waste work, the conv is 1-D or the taps are dilated: module doc);
+    returns the
     rewritten nodes' names, and puts why each other transposed conv stays into `kept` (by node name; quantize's
     `skipped`). One that `exclude` names (the node or its weight) stays as it is."""
     exclude, done = list(exclude), []

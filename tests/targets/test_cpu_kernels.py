@@ -625,12 +625,15 @@ def test_transposed_conv_is_one_phase_conv_and_a_pixel_shuffle(cin, cout, k, s, 
     _assert_built_matches(g, model, x)
 
 
-def test_grouped_transposed_conv_keeps_tvms_op():
+def test_grouped_transposed_conv_leaves_tvms_op():
+    """A grouped transposed conv had kept TVM's conv2d_transpose (58 ms for 4 groups of 64 channels at 32 x 32,
+    ONNX Runtime 0.87); since the seventy-fourth session it is the grouped conv of its phase kernels on graphopt's
+    kernels (tests/targets/test_volumes.py has the shapes)."""
     torch.manual_seed(0)
     grouped = torch.nn.ConvTranspose2d(16, 8, 4, 2, 1, groups=2).eval()
     x = torch.randn(1, 16, 6, 6)
     g = graphopt.trace(grouped, (x,))
-    assert "R.nn.conv2d_transpose" in lower_to_relax(g).script()
+    assert "R.nn.conv2d_transpose" not in lower_to_relax(g).script()
     _assert_built_matches(g, grouped, x)
 
 
