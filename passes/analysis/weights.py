@@ -12,6 +12,7 @@ import torch.fx as fx
 
 from graphopt.ir.graph import Graph
 from graphopt.ir.names import matches, node_labels
+from graphopt.passes.canonicalize.dce import eliminate_dead_code
 
 aten = torch.ops.aten
 WEIGHT_OPS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
@@ -88,10 +89,10 @@ def _transposed_param(graph: Graph, n):
 
 
 def tidied(graph: Graph, count: int) -> int:
-    """`count`, after dropping the nodes and parameters the rewrites left unread and recomputing shapes."""
+    """`count`, after dropping the nodes and parameters the rewrites left unread and recomputing shapes (when
+    there were rewrites: every graph rewrite of the weight and quantization passes ends so)."""
     if count:
-        graph.gm.graph.eliminate_dead_code()
-        graph.remove_unused_params()
+        eliminate_dead_code(graph)
         graph.refresh()
     return count
 

@@ -139,8 +139,9 @@ def _rewrite(graph: Graph, n: fx.Node, args) -> str:
     src = wn.meta.get("source_fqn", wn.target)
     call = lambda op, *a: g.call_function(op, a)  # noqa: E731
 
-    if (dh, dw) != (1, 1) or groups > 1 and (h, wd) == (1, 1) or (
-            (h, wd) != (1, 1) and fold_pays((h, wd), (sh, sw), (ph, pw), (kh, kw), (oh, ow), groups)):
+    one_pixel = (h, wd) == (1, 1)
+    if (dh, dw) != (1, 1) or (one_pixel and groups > 1) or (
+            not one_pixel and fold_pays((h, wd), (sh, sw), (ph, pw), (kh, kw), (oh, ow), groups)):
         # a GEMM (the pointwise conv of the weight as [Cout kh kw, Cin], per group) and F.fold (module doc)
         rows = torch.cat([wg.permute(1, 2, 3, 0).reshape(cout_g * kh * kw, cin_g, 1, 1) for wg in per_group])
         weight = graph.add_param(f"{wn.target}_blocks", (rows[..., 0] if one_d else rows).contiguous(), before=n)
@@ -158,7 +159,7 @@ def _rewrite(graph: Graph, n: fx.Node, args) -> str:
             if one_d:
                 out = call(aten.reshape.default, out, [n_, cout, ow])
         y.meta["transposed_from"] = n.name
-    elif h == 1 and wd == 1:  # a 1 x 1 map: a linear with Cout OH OW outputs
+    elif one_pixel:  # a 1 x 1 map (one group): a linear with Cout OH OW outputs
         rows = torch.zeros(cout, oh, ow, cin, dtype=w.dtype)
         taps = w4[:, :, ph:min(kh, ph + oh), pw:min(kw, pw + ow)].permute(1, 2, 3, 0)
         rows[:, :taps.shape[1], :taps.shape[2]] = taps
@@ -227,9 +228,8 @@ def convs_from_transposed(graph: Graph, exclude: Iterable[str] = (), kept: dict[
     """Rewrite every 1-D / 2-D transposed conv with a float parameter weight as an ordinary conv (of G groups for
     a grouped one) of its stacked phase kernels and a pixel shuffle (a linear, for a 1 x 1 input map; a pointwise
     conv and a fold, where the phases would waste work, the conv is 1-D or the taps are dilated: module doc);
-    returns the
-    rewritten nodes' names, and puts why each other transposed conv stays into `kept` (by node name; quantize's
-    `skipped`). One that `exclude` names (the node or its weight) stays as it is."""
+    returns the rewritten nodes' names, and puts why each other transposed conv stays into `kept` (by node name;
+    quantize's `skipped`). One that `exclude` names (the node or its weight) stays as it is."""
     exclude, done = list(exclude), []
     for n in list(graph.gm.graph.nodes):
         args = _arguments(n)

@@ -15,6 +15,7 @@ import torch.fx as fx
 import graphopt.ir.quant_ops  # noqa: F401  registers the graphopt ops
 from graphopt.ir.quant_ops import unfold_integer_ops  # noqa: F401  (its home is the IR; kept importable here)
 from graphopt.ir.graph import Graph
+from graphopt.passes.analysis.weights import tidied
 from graphopt.passes.canonicalize.dce import eliminate_dead_code
 from graphopt.passes.quant.quantize import before_in_graph
 from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, reasons_by_op, register_pass
@@ -62,14 +63,6 @@ def _replay_moves(g: fx.Graph, chain: list[fx.Node], value: fx.Node) -> fx.Node:
 def _replace(graph: Graph, old: fx.Node, new: fx.Node) -> None:
     old.replace_all_uses_with(new)
     graph.gm.graph.erase_node(old)
-
-
-def _tidied(graph: Graph, done: int) -> int:
-    """`done`, after dropping what the rewrites left unread and recomputing shapes (when there were any)."""
-    if done:
-        eliminate_dead_code(graph)
-        graph.refresh()
-    return done
 
 
 def _quantized(x) -> bool:
@@ -130,7 +123,7 @@ def requantized_moves(graph: Graph) -> int:
             codes = _replay_moves(g, chain, x.args[0])
         _replace(graph, qn, codes)
         done += 1
-    return _tidied(graph, done)
+    return tidied(graph, done)
 
 
 # ops that only move values (each output is one input value), through which a quantize may go first
@@ -165,7 +158,7 @@ def quantize_before_moves(graph: Graph) -> int:
             y = _replay_moves(g, chain, g.call_function(qn.target, (y, *qn.args[1:]), dict(qn.kwargs)))
         _replace(graph, qn, y)
         done += 1
-    return _tidied(graph, done)
+    return tidied(graph, done)
 
 
 def foldable_ops(graph: Graph) -> list[str]:

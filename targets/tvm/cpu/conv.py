@@ -2408,7 +2408,8 @@ def col2im_source(planes: int, kh: int, kw: int, gh: int, gw: int, oh: int, ow: 
     output are a range (computed, no test per point), so the loops are branch-free. Then the clamp (a fused
     ReLU). One plane per task: its adds stay in L1."""
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-    lo = lambda g, s, p, d, t: f"T.max(0, ({p} - {t} * {d} + {s - 1}) // {s})"  # noqa: E731
+    # along one axis, the grid points a tap t lands inside the output at: [lo, hi)
+    lo = lambda s, p, d, t: f"T.max(0, ({p} - {t} * {d} + {s - 1}) // {s})"  # noqa: E731
     hi = lambda g, o, s, p, d, t: f"T.min({g}, ({o - 1 + p} - {t} * {d}) // {s} + 1)"  # noqa: E731
     clamped = ""
     if clamp is not None:
@@ -2425,8 +2426,8 @@ def col2im(cols: T.Buffer(({planes}, {kh}, {kw}, {gh}, {gw}), "float32"), b: T.B
         for y, x in T.grid({oh}, {ow}):
             out[p, y, x] = b[p % {channels}]
         for t, u in T.grid({kh}, {kw}):
-            i0: T.let = {lo(gh, sh, ph, dh, "t")}
-            j0: T.let = {lo(gw, sw, pw, dw, "u")}
+            i0: T.let = {lo(sh, ph, dh, "t")}
+            j0: T.let = {lo(sw, pw, dw, "u")}
             for i in T.serial(T.max(0, {hi(gh, oh, sh, ph, dh, "t")} - i0)):
                 for j in T.serial(T.max(0, {hi(gw, ow, sw, pw, dw, "u")} - j0)):
                     out[p, (i0 + i) * {sh} - {ph} + t * {dh}, (j0 + j) * {sw} - {pw} + u * {dw}] = (
@@ -2444,8 +2445,8 @@ def emit_col2im(bb, cols, n: int, c: int, kernel, grid, out_hw, stride, padding,
     (kh, kw), (gh, gw), (oh, ow) = kernel, grid, out_hw
     (sh, sw), (ph, pw), (dh, dw) = ((int(a), int(b)) for a, b in (stride, padding, dilation))
     src = col2im_source(n * c, kh, kw, gh, gw, oh, ow, (sh, sw), (ph, pw), (dh, dw), c, clamp)
-    name = (f"col2im_{c}x{gh}x{gw}_k{kh}x{kw}s{sh}x{sw}p{ph}x{pw}" + ("" if (dh, dw) == (1, 1) else f"d{dh}x{dw}")
-            + ("" if clamp is None else "_clamp") + _ntag(n))
+    name = (f"col2im_{c}x{gh}x{gw}_to{oh}x{ow}_k{kh}x{kw}s{sh}x{sw}p{ph}x{pw}"  # (the output size: output padding)
+            + ("" if (dh, dw) == (1, 1) else f"d{dh}x{dw}") + ("" if clamp is None else "_clamp") + _ntag(n))
     gv = bb.add_func(parse_kernel(src), name)
     b = np.zeros(c, np.float32) if bias is None else np.ascontiguousarray(bias, np.float32)
     y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(cols, (n * c, kh, kw, gh, gw))), relax.const(b)],
