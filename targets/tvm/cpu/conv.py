@@ -1861,6 +1861,7 @@ def im2col(x: T.Buffer(({lead}{cin}, {h}, {wd}), "{dtype}"), fill: T.Buffer((1,)
 
 
 NR_FLAT = 16  # output pixels per tile of the flat conv: two 8-lane vectors
+STEM_STEPS = 64  # a conv's reduction (Cin * kh * kw) up to this is too short for the flat / pixel-row kernels
 
 
 def flat_geometry(h: int, wd: int, kh: int, kw: int, stride: int, padding) -> tuple[int, int, int, int]:
@@ -2016,7 +2017,7 @@ def staged_conv_applies(x_shape, w_shape, stride: int, padding) -> bool:
     3x3 RGB stem of MobileNetV2 / EfficientNet (27 steps) lost (454 -> 550 us) and stays direct."""
     cin, kh, kw = int(w_shape[1]), int(w_shape[2]), int(w_shape[3])
     oh, ow, _, wq = flat_geometry(int(x_shape[2]), int(x_shape[3]), kh, kw, stride, padding)
-    return cin * kh * kw > 64 and (oh - 1) * wq + ow >= NR_FLAT
+    return cin * kh * kw > STEM_STEPS and (oh - 1) * wq + ow >= NR_FLAT
 
 
 def stem_takes_tok(w_shape, stride: int) -> bool:
@@ -2101,12 +2102,14 @@ def tok_tiling(cout: int, rows: int, h: int, wd: int, kh: int, kw: int, stride: 
     """The pixel-row convs' geometry and task layout (float `tok_conv_source`, int8 `int8.qconv_tok_source`):
     (Hp, Wp, OH, OW, P, pixels per tile, channel panels, pixel tiles, the panel and tile of task t, and the padded
     map's element of pixel p0 + r at tap (i, j) of `row`, one of `rows` rows of Hp x Wp; the taps `dilation`
-    apart). Tasks are panel-major, or tile-major where the padded map (rows x Hp x Wp elements) outweighs the
-    weights (`steps` x `nr` per panel): 64x64 at 56x56 1.24 -> 0.88x the staged kernel's time."""
+    apart; `stride` an int or (along H, along W)). Tasks are panel-major, or tile-major where the padded map (rows
+    x Hp x Wp elements) outweighs the weights (`steps` x `nr` per panel): 64x64 at 56x56 1.24 -> 0.88x the staged
+    kernel's time."""
     pt, pb, pl, pr = (int(q) for q in padding)
     hp, wp_ = h + pt + pb, wd + pl + pr
     d = dilation
-    oh, ow = (hp - d * (kh - 1) - 1) // stride + 1, (wp_ - d * (kw - 1) - 1) // stride + 1
+    sh, sw = (stride, stride) if isinstance(stride, int) else (int(stride[0]), int(stride[1]))
+    oh, ow = (hp - d * (kh - 1) - 1) // sh + 1, (wp_ - d * (kw - 1) - 1) // sw + 1
     p = oh * ow
     mr = min(MR, p)
     nt, pt_ = -(-cout // nr), -(-p // mr)
@@ -2115,7 +2118,7 @@ def tok_tiling(cout: int, rows: int, h: int, wd: int, kh: int, kw: int, stride: 
     else:
         panel, tile = f"(t // {pt_})", f"(t % {pt_})"
     i, j = ("i", "j") if d == 1 else (f"i * {d}", f"j * {d}")
-    at = f"{row} * {hp * wp_} + ((p0 + r) // {ow} * {stride} + {i}) * {wp_} + (p0 + r) % {ow} * {stride} + {j}"
+    at = f"{row} * {hp * wp_} + ((p0 + r) // {ow} * {sh} + {i}) * {wp_} + (p0 + r) % {ow} * {sw} + {j}"
     return hp, wp_, oh, ow, p, mr, nt, pt_, panel, tile, at
 
 
@@ -2206,12 +2209,13 @@ def _flat_tiles(h: int, wd: int, kh: int, kw: int, stride: int, padding) -> int:
     return -(-((oh - 1) * wq + ow) // NR_FLAT)
 
 
-def conv_kxk_knobs(h: int, wd: int, kh: int, kw: int, stride: int, padding,
-                   tok: bool = True, winograd: bool = False, winograd_rule: bool = False) -> tuple[dict, list[dict]]:
+def conv_kxk_knobs(h: int, wd: int, kh: int, kw: int, stride: int, padding, tok: bool = True,
+                   winograd: bool = False, winograd_rule: bool = False,
+                   grouped_cout: tuple[int, int] | None = None) -> tuple[dict, list[dict]]:
     """The rule's kernel for a dense kxk conv, and the candidates tuning may measure (`knobs.py`): `kernel` = tok
     (`tok_conv_source`: output pixels broadcast, output channels in the vectors), staged (`staged_conv_source`)
     or flat (`flat_conv_source`, the taps read from the phase planes in place); the last two only where the flat
-    output range holds a whole 16-pixel tile, and tok not for a grouped conv's per-group weights (`tok` False).
+    output range holds a whole 16-pixel tile, and tok only where `tok` (stride 1 or 2).
     The rule is tok. Against the staged / flat rule before it (alone, interleaved, 2 threads, Zen 4; conv + ReLU,
     stride 1): 0.64x on 512x256 at 5x5 and 64x64 at 4x4, 0.81-0.84x on 256x256 / 512x512 at 7x7, 256x128 at
     10x10, 32x32 at 16x16, 0.75-0.93x on the rest from 16 channels at 64x64 to 64x64 at 56x56 (the last after
@@ -2222,14 +2226,28 @@ def conv_kxk_knobs(h: int, wd: int, kh: int, kw: int, stride: int, padding,
     0.85-1.02, 64->128 stride 2 at 56x56 0.85; 256->256 at 14x14 (14 tiles) 0.92-1.03, 512->512 at 7x7 (4 tiles)
     1.01-1.12.
     `winograd`: the conv may run as Winograd F(2x2, 3x3) (`winograd.winograd_source`, a candidate then), and
-    `winograd_rule`: the rule takes it (`winograd.winograd_wins`)."""
+    `winograd_rule`: the rule takes it (`winograd.winograd_wins`).
+    `grouped_cout` (output channels per group, vector lanes): a grouped conv, its groups the samples of one call,
+    each with its own weights. The rule is tok where a group's channels fill whole tiles (`tok_channels`), else
+    flat. Alone, interleaved, 2 threads, Zen 3 (tok / staged / flat, ms): 16 channels a group, 4 groups at 28x28
+    0.140 / 0.189 / 0.160, 32 a group in 8 at 14x14 0.177 / 0.246 / 0.248, 48 in 4 at 14x14 0.218 / 0.228 /
+    0.228; 4 a group (ResNeXt) in 32 at 56x56 0.866 / 0.361 / 0.299 and at 28x28 0.228 / 0.173 / 0.125, 8 in 8
+    at 28x28 0.157 / 0.157 / 0.133, 24 in 4 at 28x28 0.308 / 0.254 / 0.223 (staged had been the rule on maps of
+    more than 16 tiles, tok not a candidate). One-row maps (grouped conv1d: wav2vec's positional conv) keep that
+    rule: 128 channels in 4 groups, 3 taps over 2000 steps 1.51 / 0.42 / 0.44 ms, 256 in 4 with 16 taps over 1599
+    5.00 / 4.71 / 5.16 (512 in 16 over 800: 2.62 / 2.89 / 2.87)."""
     oh, ow, _, wq = flat_geometry(h, wd, kh, kw, stride, padding)
     cands = [{"kernel": "tok"}] if tok else []
     if (oh - 1) * wq + ow >= NR_FLAT:
         cands += [{"kernel": "staged"}, {"kernel": "flat"}]
     if winograd:
         cands.append({"kernel": "winograd"})
-    rule = "tok" if tok else "staged" if _flat_tiles(h, wd, kh, kw, stride, padding) > 16 else "flat"
+    rule = "staged" if _flat_tiles(h, wd, kh, kw, stride, padding) > 16 else "flat"
+    if grouped_cout is None:
+        rule = "tok" if tok else rule
+    elif h > 1:
+        cout, lanes = grouped_cout
+        rule = "tok" if tok and cout % tok_channels(cout, lanes) == 0 else "flat"
     return {"kernel": "winograd" if winograd and winograd_rule else rule}, cands
 
 
@@ -2254,19 +2272,22 @@ def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
     cout, _, kh, kw = (int(d) for d in w.shape[-4:])
     oh, ow = tok_tiling(cout, cin, h, wd, kh, kw, stride, padding, 1, "ci", dilation=dilation)[2:4]
     pads = "".join(str(int(q)) for q in padding)
-    geo = f"{cin}x{h}x{wd}_k{kh}x{kw}s{stride}" + (f"d{dilation}" if dilation > 1 else "") + f"_p{pads}"
+    uneven = not isinstance(stride, int)
+    st = "x".join(str(int(v)) for v in stride) if uneven else stride
+    geo = f"{cin}x{h}x{wd}_k{kh}x{kw}s{st}" + (f"d{dilation}" if dilation > 1 else "") + f"_p{pads}"
     tag = (f"{cout}x{geo}" + ("" if residual is None else "_res") + ("" if clamp is None else "_clamp") + _ntag(n)
            + ("_own_weights" if per_sample else ""))
     site = None
-    if dilation > 1:
+    if dilation > 1 or uneven:
         kernel = "tok"
     elif stem and not stem_takes_tok(w.shape, stride):
         kernel = "staged"
     else:
         wino = not per_sample and wg.winograd_applies(w.shape, stride, x_shape, padding, registers)
         rule, cands = conv_kxk_knobs(h, wd, kh, kw, stride, padding,
-                                     tok=not per_sample and tok_conv_applies(w.shape, stride), winograd=wino,
-                                     winograd_rule=wino and wg.winograd_wins(cout, cin))
+                                     tok=tok_conv_applies(w.shape, stride), winograd=wino,
+                                     winograd_rule=wino and wg.winograd_wins(cout, cin),
+                                     grouped_cout=(cout, lanes) if per_sample else None)
         site = Site("conv_kxk", tag, rule, cands, n * cout * cin * kh * kw * oh * ow)
         kernel = pick(site)["kernel"]
     extra = [] if residual is None else [bb.emit(relax.op.reshape(residual, _batched(n, cout, oh, ow)))]
@@ -2297,17 +2318,20 @@ def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
                                    relax.TensorType(_batched(n, cout, oh, ow), "float32")))
         return bb.emit(relax.op.reshape(y, (n, cout, oh, ow)))
     if kernel == "tok":
-        names = ["xp", "out"] + ([] if residual is None else ["res"])
+        names = ["xp", "out"] + ([] if residual is None else ["res"]) + (["wp", "bias"] if per_sample else [])
         nr = tok_channels(cout, lanes)
         src = batch_source(tok_conv_source(cout, cin, h, wd, kh, kw, stride, padding, clamp,
-                                           res=residual is not None, nr=nr, dilation=dilation), n, names)
+                                           res=residual is not None, nr=nr, dilation=dilation), n, names, per_sample)
         gv = bb.add_func(parse_kernel(src), f"conv_tok_{tag}")
         if site is not None:
             bind(site, gv.name_hint)
-        b = np.zeros(-(-cout // nr) * nr, np.float32)
-        if bias is not None:
-            b[:cout] = bias
-        y = bb.emit(relax.call_tir(gv, [xp, relax.const(pack_taps(w, nr)), relax.const(b), *extra],
+        ws, biases = (w, bias) if per_sample else (w[None], None if bias is None else bias[None])
+        b = np.zeros((len(ws), -(-cout // nr) * nr), np.float32)
+        if biases is not None:
+            b[:, :cout] = biases
+        wp = np.stack([pack_taps(wi, nr) for wi in ws])
+        wp, b = (wp, b) if per_sample and n > 1 else (wp[0], b[0])
+        y = bb.emit(relax.call_tir(gv, [xp, relax.const(wp), relax.const(b), *extra],
                                    relax.TensorType(_batched(n, cout, oh, ow), "float32")))
         return bb.emit(relax.op.reshape(y, (n, cout, oh, ow)))
     source = staged_conv_source if kernel == "staged" else flat_conv_source
