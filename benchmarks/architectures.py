@@ -21,7 +21,8 @@ sort of 1024 rows of 64), a minGRU layer's log-space scan (logcumsumexp over 512
 
 Random weights with randomized batch-norm statistics (what compiling and quantizing cost, not accuracy).
 graphopt fp32: the CLI's default pipeline (fold-bn, fold-pad, fold-constants, dce); graphopt int8: + quantize,
-fold-qdq, calibrated on 6 random inputs; ORT fp32 on graphopt's ONNX export of the same graph, ORT int8 its
+fold-qdq (its default width: int8s weights on AVX2 CPUs without VNNI, int8 elsewhere), calibrated on 6 random
+inputs; ORT fp32 on graphopt's ONNX export of the same graph, ORT int8 its
 `quantize_static` (QDQ, per channel, U8S8: its faster form on x86) on the same calibration inputs. Latency:
 medians of interleaved rounds, the same thread count everywhere; ratios are time / ORT fp32's time, and int8
 against ORT int8's. Errors: max |output - PyTorch fp32| / max |PyTorch fp32|.

@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             recover = f",recover{{epochs={args.recover_epochs} lr=3e-4" + (" kd-loss=cosine}" if text else "}")
             if text:
                 train, held = wordnet_texts(args.recover_samples, 200)
-        pipes = {"fp32": None, "int8": f"quantize{{calibrator={cal}}},fold-qdq"}
+        pipes = {"fp32": None, "int8": f"quantize{{calibrator={cal} weights=int8}},fold-qdq"}
         if fast != "int8":
             pipes[fast] = f"quantize{{calibrator={cal} weights={fast}}},fold-qdq"
         if text:  # graphopt's own dynamic quantization (no calibration data): linears on per-call grids
@@ -133,11 +133,11 @@ def main(argv: list[str] | None = None) -> int:
                                                         "select-sparse-layout{candidates=dense,bsr8x4}")
         for sp in fractions["sparse_amx"] if amx_usable(cpu_target()) else []:
             pipes[f"sparse{round(sp * 100)}b16x64+int8"] = (f"sparsify{{sparsity={sp} block=16x64}}{recover},"
-                                                           f"quantize{{calibrator={cal}}},fold-qdq,"
+                                                           f"quantize{{calibrator={cal} weights=int8}},fold-qdq,"
                                                            "select-sparse-layout{candidates=dense,bsr16x64}")
         for sp in fractions["sparse_int8"]:
             pipes[f"sparse{round(sp * 100)}u+int8"] = (f"sparsify{{sparsity={sp}}}{recover},"
-                                                       f"quantize{{calibrator={cal}}},fold-qdq,"
+                                                       f"quantize{{calibrator={cal} weights=int8}},fold-qdq,"
                                                        "select-sparse-layout{candidates=dense,csr}")
         arts, size, chosen = {}, {}, {}
         for key, pipe in pipes.items():

@@ -270,7 +270,8 @@ def model_artifact(out: Path, arch: str, folder: str, name: str, pipeline: str, 
         g0, calib, samples = mlp_model()
     else:
         g0, calib, samples = graphopt.load_model(f"zoo:{name}"), calibration_inputs(name), eval_inputs(name)
-    g = graphopt.optimize(g0, pipeline, data=calib) if pipeline else g0
+    # (optimized for the GPU target: quantize's auto widths and matmul choice follow its int8 product, not this CPU's)
+    g = graphopt.optimize(g0, pipeline, data=calib, target=target) if pipeline else g0
     arch = cuda_arch or arch
     graphopt.compile(g, target, output=out / folder, cuda_arch=arch, precision="fp16", cuda_graph=cuda_graph)
     if name == "mlp":  # the reference is the masked model: what the 2:4 kernels must compute

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         x = torch.randn(m, k)
         calib = [(torch.randn(m, k),) for _ in range(4)]
         graph = graphopt.trace(layer, (x,))
-        q = graphopt.optimize(graph, "quantize,fold-qdq", data=calib)
+        q = graphopt.optimize(graph, "quantize{weights=int8},fold-qdq", data=calib)
         q7 = graphopt.optimize(graph, "quantize{weights=int7},fold-qdq", data=calib)
         q8s = graphopt.optimize(graph, "quantize{weights=int8s},fold-qdq", data=calib)
         art = {name: graphopt.load(graphopt.compile(g, "llvm", output=work / f"{spec}-{name}"))

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     quantized = {}
     for cal in ("minmax", "percentile", "mse", "entropy"):
         t0 = time.perf_counter()
-        q = quantized[cal] = graphopt.optimize(graph, f"quantize{{calibrator={cal}}}", data=calib)
+        q = quantized[cal] = graphopt.optimize(graph, f"quantize{{calibrator={cal} weights=int8}}", data=calib)
         record("graphopt", cal, [q.run(*b)[0].numpy() for b in evals], time.perf_counter() - t0)
 
     tmp = Path(tempfile.mkdtemp(prefix="graphopt-ptq-"))
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.mixed:  # per-layer int8/int4 weights from mixed-precision (size budget), int8 activations
         add_artifact(f"graphopt mixed-{args.mixed}", "mixed", f"mixed{args.mixed}",
                      f"mixed-precision{{target={args.mixed} candidates=int8,int4}},"
-                     "quantize{calibrator=percentile bias-correction=true},fold-qdq", bits_row=True)
+                     "quantize{calibrator=percentile bias-correction=true weights=int8},fold-qdq", bits_row=True)
     from graphopt.targets.tvm.cpu.int8 import int8_dot
     from graphopt.targets.tvm.host import cpu_target
     if args.mixed_int7 and int8_dot(cpu_target()) == "vnni":  # vpdpbusd takes any int8 at one speed

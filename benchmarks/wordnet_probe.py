@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
 
     model = minilm()
     g = graphopt.trace(model, batches(calib_defs[:b])[0])
-    q = graphopt.optimize(g, "quantize", data=batches(calib_defs))
-    q_nomm = graphopt.optimize(g, "quantize{matmul=false}", data=batches(calib_defs))
+    q = graphopt.optimize(g, "quantize{weights=int8}", data=batches(calib_defs))
+    q_nomm = graphopt.optimize(g, "quantize{matmul=false weights=int8}", data=batches(calib_defs))
     tmp = Path(tempfile.mkdtemp(prefix="graphopt-wordnet-"))
     art = graphopt.load(graphopt.compile(graphopt.optimize(q, "fold-qdq"), "llvm", output=tmp / "int8"))
     runners = {

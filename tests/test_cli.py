@@ -387,7 +387,8 @@ def test_compile_report_names_the_int8_product_only_for_int8_graphs(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).eval()
     g = graphopt.trace(model, (torch.randn(8, 16),))
-    q = graphopt.optimize(g, "quantize,fold-qdq", data=[(torch.randn(8, 16),) for _ in range(2)])
+    q = graphopt.optimize(g, "quantize,fold-qdq", data=[(torch.randn(8, 16),) for _ in range(2)],
+                          cpu="sapphirerapids")
     (tmp_path / "model.so").write_bytes(b"x")
     manifest = {"target_info": {"kind": "llvm", "mcpu": "sapphirerapids", "num_cores": 2, "int8_dot": "vnni"}}
     assert "int8 products on vpdpbusd (VNNI)" in compile_report(g, q, tmp_path, manifest, None, None)

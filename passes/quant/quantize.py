@@ -428,10 +428,10 @@ class Quantize(Pass):
 
     @dataclass
     class Options:
-        weights: Literal["int8", "int8s", "int7", "int4", "auto"] = field(default="int8", metadata={
-            "help": "weight bit width (not given: int8, and for an ONNX export, target onnx, what auto picks there: "
-                    "int8s). auto: int8s where the target multiplies int8 with AVX2's vpmaddubsw (no "
-                    "VNNI), else int8 (compile/opt ask the run's target: this CPU, --cpu's, or the GPU; for an "
+        weights: Literal["int8", "int8s", "int7", "int4", "auto"] = field(default="auto", metadata={
+            "help": "weight bit width. auto (the default): int8s where the target multiplies int8 with AVX2's "
+                    "vpmaddubsw (no VNNI; on ten architectures 0.66-0.89x the time of int8, output error 0.9-1.5x "
+                    "int8's), else int8 (compile/opt ask the run's target: this CPU, --cpu's, or the GPU; for an "
                     "ONNX export (target onnx), ONNX Runtime's kernels: int8s, which no x86 CPU saturates). int8s: "
                     "int8 whose per-channel scale is just coarse enough that no pair of weights AVX2's exact u8 x "
                     "s8 kernel adds (input channels 2m, 2m+1 at one tap; ONNX Runtime's: neighbours in the filter "
@@ -439,9 +439,10 @@ class Quantize(Pass):
                     "without VNNI) at a median 1.3x the int8 step; int7: values in [-63, 63], the same kernel at 2x "
                     "the step. Depthwise convs and one-row linears, which no such kernel of graphopt's reads, stay "
                     "int8 under both (for target onnx only depthwise convs: ONNX Runtime pairs the rest). An "
-                    "imported int8 model's weights (ORT QDQ / dynamic files) keep their int8 unless int8s or int7 "
-                    "is asked for (or auto resolves to one); a Q/DQ model's layers keep their activation grids and "
-                    "need no calibration data for that"})
+                    "imported int8 model's weights (ORT QDQ / dynamic files) keep their int8 unless a width is "
+                    "given (auto, int8s or int7 round them again where they resolve to a pair width) or the run "
+                    "exports to ONNX Runtime; a Q/DQ model's layers keep their activation grids and need no "
+                    "calibration data for that"})
         embeddings: Literal["int8", "fp32"] = field(default="int8", metadata={
             "help": "embedding tables (token vocabularies): int8 rows with one scale per row, gathered with the "
                     "row (~4x smaller; most of a small transformer's bytes), or fp32 (kept float)"})
@@ -512,13 +513,16 @@ class Quantize(Pass):
         # stayed float; dynamic activations quantize linears only, so they stay as they are there
         transposed_kept: dict[str, str] = {}
         as_conv = convs_from_transposed(graph, o.exclude, transposed_kept) if o.activations != "dynamic" else []
-        # for an ONNX export the default width is the one ONNX Runtime runs exactly on every CPU (auto: int8s);
-        # full-range int8 exported by default ran an SE-block CNN in ORT 11% off its graph on an AVX2 CPU
-        default_for_ort = ctx.onnx_export and not was_given(o, "weights")
-        weights, auto_reason = _resolve_width("auto" if default_for_ort else o.weights, ctx)
-        if default_for_ort:
-            auto_reason = "the default for target onnx; " + auto_reason
+        # the default width is auto: int8s where the target's int8 product is AVX2's vpmaddubsw (0.66-0.89x the
+        # int8 time on ten architectures, error 0.9-1.5x int8's), for an ONNX export the one ONNX Runtime runs
+        # exactly on every CPU (full-range int8 exported ran an SE-block CNN in ORT 11% off its graph on AVX2)
+        weights, auto_reason = _resolve_width(o.weights, ctx)
+        if not was_given(o, "weights"):
+            auto_reason = "the default (auto); " + auto_reason
         ort = ctx.onnx_export  # (an ONNX export: ONNX Runtime's kernels decide which layers pair weights)
+        # an imported int8 model's weights keep their int8 unless a width is asked for (or the run exports to
+        # ONNX Runtime, whose x86 kernels saturate full-range pairs): the default rounds only float weights
+        kept_width = weights if was_given(o, "weights") or ort else "int8"
         ops, skipped = quantizable_ops(graph, o.exclude)
         skipped.update(transposed_kept)
         # layers mixed-precision measured and left in float stay float: its choice, not quantize's default width
@@ -542,11 +546,11 @@ class Quantize(Pass):
         for op in kept_bits:
             skipped.pop(op.name, None)
         made_static = 0 if dynamic else _drop_dynamic_quantize(graph, kept_bits)
-        made_symmetric, rewidth = _rewidth_kept(graph, kept_bits, weights, o.per_channel, chosen, ort)
+        made_symmetric, rewidth = _rewidth_kept(graph, kept_bits, kept_width, o.per_channel, chosen, ort)
         # a Q/DQ model's layers (an ONNX Runtime QDQ / QOperator file): their activation grids stay; a pair width
         # rounds their int8 weights again, for the exact u8 x s8 kernels (ONNX Runtime's, for an export)
-        full = prequantized_ops(graph, o.exclude, quantized_input=True) if weights in PAIR_WIDTHS else []
-        full_symmetric, full_widths = _rewidth_kept(graph, full, weights, o.per_channel, chosen, ort)
+        full = prequantized_ops(graph, o.exclude, quantized_input=True) if kept_width in PAIR_WIDTHS else []
+        full_symmetric, full_widths = _rewidth_kept(graph, full, kept_width, o.per_channel, chosen, ort)
         made_symmetric += full_symmetric
         rewidth.update(full_widths)
         if not ops and not kept_bits and (full_widths or full_symmetric):

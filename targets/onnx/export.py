@@ -54,10 +54,11 @@ def export_onnx(graph: Graph, path: str | Path, opset: int = 18, report: dict | 
         names = list(saturating)
         log.warning("onnx export: %d int8 weight(s) (%s%s) have pairs past 128 in magnitude: ONNX Runtime's u8 x "
                     "s8 kernels add such pairs in int16 on x86 CPUs without VNNI (AVX2, AVX-512F) and saturate, so "
-                    "its outputs there drift from this graph's. quantize's weights default to full-range int8: "
-                    "ask for quantize{weights=int8s}, or weights=auto in a run for target 'onnx' "
-                    "(graphopt.optimize(..., target='onnx'), which compile --target onnx and opt -o *.onnx are), "
-                    "whose pairs stay within 128, exact on every CPU", len(names), ", ".join(names[:3]),
+                    "its outputs there drift from this graph's. quantize's default width (auto) is full-range "
+                    "int8 where the run's target is a VNNI CPU or none: ask for quantize{weights=int8s}, or leave "
+                    "the width unsaid in a run for target 'onnx' (graphopt.optimize(..., target='onnx'), which "
+                    "compile --target onnx and opt -o *.onnx are), whose pairs stay within 128, exact on every "
+                    "CPU", len(names), ", ".join(names[:3]),
                     ", ..." if len(names) > 3 else "")
     dims = graph.meta.get("dynamic_batch") if dynamic_batch else None
     path = Path(path)

@@ -1914,7 +1914,7 @@ def test_pair_width_quantized_linears_take_the_ubsw_kernel(weights):
     names = _func_names(q, AVX2)
     assert len([n for n in names if n.startswith("qgemm_ubsw_")]) == 2, names
     assert not [n for n in names if n.startswith("qgemm_1")], names
-    q8 = graphopt.optimize(graphopt.trace(model, (x,)), "quantize,fold-qdq", data=data)
+    q8 = graphopt.optimize(graphopt.trace(model, (x,)), "quantize{weights=int8},fold-qdq", data=data)
     assert not [n for n in _func_names(q8, AVX2) if "ubsw" in n]  # full-range int8 weights break the bound here
     got, ref = _built_and_reference(q, x, AVX2)
     assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()
@@ -2454,7 +2454,7 @@ def _int8_block():
                                 torch.nn.ReLU6(), torch.nn.Conv2d(48, 20, 1), torch.nn.Flatten(2),
                                 torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16)).eval()
     x = torch.randn(1, 8, 8, 8)
-    q = graphopt.optimize(graphopt.trace(model, (x,)), "quantize,fold-qdq",
+    q = graphopt.optimize(graphopt.trace(model, (x,)), "quantize{weights=int8},fold-qdq",
                           data=[(torch.randn(1, 8, 8, 8),) for _ in range(4)])
     return q, x
 

@@ -314,7 +314,7 @@ def test_int8_weights_that_saturate_onnxruntime_are_named_and_auto_for_onnx_boun
     args = (torch.rand(1, 8, 6, 6),)
     data = [(torch.rand(1, 8, 6, 6),) for _ in range(4)]
     g = graphopt.trace(net, args)
-    full = graphopt.optimize(g, "quantize", data=data)
+    full = graphopt.optimize(g, "quantize{weights=int8}", data=data)
     with caplog.at_level(logging.WARNING, logger="graphopt"):
         out = graphopt.compile(full, "onnx", output=tmp_path / "int8")
     manifest = json.loads((out / "manifest.json").read_text())

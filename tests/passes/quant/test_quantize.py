@@ -403,8 +403,9 @@ class _Product:
 
 
 def test_auto_width_follows_the_targets_int8_product():
-    """weights=auto: int8s where the target multiplies int8 with vpmaddubsw (AVX2 without VNNI), int8 with VNNI,
-    with no int8 kernels or with no target; the record says which and why. The host CPU's oracle answers too."""
+    """weights=auto (the default): int8s where the target multiplies int8 with vpmaddubsw (AVX2 without VNNI),
+    int8 with VNNI, with no int8 kernels or with no target; the record says which and why. The host CPU's oracle
+    answers too."""
     from graphopt.targets.tvm.cpu.int8 import int8_dot
     from graphopt.targets.tvm.host import cpu_target
     torch.manual_seed(0)
@@ -422,6 +423,11 @@ def test_auto_width_follows_the_targets_int8_product():
     host = graphopt.optimize(g, "quantize{weights=auto}", data=data, target="llvm")
     assert host.meta["history"][-1]["stats"]["weight_bits"] == ("int8s" if int8_dot(cpu_target()) == "ubsw"
                                                                 else "int8")
+    for target, width in ((_Product("ubsw"), "int8s"), (_Product("vnni"), "int8")):  # auto is the default
+        st = graphopt.optimize(g, "quantize", data=data, target=target).meta["history"][-1]["stats"]
+        assert st["weight_bits"] == width and st["weights_auto"].startswith("the default (auto); " + width), st
+    said = graphopt.optimize(g, "quantize{weights=int8}", data=data, target=_Product("ubsw"))
+    assert said.meta["history"][-1]["stats"]["weight_bits"] == "int8"
 
 
 def test_fold_qdq_makes_1d_convs_integer_convs_on_one_row(tmp_path):
@@ -494,7 +500,7 @@ def test_products_with_a_weight_quantize_as_linears(tmp_path):
     torch.manual_seed(0)
     m = _ProductsWithWeights().eval()
     xs = [(torch.randn(2, 5, 32),) for _ in range(4)]
-    q = graphopt.optimize(graphopt.trace(m, xs[0]), "quantize,fold-qdq", data=xs)
+    q = graphopt.optimize(graphopt.trace(m, xs[0]), "quantize{weights=int8},fold-qdq", data=xs)
     assert q.stats().ops.get("qlinear.default") == 4, q.stats().ops
     assert q.meta["history"][0]["stats"]["matmuls_as_linears"] == 4
     art = graphopt.load(graphopt.compile(q, "llvm", output=tmp_path / "a"))
@@ -685,8 +691,8 @@ def test_dynamic_activations_need_no_data_and_run_linears_on_int8_kernels(tmp_pa
 def test_the_default_weight_width_for_an_onnx_export_is_the_one_ort_runs_exactly():
     """`quantize` with no width, optimized for target onnx, took full-range int8, which ONNX Runtime's u8 x s8
     kernels saturate on x86 CPUs without VNNI (an SE-block CNN ran in ORT 11% off its graph on a Zen 3). Left
-    unsaid, the width is what weights=auto picks for ORT (int8s, pairs within 128); said, it is kept; other targets
-    keep int8."""
+    unsaid, the width is what weights=auto picks for ORT (int8s, pairs within 128); said, it is kept; a VNNI CPU
+    keeps int8."""
     from graphopt.ir.quant_ops import flat_pairs, pairs_bounded, worst_pair_sums
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3), torch.nn.ReLU(), torch.nn.Flatten(),
@@ -698,10 +704,13 @@ def test_the_default_weight_width_for_an_onnx_export_is_the_one_ort_runs_exactly
     data = [(torch.rand(1, 8, 6, 6),) for _ in range(4)]
     default = graphopt.optimize(g, "quantize", data=data, target="onnx")
     assert set(default.meta["weight_bits"].values()) == {"int8s"}, default.meta["weight_bits"]
-    assert "the default for target onnx" in default.meta["history"][-1]["stats"]["weights_auto"]
+    why = default.meta["history"][-1]["stats"]["weights_auto"]
+    assert why.startswith("the default (auto); int8s") and "ONNX Runtime" in why, why
     said = graphopt.optimize(g, "quantize{weights=int8}", data=data, target="onnx")
     assert set(said.meta["weight_bits"].values()) == {"int8"}
-    assert set(graphopt.optimize(g, "quantize", data=data).meta["weight_bits"].values()) == {"int8"}
+    assert "weights_auto" not in said.meta["history"][-1]["stats"]
+    assert set(graphopt.optimize(g, "quantize", data=data, cpu="sapphirerapids").meta["weight_bits"].values()) == {
+        "int8"}  # (a VNNI CPU: exact for any int8 weight)
     q = next(v for k, v in default.params().items() if k.endswith("weight_q") and v.dim() == 4)
     assert pairs_bounded(q) and int(worst_pair_sums(flat_pairs(q.int())).max()) <= 128
 
