@@ -133,6 +133,26 @@ def _embedding_bag(weight, indices, offsets, scale_grad_by_freq=False, mode=0, s
     return out, none, none, none
 
 
+def _searchsorted(sorted_sequence, x, *, out_int32=False, right=False, side=None, sorter=None):
+    """torch.searchsorted (quantile binning, piecewise tables): the count of boundaries below each value (at or
+    below: right / side='right'), a comparison against every boundary summed over them; a NaN counts past every
+    boundary, as torch places it. Batched boundaries [..., M] compare with values [..., K] row by row. A `sorter`
+    stays with the exporter."""
+    import torch
+    if sorter is not None:
+        return NotImplemented
+    bounds = sorted_sequence if sorted_sequence.dim() == 1 else sorted_sequence.unsqueeze(-2)
+    v = x.unsqueeze(-1)
+    past = (v >= bounds) if right or side == "right" else (v > bounds)
+    past = past | torch.isnan(v) if x.is_floating_point() else past
+    return past.to(torch.int64).sum(-1).to(torch.int32 if out_int32 else torch.int64)
+
+
+def _bucketize(x, boundaries, *, out_int32=False, right=False):
+    """torch.bucketize: searchsorted with the roles of its arguments exchanged (and `right` meaning the same)."""
+    return _searchsorted(boundaries, x, out_int32=out_int32, right=right)
+
+
 def exporter_table() -> dict:
     """The decompositions above, by the op the graph holds (torch.cdist and F.rrelu are still whole there; the
     exporter's own decompositions would make them _cdist_forward and rrelu_with_noise_functional, which it lacks)."""
@@ -144,7 +164,8 @@ def exporter_table() -> dict:
             aten._cdist_forward.default: _cdist, aten.adaptive_max_pool2d.default: _adaptive_max_pool2d,
             aten.cummax.default: _cumulative("cummax"), aten.cummin.default: _cumulative("cummin"),
             aten.embedding_bag.default: _embedding_bag, aten.embedding_bag.padding_idx: _embedding_bag,
-            aten._embedding_bag.default: _embedding_bag, aten._embedding_bag_forward_only.default: _embedding_bag}
+            aten._embedding_bag.default: _embedding_bag, aten._embedding_bag_forward_only.default: _embedding_bag,
+            aten.searchsorted.Tensor: _searchsorted, aten.bucketize.Tensor: _bucketize}
 
 
 # ops whose decomposition above computes the first output only (the others are zeros): taken where nothing reads

@@ -683,3 +683,35 @@ def test_onnx_export_of_ops_the_exporter_lacks_runs_in_onnxruntime_as_pytorch(tm
     with pytest.raises(graphopt.errors.TargetError, match=r"no ONNX function for aten\.cummax.*\(node 'cummax'\)"):
         export_onnx(graphopt.trace(Indices().eval(), (torch.randn(2, 5),)), tmp_path / "i.onnx")
     assert not (tmp_path / "i.onnx").exists()
+
+
+class _Binning(torch.nn.Module):
+    """Quantile binning: searchsorted left / right / batched / int32 and bucketize."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("edges", torch.tensor([-1.0, -0.5, 0.0, 0.0, 0.5, 1.0]))
+
+    def forward(self, x, rows):
+        left = torch.searchsorted(self.edges, x)
+        right = torch.searchsorted(self.edges, x, side="right")
+        batched = torch.searchsorted(rows, x, out_int32=True)  # rows [2, 6] of boundaries against x [2, 7]
+        return left, right, batched, torch.bucketize(x, self.edges, right=True)
+
+
+def test_onnx_export_of_searchsorted_and_bucketize_bins_as_pytorch(tmp_path):
+    """torch.searchsorted had no ONNX function ("no ONNX function for aten.searchsorted.Tensor"): it goes out as a
+    comparison with every boundary, summed. ONNX Runtime gives PyTorch's bins exactly, values on a boundary (left
+    and right differ there), duplicated boundaries, NaN (past every boundary), batched boundaries and int32
+    included."""
+    from graphopt.targets.onnx.export import export_onnx
+    x = torch.tensor([[-2.0, -1.0, -0.7, 0.0, 0.3, 1.0, float("nan")], [0.5, 2.0, -0.5, 0.25, -3.0, 0.0, 1.5]])
+    rows = torch.sort(torch.randn(2, 6), -1).values
+    model = _Binning().eval()
+    path = export_onnx(graphopt.trace(model, (x, rows)), tmp_path / "b.onnx")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"x": x.numpy(), "rows": rows.numpy()})
+    want = model(x, rows)
+    assert [g.dtype for g in got] == [np.int64, np.int64, np.int32, np.int64]
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w.numpy())
