@@ -133,6 +133,67 @@ def _embedding_bag(weight, indices, offsets, scale_grad_by_freq=False, mode=0, s
     return out, none, none, none
 
 
+def _cumprod(x, dim, dtype=None):
+    """torch.cumprod as a scan of log2(n) steps (step k multiplies in the product 2^k before; ONNX has no
+    cumulative product): the products are grouped differently from a running one, so they agree to float rounding
+    (a zero stays exact)."""
+    import torch
+    if dtype is not None and dtype != x.dtype:
+        x = x.to(dtype)
+    if x.dim() == 0:
+        return x
+    dim = dim % x.dim()
+    n, v, step = int(x.shape[dim]), x, 1
+    while step < n:
+        v = torch.cat([v.narrow(dim, 0, step), v.narrow(dim, step, n - step) * v.narrow(dim, 0, n - step)], dim)
+        step *= 2
+    return v
+
+
+def _kth(x, k: int, dim: int, keepdim: bool):
+    """The k-th smallest value (from 0) along `dim` by a sort (ONNX TopK), and zeros for the indices."""
+    import torch
+    dim = dim % max(x.dim(), 1)
+    v = torch.sort(x, dim).values.narrow(dim, k, 1)
+    v = v if keepdim else v.squeeze(dim)
+    return v, torch.zeros(v.shape, dtype=torch.int64)
+
+
+def _median_dim(x, dim=-1, keepdim=False):
+    """torch.median along a dim: the lower middle value, (n - 1) // 2 in sorted order. Values only (`for_exporter`
+    checks the indices go unread). A NaN in a row: torch gives NaN, TopK's order of NaN is not defined."""
+    if x.dim() == 0:
+        return NotImplemented
+    return _kth(x, (int(x.shape[dim]) - 1) // 2, dim, keepdim)
+
+
+def _median_all(x):
+    """torch.median over every element (see `_median_dim`)."""
+    if x.numel() == 0:
+        return NotImplemented
+    return _kth(x.reshape(-1), (x.numel() - 1) // 2, 0, False)[0]
+
+
+def _kthvalue(x, k, dim=-1, keepdim=False):
+    """torch.kthvalue's values (k from 1)."""
+    if x.dim() == 0:
+        return NotImplemented
+    return _kth(x, int(k) - 1, dim, keepdim)
+
+
+def _adaptive_avg_pool3d(x, output_size):
+    """Adaptive average pooling over D, H and W (3-D CNNs' heads): the mean over each output cell's window, taken
+    along W, then H, then D (a box's mean is the mean of its rows' means when each axis's window is the same for
+    every position on the others: exact up to float rounding, uneven windows included)."""
+    import torch
+    v = x
+    for axis, out in zip((-1, -2, -3), reversed([int(o) if o is not None else None for o in output_size])):
+        size = int(v.shape[axis])
+        out = size if out is None else out
+        v = torch.cat([v.narrow(axis, a, b - a).mean(axis, keepdim=True) for a, b in _windows(size, out)], axis)
+    return v
+
+
 def _searchsorted(sorted_sequence, x, *, out_int32=False, right=False, side=None, sorter=None):
     """torch.searchsorted (quantile binning, piecewise tables): the count of boundaries below each value (at or
     below: right / side='right'), a comparison against every boundary summed over them; a NaN counts past every
@@ -165,24 +226,47 @@ def exporter_table() -> dict:
             aten.cummax.default: _cumulative("cummax"), aten.cummin.default: _cumulative("cummin"),
             aten.embedding_bag.default: _embedding_bag, aten.embedding_bag.padding_idx: _embedding_bag,
             aten._embedding_bag.default: _embedding_bag, aten._embedding_bag_forward_only.default: _embedding_bag,
-            aten.searchsorted.Tensor: _searchsorted, aten.bucketize.Tensor: _bucketize}
+            aten.searchsorted.Tensor: _searchsorted, aten.bucketize.Tensor: _bucketize,
+            aten.cumprod.default: _cumprod, aten.median.dim: _median_dim, aten.median.default: _median_all,
+            aten.kthvalue.default: _kthvalue, aten._adaptive_avg_pool3d.default: _adaptive_avg_pool3d,
+            aten.adaptive_avg_pool3d.default: _adaptive_avg_pool3d}
 
 
 # ops whose decomposition above computes the first output only (the others are zeros): taken where nothing reads
 # the others
 _VALUES_ONLY = ("adaptive_max_pool2d", "cummax", "cummin", "embedding_bag", "_embedding_bag",
-                "_embedding_bag_forward_only")
+                "_embedding_bag_forward_only", "median", "kthvalue")
+
+
+def _projected_lstm(n) -> bool:
+    """Whether node `n` is an LSTM with projections (proj_size: its h state narrower than its c state)."""
+    import torch
+    if n.op != "call_function" or n.target is not torch.ops.aten.lstm.input:
+        return False
+    h, c = (getattr(t, "meta", {}).get("val") for t in n.args[1])
+    return h is not None and c is not None and h.shape[-1] != c.shape[-1]
 
 
 def for_exporter(ep):
-    """`ep` with the ops of `exporter_table` decomposed, or `ep` itself where it has none."""
+    """`ep` with the ops of `exporter_table` decomposed, or `ep` itself where it has none. An LSTM with projections
+    is refused here, naming its node: the exporter wrote one layer of it as an LSTM whose states ONNX Runtime
+    refused at run time ("Input initial_c must have shape {1,2,4}") and two as an invalid model (ONNX's LSTM has
+    no projection)."""
     import operator
 
+    from graphopt.errors import TargetError
     from graphopt.ir.graph import run_decompositions
+    for n in ep.graph.nodes:
+        if _projected_lstm(n):
+            raise TargetError(f"ONNX export of aten.lstm.input (node '{n.name}'): an LSTM with projections "
+                              "(proj_size) has no ONNX form (ONNX's LSTM has no projection, and torch's exporter "
+                              "writes a model ONNX Runtime cannot run); graphopt's own targets compile it "
+                              "(--target llvm), or export a model whose LSTM has proj_size=0")
     table = exporter_table()
     for n in ep.graph.nodes:
         name = getattr(n.target, "_opname", None)
-        if n.op == "call_function" and name in _VALUES_ONLY and any(
+        several = n.op == "call_function" and len(getattr(getattr(n.target, "_schema", None), "returns", ())) > 1
+        if several and name in _VALUES_ONLY and any(
                 u.target is not operator.getitem or (u.args[1] != 0 and u.users) for u in n.users):
             table.pop(n.target, None)  # (its indices are read: left to the exporter, which names the op)
     if not any(n.op == "call_function" and n.target in table for n in ep.graph.nodes):

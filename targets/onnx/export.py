@@ -209,12 +209,32 @@ def _weight_bytes(model) -> int:
 
 
 def _check_model(model) -> None:
-    """onnx's checker on `model` (a ModelProto, or the path of one whose weights lie beside it)."""
+    """onnx's checker on `model` (a ModelProto, or the path of one whose weights lie beside it), shape inference
+    included: torch's exporter wrote an LSTM with projections (proj_size) as a Concat of tensors of different
+    ranks, which the checker alone passed and ONNX Runtime refused to load. The error names the graph's op and
+    node that the failing ONNX node was made from, where the exporter recorded it."""
     import onnx
     try:
-        onnx.checker.check_model(str(model) if isinstance(model, Path) else model)
-    except onnx.checker.ValidationError as e:
-        raise TargetError(f"ONNX export wrote an invalid model: {str(e).splitlines()[0]}") from None
+        onnx.checker.check_model(str(model) if isinstance(model, Path) else model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        text = " ".join(str(e).split())
+        origin = _exported_from(model, text)
+        raise TargetError(f"ONNX export wrote an invalid model{origin}: {text[:300]}"
+                          + (". graphopt's own targets compile it (--target llvm), or replace the op in the model"
+                             if origin else "")) from None
+
+
+def _exported_from(model, text: str) -> str:
+    """' (torch's ONNX for aten.OP (node 'NAME'))' for the ONNX node the checker's message names, from the fx node
+    the exporter recorded on it; '' where there is none."""
+    import re
+    m = re.search(r"node name: ([^)\s]+)", text)
+    if m is None or isinstance(model, Path):
+        return ""
+    node = next((n for n in model.graph.node if n.name == m.group(1)), None)
+    fx = next((p.value for p in (node.metadata_props if node is not None else ()) if p.key.endswith(".fx_node")), "")
+    found = re.match(r"%(\S+) : .*?target=torch\.ops\.([\w.]+)", fx)
+    return f" (torch's ONNX for {found.group(2)} (node '{found.group(1)}'))" if found else ""
 
 
 def _with_dynamic_batch(graph: Graph, model, dims: dict, report: dict | None, folder: Path | None = None):

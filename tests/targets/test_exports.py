@@ -685,6 +685,68 @@ def test_onnx_export_of_ops_the_exporter_lacks_runs_in_onnxruntime_as_pytorch(tm
     assert not (tmp_path / "i.onnx").exists()
 
 
+class _MoreExporterGaps(torch.nn.Module):
+    """cumprod, median (along a dim and of everything), kthvalue and adaptive average pooling over a volume."""
+
+    def forward(self, x, vol):
+        scan = torch.cumprod(x, 1)
+        middle = x.median(1).values + x.kthvalue(2, 1, keepdim=True).values.squeeze(1) + x.median()
+        return scan, middle, torch.nn.functional.adaptive_avg_pool3d(vol, (2, 3, 2))  # uneven windows
+
+
+def test_onnx_export_of_scans_order_statistics_and_volume_pooling_runs_as_pytorch(tmp_path):
+    """cumprod ("no ONNX function for prims.prod"), median, kthvalue and adaptive_avg_pool3d had no function in
+    torch's exporter; they go out as a log-step scan, a sort and separable window means, and ONNX Runtime gives
+    PyTorch's values (median's indices read stay refused, naming the op). An LSTM with projections (proj_size),
+    which the exporter wrote as a model ONNX Runtime refused to run (one layer) or to load (two), is refused at
+    export naming the op and node, and nothing is written."""
+    from graphopt.targets.onnx.export import export_onnx
+    torch.manual_seed(0)
+    args = (torch.rand(3, 7) + 0.5, torch.randn(1, 2, 5, 7, 4))
+    model = _MoreExporterGaps().eval()
+    path = export_onnx(graphopt.trace(model, args), tmp_path / "m.onnx")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {i.name: a.numpy() for i, a in zip(sess.get_inputs(), args)})
+    for g, w in zip(got, model(*args)):
+        np.testing.assert_allclose(g, w.numpy(), rtol=1e-5, atol=1e-6)
+
+    class Where(torch.nn.Module):
+        def forward(self, x):
+            return x.median(1).indices
+    with pytest.raises(graphopt.errors.TargetError, match=r"no ONNX function for aten\.median"):
+        export_onnx(graphopt.trace(Where().eval(), (torch.randn(2, 5),)), tmp_path / "w.onnx")
+
+    class Projected(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = torch.nn.LSTM(6, 8, proj_size=4, batch_first=True)
+
+        def forward(self, x):
+            return self.lstm(x)[0]
+    with pytest.raises(graphopt.errors.TargetError, match=r"aten\.lstm\.input \(node 'lstm'\): .*proj_size"):
+        export_onnx(graphopt.trace(Projected().eval(), (torch.randn(2, 5, 6),)), tmp_path / "p.onnx")
+    assert not (tmp_path / "p.onnx").exists()
+
+def test_an_exported_model_that_fails_shape_inference_is_refused_naming_the_op_it_came_from():
+    """onnx's checker alone passed models that ONNX Runtime refused to load (a Concat of ranks 1 and 2, as torch's
+    exporter wrote a projected LSTM); the export check runs shape inference too, and the error names the graph op
+    and node the failing ONNX node was exported from (the exporter's fx_node record)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from graphopt.targets.onnx.export import _check_model
+    node = helper.make_node("Concat", ["a", "b"], ["y"], name="node_Concat_7", axis=0)
+    node.metadata_props.add(key="pkg.torch.onnx.fx_node",
+                            value="%lstm : [num_users=1] = call_function[target=torch.ops.aten.lstm.input](args = ())")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [2]),
+                                            helper.make_tensor_value_info("b", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model)  # (what passed before)
+    with pytest.raises(graphopt.errors.TargetError, match=r"invalid model \(torch's ONNX for aten\.lstm\.input "
+                                                          r"\(node 'lstm'\)\): .*Concat.*--target llvm"):
+        _check_model(model)
+
 class _Binning(torch.nn.Module):
     """Quantile binning: searchsorted left / right / batched / int32 and bucketize."""
 
