@@ -3076,6 +3076,25 @@ def _col2im_as_conv_transpose(x, output_size, kernel_size, dilation, padding, st
                                                 extra, c, dilation)
 
 
+def _constant_hint(graph: Graph, name: str, hint: str) -> str:
+    """`hint`, or where graph node `name` is computed from parameters alone (a weight parametrization: orthogonal's
+    matrix_exp, spectral norm's power iteration), what computes it once instead: fold-constants."""
+    nodes = {n.name: n for n in graph.gm.graph.nodes}
+    seen: dict = {}
+
+    def constant(n) -> bool:
+        if n not in seen:
+            seen[n] = False  # (a cycle cannot occur; this guards the recursion)
+            seen[n] = n.op == "get_attr" or (n.op == "call_function" and all(constant(a) for a in n.all_input_nodes))
+        return seen[n]
+    n = nodes.get(name)
+    if n is None or n.op != "call_function" or not n.all_input_nodes or not constant(n):
+        return hint
+    return ("its inputs are computed from parameters alone (a weight parametrization, such as orthogonal's "
+            "matrix_exp): fold-constants computes it once at compile time (graphopt.optimize(graph, "
+            "'fold-constants'), in the CLI's default pipeline). Else: " + hint)
+
+
 def _decomposed_from(ep, graph: Graph, ops: set[str]) -> tuple[str, str]:
     """(the graph node, "aten.op (what aten.source decomposes into)") for the first node of the decomposed program
     `ep` whose op is one of `ops` (names without the overload), traced back through torch's provenance (the
@@ -3384,12 +3403,12 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
         hint = "TVM's Relax importer has no converter for it; run a pass that rewrites it or choose --target onnx"
         for n in graph.gm.graph.nodes:
             if n.op == "call_function" and target_name(n.target).split(".")[1] in listed:
-                raise UnsupportedOpError(n.name, target_name(n.target), hint) from None
+                raise UnsupportedOpError(n.name, target_name(n.target), _constant_hint(graph, n.name, hint)) from None
         if listed:
             node, op = _decomposed_from(ep, graph, listed)
-            raise UnsupportedOpError(node, op or "aten." + ", aten.".join(sorted(listed)),
-                                     hint.replace("for it", "for it (an op another op of the graph decomposes "
-                                                  "into)")) from None
+            raise UnsupportedOpError(node, op or "aten." + ", aten.".join(sorted(listed)), _constant_hint(
+                graph, node, hint.replace("for it", "for it (an op another op of the graph decomposes into)"))
+                                     ) from None
         raise TargetError(f"TVM could not import the graph: {msg}") from None
     except (UnsupportedOpError, TargetError):  # a converter's own refusal, naming the node
         raise

@@ -106,6 +106,30 @@ def test_rrelu_in_training_mode_is_refused_by_name():
         lower_to_relax(g)
 
 
+def test_an_unsupported_op_on_parameters_alone_names_fold_constants():
+    """An orthogonal parametrization computes its weight by matrix_exp on every call, which TVM's importer has no
+    converter for: the error named the op and said "run a pass that rewrites it". Its inputs are parameters alone,
+    so it says fold-constants computes it once; after that pass the model builds and matches PyTorch. An op on an
+    input keeps the plain hint."""
+    from graphopt.errors import UnsupportedOpError
+    from graphopt.targets.tvm.lower import lower_to_relax
+    torch.manual_seed(0)
+    model = torch.nn.utils.parametrizations.orthogonal(torch.nn.Linear(6, 6)).eval()
+    x = torch.randn(3, 6)
+    g = graphopt.trace(model, (x,))
+    with pytest.raises(UnsupportedOpError, match=r"matrix_exp.*parameters alone.*fold-constants"):
+        lower_to_relax(g)
+    got = _run_all(graphopt.optimize(g, "fold-constants"), x)[0]
+    np.testing.assert_allclose(got, model(x).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+    class OnInput(torch.nn.Module):
+        def forward(self, x):
+            return torch.linalg.matrix_exp(x)
+    with pytest.raises(UnsupportedOpError, match="matrix_exp") as e:
+        lower_to_relax(graphopt.trace(OnInput(), (torch.randn(2, 3, 3),)))
+    assert "fold-constants" not in str(e.value)
+
+
 @pytest.mark.parametrize("shape,kw,kernel", [((2, 3, 5, 7, 9), dict(size=(8, 11, 19)), True),
                                              ((1, 2, 4, 6, 8), dict(size=(7, 9, 30), align_corners=True), True),
                                              ((1, 2, 4, 6, 12), dict(scale_factor=(1.0, 1.5, 1.5)), True),
