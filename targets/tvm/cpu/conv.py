@@ -2251,6 +2251,18 @@ def conv_kxk_knobs(h: int, wd: int, kh: int, kw: int, stride: int, padding, tok:
     return {"kernel": "winograd" if winograd and winograd_rule else rule}, cands
 
 
+def _packed_taps(w: np.ndarray, bias: np.ndarray | None, panel: int, own: bool) -> tuple[np.ndarray, np.ndarray]:
+    """`pack_taps` of w and its bias zero-padded to whole panels; `own`: w [N, Cout, ...] and bias [N, Cout], one
+    packed weight and bias per sample, stacked (a grouped conv's groups), else w [Cout, ...] (or one sample's)."""
+    ws = w if w.ndim == 5 else w[None]
+    cout = ws.shape[1]
+    b = np.zeros((len(ws), -(-cout // panel) * panel), np.float32)
+    if bias is not None:
+        b[:, :cout] = bias.reshape(len(ws), cout)
+    wp = np.stack([pack_taps(wi, panel) for wi in ws])
+    return (wp, b) if own else (wp[0], b[0])
+
+
 def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, stride: int, padding,
                    clamp: tuple[float, float] | None, residual=None, masked: bool = False, stem: bool = False,
                    per_sample: bool = False, lanes: int = 8, registers: int = 16, cores: int = 1,
@@ -2325,12 +2337,7 @@ def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
         gv = bb.add_func(parse_kernel(src), f"conv_tok_{tag}")
         if site is not None:
             bind(site, gv.name_hint)
-        ws, biases = (w, bias) if per_sample else (w[None], None if bias is None else bias[None])
-        b = np.zeros((len(ws), -(-cout // nr) * nr), np.float32)
-        if biases is not None:
-            b[:, :cout] = biases
-        wp = np.stack([pack_taps(wi, nr) for wi in ws])
-        wp, b = (wp, b) if per_sample and n > 1 else (wp[0], b[0])
+        wp, b = _packed_taps(w, bias, nr, per_sample and n > 1)
         y = bb.emit(relax.call_tir(gv, [xp, relax.const(wp), relax.const(b), *extra],
                                    relax.TensorType(_batched(n, cout, oh, ow), "float32")))
         return bb.emit(relax.op.reshape(y, (n, cout, oh, ow)))
@@ -2341,12 +2348,7 @@ def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
     gv = bb.add_func(parse_kernel(src), f"conv_{kernel}_{tag}")
     if site is not None:
         bind(site, gv.name_hint)
-    ws, biases = (w, bias) if per_sample else (w[None], None if bias is None else bias[None])
-    b = np.zeros((len(ws), -(-cout // MR) * MR), np.float32)
-    if biases is not None:
-        b[:, :cout] = biases
-    wp = np.stack([pack_taps(wi) for wi in ws])
-    wp, b = (wp, b) if per_sample and n > 1 else (wp[0], b[0])
+    wp, b = _packed_taps(w, bias, MR, per_sample and n > 1)
     y = bb.emit(relax.call_tir(gv, [xp, relax.const(wp), relax.const(b), *extra],
                                relax.TensorType(_batched(n, cout, oh, ow), "float32")))
     return bb.emit(relax.op.reshape(y, (n, cout, oh, ow)))
