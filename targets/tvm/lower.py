@@ -3083,16 +3083,15 @@ def _col2im_as_conv_transpose(x, output_size, kernel_size, dilation, padding, st
 def _constant_hint(graph: Graph, name: str, hint: str) -> str:
     """`hint`, or where graph node `name` is computed from parameters alone (a weight parametrization: orthogonal's
     matrix_exp, spectral norm's power iteration), what computes it once instead: fold-constants."""
-    nodes = {n.name: n for n in graph.gm.graph.nodes}
-    seen: dict = {}
-
-    def constant(n) -> bool:
-        if n not in seen:
-            seen[n] = False  # (a cycle cannot occur; this guards the recursion)
-            seen[n] = n.op == "get_attr" or (n.op == "call_function" and all(constant(a) for a in n.all_input_nodes))
-        return seen[n]
-    n = nodes.get(name)
-    if n is None or n.op != "call_function" or not n.all_input_nodes or not constant(n):
+    constant = set()  # (one pass in graph order: every input comes before its users)
+    for n in graph.gm.graph.nodes:
+        if n.op == "get_attr" or (n.op == "call_function" and all(a in constant for a in n.all_input_nodes)):
+            constant.add(n)
+        if n.name == name:
+            break
+    else:
+        return hint
+    if n.op != "call_function" or not n.all_input_nodes or n not in constant:
         return hint
     return ("its inputs are computed from parameters alone (a weight parametrization, such as orthogonal's "
             "matrix_exp): fold-constants computes it once at compile time (graphopt.optimize(graph, "
