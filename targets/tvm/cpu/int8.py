@@ -1317,10 +1317,14 @@ def tok_qconv_applies(w_shape, stride: int, out_shape, dot: str | None) -> bool:
     128x128 at 28x28 0.66-1.15x over four runs (two at 0.88-0.96x), 256x256 at 14x14 0.84-0.88x, 512x512 at 7x7
     0.91x, 512x256 at 5x5 0.73x, 64x64 at 56x56 0.97x; at stride 2 0.59x to 7x7 (512x256 at 14x14) but 1.10x to
     14x14 and 1.24x to 28x28, which keep the flat conv or im2col. Int7 ResNet-18 0.83x and 0.89x in two A/Bs
-    (8.1 -> 6.7 ms, 8.5 -> 7.5)."""
+    (8.1 -> 6.7 ms, 8.5 -> 7.5). On AVX2 (`vpmaddubsw`, for weights it is exact on: the caller checks) at stride 2
+    to at most 64 pixels (conv + a 1x1 conv, interleaved, Zen 3, bit-identical): 256x256 at 14x14 0.79x (0.57x
+    and 0.76x in two earlier runs), 128 -> 256 at 14x14 0.67x, 512x512 at 7x7 0.90x, 64 -> 128 at 16x16 0.69x; at
+    stride 1 0.82-1.12x in one run and unreadable in the next, so those keep the flat conv."""
     n_out = int(out_shape[-1]) * int(out_shape[-2])
-    return (dot == "vnni" and int(w_shape[1]) > 8 and tuple(int(d) for d in w_shape[2:]) != (1, 1)
-            and (stride == 1 or (stride == 2 and n_out <= 64)))
+    small_strided = stride == 2 and n_out <= 64
+    return (int(w_shape[1]) > 8 and tuple(int(d) for d in w_shape[2:]) != (1, 1)
+            and (dot == "vnni" and (stride == 1 or small_strided) or dot == "ubsw" and small_strided))
 
 
 def pack_flat_quads(wq: np.ndarray, panel: int = MR) -> np.ndarray:
