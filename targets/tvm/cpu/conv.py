@@ -2097,8 +2097,8 @@ def conv_staged(xp: T.Buffer(({cin * ph * plane},), "float32"), wp: T.Buffer(({m
 NR_TOK = 16  # output channels per tile of the pixel-row conv: two 8-lane vectors
 
 
-def tok_tiling(cout: int, rows: int, h: int, wd: int, kh: int, kw: int, stride: int, padding, steps: int,
-               row: str, nr: int = NR_TOK, dilation: int = 1) -> tuple:
+def tok_tiling(cout: int, rows: int, h: int, wd: int, kh: int, kw: int, stride: int | tuple[int, int], padding,
+               steps: int, row: str, nr: int = NR_TOK, dilation: int = 1) -> tuple:
     """The pixel-row convs' geometry and task layout (float `tok_conv_source`, int8 `int8.qconv_tok_source`):
     (Hp, Wp, OH, OW, P, pixels per tile, channel panels, pixel tiles, the panel and tile of task t, and the padded
     map's element of pixel p0 + r at tap (i, j) of `row`, one of `rows` rows of Hp x Wp; the taps `dilation`
@@ -2263,7 +2263,7 @@ def _packed_taps(w: np.ndarray, bias: np.ndarray | None, panel: int, own: bool) 
     return (wp, b) if own else (wp[0], b[0])
 
 
-def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, stride: int, padding,
+def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, stride: int | tuple[int, int], padding,
                    clamp: tuple[float, float] | None, residual=None, masked: bool = False, stem: bool = False,
                    per_sample: bool = False, lanes: int = 8, registers: int = 16, cores: int = 1,
                    dilation: int = 1):
@@ -2275,7 +2275,8 @@ def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
     `per_sample`: w is [N, Cout, Cin, kh, kw] and bias [N, Cout], sample n convolved with its own weights (the
     groups of a grouped conv as the samples of one call). `lanes`: the target's vector lanes (`tok_channels`);
     `registers`: its vector registers (Winograd's tile, `winograd.winograd_geometry`), `cores` its cores.
-    `dilation` > 1 (one group): the pixel-row conv, its taps that far apart in the padded map."""
+    `dilation` > 1: the pixel-row conv, its taps that far apart in the padded map; so is a `stride` given as
+    (along H, along W) (CRNN's (2, 1))."""
     from tvm import relax
 
     from graphopt.targets.tvm.cpu import winograd as wg
