@@ -289,12 +289,14 @@ def test_run_decompositions_gives_torchs_program_and_leaves_torch_as_it_was(cnn_
     g, _, _ = cnn_graph
     ep = g.to_exported_program()
     original = export_utils._materialize_cpp_cia_ops
+    py_impl = torch._ops.OperatorBase.__dict__["py_impl"]
     for keep_linear in (False, True):
         table = default_decompositions()
         if keep_linear:
             table.pop(torch.ops.aten.linear.default, None)
         ours = graph_mod.run_decompositions(ep, table)
         assert export_utils._materialize_cpp_cia_ops is original
+        assert torch._ops.OperatorBase.__dict__["py_impl"] is py_impl
         theirs = ep.run_decompositions(table)
         assert str(ours.graph) == str(theirs.graph)
         assert ("aten.linear.default" in str(ours.graph)) == keep_linear
@@ -307,3 +309,27 @@ def test_run_decompositions_gives_torchs_program_and_leaves_torch_as_it_was(cnn_
     finally:
         export_utils._materialize_cpp_cia_ops = original
     assert walks == [1]
+
+
+def test_run_decompositions_registers_torchs_kernels_without_evaluating_their_annotations():
+    """Under graphopt's run_decompositions torch's `py_impl` (called ~5700 times a call) is the same code without
+    the annotations its nested function evaluates at every call; torch's own function is back afterwards, also
+    when the call fails."""
+    from graphopt.ir import graph as graph_mod
+    py_impl = torch._ops.OperatorBase.__dict__["py_impl"]
+    relu, key = torch.ops.aten.relu.default, torch._C.DispatchKey.CPU
+    assert py_impl(relu, key).__annotations__  # torch's: Callable[_P, _T] evaluated at each definition
+    seen = []
+
+    class _Program:
+        def run_decompositions(self, table):
+            seen.append(torch._ops.OperatorBase.py_impl)
+            raise RuntimeError("torch failed")
+
+    with pytest.raises(RuntimeError, match="torch failed"):
+        graph_mod.run_decompositions(_Program())
+    assert torch._ops.OperatorBase.__dict__["py_impl"] is py_impl
+    inner = seen[0](relu, key)
+    assert seen[0] is not py_impl and inner.__annotations__ == {}
+    assert inner.__code__.co_filename == py_impl.__code__.co_filename
+    assert inner.__code__.co_firstlineno == py_impl(relu, key).__code__.co_firstlineno
