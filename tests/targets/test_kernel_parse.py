@@ -1,7 +1,8 @@
 """graphopt builds its kernels' TVMScript with its own direct builder (`parse.build_direct`, ~10x faster than TVM's
 parser) and leaves to TVM's parser only the constructs that builder does not take. The direct builder must make
 exactly the PrimFunc TVM's parser makes: checked here on every kernel a set of small models makes (convs, depthwise,
-pointwise, pools, linears, norms, attention, int8, BSR / CSR with a symbolic block count)."""
+pointwise, pools, linears, norms, attention, int8 (AVX2, and AVX-512 / AMX cross-compiled), BSR / CSR with a symbolic
+block count)."""
 from __future__ import annotations
 
 import pytest
@@ -76,6 +77,7 @@ def test_direct_builder_makes_the_kernels_tvms_parser_makes(tmp_path, kernel_sou
     graphopt.compile(g, "llvm", output=tmp_path / "cnn")
     q = graphopt.optimize(g, "quantize{weights=int8},fold-qdq", data=[(torch.randn(1, 3, 32, 32),) for _ in range(4)])
     graphopt.compile(q, "llvm", output=tmp_path / "int8")
+    graphopt.compile(q, "llvm", output=tmp_path / "amx", cpu="sapphirerapids")  # AVX-512, VNNI and AMX kernels
     enc = _Encoder().eval()
     graphopt.compile(graphopt.trace(enc, (torch.randn(1, 24, 64),)), "llvm", output=tmp_path / "enc")
     mlp = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32)).eval()
@@ -83,11 +85,15 @@ def test_direct_builder_makes_the_kernels_tvms_parser_makes(tmp_path, kernel_sou
                           "sparsify{sparsity=0.9 block=4x4},select-sparse-layout{candidates=dense,csr,bsr4x4}",
                           target=_Costs())
     graphopt.compile(s, "llvm", output=tmp_path / "sparse")
+    ql = graphopt.optimize(graphopt.trace(mlp, (torch.randn(64, 64),)), "quantize{weights=int8},fold-qdq",
+                           data=[(torch.randn(64, 64),) for _ in range(2)])
+    graphopt.compile(ql, "llvm", output=tmp_path / "amx-gemm", cpu="sapphirerapids")  # AMX tiles' int8 GEMM
 
     sources = list(dict.fromkeys(kernel_sources))
     assert len(sources) >= 15
     assert any('"nnz"' in src for src in sources)  # the sparse kernels' symbolic block count
     assert any('"int8"' in src or '"uint8"' in src for src in sources)
+    assert any("\n    assert " in src for src in sources)  # the AMX kernels' tile-state check
     built = 0
     for src in sources:
         try:

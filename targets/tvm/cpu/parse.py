@@ -50,13 +50,13 @@ def parse_kernel(source: str):
     ~0.4 s, 60% of select-sparse-layout's time per layer), and a model's layers of one shape share a source: MiniLM's
     36 linears have 4, MobileNetV2's blocks repeat, and the float sparse kernels leave their stored-block count
     symbolic (`sparse.NNZ`) so that every layer of a shape shares one. A source is built by `build_direct`, which
-    makes the PrimFunc TVM's parser makes about 9x faster (1441 kernel sources of the test suite: 12.9 s against
-    157 s, every one structurally equal); the few constructs it does not take (an assert, a name assigned twice)
-    go to `tvm.script.parse`, and so does every source when GRAPHOPT_KERNEL_PARSER=tvm. On disk each kernel is
-    TVM's JSON of the PrimFunc, compressed, named by a digest of the TVM and tvm-ffi versions and the source (so
-    another TVM, or a changed kernel generator, never reads an old one): loading one takes about 0.7x the time of
-    building it directly. A file that does not load is built again and rewritten. PrimFuncs are immutable, so the
-    cached one is shared."""
+    makes the PrimFunc TVM's parser makes about 10x faster (the 1465 kernel sources of the kernel tests: 12 s against
+    139-161 s, every one structurally equal); the few constructs it does not take (a name assigned again in an inner
+    scope, a tuple assignment: 7 of those 1465) go to `tvm.script.parse`, and so does every source when
+    GRAPHOPT_KERNEL_PARSER=tvm. On disk each kernel is TVM's JSON of the PrimFunc, compressed, named by a digest of
+    the TVM and tvm-ffi versions and the source (so another TVM, or a changed kernel generator, never reads an old
+    one): loading one takes about 0.7x the time of building it directly. A file that does not load is built again
+    and rewritten. PrimFuncs are immutable, so the cached one is shared."""
     import tvm
     from tvm.script import tirx as T
     folder = kernel_cache_dir()
@@ -111,9 +111,10 @@ class _Direct:
     s for a 36 KB Winograd conv. This walks Python's AST once and makes the same IR builder calls with the same
     values: operators through the parser's own dispatch (`_eval_op`: TIR comparisons, `and` / `or` / `not`), calls,
     attributes and subscripts as Python evaluates them, and the statements as `tirx/script/parser/parser.py` builds
-    them (for loops over frames, `T.let` bindings, buffer stores, `T.decl_buffer` frames, if / else, expression
-    statements). Anything else raises `Unsupported`, and the caller parses that source with TVM's parser;
-    `tests/targets/test_kernel_parse.py` checks the two agree on every kernel a set of models makes."""
+    them (for loops over frames, `T.let` bindings, `x = expr` locals, buffer stores, `T.decl_buffer` frames, if /
+    else, asserts with a message, expression statements). Anything else raises `Unsupported`, and the caller parses
+    that source with TVM's parser; `tests/targets/test_kernel_parse.py` checks the two agree on every kernel a set of
+    models makes."""
 
     def __init__(self, namespace):
         import builtins
@@ -229,7 +230,16 @@ class _Direct:
                 rhs.add_callback(partial(rhs.__exit__, None, None, None))
                 rhs = rhs.__enter__()
             elif not tvm.tirx.is_buffer_var(rhs):  # (T.decl_buffer's buffer: it entered its own frame)
-                raise Unsupported(f"assignment of a {type(rhs).__name__} on line {s.lineno}")
+                if isinstance(rhs, (bool, int, float)):
+                    rhs = tvm.tirx.const(rhs)
+                if not tvm.ir.is_prim_expr(rhs) or isinstance(rhs, tvm.ir.Var) \
+                        or not isinstance(rhs.ty, tvm.ir.PrimType):
+                    raise Unsupported(f"assignment of a {type(rhs).__name__} on line {s.lineno}")
+                scalar = tb.local_scalar(dtype=str(rhs.ty.dtype))  # x = expr: a one-element local, as the parser
+                name_of(lhs.id, scalar.scalar.source)
+                tb.buffer_store(scalar.scalar.source, rhs, [0])
+                self.bind(lhs.id, scalar.scalar, env, names)
+                return
             name_of(lhs.id, rhs)
             self.bind(lhs.id, rhs, env, names)
         elif t is ast.For:
@@ -294,6 +304,14 @@ class _Direct:
                 self.body(s.body if test else s.orelse, env, names)
             else:
                 raise Unsupported(f"if condition of a {type(test).__name__} on line {s.lineno}")
+        elif t is ast.Assert:  # a plain message: the parser's RuntimeError assert frame, open to the scope's end
+            test = self.expr(s.test, env)
+            message = self.expr(s.msg, env) if s.msg is not None else None
+            if not isinstance(message, str):
+                raise Unsupported(f"assert message on line {s.lineno}")
+            frame = tb.Assert(test, message, error_kind="RuntimeError")
+            frame.add_callback(partial(frame.__exit__, None, None, None))
+            frame.__enter__()
         else:
             raise Unsupported(f"{t.__name__} statement on line {getattr(s, 'lineno', '?')}")
 
