@@ -2975,6 +2975,23 @@ def _rnn_geometry(node, lifted: dict | None = None) -> dict | None:
             "batch_first": bool(batch_first), "params": list(params)}
 
 
+MANUAL_ATTENTION_MIN_KEYS = 128  # keys (S) and query width (E) from which hand-written attention runs on the
+MANUAL_ATTENTION_MIN_WIDTH = 32  # fused kernel (`_manual_attention_pays`)
+
+
+def _manual_attention_pays(node, lanes: int) -> bool:
+    """Whether the SDPA `manual_attention_as_sdpa` made of hand-written attention runs faster on the fused kernel
+    than as written (batched matmuls and a softmax): where the kernel takes it (`_sdpa_geometry`) with at least
+    MANUAL_ATTENTION_MIN_KEYS keys and MANUAL_ATTENTION_MIN_WIDTH query width. Interleaved on Zen 3 (2 threads,
+    op_shapes' cases, fused / as written): ViT-Ti's 3 heads of 197 tokens x 64 0.83x; Swin-T's 192 windows of 49
+    tokens x 32 1.13x (per-task overhead on tiny heads); SAGAN's 1024 pixels x 16 (E = C / 8) 1.13x (a 16-wide
+    score tile under-fills the kernel, while its batched matmuls ran at ~70% of the FMA peak)."""
+    geo = _sdpa_geometry(node, lanes)
+    q, k = (t.meta["val"] for t in node.args[:2])
+    return geo is not None and int(k.shape[-2]) >= MANUAL_ATTENTION_MIN_KEYS \
+        and int(q.shape[-1]) >= MANUAL_ATTENTION_MIN_WIDTH
+
+
 def _sdpa_geometry(node, lanes: int) -> dict | None:
     """What the fused attention kernel (cpu/attention.py) needs of aten SDPA `node`, or None where it does not take
     it: float32 q [B, H, L, E] (or [B, L, E]), k and v of the same batch and heads (no grouped-query broadcast), no
@@ -3330,6 +3347,12 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
         graph = float32_compute(graph)
         from graphopt.passes.canonicalize.transposed import grouped_as_convs
         graph = grouped_as_convs(graph)  # (grouped transposed convs as grouped convs, for the kernels)
+        from graphopt.passes.canonicalize.attention import manual_attention_as_sdpa
+        from graphopt.targets.tvm.cpu.rules import vector_lanes
+        from graphopt.targets.tvm.host import cpu_target
+        lanes = vector_lanes(target if target is not None else cpu_target())
+        # attention written as matmul, softmax, matmul: one SDPA, for the fused kernel (where it takes them all)
+        graph = manual_attention_as_sdpa(graph, takes=lambda n: _manual_attention_pays(n, lanes))
     # core-ATen decomposition, except linear: decomposed, it becomes permute + addmm and hides the constant weight
     # the packed GEMM needs
     table = default_decompositions()

@@ -219,3 +219,63 @@ def test_int8_attention_probabilities_kernel_gives_torchs_codes(b, h, l, s, msha
     got = out.numpy().reshape(b, h, l, s).astype(int)
     np.testing.assert_array_equal(got, want)
     assert (got.reshape(-1, s)[np.all(~np.broadcast_to(keep, (b, h, l, s)).reshape(-1, s), -1)] == -128).all()
+
+
+class _ManualAttention(torch.nn.Module):
+    """ViT-style attention written as its parts: scores, a scale, an optional additive bias, softmax, context."""
+
+    def __init__(self, heads: int, bias_tokens: int = 0, scale_q: bool = False):
+        super().__init__()
+        self.heads, self.scale_q = heads, scale_q
+        self.bias = torch.nn.Parameter(torch.randn(1, heads, bias_tokens, bias_tokens) * 0.1) if bias_tokens else None
+
+    def forward(self, x):
+        b, t, c = x.shape
+        q = x.view(b, t, self.heads, -1).transpose(1, 2)
+        k, v = (q * 0.5).transpose(-2, -1), q + 1
+        s = q.shape[-1] ** -0.5
+        a = (q * s) @ k if self.scale_q else (q @ k) / (1 / s)
+        if self.bias is not None:
+            a = a + self.bias
+        return (torch.softmax(a, -1) @ v).transpose(1, 2).reshape(b, t, c)
+
+
+class _PixelAttention(torch.nn.Module):
+    """SAGAN's attention over a feature map's pixels: bmm(q^T, k), softmax, bmm(v, p^T)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.q, self.k, self.v = (torch.nn.Conv2d(c, n, 1) for n in (c // 8, c // 8, c))
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        p = torch.softmax(torch.bmm(self.q(x).flatten(2).transpose(1, 2), self.k(x).flatten(2)), -1)
+        return x + torch.bmm(self.v(x).flatten(2), p.transpose(1, 2)).view(b, c, h, w)
+
+
+@pytest.mark.parametrize("model,shape,fused", [
+    (_ManualAttention(3), (1, 197, 192), True),  # ViT-Ti: (q @ k^T) / (1 / scale)
+    (_ManualAttention(2, bias_tokens=160, scale_q=True), (2, 160, 64), True),  # Swin's form: (q * scale) @ k^T + bias
+    (_PixelAttention(256), (1, 256, 16, 16), True),  # SAGAN's transposed context, 32-wide q over 256 pixels
+    (_ManualAttention(3, bias_tokens=49, scale_q=True), (4, 49, 96), False),  # Swin-T's 49-token windows
+    (_PixelAttention(128), (1, 128, 32, 32), False),  # SAGAN with 16-wide q
+])
+def test_hand_written_attention_runs_the_fused_kernel_where_it_pays(model, shape, fused, tmp_path):
+    """matmul, scale, bias, softmax, matmul become one SDPA (passes/canonicalize/attention.py) and run on the fused
+    kernel where its keys and width pay for it (lower.MANUAL_ATTENTION_MIN_KEYS / _WIDTH); elsewhere the graph is
+    lowered as written. Either way within 1e-5 of PyTorch (relative to the output's range)."""
+    from graphopt.passes.canonicalize.attention import manual_attention_as_sdpa
+    torch.manual_seed(0)
+    model = model.eval()
+    x = torch.randn(*shape)
+    g = graphopt.trace(model, (x,))
+    rewritten = manual_attention_as_sdpa(g)
+    sdpa = [n for n in rewritten.gm.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+    assert len(sdpa) == 1 and not any(n.target is torch.ops.aten.softmax.int for n in rewritten.gm.graph.nodes)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert np.abs(rewritten.run(x)[0].numpy() - ref).max() <= 1e-5 * np.abs(ref).max()
+    names = {gv.name_hint for gv in lower_to_relax(g).get_global_vars()}
+    assert any(n.startswith("attention_") for n in names) == fused, names
+    art = graphopt.load(graphopt.compile(g, "llvm", output=tmp_path / "a"))
+    assert np.abs(art(x.numpy())[0] - ref).max() <= 1e-5 * np.abs(ref).max()
