@@ -91,31 +91,48 @@ def _match(sm: fx.Node) -> dict | None:
             "transposed_out": transposed_out}
 
 
-def _rewrite(gm: fx.GraphModule, m: dict) -> None:
+def _rewrite(gm: fx.GraphModule, m: dict, index: int) -> None:
     g, mm2 = gm.graph, m["mm2"]
     with g.inserting_before(mm2):
         swap = lambda t: g.call_function(_aten.transpose.int, (t, -2, -1))  # noqa: E731
         k = m["k"] if m["k"] is not None else swap(m["kt"])
         v = swap(m["v"]) if m["transposed_out"] else m["v"]
-        y = g.call_function(_aten.scaled_dot_product_attention.default, (m["q"], k, v, m["bias"]),
-                            {"scale": m["scale"]})
+        y = sdpa = g.call_function(_aten.scaled_dot_product_attention.default, (m["q"], k, v, m["bias"]),
+                                   {"scale": m["scale"]})
         if m["transposed_out"]:
             y = swap(y)
+    sdpa.meta[_MARK] = index
     mm2.replace_all_uses_with(y)
+
+
+_MARK = "graphopt_manual_attention"  # meta key of the SDPA nodes made here: the chain's index in the graph
+
+
+def _chains(graph: Graph) -> list[dict]:
+    return [m for n in list(graph.gm.graph.nodes) if _is(n, _aten.softmax.int) and (m := _match(n)) is not None]
+
+
+def _rewritten(graph: Graph, which: set[int]) -> Graph:
+    g = graph.clone()
+    chains = _chains(g)
+    for i in sorted(which):
+        _rewrite(g.gm, chains[i], i)
+    tidied(g, len(which))
+    return g
 
 
 def manual_attention_as_sdpa(graph: Graph, takes=None) -> Graph:
     """`graph` with each hand-written attention chain (module docstring) as one SDPA, on a clone; `graph` itself
-    where there is none, or where `takes(sdpa_node)` (the target's check of an SDPA's shapes) refuses one of them."""
-    if not any(_is(n, _aten.softmax.int) and _match(n) for n in graph.gm.graph.nodes):
+    where there is none. With `takes` (the target's check of an SDPA node: its shapes), a chain whose SDPA it
+    refuses stays as written."""
+    count = len(_chains(graph))
+    if not count:
         return graph
-    g = graph.clone()
-    found = [m for n in list(g.gm.graph.nodes) if _is(n, _aten.softmax.int) and (m := _match(n)) is not None]
-    for m in found:
-        _rewrite(g.gm, m)
-    tidied(g, len(found))
-    if takes is not None:
-        new = [n for n in g.gm.graph.nodes if _is(n, _aten.scaled_dot_product_attention.default)]
-        if not all(takes(n) for n in new):
-            return graph
-    return g
+    g = _rewritten(graph, set(range(count)))
+    if takes is None:
+        return g
+    keep = {n.meta[_MARK] for n in g.gm.graph.nodes
+            if _is(n, _aten.scaled_dot_product_attention.default) and _MARK in n.meta and takes(n)}
+    if len(keep) == count:
+        return g
+    return _rewritten(graph, keep) if keep else graph

@@ -3351,7 +3351,7 @@ def lower_to_relax(graph: Graph, device: str = "cpu", sparse24: dict | None = No
         from graphopt.targets.tvm.cpu.rules import vector_lanes
         from graphopt.targets.tvm.host import cpu_target
         lanes = vector_lanes(target if target is not None else cpu_target())
-        # attention written as matmul, softmax, matmul: one SDPA, for the fused kernel (where it takes them all)
+        # attention written as matmul, softmax, matmul: one SDPA, for the fused kernel (each chain where it pays)
         graph = manual_attention_as_sdpa(graph, takes=lambda n: _manual_attention_pays(n, lanes))
     # core-ATen decomposition, except linear: decomposed, it becomes permute + addmm and hides the constant weight
     # the packed GEMM needs

@@ -279,3 +279,29 @@ def test_hand_written_attention_runs_the_fused_kernel_where_it_pays(model, shape
     assert any(n.startswith("attention_") for n in names) == fused, names
     art = graphopt.load(graphopt.compile(g, "llvm", output=tmp_path / "a"))
     assert np.abs(art(x.numpy())[0] - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+class _TwoAttentions(torch.nn.Module):
+    """A ViT-size attention and a 49-token one in one graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.big, self.small = _ManualAttention(3), _ManualAttention(3)
+
+    def forward(self, x):
+        return self.big(x), self.small(x[:, :49])
+
+
+def test_each_hand_written_attention_is_fused_or_kept_on_its_own(tmp_path):
+    """The chain that pays runs on the fused kernel, the one that does not stays batched matmuls and a softmax."""
+    torch.manual_seed(0)
+    model = _TwoAttentions().eval()
+    x = torch.randn(1, 197, 192)
+    g = graphopt.trace(model, (x,))
+    names = {gv.name_hint for gv in lower_to_relax(g).get_global_vars()}
+    assert sum(n.startswith("attention_") for n in names) == 1 and any(n.startswith("bmm_") for n in names), names
+    art = graphopt.load(graphopt.compile(g, "llvm", output=tmp_path / "a"))
+    with torch.no_grad():
+        refs = [t.numpy() for t in model(x)]
+    for got, ref in zip(art(x.numpy()), refs):
+        assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
