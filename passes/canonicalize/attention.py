@@ -8,10 +8,12 @@ kernels against ONNX Runtime's 0.32 ms). As SDPA it is the CPU target's fused at
 the scores of a block of query rows stay in the cache from their product to their use.
 
 The chain, each intermediate read by the next op alone: mm1 = matmul / bmm(Q, Kt) with Q optionally `Q0 * c` (a
-number); optionally `* c` or `/ c` (a number) and `+ bias` (a tensor: SDPA's additive float mask); softmax over the
-last dim (no dtype change); mm2 = matmul / bmm(P, V), or SAGAN's bmm(V', P^T) (then V = V'^T and the result is
-SDPA's, transposed). Kt is a transpose of K's last two dims (K itself), or else K is Kt transposed. Q, K and V have
-the same leading (batch, head) dims, 3 or 4 of them. The scale is the product of the numbers (1 where none): SDPA
+number), or an einsum of the same product ("bhid,bhjd->bhij", "bci,bcj->bij": either operand's last two letters in
+either order); optionally `* c` or `/ c` (a number) and `+ bias` (a tensor: SDPA's additive float mask); softmax
+over the last dim (no dtype change); mm2 = matmul / bmm(P, V), SAGAN's bmm(V', P^T) (then V = V'^T and the result
+is SDPA's, transposed), or an einsum of P with V ("bhij,bhjd->bhid", "bij,bcj->bci"). Kt is a transpose of K's last
+two dims (K itself), or else K is Kt transposed. Q, K and V have the same leading (batch, head) dims, 3 or 4 of
+them. The scale is the product of the numbers (1 where none): SDPA
 computes (q @ k^T) * scale, which equals (q * c) @ k^T up to float rounding.
 """
 from __future__ import annotations
@@ -47,6 +49,67 @@ def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def _einsum_letters(n) -> tuple[str, str, str] | None:
+    """(first operand's, second's, output's) letters of a two-operand einsum node without ellipsis or repeats."""
+    if not (_is(n, _aten.einsum.default) and len(n.args) == 2 and len(n.args[1]) == 2):
+        return None
+    lhs, arrow, out = n.args[0].replace(" ", "").partition("->")
+    terms = lhs.split(",")
+    if not arrow or len(terms) != 2 or any("." in t or len(set(t)) != len(t) for t in (*terms, out)):
+        return None
+    return terms[0], terms[1], out
+
+
+def _rows(letters: str, batch: str, row: str, col: str) -> bool | None:
+    """An operand with these letters as [batch..., row, col]: False as it is, True transposed (last two), else
+    None."""
+    if letters == batch + row + col:
+        return False
+    return True if letters == batch + col + row else None
+
+
+def _scores(x) -> tuple | None:
+    """((Q, transposed), (K, transposed)) of a scores product Q @ K^T: a matmul / bmm (K^T a transpose of K, or
+    transposed here) or an einsum such as "bhid,bhjd->bhij" (lucidrains' attention) or "bci,bcj->bij"."""
+    if _is(x, *_MATMULS):
+        q, kt = x.args[:2]
+        k = (kt.args[0], False) if _swaps_last_two(kt) and len(kt.users) == 1 else (kt, True)
+        return (q, False), k
+    letters = _einsum_letters(x)
+    if letters is None:
+        return None
+    xs, ys, out = letters
+    batch, i, j = out[:-2], out[-2], out[-1]
+    e = set(xs) & set(ys) - set(out)
+    if len(e) != 1 or len(out) < 3:
+        return None
+    e = e.pop()
+    tq, tk = _rows(xs, batch, i, e), _rows(ys, batch, j, e)
+    return None if tq is None or tk is None else ((x.args[1][0], tq), (x.args[1][1], tk))
+
+
+def _context(sm: fx.Node) -> tuple | None:
+    """(mm2, (V, transposed), output transposed) of the product of probabilities `sm` with the values: P @ V, SAGAN's
+    V' @ P^T (V = V'^T, the result transposed), or an einsum such as "bhij,bhjd->bhid" / "bij,bcj->bci"."""
+    user = _only_user(sm)
+    if _is(user, *_MATMULS) and user.args[0] is sm:
+        return user, (user.args[1], False), False
+    if _swaps_last_two(user) and _is(_only_user(user), _aten.bmm.default) and _only_user(user).args[1] is user:
+        mm2 = _only_user(user)
+        return mm2, (mm2.args[0], True), True
+    letters = _einsum_letters(user)
+    if letters is None or user.args[1][0] is not sm:
+        return None
+    ps, vs, out = letters
+    batch, i, j = ps[:-2], ps[-2], ps[-1]
+    c = set(vs) - set(ps)
+    if len(c) != 1 or j in out or not batch:
+        return None
+    c = c.pop()
+    tv, tout = _rows(vs, batch, j, c), _rows(out, batch, i, c)
+    return None if tv is None or tout is None else (user, (user.args[1][1], tv), tout)
+
+
 def _match(sm: fx.Node) -> dict | None:
     """The attention chain around softmax node `sm`, or None."""
     if len(sm.args) > 2 or sm.kwargs or sm.meta["val"].dtype != torch.float32:
@@ -54,14 +117,10 @@ def _match(sm: fx.Node) -> dict | None:
     rank = sm.meta["val"].dim()
     if rank not in (3, 4) or sm.args[1] % rank != rank - 1:
         return None
-    user = _only_user(sm)
-    transposed_out = False
-    if _is(user, *_MATMULS) and user.args[0] is sm:
-        mm2, v = user, user.args[1]
-    elif _swaps_last_two(user) and _is(_only_user(user), _aten.bmm.default) and _only_user(user).args[1] is user:
-        mm2, v, transposed_out = _only_user(user), _only_user(user).args[0], True  # SAGAN: V' @ P^T
-    else:
+    context = _context(sm)
+    if context is None:
         return None
+    mm2, v, transposed_out = context
     scale, bias, x = 1.0, None, sm.args[0]
     if _is(x, _aten.add.Tensor) and len(x.users) == 1 and isinstance(x.args[1], fx.Node):
         bias, x = x.args[1], x.args[0]
@@ -70,42 +129,44 @@ def _match(sm: fx.Node) -> dict | None:
         if c == 0:
             return None
         scale, x = (scale * c if x.target is _aten.mul.Tensor else scale / c), x.args[0]
-    if not (_is(x, *_MATMULS) and len(x.users) == 1):
+    scores = _scores(x) if isinstance(x, fx.Node) and len(x.users) == 1 else None
+    if scores is None:
         return None
-    q, kt = x.args[:2]
-    if _is(q, _aten.mul.Tensor) and len(q.users) == 1 and _number(q.args[1]) and isinstance(q.args[0], fx.Node):
-        scale, q = scale * float(q.args[1]), q.args[0]
-    k = kt.args[0] if _swaps_last_two(kt) and len(kt.users) == 1 else None
-    vals = [t.meta.get("val") if isinstance(t, fx.Node) else None for t in (q, kt, v)]
-    if any(t is None or t.dtype != torch.float32 or t.dim() != rank for t in vals):
-        return None
-    qv, ktv, vv = vals
-    if transposed_out:
-        vv = vv.transpose(-2, -1)
-    if not (qv.shape[:-2] == ktv.shape[:-2] == vv.shape[:-2] and qv.shape[-1] == ktv.shape[-2]
-            and ktv.shape[-1] == vv.shape[-2]):
+    q, k = scores
+    if _is(q[0], _aten.mul.Tensor) and not q[1] and len(q[0].users) == 1 and _number(q[0].args[1]) \
+            and isinstance(q[0].args[0], fx.Node):
+        scale, q = scale * float(q[0].args[1]), (q[0].args[0], False)
+    vals = []
+    for node, transposed in (q, k, v):
+        val = node.meta.get("val") if isinstance(node, fx.Node) else None
+        if val is None or val.dtype != torch.float32 or val.dim() != rank:
+            return None
+        vals.append(val.transpose(-2, -1) if transposed else val)
+    qv, kv, vv = vals
+    if not (qv.shape[:-2] == kv.shape[:-2] == vv.shape[:-2] and qv.shape[-1] == kv.shape[-1]
+            and kv.shape[-2] == vv.shape[-2]):
         return None
     if bias is not None and (bias.meta.get("val") is None or bias.meta["val"].dtype != torch.float32):
         return None
-    return {"mm2": mm2, "q": q, "k": k, "kt": kt, "v": v, "bias": bias, "scale": scale,
-            "transposed_out": transposed_out}
+    return {"mm2": mm2, "q": q, "k": k, "v": v, "bias": bias, "scale": scale, "transposed_out": transposed_out}
 
 
 def _rewrite(gm: fx.GraphModule, m: dict, index: int) -> None:
     g, mm2 = gm.graph, m["mm2"]
     with g.inserting_before(mm2):
         swap = lambda t: g.call_function(_aten.transpose.int, (t, -2, -1))  # noqa: E731
-        k = m["k"] if m["k"] is not None else swap(m["kt"])
-        v = swap(m["v"]) if m["transposed_out"] else m["v"]
-        y = sdpa = g.call_function(_aten.scaled_dot_product_attention.default, (m["q"], k, v, m["bias"]),
+        q, k, v = (swap(node) if transposed else node for node, transposed in (m["q"], m["k"], m["v"]))
+        y = sdpa = g.call_function(_aten.scaled_dot_product_attention.default, (q, k, v, m["bias"]),
                                    {"scale": m["scale"]})
         if m["transposed_out"]:
             y = swap(y)
     sdpa.meta[_MARK] = index
+    sdpa.meta[SWAPS] = sum(t for _, t in (m["q"], m["k"], m["v"])) + int(m["transposed_out"])
     mm2.replace_all_uses_with(y)
 
 
 _MARK = "graphopt_manual_attention"  # meta key of the SDPA nodes made here: the chain's index in the graph
+SWAPS = "graphopt_manual_attention_swaps"  # and how many transposes of q, k, v or the result the rewrite added
 
 
 def _chains(graph: Graph) -> list[dict]:

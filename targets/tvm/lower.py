@@ -2975,20 +2975,24 @@ def _rnn_geometry(node, lifted: dict | None = None) -> dict | None:
             "batch_first": bool(batch_first), "params": list(params)}
 
 
-MANUAL_ATTENTION_MIN_KEYS = 128  # keys (S) and query width (E) from which hand-written attention runs on the
-MANUAL_ATTENTION_MIN_WIDTH = 32  # fused kernel (`_manual_attention_pays`)
+MANUAL_ATTENTION_MIN_KEYS = 192  # keys (S) and query width (E) from which hand-written attention runs on the
+MANUAL_ATTENTION_MIN_WIDTH = 64  # fused kernel (`_manual_attention_pays`)
 
 
 def _manual_attention_pays(node, lanes: int) -> bool:
     """Whether the SDPA `manual_attention_as_sdpa` made of hand-written attention runs faster on the fused kernel
     than as written (batched matmuls and a softmax): where the kernel takes it (`_sdpa_geometry`) with at least
-    MANUAL_ATTENTION_MIN_KEYS keys and MANUAL_ATTENTION_MIN_WIDTH query width. Interleaved on Zen 3 (2 threads,
-    op_shapes' cases, fused / as written): ViT-Ti's 3 heads of 197 tokens x 64 0.83x; Swin-T's 192 windows of 49
-    tokens x 32 1.13x (per-task overhead on tiny heads); SAGAN's 1024 pixels x 16 (E = C / 8) 1.13x (a 16-wide
-    score tile under-fills the kernel, while its batched matmuls ran at ~70% of the FMA peak)."""
+    MANUAL_ATTENTION_MIN_KEYS keys and MANUAL_ATTENTION_MIN_WIDTH query width, q, k and v as the model wrote them
+    (no transpose added). Interleaved on Zen 3 (2 threads), fused / as written: ViT-Ti's 3 heads of 197 tokens x 64
+    0.83x, 4 heads of 512 x 64 0.86x, 6 heads of 197 x 64 1.00x; 2 heads of 160 x 32 1.06x; Swin-T's 192 windows of
+    49 x 32 1.13x; with transposes added (attention over a feature map's pixels, [B, C, HW] operands): SAGAN's 1024
+    pixels x 16 1.13x, 256 x 32 (256 values wide) 0.95x, einsum forms 256 x 64 1.36x, 1024 x 64 1.30x, a DDPM
+    block's 1024 x 128 1.71x (its batched matmuls run at ~70% of the FMA peak; the kernel re-reads a head's values
+    for every block of query rows)."""
+    from graphopt.passes.canonicalize.attention import SWAPS
     geo = _sdpa_geometry(node, lanes)
     q, k = (t.meta["val"] for t in node.args[:2])
-    return geo is not None and int(k.shape[-2]) >= MANUAL_ATTENTION_MIN_KEYS \
+    return geo is not None and not node.meta.get(SWAPS, 0) and int(k.shape[-2]) >= MANUAL_ATTENTION_MIN_KEYS \
         and int(q.shape[-1]) >= MANUAL_ATTENTION_MIN_WIDTH
 
 

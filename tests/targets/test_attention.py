@@ -253,17 +253,39 @@ class _PixelAttention(torch.nn.Module):
         return x + torch.bmm(self.v(x).flatten(2), p.transpose(1, 2)).view(b, c, h, w)
 
 
+class _EinsumAttention(torch.nn.Module):
+    """Attention as two einsums: lucidrains' heads ("bhid,bhjd->bhij") or a diffusion UNet's pixels over channels
+    ("bci,bcj->bij", then "bij,bcj->bci")."""
+
+    def __init__(self, pixels: bool):
+        super().__init__()
+        self.pixels = pixels
+
+    def forward(self, x):
+        if self.pixels:  # x [B, C, H, W]
+            b, c, h, w = x.shape
+            q = x.flatten(2)
+            a = torch.softmax(torch.einsum("bci,bcj->bij", q, q * 0.5) / c ** 0.5, -1)
+            return torch.einsum("bij,bcj->bci", a, q + 1).reshape(b, c, h, w)
+        q = x.view(x.shape[0], x.shape[1], 2, -1).transpose(1, 2)
+        a = (torch.einsum("bhid,bhjd->bhij", q, q * 0.5) * q.shape[-1] ** -0.5).softmax(-1)
+        return torch.einsum("bhij,bhjd->bhid", a, q + 1).transpose(1, 2).reshape(x.shape)
+
+
 @pytest.mark.parametrize("model,shape,fused", [
     (_ManualAttention(3), (1, 197, 192), True),  # ViT-Ti: (q @ k^T) / (1 / scale)
-    (_ManualAttention(2, bias_tokens=160, scale_q=True), (2, 160, 64), True),  # Swin's form: (q * scale) @ k^T + bias
-    (_PixelAttention(256), (1, 256, 16, 16), True),  # SAGAN's transposed context, 32-wide q over 256 pixels
+    (_ManualAttention(2, bias_tokens=200, scale_q=True), (2, 200, 128), True),  # Swin's (q * scale) @ k^T + bias
+    (_EinsumAttention(pixels=False), (1, 200, 128), True),  # einsum over heads
+    (_ManualAttention(2), (1, 160, 64), False),  # 32 wide
     (_ManualAttention(3, bias_tokens=49, scale_q=True), (4, 49, 96), False),  # Swin-T's 49-token windows
-    (_PixelAttention(128), (1, 128, 32, 32), False),  # SAGAN with 16-wide q
+    (_EinsumAttention(pixels=True), (1, 64, 16, 16), False),  # over pixels: q, v and the result transposed
+    (_PixelAttention(256), (1, 256, 16, 16), False),  # SAGAN: k, v and the result transposed
 ])
 def test_hand_written_attention_runs_the_fused_kernel_where_it_pays(model, shape, fused, tmp_path):
-    """matmul, scale, bias, softmax, matmul become one SDPA (passes/canonicalize/attention.py) and run on the fused
-    kernel where its keys and width pay for it (lower.MANUAL_ATTENTION_MIN_KEYS / _WIDTH); elsewhere the graph is
-    lowered as written. Either way within 1e-5 of PyTorch (relative to the output's range)."""
+    """matmul (or einsum), scale, bias, softmax, matmul become one SDPA (passes/canonicalize/attention.py), which
+    runs on the fused kernel where it pays (lower._manual_attention_pays: enough keys and width, no transposes
+    added); elsewhere the graph is lowered as written. Either way within 1e-5 of PyTorch (relative to the output's
+    range)."""
     from graphopt.passes.canonicalize.attention import manual_attention_as_sdpa
     torch.manual_seed(0)
     model = model.eval()
@@ -281,7 +303,7 @@ def test_hand_written_attention_runs_the_fused_kernel_where_it_pays(model, shape
     assert np.abs(art(x.numpy())[0] - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
-class _TwoAttentions(torch.nn.Module):
+class _BigAndSmallAttention(torch.nn.Module):
     """A ViT-size attention and a 49-token one in one graph."""
 
     def __init__(self):
@@ -295,7 +317,7 @@ class _TwoAttentions(torch.nn.Module):
 def test_each_hand_written_attention_is_fused_or_kept_on_its_own(tmp_path):
     """The chain that pays runs on the fused kernel, the one that does not stays batched matmuls and a softmax."""
     torch.manual_seed(0)
-    model = _TwoAttentions().eval()
+    model = _BigAndSmallAttention().eval()
     x = torch.randn(1, 197, 192)
     g = graphopt.trace(model, (x,))
     names = {gv.name_hint for gv in lower_to_relax(g).get_global_vars()}
