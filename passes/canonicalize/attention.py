@@ -39,9 +39,10 @@ def _only_user(n: fx.Node):
 
 def _swaps_last_two(n) -> bool:
     """A transpose of its input's last two dims."""
-    if not _is(n, _aten.transpose.int):
+    val = n.args[0].meta.get("val") if _is(n, _aten.transpose.int) and isinstance(n.args[0], fx.Node) else None
+    if val is None:
         return False
-    rank = n.args[0].meta["val"].dim()
+    rank = val.dim()
     return sorted(d % rank for d in n.args[1:3]) == [rank - 2, rank - 1]
 
 
@@ -112,9 +113,10 @@ def _context(sm: fx.Node) -> tuple | None:
 
 def _match(sm: fx.Node) -> dict | None:
     """The attention chain around softmax node `sm`, or None."""
-    if len(sm.args) > 2 or sm.kwargs or sm.meta["val"].dtype != torch.float32:
+    val = sm.meta.get("val")
+    if len(sm.args) > 2 or sm.kwargs or val is None or val.dtype != torch.float32:
         return None
-    rank = sm.meta["val"].dim()
+    rank = val.dim()
     if rank not in (3, 4) or sm.args[1] % rank != rank - 1:
         return None
     context = _context(sm)
