@@ -18,12 +18,15 @@ computes (q @ k^T) * scale, which equals (q * c) @ k^T up to float rounding.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.fx as fx
 
 from graphopt.ir.graph import Graph
 from graphopt.passes.analysis.weights import tidied
 
+log = logging.getLogger("graphopt")
 _aten = torch.ops.aten
 _MATMULS = (_aten.matmul.default, _aten.bmm.default)
 
@@ -150,7 +153,8 @@ def _match(sm: fx.Node) -> dict | None:
         return None
     if bias is not None and (bias.meta.get("val") is None or bias.meta["val"].dtype != torch.float32):
         return None
-    return {"mm2": mm2, "q": q, "k": k, "v": v, "bias": bias, "scale": scale, "transposed_out": transposed_out}
+    return {"mm2": mm2, "q": q, "k": k, "v": v, "bias": bias, "scale": scale, "transposed_out": transposed_out,
+            "softmax": sm.name}
 
 
 def _rewrite(gm: fx.GraphModule, m: dict, index: int) -> None:
@@ -187,7 +191,7 @@ def _rewritten(graph: Graph, which: set[int]) -> Graph:
 def manual_attention_as_sdpa(graph: Graph, takes=None) -> Graph:
     """`graph` with each hand-written attention chain (module docstring) as one SDPA, on a clone; `graph` itself
     where there is none. With `takes` (the target's check of an SDPA node: its shapes), a chain whose SDPA it
-    refuses stays as written."""
+    refuses stays as written, and the debug log names each chain's softmax node as fused or kept."""
     count = len(_chains(graph))
     if not count:
         return graph
@@ -196,6 +200,10 @@ def manual_attention_as_sdpa(graph: Graph, takes=None) -> Graph:
         return g
     keep = {n.meta[_MARK] for n in g.gm.graph.nodes
             if _is(n, _aten.scaled_dot_product_attention.default) and _MARK in n.meta and takes(n)}
+    softmaxes = [m["softmax"] for m in _chains(graph)]
+    log.debug("hand-written attention: %s as one SDPA; %s kept as written",
+              ", ".join(softmaxes[i] for i in sorted(keep)) or "none",
+              ", ".join(n for i, n in enumerate(softmaxes) if i not in keep) or "none")
     if len(keep) == count:
         return g
     return _rewritten(graph, keep) if keep else graph

@@ -333,3 +333,19 @@ def test_run_decompositions_registers_torchs_kernels_without_evaluating_their_an
     assert seen[0] is not py_impl and inner.__annotations__ == {}
     assert inner.__code__.co_filename == py_impl.__code__.co_filename
     assert inner.__code__.co_firstlineno == py_impl(relu, key).__code__.co_firstlineno
+
+
+def test_a_function_whose_source_does_not_compile_again_is_kept_as_it_is(tmp_path, monkeypatch):
+    """_unannotated keeps torch's own function where its source cannot be run again (here: a decorator name its
+    module no longer has), so run_decompositions never fails for the speed-up's sake."""
+    import importlib
+
+    from graphopt.ir import graph as graph_mod
+    (tmp_path / "gone_decorator.py").write_text("def gone(f):\n    return f\n\n\n@gone\ndef f(x: int) -> int:\n"
+                                                "    return x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("gone_decorator")
+    assert graph_mod._unannotated(module.f) is not module.f  # its source runs again while `gone` is there
+    graph_mod._unannotated.cache_clear()
+    del module.gone
+    assert graph_mod._unannotated(module.f) is module.f

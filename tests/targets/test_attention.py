@@ -327,3 +327,13 @@ def test_each_hand_written_attention_is_fused_or_kept_on_its_own(tmp_path):
         refs = [t.numpy() for t in model(x)]
     for got, ref in zip(art(x.numpy()), refs):
         assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_the_debug_log_names_each_attention_fused_or_kept(caplog):
+    """Lowering says, by softmax node, which hand-written attention became one SDPA and which stayed as written."""
+    torch.manual_seed(0)
+    g = graphopt.trace(_BigAndSmallAttention().eval(), (torch.randn(1, 197, 192),))
+    softmaxes = [n.name for n in g.gm.graph.nodes if n.target is torch.ops.aten.softmax.int]
+    with caplog.at_level("DEBUG", logger="graphopt"):
+        lower_to_relax(g)
+    assert f"hand-written attention: {softmaxes[0]} as one SDPA; {softmaxes[1]} kept as written" in caplog.text

@@ -130,3 +130,13 @@ def test_tvms_parser_alone_on_request(kernel_sources, monkeypatch):
     src = _WHILE.replace("    while n[0] > 1:\n        n[0] = n[0] // 2\n", "")
     assert parse.parse_kernel(src) is not None
     assert kernel_sources == []
+
+
+def test_a_faulty_kernel_source_gets_tvms_diagnostic_naming_its_line(kernel_sources):
+    """Where the direct builder fails on a source (here a call with an argument missing), TVM's parser takes it and
+    its error points at the line, as before the direct builder."""
+    bad = _WHILE.replace("    while n[0] > 1:\n        n[0] = n[0] // 2\n", "    n[T.ramp(0, 1)] = x[0]\n")
+    with pytest.raises(Exception, match=r"(?s)missing 1 required positional argument.*<str>:7") as err:
+        parse.parse_kernel(bad)
+    assert type(err.value).__name__ == "DiagnosticError"
+    assert kernel_sources == [bad]  # tried directly first

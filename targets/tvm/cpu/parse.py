@@ -80,6 +80,10 @@ def parse_kernel(source: str):
             func = build_direct(source, _script_namespace(T))
         except Unsupported as e:  # a construct the direct builder leaves to TVM's parser
             log.debug("kernel source left to TVMScript's parser: %s", e)
+        except Exception as e:  # noqa: BLE001 - a faulty source: TVM's parser builds it or names its line
+            log.debug("direct kernel build failed (%s: %s); TVMScript's parser takes the source",
+                      type(e).__name__, e)
+            func = None
     if func is None:
         func = tvm.script.parse(source, extra_vars={"T": _script_namespace(T)})
     if path is not None:
