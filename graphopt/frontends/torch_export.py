@@ -6,6 +6,7 @@ import io
 import logging
 import pickle
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -46,7 +47,11 @@ def trace(module: torch.nn.Module, example_inputs: Sequence[Any] | Any = (), *,
     shapes_log.setLevel(logging.ERROR)
     err = io.StringIO()
     try:
-        with torch.no_grad(), contextlib.redirect_stderr(err):
+        with torch.no_grad(), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            # torch warns on every nn.LSTM / GRU / RNN that its own `_flat_weights` list "must be registered as
+            # buffers": nothing the user can change, and the weights are traced right
+            warnings.filterwarnings("ignore", message=r"The tensor attributes? ([\w.]+\._flat_weights\[\d+\](, )?)+ "
+                                                      r"(was|were) assigned during export")
             ep = torch.export.export(module, tuple(example_inputs), kwargs=example_kwargs or None, strict=False)
         sys.stderr.write(err.getvalue())
     except Exception as e:

@@ -179,6 +179,68 @@ def _inlined_cond(new: fx.Graph, node: fx.Node, owner: torch.nn.Module, env: dic
     return True
 
 
+_ITEM = (torch.ops.aten.item.default, torch.ops.aten._local_scalar_dense.default)
+
+
+def _model_line(node: fx.Node) -> str:
+    """' (model.py:99: idx[best])': the last frame of the node's stack trace, the user's line; '' without one."""
+    lines = (node.meta.get("stack_trace") or "").strip().splitlines()
+    frames = [i for i, ln in enumerate(lines) if ln.strip().startswith("File ")]
+    if not frames:
+        return ""
+    m = re.match(r'\s*File "([^"]+)", line (\d+)', lines[frames[-1]])
+    if not m:
+        return ""
+    code = lines[frames[-1] + 1].strip() if frames[-1] + 1 < len(lines) else ""
+    return f" ({m.group(1).rsplit('/', 1)[-1]}:{m.group(2)}{': ' + code if code else ''})"
+
+
+def _item_as_tensor(new: fx.Graph, node: fx.Node, env: dict) -> bool:
+    """A tensor's value read as a Python number (`.item()`, or indexing with a 0-d tensor, which torch reads as a
+    number: a Viterbi backtrace's `back[t][best]`, a greedy decoder's `table[token]`) is traced by torch.export as
+    an unbacked number, which a static graph cannot hold (shape propagation had failed with torch's
+    DataDependentOutputException). Where the number is select's index, the select becomes aten.index with the 0-d
+    tensor (the same element, negative indices too); where it is an argument the op takes as a Tensor
+    (`y * s.item()`), the 0-d tensor itself (a 0-d tensor promotes types as a Python number does). True when `node`
+    was copied here; any other use (a size, a fill value, a slice bound, Python arithmetic) is refused naming
+    the node and the model's line."""
+    from graphopt.errors import UnsupportedOpError
+
+    if node.op != "call_function":
+        return False
+    if node.target in _ITEM:
+        for user in node.users:
+            if _select_by_item(user) or (user.op == "call_function" and isinstance(user.target, torch._ops.OpOverload)
+                                         and all(isinstance(a.type, torch.TensorType) for a, v in
+                                                 zip(user.target._schema.arguments, user.args) if v is node)
+                                         and node not in user.kwargs.values()):
+                continue
+            raise UnsupportedOpError(
+                user.name, getattr(user.target, "__name__", str(user.target)),
+                f"it takes a tensor's value as a Python number (`{node.name}`: .item(), int(t), or indexing with a "
+                f"0-d tensor){_model_line(user) or _model_line(node)}, which a static graph cannot hold: keep it a "
+                "tensor (torch.where(t > 0, a, b), x.gather(dim, idx), x * t instead of x * t.item())")
+        src, val = env[node.args[0]], node.args[0].meta.get("val")
+        if val is not None and val.dim():  # (.item() of a one-element [1]: a 0-d tensor broadcasts as a number)
+            src = new.call_function(torch.ops.aten.reshape.default, (src, []))
+        if val is not None and val.dtype in (torch.int8, torch.uint8, torch.int16, torch.int32):
+            src = new.call_function(torch.ops.aten._to_copy.default, (src,), {"dtype": torch.int64})  # (index's)
+        env[node] = src
+        return True
+    if _select_by_item(node):
+        x, dim, _ = node.args
+        dim = dim % max(1, node.args[0].meta["val"].dim())
+        env[node] = new.call_function(torch.ops.aten.index.Tensor, (env[x], [None] * dim + [env[node.args[2]]]))
+        env[node].meta.update({k: v for k, v in node.meta.items() if k not in ("val", "unbacked_bindings")})
+        return True
+    return False
+
+
+def _select_by_item(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target is torch.ops.aten.select.int and len(node.args) == 3
+            and isinstance(node.args[2], fx.Node) and node.args[2].target in _ITEM)
+
+
 def _refuse_data_dependent_shapes(ep) -> None:
     """An op whose output size depends on the input's values (nonzero, x[mask], unique, bincount): torch.export
     traces it with an unbacked size, which no static-shape compile can take (it failed later, inside shape
@@ -273,7 +335,7 @@ class Graph:
                         "output(s) %s of the model are not tensors; the graph returns its tensor outputs only",
                         ", ".join(dropped))
                 new.output(tuple(env[a] for a in outs if isinstance(a, fx.Node)))
-            elif not _inlined_cond(new, node, ep.graph_module, env):
+            elif not _inlined_cond(new, node, ep.graph_module, env) and not _item_as_tensor(new, node, env):
                 env[node] = new.node_copy(node, lambda n: env[n])
         taken_inputs = set()
         if input_names:

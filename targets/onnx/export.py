@@ -147,21 +147,31 @@ def _exportable(graph: Graph) -> Graph:
     expanded index, since the exporter's ScatterND(reduction=add) races in ONNX Runtime's threads over repeated
     indices (error 3.3 on 20000 rows into 2000 with 2 threads, 0 with 1; PNA's export: 0.05 of the range).
     logcumsumexp is left, and named in a warning: the exporter shifts the whole axis by its maximum, so a prefix ~87
-    or more below it underflows to -inf (minGRU over 512 steps: error 0.98 in ONNX Runtime)."""
+    or more below it underflows to -inf (minGRU over 512 steps: error 0.98 in ONNX Runtime). cat and stack of
+    several dtypes get their inputs cast to the result's (the exporter wrote a Concat of mixed types, an invalid
+    model: a stack of int64 and int32 indices)."""
     import torch
     aten = torch.ops.aten
     means = [n for n in graph.gm.graph.nodes if n.op == "call_function" and n.target is aten.scatter_reduce.two
              and str(n.args[4]) == "mean"]
     adds = {n.name for n in _row_adds(graph)}
+    mixed = {n.name for n in graph.gm.graph.nodes if n.op == "call_function"
+             and n.target in (aten.cat.default, aten.stack.default)
+             and any(t.meta["val"].dtype != n.meta["val"].dtype for t in n.args[0])}
     lse = [n.name for n in graph.gm.graph.nodes if n.op == "call_function" and n.target is aten.logcumsumexp.default]
     if lse:
         log.warning("onnx export: torch's exporter shifts logcumsumexp (%s) by its axis's maximum: where a prefix "
                     "lies ~87 or more below it, the ONNX model gives -inf there (graphopt's own build is exact)",
                     ", ".join(lse[:3]))
-    if not means and not adds:
+    if not means and not adds and not mixed:
         return graph
     g = graph.clone()
     fx_graph = g.gm.graph
+    for node in [n for n in fx_graph.nodes if n.name in mixed]:
+        dt = node.meta["val"].dtype
+        with fx_graph.inserting_before(node):
+            node.args = ([t if t.meta["val"].dtype == dt else fx_graph.call_function(
+                aten._to_copy.default, (t,), {"dtype": dt}) for t in node.args[0]], *node.args[1:])
     for node in [n for n in fx_graph.nodes if n.name in adds]:
         _as_scatter_add(fx_graph, node)
     for node in [n for n in fx_graph.nodes if n.name in {m.name for m in means}]:

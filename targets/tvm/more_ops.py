@@ -559,18 +559,20 @@ def histc(node, importer):
 def cat(node, importer):
     """torch.cat skipping the legacy empty 1-D inputs PyTorch skips (a tensor of shape [0] beside [B, H, L, D] ones:
     an empty KV cache, as transformers' DynamicCache starts, in every decoder LLM); TVM's concat refused the ndim
-    mismatch, so no GPT-2 / Llama / Mistral / Qwen2 / ... compiled."""
+    mismatch, so no GPT-2 / Llama / Mistral / Qwen2 / ... compiled. Inputs of several dtypes are cast to the
+    result's, as PyTorch promotes them (TVM's concat refused them: a stack of int64 and int32 indices)."""
     tensors = list(node.args[0])
     dim = int(_arg(node, 1, "dim", 0))
     ranks = {len(t.meta["val"].shape) for t in tensors}
     kept = [t for t in tensors if not (tuple(t.meta["val"].shape) == (0,) and max(ranks) > 1)]
-    if len(kept) == len(tensors):
+    dt = _dtype(node.meta["val"])
+    if len(kept) == len(tensors) and all(_dtype(t.meta["val"]) == dt for t in kept):
         return builtin_converter(importer, "cat.default")(node)
     bb = importer.block_builder
     if len(kept) == 1:
-        return importer.env[kept[0]]
+        return _operand(importer, kept[0], dt)
     nd = len(kept[0].meta["val"].shape)
-    return bb.emit(relax.op.concat([importer.env[t] for t in kept], axis=dim % nd))
+    return bb.emit(relax.op.concat([_operand(importer, t, dt) for t in kept], axis=dim % nd))
 
 
 def embedding_bag(node, importer):

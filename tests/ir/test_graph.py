@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 import zipfile
 
 import pytest
@@ -101,6 +102,82 @@ def test_torch_cond_builds_both_branches_and_picks_at_run_time(tmp_path):
             torch.testing.assert_close(torch.from_numpy(got), r, rtol=1e-6, atol=1e-6)
         for got, r in zip(g.run(x), ref):
             torch.testing.assert_close(got, r, rtol=1e-6, atol=1e-6)
+
+
+class _Backtrace(nn.Module):
+    """Indexing with 0-d tensors as decoders do: a Viterbi backtrace over argmax pointers (int64 and int32), a
+    negative index, `...` before it, and a tensor's value as a number in arithmetic (`* y.max().item()`)."""
+
+    def forward(self, x, y):
+        best = x[-1].amax(0).argmax()
+        path = [best]
+        for t in (3, 2, 1):
+            best = x[t - 1].argmax(0).to(torch.int32)[best]
+            path.append(best)
+        neg = (x[0, :1] > 0).long().sum() - 2  # -1 or -2
+        return torch.stack(path), y[..., neg] * y.max().item(), y[best.long()]
+
+
+def test_a_tensor_read_as_a_number_stays_a_tensor_in_the_graph(tmp_path):
+    """Indexing with a 0-d tensor (torch reads it as a number: `.item()` under export) had failed in trace with
+    torch's DataDependentOutputException and no word of what to change; the select becomes aten.index with the
+    0-d tensor, the number in arithmetic the 0-d tensor itself, and graph and artifact give PyTorch's values for
+    inputs whose pointers differ."""
+    m = _Backtrace().eval()
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 5, 5), torch.randn(5, 3)
+    g = graphopt.trace(m, (x, y))
+    targets = [n.target for n in g.graph.nodes]
+    assert torch.ops.aten.item.default not in targets and torch.ops.aten.index.Tensor in targets
+    art = graphopt.load(graphopt.compile(g, "llvm", output=tmp_path / "b"))
+    seen = set()
+    for seed in range(4):
+        torch.manual_seed(seed)
+        x, y = torch.randn(4, 5, 5), torch.randn(5, 3)
+        ref = m(x, y)
+        seen.add(tuple(ref[0].tolist()))
+        for got, r in zip(g.run(x, y), ref):
+            torch.testing.assert_close(got, r, rtol=0, atol=0)
+        for got, r in zip(art(x.numpy(), y.numpy()), ref):
+            torch.testing.assert_close(torch.from_numpy(got), r, rtol=1e-6, atol=1e-6)
+    assert len(seen) == 4  # (the pointers were followed, not frozen at the traced values)
+
+
+def test_a_number_read_from_a_tensor_as_a_size_names_the_node_and_the_line():
+    class Fill(nn.Module):
+        def forward(self, x):
+            return x + torch.full((2,), x.argmax().item())
+
+    with pytest.raises(graphopt.GraphoptError, match=r"node 'full'.*\(test_graph\.py:\d+: return x \+ torch\.full"):
+        graphopt.trace(Fill(), (torch.randn(2),))
+
+
+def test_tracing_recurrent_layers_does_not_warn_about_torchs_own_weight_list():
+    """torch.export warns that nn.GRU's `_flat_weights` "must be registered as buffers" on every trace of one:
+    torch's internals, nothing the user can change; its warning about the model's own attributes still shows."""
+    class Rec(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gru, self.lstm = nn.GRU(8, 8), nn.LSTM(8, 8, bidirectional=True)
+
+        def forward(self, x):
+            return self.gru(x)[0] + self.lstm(x)[0][..., :8]
+
+    class Own(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.last = torch.zeros(1)
+
+        def forward(self, x):
+            self.last = x * 2  # (an attribute of the model's own, set in forward)
+            return self.last + 1
+
+    for model, shown in ((Rec(), False), (Own(), True)):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            graphopt.trace(model, (torch.randn(5, 1, 8),))
+        texts = [str(w.message) for w in seen if "assigned during export" in str(w.message)]
+        assert bool(texts) == shown and all("_flat_weights" not in t for t in texts)
 
 
 def test_text_is_stable_and_readable(cnn_graph):
