@@ -482,8 +482,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                 # AMX tiles over the quad planes in place (`cpu.amx`)
                 return emit_flat_qconv(bb, xq_, w_, ws_, b_, sx, zx, x_shape_, s_, full, clamp, out_q, dq, dot,
                                        amx_cores=amx)
-            if (kind in ("im2col", "direct") and tok_qconv_applies(w_.shape, s_, node.meta["val"].shape, dot)
-                    and flat_qconv_applies(w_, dot)):
+            if (kind in ("im2col", "direct") and flat_qconv_applies(w_, dot)
+                    and tok_qconv_applies(w_.shape, s_, node.meta["val"].shape, dot, out_q is None or dq)):
                 return emit_flat_qconv(bb, xq_, w_, ws_, b_, sx, zx, x_shape_, s_, full, clamp, out_q, dq, dot,
                                        tok=True)
             if (kind in ("im2col", "direct") and dot is not None  # stems too: 7x7 ResNet stem 3.6 -> 1.4 ms

@@ -1310,7 +1310,7 @@ def qconv_tok_{dot}(xq: T.Buffer(({k4 * hp * wp_ * 4},), "uint8"), w4: T.Buffer(
 """
 
 
-def tok_qconv_applies(w_shape, stride: int, out_shape, dot: str | None) -> bool:
+def tok_qconv_applies(w_shape, stride: int, out_shape, dot: str | None, float_out: bool = False) -> bool:
     """Whether a dense int8 k x k conv runs on the pixel-row int8 conv (`qconv_tok_source`): with VNNI, more than 8
     input channels, at stride 1, or at stride 2 with at most 64 output pixels. Against the flat int8 conv (alone,
     + a 1x1 conv, interleaved, 2 threads, Zen 4; outputs bit-identical; this host moves single runs by 20-40%):
@@ -1320,11 +1320,21 @@ def tok_qconv_applies(w_shape, stride: int, out_shape, dot: str | None) -> bool:
     (8.1 -> 6.7 ms, 8.5 -> 7.5). On AVX2 (`vpmaddubsw`, for weights it is exact on: the caller checks) at stride 2
     to at most 64 pixels (conv + a 1x1 conv, interleaved, Zen 3, bit-identical): 256x256 at 14x14 0.79x (0.57x
     and 0.76x in two earlier runs), 128 -> 256 at 14x14 0.67x, 512x512 at 7x7 0.90x, 64 -> 128 at 16x16 0.69x; at
-    stride 1 0.82-1.12x in one run and unreadable in the next, so those keep the flat conv."""
+    stride 1 0.82-1.12x in one run and unreadable in the next, so those keep the flat conv where they store int8
+    (the kernels alone, 7 interleaved rounds, 0.92-1.05x over five shapes). Where they store float (`float_out`:
+    the conv's output dequantized for a float consumer, RCAN's channel attention, a residual add) the flat conv's
+    store of 16-pixel blocks across rows and pad columns costs more, and the pixel-row conv took 0.57-0.84x its
+    time (kernels alone, Zen 3: 64x64 at 32x32 0.32 vs 0.48 ms, 128x128 at 16x16 0.28 vs 0.48, 64x64 at 56x56
+    0.93 vs 1.26, 256x256 at 14x14 0.78 vs 0.92, 32x32 at 64x64 0.33 vs 0.50), where the output channels fill a
+    16-channel panel (32 -> 3 at 64x64: 0.15 vs 0.05 ms). Whole int8s models, interleaved, Zen 3: RCAN block
+    0.83-0.93x, UNet decoder 0.91x, TCN 0.91x, ESRGAN blocks 0.95-0.98x, pix2pix 0.94x, SK unit 0.99x, ResNeXt
+    0.84-1.03x (noise: its convs are 4-channel groups, unchanged)."""
+    from graphopt.targets.tvm.cpu.conv import NR_TOK
     n_out = int(out_shape[-1]) * int(out_shape[-2])
     small_strided = stride == 2 and n_out <= 64
     return (int(w_shape[1]) > 8 and tuple(int(d) for d in w_shape[2:]) != (1, 1)
-            and (dot == "vnni" and (stride == 1 or small_strided) or dot == "ubsw" and small_strided))
+            and (dot == "vnni" and (stride == 1 or small_strided)
+                 or dot == "ubsw" and (small_strided or stride == 1 and float_out and int(w_shape[0]) >= NR_TOK)))
 
 
 def pack_flat_quads(wq: np.ndarray, panel: int = MR) -> np.ndarray:
