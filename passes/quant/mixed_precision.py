@@ -115,31 +115,36 @@ class MixedPrecision(Pass):
         batches = ctx.batches(graph)
         if o.budget == "latency":
             return _run_latency(o, graph, ctx, ops, cands, batches)
+        # one width per weight: a weight several layers read (ALBERT's one layer run 4 times, a cell unrolled over
+        # steps) is stored once, so it is measured, counted and quantized once (each use had been a layer of its
+        # own: some uses int8, others fp32, both copies stored, and the budget counted the bytes once per use)
+        groups: dict[str, list[fx.Node]] = {}
+        for op in ops:
+            groups.setdefault(op.args[1].target, []).append(op)
         with torch.no_grad():
             ref = [graph.gm(*b) for b in batches]
             ref = [r[0] if isinstance(r, (tuple, list)) else r for r in ref]
             sens: dict[str, dict[str, float]] = {}
-            for op in ops:
-                name = op.args[1].target
+            for name in groups:
                 param = getattr(graph.gm, name)
                 orig = param.data.clone()
-                sens[op.name] = {}
+                sens[name] = {}
                 for c in cands:
                     if c != "fp32":
                         param.data.copy_(_dequantized(orig, c))
                     out = [graph.gm(*b) for b in batches]
-                    sens[op.name][c] = _error(ref, [x[0] if isinstance(x, (tuple, list)) else x for x in out])
+                    sens[name][c] = _error(ref, [x[0] if isinstance(x, (tuple, list)) else x for x in out])
                     param.data.copy_(orig)
-        numel = {op.name: graph.get_param(op.args[1].target).numel() for op in ops}
-        channels = {op.name: graph.get_param(op.args[1].target).shape[0] for op in ops}
+        numel = {name: graph.get_param(name).numel() for name in groups}
+        channels = {name: graph.get_param(name).shape[0] for name in groups}
 
-        def nbytes(op_name: str, c: str) -> float:
-            extra = 0 if c == "fp32" else channels[op_name] * 8  # a scale and a zero point per channel
-            return numel[op_name] * STORED_BITS[c] / 8 + extra
+        def nbytes(name: str, c: str) -> float:
+            extra = 0 if c == "fp32" else channels[name] * 8  # a scale and a zero point per channel
+            return numel[name] * STORED_BITS[c] / 8 + extra
 
         float_bytes = sum(t.numel() * t.element_size() for t in graph.params().values() if t.is_floating_point())
         fixed = float_bytes - sum(numel[n] * 4 for n in numel)  # biases, norms, excluded layers stay float
-        choice = {op.name: cands[0] for op in ops}
+        choice = {name: cands[0] for name in groups}
         budget = o.target * float_bytes
 
         def total() -> float:
@@ -161,6 +166,11 @@ class MixedPrecision(Pass):
                     f"mixed-precision: even the narrowest candidate everywhere needs {total() / float_bytes:.3f} of "
                     f"the float weight bytes, over target={o.target}; raise target or add int4 to candidates")
             choice[best[0]] = best[1]
+        for name, uses in groups.items():  # (per layer from here on, as the report and manifest give them)
+            for op in uses:
+                sens[op.name] = sens[name]
+        size_fraction = total() / float_bytes
+        choice = {op.name: choice[name] for name, uses in groups.items() for op in uses}
         by_name = {op.name: op for op in ops}
         for n, c in choice.items():
             if c != "fp32":
@@ -174,7 +184,7 @@ class MixedPrecision(Pass):
             log.info("mixed-precision: %-30s %s (1-cos int8 %.2e, int4 %s)", n, c, sens[n].get("int8", 0.0),
                      f"{sens[n]['int4']:.2e}" if "int4" in sens[n] else "-")
         return PassResult(graph, any(c != "fp32" for c in choice.values()),
-                          {"size_fraction": round(total() / float_bytes, 4), "target": o.target,
+                          {"size_fraction": round(size_fraction, 4), "target": o.target,
                            "bits": {n: v["bits"] for n, v in per_layer.items()},
                            "sensitivity": {n: v["sensitivity"] for n, v in per_layer.items()}})
 
@@ -301,21 +311,29 @@ def _run_latency(o, graph: Graph, ctx: PassContext, ops, cands, batches) -> Pass
             del rec
     sens = {op.name: {c: 0.0 if c == "fp32" else _error(ref, outs[op.name, c]) for c in seconds[op.name]}
             for op in ops}
-    base_total = sum(t[next(c for c in cands if c in t)] for t in seconds.values())  # the widest candidate's
-    choice = {op.name: next(c for c in cands if c in seconds[op.name]) for op in ops}
+    # one width per weight (see _choose): the layers reading one weight are chosen together, their times and
+    # errors summed over the widths timed for every one of them
+    groups: dict[str, list[str]] = {}
+    for op in ops:
+        groups.setdefault(op.args[1].target, []).append(op.name)
+    g_sec = {w: {c: sum(seconds[n][c] for n in uses) for c in cands if all(c in seconds[n] for n in uses)}
+             for w, uses in groups.items()}
+    g_sens = {w: {c: sum(sens[n][c] for n in groups[w]) for c in t} for w, t in g_sec.items()}
+    base_total = sum(t[next(c for c in cands if c in t)] for t in g_sec.values())  # the widest candidate's
+    g_choice = {w: next(c for c in cands if c in t) for w, t in g_sec.items()}
     budget = o.target * base_total
 
     def total() -> float:
-        return sum(seconds[n][c] for n, c in choice.items())
+        return sum(g_sec[w][c] for w, c in g_choice.items())
 
     while total() > budget:
         best, best_cost = None, None
-        for n, c in choice.items():
-            for nxt in [d for d in cands[cands.index(c) + 1:] if d in seconds[n]]:
-                saved = seconds[n][c] - seconds[n][nxt]
+        for n, c in g_choice.items():
+            for nxt in [d for d in cands[cands.index(c) + 1:] if d in g_sec[n]]:
+                saved = g_sec[n][c] - g_sec[n][nxt]
                 if saved <= 0:
                     continue
-                cost = (sens[n][nxt] - sens[n][c]) / saved
+                cost = (g_sens[n][nxt] - g_sens[n][c]) / saved
                 if best_cost is None or cost < best_cost:
                     best, best_cost = (n, nxt), cost
         if best is None:
@@ -323,7 +341,8 @@ def _run_latency(o, graph: Graph, ctx: PassContext, ops, cands, batches) -> Pass
                 f"mixed-precision: the fastest measured width for every layer takes {total() / base_total:.3f} of "
                 f"the layers' time at {cands[0]}, over target={o.target}; raise target (a layer whose narrower "
                 f"widths are not faster here keeps its widest)")
-        choice[best[0]] = best[1]
+        g_choice[best[0]] = best[1]
+    choice = {n: g_choice[w] for w, uses in groups.items() for n in uses}
     by_name = {op.name: op for op in ops}
     done: dict = {}
     for n, c in choice.items():
