@@ -17,7 +17,10 @@ dilated 3x3 branches weighted per channel by a softmax, 128 channels at 28x28) a
 squeeze-excite) at 224x224; since the sixty-third PNA (max / min / mean / std aggregators by scatter_reduce over a
 2000-node, 20000-edge graph, degree scalers, concats of the aggregates), three TabNet steps (sparsemax masks: a
 sort of 1024 rows of 64), a minGRU layer's log-space scan (logcumsumexp over 512 tokens) and a DDPM UNet stage
-(GroupNorm + SiLU res block, einsum attention over 32x32 pixels).
+(GroupNorm + SiLU res block, einsum attention over 32x32 pixels); since the seventy-seventh an ALBERT-style
+encoder (one layer's weights run 4 times), ESRGAN's dense blocks with a pixel-shuffle upsampler, RCAN's
+channel-attention block, a pix2pix U-Net generator (instance norms, transposed convs) at 64x64 and an xLSTM
+matrix-memory cell over 16 steps.
 
 Random weights with randomized batch-norm statistics (what compiling and quantizing cost, not accuracy).
 graphopt fp32: the CLI's default pipeline (fold-bn, fold-pad, fold-constants, dce); graphopt int8: + quantize,
@@ -525,6 +528,103 @@ def _models() -> dict:  # noqa: C901 - one small nn.Module per architecture
                 y = conv(torch.cat([y, s], 1))
             return y
 
+    class Albert(nn.Module):  # one encoder layer's weights run 4 times (ALBERT's cross-layer sharing)
+        def __init__(self, d: int = 128, h: int = 4, ff: int = 512):
+            super().__init__()
+            self.h, self.emb = h, nn.Linear(64, d)
+            self.qkv, self.o, self.ln1 = nn.Linear(d, 3 * d), nn.Linear(d, d), nn.LayerNorm(d)
+            self.ff1, self.ff2, self.ln2 = nn.Linear(d, ff), nn.Linear(ff, d), nn.LayerNorm(d)
+
+        def forward(self, x):
+            x = self.emb(x)
+            b, t, d = x.shape
+            for _ in range(4):
+                q, k, v = self.qkv(x).view(b, t, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
+                a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d)
+                x = self.ln1(x + self.o(a))
+                x = self.ln2(x + self.ff2(F.gelu(self.ff1(x))))
+            return x
+
+    class DenseBlock(nn.Module):  # ESRGAN's residual dense block: 5 convs over the growing concat, scaled residual
+        def __init__(self, c: int = 32, g: int = 16):
+            super().__init__()
+            self.convs = nn.ModuleList(nn.Conv2d(c + i * g, g if i < 4 else c, 3, padding=1) for i in range(5))
+
+        def forward(self, x):
+            feats = [x]
+            for i, conv in enumerate(self.convs):
+                y = conv(torch.cat(feats, 1))
+                if i < 4:
+                    feats.append(F.leaky_relu(y, 0.2))
+            return x + 0.2 * y
+
+    class ESRGAN(nn.Module):  # two dense blocks, a pixel-shuffle and a nearest x2 upsampling to 4x the input
+        def __init__(self, c: int = 32):
+            super().__init__()
+            self.head, self.blocks = nn.Conv2d(3, c, 3, padding=1), nn.Sequential(DenseBlock(c), DenseBlock(c))
+            self.up, self.tail = nn.Conv2d(c, 4 * c, 3, padding=1), nn.Conv2d(c, 3, 3, padding=1)
+
+        def forward(self, x):
+            f = self.head(x)
+            f = f + 0.2 * self.blocks(f)
+            f = F.interpolate(F.leaky_relu(F.pixel_shuffle(self.up(f), 2), 0.2), scale_factor=2, mode="nearest")
+            return self.tail(f)
+
+    class RCAB(nn.Module):  # RCAN's residual channel-attention block
+        def __init__(self, c: int = 64, r: int = 16):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1))
+            self.ca = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, c // r, 1), nn.ReLU(),
+                                    nn.Conv2d(c // r, c, 1), nn.Sigmoid())
+
+        def forward(self, x):
+            y = self.body(x)
+            return x + y * self.ca(y)
+
+    class Pix2Pix(nn.Module):  # a 4-level U-Net generator: 4x4 stride-2 convs, instance norms, transposed convs
+        def __init__(self, c: int = 16):
+            super().__init__()
+            ch = [3, c, 2 * c, 4 * c, 8 * c]
+            self.down = nn.ModuleList(nn.Sequential(
+                nn.Conv2d(ch[i], ch[i + 1], 4, 2, 1), nn.InstanceNorm2d(ch[i + 1]) if i else nn.Identity(),
+                nn.LeakyReLU(0.2)) for i in range(4))
+            self.up = nn.ModuleList(nn.Sequential(
+                nn.ConvTranspose2d(ch[i + 1] * (1 if i == 3 else 2), ch[i] if i else c, 4, 2, 1),
+                nn.InstanceNorm2d(ch[i] if i else c), nn.ReLU()) for i in range(4))
+            self.out = nn.Conv2d(2 * c, 3, 3, padding=1)
+
+        def forward(self, x):
+            skips = []
+            for d in self.down:
+                x = d(x)
+                skips.append(x)
+            for i in (3, 2, 1, 0):
+                x = self.up[i](x if i == 3 else torch.cat([x, skips[i]], 1))
+            return torch.tanh(self.out(torch.cat([x, F.interpolate(skips[0], scale_factor=2)], 1)))
+
+    class MLSTM(nn.Module):  # xLSTM's matrix-memory cell (exponential gates, max stabilizer) over 16 steps
+        def __init__(self, d: int = 32, steps: int = 16):
+            super().__init__()
+            self.qkv, self.gates, self.o = nn.Linear(d, 3 * d), nn.Linear(d, 2), nn.Linear(d, d)
+            self.d, self.steps = d, steps
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).chunk(3, -1)
+            k = k / math.sqrt(self.d)
+            ig, fg = self.gates(x).unbind(-1)
+            mem, n, m = x.new_zeros(1, self.d, self.d), x.new_zeros(1, self.d), x.new_zeros(1)
+            hs = []
+            for t in range(self.steps):
+                logf = F.logsigmoid(fg[:, t])
+                m_new = torch.maximum(logf + m, ig[:, t])
+                i, f = torch.exp(ig[:, t] - m_new), torch.exp(logf + m - m_new)
+                mem = f[:, None, None] * mem + i[:, None, None] * v[:, t, :, None] * k[:, t, None, :]
+                n = f[:, None] * n + i[:, None] * k[:, t]
+                den = torch.maximum((n * q[:, t]).sum(-1).abs(), torch.exp(-m_new))[:, None]
+                hs.append((mem @ q[:, t, :, None])[..., 0] / den)
+                m = m_new
+            return self.o(torch.stack(hs, 1))
+
     return {"convnext": lambda: (ConvNeXt(), (1, 3, 224, 224)), "resnext": lambda: (resnext(), (1, 3, 112, 112)),
             "deeplab": lambda: (DeepLab(), (1, 3, 256, 256)), "inception": lambda: (Inception(), (1, 288, 35, 35)),
             "swin": lambda: (Swin(), (1, 3, 128, 128)), "detr": lambda: (Detr(), (1, 400, 256)),
@@ -541,7 +641,9 @@ def _models() -> dict:  # noqa: C901 - one small nn.Module per architecture
             "llama": lambda: (LlamaBlock(), (1, 128, 512)), "shufflenet": lambda: (ShuffleStage(), (1, 116, 28, 28)),
             "moe": lambda: (MoE(), (128, 256)), "perceiver": lambda: (Perceiver(), (1, 1024, 256)),
             "involution": lambda: (Involution(), (1, 64, 28, 28)),
-            "unet_dec": lambda: (UNetDecoder(), (1, 256, 28, 28))}
+            "unet_dec": lambda: (UNetDecoder(), (1, 256, 28, 28)), "albert": lambda: (Albert(), (1, 64, 64)),
+            "esrgan": lambda: (ESRGAN(), (1, 3, 32, 32)), "rcab": lambda: (RCAB(), (1, 64, 32, 32)),
+            "pix2pix": lambda: (Pix2Pix(), (1, 3, 64, 64)), "mlstm": lambda: (MLSTM(), (1, 16, 32))}
 
 
 def _rel_err(got, ref: np.ndarray) -> float:
