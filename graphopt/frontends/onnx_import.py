@@ -72,6 +72,7 @@ class Importer:
         self.root = torch.nn.Module()
         self.env: dict[str, Value] = {}
         self.param_nodes: dict[int, fx.Node] = {}
+        self.folded: dict[tuple, tuple] = {}  # `_fold_key` -> (its input tensors, the Const)
         self.param_names: set[str] = set()
         self.source_names: dict[str, str] = {}
         self.input_shapes = dict(input_shapes or {})
@@ -83,6 +84,30 @@ class Importer:
         self.decided_ifs: list[str] = []  # If nodes whose condition was known at import (their branch inlined)
 
     # ---- values -------------------------------------------------------------------------------------------
+    @staticmethod
+    def _fold_key(fn: Callable, args, kwargs) -> tuple | None:
+        """The same op on the same constants gives the same constant: one weight several nodes read through a
+        Transpose each (torch's exporter writes one per use: ALBERT's shared layer, run 4 times, imported as 4
+        copies of every weight, 4x the artifact). None (fold anew) for an op on no constant or a random one."""
+        if "rand" in getattr(fn, "__name__", ""):
+            return None
+        seen = []
+
+        def part(a):
+            if isinstance(a, Const):
+                seen.append(a)
+                return ("const", id(a.t))
+            if isinstance(a, (list, tuple)):
+                return tuple(part(x) for x in a)
+            if isinstance(a, torch.Tensor):
+                raise TypeError  # (a bare tensor: not keyed)
+            return (type(a).__name__, repr(a))
+        try:
+            key = (fn, tuple(part(a) for a in args), tuple((k, part(v)) for k, v in sorted(kwargs.items())))
+        except TypeError:
+            return None
+        return key if seen else None
+
     def _param_node(self, t: torch.Tensor, hint: str) -> fx.Node:
         key = id(t)
         if key not in self.param_nodes:
@@ -110,8 +135,17 @@ class Importer:
                 if isinstance(a, (list, tuple)):
                     return type(a)(unwrap(x) for x in a)
                 return a
+            key = self._fold_key(fn, args, kwargs)
+            if key is not None and key in self.folded:
+                return self.folded[key][1]
             with torch.no_grad():
-                return Const(fn(*[unwrap(a) for a in args], **{k: unwrap(v) for k, v in kwargs.items()}))
+                out = Const(fn(*[unwrap(a) for a in args], **{k: unwrap(v) for k, v in kwargs.items()}))
+            named = [a.name for a in flat if isinstance(a, Const)]
+            if fn in (torch.permute, torch.transpose, _transposed) and len(named) == 1:
+                out.name = named[0]  # (a weight's layout change keeps the weight's name: layer.qkv.weight)
+            if key is not None:  # (the inputs kept alive with it: the key holds their ids)
+                self.folded[key] = ([a.t for a in flat if isinstance(a, Const)], out)
+            return out
 
         def as_node(a):
             if isinstance(a, Dyn):
@@ -1681,12 +1715,16 @@ def _dq_weight(im, w: Const, scale: torch.Tensor, zp: torch.Tensor, axis: int) -
     return y
 
 
+def _transposed(t: torch.Tensor) -> torch.Tensor:
+    return t.t().contiguous()
+
+
 def _linear_weight(im, b, transposed: bool):
     """A linear layer's weight [N, K] from a MatMul/Gemm operand: a constant (transposed as needed), or a
     dequantized constant integer weight re-emitted per output channel (axis 0), so fold-qdq sees linear <- DQ.
     None when b is neither (a computed operand: a matmul)."""
     if isinstance(b, Const):
-        return Const(b.t if transposed else b.t.t().contiguous(), b.name)
+        return b if transposed else Const(im.emit(_transposed, b).t, b.name)  # (folded once per constant)
     dq = b.node.meta.get("onnx_dq_weight") if isinstance(b, Dyn) else None
     if dq is None or dq[0].t.dim() != 2:
         return None

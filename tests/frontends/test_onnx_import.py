@@ -266,3 +266,30 @@ def test_outputs_that_declare_no_shape_import_as_onnxruntime_runs_them(tmp_path)
     assert [(s.name, tuple(s.shape)) for s in g.outputs] == [("y", (2, 3)), ("z", (2, 3))]
     for got, ref in zip(g.run(torch.from_numpy(x)), want):
         np.testing.assert_array_equal(got.numpy(), ref)
+
+
+def test_a_weight_several_nodes_read_through_transposes_is_imported_once(tmp_path):
+    """torch's exporter writes a Transpose per use of a shared weight (ALBERT's one layer run 4 times): each had
+    been folded into a constant of its own, so the import held 4 copies of every weight (796k parameters against
+    the file's 206k) and so did the artifact. The same op on the same constant folds once, keeping the weight's
+    name; a MatMul on the weight as stored (no Transpose) shares it too."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 16)).astype(np.float32)  # [out, in], as torch stores it
+    nodes = [helper.make_node("Transpose", ["layer.weight"], [f"wt{i}"], perm=[1, 0]) for i in range(3)]
+    y = "x"
+    for i in range(3):
+        nodes += [helper.make_node("MatMul", [y, f"wt{i}"], [f"m{i}"]), helper.make_node("Relu", [f"m{i}"], [f"r{i}"])]
+        y = f"r{i}"
+    nodes.append(helper.make_node("MatMul", [y, "layer.weight"], ["out"]))  # (as stored: one more constant)
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 16])],
+                              [onnx.numpy_helper.from_array(w, "layer.weight")])
+    path = tmp_path / "shared.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    g = graphopt.load_onnx(path)
+    params = g.params()
+    assert sum(v.numel() for v in params.values()) == 2 * w.size, {k: tuple(v.shape) for k, v in params.items()}
+    assert all(k.startswith("layer_weight") for k, v in params.items() if v.numel() == w.size), list(params)
+    x = rng.standard_normal((2, 16)).astype(np.float32)
+    ref = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+    np.testing.assert_allclose(g.run(torch.from_numpy(x))[0].numpy(), ref, rtol=1e-5, atol=1e-5)
