@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -84,9 +85,23 @@ class FoldConstants(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         consts: dict[fx.Node, torch.Tensor] = {}
         folded, skipped = [], {}
+        # the same op on the same constants folds once: a weight several uses read as `w.t()` (a layer run in a
+        # loop, ALBERT's sharing) had become one parameter per use, 4x the weights of a layer run 4 times
+        canon: dict[fx.Node, Any] = {}
+        seen: dict[tuple, fx.Node] = {}
+        shared = 0
+
+        def key(a):
+            if isinstance(a, fx.Node):
+                return ("node", canon[a])
+            if isinstance(a, (list, tuple)):
+                return tuple(key(x) for x in a)
+            return (type(a).__name__, repr(a))
+
         for n in list(graph.gm.graph.nodes):
             if n.op == "get_attr":
                 consts[n] = graph.get_param(n.target)
+                canon[n] = n.target
                 continue
             if n.op != "call_function" or not _is_const(list(n.args) + list(n.kwargs.values()), consts):
                 continue
@@ -96,11 +111,19 @@ class FoldConstants(Pass):
             if kept_integer_weight(n, consts):
                 skipped[n.name] = "int8 weight of a dynamically quantized linear: kept integer (int8 kernel)"
                 continue
+            k = (n.target, key(n.args), key(sorted(n.kwargs.items())))
+            if k in seen:
+                n.replace_all_uses_with(seen[k])
+                consts[n], canon[n] = consts[seen[k]], canon[seen[k]]
+                shared += 1
+                continue
+            canon[n] = ("op", n.name)
             with torch.no_grad():
                 value = n.target(*_value(n.args, consts), **_value(n.kwargs, consts))
             if not isinstance(value, torch.Tensor):
                 if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
                     consts[n] = value  # a split / chunk / unbind of a parameter: its getitems fold to parameters
+                    seen[k] = n
                 continue
             in_numel = sum(_numel(consts[a]) for a in n.all_input_nodes)
             if value.numel() > self.options.max_growth * max(in_numel, 1):
@@ -112,8 +135,13 @@ class FoldConstants(Pass):
             node = graph.add_param(f"{n.name}_folded", value.contiguous(), before=n)
             n.replace_all_uses_with(node)
             consts[node] = value
+            canon[node] = canon[n] = node.target
+            seen[k] = node
             folded.append(n.name)
-        if folded:
+        if folded or shared:
             eliminate_dead_code(graph)
-        return PassResult(graph, bool(folded), {"folded": len(folded), "ops": folded, "skipped": skipped},
-                          "" if folded else "no op has only constant inputs")
+        stats = {"folded": len(folded), "ops": folded, "skipped": skipped}
+        if shared:
+            stats["shared"] = shared  # (ops whose result an earlier fold of the same op on the same values gave)
+        return PassResult(graph, bool(folded or shared), stats, "" if folded or shared else
+                          "no op has only constant inputs")

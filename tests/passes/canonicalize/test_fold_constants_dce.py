@@ -83,3 +83,34 @@ def test_dce_removes_dead_ops_and_unused_params(cnn_graph):
     assert len(out.params()) < n_params
     assert not any("num_batches_tracked" in k for k in out.params())
     torch.testing.assert_close(out.run(x)[0], model(x), rtol=0, atol=0)
+
+
+class _LoopedLayer(nn.Module):
+    """One weight used 4 times as `w.t()` and a scale computed from a parameter on every use (a layer run in a
+    loop, ALBERT-style sharing), and a split of one parameter twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(16, 16) / 4)
+        self.s = nn.Parameter(torch.randn(16) / 4)
+        self.packed = nn.Parameter(torch.randn(32, 16) / 4)
+
+    def forward(self, x):
+        for _ in range(4):
+            x = torch.relu(x @ self.w.t()) * self.s.exp()
+        a, _ = self.packed.split(16)
+        b, _ = self.packed.split(16)
+        return x @ a.t() + x @ b.t()
+
+
+def test_fold_constants_folds_the_same_op_on_the_same_parameters_once():
+    """Each use's `w.t()` had become a parameter of its own: the folded graph held the layer's weights once per
+    use (4x the traced model's). The same op on the same values now folds once, the uses share it."""
+    torch.manual_seed(0)
+    m = _LoopedLayer().eval()
+    x = torch.randn(2, 16)
+    g = graphopt.trace(m, (x,))
+    out = graphopt.optimize(g, "fold-constants,dce", verify=True)
+    assert out.stats().params <= g.stats().params, {k: tuple(v.shape) for k, v in out.params().items()}
+    assert out.meta["history"][0]["stats"]["shared"] >= 6
+    torch.testing.assert_close(out.run(x)[0], m(x), rtol=1e-5, atol=1e-5)
