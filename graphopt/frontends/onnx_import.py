@@ -99,9 +99,9 @@ class Importer:
                 return ("const", id(a.t))
             if isinstance(a, (list, tuple)):
                 return tuple(part(x) for x in a)
-            if isinstance(a, torch.Tensor):
-                raise TypeError  # (a bare tensor: not keyed)
-            return (type(a).__name__, repr(a))
+            if a is None or a is Ellipsis or isinstance(a, (bool, int, float, str, slice, torch.dtype, torch.device)):
+                return (type(a).__name__, repr(a))
+            raise TypeError  # (a bare tensor, a sequence value: not keyed by their text)
         try:
             key = (fn, tuple(part(a) for a in args), tuple((k, part(v)) for k, v in sorted(kwargs.items())))
         except TypeError:

@@ -1995,8 +1995,9 @@ def test_pair_width_quantized_pointwise_convs_take_the_quad_kernel(weights):
 @pytest.mark.parametrize("weights,batch", [("int8", 1), ("int7", 2), ("int8s", 1)])
 def test_quantized_dense_convs_run_on_the_int8_kernels(weights, batch, monkeypatch):
     """A quantized ResNet basic block: where the quad product is exact (7-bit or pair-bounded int8s weights on
-    AVX2, any int8 weight with VNNI) its stride-1 3x3 convs are the flat int8 conv (the input's quad planes, padded
-    with its zero point, then the implicit GEMM; with VNNI the pixel-row int8 conv over them); otherwise, and for the strided 3x3 conv with a small output and
+    AVX2, any int8 weight with VNNI) its stride-1 3x3 convs run over the input's quad planes, padded with its zero
+    point: the pixel-row int8 conv (with VNNI; on AVX2 where the output is float, as both are here: the residual
+    add, the block's output); otherwise, and for the strided 3x3 conv with a small output and
     the strided 1x1 shortcut, int8 im2col (the zero point outside the image; tap-major rows, so int8s's channel
     pairs are the kernel's pairs there too) then the pointwise int8 kernel. ReLU and the next quantize are
     in the stores; no TVM conv is left (its generic int8 conv made a quantized ResNet-18 twice as slow as the fp32
@@ -2016,7 +2017,7 @@ def test_quantized_dense_convs_run_on_the_int8_kernels(weights, batch, monkeypat
     expected = ["im2col_16x20x20_k3s2_p1111_int8_tm", "im2col_16x20x20_k1s2_p0000_int8_tm",
                 f"{kernel}32x144x100_clamp_q", f"{kernel}32x16x100"]
     if weights != "int8" or dot == "vnni":
-        conv = f"qconv_{'tok' if dot == 'vnni' else 'flat'}_{dot}"  # with VNNI the pixel-row int8 conv
+        conv = f"qconv_tok_{dot}"  # the pixel-row int8 conv: with VNNI, and on AVX2 for these float outputs
         expected += ["quad_planes_32x10x10_k3x3s1_p1111", f"{conv}_32x32x10x10_k3x3s1_p1111",
                      "quad_planes_32x11x11_k3x3s1_p0000", f"{conv}_24x32x11x11_k3x3s1_p0000"]
         assert not [n for n in names if n.startswith("im2col_32x")], names
