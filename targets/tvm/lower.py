@@ -396,7 +396,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         from graphopt.targets.tvm.cpu.amx import amx_cores, amx_flat_qconv_applies
         from graphopt.targets.tvm.cpu.int8 import (emit_flat_qconv, emit_im2col_qconv, emit_qconv1x1,
                                                    flat_qconv_applies, im2col_beats_flat, int8_dot, qconv1x1_applies,
-                                                   tok_qconv_applies)
+                                                   quad_weights, tok_qconv_applies)
         from graphopt.targets.tvm.cpu import winograd as wg
         from graphopt.targets.tvm.cpu.qdepthwise import int8_depthwise_dot
         from graphopt.targets.tvm.cpu.rules import half_width_vnni, target_cores, vector_lanes, vector_registers
@@ -471,8 +471,10 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                                      _int8_sparse(node, "qconv1x1", w_.reshape(w_.shape[0], -1),
                                                   int(x_shape_[2]) * int(x_shape_[3])) if sparse else "", lanes,
                                      target_cores(target), half, residual)
-            if kind in ("im2col", "direct") and im2col_beats_flat(int(x_shape_[1]), s_, dot) and \
-                    qconv1x1_applies(node.meta["val"].shape):
+            if (kind in ("im2col", "direct") and im2col_beats_flat(int(x_shape_[1]), s_, dot)
+                    and qconv1x1_applies(node.meta["val"].shape)
+                    and quad_weights(w_.transpose(0, 2, 3, 1).reshape(w_.shape[0], -1), dot)):
+                # (on AVX2 where the quad product is exact on im2col's pairs: else the pair kernel, not measured)
                 return emit_im2col_qconv(bb, xq_, w_, ws_, b_, sx, zx, x_shape_, s_, full, clamp, out_q, dq,
                                          dot, lanes=lanes, half_width=half)  # RGB stems: the taps in whole quads
             if (amx and kind in ("im2col", "direct") and flat_qconv_applies(w_, dot)

@@ -1378,8 +1378,12 @@ def im2col_beats_flat(cin: int, stride: int, dot: str | None) -> bool:
     phase planes built first; im2col packs Cin x kh x kw into whole quads (27 values: 7 quads, not 9). Kernel alone
     on Zen 4 (2 threads, 11-15 interleaved rounds in a quiet phase): MobileNetV2's and EfficientNet-Lite0's 32x3x224
     3x3 stem 105 -> 76 us (1.37-1.39x), a 5x5 one 1.31x, ResNet's 7x7 stem 486 -> 381 us (1.28x), 32x6x112 3x3
-    1.61x; at stride 1 im2col was 0.86-1.04x (16x3x112, 32x3x224) and on deep convs 0.56-0.82x."""
-    return dot == "vnni" and stride >= 2 and cin % 4 != 0
+    1.61x; at stride 1 im2col was 0.86-1.04x (16x3x112, 32x3x224) and on deep convs 0.56-0.82x. On AVX2 too
+    (`vpmaddubsw`; `emit_qconv1x1` checks its exactness on im2col's own pairs, else the exact pair kernel): a
+    stem + 1x1 conv alone, interleaved, Zen 3, 0.66-0.73x (32x3x224 3x3) and 0.63x (ResNet's 7x7 stem); in
+    MobileNetV2's int8 build the stem went 0.33 -> 0.14 ms (quad planes + flat conv against im2col + the
+    pointwise kernel), ResNet-18's 1.8 ms stem to 0.96x the model's time; bit-identical."""
+    return dot in ("vnni", "ubsw") and stride >= 2 and cin % 4 != 0
 
 
 def emit_flat_qconv(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | None, sx: float, zx: int,
