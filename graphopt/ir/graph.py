@@ -205,6 +205,7 @@ def _item_as_tensor(new: fx.Graph, node: fx.Node, env: dict) -> bool:
     was copied here; any other use (a size, a fill value, a slice bound, Python arithmetic) is refused naming
     the node and the model's line."""
     from graphopt.errors import UnsupportedOpError
+    from graphopt.ir.printer import target_name
 
     if node.op != "call_function":
         return False
@@ -216,7 +217,7 @@ def _item_as_tensor(new: fx.Graph, node: fx.Node, env: dict) -> bool:
                                          and node not in user.kwargs.values()):
                 continue
             raise UnsupportedOpError(
-                user.name, getattr(user.target, "__name__", str(user.target)),
+                user.name, target_name(user.target),
                 f"it takes a tensor's value as a Python number (`{node.name}`: .item(), int(t), or indexing with a "
                 f"0-d tensor){_model_line(user) or _model_line(node)}, which a static graph cannot hold: keep it a "
                 "tensor (torch.where(t > 0, a, b), x.gather(dim, idx), x * t instead of x * t.item())")

@@ -124,16 +124,16 @@ class MixedPrecision(Pass):
         with torch.no_grad():
             ref = [graph.gm(*b) for b in batches]
             ref = [r[0] if isinstance(r, (tuple, list)) else r for r in ref]
-            sens: dict[str, dict[str, float]] = {}
+            w_sens: dict[str, dict[str, float]] = {}  # by weight
             for name in groups:
                 param = getattr(graph.gm, name)
                 orig = param.data.clone()
-                sens[name] = {}
+                w_sens[name] = {}
                 for c in cands:
                     if c != "fp32":
                         param.data.copy_(_dequantized(orig, c))
                     out = [graph.gm(*b) for b in batches]
-                    sens[name][c] = _error(ref, [x[0] if isinstance(x, (tuple, list)) else x for x in out])
+                    w_sens[name][c] = _error(ref, [x[0] if isinstance(x, (tuple, list)) else x for x in out])
                     param.data.copy_(orig)
         numel = {name: graph.get_param(name).numel() for name in groups}
         channels = {name: graph.get_param(name).shape[0] for name in groups}
@@ -144,33 +144,32 @@ class MixedPrecision(Pass):
 
         float_bytes = sum(t.numel() * t.element_size() for t in graph.params().values() if t.is_floating_point())
         fixed = float_bytes - sum(numel[n] * 4 for n in numel)  # biases, norms, excluded layers stay float
-        choice = {name: cands[0] for name in groups}
+        w_choice = {name: cands[0] for name in groups}
         budget = o.target * float_bytes
 
         def total() -> float:
-            return fixed + sum(nbytes(n, c) for n, c in choice.items())
+            return fixed + sum(nbytes(n, c) for n, c in w_choice.items())
 
         while total() > budget:
             best, best_cost = None, None
-            for n, c in choice.items():
+            for n, c in w_choice.items():
                 i = cands.index(c)
                 if i + 1 >= len(cands):
                     continue
                 nxt = cands[i + 1]
                 saved = nbytes(n, c) - nbytes(n, nxt)
-                cost = (sens[n][nxt] - sens[n][c]) / max(saved, 1e-9)
+                cost = (w_sens[n][nxt] - w_sens[n][c]) / max(saved, 1e-9)
                 if best_cost is None or cost < best_cost:
                     best, best_cost = (n, nxt), cost
             if best is None:
                 raise MixedPrecisionError(
                     f"mixed-precision: even the narrowest candidate everywhere needs {total() / float_bytes:.3f} of "
                     f"the float weight bytes, over target={o.target}; raise target or add int4 to candidates")
-            choice[best[0]] = best[1]
-        for name, uses in groups.items():  # (per layer from here on, as the report and manifest give them)
-            for op in uses:
-                sens[op.name] = sens[name]
+            w_choice[best[0]] = best[1]
         size_fraction = total() / float_bytes
-        choice = {op.name: choice[name] for name, uses in groups.items() for op in uses}
+        # per layer from here on, as the report and the manifest give them
+        sens = {op.name: w_sens[name] for name, uses in groups.items() for op in uses}
+        choice = {op.name: w_choice[name] for name, uses in groups.items() for op in uses}
         by_name = {op.name: op for op in ops}
         for n, c in choice.items():
             if c != "fp32":
