@@ -1,0 +1,283 @@
+"""Winograd F(2x2, 3x3) for int8 3x3 stride-1 convs in 16-bit integers (`vpmaddwd`): the float Winograd kernel's
+tiles and tasks (`winograd.py`) on int8 codes, exact.
+
+With the weight transform scaled by 2 per side, G' = 2G = [[2,0,0],[1,1,1],[1,-1,1],[0,0,2]], U' = G' g G'^T is
+4 U in integers: |U'| <= 9 * 128 = 1152 for int8 weights. The input transform V = B^T d B of int8 codes d (the
+conv's padding holds the zero point, so the map is the codes themselves) adds 4 x 4 of them with signs:
+|V| <= 512. Both fit int16, and `vpmaddwd` multiplies a pair of input channels' (V, U') and adds the two
+products in int32 (16 products per instruction, as `vpmaddubsw` + `vpmaddwd` make 32 from two); the sum over
+Cin channels stays below 2^31 for Cin < 3640. M = sum U' V is thus 4 x the exact int32 conv sum of the Winograd
+elements, and the output transform Y = A^T M A (adds only) runs in float on M, so an output is the direct int8
+conv's sum up to float32's rounding of the transform's few adds (relative 2^-24), then the int8 kernels' epilogue:
+(Y / 4 - zero point x sum(w) - bias steps) x multiplier, clamped, requantized or dequantized.
+
+On AVX2 the direct int8 convs (`vpmaddubsw`) multiply at 2x the FMA's rate and Winograd multiplies 2.25x less, so
+the int8 3x3 convs had run at about the float Winograd kernel's speed (ResNet-18's 64 -> 64 at 56x56: int7 1.13
+ms, fp32 1.25); this kernel multiplies at the direct int8 kernels' rate in 2.25x fewer products. It also takes
+full-range int8 weights (`vpmaddubsw`'s pairs of u8 x s8 saturate int16 unless weights are 7-bit).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from graphopt.targets.tvm.cpu.conv import _clamped
+from graphopt.targets.tvm.cpu.winograd import PANEL, panel_groups, winograd_geometry
+
+# F(2x2, 3x3)'s weight transform scaled by 2 (integers): U' = G' g G'^T = 4 G g G^T
+_G2 = np.array([[2, 0, 0], [1, 1, 1], [1, -1, 1], [0, 0, 2]], np.int64)
+# the AVX2 register file the tile is sized for (`winograd_geometry`: 4-6 tiles of 16 int32 channels, two ymm
+# each, + two of U' and a broadcast; the input transform's one 16-byte row load covers 6 tiles' 14 columns)
+REGISTERS = 16
+MAX_CIN = 3639  # 512 * 1152 * Cin < 2^31: the int32 sum of U' V cannot wrap
+
+
+def pack_qwinograd(wq: np.ndarray) -> np.ndarray:
+    """int8 W [Cout, Cin, 3, 3] (Cin even) -> int32 [16, panels, Cin / 2, 16] flat: per Winograd element e = 4i + j
+    of U' = G' g G'^T, output-channel panel and input-channel pair, each of the panel's 16 channels' two int16
+    values (channel 2c, then 2c + 1) as one word, `vpmaddwd`'s pair (zero past Cout)."""
+    cout, cin = wq.shape[:2]
+    panels = -(-cout // PANEL)
+    u = np.einsum("ai,ocij,bj->aboc", _G2, wq.astype(np.int64), _G2)
+    up = np.zeros((4, 4, panels * PANEL, cin), np.int16)
+    up[:, :, :cout] = u
+    up = up.reshape(16, panels, PANEL, cin // 2, 2).transpose(0, 1, 3, 2, 4)
+    return np.ascontiguousarray(up).view(np.int32).reshape(-1)
+
+
+def _transform_terms(g) -> list[str]:
+    """U' = G' g G'^T of a 3x3 `g` (names or expressions, g[i][j]) as 16 integer expressions, element 4a + b."""
+    def rows(v):  # G' applied to a 3-vector
+        return [f"2 * {v[0]}", f"({v[0]} + {v[1]} + {v[2]})", f"({v[0]} - {v[1]} + {v[2]})", f"2 * {v[2]}"]
+    t = [rows([g[0][j], g[1][j], g[2][j]]) for j in range(3)]  # t[j][a] = (G' g)[a][j]
+    return [rows([t[0][a], t[1][a], t[2][a]])[b] for a in range(4) for b in range(4)]
+
+
+def qwinograd_weights_source(cout: int, cin: int, nibbles: bool) -> str:
+    """TVMScript of a load-time kernel (`prepared.py`) making `pack_qwinograd`'s U' from the int8 weight as stored
+    in an artifact: W [Cout, Cin, 3, 3] flat, int8, or with `nibbles` two int4 values a byte (`int8.nibbles` of
+    the even and the odd elements). U' is 32 bytes per channel pair against the weight's 9 (4.5 as int4): kept in
+    the artifact it made an int8 ResNet-18's library 3.5x the weights' size."""
+    from graphopt.targets.tvm.cpu import prepared
+    panels, cp_n = -(-cout // PANEL), cin // 2
+    attrs, read_seed = prepared.kernel_head()
+
+    def weight(c: int, i: int, j: int) -> str:
+        k = f"((o * {cin} + cp * 2 + {c}) * 9 + {i * 3 + j})"
+        if not nibbles:
+            return f'T.Cast("int32", w[{k}])'
+        nib = f'T.bitwise_and(T.shift_right(T.Cast("int32", w[{k} // 2]), ({k} % 2) * 4), 15)'
+        return f"(T.bitwise_xor({nib}, 8) - 8)"
+    lets = "".join(f"""
+                g{c}{i}{j}: T.let = {weight(c, i, j)}""" for c in range(2) for i in range(3) for j in range(3))
+    terms = [_transform_terms([[f"g{c}{i}{j}" for j in range(3)] for i in range(3)]) for c in range(2)]
+    words = "".join(f"""
+                u[(({e} * {panels} + o // {PANEL}) * {cp_n} + cp) * {PANEL} + o % {PANEL}] = T.bitwise_or(
+                    T.bitwise_and({terms[0][e]}, 65535), T.shift_left({terms[1][e]}, 16))""" for e in range(16))
+    size = cout * cin * 9
+    return f"""
+@T.prim_func(private=True)
+def qwinograd_weights(w: T.Buffer(({-(-size // 2) if nibbles else size},), "int8"), seed: T.Buffer((1,), "int8"),
+                      u: T.Buffer(({16 * panels * cp_n * PANEL},), "int32")):
+{attrs}
+{read_seed}
+    for o in T.parallel({panels * PANEL}):
+        for cp in T.serial({cp_n}):
+            if o >= {cout}:
+                for e in T.serial(16):
+                    u[((e * {panels} + o // {PANEL}) * {cp_n} + cp) * {PANEL} + o % {PANEL}] = 0
+            else:{lets}{words}
+"""
+
+
+def qwinograd_weight(bb, wq: np.ndarray):
+    """U' as a Relax value: the constant `pack_qwinograd(wq)`, or when lowering for an artifact
+    (`prepared.active`) the weight itself (int8, or nibbles where it fits int4) and `qwinograd_weights_source`
+    making U' when the artifact is loaded."""
+    from tvm import relax
+
+    from graphopt.targets.tvm.cpu import prepared
+    from graphopt.targets.tvm.cpu.int8 import fits_int4, nibbles
+    from graphopt.targets.tvm.cpu.parse import parse_kernel
+    if not prepared.active():
+        return relax.const(pack_qwinograd(wq))
+    cout, cin = (int(d) for d in wq.shape[:2])
+    flat = np.ascontiguousarray(wq, np.int8).reshape(-1)
+    small = fits_int4(flat)
+    if small:
+        flat = nibbles(flat[0::2], np.pad(flat[1::2], (0, flat.size % 2)))
+    gv = bb.add_func(parse_kernel(qwinograd_weights_source(cout, cin, small)),
+                     f"qwinograd_weights_{cout}x{cin}" + ("_int4" if small else ""))
+    panels = -(-cout // PANEL)
+    return prepared.load_time_call(bb, gv, [relax.const(flat)],
+                                   relax.TensorType((16 * panels * (cin // 2) * PANEL,), "int32"))
+
+
+def qwinograd_applies(w_shape, stride: int, x_shape, padding) -> bool:
+    """3x3 stride-1 convs of an even number of input channels (16 to MAX_CIN) whose tile rows hold a register tile
+    (`winograd.winograd_geometry`)."""
+    cin = int(w_shape[1])
+    return (tuple(int(d) for d in w_shape[2:]) == (3, 3) and stride == 1 and cin % 2 == 0 and 16 <= cin <= MAX_CIN
+            and winograd_geometry(int(x_shape[2]), int(x_shape[3]), padding, REGISTERS) is not None)
+
+
+def qwinograd_wins(cout: int, cin: int) -> bool:
+    """Whether the rule takes the int8 Winograd conv over the direct int8 ones (AVX2): with 32+ input and output
+    channels. Kernels alone, interleaved (7 rounds, 2 threads, Zen 3, ReLU, int8 / float output), against the
+    pixel-row and the flat int8 conv: 64x64 at 56x56 0.51 vs 0.70 / 0.70 ms, 128x128 at 28x28 0.48 vs 0.66 /
+    0.72, 256x256 at 14x14 0.49 vs 0.64 / 0.72, 64x64 at 112x112 2.01 vs 2.78 / 2.74, 32x32 at 64x64 0.22 vs 0.24
+    / 0.47, 64x32 at 56x56 0.29 vs 0.39 / 0.63, 32x64 at 56x56 0.28 vs 0.38 / 0.42, 48x48 at 20x30 0.053 vs 0.072
+    / 0.079, 64x64 at 27x27 0.12 vs 0.17 / 0.17; 128x128 at 13x13 (two 6-tile blocks a 7-tile row) 0.149 vs 0.151;
+    16 channels in or out tie with the pixel-row conv or lose (16x16 at 128x128 0.29-0.32 vs 0.26-0.28, 32x16 at
+    64x64 with a float output 0.19 vs 0.14; 24x24 at 64x64 0.16-0.26 vs 0.20-0.25). The float Winograd kernel
+    on the dequantized codes took 0.72-0.83 ms on the first three."""
+    return cin >= 32 and cout >= 32
+
+
+def _input_transform(wq: int, hq: int, vs: int, nt: int, pad: str) -> str:
+    """Statements transforming input channels 2 cp and 2 cp + 1 of the task's tiles (tile row ty, tiles tx0 ..
+    tx0 + nt - 1, nt <= 6) into vb[e * vs + cp * nt + tile]: per tile the two channels' int16 values as one word.
+    Each of a channel's 4 input rows is one 16-byte load (columns 2 tx0 + 0..15) widened to int16, split by
+    shuffles into the tiles' columns 0..3; the row transform (d0 - d2, d1 + d2, d2 - d1, d1 - d3) runs on those
+    8-lane vectors, then the column transform on the rows; the two channels' results are interleaved. Lanes past
+    nt are written too, into the next pair's slot, which that pair then overwrites (the last pair's spill into the
+    `8 - nt` words past its element)."""
+    even, odd = list(range(0, 16, 2)), list(range(1, 16, 2))
+    even2, odd2 = list(range(2, 16, 2)) + [15], list(range(3, 16, 2)) + [15]
+    out = ""
+    for c in range(2):
+        for i in range(4):
+            row = (f'T.Cast("int16x16", xp[T.ramp((cp * 2 + {c}) * {hq * wq} + (ty * 2 + {i}) * {wq} + tx0 * 2, 1, '
+                   f'16)])')
+            out += f"\n{pad}rw[T.ramp(0, 1, 16)] = {row}"
+            d0, d1, d2, d3 = (f"T.Shuffle([rw[T.ramp(0, 1, 16)]], {ix})" for ix in (even, odd, even2, odd2))
+            for j, e in enumerate((f"{d0} - {d2}", f"{d1} + {d2}", f"{d2} - {d1}", f"{d1} - {d3}")):
+                out += f"\n{pad}hb[{c}, {i * 4 + j}, T.ramp(0, 1, 8)] = {e}"
+    mix = [k for r in range(8) for k in (r, 8 + r)]
+    for j in range(4):
+        cols = []
+        for c in range(2):
+            r0, r1, r2, r3 = (f"hb[{c}, {i * 4 + j}, T.ramp(0, 1, 8)]" for i in range(4))
+            cols.append((f"{r0} - {r2}", f"{r1} + {r2}", f"{r2} - {r1}", f"{r1} - {r3}"))
+        for i in range(4):
+            out += (f'\n{pad}vb[T.ramp({(i * 4 + j) * vs} + cp * {nt}, 1, 8)] = T.reinterpret("int32x8", '
+                    f"T.Shuffle([{cols[0][i]}, {cols[1][i]}], {mix}))")
+    return out
+
+
+def qwinograd_source(cout: int, cin: int, h: int, wd: int, padding, clamp: tuple[float, float] | None,
+                     out_q: tuple[float, int, int, int] | None = None, dequantized: bool = False,
+                     float_bias: bool = False, cores: int = 1) -> str:
+    """TVMScript of the int8 F(2x2, 3x3) conv (module docstring) over xp, the int8 map padded with its zero point
+    to `winograd_geometry`'s `pad` ([Cin, Hq, Wq] flat), with U' (`pack_qwinograd`) and the int8 kernels' epilogue
+    constants (`int8.epilogue_constants` at the map's own zero point: off, mult, [bias], qp = `store_params`), into
+    out [Cout, OH, OW] (int8 with out_q, else float32). A task (nt tiles of a tile row) transforms its input into
+    a task-local V; per 16-channel output panel and element an nt x 16 int32 tile accumulates `vpmaddwd` products
+    (a V word broadcast, two vectors of U' loaded per channel pair); M, as floats, goes to the output transform,
+    whose values the epilogue turns into the block's 2 x 2 nt outputs per channel, stored channel by channel (the
+    2 nt outputs of a row as one run), per output at the map's odd edges."""
+    g = winograd_geometry(h, wd, padding, REGISTERS)
+    nt, ncx, tw, oh, ow, hq, wq = (g[k] for k in ("nt", "ncx", "tw", "oh", "ow", "hq", "wq"))
+    cp_n = cin // 2
+    vs = cp_n * nt + 8 - nt
+    panels = -(-cout // PANEL)
+    groups = panel_groups(g["blocks"], panels, cores)
+    m = [f"m[{e}, r, T.ramp(0, 1, {PANEL})]" for e in range(16)]
+    s0 = [f"({m[j]} + {m[4 + j]} + {m[8 + j]})" for j in range(4)]  # A^T M: rows 0 and 1
+    s1 = [f"({m[4 + j]} - {m[8 + j]} - {m[12 + j]})" for j in range(4)]
+    ys = [f"{s[0]} + {s[1]} + {s[2]}" if b == 0 else f"{s[1]} - {s[2]} - {s[3]}" for s in (s0, s1) for b in (0, 1)]
+    co = f"p * {PANEL} + v"
+    x = f'(yb[a * 2 + b, v] * T.float32(0.25) - T.Cast("float32", off[{co}]))'
+    if float_bias:
+        val = _clamped(f"{x} * mult[{co}] + bias[{co}]", clamp, out_q, dequantized, qp="qp")
+    else:
+        val = _clamped(x, clamp, out_q, dequantized, qp="qp", times=f"mult[{co}]")
+    otype = "int8" if out_q and not dequantized else "float32"
+    bias_arg = f' bias: T.Buffer(({panels * PANEL},), "float32"),' if float_bias else ""
+    guard = f"if {co} < {cout}:" if cout % PANEL else "if True:"
+    w2 = 2 * nt
+    u = f"u[T.ramp(((e * {panels} + p) * {cp_n} + cp) * {PANEL} + {{h}}, 1, 8)]"
+    step = "".join(f"""
+                        acc[T.ramp(r * {PANEL} + {hh}, 1, 8)] = acc[T.ramp(r * {PANEL} + {hh}, 1, 8)] + \\
+                            T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", vx, T.reinterpret(
+                                "int16x16", {u.format(h=hh)}))""" for hh in (0, 8))
+    return f"""
+@T.prim_func(private=True)
+def qwinograd(xp: T.Buffer(({cin * hq * wq},), "int8"), u: T.Buffer(({16 * panels * cp_n * PANEL},), "int32"),
+              off: T.Buffer(({panels * PANEL},), "int32"), mult: T.Buffer(({panels * PANEL},), "float32"),{bias_arg}
+              qp: T.Buffer((4,), "float32"), out: T.Buffer(({cout}, {oh}, {ow}), "{otype}")):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
+    for t in T.parallel({g["blocks"] * groups}):
+        ty: T.let = t // {groups} // {ncx}
+        tx0: T.let = T.min(t // {groups} % {ncx} * {nt}, {tw - nt})
+        rw = T.decl_buffer((16,), "int16", scope="global")
+        hb = T.decl_buffer((2, 16, 8), "int16", scope="global")
+        vb = T.decl_buffer(({16 * vs},), "int32", scope="global")
+        for cp in T.serial({cp_n}):{_input_transform(wq, hq, vs, nt, " " * 12)}
+        m = T.decl_buffer((16, {nt}, {PANEL}), "float32", scope="global")
+        acc = T.decl_buffer(({nt * PANEL},), "int32", scope="global")
+        yb = T.decl_buffer((4, {PANEL}), "float32", scope="global")
+        ob = T.decl_buffer(({2 * w2 * PANEL},), "{otype}", scope="global")
+        for p in T.serial(t % {groups} * {panels} // {groups}, (t % {groups} + 1) * {panels} // {groups}):
+            for e in T.serial(16):
+                for r in T.unroll({nt}):
+                    acc[T.ramp(r * {PANEL}, 1, {PANEL})] = T.broadcast(T.int32(0), {PANEL})
+                for cp in T.serial({cp_n}):
+                    for r in T.unroll({nt}):
+                        vx: T.let = T.reinterpret("int16x16", T.broadcast(vb[e * {vs} + cp * {nt} + r], 8)){step}
+                for r in T.unroll({nt}):
+                    m[e, r, T.ramp(0, 1, {PANEL})] = T.Cast("float32x{PANEL}", acc[T.ramp(r * {PANEL}, 1, {PANEL})])
+            for r in T.serial({nt}):""" + "".join(f"""
+                yb[{k}, T.ramp(0, 1, {PANEL})] = {y}""" for k, y in enumerate(ys)) + f"""
+                for a in T.unroll(2):
+                    for b in T.unroll(2):
+                        for v in T.vectorized({PANEL}):
+                            ob[(a * {w2} + r * 2 + b) * {PANEL} + v] = {val}
+            oy0: T.let = ty * 2
+            ox0: T.let = tx0 * 2
+            for v in T.serial({PANEL}):
+                {guard}
+                    if oy0 + 2 <= {oh} and ox0 + {w2} <= {ow}:
+                        for a in T.unroll(2):
+                            for x in T.unroll({w2}):
+                                out[{co}, oy0 + a, ox0 + x] = ob[(a * {w2} + x) * {PANEL} + v]
+                    else:
+                        for a in T.serial(2):
+                            for x in T.serial({w2}):
+                                if oy0 + a < {oh} and ox0 + x < {ow}:
+                                    out[{co}, oy0 + a, ox0 + x] = ob[(a * {w2} + x) * {PANEL} + v]
+"""
+
+
+def emit_qwinograd(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | None, sx: float, zx: int,
+                   x_shape, padding, clamp, out_q, dequantized: bool = False, cores: int = 1):
+    """The int8 3x3 stride-1 conv of xq int8 [N, Cin, H, W] (per sample) as int16 Winograd: the map padded with its
+    zero point (`pool.emit_pad`) to `winograd_geometry`'s pad, then `qwinograd_source`."""
+    from tvm import relax
+
+    from graphopt.targets.tvm.cpu.batch import batch_source
+    from graphopt.targets.tvm.cpu.conv import _batched, _ntag, store_params
+    from graphopt.targets.tvm.cpu.int8 import MR, epilogue_constants
+    from graphopt.targets.tvm.cpu.parse import parse_kernel
+    from graphopt.targets.tvm.cpu.pool import emit_pad
+
+    n, cin, h, wd = (int(d) for d in x_shape)
+    cout = int(wq.shape[0])
+    g = winograd_geometry(h, wd, padding, REGISTERS)
+    top, bottom, left, right = (int(q) for q in g["pad"])
+    oh, ow, hq, wq_ = g["oh"], g["ow"], g["hq"], g["wq"]
+    xp = emit_pad(bb, xq, x_shape, (left, right, top, bottom), int(zx), "int8")
+    xp = bb.emit(relax.op.reshape(xp, _batched(n, cin * hq * wq_)))
+    width = -(-cout // PANEL) * PANEL
+    consts = tuple(None if c is None else c[:width]
+                   for c in epilogue_constants(wq, w_scales, bias, sx, zx, -(-width // MR), out_q))
+    src = qwinograd_source(cout, cin, h, wd, padding, clamp, out_q, dequantized, consts[2] is not None, cores)
+    pads = "".join(str(int(q)) for q in padding)
+    tag = (f"{cout}x{cin}x{h}x{wd}_p{pads}" + ("" if clamp is None else "_clamp") + ("_q" if out_q else "")
+           + ("dq" if dequantized else "") + _ntag(n))
+    gv = bb.add_func(parse_kernel(batch_source(src, n, ["xp", "out"])), f"qwinograd_{tag}")
+    dtype = "int8" if out_q and not dequantized else "float32"
+    y = bb.emit(relax.call_tir(gv, [xp, qwinograd_weight(bb, wq),
+                                    *(relax.const(c) for c in consts if c is not None),
+                                    relax.const(store_params(clamp, out_q))],
+                               relax.TensorType(_batched(n, cout, oh, ow), dtype)))
+    return bb.emit(relax.op.reshape(y, (n, cout, oh, ow)))
