@@ -1336,13 +1336,20 @@ def tok_qconv_applies(w_shape, stride: int, out_shape, dot: str | None, float_ou
     0.93 vs 1.26, 256x256 at 14x14 0.78 vs 0.92, 32x32 at 64x64 0.33 vs 0.50), where the output channels fill a
     16-channel panel (32 -> 3 at 64x64: 0.15 vs 0.05 ms). Whole int8s models, interleaved, Zen 3: RCAN block
     0.83-0.93x, UNet decoder 0.91x, TCN 0.91x, ESRGAN blocks 0.95-0.98x, pix2pix 0.94x, SK unit 0.99x, ResNeXt
-    0.84-1.03x (noise: its convs are 4-channel groups, unchanged)."""
+    0.84-1.03x (noise: its convs are 4-channel groups, unchanged). Storing int8 too where the output channels are
+    whole 16-channel panels (the 78th session, after the int8 Winograd conv took the convs of 32+ channels in and
+    out, `qwinograd`, among them the 64x64 at 56x56 the pixel-row conv had lost on; kernels alone, 7 interleaved
+    rounds, Zen 3: 32x16 at 112x112 0.43 vs 0.74 ms, 16x16 at 56x56 0.10 vs 0.13, 48x24 at 28x28 0.07 vs 0.09,
+    512x256 at 7x7 0.49 vs 0.55, 96x96 at 10x10 0.053 vs 0.068; 24x16 at 56x56 0.14 vs 0.11, hence whole panels).
+    Whole int8s models, interleaved: a 16-32 channel stack at 128x128 0.77x and 0.81x, ResNet-18 0.97-1.0x (its
+    7x7 stage), outputs bit-identical."""
     from graphopt.targets.tvm.cpu.conv import NR_TOK
     n_out = int(out_shape[-1]) * int(out_shape[-2])
     small_strided = stride == 2 and n_out <= 64
     return (int(w_shape[1]) > 8 and tuple(int(d) for d in w_shape[2:]) != (1, 1)
             and (dot == "vnni" and (stride == 1 or small_strided)
-                 or dot == "ubsw" and (small_strided or stride == 1 and float_out and int(w_shape[0]) >= NR_TOK)))
+                 or dot == "ubsw" and (small_strided or stride == 1 and (
+                     int(w_shape[0]) >= NR_TOK if float_out else int(w_shape[0]) % NR_TOK == 0))))
 
 
 def pack_flat_quads(wq: np.ndarray, panel: int = MR) -> np.ndarray:
