@@ -452,13 +452,13 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         def dense(xq_, w_, ws_, b_, x_shape_, w_real_, sparse: bool):
             """The dense conv on its kernel (None: no graphopt kernel takes it)."""
             s_ = int(stride[0])
-            if (groups == 1 and kind in ("im2col", "direct") and dot == "ubsw" and not amx
-                    and qw.qwinograd_applies(w_.shape, s_, x_shape_, full)
-                    and qw.qwinograd_wins(int(w_.shape[0]), int(w_.shape[1]))):
+            plan = (qw.qwinograd_plan(w_.shape, s_, x_shape_, full)
+                    if groups == 1 and kind in ("im2col", "direct") and dot == "ubsw" and not amx else None)
+            if plan is not None:
                 # AVX2: the 3x3 stride-1 convs as int16 Winograd (`cpu.qwinograd`: exact, any int8 weight), 2.25x
                 # fewer products at `vpmaddwd`'s 16 a instruction where the direct int8 convs make 32 from two
                 return qw.emit_qwinograd(bb, xq_, w_, ws_, b_, sx, zx, x_shape_, full, clamp, out_q, dq,
-                                         target_cores(target))
+                                         target_cores(target), plan == "whole")
             if (groups == 1 and kind in ("im2col", "direct") and dot != "vnni" and not amx
                     and not flat_qconv_applies(w_, dot or "ubsw")
                     and wg.winograd_applies(w_.shape, s_, x_shape_, full, vector_registers(target))

@@ -112,35 +112,51 @@ def qwinograd_weight(bb, wq: np.ndarray):
                                    relax.TensorType((16 * panels * (cin // 2) * PANEL,), "int32"))
 
 
-def qwinograd_applies(w_shape, stride: int, x_shape, padding) -> bool:
-    """3x3 stride-1 convs of an even number of input channels (16 to MAX_CIN) whose tile rows hold a register tile
-    (`winograd.winograd_geometry`)."""
-    cin = int(w_shape[1])
-    return (tuple(int(d) for d in w_shape[2:]) == (3, 3) and stride == 1 and cin % 2 == 0 and 16 <= cin <= MAX_CIN
-            and winograd_geometry(int(x_shape[2]), int(x_shape[3]), padding, REGISTERS) is not None)
+WHOLE_V_BYTES = 512 * 1024  # a task's V for every tile of the map at most: L2-sized (Zen 3: 512 KB a core)
 
 
-def qwinograd_wins(cout: int, cin: int) -> bool:
-    """Whether the rule takes the int8 Winograd conv over the direct int8 ones (AVX2): with 32+ input and output
-    channels. Kernels alone, interleaved (7 rounds, 2 threads, Zen 3, ReLU, int8 / float output), against the
-    pixel-row and the flat int8 conv: 64x64 at 56x56 0.51 vs 0.70 / 0.70 ms, 128x128 at 28x28 0.48 vs 0.66 /
-    0.72, 256x256 at 14x14 0.49 vs 0.64 / 0.72, 64x64 at 112x112 2.01 vs 2.78 / 2.74, 32x32 at 64x64 0.22 vs 0.24
-    / 0.47, 64x32 at 56x56 0.29 vs 0.39 / 0.63, 32x64 at 56x56 0.28 vs 0.38 / 0.42, 48x48 at 20x30 0.053 vs 0.072
-    / 0.079, 64x64 at 27x27 0.12 vs 0.17 / 0.17; 128x128 at 13x13 (two 6-tile blocks a 7-tile row) 0.149 vs 0.151;
-    16 channels in or out tie with the pixel-row conv or lose (16x16 at 128x128 0.29-0.32 vs 0.26-0.28, 32x16 at
-    64x64 with a float output 0.19 vs 0.14; 24x24 at 64x64 0.16-0.26 vs 0.20-0.25). The float Winograd kernel
-    on the dequantized codes took 0.72-0.83 ms on the first three."""
-    return cin >= 32 and cout >= 32
+def qwinograd_plan(w_shape, stride: int, x_shape, padding) -> str | None:
+    """How the rule runs a 3x3 stride-1 int8 conv on AVX2: "block" (`qwinograd_source`'s tasks of nt tiles),
+    "whole" (every tile in each task, U' read once a call: where V for all tiles fits WHOLE_V_BYTES, or maps too
+    narrow for a block, 7x7, with 16+ tiles and 256 x 128 channel pairs or more) or None (the direct int8 convs):
+    an even number of input channels, 32 to MAX_CIN, and 32+ output channels.
+
+    Block against the direct int8 convs, kernels alone, interleaved (7 rounds, 2 threads, Zen 3, ReLU, int8 /
+    float output), against the pixel-row and the flat int8 conv: 64x64 at 56x56 0.51 vs 0.70 / 0.70 ms, 128x128
+    at 28x28 0.48 vs 0.66 / 0.72, 256x256 at 14x14 0.49 vs 0.64 / 0.72, 64x64 at 112x112 2.01 vs 2.78 / 2.74,
+    32x32 at 64x64 0.22 vs 0.24 / 0.47, 64x32 at 56x56 0.29 vs 0.39 / 0.63, 32x64 at 56x56 0.28 vs 0.38 / 0.42,
+    48x48 at 20x30 0.053 vs 0.072 / 0.079, 64x64 at 27x27 0.12 vs 0.17 / 0.17; 128x128 at 13x13 (two 6-tile
+    blocks a 7-tile row) 0.149 vs 0.151; 16 channels in or out tie with the pixel-row conv or lose (16x16 at
+    128x128 0.29-0.32 vs 0.26-0.28, 32x16 at 64x64 with a float output 0.19 vs 0.14; 24x24 at 64x64 0.16-0.26 vs
+    0.20-0.25). The float Winograd kernel on the dequantized codes took 0.72-0.83 ms on the first three.
+    Whole against block and the pixel-row conv, warm / with the caches flushed before each run (a model's
+    weights are cold: the layers between evict them), same conditions: 128x128 at 14x14 0.160 / 0.173 vs 0.184 /
+    0.214 vs 0.275 / 0.268 ms, 256x256 at 14x14 0.65 / 0.67 vs 0.60 / 0.70 vs 1.06, 128x128 at 28x28 (V 800 KB:
+    block) 0.62 / 0.61 vs 0.63 / 0.64; 7x7 maps (pixel-row conv): 512x512 0.57-0.64 / 0.75-0.77 vs 0.74-0.86 /
+    0.87-0.88, 256x256 0.171 / 0.204 vs 0.227 / 0.225, 256x256 at 10x10 0.30 / 0.33 vs 0.38 / 0.38, 128x128 at
+    10x10 0.071 / 0.080 vs 0.090 / 0.086; lost or tied with fewer tiles or channels (U' is 3.6x the weight's
+    bytes, read for few products): 512x512 at 4x4 0.19 / 0.37 vs 0.25 / 0.27, 128x128 at 7x7 0.036 / 0.050 vs
+    0.046 / 0.047, 256x128 at 7x7 0.090 / 0.116 vs 0.114 / 0.111, 64x64 at 7x7 0.015 / 0.021 vs 0.016 / 0.017."""
+    cout, cin = int(w_shape[0]), int(w_shape[1])
+    if not (tuple(int(d) for d in w_shape[2:]) == (3, 3) and stride == 1 and cin % 2 == 0
+            and 32 <= cin <= MAX_CIN and cout >= 32):
+        return None
+    h, wd = int(x_shape[2]), int(x_shape[3])
+    whole = whole_geometry(h, wd, padding)
+    fits = 32 * cin * whole["tiles"] <= WHOLE_V_BYTES  # (16 elements x Cin / 2 words x 4 bytes a tile)
+    if winograd_geometry(h, wd, padding, REGISTERS) is not None:
+        return "whole" if fits else "block"
+    return "whole" if fits and whole["tiles"] >= 16 and cin * cout >= 256 * 128 else None
 
 
-def _input_transform(wq: int, hq: int, vs: int, nt: int, pad: str) -> str:
-    """Statements transforming input channels 2 cp and 2 cp + 1 of the task's tiles (tile row ty, tiles tx0 ..
-    tx0 + nt - 1, nt <= 6) into vb[e * vs + cp * nt + tile]: per tile the two channels' int16 values as one word.
+def _input_transform(wq: int, hq: int, vs: int, dst: str, pad: str) -> str:
+    """Statements transforming input channels 2 cp and 2 cp + 1 of 6 or fewer tiles (tile row ty, tiles tx0 ..)
+    into vb[e * vs + dst + tile]: per tile the two channels' int16 values as one word.
     Each of a channel's 4 input rows is one 16-byte load (columns 2 tx0 + 0..15) widened to int16, split by
     shuffles into the tiles' columns 0..3; the row transform (d0 - d2, d1 + d2, d2 - d1, d1 - d3) runs on those
-    8-lane vectors, then the column transform on the rows; the two channels' results are interleaved. Lanes past
-    nt are written too, into the next pair's slot, which that pair then overwrites (the last pair's spill into the
-    `8 - nt` words past its element)."""
+    8-lane vectors, then the column transform on the rows; the two channels' results are interleaved. All 8
+    lanes are written: those past the block's tiles go into the slots the next block or pair then overwrites (the
+    last one's into the 8 words past its element's)."""
     even, odd = list(range(0, 16, 2)), list(range(1, 16, 2))
     even2, odd2 = list(range(2, 16, 2)) + [15], list(range(3, 16, 2)) + [15]
     out = ""
@@ -159,28 +175,28 @@ def _input_transform(wq: int, hq: int, vs: int, nt: int, pad: str) -> str:
             r0, r1, r2, r3 = (f"hb[{c}, {i * 4 + j}, T.ramp(0, 1, 8)]" for i in range(4))
             cols.append((f"{r0} - {r2}", f"{r1} + {r2}", f"{r2} - {r1}", f"{r1} - {r3}"))
         for i in range(4):
-            out += (f'\n{pad}vb[T.ramp({(i * 4 + j) * vs} + cp * {nt}, 1, 8)] = T.reinterpret("int32x8", '
+            out += (f'\n{pad}vb[T.ramp({(i * 4 + j) * vs} + {dst}, 1, 8)] = T.reinterpret("int32x8", '
                     f"T.Shuffle([{cols[0][i]}, {cols[1][i]}], {mix}))")
     return out
 
 
-def qwinograd_source(cout: int, cin: int, h: int, wd: int, padding, clamp: tuple[float, float] | None,
-                     out_q: tuple[float, int, int, int] | None = None, dequantized: bool = False,
-                     float_bias: bool = False, cores: int = 1) -> str:
-    """TVMScript of the int8 F(2x2, 3x3) conv (module docstring) over xp, the int8 map padded with its zero point
-    to `winograd_geometry`'s `pad` ([Cin, Hq, Wq] flat), with U' (`pack_qwinograd`) and the int8 kernels' epilogue
-    constants (`int8.epilogue_constants` at the map's own zero point: off, mult, [bias], qp = `store_params`), into
-    out [Cout, OH, OW] (int8 with out_q, else float32). A task (nt tiles of a tile row) transforms its input into
-    a task-local V; per 16-channel output panel and element an nt x 16 int32 tile accumulates `vpmaddwd` products
-    (a V word broadcast, two vectors of U' loaded per channel pair); M, as floats, goes to the output transform,
-    whose values the epilogue turns into the block's 2 x 2 nt outputs per channel, stored channel by channel (the
-    2 nt outputs of a row as one run), per output at the map's odd edges."""
-    g = winograd_geometry(h, wd, padding, REGISTERS)
-    nt, ncx, tw, oh, ow, hq, wq = (g[k] for k in ("nt", "ncx", "tw", "oh", "ow", "hq", "wq"))
-    cp_n = cin // 2
-    vs = cp_n * nt + 8 - nt
-    panels = -(-cout // PANEL)
-    groups = panel_groups(g["blocks"], panels, cores)
+def whole_geometry(h: int, wd: int, padding) -> dict:
+    """`qwinograd_source(whole=True)`'s tiles: all TH x TW tiles of the map in one task, transformed 6 or fewer a
+    16-column load (`nb`, the last block of a row moved back to end at its end), multiplied `nt` (6, or all where
+    fewer) a register tile over the tiles in row-major order; the zeros the loads need past the conv's padding."""
+    pt, pb, pl, pr = (int(q) for q in padding)
+    hq, wq = h + pt + pb, wd + pl + pr
+    oh, ow = hq - 2, wq - 2
+    th, tw = -(-oh // 2), -(-ow // 2)
+    nb = min(6, tw)
+    extra_b, extra_r = max(0, 2 * th + 2 - hq), max(0, 2 * (tw - nb) + 16 - wq)
+    return {"oh": oh, "ow": ow, "th": th, "tw": tw, "nb": nb, "ncx": -(-tw // nb), "tiles": th * tw,
+            "nt": min(6, th * tw), "pad": (pt, pb + extra_b, pl, pr + extra_r), "hq": hq + extra_b, "wq": wq + extra_r}
+
+
+def _epilogue(cout: int, panels: int, clamp, out_q, dequantized: bool, float_bias: bool) -> tuple[str, ...]:
+    """The output transform's four 16-channel values of a tile (from m[e, r, :]) as TVMScript, the stored value of
+    output (a, b) channel v (from yb[2a + b, v]), the output dtype, the bias parameter and the panel's guard."""
     m = [f"m[{e}, r, T.ramp(0, 1, {PANEL})]" for e in range(16)]
     s0 = [f"({m[j]} + {m[4 + j]} + {m[8 + j]})" for j in range(4)]  # A^T M: rows 0 and 1
     s1 = [f"({m[4 + j]} - {m[8 + j]} - {m[12 + j]})" for j in range(4)]
@@ -194,64 +210,142 @@ def qwinograd_source(cout: int, cin: int, h: int, wd: int, padding, clamp: tuple
     otype = "int8" if out_q and not dequantized else "float32"
     bias_arg = f' bias: T.Buffer(({panels * PANEL},), "float32"),' if float_bias else ""
     guard = f"if {co} < {cout}:" if cout % PANEL else "if True:"
-    w2 = 2 * nt
+    return ys, val, otype, bias_arg, guard
+
+
+def _gemm(nt: int, panels: int, cp_n: int, v_at: str, pad: str) -> str:
+    """The GEMM of element e, panel p over the channel pairs into the nt x 16 int32 tile acc: per pair and tile a V
+    word (vb[`v_at` + r]) broadcast, `vpmaddwd` with the two vectors of U' of the panel's 16 channels."""
     u = f"u[T.ramp(((e * {panels} + p) * {cp_n} + cp) * {PANEL} + {{h}}, 1, 8)]"
     step = "".join(f"""
-                        acc[T.ramp(r * {PANEL} + {hh}, 1, 8)] = acc[T.ramp(r * {PANEL} + {hh}, 1, 8)] + \\
-                            T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", vx, T.reinterpret(
-                                "int16x16", {u.format(h=hh)}))""" for hh in (0, 8))
+{pad}        acc[T.ramp(r * {PANEL} + {hh}, 1, 8)] = acc[T.ramp(r * {PANEL} + {hh}, 1, 8)] + \\
+{pad}            T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", vx, T.reinterpret(
+{pad}                "int16x16", {u.format(h=hh)}))""" for hh in (0, 8))
     return f"""
+{pad}for r in T.unroll({nt}):
+{pad}    acc[T.ramp(r * {PANEL}, 1, {PANEL})] = T.broadcast(T.int32(0), {PANEL})
+{pad}for cp in T.serial({cp_n}):
+{pad}    for r in T.unroll({nt}):
+{pad}        vx: T.let = T.reinterpret("int16x16", T.broadcast(vb[{v_at} + r], 8)){step}"""
+
+
+def _row_store(cout: int, oh: int, ow: int, w2: str, wmax: int, guard: str, pad: str) -> str:
+    """Store the staged outputs ob[(a * w2 + x) * 16 + v] (2 output rows from oy0, w2 columns from ox0) channel by
+    channel: each row's first `wmax` as one run (LLVM: vector stores) where they lie inside the map, else per
+    output, those inside."""
+    co = f"p * {PANEL} + v"
+    return f"""
+{pad}for v in T.serial({PANEL}):
+{pad}    {guard}
+{pad}        if oy0 + 2 <= {oh} and ox0 + {wmax} <= {ow}:
+{pad}            for a in T.unroll(2):
+{pad}                for x in T.unroll({wmax}):
+{pad}                    out[{co}, oy0 + a, ox0 + x] = ob[(a * {w2} + x) * {PANEL} + v]
+{pad}        else:
+{pad}            for a in T.serial(2):
+{pad}                for x in T.serial({w2}):
+{pad}                    if oy0 + a < {oh} and ox0 + x < {ow}:
+{pad}                        out[{co}, oy0 + a, ox0 + x] = ob[(a * {w2} + x) * {PANEL} + v]"""
+
+
+def qwinograd_source(cout: int, cin: int, h: int, wd: int, padding, clamp: tuple[float, float] | None,
+                     out_q: tuple[float, int, int, int] | None = None, dequantized: bool = False,
+                     float_bias: bool = False, cores: int = 1, whole: bool = False) -> str:
+    """TVMScript of the int8 F(2x2, 3x3) conv (module docstring) over xp, the int8 map padded with its zero point
+    to the geometry's `pad` ([Cin, Hq, Wq] flat), with U' (`pack_qwinograd`) and the int8 kernels' epilogue
+    constants (`int8.epilogue_constants` at the map's own zero point: off, mult, [bias], qp = `store_params`), into
+    out [Cout, OH, OW] (int8 with out_q, else float32). A task (nt tiles of a tile row, `winograd_geometry`)
+    transforms its input into a task-local V; per 16-channel output panel and element an nt x 16 int32 tile
+    accumulates `vpmaddwd` products (a V word broadcast, two vectors of U' loaded per channel pair); M, as floats,
+    goes to the output transform, whose values the epilogue turns into the block's 2 x 2 nt outputs per channel,
+    stored channel by channel (the 2 nt outputs of a row as one run), per output at the map's odd edges.
+    `whole`: a task transforms every tile of the map (`whole_geometry`) and runs its share of the panels over all
+    of them, so U' is read once per call rather than once per block of tiles (small maps of deep convs, where U'
+    is megabytes and the blocks many)."""
+    cp_n = cin // 2
+    panels = -(-cout // PANEL)
+    ys, val, otype, bias_arg, guard = _epilogue(cout, panels, clamp, out_q, dequantized, float_bias)
+    outputs = "".join(f"""
+                yb[{k}, T.ramp(0, 1, {PANEL})] = {y}""" for k, y in enumerate(ys))
+    head = f"""
 @T.prim_func(private=True)
-def qwinograd(xp: T.Buffer(({cin * hq * wq},), "int8"), u: T.Buffer(({16 * panels * cp_n * PANEL},), "int32"),
+def qwinograd(xp: T.Buffer(({{size}},), "int8"), u: T.Buffer(({16 * panels * cp_n * PANEL},), "int32"),
               off: T.Buffer(({panels * PANEL},), "int32"), mult: T.Buffer(({panels * PANEL},), "float32"),{bias_arg}
-              qp: T.Buffer((4,), "float32"), out: T.Buffer(({cout}, {oh}, {ow}), "{otype}")):
-    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
+              qp: T.Buffer((4,), "float32"), out: T.Buffer(({cout}, {{oh}}, {{ow}}), "{otype}")):
+    T.func_attr({{{{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}}}})"""
+    if whole:
+        g = whole_geometry(h, wd, padding)
+        nt, nb, ncx, tw, th, tiles, oh, ow, hq, wq = (g[k] for k in ("nt", "nb", "ncx", "tw", "th", "tiles", "oh",
+                                                                      "ow", "hq", "wq"))
+        vs = cp_n * tiles + 8
+        groups = max(1, min(cores, panels))
+        chunks = -(-tiles // nt)
+        w2 = 2 * tw
+        return head.format(size=cin * hq * wq, oh=oh, ow=ow) + f"""
+    for t in T.parallel({groups}):
+        rw = T.decl_buffer((16,), "int16", scope="global")
+        hb = T.decl_buffer((2, 16, 8), "int16", scope="global")
+        vb = T.decl_buffer(({16 * vs},), "int32", scope="global")
+        for cp in T.serial({cp_n}):
+            for ty in T.serial({th}):
+                for bx in T.serial({ncx}):
+                    tx0: T.let = T.min(bx * {nb}, {tw - nb}){_input_transform(wq, hq, vs, f"cp * {tiles} + ty * {tw} + tx0", " " * 20)}
+        m = T.decl_buffer((16, {chunks * nt}, {PANEL}), "float32", scope="global")
+        acc = T.decl_buffer(({nt * PANEL},), "int32", scope="global")
+        yb = T.decl_buffer((4, {PANEL}), "float32", scope="global")
+        ob = T.decl_buffer(({2 * w2 * PANEL},), "{otype}", scope="global")
+        for p in T.serial(t * {panels} // {groups}, (t + 1) * {panels} // {groups}):
+            for e in T.serial(16):
+                for c in T.serial({chunks}):
+                    k0: T.let = T.min(c * {nt}, {tiles - nt}){_gemm(nt, panels, cp_n, f"e * {vs} + cp * {tiles} + k0", " " * 20)}
+                    for r in T.unroll({nt}):
+                        m[e, k0 + r, T.ramp(0, 1, {PANEL})] = T.Cast("float32x{PANEL}", acc[T.ramp(r * {PANEL}, 1,
+                                                                                                   {PANEL})])
+            for ty in T.serial({th}):
+                for tx in T.serial({tw}):
+                    r: T.let = ty * {tw} + tx{outputs.replace(chr(10) + " " * 16, chr(10) + " " * 20)}
+                    for a in T.unroll(2):
+                        for b in T.unroll(2):
+                            for v in T.vectorized({PANEL}):
+                                ob[(a * {w2} + tx * 2 + b) * {PANEL} + v] = {val}
+                oy0: T.let = ty * 2
+                ox0: T.let = 0{_row_store(cout, oh, ow, str(w2), ow, guard, " " * 16)}
+"""
+    g = winograd_geometry(h, wd, padding, REGISTERS)
+    nt, ncx, tw, oh, ow, hq, wq = (g[k] for k in ("nt", "ncx", "tw", "oh", "ow", "hq", "wq"))
+    vs = cp_n * nt + 8 - nt
+    groups = panel_groups(g["blocks"], panels, cores)
+    w2 = 2 * nt
+    return head.format(size=cin * hq * wq, oh=oh, ow=ow) + f"""
     for t in T.parallel({g["blocks"] * groups}):
         ty: T.let = t // {groups} // {ncx}
         tx0: T.let = T.min(t // {groups} % {ncx} * {nt}, {tw - nt})
         rw = T.decl_buffer((16,), "int16", scope="global")
         hb = T.decl_buffer((2, 16, 8), "int16", scope="global")
         vb = T.decl_buffer(({16 * vs},), "int32", scope="global")
-        for cp in T.serial({cp_n}):{_input_transform(wq, hq, vs, nt, " " * 12)}
+        for cp in T.serial({cp_n}):{_input_transform(wq, hq, vs, f"cp * {nt}", " " * 12)}
         m = T.decl_buffer((16, {nt}, {PANEL}), "float32", scope="global")
         acc = T.decl_buffer(({nt * PANEL},), "int32", scope="global")
         yb = T.decl_buffer((4, {PANEL}), "float32", scope="global")
         ob = T.decl_buffer(({2 * w2 * PANEL},), "{otype}", scope="global")
         for p in T.serial(t % {groups} * {panels} // {groups}, (t % {groups} + 1) * {panels} // {groups}):
-            for e in T.serial(16):
-                for r in T.unroll({nt}):
-                    acc[T.ramp(r * {PANEL}, 1, {PANEL})] = T.broadcast(T.int32(0), {PANEL})
-                for cp in T.serial({cp_n}):
-                    for r in T.unroll({nt}):
-                        vx: T.let = T.reinterpret("int16x16", T.broadcast(vb[e * {vs} + cp * {nt} + r], 8)){step}
+            for e in T.serial(16):{_gemm(nt, panels, cp_n, f"e * {vs} + cp * {nt}", " " * 16)}
                 for r in T.unroll({nt}):
                     m[e, r, T.ramp(0, 1, {PANEL})] = T.Cast("float32x{PANEL}", acc[T.ramp(r * {PANEL}, 1, {PANEL})])
-            for r in T.serial({nt}):""" + "".join(f"""
-                yb[{k}, T.ramp(0, 1, {PANEL})] = {y}""" for k, y in enumerate(ys)) + f"""
+            for r in T.serial({nt}):{outputs}
                 for a in T.unroll(2):
                     for b in T.unroll(2):
                         for v in T.vectorized({PANEL}):
                             ob[(a * {w2} + r * 2 + b) * {PANEL} + v] = {val}
             oy0: T.let = ty * 2
-            ox0: T.let = tx0 * 2
-            for v in T.serial({PANEL}):
-                {guard}
-                    if oy0 + 2 <= {oh} and ox0 + {w2} <= {ow}:
-                        for a in T.unroll(2):
-                            for x in T.unroll({w2}):
-                                out[{co}, oy0 + a, ox0 + x] = ob[(a * {w2} + x) * {PANEL} + v]
-                    else:
-                        for a in T.serial(2):
-                            for x in T.serial({w2}):
-                                if oy0 + a < {oh} and ox0 + x < {ow}:
-                                    out[{co}, oy0 + a, ox0 + x] = ob[(a * {w2} + x) * {PANEL} + v]
+            ox0: T.let = tx0 * 2{_row_store(cout, oh, ow, str(w2), w2, guard, " " * 12)}
 """
 
 
 def emit_qwinograd(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | None, sx: float, zx: int,
-                   x_shape, padding, clamp, out_q, dequantized: bool = False, cores: int = 1):
+                   x_shape, padding, clamp, out_q, dequantized: bool = False, cores: int = 1, whole: bool = False):
     """The int8 3x3 stride-1 conv of xq int8 [N, Cin, H, W] (per sample) as int16 Winograd: the map padded with its
-    zero point (`pool.emit_pad`) to `winograd_geometry`'s pad, then `qwinograd_source`."""
+    zero point (`pool.emit_pad`) to the geometry's pad, then `qwinograd_source` (`whole`: see there)."""
     from tvm import relax
 
     from graphopt.targets.tvm.cpu.batch import batch_source
@@ -262,7 +356,7 @@ def emit_qwinograd(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarra
 
     n, cin, h, wd = (int(d) for d in x_shape)
     cout = int(wq.shape[0])
-    g = winograd_geometry(h, wd, padding, REGISTERS)
+    g = whole_geometry(h, wd, padding) if whole else winograd_geometry(h, wd, padding, REGISTERS)
     top, bottom, left, right = (int(q) for q in g["pad"])
     oh, ow, hq, wq_ = g["oh"], g["ow"], g["hq"], g["wq"]
     xp = emit_pad(bb, xq, x_shape, (left, right, top, bottom), int(zx), "int8")
@@ -270,9 +364,10 @@ def emit_qwinograd(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarra
     width = -(-cout // PANEL) * PANEL
     consts = tuple(None if c is None else c[:width]
                    for c in epilogue_constants(wq, w_scales, bias, sx, zx, -(-width // MR), out_q))
-    src = qwinograd_source(cout, cin, h, wd, padding, clamp, out_q, dequantized, consts[2] is not None, cores)
+    src = qwinograd_source(cout, cin, h, wd, padding, clamp, out_q, dequantized, consts[2] is not None, cores,
+                           whole)
     pads = "".join(str(int(q)) for q in padding)
-    tag = (f"{cout}x{cin}x{h}x{wd}_p{pads}" + ("" if clamp is None else "_clamp") + ("_q" if out_q else "")
+    tag = (f"{cout}x{cin}x{h}x{wd}_p{pads}" + ("_whole" if whole else "") + ("" if clamp is None else "_clamp") + ("_q" if out_q else "")
            + ("dq" if dequantized else "") + _ntag(n))
     gv = bb.add_func(parse_kernel(batch_source(src, n, ["xp", "out"])), f"qwinograd_{tag}")
     dtype = "int8" if out_q and not dequantized else "float32"
