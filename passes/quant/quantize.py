@@ -90,16 +90,17 @@ PAIR_WIDTHS = ("int7", "int8s")  # the widths that exist for the u8 x s8 pair ke
 def pair_kernel_skips(op: fx.Node, ort: bool = False) -> str:
     """Why no u8 x s8 pair kernel reads `op`'s weight ("" when one does), so `quantize{weights=int7|int8s}` keeps
     it at plain int8. Those widths buy speed only where an integer kernel multiplies activation and weight as u8 x
-    s8 pairs (AVX2's `vpmaddubsw`, exact when no pair can saturate): linears with rows to tile and convs with one
-    group (pointwise, im2col, the flat int8 conv, stems included). A depthwise or grouped conv and a one-row
-    linear (a weight stream) compute in float on the dequantized weight, where a coarser step only costs
-    resolution: on MobileNetV2 int7 everywhere had 12.7 dB SQNR to fp32 against int8's 16.4, and 15.2 dB with
+    s8 pairs (AVX2's `vpmaddubsw`, exact when no pair can saturate): linears with rows to tile and convs
+    (pointwise, im2col, the flat and pixel-row int8 convs, stems included; a grouped conv runs each group on
+    them: SKNet's 4-group 3x3 convs had taken int8 im2col and the exact int16 pair kernel for their full-range
+    int8 weights, 1.25x the fp32 model's time). A depthwise conv and a one-row linear (a weight stream) compute
+    in float on the dequantized weight, where a coarser step only costs resolution: on MobileNetV2 int7 everywhere had 12.7 dB SQNR to fp32 against int8's 16.4, and 15.2 dB with
     those layers int8; EfficientNet-Lite0 14.9 -> 16.3 (int8 19.6). `ort`: the layer runs on ONNX Runtime (an
     ONNX export), whose u8 x s8 kernels read every linear and every conv but a depthwise one."""
     groups = op.args[8] if op.target is aten.convolution.default else op.args[6] if len(op.args) > 6 else 1
+    w = op.args[1].meta.get("val") if isinstance(op.args[1], fx.Node) else None
+    depthwise = op.target is not aten.linear.default and int(groups) > 1 and (w is None or w.shape[1] == 1)
     if ort:
-        w = op.args[1].meta.get("val") if isinstance(op.args[1], fx.Node) else None
-        depthwise = op.target is not aten.linear.default and int(groups) > 1 and w is not None and w.shape[1] == 1
         return "ONNX Runtime's depthwise int8 conv adds no pairs" if depthwise else ""
     if op.target is aten.linear.default:
         val = op.args[0].meta.get("val") if isinstance(op.args[0], fx.Node) else None
@@ -108,7 +109,7 @@ def pair_kernel_skips(op: fx.Node, ort: bool = False) -> str:
             rows *= int(d)
         return (f"a linear of {rows} row(s) (under 6) has no u8 x s8 kernel" if val is not None and rows < 6
                 else "")
-    return "" if int(groups) == 1 else f"a conv of {int(groups)} groups has no u8 x s8 kernel"
+    return f"a depthwise conv ({int(groups)} groups) has no u8 x s8 kernel" if depthwise else ""
 
 
 def _resolve_width(weights: str, ctx: PassContext) -> tuple[str, str]:

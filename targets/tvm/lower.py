@@ -453,7 +453,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             """The dense conv on its kernel (None: no graphopt kernel takes it)."""
             s_ = int(stride[0])
             plan = (qw.qwinograd_plan(w_.shape, s_, x_shape_, full)
-                    if groups == 1 and kind in ("im2col", "direct") and dot == "ubsw" and not amx else None)
+                    if kind in ("im2col", "direct") and dot == "ubsw" and not amx else None)
             if plan is not None:
                 # AVX2: the 3x3 stride-1 convs as int16 Winograd (`cpu.qwinograd`: exact, any int8 weight), 2.25x
                 # fewer products at `vpmaddwd`'s 16 a instruction where the direct int8 convs make 32 from two

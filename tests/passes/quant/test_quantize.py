@@ -294,6 +294,19 @@ class _Int7Mix(torch.nn.Module):
         return self.head(y.mean((2, 3)))
 
 
+def test_pair_widths_narrow_grouped_convs_but_not_depthwise_ones():
+    """A grouped conv that is not depthwise runs each group on the dense int8 kernels (the u8 x s8 pair kernels on
+    AVX2), so int7 narrows its weight; a depthwise conv (one input channel a group, multiplier 2 too) keeps int8."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1, groups=2), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, 32, 3, padding=1, groups=16)).eval()
+    data = [(torch.randn(1, 8, 10, 10),) for _ in range(3)]
+    q = graphopt.optimize(graphopt.trace(model, data[0]), "quantize{weights=int7}", data=data)
+    assert q.meta["weight_bits"] == {"conv2d": "int7", "conv2d_1": "int8"}
+    kept = q.meta["history"][-1]["stats"]["pair_width_kept_int8"]
+    assert list(kept) == ["conv2d_1"] and "depthwise" in kept["conv2d_1"]
+
+
 def test_int7_narrows_only_the_layers_a_pair_kernel_reads():
     """quantize{weights=int7}: the stem and the pointwise conv store [-63, 63]; the depthwise conv and the one-row
     linear, which no u8 x s8 kernel reads, keep int8 (each with its reason in the record and its width in the
