@@ -1,5 +1,6 @@
-"""Dense 3x3 convs (ResNet bodies) on the CPU: graphopt fp32 (flat implicit GEMM) and int7 (the flat int8 conv;
-int8 im2col + the int8 pointwise kernel for strided convs with small outputs) against ONNX Runtime fp32 and int8 (`quantize_static`) and PyTorch, in one run.
+"""Dense 3x3 convs (ResNet bodies) on the CPU: graphopt fp32 and int7 (whichever kernels its rules pick: Winograd,
+the flat and pixel-row convs, int16 Winograd for int8 on AVX2, int8 im2col + the pointwise kernel) against ONNX
+Runtime fp32 and int8 (`quantize_static`, S8S8 and U8S8: its faster kernels on x86) and PyTorch, in one run.
 
 Rows: each ResNet-18 3x3 conv shape (+ ReLU) alone, then a whole ResNet-18 (torchvision's layout, written here:
 no torchvision; random weights with randomized batch-norm statistics, batch 1, 224x224), fp32 and int7
@@ -84,35 +85,40 @@ def main(argv: list[str] | None = None) -> int:
         onnx32 = reference_onnx(g, str(work / name.replace(" ", "_")))
         sess32 = ort_session(onnx32, args.threads)
         feed = lambda a, nm=sess32.get_inputs()[0].name: {nm: a}  # noqa: E731
-        q8 = ort_quantize_static(onnx32, work / f"{name.replace(' ', '_')}-int8.onnx",
-                                 [feed(c[0].numpy()) for c in calib])
-        sess8 = ort_session(q8, args.threads)
+        feeds = [feed(c[0].numpy()) for c in calib]
+        sess8 = ort_session(ort_quantize_static(onnx32, work / f"{name.replace(' ', '_')}-int8.onnx", feeds),
+                            args.threads)
+        sess8u = ort_session(ort_quantize_static(onnx32, work / f"{name.replace(' ', '_')}-u8s8.onnx", feeds,
+                                                 activations="uint8"), args.threads)
         xn = x.numpy()
         with torch.no_grad():
             ref = model(x).numpy()
         agree = {k: float(np.corrcoef(a(xn)[0].ravel(), ref.ravel())[0, 1]) for k, a in arts.items()}
         agree["ort int8"] = float(np.corrcoef(sess8.run(None, feed(xn))[0].ravel(), ref.ravel())[0, 1])
+        agree["ort u8s8"] = float(np.corrcoef(sess8u.run(None, feed(xn))[0].ravel(), ref.ravel())[0, 1])
 
         def torch_call(m=model, t=x):
             with torch.no_grad():
                 return m(t)
         calls = {"graphopt fp32": arts["fp32"].prepared(xn), "graphopt int7": arts["int7"].prepared(xn),
                  "onnxruntime fp32": lambda: sess32.run(None, feed(xn)),
-                 "onnxruntime int8": lambda: sess8.run(None, feed(xn)), "pytorch fp32": torch_call}
+                 "onnxruntime int8": lambda: sess8.run(None, feed(xn)),
+                 "onnxruntime u8s8": lambda: sess8u.run(None, feed(xn)), "pytorch fp32": torch_call}
         lat = interleaved_medians(calls, runs=args.runs)
         results.append({"case": name, "macs": int(macs), "latency_ms": {k: round(v * 1e3, 3) for k, v in lat.items()},
                         "correlation_to_pytorch": {k: round(v, 5) for k, v in agree.items()}})
         print(f"[{name}] {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
 
-    cols = ["graphopt fp32", "graphopt int7", "onnxruntime fp32", "onnxruntime int8", "pytorch fp32"]
+    cols = ["graphopt fp32", "graphopt int7", "onnxruntime fp32", "onnxruntime int8", "onnxruntime u8s8",
+            "pytorch fp32"]
     print(f"{'case':26s}" + "".join(f"{c:>18s}" for c in cols) + "   fp32/ORT  int7/ORT fp32  int7/ORT int8"
-          + f"   ({args.threads} threads, ms; GMAC/s of graphopt fp32)")
+          + f"   ({args.threads} threads, ms; int7/ORT int8: against ORT's faster int8, S8S8 or U8S8; GMAC/s of graphopt fp32)")
     for r in results:
         lat = r["latency_ms"]
         gmac = r["macs"] / lat["graphopt fp32"] / 1e6
         print(f"{r['case']:26s}" + "".join(f"{lat[c]:18.3f}" for c in cols)
               + f"   {lat['graphopt fp32'] / lat['onnxruntime fp32']:8.2f}  {lat['graphopt int7'] / lat['onnxruntime fp32']:13.2f}"
-              + f"  {lat['graphopt int7'] / lat['onnxruntime int8']:13.2f}   {gmac:.0f}")
+              + f"  {lat['graphopt int7'] / min(lat['onnxruntime int8'], lat['onnxruntime u8s8']):13.2f}   {gmac:.0f}")
     write_results(args.out, args.threads, args.runs, results)
     return 0
 
