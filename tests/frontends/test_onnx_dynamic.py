@@ -178,18 +178,20 @@ def test_quantize_makes_the_dynamic_layers_static_and_fold_qdq_folds_them(files)
 
 def test_quantize_rounds_imported_int8_weights_to_a_requested_pair_width(files):
     """weights=int7 / int8s (what weights=auto takes on a CPU without VNNI) applies to the file's full-range int8
-    weights where the pair kernels read them (the first conv; grouped convs and one-row linears keep int8). The
-    default width (auto, int8s on such a CPU) rounds only float weights: the file's int8 stay as they are."""
+    weights where the pair kernels read them (the two convs, the grouped one per group; one-row linears keep
+    int8). The default width (auto, int8s on such a CPU) rounds only float weights: the file's int8 stay as they
+    are."""
     paths, _ = files
     g = graphopt.load_onnx(paths["s8"])
     calib = [(torch.from_numpy(x),) for x in _images(4, 5)]
     kept = graphopt.optimize(g, "quantize,fold-qdq", data=calib, cpu="znver3")
     assert kept.meta["history"][-2]["stats"]["kept_weights_rounded_to_pair_width"] == 0
     asked = graphopt.optimize(g, "quantize{weights=auto},fold-qdq", data=calib, cpu="znver3")
-    assert asked.meta["history"][-2]["stats"]["kept_weights_rounded_to_pair_width"] == 1
+    assert asked.meta["history"][-2]["stats"]["kept_weights_rounded_to_pair_width"] == 2
     q = graphopt.optimize(g, "quantize{weights=int7},fold-qdq", data=calib)
-    assert q.meta["history"][-2]["stats"]["kept_weights_rounded_to_pair_width"] == 1
-    assert q.meta["weight_bits"] == {"conv2d": "int7"} and q.meta["history"][-1]["stats"]["folded"] == 4
+    assert q.meta["history"][-2]["stats"]["kept_weights_rounded_to_pair_width"] == 2
+    assert q.meta["weight_bits"] == {"conv2d": "int7", "conv2d_1": "int7"}
+    assert q.meta["history"][-1]["stats"]["folded"] == 4
     conv = next(n for n in q.nodes("call_function") if getattr(n.target, "__name__", "") == "qconv2d.default")
     w = q.get_param(conv.args[3].target)
     assert int(w.min()) >= -64 and int(w.max()) <= 63 and int(w.abs().max()) > 60  # the int7 grid, used
