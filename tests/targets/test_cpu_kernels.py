@@ -1708,16 +1708,20 @@ def test_stride_1_int8s_convs_with_a_float_output_take_the_pixel_row_kernel_on_a
     np.testing.assert_allclose(got, flat, rtol=1e-6, atol=1e-6 * np.abs(flat).max())
 
 
-@pytest.mark.parametrize("cout, kernel", [(32, "qconv_tok_ubsw_32x16x24x24_k3x3s1_p1111_clamp_q"),
-                                           (24, "qconv_flat_ubsw_24x16x24x24_k3x3s1_p1111_clamp_q")])
-def test_stride_1_int8s_convs_storing_int8_take_the_pixel_row_kernel_on_avx2(monkeypatch, cout, kernel):
-    """A stride-1 int8s 3x3 conv the int8 Winograd conv does not take (16 input channels), storing int8 for the
-    next conv, runs the pixel-row int8 conv on AVX2 where its output channels are whole 16-channel panels (kernels
-    alone, Zen 3: 32x16 at 112x112 0.43 vs 0.74 ms, 16x16 at 56x56 0.10 vs 0.13, 512x256 at 7x7 0.49 vs 0.55),
-    else the flat conv (24x16 at 56x56: 0.14 vs 0.11). Equal to the flat kernel's result."""
+@pytest.mark.parametrize("cout, stride, kernel", [(32, 1, "qconv_tok_ubsw_32x16x24x24_k3x3s1_p1111_clamp_q"),
+                                                   (24, 1, "qconv_flat_ubsw_24x16x24x24_k3x3s1_p1111_clamp_q"),
+                                                   (32, 2, "qconv_tok_ubsw_32x16x24x24_k3x3s2_p1111_clamp_q"),
+                                                   (24, 2, "im2col_16x24x24_k3s2_p1111_int8_tm")])
+def test_int8s_convs_storing_int8_take_the_pixel_row_kernel_on_avx2(monkeypatch, cout, stride, kernel):
+    """A stride-1 or -2 int8s 3x3 conv the int8 Winograd conv does not take (16 input channels; strided), storing
+    int8 for the next conv, runs the pixel-row int8 conv on AVX2 where its output channels are whole 16-channel
+    panels (kernels alone, Zen 3: 32x16 at 112x112 0.43 vs 0.74 ms, 16x16 at 56x56 0.10 vs 0.13, 512x256 at 7x7
+    0.49 vs 0.55; stride 2 to 144 pixels here, 28x28 to 56x56 in models: 64x32 at 112x112 0.39 vs 0.68, 96x48 at
+    56x56 0.28 vs 0.37, 256x128 at 28x28 0.42 vs 0.58, 128x64 at 56x56 0.47 vs 0.45), else the flat conv (24x16
+    at 56x56: 0.14 vs 0.11) or, strided to a small map, int8 im2col. Equal to those kernels' result."""
     monkeypatch.setenv("GRAPHOPT_AMX", "0")
     from graphopt.targets.tvm.cpu import int8
-    model = torch.nn.Sequential(torch.nn.Conv2d(16, cout, 3, 1, 1), torch.nn.ReLU(), torch.nn.Conv2d(cout, 8, 1))
+    model = torch.nn.Sequential(torch.nn.Conv2d(16, cout, 3, stride, 1), torch.nn.ReLU(), torch.nn.Conv2d(cout, 8, 1))
     q, got, ref = _quantized_block(model, (1, 16, 24, 24), "int8s")
     names = _func_names(q, "znver3")
     assert any(n.startswith(kernel) for n in names), names

@@ -1342,13 +1342,16 @@ def tok_qconv_applies(w_shape, stride: int, out_shape, dot: str | None, float_ou
     rounds, Zen 3: 32x16 at 112x112 0.43 vs 0.74 ms, 16x16 at 56x56 0.10 vs 0.13, 48x24 at 28x28 0.07 vs 0.09,
     512x256 at 7x7 0.49 vs 0.55, 96x96 at 10x10 0.053 vs 0.068; 24x16 at 56x56 0.14 vs 0.11, hence whole panels).
     Whole int8s models, interleaved: a 16-32 channel stack at 128x128 0.77x and 0.81x, ResNet-18 0.97-1.0x (its
-    7x7 stage), outputs bit-identical."""
+    7x7 stage), outputs bit-identical. At stride 2 on AVX2 likewise, for outputs of any size (kernels alone, 11
+    rounds, Zen 3, int8 / float output: 64x32 at 112x112 0.39 / 0.51 vs 0.68 / 0.72 ms, 96x48 at 56x56 0.28 / 0.26
+    vs 0.37 / 0.37, 256x128 at 28x28 0.42 / 0.36 vs 0.58 / 0.42, 128x64 at 56x56 0.47 / 0.46 vs 0.45 / 0.64): a
+    strided 3x3 + 1x1 stack at 192x192 0.75-0.93x, ResNet-18 0.97-1.11x (noise; its strided convs are few)."""
     from graphopt.targets.tvm.cpu.conv import NR_TOK
     n_out = int(out_shape[-1]) * int(out_shape[-2])
     small_strided = stride == 2 and n_out <= 64
     return (int(w_shape[1]) > 8 and tuple(int(d) for d in w_shape[2:]) != (1, 1)
             and (dot == "vnni" and (stride == 1 or small_strided)
-                 or dot == "ubsw" and (small_strided or stride == 1 and (
+                 or dot == "ubsw" and (small_strided or stride in (1, 2) and (
                      int(w_shape[0]) >= NR_TOK if float_out else int(w_shape[0]) % NR_TOK == 0))))
 
 
