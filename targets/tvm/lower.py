@@ -453,7 +453,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             """The dense conv on its kernel (None: no graphopt kernel takes it)."""
             s_ = int(stride[0])
             plan = (qw.qwinograd_plan(w_.shape, s_, x_shape_, full)
-                    if kind in ("im2col", "direct") and dot == "ubsw" and not amx else None)
+                    if kind in ("im2col", "direct") and dot == "ubsw" and not amx and max(dilation) == 1 else None)
             if plan is not None:
                 # AVX2: the 3x3 stride-1 convs as int16 Winograd (`cpu.qwinograd`: exact, any int8 weight), 2.25x
                 # fewer products at `vpmaddwd`'s 16 a instruction where the direct int8 convs make 32 from two
@@ -526,11 +526,18 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             g_shape = (int(x_shape[0]), cig, *(int(d) for d in x_shape[2:]))
             if kind != "direct" and (dot is None or kind == "pointwise" and not qconv1x1_applies(g_shape)):
                 return None  # (checked before emitting: `dense` takes every group or none)
-            parts = bb.emit(relax.op.split(xq, groups, axis=1))
-            ys = [dense(bb.emit(relax.TupleGetItem(parts, g)), wt.numpy()[g * cog:(g + 1) * cog],
-                        wst.numpy()[g * cog:(g + 1) * cog], None if b is None else b[g * cog:(g + 1) * cog], g_shape,
-                        w_real[g * cog:(g + 1) * cog], False) for g in range(groups)]
-            y = _join_groups(bb, ys)
+            plan = (qw.qwinograd_plan((cog, cig, *wt.shape[2:]), int(stride[0]), g_shape, full)
+                    if kind in ("im2col", "direct") and dot == "ubsw" and not amx and max(dilation) == 1
+                    and int(x_shape[0]) == 1 else None)
+            y = None if plan is None else qw.emit_qwinograd(
+                bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, x_shape, full, clamp, out_q, dq, target_cores(target),
+                plan == "whole", groups)  # (the groups as the samples of one call: no split, no concat)
+            if y is None:
+                parts = bb.emit(relax.op.split(xq, groups, axis=1))
+                ys = [dense(bb.emit(relax.TupleGetItem(parts, g)), wt.numpy()[g * cog:(g + 1) * cog],
+                            wst.numpy()[g * cog:(g + 1) * cog], None if b is None else b[g * cog:(g + 1) * cog],
+                            g_shape, w_real[g * cog:(g + 1) * cog], False) for g in range(groups)]
+                y = _join_groups(bb, ys)
         elif kind != "depthwise":
             y = dense(xq, wt.numpy(), wst.numpy(), b, x_shape, w_real, True)
             if y is None:

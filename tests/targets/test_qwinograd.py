@@ -112,8 +112,8 @@ def test_kernel_equals_the_exact_integer_conv(cout, cin, h, wd, padding, store, 
 def test_extreme_codes_do_not_wrap(whole):
     """Every code and weight at -128 over 512 input channels: an inner tile's V[1, 1] is 4 x -128 (the sum of its
     middle 2x2), U'[1, 1] 9 x -128 (the sum of the 3x3), so their int32 sum over the channels is 512 x 512 x
-    1152 = 3.0 x 10^8 (4 x the direct conv's largest sum, as U' is 4 U): exact (a wrap in 16 or 32 bits would be off by 2^16
-    or 2^32)."""
+    1152 = 3.0 x 10^8 (4 x the direct conv's largest sum, as U' is 4 U): exact (a wrap in 16 or 32 bits would be
+    off by 2^16 or 2^32)."""
     cin, cout = 512, 16
     x = np.full((cin, 12, 12), -128, np.int8)
     wq = np.full((cout, cin, 3, 3), -128, np.int8)
@@ -147,9 +147,10 @@ def _run(q, x, cpu: str) -> np.ndarray:
 def test_avx2_int8_models_take_it_where_the_rule_says(monkeypatch, weights, batch):
     """On AVX2 the 3x3 stride-1 int8 convs of 32+ input and output channels run the int8 Winograd conv (at 48x48
     in blocks of tiles, V for all 576 tiles being 590 KB; at 24x24 every tile in each task), storing float for
-    the max pool and int8 for the next conv; 16 channels keep the direct int8 kernels, and VNNI CPUs keep theirs. int8s weights (7-bit: the direct kernels' vpmaddubsw is exact): the same outputs as those
-    kernels; full-range int8 ones (which had run the float Winograd conv on the dequantized codes, no exact AVX2
-    int8 kernel taking them): within the grid steps where the two round an activation to neighbouring codes.
+    the max pool and int8 for the next conv; 16 channels keep the direct int8 kernels, and VNNI CPUs keep theirs.
+    int8s weights (7-bit: the direct kernels' vpmaddubsw is exact): the same outputs as those kernels; full-range
+    int8 ones (which had run the float Winograd conv on the dequantized codes, no exact AVX2 int8 kernel taking
+    them): within the grid steps where the two round an activation to neighbouring codes.
     Batch 2: each sample on its own."""
     monkeypatch.setenv("GRAPHOPT_AMX", "0")
     q, x = _block(weights, (batch, 32, 48, 48))
@@ -224,27 +225,65 @@ def test_plan_by_shape():
     same = (1, 1, 1, 1)
     assert [plan((c, c, 3, 3), 1, (1, c, hw, hw), same) for c, hw in ((64, 56), (128, 28), (256, 14), (512, 7))] == [
         "block", "block", "whole", "whole"]
-    assert plan((32, 16, 3, 3), 1, (1, 16, 56, 56), same) is None and plan((16, 32, 3, 3), 1, (1, 32, 56, 56), same) is None
-    assert plan((64, 33, 3, 3), 1, (1, 33, 56, 56), same) is None and plan((64, 64, 3, 3), 2, (1, 64, 56, 56), same) is None
-    assert plan((512, 512, 3, 3), 1, (1, 512, 4, 4), same) is None and plan((64, 64, 3, 3), 1, (1, 64, 7, 7), same) is None
+    for w, stride, x in [((32, 16, 3, 3), 1, (1, 16, 56, 56)), ((16, 32, 3, 3), 1, (1, 32, 56, 56)),
+                         ((64, 33, 3, 3), 1, (1, 33, 56, 56)), ((64, 64, 3, 3), 2, (1, 64, 56, 56)),
+                         ((512, 512, 3, 3), 1, (1, 512, 4, 4)), ((64, 64, 3, 3), 1, (1, 64, 7, 7))]:
+        assert plan(w, stride, x, same) is None, (w, stride, x)
     assert plan((64, 64, 1, 1), 1, (1, 64, 56, 56), (0, 0, 0, 0)) is None
 
 
-def test_grouped_convs_run_it_per_group(monkeypatch):
-    """A grouped 3x3 conv (SKNet's 4 groups; here 2 of 32 channels) runs each group on the int8 Winograd conv on
-    AVX2, int8s weights as for one group (`quantize` narrows grouped convs too: the dense int8 kernels read them),
-    equal to the direct int8 kernels per group and within a step of the reference."""
+@pytest.mark.parametrize("batch", [1, 2])
+def test_grouped_convs_run_it_per_group(tmp_path, monkeypatch, batch):
+    """A grouped 3x3 conv (SKNet's 4 groups; here 2 of 32 channels) runs on the int8 Winograd conv on AVX2, int8s
+    weights as for one group (`quantize` narrows grouped convs too: the dense int8 kernels read them): at batch 1
+    as one call whose samples are the groups (each its own weights and epilogue; no split, no concat), at batch 2
+    per group; equal to the direct int8 kernels per group and within a step of the reference, and built for an
+    artifact (the groups' weights transformed at load by one call) equal to the plain build."""
+    from tvm import relax
     monkeypatch.setenv("GRAPHOPT_AMX", "0")
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(),
                                 torch.nn.Conv2d(64, 64, 3, padding=1, groups=2), torch.nn.ReLU()).eval()
-    x = torch.rand(1, 32, 20, 20)
+    x = torch.rand(batch, 32, 20, 20)
     q = graphopt.optimize(graphopt.trace(model, (x,)), "quantize{weights=int8s},fold-qdq",
-                          data=[(torch.rand(1, 32, 20, 20),) for _ in range(4)])
+                          data=[(torch.rand(batch, 32, 20, 20),) for _ in range(4)])
     assert q.meta["weight_bits"] == {"conv2d": "int8s", "conv2d_1": "int8s"}
     names = {gv.name_hint for gv in lower_to_relax(q, target=cpu_target(AVX2)).get_global_vars()}
-    assert any(n.startswith("qwinograd_32x32x20x20_p1111_whole_clamp") for n in names), names
+    tag = "_g2" if batch == 1 else "_n2"
+    assert any(n.startswith("qwinograd_32x32x20x20_p1111_whole_clamp") and n.endswith(tag) for n in names), names
+    assert (batch == 1) == (not any(n.startswith(("split", "concat")) for n in names)), names
     got, ref = _run(q, x, AVX2), q.run(x)[0].numpy()
     assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()
+    if batch == 1:
+        ex, *_ = build_executable(q, cpu=AVX2, prepare=True)
+        vm = relax.VirtualMachine(ex, tvm.cpu())
+        assert "qwinograd_weights_32x32_g2" in ex.as_text()
+        made = list(vm["prepare"](tvm.runtime.tensor(np.zeros(1, np.int8))))
+        out = vm["main"](tvm.runtime.tensor(x.numpy()), *made)
+        np.testing.assert_array_equal((out if hasattr(out, "numpy") else out[0]).numpy(), got)
     monkeypatch.setattr(qw, "qwinograd_plan", lambda *a: None)
     np.testing.assert_array_equal(got, _run(q, x, AVX2))
+
+
+def test_groups_whose_bias_forms_differ_run_one_by_one():
+    """One call for all groups needs one epilogue form: where a group's bias does not fit the accumulator's steps
+    (a near-zero weight scale: the bias added in float) and another's does, `emit_qwinograd` declines (before
+    emitting anything), and the caller runs the groups one by one; with one form it makes the one call."""
+    from tvm import relax
+    rng = np.random.default_rng(0)
+    wq = rng.integers(-63, 64, (64, 32, 3, 3)).astype(np.int8)
+    ws = np.full(64, 1e-3, np.float32)
+    ws[40] = 1e-12  # group 1 only
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 64, 16, 16), "int8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = qw.emit_qwinograd(bb, x, wq, ws, np.ones(64, np.float32), 0.05, 3, (1, 64, 16, 16), (1, 1, 1, 1),
+                                  None, None, groups=2)
+            assert y is None
+            ws[40] = 1e-3
+            y = qw.emit_qwinograd(bb, x, wq, ws, np.ones(64, np.float32), 0.05, 3, (1, 64, 16, 16), (1, 1, 1, 1),
+                                  None, None, groups=2)
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    assert any(gv.name_hint.endswith("_g2") for gv in bb.get().get_global_vars())

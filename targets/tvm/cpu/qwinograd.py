@@ -89,27 +89,33 @@ def qwinograd_weights(w: T.Buffer(({-(-size // 2) if nibbles else size},), "int8
 """
 
 
-def qwinograd_weight(bb, wq: np.ndarray):
+def qwinograd_weight(bb, wq: np.ndarray, groups: int = 1):
     """U' as a Relax value: the constant `pack_qwinograd(wq)`, or when lowering for an artifact
     (`prepared.active`) the weight itself (int8, or nibbles where it fits int4) and `qwinograd_weights_source`
-    making U' when the artifact is loaded."""
+    making U' when the artifact is loaded. `groups` > 1: wq holds the groups' weights one after the other (a
+    grouped conv's [Cout, Cin / groups, 3, 3]), each packed on its own, end to end."""
     from tvm import relax
 
     from graphopt.targets.tvm.cpu import prepared
+    from graphopt.targets.tvm.cpu.batch import batch_source
     from graphopt.targets.tvm.cpu.int8 import fits_int4, nibbles
     from graphopt.targets.tvm.cpu.parse import parse_kernel
+    parts = np.split(np.ascontiguousarray(wq, np.int8), groups)
     if not prepared.active():
-        return relax.const(pack_qwinograd(wq))
-    cout, cin = (int(d) for d in wq.shape[:2])
-    flat = np.ascontiguousarray(wq, np.int8).reshape(-1)
-    small = fits_int4(flat)
+        packed = np.stack([pack_qwinograd(w) for w in parts])
+        return relax.const(packed[0] if groups == 1 else packed)
+    cout, cin = (int(d) for d in parts[0].shape[:2])
+    small = fits_int4(wq)
+    flats = [w.reshape(-1) for w in parts]
     if small:
-        flat = nibbles(flat[0::2], np.pad(flat[1::2], (0, flat.size % 2)))
-    gv = bb.add_func(parse_kernel(qwinograd_weights_source(cout, cin, small)),
-                     f"qwinograd_weights_{cout}x{cin}" + ("_int4" if small else ""))
-    panels = -(-cout // PANEL)
-    return prepared.load_time_call(bb, gv, [relax.const(flat)],
-                                   relax.TensorType((16 * panels * (cin // 2) * PANEL,), "int32"))
+        flats = [nibbles(f[0::2], np.pad(f[1::2], (0, f.size % 2))) for f in flats]
+    src = batch_source(qwinograd_weights_source(cout, cin, small), groups, ["w", "u"], across=True)
+    gv = bb.add_func(parse_kernel(src), f"qwinograd_weights_{cout}x{cin}" + ("_int4" if small else "")
+                     + (f"_g{groups}" if groups > 1 else ""))
+    size = 16 * -(-cout // PANEL) * (cin // 2) * PANEL
+    flat = np.stack(flats)
+    return prepared.load_time_call(bb, gv, [relax.const(flat[0] if groups == 1 else flat)],
+                                   relax.TensorType((size,) if groups == 1 else (groups, size), "int32"))
 
 
 WHOLE_V_BYTES = 512 * 1024  # a task's V for every tile of the map at most: L2-sized (Zen 3: 512 KB a core)
@@ -281,6 +287,8 @@ def qwinograd(xp: T.Buffer(({{size}},), "int8"), u: T.Buffer(({16 * panels * cp_
         groups = max(1, min(cores, panels))
         chunks = -(-tiles // nt)
         w2 = 2 * tw
+        transform = _input_transform(wq, hq, vs, f"cp * {tiles} + ty * {tw} + tx0", " " * 20)
+        gemm = _gemm(nt, panels, cp_n, f"e * {vs} + cp * {tiles} + k0", " " * 20)
         return head.format(size=cin * hq * wq, oh=oh, ow=ow) + f"""
     for t in T.parallel({groups}):
         rw = T.decl_buffer((16,), "int16", scope="global")
@@ -289,7 +297,7 @@ def qwinograd(xp: T.Buffer(({{size}},), "int8"), u: T.Buffer(({16 * panels * cp_
         for cp in T.serial({cp_n}):
             for ty in T.serial({th}):
                 for bx in T.serial({ncx}):
-                    tx0: T.let = T.min(bx * {nb}, {tw - nb}){_input_transform(wq, hq, vs, f"cp * {tiles} + ty * {tw} + tx0", " " * 20)}
+                    tx0: T.let = T.min(bx * {nb}, {tw - nb}){transform}
         m = T.decl_buffer((16, {chunks * nt}, {PANEL}), "float32", scope="global")
         acc = T.decl_buffer(({nt * PANEL},), "int32", scope="global")
         yb = T.decl_buffer((4, {PANEL}), "float32", scope="global")
@@ -297,7 +305,7 @@ def qwinograd(xp: T.Buffer(({{size}},), "int8"), u: T.Buffer(({16 * panels * cp_
         for p in T.serial(t * {panels} // {groups}, (t + 1) * {panels} // {groups}):
             for e in T.serial(16):
                 for c in T.serial({chunks}):
-                    k0: T.let = T.min(c * {nt}, {tiles - nt}){_gemm(nt, panels, cp_n, f"e * {vs} + cp * {tiles} + k0", " " * 20)}
+                    k0: T.let = T.min(c * {nt}, {tiles - nt}){gemm}
                     for r in T.unroll({nt}):
                         m[e, k0 + r, T.ramp(0, 1, {PANEL})] = T.Cast("float32x{PANEL}", acc[T.ramp(r * {PANEL}, 1,
                                                                                                    {PANEL})])
@@ -343,9 +351,15 @@ def qwinograd(xp: T.Buffer(({{size}},), "int8"), u: T.Buffer(({16 * panels * cp_
 
 
 def emit_qwinograd(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarray | None, sx: float, zx: int,
-                   x_shape, padding, clamp, out_q, dequantized: bool = False, cores: int = 1, whole: bool = False):
+                   x_shape, padding, clamp, out_q, dequantized: bool = False, cores: int = 1, whole: bool = False,
+                   groups: int = 1):
     """The int8 3x3 stride-1 conv of xq int8 [N, Cin, H, W] (per sample) as int16 Winograd: the map padded with its
-    zero point (`pool.emit_pad`) to the geometry's pad, then `qwinograd_source` (`whole`: see there)."""
+    zero point (`pool.emit_pad`) to the geometry's pad, then `qwinograd_source` (`whole`: see there). `groups` > 1
+    (batch 1 only): a grouped conv (wq [Cout, Cin / groups, 3, 3]) as one call whose samples are the groups, each
+    with its own weights and epilogue, the threads splitting the groups (`batch_source`'s across): the groups'
+    input and output channels are contiguous runs of the map, so no split or concatenation is needed (SKNet's
+    4-group unit spent ~0.3 of its ~0.8 ms on those and on the per-group calls). None where the groups' bias
+    forms differ (`epilogue_constants`: a float bias in some groups only): the caller then runs them one by one."""
     from tvm import relax
 
     from graphopt.targets.tvm.cpu.batch import batch_source
@@ -355,24 +369,36 @@ def emit_qwinograd(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarra
     from graphopt.targets.tvm.cpu.pool import emit_pad
 
     n, cin, h, wd = (int(d) for d in x_shape)
-    cout = int(wq.shape[0])
+    cout = int(wq.shape[0]) // groups
+    width = -(-cout // PANEL) * PANEL
+    per_group = [tuple(None if c is None else c[:width] for c in epilogue_constants(
+        wq[k * cout:(k + 1) * cout], w_scales[k * cout:(k + 1) * cout],
+        None if bias is None else bias[k * cout:(k + 1) * cout], sx, zx, -(-width // MR), out_q))
+        for k in range(groups)]
+    if len({c[2] is None for c in per_group}) > 1:
+        return None
+    if groups > 1:
+        if n != 1:
+            raise ValueError("a grouped int8 Winograd conv runs as one call at batch 1 only")
+        x_shape, n, cin = (groups, cin // groups, h, wd), groups, cin // groups
+        xq = bb.emit(relax.op.reshape(xq, x_shape))
     g = whole_geometry(h, wd, padding) if whole else winograd_geometry(h, wd, padding, REGISTERS)
     top, bottom, left, right = (int(q) for q in g["pad"])
     oh, ow, hq, wq_ = g["oh"], g["ow"], g["hq"], g["wq"]
+    consts = tuple(None if per_group[0][i] is None else np.concatenate([c[i] for c in per_group]) for i in range(3))
     xp = emit_pad(bb, xq, x_shape, (left, right, top, bottom), int(zx), "int8")
     xp = bb.emit(relax.op.reshape(xp, _batched(n, cin * hq * wq_)))
-    width = -(-cout // PANEL) * PANEL
-    consts = tuple(None if c is None else c[:width]
-                   for c in epilogue_constants(wq, w_scales, bias, sx, zx, -(-width // MR), out_q))
     src = qwinograd_source(cout, cin, h, wd, padding, clamp, out_q, dequantized, consts[2] is not None, cores,
                            whole)
     pads = "".join(str(int(q)) for q in padding)
-    tag = (f"{cout}x{cin}x{h}x{wd}_p{pads}" + ("_whole" if whole else "") + ("" if clamp is None else "_clamp") + ("_q" if out_q else "")
-           + ("dq" if dequantized else "") + _ntag(n))
-    gv = bb.add_func(parse_kernel(batch_source(src, n, ["xp", "out"])), f"qwinograd_{tag}")
+    tag = (f"{cout}x{cin}x{h}x{wd}_p{pads}" + ("_whole" if whole else "") + ("" if clamp is None else "_clamp")
+           + ("_q" if out_q else "") + ("dq" if dequantized else "")
+           + (f"_g{groups}" if groups > 1 else _ntag(n)))
+    names = ["xp", "out"] + (["u", "off", "mult"] + (["bias"] if consts[2] is not None else []) if groups > 1 else [])
+    gv = bb.add_func(parse_kernel(batch_source(src, n, names, across=groups > 1)), f"qwinograd_{tag}")
     dtype = "int8" if out_q and not dequantized else "float32"
-    y = bb.emit(relax.call_tir(gv, [xp, qwinograd_weight(bb, wq),
-                                    *(relax.const(c) for c in consts if c is not None),
+    epilogue = [relax.const(c if groups == 1 else c.reshape(groups, -1)) for c in consts if c is not None]
+    y = bb.emit(relax.call_tir(gv, [xp, qwinograd_weight(bb, wq, groups), *epilogue,
                                     relax.const(store_params(clamp, out_q))],
                                relax.TensorType(_batched(n, cout, oh, ow), dtype)))
-    return bb.emit(relax.op.reshape(y, (n, cout, oh, ow)))
+    return bb.emit(relax.op.reshape(y, (1, groups * cout, oh, ow) if groups > 1 else (n, cout, oh, ow)))
