@@ -1689,6 +1689,19 @@ def test_small_strided_int8s_convs_take_the_pixel_row_int8_kernel_on_avx2(monkey
     np.testing.assert_array_equal(got, flat)
 
 
+def _int8s_on_avx2(monkeypatch, model, shape, kernel: str):
+    """An int8s build of `model` whose AVX2 (znver3) lowering has a kernel named `kernel`..., within a grid step of
+    the reference here: (its output, the output with the pixel-row int8 conv's rule off)."""
+    monkeypatch.setenv("GRAPHOPT_AMX", "0")
+    from graphopt.targets.tvm.cpu import int8
+    q, got, ref = _quantized_block(model, shape, "int8s")
+    names = _func_names(q, "znver3")
+    assert any(n.startswith(kernel) for n in names), names
+    assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()
+    monkeypatch.setattr(int8, "tok_qconv_applies", lambda *a: False)
+    return got, _quantized_block(model, shape, "int8s")[1]
+
+
 @pytest.mark.parametrize("cout, kernel", [(32, "qconv_tok_ubsw_32x16x10x10_k3x3s1_p1111"),
                                            (8, "qconv_flat_ubsw_8x16x10x10_k3x3s1_p1111")])
 def test_stride_1_int8s_convs_with_a_float_output_take_the_pixel_row_kernel_on_avx2(monkeypatch, cout, kernel):
@@ -1696,15 +1709,8 @@ def test_stride_1_int8s_convs_with_a_float_output_take_the_pixel_row_kernel_on_a
     residual add) runs the pixel-row int8 conv on AVX2 where its output channels fill a 16-channel panel (0.57-0.84x
     the flat conv's time, whose stores of 16-pixel blocks across rows cost most with floats); fewer channels keep
     the flat conv (32 -> 3 at 64x64: the pixel-row conv 3x slower). Equal to the flat kernel's result."""
-    monkeypatch.setenv("GRAPHOPT_AMX", "0")
-    from graphopt.targets.tvm.cpu import int8
-    model = torch.nn.Sequential(torch.nn.Conv2d(16, cout, 3, 1, 1))
-    q, got, ref = _quantized_block(model, (1, 16, 10, 10), "int8s")
-    names = _func_names(q, "znver3")
-    assert any(n.startswith(kernel) for n in names), names
-    assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()
-    monkeypatch.setattr(int8, "tok_qconv_applies", lambda *a: False)
-    _, flat, _ = _quantized_block(model, (1, 16, 10, 10), "int8s")
+    got, flat = _int8s_on_avx2(monkeypatch, torch.nn.Sequential(torch.nn.Conv2d(16, cout, 3, 1, 1)), (1, 16, 10, 10),
+                               kernel)
     np.testing.assert_allclose(got, flat, rtol=1e-6, atol=1e-6 * np.abs(flat).max())
 
 
@@ -1719,15 +1725,8 @@ def test_int8s_convs_storing_int8_take_the_pixel_row_kernel_on_avx2(monkeypatch,
     0.49 vs 0.55; stride 2 to 144 pixels here, 28x28 to 56x56 in models: 64x32 at 112x112 0.39 vs 0.68, 96x48 at
     56x56 0.28 vs 0.37, 256x128 at 28x28 0.42 vs 0.58, 128x64 at 56x56 0.47 vs 0.45), else the flat conv (24x16
     at 56x56: 0.14 vs 0.11) or, strided to a small map, int8 im2col. Equal to those kernels' result."""
-    monkeypatch.setenv("GRAPHOPT_AMX", "0")
-    from graphopt.targets.tvm.cpu import int8
     model = torch.nn.Sequential(torch.nn.Conv2d(16, cout, 3, stride, 1), torch.nn.ReLU(), torch.nn.Conv2d(cout, 8, 1))
-    q, got, ref = _quantized_block(model, (1, 16, 24, 24), "int8s")
-    names = _func_names(q, "znver3")
-    assert any(n.startswith(kernel) for n in names), names
-    assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()
-    monkeypatch.setattr(int8, "tok_qconv_applies", lambda *a: False)
-    _, flat, _ = _quantized_block(model, (1, 16, 24, 24), "int8s")
+    got, flat = _int8s_on_avx2(monkeypatch, model, (1, 16, 24, 24), kernel)
     np.testing.assert_array_equal(got, flat)
 
 
