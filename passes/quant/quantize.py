@@ -94,8 +94,9 @@ def pair_kernel_skips(op: fx.Node, ort: bool = False) -> str:
     (pointwise, im2col, the flat and pixel-row int8 convs, stems included; a grouped conv runs each group on
     them: SKNet's 4-group 3x3 convs had taken int8 im2col and the exact int16 pair kernel for their full-range
     int8 weights, 1.25x the fp32 model's time). A depthwise conv and a one-row linear (a weight stream) compute
-    in float on the dequantized weight, where a coarser step only costs resolution: on MobileNetV2 int7 everywhere had 12.7 dB SQNR to fp32 against int8's 16.4, and 15.2 dB with
-    those layers int8; EfficientNet-Lite0 14.9 -> 16.3 (int8 19.6). `ort`: the layer runs on ONNX Runtime (an
+    in float on the dequantized weight, where a coarser step only costs resolution: on MobileNetV2 int7
+    everywhere had 12.7 dB SQNR to fp32 against int8's 16.4, and 15.2 dB with those layers int8;
+    EfficientNet-Lite0 14.9 -> 16.3 (int8 19.6). `ort`: the layer runs on ONNX Runtime (an
     ONNX export), whose u8 x s8 kernels read every linear and every conv but a depthwise one."""
     groups = op.args[8] if op.target is aten.convolution.default else op.args[6] if len(op.args) > 6 else 1
     w = op.args[1].meta.get("val") if isinstance(op.args[1], fx.Node) else None

@@ -449,11 +449,16 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             residual = importer.env[other]
         float_store = []  # set when `dense` ran the conv in float: its quantize (and pad) then run after it
 
+        def winograd_plan(w_shape, x_shape_):
+            """`qwinograd.qwinograd_plan` where the int8 Winograd conv may run (AVX2, a dense undilated conv)."""
+            if kind in ("im2col", "direct") and dot == "ubsw" and not amx and max(dilation) == 1:
+                return qw.qwinograd_plan(w_shape, int(stride[0]), x_shape_, full)
+            return None
+
         def dense(xq_, w_, ws_, b_, x_shape_, w_real_, sparse: bool):
             """The dense conv on its kernel (None: no graphopt kernel takes it)."""
             s_ = int(stride[0])
-            plan = (qw.qwinograd_plan(w_.shape, s_, x_shape_, full)
-                    if kind in ("im2col", "direct") and dot == "ubsw" and not amx and max(dilation) == 1 else None)
+            plan = winograd_plan(w_.shape, x_shape_)
             if plan is not None:
                 # AVX2: the 3x3 stride-1 convs as int16 Winograd (`cpu.qwinograd`: exact, any int8 weight), 2.25x
                 # fewer products at `vpmaddwd`'s 16 a instruction where the direct int8 convs make 32 from two
@@ -526,9 +531,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             g_shape = (int(x_shape[0]), cig, *(int(d) for d in x_shape[2:]))
             if kind != "direct" and (dot is None or kind == "pointwise" and not qconv1x1_applies(g_shape)):
                 return None  # (checked before emitting: `dense` takes every group or none)
-            plan = (qw.qwinograd_plan((cog, cig, *wt.shape[2:]), int(stride[0]), g_shape, full)
-                    if kind in ("im2col", "direct") and dot == "ubsw" and not amx and max(dilation) == 1
-                    and int(x_shape[0]) == 1 else None)
+            plan = winograd_plan((cog, cig, *wt.shape[2:]), g_shape) if int(x_shape[0]) == 1 else None
             y = None if plan is None else qw.emit_qwinograd(
                 bb, xq, wt.numpy(), wst.numpy(), b, sx, zx, x_shape, full, clamp, out_q, dq, target_cores(target),
                 plan == "whole", groups)  # (the groups as the samples of one call: no split, no concat)
