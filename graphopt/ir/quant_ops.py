@@ -47,10 +47,21 @@ def worst_pair_sums(pairs: torch.Tensor) -> torch.Tensor:
     return torch.maximum(flat.clamp(min=0).sum(-1).amax(1), (-flat).clamp(min=0).sum(-1).amax(1))
 
 
+def kernel_pair_sums(w: torch.Tensor) -> torch.Tensor:
+    """Per output channel, the largest same-sign pair sum graphopt's u8 x s8 kernels can add for weight w: channel
+    pairs at a tap (`weight_pairs`), and for a 3-D conv's [Cout, C, kd, kh, kw] also those of the 2-D conv over its
+    depth taps that fold-qdq makes of it (channels (c, t) flattened: consecutive depth taps, and the last tap of
+    one channel with the first of the next)."""
+    worst = worst_pair_sums(weight_pairs(w))
+    if w.dim() == 5:
+        worst = torch.maximum(worst, worst_pair_sums(weight_pairs(w.reshape(w.shape[0], -1, *w.shape[3:]))))
+    return worst
+
+
 def pairs_bounded(q: torch.Tensor) -> bool:
     """Whether every pair of integer weights q [Cout, Cin, ...] stays within PAIR_BOUND (the u8 x s8 kernels are
     exact on it)."""
-    return int(worst_pair_sums(weight_pairs(q.int())).max()) <= PAIR_BOUND
+    return int(kernel_pair_sums(q.int()).max()) <= PAIR_BOUND
 
 
 def pair_bounded_scales(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -61,7 +72,7 @@ def pair_bounded_scales(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     w = w.detach().double()
     # both pairings: graphopt's kernels (channel pairs at a tap) and ONNX Runtime's (flattened channels-last), so an
     # int8s weight is exact on either; they differ only for an odd number of input channels
-    worst = torch.maximum(worst_pair_sums(weight_pairs(w)), worst_pair_sums(flat_pairs(w)))
+    worst = torch.maximum(kernel_pair_sums(w), worst_pair_sums(flat_pairs(w)))
     return torch.maximum(scales.double(), worst / (PAIR_BOUND - 1)).to(scales.dtype)
 
 
@@ -101,7 +112,8 @@ def plain_decompositions() -> dict:
     return {go.quantize_per_tensor.default: _quantize_per_tensor,
             go.dequantize_per_tensor.default: _dequantize_per_tensor,
             go.dequantize_per_channel.default: _dequantize_per_channel,
-            go.dynamic_quantize.default: _dynamic_quantize, go.lut.default: _lut}
+            go.dynamic_quantize.default: _dynamic_quantize, go.lut.default: _lut,
+            go.depth_taps.default: _depth_taps}
 
 
 @torch.library.custom_op("graphopt::quantize_per_tensor", mutates_args=())
@@ -213,6 +225,35 @@ def _conv_out(xq, wq, stride, padding, dilation, dtype):
 def _(xq, x_scale, x_zp, wq, w_scales, bias, stride, padding, dilation, groups):
     return _conv_out(xq, wq, stride, padding, dilation, torch.float32)
 
+def depth_tap_count(d: int, kd: int, sd: int, pd: int) -> int:
+    """Output depths of a 3-D conv of kd taps, stride sd, padding pd over d input depths."""
+    return (d + 2 * pd - kd) // sd + 1
+
+
+def _depth_taps(x, kd, sd, pd, fill):
+    od = depth_tap_count(x.shape[2], kd, sd, pd)
+    xp = torch.nn.functional.pad(x, [0, 0, 0, 0, pd, pd], value=fill) if pd else x
+    taps = torch.stack([xp[:, :, t:t + sd * (od - 1) + 1:sd] for t in range(kd)], 2)  # [N, C, kd, OD, H, W]
+    n, c, _, _, h, w = taps.shape
+    return taps.permute(0, 3, 1, 2, 4, 5).reshape(n * od, c * kd, h, w)
+
+
+@torch.library.custom_op("graphopt::depth_taps", mutates_args=())
+def depth_taps(x: torch.Tensor, kd: int, sd: int, pd: int, fill: float) -> torch.Tensor:
+    """A 3-D conv's input x [N, C, D, H, W] as a 2-D conv's [N * OD, C * kd, H, W]: sample (n, o) holds, for each
+    depth tap t, the input slice at depth o sd + t - pd (`fill` outside the depth: an int8 input's zero point) as
+    channels (c, t), so the conv with weight [Cout, C, kd, kh, kw] is the 2-D conv with weight [Cout, C kd, kh,
+    kw] on it. fold-qdq writes an int8 3-D conv so (`qconv2d` on these taps: graphopt's int8 2-D kernels); any
+    dtype, values only moved."""
+    return _depth_taps(x, kd, sd, pd, fill)
+
+
+@depth_taps.register_fake
+def _(x, kd, sd, pd, fill):
+    od = depth_tap_count(x.shape[2], kd, sd, pd)
+    return x.new_empty((x.shape[0] * od, x.shape[1] * kd, x.shape[3], x.shape[4]))
+
+
 @torch.library.custom_op("graphopt::qmatmul", mutates_args=())
 def qmatmul(aq: torch.Tensor, a_scale: float, a_zp: int, bq: torch.Tensor, b_scale: float, b_zp: int) -> torch.Tensor:
     """Activation x activation int8 matmul (attention scores and outputs): (a - za) @ (b - zb) accumulated exactly,
@@ -307,7 +348,7 @@ def _(xq, x_scale, x_zp, wq, w_scales, bias, stride, padding, dilation, groups):
 
 
 QUANT_OPS = ("quantize_per_tensor", "dequantize_per_tensor", "dequantize_per_channel", "qlinear", "qconv2d",
-             "qmatmul", "requantize", "qlinear_i32", "qconv2d_i32", "dynamic_quantize", "lut")
+             "qmatmul", "requantize", "qlinear_i32", "qconv2d_i32", "dynamic_quantize", "lut", "depth_taps")
 # ops that round activations onto a grid: a float rounding difference before one can move a value a whole step
 ROUNDING_OPS = ("quantize_per_tensor", "dynamic_quantize", "fake_quant_per_tensor", "requantize")
 

@@ -216,8 +216,12 @@ def _bucketize(x, boundaries, *, out_int32=False, right=False):
 
 def exporter_table() -> dict:
     """The decompositions above, by the op the graph holds (torch.cdist and F.rrelu are still whole there; the
-    exporter's own decompositions would make them _cdist_forward and rrelu_with_noise_functional, which it lacks)."""
+    exporter's own decompositions would make them _cdist_forward and rrelu_with_noise_functional, which it lacks),
+    and graphopt's depth taps (an int8 3-D conv's input, fold-qdq's) as the pad, slices, stack and reshape they
+    are."""
     import torch
+
+    from graphopt.ir.quant_ops import _depth_taps  # (importing it registers torch.ops.graphopt)
     aten = torch.ops.aten
     return {aten.amax.default: _amax_amin("amax"), aten.amin.default: _amax_amin("amin"),
             aten.sort.stable: _sort_stable, aten.rrelu.default: _rrelu_whole,
@@ -229,7 +233,8 @@ def exporter_table() -> dict:
             aten.searchsorted.Tensor: _searchsorted, aten.bucketize.Tensor: _bucketize,
             aten.cumprod.default: _cumprod, aten.median.dim: _median_dim, aten.median.default: _median_all,
             aten.kthvalue.default: _kthvalue, aten._adaptive_avg_pool3d.default: _adaptive_avg_pool3d,
-            aten.adaptive_avg_pool3d.default: _adaptive_avg_pool3d}
+            aten.adaptive_avg_pool3d.default: _adaptive_avg_pool3d,
+            torch.ops.graphopt.depth_taps.default: _depth_taps}
 
 
 # ops whose decomposition above computes the first output only (the others are zeros): taken where nothing reads

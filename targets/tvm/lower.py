@@ -74,6 +74,29 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         idx = bb.emit(relax.op.add(bb.emit(relax.op.astype(xq, "int32")), relax.const(128, "int32")))
         return bb.emit(relax.op.take(table, idx, axis=0))
 
+    def depth_taps(node, importer):
+        """graphopt.depth_taps (an int8 3-D conv's input as fold-qdq writes it, or any dtype): graphopt's copy kernel
+        on the CPU, TVM's pad + slices + stack + reshape elsewhere."""
+        from graphopt.ir.quant_ops import depth_tap_count
+        x_shape = node.args[0].meta["val"].shape
+        kd, sd, pd, fill = node.args[1:5]
+        od = depth_tap_count(int(x_shape[2]), int(kd), int(sd), int(pd))
+        dtype = str(node.args[0].meta["val"].dtype).replace("torch.", "")
+        if cpu_kernels and all(isinstance(v, int) for v in x_shape):
+            from graphopt.targets.tvm.cpu.conv import emit_depth_taps
+            return emit_depth_taps(importer.block_builder, importer.env[node.args[0]], x_shape, int(kd), int(sd),
+                                   int(pd), od, dtype, float(fill))
+        bb = importer.block_builder
+        x = importer.env[node.args[0]]
+        if pd:
+            x = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, int(pd), int(pd), 0, 0, 0, 0], "constant", float(fill)))
+        ends = [t + int(sd) * (od - 1) + 1 for t in range(int(kd))]
+        taps = [bb.emit(relax.op.strided_slice(x, [2], [t], [e], [int(sd)])) for t, e in zip(range(int(kd)), ends)]
+        y = bb.emit(relax.op.stack(taps, axis=2))
+        y = bb.emit(relax.op.permute_dims(y, [0, 3, 1, 2, 4, 5]))
+        n, c, _, h, w = (int(v) for v in x_shape)
+        return bb.emit(relax.op.reshape(y, (n * od, c * int(kd), h, w)))
+
     def _dequantized(bb, q, scale, zp):
         """(float(q) - zp) * scale, per tensor."""
         from graphopt.targets.tvm.cpu.conv import dequantized
@@ -2508,7 +2531,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
                "requantize.default": requantize, "quantize_per_tensor.default": quantize_per_tensor,
                "dequantize_per_tensor.default": dequantize_per_tensor,
                "dequantize_per_channel.default": dequantize_per_channel,
-               "dynamic_quantize.default": dynamic_quantize, "lut.default": lut, **MISSING_OPS,
+               "dynamic_quantize.default": dynamic_quantize, "lut.default": lut, "depth_taps.default": depth_taps,
+               **MISSING_OPS,
                **MORE_OPS}
 
     def sparse24_layer(node, wname, x_shape, as_conv, fmt=None):

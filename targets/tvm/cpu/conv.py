@@ -2481,15 +2481,17 @@ def emit_col2im(bb, cols, n: int, c: int, kernel, grid, out_hw, stride, padding,
     return bb.emit(relax.op.reshape(y, (n, c, oh, ow)))
 
 
-def depth_taps_source(n: int, c: int, d: int, hw: int, kd: int, sd: int, pd: int, od: int) -> str:
-    """TVMScript of y[n, o, c, t, :] = x[n, c, o sd + t - pd, :] (zeros outside the depth): a 3-D conv's input
+def depth_taps_source(n: int, c: int, d: int, hw: int, kd: int, sd: int, pd: int, od: int,
+                      dtype: str = "float32") -> str:
+    """TVMScript of y[n, o, c, t, :] = x[n, c, o sd + t - pd, :] (fill[0] outside the depth): a 3-D conv's input
     with each output depth's kd input slices side by side as channels, one contiguous H W copy per (n, o, c, t).
-    TVM's fused pad + slices + concat + transpose took 400 us for 3 x 75K floats. `fill` [1] holds the 0 (a second
-    input, as im2col has: Relax's reshape detection asserted on a one-input, one-output kernel)."""
+    TVM's fused pad + slices + concat + transpose took 400 us for 3 x 75K floats. `fill` [1] holds the pad value
+    (0, or an int8 input's zero point; a second input, as im2col has: Relax's reshape detection asserted on a
+    one-input, one-output kernel). `dtype`: the values' (float32, or int8 for the int8 3-D conv)."""
     return f"""
 @T.prim_func(private=True)
-def depth_taps(x: T.Buffer(({n}, {c}, {d}, {hw}), "float32"), fill: T.Buffer((1,), "float32"),
-               y: T.Buffer(({n}, {od}, {c}, {kd}, {hw}), "float32")):
+def depth_taps(x: T.Buffer(({n}, {c}, {d}, {hw}), "{dtype}"), fill: T.Buffer((1,), "{dtype}"),
+               y: T.Buffer(({n}, {od}, {c}, {kd}, {hw}), "{dtype}")):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}})
     for r in T.parallel({n * od * c * kd}):
         b: T.let = r // {od * c * kd}
@@ -2506,14 +2508,15 @@ def depth_taps(x: T.Buffer(({n}, {c}, {d}, {hw}), "float32"), fill: T.Buffer((1,
 """
 
 
-def emit_depth_taps(bb, x, x_shape, kd: int, sd: int, pd: int, od: int):
-    """[N * OD, C * kd, H, W] from a 3-D conv's input x [N, C, D, H, W] (`depth_taps_source`)."""
+def emit_depth_taps(bb, x, x_shape, kd: int, sd: int, pd: int, od: int, dtype: str = "float32", fill: float = 0.0):
+    """[N * OD, C * kd, H, W] from a 3-D conv's input x [N, C, D, H, W] (`depth_taps_source`), `fill` outside the
+    depth."""
     from tvm import relax
 
     n, c, d, h, w = (int(v) for v in x_shape)
-    gv = bb.add_func(parse_kernel(depth_taps_source(n, c, d, h * w, kd, sd, pd, od)),
-                     f"depth_taps_{n}x{c}x{d}x{h}x{w}_k{kd}s{sd}p{pd}")
+    gv = bb.add_func(parse_kernel(depth_taps_source(n, c, d, h * w, kd, sd, pd, od, dtype)),
+                     f"depth_taps_{n}x{c}x{d}x{h}x{w}_k{kd}s{sd}p{pd}{'' if dtype == 'float32' else '_' + dtype}")
     y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, (n, c, d, h * w))),
-                                    relax.const(np.zeros(1, np.float32))],
-                               relax.TensorType((n, od, c, kd, h * w), "float32")))
+                                    relax.const(np.full(1, fill, dtype))],
+                               relax.TensorType((n, od, c, kd, h * w), dtype)))
     return bb.emit(relax.op.reshape(y, (n * od, c * kd, h, w)))
