@@ -128,6 +128,19 @@ def test_rule_and_candidates():
         np.testing.assert_allclose(_run(g, x), model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("cin,batch,hw,kernel", [(96, 4, 64, "winograd"), (96, 1, 64, "tok"), (128, 1, 16, "winograd"),
+                                                 (64, 1, 32, "tok")])
+def test_one_panel_convs_take_winograd_where_the_reduction_or_the_input_is_large(cin, batch, hw, kernel):
+    """16 output channels (one panel): the rule takes Winograd with 128+ input channels, or an input of 4 MB or
+    more over all its samples (a 3-D UNet's 96 -> 16 conv over 32 depths at 64x64: the model 0.83-0.91x its
+    time), and keeps the pixel-row conv below (a tie at 96 -> 16 at 64x64, batch 1)."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(cin, 16, 3, padding=1)).eval()
+    g = graphopt.trace(model, (torch.randn(batch, cin, hw, hw),))
+    with knobs.collecting() as col:
+        lower_to_relax(g, target=cpu_target())
+    assert [s.default["kernel"] for s in col.sites.values()] == [kernel]
+
+
 def test_uneven_and_no_padding():
     """A TF "SAME" conv (the zero pad before it joins its padding: none top and left, one bottom and right) and an
     unpadded one: the masked reads take each edge as it is, and the outputs match PyTorch."""

@@ -2299,7 +2299,7 @@ def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
         wino = not per_sample and wg.winograd_applies(w.shape, stride, x_shape, padding, registers)
         rule, cands = conv_kxk_knobs(h, wd, kh, kw, stride, padding,
                                      tok=tok_conv_applies(w.shape, stride), winograd=wino,
-                                     winograd_rule=wino and wg.winograd_wins(cout, cin),
+                                     winograd_rule=wino and wg.winograd_wins(cout, cin, 4 * n * cin * h * wd),
                                      grouped_cout=(cout, lanes) if per_sample else None)
         site = Site("conv_kxk", tag, rule, cands, n * cout * cin * kh * kw * oh * ow)
         kernel = pick(site)["kernel"]

@@ -59,13 +59,21 @@ def winograd_applies(w_shape, stride: int, x_shape, padding, registers: int = 32
             and winograd_geometry(int(x_shape[2]), int(x_shape[3]), padding, registers) is not None)
 
 
-def winograd_wins(cout: int, cin: int) -> bool:
-    """Whether the rule takes Winograd over the pixel-row conv: with 16+ input and 32+ output channels.
-    Kernels alone (with the zero pad before each; 2 threads, Zen 4, conv + ReLU), pixel-row / Winograd time:
-    64->64 at 56x56 1.79x, 128->128 at 28x28 2.04x, 256->256 at 14x14 1.93x, 64->64 at 128x128 1.53x, 32->32 at
-    16x16 1.30x, 16->32 at 64x64 1.21x, 32->64 at 28x28 1.59x; 16->16 at 32x32 0.81x and 12->16 at 24x24 0.99x
-    (one output panel: the transforms and the store outweigh the shorter reduction)."""
-    return cin >= 16 and cout >= 32
+WINOGRAD_PANEL_INPUT_BYTES = 4 << 20  # a one-panel conv's input (all samples) from which Winograd pays
+
+
+def winograd_wins(cout: int, cin: int, input_bytes: int = 0) -> bool:
+    """Whether the rule takes Winograd over the pixel-row conv: with 16+ input and 32+ output channels, or 16+
+    output channels (one panel) where the reduction is long (128+ input channels) or the input, all samples,
+    `input_bytes`, is 4 MB or more. Kernels alone (with the zero pad before each; 2 threads, Zen 4, conv + ReLU),
+    pixel-row / Winograd time: 64->64 at 56x56 1.79x, 128->128 at 28x28 2.04x, 256->256 at 14x14 1.93x, 64->64 at
+    128x128 1.53x, 32->32 at 16x16 1.30x, 16->32 at 64x64 1.21x, 32->64 at 28x28 1.59x; 16->16 at 32x32 0.81x and
+    12->16 at 24x24 0.99x (one output panel: the transforms and the store outweigh the shorter reduction). One
+    panel on a Zen 3 (conv + ReLU alone, 3 interleaved rounds, Winograd / pixel-row time): 16-64 -> 16 at 32x32 and
+    64x64 0.96-1.24x, 96 -> 16 at 64x64 0.90-1.08x at batch 1 but 0.73-0.88x at batch 4 (6.3 MB of input, which the
+    pixel-row conv reads from memory), 128 -> 16 at 28x28 0.81-0.87x; a 3-D UNet's 96 -> 16 conv over 32 depth
+    samples at 64x64 (50 MB) took the model to 0.83-0.91x its time."""
+    return cin >= 16 and (cout >= 32 or cout >= 16 and (cin >= 128 or input_bytes >= WINOGRAD_PANEL_INPUT_BYTES))
 
 
 def pack_winograd(w: np.ndarray) -> np.ndarray:
