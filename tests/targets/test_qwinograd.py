@@ -220,9 +220,12 @@ def test_artifact_stores_the_weight_not_its_transform(tmp_path, monkeypatch, wei
 def test_plan_by_shape():
     """ResNet-18's stride-1 3x3 convs: 56x56 and 28x28 in blocks (V for every tile 1.6 / 0.8 MB), 14x14 and 7x7
     whole (U' read once a call); the direct int8 convs for 16 channels, odd input channels, strided convs, and
-    small maps of few channels or tiles (512x512 at 4x4: U' read for 4 tiles)."""
+    small maps of few channels or tiles (512x512 at 4x4: U' read for 4 tiles). One output panel (16 channels)
+    takes it with 96+ input channels (a 3-D UNet's 96 -> 16 over its depth taps), not with 64."""
     plan = qw.qwinograd_plan
     same = (1, 1, 1, 1)
+    assert plan((16, 96, 3, 3), 1, (32, 96, 64, 64), same) == "block"
+    assert plan((16, 64, 3, 3), 1, (1, 64, 32, 32), same) is None
     assert [plan((c, c, 3, 3), 1, (1, c, hw, hw), same) for c, hw in ((64, 56), (128, 28), (256, 14), (512, 7))] == [
         "block", "block", "whole", "whole"]
     for w, stride, x in [((32, 16, 3, 3), 1, (1, 16, 56, 56)), ((16, 32, 3, 3), 1, (1, 32, 56, 56)),

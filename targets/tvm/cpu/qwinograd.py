@@ -126,7 +126,8 @@ def qwinograd_plan(w_shape, stride: int, x_shape, padding) -> str | None:
     """How the rule runs a 3x3 stride-1 int8 conv on AVX2: "block" (`qwinograd_source`'s tasks of nt tiles),
     "whole" (every tile in each task, U' read once a call: where V for all tiles fits WHOLE_V_BYTES, or maps too
     narrow for a block, 7x7, with 16+ tiles and 256 x 128 channel pairs or more) or None (the direct int8 convs):
-    an even number of input channels, 32 to MAX_CIN, and 32+ output channels.
+    an even number of input channels, 32 to MAX_CIN, and 32+ output channels, or 16 (one output panel) with 96+
+    input channels.
 
     Block against the direct int8 convs, kernels alone, interleaved (7 rounds, 2 threads, Zen 3, ReLU, int8 /
     float output), against the pixel-row and the flat int8 conv: 64x64 at 56x56 0.51 vs 0.70 / 0.70 ms, 128x128
@@ -135,7 +136,11 @@ def qwinograd_plan(w_shape, stride: int, x_shape, padding) -> str | None:
     48x48 at 20x30 0.053 vs 0.072 / 0.079, 64x64 at 27x27 0.12 vs 0.17 / 0.17; 128x128 at 13x13 (two 6-tile
     blocks a 7-tile row) 0.149 vs 0.151; 16 channels in or out tie with the pixel-row conv or lose (16x16 at
     128x128 0.29-0.32 vs 0.26-0.28, 32x16 at 64x64 with a float output 0.19 vs 0.14; 24x24 at 64x64 0.16-0.26 vs
-    0.20-0.25). The float Winograd kernel on the dequantized codes took 0.72-0.83 ms on the first three.
+    0.20-0.25). The float Winograd kernel on the dequantized codes took 0.72-0.83 ms on the first three. One
+    output panel with a long reduction (an int8 1x1 conv before it, the pair timed together, 3 rounds): 96 -> 16 at
+    64x64 0.83-0.92x batch 1, 0.79-0.87x batch 4, 128 -> 16 at 28x28 0.70-1.00x; 64 -> 16 at 32x32 lost (1.42-1.45x),
+    64 -> 16 at 64x64 batch 4 0.89-1.08x; a 3-D UNet's 96 -> 16 conv over 32 depth samples at 64x64 took the int8
+    model to 0.71-0.91x its time (4 interleaved rounds).
     Whole against block and the pixel-row conv, warm / with the caches flushed before each run (a model's
     weights are cold: the layers between evict them), same conditions: 128x128 at 14x14 0.160 / 0.173 vs 0.184 /
     0.214 vs 0.275 / 0.268 ms, 256x256 at 14x14 0.65 / 0.67 vs 0.60 / 0.70 vs 1.06, 128x128 at 28x28 (V 800 KB:
@@ -146,7 +151,7 @@ def qwinograd_plan(w_shape, stride: int, x_shape, padding) -> str | None:
     0.046 / 0.047, 256x128 at 7x7 0.090 / 0.116 vs 0.114 / 0.111, 64x64 at 7x7 0.015 / 0.021 vs 0.016 / 0.017."""
     cout, cin = int(w_shape[0]), int(w_shape[1])
     if not (tuple(int(d) for d in w_shape[2:]) == (3, 3) and stride == 1 and cin % 2 == 0
-            and 32 <= cin <= MAX_CIN and cout >= 32):
+            and 32 <= cin <= MAX_CIN and (cout >= 32 or cout >= 16 and cin >= 96)):
         return None
     h, wd = int(x_shape[2]), int(x_shape[3])
     whole = whole_geometry(h, wd, padding)
