@@ -2296,7 +2296,7 @@ def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
     elif stem and not stem_takes_tok(w.shape, stride):
         kernel = "staged"
     else:
-        wino = not per_sample and wg.winograd_applies(w.shape, stride, x_shape, padding, registers)
+        wino = wg.winograd_applies(w.shape[-4:], stride, x_shape, padding, registers)
         rule, cands = conv_kxk_knobs(h, wd, kh, kw, stride, padding,
                                      tok=tok_conv_applies(w.shape, stride), winograd=wino,
                                      winograd_rule=wino and wg.winograd_wins(cout, cin, 4 * n * cin * h * wd),
@@ -2319,16 +2319,22 @@ def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
                                          relax.const(np.zeros(1, np.float32))],
                                     relax.TensorType(_batched(n, cin * ps * ps * hq * wq), "float32")))
     if kernel == "winograd":
+        # per_sample (a grouped conv's groups as the samples, each its own U and bias): each thread runs its
+        # samples' blocks in turn (`batch_source`'s across), so no panel groups
+        own = per_sample and n > 1
         src = batch_source(wg.winograd_source(cout, cin, h, wd, padding, clamp, residual is not None, registers,
-                                              cores, masked), n,
-                           ["xp", "out"] + ([] if residual is None else ["res"]))
+                                              1 if per_sample else cores, masked), n,
+                           ["xp", "out"] + ([] if residual is None else ["res"]) + (["u", "bias"] if own else []),
+                           per_sample)
         gv = bb.add_func(parse_kernel(src), f"conv_winograd_{tag}")
         bind(site, gv.name_hint)
-        b = np.zeros(-(-cout // wg.PANEL) * wg.PANEL, np.float32)
+        ws = w if w.ndim == 5 else w[None]
+        u = np.stack([wg.pack_winograd(wi) for wi in ws])
+        b = np.zeros((len(ws), -(-cout // wg.PANEL) * wg.PANEL), np.float32)
         if bias is not None:
-            b[:cout] = bias
-        y = bb.emit(relax.call_tir(gv, [xp, relax.const(wg.pack_winograd(w)), relax.const(b), *extra],
-                                   relax.TensorType(_batched(n, cout, oh, ow), "float32")))
+            b[:, :cout] = bias.reshape(len(ws), cout)
+        y = bb.emit(relax.call_tir(gv, [xp, relax.const(u if own else u[0]), relax.const(b if own else b[0]),
+                                        *extra], relax.TensorType(_batched(n, cout, oh, ow), "float32")))
         return bb.emit(relax.op.reshape(y, (n, cout, oh, ow)))
     if kernel == "tok":
         names = ["xp", "out"] + ([] if residual is None else ["res"]) + (["wp", "bias"] if per_sample else [])
