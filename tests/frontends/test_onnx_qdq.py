@@ -67,6 +67,35 @@ def test_ort_qdq_model_imports_exactly_and_folds_to_integer_ops(ort_quantized, a
     assert np.abs(art(x)[0] - ref).max() <= 2 * out_scale  # integer kernels: within a rounding step or two
 
 
+def test_ort_qdq_3d_conv_model_folds_to_int8_convs_over_depth_taps(tmp_path):
+    """ORT's quantize_static of a 3-D conv net (a 3x3x3 conv and a temporal (3, 1, 1) one): the CLI's QDQ pipeline
+    folds both into graphopt's int8 2-D conv (over the depth taps; a 3 x 1 conv over [C, D, H W]), which had
+    stayed float convs on dequantized weights; the artifact agrees with the QDQ graph as ONNX Runtime computes it
+    without its fused kernels, within two steps of the output grid."""
+    from graphopt.bench import calibration_reader
+    from graphopt.cli import DEFAULT_QDQ_PIPELINE
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv3d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv3d(8, 8, (3, 1, 1), padding=(1, 0, 0))).eval()
+    fp32, q8 = tmp_path / "net.onnx", tmp_path / "net8.onnx"
+    export_legacy(net, (torch.randn(1, 3, 4, 6, 6),), fp32, input_names=["image"], opset_version=13)
+    feeds = [{"image": torch.randn(1, 3, 4, 6, 6).numpy()} for _ in range(4)]
+    with contextlib.redirect_stderr(io.StringIO()):
+        quantize_static(str(fp32), str(q8), calibration_reader(feeds), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    q = graphopt.optimize(graphopt.load_onnx(q8), DEFAULT_QDQ_PIPELINE, warn_unchanged=False)
+    ops = [n.target.__name__ for n in q.gm.graph.nodes if n.op == "call_function"]
+    assert ops.count("qconv2d.default") == 2 and "depth_taps.default" in ops and "conv3d.default" not in ops, ops
+    x = np.random.default_rng(1).standard_normal((1, 3, 4, 6, 6)).astype(np.float32)
+    ref = _reference(q8, x)
+    art = graphopt.load(graphopt.compile(q, "llvm", output=tmp_path / "art"))
+    model = onnx.load(q8)
+    last_q = [n for n in model.graph.node if n.op_type == "QuantizeLinear"][-1]
+    out_scale = float(numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == last_q.input[1])))
+    assert np.abs(art(x)[0] - ref).max() <= 2 * out_scale
+
+
 def test_a_pair_width_rounds_an_imported_qdq_models_weights_again_without_calibration(ort_quantized):
     """quantize{weights=int8s} (or auto, for an AVX2 CPU or an ONNX export) on a Q/DQ file's layers: the weights are
     rounded again to the pair width, the file's activation grids stay, and no calibration data is needed (it had
