@@ -2032,29 +2032,38 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         9.7 ms), 19x on a (3, 7, 7) stride (1, 2, 2) RGB stem (16.9 -> 0.95 ms). None where no 2-D kernel takes it
         (uneven H / W strides, dilation, transposed). (kd, 1, 1) kernels of stride 1 (R(2+1)D's temporal convs,
         3-D UNets' 1x1x1 heads) need no copy: a 2-D conv with a kd x 1 kernel over [N, C, D, H W]; TVM's conv3d
-        took 2.8 ms for 16 channels over 8x56x56 with 3 taps (7 GMAC/s)."""
+        took 2.8 ms for 16 channels over 8x56x56 with 3 taps (7 GMAC/s). A conv dilated in H and W alike (not in
+        depth) runs the pixel-row conv with its taps that far apart over the depth taps (C3D-style nets' dilated
+        3x3x3 convs had TVM's conv3d: a 64-channel one at 4x8x8 most of a 13.3 ms model, 1.0 ms int8)."""
         from tvm import relax
+        from graphopt.targets.tvm.cpu import conv as kc
         stride, padding, dilation, transposed = node.args[3:7]
-        if transposed or any(int(d) != 1 for d in dilation) or int(stride[1]) != int(stride[2]):
+        dl = int(dilation[1])
+        if (transposed or int(dilation[0]) != 1 or int(dilation[2]) != dl or int(stride[1]) != int(stride[2])
+                or dl > 1 and not kc.tok_conv_applies(wt.shape[:2] + wt.shape[3:], int(stride[1]))):
             return None
         n, c, dd, h, wd = (int(v) for v in x_shape)
         cout, _, kd, kh, kw = (int(v) for v in wt.shape)
         sd, s = int(stride[0]), int(stride[1])
         pd, ph, pw = (int(v) for v in padding)
         if (kh, kw) == (1, 1):
-            return _temporal_conv3d(node, importer, x_shape, wt, bt)
+            return _temporal_conv3d(node, importer, x_shape, wt, bt) if dl == 1 else None
         od = (dd + 2 * pd - kd) // sd + 1
         sub = (n * od, c * kd, h, wd)
         kind = _conv_kernel(sub, (cout, c * kd, kh, kw), ([s, s], [ph, pw], [1, 1], False, None, 1))
-        if kind in (None, "depthwise") or od < 1:
+        if kind in (None, "depthwise") and dl == 1 or od < 1:
             return None
         _, clamp = _fused_epilogue(node, importer, False)
         bb = importer.block_builder
-        from graphopt.targets.tvm.cpu.conv import emit_depth_taps
-        x = emit_depth_taps(bb, importer.env[node.args[0]], x_shape, kd, sd, pd, od)
+        x = kc.emit_depth_taps(bb, importer.env[node.args[0]], x_shape, kd, sd, pd, od)
         w = wt.detach().numpy().reshape(cout, c * kd, kh, kw)
-        y = _emit_conv(bb, x, w, None if bt is None else bt.detach().numpy(), sub, kind, s, (ph, ph, pw, pw), clamp,
-                       None)
+        b = None if bt is None else bt.detach().numpy()
+        if dl > 1:
+            from graphopt.targets.tvm.cpu.rules import vector_lanes
+            y = kc.emit_flat_conv(bb, x, w, b, sub, s, (ph, ph, pw, pw), clamp, lanes=vector_lanes(target),
+                                  dilation=dl)
+        else:
+            y = _emit_conv(bb, x, w, b, sub, kind, s, (ph, ph, pw, pw), clamp, None)
         oh, ow = (int(v) for v in node.meta["val"].shape[3:])
         y = bb.emit(relax.op.reshape(y, (n, od, cout, oh, ow)))
         return bb.emit(relax.op.permute_dims(y, [0, 2, 1, 3, 4]))
