@@ -20,7 +20,8 @@ sort of 1024 rows of 64), a minGRU layer's log-space scan (logcumsumexp over 512
 (GroupNorm + SiLU res block, einsum attention over 32x32 pixels); since the seventy-seventh an ALBERT-style
 encoder (one layer's weights run 4 times), ESRGAN's dense blocks with a pixel-shuffle upsampler, RCAN's
 channel-attention block, a pix2pix U-Net generator (instance norms, transposed convs) at 64x64 and an xLSTM
-matrix-memory cell over 16 steps.
+matrix-memory cell over 16 steps; since the seventy-ninth a C3D-style 3-D CNN (3x3x3 convs, strided and (1, 2,
+2)-dilated) on 16 frames of 64x64.
 
 Random weights with randomized batch-norm statistics (what compiling and quantizing cost, not accuracy).
 graphopt fp32: the CLI's default pipeline (fold-bn, fold-pad, fold-constants, dce); graphopt int8: + quantize,
@@ -218,6 +219,18 @@ def _models() -> dict:  # noqa: C901 - one small nn.Module per architecture
         def forward(self, x):
             a = self.e1(x)
             return self.head(self.d(torch.cat([a, self.up(self.e2(F.max_pool3d(a, 2)))], 1)))
+
+    class C3D(nn.Module):  # a 3-D CNN classifier: 3x3x3 convs, a (1, 2, 2) max pool, a strided and a dilated conv
+        def __init__(self):
+            super().__init__()
+            self.f = nn.Sequential(nn.Conv3d(3, 16, 3, 1, 1), nn.BatchNorm3d(16), nn.ReLU(), nn.MaxPool3d((1, 2, 2)),
+                                   nn.Conv3d(16, 32, 3, 1, 1), nn.BatchNorm3d(32), nn.ReLU(),
+                                   nn.Conv3d(32, 64, 3, 2, 1), nn.BatchNorm3d(64), nn.ReLU(),
+                                   nn.Conv3d(64, 64, 3, 1, (1, 2, 2), dilation=(1, 2, 2)), nn.ReLU())
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, x):
+            return self.fc(self.f(x).mean((2, 3, 4)))
 
     class R2Plus1D(nn.Module):  # video: (1, 3, 3) spatial and (3, 1, 1) temporal convs, a (1, 2, 2) average pool
         def __init__(self, c: int = 32):
@@ -631,6 +644,7 @@ def _models() -> dict:  # noqa: C901 - one small nn.Module per architecture
             "conformer": lambda: (Conformer(), (1, 256, 256)), "wav2vec": lambda: (Wav2Vec(), (1, 1, 16000)),
             "mobilevit": lambda: (MobileViT(), (1, 64, 32, 32)), "tcn": lambda: (TCN(), (1, 8, 2000)),
             "unet3d": lambda: (UNet3D(), (1, 1, 32, 64, 64)), "r2plus1d": lambda: (R2Plus1D(), (1, 3, 8, 112, 112)),
+            "c3d": lambda: (C3D(), (1, 3, 16, 64, 64)),
             "dcgan": lambda: (dcgan(), (8, 64, 1, 1)), "gcn": lambda: (GCN(), (2000, 64)),
             "fnet": lambda: (FNet(), (1, 128, 256)), "gfnet": lambda: (GFNet(), (1, 14, 14, 384)),
             "stylegan2": lambda: (StyleGAN2(), (4, 256, 16, 16)),
