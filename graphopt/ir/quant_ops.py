@@ -225,6 +225,7 @@ def _conv_out(xq, wq, stride, padding, dilation, dtype):
 def _(xq, x_scale, x_zp, wq, w_scales, bias, stride, padding, dilation, groups):
     return _conv_out(xq, wq, stride, padding, dilation, torch.float32)
 
+
 def depth_tap_count(d: int, kd: int, sd: int, pd: int) -> int:
     """Output depths of a 3-D conv of kd taps, stride sd, padding pd over d input depths."""
     return (d + 2 * pd - kd) // sd + 1

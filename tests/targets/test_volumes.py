@@ -253,6 +253,23 @@ def test_int8_3d_convs_fold_to_int8_2d_convs(cin, cout, k, s, p, shape, taps):
     assert np.abs(_run_built(g, x) - folded).max() <= 0.5 * step * 1.001 + 1e-6
 
 
+def test_depth_taps_lower_to_relax_ops_where_graphopt_has_no_cpu_kernels():
+    """For targets without graphopt's CPU kernels (cuda) the depth taps are Relax's pad, strided slices, stack and
+    reshape on the int8 codes; built for this CPU they equal the graph's own run."""
+    from tvm import relax
+    torch.manual_seed(0)
+    model = _Conv3dBlock(4, 8, 3, 2, 1).eval()
+    x = torch.randn(1, 4, 5, 6, 6)
+    g = graphopt.optimize(graphopt.trace(model, (x,)), "quantize,fold-qdq", data=[(torch.randn(1, 4, 5, 6, 6),)],
+                          warn_unchanged=False)
+    mod = lower_to_relax(g, device="cuda")
+    assert "depth_taps" not in mod.script() and "R.strided_slice" in mod.script()
+    import tvm
+    out = relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
+    got, ref = (out if hasattr(out, "numpy") else out[0]).numpy(), g.run(x)[0].numpy()
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
 def test_int8s_3d_weights_bound_the_pairs_of_the_depth_taps_conv():
     """int8s bounds the u8 x s8 pairs the kernels add in the 2-D conv fold-qdq makes of a conv3d, whose channels are
     (c, t) flattened: two depth taps of one channel pair up there, never at one tap of the 3-D weight. A weight
