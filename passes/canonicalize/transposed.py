@@ -46,7 +46,8 @@ def _arguments(n: fx.Node):
     return None
 
 
-def _pair(v, dims: int) -> list[int]:
+def conv_ints(v, dims: int) -> list[int]:
+    """A conv's stride / padding / dilation argument (an int, or one or `dims` values) as `dims` ints."""
     v = [int(a) for a in v] if isinstance(v, (list, tuple)) else [int(v)]
     return v * dims if len(v) == 1 else v
 
@@ -121,7 +122,7 @@ def _rewrite(graph: Graph, n: fx.Node, args) -> str:
             return "bias is computed"
         b = graph.get_param(bn.target)
     one_d = dims == 1
-    lift = (lambda v, fill: [fill, *_pair(v, 1)]) if one_d else (lambda v, fill: _pair(v, 2))
+    lift = (lambda v, fill: [fill, *conv_ints(v, 1)]) if one_d else (lambda v, fill: conv_ints(v, 2))
     (sh, sw), (ph, pw), (oph, opw) = lift(stride, 1), lift(padding, 0), lift(out_pad, 0)
     dh, dw = lift(dilation, 1)
     w4 = w[:, :, None, :] if one_d else w

@@ -18,6 +18,7 @@ from graphopt.ir.quant_ops import unfold_integer_ops  # noqa: F401  (its home is
 from graphopt.ir.graph import Graph
 from graphopt.passes.analysis.weights import tidied
 from graphopt.passes.canonicalize.dce import eliminate_dead_code
+from graphopt.passes.canonicalize.transposed import conv_ints
 from graphopt.passes.quant.quantize import before_in_graph
 from graphopt.pm.registry import Contract, Pass, PassContext, PassResult, reasons_by_op, register_pass
 
@@ -195,15 +196,9 @@ def check(graph: Graph, op: fx.Node) -> str:
             return "unbatched conv3d input (the integer conv takes [N, C, D, H, W])"
         if int(_arg(op, 6, 1)) != 1:
             return "grouped conv3d (the integer 3-D conv is a 2-D one over depth taps, ungrouped)"
-        if int(_triple(_arg(op, 5, [1]))[0]) != 1:
+        if conv_ints(_arg(op, 5, [1]), 3)[0] != 1:
             return "conv3d dilated in depth (the depth taps are adjacent slices)"
     return ""
-
-
-def _triple(v) -> list[int]:
-    """A conv3d's stride / padding / dilation argument (an int, or one or three values) as three ints."""
-    v = [int(a) for a in v] if isinstance(v, (list, tuple)) else [int(v)]
-    return v * 3 if len(v) == 1 else v
 
 
 def _conv3d_as_2d(graph: Graph, op: fx.Node, q_x: fx.Node, scale: float, zp: int, wq: fx.Node, ws: fx.Node,
@@ -217,7 +212,8 @@ def _conv3d_as_2d(graph: Graph, op: fx.Node, q_x: fx.Node, scale: float, zp: int
     g = graph.gm.graph
     n, c, d, h, w = (int(v) for v in q_x.meta["val"].shape)
     cout, _, kd, kh, kw = (int(v) for v in graph.get_param(wq.target).shape)
-    (sd, sh, sw), (pd, ph, pw), (_, dh, dw) = (_triple(_arg(op, i, [v])) for i, v in ((3, 1), (4, 0), (5, 1)))
+    (sd, sh, sw), (pd, ph, pw), (_, dh, dw) = (conv_ints(_arg(op, i, [v]), 3)
+                                               for i, v in ((3, 1), (4, 0), (5, 1)))
     od, oh, ow = (int(v) for v in op.meta["val"].shape[2:])
     temporal = (kh, kw, sd, sh, sw, ph, pw) == (1, 1, 1, 1, 1, 0, 0)
     key = f"{wq.target}_{'kd1' if temporal else 'taps'}"
