@@ -227,7 +227,7 @@ def _hint_weight_only(graph: Graph, target: str) -> None:
 
     layers = [n.name for n in graph.nodes("call_function")
               if getattr(n.target, "__name__", "") in ("conv2d.default", "convolution.default", "linear.default",
-                                                        "conv1d.default")
+                                                        "conv1d.default", "conv3d.default")
               and isinstance(n.args[1], fx.Node) and getattr(n.args[1].target, "__name__", "") in dq
               and not (isinstance(n.args[0], fx.Node) and getattr(n.args[0].target, "__name__", "") in dq)
               and not kept_int8(n)]

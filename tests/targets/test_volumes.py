@@ -336,3 +336,15 @@ def test_int8_3d_convs_export_to_onnxruntime_and_pt2(tmp_path):
     assert not any("graphopt" in str(n.target) for n in ep.graph.nodes)
     got = ep.module()(x)[0].detach().numpy()
     assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max(), np.abs(got - ref).max()
+
+
+def test_weight_only_3d_convs_are_named_by_compile(tmp_path, caplog):
+    """Weight-only int8 (activations=none) 3-D convs run as float convs on weights dequantized at build, like 2-D
+    ones: compile names them in its weight-only warning (it had counted 2-D convs and linears only)."""
+    torch.manual_seed(0)
+    model = _Conv3dBlock(4, 8, 3, 1, 1).eval()
+    x = torch.randn(1, 4, 3, 6, 6)
+    g = graphopt.optimize(graphopt.trace(model, (x,)), "quantize{activations=none}", warn_unchanged=False)
+    with caplog.at_level("WARNING", logger="graphopt"):
+        graphopt.compile(g, "llvm", output=tmp_path / "wo")
+    assert "1 layer(s) have int8 weights and float inputs" in caplog.text and "conv3d" in caplog.text
