@@ -2030,12 +2030,14 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         (a copy of kd times the input); the outputs [N OD, Cout, OH, OW] go back to [N, Cout, OD, OH, OW]. TVM's
         conv3d under the rules took 3-3.4x PyTorch's time (16 and 64 channels, 8x28x28: 12.5 -> 0.69 ms and 145 ->
         9.7 ms), 19x on a (3, 7, 7) stride (1, 2, 2) RGB stem (16.9 -> 0.95 ms). None where no 2-D kernel takes it
-        (uneven H / W strides, dilation, transposed). (kd, 1, 1) kernels of stride 1 (R(2+1)D's temporal convs,
+        (uneven H / W strides or dilations, dilation in depth, transposed). (kd, 1, 1) kernels of stride 1 (R(2+1)D's temporal convs,
         3-D UNets' 1x1x1 heads) need no copy: a 2-D conv with a kd x 1 kernel over [N, C, D, H W]; TVM's conv3d
         took 2.8 ms for 16 channels over 8x56x56 with 3 taps (7 GMAC/s). A conv dilated in H and W alike (not in
         depth) runs the pixel-row conv with its taps that far apart over the depth taps (C3D-style nets' dilated
         3x3x3 convs had TVM's conv3d: a 64-channel one at 4x8x8 most of a 13.3 ms model, 1.0 ms int8)."""
         from tvm import relax
+
+        from graphopt.ir.quant_ops import depth_tap_count
         from graphopt.targets.tvm.cpu import conv as kc
         stride, padding, dilation, transposed = node.args[3:7]
         dl = int(dilation[1])
@@ -2048,7 +2050,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         pd, ph, pw = (int(v) for v in padding)
         if (kh, kw) == (1, 1):
             return _temporal_conv3d(node, importer, x_shape, wt, bt) if dl == 1 else None
-        od = (dd + 2 * pd - kd) // sd + 1
+        od = depth_tap_count(dd, kd, sd, pd)
         sub = (n * od, c * kd, h, wd)
         kind = _conv_kernel(sub, (cout, c * kd, kh, kw), ([s, s], [ph, pw], [1, 1], False, None, 1))
         if kind in (None, "depthwise") and dl == 1 or od < 1:
@@ -2072,6 +2074,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         """A (kd, 1, 1) conv3d of stride 1, padded in depth only, as a 2-D conv over [N, C, D, H W] with a kd x 1
         kernel (`_conv3d`); None where no graphopt kernel takes that or the conv has other strides / padding."""
         from tvm import relax
+
+        from graphopt.ir.quant_ops import depth_tap_count
         stride, padding = node.args[3:5]
         if any(int(v) != 1 for v in stride) or int(padding[1]) or int(padding[2]):
             return None
@@ -2083,7 +2087,7 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
             return None
         residual, clamp = _fused_epilogue(node, importer, kind in ("pointwise", "im2col"))
         bb = importer.block_builder
-        od = dd + 2 * pd - kd + 1
+        od = depth_tap_count(dd, kd, 1, pd)
         y = _emit_conv(bb, bb.emit(relax.op.reshape(importer.env[node.args[0]], x4)), w4,
                        None if bt is None else bt.detach().numpy(), x4, kind, 1, (pd, pd, 0, 0), clamp,
                        None if residual is None else bb.emit(relax.op.reshape(importer.env[residual],
