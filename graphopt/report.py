@@ -60,10 +60,18 @@ def _verify_note(v: dict[str, Any]) -> str:
 DOT_NAMES = {"vnni": "vpdpbusd (VNNI)", "ubsw": "vpmaddubsw/vpmaddwd (AVX2)"}
 
 
+def _isa_names(names: list[str]) -> str:
+    """ISA extension names, the AVX-512 ones as one ("avx512*") where there are several."""
+    wide = [n for n in names if n.startswith("avx512")]
+    return ", ".join((["avx512*"] if len(wide) > 1 else wide) + [n for n in names if not n.startswith("avx512")])
+
+
 def _target_line(manifest: dict[str, Any], int8: bool) -> str:
     tinfo = manifest.get("target_info", {})
-    return (f"  target     {tinfo.get('kind', manifest.get('target'))} (mcpu={tinfo.get('mcpu', '-')}, "
-            f"cores={tinfo.get('num_cores', '-')}"
+    return (f"  target     {tinfo.get('kind', manifest.get('target'))} (mcpu={tinfo.get('mcpu', '-')}"
+            + (f" without {_isa_names(tinfo['without'])} (not reported by the CPU it was built on)"
+               if tinfo.get("without") else "")
+            + f", cores={tinfo.get('num_cores', '-')}"
             + (f", kernels shaped for {tinfo['vector_bits']}-bit vectors" if tinfo.get("vector_bits") else "")
             + (f", int8 products on {DOT_NAMES.get(tinfo['int8_dot'], tinfo['int8_dot'])}"
                if int8 and tinfo.get("int8_dot") else "")

@@ -125,7 +125,7 @@ def build_executable(graph: Graph, target: str = "llvm", tuning: Tuning | None =
     Tuned kernels come from the MetaSchedule database; every other kernel gets graphopt's CPU schedule rules
     (rules=False leaves those to TVM's default loop nests, for comparison). `cpu` (an LLVM CPU name) cross-compiles
     for that CPU instead of this one: its vector width and int8 dot product (VNNI `vpdpbusd` where it has one).
-    `stats` (a dict), when given, receives what the build decided: "one_thread", the kernels run serially; "amx",
+    (A tvm Target as `cpu` is built for as it is.) `stats` (a dict), when given, receives what the build decided: "one_thread", the kernels run serially; "amx",
     whether an AMX tile kernel was built (the artifact then needs AMX where it runs). `prepare` (artifacts): the
     weights with a load-time kernel (int4 nibbles of the kernels that read a whole int8 weight, the int8 codes of
     weight-only linears on the packed GEMM) are stored narrow and made once, by the executable's function
@@ -210,6 +210,8 @@ def compile_to_dir(graph: Graph, output: str | Path, target: str = "llvm", tunin
         (tmp / "graph.ir").write_text(graph.text())
         manifest = build_manifest(graph, str(tgt), {"kind": target, "mcpu": str(tgt.attrs.get("mcpu", "")),
                                                     "num_cores": int(tgt.attrs.get("num-cores", 0)),
+                                                    "without": [str(a)[1:] for a in tgt.attrs.get("mattr", [])
+                                                                if str(a).startswith("-")],
                                                     "isa": target_isa(tgt) + (list(AMX_FLAGS) if stats.get("amx")
                                                                               else []),
                                                     "int8_dot": int8_dot(tgt), "amx": bool(stats.get("amx")),

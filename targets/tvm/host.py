@@ -38,20 +38,42 @@ def chosen_threads() -> int:
     return host_cores()
 
 
-def cpu_target(mcpu: str | None = None, cores: int | None = None):
+def cpu_target(mcpu=None, cores: int | None = None):
     """`Target({"kind": "llvm", "mcpu": <detected>, "num-cores": N})`. Another `mcpu` cross-compiles for that CPU
-    (an LLVM CPU name, checked: a misspelt one would silently build for a generic x86-64)."""
+    (an LLVM CPU name, checked: a misspelt one would silently build for a generic x86-64) with all its extensions.
+
+    This machine (`mcpu` None) also gets `mattr` turning off the extensions its CPU model has and the OS does not
+    report (`host_masked`): LLVM names the CPU by its family and model, and a VM may hide some of its ISA (a Zen 4
+    here showed no AVX-512 in /proc/cpuinfo, and LLVM still said znver4: every artifact graphopt built here used
+    AVX-512 and could not run here). A named CPU, this one's name too, is that CPU with all of its extensions.
+    A Target passes through as it is."""
     import tvm
     from tvm.target import codegen
 
     from graphopt.errors import TargetError
+    if isinstance(mcpu, tvm.target.Target):
+        return mcpu
     if mcpu is not None and mcpu != host_cpu():
         known = sorted(str(c) for c in codegen.llvm_get_cpu_archlist(tvm.target.Target({"kind": "llvm"})))
         if mcpu not in known:
             near = [c for c in known if c[:3] == mcpu[:3]] or known
             raise TargetError(f"--cpu '{mcpu}' is not a CPU LLVM knows (for example: {', '.join(near[:12])}); "
                               f"leave it out to build for this machine ({host_cpu()})")
-    return tvm.target.Target({"kind": "llvm", "mcpu": mcpu or host_cpu(), "num-cores": int(cores or host_cores())})
+    if mcpu is not None:
+        return tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": int(cores or host_cores())})
+    spec = {"kind": "llvm", "mcpu": host_cpu(), "num-cores": int(cores or host_cores())}
+    masked = host_masked()
+    if masked:
+        spec["mattr"] = [f"-{f}" for f in masked]
+    return tvm.target.Target(spec)
+
+
+@lru_cache(maxsize=None)
+def host_masked() -> tuple[str, ...]:
+    """The ISA_FLAGS extensions LLVM's model of this CPU (`host_cpu`) has and /proc/cpuinfo does not list: what
+    the hypervisor or kernel hides, which code built for this machine must not use."""
+    import tvm
+    return tuple(missing_here(target_isa(tvm.target.Target({"kind": "llvm", "mcpu": host_cpu()}))))
 
 
 # ISA extensions graphopt's CPU code may use, LLVM's name -> the flag Linux lists in /proc/cpuinfo: graphopt's

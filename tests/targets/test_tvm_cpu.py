@@ -26,6 +26,31 @@ def test_target_uses_detected_cpu():
     assert str(t.attrs["mcpu"]) == host_cpu() and int(t.attrs["num-cores"]) >= 1
 
 
+def test_host_target_leaves_out_what_the_os_hides(monkeypatch):
+    """A VM may hide ISA extensions of its CPU model (a Zen 4 without AVX-512 in /proc/cpuinfo, which LLVM still
+    calls znver4): code built for this machine must not use them, and a named CPU keeps all of its own."""
+    from graphopt.report import _target_line
+    from graphopt.targets.tvm import host
+    from graphopt.targets.tvm.cpu.int8 import int8_dot
+    from graphopt.targets.tvm.cpu.rules import vector_lanes
+    monkeypatch.setattr(host, "host_cpu", lambda: "znver4")
+    monkeypatch.setattr(host, "host_isa", lambda: {"sse4.2", "avx", "avx2", "fma", "f16c", "bmi2"})
+    host.host_masked.cache_clear()
+    try:
+        here = host.cpu_target()
+        assert {"avx512f", "avx512vnni", "gfni", "vaes"} <= set(host.host_masked())
+        assert not host.missing_here(host.target_isa(here)) and "avx2" in host.target_isa(here)
+        assert vector_lanes(here) == 8 and int8_dot(here) == "ubsw"
+        named = host.cpu_target("znver4")
+        assert {"avx512f", "avx512vnni"} <= set(host.target_isa(named)) and int8_dot(named) == "vnni"
+        assert host.cpu_target(here) is here
+        line = _target_line({"target_info": {"kind": "llvm", "mcpu": "znver4", "without": ["avx512f", "avx512bw",
+                                                                                             "gfni"]}}, False)
+        assert "mcpu=znver4 without avx512*, gfni (not reported by the CPU it was built on)" in line
+    finally:
+        host.host_masked.cache_clear()
+
+
 def test_artifact_runs_and_matches_reference(built):
     g, model, x, out = built
     assert {p.name for p in out.iterdir()} == {"model.so", "manifest.json", "graph.ir"}
@@ -44,6 +69,8 @@ def test_manifest_records_what_a_deployer_needs(built):
     assert man["pipeline"] == "fold-bn,dce"
     assert [p["name"] for p in man["passes"]] == ["fold-bn", "dce"]
     assert man["target_info"]["mcpu"] == host_cpu()
+    from graphopt.targets.tvm.host import host_masked
+    assert man["target_info"]["without"] == list(host_masked())
     from graphopt.targets.tvm.cpu.rules import vector_lanes
     from graphopt.targets.tvm.host import cpu_target
     assert man["target_info"]["vector_bits"] == 32 * vector_lanes(cpu_target()) in (128, 256, 512)

@@ -187,9 +187,8 @@ class CpuCostOracle:
         self._check_runs_here()
         dev = tvm.cpu()
         calls = {}
-        mcpu = str(self.target.attrs.get("mcpu", "")) or None
         for name, (g, inputs) in variants.items():
-            vm = relax.VirtualMachine(build_executable(g, cpu=mcpu)[0], dev)
+            vm = relax.VirtualMachine(build_executable(g, cpu=self.target)[0], dev)
             args = [tvm.runtime.tensor(np.ascontiguousarray(x), dev) for x in inputs]
             calls[name] = (lambda vm, args: lambda: vm["main"](*args))(vm, args)
         seconds = interleaved_medians(calls, runs=20, rounds=2, pause=0.05)
