@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from graphopt.ir.files import atomic_write_bytes
     from graphopt.ir.stats import human
     from graphopt.targets.artifact import versions
-    from graphopt.targets.tvm.host import host_cpu
+    from graphopt.targets.tvm.host import host_record
     from graphopt.zoo import eval_inputs, zoo_entry, zoo_graph
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(lines)
     print(table)
     result = {"date": time.strftime("%Y-%m-%d"), "threads": args.threads, "trials": args.trials, "batch": args.batch,
-              "cpu": host_cpu(), "machine": platform.machine(), "versions": versions(), "rows": rows,
+              **host_record(), "machine": platform.machine(), "versions": versions(), "rows": rows,
               "table": table}
     atomic_write_bytes(args.out, json.dumps(result, indent=1).encode())
     print(f"wrote {args.out}", file=sys.stderr)

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from graphopt.targets.tvm.cpu.amx import amx_usable
     from graphopt.targets.tvm.cpu.int8 import int8_dot
-    from graphopt.targets.tvm.host import cpu_target, host_cpu
+    from graphopt.targets.tvm.host import cpu_target, host_record
     if fractions["sparse_amx"] and not amx_usable(cpu_target()):
         print("--sparse-amx: this CPU has no AMX tiles (or GRAPHOPT_AMX=0); those rows are left out")
     # the int8 width this CPU's kernels run fastest and exactly: any int8 on VNNI, pair-bounded int8s on AVX2
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(lines)
     print(table)
     atomic_write_bytes(args.out, json.dumps({"date": time.strftime("%Y-%m-%d"), "threads": args.threads,
-                                             "cpu": host_cpu(),
+                                             **host_record(),
                                              "recover_epochs": args.recover_epochs, "models": results,
                                              "table": table}, indent=1).encode())
     if args.plot:

@@ -92,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
                          f"{ms / r['ms']['onnxruntime fp32']:>9.2f} {ms / ort8:>9.2f}")
     table = "\n".join(lines)
     print(table)
-    from graphopt.targets.tvm.host import host_cpu
+    from graphopt.targets.tvm.host import host_record
     atomic_write_bytes(args.out, json.dumps({"date": time.strftime("%Y-%m-%d"), "threads": args.threads,
-                                             "cpu": host_cpu(), "rows": rows, "table": table}, indent=1).encode())
+                                             **host_record(), "rows": rows, "table": table}, indent=1).encode())
     return 0
 
 

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     import graphopt
     from graphopt.bench import fidelity, interleaved_medians, ort_quantize_static, reference_onnx
     from graphopt.ir.files import atomic_write_bytes
-    from graphopt.targets.tvm.host import host_cpu
+    from graphopt.targets.tvm.host import host_record
     from graphopt.zoo import photo_batches, zoo_entry, zoo_graph
 
     style = zoo_entry(args.model).style
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_bytes(args.out, json.dumps({"model": args.model, "date": time.strftime("%Y-%m-%d"), "rows": rows,
                                              "latency_ms": {k: round(v * 1e3, 3) for k, v in lat.items()},
                                              "artifact_bytes": size, "threads": args.threads,
-                                             "cpu": host_cpu(),
+                                             **host_record(),
                                              "table": table}, indent=1).encode())
     return 0
 

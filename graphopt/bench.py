@@ -230,10 +230,10 @@ class Comparison:
 def write_results(path: str | Path, threads: int, runs: int, results: list) -> Path:
     """A benchmark's JSON (thread count, runs, this CPU, its rows), written atomically; prints where."""
     from graphopt.ir.files import atomic_write_bytes
-    from graphopt.targets.tvm.host import host_cpu
+    from graphopt.targets.tvm.host import host_record
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out, json.dumps({"threads": threads, "runs": runs, "cpu": host_cpu(), "results": results},
+    atomic_write_bytes(out, json.dumps({"threads": threads, "runs": runs, **host_record(), "results": results},
                                        indent=1).encode())
     print(f"wrote {out}")
     return out

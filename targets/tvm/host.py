@@ -76,6 +76,12 @@ def host_masked() -> tuple[str, ...]:
     return tuple(missing_here(target_isa(tvm.target.Target({"kind": "llvm", "mcpu": host_cpu()}))))
 
 
+def host_record() -> dict:
+    """This CPU for a benchmark's JSON: LLVM's name and the extensions of that model the OS does not report (a
+    "znver4" without AVX-512 is not the Zen 4 of another file)."""
+    return {"cpu": host_cpu(), "cpu_without": list(host_masked())}
+
+
 # ISA extensions graphopt's CPU code may use, LLVM's name -> the flag Linux lists in /proc/cpuinfo: graphopt's
 # kernels' intrinsics and whatever LLVM picks for the CPU it builds for (for int4 nibbles it emits GFNI's
 # `vgf2p8affineqb` and VBMI's `vpermt2b`, the int8 depthwise kernel VBMI's `vpermb`; an artifact built on an Ice
