@@ -1,5 +1,7 @@
-"""Convs whose weight the graph computes (StyleGAN2's modulated convs, weight standardization, hypernetworks) run
-graphopt's im2col columns times the weight on the batched matmul kernel, not TVM's generic conv2d loop nest."""
+"""Convs whose weight the graph computes (StyleGAN2's modulated convs, weight standardization, hypernetworks,
+CondConv) run graphopt's conv kernels on the weight packed when the model runs (k x k at stride 1 or 2), or its
+im2col columns times the weight on the batched matmul kernel (1x1, dilated, grouped at batch > 1), not TVM's
+generic conv2d loop nest."""
 from __future__ import annotations
 
 import numpy as np
@@ -26,6 +28,17 @@ class _Computed(torch.nn.Module):
         return F.conv2d(x, self.w * s.reshape(1, -1, 1, 1), b, *self.args)
 
 
+class _CondConv(torch.nn.Module):
+    """CondConv: the kernel mixed from 3 experts by routing weights of the input; a residual add and a ReLU after."""
+    def __init__(self, c=12):
+        super().__init__()
+        self.route, self.w = torch.nn.Linear(c, 3), torch.nn.Parameter(0.2 * torch.randn(3, c, c, 3, 3))
+
+    def forward(self, x):
+        r = torch.sigmoid(self.route(x.mean((2, 3))))[0]
+        return F.relu(F.conv2d(x, (r[:, None, None, None, None] * self.w).sum(0), padding=1) + x)
+
+
 class _Modulated(torch.nn.Module):
     """StyleGAN2: per-sample weights demodulated, the batch folded into the groups of one conv."""
     def __init__(self, i=8, o=12, w=6):
@@ -40,11 +53,13 @@ class _Modulated(torch.nn.Module):
         return F.leaky_relu(y.reshape(b, self.o, *y.shape[2:]), 0.2)
 
 
-def _check(model, *xs):
+def _check(model, *xs, kernel="bmm_"):
+    """Lowers to `kernel` (a name prefix; conv_: the flat / pixel-row convs on the packed weight) and matches
+    PyTorch."""
     g = graphopt.trace(model.eval(), xs)
     mod = lower_to_relax(g)
     names, text = {gv.name_hint for gv in mod.get_global_vars()}, mod.script()
-    assert any(n.startswith("bmm_") for n in names) or "R.matmul(" in text, names
+    assert any(n.startswith(kernel) for n in names) or kernel == "bmm_" and "R.matmul(" in text, names
     assert "conv2d" not in text
     ex, *_ = build_executable(g)
     got = relax.VirtualMachine(ex, tvm.cpu())["main"](*(tvm.runtime.tensor(x.numpy()) for x in xs))
@@ -54,24 +69,34 @@ def _check(model, *xs):
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
-@pytest.mark.parametrize("co,ci,k,stride,padding,dilation,groups,bias,shape", [
-    (16, 8, 3, 1, 1, 1, 1, False, (1, 8, 12, 12)),
-    (16, 8, 3, 2, 1, 1, 1, True, (1, 8, 13, 11)),  # stride 2 on odd maps, a computed bias
-    (12, 8, 1, 1, 0, 1, 1, False, (2, 8, 9, 9)),  # 1x1: its columns are its input; batch 2
-    (16, 8, 3, 1, 2, 2, 1, False, (1, 8, 10, 10)),  # dilated
-    (16, 8, 3, 1, 1, 1, 4, True, (3, 8, 7, 7)),  # groups, batch 3: every sample's groups take the same weights
-    (64, 64, 3, 1, 1, 1, 1, False, (1, 64, 39, 39)),  # large right operand: panels staged one at a time
+@pytest.mark.parametrize("co,ci,k,stride,padding,dilation,groups,bias,shape,kernel", [
+    (16, 8, 3, 1, 1, 1, 1, False, (1, 8, 12, 12), "conv_"),
+    (13, 8, 3, 2, 1, 1, 1, True, (1, 8, 13, 11), "conv_"),  # stride 2 on odd maps; 13 channels: a padded panel
+    (16, 8, 3, 1, 1, 1, 1, True, (2, 8, 9, 9), "conv_"),  # batch 2: both samples take the one weight
+    (16, 8, 3, 1, 1, 1, 2, True, (1, 8, 9, 9), "conv_"),  # batch-1 groups as samples, each its own weight and bias
+    (12, 8, 1, 1, 0, 1, 1, False, (2, 8, 9, 9), "bmm_"),  # 1x1: its columns are its input; batch 2
+    (16, 8, 3, 1, 2, 2, 1, False, (1, 8, 10, 10), "bmm_"),  # dilated
+    (16, 8, 3, 1, 1, 1, 4, True, (3, 8, 7, 7), "bmm_"),  # groups, batch 3: every sample's groups take the same weights
+    (64, 64, 3, 3, 1, 1, 1, False, (1, 64, 39, 39), "bmm_"),  # stride 3; large right operand: panels staged in turn
 ])
-def test_a_computed_weight_conv_runs_im2col_and_a_batched_matmul(co, ci, k, stride, padding, dilation, groups, bias,
-                                                                  shape):
+def test_a_computed_weight_conv_runs_graphopts_kernels(co, ci, k, stride, padding, dilation, groups, bias, shape,
+                                                       kernel):
     torch.manual_seed(0)
     _check(_Computed(co, ci, k, stride, padding, dilation, groups, bias), torch.randn(shape),
-           torch.rand(ci // groups) + 0.5)
+           torch.rand(ci // groups) + 0.5, kernel=kernel)
 
 
 def test_stylegan2_modulated_conv():
     torch.manual_seed(0)
-    _check(_Modulated(), torch.randn(3, 8, 10, 10), torch.randn(3, 6))
+    _check(_Modulated(), torch.randn(3, 8, 10, 10), torch.randn(3, 6), kernel="conv_")
+
+
+def test_condconv_mixed_kernel_with_residual_and_relu_in_the_store():
+    torch.manual_seed(0)
+    model, x = _CondConv(), torch.randn(1, 12, 10, 10)
+    _check(model, x, kernel="conv_")
+    text = lower_to_relax(graphopt.trace(model.eval(), (x,))).script()
+    assert "R.maximum" not in text and "R.add(" not in text.split("call_tir")[-1]  # ReLU and residual in the store
 
 
 @pytest.mark.parametrize("batch,m,k,n", [(1, 13, 4000, 100),  # few rows: tasks split the panels, a partial last one

@@ -2263,10 +2263,44 @@ def _packed_taps(w: np.ndarray, bias: np.ndarray | None, panel: int, own: bool) 
     return (wp, b) if own else (wp[0], b[0])
 
 
+def _taps_args(bb, w, bias, panel: int, own: bool, weights):
+    """The packed weight and bias arguments of a flat / pixel-row conv call: constants (`_packed_taps`), or Relax
+    values packing `weights` at run time (`_runtime_packed_taps`)."""
+    from tvm import relax
+    if weights is not None:
+        return _runtime_packed_taps(bb, weights, w.shape[-4:], panel, int(w.shape[0]) if own else 0)
+    wp, b = _packed_taps(w, bias, panel, own)
+    return relax.const(wp), relax.const(b)
+
+
+def _runtime_packed_taps(bb, weights, w_shape, panel: int, own: int):
+    """`_packed_taps` of a weight the graph computes, as Relax ops run with the model: weights = (w, bias or None),
+    w [Cout, Cin, kh, kw] = `w_shape` ([own, Cout, ...] with `own` samples of their own weights). Returns (packed w,
+    bias)."""
+    from tvm import relax
+
+    w, bias = weights
+    lead = (own,) if own else ()
+    cout, cin, kh, kw = (int(d) for d in w_shape)
+    mt = -(-cout // panel)
+    pad = [0, 0] * len(lead) + [0, mt * panel - cout] + [0, 0] * 3
+    if mt * panel != cout:
+        w = bb.emit(relax.op.nn.pad(w, pad))
+    w = bb.emit(relax.op.reshape(w, (*lead, mt, panel, cin, kh, kw)))
+    w = bb.emit(relax.op.permute_dims(w, [*range(len(lead)), *(len(lead) + a for a in (0, 2, 3, 4, 1))]))
+    w = bb.emit(relax.op.reshape(w, (*lead, mt, cin * kh * kw, panel)))
+    if bias is None:
+        return w, relax.const(np.zeros((*lead, mt * panel), np.float32))
+    b = bb.emit(relax.op.reshape(bias, (*lead, cout)))
+    if mt * panel != cout:
+        b = bb.emit(relax.op.nn.pad(b, [0, 0] * len(lead) + [0, mt * panel - cout]))
+    return w, b
+
+
 def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, stride: int | tuple[int, int], padding,
                    clamp: tuple[float, float] | None, residual=None, masked: bool = False, stem: bool = False,
                    per_sample: bool = False, lanes: int = 8, registers: int = 16, cores: int = 1,
-                   dilation: int = 1):
+                   dilation: int = 1, weights=None):
     """A dense kxk conv of x [N, Cin, H, W] (per sample): the zero-padded map, then the pixel-row conv, or the phase
     planes and the staged or in-place flat implicit GEMM (`conv_kxk_knobs`), with bias / residual add / clamp in
     its store (the flat ones' vector and masked stores with `masked`: the CPU has AVX). A `stem` (few input
@@ -2276,7 +2310,9 @@ def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
     groups of a grouped conv as the samples of one call). `lanes`: the target's vector lanes (`tok_channels`);
     `registers`: its vector registers (Winograd's tile, `winograd.winograd_geometry`), `cores` its cores.
     `dilation` > 1: the pixel-row conv, its taps that far apart in the padded map; so is a `stride` given as
-    (along H, along W) (CRNN's (2, 1))."""
+    (along H, along W) (CRNN's (2, 1)).
+    `weights`: (w, bias or None) as Relax values, a weight the graph computes (`w` then gives only its shape),
+    packed at run time (`_runtime_packed_taps`); no Winograd, whose transform of the weight is made here."""
     from tvm import relax
 
     from graphopt.targets.tvm.cpu import winograd as wg
@@ -2296,7 +2332,7 @@ def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
     elif stem and not stem_takes_tok(w.shape, stride):
         kernel = "staged"
     else:
-        wino = wg.winograd_applies(w.shape[-4:], stride, x_shape, padding, registers)
+        wino = weights is None and wg.winograd_applies(w.shape[-4:], stride, x_shape, padding, registers)
         rule, cands = conv_kxk_knobs(h, wd, kh, kw, stride, padding,
                                      tok=tok_conv_applies(w.shape, stride), winograd=wino,
                                      winograd_rule=wino and wg.winograd_wins(cout, cin, 4 * n * cin * h * wd),
@@ -2344,8 +2380,8 @@ def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
         gv = bb.add_func(parse_kernel(src), f"conv_tok_{tag}")
         if site is not None:
             bind(site, gv.name_hint)
-        wp, b = _packed_taps(w, bias, nr, per_sample and n > 1)
-        y = bb.emit(relax.call_tir(gv, [xp, relax.const(wp), relax.const(b), *extra],
+        wp, b = _taps_args(bb, w, bias, nr, per_sample and n > 1, weights)
+        y = bb.emit(relax.call_tir(gv, [xp, wp, b, *extra],
                                    relax.TensorType(_batched(n, cout, oh, ow), "float32")))
         return bb.emit(relax.op.reshape(y, (n, cout, oh, ow)))
     source = staged_conv_source if kernel == "staged" else flat_conv_source
@@ -2355,8 +2391,8 @@ def emit_flat_conv(bb, x, w: np.ndarray, bias: np.ndarray | None, x_shape, strid
     gv = bb.add_func(parse_kernel(src), f"conv_{kernel}_{tag}")
     if site is not None:
         bind(site, gv.name_hint)
-    wp, b = _packed_taps(w, bias, MR, per_sample and n > 1)
-    y = bb.emit(relax.call_tir(gv, [xp, relax.const(wp), relax.const(b), *extra],
+    wp, b = _taps_args(bb, w, bias, MR, per_sample and n > 1, weights)
+    y = bb.emit(relax.call_tir(gv, [xp, wp, b, *extra],
                                relax.TensorType(_batched(n, cout, oh, ow), "float32")))
     return bb.emit(relax.op.reshape(y, (n, cout, oh, ow)))
 
