@@ -1921,7 +1921,8 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         lanes = vector_lanes(target)
         residual, clamp = _fused_epilogue(node, importer, groups == 1)
         y = k.emit_flat_conv(bb, x, np.broadcast_to(np.float32(0), shape), None, g_shape, s, full, clamp,
-                             None if residual is None else importer.env[residual], lanes >= 8, per_sample=groups > 1, lanes=lanes, registers=vector_registers(target),
+                             None if residual is None else importer.env[residual], lanes >= 8, per_sample=groups > 1,
+                             lanes=lanes, registers=vector_registers(target),
                              cores=target_cores(target), weights=(wv, bv))
         return bb.emit(relax.op.reshape(y, tuple(int(d) for d in node.meta["val"].shape)))
 
