@@ -57,8 +57,10 @@ def _kernel(x, wq, zx, sx, ws, bias, padding, clamp, out_q, dequantized, whole=F
     xp[:, t:t + h, left:left + wd] = x
     width = -(-cout // wg.PANEL) * wg.PANEL
     consts = [c[:width] for c in epilogue_constants(wq, ws, bias, sx, zx, -(-width // MR), out_q) if c is not None]
-    src = qw.qwinograd_source(cout, cin, h, wd, padding, clamp, out_q, dequantized, len(consts) == 3, cores=2,
-                              whole=whole)
+    odd = cin % 2  # (as emit_qwinograd: a zero weight channel pairs the last one; the map keeps its Cin)
+    src = qw.qwinograd_source(cout, cin + odd, h, wd, padding, clamp, out_q, dequantized, len(consts) == 3, cores=2,
+                              whole=whole, odd=bool(odd))
+    wq = np.pad(wq, ((0, 0), (0, odd), (0, 0), (0, 0)))
     f = parse_kernel(src)
     lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target(AVX2))
     int8_out = out_q is not None and not dequantized
@@ -77,6 +79,8 @@ def _kernel(x, wq, zx, sx, ws, bias, padding, clamp, out_q, dequantized, whole=F
     (16, 16, 24, 24, (1, 1, 1, 1), "float bias"),  # a bias that does not fit the accumulator's steps: float
     (48, 64, 7, 7, (1, 1, 1, 1), "int8"),  # (whole) 16 tiles in 6-tile register tiles, the last overlapping
     (32, 32, 3, 5, (1, 1, 1, 1), "float"),  # (whole) fewer tiles than a register tile holds, an odd output row
+    (40, 33, 13, 15, (1, 1, 1, 1), "float"),  # odd input channels: the last pair reads channel 32 twice
+    (78, 121, 14, 14, (1, 1, 1, 1), "int8"),  # HarDNet's 121 -> 78
 ])
 def test_kernel_equals_the_exact_integer_conv(cout, cin, h, wd, padding, store, whole):
     """Against the exact int64 conv of the codes: float outputs within float32 rounding of the few adds of the
@@ -125,10 +129,10 @@ def test_extreme_codes_do_not_wrap(whole):
     np.testing.assert_allclose(got, ref, rtol=1e-7)
 
 
-def _block(weights: str, shape=(1, 32, 48, 48)):
+def _block(weights: str, shape=(1, 32, 48, 48), mid: int = 32):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(shape[1], 32, 3, 1, 1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-                                torch.nn.Conv2d(32, 48, 3, 1, 1), torch.nn.ReLU(), torch.nn.Conv2d(48, 16, 3, 1, 1),
+    model = torch.nn.Sequential(torch.nn.Conv2d(shape[1], mid, 3, 1, 1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                                torch.nn.Conv2d(mid, 48, 3, 1, 1), torch.nn.ReLU(), torch.nn.Conv2d(48, 16, 3, 1, 1),
                                 torch.nn.Conv2d(16, 8, 3, 1, 1)).eval()
     x = torch.rand(*shape)
     q = graphopt.optimize(graphopt.trace(model, (x,)), f"quantize{{weights={weights}}},fold-qdq",
@@ -143,21 +147,22 @@ def _run(q, x, cpu: str) -> np.ndarray:
     return (got if hasattr(got, "numpy") else got[0]).numpy()
 
 
-@pytest.mark.parametrize("weights,batch", [("int8s", 1), ("int8", 2)])
-def test_avx2_int8_models_take_it_where_the_rule_says(monkeypatch, weights, batch):
+@pytest.mark.parametrize("weights,batch,mid", [("int8s", 1, 32), ("int8", 2, 32), ("int8s", 1, 33)])
+def test_avx2_int8_models_take_it_where_the_rule_says(monkeypatch, weights, batch, mid):
     """On AVX2 the 3x3 stride-1 int8 convs of 32+ input and output channels run the int8 Winograd conv (at 48x48
     in blocks of tiles, V for all 576 tiles being 590 KB; at 24x24 every tile in each task), storing float for
     the max pool and int8 for the next conv; 16 channels keep the direct int8 kernels, and VNNI CPUs keep theirs.
     int8s weights (7-bit: the direct kernels' vpmaddubsw is exact): the same outputs as those kernels; full-range
     int8 ones (which had run the float Winograd conv on the dequantized codes, no exact AVX2 int8 kernel taking
     them): within the grid steps where the two round an activation to neighbouring codes.
-    Batch 2: each sample on its own."""
+    Batch 2: each sample on its own. 33 channels between the first two convs: an odd input count (its last
+    channel paired with a zero weight channel)."""
     monkeypatch.setenv("GRAPHOPT_AMX", "0")
-    q, x = _block(weights, (batch, 32, 48, 48))
+    q, x = _block(weights, (batch, 32, 48, 48), mid)
     names = {gv.name_hint for gv in lower_to_relax(q, target=cpu_target(AVX2)).get_global_vars()}
     wino = sorted(n for n in names if n.startswith("qwinograd_"))
-    assert len(wino) == 2 and wino[0].startswith("qwinograd_32x32x48x48_p1111_clamp"), names
-    assert wino[1].startswith("qwinograd_48x32x24x24_p1111_whole_clamp_q"), names
+    assert len(wino) == 2 and wino[0].startswith(f"qwinograd_{mid}x32x48x48_p1111_clamp"), names
+    assert wino[1].startswith(f"qwinograd_48x{mid}x24x24_p1111_whole_clamp_q"), names
     assert not any(n.startswith("qwinograd") for n in lower_to_relax(q, target=cpu_target("znver4")).get_global_vars()
                    for n in [n.name_hint])
     got = _run(q, x, AVX2)
@@ -221,7 +226,8 @@ def test_plan_by_shape():
     """ResNet-18's stride-1 3x3 convs: 56x56 and 28x28 in blocks (V for every tile 1.6 / 0.8 MB), 14x14 and 7x7
     whole (U' read once a call); the direct int8 convs for 16 channels, odd input channels, strided convs, and
     small maps of few channels or tiles (512x512 at 4x4: U' read for 4 tiles). One output panel (16 channels)
-    takes it with 96+ input channels (a 3-D UNet's 96 -> 16 over its depth taps), not with 64."""
+    takes it with 96+ input channels (a 3-D UNet's 96 -> 16 over its depth taps), not with 64. Odd input channel
+    counts take it (HarDNet's 121 -> 78 at 56x56)."""
     plan = qw.qwinograd_plan
     same = (1, 1, 1, 1)
     assert plan((16, 96, 3, 3), 1, (32, 96, 64, 64), same) == "block"
@@ -229,10 +235,11 @@ def test_plan_by_shape():
     assert [plan((c, c, 3, 3), 1, (1, c, hw, hw), same) for c, hw in ((64, 56), (128, 28), (256, 14), (512, 7))] == [
         "block", "block", "whole", "whole"]
     for w, stride, x in [((32, 16, 3, 3), 1, (1, 16, 56, 56)), ((16, 32, 3, 3), 1, (1, 32, 56, 56)),
-                         ((64, 33, 3, 3), 1, (1, 33, 56, 56)), ((64, 64, 3, 3), 2, (1, 64, 56, 56)),
+                         ((64, 64, 3, 3), 2, (1, 64, 56, 56)),
                          ((512, 512, 3, 3), 1, (1, 512, 4, 4)), ((64, 64, 3, 3), 1, (1, 64, 7, 7))]:
         assert plan(w, stride, x, same) is None, (w, stride, x)
     assert plan((64, 64, 1, 1), 1, (1, 64, 56, 56), (0, 0, 0, 0)) is None
+    assert plan((64, 33, 3, 3), 1, (1, 33, 56, 56), same) == plan((78, 121, 3, 3), 1, (1, 121, 56, 56), same) == "block"
 
 
 @pytest.mark.parametrize("batch", [1, 2])

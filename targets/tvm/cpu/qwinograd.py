@@ -126,8 +126,10 @@ def qwinograd_plan(w_shape, stride: int, x_shape, padding) -> str | None:
     """How the rule runs a 3x3 stride-1 int8 conv on AVX2: "block" (`qwinograd_source`'s tasks of nt tiles),
     "whole" (every tile in each task, U' read once a call: where V for all tiles fits WHOLE_V_BYTES, or maps too
     narrow for a block, 7x7, with 16+ tiles and 256 x 128 channel pairs or more) or None (the direct int8 convs):
-    an even number of input channels, 32 to MAX_CIN, and 32+ output channels, or 16 (one output panel) with 96+
-    input channels.
+    32 to MAX_CIN input channels (an odd count: a zero weight channel pairs the last one, `qwinograd_source`'s
+    `odd`), and 32+ output channels, or 16 (one output panel) with 96+ input channels. Odd counts: a HarDNet block
+    (121 -> 78 and 75 -> 46 at 56x56, int8s) took 0.79-0.82x its time (5 interleaved rounds, Zen 4 without
+    AVX-512: AVX2); in the profile 121 -> 78 1.72 ms against the pixel-row int8 conv's 2.09, 75 -> 46 0.73 / 0.80.
 
     Block against the direct int8 convs, kernels alone, interleaved (7 rounds, 2 threads, Zen 3, ReLU, int8 /
     float output), against the pixel-row and the flat int8 conv: 64x64 at 56x56 0.51 vs 0.70 / 0.70 ms, 128x128
@@ -150,7 +152,7 @@ def qwinograd_plan(w_shape, stride: int, x_shape, padding) -> str | None:
     bytes, read for few products): 512x512 at 4x4 0.19 / 0.37 vs 0.25 / 0.27, 128x128 at 7x7 0.036 / 0.050 vs
     0.046 / 0.047, 256x128 at 7x7 0.090 / 0.116 vs 0.114 / 0.111, 64x64 at 7x7 0.015 / 0.021 vs 0.016 / 0.017."""
     cout, cin = int(w_shape[0]), int(w_shape[1])
-    if not (tuple(int(d) for d in w_shape[2:]) == (3, 3) and stride == 1 and cin % 2 == 0
+    if not (tuple(int(d) for d in w_shape[2:]) == (3, 3) and stride == 1
             and 32 <= cin <= MAX_CIN and (cout >= 32 or cout >= 16 and cin >= 96)):
         return None
     h, wd = int(x_shape[2]), int(x_shape[3])
@@ -161,9 +163,10 @@ def qwinograd_plan(w_shape, stride: int, x_shape, padding) -> str | None:
     return "whole" if fits and whole["tiles"] >= 16 and cin * cout >= 256 * 128 else None
 
 
-def _input_transform(wq: int, hq: int, vs: int, dst: str, pad: str) -> str:
+def _input_transform(wq: int, hq: int, vs: int, dst: str, pad: str, last: int | None = None) -> str:
     """Statements transforming input channels 2 cp and 2 cp + 1 of 6 or fewer tiles (tile row ty, tiles tx0 ..)
-    into vb[e * vs + dst + tile]: per tile the two channels' int16 values as one word.
+    into vb[e * vs + dst + tile]: per tile the two channels' int16 values as one word. `last`: the map's last
+    channel where its count is odd (the last pair reads it twice; U' of the second is zero).
     Each of a channel's 4 input rows is one 16-byte load (columns 2 tx0 + 0..15) widened to int16, split by
     shuffles into the tiles' columns 0..3; the row transform (d0 - d2, d1 + d2, d2 - d1, d1 - d3) runs on those
     8-lane vectors, then the column transform on the rows; the two channels' results are interleaved. All 8
@@ -174,8 +177,8 @@ def _input_transform(wq: int, hq: int, vs: int, dst: str, pad: str) -> str:
     out = ""
     for c in range(2):
         for i in range(4):
-            row = (f'T.Cast("int16x16", xp[T.ramp((cp * 2 + {c}) * {hq * wq} + (ty * 2 + {i}) * {wq} + tx0 * 2, 1, '
-                   f'16)])')
+            ch = f"T.min(cp * 2 + 1, {last})" if c and last is not None else f"(cp * 2 + {c})"
+            row = f'T.Cast("int16x16", xp[T.ramp({ch} * {hq * wq} + (ty * 2 + {i}) * {wq} + tx0 * 2, 1, 16)])'
             out += f"\n{pad}rw[T.ramp(0, 1, 16)] = {row}"
             d0, d1, d2, d3 = (f"T.Shuffle([rw[T.ramp(0, 1, 16)]], {ix})" for ix in (even, odd, even2, odd2))
             for j, e in enumerate((f"{d0} - {d2}", f"{d1} + {d2}", f"{d2} - {d1}", f"{d1} - {d3}")):
@@ -262,7 +265,7 @@ def _row_store(cout: int, oh: int, ow: int, w2: str, wmax: int, guard: str, pad:
 
 def qwinograd_source(cout: int, cin: int, h: int, wd: int, padding, clamp: tuple[float, float] | None,
                      out_q: tuple[float, int, int, int] | None = None, dequantized: bool = False,
-                     float_bias: bool = False, cores: int = 1, whole: bool = False) -> str:
+                     float_bias: bool = False, cores: int = 1, whole: bool = False, odd: bool = False) -> str:
     """TVMScript of the int8 F(2x2, 3x3) conv (module docstring) over xp, the int8 map padded with its zero point
     to the geometry's `pad` ([Cin, Hq, Wq] flat), with U' (`pack_qwinograd`) and the int8 kernels' epilogue
     constants (`int8.epilogue_constants` at the map's own zero point: off, mult, [bias], qp = `store_params`), into
@@ -273,8 +276,10 @@ def qwinograd_source(cout: int, cin: int, h: int, wd: int, padding, clamp: tuple
     stored channel by channel (the 2 nt outputs of a row as one run), per output at the map's odd edges.
     `whole`: a task transforms every tile of the map (`whole_geometry`) and runs its share of the panels over all
     of them, so U' is read once per call rather than once per block of tiles (small maps of deep convs, where U'
-    is megabytes and the blocks many)."""
+    is megabytes and the blocks many). `odd`: xp holds Cin - 1 channels (an odd count; U' packed with a zero
+    input channel to make Cin even), the last pair reading its last channel twice."""
     cp_n = cin // 2
+    last = cin - 2 if odd else None
     panels = -(-cout // PANEL)
     ys, val, otype, bias_arg, guard = _epilogue(cout, panels, clamp, out_q, dequantized, float_bias)
     outputs = "".join(f"""
@@ -293,9 +298,9 @@ def qwinograd(xp: T.Buffer(({{size}},), "int8"), u: T.Buffer(({16 * panels * cp_
         groups = max(1, min(cores, panels))
         chunks = -(-tiles // nt)
         w2 = 2 * tw
-        transform = _input_transform(wq, hq, vs, f"cp * {tiles} + ty * {tw} + tx0", " " * 20)
+        transform = _input_transform(wq, hq, vs, f"cp * {tiles} + ty * {tw} + tx0", " " * 20, last)
         gemm = _gemm(nt, panels, cp_n, f"e * {vs} + cp * {tiles} + k0", " " * 20)
-        return head.format(size=cin * hq * wq, oh=oh, ow=ow) + f"""
+        return head.format(size=(cin - odd) * hq * wq, oh=oh, ow=ow) + f"""
     for t in T.parallel({groups}):
         rw = T.decl_buffer((16,), "int16", scope="global")
         hb = T.decl_buffer((2, 16, 8), "int16", scope="global")
@@ -330,14 +335,14 @@ def qwinograd(xp: T.Buffer(({{size}},), "int8"), u: T.Buffer(({16 * panels * cp_
     vs = cp_n * nt + 8 - nt
     groups = panel_groups(g["blocks"], panels, cores)
     w2 = 2 * nt
-    return head.format(size=cin * hq * wq, oh=oh, ow=ow) + f"""
+    return head.format(size=(cin - odd) * hq * wq, oh=oh, ow=ow) + f"""
     for t in T.parallel({g["blocks"] * groups}):
         ty: T.let = t // {groups} // {ncx}
         tx0: T.let = T.min(t // {groups} % {ncx} * {nt}, {tw - nt})
         rw = T.decl_buffer((16,), "int16", scope="global")
         hb = T.decl_buffer((2, 16, 8), "int16", scope="global")
         vb = T.decl_buffer(({16 * vs},), "int32", scope="global")
-        for cp in T.serial({cp_n}):{_input_transform(wq, hq, vs, f"cp * {nt}", " " * 12)}
+        for cp in T.serial({cp_n}):{_input_transform(wq, hq, vs, f"cp * {nt}", " " * 12, last)}
         m = T.decl_buffer((16, {nt}, {PANEL}), "float32", scope="global")
         acc = T.decl_buffer(({nt * PANEL},), "int32", scope="global")
         yb = T.decl_buffer((4, {PANEL}), "float32", scope="global")
@@ -377,6 +382,8 @@ def emit_qwinograd(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarra
     n, cin, h, wd = (int(d) for d in x_shape)
     cout = int(wq.shape[0]) // groups
     width = -(-cout // PANEL) * PANEL
+    odd = int(wq.shape[1]) % 2  # (a zero input channel makes the weight's pairs whole; the map stays as it is)
+    wq = np.pad(wq, ((0, 0), (0, odd), (0, 0), (0, 0))) if odd else wq
     per_group = [tuple(None if c is None else c[:width] for c in epilogue_constants(
         wq[k * cout:(k + 1) * cout], w_scales[k * cout:(k + 1) * cout],
         None if bias is None else bias[k * cout:(k + 1) * cout], sx, zx, -(-width // MR), out_q))
@@ -396,8 +403,8 @@ def emit_qwinograd(bb, xq, wq: np.ndarray, w_scales: np.ndarray, bias: np.ndarra
     xp = bb.emit(relax.op.reshape(xp, _batched(n, cin * hq * wq_)))
     # (groups > 1: each thread runs whole groups, so one task per group: split further, each task would transform
     # the group's input again, serially)
-    src = qwinograd_source(cout, cin, h, wd, padding, clamp, out_q, dequantized, consts[2] is not None,
-                           cores if groups == 1 else 1, whole)
+    src = qwinograd_source(cout, cin + odd, h, wd, padding, clamp, out_q, dequantized, consts[2] is not None,
+                           cores if groups == 1 else 1, whole, bool(odd))
     pads = "".join(str(int(q)) for q in padding)
     tag = (f"{cout}x{cin}x{h}x{wd}_p{pads}" + ("_whole" if whole else "") + ("" if clamp is None else "_clamp")
            + ("_q" if out_q else "") + ("dq" if dequantized else "")
