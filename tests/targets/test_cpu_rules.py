@@ -219,3 +219,20 @@ def test_elementwise_concat_runs_one_vector_loop_per_piece(kind, shapes, pieces)
     got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()), tvm.runtime.tensor(y.numpy()))
     got = got if hasattr(got, "numpy") else got[0]
     np.testing.assert_allclose(got.numpy(), model(x, y).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_elementwise_rule_leaves_functions_of_too_many_blocks_to_tvm():
+    """A long elementwise chain fused into one function (an SRU's 64-step recurrence imported from ONNX) is left to
+    TVM's default loop nest: inlining its blocks had run for minutes. One block fewer still gets the rule."""
+    from tvm import te
+
+    from graphopt.targets.tvm.cpu.rules import ELEMENTWISE_MAX_BLOCKS, Elementwise
+
+    def chain(blocks: int):
+        a = te.placeholder((64,), name="a")
+        t = a
+        for i in range(blocks):
+            t = (lambda prev: te.compute((64,), lambda j: prev[j] * 1.5 + 1.0, name=f"b{i}"))(t)
+        return te.create_prim_func([a, t])
+    assert Elementwise().apply(chain(ELEMENTWISE_MAX_BLOCKS + 1), cpu_target(), False) is None
+    assert Elementwise().apply(chain(ELEMENTWISE_MAX_BLOCKS), cpu_target(), False) is not None

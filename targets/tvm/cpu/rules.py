@@ -216,6 +216,12 @@ class ReductionTile(ScheduleRule):
         return sch
 
 
+# blocks an elementwise function may have for the rule to inline them: TVM's compute_inline grows with the
+# function (an SRU's 64-step elementwise recurrence, imported from ONNX, fused into one function: the rule ran
+# for over 5 minutes before it was stopped); past this, TVM's default loop nest
+ELEMENTWISE_MAX_BLOCKS = 128
+
+
 class Elementwise(ScheduleRule):
     """Purely spatial functions: inline into the last block, vectorize the innermost axis, parallel outside."""
 
@@ -224,7 +230,7 @@ class Elementwise(ScheduleRule):
             return None
         sch = s_tir.Schedule(func)
         infos = normalize_prim_func(sch)
-        if infos is None or not all(_is_spatial(b) for b in infos):
+        if infos is None or not all(_is_spatial(b) for b in infos) or len(infos) > ELEMENTWISE_MAX_BLOCKS:
             return None
         # every block but the outputs inlined; several outputs (a split or chunk Relax fused with the activation
         # before it) each get their own loop nest: with one, the rule gave up and TVM's default loop ran the
