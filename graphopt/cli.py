@@ -117,7 +117,8 @@ def _parser() -> argparse.ArgumentParser:
                    "torch.export archive")
     c.add_argument("--cpu", metavar="NAME", help="llvm: the CPU to compile for, as LLVM names it (default: this "
                    "machine's, without the extensions its OS does not report: a VM that hides AVX-512 gets AVX2 "
-                   "code). A name, this machine's too, is that CPU with all its extensions and cross-compiles: its vector width (kernels shaped for 512-bit vectors on "
+                   "code). A name, this machine's too, is that CPU with all its extensions and cross-compiles: "
+                   "its vector width (kernels shaped for 512-bit vectors on "
                    "AVX-512 CPUs, 256-bit on Zen 4 and AVX2 ones) and, where it has VNNI (sapphirerapids, "
                    "znver4, cascadelake, alderlake, ...), int8 kernels on vpdpbusd. The manifest lists the ISA "
                    "extensions used; loading refuses a CPU that lacks one, and the report skips measuring here. The "

@@ -125,7 +125,8 @@ def build_executable(graph: Graph, target: str = "llvm", tuning: Tuning | None =
     Tuned kernels come from the MetaSchedule database; every other kernel gets graphopt's CPU schedule rules
     (rules=False leaves those to TVM's default loop nests, for comparison). `cpu` (an LLVM CPU name) cross-compiles
     for that CPU instead of this one: its vector width and int8 dot product (VNNI `vpdpbusd` where it has one).
-    (A tvm Target as `cpu` is built for as it is.) `stats` (a dict), when given, receives what the build decided: "one_thread", the kernels run serially; "amx",
+    (A tvm Target as `cpu` is built for as it is.) `stats` (a dict), when given, receives what the build decided:
+    "one_thread", the kernels run serially; "amx",
     whether an AMX tile kernel was built (the artifact then needs AMX where it runs). `prepare` (artifacts): the
     weights with a load-time kernel (int4 nibbles of the kernels that read a whole int8 weight, the int8 codes of
     weight-only linears on the packed GEMM) are stored narrow and made once, by the executable's function
