@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import psutil
+
+if TYPE_CHECKING:
+    from tvm.target import Target
 
 
 @lru_cache(maxsize=None)
@@ -38,7 +42,7 @@ def chosen_threads() -> int:
     return host_cores()
 
 
-def cpu_target(mcpu=None, cores: int | None = None):
+def cpu_target(mcpu: "str | Target | None" = None, cores: int | None = None):
     """`Target({"kind": "llvm", "mcpu": <detected>, "num-cores": N})`. Another `mcpu` cross-compiles for that CPU
     (an LLVM CPU name, checked: a misspelt one would silently build for a generic x86-64) with all its extensions.
 

@@ -2072,11 +2072,12 @@ def _quant_converters(lifted: dict | None = None, cpu_kernels: bool = True, spar
         (a copy of kd times the input); the outputs [N OD, Cout, OH, OW] go back to [N, Cout, OD, OH, OW]. TVM's
         conv3d under the rules took 3-3.4x PyTorch's time (16 and 64 channels, 8x28x28: 12.5 -> 0.69 ms and 145 ->
         9.7 ms), 19x on a (3, 7, 7) stride (1, 2, 2) RGB stem (16.9 -> 0.95 ms). None where no 2-D kernel takes it
-        (uneven H / W strides or dilations, dilation in depth, transposed). (kd, 1, 1) kernels of stride 1 (R(2+1)D's temporal convs,
-        3-D UNets' 1x1x1 heads) need no copy: a 2-D conv with a kd x 1 kernel over [N, C, D, H W]; TVM's conv3d
-        took 2.8 ms for 16 channels over 8x56x56 with 3 taps (7 GMAC/s). A conv dilated in H and W alike (not in
-        depth) runs the pixel-row conv with its taps that far apart over the depth taps (C3D-style nets' dilated
-        3x3x3 convs had TVM's conv3d: a 64-channel one at 4x8x8 most of a 13.3 ms model, 1.0 ms int8)."""
+        (uneven H / W strides or dilations, dilation in depth, transposed). (kd, 1, 1) kernels of stride 1
+        (R(2+1)D's temporal convs, 3-D UNets' 1x1x1 heads) need no copy: a 2-D conv with a kd x 1 kernel over
+        [N, C, D, H W]; TVM's conv3d took 2.8 ms for 16 channels over 8x56x56 with 3 taps (7 GMAC/s). A conv dilated
+        in H and W alike (not in depth) runs the pixel-row conv with its taps that far apart over the depth taps
+        (C3D-style nets' dilated 3x3x3 convs had TVM's conv3d: a 64-channel one at 4x8x8 most of a 13.3 ms model,
+        1.0 ms int8)."""
         from tvm import relax
 
         from graphopt.ir.quant_ops import depth_tap_count
